@@ -1,0 +1,307 @@
+//! The engine's own state: schema `rekey`, jobs, and per-range progress.
+//!
+//! A batch's checkpoint is written by the sink inside the batch's own
+//! transaction ([`record_batch`]), so what is committed and what the
+//! checkpoint says can never disagree: a run killed at any instant resumes
+//! after the last committed batch.
+
+use tokio_postgres::{Client, GenericClient};
+
+use crate::error::DbContext;
+use crate::job::Job;
+use crate::plan::{self, KeyBytes, KeyRange};
+use crate::stats::Counts;
+use crate::Error;
+
+/// The engine schema's migrations, in order. Never edit a released one.
+const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../sql/001_engine_state.sql"))];
+
+/// Creates or upgrades schema `rekey`. Safe to run from several processes at once.
+pub async fn ensure_schema(client: &mut Client) -> Result<(), Error> {
+    let what = || "creating rekey's engine schema (needs CREATE on the database, or create schema rekey for this role)".to_string();
+    let tx = client.transaction().await.ctx(what)?;
+    tx.batch_execute(
+        "SELECT pg_advisory_xact_lock(hashtext('rekey.schema'));
+         CREATE SCHEMA IF NOT EXISTS rekey;
+         CREATE TABLE IF NOT EXISTS rekey.schema_version (version int PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());",
+    )
+    .await
+    .ctx(what)?;
+    let current: i32 = tx.query_one("SELECT coalesce(max(version), 0) FROM rekey.schema_version", &[]).await.ctx(what)?.get(0);
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        tx.batch_execute(sql).await.ctx(|| format!("applying engine schema migration {version}"))?;
+        tx.execute("INSERT INTO rekey.schema_version (version) VALUES ($1)", &[version]).await.ctx(what)?;
+    }
+    tx.commit().await.ctx(what)
+}
+
+/// Whether schema `rekey` exists yet (read-only commands do not create it).
+pub async fn schema_exists(client: &Client) -> Result<bool, Error> {
+    Ok(client
+        .query_one("SELECT to_regclass('rekey.progress') IS NOT NULL", &[])
+        .await
+        .ctx(|| "looking for rekey's engine schema".into())?
+        .get(0))
+}
+
+/// Where one range of one target stands.
+#[derive(Debug, Clone)]
+pub struct RangeState {
+    /// The target's index in the job.
+    pub target: usize,
+    /// The range's number within its target.
+    pub range_no: i32,
+    /// The range's bounds.
+    pub range: KeyRange,
+    /// Last key committed, if any.
+    pub last: Option<KeyBytes>,
+    /// Whether the range is finished.
+    pub done: bool,
+}
+
+impl RangeState {
+    /// Where reading continues: after the last committed key, else after the range's lower bound.
+    pub fn start(&self) -> Option<&KeyBytes> {
+        self.last.as_ref().or(self.range.lower.as_ref())
+    }
+}
+
+/// A job row opened for running: new, or an unfinished one resumed.
+#[derive(Debug)]
+pub struct JobRecord {
+    /// `rekey.jobs.job_id`.
+    pub id: i64,
+    /// Whether an unfinished job was picked up.
+    pub resumed: bool,
+    /// Every range, finished or not.
+    pub ranges: Vec<RangeState>,
+    /// What earlier runs of this job already did.
+    pub prior: Counts,
+}
+
+/// Holds the job's advisory lock on a dedicated connection: one process per
+/// job at a time. Dropping the client releases it.
+pub async fn lock_job(client: &Client, name: &str) -> Result<(), Error> {
+    let got: bool = client
+        .query_one("SELECT pg_try_advisory_lock(hashtextextended('rekey.job:' || $1, 0))", &[&name])
+        .await
+        .ctx(|| "taking the job lock".into())?
+        .get(0);
+    if !got {
+        return Err(Error::Runtime(format!(
+            "job {name:?} is being run by another rekey process on this database; wait for it to finish, or stop it first"
+        )));
+    }
+    Ok(())
+}
+
+/// Opens the job: resumes the unfinished job of this name when its spec and
+/// keys match, refuses when they do not, else plans ranges and starts a new one.
+pub async fn open_job(client: &mut Client, job: &Job, lanes: usize, restart: bool) -> Result<JobRecord, Error> {
+    let keys = job.keyring.describe();
+    let what = || format!("opening job {:?}", job.name);
+    if let Some(row) = client
+        .query_opt("SELECT job_id, spec_hash, keys FROM rekey.jobs WHERE name = $1 AND state = 'running'", &[&job.name])
+        .await
+        .ctx(what)?
+    {
+        let (id, hash, old_keys): (i64, String, serde_json::Value) = (row.get(0), row.get(1), row.get(2));
+        if restart {
+            client.execute("UPDATE rekey.jobs SET state = 'abandoned', updated_at = now() WHERE job_id = $1", &[&id]).await.ctx(what)?;
+        } else if hash != job.spec_hash {
+            return Err(Error::Config(format!(
+                "job {:?} (id {id}) is unfinished and was started from a different job file; finish it with the original file, \
+                 or start over with `rekey run --restart` (values already rotated stay rotated)",
+                job.name
+            )));
+        } else if old_keys != keys {
+            return Err(Error::Config(format!(
+                "job {:?} (id {id}) is unfinished and was started with a different key set (ids or fingerprints differ: \
+                 was {old_keys}, now {keys}); restore the original keys to finish it, or start over with `rekey run --restart`",
+                job.name
+            )));
+        } else {
+            let (ranges, prior) = load_ranges(client, id).await?;
+            return Ok(JobRecord { id, resumed: true, ranges, prior });
+        }
+    }
+
+    let mut planned = Vec::new();
+    for target in &job.targets {
+        for (no, range) in plan::split_ranges(client, target, lanes * 4).await?.into_iter().enumerate() {
+            planned.push(RangeState { target: target.index, range_no: no as i32, range, last: None, done: false });
+        }
+    }
+    let tx = client.transaction().await.ctx(what)?;
+    let id: i64 = tx
+        .query_one(
+            "INSERT INTO rekey.jobs (name, spec_hash, keys, state) VALUES ($1, $2, $3, 'running') RETURNING job_id",
+            &[&job.name, &job.spec_hash, &keys],
+        )
+        .await
+        .ctx(what)?
+        .get(0);
+    let insert = tx
+        .prepare("INSERT INTO rekey.progress (job_id, target, range_no, table_name, lower_key, upper_key) VALUES ($1, $2, $3, $4, $5, $6)")
+        .await
+        .ctx(what)?;
+    for r in &planned {
+        let table = job.targets[r.target].table.to_string();
+        tx.execute(&insert, &[&id, &(r.target as i32), &r.range_no, &table, &r.range.lower, &r.range.upper]).await.ctx(what)?;
+    }
+    tx.commit().await.ctx(what)?;
+    Ok(JobRecord { id, resumed: false, ranges: planned, prior: Counts::default() })
+}
+
+async fn load_ranges(client: &Client, job_id: i64) -> Result<(Vec<RangeState>, Counts), Error> {
+    let rows = client
+        .query(
+            "SELECT target, range_no, lower_key, upper_key, last_key, done, rows_scanned, rows_rewritten,
+                    values_rewritten, values_skipped, values_failed, conflicts
+               FROM rekey.progress WHERE job_id = $1 ORDER BY target, range_no",
+            &[&job_id],
+        )
+        .await
+        .ctx(|| format!("loading the progress of job {job_id}"))?;
+    let mut prior = Counts::default();
+    let ranges = rows
+        .iter()
+        .map(|r| {
+            prior += counts_from(r, 6);
+            RangeState {
+                target: r.get::<_, i32>(0) as usize,
+                range_no: r.get(1),
+                range: KeyRange { lower: r.get(2), upper: r.get(3) },
+                last: r.get(4),
+                done: r.get(5),
+            }
+        })
+        .collect();
+    Ok((ranges, prior))
+}
+
+fn counts_from(r: &tokio_postgres::Row, first: usize) -> Counts {
+    let g = |i: usize| r.get::<_, i64>(first + i) as u64;
+    Counts {
+        rows_scanned: g(0),
+        rows_rewritten: g(1),
+        values_rewritten: g(2),
+        values_skipped: g(3),
+        values_failed: g(4),
+        conflicts: g(5),
+    }
+}
+
+/// Records a committed batch inside its own transaction.
+pub async fn record_batch(
+    tx: &impl GenericClient,
+    job_id: i64,
+    state: &RangeState,
+    last: Option<&KeyBytes>,
+    done: bool,
+    c: &Counts,
+) -> Result<(), tokio_postgres::Error> {
+    let n = |v: u64| v as i64;
+    tx.execute(
+        "UPDATE rekey.progress SET last_key = coalesce($4, last_key), done = $5,
+                rows_scanned = rows_scanned + $6, rows_rewritten = rows_rewritten + $7,
+                values_rewritten = values_rewritten + $8, values_skipped = values_skipped + $9,
+                values_failed = values_failed + $10, conflicts = conflicts + $11, updated_at = now()
+          WHERE job_id = $1 AND target = $2 AND range_no = $3",
+        &[
+            &job_id,
+            &(state.target as i32),
+            &state.range_no,
+            &last,
+            &done,
+            &n(c.rows_scanned),
+            &n(c.rows_rewritten),
+            &n(c.values_rewritten),
+            &n(c.values_skipped),
+            &n(c.values_failed),
+            &n(c.conflicts),
+        ],
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Marks the job finished with its totals.
+pub async fn finish_job(client: &Client, job_id: i64, summary: &serde_json::Value) -> Result<(), Error> {
+    client
+        .execute(
+            "UPDATE rekey.jobs SET state = 'done', finished_at = now(), updated_at = now(), summary = $2 WHERE job_id = $1",
+            &[&job_id, summary],
+        )
+        .await
+        .ctx(|| format!("finishing job {job_id}"))?;
+    Ok(())
+}
+
+/// A job as `rekey status` shows it.
+#[derive(Debug, serde::Serialize)]
+pub struct JobStatus {
+    /// Job id.
+    pub job_id: i64,
+    /// Job name.
+    pub name: String,
+    /// running, done or abandoned.
+    pub state: String,
+    /// When it started (RFC 3339).
+    pub started_at: String,
+    /// Last checkpoint (RFC 3339).
+    pub updated_at: String,
+    /// When it finished, if it did.
+    pub finished_at: Option<String>,
+    /// Ranges finished.
+    pub ranges_done: i64,
+    /// Ranges in all.
+    pub ranges_total: i64,
+    /// Totals committed so far.
+    pub counts: Counts,
+    /// Values recorded in `rekey.quarantine` by this job.
+    pub quarantined: i64,
+}
+
+/// The latest job of this name, from the database alone.
+pub async fn job_status(client: &Client, name: &str) -> Result<Option<JobStatus>, Error> {
+    let what = || format!("reading the status of job {name:?}");
+    let Some(j) = client
+        .query_opt(
+            "SELECT job_id, state, to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+                    to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+                    to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+                    (SELECT count(*) FROM rekey.quarantine q WHERE q.job_id = j.job_id)
+               FROM rekey.jobs j WHERE name = $1 ORDER BY job_id DESC LIMIT 1",
+            &[&name],
+        )
+        .await
+        .ctx(what)?
+    else {
+        return Ok(None);
+    };
+    let id: i64 = j.get(0);
+    let p = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE done), count(*), coalesce(sum(rows_scanned), 0)::bigint,
+                    coalesce(sum(rows_rewritten), 0)::bigint, coalesce(sum(values_rewritten), 0)::bigint,
+                    coalesce(sum(values_skipped), 0)::bigint, coalesce(sum(values_failed), 0)::bigint,
+                    coalesce(sum(conflicts), 0)::bigint
+               FROM rekey.progress WHERE job_id = $1",
+            &[&id],
+        )
+        .await
+        .ctx(what)?;
+    Ok(Some(JobStatus {
+        job_id: id,
+        name: name.to_string(),
+        state: j.get(1),
+        started_at: j.get(2),
+        updated_at: j.get(3),
+        finished_at: j.get(4),
+        ranges_done: p.get(0),
+        ranges_total: p.get(1),
+        counts: counts_from(&p, 2),
+        quarantined: j.get(5),
+    }))
+}

@@ -1,0 +1,377 @@
+//! One function per subcommand: resolve the job, drive the engine, print the
+//! result (text, or one JSON object with `--json`), and choose the exit code:
+//! 0 done; 1 runtime failure; 2 bad usage or configuration; 3 done but values
+//! were quarantined; 4 verify found values not on the target key.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::json;
+use tokio_postgres::Client;
+
+use crate::checkpoint::{self, RangeState};
+use crate::cli::{Command, JobArgs, KeygenArgs, RunArgs, StatusArgs, VerifyArgs};
+use crate::db::{Database, RawRef};
+use crate::error::DbContext;
+use crate::job::{Job, JobSpec};
+use crate::pipeline::{self, Mode, Settings};
+use crate::progress::Progress;
+use crate::stats::{Counts, LiveCounts};
+use crate::transform::{self, Cell};
+use crate::{keyring, plan, sql, Error};
+
+/// Exit code: done, but some values were quarantined.
+pub const EXIT_QUARANTINED: u8 = 3;
+/// Exit code: verify found values not on the target key (or undecryptable).
+pub const EXIT_NOT_VERIFIED: u8 = 4;
+
+/// Runs one subcommand and returns its exit code.
+pub async fn dispatch(command: Command) -> Result<u8, Error> {
+    match command {
+        Command::Run(a) => run(&a).await,
+        Command::Verify(a) => verify(&a).await,
+        Command::Status(a) => status(&a).await,
+        Command::Plan(a) => plan_cmd(&a).await,
+        Command::Keygen(a) => keygen(&a),
+    }
+}
+
+/// The job file, the database it names, and a first connection.
+struct Opened {
+    spec: JobSpec,
+    db: Database,
+    client: Client,
+}
+
+async fn open(args: &JobArgs) -> Result<Opened, Error> {
+    let spec = JobSpec::load(&args.job)?;
+    let url = args
+        .database_url
+        .clone()
+        .or_else(|| std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()))
+        .or_else(|| spec.database.url.clone())
+        .ok_or_else(|| Error::Config("no database given: pass --database-url, set DATABASE_URL, or add [database] url to the job file".into()))?;
+    let db = Database::parse(&url).map_err(|e| Error::Config(e.to_string()))?;
+    let client = db.connect().await?;
+    Ok(Opened { spec, db, client })
+}
+
+fn default_lanes() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2)
+}
+
+/// Rows holding at least one value not visibly on the target key, per target.
+async fn stale_rows(client: &Client, job: &Job) -> Result<u64, Error> {
+    let mut total = 0u64;
+    for t in &job.targets {
+        let (filter, cols) = sql::stale_filter(t, "", 1);
+        let prefixes: Vec<Vec<u8>> = cols.iter().filter_map(|&c| t.stale_prefix(c)).collect();
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = prefixes.iter().map(|p| p as _).collect();
+        let n: i64 = client
+            .query_one(&format!("SELECT count(*) FROM {} WHERE {filter}", t.qualified()), &params)
+            .await
+            .ctx(|| format!("counting rows to rotate in {}", t.table))?
+            .get(0);
+        total += n as u64;
+    }
+    Ok(total)
+}
+
+/// Key ranges for a run that keeps no state (dry run, verify).
+async fn ephemeral_ranges(client: &Client, job: &Job, lanes: usize) -> Result<Vec<RangeState>, Error> {
+    let mut ranges = Vec::new();
+    for t in &job.targets {
+        for (no, range) in plan::split_ranges(client, t, lanes * 4).await?.into_iter().enumerate() {
+            ranges.push(RangeState { target: t.index, range_no: no as i32, range, last: None, done: false });
+        }
+    }
+    Ok(ranges)
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!("{value}");
+}
+
+/// `rekey run`.
+pub async fn run(args: &RunArgs) -> Result<u8, Error> {
+    let Opened { spec, db, mut client } = open(&args.common).await?;
+    let job = Arc::new(Job::resolve(&spec, &client).await?);
+    let lanes = args.workers.map_or_else(default_lanes, usize::from);
+    let settings = Settings { lanes, batch_size: args.batch_size as usize };
+    let started = Instant::now();
+    let live = Arc::new(LiveCounts::default());
+
+    let (outcome, prior, job_id, resumed) = if args.dry_run {
+        let ranges = ephemeral_ranges(&client, &job, lanes).await?;
+        let progress = Progress::new(stale_rows(&client, &job).await?, "dry run", args.quiet || args.common.json);
+        let outcome = pipeline::run(&db, job.clone(), ranges, Mode::DryRun, settings, live, progress).await?;
+        (outcome, Counts::default(), None, false)
+    } else {
+        checkpoint::ensure_schema(&mut client).await?;
+        checkpoint::lock_job(&client, &job.name).await?;
+        let record = checkpoint::open_job(&mut client, &job, lanes, args.restart).await?;
+        let progress = Progress::new(stale_rows(&client, &job).await?, "rewriting", args.quiet || args.common.json);
+        let outcome = pipeline::run(&db, job.clone(), record.ranges, Mode::Rewrite { job_id: record.id }, settings, live, progress).await?;
+        (outcome, record.prior, Some(record.id), record.resumed)
+    };
+
+    let elapsed = started.elapsed().as_secs_f64();
+    let c = outcome.counts;
+    let mut job_totals = prior;
+    job_totals += c;
+    let summary = json!({
+        "job": job.name,
+        "job_id": job_id,
+        "dry_run": args.dry_run,
+        "resumed": resumed,
+        "rows_scanned": c.rows_scanned,
+        "rows_rewritten": c.rows_rewritten,
+        "values_rewritten": c.values_rewritten,
+        "values_skipped": c.values_skipped,
+        "values_failed": c.values_failed,
+        "conflicts": c.conflicts,
+        "elapsed_s": (elapsed * 1000.0).round() / 1000.0,
+        "rows_per_s": (c.rows_scanned as f64 / elapsed.max(1e-9)).round(),
+        "job_totals": job_totals,
+        "failures": outcome.failures,
+    });
+    if let Some(id) = job_id {
+        checkpoint::finish_job(&client, id, &summary).await?;
+    }
+    if args.common.json {
+        print_json(&summary);
+    } else {
+        let verb = if args.dry_run { "would rewrite" } else { "rewrote" };
+        println!(
+            "{}: {verb} {} values in {} rows ({} rows scanned, {} skipped, {} failed, {} conflicts) in {:.1}s, {:.0} rows/s",
+            job.name,
+            c.values_rewritten,
+            c.rows_rewritten,
+            c.rows_scanned,
+            c.values_skipped,
+            c.values_failed,
+            c.conflicts,
+            elapsed,
+            c.rows_scanned as f64 / elapsed.max(1e-9)
+        );
+        if resumed {
+            println!("resumed job {}: {} values rewritten in all", job_id.unwrap_or_default(), job_totals.values_rewritten);
+        }
+        if job_totals.values_failed > 0 && !args.dry_run {
+            println!(
+                "{} values could not be decrypted and were left untouched; see: SELECT * FROM rekey.quarantine WHERE job_id = {}",
+                job_totals.values_failed,
+                job_id.unwrap_or_default()
+            );
+        }
+    }
+    let failed = if args.dry_run { c.values_failed } else { job_totals.values_failed };
+    Ok(if failed > 0 { EXIT_QUARANTINED } else { 0 })
+}
+
+/// `rekey verify`.
+pub async fn verify(args: &VerifyArgs) -> Result<u8, Error> {
+    let Opened { spec, db, client } = open(&args.common).await?;
+    let job = Arc::new(Job::resolve(&spec, &client).await?);
+    let target_label = |t: &crate::job::Target| {
+        let id = t.codec.target();
+        t.codec.key_prefix(id).map_or_else(|| format!("key {id}"), |p| t.codec.describe_prefix(&p))
+    };
+
+    let counted = plan::count_by_key(&client, &job).await?;
+    let full = args.full || counted.iter().any(|c| c.by_key.is_none());
+    let mut by_key: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    let mut failures = Vec::new();
+    let (mut total, mut on_target, mut on_old, mut undecryptable) = (0u64, 0u64, 0u64, 0u64);
+    let mut sampled = 0u64;
+
+    if full {
+        let lanes = default_lanes();
+        let ranges = ephemeral_ranges(&client, &job, lanes).await?;
+        let rows: u64 = counted.iter().map(|c| c.rows).max().unwrap_or(0);
+        let progress = Progress::new(rows, "verifying", args.quiet || args.common.json);
+        let outcome = pipeline::run(&db, job.clone(), ranges, Mode::Verify, Settings { lanes, batch_size: 5000 }, Arc::new(LiveCounts::default()), progress).await?;
+        for t in &job.targets {
+            let target = target_label(t);
+            for i in 0..t.columns.len() {
+                for (k, n) in outcome.by_key.get(&t.label(i)).into_iter().flatten() {
+                    total += n;
+                    if *k == target {
+                        on_target += n;
+                    } else {
+                        on_old += n;
+                    }
+                }
+            }
+        }
+        undecryptable = outcome.counts.values_failed;
+        total += undecryptable;
+        by_key = outcome.by_key;
+        failures = outcome.failures;
+    } else {
+        for c in &counted {
+            let keys = c.by_key.clone().unwrap_or_default();
+            let t = job.targets.iter().find(|t| t.table.to_string() == c.table).ok_or_else(|| Error::Runtime("verify lost a target".into()))?;
+            let target = target_label(t);
+            for (k, n) in &keys {
+                total += n;
+                if *k == target {
+                    on_target += n;
+                } else if k.ends_with("(no such key)") || k == "empty" {
+                    undecryptable += n;
+                } else {
+                    on_old += n;
+                }
+            }
+            by_key.insert(format!("{}.{}", c.table, c.column), keys);
+        }
+        for t in &job.targets {
+            let (n, failed) = sample_target(&client, t, args.sample).await?;
+            sampled += n;
+            for (f, col) in failed {
+                failures.push(crate::sink::Failure { table: t.table.to_string(), column: t.columns[col].name.clone(), key: f, error: "sampled value did not decrypt" });
+            }
+        }
+        let sample_failures = failures.len() as u64;
+        undecryptable += sample_failures;
+        on_target = on_target.saturating_sub(sample_failures);
+    }
+
+    let mut flat: BTreeMap<String, u64> = BTreeMap::new();
+    for keys in by_key.values() {
+        for (k, n) in keys {
+            *flat.entry(k.clone()).or_default() += n;
+        }
+    }
+    let ok = on_old == 0 && undecryptable == 0;
+    let result = json!({
+        "verified": ok,
+        "mode": if full { "full" } else { "sample" },
+        "values_total": total,
+        "values_on_target_key": on_target,
+        "values_on_old_keys": on_old,
+        "values_undecryptable": undecryptable,
+        "values_sampled": sampled,
+        "by_key": flat,
+        "by_column": by_key,
+        "failures": failures,
+    });
+    if args.common.json {
+        print_json(&result);
+    } else {
+        println!(
+            "{}: {} values: {} on the target key, {} on old keys, {} undecryptable ({})",
+            job.name,
+            total,
+            on_target,
+            on_old,
+            undecryptable,
+            if full { "every value decrypted".to_string() } else { format!("key versions counted for every value, {sampled} sampled values decrypted") }
+        );
+        for (col, keys) in &by_key {
+            let list = keys.iter().map(|(k, n)| format!("{k}={n}")).collect::<Vec<_>>().join(" ");
+            println!("  {col}: {list}");
+        }
+        for f in failures.iter().take(20) {
+            println!("  cannot decrypt {}.{} at key {}: {}", f.table, f.column, f.key, f.error);
+        }
+        println!("{}", if ok { "verified: nothing left on an old key" } else { "NOT verified: run `rekey run` again, and inspect rekey.quarantine" });
+    }
+    Ok(if ok { 0 } else { EXIT_NOT_VERIFIED })
+}
+
+/// Decrypts up to `n` sampled rows of a target; returns rows sampled and the failed keys.
+async fn sample_target(client: &Client, t: &crate::job::Target, n: u32) -> Result<(u64, Vec<(String, usize)>), Error> {
+    if n == 0 {
+        return Ok((0, Vec::new()));
+    }
+    let rows_est = plan::estimated_rows(client, t).await?.max(1.0);
+    let percent = (100.0 * 2.0 * f64::from(n) / rows_est).clamp(0.0001, 100.0) as f32;
+    let cols = t.columns.iter().map(|c| crate::db::quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
+    let keys = t.key_list("");
+    let rows = client
+        .query(
+            &format!("SELECT {keys}, {cols} FROM {} TABLESAMPLE BERNOULLI ($1) LIMIT $2", t.qualified()),
+            &[&percent, &i64::from(n)],
+        )
+        .await
+        .ctx(|| format!("sampling {}", t.table))?;
+    let mut cells = Vec::new();
+    transform::classify(t, &rows, &mut cells);
+    let ncols = t.columns.len();
+    let mut failed = Vec::new();
+    for (i, cell) in cells.iter().enumerate() {
+        if let Cell::Failed(_) = cell {
+            let row = &rows[i / ncols];
+            let key = (0..t.key.len()).map(|k| row.get::<_, RawRef>(k).0.to_vec()).collect::<Vec<_>>();
+            failed.push((format!("{:?}", key.iter().map(hex::encode).collect::<Vec<_>>()), i % ncols));
+        }
+    }
+    Ok((rows.len() as u64, failed))
+}
+
+/// `rekey status`.
+pub async fn status(args: &StatusArgs) -> Result<u8, Error> {
+    let Opened { spec, client, .. } = open(&args.common).await?;
+    let name = spec.name.clone().unwrap_or_default();
+    let found = if checkpoint::schema_exists(&client).await? { checkpoint::job_status(&client, &name).await? } else { None };
+    let Some(s) = found else {
+        if args.common.json {
+            print_json(&json!({ "job": name, "state": "never run" }));
+        } else {
+            println!("{name}: never run on this database");
+        }
+        return Ok(0);
+    };
+    if args.common.json {
+        print_json(&serde_json::to_value(&s).unwrap_or_default());
+    } else {
+        println!(
+            "{} (job {}): {}, {}/{} ranges done, {} rows scanned, {} values rewritten, {} failed (quarantined: {}), {} conflicts; started {}, last checkpoint {}{}",
+            s.name,
+            s.job_id,
+            s.state,
+            s.ranges_done,
+            s.ranges_total,
+            s.counts.rows_scanned,
+            s.counts.values_rewritten,
+            s.counts.values_failed,
+            s.quarantined,
+            s.counts.conflicts,
+            s.started_at,
+            s.updated_at,
+            s.finished_at.as_ref().map(|f| format!(", finished {f}")).unwrap_or_default()
+        );
+    }
+    Ok(0)
+}
+
+/// `rekey plan`.
+pub async fn plan_cmd(args: &StatusArgs) -> Result<u8, Error> {
+    let Opened { spec, client, .. } = open(&args.common).await?;
+    let job = Job::resolve(&spec, &client).await?;
+    let columns = plan::count_by_key(&client, &job).await?;
+    let to_rewrite: u64 = columns.iter().map(|c| c.to_rewrite).sum();
+    if args.common.json {
+        print_json(&json!({ "job": job.name, "target_key": job.keyring.target().id(), "values_to_rewrite": to_rewrite, "columns": columns }));
+    } else {
+        println!("{}: target key {} ({} values to rewrite)", job.name, job.keyring.target().id(), to_rewrite);
+        for c in &columns {
+            let keys = c
+                .by_key
+                .as_ref()
+                .map(|m| m.iter().map(|(k, n)| format!("{k}={n}")).collect::<Vec<_>>().join(" "))
+                .unwrap_or_else(|| "key not visible without decrypting".into());
+            println!("  {}.{}: {} rows, {} NULL, {}; {} to rewrite", c.table, c.column, c.rows, c.nulls, keys, c.to_rewrite);
+        }
+    }
+    Ok(0)
+}
+
+/// `rekey keygen`.
+pub fn keygen(args: &KeygenArgs) -> Result<u8, Error> {
+    let material = keyring::generate_material();
+    println!("{}", keyring::encode_key(&material, args.format).as_str());
+    Ok(0)
+}

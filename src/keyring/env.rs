@@ -1,0 +1,170 @@
+//! Keys from environment variables, in the two conventions the seeds use.
+//!
+//! - versioned: `ENCRYPTION_KEY_V1` .. `ENCRYPTION_KEY_Vn` and
+//!   `ENCRYPTION_CURRENT_VERSION` (optionally `ENCRYPTION_PENDING_VERSION`);
+//! - dual: `ENCRYPTION_KEY` (current) and `ENCRYPTION_KEY_NEW` (pending), with
+//!   ids from `ENCRYPTION_KEY_VERSION` (default 1) and
+//!   `ENCRYPTION_KEY_NEW_VERSION` (default current + 1).
+//!
+//! The prefix (`ENCRYPTION` by default) is configurable per job. Every error
+//! names the variable to fix and never contains its value.
+
+use super::{Key, KeyId, Keyring, KeyringError};
+
+/// Why the environment did not give a usable keyring.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvKeyError {
+    /// A key variable holds something that is not a 32-byte key.
+    #[error("{var} {source}")]
+    BadKey {
+        /// The variable at fault.
+        var: String,
+        /// What is wrong with it.
+        source: super::KeyParseError,
+    },
+    /// A version variable is not a number in range.
+    #[error("{var} must be a key version between 1 and 255 (e.g. {var}=2)")]
+    BadVersion {
+        /// The variable at fault.
+        var: String,
+    },
+    /// Keys are present but the variable naming the current one is not.
+    #[error("{var} is not set: set it to the version applications encrypt with today (e.g. {var}=2)")]
+    MissingCurrent {
+        /// The variable to set.
+        var: String,
+    },
+    /// The current (or pending) version names a key that is not set.
+    #[error("{version_var}={version} but {key_var} is not set: export the key for version {version}")]
+    VersionWithoutKey {
+        /// The variable naming the version.
+        version_var: String,
+        /// Its value.
+        version: KeyId,
+        /// The key variable that should exist.
+        key_var: String,
+    },
+    /// No key variables at all.
+    #[error("no encryption keys in the environment: set {prefix}_KEY_V1.. with {prefix}_CURRENT_VERSION, or {prefix}_KEY (and {prefix}_KEY_NEW)")]
+    NoKeys {
+        /// The prefix searched.
+        prefix: String,
+    },
+    /// The keys do not form a valid keyring.
+    #[error("environment keys: {0}")]
+    Keyring(#[from] KeyringError),
+}
+
+/// Reads a keyring from the process environment.
+pub fn from_process_env(prefix: &str) -> Result<Keyring, EnvKeyError> {
+    let vars: Vec<(String, String)> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, _)| k.starts_with(prefix))
+        .collect();
+    from_vars(prefix, &vars)
+}
+
+/// Reads a keyring from `(name, value)` pairs, as if they were the environment.
+pub fn from_vars(prefix: &str, vars: &[(String, String)]) -> Result<Keyring, EnvKeyError> {
+    let get = |name: &str| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let version = |var: String| -> Result<Option<KeyId>, EnvKeyError> {
+        match get(&var) {
+            None => Ok(None),
+            Some(v) => match v.trim().parse::<KeyId>() {
+                Ok(n) if (1..=255).contains(&n) => Ok(Some(n)),
+                _ => Err(EnvKeyError::BadVersion { var }),
+            },
+        }
+    };
+    let key = |var: String, id: KeyId| -> Result<Option<Key>, EnvKeyError> {
+        get(&var).map(|v| Key::parse(id, v).map_err(|source| EnvKeyError::BadKey { var, source })).transpose()
+    };
+
+    let versioned_prefix = format!("{prefix}_KEY_V");
+    let mut keys = Vec::new();
+    for (name, _) in vars {
+        if let Some(n) = name.strip_prefix(&versioned_prefix) {
+            let id: KeyId = match n.parse() {
+                Ok(id) if (1..=255).contains(&id) && !n.starts_with('0') => id,
+                _ => return Err(EnvKeyError::BadVersion { var: name.clone() }),
+            };
+            keys.extend(key(name.clone(), id)?);
+        }
+    }
+    keys.sort_by_key(|k| k.id());
+
+    if !keys.is_empty() {
+        let current_var = format!("{prefix}_CURRENT_VERSION");
+        let current = version(current_var.clone())?.ok_or(EnvKeyError::MissingCurrent { var: current_var.clone() })?;
+        let pending_var = format!("{prefix}_PENDING_VERSION");
+        let pending = version(pending_var.clone())?;
+        for (var, id) in [(current_var, Some(current)), (pending_var, pending)] {
+            if let Some(id) = id {
+                if !keys.iter().any(|k| k.id() == id) {
+                    return Err(EnvKeyError::VersionWithoutKey { version_var: var, version: id, key_var: format!("{versioned_prefix}{id}") });
+                }
+            }
+        }
+        return Ok(Keyring::new(keys, current, pending.filter(|p| *p != current))?);
+    }
+
+    let current_id = version(format!("{prefix}_KEY_VERSION"))?.unwrap_or(1);
+    let Some(current) = key(format!("{prefix}_KEY"), current_id)? else {
+        return Err(EnvKeyError::NoKeys { prefix: prefix.to_string() });
+    };
+    let new_version_var = format!("{prefix}_KEY_NEW_VERSION");
+    let new_id = version(new_version_var.clone())?.unwrap_or(current_id % 255 + 1);
+    if new_id == current_id {
+        return Err(EnvKeyError::BadVersion { var: new_version_var });
+    }
+    let new = key(format!("{prefix}_KEY_NEW"), new_id)?;
+    let pending = new.as_ref().map(|k| k.id());
+    Ok(Keyring::new(std::iter::once(current).chain(new).collect(), current_id, pending)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const K1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+    const K2: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn versioned_convention_targets_the_current_version() {
+        let ring = from_vars("ENCRYPTION", &vars(&[("ENCRYPTION_KEY_V1", K1), ("ENCRYPTION_KEY_V2", K2), ("ENCRYPTION_CURRENT_VERSION", "2")])).unwrap();
+        assert_eq!(ring.target().id(), 2);
+        assert!(ring.get(1).is_some());
+    }
+
+    #[test]
+    fn dual_convention_targets_the_new_key() {
+        let ring = from_vars("ENCRYPTION", &vars(&[("ENCRYPTION_KEY", K1), ("ENCRYPTION_KEY_NEW", K2)])).unwrap();
+        assert_eq!((ring.current_id(), ring.target().id()), (1, 2));
+    }
+
+    #[test]
+    fn missing_current_version_names_the_variable() {
+        let err = from_vars("ENCRYPTION", &vars(&[("ENCRYPTION_KEY_V1", K1)])).unwrap_err();
+        assert!(err.to_string().contains("ENCRYPTION_CURRENT_VERSION"), "{err}");
+    }
+
+    #[test]
+    fn current_version_without_key_names_both_variables() {
+        let err = from_vars("ENCRYPTION", &vars(&[("ENCRYPTION_KEY_V1", K1), ("ENCRYPTION_CURRENT_VERSION", "3")])).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("ENCRYPTION_CURRENT_VERSION=3") && msg.contains("ENCRYPTION_KEY_V3"), "{msg}");
+    }
+
+    #[test]
+    fn bad_hex_names_the_variable_and_hides_the_value() {
+        let bad = &K2[..63];
+        let err = from_vars("ENCRYPTION", &vars(&[("ENCRYPTION_KEY_V1", K1), ("ENCRYPTION_KEY_V2", bad), ("ENCRYPTION_CURRENT_VERSION", "2")])).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("ENCRYPTION_KEY_V2 "), "{msg}");
+        assert!(!msg.contains(bad));
+    }
+}

@@ -1,0 +1,43 @@
+//! rekey rotates the key under encrypted columns of PostgreSQL tables.
+//!
+//! Layout (data flows top to bottom):
+//! - [`cli`]: the command line, validated, no I/O.
+//! - [`commands`]: one function per subcommand; prints results, picks exit codes.
+//! - [`job`]: the job file, then the job resolved once against the database.
+//! - [`catalog`]: checks tables, keys and column types before any row is read.
+//! - [`keyring`]: keys and where they come from; zeroized, never printed.
+//! - [`codec`]: ciphertext formats, pure functions, one file each.
+//! - [`plan`]: counts per key, splitting a table into key ranges.
+//! - [`checkpoint`]: the engine's schema `rekey`: jobs, progress, resume.
+//! - [`pipeline`]: source -> transform -> sink; the only place that spawns.
+//!   - [`source`]: keyset pages, never OFFSET.
+//!   - [`transform`]: decrypt, encrypt, verify, on rayon.
+//!   - [`sink`]: binary COPY + compare-and-swap UPDATE + checkpoint, one transaction.
+//! - [`sql`]: every statement's text, identifiers quoted, values bound.
+//! - [`binary_copy`]: PostgreSQL's binary COPY encoding.
+//! - [`db`]: connections, identifier quoting, raw binary values.
+//! - [`stats`], [`progress`]: counters and the progress line.
+//! - [`cluster`]: throwaway PostgreSQL clusters for tests, demos and benchmarks.
+//! - [`error`]: the library's error type and exit codes.
+
+pub mod binary_copy;
+pub mod catalog;
+pub mod checkpoint;
+pub mod cli;
+pub mod cluster;
+pub mod codec;
+pub mod commands;
+pub mod db;
+pub mod error;
+pub mod job;
+pub mod keyring;
+pub mod pipeline;
+pub mod plan;
+pub mod progress;
+pub mod sink;
+pub mod source;
+pub mod sql;
+pub mod stats;
+pub mod transform;
+
+pub use error::Error;

@@ -1,0 +1,256 @@
+//! The pipeline: source -> transform -> sink, joined by bounded channels.
+//!
+//! This is the one file that spawns. The job's ranges go into a shared work
+//! queue; each of `lanes` lanes is a reader task, a transform task (which
+//! hands each batch to the rayon pool) and a sink task, with channels of two
+//! batches between them, so memory is bounded by lanes x 4 batches whatever
+//! the table's size. A lane works one range at a time, in key order, so its
+//! checkpoints only move forward; lanes write disjoint ranges side by side.
+//!
+//! ```text
+//! work queue ──> source ──(2)──> transform (rayon) ──(2)──> sink ──> COMMIT
+//!    (ranges)    keyset pages     decrypt/encrypt/verify     COPY + CAS UPDATE + checkpoint
+//! ```
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+
+use crate::checkpoint::RangeState;
+use crate::db::Database;
+use crate::job::Job;
+use crate::progress::Progress;
+use crate::sink::{self, Batch, Failure, Writer};
+use crate::source::{self, Source};
+use crate::stats::{Counts, LiveCounts};
+use crate::transform::{self, Cell};
+use crate::Error;
+
+/// Batches in flight between two stages of a lane.
+const CHANNEL_DEPTH: usize = 2;
+
+/// Failures kept in memory for the report; the count beyond is exact.
+pub const MAX_REPORTED_FAILURES: usize = 10_000;
+
+/// What the pipeline does with what it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Re-encrypt stale values and commit them with checkpoints in this job.
+    Rewrite {
+        /// `rekey.jobs.job_id`.
+        job_id: i64,
+    },
+    /// Read, decrypt and re-encrypt everything stale; write nothing.
+    DryRun,
+    /// Open every value and count it by key; write nothing.
+    Verify,
+}
+
+/// How the pipeline runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Lanes (reader + writer connection pairs) working at once.
+    pub lanes: usize,
+    /// Rows per batch.
+    pub batch_size: usize,
+}
+
+/// What a whole pipeline run did.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Totals.
+    pub counts: Counts,
+    /// Failed values, up to [`MAX_REPORTED_FAILURES`].
+    pub failures: Vec<Failure>,
+    /// Verify: values per `table.column` and key label.
+    pub by_key: BTreeMap<String, BTreeMap<String, u64>>,
+}
+
+impl Outcome {
+    fn merge(&mut self, other: Outcome) {
+        self.counts += other.counts;
+        let room = MAX_REPORTED_FAILURES.saturating_sub(self.failures.len());
+        self.failures.extend(other.failures.into_iter().take(room));
+        for (col, keys) in other.by_key {
+            let mine = self.by_key.entry(col).or_default();
+            for (k, n) in keys {
+                *mine.entry(k).or_default() += n;
+            }
+        }
+    }
+}
+
+/// State every task of a run shares.
+struct Shared {
+    /// The job.
+    job: Arc<Job>,
+    /// Every range of the run (finished ones are not queued).
+    ranges: Vec<RangeState>,
+    /// Ranges not yet taken by a lane.
+    queue: Mutex<VecDeque<usize>>,
+    /// Set on the first error: sources stop reading, sinks finish what is in flight.
+    stop: AtomicBool,
+    /// Live totals for the progress line.
+    live: Arc<LiveCounts>,
+    /// The progress line.
+    progress: Progress,
+    /// Pages hold this many rows.
+    batch_size: usize,
+}
+
+impl Shared {
+    fn next_range(&self) -> Option<usize> {
+        if self.stop.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.queue.lock().ok()?.pop_front()
+    }
+}
+
+/// Runs the pipeline over `ranges` until every unfinished one is done or a
+/// stage fails; on failure, batches already in flight still commit.
+pub async fn run(db: &Database, job: Arc<Job>, ranges: Vec<RangeState>, mode: Mode, settings: Settings, live: Arc<LiveCounts>, progress: Progress) -> Result<Outcome, Error> {
+    let queue: VecDeque<usize> = ranges.iter().enumerate().filter(|(_, r)| !r.done).map(|(i, _)| i).collect();
+    let lanes = settings.lanes.clamp(1, queue.len().max(1));
+    let shared = Arc::new(Shared {
+        job,
+        ranges,
+        queue: Mutex::new(queue),
+        stop: AtomicBool::new(false),
+        live,
+        progress,
+        batch_size: settings.batch_size.max(1),
+    });
+
+    let mut tasks: JoinSet<Result<Option<Outcome>, Error>> = JoinSet::new();
+    for _ in 0..lanes {
+        let (to_transform, from_source) = mpsc::channel::<Batch>(CHANNEL_DEPTH);
+        let (to_sink, from_transform) = mpsc::channel::<Batch>(CHANNEL_DEPTH);
+        let reader = Source::new(db.connect().await?, mode != Mode::Verify);
+        let lookup = match mode {
+            Mode::Rewrite { .. } => None,
+            Mode::DryRun | Mode::Verify => Some(db.connect().await?),
+        };
+        let writer = match mode {
+            Mode::Rewrite { job_id } => Some(Writer::connect(db, &shared.job, job_id).await?),
+            Mode::DryRun | Mode::Verify => None,
+        };
+        tasks.spawn(read(shared.clone(), reader, to_transform));
+        tasks.spawn(transform_stage(shared.clone(), mode, from_source, to_sink));
+        tasks.spawn(write(shared.clone(), writer, lookup, from_transform));
+    }
+
+    let mut outcome = Outcome::default();
+    let mut first_error = None;
+    while let Some(joined) = tasks.join_next().await {
+        let result = joined.unwrap_or_else(|e| Err(Error::Runtime(format!("a pipeline task stopped unexpectedly: {e}"))));
+        match result {
+            Ok(Some(lane)) => outcome.merge(lane),
+            Ok(None) => {}
+            Err(e) => {
+                shared.stop.store(true, Ordering::Relaxed);
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    shared.progress.finish();
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(outcome),
+    }
+}
+
+/// Source stage: reads each range it takes, page by page, in key order.
+async fn read(shared: Arc<Shared>, mut source: Source, out: mpsc::Sender<Batch>) -> Result<Option<Outcome>, Error> {
+    while let Some(ri) = shared.next_range() {
+        let state = &shared.ranges[ri];
+        let target = &shared.job.targets[state.target];
+        let mut after = state.start().cloned();
+        loop {
+            if shared.stop.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
+            let rows = source.page(target, after.as_ref(), state.range.upper.as_ref(), shared.batch_size).await?;
+            let end = rows.len() < shared.batch_size;
+            let last_key = rows.last().map(|r| source::row_key(target, r));
+            if let Some(k) = &last_key {
+                after = Some(k.clone());
+            }
+            let batch = Batch { range: ri, rows, cells: Vec::new(), last_key, end };
+            if out.send(batch).await.is_err() {
+                return Ok(None);
+            }
+            if end {
+                break;
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Transform stage: runs each batch on the rayon pool and passes it on.
+async fn transform_stage(shared: Arc<Shared>, mode: Mode, mut input: mpsc::Receiver<Batch>, out: mpsc::Sender<Batch>) -> Result<Option<Outcome>, Error> {
+    while let Some(mut batch) = input.recv().await {
+        let (done, result) = oneshot::channel();
+        let job = shared.job.clone();
+        let target_index = shared.ranges[batch.range].target;
+        rayon::spawn(move || {
+            let target = &job.targets[target_index];
+            match mode {
+                Mode::Verify => transform::classify(target, &batch.rows, &mut batch.cells),
+                Mode::Rewrite { .. } | Mode::DryRun => transform::rewrite(target, &batch.rows, &mut batch.cells),
+            }
+            let _ = done.send(batch);
+        });
+        let batch = result.await.map_err(|_| Error::Runtime("the transform pool dropped a batch".into()))?;
+        if out.send(batch).await.is_err() {
+            break;
+        }
+    }
+    Ok(None)
+}
+
+/// Sink stage: commits batches (rewrite) or tallies them (dry run, verify).
+async fn write(shared: Arc<Shared>, mut writer: Option<Writer>, lookup: Option<tokio_postgres::Client>, mut input: mpsc::Receiver<Batch>) -> Result<Option<Outcome>, Error> {
+    let mut outcome = Outcome::default();
+    while let Some(batch) = input.recv().await {
+        let state = &shared.ranges[batch.range];
+        let target = &shared.job.targets[state.target];
+        let (counts, failures) = match (&mut writer, &lookup) {
+            (Some(w), _) => w.write(target, state, &batch).await?,
+            (None, Some(client)) => (tally(target, &batch, &mut outcome.by_key), sink::describe_failures(client, target, &batch).await?),
+            (None, None) => return Err(Error::Runtime("a sink has neither a writer nor a lookup connection".into())),
+        };
+        for f in &failures {
+            eprintln!("rekey: cannot decrypt {}.{} at key {}: {}", f.table, f.column, f.key, f.error);
+        }
+        outcome.merge(Outcome { counts, failures, by_key: BTreeMap::new() });
+        shared.live.add(&counts);
+        shared.progress.update(&shared.live.snapshot());
+    }
+    Ok(Some(outcome))
+}
+
+/// Counts a batch that is not written: what a run would do, and which keys hold the values.
+fn tally(target: &crate::job::Target, batch: &Batch, by_key: &mut BTreeMap<String, BTreeMap<String, u64>>) -> Counts {
+    let ncols = target.columns.len();
+    let mut c = Counts { rows_scanned: batch.rows.len() as u64, ..Counts::default() };
+    for (i, cell) in batch.cells.iter().enumerate() {
+        match cell {
+            Cell::Null | Cell::Current => c.values_skipped += 1,
+            Cell::Rewritten(_) => c.values_rewritten += 1,
+            Cell::Failed(_) => c.values_failed += 1,
+            Cell::Opened(key) => {
+                let label = target.codec.key_prefix(*key).map_or_else(|| format!("key {key}"), |p| target.codec.describe_prefix(&p));
+                *by_key.entry(target.label(i % ncols)).or_default().entry(label).or_default() += 1;
+            }
+        }
+    }
+    if batch.cells.iter().any(|c| matches!(c, Cell::Rewritten(_))) {
+        c.rows_rewritten = (0..batch.rows.len()).filter(|r| batch.cells[r * ncols..(r + 1) * ncols].iter().any(|c| matches!(c, Cell::Rewritten(_)))).count() as u64;
+    }
+    c
+}

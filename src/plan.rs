@@ -1,0 +1,173 @@
+//! Planning: how many values sit under each key, and how to split a table
+//! into key ranges that lanes can rotate side by side.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::db::RawRef;
+use crate::error::DbContext;
+use crate::job::{Job, Target};
+use crate::sql;
+use crate::Error;
+
+/// A key in PostgreSQL's binary format, one element per key column.
+pub type KeyBytes = Vec<Vec<u8>>;
+
+/// A stretch of a table's key space: after `lower` (exclusive) up to `upper` (inclusive).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRange {
+    /// Exclusive lower bound; `None` from the first row.
+    pub lower: Option<KeyBytes>,
+    /// Inclusive upper bound; `None` to the last row.
+    pub upper: Option<KeyBytes>,
+}
+
+/// Rows per range below which a table is not split further.
+const MIN_ROWS_PER_RANGE: f64 = 20_000.0;
+
+/// Splits a target into at most `n` ranges of about equal row counts, from a
+/// sample of its keys. Rows inserted later still fall in some range: the
+/// first and last ranges are open-ended.
+pub async fn split_ranges(client: &Client, target: &Target, n: usize) -> Result<Vec<KeyRange>, Error> {
+    let whole = vec![KeyRange { lower: None, upper: None }];
+    let rows = estimated_rows(client, target).await?;
+    let n = n.min((rows / MIN_ROWS_PER_RANGE) as usize).max(1);
+    if n == 1 {
+        return Ok(whole);
+    }
+    let percent = (100.0 * (n as f64 * 100.0) / rows).clamp(0.001, 100.0) as f32;
+    let keys = target.key_list("");
+    let sample = client
+        .query(
+            &format!("SELECT {keys} FROM {} TABLESAMPLE SYSTEM ($1) ORDER BY {keys}", target.qualified()),
+            &[&percent],
+        )
+        .await
+        .ctx(|| format!("sampling the keys of {}", target.table))?;
+    if sample.len() < n {
+        return Ok(whole);
+    }
+    let mut bounds: Vec<KeyBytes> = Vec::new();
+    for i in 1..n {
+        let row = &sample[i * sample.len() / n];
+        let key: KeyBytes = (0..target.key.len()).map(|c| row.get::<_, RawRef>(c).0.to_vec()).collect();
+        if bounds.last() != Some(&key) {
+            bounds.push(key);
+        }
+    }
+    let mut ranges = Vec::with_capacity(bounds.len() + 1);
+    let mut lower = None;
+    for b in bounds {
+        ranges.push(KeyRange { lower: lower.take(), upper: Some(b.clone()) });
+        lower = Some(b);
+    }
+    ranges.push(KeyRange { lower, upper: None });
+    Ok(ranges)
+}
+
+/// The planner's row estimate, or an exact count for a never-analyzed table.
+pub async fn estimated_rows(client: &Client, target: &Target) -> Result<f64, Error> {
+    let what = || format!("estimating the size of {}", target.table);
+    let est: f32 = client
+        .query_one(
+            "SELECT c.reltuples FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2",
+            &[&target.table.schema, &target.table.name],
+        )
+        .await
+        .ctx(what)?
+        .get(0);
+    if est >= 0.0 {
+        return Ok(f64::from(est));
+    }
+    let count: i64 = client.query_one(&format!("SELECT count(*) FROM {}", target.qualified()), &[]).await.ctx(what)?.get(0);
+    Ok(count as f64)
+}
+
+/// Values of one column, counted by the key they are under.
+#[derive(Debug, Clone, Serialize)]
+pub struct ColumnPlan {
+    /// `schema.table`.
+    pub table: String,
+    /// The column.
+    pub column: String,
+    /// Rows in the table.
+    pub rows: u64,
+    /// NULL values (nothing to rotate).
+    pub nulls: u64,
+    /// Non-NULL values per key label (`v1`, `v2`, ...); `None` where the
+    /// format carries no key id and only decryption can tell.
+    pub by_key: Option<BTreeMap<String, u64>>,
+    /// Values already on the target key (where countable).
+    pub on_target_key: Option<u64>,
+    /// Values a run will read (not NULL and not visibly on the target key).
+    pub to_rewrite: u64,
+}
+
+/// Counts every column of every target by key, in one scan per column.
+pub async fn count_by_key(client: &Client, job: &Job) -> Result<Vec<ColumnPlan>, Error> {
+    let mut out = Vec::new();
+    for target in &job.targets {
+        for (i, col) in target.columns.iter().enumerate() {
+            let what = || format!("counting values of {}", target.label(i));
+            let target_prefix = target.stale_prefix(i);
+            let Some(tp) = target_prefix else {
+                let row = client
+                    .query_one(
+                        &format!("SELECT count(*), count({}) FROM {}", crate::db::quote_ident(&col.name), target.qualified()),
+                        &[],
+                    )
+                    .await
+                    .ctx(what)?;
+                let (rows, non_null): (i64, i64) = (row.get(0), row.get(1));
+                out.push(ColumnPlan {
+                    table: target.table.to_string(),
+                    column: col.name.clone(),
+                    rows: rows as u64,
+                    nulls: (rows - non_null) as u64,
+                    by_key: None,
+                    on_target_key: None,
+                    to_rewrite: non_null as u64,
+                });
+                continue;
+            };
+            let expr = sql::prefix_expr(target, i, "", tp.len());
+            let rows = client
+                .query(&format!("SELECT {expr}, count(*) FROM {} GROUP BY 1", target.qualified()), &[])
+                .await
+                .ctx(what)?;
+            let mut plan = ColumnPlan {
+                table: target.table.to_string(),
+                column: col.name.clone(),
+                rows: 0,
+                nulls: 0,
+                by_key: Some(BTreeMap::new()),
+                on_target_key: Some(0),
+                to_rewrite: 0,
+            };
+            for row in rows {
+                let prefix: Option<Vec<u8>> = row.get(0);
+                let n = row.get::<_, i64>(1) as u64;
+                plan.rows += n;
+                let Some(prefix) = prefix else {
+                    plan.nulls += n;
+                    continue;
+                };
+                let known = target.codec.key_hint(&prefix).is_some_and(|id| job.keyring.get(id).is_some());
+                let mut label = target.codec.describe_prefix(&prefix);
+                if !known {
+                    label.push_str(" (no such key)");
+                }
+                *plan.by_key.get_or_insert_with(BTreeMap::new).entry(label).or_default() += n;
+                if prefix == tp {
+                    plan.on_target_key = plan.on_target_key.map(|t| t + n);
+                } else {
+                    plan.to_rewrite += n;
+                }
+            }
+            out.push(plan);
+        }
+    }
+    Ok(out)
+}

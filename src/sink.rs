@@ -1,0 +1,223 @@
+//! Sink: the only stage that writes to user tables.
+//!
+//! One transaction per batch: binary COPY of the re-encrypted values into a
+//! temp stage table, one `UPDATE ... FROM` that replaces a value only where
+//! the row still holds exactly what was read (compare-and-swap), the
+//! quarantine rows, and the batch's checkpoint; then COMMIT. A row changed by
+//! the application in between is left alone and counted as a conflict.
+
+use std::collections::{HashMap, HashSet};
+
+use serde::Serialize;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Row, Statement};
+
+use crate::binary_copy::CopyBuffer;
+use crate::checkpoint::{self, RangeState};
+use crate::db::{Database, RawParam, RawRef};
+use crate::error::DbContext;
+use crate::job::{Job, Target};
+use crate::plan::KeyBytes;
+use crate::sql;
+use crate::stats::Counts;
+use crate::transform::{self, Cell};
+use crate::Error;
+
+/// One value that could not be decrypted, as reported (never the value itself).
+#[derive(Debug, Clone, Serialize)]
+pub struct Failure {
+    /// `schema.table`.
+    pub table: String,
+    /// The column.
+    pub column: String,
+    /// The row's key as text, e.g. `(42)`.
+    pub key: String,
+    /// Why: truncated, unknown_key, auth_failed, bad_encoding.
+    pub error: &'static str,
+}
+
+/// A batch on its way through the pipeline.
+pub struct Batch {
+    /// Index of the range (in the pipeline's range list) it belongs to.
+    pub range: usize,
+    /// The rows read, key columns first.
+    pub rows: Vec<Row>,
+    /// Row-major decisions, filled by the transform.
+    pub cells: Vec<Cell>,
+    /// Key of the last row read, where the next page starts.
+    pub last_key: Option<KeyBytes>,
+    /// Whether this is the last batch of its range.
+    pub end: bool,
+}
+
+/// Per-target prepared statements of a writer connection.
+struct Prepared {
+    /// The compare-and-swap UPDATE.
+    update: Statement,
+    /// The quarantine INSERT.
+    quarantine: Statement,
+    /// Finds staged rows the UPDATE did not apply (only run after a conflict).
+    unapplied: Statement,
+}
+
+/// Writes batches over one connection.
+pub struct Writer {
+    /// The writing connection.
+    client: Client,
+    /// The job row checkpoints go to.
+    job_id: i64,
+    /// Statements by target index.
+    prepared: HashMap<usize, Prepared>,
+}
+
+impl Writer {
+    /// Opens a writing connection with stage tables and statements for every target.
+    pub async fn connect(db: &Database, job: &Job, job_id: i64) -> Result<Writer, Error> {
+        let client = db.connect().await?;
+        // The checkpoint commits with its batch, so a commit lost in a crash
+        // loses both together and the batch is simply redone.
+        client.batch_execute("SET synchronous_commit = off").await.ctx(|| "configuring the writer connection".into())?;
+        let mut prepared = HashMap::new();
+        for t in &job.targets {
+            let what = || format!("preparing writes to {}", t.table);
+            client.batch_execute(&sql::create_stage(t)).await.ctx(what)?;
+            let update = client.prepare(&sql::update_from_stage(t)).await.ctx(what)?;
+            let quarantine = client.prepare(&sql::insert_quarantine(t)).await.ctx(what)?;
+            let unapplied = client.prepare(&unapplied_sql(t)).await.ctx(what)?;
+            prepared.insert(t.index, Prepared { update, quarantine, unapplied });
+        }
+        Ok(Writer { client, job_id, prepared })
+    }
+
+    /// Commits one batch and its checkpoint; returns what it did.
+    pub async fn write(&mut self, target: &Target, state: &RangeState, batch: &Batch) -> Result<(Counts, Vec<Failure>), Error> {
+        let what = || format!("writing a batch to {}", target.table);
+        let p = &self.prepared[&target.index];
+        let ncols = target.columns.len();
+        let mut counts = Counts { rows_scanned: batch.rows.len() as u64, ..Counts::default() };
+
+        let staged: Vec<usize> = (0..batch.rows.len())
+            .filter(|&r| batch.cells[r * ncols..(r + 1) * ncols].iter().any(|c| matches!(c, Cell::Rewritten(_))))
+            .collect();
+        let tx = self.client.transaction().await.ctx(what)?;
+        let mut conflicted: HashSet<KeyBytes> = HashSet::new();
+        if let (Some(&first), Some(&last)) = (staged.first(), staged.last()) {
+            let mut buf = CopyBuffer::with_capacity(staged.len() * 160);
+            let fields = (target.key.len() + 2 * ncols) as i16;
+            for &r in &staged {
+                let row = &batch.rows[r];
+                buf.row(fields);
+                for k in 0..target.key.len() {
+                    buf.field(row.try_get::<_, RawRef>(k).ok().map(|v| v.0));
+                }
+                for (c, cell) in batch.cells[r * ncols..(r + 1) * ncols].iter().enumerate() {
+                    buf.field(transform::value(target, row, c));
+                    buf.field(match cell {
+                        Cell::Rewritten(v) => Some(v),
+                        _ => None,
+                    });
+                }
+            }
+            let copy = tx.copy_in::<_, bytes::Bytes>(&sql::copy_stage(target)).await.ctx(what)?;
+            futures_util::pin_mut!(copy);
+            futures_util::SinkExt::send(&mut copy, buf.finish()).await.ctx(what)?;
+            copy.finish().await.ctx(what)?;
+
+            let lo = key_params(target, &batch.rows[first]);
+            let hi = key_params(target, &batch.rows[last]);
+            let params: Vec<&(dyn ToSql + Sync)> = lo.iter().chain(hi.iter()).map(|p| p as &(dyn ToSql + Sync)).collect();
+            let updated = tx.execute(&p.update, &params).await.ctx(what)?;
+            counts.rows_rewritten = updated;
+            counts.conflicts = staged.len() as u64 - updated;
+            if counts.conflicts > 0 {
+                for row in tx.query(&p.unapplied, &[]).await.ctx(what)? {
+                    conflicted.insert((0..target.key.len()).map(|k| row.get::<_, RawRef>(k).0.to_vec()).collect());
+                }
+            }
+        }
+
+        let mut failures = Vec::new();
+        for (r, row) in batch.rows.iter().enumerate() {
+            let row_conflicted = !conflicted.is_empty() && conflicted.contains(&crate::source::row_key(target, row));
+            for (c, cell) in batch.cells[r * ncols..(r + 1) * ncols].iter().enumerate() {
+                match cell {
+                    Cell::Rewritten(_) if !row_conflicted => counts.values_rewritten += 1,
+                    Cell::Rewritten(_) | Cell::Opened(_) => {}
+                    Cell::Null | Cell::Current => counts.values_skipped += 1,
+                    Cell::Failed(e) => {
+                        counts.values_failed += 1;
+                        let key = crate::source::row_key(target, row);
+                        let pk: Vec<&[u8]> = key.iter().map(|k| k.as_slice()).collect();
+                        let table = target.table.to_string();
+                        let column = &target.columns[c].name;
+                        let kind = e.kind();
+                        let keyp = key_params(target, row);
+                        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&self.job_id, &table, column, &pk, &kind];
+                        params.extend(keyp.iter().map(|p| p as &(dyn ToSql + Sync)));
+                        let key_text: Option<String> = tx.query_one(&p.quarantine, &params).await.ctx(what)?.get(0);
+                        failures.push(Failure { table, column: column.clone(), key: key_text.unwrap_or_default(), error: kind });
+                    }
+                }
+            }
+        }
+        checkpoint::record_batch(&tx, self.job_id, state, batch.last_key.as_ref(), batch.end, &counts).await.ctx(what)?;
+        tx.commit().await.ctx(what)?;
+        Ok((counts, failures))
+    }
+}
+
+/// The key columns of a page row as raw parameters.
+fn key_params<'a>(target: &Target, row: &'a Row) -> Vec<RawParam<'a>> {
+    (0..target.key.len()).map(|k| RawParam(row.try_get::<_, RawRef>(k).map(|v| v.0).unwrap_or_default())).collect()
+}
+
+/// Staged rows whose values the UPDATE did not put in place (changed or
+/// deleted by someone else since they were read).
+fn unapplied_sql(target: &Target) -> String {
+    let stage = sql::stage_table(target);
+    let keys = (0..target.key.len()).map(|i| format!("s.k{i}")).collect::<Vec<_>>().join(", ");
+    let join = target
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("t.{} = s.k{i}", crate::db::quote_ident(&k.name)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let applied = target
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("t.{} IS NOT DISTINCT FROM coalesce(s.n{i}, s.o{i})", crate::db::quote_ident(&c.name)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    format!("SELECT {keys} FROM {stage} AS s WHERE NOT EXISTS (SELECT 1 FROM {} AS t WHERE {join} AND {applied})", target.qualified())
+}
+
+/// Looks up the text form of failed values' keys for reports, writing nothing
+/// (`--dry-run` and `verify`).
+pub async fn describe_failures(client: &Client, target: &Target, batch: &Batch) -> Result<Vec<Failure>, Error> {
+    let ncols = target.columns.len();
+    let mut out = Vec::new();
+    let mut stmt = None;
+    for (r, row) in batch.rows.iter().enumerate() {
+        for (c, cell) in batch.cells[r * ncols..(r + 1) * ncols].iter().enumerate() {
+            if let Cell::Failed(e) = cell {
+                let what = || format!("describing a failed value of {}", target.table);
+                if stmt.is_none() {
+                    stmt = Some(client.prepare(&sql::key_text(target)).await.ctx(what)?);
+                }
+                let Some(s) = &stmt else { continue };
+                let keyp = key_params(target, row);
+                let params: Vec<&(dyn ToSql + Sync)> = keyp.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+                let key: Option<String> = client.query_opt(s, &params).await.ctx(what)?.map(|r| r.get(0));
+                out.push(Failure {
+                    table: target.table.to_string(),
+                    column: target.columns[c].name.clone(),
+                    key: key.unwrap_or_default(),
+                    error: e.kind(),
+                });
+            }
+        }
+    }
+    Ok(out)
+}

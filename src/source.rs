@@ -1,0 +1,65 @@
+//! Source: keyset pages of a target's rows, never OFFSET.
+//!
+//! Each page is `WHERE (key) > (last) AND (key) <= (upper) AND <stale>
+//! ORDER BY key LIMIT n`, so each page costs the same however deep into the
+//! table it is, and a re-run reads only rows still holding a value on an old
+//! key (where the format lets SQL see the key). Statements are prepared once
+//! per connection and shape.
+
+use std::collections::HashMap;
+
+use tokio_postgres::{Client, Row, Statement};
+
+use crate::db::{RawParam, RawRef};
+use crate::error::DbContext;
+use crate::job::Target;
+use crate::plan::KeyBytes;
+use crate::sql::{self, Bounds};
+use crate::Error;
+
+/// Reads pages over one connection.
+pub struct Source {
+    /// The reading connection (autocommit: no transaction is held between pages).
+    client: Client,
+    /// Prepared page statements, by target and bounds shape.
+    statements: HashMap<(usize, Bounds), (Statement, Vec<usize>)>,
+    /// Whether to read only rows with a stale value (false for `verify --full`).
+    only_stale: bool,
+}
+
+impl Source {
+    /// Wraps a connection.
+    pub fn new(client: Client, only_stale: bool) -> Self {
+        Source { client, statements: HashMap::new(), only_stale }
+    }
+
+    /// The connection, for the occasional lookup beside the pages.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The next page of at most `limit` rows after `after`, up to `upper`.
+    pub async fn page(&mut self, target: &Target, after: Option<&KeyBytes>, upper: Option<&KeyBytes>, limit: usize) -> Result<Vec<Row>, Error> {
+        let bounds = Bounds { lower: after.is_some(), upper: upper.is_some() };
+        let key = (target.index, bounds);
+        if !self.statements.contains_key(&key) {
+            let (text, prefixed) = sql::select_page(target, bounds, self.only_stale);
+            let stmt = self.client.prepare(&text).await.ctx(|| format!("preparing the read of {}", target.table))?;
+            self.statements.insert(key, (stmt, prefixed));
+        }
+        let (stmt, prefixed) = &self.statements[&key];
+        let prefixes: Vec<Vec<u8>> = prefixed.iter().filter_map(|&c| target.stale_prefix(c)).collect();
+        let limit = limit as i64;
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = Vec::new();
+        let raw: Vec<RawParam> = after.into_iter().chain(upper).flat_map(|k| k.iter().map(|p| RawParam(p))).collect();
+        params.extend(raw.iter().map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync)));
+        params.extend(prefixes.iter().map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync)));
+        params.push(&limit);
+        self.client.query(stmt, &params).await.ctx(|| format!("reading a page of {}", target.table))
+    }
+}
+
+/// The key of a row read by [`Source::page`], in binary format.
+pub fn row_key(target: &Target, row: &Row) -> KeyBytes {
+    (0..target.key.len()).map(|i| row.try_get::<_, RawRef>(i).map(|r| r.0.to_vec()).unwrap_or_default()).collect()
+}

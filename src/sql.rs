@@ -1,0 +1,171 @@
+//! SQL text for a target, in one place so invariant 6 is easy to check:
+//! every identifier comes from the catalog and goes through [`quote_ident`];
+//! every value (keys, prefixes, limits) is a bind parameter or a COPY field.
+
+use crate::catalog::Storage;
+use crate::db::quote_ident;
+use crate::job::Target;
+
+/// Which key bounds a keyset query has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Bounds {
+    /// Rows strictly after a lower key.
+    pub lower: bool,
+    /// Rows up to and including an upper key.
+    pub upper: bool,
+}
+
+/// Parameter placeholders `($a, $a+1, ...)` for one key, starting at `first`.
+fn key_params(target: &Target, first: usize) -> String {
+    let list = (0..target.key.len()).map(|i| format!("${}", first + i)).collect::<Vec<_>>().join(", ");
+    format!("({list})")
+}
+
+/// SQL for the first `len` bytes of the ciphertext in column `col`, or NULL
+/// where the column is NULL. For base64 text, only the leading characters are
+/// decoded, and text that is not base64 gives an empty prefix (so the value is
+/// read, and quarantined) instead of an error that would stop the query.
+pub fn prefix_expr(target: &Target, col: usize, alias: &str, len: usize) -> String {
+    let c = format!("{alias}{}", quote_ident(&target.columns[col].name));
+    match target.columns[col].storage {
+        Storage::Bytea => format!("substring({c} from 1 for {len})"),
+        Storage::Base64Text => {
+            let chars = len.div_ceil(3) * 4;
+            format!(
+                "CASE WHEN {c} IS NULL THEN NULL \
+                 WHEN substring({c} from 1 for {chars}) ~ '^[A-Za-z0-9+/]{{{chars}}}$' \
+                 THEN substring(decode(substring({c} from 1 for {chars}), 'base64') from 1 for {len}) \
+                 ELSE '\\x'::bytea END"
+            )
+        }
+    }
+}
+
+/// `(c1 stale OR c2 stale ...)`: rows holding at least one value not on the
+/// target key. Prefixes are parameters `$first..`, one per column that has one;
+/// returns the SQL and the columns whose prefix must be bound, in order.
+pub fn stale_filter(target: &Target, alias: &str, first: usize) -> (String, Vec<usize>) {
+    let mut terms = Vec::new();
+    let mut bound = Vec::new();
+    for (i, col) in target.columns.iter().enumerate() {
+        match target.stale_prefix(i) {
+            Some(prefix) => {
+                terms.push(format!("{} <> ${}", prefix_expr(target, i, alias, prefix.len()), first + bound.len()));
+                bound.push(i);
+            }
+            None => terms.push(format!("{alias}{} IS NOT NULL", quote_ident(&col.name))),
+        }
+    }
+    (format!("({})", terms.join(" OR ")), bound)
+}
+
+/// One keyset page: key columns then encrypted columns, in key order.
+/// Parameters: lower key (if any), upper key (if any), stale prefixes (if
+/// `only_stale`), then the row limit.
+pub fn select_page(target: &Target, bounds: Bounds, only_stale: bool) -> (String, Vec<usize>) {
+    let keys = target.key_list("");
+    let cols = target.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
+    let mut next = 1;
+    let mut conds = Vec::new();
+    if bounds.lower {
+        conds.push(format!("({keys}) > {}", key_params(target, next)));
+        next += target.key.len();
+    }
+    if bounds.upper {
+        conds.push(format!("({keys}) <= {}", key_params(target, next)));
+        next += target.key.len();
+    }
+    let mut prefixed = Vec::new();
+    if only_stale {
+        let (filter, cols) = stale_filter(target, "", next);
+        next += cols.len();
+        conds.push(filter);
+        prefixed = cols;
+    }
+    let filter = if conds.is_empty() { String::new() } else { format!(" WHERE {}", conds.join(" AND ")) };
+    let sql = format!("SELECT {keys}, {cols} FROM {}{filter} ORDER BY {keys} LIMIT ${next}", target.qualified());
+    (sql, prefixed)
+}
+
+/// Name of the per-connection temp stage table for a target.
+pub fn stage_table(target: &Target) -> String {
+    format!("pg_temp.rekey_stage_{}", target.index)
+}
+
+/// Creates the stage table: key columns `k0..`, then `o<i>`/`n<i>` (old and
+/// new value) per encrypted column, with the target's own column types.
+pub fn create_stage(target: &Target) -> String {
+    let keys = target.key.iter().enumerate().map(|(i, k)| format!("{} AS k{i}", quote_ident(&k.name)));
+    let vals = target
+        .columns
+        .iter()
+        .enumerate()
+        .flat_map(|(i, c)| [format!("{} AS o{i}", quote_ident(&c.name)), format!("{} AS n{i}", quote_ident(&c.name))]);
+    format!(
+        "CREATE TEMP TABLE IF NOT EXISTS rekey_stage_{} ON COMMIT DELETE ROWS AS SELECT {} FROM {} WITH NO DATA",
+        target.index,
+        keys.chain(vals).collect::<Vec<_>>().join(", "),
+        target.qualified()
+    )
+}
+
+/// Binary COPY into the stage table.
+pub fn copy_stage(target: &Target) -> String {
+    format!("COPY {} FROM STDIN (FORMAT binary)", stage_table(target))
+}
+
+/// The compare-and-swap write: a row is updated only where every encrypted
+/// column still holds the value that was read. `$1..` and `$n+1..` bound the
+/// key range of the batch so the join reads only that stretch of the index.
+pub fn update_from_stage(target: &Target) -> String {
+    let n = target.key.len();
+    let sets = target
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("{q} = COALESCE(s.n{i}, t.{q})", q = quote_ident(&c.name)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let join = target
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("t.{} = s.k{i}", quote_ident(&k.name)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let cas = target
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("t.{} IS NOT DISTINCT FROM s.o{i}", quote_ident(&c.name)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let keys = target.key_list("t.");
+    format!(
+        "UPDATE {} AS t SET {sets} FROM {} AS s WHERE {join} AND ({keys}) >= {} AND ({keys}) <= {} AND {cas}",
+        target.qualified(),
+        stage_table(target),
+        key_params(target, 1),
+        key_params(target, n + 1),
+    )
+}
+
+/// Records one undecryptable value. Parameters: job id, table label, column,
+/// key as bytea[], error kind, then the key columns for the text lookup.
+pub fn insert_quarantine(target: &Target) -> String {
+    format!(
+        "INSERT INTO rekey.quarantine (job_id, table_name, column_name, pk, pk_text, error_kind) \
+         SELECT $1, $2, $3, $4, (SELECT ROW({keys})::text FROM {table} AS t WHERE ({keys}) = {params}), $5 \
+         ON CONFLICT (job_id, table_name, column_name, pk) DO UPDATE SET error_kind = EXCLUDED.error_kind, seen_at = now() \
+         RETURNING pk_text",
+        keys = target.key_list("t."),
+        table = target.qualified(),
+        params = key_params(target, 6),
+    )
+}
+
+/// The key of one row as text, for reports (`(42)`, `(7,abc)`).
+pub fn key_text(target: &Target) -> String {
+    let keys = target.key_list("t.");
+    format!("SELECT ROW({keys})::text FROM {} AS t WHERE ({keys}) = {}", target.qualified(), key_params(target, 1))
+}
