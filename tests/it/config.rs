@@ -1,0 +1,110 @@
+//! Bad configuration is refused with exit code 2, a message that says what to
+//! fix, and no row touched.
+
+use crate::harness::*;
+
+async fn patients() -> (TestDb, tempfile::TempDir) {
+    let db = TestDb::new().await;
+    db.seed_patients(100).await;
+    (db, tempfile::tempdir().unwrap())
+}
+
+fn job_with(dir: &tempfile::TempDir, db: &TestDb, target: &str) -> String {
+    let path = dir.path().join("job.toml");
+    std::fs::write(&path, format!("[database]\nurl = \"{}\"\n[keys]\nsource = \"env\"\n[[target]]\n{target}\n", db.url)).unwrap();
+    path.display().to_string()
+}
+
+async fn assert_refused(db: &TestDb, job: &str, env: &[(&str, String)], needle: &str) {
+    let before = db.checksum("patient_persons").await;
+    let out = rekey(&["run", "--job", job], env);
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains(needle), "expected {needle:?} in: {said}");
+    assert_eq!(db.checksum("patient_persons").await, before);
+}
+
+const GOOD: &str = "table = \"patient_persons\"\nprimary_key = [\"id\"]\ncolumns = [\"phone_encrypted\"]\nformat = \"versioned-gcm\"";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_field_in_the_job_file_is_refused() {
+    let (db, dir) = patients().await;
+    let job = job_with(&dir, &db, &format!("{GOOD}\nbatch = 5"));
+    assert_refused(&db, &job, &seed_env(), "unknown field `batch`").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_table_is_refused() {
+    let (db, dir) = patients().await;
+    let job = job_with(&dir, &db, &GOOD.replace("patient_persons", "patients"));
+    assert_refused(&db, &job, &seed_env(), "table \"patients\" not found").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_column_is_refused_with_the_columns_that_exist() {
+    let (db, dir) = patients().await;
+    let job = job_with(&dir, &db, &GOOD.replace("phone_encrypted", "phone"));
+    assert_refused(&db, &job, &seed_env(), "its columns are: id, name, phone_encrypted").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn column_of_the_wrong_type_is_refused() {
+    let (db, dir) = patients().await;
+    let job = job_with(&dir, &db, &GOOD.replace("[\"phone_encrypted\"]", "[\"id\"]").replace("primary_key = [\"id\"]\n", ""));
+    assert_refused(&db, &job, &seed_env(), "is bigint; encrypted columns must be bytea").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_that_is_not_unique_is_refused() {
+    let (db, dir) = patients().await;
+    let job = job_with(&dir, &db, &GOOD.replace("[\"id\"]", "[\"name\"]"));
+    assert_refused(&db, &job, &seed_env(), "primary_key [name] is not a unique key").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_current_version_names_the_variable() {
+    let (db, dir) = patients().await;
+    let job = job_with(&dir, &db, GOOD);
+    let env = vec![("ENCRYPTION_KEY_V1", K1.to_string()), ("ENCRYPTION_KEY_V2", K2.to_string())];
+    assert_refused(&db, &job, &env, "ENCRYPTION_CURRENT_VERSION is not set").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn current_version_without_a_key_names_the_variable() {
+    let (db, dir) = patients().await;
+    let job = job_with(&dir, &db, GOOD);
+    let env = vec![("ENCRYPTION_KEY_V1", K1.to_string()), ("ENCRYPTION_CURRENT_VERSION", "2".to_string())];
+    assert_refused(&db, &job, &env, "ENCRYPTION_KEY_V2 is not set").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_of_the_wrong_length_names_the_variable() {
+    let (db, dir) = patients().await;
+    let job = job_with(&dir, &db, GOOD);
+    let env = vec![("ENCRYPTION_KEY_V1", K1.to_string()), ("ENCRYPTION_KEY_V2", K2[..62].to_string()), ("ENCRYPTION_CURRENT_VERSION", "2".to_string())];
+    assert_refused(&db, &job, &env, "ENCRYPTION_KEY_V2 is not a 32-byte key").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_hex_names_the_variable() {
+    let (db, dir) = patients().await;
+    let job = job_with(&dir, &db, GOOD);
+    let bad = format!("zz{}", &K2[2..]);
+    let env = vec![("ENCRYPTION_KEY_V1", K1.to_string()), ("ENCRYPTION_KEY_V2", bad), ("ENCRYPTION_CURRENT_VERSION", "2".to_string())];
+    assert_refused(&db, &job, &env, "ENCRYPTION_KEY_V2").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resuming_with_a_changed_job_file_is_refused() {
+    let (db, dir) = patients().await;
+    let job = job_with(&dir, &db, GOOD);
+    db.client.batch_execute("CREATE SCHEMA rekey").await.unwrap();
+    // an unfinished job of the same name, started from another spec
+    let mut admin = connect(&db.url).await;
+    rekey::checkpoint::ensure_schema(&mut admin).await.unwrap();
+    admin
+        .execute("INSERT INTO rekey.jobs (name, spec_hash, keys, state) VALUES ('job', 'other', '{}', 'running')", &[])
+        .await
+        .unwrap();
+    assert_refused(&db, &job, &seed_env(), "started from a different job file").await;
+}

@@ -1,0 +1,218 @@
+//! The test harness: one throwaway cluster per test binary, a fresh database
+//! per test, seed-shaped tables, and the `rekey` binary run as a user would.
+
+use std::collections::BTreeMap;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+use rekey::cluster::{ClusterOptions, TempCluster};
+use rekey::codec::versioned_gcm::VersionedGcm;
+use rekey::codec::Codec;
+use rekey::keyring::{Key, Keyring};
+use tokio_postgres::{Client, NoTls};
+
+/// Old key (V1) and new key (V2) of the seed procedure, as hex.
+pub const K1: &str = "5c2a8f0e7d1b3c4a96e8f7d2b1a0c3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0";
+pub const K2: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f91";
+
+static CLUSTER: OnceLock<TempCluster> = OnceLock::new();
+static NEXT_DB: AtomicU64 = AtomicU64::new(0);
+
+/// The binary's one cluster, started on first use.
+pub fn cluster() -> &'static TempCluster {
+    CLUSTER.get_or_init(|| match TempCluster::start(ClusterOptions { durable: false }) {
+        Ok(c) => c,
+        Err(e) => panic!("cannot start the test PostgreSQL cluster: {e}"),
+    })
+}
+
+/// A fresh database for one test.
+pub struct TestDb {
+    /// Connection string.
+    pub url: String,
+    /// A connection for setup and checks.
+    pub client: Client,
+}
+
+impl TestDb {
+    /// Creates an empty database.
+    pub async fn new() -> TestDb {
+        let c = cluster();
+        let name = format!("t{}_{}", std::process::id(), NEXT_DB.fetch_add(1, Ordering::Relaxed));
+        let admin = connect(&c.url("postgres")).await;
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
+        let url = c.url(&name);
+        let client = connect(&url).await;
+        TestDb { url, client }
+    }
+
+    /// Creates the seed's `patient_persons` table with `rows` rows under V1:
+    /// `phone_encrypted` everywhere, `emergency_contact_phone_encrypted` NULL in every third row.
+    pub async fn seed_patients(&self, rows: i64) {
+        self.client
+            .batch_execute(
+                "CREATE TABLE patient_persons (
+                    id bigint PRIMARY KEY,
+                    name text NOT NULL,
+                    phone_encrypted bytea,
+                    emergency_contact_phone_encrypted bytea,
+                    notes text)",
+            )
+            .await
+            .unwrap();
+        let codec = v1_codec();
+        let mut ids = Vec::new();
+        let mut names = Vec::new();
+        let mut phones = Vec::new();
+        let mut emergencies = Vec::new();
+        let mut out = Vec::new();
+        for id in 1..=rows {
+            ids.push(id);
+            names.push(format!("patient {id}"));
+            codec.seal(phone(id).as_bytes(), b"", &mut out);
+            phones.push(out.clone());
+            if id % 3 == 0 {
+                emergencies.push(None);
+            } else {
+                codec.seal(emergency(id).as_bytes(), b"", &mut out);
+                emergencies.push(Some(out.clone()));
+            }
+        }
+        for chunk in 0..ids.len().div_ceil(50_000) {
+            let r = chunk * 50_000..((chunk + 1) * 50_000).min(ids.len());
+            self.client
+                .execute(
+                    "INSERT INTO patient_persons (id, name, phone_encrypted, emergency_contact_phone_encrypted, notes)
+                     SELECT id, name, p, e, repeat('n', 120) FROM unnest($1::bigint[], $2::text[], $3::bytea[], $4::bytea[]) AS u(id, name, p, e)",
+                    &[&&ids[r.clone()], &&names[r.clone()], &&phones[r.clone()], &&emergencies[r]],
+                )
+                .await
+                .unwrap();
+        }
+        self.client.batch_execute("ANALYZE patient_persons").await.unwrap();
+    }
+
+    /// Writes a job file for `patient_persons` and returns its path.
+    pub fn patients_job(&self, dir: &tempfile::TempDir) -> std::path::PathBuf {
+        let path = dir.path().join("patients.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[database]\nurl = \"{}\"\n\n[keys]\nsource = \"env\"\n\n[[target]]\ntable = \"patient_persons\"\nprimary_key = [\"id\"]\ncolumns = [\"phone_encrypted\", \"emergency_contact_phone_encrypted\"]\nformat = \"versioned-gcm\"\n",
+                self.url
+            ),
+        )
+        .unwrap();
+        path
+    }
+
+    /// Every (id -> (phone, emergency)) pair, decrypted with `keyring`, with the version byte of each.
+    pub async fn decrypted_patients(&self, keyring: &Keyring) -> BTreeMap<i64, (Decrypted, Decrypted)> {
+        let codec = VersionedGcm::new(keyring).unwrap();
+        let rows = self
+            .client
+            .query("SELECT id, phone_encrypted, emergency_contact_phone_encrypted FROM patient_persons ORDER BY id", &[])
+            .await
+            .unwrap();
+        rows.iter()
+            .map(|r| {
+                let open = |v: Option<Vec<u8>>| match v {
+                    None => Decrypted::Null,
+                    Some(v) => match codec.open(&v, b"") {
+                        Ok(o) => Decrypted::Plain(o.key, String::from_utf8_lossy(&o.plaintext).into_owned()),
+                        Err(e) => Decrypted::Failed(e.kind()),
+                    },
+                };
+                (r.get(0), (open(r.get(1)), open(r.get(2))))
+            })
+            .collect()
+    }
+
+    /// md5 of the whole table in key order: equal before and after means nothing changed.
+    pub async fn checksum(&self, table: &str) -> String {
+        self.client
+            .query_one(&format!("SELECT md5(string_agg(t::text, '|' ORDER BY t::text)) FROM {table} t"), &[])
+            .await
+            .unwrap()
+            .get::<_, Option<String>>(0)
+            .unwrap_or_default()
+    }
+}
+
+/// One value as the check sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decrypted {
+    /// NULL.
+    Null,
+    /// Opened under key id, with this plaintext.
+    Plain(u32, String),
+    /// Did not open.
+    Failed(&'static str),
+}
+
+/// The plaintext phone of patient `id`.
+pub fn phone(id: i64) -> String {
+    format!("+1555{id:07}")
+}
+
+/// The plaintext emergency phone of patient `id`.
+pub fn emergency(id: i64) -> String {
+    format!("+1444{id:07}")
+}
+
+/// Keyring with V1 only, current V1 (how the data was written).
+pub fn v1_ring() -> Keyring {
+    Keyring::new(vec![Key::parse(1, K1).unwrap()], 1, None).unwrap()
+}
+
+/// Keyring with V1 and V2, current V2.
+pub fn v2_ring() -> Keyring {
+    Keyring::new(vec![Key::parse(1, K1).unwrap(), Key::parse(2, K2).unwrap()], 2, None).unwrap()
+}
+
+/// A codec that writes V1 values.
+pub fn v1_codec() -> VersionedGcm {
+    VersionedGcm::new(&v1_ring()).unwrap()
+}
+
+/// Connects for setup and checks.
+pub async fn connect(url: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect to test cluster");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// The environment of the seed after step 2: V1 and V2 set, current version 2.
+pub fn seed_env() -> Vec<(&'static str, String)> {
+    vec![("ENCRYPTION_KEY_V1", K1.into()), ("ENCRYPTION_KEY_V2", K2.into()), ("ENCRYPTION_CURRENT_VERSION", "2".into())]
+}
+
+/// A `rekey` command with a clean environment plus `env`.
+pub fn rekey_cmd(args: &[&str], env: &[(&str, String)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rekey"));
+    cmd.args(args).env_clear().env("PATH", std::env::var("PATH").unwrap_or_default()).stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// Runs `rekey` to completion.
+pub fn rekey(args: &[&str], env: &[(&str, String)]) -> Output {
+    rekey_cmd(args, env).output().expect("run rekey")
+}
+
+/// stdout parsed as the one JSON object `--json` promises.
+pub fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("stdout is not JSON ({e}):\n{}\nstderr:\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    })
+}
+
+/// Everything a command printed, for assertions and failure messages.
+pub fn printed(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}

@@ -1,0 +1,10 @@
+//! Integration tests: one binary, one module per topic, all against a real
+//! PostgreSQL cluster that the harness starts in a temp directory.
+
+mod harness;
+
+mod config;
+mod faults;
+mod interop;
+mod rotation;
+mod secrecy;
