@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Runs rekey's whole test suite on a fresh Debian machine: installs what is
+# missing (PostgreSQL server binaries, Python interop packages), then runs
+# `cargo test`. The tests start their own throwaway PostgreSQL cluster.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+        echo "test.sh: need root to run: $*" >&2; return 1; fi
+}
+
+have_pg_server() {
+    command -v initdb >/dev/null 2>&1 && return 0
+    [ -x "$(pg_config --bindir 2>/dev/null)/initdb" ] && return 0
+    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1
+}
+
+if ! have_pg_server; then
+    echo "test.sh: installing PostgreSQL server binaries" >&2
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+fi
+# Under root the harness runs the server as `postgres` (initdb refuses root).
+if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
+    useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
+fi
+
+python_has() { python3 -c "import $1" >/dev/null 2>&1; }
+need_py=()
+python_has cryptography || need_py+=(cryptography)
+if [ ${#need_py[@]} -gt 0 ]; then
+    echo "test.sh: installing Python packages: ${need_py[*]}" >&2
+    python3 -m pip install --quiet "${need_py[@]}" 2>/dev/null \
+        || python3 -m pip install --quiet --break-system-packages "${need_py[@]}"
+fi
+
+exec cargo test --locked "$@"
