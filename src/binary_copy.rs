@@ -44,10 +44,30 @@ impl CopyBuffer {
         }
     }
 
+    /// Appends tuples already encoded with [`encode_tuple`] (field count, then fields).
+    pub fn raw(&mut self, tuples: &[u8]) {
+        self.buf.put_slice(tuples);
+    }
+
     /// Appends the trailer and hands the bytes over.
     pub fn finish(mut self) -> Bytes {
         self.buf.put_i16(-1);
         self.buf.freeze()
+    }
+}
+
+/// Encodes one tuple (field count, then each field) onto `out`, for callers
+/// that build tuples in parallel and join them with [`CopyBuffer::raw`].
+pub fn encode_tuple(out: &mut Vec<u8>, fields: &[Option<&[u8]>]) {
+    out.extend_from_slice(&(fields.len() as i16).to_be_bytes());
+    for f in fields {
+        match f {
+            None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+            Some(v) => {
+                out.extend_from_slice(&i32::try_from(v.len()).unwrap_or(i32::MAX).to_be_bytes());
+                out.extend_from_slice(v);
+            }
+        }
     }
 }
 

@@ -28,6 +28,8 @@ pub enum Command {
     Plan(StatusArgs),
     /// Print a new random key.
     Keygen(KeygenArgs),
+    /// Measure rows/s against PostgreSQL's own floor and project a maintenance window.
+    Bench(BenchArgs),
 }
 
 /// Options every job command shares.
@@ -87,6 +89,38 @@ pub struct VerifyArgs {
 pub struct StatusArgs {
     #[command(flatten)]
     pub common: JobArgs,
+}
+
+/// `rekey bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Rows in the synthetic seed-shaped table.
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub rows: u64,
+    /// Use this server (in a scratch schema it creates and drops) instead of a throwaway cluster.
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
+    /// Lanes working at once. Default: CPU cores, at least 2.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub workers: Option<u16>,
+    /// Rows per batch.
+    #[arg(long, value_name = "N", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub batch_size: u32,
+    /// Table sizes to project a window for, e.g. 10M,100M,1B.
+    #[arg(long, value_name = "SIZES", default_value = "10M,100M,1B")]
+    pub project: String,
+    /// Project the window for the tables of this job instead (counts from `rekey plan`).
+    #[arg(long, value_name = "JOB.toml")]
+    pub job: Option<PathBuf>,
+    /// Write report.json and throughput.svg into this directory.
+    #[arg(long, value_name = "DIR")]
+    pub report_dir: Option<PathBuf>,
+    /// Print one JSON object on stdout instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress output.
+    #[arg(long, short)]
+    pub quiet: bool,
 }
 
 /// `rekey keygen`.

@@ -11,7 +11,7 @@ use serde_json::json;
 use tokio_postgres::Client;
 
 use crate::checkpoint::{self, RangeState};
-use crate::cli::{Command, JobArgs, KeygenArgs, RunArgs, StatusArgs, VerifyArgs};
+use crate::cli::{BenchArgs, Command, JobArgs, KeygenArgs, RunArgs, StatusArgs, VerifyArgs};
 use crate::db::{Database, RawRef};
 use crate::error::DbContext;
 use crate::job::{Job, JobSpec};
@@ -34,6 +34,7 @@ pub async fn dispatch(command: Command) -> Result<u8, Error> {
         Command::Status(a) => status(&a).await,
         Command::Plan(a) => plan_cmd(&a).await,
         Command::Keygen(a) => keygen(&a),
+        Command::Bench(a) => bench(&a).await,
     }
 }
 
@@ -373,5 +374,49 @@ pub async fn plan_cmd(args: &StatusArgs) -> Result<u8, Error> {
 pub fn keygen(args: &KeygenArgs) -> Result<u8, Error> {
     let material = keyring::generate_material();
     println!("{}", keyring::encode_key(&material, args.format).as_str());
+    Ok(0)
+}
+
+/// `rekey bench`.
+pub async fn bench(args: &BenchArgs) -> Result<u8, Error> {
+    let mut project = crate::bench::parse_sizes(&args.project).map_err(|e| Error::Config(format!("--project: {e}")))?;
+    let mut project_labels: Vec<String> = project.iter().map(|n| format!("{n} rows")).collect();
+    if let Some(path) = &args.job {
+        let opened = open(&JobArgs { job: path.clone(), database_url: None, json: false }).await?;
+        let job = Job::resolve(&opened.spec, &opened.client).await?;
+        let mut per_table: BTreeMap<String, u64> = BTreeMap::new();
+        for c in plan::count_by_key(&opened.client, &job).await? {
+            let rows = per_table.entry(c.table.clone()).or_default();
+            *rows = (*rows).max(c.rows);
+        }
+        project = per_table.values().copied().collect();
+        project_labels = per_table.iter().map(|(t, n)| format!("{t} ({n} rows)")).collect();
+    }
+    let opts = crate::bench::BenchOptions {
+        rows: args.rows,
+        database_url: args.database_url.clone(),
+        lanes: args.workers.map_or_else(default_lanes, usize::from),
+        batch_size: args.batch_size as usize,
+        project,
+        report_dir: args.report_dir.clone(),
+        quiet: args.quiet || args.json,
+    };
+    let r = crate::bench::run(&opts).await?;
+    if args.json {
+        print_json(&serde_json::to_value(&r).unwrap_or_default());
+        return Ok(0);
+    }
+    use crate::bench::human_duration as d;
+    println!("rekey bench: {} rows, {} lanes x {} rows per batch", r.rows, r.lanes, r.batch_size);
+    println!("  floor  UPDATE t SET a = a, b = b  {:>8.2}s  {:>10.0} rows/s", r.floor_s, r.floor_rows_per_s);
+    println!("  rekey  re-encrypt a and b        {:>8.2}s  {:>10.0} rows/s  ({:.2}x the floor)", r.rekey_s, r.rekey_rows_per_s, r.ratio);
+    println!("  batch latency  p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms", r.batch_ms_p50, r.batch_ms_p99, r.batch_ms_max);
+    println!("  peak memory    {:.0} MiB", r.peak_rss_mib);
+    for ((_, secs), label) in r.projections.iter().zip(&project_labels) {
+        println!("  window for {label}: {}", d(*secs));
+    }
+    if let Some(dir) = &args.report_dir {
+        println!("  report: {}, plot: {}", dir.join("report.json").display(), dir.join("throughput.svg").display());
+    }
     Ok(0)
 }

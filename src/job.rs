@@ -209,7 +209,11 @@ impl Job {
     /// Loads the keyring and resolves every target against the catalog.
     /// Refuses, before any row is touched, what cannot be rotated safely.
     pub async fn resolve(spec: &JobSpec, client: &tokio_postgres::Client) -> Result<Job, Error> {
-        let keyring = load_keyring(spec)?;
+        Self::resolve_with_keyring(spec, client, load_keyring(spec)?).await
+    }
+
+    /// As [`Job::resolve`], with a keyring the caller already holds (`rekey bench`).
+    pub async fn resolve_with_keyring(spec: &JobSpec, client: &tokio_postgres::Client, keyring: Keyring) -> Result<Job, Error> {
         let mut targets = Vec::with_capacity(spec.targets.len());
         for (index, t) in spec.targets.iter().enumerate() {
             let resolved = catalog::resolve_target(client, t).await?;

@@ -17,9 +17,11 @@
 //! - [`binary_copy`]: PostgreSQL's binary COPY encoding.
 //! - [`db`]: connections, identifier quoting, raw binary values.
 //! - [`stats`], [`progress`]: counters and the progress line.
+//! - [`bench`]: `rekey bench`, the floor-vs-rekey measurement.
 //! - [`cluster`]: throwaway PostgreSQL clusters for tests, demos and benchmarks.
 //! - [`error`]: the library's error type and exit codes.
 
+pub mod bench;
 pub mod binary_copy;
 pub mod catalog;
 pub mod checkpoint;

@@ -59,19 +59,33 @@ pub struct Settings {
 }
 
 /// What a whole pipeline run did.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Outcome {
     /// Totals.
     pub counts: Counts,
+    /// Time each batch took in the sink, in microseconds.
+    pub batch_micros: hdrhistogram::Histogram<u64>,
     /// Failed values, up to [`MAX_REPORTED_FAILURES`].
     pub failures: Vec<Failure>,
     /// Verify: values per `table.column` and key label.
     pub by_key: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
+impl Default for Outcome {
+    fn default() -> Self {
+        Outcome {
+            counts: Counts::default(),
+            batch_micros: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant histogram bounds are valid"),
+            failures: Vec::new(),
+            by_key: BTreeMap::new(),
+        }
+    }
+}
+
 impl Outcome {
     fn merge(&mut self, other: Outcome) {
         self.counts += other.counts;
+        let _ = self.batch_micros.add(&other.batch_micros);
         let room = MAX_REPORTED_FAILURES.saturating_sub(self.failures.len());
         self.failures.extend(other.failures.into_iter().take(room));
         for (col, keys) in other.by_key {
@@ -217,6 +231,7 @@ async fn transform_stage(shared: Arc<Shared>, mode: Mode, mut input: mpsc::Recei
 async fn write(shared: Arc<Shared>, mut writer: Option<Writer>, lookup: Option<tokio_postgres::Client>, mut input: mpsc::Receiver<Batch>) -> Result<Option<Outcome>, Error> {
     let mut outcome = Outcome::default();
     while let Some(batch) = input.recv().await {
+        let started = std::time::Instant::now();
         let state = &shared.ranges[batch.range];
         let target = &shared.job.targets[state.target];
         let (counts, failures) = match (&mut writer, &lookup) {
@@ -227,7 +242,8 @@ async fn write(shared: Arc<Shared>, mut writer: Option<Writer>, lookup: Option<t
         for f in &failures {
             eprintln!("rekey: cannot decrypt {}.{} at key {}: {}", f.table, f.column, f.key, f.error);
         }
-        outcome.merge(Outcome { counts, failures, by_key: BTreeMap::new() });
+        let _ = outcome.batch_micros.record(started.elapsed().as_micros().max(1) as u64);
+        outcome.merge(Outcome { counts, failures, ..Outcome::default() });
         shared.live.add(&counts);
         shared.progress.update(&shared.live.snapshot());
     }
