@@ -217,9 +217,9 @@ async fn load(client: &Client, table: &str, rows: u64, old: &Keyring) -> Result<
                 let mut tuple = Vec::with_capacity(260);
                 let mut a = Vec::new();
                 let mut b = Vec::new();
-                codec.seal(format!("+1555{id:07}").as_bytes(), b"", &mut a);
+                codec.seal(format!("+1555{id:07}").as_bytes(), b"", None, &mut a);
                 if id % 3 != 0 {
-                    codec.seal(format!("+1444{id:07}").as_bytes(), b"", &mut b);
+                    codec.seal(format!("+1444{id:07}").as_bytes(), b"", None, &mut b);
                 }
                 let name = format!("patient {id}");
                 encode_tuple(

@@ -175,10 +175,7 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
 pub async fn verify(args: &VerifyArgs) -> Result<u8, Error> {
     let Opened { spec, db, client } = open(&args.common).await?;
     let job = Arc::new(Job::resolve(&spec, &client).await?);
-    let target_label = |t: &crate::job::Target| {
-        let id = t.codec.target();
-        t.codec.key_prefix(id).map_or_else(|| format!("key {id}"), |p| t.codec.describe_prefix(&p))
-    };
+    let target_label = |t: &crate::job::Target| t.codec.key_label(t.codec.target());
 
     let counted = plan::count_by_key(&client, &job).await?;
     let full = args.full || counted.iter().any(|c| c.by_key.is_none());

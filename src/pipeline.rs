@@ -260,7 +260,7 @@ fn tally(target: &crate::job::Target, batch: &Batch, by_key: &mut BTreeMap<Strin
             Cell::Rewritten(_) => c.values_rewritten += 1,
             Cell::Failed(_) => c.values_failed += 1,
             Cell::Opened(key) => {
-                let label = target.codec.key_prefix(*key).map_or_else(|| format!("key {key}"), |p| target.codec.describe_prefix(&p));
+                let label = target.codec.key_label(*key);
                 *by_key.entry(target.label(i % ncols)).or_default().entry(label).or_default() += 1;
             }
         }

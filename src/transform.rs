@@ -99,7 +99,7 @@ pub fn rewrite_value(target: &Target, col: usize, stored: &[u8]) -> Cell {
         return Cell::Current;
     }
     let mut sealed = Vec::new();
-    codec.seal(&opened.plaintext, &[], &mut sealed);
+    codec.seal(&opened.plaintext, &[], opened.timestamp, &mut sealed);
     match codec.open(&sealed, &[]) {
         Ok(check) if check.key == codec.target() && check.plaintext == opened.plaintext => {}
         _ => return Cell::Failed(CodecError::VerifyMismatch),

@@ -88,6 +88,9 @@ pub struct Opened {
     pub key: KeyId,
     /// The plaintext.
     pub plaintext: Zeroizing<Vec<u8>>,
+    /// When the value was made, where the format records it (Fernet); a
+    /// rewrite keeps it.
+    pub timestamp: Option<u64>,
 }
 
 /// One ciphertext format bound to one keyring.
@@ -99,7 +102,9 @@ pub trait Codec: Send + Sync {
     fn open(&self, value: &[u8], aad: &[u8]) -> Result<Opened, CodecError>;
 
     /// Encrypts `plaintext` under the target key into `out` (cleared first).
-    fn seal(&self, plaintext: &[u8], aad: &[u8], out: &mut Vec<u8>);
+    /// `timestamp` is the original value's, for formats that record one
+    /// (`None`: now).
+    fn seal(&self, plaintext: &[u8], aad: &[u8], timestamp: Option<u64>, out: &mut Vec<u8>);
 
     /// The id new values are sealed under.
     fn target(&self) -> KeyId;
@@ -110,4 +115,17 @@ pub trait Codec: Send + Sync {
 
     /// A readable name for a key prefix found in the data (`plan`, `verify`).
     fn describe_prefix(&self, prefix: &[u8]) -> String;
+
+    /// A readable name for a key of the keyring (`verify`'s `by_key`).
+    fn key_label(&self, key: KeyId) -> String {
+        match self.key_prefix(key) {
+            Some(p) => self.describe_prefix(&p),
+            None => format!("key {key}"),
+        }
+    }
+
+    /// Whether the format can bind associated data (Fernet cannot).
+    fn supports_aad(&self) -> bool {
+        true
+    }
 }

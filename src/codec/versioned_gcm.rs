@@ -64,10 +64,10 @@ impl Codec for VersionedGcm {
         let mut buf = Zeroizing::new(sealed.to_vec());
         let len = key.open_in_place(nonce, Aad::from(aad), &mut buf).map_err(|_| CodecError::AuthFailed)?.len();
         buf.truncate(len);
-        Ok(Opened { key: KeyId::from(version), plaintext: buf })
+        Ok(Opened { key: KeyId::from(version), plaintext: buf, timestamp: None })
     }
 
-    fn seal(&self, plaintext: &[u8], aad: &[u8], out: &mut Vec<u8>) {
+    fn seal(&self, plaintext: &[u8], aad: &[u8], _timestamp: Option<u64>, out: &mut Vec<u8>) {
         out.clear();
         out.reserve(OVERHEAD + plaintext.len());
         out.push(self.target);
@@ -117,7 +117,7 @@ mod tests {
     fn seals_under_the_target_version() {
         let codec = VersionedGcm::new(&ring()).unwrap();
         let mut out = Vec::new();
-        codec.seal(b"+15551234567", b"", &mut out);
+        codec.seal(b"+15551234567", b"", None, &mut out);
         assert_eq!(out[0], 2);
         assert_eq!(out.len(), OVERHEAD + 12);
         let opened = codec.open(&out, b"").unwrap();
@@ -128,7 +128,7 @@ mod tests {
     fn tampered_tag_fails_authentication() {
         let codec = VersionedGcm::new(&ring()).unwrap();
         let mut out = Vec::new();
-        codec.seal(b"secret", b"", &mut out);
+        codec.seal(b"secret", b"", None, &mut out);
         *out.last_mut().unwrap() ^= 1;
         assert_eq!(codec.open(&out, b"").err(), Some(CodecError::AuthFailed));
     }
@@ -150,7 +150,7 @@ mod tests {
     fn wrong_aad_fails() {
         let codec = VersionedGcm::new(&ring()).unwrap();
         let mut out = Vec::new();
-        codec.seal(b"x", b"row-1", &mut out);
+        codec.seal(b"x", b"row-1", None, &mut out);
         assert_eq!(codec.open(&out, b"row-2").err(), Some(CodecError::AuthFailed));
     }
 
@@ -159,7 +159,7 @@ mod tests {
         fn open_inverts_seal(pt in proptest::collection::vec(any::<u8>(), 0..512)) {
             let codec = VersionedGcm::new(&ring()).unwrap();
             let mut out = Vec::new();
-            codec.seal(&pt, b"", &mut out);
+            codec.seal(&pt, b"", None, &mut out);
             let opened = codec.open(&out, b"").unwrap();
             prop_assert_eq!(opened.plaintext.as_slice(), pt.as_slice());
         }

@@ -70,12 +70,12 @@ impl TestDb {
         for id in 1..=rows {
             ids.push(id);
             names.push(format!("patient {id}"));
-            codec.seal(phone(id).as_bytes(), b"", &mut out);
+            codec.seal(phone(id).as_bytes(), b"", None, &mut out);
             phones.push(out.clone());
             if id % 3 == 0 {
                 emergencies.push(None);
             } else {
-                codec.seal(emergency(id).as_bytes(), b"", &mut out);
+                codec.seal(emergency(id).as_bytes(), b"", None, &mut out);
                 emergencies.push(Some(out.clone()));
             }
         }

@@ -94,7 +94,7 @@ async fn corrupted_values_are_quarantined_reported_and_left_byte_for_byte() {
         .unwrap();
     let wrong = rekey::keyring::Keyring::new(vec![rekey::keyring::Key::new(1, [9; 32])], 1, None).unwrap();
     let mut sealed = Vec::new();
-    rekey::codec::Codec::seal(&rekey::codec::versioned_gcm::VersionedGcm::new(&wrong).unwrap(), b"x", b"", &mut sealed);
+    rekey::codec::Codec::seal(&rekey::codec::versioned_gcm::VersionedGcm::new(&wrong).unwrap(), b"x", b"", None, &mut sealed);
     db.client.execute("UPDATE patient_persons SET phone_encrypted = $1 WHERE id = 16", &[&sealed]).await.unwrap();
     let corrupt = "(SELECT id, CASE WHEN id = 13 THEN emergency_contact_phone_encrypted ELSE phone_encrypted END FROM patient_persons WHERE id IN (10, 11, 13, 14, 16))";
     let corrupt_before = db.checksum(corrupt).await;
@@ -207,7 +207,7 @@ async fn composite_keys_and_quoted_identifiers_rotate() {
     let mut out = Vec::new();
     for org in ["a", "b\"quote", "c'; drop"] {
         for seq in 0..700 {
-            rekey::codec::Codec::seal(&codec, format!("{org}/{seq}").as_bytes(), b"", &mut out);
+            rekey::codec::Codec::seal(&codec, format!("{org}/{seq}").as_bytes(), b"", None, &mut out);
             db.client.execute("INSERT INTO \"Clinic Data\".\"Visit Notes\" VALUES ($1, $2, $3)", &[&org, &seq, &out]).await.unwrap();
         }
     }
