@@ -18,14 +18,14 @@ async fn kill_9_at_random_moments_then_resume_loses_nothing_and_encrypts_nothing
     let dir = tempfile::tempdir().unwrap();
     let job = db.patients_job(&dir);
     let j = job.display().to_string();
-    let run = ["run", "--job", j.as_str(), "--json", "--batch-size", "300", "--workers", "2"];
+    let run = ["run", "--job", j.as_str(), "--json", "--batch-size", "200", "--workers", "2"];
 
     // Kill when the committed progress passes each of these fractions, plus a
     // random few milliseconds so the kill lands at a different point of a batch.
     let total = 100_000i64;
     let mut kills = 0;
     let mut jitter = rekey::keyring::generate_material()[0] as u64;
-    for fraction in [0.05, 0.2, 0.35, 0.5, 0.65, 0.8] {
+    for fraction in [0.05, 0.15, 0.25, 0.35, 0.45, 0.55] {
         let mut child = rekey_cmd(&run, &seed_env()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
         let threshold = (total as f64 * fraction) as i64;
         loop {
