@@ -10,7 +10,7 @@ use tokio_postgres::Client;
 
 use crate::db::quote_ident;
 use crate::error::DbContext;
-use crate::job::TargetSpec;
+use crate::job::{Encoding, TargetSpec};
 use crate::Error;
 
 /// A table, by schema and name.
@@ -35,15 +35,6 @@ impl fmt::Display for TableRef {
     }
 }
 
-/// How an encrypted column stores its ciphertext.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Storage {
-    /// The ciphertext bytes as they are.
-    Bytea,
-    /// Standard base64 of the ciphertext, in a text column.
-    Base64Text,
-}
-
 /// A column of a target table.
 #[derive(Debug, Clone)]
 pub struct Column {
@@ -51,8 +42,10 @@ pub struct Column {
     pub name: String,
     /// Type as `format_type` prints it (already quoted where needed).
     pub type_name: String,
-    /// For encrypted columns: how the ciphertext is stored.
-    pub storage: Storage,
+    /// For encrypted columns: how values are stored when read.
+    pub read: Encoding,
+    /// For encrypted columns: how values are stored when written.
+    pub write: Encoding,
 }
 
 /// A target's table, key and columns as found in the catalog.
@@ -116,16 +109,16 @@ pub async fn resolve_target(client: &Client, spec: &TargetSpec) -> Result<Resolv
         let col = find(c).ok_or_else(|| {
             Error::Config(format!("column {c:?} does not exist in {table}; its columns are: {}", column_names()))
         })?;
-        let storage = match col.type_name.as_str() {
-            "bytea" => Storage::Bytea,
-            "text" | "character varying" => Storage::Base64Text,
+        match col.type_name.as_str() {
+            "bytea" | "text" => {}
+            other if other.starts_with("character varying") => {}
             other => {
                 return Err(Error::Config(format!(
                     "column {table}.{c} is {other}; encrypted columns must be bytea (raw ciphertext) or text (base64)"
                 )))
             }
         };
-        columns.push(Column { name: col.name.clone(), type_name: col.type_name.clone(), storage });
+        columns.push(Column { name: col.name.clone(), type_name: col.type_name.clone(), read: Encoding::Raw, write: Encoding::Raw });
     }
 
     let unique_keys: Vec<(bool, Vec<String>)> = client
@@ -186,10 +179,28 @@ pub async fn resolve_target(client: &Client, spec: &TargetSpec) -> Result<Resolv
     let key = key_names
         .iter()
         .filter_map(|k| find(k))
-        .map(|c| Column { name: c.name.clone(), type_name: c.type_name.clone(), storage: Storage::Bytea })
+        .map(|c| Column { name: c.name.clone(), type_name: c.type_name.clone(), read: Encoding::Raw, write: Encoding::Raw })
         .collect::<Vec<_>>();
     if let Some(c) = columns.iter().find(|c| key.iter().any(|k| k.name == c.name)) {
         return Err(Error::Config(format!("column {table}.{} is part of the key and cannot be re-encrypted in place", c.name)));
     }
     Ok(ResolvedTarget { table, key, columns })
+}
+
+/// Checks that `column` exists in `table` (for an `aad = { column = ... }`).
+pub async fn check_column_exists(client: &Client, table: &TableRef, column: &str) -> Result<(), Error> {
+    let found: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+                             WHERE n.nspname = $1 AND c.relname = $2 AND a.attname = $3 AND a.attnum > 0 AND NOT a.attisdropped)",
+            &[&table.schema, &table.name, &column],
+        )
+        .await
+        .ctx(|| format!("looking up column {column:?} of {table}"))?
+        .get(0);
+    if found {
+        Ok(())
+    } else {
+        Err(Error::Config(format!("aad column {column:?} does not exist in {table}")))
+    }
 }

@@ -98,7 +98,7 @@ pub async fn lock_job(client: &Client, name: &str) -> Result<(), Error> {
 /// Opens the job: resumes the unfinished job of this name when its spec and
 /// keys match, refuses when they do not, else plans ranges and starts a new one.
 pub async fn open_job(client: &mut Client, job: &Job, lanes: usize, restart: bool) -> Result<JobRecord, Error> {
-    let keys = job.keyring.describe();
+    let keys = job.describe_keys();
     let what = || format!("opening job {:?}", job.name);
     if let Some(row) = client
         .query_opt("SELECT job_id, spec_hash, keys FROM rekey.jobs WHERE name = $1 AND state = 'running'", &[&job.name])

@@ -70,7 +70,7 @@ async fn stale_rows(client: &Client, job: &Job) -> Result<u64, Error> {
         let prefixes: Vec<Vec<u8>> = cols.iter().filter_map(|&c| t.stale_prefix(c)).collect();
         let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = prefixes.iter().map(|p| p as _).collect();
         let n: i64 = client
-            .query_one(&format!("SELECT count(*) FROM {} WHERE {filter}", t.qualified()), &params)
+            .query_one(&format!("SELECT count(*) FROM {} WHERE {filter}{}", t.qualified(), sql::target_filter(t)), &params)
             .await
             .ctx(|| format!("counting rows to rotate in {}", t.table))?
             .get(0);
@@ -135,6 +135,14 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
         "elapsed_s": (elapsed * 1000.0).round() / 1000.0,
         "rows_per_s": (c.rows_scanned as f64 / elapsed.max(1e-9)).round(),
         "job_totals": job_totals,
+        "targets": job.targets.iter().map(|t| {
+            let mut v = serde_json::to_value(outcome.by_target.get(&t.index).copied().unwrap_or_default()).unwrap_or_default();
+            v["table"] = json!(t.table.to_string());
+            v["columns"] = json!(t.columns.iter().map(|c| c.name.clone()).collect::<Vec<_>>());
+            v["format"] = json!(t.read.format.name());
+            v["to_format"] = json!(t.write.format.name());
+            v
+        }).collect::<Vec<_>>(),
         "failures": outcome.failures,
     });
     if let Some(id) = job_id {
@@ -175,7 +183,6 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
 pub async fn verify(args: &VerifyArgs) -> Result<u8, Error> {
     let Opened { spec, db, client } = open(&args.common).await?;
     let job = Arc::new(Job::resolve(&spec, &client).await?);
-    let target_label = |t: &crate::job::Target| t.codec.key_label(t.codec.target());
 
     let counted = plan::count_by_key(&client, &job).await?;
     let full = args.full || counted.iter().any(|c| c.by_key.is_none());
@@ -190,28 +197,17 @@ pub async fn verify(args: &VerifyArgs) -> Result<u8, Error> {
         let rows: u64 = counted.iter().map(|c| c.rows).max().unwrap_or(0);
         let progress = Progress::new(rows, "verifying", args.quiet || args.common.json);
         let outcome = pipeline::run(&db, job.clone(), ranges, Mode::Verify, Settings { lanes, batch_size: 5000 }, Arc::new(LiveCounts::default()), progress).await?;
-        for t in &job.targets {
-            let target = target_label(t);
-            for i in 0..t.columns.len() {
-                for (k, n) in outcome.by_key.get(&t.label(i)).into_iter().flatten() {
-                    total += n;
-                    if *k == target {
-                        on_target += n;
-                    } else {
-                        on_old += n;
-                    }
-                }
-            }
-        }
+        on_target = outcome.on_target;
+        on_old = outcome.on_old;
         undecryptable = outcome.counts.values_failed;
-        total += undecryptable;
+        total = on_target + on_old + undecryptable;
         by_key = outcome.by_key;
         failures = outcome.failures;
     } else {
         for c in &counted {
             let keys = c.by_key.clone().unwrap_or_default();
-            let t = job.targets.iter().find(|t| t.table.to_string() == c.table).ok_or_else(|| Error::Runtime("verify lost a target".into()))?;
-            let target = target_label(t);
+            let t = &job.targets[c.target];
+            let target = t.target_label();
             for (k, n) in &keys {
                 total += n;
                 if *k == target {
@@ -352,9 +348,13 @@ pub async fn plan_cmd(args: &StatusArgs) -> Result<u8, Error> {
     let columns = plan::count_by_key(&client, &job).await?;
     let to_rewrite: u64 = columns.iter().map(|c| c.to_rewrite).sum();
     if args.common.json {
-        print_json(&json!({ "job": job.name, "target_key": job.keyring.target().id(), "values_to_rewrite": to_rewrite, "columns": columns }));
+        let target_keys: Vec<String> = job.targets.iter().map(|t| t.target_label()).collect();
+        print_json(&json!({ "job": job.name, "target_keys": target_keys, "values_to_rewrite": to_rewrite, "columns": columns }));
     } else {
-        println!("{}: target key {} ({} values to rewrite)", job.name, job.keyring.target().id(), to_rewrite);
+        println!("{}: {} values to rewrite", job.name, to_rewrite);
+        for t in &job.targets {
+            println!("  {}: target key {}", t.table, t.target_label());
+        }
         for c in &columns {
             let keys = c
                 .by_key

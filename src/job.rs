@@ -12,7 +12,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::catalog::{self, Column, Storage, TableRef};
+use crate::catalog::{self, Column, TableRef};
 use crate::codec::{Codec, Format};
 use crate::db::quote_ident;
 use crate::keyring::{env, Keyring};
@@ -28,8 +28,8 @@ pub struct JobSpec {
     /// Where the database is, when neither `--database-url` nor `DATABASE_URL` says.
     #[serde(default)]
     pub database: DatabaseSpec,
-    /// Where the keys come from.
-    pub keys: KeysSpec,
+    /// Where the keys come from, for targets that do not say.
+    pub keys: Option<KeysSpec>,
     /// The tables and columns to rotate.
     #[serde(rename = "target", default)]
     pub targets: Vec<TargetSpec>,
@@ -43,8 +43,8 @@ pub struct DatabaseSpec {
     pub url: Option<String>,
 }
 
-/// `[keys]` section.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A `[keys]` section: one key source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeysSpec {
     /// Which key source to read.
@@ -66,6 +66,26 @@ pub enum KeySource {
     Env,
 }
 
+/// How ciphertext bytes are stored in a column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Encoding {
+    /// The bytes as they are (`bytea`; or the token text of a text-native format such as Fernet).
+    Raw,
+    /// Standard base64 with padding (usually in a `text` column).
+    Base64,
+}
+
+/// Associated data bound to each value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AadSpec {
+    /// The same bytes (UTF-8) for every value.
+    pub constant: Option<String>,
+    /// The value of this column of the same row, as text (e.g. the primary key).
+    pub column: Option<String>,
+}
+
 /// One `[[target]]`: a table, its key, the encrypted columns and their format.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -76,10 +96,25 @@ pub struct TargetSpec {
     pub schema: Option<String>,
     /// Columns of the primary key (or of a unique, NOT NULL key); defaults to the table's primary key.
     pub primary_key: Option<Vec<String>>,
-    /// Encrypted columns, `bytea` or base64 `text`.
+    /// Encrypted columns.
     pub columns: Vec<String>,
-    /// Ciphertext format of every column of this target.
+    /// Ciphertext format the values are in.
     pub format: Format,
+    /// How they are stored; default: raw in `bytea`, base64 in `text` (Fernet tokens: raw).
+    pub encoding: Option<Encoding>,
+    /// Format to write instead (a migration, e.g. fernet -> versioned-gcm).
+    pub to_format: Option<Format>,
+    /// How to store the written format; default as for `encoding`.
+    pub to_encoding: Option<Encoding>,
+    /// Keys of this target, instead of the job's `[keys]`.
+    pub keys: Option<KeysSpec>,
+    /// Keys for `to_format`, when they differ from `keys`.
+    pub to_keys: Option<KeysSpec>,
+    /// Associated data the application binds to each value.
+    pub aad: Option<AadSpec>,
+    /// Only rows matching this SQL condition (written by the operator; checked by preparing it).
+    #[serde(rename = "where")]
+    pub filter: Option<String>,
 }
 
 impl JobSpec {
@@ -120,6 +155,17 @@ impl JobSpec {
             if matches!(&t.primary_key, Some(k) if k.is_empty()) {
                 return Err(Error::Config(format!("{at}: primary_key is empty; list its columns or leave it out to use the table's primary key")));
             }
+            if t.keys.is_none() && self.keys.is_none() {
+                return Err(Error::Config(format!("{at}: no keys: add a [keys] section, or keys = {{ source = \"env\" }} to the target")));
+            }
+            if let Some(aad) = &t.aad {
+                if aad.constant.is_some() == aad.column.is_some() {
+                    return Err(Error::Config(format!("{at}: aad needs exactly one of constant = \"...\" or column = \"...\"")));
+                }
+            }
+            if matches!(&t.filter, Some(f) if f.contains(';')) {
+                return Err(Error::Config(format!("{at}: where must be one SQL condition, without ';'")));
+            }
             for c in &t.columns {
                 let (schema, table) = t.split_table();
                 if !seen.insert((schema.map(str::to_owned), table.to_owned(), c.clone())) {
@@ -152,7 +198,33 @@ impl TargetSpec {
     }
 }
 
-/// A target resolved against the catalog, with its codec ready.
+/// Whether a format's values are text already (its tokens are base64url).
+fn text_native(format: Format) -> bool {
+    format.name() == "fernet"
+}
+
+/// One side of a target: the format values are read in, or written in.
+pub struct Side {
+    /// The format.
+    pub format: Format,
+    /// Its codec, over `keyring`.
+    pub codec: Arc<dyn Codec>,
+    /// The keys.
+    pub keyring: Keyring,
+}
+
+/// Where a value's associated data comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Aad {
+    /// None (empty).
+    None,
+    /// The same bytes for every value.
+    Constant(Vec<u8>),
+    /// A column of the row, as text; the source selects it after the encrypted columns.
+    Column(String),
+}
+
+/// A target resolved against the catalog, with its codecs ready.
 pub struct Target {
     /// Position in the job file, from 0; identifies the target in engine tables.
     pub index: usize,
@@ -162,10 +234,16 @@ pub struct Target {
     pub key: Vec<Column>,
     /// Encrypted columns.
     pub columns: Vec<Column>,
-    /// The format every column is in.
-    pub format: Format,
-    /// Codec over the job's keyring.
-    pub codec: Arc<dyn Codec>,
+    /// How values are read.
+    pub read: Side,
+    /// How values are written (the same format and keys unless migrating).
+    pub write: Side,
+    /// Whether `read` and `write` differ in format.
+    pub migrating: bool,
+    /// Associated data.
+    pub aad: Aad,
+    /// Operator-written row condition, if any.
+    pub filter: Option<String>,
 }
 
 impl Target {
@@ -184,12 +262,15 @@ impl Target {
         format!("{}.{}", self.table, self.columns[column].name)
     }
 
-    /// The byte prefix of values already on the target key, where SQL can see it.
-    pub fn stale_prefix(&self, column: usize) -> Option<Vec<u8>> {
-        match self.columns[column].storage {
-            Storage::Bytea => self.codec.key_prefix(self.codec.target()),
-            Storage::Base64Text => None,
-        }
+    /// The byte prefix of values already written in the target format under
+    /// the target key, where SQL can see it.
+    pub fn stale_prefix(&self, _column: usize) -> Option<Vec<u8>> {
+        self.write.codec.key_prefix(self.write.codec.target())
+    }
+
+    /// Label of the key new values are written under.
+    pub fn target_label(&self) -> String {
+        self.write.codec.key_label(self.write.codec.target())
     }
 }
 
@@ -201,40 +282,100 @@ pub struct Job {
     pub spec_hash: String,
     /// The resolved targets.
     pub targets: Vec<Target>,
-    /// The keys.
-    pub keyring: Keyring,
 }
 
 impl Job {
-    /// Loads the keyring and resolves every target against the catalog.
+    /// Loads the keyrings and resolves every target against the catalog.
     /// Refuses, before any row is touched, what cannot be rotated safely.
     pub async fn resolve(spec: &JobSpec, client: &tokio_postgres::Client) -> Result<Job, Error> {
-        Self::resolve_with_keyring(spec, client, load_keyring(spec)?).await
+        Self::resolve_with(spec, client, &load_keyring).await
     }
 
-    /// As [`Job::resolve`], with a keyring the caller already holds (`rekey bench`).
-    pub async fn resolve_with_keyring(spec: &JobSpec, client: &tokio_postgres::Client, keyring: Keyring) -> Result<Job, Error> {
+    /// As [`Job::resolve`], with the caller loading keyrings (`rekey bench`).
+    pub async fn resolve_with(spec: &JobSpec, client: &tokio_postgres::Client, load: &(dyn Fn(&KeysSpec) -> Result<Keyring, Error> + Sync)) -> Result<Job, Error> {
         let mut targets = Vec::with_capacity(spec.targets.len());
         for (index, t) in spec.targets.iter().enumerate() {
-            let resolved = catalog::resolve_target(client, t).await?;
-            let codec = t.format.codec(&keyring).map_err(|e| Error::Config(e.to_string()))?;
-            targets.push(Target {
+            let at = || format!("[[target]] #{} (table {:?})", index + 1, t.table);
+            let keys = t.keys.as_ref().or(spec.keys.as_ref()).ok_or_else(|| Error::Config(format!("{}: no keys", at())))?;
+            let read_ring = load(keys)?;
+            let write_ring = match &t.to_keys {
+                Some(k) => load(k)?,
+                None => read_ring.clone(),
+            };
+            let to_format = t.to_format.unwrap_or(t.format);
+            let side = |format: Format, keyring: Keyring| -> Result<Side, Error> {
+                let codec = format.codec(&keyring).map_err(|e| Error::Config(format!("{}: {e}", at())))?;
+                Ok(Side { format, codec, keyring })
+            };
+            let read = side(t.format, read_ring)?;
+            let write = side(to_format, write_ring)?;
+            let aad = match &t.aad {
+                None => Aad::None,
+                Some(AadSpec { constant: Some(c), .. }) => Aad::Constant(c.as_bytes().to_vec()),
+                Some(AadSpec { column: Some(c), .. }) => Aad::Column(c.clone()),
+                Some(_) => Aad::None,
+            };
+            if aad != Aad::None && !(read.codec.supports_aad() && write.codec.supports_aad()) {
+                return Err(Error::Config(format!("{}: format {} cannot bind associated data; remove aad", at(), if read.codec.supports_aad() { to_format.name() } else { t.format.name() })));
+            }
+            let mut resolved = catalog::resolve_target(client, t).await?;
+            for col in &mut resolved.columns {
+                col.read = encoding_for(t.encoding, t.format, col, &resolved.table)?;
+                col.write = encoding_for(t.to_encoding.or(if t.to_format.is_none() { t.encoding } else { None }), to_format, col, &resolved.table)?;
+            }
+            if let Aad::Column(c) = &aad {
+                catalog::check_column_exists(client, &resolved.table, c).await?;
+            }
+            let target = Target {
                 index,
                 table: resolved.table,
                 key: resolved.key,
                 columns: resolved.columns,
-                format: t.format,
-                codec,
-            });
+                migrating: t.format != to_format,
+                read,
+                write,
+                aad,
+                filter: t.filter.clone(),
+            };
+            if let Some(f) = &target.filter {
+                client
+                    .prepare(&format!("SELECT 1 FROM {} WHERE ({f}) LIMIT 0", target.qualified()))
+                    .await
+                    .map_err(|e| Error::Config(format!("{}: where = {f:?} is not a valid condition on {}: {}", at(), target.table, e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string()))))?;
+            }
+            targets.push(target);
         }
-        Ok(Job { name: spec.name.clone().unwrap_or_else(|| "rekey".into()), spec_hash: spec.spec_hash(), targets, keyring })
+        Ok(Job { name: spec.name.clone().unwrap_or_else(|| "rekey".into()), spec_hash: spec.spec_hash(), targets })
+    }
+
+    /// Key ids and fingerprints of every target, never material: what the
+    /// engine stores to detect a key set that changed under an unfinished job.
+    pub fn describe_keys(&self) -> serde_json::Value {
+        serde_json::Value::Array(
+            self.targets.iter().map(|t| serde_json::json!({ "read": t.read.keyring.describe(), "write": t.write.keyring.describe() })).collect(),
+        )
     }
 }
 
-/// Loads the keyring named by the job's `[keys]` section.
-pub fn load_keyring(spec: &JobSpec) -> Result<Keyring, Error> {
-    match spec.keys.source {
-        KeySource::Env => env::from_process_env(&spec.keys.prefix).map_err(|e| Error::Config(e.to_string())),
+/// The encoding of one column on one side: as given, else from the column's type.
+fn encoding_for(given: Option<Encoding>, format: Format, col: &Column, table: &TableRef) -> Result<Encoding, Error> {
+    let is_text = col.type_name != "bytea";
+    let enc = given.unwrap_or(if is_text && !text_native(format) { Encoding::Base64 } else { Encoding::Raw });
+    if is_text && enc == Encoding::Raw && !text_native(format) {
+        return Err(Error::Config(format!(
+            "column {table}.{} is {}, but {} values are binary: set encoding = \"base64\" (or use a bytea column)",
+            col.name,
+            col.type_name,
+            format.name()
+        )));
+    }
+    Ok(enc)
+}
+
+/// Loads the keyring a `[keys]` section names.
+pub fn load_keyring(keys: &KeysSpec) -> Result<Keyring, Error> {
+    match keys.source {
+        KeySource::Env => env::from_process_env(&keys.prefix).map_err(|e| Error::Config(e.to_string())),
     }
 }
 

@@ -69,6 +69,12 @@ pub struct Outcome {
     pub failures: Vec<Failure>,
     /// Verify: values per `table.column` and key label.
     pub by_key: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Verify: values that opened under the target key (in the target format).
+    pub on_target: u64,
+    /// Verify: values that opened under an old key (or in the old format).
+    pub on_old: u64,
+    /// Totals per target index.
+    pub by_target: BTreeMap<usize, Counts>,
 }
 
 impl Default for Outcome {
@@ -78,6 +84,9 @@ impl Default for Outcome {
             batch_micros: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant histogram bounds are valid"),
             failures: Vec::new(),
             by_key: BTreeMap::new(),
+            on_target: 0,
+            on_old: 0,
+            by_target: BTreeMap::new(),
         }
     }
 }
@@ -88,6 +97,11 @@ impl Outcome {
         let _ = self.batch_micros.add(&other.batch_micros);
         let room = MAX_REPORTED_FAILURES.saturating_sub(self.failures.len());
         self.failures.extend(other.failures.into_iter().take(room));
+        self.on_target += other.on_target;
+        self.on_old += other.on_old;
+        for (t, c) in other.by_target {
+            *self.by_target.entry(t).or_default() += c;
+        }
         for (col, keys) in other.by_key {
             let mine = self.by_key.entry(col).or_default();
             for (k, n) in keys {
@@ -236,14 +250,14 @@ async fn write(shared: Arc<Shared>, mut writer: Option<Writer>, lookup: Option<t
         let target = &shared.job.targets[state.target];
         let (counts, failures) = match (&mut writer, &lookup) {
             (Some(w), _) => w.write(target, state, &batch).await?,
-            (None, Some(client)) => (tally(target, &batch, &mut outcome.by_key), sink::describe_failures(client, target, &batch).await?),
+            (None, Some(client)) => (tally(target, &batch, &mut outcome), sink::describe_failures(client, target, &batch).await?),
             (None, None) => return Err(Error::Runtime("a sink has neither a writer nor a lookup connection".into())),
         };
         for f in &failures {
             eprintln!("rekey: cannot decrypt {}.{} at key {}: {}", f.table, f.column, f.key, f.error);
         }
         let _ = outcome.batch_micros.record(started.elapsed().as_micros().max(1) as u64);
-        outcome.merge(Outcome { counts, failures, ..Outcome::default() });
+        outcome.merge(Outcome { counts, failures, by_target: BTreeMap::from([(target.index, counts)]), ..Outcome::default() });
         shared.live.add(&counts);
         shared.progress.update(&shared.live.snapshot());
     }
@@ -251,7 +265,7 @@ async fn write(shared: Arc<Shared>, mut writer: Option<Writer>, lookup: Option<t
 }
 
 /// Counts a batch that is not written: what a run would do, and which keys hold the values.
-fn tally(target: &crate::job::Target, batch: &Batch, by_key: &mut BTreeMap<String, BTreeMap<String, u64>>) -> Counts {
+fn tally(target: &crate::job::Target, batch: &Batch, verified: &mut Outcome) -> Counts {
     let ncols = target.columns.len();
     let mut c = Counts { rows_scanned: batch.rows.len() as u64, ..Counts::default() };
     for (i, cell) in batch.cells.iter().enumerate() {
@@ -259,9 +273,13 @@ fn tally(target: &crate::job::Target, batch: &Batch, by_key: &mut BTreeMap<Strin
             Cell::Null | Cell::Current => c.values_skipped += 1,
             Cell::Rewritten(_) => c.values_rewritten += 1,
             Cell::Failed(_) => c.values_failed += 1,
-            Cell::Opened(key) => {
-                let label = target.codec.key_label(*key);
-                *by_key.entry(target.label(i % ncols)).or_default().entry(label).or_default() += 1;
+            Cell::Opened(label, on_target) => {
+                *verified.by_key.entry(target.label(i % ncols)).or_default().entry(label.clone()).or_default() += 1;
+                if *on_target {
+                    verified.on_target += 1;
+                } else {
+                    verified.on_old += 1;
+                }
             }
         }
     }

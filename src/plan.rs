@@ -88,6 +88,9 @@ pub async fn estimated_rows(client: &Client, target: &Target) -> Result<f64, Err
 /// Values of one column, counted by the key they are under.
 #[derive(Debug, Clone, Serialize)]
 pub struct ColumnPlan {
+    /// Index of the target in the job.
+    #[serde(skip)]
+    pub target: usize,
     /// `schema.table`.
     pub table: String,
     /// The column.
@@ -111,17 +114,19 @@ pub async fn count_by_key(client: &Client, job: &Job) -> Result<Vec<ColumnPlan>,
     for target in &job.targets {
         for (i, col) in target.columns.iter().enumerate() {
             let what = || format!("counting values of {}", target.label(i));
-            let target_prefix = target.stale_prefix(i);
+            let target_prefix = if target.migrating { None } else { target.stale_prefix(i) };
+            let filter = target.filter.as_ref().map(|f| format!(" WHERE ({f})")).unwrap_or_default();
             let Some(tp) = target_prefix else {
                 let row = client
                     .query_one(
-                        &format!("SELECT count(*), count({}) FROM {}", crate::db::quote_ident(&col.name), target.qualified()),
+                        &format!("SELECT count(*), count({}) FROM {}{filter}", crate::db::quote_ident(&col.name), target.qualified()),
                         &[],
                     )
                     .await
                     .ctx(what)?;
                 let (rows, non_null): (i64, i64) = (row.get(0), row.get(1));
                 out.push(ColumnPlan {
+                    target: target.index,
                     table: target.table.to_string(),
                     column: col.name.clone(),
                     rows: rows as u64,
@@ -134,10 +139,11 @@ pub async fn count_by_key(client: &Client, job: &Job) -> Result<Vec<ColumnPlan>,
             };
             let expr = sql::prefix_expr(target, i, "", tp.len());
             let rows = client
-                .query(&format!("SELECT {expr}, count(*) FROM {} GROUP BY 1", target.qualified()), &[])
+                .query(&format!("SELECT {expr}, count(*) FROM {}{filter} GROUP BY 1", target.qualified()), &[])
                 .await
                 .ctx(what)?;
             let mut plan = ColumnPlan {
+                target: target.index,
                 table: target.table.to_string(),
                 column: col.name.clone(),
                 rows: 0,
@@ -154,8 +160,9 @@ pub async fn count_by_key(client: &Client, job: &Job) -> Result<Vec<ColumnPlan>,
                     plan.nulls += n;
                     continue;
                 };
-                let known = target.codec.key_hint(&prefix).is_some_and(|id| job.keyring.get(id).is_some());
-                let mut label = target.codec.describe_prefix(&prefix);
+                let codec = &target.write.codec;
+                let known = codec.key_hint(&prefix).is_some_and(|id| target.write.keyring.get(id).is_some());
+                let mut label = codec.describe_prefix(&prefix);
                 if !known {
                     label.push_str(" (no such key)");
                 }

@@ -142,7 +142,7 @@ impl Writer {
             for (c, cell) in batch.cells[r * ncols..(r + 1) * ncols].iter().enumerate() {
                 match cell {
                     Cell::Rewritten(_) if !row_conflicted => counts.values_rewritten += 1,
-                    Cell::Rewritten(_) | Cell::Opened(_) => {}
+                    Cell::Rewritten(_) | Cell::Opened(..) => {}
                     Cell::Null | Cell::Current => counts.values_skipped += 1,
                     Cell::Failed(e) => {
                         counts.values_failed += 1;

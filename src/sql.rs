@@ -2,7 +2,7 @@
 //! every identifier comes from the catalog and goes through [`quote_ident`];
 //! every value (keys, prefixes, limits) is a bind parameter or a COPY field.
 
-use crate::catalog::Storage;
+use crate::job::{Aad, Encoding};
 use crate::db::quote_ident;
 use crate::job::Target;
 
@@ -27,9 +27,10 @@ fn key_params(target: &Target, first: usize) -> String {
 /// read, and quarantined) instead of an error that would stop the query.
 pub fn prefix_expr(target: &Target, col: usize, alias: &str, len: usize) -> String {
     let c = format!("{alias}{}", quote_ident(&target.columns[col].name));
-    match target.columns[col].storage {
-        Storage::Bytea => format!("substring({c} from 1 for {len})"),
-        Storage::Base64Text => {
+    match target.columns[col].write {
+        Encoding::Raw if target.columns[col].type_name == "bytea" => format!("substring({c} from 1 for {len})"),
+        Encoding::Raw => format!("substring(convert_to({c}, 'UTF8') from 1 for {len})"),
+        Encoding::Base64 => {
             let chars = len.div_ceil(3) * 4;
             format!(
                 "CASE WHEN {c} IS NULL THEN NULL \
@@ -82,9 +83,25 @@ pub fn select_page(target: &Target, bounds: Bounds, only_stale: bool) -> (String
         conds.push(filter);
         prefixed = cols;
     }
+    if let Some(f) = &target.filter {
+        conds.push(format!("({f})"));
+    }
     let filter = if conds.is_empty() { String::new() } else { format!(" WHERE {}", conds.join(" AND ")) };
-    let sql = format!("SELECT {keys}, {cols} FROM {}{filter} ORDER BY {keys} LIMIT ${next}", target.qualified());
+    let sql = format!("SELECT {keys}, {cols}{} FROM {}{filter} ORDER BY {keys} LIMIT ${next}", aad_select(target), target.qualified());
     (sql, prefixed)
+}
+
+/// `, "col"::text` when the target binds a column as associated data.
+pub fn aad_select(target: &Target) -> String {
+    match &target.aad {
+        Aad::Column(c) => format!(", {}::text", quote_ident(c)),
+        Aad::None | Aad::Constant(_) => String::new(),
+    }
+}
+
+/// `WHERE` conditions every read of a target carries (its operator filter).
+pub fn target_filter(target: &Target) -> String {
+    target.filter.as_ref().map(|f| format!(" AND ({f})")).unwrap_or_default()
 }
 
 /// Name of the per-connection temp stage table for a target.

@@ -93,7 +93,7 @@ async fn an_application_update_between_read_and_write_is_not_overwritten() {
 
     // the application writes row 5 in between, with the new key
     let mut fresh = Vec::new();
-    rekey::codec::Codec::seal(&*target.codec, b"app wrote this", b"", None, &mut fresh);
+    rekey::codec::Codec::seal(&*target.write.codec, b"app wrote this", b"", None, &mut fresh);
     db.client.execute("UPDATE patient_persons SET phone_encrypted = $1 WHERE id = 5", &[&fresh]).await.unwrap();
 
     let mut writer = Writer::connect(&database, &job, record.id).await.unwrap();
