@@ -94,7 +94,7 @@ pub fn select_page(target: &Target, bounds: Bounds, only_stale: bool) -> (String
 /// `, "col"::text` when the target binds a column as associated data.
 pub fn aad_select(target: &Target) -> String {
     match &target.aad {
-        Aad::Column(c) => format!(", {}::text", quote_ident(c)),
+        Aad::Column(c) => format!(", {}::text AS \"rekey aad\"", quote_ident(c)),
         Aad::None | Aad::Constant(_) => String::new(),
     }
 }

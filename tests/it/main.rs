@@ -8,3 +8,4 @@ mod faults;
 mod interop;
 mod rotation;
 mod secrecy;
+mod shapes;

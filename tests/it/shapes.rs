@@ -1,0 +1,166 @@
+//! Job shapes: text columns, associated data, filters, partitioned tables,
+//! key types other than bigint, several targets in one job.
+
+use base64::Engine as _;
+use rekey::codec::Codec;
+
+use crate::harness::*;
+
+fn write_job(dir: &tempfile::TempDir, db: &TestDb, body: &str) -> String {
+    write_named_job(dir, db, "job", body)
+}
+
+fn write_named_job(dir: &tempfile::TempDir, db: &TestDb, name: &str, body: &str) -> String {
+    let path = dir.path().join(format!("{name}.toml"));
+    std::fs::write(&path, format!("[database]\nurl = \"{}\"\n[keys]\nsource = \"env\"\n{body}", db.url)).unwrap();
+    path.display().to_string()
+}
+
+fn v2() -> rekey::codec::versioned_gcm::VersionedGcm {
+    rekey::codec::versioned_gcm::VersionedGcm::new(&v2_ring()).unwrap()
+}
+
+fn seal_v1(pt: &str, aad: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    v1_codec().seal(pt.as_bytes(), aad, None, &mut out);
+    out
+}
+
+fn b64(v: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(v)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn base64_text_columns_rotate_and_stay_base64() {
+    let db = TestDb::new().await;
+    db.client.batch_execute("CREATE TABLE t (id int PRIMARY KEY, secret text)").await.unwrap();
+    for i in 0..300 {
+        db.client.execute("INSERT INTO t VALUES ($1, $2)", &[&i, &b64(&seal_v1(&format!("s{i}"), b""))]).await.unwrap();
+    }
+    db.client.execute("UPDATE t SET secret = 'not base64!' WHERE id = 7", &[]).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(&dir, &db, "[[target]]\ntable = \"t\"\ncolumns = [\"secret\"]\nformat = \"versioned-gcm\"\n");
+    let out = rekey(&["run", "--job", &job, "--json"], &seed_env());
+    assert_eq!(out.status.code(), Some(3), "{}", printed(&out));
+    assert_eq!(json(&out)["values_rewritten"], 299);
+    assert_eq!(json(&out)["failures"][0]["error"], "bad_encoding");
+    for r in db.client.query("SELECT id, secret FROM t WHERE id <> 7", &[]).await.unwrap() {
+        let (id, text): (i32, String) = (r.get(0), r.get(1));
+        let raw = base64::engine::general_purpose::STANDARD.decode(text).unwrap();
+        assert_eq!(v2().open(&raw, b"").unwrap().plaintext.as_slice(), format!("s{id}").as_bytes());
+    }
+    let again = rekey(&["run", "--job", &job, "--json"], &seed_env());
+    assert_eq!(json(&again)["rows_scanned"], 1, "the SQL filter sees base64 key versions; only the bad value is read again");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn associated_data_from_a_column_and_a_constant_is_kept() {
+    let db = TestDb::new().await;
+    db.client.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, a bytea, b bytea)").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..200i64 {
+        db.client.execute("INSERT INTO t VALUES ($1, $2, NULL)", &[&i, &seal_v1("x", i.to_string().as_bytes())]).await.unwrap();
+    }
+    let job = write_job(&dir, &db, "[[target]]\ntable = \"t\"\ncolumns = [\"a\"]\nformat = \"versioned-gcm\"\naad = { column = \"id\" }\n");
+    let out = rekey(&["run", "--job", &job, "--json"], &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(json(&out)["values_rewritten"], 200);
+    for r in db.client.query("SELECT id, a FROM t", &[]).await.unwrap() {
+        let (id, a): (i64, Vec<u8>) = (r.get(0), r.get(1));
+        assert!(v2().open(&a, id.to_string().as_bytes()).is_ok(), "row {id} lost its associated data");
+        assert!(v2().open(&a, b"").is_err());
+    }
+
+    db.client.execute("UPDATE t SET b = $1", &[&seal_v1("y", b"patients")]).await.unwrap();
+    let job = write_named_job(&dir, &db, "b", "[[target]]\ntable = \"t\"\ncolumns = [\"b\"]\nformat = \"versioned-gcm\"\naad = { constant = \"patients\" }\n");
+    let out = rekey(&["run", "--job", &job, "--json"], &seed_env());
+    assert_eq!(json(&out)["values_rewritten"], 200, "{}", printed(&out));
+    let b: Vec<u8> = db.client.query_one("SELECT b FROM t WHERE id = 3", &[]).await.unwrap().get(0);
+    assert!(v2().open(&b, b"patients").is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_where_filter_limits_the_rows_rotated() {
+    let db = TestDb::new().await;
+    db.seed_patients(1_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(&dir, &db, "[[target]]\ntable = \"patient_persons\"\ncolumns = [\"phone_encrypted\"]\nformat = \"versioned-gcm\"\nwhere = \"id <= 100\"\n");
+    let out = rekey(&["run", "--job", &job, "--json"], &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(json(&out)["values_rewritten"], 100);
+    let after = db.decrypted_patients(&v2_ring()).await;
+    assert_eq!(after[&100].0, Decrypted::Plain(2, phone(100)));
+    assert_eq!(after[&101].0, Decrypted::Plain(1, phone(101)));
+
+    let bad = write_job(&dir, &db, "[[target]]\ntable = \"patient_persons\"\ncolumns = [\"phone_encrypted\"]\nformat = \"versioned-gcm\"\nwhere = \"nosuch > 1\"\n");
+    let out = rekey(&["run", "--job", &bad], &seed_env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(printed(&out).contains("is not a valid condition"), "{}", printed(&out));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn partitioned_tables_with_uuid_and_text_keys_rotate() {
+    let db = TestDb::new().await;
+    db.client
+        .batch_execute(
+            "CREATE TABLE events (region text, id uuid, payload bytea, PRIMARY KEY (region, id)) PARTITION BY LIST (region);
+             CREATE TABLE events_eu PARTITION OF events FOR VALUES IN ('eu');
+             CREATE TABLE events_us PARTITION OF events FOR VALUES IN ('us');
+             CREATE TABLE tokens (name text PRIMARY KEY, token bytea);",
+        )
+        .await
+        .unwrap();
+    for i in 0..400 {
+        let region = if i % 2 == 0 { "eu" } else { "us" };
+        db.client
+            .execute("INSERT INTO events VALUES ($1, md5($2::text)::uuid, $3)", &[&region, &i.to_string(), &seal_v1(&format!("e{i}"), b"")])
+            .await
+            .unwrap();
+        db.client.execute("INSERT INTO tokens VALUES ($1, $2)", &[&format!("tök {i}"), &seal_v1(&format!("t{i}"), b"")]).await.unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(
+        &dir,
+        &db,
+        "[[target]]\ntable = \"events\"\ncolumns = [\"payload\"]\nformat = \"versioned-gcm\"\n\
+         [[target]]\ntable = \"public.tokens\"\ncolumns = [\"token\"]\nformat = \"versioned-gcm\"\n",
+    );
+    let out = rekey(&["run", "--job", &job, "--json", "--batch-size", "64"], &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let s = json(&out);
+    assert_eq!(s["values_rewritten"], 800);
+    assert_eq!(s["targets"][0]["values_rewritten"], 400);
+    assert_eq!(s["targets"][1]["values_rewritten"], 400);
+    let verify = rekey(&["verify", "--job", &job, "--full", "--json"], &seed_env());
+    assert_eq!(verify.status.code(), Some(0), "{}", printed(&verify));
+    assert_eq!(json(&verify)["values_on_target_key"], 800);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resuming_with_a_changed_key_set_is_refused() {
+    let db = TestDb::new().await;
+    db.seed_patients(100).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir);
+    let j = job.display().to_string();
+    let mut admin = connect(&db.url).await;
+    rekey::checkpoint::ensure_schema(&mut admin).await.unwrap();
+    let spec = rekey::job::JobSpec::load(&job).unwrap();
+    // an unfinished job of this spec, started with a different V1
+    admin
+        .execute(
+            "INSERT INTO rekey.jobs (name, spec_hash, keys, state) VALUES ('patients', $1, '[]', 'running')",
+            &[&spec.spec_hash()],
+        )
+        .await
+        .unwrap();
+    let before = db.checksum("patient_persons").await;
+    let out = rekey(&["run", "--job", &j], &seed_env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(printed(&out).contains("different key set"), "{}", printed(&out));
+    assert_eq!(db.checksum("patient_persons").await, before);
+
+    let out = rekey(&["run", "--job", &j, "--restart", "--json"], &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(json(&out)["values_rewritten"], 100 + 67);
+}
