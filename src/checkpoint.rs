@@ -14,7 +14,10 @@ use crate::stats::Counts;
 use crate::Error;
 
 /// The engine schema's migrations, in order. Never edit a released one.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../sql/001_engine_state.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../sql/001_engine_state.sql")), (2, include_str!("../sql/002_conflicts.sql"))];
+
+/// The `range_no` under which conflict re-reads are counted.
+pub const RETRY_RANGE: i32 = -1;
 
 /// Creates or upgrades schema `rekey`. Safe to run from several processes at once.
 pub async fn ensure_schema(client: &mut Client) -> Result<(), Error> {
@@ -164,19 +167,21 @@ async fn load_ranges(client: &Client, job_id: i64) -> Result<(Vec<RangeState>, C
         .await
         .ctx(|| format!("loading the progress of job {job_id}"))?;
     let mut prior = Counts::default();
-    let ranges = rows
-        .iter()
-        .map(|r| {
-            prior += counts_from(r, 6);
-            RangeState {
-                target: r.get::<_, i32>(0) as usize,
-                range_no: r.get(1),
-                range: KeyRange { lower: r.get(2), upper: r.get(3) },
-                last: r.get(4),
-                done: r.get(5),
-            }
-        })
-        .collect();
+    let mut ranges = Vec::new();
+    for r in &rows {
+        prior += counts_from(r, 6);
+        let range_no: i32 = r.get(1);
+        if range_no == RETRY_RANGE {
+            continue;
+        }
+        ranges.push(RangeState {
+            target: r.get::<_, i32>(0) as usize,
+            range_no,
+            range: KeyRange { lower: r.get(2), upper: r.get(3) },
+            last: r.get(4),
+            done: r.get(5),
+        });
+    }
     Ok((ranges, prior))
 }
 
@@ -224,6 +229,45 @@ pub async fn record_batch(
     )
     .await
     .map(|_| ())
+}
+
+/// Counts a batch of conflict re-reads, inside its own transaction.
+pub async fn record_retry(tx: &impl GenericClient, job_id: i64, target: usize, table: &str, c: &Counts) -> Result<(), tokio_postgres::Error> {
+    let n = |v: u64| v as i64;
+    tx.execute(
+        "INSERT INTO rekey.progress AS p (job_id, target, range_no, table_name, done, rows_scanned, rows_rewritten,
+                values_rewritten, values_skipped, values_failed, conflicts)
+         VALUES ($1, $2, $3, $4, true, $5, $6, $7, $8, $9, $10)
+         ON CONFLICT (job_id, target, range_no) DO UPDATE SET
+                rows_scanned = p.rows_scanned + EXCLUDED.rows_scanned, rows_rewritten = p.rows_rewritten + EXCLUDED.rows_rewritten,
+                values_rewritten = p.values_rewritten + EXCLUDED.values_rewritten, values_skipped = p.values_skipped + EXCLUDED.values_skipped,
+                values_failed = p.values_failed + EXCLUDED.values_failed, conflicts = p.conflicts + EXCLUDED.conflicts, updated_at = now()",
+        &[
+            &job_id,
+            &(target as i32),
+            &RETRY_RANGE,
+            &table,
+            &n(c.rows_scanned),
+            &n(c.rows_rewritten),
+            &n(c.values_rewritten),
+            &n(c.values_skipped),
+            &n(c.values_failed),
+            &n(c.conflicts),
+        ],
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Up to `limit` keys of rows of `target` waiting to be re-read after a conflict.
+pub async fn pending_conflicts(client: &Client, job_id: i64, target: usize, limit: i64) -> Result<Vec<KeyBytes>, Error> {
+    Ok(client
+        .query("SELECT pk FROM rekey.conflicts WHERE job_id = $1 AND target = $2 ORDER BY seen_at LIMIT $3", &[&job_id, &(target as i32), &limit])
+        .await
+        .ctx(|| "reading conflicts to re-read".into())?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
 }
 
 /// Marks the job finished with its totals.
@@ -283,7 +327,7 @@ pub async fn job_status(client: &Client, name: &str) -> Result<Option<JobStatus>
     let id: i64 = j.get(0);
     let p = client
         .query_one(
-            "SELECT count(*) FILTER (WHERE done), count(*), coalesce(sum(rows_scanned), 0)::bigint,
+            "SELECT count(*) FILTER (WHERE done AND range_no >= 0), count(*) FILTER (WHERE range_no >= 0), coalesce(sum(rows_scanned), 0)::bigint,
                     coalesce(sum(rows_rewritten), 0)::bigint, coalesce(sum(values_rewritten), 0)::bigint,
                     coalesce(sum(values_skipped), 0)::bigint, coalesce(sum(values_failed), 0)::bigint,
                     coalesce(sum(conflicts), 0)::bigint

@@ -132,6 +132,7 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
         "values_skipped": c.values_skipped,
         "values_failed": c.values_failed,
         "conflicts": c.conflicts,
+        "conflicts_left": outcome.conflicts_left,
         "elapsed_s": (elapsed * 1000.0).round() / 1000.0,
         "rows_per_s": (c.rows_scanned as f64 / elapsed.max(1e-9)).round(),
         "job_totals": job_totals,
@@ -164,6 +165,9 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
             elapsed,
             c.rows_scanned as f64 / elapsed.max(1e-9)
         );
+        if outcome.conflicts_left > 0 {
+            println!("{} rows kept changing under the run and were left as the application wrote them; run again to rotate them", outcome.conflicts_left);
+        }
         if resumed {
             println!("resumed job {}: {} values rewritten in all", job_id.unwrap_or_default(), job_totals.values_rewritten);
         }

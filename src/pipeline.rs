@@ -23,7 +23,7 @@ use crate::checkpoint::RangeState;
 use crate::db::Database;
 use crate::job::Job;
 use crate::progress::Progress;
-use crate::sink::{self, Batch, Failure, Writer};
+use crate::sink::{self, Batch, Commit, Failure, Writer};
 use crate::source::{self, Source};
 use crate::stats::{Counts, LiveCounts};
 use crate::transform::{self, Cell};
@@ -75,6 +75,8 @@ pub struct Outcome {
     pub on_old: u64,
     /// Totals per target index.
     pub by_target: BTreeMap<usize, Counts>,
+    /// Rows still changing under the run after every conflict re-read.
+    pub conflicts_left: u64,
 }
 
 impl Default for Outcome {
@@ -87,6 +89,7 @@ impl Default for Outcome {
             on_target: 0,
             on_old: 0,
             by_target: BTreeMap::new(),
+            conflicts_left: 0,
         }
     }
 }
@@ -184,11 +187,17 @@ pub async fn run(db: &Database, job: Arc<Job>, ranges: Vec<RangeState>, mode: Mo
             }
         }
     }
-    shared.progress.finish();
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok(outcome),
+    if let Some(e) = first_error {
+        shared.progress.finish();
+        return Err(e);
     }
+    if let Mode::Rewrite { job_id } = mode {
+        let (retried, left) = retry_conflicts(db, &shared, job_id).await?;
+        outcome.merge(retried);
+        outcome.conflicts_left = left;
+    }
+    shared.progress.finish();
+    Ok(outcome)
 }
 
 /// Source stage: reads each range it takes, page by page, in key order.
@@ -221,24 +230,80 @@ async fn read(shared: Arc<Shared>, mut source: Source, out: mpsc::Sender<Batch>)
 
 /// Transform stage: runs each batch on the rayon pool and passes it on.
 async fn transform_stage(shared: Arc<Shared>, mode: Mode, mut input: mpsc::Receiver<Batch>, out: mpsc::Sender<Batch>) -> Result<Option<Outcome>, Error> {
-    while let Some(mut batch) = input.recv().await {
-        let (done, result) = oneshot::channel();
-        let job = shared.job.clone();
+    while let Some(batch) = input.recv().await {
         let target_index = shared.ranges[batch.range].target;
-        rayon::spawn(move || {
-            let target = &job.targets[target_index];
-            match mode {
-                Mode::Verify => transform::classify(target, &batch.rows, &mut batch.cells),
-                Mode::Rewrite { .. } | Mode::DryRun => transform::rewrite(target, &batch.rows, &mut batch.cells),
-            }
-            let _ = done.send(batch);
-        });
-        let batch = result.await.map_err(|_| Error::Runtime("the transform pool dropped a batch".into()))?;
+        let batch = on_pool(shared.job.clone(), target_index, mode, batch).await?;
         if out.send(batch).await.is_err() {
             break;
         }
     }
     Ok(None)
+}
+
+/// Runs the transform of one batch on the rayon pool.
+async fn on_pool(job: Arc<Job>, target_index: usize, mode: Mode, mut batch: Batch) -> Result<Batch, Error> {
+    let (done, result) = oneshot::channel();
+    rayon::spawn(move || {
+        let target = &job.targets[target_index];
+        match mode {
+            Mode::Verify => transform::classify(target, &batch.rows, &mut batch.cells),
+            Mode::Rewrite { .. } | Mode::DryRun => transform::rewrite(target, &batch.rows, &mut batch.cells),
+        }
+        let _ = done.send(batch);
+    });
+    result.await.map_err(|_| Error::Runtime("the transform pool dropped a batch".into()))
+}
+
+/// Rounds of conflict re-reads before the run reports rows still changing.
+const RETRY_ROUNDS: u32 = 10;
+/// Keys re-read per batch.
+const RETRY_BATCH: i64 = 1000;
+
+/// Re-reads rows the application changed under a batch, until none remain
+/// or [`RETRY_ROUNDS`] rounds have passed; returns the outcome and how many
+/// keys are still waiting.
+async fn retry_conflicts(db: &Database, shared: &Shared, job_id: i64) -> Result<(Outcome, u64), Error> {
+    let mut outcome = Outcome::default();
+    let admin = db.connect().await?;
+    let mut reader = None;
+    let mut writer = None;
+    for round in 0..RETRY_ROUNDS {
+        let mut any = false;
+        for target in &shared.job.targets {
+            loop {
+                let keys = crate::checkpoint::pending_conflicts(&admin, job_id, target.index, RETRY_BATCH).await?;
+                if keys.is_empty() {
+                    break;
+                }
+                any = true;
+                if reader.is_none() {
+                    reader = Some(Source::new(db.connect().await?, false));
+                    writer = Some(Writer::connect(db, &shared.job, job_id).await?);
+                }
+                let (Some(source), Some(sink)) = (reader.as_mut(), writer.as_mut()) else { break };
+                let rows = source.rows_by_keys(target, &keys).await?;
+                let batch = Batch { range: 0, rows, cells: Vec::new(), last_key: None, end: false };
+                let batch = on_pool(shared.job.clone(), target.index, Mode::Rewrite { job_id }, batch).await?;
+                let (counts, failures) = sink.write(target, Commit::Retry(&keys), &batch).await?;
+                shared.live.add(&counts);
+                outcome.merge(Outcome { counts, failures, by_target: BTreeMap::from([(target.index, counts)]), ..Outcome::default() });
+                if counts.conflicts > 0 {
+                    // still changing: give the application's transactions time before the next round
+                    break;
+                }
+            }
+        }
+        if !any {
+            return Ok((outcome, 0));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50 * u64::from(round + 1))).await;
+    }
+    let left: i64 = admin
+        .query_one("SELECT count(*) FROM rekey.conflicts WHERE job_id = $1", &[&job_id])
+        .await
+        .map_err(|e| Error::Db { context: "counting conflicts left".into(), source: e })?
+        .get(0);
+    Ok((outcome, left as u64))
 }
 
 /// Sink stage: commits batches (rewrite) or tallies them (dry run, verify).
@@ -249,7 +314,7 @@ async fn write(shared: Arc<Shared>, mut writer: Option<Writer>, lookup: Option<t
         let state = &shared.ranges[batch.range];
         let target = &shared.job.targets[state.target];
         let (counts, failures) = match (&mut writer, &lookup) {
-            (Some(w), _) => w.write(target, state, &batch).await?,
+            (Some(w), _) => w.write(target, Commit::Range(state), &batch).await?,
             (None, Some(client)) => (tally(target, &batch, &mut outcome), sink::describe_failures(client, target, &batch).await?),
             (None, None) => return Err(Error::Runtime("a sink has neither a writer nor a lookup connection".into())),
         };

@@ -50,10 +50,21 @@ pub struct Batch {
     pub end: bool,
 }
 
+/// What a committed batch records besides the rows.
+#[derive(Debug, Clone, Copy)]
+pub enum Commit<'a> {
+    /// A page of a range: its checkpoint moves forward.
+    Range(&'a RangeState),
+    /// A conflict re-read of these keys: they leave `rekey.conflicts` unless they conflict again.
+    Retry(&'a [KeyBytes]),
+}
+
 /// Per-target prepared statements of a writer connection.
 struct Prepared {
-    /// The compare-and-swap UPDATE.
+    /// The compare-and-swap UPDATE, bounded by the batch's key range.
     update: Statement,
+    /// The same without key bounds (conflict re-reads are not contiguous).
+    update_any: Statement,
     /// The quarantine INSERT.
     quarantine: Statement,
     /// Finds staged rows the UPDATE did not apply (only run after a conflict).
@@ -81,16 +92,17 @@ impl Writer {
         for t in &job.targets {
             let what = || format!("preparing writes to {}", t.table);
             client.batch_execute(&sql::create_stage(t)).await.ctx(what)?;
-            let update = client.prepare(&sql::update_from_stage(t)).await.ctx(what)?;
+            let update = client.prepare(&sql::update_from_stage(t, true)).await.ctx(what)?;
+            let update_any = client.prepare(&sql::update_from_stage(t, false)).await.ctx(what)?;
             let quarantine = client.prepare(&sql::insert_quarantine(t)).await.ctx(what)?;
             let unapplied = client.prepare(&unapplied_sql(t)).await.ctx(what)?;
-            prepared.insert(t.index, Prepared { update, quarantine, unapplied });
+            prepared.insert(t.index, Prepared { update, update_any, quarantine, unapplied });
         }
         Ok(Writer { client, job_id, prepared })
     }
 
     /// Commits one batch and its checkpoint; returns what it did.
-    pub async fn write(&mut self, target: &Target, state: &RangeState, batch: &Batch) -> Result<(Counts, Vec<Failure>), Error> {
+    pub async fn write(&mut self, target: &Target, commit: Commit<'_>, batch: &Batch) -> Result<(Counts, Vec<Failure>), Error> {
         let what = || format!("writing a batch to {}", target.table);
         let p = &self.prepared[&target.index];
         let ncols = target.columns.len();
@@ -123,10 +135,15 @@ impl Writer {
             futures_util::SinkExt::send(&mut copy, buf.finish()).await.ctx(what)?;
             copy.finish().await.ctx(what)?;
 
-            let lo = key_params(target, &batch.rows[first]);
-            let hi = key_params(target, &batch.rows[last]);
-            let params: Vec<&(dyn ToSql + Sync)> = lo.iter().chain(hi.iter()).map(|p| p as &(dyn ToSql + Sync)).collect();
-            let updated = tx.execute(&p.update, &params).await.ctx(what)?;
+            let updated = match commit {
+                Commit::Range(_) => {
+                    let lo = key_params(target, &batch.rows[first]);
+                    let hi = key_params(target, &batch.rows[last]);
+                    let params: Vec<&(dyn ToSql + Sync)> = lo.iter().chain(hi.iter()).map(|p| p as &(dyn ToSql + Sync)).collect();
+                    tx.execute(&p.update, &params).await.ctx(what)?
+                }
+                Commit::Retry(_) => tx.execute(&p.update_any, &[]).await.ctx(what)?,
+            };
             counts.rows_rewritten = updated;
             counts.conflicts = staged.len() as u64 - updated;
             if counts.conflicts > 0 {
@@ -160,7 +177,25 @@ impl Writer {
                 }
             }
         }
-        checkpoint::record_batch(&tx, self.job_id, state, batch.last_key.as_ref(), batch.end, &counts).await.ctx(what)?;
+        let target_no = target.index as i32;
+        if let Commit::Retry(keys) = commit {
+            for key in keys {
+                tx.execute("DELETE FROM rekey.conflicts WHERE job_id = $1 AND target = $2 AND pk = $3", &[&self.job_id, &target_no, key]).await.ctx(what)?;
+            }
+        }
+        for key in &conflicted {
+            tx.execute(
+                "INSERT INTO rekey.conflicts (job_id, target, pk) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                &[&self.job_id, &target_no, key],
+            )
+            .await
+            .ctx(what)?;
+        }
+        match commit {
+            Commit::Range(state) => checkpoint::record_batch(&tx, self.job_id, state, batch.last_key.as_ref(), batch.end, &counts).await,
+            Commit::Retry(_) => checkpoint::record_retry(&tx, self.job_id, target.index, &target.table.to_string(), &counts).await,
+        }
+        .ctx(what)?;
         tx.commit().await.ctx(what)?;
         Ok((counts, failures))
     }

@@ -59,6 +59,21 @@ impl Source {
     }
 }
 
+impl Source {
+    /// The rows with these keys (those that still exist), for conflict re-reads.
+    pub async fn rows_by_keys(&mut self, target: &Target, keys: &[KeyBytes]) -> Result<Vec<Row>, Error> {
+        let what = || format!("re-reading conflicted rows of {}", target.table);
+        let stmt = self.client.prepare(&sql::select_by_key(target)).await.ctx(what)?;
+        let mut rows = Vec::with_capacity(keys.len());
+        for key in keys {
+            let raw: Vec<RawParam> = key.iter().map(|p| RawParam(p)).collect();
+            let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = raw.iter().map(|p| p as _).collect();
+            rows.extend(self.client.query_opt(&stmt, &params).await.ctx(what)?);
+        }
+        Ok(rows)
+    }
+}
+
 /// The key of a row read by [`Source::page`], in binary format.
 pub fn row_key(target: &Target, row: &Row) -> KeyBytes {
     (0..target.key.len()).map(|i| row.try_get::<_, RawRef>(i).map(|r| r.0.to_vec()).unwrap_or_default()).collect()

@@ -134,7 +134,7 @@ pub fn copy_stage(target: &Target) -> String {
 /// The compare-and-swap write: a row is updated only where every encrypted
 /// column still holds the value that was read. `$1..` and `$n+1..` bound the
 /// key range of the batch so the join reads only that stretch of the index.
-pub fn update_from_stage(target: &Target) -> String {
+pub fn update_from_stage(target: &Target, bounded: bool) -> String {
     let n = target.key.len();
     let sets = target
         .columns
@@ -158,13 +158,8 @@ pub fn update_from_stage(target: &Target) -> String {
         .collect::<Vec<_>>()
         .join(" AND ");
     let keys = target.key_list("t.");
-    format!(
-        "UPDATE {} AS t SET {sets} FROM {} AS s WHERE {join} AND ({keys}) >= {} AND ({keys}) <= {} AND {cas}",
-        target.qualified(),
-        stage_table(target),
-        key_params(target, 1),
-        key_params(target, n + 1),
-    )
+    let range = if bounded { format!(" AND ({keys}) >= {} AND ({keys}) <= {}", key_params(target, 1), key_params(target, n + 1)) } else { String::new() };
+    format!("UPDATE {} AS t SET {sets} FROM {} AS s WHERE {join}{range} AND {cas}", target.qualified(), stage_table(target))
 }
 
 /// Records one undecryptable value. Parameters: job id, table label, column,
@@ -179,6 +174,13 @@ pub fn insert_quarantine(target: &Target) -> String {
         table = target.qualified(),
         params = key_params(target, 6),
     )
+}
+
+/// One row by its key, in the layout of [`select_page`] (conflict re-reads).
+pub fn select_by_key(target: &Target) -> String {
+    let keys = target.key_list("");
+    let cols = target.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
+    format!("SELECT {keys}, {cols}{} FROM {} WHERE ({keys}) = {}", aad_select(target), target.qualified(), key_params(target, 1))
 }
 
 /// The key of one row as text, for reports (`(42)`, `(7,abc)`).

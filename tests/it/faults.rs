@@ -5,7 +5,7 @@ use std::time::Duration;
 use rekey::checkpoint;
 use rekey::db::Database;
 use rekey::job::{Job, JobSpec};
-use rekey::sink::{Batch, Writer};
+use rekey::sink::{Batch, Commit, Writer};
 use rekey::source::{self, Source};
 use rekey::transform;
 
@@ -91,13 +91,13 @@ async fn an_application_update_between_read_and_write_is_not_overwritten() {
     let last_key = rows.last().map(|r| source::row_key(target, r));
     let batch = Batch { range: 0, rows, cells, last_key, end: true };
 
-    // the application writes row 5 in between, with the new key
+    // the application writes row 5 in between, still with the old key
     let mut fresh = Vec::new();
-    rekey::codec::Codec::seal(&*target.write.codec, b"app wrote this", b"", None, &mut fresh);
+    rekey::codec::Codec::seal(&v1_codec(), b"app wrote this", b"", None, &mut fresh);
     db.client.execute("UPDATE patient_persons SET phone_encrypted = $1 WHERE id = 5", &[&fresh]).await.unwrap();
 
     let mut writer = Writer::connect(&database, &job, record.id).await.unwrap();
-    let (counts, _) = writer.write(target, &record.ranges[0], &batch).await.unwrap();
+    let (counts, _) = writer.write(target, Commit::Range(&record.ranges[0]), &batch).await.unwrap();
     assert_eq!(counts.conflicts, 1);
     assert_eq!(counts.rows_rewritten, 49);
     assert_eq!(counts.values_rewritten, 49 + 33);
@@ -106,4 +106,20 @@ async fn an_application_update_between_read_and_write_is_not_overwritten() {
     assert_eq!(now, fresh, "the application's write was overwritten");
     let after = db.decrypted_patients(&v2_ring()).await;
     assert_eq!(after[&6].0, Decrypted::Plain(2, phone(6)));
+
+    // the conflict is on record, and the end of the run re-reads it: the application's value, rotated
+    let pending: i64 = db.client.query_one("SELECT count(*) FROM rekey.conflicts", &[]).await.unwrap().get(0);
+    assert_eq!(pending, 1);
+    let mut ranges = record.ranges.clone();
+    ranges[0].done = true;
+    let progress = rekey::progress::Progress::new(0, "test", true);
+    let settings = rekey::pipeline::Settings { lanes: 1, batch_size: 100 };
+    let outcome = rekey::pipeline::run(&database, std::sync::Arc::new(job), ranges, rekey::pipeline::Mode::Rewrite { job_id: record.id }, settings, Default::default(), progress)
+        .await
+        .unwrap();
+    assert_eq!((outcome.counts.values_rewritten, outcome.conflicts_left), (2, 0), "both values of the conflicted row");
+    let after = db.decrypted_patients(&v2_ring()).await;
+    assert_eq!(after[&5].0, Decrypted::Plain(2, "app wrote this".into()));
+    let pending: i64 = db.client.query_one("SELECT count(*) FROM rekey.conflicts", &[]).await.unwrap().get(0);
+    assert_eq!(pending, 0);
 }
