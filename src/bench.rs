@@ -161,7 +161,7 @@ async fn measure(opts: &BenchOptions, db: &Database, client: &mut Client, schema
         samples
     };
     let run = async {
-        let r = pipeline::run(db, job.clone(), record.ranges, Mode::Rewrite { job_id: record.id }, Settings { lanes: opts.lanes, batch_size: opts.batch_size }, live.clone(), progress).await;
+        let r = pipeline::run(db, job.clone(), record.ranges, Mode::Rewrite { job_id: record.id }, Settings { lanes: opts.lanes, batch_size: opts.batch_size, stop: Default::default() }, live.clone(), progress).await;
         done.store(true, Ordering::Relaxed);
         r
     };

@@ -15,7 +15,7 @@ use crate::cli::{BenchArgs, Command, JobArgs, KeygenArgs, RunArgs, StatusArgs, V
 use crate::db::{Database, RawRef};
 use crate::error::DbContext;
 use crate::job::{Job, JobSpec};
-use crate::pipeline::{self, Mode, Settings};
+use crate::pipeline::{self, Mode, Settings, Stop};
 use crate::progress::Progress;
 use crate::stats::{Counts, LiveCounts};
 use crate::transform::{self, Cell};
@@ -25,6 +25,39 @@ use crate::{keyring, plan, sql, Error};
 pub const EXIT_QUARANTINED: u8 = 3;
 /// Exit code: verify found values not on the target key (or undecryptable).
 pub const EXIT_NOT_VERIFIED: u8 = 4;
+
+/// Exit code: stopped on request (SIGINT/SIGTERM) before finishing; resumable.
+pub const EXIT_STOPPED: u8 = 130;
+
+/// Drives `work` to completion; the first SIGINT or SIGTERM asks it to stop
+/// cleanly (in-flight batches commit), a second one exits at once, which is
+/// still safe: every committed batch is checkpointed.
+async fn until_signalled<T>(work: impl std::future::Future<Output = T>, stop: &Stop) -> T {
+    tokio::pin!(work);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let mut signals = 0;
+    loop {
+        let terminated = async {
+            match term.as_mut() {
+                Some(t) => t.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            done = &mut work => return done,
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminated => {}
+        }
+        signals += 1;
+        if signals == 1 {
+            eprintln!("rekey: stopping after the batches in flight commit (signal again to stop at once; both are safe to resume)");
+            stop.trigger();
+        } else {
+            eprintln!("rekey: stopping now; run the same command again to resume");
+            std::process::exit(i32::from(EXIT_STOPPED));
+        }
+    }
+}
 
 /// Runs one subcommand and returns its exit code.
 pub async fn dispatch(command: Command) -> Result<u8, Error> {
@@ -99,21 +132,22 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
     let Opened { spec, db, mut client } = open(&args.common).await?;
     let job = Arc::new(Job::resolve(&spec, &client).await?);
     let lanes = args.workers.map_or_else(default_lanes, usize::from);
-    let settings = Settings { lanes, batch_size: args.batch_size as usize };
+    let stop = Stop::default();
+    let settings = Settings { lanes, batch_size: args.batch_size as usize, stop: stop.clone() };
     let started = Instant::now();
     let live = Arc::new(LiveCounts::default());
 
     let (outcome, prior, job_id, resumed) = if args.dry_run {
         let ranges = ephemeral_ranges(&client, &job, lanes).await?;
         let progress = Progress::new(stale_rows(&client, &job).await?, "dry run", args.quiet || args.common.json);
-        let outcome = pipeline::run(&db, job.clone(), ranges, Mode::DryRun, settings, live, progress).await?;
+        let outcome = until_signalled(pipeline::run(&db, job.clone(), ranges, Mode::DryRun, settings, live, progress), &stop).await?;
         (outcome, Counts::default(), None, false)
     } else {
         checkpoint::ensure_schema(&mut client).await?;
         checkpoint::lock_job(&client, &job.name).await?;
         let record = checkpoint::open_job(&mut client, &job, lanes, args.restart).await?;
         let progress = Progress::new(stale_rows(&client, &job).await?, "rewriting", args.quiet || args.common.json);
-        let outcome = pipeline::run(&db, job.clone(), record.ranges, Mode::Rewrite { job_id: record.id }, settings, live, progress).await?;
+        let outcome = until_signalled(pipeline::run(&db, job.clone(), record.ranges, Mode::Rewrite { job_id: record.id }, settings, live, progress), &stop).await?;
         (outcome, record.prior, Some(record.id), record.resumed)
     };
 
@@ -133,6 +167,7 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
         "values_failed": c.values_failed,
         "conflicts": c.conflicts,
         "conflicts_left": outcome.conflicts_left,
+        "stopped": outcome.stopped,
         "elapsed_s": (elapsed * 1000.0).round() / 1000.0,
         "rows_per_s": (c.rows_scanned as f64 / elapsed.max(1e-9)).round(),
         "job_totals": job_totals,
@@ -146,7 +181,7 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
         }).collect::<Vec<_>>(),
         "failures": outcome.failures,
     });
-    if let Some(id) = job_id {
+    if let (Some(id), false) = (job_id, outcome.stopped) {
         checkpoint::finish_job(&client, id, &summary).await?;
     }
     if args.common.json {
@@ -165,6 +200,9 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
             elapsed,
             c.rows_scanned as f64 / elapsed.max(1e-9)
         );
+        if outcome.stopped {
+            println!("stopped on request after the batches in flight committed; run the same command again to resume");
+        }
         if outcome.conflicts_left > 0 {
             println!("{} rows kept changing under the run and were left as the application wrote them; run again to rotate them", outcome.conflicts_left);
         }
@@ -180,7 +218,13 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
         }
     }
     let failed = if args.dry_run { c.values_failed } else { job_totals.values_failed };
-    Ok(if failed > 0 { EXIT_QUARANTINED } else { 0 })
+    Ok(if outcome.stopped {
+        EXIT_STOPPED
+    } else if failed > 0 {
+        EXIT_QUARANTINED
+    } else {
+        0
+    })
 }
 
 /// `rekey verify`.
@@ -200,7 +244,7 @@ pub async fn verify(args: &VerifyArgs) -> Result<u8, Error> {
         let ranges = ephemeral_ranges(&client, &job, lanes).await?;
         let rows: u64 = counted.iter().map(|c| c.rows).max().unwrap_or(0);
         let progress = Progress::new(rows, "verifying", args.quiet || args.common.json);
-        let outcome = pipeline::run(&db, job.clone(), ranges, Mode::Verify, Settings { lanes, batch_size: 5000 }, Arc::new(LiveCounts::default()), progress).await?;
+        let outcome = pipeline::run(&db, job.clone(), ranges, Mode::Verify, Settings { lanes, batch_size: 5000, stop: Stop::default() }, Arc::new(LiveCounts::default()), progress).await?;
         on_target = outcome.on_target;
         on_old = outcome.on_old;
         undecryptable = outcome.counts.values_failed;

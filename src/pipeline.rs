@@ -49,13 +49,32 @@ pub enum Mode {
     Verify,
 }
 
+/// A request to stop cleanly: sources read no further page, and batches
+/// already read still commit. Cloned handles share one flag.
+#[derive(Debug, Clone, Default)]
+pub struct Stop(Arc<AtomicBool>);
+
+impl Stop {
+    /// Asks every pipeline holding this handle to stop.
+    pub fn trigger(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a stop was asked for.
+    pub fn requested(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// How the pipeline runs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Settings {
     /// Lanes (reader + writer connection pairs) working at once.
     pub lanes: usize,
     /// Rows per batch.
     pub batch_size: usize,
+    /// Stops the run cleanly when triggered (signals, `rekey bench --interrupt-at`).
+    pub stop: Stop,
 }
 
 /// What a whole pipeline run did.
@@ -77,6 +96,8 @@ pub struct Outcome {
     pub by_target: BTreeMap<usize, Counts>,
     /// Rows still changing under the run after every conflict re-read.
     pub conflicts_left: u64,
+    /// Whether the run stopped on request before finishing every range.
+    pub stopped: bool,
 }
 
 impl Default for Outcome {
@@ -90,6 +111,7 @@ impl Default for Outcome {
             on_old: 0,
             by_target: BTreeMap::new(),
             conflicts_left: 0,
+            stopped: false,
         }
     }
 }
@@ -122,8 +144,10 @@ struct Shared {
     ranges: Vec<RangeState>,
     /// Ranges not yet taken by a lane.
     queue: Mutex<VecDeque<usize>>,
-    /// Set on the first error: sources stop reading, sinks finish what is in flight.
-    stop: AtomicBool,
+    /// Set on the first error or on request: sources stop reading, sinks finish what is in flight.
+    stop: Stop,
+    /// Set when a stop left ranges unfinished.
+    cut_short: AtomicBool,
     /// Live totals for the progress line.
     live: Arc<LiveCounts>,
     /// The progress line.
@@ -134,10 +158,14 @@ struct Shared {
 
 impl Shared {
     fn next_range(&self) -> Option<usize> {
-        if self.stop.load(Ordering::Relaxed) {
+        let mut queue = self.queue.lock().ok()?;
+        if self.stop.requested() {
+            if !queue.is_empty() {
+                self.cut_short.store(true, Ordering::Relaxed);
+            }
             return None;
         }
-        self.queue.lock().ok()?.pop_front()
+        queue.pop_front()
     }
 }
 
@@ -150,7 +178,8 @@ pub async fn run(db: &Database, job: Arc<Job>, ranges: Vec<RangeState>, mode: Mo
         job,
         ranges,
         queue: Mutex::new(queue),
-        stop: AtomicBool::new(false),
+        stop: settings.stop.clone(),
+        cut_short: AtomicBool::new(false),
         live,
         progress,
         batch_size: settings.batch_size.max(1),
@@ -182,7 +211,7 @@ pub async fn run(db: &Database, job: Arc<Job>, ranges: Vec<RangeState>, mode: Mo
             Ok(Some(lane)) => outcome.merge(lane),
             Ok(None) => {}
             Err(e) => {
-                shared.stop.store(true, Ordering::Relaxed);
+                shared.stop.trigger();
                 first_error.get_or_insert(e);
             }
         }
@@ -191,7 +220,9 @@ pub async fn run(db: &Database, job: Arc<Job>, ranges: Vec<RangeState>, mode: Mo
         shared.progress.finish();
         return Err(e);
     }
-    if let Mode::Rewrite { job_id } = mode {
+    if shared.cut_short.load(Ordering::Relaxed) {
+        outcome.stopped = true;
+    } else if let Mode::Rewrite { job_id } = mode {
         let (retried, left) = retry_conflicts(db, &shared, job_id).await?;
         outcome.merge(retried);
         outcome.conflicts_left = left;
@@ -207,7 +238,8 @@ async fn read(shared: Arc<Shared>, mut source: Source, out: mpsc::Sender<Batch>)
         let target = &shared.job.targets[state.target];
         let mut after = state.start().cloned();
         loop {
-            if shared.stop.load(Ordering::Relaxed) {
+            if shared.stop.requested() {
+                shared.cut_short.store(true, Ordering::Relaxed);
                 return Ok(None);
             }
             let rows = source.page(target, after.as_ref(), state.range.upper.as_ref(), shared.batch_size).await?;

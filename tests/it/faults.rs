@@ -113,7 +113,7 @@ async fn an_application_update_between_read_and_write_is_not_overwritten() {
     let mut ranges = record.ranges.clone();
     ranges[0].done = true;
     let progress = rekey::progress::Progress::new(0, "test", true);
-    let settings = rekey::pipeline::Settings { lanes: 1, batch_size: 100 };
+    let settings = rekey::pipeline::Settings { lanes: 1, batch_size: 100, stop: Default::default() };
     let outcome = rekey::pipeline::run(&database, std::sync::Arc::new(job), ranges, rekey::pipeline::Mode::Rewrite { job_id: record.id }, settings, Default::default(), progress)
         .await
         .unwrap();
@@ -122,4 +122,41 @@ async fn an_application_update_between_read_and_write_is_not_overwritten() {
     assert_eq!(after[&5].0, Decrypted::Plain(2, "app wrote this".into()));
     let pending: i64 = db.client.query_one("SELECT count(*) FROM rekey.conflicts", &[]).await.unwrap().get(0);
     assert_eq!(pending, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigint_stops_cleanly_after_in_flight_batches_and_the_run_resumes() {
+    let db = TestDb::new().await;
+    db.seed_patients(40_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir);
+    let j = job.display().to_string();
+    let run = ["run", "--job", j.as_str(), "--json", "--batch-size", "200"];
+    let child = rekey_cmd(&run, &seed_env()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    loop {
+        let done: i64 = db
+            .client
+            .query_one("SELECT coalesce(sum(p.values_rewritten), 0)::bigint FROM pg_namespace n LEFT JOIN rekey.progress p ON true WHERE n.nspname = 'rekey'", &[])
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        if done > 5_000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", printed(&out));
+    let first = json(&out);
+    assert_eq!(first["stopped"], true);
+    let status = rekey(&["status", "--job", &j, "--json"], &[]);
+    assert_eq!(json(&status)["state"], "running");
+
+    let out = rekey(&run, &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let second = json(&out);
+    assert_eq!(second["resumed"], true);
+    assert_eq!(second["job_totals"]["values_rewritten"], 40_000 + 26_667);
+    assert_eq!(first["values_rewritten"].as_u64().unwrap() + second["values_rewritten"].as_u64().unwrap(), 40_000 + 26_667, "nothing redone after a clean stop");
 }
