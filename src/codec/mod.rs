@@ -5,7 +5,10 @@
 //! prepared keys (expanded once, not per value), so the transform stage can
 //! call them from any rayon thread.
 
+pub mod fernet;
 pub mod nonce;
+pub mod raw_gcm;
+pub mod tink_gcm;
 pub mod versioned_gcm;
 
 use std::sync::Arc;
@@ -21,6 +24,12 @@ use crate::keyring::{KeyId, Keyring};
 pub enum Format {
     /// version byte | 12-byte nonce | AES-256-GCM ciphertext | 16-byte tag.
     VersionedGcm,
+    /// Fernet token (0x80 | timestamp | IV | AES-128-CBC | HMAC-SHA256), base64url text.
+    Fernet,
+    /// Tink AES-GCM: 0x01 | 4-byte key id | 12-byte IV | AES-256-GCM ciphertext | 16-byte tag.
+    TinkGcm,
+    /// 12-byte nonce | AES-256-GCM ciphertext | 16-byte tag, no key id.
+    RawGcm,
 }
 
 impl Format {
@@ -28,6 +37,9 @@ impl Format {
     pub fn name(self) -> &'static str {
         match self {
             Format::VersionedGcm => "versioned-gcm",
+            Format::Fernet => "fernet",
+            Format::TinkGcm => "tink-gcm",
+            Format::RawGcm => "raw-gcm",
         }
     }
 
@@ -35,6 +47,9 @@ impl Format {
     pub fn codec(self, keyring: &Keyring) -> Result<Arc<dyn Codec>, FormatKeyError> {
         match self {
             Format::VersionedGcm => Ok(Arc::new(versioned_gcm::VersionedGcm::new(keyring)?)),
+            Format::Fernet => Ok(Arc::new(fernet::Fernet::new(keyring)?)),
+            Format::TinkGcm => Ok(Arc::new(tink_gcm::TinkGcm::new(keyring)?)),
+            Format::RawGcm => Ok(Arc::new(raw_gcm::RawGcm::new(keyring)?)),
         }
     }
 }

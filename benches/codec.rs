@@ -1,0 +1,124 @@
+//! Re-encrypts per second per core, for sizing the transform stage.
+//!
+//! Each iteration is one value of a 128-byte plaintext through the codecs
+//! directly (no database, no rayon), so criterion's elements/s is one core's
+//! ceiling:
+//!
+//! - `rewrite/versioned-gcm`: what `transform::rewrite_value` does per value
+//!   for a key rotation: open under the old key, seal under the target key,
+//!   open the new value again and compare (verify-before-write).
+//! - `migrate/fernet->versioned-gcm`: the Fernet to `versioned-gcm`
+//!   migration, decrypt + encrypt, of a token under the application's
+//!   current Fernet key; `+verify` adds the check as above.
+//! - `versioned-gcm/open`, `versioned-gcm/seal`, `fernet/open`,
+//!   `fernet/seal`: the halves alone, for profiling; `fernet/open-old-key`
+//!   opens a token under the second key tried (one more HMAC, as MultiFernet).
+//!
+//! Run: `cargo bench --bench codec -- --warm-up-time 1 --measurement-time 3`.
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use rekey::codec::fernet::Fernet;
+use rekey::codec::versioned_gcm::VersionedGcm;
+use rekey::codec::Codec;
+use rekey::keyring::{Key, Keyring};
+
+/// Plaintext length of every benchmarked value.
+const PLAINTEXT_LEN: usize = 128;
+
+/// A fixed 128-byte plaintext.
+fn plaintext() -> Vec<u8> {
+    (0..PLAINTEXT_LEN).map(|i| i as u8).collect()
+}
+
+/// Keys 1 (old) and 2 (target), and a value sealed under key 1 by `codec_for`.
+fn rotation<C: Codec>(codec_for: impl Fn(&Keyring) -> C) -> (C, Vec<u8>) {
+    let old = codec_for(&Keyring::new(vec![Key::new(1, [1; 32])], 1, None).expect("old keyring"));
+    let mut value = Vec::new();
+    old.seal(&plaintext(), b"", Some(1_700_000_000), &mut value);
+    let keyring = Keyring::new(vec![Key::new(1, [1; 32]), Key::new(2, [2; 32])], 2, None).expect("keyring");
+    (codec_for(&keyring), value)
+}
+
+/// Seal `opened` under `write`'s target, open it again and compare, as
+/// `transform::rewrite_value` does; returns the new value.
+fn reseal_verified(write: &dyn Codec, plaintext: &[u8], timestamp: Option<u64>) -> Vec<u8> {
+    let mut sealed = Vec::new();
+    write.seal(plaintext, b"", timestamp, &mut sealed);
+    let check = write.open(&sealed, b"").expect("fresh value opens");
+    assert!(check.key == write.target() && check.plaintext.as_slice() == plaintext, "verify mismatch");
+    sealed
+}
+
+/// Key rotation within `versioned-gcm`, and its halves.
+fn versioned_gcm_rotation(c: &mut Criterion) {
+    let (codec, value) = rotation(|k| VersionedGcm::new(k).expect("versioned-gcm"));
+    let mut group = c.benchmark_group("rewrite");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("versioned-gcm", |b| {
+        b.iter(|| {
+            let value = black_box(value.as_slice());
+            let opened = codec.open(value, b"").expect("old value opens");
+            reseal_verified(&codec, &opened.plaintext, opened.timestamp)
+        })
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("versioned-gcm");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("open", |b| b.iter(|| codec.open(black_box(value.as_slice()), b"").expect("value opens")));
+    let pt = plaintext();
+    group.bench_function("seal", |b| {
+        let mut out = Vec::new();
+        b.iter(|| {
+            codec.seal(black_box(&pt), b"", None, &mut out);
+            black_box(out.len())
+        })
+    });
+    group.finish();
+}
+
+/// Fernet to `versioned-gcm` migration, and the Fernet halves.
+fn fernet_migration(c: &mut Criterion) {
+    // The application's Fernet keys 1 and 2 (current). A token under the
+    // current key opens on the first HMAC; one under key 1 needs a second.
+    let (fernet, old_token) = rotation(|k| Fernet::new(k).expect("fernet"));
+    let mut token = Vec::new();
+    fernet.seal(&plaintext(), b"", Some(1_700_000_000), &mut token);
+    let gcm = VersionedGcm::new(&Keyring::new(vec![Key::new(1, [3; 32])], 1, None).expect("gcm keyring")).expect("versioned-gcm");
+    let mut group = c.benchmark_group("migrate");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("fernet->versioned-gcm", |b| {
+        let mut sealed = Vec::new();
+        b.iter(|| {
+            let opened = fernet.open(black_box(token.as_slice()), b"").expect("token opens");
+            gcm.seal(&opened.plaintext, b"", None, &mut sealed);
+            black_box(sealed.len())
+        })
+    });
+    group.bench_function("fernet->versioned-gcm+verify", |b| {
+        b.iter(|| {
+            let opened = fernet.open(black_box(token.as_slice()), b"").expect("token opens");
+            reseal_verified(&gcm, &opened.plaintext, None)
+        })
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("fernet");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("open", |b| b.iter(|| fernet.open(black_box(token.as_slice()), b"").expect("token opens")));
+    group.bench_function("open-old-key", |b| b.iter(|| fernet.open(black_box(old_token.as_slice()), b"").expect("token opens")));
+    let pt = plaintext();
+    group.bench_function("seal", |b| {
+        let mut out = Vec::new();
+        b.iter(|| {
+            fernet.seal(black_box(&pt), b"", Some(1_700_000_000), &mut out);
+            black_box(out.len())
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, versioned_gcm_rotation, fernet_migration);
+criterion_main!(benches);
