@@ -29,6 +29,7 @@ fi
 python_has() { python3 -c "import $1" >/dev/null 2>&1; }
 need_py=()
 python_has cryptography || need_py+=(cryptography)
+python_has tink || need_py+=(tink)
 if [ ${#need_py[@]} -gt 0 ]; then
     echo "test.sh: installing Python packages: ${need_py[*]}" >&2
     python3 -m pip install --quiet "${need_py[@]}" 2>/dev/null \

@@ -12,7 +12,7 @@ use tokio_postgres::Client;
 
 use crate::checkpoint::{self, RangeState};
 use crate::cli::{BenchArgs, Command, JobArgs, KeygenArgs, RunArgs, StatusArgs, VerifyArgs};
-use crate::db::{Database, RawRef};
+use crate::db::Database;
 use crate::error::DbContext;
 use crate::job::{Job, JobSpec};
 use crate::pipeline::{self, Mode, Settings, Stop};
@@ -330,24 +330,16 @@ async fn sample_target(client: &Client, t: &crate::job::Target, n: u32) -> Resul
     }
     let rows_est = plan::estimated_rows(client, t).await?.max(1.0);
     let percent = (100.0 * 2.0 * f64::from(n) / rows_est).clamp(0.0001, 100.0) as f32;
-    let cols = t.columns.iter().map(|c| crate::db::quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
-    let keys = t.key_list("");
-    let rows = client
-        .query(
-            &format!("SELECT {keys}, {cols} FROM {} TABLESAMPLE BERNOULLI ($1) LIMIT $2", t.qualified()),
-            &[&percent, &i64::from(n)],
-        )
-        .await
-        .ctx(|| format!("sampling {}", t.table))?;
+    let rows = client.query(&sql::select_sample(t), &[&percent, &i64::from(n)]).await.ctx(|| format!("sampling {}", t.table))?;
     let mut cells = Vec::new();
     transform::classify(t, &rows, &mut cells);
     let ncols = t.columns.len();
+    let key_col = t.key.len() + ncols + usize::from(matches!(t.aad, crate::job::Aad::Column(_)));
     let mut failed = Vec::new();
     for (i, cell) in cells.iter().enumerate() {
         if let Cell::Failed(_) = cell {
-            let row = &rows[i / ncols];
-            let key = (0..t.key.len()).map(|k| row.get::<_, RawRef>(k).0.to_vec()).collect::<Vec<_>>();
-            failed.push((format!("{:?}", key.iter().map(hex::encode).collect::<Vec<_>>()), i % ncols));
+            let key: Option<String> = rows[i / ncols].try_get(key_col).ok();
+            failed.push((key.unwrap_or_default(), i % ncols));
         }
     }
     Ok((rows.len() as u64, failed))

@@ -52,6 +52,8 @@ pub struct KeysSpec {
     /// Environment variable prefix for the `env` source (default `ENCRYPTION`).
     #[serde(default = "default_prefix")]
     pub prefix: String,
+    /// The keyset file, for `tink-keyset`.
+    pub path: Option<std::path::PathBuf>,
 }
 
 fn default_prefix() -> String {
@@ -64,6 +66,8 @@ fn default_prefix() -> String {
 pub enum KeySource {
     /// `ENCRYPTION_KEY_V<n>` + `ENCRYPTION_CURRENT_VERSION`, or `ENCRYPTION_KEY` + `ENCRYPTION_KEY_NEW`.
     Env,
+    /// A Tink cleartext JSON keyset (`path`); its primary key is the target.
+    TinkKeyset,
 }
 
 /// How ciphertext bytes are stored in a column.
@@ -376,6 +380,11 @@ fn encoding_for(given: Option<Encoding>, format: Format, col: &Column, table: &T
 pub fn load_keyring(keys: &KeysSpec) -> Result<Keyring, Error> {
     match keys.source {
         KeySource::Env => env::from_process_env(&keys.prefix).map_err(|e| Error::Config(e.to_string())),
+        KeySource::TinkKeyset => {
+            let path = keys.path.as_ref().ok_or_else(|| Error::Config("keys source \"tink-keyset\" needs path = \"keyset.json\"".into()))?;
+            let text = std::fs::read_to_string(path).map_err(|e| Error::Config(format!("cannot read Tink keyset {}: {e}", path.display())))?;
+            crate::keyring::tink::parse_json(&text).map_err(|e| Error::Config(format!("Tink keyset {}: {e}", path.display())))
+        }
     }
 }
 

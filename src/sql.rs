@@ -176,6 +176,19 @@ pub fn insert_quarantine(target: &Target) -> String {
     )
 }
 
+/// A random sample of rows in the layout of [`select_page`], followed by the
+/// row's key as text. Parameters: sample percent (real), row limit.
+pub fn select_sample(target: &Target) -> String {
+    let keys = target.key_list("");
+    let cols = target.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
+    let filter = target.filter.as_ref().map(|f| format!(" WHERE ({f})")).unwrap_or_default();
+    format!(
+        "SELECT {keys}, {cols}{}, ROW({keys})::text AS \"rekey key\" FROM {} TABLESAMPLE BERNOULLI ($1){filter} LIMIT $2",
+        aad_select(target),
+        target.qualified()
+    )
+}
+
 /// One row by its key, in the layout of [`select_page`] (conflict re-reads).
 pub fn select_by_key(target: &Target) -> String {
     let keys = target.key_list("");

@@ -140,7 +140,7 @@ pub fn rewrite_value(target: &Target, col: usize, stored: &[u8], aad: &[u8]) -> 
 /// migrating) the old one.
 pub fn classify_value(target: &Target, col: usize, stored: &[u8], aad: &[u8]) -> Cell {
     let column = &target.columns[col];
-    let written = decode(column.write, stored).map_err(|e| e).and_then(|ct| target.write.codec.open(&ct, aad));
+    let written = decode(column.write, stored).and_then(|ct| target.write.codec.open(&ct, aad));
     match written {
         Ok(o) => {
             let prefix = if target.migrating { format!("{} ", target.write.format.name()) } else { String::new() };

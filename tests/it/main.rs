@@ -5,6 +5,7 @@ mod harness;
 
 mod config;
 mod faults;
+mod formats;
 mod interop;
 mod rotation;
 mod secrecy;
