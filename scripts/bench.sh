@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked
-exec target/release/rekey bench --rows "${ROWS:-1000000}" --report-dir bench-out "$@"
+exec target/release/rekey bench --rows "${ROWS:-1000000}" --repeat "${REPEAT:-3}" --report-dir bench-out "$@"

@@ -106,6 +106,9 @@ pub struct BenchArgs {
     /// Rows per batch.
     #[arg(long, value_name = "N", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub batch_size: u32,
+    /// Measure this many rounds and report medians (the floor varies from run to run).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=20))]
+    pub repeat: u16,
     /// Table sizes to project a window for, e.g. 10M,100M,1B.
     #[arg(long, value_name = "SIZES", default_value = "10M,100M,1B")]
     pub project: String,

@@ -170,6 +170,9 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
         "stopped": outcome.stopped,
         "elapsed_s": (elapsed * 1000.0).round() / 1000.0,
         "rows_per_s": (c.rows_scanned as f64 / elapsed.max(1e-9)).round(),
+        "batch_ms_p50": outcome.batch_micros.value_at_quantile(0.5) as f64 / 1000.0,
+        "batch_ms_p99": outcome.batch_micros.value_at_quantile(0.99) as f64 / 1000.0,
+        "peak_rss_mib": (crate::bench::peak_rss_mib() * 10.0).round() / 10.0,
         "job_totals": job_totals,
         "targets": job.targets.iter().map(|t| {
             let mut v = serde_json::to_value(outcome.by_target.get(&t.index).copied().unwrap_or_default()).unwrap_or_default();
@@ -434,6 +437,7 @@ pub async fn bench(args: &BenchArgs) -> Result<u8, Error> {
         database_url: args.database_url.clone(),
         lanes: args.workers.map_or_else(default_lanes, usize::from),
         batch_size: args.batch_size as usize,
+        repeat: usize::from(args.repeat),
         project,
         report_dir: args.report_dir.clone(),
         quiet: args.quiet || args.json,
@@ -444,7 +448,13 @@ pub async fn bench(args: &BenchArgs) -> Result<u8, Error> {
         return Ok(0);
     }
     use crate::bench::human_duration as d;
-    println!("rekey bench: {} rows, {} lanes x {} rows per batch", r.rows, r.lanes, r.batch_size);
+    println!(
+        "rekey bench: {} rows, {} lanes x {} rows per batch{}",
+        r.rows,
+        r.lanes,
+        r.batch_size,
+        if r.rounds > 1 { format!(", median of {} rounds", r.rounds) } else { String::new() }
+    );
     println!("  floor  UPDATE t SET a = a, b = b  {:>8.2}s  {:>10.0} rows/s", r.floor_s, r.floor_rows_per_s);
     println!("  rekey  re-encrypt a and b        {:>8.2}s  {:>10.0} rows/s  ({:.2}x the floor)", r.rekey_s, r.rekey_rows_per_s, r.ratio);
     println!("  batch latency  p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms", r.batch_ms_p50, r.batch_ms_p99, r.batch_ms_max);
