@@ -42,6 +42,8 @@ pub struct BenchOptions {
     pub batch_size: usize,
     /// Rounds to measure; figures are medians.
     pub repeat: usize,
+    /// Also time a run killed at this fraction of its rows and resumed.
+    pub interrupt_at: Option<f64>,
     /// Table sizes to project a window for.
     pub project: Vec<u64>,
     /// Where to write `report.json` and `throughput.svg`, if anywhere.
@@ -85,6 +87,10 @@ pub struct BenchReport {
     pub batch_ms_p99: f64,
     /// Slowest batch.
     pub batch_ms_max: f64,
+    /// With `--interrupt-at`: seconds of the killed run plus its resume (median).
+    pub resumed_total_s: Option<f64>,
+    /// That over the uninterrupted run's seconds.
+    pub resume_cost_ratio: Option<f64>,
     /// Peak resident memory of this process during the rekey run, MiB.
     pub peak_rss_mib: f64,
     /// Projected window per table size: (rows, seconds).
@@ -141,6 +147,7 @@ async fn measure(opts: &BenchOptions, db: &Database, client: &mut Client, schema
     let mut floors = Vec::new();
     let mut runs = Vec::new();
     let mut load_s = 0.0;
+    let mut resumed = Vec::new();
     for round in 1..=opts.repeat.max(1) {
         let of = if opts.repeat > 1 { format!(" (round {round} of {})", opts.repeat) } else { String::new() };
         say(opts, &format!("loading {} rows{of}", opts.rows));
@@ -155,8 +162,14 @@ async fn measure(opts: &BenchOptions, db: &Database, client: &mut Client, schema
 
         let job = Arc::new(Job::resolve_with(&spec, client, &|_| Ok(ring.clone())).await?);
         say(opts, "running rekey");
-        runs.push(rekey_once(opts, db, client, job).await?);
+        runs.push(rekey_once(opts, db, client, job.clone(), None).await?);
         client.batch_execute(&format!("DROP TABLE {table}")).await.ctx(|| "dropping the bench table".into())?;
+        if let Some(fraction) = opts.interrupt_at {
+            load(client, &table, opts.rows, &old).await?;
+            say(opts, &format!("running rekey, killing it at {:.0}% and resuming", fraction * 100.0));
+            resumed.push(rekey_once(opts, db, client, job, Some(fraction)).await?.secs);
+            client.batch_execute(&format!("DROP TABLE {table}")).await.ctx(|| "dropping the bench table".into())?;
+        }
     }
 
     let floor_s = median(floors.clone());
@@ -186,6 +199,8 @@ async fn measure(opts: &BenchOptions, db: &Database, client: &mut Client, schema
         batch_ms_p50: h.value_at_quantile(0.5) as f64 / 1000.0,
         batch_ms_p99: h.value_at_quantile(0.99) as f64 / 1000.0,
         batch_ms_max: h.max() as f64 / 1000.0,
+        resumed_total_s: (!resumed.is_empty()).then(|| median(resumed.clone())),
+        resume_cost_ratio: (!resumed.is_empty()).then(|| median(resumed.clone()) / rekey_s),
         peak_rss_mib: runs.iter().map(|r| r.peak_rss_mib).fold(0.0, f64::max),
         projections: opts.project.iter().map(|&n| (n, n as f64 / rekey_rows_per_s)).collect(),
         throughput: run.throughput.clone(),
@@ -208,10 +223,12 @@ struct RekeyRun {
     peak_rss_mib: f64,
 }
 
-async fn rekey_once(opts: &BenchOptions, db: &Database, client: &mut Client, job: Arc<Job>) -> Result<RekeyRun, Error> {
-    let record = checkpoint::open_job(client, &job, opts.lanes, true).await?;
+/// Times one run; with `kill_at`, the run is dropped mid-flight (as a killed
+/// process would be: uncommitted batches roll back) once that fraction of the
+/// rows is done, then resumed from its checkpoints, and the time is the sum.
+async fn rekey_once(opts: &BenchOptions, db: &Database, client: &mut Client, job: Arc<Job>, kill_at: Option<f64>) -> Result<RekeyRun, Error> {
+    let mut record = checkpoint::open_job(client, &job, opts.lanes, true).await?;
     let live = Arc::new(LiveCounts::default());
-    let progress = Progress::new(opts.rows, "bench", opts.quiet);
     reset_peak_rss();
     let started = Instant::now();
     let done = AtomicBool::new(false);
@@ -228,7 +245,22 @@ async fn rekey_once(opts: &BenchOptions, db: &Database, client: &mut Client, job
     };
     let settings = Settings { lanes: opts.lanes, batch_size: opts.batch_size, stop: Default::default() };
     let run = async {
-        let r = pipeline::run(db, job.clone(), record.ranges, Mode::Rewrite { job_id: record.id }, settings, live.clone(), progress).await;
+        if let Some(fraction) = kill_at {
+            let threshold = (opts.rows as f64 * fraction) as u64;
+            let first = pipeline::run(db, job.clone(), record.ranges.clone(), Mode::Rewrite { job_id: record.id }, settings.clone(), live.clone(), Progress::new(opts.rows, "bench", true));
+            let reached = async {
+                while live.snapshot().rows_scanned < threshold {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            };
+            tokio::select! {
+                r = first => { r?; }
+                _ = reached => {}
+            }
+            record = checkpoint::open_job(client, &job, opts.lanes, false).await?;
+        }
+        let progress = Progress::new(opts.rows, "bench", opts.quiet);
+        let r = pipeline::run(db, job.clone(), record.ranges.clone(), Mode::Rewrite { job_id: record.id }, settings, live.clone(), progress).await;
         done.store(true, Ordering::Relaxed);
         r
     };

@@ -109,6 +109,9 @@ pub struct BenchArgs {
     /// Measure this many rounds and report medians (the floor varies from run to run).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=20))]
     pub repeat: u16,
+    /// Also time a run killed at this fraction of its rows (e.g. 0.5) and resumed.
+    #[arg(long, value_name = "FRACTION")]
+    pub interrupt_at: Option<f64>,
     /// Table sizes to project a window for, e.g. 10M,100M,1B.
     #[arg(long, value_name = "SIZES", default_value = "10M,100M,1B")]
     pub project: String,

@@ -438,6 +438,10 @@ pub async fn bench(args: &BenchArgs) -> Result<u8, Error> {
         lanes: args.workers.map_or_else(default_lanes, usize::from),
         batch_size: args.batch_size as usize,
         repeat: usize::from(args.repeat),
+        interrupt_at: match args.interrupt_at {
+            Some(f) if !(0.0..1.0).contains(&f) || f == 0.0 => return Err(Error::Config("--interrupt-at must be a fraction between 0 and 1, e.g. 0.5".into())),
+            other => other,
+        },
         project,
         report_dir: args.report_dir.clone(),
         quiet: args.quiet || args.json,
@@ -459,6 +463,9 @@ pub async fn bench(args: &BenchArgs) -> Result<u8, Error> {
     println!("  rekey  re-encrypt a and b        {:>8.2}s  {:>10.0} rows/s  ({:.2}x the floor)", r.rekey_s, r.rekey_rows_per_s, r.ratio);
     println!("  batch latency  p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms", r.batch_ms_p50, r.batch_ms_p99, r.batch_ms_max);
     println!("  peak memory    {:.0} MiB", r.peak_rss_mib);
+    if let (Some(total), Some(ratio)) = (r.resumed_total_s, r.resume_cost_ratio) {
+        println!("  killed at {:.0}% and resumed: {:.2}s in all ({:.2}x an uninterrupted run)", args.interrupt_at.unwrap_or_default() * 100.0, total, ratio);
+    }
     for ((_, secs), label) in r.projections.iter().zip(&project_labels) {
         println!("  window for {label}: {}", d(*secs));
     }

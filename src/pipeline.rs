@@ -30,7 +30,7 @@ use crate::transform::{self, Cell};
 use crate::Error;
 
 /// Batches in flight between two stages of a lane.
-const CHANNEL_DEPTH: usize = 2;
+const CHANNEL_DEPTH: usize = 1;
 
 /// Failures kept in memory for the report; the count beyond is exact.
 pub const MAX_REPORTED_FAILURES: usize = 10_000;
