@@ -4,9 +4,9 @@
 //! directly (no database, no rayon), so criterion's elements/s is one core's
 //! ceiling:
 //!
-//! - `rewrite/versioned-gcm`: what `transform::rewrite_value` does per value
-//!   for a key rotation: open under the old key, seal under the target key,
-//!   open the new value again and compare (verify-before-write).
+//! - `rewrite/versioned-gcm`: `transform::reseal`, the per-value core of a
+//!   key rotation: open under the old key, seal under the target key, open
+//!   the new value again and compare (verify-before-write).
 //! - `migrate/fernet->versioned-gcm`: the Fernet to `versioned-gcm`
 //!   migration, decrypt + encrypt, of a token under the application's
 //!   current Fernet key; `+verify` adds the check as above.
@@ -41,27 +41,13 @@ fn rotation<C: Codec>(codec_for: impl Fn(&Keyring) -> C) -> (C, Vec<u8>) {
     (codec_for(&keyring), value)
 }
 
-/// Seal `opened` under `write`'s target, open it again and compare, as
-/// `transform::rewrite_value` does; returns the new value.
-fn reseal_verified(write: &dyn Codec, plaintext: &[u8], timestamp: Option<u64>) -> Vec<u8> {
-    let mut sealed = Vec::new();
-    write.seal(plaintext, b"", timestamp, &mut sealed);
-    let check = write.open(&sealed, b"").expect("fresh value opens");
-    assert!(check.key == write.target() && check.plaintext.as_slice() == plaintext, "verify mismatch");
-    sealed
-}
-
 /// Key rotation within `versioned-gcm`, and its halves.
 fn versioned_gcm_rotation(c: &mut Criterion) {
     let (codec, value) = rotation(|k| VersionedGcm::new(k).expect("versioned-gcm"));
     let mut group = c.benchmark_group("rewrite");
     group.throughput(Throughput::Elements(1));
     group.bench_function("versioned-gcm", |b| {
-        b.iter(|| {
-            let value = black_box(value.as_slice());
-            let opened = codec.open(value, b"").expect("old value opens");
-            reseal_verified(&codec, &opened.plaintext, opened.timestamp)
-        })
+        b.iter(|| rekey::transform::reseal(&codec, &codec, black_box(value.as_slice()), b"", true).expect("old value reseals"))
     });
     group.finish();
 
@@ -98,10 +84,7 @@ fn fernet_migration(c: &mut Criterion) {
         })
     });
     group.bench_function("fernet->versioned-gcm+verify", |b| {
-        b.iter(|| {
-            let opened = fernet.open(black_box(token.as_slice()), b"").expect("token opens");
-            reseal_verified(&gcm, &opened.plaintext, None)
-        })
+        b.iter(|| rekey::transform::reseal(&fernet, &gcm, black_box(token.as_slice()), b"", false).expect("token reseals"))
     });
     group.finish();
 

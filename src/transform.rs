@@ -7,12 +7,15 @@
 //! plaintext (DESIGN.md, invariant 2).
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 
 use base64::Engine as _;
 use rayon::prelude::*;
 use tokio_postgres::Row;
 
-use crate::codec::CodecError;
+use zeroize::Zeroize;
+
+use crate::codec::{Codec, CodecError};
 use crate::db::RawRef;
 use crate::job::{Aad, Encoding, Side, Target};
 
@@ -93,8 +96,58 @@ fn on_target(side: &Side, ct: &[u8], aad: &[u8]) -> Result<bool, CodecError> {
     let codec = &*side.codec;
     match codec.key_hint(ct) {
         Some(k) if k != codec.target() => Ok(false),
-        _ => codec.open(ct, aad).map(|o| o.key == codec.target()),
+        _ => SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let plain = &mut scratch.0;
+            let result = codec.open_into(ct, aad, plain).map(|(k, _)| k == codec.target());
+            plain.as_mut_slice().zeroize();
+            plain.clear();
+            result
+        }),
     }
+}
+
+/// What [`reseal`] made of a ciphertext.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Resealed {
+    /// Already under the target key; nothing to write.
+    Current,
+    /// The new ciphertext, verified to open to the same plaintext under the target key.
+    New(Vec<u8>),
+}
+
+thread_local! {
+    /// Per-thread plaintext and check buffers, wiped after every value.
+    static SCRATCH: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// The re-encryption core: opens `ct` with `read`, seals the plaintext with
+/// `write`, opens the result again and compares (verify-before-write).
+/// `keep_current`: a value `read` opens under its target key is left as it
+/// is (a rotation; false for a migration, where every old-format value moves).
+/// Plaintext lives only in per-thread buffers that are wiped before return.
+pub fn reseal(read: &dyn Codec, write: &dyn Codec, ct: &[u8], aad: &[u8], keep_current: bool) -> Result<Resealed, CodecError> {
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        let (plain, check) = &mut *scratch;
+        let result = (|| {
+            let (key, timestamp) = read.open_into(ct, aad, plain)?;
+            if keep_current && key == read.target() {
+                return Ok(Resealed::Current);
+            }
+            let mut sealed = Vec::new();
+            write.seal(plain, aad, timestamp, &mut sealed);
+            match write.open_into(&sealed, aad, check) {
+                Ok((k, _)) if k == write.target() && check == plain => Ok(Resealed::New(sealed)),
+                _ => Err(CodecError::VerifyMismatch),
+            }
+        })();
+        for buf in [plain, check] {
+            buf.as_mut_slice().zeroize();
+            buf.clear();
+        }
+        result
+    })
 }
 
 /// Re-encrypts one stored value under the target key, or says why not.
@@ -115,25 +168,17 @@ pub fn rewrite_value(target: &Target, col: usize, stored: &[u8], aad: &[u8]) -> 
     };
     if !target.migrating && read.codec.key_hint(&ct) == Some(read.codec.target()) {
         // Claims the target key: check it really opens before calling it current.
-        return match read.codec.open(&ct, aad) {
-            Ok(_) => Cell::Current,
+        return match on_target(read, &ct, aad) {
+            Ok(true) => Cell::Current,
+            Ok(false) => Cell::Failed(CodecError::AuthFailed),
             Err(e) => Cell::Failed(e),
         };
     }
-    let opened = match read.codec.open(&ct, aad) {
-        Ok(o) => o,
-        Err(e) => return Cell::Failed(e),
-    };
-    if !target.migrating && opened.key == read.codec.target() {
-        return Cell::Current;
+    match reseal(&*read.codec, &*write.codec, &ct, aad, !target.migrating) {
+        Ok(Resealed::Current) => Cell::Current,
+        Ok(Resealed::New(sealed)) => Cell::Rewritten(encode(column.write, sealed)),
+        Err(e) => Cell::Failed(e),
     }
-    let mut sealed = Vec::new();
-    write.codec.seal(&opened.plaintext, aad, opened.timestamp, &mut sealed);
-    match write.codec.open(&sealed, aad) {
-        Ok(check) if check.key == write.codec.target() && check.plaintext == opened.plaintext => {}
-        _ => return Cell::Failed(CodecError::VerifyMismatch),
-    }
-    Cell::Rewritten(encode(column.write, sealed))
 }
 
 /// Which key a stored value is under: the target format first, then (when

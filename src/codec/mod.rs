@@ -116,6 +116,17 @@ pub trait Codec: Send + Sync {
     /// Decrypts and authenticates `value` with the key that made it.
     fn open(&self, value: &[u8], aad: &[u8]) -> Result<Opened, CodecError>;
 
+    /// Opens `value` into `plaintext` (cleared first, its capacity reused),
+    /// returning the key and timestamp: [`Codec::open`] without an allocation
+    /// per value. The caller wipes `plaintext` when done; on error its
+    /// contents are unspecified (and must be wiped too).
+    fn open_into(&self, value: &[u8], aad: &[u8], plaintext: &mut Vec<u8>) -> Result<(KeyId, Option<u64>), CodecError> {
+        let opened = self.open(value, aad)?;
+        plaintext.clear();
+        plaintext.extend_from_slice(&opened.plaintext);
+        Ok((opened.key, opened.timestamp))
+    }
+
     /// Encrypts `plaintext` under the target key into `out` (cleared first).
     /// `timestamp` is the original value's, for formats that record one
     /// (`None`: now).

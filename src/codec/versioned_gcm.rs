@@ -54,6 +54,12 @@ impl Codec for VersionedGcm {
     }
 
     fn open(&self, value: &[u8], aad: &[u8]) -> Result<Opened, CodecError> {
+        let mut buf = Zeroizing::new(Vec::with_capacity(value.len()));
+        let (key, timestamp) = self.open_into(value, aad, &mut buf)?;
+        Ok(Opened { key, plaintext: buf, timestamp })
+    }
+
+    fn open_into(&self, value: &[u8], aad: &[u8], plaintext: &mut Vec<u8>) -> Result<(KeyId, Option<u64>), CodecError> {
         let (&version, rest) = value.split_first().ok_or(CodecError::Truncated)?;
         let key = self.keys[usize::from(version)].as_ref().ok_or(CodecError::UnknownKey)?;
         if value.len() < OVERHEAD {
@@ -61,10 +67,11 @@ impl Codec for VersionedGcm {
         }
         let (nonce, sealed) = rest.split_at(NONCE_LEN);
         let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| CodecError::Truncated)?;
-        let mut buf = Zeroizing::new(sealed.to_vec());
-        let len = key.open_in_place(nonce, Aad::from(aad), &mut buf).map_err(|_| CodecError::AuthFailed)?.len();
-        buf.truncate(len);
-        Ok(Opened { key: KeyId::from(version), plaintext: buf, timestamp: None })
+        plaintext.clear();
+        plaintext.extend_from_slice(sealed);
+        let len = key.open_in_place(nonce, Aad::from(aad), plaintext.as_mut_slice()).map_err(|_| CodecError::AuthFailed)?.len();
+        plaintext.truncate(len);
+        Ok((KeyId::from(version), None))
     }
 
     fn seal(&self, plaintext: &[u8], aad: &[u8], _timestamp: Option<u64>, out: &mut Vec<u8>) {
