@@ -6,6 +6,7 @@
 //! - [`job`]: the job file, then the job resolved once against the database.
 //! - [`catalog`]: checks tables, keys and column types before any row is read.
 //! - [`keyring`]: keys and where they come from; zeroized, never printed.
+//! - [`lifecycle`]: stage / promote / rollback / retire on a table of keys.
 //! - [`codec`]: ciphertext formats, pure functions, one file each.
 //! - [`plan`]: counts per key, splitting a table into key ranges.
 //! - [`checkpoint`]: the engine's schema `rekey`: jobs, progress, resume.
@@ -33,6 +34,7 @@ pub mod db;
 pub mod error;
 pub mod job;
 pub mod keyring;
+pub mod lifecycle;
 pub mod pipeline;
 pub mod plan;
 pub mod progress;

@@ -7,6 +7,7 @@
 //! `Display` implementation here prints it: they show ids and a fingerprint.
 
 pub mod env;
+pub mod file;
 pub mod tink;
 
 use std::collections::BTreeMap;

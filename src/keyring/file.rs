@@ -1,0 +1,336 @@
+//! A keyring file: the local encrypted key store the runbook uses in
+//! development, written and read by rekey.
+//!
+//! JSON holding every key's id, state, timestamps and fingerprint, and its
+//! material sealed with AES-256-GCM under a key-encryption key derived from a
+//! passphrase with Argon2id (parameters and salt stored in the file). The
+//! key's id is bound as associated data, so sealed blobs cannot be swapped
+//! between ids. Saving is atomic: the new version is written to a temporary
+//! file, synced, the old version copied to `<file>.bak`, then the temporary
+//! file renamed over the old one and the directory synced; a crash at any
+//! instant leaves a readable keyring.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use super::{Key, KeyId, KEY_LEN};
+use crate::lifecycle::{Entry, KeyState, KeyTable};
+
+/// Format tag written in every keyring file.
+const FORMAT: &str = "rekey-keyring/1";
+
+/// Why a keyring file could not be used. Never carries key material or the passphrase.
+#[derive(Debug, thiserror::Error)]
+pub enum FileKeyringError {
+    /// Reading or writing failed.
+    #[error("keyring file {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not a keyring file, or damaged.
+    #[error("keyring file {path} is not a rekey keyring: {problem}")]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The passphrase does not open the keys.
+    #[error("wrong passphrase for keyring file {path}: check {var}; nothing was changed")]
+    WrongPassphrase {
+        /// The file.
+        path: PathBuf,
+        /// The variable the passphrase came from.
+        var: String,
+    },
+    /// No passphrase given.
+    #[error("keyring file {path} needs its passphrase in {var}")]
+    NoPassphrase {
+        /// The file.
+        path: PathBuf,
+        /// The variable to set.
+        var: String,
+    },
+    /// Creating over an existing file.
+    #[error("keyring file {0} already exists; refusing to overwrite it")]
+    Exists(PathBuf),
+}
+
+/// Argon2id parameters, stored with the salt.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Kdf {
+    /// Base64 salt.
+    salt: String,
+    /// Memory in KiB.
+    m_cost: u32,
+    /// Passes.
+    t_cost: u32,
+    /// Lanes.
+    p_cost: u32,
+}
+
+/// One key as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredKey {
+    /// Key id.
+    id: KeyId,
+    /// Lifecycle state.
+    state: KeyState,
+    /// Created, RFC 3339.
+    created_at: String,
+    /// Last state change, RFC 3339.
+    changed_at: String,
+    /// Fingerprint of the material (to recognise a key without opening the file).
+    fingerprint: String,
+    /// Base64 of nonce | sealed key | tag; absent once retired.
+    sealed: Option<String>,
+}
+
+/// The file's JSON.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Document {
+    /// Always [`FORMAT`].
+    format: String,
+    /// How the key-encryption key is derived.
+    kdf: Kdf,
+    /// The keys.
+    keys: Vec<StoredKey>,
+}
+
+/// An opened keyring file: its table of keys and the key that seals them.
+pub struct KeyringFile {
+    /// Where it lives.
+    path: PathBuf,
+    /// KDF parameters and salt (kept across saves).
+    kdf: Kdf,
+    /// The key-encryption key.
+    kek: LessSafeKey,
+    /// The keys, opened.
+    pub table: KeyTable,
+}
+
+impl std::fmt::Debug for KeyringFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyringFile").field("path", &self.path).field("table", &self.table).finish()
+    }
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> FileKeyringError + '_ {
+    move |source| FileKeyringError::Io { path: path.to_path_buf(), source }
+}
+
+fn derive(path: &Path, passphrase: &[u8], kdf: &Kdf) -> Result<LessSafeKey, FileKeyringError> {
+    let malformed = |problem: String| FileKeyringError::Malformed { path: path.to_path_buf(), problem };
+    let salt = B64.decode(&kdf.salt).map_err(|_| malformed("kdf.salt is not base64".into()))?;
+    let params = argon2::Params::new(kdf.m_cost, kdf.t_cost, kdf.p_cost, Some(KEY_LEN)).map_err(|e| malformed(format!("kdf parameters: {e}")))?;
+    let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    let mut kek = Zeroizing::new([0u8; KEY_LEN]);
+    argon.hash_password_into(passphrase, &salt, kek.as_mut_slice()).map_err(|e| malformed(format!("kdf: {e}")))?;
+    let unbound = UnboundKey::new(&AES_256_GCM, kek.as_slice()).map_err(|_| malformed("key-encryption key refused".into()))?;
+    Ok(LessSafeKey::new(unbound))
+}
+
+fn aad(id: KeyId) -> Vec<u8> {
+    format!("{FORMAT} key {id}").into_bytes()
+}
+
+impl KeyringFile {
+    /// Creates a new keyring file holding `table`, sealed under `passphrase`.
+    pub fn create(path: &Path, passphrase: &[u8], table: KeyTable) -> Result<Self, FileKeyringError> {
+        if path.exists() {
+            return Err(FileKeyringError::Exists(path.to_path_buf()));
+        }
+        let mut salt = [0u8; 16];
+        super::super::codec::nonce::fill(&mut salt);
+        let kdf = Kdf { salt: B64.encode(salt), m_cost: 19 * 1024, t_cost: 2, p_cost: 1 };
+        let kek = derive(path, passphrase, &kdf)?;
+        let file = KeyringFile { path: path.to_path_buf(), kdf, kek, table };
+        file.save()?;
+        Ok(file)
+    }
+
+    /// Opens a keyring file. A wrong passphrase is refused before anything else happens.
+    pub fn open(path: &Path, passphrase: &[u8], passphrase_var: &str) -> Result<Self, FileKeyringError> {
+        let text = fs::read_to_string(path).map_err(io(path))?;
+        // serde's messages can quote the input; say only where it broke.
+        let doc: Document = serde_json::from_str(&text).map_err(|e| FileKeyringError::Malformed {
+            path: path.to_path_buf(),
+            problem: format!("invalid JSON at line {} column {}", e.line(), e.column()),
+        })?;
+        if doc.format != FORMAT {
+            return Err(FileKeyringError::Malformed { path: path.to_path_buf(), problem: format!("format is {:?}, expected {FORMAT:?}", doc.format) });
+        }
+        let kek = derive(path, passphrase, &doc.kdf)?;
+        let mut table = KeyTable::default();
+        for k in &doc.keys {
+            let parse_time = |t: &str| humantime::parse_rfc3339(t).ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
+            let key = match &k.sealed {
+                None => None,
+                Some(sealed) => Some(open_key(&kek, k.id, sealed).ok_or_else(|| FileKeyringError::WrongPassphrase {
+                    path: path.to_path_buf(),
+                    var: passphrase_var.to_string(),
+                })?),
+            };
+            table.entries.push(Entry { id: k.id, state: k.state, created_at: parse_time(&k.created_at), changed_at: parse_time(&k.changed_at), key });
+        }
+        Ok(KeyringFile { path: path.to_path_buf(), kdf: doc.kdf, kek, table })
+    }
+
+    /// Where the file lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn document(&self) -> Result<Document, FileKeyringError> {
+        let keys = self
+            .table
+            .entries
+            .iter()
+            .map(|e| StoredKey {
+                id: e.id,
+                state: e.state,
+                created_at: crate::lifecycle::rfc3339(e.created_at),
+                changed_at: crate::lifecycle::rfc3339(e.changed_at),
+                fingerprint: e.key.as_ref().map(Key::fingerprint).unwrap_or_default(),
+                sealed: e.key.as_ref().map(|k| seal_key(&self.kek, k)),
+            })
+            .collect();
+        Ok(Document { format: FORMAT.into(), kdf: self.kdf.clone(), keys })
+    }
+
+    /// Writes the new version next to the file and syncs it; returns the
+    /// temporary path. Until [`KeyringFile::commit`] renames it, the old
+    /// version is untouched: this is where a crash may leave things.
+    pub fn write_pending(&self) -> Result<PathBuf, FileKeyringError> {
+        let json = serde_json::to_string_pretty(&self.document()?).map_err(|e| FileKeyringError::Malformed { path: self.path.clone(), problem: e.to_string() })?;
+        let tmp = self.path.with_extension(format!("tmp-{}", std::process::id()));
+        let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(io(&tmp))?;
+        restrict(&f);
+        f.write_all(json.as_bytes()).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        Ok(tmp)
+    }
+
+    /// Keeps a backup of the old version and renames the new one into place.
+    pub fn commit(&self, tmp: &Path) -> Result<(), FileKeyringError> {
+        if self.path.exists() {
+            let bak = self.path.with_extension("bak");
+            fs::copy(&self.path, &bak).map_err(io(&bak))?;
+            File::open(&bak).and_then(|f| f.sync_all()).map_err(io(&bak))?;
+        }
+        fs::rename(tmp, &self.path).map_err(io(&self.path))?;
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+        }
+        Ok(())
+    }
+
+    /// Saves atomically (write, fsync, backup, rename, fsync the directory).
+    pub fn save(&self) -> Result<(), FileKeyringError> {
+        let tmp = self.write_pending()?;
+        self.commit(&tmp)
+    }
+}
+
+/// Owner-only permissions for files holding sealed keys (Unix).
+fn restrict(f: &File) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = f.set_permissions(fs::Permissions::from_mode(0o600));
+}
+
+fn seal_key(kek: &LessSafeKey, key: &Key) -> String {
+    let mut nonce = [0u8; NONCE_LEN];
+    crate::codec::nonce::fill(&mut nonce);
+    let mut buf = Zeroizing::new(key.material().to_vec());
+    // Sealing 32 bytes cannot exceed GCM's limits.
+    let tag = kek.seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad(key.id())), buf.as_mut_slice());
+    let mut out = nonce.to_vec();
+    out.extend_from_slice(&buf);
+    if let Ok(tag) = tag {
+        out.extend_from_slice(tag.as_ref());
+    }
+    B64.encode(out)
+}
+
+fn open_key(kek: &LessSafeKey, id: KeyId, sealed: &str) -> Option<Key> {
+    let raw = Zeroizing::new(B64.decode(sealed).ok()?);
+    if raw.len() < NONCE_LEN {
+        return None;
+    }
+    let (nonce, body) = raw.split_at(NONCE_LEN);
+    let mut buf = Zeroizing::new(body.to_vec());
+    let plain = kek.open_in_place(Nonce::try_assume_unique_for_key(nonce).ok()?, Aad::from(aad(id)), buf.as_mut_slice()).ok()?;
+    let material: [u8; KEY_LEN] = plain.try_into().ok()?;
+    Some(Key::new(id, material))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> KeyTable {
+        KeyTable { entries: vec![Entry { id: 1, state: KeyState::Current, created_at: 100, changed_at: 100, key: Some(Key::new(1, [7; 32])) }] }
+    }
+
+    #[test]
+    fn saves_and_reopens_with_the_same_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        KeyringFile::create(&path, b"correct horse", table()).unwrap();
+        let opened = KeyringFile::open(&path, b"correct horse", "P").unwrap();
+        assert_eq!(opened.table.keyring().unwrap().get(1).unwrap().material(), &[7; 32]);
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(!text.contains(&hex::encode([7u8; 32])) && !text.contains(&B64.encode([7u8; 32])));
+    }
+
+    #[test]
+    fn wrong_passphrase_names_the_variable_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        KeyringFile::create(&path, b"right", table()).unwrap();
+        let before = fs::read(&path).unwrap();
+        let err = KeyringFile::open(&path, b"wrong", "REKEY_KEYRING_PASSPHRASE").unwrap_err();
+        assert!(err.to_string().contains("REKEY_KEYRING_PASSPHRASE"), "{err}");
+        assert_eq!(fs::read(&path).unwrap(), before);
+    }
+
+    #[test]
+    fn a_crash_before_the_rename_leaves_the_old_version_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        let mut file = KeyringFile::create(&path, b"pw", table()).unwrap();
+        file.table.stage(Key::new(2, [8; 32]), 200).unwrap();
+        let tmp = file.write_pending().unwrap();
+        // the process dies here, with the new version half-written
+        let len = fs::metadata(&tmp).unwrap().len();
+        OpenOptions::new().write(true).open(&tmp).unwrap().set_len(len / 2).unwrap();
+        let reopened = KeyringFile::open(&path, b"pw", "P").unwrap();
+        assert_eq!(reopened.table.entries.len(), 1);
+    }
+
+    #[test]
+    fn saving_keeps_a_backup_of_the_previous_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        let mut file = KeyringFile::create(&path, b"pw", table()).unwrap();
+        file.table.stage(Key::new(2, [8; 32]), 200).unwrap();
+        file.save().unwrap();
+        let backup = KeyringFile::open(&path.with_extension("bak"), b"pw", "P").unwrap();
+        assert_eq!(backup.table.entries.len(), 1);
+        assert_eq!(KeyringFile::open(&path, b"pw", "P").unwrap().table.entries.len(), 2);
+    }
+}
