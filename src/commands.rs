@@ -18,7 +18,6 @@ use crate::job::{Job, JobSpec};
 use crate::pipeline::{self, Mode, Settings, Stop};
 use crate::progress::Progress;
 use crate::stats::{Counts, LiveCounts};
-use crate::transform::{self, Cell};
 use crate::{keyring, plan, sql, Error};
 
 /// Exit code: done, but some values were quarantined.
@@ -91,7 +90,8 @@ async fn open(args: &JobArgs) -> Result<Opened, Error> {
     Ok(Opened { spec, db, client })
 }
 
-fn default_lanes() -> usize {
+/// Lanes when `--workers` is not given: the CPU count, at least 2.
+pub fn default_lanes() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2)
 }
 
@@ -113,7 +113,7 @@ async fn stale_rows(client: &Client, job: &Job) -> Result<u64, Error> {
 }
 
 /// Key ranges for a run that keeps no state (dry run, verify).
-async fn ephemeral_ranges(client: &Client, job: &Job, lanes: usize) -> Result<Vec<RangeState>, Error> {
+pub async fn ephemeral_ranges(client: &Client, job: &Job, lanes: usize) -> Result<Vec<RangeState>, Error> {
     let mut ranges = Vec::new();
     for t in &job.targets {
         for (no, range) in plan::split_ranges(client, t, lanes * 4).await?.into_iter().enumerate() {
@@ -234,118 +234,29 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
 pub async fn verify(args: &VerifyArgs) -> Result<u8, Error> {
     let Opened { spec, db, client } = open(&args.common).await?;
     let job = Arc::new(Job::resolve(&spec, &client).await?);
-
-    let counted = plan::count_by_key(&client, &job).await?;
-    let full = args.full || counted.iter().any(|c| c.by_key.is_none());
-    let mut by_key: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
-    let mut failures = Vec::new();
-    let (mut total, mut on_target, mut on_old, mut undecryptable) = (0u64, 0u64, 0u64, 0u64);
-    let mut sampled = 0u64;
-
-    if full {
-        let lanes = default_lanes();
-        let ranges = ephemeral_ranges(&client, &job, lanes).await?;
-        let rows: u64 = counted.iter().map(|c| c.rows).max().unwrap_or(0);
-        let progress = Progress::new(rows, "verifying", args.quiet || args.common.json);
-        let outcome = pipeline::run(&db, job.clone(), ranges, Mode::Verify, Settings { lanes, batch_size: 5000, stop: Stop::default() }, Arc::new(LiveCounts::default()), progress).await?;
-        on_target = outcome.on_target;
-        on_old = outcome.on_old;
-        undecryptable = outcome.counts.values_failed;
-        total = on_target + on_old + undecryptable;
-        by_key = outcome.by_key;
-        failures = outcome.failures;
-    } else {
-        for c in &counted {
-            let keys = c.by_key.clone().unwrap_or_default();
-            let t = &job.targets[c.target];
-            let target = t.target_label();
-            for (k, n) in &keys {
-                total += n;
-                if *k == target {
-                    on_target += n;
-                } else if k.ends_with("(no such key)") || k == "empty" {
-                    undecryptable += n;
-                } else {
-                    on_old += n;
-                }
-            }
-            by_key.insert(format!("{}.{}", c.table, c.column), keys);
-        }
-        for t in &job.targets {
-            let (n, failed) = sample_target(&client, t, args.sample).await?;
-            sampled += n;
-            for (f, col) in failed {
-                failures.push(crate::sink::Failure { table: t.table.to_string(), column: t.columns[col].name.clone(), key: f, error: "sampled value did not decrypt" });
-            }
-        }
-        let sample_failures = failures.len() as u64;
-        undecryptable += sample_failures;
-        on_target = on_target.saturating_sub(sample_failures);
-    }
-
-    let mut flat: BTreeMap<String, u64> = BTreeMap::new();
-    for keys in by_key.values() {
-        for (k, n) in keys {
-            *flat.entry(k.clone()).or_default() += n;
-        }
-    }
-    let ok = on_old == 0 && undecryptable == 0;
-    let result = json!({
-        "verified": ok,
-        "mode": if full { "full" } else { "sample" },
-        "values_total": total,
-        "values_on_target_key": on_target,
-        "values_on_old_keys": on_old,
-        "values_undecryptable": undecryptable,
-        "values_sampled": sampled,
-        "by_key": flat,
-        "by_column": by_key,
-        "failures": failures,
-    });
+    let v = crate::verify::verify(&db, &client, &job, crate::verify::Depth { full: args.full, sample: args.sample, lanes: default_lanes() }, args.quiet || args.common.json).await?;
     if args.common.json {
-        print_json(&result);
+        print_json(&serde_json::to_value(&v).unwrap_or_default());
     } else {
         println!(
             "{}: {} values: {} on the target key, {} on old keys, {} undecryptable ({})",
             job.name,
-            total,
-            on_target,
-            on_old,
-            undecryptable,
-            if full { "every value decrypted".to_string() } else { format!("key versions counted for every value, {sampled} sampled values decrypted") }
+            v.values_total,
+            v.values_on_target_key,
+            v.values_on_old_keys,
+            v.values_undecryptable,
+            if v.mode == "full" { "every value decrypted".to_string() } else { format!("key versions counted for every value, {} sampled values decrypted", v.values_sampled) }
         );
-        for (col, keys) in &by_key {
+        for (col, keys) in &v.by_column {
             let list = keys.iter().map(|(k, n)| format!("{k}={n}")).collect::<Vec<_>>().join(" ");
             println!("  {col}: {list}");
         }
-        for f in failures.iter().take(20) {
+        for f in v.failures.iter().take(20) {
             println!("  cannot decrypt {}.{} at key {}: {}", f.table, f.column, f.key, f.error);
         }
-        println!("{}", if ok { "verified: nothing left on an old key" } else { "NOT verified: run `rekey run` again, and inspect rekey.quarantine" });
+        println!("{}", if v.verified { "verified: nothing left on an old key" } else { "NOT verified: run `rekey run` again, and inspect rekey.quarantine" });
     }
-    Ok(if ok { 0 } else { EXIT_NOT_VERIFIED })
-}
-
-/// Decrypts up to `n` sampled rows of a target; returns rows sampled and the failed keys.
-async fn sample_target(client: &Client, t: &crate::job::Target, n: u32) -> Result<(u64, Vec<(String, usize)>), Error> {
-    if n == 0 {
-        return Ok((0, Vec::new()));
-    }
-    let rows_est = plan::estimated_rows(client, t).await?.max(1.0);
-    let percent = (100.0 * 2.0 * f64::from(n) / rows_est).clamp(0.0001, 100.0) as f32;
-    let rows = client.query(&sql::select_sample(t), &[&percent, &i64::from(n)]).await.ctx(|| format!("sampling {}", t.table))?;
-    let mut cells = Vec::new();
-    transform::classify(t, &rows, &mut cells);
-    let ncols = t.columns.len();
-    let key_col = t.key.len() + ncols + usize::from(matches!(t.aad, crate::job::Aad::Column(_)));
-    let mut failed = Vec::new();
-    for (i, cell) in cells.iter().enumerate() {
-        if let Cell::Failed(_) = cell {
-            let key: Option<String> = rows[i / ncols].try_get(key_col).ok();
-            failed.push((key.unwrap_or_default(), i % ncols));
-        }
-    }
-    Ok((rows.len() as u64, failed))
+    Ok(if v.verified { 0 } else { EXIT_NOT_VERIFIED })
 }
 
 /// `rekey status`.

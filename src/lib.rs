@@ -14,6 +14,7 @@
 //!   - [`source`]: keyset pages, never OFFSET.
 //!   - [`transform`]: decrypt, encrypt, verify, on rayon.
 //!   - [`sink`]: binary COPY + compare-and-swap UPDATE + checkpoint, one transaction.
+//! - [`verify`]: proves no value is left on an old key.
 //! - [`sql`]: every statement's text, identifiers quoted, values bound.
 //! - [`binary_copy`]: PostgreSQL's binary COPY encoding.
 //! - [`db`]: connections, identifier quoting, raw binary values.
@@ -43,5 +44,6 @@ pub mod source;
 pub mod sql;
 pub mod stats;
 pub mod transform;
+pub mod verify;
 
 pub use error::Error;
