@@ -30,6 +30,10 @@ pub enum Command {
     Keygen(KeygenArgs),
     /// Measure rows/s against PostgreSQL's own floor and project a maintenance window.
     Bench(BenchArgs),
+    /// Show and move keys through their lifecycle in the job's key store.
+    Secrets(SecretsArgs),
+    /// The whole rotation: stage -> run -> verify -> promote (-> retire after the grace period); resumable.
+    Rotate(RotateArgs),
 }
 
 /// Options every job command shares.
@@ -125,6 +129,111 @@ pub struct BenchArgs {
     #[arg(long)]
     pub json: bool,
     /// No progress output.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// Why a key is rotated (recorded in the audit trail).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Reason {
+    /// The regular schedule.
+    Scheduled,
+    /// Unplanned, e.g. an employee leaving.
+    Emergency,
+    /// The key is known or suspected to be exposed.
+    Compromise,
+}
+
+impl Reason {
+    /// The name recorded in the audit trail.
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::Scheduled => "scheduled",
+            Reason::Emergency => "emergency",
+            Reason::Compromise => "compromise",
+        }
+    }
+}
+
+/// Options of every lifecycle command.
+#[derive(Debug, Args)]
+pub struct LifecycleArgs {
+    #[command(flatten)]
+    pub common: JobArgs,
+    /// Why (audit trail).
+    #[arg(long, value_enum, default_value_t = Reason::Scheduled)]
+    pub reason: Reason,
+    /// Who (audit trail); default: the OS user.
+    #[arg(long)]
+    pub operator: Option<String>,
+    /// The JSON lines audit log; default: <job name>.audit.jsonl beside the job file.
+    #[arg(long, value_name = "FILE")]
+    pub audit_log: Option<PathBuf>,
+    /// For keys in the environment: print new key values (only on a terminal).
+    #[arg(long)]
+    pub reveal: bool,
+}
+
+/// `rekey secrets`.
+#[derive(Debug, Args)]
+pub struct SecretsArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: SecretsCommand,
+}
+
+/// `rekey secrets ...`.
+#[derive(Debug, Subcommand)]
+pub enum SecretsCommand {
+    /// Key ids, states, fingerprints and ages; never material.
+    Show(LifecycleArgs),
+    /// Create the job's keyring file with one new current key (or the keys in the environment).
+    Init(InitArgs),
+    /// Stage a new key as pending (idempotent).
+    Stage(LifecycleArgs),
+    /// Make the pending key current; the current key becomes previous (idempotent).
+    Promote(LifecycleArgs),
+    /// Make the previous key current again (or drop a pending key).
+    Rollback(LifecycleArgs),
+    /// Remove a previous key; refused while any value still needs it.
+    Retire(RetireArgs),
+}
+
+/// `rekey secrets init`.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    #[command(flatten)]
+    pub life: LifecycleArgs,
+    /// Import the keys of the environment (ENCRYPTION_KEY_V<n>, ...) instead of generating one.
+    #[arg(long, value_name = "PREFIX")]
+    pub import_env: Option<String>,
+}
+
+/// `rekey secrets retire`.
+#[derive(Debug, Args)]
+pub struct RetireArgs {
+    #[command(flatten)]
+    pub life: LifecycleArgs,
+    /// The key to retire; default: the previous key.
+    #[arg(long, value_name = "ID")]
+    pub key_id: Option<u32>,
+}
+
+/// `rekey rotate`.
+#[derive(Debug, Args)]
+pub struct RotateArgs {
+    #[command(flatten)]
+    pub life: LifecycleArgs,
+    /// How long the old key stays after promotion before a later invocation retires it.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub grace: std::time::Duration,
+    /// Lanes for the re-encryption.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub workers: Option<u16>,
+    /// Rows per batch.
+    #[arg(long, value_name = "N", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub batch_size: u32,
+    /// No progress line.
     #[arg(long, short)]
     pub quiet: bool,
 }

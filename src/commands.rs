@@ -10,8 +10,9 @@ use std::time::Instant;
 use serde_json::json;
 use tokio_postgres::Client;
 
+use crate::audit::What;
 use crate::checkpoint::{self, RangeState};
-use crate::cli::{BenchArgs, Command, JobArgs, KeygenArgs, RunArgs, StatusArgs, VerifyArgs};
+use crate::cli::{BenchArgs, Command, JobArgs, KeygenArgs, LifecycleArgs, RotateArgs, RunArgs, SecretsCommand, StatusArgs, VerifyArgs};
 use crate::db::Database;
 use crate::error::DbContext;
 use crate::job::{Job, JobSpec};
@@ -67,6 +68,8 @@ pub async fn dispatch(command: Command) -> Result<u8, Error> {
         Command::Plan(a) => plan_cmd(&a).await,
         Command::Keygen(a) => keygen(&a),
         Command::Bench(a) => bench(&a).await,
+        Command::Secrets(a) => secrets(a.command).await,
+        Command::Rotate(a) => rotate(&a).await,
     }
 }
 
@@ -127,6 +130,27 @@ fn print_json(value: &serde_json::Value) {
     println!("{value}");
 }
 
+/// Rewrites every stale value of `job` under its job lock, resuming an
+/// unfinished job of the same name; stops cleanly on SIGINT/SIGTERM.
+pub async fn rewrite(
+    db: &Database,
+    client: &mut Client,
+    job: &Arc<Job>,
+    settings: Settings,
+    restart: bool,
+    quiet: bool,
+    live: Arc<LiveCounts>,
+) -> Result<(pipeline::Outcome, checkpoint::JobRecord), Error> {
+    checkpoint::ensure_schema(client).await?;
+    checkpoint::lock_job(client, &job.name).await?;
+    let mut record = checkpoint::open_job(client, job, settings.lanes, restart).await?;
+    let progress = Progress::new(stale_rows(client, job).await?, "rewriting", quiet);
+    let stop = settings.stop.clone();
+    let ranges = std::mem::take(&mut record.ranges);
+    let outcome = until_signalled(pipeline::run(db, job.clone(), ranges, Mode::Rewrite { job_id: record.id }, settings, live, progress), &stop).await?;
+    Ok((outcome, record))
+}
+
 /// `rekey run`.
 pub async fn run(args: &RunArgs) -> Result<u8, Error> {
     let Opened { spec, db, mut client } = open(&args.common).await?;
@@ -143,11 +167,7 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
         let outcome = until_signalled(pipeline::run(&db, job.clone(), ranges, Mode::DryRun, settings, live, progress), &stop).await?;
         (outcome, Counts::default(), None, false)
     } else {
-        checkpoint::ensure_schema(&mut client).await?;
-        checkpoint::lock_job(&client, &job.name).await?;
-        let record = checkpoint::open_job(&mut client, &job, lanes, args.restart).await?;
-        let progress = Progress::new(stale_rows(&client, &job).await?, "rewriting", args.quiet || args.common.json);
-        let outcome = until_signalled(pipeline::run(&db, job.clone(), record.ranges, Mode::Rewrite { job_id: record.id }, settings, live, progress), &stop).await?;
+        let (outcome, record) = rewrite(&db, &mut client, &job, settings, args.restart, args.quiet || args.common.json, live).await?;
         (outcome, record.prior, Some(record.id), record.resumed)
     };
 
@@ -382,6 +402,143 @@ pub async fn bench(args: &BenchArgs) -> Result<u8, Error> {
     }
     if let Some(dir) = &args.report_dir {
         println!("  report: {}, plot: {}", dir.join("report.json").display(), dir.join("throughput.svg").display());
+    }
+    Ok(0)
+}
+
+/// The audit settings of a lifecycle command.
+fn audit_for(args: &LifecycleArgs, spec: &JobSpec) -> crate::audit::Audit {
+    let name = spec.name.clone().unwrap_or_else(|| "rekey".into());
+    let path = args.audit_log.clone().unwrap_or_else(|| args.common.job.with_file_name(format!("{name}.audit.jsonl")));
+    crate::audit::Audit { path, operator: args.operator.clone().unwrap_or_else(crate::audit::os_user), reason: args.reason.name().into() }
+}
+
+fn rotate_options(life: &LifecycleArgs, spec: &JobSpec, lanes: usize, batch_size: usize, grace: std::time::Duration, quiet: bool) -> crate::rotate::RotateOptions {
+    crate::rotate::RotateOptions {
+        audit: audit_for(life, spec),
+        grace,
+        reveal: life.reveal,
+        settings: Settings { lanes, batch_size, stop: Stop::default() },
+        quiet: quiet || life.common.json,
+    }
+}
+
+fn print_progressed(json_out: bool, p: &crate::rotate::Progressed) {
+    if json_out {
+        print_json(&p.json);
+    } else {
+        for l in &p.lines {
+            println!("{l}");
+        }
+    }
+}
+
+/// `rekey rotate`.
+pub async fn rotate(args: &RotateArgs) -> Result<u8, Error> {
+    let Opened { spec, db, mut client } = open(&args.life.common).await?;
+    let lanes = args.workers.map_or_else(default_lanes, usize::from);
+    let opts = rotate_options(&args.life, &spec, lanes, args.batch_size as usize, args.grace, args.quiet);
+    let p = crate::rotate::rotate(&spec, &db, &mut client, &opts).await?;
+    print_progressed(args.life.common.json, &p);
+    Ok(p.code)
+}
+
+/// `rekey secrets ...`.
+pub async fn secrets(command: SecretsCommand) -> Result<u8, Error> {
+    use crate::lifecycle::{now, KeyState};
+    use crate::secrets::Store;
+    let life = match &command {
+        SecretsCommand::Show(a) | SecretsCommand::Stage(a) | SecretsCommand::Promote(a) | SecretsCommand::Rollback(a) => a,
+        SecretsCommand::Init(a) => &a.life,
+        SecretsCommand::Retire(a) => &a.life,
+    };
+    let spec = JobSpec::load(&life.common.job)?;
+    let keys = crate::rotate::job_keys(&spec)?;
+
+    if let SecretsCommand::Init(a) = &command {
+        if keys.source != crate::job::KeySource::File {
+            return Err(Error::Config("secrets init creates a keyring file: set [keys] source = \"file\" and path".into()));
+        }
+        let path = keys.path.clone().ok_or_else(|| Error::Config("keys source \"file\" needs path".into()))?;
+        let var = keys.passphrase_var();
+        let pass = std::env::var(var).map_err(|_| Error::Config(format!("set the new keyring's passphrase in {var}")))?;
+        let table = match &a.import_env {
+            Some(prefix) => match Store::open(&crate::job::KeysSpec { source: crate::job::KeySource::Env, prefix: prefix.clone(), path: None, passphrase_env: None })? {
+                Store::Env(e) => e.table,
+                Store::File(f) => f.table.clone(),
+            },
+            None => {
+                let mut t = crate::lifecycle::KeyTable::default();
+                let at = now();
+                t.entries.push(crate::lifecycle::Entry { id: 1, state: KeyState::Current, created_at: at, changed_at: at, key: Some(crate::keyring::Key::new(1, *keyring::generate_material())) });
+                t
+            }
+        };
+        let file = crate::keyring::file::KeyringFile::create(&path, pass.as_bytes(), table).map_err(|e| Error::Config(e.to_string()))?;
+        println!("created keyring file {} with keys {:?}", path.display(), file.table.entries.iter().map(|e| e.id).collect::<Vec<_>>());
+        return Ok(0);
+    }
+
+    let mut store = Store::open(&keys)?;
+    if let SecretsCommand::Show(_) = &command {
+        let info = store.table().info();
+        if life.common.json {
+            print_json(&json!({ "secret_id": store.secret_id(), "keys": info }));
+        } else {
+            println!("{}", store.secret_id());
+            for k in &info {
+                println!("  key {:>3}  {:<8}  fingerprint {:<8}  created {}  state since {}", k.id, k.state.to_string(), k.fingerprint, k.created_at, k.changed_at);
+            }
+        }
+        return Ok(0);
+    }
+
+    let Opened { db, mut client, .. } = open(&life.common).await?;
+    checkpoint::ensure_schema(&mut client).await?;
+    let opts = rotate_options(life, &spec, default_lanes(), 5000, std::time::Duration::ZERO, false);
+    let secret_id = store.secret_id();
+    let (event, changed, note) = match &command {
+        SecretsCommand::Stage(_) => {
+            let key = crate::keyring::Key::new(store.table().next_id(), *keyring::generate_material());
+            let (id, changed) = store.table_mut().stage(key, now()).map_err(|e| Error::Config(e.to_string()))?;
+            ("key_staged", changed, format!("key {id} pending"))
+        }
+        SecretsCommand::Promote(_) => {
+            let changed = store.table_mut().promote(now()).map_err(|e| Error::Config(e.to_string()))?;
+            ("key_promoted", changed, format!("key {} current", store.table().id_in(KeyState::Current).unwrap_or_default()))
+        }
+        SecretsCommand::Rollback(_) => {
+            let changed = store.table_mut().rollback(now()).map_err(|e| Error::Config(e.to_string()))?;
+            client
+                .execute("UPDATE rekey.rotations SET step = 'rolled_back', finished_at = now(), updated_at = now() WHERE job_name = $1 AND step NOT IN ('retired', 'rolled_back')", &[&spec.name])
+                .await
+                .ctx(|| "recording the rollback".into())?;
+            ("key_rolled_back", changed, format!("key {} current again", store.table().id_in(KeyState::Current).unwrap_or_default()))
+        }
+        SecretsCommand::Retire(a) => {
+            let previous = store.table().previous_ids();
+            let id = match (a.key_id, previous.as_slice()) {
+                (Some(id), _) => id,
+                (None, [one]) => *one,
+                (None, []) => return Err(Error::Config("no previous key to retire".into())),
+                (None, many) => return Err(Error::Config(format!("several previous keys ({many:?}): say which with --key-id"))),
+            };
+            let job = Arc::new(Job::resolve(&spec, &client).await?);
+            let p = crate::rotate::retire(&db, &client, &job, &mut store, id, &opts).await?;
+            print_progressed(life.common.json, &p);
+            return Ok(p.code);
+        }
+        SecretsCommand::Show(_) | SecretsCommand::Init(_) => return Ok(0),
+    };
+    let instructions = if changed { store.save(life.reveal)? } else { Vec::new() };
+    opts.audit.record(&client, What { event_type: event, secret_id: &secret_id, verification_status: "not_applicable", affected_records: None, notes: &note, job_id: None }).await?;
+    if life.common.json {
+        print_json(&json!({ "event": event, "changed": changed, "note": note, "instructions": instructions }));
+    } else {
+        println!("{note}{}", if changed { "" } else { " (nothing to change)" });
+        for i in &instructions {
+            println!("  {i}");
+        }
     }
     Ok(0)
 }

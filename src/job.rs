@@ -52,8 +52,17 @@ pub struct KeysSpec {
     /// Environment variable prefix for the `env` source (default `ENCRYPTION`).
     #[serde(default = "default_prefix")]
     pub prefix: String,
-    /// The keyset file, for `tink-keyset`.
+    /// The keyset file (`tink-keyset`) or keyring file (`file`).
     pub path: Option<std::path::PathBuf>,
+    /// For `file`: the environment variable holding the passphrase (default `REKEY_KEYRING_PASSPHRASE`).
+    pub passphrase_env: Option<String>,
+}
+
+impl KeysSpec {
+    /// The variable a keyring file's passphrase is read from.
+    pub fn passphrase_var(&self) -> &str {
+        self.passphrase_env.as_deref().unwrap_or("REKEY_KEYRING_PASSPHRASE")
+    }
 }
 
 fn default_prefix() -> String {
@@ -68,6 +77,8 @@ pub enum KeySource {
     Env,
     /// A Tink cleartext JSON keyset (`path`); its primary key is the target.
     TinkKeyset,
+    /// A rekey keyring file (`path`), sealed with a passphrase (`passphrase_env`).
+    File,
 }
 
 /// How ciphertext bytes are stored in a column.
@@ -385,6 +396,7 @@ pub fn load_keyring(keys: &KeysSpec) -> Result<Keyring, Error> {
             let text = std::fs::read_to_string(path).map_err(|e| Error::Config(format!("cannot read Tink keyset {}: {e}", path.display())))?;
             crate::keyring::tink::parse_json(&text).map_err(|e| Error::Config(format!("Tink keyset {}: {e}", path.display())))
         }
+        KeySource::File => crate::secrets::open_file(keys)?.table.keyring().map_err(|e| Error::Config(format!("keyring file: {e}"))),
     }
 }
 

@@ -6,6 +6,9 @@
 //! - [`job`]: the job file, then the job resolved once against the database.
 //! - [`catalog`]: checks tables, keys and column types before any row is read.
 //! - [`keyring`]: keys and where they come from; zeroized, never printed.
+//! - [`rotate`]: `rekey rotate` and `rekey secrets`: the lifecycle around a run, resumable.
+//! - [`secrets`]: the stores keys live in (environment, keyring file), read and written.
+//! - [`audit`]: one event per lifecycle step, JSON lines and `rekey.audit`.
 //! - [`lifecycle`]: stage / promote / rollback / retire on a table of keys.
 //! - [`codec`]: ciphertext formats, pure functions, one file each.
 //! - [`plan`]: counts per key, splitting a table into key ranges.
@@ -23,6 +26,7 @@
 //! - [`cluster`]: throwaway PostgreSQL clusters for tests, demos and benchmarks.
 //! - [`error`]: the library's error type and exit codes.
 
+pub mod audit;
 pub mod bench;
 pub mod binary_copy;
 pub mod catalog;
@@ -38,6 +42,8 @@ pub mod keyring;
 pub mod lifecycle;
 pub mod pipeline;
 pub mod plan;
+pub mod rotate;
+pub mod secrets;
 pub mod progress;
 pub mod sink;
 pub mod source;

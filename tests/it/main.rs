@@ -7,6 +7,7 @@ mod config;
 mod faults;
 mod formats;
 mod interop;
+mod lifecycle;
 mod rotation;
 mod secrecy;
 mod shapes;

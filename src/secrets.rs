@@ -1,0 +1,157 @@
+//! Secret stores: where a job's keys live, read and written for the lifecycle.
+//!
+//! A [`Store`] loads the keys of a `[keys]` source as a [`KeyTable`] and saves
+//! it back after a transition. A keyring file is rewritten atomically. The
+//! environment cannot be written by rekey: saving returns the exact variable
+//! changes the operator must make (key values only with `--reveal` on a
+//! terminal), and the next step checks that they were made.
+
+use std::io::IsTerminal;
+
+use crate::job::{KeySource, KeysSpec};
+use crate::keyring::file::KeyringFile;
+use crate::keyring::{encode_key, env, KeyEncoding};
+use crate::lifecycle::{Entry, KeyState, KeyTable};
+use crate::Error;
+
+/// Keys from the environment, as a table, with the table they were read as.
+#[derive(Debug)]
+pub struct EnvStore {
+    /// Variable prefix (`ENCRYPTION`).
+    prefix: String,
+    /// The dual convention (`ENCRYPTION_KEY` / `ENCRYPTION_KEY_NEW`) rather than versioned.
+    dual: bool,
+    /// The keys as the environment holds them now.
+    before: KeyTable,
+    /// The keys after the transitions applied so far.
+    pub table: KeyTable,
+}
+
+/// A writable (or, for the environment, instructable) key store.
+#[derive(Debug)]
+pub enum Store {
+    /// Environment variables.
+    Env(EnvStore),
+    /// A keyring file.
+    File(Box<KeyringFile>),
+}
+
+/// Opens the keyring file a `[keys]` section names.
+pub fn open_file(keys: &KeysSpec) -> Result<KeyringFile, Error> {
+    let path = keys.path.as_ref().ok_or_else(|| Error::Config("keys source \"file\" needs path = \"keyring.json\"".into()))?;
+    let var = keys.passphrase_var();
+    let pass = std::env::var(var).map_err(|_| Error::Config(format!("keyring file {} needs its passphrase in {var}", path.display())))?;
+    KeyringFile::open(path, pass.as_bytes(), var).map_err(|e| Error::Config(e.to_string()))
+}
+
+impl Store {
+    /// Opens the store of `keys`.
+    pub fn open(keys: &KeysSpec) -> Result<Store, Error> {
+        match keys.source {
+            KeySource::File => Ok(Store::File(Box::new(open_file(keys)?))),
+            KeySource::Env => {
+                let ring = env::from_process_env(&keys.prefix).map_err(|e| Error::Config(e.to_string()))?;
+                let versioned = std::env::vars().any(|(k, _)| k.starts_with(&format!("{}_KEY_V", keys.prefix)));
+                let entries = ring
+                    .keys()
+                    .map(|k| {
+                        let state = if k.id() == ring.current_id() {
+                            KeyState::Current
+                        } else if Some(k.id()) == ring.pending_id() {
+                            KeyState::Pending
+                        } else {
+                            KeyState::Previous
+                        };
+                        Entry { id: k.id(), state, created_at: 0, changed_at: 0, key: Some(k.clone()) }
+                    })
+                    .collect();
+                let table = KeyTable { entries };
+                Ok(Store::Env(EnvStore { prefix: keys.prefix.clone(), dual: !versioned, before: table.clone(), table }))
+            }
+            KeySource::TinkKeyset => Err(Error::Config(
+                "a Tink keyset is managed with Tink's own tools (tinkey add-key / promote-key); rekey rotates the data under it with `rekey run`".into(),
+            )),
+        }
+    }
+
+    /// The keys and their states.
+    pub fn table(&self) -> &KeyTable {
+        match self {
+            Store::Env(e) => &e.table,
+            Store::File(f) => &f.table,
+        }
+    }
+
+    /// The keys, to apply a transition.
+    pub fn table_mut(&mut self) -> &mut KeyTable {
+        match self {
+            Store::Env(e) => &mut e.table,
+            Store::File(f) => &mut f.table,
+        }
+    }
+
+    /// Names the store for the audit trail (never a value).
+    pub fn secret_id(&self) -> String {
+        match self {
+            Store::Env(e) => format!("env:{}", e.prefix),
+            Store::File(f) => format!("file:{}", f.path().display()),
+        }
+    }
+
+    /// Whether rekey itself can write this store.
+    pub fn writable(&self) -> bool {
+        matches!(self, Store::File(_))
+    }
+
+    /// Persists the table. For the environment, returns the variable changes
+    /// the operator must make instead (empty when nothing is left to do).
+    /// Key values are shown only with `reveal` and stdout on a terminal.
+    pub fn save(&mut self, reveal: bool) -> Result<Vec<String>, Error> {
+        match self {
+            Store::File(f) => {
+                f.save().map_err(|e| Error::Runtime(e.to_string()))?;
+                Ok(Vec::new())
+            }
+            Store::Env(e) => Ok(e.instructions(reveal && std::io::stdout().is_terminal())),
+        }
+    }
+}
+
+impl EnvStore {
+    fn instructions(&self, reveal: bool) -> Vec<String> {
+        let p = &self.prefix;
+        let mut out = Vec::new();
+        let value = |e: &Entry| match (&e.key, reveal) {
+            (Some(k), true) => encode_key(k.material(), KeyEncoding::Hex).to_string(),
+            _ => "<a new key: `rekey keygen`, or run again with --reveal on a terminal to print the one staged>".into(),
+        };
+        for e in &self.table.entries {
+            let before = self.before.entries.iter().find(|b| b.id == e.id);
+            match (before.map(|b| b.state), e.state, self.dual) {
+                (None, KeyState::Pending, false) => {
+                    out.push(format!("export {p}_KEY_V{}={}", e.id, value(e)));
+                    out.push(format!("export {p}_PENDING_VERSION={}", e.id));
+                }
+                (None, KeyState::Pending, true) => out.push(format!("export {p}_KEY_NEW={}", value(e))),
+                (Some(KeyState::Pending), KeyState::Current, false) => {
+                    out.push(format!("export {p}_CURRENT_VERSION={}", e.id));
+                    out.push(format!("unset {p}_PENDING_VERSION"));
+                }
+                (Some(b), KeyState::Current, false) if b != KeyState::Current => out.push(format!("export {p}_CURRENT_VERSION={}", e.id)),
+                (Some(KeyState::Pending), KeyState::Current, true) => {
+                    out.push(format!("export {p}_KEY=\"${p}_KEY_NEW\"   # the new key becomes {p}_KEY"));
+                    out.push(format!("unset {p}_KEY_NEW"));
+                }
+                (Some(b), KeyState::Retired, false) if b != KeyState::Retired => out.push(format!("unset {p}_KEY_V{}", e.id)),
+                _ => {}
+            }
+        }
+        for b in &self.before.entries {
+            if !self.table.entries.iter().any(|e| e.id == b.id) {
+                out.push(format!("unset {p}_KEY_V{}", b.id));
+                out.push(format!("unset {p}_PENDING_VERSION"));
+            }
+        }
+        out
+    }
+}
