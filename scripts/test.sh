@@ -30,6 +30,8 @@ python_has() { python3 -c "import $1" >/dev/null 2>&1; }
 need_py=()
 python_has cryptography || need_py+=(cryptography)
 python_has tink || need_py+=(tink)
+python_has boto3 || need_py+=(boto3)
+{ python_has moto && python_has flask && python_has flask_cors; } || need_py+=("moto[server]")
 if [ ${#need_py[@]} -gt 0 ]; then
     echo "test.sh: installing Python packages: ${need_py[*]}" >&2
     python3 -m pip install --quiet "${need_py[@]}" 2>/dev/null \

@@ -160,7 +160,7 @@ async fn measure(opts: &BenchOptions, db: &Database, client: &mut Client, schema
         client.batch_execute(&format!("DROP TABLE {table}")).await.ctx(|| "dropping the bench table".into())?;
         load(client, &table, opts.rows, &old).await?;
 
-        let job = Arc::new(Job::resolve_with(&spec, client, &|_| Ok(ring.clone())).await?);
+        let job = Arc::new(Job::resolve_with(&spec, client, Some(&ring)).await?);
         say(opts, "running rekey");
         runs.push(rekey_once(opts, db, client, job.clone(), None).await?);
         client.batch_execute(&format!("DROP TABLE {table}")).await.ctx(|| "dropping the bench table".into())?;

@@ -124,7 +124,7 @@ pub async fn open_job(client: &mut Client, job: &Job, lanes: usize, restart: boo
                 job.name
             )));
         } else {
-            let (ranges, prior) = load_ranges(client, id).await?;
+            let (ranges, prior) = load_ranges(client, id, job.targets.len()).await?;
             return Ok(JobRecord { id, resumed: true, ranges, prior });
         }
     }
@@ -156,7 +156,7 @@ pub async fn open_job(client: &mut Client, job: &Job, lanes: usize, restart: boo
     Ok(JobRecord { id, resumed: false, ranges: planned, prior: Counts::default() })
 }
 
-async fn load_ranges(client: &Client, job_id: i64) -> Result<(Vec<RangeState>, Counts), Error> {
+async fn load_ranges(client: &Client, job_id: i64, targets: usize) -> Result<(Vec<RangeState>, Counts), Error> {
     let rows = client
         .query(
             "SELECT target, range_no, lower_key, upper_key, last_key, done, rows_scanned, rows_rewritten,
@@ -174,8 +174,11 @@ async fn load_ranges(client: &Client, job_id: i64) -> Result<(Vec<RangeState>, C
         if range_no == RETRY_RANGE {
             continue;
         }
+        let target = usize::try_from(r.get::<_, i32>(0)).ok().filter(|t| *t < targets).ok_or_else(|| {
+            Error::Runtime(format!("rekey.progress of job {job_id} names a target this job does not have; the engine state was edited by hand"))
+        })?;
         ranges.push(RangeState {
-            target: r.get::<_, i32>(0) as usize,
+            target,
             range_no,
             range: KeyRange { lower: r.get(2), upper: r.get(3) },
             last: r.get(4),
@@ -266,7 +269,7 @@ pub async fn pending_conflicts(client: &Client, job_id: i64, target: usize, limi
         .await
         .ctx(|| "reading conflicts to re-read".into())?
         .iter()
-        .map(|r| r.get(0))
+        .filter_map(|r| r.try_get(0).ok())
         .collect())
 }
 

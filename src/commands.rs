@@ -456,17 +456,11 @@ pub async fn secrets(command: SecretsCommand) -> Result<u8, Error> {
     let keys = crate::rotate::job_keys(&spec)?;
 
     if let SecretsCommand::Init(a) = &command {
-        if keys.source != crate::job::KeySource::File {
-            return Err(Error::Config("secrets init creates a keyring file: set [keys] source = \"file\" and path".into()));
-        }
-        let path = keys.path.clone().ok_or_else(|| Error::Config("keys source \"file\" needs path".into()))?;
-        let var = keys.passphrase_var();
-        let pass = std::env::var(var).map_err(|_| Error::Config(format!("set the new keyring's passphrase in {var}")))?;
         let table = match &a.import_env {
-            Some(prefix) => match Store::open(&crate::job::KeysSpec { source: crate::job::KeySource::Env, prefix: prefix.clone(), path: None, passphrase_env: None })? {
-                Store::Env(e) => e.table,
-                Store::File(f) => f.table.clone(),
-            },
+            Some(prefix) => {
+                let env_keys = crate::job::KeysSpec { source: crate::job::KeySource::Env, prefix: prefix.clone(), path: None, passphrase_env: None, secret_id: None, region: None, endpoint: None };
+                Store::open(&env_keys).await?.table().clone()
+            }
             None => {
                 let mut t = crate::lifecycle::KeyTable::default();
                 let at = now();
@@ -474,12 +468,25 @@ pub async fn secrets(command: SecretsCommand) -> Result<u8, Error> {
                 t
             }
         };
-        let file = crate::keyring::file::KeyringFile::create(&path, pass.as_bytes(), table).map_err(|e| Error::Config(e.to_string()))?;
-        println!("created keyring file {} with keys {:?}", path.display(), file.table.entries.iter().map(|e| e.id).collect::<Vec<_>>());
+        let ids: Vec<_> = table.entries.iter().map(|e| e.id).collect();
+        match keys.source {
+            crate::job::KeySource::File => {
+                let path = keys.path.clone().ok_or_else(|| Error::Config("keys source \"file\" needs path".into()))?;
+                let var = keys.passphrase_var();
+                let pass = std::env::var(var).map_err(|_| Error::Config(format!("set the new keyring's passphrase in {var}")))?;
+                crate::keyring::file::KeyringFile::create(&path, pass.as_bytes(), table).map_err(|e| Error::Config(e.to_string()))?;
+                println!("created keyring file {} with keys {ids:?}", path.display());
+            }
+            crate::job::KeySource::AwsSecretsManager => {
+                crate::secrets::aws::SecretsManagerStore::create(&keys, &table).await?;
+                println!("created secret {:?} with keys {ids:?}", keys.secret_id.clone().unwrap_or_default());
+            }
+            _ => return Err(Error::Config("secrets init creates a keyring file or an AWS Secrets Manager secret: set [keys] source to \"file\" or \"aws-secrets-manager\"".into())),
+        }
         return Ok(0);
     }
 
-    let mut store = Store::open(&keys)?;
+    let store = Store::open(&keys).await?;
     if let SecretsCommand::Show(_) = &command {
         let info = store.table().info();
         if life.common.json {
@@ -495,11 +502,14 @@ pub async fn secrets(command: SecretsCommand) -> Result<u8, Error> {
 
     let Opened { db, mut client, .. } = open(&life.common).await?;
     checkpoint::ensure_schema(&mut client).await?;
+    crate::rotate::lock_lifecycle(&client, spec.name.as_deref().unwrap_or_default()).await?;
+    // reopened under the lock: another command may have changed the store meanwhile
+    let mut store = Store::open(&keys).await?;
     let opts = rotate_options(life, &spec, default_lanes(), 5000, std::time::Duration::ZERO, false);
     let secret_id = store.secret_id();
     let (event, changed, note) = match &command {
         SecretsCommand::Stage(_) => {
-            let key = crate::keyring::Key::new(store.table().next_id(), *keyring::generate_material());
+            let key = crate::keyring::Key::new(store.table().next_id().map_err(|e| Error::Config(e.to_string()))?, *keyring::generate_material());
             let (id, changed) = store.table_mut().stage(key, now()).map_err(|e| Error::Config(e.to_string()))?;
             ("key_staged", changed, format!("key {id} pending"))
         }
@@ -509,11 +519,7 @@ pub async fn secrets(command: SecretsCommand) -> Result<u8, Error> {
         }
         SecretsCommand::Rollback(_) => {
             let changed = store.table_mut().rollback(now()).map_err(|e| Error::Config(e.to_string()))?;
-            client
-                .execute("UPDATE rekey.rotations SET step = 'rolled_back', finished_at = now(), updated_at = now() WHERE job_name = $1 AND step NOT IN ('retired', 'rolled_back')", &[&spec.name])
-                .await
-                .ctx(|| "recording the rollback".into())?;
-            ("key_rolled_back", changed, format!("key {} current again", store.table().id_in(KeyState::Current).unwrap_or_default()))
+            ("key_rolled_back", changed, format!("key {} current", store.table().id_in(KeyState::Current).unwrap_or_default()))
         }
         SecretsCommand::Retire(a) => {
             let previous = store.table().previous_ids();
@@ -530,7 +536,13 @@ pub async fn secrets(command: SecretsCommand) -> Result<u8, Error> {
         }
         SecretsCommand::Show(_) | SecretsCommand::Init(_) => return Ok(0),
     };
-    let instructions = if changed { store.save(life.reveal)? } else { Vec::new() };
+    let instructions = if changed { store.save(life.reveal).await? } else { Vec::new() };
+    if let SecretsCommand::Rollback(_) = &command {
+        client
+            .execute("UPDATE rekey.rotations SET step = 'rolled_back', finished_at = now(), updated_at = now() WHERE job_name = $1 AND step NOT IN ('retired', 'rolled_back')", &[&spec.name])
+            .await
+            .ctx(|| "recording the rollback".into())?;
+    }
     opts.audit.record(&client, What { event_type: event, secret_id: &secret_id, verification_status: "not_applicable", affected_records: None, notes: &note, job_id: None }).await?;
     if life.common.json {
         print_json(&json!({ "event": event, "changed": changed, "note": note, "instructions": instructions }));

@@ -100,8 +100,8 @@ impl KeyTable {
     }
 
     /// The next free id (one more than the largest ever used).
-    pub fn next_id(&self) -> KeyId {
-        self.entries.iter().map(|e| e.id).max().unwrap_or(0) + 1
+    pub fn next_id(&self) -> Result<KeyId, LifecycleError> {
+        self.entries.iter().map(|e| e.id).max().unwrap_or(0).checked_add(1).ok_or(LifecycleError::BadNewKey("no key id left".into()))
     }
 
     /// The keyring of every key that still has material.
@@ -149,10 +149,14 @@ impl KeyTable {
 
     /// Makes the most recent previous key current again; the current key
     /// becomes previous (both stay readable). With a key pending, rollback
-    /// simply drops the pending key instead.
+    /// un-stages it instead: it becomes previous, and keeps its material,
+    /// since values may already have been rewritten under it.
     pub fn rollback(&mut self, at: u64) -> Result<bool, LifecycleError> {
         if let Some(pending) = self.id_in(KeyState::Pending) {
-            self.entries.retain(|e| e.id != pending);
+            for e in self.entries.iter_mut().filter(|e| e.id == pending) {
+                e.state = KeyState::Previous;
+                e.changed_at = at;
+            }
             return Ok(true);
         }
         let previous = self
@@ -276,6 +280,15 @@ mod tests {
         t.promote(30).unwrap();
         assert!(t.rollback(40).unwrap());
         assert_eq!((t.id_in(KeyState::Current), t.previous_ids()), (Some(1), vec![2]));
+    }
+
+    #[test]
+    fn rollback_before_promotion_keeps_the_staged_keys_material() {
+        let mut t = table();
+        t.stage(Key::new(2, [2; 32]), 20).unwrap();
+        assert!(t.rollback(30).unwrap());
+        assert_eq!((t.id_in(KeyState::Current), t.previous_ids()), (Some(1), vec![2]));
+        assert!(t.keyring().unwrap().get(2).is_some(), "values rewritten under key 2 stay readable");
     }
 
     #[test]

@@ -58,6 +58,22 @@ struct Rotation {
     promoted_at_s: Option<i64>,
 }
 
+/// One lifecycle command per job at a time: two racing `rotate`s could
+/// otherwise stage two different keys under one id. Held by `client`'s
+/// session until it closes.
+pub async fn lock_lifecycle(client: &Client, name: &str) -> Result<(), Error> {
+    let got: bool = client
+        .query_one("SELECT pg_try_advisory_lock(hashtextextended('rekey.lifecycle:' || $1, 0))", &[&name])
+        .await
+        .ctx(|| "taking the lifecycle lock".into())?
+        .get(0);
+    if got {
+        Ok(())
+    } else {
+        Err(Error::Runtime(format!("another rekey rotate or secrets command is working on job {name:?}; wait for it to finish")))
+    }
+}
+
 /// The job-level `[keys]` a rotation manages; targets with keys of their own are refused.
 pub fn job_keys(spec: &JobSpec) -> Result<KeysSpec, Error> {
     if spec.targets.iter().any(|t| t.keys.is_some() || t.to_keys.is_some()) {
@@ -75,11 +91,13 @@ async fn open_rotation(client: &Client, name: &str) -> Result<Option<Rotation>, 
         )
         .await
         .ctx(|| "reading the rotation in progress".into())?;
-    Ok(row.map(|r| Rotation {
+    let Some(r) = row else { return Ok(None) };
+    let key = |v: i64| KeyId::try_from(v).map_err(|_| Error::Runtime(format!("rekey.rotations holds key id {v}, which is not a key id")));
+    Ok(Some(Rotation {
         id: r.get(0),
         step: r.get(1),
-        old_key: r.get::<_, Option<i64>>(2).map(|k| k as KeyId),
-        new_key: r.get::<_, i64>(3) as KeyId,
+        old_key: r.get::<_, Option<i64>>(2).map(key).transpose()?,
+        new_key: key(r.get(3))?,
         grace_s: r.get(4),
         promoted_at_s: r.get(5),
     }))
@@ -117,6 +135,7 @@ pub async fn rotate(spec: &JobSpec, db: &Database, client: &mut Client, opts: &R
     let keys = job_keys(spec)?;
     let name = spec.name.clone().unwrap_or_default();
     checkpoint::ensure_schema(client).await?;
+    lock_lifecycle(client, &name).await?;
     let mut lines = Vec::new();
     let mut events = Vec::new();
     let done = |code: u8, lines: Vec<String>, events: Vec<String>, step: &str| Progressed {
@@ -128,13 +147,13 @@ pub async fn rotate(spec: &JobSpec, db: &Database, client: &mut Client, opts: &R
 
     loop {
         let rotation = open_rotation(client, &name).await?;
-        let mut store = Store::open(&keys)?;
+        let mut store = Store::open(&keys).await?;
         let secret_id = store.secret_id();
         let Some(rot) = rotation else {
             let old = store.table().id_in(KeyState::Current);
-            let new = Key::new(store.table().next_id(), *generate_material());
+            let new = Key::new(store.table().next_id().map_err(|e| Error::Config(e.to_string()))?, *generate_material());
             let (id, changed) = store.table_mut().stage(new, now()).map_err(|e| Error::Config(e.to_string()))?;
-            let instructions = if changed { store.save(opts.reveal)? } else { Vec::new() };
+            let instructions = if changed { store.save(opts.reveal).await? } else { Vec::new() };
             client
                 .execute(
                     "INSERT INTO rekey.rotations (job_name, step, reason, operator, secret_id, old_key, new_key, grace_s) VALUES ($1, 'staged', $2, $3, $4, $5, $6, $7)",
@@ -197,7 +216,7 @@ pub async fn rotate(spec: &JobSpec, db: &Database, client: &mut Client, opts: &R
             }
             "verified" => {
                 let changed = store.table_mut().promote(now()).map_err(|e| Error::Config(e.to_string()))?;
-                let instructions = if changed { store.save(opts.reveal)? } else { Vec::new() };
+                let instructions = if changed { store.save(opts.reveal).await? } else { Vec::new() };
                 set_step(client, rot.id, "promoted").await?;
                 opts.audit.record(client, What { event_type: "key_promoted", secret_id: &key_ref, verification_status: "passed", affected_records: None, notes: &format!("key {} is current; key {} is previous", rot.new_key, rot.old_key.map_or("-".into(), |k| k.to_string())), job_id: None }).await?;
                 events.push("key_promoted".into());
@@ -219,7 +238,8 @@ pub async fn rotate(spec: &JobSpec, db: &Database, client: &mut Client, opts: &R
                     set_step(client, rot.id, "retired").await?;
                     return Ok(done(0, lines, events, "retired"));
                 };
-                let due = rot.promoted_at_s.unwrap_or(0) + rot.grace_s;
+                // promoted_at is set with the step; if it were missing, the grace period starts now
+                let due = rot.promoted_at_s.unwrap_or(now() as i64) + rot.grace_s;
                 let now_s = now() as i64;
                 if now_s < due {
                     lines.push(format!(
@@ -247,16 +267,24 @@ pub async fn rotate(spec: &JobSpec, db: &Database, client: &mut Client, opts: &R
 pub async fn retire(db: &Database, client: &Client, job: &Arc<Job>, store: &mut Store, old: KeyId, opts: &RotateOptions) -> Result<Progressed, Error> {
     let secret_id = store.secret_id();
     let key_ref = format!("{secret_id}#{old}");
+    if let Some(t) = job.targets.iter().find(|t| t.filter.is_some()) {
+        return Err(Error::Config(format!(
+            "target {} has a `where` filter, so verification cannot see every row; retire the key with a job that covers whole tables",
+            t.table
+        )));
+    }
+    // Old values may be labelled by either side's codec (a migration reads one format and writes another).
     let depth = Depth { full: false, sample: 1000, lanes: opts.settings.lanes };
     let v = verify::verify(db, client, job, depth, opts.quiet).await?;
-    let remaining: u64 = job.targets.iter().map(|t| t.write.codec.key_label(old)).collect::<std::collections::BTreeSet<_>>().iter().map(|l| v.values_under(l)).sum();
+    let labels: std::collections::BTreeSet<String> = job.targets.iter().flat_map(|t| [t.read.codec.key_label(old), t.write.codec.key_label(old)]).collect();
+    let remaining: u64 = labels.iter().map(|l| v.values_under(l)).sum();
     if remaining > 0 || v.values_undecryptable > 0 {
         let notes = format!("{remaining} values still under key {old}, {} undecryptable; rotate them first (`rekey run`)", v.values_undecryptable);
         opts.audit.record(client, What { event_type: "retire_refused", secret_id: &key_ref, verification_status: "failed", affected_records: Some(remaining), notes: &notes, job_id: None }).await?;
         return Ok(Progressed { code: EXIT_NOT_VERIFIED, lines: vec![format!("refusing to retire key {old}: {notes}")], events: vec!["retire_refused".into()], json: json!({}) });
     }
     let changed = store.table_mut().retire(old, crate::lifecycle::now()).map_err(|e| Error::Config(e.to_string()))?;
-    let instructions = if changed { store.save(false)? } else { Vec::new() };
+    let instructions = if changed { store.save(false).await? } else { Vec::new() };
     opts.audit.record(client, What { event_type: "key_retired", secret_id: &key_ref, verification_status: "passed", affected_records: Some(v.values_total), notes: &format!("key {old} retired; no value needs it"), job_id: None }).await?;
     let mut lines = vec![format!("retired key {old}")];
     if !instructions.is_empty() {

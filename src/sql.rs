@@ -6,6 +6,70 @@ use crate::job::{Aad, Encoding};
 use crate::db::quote_ident;
 use crate::job::Target;
 
+/// Checks that an operator-written `where` condition stays one expression
+/// inside the parentheses rekey puts around it: parentheses balance outside
+/// quotes, quotes close, and there is no `;`, comment, dollar quoting or
+/// escape-string constant that could end the condition early or hide text.
+/// (The condition is then prepared against the table to check it means something.)
+pub fn check_condition(text: &str) -> Result<(), String> {
+    if text.trim().is_empty() {
+        return Err("is empty".into());
+    }
+    let chars: Vec<char> = text.chars().collect();
+    let mut depth = 0i32;
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        let next = chars.get(i + 1).copied();
+        match c {
+            '\'' => {
+                let prev = if i > 0 { chars[i - 1] } else { ' ' };
+                let before = if i > 1 { chars[i - 2] } else { ' ' };
+                if matches!(prev, 'e' | 'E') && !(before.is_alphanumeric() || before == '_') {
+                    return Err("uses an escape-string constant (E'...'); write the value as a standard string".into());
+                }
+                i += 1;
+                loop {
+                    match (chars.get(i), chars.get(i + 1)) {
+                        (Some('\''), Some('\'')) => i += 2,
+                        (Some('\''), _) => break,
+                        (Some(_), _) => i += 1,
+                        (None, _) => return Err("has a string that is not closed".into()),
+                    }
+                }
+            }
+            '"' => {
+                i += 1;
+                loop {
+                    match (chars.get(i), chars.get(i + 1)) {
+                        (Some('"'), Some('"')) => i += 2,
+                        (Some('"'), _) => break,
+                        (Some(_), _) => i += 1,
+                        (None, _) => return Err("has a quoted identifier that is not closed".into()),
+                    }
+                }
+            }
+            '(' => depth += 1,
+            ')' => {
+                depth -= 1;
+                if depth < 0 {
+                    return Err("closes a parenthesis it did not open".into());
+                }
+            }
+            ';' => return Err("contains ';': it must be one condition".into()),
+            '-' if next == Some('-') => return Err("contains a comment (--)".into()),
+            '/' if next == Some('*') => return Err("contains a comment (/*)".into()),
+            '$' => return Err("contains '$' (parameters and dollar quoting are not allowed)".into()),
+            _ => {}
+        }
+        i += 1;
+    }
+    if depth != 0 {
+        return Err("leaves a parenthesis open".into());
+    }
+    Ok(())
+}
+
 /// Which key bounds a keyset query has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Bounds {
@@ -193,11 +257,40 @@ pub fn select_sample(target: &Target) -> String {
 pub fn select_by_key(target: &Target) -> String {
     let keys = target.key_list("");
     let cols = target.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
-    format!("SELECT {keys}, {cols}{} FROM {} WHERE ({keys}) = {}", aad_select(target), target.qualified(), key_params(target, 1))
+    format!("SELECT {keys}, {cols}{} FROM {} WHERE ({keys}) = {}{}", aad_select(target), target.qualified(), key_params(target, 1), target_filter(target))
 }
 
 /// The key of one row as text, for reports (`(42)`, `(7,abc)`).
 pub fn key_text(target: &Target) -> String {
     let keys = target.key_list("t.");
     format!("SELECT ROW({keys})::text FROM {} AS t WHERE ({keys}) = {}", target.qualified(), key_params(target, 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_condition;
+
+    #[test]
+    fn plain_conditions_pass() {
+        for ok in ["id <= 100", "org_id = 5 AND (region = 'eu' OR region = 'it''s')", "\"Weird ) col\" > 3", "created_at > now() - interval '1 day'"] {
+            assert_eq!(check_condition(ok), Ok(()), "{ok}");
+        }
+    }
+
+    #[test]
+    fn conditions_that_could_escape_their_parentheses_are_refused() {
+        for bad in [
+            "true) UNION ALL SELECT 1 --",
+            "1=1; DROP TABLE t",
+            "id > 1 /* hidden */",
+            "id > 1 -- rest",
+            "name = 'open",
+            "(id > 1",
+            "x = $$a$$",
+            "x = E'\\' ) OR (true'",
+            "",
+        ] {
+            assert!(check_condition(bad).is_err(), "{bad}");
+        }
+    }
 }

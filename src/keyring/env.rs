@@ -83,7 +83,8 @@ pub fn from_vars(prefix: &str, vars: &[(String, String)]) -> Result<Keyring, Env
     let versioned_prefix = format!("{prefix}_KEY_V");
     let mut keys = Vec::new();
     for (name, _) in vars {
-        if let Some(n) = name.strip_prefix(&versioned_prefix) {
+        // `_KEY_V<digits>` only: `_KEY_VERSION` belongs to the dual convention
+        if let Some(n) = name.strip_prefix(&versioned_prefix).filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) {
             let id: KeyId = match n.parse() {
                 Ok(id) if (1..=255).contains(&id) && !n.starts_with('0') => id,
                 _ => return Err(EnvKeyError::BadVersion { var: name.clone() }),
@@ -144,6 +145,16 @@ mod tests {
     fn dual_convention_targets_the_new_key() {
         let ring = from_vars("ENCRYPTION", &vars(&[("ENCRYPTION_KEY", K1), ("ENCRYPTION_KEY_NEW", K2)])).unwrap();
         assert_eq!((ring.current_id(), ring.target().id()), (1, 2));
+    }
+
+    #[test]
+    fn dual_convention_takes_explicit_versions() {
+        let ring = from_vars(
+            "ENCRYPTION",
+            &vars(&[("ENCRYPTION_KEY", K1), ("ENCRYPTION_KEY_VERSION", "4"), ("ENCRYPTION_KEY_NEW", K2), ("ENCRYPTION_KEY_NEW_VERSION", "5")]),
+        )
+        .unwrap();
+        assert_eq!((ring.current_id(), ring.target().id()), (4, 5));
     }
 
     #[test]

@@ -226,6 +226,8 @@ impl KeyringFile {
     }
 
     /// Keeps a backup of the old version and renames the new one into place.
+    /// Once a key is retired, the backup is the new version too, so the
+    /// retired material is gone from both.
     pub fn commit(&self, tmp: &Path) -> Result<(), FileKeyringError> {
         if self.path.exists() {
             let bak = self.path.with_extension("bak");
@@ -233,6 +235,12 @@ impl KeyringFile {
             File::open(&bak).and_then(|f| f.sync_all()).map_err(io(&bak))?;
         }
         fs::rename(tmp, &self.path).map_err(io(&self.path))?;
+        if self.table.entries.iter().any(|e| e.state == KeyState::Retired) {
+            // A retired key must not live on in the backup of the version before.
+            let bak = self.path.with_extension("bak");
+            fs::copy(&self.path, &bak).map_err(io(&bak))?;
+            File::open(&bak).and_then(|f| f.sync_all()).map_err(io(&bak))?;
+        }
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
         }

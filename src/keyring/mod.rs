@@ -118,6 +118,9 @@ pub enum KeyringError {
     /// The pending id names no key.
     #[error("the pending key id {0} has no key")]
     PendingMissing(KeyId),
+    /// Two keys claim the same id.
+    #[error("key id {0} appears twice")]
+    DuplicateId(KeyId),
     /// Two ids hold the same material, which would make "old" and "new" the same key.
     #[error("keys {0} and {1} hold the same key material; every version must be a distinct key")]
     Duplicate(KeyId, KeyId),
@@ -142,6 +145,9 @@ impl Keyring {
         }
         let mut map = BTreeMap::new();
         for key in keys {
+            if map.contains_key(&key.id()) {
+                return Err(KeyringError::DuplicateId(key.id()));
+            }
             if let Some(twin) = map.values().find(|k: &&Key| k.material() == key.material()) {
                 return Err(KeyringError::Duplicate(twin.id(), key.id()));
             }

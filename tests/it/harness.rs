@@ -216,3 +216,44 @@ pub fn json(out: &Output) -> serde_json::Value {
 pub fn printed(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
+
+/// A moto server (AWS APIs on loopback) for the whole test binary.
+pub struct Moto {
+    /// Its endpoint URL.
+    pub endpoint: String,
+}
+
+static MOTO: OnceLock<Moto> = OnceLock::new();
+
+/// Starts moto's server on a free loopback port, once; a watchdog stops it
+/// when this test process ends, however it ends.
+pub fn moto() -> &'static Moto {
+    MOTO.get_or_init(|| {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new("python3")
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 -m moto.server (scripts/test.sh installs moto)");
+        let watchdog = format!("while kill -0 {} 2>/dev/null; do sleep 1; done; kill {} 2>/dev/null", std::process::id(), child.id());
+        let _ = Command::new("setsid").args(["sh", "-c", &watchdog]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "moto server did not start on port {port}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        Moto { endpoint: format!("http://127.0.0.1:{port}") }
+    })
+}
+
+/// Credentials and region for moto (its credentials are not checked).
+pub fn aws_env() -> Vec<(&'static str, String)> {
+    vec![
+        ("AWS_ACCESS_KEY_ID", "testing".into()),
+        ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+        ("AWS_REGION", "us-east-1".into()),
+        ("AWS_EC2_METADATA_DISABLED", "true".into()),
+    ]
+}

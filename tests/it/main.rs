@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod aws;
 mod config;
 mod faults;
 mod formats;

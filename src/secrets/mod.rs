@@ -6,6 +6,8 @@
 //! changes the operator must make (key values only with `--reveal` on a
 //! terminal), and the next step checks that they were made.
 
+pub mod aws;
+
 use std::io::IsTerminal;
 
 use crate::job::{KeySource, KeysSpec};
@@ -19,8 +21,6 @@ use crate::Error;
 pub struct EnvStore {
     /// Variable prefix (`ENCRYPTION`).
     prefix: String,
-    /// The dual convention (`ENCRYPTION_KEY` / `ENCRYPTION_KEY_NEW`) rather than versioned.
-    dual: bool,
     /// The keys as the environment holds them now.
     before: KeyTable,
     /// The keys after the transitions applied so far.
@@ -34,6 +34,8 @@ pub enum Store {
     Env(EnvStore),
     /// A keyring file.
     File(Box<KeyringFile>),
+    /// An AWS Secrets Manager secret.
+    Aws(Box<aws::SecretsManagerStore>),
 }
 
 /// Opens the keyring file a `[keys]` section names.
@@ -46,12 +48,21 @@ pub fn open_file(keys: &KeysSpec) -> Result<KeyringFile, Error> {
 
 impl Store {
     /// Opens the store of `keys`.
-    pub fn open(keys: &KeysSpec) -> Result<Store, Error> {
+    pub async fn open(keys: &KeysSpec) -> Result<Store, Error> {
         match keys.source {
+            KeySource::AwsSecretsManager => Ok(Store::Aws(Box::new(aws::SecretsManagerStore::open(keys).await?))),
             KeySource::File => Ok(Store::File(Box::new(open_file(keys)?))),
             KeySource::Env => {
                 let ring = env::from_process_env(&keys.prefix).map_err(|e| Error::Config(e.to_string()))?;
-                let versioned = std::env::vars().any(|(k, _)| k.starts_with(&format!("{}_KEY_V", keys.prefix)));
+                let versioned_prefix = format!("{}_KEY_V", keys.prefix);
+                let versioned = std::env::vars().any(|(k, _)| k.strip_prefix(&versioned_prefix).is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())));
+                if !versioned {
+                    return Err(Error::Config(format!(
+                        "the lifecycle commands manage versioned environment keys ({p}_KEY_V<n> with {p}_CURRENT_VERSION); \
+                         with {p}_KEY / {p}_KEY_NEW, re-encrypt with `rekey run`, then move {p}_KEY_NEW to {p}_KEY yourself",
+                        p = keys.prefix
+                    )));
+                }
                 let entries = ring
                     .keys()
                     .map(|k| {
@@ -66,7 +77,7 @@ impl Store {
                     })
                     .collect();
                 let table = KeyTable { entries };
-                Ok(Store::Env(EnvStore { prefix: keys.prefix.clone(), dual: !versioned, before: table.clone(), table }))
+                Ok(Store::Env(EnvStore { prefix: keys.prefix.clone(), before: table.clone(), table }))
             }
             KeySource::TinkKeyset => Err(Error::Config(
                 "a Tink keyset is managed with Tink's own tools (tinkey add-key / promote-key); rekey rotates the data under it with `rekey run`".into(),
@@ -79,6 +90,7 @@ impl Store {
         match self {
             Store::Env(e) => &e.table,
             Store::File(f) => &f.table,
+            Store::Aws(a) => &a.table,
         }
     }
 
@@ -87,6 +99,7 @@ impl Store {
         match self {
             Store::Env(e) => &mut e.table,
             Store::File(f) => &mut f.table,
+            Store::Aws(a) => &mut a.table,
         }
     }
 
@@ -95,19 +108,24 @@ impl Store {
         match self {
             Store::Env(e) => format!("env:{}", e.prefix),
             Store::File(f) => format!("file:{}", f.path().display()),
+            Store::Aws(a) => a.secret_id(),
         }
     }
 
     /// Whether rekey itself can write this store.
     pub fn writable(&self) -> bool {
-        matches!(self, Store::File(_))
+        matches!(self, Store::File(_) | Store::Aws(_))
     }
 
     /// Persists the table. For the environment, returns the variable changes
     /// the operator must make instead (empty when nothing is left to do).
     /// Key values are shown only with `reveal` and stdout on a terminal.
-    pub fn save(&mut self, reveal: bool) -> Result<Vec<String>, Error> {
+    pub async fn save(&mut self, reveal: bool) -> Result<Vec<String>, Error> {
         match self {
+            Store::Aws(a) => {
+                a.save().await?;
+                Ok(Vec::new())
+            }
             Store::File(f) => {
                 f.save().map_err(|e| Error::Runtime(e.to_string()))?;
                 Ok(Vec::new())
@@ -123,33 +141,23 @@ impl EnvStore {
         let mut out = Vec::new();
         let value = |e: &Entry| match (&e.key, reveal) {
             (Some(k), true) => encode_key(k.material(), KeyEncoding::Hex).to_string(),
-            _ => "<a new key: `rekey keygen`, or run again with --reveal on a terminal to print the one staged>".into(),
+            _ => "<a new key from `rekey keygen` (or run with --reveal on a terminal to have rekey print one)>".into(),
         };
         for e in &self.table.entries {
             let before = self.before.entries.iter().find(|b| b.id == e.id);
-            match (before.map(|b| b.state), e.state, self.dual) {
-                (None, KeyState::Pending, false) => {
+            match (before.map(|b| b.state), e.state) {
+                (None, KeyState::Pending) => {
                     out.push(format!("export {p}_KEY_V{}={}", e.id, value(e)));
                     out.push(format!("export {p}_PENDING_VERSION={}", e.id));
                 }
-                (None, KeyState::Pending, true) => out.push(format!("export {p}_KEY_NEW={}", value(e))),
-                (Some(KeyState::Pending), KeyState::Current, false) => {
+                (Some(KeyState::Pending), KeyState::Current) => {
                     out.push(format!("export {p}_CURRENT_VERSION={}", e.id));
                     out.push(format!("unset {p}_PENDING_VERSION"));
                 }
-                (Some(b), KeyState::Current, false) if b != KeyState::Current => out.push(format!("export {p}_CURRENT_VERSION={}", e.id)),
-                (Some(KeyState::Pending), KeyState::Current, true) => {
-                    out.push(format!("export {p}_KEY=\"${p}_KEY_NEW\"   # the new key becomes {p}_KEY"));
-                    out.push(format!("unset {p}_KEY_NEW"));
-                }
-                (Some(b), KeyState::Retired, false) if b != KeyState::Retired => out.push(format!("unset {p}_KEY_V{}", e.id)),
+                (Some(b), KeyState::Current) if b != KeyState::Current => out.push(format!("export {p}_CURRENT_VERSION={}", e.id)),
+                (Some(b), KeyState::Retired) if b != KeyState::Retired => out.push(format!("unset {p}_KEY_V{}", e.id)),
+                (Some(KeyState::Pending), KeyState::Previous) => out.push(format!("unset {p}_PENDING_VERSION   # key {} stays, to read what was rewritten under it", e.id)),
                 _ => {}
-            }
-        }
-        for b in &self.before.entries {
-            if !self.table.entries.iter().any(|e| e.id == b.id) {
-                out.push(format!("unset {p}_KEY_V{}", b.id));
-                out.push(format!("unset {p}_PENDING_VERSION"));
             }
         }
         out
