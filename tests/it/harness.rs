@@ -221,6 +221,8 @@ pub fn printed(out: &Output) -> String {
 pub struct Moto {
     /// Its endpoint URL.
     pub endpoint: String,
+    /// The server process, kept (not waited on) for the life of the binary; the watchdog stops it.
+    _server: std::sync::Mutex<std::process::Child>,
 }
 
 static MOTO: OnceLock<Moto> = OnceLock::new();
@@ -244,7 +246,7 @@ pub fn moto() -> &'static Moto {
             assert!(std::time::Instant::now() < deadline, "moto server did not start on port {port}");
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        Moto { endpoint: format!("http://127.0.0.1:{port}") }
+        Moto { endpoint: format!("http://127.0.0.1:{port}"), _server: std::sync::Mutex::new(child) }
     })
 }
 
