@@ -458,7 +458,7 @@ pub async fn secrets(command: SecretsCommand) -> Result<u8, Error> {
     if let SecretsCommand::Init(a) = &command {
         let table = match &a.import_env {
             Some(prefix) => {
-                let env_keys = crate::job::KeysSpec { source: crate::job::KeySource::Env, prefix: prefix.clone(), path: None, passphrase_env: None, secret_id: None, region: None, endpoint: None };
+                let env_keys = crate::job::KeysSpec { source: crate::job::KeySource::Env, prefix: prefix.clone(), path: None, passphrase_env: None, secret_id: None, region: None, endpoint: None, kms_key_id: None };
                 Store::open(&env_keys).await?.table().clone()
             }
             None => {
@@ -480,6 +480,10 @@ pub async fn secrets(command: SecretsCommand) -> Result<u8, Error> {
             crate::job::KeySource::AwsSecretsManager => {
                 crate::secrets::aws::SecretsManagerStore::create(&keys, &table).await?;
                 println!("created secret {:?} with keys {ids:?}", keys.secret_id.clone().unwrap_or_default());
+            }
+            crate::job::KeySource::AwsKms => {
+                crate::secrets::kms::KmsKeyring::create(&keys, table).await?;
+                println!("created KMS-wrapped keyring {} with keys {ids:?}", keys.path.clone().unwrap_or_default().display());
             }
             _ => return Err(Error::Config("secrets init creates a keyring file or an AWS Secrets Manager secret: set [keys] source to \"file\" or \"aws-secrets-manager\"".into())),
         }
@@ -509,7 +513,8 @@ pub async fn secrets(command: SecretsCommand) -> Result<u8, Error> {
     let secret_id = store.secret_id();
     let (event, changed, note) = match &command {
         SecretsCommand::Stage(_) => {
-            let key = crate::keyring::Key::new(store.table().next_id().map_err(|e| Error::Config(e.to_string()))?, *keyring::generate_material());
+            let next = store.table().next_id().map_err(|e| Error::Config(e.to_string()))?;
+            let key = store.new_key(next).await?;
             let (id, changed) = store.table_mut().stage(key, now()).map_err(|e| Error::Config(e.to_string()))?;
             ("key_staged", changed, format!("key {id} pending"))
         }

@@ -62,6 +62,8 @@ pub struct KeysSpec {
     pub region: Option<String>,
     /// Endpoint URL of a compatible service (else AWS's, or AWS_ENDPOINT_URL).
     pub endpoint: Option<String>,
+    /// For `aws-kms`: the master key (id, ARN or alias) data keys are wrapped under.
+    pub kms_key_id: Option<String>,
 }
 
 impl KeysSpec {
@@ -87,6 +89,8 @@ pub enum KeySource {
     File,
     /// One AWS Secrets Manager secret (`secret_id`) holding the keyring, versions moved by staging labels.
     AwsSecretsManager,
+    /// Data keys generated and wrapped by an AWS KMS master key (`kms_key_id`), kept wrapped in a file (`path`).
+    AwsKms,
 }
 
 /// How ciphertext bytes are stored in a column.
@@ -424,6 +428,7 @@ pub async fn load_keyring(keys: &KeysSpec) -> Result<Keyring, Error> {
             .table
             .keyring()
             .map_err(|e| Error::Config(format!("AWS Secrets Manager keyring: {e}"))),
+        KeySource::AwsKms => crate::secrets::kms::KmsKeyring::open(keys).await?.table.keyring().map_err(|e| Error::Config(format!("KMS keyring: {e}"))),
     }
 }
 

@@ -19,7 +19,7 @@ use crate::checkpoint;
 use crate::db::Database;
 use crate::error::DbContext;
 use crate::job::{Job, JobSpec, KeysSpec};
-use crate::keyring::{generate_material, Key, KeyId};
+use crate::keyring::KeyId;
 use crate::lifecycle::{now, KeyState};
 use crate::pipeline::Settings;
 use crate::secrets::Store;
@@ -151,7 +151,8 @@ pub async fn rotate(spec: &JobSpec, db: &Database, client: &mut Client, opts: &R
         let secret_id = store.secret_id();
         let Some(rot) = rotation else {
             let old = store.table().id_in(KeyState::Current);
-            let new = Key::new(store.table().next_id().map_err(|e| Error::Config(e.to_string()))?, *generate_material());
+            let next = store.table().next_id().map_err(|e| Error::Config(e.to_string()))?;
+            let new = store.new_key(next).await?;
             let (id, changed) = store.table_mut().stage(new, now()).map_err(|e| Error::Config(e.to_string()))?;
             let instructions = if changed { store.save(opts.reveal).await? } else { Vec::new() };
             client

@@ -217,34 +217,14 @@ impl KeyringFile {
     /// version is untouched: this is where a crash may leave things.
     pub fn write_pending(&self) -> Result<PathBuf, FileKeyringError> {
         let json = serde_json::to_string_pretty(&self.document()?).map_err(|e| FileKeyringError::Malformed { path: self.path.clone(), problem: e.to_string() })?;
-        let tmp = self.path.with_extension(format!("tmp-{}", std::process::id()));
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(io(&tmp))?;
-        restrict(&f);
-        f.write_all(json.as_bytes()).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        Ok(tmp)
+        write_pending(&self.path, json.as_bytes())
     }
 
     /// Keeps a backup of the old version and renames the new one into place.
     /// Once a key is retired, the backup is the new version too, so the
     /// retired material is gone from both.
     pub fn commit(&self, tmp: &Path) -> Result<(), FileKeyringError> {
-        if self.path.exists() {
-            let bak = self.path.with_extension("bak");
-            fs::copy(&self.path, &bak).map_err(io(&bak))?;
-            File::open(&bak).and_then(|f| f.sync_all()).map_err(io(&bak))?;
-        }
-        fs::rename(tmp, &self.path).map_err(io(&self.path))?;
-        if self.table.entries.iter().any(|e| e.state == KeyState::Retired) {
-            // A retired key must not live on in the backup of the version before.
-            let bak = self.path.with_extension("bak");
-            fs::copy(&self.path, &bak).map_err(io(&bak))?;
-            File::open(&bak).and_then(|f| f.sync_all()).map_err(io(&bak))?;
-        }
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
-        }
-        Ok(())
+        commit(&self.path, tmp, self.table.entries.iter().any(|e| e.state == KeyState::Retired))
     }
 
     /// Saves atomically (write, fsync, backup, rename, fsync the directory).
@@ -252,6 +232,38 @@ impl KeyringFile {
         let tmp = self.write_pending()?;
         self.commit(&tmp)
     }
+}
+
+/// Writes `bytes` beside `path` (owner-only, synced); returns the temporary path.
+pub fn write_pending(path: &Path, bytes: &[u8]) -> Result<PathBuf, FileKeyringError> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(io(&tmp))?;
+    restrict(&f);
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    Ok(tmp)
+}
+
+/// Backs up `path` to `<path>.bak`, renames `tmp` over it and syncs the
+/// directory; with `scrub_backup`, the backup becomes the new version too
+/// (a retired key must not live on in it).
+pub fn commit(path: &Path, tmp: &Path, scrub_backup: bool) -> Result<(), FileKeyringError> {
+    let bak = path.with_extension("bak");
+    let backup = |from: &Path| -> Result<(), FileKeyringError> {
+        fs::copy(from, &bak).map_err(io(&bak))?;
+        File::open(&bak).and_then(|f| f.sync_all()).map_err(io(&bak))
+    };
+    if path.exists() {
+        backup(path)?;
+    }
+    fs::rename(tmp, path).map_err(io(path))?;
+    if scrub_backup {
+        backup(path)?;
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+    }
+    Ok(())
 }
 
 /// Owner-only permissions for files holding sealed keys (Unix).

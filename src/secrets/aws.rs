@@ -77,8 +77,8 @@ fn aws_err(what: &str, secret: &str, e: impl std::fmt::Display) -> Error {
     Error::Runtime(format!("AWS Secrets Manager, {what} of secret {secret:?}: {e}"))
 }
 
-/// An SDK client for the `[keys]` section's region and endpoint (else the AWS defaults).
-pub async fn client(keys: &KeysSpec) -> Client {
+/// AWS SDK settings for the `[keys]` section's region and endpoint (else the AWS defaults).
+pub async fn sdk_config(keys: &KeysSpec) -> aws_config::SdkConfig {
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
     if let Some(region) = &keys.region {
         loader = loader.region(aws_config::Region::new(region.clone()));
@@ -86,7 +86,12 @@ pub async fn client(keys: &KeysSpec) -> Client {
     if let Some(endpoint) = &keys.endpoint {
         loader = loader.endpoint_url(endpoint);
     }
-    Client::new(&loader.load().await)
+    loader.load().await
+}
+
+/// A Secrets Manager client for the `[keys]` section.
+pub async fn client(keys: &KeysSpec) -> Client {
+    Client::new(&sdk_config(keys).await)
 }
 
 fn parse(secret: &str, text: &str) -> Result<KeyTable, Error> {

@@ -121,3 +121,51 @@ async fn a_rotation_killed_before_promote_resumes_and_rollback_restores_the_prev
     let out = rekey(&["secrets", "retire", "--job", &job], &aws_env());
     assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
 }
+
+/// A KMS master key made on the moto server with boto3.
+fn kms_master_key() -> String {
+    let script = r#"
+import boto3, sys
+c = boto3.client("kms", endpoint_url=sys.argv[1], region_name="us-east-1")
+print(c.create_key(Description="rekey test master key")["KeyMetadata"]["KeyId"])
+"#;
+    let out = Command::new("python3").arg("-c").arg(script).arg(&moto().endpoint).envs(aws_env()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kms_wrapped_data_keys_rotate_and_only_wrapped_keys_are_stored() {
+    let db = TestDb::new().await;
+    db.seed_patients(3_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let master = kms_master_key();
+    let keyring = dir.path().join("keyring.json");
+    let job = dir.path().join("patients.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "[database]\nurl = \"{}\"\n[keys]\nsource = \"aws-kms\"\nkms_key_id = \"{master}\"\npath = {:?}\nendpoint = \"{}\"\nregion = \"us-east-1\"\n[[target]]\ntable = \"patient_persons\"\ncolumns = [\"phone_encrypted\", \"emergency_contact_phone_encrypted\"]\nformat = \"versioned-gcm\"\n",
+            db.url,
+            keyring.display().to_string(),
+            moto().endpoint
+        ),
+    )
+    .unwrap();
+    let j = job.display().to_string();
+    let import = env_with(&[("ENCRYPTION_KEY_V1", K1.into()), ("ENCRYPTION_CURRENT_VERSION", "1".into())]);
+    let out = rekey(&["secrets", "init", "--job", &j, "--import-env", "ENCRYPTION"], &import);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+
+    let out = rekey(&["rotate", "--job", &j, "--json"], &aws_env());
+    assert_eq!((out.status.code(), json(&out)["step"].as_str()), (Some(0), Some("promoted")), "{}", printed(&out));
+    let show = json(&rekey(&["secrets", "show", "--job", &j, "--json"], &aws_env()));
+    assert_eq!((show["keys"][0]["state"].as_str(), show["keys"][1]["state"].as_str()), (Some("previous"), Some("current")), "{show}");
+
+    let text = std::fs::read_to_string(&keyring).unwrap();
+    let k1_b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, hex::decode(K1).unwrap());
+    assert!(!text.contains(K1) && !text.contains(&k1_b64), "an unwrapped key in the keyring file");
+    let verify = rekey(&["verify", "--job", &j, "--full", "--json"], &aws_env());
+    assert_eq!(verify.status.code(), Some(0), "{}", printed(&verify));
+    assert_eq!(json(&verify)["by_key"]["v2"], 3_000 + 2_000);
+}

@@ -1,0 +1,200 @@
+//! AWS KMS as a key store (the key-hierarchy seed): data keys are generated
+//! by KMS under a master key, and only their wrapped form (KMS ciphertext
+//! blobs) is stored, in a keyring file written atomically like the
+//! passphrase-sealed one. Reading a key is a KMS Decrypt; nothing unwrapped
+//! ever touches the disk.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use aws_sdk_kms::primitives::Blob;
+use aws_sdk_kms::Client;
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::job::KeysSpec;
+use crate::keyring::file;
+use crate::keyring::{Key, KeyId, KEY_LEN};
+use crate::lifecycle::{rfc3339, Entry, KeyState, KeyTable};
+use crate::Error;
+
+/// Format tag of a KMS-wrapped keyring file.
+const FORMAT: &str = "rekey-keyring-kms/1";
+
+/// The file's JSON.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Document {
+    /// Always [`FORMAT`].
+    format: String,
+    /// The master key the data keys are wrapped under.
+    kms_key_id: String,
+    /// The keys.
+    keys: Vec<StoredKey>,
+}
+
+/// One wrapped key.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredKey {
+    /// Key id.
+    id: KeyId,
+    /// State.
+    state: KeyState,
+    /// Created, RFC 3339.
+    created_at: String,
+    /// Last state change, RFC 3339.
+    changed_at: String,
+    /// Fingerprint of the unwrapped key.
+    fingerprint: String,
+    /// Base64 of the KMS ciphertext blob; absent once retired.
+    wrapped: Option<String>,
+}
+
+/// A KMS-wrapped keyring file, opened.
+pub struct KmsKeyring {
+    /// The file.
+    path: PathBuf,
+    /// The master key.
+    kms_key_id: String,
+    /// KMS client.
+    client: Client,
+    /// Wrapped blobs by key id.
+    wrapped: HashMap<KeyId, Vec<u8>>,
+    /// The keys, unwrapped.
+    pub table: KeyTable,
+}
+
+impl std::fmt::Debug for KmsKeyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KmsKeyring").field("path", &self.path).field("kms_key_id", &self.kms_key_id).field("table", &self.table).finish()
+    }
+}
+
+fn kms_err(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Runtime(format!("AWS KMS, {what}: {e}"))
+}
+
+fn settings(keys: &KeysSpec) -> Result<(PathBuf, String), Error> {
+    let path = keys.path.clone().ok_or_else(|| Error::Config("keys source \"aws-kms\" needs path = \"keyring.json\" (where the wrapped keys are kept)".into()))?;
+    let id = keys.kms_key_id.clone().ok_or_else(|| Error::Config("keys source \"aws-kms\" needs kms_key_id = \"alias/... or key ARN\"".into()))?;
+    Ok((path, id))
+}
+
+impl KmsKeyring {
+    /// Opens the file and unwraps every key that is not retired.
+    pub async fn open(keys: &KeysSpec) -> Result<Self, Error> {
+        let (path, kms_key_id) = settings(keys)?;
+        let client = Client::new(&super::aws::sdk_config(keys).await);
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::Config(format!("keyring file {}: {e}", path.display())))?;
+        let doc: Document = serde_json::from_str(&text)
+            .map_err(|e| Error::Config(format!("keyring file {} is not a KMS keyring (invalid JSON at line {} column {})", path.display(), e.line(), e.column())))?;
+        if doc.format != FORMAT {
+            return Err(Error::Config(format!("keyring file {} has format {:?}, expected {FORMAT:?}", path.display(), doc.format)));
+        }
+        if doc.kms_key_id != kms_key_id {
+            return Err(Error::Config(format!(
+                "keyring file {} is wrapped under KMS key {:?}, but the job names {kms_key_id:?}",
+                path.display(),
+                doc.kms_key_id
+            )));
+        }
+        let mut table = KeyTable::default();
+        let mut wrapped = HashMap::new();
+        for k in doc.keys {
+            let at = |t: &str| humantime::parse_rfc3339(t).ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
+            let key = match &k.wrapped {
+                None => None,
+                Some(b64) => {
+                    let blob = B64.decode(b64).map_err(|_| Error::Config(format!("keyring file {}: key {} is not base64", path.display(), k.id)))?;
+                    let out = client
+                        .decrypt()
+                        .ciphertext_blob(Blob::new(blob.clone()))
+                        .key_id(&doc.kms_key_id)
+                        .send()
+                        .await
+                        .map_err(|e| kms_err(&format!("unwrapping key {}", k.id), aws_sdk_kms::error::DisplayErrorContext(e)))?;
+                    let plain = Zeroizing::new(out.plaintext().map(|p| p.as_ref().to_vec()).unwrap_or_default());
+                    let material: [u8; KEY_LEN] = plain.as_slice().try_into().map_err(|_| Error::Config(format!("KMS unwrapped key {} to {} bytes, not 32", k.id, plain.len())))?;
+                    wrapped.insert(k.id, blob);
+                    Some(Key::new(k.id, material))
+                }
+            };
+            table.entries.push(Entry { id: k.id, state: k.state, created_at: at(&k.created_at), changed_at: at(&k.changed_at), key });
+        }
+        Ok(KmsKeyring { path, kms_key_id: doc.kms_key_id, client, wrapped, table })
+    }
+
+    /// Creates the file with `table`, wrapping each key with KMS.
+    pub async fn create(keys: &KeysSpec, table: KeyTable) -> Result<(), Error> {
+        let (path, kms_key_id) = settings(keys)?;
+        if path.exists() {
+            return Err(Error::Config(format!("keyring file {} already exists; refusing to overwrite it", path.display())));
+        }
+        let client = Client::new(&super::aws::sdk_config(keys).await);
+        let mut ring = KmsKeyring { path, kms_key_id, client, wrapped: HashMap::new(), table };
+        ring.save().await
+    }
+
+    /// A new data key from KMS (GenerateDataKey), wrapped under the master key.
+    pub async fn new_key(&mut self, id: KeyId) -> Result<Key, Error> {
+        let out = self
+            .client
+            .generate_data_key()
+            .key_id(&self.kms_key_id)
+            .key_spec(aws_sdk_kms::types::DataKeySpec::Aes256)
+            .send()
+            .await
+            .map_err(|e| kms_err("generating a data key", aws_sdk_kms::error::DisplayErrorContext(e)))?;
+        let plain = Zeroizing::new(out.plaintext().map(|p| p.as_ref().to_vec()).unwrap_or_default());
+        let material: [u8; KEY_LEN] = plain.as_slice().try_into().map_err(|_| Error::Runtime("KMS returned a data key that is not 32 bytes".into()))?;
+        if let Some(blob) = out.ciphertext_blob() {
+            self.wrapped.insert(id, blob.as_ref().to_vec());
+        }
+        Ok(Key::new(id, material))
+    }
+
+    /// Names the store for the audit trail.
+    pub fn secret_id(&self) -> String {
+        format!("aws-kms:{}:{}", self.kms_key_id, self.path.display())
+    }
+
+    /// Wraps any key not wrapped yet and writes the file atomically.
+    pub async fn save(&mut self) -> Result<(), Error> {
+        let mut keys = Vec::new();
+        for e in &self.table.entries {
+            let wrapped = match &e.key {
+                None => None,
+                Some(k) => {
+                    if !self.wrapped.contains_key(&e.id) {
+                        let out = self
+                            .client
+                            .encrypt()
+                            .key_id(&self.kms_key_id)
+                            .plaintext(Blob::new(k.material().to_vec()))
+                            .send()
+                            .await
+                            .map_err(|err| kms_err(&format!("wrapping key {}", e.id), aws_sdk_kms::error::DisplayErrorContext(err)))?;
+                        self.wrapped.insert(e.id, out.ciphertext_blob().map(|b| b.as_ref().to_vec()).unwrap_or_default());
+                    }
+                    self.wrapped.get(&e.id).map(|b| B64.encode(b))
+                }
+            };
+            keys.push(StoredKey {
+                id: e.id,
+                state: e.state,
+                created_at: rfc3339(e.created_at),
+                changed_at: rfc3339(e.changed_at),
+                fingerprint: e.key.as_ref().map(Key::fingerprint).unwrap_or_default(),
+                wrapped,
+            });
+        }
+        let doc = Document { format: FORMAT.into(), kms_key_id: self.kms_key_id.clone(), keys };
+        let json = serde_json::to_string_pretty(&doc).map_err(|e| Error::Runtime(e.to_string()))?;
+        let err = |e: file::FileKeyringError| Error::Runtime(e.to_string());
+        let tmp = file::write_pending(&self.path, json.as_bytes()).map_err(err)?;
+        file::commit(&self.path, &tmp, self.table.entries.iter().any(|e| e.state == KeyState::Retired)).map_err(err)
+    }
+}
