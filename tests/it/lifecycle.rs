@@ -194,7 +194,7 @@ async fn a_wrong_passphrase_is_refused_clearly_and_changes_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn rotate_with_environment_keys_prints_each_change_and_checks_it_was_made() {
     let db = TestDb::new().await;
-    db.seed_patients(5_000).await;
+    db.seed_patients(50_000).await;
     let dir = tempfile::tempdir().unwrap();
     let job = db.patients_job(&dir);
     let j = job.display().to_string();
@@ -225,4 +225,11 @@ async fn rotate_with_environment_keys_prints_each_change_and_checks_it_was_made(
     assert_eq!((out.status.code(), json(&out)["step"].as_str()), (Some(0), Some("retired")), "{}", printed(&out));
     assert!(printed(&out).contains("unset ENCRYPTION_KEY_V1"), "{}", printed(&out));
     assert!(!printed(&out).contains(K2), "a key value was printed without --reveal on a terminal");
+    assert_eq!(event_types(&dir), ["key_staged", "reencryption_completed", "verification_passed", "key_promoted", "key_retired"]);
+    assert_eq!(audit_events(&dir)[1]["affected_records"], 50_000 + 33_334);
+    let trail = std::fs::read_to_string(dir.path().join("patients.audit.jsonl")).unwrap();
+    for key in [K1, K2] {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(hex::decode(key).unwrap());
+        assert!(!trail.contains(key) && !trail.contains(&b64), "key material in the audit trail");
+    }
 }
