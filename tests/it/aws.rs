@@ -2,7 +2,6 @@
 //! versions moved through AWSPENDING -> AWSCURRENT -> AWSPREVIOUS.
 
 use std::process::Command;
-use std::time::Duration;
 
 use crate::harness::*;
 
@@ -90,19 +89,8 @@ async fn a_rotation_killed_before_promote_resumes_and_rollback_restores_the_prev
     assert_eq!(rekey(&["secrets", "init", "--job", &job, "--import-env", "ENCRYPTION"], &import).status.code(), Some(0));
 
     let args = ["rotate", "--job", job.as_str(), "--json", "--batch-size", "200"];
-    let mut child = rekey_cmd(&args, &aws_env()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
-    loop {
-        let done: i64 = db
-            .client
-            .query_one("SELECT coalesce(sum(p.values_rewritten), 0)::bigint FROM pg_namespace n LEFT JOIN rekey.progress p ON true WHERE n.nspname = 'rekey'", &[])
-            .await
-            .map(|r| r.get(0))
-            .unwrap_or(0);
-        if done > 5_000 || child.try_wait().unwrap().is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let mut child = spawn_rekey(&args, &aws_env());
+    wait_for_progress(&db, &mut child, 5_000 + 1).await;
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(labels(&secret), vec![s(&["AWSCURRENT"]), s(&["AWSPENDING"])], "killed between stage and promote");

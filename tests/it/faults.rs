@@ -26,24 +26,9 @@ async fn kill_9_at_random_moments_then_resume_loses_nothing_and_encrypts_nothing
     let mut kills = 0;
     let mut jitter = rekey::keyring::generate_material()[0] as u64;
     for fraction in [0.05, 0.15, 0.25, 0.35, 0.45, 0.55] {
-        let mut child = rekey_cmd(&run, &seed_env()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        let mut child = spawn_rekey(&run, &seed_env());
         let threshold = (total as f64 * fraction) as i64;
-        loop {
-            let done: i64 = db
-                .client
-                .query_one(
-                    "SELECT coalesce(sum(p.values_rewritten), 0)::bigint FROM pg_namespace n
-                       LEFT JOIN rekey.progress p ON true WHERE n.nspname = 'rekey'",
-                    &[],
-                )
-                .await
-                .map(|r| r.get(0))
-                .unwrap_or(0);
-            if done >= threshold || child.try_wait().unwrap().is_some() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        wait_for_progress(&db, &mut child, threshold).await;
         jitter = (jitter * 7919 + 104_729) % 15;
         tokio::time::sleep(Duration::from_millis(jitter)).await;
         if child.try_wait().unwrap().is_none() {
@@ -132,19 +117,8 @@ async fn sigint_stops_cleanly_after_in_flight_batches_and_the_run_resumes() {
     let job = db.patients_job(&dir);
     let j = job.display().to_string();
     let run = ["run", "--job", j.as_str(), "--json", "--batch-size", "200"];
-    let child = rekey_cmd(&run, &seed_env()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
-    loop {
-        let done: i64 = db
-            .client
-            .query_one("SELECT coalesce(sum(p.values_rewritten), 0)::bigint FROM pg_namespace n LEFT JOIN rekey.progress p ON true WHERE n.nspname = 'rekey'", &[])
-            .await
-            .map(|r| r.get(0))
-            .unwrap_or(0);
-        if done > 5_000 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let mut child = rekey_cmd(&run, &seed_env()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    wait_for_progress(&db, &mut child, 5_001).await;
     std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "{}", printed(&out));

@@ -1,8 +1,6 @@
 //! Every ciphertext format against its reference implementation, migrations
 //! between formats, and a job mixing formats and key sources.
 
-use std::process::Command;
-use std::time::Duration;
 
 use base64::Engine as _;
 use rekey::codec::{Codec, Format};
@@ -12,24 +10,6 @@ use crate::harness::*;
 
 fn urlsafe(hex_key: &str) -> String {
     base64::engine::general_purpose::URL_SAFE.encode(hex::decode(hex_key).unwrap())
-}
-
-/// Runs a Python script (stdin `input`), returning stdout; fails the test on error.
-fn python(script: &str, args: &[&str], input: &str) -> String {
-    use std::io::Write;
-    let mut child = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3 is needed (scripts/test.sh installs cryptography and tink)");
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "python failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
 }
 
 fn job_file(dir: &tempfile::TempDir, name: &str, db: &TestDb, body: &str) -> String {
@@ -274,20 +254,9 @@ async fn a_job_of_three_formats_and_key_sources_killed_and_resumed() {
 
     let mut kills = 0;
     for fraction in [0.1, 0.3, 0.5, 0.7] {
-        let mut child = rekey_cmd(&run, &env).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        let mut child = spawn_rekey(&run, &env);
         let threshold = (73_334.0 * fraction) as i64;
-        loop {
-            let done: i64 = db
-                .client
-                .query_one("SELECT coalesce(sum(p.values_rewritten), 0)::bigint FROM pg_namespace n LEFT JOIN rekey.progress p ON true WHERE n.nspname = 'rekey'", &[])
-                .await
-                .map(|r| r.get(0))
-                .unwrap_or(0);
-            if done >= threshold || child.try_wait().unwrap().is_some() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        wait_for_progress(&db, &mut child, threshold).await;
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap();
             kills += 1;

@@ -259,3 +259,48 @@ pub fn aws_env() -> Vec<(&'static str, String)> {
         ("AWS_EC2_METADATA_DISABLED", "true".into()),
     ]
 }
+
+/// `rekey` in the background, its output discarded (to be killed by a test).
+pub fn spawn_rekey(args: &[&str], env: &[(&str, String)]) -> std::process::Child {
+    rekey_cmd(args, env).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn rekey")
+}
+
+/// Waits until the values committed by every job of the database reach
+/// `threshold`, or `child` has exited.
+pub async fn wait_for_progress(db: &TestDb, child: &mut std::process::Child, threshold: i64) {
+    loop {
+        let done: i64 = db
+            .client
+            .query_one(
+                "SELECT coalesce(sum(p.values_rewritten), 0)::bigint FROM pg_namespace n
+                   LEFT JOIN rekey.progress p ON true WHERE n.nspname = 'rekey'",
+                &[],
+            )
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        if done >= threshold || child.try_wait().map(|s| s.is_some()).unwrap_or(true) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+}
+
+/// Runs a Python script (stdin `input`), returning stdout; fails the test on error.
+pub fn python(script: &str, args: &[&str], input: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 is needed (scripts/test.sh installs cryptography and tink)");
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "python failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+

@@ -1,7 +1,6 @@
 //! The rotation lifecycle around a run: `rekey rotate` and `rekey secrets`,
 //! with the keyring file and with keys in the environment, and the audit trail.
 
-use std::time::Duration;
 
 use base64::Engine as _;
 use rekey::keyring::file::KeyringFile;
@@ -105,19 +104,8 @@ async fn a_rotation_killed_between_stage_and_promote_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let (job, keyring) = file_job(&db, &dir);
     let args = ["rotate", "--job", job.as_str(), "--json", "--batch-size", "200"];
-    let mut child = rekey_cmd(&args, &pass_env()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
-    loop {
-        let done: i64 = db
-            .client
-            .query_one("SELECT coalesce(sum(p.values_rewritten), 0)::bigint FROM pg_namespace n LEFT JOIN rekey.progress p ON true WHERE n.nspname = 'rekey'", &[])
-            .await
-            .map(|r| r.get(0))
-            .unwrap_or(0);
-        if done > 5_000 || child.try_wait().unwrap().is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let mut child = spawn_rekey(&args, &pass_env());
+    wait_for_progress(&db, &mut child, 5_000 + 1).await;
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(keyring_table(&keyring).id_in(KeyState::Pending), Some(2), "killed after staging");
