@@ -198,6 +198,47 @@ impl KeyTable {
     }
 }
 
+/// One key as the stores write it (keyring file, Secrets Manager, KMS
+/// keyring): `material` is the store's own encoding of the key (sealed,
+/// hex, or KMS-wrapped), absent once retired.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredKey {
+    /// Key id.
+    pub id: KeyId,
+    /// Lifecycle state.
+    pub state: KeyState,
+    /// Created, RFC 3339.
+    pub created_at: String,
+    /// Last state change, RFC 3339.
+    pub changed_at: String,
+    /// Fingerprint of the key, to recognise it without opening the store.
+    #[serde(default)]
+    pub fingerprint: String,
+    /// The key in the store's encoding; absent once retired.
+    pub material: Option<String>,
+}
+
+impl StoredKey {
+    /// An entry as stored, with its material encoded by `encode`.
+    pub fn from_entry(e: &Entry, encode: impl FnOnce(&Key) -> String) -> StoredKey {
+        StoredKey {
+            id: e.id,
+            state: e.state,
+            created_at: rfc3339(e.created_at),
+            changed_at: rfc3339(e.changed_at),
+            fingerprint: e.key.as_ref().map(Key::fingerprint).unwrap_or_default(),
+            material: e.key.as_ref().map(encode),
+        }
+    }
+
+    /// Back to an entry, with the key the caller decoded from `material`.
+    pub fn into_entry(self, key: Option<Key>) -> Entry {
+        let at = |t: &str| humantime::parse_rfc3339(t).ok().and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
+        Entry { id: self.id, state: self.state, created_at: at(&self.created_at), changed_at: at(&self.changed_at), key }
+    }
+}
+
 /// What `rekey secrets show` prints for one key: never material.
 #[derive(Debug, Clone, Serialize)]
 pub struct KeyInfo {

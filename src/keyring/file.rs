@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::{Key, KeyId, KEY_LEN};
-use crate::lifecycle::{Entry, KeyState, KeyTable};
+use crate::lifecycle::{KeyState, KeyTable, StoredKey};
 
 /// Format tag written in every keyring file.
 const FORMAT: &str = "rekey-keyring/1";
@@ -81,24 +81,6 @@ struct Kdf {
     p_cost: u32,
 }
 
-/// One key as stored.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StoredKey {
-    /// Key id.
-    id: KeyId,
-    /// Lifecycle state.
-    state: KeyState,
-    /// Created, RFC 3339.
-    created_at: String,
-    /// Last state change, RFC 3339.
-    changed_at: String,
-    /// Fingerprint of the material (to recognise a key without opening the file).
-    fingerprint: String,
-    /// Base64 of nonce | sealed key | tag; absent once retired.
-    sealed: Option<String>,
-}
-
 /// The file's JSON.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -107,7 +89,7 @@ struct Document {
     format: String,
     /// How the key-encryption key is derived.
     kdf: Kdf,
-    /// The keys.
+    /// The keys; `material` is base64 of nonce | sealed key | tag.
     keys: Vec<StoredKey>,
 }
 
@@ -176,16 +158,15 @@ impl KeyringFile {
         }
         let kek = derive(path, passphrase, &doc.kdf)?;
         let mut table = KeyTable::default();
-        for k in &doc.keys {
-            let parse_time = |t: &str| humantime::parse_rfc3339(t).ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
-            let key = match &k.sealed {
+        for k in doc.keys {
+            let key = match &k.material {
                 None => None,
                 Some(sealed) => Some(open_key(&kek, k.id, sealed).ok_or_else(|| FileKeyringError::WrongPassphrase {
                     path: path.to_path_buf(),
                     var: passphrase_var.to_string(),
                 })?),
             };
-            table.entries.push(Entry { id: k.id, state: k.state, created_at: parse_time(&k.created_at), changed_at: parse_time(&k.changed_at), key });
+            table.entries.push(k.into_entry(key));
         }
         Ok(KeyringFile { path: path.to_path_buf(), kdf: doc.kdf, kek, table })
     }
@@ -196,19 +177,7 @@ impl KeyringFile {
     }
 
     fn document(&self) -> Result<Document, FileKeyringError> {
-        let keys = self
-            .table
-            .entries
-            .iter()
-            .map(|e| StoredKey {
-                id: e.id,
-                state: e.state,
-                created_at: crate::lifecycle::rfc3339(e.created_at),
-                changed_at: crate::lifecycle::rfc3339(e.changed_at),
-                fingerprint: e.key.as_ref().map(Key::fingerprint).unwrap_or_default(),
-                sealed: e.key.as_ref().map(|k| seal_key(&self.kek, k)),
-            })
-            .collect();
+        let keys = self.table.entries.iter().map(|e| StoredKey::from_entry(e, |k| seal_key(&self.kek, k))).collect();
         Ok(Document { format: FORMAT.into(), kdf: self.kdf.clone(), keys })
     }
 
@@ -301,6 +270,7 @@ fn open_key(kek: &LessSafeKey, id: KeyId, sealed: &str) -> Option<Key> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lifecycle::Entry;
 
     fn table() -> KeyTable {
         KeyTable { entries: vec![Entry { id: 1, state: KeyState::Current, created_at: 100, changed_at: 100, key: Some(Key::new(1, [7; 32])) }] }

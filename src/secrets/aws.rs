@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::job::KeysSpec;
-use crate::keyring::{Key, KeyId};
-use crate::lifecycle::{rfc3339, Entry, KeyState, KeyTable};
+use crate::keyring::Key;
+use crate::lifecycle::{Entry, KeyState, KeyTable, StoredKey};
 use crate::Error;
 
 /// Format tag of the secret's JSON.
@@ -31,24 +31,8 @@ const FORMAT: &str = "rekey-keyring/1";
 struct Document {
     /// Always [`FORMAT`].
     format: String,
-    /// The keys.
+    /// The keys; `material` is the key as 64 hex characters.
     keys: Vec<StoredKey>,
-}
-
-/// One key in the secret.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StoredKey {
-    /// Key id.
-    id: KeyId,
-    /// State.
-    state: KeyState,
-    /// Created, RFC 3339.
-    created_at: String,
-    /// Last state change, RFC 3339.
-    changed_at: String,
-    /// 64 hex characters; absent once retired.
-    key: Option<String>,
 }
 
 /// A secret's versions by label, and its keys.
@@ -103,12 +87,11 @@ fn parse(secret: &str, text: &str) -> Result<KeyTable, Error> {
     }
     let mut table = KeyTable::default();
     for k in doc.keys {
-        let key = match &k.key {
+        let key = match &k.material {
             None => None,
             Some(hex) => Some(Key::parse(k.id, hex).map_err(|e| Error::Config(format!("secret {secret:?}, key {}: {e}", k.id)))?),
         };
-        let at = |t: &str| humantime::parse_rfc3339(t).ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
-        table.entries.push(Entry { id: k.id, state: k.state, created_at: at(&k.created_at), changed_at: at(&k.changed_at), key });
+        table.entries.push(k.into_entry(key));
     }
     Ok(table)
 }
@@ -116,17 +99,7 @@ fn parse(secret: &str, text: &str) -> Result<KeyTable, Error> {
 fn render(table: &KeyTable) -> Zeroizing<String> {
     let doc = Document {
         format: FORMAT.into(),
-        keys: table
-            .entries
-            .iter()
-            .map(|e| StoredKey {
-                id: e.id,
-                state: e.state,
-                created_at: rfc3339(e.created_at),
-                changed_at: rfc3339(e.changed_at),
-                key: e.key.as_ref().map(|k| hex::encode(k.material())),
-            })
-            .collect(),
+        keys: table.entries.iter().map(|e| StoredKey::from_entry(e, |k| hex::encode(k.material()))).collect(),
     };
     Zeroizing::new(serde_json::to_string(&doc).unwrap_or_default())
 }

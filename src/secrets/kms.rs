@@ -17,7 +17,7 @@ use zeroize::Zeroizing;
 use crate::job::KeysSpec;
 use crate::keyring::file;
 use crate::keyring::{Key, KeyId, KEY_LEN};
-use crate::lifecycle::{rfc3339, Entry, KeyState, KeyTable};
+use crate::lifecycle::{KeyState, KeyTable, StoredKey};
 use crate::Error;
 
 /// Format tag of a KMS-wrapped keyring file.
@@ -31,26 +31,8 @@ struct Document {
     format: String,
     /// The master key the data keys are wrapped under.
     kms_key_id: String,
-    /// The keys.
+    /// The keys; `material` is base64 of the KMS ciphertext blob.
     keys: Vec<StoredKey>,
-}
-
-/// One wrapped key.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StoredKey {
-    /// Key id.
-    id: KeyId,
-    /// State.
-    state: KeyState,
-    /// Created, RFC 3339.
-    created_at: String,
-    /// Last state change, RFC 3339.
-    changed_at: String,
-    /// Fingerprint of the unwrapped key.
-    fingerprint: String,
-    /// Base64 of the KMS ciphertext blob; absent once retired.
-    wrapped: Option<String>,
 }
 
 /// A KMS-wrapped keyring file, opened.
@@ -104,8 +86,7 @@ impl KmsKeyring {
         let mut table = KeyTable::default();
         let mut wrapped = HashMap::new();
         for k in doc.keys {
-            let at = |t: &str| humantime::parse_rfc3339(t).ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
-            let key = match &k.wrapped {
+            let key = match &k.material {
                 None => None,
                 Some(b64) => {
                     let blob = B64.decode(b64).map_err(|_| Error::Config(format!("keyring file {}: key {} is not base64", path.display(), k.id)))?;
@@ -122,7 +103,7 @@ impl KmsKeyring {
                     Some(Key::new(k.id, material))
                 }
             };
-            table.entries.push(Entry { id: k.id, state: k.state, created_at: at(&k.created_at), changed_at: at(&k.changed_at), key });
+            table.entries.push(k.into_entry(key));
         }
         Ok(KmsKeyring { path, kms_key_id: doc.kms_key_id, client, wrapped, table })
     }
@@ -163,34 +144,25 @@ impl KmsKeyring {
 
     /// Wraps any key not wrapped yet and writes the file atomically.
     pub async fn save(&mut self) -> Result<(), Error> {
-        let mut keys = Vec::new();
         for e in &self.table.entries {
-            let wrapped = match &e.key {
-                None => None,
-                Some(k) => {
-                    if !self.wrapped.contains_key(&e.id) {
-                        let out = self
-                            .client
-                            .encrypt()
-                            .key_id(&self.kms_key_id)
-                            .plaintext(Blob::new(k.material().to_vec()))
-                            .send()
-                            .await
-                            .map_err(|err| kms_err(&format!("wrapping key {}", e.id), aws_sdk_kms::error::DisplayErrorContext(err)))?;
-                        self.wrapped.insert(e.id, out.ciphertext_blob().map(|b| b.as_ref().to_vec()).unwrap_or_default());
-                    }
-                    self.wrapped.get(&e.id).map(|b| B64.encode(b))
-                }
-            };
-            keys.push(StoredKey {
-                id: e.id,
-                state: e.state,
-                created_at: rfc3339(e.created_at),
-                changed_at: rfc3339(e.changed_at),
-                fingerprint: e.key.as_ref().map(Key::fingerprint).unwrap_or_default(),
-                wrapped,
-            });
+            if let (Some(k), false) = (&e.key, self.wrapped.contains_key(&e.id)) {
+                let out = self
+                    .client
+                    .encrypt()
+                    .key_id(&self.kms_key_id)
+                    .plaintext(Blob::new(k.material().to_vec()))
+                    .send()
+                    .await
+                    .map_err(|err| kms_err(&format!("wrapping key {}", e.id), aws_sdk_kms::error::DisplayErrorContext(err)))?;
+                self.wrapped.insert(e.id, out.ciphertext_blob().map(|b| b.as_ref().to_vec()).unwrap_or_default());
+            }
         }
+        let keys = self
+            .table
+            .entries
+            .iter()
+            .map(|e| StoredKey::from_entry(e, |_| self.wrapped.get(&e.id).map(|b| B64.encode(b)).unwrap_or_default()))
+            .collect();
         let doc = Document { format: FORMAT.into(), kms_key_id: self.kms_key_id.clone(), keys };
         let json = serde_json::to_string_pretty(&doc).map_err(|e| Error::Runtime(e.to_string()))?;
         let err = |e: file::FileKeyringError| Error::Runtime(e.to_string());
