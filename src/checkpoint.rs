@@ -200,6 +200,11 @@ fn counts_from(r: &tokio_postgres::Row, first: usize) -> Counts {
     }
 }
 
+/// The six counters, in `rekey.progress` column order, as bigint parameters.
+fn as_params(c: &Counts) -> [i64; 6] {
+    [c.rows_scanned, c.rows_rewritten, c.values_rewritten, c.values_skipped, c.values_failed, c.conflicts].map(|v| i64::try_from(v).unwrap_or(i64::MAX))
+}
+
 /// Records a committed batch inside its own transaction.
 pub async fn record_batch(
     tx: &impl GenericClient,
@@ -209,26 +214,14 @@ pub async fn record_batch(
     done: bool,
     c: &Counts,
 ) -> Result<(), tokio_postgres::Error> {
-    let n = |v: u64| v as i64;
+    let v = as_params(c);
     tx.execute(
         "UPDATE rekey.progress SET last_key = coalesce($4, last_key), done = $5,
                 rows_scanned = rows_scanned + $6, rows_rewritten = rows_rewritten + $7,
                 values_rewritten = values_rewritten + $8, values_skipped = values_skipped + $9,
                 values_failed = values_failed + $10, conflicts = conflicts + $11, updated_at = now()
           WHERE job_id = $1 AND target = $2 AND range_no = $3",
-        &[
-            &job_id,
-            &(state.target as i32),
-            &state.range_no,
-            &last,
-            &done,
-            &n(c.rows_scanned),
-            &n(c.rows_rewritten),
-            &n(c.values_rewritten),
-            &n(c.values_skipped),
-            &n(c.values_failed),
-            &n(c.conflicts),
-        ],
+        &[&job_id, &(state.target as i32), &state.range_no, &last, &done, &v[0], &v[1], &v[2], &v[3], &v[4], &v[5]],
     )
     .await
     .map(|_| ())
@@ -236,7 +229,7 @@ pub async fn record_batch(
 
 /// Counts a batch of conflict re-reads, inside its own transaction.
 pub async fn record_retry(tx: &impl GenericClient, job_id: i64, target: usize, table: &str, c: &Counts) -> Result<(), tokio_postgres::Error> {
-    let n = |v: u64| v as i64;
+    let v = as_params(c);
     tx.execute(
         "INSERT INTO rekey.progress AS p (job_id, target, range_no, table_name, done, rows_scanned, rows_rewritten,
                 values_rewritten, values_skipped, values_failed, conflicts)
@@ -245,18 +238,7 @@ pub async fn record_retry(tx: &impl GenericClient, job_id: i64, target: usize, t
                 rows_scanned = p.rows_scanned + EXCLUDED.rows_scanned, rows_rewritten = p.rows_rewritten + EXCLUDED.rows_rewritten,
                 values_rewritten = p.values_rewritten + EXCLUDED.values_rewritten, values_skipped = p.values_skipped + EXCLUDED.values_skipped,
                 values_failed = p.values_failed + EXCLUDED.values_failed, conflicts = p.conflicts + EXCLUDED.conflicts, updated_at = now()",
-        &[
-            &job_id,
-            &(target as i32),
-            &RETRY_RANGE,
-            &table,
-            &n(c.rows_scanned),
-            &n(c.rows_rewritten),
-            &n(c.values_rewritten),
-            &n(c.values_skipped),
-            &n(c.values_failed),
-            &n(c.conflicts),
-        ],
+        &[&job_id, &(target as i32), &RETRY_RANGE, &table, &v[0], &v[1], &v[2], &v[3], &v[4], &v[5]],
     )
     .await
     .map(|_| ())
