@@ -27,10 +27,7 @@ use crate::stats::LiveCounts;
 use crate::verify::{self, Depth};
 use crate::Error;
 
-/// Exit code: verify found values not on the target key.
-const EXIT_NOT_VERIFIED: u8 = 4;
-/// Exit code: stopped by a signal.
-const EXIT_STOPPED: u8 = 130;
+use crate::commands::{EXIT_NOT_VERIFIED, EXIT_STOPPED};
 
 /// How a rotation runs.
 #[derive(Debug, Clone)]

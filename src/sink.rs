@@ -95,7 +95,7 @@ impl Writer {
             let update = client.prepare(&sql::update_from_stage(t, true)).await.ctx(what)?;
             let update_any = client.prepare(&sql::update_from_stage(t, false)).await.ctx(what)?;
             let quarantine = client.prepare(&sql::insert_quarantine(t)).await.ctx(what)?;
-            let unapplied = client.prepare(&unapplied_sql(t)).await.ctx(what)?;
+            let unapplied = client.prepare(&sql::unapplied_in_stage(t)).await.ctx(what)?;
             prepared.insert(t.index, Prepared { update, update_any, quarantine, unapplied });
         }
         Ok(Writer { client, job_id, prepared })
@@ -204,28 +204,6 @@ impl Writer {
 /// The key columns of a page row as raw parameters.
 fn key_params<'a>(target: &Target, row: &'a Row) -> Vec<RawParam<'a>> {
     (0..target.key.len()).map(|k| RawParam(row.try_get::<_, RawRef>(k).map(|v| v.0).unwrap_or_default())).collect()
-}
-
-/// Staged rows whose values the UPDATE did not put in place (changed or
-/// deleted by someone else since they were read).
-fn unapplied_sql(target: &Target) -> String {
-    let stage = sql::stage_table(target);
-    let keys = (0..target.key.len()).map(|i| format!("s.k{i}")).collect::<Vec<_>>().join(", ");
-    let join = target
-        .key
-        .iter()
-        .enumerate()
-        .map(|(i, k)| format!("t.{} = s.k{i}", crate::db::quote_ident(&k.name)))
-        .collect::<Vec<_>>()
-        .join(" AND ");
-    let applied = target
-        .columns
-        .iter()
-        .enumerate()
-        .map(|(i, c)| format!("t.{} IS NOT DISTINCT FROM coalesce(s.n{i}, s.o{i})", crate::db::quote_ident(&c.name)))
-        .collect::<Vec<_>>()
-        .join(" AND ");
-    format!("SELECT {keys} FROM {stage} AS s WHERE NOT EXISTS (SELECT 1 FROM {} AS t WHERE {join} AND {applied})", target.qualified())
 }
 
 /// Looks up the text form of failed values' keys for reports, writing nothing

@@ -226,6 +226,28 @@ pub fn update_from_stage(target: &Target, bounded: bool) -> String {
     format!("UPDATE {} AS t SET {sets} FROM {} AS s WHERE {join}{range} AND {cas}", target.qualified(), stage_table(target))
 }
 
+/// Staged rows whose values the UPDATE did not put in place (changed or
+/// deleted by someone else since they were read).
+pub fn unapplied_in_stage(target: &Target) -> String {
+    let stage = stage_table(target);
+    let keys = (0..target.key.len()).map(|i| format!("s.k{i}")).collect::<Vec<_>>().join(", ");
+    let join = target
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("t.{} = s.k{i}", quote_ident(&k.name)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let applied = target
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("t.{} IS NOT DISTINCT FROM coalesce(s.n{i}, s.o{i})", quote_ident(&c.name)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    format!("SELECT {keys} FROM {stage} AS s WHERE NOT EXISTS (SELECT 1 FROM {} AS t WHERE {join} AND {applied})", target.qualified())
+}
+
 /// Records one undecryptable value. Parameters: job id, table label, column,
 /// key as bytea[], error kind, then the key columns for the text lookup.
 pub fn insert_quarantine(target: &Target) -> String {
