@@ -192,9 +192,12 @@ fn free_port() -> Result<u16, ClusterError> {
 }
 
 fn is_root() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    // /proc/self belongs to the process's effective user.
-    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+    // The effective uid is the second field of `Uid:` (not /proc/self's owner,
+    // which is root for a non-dumpable process whoever runs it).
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(2)).map(|uid| uid == "0"))
+        .unwrap_or(false)
 }
 
 /// The directory holding initdb and pg_ctl.

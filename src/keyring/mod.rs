@@ -233,6 +233,20 @@ pub enum KeyEncoding {
     Fernet,
 }
 
+/// Keeps key material out of core dumps: marks the process non-dumpable on
+/// Linux (which also bars ptrace attach by other unprivileged processes).
+/// Returns whether that took effect.
+pub fn forbid_core_dumps() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        nix::sys::prctl::set_dumpable(false).is_ok()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        false
+    }
+}
+
 /// 32 fresh bytes from the operating system's CSPRNG.
 pub fn generate_material() -> Zeroizing<[u8; KEY_LEN]> {
     use rand_core::{OsRng, RngCore};
@@ -280,6 +294,13 @@ mod tests {
         let k2 = Key::new(2, [2; 32]);
         let ring = Keyring::new(vec![k1, k2], 1, Some(2)).unwrap();
         assert_eq!(ring.target().id(), 2);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_process_is_made_non_dumpable() {
+        assert!(forbid_core_dumps());
+        assert_eq!(nix::sys::prctl::get_dumpable().ok(), Some(false));
     }
 
     #[test]
