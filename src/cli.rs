@@ -67,6 +67,9 @@ pub struct RunArgs {
     /// Abandon an unfinished job of this name and start a new one.
     #[arg(long)]
     pub restart: bool,
+    /// Run even when no sampled value opens with the keys given (every such value is quarantined).
+    #[arg(long)]
+    pub force: bool,
     /// No progress line.
     #[arg(long, short)]
     pub quiet: bool,

@@ -161,6 +161,9 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
     let started = Instant::now();
     let live = Arc::new(LiveCounts::default());
 
+    if !args.dry_run && !args.force {
+        crate::verify::preflight(&client, &job).await?;
+    }
     let (outcome, prior, job_id, resumed) = if args.dry_run {
         let ranges = ephemeral_ranges(&client, &job, lanes).await?;
         let progress = Progress::new(stale_rows(&client, &job).await?, "dry run", args.quiet || args.common.json);

@@ -135,6 +135,39 @@ pub async fn verify(db: &Database, client: &Client, job: &Arc<Job>, depth: Depth
     })
 }
 
+/// Values read from each target before a run to prove the keys open something.
+const PREFLIGHT_ROWS: i64 = 200;
+
+/// Before anything is written: decrypts the first stale values of every
+/// target, and refuses when none of them opens and most fail authentication
+/// (the wrong key given), which would otherwise quarantine the whole table. A target
+/// with some values that open and some that do not proceeds: those are
+/// quarantined one by one.
+pub async fn preflight(client: &Client, job: &Job) -> Result<(), Error> {
+    for t in &job.targets {
+        let (text, prefixed) = sql::select_page(t, sql::Bounds { lower: false, upper: false }, true);
+        let prefixes: Vec<Vec<u8>> = prefixed.iter().filter_map(|&c| t.stale_prefix(c)).collect();
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = prefixes.iter().map(|p| p as _).collect();
+        params.push(&PREFLIGHT_ROWS);
+        let rows = client.query(&text, &params).await.ctx(|| format!("reading a sample of {}", t.table))?;
+        let mut cells = Vec::new();
+        transform::classify(t, &rows, &mut cells);
+        let tried = cells.iter().filter(|c| !matches!(c, Cell::Null)).count();
+        let opened = cells.iter().filter(|c| matches!(c, Cell::Opened(..))).count();
+        // A wrong key shows as authentication failures; a few malformed
+        // values (truncated, not base64) left over from an earlier run do not.
+        let wrong_key = cells.iter().filter(|c| matches!(c, Cell::Failed(crate::codec::CodecError::AuthFailed))).count();
+        if tried > 0 && opened == 0 && 2 * wrong_key >= tried {
+            return Err(Error::Config(format!(
+                "none of the {tried} values sampled from {} opens with the keys given (a wrong old key, or the wrong format?); \
+                 nothing was written. Fix the keys or the job file, or pass --force to quarantine every value that does not open",
+                t.table
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Decrypts up to `n` sampled rows of a target; returns rows sampled and the failed keys.
 async fn sample_target(client: &Client, t: &Target, n: u32) -> Result<(u64, Vec<(String, usize)>), Error> {
     if n == 0 {

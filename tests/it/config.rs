@@ -108,3 +108,20 @@ async fn resuming_with_a_changed_job_file_is_refused() {
         .unwrap();
     assert_refused(&db, &job, &seed_env(), "started from a different job file").await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_that_opens_nothing_is_refused_before_any_write_unless_forced() {
+    let (db, dir) = patients().await;
+    let job = job_with(&dir, &db, GOOD);
+    let wrong_v1 = "9999999999999999999999999999999999999999999999999999999999999999";
+    let env = vec![("ENCRYPTION_KEY_V1", wrong_v1.to_string()), ("ENCRYPTION_KEY_V2", K2.to_string()), ("ENCRYPTION_CURRENT_VERSION", "2".to_string())];
+    assert_refused(&db, &job, &env, "none of the 100 values sampled from public.patient_persons opens").await;
+    let schema: bool = db.client.query_one("SELECT to_regnamespace('rekey') IS NOT NULL", &[]).await.unwrap().get(0);
+    assert!(!schema, "refused, yet engine state was created");
+
+    let before = db.checksum("patient_persons").await;
+    let out = rekey(&["run", "--job", &job, "--force", "--json"], &env);
+    assert_eq!(out.status.code(), Some(3), "{}", printed(&out));
+    assert_eq!((json(&out)["values_failed"].as_u64(), json(&out)["values_rewritten"].as_u64()), (Some(100), Some(0)));
+    assert_eq!(db.checksum("patient_persons").await, before, "a value was overwritten");
+}
