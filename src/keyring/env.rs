@@ -50,6 +50,12 @@ pub enum EnvKeyError {
         /// The prefix searched.
         prefix: String,
     },
+    /// A variable's value is not text (not valid UTF-8).
+    #[error("{var} is not valid text: a key is 64 hex characters or base64")]
+    NotText {
+        /// The variable at fault.
+        var: String,
+    },
     /// The keys do not form a valid keyring.
     #[error("environment keys: {0}")]
     Keyring(#[from] KeyringError),
@@ -57,10 +63,15 @@ pub enum EnvKeyError {
 
 /// Reads a keyring from the process environment.
 pub fn from_process_env(prefix: &str) -> Result<Keyring, EnvKeyError> {
-    let vars: Vec<(String, String)> = std::env::vars_os()
-        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-        .filter(|(k, _)| k.starts_with(prefix))
-        .collect();
+    let mut vars = Vec::new();
+    for (k, v) in std::env::vars_os() {
+        let Ok(name) = k.into_string() else { continue };
+        if !name.starts_with(prefix) {
+            continue;
+        }
+        let value = v.into_string().map_err(|_| EnvKeyError::NotText { var: name.clone() })?;
+        vars.push((name, value));
+    }
     from_vars(prefix, &vars)
 }
 

@@ -125,3 +125,15 @@ async fn a_key_that_opens_nothing_is_refused_before_any_write_unless_forced() {
     assert_eq!((json(&out)["values_failed"].as_u64(), json(&out)["values_rewritten"].as_u64()), (Some(100), Some(0)));
     assert_eq!(db.checksum("patient_persons").await, before, "a value was overwritten");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_variable_that_is_not_text_names_the_variable() {
+    use std::os::unix::ffi::OsStrExt;
+    let (db, dir) = patients().await;
+    let job = job_with(&dir, &db, GOOD);
+    let mut cmd = rekey_cmd(&["run", "--job", &job], &[("ENCRYPTION_KEY_V1", K1.to_string()), ("ENCRYPTION_CURRENT_VERSION", "1".to_string())]);
+    cmd.env("ENCRYPTION_KEY_V2", std::ffi::OsStr::from_bytes(b"\xff\xfe"));
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(printed(&out).contains("ENCRYPTION_KEY_V2 is not valid text"), "{}", printed(&out));
+}
