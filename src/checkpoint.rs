@@ -14,7 +14,12 @@ use crate::stats::Counts;
 use crate::Error;
 
 /// The engine schema's migrations, in order. Never edit a released one.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../sql/001_engine_state.sql")), (2, include_str!("../sql/002_conflicts.sql")), (3, include_str!("../sql/003_rotations.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../sql/001_engine_state.sql")),
+    (2, include_str!("../sql/002_conflicts.sql")),
+    (3, include_str!("../sql/003_rotations.sql")),
+    (4, include_str!("../sql/004_rotation_fingerprint.sql")),
+];
 
 /// The `range_no` under which conflict re-reads are counted.
 pub const RETRY_RANGE: i32 = -1;

@@ -53,6 +53,7 @@ struct Rotation {
     new_key: KeyId,
     grace_s: i64,
     promoted_at_s: Option<i64>,
+    new_fingerprint: Option<String>,
 }
 
 /// One lifecycle command per job at a time: two racing `rotate`s could
@@ -71,6 +72,11 @@ pub async fn lock_lifecycle(client: &Client, name: &str) -> Result<(), Error> {
     }
 }
 
+/// The fingerprint of key `id` in the store, if it holds its material.
+fn fingerprint_of(store: &Store, id: KeyId) -> Option<String> {
+    store.table().entries.iter().find(|e| e.id == id).and_then(|e| e.key.as_ref()).map(crate::keyring::Key::fingerprint)
+}
+
 /// The job-level `[keys]` a rotation manages; targets with keys of their own are refused.
 pub fn job_keys(spec: &JobSpec) -> Result<KeysSpec, Error> {
     if spec.targets.iter().any(|t| t.keys.is_some() || t.to_keys.is_some()) {
@@ -82,7 +88,7 @@ pub fn job_keys(spec: &JobSpec) -> Result<KeysSpec, Error> {
 async fn open_rotation(client: &Client, name: &str) -> Result<Option<Rotation>, Error> {
     let row = client
         .query_opt(
-            "SELECT rotation_id, step, old_key, new_key, grace_s, extract(epoch FROM promoted_at)::bigint
+            "SELECT rotation_id, step, old_key, new_key, grace_s, extract(epoch FROM promoted_at)::bigint, new_fingerprint
                FROM rekey.rotations WHERE job_name = $1 AND step NOT IN ('retired', 'rolled_back')",
             &[&name],
         )
@@ -97,6 +103,7 @@ async fn open_rotation(client: &Client, name: &str) -> Result<Option<Rotation>, 
         new_key: key(r.get(3))?,
         grace_s: r.get(4),
         promoted_at_s: r.get(5),
+        new_fingerprint: r.get(6),
     }))
 }
 
@@ -152,10 +159,13 @@ pub async fn rotate(spec: &JobSpec, db: &Database, client: &mut Client, opts: &R
             let new = store.new_key(next).await?;
             let (id, changed) = store.table_mut().stage(new, now()).map_err(|e| Error::Config(e.to_string()))?;
             let instructions = if changed { store.save(opts.reveal).await? } else { Vec::new() };
+            // The environment's staged key is whatever the operator exports: known at the next step.
+            let fingerprint = if store.writable() { fingerprint_of(&store, id) } else { None };
             client
                 .execute(
-                    "INSERT INTO rekey.rotations (job_name, step, reason, operator, secret_id, old_key, new_key, grace_s) VALUES ($1, 'staged', $2, $3, $4, $5, $6, $7)",
-                    &[&name, &opts.audit.reason, &opts.audit.operator, &secret_id, &old.map(i64::from), &i64::from(id), &(opts.grace.as_secs() as i64)],
+                    "INSERT INTO rekey.rotations (job_name, step, reason, operator, secret_id, old_key, new_key, grace_s, new_fingerprint)
+                     VALUES ($1, 'staged', $2, $3, $4, $5, $6, $7, $8)",
+                    &[&name, &opts.audit.reason, &opts.audit.operator, &secret_id, &old.map(i64::from), &i64::from(id), &(opts.grace.as_secs() as i64), &fingerprint],
                 )
                 .await
                 .ctx(|| "recording the rotation".into())?;
@@ -170,6 +180,24 @@ pub async fn rotate(spec: &JobSpec, db: &Database, client: &mut Client, opts: &R
             continue;
         };
         let key_ref = format!("{secret_id}#{}", rot.new_key);
+        if let Some(found) = fingerprint_of(&store, rot.new_key) {
+            match &rot.new_fingerprint {
+                Some(staged) if *staged != found => {
+                    return Err(Error::Config(format!(
+                        "key {} in {secret_id} is not the key this rotation staged (fingerprint {found}, staged {staged}): it was changed by hand; \
+                         restore it, or roll back with `rekey secrets rollback`",
+                        rot.new_key
+                    )))
+                }
+                Some(_) => {}
+                None => {
+                    client
+                        .execute("UPDATE rekey.rotations SET new_fingerprint = $2 WHERE rotation_id = $1", &[&rot.id, &found])
+                        .await
+                        .ctx(|| "recording the staged key's fingerprint".into())?;
+                }
+            }
+        }
         match rot.step.as_str() {
             "staged" => {
                 if store.table().id_in(KeyState::Pending) != Some(rot.new_key) && store.table().id_in(KeyState::Current) != Some(rot.new_key) {

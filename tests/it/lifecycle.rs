@@ -221,3 +221,24 @@ async fn rotate_with_environment_keys_prints_each_change_and_checks_it_was_made(
         assert!(!trail.contains(key) && !trail.contains(&b64), "key material in the audit trail");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_staged_key_replaced_by_hand_stops_the_rotation() {
+    let db = TestDb::new().await;
+    db.seed_patients(500).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = file_job(&db, &dir);
+    assert_eq!(rekey(&["secrets", "stage", "--job", &job], &pass_env()).status.code(), Some(0));
+    let out = rekey(&["rotate", "--job", &job], &pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+
+    // someone swaps key 2's material in the store
+    let mut file = KeyringFile::open(&keyring, PASS.as_bytes(), "P").unwrap();
+    for e in file.table.entries.iter_mut().filter(|e| e.id == 2) {
+        e.key = Some(Key::new(2, [42; 32]));
+    }
+    file.save().unwrap();
+    let out = rekey(&["rotate", "--job", &job], &pass_env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(printed(&out).contains("not the key this rotation staged"), "{}", printed(&out));
+}
