@@ -70,6 +70,12 @@ pub struct RunArgs {
     /// Run even when no sampled value opens with the keys given (every such value is quarantined).
     #[arg(long)]
     pub force: bool,
+    /// Read at most this many rows per second (all lanes together), to spare a live primary.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_rows_per_sec: Option<u32>,
+    /// Stop cleanly after this long (e.g. 2h, 45m), checkpointed, with the time still needed (exit 5).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub run_time: Option<std::time::Duration>,
     /// No progress line.
     #[arg(long, short)]
     pub quiet: bool,

@@ -28,12 +28,23 @@ pub const EXIT_NOT_VERIFIED: u8 = 4;
 
 /// Exit code: stopped on request (SIGINT/SIGTERM) before finishing; resumable.
 pub const EXIT_STOPPED: u8 = 130;
+/// Exit code: stopped at the end of its `--run-time` window; resumable.
+pub const EXIT_WINDOW_ENDED: u8 = 5;
 
 /// Drives `work` to completion; the first SIGINT or SIGTERM asks it to stop
 /// cleanly (in-flight batches commit), a second one exits at once, which is
 /// still safe: every committed batch is checkpointed.
-async fn until_signalled<T>(work: impl std::future::Future<Output = T>, stop: &Stop) -> T {
+async fn until_signalled<T>(work: impl std::future::Future<Output = T>, stop: &Stop, deadline: Option<Instant>) -> T {
     tokio::pin!(work);
+    if let Some(deadline) = deadline {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                eprintln!("rekey: the --run-time window is over; stopping after the batches in flight commit");
+                stop.trigger();
+            }
+        }
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let mut signals = 0;
     loop {
@@ -130,6 +141,17 @@ fn print_json(value: &serde_json::Value) {
     println!("{value}");
 }
 
+/// How a rewrite starts and ends.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunControl {
+    /// Abandon an unfinished job of this name and start a new one.
+    pub restart: bool,
+    /// No progress line.
+    pub quiet: bool,
+    /// Stop cleanly at this instant (`--run-time`).
+    pub deadline: Option<Instant>,
+}
+
 /// Rewrites every stale value of `job` under its job lock, resuming an
 /// unfinished job of the same name; stops cleanly on SIGINT/SIGTERM.
 pub async fn rewrite(
@@ -137,17 +159,17 @@ pub async fn rewrite(
     client: &mut Client,
     job: &Arc<Job>,
     settings: Settings,
-    restart: bool,
-    quiet: bool,
+    control: RunControl,
     live: Arc<LiveCounts>,
 ) -> Result<(pipeline::Outcome, checkpoint::JobRecord), Error> {
+    let RunControl { restart, quiet, deadline } = control;
     checkpoint::ensure_schema(client).await?;
     checkpoint::lock_job(client, &job.name).await?;
     let mut record = checkpoint::open_job(client, job, settings.lanes, restart).await?;
     let progress = Progress::new(stale_rows(client, job).await?, "rewriting", quiet);
     let stop = settings.stop.clone();
     let ranges = std::mem::take(&mut record.ranges);
-    let outcome = until_signalled(pipeline::run(db, job.clone(), ranges, Mode::Rewrite { job_id: record.id }, settings, live, progress), &stop).await?;
+    let outcome = until_signalled(pipeline::run(db, job.clone(), ranges, Mode::Rewrite { job_id: record.id }, settings, live, progress), &stop, deadline).await?;
     Ok((outcome, record))
 }
 
@@ -157,7 +179,8 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
     let job = Arc::new(Job::resolve(&spec, &client).await?);
     let lanes = args.workers.map_or_else(default_lanes, usize::from);
     let stop = Stop::default();
-    let settings = Settings { lanes, batch_size: args.batch_size as usize, stop: stop.clone() };
+    let settings = Settings { lanes, batch_size: args.batch_size as usize, stop: stop.clone(), max_rows_per_sec: args.max_rows_per_sec };
+    let deadline = args.run_time.map(|d| Instant::now() + d);
     let started = Instant::now();
     let live = Arc::new(LiveCounts::default());
 
@@ -167,15 +190,23 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
     let (outcome, prior, job_id, resumed) = if args.dry_run {
         let ranges = ephemeral_ranges(&client, &job, lanes).await?;
         let progress = Progress::new(stale_rows(&client, &job).await?, "dry run", args.quiet || args.common.json);
-        let outcome = until_signalled(pipeline::run(&db, job.clone(), ranges, Mode::DryRun, settings, live, progress), &stop).await?;
+        let outcome = until_signalled(pipeline::run(&db, job.clone(), ranges, Mode::DryRun, settings, live, progress), &stop, deadline).await?;
         (outcome, Counts::default(), None, false)
     } else {
-        let (outcome, record) = rewrite(&db, &mut client, &job, settings, args.restart, args.quiet || args.common.json, live).await?;
+        let control = RunControl { restart: args.restart, quiet: args.quiet || args.common.json, deadline };
+        let (outcome, record) = rewrite(&db, &mut client, &job, settings, control, live).await?;
         (outcome, record.prior, Some(record.id), record.resumed)
     };
 
     let elapsed = started.elapsed().as_secs_f64();
     let c = outcome.counts;
+    let window_ended = outcome.stopped && deadline.is_some_and(|d| Instant::now() >= d);
+    let (remaining_rows, projected_s) = if outcome.stopped {
+        let left = stale_rows(&client, &job).await?;
+        (Some(left), Some((left as f64 / (c.rows_scanned as f64 / elapsed.max(1e-9)).max(1e-9)).round()))
+    } else {
+        (None, None)
+    };
     let mut job_totals = prior;
     job_totals += c;
     let summary = json!({
@@ -191,6 +222,9 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
         "conflicts": c.conflicts,
         "conflicts_left": outcome.conflicts_left,
         "stopped": outcome.stopped,
+        "stopped_by": if !outcome.stopped { None } else if window_ended { Some("run-time") } else { Some("signal") },
+        "remaining_rows": remaining_rows,
+        "projected_s": projected_s,
         "elapsed_s": (elapsed * 1000.0).round() / 1000.0,
         "rows_per_s": (c.rows_scanned as f64 / elapsed.max(1e-9)).round(),
         "batch_ms_p50": outcome.batch_micros.value_at_quantile(0.5) as f64 / 1000.0,
@@ -244,7 +278,9 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
         }
     }
     let failed = if args.dry_run { c.values_failed } else { job_totals.values_failed };
-    Ok(if outcome.stopped {
+    Ok(if window_ended {
+        EXIT_WINDOW_ENDED
+    } else if outcome.stopped {
         EXIT_STOPPED
     } else if failed > 0 {
         EXIT_QUARANTINED
@@ -421,7 +457,7 @@ fn rotate_options(life: &LifecycleArgs, spec: &JobSpec, lanes: usize, batch_size
         audit: audit_for(life, spec),
         grace,
         reveal: life.reveal,
-        settings: Settings { lanes, batch_size, stop: Stop::default() },
+        settings: Settings { lanes, batch_size, stop: Stop::default(), max_rows_per_sec: None },
         quiet: quiet || life.common.json,
     }
 }

@@ -74,8 +74,34 @@ pub struct Settings {
     pub lanes: usize,
     /// Rows per batch.
     pub batch_size: usize,
-    /// Stops the run cleanly when triggered (signals, `rekey bench --interrupt-at`).
+    /// Stops the run cleanly when triggered (signals, `--run-time`, `rekey bench --interrupt-at`).
     pub stop: Stop,
+    /// Rows per second the sources may read, all lanes together (`--max-rows-per-sec`).
+    pub max_rows_per_sec: Option<u32>,
+}
+
+/// Spaces pages out so all lanes together read at most `rate` rows per second.
+#[derive(Debug)]
+struct Throttle {
+    /// Rows per second.
+    rate: f64,
+    /// When the next page may be read.
+    next: Mutex<std::time::Instant>,
+}
+
+impl Throttle {
+    /// Waits for the slot of a page of `rows` rows. Holds no transaction: the
+    /// source reads autocommit, between pages.
+    async fn wait(&self, rows: usize) {
+        let slot = {
+            let Ok(mut next) = self.next.lock() else { return };
+            let now = std::time::Instant::now();
+            let slot = (*next).max(now);
+            *next = slot + std::time::Duration::from_secs_f64(rows as f64 / self.rate);
+            slot
+        };
+        tokio::time::sleep_until(slot.into()).await;
+    }
 }
 
 /// What a whole pipeline run did.
@@ -155,6 +181,8 @@ struct Shared {
     progress: Progress,
     /// Pages hold this many rows.
     batch_size: usize,
+    /// The rows/s limit, if any.
+    throttle: Option<Throttle>,
 }
 
 impl Shared {
@@ -184,6 +212,7 @@ pub async fn run(db: &Database, job: Arc<Job>, ranges: Vec<RangeState>, mode: Mo
         live,
         progress,
         batch_size: settings.batch_size.max(1),
+        throttle: settings.max_rows_per_sec.map(|r| Throttle { rate: f64::from(r.max(1)), next: Mutex::new(std::time::Instant::now()) }),
     });
 
     let mut tasks: JoinSet<Result<Option<Outcome>, Error>> = JoinSet::new();
@@ -242,6 +271,13 @@ async fn read(shared: Arc<Shared>, mut source: Source, out: mpsc::Sender<Batch>)
             if shared.stop.requested() {
                 shared.cut_short.store(true, Ordering::Relaxed);
                 return Ok(None);
+            }
+            if let Some(throttle) = &shared.throttle {
+                throttle.wait(shared.batch_size).await;
+                if shared.stop.requested() {
+                    shared.cut_short.store(true, Ordering::Relaxed);
+                    return Ok(None);
+                }
             }
             let rows = source.page(target, after.as_ref(), state.range.upper.as_ref(), shared.batch_size).await?;
             let end = rows.len() < shared.batch_size;

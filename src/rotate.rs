@@ -210,7 +210,7 @@ pub async fn rotate(spec: &JobSpec, db: &Database, client: &mut Client, opts: &R
                 }
                 let job = Arc::new(Job::resolve(spec, client).await?);
                 verify::preflight(client, &job).await?;
-                let (outcome, record) = crate::commands::rewrite(db, client, &job, opts.settings.clone(), false, opts.quiet, Arc::new(LiveCounts::default())).await?;
+                let (outcome, record) = crate::commands::rewrite(db, client, &job, opts.settings.clone(), crate::commands::RunControl { quiet: opts.quiet, ..Default::default() }, Arc::new(LiveCounts::default())).await?;
                 if outcome.stopped {
                     lines.push("stopped during re-encryption; run `rekey rotate` again to resume".into());
                     return Ok(done(EXIT_STOPPED, lines, events, "staged"));

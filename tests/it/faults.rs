@@ -98,7 +98,7 @@ async fn an_application_update_between_read_and_write_is_not_overwritten() {
     let mut ranges = record.ranges.clone();
     ranges[0].done = true;
     let progress = rekey::progress::Progress::new(0, "test", true);
-    let settings = rekey::pipeline::Settings { lanes: 1, batch_size: 100, stop: Default::default() };
+    let settings = rekey::pipeline::Settings { lanes: 1, batch_size: 100, stop: Default::default(), max_rows_per_sec: None };
     let outcome = rekey::pipeline::run(&database, std::sync::Arc::new(job), ranges, rekey::pipeline::Mode::Rewrite { job_id: record.id }, settings, Default::default(), progress)
         .await
         .unwrap();

@@ -5,6 +5,7 @@ mod harness;
 
 mod aws;
 mod config;
+mod control;
 mod faults;
 mod formats;
 mod interop;
