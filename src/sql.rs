@@ -129,7 +129,7 @@ pub fn stale_filter(target: &Target, alias: &str, first: usize) -> (String, Vec<
 /// `only_stale`), then the row limit.
 pub fn select_page(target: &Target, bounds: Bounds, only_stale: bool) -> (String, Vec<usize>) {
     let keys = target.key_list("");
-    let cols = target.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
+    let cols = column_list(target);
     let mut next = 1;
     let mut conds = Vec::new();
     if bounds.lower {
@@ -168,6 +168,21 @@ pub fn target_filter(target: &Target) -> String {
     target.filter.as_ref().map(|f| format!(" AND ({f})")).unwrap_or_default()
 }
 
+/// The encrypted columns, quoted, comma-separated.
+fn column_list(target: &Target) -> String {
+    target.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ")
+}
+
+/// `f(i, quoted name)` for every encrypted column, joined by `sep`.
+fn per_column(target: &Target, sep: &str, f: impl Fn(usize, &str) -> String) -> String {
+    target.columns.iter().enumerate().map(|(i, c)| f(i, &quote_ident(&c.name))).collect::<Vec<_>>().join(sep)
+}
+
+/// `t."k1" = s.k0 AND ...`: a table row joined to its stage row.
+fn stage_join(target: &Target) -> String {
+    target.key.iter().enumerate().map(|(i, k)| format!("t.{} = s.k{i}", quote_ident(&k.name))).collect::<Vec<_>>().join(" AND ")
+}
+
 /// Name of the per-connection temp stage table for a target.
 pub fn stage_table(target: &Target) -> String {
     format!("pg_temp.rekey_stage_{}", target.index)
@@ -200,52 +215,24 @@ pub fn copy_stage(target: &Target) -> String {
 /// key range of the batch so the join reads only that stretch of the index.
 pub fn update_from_stage(target: &Target, bounded: bool) -> String {
     let n = target.key.len();
-    let sets = target
-        .columns
-        .iter()
-        .enumerate()
-        .map(|(i, c)| format!("{q} = COALESCE(s.n{i}, t.{q})", q = quote_ident(&c.name)))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let join = target
-        .key
-        .iter()
-        .enumerate()
-        .map(|(i, k)| format!("t.{} = s.k{i}", quote_ident(&k.name)))
-        .collect::<Vec<_>>()
-        .join(" AND ");
-    let cas = target
-        .columns
-        .iter()
-        .enumerate()
-        .map(|(i, c)| format!("t.{} IS NOT DISTINCT FROM s.o{i}", quote_ident(&c.name)))
-        .collect::<Vec<_>>()
-        .join(" AND ");
+    let sets = per_column(target, ", ", |i, q| format!("{q} = COALESCE(s.n{i}, t.{q})"));
+    let cas = per_column(target, " AND ", |i, q| format!("t.{q} IS NOT DISTINCT FROM s.o{i}"));
     let keys = target.key_list("t.");
     let range = if bounded { format!(" AND ({keys}) >= {} AND ({keys}) <= {}", key_params(target, 1), key_params(target, n + 1)) } else { String::new() };
-    format!("UPDATE {} AS t SET {sets} FROM {} AS s WHERE {join}{range} AND {cas}", target.qualified(), stage_table(target))
+    format!("UPDATE {} AS t SET {sets} FROM {} AS s WHERE {}{range} AND {cas}", target.qualified(), stage_table(target), stage_join(target))
 }
 
 /// Staged rows whose values the UPDATE did not put in place (changed or
 /// deleted by someone else since they were read).
 pub fn unapplied_in_stage(target: &Target) -> String {
-    let stage = stage_table(target);
     let keys = (0..target.key.len()).map(|i| format!("s.k{i}")).collect::<Vec<_>>().join(", ");
-    let join = target
-        .key
-        .iter()
-        .enumerate()
-        .map(|(i, k)| format!("t.{} = s.k{i}", quote_ident(&k.name)))
-        .collect::<Vec<_>>()
-        .join(" AND ");
-    let applied = target
-        .columns
-        .iter()
-        .enumerate()
-        .map(|(i, c)| format!("t.{} IS NOT DISTINCT FROM coalesce(s.n{i}, s.o{i})", quote_ident(&c.name)))
-        .collect::<Vec<_>>()
-        .join(" AND ");
-    format!("SELECT {keys} FROM {stage} AS s WHERE NOT EXISTS (SELECT 1 FROM {} AS t WHERE {join} AND {applied})", target.qualified())
+    let applied = per_column(target, " AND ", |i, q| format!("t.{q} IS NOT DISTINCT FROM coalesce(s.n{i}, s.o{i})"));
+    format!(
+        "SELECT {keys} FROM {} AS s WHERE NOT EXISTS (SELECT 1 FROM {} AS t WHERE {} AND {applied})",
+        stage_table(target),
+        target.qualified(),
+        stage_join(target)
+    )
 }
 
 /// Records one undecryptable value. Parameters: job id, table label, column,
@@ -266,7 +253,7 @@ pub fn insert_quarantine(target: &Target) -> String {
 /// row's key as text. Parameters: sample percent (real), row limit.
 pub fn select_sample(target: &Target) -> String {
     let keys = target.key_list("");
-    let cols = target.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
+    let cols = column_list(target);
     let filter = target.filter.as_ref().map(|f| format!(" WHERE ({f})")).unwrap_or_default();
     format!(
         "SELECT {keys}, {cols}{}, ROW({keys})::text AS \"rekey key\" FROM {} TABLESAMPLE BERNOULLI ($1){filter} LIMIT $2",
@@ -278,7 +265,7 @@ pub fn select_sample(target: &Target) -> String {
 /// One row by its key, in the layout of [`select_page`] (conflict re-reads).
 pub fn select_by_key(target: &Target) -> String {
     let keys = target.key_list("");
-    let cols = target.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
+    let cols = column_list(target);
     format!("SELECT {keys}, {cols}{} FROM {} WHERE ({keys}) = {}{}", aad_select(target), target.qualified(), key_params(target, 1), target_filter(target))
 }
 
