@@ -135,15 +135,7 @@ impl KeyTable {
         let Some(pending) = self.id_in(KeyState::Pending) else {
             return if self.id_in(KeyState::Previous).is_some() { Ok(false) } else { Err(LifecycleError::NothingToPromote) };
         };
-        for e in &mut self.entries {
-            if e.state == KeyState::Current {
-                e.state = KeyState::Previous;
-                e.changed_at = at;
-            } else if e.id == pending {
-                e.state = KeyState::Current;
-                e.changed_at = at;
-            }
-        }
+        self.make_current(pending, at);
         Ok(true)
     }
 
@@ -164,16 +156,21 @@ impl KeyTable {
             .max_by_key(|e| (e.changed_at, e.id))
             .map(|e| e.id)
             .ok_or(LifecycleError::NothingToRollBack)?;
+        self.make_current(previous, at);
+        Ok(true)
+    }
+
+    /// Key `id` becomes current; the current key becomes previous.
+    fn make_current(&mut self, id: KeyId, at: u64) {
         for e in &mut self.entries {
             if e.state == KeyState::Current {
                 e.state = KeyState::Previous;
                 e.changed_at = at;
-            } else if e.id == previous {
+            } else if e.id == id {
                 e.state = KeyState::Current;
                 e.changed_at = at;
             }
         }
-        Ok(true)
     }
 
     /// Removes a previous key's material. Idempotent for a retired key.

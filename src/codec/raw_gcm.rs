@@ -30,7 +30,7 @@ pub(super) fn prepare(format: &'static str, key: &Key) -> Result<LessSafeKey, Fo
 
 /// Opens a nonce | ciphertext | tag `body` under `key` into `buf` (cleared
 /// first; left holding the plaintext on success, zeros on failure).
-pub(super) fn open_body(key: &LessSafeKey, body: &[u8], aad: &[u8], buf: &mut Zeroizing<Vec<u8>>) -> Result<(), CodecError> {
+pub(super) fn open_body(key: &LessSafeKey, body: &[u8], aad: &[u8], buf: &mut Vec<u8>) -> Result<(), CodecError> {
     if body.len() < OVERHEAD {
         return Err(CodecError::Truncated);
     }

@@ -4,10 +4,10 @@
 //! version byte names the key, so SQL can tell stale values from current ones
 //! by their first byte.
 
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use ring::aead::{LessSafeKey, UnboundKey, AES_256_GCM, NONCE_LEN};
 use zeroize::Zeroizing;
 
-use super::{nonce, Codec, CodecError, FormatKeyError, Opened};
+use super::{raw_gcm, Codec, CodecError, FormatKeyError, Opened};
 use crate::keyring::{KeyId, Keyring};
 
 const TAG_LEN: usize = 16;
@@ -60,17 +60,9 @@ impl Codec for VersionedGcm {
     }
 
     fn open_into(&self, value: &[u8], aad: &[u8], plaintext: &mut Vec<u8>) -> Result<(KeyId, Option<u64>), CodecError> {
-        let (&version, rest) = value.split_first().ok_or(CodecError::Truncated)?;
+        let (&version, body) = value.split_first().ok_or(CodecError::Truncated)?;
         let key = self.keys[usize::from(version)].as_ref().ok_or(CodecError::UnknownKey)?;
-        if value.len() < OVERHEAD {
-            return Err(CodecError::Truncated);
-        }
-        let (nonce, sealed) = rest.split_at(NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| CodecError::Truncated)?;
-        plaintext.clear();
-        plaintext.extend_from_slice(sealed);
-        let len = key.open_in_place(nonce, Aad::from(aad), plaintext.as_mut_slice()).map_err(|_| CodecError::AuthFailed)?.len();
-        plaintext.truncate(len);
+        raw_gcm::open_body(key, body, aad, plaintext)?;
         Ok((KeyId::from(version), None))
     }
 
@@ -78,18 +70,10 @@ impl Codec for VersionedGcm {
         out.clear();
         out.reserve(OVERHEAD + plaintext.len());
         out.push(self.target);
-        let mut nonce_bytes = [0u8; NONCE_LEN];
-        nonce::fill(&mut nonce_bytes);
-        out.extend_from_slice(&nonce_bytes);
-        out.extend_from_slice(plaintext);
-        let key = self.keys[usize::from(self.target)].as_ref();
-        let tag = key.and_then(|key| {
-            key.seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce_bytes), Aad::from(aad), &mut out[1 + NONCE_LEN..]).ok()
-        });
-        match tag {
-            Some(tag) => out.extend_from_slice(tag.as_ref()),
-            // Only a value over GCM's 64 GiB limit gets here; an empty output
-            // fails verify-before-write and is quarantined, never written.
+        match self.keys[usize::from(self.target)].as_ref() {
+            Some(key) => raw_gcm::seal_body(key, plaintext, aad, out),
+            // The keyring guarantees the target has a key; an empty output
+            // would fail verify-before-write and be quarantined, never written.
             None => out.clear(),
         }
     }
