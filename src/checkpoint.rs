@@ -87,15 +87,32 @@ pub struct JobRecord {
     pub prior: Counts,
 }
 
+/// How long to wait for a session-level advisory lock: a process that was
+/// just killed leaves its server session (and the lock) alive until the
+/// server notices the closed connection, a moment later.
+const LOCK_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Takes the advisory lock named `name` for `client`'s session, retrying for
+/// [`LOCK_GRACE`]; false if another session still holds it then.
+pub async fn advisory_lock(client: &Client, name: &str) -> Result<bool, Error> {
+    let deadline = std::time::Instant::now() + LOCK_GRACE;
+    loop {
+        let got: bool = client
+            .query_one("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", &[&name])
+            .await
+            .ctx(|| format!("taking the lock {name:?}"))?
+            .get(0);
+        if got || std::time::Instant::now() >= deadline {
+            return Ok(got);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// Holds the job's advisory lock on a dedicated connection: one process per
 /// job at a time. Dropping the client releases it.
 pub async fn lock_job(client: &Client, name: &str) -> Result<(), Error> {
-    let got: bool = client
-        .query_one("SELECT pg_try_advisory_lock(hashtextextended('rekey.job:' || $1, 0))", &[&name])
-        .await
-        .ctx(|| "taking the job lock".into())?
-        .get(0);
-    if !got {
+    if !advisory_lock(client, &format!("rekey.job:{name}")).await? {
         return Err(Error::Runtime(format!(
             "job {name:?} is being run by another rekey process on this database; wait for it to finish, or stop it first"
         )));

@@ -60,12 +60,7 @@ struct Rotation {
 /// otherwise stage two different keys under one id. Held by `client`'s
 /// session until it closes.
 pub async fn lock_lifecycle(client: &Client, name: &str) -> Result<(), Error> {
-    let got: bool = client
-        .query_one("SELECT pg_try_advisory_lock(hashtextextended('rekey.lifecycle:' || $1, 0))", &[&name])
-        .await
-        .ctx(|| "taking the lifecycle lock".into())?
-        .get(0);
-    if got {
+    if checkpoint::advisory_lock(client, &format!("rekey.lifecycle:{name}")).await? {
         Ok(())
     } else {
         Err(Error::Runtime(format!("another rekey rotate or secrets command is working on job {name:?}; wait for it to finish")))
