@@ -243,7 +243,7 @@ async fn rekey_once(opts: &BenchOptions, db: &Database, client: &mut Client, job
         }
         samples
     };
-    let settings = Settings { lanes: opts.lanes, batch_size: opts.batch_size, stop: Default::default(), max_rows_per_sec: None };
+    let settings = Settings { lanes: opts.lanes, batch_size: opts.batch_size, ..Settings::default() };
     let run = async {
         if let Some(fraction) = kill_at {
             let threshold = (opts.rows as f64 * fraction) as u64;

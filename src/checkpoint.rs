@@ -19,6 +19,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (2, include_str!("../sql/002_conflicts.sql")),
     (3, include_str!("../sql/003_rotations.sql")),
     (4, include_str!("../sql/004_rotation_fingerprint.sql")),
+    (5, include_str!("../sql/005_leases_control_key_usage.sql")),
 ];
 
 /// The `range_no` under which conflict re-reads are counted.
@@ -109,20 +110,62 @@ pub async fn advisory_lock(client: &Client, name: &str) -> Result<bool, Error> {
     }
 }
 
-/// Holds the job's advisory lock on a dedicated connection: one process per
-/// job at a time. Dropping the client releases it.
-pub async fn lock_job(client: &Client, name: &str) -> Result<(), Error> {
-    if !advisory_lock(client, &format!("rekey.job:{name}")).await? {
-        return Err(Error::Runtime(format!(
-            "job {name:?} is being run by another rekey process on this database; wait for it to finish, or stop it first"
-        )));
+/// Joins the job on `client`'s session: any number of `rekey run` processes
+/// share a job (they lease its ranges), while `--restart` needs it to
+/// itself. The lock lasts as long as the session.
+pub async fn lock_job(client: &Client, name: &str, restart: bool) -> Result<(), Error> {
+    let lock = format!("rekey.job:{name}");
+    if restart {
+        if !advisory_lock(client, &lock).await? {
+            return Err(Error::Runtime(format!(
+                "job {name:?} is being run by other rekey processes on this database; stop them first (`rekey stop --job ...`), then restart"
+            )));
+        }
+        return Ok(());
     }
+    let deadline = std::time::Instant::now() + LOCK_GRACE;
+    loop {
+        let got: bool = client
+            .query_one("SELECT pg_try_advisory_lock_shared(hashtextextended($1, 0))", &[&lock])
+            .await
+            .ctx(|| format!("joining job {name:?}"))?
+            .get(0);
+        if got {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(Error::Runtime(format!("job {name:?} is being restarted by another rekey process; wait for it, then run again")));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Turns a `--restart`'s exclusive job lock into a shared one, so other
+/// processes can join the new job.
+pub async fn share_job_lock(client: &Client, name: &str) -> Result<(), Error> {
+    let lock = format!("rekey.job:{name}");
+    client
+        .execute("SELECT pg_advisory_lock_shared(hashtextextended($1, 0)), pg_advisory_unlock(hashtextextended($1, 0))", &[&lock])
+        .await
+        .ctx(|| format!("sharing job {name:?}"))?;
     Ok(())
 }
 
 /// Opens the job: resumes the unfinished job of this name when its spec and
 /// keys match, refuses when they do not, else plans ranges and starts a new one.
 pub async fn open_job(client: &mut Client, job: &Job, lanes: usize, restart: bool) -> Result<JobRecord, Error> {
+    // Processes starting together must agree on one job row: the first plans
+    // it, the others resume it.
+    let lock = format!("rekey.open:{}", job.name);
+    client.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", &[&lock]).await.ctx(|| format!("opening job {:?}", job.name))?;
+    let opened = open_job_locked(client, job, lanes, restart).await;
+    let unlocked = client.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", &[&lock]).await.ctx(|| format!("opening job {:?}", job.name));
+    let opened = opened?;
+    unlocked?;
+    Ok(opened)
+}
+
+async fn open_job_locked(client: &mut Client, job: &Job, lanes: usize, restart: bool) -> Result<JobRecord, Error> {
     let keys = job.describe_keys();
     let what = || format!("opening job {:?}", job.name);
     if let Some(row) = client
@@ -146,6 +189,8 @@ pub async fn open_job(client: &mut Client, job: &Job, lanes: usize, restart: boo
                 job.name
             )));
         } else {
+            // a stop asked of the last run is spent; a pause still holds
+            client.execute("UPDATE rekey.jobs SET control = 'run' WHERE job_id = $1 AND control = 'stop'", &[&id]).await.ctx(what)?;
             let (ranges, prior) = load_ranges(client, id, job.targets.len()).await?;
             return Ok(JobRecord { id, resumed: true, ranges, prior });
         }
@@ -227,26 +272,158 @@ fn as_params(c: &Counts) -> [i64; 6] {
     [c.rows_scanned, c.rows_rewritten, c.values_rewritten, c.values_skipped, c.values_failed, c.conflicts].map(|v| i64::try_from(v).unwrap_or(i64::MAX))
 }
 
-/// Records a committed batch inside its own transaction.
+/// Records a committed batch inside its own transaction, if `owner` still
+/// holds the range's lease; returns the job's `control` ("run", "pause",
+/// "stop"), or `None` when the lease was lost (the caller must roll back).
 pub async fn record_batch(
     tx: &impl GenericClient,
     job_id: i64,
     state: &RangeState,
+    owner: Option<&str>,
     last: Option<&KeyBytes>,
     done: bool,
     c: &Counts,
-) -> Result<(), tokio_postgres::Error> {
+) -> Result<Option<String>, tokio_postgres::Error> {
     let v = as_params(c);
-    tx.execute(
-        "UPDATE rekey.progress SET last_key = coalesce($4, last_key), done = $5,
-                rows_scanned = rows_scanned + $6, rows_rewritten = rows_rewritten + $7,
-                values_rewritten = values_rewritten + $8, values_skipped = values_skipped + $9,
-                values_failed = values_failed + $10, conflicts = conflicts + $11, updated_at = now()
-          WHERE job_id = $1 AND target = $2 AND range_no = $3",
-        &[&job_id, &(state.target as i32), &state.range_no, &last, &done, &v[0], &v[1], &v[2], &v[3], &v[4], &v[5]],
-    )
-    .await
-    .map(|_| ())
+    let row = tx
+        .query_opt(
+            "UPDATE rekey.progress SET last_key = coalesce($4, last_key), done = $5,
+                    rows_scanned = rows_scanned + $6, rows_rewritten = rows_rewritten + $7,
+                    values_rewritten = values_rewritten + $8, values_skipped = values_skipped + $9,
+                    values_failed = values_failed + $10, conflicts = conflicts + $11, updated_at = now()
+              WHERE job_id = $1 AND target = $2 AND range_no = $3 AND owner IS NOT DISTINCT FROM $12
+             RETURNING (SELECT control FROM rekey.jobs WHERE job_id = $1)",
+            &[&job_id, &(state.target as i32), &state.range_no, &last, &done, &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &owner],
+        )
+        .await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// Where a batch of a range stands: whether the checkpoint already covers
+/// `last` (a batch whose COMMIT's answer was lost with the connection).
+pub async fn batch_committed(client: &Client, job_id: i64, state: &RangeState, last: Option<&KeyBytes>) -> Result<bool, Error> {
+    let row = client
+        .query_one(
+            "SELECT done OR coalesce(last_key = $4, false) FROM rekey.progress WHERE job_id = $1 AND target = $2 AND range_no = $3",
+            &[&job_id, &(state.target as i32), &state.range_no, &last],
+        )
+        .await
+        .ctx(|| format!("checking whether a batch of job {job_id} committed"))?;
+    Ok(row.get(0))
+}
+
+/// How a lane's request for work went.
+#[derive(Debug)]
+pub enum Claim {
+    /// A range is now leased to this process; `from` names the owner it was taken over from.
+    Leased(RangeState, Option<String>),
+    /// Every unfinished range is leased to another live process.
+    Busy,
+    /// Every range is finished.
+    Finished,
+}
+
+/// Leases the first unfinished range nobody live holds to `owner` for `ttl`.
+/// `FOR UPDATE SKIP LOCKED` lets many lanes of many processes ask at once.
+pub async fn claim_range(client: &Client, job_id: i64, owner: &str, owner_pid: i32, ttl: std::time::Duration, targets: usize) -> Result<Claim, Error> {
+    let what = || format!("leasing a range of job {job_id}");
+    let ttl = ttl.as_secs_f64();
+    let row = client
+        .query_opt(
+            "WITH pick AS (
+                SELECT p.target, p.range_no, p.owner AS previous FROM rekey.progress p
+                 WHERE p.job_id = $1 AND p.range_no >= 0 AND NOT p.done
+                   AND (p.owner IS NULL OR (p.owner <> $2 AND (p.lease_until < now()
+                        OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = p.owner_pid))))
+                 ORDER BY p.target, p.range_no LIMIT 1
+                 FOR UPDATE OF p SKIP LOCKED)
+             UPDATE rekey.progress p SET owner = $2, owner_pid = $3, lease_until = now() + make_interval(secs => $4)
+               FROM pick WHERE p.job_id = $1 AND p.target = pick.target AND p.range_no = pick.range_no
+             RETURNING p.target, p.range_no, p.lower_key, p.upper_key, p.last_key, pick.previous",
+            &[&job_id, &owner, &owner_pid, &ttl],
+        )
+        .await
+        .ctx(what)?;
+    if let Some(r) = row {
+        let target = usize::try_from(r.get::<_, i32>(0)).ok().filter(|t| *t < targets).ok_or_else(|| {
+            Error::Runtime(format!("rekey.progress of job {job_id} names a target this job does not have; the engine state was edited by hand"))
+        })?;
+        let state = RangeState { target, range_no: r.get(1), range: KeyRange { lower: r.get(2), upper: r.get(3) }, last: r.get(4), done: false };
+        return Ok(Claim::Leased(state, r.get(5)));
+    }
+    let left: i64 = client
+        .query_one("SELECT count(*) FROM rekey.progress WHERE job_id = $1 AND range_no >= 0 AND NOT done", &[&job_id])
+        .await
+        .ctx(what)?
+        .get(0);
+    Ok(if left == 0 { Claim::Finished } else { Claim::Busy })
+}
+
+/// Extends `owner`'s leases (and records the pid of its home session, which
+/// changes after a reconnect); returns how many unfinished ranges it holds.
+pub async fn heartbeat(client: &Client, job_id: i64, owner: &str, ttl: std::time::Duration) -> Result<u64, Error> {
+    client
+        .execute(
+            "UPDATE rekey.progress SET lease_until = now() + make_interval(secs => $3), owner_pid = pg_backend_pid()
+              WHERE job_id = $1 AND owner = $2 AND NOT done",
+            &[&job_id, &owner, &ttl.as_secs_f64()],
+        )
+        .await
+        .ctx(|| format!("renewing the leases of job {job_id}"))
+}
+
+/// Gives back `owner`'s unfinished ranges, for other processes or the next run.
+pub async fn release_ranges(client: &Client, job_id: i64, owner: &str) -> Result<(), Error> {
+    client
+        .execute("UPDATE rekey.progress SET owner = NULL, owner_pid = NULL, lease_until = NULL WHERE job_id = $1 AND owner = $2 AND NOT done", &[&job_id, &owner])
+        .await
+        .ctx(|| format!("releasing the leases of job {job_id}"))?;
+    Ok(())
+}
+
+/// The job's live control: "run", "pause" or "stop".
+pub async fn job_control(client: &Client, job_id: i64) -> Result<String, Error> {
+    Ok(client
+        .query_one("SELECT control FROM rekey.jobs WHERE job_id = $1", &[&job_id])
+        .await
+        .ctx(|| format!("reading the control of job {job_id}"))?
+        .get(0))
+}
+
+/// Sets the control of the running job named `name` (`rekey pause|resume|stop`);
+/// false when no job of that name is running.
+pub async fn set_control(client: &Client, name: &str, control: &str) -> Result<bool, Error> {
+    Ok(client
+        .execute("UPDATE rekey.jobs SET control = $2, updated_at = now() WHERE name = $1 AND state = 'running'", &[&name, &control])
+        .await
+        .ctx(|| format!("setting job {name:?} to {control}"))?
+        > 0)
+}
+
+/// Most values one key may encrypt with random 96-bit nonces (NIST SP 800-38D, 8.3).
+pub const NONCE_BUDGET: i64 = 1 << 32;
+
+/// Adds `n` random-nonce encryptions under the key with `fingerprint`,
+/// inside a batch's transaction; returns the key's new total.
+pub async fn count_encryptions(tx: &impl GenericClient, fingerprint: &str, label: &str, n: i64) -> Result<i64, tokio_postgres::Error> {
+    Ok(tx
+        .query_one(
+            "INSERT INTO rekey.key_usage AS u (fingerprint, key_label, encryptions) VALUES ($1, $2, $3)
+             ON CONFLICT (fingerprint) DO UPDATE SET encryptions = u.encryptions + EXCLUDED.encryptions, updated_at = now()
+             RETURNING encryptions",
+            &[&fingerprint, &label, &n],
+        )
+        .await?
+        .get(0))
+}
+
+/// Random-nonce encryptions rekey has made under the key with `fingerprint`.
+pub async fn encryptions_so_far(client: &Client, fingerprint: &str) -> Result<i64, Error> {
+    Ok(client
+        .query_opt("SELECT encryptions FROM rekey.key_usage WHERE fingerprint = $1", &[&fingerprint])
+        .await
+        .ctx(|| "reading how many values the target key has encrypted".into())?
+        .map_or(0, |r| r.get(0)))
 }
 
 /// Counts a batch of conflict re-reads, inside its own transaction.
@@ -312,6 +489,10 @@ pub struct JobStatus {
     pub counts: Counts,
     /// Values recorded in `rekey.quarantine` by this job.
     pub quarantined: i64,
+    /// Live control: run, pause or stop.
+    pub control: String,
+    /// Processes holding leases on unfinished ranges now.
+    pub workers: Vec<String>,
 }
 
 /// The latest job of this name, from the database alone.
@@ -322,7 +503,9 @@ pub async fn job_status(client: &Client, name: &str) -> Result<Option<JobStatus>
             "SELECT job_id, state, to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
                     to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
                     to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
-                    (SELECT count(*) FROM rekey.quarantine q WHERE q.job_id = j.job_id)
+                    (SELECT count(*) FROM rekey.quarantine q WHERE q.job_id = j.job_id), control,
+                    (SELECT coalesce(array_agg(DISTINCT p.owner ORDER BY p.owner), '{}') FROM rekey.progress p
+                      WHERE p.job_id = j.job_id AND NOT p.done AND p.owner IS NOT NULL AND p.lease_until > now())
                FROM rekey.jobs j WHERE name = $1 ORDER BY job_id DESC LIMIT 1",
             &[&name],
         )
@@ -354,5 +537,7 @@ pub async fn job_status(client: &Client, name: &str) -> Result<Option<JobStatus>
         ranges_total: p.get(1),
         counts: counts_from(&p, 2),
         quarantined: j.get(5),
+        control: j.get(6),
+        workers: j.get(7),
     }))
 }

@@ -24,6 +24,12 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Show a job's progress, from the database alone.
     Status(StatusArgs),
+    /// Pause a running job: every process sharing it stops reading after its current batch, holding no transaction.
+    Pause(StatusArgs),
+    /// Resume a paused job.
+    Resume(StatusArgs),
+    /// Stop a running job cleanly (every process sharing it; checkpointed; `rekey run` resumes it).
+    Stop(StatusArgs),
     /// Count values per key version, per table and column.
     Plan(StatusArgs),
     /// Print a new random key.
@@ -76,9 +82,81 @@ pub struct RunArgs {
     /// Stop cleanly after this long (e.g. 2h, 45m), checkpointed, with the time still needed (exit 5).
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub run_time: Option<std::time::Duration>,
+    /// Stop cleanly at this time of day (local, HH:MM or HH:MM:SS; the next one to come) or instant (RFC 3339), as --run-time.
+    #[arg(long, value_name = "TIME", value_parser = parse_until, conflicts_with = "run_time")]
+    pub until: Option<std::time::SystemTime>,
     /// No progress line.
     #[arg(long, short)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub online: OnlineArgs,
+}
+
+/// How a run behaves on a live primary: throttles, live control, timeouts, sharing a job.
+#[derive(Debug, Args, Clone)]
+pub struct OnlineArgs {
+    /// Hold while any replica's replay is further behind than this (read from pg_stat_replication; needs pg_monitor).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub max_replica_lag: Option<std::time::Duration>,
+    /// Hold while this read-only query does not return true (one row, one boolean), e.g. "SELECT count(*) < 50 FROM pg_stat_activity".
+    #[arg(long, value_name = "SQL")]
+    pub gate_sql: Option<String>,
+    /// A file whose content controls the run: run, pause or stop (absent: run).
+    #[arg(long, value_name = "PATH")]
+    pub control_file: Option<PathBuf>,
+    /// How often the throttle signals and the control are read.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub check_every: std::time::Duration,
+    /// Adapt the batch size (up to --batch-size) so one batch takes about this long to commit.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub batch_time: Option<std::time::Duration>,
+    /// Most bytes of encrypted values in one batch (e.g. 64MiB).
+    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
+    pub max_batch_bytes: u64,
+    /// How long one statement of a batch may wait for a row lock; a batch that waits longer is retried in halves.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub lock_timeout: std::time::Duration,
+    /// How long one statement may run; a batch that runs longer is retried in halves.
+    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub statement_timeout: std::time::Duration,
+    /// Tries of one batch (timeouts, lost connections) before the run stops with its error.
+    #[arg(long, value_name = "N", default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub attempts: u32,
+    /// How long a range stays leased to a process that stopped renewing it (several processes may share a job).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub lease_ttl: std::time::Duration,
+}
+
+/// Parses `64MiB`, `512KiB`, `1GiB`, `1000000` (bytes).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (digits, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = digits.parse().map_err(|_| format!("{text:?} is not a size; write e.g. 64MiB, 512KiB or a number of bytes"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?}; use B, KiB, MiB or GiB")),
+    };
+    n.checked_mul(mult).filter(|n| *n > 0).ok_or_else(|| format!("{text:?} is out of range"))
+}
+
+/// Parses `--until`: `HH:MM[:SS]` local time (the next one to come) or an RFC 3339 instant.
+pub fn parse_until(text: &str) -> Result<std::time::SystemTime, String> {
+    use chrono::{Local, NaiveTime, TimeZone};
+    let t = text.trim();
+    if let Ok(at) = chrono::DateTime::parse_from_rfc3339(t) {
+        return Ok(at.with_timezone(&chrono::Utc).into());
+    }
+    let time = NaiveTime::parse_from_str(t, "%H:%M:%S")
+        .or_else(|_| NaiveTime::parse_from_str(t, "%H:%M"))
+        .map_err(|_| format!("{text:?} is not a time; write HH:MM (local time, e.g. 06:00) or an RFC 3339 instant (2026-11-26T06:00:00Z)"))?;
+    let now = Local::now();
+    let today = now.date_naive().and_time(time);
+    let day = if today > now.naive_local() { today } else { today + chrono::Duration::days(1) };
+    let at = Local.from_local_datetime(&day).earliest().ok_or_else(|| format!("{text:?} does not exist today in the local time zone (a clock change)"))?;
+    Ok(at.with_timezone(&chrono::Utc).into())
 }
 
 /// `rekey verify`.
@@ -263,6 +341,25 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn sizes_take_binary_units() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("512kib"), Ok(512 << 10));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("5 parsecs").is_err());
+        assert!(parse_size("0").is_err());
+    }
+
+    #[test]
+    fn until_takes_a_time_of_day_in_the_future_or_an_instant() {
+        let now = std::time::SystemTime::now();
+        let at = parse_until("06:00").unwrap();
+        assert!(at > now && at <= now + std::time::Duration::from_secs(24 * 3600 + 3600));
+        assert!(parse_until("2026-11-26T06:00:00Z").is_ok());
+        assert!(parse_until("6 o'clock").is_err());
     }
 
     #[test]

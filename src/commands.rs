@@ -40,8 +40,8 @@ async fn until_signalled<T>(work: impl std::future::Future<Output = T>, stop: &S
         tokio::select! {
             done = &mut work => return done,
             _ = tokio::time::sleep_until(deadline.into()) => {
-                eprintln!("rekey: the --run-time window is over; stopping after the batches in flight commit");
-                stop.trigger();
+                eprintln!("rekey: the run's window is over; stopping after the batches in flight commit");
+                stop.trigger_by("run-time");
             }
         }
     }
@@ -62,7 +62,7 @@ async fn until_signalled<T>(work: impl std::future::Future<Output = T>, stop: &S
         signals += 1;
         if signals == 1 {
             eprintln!("rekey: stopping after the batches in flight commit (signal again to stop at once; both are safe to resume)");
-            stop.trigger();
+            stop.trigger_by("signal");
         } else {
             eprintln!("rekey: stopping now; run the same command again to resume");
             std::process::exit(i32::from(EXIT_STOPPED));
@@ -76,6 +76,9 @@ pub async fn dispatch(command: Command) -> Result<u8, Error> {
         Command::Run(a) => run(&a).await,
         Command::Verify(a) => verify(&a).await,
         Command::Status(a) => status(&a).await,
+        Command::Pause(a) => control(&a, "pause").await,
+        Command::Resume(a) => control(&a, "run").await,
+        Command::Stop(a) => control(&a, "stop").await,
         Command::Plan(a) => plan_cmd(&a).await,
         Command::Keygen(a) => keygen(&a),
         Command::Bench(a) => bench(&a).await,
@@ -164,13 +167,59 @@ pub async fn rewrite(
 ) -> Result<(pipeline::Outcome, checkpoint::JobRecord), Error> {
     let RunControl { restart, quiet, deadline } = control;
     checkpoint::ensure_schema(client).await?;
-    checkpoint::lock_job(client, &job.name).await?;
+    checkpoint::lock_job(client, &job.name, restart).await?;
     let mut record = checkpoint::open_job(client, job, settings.lanes, restart).await?;
+    if restart {
+        checkpoint::share_job_lock(client, &job.name).await?;
+    }
+    check_nonce_budget(client, job).await?;
     let progress = Progress::new(stale_rows(client, job).await?, "rewriting", quiet);
     let stop = settings.stop.clone();
     let ranges = std::mem::take(&mut record.ranges);
     let outcome = until_signalled(pipeline::run(db, job.clone(), ranges, Mode::Rewrite { job_id: record.id }, settings, live, progress), &stop, deadline).await?;
     Ok((outcome, record))
+}
+
+/// Refuses a run that would take a key past 2^32 random-nonce encryptions
+/// (invariant 7), before any write; the sink enforces it per batch too.
+async fn check_nonce_budget(client: &Client, job: &Job) -> Result<(), Error> {
+    for t in job.targets.iter().filter(|t| t.write.format.random_nonces()) {
+        let used = checkpoint::encryptions_so_far(client, &t.write.keyring.target().fingerprint()).await?;
+        let (filter, cols) = sql::stale_filter(t, "", 1);
+        let prefixes: Vec<Vec<u8>> = cols.iter().filter_map(|&c| t.stale_prefix(c)).collect();
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = prefixes.iter().map(|p| p as _).collect();
+        let rows: i64 = client
+            .query_one(&format!("SELECT count(*) FROM {} WHERE {filter}{}", t.qualified(), sql::target_filter(t)), &params)
+            .await
+            .ctx(|| format!("counting rows to rotate in {}", t.table))?
+            .get(0);
+        let most = used.saturating_add(rows.saturating_mul(t.columns.len() as i64));
+        if most > checkpoint::NONCE_BUDGET {
+            return Err(crate::sink::nonce_budget_spent(t, used));
+        }
+    }
+    Ok(())
+}
+
+/// The run's settings from the command line.
+fn settings_from(lanes: usize, batch_size: u32, max_rows_per_sec: Option<u32>, o: &crate::cli::OnlineArgs, stop: Stop) -> Settings {
+    Settings {
+        lanes,
+        batch_size: batch_size as usize,
+        batch_time: o.batch_time,
+        max_batch_bytes: usize::try_from(o.max_batch_bytes).unwrap_or(usize::MAX),
+        stop,
+        max_rows_per_sec,
+        timeouts: crate::sink::Timeouts { lock: Some(o.lock_timeout), statement: Some(o.statement_timeout) },
+        attempts: o.attempts,
+        signals: crate::monitor::Signals {
+            max_replica_lag: o.max_replica_lag,
+            gate_sql: o.gate_sql.clone(),
+            control_file: o.control_file.clone(),
+            check_every: o.check_every,
+        },
+        lease_ttl: o.lease_ttl,
+    }
 }
 
 /// `rekey run`.
@@ -179,8 +228,10 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
     let job = Arc::new(Job::resolve(&spec, &client).await?);
     let lanes = args.workers.map_or_else(default_lanes, usize::from);
     let stop = Stop::default();
-    let settings = Settings { lanes, batch_size: args.batch_size as usize, stop: stop.clone(), max_rows_per_sec: args.max_rows_per_sec };
-    let deadline = args.run_time.map(|d| Instant::now() + d);
+    let settings = settings_from(lanes, args.batch_size, args.max_rows_per_sec, &args.online, stop.clone());
+    let deadline = args.run_time.map(|d| Instant::now() + d).or_else(|| {
+        args.until.map(|at| Instant::now() + at.duration_since(std::time::SystemTime::now()).unwrap_or_default())
+    });
     let started = Instant::now();
     let live = Arc::new(LiveCounts::default());
 
@@ -200,7 +251,7 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
 
     let elapsed = started.elapsed().as_secs_f64();
     let c = outcome.counts;
-    let window_ended = outcome.stopped && deadline.is_some_and(|d| Instant::now() >= d);
+    let window_ended = outcome.stopped && outcome.stopped_by == Some("run-time");
     let (remaining_rows, projected_s) = if outcome.stopped {
         let left = stale_rows(&client, &job).await?;
         (Some(left), Some((left as f64 / (c.rows_scanned as f64 / elapsed.max(1e-9)).max(1e-9)).round()))
@@ -222,7 +273,11 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
         "conflicts": c.conflicts,
         "conflicts_left": outcome.conflicts_left,
         "stopped": outcome.stopped,
-        "stopped_by": if !outcome.stopped { None } else if window_ended { Some("run-time") } else { Some("signal") },
+        "stopped_by": if outcome.stopped { Some(outcome.stopped_by.unwrap_or("signal")) } else { None },
+        "retries": outcome.retries,
+        "ranges_taken_over": outcome.taken_over,
+        "batch_rows_min": (outcome.batch_rows.1 > 0).then_some(outcome.batch_rows.0),
+        "batch_rows_max": (outcome.batch_rows.1 > 0).then_some(outcome.batch_rows.1),
         "remaining_rows": remaining_rows,
         "projected_s": projected_s,
         "elapsed_s": (elapsed * 1000.0).round() / 1000.0,
@@ -318,6 +373,27 @@ pub async fn verify(args: &VerifyArgs) -> Result<u8, Error> {
     Ok(if v.verified { 0 } else { EXIT_NOT_VERIFIED })
 }
 
+/// `rekey pause`, `rekey resume`, `rekey stop`: sets the running job's control,
+/// which every process running it reads after each batch.
+pub async fn control(args: &StatusArgs, to: &str) -> Result<u8, Error> {
+    let Opened { spec, client, .. } = open(&args.common).await?;
+    let name = spec.name.clone().unwrap_or_else(|| "rekey".into());
+    if !checkpoint::schema_exists(&client).await? || !checkpoint::set_control(&client, &name, to).await? {
+        return Err(Error::Config(format!("no job named {name:?} is running on this database; `rekey status --job ...` shows its state")));
+    }
+    let said = match to {
+        "pause" => "pausing: every process running it stops reading after its current batch; `rekey resume` goes on",
+        "stop" => "stopping: every process running it stops after its current batch, checkpointed; `rekey run` resumes it",
+        _ => "resuming",
+    };
+    if args.common.json {
+        print_json(&json!({ "job": name, "control": to }));
+    } else {
+        println!("{name}: {said}");
+    }
+    Ok(0)
+}
+
 /// `rekey status`.
 pub async fn status(args: &StatusArgs) -> Result<u8, Error> {
     let Opened { spec, client, .. } = open(&args.common).await?;
@@ -350,6 +426,14 @@ pub async fn status(args: &StatusArgs) -> Result<u8, Error> {
             s.updated_at,
             s.finished_at.as_ref().map(|f| format!(", finished {f}")).unwrap_or_default()
         );
+        if s.state == "running" {
+            let control = match s.control.as_str() {
+                "pause" => " (paused by `rekey pause`)",
+                "stop" => " (stop requested)",
+                _ => "",
+            };
+            println!("  being run by {} process(es){control}: {}", s.workers.len(), s.workers.join(", "));
+        }
     }
     Ok(0)
 }
@@ -457,7 +541,7 @@ fn rotate_options(life: &LifecycleArgs, spec: &JobSpec, lanes: usize, batch_size
         audit: audit_for(life, spec),
         grace,
         reveal: life.reveal,
-        settings: Settings { lanes, batch_size, stop: Stop::default(), max_rows_per_sec: None },
+        settings: Settings { lanes, batch_size, ..Settings::default() },
         quiet: quiet || life.common.json,
     }
 }

@@ -25,7 +25,45 @@ pub enum Error {
     Runtime(String),
 }
 
+/// What a failed batch can do about an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// A lock or statement timeout: try again with fewer rows.
+    Smaller,
+    /// The connection is gone (server restart, terminated backend): reconnect, then try again.
+    Reconnect,
+    /// A transient condition (deadlock, serialization failure, disk full): wait, then try again.
+    Wait,
+    /// Anything else: report it.
+    Never,
+}
+
 impl Error {
+    /// Whether (and how) the work that failed with this error may be retried.
+    pub fn retry(&self) -> Retry {
+        match self {
+            Error::Connect(crate::db::ConnectError::BadUrl(_)) => Retry::Never,
+            Error::Connect(_) => Retry::Reconnect,
+            Error::Db { source, .. } => {
+                if source.is_closed() {
+                    return Retry::Reconnect;
+                }
+                let Some(code) = source.code() else {
+                    // no server error: the socket broke
+                    return Retry::Reconnect;
+                };
+                match code.code() {
+                    "55P03" | "57014" => Retry::Smaller,
+                    "40001" | "40P01" => Retry::Wait,
+                    c if c.starts_with("08") || c.starts_with("57P") => Retry::Reconnect,
+                    c if c.starts_with("53") => Retry::Wait,
+                    _ => Retry::Never,
+                }
+            }
+            Error::Config(_) | Error::Runtime(_) => Retry::Never,
+        }
+    }
+
     /// The process exit code DESIGN.md assigns to this error.
     pub fn exit_code(&self) -> u8 {
         match self {

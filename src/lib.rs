@@ -17,6 +17,8 @@
 //!   - [`source`]: keyset pages, never OFFSET.
 //!   - [`transform`]: decrypt, encrypt, verify, on rayon.
 //!   - [`sink`]: binary COPY + compare-and-swap UPDATE + checkpoint, one transaction.
+//!   - [`throttle`]: rows/s pace, the hold, adaptive batch size, replica lag estimate.
+//!   - [`monitor`]: live control, replica lag, the SQL gate; read between batches.
 //! - [`verify`]: proves no value is left on an old key.
 //! - [`sql`]: every statement's text, identifiers quoted, values bound.
 //! - [`binary_copy`]: PostgreSQL's binary COPY encoding.
@@ -40,6 +42,7 @@ pub mod error;
 pub mod job;
 pub mod keyring;
 pub mod lifecycle;
+pub mod monitor;
 pub mod pipeline;
 pub mod plan;
 pub mod rotate;
@@ -49,6 +52,7 @@ pub mod sink;
 pub mod source;
 pub mod sql;
 pub mod stats;
+pub mod throttle;
 pub mod transform;
 pub mod verify;
 

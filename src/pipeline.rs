@@ -9,24 +9,41 @@
 //! checkpoints only move forward; lanes write disjoint ranges side by side.
 //!
 //! ```text
-//! work queue ──> source ──(1)──> transform (rayon) ──(1)──> sink ──> COMMIT
-//!    (ranges)    keyset pages     decrypt/encrypt/verify     COPY + CAS UPDATE + checkpoint
+//! work ──> source ──(1)──> transform (rayon) ──(1)──> sink ──> COMMIT
+//! (ranges)  keyset pages     decrypt/encrypt/verify     COPY + CAS UPDATE + checkpoint
+//!   ^          ^ hold / pace / batch size                  | time per batch, job control
+//!   |          |                                           v
+//! leases <── monitor (own connection): heartbeats, rekey pause|resume|stop,
+//!            control file, replica lag, SQL gate
 //! ```
+//!
+//! A rewrite leases its ranges from `rekey.progress` (`FOR UPDATE SKIP
+//! LOCKED`), so several processes, on one host or several, share one job;
+//! a range whose owner died is taken over. Dry runs and verify keep their
+//! ranges in memory. Sources read nothing while the monitor holds the run,
+//! with no transaction open. A batch that times out is retried in halves, a
+//! lost connection is reopened with backoff, and a batch that keeps failing
+//! stops the run with its error (resumable).
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use crate::checkpoint::RangeState;
+use crate::checkpoint::{self, Claim, RangeState};
 use crate::db::Database;
+use crate::error::Retry;
 use crate::job::Job;
+use crate::monitor::{Monitor, Signals, Verdict};
+use crate::plan::KeyBytes;
 use crate::progress::Progress;
-use crate::sink::{self, Batch, Commit, Failure, Writer};
+use crate::sink::{self, Batch, Commit, Failure, Timeouts, Writer, Written};
 use crate::source::{self, Source};
 use crate::stats::{Counts, LiveCounts};
+use crate::throttle::{BatchSizer, Hold, Pace};
 use crate::transform::{self, Cell};
 use crate::Error;
 
@@ -53,17 +70,30 @@ pub enum Mode {
 /// A request to stop cleanly: sources read no further page, and batches
 /// already read still commit. Cloned handles share one flag.
 #[derive(Debug, Clone, Default)]
-pub struct Stop(Arc<AtomicBool>);
+pub struct Stop(Arc<(AtomicBool, Mutex<Option<&'static str>>)>);
 
 impl Stop {
     /// Asks every pipeline holding this handle to stop.
     pub fn trigger(&self) {
-        self.0.store(true, Ordering::Relaxed);
+        self.0 .0.store(true, Ordering::Relaxed);
+    }
+
+    /// Asks to stop, saying who asked ("signal", "run-time", "rekey stop", "control file").
+    pub fn trigger_by(&self, who: &'static str) {
+        if let Ok(mut by) = self.0 .1.lock() {
+            by.get_or_insert(who);
+        }
+        self.trigger();
     }
 
     /// Whether a stop was asked for.
     pub fn requested(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.0 .0.load(Ordering::Relaxed)
+    }
+
+    /// Who asked first, if they said.
+    pub fn by(&self) -> Option<&'static str> {
+        self.0 .1.lock().ok().and_then(|b| *b)
     }
 }
 
@@ -72,35 +102,40 @@ impl Stop {
 pub struct Settings {
     /// Lanes (reader + writer connection pairs) working at once.
     pub lanes: usize,
-    /// Rows per batch.
+    /// Rows per batch (the most, when batches adapt to `batch_time`).
     pub batch_size: usize,
+    /// Adapt the batch size so one batch takes about this long to commit.
+    pub batch_time: Option<Duration>,
+    /// Most bytes of values per batch.
+    pub max_batch_bytes: usize,
     /// Stops the run cleanly when triggered (signals, `--run-time`, `rekey bench --interrupt-at`).
     pub stop: Stop,
     /// Rows per second the sources may read, all lanes together (`--max-rows-per-sec`).
     pub max_rows_per_sec: Option<u32>,
+    /// Lock and statement timeouts of every batch.
+    pub timeouts: Timeouts,
+    /// Tries of one batch (or page) before the run stops with its error.
+    pub attempts: u32,
+    /// What the monitor watches.
+    pub signals: Signals,
+    /// How long a lease on a range lasts without a heartbeat.
+    pub lease_ttl: Duration,
 }
 
-/// Spaces pages out so all lanes together read at most `rate` rows per second.
-#[derive(Debug)]
-struct Throttle {
-    /// Rows per second.
-    rate: f64,
-    /// When the next page may be read.
-    next: Mutex<std::time::Instant>,
-}
-
-impl Throttle {
-    /// Waits for the slot of a page of `rows` rows. Holds no transaction: the
-    /// source reads autocommit, between pages.
-    async fn wait(&self, rows: usize) {
-        let slot = {
-            let Ok(mut next) = self.next.lock() else { return };
-            let now = std::time::Instant::now();
-            let slot = (*next).max(now);
-            *next = slot + std::time::Duration::from_secs_f64(rows as f64 / self.rate);
-            slot
-        };
-        tokio::time::sleep_until(slot.into()).await;
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            lanes: 2,
+            batch_size: 5000,
+            batch_time: None,
+            max_batch_bytes: 64 << 20,
+            stop: Stop::default(),
+            max_rows_per_sec: None,
+            timeouts: Timeouts::default(),
+            attempts: 6,
+            signals: Signals::default(),
+            lease_ttl: Duration::from_secs(30),
+        }
     }
 }
 
@@ -125,6 +160,14 @@ pub struct Outcome {
     pub conflicts_left: u64,
     /// Whether the run stopped on request before finishing every range.
     pub stopped: bool,
+    /// Who asked it to stop, when it did.
+    pub stopped_by: Option<&'static str>,
+    /// Batches retried after a timeout or a lost connection.
+    pub retries: u64,
+    /// Ranges taken over from a process that stopped renewing its leases.
+    pub taken_over: u64,
+    /// Smallest and largest batch committed, in rows.
+    pub batch_rows: (usize, usize),
 }
 
 impl Default for Outcome {
@@ -139,6 +182,10 @@ impl Default for Outcome {
             by_target: BTreeMap::new(),
             conflicts_left: 0,
             stopped: false,
+            stopped_by: None,
+            retries: 0,
+            taken_over: 0,
+            batch_rows: (usize::MAX, 0),
         }
     }
 }
@@ -151,6 +198,9 @@ impl Outcome {
         self.failures.extend(other.failures.into_iter().take(room));
         self.on_target += other.on_target;
         self.on_old += other.on_old;
+        self.retries += other.retries;
+        self.taken_over += other.taken_over;
+        self.batch_rows = (self.batch_rows.0.min(other.batch_rows.0), self.batch_rows.1.max(other.batch_rows.1));
         for (t, c) in other.by_target {
             *self.by_target.entry(t).or_default() += c;
         }
@@ -163,14 +213,31 @@ impl Outcome {
     }
 }
 
+/// Where ranges come from.
+enum Work {
+    /// Dry runs and verify: every range, in memory, for this process alone.
+    Local(Mutex<VecDeque<usize>>),
+    /// A rewrite: ranges leased from `rekey.progress`, shared with other processes.
+    Leased {
+        /// The job.
+        job_id: i64,
+        /// This process's name in the leases.
+        owner: String,
+        /// Backend pid of the monitor's connection: while it lives, the leases are ours.
+        home_pid: AtomicI32,
+        /// How long a lease lasts without a heartbeat.
+        ttl: Duration,
+    },
+}
+
 /// State every task of a run shares.
 struct Shared {
     /// The job.
     job: Arc<Job>,
-    /// Every range of the run (finished ones are not queued).
+    /// Every range of the run.
     ranges: Vec<RangeState>,
-    /// Ranges not yet taken by a lane.
-    queue: Mutex<VecDeque<usize>>,
+    /// Where the next range comes from.
+    work: Work,
     /// Set on the first error or on request: sources stop reading, sinks finish what is in flight.
     stop: Stop,
     /// Set when a stop left ranges unfinished.
@@ -179,54 +246,168 @@ struct Shared {
     live: Arc<LiveCounts>,
     /// The progress line.
     progress: Progress,
-    /// Pages hold this many rows.
-    batch_size: usize,
+    /// Rows per page.
+    sizer: BatchSizer,
     /// The rows/s limit, if any.
-    throttle: Option<Throttle>,
+    pace: Option<Pace>,
+    /// Why sources wait, if they do.
+    hold: Hold,
+    /// Tries of one batch or page.
+    attempts: u32,
+    /// Ranges taken over from dead owners.
+    taken_over: AtomicU64,
 }
 
 impl Shared {
-    fn next_range(&self) -> Option<usize> {
-        let mut queue = self.queue.lock().ok()?;
-        if self.stop.requested() {
-            if !queue.is_empty() {
-                self.cut_short.store(true, Ordering::Relaxed);
+    /// The next range to read and the key to start after; `None` when there
+    /// is no more work (or a stop was asked for).
+    async fn next_range(&self, source: &mut Source) -> Result<Option<(usize, Option<KeyBytes>)>, Error> {
+        let (job_id, owner, home_pid, ttl) = match &self.work {
+            Work::Local(queue) => {
+                let Ok(mut queue) = queue.lock() else { return Ok(None) };
+                if self.stop.requested() {
+                    if !queue.is_empty() {
+                        self.cut_short.store(true, Ordering::Relaxed);
+                    }
+                    return Ok(None);
+                }
+                return Ok(queue.pop_front().map(|i| (i, self.ranges[i].start().cloned())));
             }
-            return None;
+            Work::Leased { job_id, owner, home_pid, ttl } => (*job_id, owner.as_str(), home_pid, *ttl),
+        };
+        loop {
+            if self.stop.requested() {
+                self.cut_short.store(true, Ordering::Relaxed);
+                return Ok(None);
+            }
+            let pid = home_pid.load(Ordering::Relaxed);
+            let targets = self.job.targets.len();
+            let mut failed = 0;
+            let claim = loop {
+                match checkpoint::claim_range(source.client(), job_id, owner, pid, ttl, targets).await {
+                    Ok(c) => break c,
+                    Err(e) => self.recover(source, "leasing a range", &mut failed, e).await?,
+                }
+            };
+            match claim {
+                Claim::Leased(state, from) => {
+                    let Some(i) = self.ranges.iter().position(|r| r.target == state.target && r.range_no == state.range_no) else {
+                        return Err(Error::Runtime(format!("rekey.progress of job {job_id} has a range this run did not load; the engine state was edited by hand")));
+                    };
+                    if let Some(from) = from {
+                        self.taken_over.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("rekey: took over range {} of {} from {from}, which stopped renewing its lease", state.range_no, self.job.targets[state.target].table);
+                    }
+                    return Ok(Some((i, state.start().cloned())));
+                }
+                Claim::Finished => return Ok(None),
+                // other processes hold the rest: wait, in case one of them dies
+                Claim::Busy => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
         }
-        queue.pop_front()
     }
+
+    /// After a read on `source` failed with `error` (the `failed`-th time):
+    /// waits and reconnects (or shrinks pages) so the caller can try again,
+    /// or returns the error when it cannot be retried or keeps coming.
+    async fn recover(&self, source: &mut Source, what: &str, failed: &mut u32, error: Error) -> Result<(), Error> {
+        *failed += 1;
+        let how = error.retry();
+        if how == Retry::Never || *failed >= self.attempts || self.stop.requested() {
+            return Err(error);
+        }
+        let wait = backoff(*failed);
+        eprintln!("rekey: {what} failed (try {failed} of {}), again in {:.1}s: {}", self.attempts, wait.as_secs_f64(), error_chain(&error));
+        tokio::time::sleep(wait).await;
+        match how {
+            Retry::Reconnect => {
+                if let Err(e) = source.reconnect().await {
+                    eprintln!("rekey: reconnecting failed: {}", error_chain(&e));
+                }
+            }
+            Retry::Smaller => self.sizer.shrink(),
+            Retry::Wait | Retry::Never => {}
+        }
+        Ok(())
+    }
+}
+
+/// Waits before try `failed + 1`: 0.25 s, doubling, at most 8 s.
+fn backoff(failed: u32) -> Duration {
+    Duration::from_millis(250u64 << failed.saturating_sub(1).min(5))
+}
+
+/// An error with its causes, on one line.
+fn error_chain(e: &Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        source = s.source();
+    }
+    msg
 }
 
 /// Runs the pipeline over `ranges` until every unfinished one is done or a
 /// stage fails; on failure, batches already in flight still commit.
 pub async fn run(db: &Database, job: Arc<Job>, ranges: Vec<RangeState>, mode: Mode, settings: Settings, live: Arc<LiveCounts>, progress: Progress) -> Result<Outcome, Error> {
-    let queue: VecDeque<usize> = ranges.iter().enumerate().filter(|(_, r)| !r.done).map(|(i, _)| i).collect();
-    let lanes = settings.lanes.clamp(1, queue.len().max(1));
+    let mut home = db.connect().await?;
+    let job_id = match mode {
+        Mode::Rewrite { job_id } => Some(job_id),
+        Mode::DryRun | Mode::Verify => None,
+    };
+    let work = match job_id {
+        Some(job_id) => {
+            let pid: i32 = home
+                .query_one("SELECT pg_backend_pid()", &[])
+                .await
+                .map_err(|e| Error::Db { context: "opening the run's monitor connection".into(), source: e })?
+                .get(0);
+            Work::Leased { job_id, owner: owner_name(), home_pid: AtomicI32::new(pid), ttl: settings.lease_ttl.max(Duration::from_secs(1)) }
+        }
+        None => Work::Local(Mutex::new(ranges.iter().enumerate().filter(|(_, r)| !r.done).map(|(i, _)| i).collect())),
+    };
+    let unfinished = ranges.iter().filter(|r| !r.done).count();
+    let lanes = settings.lanes.clamp(1, unfinished.max(1));
     let shared = Arc::new(Shared {
         job,
         ranges,
-        queue: Mutex::new(queue),
+        work,
         stop: settings.stop.clone(),
         cut_short: AtomicBool::new(false),
         live,
         progress,
-        batch_size: settings.batch_size.max(1),
-        throttle: settings.max_rows_per_sec.map(|r| Throttle { rate: f64::from(r.max(1)), next: Mutex::new(std::time::Instant::now()) }),
+        sizer: BatchSizer::new(settings.batch_size, settings.batch_time, settings.max_batch_bytes),
+        pace: settings.max_rows_per_sec.map(Pace::new),
+        hold: Hold::default(),
+        attempts: settings.attempts.max(1),
+        taken_over: AtomicU64::new(0),
     });
+    if let Some(sql) = &settings.signals.gate_sql {
+        crate::monitor::check_gate_sql(&mut home, sql).await?;
+    }
+
+    // the signals are read once before any source reads a page
+    let mut monitor = Monitor::new(settings.signals.clone());
+    apply(&shared, read_signals(&mut monitor, &mut home, job_id).await);
+    let watcher = tokio::spawn(watch(shared.clone(), db.clone(), home, monitor, settings.signals.check_every, job_id));
 
     let mut tasks: JoinSet<Result<Option<Outcome>, Error>> = JoinSet::new();
     for _ in 0..lanes {
         let (to_transform, from_source) = mpsc::channel::<Batch>(CHANNEL_DEPTH);
         let (to_sink, from_transform) = mpsc::channel::<Batch>(CHANNEL_DEPTH);
-        let reader = Source::new(db.connect().await?, mode != Mode::Verify);
+        let reader = Source::connect(db, mode != Mode::Verify, settings.timeouts).await?;
         let lookup = match mode {
             Mode::Rewrite { .. } => None,
             Mode::DryRun | Mode::Verify => Some(db.connect().await?),
         };
-        let writer = match mode {
-            Mode::Rewrite { job_id } => Some(Writer::connect(db, &shared.job, job_id).await?),
-            Mode::DryRun | Mode::Verify => None,
+        let writer = match (mode, &shared.work) {
+            (Mode::Rewrite { job_id }, Work::Leased { owner, .. }) => Some(Writer::connect_as(db, &shared.job, job_id, Some(owner.clone()), settings.timeouts).await?),
+            _ => None,
         };
         tasks.spawn(read(shared.clone(), reader, to_transform));
         tasks.spawn(transform_stage(shared.clone(), mode, from_source, to_sink));
@@ -246,13 +427,22 @@ pub async fn run(db: &Database, job: Arc<Job>, ranges: Vec<RangeState>, mode: Mo
             }
         }
     }
+    watcher.abort();
+    if let Work::Leased { job_id, owner, .. } = &shared.work {
+        // give unfinished ranges back now rather than when their leases run out
+        if let Ok(client) = db.connect().await {
+            let _ = checkpoint::release_ranges(&client, *job_id, owner).await;
+        }
+    }
+    outcome.taken_over = shared.taken_over.load(Ordering::Relaxed);
     if let Some(e) = first_error {
         shared.progress.finish();
         return Err(e);
     }
     if shared.cut_short.load(Ordering::Relaxed) {
         outcome.stopped = true;
-    } else if let Mode::Rewrite { job_id } = mode {
+        outcome.stopped_by = shared.stop.by();
+    } else if let Some(job_id) = job_id {
         let (retried, left) = retry_conflicts(db, &shared, job_id).await?;
         outcome.merge(retried);
         outcome.conflicts_left = left;
@@ -261,26 +451,103 @@ pub async fn run(db: &Database, job: Arc<Job>, ranges: Vec<RangeState>, mode: Mo
     Ok(outcome)
 }
 
+/// This process's name in leases: host, pid and a random tag.
+fn owner_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "host".into());
+    let tag = crate::keyring::generate_material();
+    format!("{host}:{}:{}", std::process::id(), hex::encode(&tag[..3]))
+}
+
+/// Reads the job's control and every signal once.
+async fn read_signals(monitor: &mut Monitor, home: &mut tokio_postgres::Client, job_id: Option<i64>) -> Verdict {
+    let control = match job_id {
+        Some(id) => match checkpoint::job_control(home, id).await {
+            Ok(c) => Some(c),
+            Err(e) => return Verdict::Hold(format!("the job's control is unreadable, holding: {}", error_chain(&e))),
+        },
+        None => None,
+    };
+    monitor.check(home, control.as_deref()).await
+}
+
+/// Acts on a verdict: stop, hold or release the sources.
+fn apply(shared: &Shared, verdict: Verdict) {
+    let reason = match verdict {
+        Verdict::Go => None,
+        Verdict::Hold(reason) => Some(reason),
+        Verdict::Stop(who) => {
+            if !shared.stop.requested() {
+                eprintln!("rekey: stop asked by {who}; stopping after the batches in flight commit");
+            }
+            shared.stop.trigger_by(who);
+            None
+        }
+    };
+    if shared.hold.set(reason.clone()) {
+        match &reason {
+            Some(r) => eprintln!("rekey: holding: {r}"),
+            None => eprintln!("rekey: reading again"),
+        }
+    }
+}
+
+/// The monitor task: renews leases and reads the signals every `every`, on
+/// a connection of its own (reopened when lost; meanwhile the run holds).
+async fn watch(shared: Arc<Shared>, db: Database, mut home: tokio_postgres::Client, mut monitor: Monitor, every: Duration, job_id: Option<i64>) {
+    let every = every.max(Duration::from_millis(50));
+    let mut last_beat = Instant::now();
+    loop {
+        tokio::time::sleep(every).await;
+        if home.is_closed() {
+            apply(&shared, Verdict::Hold("the monitor's connection was lost; reconnecting".into()));
+            match db.connect().await {
+                Ok(c) => home = c,
+                Err(_) => continue,
+            }
+            if let (Work::Leased { home_pid, .. }, Ok(row)) = (&shared.work, home.query_one("SELECT pg_backend_pid()", &[]).await) {
+                home_pid.store(row.get(0), Ordering::Relaxed);
+            }
+            last_beat = Instant::now().checked_sub(Duration::from_secs(3600)).unwrap_or(last_beat);
+        }
+        if let Work::Leased { job_id, owner, ttl, .. } = &shared.work {
+            if last_beat.elapsed() >= *ttl / 3 && checkpoint::heartbeat(&home, *job_id, owner, *ttl).await.is_ok() {
+                last_beat = Instant::now();
+            }
+        }
+        let verdict = read_signals(&mut monitor, &mut home, job_id).await;
+        apply(&shared, verdict);
+    }
+}
+
 /// Source stage: reads each range it takes, page by page, in key order.
 async fn read(shared: Arc<Shared>, mut source: Source, out: mpsc::Sender<Batch>) -> Result<Option<Outcome>, Error> {
-    while let Some(ri) = shared.next_range() {
+    while let Some((ri, start)) = shared.next_range(&mut source).await? {
         let state = &shared.ranges[ri];
         let target = &shared.job.targets[state.target];
-        let mut after = state.start().cloned();
+        let mut after = start;
         loop {
-            if shared.stop.requested() {
+            if !shared.hold.wait(&shared.stop).await {
                 shared.cut_short.store(true, Ordering::Relaxed);
                 return Ok(None);
             }
-            if let Some(throttle) = &shared.throttle {
-                throttle.wait(shared.batch_size).await;
+            let limit = shared.sizer.rows();
+            if let Some(pace) = &shared.pace {
+                pace.wait(limit).await;
                 if shared.stop.requested() {
                     shared.cut_short.store(true, Ordering::Relaxed);
                     return Ok(None);
                 }
             }
-            let rows = source.page(target, after.as_ref(), state.range.upper.as_ref(), shared.batch_size).await?;
-            let end = rows.len() < shared.batch_size;
+            let upper = state.range.upper.as_ref();
+            let mut failed = 0;
+            let rows = loop {
+                match source.page(target, after.as_ref(), upper, limit).await {
+                    Ok(rows) => break rows,
+                    Err(e) => shared.recover(&mut source, &format!("reading a page of {}", target.table), &mut failed, e).await?,
+                }
+            };
+            shared.sizer.read(rows.len(), rows.iter().map(|r| source::value_bytes(target, r)).sum());
+            let end = rows.len() < limit;
             let last_key = rows.last().map(|r| source::row_key(target, r));
             if let Some(k) = &last_key {
                 after = Some(k.clone());
@@ -353,7 +620,7 @@ async fn retry_conflicts(db: &Database, shared: &Shared, job_id: i64) -> Result<
                 let rows = source.rows_by_keys(target, &keys).await?;
                 let batch = Batch { range: 0, rows, cells: Vec::new(), last_key: None, end: false };
                 let batch = on_pool(shared.job.clone(), target.index, Mode::Rewrite { job_id }, batch).await?;
-                let (counts, failures) = sink.write(target, Commit::Retry(&keys), &batch).await?;
+                let Written { counts, failures, .. } = sink.write(target, Commit::Retry(&keys), &batch).await?;
                 shared.live.add(&counts);
                 outcome.merge(Outcome { counts, failures, by_target: BTreeMap::from([(target.index, counts)]), ..Outcome::default() });
                 if counts.conflicts > 0 {
@@ -379,23 +646,122 @@ async fn retry_conflicts(db: &Database, shared: &Shared, job_id: i64) -> Result<
 async fn write(shared: Arc<Shared>, mut writer: Option<Writer>, lookup: Option<tokio_postgres::Client>, mut input: mpsc::Receiver<Batch>) -> Result<Option<Outcome>, Error> {
     let mut outcome = Outcome::default();
     while let Some(batch) = input.recv().await {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
+        let rows = batch.rows.len();
         let state = &shared.ranges[batch.range];
         let target = &shared.job.targets[state.target];
         let (counts, failures) = match (&mut writer, &lookup) {
-            (Some(w), _) => w.write(target, Commit::Range(state), &batch).await?,
+            (Some(w), _) => {
+                let (written, retries) = commit(&shared, w, state, batch).await?;
+                outcome.retries += retries;
+                // the job's control as of this commit: honoured before the next page
+                match written.control.as_str() {
+                    "stop" => apply(&shared, Verdict::Stop("rekey stop")),
+                    "pause" => apply(&shared, Verdict::Hold("paused by `rekey pause`; `rekey resume` goes on".into())),
+                    _ => {}
+                }
+                (written.counts, written.failures)
+            }
             (None, Some(client)) => (tally(target, &batch, &mut outcome), sink::describe_failures(client, target, &batch).await?),
             (None, None) => return Err(Error::Runtime("a sink has neither a writer nor a lookup connection".into())),
         };
         for f in &failures {
             eprintln!("rekey: cannot decrypt {}.{} at key {}: {}", f.table, f.column, f.key, f.error);
         }
-        let _ = outcome.batch_micros.record(started.elapsed().as_micros().max(1) as u64);
+        let took = started.elapsed();
+        shared.sizer.committed(rows, took);
+        let _ = outcome.batch_micros.record(took.as_micros().max(1) as u64);
+        if rows > 0 {
+            outcome.batch_rows = (outcome.batch_rows.0.min(rows), outcome.batch_rows.1.max(rows));
+        }
         outcome.merge(Outcome { counts, failures, by_target: BTreeMap::from([(target.index, counts)]), ..Outcome::default() });
         shared.live.add(&counts);
         shared.progress.update(&shared.live.snapshot());
     }
     Ok(Some(outcome))
+}
+
+/// Commits one batch, retrying what can be retried: a lock or statement
+/// timeout splits it in halves, a lost connection is reopened (and a batch
+/// whose COMMIT did land is not redone), a transient error waits. After
+/// `attempts` failed tries the last error stops the run, which resumes
+/// from the last committed batch. Returns what was written and the retries.
+async fn commit(shared: &Shared, writer: &mut Writer, state: &RangeState, batch: Batch) -> Result<(Written, u64), Error> {
+    let target = &shared.job.targets[state.target];
+    let mut total = Written { counts: Counts::default(), failures: Vec::new(), control: String::from("run") };
+    let mut pending = VecDeque::from([batch]);
+    let mut failed = 0u32;
+    while let Some(b) = pending.pop_front() {
+        let error = match writer.write(target, Commit::Range(state), &b).await {
+            Ok(w) => {
+                total.counts += w.counts;
+                total.failures.extend(w.failures);
+                total.control = w.control;
+                continue;
+            }
+            Err(e) => e,
+        };
+        failed += 1;
+        let how = error.retry();
+        if how == Retry::Never {
+            return Err(error);
+        }
+        if failed >= shared.attempts {
+            return Err(Error::Runtime(format!(
+                "a batch of {} rows of {} failed {failed} times, the last time with: {}; nothing of it was written; run the same command again to resume",
+                b.rows.len(),
+                target.table,
+                error_chain(&error)
+            )));
+        }
+        let wait = backoff(failed);
+        let halves = how == Retry::Smaller && b.rows.len() > 1;
+        eprintln!(
+            "rekey: a batch of {} rows of {} failed (try {failed} of {}): {}; retrying{}",
+            b.rows.len(),
+            target.table,
+            shared.attempts,
+            error_chain(&error),
+            if halves { " in halves" } else { "" }
+        );
+        match how {
+            Retry::Smaller if halves => {
+                shared.sizer.shrink();
+                let (first, second) = split(target, b);
+                pending.push_front(second);
+                pending.push_front(first);
+            }
+            Retry::Reconnect => {
+                tokio::time::sleep(wait).await;
+                if let Err(e) = writer.reconnect(&shared.job).await {
+                    eprintln!("rekey: reconnecting failed: {}", error_chain(&e));
+                    pending.push_front(b);
+                    continue;
+                }
+                // the COMMIT may have landed before the connection broke
+                if !matches!(writer.committed(state, b.last_key.as_ref()).await, Ok(true)) {
+                    pending.push_front(b);
+                }
+            }
+            Retry::Smaller | Retry::Wait | Retry::Never => {
+                tokio::time::sleep(wait).await;
+                pending.push_front(b);
+            }
+        }
+    }
+    Ok((total, u64::from(failed)))
+}
+
+/// Splits a batch into two contiguous halves; the first ends at its own last row.
+fn split(target: &crate::job::Target, mut b: Batch) -> (Batch, Batch) {
+    let mid = b.rows.len() / 2;
+    let ncols = target.columns.len();
+    let rows = b.rows.split_off(mid);
+    let cells = b.cells.split_off(mid * ncols);
+    let first_last = b.rows.last().map(|r| source::row_key(target, r));
+    let second = Batch { range: b.range, rows, cells, last_key: b.last_key, end: b.end };
+    let first = Batch { range: b.range, rows: b.rows, cells: b.cells, last_key: first_last, end: false };
+    (first, second)
 }
 
 /// Counts a batch that is not written: what a run would do, and which keys hold the values.

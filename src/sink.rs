@@ -71,12 +71,46 @@ struct Prepared {
     unapplied: Statement,
 }
 
+/// What a committed batch did.
+#[derive(Debug)]
+pub struct Written {
+    /// Counts of the batch.
+    pub counts: Counts,
+    /// Values that could not be decrypted, now in `rekey.quarantine`.
+    pub failures: Vec<Failure>,
+    /// The job's live control as of the commit: "run", "pause" or "stop".
+    pub control: String,
+}
+
+/// Per-statement limits of a writer's session.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timeouts {
+    /// `lock_timeout`: how long one statement may wait for a row lock.
+    pub lock: Option<std::time::Duration>,
+    /// `statement_timeout`: how long one statement may run.
+    pub statement: Option<std::time::Duration>,
+}
+
+impl Timeouts {
+    /// The `SET` commands for a session.
+    pub fn session_sql(&self) -> String {
+        let ms = |d: Option<std::time::Duration>| d.map_or(0, |d| d.as_millis().max(1));
+        format!("SET lock_timeout = {}; SET statement_timeout = {}", ms(self.lock), ms(self.statement))
+    }
+}
+
 /// Writes batches over one connection.
 pub struct Writer {
     /// The writing connection.
     client: Client,
+    /// Where to reconnect.
+    db: Database,
     /// The job row checkpoints go to.
     job_id: i64,
+    /// This process's name in range leases (`None`: ranges are not leased).
+    owner: Option<String>,
+    /// The session's limits.
+    timeouts: Timeouts,
     /// Statements by target index.
     prepared: HashMap<usize, Prepared>,
 }
@@ -84,10 +118,34 @@ pub struct Writer {
 impl Writer {
     /// Opens a writing connection with stage tables and statements for every target.
     pub async fn connect(db: &Database, job: &Job, job_id: i64) -> Result<Writer, Error> {
+        Self::connect_as(db, job, job_id, None, Timeouts::default()).await
+    }
+
+    /// As [`Writer::connect`], for the lease holder `owner`, with `timeouts`.
+    pub async fn connect_as(db: &Database, job: &Job, job_id: i64, owner: Option<String>, timeouts: Timeouts) -> Result<Writer, Error> {
+        let (client, prepared) = Self::open(db, job, timeouts).await?;
+        Ok(Writer { client, db: db.clone(), job_id, owner, timeouts, prepared })
+    }
+
+    /// Replaces a broken connection with a new one.
+    pub async fn reconnect(&mut self, job: &Job) -> Result<(), Error> {
+        let (client, prepared) = Self::open(&self.db, job, self.timeouts).await?;
+        self.client = client;
+        self.prepared = prepared;
+        Ok(())
+    }
+
+    /// Whether the batch ending at `last` of `state` already committed.
+    pub async fn committed(&self, state: &RangeState, last: Option<&KeyBytes>) -> Result<bool, Error> {
+        checkpoint::batch_committed(&self.client, self.job_id, state, last).await
+    }
+
+    async fn open(db: &Database, job: &Job, timeouts: Timeouts) -> Result<(Client, HashMap<usize, Prepared>), Error> {
         let client = db.connect().await?;
         // The checkpoint commits with its batch, so a commit lost in a crash
         // loses both together and the batch is simply redone.
         client.batch_execute("SET synchronous_commit = off").await.ctx(|| "configuring the writer connection".into())?;
+        client.batch_execute(&timeouts.session_sql()).await.ctx(|| "configuring the writer connection".into())?;
         let mut prepared = HashMap::new();
         for t in &job.targets {
             let what = || format!("preparing writes to {}", t.table);
@@ -98,11 +156,11 @@ impl Writer {
             let unapplied = client.prepare(&sql::unapplied_in_stage(t)).await.ctx(what)?;
             prepared.insert(t.index, Prepared { update, update_any, quarantine, unapplied });
         }
-        Ok(Writer { client, job_id, prepared })
+        Ok((client, prepared))
     }
 
     /// Commits one batch and its checkpoint; returns what it did.
-    pub async fn write(&mut self, target: &Target, commit: Commit<'_>, batch: &Batch) -> Result<(Counts, Vec<Failure>), Error> {
+    pub async fn write(&mut self, target: &Target, commit: Commit<'_>, batch: &Batch) -> Result<Written, Error> {
         let what = || format!("writing a batch to {}", target.table);
         let p = &self.prepared[&target.index];
         let ncols = target.columns.len();
@@ -191,14 +249,43 @@ impl Writer {
             .await
             .ctx(what)?;
         }
-        match commit {
-            Commit::Range(state) => checkpoint::record_batch(&tx, self.job_id, state, batch.last_key.as_ref(), batch.end, &counts).await,
-            Commit::Retry(_) => checkpoint::record_retry(&tx, self.job_id, target.index, &target.table.to_string(), &counts).await,
+        if target.write.format.random_nonces() && !staged.is_empty() {
+            // Invariant 7: every staged value was encrypted under a fresh random nonce.
+            let encrypted = batch.cells.iter().filter(|c| matches!(c, Cell::Rewritten(_))).count() as i64;
+            let key = target.write.keyring.target();
+            let total = checkpoint::count_encryptions(&tx, &key.fingerprint(), &target.target_label(), encrypted).await.ctx(what)?;
+            if total > checkpoint::NONCE_BUDGET {
+                return Err(nonce_budget_spent(target, total - encrypted));
+            }
         }
-        .ctx(what)?;
+        let control = match commit {
+            Commit::Range(state) => checkpoint::record_batch(&tx, self.job_id, state, self.owner.as_deref(), batch.last_key.as_ref(), batch.end, &counts)
+                .await
+                .ctx(what)?
+                .ok_or_else(|| {
+                    Error::Runtime(format!(
+                        "range {} of {} was taken over by another rekey process (this one stopped renewing its lease); \
+                         the batch was rolled back, nothing of it was written; run again to continue",
+                        state.range_no, target.table
+                    ))
+                })?,
+            Commit::Retry(_) => {
+                checkpoint::record_retry(&tx, self.job_id, target.index, &target.table.to_string(), &counts).await.ctx(what)?;
+                String::from("run")
+            }
+        };
         tx.commit().await.ctx(what)?;
-        Ok((counts, failures))
+        Ok(Written { counts, failures, control })
     }
+}
+
+/// The error for a key that has used up its random nonces (invariant 7).
+pub fn nonce_budget_spent(target: &Target, used: i64) -> Error {
+    Error::Config(format!(
+        "key {} has already encrypted {used} values with random 96-bit nonces, and this batch would pass the limit of 2^32 \
+         (NIST SP 800-38D); the batch was rolled back; stage a new key and rotate to it instead (rekey.key_usage counts per key fingerprint)",
+        target.target_label()
+    ))
 }
 
 /// The key columns of a page row as raw parameters.

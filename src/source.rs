@@ -10,9 +10,10 @@ use std::collections::HashMap;
 
 use tokio_postgres::{Client, Row, Statement};
 
-use crate::db::{RawParam, RawRef};
+use crate::db::{Database, RawParam, RawRef};
 use crate::error::DbContext;
 use crate::job::Target;
+use crate::sink::Timeouts;
 use crate::plan::KeyBytes;
 use crate::sql::{self, Bounds};
 use crate::Error;
@@ -21,6 +22,8 @@ use crate::Error;
 pub struct Source {
     /// The reading connection (autocommit: no transaction is held between pages).
     client: Client,
+    /// Where to reconnect, and the session's limits.
+    origin: Option<(Database, Timeouts)>,
     /// Prepared page statements, by target and bounds shape.
     statements: HashMap<(usize, Bounds), (Statement, Vec<usize>)>,
     /// Whether to read only rows with a stale value (false for `verify --full`).
@@ -30,7 +33,29 @@ pub struct Source {
 impl Source {
     /// Wraps a connection.
     pub fn new(client: Client, only_stale: bool) -> Self {
-        Source { client, statements: HashMap::new(), only_stale }
+        Source { client, origin: None, statements: HashMap::new(), only_stale }
+    }
+
+    /// Opens a reading connection with `timeouts` (only `statement_timeout` applies to reads).
+    pub async fn connect(db: &Database, only_stale: bool, timeouts: Timeouts) -> Result<Self, Error> {
+        let client = Self::open(db, timeouts).await?;
+        Ok(Source { client, origin: Some((db.clone(), timeouts)), statements: HashMap::new(), only_stale })
+    }
+
+    /// Replaces a broken connection with a new one.
+    pub async fn reconnect(&mut self) -> Result<(), Error> {
+        let Some((db, timeouts)) = &self.origin else {
+            return Err(Error::Runtime("this reader cannot reconnect".into()));
+        };
+        self.client = Self::open(db, *timeouts).await?;
+        self.statements.clear();
+        Ok(())
+    }
+
+    async fn open(db: &Database, timeouts: Timeouts) -> Result<Client, Error> {
+        let client = db.connect().await?;
+        client.batch_execute(&timeouts.session_sql()).await.ctx(|| "configuring a reader connection".into())?;
+        Ok(client)
     }
 
     /// The connection, for the occasional lookup beside the pages.
@@ -77,4 +102,9 @@ impl Source {
 /// The key of a row read by [`Source::page`], in binary format.
 pub fn row_key(target: &Target, row: &Row) -> KeyBytes {
     (0..target.key.len()).map(|i| row.try_get::<_, RawRef>(i).map(|r| r.0.to_vec()).unwrap_or_default()).collect()
+}
+
+/// Bytes of the encrypted values in a row read by [`Source::page`].
+pub fn value_bytes(target: &Target, row: &Row) -> usize {
+    (target.key.len()..row.len()).map(|i| row.try_get::<_, RawRef>(i).map_or(0, |r| r.0.len())).sum()
 }

@@ -79,7 +79,7 @@ pub async fn verify(db: &Database, client: &Client, job: &Arc<Job>, depth: Depth
         let ranges = ephemeral_ranges(client, job, depth.lanes).await?;
         let rows: u64 = counted.iter().map(|c| c.rows).max().unwrap_or(0);
         let progress = Progress::new(rows, "verifying", quiet);
-        let settings = Settings { lanes: depth.lanes, batch_size: 5000, stop: Default::default(), max_rows_per_sec: None };
+        let settings = Settings { lanes: depth.lanes, ..Settings::default() };
         let outcome = pipeline::run(db, job.clone(), ranges, Mode::Verify, settings, Arc::new(LiveCounts::default()), progress).await?;
         on_target = outcome.on_target;
         on_old = outcome.on_old;

@@ -43,6 +43,12 @@ impl Format {
         }
     }
 
+    /// Whether each value is sealed under a random 96-bit GCM nonce, so one key
+    /// may seal at most 2^32 values (invariant 7). Fernet's random CBC IVs carry no such limit.
+    pub fn random_nonces(self) -> bool {
+        !matches!(self, Format::Fernet)
+    }
+
     /// Prepares a codec for this format over `keyring`.
     pub fn codec(self, keyring: &Keyring) -> Result<Arc<dyn Codec>, FormatKeyError> {
         match self {

@@ -82,7 +82,7 @@ async fn an_application_update_between_read_and_write_is_not_overwritten() {
     db.client.execute("UPDATE patient_persons SET phone_encrypted = $1 WHERE id = 5", &[&fresh]).await.unwrap();
 
     let mut writer = Writer::connect(&database, &job, record.id).await.unwrap();
-    let (counts, _) = writer.write(target, Commit::Range(&record.ranges[0]), &batch).await.unwrap();
+    let counts = writer.write(target, Commit::Range(&record.ranges[0]), &batch).await.unwrap().counts;
     assert_eq!(counts.conflicts, 1);
     assert_eq!(counts.rows_rewritten, 49);
     assert_eq!(counts.values_rewritten, 49 + 33);
@@ -98,7 +98,7 @@ async fn an_application_update_between_read_and_write_is_not_overwritten() {
     let mut ranges = record.ranges.clone();
     ranges[0].done = true;
     let progress = rekey::progress::Progress::new(0, "test", true);
-    let settings = rekey::pipeline::Settings { lanes: 1, batch_size: 100, stop: Default::default(), max_rows_per_sec: None };
+    let settings = rekey::pipeline::Settings { lanes: 1, batch_size: 100, ..Default::default() };
     let outcome = rekey::pipeline::run(&database, std::sync::Arc::new(job), ranges, rekey::pipeline::Mode::Rewrite { job_id: record.id }, settings, Default::default(), progress)
         .await
         .unwrap();
