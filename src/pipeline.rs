@@ -691,6 +691,7 @@ async fn commit(shared: &Shared, writer: &mut Writer, state: &RangeState, batch:
     let mut total = Written { counts: Counts::default(), failures: Vec::new(), control: String::from("run") };
     let mut pending = VecDeque::from([batch]);
     let mut failed = 0u32;
+    let mut retries = 0u64;
     while let Some(b) = pending.pop_front() {
         let error = match writer.write(target, Commit::Range(state), &b).await {
             Ok(w) => {
@@ -701,10 +702,15 @@ async fn commit(shared: &Shared, writer: &mut Writer, state: &RangeState, batch:
             }
             Err(e) => e,
         };
-        failed += 1;
         let how = error.retry();
         if how == Retry::Never {
             return Err(error);
+        }
+        retries += 1;
+        // halving is bounded by log2(rows); only other retries use up tries
+        let halves = how == Retry::Smaller && b.rows.len() > 1;
+        if !halves {
+            failed += 1;
         }
         if failed >= shared.attempts {
             return Err(Error::Runtime(format!(
@@ -714,8 +720,7 @@ async fn commit(shared: &Shared, writer: &mut Writer, state: &RangeState, batch:
                 error_chain(&error)
             )));
         }
-        let wait = backoff(failed);
-        let halves = how == Retry::Smaller && b.rows.len() > 1;
+        let wait = backoff(failed.max(1));
         eprintln!(
             "rekey: a batch of {} rows of {} failed (try {failed} of {}): {}; retrying{}",
             b.rows.len(),
@@ -749,7 +754,7 @@ async fn commit(shared: &Shared, writer: &mut Writer, state: &RangeState, batch:
             }
         }
     }
-    Ok((total, u64::from(failed)))
+    Ok((total, retries))
 }
 
 /// Splits a batch into two contiguous halves; the first ends at its own last row.
