@@ -10,6 +10,7 @@ mod faults;
 mod formats;
 mod interop;
 mod lifecycle;
+mod replica;
 mod rotation;
 mod secrecy;
 mod shapes;
