@@ -13,4 +13,5 @@ mod lifecycle;
 mod replica;
 mod rotation;
 mod secrecy;
+mod server_faults;
 mod shapes;
