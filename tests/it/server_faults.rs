@@ -334,13 +334,91 @@ async fn a_full_disk_under_the_table_stops_the_run_clearly_and_it_resumes_once_s
 
     let mut runs = Disturbed::new(&strs(&run), &["No space left on device"]);
     runs.child();
-    eventually(Duration::from_secs(60), || std::future::ready(runs.ended())).await;
+    // Today the run stops at the first failed extension; an engine that
+    // retries waits for space instead, so free it after a while either way.
+    eventually(Duration::from_secs(15), || std::future::ready(runs.ended())).await;
+    assert!(runs.finished.is_none(), "the run finished before space was freed: the disk was not full enough to matter");
     let stopped = runs.failures.len();
     for f in 0..fillers - 2 {
         db.client.batch_execute(&format!("DROP TABLE filler{f}")).await.unwrap();
     }
     let (summary, failures) = runs.finish(&db).await;
     report("tablespace on a 16 MB disk filled to ~1 MB free", stopped, &failures);
-    assert_eq!(stopped, 1, "the run did not stop on the full disk");
+    assert_nothing_lost(&db, ROWS, &summary, &untouched).await;
+}
+
+/// The finished job's recorded totals (`rekey.jobs.summary`), by job id.
+async fn recorded_totals(db: &TestDb) -> Vec<(i64, String, Option<i64>)> {
+    db.client
+        .query("SELECT job_id, state, (summary->'job_totals'->>'values_rewritten')::bigint FROM rekey.jobs ORDER BY job_id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "engine bug: the job lock lives on one idle session that is never checked; once that session is terminated the run goes on without it, a second `rekey run` of the same job is not refused and runs alongside, marks the job done with totals that miss the first process's work, and the first then fails with 'finishing job N: connection closed'"]
+async fn terminating_the_session_holding_the_job_lock_never_lets_two_processes_run_the_job_at_once() {
+    const ROWS: i64 = 60_000;
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let run = setup(&db, ROWS, &dir).await;
+    let untouched = db.unencrypted_checksum().await;
+    let mut first = spawn_rekey_captured(&strs(&run), &seed_env());
+    wait_for_progress(&db, &mut first, values_in(ROWS) / 5).await;
+    let killed: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(l.pid))::bigint FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+              WHERE l.locktype = 'advisory' AND a.application_name = 'rekey' AND a.datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 1, "the job lock's session was not found");
+
+    // A second process on the same job, while the first may still be going.
+    let second = rekey(&strs(&run), &seed_env());
+    let first_running = first.try_wait().unwrap().is_none();
+    let first = first.wait_with_output().unwrap();
+    println!("fault report: job lock session terminated: first run {:?}: {}; second run {:?}: {}", first.status.code(), printed(&first).trim(), second.status.code(), printed(&second).trim());
+    if second.status.code() == Some(0) {
+        assert!(!first_running, "a second process ran and finished the job while the first was still writing");
+    } else {
+        assert!(printed(&second).contains("being run by another rekey process"), "{}", printed(&second));
+    }
+    if first.status.code() != Some(0) {
+        assert!(printed(&first).contains("lock"), "the first run's failure does not say it lost its job lock: {}", printed(&first));
+    }
+    // Whoever finished, the job's record counts every value once.
+    if !recorded_totals(&db).await.iter().any(|(_, state, _)| state == "done") {
+        let out = rekey(&strs(&run), &seed_env());
+        assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    }
+    assert_eq!(recorded_totals(&db).await, vec![(1, "done".to_string(), Some(values_in(ROWS)))]);
+    db.assert_every_value_rotated(ROWS).await;
+    assert_eq!(db.unencrypted_checksum().await, untouched);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_session_timeout_shorter_than_the_run_loses_nothing_and_the_run_finishes_or_resumes() {
+    const ROWS: i64 = 60_000;
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let run = setup(&db, ROWS, &dir).await;
+    let untouched = db.unencrypted_checksum().await;
+    // rekey's sessions opened from now on are closed by the server after 500 ms idle
+    db.alter_database("SET idle_session_timeout = '500ms'").await;
+    let mut runs = Disturbed::new(&strs(&run), &["idle-session timeout", "connection closed"]);
+    runs.child();
+    while !runs.ended() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    db.alter_database("RESET idle_session_timeout").await;
+    let (summary, failures) = runs.finish(&db).await;
+    report("idle_session_timeout = 500ms on the database", 1, &failures);
     assert_nothing_lost(&db, ROWS, &summary, &untouched).await;
 }
