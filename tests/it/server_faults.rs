@@ -412,7 +412,7 @@ async fn an_idle_session_timeout_shorter_than_the_run_loses_nothing_and_the_run_
     let untouched = db.unencrypted_checksum().await;
     // rekey's sessions opened from now on are closed by the server after 500 ms idle
     db.alter_database("SET idle_session_timeout = '500ms'").await;
-    let mut runs = Disturbed::new(&strs(&run), &["idle-session timeout", "connection closed"]);
+    let mut runs = Disturbed::new(&strs(&run), &["idle-session timeout", "job lock", "connection closed"]);
     runs.child();
     while !runs.ended() {
         tokio::time::sleep(Duration::from_millis(20)).await;
