@@ -103,6 +103,80 @@ impl TempCluster {
         self.pg("pg_ctl", &all)
     }
 
+    /// Starts a streaming standby of this cluster and returns it.
+    ///
+    /// The standby is a base backup taken with `pg_basebackup -R -X stream`
+    /// (fast checkpoint) into a new temp directory, started on its own free
+    /// port and unix socket directory, following this cluster over TCP on
+    /// 127.0.0.1: PostgreSQL 15's defaults (`wal_level = replica`,
+    /// `max_wal_senders = 10`) and initdb's `host replication all
+    /// 127.0.0.1/32 trust` line in `pg_hba.conf` are all it needs. It runs
+    /// with `cluster_name = 'replica'`, so the primary's `pg_stat_replication`
+    /// shows it under `application_name = 'replica'` with `sent_lsn`,
+    /// `replay_lsn` and `replay_lag`. It is read-only (hot standby) and, like
+    /// any [`TempCluster`], stopped and removed when dropped; drop it before
+    /// the primary, or it logs reconnection attempts until it stops.
+    ///
+    /// Lag on demand: [`TempCluster::pause_replay`] on the standby (the same
+    /// as `SELECT pg_wal_replay_pause()` there) keeps WAL arriving but stops
+    /// applying it, so the primary's `pg_wal_lsn_diff(sent_lsn, replay_lsn)`
+    /// grows with every write and rows written on the primary stay invisible
+    /// on the standby; [`TempCluster::resume_replay`] lets it catch up.
+    pub fn start_replica(&self) -> Result<TempCluster, ClusterError> {
+        let dir = std::env::temp_dir().join(format!("rekey-pg-{}-{}", std::process::id(), unique()));
+        std::fs::create_dir_all(&dir).map_err(|e| step("creating the replica directory", e))?;
+        let mut replica = TempCluster { dir, bin: self.bin.clone(), port: 0, run_as: self.run_as.clone(), running: false };
+        if let Some(user) = &replica.run_as {
+            run(Command::new("chown").arg(format!("{user}:")).arg(&replica.dir), "chown of the replica directory")?;
+        }
+        replica.spawn_watchdog();
+        let data = replica.data_dir();
+        let primary_port = self.port.to_string();
+        replica.pg(
+            "pg_basebackup",
+            &["-D", path_str(&data), "-h", "127.0.0.1", "-p", &primary_port, "-U", "postgres", "-R", "-X", "stream", "-c", "fast", "--no-sync"],
+        )?;
+        replica.port = free_port()?;
+        // The backup carries the primary's settings; these lines come later and win.
+        let conf = format!(
+            "port = {}\nunix_socket_directories = '{}'\ncluster_name = 'replica'\nhot_standby = on\n",
+            replica.port,
+            path_str(&replica.dir)
+        );
+        let conf_path = data.join("postgresql.auto.conf");
+        let mut existing = std::fs::read_to_string(&conf_path).map_err(|e| step("reading the replica's postgresql.auto.conf", e))?;
+        existing.push_str(&conf);
+        replica.write_as_owner(&conf_path, &existing)?;
+        replica.ctl(&["start", "-w", "-t", "60"])?;
+        replica.running = true;
+        Ok(replica)
+    }
+
+    /// On a standby from [`TempCluster::start_replica`]: stops applying WAL
+    /// (`SELECT pg_wal_replay_pause()`), so replication lag grows with every
+    /// write on the primary until [`TempCluster::resume_replay`]. WAL keeps
+    /// streaming in; only replay waits. Fails on a cluster that is not a standby.
+    pub fn pause_replay(&self) -> Result<(), ClusterError> {
+        self.psql("SELECT pg_wal_replay_pause()")
+    }
+
+    /// On a standby: applies WAL again after [`TempCluster::pause_replay`]
+    /// (`SELECT pg_wal_replay_resume()`).
+    pub fn resume_replay(&self) -> Result<(), ClusterError> {
+        self.psql("SELECT pg_wal_replay_resume()")
+    }
+
+    /// Runs one SQL statement with `psql` against database `postgres`.
+    fn psql(&self, sql: &str) -> Result<(), ClusterError> {
+        let port = self.port.to_string();
+        run(
+            Command::new(self.bin.join("psql"))
+                .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-d", "postgres", "-c", sql])
+                .current_dir(&self.dir),
+            "psql",
+        )
+    }
+
     /// The server log so far (for test failure messages).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()

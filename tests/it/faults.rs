@@ -11,45 +11,60 @@ use rekey::transform;
 
 use crate::harness::*;
 
+/// Kills of the run: at least this many must land on a live process.
+const KILLS: i64 = 24;
+
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_at_random_moments_then_resume_loses_nothing_and_encrypts_nothing_twice() {
+    const ROWS: i64 = 60_000;
     let db = TestDb::new().await;
-    db.seed_patients(60_000).await;
+    db.seed_patients(ROWS).await;
+    let untouched = db.unencrypted_checksum().await;
     let dir = tempfile::tempdir().unwrap();
     let job = db.patients_job(&dir);
     let j = job.display().to_string();
-    let run = ["run", "--job", j.as_str(), "--json", "--batch-size", "200", "--workers", "2"];
+    let run = ["run", "--job", j.as_str(), "--json", "--batch-size", "150", "--workers", "2"];
 
-    // Kill when the committed progress passes each of these fractions, plus a
-    // random few milliseconds so the kill lands at a different point of a batch.
-    let total = 100_000i64;
-    let mut kills = 0;
-    let mut jitter = rekey::keyring::generate_material()[0] as u64;
-    for fraction in [0.05, 0.15, 0.25, 0.35, 0.45, 0.55] {
+    // Kill when the committed progress passes a random point in each of
+    // KILLS equal slices of the run, plus a random few milliseconds, so the
+    // kills land at different points of a batch (reading, COPY, UPDATE,
+    // COMMIT) and of the process's life (start-up, resume, mid-range).
+    // REKEY_FAULT_SEED replays a failing sequence.
+    let total = values_in(ROWS);
+    let seed = std::env::var("REKEY_FAULT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        let m = rekey::keyring::generate_material();
+        u64::from_le_bytes([m[0], m[1], m[2], m[3], m[4], m[5], m[6], m[7]]) | 1
+    });
+    let mut rng = seed;
+    let mut next = move |below: i64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng % below.max(1) as u64) as i64
+    };
+    let (first, slice) = (total / 50, total * 90 / 100 / KILLS);
+    let mut landed = 0;
+    for k in 0..KILLS {
         let mut child = spawn_rekey(&run, &seed_env());
-        let threshold = (total as f64 * fraction) as i64;
-        wait_for_progress(&db, &mut child, threshold).await;
-        jitter = (jitter * 7919 + 104_729) % 15;
-        tokio::time::sleep(Duration::from_millis(jitter)).await;
+        wait_for_progress(&db, &mut child, first + k * slice + next(slice)).await;
+        tokio::time::sleep(Duration::from_millis(next(20) as u64)).await;
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap(); // SIGKILL
-            kills += 1;
+            landed += 1;
         }
         child.wait().unwrap();
     }
-    assert!(kills >= 5, "only {kills} kills landed before the run finished");
+    let killed_at = committed_values(&db).await;
+    println!("fault report: kill -9 landed {landed} of {KILLS} times (seed {seed}), {killed_at} of {total} values committed by then");
+    assert!(landed >= 20, "only {landed} kills landed before the run finished (seed {seed})");
 
     let out = rekey(&run, &seed_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     let summary = json(&out);
     assert_eq!(summary["resumed"], true);
-    assert_eq!(summary["job_totals"]["values_rewritten"], 60_000 + 40_000, "every value rewritten exactly once across all runs");
-
-    for (id, (p, e)) in db.decrypted_patients(&v2_ring()).await {
-        assert_eq!(p, Decrypted::Plain(2, phone(id)), "phone of {id}");
-        let want = if id % 3 == 0 { Decrypted::Null } else { Decrypted::Plain(2, emergency(id)) };
-        assert_eq!(e, want, "emergency phone of {id}");
-    }
+    assert_eq!(summary["job_totals"]["values_rewritten"], total, "every value rewritten exactly once across all runs (seed {seed})");
+    db.assert_every_value_rotated(ROWS).await;
+    assert_eq!(db.unencrypted_checksum().await, untouched, "a column rekey does not own was written");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -133,4 +148,50 @@ async fn sigint_stops_cleanly_after_in_flight_batches_and_the_run_resumes() {
     assert_eq!(second["resumed"], true);
     assert_eq!(second["job_totals"]["values_rewritten"], 40_000 + 26_667);
     assert_eq!(first["values_rewritten"].as_u64().unwrap() + second["values_rewritten"].as_u64().unwrap(), 40_000 + 26_667, "nothing redone after a clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forced_run_with_a_wrong_old_key_quarantines_every_value_overwrites_none_and_the_right_key_then_rotates_them() {
+    // (That the same run without --force is refused before any write is
+    // config::a_key_that_opens_nothing_is_refused_before_any_write_unless_forced.)
+    const ROWS: i64 = 300;
+    let db = TestDb::new().await;
+    db.seed_patients(ROWS).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir);
+    let j = job.display().to_string();
+    let wrong_v1 = "9999999999999999999999999999999999999999999999999999999999999999";
+    let wrong = vec![("ENCRYPTION_KEY_V1", wrong_v1.to_string()), ("ENCRYPTION_KEY_V2", K2.to_string()), ("ENCRYPTION_CURRENT_VERSION", "2".to_string())];
+    let before = db.checksum("patient_persons").await;
+
+    let out = rekey(&["run", "--job", &j, "--json", "--force", "--batch-size", "64"], &wrong);
+    assert_eq!(out.status.code(), Some(3), "{}", printed(&out));
+    let s = json(&out);
+    assert_eq!((s["values_failed"].as_i64(), s["values_rewritten"].as_i64()), (Some(values_in(ROWS)), Some(0)));
+    assert_eq!(db.checksum("patient_persons").await, before, "a value was overwritten");
+    let listed: Vec<(String, String, i64)> = db
+        .client
+        .query(
+            "SELECT column_name, error_kind, count(DISTINCT pk)::bigint FROM rekey.quarantine WHERE job_id = $1 AND table_name = 'public.patient_persons'
+              GROUP BY 1, 2 ORDER BY 1, 2",
+            &[&s["job_id"].as_i64().unwrap()],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            ("emergency_contact_phone_encrypted".to_string(), "auth_failed".to_string(), ROWS - ROWS / 3),
+            ("phone_encrypted".to_string(), "auth_failed".to_string(), ROWS),
+        ],
+        "rekey.quarantine lists every value, once"
+    );
+
+    let out = rekey(&["run", "--job", &j, "--json"], &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(json(&out)["values_rewritten"].as_i64(), Some(values_in(ROWS)));
+    db.assert_every_value_rotated(ROWS).await;
 }

@@ -36,9 +36,14 @@ pub struct TestDb {
 }
 
 impl TestDb {
-    /// Creates an empty database.
+    /// Creates an empty database on the binary's shared cluster.
     pub async fn new() -> TestDb {
-        let c = cluster();
+        TestDb::on(cluster()).await
+    }
+
+    /// Creates an empty database on `c`: a test's own cluster, for faults
+    /// that disturb the whole server (restarts, full disks).
+    pub async fn on(c: &TempCluster) -> TestDb {
         let name = format!("t{}_{}", std::process::id(), NEXT_DB.fetch_add(1, Ordering::Relaxed));
         let admin = connect(&c.url("postgres")).await;
         admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
@@ -138,6 +143,44 @@ impl TestDb {
             .get::<_, Option<String>>(0)
             .unwrap_or_default()
     }
+}
+
+impl TestDb {
+    /// Asserts that `patient_persons` still holds exactly the `rows` seeded
+    /// rows and that every value opens under V2 (and only V2) to its seeded
+    /// plaintext: nothing lost, nothing left behind, nothing encrypted twice
+    /// (a value sealed twice would open to a ciphertext, not to its phone number).
+    pub async fn assert_every_value_rotated(&self, rows: i64) {
+        let after = self.decrypted_patients(&v2_ring()).await;
+        assert_eq!(after.len() as i64, rows, "rows lost or added");
+        for (id, (p, e)) in after {
+            assert_eq!(p, Decrypted::Plain(2, phone(id)), "phone of {id}");
+            let want = if id % 3 == 0 { Decrypted::Null } else { Decrypted::Plain(2, emergency(id)) };
+            assert_eq!(e, want, "emergency phone of {id}");
+        }
+    }
+
+    /// md5 of the columns rekey must never write (`id`, `name`, `notes`).
+    pub async fn unencrypted_checksum(&self) -> String {
+        self.client
+            .query_one("SELECT md5(string_agg(concat_ws(',', id, name, notes), '|' ORDER BY id)) FROM patient_persons", &[])
+            .await
+            .unwrap()
+            .get::<_, Option<String>>(0)
+            .unwrap_or_default()
+    }
+
+    /// `ALTER DATABASE <this one> ...` (e.g. `SET statement_timeout = '100ms'`): applies to sessions opened afterwards.
+    pub async fn alter_database(&self, change: &str) {
+        let name: String = self.client.query_one("SELECT current_database()", &[]).await.unwrap().get(0);
+        self.client.batch_execute(&format!("ALTER DATABASE {name} {change}")).await.unwrap();
+    }
+}
+
+/// Encrypted values in `rows` seeded patients: every phone, and the emergency
+/// phone of two rows in three.
+pub fn values_in(rows: i64) -> i64 {
+    rows + (rows - rows / 3)
 }
 
 /// One value as the check sees it.
@@ -265,20 +308,30 @@ pub fn spawn_rekey(args: &[&str], env: &[(&str, String)]) -> std::process::Child
     rekey_cmd(args, env).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn rekey")
 }
 
+/// `rekey` in the background with stdout and stderr captured (for
+/// `wait_with_output` once it is done).
+pub fn spawn_rekey_captured(args: &[&str], env: &[(&str, String)]) -> std::process::Child {
+    rekey_cmd(args, env).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn rekey")
+}
+
+/// Values committed so far by every job of the database (0 before rekey's schema exists).
+pub async fn committed_values(db: &TestDb) -> i64 {
+    db.client
+        .query_one(
+            "SELECT coalesce(sum(p.values_rewritten), 0)::bigint FROM pg_namespace n
+               LEFT JOIN rekey.progress p ON true WHERE n.nspname = 'rekey'",
+            &[],
+        )
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(0)
+}
+
 /// Waits until the values committed by every job of the database reach
 /// `threshold`, or `child` has exited.
 pub async fn wait_for_progress(db: &TestDb, child: &mut std::process::Child, threshold: i64) {
     loop {
-        let done: i64 = db
-            .client
-            .query_one(
-                "SELECT coalesce(sum(p.values_rewritten), 0)::bigint FROM pg_namespace n
-                   LEFT JOIN rekey.progress p ON true WHERE n.nspname = 'rekey'",
-                &[],
-            )
-            .await
-            .map(|r| r.get(0))
-            .unwrap_or(0);
+        let done = committed_values(db).await;
         if done >= threshold || child.try_wait().map(|s| s.is_some()).unwrap_or(true) {
             return;
         }
@@ -304,3 +357,49 @@ pub fn python(script: &str, args: &[&str], input: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+
+/// A tiny tmpfs mounted on a temp directory (owned by the server's user), for
+/// a tablespace that fills up; unmounted when dropped. Mounting needs root
+/// and a kernel/container that allows it.
+pub struct TinyDisk {
+    /// The mount point.
+    dir: tempfile::TempDir,
+}
+
+impl TinyDisk {
+    /// Mounts a tmpfs of `size` (e.g. `"16M"`), or says why it cannot.
+    pub fn mount(size: &str) -> Result<TinyDisk, String> {
+        let uid = Command::new("id").arg("-u").output().map_err(|e| format!("cannot run id: {e}"))?;
+        if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+            return Err("mounting a tmpfs needs root".into());
+        }
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("mount -t tmpfs failed (an unprivileged container?): {}", String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        let disk = TinyDisk { dir };
+        // The test cluster runs as `postgres` under root (see TempCluster).
+        let chown = Command::new("chown").arg("postgres:").arg(disk.path()).output().map_err(|e| e.to_string())?;
+        if !chown.status.success() {
+            return Err(format!("chown postgres of the mount failed: {}", String::from_utf8_lossy(&chown.stderr).trim()));
+        }
+        Ok(disk)
+    }
+
+    /// The mount point.
+    pub fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for TinyDisk {
+    fn drop(&mut self) {
+        // Lazy: a server still holding files there lets go when it stops.
+        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).output();
+    }
+}

@@ -11,6 +11,8 @@ mod formats;
 mod interop;
 mod lifecycle;
 mod online;
+mod replica;
 mod rotation;
 mod secrecy;
+mod server_faults;
 mod shapes;

@@ -1,0 +1,432 @@
+//! The database going wrong under a run: connections terminated, the server
+//! restarted or crashed, locks held, statements timed out, the disk full.
+//!
+//! Every test asserts the same contract: nothing is lost and nothing is
+//! encrypted twice, and the run either finishes, or stops with exit 1 and a
+//! message naming what happened, after which the same command resumes the
+//! job and finishes it. Tests print one `fault report:` line each saying how
+//! the engine met the fault.
+
+use std::process::{Child, Output};
+use std::time::{Duration, Instant};
+
+use rekey::cluster::{ClusterOptions, TempCluster};
+use serde_json::Value;
+
+use crate::harness::*;
+
+/// A run under faults: the process in flight, what each stopped one said,
+/// and re-runs (resumes) until the job is done.
+struct Disturbed {
+    /// `rekey run ...`, the same command every time.
+    args: Vec<String>,
+    /// What a clear failure message may say (one of them must appear).
+    names: &'static [&'static str],
+    /// The process now running, if any.
+    child: Option<Child>,
+    /// stderr of each run that stopped on a fault.
+    failures: Vec<String>,
+    /// The summary of the run that finished the job.
+    finished: Option<Value>,
+}
+
+impl Disturbed {
+    fn new(args: &[&str], names: &'static [&'static str]) -> Disturbed {
+        Disturbed { args: args.iter().map(|a| a.to_string()).collect(), names, child: None, failures: Vec::new(), finished: None }
+    }
+
+    fn args(&self) -> Vec<&str> {
+        self.args.iter().map(String::as_str).collect()
+    }
+
+    /// The run in flight, started (resuming the job) if the last one stopped.
+    fn child(&mut self) -> &mut Child {
+        if self.child.is_none() {
+            self.child = Some(spawn_rekey_captured(&self.args(), &seed_env()));
+        }
+        self.child.as_mut().unwrap()
+    }
+
+    /// Whether no run is in flight now (the last one ended and was judged).
+    fn ended(&mut self) -> bool {
+        let done = match self.child.as_mut() {
+            None => return true,
+            Some(c) => c.try_wait().unwrap().is_some(),
+        };
+        if done {
+            let out = self.child.take().unwrap().wait_with_output().unwrap();
+            self.judge(&out);
+        }
+        done
+    }
+
+    /// A run that ended either finished the job or failed clearly.
+    fn judge(&mut self, out: &Output) {
+        if out.status.code() == Some(0) {
+            self.finished = Some(json(out));
+            return;
+        }
+        let said = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        assert_eq!(out.status.code(), Some(1), "a fault must stop the run with exit 1 (or not at all): {}", printed(out));
+        assert!(said.starts_with("rekey: ") && self.names.iter().any(|n| said.contains(n)), "unclear failure, expected one of {:?} in: {said}", self.names);
+        self.failures.push(said);
+    }
+
+    /// Waits for the run in flight, then, if the job is not done, runs the
+    /// same command once more: it must resume the job and finish it.
+    async fn finish(mut self, db: &TestDb) -> (Value, Vec<String>) {
+        if let Some(c) = self.child.take() {
+            let out = c.wait_with_output().unwrap();
+            self.judge(&out);
+        }
+        if let Some(summary) = self.finished.take() {
+            return (summary, self.failures);
+        }
+        let job_started = committed_values(db).await > 0;
+        let out = rekey(&self.args(), &seed_env());
+        assert_eq!(out.status.code(), Some(0), "the re-run after the fault did not finish: {}", printed(&out));
+        let summary = json(&out);
+        if job_started {
+            assert_eq!(summary["resumed"], true, "the re-run started over instead of resuming");
+        }
+        (summary, self.failures)
+    }
+}
+
+/// Says how the engine met a fault, for the closing note.
+fn report(fault: &str, landed: usize, failures: &[String]) {
+    let met = if failures.is_empty() { "the run finished by itself".to_string() } else { format!("{} run(s) stopped, then resumed and finished; said: {:?}", failures.len(), failures) };
+    println!("fault report: {fault}: injected {landed} time(s); {met}");
+}
+
+/// Polls `cond` every 10 ms until it holds or `limit` passes; whether it held.
+async fn eventually<F, Fut>(limit: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// A seeded database, its job file and the run command (small batches, two lanes).
+async fn setup(db: &TestDb, rows: i64, dir: &tempfile::TempDir) -> Vec<String> {
+    db.seed_patients(rows).await;
+    let job = db.patients_job(dir).display().to_string();
+    ["run", "--job", &job, "--json", "--batch-size", "200", "--workers", "2"].iter().map(|a| a.to_string()).collect()
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Asserts the contract after the job finished.
+async fn assert_nothing_lost(db: &TestDb, rows: i64, summary: &Value, untouched: &str) {
+    assert_eq!(summary["job_totals"]["values_rewritten"], values_in(rows), "every value rewritten exactly once across all runs");
+    db.assert_every_value_rotated(rows).await;
+    assert_eq!(db.unencrypted_checksum().await, untouched, "a column rekey does not own was written");
+}
+
+/// How a lost connection may be named.
+const CONNECTION_LOST: &[&str] = &[
+    "terminating connection due to administrator command",
+    "terminating connection due to immediate shutdown",
+    "terminating connection because of crash",
+    "the database system is shutting down",
+    "the database system is starting up",
+    "the database system is in recovery mode",
+    "connection closed",
+    "cannot connect to PostgreSQL",
+];
+
+/// Terminates rekey's sessions of this database that are inside a write
+/// transaction (a batch between BEGIN and COMMIT); waits until one is, or
+/// the run ended. Returns how many were terminated.
+async fn terminate_mid_batch(db: &TestDb, runs: &mut Disturbed) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline && !runs.ended() {
+        let killed: i64 = db
+            .client
+            .query_one(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))::bigint FROM pg_stat_activity
+                  WHERE application_name = 'rekey' AND datname = current_database() AND backend_xid IS NOT NULL",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if killed > 0 {
+            return killed as usize;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    0
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn terminating_rekeys_sessions_mid_batch_loses_nothing_and_the_run_finishes_or_resumes() {
+    const ROWS: i64 = 30_000;
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let run = setup(&db, ROWS, &dir).await;
+    let untouched = db.unencrypted_checksum().await;
+    let mut runs = Disturbed::new(&strs(&run), CONNECTION_LOST);
+    let mut landed = 0;
+    for fraction in [0.2, 0.45, 0.7] {
+        if runs.finished.is_some() {
+            break;
+        }
+        let child = runs.child();
+        wait_for_progress(&db, child, (values_in(ROWS) as f64 * fraction) as i64).await;
+        landed += terminate_mid_batch(&db, &mut runs).await;
+        // let the run notice before the next round decides whether it is still going
+        eventually(Duration::from_secs(2), || std::future::ready(runs.ended())).await;
+    }
+    let (summary, failures) = runs.finish(&db).await;
+    report("pg_terminate_backend of rekey's sessions inside a batch", landed, &failures);
+    assert!(landed > 0, "no session was caught inside a batch");
+    assert_nothing_lost(&db, ROWS, &summary, &untouched).await;
+}
+
+/// A restart (`pg_ctl restart -m MODE`) of a private cluster once the run is a third done.
+async fn restart_mid_run(mode: &'static str) {
+    const ROWS: i64 = 30_000;
+    let cluster = TempCluster::start(ClusterOptions { durable: false }).expect("a private cluster");
+    let mut db = TestDb::on(&cluster).await;
+    let dir = tempfile::tempdir().unwrap();
+    let run = setup(&db, ROWS, &dir).await;
+    let untouched = db.unencrypted_checksum().await;
+    let mut runs = Disturbed::new(&strs(&run), CONNECTION_LOST);
+    let child = runs.child();
+    wait_for_progress(&db, child, values_in(ROWS) / 3).await;
+    let landed = usize::from(!runs.ended());
+    let before = committed_values(&db).await;
+    tokio::task::block_in_place(|| cluster.ctl(&["restart", "-w", "-t", "60", "-m", mode]))
+        .unwrap_or_else(|e| panic!("restart failed: {e}\n{}", cluster.log()));
+    db.client = connect(&db.url).await;
+    let after = committed_values(&db).await;
+    let (summary, failures) = runs.finish(&db).await;
+    report(&format!("server restart -m {mode} (values committed: {before} seen before, {after} after)"), landed, &failures);
+    assert_nothing_lost(&db, ROWS, &summary, &untouched).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_restart_mid_run_loses_nothing_and_the_run_finishes_or_resumes() {
+    restart_mid_run("fast").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_crash_mid_run_loses_nothing_and_the_run_finishes_or_resumes() {
+    // immediate: no shutdown checkpoint, crash recovery on start; commits
+    // still in the WAL buffers (the writer commits asynchronously) are lost,
+    // each together with its checkpoint row.
+    restart_mid_run("immediate").await;
+}
+
+/// Holds `FOR UPDATE` locks on 20 rows in the middle of the table until committed.
+async fn lock_middle_rows(db: &TestDb, rows: i64) -> tokio_postgres::Client {
+    let locker = connect(&db.url).await;
+    locker
+        .batch_execute(&format!("SET statement_timeout = 0; BEGIN; SELECT id FROM patient_persons WHERE id BETWEEN {} AND {} FOR UPDATE", rows / 2, rows / 2 + 19))
+        .await
+        .unwrap();
+    locker
+}
+
+/// Whether one of rekey's sessions of this database is waiting for a lock.
+async fn rekey_waits_on_a_lock(db: &TestDb) -> bool {
+    db.client
+        .query_one(
+            "SELECT count(*) > 0 FROM pg_stat_activity WHERE application_name = 'rekey' AND datname = current_database() AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transaction_holding_row_locks_mid_table_delays_the_run_but_loses_nothing() {
+    const ROWS: i64 = 20_000;
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let run = setup(&db, ROWS, &dir).await;
+    let untouched = db.unencrypted_checksum().await;
+    let locker = lock_middle_rows(&db, ROWS).await;
+    let mut runs = Disturbed::new(&strs(&run), &["lock", "canceling statement"]);
+    runs.child();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut waited = false;
+    while !waited && !runs.ended() && Instant::now() < deadline {
+        waited = rekey_waits_on_a_lock(&db).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let met = waited || runs.child.is_none();
+    assert!(met, "rekey neither waited on the locked rows nor stopped");
+    // hold the locks a while longer, as a slow application transaction would
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    locker.batch_execute("COMMIT").await.unwrap();
+    let (summary, failures) = runs.finish(&db).await;
+    report(&format!("FOR UPDATE on 20 mid-table rows held ~2 s (rekey seen waiting: {waited})"), 1, &failures);
+    assert_nothing_lost(&db, ROWS, &summary, &untouched).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_cancelled_by_statement_timeout_loses_nothing_and_the_run_resumes_once_it_is_lifted() {
+    const ROWS: i64 = 20_000;
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let run = setup(&db, ROWS, &dir).await;
+    let untouched = db.unencrypted_checksum().await;
+    // A low timeout for rekey's sessions, and locked rows that make the
+    // batch reaching them wait past it.
+    let locker = lock_middle_rows(&db, ROWS).await;
+    db.alter_database("SET statement_timeout = '100ms'").await;
+    let mut runs = Disturbed::new(&strs(&run), &["statement timeout"]);
+    runs.child();
+    // Today the run stops at the first timeout; an engine that retries
+    // keeps going, so give it a few seconds, then lift the fault either way.
+    eventually(Duration::from_secs(5), || std::future::ready(runs.ended())).await;
+    locker.batch_execute("COMMIT").await.unwrap();
+    db.alter_database("RESET statement_timeout").await;
+    let (summary, failures) = runs.finish(&db).await;
+    report("statement_timeout = 100ms on the database and 20 locked mid-table rows", 1, &failures);
+    assert_nothing_lost(&db, ROWS, &summary, &untouched).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_under_the_table_stops_the_run_clearly_and_it_resumes_once_space_is_freed() {
+    const ROWS: i64 = 12_000;
+    let disk = match TinyDisk::mount("16M") {
+        Ok(d) => d,
+        Err(why) => {
+            println!("fault report: disk full: SKIPPED, cannot make a tiny disk here: {why}");
+            return;
+        }
+    };
+    // The cluster stops (dropped first, declared last) before the disk is unmounted.
+    let cluster = TempCluster::start(ClusterOptions { durable: false }).expect("a private cluster");
+    let db = TestDb::on(&cluster).await;
+    let space = disk.path().display().to_string();
+    db.client.batch_execute(&format!("CREATE TABLESPACE tiny LOCATION '{space}'")).await.unwrap();
+    db.client.batch_execute("SET default_tablespace = tiny").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let run = setup(&db, ROWS, &dir).await;
+    let untouched = db.unencrypted_checksum().await;
+    // Fill the rest of the disk with 512 kB tables, then free two of them:
+    // room for a few batches, not for a second copy of the table.
+    let mut fillers = 0;
+    loop {
+        let fill = format!("CREATE TABLE filler{fillers} AS SELECT g, repeat(md5(g::text), 30) AS pad FROM generate_series(1, 500) g");
+        if db.client.batch_execute(&fill).await.is_err() {
+            break;
+        }
+        fillers += 1;
+        assert!(fillers < 100, "the disk never filled up");
+    }
+    db.client.batch_execute(&format!("DROP TABLE filler{}; DROP TABLE filler{}", fillers - 1, fillers - 2)).await.unwrap();
+
+    let mut runs = Disturbed::new(&strs(&run), &["No space left on device"]);
+    runs.child();
+    // Today the run stops at the first failed extension; an engine that
+    // retries waits for space instead, so free it after a while either way.
+    eventually(Duration::from_secs(15), || std::future::ready(runs.ended())).await;
+    assert!(runs.finished.is_none(), "the run finished before space was freed: the disk was not full enough to matter");
+    let stopped = runs.failures.len();
+    for f in 0..fillers - 2 {
+        db.client.batch_execute(&format!("DROP TABLE filler{f}")).await.unwrap();
+    }
+    let (summary, failures) = runs.finish(&db).await;
+    report("tablespace on a 16 MB disk filled to ~1 MB free", stopped, &failures);
+    assert_nothing_lost(&db, ROWS, &summary, &untouched).await;
+}
+
+/// The finished job's recorded totals (`rekey.jobs.summary`), by job id.
+async fn recorded_totals(db: &TestDb) -> Vec<(i64, String, Option<i64>)> {
+    db.client
+        .query("SELECT job_id, state, (summary->'job_totals'->>'values_rewritten')::bigint FROM rekey.jobs ORDER BY job_id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "engine bug: the job lock is held by one idle session that is never checked; once it is terminated the run goes on unlocked, a second `rekey run` of the job is not refused and runs alongside (exit 0, sometimes while the first is still writing), records job totals missing the first's work (~24k of 100k values in rekey.jobs.summary; rekey.progress is exact), and the first then fails with the unclear 'finishing job N: connection closed'. Values stay safe (CAS)."]
+async fn terminating_the_session_holding_the_job_lock_never_lets_two_processes_run_the_job_at_once() {
+    const ROWS: i64 = 60_000;
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let run = setup(&db, ROWS, &dir).await;
+    let untouched = db.unencrypted_checksum().await;
+    let mut first = spawn_rekey_captured(&strs(&run), &seed_env());
+    wait_for_progress(&db, &mut first, values_in(ROWS) / 5).await;
+    let killed: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(l.pid))::bigint FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+              WHERE l.locktype = 'advisory' AND a.application_name = 'rekey' AND a.datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 1, "the job lock's session was not found");
+
+    // A second process on the same job, while the first may still be going.
+    let second = rekey(&strs(&run), &seed_env());
+    let first_running = first.try_wait().unwrap().is_none();
+    let first = first.wait_with_output().unwrap();
+    println!(
+        "fault report: job lock session terminated: first run {:?}: {}; second run {:?} (first still running when it ended: {first_running}): {}; jobs recorded: {:?}; values in rekey.progress: {}",
+        first.status.code(),
+        printed(&first).trim(),
+        second.status.code(),
+        printed(&second).trim(),
+        recorded_totals(&db).await,
+        committed_values(&db).await
+    );
+    if second.status.code() == Some(0) {
+        assert!(!first_running, "a second process ran and finished the job while the first was still writing");
+    } else {
+        assert!(printed(&second).contains("being run by another rekey process"), "{}", printed(&second));
+    }
+    if first.status.code() != Some(0) {
+        assert!(printed(&first).contains("lock"), "the first run's failure does not say it lost its job lock: {}", printed(&first));
+    }
+    // Whoever finished, the job's record counts every value once.
+    if !recorded_totals(&db).await.iter().any(|(_, state, _)| state == "done") {
+        let out = rekey(&strs(&run), &seed_env());
+        assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    }
+    assert_eq!(recorded_totals(&db).await, vec![(1, "done".to_string(), Some(values_in(ROWS)))]);
+    db.assert_every_value_rotated(ROWS).await;
+    assert_eq!(db.unencrypted_checksum().await, untouched);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_session_timeout_shorter_than_the_run_loses_nothing_and_the_run_finishes_or_resumes() {
+    const ROWS: i64 = 60_000;
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let run = setup(&db, ROWS, &dir).await;
+    let untouched = db.unencrypted_checksum().await;
+    // rekey's sessions opened from now on are closed by the server after 500 ms idle
+    db.alter_database("SET idle_session_timeout = '500ms'").await;
+    let mut runs = Disturbed::new(&strs(&run), &["idle-session timeout", "job lock", "connection closed"]);
+    runs.child();
+    while !runs.ended() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    db.alter_database("RESET idle_session_timeout").await;
+    let (summary, failures) = runs.finish(&db).await;
+    report("idle_session_timeout = 500ms on the database", 1, &failures);
+    assert_nothing_lost(&db, ROWS, &summary, &untouched).await;
+}
