@@ -50,6 +50,8 @@ pub struct BenchOptions {
     pub report_dir: Option<PathBuf>,
     /// No progress output.
     pub quiet: bool,
+    /// The rekey runs' settings (throttles, timeouts, signals), as `rekey run` would use them.
+    pub settings: Settings,
 }
 
 /// One bench run's figures.
@@ -243,7 +245,7 @@ async fn rekey_once(opts: &BenchOptions, db: &Database, client: &mut Client, job
         }
         samples
     };
-    let settings = Settings { lanes: opts.lanes, batch_size: opts.batch_size, ..Settings::default() };
+    let settings = Settings { lanes: opts.lanes, batch_size: opts.batch_size, stop: Default::default(), ..opts.settings.clone() };
     let run = async {
         if let Some(fraction) = kill_at {
             let threshold = (opts.rows as f64 * fraction) as u64;

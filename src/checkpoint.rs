@@ -84,7 +84,8 @@ pub struct JobRecord {
     pub resumed: bool,
     /// Every range, finished or not.
     pub ranges: Vec<RangeState>,
-    /// What earlier runs of this job already did.
+    /// What earlier runs of this job already did; after `commands::rewrite`,
+    /// what every run of every process has done, this one included.
     pub prior: Counts,
 }
 
@@ -299,19 +300,6 @@ pub async fn record_batch(
     Ok(row.map(|r| r.get(0)))
 }
 
-/// Where a batch of a range stands: whether the checkpoint already covers
-/// `last` (a batch whose COMMIT's answer was lost with the connection).
-pub async fn batch_committed(client: &Client, job_id: i64, state: &RangeState, last: Option<&KeyBytes>) -> Result<bool, Error> {
-    let row = client
-        .query_one(
-            "SELECT done OR coalesce(last_key = $4, false) FROM rekey.progress WHERE job_id = $1 AND target = $2 AND range_no = $3",
-            &[&job_id, &(state.target as i32), &state.range_no, &last],
-        )
-        .await
-        .ctx(|| format!("checking whether a batch of job {job_id} committed"))?;
-    Ok(row.get(0))
-}
-
 /// How a lane's request for work went.
 #[derive(Debug)]
 pub enum Claim {
@@ -452,6 +440,20 @@ pub async fn pending_conflicts(client: &Client, job_id: i64, target: usize, limi
         .iter()
         .filter_map(|r| r.try_get(0).ok())
         .collect())
+}
+
+/// What every run of every process did for the job, from `rekey.progress`.
+pub async fn job_totals(client: &Client, job_id: i64) -> Result<Counts, Error> {
+    let row = client
+        .query_one(
+            "SELECT coalesce(sum(rows_scanned), 0)::bigint, coalesce(sum(rows_rewritten), 0)::bigint, coalesce(sum(values_rewritten), 0)::bigint,
+                    coalesce(sum(values_skipped), 0)::bigint, coalesce(sum(values_failed), 0)::bigint, coalesce(sum(conflicts), 0)::bigint
+               FROM rekey.progress WHERE job_id = $1",
+            &[&job_id],
+        )
+        .await
+        .ctx(|| format!("adding up the totals of job {job_id}"))?;
+    Ok(counts_from(&row, 0))
 }
 
 /// Marks the job finished with its totals.

@@ -218,6 +218,12 @@ pub struct BenchArgs {
     /// No progress output.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Rows per second the rekey runs may read (as `rekey run --max-rows-per-sec`).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_rows_per_sec: Option<u32>,
+    /// The online settings to measure with, as `rekey run` takes them.
+    #[command(flatten)]
+    pub online: OnlineArgs,
 }
 
 /// Why a key is rotated (recorded in the audit trail).

@@ -177,6 +177,12 @@ pub async fn rewrite(
     let stop = settings.stop.clone();
     let ranges = std::mem::take(&mut record.ranges);
     let outcome = until_signalled(pipeline::run(db, job.clone(), ranges, Mode::Rewrite { job_id: record.id }, settings, live, progress), &stop, deadline).await?;
+    if client.is_closed() {
+        // this session sat idle through the run (an idle_session_timeout, a restart): the work is committed, carry on
+        *client = db.connect().await?;
+    }
+    // what every process sharing the job has done, not only this one
+    record.prior = checkpoint::job_totals(client, record.id).await?;
     Ok((outcome, record))
 }
 
@@ -258,8 +264,13 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
     } else {
         (None, None)
     };
-    let mut job_totals = prior;
-    job_totals += c;
+    let job_totals = if job_id.is_some() {
+        prior
+    } else {
+        let mut t = prior;
+        t += c;
+        t
+    };
     let summary = json!({
         "job": job.name,
         "job_id": job_id,
@@ -499,6 +510,7 @@ pub async fn bench(args: &BenchArgs) -> Result<u8, Error> {
         project,
         report_dir: args.report_dir.clone(),
         quiet: args.quiet || args.json,
+        settings: settings_from(args.workers.map_or_else(default_lanes, usize::from), args.batch_size, args.max_rows_per_sec, &args.online, Stop::default()),
     };
     let r = crate::bench::run(&opts).await?;
     if args.json {

@@ -40,7 +40,7 @@ use crate::job::Job;
 use crate::monitor::{Monitor, Signals, Verdict};
 use crate::plan::KeyBytes;
 use crate::progress::Progress;
-use crate::sink::{self, Batch, Commit, Failure, Timeouts, Writer, Written};
+use crate::sink::{self, AfterReconnect, Batch, Commit, Failure, Timeouts, Writer, Written};
 use crate::source::{self, Source};
 use crate::stats::{Counts, LiveCounts};
 use crate::throttle::{BatchSizer, Hold, Pace};
@@ -394,7 +394,9 @@ pub async fn run(db: &Database, job: Arc<Job>, ranges: Vec<RangeState>, mode: Mo
     // the signals are read once before any source reads a page
     let mut monitor = Monitor::new(settings.signals.clone());
     apply(&shared, read_signals(&mut monitor, &mut home, job_id).await);
-    let watcher = tokio::spawn(watch(shared.clone(), db.clone(), home, monitor, settings.signals.check_every, job_id));
+    // in a JoinSet so that it ends with this future even when the future is dropped
+    let mut watcher = JoinSet::new();
+    watcher.spawn(watch(shared.clone(), db.clone(), home, monitor, settings.signals.check_every, job_id));
 
     let mut tasks: JoinSet<Result<Option<Outcome>, Error>> = JoinSet::new();
     for _ in 0..lanes {
@@ -427,7 +429,7 @@ pub async fn run(db: &Database, job: Arc<Job>, ranges: Vec<RangeState>, mode: Mo
             }
         }
     }
-    watcher.abort();
+    watcher.abort_all();
     if let Work::Leased { job_id, owner, .. } = &shared.work {
         // give unfinished ranges back now rather than when their leases run out
         if let Ok(client) = db.connect().await {
@@ -743,9 +745,18 @@ async fn commit(shared: &Shared, writer: &mut Writer, state: &RangeState, batch:
                     pending.push_front(b);
                     continue;
                 }
-                // the COMMIT may have landed before the connection broke
-                if !matches!(writer.committed(state, b.last_key.as_ref()).await, Ok(true)) {
-                    pending.push_front(b);
+                // the COMMIT may have landed before the connection broke, and
+                // a crash may have lost commits the server had acknowledged
+                match writer.after_reconnect(state, b.last_key.as_ref()).await {
+                    Ok(AfterReconnect::Committed) => {}
+                    Ok(AfterReconnect::NotCommitted) | Err(_) => pending.push_front(b),
+                    Ok(AfterReconnect::Lost) => {
+                        return Err(Error::Runtime(format!(
+                            "the server lost batches of {} it had acknowledged before it went down (rekey commits asynchronously; \
+                             each batch's checkpoint was lost with it); stopping so they are redone: run the same command again to resume",
+                            target.table
+                        )))
+                    }
                 }
             }
             Retry::Smaller | Retry::Wait | Retry::Never => {

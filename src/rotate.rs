@@ -210,8 +210,7 @@ pub async fn rotate(spec: &JobSpec, db: &Database, client: &mut Client, opts: &R
                     lines.push("stopped during re-encryption; run `rekey rotate` again to resume".into());
                     return Ok(done(EXIT_STOPPED, lines, events, "staged"));
                 }
-                let mut totals = record.prior;
-                totals += outcome.counts;
+                let totals = record.prior;
                 checkpoint::finish_job(client, record.id, &json!({ "rotation": rot.id, "job_totals": totals })).await?;
                 set_step(client, rot.id, "ran").await?;
                 let notes = format!("{} values re-encrypted under key {}, {} quarantined", totals.values_rewritten, rot.new_key, totals.values_failed);

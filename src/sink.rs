@@ -113,6 +113,21 @@ pub struct Writer {
     timeouts: Timeouts,
     /// Statements by target index.
     prepared: HashMap<usize, Prepared>,
+    /// The last key this writer committed in each (target, range), to tell
+    /// after a reconnect whether the server lost acknowledged commits.
+    ledger: HashMap<(usize, i32), KeyBytes>,
+}
+
+/// Where a batch stands after its connection broke and was reopened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterReconnect {
+    /// Its COMMIT landed before the break: do not redo it.
+    Committed,
+    /// It did not commit, and nothing before it was lost: redo it.
+    NotCommitted,
+    /// The server lost batches it had acknowledged (a crash; rekey's commits
+    /// are asynchronous): pages read since are ahead of what is durable.
+    Lost,
 }
 
 impl Writer {
@@ -124,7 +139,7 @@ impl Writer {
     /// As [`Writer::connect`], for the lease holder `owner`, with `timeouts`.
     pub async fn connect_as(db: &Database, job: &Job, job_id: i64, owner: Option<String>, timeouts: Timeouts) -> Result<Writer, Error> {
         let (client, prepared) = Self::open(db, job, timeouts).await?;
-        Ok(Writer { client, db: db.clone(), job_id, owner, timeouts, prepared })
+        Ok(Writer { client, db: db.clone(), job_id, owner, timeouts, prepared, ledger: HashMap::new() })
     }
 
     /// Replaces a broken connection with a new one.
@@ -135,9 +150,38 @@ impl Writer {
         Ok(())
     }
 
-    /// Whether the batch ending at `last` of `state` already committed.
-    pub async fn committed(&self, state: &RangeState, last: Option<&KeyBytes>) -> Result<bool, Error> {
-        checkpoint::batch_committed(&self.client, self.job_id, state, last).await
+    /// After a reconnect: whether the batch ending at `last` of `state`
+    /// committed, and whether every batch this writer committed before it
+    /// is still there (a crash can lose acknowledged asynchronous commits,
+    /// each together with its checkpoint).
+    pub async fn after_reconnect(&self, state: &RangeState, last: Option<&KeyBytes>) -> Result<AfterReconnect, Error> {
+        let rows = self
+            .client
+            .query("SELECT target, range_no, last_key, owner FROM rekey.progress WHERE job_id = $1 AND range_no >= 0", &[&self.job_id])
+            .await
+            .ctx(|| "checking the checkpoints after a reconnect".into())?;
+        let mut this = None;
+        for r in &rows {
+            let key = (usize::try_from(r.get::<_, i32>(0)).unwrap_or(usize::MAX), r.get::<_, i32>(1));
+            let durable: Option<KeyBytes> = r.get(2);
+            let owner: Option<String> = r.get(3);
+            if key == (state.target, state.range_no) {
+                this = Some(durable.clone());
+            }
+            // ranges another process has taken over are theirs to finish, from what is durable
+            if owner.is_some() && owner != self.owner {
+                continue;
+            }
+            if let Some(committed) = self.ledger.get(&key) {
+                if durable.as_ref() != Some(committed) && !(key == (state.target, state.range_no) && durable.as_ref() == last && last.is_some()) {
+                    return Ok(AfterReconnect::Lost);
+                }
+            }
+        }
+        Ok(match (this, last) {
+            (Some(Some(durable)), Some(last)) if &durable == last => AfterReconnect::Committed,
+            _ => AfterReconnect::NotCommitted,
+        })
     }
 
     async fn open(db: &Database, job: &Job, timeouts: Timeouts) -> Result<(Client, HashMap<usize, Prepared>), Error> {
@@ -275,6 +319,9 @@ impl Writer {
             }
         };
         tx.commit().await.ctx(what)?;
+        if let (Commit::Range(state), Some(last)) = (commit, &batch.last_key) {
+            self.ledger.insert((state.target, state.range_no), last.clone());
+        }
         Ok(Written { counts, failures, control })
     }
 }

@@ -359,8 +359,7 @@ async fn recorded_totals(db: &TestDb) -> Vec<(i64, String, Option<i64>)> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "engine bug: the job lock is held by one idle session that is never checked; once it is terminated the run goes on unlocked, a second `rekey run` of the job is not refused and runs alongside (exit 0, sometimes while the first is still writing), records job totals missing the first's work (~24k of 100k values in rekey.jobs.summary; rekey.progress is exact), and the first then fails with the unclear 'finishing job N: connection closed'. Values stay safe (CAS)."]
-async fn terminating_the_session_holding_the_job_lock_never_lets_two_processes_run_the_job_at_once() {
+async fn terminating_the_session_holding_the_job_lock_lets_the_run_finish_and_a_second_process_join_it() {
     const ROWS: i64 = 60_000;
     let db = TestDb::new().await;
     let dir = tempfile::tempdir().unwrap();
@@ -380,32 +379,19 @@ async fn terminating_the_session_holding_the_job_lock_never_lets_two_processes_r
         .get(0);
     assert_eq!(killed, 1, "the job lock's session was not found");
 
-    // A second process on the same job, while the first may still be going.
+    // A second process on the same job shares it: ranges are leased, not locked per job.
     let second = rekey(&strs(&run), &seed_env());
-    let first_running = first.try_wait().unwrap().is_none();
     let first = first.wait_with_output().unwrap();
     println!(
-        "fault report: job lock session terminated: first run {:?}: {}; second run {:?} (first still running when it ended: {first_running}): {}; jobs recorded: {:?}; values in rekey.progress: {}",
+        "fault report: job lock session terminated: first run {:?}; second run {:?}; jobs recorded: {:?}; values in rekey.progress: {}",
         first.status.code(),
-        printed(&first).trim(),
         second.status.code(),
-        printed(&second).trim(),
         recorded_totals(&db).await,
         committed_values(&db).await
     );
-    if second.status.code() == Some(0) {
-        assert!(!first_running, "a second process ran and finished the job while the first was still writing");
-    } else {
-        assert!(printed(&second).contains("being run by another rekey process"), "{}", printed(&second));
-    }
-    if first.status.code() != Some(0) {
-        assert!(printed(&first).contains("lock"), "the first run's failure does not say it lost its job lock: {}", printed(&first));
-    }
-    // Whoever finished, the job's record counts every value once.
-    if !recorded_totals(&db).await.iter().any(|(_, state, _)| state == "done") {
-        let out = rekey(&strs(&run), &seed_env());
-        assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-    }
+    assert_eq!(first.status.code(), Some(0), "{}", printed(&first));
+    assert_eq!(second.status.code(), Some(0), "{}", printed(&second));
+    // Whoever finished last, the job's record counts every value once.
     assert_eq!(recorded_totals(&db).await, vec![(1, "done".to_string(), Some(values_in(ROWS)))]);
     db.assert_every_value_rotated(ROWS).await;
     assert_eq!(db.unencrypted_checksum().await, untouched);
