@@ -84,3 +84,50 @@ async fn pausing_replay_on_the_replica_holds_writes_back_until_it_resumes() {
     tokio::task::block_in_place(|| replica.resume_replay()).unwrap();
     assert!(shows_up(&r, 2, Duration::from_secs(30)).await, "row 2 never arrived after replay resumed");
 }
+
+/// Values committed by every job of `db` so far.
+async fn committed(db: &crate::harness::TestDb) -> i64 {
+    db.client.query_one("SELECT coalesce(sum(values_rewritten), 0)::bigint FROM rekey.progress", &[]).await.map(|r| r.get(0)).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_holds_while_the_replica_lags_behind_max_replica_lag_and_goes_on_when_it_catches_up() {
+    use crate::harness::*;
+    let primary = TempCluster::start(ClusterOptions { durable: false }).expect("a private primary");
+    let db = TestDb::on(&primary).await;
+    db.seed_patients(20_000).await;
+    let replica = tokio::task::block_in_place(|| primary.start_replica()).unwrap_or_else(|e| panic!("replica did not start: {e}\n{}", primary.log()));
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job(&dir).display().to_string();
+
+    tokio::task::block_in_place(|| replica.pause_replay()).unwrap();
+    let args = ["run", "--job", j.as_str(), "--json", "--batch-size", "200", "--max-rows-per-sec", "4000", "--max-replica-lag", "1s", "--check-every", "100ms"];
+    let child = rekey_cmd(&args, &seed_env()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    // the replica replays nothing: once the lag passes 1 s the run holds
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let held_at = committed(&db).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(committed(&db).await, held_at, "nothing is written while the replica lags");
+    assert!(held_at < 33_334, "the run held before the end ({held_at} values)");
+
+    tokio::task::block_in_place(|| replica.resume_replay()).unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert!(printed(&out).contains("replica replica replays"), "the hold names the replica and its lag\n{}", printed(&out));
+    assert_eq!(json(&out)["job_totals"]["values_rewritten"], 33_334);
+    drop(replica);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn max_replica_lag_without_a_replica_holds_and_says_why() {
+    use crate::harness::*;
+    let db = TestDb::new().await;
+    db.seed_patients(1_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job(&dir).display().to_string();
+    let args = ["run", "--job", j.as_str(), "--json", "--max-replica-lag", "10s", "--check-every", "100ms", "--run-time", "1500ms"];
+    let out = rekey(&args, &seed_env());
+    assert_eq!(out.status.code(), Some(5), "held until the window ended\n{}", printed(&out));
+    assert!(printed(&out).contains("no replica is connected"), "{}", printed(&out));
+    assert_eq!(committed(&db).await, 0, "fails closed: nothing written");
+}
