@@ -13,3 +13,4 @@ mod lifecycle;
 mod rotation;
 mod secrecy;
 mod shapes;
+mod tls;
