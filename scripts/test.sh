@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs rekey's whole test suite on a fresh Debian machine: installs what is
 # missing (PostgreSQL server binaries, Python interop packages), then runs
-# `cargo test`. The tests start their own throwaway PostgreSQL cluster.
+# clippy (warnings are errors), cargo-deny's policy checks when it is
+# installed, and `cargo test`. The tests start their own throwaway PostgreSQL cluster.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,6 +37,17 @@ if [ ${#need_py[@]} -gt 0 ]; then
     echo "test.sh: installing Python packages: ${need_py[*]}" >&2
     python3 -m pip install --quiet "${need_py[@]}" 2>/dev/null \
         || python3 -m pip install --quiet --break-system-packages "${need_py[@]}"
+fi
+
+# Lints fail the run like a failing test does.
+cargo clippy --all-targets --locked -- -D warnings
+# The dependency policy in deny.toml. Advisories are left out: their database
+# comes from GitHub, which CI cannot reach. This script does not install
+# cargo-deny (building it would take CI many minutes): it runs where it is installed.
+if cargo deny --version >/dev/null 2>&1; then
+    cargo deny check bans licenses sources
+else
+    echo "test.sh: cargo-deny is not installed; skipped the dependency policy check (deny.toml)"
 fi
 
 exec cargo test --locked "$@"

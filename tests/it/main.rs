@@ -16,3 +16,4 @@ mod rotation;
 mod secrecy;
 mod server_faults;
 mod shapes;
+mod tls;
