@@ -22,7 +22,7 @@
 //! - [`verify`]: proves no value is left on an old key.
 //! - [`sql`]: every statement's text, identifiers quoted, values bound.
 //! - [`binary_copy`]: PostgreSQL's binary COPY encoding.
-//! - [`db`]: connections, identifier quoting, raw binary values.
+//! - [`db`]: connections (TLS with rustls, libpq sslmode semantics), identifier quoting, raw binary values.
 //! - [`stats`], [`progress`]: counters and the progress line.
 //! - [`bench`]: `rekey bench`, the floor-vs-rekey measurement.
 //! - [`cluster`]: throwaway PostgreSQL clusters for tests, demos and benchmarks.

@@ -52,16 +52,6 @@ impl TestDb {
         TestDb { url, client }
     }
 
-    /// Creates an empty database on `cluster`, a cluster of the test module's own.
-    pub async fn new_in(cluster: &TempCluster) -> TestDb {
-        let name = format!("t{}_{}", std::process::id(), NEXT_DB.fetch_add(1, Ordering::Relaxed));
-        let admin = connect(&cluster.url("postgres")).await;
-        admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
-        let url = cluster.url(&name);
-        let client = connect(&url).await;
-        TestDb { url, client }
-    }
-
     /// Creates the seed's `patient_persons` table with `rows` rows under V1:
     /// `phone_encrypted` everywhere, `emergency_contact_phone_encrypted` NULL in every third row.
     pub async fn seed_patients(&self, rows: i64) {

@@ -111,7 +111,7 @@ async fn session_is_encrypted(url: &str) -> Result<bool, ConnectError> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_run_over_sslmode_require_uses_tls_for_every_session() {
     let tls = tls().await;
-    let db = TestDb::new_in(&tls.cluster).await;
+    let db = TestDb::on(&tls.cluster).await;
     db.seed_patients(3_000).await;
     // Every statement that writes the table notes whether its session is encrypted.
     db.client
@@ -156,7 +156,7 @@ async fn verify_full_with_the_servers_ca_connects_over_tls() {
 #[tokio::test(flavor = "multi_thread")]
 async fn verify_full_with_another_ca_is_refused_and_changes_nothing() {
     let tls = tls().await;
-    let db = TestDb::new_in(&tls.cluster).await;
+    let db = TestDb::on(&tls.cluster).await;
     db.seed_patients(500).await;
     let before = db.checksum("patient_persons").await;
     let dir = tempfile::tempdir().unwrap();
@@ -175,7 +175,7 @@ async fn verify_full_with_another_ca_is_refused_and_changes_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refused_certificate_error_does_not_show_the_password() {
     let tls = tls().await;
-    let db = TestDb::new_in(&tls.cluster).await;
+    let db = TestDb::on(&tls.cluster).await;
     let dir = tempfile::tempdir().unwrap();
     let job = db.patients_job(&dir).display().to_string();
     let other = write_pem(&dir, "other-ca.pem", &ca("another CA").pem());
