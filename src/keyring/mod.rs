@@ -303,6 +303,44 @@ mod tests {
         assert_eq!(nix::sys::prctl::get_dumpable().ok(), Some(false));
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn arbitrary_text_parses_to_a_key_or_a_typed_error(text in "\\PC{0,100}") {
+            match Key::parse(1, &text) {
+                Ok(key) => proptest::prop_assert_eq!(key.material().len(), KEY_LEN),
+                Err(KeyParseError::Malformed { len }) => proptest::prop_assert_eq!(len, text.trim().chars().count()),
+                Err(KeyParseError::WrongLength { got }) => proptest::prop_assert_ne!(got, KEY_LEN),
+            }
+        }
+
+        #[test]
+        fn a_refused_key_is_never_repeated_in_the_error(text in "[0-9a-fA-F]{8,80}|[A-Za-z0-9+/_-]{8,60}={0,2}") {
+            if let Err(err) = Key::parse(1, &text) {
+                let shown = format!("{err} {err:?}");
+                proptest::prop_assert!(!shown.contains(text.trim()), "{}", shown);
+            }
+        }
+
+        #[test]
+        fn every_32_bytes_parse_back_from_hex_and_each_base64(material in proptest::prelude::any::<[u8; KEY_LEN]>()) {
+            use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+            let texts = [
+                hex::encode(material),
+                hex::encode_upper(material),
+                format!("  {}\n", hex::encode(material)),
+                STANDARD.encode(material),
+                STANDARD_NO_PAD.encode(material),
+                URL_SAFE.encode(material),
+                URL_SAFE_NO_PAD.encode(material),
+            ];
+            for text in texts {
+                proptest::prop_assert_eq!(Key::parse(1, &text).map(|k| *k.material()), Ok(material));
+            }
+        }
+    }
+
     #[test]
     fn refuses_two_versions_with_the_same_material() {
         let err = Keyring::new(vec![Key::new(1, [1; 32]), Key::new(2, [1; 32])], 2, None).unwrap_err();
