@@ -435,6 +435,7 @@ pub async fn load_keyring(keys: &KeysSpec) -> Result<Keyring, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     const MINIMAL: &str = r#"
         [keys]
@@ -475,5 +476,115 @@ mod tests {
         let a = JobSpec::parse(MINIMAL).unwrap();
         let b = JobSpec::parse(&format!("[database]\nurl = \"postgres://x\"\n{MINIMAL}")).unwrap();
         assert_eq!(a.spec_hash(), b.spec_hash());
+    }
+
+    /// Names as a job file might give them, hostile ones included.
+    const NAMES: [&str; 9] = ["patients", "phi.patients", "a.b.c", "", " ", ".", "pa\"tients; DROP TABLE canary; --", "Ünïcødé 表", "id"];
+    /// Column names, few enough that targets repeat them.
+    const COLUMNS: [&str; 5] = ["a", "b", "id", "c\"; --", ""];
+
+    fn text(values: &'static [&'static str]) -> impl Strategy<Value = toml::Value> {
+        prop_oneof![12 => prop::sample::select(values).prop_map(|s| toml::Value::String(s.into())), 1 => "\\PC{0,16}".prop_map(toml::Value::String)]
+    }
+
+    fn list(values: &'static [&'static str]) -> impl Strategy<Value = toml::Value> {
+        proptest::collection::vec(prop::sample::select(values).prop_map(|s| toml::Value::String(s.into())), 0..4).prop_map(toml::Value::Array)
+    }
+
+    /// An optional field: present with a value from `value`, or absent.
+    fn maybe<S: Strategy>(value: S) -> impl Strategy<Value = Option<S::Value>> {
+        proptest::option::weighted(0.5, value)
+    }
+
+    /// An unknown field, once in a while.
+    fn rarely<S: Strategy>(value: S) -> impl Strategy<Value = Option<S::Value>> {
+        proptest::option::weighted(0.05, value)
+    }
+
+    fn keys() -> impl Strategy<Value = toml::Value> {
+        (text(&["env", "file", "tink-keyset", "aws-kms", "vault"]), maybe(text(&["ENCRYPTION", "APP"])), rarely(Just(toml::Value::Integer(1)))).prop_map(|(source, prefix, junk)| {
+            let mut t = toml::Table::new();
+            t.insert("source".into(), source);
+            t.extend(prefix.map(|p| ("prefix".to_string(), p)));
+            t.extend(junk.map(|j| ("sauce".to_string(), j)));
+            toml::Value::Table(t)
+        })
+    }
+
+    fn condition() -> impl Strategy<Value = toml::Value> {
+        text(&["id <= 100", "1=1) OR (true", "; DROP TABLE canary", "x = '\\'' ) OR (true OR x = '\\''", "a -- b", "name = 'it''s'"])
+    }
+
+    fn target() -> impl Strategy<Value = toml::Value> {
+        (
+            (text(&NAMES), maybe(text(&["public", "phi"])), maybe(list(&COLUMNS)), list(&COLUMNS)),
+            (text(&["versioned-gcm", "fernet", "tink-gcm", "raw-gcm", "aes-gcm"]), maybe(text(&["raw", "base64", "hex"])), maybe(text(&["versioned-gcm", "fernet"]))),
+            (maybe(keys()), maybe((maybe(text(&["ctx"])), maybe(text(&["id"])))), maybe(condition()), rarely(Just(toml::Value::Integer(5)))),
+        )
+            .prop_map(|((table, schema, key, columns), (format, encoding, to_format), (keys, aad, filter, junk))| {
+                let mut t = toml::Table::new();
+                t.insert("table".into(), table);
+                t.insert("columns".into(), columns);
+                t.insert("format".into(), format);
+                let aad = aad.map(|(constant, column)| {
+                    let mut a = toml::Table::new();
+                    a.extend(constant.map(|c| ("constant".to_string(), c)));
+                    a.extend(column.map(|c| ("column".to_string(), c)));
+                    toml::Value::Table(a)
+                });
+                for (name, value) in [("schema", schema), ("primary_key", key), ("encoding", encoding), ("to_format", to_format), ("keys", keys), ("aad", aad), ("where", filter), ("batch", junk)] {
+                    t.extend(value.map(|v| (name.to_string(), v)));
+                }
+                toml::Value::Table(t)
+            })
+    }
+
+    /// A job-file-shaped document: valid TOML, fields that may be wrong.
+    fn document() -> impl Strategy<Value = String> {
+        (maybe(text(&["nightly"])), maybe(keys()), proptest::collection::vec(target(), 0..3), maybe(text(&["postgres://localhost/db"]))).prop_map(|(name, keys, targets, url)| {
+            let mut doc = toml::Table::new();
+            doc.extend(name.map(|n| ("name".to_string(), n)));
+            doc.extend(keys.map(|k| ("keys".to_string(), k)));
+            if let Some(url) = url {
+                doc.insert("database".into(), toml::Value::Table(toml::Table::from_iter([("url".to_string(), url)])));
+            }
+            if !targets.is_empty() {
+                doc.insert("target".into(), toml::Value::Array(targets));
+            }
+            toml::to_string(&doc).unwrap_or_default()
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn arbitrary_text_is_a_job_or_a_configuration_error(text in "\\PC{0,300}") {
+            prop_assert!(matches!(JobSpec::parse(&text), Ok(_) | Err(Error::Config(_))));
+        }
+
+        #[test]
+        fn a_job_shaped_document_is_a_checked_job_or_a_configuration_error(doc in document()) {
+            match JobSpec::parse(&doc) {
+                Err(Error::Config(msg)) => prop_assert!(!msg.is_empty()),
+                Err(other) => prop_assert!(false, "not a configuration error: {:?}", other),
+                Ok(spec) => {
+                    prop_assert!(!spec.targets.is_empty());
+                    let mut seen = HashSet::new();
+                    for t in &spec.targets {
+                        prop_assert!(!t.table.trim().is_empty() && !t.columns.is_empty());
+                        prop_assert!(t.keys.is_some() || spec.keys.is_some());
+                        prop_assert!(t.filter.as_deref().map_or(Ok(()), crate::sql::check_condition).is_ok());
+                        for c in &t.columns {
+                            prop_assert!(seen.insert((t.split_table(), c)), "{:?} twice", c);
+                            prop_assert!(!t.primary_key.iter().flatten().any(|k| k == c));
+                        }
+                    }
+                    // What parses, written back, parses to the same job.
+                    let again = JobSpec::parse(&toml::to_string(&spec).unwrap()).unwrap();
+                    prop_assert_eq!(again.spec_hash(), spec.spec_hash());
+                }
+            }
+        }
     }
 }
