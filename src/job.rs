@@ -5,7 +5,7 @@
 //! resolved against the database catalog and the keyring, built once and
 //! handed down as `&Job`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -335,6 +335,10 @@ impl Job {
             }
         };
         let mut targets = Vec::with_capacity(spec.targets.len());
+        // Which target each column of the database belongs to: the job
+        // file's check sees names as written, and `t`, `public.t` and
+        // `schema = "public"` are one table once resolved.
+        let mut claimed: HashMap<(String, String, String), usize> = HashMap::new();
         for (index, t) in spec.targets.iter().enumerate() {
             let at = || format!("[[target]] #{} (table {:?})", index + 1, t.table);
             let keys = t.keys.as_ref().or(spec.keys.as_ref()).ok_or_else(|| Error::Config(format!("{}: no keys", at())))?;
@@ -360,6 +364,18 @@ impl Job {
                 return Err(Error::Config(format!("{}: format {} cannot bind associated data; remove aad", at(), if read.codec.supports_aad() { to_format.name() } else { t.format.name() })));
             }
             let mut resolved = catalog::resolve_target(client, t).await?;
+            for col in &resolved.columns {
+                let column = (resolved.table.schema.clone(), resolved.table.name.clone(), col.name.clone());
+                if let Some(first) = claimed.insert(column, index) {
+                    return Err(Error::Config(format!(
+                        "{}: column {}.{} is also rotated by [[target]] #{}; each column may appear in one target only",
+                        at(),
+                        resolved.table,
+                        col.name,
+                        first + 1
+                    )));
+                }
+            }
             for col in &mut resolved.columns {
                 col.read = encoding_for(t.encoding, t.format, col, &resolved.table)?;
                 col.write = encoding_for(t.to_encoding.or(if t.to_format.is_none() { t.encoding } else { None }), to_format, col, &resolved.table)?;
