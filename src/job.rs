@@ -176,6 +176,10 @@ impl JobSpec {
             if t.table.trim().is_empty() {
                 return Err(Error::Config(format!("{at}: table is empty")));
             }
+            let names = [&t.table].into_iter().chain(&t.schema).chain(&t.columns).chain(t.primary_key.iter().flatten());
+            if let Some(name) = names.chain(t.aad.as_ref().and_then(|a| a.column.as_ref())).find(|n| n.contains('\0')) {
+                return Err(Error::Config(format!("{at}: name {name:?} contains a NUL character, which no PostgreSQL name can hold")));
+            }
             if t.columns.is_empty() {
                 return Err(Error::Config(format!("{at}: columns is empty; list the encrypted columns")));
             }
@@ -479,6 +483,14 @@ mod tests {
     fn duplicate_column_is_refused() {
         let twice = format!("{MINIMAL}\n[[target]]\ntable = \"patient_persons\"\ncolumns = [\"phone_encrypted\"]\nformat = \"versioned-gcm\"\n");
         assert!(JobSpec::parse(&twice).unwrap_err().to_string().contains("listed twice"));
+    }
+
+    #[test]
+    fn a_name_with_a_nul_character_is_refused() {
+        for (from, to) in [("\"patient_persons\"", "\"pa\\u0000tients\""), ("[\"phone_encrypted\"]", "[\"ph\\u0000\"]"), ("[\"id\"]", "[\"\\u0000\"]")] {
+            let err = JobSpec::parse(&MINIMAL.replacen(from, to, 1)).unwrap_err().to_string();
+            assert!(err.contains("contains a NUL character"), "{err}");
+        }
     }
 
     #[test]

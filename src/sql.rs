@@ -15,6 +15,9 @@ pub fn check_condition(text: &str) -> Result<(), String> {
     if text.trim().is_empty() {
         return Err("is empty".into());
     }
+    if text.contains('\0') {
+        return Err("contains a NUL character".into());
+    }
     let chars: Vec<char> = text.chars().collect();
     let mut depth = 0i32;
     let mut i = 0;
@@ -304,6 +307,7 @@ mod tests {
             "(id > 1",
             "x = $$a$$",
             "x = E'\\' ) OR (true'",
+            "name = 'a\0'",
             "",
         ] {
             assert!(check_condition(bad).is_err(), "{bad}");
