@@ -21,8 +21,13 @@ fn toml_str(text: &str) -> String {
 
 /// A job file with env keys and the given `[[target]]` sections.
 fn write_job(dir: &tempfile::TempDir, db: &TestDb, targets: &str) -> String {
+    write_job_with(dir, db, "", targets)
+}
+
+/// As [`write_job`], with `top` (top-level fields such as `name`) first.
+fn write_job_with(dir: &tempfile::TempDir, db: &TestDb, top: &str, targets: &str) -> String {
     let path = dir.path().join("job.toml");
-    std::fs::write(&path, format!("[database]\nurl = \"{}\"\n[keys]\nsource = \"env\"\n{targets}", db.url)).unwrap();
+    std::fs::write(&path, format!("{top}[database]\nurl = \"{}\"\n[keys]\nsource = \"env\"\n{targets}", db.url)).unwrap();
     path.display().to_string()
 }
 
@@ -82,6 +87,8 @@ const KEY: &str = "I\"d'); DROP TABLE canary; --";
 const COLUMNS: [&str; 3] = ["Ünïcødé 表", "x'); DROP TABLE canary; --", "UPPER\\Case \"Col\""];
 const OTHER_TABLE: &str = "Ünïcødé 表";
 const DOTTED_COLUMN: &str = "a.b\"c";
+const AAD_COLUMN: &str = "no'te\"; --";
+const JOB_NAME: &str = "j'ob\"; DROP TABLE canary; --";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tables_and_columns_named_with_quotes_semicolons_and_unicode_rotate_and_drop_nothing() {
@@ -93,9 +100,10 @@ async fn tables_and_columns_named_with_quotes_semicolons_and_unicode_rotate_and_
         .batch_execute(&format!(
             "CREATE SCHEMA {s};
              CREATE TABLE {s}.{t} ({k} bigint PRIMARY KEY, {c1} bytea, {c2} text, {c3} bytea);
-             CREATE TABLE {s}.{o} (id int PRIMARY KEY, {d} bytea);",
+             CREATE TABLE {s}.{o} (id int PRIMARY KEY, {d} bytea, {n} text);",
             o = q(OTHER_TABLE),
-            d = q(DOTTED_COLUMN)
+            d = q(DOTTED_COLUMN),
+            n = q(AAD_COLUMN)
         ))
         .await
         .unwrap();
@@ -105,24 +113,30 @@ async fn tables_and_columns_named_with_quotes_semicolons_and_unicode_rotate_and_
             .execute(&format!("INSERT INTO {s}.{t} VALUES ($1, $2, $3, $4)"), &[&id, &sealed(0), &b64(&sealed(1)), &sealed(2)])
             .await
             .unwrap();
-        db.client.execute(&format!("INSERT INTO {s}.{o} VALUES ($1, $2)", o = q(OTHER_TABLE)), &[&(id as i32), &sealed(3)]).await.unwrap();
+        let note = format!("n'{id}\"");
+        let mut bound = Vec::new();
+        v1_codec().seal(b"bound", note.as_bytes(), None, &mut bound);
+        db.client.execute(&format!("INSERT INTO {s}.{o} VALUES ($1, $2, $3)", o = q(OTHER_TABLE)), &[&(id as i32), &bound, &note]).await.unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
     let columns = COLUMNS.map(toml_str).join(", ");
-    // One target with `schema`, an explicit key and a where naming the
-    // hostile key column; one as "schema.table" with a dotted column.
-    let job = write_job(
+    // A hostile job name; one target with `schema`, an explicit key and a
+    // where naming the hostile key column; one as "schema.table" with a
+    // dotted column whose values bind another hostile column as associated data.
+    let job = write_job_with(
         &dir,
         &db,
+        &format!("name = {}\n", toml_str(JOB_NAME)),
         &format!(
             "[[target]]\nschema = {}\ntable = {}\nprimary_key = [{}]\ncolumns = [{columns}]\nformat = \"versioned-gcm\"\nwhere = {}\n\
-             [[target]]\ntable = {}\ncolumns = [{}]\nformat = \"versioned-gcm\"\n",
+             [[target]]\ntable = {}\ncolumns = [{}]\nformat = \"versioned-gcm\"\naad = {{ column = {} }}\n",
             toml_str(SCHEMA),
             toml_str(TABLE),
             toml_str(KEY),
             toml_str(&format!("{k} >= 0")),
             toml_str(&format!("{SCHEMA}.{OTHER_TABLE}")),
             toml_str(DOTTED_COLUMN),
+            toml_str(AAD_COLUMN),
         ),
     );
 
@@ -144,7 +158,16 @@ async fn tables_and_columns_named_with_quotes_semicolons_and_unicode_rotate_and_
             assert_eq!((opened.key, opened.plaintext.as_slice()), (2, format!("{col}/{id}").as_bytes()));
         }
     }
+    let query = format!("SELECT {d}, {n} FROM {s}.{o}", d = q(DOTTED_COLUMN), n = q(AAD_COLUMN), o = q(OTHER_TABLE));
+    for r in db.client.query(&query, &[]).await.unwrap() {
+        let (value, note): (Vec<u8>, String) = (r.get(0), r.get(1));
+        let opened = v2().open(&value, note.as_bytes()).unwrap();
+        assert_eq!((opened.key, opened.plaintext.as_slice()), (2, &b"bound"[..]));
+    }
     assert_canary_alive(&db).await;
+    let status = rekey(&["status", "--job", &job, "--json"], &[]);
+    assert_eq!((status.status.code(), json(&status)["state"].as_str()), (Some(0), Some("done")), "{}", printed(&status));
+    assert_eq!(json(&status)["name"], JOB_NAME);
     let again = rekey(&["run", "--job", &job, "--json"], &seed_env());
     assert_eq!(json(&again)["rows_scanned"], 0, "{}", printed(&again));
 }
