@@ -82,8 +82,13 @@ pub async fn resolve_target(client: &Client, spec: &TargetSpec) -> Result<Resolv
         .ctx(what)?;
     let Some(row) = row else {
         let searched = schema.map_or_else(|| "the search_path".to_string(), |s| format!("schema {s:?}"));
+        let dotted = if spec.schema.is_none() && schema.is_some() {
+            format!("; a table whose own name holds a dot needs its schema given apart: schema = \"public\", table = {:?}", spec.table)
+        } else {
+            String::new()
+        };
         return Err(Error::Config(format!(
-            "table {:?} not found in {searched}: check [[target]] table (use \"schema.table\" for other schemas; names are case-sensitive)",
+            "table {:?} not found in {searched}: check [[target]] table (use \"schema.table\" for other schemas; names are case-sensitive{dotted})",
             spec.table
         )));
     };

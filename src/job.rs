@@ -18,6 +18,9 @@ use crate::db::quote_ident;
 use crate::keyring::{env, Keyring};
 use crate::Error;
 
+/// The longest name PostgreSQL keeps (NAMEDATALEN - 1 bytes).
+const MAX_NAME_BYTES: usize = 63;
+
 /// The job file as written.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -176,9 +179,18 @@ impl JobSpec {
             if t.table.trim().is_empty() {
                 return Err(Error::Config(format!("{at}: table is empty")));
             }
-            let names = [&t.table].into_iter().chain(&t.schema).chain(&t.columns).chain(t.primary_key.iter().flatten());
-            if let Some(name) = names.chain(t.aad.as_ref().and_then(|a| a.column.as_ref())).find(|n| n.contains('\0')) {
-                return Err(Error::Config(format!("{at}: name {name:?} contains a NUL character, which no PostgreSQL name can hold")));
+            let (schema, table) = t.split_table();
+            let names = schema.into_iter().chain([table]).chain(t.columns.iter().chain(t.primary_key.iter().flatten()).map(String::as_str));
+            for name in names.chain(t.aad.as_ref().and_then(|a| a.column.as_deref())) {
+                if name.contains('\0') {
+                    return Err(Error::Config(format!("{at}: name {name:?} contains a NUL character, which no PostgreSQL name can hold")));
+                }
+                if name.len() > MAX_NAME_BYTES {
+                    return Err(Error::Config(format!(
+                        "{at}: name {name:?} is {} bytes, and PostgreSQL keeps only the first {MAX_NAME_BYTES} bytes of a name (cutting longer ones when a table is created): give the name as the catalog holds it",
+                        name.len()
+                    )));
+                }
             }
             if t.columns.is_empty() {
                 return Err(Error::Config(format!("{at}: columns is empty; list the encrypted columns")));
@@ -491,6 +503,16 @@ mod tests {
             let err = JobSpec::parse(&MINIMAL.replacen(from, to, 1)).unwrap_err().to_string();
             assert!(err.contains("contains a NUL character"), "{err}");
         }
+    }
+
+    #[test]
+    fn a_name_longer_than_postgresql_keeps_is_refused() {
+        let long = "x".repeat(64);
+        for (from, to) in [("\"patient_persons\"", format!("\"{long}\"")), ("\"patient_persons\"", format!("\"{long}.t\"")), ("[\"id\"]", format!("[\"{long}\"]"))] {
+            let err = JobSpec::parse(&MINIMAL.replacen(from, &to, 1)).unwrap_err().to_string();
+            assert!(err.contains("is 64 bytes, and PostgreSQL keeps only the first 63"), "{err}");
+        }
+        assert!(JobSpec::parse(&MINIMAL.replacen("\"patient_persons\"", &format!("\"{}\"", &long[..63]), 1)).is_ok());
     }
 
     #[test]

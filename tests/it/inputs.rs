@@ -345,3 +345,24 @@ async fn one_mebibyte_values_rotate_and_decrypt_back() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dotted_or_overlong_table_name_is_refused_saying_how_to_name_it() {
+    let db = TestDb::new().await;
+    let long = "x".repeat(70);
+    // PostgreSQL keeps the first 63 bytes of the long name.
+    db.client.batch_execute(&format!("CREATE TABLE \"a.b\" (id int PRIMARY KEY, c bytea); CREATE TABLE {} (id int PRIMARY KEY, c bytea)", q(&long))).await.unwrap();
+    db.client.execute("INSERT INTO \"a.b\" VALUES (1, $1)", &[&seal_v1(b"dotted")]).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let dotted = write_job(&dir, &db, &target_t("").replace("\"t\"", "\"a.b\""));
+    assert_refused(&db, "\"a.b\"", &["run", "--job", &dotted], &["table \"a.b\" not found in schema \"a\"", "needs its schema given apart: schema = \"public\", table = \"a.b\""]).await;
+    let job = write_job(&dir, &db, &target_t("schema = \"public\"").replace("\"t\"", "\"a.b\""));
+    let out = rekey(&["run", "--job", &job, "--json"], &seed_env());
+    assert_eq!((out.status.code(), json(&out)["values_rewritten"].as_u64()), (Some(0), Some(1)), "{}", printed(&out));
+
+    let overlong = write_job(&dir, &db, &target_t("").replace("\"t\"", &toml_str(&long)));
+    assert_refused(&db, &q(&long[..63]), &["run", "--job", &overlong], &["is 70 bytes, and PostgreSQL keeps only the first 63 bytes of a name"]).await;
+    let job = write_job(&dir, &db, &target_t("").replace("\"t\"", &toml_str(&long[..63])));
+    let out = rekey(&["run", "--job", &job, "--json"], &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+}
