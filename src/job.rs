@@ -418,6 +418,20 @@ impl Job {
             }
             targets.push(target);
         }
+        // Associated data read from a column the job rewrites would change
+        // under the values bound to it: they would no longer open.
+        for t in &targets {
+            if let Aad::Column(c) = &t.aad {
+                if let Some(other) = claimed.get(&(t.table.schema.clone(), t.table.name.clone(), c.clone())) {
+                    return Err(Error::Config(format!(
+                        "[[target]] #{}: aad column {}.{c} is itself re-encrypted by [[target]] #{}; associated data must come from a column the job does not rewrite",
+                        t.index + 1,
+                        t.table,
+                        other + 1
+                    )));
+                }
+            }
+        }
         Ok(Job { name: spec.name.clone().unwrap_or_else(|| "rekey".into()), spec_hash: spec.spec_hash(), targets })
     }
 

@@ -33,7 +33,7 @@ fn write_job_with(dir: &tempfile::TempDir, db: &TestDb, top: &str, targets: &str
 
 /// One `[[target]]` over table `t`'s column `c` (primary key from the table).
 fn target_t(extra: &str) -> String {
-    format!("[[target]]\ntable = \"t\"\ncolumns = [\"c\"]\nformat = \"versioned-gcm\"\n{extra}")
+    format!("[[target]]\ntable = \"t\"\ncolumns = [\"c\"]\nformat = \"versioned-gcm\"\n{extra}\n")
 }
 
 fn v2() -> VersionedGcm {
@@ -365,4 +365,16 @@ async fn a_dotted_or_overlong_table_name_is_refused_saying_how_to_name_it() {
     let job = write_job(&dir, &db, &target_t("").replace("\"t\"", &toml_str(&long[..63])));
     let out = rekey(&["run", "--job", &job, "--json"], &seed_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn associated_data_from_a_column_the_job_rewrites_is_refused() {
+    let db = TestDb::new().await;
+    db.client.batch_execute("CREATE TABLE t (id int PRIMARY KEY, c bytea, d bytea)").await.unwrap();
+    db.client.execute("INSERT INTO t VALUES (1, $1, $1)", &[&seal_v1(b"x")]).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let same = write_job(&dir, &db, &target_t("aad = { column = \"d\" }").replace("[\"c\"]", "[\"c\", \"d\"]"));
+    assert_refused(&db, "t", &["run", "--job", &same], &["aad column public.t.d is itself re-encrypted by [[target]] #1"]).await;
+    let other = write_job(&dir, &db, &format!("{}[[target]]\ntable = \"t\"\ncolumns = [\"d\"]\nformat = \"versioned-gcm\"\n", target_t("aad = { column = \"d\" }")));
+    assert_refused(&db, "t", &["run", "--job", &other], &["[[target]] #1: aad column public.t.d is itself re-encrypted by [[target]] #2"]).await;
 }
