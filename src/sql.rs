@@ -98,6 +98,8 @@ fn key_params(target: &Target, first: usize) -> String {
 /// where the column is NULL. For base64 text, only the leading characters are
 /// decoded, and text that is not base64 gives an empty prefix (so the value is
 /// read, and quarantined) instead of an error that would stop the query.
+/// No literal holds a backslash: with `standard_conforming_strings` off,
+/// `'\x'::bytea` is the byte `x` (0x78), the prefix of key version 120.
 pub fn prefix_expr(target: &Target, col: usize, alias: &str, len: usize) -> String {
     let c = format!("{alias}{}", quote_ident(&target.columns[col].name));
     match target.columns[col].write {
@@ -109,7 +111,7 @@ pub fn prefix_expr(target: &Target, col: usize, alias: &str, len: usize) -> Stri
                 "CASE WHEN {c} IS NULL THEN NULL \
                  WHEN substring({c} from 1 for {chars}) ~ '^[A-Za-z0-9+/]{{{chars}}}$' \
                  THEN substring(decode(substring({c} from 1 for {chars}), 'base64') from 1 for {len}) \
-                 ELSE '\\x'::bytea END"
+                 ELSE ''::bytea END"
             )
         }
     }

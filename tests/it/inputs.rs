@@ -378,3 +378,26 @@ async fn associated_data_from_a_column_the_job_rewrites_is_refused() {
     let other = write_job(&dir, &db, &format!("{}[[target]]\ntable = \"t\"\ncolumns = [\"d\"]\nformat = \"versioned-gcm\"\n", target_t("aad = { column = \"d\" }")));
     assert_refused(&db, "t", &["run", "--job", &other], &["[[target]] #1: aad column public.t.d is itself re-encrypted by [[target]] #2"]).await;
 }
+
+/// `standard_conforming_strings = off` (a database or role setting some
+/// legacy applications need) must not change what rekey's own SQL means.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_text_value_that_is_not_base64_is_quarantined_when_the_database_reads_backslashes_as_escapes() {
+    let db = TestDb::new().await;
+    let name: String = db.client.query_one("SELECT current_database()::text", &[]).await.unwrap().get(0);
+    db.client.batch_execute(&format!("ALTER DATABASE {name} SET standard_conforming_strings = off")).await.unwrap();
+    db.client.batch_execute("CREATE TABLE t (id int PRIMARY KEY, s text)").await.unwrap();
+    for id in 1..=20 {
+        db.client.execute("INSERT INTO t VALUES ($1, $2)", &[&id, &b64(&seal_v1(b"x"))]).await.unwrap();
+    }
+    db.client.execute("UPDATE t SET s = 'not base64!' WHERE id = 7", &[]).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(&dir, &db, &target_t("").replace("[\"c\"]", "[\"s\"]"));
+    // Version 120 is the byte 'x': the one a mis-read '\x' literal makes.
+    let k120 = "0b".repeat(32);
+    let env = vec![("ENCRYPTION_KEY_V1", K1.to_string()), ("ENCRYPTION_KEY_V120", k120), ("ENCRYPTION_CURRENT_VERSION", "120".to_string())];
+    let out = rekey(&["run", "--job", &job, "--json"], &env);
+    assert_eq!(out.status.code(), Some(3), "{}", printed(&out));
+    assert_eq!((json(&out)["values_rewritten"].as_u64(), json(&out)["values_failed"].as_u64()), (Some(19), Some(1)));
+    assert_eq!(json(&out)["failures"][0]["error"], "bad_encoding");
+}
