@@ -170,6 +170,14 @@ impl JobSpec {
     }
 
     fn check(&self) -> Result<(), Error> {
+        if let Some(name) = &self.name {
+            // The name also names the audit log beside the job file.
+            if name.trim().is_empty() || name == "." || name == ".." || name.contains(['/', '\\', '\0']) {
+                return Err(Error::Config(format!(
+                    "name {name:?} cannot be used: it names the job's audit log beside the job file, so it must be non-empty, without '/', '\\' or NUL"
+                )));
+            }
+        }
         if self.targets.is_empty() {
             return Err(Error::Config("no [[target]] entries: add one with table, columns and format".into()));
         }
@@ -509,6 +517,15 @@ mod tests {
     fn duplicate_column_is_refused() {
         let twice = format!("{MINIMAL}\n[[target]]\ntable = \"patient_persons\"\ncolumns = [\"phone_encrypted\"]\nformat = \"versioned-gcm\"\n");
         assert!(JobSpec::parse(&twice).unwrap_err().to_string().contains("listed twice"));
+    }
+
+    #[test]
+    fn a_job_name_that_is_not_a_file_name_is_refused() {
+        for bad in ["", "../../elsewhere", "/abs/path", "a\\\\b", "..", "x\\u0000"] {
+            let err = JobSpec::parse(&format!("name = \"{bad}\"\n{MINIMAL}")).unwrap_err().to_string();
+            assert!(err.contains("names the job's audit log"), "{bad}: {err}");
+        }
+        assert!(JobSpec::parse(&format!("name = \"nightly eu-1 (j'ob)\"\n{MINIMAL}")).is_ok());
     }
 
     #[test]
