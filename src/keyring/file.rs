@@ -177,9 +177,9 @@ impl KeyringFile {
         for k in doc.keys {
             let key = match &k.material {
                 None => None,
-                Some(sealed) => Some(open_key(&kek, k.id, sealed).ok_or_else(|| FileKeyringError::WrongPassphrase {
-                    path: path.to_path_buf(),
-                    var: passphrase_var.to_string(),
+                Some(sealed) => Some(open_key(&kek, k.id, sealed).map_err(|e| match e {
+                    Unopened::Damaged(problem) => FileKeyringError::Malformed { path: path.to_path_buf(), problem: format!("key {}: {problem}", k.id) },
+                    Unopened::Refused => FileKeyringError::WrongPassphrase { path: path.to_path_buf(), var: passphrase_var.to_string() },
                 })?),
             };
             table.entries.push(k.into_entry(key));
@@ -271,16 +271,26 @@ fn seal_key(kek: &LessSafeKey, key: &Key) -> String {
     B64.encode(out)
 }
 
-fn open_key(kek: &LessSafeKey, id: KeyId, sealed: &str) -> Option<Key> {
-    let raw = Zeroizing::new(B64.decode(sealed).ok()?);
-    if raw.len() < NONCE_LEN {
-        return None;
+/// Why a sealed key did not open.
+enum Unopened {
+    /// The stored material is not a sealed key at all (not base64, too short).
+    Damaged(&'static str),
+    /// It is, but the key-encryption key does not open it: a wrong passphrase
+    /// (or a blob tampered with, which GCM cannot tell apart).
+    Refused,
+}
+
+fn open_key(kek: &LessSafeKey, id: KeyId, sealed: &str) -> Result<Key, Unopened> {
+    let raw = Zeroizing::new(B64.decode(sealed).map_err(|_| Unopened::Damaged("material is not base64"))?);
+    if raw.len() != NONCE_LEN + KEY_LEN + AES_256_GCM.tag_len() {
+        return Err(Unopened::Damaged("material is not a sealed 32-byte key (wrong length)"));
     }
     let (nonce, body) = raw.split_at(NONCE_LEN);
+    let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| Unopened::Damaged("material has no nonce"))?;
     let mut buf = Zeroizing::new(body.to_vec());
-    let plain = kek.open_in_place(Nonce::try_assume_unique_for_key(nonce).ok()?, Aad::from(aad(id)), buf.as_mut_slice()).ok()?;
-    let material: [u8; KEY_LEN] = plain.try_into().ok()?;
-    Some(Key::new(id, material))
+    let plain = kek.open_in_place(nonce, Aad::from(aad(id)), buf.as_mut_slice()).map_err(|_| Unopened::Refused)?;
+    let material: [u8; KEY_LEN] = plain.try_into().map_err(|_| Unopened::Damaged("material is not a sealed 32-byte key (wrong length)"))?;
+    Ok(Key::new(id, material))
 }
 
 #[cfg(test)]
@@ -313,6 +323,21 @@ mod tests {
         let err = KeyringFile::open(&path, b"wrong", "REKEY_KEYRING_PASSPHRASE").unwrap_err();
         assert!(err.to_string().contains("REKEY_KEYRING_PASSPHRASE"), "{err}");
         assert_eq!(fs::read(&path).unwrap(), before);
+    }
+
+    #[test]
+    fn damaged_material_is_malformed_not_a_wrong_passphrase() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        KeyringFile::create(&path, b"pw", table()).unwrap();
+        let good = fs::read_to_string(&path).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(&good).unwrap();
+        let sealed = doc["keys"][0]["material"].as_str().unwrap().to_string();
+        for (damaged, problem) in [("%%%".to_string(), "key 1: material is not base64"), (B64.encode([0u8; 20]), "key 1: material is not a sealed 32-byte key")] {
+            fs::write(&path, good.replace(&sealed, &damaged)).unwrap();
+            let err = KeyringFile::open(&path, b"pw", "P").unwrap_err();
+            assert!(matches!(err, FileKeyringError::Malformed { .. }) && err.to_string().contains(problem), "{err}");
+        }
     }
 
     #[test]
