@@ -87,6 +87,27 @@ pub async fn resolve_target(client: &Client, spec: &TargetSpec) -> Result<Resolv
         } else {
             String::new()
         };
+        // Something else by that name (a view, a sequence...) is worth naming.
+        let other: Option<String> = client
+            .query_opt(
+                "SELECT CASE c.relkind WHEN 'v' THEN 'a view' WHEN 'm' THEN 'a materialized view' WHEN 'f' THEN 'a foreign table'
+                                       WHEN 'S' THEN 'a sequence' WHEN 'i' THEN 'an index' WHEN 'I' THEN 'an index' WHEN 'c' THEN 'a composite type'
+                                       ELSE 'not a table' END
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.relname = $2 AND (n.nspname = $1 OR ($1 IS NULL AND n.nspname = ANY (current_schemas(false))))
+                  ORDER BY array_position(current_schemas(false), n.nspname::name) NULLS LAST
+                  LIMIT 1",
+                &[&schema, &name],
+            )
+            .await
+            .ctx(what)?
+            .map(|r| r.get(0));
+        if let Some(kind) = other {
+            return Err(Error::Config(format!(
+                "{:?} in {searched} is {kind}, not a table: rekey rewrites values in tables (or partitioned tables); name the table the values are stored in",
+                spec.table
+            )));
+        }
         return Err(Error::Config(format!(
             "table {:?} not found in {searched}: check [[target]] table (use \"schema.table\" for other schemas; names are case-sensitive{dotted})",
             spec.table

@@ -401,3 +401,16 @@ async fn a_text_value_that_is_not_base64_is_quarantined_when_the_database_reads_
     assert_eq!((json(&out)["values_rewritten"].as_u64(), json(&out)["values_failed"].as_u64()), (Some(19), Some(1)));
     assert_eq!(json(&out)["failures"][0]["error"], "bad_encoding");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_view_named_as_the_table_is_refused_saying_what_it_is() {
+    let db = TestDb::new().await;
+    db.client.batch_execute("CREATE TABLE t (id int PRIMARY KEY, c bytea); CREATE VIEW v AS SELECT * FROM t; CREATE MATERIALIZED VIEW m AS SELECT * FROM t").await.unwrap();
+    db.client.execute("INSERT INTO t VALUES (1, $1)", &[&seal_v1(b"x")]).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (relation, kind) in [("v", "a view"), ("m", "a materialized view")] {
+        let job = write_job(&dir, &db, &target_t("").replace("\"t\"", &format!("\"{relation}\"")));
+        let said = format!("\"{relation}\" in the search_path is {kind}, not a table");
+        assert_refused(&db, "t", &["run", "--job", &job], &[&said, "name the table the values are stored in"]).await;
+    }
+}
