@@ -414,3 +414,30 @@ async fn a_view_named_as_the_table_is_refused_saying_what_it_is() {
         assert_refused(&db, "t", &["run", "--job", &job], &[&said, "name the table the values are stored in"]).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_of_unusual_types_page_through_every_row() {
+    let db = TestDb::new().await;
+    db.client
+        .batch_execute(
+            "CREATE TABLE t (k bytea, n numeric, ts timestamptz, name text COLLATE \"C\", c bytea, PRIMARY KEY (k, n, ts, name))",
+        )
+        .await
+        .unwrap();
+    for i in 0..301i32 {
+        db.client
+            .execute(
+                "INSERT INTO t SELECT decode(md5(i::text), 'hex'), i::numeric / 7, timestamptz '2024-01-01' + i * interval '1 minute', 'Ä' || (i % 3), $2 FROM (SELECT $1::int AS i) s",
+                &[&i, &seal_v1(format!("r{i}").as_bytes())],
+            )
+            .await
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(&dir, &db, &target_t(""));
+    let out = rekey(&["run", "--job", &job, "--json", "--batch-size", "16", "--workers", "3"], &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(json(&out)["values_rewritten"], 301);
+    let verify = rekey(&["verify", "--job", &job, "--full", "--json"], &seed_env());
+    assert_eq!((verify.status.code(), json(&verify)["values_on_target_key"].as_u64()), (Some(0), Some(301)), "{}", printed(&verify));
+}
