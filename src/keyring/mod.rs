@@ -32,6 +32,9 @@ pub enum KeyParseError {
         /// Length of the refused value, in characters.
         len: usize,
     },
+    /// The value is wrapped in quotes (as some env files and shells leave it).
+    #[error("is wrapped in quotes: set it to the key itself (64 hex characters or base64), without the quotes")]
+    Quoted,
     /// The value decodes, but not to 32 bytes.
     #[error("decodes to {got} bytes; a key must be exactly 32 bytes (64 hex characters)")]
     WrongLength {
@@ -58,6 +61,9 @@ impl Key {
     /// Parses 64 hex characters or base64 (standard or urlsafe, padded or not) of 32 bytes.
     pub fn parse(id: KeyId, text: &str) -> Result<Self, KeyParseError> {
         let text = text.trim();
+        if text.len() >= 2 && (text.starts_with('"') && text.ends_with('"') || text.starts_with('\'') && text.ends_with('\'')) {
+            return Err(KeyParseError::Quoted);
+        }
         let bytes: Zeroizing<Vec<u8>> = if text.len() == 2 * KEY_LEN
             && text.bytes().all(|b| b.is_ascii_hexdigit())
         {
@@ -276,6 +282,15 @@ mod tests {
     }
 
     #[test]
+    fn a_quoted_key_is_refused_saying_so() {
+        for quoted in [format!("\"{HEX}\""), format!("'{HEX}'"), format!(" \"{HEX}\"\n")] {
+            let err = Key::parse(1, &quoted).unwrap_err();
+            assert_eq!(err, KeyParseError::Quoted);
+            assert!(!err.to_string().contains(&HEX[..10]));
+        }
+    }
+
+    #[test]
     fn refuses_base64_of_the_wrong_length() {
         assert_eq!(Key::parse(1, "AAAA").unwrap_err(), KeyParseError::WrongLength { got: 3 });
     }
@@ -312,6 +327,7 @@ mod tests {
                 Ok(key) => proptest::prop_assert_eq!(key.material().len(), KEY_LEN),
                 Err(KeyParseError::Malformed { len }) => proptest::prop_assert_eq!(len, text.trim().chars().count()),
                 Err(KeyParseError::WrongLength { got }) => proptest::prop_assert_ne!(got, KEY_LEN),
+                Err(KeyParseError::Quoted) => proptest::prop_assert!(text.trim().starts_with(['"', '\''])),
             }
         }
 
