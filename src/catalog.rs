@@ -82,8 +82,34 @@ pub async fn resolve_target(client: &Client, spec: &TargetSpec) -> Result<Resolv
         .ctx(what)?;
     let Some(row) = row else {
         let searched = schema.map_or_else(|| "the search_path".to_string(), |s| format!("schema {s:?}"));
+        let dotted = if spec.schema.is_none() && schema.is_some() {
+            format!("; a table whose own name holds a dot needs its schema given apart: schema = \"public\", table = {:?}", spec.table)
+        } else {
+            String::new()
+        };
+        // Something else by that name (a view, a sequence...) is worth naming.
+        let other: Option<String> = client
+            .query_opt(
+                "SELECT CASE c.relkind WHEN 'v' THEN 'a view' WHEN 'm' THEN 'a materialized view' WHEN 'f' THEN 'a foreign table'
+                                       WHEN 'S' THEN 'a sequence' WHEN 'i' THEN 'an index' WHEN 'I' THEN 'an index' WHEN 'c' THEN 'a composite type'
+                                       ELSE 'not a table' END
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.relname = $2 AND (n.nspname = $1 OR ($1 IS NULL AND n.nspname = ANY (current_schemas(false))))
+                  ORDER BY array_position(current_schemas(false), n.nspname::name) NULLS LAST
+                  LIMIT 1",
+                &[&schema, &name],
+            )
+            .await
+            .ctx(what)?
+            .map(|r| r.get(0));
+        if let Some(kind) = other {
+            return Err(Error::Config(format!(
+                "{:?} in {searched} is {kind}, not a table: rekey rewrites values in tables (or partitioned tables); name the table the values are stored in",
+                spec.table
+            )));
+        }
         return Err(Error::Config(format!(
-            "table {:?} not found in {searched}: check [[target]] table (use \"schema.table\" for other schemas; names are case-sensitive)",
+            "table {:?} not found in {searched}: check [[target]] table (use \"schema.table\" for other schemas; names are case-sensitive{dotted})",
             spec.table
         )));
     };

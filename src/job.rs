@@ -5,7 +5,7 @@
 //! resolved against the database catalog and the keyring, built once and
 //! handed down as `&Job`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -17,6 +17,9 @@ use crate::codec::{Codec, Format};
 use crate::db::quote_ident;
 use crate::keyring::{env, Keyring};
 use crate::Error;
+
+/// The longest name PostgreSQL keeps (NAMEDATALEN - 1 bytes).
+const MAX_NAME_BYTES: usize = 63;
 
 /// The job file as written.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -167,6 +170,14 @@ impl JobSpec {
     }
 
     fn check(&self) -> Result<(), Error> {
+        if let Some(name) = &self.name {
+            // The name also names the audit log beside the job file.
+            if name.trim().is_empty() || name == "." || name == ".." || name.contains(['/', '\\', '\0']) {
+                return Err(Error::Config(format!(
+                    "name {name:?} cannot be used: it names the job's audit log beside the job file, so it must be non-empty, without '/', '\\' or NUL"
+                )));
+            }
+        }
         if self.targets.is_empty() {
             return Err(Error::Config("no [[target]] entries: add one with table, columns and format".into()));
         }
@@ -175,6 +186,19 @@ impl JobSpec {
             let at = format!("[[target]] #{} (table {:?})", i + 1, t.table);
             if t.table.trim().is_empty() {
                 return Err(Error::Config(format!("{at}: table is empty")));
+            }
+            let (schema, table) = t.split_table();
+            let names = schema.into_iter().chain([table]).chain(t.columns.iter().chain(t.primary_key.iter().flatten()).map(String::as_str));
+            for name in names.chain(t.aad.as_ref().and_then(|a| a.column.as_deref())) {
+                if name.contains('\0') {
+                    return Err(Error::Config(format!("{at}: name {name:?} contains a NUL character, which no PostgreSQL name can hold")));
+                }
+                if name.len() > MAX_NAME_BYTES {
+                    return Err(Error::Config(format!(
+                        "{at}: name {name:?} is {} bytes, and PostgreSQL keeps only the first {MAX_NAME_BYTES} bytes of a name (cutting longer ones when a table is created): give the name as the catalog holds it",
+                        name.len()
+                    )));
+                }
             }
             if t.columns.is_empty() {
                 return Err(Error::Config(format!("{at}: columns is empty; list the encrypted columns")));
@@ -335,6 +359,10 @@ impl Job {
             }
         };
         let mut targets = Vec::with_capacity(spec.targets.len());
+        // Which target each column of the database belongs to: the job
+        // file's check sees names as written, and `t`, `public.t` and
+        // `schema = "public"` are one table once resolved.
+        let mut claimed: HashMap<(String, String, String), usize> = HashMap::new();
         for (index, t) in spec.targets.iter().enumerate() {
             let at = || format!("[[target]] #{} (table {:?})", index + 1, t.table);
             let keys = t.keys.as_ref().or(spec.keys.as_ref()).ok_or_else(|| Error::Config(format!("{}: no keys", at())))?;
@@ -360,6 +388,18 @@ impl Job {
                 return Err(Error::Config(format!("{}: format {} cannot bind associated data; remove aad", at(), if read.codec.supports_aad() { to_format.name() } else { t.format.name() })));
             }
             let mut resolved = catalog::resolve_target(client, t).await?;
+            for col in &resolved.columns {
+                let column = (resolved.table.schema.clone(), resolved.table.name.clone(), col.name.clone());
+                if let Some(first) = claimed.insert(column, index) {
+                    return Err(Error::Config(format!(
+                        "{}: column {}.{} is also rotated by [[target]] #{}; each column may appear in one target only",
+                        at(),
+                        resolved.table,
+                        col.name,
+                        first + 1
+                    )));
+                }
+            }
             for col in &mut resolved.columns {
                 col.read = encoding_for(t.encoding, t.format, col, &resolved.table)?;
                 col.write = encoding_for(t.to_encoding.or(if t.to_format.is_none() { t.encoding } else { None }), to_format, col, &resolved.table)?;
@@ -385,6 +425,20 @@ impl Job {
                     .map_err(|e| Error::Config(format!("{}: where = {f:?} is not a valid condition on {}: {}", at(), target.table, e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string()))))?;
             }
             targets.push(target);
+        }
+        // Associated data read from a column the job rewrites would change
+        // under the values bound to it: they would no longer open.
+        for t in &targets {
+            if let Aad::Column(c) = &t.aad {
+                if let Some(other) = claimed.get(&(t.table.schema.clone(), t.table.name.clone(), c.clone())) {
+                    return Err(Error::Config(format!(
+                        "[[target]] #{}: aad column {}.{c} is itself re-encrypted by [[target]] #{}; associated data must come from a column the job does not rewrite",
+                        t.index + 1,
+                        t.table,
+                        other + 1
+                    )));
+                }
+            }
         }
         Ok(Job { name: spec.name.clone().unwrap_or_else(|| "rekey".into()), spec_hash: spec.spec_hash(), targets })
     }
@@ -435,6 +489,7 @@ pub async fn load_keyring(keys: &KeysSpec) -> Result<Keyring, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     const MINIMAL: &str = r#"
         [keys]
@@ -465,6 +520,33 @@ mod tests {
     }
 
     #[test]
+    fn a_job_name_that_is_not_a_file_name_is_refused() {
+        for bad in ["", "../../elsewhere", "/abs/path", "a\\\\b", "..", "x\\u0000"] {
+            let err = JobSpec::parse(&format!("name = \"{bad}\"\n{MINIMAL}")).unwrap_err().to_string();
+            assert!(err.contains("names the job's audit log"), "{bad}: {err}");
+        }
+        assert!(JobSpec::parse(&format!("name = \"nightly eu-1 (j'ob)\"\n{MINIMAL}")).is_ok());
+    }
+
+    #[test]
+    fn a_name_with_a_nul_character_is_refused() {
+        for (from, to) in [("\"patient_persons\"", "\"pa\\u0000tients\""), ("[\"phone_encrypted\"]", "[\"ph\\u0000\"]"), ("[\"id\"]", "[\"\\u0000\"]")] {
+            let err = JobSpec::parse(&MINIMAL.replacen(from, to, 1)).unwrap_err().to_string();
+            assert!(err.contains("contains a NUL character"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_name_longer_than_postgresql_keeps_is_refused() {
+        let long = "x".repeat(64);
+        for (from, to) in [("\"patient_persons\"", format!("\"{long}\"")), ("\"patient_persons\"", format!("\"{long}.t\"")), ("[\"id\"]", format!("[\"{long}\"]"))] {
+            let err = JobSpec::parse(&MINIMAL.replacen(from, &to, 1)).unwrap_err().to_string();
+            assert!(err.contains("is 64 bytes, and PostgreSQL keeps only the first 63"), "{err}");
+        }
+        assert!(JobSpec::parse(&MINIMAL.replacen("\"patient_persons\"", &format!("\"{}\"", &long[..63]), 1)).is_ok());
+    }
+
+    #[test]
     fn schema_qualified_table_splits() {
         let spec = JobSpec::parse(&MINIMAL.replace("\"patient_persons\"", "\"phi.patient_persons\"")).unwrap();
         assert_eq!(spec.targets[0].split_table(), (Some("phi"), "patient_persons"));
@@ -475,5 +557,115 @@ mod tests {
         let a = JobSpec::parse(MINIMAL).unwrap();
         let b = JobSpec::parse(&format!("[database]\nurl = \"postgres://x\"\n{MINIMAL}")).unwrap();
         assert_eq!(a.spec_hash(), b.spec_hash());
+    }
+
+    /// Names as a job file might give them, hostile ones included.
+    const NAMES: [&str; 9] = ["patients", "phi.patients", "a.b.c", "", " ", ".", "pa\"tients; DROP TABLE canary; --", "Ünïcødé 表", "id"];
+    /// Column names, few enough that targets repeat them.
+    const COLUMNS: [&str; 5] = ["a", "b", "id", "c\"; --", ""];
+
+    fn text(values: &'static [&'static str]) -> impl Strategy<Value = toml::Value> {
+        prop_oneof![40 => prop::sample::select(values).prop_map(|s| toml::Value::String(s.into())), 1 => "\\PC{0,16}".prop_map(toml::Value::String)]
+    }
+
+    fn list(values: &'static [&'static str]) -> impl Strategy<Value = toml::Value> {
+        proptest::collection::vec(prop::sample::select(values).prop_map(|s| toml::Value::String(s.into())), 0..4).prop_map(toml::Value::Array)
+    }
+
+    /// An optional field: present with a value from `value`, or absent.
+    fn maybe<S: Strategy>(value: S) -> impl Strategy<Value = Option<S::Value>> {
+        proptest::option::weighted(0.5, value)
+    }
+
+    /// An unknown field, once in a while.
+    fn rarely<S: Strategy>(value: S) -> impl Strategy<Value = Option<S::Value>> {
+        proptest::option::weighted(0.05, value)
+    }
+
+    fn keys() -> impl Strategy<Value = toml::Value> {
+        (text(&["env", "env", "env", "env", "file", "tink-keyset", "aws-kms", "vault"]), maybe(text(&["ENCRYPTION", "APP"])), rarely(Just(toml::Value::Integer(1)))).prop_map(|(source, prefix, junk)| {
+            let mut t = toml::Table::new();
+            t.insert("source".into(), source);
+            t.extend(prefix.map(|p| ("prefix".to_string(), p)));
+            t.extend(junk.map(|j| ("sauce".to_string(), j)));
+            toml::Value::Table(t)
+        })
+    }
+
+    fn condition() -> impl Strategy<Value = toml::Value> {
+        text(&["id <= 100", "1=1) OR (true", "; DROP TABLE canary", "x = '\\'' ) OR (true OR x = '\\''", "a -- b", "name = 'it''s'"])
+    }
+
+    fn target() -> impl Strategy<Value = toml::Value> {
+        (
+            (text(&NAMES), maybe(text(&["public", "phi"])), maybe(list(&COLUMNS)), list(&COLUMNS)),
+            (text(&["versioned-gcm", "fernet", "tink-gcm", "raw-gcm", "versioned-gcm", "fernet", "tink-gcm", "raw-gcm", "aes-gcm"]), maybe(text(&["raw", "base64", "raw", "base64", "raw", "base64", "hex"])), maybe(text(&["versioned-gcm", "fernet", "versioned-gcm", "fernet", "rot13"]))),
+            (maybe(keys()), maybe((maybe(text(&["ctx"])), maybe(text(&["id"])))), maybe(condition()), rarely(Just(toml::Value::Integer(5)))),
+        )
+            .prop_map(|((table, schema, key, columns), (format, encoding, to_format), (keys, aad, filter, junk))| {
+                let mut t = toml::Table::new();
+                t.insert("table".into(), table);
+                t.insert("columns".into(), columns);
+                t.insert("format".into(), format);
+                let aad = aad.map(|(constant, column)| {
+                    let mut a = toml::Table::new();
+                    a.extend(constant.map(|c| ("constant".to_string(), c)));
+                    a.extend(column.map(|c| ("column".to_string(), c)));
+                    toml::Value::Table(a)
+                });
+                for (name, value) in [("schema", schema), ("primary_key", key), ("encoding", encoding), ("to_format", to_format), ("keys", keys), ("aad", aad), ("where", filter), ("batch", junk)] {
+                    t.extend(value.map(|v| (name.to_string(), v)));
+                }
+                toml::Value::Table(t)
+            })
+    }
+
+    /// A job-file-shaped document: valid TOML, fields that may be wrong.
+    fn document() -> impl Strategy<Value = String> {
+        (maybe(text(&["nightly"])), maybe(keys()), proptest::collection::vec(target(), 1..3), maybe(text(&["postgres://localhost/db"]))).prop_map(|(name, keys, targets, url)| {
+            let mut doc = toml::Table::new();
+            doc.extend(name.map(|n| ("name".to_string(), n)));
+            doc.extend(keys.map(|k| ("keys".to_string(), k)));
+            if let Some(url) = url {
+                doc.insert("database".into(), toml::Value::Table(toml::Table::from_iter([("url".to_string(), url)])));
+            }
+            if !targets.is_empty() {
+                doc.insert("target".into(), toml::Value::Array(targets));
+            }
+            toml::to_string(&doc).unwrap_or_default()
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn arbitrary_text_is_a_job_or_a_configuration_error(text in "\\PC{0,300}") {
+            prop_assert!(matches!(JobSpec::parse(&text), Ok(_) | Err(Error::Config(_))));
+        }
+
+        #[test]
+        fn a_job_shaped_document_is_a_checked_job_or_a_configuration_error(doc in document()) {
+            match JobSpec::parse(&doc) {
+                Err(Error::Config(msg)) => prop_assert!(!msg.is_empty()),
+                Err(other) => prop_assert!(false, "not a configuration error: {:?}", other),
+                Ok(spec) => {
+                    prop_assert!(!spec.targets.is_empty());
+                    let mut seen = HashSet::new();
+                    for t in &spec.targets {
+                        prop_assert!(!t.table.trim().is_empty() && !t.columns.is_empty());
+                        prop_assert!(t.keys.is_some() || spec.keys.is_some());
+                        prop_assert!(t.filter.as_deref().map_or(Ok(()), crate::sql::check_condition).is_ok());
+                        for c in &t.columns {
+                            prop_assert!(seen.insert((t.split_table(), c)), "{:?} twice", c);
+                            prop_assert!(!t.primary_key.iter().flatten().any(|k| k == c));
+                        }
+                    }
+                    // What parses, written back, parses to the same job.
+                    let again = JobSpec::parse(&toml::to_string(&spec).unwrap()).unwrap();
+                    prop_assert_eq!(again.spec_hash(), spec.spec_hash());
+                }
+            }
+        }
     }
 }

@@ -198,3 +198,92 @@ pub fn classify_value(target: &Target, col: usize, stored: &[u8], aad: &[u8]) ->
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{Column, TableRef};
+    use crate::codec::Format;
+    use crate::job::Side;
+    use crate::keyring::{Key, Keyring};
+    use proptest::prelude::*;
+
+    const FORMATS: [Format; 4] = [Format::VersionedGcm, Format::Fernet, Format::TinkGcm, Format::RawGcm];
+
+    /// Key 1 only: how old values were written.
+    fn old_ring() -> Keyring {
+        Keyring::new(vec![Key::new(1, [1; 32])], 1, None).unwrap()
+    }
+
+    /// Keys 1 and 2, target 2: the rotation.
+    fn new_ring() -> Keyring {
+        Keyring::new(vec![Key::new(1, [1; 32]), Key::new(2, [2; 32])], 1, Some(2)).unwrap()
+    }
+
+    fn side(format: Format, keyring: Keyring) -> Side {
+        Side { format, codec: format.codec(&keyring).unwrap(), keyring }
+    }
+
+    /// One encrypted column `c` stored with `encoding`, read in `from`, written in `to`.
+    fn target(from: Format, to: Format, encoding: Encoding) -> Target {
+        let type_name = if encoding == Encoding::Raw && from != Format::Fernet { "bytea" } else { "text" };
+        Target {
+            index: 0,
+            table: TableRef { schema: "public".into(), name: "t".into() },
+            key: vec![Column { name: "id".into(), type_name: "bigint".into(), read: Encoding::Raw, write: Encoding::Raw }],
+            columns: vec![Column { name: "c".into(), type_name: type_name.into(), read: encoding, write: encoding }],
+            read: side(from, new_ring()),
+            write: side(to, new_ring()),
+            migrating: from != to,
+            aad: Aad::None,
+            filter: None,
+        }
+    }
+
+    fn encoding() -> impl Strategy<Value = Encoding> {
+        prop::sample::select(vec![Encoding::Raw, Encoding::Base64])
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn arbitrary_stored_bytes_are_failed_with_a_typed_error_never_rewritten(
+            from in prop::sample::select(FORMATS.to_vec()),
+            to in prop::sample::select(FORMATS.to_vec()),
+            encoding in encoding(),
+            stored in proptest::collection::vec(any::<u8>(), 0..128),
+        ) {
+            let target = target(from, to, encoding);
+            let cell = rewrite_value(&target, 0, &stored, b"");
+            prop_assert!(matches!(cell, Cell::Failed(CodecError::Truncated | CodecError::UnknownKey | CodecError::AuthFailed | CodecError::BadEncoding)), "{:?}", cell);
+            let seen = classify_value(&target, 0, &stored, b"");
+            prop_assert!(matches!(seen, Cell::Failed(_)), "{:?}", seen);
+        }
+
+        #[test]
+        fn arbitrary_base64_text_is_failed_with_a_typed_error(format in prop::sample::select(FORMATS.to_vec()), text in "[A-Za-z0-9+/=]{0,120}") {
+            let cell = rewrite_value(&target(format, format, Encoding::Base64), 0, text.as_bytes(), b"");
+            prop_assert!(matches!(cell, Cell::Failed(CodecError::Truncated | CodecError::UnknownKey | CodecError::AuthFailed | CodecError::BadEncoding)), "{:?}", cell);
+        }
+
+        #[test]
+        fn a_value_under_the_old_key_is_rewritten_to_one_that_opens_to_its_plaintext(
+            from in prop::sample::select(FORMATS.to_vec()),
+            to in prop::sample::select(FORMATS.to_vec()),
+            encoding in encoding(),
+            plaintext in proptest::collection::vec(any::<u8>(), 0..300),
+        ) {
+            let target = target(from, to, encoding);
+            let mut sealed = Vec::new();
+            from.codec(&old_ring()).unwrap().seal(&plaintext, b"", Some(1_700_000_000), &mut sealed);
+            let stored = encode(encoding, sealed);
+            let Cell::Rewritten(new) = rewrite_value(&target, 0, &stored, b"") else {
+                return Err(TestCaseError::fail("not rewritten"));
+            };
+            let opened = target.write.codec.open(&decode(encoding, &new).unwrap(), b"").unwrap();
+            prop_assert_eq!((opened.key, opened.plaintext.as_slice()), (2, plaintext.as_slice()));
+            prop_assert_eq!(rewrite_value(&target, 0, &new, b""), Cell::Current);
+        }
+    }
+}

@@ -391,6 +391,8 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
         #[test]
         fn open_inverts_seal(pt in proptest::collection::vec(any::<u8>(), 0..512), ts in any::<u64>()) {
             let codec = Fernet::new(&ring_with_target(2)).unwrap();
@@ -400,18 +402,45 @@ mod tests {
         }
 
         #[test]
-        fn arbitrary_bytes_never_panic(value in proptest::collection::vec(any::<u8>(), 0..256)) {
+        fn arbitrary_bytes_give_a_typed_error(value in proptest::collection::vec(any::<u8>(), 0..256)) {
             let codec = Fernet::new(&ring_with_target(2)).unwrap();
-            let _ = codec.open(&value, b"");
+            let err = codec.open(&value, b"").err();
+            prop_assert!(matches!(err, Some(CodecError::BadEncoding | CodecError::Truncated | CodecError::AuthFailed)), "{:?}", err);
         }
 
         #[test]
-        fn arbitrary_well_encoded_tokens_never_panic(mut raw in proptest::collection::vec(any::<u8>(), 0..256)) {
+        fn arbitrary_text_in_the_token_alphabet_gives_a_typed_error(text in "[A-Za-z0-9_=-]{0,200}") {
+            let codec = Fernet::new(&ring_with_target(2)).unwrap();
+            let err = codec.open(text.as_bytes(), b"").err();
+            prop_assert!(matches!(err, Some(CodecError::BadEncoding | CodecError::Truncated | CodecError::AuthFailed)), "{:?}", err);
+        }
+
+        #[test]
+        fn arbitrary_well_encoded_tokens_are_refused(mut raw in proptest::collection::vec(any::<u8>(), 0..256)) {
             if let Some(first) = raw.first_mut() {
                 *first = VERSION;
             }
             let codec = Fernet::new(&ring_with_target(2)).unwrap();
-            prop_assert!(codec.open(URL_SAFE.encode(&raw).as_bytes(), b"").is_err());
+            let err = codec.open(URL_SAFE.encode(&raw).as_bytes(), b"").err();
+            prop_assert!(matches!(err, Some(CodecError::Truncated | CodecError::AuthFailed)), "{:?}", err);
+        }
+
+        #[test]
+        fn open_into_agrees_with_open_whatever_the_buffer_held(text in "[A-Za-z0-9_=-]{0,160}", junk in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let codec = Fernet::new(&ring_with_target(2)).unwrap();
+            let mut buf = junk;
+            prop_assert_eq!(codec.open_into(text.as_bytes(), b"", &mut buf).err(), codec.open(text.as_bytes(), b"").err());
+        }
+
+        #[test]
+        fn any_flipped_bit_of_the_token_is_refused(pt in proptest::collection::vec(any::<u8>(), 0..64), bit in any::<prop::sample::Index>()) {
+            let codec = Fernet::new(&ring_with_target(2)).unwrap();
+            let out = sealed(&codec, &pt, Some(7));
+            let flipped = edited(&out, |raw| {
+                let i = bit.index(raw.len() * 8);
+                raw[i / 8] ^= 1 << (i % 8);
+            });
+            prop_assert_eq!(codec.open(&flipped, b"").err(), Some(CodecError::AuthFailed));
         }
     }
 }

@@ -199,18 +199,38 @@ mod tests {
     const KAT_RAW: &str = "000102030405060708090a0bc9c7e206479d6b59b52bb3f6a1b2b5aa34101a59bd8de1facd23cf";
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
         #[test]
         fn open_inverts_seal(pt in proptest::collection::vec(any::<u8>(), 0..512), aad in proptest::collection::vec(any::<u8>(), 0..32)) {
             let codec = RawGcm::new(&ring_with_target(2)).unwrap();
             let out = sealed(&codec, &pt, &aad);
             let opened = codec.open(&out, &aad).unwrap();
-            prop_assert_eq!(opened.plaintext.as_slice(), pt.as_slice());
+            prop_assert_eq!((opened.key, opened.plaintext.as_slice()), (2, pt.as_slice()));
         }
 
         #[test]
-        fn arbitrary_bytes_never_panic(value in proptest::collection::vec(any::<u8>(), 0..128)) {
+        fn arbitrary_bytes_give_a_typed_error(value in proptest::collection::vec(any::<u8>(), 0..128), aad in proptest::collection::vec(any::<u8>(), 0..16)) {
             let codec = RawGcm::new(&ring_with_target(2)).unwrap();
-            prop_assert!(codec.open(&value, b"").is_err());
+            let err = codec.open(&value, &aad).err();
+            let expected = if value.len() < OVERHEAD { CodecError::Truncated } else { CodecError::AuthFailed };
+            prop_assert_eq!(err, Some(expected));
+        }
+
+        #[test]
+        fn open_into_agrees_with_open_whatever_the_buffer_held(value in proptest::collection::vec(any::<u8>(), 0..96), junk in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let codec = RawGcm::new(&ring_with_target(2)).unwrap();
+            let mut buf = junk;
+            prop_assert_eq!(codec.open_into(&value, b"", &mut buf).err(), codec.open(&value, b"").err());
+        }
+
+        #[test]
+        fn any_flipped_bit_is_refused(pt in proptest::collection::vec(any::<u8>(), 0..64), bit in any::<prop::sample::Index>()) {
+            let codec = RawGcm::new(&ring_with_target(2)).unwrap();
+            let mut out = sealed(&codec, &pt, b"");
+            let i = bit.index(out.len() * 8);
+            out[i / 8] ^= 1 << (i % 8);
+            prop_assert_eq!(codec.open(&out, b"").err(), Some(CodecError::AuthFailed));
         }
     }
 }

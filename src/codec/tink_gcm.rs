@@ -236,27 +236,49 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
         #[test]
         fn open_inverts_seal(pt in proptest::collection::vec(any::<u8>(), 0..512), aad in proptest::collection::vec(any::<u8>(), 0..32)) {
             let codec = TinkGcm::new(&ring()).unwrap();
             let out = sealed(&codec, &pt, &aad);
             let opened = codec.open(&out, &aad).unwrap();
-            prop_assert_eq!(opened.plaintext.as_slice(), pt.as_slice());
+            prop_assert_eq!((opened.key, opened.plaintext.as_slice()), (NEW, pt.as_slice()));
         }
 
         #[test]
-        fn arbitrary_bytes_never_panic(value in proptest::collection::vec(any::<u8>(), 0..128)) {
+        fn arbitrary_bytes_give_a_typed_error(value in proptest::collection::vec(any::<u8>(), 0..128)) {
             let codec = TinkGcm::new(&ring()).unwrap();
-            let _ = codec.open(&value, b"");
+            let err = codec.open(&value, b"").err();
+            prop_assert!(matches!(err, Some(CodecError::Truncated | CodecError::UnknownKey | CodecError::AuthFailed)), "{:?}", err);
             let _ = codec.describe_prefix(&value);
         }
 
         #[test]
-        fn arbitrary_bodies_under_a_known_prefix_never_panic(body in proptest::collection::vec(any::<u8>(), 0..96)) {
+        fn arbitrary_bodies_under_a_known_prefix_give_a_typed_error(id in prop::sample::select(vec![OLD, NEW]), body in proptest::collection::vec(any::<u8>(), 0..96)) {
             let codec = TinkGcm::new(&ring()).unwrap();
-            let mut value = prefix(NEW).to_vec();
+            let mut value = prefix(id).to_vec();
             value.extend_from_slice(&body);
-            prop_assert!(codec.open(&value, b"").is_err());
+            let expected = if value.len() < OVERHEAD { CodecError::Truncated } else { CodecError::AuthFailed };
+            prop_assert_eq!(codec.open(&value, b"").err(), Some(expected));
+        }
+
+        #[test]
+        fn open_into_agrees_with_open_whatever_the_buffer_held(value in proptest::collection::vec(any::<u8>(), 0..96), junk in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let codec = TinkGcm::new(&ring()).unwrap();
+            let mut buf = junk;
+            prop_assert_eq!(codec.open_into(&value, b"", &mut buf).err(), codec.open(&value, b"").err());
+        }
+
+        #[test]
+        fn any_flipped_bit_is_refused(pt in proptest::collection::vec(any::<u8>(), 0..64), bit in any::<prop::sample::Index>()) {
+            let codec = TinkGcm::new(&ring()).unwrap();
+            let mut out = sealed(&codec, &pt, b"");
+            let i = bit.index(out.len() * 8);
+            out[i / 8] ^= 1 << (i % 8);
+            // A flip in the prefix names another (unknown) key; anywhere else the tag fails.
+            let expected = if i < PREFIX_LEN * 8 { CodecError::UnknownKey } else { CodecError::AuthFailed };
+            prop_assert_eq!(codec.open(&out, b"").err(), Some(expected));
         }
     }
 }

@@ -145,20 +145,57 @@ mod tests {
         assert_eq!(codec.open(&out, b"row-2").err(), Some(CodecError::AuthFailed));
     }
 
+    /// The errors opening can give: anything else (a panic, `BadEncoding`,
+    /// `VerifyMismatch`) would be a bug in the decoder.
+    fn typed(e: CodecError) -> bool {
+        matches!(e, CodecError::Truncated | CodecError::UnknownKey | CodecError::AuthFailed)
+    }
+
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
         #[test]
-        fn open_inverts_seal(pt in proptest::collection::vec(any::<u8>(), 0..512)) {
+        fn open_inverts_seal(pt in proptest::collection::vec(any::<u8>(), 0..512), aad in proptest::collection::vec(any::<u8>(), 0..32)) {
             let codec = VersionedGcm::new(&ring()).unwrap();
             let mut out = Vec::new();
-            codec.seal(&pt, b"", None, &mut out);
-            let opened = codec.open(&out, b"").unwrap();
-            prop_assert_eq!(opened.plaintext.as_slice(), pt.as_slice());
+            codec.seal(&pt, &aad, None, &mut out);
+            let opened = codec.open(&out, &aad).unwrap();
+            prop_assert_eq!((opened.key, opened.plaintext.as_slice()), (2, pt.as_slice()));
         }
 
         #[test]
-        fn arbitrary_bytes_never_panic(value in proptest::collection::vec(any::<u8>(), 0..128)) {
+        fn arbitrary_bytes_give_a_typed_error(value in proptest::collection::vec(any::<u8>(), 0..128)) {
             let codec = VersionedGcm::new(&ring()).unwrap();
-            let _ = codec.open(&value, b"");
+            let err = codec.open(&value, b"").err();
+            prop_assert!(err.is_some_and(typed), "{:?}", err);
+        }
+
+        #[test]
+        fn arbitrary_bodies_after_a_known_version_give_a_typed_error(version in 1u8..=2, body in proptest::collection::vec(any::<u8>(), 0..96)) {
+            let codec = VersionedGcm::new(&ring()).unwrap();
+            let mut value = vec![version];
+            value.extend_from_slice(&body);
+            let err = codec.open(&value, b"").err();
+            prop_assert!(matches!(err, Some(CodecError::Truncated | CodecError::AuthFailed)), "{:?}", err);
+        }
+
+        #[test]
+        fn open_into_agrees_with_open_whatever_the_buffer_held(value in proptest::collection::vec(any::<u8>(), 0..96), junk in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let codec = VersionedGcm::new(&ring()).unwrap();
+            let mut buf = junk;
+            let into = codec.open_into(&value, b"", &mut buf);
+            prop_assert_eq!(into.err(), codec.open(&value, b"").err());
+        }
+
+        #[test]
+        fn any_flipped_bit_is_refused(pt in proptest::collection::vec(any::<u8>(), 0..64), bit in any::<prop::sample::Index>()) {
+            let codec = VersionedGcm::new(&ring()).unwrap();
+            let mut out = Vec::new();
+            codec.seal(&pt, b"", None, &mut out);
+            let i = bit.index(out.len() * 8);
+            out[i / 8] ^= 1 << (i % 8);
+            let err = codec.open(&out, b"").err();
+            prop_assert!(matches!(err, Some(CodecError::UnknownKey | CodecError::AuthFailed)), "{:?}", err);
         }
     }
 }

@@ -137,6 +137,7 @@ pub fn from_vars(prefix: &str, vars: &[(String, String)]) -> Result<Keyring, Env
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     const K1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
     const K2: &str = "2222222222222222222222222222222222222222222222222222222222222222";
@@ -179,6 +180,66 @@ mod tests {
         let err = from_vars("ENCRYPTION", &vars(&[("ENCRYPTION_KEY_V1", K1), ("ENCRYPTION_CURRENT_VERSION", "3")])).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("ENCRYPTION_CURRENT_VERSION=3") && msg.contains("ENCRYPTION_KEY_V3"), "{msg}");
+    }
+
+    /// Names the conventions read, some near misses, and a stranger.
+    const NAMES: [&str; 14] = [
+        "ENCRYPTION_KEY_V1",
+        "ENCRYPTION_KEY_V2",
+        "ENCRYPTION_KEY_V255",
+        "ENCRYPTION_KEY_V256",
+        "ENCRYPTION_KEY_V01",
+        "ENCRYPTION_KEY_V",
+        "ENCRYPTION_CURRENT_VERSION",
+        "ENCRYPTION_PENDING_VERSION",
+        "ENCRYPTION_KEY",
+        "ENCRYPTION_KEY_NEW",
+        "ENCRYPTION_KEY_VERSION",
+        "ENCRYPTION_KEY_NEW_VERSION",
+        "ENCRYPTION_KEY_VERSIONS",
+        "OTHER_KEY",
+    ];
+
+    /// A value as an operator might set it: a good key, a damaged one, a
+    /// version number (good or not), or anything at all.
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<[u8; 32]>().prop_map(hex::encode),
+            Just(K1.to_string()),
+            "[0-9a-fA-F]{0,70}",
+            "[A-Za-z0-9+/=_-]{0,50}",
+            "-?[0-9]{1,4}",
+            " ?[0-9]{1,3} ?",
+            "\\PC{0,40}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn any_environment_gives_a_keyring_or_an_error_naming_a_variable(vars in proptest::collection::vec((prop::sample::select(NAMES.to_vec()), value()), 0..8)) {
+            let vars: Vec<(String, String)> = vars.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            match from_vars("ENCRYPTION", &vars) {
+                Ok(ring) => {
+                    prop_assert!(ring.keys().count() >= 1);
+                    prop_assert!(ring.get(ring.target().id()).is_some());
+                }
+                Err(err) => {
+                    let shown = format!("{err} {err:?}");
+                    prop_assert!(shown.contains("ENCRYPTION") || shown.starts_with("environment keys: "), "{}", shown);
+                    // Key material (long values) is never repeated.
+                    for (_, v) in vars.iter().filter(|(_, v)| v.trim().len() >= 8) {
+                        prop_assert!(!shown.contains(v.trim()), "{} repeats a value", shown);
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn any_prefix_and_names_never_panic(prefix in "\\PC{0,12}", vars in proptest::collection::vec(("\\PC{0,30}", value()), 0..6)) {
+            let _ = from_vars(&prefix, &vars);
+        }
     }
 
     #[test]

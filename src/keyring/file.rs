@@ -115,8 +115,24 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> FileKeyringError + '_ {
     move |source| FileKeyringError::Io { path: path.to_path_buf(), source }
 }
 
+/// The most memory (KiB), passes and lanes a keyring file may ask Argon2id
+/// for: far above what rekey writes (19 MiB, 2, 1), far below what would
+/// exhaust memory or time. A damaged or hostile file asking for more (up to
+/// 4 TiB) is refused instead of aborting the process or running for hours.
+const MAX_M_COST: u32 = 1 << 20;
+/// See [`MAX_M_COST`].
+const MAX_T_COST: u32 = 16;
+/// See [`MAX_M_COST`].
+const MAX_P_COST: u32 = 16;
+
 fn derive(path: &Path, passphrase: &[u8], kdf: &Kdf) -> Result<LessSafeKey, FileKeyringError> {
     let malformed = |problem: String| FileKeyringError::Malformed { path: path.to_path_buf(), problem };
+    if kdf.m_cost > MAX_M_COST || kdf.t_cost > MAX_T_COST || kdf.p_cost > MAX_P_COST {
+        return Err(malformed(format!(
+            "kdf parameters m_cost={} t_cost={} p_cost={} exceed what rekey accepts (m_cost <= {MAX_M_COST} KiB, t_cost <= {MAX_T_COST}, p_cost <= {MAX_P_COST}); restore the file from its .bak",
+            kdf.m_cost, kdf.t_cost, kdf.p_cost
+        )));
+    }
     let salt = B64.decode(&kdf.salt).map_err(|_| malformed("kdf.salt is not base64".into()))?;
     let params = argon2::Params::new(kdf.m_cost, kdf.t_cost, kdf.p_cost, Some(KEY_LEN)).map_err(|e| malformed(format!("kdf parameters: {e}")))?;
     let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
@@ -161,9 +177,9 @@ impl KeyringFile {
         for k in doc.keys {
             let key = match &k.material {
                 None => None,
-                Some(sealed) => Some(open_key(&kek, k.id, sealed).ok_or_else(|| FileKeyringError::WrongPassphrase {
-                    path: path.to_path_buf(),
-                    var: passphrase_var.to_string(),
+                Some(sealed) => Some(open_key(&kek, k.id, sealed).map_err(|e| match e {
+                    Unopened::Damaged(problem) => FileKeyringError::Malformed { path: path.to_path_buf(), problem: format!("key {}: {problem}", k.id) },
+                    Unopened::Refused => FileKeyringError::WrongPassphrase { path: path.to_path_buf(), var: passphrase_var.to_string() },
                 })?),
             };
             table.entries.push(k.into_entry(key));
@@ -255,22 +271,33 @@ fn seal_key(kek: &LessSafeKey, key: &Key) -> String {
     B64.encode(out)
 }
 
-fn open_key(kek: &LessSafeKey, id: KeyId, sealed: &str) -> Option<Key> {
-    let raw = Zeroizing::new(B64.decode(sealed).ok()?);
-    if raw.len() < NONCE_LEN {
-        return None;
+/// Why a sealed key did not open.
+enum Unopened {
+    /// The stored material is not a sealed key at all (not base64, too short).
+    Damaged(&'static str),
+    /// It is, but the key-encryption key does not open it: a wrong passphrase
+    /// (or a blob tampered with, which GCM cannot tell apart).
+    Refused,
+}
+
+fn open_key(kek: &LessSafeKey, id: KeyId, sealed: &str) -> Result<Key, Unopened> {
+    let raw = Zeroizing::new(B64.decode(sealed).map_err(|_| Unopened::Damaged("material is not base64"))?);
+    if raw.len() != NONCE_LEN + KEY_LEN + AES_256_GCM.tag_len() {
+        return Err(Unopened::Damaged("material is not a sealed 32-byte key (wrong length)"));
     }
     let (nonce, body) = raw.split_at(NONCE_LEN);
+    let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| Unopened::Damaged("material has no nonce"))?;
     let mut buf = Zeroizing::new(body.to_vec());
-    let plain = kek.open_in_place(Nonce::try_assume_unique_for_key(nonce).ok()?, Aad::from(aad(id)), buf.as_mut_slice()).ok()?;
-    let material: [u8; KEY_LEN] = plain.try_into().ok()?;
-    Some(Key::new(id, material))
+    let plain = kek.open_in_place(nonce, Aad::from(aad(id)), buf.as_mut_slice()).map_err(|_| Unopened::Refused)?;
+    let material: [u8; KEY_LEN] = plain.try_into().map_err(|_| Unopened::Damaged("material is not a sealed 32-byte key (wrong length)"))?;
+    Ok(Key::new(id, material))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::lifecycle::Entry;
+    use proptest::prelude::*;
 
     fn table() -> KeyTable {
         KeyTable { entries: vec![Entry { id: 1, state: KeyState::Current, created_at: 100, changed_at: 100, key: Some(Key::new(1, [7; 32])) }] }
@@ -299,6 +326,21 @@ mod tests {
     }
 
     #[test]
+    fn damaged_material_is_malformed_not_a_wrong_passphrase() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        KeyringFile::create(&path, b"pw", table()).unwrap();
+        let good = fs::read_to_string(&path).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(&good).unwrap();
+        let sealed = doc["keys"][0]["material"].as_str().unwrap().to_string();
+        for (damaged, problem) in [("%%%".to_string(), "key 1: material is not base64"), (B64.encode([0u8; 20]), "key 1: material is not a sealed 32-byte key")] {
+            fs::write(&path, good.replace(&sealed, &damaged)).unwrap();
+            let err = KeyringFile::open(&path, b"pw", "P").unwrap_err();
+            assert!(matches!(err, FileKeyringError::Malformed { .. }) && err.to_string().contains(problem), "{err}");
+        }
+    }
+
+    #[test]
     fn a_crash_before_the_rename_leaves_the_old_version_readable() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys.json");
@@ -322,5 +364,113 @@ mod tests {
         let backup = KeyringFile::open(&path.with_extension("bak"), b"pw", "P").unwrap();
         assert_eq!(backup.table.entries.len(), 1);
         assert_eq!(KeyringFile::open(&path, b"pw", "P").unwrap().table.entries.len(), 2);
+    }
+
+    /// A keyring file whose Argon2id parameters ask for `m_cost` KiB.
+    fn document_asking_for(m_cost: u32, t_cost: u32, p_cost: u32) -> String {
+        serde_json::json!({
+            "format": FORMAT,
+            "kdf": { "salt": B64.encode([0u8; 16]), "m_cost": m_cost, "t_cost": t_cost, "p_cost": p_cost },
+            "keys": [],
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn absurd_kdf_parameters_are_refused_before_any_memory_is_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        for (m, t, p) in [(u32::MAX, 1, 1), (MAX_M_COST + 1, 1, 1), (8, u32::MAX, 1), (8 * (1 << 20), 1, 1 << 20)] {
+            fs::write(&path, document_asking_for(m, t, p)).unwrap();
+            let err = KeyringFile::open(&path, b"pw", "P").unwrap_err();
+            assert!(matches!(err, FileKeyringError::Malformed { .. }), "{err:?}");
+            assert!(err.to_string().contains("exceed what rekey accepts"), "{err}");
+        }
+    }
+
+    /// Values for one field of a keyring file: sensible, wrong, or absent.
+    fn field(choices: Vec<serde_json::Value>) -> impl Strategy<Value = Option<serde_json::Value>> {
+        prop_oneof![4 => prop::sample::select(choices).prop_map(Some), 1 => Just(None)]
+    }
+
+    /// A keyring-file-shaped document: cheap Argon2id parameters (or absurd
+    /// ones), keys whose sealed material is random.
+    fn document() -> impl Strategy<Value = serde_json::Value> {
+        use serde_json::json;
+        let key = (
+            field(vec![json!(1), json!(2), json!(-1), json!("1")]),
+            field(vec![json!("current"), json!("pending"), json!("previous"), json!("retired"), json!("CURRENT"), json!(null)]),
+            field(vec![json!("2024-01-01T00:00:00Z"), json!("yesterday"), json!(0)]),
+            prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..80).prop_map(|b| Some(json!(B64.encode(b)))),
+                Just(Some(json!("not base64!"))),
+                Just(Some(json!(null))),
+                Just(None),
+            ],
+        )
+            .prop_map(|(id, state, at, material)| {
+                let mut k = serde_json::Map::new();
+                for (name, v) in [("id", id), ("state", state), ("created_at", at.clone()), ("changed_at", at), ("material", material)] {
+                    if let Some(v) = v {
+                        k.insert(name.into(), v);
+                    }
+                }
+                serde_json::Value::Object(k)
+            });
+        (
+            field(vec![json!(FORMAT), json!("rekey-keyring/2"), json!(1)]),
+            field(vec![json!(B64.encode([1u8; 16])), json!(B64.encode([1u8; 4])), json!("%%")]),
+            field(vec![json!(8), json!(16), json!(0), json!(u32::MAX), json!(-1)]),
+            field(vec![json!(1), json!(0), json!(u32::MAX)]),
+            field(vec![json!(1), json!(2), json!(0), json!(1 << 24)]),
+            proptest::collection::vec(key, 0..3),
+        )
+            .prop_map(|(format, salt, m, t, p, keys)| {
+                let mut kdf = serde_json::Map::new();
+                for (name, v) in [("salt", salt), ("m_cost", m), ("t_cost", t), ("p_cost", p)] {
+                    if let Some(v) = v {
+                        kdf.insert(name.into(), v);
+                    }
+                }
+                let mut doc = serde_json::Map::new();
+                if let Some(f) = format {
+                    doc.insert("format".into(), f);
+                }
+                doc.insert("kdf".into(), serde_json::Value::Object(kdf));
+                doc.insert("keys".into(), serde_json::Value::Array(keys));
+                serde_json::Value::Object(doc)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn arbitrary_bytes_in_a_keyring_file_give_a_typed_error(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("keys.json");
+            fs::write(&path, &bytes).unwrap();
+            let err = KeyringFile::open(&path, b"pw", "P").err();
+            prop_assert!(matches!(err, Some(FileKeyringError::Io { .. } | FileKeyringError::Malformed { .. })), "{:?}", err);
+        }
+
+        #[test]
+        fn keyring_shaped_documents_open_or_give_a_typed_error_without_material(doc in document()) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("keys.json");
+            fs::write(&path, doc.to_string()).unwrap();
+            match KeyringFile::open(&path, b"pw", "P") {
+                // Random sealed material never opens; only documents without any can.
+                Ok(file) => prop_assert!(file.table.entries.iter().all(|e| e.key.is_none())),
+                Err(err) => {
+                    prop_assert!(matches!(err, FileKeyringError::Malformed { .. } | FileKeyringError::WrongPassphrase { .. }), "{:?}", err);
+                    let shown = format!("{err} {err:?}");
+                    let sealed = doc["keys"].as_array().into_iter().flatten().filter_map(|k| k["material"].as_str());
+                    for m in sealed.filter(|m| m.len() >= 8) {
+                        prop_assert!(!shown.contains(m), "{} repeats sealed material", shown);
+                    }
+                }
+            }
+        }
     }
 }

@@ -32,6 +32,9 @@ pub enum KeyParseError {
         /// Length of the refused value, in characters.
         len: usize,
     },
+    /// The value is wrapped in quotes (as some env files and shells leave it).
+    #[error("is wrapped in quotes: set it to the key itself (64 hex characters or base64), without the quotes")]
+    Quoted,
     /// The value decodes, but not to 32 bytes.
     #[error("decodes to {got} bytes; a key must be exactly 32 bytes (64 hex characters)")]
     WrongLength {
@@ -58,6 +61,9 @@ impl Key {
     /// Parses 64 hex characters or base64 (standard or urlsafe, padded or not) of 32 bytes.
     pub fn parse(id: KeyId, text: &str) -> Result<Self, KeyParseError> {
         let text = text.trim();
+        if text.len() >= 2 && (text.starts_with('"') && text.ends_with('"') || text.starts_with('\'') && text.ends_with('\'')) {
+            return Err(KeyParseError::Quoted);
+        }
         let bytes: Zeroizing<Vec<u8>> = if text.len() == 2 * KEY_LEN
             && text.bytes().all(|b| b.is_ascii_hexdigit())
         {
@@ -276,6 +282,15 @@ mod tests {
     }
 
     #[test]
+    fn a_quoted_key_is_refused_saying_so() {
+        for quoted in [format!("\"{HEX}\""), format!("'{HEX}'"), format!(" \"{HEX}\"\n")] {
+            let err = Key::parse(1, &quoted).unwrap_err();
+            assert_eq!(err, KeyParseError::Quoted);
+            assert!(!err.to_string().contains(&HEX[..10]));
+        }
+    }
+
+    #[test]
     fn refuses_base64_of_the_wrong_length() {
         assert_eq!(Key::parse(1, "AAAA").unwrap_err(), KeyParseError::WrongLength { got: 3 });
     }
@@ -301,6 +316,45 @@ mod tests {
     fn the_process_is_made_non_dumpable() {
         assert!(forbid_core_dumps());
         assert_eq!(nix::sys::prctl::get_dumpable().ok(), Some(false));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn arbitrary_text_parses_to_a_key_or_a_typed_error(text in "\\PC{0,100}") {
+            match Key::parse(1, &text) {
+                Ok(key) => proptest::prop_assert_eq!(key.material().len(), KEY_LEN),
+                Err(KeyParseError::Malformed { len }) => proptest::prop_assert_eq!(len, text.trim().chars().count()),
+                Err(KeyParseError::WrongLength { got }) => proptest::prop_assert_ne!(got, KEY_LEN),
+                Err(KeyParseError::Quoted) => proptest::prop_assert!(text.trim().starts_with(['"', '\''])),
+            }
+        }
+
+        #[test]
+        fn a_refused_key_is_never_repeated_in_the_error(text in "[0-9a-fA-F]{8,80}|[A-Za-z0-9+/_-]{8,60}={0,2}") {
+            if let Err(err) = Key::parse(1, &text) {
+                let shown = format!("{err} {err:?}");
+                proptest::prop_assert!(!shown.contains(text.trim()), "{}", shown);
+            }
+        }
+
+        #[test]
+        fn every_32_bytes_parse_back_from_hex_and_each_base64(material in proptest::prelude::any::<[u8; KEY_LEN]>()) {
+            use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+            let texts = [
+                hex::encode(material),
+                hex::encode_upper(material),
+                format!("  {}\n", hex::encode(material)),
+                STANDARD.encode(material),
+                STANDARD_NO_PAD.encode(material),
+                URL_SAFE.encode(material),
+                URL_SAFE_NO_PAD.encode(material),
+            ];
+            for text in texts {
+                proptest::prop_assert_eq!(Key::parse(1, &text).map(|k| *k.material()), Ok(material));
+            }
+        }
     }
 
     #[test]

@@ -401,15 +401,115 @@ pub(crate) mod tests {
         assert_eq!(decode_aes_gcm_key(&[0x0b]), Err("unsupported wire type"));
     }
 
+    /// A key id field as keysets hold them, and as they should not.
+    fn id_field() -> impl Strategy<Value = Option<Value>> {
+        prop_oneof![
+            Just(Some(serde_json::json!(7))),
+            Just(Some(serde_json::json!(8))),
+            Just(Some(serde_json::json!(-1))),
+            Just(Some(serde_json::json!(-2_147_483_649_i64))),
+            Just(Some(serde_json::json!(4_294_967_296_u64))),
+            Just(Some(serde_json::json!(u64::MAX))),
+            Just(Some(serde_json::json!(7.5))),
+            Just(Some(serde_json::json!("7"))),
+            Just(Some(Value::Null)),
+            Just(None),
+        ]
+    }
+
+    /// A text field: one of the values that mean something, or anything.
+    fn text_field(good: &'static [&'static str]) -> impl Strategy<Value = Option<Value>> {
+        prop_oneof![
+            4 => prop::sample::select(good).prop_map(|s| Some(Value::String(s.into()))),
+            1 => "\\PC{0,12}".prop_map(|s| Some(Value::String(s))),
+            1 => Just(Some(serde_json::json!(1))),
+            1 => Just(None),
+        ]
+    }
+
+    /// `keyData.value`: a well-formed `AesGcmKey` of some key size and
+    /// version, arbitrary protobuf bytes, or text that is not base64.
+    fn key_value() -> impl Strategy<Value = Option<Value>> {
+        let proto = (0u8..3, prop::sample::select(vec![16usize, 24, 32, 33]), proptest::collection::vec(any::<u8>(), 33)).prop_map(|(version, len, bytes)| {
+            let mut p = vec![0x08, version, 0x1a, len as u8];
+            p.extend_from_slice(&bytes[..len.min(bytes.len())]);
+            p
+        });
+        prop_oneof![
+            4 => proto.prop_map(|p| Some(Value::String(STANDARD.encode(p)))),
+            2 => proptest::collection::vec(any::<u8>(), 0..48).prop_map(|p| Some(Value::String(URL_SAFE.encode(p)))),
+            1 => "\\PC{0,20}".prop_map(|s| Some(Value::String(s))),
+            1 => Just(None),
+        ]
+    }
+
+    /// A keyset entry, fields left out where the strategy says `None`.
+    fn entry() -> impl Strategy<Value = Value> {
+        (
+            id_field(),
+            text_field(&["ENABLED", "DISABLED", "DESTROYED"]),
+            text_field(&[AES_GCM_TYPE_URL, "type.googleapis.com/google.crypto.tink.AesGcmSivKey"]),
+            text_field(&["SYMMETRIC", "REMOTE"]),
+            text_field(&["TINK", "RAW", "LEGACY"]),
+            key_value(),
+        )
+            .prop_map(|(id, status, type_url, material_type, prefix, value)| {
+                let mut data = serde_json::Map::new();
+                let mut entry = serde_json::Map::new();
+                for (name, field) in [("typeUrl", type_url), ("keyMaterialType", material_type), ("value", value)] {
+                    if let Some(v) = field {
+                        data.insert(name.into(), v);
+                    }
+                }
+                entry.insert("keyData".into(), Value::Object(data));
+                for (name, field) in [("keyId", id), ("status", status), ("outputPrefixType", prefix)] {
+                    if let Some(v) = field {
+                        entry.insert(name.into(), v);
+                    }
+                }
+                Value::Object(entry)
+            })
+    }
+
+    /// Every `keyData.value` string of a keyset.
+    fn key_values(keyset: &Value) -> Vec<String> {
+        let entries = keyset.get("key").and_then(Value::as_array).cloned().unwrap_or_default();
+        entries.iter().filter_map(|e| e.pointer("/keyData/value").and_then(Value::as_str).map(str::to_owned)).collect()
+    }
+
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
         #[test]
         fn arbitrary_protobuf_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
             let _ = decode_aes_gcm_key(&bytes);
         }
 
         #[test]
-        fn arbitrary_text_never_panics(text in ".{0,200}") {
-            let _ = parse_json(&text);
+        fn arbitrary_text_gives_a_keyring_or_a_typed_error(text in "\\PC{0,200}") {
+            prop_assert!(parse_json(&text).is_err());
+        }
+
+        #[test]
+        fn keyset_shaped_json_gives_a_keyring_or_an_error_without_key_bytes(primary in id_field(), entries in proptest::collection::vec(entry(), 0..4)) {
+            let mut keyset = serde_json::Map::new();
+            if let Some(p) = primary {
+                keyset.insert("primaryKeyId".into(), p);
+            }
+            keyset.insert("key".into(), Value::Array(entries));
+            let keyset = Value::Object(keyset);
+            match parse_json(&keyset.to_string()) {
+                Ok(ring) => {
+                    prop_assert_eq!(Some(ring.current_id()), keyset["primaryKeyId"].as_i64().map(|id| id as KeyId));
+                    prop_assert!(ring.keys().all(|k| k.material().len() == KEY_LEN));
+                }
+                Err(err) => {
+                    let shown = format!("{err} {err:?}");
+                    for value in key_values(&keyset).iter().filter(|v| v.len() >= 8) {
+                        prop_assert!(!shown.contains(value.as_str()), "{} repeats a key value", shown);
+                    }
+                }
+            }
         }
     }
 }

@@ -8,6 +8,7 @@ mod config;
 mod control;
 mod faults;
 mod formats;
+mod inputs;
 mod interop;
 mod lifecycle;
 mod online;
