@@ -158,6 +158,13 @@ impl Database {
         if config.get_application_name().is_none() {
             config.application_name("rekey");
         }
+        // rekey's SQL and a job's `where` must read the same on every server:
+        // backslashes in string literals are plain characters.
+        let options = match config.get_options() {
+            Some(o) if !o.is_empty() => format!("{o} -c standard_conforming_strings=on"),
+            _ => "-c standard_conforming_strings=on".to_string(),
+        };
+        config.options(&options);
         let rootcert = params.sslrootcert.or_else(|| env("PGSSLROOTCERT")).filter(|r| !r.is_empty());
         let mode = match params.sslmode.or_else(|| env("PGSSLMODE")).filter(|m| !m.is_empty()) {
             Some(mode) => SslMode::parse(&mode)?,

@@ -287,19 +287,31 @@ async fn three_processes_share_one_job_and_one_killed_midway_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let j = db.patients_job(&dir).display().to_string();
     let args = ["run", "--job", j.as_str(), "--json", "--batch-size", "200", "--workers", "2", "--max-rows-per-sec", "20000"];
-    let mut a = spawn_captured(&args);
-    let b = spawn_captured(&args);
-    let c = spawn_captured(&args);
-    wait_for_progress(&db, &mut a, 20_000).await;
-    let workers: i64 = db
+    let mut children = vec![spawn_captured(&args), spawn_captured(&args), spawn_captured(&args)];
+    // all three hold leases at some point (the machine may start one late)
+    let mut owners = std::collections::BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while owners.len() < 3 && std::time::Instant::now() < deadline {
+        for r in db.client.query("SELECT owner FROM rekey.progress WHERE owner IS NOT NULL", &[]).await.unwrap_or_default() {
+            owners.insert(r.get::<_, String>(0));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(owners.len(), 3, "all three processes hold leases: {owners:?}");
+    wait_for_progress(&db, &mut children[0], 20_000).await;
+    // kill one that holds an unfinished range right now, mid-batch
+    let holder: String = db
         .client
-        .query_one("SELECT count(DISTINCT owner) FROM rekey.progress WHERE owner IS NOT NULL", &[])
+        .query_one("SELECT owner FROM rekey.progress WHERE owner IS NOT NULL AND NOT done AND range_no >= 0 ORDER BY range_no LIMIT 1", &[])
         .await
         .unwrap()
         .get(0);
-    assert_eq!(workers, 3, "all three processes hold leases");
-    a.kill().unwrap(); // SIGKILL, mid-batch
+    let pid: u32 = holder.split(':').nth(1).unwrap().parse().unwrap();
+    let victim = children.iter().position(|c| c.id() == pid).expect("the lease holder is one of ours");
+    let mut a = children.remove(victim);
+    a.kill().unwrap(); // SIGKILL
     a.wait().unwrap();
+    let (b, c) = (children.remove(0), children.remove(0));
     let (b, c) = (finish(b, Duration::from_secs(60)).await, finish(c, Duration::from_secs(60)).await);
     assert_eq!(b.status.code(), Some(0), "{}", printed(&b));
     assert_eq!(c.status.code(), Some(0), "{}", printed(&c));
