@@ -286,4 +286,88 @@ mod tests {
             prop_assert_eq!(rewrite_value(&target, 0, &new, b""), Cell::Current);
         }
     }
+
+    /// A faulty encryptor: seals through a real codec, then `damage` spoils the result.
+    struct Faulty {
+        inner: std::sync::Arc<dyn Codec>,
+        damage: fn(&mut Vec<u8>),
+    }
+
+    impl Codec for Faulty {
+        fn key_hint(&self, value: &[u8]) -> Option<crate::keyring::KeyId> {
+            self.inner.key_hint(value)
+        }
+        fn open(&self, value: &[u8], aad: &[u8]) -> Result<crate::codec::Opened, CodecError> {
+            self.inner.open(value, aad)
+        }
+        fn seal(&self, plaintext: &[u8], aad: &[u8], timestamp: Option<u64>, out: &mut Vec<u8>) {
+            self.inner.seal(plaintext, aad, timestamp, out);
+            (self.damage)(out);
+        }
+        fn target(&self) -> crate::keyring::KeyId {
+            self.inner.target()
+        }
+        fn key_prefix(&self, key: crate::keyring::KeyId) -> Option<Vec<u8>> {
+            self.inner.key_prefix(key)
+        }
+        fn describe_prefix(&self, prefix: &[u8]) -> String {
+            self.inner.describe_prefix(prefix)
+        }
+    }
+
+    #[test]
+    fn a_ciphertext_that_does_not_open_to_the_same_plaintext_is_never_handed_to_the_sink() {
+        let read = Format::VersionedGcm.codec(&old_ring()).unwrap();
+        let mut old = Vec::new();
+        read.seal(b"+15551234567", b"", None, &mut old);
+        let damages: [fn(&mut Vec<u8>); 3] = [
+            |v| {
+                let last = v.len() - 1;
+                v[last] ^= 1; // a broken tag
+            },
+            |v| v.truncate(v.len() / 2), // a short write
+            |v| {
+                let n = v.len();
+                v[n - 20] ^= 0x40; // a flipped ciphertext bit
+            },
+        ];
+        for damage in damages {
+            let write = Faulty { inner: Format::VersionedGcm.codec(&new_ring()).unwrap(), damage };
+            let reader = Format::VersionedGcm.codec(&new_ring()).unwrap();
+            assert_eq!(reseal(&*reader, &write, &old, b"", true), Err(CodecError::VerifyMismatch));
+        }
+    }
+
+    #[test]
+    fn a_ciphertext_sealed_under_another_key_than_the_target_is_refused() {
+        let read = Format::VersionedGcm.codec(&old_ring()).unwrap();
+        let mut old = Vec::new();
+        read.seal(b"+15551234567", b"", None, &mut old);
+        // claims to seal under key 2 but seals under key 1: opens, to the right plaintext, under the wrong key
+        let write = Faulty { inner: Format::VersionedGcm.codec(&old_ring()).unwrap(), damage: |_| {} };
+        struct Claims2(Faulty);
+        impl Codec for Claims2 {
+            fn key_hint(&self, v: &[u8]) -> Option<crate::keyring::KeyId> {
+                self.0.key_hint(v)
+            }
+            fn open(&self, v: &[u8], aad: &[u8]) -> Result<crate::codec::Opened, CodecError> {
+                self.0.open(v, aad)
+            }
+            fn seal(&self, p: &[u8], aad: &[u8], t: Option<u64>, out: &mut Vec<u8>) {
+                self.0.seal(p, aad, t, out)
+            }
+            fn target(&self) -> crate::keyring::KeyId {
+                2
+            }
+            fn key_prefix(&self, k: crate::keyring::KeyId) -> Option<Vec<u8>> {
+                self.0.key_prefix(k)
+            }
+            fn describe_prefix(&self, p: &[u8]) -> String {
+                self.0.describe_prefix(p)
+            }
+        }
+        let reader = Format::VersionedGcm.codec(&new_ring()).unwrap();
+        assert_eq!(reseal(&*reader, &Claims2(write), &old, b"", false), Err(CodecError::VerifyMismatch));
+    }
+
 }
