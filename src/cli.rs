@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::keyring::KeyEncoding;
+use crate::metrics::LogFormat;
 
 /// Rotates the key under encrypted columns in PostgreSQL.
 #[derive(Debug, Parser)]
@@ -13,6 +14,9 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+    /// How log lines on stderr are written: text, or one JSON object per line. Filter with RUST_LOG.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, value_name = "FORMAT")]
+    pub log_format: LogFormat,
 }
 
 /// The subcommands (DESIGN.md, "CLI contract").
@@ -366,6 +370,14 @@ mod tests {
         assert!(at > now && at <= now + std::time::Duration::from_secs(24 * 3600 + 3600));
         assert!(parse_until("2026-11-26T06:00:00Z").is_ok());
         assert!(parse_until("6 o'clock").is_err());
+    }
+
+    #[test]
+    fn log_format_is_global() {
+        let cli = Cli::try_parse_from(["rekey", "status", "--job", "j.toml", "--log-format", "json"]).expect("parses");
+        assert_eq!(cli.log_format, LogFormat::Json);
+        let cli = Cli::try_parse_from(["rekey", "keygen"]).expect("parses");
+        assert_eq!(cli.log_format, LogFormat::Text);
     }
 
     #[test]

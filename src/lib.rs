@@ -24,6 +24,7 @@
 //! - [`binary_copy`]: PostgreSQL's binary COPY encoding.
 //! - [`db`]: connections (TLS with rustls, libpq sslmode semantics), identifier quoting, raw binary values.
 //! - [`stats`], [`progress`]: counters and the progress line.
+//! - [`metrics`]: one struct per observable event: its log line and its metrics; the Prometheus endpoint.
 //! - [`bench`]: `rekey bench`, the floor-vs-rekey measurement.
 //! - [`cluster`]: throwaway PostgreSQL clusters for tests, demos and benchmarks.
 //! - [`error`]: the library's error type and exit codes.
@@ -43,6 +44,7 @@ pub mod job;
 pub mod keyring;
 pub mod lifecycle;
 pub mod monitor;
+pub mod metrics;
 pub mod pipeline;
 pub mod plan;
 pub mod rotate;

@@ -8,6 +8,7 @@ fn main() -> ExitCode {
     // Key material must not end up in a core file.
     rekey::keyring::forbid_core_dumps();
     let cli = rekey::cli::Cli::parse();
+    rekey::metrics::init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
