@@ -99,6 +99,9 @@ pub struct RunArgs {
 /// How a run behaves on a live primary: throttles, live control, timeouts, sharing a job.
 #[derive(Debug, Args, Clone)]
 pub struct OnlineArgs {
+    /// Serve Prometheus metrics on this address (GET /metrics), e.g. 127.0.0.1:9187.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Hold while any replica's replay is further behind than this (read from pg_stat_replication; needs pg_monitor).
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub max_replica_lag: Option<std::time::Duration>,
@@ -333,6 +336,9 @@ pub struct RotateArgs {
     /// No progress line.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Serve Prometheus metrics on this address (GET /metrics) during the re-encryption.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// `rekey keygen`.

@@ -40,7 +40,7 @@ async fn until_signalled<T>(work: impl std::future::Future<Output = T>, stop: &S
         tokio::select! {
             done = &mut work => return done,
             _ = tokio::time::sleep_until(deadline.into()) => {
-                eprintln!("rekey: the run's window is over; stopping after the batches in flight commit");
+                tracing::info!("the run's window is over; stopping after the batches in flight commit");
                 stop.trigger_by("run-time");
             }
         }
@@ -61,10 +61,10 @@ async fn until_signalled<T>(work: impl std::future::Future<Output = T>, stop: &S
         }
         signals += 1;
         if signals == 1 {
-            eprintln!("rekey: stopping after the batches in flight commit (signal again to stop at once; both are safe to resume)");
+            tracing::info!("stopping after the batches in flight commit (signal again to stop at once; both are safe to resume)");
             stop.trigger_by("signal");
         } else {
-            eprintln!("rekey: stopping now; run the same command again to resume");
+            tracing::warn!("stopping now; run the same command again to resume");
             std::process::exit(i32::from(EXIT_STOPPED));
         }
     }
@@ -230,6 +230,9 @@ fn settings_from(lanes: usize, batch_size: u32, max_rows_per_sec: Option<u32>, o
 
 /// `rekey run`.
 pub async fn run(args: &RunArgs) -> Result<u8, Error> {
+    if let Some(addr) = args.online.metrics_addr {
+        crate::metrics::serve(addr)?;
+    }
     let Opened { spec, db, mut client } = open(&args.common).await?;
     let job = Arc::new(Job::resolve(&spec, &client).await?);
     let lanes = args.workers.map_or_else(default_lanes, usize::from);
@@ -344,6 +347,14 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
         }
     }
     let failed = if args.dry_run { c.values_failed } else { job_totals.values_failed };
+    let state = if window_ended {
+        "window_ended"
+    } else if outcome.stopped {
+        "stopped"
+    } else {
+        "done"
+    };
+    crate::metrics::RunFinished { job: &job.name, state, seconds: elapsed }.emit();
     Ok(if window_ended {
         EXIT_WINDOW_ENDED
     } else if outcome.stopped {
@@ -484,6 +495,9 @@ pub fn keygen(args: &KeygenArgs) -> Result<u8, Error> {
 
 /// `rekey bench`.
 pub async fn bench(args: &BenchArgs) -> Result<u8, Error> {
+    if let Some(addr) = args.online.metrics_addr {
+        crate::metrics::serve(addr)?;
+    }
     let mut project = crate::bench::parse_sizes(&args.project).map_err(|e| Error::Config(format!("--project: {e}")))?;
     let mut project_labels: Vec<String> = project.iter().map(|n| format!("{n} rows")).collect();
     if let Some(path) = &args.job {
@@ -570,6 +584,9 @@ fn print_progressed(json_out: bool, p: &crate::rotate::Progressed) {
 
 /// `rekey rotate`.
 pub async fn rotate(args: &RotateArgs) -> Result<u8, Error> {
+    if let Some(addr) = args.metrics_addr {
+        crate::metrics::serve(addr)?;
+    }
     let Opened { spec, db, mut client } = open(&args.life.common).await?;
     let lanes = args.workers.map_or_else(default_lanes, usize::from);
     let opts = rotate_options(&args.life, &spec, lanes, args.batch_size as usize, args.grace, args.quiet);

@@ -242,17 +242,20 @@ static THROTTLE_REASON: Mutex<Option<String>> = Mutex::new(None);
 /// A throttle paused the run (`Some(reason)`) or let it go on (`None`).
 #[derive(Debug)]
 pub struct ThrottleChanged<'a> {
-    /// Why the run waits, e.g. "replica lag 12s > 10s"; `None`: running again.
-    /// It becomes a label value: each distinct text is one more series.
+    /// Why the run waits, as a stable label value (`replica_lag`, `gate`,
+    /// `paused`, `control_file`, `unreadable`); `None`: running again.
     pub reason: Option<&'a str>,
+    /// The same, for people: "replica r1 replays 12.0s behind (--max-replica-lag 10s)".
+    pub detail: Option<&'a str>,
 }
 
 impl ThrottleChanged<'_> {
     /// Logs at `info`; sets `rekey_throttled` and the current reason's info series.
     pub fn emit(&self) {
-        match self.reason {
-            Some(reason) => tracing::info!("paused: {reason}"),
-            None => tracing::info!("running again"),
+        match (self.reason, self.detail) {
+            (Some(reason), Some(detail)) => tracing::info!(reason, "holding: {detail}"),
+            (Some(reason), None) => tracing::info!("holding: {reason}"),
+            (None, _) => tracing::info!("reading again"),
         }
         let mut last = THROTTLE_REASON.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(previous) = last.take() {
@@ -490,13 +493,13 @@ mod tests {
     #[test]
     fn throttle_info_follows_the_current_reason() {
         let out = rendered(|| {
-            ThrottleChanged { reason: Some("replica lag") }.emit();
-            ThrottleChanged { reason: Some("gate query") }.emit();
+            ThrottleChanged { reason: Some("replica lag"), detail: None }.emit();
+            ThrottleChanged { reason: Some("gate query"), detail: Some("the gate said no") }.emit();
         });
         assert!(out.contains("rekey_throttled 1"), "{out}");
         assert!(out.contains(r#"rekey_throttle_info{reason="replica lag"} 0"#), "{out}");
         assert!(out.contains(r#"rekey_throttle_info{reason="gate query"} 1"#), "{out}");
-        let out = rendered(|| ThrottleChanged { reason: None }.emit());
+        let out = rendered(|| ThrottleChanged { reason: None, detail: None }.emit());
         assert!(out.contains("rekey_throttled 0"), "{out}");
         assert!(out.contains(r#"rekey_throttle_info{reason="gate query"} 0"#), "{out}");
     }
@@ -505,7 +508,7 @@ mod tests {
     fn json_logs_are_one_object_per_line() {
         let out = logged(LogFormat::Json, || {
             BatchRetried { table: "users", attempt: 2, error: "connection reset", rows: 10, wait_seconds: 1.5 }.emit();
-            ThrottleChanged { reason: None }.emit();
+            ThrottleChanged { reason: None, detail: None }.emit();
         });
         let lines: Vec<serde_json::Value> =
             out.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
@@ -516,7 +519,7 @@ mod tests {
         assert_eq!(first["attempt"], 2);
         assert_eq!(first["rows"], 10);
         assert!(first["timestamp"].is_string(), "{first}");
-        assert_eq!(lines[1]["message"], "running again");
+        assert_eq!(lines[1]["message"], "reading again");
     }
 
     #[test]

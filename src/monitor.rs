@@ -31,13 +31,16 @@ impl Default for Signals {
     }
 }
 
+/// The hold `rekey pause` puts on a job.
+pub const PAUSED: &str = "paused by `rekey pause`; `rekey resume` goes on";
+
 /// What the signals say.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     /// Read on.
     Go,
-    /// Read nothing until the reason passes.
-    Hold(String),
+    /// Read nothing until the reason passes: a stable name for metrics, and the text for people.
+    Hold(&'static str, String),
     /// Stop cleanly; the text says who asked.
     Stop(&'static str),
 }
@@ -63,30 +66,30 @@ impl Monitor {
         if let Some(path) = &self.signals.control_file {
             match read_control_file(path) {
                 Ok(Some(Control::Stop)) => return Verdict::Stop("control file"),
-                Ok(Some(Control::Pause)) => return Verdict::Hold(format!("paused by the control file {}", path.display())),
+                Ok(Some(Control::Pause)) => return Verdict::Hold("control_file", format!("paused by the control file {}", path.display())),
                 Ok(_) => {}
-                Err(e) => return Verdict::Hold(e),
+                Err(e) => return Verdict::Hold("unreadable", e),
             }
         }
         match job_control {
             Some("stop") => return Verdict::Stop("rekey stop"),
-            Some("pause") => return Verdict::Hold("paused by `rekey pause`; `rekey resume` goes on".into()),
+            Some("pause") => return Verdict::Hold("paused", PAUSED.into()),
             _ => {}
         }
         if let Some(max) = self.signals.max_replica_lag {
             match self.replica_lag(client).await {
                 Ok(Some((name, lag))) if lag > max => {
-                    return Verdict::Hold(format!("replica {name} replays {:.1}s behind (--max-replica-lag {})", lag.as_secs_f64(), humantime::format_duration(max)));
+                    return Verdict::Hold("replica_lag", format!("replica {name} replays {:.1}s behind (--max-replica-lag {})", lag.as_secs_f64(), humantime::format_duration(max)));
                 }
                 Ok(_) => {}
-                Err(e) => return Verdict::Hold(format!("replica lag unreadable, holding: {e}")),
+                Err(e) => return Verdict::Hold("unreadable", format!("replica lag unreadable, holding: {e}")),
             }
         }
         if let Some(sql) = &self.signals.gate_sql {
             match gate(client, sql).await {
                 Ok(true) => {}
-                Ok(false) => return Verdict::Hold("the --gate-sql query returned false".into()),
-                Err(e) => return Verdict::Hold(format!("the --gate-sql query failed, holding: {e}")),
+                Ok(false) => return Verdict::Hold("gate", "the --gate-sql query returned false".into()),
+                Err(e) => return Verdict::Hold("unreadable", format!("the --gate-sql query failed, holding: {e}")),
             }
         }
         Verdict::Go

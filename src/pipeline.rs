@@ -26,7 +26,7 @@
 //! stops the run with its error (resumable).
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -45,7 +45,7 @@ use crate::source::{self, Source};
 use crate::stats::{Counts, LiveCounts};
 use crate::throttle::{BatchSizer, Hold, Pace};
 use crate::transform::{self, Cell};
-use crate::Error;
+use crate::{metrics, Error};
 
 /// Batches in flight between two stages of a lane.
 const CHANNEL_DEPTH: usize = 1;
@@ -256,6 +256,8 @@ struct Shared {
     attempts: u32,
     /// Ranges taken over from dead owners.
     taken_over: AtomicU64,
+    /// Batches waiting in the channels: source -> transform, transform -> sink (all lanes).
+    queued: [AtomicI64; 2],
 }
 
 impl Shared {
@@ -294,9 +296,12 @@ impl Shared {
                     let Some(i) = self.ranges.iter().position(|r| r.target == state.target && r.range_no == state.range_no) else {
                         return Err(Error::Runtime(format!("rekey.progress of job {job_id} has a range this run did not load; the engine state was edited by hand")));
                     };
+                    let table = self.job.targets[state.target].table.to_string();
                     if let Some(from) = from {
                         self.taken_over.fetch_add(1, Ordering::Relaxed);
-                        eprintln!("rekey: took over range {} of {} from {from}, which stopped renewing its lease", state.range_no, self.job.targets[state.target].table);
+                        metrics::LeaseChanged { kind: "taken_over", table: &table, range_no: state.range_no, owner: &from }.emit();
+                    } else {
+                        metrics::LeaseChanged { kind: "taken", table: &table, range_no: state.range_no, owner }.emit();
                     }
                     return Ok(Some((i, state.start().cloned())));
                 }
@@ -317,12 +322,12 @@ impl Shared {
             return Err(error);
         }
         let wait = backoff(*failed);
-        eprintln!("rekey: {what} failed (try {failed} of {}), again in {:.1}s: {}", self.attempts, wait.as_secs_f64(), error_chain(&error));
+        tracing::warn!(attempt = *failed, "{what} failed (try {failed} of {}), again in {:.1}s: {}", self.attempts, wait.as_secs_f64(), error_chain(&error));
         tokio::time::sleep(wait).await;
         match how {
             Retry::Reconnect => {
                 if let Err(e) = source.reconnect().await {
-                    eprintln!("rekey: reconnecting failed: {}", error_chain(&e));
+                    tracing::warn!("reconnecting failed: {}", error_chain(&e));
                 }
             }
             Retry::Smaller => self.sizer.shrink(),
@@ -386,6 +391,7 @@ pub async fn run(db: &Database, job: Arc<Job>, ranges: Vec<RangeState>, mode: Mo
         hold: Hold::default(),
         attempts: settings.attempts.max(1),
         taken_over: AtomicU64::new(0),
+        queued: [AtomicI64::new(0), AtomicI64::new(0)],
     });
     if let Some(sql) = &settings.signals.gate_sql {
         crate::monitor::check_gate_sql(&mut home, sql).await?;
@@ -465,7 +471,7 @@ async fn read_signals(monitor: &mut Monitor, home: &mut tokio_postgres::Client, 
     let control = match job_id {
         Some(id) => match checkpoint::job_control(home, id).await {
             Ok(c) => Some(c),
-            Err(e) => return Verdict::Hold(format!("the job's control is unreadable, holding: {}", error_chain(&e))),
+            Err(e) => return Verdict::Hold("unreadable", format!("the job's control is unreadable, holding: {}", error_chain(&e))),
         },
         None => None,
     };
@@ -474,22 +480,20 @@ async fn read_signals(monitor: &mut Monitor, home: &mut tokio_postgres::Client, 
 
 /// Acts on a verdict: stop, hold or release the sources.
 fn apply(shared: &Shared, verdict: Verdict) {
-    let reason = match verdict {
-        Verdict::Go => None,
-        Verdict::Hold(reason) => Some(reason),
+    let (kind, reason) = match verdict {
+        Verdict::Go => (None, None),
+        Verdict::Hold(kind, reason) => (Some(kind), Some(reason)),
         Verdict::Stop(who) => {
             if !shared.stop.requested() {
-                eprintln!("rekey: stop asked by {who}; stopping after the batches in flight commit");
+                tracing::info!(by = who, "stop asked by {who}; stopping after the batches in flight commit");
             }
             shared.stop.trigger_by(who);
-            None
+            (None, None)
         }
     };
     if shared.hold.set(reason.clone()) {
-        match &reason {
-            Some(r) => eprintln!("rekey: holding: {r}"),
-            None => eprintln!("rekey: reading again"),
-        }
+        shared.progress.set_hold(reason.as_deref());
+        metrics::ThrottleChanged { reason: kind, detail: reason.as_deref() }.emit();
     }
 }
 
@@ -501,7 +505,7 @@ async fn watch(shared: Arc<Shared>, db: Database, mut home: tokio_postgres::Clie
     loop {
         tokio::time::sleep(every).await;
         if home.is_closed() {
-            apply(&shared, Verdict::Hold("the monitor's connection was lost; reconnecting".into()));
+            apply(&shared, Verdict::Hold("unreadable", "the monitor's connection was lost; reconnecting".into()));
             match db.connect().await {
                 Ok(c) => home = c,
                 Err(_) => continue,
@@ -518,6 +522,9 @@ async fn watch(shared: Arc<Shared>, db: Database, mut home: tokio_postgres::Clie
         }
         let verdict = read_signals(&mut monitor, &mut home, job_id).await;
         apply(&shared, verdict);
+        for (stage, n) in [("to_transform", &shared.queued[0]), ("to_sink", &shared.queued[1])] {
+            metrics::QueueDepth { stage, depth: usize::try_from(n.load(Ordering::Relaxed)).unwrap_or(0) }.emit();
+        }
     }
 }
 
@@ -558,6 +565,7 @@ async fn read(shared: Arc<Shared>, mut source: Source, out: mpsc::Sender<Batch>)
             if out.send(batch).await.is_err() {
                 return Ok(None);
             }
+            shared.queued[0].fetch_add(1, Ordering::Relaxed);
             if end {
                 break;
             }
@@ -569,11 +577,13 @@ async fn read(shared: Arc<Shared>, mut source: Source, out: mpsc::Sender<Batch>)
 /// Transform stage: runs each batch on the rayon pool and passes it on.
 async fn transform_stage(shared: Arc<Shared>, mode: Mode, mut input: mpsc::Receiver<Batch>, out: mpsc::Sender<Batch>) -> Result<Option<Outcome>, Error> {
     while let Some(batch) = input.recv().await {
+        shared.queued[0].fetch_sub(1, Ordering::Relaxed);
         let target_index = shared.ranges[batch.range].target;
         let batch = on_pool(shared.job.clone(), target_index, mode, batch).await?;
         if out.send(batch).await.is_err() {
             break;
         }
+        shared.queued[1].fetch_add(1, Ordering::Relaxed);
     }
     Ok(None)
 }
@@ -648,6 +658,7 @@ async fn retry_conflicts(db: &Database, shared: &Shared, job_id: i64) -> Result<
 async fn write(shared: Arc<Shared>, mut writer: Option<Writer>, lookup: Option<tokio_postgres::Client>, mut input: mpsc::Receiver<Batch>) -> Result<Option<Outcome>, Error> {
     let mut outcome = Outcome::default();
     while let Some(batch) = input.recv().await {
+        shared.queued[1].fetch_sub(1, Ordering::Relaxed);
         let started = Instant::now();
         let rows = batch.rows.len();
         let state = &shared.ranges[batch.range];
@@ -659,7 +670,7 @@ async fn write(shared: Arc<Shared>, mut writer: Option<Writer>, lookup: Option<t
                 // the job's control as of this commit: honoured before the next page
                 match written.control.as_str() {
                     "stop" => apply(&shared, Verdict::Stop("rekey stop")),
-                    "pause" => apply(&shared, Verdict::Hold("paused by `rekey pause`; `rekey resume` goes on".into())),
+                    "pause" => apply(&shared, Verdict::Hold("paused", crate::monitor::PAUSED.into())),
                     _ => {}
                 }
                 (written.counts, written.failures)
@@ -668,9 +679,10 @@ async fn write(shared: Arc<Shared>, mut writer: Option<Writer>, lookup: Option<t
             (None, None) => return Err(Error::Runtime("a sink has neither a writer nor a lookup connection".into())),
         };
         for f in &failures {
-            eprintln!("rekey: cannot decrypt {}.{} at key {}: {}", f.table, f.column, f.key, f.error);
+            metrics::ValueQuarantined { table: &f.table, column: &f.column, key: &f.key, error: f.error }.emit();
         }
         let took = started.elapsed();
+        metrics::BatchCommitted { table: &target.table.to_string(), target: target.index, counts: &counts, seconds: took.as_secs_f64(), rows }.emit();
         shared.sizer.committed(rows, took);
         let _ = outcome.batch_micros.record(took.as_micros().max(1) as u64);
         if rows > 0 {
@@ -723,14 +735,8 @@ async fn commit(shared: &Shared, writer: &mut Writer, state: &RangeState, batch:
             )));
         }
         let wait = backoff(failed.max(1));
-        eprintln!(
-            "rekey: a batch of {} rows of {} failed (try {failed} of {}): {}; retrying{}",
-            b.rows.len(),
-            target.table,
-            shared.attempts,
-            error_chain(&error),
-            if halves { " in halves" } else { "" }
-        );
+        let message = format!("{}{}", error_chain(&error), if halves { "; retrying in halves" } else { "" });
+        metrics::BatchRetried { table: &target.table.to_string(), attempt: failed, error: &message, rows: b.rows.len(), wait_seconds: if halves { 0.0 } else { wait.as_secs_f64() } }.emit();
         match how {
             Retry::Smaller if halves => {
                 shared.sizer.shrink();
@@ -741,7 +747,7 @@ async fn commit(shared: &Shared, writer: &mut Writer, state: &RangeState, batch:
             Retry::Reconnect => {
                 tokio::time::sleep(wait).await;
                 if let Err(e) = writer.reconnect(&shared.job).await {
-                    eprintln!("rekey: reconnecting failed: {}", error_chain(&e));
+                    tracing::warn!("reconnecting failed: {}", error_chain(&e));
                     pending.push_front(b);
                     continue;
                 }

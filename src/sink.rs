@@ -307,6 +307,7 @@ impl Writer {
                 .await
                 .ctx(what)?
                 .ok_or_else(|| {
+                    crate::metrics::LeaseChanged { kind: "lost", table: &target.table.to_string(), range_no: state.range_no, owner: self.owner.as_deref().unwrap_or("") }.emit();
                     Error::Runtime(format!(
                         "range {} of {} was taken over by another rekey process (this one stopped renewing its lease); \
                          the batch was rolled back, nothing of it was written; run again to continue",
