@@ -2,10 +2,13 @@
 -- one process at a time (owner, its home session's pid, and an expiry that
 -- heartbeats push forward). A range whose owner's session is gone, or whose
 -- lease ran out, can be taken over. Checkpoints are written only by the owner.
+-- Every claim bumps lease_gen, and a checkpoint must name the generation it
+-- was leased under: a lane still writing under an older lease cannot commit.
 ALTER TABLE rekey.progress
     ADD COLUMN owner       text,
     ADD COLUMN owner_pid   int,
-    ADD COLUMN lease_until timestamptz;
+    ADD COLUMN lease_until timestamptz,
+    ADD COLUMN lease_gen   bigint NOT NULL DEFAULT 0;
 
 -- Live control of running jobs: `rekey pause|resume|stop --job`.
 ALTER TABLE rekey.jobs

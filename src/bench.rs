@@ -263,12 +263,13 @@ async fn rekey_once(opts: &BenchOptions, db: &Database, client: &mut Client, job
         }
         let progress = Progress::new(opts.rows, "bench", opts.quiet);
         let r = pipeline::run(db, job.clone(), record.ranges.clone(), Mode::Rewrite { job_id: record.id }, settings, live.clone(), progress).await;
+        // timed here, not after the sampler's next tick
+        let secs = started.elapsed().as_secs_f64();
         done.store(true, Ordering::Relaxed);
-        r
+        r.map(|o| (o, secs))
     };
     let (outcome, throughput) = tokio::join!(run, sampler);
-    let outcome = outcome?;
-    let secs = started.elapsed().as_secs_f64();
+    let (outcome, secs) = outcome?;
     let peak_rss_mib = peak_rss_mib();
     checkpoint::finish_job(client, record.id, &serde_json::json!({ "bench": true })).await?;
     Ok(RekeyRun { secs, outcome, throughput, peak_rss_mib })

@@ -191,7 +191,15 @@ async fn open_job_locked(client: &mut Client, job: &Job, lanes: usize, restart: 
             )));
         } else {
             // a stop asked of the last run is spent; a pause still holds
-            client.execute("UPDATE rekey.jobs SET control = 'run' WHERE job_id = $1 AND control = 'stop'", &[&id]).await.ctx(what)?;
+            // (unless processes are still stopping: a process started meanwhile must stop too)
+            client
+                .execute(
+                    "UPDATE rekey.jobs SET control = 'run' WHERE job_id = $1 AND control = 'stop'
+                        AND NOT EXISTS (SELECT 1 FROM rekey.progress WHERE job_id = $1 AND NOT done AND owner IS NOT NULL AND lease_until > now())",
+                    &[&id],
+                )
+                .await
+                .ctx(what)?;
             let (ranges, prior) = load_ranges(client, id, job.targets.len()).await?;
             return Ok(JobRecord { id, resumed: true, ranges, prior });
         }
@@ -273,28 +281,41 @@ fn as_params(c: &Counts) -> [i64; 6] {
     [c.rows_scanned, c.rows_rewritten, c.values_rewritten, c.values_skipped, c.values_failed, c.conflicts].map(|v| i64::try_from(v).unwrap_or(i64::MAX))
 }
 
-/// Records a committed batch inside its own transaction, if `owner` still
-/// holds the range's lease; returns the job's `control` ("run", "pause",
-/// "stop"), or `None` when the lease was lost (the caller must roll back).
+/// A range's lease as a lane holds it: the owner's name and the claim's generation.
+#[derive(Debug, Clone, Copy)]
+pub struct Lease<'a> {
+    /// This process's name in `rekey.progress.owner`.
+    pub owner: &'a str,
+    /// `rekey.progress.lease_gen` as the claim left it.
+    pub generation: i64,
+}
+
+/// Records a committed batch inside its own transaction, if the range is
+/// still held under `lease` (`None`: ranges are not leased); returns the
+/// job's `control` ("run", "pause", "stop"), or `None` when the lease was
+/// lost (the caller must roll back).
 pub async fn record_batch(
     tx: &impl GenericClient,
     job_id: i64,
     state: &RangeState,
-    owner: Option<&str>,
+    lease: Option<Lease<'_>>,
     last: Option<&KeyBytes>,
     done: bool,
     c: &Counts,
 ) -> Result<Option<String>, tokio_postgres::Error> {
     let v = as_params(c);
+    let owner = lease.map(|l| l.owner);
+    let generation = lease.map(|l| l.generation);
     let row = tx
         .query_opt(
             "UPDATE rekey.progress SET last_key = coalesce($4, last_key), done = $5,
                     rows_scanned = rows_scanned + $6, rows_rewritten = rows_rewritten + $7,
                     values_rewritten = values_rewritten + $8, values_skipped = values_skipped + $9,
                     values_failed = values_failed + $10, conflicts = conflicts + $11, updated_at = now()
-              WHERE job_id = $1 AND target = $2 AND range_no = $3 AND owner IS NOT DISTINCT FROM $12
+              WHERE job_id = $1 AND target = $2 AND range_no = $3
+                AND owner IS NOT DISTINCT FROM $12 AND ($13::bigint IS NULL OR lease_gen = $13)
              RETURNING (SELECT control FROM rekey.jobs WHERE job_id = $1)",
-            &[&job_id, &(state.target as i32), &state.range_no, &last, &done, &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &owner],
+            &[&job_id, &(state.target as i32), &state.range_no, &last, &done, &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &owner, &generation],
         )
         .await?;
     Ok(row.map(|r| r.get(0)))
@@ -303,32 +324,55 @@ pub async fn record_batch(
 /// How a lane's request for work went.
 #[derive(Debug)]
 pub enum Claim {
-    /// A range is now leased to this process; `from` names the owner it was taken over from.
-    Leased(RangeState, Option<String>),
-    /// Every unfinished range is leased to another live process.
+    /// A range is now leased to this process under `generation`; `from`
+    /// names the owner it was taken over from.
+    Leased {
+        /// Where the range stands (durable checkpoint).
+        state: RangeState,
+        /// The lease's generation, for the checkpoints written under it.
+        generation: i64,
+        /// The previous owner, when the range was taken over.
+        from: Option<String>,
+    },
+    /// Every unfinished range is leased to another live process (or worked by this one).
     Busy,
     /// Every range is finished.
     Finished,
 }
 
-/// Leases the first unfinished range nobody live holds to `owner` for `ttl`.
-/// `FOR UPDATE SKIP LOCKED` lets many lanes of many processes ask at once.
-pub async fn claim_range(client: &Client, job_id: i64, owner: &str, owner_pid: i32, ttl: std::time::Duration, targets: usize) -> Result<Claim, Error> {
+/// Leases the first unfinished range nobody is working on to `owner` for
+/// `ttl`: one never leased or released, one whose owner's session is gone
+/// or whose lease ran out, or one of `owner`'s own that none of its lanes
+/// holds (`working`: (target, range_no) of those it does; a claim whose
+/// answer was lost, or a range a server crash reopened). `FOR UPDATE SKIP
+/// LOCKED` lets many lanes of many processes ask at once.
+pub async fn claim_range(
+    client: &Client,
+    job_id: i64,
+    owner: &str,
+    owner_pid: i32,
+    ttl: std::time::Duration,
+    working: &[(i32, i32)],
+    targets: usize,
+) -> Result<Claim, Error> {
     let what = || format!("leasing a range of job {job_id}");
     let ttl = ttl.as_secs_f64();
+    let (wt, wr): (Vec<i32>, Vec<i32>) = working.iter().copied().unzip();
     let row = client
         .query_opt(
             "WITH pick AS (
                 SELECT p.target, p.range_no, p.owner AS previous FROM rekey.progress p
                  WHERE p.job_id = $1 AND p.range_no >= 0 AND NOT p.done
-                   AND (p.owner IS NULL OR (p.owner <> $2 AND (p.lease_until < now()
-                        OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = p.owner_pid))))
+                   AND (p.owner IS NULL
+                        OR (p.owner = $2 AND (p.target, p.range_no) NOT IN (SELECT * FROM unnest($5::int[], $6::int[])))
+                        OR (p.owner <> $2 AND (p.lease_until < now()
+                            OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = p.owner_pid))))
                  ORDER BY p.target, p.range_no LIMIT 1
                  FOR UPDATE OF p SKIP LOCKED)
-             UPDATE rekey.progress p SET owner = $2, owner_pid = $3, lease_until = now() + make_interval(secs => $4)
+             UPDATE rekey.progress p SET owner = $2, owner_pid = $3, lease_until = now() + make_interval(secs => $4), lease_gen = p.lease_gen + 1
                FROM pick WHERE p.job_id = $1 AND p.target = pick.target AND p.range_no = pick.range_no
-             RETURNING p.target, p.range_no, p.lower_key, p.upper_key, p.last_key, pick.previous",
-            &[&job_id, &owner, &owner_pid, &ttl],
+             RETURNING p.target, p.range_no, p.lower_key, p.upper_key, p.last_key, pick.previous, p.lease_gen",
+            &[&job_id, &owner, &owner_pid, &ttl, &wt, &wr],
         )
         .await
         .ctx(what)?;
@@ -337,7 +381,8 @@ pub async fn claim_range(client: &Client, job_id: i64, owner: &str, owner_pid: i
             Error::Runtime(format!("rekey.progress of job {job_id} names a target this job does not have; the engine state was edited by hand"))
         })?;
         let state = RangeState { target, range_no: r.get(1), range: KeyRange { lower: r.get(2), upper: r.get(3) }, last: r.get(4), done: false };
-        return Ok(Claim::Leased(state, r.get(5)));
+        let previous: Option<String> = r.get(5);
+        return Ok(Claim::Leased { state, generation: r.get(6), from: previous.filter(|p| p != owner) });
     }
     let left: i64 = client
         .query_one("SELECT count(*) FROM rekey.progress WHERE job_id = $1 AND range_no >= 0 AND NOT done", &[&job_id])
@@ -347,14 +392,16 @@ pub async fn claim_range(client: &Client, job_id: i64, owner: &str, owner_pid: i
     Ok(if left == 0 { Claim::Finished } else { Claim::Busy })
 }
 
-/// Extends `owner`'s leases (and records the pid of its home session, which
-/// changes after a reconnect); returns how many unfinished ranges it holds.
-pub async fn heartbeat(client: &Client, job_id: i64, owner: &str, ttl: std::time::Duration) -> Result<u64, Error> {
+/// Extends the leases of the ranges `owner`'s lanes are working on (and
+/// records the pid of its home session, which changes after a reconnect);
+/// a range it owns but no lane works lapses, for whoever comes next.
+pub async fn heartbeat(client: &Client, job_id: i64, owner: &str, ttl: std::time::Duration, working: &[(i32, i32)]) -> Result<u64, Error> {
+    let (wt, wr): (Vec<i32>, Vec<i32>) = working.iter().copied().unzip();
     client
         .execute(
             "UPDATE rekey.progress SET lease_until = now() + make_interval(secs => $3), owner_pid = pg_backend_pid()
-              WHERE job_id = $1 AND owner = $2 AND NOT done",
-            &[&job_id, &owner, &ttl.as_secs_f64()],
+              WHERE job_id = $1 AND owner = $2 AND NOT done AND (target, range_no) IN (SELECT * FROM unnest($4::int[], $5::int[]))",
+            &[&job_id, &owner, &ttl.as_secs_f64(), &wt, &wr],
         )
         .await
         .ctx(|| format!("renewing the leases of job {job_id}"))
@@ -456,16 +503,43 @@ pub async fn job_totals(client: &Client, job_id: i64) -> Result<Counts, Error> {
     Ok(counts_from(&row, 0))
 }
 
-/// Marks the job finished with its totals.
+/// Marks the job finished with its totals, if it is: every range done, and
+/// still the running job of its name. The UPDATE commits synchronously, so
+/// every batch committed before it is durable with it.
 pub async fn finish_job(client: &Client, job_id: i64, summary: &serde_json::Value) -> Result<(), Error> {
-    client
+    let what = || format!("finishing job {job_id}");
+    let finished = client
         .execute(
-            "UPDATE rekey.jobs SET state = 'done', finished_at = now(), updated_at = now(), summary = $2 WHERE job_id = $1",
+            "UPDATE rekey.jobs SET state = 'done', finished_at = now(), updated_at = now(), summary = $2
+              WHERE job_id = $1 AND state = 'running'
+                AND NOT EXISTS (SELECT 1 FROM rekey.progress WHERE job_id = $1 AND range_no >= 0 AND NOT done)",
             &[&job_id, summary],
         )
         .await
-        .ctx(|| format!("finishing job {job_id}"))?;
-    Ok(())
+        .ctx(what)?;
+    if finished == 1 {
+        return Ok(());
+    }
+    let row = client
+        .query_one(
+            "SELECT state, (SELECT count(*) FROM rekey.progress WHERE job_id = $1 AND range_no >= 0 AND NOT done) FROM rekey.jobs WHERE job_id = $1",
+            &[&job_id],
+        )
+        .await
+        .ctx(what)?;
+    let (state, open): (String, i64) = (row.get(0), row.get(1));
+    if state == "done" {
+        // another process sharing the job finished it first
+        return Ok(());
+    }
+    Err(Error::Runtime(if state != "running" {
+        format!("job {job_id} is {state} now (another process restarted or finished it); this process's batches are committed, nothing more to do here")
+    } else {
+        format!(
+            "job {job_id} still has {open} unfinished range(s): the server lost commits (a crash), or another process still works them; \
+             run the same command again to finish it"
+        )
+    }))
 }
 
 /// A job as `rekey status` shows it.

@@ -168,11 +168,11 @@ pub async fn rewrite(
     let RunControl { restart, quiet, deadline } = control;
     checkpoint::ensure_schema(client).await?;
     checkpoint::lock_job(client, &job.name, restart).await?;
+    check_nonce_budget(client, job).await?;
     let mut record = checkpoint::open_job(client, job, settings.lanes, restart).await?;
     if restart {
         checkpoint::share_job_lock(client, &job.name).await?;
     }
-    check_nonce_budget(client, job).await?;
     let progress = Progress::new(stale_rows(client, job).await?, "rewriting", quiet);
     let stop = settings.stop.clone();
     let ranges = std::mem::take(&mut record.ranges);
@@ -207,6 +207,18 @@ async fn check_nonce_budget(client: &Client, job: &Job) -> Result<(), Error> {
     Ok(())
 }
 
+/// Refuses online settings that cannot work together.
+fn check_online(o: &crate::cli::OnlineArgs) -> Result<(), Error> {
+    if o.check_every * 3 > o.lease_ttl {
+        return Err(Error::Config(format!(
+            "--check-every {} must be at most a third of --lease-ttl {}: leases are renewed on that beat",
+            humantime::format_duration(o.check_every),
+            humantime::format_duration(o.lease_ttl)
+        )));
+    }
+    Ok(())
+}
+
 /// The run's settings from the command line.
 fn settings_from(lanes: usize, batch_size: u32, max_rows_per_sec: Option<u32>, o: &crate::cli::OnlineArgs, stop: Stop) -> Settings {
     Settings {
@@ -216,7 +228,11 @@ fn settings_from(lanes: usize, batch_size: u32, max_rows_per_sec: Option<u32>, o
         max_batch_bytes: usize::try_from(o.max_batch_bytes).unwrap_or(usize::MAX),
         stop,
         max_rows_per_sec,
-        timeouts: crate::sink::Timeouts { lock: Some(o.lock_timeout), statement: Some(o.statement_timeout) },
+        timeouts: crate::sink::Timeouts {
+            lock: Some(o.lock_timeout),
+            statement: Some(o.statement_timeout),
+            idle_in_transaction: Some((o.lease_ttl / 2).max(std::time::Duration::from_secs(1))),
+        },
         attempts: o.attempts,
         signals: crate::monitor::Signals {
             max_replica_lag: o.max_replica_lag,
@@ -237,6 +253,10 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
     let job = Arc::new(Job::resolve(&spec, &client).await?);
     let lanes = args.workers.map_or_else(default_lanes, usize::from);
     let stop = Stop::default();
+    check_online(&args.online)?;
+    if args.until.is_some_and(|at| at <= std::time::SystemTime::now()) {
+        return Err(Error::Config("--until names an instant already past; give a time still to come".into()));
+    }
     let settings = settings_from(lanes, args.batch_size, args.max_rows_per_sec, &args.online, stop.clone());
     let deadline = args.run_time.map(|d| Instant::now() + d).or_else(|| {
         args.until.map(|at| Instant::now() + at.duration_since(std::time::SystemTime::now()).unwrap_or_default())

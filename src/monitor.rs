@@ -99,7 +99,8 @@ impl Monitor {
     async fn replica_lag(&mut self, client: &Client) -> Result<Option<(String, Duration)>, String> {
         let rows = client
             .query(
-                "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::float8, r.application_name, (r.replay_lsn - '0/0'::pg_lsn)::float8
+                "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::float8, r.application_name, (r.replay_lsn - '0/0'::pg_lsn)::float8,
+                        extract(epoch FROM r.replay_lag)::float8
                    FROM (SELECT 1) one LEFT JOIN pg_stat_replication r ON true",
                 &[],
             )
@@ -116,7 +117,10 @@ impl Monitor {
             let Some(replayed) = r.get::<_, Option<f64>>(2) else {
                 return Err(format!("replica {name:?} shows no replay position (grant pg_monitor to this role, or wait for the replica to start)"));
             };
-            let lag = self.lag.lag(now, replayed as u64);
+            // our own estimate keeps counting while replay is stalled; the
+            // server's own replay_lag knows about lag from before we started
+            let reported = r.get::<_, Option<f64>>(3).filter(|l| l.is_finite() && *l > 0.0).map_or(Duration::ZERO, Duration::from_secs_f64);
+            let lag = self.lag.lag(now, replayed as u64).max(if (replayed as u64) < current as u64 { reported } else { Duration::ZERO });
             if worst.as_ref().map_or(true, |(_, w)| lag > *w) {
                 worst = Some((if name.is_empty() { "(unnamed)".into() } else { name }, lag));
             }

@@ -25,7 +25,7 @@
 //! lost connection is reopened with backoff, and a batch that keeps failing
 //! stops the run with its error (resumable).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -254,16 +254,30 @@ struct Shared {
     hold: Hold,
     /// Tries of one batch or page.
     attempts: u32,
+    /// Lock and statement timeouts of every session.
+    timeouts: Timeouts,
     /// Ranges taken over from dead owners.
     taken_over: AtomicU64,
     /// Batches waiting in the channels: source -> transform, transform -> sink (all lanes).
     queued: [AtomicI64; 2],
+    /// (target, range_no) of the ranges this process's lanes are working on:
+    /// only their leases are renewed, and only the others may be claimed back.
+    working: Mutex<BTreeSet<(i32, i32)>>,
+    /// One claim at a time in this process, so a range just claimed is in `working` before the next claim looks.
+    claiming: tokio::sync::Mutex<()>,
+    /// Woken when a range is finished here: lanes waiting for work look again at once.
+    range_done: tokio::sync::Notify,
 }
 
 impl Shared {
-    /// The next range to read and the key to start after; `None` when there
-    /// is no more work (or a stop was asked for).
-    async fn next_range(&self, source: &mut Source) -> Result<Option<(usize, Option<KeyBytes>)>, Error> {
+    /// The ranges lanes work on now.
+    fn working(&self) -> Vec<(i32, i32)> {
+        self.working.lock().map(|w| w.iter().copied().collect()).unwrap_or_default()
+    }
+
+    /// The next range to read, the key to start after and the lease's
+    /// generation; `None` when there is no more work (or a stop was asked for).
+    async fn next_range(&self, source: &mut Source) -> Result<Option<(usize, Option<KeyBytes>, Option<i64>)>, Error> {
         let (job_id, owner, home_pid, ttl) = match &self.work {
             Work::Local(queue) => {
                 let Ok(mut queue) = queue.lock() else { return Ok(None) };
@@ -273,7 +287,7 @@ impl Shared {
                     }
                     return Ok(None);
                 }
-                return Ok(queue.pop_front().map(|i| (i, self.ranges[i].start().cloned())));
+                return Ok(queue.pop_front().map(|i| (i, self.ranges[i].start().cloned(), None)));
             }
             Work::Leased { job_id, owner, home_pid, ttl } => (*job_id, owner.as_str(), home_pid, *ttl),
         };
@@ -284,15 +298,24 @@ impl Shared {
             }
             let pid = home_pid.load(Ordering::Relaxed);
             let targets = self.job.targets.len();
-            let mut failed = 0;
-            let claim = loop {
-                match checkpoint::claim_range(source.client(), job_id, owner, pid, ttl, targets).await {
-                    Ok(c) => break c,
-                    Err(e) => self.recover(source, "leasing a range", &mut failed, e).await?,
+            let claimed = {
+                let _one_at_a_time = self.claiming.lock().await;
+                let mut failed = 0;
+                let claim = loop {
+                    match checkpoint::claim_range(source.client(), job_id, owner, pid, ttl, &self.working(), targets).await {
+                        Ok(c) => break c,
+                        Err(e) => self.recover(source, "leasing a range", &mut failed, e).await?,
+                    }
+                };
+                if let Claim::Leased { state, .. } = &claim {
+                    if let Ok(mut w) = self.working.lock() {
+                        w.insert((state.target as i32, state.range_no));
+                    }
                 }
+                claim
             };
-            match claim {
-                Claim::Leased(state, from) => {
+            match claimed {
+                Claim::Leased { state, generation, from } => {
                     let Some(i) = self.ranges.iter().position(|r| r.target == state.target && r.range_no == state.range_no) else {
                         return Err(Error::Runtime(format!("rekey.progress of job {job_id} has a range this run did not load; the engine state was edited by hand")));
                     };
@@ -303,13 +326,24 @@ impl Shared {
                     } else {
                         metrics::LeaseChanged { kind: "taken", table: &table, range_no: state.range_no, owner }.emit();
                     }
-                    return Ok(Some((i, state.start().cloned())));
+                    return Ok(Some((i, state.start().cloned(), Some(generation))));
                 }
                 Claim::Finished => return Ok(None),
-                // other processes hold the rest: wait, in case one of them dies
-                Claim::Busy => tokio::time::sleep(Duration::from_millis(250)).await,
+                // other processes (or lanes) hold the rest: look again when a
+                // range is finished here, and now and then in case an owner died
+                Claim::Busy => {
+                    let _ = tokio::time::timeout(Duration::from_millis(250), self.range_done.notified()).await;
+                }
             }
         }
+    }
+
+    /// A lane is done with a range (finished, or given up on a stop).
+    fn leave(&self, range: &RangeState) {
+        if let Ok(mut w) = self.working.lock() {
+            w.remove(&(range.target as i32, range.range_no));
+        }
+        self.range_done.notify_waiters();
     }
 
     /// After a read on `source` failed with `error` (the `failed`-th time):
@@ -390,8 +424,12 @@ pub async fn run(db: &Database, job: Arc<Job>, ranges: Vec<RangeState>, mode: Mo
         pace: settings.max_rows_per_sec.map(Pace::new),
         hold: Hold::default(),
         attempts: settings.attempts.max(1),
+        timeouts: settings.timeouts,
         taken_over: AtomicU64::new(0),
         queued: [AtomicI64::new(0), AtomicI64::new(0)],
+        working: Mutex::new(BTreeSet::new()),
+        claiming: tokio::sync::Mutex::new(()),
+        range_done: tokio::sync::Notify::new(),
     });
     if let Some(sql) = &settings.signals.gate_sql {
         crate::monitor::check_gate_sql(&mut home, sql).await?;
@@ -516,8 +554,11 @@ async fn watch(shared: Arc<Shared>, db: Database, mut home: tokio_postgres::Clie
             last_beat = Instant::now().checked_sub(Duration::from_secs(3600)).unwrap_or(last_beat);
         }
         if let Work::Leased { job_id, owner, ttl, .. } = &shared.work {
-            if last_beat.elapsed() >= *ttl / 3 && checkpoint::heartbeat(&home, *job_id, owner, *ttl).await.is_ok() {
-                last_beat = Instant::now();
+            if last_beat.elapsed() >= *ttl / 3 {
+                match checkpoint::heartbeat(&home, *job_id, owner, *ttl, &shared.working()).await {
+                    Ok(_) => last_beat = Instant::now(),
+                    Err(e) => tracing::warn!("renewing leases failed (they lapse after --lease-ttl): {}", error_chain(&e)),
+                }
             }
         }
         let verdict = read_signals(&mut monitor, &mut home, job_id).await;
@@ -530,7 +571,7 @@ async fn watch(shared: Arc<Shared>, db: Database, mut home: tokio_postgres::Clie
 
 /// Source stage: reads each range it takes, page by page, in key order.
 async fn read(shared: Arc<Shared>, mut source: Source, out: mpsc::Sender<Batch>) -> Result<Option<Outcome>, Error> {
-    while let Some((ri, start)) = shared.next_range(&mut source).await? {
+    while let Some((ri, start, lease)) = shared.next_range(&mut source).await? {
         let state = &shared.ranges[ri];
         let target = &shared.job.targets[state.target];
         let mut after = start;
@@ -542,7 +583,8 @@ async fn read(shared: Arc<Shared>, mut source: Source, out: mpsc::Sender<Batch>)
             let limit = shared.sizer.rows();
             if let Some(pace) = &shared.pace {
                 pace.wait(limit).await;
-                if shared.stop.requested() {
+                // a hold or stop may have come while waiting for the slot
+                if !shared.hold.wait(&shared.stop).await {
                     shared.cut_short.store(true, Ordering::Relaxed);
                     return Ok(None);
                 }
@@ -561,7 +603,7 @@ async fn read(shared: Arc<Shared>, mut source: Source, out: mpsc::Sender<Batch>)
             if let Some(k) = &last_key {
                 after = Some(k.clone());
             }
-            let batch = Batch { range: ri, rows, cells: Vec::new(), last_key, end };
+            let batch = Batch { range: ri, rows, cells: Vec::new(), last_key, end, lease };
             if out.send(batch).await.is_err() {
                 return Ok(None);
             }
@@ -615,7 +657,7 @@ async fn retry_conflicts(db: &Database, shared: &Shared, job_id: i64) -> Result<
     let admin = db.connect().await?;
     let mut reader = None;
     let mut writer = None;
-    for round in 0..RETRY_ROUNDS {
+    'rounds: for round in 0..RETRY_ROUNDS {
         let mut any = false;
         for target in &shared.job.targets {
             loop {
@@ -624,13 +666,17 @@ async fn retry_conflicts(db: &Database, shared: &Shared, job_id: i64) -> Result<
                     break;
                 }
                 any = true;
+                if shared.stop.requested() {
+                    // the keys stay in rekey.conflicts for the next run
+                    break 'rounds;
+                }
                 if reader.is_none() {
-                    reader = Some(Source::new(db.connect().await?, false));
-                    writer = Some(Writer::connect(db, &shared.job, job_id).await?);
+                    reader = Some(Source::connect(db, false, shared.timeouts).await?);
+                    writer = Some(Writer::connect_as(db, &shared.job, job_id, None, shared.timeouts).await?);
                 }
                 let (Some(source), Some(sink)) = (reader.as_mut(), writer.as_mut()) else { break };
                 let rows = source.rows_by_keys(target, &keys).await?;
-                let batch = Batch { range: 0, rows, cells: Vec::new(), last_key: None, end: false };
+                let batch = Batch { range: 0, rows, cells: Vec::new(), last_key: None, end: false, lease: None };
                 let batch = on_pool(shared.job.clone(), target.index, Mode::Rewrite { job_id }, batch).await?;
                 let Written { counts, failures, .. } = sink.write(target, Commit::Retry(&keys), &batch).await?;
                 shared.live.add(&counts);
@@ -663,9 +709,13 @@ async fn write(shared: Arc<Shared>, mut writer: Option<Writer>, lookup: Option<t
         let rows = batch.rows.len();
         let state = &shared.ranges[batch.range];
         let target = &shared.job.targets[state.target];
+        let end = batch.end;
         let (counts, failures) = match (&mut writer, &lookup) {
             (Some(w), _) => {
                 let (written, retries) = commit(&shared, w, state, batch).await?;
+                if end {
+                    shared.leave(state);
+                }
                 outcome.retries += retries;
                 // the job's control as of this commit: honoured before the next page
                 match written.control.as_str() {
@@ -706,8 +756,34 @@ async fn commit(shared: &Shared, writer: &mut Writer, state: &RangeState, batch:
     let mut pending = VecDeque::from([batch]);
     let mut failed = 0u32;
     let mut retries = 0u64;
+    // after a reconnect, nothing is written before the checkpoints are checked
+    let mut unchecked = false;
     while let Some(b) = pending.pop_front() {
-        let error = match writer.write(target, Commit::Range(state), &b).await {
+        let attempt = if unchecked {
+            // the COMMIT may have landed before the connection broke, and a
+            // crash may have lost commits the server had acknowledged
+            match writer.after_reconnect(state, b.last_key.as_ref()).await {
+                Ok(AfterReconnect::Committed) => {
+                    unchecked = false;
+                    continue;
+                }
+                Ok(AfterReconnect::NotCommitted) => {
+                    unchecked = false;
+                    writer.write(target, Commit::Range(state), &b).await
+                }
+                Ok(AfterReconnect::Lost) => {
+                    return Err(Error::Runtime(format!(
+                        "the server lost batches of {} it had acknowledged before it went down (rekey commits asynchronously; \
+                         each batch's checkpoint was lost with it); stopping so they are redone: run the same command again to resume",
+                        target.table
+                    )))
+                }
+                Err(e) => Err(e),
+            }
+        } else {
+            writer.write(target, Commit::Range(state), &b).await
+        };
+        let error = match attempt {
             Ok(w) => {
                 total.counts += w.counts;
                 total.failures.extend(w.failures);
@@ -728,7 +804,7 @@ async fn commit(shared: &Shared, writer: &mut Writer, state: &RangeState, batch:
         }
         if failed >= shared.attempts {
             return Err(Error::Runtime(format!(
-                "a batch of {} rows of {} failed {failed} times, the last time with: {}; nothing of it was written; run the same command again to resume",
+                "a batch of {} rows of {} failed {failed} times, the last time with: {}; the batch was not written; run the same command again to resume",
                 b.rows.len(),
                 target.table,
                 error_chain(&error)
@@ -746,24 +822,11 @@ async fn commit(shared: &Shared, writer: &mut Writer, state: &RangeState, batch:
             }
             Retry::Reconnect => {
                 tokio::time::sleep(wait).await;
+                unchecked = true;
                 if let Err(e) = writer.reconnect(&shared.job).await {
                     tracing::warn!("reconnecting failed: {}", error_chain(&e));
-                    pending.push_front(b);
-                    continue;
                 }
-                // the COMMIT may have landed before the connection broke, and
-                // a crash may have lost commits the server had acknowledged
-                match writer.after_reconnect(state, b.last_key.as_ref()).await {
-                    Ok(AfterReconnect::Committed) => {}
-                    Ok(AfterReconnect::NotCommitted) | Err(_) => pending.push_front(b),
-                    Ok(AfterReconnect::Lost) => {
-                        return Err(Error::Runtime(format!(
-                            "the server lost batches of {} it had acknowledged before it went down (rekey commits asynchronously; \
-                             each batch's checkpoint was lost with it); stopping so they are redone: run the same command again to resume",
-                            target.table
-                        )))
-                    }
-                }
+                pending.push_front(b);
             }
             Retry::Smaller | Retry::Wait | Retry::Never => {
                 tokio::time::sleep(wait).await;
@@ -781,8 +844,8 @@ fn split(target: &crate::job::Target, mut b: Batch) -> (Batch, Batch) {
     let rows = b.rows.split_off(mid);
     let cells = b.cells.split_off(mid * ncols);
     let first_last = b.rows.last().map(|r| source::row_key(target, r));
-    let second = Batch { range: b.range, rows, cells, last_key: b.last_key, end: b.end };
-    let first = Batch { range: b.range, rows: b.rows, cells: b.cells, last_key: first_last, end: false };
+    let second = Batch { range: b.range, rows, cells, last_key: b.last_key, end: b.end, lease: b.lease };
+    let first = Batch { range: b.range, rows: b.rows, cells: b.cells, last_key: first_last, end: false, lease: b.lease };
     (first, second)
 }
 

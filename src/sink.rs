@@ -48,6 +48,8 @@ pub struct Batch {
     pub last_key: Option<KeyBytes>,
     /// Whether this is the last batch of its range.
     pub end: bool,
+    /// The generation of the range's lease it was read under (`None`: not leased).
+    pub lease: Option<i64>,
 }
 
 /// What a committed batch records besides the rows.
@@ -89,13 +91,22 @@ pub struct Timeouts {
     pub lock: Option<std::time::Duration>,
     /// `statement_timeout`: how long one statement may run.
     pub statement: Option<std::time::Duration>,
+    /// `idle_in_transaction_session_timeout`: a batch transaction left idle
+    /// this long (its process frozen) is ended by the server, releasing its
+    /// locks for the process that takes its range over.
+    pub idle_in_transaction: Option<std::time::Duration>,
 }
 
 impl Timeouts {
     /// The `SET` commands for a session.
     pub fn session_sql(&self) -> String {
         let ms = |d: Option<std::time::Duration>| d.map_or(0, |d| d.as_millis().max(1));
-        format!("SET lock_timeout = {}; SET statement_timeout = {}", ms(self.lock), ms(self.statement))
+        format!(
+            "SET lock_timeout = {}; SET statement_timeout = {}; SET idle_in_transaction_session_timeout = {}",
+            ms(self.lock),
+            ms(self.statement),
+            ms(self.idle_in_transaction)
+        )
     }
 }
 
@@ -303,7 +314,9 @@ impl Writer {
             }
         }
         let control = match commit {
-            Commit::Range(state) => checkpoint::record_batch(&tx, self.job_id, state, self.owner.as_deref(), batch.last_key.as_ref(), batch.end, &counts)
+            Commit::Range(state) => {
+                let lease = self.owner.as_deref().zip(batch.lease).map(|(owner, generation)| checkpoint::Lease { owner, generation });
+                checkpoint::record_batch(&tx, self.job_id, state, lease, batch.last_key.as_ref(), batch.end, &counts)
                 .await
                 .ctx(what)?
                 .ok_or_else(|| {
@@ -313,7 +326,8 @@ impl Writer {
                          the batch was rolled back, nothing of it was written; run again to continue",
                         state.range_no, target.table
                     ))
-                })?,
+                })?
+            }
             Commit::Retry(_) => {
                 checkpoint::record_retry(&tx, self.job_id, target.index, &target.table.to_string(), &counts).await.ctx(what)?;
                 String::from("run")

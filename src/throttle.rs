@@ -154,11 +154,15 @@ impl BatchSizer {
 
     /// Records a batch of `rows` rows that took `took` to commit, and adapts.
     pub fn committed(&self, rows: usize, took: Duration) {
-        let Some(target) = self.target else { return };
         if rows == 0 {
             return;
         }
         let Ok(mut s) = self.state.lock() else { return };
+        let Some(target) = self.target else {
+            // fixed size: grow back (slowly) after a timeout shrank it
+            s.rows = (s.rows * GROW).min(self.max as f64);
+            return;
+        };
         let per_row = took.as_secs_f64() / rows as f64;
         let avg = s.secs_per_row.map_or(per_row, |old| old + EWMA_ALPHA * (per_row - old));
         s.secs_per_row = Some(avg);
@@ -166,10 +170,11 @@ impl BatchSizer {
         s.rows = ideal.clamp(s.rows * SHRINK, s.rows * GROW).clamp(self.min as f64, self.max as f64);
     }
 
-    /// Halves the page size at once (a batch timed out).
+    /// Halves the page size at once (a batch timed out), down to the floor;
+    /// clean commits grow it back.
     pub fn shrink(&self) {
         if let Ok(mut s) = self.state.lock() {
-            s.rows = (s.rows * SHRINK).max(1.0);
+            s.rows = (s.rows * SHRINK).max(self.min as f64);
         }
     }
 }
@@ -257,10 +262,18 @@ mod tests {
     }
 
     #[test]
-    fn a_timed_out_batch_halves_the_next_page() {
+    fn a_timed_out_batch_halves_the_next_page_and_clean_commits_grow_it_back() {
         let s = BatchSizer::new(5000, None, usize::MAX);
         s.shrink();
         assert_eq!(s.rows(), 2500);
+        for _ in 0..20 {
+            s.shrink();
+        }
+        assert_eq!(s.rows(), 50, "never below the floor");
+        for _ in 0..40 {
+            s.committed(s.rows(), Duration::from_millis(10));
+        }
+        assert_eq!(s.rows(), 5000, "back to the fixed size");
     }
 
     #[test]

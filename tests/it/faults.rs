@@ -89,7 +89,7 @@ async fn an_application_update_between_read_and_write_is_not_overwritten() {
     let mut cells = Vec::new();
     transform::rewrite(target, &rows, &mut cells);
     let last_key = rows.last().map(|r| source::row_key(target, r));
-    let batch = Batch { range: 0, rows, cells, last_key, end: true };
+    let batch = Batch { range: 0, rows, cells, last_key, end: true, lease: None };
 
     // the application writes row 5 in between, still with the old key
     let mut fresh = Vec::new();
