@@ -561,7 +561,20 @@ async fn watch(shared: Arc<Shared>, db: Database, mut home: tokio_postgres::Clie
                 }
             }
         }
-        let verdict = read_signals(&mut monitor, &mut home, job_id).await;
+        // a round that hangs (a half-open socket) holds the run and reconnects
+        let limit = (every * 10).clamp(Duration::from_secs(5), Duration::from_secs(30));
+        let verdict = match tokio::time::timeout(limit, read_signals(&mut monitor, &mut home, job_id)).await {
+            Ok(v) => v,
+            Err(_) => {
+                if let Ok(c) = db.connect().await {
+                    home = c;
+                    if let (Work::Leased { home_pid, .. }, Ok(row)) = (&shared.work, home.query_one("SELECT pg_backend_pid()", &[]).await) {
+                        home_pid.store(row.get(0), Ordering::Relaxed);
+                    }
+                }
+                Verdict::Hold("unreadable", format!("reading the throttle signals took over {}s; holding", limit.as_secs()))
+            }
+        };
         apply(&shared, verdict);
         for (stage, n) in [("to_transform", &shared.queued[0]), ("to_sink", &shared.queued[1])] {
             metrics::QueueDepth { stage, depth: usize::try_from(n.load(Ordering::Relaxed)).unwrap_or(0) }.emit();
