@@ -23,6 +23,10 @@ pub enum Error {
     /// A pipeline stage stopped unexpectedly (exit 1).
     #[error("{0}")]
     Runtime(String),
+    /// A range's lease passed to another lane or process while a batch of it
+    /// was in flight; the batch was rolled back (the pipeline drops the range).
+    #[error("{0}")]
+    LeaseLost(String),
 }
 
 /// What a failed batch can do about an error.
@@ -60,7 +64,7 @@ impl Error {
                     _ => Retry::Never,
                 }
             }
-            Error::Config(_) | Error::Runtime(_) => Retry::Never,
+            Error::Config(_) | Error::Runtime(_) | Error::LeaseLost(_) => Retry::Never,
         }
     }
 

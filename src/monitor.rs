@@ -121,7 +121,7 @@ impl Monitor {
             // server's own replay_lag knows about lag from before we started
             let reported = r.get::<_, Option<f64>>(3).filter(|l| l.is_finite() && *l > 0.0).map_or(Duration::ZERO, Duration::from_secs_f64);
             let lag = self.lag.lag(now, replayed as u64).max(if (replayed as u64) < current as u64 { reported } else { Duration::ZERO });
-            if worst.as_ref().map_or(true, |(_, w)| lag > *w) {
+            if worst.as_ref().is_none_or(|(_, w)| lag > *w) {
                 worst = Some((if name.is_empty() { "(unnamed)".into() } else { name }, lag));
             }
         }

@@ -260,9 +260,13 @@ struct Shared {
     taken_over: AtomicU64,
     /// Batches waiting in the channels: source -> transform, transform -> sink (all lanes).
     queued: [AtomicI64; 2],
-    /// (target, range_no) of the ranges this process's lanes are working on:
-    /// only their leases are renewed, and only the others may be claimed back.
-    working: Mutex<BTreeSet<(i32, i32)>>,
+    /// (target, range_no) of the ranges this process's lanes are working on,
+    /// with the lease generation: only their leases are renewed, and only
+    /// the others may be claimed back.
+    working: Mutex<BTreeMap<(i32, i32), i64>>,
+    /// (range index, generation) of leases lost while a lane worked them:
+    /// its source leaves the range, its sink drops what is still in flight.
+    lost: Mutex<BTreeSet<(usize, i64)>>,
     /// One claim at a time in this process, so a range just claimed is in `working` before the next claim looks.
     claiming: tokio::sync::Mutex<()>,
     /// Woken when a range is finished here: lanes waiting for work look again at once.
@@ -272,7 +276,7 @@ struct Shared {
 impl Shared {
     /// The ranges lanes work on now.
     fn working(&self) -> Vec<(i32, i32)> {
-        self.working.lock().map(|w| w.iter().copied().collect()).unwrap_or_default()
+        self.working.lock().map(|w| w.keys().copied().collect()).unwrap_or_default()
     }
 
     /// The next range to read, the key to start after and the lease's
@@ -307,9 +311,9 @@ impl Shared {
                         Err(e) => self.recover(source, "leasing a range", &mut failed, e).await?,
                     }
                 };
-                if let Claim::Leased { state, .. } = &claim {
+                if let Claim::Leased { state, generation, .. } = &claim {
                     if let Ok(mut w) = self.working.lock() {
-                        w.insert((state.target as i32, state.range_no));
+                        w.insert((state.target as i32, state.range_no), *generation);
                     }
                 }
                 claim
@@ -338,12 +342,20 @@ impl Shared {
         }
     }
 
-    /// A lane is done with a range (finished, or given up on a stop).
-    fn leave(&self, range: &RangeState) {
+    /// A lane is done with a range (finished, or its lease lost).
+    fn leave(&self, range: &RangeState, generation: Option<i64>) {
         if let Ok(mut w) = self.working.lock() {
-            w.remove(&(range.target as i32, range.range_no));
+            let key = (range.target as i32, range.range_no);
+            if generation.is_none() || w.get(&key).copied() == generation {
+                w.remove(&key);
+            }
         }
         self.range_done.notify_waiters();
+    }
+
+    /// Whether the lease a batch was read under was lost meanwhile.
+    fn is_lost(&self, range: usize, generation: Option<i64>) -> bool {
+        generation.is_some_and(|g| self.lost.lock().map(|l| l.contains(&(range, g))).unwrap_or(false))
     }
 
     /// After a read on `source` failed with `error` (the `failed`-th time):
@@ -427,7 +439,8 @@ pub async fn run(db: &Database, job: Arc<Job>, ranges: Vec<RangeState>, mode: Mo
         timeouts: settings.timeouts,
         taken_over: AtomicU64::new(0),
         queued: [AtomicI64::new(0), AtomicI64::new(0)],
-        working: Mutex::new(BTreeSet::new()),
+        working: Mutex::new(BTreeMap::new()),
+        lost: Mutex::new(BTreeSet::new()),
         claiming: tokio::sync::Mutex::new(()),
         range_done: tokio::sync::Notify::new(),
     });
@@ -593,6 +606,10 @@ async fn read(shared: Arc<Shared>, mut source: Source, out: mpsc::Sender<Batch>)
                 shared.cut_short.store(true, Ordering::Relaxed);
                 return Ok(None);
             }
+            if shared.is_lost(ri, lease) {
+                // another process has the range now; its checkpoint, not ours, says where it stands
+                break;
+            }
             let limit = shared.sizer.rows();
             if let Some(pace) = &shared.pace {
                 pace.wait(limit).await;
@@ -722,12 +739,28 @@ async fn write(shared: Arc<Shared>, mut writer: Option<Writer>, lookup: Option<t
         let rows = batch.rows.len();
         let state = &shared.ranges[batch.range];
         let target = &shared.job.targets[state.target];
-        let end = batch.end;
+        let (end, lease) = (batch.end, batch.lease);
+        if shared.is_lost(batch.range, lease) {
+            continue;
+        }
         let (counts, failures) = match (&mut writer, &lookup) {
             (Some(w), _) => {
-                let (written, retries) = commit(&shared, w, state, batch).await?;
+                let range = batch.range;
+                let (written, retries) = match commit(&shared, w, state, batch).await {
+                    Ok(done) => done,
+                    Err(Error::LeaseLost(why)) => {
+                        // nothing of the batch was written; the range goes on elsewhere
+                        tracing::warn!("{why}; this process goes on with other ranges");
+                        if let (Ok(mut lost), Some(g)) = (shared.lost.lock(), lease) {
+                            lost.insert((range, g));
+                        }
+                        shared.leave(state, lease);
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 if end {
-                    shared.leave(state);
+                    shared.leave(state, lease);
                 }
                 outcome.retries += retries;
                 // the job's control as of this commit: honoured before the next page

@@ -321,9 +321,9 @@ impl Writer {
                 .ctx(what)?
                 .ok_or_else(|| {
                     crate::metrics::LeaseChanged { kind: "lost", table: &target.table.to_string(), range_no: state.range_no, owner: self.owner.as_deref().unwrap_or("") }.emit();
-                    Error::Runtime(format!(
+                    Error::LeaseLost(format!(
                         "range {} of {} was taken over by another rekey process (this one stopped renewing its lease); \
-                         the batch was rolled back, nothing of it was written; run again to continue",
+                         the batch was rolled back, nothing of it was written",
                         state.range_no, target.table
                     ))
                 })?

@@ -174,7 +174,7 @@ impl Codec for Fernet {
             // or not a Fernet token; Python raises InvalidToken alike.
             return Err(CodecError::AuthFailed);
         }
-        if (len - HEADER_LEN - TAG_LEN) % BLOCK_LEN != 0 {
+        if !(len - HEADER_LEN - TAG_LEN).is_multiple_of(BLOCK_LEN) {
             // Not whole cipher blocks: cut short (or extended) in storage.
             return Err(CodecError::Truncated);
         }
