@@ -439,7 +439,7 @@ pub async fn control(args: &StatusArgs, to: &str) -> Result<u8, Error> {
 /// `rekey status`.
 pub async fn status(args: &StatusArgs) -> Result<u8, Error> {
     let Opened { spec, client, .. } = open(&args.common).await?;
-    let name = spec.name.clone().unwrap_or_default();
+    let name = spec.name.clone().unwrap_or_else(|| "rekey".into());
     let found = if checkpoint::schema_exists(&client).await? { checkpoint::job_status(&client, &name).await? } else { None };
     let Some(s) = found else {
         if args.common.json {
