@@ -112,19 +112,24 @@ pub fn default_lanes() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2)
 }
 
-/// Rows holding at least one value not visibly on the target key, per target.
+/// Rows of `t` holding at least one value not visibly on the target key.
+async fn stale_rows_of(client: &Client, t: &crate::job::Target) -> Result<u64, Error> {
+    let (filter, cols) = sql::stale_filter(t, "", 1);
+    let prefixes: Vec<Vec<u8>> = cols.iter().filter_map(|&c| t.stale_prefix(c)).collect();
+    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = prefixes.iter().map(|p| p as _).collect();
+    let n: i64 = client
+        .query_one(&format!("SELECT count(*) FROM {} WHERE {filter}{}", t.qualified(), sql::target_filter(t)), &params)
+        .await
+        .ctx(|| format!("counting rows to rotate in {}", t.table))?
+        .get(0);
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+/// Rows holding at least one value not visibly on the target key, all targets.
 async fn stale_rows(client: &Client, job: &Job) -> Result<u64, Error> {
     let mut total = 0u64;
     for t in &job.targets {
-        let (filter, cols) = sql::stale_filter(t, "", 1);
-        let prefixes: Vec<Vec<u8>> = cols.iter().filter_map(|&c| t.stale_prefix(c)).collect();
-        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = prefixes.iter().map(|p| p as _).collect();
-        let n: i64 = client
-            .query_one(&format!("SELECT count(*) FROM {} WHERE {filter}{}", t.qualified(), sql::target_filter(t)), &params)
-            .await
-            .ctx(|| format!("counting rows to rotate in {}", t.table))?
-            .get(0);
-        total += n as u64;
+        total += stale_rows_of(client, t).await?;
     }
     Ok(total)
 }
@@ -191,17 +196,10 @@ pub async fn rewrite(
 async fn check_nonce_budget(client: &Client, job: &Job) -> Result<(), Error> {
     for t in job.targets.iter().filter(|t| t.write.format.random_nonces()) {
         let used = checkpoint::encryptions_so_far(client, &t.write.keyring.target().fingerprint()).await?;
-        let (filter, cols) = sql::stale_filter(t, "", 1);
-        let prefixes: Vec<Vec<u8>> = cols.iter().filter_map(|&c| t.stale_prefix(c)).collect();
-        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = prefixes.iter().map(|p| p as _).collect();
-        let rows: i64 = client
-            .query_one(&format!("SELECT count(*) FROM {} WHERE {filter}{}", t.qualified(), sql::target_filter(t)), &params)
-            .await
-            .ctx(|| format!("counting rows to rotate in {}", t.table))?
-            .get(0);
+        let rows = i64::try_from(stale_rows_of(client, t).await?).unwrap_or(i64::MAX);
         let most = used.saturating_add(rows.saturating_mul(t.columns.len() as i64));
         if most > checkpoint::NONCE_BUDGET {
-            return Err(crate::sink::nonce_budget_spent(t, used));
+            return Err(crate::sink::nonce_budget_spent(t, used, "this run (nothing written)"));
         }
     }
     Ok(())

@@ -271,6 +271,8 @@ struct Shared {
     claiming: tokio::sync::Mutex<()>,
     /// Woken when a range is finished here: lanes waiting for work look again at once.
     range_done: tokio::sync::Notify,
+    /// Whether waiting on other processes' ranges was logged already.
+    said_waiting: AtomicBool,
 }
 
 impl Shared {
@@ -336,6 +338,9 @@ impl Shared {
                 // other processes (or lanes) hold the rest: look again when a
                 // range is finished here, and now and then in case an owner died
                 Claim::Busy => {
+                    if self.working().is_empty() && !self.said_waiting.swap(true, Ordering::Relaxed) {
+                        tracing::info!("the job's unfinished ranges are leased to other processes; waiting to take over any whose owner stops");
+                    }
                     let _ = tokio::time::timeout(Duration::from_millis(250), self.range_done.notified()).await;
                 }
             }
@@ -443,6 +448,7 @@ pub async fn run(db: &Database, job: Arc<Job>, ranges: Vec<RangeState>, mode: Mo
         lost: Mutex::new(BTreeSet::new()),
         claiming: tokio::sync::Mutex::new(()),
         range_done: tokio::sync::Notify::new(),
+        said_waiting: AtomicBool::new(false),
     });
     if let Some(sql) = &settings.signals.gate_sql {
         crate::monitor::check_gate_sql(&mut home, sql).await?;

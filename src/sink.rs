@@ -310,7 +310,7 @@ impl Writer {
             let key = target.write.keyring.target();
             let total = checkpoint::count_encryptions(&tx, &key.fingerprint(), &target.target_label(), encrypted).await.ctx(what)?;
             if total > checkpoint::NONCE_BUDGET {
-                return Err(nonce_budget_spent(target, total - encrypted));
+                return Err(nonce_budget_spent(target, total - encrypted, "this batch (rolled back)"));
             }
         }
         let control = match commit {
@@ -342,10 +342,10 @@ impl Writer {
 }
 
 /// The error for a key that has used up its random nonces (invariant 7).
-pub fn nonce_budget_spent(target: &Target, used: i64) -> Error {
+pub fn nonce_budget_spent(target: &Target, used: i64, what: &str) -> Error {
     Error::Config(format!(
-        "key {} has already encrypted {used} values with random 96-bit nonces, and this batch would pass the limit of 2^32 \
-         (NIST SP 800-38D); the batch was rolled back; stage a new key and rotate to it instead (rekey.key_usage counts per key fingerprint)",
+        "key {} has already encrypted {used} values with random 96-bit nonces, and {what} would pass the limit of 2^32 \
+         (NIST SP 800-38D); stage a new key and rotate to it instead (rekey.key_usage counts per key fingerprint)",
         target.target_label()
     ))
 }
