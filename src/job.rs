@@ -440,6 +440,7 @@ impl Job {
                 }
             }
         }
+        refuse_nested_targets(client, &targets).await?;
         Ok(Job { name: spec.name.clone().unwrap_or_else(|| "rekey".into()), spec_hash: spec.spec_hash(), targets })
     }
 
@@ -450,6 +451,44 @@ impl Job {
             self.targets.iter().map(|t| serde_json::json!({ "read": t.read.keyring.describe(), "write": t.write.keyring.describe() })).collect(),
         )
     }
+}
+
+/// Refuses two targets whose tables nest (a partition or inheritance child
+/// and its parent) and share a column: reading the parent reads the child's
+/// rows too, so both targets would rotate the same values, racing each other.
+async fn refuse_nested_targets(client: &tokio_postgres::Client, targets: &[Target]) -> Result<(), Error> {
+    for (i, a) in targets.iter().enumerate() {
+        for b in &targets[i + 1..] {
+            if a.table == b.table || !a.columns.iter().any(|c| b.columns.iter().any(|d| d.name == c.name)) {
+                continue;
+            }
+            for (child, parent) in [(a, b), (b, a)] {
+                let nested: bool = client
+                    .query_one(
+                        "WITH RECURSIVE up(relid) AS (
+                            SELECT to_regclass($1)::oid
+                            UNION SELECT i.inhparent FROM pg_inherits i JOIN up ON i.inhrelid = up.relid)
+                         SELECT EXISTS (SELECT 1 FROM up WHERE relid = to_regclass($2)::oid)",
+                        &[&child.qualified(), &parent.qualified()],
+                    )
+                    .await
+                    .map_err(|e| Error::Db { context: format!("checking whether {} is part of {}", child.table, parent.table), source: e })?
+                    .get(0);
+                if nested {
+                    return Err(Error::Config(format!(
+                        "[[target]] #{} ({}) is a partition or child of [[target]] #{} ({}), and both rotate the same column: \
+                         reading {} reads its rows too; list only one of them",
+                        child.index + 1,
+                        child.table,
+                        parent.index + 1,
+                        parent.table,
+                        parent.table
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The encoding of one column on one side: as given, else from the column's type.

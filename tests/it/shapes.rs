@@ -164,3 +164,28 @@ async fn resuming_with_a_changed_key_set_is_refused() {
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert_eq!(json(&out)["values_rewritten"], 100 + 67);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partition_listed_beside_its_parent_is_refused() {
+    let db = TestDb::new().await;
+    db.client
+        .batch_execute(
+            "CREATE TABLE events (region text, id int, payload bytea, PRIMARY KEY (region, id)) PARTITION BY LIST (region);
+             CREATE TABLE events_eu PARTITION OF events FOR VALUES IN ('eu');",
+        )
+        .await
+        .unwrap();
+    db.client.execute("INSERT INTO events VALUES ('eu', 1, $1)", &[&seal_v1("e1", b"")]).await.unwrap();
+    let before = db.checksum("events").await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(
+        &dir,
+        &db,
+        "[[target]]\ntable = \"events\"\ncolumns = [\"payload\"]\nformat = \"versioned-gcm\"\n\
+         [[target]]\ntable = \"events_eu\"\ncolumns = [\"payload\"]\nformat = \"versioned-gcm\"\n",
+    );
+    let out = rekey(&["run", "--job", &job, "--json"], &seed_env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(printed(&out).contains("is a partition or child of [[target]] #1"), "{}", printed(&out));
+    assert_eq!(db.checksum("events").await, before, "nothing changed");
+}
