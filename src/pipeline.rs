@@ -511,6 +511,11 @@ pub async fn run(db: &Database, job: Arc<Job>, ranges: Vec<RangeState>, mode: Mo
         let (retried, left) = retry_conflicts(db, &shared, job_id).await?;
         outcome.merge(retried);
         outcome.conflicts_left = left;
+        if shared.stop.requested() {
+            // stopped during the re-reads: the job stays open, the next run re-reads what is left
+            outcome.stopped = true;
+            outcome.stopped_by = shared.stop.by();
+        }
     }
     shared.progress.finish();
     Ok(outcome)
@@ -691,6 +696,11 @@ const RETRY_BATCH: i64 = 1000;
 async fn retry_conflicts(db: &Database, shared: &Shared, job_id: i64) -> Result<(Outcome, u64), Error> {
     let mut outcome = Outcome::default();
     let admin = db.connect().await?;
+    // processes sharing the job take turns: the next finds what the first left
+    admin
+        .execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", &[&format!("rekey.conflicts:{job_id}")])
+        .await
+        .map_err(|e| Error::Db { context: "waiting for another process's conflict re-reads".into(), source: e })?;
     let mut reader = None;
     let mut writer = None;
     'rounds: for round in 0..RETRY_ROUNDS {
@@ -702,9 +712,13 @@ async fn retry_conflicts(db: &Database, shared: &Shared, job_id: i64) -> Result<
                     break;
                 }
                 any = true;
-                if shared.stop.requested() {
-                    // the keys stay in rekey.conflicts for the next run
+                // throttles and live control hold re-reads too; a stop leaves
+                // the keys in rekey.conflicts for the next run
+                if !shared.hold.wait(&shared.stop).await {
                     break 'rounds;
+                }
+                if let Some(pace) = &shared.pace {
+                    pace.wait(keys.len()).await;
                 }
                 if reader.is_none() {
                     reader = Some(Source::connect(db, false, shared.timeouts).await?);
