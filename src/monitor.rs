@@ -140,11 +140,13 @@ pub enum Control {
     Stop,
 }
 
-/// Reads a control file: absent or empty means run.
+/// Reads a control file: absent means run; empty holds (it may be half
+/// written: `echo stop > file` truncates it first).
 pub fn read_control_file(path: &std::path::Path) -> Result<Option<Control>, String> {
     match std::fs::read_to_string(path) {
         Ok(text) => match text.trim() {
-            "" | "run" => Ok(Some(Control::Run)),
+            "" => Err(format!("the control file {} is empty; write run, pause or stop into it (holding meanwhile)", path.display())),
+            "run" => Ok(Some(Control::Run)),
             "pause" => Ok(Some(Control::Pause)),
             "stop" => Ok(Some(Control::Stop)),
             other => Err(format!(
@@ -191,10 +193,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("control");
         assert_eq!(read_control_file(&f), Ok(None));
-        for (text, want) in [("run\n", Control::Run), ("pause", Control::Pause), (" stop \n", Control::Stop), ("", Control::Run)] {
+        for (text, want) in [("run\n", Control::Run), ("pause", Control::Pause), (" stop \n", Control::Stop)] {
             std::fs::write(&f, text).unwrap();
             assert_eq!(read_control_file(&f), Ok(Some(want)), "{text:?}");
         }
+        std::fs::write(&f, "").unwrap();
+        assert!(read_control_file(&f).is_err(), "an empty (half-written) file holds");
     }
 
     #[test]
