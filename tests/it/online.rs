@@ -64,6 +64,15 @@ async fn sessions_open(db: &TestDb, n: i64) {
     }
 }
 
+/// A database seeded with `rows` patients, a folder for files, and the job file's path.
+async fn patients(rows: i64) -> (TestDb, tempfile::TempDir, String) {
+    let db = TestDb::new().await;
+    db.seed_patients(rows).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    (db, dir, job)
+}
+
 /// Every seeded value decrypts under the current key to what was seeded.
 async fn assert_all_rotated(db: &TestDb, rows: i64) {
     let all = db.decrypted_patients(&v2_ring()).await;
@@ -82,10 +91,7 @@ fn values(rows: i64) -> i64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn rekey_pause_holds_every_reader_and_rekey_resume_goes_on() {
-    let db = TestDb::new().await;
-    db.seed_patients(30_000).await;
-    let dir = tempfile::tempdir().unwrap();
-    let j = db.patients_job(&dir).display().to_string();
+    let (db, _dir, j) = patients(30_000).await;
     let mut child = spawn_captured(&["run", "--job", &j, "--json", "--batch-size", "200", "--max-rows-per-sec", "5000"]);
     wait_for_progress(&db, &mut child, 2_000).await;
 
@@ -114,10 +120,7 @@ async fn rekey_pause_holds_every_reader_and_rekey_resume_goes_on() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn rekey_stop_stops_the_run_cleanly_and_the_next_run_finishes_it() {
-    let db = TestDb::new().await;
-    db.seed_patients(30_000).await;
-    let dir = tempfile::tempdir().unwrap();
-    let j = db.patients_job(&dir).display().to_string();
+    let (db, _dir, j) = patients(30_000).await;
     let mut child = spawn_captured(&["run", "--job", &j, "--json", "--batch-size", "200", "--max-rows-per-sec", "5000"]);
     wait_for_progress(&db, &mut child, 2_000).await;
     let out = rekey(&["stop", "--job", &j], &seed_env());
@@ -135,10 +138,7 @@ async fn rekey_stop_stops_the_run_cleanly_and_the_next_run_finishes_it() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pause_resume_and_stop_name_a_missing_job() {
-    let db = TestDb::new().await;
-    db.seed_patients(10).await;
-    let dir = tempfile::tempdir().unwrap();
-    let j = db.patients_job(&dir).display().to_string();
+    let (_db, _dir, j) = patients(10).await;
     let out = rekey(&["pause", "--job", &j], &seed_env());
     assert_eq!(out.status.code(), Some(2));
     assert!(printed(&out).contains("no job named"), "{}", printed(&out));
@@ -146,10 +146,7 @@ async fn pause_resume_and_stop_name_a_missing_job() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_control_file_pauses_the_run_and_then_stops_it() {
-    let db = TestDb::new().await;
-    db.seed_patients(5_000).await;
-    let dir = tempfile::tempdir().unwrap();
-    let j = db.patients_job(&dir).display().to_string();
+    let (db, dir, j) = patients(5_000).await;
     let control = dir.path().join("control");
     std::fs::write(&control, "pause\n").unwrap();
     let c = control.display().to_string();
@@ -205,10 +202,7 @@ async fn a_gate_that_errors_holds_the_run_rather_than_running_blind() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_gate_that_is_not_one_boolean_or_would_write_is_refused_before_any_write() {
-    let db = TestDb::new().await;
-    db.seed_patients(100).await;
-    let dir = tempfile::tempdir().unwrap();
-    let j = db.patients_job(&dir).display().to_string();
+    let (db, _dir, j) = patients(100).await;
     let before = db.checksum("patient_persons").await;
     for gate in ["SELECT 1", "SELECT true, false", "DELETE FROM patient_persons RETURNING true", "SELEC nonsense"] {
         let out = rekey(&["run", "--job", &j, "--gate-sql", gate], &seed_env());
@@ -220,10 +214,7 @@ async fn a_gate_that_is_not_one_boolean_or_would_write_is_refused_before_any_wri
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_blocked_by_a_row_lock_is_retried_in_halves_and_the_run_finishes() {
-    let db = TestDb::new().await;
-    db.seed_patients(2_000).await;
-    let dir = tempfile::tempdir().unwrap();
-    let j = db.patients_job(&dir).display().to_string();
+    let (db, _dir, j) = patients(2_000).await;
     // an application transaction holds one row's lock for 1.5 s
     let mut app = connect(&db.url).await;
     let tx = app.transaction().await.unwrap();
@@ -257,10 +248,7 @@ async fn a_batch_blocked_by_a_row_lock_is_retried_in_halves_and_the_run_finishes
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_row_locked_for_longer_than_every_retry_stops_the_run_with_the_reason_and_the_run_resumes() {
-    let db = TestDb::new().await;
-    db.seed_patients(1_000).await;
-    let dir = tempfile::tempdir().unwrap();
-    let j = db.patients_job(&dir).display().to_string();
+    let (db, _dir, j) = patients(1_000).await;
     let mut app = connect(&db.url).await;
     let tx = app.transaction().await.unwrap();
     tx.execute("SELECT 1 FROM patient_persons WHERE id = 500 FOR UPDATE", &[]).await.unwrap();
@@ -276,10 +264,7 @@ async fn a_row_locked_for_longer_than_every_retry_stops_the_run_with_the_reason_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn batches_shrink_toward_the_target_batch_time() {
-    let db = TestDb::new().await;
-    db.seed_patients(20_000).await;
-    let dir = tempfile::tempdir().unwrap();
-    let j = db.patients_job(&dir).display().to_string();
+    let (db, _dir, j) = patients(20_000).await;
     let out = rekey(&["run", "--job", &j, "--json", "--batch-size", "2000", "--batch-time", "1ms", "--workers", "1"], &seed_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     let s = json(&out);
@@ -290,10 +275,7 @@ async fn batches_shrink_toward_the_target_batch_time() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn until_stops_at_the_given_instant_like_run_time() {
-    let db = TestDb::new().await;
-    db.seed_patients(40_000).await;
-    let dir = tempfile::tempdir().unwrap();
-    let j = db.patients_job(&dir).display().to_string();
+    let (_db, _dir, j) = patients(40_000).await;
     let at = humantime::format_rfc3339(std::time::SystemTime::now() + Duration::from_millis(700)).to_string();
     let out = rekey(&["run", "--job", &j, "--json", "--batch-size", "200", "--max-rows-per-sec", "10000", "--until", &at], &seed_env());
     assert_eq!(out.status.code(), Some(5), "{}", printed(&out));
@@ -304,10 +286,7 @@ async fn until_stops_at_the_given_instant_like_run_time() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_key_near_its_nonce_budget_is_refused_before_any_write() {
-    let db = TestDb::new().await;
-    db.seed_patients(100).await;
-    let dir = tempfile::tempdir().unwrap();
-    let j = db.patients_job(&dir).display().to_string();
+    let (db, _dir, j) = patients(100).await;
     let out = rekey(&["run", "--job", &j, "--json"], &seed_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     let fingerprint = v2_ring().target().fingerprint();
@@ -332,10 +311,7 @@ async fn a_key_near_its_nonce_budget_is_refused_before_any_write() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn three_processes_share_one_job_and_one_killed_midway_loses_nothing() {
-    let db = TestDb::new().await;
-    db.seed_patients(60_000).await;
-    let dir = tempfile::tempdir().unwrap();
-    let j = db.patients_job(&dir).display().to_string();
+    let (db, _dir, j) = patients(60_000).await;
     // 60k rows make three ranges (20k rows each at least): one lane per process
     let args = ["run", "--job", j.as_str(), "--json", "--batch-size", "200", "--workers", "1", "--max-rows-per-sec", "5000"];
     let mut children = vec![spawn_captured(&args), spawn_captured(&args), spawn_captured(&args)];
@@ -383,10 +359,7 @@ async fn three_processes_share_one_job_and_one_killed_midway_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_process_that_stops_renewing_its_lease_loses_its_range_and_cannot_commit_after() {
-    let db = TestDb::new().await;
-    db.seed_patients(20_000).await;
-    let dir = tempfile::tempdir().unwrap();
-    let j = db.patients_job(&dir).display().to_string();
+    let (db, _dir, j) = patients(20_000).await;
     let mut a = spawn_captured(&["run", "--job", &j, "--json", "--batch-size", "200", "--workers", "1", "--lease-ttl", "2s", "--check-every", "500ms", "--max-rows-per-sec", "5000"]);
     wait_for_progress(&db, &mut a, 1_000).await;
     let pid = a.id().to_string();
@@ -503,10 +476,7 @@ fn scrape(port: u16) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_metrics_endpoint_shows_the_hold_and_the_rows_rewritten() {
-    let db = TestDb::new().await;
-    db.seed_patients(4_000).await;
-    let dir = tempfile::tempdir().unwrap();
-    let j = db.patients_job(&dir).display().to_string();
+    let (_db, dir, j) = patients(4_000).await;
     let control = dir.path().join("control");
     std::fs::write(&control, "pause").unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -543,10 +513,7 @@ async fn the_metrics_endpoint_shows_the_hold_and_the_rows_rewritten() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn log_format_json_writes_one_object_per_line_with_the_hold_reason() {
-    let db = TestDb::new().await;
-    db.seed_patients(1_000).await;
-    let dir = tempfile::tempdir().unwrap();
-    let j = db.patients_job(&dir).display().to_string();
+    let (db, dir, j) = patients(1_000).await;
     let control = dir.path().join("control");
     std::fs::write(&control, "pause").unwrap();
     let c = control.display().to_string();
@@ -564,10 +531,7 @@ async fn log_format_json_writes_one_object_per_line_with_the_hold_reason() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_that_would_take_its_key_past_the_nonce_budget_is_rolled_back_and_the_run_stops() {
-    let db = TestDb::new().await;
-    db.seed_patients(20_000).await;
-    let dir = tempfile::tempdir().unwrap();
-    let j = db.patients_job(&dir).display().to_string();
+    let (db, _dir, j) = patients(20_000).await;
     let mut child = spawn_captured(&["run", "--job", &j, "--json", "--batch-size", "200", "--workers", "1", "--max-rows-per-sec", "5000"]);
     wait_for_progress(&db, &mut child, 1_000).await;
     // another job (or process) sealing under the same key spends the budget meanwhile
