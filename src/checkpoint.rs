@@ -97,13 +97,15 @@ const LOCK_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Takes the advisory lock named `name` for `client`'s session, retrying for
 /// [`LOCK_GRACE`]; false if another session still holds it then.
 pub async fn advisory_lock(client: &Client, name: &str) -> Result<bool, Error> {
+    lock_within_grace(client, name, false).await
+}
+
+/// [`advisory_lock`], shared (`pg_try_advisory_lock_shared`) or exclusive.
+async fn lock_within_grace(client: &Client, name: &str, shared: bool) -> Result<bool, Error> {
+    let sql = if shared { "SELECT pg_try_advisory_lock_shared(hashtextextended($1, 0))" } else { "SELECT pg_try_advisory_lock(hashtextextended($1, 0))" };
     let deadline = std::time::Instant::now() + LOCK_GRACE;
     loop {
-        let got: bool = client
-            .query_one("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", &[&name])
-            .await
-            .ctx(|| format!("taking the lock {name:?}"))?
-            .get(0);
+        let got: bool = client.query_one(sql, &[&name]).await.ctx(|| format!("taking the lock {name:?}"))?.get(0);
         if got || std::time::Instant::now() >= deadline {
             return Ok(got);
         }
@@ -115,30 +117,14 @@ pub async fn advisory_lock(client: &Client, name: &str) -> Result<bool, Error> {
 /// share a job (they lease its ranges), while `--restart` needs it to
 /// itself. The lock lasts as long as the session.
 pub async fn lock_job(client: &Client, name: &str, restart: bool) -> Result<(), Error> {
-    let lock = format!("rekey.job:{name}");
-    if restart {
-        if !advisory_lock(client, &lock).await? {
-            return Err(Error::Runtime(format!(
-                "job {name:?} is being run by other rekey processes on this database; stop them first (`rekey stop --job ...`), then restart"
-            )));
-        }
+    if lock_within_grace(client, &format!("rekey.job:{name}"), !restart).await? {
         return Ok(());
     }
-    let deadline = std::time::Instant::now() + LOCK_GRACE;
-    loop {
-        let got: bool = client
-            .query_one("SELECT pg_try_advisory_lock_shared(hashtextextended($1, 0))", &[&lock])
-            .await
-            .ctx(|| format!("joining job {name:?}"))?
-            .get(0);
-        if got {
-            return Ok(());
-        }
-        if std::time::Instant::now() >= deadline {
-            return Err(Error::Runtime(format!("job {name:?} is being restarted by another rekey process; wait for it, then run again")));
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    Err(Error::Runtime(if restart {
+        format!("job {name:?} is being run by other rekey processes on this database; stop them first (`rekey stop --job ...`), then restart")
+    } else {
+        format!("job {name:?} is being restarted by another rekey process; wait for it, then run again")
+    }))
 }
 
 /// Turns a `--restart`'s exclusive job lock into a shared one, so other

@@ -464,9 +464,9 @@ fn tls_config(check: Check) -> Result<ClientConfig, ConnectError> {
         .with_safe_default_protocol_versions()
         .map_err(|e| ConnectError::BadUrl(format!("TLS cannot be set up: {e}")))?;
     let mut config = match check {
-        Check::Nothing => builder.dangerous().with_custom_certificate_verifier(Arc::new(AnyCertificate { provider })).with_no_client_auth(),
+        Check::Nothing => builder.dangerous().with_custom_certificate_verifier(Arc::new(NoHostName { roots: None, provider })).with_no_client_auth(),
         Check::Chain(roots) => {
-            builder.dangerous().with_custom_certificate_verifier(Arc::new(ChainOnly { roots: Arc::new(roots), provider })).with_no_client_auth()
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(NoHostName { roots: Some(Arc::new(roots)), provider })).with_no_client_auth()
         }
         Check::ChainAndName(roots) => builder.with_root_certificates(roots).with_no_client_auth(),
     };
@@ -475,44 +475,20 @@ fn tls_config(check: Check) -> Result<ClientConfig, ConnectError> {
     Ok(config)
 }
 
-/// Accepts any certificate (`prefer`, `require` without a CA, as libpq):
-/// the link is encrypted but the server is not authenticated. The handshake
-/// signatures are still checked, so the peer holds the certificate's key.
+/// Checks the server's certificate without its host name: against `roots`
+/// (`verify-ca`: the chain, dates and key usage), or not at all (`prefer`,
+/// `require` without a CA, as libpq: the link is encrypted but the server
+/// is not authenticated). Either way the handshake signatures are checked,
+/// so the peer holds the certificate's key.
 #[derive(Debug)]
-struct AnyCertificate {
-    /// Signature algorithms for the handshake checks.
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(&self, _: &CertificateDer<'_>, _: &[CertificateDer<'_>], _: &ServerName<'_>, _: &[u8], _: UnixTime) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// `verify-ca`: the certificate must chain to one of `roots` (dates and key
-/// usage included); the host name is not checked.
-#[derive(Debug)]
-struct ChainOnly {
-    /// The trusted CAs.
-    roots: Arc<RootCertStore>,
+struct NoHostName {
+    /// The trusted CAs; `None` accepts any certificate.
+    roots: Option<Arc<RootCertStore>>,
     /// Signature algorithms for the chain and the handshake.
     provider: Arc<CryptoProvider>,
 }
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for NoHostName {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -521,8 +497,10 @@ impl ServerCertVerifier for ChainOnly {
         _: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(&cert, &self.roots, intermediates, now, self.provider.signature_verification_algorithms.all)?;
+        if let Some(roots) = &self.roots {
+            let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(&cert, roots, intermediates, now, self.provider.signature_verification_algorithms.all)?;
+        }
         Ok(ServerCertVerified::assertion())
     }
 

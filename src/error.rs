@@ -68,6 +68,22 @@ impl Error {
         }
     }
 
+    /// The message with every cause behind it, on one line, each cause
+    /// only once (a wrapper often repeats its source's text).
+    pub fn chain(&self) -> String {
+        let mut msg = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(s) = source {
+            let text = s.to_string();
+            if !msg.contains(&text) {
+                msg.push_str(": ");
+                msg.push_str(&text);
+            }
+            source = s.source();
+        }
+        msg
+    }
+
     /// The process exit code DESIGN.md assigns to this error.
     pub fn exit_code(&self) -> u8 {
         match self {

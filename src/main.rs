@@ -19,16 +19,7 @@ fn main() -> ExitCode {
     match runtime.block_on(rekey::commands::dispatch(cli.command)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            let mut msg = format!("rekey: {e}");
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                let text = s.to_string();
-                if !msg.contains(&text) {
-                    msg.push_str(&format!(": {text}"));
-                }
-                source = s.source();
-            }
-            eprintln!("{msg}");
+            eprintln!("rekey: {}", e.chain());
             ExitCode::from(e.exit_code())
         }
     }

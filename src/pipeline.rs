@@ -373,12 +373,12 @@ impl Shared {
             return Err(error);
         }
         let wait = backoff(*failed);
-        tracing::warn!(attempt = *failed, "{what} failed (try {failed} of {}), again in {:.1}s: {}", self.attempts, wait.as_secs_f64(), error_chain(&error));
+        tracing::warn!(attempt = *failed, "{what} failed (try {failed} of {}), again in {:.1}s: {}", self.attempts, wait.as_secs_f64(), error.chain());
         tokio::time::sleep(wait).await;
         match how {
             Retry::Reconnect => {
                 if let Err(e) = source.reconnect().await {
-                    tracing::warn!("reconnecting failed: {}", error_chain(&e));
+                    tracing::warn!("reconnecting failed: {}", e.chain());
                 }
             }
             Retry::Smaller => self.sizer.shrink(),
@@ -391,21 +391,6 @@ impl Shared {
 /// Waits before try `failed + 1`: 0.25 s, doubling, at most 8 s.
 fn backoff(failed: u32) -> Duration {
     Duration::from_millis(250u64 << failed.saturating_sub(1).min(5))
-}
-
-/// An error with its causes, on one line.
-fn error_chain(e: &Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !msg.contains(&text) {
-            msg.push_str(": ");
-            msg.push_str(&text);
-        }
-        source = s.source();
-    }
-    msg
 }
 
 /// Runs the pipeline over `ranges` until every unfinished one is done or a
@@ -533,7 +518,7 @@ async fn read_signals(monitor: &mut Monitor, home: &mut tokio_postgres::Client, 
     let control = match job_id {
         Some(id) => match checkpoint::job_control(home, id).await {
             Ok(c) => Some(c),
-            Err(e) => return Verdict::Hold("unreadable", format!("the job's control is unreadable, holding: {}", error_chain(&e))),
+            Err(e) => return Verdict::Hold("unreadable", format!("the job's control is unreadable, holding: {}", e.chain())),
         },
         None => None,
     };
@@ -568,20 +553,15 @@ async fn watch(shared: Arc<Shared>, db: Database, mut home: tokio_postgres::Clie
         tokio::time::sleep(every).await;
         if home.is_closed() {
             apply(&shared, Verdict::Hold("unreadable", "the monitor's connection was lost; reconnecting".into()));
-            match db.connect().await {
-                Ok(c) => home = c,
-                Err(_) => continue,
-            }
-            if let (Work::Leased { home_pid, .. }, Ok(row)) = (&shared.work, home.query_one("SELECT pg_backend_pid()", &[]).await) {
-                home_pid.store(row.get(0), Ordering::Relaxed);
-            }
+            let Some(c) = reopen_home(&shared, &db).await else { continue };
+            home = c;
             last_beat = Instant::now().checked_sub(Duration::from_secs(3600)).unwrap_or(last_beat);
         }
         if let Work::Leased { job_id, owner, ttl, .. } = &shared.work {
             if last_beat.elapsed() >= *ttl / 3 {
                 match checkpoint::heartbeat(&home, *job_id, owner, *ttl, &shared.working()).await {
                     Ok(_) => last_beat = Instant::now(),
-                    Err(e) => tracing::warn!("renewing leases failed (they lapse after --lease-ttl): {}", error_chain(&e)),
+                    Err(e) => tracing::warn!("renewing leases failed (they lapse after --lease-ttl): {}", e.chain()),
                 }
             }
         }
@@ -590,11 +570,8 @@ async fn watch(shared: Arc<Shared>, db: Database, mut home: tokio_postgres::Clie
         let verdict = match tokio::time::timeout(limit, read_signals(&mut monitor, &mut home, job_id)).await {
             Ok(v) => v,
             Err(_) => {
-                if let Ok(c) = db.connect().await {
+                if let Some(c) = reopen_home(&shared, &db).await {
                     home = c;
-                    if let (Work::Leased { home_pid, .. }, Ok(row)) = (&shared.work, home.query_one("SELECT pg_backend_pid()", &[]).await) {
-                        home_pid.store(row.get(0), Ordering::Relaxed);
-                    }
                 }
                 Verdict::Hold("unreadable", format!("reading the throttle signals took over {}s; holding", limit.as_secs()))
             }
@@ -604,6 +581,15 @@ async fn watch(shared: Arc<Shared>, db: Database, mut home: tokio_postgres::Clie
             metrics::QueueDepth { stage, depth: usize::try_from(n.load(Ordering::Relaxed)).unwrap_or(0) }.emit();
         }
     }
+}
+
+/// A new monitor connection; its backend pid becomes the one leases name.
+async fn reopen_home(shared: &Shared, db: &Database) -> Option<tokio_postgres::Client> {
+    let home = db.connect().await.ok()?;
+    if let (Work::Leased { home_pid, .. }, Ok(row)) = (&shared.work, home.query_one("SELECT pg_backend_pid()", &[]).await) {
+        home_pid.store(row.get(0), Ordering::Relaxed);
+    }
+    Some(home)
 }
 
 /// Source stage: reads each range it takes, page by page, in key order.
@@ -873,11 +859,11 @@ async fn commit(shared: &Shared, writer: &mut Writer, state: &RangeState, batch:
                 "a batch of {} rows of {} failed {failed} times, the last time with: {}; the batch was not written; run the same command again to resume",
                 b.rows.len(),
                 target.table,
-                error_chain(&error)
+                error.chain()
             )));
         }
         let wait = backoff(failed.max(1));
-        let message = format!("{}{}", error_chain(&error), if halves { "; retrying in halves" } else { "" });
+        let message = format!("{}{}", error.chain(), if halves { "; retrying in halves" } else { "" });
         metrics::BatchRetried { table: &target.table.to_string(), attempt: failed, error: &message, rows: b.rows.len(), wait_seconds: if halves { 0.0 } else { wait.as_secs_f64() } }.emit();
         match how {
             Retry::Smaller if halves => {
@@ -890,7 +876,7 @@ async fn commit(shared: &Shared, writer: &mut Writer, state: &RangeState, batch:
                 tokio::time::sleep(wait).await;
                 unchecked = true;
                 if let Err(e) = writer.reconnect(&shared.job).await {
-                    tracing::warn!("reconnecting failed: {}", error_chain(&e));
+                    tracing::warn!("reconnecting failed: {}", e.chain());
                 }
                 pending.push_front(b);
             }
