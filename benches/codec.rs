@@ -19,10 +19,10 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use rekey::codec::fernet::Fernet;
-use rekey::codec::versioned_gcm::VersionedGcm;
-use rekey::codec::Codec;
-use rekey::keyring::{Key, Keyring};
+use rekey::crypto::codec::fernet::Fernet;
+use rekey::crypto::codec::versioned_gcm::VersionedGcm;
+use rekey::crypto::codec::Codec;
+use rekey::crypto::keyring::{Key, Keyring};
 
 /// Plaintext length of every benchmarked value.
 const PLAINTEXT_LEN: usize = 128;
@@ -47,7 +47,7 @@ fn versioned_gcm_rotation(c: &mut Criterion) {
     let mut group = c.benchmark_group("rewrite");
     group.throughput(Throughput::Elements(1));
     group.bench_function("versioned-gcm", |b| {
-        b.iter(|| rekey::transform::reseal(&codec, &codec, black_box(value.as_slice()), b"", true).expect("old value reseals"))
+        b.iter(|| rekey::engine::transform::reseal(&codec, &codec, black_box(value.as_slice()), b"", true).expect("old value reseals"))
     });
     group.finish();
 
@@ -84,7 +84,7 @@ fn fernet_migration(c: &mut Criterion) {
         })
     });
     group.bench_function("fernet->versioned-gcm+verify", |b| {
-        b.iter(|| rekey::transform::reseal(&fernet, &gcm, black_box(token.as_slice()), b"", false).expect("token reseals"))
+        b.iter(|| rekey::engine::transform::reseal(&fernet, &gcm, black_box(token.as_slice()), b"", false).expect("token reseals"))
     });
     group.finish();
 

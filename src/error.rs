@@ -84,7 +84,7 @@ impl Error {
         msg
     }
 
-    /// The process exit code DESIGN.md assigns to this error.
+    /// The process exit code for this error (README, "Output and exit codes").
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Config(_) => 2,

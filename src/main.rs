@@ -6,9 +6,9 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     // Key material must not end up in a core file.
-    rekey::keyring::forbid_core_dumps();
-    let cli = rekey::cli::Cli::parse();
-    rekey::metrics::init_logging(cli.log_format);
+    rekey::crypto::keyring::forbid_core_dumps();
+    let cli = rekey::cli::args::Cli::parse();
+    rekey::observe::metrics::init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -16,7 +16,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(rekey::commands::dispatch(cli.command)) {
+    match runtime.block_on(rekey::cli::dispatch(cli.command)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("rekey: {}", e.chain());

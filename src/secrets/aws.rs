@@ -17,9 +17,9 @@ use aws_sdk_secretsmanager::Client;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use crate::job::KeysSpec;
-use crate::keyring::Key;
-use crate::lifecycle::{Entry, KeyState, KeyTable, StoredKey};
+use super::spec::KeysSpec;
+use crate::crypto::keyring::Key;
+use crate::crypto::keytable::{Entry, KeyState, KeyTable, StoredKey};
 use crate::Error;
 
 /// Format tag of the secret's JSON.
@@ -107,7 +107,7 @@ fn render(table: &KeyTable) -> Zeroizing<String> {
 /// A fresh idempotency token for a new version.
 fn token() -> String {
     let mut bytes = [0u8; 16];
-    crate::codec::nonce::fill(&mut bytes);
+    crate::crypto::nonce::fill(&mut bytes);
     let h = hex::encode(bytes);
     format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
 }
@@ -226,7 +226,7 @@ impl SecretsManagerStore {
             // createSecret: the keyring as it will be once promoted, labelled AWSPENDING
             (None, Some(_)) => {
                 let mut promoted = self.table.clone();
-                let _ = promoted.promote(crate::lifecycle::now());
+                let _ = promoted.promote(crate::crypto::keytable::now());
                 let version = token();
                 self.client
                     .put_secret_value()

@@ -1,4 +1,4 @@
-//! AWS KMS as a key store (the key-hierarchy seed): data keys are generated
+//! AWS KMS as a key store (a key hierarchy: a master key wraps data keys): data keys are generated
 //! by KMS under a master key, and only their wrapped form (KMS ciphertext
 //! blobs) is stored, in a keyring file written atomically like the
 //! passphrase-sealed one. Reading a key is a KMS Decrypt; nothing unwrapped
@@ -14,10 +14,10 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use crate::job::KeysSpec;
-use crate::keyring::file;
-use crate::keyring::{Key, KeyId, KEY_LEN};
-use crate::lifecycle::{KeyState, KeyTable, StoredKey};
+use super::spec::KeysSpec;
+use crate::secrets::file;
+use crate::crypto::keyring::{Key, KeyId, KEY_LEN};
+use crate::crypto::keytable::{KeyState, KeyTable, StoredKey};
 use crate::Error;
 
 /// Format tag of a KMS-wrapped keyring file.

@@ -101,7 +101,7 @@ async fn resuming_with_a_changed_job_file_is_refused() {
     db.client.batch_execute("CREATE SCHEMA rekey").await.unwrap();
     // an unfinished job of the same name, started from another spec
     let mut admin = connect(&db.url).await;
-    rekey::checkpoint::ensure_schema(&mut admin).await.unwrap();
+    rekey::state::ensure_schema(&mut admin).await.unwrap();
     admin
         .execute("INSERT INTO rekey.jobs (name, spec_hash, keys, state) VALUES ('job', 'other', '{}', 'running')", &[])
         .await

@@ -2,12 +2,12 @@
 
 use std::time::Duration;
 
-use rekey::checkpoint;
+use rekey::state;
 use rekey::db::Database;
 use rekey::job::{Job, JobSpec};
-use rekey::sink::{Batch, Commit, Writer};
-use rekey::source::{self, Source};
-use rekey::transform;
+use rekey::engine::sink::{Batch, Commit, Writer};
+use rekey::engine::source::Source;
+use rekey::engine::transform;
 
 use crate::harness::*;
 
@@ -32,7 +32,7 @@ async fn kill_9_at_random_moments_then_resume_loses_nothing_and_encrypts_nothing
     // REKEY_FAULT_SEED replays a failing sequence.
     let total = values_in(ROWS);
     let seed = std::env::var("REKEY_FAULT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        let m = rekey::keyring::generate_material();
+        let m = rekey::crypto::keyring::generate_material();
         u64::from_le_bytes([m[0], m[1], m[2], m[3], m[4], m[5], m[6], m[7]]) | 1
     });
     let mut rng = seed;
@@ -79,8 +79,8 @@ async fn an_application_update_between_read_and_write_is_not_overwritten() {
     let job = Job::resolve(&spec, &db.client).await.unwrap();
     let database = Database::parse(&db.url).unwrap();
     let mut admin = database.connect().await.unwrap();
-    checkpoint::ensure_schema(&mut admin).await.unwrap();
-    let record = checkpoint::open_job(&mut admin, &job, 1, false).await.unwrap();
+    state::ensure_schema(&mut admin).await.unwrap();
+    let record = state::open_job(&mut admin, &job, false, async |c: &tokio_postgres::Client| rekey::engine::plan::job_ranges(c, &job, 1).await).await.unwrap();
     let target = &job.targets[0];
 
     // read and transform one batch, as the pipeline does
@@ -88,12 +88,12 @@ async fn an_application_update_between_read_and_write_is_not_overwritten() {
     let rows = source.page(target, None, None, 100).await.unwrap();
     let mut cells = Vec::new();
     transform::rewrite(target, &rows, &mut cells);
-    let last_key = rows.last().map(|r| source::row_key(target, r));
-    let batch = Batch { range: 0, rows, cells, last_key, end: true, lease: None };
+    let last_key = rows.last().map(|r| target.row_key(r));
+    let batch = Batch { range_index: 0, rows, cells, last_key, end: true, lease: None };
 
     // the application writes row 5 in between, still with the old key
     let mut fresh = Vec::new();
-    rekey::codec::Codec::seal(&v1_codec(), b"app wrote this", b"", None, &mut fresh);
+    rekey::crypto::codec::Codec::seal(&v1_codec(), b"app wrote this", b"", None, &mut fresh);
     db.client.execute("UPDATE patient_persons SET phone_encrypted = $1 WHERE id = 5", &[&fresh]).await.unwrap();
 
     let mut writer = Writer::connect(&database, &job, record.id).await.unwrap();
@@ -112,9 +112,9 @@ async fn an_application_update_between_read_and_write_is_not_overwritten() {
     assert_eq!(pending, 1);
     let mut ranges = record.ranges.clone();
     ranges[0].done = true;
-    let progress = rekey::progress::Progress::new(0, "test", true);
-    let settings = rekey::pipeline::Settings { lanes: 1, batch_size: 100, ..Default::default() };
-    let outcome = rekey::pipeline::run(&database, std::sync::Arc::new(job), ranges, rekey::pipeline::Mode::Rewrite { job_id: record.id }, settings, Default::default(), progress)
+    let progress = rekey::observe::progress::Progress::new(0, "test", true);
+    let settings = rekey::engine::pipeline::Settings { lanes: 1, batch_size: 100, ..Default::default() };
+    let outcome = rekey::engine::pipeline::run(&database, std::sync::Arc::new(job), ranges, rekey::engine::pipeline::Mode::Rewrite { job_id: record.id }, settings, Default::default(), progress)
         .await
         .unwrap();
     assert_eq!((outcome.counts.values_rewritten, outcome.conflicts_left), (2, 0), "both values of the conflicted row");

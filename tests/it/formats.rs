@@ -3,8 +3,8 @@
 
 
 use base64::Engine as _;
-use rekey::codec::{Codec, Format};
-use rekey::keyring::{Key, Keyring};
+use rekey::crypto::codec::{Codec, Format};
+use rekey::crypto::keyring::{Key, Keyring};
 
 use crate::harness::*;
 
@@ -165,7 +165,7 @@ async fn fernet_to_versioned_gcm_migration_of_100k_rows() {
     let out = rekey(&["run", "--job", &job, "--json"], &env);
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert_eq!(json(&out)["values_rewritten"], 100_000);
-    let gcm = rekey::codec::versioned_gcm::VersionedGcm::new(&v2_ring()).unwrap();
+    let gcm = rekey::crypto::codec::versioned_gcm::VersionedGcm::new(&v2_ring()).unwrap();
     for r in db.client.query("SELECT id, body FROM notes", &[]).await.unwrap() {
         let (id, body): (i64, String) = (r.get(0), r.get(1));
         let raw = base64::engine::general_purpose::STANDARD.decode(body).unwrap();

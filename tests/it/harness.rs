@@ -6,10 +6,10 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use rekey::cluster::{ClusterOptions, TempCluster};
-use rekey::codec::versioned_gcm::VersionedGcm;
-use rekey::codec::Codec;
-use rekey::keyring::{Key, Keyring};
+use rekey::db::cluster::{ClusterOptions, TempCluster};
+use rekey::crypto::codec::versioned_gcm::VersionedGcm;
+use rekey::crypto::codec::Codec;
+use rekey::crypto::keyring::{Key, Keyring};
 use tokio_postgres::{Client, NoTls};
 
 /// Old key (V1) and new key (V2) of the seed procedure, as hex.

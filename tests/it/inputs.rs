@@ -4,8 +4,8 @@
 //! the fix, and no row touched).
 
 use base64::Engine as _;
-use rekey::codec::versioned_gcm::VersionedGcm;
-use rekey::codec::Codec;
+use rekey::crypto::codec::versioned_gcm::VersionedGcm;
+use rekey::crypto::codec::Codec;
 
 use crate::harness::*;
 

@@ -3,9 +3,9 @@
 
 
 use base64::Engine as _;
-use rekey::keyring::file::KeyringFile;
-use rekey::keyring::Key;
-use rekey::lifecycle::{Entry, KeyState, KeyTable};
+use rekey::secrets::file::KeyringFile;
+use rekey::crypto::keyring::Key;
+use rekey::crypto::keytable::{Entry, KeyState, KeyTable};
 
 use crate::harness::*;
 
@@ -81,7 +81,7 @@ async fn rotate_with_a_keyring_file_runs_the_whole_procedure_with_an_audit_trail
     assert!(keyring_table(&keyring).keyring().unwrap().get(1).is_none(), "the old key's material is gone");
 
     // every value under the new key; the audit trail names the operator and counts, never a key
-    let ring2 = rekey::keyring::Keyring::new(vec![Key::parse(2, &new_key).unwrap()], 2, None).unwrap();
+    let ring2 = rekey::crypto::keyring::Keyring::new(vec![Key::parse(2, &new_key).unwrap()], 2, None).unwrap();
     let after = db.decrypted_patients(&ring2).await;
     assert!(after.iter().all(|(id, (p, _))| *p == Decrypted::Plain(2, phone(*id))));
     let events = audit_events(&dir);

@@ -6,8 +6,8 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use rand_core::RngCore;
-use rekey::codec::versioned_gcm::VersionedGcm;
-use rekey::codec::Codec;
+use rekey::crypto::codec::versioned_gcm::VersionedGcm;
+use rekey::crypto::codec::Codec;
 
 use crate::harness::*;
 

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use rekey::cluster::{ClusterOptions, TempCluster};
+use rekey::db::cluster::{ClusterOptions, TempCluster};
 use tokio_postgres::Client;
 
 use crate::harness::connect;

@@ -92,9 +92,9 @@ async fn corrupted_values_are_quarantined_reported_and_left_byte_for_byte() {
         )
         .await
         .unwrap();
-    let wrong = rekey::keyring::Keyring::new(vec![rekey::keyring::Key::new(1, [9; 32])], 1, None).unwrap();
+    let wrong = rekey::crypto::keyring::Keyring::new(vec![rekey::crypto::keyring::Key::new(1, [9; 32])], 1, None).unwrap();
     let mut sealed = Vec::new();
-    rekey::codec::Codec::seal(&rekey::codec::versioned_gcm::VersionedGcm::new(&wrong).unwrap(), b"x", b"", None, &mut sealed);
+    rekey::crypto::codec::Codec::seal(&rekey::crypto::codec::versioned_gcm::VersionedGcm::new(&wrong).unwrap(), b"x", b"", None, &mut sealed);
     db.client.execute("UPDATE patient_persons SET phone_encrypted = $1 WHERE id = 16", &[&sealed]).await.unwrap();
     let corrupt = "(SELECT id, CASE WHEN id = 13 THEN emergency_contact_phone_encrypted ELSE phone_encrypted END FROM patient_persons WHERE id IN (10, 11, 13, 14, 16))";
     let corrupt_before = db.checksum(corrupt).await;
@@ -207,7 +207,7 @@ async fn composite_keys_and_quoted_identifiers_rotate() {
     let mut out = Vec::new();
     for org in ["a", "b\"quote", "c'; drop"] {
         for seq in 0..700 {
-            rekey::codec::Codec::seal(&codec, format!("{org}/{seq}").as_bytes(), b"", None, &mut out);
+            rekey::crypto::codec::Codec::seal(&codec, format!("{org}/{seq}").as_bytes(), b"", None, &mut out);
             db.client.execute("INSERT INTO \"Clinic Data\".\"Visit Notes\" VALUES ($1, $2, $3)", &[&org, &seq, &out]).await.unwrap();
         }
     }
@@ -224,10 +224,10 @@ async fn composite_keys_and_quoted_identifiers_rotate() {
     let out = rekey(&["run", "--job", &job.display().to_string(), "--json", "--batch-size", "97"], &seed_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert_eq!(json(&out)["values_rewritten"], 2_100);
-    let codec2 = rekey::codec::versioned_gcm::VersionedGcm::new(&v2_ring()).unwrap();
+    let codec2 = rekey::crypto::codec::versioned_gcm::VersionedGcm::new(&v2_ring()).unwrap();
     for r in db.client.query("SELECT org, \"Seq\", \"Secret Col\" FROM \"Clinic Data\".\"Visit Notes\"", &[]).await.unwrap() {
         let (org, seq, v): (String, i32, Vec<u8>) = (r.get(0), r.get(1), r.get(2));
-        let opened = rekey::codec::Codec::open(&codec2, &v, b"").unwrap();
+        let opened = rekey::crypto::codec::Codec::open(&codec2, &v, b"").unwrap();
         assert_eq!((opened.key, opened.plaintext.as_slice()), (2, format!("{org}/{seq}").as_bytes()));
     }
 }

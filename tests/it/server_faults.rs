@@ -10,7 +10,7 @@
 use std::process::{Child, Output};
 use std::time::{Duration, Instant};
 
-use rekey::cluster::{ClusterOptions, TempCluster};
+use rekey::db::cluster::{ClusterOptions, TempCluster};
 use serde_json::Value;
 
 use crate::harness::*;

@@ -2,7 +2,7 @@
 //! key types other than bigint, several targets in one job.
 
 use base64::Engine as _;
-use rekey::codec::Codec;
+use rekey::crypto::codec::Codec;
 
 use crate::harness::*;
 
@@ -16,8 +16,8 @@ fn write_named_job(dir: &tempfile::TempDir, db: &TestDb, name: &str, body: &str)
     path.display().to_string()
 }
 
-fn v2() -> rekey::codec::versioned_gcm::VersionedGcm {
-    rekey::codec::versioned_gcm::VersionedGcm::new(&v2_ring()).unwrap()
+fn v2() -> rekey::crypto::codec::versioned_gcm::VersionedGcm {
+    rekey::crypto::codec::versioned_gcm::VersionedGcm::new(&v2_ring()).unwrap()
 }
 
 fn seal_v1(pt: &str, aad: &[u8]) -> Vec<u8> {
@@ -144,7 +144,7 @@ async fn resuming_with_a_changed_key_set_is_refused() {
     let job = db.patients_job(&dir);
     let j = job.display().to_string();
     let mut admin = connect(&db.url).await;
-    rekey::checkpoint::ensure_schema(&mut admin).await.unwrap();
+    rekey::state::ensure_schema(&mut admin).await.unwrap();
     let spec = rekey::job::JobSpec::load(&job).unwrap();
     // an unfinished job of this spec, started with a different V1
     admin

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
-use rekey::cluster::{ClusterOptions, TempCluster};
+use rekey::db::cluster::{ClusterOptions, TempCluster};
 use rekey::db::{ConnectError, Database};
 use tokio::sync::OnceCell;
 

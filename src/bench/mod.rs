@@ -1,0 +1,415 @@
+//! `rekey bench`: sizes a maintenance window.
+//!
+//! On a throwaway cluster (or a scratch schema of a given server) it loads a
+//! patient-records-shaped table, times what PostgreSQL does on its own, with no crypto
+//! (`UPDATE t SET a = a, b = b` in one statement: the floor), reloads the same
+//! table, times `rekey run` re-encrypting both columns, and reports the ratio,
+//! batch latencies, peak memory and projected windows. Drives the engine
+//! directly; only the command line uses it.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::db::binary_copy::{encode_tuple, CopyBuffer};
+use crate::state;
+use crate::db::cluster::{ClusterOptions, TempCluster};
+use crate::crypto::codec::{versioned_gcm::VersionedGcm, Codec};
+use crate::db::{quote_ident, Database};
+use crate::error::DbContext;
+use crate::job::{Job, JobSpec};
+use crate::crypto::keyring::{generate_material, Key, Keyring};
+use crate::engine::pipeline::{self, Mode, Settings};
+use crate::engine::plan;
+use crate::observe::progress::Progress;
+use crate::observe::counts::LiveCounts;
+use crate::Error;
+
+/// What to benchmark.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Rows in the synthetic table.
+    pub rows: u64,
+    /// An existing server to use (in a scratch schema) instead of a throwaway cluster.
+    pub database_url: Option<String>,
+    /// Lanes for the rekey run.
+    pub lanes: usize,
+    /// Rows per batch.
+    pub batch_size: usize,
+    /// Rounds to measure; figures are medians.
+    pub repeat: usize,
+    /// Also time a run killed at this fraction of its rows and resumed.
+    pub interrupt_at: Option<f64>,
+    /// Table sizes to project a window for.
+    pub project: Vec<u64>,
+    /// Where to write `report.json` and `throughput.svg`, if anywhere.
+    pub report_dir: Option<PathBuf>,
+    /// No progress output.
+    pub quiet: bool,
+    /// The rekey runs' settings (throttles, timeouts, signals), as `rekey run` would use them.
+    pub settings: Settings,
+}
+
+/// One bench run's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Rows in the table.
+    pub rows: u64,
+    /// Lanes and batch size used.
+    pub lanes: usize,
+    /// Rows per batch.
+    pub batch_size: usize,
+    /// Rounds of (load, floor, reload, rekey) measured.
+    pub rounds: usize,
+    /// Seconds to load the table (last load).
+    pub load_s: f64,
+    /// Median seconds of the single-statement `UPDATE t SET a = a, b = b`.
+    pub floor_s: f64,
+    /// Rows per second of that statement (median round).
+    pub floor_rows_per_s: f64,
+    /// Every round's floor seconds.
+    pub floor_runs_s: Vec<f64>,
+    /// Median seconds of the rekey run.
+    pub rekey_s: f64,
+    /// Rows per second of the rekey run (median round).
+    pub rekey_rows_per_s: f64,
+    /// Every round's rekey seconds.
+    pub rekey_runs_s: Vec<f64>,
+    /// rekey rows/s over floor rows/s.
+    pub ratio: f64,
+    /// Values rewritten by the run.
+    pub values_rewritten: u64,
+    /// Batch latency percentiles, milliseconds.
+    pub batch_ms_p50: f64,
+    /// 99th percentile.
+    pub batch_ms_p99: f64,
+    /// Slowest batch.
+    pub batch_ms_max: f64,
+    /// With `--interrupt-at`: seconds of the killed run plus its resume (median).
+    pub resumed_total_s: Option<f64>,
+    /// That over the uninterrupted run's seconds.
+    pub resume_cost_ratio: Option<f64>,
+    /// Peak resident memory of this process during the rekey run, MiB.
+    pub peak_rss_mib: f64,
+    /// Projected window per table size: (rows, seconds).
+    pub projections: Vec<(u64, f64)>,
+    /// Rows/s sampled every 250 ms during the run: (seconds since start, rows/s).
+    pub throughput: Vec<(f64, f64)>,
+}
+
+/// Runs the benchmark.
+pub async fn run(opts: &BenchOptions) -> Result<BenchReport, Error> {
+    let (_cluster, url, schema) = match &opts.database_url {
+        Some(url) => (None, url.clone(), format!("rekey_bench_{}", std::process::id())),
+        None => {
+            let cluster = tokio::task::spawn_blocking(|| TempCluster::start(ClusterOptions { durable: true }))
+                .await
+                .map_err(|e| Error::Runtime(e.to_string()))?
+                .map_err(|e| Error::Runtime(e.to_string()))?;
+            let url = cluster.url("postgres");
+            (Some(cluster), url, "bench".to_string())
+        }
+    };
+    let db = Database::parse(&url).map_err(|e| Error::Config(e.to_string()))?;
+    let mut client = db.connect().await?;
+    let result = measure(opts, &db, &mut client, &schema).await;
+    // The scratch schema goes whatever happened; the throwaway cluster goes on drop.
+    let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", quote_ident(&schema))).await;
+    let _ = client.execute("DELETE FROM rekey.jobs WHERE name = $1", &[&bench_job_name(&schema)]).await;
+    result
+}
+
+fn bench_job_name(schema: &str) -> String {
+    format!("rekey-bench-{schema}")
+}
+
+fn say(opts: &BenchOptions, msg: &str) {
+    if !opts.quiet {
+        eprintln!("rekey bench: {msg}");
+    }
+}
+
+async fn measure(opts: &BenchOptions, db: &Database, client: &mut Client, schema: &str) -> Result<BenchReport, Error> {
+    let v1 = Key::new(1, *generate_material());
+    let v2 = Key::new(2, *generate_material());
+    let old = Keyring::new(vec![v1.clone()], 1, None).map_err(|e| Error::Runtime(e.to_string()))?;
+    let ring = Keyring::new(vec![v1, v2], 2, None).map_err(|e| Error::Runtime(e.to_string()))?;
+    let table = format!("{}.patients", quote_ident(schema));
+    client.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(schema))).await.ctx(|| "creating the bench schema".into())?;
+    let spec = JobSpec::parse(&format!(
+        "name = {name:?}\n[keys]\nsource = \"env\"\n[[target]]\ntable = \"patients\"\nschema = {schema:?}\ncolumns = [\"a\", \"b\"]\nformat = \"versioned-gcm\"\n",
+        name = bench_job_name(schema)
+    ))?;
+    state::ensure_schema(client).await?;
+
+    let mut floors = Vec::new();
+    let mut runs = Vec::new();
+    let mut load_s = 0.0;
+    let mut resumed = Vec::new();
+    for round in 1..=opts.repeat.max(1) {
+        let of = if opts.repeat > 1 { format!(" (round {round} of {})", opts.repeat) } else { String::new() };
+        say(opts, &format!("loading {} rows{of}", opts.rows));
+        load_s = load(client, &table, opts.rows, &old).await?;
+        say(opts, &format!("loaded in {load_s:.1}s; timing the floor: UPDATE t SET a = a, b = b"));
+        let t = Instant::now();
+        client.batch_execute(&format!("UPDATE {table} SET a = a, b = b")).await.ctx(|| "running the floor statement".into())?;
+        floors.push(t.elapsed().as_secs_f64());
+        say(opts, &format!("floor {:.0} rows/s; reloading the table for rekey", opts.rows as f64 / floors[floors.len() - 1]));
+        client.batch_execute(&format!("DROP TABLE {table}")).await.ctx(|| "dropping the bench table".into())?;
+        load(client, &table, opts.rows, &old).await?;
+
+        let job = Arc::new(Job::resolve_with(&spec, client, Some(&ring)).await?);
+        say(opts, "running rekey");
+        runs.push(rekey_once(opts, db, client, job.clone(), None).await?);
+        client.batch_execute(&format!("DROP TABLE {table}")).await.ctx(|| "dropping the bench table".into())?;
+        if let Some(fraction) = opts.interrupt_at {
+            load(client, &table, opts.rows, &old).await?;
+            say(opts, &format!("running rekey, killing it at {:.0}% and resuming", fraction * 100.0));
+            resumed.push(rekey_once(opts, db, client, job, Some(fraction)).await?.secs);
+            client.batch_execute(&format!("DROP TABLE {table}")).await.ctx(|| "dropping the bench table".into())?;
+        }
+    }
+
+    let floor_s = median(floors.clone());
+    let rekey_s = median(runs.iter().map(|r| r.secs).collect());
+    // figures of the run closest to the median, so latencies and the plot match the headline
+    let run = runs
+        .iter()
+        .min_by(|a, b| (a.secs - rekey_s).abs().total_cmp(&(b.secs - rekey_s).abs()))
+        .ok_or_else(|| Error::Runtime("no bench round ran".into()))?;
+    let h = &run.outcome.batch_micros;
+    let floor_rows_per_s = opts.rows as f64 / floor_s;
+    let rekey_rows_per_s = run.outcome.counts.rows_scanned as f64 / rekey_s;
+    let report = BenchReport {
+        rows: opts.rows,
+        lanes: opts.lanes,
+        batch_size: opts.batch_size,
+        rounds: floors.len(),
+        load_s,
+        floor_s,
+        floor_rows_per_s,
+        floor_runs_s: floors,
+        rekey_s,
+        rekey_rows_per_s,
+        rekey_runs_s: runs.iter().map(|r| r.secs).collect(),
+        ratio: rekey_rows_per_s / floor_rows_per_s,
+        values_rewritten: run.outcome.counts.values_rewritten,
+        batch_ms_p50: h.value_at_quantile(0.5) as f64 / 1000.0,
+        batch_ms_p99: h.value_at_quantile(0.99) as f64 / 1000.0,
+        batch_ms_max: h.max() as f64 / 1000.0,
+        resumed_total_s: (!resumed.is_empty()).then(|| median(resumed.clone())),
+        resume_cost_ratio: (!resumed.is_empty()).then(|| median(resumed.clone()) / rekey_s),
+        peak_rss_mib: runs.iter().map(|r| r.peak_rss_mib).fold(0.0, f64::max),
+        projections: opts.project.iter().map(|&n| (n, n as f64 / rekey_rows_per_s)).collect(),
+        throughput: run.throughput.clone(),
+    };
+    if let Some(dir) = &opts.report_dir {
+        write_report(dir, &report)?;
+    }
+    Ok(report)
+}
+
+/// One timed rekey run over the freshly loaded table.
+struct RekeyRun {
+    /// Wall seconds.
+    secs: f64,
+    /// What the pipeline did.
+    outcome: pipeline::Outcome,
+    /// Rows/s every 250 ms.
+    throughput: Vec<(f64, f64)>,
+    /// Peak RSS during the run, MiB.
+    peak_rss_mib: f64,
+}
+
+/// Times one run; with `kill_at`, the run is dropped mid-flight (as a killed
+/// process would be: uncommitted batches roll back) once that fraction of the
+/// rows is done, then resumed from its checkpoints, and the time is the sum.
+async fn rekey_once(opts: &BenchOptions, db: &Database, client: &mut Client, job: Arc<Job>, kill_at: Option<f64>) -> Result<RekeyRun, Error> {
+    let mut record = state::open_job(client, &job, true, async |c: &Client| plan::job_ranges(c, &job, opts.lanes).await).await?;
+    let live = Arc::new(LiveCounts::default());
+    reset_peak_rss();
+    let started = Instant::now();
+    let done = AtomicBool::new(false);
+    let sampler = async {
+        let mut samples = Vec::new();
+        let mut last = (0.0f64, 0u64);
+        while !done.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let now = (started.elapsed().as_secs_f64(), live.snapshot().rows_scanned);
+            samples.push((now.0, (now.1 - last.1) as f64 / (now.0 - last.0).max(1e-9)));
+            last = now;
+        }
+        samples
+    };
+    let settings = Settings { lanes: opts.lanes, batch_size: opts.batch_size, stop: Default::default(), ..opts.settings.clone() };
+    let run = async {
+        if let Some(fraction) = kill_at {
+            let threshold = (opts.rows as f64 * fraction) as u64;
+            let first = pipeline::run(db, job.clone(), record.ranges.clone(), Mode::Rewrite { job_id: record.id }, settings.clone(), live.clone(), Progress::new(opts.rows, "bench", true));
+            let reached = async {
+                while live.snapshot().rows_scanned < threshold {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            };
+            tokio::select! {
+                r = first => { r?; }
+                _ = reached => {}
+            }
+            record = state::open_job(client, &job, false, async |c: &Client| plan::job_ranges(c, &job, opts.lanes).await).await?;
+        }
+        let progress = Progress::new(opts.rows, "bench", opts.quiet);
+        let r = pipeline::run(db, job.clone(), record.ranges.clone(), Mode::Rewrite { job_id: record.id }, settings, live.clone(), progress).await;
+        // timed here, not after the sampler's next tick
+        let secs = started.elapsed().as_secs_f64();
+        done.store(true, Ordering::Relaxed);
+        r.map(|o| (o, secs))
+    };
+    let (outcome, throughput) = tokio::join!(run, sampler);
+    let (outcome, secs) = outcome?;
+    let peak_rss_mib = peak_rss_mib();
+    state::finish_job(client, record.id, &serde_json::json!({ "bench": true })).await?;
+    Ok(RekeyRun { secs, outcome, throughput, peak_rss_mib })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Creates and fills the patient-records-shaped table, then makes it as a long-lived
+/// table would be: primary key built, vacuumed, analyzed, checkpointed.
+async fn load(client: &Client, table: &str, rows: u64, old: &Keyring) -> Result<f64, Error> {
+    let what = || "loading the bench table".to_string();
+    let started = Instant::now();
+    client
+        .batch_execute(&format!("CREATE TABLE {table} (id bigint NOT NULL, name text NOT NULL, a bytea, b bytea, notes text)"))
+        .await
+        .ctx(what)?;
+    let codec = VersionedGcm::new(old).map_err(|e| Error::Runtime(e.to_string()))?;
+    const CHUNK: u64 = 20_000;
+    let mut first = 1u64;
+    while first <= rows {
+        let last = (first + CHUNK - 1).min(rows);
+        let encoded: Vec<Vec<u8>> = (first..=last)
+            .into_par_iter()
+            .map(|id| {
+                let mut tuple = Vec::with_capacity(260);
+                let mut a = Vec::new();
+                let mut b = Vec::new();
+                codec.seal(format!("+1555{id:07}").as_bytes(), b"", None, &mut a);
+                if id % 3 != 0 {
+                    codec.seal(format!("+1444{id:07}").as_bytes(), b"", None, &mut b);
+                }
+                let name = format!("patient {id}");
+                encode_tuple(
+                    &mut tuple,
+                    &[Some(&(id as i64).to_be_bytes()), Some(name.as_bytes()), Some(&a), (id % 3 != 0).then_some(&b[..]), Some(&[b'n'; 120])],
+                );
+                tuple
+            })
+            .collect();
+        let mut buf = CopyBuffer::with_capacity(encoded.iter().map(Vec::len).sum());
+        buf.raw(&encoded.concat());
+        let sink = client.copy_in::<_, bytes::Bytes>(&format!("COPY {table} FROM STDIN (FORMAT binary)")).await.ctx(what)?;
+        futures_util::pin_mut!(sink);
+        futures_util::SinkExt::send(&mut sink, buf.finish()).await.ctx(what)?;
+        sink.finish().await.ctx(what)?;
+        first = last + 1;
+    }
+    client.batch_execute(&format!("ALTER TABLE {table} ADD PRIMARY KEY (id)")).await.ctx(what)?;
+    client.batch_execute(&format!("VACUUM ANALYZE {table}")).await.ctx(what)?;
+    // Needs superuser or pg_checkpoint; without it the figures are a little noisier.
+    let _ = client.batch_execute("CHECKPOINT").await;
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Resets the kernel's peak-RSS mark for this process (Linux 4.0+).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Peak resident memory of this process, MiB (Linux; 0 elsewhere).
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// Parses `10M,100M,1B` (K, M, B suffixes) into row counts.
+pub fn parse_sizes(text: &str) -> Result<Vec<u64>, String> {
+    text.split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            let s = s.trim();
+            let (num, mult) = match s.char_indices().last() {
+                Some((i, 'k' | 'K')) => (&s[..i], 1_000.0),
+                Some((i, 'm' | 'M')) => (&s[..i], 1_000_000.0),
+                Some((i, 'b' | 'B' | 'g' | 'G')) => (&s[..i], 1_000_000_000.0),
+                _ => (s, 1.0),
+            };
+            num.parse::<f64>().map(|n| (n * mult) as u64).map_err(|_| format!("{s:?} is not a row count like 10M, 250K or 1B"))
+        })
+        .collect()
+}
+
+/// A duration for people: `42s`, `7m 12s`, `3h 05m`.
+pub fn human_duration(secs: f64) -> String {
+    let s = secs.round() as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m {:02}s", s / 60, s % 60),
+        _ => format!("{}h {:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+fn write_report(dir: &std::path::Path, r: &BenchReport) -> Result<(), Error> {
+    let io = |e: std::io::Error| Error::Runtime(format!("writing the bench report to {}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(r).unwrap_or_default()).map_err(io)?;
+    std::fs::write(dir.join("throughput.svg"), throughput_svg(r)).map_err(io)
+}
+
+/// Throughput over time as a small SVG line chart, with the floor as a dashed line.
+pub fn throughput_svg(r: &BenchReport) -> String {
+    let (w, h, pad) = (720.0, 320.0, 50.0);
+    let t_max = r.throughput.last().map_or(1.0, |p| p.0).max(1e-9);
+    let y_max = r.throughput.iter().map(|p| p.1).fold(r.floor_rows_per_s, f64::max).max(1.0) * 1.1;
+    let x = |t: f64| pad + (w - 2.0 * pad) * t / t_max;
+    let y = |v: f64| h - pad - (h - 2.0 * pad) * v / y_max;
+    let mut svg = format!(r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/>"#);
+    let _ = write!(svg, r#"<text x="{pad}" y="20">rekey bench: {} rows, {:.0} rows/s ({:.2}x the floor)</text>"#, r.rows, r.rekey_rows_per_s, r.ratio);
+    let _ = write!(svg, r#"<line x1="{pad}" y1="{b}" x2="{r}" y2="{b}" stroke="black"/><line x1="{pad}" y1="{pad}" x2="{pad}" y2="{b}" stroke="black"/>"#, b = h - pad, r = w - pad);
+    let fy = y(r.floor_rows_per_s);
+    let _ = write!(svg, r#"<line x1="{pad}" y1="{fy}" x2="{}" y2="{fy}" stroke="gray" stroke-dasharray="6,4"/><text x="{}" y="{}" fill="gray">floor {:.0}/s</text>"#, w - pad, w - pad - 110.0, fy - 5.0, r.floor_rows_per_s);
+    let points = r.throughput.iter().map(|&(t, v)| format!("{:.1},{:.1}", x(t), y(v))).collect::<Vec<_>>().join(" ");
+    let _ = write!(svg, r#"<polyline fill="none" stroke="steelblue" stroke-width="2" points="{points}"/>"#);
+    let _ = write!(svg, r#"<text x="{}" y="{}">seconds ({:.1})</text><text x="5" y="{pad}">rows/s</text><text x="5" y="{}">{:.0}</text></svg>"#, w / 2.0, h - 15.0, t_max, pad + 15.0, y_max);
+    svg
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_sizes_with_suffixes() {
+        assert_eq!(super::parse_sizes("10M, 250k,1B,42").unwrap(), vec![10_000_000, 250_000, 1_000_000_000, 42]);
+        assert!(super::parse_sizes("ten").is_err());
+    }
+
+    #[test]
+    fn human_durations_read_naturally() {
+        assert_eq!(super::human_duration(42.4), "42s");
+        assert_eq!(super::human_duration(432.0), "7m 12s");
+        assert_eq!(super::human_duration(11_100.0), "3h 05m");
+    }
+}

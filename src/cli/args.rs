@@ -1,0 +1,393 @@
+//! The command line: what the user typed, validated, no I/O.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::crypto::keyring::KeyEncoding;
+use crate::observe::metrics::LogFormat;
+
+/// Rotates the key under encrypted columns in PostgreSQL.
+#[derive(Debug, Parser)]
+#[command(name = "rekey", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+    /// How log lines on stderr are written: text, or one JSON object per line. Filter with RUST_LOG.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, value_name = "FORMAT")]
+    pub log_format: LogFormat,
+}
+
+/// The subcommands (README lists them with examples).
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Re-encrypt every value not on the target key; resumes an unfinished job.
+    Run(RunArgs),
+    /// Prove that no value is left on an old key.
+    Verify(VerifyArgs),
+    /// Show a job's progress, from the database alone.
+    Status(StatusArgs),
+    /// Pause a running job: every process sharing it stops reading after its current batch, holding no transaction.
+    Pause(StatusArgs),
+    /// Resume a paused job.
+    Resume(StatusArgs),
+    /// Stop a running job cleanly (every process sharing it; checkpointed; `rekey run` resumes it).
+    Stop(StatusArgs),
+    /// Count values per key version, per table and column.
+    Plan(StatusArgs),
+    /// Print a new random key.
+    Keygen(KeygenArgs),
+    /// Measure rows/s against PostgreSQL's own floor and project a maintenance window.
+    Bench(BenchArgs),
+    /// Show and move keys through their lifecycle in the job's key store.
+    Secrets(SecretsArgs),
+    /// The whole rotation: stage -> run -> verify -> promote (-> retire after the grace period); resumable.
+    Rotate(RotateArgs),
+}
+
+/// Options every job command shares.
+#[derive(Debug, Args)]
+pub struct JobArgs {
+    /// The job file (TOML).
+    #[arg(long, value_name = "JOB.toml")]
+    pub job: PathBuf,
+    /// PostgreSQL URL or key=value string; else DATABASE_URL; else [database] url in the job.
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
+    /// Print one JSON object on stdout instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `rekey run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub common: JobArgs,
+    /// Read, decrypt and re-encrypt everything, but write nothing and change no engine state.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Lanes working at once (each one reader and one writer connection). Default: CPU cores, at least 2.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub workers: Option<u16>,
+    /// Rows per batch (one transaction each).
+    #[arg(long, value_name = "N", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub batch_size: u32,
+    /// Abandon an unfinished job of this name and start a new one.
+    #[arg(long)]
+    pub restart: bool,
+    /// Run even when no sampled value opens with the keys given (every such value is quarantined).
+    #[arg(long)]
+    pub force: bool,
+    /// Read at most this many rows per second (all lanes together), to spare a live primary.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_rows_per_sec: Option<u32>,
+    /// Stop cleanly after this long (e.g. 2h, 45m), checkpointed, with the time still needed (exit 5).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub run_time: Option<std::time::Duration>,
+    /// Stop cleanly at this time of day (local, HH:MM or HH:MM:SS; the next one to come) or instant (RFC 3339), as --run-time.
+    #[arg(long, value_name = "TIME", value_parser = parse_until, conflicts_with = "run_time")]
+    pub until: Option<std::time::SystemTime>,
+    /// No progress line.
+    #[arg(long, short)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub online: OnlineArgs,
+}
+
+/// How a run behaves on a live primary: throttles, live control, timeouts, sharing a job.
+#[derive(Debug, Args, Clone)]
+pub struct OnlineArgs {
+    /// Serve Prometheus metrics on this address (GET /metrics), e.g. 127.0.0.1:9187.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Hold while any replica's replay is further behind than this (read from pg_stat_replication; needs pg_monitor).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub max_replica_lag: Option<std::time::Duration>,
+    /// Hold while this read-only query does not return true (one row, one boolean), e.g. "SELECT count(*) < 50 FROM pg_stat_activity".
+    #[arg(long, value_name = "SQL")]
+    pub gate_sql: Option<String>,
+    /// A file whose content controls the run: run, pause or stop (absent: run).
+    #[arg(long, value_name = "PATH")]
+    pub control_file: Option<PathBuf>,
+    /// How often the throttle signals and the control are read.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub check_every: std::time::Duration,
+    /// Adapt the batch size (up to --batch-size) so one batch takes about this long to commit.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub batch_time: Option<std::time::Duration>,
+    /// Most bytes of encrypted values in one batch (e.g. 64MiB).
+    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
+    pub max_batch_bytes: u64,
+    /// How long one statement of a batch may wait for a row lock; a batch that waits longer is retried in halves.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub lock_timeout: std::time::Duration,
+    /// How long one statement may run; a batch that runs longer is retried in halves.
+    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub statement_timeout: std::time::Duration,
+    /// Tries of one batch (timeouts, lost connections) before the run stops with its error.
+    #[arg(long, value_name = "N", default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub attempts: u32,
+    /// How long a range stays leased to a process that stopped renewing it (several processes may share a job).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub lease_ttl: std::time::Duration,
+}
+
+/// Parses `64MiB`, `512KiB`, `1GiB`, `1000000` (bytes).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (digits, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = digits.parse().map_err(|_| format!("{text:?} is not a size; write e.g. 64MiB, 512KiB or a number of bytes"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?}; use B, KiB, MiB or GiB")),
+    };
+    n.checked_mul(mult).filter(|n| *n > 0).ok_or_else(|| format!("{text:?} is out of range"))
+}
+
+/// Parses `--until`: `HH:MM[:SS]` local time (the next one to come) or an RFC 3339 instant.
+pub fn parse_until(text: &str) -> Result<std::time::SystemTime, String> {
+    use chrono::{Local, NaiveTime, TimeZone};
+    let t = text.trim();
+    if let Ok(at) = chrono::DateTime::parse_from_rfc3339(t) {
+        return Ok(at.with_timezone(&chrono::Utc).into());
+    }
+    let time = NaiveTime::parse_from_str(t, "%H:%M:%S")
+        .or_else(|_| NaiveTime::parse_from_str(t, "%H:%M"))
+        .map_err(|_| format!("{text:?} is not a time; write HH:MM (local time, e.g. 06:00) or an RFC 3339 instant (2026-11-26T06:00:00Z)"))?;
+    let now = Local::now();
+    let today = now.date_naive().and_time(time);
+    let day = if today > now.naive_local() { today } else { today + chrono::Duration::days(1) };
+    let at = Local.from_local_datetime(&day).earliest().ok_or_else(|| format!("{text:?} does not exist today in the local time zone (a clock change)"))?;
+    Ok(at.with_timezone(&chrono::Utc).into())
+}
+
+/// `rekey verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub common: JobArgs,
+    /// Decrypt this many sampled values per target (key versions are counted for every value).
+    #[arg(long, value_name = "N", default_value_t = 1000, conflicts_with = "full")]
+    pub sample: u32,
+    /// Decrypt every value.
+    #[arg(long)]
+    pub full: bool,
+    /// No progress line.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// `rekey status` and `rekey plan`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub common: JobArgs,
+}
+
+/// `rekey bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Rows in the synthetic table (shaped like a patient-records table).
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub rows: u64,
+    /// Use this server (in a scratch schema it creates and drops) instead of a throwaway cluster.
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
+    /// Lanes working at once. Default: CPU cores, at least 2.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub workers: Option<u16>,
+    /// Rows per batch.
+    #[arg(long, value_name = "N", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub batch_size: u32,
+    /// Measure this many rounds and report medians (the floor varies from run to run).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=20))]
+    pub repeat: u16,
+    /// Also time a run killed at this fraction of its rows (e.g. 0.5) and resumed.
+    #[arg(long, value_name = "FRACTION")]
+    pub interrupt_at: Option<f64>,
+    /// Table sizes to project a window for, e.g. 10M,100M,1B.
+    #[arg(long, value_name = "SIZES", default_value = "10M,100M,1B")]
+    pub project: String,
+    /// Project the window for the tables of this job instead (counts from `rekey plan`).
+    #[arg(long, value_name = "JOB.toml")]
+    pub job: Option<PathBuf>,
+    /// Write report.json and throughput.svg into this directory.
+    #[arg(long, value_name = "DIR")]
+    pub report_dir: Option<PathBuf>,
+    /// Print one JSON object on stdout instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress output.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Rows per second the rekey runs may read (as `rekey run --max-rows-per-sec`).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_rows_per_sec: Option<u32>,
+    /// The online settings to measure with, as `rekey run` takes them.
+    #[command(flatten)]
+    pub online: OnlineArgs,
+}
+
+/// Why a key is rotated (recorded in the audit trail).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Reason {
+    /// The regular schedule.
+    Scheduled,
+    /// Unplanned, e.g. an employee leaving.
+    Emergency,
+    /// The key is known or suspected to be exposed.
+    Compromise,
+}
+
+impl Reason {
+    /// The name recorded in the audit trail.
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::Scheduled => "scheduled",
+            Reason::Emergency => "emergency",
+            Reason::Compromise => "compromise",
+        }
+    }
+}
+
+/// Options of every lifecycle command.
+#[derive(Debug, Args)]
+pub struct LifecycleArgs {
+    #[command(flatten)]
+    pub common: JobArgs,
+    /// Why (audit trail).
+    #[arg(long, value_enum, default_value_t = Reason::Scheduled)]
+    pub reason: Reason,
+    /// Who (audit trail); default: the OS user.
+    #[arg(long)]
+    pub operator: Option<String>,
+    /// The JSON lines audit log; default: <job name>.audit.jsonl beside the job file.
+    #[arg(long, value_name = "FILE")]
+    pub audit_log: Option<PathBuf>,
+    /// For keys in the environment: print new key values (only on a terminal).
+    #[arg(long)]
+    pub reveal: bool,
+}
+
+/// `rekey secrets`.
+#[derive(Debug, Args)]
+pub struct SecretsArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: SecretsCommand,
+}
+
+/// `rekey secrets ...`.
+#[derive(Debug, Subcommand)]
+pub enum SecretsCommand {
+    /// Key ids, states, fingerprints and ages; never material.
+    Show(LifecycleArgs),
+    /// Create the job's keyring file with one new current key (or the keys in the environment).
+    Init(InitArgs),
+    /// Stage a new key as pending (idempotent).
+    Stage(LifecycleArgs),
+    /// Make the pending key current; the current key becomes previous (idempotent).
+    Promote(LifecycleArgs),
+    /// Make the previous key current again (or drop a pending key).
+    Rollback(LifecycleArgs),
+    /// Remove a previous key; refused while any value still needs it.
+    Retire(RetireArgs),
+}
+
+/// `rekey secrets init`.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    #[command(flatten)]
+    pub life: LifecycleArgs,
+    /// Import the keys of the environment (ENCRYPTION_KEY_V<n>, ...) instead of generating one.
+    #[arg(long, value_name = "PREFIX")]
+    pub import_env: Option<String>,
+}
+
+/// `rekey secrets retire`.
+#[derive(Debug, Args)]
+pub struct RetireArgs {
+    #[command(flatten)]
+    pub life: LifecycleArgs,
+    /// The key to retire; default: the previous key.
+    #[arg(long, value_name = "ID")]
+    pub key_id: Option<u32>,
+}
+
+/// `rekey rotate`.
+#[derive(Debug, Args)]
+pub struct RotateArgs {
+    #[command(flatten)]
+    pub life: LifecycleArgs,
+    /// How long the old key stays after promotion before a later invocation retires it.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub grace: std::time::Duration,
+    /// Lanes for the re-encryption.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub workers: Option<u16>,
+    /// Rows per batch.
+    #[arg(long, value_name = "N", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub batch_size: u32,
+    /// No progress line.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Serve Prometheus metrics on this address (GET /metrics) during the re-encryption.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+/// `rekey keygen`.
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// How to print the key.
+    #[arg(long, value_enum, default_value_t = KeyEncoding::Hex)]
+    pub format: KeyEncoding,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn sizes_take_binary_units() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("512kib"), Ok(512 << 10));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("5 parsecs").is_err());
+        assert!(parse_size("0").is_err());
+    }
+
+    #[test]
+    fn until_takes_a_time_of_day_in_the_future_or_an_instant() {
+        let now = std::time::SystemTime::now();
+        let at = parse_until("06:00").unwrap();
+        assert!(at > now && at <= now + std::time::Duration::from_secs(24 * 3600 + 3600));
+        assert!(parse_until("2026-11-26T06:00:00Z").is_ok());
+        assert!(parse_until("6 o'clock").is_err());
+    }
+
+    #[test]
+    fn log_format_is_global() {
+        let cli = Cli::try_parse_from(["rekey", "status", "--job", "j.toml", "--log-format", "json"]).expect("parses");
+        assert_eq!(cli.log_format, LogFormat::Json);
+        let cli = Cli::try_parse_from(["rekey", "keygen"]).expect("parses");
+        assert_eq!(cli.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn sample_and_full_conflict() {
+        assert!(Cli::try_parse_from(["rekey", "verify", "--job", "j.toml", "--sample", "5", "--full"]).is_err());
+    }
+}

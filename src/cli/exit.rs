@@ -1,0 +1,12 @@
+//! The exit codes rekey promises (README, "Exit codes"). 0 means every value
+//! in scope is on the target key; anything else says why not.
+
+/// Exit code: done, but some values were quarantined.
+pub const EXIT_QUARANTINED: u8 = 3;
+/// Exit code: verify found values not on the target key (or undecryptable).
+pub const EXIT_NOT_VERIFIED: u8 = 4;
+
+/// Exit code: stopped on request (SIGINT/SIGTERM) before finishing; resumable.
+pub const EXIT_STOPPED: u8 = 130;
+/// Exit code: stopped at the end of its `--run-time` window; resumable.
+pub const EXIT_WINDOW_ENDED: u8 = 5;

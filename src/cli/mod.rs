@@ -1,0 +1,76 @@
+//! The command line: [`args`] parses and validates what the user typed (no
+//! I/O); one module per command resolves the job, drives the layers below,
+//! prints the result (text, or one JSON object with `--json`) and picks the
+//! exit code ([`exit`]). Nothing below imports from here.
+
+pub mod args;
+pub mod bench;
+pub mod exit;
+pub mod keygen;
+pub mod plan;
+pub mod rotate;
+pub mod run;
+pub mod secrets;
+pub mod status;
+pub mod verify;
+
+use tokio_postgres::Client;
+
+use crate::db::Database;
+use crate::job::JobSpec;
+use crate::state::Control;
+use crate::Error;
+
+use args::{Command, JobArgs};
+
+/// Runs one subcommand and returns its exit code.
+pub async fn dispatch(command: Command) -> Result<u8, Error> {
+    match command {
+        Command::Run(a) => run::run(&a).await,
+        Command::Verify(a) => verify::verify(&a).await,
+        Command::Status(a) => status::status(&a).await,
+        Command::Pause(a) => status::control(&a, Control::Pause).await,
+        Command::Resume(a) => status::control(&a, Control::Run).await,
+        Command::Stop(a) => status::control(&a, Control::Stop).await,
+        Command::Plan(a) => plan::plan(&a).await,
+        Command::Keygen(a) => keygen::keygen(&a),
+        Command::Bench(a) => bench::bench(&a).await,
+        Command::Secrets(a) => secrets::secrets(a.command).await,
+        Command::Rotate(a) => rotate::rotate(&a).await,
+    }
+}
+
+/// The job file, the database it names, and a first connection.
+pub(crate) struct Opened {
+    /// The job file.
+    pub spec: JobSpec,
+    /// Where the database is.
+    pub db: Database,
+    /// A first connection.
+    pub client: Client,
+}
+
+/// Reads the job file and connects to the database: `--database-url`, else
+/// `DATABASE_URL`, else the job file's `[database] url`.
+pub(crate) async fn open(args: &JobArgs) -> Result<Opened, Error> {
+    let spec = JobSpec::load(&args.job)?;
+    let url = args
+        .database_url
+        .clone()
+        .or_else(|| std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()))
+        .or_else(|| spec.database.url.clone())
+        .ok_or_else(|| Error::Config("no database given: pass --database-url, set DATABASE_URL, or add [database] url to the job file".into()))?;
+    let db = Database::parse(&url).map_err(|e| Error::Config(e.to_string()))?;
+    let client = db.connect().await?;
+    Ok(Opened { spec, db, client })
+}
+
+/// Lanes when `--workers` is not given: the CPU count, at least 2.
+pub fn default_lanes() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2)
+}
+
+/// Prints one JSON object on stdout (`--json`).
+pub(crate) fn print_json(value: &serde_json::Value) {
+    println!("{value}");
+}

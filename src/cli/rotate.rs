@@ -1,0 +1,61 @@
+//! `rekey rotate`, and what the lifecycle commands (`rotate`, `secrets`)
+//! share: the audit settings, the rotation options, the report.
+
+use std::time::Duration;
+
+use crate::cli::args::{LifecycleArgs, RotateArgs};
+use crate::cli::exit::{EXIT_NOT_VERIFIED, EXIT_STOPPED};
+use crate::cli::{default_lanes, open, print_json, Opened};
+use crate::engine::pipeline::Settings;
+use crate::job::JobSpec;
+use crate::lifecycle::audit::{os_user, Audit};
+use crate::lifecycle::rotation::{self, Ended, Progressed, RotateOptions};
+use crate::observe::metrics;
+use crate::Error;
+
+/// The audit settings of a lifecycle command.
+pub(crate) fn audit_for(args: &LifecycleArgs, spec: &JobSpec) -> Audit {
+    let name = spec.name.clone().unwrap_or_else(|| "rekey".into());
+    let path = args.audit_log.clone().unwrap_or_else(|| args.common.job.with_file_name(format!("{name}.audit.jsonl")));
+    Audit { path, operator: args.operator.clone().unwrap_or_else(os_user), reason: args.reason.name().into() }
+}
+
+/// How a lifecycle command runs a rotation's steps.
+pub(crate) fn rotate_options(life: &LifecycleArgs, spec: &JobSpec, lanes: usize, batch_size: usize, grace: Duration, quiet: bool) -> RotateOptions {
+    RotateOptions {
+        audit: audit_for(life, spec),
+        grace,
+        reveal: life.reveal,
+        settings: Settings { lanes, batch_size, ..Settings::default() },
+        quiet: quiet || life.common.json,
+    }
+}
+
+/// Prints what a lifecycle command did and returns its exit code.
+pub(crate) fn report(life: &LifecycleArgs, spec: &JobSpec, p: &Progressed) -> u8 {
+    if life.common.json {
+        print_json(&p.json(spec.name.as_deref().unwrap_or_default()));
+    } else {
+        for l in &p.lines {
+            println!("{l}");
+        }
+    }
+    match p.ended {
+        Ended::Done | Ended::Waiting => 0,
+        Ended::Stopped => EXIT_STOPPED,
+        Ended::NotVerified => EXIT_NOT_VERIFIED,
+    }
+}
+
+/// `rekey rotate`.
+pub async fn rotate(args: &RotateArgs) -> Result<u8, Error> {
+    if let Some(addr) = args.metrics_addr {
+        metrics::serve(addr)?;
+    }
+    let Opened { spec, db, mut client } = open(&args.life.common).await?;
+    let lanes = args.workers.map_or_else(default_lanes, usize::from);
+    let opts = rotate_options(&args.life, &spec, lanes, args.batch_size as usize, args.grace, args.quiet);
+    let _signals = crate::control::signals::stop_on_signals(&opts.settings.stop, None);
+    let p = rotation::rotate(&spec, &db, &mut client, &opts).await?;
+    Ok(report(&args.life, &spec, &p))
+}

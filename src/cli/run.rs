@@ -1,0 +1,221 @@
+//! `rekey run`: rotate (or, with `--dry-run`, try) every stale value of a
+//! job, then report what was done as text or one JSON object.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::json;
+
+use crate::cli::args::{OnlineArgs, RunArgs};
+use crate::cli::exit::{EXIT_QUARANTINED, EXIT_STOPPED, EXIT_WINDOW_ENDED};
+use crate::cli::{default_lanes, open, print_json, Opened};
+use crate::control::monitor::Signals;
+use crate::control::signals::stop_on_signals;
+use crate::control::stop::{Stop, StopBy};
+use crate::db::session::Timeouts;
+use crate::engine::pipeline::{self, Mode, Outcome, Settings};
+use crate::engine::rewrite::{rewrite, stale_rows, RunControl};
+use crate::engine::{plan, verify};
+use crate::job::Job;
+use crate::observe::counts::{Counts, LiveCounts};
+use crate::observe::metrics;
+use crate::observe::progress::Progress;
+use crate::state;
+use crate::Error;
+
+/// Refuses online settings that cannot work together.
+pub(crate) fn check_online(o: &OnlineArgs) -> Result<(), Error> {
+    if o.check_every * 3 > o.lease_ttl {
+        return Err(Error::Config(format!(
+            "--check-every {} must be at most a third of --lease-ttl {}: leases are renewed on that beat",
+            humantime::format_duration(o.check_every),
+            humantime::format_duration(o.lease_ttl)
+        )));
+    }
+    Ok(())
+}
+
+/// The run's settings from the command line.
+pub(crate) fn settings_from(lanes: usize, batch_size: u32, max_rows_per_sec: Option<u32>, o: &OnlineArgs, stop: Stop) -> Settings {
+    Settings {
+        lanes,
+        batch_size: batch_size as usize,
+        batch_time: o.batch_time,
+        max_batch_bytes: usize::try_from(o.max_batch_bytes).unwrap_or(usize::MAX),
+        stop,
+        max_rows_per_sec,
+        timeouts: Timeouts {
+            lock: Some(o.lock_timeout),
+            statement: Some(o.statement_timeout),
+            idle_in_transaction: Some((o.lease_ttl / 2).max(Duration::from_secs(1))),
+        },
+        attempts: o.attempts,
+        signals: Signals { max_replica_lag: o.max_replica_lag, gate_sql: o.gate_sql.clone(), control_file: o.control_file.clone(), check_every: o.check_every },
+        lease_ttl: o.lease_ttl,
+    }
+}
+
+/// When the run's window ends (`--run-time`, `--until`), if it has one.
+fn deadline(args: &RunArgs) -> Result<Option<Instant>, Error> {
+    if args.until.is_some_and(|at| at <= SystemTime::now()) {
+        return Err(Error::Config("--until names an instant already past; give a time still to come".into()));
+    }
+    Ok(args
+        .run_time
+        .map(|d| Instant::now() + d)
+        .or_else(|| args.until.map(|at| Instant::now() + at.duration_since(SystemTime::now()).unwrap_or_default())))
+}
+
+/// What a run did, for the report.
+struct Ran {
+    /// This process's pipeline outcome.
+    outcome: Outcome,
+    /// The job's totals, every process and run included (a dry run: this one).
+    totals: Counts,
+    /// The job, unless a dry run.
+    job_id: Option<i64>,
+    /// Whether an unfinished job was resumed.
+    resumed: bool,
+    /// Seconds the run took.
+    elapsed: f64,
+}
+
+/// `rekey run`.
+pub async fn run(args: &RunArgs) -> Result<u8, Error> {
+    if let Some(addr) = args.online.metrics_addr {
+        metrics::serve(addr)?;
+    }
+    let Opened { spec, db, mut client } = open(&args.common).await?;
+    let job = Arc::new(Job::resolve(&spec, &client).await?);
+    let lanes = args.workers.map_or_else(default_lanes, usize::from);
+    check_online(&args.online)?;
+    let stop = Stop::default();
+    let _signals = stop_on_signals(&stop, deadline(args)?);
+    let settings = settings_from(lanes, args.batch_size, args.max_rows_per_sec, &args.online, stop);
+    let quiet = args.quiet || args.common.json;
+    let started = Instant::now();
+    let live = Arc::new(LiveCounts::default());
+
+    if !args.dry_run && !args.force {
+        verify::preflight(&client, &job).await?;
+    }
+    let ran = if args.dry_run {
+        let ranges = plan::job_ranges(&client, &job, lanes).await?;
+        let progress = Progress::new(stale_rows(&client, &job).await?, "dry run", quiet);
+        let outcome = pipeline::run(&db, job.clone(), ranges, Mode::DryRun, settings, live, progress).await?;
+        Ran { totals: outcome.counts, outcome, job_id: None, resumed: false, elapsed: started.elapsed().as_secs_f64() }
+    } else {
+        let (outcome, record) = rewrite(&db, &mut client, &job, settings, RunControl { restart: args.restart, quiet }, live).await?;
+        Ran { outcome, totals: record.prior, job_id: Some(record.id), resumed: record.resumed, elapsed: started.elapsed().as_secs_f64() }
+    };
+    let remaining_rows = if ran.outcome.stopped { Some(stale_rows(&client, &job).await?) } else { None };
+    let summary = summary(args, &job, &ran, remaining_rows);
+    if let (Some(id), false) = (ran.job_id, ran.outcome.stopped) {
+        state::finish_job(&client, id, &summary).await?;
+    }
+    if args.common.json {
+        print_json(&summary);
+    } else {
+        print_text(args, &job, &ran);
+    }
+    Ok(ended(args, &job, &ran))
+}
+
+/// Rows per second over the whole run.
+fn rate(ran: &Ran) -> f64 {
+    ran.outcome.counts.rows_scanned as f64 / ran.elapsed.max(1e-9)
+}
+
+/// The `--json` object (also kept as the job's summary in `rekey.jobs`).
+fn summary(args: &RunArgs, job: &Job, ran: &Ran, remaining_rows: Option<u64>) -> serde_json::Value {
+    let (outcome, c) = (&ran.outcome, ran.outcome.counts);
+    let projected_s = remaining_rows.map(|left| (left as f64 / rate(ran).max(1e-9)).round());
+    json!({
+        "job": job.name,
+        "job_id": ran.job_id,
+        "dry_run": args.dry_run,
+        "resumed": ran.resumed,
+        "rows_scanned": c.rows_scanned,
+        "rows_rewritten": c.rows_rewritten,
+        "values_rewritten": c.values_rewritten,
+        "values_skipped": c.values_skipped,
+        "values_failed": c.values_failed,
+        "conflicts": c.conflicts,
+        "conflicts_left": outcome.conflicts_left,
+        "stopped": outcome.stopped,
+        "stopped_by": if outcome.stopped { Some(outcome.stopped_by.unwrap_or(StopBy::Signal)) } else { None },
+        "retries": outcome.retries,
+        "ranges_taken_over": outcome.taken_over,
+        "batch_rows_min": (outcome.batch_rows.1 > 0).then_some(outcome.batch_rows.0),
+        "batch_rows_max": (outcome.batch_rows.1 > 0).then_some(outcome.batch_rows.1),
+        "remaining_rows": remaining_rows,
+        "projected_s": projected_s,
+        "elapsed_s": (ran.elapsed * 1000.0).round() / 1000.0,
+        "rows_per_s": rate(ran).round(),
+        "batch_ms_p50": outcome.batch_micros.value_at_quantile(0.5) as f64 / 1000.0,
+        "batch_ms_p99": outcome.batch_micros.value_at_quantile(0.99) as f64 / 1000.0,
+        "peak_rss_mib": (crate::bench::peak_rss_mib() * 10.0).round() / 10.0,
+        "job_totals": ran.totals,
+        "targets": job.targets.iter().map(|t| {
+            let mut v = serde_json::to_value(outcome.by_target.get(&t.index).copied().unwrap_or_default()).unwrap_or_default();
+            v["table"] = json!(t.table.to_string());
+            v["columns"] = json!(t.columns.iter().map(|c| c.name.clone()).collect::<Vec<_>>());
+            v["format"] = json!(t.read.format.name());
+            v["to_format"] = json!(t.write.format.name());
+            v
+        }).collect::<Vec<_>>(),
+        "failures": outcome.failures,
+    })
+}
+
+/// The report for people.
+fn print_text(args: &RunArgs, job: &Job, ran: &Ran) {
+    let (outcome, c) = (&ran.outcome, ran.outcome.counts);
+    let verb = if args.dry_run { "would rewrite" } else { "rewrote" };
+    println!(
+        "{}: {verb} {} values in {} rows ({} rows scanned, {} skipped, {} failed, {} conflicts) in {:.1}s, {:.0} rows/s",
+        job.name,
+        c.values_rewritten,
+        c.rows_rewritten,
+        c.rows_scanned,
+        c.values_skipped,
+        c.values_failed,
+        c.conflicts,
+        ran.elapsed,
+        rate(ran)
+    );
+    if outcome.stopped {
+        println!("stopped on request after the batches in flight committed; run the same command again to resume");
+    }
+    if outcome.conflicts_left > 0 {
+        println!("{} rows kept changing under the run and were left as the application wrote them; run again to rotate them", outcome.conflicts_left);
+    }
+    if ran.resumed {
+        println!("resumed job {}: {} values rewritten in all", ran.job_id.unwrap_or_default(), ran.totals.values_rewritten);
+    }
+    if ran.totals.values_failed > 0 && !args.dry_run {
+        println!(
+            "{} values could not be decrypted and were left untouched; see: SELECT * FROM rekey.quarantine WHERE job_id = {}",
+            ran.totals.values_failed,
+            ran.job_id.unwrap_or_default()
+        );
+    }
+}
+
+/// Records how the run ended and picks its exit code.
+fn ended(args: &RunArgs, job: &Job, ran: &Ran) -> u8 {
+    let outcome = &ran.outcome;
+    let window_ended = outcome.stopped && outcome.stopped_by == Some(StopBy::RunTime);
+    let failed = if args.dry_run { outcome.counts.values_failed } else { ran.totals.values_failed };
+    let (state, code) = if window_ended {
+        ("window_ended", EXIT_WINDOW_ENDED)
+    } else if outcome.stopped {
+        ("stopped", EXIT_STOPPED)
+    } else if failed > 0 {
+        ("done", EXIT_QUARANTINED)
+    } else {
+        ("done", 0)
+    };
+    metrics::RunFinished { job: &job.name, state, seconds: ran.elapsed }.emit();
+    code
+}

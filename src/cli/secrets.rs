@@ -1,0 +1,128 @@
+//! `rekey secrets`: the lifecycle one step at a time: init, show, stage,
+//! promote, rollback, retire.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::cli::args::{InitArgs, LifecycleArgs, RetireArgs, SecretsCommand};
+use crate::cli::rotate::{report, rotate_options};
+use crate::cli::{default_lanes, open, print_json, Opened};
+use crate::crypto::keyring::{generate_material, Key};
+use crate::crypto::keytable::{now, Entry, KeyState, KeyTable};
+use crate::job::{Job, JobSpec};
+use crate::lifecycle::audit::What;
+use crate::lifecycle::rotation::{self, job_keys};
+use crate::lifecycle::steps;
+use crate::secrets::{KeysSpec, Store};
+use crate::state::{self, rotations};
+use crate::Error;
+
+/// `rekey secrets ...`.
+pub async fn secrets(command: SecretsCommand) -> Result<u8, Error> {
+    match &command {
+        SecretsCommand::Init(a) => init(a).await,
+        SecretsCommand::Show(a) => show(a).await,
+        SecretsCommand::Stage(a) | SecretsCommand::Promote(a) | SecretsCommand::Rollback(a) => transition(&command, a).await,
+        SecretsCommand::Retire(a) => retire(a).await,
+    }
+}
+
+/// `rekey secrets init`: a new store holding one fresh key, or the
+/// environment's keys (`--import-env`).
+async fn init(a: &InitArgs) -> Result<u8, Error> {
+    let spec = JobSpec::load(&a.life.common.job)?;
+    let keys = job_keys(&spec)?;
+    let table = match &a.import_env {
+        Some(prefix) => Store::open(&KeysSpec::env(prefix)).await?.table().clone(),
+        None => {
+            let at = now();
+            let key = Key::new(1, *generate_material());
+            KeyTable { entries: vec![Entry { id: 1, state: KeyState::Current, created_at: at, changed_at: at, key: Some(key) }] }
+        }
+    };
+    let ids: Vec<_> = table.entries.iter().map(|e| e.id).collect();
+    let created = Store::create(&keys, table).await?;
+    println!("created {created} with keys {ids:?}");
+    Ok(0)
+}
+
+/// `rekey secrets show`: ids, states and fingerprints, never key values.
+async fn show(life: &LifecycleArgs) -> Result<u8, Error> {
+    let spec = JobSpec::load(&life.common.job)?;
+    let store = Store::open(&job_keys(&spec)?).await?;
+    let info = store.table().info();
+    if life.common.json {
+        print_json(&json!({ "secret_id": store.secret_id(), "keys": info }));
+    } else {
+        println!("{}", store.secret_id());
+        for k in &info {
+            println!("  key {:>3}  {:<8}  fingerprint {:<8}  created {}  state since {}", k.id, k.state.to_string(), k.fingerprint, k.created_at, k.changed_at);
+        }
+    }
+    Ok(0)
+}
+
+/// The job's store, opened under the job's lifecycle lock (another command
+/// may have changed it meanwhile), and a connection holding that lock.
+async fn locked(life: &LifecycleArgs) -> Result<(JobSpec, Opened, Store), Error> {
+    let spec = JobSpec::load(&life.common.job)?;
+    let keys = job_keys(&spec)?;
+    let mut opened = open(&life.common).await?;
+    state::ensure_schema(&mut opened.client).await?;
+    state::lock_lifecycle(&opened.client, spec.name.as_deref().unwrap_or_default()).await?;
+    let store = Store::open(&keys).await?;
+    Ok((spec, opened, store))
+}
+
+/// `rekey secrets stage|promote|rollback`.
+async fn transition(command: &SecretsCommand, life: &LifecycleArgs) -> Result<u8, Error> {
+    let (spec, Opened { client, .. }, mut store) = locked(life).await?;
+    let secret_id = store.secret_id();
+    let (event, applied, note) = match command {
+        SecretsCommand::Stage(_) => {
+            let (id, applied) = steps::stage(&mut store, life.reveal).await?;
+            ("key_staged", applied, format!("key {id} pending"))
+        }
+        SecretsCommand::Promote(_) => {
+            let applied = steps::promote(&mut store, life.reveal).await?;
+            ("key_promoted", applied, format!("key {} current", steps::current(&store).unwrap_or_default()))
+        }
+        SecretsCommand::Rollback(_) => {
+            let applied = steps::rollback(&mut store, life.reveal).await?;
+            rotations::roll_back(&client, spec.name.as_deref().unwrap_or_default()).await?;
+            ("key_rolled_back", applied, format!("key {} current", steps::current(&store).unwrap_or_default()))
+        }
+        SecretsCommand::Init(_) | SecretsCommand::Show(_) | SecretsCommand::Retire(_) => {
+            return Err(Error::Runtime("not a key transition".into()));
+        }
+    };
+    let audit = rotate_options(life, &spec, default_lanes(), 5000, Duration::ZERO, false).audit;
+    audit.record(&client, What { event_type: event, secret_id: &secret_id, verification_status: "not_applicable", affected_records: None, notes: &note, job_id: None }).await?;
+    if life.common.json {
+        print_json(&json!({ "event": event, "changed": applied.changed, "note": note, "instructions": applied.instructions }));
+    } else {
+        println!("{note}{}", if applied.changed { "" } else { " (nothing to change)" });
+        for i in &applied.instructions {
+            println!("  {i}");
+        }
+    }
+    Ok(0)
+}
+
+/// `rekey secrets retire`: retires a previous key once no value needs it.
+async fn retire(a: &RetireArgs) -> Result<u8, Error> {
+    let (spec, Opened { db, client, .. }, mut store) = locked(&a.life).await?;
+    let previous = store.table().previous_ids();
+    let id = match (a.key_id, previous.as_slice()) {
+        (Some(id), _) => id,
+        (None, [one]) => *one,
+        (None, []) => return Err(Error::Config("no previous key to retire".into())),
+        (None, many) => return Err(Error::Config(format!("several previous keys ({many:?}): say which with --key-id"))),
+    };
+    let opts = rotate_options(&a.life, &spec, default_lanes(), 5000, Duration::ZERO, false);
+    let job = Arc::new(Job::resolve(&spec, &client).await?);
+    let p = rotation::retire(&db, &client, &job, &mut store, id, &opts).await?;
+    Ok(report(&a.life, &spec, &p))
+}

@@ -1,0 +1,74 @@
+//! `rekey status`, and the live control of a running job: `rekey pause`,
+//! `rekey resume`, `rekey stop`.
+
+use serde_json::json;
+
+use crate::cli::args::StatusArgs;
+use crate::cli::{open, print_json, Opened};
+use crate::state::{self, Control, JobState};
+use crate::Error;
+
+/// `rekey pause`, `rekey resume`, `rekey stop`: sets the running job's control,
+/// which every process running it reads after each batch.
+pub async fn control(args: &StatusArgs, to: Control) -> Result<u8, Error> {
+    let Opened { spec, client, .. } = open(&args.common).await?;
+    let name = spec.name.clone().unwrap_or_else(|| "rekey".into());
+    if !state::schema_exists(&client).await? || !state::set_control(&client, &name, to).await? {
+        return Err(Error::Config(format!("no job named {name:?} is running on this database; `rekey status --job ...` shows its state")));
+    }
+    let said = match to {
+        Control::Pause => "pausing: every process running it stops reading after its current batch; `rekey resume` goes on",
+        Control::Stop => "stopping: every process running it stops after its current batch, checkpointed; `rekey run` resumes it",
+        Control::Run => "resuming",
+    };
+    if args.common.json {
+        print_json(&json!({ "job": name, "control": to.as_str() }));
+    } else {
+        println!("{name}: {said}");
+    }
+    Ok(0)
+}
+
+/// `rekey status`.
+pub async fn status(args: &StatusArgs) -> Result<u8, Error> {
+    let Opened { spec, client, .. } = open(&args.common).await?;
+    let name = spec.name.clone().unwrap_or_else(|| "rekey".into());
+    let found = if state::schema_exists(&client).await? { state::job_status(&client, &name).await? } else { None };
+    let Some(s) = found else {
+        if args.common.json {
+            print_json(&json!({ "job": name, "state": "never run" }));
+        } else {
+            println!("{name}: never run on this database");
+        }
+        return Ok(0);
+    };
+    if args.common.json {
+        print_json(&serde_json::to_value(&s).unwrap_or_default());
+    } else {
+        println!(
+            "{} (job {}): {}, {}/{} ranges done, {} rows scanned, {} values rewritten, {} failed (quarantined: {}), {} conflicts; started {}, last checkpoint {}{}",
+            s.name,
+            s.job_id,
+            s.state,
+            s.ranges_done,
+            s.ranges_total,
+            s.counts.rows_scanned,
+            s.counts.values_rewritten,
+            s.counts.values_failed,
+            s.quarantined,
+            s.counts.conflicts,
+            s.started_at,
+            s.updated_at,
+            s.finished_at.as_ref().map(|f| format!(", finished {f}")).unwrap_or_default()
+        );
+        if s.state == JobState::Running {
+            let control = match s.control {
+                Control::Pause => " (paused by `rekey pause`)",
+                Control::Stop => " (stop requested)",
+                Control::Run => "",
+            };
+            println!("  being run by {} process(es){control}: {}", s.workers.len(), s.workers.join(", "));
+        }
+    }
+    Ok(0)
+}

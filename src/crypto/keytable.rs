@@ -1,0 +1,348 @@
+//! The key lifecycle every rotation procedure walks by hand: stage a new key as
+//! pending, re-encrypt, verify, promote it to current (the old current becomes
+//! previous), retire the previous key after a grace period, or roll back.
+//!
+//! [`KeyTable`] holds the keys and their states and applies the transitions;
+//! each transition is idempotent (applying it twice changes nothing the second
+//! time) and says whether it changed anything. Stores (environment, keyring
+//! file, AWS) load a table and save it back; this module does no I/O.
+
+use std::fmt;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::keyring::{Key, KeyId, Keyring, KeyringError};
+
+/// Where a key is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyState {
+    /// Staged: new values will be written under it once a run targets it.
+    Pending,
+    /// What applications encrypt with today.
+    Current,
+    /// A former current key, still needed to read values not yet rotated.
+    Previous,
+    /// Removed: its material is gone.
+    Retired,
+}
+
+impl fmt::Display for KeyState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KeyState::Pending => "pending",
+            KeyState::Current => "current",
+            KeyState::Previous => "previous",
+            KeyState::Retired => "retired",
+        })
+    }
+}
+
+/// One key of a table: its id, state, timestamps and (unless retired) material.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The key's id.
+    pub id: KeyId,
+    /// Its state.
+    pub state: KeyState,
+    /// When it was created (Unix seconds).
+    pub created_at: u64,
+    /// When its state last changed (Unix seconds).
+    pub changed_at: u64,
+    /// The key; `None` once retired.
+    pub key: Option<Key>,
+}
+
+/// Why a transition was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LifecycleError {
+    /// Promote with nothing staged and nothing to promote.
+    #[error("no pending key to promote: stage one first (`rekey secrets stage`)")]
+    NothingToPromote,
+    /// Rollback with no previous key.
+    #[error("no previous key to roll back to")]
+    NothingToRollBack,
+    /// Retire of the current or pending key.
+    #[error("key {0} is {1}; only a previous key can be retired (promote or roll back first)")]
+    NotRetirable(KeyId, KeyState),
+    /// Retire of an id the table does not hold.
+    #[error("there is no key {0}")]
+    NoSuchKey(KeyId),
+    /// A new key's id collides or its material repeats an existing key.
+    #[error("the new key cannot be staged: {0}")]
+    BadNewKey(String),
+    /// The table does not form a keyring.
+    #[error(transparent)]
+    Keyring(#[from] KeyringError),
+}
+
+/// The keys of one store, with their states.
+#[derive(Debug, Clone, Default)]
+pub struct KeyTable {
+    /// Every key ever held, retired ones without material.
+    pub entries: Vec<Entry>,
+}
+
+/// Seconds since the Unix epoch.
+pub fn now() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl KeyTable {
+    fn with_state(&self, state: KeyState) -> impl Iterator<Item = &Entry> {
+        self.entries.iter().filter(move |e| e.state == state)
+    }
+
+    /// The id in `state`, if exactly one key has it (current, pending).
+    pub fn id_in(&self, state: KeyState) -> Option<KeyId> {
+        self.with_state(state).map(|e| e.id).next()
+    }
+
+    /// The next free id (one more than the largest ever used).
+    pub fn next_id(&self) -> Result<KeyId, LifecycleError> {
+        self.entries.iter().map(|e| e.id).max().unwrap_or(0).checked_add(1).ok_or(LifecycleError::BadNewKey("no key id left".into()))
+    }
+
+    /// The keyring of every key that still has material.
+    pub fn keyring(&self) -> Result<Keyring, LifecycleError> {
+        let current = self.id_in(KeyState::Current).ok_or(KeyringError::Empty)?;
+        let keys: Vec<Key> = self.entries.iter().filter_map(|e| e.key.clone()).collect();
+        Ok(Keyring::new(keys, current, self.id_in(KeyState::Pending))?)
+    }
+
+    /// Stages `key` as pending. Idempotent: with a key already pending,
+    /// nothing changes and that key's id is returned.
+    pub fn stage(&mut self, key: Key, at: u64) -> Result<(KeyId, bool), LifecycleError> {
+        if let Some(id) = self.id_in(KeyState::Pending) {
+            return Ok((id, false));
+        }
+        if self.entries.iter().any(|e| e.id == key.id()) {
+            return Err(LifecycleError::BadNewKey(format!("id {} is already used", key.id())));
+        }
+        if self.entries.iter().filter_map(|e| e.key.as_ref()).any(|k| k.material() == key.material()) {
+            return Err(LifecycleError::BadNewKey("its material equals an existing key".into()));
+        }
+        let id = key.id();
+        self.entries.push(Entry { id, state: KeyState::Pending, created_at: at, changed_at: at, key: Some(key) });
+        Ok((id, true))
+    }
+
+    /// Pending becomes current; the old current becomes previous. Idempotent:
+    /// with nothing pending, a table whose current key was promoted already
+    /// (has a previous key) is left as it is.
+    pub fn promote(&mut self, at: u64) -> Result<bool, LifecycleError> {
+        let Some(pending) = self.id_in(KeyState::Pending) else {
+            return if self.id_in(KeyState::Previous).is_some() { Ok(false) } else { Err(LifecycleError::NothingToPromote) };
+        };
+        self.make_current(pending, at);
+        Ok(true)
+    }
+
+    /// Makes the most recent previous key current again; the current key
+    /// becomes previous (both stay readable). With a key pending, rollback
+    /// un-stages it instead: it becomes previous, and keeps its material,
+    /// since values may already have been rewritten under it.
+    pub fn rollback(&mut self, at: u64) -> Result<bool, LifecycleError> {
+        if let Some(pending) = self.id_in(KeyState::Pending) {
+            for e in self.entries.iter_mut().filter(|e| e.id == pending) {
+                e.state = KeyState::Previous;
+                e.changed_at = at;
+            }
+            return Ok(true);
+        }
+        let previous = self
+            .with_state(KeyState::Previous)
+            .max_by_key(|e| (e.changed_at, e.id))
+            .map(|e| e.id)
+            .ok_or(LifecycleError::NothingToRollBack)?;
+        self.make_current(previous, at);
+        Ok(true)
+    }
+
+    /// Key `id` becomes current; the current key becomes previous.
+    fn make_current(&mut self, id: KeyId, at: u64) {
+        for e in &mut self.entries {
+            if e.state == KeyState::Current {
+                e.state = KeyState::Previous;
+                e.changed_at = at;
+            } else if e.id == id {
+                e.state = KeyState::Current;
+                e.changed_at = at;
+            }
+        }
+    }
+
+    /// Removes a previous key's material. Idempotent for a retired key.
+    /// The caller must first prove no value still needs it.
+    pub fn retire(&mut self, id: KeyId, at: u64) -> Result<bool, LifecycleError> {
+        let e = self.entries.iter_mut().find(|e| e.id == id).ok_or(LifecycleError::NoSuchKey(id))?;
+        match e.state {
+            KeyState::Retired => Ok(false),
+            KeyState::Previous => {
+                e.state = KeyState::Retired;
+                e.changed_at = at;
+                e.key = None;
+                Ok(true)
+            }
+            other => Err(LifecycleError::NotRetirable(id, other)),
+        }
+    }
+
+    /// Ids of previous keys (retire candidates).
+    pub fn previous_ids(&self) -> Vec<KeyId> {
+        self.with_state(KeyState::Previous).map(|e| e.id).collect()
+    }
+}
+
+/// One key as the stores write it (keyring file, Secrets Manager, KMS
+/// keyring): `material` is the store's own encoding of the key (sealed,
+/// hex, or KMS-wrapped), absent once retired.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredKey {
+    /// Key id.
+    pub id: KeyId,
+    /// Lifecycle state.
+    pub state: KeyState,
+    /// Created, RFC 3339.
+    pub created_at: String,
+    /// Last state change, RFC 3339.
+    pub changed_at: String,
+    /// Fingerprint of the key, to recognise it without opening the store.
+    #[serde(default)]
+    pub fingerprint: String,
+    /// The key in the store's encoding; absent once retired.
+    pub material: Option<String>,
+}
+
+impl StoredKey {
+    /// An entry as stored, with its material encoded by `encode`.
+    pub fn from_entry(e: &Entry, encode: impl FnOnce(&Key) -> String) -> StoredKey {
+        StoredKey {
+            id: e.id,
+            state: e.state,
+            created_at: rfc3339(e.created_at),
+            changed_at: rfc3339(e.changed_at),
+            fingerprint: e.key.as_ref().map(Key::fingerprint).unwrap_or_default(),
+            material: e.key.as_ref().map(encode),
+        }
+    }
+
+    /// Back to an entry, with the key the caller decoded from `material`.
+    pub fn into_entry(self, key: Option<Key>) -> Entry {
+        let at = |t: &str| humantime::parse_rfc3339(t).ok().and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
+        Entry { id: self.id, state: self.state, created_at: at(&self.created_at), changed_at: at(&self.changed_at), key }
+    }
+}
+
+/// What `rekey secrets show` prints for one key: never material.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyInfo {
+    /// The id.
+    pub id: KeyId,
+    /// The state.
+    pub state: KeyState,
+    /// Fingerprint of the material (empty once retired).
+    pub fingerprint: String,
+    /// Created, RFC 3339.
+    pub created_at: String,
+    /// Seconds since creation.
+    pub age_s: u64,
+    /// Last state change, RFC 3339.
+    pub changed_at: String,
+}
+
+/// RFC 3339 (UTC, seconds) for Unix seconds.
+pub fn rfc3339(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs)).to_string()
+}
+
+impl KeyTable {
+    /// Ids, states, fingerprints and ages.
+    pub fn info(&self) -> Vec<KeyInfo> {
+        let t = now();
+        self.entries
+            .iter()
+            .map(|e| KeyInfo {
+                id: e.id,
+                state: e.state,
+                fingerprint: e.key.as_ref().map(Key::fingerprint).unwrap_or_default(),
+                created_at: rfc3339(e.created_at),
+                age_s: t.saturating_sub(e.created_at),
+                changed_at: rfc3339(e.changed_at),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> KeyTable {
+        let mut t = KeyTable::default();
+        t.entries.push(Entry { id: 1, state: KeyState::Current, created_at: 10, changed_at: 10, key: Some(Key::new(1, [1; 32])) });
+        t
+    }
+
+    #[test]
+    fn stage_then_promote_moves_current_to_previous() {
+        let mut t = table();
+        assert_eq!(t.stage(Key::new(2, [2; 32]), 20).unwrap(), (2, true));
+        assert_eq!(t.keyring().unwrap().target().id(), 2);
+        assert!(t.promote(30).unwrap());
+        assert_eq!((t.id_in(KeyState::Current), t.previous_ids()), (Some(2), vec![1]));
+    }
+
+    #[test]
+    fn stage_twice_keeps_the_first_pending_key() {
+        let mut t = table();
+        t.stage(Key::new(2, [2; 32]), 20).unwrap();
+        assert_eq!(t.stage(Key::new(3, [3; 32]), 21).unwrap(), (2, false));
+    }
+
+    #[test]
+    fn promote_twice_changes_nothing_the_second_time() {
+        let mut t = table();
+        t.stage(Key::new(2, [2; 32]), 20).unwrap();
+        assert!(t.promote(30).unwrap());
+        assert!(!t.promote(31).unwrap());
+        assert_eq!(t.id_in(KeyState::Current), Some(2));
+    }
+
+    #[test]
+    fn rollback_restores_the_previous_current() {
+        let mut t = table();
+        t.stage(Key::new(2, [2; 32]), 20).unwrap();
+        t.promote(30).unwrap();
+        assert!(t.rollback(40).unwrap());
+        assert_eq!((t.id_in(KeyState::Current), t.previous_ids()), (Some(1), vec![2]));
+    }
+
+    #[test]
+    fn rollback_before_promotion_keeps_the_staged_keys_material() {
+        let mut t = table();
+        t.stage(Key::new(2, [2; 32]), 20).unwrap();
+        assert!(t.rollback(30).unwrap());
+        assert_eq!((t.id_in(KeyState::Current), t.previous_ids()), (Some(1), vec![2]));
+        assert!(t.keyring().unwrap().get(2).is_some(), "values rewritten under key 2 stay readable");
+    }
+
+    #[test]
+    fn retire_refuses_the_current_key_and_drops_a_previous_keys_material() {
+        let mut t = table();
+        t.stage(Key::new(2, [2; 32]), 20).unwrap();
+        assert_eq!(t.retire(2, 21).unwrap_err(), LifecycleError::NotRetirable(2, KeyState::Pending));
+        t.promote(30).unwrap();
+        assert!(t.retire(1, 40).unwrap());
+        assert!(!t.retire(1, 41).unwrap());
+        assert!(t.keyring().unwrap().get(1).is_none());
+    }
+
+    #[test]
+    fn staging_a_copy_of_an_existing_key_is_refused() {
+        let mut t = table();
+        assert!(matches!(t.stage(Key::new(2, [1; 32]), 20), Err(LifecycleError::BadNewKey(_))));
+    }
+}

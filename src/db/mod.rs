@@ -1,0 +1,29 @@
+//! PostgreSQL plumbing below everything else: connections ([`connect`], with
+//! TLS in [`tls`] and libpq strings in [`conninfo`]), raw binary values
+//! ([`raw`]), binary COPY ([`binary_copy`]), identifier quoting, and
+//! throwaway clusters for tests and benchmarks ([`cluster`]). Uses nothing
+//! else of rekey's.
+
+pub mod binary_copy;
+pub mod cluster;
+pub mod connect;
+pub mod conninfo;
+pub mod raw;
+pub mod session;
+pub mod tls;
+
+pub use connect::{ConnectError, Database, SslMode};
+pub use raw::{KeyBytes, RawParam, RawRef};
+
+/// Quotes an identifier for SQL: `my "col"` becomes `"my ""col"""`.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn quote_ident_doubles_quotes() {
+        assert_eq!(super::quote_ident(r#"a "b"; drop"#), r#""a ""b""; drop""#);
+    }
+}

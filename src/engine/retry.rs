@@ -1,0 +1,118 @@
+//! Committing one batch despite what can be retried: a lock or statement
+//! timeout splits it in halves, a lost connection is reopened (and a batch
+//! whose COMMIT did land is not redone), a transient error waits.
+
+use std::collections::VecDeque;
+
+use crate::engine::sink::{AfterReconnect, Batch, Commit, Writer, Written};
+use crate::error::Retry;
+use crate::observe::counts::Counts;
+use crate::observe::metrics;
+use crate::state::{Control, RangeState};
+use crate::Error;
+
+use super::work::{backoff, Shared};
+
+/// Commits one batch, retrying what can be retried: a lock or statement
+/// timeout splits it in halves, a lost connection is reopened (and a batch
+/// whose COMMIT did land is not redone), a transient error waits. After
+/// `attempts` failed tries the last error stops the run, which resumes
+/// from the last committed batch. Returns what was written and the retries.
+pub(super) async fn commit(shared: &Shared, writer: &mut Writer, state: &RangeState, batch: Batch) -> Result<(Written, u64), Error> {
+    let target = &shared.job.targets[state.target];
+    let mut total = Written { counts: Counts::default(), failures: Vec::new(), control: Control::Run };
+    let mut pending = VecDeque::from([batch]);
+    let mut failed = 0u32;
+    let mut retries = 0u64;
+    // after a reconnect, nothing is written before the checkpoints are checked
+    let mut unchecked = false;
+    while let Some(b) = pending.pop_front() {
+        let attempt = if unchecked {
+            // the COMMIT may have landed before the connection broke, and a
+            // crash may have lost commits the server had acknowledged
+            match writer.after_reconnect(state, b.last_key.as_ref()).await {
+                Ok(AfterReconnect::Committed) => {
+                    unchecked = false;
+                    continue;
+                }
+                Ok(AfterReconnect::NotCommitted) => {
+                    unchecked = false;
+                    writer.write(target, Commit::Range(state), &b).await
+                }
+                Ok(AfterReconnect::Lost) => {
+                    return Err(Error::Runtime(format!(
+                        "the server lost batches of {} it had acknowledged before it went down (rekey commits asynchronously; \
+                         each batch's checkpoint was lost with it); stopping so they are redone: run the same command again to resume",
+                        target.table
+                    )))
+                }
+                Err(e) => Err(e),
+            }
+        } else {
+            writer.write(target, Commit::Range(state), &b).await
+        };
+        let error = match attempt {
+            Ok(w) => {
+                total.counts += w.counts;
+                total.failures.extend(w.failures);
+                total.control = w.control;
+                continue;
+            }
+            Err(e) => e,
+        };
+        let how = error.retry();
+        if how == Retry::Never {
+            return Err(error);
+        }
+        retries += 1;
+        // halving is bounded by log2(rows); only other retries use up tries
+        let halves = how == Retry::Smaller && b.rows.len() > 1;
+        if !halves {
+            failed += 1;
+        }
+        if failed >= shared.attempts {
+            return Err(Error::Runtime(format!(
+                "a batch of {} rows of {} failed {failed} times, the last time with: {}; the batch was not written; run the same command again to resume",
+                b.rows.len(),
+                target.table,
+                error.chain()
+            )));
+        }
+        let wait = backoff(failed.max(1));
+        let message = format!("{}{}", error.chain(), if halves { "; retrying in halves" } else { "" });
+        metrics::BatchRetried { table: &target.table.to_string(), attempt: failed, error: &message, rows: b.rows.len(), wait_seconds: if halves { 0.0 } else { wait.as_secs_f64() } }.emit();
+        match how {
+            Retry::Smaller if halves => {
+                shared.sizer.shrink();
+                let (first, second) = split(target, b);
+                pending.push_front(second);
+                pending.push_front(first);
+            }
+            Retry::Reconnect => {
+                tokio::time::sleep(wait).await;
+                unchecked = true;
+                if let Err(e) = writer.reconnect(&shared.job).await {
+                    tracing::warn!("reconnecting failed: {}", e.chain());
+                }
+                pending.push_front(b);
+            }
+            Retry::Smaller | Retry::Wait | Retry::Never => {
+                tokio::time::sleep(wait).await;
+                pending.push_front(b);
+            }
+        }
+    }
+    Ok((total, retries))
+}
+
+/// Splits a batch into two contiguous halves; the first ends at its own last row.
+pub(super) fn split(target: &crate::job::Target, mut b: Batch) -> (Batch, Batch) {
+    let mid = b.rows.len() / 2;
+    let ncols = target.columns.len();
+    let rows = b.rows.split_off(mid);
+    let cells = b.cells.split_off(mid * ncols);
+    let first_last = b.rows.last().map(|r| target.row_key(r));
+    let second = Batch { range_index: b.range_index, rows, cells, last_key: b.last_key, end: b.end, lease: b.lease };
+    let first = Batch { range_index: b.range_index, rows: b.rows, cells: b.cells, last_key: first_last, end: false, lease: b.lease };
+    (first, second)
+}

@@ -1,0 +1,94 @@
+//! The engine's entry for a rewrite: join the job (resuming an unfinished
+//! one), refuse what would spend a key's nonces, plan ranges for a new job,
+//! run the pipeline, and add up what every process sharing the job did.
+
+use std::sync::Arc;
+
+use tokio_postgres::Client;
+
+use crate::db::raw::params;
+use crate::db::Database;
+use crate::engine::pipeline::{self, Mode, Outcome, Settings};
+use crate::engine::{plan, sql};
+use crate::error::DbContext;
+use crate::job::{Job, Target};
+use crate::observe::counts::LiveCounts;
+use crate::observe::progress::Progress;
+use crate::state::{self, JobRecord};
+use crate::Error;
+
+/// How a rewrite starts.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunControl {
+    /// Abandon an unfinished job of this name and start a new one.
+    pub restart: bool,
+    /// No progress line.
+    pub quiet: bool,
+}
+
+/// Rewrites every stale value of `job` under its job lock, resuming an
+/// unfinished job of the same name; stops cleanly when `settings.stop` is
+/// triggered.
+pub async fn rewrite(
+    db: &Database,
+    client: &mut Client,
+    job: &Arc<Job>,
+    settings: Settings,
+    control: RunControl,
+    live: Arc<LiveCounts>,
+) -> Result<(Outcome, JobRecord), Error> {
+    let RunControl { restart, quiet } = control;
+    state::ensure_schema(client).await?;
+    state::lock_job(client, &job.name, restart).await?;
+    check_nonce_budget(client, job).await?;
+    let lanes = settings.lanes;
+    let mut record = state::open_job(client, job, restart, async |c: &Client| plan::job_ranges(c, job, lanes).await).await?;
+    if restart {
+        state::share_job_lock(client, &job.name).await?;
+    }
+    let progress = Progress::new(stale_rows(client, job).await?, "rewriting", quiet);
+    let ranges = std::mem::take(&mut record.ranges);
+    let outcome = pipeline::run(db, job.clone(), ranges, Mode::Rewrite { job_id: record.id }, settings, live, progress).await?;
+    if client.is_closed() {
+        // this session sat idle through the run (an idle_session_timeout, a restart): the work is committed, carry on
+        *client = db.connect().await?;
+    }
+    // what every process sharing the job has done, not only this one
+    record.prior = state::job_totals(client, record.id).await?;
+    Ok((outcome, record))
+}
+
+/// Rows of `t` holding at least one value not visibly on the target key.
+async fn stale_rows_of(client: &Client, t: &Target) -> Result<u64, Error> {
+    let (filter, cols) = sql::stale_filter(t, "", 1);
+    let prefixes: Vec<Vec<u8>> = cols.iter().filter_map(|&c| t.stale_prefix(c)).collect();
+    let n: i64 = client
+        .query_one(&format!("SELECT count(*) FROM {} WHERE {filter}{}", t.qualified(), sql::target_filter(t)), &params(&prefixes))
+        .await
+        .ctx(|| format!("counting rows to rotate in {}", t.table))?
+        .get(0);
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+/// Rows holding at least one value not visibly on the target key, all targets.
+pub async fn stale_rows(client: &Client, job: &Job) -> Result<u64, Error> {
+    let mut total = 0u64;
+    for t in &job.targets {
+        total += stale_rows_of(client, t).await?;
+    }
+    Ok(total)
+}
+
+/// Refuses a run that would take a key past 2^32 random-nonce encryptions
+/// (README, Guarantees: the nonce budget), before any write; the sink enforces it per batch too.
+async fn check_nonce_budget(client: &Client, job: &Job) -> Result<(), Error> {
+    for t in job.targets.iter().filter(|t| t.write.format.random_nonces()) {
+        let used = state::encryptions_so_far(client, &t.write.keyring.target().fingerprint()).await?;
+        let rows = i64::try_from(stale_rows_of(client, t).await?).unwrap_or(i64::MAX);
+        let most = used.saturating_add(rows.saturating_mul(t.columns.len() as i64));
+        if most > state::NONCE_BUDGET {
+            return Err(crate::engine::sink::nonce_budget_spent(t, used, "this run (nothing written)"));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,358 @@
+//! Sink: the only stage that writes to user tables.
+//!
+//! One transaction per batch: binary COPY of the re-encrypted values into a
+//! temp stage table, one `UPDATE ... FROM` that replaces a value only where
+//! the row still holds exactly what was read (compare-and-swap), the
+//! quarantine rows, and the batch's checkpoint; then COMMIT. A row changed by
+//! the application in between is left alone and counted as a conflict.
+
+use std::collections::{HashMap, HashSet};
+
+use serde::Serialize;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Row, Statement};
+
+use crate::db::binary_copy::CopyBuffer;
+use crate::state::{self, Control, RangeState};
+use crate::db::raw::{self, params};
+use crate::db::session::Timeouts;
+use crate::db::Database;
+use crate::error::DbContext;
+use crate::job::{Job, Target};
+use crate::db::KeyBytes;
+use crate::engine::sql;
+use crate::observe::counts::Counts;
+use crate::engine::transform::{self, Cell};
+use crate::observe::metrics::{self, LeaseChange};
+use crate::Error;
+
+/// One value that could not be decrypted, as reported (never the value itself).
+#[derive(Debug, Clone, Serialize)]
+pub struct Failure {
+    /// `schema.table`.
+    pub table: String,
+    /// The column.
+    pub column: String,
+    /// The row's key as text, e.g. `(42)`.
+    pub key: String,
+    /// Why: truncated, unknown_key, auth_failed, bad_encoding.
+    pub error: &'static str,
+}
+
+/// A batch on its way through the pipeline.
+pub struct Batch {
+    /// Index of the range (in the pipeline's range list) it belongs to.
+    pub range_index: usize,
+    /// The rows read, key columns first.
+    pub rows: Vec<Row>,
+    /// Row-major decisions, filled by the transform.
+    pub cells: Vec<Cell>,
+    /// Key of the last row read, where the next page starts.
+    pub last_key: Option<KeyBytes>,
+    /// Whether this is the last batch of its range.
+    pub end: bool,
+    /// The generation of the range's lease it was read under (`None`: not leased).
+    pub lease: Option<i64>,
+}
+
+/// What a committed batch records besides the rows.
+#[derive(Debug, Clone, Copy)]
+pub enum Commit<'a> {
+    /// A page of a range: its checkpoint moves forward.
+    Range(&'a RangeState),
+    /// A conflict re-read of these keys: they leave `rekey.conflicts` unless they conflict again.
+    Retry(&'a [KeyBytes]),
+}
+
+/// Per-target prepared statements of a writer connection.
+struct Prepared {
+    /// The compare-and-swap UPDATE, bounded by the batch's key range.
+    update: Statement,
+    /// The same without key bounds (conflict re-reads are not contiguous).
+    update_any: Statement,
+    /// The quarantine INSERT.
+    quarantine: Statement,
+    /// Finds staged rows the UPDATE did not apply (only run after a conflict).
+    unapplied: Statement,
+}
+
+/// What a committed batch did.
+#[derive(Debug)]
+pub struct Written {
+    /// Counts of the batch.
+    pub counts: Counts,
+    /// Values that could not be decrypted, now in `rekey.quarantine`.
+    pub failures: Vec<Failure>,
+    /// The job's live control as of the commit.
+    pub control: Control,
+}
+
+/// Writes batches over one connection.
+pub struct Writer {
+    /// The writing connection.
+    client: Client,
+    /// Where to reconnect.
+    db: Database,
+    /// The job row checkpoints go to.
+    job_id: i64,
+    /// This process's name in range leases (`None`: ranges are not leased).
+    owner: Option<String>,
+    /// The session's limits.
+    timeouts: Timeouts,
+    /// Statements by target index.
+    prepared: HashMap<usize, Prepared>,
+    /// The last key this writer committed in each (target, range), to tell
+    /// after a reconnect whether the server lost acknowledged commits.
+    ledger: HashMap<(usize, i32), KeyBytes>,
+}
+
+/// Where a batch stands after its connection broke and was reopened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterReconnect {
+    /// Its COMMIT landed before the break: do not redo it.
+    Committed,
+    /// It did not commit, and nothing before it was lost: redo it.
+    NotCommitted,
+    /// The server lost batches it had acknowledged (a crash; rekey's commits
+    /// are asynchronous): pages read since are ahead of what is durable.
+    Lost,
+}
+
+impl Writer {
+    /// Opens a writing connection with stage tables and statements for every target.
+    pub async fn connect(db: &Database, job: &Job, job_id: i64) -> Result<Writer, Error> {
+        Self::connect_as(db, job, job_id, None, Timeouts::default()).await
+    }
+
+    /// As [`Writer::connect`], for the lease holder `owner`, with `timeouts`.
+    pub async fn connect_as(db: &Database, job: &Job, job_id: i64, owner: Option<String>, timeouts: Timeouts) -> Result<Writer, Error> {
+        let (client, prepared) = Self::open(db, job, timeouts).await?;
+        Ok(Writer { client, db: db.clone(), job_id, owner, timeouts, prepared, ledger: HashMap::new() })
+    }
+
+    /// Replaces a broken connection with a new one.
+    pub async fn reconnect(&mut self, job: &Job) -> Result<(), Error> {
+        let (client, prepared) = Self::open(&self.db, job, self.timeouts).await?;
+        self.client = client;
+        self.prepared = prepared;
+        Ok(())
+    }
+
+    /// After a reconnect: whether the batch ending at `last` of `state`
+    /// committed, and whether every batch this writer committed before it
+    /// is still there (a crash can lose acknowledged asynchronous commits,
+    /// each together with its checkpoint).
+    pub async fn after_reconnect(&self, state: &RangeState, last: Option<&KeyBytes>) -> Result<AfterReconnect, Error> {
+        let rows = self
+            .client
+            .query("SELECT target, range_no, last_key, owner FROM rekey.progress WHERE job_id = $1 AND range_no >= 0", &[&self.job_id])
+            .await
+            .ctx(|| "checking the checkpoints after a reconnect".into())?;
+        let mut this = None;
+        for r in &rows {
+            let key = (usize::try_from(r.get::<_, i32>(0)).unwrap_or(usize::MAX), r.get::<_, i32>(1));
+            let durable: Option<KeyBytes> = r.get(2);
+            let owner: Option<String> = r.get(3);
+            if key == (state.target, state.range_no) {
+                this = Some(durable.clone());
+            }
+            // ranges another process has taken over are theirs to finish, from what is durable
+            if owner.is_some() && owner != self.owner {
+                continue;
+            }
+            if let Some(committed) = self.ledger.get(&key) {
+                if durable.as_ref() != Some(committed) && !(key == (state.target, state.range_no) && durable.as_ref() == last && last.is_some()) {
+                    return Ok(AfterReconnect::Lost);
+                }
+            }
+        }
+        Ok(match (this, last) {
+            (Some(Some(durable)), Some(last)) if &durable == last => AfterReconnect::Committed,
+            _ => AfterReconnect::NotCommitted,
+        })
+    }
+
+    async fn open(db: &Database, job: &Job, timeouts: Timeouts) -> Result<(Client, HashMap<usize, Prepared>), Error> {
+        let client = db.connect().await?;
+        // The checkpoint commits with its batch, so a commit lost in a crash
+        // loses both together and the batch is simply redone.
+        client.batch_execute("SET synchronous_commit = off").await.ctx(|| "configuring the writer connection".into())?;
+        client.batch_execute(&timeouts.session_sql()).await.ctx(|| "configuring the writer connection".into())?;
+        let mut prepared = HashMap::new();
+        for t in &job.targets {
+            let what = || format!("preparing writes to {}", t.table);
+            client.batch_execute(&sql::create_stage(t)).await.ctx(what)?;
+            let update = client.prepare(&sql::update_from_stage(t, true)).await.ctx(what)?;
+            let update_any = client.prepare(&sql::update_from_stage(t, false)).await.ctx(what)?;
+            let quarantine = client.prepare(&sql::insert_quarantine(t)).await.ctx(what)?;
+            let unapplied = client.prepare(&sql::unapplied_in_stage(t)).await.ctx(what)?;
+            prepared.insert(t.index, Prepared { update, update_any, quarantine, unapplied });
+        }
+        Ok((client, prepared))
+    }
+
+    /// Commits one batch and its checkpoint; returns what it did.
+    pub async fn write(&mut self, target: &Target, commit: Commit<'_>, batch: &Batch) -> Result<Written, Error> {
+        let what = || format!("writing a batch to {}", target.table);
+        let p = &self.prepared[&target.index];
+        let ncols = target.columns.len();
+        let mut counts = Counts { rows_scanned: batch.rows.len() as u64, ..Counts::default() };
+
+        let staged: Vec<usize> = (0..batch.rows.len())
+            .filter(|&r| batch.cells[r * ncols..(r + 1) * ncols].iter().any(|c| matches!(c, Cell::Rewritten(_))))
+            .collect();
+        let tx = self.client.transaction().await.ctx(what)?;
+        let mut conflicted: HashSet<KeyBytes> = HashSet::new();
+        if let (Some(&first), Some(&last)) = (staged.first(), staged.last()) {
+            let mut buf = CopyBuffer::with_capacity(staged.len() * 160);
+            let fields = (target.key.len() + 2 * ncols) as i16;
+            for &r in &staged {
+                let row = &batch.rows[r];
+                buf.row(fields);
+                for k in raw::leading(row, target.key.len()) {
+                    buf.field(Some(k));
+                }
+                for (c, cell) in batch.cells[r * ncols..(r + 1) * ncols].iter().enumerate() {
+                    buf.field(transform::value(target, row, c));
+                    buf.field(match cell {
+                        Cell::Rewritten(v) => Some(v),
+                        _ => None,
+                    });
+                }
+            }
+            let copy = tx.copy_in::<_, bytes::Bytes>(&sql::copy_stage(target)).await.ctx(what)?;
+            futures_util::pin_mut!(copy);
+            futures_util::SinkExt::send(&mut copy, buf.finish()).await.ctx(what)?;
+            copy.finish().await.ctx(what)?;
+
+            let updated = match commit {
+                Commit::Range(_) => {
+                    let lo = target.key_params(&batch.rows[first]);
+                    let hi = target.key_params(&batch.rows[last]);
+                    let mut params = params(&lo);
+                    params.extend(raw::params(&hi));
+                    tx.execute(&p.update, &params).await.ctx(what)?
+                }
+                Commit::Retry(_) => tx.execute(&p.update_any, &[]).await.ctx(what)?,
+            };
+            counts.rows_rewritten = updated;
+            counts.conflicts = staged.len() as u64 - updated;
+            if counts.conflicts > 0 {
+                for row in tx.query(&p.unapplied, &[]).await.ctx(what)? {
+                    conflicted.insert(raw::key_of(&row, target.key.len()));
+                }
+            }
+        }
+
+        let mut failures = Vec::new();
+        for (r, row) in batch.rows.iter().enumerate() {
+            let row_conflicted = !conflicted.is_empty() && conflicted.contains(&target.row_key(row));
+            for (c, cell) in batch.cells[r * ncols..(r + 1) * ncols].iter().enumerate() {
+                match cell {
+                    Cell::Rewritten(_) if !row_conflicted => counts.values_rewritten += 1,
+                    Cell::Rewritten(_) | Cell::Opened(..) => {}
+                    Cell::Null | Cell::Current => counts.values_skipped += 1,
+                    Cell::Failed(e) => {
+                        counts.values_failed += 1;
+                        let key = target.row_key(row);
+                        let pk: Vec<&[u8]> = key.iter().map(|k| k.as_slice()).collect();
+                        let table = target.table.to_string();
+                        let column = &target.columns[c].name;
+                        let kind = e.kind();
+                        let keyp = target.key_params(row);
+                        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&self.job_id, &table, column, &pk, &kind];
+                        params.extend(raw::params(&keyp));
+                        let key_text: Option<String> = tx.query_one(&p.quarantine, &params).await.ctx(what)?.get(0);
+                        failures.push(Failure { table, column: column.clone(), key: key_text.unwrap_or_default(), error: kind });
+                    }
+                }
+            }
+        }
+        let target_no = target.index as i32;
+        if let Commit::Retry(keys) = commit {
+            for key in keys {
+                tx.execute("DELETE FROM rekey.conflicts WHERE job_id = $1 AND target = $2 AND pk = $3", &[&self.job_id, &target_no, key]).await.ctx(what)?;
+            }
+        }
+        for key in &conflicted {
+            tx.execute(
+                "INSERT INTO rekey.conflicts (job_id, target, pk) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                &[&self.job_id, &target_no, key],
+            )
+            .await
+            .ctx(what)?;
+        }
+        if target.write.format.random_nonces() && !staged.is_empty() {
+            // The nonce budget (README, Guarantees 7): every staged value was encrypted under a fresh random nonce.
+            let encrypted = batch.cells.iter().filter(|c| matches!(c, Cell::Rewritten(_))).count() as i64;
+            let key = target.write.keyring.target();
+            let total = state::count_encryptions(&tx, &key.fingerprint(), &target.target_label(), encrypted).await.ctx(what)?;
+            if total > state::NONCE_BUDGET {
+                return Err(nonce_budget_spent(target, total - encrypted, "this batch (rolled back)"));
+            }
+        }
+        let control = match commit {
+            Commit::Range(state) => {
+                let lease = self.owner.as_deref().zip(batch.lease).map(|(owner, generation)| state::Lease { owner, generation });
+                state::record_batch(&tx, self.job_id, state, lease, batch.last_key.as_ref(), batch.end, &counts)
+                .await
+                .ctx(what)?
+                .ok_or_else(|| {
+                    metrics::LeaseChanged { kind: LeaseChange::Lost, table: &target.table.to_string(), range_no: state.range_no, owner: self.owner.as_deref().unwrap_or("") }.emit();
+                    Error::LeaseLost(format!(
+                        "range {} of {} was taken over by another rekey process (this one stopped renewing its lease); \
+                         the batch was rolled back, nothing of it was written",
+                        state.range_no, target.table
+                    ))
+                })
+                .and_then(|word| Control::stored(&word))?
+            }
+            Commit::Retry(_) => {
+                state::record_retry(&tx, self.job_id, target.index, &target.table.to_string(), &counts).await.ctx(what)?;
+                Control::Run
+            }
+        };
+        tx.commit().await.ctx(what)?;
+        if let (Commit::Range(state), Some(last)) = (commit, &batch.last_key) {
+            self.ledger.insert((state.target, state.range_no), last.clone());
+        }
+        Ok(Written { counts, failures, control })
+    }
+}
+
+/// The error for a key that has used up its random nonces (README, Guarantees 7).
+pub fn nonce_budget_spent(target: &Target, used: i64, what: &str) -> Error {
+    Error::Config(format!(
+        "key {} has already encrypted {used} values with random 96-bit nonces, and {what} would pass the limit of 2^32 \
+         (NIST SP 800-38D); stage a new key and rotate to it instead (rekey.key_usage counts per key fingerprint)",
+        target.target_label()
+    ))
+}
+
+/// Looks up the text form of failed values' keys for reports, writing nothing
+/// (`--dry-run` and `verify`).
+pub async fn describe_failures(client: &Client, target: &Target, batch: &Batch) -> Result<Vec<Failure>, Error> {
+    let ncols = target.columns.len();
+    let mut out = Vec::new();
+    let mut stmt = None;
+    for (r, row) in batch.rows.iter().enumerate() {
+        for (c, cell) in batch.cells[r * ncols..(r + 1) * ncols].iter().enumerate() {
+            if let Cell::Failed(e) = cell {
+                let what = || format!("describing a failed value of {}", target.table);
+                if stmt.is_none() {
+                    stmt = Some(client.prepare(&sql::key_text(target)).await.ctx(what)?);
+                }
+                let Some(s) = &stmt else { continue };
+                let keyp = target.key_params(row);
+                let key: Option<String> = client.query_opt(s, &params(&keyp)).await.ctx(what)?.map(|r| r.get(0));
+                out.push(Failure {
+                    table: target.table.to_string(),
+                    column: target.columns[c].name.clone(),
+                    key: key.unwrap_or_default(),
+                    error: e.kind(),
+                });
+            }
+        }
+    }
+    Ok(out)
+}

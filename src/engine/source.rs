@@ -1,0 +1,104 @@
+//! Source: keyset pages of a target's rows, never OFFSET.
+//!
+//! Each page is `WHERE (key) > (last) AND (key) <= (upper) AND <stale>
+//! ORDER BY key LIMIT n`, so each page costs the same however deep into the
+//! table it is, and a re-run reads only rows still holding a value on an old
+//! key (where the format lets SQL see the key). Statements are prepared once
+//! per connection and shape.
+
+use std::collections::HashMap;
+
+use tokio_postgres::{Client, Row, Statement};
+
+use crate::db::raw::{self, RawParam, RawRef};
+use crate::db::Database;
+use crate::error::DbContext;
+use crate::job::Target;
+use crate::db::session::Timeouts;
+use crate::db::KeyBytes;
+use crate::engine::sql::{self, Bounds};
+use crate::Error;
+
+/// Reads pages over one connection.
+pub struct Source {
+    /// The reading connection (autocommit: no transaction is held between pages).
+    client: Client,
+    /// Where to reconnect, and the session's limits.
+    origin: Option<(Database, Timeouts)>,
+    /// Prepared page statements, by target and bounds shape.
+    statements: HashMap<(usize, Bounds), (Statement, Vec<usize>)>,
+    /// Whether to read only rows with a stale value (false for `verify --full`).
+    only_stale: bool,
+}
+
+impl Source {
+    /// Wraps a connection.
+    pub fn new(client: Client, only_stale: bool) -> Self {
+        Source { client, origin: None, statements: HashMap::new(), only_stale }
+    }
+
+    /// Opens a reading connection with `timeouts` (only `statement_timeout` applies to reads).
+    pub async fn connect(db: &Database, only_stale: bool, timeouts: Timeouts) -> Result<Self, Error> {
+        let client = Self::open(db, timeouts).await?;
+        Ok(Source { client, origin: Some((db.clone(), timeouts)), statements: HashMap::new(), only_stale })
+    }
+
+    /// Replaces a broken connection with a new one.
+    pub async fn reconnect(&mut self) -> Result<(), Error> {
+        let Some((db, timeouts)) = &self.origin else {
+            return Err(Error::Runtime("this reader cannot reconnect".into()));
+        };
+        self.client = Self::open(db, *timeouts).await?;
+        self.statements.clear();
+        Ok(())
+    }
+
+    async fn open(db: &Database, timeouts: Timeouts) -> Result<Client, Error> {
+        let client = db.connect().await?;
+        client.batch_execute(&timeouts.session_sql()).await.ctx(|| "configuring a reader connection".into())?;
+        Ok(client)
+    }
+
+    /// The connection, for the occasional lookup beside the pages.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The next page of at most `limit` rows after `after`, up to `upper`.
+    pub async fn page(&mut self, target: &Target, after: Option<&KeyBytes>, upper: Option<&KeyBytes>, limit: usize) -> Result<Vec<Row>, Error> {
+        let bounds = Bounds { lower: after.is_some(), upper: upper.is_some() };
+        let key = (target.index, bounds);
+        if !self.statements.contains_key(&key) {
+            let (text, prefixed) = sql::select_page(target, bounds, self.only_stale);
+            let stmt = self.client.prepare(&text).await.ctx(|| format!("preparing the read of {}", target.table))?;
+            self.statements.insert(key, (stmt, prefixed));
+        }
+        let (stmt, prefixed) = &self.statements[&key];
+        let prefixes: Vec<Vec<u8>> = prefixed.iter().filter_map(|&c| target.stale_prefix(c)).collect();
+        let limit = limit as i64;
+        let bounds: Vec<RawParam> = after.into_iter().chain(upper).flat_map(|k| k.iter().map(|p| RawParam(p))).collect();
+        let mut params = raw::params(&bounds);
+        params.extend(raw::params(&prefixes));
+        params.push(&limit);
+        self.client.query(stmt, &params).await.ctx(|| format!("reading a page of {}", target.table))
+    }
+}
+
+impl Source {
+    /// The rows with these keys (those that still exist), for conflict re-reads.
+    pub async fn rows_by_keys(&mut self, target: &Target, keys: &[KeyBytes]) -> Result<Vec<Row>, Error> {
+        let what = || format!("re-reading conflicted rows of {}", target.table);
+        let stmt = self.client.prepare(&sql::select_by_key(target)).await.ctx(what)?;
+        let mut rows = Vec::with_capacity(keys.len());
+        for key in keys {
+            let key: Vec<RawParam> = key.iter().map(|p| RawParam(p)).collect();
+            rows.extend(self.client.query_opt(&stmt, &raw::params(&key)).await.ctx(what)?);
+        }
+        Ok(rows)
+    }
+}
+
+/// Bytes of the encrypted values in a row read by [`Source::page`].
+pub fn value_bytes(target: &Target, row: &Row) -> usize {
+    (target.key.len()..row.len()).map(|i| row.try_get::<_, RawRef>(i).map_or(0, |r| r.0.len())).sum()
+}

@@ -1,0 +1,214 @@
+//! SQL text for a target, in one place so it is easy to check that nothing
+//! from input is spliced into SQL (README, Guarantees): every identifier
+//! comes from the catalog and goes through [`quote_ident`]; every value
+//! (keys, prefixes, limits) is a bind parameter or a COPY field.
+
+use crate::db::quote_ident;
+use crate::job::{Aad, Encoding, Target};
+
+/// Which key bounds a keyset query has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Bounds {
+    /// Rows strictly after a lower key.
+    pub lower: bool,
+    /// Rows up to and including an upper key.
+    pub upper: bool,
+}
+
+/// Parameter placeholders `($a, $a+1, ...)` for one key, starting at `first`.
+fn key_params(target: &Target, first: usize) -> String {
+    let list = (0..target.key.len()).map(|i| format!("${}", first + i)).collect::<Vec<_>>().join(", ");
+    format!("({list})")
+}
+
+/// SQL for the first `len` bytes of the ciphertext in column `col`, or NULL
+/// where the column is NULL. For base64 text, only the leading characters are
+/// decoded, and text that is not base64 gives an empty prefix (so the value is
+/// read, and quarantined) instead of an error that would stop the query.
+/// No literal holds a backslash: with `standard_conforming_strings` off,
+/// `'\x'::bytea` is the byte `x` (0x78), the prefix of key version 120.
+pub fn prefix_expr(target: &Target, col: usize, alias: &str, len: usize) -> String {
+    let c = format!("{alias}{}", quote_ident(&target.columns[col].name));
+    match target.columns[col].write {
+        Encoding::Raw if target.columns[col].type_name == "bytea" => format!("substring({c} from 1 for {len})"),
+        Encoding::Raw => format!("substring(convert_to({c}, 'UTF8') from 1 for {len})"),
+        Encoding::Base64 => {
+            let chars = len.div_ceil(3) * 4;
+            format!(
+                "CASE WHEN {c} IS NULL THEN NULL \
+                 WHEN substring({c} from 1 for {chars}) ~ '^[A-Za-z0-9+/]{{{chars}}}$' \
+                 THEN substring(decode(substring({c} from 1 for {chars}), 'base64') from 1 for {len}) \
+                 ELSE ''::bytea END"
+            )
+        }
+    }
+}
+
+/// `(c1 stale OR c2 stale ...)`: rows holding at least one value not on the
+/// target key. Prefixes are parameters `$first..`, one per column that has one;
+/// returns the SQL and the columns whose prefix must be bound, in order.
+pub fn stale_filter(target: &Target, alias: &str, first: usize) -> (String, Vec<usize>) {
+    let mut terms = Vec::new();
+    let mut bound = Vec::new();
+    for (i, col) in target.columns.iter().enumerate() {
+        match target.stale_prefix(i) {
+            Some(prefix) => {
+                terms.push(format!("{} <> ${}", prefix_expr(target, i, alias, prefix.len()), first + bound.len()));
+                bound.push(i);
+            }
+            None => terms.push(format!("{alias}{} IS NOT NULL", quote_ident(&col.name))),
+        }
+    }
+    (format!("({})", terms.join(" OR ")), bound)
+}
+
+/// One keyset page: key columns then encrypted columns, in key order.
+/// Parameters: lower key (if any), upper key (if any), stale prefixes (if
+/// `only_stale`), then the row limit.
+pub fn select_page(target: &Target, bounds: Bounds, only_stale: bool) -> (String, Vec<usize>) {
+    let keys = target.key_list("");
+    let cols = column_list(target);
+    let mut next = 1;
+    let mut conds = Vec::new();
+    if bounds.lower {
+        conds.push(format!("({keys}) > {}", key_params(target, next)));
+        next += target.key.len();
+    }
+    if bounds.upper {
+        conds.push(format!("({keys}) <= {}", key_params(target, next)));
+        next += target.key.len();
+    }
+    let mut prefixed = Vec::new();
+    if only_stale {
+        let (filter, cols) = stale_filter(target, "", next);
+        next += cols.len();
+        conds.push(filter);
+        prefixed = cols;
+    }
+    if let Some(f) = &target.filter {
+        conds.push(format!("({f})"));
+    }
+    let filter = if conds.is_empty() { String::new() } else { format!(" WHERE {}", conds.join(" AND ")) };
+    let sql = format!("SELECT {keys}, {cols}{} FROM {}{filter} ORDER BY {keys} LIMIT ${next}", aad_select(target), target.qualified());
+    (sql, prefixed)
+}
+
+/// `, "col"::text` when the target binds a column as associated data.
+pub fn aad_select(target: &Target) -> String {
+    match &target.aad {
+        Aad::Column(c) => format!(", {}::text AS \"rekey aad\"", quote_ident(c)),
+        Aad::None | Aad::Constant(_) => String::new(),
+    }
+}
+
+/// `WHERE` conditions every read of a target carries (its operator filter).
+pub fn target_filter(target: &Target) -> String {
+    target.filter.as_ref().map(|f| format!(" AND ({f})")).unwrap_or_default()
+}
+
+/// The encrypted columns, quoted, comma-separated.
+fn column_list(target: &Target) -> String {
+    target.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ")
+}
+
+/// `f(i, quoted name)` for every encrypted column, joined by `sep`.
+fn per_column(target: &Target, sep: &str, f: impl Fn(usize, &str) -> String) -> String {
+    target.columns.iter().enumerate().map(|(i, c)| f(i, &quote_ident(&c.name))).collect::<Vec<_>>().join(sep)
+}
+
+/// `t."k1" = s.k0 AND ...`: a table row joined to its stage row.
+fn stage_join(target: &Target) -> String {
+    target.key.iter().enumerate().map(|(i, k)| format!("t.{} = s.k{i}", quote_ident(&k.name))).collect::<Vec<_>>().join(" AND ")
+}
+
+/// Name of the per-connection temp stage table for a target.
+pub fn stage_table(target: &Target) -> String {
+    format!("pg_temp.rekey_stage_{}", target.index)
+}
+
+/// Creates the stage table: key columns `k0..`, then `o<i>`/`n<i>` (old and
+/// new value) per encrypted column, with the target's own column types.
+pub fn create_stage(target: &Target) -> String {
+    let keys = target.key.iter().enumerate().map(|(i, k)| format!("{} AS k{i}", quote_ident(&k.name)));
+    let vals = target
+        .columns
+        .iter()
+        .enumerate()
+        .flat_map(|(i, c)| [format!("{} AS o{i}", quote_ident(&c.name)), format!("{} AS n{i}", quote_ident(&c.name))]);
+    format!(
+        "CREATE TEMP TABLE IF NOT EXISTS rekey_stage_{} ON COMMIT DELETE ROWS AS SELECT {} FROM {} WITH NO DATA",
+        target.index,
+        keys.chain(vals).collect::<Vec<_>>().join(", "),
+        target.qualified()
+    )
+}
+
+/// Binary COPY into the stage table.
+pub fn copy_stage(target: &Target) -> String {
+    format!("COPY {} FROM STDIN (FORMAT binary)", stage_table(target))
+}
+
+/// The compare-and-swap write: a row is updated only where every encrypted
+/// column still holds the value that was read. `$1..` and `$n+1..` bound the
+/// key range of the batch so the join reads only that stretch of the index.
+pub fn update_from_stage(target: &Target, bounded: bool) -> String {
+    let n = target.key.len();
+    let sets = per_column(target, ", ", |i, q| format!("{q} = COALESCE(s.n{i}, t.{q})"));
+    let cas = per_column(target, " AND ", |i, q| format!("t.{q} IS NOT DISTINCT FROM s.o{i}"));
+    let keys = target.key_list("t.");
+    let range = if bounded { format!(" AND ({keys}) >= {} AND ({keys}) <= {}", key_params(target, 1), key_params(target, n + 1)) } else { String::new() };
+    format!("UPDATE {} AS t SET {sets} FROM {} AS s WHERE {}{range} AND {cas}", target.qualified(), stage_table(target), stage_join(target))
+}
+
+/// Staged rows whose values the UPDATE did not put in place (changed or
+/// deleted by someone else since they were read).
+pub fn unapplied_in_stage(target: &Target) -> String {
+    let keys = (0..target.key.len()).map(|i| format!("s.k{i}")).collect::<Vec<_>>().join(", ");
+    let applied = per_column(target, " AND ", |i, q| format!("t.{q} IS NOT DISTINCT FROM coalesce(s.n{i}, s.o{i})"));
+    format!(
+        "SELECT {keys} FROM {} AS s WHERE NOT EXISTS (SELECT 1 FROM {} AS t WHERE {} AND {applied})",
+        stage_table(target),
+        target.qualified(),
+        stage_join(target)
+    )
+}
+
+/// Records one undecryptable value. Parameters: job id, table label, column,
+/// key as bytea[], error kind, then the key columns for the text lookup.
+pub fn insert_quarantine(target: &Target) -> String {
+    format!(
+        "INSERT INTO rekey.quarantine (job_id, table_name, column_name, pk, pk_text, error_kind) \
+         SELECT $1, $2, $3, $4, (SELECT ROW({keys})::text FROM {table} AS t WHERE ({keys}) = {params}), $5 \
+         ON CONFLICT (job_id, table_name, column_name, pk) DO UPDATE SET error_kind = EXCLUDED.error_kind, seen_at = now() \
+         RETURNING pk_text",
+        keys = target.key_list("t."),
+        table = target.qualified(),
+        params = key_params(target, 6),
+    )
+}
+
+/// A random sample of rows in the layout of [`select_page`], followed by the
+/// row's key as text. Parameters: sample percent (real), row limit.
+pub fn select_sample(target: &Target) -> String {
+    let keys = target.key_list("");
+    let cols = column_list(target);
+    let filter = target.filter.as_ref().map(|f| format!(" WHERE ({f})")).unwrap_or_default();
+    format!(
+        "SELECT {keys}, {cols}{}, ROW({keys})::text AS \"rekey key\" FROM {} TABLESAMPLE BERNOULLI ($1){filter} LIMIT $2",
+        aad_select(target),
+        target.qualified()
+    )
+}
+
+/// One row by its key, in the layout of [`select_page`] (conflict re-reads).
+pub fn select_by_key(target: &Target) -> String {
+    let keys = target.key_list("");
+    let cols = column_list(target);
+    format!("SELECT {keys}, {cols}{} FROM {} WHERE ({keys}) = {}{}", aad_select(target), target.qualified(), key_params(target, 1), target_filter(target))
+}
+
+/// The key of one row as text, for reports (`(42)`, `(7,abc)`).
+pub fn key_text(target: &Target) -> String {
+    let keys = target.key_list("t.");
+    format!("SELECT ROW({keys})::text FROM {} AS t WHERE ({keys}) = {}", target.qualified(), key_params(target, 1))
+}

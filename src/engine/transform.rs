@@ -1,0 +1,374 @@
+//! Transform: decrypt under the old key, encrypt under the target key, and
+//! check the result, for every value of a batch, on the rayon pool.
+//!
+//! Pure CPU: no I/O and no await. Verify-before-write: each new ciphertext is
+//! opened again and compared with the plaintext before it may leave this
+//! stage, so a value is only ever replaced by one that decrypts to the same
+//! plaintext (README, Guarantees 2).
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+
+use base64::Engine as _;
+use rayon::prelude::*;
+use tokio_postgres::Row;
+
+use zeroize::Zeroize;
+
+use crate::crypto::codec::{Codec, CodecError};
+use crate::db::RawRef;
+use crate::job::{Aad, Encoding, Side, Target};
+
+/// What the transform decided for one value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cell {
+    /// NULL: nothing to do.
+    Null,
+    /// Already under the target key (in the target format): left as is.
+    Current,
+    /// The new ciphertext, as it is stored (bytes, base64 or token text), to write.
+    Rewritten(Vec<u8>),
+    /// Opened (verify only; nothing is written): the key's label, and whether it is the target key.
+    Opened(String, bool),
+    /// Could not be opened: quarantined, never overwritten.
+    Failed(CodecError),
+}
+
+/// The encrypted value in column `col` of a page row, as stored.
+pub fn value<'a>(target: &Target, row: &'a Row, col: usize) -> Option<&'a [u8]> {
+    row.try_get::<_, Option<RawRef>>(target.key.len() + col).ok().flatten().map(|r| r.0)
+}
+
+/// The associated data for the values of a page row.
+pub fn aad<'a>(target: &'a Target, row: &'a Row) -> &'a [u8] {
+    match &target.aad {
+        Aad::None => &[],
+        Aad::Constant(bytes) => bytes,
+        Aad::Column(_) => row
+            .try_get::<_, Option<RawRef>>(target.key.len() + target.columns.len())
+            .ok()
+            .flatten()
+            .map_or(&[], |r| r.0),
+    }
+}
+
+/// Decides every cell of a batch; `cells` is row-major, one per encrypted column.
+pub fn rewrite(target: &Target, rows: &[Row], cells: &mut Vec<Cell>) {
+    fill(target, rows, cells, |col, stored, aad| rewrite_value(target, col, stored, aad));
+}
+
+/// Opens every value of a batch to see which key (and format) it is under (verify).
+pub fn classify(target: &Target, rows: &[Row], cells: &mut Vec<Cell>) {
+    fill(target, rows, cells, |col, stored, aad| classify_value(target, col, stored, aad));
+}
+
+fn fill(target: &Target, rows: &[Row], cells: &mut Vec<Cell>, decide: impl Fn(usize, &[u8], &[u8]) -> Cell + Sync) {
+    let ncols = target.columns.len();
+    cells.clear();
+    cells.resize(rows.len() * ncols, Cell::Null);
+    cells.par_chunks_mut(ncols).zip(rows.par_iter()).with_min_len(64).for_each(|(out, row)| {
+        let aad = aad(target, row);
+        for (col, cell) in out.iter_mut().enumerate() {
+            *cell = match value(target, row, col) {
+                None => Cell::Null,
+                Some(stored) => decide(col, stored, aad),
+            };
+        }
+    });
+}
+
+fn decode(encoding: Encoding, stored: &[u8]) -> Result<Cow<'_, [u8]>, CodecError> {
+    match encoding {
+        Encoding::Raw => Ok(Cow::Borrowed(stored)),
+        Encoding::Base64 => base64::engine::general_purpose::STANDARD.decode(stored).map(Cow::Owned).map_err(|_| CodecError::BadEncoding),
+    }
+}
+
+fn encode(encoding: Encoding, sealed: Vec<u8>) -> Vec<u8> {
+    match encoding {
+        Encoding::Raw => sealed,
+        Encoding::Base64 => base64::engine::general_purpose::STANDARD.encode(&sealed).into_bytes(),
+    }
+}
+
+/// Whether `ct` is a value of `side`'s format that opens under its target key.
+fn on_target(side: &Side, ct: &[u8], aad: &[u8]) -> Result<bool, CodecError> {
+    let codec = &*side.codec;
+    match codec.key_hint(ct) {
+        Some(k) if k != codec.target() => Ok(false),
+        _ => SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let plain = &mut scratch.0;
+            let result = codec.open_into(ct, aad, plain).map(|(k, _)| k == codec.target());
+            plain.as_mut_slice().zeroize();
+            plain.clear();
+            result
+        }),
+    }
+}
+
+/// What [`reseal`] made of a ciphertext.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Resealed {
+    /// Already under the target key; nothing to write.
+    Current,
+    /// The new ciphertext, verified to open to the same plaintext under the target key.
+    New(Vec<u8>),
+}
+
+thread_local! {
+    /// Per-thread plaintext and check buffers, wiped after every value.
+    static SCRATCH: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// The re-encryption core: opens `ct` with `read`, seals the plaintext with
+/// `write`, opens the result again and compares (verify-before-write).
+/// `keep_current`: a value `read` opens under its target key is left as it
+/// is (a rotation; false for a migration, where every old-format value moves).
+/// Plaintext lives only in per-thread buffers that are wiped before return.
+pub fn reseal(read: &dyn Codec, write: &dyn Codec, ct: &[u8], aad: &[u8], keep_current: bool) -> Result<Resealed, CodecError> {
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        let (plain, check) = &mut *scratch;
+        let result = (|| {
+            let (key, timestamp) = read.open_into(ct, aad, plain)?;
+            if keep_current && key == read.target() {
+                return Ok(Resealed::Current);
+            }
+            let mut sealed = Vec::new();
+            write.seal(plain, aad, timestamp, &mut sealed);
+            match write.open_into(&sealed, aad, check) {
+                Ok((k, _)) if k == write.target() && check == plain => Ok(Resealed::New(sealed)),
+                _ => Err(CodecError::VerifyMismatch),
+            }
+        })();
+        for buf in [plain, check] {
+            buf.as_mut_slice().zeroize();
+            buf.clear();
+        }
+        result
+    })
+}
+
+/// Re-encrypts one stored value under the target key, or says why not.
+pub fn rewrite_value(target: &Target, col: usize, stored: &[u8], aad: &[u8]) -> Cell {
+    let column = &target.columns[col];
+    let (read, write) = (&target.read, &target.write);
+    if target.migrating {
+        // Already migrated (a resumed or repeated run)?
+        if let Ok(ct) = decode(column.write, stored) {
+            if on_target(write, &ct, aad).unwrap_or(false) {
+                return Cell::Current;
+            }
+        }
+    }
+    let ct = match decode(column.read, stored) {
+        Ok(ct) => ct,
+        Err(e) => return Cell::Failed(e),
+    };
+    if !target.migrating && read.codec.key_hint(&ct) == Some(read.codec.target()) {
+        // Claims the target key: check it really opens before calling it current.
+        return match on_target(read, &ct, aad) {
+            Ok(true) => Cell::Current,
+            Ok(false) => Cell::Failed(CodecError::AuthFailed),
+            Err(e) => Cell::Failed(e),
+        };
+    }
+    match reseal(&*read.codec, &*write.codec, &ct, aad, !target.migrating) {
+        Ok(Resealed::Current) => Cell::Current,
+        Ok(Resealed::New(sealed)) => Cell::Rewritten(encode(column.write, sealed)),
+        Err(e) => Cell::Failed(e),
+    }
+}
+
+/// Which key a stored value is under: the target format first, then (when
+/// migrating) the old one.
+pub fn classify_value(target: &Target, col: usize, stored: &[u8], aad: &[u8]) -> Cell {
+    let column = &target.columns[col];
+    let written = decode(column.write, stored).and_then(|ct| target.write.codec.open(&ct, aad));
+    match written {
+        Ok(o) => {
+            let prefix = if target.migrating { format!("{} ", target.write.format.name()) } else { String::new() };
+            Cell::Opened(format!("{prefix}{}", target.write.codec.key_label(o.key)), o.key == target.write.codec.target())
+        }
+        Err(e) if !target.migrating => Cell::Failed(e),
+        Err(e) => match decode(column.read, stored).and_then(|ct| target.read.codec.open(&ct, aad)) {
+            Ok(o) => Cell::Opened(format!("{} {}", target.read.format.name(), target.read.codec.key_label(o.key)), false),
+            Err(_) => Cell::Failed(e),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::catalog::{TableColumn, TableRef};
+    use crate::job::Column;
+    use crate::crypto::codec::Format;
+    use crate::job::Side;
+    use crate::crypto::keyring::{Key, Keyring};
+    use proptest::prelude::*;
+
+    const FORMATS: [Format; 4] = [Format::VersionedGcm, Format::Fernet, Format::TinkGcm, Format::RawGcm];
+
+    /// Key 1 only: how old values were written.
+    fn old_ring() -> Keyring {
+        Keyring::new(vec![Key::new(1, [1; 32])], 1, None).unwrap()
+    }
+
+    /// Keys 1 and 2, target 2: the rotation.
+    fn new_ring() -> Keyring {
+        Keyring::new(vec![Key::new(1, [1; 32]), Key::new(2, [2; 32])], 1, Some(2)).unwrap()
+    }
+
+    fn side(format: Format, keyring: Keyring) -> Side {
+        Side { format, codec: format.codec(&keyring).unwrap(), keyring }
+    }
+
+    /// One encrypted column `c` stored with `encoding`, read in `from`, written in `to`.
+    fn target(from: Format, to: Format, encoding: Encoding) -> Target {
+        let type_name = if encoding == Encoding::Raw && from != Format::Fernet { "bytea" } else { "text" };
+        Target {
+            index: 0,
+            table: TableRef { schema: "public".into(), name: "t".into() },
+            key: vec![TableColumn { name: "id".into(), type_name: "bigint".into() }],
+            columns: vec![Column { name: "c".into(), type_name: type_name.into(), read: encoding, write: encoding }],
+            read: side(from, new_ring()),
+            write: side(to, new_ring()),
+            migrating: from != to,
+            aad: Aad::None,
+            filter: None,
+        }
+    }
+
+    fn encoding() -> impl Strategy<Value = Encoding> {
+        prop::sample::select(vec![Encoding::Raw, Encoding::Base64])
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn arbitrary_stored_bytes_are_failed_with_a_typed_error_never_rewritten(
+            from in prop::sample::select(FORMATS.to_vec()),
+            to in prop::sample::select(FORMATS.to_vec()),
+            encoding in encoding(),
+            stored in proptest::collection::vec(any::<u8>(), 0..128),
+        ) {
+            let target = target(from, to, encoding);
+            let cell = rewrite_value(&target, 0, &stored, b"");
+            prop_assert!(matches!(cell, Cell::Failed(CodecError::Truncated | CodecError::UnknownKey | CodecError::AuthFailed | CodecError::BadEncoding)), "{:?}", cell);
+            let seen = classify_value(&target, 0, &stored, b"");
+            prop_assert!(matches!(seen, Cell::Failed(_)), "{:?}", seen);
+        }
+
+        #[test]
+        fn arbitrary_base64_text_is_failed_with_a_typed_error(format in prop::sample::select(FORMATS.to_vec()), text in "[A-Za-z0-9+/=]{0,120}") {
+            let cell = rewrite_value(&target(format, format, Encoding::Base64), 0, text.as_bytes(), b"");
+            prop_assert!(matches!(cell, Cell::Failed(CodecError::Truncated | CodecError::UnknownKey | CodecError::AuthFailed | CodecError::BadEncoding)), "{:?}", cell);
+        }
+
+        #[test]
+        fn a_value_under_the_old_key_is_rewritten_to_one_that_opens_to_its_plaintext(
+            from in prop::sample::select(FORMATS.to_vec()),
+            to in prop::sample::select(FORMATS.to_vec()),
+            encoding in encoding(),
+            plaintext in proptest::collection::vec(any::<u8>(), 0..300),
+        ) {
+            let target = target(from, to, encoding);
+            let mut sealed = Vec::new();
+            from.codec(&old_ring()).unwrap().seal(&plaintext, b"", Some(1_700_000_000), &mut sealed);
+            let stored = encode(encoding, sealed);
+            let Cell::Rewritten(new) = rewrite_value(&target, 0, &stored, b"") else {
+                return Err(TestCaseError::fail("not rewritten"));
+            };
+            let opened = target.write.codec.open(&decode(encoding, &new).unwrap(), b"").unwrap();
+            prop_assert_eq!((opened.key, opened.plaintext.as_slice()), (2, plaintext.as_slice()));
+            prop_assert_eq!(rewrite_value(&target, 0, &new, b""), Cell::Current);
+        }
+    }
+
+    /// A faulty encryptor: seals through a real codec, then `damage` spoils the result.
+    struct Faulty {
+        inner: std::sync::Arc<dyn Codec>,
+        damage: fn(&mut Vec<u8>),
+    }
+
+    impl Codec for Faulty {
+        fn key_hint(&self, value: &[u8]) -> Option<crate::crypto::keyring::KeyId> {
+            self.inner.key_hint(value)
+        }
+        fn open(&self, value: &[u8], aad: &[u8]) -> Result<crate::crypto::codec::Opened, CodecError> {
+            self.inner.open(value, aad)
+        }
+        fn seal(&self, plaintext: &[u8], aad: &[u8], timestamp: Option<u64>, out: &mut Vec<u8>) {
+            self.inner.seal(plaintext, aad, timestamp, out);
+            (self.damage)(out);
+        }
+        fn target(&self) -> crate::crypto::keyring::KeyId {
+            self.inner.target()
+        }
+        fn key_prefix(&self, key: crate::crypto::keyring::KeyId) -> Option<Vec<u8>> {
+            self.inner.key_prefix(key)
+        }
+        fn describe_prefix(&self, prefix: &[u8]) -> String {
+            self.inner.describe_prefix(prefix)
+        }
+    }
+
+    #[test]
+    fn a_ciphertext_that_does_not_open_to_the_same_plaintext_is_never_handed_to_the_sink() {
+        let read = Format::VersionedGcm.codec(&old_ring()).unwrap();
+        let mut old = Vec::new();
+        read.seal(b"+15551234567", b"", None, &mut old);
+        let damages: [fn(&mut Vec<u8>); 3] = [
+            |v| {
+                let last = v.len() - 1;
+                v[last] ^= 1; // a broken tag
+            },
+            |v| v.truncate(v.len() / 2), // a short write
+            |v| {
+                let n = v.len();
+                v[n - 20] ^= 0x40; // a flipped ciphertext bit
+            },
+        ];
+        for damage in damages {
+            let write = Faulty { inner: Format::VersionedGcm.codec(&new_ring()).unwrap(), damage };
+            let reader = Format::VersionedGcm.codec(&new_ring()).unwrap();
+            assert_eq!(reseal(&*reader, &write, &old, b"", true), Err(CodecError::VerifyMismatch));
+        }
+    }
+
+    #[test]
+    fn a_ciphertext_sealed_under_another_key_than_the_target_is_refused() {
+        let read = Format::VersionedGcm.codec(&old_ring()).unwrap();
+        let mut old = Vec::new();
+        read.seal(b"+15551234567", b"", None, &mut old);
+        // claims to seal under key 2 but seals under key 1: opens, to the right plaintext, under the wrong key
+        let write = Faulty { inner: Format::VersionedGcm.codec(&old_ring()).unwrap(), damage: |_| {} };
+        struct Claims2(Faulty);
+        impl Codec for Claims2 {
+            fn key_hint(&self, v: &[u8]) -> Option<crate::crypto::keyring::KeyId> {
+                self.0.key_hint(v)
+            }
+            fn open(&self, v: &[u8], aad: &[u8]) -> Result<crate::crypto::codec::Opened, CodecError> {
+                self.0.open(v, aad)
+            }
+            fn seal(&self, p: &[u8], aad: &[u8], t: Option<u64>, out: &mut Vec<u8>) {
+                self.0.seal(p, aad, t, out)
+            }
+            fn target(&self) -> crate::crypto::keyring::KeyId {
+                2
+            }
+            fn key_prefix(&self, k: crate::crypto::keyring::KeyId) -> Option<Vec<u8>> {
+                self.0.key_prefix(k)
+            }
+            fn describe_prefix(&self, p: &[u8]) -> String {
+                self.0.describe_prefix(p)
+            }
+        }
+        let reader = Format::VersionedGcm.codec(&new_ring()).unwrap();
+        assert_eq!(reseal(&*reader, &Claims2(write), &old, b"", false), Err(CodecError::VerifyMismatch));
+    }
+
+}

@@ -1,0 +1,192 @@
+//! Verification: proves that no value is left on an old key.
+//!
+//! Counts every value by the key its prefix names (one SQL scan per column,
+//! where the format has a key prefix) and decrypts a sample; or, with
+//! `full` (and always for formats without a prefix, or migrations), opens
+//! every value through the pipeline in verify mode.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::db::raw::params;
+use crate::db::Database;
+use crate::error::DbContext;
+use crate::job::{Aad, Job, Target};
+use crate::engine::pipeline::{self, Mode, Settings};
+use crate::observe::progress::Progress;
+use crate::engine::sink::Failure;
+use crate::observe::counts::LiveCounts;
+use crate::engine::transform::{self, Cell};
+use crate::engine::{plan, sql};
+use crate::Error;
+
+/// How hard to look.
+#[derive(Debug, Clone, Copy)]
+pub struct Depth {
+    /// Decrypt every value.
+    pub full: bool,
+    /// Otherwise, decrypt this many sampled rows per target.
+    pub sample: u32,
+    /// Lanes for a full pass.
+    pub lanes: usize,
+}
+
+/// What verification found (the `--json` object of `rekey verify`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Verification {
+    /// Nothing on an old key and nothing undecryptable.
+    pub verified: bool,
+    /// "full" or "sample".
+    pub mode: &'static str,
+    /// Non-NULL values.
+    pub values_total: u64,
+    /// Values under the target key.
+    pub values_on_target_key: u64,
+    /// Values under another key (or still in the old format).
+    pub values_on_old_keys: u64,
+    /// Values no key opens (or whose prefix names no key).
+    pub values_undecryptable: u64,
+    /// Values decrypted from samples (sample mode).
+    pub values_sampled: u64,
+    /// Values per key label, all columns together.
+    pub by_key: BTreeMap<String, u64>,
+    /// Values per `table.column` and key label.
+    pub by_column: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Values that did not decrypt (never the values themselves).
+    pub failures: Vec<Failure>,
+}
+
+impl Verification {
+    /// Values still under the key with this label (e.g. `v1`), in any column and format.
+    pub fn values_under(&self, label: &str) -> u64 {
+        let suffix = format!(" {label}");
+        self.by_key.iter().filter(|(k, _)| k.as_str() == label || k.ends_with(&suffix)).map(|(_, n)| n).sum()
+    }
+}
+
+/// Verifies every target of `job`.
+pub async fn verify(db: &Database, client: &Client, job: &Arc<Job>, depth: Depth, quiet: bool) -> Result<Verification, Error> {
+    let counted = plan::count_by_key(client, job).await?;
+    let full = depth.full || counted.iter().any(|c| c.by_key.is_none());
+    let mut by_column: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    let mut failures = Vec::new();
+    let (mut total, mut on_target, mut on_old, mut undecryptable) = (0u64, 0u64, 0u64, 0u64);
+    let mut sampled = 0u64;
+
+    if full {
+        let ranges = plan::job_ranges(client, job, depth.lanes).await?;
+        let rows: u64 = counted.iter().map(|c| c.rows).max().unwrap_or(0);
+        let progress = Progress::new(rows, "verifying", quiet);
+        let settings = Settings { lanes: depth.lanes, ..Settings::default() };
+        let outcome = pipeline::run(db, job.clone(), ranges, Mode::Verify, settings, Arc::new(LiveCounts::default()), progress).await?;
+        on_target = outcome.on_target;
+        on_old = outcome.on_old;
+        undecryptable = outcome.counts.values_failed;
+        total = on_target + on_old + undecryptable;
+        by_column = outcome.by_key;
+        failures = outcome.failures;
+    } else {
+        for c in &counted {
+            let keys = c.by_key.clone().unwrap_or_default();
+            let target = job.targets[c.target].target_label();
+            for (k, n) in &keys {
+                total += n;
+                if *k == target {
+                    on_target += n;
+                } else if k.ends_with("(no such key)") || k == "empty" {
+                    undecryptable += n;
+                } else {
+                    on_old += n;
+                }
+            }
+            by_column.insert(format!("{}.{}", c.table, c.column), keys);
+        }
+        for t in &job.targets {
+            let (n, failed) = sample_target(client, t, depth.sample).await?;
+            sampled += n;
+            for (f, col) in failed {
+                failures.push(Failure { table: t.table.to_string(), column: t.columns[col].name.clone(), key: f, error: "sampled value did not decrypt" });
+            }
+        }
+        let sample_failures = failures.len() as u64;
+        undecryptable += sample_failures;
+        on_target = on_target.saturating_sub(sample_failures);
+    }
+
+    let mut by_key: BTreeMap<String, u64> = BTreeMap::new();
+    for keys in by_column.values() {
+        for (k, n) in keys {
+            *by_key.entry(k.clone()).or_default() += n;
+        }
+    }
+    Ok(Verification {
+        verified: on_old == 0 && undecryptable == 0,
+        mode: if full { "full" } else { "sample" },
+        values_total: total,
+        values_on_target_key: on_target,
+        values_on_old_keys: on_old,
+        values_undecryptable: undecryptable,
+        values_sampled: sampled,
+        by_key,
+        by_column,
+        failures,
+    })
+}
+
+/// Values read from each target before a run to prove the keys open something.
+const PREFLIGHT_ROWS: i64 = 200;
+
+/// Before anything is written: decrypts the first stale values of every
+/// target, and refuses when none of them opens and most fail authentication
+/// (the wrong key given), which would otherwise quarantine the whole table. A target
+/// with some values that open and some that do not proceeds: those are
+/// quarantined one by one.
+pub async fn preflight(client: &Client, job: &Job) -> Result<(), Error> {
+    for t in &job.targets {
+        let (text, prefixed) = sql::select_page(t, sql::Bounds { lower: false, upper: false }, true);
+        let prefixes: Vec<Vec<u8>> = prefixed.iter().filter_map(|&c| t.stale_prefix(c)).collect();
+        let mut params = params(&prefixes);
+        params.push(&PREFLIGHT_ROWS);
+        let rows = client.query(&text, &params).await.ctx(|| format!("reading a sample of {}", t.table))?;
+        let mut cells = Vec::new();
+        transform::classify(t, &rows, &mut cells);
+        let tried = cells.iter().filter(|c| !matches!(c, Cell::Null)).count();
+        let opened = cells.iter().filter(|c| matches!(c, Cell::Opened(..))).count();
+        // A wrong key shows as authentication failures; a few malformed
+        // values (truncated, not base64) left over from an earlier run do not.
+        let wrong_key = cells.iter().filter(|c| matches!(c, Cell::Failed(crate::crypto::codec::CodecError::AuthFailed))).count();
+        if tried > 0 && opened == 0 && 2 * wrong_key >= tried {
+            return Err(Error::Config(format!(
+                "none of the {tried} values sampled from {} opens with the keys given (a wrong old key, or the wrong format?); \
+                 nothing was written. Fix the keys or the job file, or pass --force to quarantine every value that does not open",
+                t.table
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Decrypts up to `n` sampled rows of a target; returns rows sampled and the failed keys.
+async fn sample_target(client: &Client, t: &Target, n: u32) -> Result<(u64, Vec<(String, usize)>), Error> {
+    if n == 0 {
+        return Ok((0, Vec::new()));
+    }
+    let rows_est = plan::estimated_rows(client, t).await?.max(1.0);
+    let percent = (100.0 * 2.0 * f64::from(n) / rows_est).clamp(0.0001, 100.0) as f32;
+    let rows = client.query(&sql::select_sample(t), &[&percent, &i64::from(n)]).await.ctx(|| format!("sampling {}", t.table))?;
+    let mut cells = Vec::new();
+    transform::classify(t, &rows, &mut cells);
+    let ncols = t.columns.len();
+    let key_col = t.key.len() + ncols + usize::from(matches!(t.aad, Aad::Column(_)));
+    let mut failed = Vec::new();
+    for (i, cell) in cells.iter().enumerate() {
+        if let Cell::Failed(_) = cell {
+            let key: Option<String> = rows[i / ncols].try_get(key_col).ok();
+            failed.push((key.unwrap_or_default(), i % ncols));
+        }
+    }
+    Ok((rows.len() as u64, failed))
+}

@@ -1,0 +1,237 @@
+//! The work queue of one pipeline run and what its tasks share: ranges come
+//! from memory (dry runs, verify) or are leased from `rekey.progress` (a
+//! rewrite, shared with other processes); lanes take one range at a time,
+//! give it up when its lease is lost, and retry reads that can be retried.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::control::stop::Stop;
+use crate::control::throttle::{BatchSizer, Hold, Pace};
+use crate::db::session::Timeouts;
+use crate::db::KeyBytes;
+use crate::engine::pipeline::Settings;
+use crate::engine::source::Source;
+use crate::error::Retry;
+use crate::job::Job;
+use crate::observe::counts::LiveCounts;
+use crate::observe::metrics::{self, LeaseChange};
+use crate::observe::progress::Progress;
+use crate::state::{self, Claim, RangeState};
+use crate::Error;
+
+/// Batches waiting in the channels between stages, all lanes together.
+#[derive(Debug, Default)]
+pub(super) struct Queued {
+    /// Read, waiting for the transform.
+    pub(super) to_transform: AtomicI64,
+    /// Transformed, waiting for the sink.
+    pub(super) to_sink: AtomicI64,
+}
+
+/// Where ranges come from.
+pub(super) enum Work {
+    /// Dry runs and verify: every range, in memory, for this process alone.
+    Local(Mutex<VecDeque<usize>>),
+    /// A rewrite: ranges leased from `rekey.progress`, shared with other processes.
+    Leased {
+        /// The job.
+        job_id: i64,
+        /// This process's name in the leases.
+        owner: String,
+        /// Backend pid of the monitor's connection: while it lives, the leases are ours.
+        monitor_pid: AtomicI32,
+        /// How long a lease lasts without a heartbeat.
+        ttl: Duration,
+    },
+}
+
+/// State every task of a run shares.
+pub(super) struct Shared {
+    /// The job.
+    pub(super) job: Arc<Job>,
+    /// Every range of the run.
+    pub(super) ranges: Vec<RangeState>,
+    /// Where the next range comes from.
+    pub(super) work: Work,
+    /// Set on the first error or on request: sources stop reading, sinks finish what is in flight.
+    pub(super) stop: Stop,
+    /// Set when a stop left ranges unfinished.
+    pub(super) cut_short: AtomicBool,
+    /// Live totals for the progress line.
+    pub(super) live: Arc<LiveCounts>,
+    /// The progress line.
+    pub(super) progress: Progress,
+    /// Rows per page.
+    pub(super) sizer: BatchSizer,
+    /// The rows/s limit, if any.
+    pub(super) pace: Option<Pace>,
+    /// Why sources wait, if they do.
+    pub(super) hold: Hold,
+    /// Tries of one batch or page.
+    pub(super) attempts: u32,
+    /// Lock and statement timeouts of every session.
+    pub(super) timeouts: Timeouts,
+    /// Ranges taken over from dead owners.
+    pub(super) taken_over: AtomicU64,
+    /// Batches waiting in the channels, all lanes together.
+    pub(super) queued: Queued,
+    /// (target, range_no) of the ranges this process's lanes are working on,
+    /// with the lease generation: only their leases are renewed, and only
+    /// the others may be claimed back.
+    pub(super) working: Mutex<BTreeMap<(i32, i32), i64>>,
+    /// (range index, generation) of leases lost while a lane worked them:
+    /// its source leaves the range, its sink drops what is still in flight.
+    pub(super) lost: Mutex<BTreeSet<(usize, i64)>>,
+    /// One claim at a time in this process, so a range just claimed is in `working` before the next claim looks.
+    pub(super) claiming: tokio::sync::Mutex<()>,
+    /// Woken when a range is finished here: lanes waiting for work look again at once.
+    pub(super) range_done: tokio::sync::Notify,
+    /// Whether waiting on other processes' ranges was logged already.
+    pub(super) said_waiting: AtomicBool,
+}
+
+impl Shared {
+    /// What the tasks of a run over `ranges` share.
+    pub(super) fn new(job: Arc<Job>, ranges: Vec<RangeState>, work: Work, settings: &Settings, live: Arc<LiveCounts>, progress: Progress) -> Self {
+        Shared {
+            job,
+            ranges,
+            work,
+            stop: settings.stop.clone(),
+            cut_short: AtomicBool::new(false),
+            live,
+            progress,
+            sizer: BatchSizer::new(settings.batch_size, settings.batch_time, settings.max_batch_bytes),
+            pace: settings.max_rows_per_sec.map(Pace::new),
+            hold: Hold::default(),
+            attempts: settings.attempts.max(1),
+            timeouts: settings.timeouts,
+            taken_over: AtomicU64::new(0),
+            queued: Queued::default(),
+            working: Mutex::new(BTreeMap::new()),
+            lost: Mutex::new(BTreeSet::new()),
+            claiming: tokio::sync::Mutex::new(()),
+            range_done: tokio::sync::Notify::new(),
+            said_waiting: AtomicBool::new(false),
+        }
+    }
+
+    /// The ranges lanes work on now.
+    pub(super) fn working(&self) -> Vec<(i32, i32)> {
+        self.working.lock().map(|w| w.keys().copied().collect()).unwrap_or_default()
+    }
+
+    /// The next range to read, the key to start after and the lease's
+    /// generation; `None` when there is no more work (or a stop was asked for).
+    pub(super) async fn next_range(&self, source: &mut Source) -> Result<Option<(usize, Option<KeyBytes>, Option<i64>)>, Error> {
+        let (job_id, owner, monitor_pid, ttl) = match &self.work {
+            Work::Local(queue) => {
+                let Ok(mut queue) = queue.lock() else { return Ok(None) };
+                if self.stop.requested() {
+                    if !queue.is_empty() {
+                        self.cut_short.store(true, Ordering::Relaxed);
+                    }
+                    return Ok(None);
+                }
+                return Ok(queue.pop_front().map(|i| (i, self.ranges[i].start().cloned(), None)));
+            }
+            Work::Leased { job_id, owner, monitor_pid, ttl } => (*job_id, owner.as_str(), monitor_pid, *ttl),
+        };
+        loop {
+            if self.stop.requested() {
+                self.cut_short.store(true, Ordering::Relaxed);
+                return Ok(None);
+            }
+            let pid = monitor_pid.load(Ordering::Relaxed);
+            let targets = self.job.targets.len();
+            let claimed = {
+                let _one_at_a_time = self.claiming.lock().await;
+                let mut failed = 0;
+                let claim = loop {
+                    match state::claim_range(source.client(), job_id, owner, pid, ttl, &self.working(), targets).await {
+                        Ok(c) => break c,
+                        Err(e) => self.recover(source, "leasing a range", &mut failed, e).await?,
+                    }
+                };
+                if let Claim::Leased { state, generation, .. } = &claim {
+                    if let Ok(mut w) = self.working.lock() {
+                        w.insert((state.target as i32, state.range_no), *generation);
+                    }
+                }
+                claim
+            };
+            match claimed {
+                Claim::Leased { state, generation, from } => {
+                    let Some(i) = self.ranges.iter().position(|r| r.target == state.target && r.range_no == state.range_no) else {
+                        return Err(Error::Runtime(format!("rekey.progress of job {job_id} has a range this run did not load; the engine state was edited by hand")));
+                    };
+                    let table = self.job.targets[state.target].table.to_string();
+                    if let Some(from) = from {
+                        self.taken_over.fetch_add(1, Ordering::Relaxed);
+                        metrics::LeaseChanged { kind: LeaseChange::TakenOver, table: &table, range_no: state.range_no, owner: &from }.emit();
+                    } else {
+                        metrics::LeaseChanged { kind: LeaseChange::Taken, table: &table, range_no: state.range_no, owner }.emit();
+                    }
+                    return Ok(Some((i, state.start().cloned(), Some(generation))));
+                }
+                Claim::Finished => return Ok(None),
+                // other processes (or lanes) hold the rest: look again when a
+                // range is finished here, and now and then in case an owner died
+                Claim::Busy => {
+                    if self.working().is_empty() && !self.said_waiting.swap(true, Ordering::Relaxed) {
+                        tracing::info!("the job's unfinished ranges are leased to other processes; waiting to take over any whose owner stops");
+                    }
+                    let _ = tokio::time::timeout(Duration::from_millis(250), self.range_done.notified()).await;
+                }
+            }
+        }
+    }
+
+    /// A lane is done with a range (finished, or its lease lost).
+    pub(super) fn leave(&self, range: &RangeState, generation: Option<i64>) {
+        if let Ok(mut w) = self.working.lock() {
+            let key = (range.target as i32, range.range_no);
+            if generation.is_none() || w.get(&key).copied() == generation {
+                w.remove(&key);
+            }
+        }
+        self.range_done.notify_waiters();
+    }
+
+    /// Whether the lease a batch was read under was lost meanwhile.
+    pub(super) fn is_lost(&self, range: usize, generation: Option<i64>) -> bool {
+        generation.is_some_and(|g| self.lost.lock().map(|l| l.contains(&(range, g))).unwrap_or(false))
+    }
+
+    /// After a read on `source` failed with `error` (the `failed`-th time):
+    /// waits and reconnects (or shrinks pages) so the caller can try again,
+    /// or returns the error when it cannot be retried or keeps coming.
+    pub(super) async fn recover(&self, source: &mut Source, what: &str, failed: &mut u32, error: Error) -> Result<(), Error> {
+        *failed += 1;
+        let how = error.retry();
+        if how == Retry::Never || *failed >= self.attempts || self.stop.requested() {
+            return Err(error);
+        }
+        let wait = backoff(*failed);
+        tracing::warn!(attempt = *failed, "{what} failed (try {failed} of {}), again in {:.1}s: {}", self.attempts, wait.as_secs_f64(), error.chain());
+        tokio::time::sleep(wait).await;
+        match how {
+            Retry::Reconnect => {
+                if let Err(e) = source.reconnect().await {
+                    tracing::warn!("reconnecting failed: {}", e.chain());
+                }
+            }
+            Retry::Smaller => self.sizer.shrink(),
+            Retry::Wait | Retry::Never => {}
+        }
+        Ok(())
+    }
+}
+
+/// Waits before try `failed + 1`: 0.25 s, doubling, at most 8 s.
+pub(super) fn backoff(failed: u32) -> Duration {
+    Duration::from_millis(250u64 << failed.saturating_sub(1).min(5))
+}

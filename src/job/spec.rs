@@ -1,0 +1,382 @@
+//! The job file as written: parsed and checked without I/O (unknown
+//! fields, empty lists, names PostgreSQL cannot hold, duplicate columns, a
+//! `where` that could escape its parentheses). [`super::Job`] is the same
+//! job resolved against the database.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::crypto::codec::Format;
+use crate::secrets::KeysSpec;
+use crate::Error;
+
+use super::condition::check_condition;
+
+/// The longest name PostgreSQL keeps (NAMEDATALEN - 1 bytes).
+const MAX_NAME_BYTES: usize = 63;
+
+/// The job file as written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Name of the job; defaults to the job file's stem. Identifies the job
+    /// in `rekey.jobs`, so a re-run of the same file resumes it.
+    pub name: Option<String>,
+    /// Where the database is, when neither `--database-url` nor `DATABASE_URL` says.
+    #[serde(default)]
+    pub database: DatabaseSpec,
+    /// Where the keys come from, for targets that do not say.
+    pub keys: Option<KeysSpec>,
+    /// The tables and columns to rotate.
+    #[serde(rename = "target", default)]
+    pub targets: Vec<TargetSpec>,
+}
+
+/// `[database]` section.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSpec {
+    /// libpq URL or key=value string.
+    pub url: Option<String>,
+}
+
+/// How ciphertext bytes are stored in a column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Encoding {
+    /// The bytes as they are (`bytea`; or the token text of a text-native format such as Fernet).
+    Raw,
+    /// Standard base64 with padding (usually in a `text` column).
+    Base64,
+}
+
+/// Associated data bound to each value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AadSpec {
+    /// The same bytes (UTF-8) for every value.
+    pub constant: Option<String>,
+    /// The value of this column of the same row, as text (e.g. the primary key).
+    pub column: Option<String>,
+}
+
+/// One `[[target]]`: a table, its key, the encrypted columns and their format.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSpec {
+    /// Table name, optionally `schema.table`.
+    pub table: String,
+    /// Schema, when the table name itself contains a dot.
+    pub schema: Option<String>,
+    /// Columns of the primary key (or of a unique, NOT NULL key); defaults to the table's primary key.
+    pub primary_key: Option<Vec<String>>,
+    /// Encrypted columns.
+    pub columns: Vec<String>,
+    /// Ciphertext format the values are in.
+    pub format: Format,
+    /// How they are stored; default: raw in `bytea`, base64 in `text` (Fernet tokens: raw).
+    pub encoding: Option<Encoding>,
+    /// Format to write instead (a migration, e.g. fernet -> versioned-gcm).
+    pub to_format: Option<Format>,
+    /// How to store the written format; default as for `encoding`.
+    pub to_encoding: Option<Encoding>,
+    /// Keys of this target, instead of the job's `[keys]`.
+    pub keys: Option<KeysSpec>,
+    /// Keys for `to_format`, when they differ from `keys`.
+    pub to_keys: Option<KeysSpec>,
+    /// Associated data the application binds to each value.
+    pub aad: Option<AadSpec>,
+    /// Only rows matching this SQL condition (written by the operator; checked by preparing it).
+    #[serde(rename = "where")]
+    pub filter: Option<String>,
+}
+
+impl JobSpec {
+    /// Reads and checks a job file.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("cannot read job file {}: {e}", path.display())))?;
+        let mut spec = Self::parse(&text).map_err(|e| match e {
+            Error::Config(msg) => Error::Config(format!("job file {}: {msg}", path.display())),
+            other => other,
+        })?;
+        if spec.name.is_none() {
+            spec.name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+        }
+        Ok(spec)
+    }
+
+    /// Parses job-file text and checks what can be checked without a database.
+    pub fn parse(text: &str) -> Result<Self, Error> {
+        let spec: JobSpec = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        spec.check()?;
+        Ok(spec)
+    }
+
+    fn check(&self) -> Result<(), Error> {
+        if let Some(name) = &self.name {
+            // The name also names the audit log beside the job file.
+            if name.trim().is_empty() || name == "." || name == ".." || name.contains(['/', '\\', '\0']) {
+                return Err(Error::Config(format!(
+                    "name {name:?} cannot be used: it names the job's audit log beside the job file, so it must be non-empty, without '/', '\\' or NUL"
+                )));
+            }
+        }
+        if self.targets.is_empty() {
+            return Err(Error::Config("no [[target]] entries: add one with table, columns and format".into()));
+        }
+        let mut seen = HashSet::new();
+        for (i, t) in self.targets.iter().enumerate() {
+            let at = format!("[[target]] #{} (table {:?})", i + 1, t.table);
+            if t.table.trim().is_empty() {
+                return Err(Error::Config(format!("{at}: table is empty")));
+            }
+            let (schema, table) = t.split_table();
+            let names = schema.into_iter().chain([table]).chain(t.columns.iter().chain(t.primary_key.iter().flatten()).map(String::as_str));
+            for name in names.chain(t.aad.as_ref().and_then(|a| a.column.as_deref())) {
+                if name.contains('\0') {
+                    return Err(Error::Config(format!("{at}: name {name:?} contains a NUL character, which no PostgreSQL name can hold")));
+                }
+                if name.len() > MAX_NAME_BYTES {
+                    return Err(Error::Config(format!(
+                        "{at}: name {name:?} is {} bytes, and PostgreSQL keeps only the first {MAX_NAME_BYTES} bytes of a name (cutting longer ones when a table is created): give the name as the catalog holds it",
+                        name.len()
+                    )));
+                }
+            }
+            if t.columns.is_empty() {
+                return Err(Error::Config(format!("{at}: columns is empty; list the encrypted columns")));
+            }
+            if matches!(&t.primary_key, Some(k) if k.is_empty()) {
+                return Err(Error::Config(format!("{at}: primary_key is empty; list its columns or leave it out to use the table's primary key")));
+            }
+            if t.keys.is_none() && self.keys.is_none() {
+                return Err(Error::Config(format!("{at}: no keys: add a [keys] section, or keys = {{ source = \"env\" }} to the target")));
+            }
+            if let Some(aad) = &t.aad {
+                if aad.constant.is_some() == aad.column.is_some() {
+                    return Err(Error::Config(format!("{at}: aad needs exactly one of constant = \"...\" or column = \"...\"")));
+                }
+            }
+            if let Some(f) = &t.filter {
+                check_condition(f).map_err(|why| Error::Config(format!("{at}: where {why}")))?;
+            }
+            for c in &t.columns {
+                let (schema, table) = t.split_table();
+                if !seen.insert((schema.map(str::to_owned), table.to_owned(), c.clone())) {
+                    return Err(Error::Config(format!("{at}: column {c:?} is listed twice in this job; each column may appear in one target only")));
+                }
+                if t.primary_key.iter().flatten().any(|k| k == c) {
+                    return Err(Error::Config(format!("{at}: column {c:?} is both encrypted and part of primary_key")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Hash of everything that decides which values a run rewrites and how.
+    /// A job resumed with a different hash is refused.
+    pub fn spec_hash(&self) -> String {
+        let canonical = serde_json::json!({ "keys": self.keys, "targets": self.targets });
+        hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
+    }
+}
+
+impl TargetSpec {
+    /// `(schema, table)`, splitting `schema.table` when no `schema` is given.
+    pub fn split_table(&self) -> (Option<&str>, &str) {
+        match (&self.schema, self.table.split_once('.')) {
+            (Some(s), _) => (Some(s.as_str()), self.table.as_str()),
+            (None, Some((s, t))) => (Some(s), t),
+            (None, None) => (None, self.table.as_str()),
+        }
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MINIMAL: &str = r#"
+        [keys]
+        source = "env"
+        [[target]]
+        table = "patient_persons"
+        primary_key = ["id"]
+        columns = ["phone_encrypted"]
+        format = "versioned-gcm"
+    "#;
+
+    #[test]
+    fn parses_the_design_example() {
+        let spec = JobSpec::parse(MINIMAL).unwrap();
+        assert_eq!(spec.targets[0].columns, ["phone_encrypted"]);
+    }
+
+    #[test]
+    fn unknown_field_is_refused() {
+        let err = JobSpec::parse(&MINIMAL.replace("format =", "formt = \"x\"\nformat =")).unwrap_err();
+        assert!(err.to_string().contains("formt"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_column_is_refused() {
+        let twice = format!("{MINIMAL}\n[[target]]\ntable = \"patient_persons\"\ncolumns = [\"phone_encrypted\"]\nformat = \"versioned-gcm\"\n");
+        assert!(JobSpec::parse(&twice).unwrap_err().to_string().contains("listed twice"));
+    }
+
+    #[test]
+    fn a_job_name_that_is_not_a_file_name_is_refused() {
+        for bad in ["", "../../elsewhere", "/abs/path", "a\\\\b", "..", "x\\u0000"] {
+            let err = JobSpec::parse(&format!("name = \"{bad}\"\n{MINIMAL}")).unwrap_err().to_string();
+            assert!(err.contains("names the job's audit log"), "{bad}: {err}");
+        }
+        assert!(JobSpec::parse(&format!("name = \"nightly eu-1 (j'ob)\"\n{MINIMAL}")).is_ok());
+    }
+
+    #[test]
+    fn a_name_with_a_nul_character_is_refused() {
+        for (from, to) in [("\"patient_persons\"", "\"pa\\u0000tients\""), ("[\"phone_encrypted\"]", "[\"ph\\u0000\"]"), ("[\"id\"]", "[\"\\u0000\"]")] {
+            let err = JobSpec::parse(&MINIMAL.replacen(from, to, 1)).unwrap_err().to_string();
+            assert!(err.contains("contains a NUL character"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_name_longer_than_postgresql_keeps_is_refused() {
+        let long = "x".repeat(64);
+        for (from, to) in [("\"patient_persons\"", format!("\"{long}\"")), ("\"patient_persons\"", format!("\"{long}.t\"")), ("[\"id\"]", format!("[\"{long}\"]"))] {
+            let err = JobSpec::parse(&MINIMAL.replacen(from, &to, 1)).unwrap_err().to_string();
+            assert!(err.contains("is 64 bytes, and PostgreSQL keeps only the first 63"), "{err}");
+        }
+        assert!(JobSpec::parse(&MINIMAL.replacen("\"patient_persons\"", &format!("\"{}\"", &long[..63]), 1)).is_ok());
+    }
+
+    #[test]
+    fn schema_qualified_table_splits() {
+        let spec = JobSpec::parse(&MINIMAL.replace("\"patient_persons\"", "\"phi.patient_persons\"")).unwrap();
+        assert_eq!(spec.targets[0].split_table(), (Some("phi"), "patient_persons"));
+    }
+
+    #[test]
+    fn spec_hash_ignores_the_database_url() {
+        let a = JobSpec::parse(MINIMAL).unwrap();
+        let b = JobSpec::parse(&format!("[database]\nurl = \"postgres://x\"\n{MINIMAL}")).unwrap();
+        assert_eq!(a.spec_hash(), b.spec_hash());
+    }
+
+    /// Names as a job file might give them, hostile ones included.
+    const NAMES: [&str; 9] = ["patients", "phi.patients", "a.b.c", "", " ", ".", "pa\"tients; DROP TABLE canary; --", "Ünïcødé 表", "id"];
+    /// Column names, few enough that targets repeat them.
+    const COLUMNS: [&str; 5] = ["a", "b", "id", "c\"; --", ""];
+
+    fn text(values: &'static [&'static str]) -> impl Strategy<Value = toml::Value> {
+        prop_oneof![40 => prop::sample::select(values).prop_map(|s| toml::Value::String(s.into())), 1 => "\\PC{0,16}".prop_map(toml::Value::String)]
+    }
+
+    fn list(values: &'static [&'static str]) -> impl Strategy<Value = toml::Value> {
+        proptest::collection::vec(prop::sample::select(values).prop_map(|s| toml::Value::String(s.into())), 0..4).prop_map(toml::Value::Array)
+    }
+
+    /// An optional field: present with a value from `value`, or absent.
+    fn maybe<S: Strategy>(value: S) -> impl Strategy<Value = Option<S::Value>> {
+        proptest::option::weighted(0.5, value)
+    }
+
+    /// An unknown field, once in a while.
+    fn rarely<S: Strategy>(value: S) -> impl Strategy<Value = Option<S::Value>> {
+        proptest::option::weighted(0.05, value)
+    }
+
+    fn keys() -> impl Strategy<Value = toml::Value> {
+        (text(&["env", "env", "env", "env", "file", "tink-keyset", "aws-kms", "vault"]), maybe(text(&["ENCRYPTION", "APP"])), rarely(Just(toml::Value::Integer(1)))).prop_map(|(source, prefix, junk)| {
+            let mut t = toml::Table::new();
+            t.insert("source".into(), source);
+            t.extend(prefix.map(|p| ("prefix".to_string(), p)));
+            t.extend(junk.map(|j| ("sauce".to_string(), j)));
+            toml::Value::Table(t)
+        })
+    }
+
+    fn condition() -> impl Strategy<Value = toml::Value> {
+        text(&["id <= 100", "1=1) OR (true", "; DROP TABLE canary", "x = '\\'' ) OR (true OR x = '\\''", "a -- b", "name = 'it''s'"])
+    }
+
+    fn target() -> impl Strategy<Value = toml::Value> {
+        (
+            (text(&NAMES), maybe(text(&["public", "phi"])), maybe(list(&COLUMNS)), list(&COLUMNS)),
+            (text(&["versioned-gcm", "fernet", "tink-gcm", "raw-gcm", "versioned-gcm", "fernet", "tink-gcm", "raw-gcm", "aes-gcm"]), maybe(text(&["raw", "base64", "raw", "base64", "raw", "base64", "hex"])), maybe(text(&["versioned-gcm", "fernet", "versioned-gcm", "fernet", "rot13"]))),
+            (maybe(keys()), maybe((maybe(text(&["ctx"])), maybe(text(&["id"])))), maybe(condition()), rarely(Just(toml::Value::Integer(5)))),
+        )
+            .prop_map(|((table, schema, key, columns), (format, encoding, to_format), (keys, aad, filter, junk))| {
+                let mut t = toml::Table::new();
+                t.insert("table".into(), table);
+                t.insert("columns".into(), columns);
+                t.insert("format".into(), format);
+                let aad = aad.map(|(constant, column)| {
+                    let mut a = toml::Table::new();
+                    a.extend(constant.map(|c| ("constant".to_string(), c)));
+                    a.extend(column.map(|c| ("column".to_string(), c)));
+                    toml::Value::Table(a)
+                });
+                for (name, value) in [("schema", schema), ("primary_key", key), ("encoding", encoding), ("to_format", to_format), ("keys", keys), ("aad", aad), ("where", filter), ("batch", junk)] {
+                    t.extend(value.map(|v| (name.to_string(), v)));
+                }
+                toml::Value::Table(t)
+            })
+    }
+
+    /// A job-file-shaped document: valid TOML, fields that may be wrong.
+    fn document() -> impl Strategy<Value = String> {
+        (maybe(text(&["nightly"])), maybe(keys()), proptest::collection::vec(target(), 1..3), maybe(text(&["postgres://localhost/db"]))).prop_map(|(name, keys, targets, url)| {
+            let mut doc = toml::Table::new();
+            doc.extend(name.map(|n| ("name".to_string(), n)));
+            doc.extend(keys.map(|k| ("keys".to_string(), k)));
+            if let Some(url) = url {
+                doc.insert("database".into(), toml::Value::Table(toml::Table::from_iter([("url".to_string(), url)])));
+            }
+            if !targets.is_empty() {
+                doc.insert("target".into(), toml::Value::Array(targets));
+            }
+            toml::to_string(&doc).unwrap_or_default()
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn arbitrary_text_is_a_job_or_a_configuration_error(text in "\\PC{0,300}") {
+            prop_assert!(matches!(JobSpec::parse(&text), Ok(_) | Err(Error::Config(_))));
+        }
+
+        #[test]
+        fn a_job_shaped_document_is_a_checked_job_or_a_configuration_error(doc in document()) {
+            match JobSpec::parse(&doc) {
+                Err(Error::Config(msg)) => prop_assert!(!msg.is_empty()),
+                Err(other) => prop_assert!(false, "not a configuration error: {:?}", other),
+                Ok(spec) => {
+                    prop_assert!(!spec.targets.is_empty());
+                    let mut seen = HashSet::new();
+                    for t in &spec.targets {
+                        prop_assert!(!t.table.trim().is_empty() && !t.columns.is_empty());
+                        prop_assert!(t.keys.is_some() || spec.keys.is_some());
+                        prop_assert!(t.filter.as_deref().map_or(Ok(()), check_condition).is_ok());
+                        for c in &t.columns {
+                            prop_assert!(seen.insert((t.split_table(), c)), "{:?} twice", c);
+                            prop_assert!(!t.primary_key.iter().flatten().any(|k| k == c));
+                        }
+                    }
+                    // What parses, written back, parses to the same job.
+                    let again = JobSpec::parse(&toml::to_string(&spec).unwrap()).unwrap();
+                    prop_assert_eq!(again.spec_hash(), spec.spec_hash());
+                }
+            }
+        }
+    }
+}

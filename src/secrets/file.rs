@@ -1,0 +1,476 @@
+//! A keyring file: the local encrypted key store the runbook uses in
+//! development, written and read by rekey.
+//!
+//! JSON holding every key's id, state, timestamps and fingerprint, and its
+//! material sealed with AES-256-GCM under a key-encryption key derived from a
+//! passphrase with Argon2id (parameters and salt stored in the file). The
+//! key's id is bound as associated data, so sealed blobs cannot be swapped
+//! between ids. Saving is atomic: the new version is written to a temporary
+//! file, synced, the old version copied to `<file>.bak`, then the temporary
+//! file renamed over the old one and the directory synced; a crash at any
+//! instant leaves a readable keyring.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::crypto::keyring::{Key, KeyId, KEY_LEN};
+use crate::crypto::keytable::{KeyState, KeyTable, StoredKey};
+
+/// Format tag written in every keyring file.
+const FORMAT: &str = "rekey-keyring/1";
+
+/// Why a keyring file could not be used. Never carries key material or the passphrase.
+#[derive(Debug, thiserror::Error)]
+pub enum FileKeyringError {
+    /// Reading or writing failed.
+    #[error("keyring file {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not a keyring file, or damaged.
+    #[error("keyring file {path} is not a rekey keyring: {problem}")]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The passphrase does not open the keys.
+    #[error("wrong passphrase for keyring file {path}: check {var}; nothing was changed")]
+    WrongPassphrase {
+        /// The file.
+        path: PathBuf,
+        /// The variable the passphrase came from.
+        var: String,
+    },
+    /// No passphrase given.
+    #[error("keyring file {path} needs its passphrase in {var}")]
+    NoPassphrase {
+        /// The file.
+        path: PathBuf,
+        /// The variable to set.
+        var: String,
+    },
+    /// Creating over an existing file.
+    #[error("keyring file {0} already exists; refusing to overwrite it")]
+    Exists(PathBuf),
+}
+
+/// Argon2id parameters, stored with the salt.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Kdf {
+    /// Base64 salt.
+    salt: String,
+    /// Memory in KiB.
+    m_cost: u32,
+    /// Passes.
+    t_cost: u32,
+    /// Lanes.
+    p_cost: u32,
+}
+
+/// The file's JSON.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Document {
+    /// Always [`FORMAT`].
+    format: String,
+    /// How the key-encryption key is derived.
+    kdf: Kdf,
+    /// The keys; `material` is base64 of nonce | sealed key | tag.
+    keys: Vec<StoredKey>,
+}
+
+/// An opened keyring file: its table of keys and the key that seals them.
+pub struct KeyringFile {
+    /// Where it lives.
+    path: PathBuf,
+    /// KDF parameters and salt (kept across saves).
+    kdf: Kdf,
+    /// The key-encryption key.
+    kek: LessSafeKey,
+    /// The keys, opened.
+    pub table: KeyTable,
+}
+
+impl std::fmt::Debug for KeyringFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyringFile").field("path", &self.path).field("table", &self.table).finish()
+    }
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> FileKeyringError + '_ {
+    move |source| FileKeyringError::Io { path: path.to_path_buf(), source }
+}
+
+/// The most memory (KiB), passes and lanes a keyring file may ask Argon2id
+/// for: far above what rekey writes (19 MiB, 2, 1), far below what would
+/// exhaust memory or time. A damaged or hostile file asking for more (up to
+/// 4 TiB) is refused instead of aborting the process or running for hours.
+const MAX_M_COST: u32 = 1 << 20;
+/// See [`MAX_M_COST`].
+const MAX_T_COST: u32 = 16;
+/// See [`MAX_M_COST`].
+const MAX_P_COST: u32 = 16;
+
+fn derive(path: &Path, passphrase: &[u8], kdf: &Kdf) -> Result<LessSafeKey, FileKeyringError> {
+    let malformed = |problem: String| FileKeyringError::Malformed { path: path.to_path_buf(), problem };
+    if kdf.m_cost > MAX_M_COST || kdf.t_cost > MAX_T_COST || kdf.p_cost > MAX_P_COST {
+        return Err(malformed(format!(
+            "kdf parameters m_cost={} t_cost={} p_cost={} exceed what rekey accepts (m_cost <= {MAX_M_COST} KiB, t_cost <= {MAX_T_COST}, p_cost <= {MAX_P_COST}); restore the file from its .bak",
+            kdf.m_cost, kdf.t_cost, kdf.p_cost
+        )));
+    }
+    let salt = B64.decode(&kdf.salt).map_err(|_| malformed("kdf.salt is not base64".into()))?;
+    let params = argon2::Params::new(kdf.m_cost, kdf.t_cost, kdf.p_cost, Some(KEY_LEN)).map_err(|e| malformed(format!("kdf parameters: {e}")))?;
+    let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    let mut kek = Zeroizing::new([0u8; KEY_LEN]);
+    argon.hash_password_into(passphrase, &salt, kek.as_mut_slice()).map_err(|e| malformed(format!("kdf: {e}")))?;
+    let unbound = UnboundKey::new(&AES_256_GCM, kek.as_slice()).map_err(|_| malformed("key-encryption key refused".into()))?;
+    Ok(LessSafeKey::new(unbound))
+}
+
+fn aad(id: KeyId) -> Vec<u8> {
+    format!("{FORMAT} key {id}").into_bytes()
+}
+
+impl KeyringFile {
+    /// Creates a new keyring file holding `table`, sealed under `passphrase`.
+    pub fn create(path: &Path, passphrase: &[u8], table: KeyTable) -> Result<Self, FileKeyringError> {
+        if path.exists() {
+            return Err(FileKeyringError::Exists(path.to_path_buf()));
+        }
+        let mut salt = [0u8; 16];
+        crate::crypto::nonce::fill(&mut salt);
+        let kdf = Kdf { salt: B64.encode(salt), m_cost: 19 * 1024, t_cost: 2, p_cost: 1 };
+        let kek = derive(path, passphrase, &kdf)?;
+        let file = KeyringFile { path: path.to_path_buf(), kdf, kek, table };
+        file.save()?;
+        Ok(file)
+    }
+
+    /// Opens a keyring file. A wrong passphrase is refused before anything else happens.
+    pub fn open(path: &Path, passphrase: &[u8], passphrase_var: &str) -> Result<Self, FileKeyringError> {
+        let text = fs::read_to_string(path).map_err(io(path))?;
+        // serde's messages can quote the input; say only where it broke.
+        let doc: Document = serde_json::from_str(&text).map_err(|e| FileKeyringError::Malformed {
+            path: path.to_path_buf(),
+            problem: format!("invalid JSON at line {} column {}", e.line(), e.column()),
+        })?;
+        if doc.format != FORMAT {
+            return Err(FileKeyringError::Malformed { path: path.to_path_buf(), problem: format!("format is {:?}, expected {FORMAT:?}", doc.format) });
+        }
+        let kek = derive(path, passphrase, &doc.kdf)?;
+        let mut table = KeyTable::default();
+        for k in doc.keys {
+            let key = match &k.material {
+                None => None,
+                Some(sealed) => Some(open_key(&kek, k.id, sealed).map_err(|e| match e {
+                    Unopened::Damaged(problem) => FileKeyringError::Malformed { path: path.to_path_buf(), problem: format!("key {}: {problem}", k.id) },
+                    Unopened::Refused => FileKeyringError::WrongPassphrase { path: path.to_path_buf(), var: passphrase_var.to_string() },
+                })?),
+            };
+            table.entries.push(k.into_entry(key));
+        }
+        Ok(KeyringFile { path: path.to_path_buf(), kdf: doc.kdf, kek, table })
+    }
+
+    /// Where the file lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn document(&self) -> Result<Document, FileKeyringError> {
+        let keys = self.table.entries.iter().map(|e| StoredKey::from_entry(e, |k| seal_key(&self.kek, k))).collect();
+        Ok(Document { format: FORMAT.into(), kdf: self.kdf.clone(), keys })
+    }
+
+    /// Writes the new version next to the file and syncs it; returns the
+    /// temporary path. Until [`KeyringFile::commit`] renames it, the old
+    /// version is untouched: this is where a crash may leave things.
+    pub fn write_pending(&self) -> Result<PathBuf, FileKeyringError> {
+        let json = serde_json::to_string_pretty(&self.document()?).map_err(|e| FileKeyringError::Malformed { path: self.path.clone(), problem: e.to_string() })?;
+        write_pending(&self.path, json.as_bytes())
+    }
+
+    /// Keeps a backup of the old version and renames the new one into place.
+    /// Once a key is retired, the backup is the new version too, so the
+    /// retired material is gone from both.
+    pub fn commit(&self, tmp: &Path) -> Result<(), FileKeyringError> {
+        commit(&self.path, tmp, self.table.entries.iter().any(|e| e.state == KeyState::Retired))
+    }
+
+    /// Saves atomically (write, fsync, backup, rename, fsync the directory).
+    pub fn save(&self) -> Result<(), FileKeyringError> {
+        let tmp = self.write_pending()?;
+        self.commit(&tmp)
+    }
+}
+
+/// Writes `bytes` beside `path` (owner-only, synced); returns the temporary path.
+pub fn write_pending(path: &Path, bytes: &[u8]) -> Result<PathBuf, FileKeyringError> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(io(&tmp))?;
+    restrict(&f);
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    Ok(tmp)
+}
+
+/// Backs up `path` to `<path>.bak`, renames `tmp` over it and syncs the
+/// directory; with `scrub_backup`, the backup becomes the new version too
+/// (a retired key must not live on in it).
+pub fn commit(path: &Path, tmp: &Path, scrub_backup: bool) -> Result<(), FileKeyringError> {
+    let bak = path.with_extension("bak");
+    let backup = |from: &Path| -> Result<(), FileKeyringError> {
+        fs::copy(from, &bak).map_err(io(&bak))?;
+        File::open(&bak).and_then(|f| f.sync_all()).map_err(io(&bak))
+    };
+    if path.exists() {
+        backup(path)?;
+    }
+    fs::rename(tmp, path).map_err(io(path))?;
+    if scrub_backup {
+        backup(path)?;
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+    }
+    Ok(())
+}
+
+/// Owner-only permissions for files holding sealed keys (Unix).
+fn restrict(f: &File) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = f.set_permissions(fs::Permissions::from_mode(0o600));
+}
+
+fn seal_key(kek: &LessSafeKey, key: &Key) -> String {
+    let mut nonce = [0u8; NONCE_LEN];
+    crate::crypto::nonce::fill(&mut nonce);
+    let mut buf = Zeroizing::new(key.material().to_vec());
+    // Sealing 32 bytes cannot exceed GCM's limits.
+    let tag = kek.seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad(key.id())), buf.as_mut_slice());
+    let mut out = nonce.to_vec();
+    out.extend_from_slice(&buf);
+    if let Ok(tag) = tag {
+        out.extend_from_slice(tag.as_ref());
+    }
+    B64.encode(out)
+}
+
+/// Why a sealed key did not open.
+enum Unopened {
+    /// The stored material is not a sealed key at all (not base64, too short).
+    Damaged(&'static str),
+    /// It is, but the key-encryption key does not open it: a wrong passphrase
+    /// (or a blob tampered with, which GCM cannot tell apart).
+    Refused,
+}
+
+fn open_key(kek: &LessSafeKey, id: KeyId, sealed: &str) -> Result<Key, Unopened> {
+    let raw = Zeroizing::new(B64.decode(sealed).map_err(|_| Unopened::Damaged("material is not base64"))?);
+    if raw.len() != NONCE_LEN + KEY_LEN + AES_256_GCM.tag_len() {
+        return Err(Unopened::Damaged("material is not a sealed 32-byte key (wrong length)"));
+    }
+    let (nonce, body) = raw.split_at(NONCE_LEN);
+    let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| Unopened::Damaged("material has no nonce"))?;
+    let mut buf = Zeroizing::new(body.to_vec());
+    let plain = kek.open_in_place(nonce, Aad::from(aad(id)), buf.as_mut_slice()).map_err(|_| Unopened::Refused)?;
+    let material: [u8; KEY_LEN] = plain.try_into().map_err(|_| Unopened::Damaged("material is not a sealed 32-byte key (wrong length)"))?;
+    Ok(Key::new(id, material))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::keytable::Entry;
+    use proptest::prelude::*;
+
+    fn table() -> KeyTable {
+        KeyTable { entries: vec![Entry { id: 1, state: KeyState::Current, created_at: 100, changed_at: 100, key: Some(Key::new(1, [7; 32])) }] }
+    }
+
+    #[test]
+    fn saves_and_reopens_with_the_same_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        KeyringFile::create(&path, b"correct horse", table()).unwrap();
+        let opened = KeyringFile::open(&path, b"correct horse", "P").unwrap();
+        assert_eq!(opened.table.keyring().unwrap().get(1).unwrap().material(), &[7; 32]);
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(!text.contains(&hex::encode([7u8; 32])) && !text.contains(&B64.encode([7u8; 32])));
+    }
+
+    #[test]
+    fn wrong_passphrase_names_the_variable_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        KeyringFile::create(&path, b"right", table()).unwrap();
+        let before = fs::read(&path).unwrap();
+        let err = KeyringFile::open(&path, b"wrong", "REKEY_KEYRING_PASSPHRASE").unwrap_err();
+        assert!(err.to_string().contains("REKEY_KEYRING_PASSPHRASE"), "{err}");
+        assert_eq!(fs::read(&path).unwrap(), before);
+    }
+
+    #[test]
+    fn damaged_material_is_malformed_not_a_wrong_passphrase() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        KeyringFile::create(&path, b"pw", table()).unwrap();
+        let good = fs::read_to_string(&path).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(&good).unwrap();
+        let sealed = doc["keys"][0]["material"].as_str().unwrap().to_string();
+        for (damaged, problem) in [("%%%".to_string(), "key 1: material is not base64"), (B64.encode([0u8; 20]), "key 1: material is not a sealed 32-byte key")] {
+            fs::write(&path, good.replace(&sealed, &damaged)).unwrap();
+            let err = KeyringFile::open(&path, b"pw", "P").unwrap_err();
+            assert!(matches!(err, FileKeyringError::Malformed { .. }) && err.to_string().contains(problem), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_crash_before_the_rename_leaves_the_old_version_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        let mut file = KeyringFile::create(&path, b"pw", table()).unwrap();
+        file.table.stage(Key::new(2, [8; 32]), 200).unwrap();
+        let tmp = file.write_pending().unwrap();
+        // the process dies here, with the new version half-written
+        let len = fs::metadata(&tmp).unwrap().len();
+        OpenOptions::new().write(true).open(&tmp).unwrap().set_len(len / 2).unwrap();
+        let reopened = KeyringFile::open(&path, b"pw", "P").unwrap();
+        assert_eq!(reopened.table.entries.len(), 1);
+    }
+
+    #[test]
+    fn saving_keeps_a_backup_of_the_previous_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        let mut file = KeyringFile::create(&path, b"pw", table()).unwrap();
+        file.table.stage(Key::new(2, [8; 32]), 200).unwrap();
+        file.save().unwrap();
+        let backup = KeyringFile::open(&path.with_extension("bak"), b"pw", "P").unwrap();
+        assert_eq!(backup.table.entries.len(), 1);
+        assert_eq!(KeyringFile::open(&path, b"pw", "P").unwrap().table.entries.len(), 2);
+    }
+
+    /// A keyring file whose Argon2id parameters ask for `m_cost` KiB.
+    fn document_asking_for(m_cost: u32, t_cost: u32, p_cost: u32) -> String {
+        serde_json::json!({
+            "format": FORMAT,
+            "kdf": { "salt": B64.encode([0u8; 16]), "m_cost": m_cost, "t_cost": t_cost, "p_cost": p_cost },
+            "keys": [],
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn absurd_kdf_parameters_are_refused_before_any_memory_is_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        for (m, t, p) in [(u32::MAX, 1, 1), (MAX_M_COST + 1, 1, 1), (8, u32::MAX, 1), (8 * (1 << 20), 1, 1 << 20)] {
+            fs::write(&path, document_asking_for(m, t, p)).unwrap();
+            let err = KeyringFile::open(&path, b"pw", "P").unwrap_err();
+            assert!(matches!(err, FileKeyringError::Malformed { .. }), "{err:?}");
+            assert!(err.to_string().contains("exceed what rekey accepts"), "{err}");
+        }
+    }
+
+    /// Values for one field of a keyring file: sensible, wrong, or absent.
+    fn field(choices: Vec<serde_json::Value>) -> impl Strategy<Value = Option<serde_json::Value>> {
+        prop_oneof![4 => prop::sample::select(choices).prop_map(Some), 1 => Just(None)]
+    }
+
+    /// A keyring-file-shaped document: cheap Argon2id parameters (or absurd
+    /// ones), keys whose sealed material is random.
+    fn document() -> impl Strategy<Value = serde_json::Value> {
+        use serde_json::json;
+        let key = (
+            field(vec![json!(1), json!(2), json!(-1), json!("1")]),
+            field(vec![json!("current"), json!("pending"), json!("previous"), json!("retired"), json!("CURRENT"), json!(null)]),
+            field(vec![json!("2024-01-01T00:00:00Z"), json!("yesterday"), json!(0)]),
+            prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..80).prop_map(|b| Some(json!(B64.encode(b)))),
+                Just(Some(json!("not base64!"))),
+                Just(Some(json!(null))),
+                Just(None),
+            ],
+        )
+            .prop_map(|(id, state, at, material)| {
+                let mut k = serde_json::Map::new();
+                for (name, v) in [("id", id), ("state", state), ("created_at", at.clone()), ("changed_at", at), ("material", material)] {
+                    if let Some(v) = v {
+                        k.insert(name.into(), v);
+                    }
+                }
+                serde_json::Value::Object(k)
+            });
+        (
+            field(vec![json!(FORMAT), json!("rekey-keyring/2"), json!(1)]),
+            field(vec![json!(B64.encode([1u8; 16])), json!(B64.encode([1u8; 4])), json!("%%")]),
+            field(vec![json!(8), json!(16), json!(0), json!(u32::MAX), json!(-1)]),
+            field(vec![json!(1), json!(0), json!(u32::MAX)]),
+            field(vec![json!(1), json!(2), json!(0), json!(1 << 24)]),
+            proptest::collection::vec(key, 0..3),
+        )
+            .prop_map(|(format, salt, m, t, p, keys)| {
+                let mut kdf = serde_json::Map::new();
+                for (name, v) in [("salt", salt), ("m_cost", m), ("t_cost", t), ("p_cost", p)] {
+                    if let Some(v) = v {
+                        kdf.insert(name.into(), v);
+                    }
+                }
+                let mut doc = serde_json::Map::new();
+                if let Some(f) = format {
+                    doc.insert("format".into(), f);
+                }
+                doc.insert("kdf".into(), serde_json::Value::Object(kdf));
+                doc.insert("keys".into(), serde_json::Value::Array(keys));
+                serde_json::Value::Object(doc)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn arbitrary_bytes_in_a_keyring_file_give_a_typed_error(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("keys.json");
+            fs::write(&path, &bytes).unwrap();
+            let err = KeyringFile::open(&path, b"pw", "P").err();
+            prop_assert!(matches!(err, Some(FileKeyringError::Io { .. } | FileKeyringError::Malformed { .. })), "{:?}", err);
+        }
+
+        #[test]
+        fn keyring_shaped_documents_open_or_give_a_typed_error_without_material(doc in document()) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("keys.json");
+            fs::write(&path, doc.to_string()).unwrap();
+            match KeyringFile::open(&path, b"pw", "P") {
+                // Random sealed material never opens; only documents without any can.
+                Ok(file) => prop_assert!(file.table.entries.iter().all(|e| e.key.is_none())),
+                Err(err) => {
+                    prop_assert!(matches!(err, FileKeyringError::Malformed { .. } | FileKeyringError::WrongPassphrase { .. }), "{:?}", err);
+                    let shown = format!("{err} {err:?}");
+                    let sealed = doc["keys"].as_array().into_iter().flatten().filter_map(|k| k["material"].as_str());
+                    for m in sealed.filter(|m| m.len() >= 8) {
+                        prop_assert!(!shown.contains(m), "{} repeats sealed material", shown);
+                    }
+                }
+            }
+        }
+    }
+}

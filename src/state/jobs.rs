@@ -1,0 +1,292 @@
+//! Jobs in `rekey.jobs`: opened (new, or an unfinished one resumed), their
+//! live control, their totals, and finished.
+
+use tokio_postgres::Client;
+
+use crate::error::DbContext;
+use crate::job::Job;
+use crate::observe::counts::Counts;
+use crate::Error;
+
+use super::progress::{counts_from, KeyRange, RangeState, RETRY_RANGE, SUM_COUNTS};
+
+/// A job row opened for running: new, or an unfinished one resumed.
+#[derive(Debug)]
+pub struct JobRecord {
+    /// `rekey.jobs.job_id`.
+    pub id: i64,
+    /// Whether an unfinished job was picked up.
+    pub resumed: bool,
+    /// Every range, finished or not.
+    pub ranges: Vec<RangeState>,
+    /// What earlier runs of this job already did; after a rewrite,
+    /// what every run of every process has done, this one included.
+    pub prior: Counts,
+}
+
+/// Opens the job: resumes the unfinished job of this name when its spec and
+/// keys match, refuses when they do not, else starts a new one over the
+/// ranges `plan` splits its tables into.
+pub async fn open_job(
+    client: &mut Client,
+    job: &Job,
+    restart: bool,
+    plan: impl AsyncFnOnce(&Client) -> Result<Vec<RangeState>, Error>,
+) -> Result<JobRecord, Error> {
+    // Processes starting together must agree on one job row: the first plans
+    // it, the others resume it.
+    let lock = format!("rekey.open:{}", job.name);
+    client.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", &[&lock]).await.ctx(|| format!("opening job {:?}", job.name))?;
+    let opened = open_job_locked(client, job, restart, plan).await;
+    let unlocked = client.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", &[&lock]).await.ctx(|| format!("opening job {:?}", job.name));
+    let opened = opened?;
+    unlocked?;
+    Ok(opened)
+}
+
+async fn open_job_locked(
+    client: &mut Client,
+    job: &Job,
+    restart: bool,
+    plan: impl AsyncFnOnce(&Client) -> Result<Vec<RangeState>, Error>,
+) -> Result<JobRecord, Error> {
+    let keys = job.describe_keys();
+    let what = || format!("opening job {:?}", job.name);
+    if let Some(row) = client
+        .query_opt("SELECT job_id, spec_hash, keys FROM rekey.jobs WHERE name = $1 AND state = 'running'", &[&job.name])
+        .await
+        .ctx(what)?
+    {
+        let (id, hash, old_keys): (i64, String, serde_json::Value) = (row.get(0), row.get(1), row.get(2));
+        if restart {
+            client.execute("UPDATE rekey.jobs SET state = 'abandoned', updated_at = now() WHERE job_id = $1", &[&id]).await.ctx(what)?;
+        } else if hash != job.spec_hash {
+            return Err(Error::Config(format!(
+                "job {:?} (id {id}) is unfinished and was started from a different job file; finish it with the original file, \
+                 or start over with `rekey run --restart` (values already rotated stay rotated)",
+                job.name
+            )));
+        } else if old_keys != keys {
+            return Err(Error::Config(format!(
+                "job {:?} (id {id}) is unfinished and was started with a different key set (ids or fingerprints differ: \
+                 was {old_keys}, now {keys}); restore the original keys to finish it, or start over with `rekey run --restart`",
+                job.name
+            )));
+        } else {
+            // a stop asked of the last run is spent; a pause still holds
+            // (unless processes are still stopping: a process started meanwhile must stop too)
+            client
+                .execute(
+                    "UPDATE rekey.jobs SET control = 'run' WHERE job_id = $1 AND control = 'stop'
+                        AND NOT EXISTS (SELECT 1 FROM rekey.progress WHERE job_id = $1 AND NOT done AND owner IS NOT NULL AND lease_until > now())",
+                    &[&id],
+                )
+                .await
+                .ctx(what)?;
+            let (ranges, prior) = load_ranges(client, id, job.targets.len()).await?;
+            return Ok(JobRecord { id, resumed: true, ranges, prior });
+        }
+    }
+
+    let planned = plan(client).await?;
+    let tx = client.transaction().await.ctx(what)?;
+    let id: i64 = tx
+        .query_one(
+            "INSERT INTO rekey.jobs (name, spec_hash, keys, state) VALUES ($1, $2, $3, 'running') RETURNING job_id",
+            &[&job.name, &job.spec_hash, &keys],
+        )
+        .await
+        .ctx(what)?
+        .get(0);
+    let insert = tx
+        .prepare("INSERT INTO rekey.progress (job_id, target, range_no, table_name, lower_key, upper_key) VALUES ($1, $2, $3, $4, $5, $6)")
+        .await
+        .ctx(what)?;
+    for r in &planned {
+        let table = job.targets[r.target].table.to_string();
+        tx.execute(&insert, &[&id, &(r.target as i32), &r.range_no, &table, &r.bounds.lower, &r.bounds.upper]).await.ctx(what)?;
+    }
+    tx.commit().await.ctx(what)?;
+    Ok(JobRecord { id, resumed: false, ranges: planned, prior: Counts::default() })
+}
+
+async fn load_ranges(client: &Client, job_id: i64, targets: usize) -> Result<(Vec<RangeState>, Counts), Error> {
+    let rows = client
+        .query(
+            "SELECT target, range_no, lower_key, upper_key, last_key, done, rows_scanned, rows_rewritten,
+                    values_rewritten, values_skipped, values_failed, conflicts
+               FROM rekey.progress WHERE job_id = $1 ORDER BY target, range_no",
+            &[&job_id],
+        )
+        .await
+        .ctx(|| format!("loading the progress of job {job_id}"))?;
+    let mut prior = Counts::default();
+    let mut ranges = Vec::new();
+    for r in &rows {
+        prior += counts_from(r, 6);
+        let range_no: i32 = r.get(1);
+        if range_no == RETRY_RANGE {
+            continue;
+        }
+        let target = usize::try_from(r.get::<_, i32>(0)).ok().filter(|t| *t < targets).ok_or_else(|| {
+            Error::Runtime(format!("rekey.progress of job {job_id} names a target this job does not have; the engine state was edited by hand"))
+        })?;
+        ranges.push(RangeState {
+            target,
+            range_no,
+            bounds: KeyRange { lower: r.get(2), upper: r.get(3) },
+            last: r.get(4),
+            done: r.get(5),
+        });
+    }
+    Ok((ranges, prior))
+}
+
+/// Where a job stands (`rekey.jobs.state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Open: runs join and resume it.
+    Running,
+    /// Every range finished.
+    Done,
+    /// Given up by `rekey run --restart`.
+    Abandoned,
+}
+
+impl JobState {
+    /// The word stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Abandoned => "abandoned",
+        }
+    }
+
+    /// Reads the stored word, refusing what rekey never writes.
+    pub fn stored(word: &str) -> Result<JobState, Error> {
+        match word {
+            "running" => Ok(JobState::Running),
+            "done" => Ok(JobState::Done),
+            "abandoned" => Ok(JobState::Abandoned),
+            other => Err(Error::Runtime(format!("rekey.jobs.state holds {other:?}, which rekey never writes; the engine state was edited by hand"))),
+        }
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A job's live control (`rekey.jobs.control`), also the words of a control file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Control {
+    /// Go on.
+    Run,
+    /// Read nothing until told to run.
+    Pause,
+    /// Stop cleanly, checkpointed.
+    Stop,
+}
+
+impl Control {
+    /// The word stored and written: run, pause or stop.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Control::Run => "run",
+            Control::Pause => "pause",
+            Control::Stop => "stop",
+        }
+    }
+
+    /// Reads the word back; `None` for anything else.
+    pub fn parse(word: &str) -> Option<Control> {
+        match word {
+            "run" => Some(Control::Run),
+            "pause" => Some(Control::Pause),
+            "stop" => Some(Control::Stop),
+            _ => None,
+        }
+    }
+
+    /// Reads the stored word, refusing what rekey never writes.
+    pub fn stored(word: &str) -> Result<Control, Error> {
+        Control::parse(word).ok_or_else(|| Error::Runtime(format!("rekey.jobs.control holds {word:?}, which rekey never writes; the engine state was edited by hand")))
+    }
+}
+
+/// The job's live control.
+pub async fn job_control(client: &Client, job_id: i64) -> Result<Control, Error> {
+    let word: String = client
+        .query_one("SELECT control FROM rekey.jobs WHERE job_id = $1", &[&job_id])
+        .await
+        .ctx(|| format!("reading the control of job {job_id}"))?
+        .get(0);
+    Control::stored(&word)
+}
+
+/// Sets the control of the running job named `name` (`rekey pause|resume|stop`);
+/// false when no job of that name is running.
+pub async fn set_control(client: &Client, name: &str, control: Control) -> Result<bool, Error> {
+    let word = control.as_str();
+    Ok(client
+        .execute("UPDATE rekey.jobs SET control = $2, updated_at = now() WHERE name = $1 AND state = 'running'", &[&name, &word])
+        .await
+        .ctx(|| format!("setting job {name:?} to {word}"))?
+        > 0)
+}
+
+/// What every run of every process did for the job, from `rekey.progress`.
+pub async fn job_totals(client: &Client, job_id: i64) -> Result<Counts, Error> {
+    let row = client
+        .query_one(
+            &format!("SELECT {SUM_COUNTS} FROM rekey.progress WHERE job_id = $1"),
+            &[&job_id],
+        )
+        .await
+        .ctx(|| format!("adding up the totals of job {job_id}"))?;
+    Ok(counts_from(&row, 0))
+}
+
+/// Marks the job finished with its totals, if it is: every range done, and
+/// still the running job of its name. The UPDATE commits synchronously, so
+/// every batch committed before it is durable with it.
+pub async fn finish_job(client: &Client, job_id: i64, summary: &serde_json::Value) -> Result<(), Error> {
+    let what = || format!("finishing job {job_id}");
+    let finished = client
+        .execute(
+            "UPDATE rekey.jobs SET state = 'done', finished_at = now(), updated_at = now(), summary = $2
+              WHERE job_id = $1 AND state = 'running'
+                AND NOT EXISTS (SELECT 1 FROM rekey.progress WHERE job_id = $1 AND range_no >= 0 AND NOT done)",
+            &[&job_id, summary],
+        )
+        .await
+        .ctx(what)?;
+    if finished == 1 {
+        return Ok(());
+    }
+    let row = client
+        .query_one(
+            "SELECT state, (SELECT count(*) FROM rekey.progress WHERE job_id = $1 AND range_no >= 0 AND NOT done) FROM rekey.jobs WHERE job_id = $1",
+            &[&job_id],
+        )
+        .await
+        .ctx(what)?;
+    let (state, open) = (JobState::stored(row.get(0))?, row.get::<_, i64>(1));
+    if state == JobState::Done {
+        // another process sharing the job finished it first
+        return Ok(());
+    }
+    Err(Error::Runtime(if state != JobState::Running {
+        format!("job {job_id} is {state} now (another process restarted or finished it); this process's batches are committed, nothing more to do here")
+    } else {
+        format!(
+            "job {job_id} still has {open} unfinished range(s): the server lost commits (a crash), or another process still works them; \
+             run the same command again to finish it"
+        )
+    }))
+}

@@ -1,0 +1,22 @@
+//! The engine's own state: schema `rekey` in the target database. Jobs and
+//! their live control, per-range progress and leases, conflicts to re-read,
+//! and how much each key has encrypted. Uses the job and lower layers.
+
+pub mod conflicts;
+pub mod jobs;
+pub mod key_usage;
+pub mod leases;
+pub mod locks;
+pub mod progress;
+pub mod rotations;
+pub mod schema;
+pub mod status;
+
+pub use conflicts::pending_conflicts;
+pub use jobs::{finish_job, job_control, job_totals, open_job, set_control, Control, JobRecord, JobState};
+pub use key_usage::{count_encryptions, encryptions_so_far, NONCE_BUDGET};
+pub use leases::{claim_range, heartbeat, release_ranges, Claim};
+pub use locks::{advisory_lock, lock_job, lock_lifecycle, share_job_lock};
+pub use progress::{record_batch, record_retry, KeyRange, Lease, RangeState, RETRY_RANGE};
+pub use schema::{ensure_schema, schema_exists};
+pub use status::{job_status, JobStatus};

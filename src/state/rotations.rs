@@ -1,0 +1,164 @@
+//! Rotations in `rekey.rotations`: where each job's key rotation stands, so
+//! a later invocation continues from the step the last one reached.
+
+use tokio_postgres::Client;
+
+use crate::crypto::keyring::KeyId;
+use crate::error::DbContext;
+use crate::Error;
+
+/// The step a rotation has reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// The new key is pending; values are not yet rewritten.
+    Staged,
+    /// Every value was rewritten under the new key.
+    Ran,
+    /// Verification found nothing on an old key.
+    Verified,
+    /// The new key is current; the old one is previous.
+    Promoted,
+    /// The old key is retired: the rotation is over.
+    Retired,
+    /// The rotation was rolled back: over.
+    RolledBack,
+}
+
+impl Step {
+    /// The word stored in `rekey.rotations.step`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Staged => "staged",
+            Step::Ran => "ran",
+            Step::Verified => "verified",
+            Step::Promoted => "promoted",
+            Step::Retired => "retired",
+            Step::RolledBack => "rolled_back",
+        }
+    }
+
+    fn stored(word: &str) -> Result<Step, Error> {
+        Ok(match word {
+            "staged" => Step::Staged,
+            "ran" => Step::Ran,
+            "verified" => Step::Verified,
+            "promoted" => Step::Promoted,
+            "retired" => Step::Retired,
+            "rolled_back" => Step::RolledBack,
+            other => return Err(Error::Runtime(format!("rekey.rotations holds step {other:?}, which rekey never writes; the engine state was edited by hand"))),
+        })
+    }
+}
+
+/// One row of `rekey.rotations`.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    /// `rotation_id`.
+    pub id: i64,
+    /// Where it stands.
+    pub step: Step,
+    /// The key that was current when it started, if any.
+    pub old_key: Option<KeyId>,
+    /// The key it rotates to.
+    pub new_key: KeyId,
+    /// Seconds the old key stays after promotion.
+    pub grace_s: i64,
+    /// When the new key was promoted (Unix seconds).
+    pub promoted_at_s: Option<i64>,
+    /// The staged key's fingerprint, once known.
+    pub new_fingerprint: Option<String>,
+}
+
+/// What a new rotation records.
+#[derive(Debug, Clone, Copy)]
+pub struct NewRotation<'a> {
+    /// The job.
+    pub job_name: &'a str,
+    /// Why (scheduled, emergency, compromise).
+    pub reason: &'a str,
+    /// Who.
+    pub operator: &'a str,
+    /// The store, never a value.
+    pub secret_id: &'a str,
+    /// The current key now.
+    pub old_key: Option<KeyId>,
+    /// The staged key.
+    pub new_key: KeyId,
+    /// Seconds the old key stays after promotion.
+    pub grace_s: i64,
+    /// The staged key's fingerprint, when rekey can read it back.
+    pub new_fingerprint: Option<&'a str>,
+}
+
+/// The rotation of job `name` still in progress, if any.
+pub async fn open_rotation(client: &Client, name: &str) -> Result<Option<Rotation>, Error> {
+    let row = client
+        .query_opt(
+            "SELECT rotation_id, step, old_key, new_key, grace_s, extract(epoch FROM promoted_at)::bigint, new_fingerprint
+               FROM rekey.rotations WHERE job_name = $1 AND step NOT IN ('retired', 'rolled_back')",
+            &[&name],
+        )
+        .await
+        .ctx(|| "reading the rotation in progress".into())?;
+    let Some(r) = row else { return Ok(None) };
+    let key = |v: i64| KeyId::try_from(v).map_err(|_| Error::Runtime(format!("rekey.rotations holds key id {v}, which is not a key id")));
+    Ok(Some(Rotation {
+        id: r.get(0),
+        step: Step::stored(r.get(1))?,
+        old_key: r.get::<_, Option<i64>>(2).map(key).transpose()?,
+        new_key: key(r.get(3))?,
+        grace_s: r.get(4),
+        promoted_at_s: r.get(5),
+        new_fingerprint: r.get(6),
+    }))
+}
+
+/// Records a rotation that has just staged its key.
+pub async fn start_rotation(client: &Client, r: &NewRotation<'_>) -> Result<(), Error> {
+    client
+        .execute(
+            "INSERT INTO rekey.rotations (job_name, step, reason, operator, secret_id, old_key, new_key, grace_s, new_fingerprint)
+             VALUES ($1, 'staged', $2, $3, $4, $5, $6, $7, $8)",
+            &[&r.job_name, &r.reason, &r.operator, &r.secret_id, &r.old_key.map(i64::from), &i64::from(r.new_key), &r.grace_s, &r.new_fingerprint],
+        )
+        .await
+        .ctx(|| "recording the rotation".into())?;
+    Ok(())
+}
+
+/// Moves rotation `id` to `step` (promotion and the end are timestamped).
+pub async fn set_step(client: &Client, id: i64, step: Step) -> Result<(), Error> {
+    let word = step.as_str();
+    client
+        .execute(
+            "UPDATE rekey.rotations SET step = $2, updated_at = now(),
+                    promoted_at = CASE WHEN $2 = 'promoted' THEN now() ELSE promoted_at END,
+                    finished_at = CASE WHEN $2 IN ('retired', 'rolled_back') THEN now() ELSE finished_at END
+              WHERE rotation_id = $1",
+            &[&id, &word],
+        )
+        .await
+        .ctx(|| format!("recording rotation step {word}"))?;
+    Ok(())
+}
+
+/// Records the staged key's fingerprint once it can be read.
+pub async fn set_fingerprint(client: &Client, id: i64, fingerprint: &str) -> Result<(), Error> {
+    client
+        .execute("UPDATE rekey.rotations SET new_fingerprint = $2 WHERE rotation_id = $1", &[&id, &fingerprint])
+        .await
+        .ctx(|| "recording the staged key's fingerprint".into())?;
+    Ok(())
+}
+
+/// Ends job `name`'s rotation in progress as rolled back.
+pub async fn roll_back(client: &Client, name: &str) -> Result<(), Error> {
+    client
+        .execute(
+            "UPDATE rekey.rotations SET step = 'rolled_back', finished_at = now(), updated_at = now() WHERE job_name = $1 AND step NOT IN ('retired', 'rolled_back')",
+            &[&name],
+        )
+        .await
+        .ctx(|| "recording the rollback".into())?;
+    Ok(())
+}
