@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Row, Statement};
+use tokio_postgres::{Client, Row, Statement, Transaction};
 
 use crate::db::binary_copy::CopyBuffer;
 use crate::state::{self, Control, RangeState};
@@ -194,94 +194,17 @@ impl Writer {
     /// Commits one batch and its checkpoint; returns what it did.
     pub async fn write(&mut self, target: &Target, commit: Commit<'_>, batch: &Batch) -> Result<Written, Error> {
         let what = || format!("writing a batch to {}", target.table);
-        let p = &self.prepared[&target.index];
-        let ncols = target.columns.len();
         let mut counts = Counts { rows_scanned: batch.rows.len() as u64, ..Counts::default() };
-
-        let staged: Vec<usize> = (0..batch.rows.len())
-            .filter(|&r| batch.cells[r * ncols..(r + 1) * ncols].iter().any(|c| matches!(c, Cell::Rewritten(_))))
-            .collect();
+        let staged: Vec<usize> = transform::rewritten_rows(&batch.cells, target.columns.len()).collect();
         let tx = self.client.transaction().await.ctx(what)?;
-        let mut conflicted: HashSet<KeyBytes> = HashSet::new();
-        if let (Some(&first), Some(&last)) = (staged.first(), staged.last()) {
-            let mut buf = CopyBuffer::with_capacity(staged.len() * 160);
-            let fields = (target.key.len() + 2 * ncols) as i16;
-            for &r in &staged {
-                let row = &batch.rows[r];
-                buf.row(fields);
-                for k in raw::leading(row, target.key.len()) {
-                    buf.field(Some(k));
-                }
-                for (c, cell) in batch.cells[r * ncols..(r + 1) * ncols].iter().enumerate() {
-                    buf.field(transform::value(target, row, c));
-                    buf.field(match cell {
-                        Cell::Rewritten(v) => Some(v),
-                        _ => None,
-                    });
-                }
-            }
-            let copy = tx.copy_in::<_, bytes::Bytes>(&sql::copy_stage(target)).await.ctx(what)?;
-            futures_util::pin_mut!(copy);
-            futures_util::SinkExt::send(&mut copy, buf.finish()).await.ctx(what)?;
-            copy.finish().await.ctx(what)?;
-
-            let updated = match commit {
-                Commit::Range(_) => {
-                    let lo = target.key_params(&batch.rows[first]);
-                    let hi = target.key_params(&batch.rows[last]);
-                    let mut params = params(&lo);
-                    params.extend(raw::params(&hi));
-                    tx.execute(&p.update, &params).await.ctx(what)?
-                }
-                Commit::Retry(_) => tx.execute(&p.update_any, &[]).await.ctx(what)?,
-            };
-            counts.rows_rewritten = updated;
-            counts.conflicts = staged.len() as u64 - updated;
-            if counts.conflicts > 0 {
-                for row in tx.query(&p.unapplied, &[]).await.ctx(what)? {
-                    conflicted.insert(raw::key_of(&row, target.key.len()));
-                }
-            }
-        }
-
-        let mut failures = Vec::new();
-        for (r, row) in batch.rows.iter().enumerate() {
-            let row_conflicted = !conflicted.is_empty() && conflicted.contains(&target.row_key(row));
-            for (c, cell) in batch.cells[r * ncols..(r + 1) * ncols].iter().enumerate() {
-                match cell {
-                    Cell::Rewritten(_) if !row_conflicted => counts.values_rewritten += 1,
-                    Cell::Rewritten(_) | Cell::Opened(..) => {}
-                    Cell::Null | Cell::Current => counts.values_skipped += 1,
-                    Cell::Failed(e) => {
-                        counts.values_failed += 1;
-                        let key = target.row_key(row);
-                        let pk: Vec<&[u8]> = key.iter().map(|k| k.as_slice()).collect();
-                        let table = target.table.to_string();
-                        let column = &target.columns[c].name;
-                        let kind = e.kind();
-                        let keyp = target.key_params(row);
-                        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&self.job_id, &table, column, &pk, &kind];
-                        params.extend(raw::params(&keyp));
-                        let key_text: Option<String> = tx.query_one(&p.quarantine, &params).await.ctx(what)?.get(0);
-                        failures.push(Failure { table, column: column.clone(), key: key_text.unwrap_or_default(), error: kind });
-                    }
-                }
-            }
-        }
-        let target_no = target.index as i32;
+        let p = &self.prepared[&target.index];
+        let conflicted = if staged.is_empty() { HashSet::new() } else { swap(&tx, p, target, commit, batch, &staged, &mut counts).await.ctx(what)? };
+        let failures = tally_and_quarantine(&tx, p, self.job_id, target, batch, &conflicted, &mut counts).await.ctx(what)?;
+        let job = self.job_id;
         if let Commit::Retry(keys) = commit {
-            for key in keys {
-                tx.execute("DELETE FROM rekey.conflicts WHERE job_id = $1 AND target = $2 AND pk = $3", &[&self.job_id, &target_no, key]).await.ctx(what)?;
-            }
+            state::conflicts::clear(&tx, job, target.index, keys).await.ctx(what)?;
         }
-        for key in &conflicted {
-            tx.execute(
-                "INSERT INTO rekey.conflicts (job_id, target, pk) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                &[&self.job_id, &target_no, key],
-            )
-            .await
-            .ctx(what)?;
-        }
+        state::conflicts::add(&tx, job, target.index, &conflicted).await.ctx(what)?;
         if target.write.format.random_nonces() && !staged.is_empty() {
             // The nonce budget (README, Guarantees 7): every staged value was encrypted under a fresh random nonce.
             let encrypted = batch.cells.iter().filter(|c| matches!(c, Cell::Rewritten(_))).count() as i64;
@@ -291,33 +214,132 @@ impl Writer {
                 return Err(nonce_budget_spent(target, total - encrypted, "this batch (rolled back)"));
             }
         }
-        let control = match commit {
-            Commit::Range(state) => {
-                let lease = self.owner.as_deref().zip(batch.lease).map(|(owner, generation)| state::Lease { owner, generation });
-                state::record_batch(&tx, self.job_id, state, lease, batch.last_key.as_ref(), batch.end, &counts)
-                .await
-                .ctx(what)?
-                .ok_or_else(|| {
-                    metrics::LeaseChanged { kind: LeaseChange::Lost, table: &target.table.to_string(), range_no: state.range_no, owner: self.owner.as_deref().unwrap_or("") }.emit();
-                    Error::LeaseLost(format!(
-                        "range {} of {} was taken over by another rekey process (this one stopped renewing its lease); \
-                         the batch was rolled back, nothing of it was written",
-                        state.range_no, target.table
-                    ))
-                })
-                .and_then(|word| Control::stored(&word))?
-            }
-            Commit::Retry(_) => {
-                state::record_retry(&tx, self.job_id, target.index, &target.table.to_string(), &counts).await.ctx(what)?;
-                Control::Run
-            }
-        };
+        let control = checkpoint(&tx, self.job_id, self.owner.as_deref(), target, commit, batch, &counts).await?;
         tx.commit().await.ctx(what)?;
         if let (Commit::Range(state), Some(last)) = (commit, &batch.last_key) {
             self.ledger.insert((state.target, state.range_no), last.clone());
         }
         Ok(Written { counts, failures, control })
     }
+}
+
+/// Counts every value of the batch, and records the ones that did not
+/// open in `rekey.quarantine`.
+async fn tally_and_quarantine(
+    tx: &Transaction<'_>,
+    p: &Prepared,
+    job_id: i64,
+    target: &Target,
+    batch: &Batch,
+    conflicted: &HashSet<KeyBytes>,
+    counts: &mut Counts,
+) -> Result<Vec<Failure>, tokio_postgres::Error> {
+    let ncols = target.columns.len();
+    let mut failures = Vec::new();
+    for (r, row) in batch.rows.iter().enumerate() {
+        let row_conflicted = !conflicted.is_empty() && conflicted.contains(&target.row_key(row));
+        for (c, cell) in batch.cells[r * ncols..(r + 1) * ncols].iter().enumerate() {
+            match cell {
+                Cell::Rewritten(_) if !row_conflicted => counts.values_rewritten += 1,
+                Cell::Rewritten(_) | Cell::Opened(..) => {}
+                Cell::Null | Cell::Current => counts.values_skipped += 1,
+                Cell::Failed(e) => {
+                    counts.values_failed += 1;
+                    let key = target.row_key(row);
+                    let pk: Vec<&[u8]> = key.iter().map(|k| k.as_slice()).collect();
+                    let table = target.table.to_string();
+                    let column = &target.columns[c].name;
+                    let kind = e.kind();
+                    let keyp = target.key_params(row);
+                    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&job_id, &table, column, &pk, &kind];
+                    params.extend(raw::params(&keyp));
+                    let key_text: Option<String> = tx.query_one(&p.quarantine, &params).await?.get(0);
+                    failures.push(Failure { table, column: column.clone(), key: key_text.unwrap_or_default(), error: kind });
+                }
+            }
+        }
+    }
+    Ok(failures)
+}
+
+/// Moves the range's checkpoint (or counts a conflict re-read) in the
+/// batch's transaction; returns the job's live control as of now.
+async fn checkpoint(tx: &Transaction<'_>, job_id: i64, owner: Option<&str>, target: &Target, commit: Commit<'_>, batch: &Batch, counts: &Counts) -> Result<Control, Error> {
+    let what = || format!("writing a batch to {}", target.table);
+    match commit {
+        Commit::Range(state) => {
+            let lease = owner.zip(batch.lease).map(|(owner, generation)| state::Lease { owner, generation });
+            let Some(word) = state::record_batch(tx, job_id, state, lease, batch.last_key.as_ref(), batch.end, counts).await.ctx(what)? else {
+                let owner = owner.unwrap_or("");
+                metrics::LeaseChanged { kind: LeaseChange::Lost, table: &target.table.to_string(), range_no: state.range_no, owner }.emit();
+                return Err(Error::LeaseLost(format!(
+                    "range {} of {} was taken over by another rekey process (this one stopped renewing its lease); \
+                     the batch was rolled back, nothing of it was written",
+                    state.range_no, target.table
+                )));
+            };
+            Control::stored(&word)
+        }
+        Commit::Retry(_) => {
+            state::record_retry(tx, job_id, target.index, &target.table.to_string(), counts).await.ctx(what)?;
+            Ok(Control::Run)
+        }
+    }
+}
+
+/// Stages the batch's new values with binary COPY and swaps them in where
+/// each row still holds what was read (compare-and-swap); returns the keys
+/// of rows the application changed meanwhile.
+async fn swap(
+    tx: &Transaction<'_>,
+    p: &Prepared,
+    target: &Target,
+    commit: Commit<'_>,
+    batch: &Batch,
+    staged: &[usize],
+    counts: &mut Counts,
+) -> Result<HashSet<KeyBytes>, tokio_postgres::Error> {
+    let ncols = target.columns.len();
+    let mut buf = CopyBuffer::with_capacity(staged.len() * 160);
+    let fields = (target.key.len() + 2 * ncols) as i16;
+    for &r in staged {
+        let row = &batch.rows[r];
+        buf.row(fields);
+        for k in raw::leading(row, target.key.len()) {
+            buf.field(Some(k));
+        }
+        for (c, cell) in batch.cells[r * ncols..(r + 1) * ncols].iter().enumerate() {
+            buf.field(transform::value(target, row, c));
+            buf.field(match cell {
+                Cell::Rewritten(v) => Some(v),
+                _ => None,
+            });
+        }
+    }
+    let copy = tx.copy_in::<_, bytes::Bytes>(&sql::copy_stage(target)).await?;
+    futures_util::pin_mut!(copy);
+    futures_util::SinkExt::send(&mut copy, buf.finish()).await?;
+    copy.finish().await?;
+
+    let updated = match (commit, staged.first(), staged.last()) {
+        (Commit::Range(_), Some(&first), Some(&last)) => {
+            let lo = target.key_params(&batch.rows[first]);
+            let hi = target.key_params(&batch.rows[last]);
+            let mut params = params(&lo);
+            params.extend(raw::params(&hi));
+            tx.execute(&p.update, &params).await?
+        }
+        _ => tx.execute(&p.update_any, &[]).await?,
+    };
+    counts.rows_rewritten = updated;
+    counts.conflicts = staged.len() as u64 - updated;
+    let mut conflicted = HashSet::new();
+    if counts.conflicts > 0 {
+        for row in tx.query(&p.unapplied, &[]).await? {
+            conflicted.insert(raw::key_of(&row, target.key.len()));
+        }
+    }
+    Ok(conflicted)
 }
 
 /// The error for a key that has used up its random nonces (README, Guarantees 7).

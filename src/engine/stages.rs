@@ -186,8 +186,6 @@ pub(super) fn tally(target: &crate::job::Target, batch: &Batch, verified: &mut O
             }
         }
     }
-    if batch.cells.iter().any(|c| matches!(c, Cell::Rewritten(_))) {
-        c.rows_rewritten = (0..batch.rows.len()).filter(|r| batch.cells[r * ncols..(r + 1) * ncols].iter().any(|c| matches!(c, Cell::Rewritten(_)))).count() as u64;
-    }
+    c.rows_rewritten = transform::rewritten_rows(&batch.cells, ncols).count() as u64;
     c
 }

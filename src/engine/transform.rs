@@ -52,6 +52,11 @@ pub fn aad<'a>(target: &'a Target, row: &'a Row) -> &'a [u8] {
     }
 }
 
+/// The rows (indexes) of a batch with at least one value to write.
+pub fn rewritten_rows(cells: &[Cell], ncols: usize) -> impl Iterator<Item = usize> + '_ {
+    cells.chunks(ncols.max(1)).enumerate().filter(|(_, row)| row.iter().any(|c| matches!(c, Cell::Rewritten(_)))).map(|(r, _)| r)
+}
+
 /// Decides every cell of a batch; `cells` is row-major, one per encrypted column.
 pub fn rewrite(target: &Target, rows: &[Row], cells: &mut Vec<Cell>) {
     fill(target, rows, cells, |col, stored, aad| rewrite_value(target, col, stored, aad));

@@ -62,6 +62,25 @@ struct CatalogColumn {
 
 /// Resolves and checks one `[[target]]` against the catalog.
 pub async fn resolve_target(client: &Client, spec: &TargetSpec) -> Result<ResolvedTarget, Error> {
+    let (oid, table) = find_table(client, spec).await?;
+    let cols = table_columns(client, oid, &table).await?;
+    let columns = encrypted_columns(spec, &table, &cols)?;
+    let key_names = key_columns(client, spec, oid, &table, &cols).await?;
+    let find = |c: &str| cols.iter().find(|col| col.name == c);
+    let key = key_names
+        .iter()
+        .filter_map(|k| find(k))
+        .map(|c| TableColumn { name: c.name.clone(), type_name: c.type_name.clone() })
+        .collect::<Vec<_>>();
+    if let Some(c) = columns.iter().find(|c| key.iter().any(|k| k.name == c.name)) {
+        return Err(Error::Config(format!("column {table}.{} is part of the key and cannot be re-encrypted in place", c.name)));
+    }
+    Ok(ResolvedTarget { table, key, columns })
+}
+
+
+/// The table a target names: its oid and name, or why there is none.
+async fn find_table(client: &Client, spec: &TargetSpec) -> Result<(u32, TableRef), Error> {
     let (schema, name) = spec.split_table();
     let what = || format!("looking up table {:?}", spec.table);
     let row = client
@@ -109,10 +128,12 @@ pub async fn resolve_target(client: &Client, spec: &TargetSpec) -> Result<Resolv
             spec.table
         )));
     };
-    let oid: u32 = row.get(0);
-    let table = TableRef { schema: row.get(1), name: row.get(2) };
+    Ok((row.get(0), TableRef { schema: row.get(1), name: row.get(2) }))
+}
 
-    let cols: Vec<CatalogColumn> = client
+/// Every column of a table, in order.
+async fn table_columns(client: &Client, oid: u32, table: &TableRef) -> Result<Vec<CatalogColumn>, Error> {
+    Ok(client
         .query(
             "SELECT attname::text, format_type(atttypid, atttypmod), attnotnull, atttypid
                FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
@@ -122,14 +143,21 @@ pub async fn resolve_target(client: &Client, spec: &TargetSpec) -> Result<Resolv
         .ctx(|| format!("reading the columns of {table}"))?
         .iter()
         .map(|r| CatalogColumn { name: r.get(0), type_name: r.get(1), not_null: r.get(2) })
-        .collect();
-    let find = |c: &str| cols.iter().find(|col| col.name == c);
-    let column_names = || cols.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ");
+        .collect())
+}
 
+/// The names of a table's columns, for messages.
+fn column_names(cols: &[CatalogColumn]) -> String {
+    cols.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+/// The encrypted columns a target lists: present, and of a type that holds ciphertext.
+fn encrypted_columns(spec: &TargetSpec, table: &TableRef, cols: &[CatalogColumn]) -> Result<Vec<TableColumn>, Error> {
+    let find = |c: &str| cols.iter().find(|col| col.name == c);
     let mut columns = Vec::new();
     for c in &spec.columns {
         let col = find(c).ok_or_else(|| {
-            Error::Config(format!("column {c:?} does not exist in {table}; its columns are: {}", column_names()))
+            Error::Config(format!("column {c:?} does not exist in {table}; its columns are: {}", column_names(cols)))
         })?;
         match col.type_name.as_str() {
             "bytea" | "text" => {}
@@ -143,6 +171,13 @@ pub async fn resolve_target(client: &Client, spec: &TargetSpec) -> Result<Resolv
         columns.push(TableColumn { name: col.name.clone(), type_name: col.type_name.clone() });
     }
 
+    Ok(columns)
+}
+
+/// The key the target pages by: the given primary_key if it is a unique key
+/// of NOT NULL columns, else the table's primary key.
+async fn key_columns(client: &Client, spec: &TargetSpec, oid: u32, table: &TableRef, cols: &[CatalogColumn]) -> Result<Vec<String>, Error> {
+    let find = |c: &str| cols.iter().find(|col| col.name == c);
     let unique_keys: Vec<(bool, Vec<String>)> = client
         .query(
             "SELECT i.indisprimary,
@@ -159,7 +194,7 @@ pub async fn resolve_target(client: &Client, spec: &TargetSpec) -> Result<Resolv
         .map(|r| (r.get(0), r.get(1)))
         .collect();
 
-    let key_names: Vec<String> = match &spec.primary_key {
+    Ok(match &spec.primary_key {
         None => match unique_keys.iter().find(|(primary, _)| *primary) {
             Some((_, k)) => k.clone(),
             None => {
@@ -171,7 +206,7 @@ pub async fn resolve_target(client: &Client, spec: &TargetSpec) -> Result<Resolv
         Some(given) => {
             for k in given {
                 let col = find(k).ok_or_else(|| {
-                    Error::Config(format!("primary_key column {k:?} does not exist in {table}; its columns are: {}", column_names()))
+                    Error::Config(format!("primary_key column {k:?} does not exist in {table}; its columns are: {}", column_names(cols)))
                 })?;
                 if !col.not_null {
                     return Err(Error::Config(format!("primary_key column {table}.{k} allows NULL; the key must be NOT NULL and unique")));
@@ -197,16 +232,7 @@ pub async fn resolve_target(client: &Client, spec: &TargetSpec) -> Result<Resolv
             }
             given.clone()
         }
-    };
-    let key = key_names
-        .iter()
-        .filter_map(|k| find(k))
-        .map(|c| TableColumn { name: c.name.clone(), type_name: c.type_name.clone() })
-        .collect::<Vec<_>>();
-    if let Some(c) = columns.iter().find(|c| key.iter().any(|k| k.name == c.name)) {
-        return Err(Error::Config(format!("column {table}.{} is part of the key and cannot be re-encrypted in place", c.name)));
-    }
-    Ok(ResolvedTarget { table, key, columns })
+    })
 }
 
 /// Checks that `column` exists in `table` (for an `aad = { column = ... }`).
