@@ -3,8 +3,10 @@
 
 /// Exit code: done, but some values were quarantined.
 pub const EXIT_QUARANTINED: u8 = 3;
-/// Exit code: verify found values not on the target key (or undecryptable).
-pub const EXIT_NOT_VERIFIED: u8 = 4;
+/// Exit code: values are left on an old key (or undecryptable): verify found
+/// them, or a run finished without rotating them (the database refused or
+/// undid the write, or rows kept changing under it).
+pub const EXIT_LEFT_ON_OLD_KEYS: u8 = 4;
 
 /// Exit code: stopped on request (SIGINT/SIGTERM) before finishing; resumable.
 pub const EXIT_STOPPED: u8 = 130;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::cli::args::{LifecycleArgs, RotateArgs};
-use crate::cli::exit::{EXIT_NOT_VERIFIED, EXIT_STOPPED};
+use crate::cli::exit::{EXIT_LEFT_ON_OLD_KEYS, EXIT_STOPPED};
 use crate::cli::{default_lanes, open, print_json, Opened};
 use crate::engine::pipeline::Settings;
 use crate::job::JobSpec;
@@ -43,7 +43,7 @@ pub(crate) fn report(life: &LifecycleArgs, spec: &JobSpec, p: &Progressed) -> u8
     match p.ended {
         Ended::Done | Ended::Waiting => 0,
         Ended::Stopped => EXIT_STOPPED,
-        Ended::NotVerified => EXIT_NOT_VERIFIED,
+        Ended::NotVerified => EXIT_LEFT_ON_OLD_KEYS,
     }
 }
 

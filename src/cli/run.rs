@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde_json::json;
 
 use crate::cli::args::{OnlineArgs, RunArgs};
-use crate::cli::exit::{EXIT_QUARANTINED, EXIT_STOPPED, EXIT_WINDOW_ENDED};
+use crate::cli::exit::{EXIT_LEFT_ON_OLD_KEYS, EXIT_QUARANTINED, EXIT_STOPPED, EXIT_WINDOW_ENDED};
 use crate::cli::{default_lanes, open, print_json, Opened};
 use crate::control::monitor::Signals;
 use crate::control::signals::stop_on_signals;
@@ -18,7 +18,7 @@ use crate::engine::rewrite::{rewrite, stale_rows, RunControl};
 use crate::engine::{plan, verify};
 use crate::job::Job;
 use crate::observe::counts::{Counts, LiveCounts};
-use crate::observe::metrics;
+use crate::observe::metrics::{self, RunState};
 use crate::observe::progress::Progress;
 use crate::state;
 use crate::Error;
@@ -142,6 +142,7 @@ fn summary(args: &RunArgs, job: &Job, ran: &Ran, remaining_rows: Option<u64>) ->
         "values_failed": c.values_failed,
         "conflicts": c.conflicts,
         "conflicts_left": outcome.conflicts_left,
+        "values_not_rotated": ran.totals.values_not_rotated,
         "stopped": outcome.stopped,
         "stopped_by": if outcome.stopped { Some(outcome.stopped_by.unwrap_or(StopBy::Signal)) } else { None },
         "retries": outcome.retries,
@@ -190,6 +191,15 @@ fn print_text(args: &RunArgs, job: &Job, ran: &Ran) {
     if outcome.conflicts_left > 0 {
         println!("{} rows kept changing under the run and were left as the application wrote them; run again to rotate them", outcome.conflicts_left);
     }
+    if ran.totals.values_not_rotated > 0 {
+        println!(
+            "{} values were NOT rotated and are still under their old key: the database refused or undid rekey's write, \
+             on the first try and again on a re-read (a trigger, a row-level security policy or a rule); \
+             see SELECT * FROM rekey.not_rotated WHERE job_id = {}; fix what refuses the write, or run as a role it does not apply to, then run again",
+            ran.totals.values_not_rotated,
+            ran.job_id.unwrap_or_default()
+        );
+    }
     if ran.resumed {
         println!("resumed job {}: {} values rewritten in all", ran.job_id.unwrap_or_default(), ran.totals.values_rewritten);
     }
@@ -208,13 +218,15 @@ fn ended(args: &RunArgs, job: &Job, ran: &Ran) -> u8 {
     let window_ended = outcome.stopped && outcome.stopped_by == Some(StopBy::RunTime);
     let failed = if args.dry_run { outcome.counts.values_failed } else { ran.totals.values_failed };
     let (state, code) = if window_ended {
-        ("window_ended", EXIT_WINDOW_ENDED)
+        (RunState::WindowEnded, EXIT_WINDOW_ENDED)
     } else if outcome.stopped {
-        ("stopped", EXIT_STOPPED)
+        (RunState::Stopped, EXIT_STOPPED)
+    } else if ran.totals.values_not_rotated > 0 || outcome.conflicts_left > 0 {
+        (RunState::LeftOnOldKeys, EXIT_LEFT_ON_OLD_KEYS)
     } else if failed > 0 {
-        ("done", EXIT_QUARANTINED)
+        (RunState::Done, EXIT_QUARANTINED)
     } else {
-        ("done", 0)
+        (RunState::Done, 0)
     };
     metrics::RunFinished { job: &job.name, state, seconds: ran.elapsed }.emit();
     code

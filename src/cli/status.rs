@@ -61,6 +61,15 @@ pub async fn status(args: &StatusArgs) -> Result<u8, Error> {
             s.updated_at,
             s.finished_at.as_ref().map(|f| format!(", finished {f}")).unwrap_or_default()
         );
+        if s.values_not_rotated > 0 {
+            println!(
+                "  {} values NOT rotated: the database refused or undid rekey's write (a trigger, a row-level security policy or a rule); see SELECT * FROM rekey.not_rotated WHERE job_id = {}",
+                s.values_not_rotated, s.job_id
+            );
+        }
+        if s.conflicts_left > 0 {
+            println!("  {} rows still changing under the runs, left for the next run to re-read", s.conflicts_left);
+        }
         if s.state == JobState::Running {
             let control = match s.control {
                 Control::Pause => " (paused by `rekey pause`)",

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use crate::cli::args::VerifyArgs;
-use crate::cli::exit::EXIT_NOT_VERIFIED;
+use crate::cli::exit::EXIT_LEFT_ON_OLD_KEYS;
 use crate::cli::{default_lanes, open, print_json, Opened};
 use crate::engine::verify::{self, Depth};
 use crate::job::Job;
@@ -35,5 +35,5 @@ pub async fn verify(args: &VerifyArgs) -> Result<u8, Error> {
         }
         println!("{}", if v.verified { "verified: nothing left on an old key" } else { "NOT verified: run `rekey run` again, and inspect rekey.quarantine" });
     }
-    Ok(if v.verified { 0 } else { EXIT_NOT_VERIFIED })
+    Ok(if v.verified { 0 } else { EXIT_LEFT_ON_OLD_KEYS })
 }

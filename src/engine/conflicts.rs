@@ -57,6 +57,7 @@ pub(super) async fn retry_conflicts(db: &Database, shared: &Shared, job_id: i64)
                 let batch = Batch { range_index: 0, rows, cells: Vec::new(), last_key: None, end: false, lease: None };
                 let batch = on_pool(shared.job.clone(), target.index, Mode::Rewrite { job_id }, batch).await?;
                 let Written { counts, failures, .. } = sink.write(target, Commit::Retry(&keys), &batch).await?;
+                shared.note_quarantined(&failures);
                 shared.live.add(&counts);
                 outcome.merge(Outcome { counts, failures, by_target: BTreeMap::from([(target.index, counts)]), ..Outcome::default() });
                 if counts.conflicts > 0 {

@@ -262,6 +262,7 @@ async fn finish(db: &Database, shared: &Shared, job_id: Option<i64>, mut outcome
     }
     outcome.taken_over = shared.taken_over.load(Ordering::Relaxed);
     if let Some(e) = first_error {
+        shared.sum_up_quarantine();
         shared.progress.finish();
         return Err(e);
     }
@@ -278,6 +279,7 @@ async fn finish(db: &Database, shared: &Shared, job_id: Option<i64>, mut outcome
             outcome.stopped_by = shared.stop.by();
         }
     }
+    shared.sum_up_quarantine();
     shared.progress.finish();
     Ok(outcome)
 }

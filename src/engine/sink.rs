@@ -72,8 +72,45 @@ struct Prepared {
     update_any: Statement,
     /// The quarantine INSERT.
     quarantine: Statement,
-    /// Finds staged rows the UPDATE did not apply (only run after a conflict).
-    unapplied: Statement,
+    /// Where each staged row stands after the UPDATE (run when not every row landed).
+    outcome: Statement,
+    /// The not-rotated INSERT.
+    not_rotated: Statement,
+}
+
+/// Why a value was not rotated: the database refused or undid rekey's write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotRotated {
+    /// The row still held what was read but the UPDATE left it alone: a
+    /// trigger returned NULL, a row-level security policy or a rule.
+    WriteRefused,
+    /// The UPDATE ran, but the stored value is not what rekey wrote: a
+    /// BEFORE trigger changed it.
+    WriteUndone,
+}
+
+impl NotRotated {
+    /// The word stored in `rekey.not_rotated.reason`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotRotated::WriteRefused => "write_refused",
+            NotRotated::WriteUndone => "write_undone",
+        }
+    }
+}
+
+/// What the compare-and-swap found for the rows it staged.
+#[derive(Debug, Default)]
+struct Swapped {
+    /// Rows someone changed or deleted since they were read, or (on the
+    /// first try) whose write was refused or undone: re-read later.
+    conflicted: HashSet<KeyBytes>,
+    /// (row, column) of values whose write was refused or undone again on a
+    /// re-read: not rotated.
+    not_rotated: HashMap<(usize, usize), NotRotated>,
+    /// (row, column) of values that landed in rows that are re-read for
+    /// their other values.
+    landed_in_conflicted: HashSet<(usize, usize)>,
 }
 
 /// What a committed batch did.
@@ -185,8 +222,9 @@ impl Writer {
             let update = client.prepare(&sql::update_from_stage(t, true)).await.ctx(what)?;
             let update_any = client.prepare(&sql::update_from_stage(t, false)).await.ctx(what)?;
             let quarantine = client.prepare(&sql::insert_quarantine(t)).await.ctx(what)?;
-            let unapplied = client.prepare(&sql::unapplied_in_stage(t)).await.ctx(what)?;
-            prepared.insert(t.index, Prepared { update, update_any, quarantine, unapplied });
+            let outcome = client.prepare(&sql::staged_outcome(t)).await.ctx(what)?;
+            let not_rotated = client.prepare(&sql::insert_not_rotated(t)).await.ctx(what)?;
+            prepared.insert(t.index, Prepared { update, update_any, quarantine, outcome, not_rotated });
         }
         Ok((client, prepared))
     }
@@ -198,13 +236,14 @@ impl Writer {
         let staged: Vec<usize> = transform::rewritten_rows(&batch.cells, target.columns.len()).collect();
         let tx = self.client.transaction().await.ctx(what)?;
         let p = &self.prepared[&target.index];
-        let conflicted = if staged.is_empty() { HashSet::new() } else { swap(&tx, p, target, commit, batch, &staged, &mut counts).await.ctx(what)? };
-        let failures = tally_and_quarantine(&tx, p, self.job_id, target, batch, &conflicted, &mut counts).await.ctx(what)?;
+        let swapped = if staged.is_empty() { Swapped::default() } else { swap(&tx, p, target, commit, batch, &staged, &mut counts).await.ctx(what)? };
+        let failures = tally_and_quarantine(&tx, p, self.job_id, target, batch, &swapped, &mut counts).await.ctx(what)?;
+        record_not_rotated(&tx, p, self.job_id, target, batch, &swapped).await.ctx(what)?;
         let job = self.job_id;
         if let Commit::Retry(keys) = commit {
             state::conflicts::clear(&tx, job, target.index, keys).await.ctx(what)?;
         }
-        state::conflicts::add(&tx, job, target.index, &conflicted).await.ctx(what)?;
+        state::conflicts::add(&tx, job, target.index, &swapped.conflicted).await.ctx(what)?;
         if target.write.format.random_nonces() && !staged.is_empty() {
             // The nonce budget (README, Guarantees 7): every staged value was encrypted under a fresh random nonce.
             let encrypted = batch.cells.iter().filter(|c| matches!(c, Cell::Rewritten(_))).count() as i64;
@@ -223,24 +262,25 @@ impl Writer {
     }
 }
 
-/// Counts every value of the batch, and records the ones that did not
-/// open in `rekey.quarantine`.
+/// Counts every value of the batch by what became of it, and records the
+/// ones that did not open in `rekey.quarantine`.
 async fn tally_and_quarantine(
     tx: &Transaction<'_>,
     p: &Prepared,
     job_id: i64,
     target: &Target,
     batch: &Batch,
-    conflicted: &HashSet<KeyBytes>,
+    swapped: &Swapped,
     counts: &mut Counts,
 ) -> Result<Vec<Failure>, tokio_postgres::Error> {
     let ncols = target.columns.len();
     let mut failures = Vec::new();
     for (r, row) in batch.rows.iter().enumerate() {
-        let row_conflicted = !conflicted.is_empty() && conflicted.contains(&target.row_key(row));
+        let row_conflicted = !swapped.conflicted.is_empty() && swapped.conflicted.contains(&target.row_key(row));
         for (c, cell) in batch.cells[r * ncols..(r + 1) * ncols].iter().enumerate() {
             match cell {
-                Cell::Rewritten(_) if !row_conflicted => counts.values_rewritten += 1,
+                Cell::Rewritten(_) if swapped.not_rotated.contains_key(&(r, c)) => counts.values_not_rotated += 1,
+                Cell::Rewritten(_) if !row_conflicted || swapped.landed_in_conflicted.contains(&(r, c)) => counts.values_rewritten += 1,
                 Cell::Rewritten(_) | Cell::Opened(..) => {}
                 Cell::Null | Cell::Current => counts.values_skipped += 1,
                 Cell::Failed(e) => {
@@ -260,6 +300,23 @@ async fn tally_and_quarantine(
         }
     }
     Ok(failures)
+}
+
+/// Records the values whose write was refused or undone on a re-read in
+/// `rekey.not_rotated`.
+async fn record_not_rotated(tx: &Transaction<'_>, p: &Prepared, job_id: i64, target: &Target, batch: &Batch, swapped: &Swapped) -> Result<(), tokio_postgres::Error> {
+    let (target_no, table) = (target.index as i32, target.table.to_string());
+    for (&(r, c), reason) in &swapped.not_rotated {
+        let row = &batch.rows[r];
+        let key = target.row_key(row);
+        let pk: Vec<&[u8]> = key.iter().map(|k| k.as_slice()).collect();
+        let keyp = target.key_params(row);
+        let reason = reason.as_str();
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&job_id, &target_no, &table, &target.columns[c].name, &pk, &reason];
+        params.extend(raw::params(&keyp));
+        tx.execute(&p.not_rotated, &params).await?;
+    }
+    Ok(())
 }
 
 /// Moves the range's checkpoint (or counts a conflict re-read) in the
@@ -288,8 +345,10 @@ async fn checkpoint(tx: &Transaction<'_>, job_id: i64, owner: Option<&str>, targ
 }
 
 /// Stages the batch's new values with binary COPY and swaps them in where
-/// each row still holds what was read (compare-and-swap); returns the keys
-/// of rows the application changed meanwhile.
+/// each row still holds what was read (compare-and-swap), then checks that
+/// what is stored is what was written. A row whose value did not land is
+/// re-read later (a conflict); on a re-read, a value whose write the
+/// database refuses or undoes again is not rotated.
 async fn swap(
     tx: &Transaction<'_>,
     p: &Prepared,
@@ -298,7 +357,7 @@ async fn swap(
     batch: &Batch,
     staged: &[usize],
     counts: &mut Counts,
-) -> Result<HashSet<KeyBytes>, tokio_postgres::Error> {
+) -> Result<Swapped, tokio_postgres::Error> {
     let ncols = target.columns.len();
     let mut buf = CopyBuffer::with_capacity(staged.len() * 160);
     let fields = (target.key.len() + 2 * ncols) as i16;
@@ -321,25 +380,80 @@ async fn swap(
     futures_util::SinkExt::send(&mut copy, buf.finish()).await?;
     copy.finish().await?;
 
-    let updated = match (commit, staged.first(), staged.last()) {
+    let answer = match (commit, staged.first(), staged.last()) {
         (Commit::Range(_), Some(&first), Some(&last)) => {
             let lo = target.key_params(&batch.rows[first]);
             let hi = target.key_params(&batch.rows[last]);
             let mut params = params(&lo);
             params.extend(raw::params(&hi));
-            tx.execute(&p.update, &params).await?
+            tx.query_one(&p.update, &params).await?
         }
-        _ => tx.execute(&p.update_any, &[]).await?,
+        _ => tx.query_one(&p.update_any, &[]).await?,
     };
-    counts.rows_rewritten = updated;
-    counts.conflicts = staged.len() as u64 - updated;
-    let mut conflicted = HashSet::new();
-    if counts.conflicts > 0 {
-        for row in tx.query(&p.unapplied, &[]).await? {
-            conflicted.insert(raw::key_of(&row, target.key.len()));
+    let landed = answer.get::<_, i64>(1) as u64;
+    counts.rows_rewritten = landed;
+    if landed == staged.len() as u64 {
+        return Ok(Swapped::default());
+    }
+    let retry = matches!(commit, Commit::Retry(_));
+    let outcomes = staged_outcomes(tx, p, target).await?;
+    let mut swapped = Swapped::default();
+    counts.rows_rewritten = 0;
+    for &r in staged {
+        let row = &batch.rows[r];
+        let key = target.row_key(row);
+        let rewritten: Vec<usize> = (0..ncols).filter(|&c| matches!(batch.cells[r * ncols + c], Cell::Rewritten(_))).collect();
+        let Some(o) = outcomes.get(&key) else {
+            // deleted meanwhile: the re-read finds nothing left to rotate
+            swapped.conflicted.insert(key);
+            continue;
+        };
+        let unlanded: Vec<usize> = rewritten.iter().copied().filter(|&c| !o.landed[c]).collect();
+        if rewritten.iter().any(|&c| o.landed[c]) {
+            counts.rows_rewritten += 1;
+        }
+        if unlanded.is_empty() {
+            continue;
+        }
+        let refusal = if o.touched {
+            Some(NotRotated::WriteUndone)
+        } else if o.as_read {
+            Some(NotRotated::WriteRefused)
+        } else {
+            None // the application changed it
+        };
+        match refusal {
+            Some(reason) if retry => swapped.not_rotated.extend(unlanded.iter().map(|&c| ((r, c), reason))),
+            _ => {
+                swapped.landed_in_conflicted.extend(rewritten.iter().copied().filter(|&c| o.landed[c]).map(|c| (r, c)));
+                swapped.conflicted.insert(key);
+            }
         }
     }
-    Ok(conflicted)
+    counts.conflicts = swapped.conflicted.len() as u64;
+    Ok(swapped)
+}
+
+/// Where one staged row stands after the UPDATE.
+struct StagedOutcome {
+    /// This transaction updated it.
+    touched: bool,
+    /// It still holds every value as it was read.
+    as_read: bool,
+    /// Per encrypted column: it holds what rekey wrote.
+    landed: Vec<bool>,
+}
+
+/// Where each staged row still in the table stands, by key.
+async fn staged_outcomes(tx: &Transaction<'_>, p: &Prepared, target: &Target) -> Result<HashMap<KeyBytes, StagedOutcome>, tokio_postgres::Error> {
+    let nkeys = target.key.len();
+    let mut out = HashMap::new();
+    for row in tx.query(&p.outcome, &[]).await? {
+        let landed = (0..target.columns.len()).map(|c| row.try_get(nkeys + 2 + c)).collect::<Result<_, _>>()?;
+        let o = StagedOutcome { touched: row.try_get(nkeys)?, as_read: row.try_get(nkeys + 1)?, landed };
+        out.insert(raw::key_of(&row, nkeys), o);
+    }
+    Ok(out)
 }
 
 /// The error for a key that has used up its random nonces (README, Guarantees 7).

@@ -149,24 +149,49 @@ pub fn copy_stage(target: &Target) -> String {
 }
 
 /// The compare-and-swap write: a row is updated only where every encrypted
-/// column still holds the value that was read. `$1..` and `$n+1..` bound the
-/// key range of the batch so the join reads only that stretch of the index.
+/// column still holds the value that was read. It answers one row: rows
+/// updated, and rows whose every value is now what rekey wrote (in
+/// RETURNING, `t` is the row as stored, after any BEFORE trigger). With
+/// `bounded`, `$1..` and `$n+1..` bound the key range of the batch so the
+/// join reads only that stretch of the index.
 pub fn update_from_stage(target: &Target, bounded: bool) -> String {
     let n = target.key.len();
     let sets = per_column(target, ", ", |i, q| format!("{q} = COALESCE(s.n{i}, t.{q})"));
-    let cas = per_column(target, " AND ", |i, q| format!("t.{q} IS NOT DISTINCT FROM s.o{i}"));
     let keys = target.key_list("t.");
     let range = if bounded { format!(" AND ({keys}) >= {} AND ({keys}) <= {}", key_params(target, 1), key_params(target, n + 1)) } else { String::new() };
-    format!("UPDATE {} AS t SET {sets} FROM {} AS s WHERE {}{range} AND {cas}", target.qualified(), stage_table(target), stage_join(target))
+    format!(
+        "WITH u AS (UPDATE {} AS t SET {sets} FROM {} AS s WHERE {}{range} AND {} RETURNING {} AS landed) \
+         SELECT count(*)::bigint, count(*) FILTER (WHERE landed)::bigint FROM u",
+        target.qualified(),
+        stage_table(target),
+        stage_join(target),
+        as_read(target),
+        per_column(target, " AND ", landed),
+    )
 }
 
-/// Staged rows whose values the UPDATE did not put in place (changed or
-/// deleted by someone else since they were read).
-pub fn unapplied_in_stage(target: &Target) -> String {
+/// Whether the row still holds every value as it was read.
+fn as_read(target: &Target) -> String {
+    per_column(target, " AND ", |i, q| format!("t.{q} IS NOT DISTINCT FROM s.o{i}"))
+}
+
+/// Whether column `i` of the row holds what rekey wrote (or, where rekey
+/// wrote nothing, what was read).
+fn landed(i: usize, q: &str) -> String {
+    format!("t.{q} IS NOT DISTINCT FROM coalesce(s.n{i}, s.o{i})")
+}
+
+/// After [`update_from_stage`], where each staged row stands, for rows
+/// still in the table: its key, whether this transaction updated it
+/// (`age(xmin) = 0`), whether it still holds what was read, and per
+/// encrypted column whether it holds what rekey wrote. Staged rows missing
+/// from the answer were deleted meanwhile.
+pub fn staged_outcome(target: &Target) -> String {
     let keys = (0..target.key.len()).map(|i| format!("s.k{i}")).collect::<Vec<_>>().join(", ");
-    let applied = per_column(target, " AND ", |i, q| format!("t.{q} IS NOT DISTINCT FROM coalesce(s.n{i}, s.o{i})"));
     format!(
-        "SELECT {keys} FROM {} AS s WHERE NOT EXISTS (SELECT 1 FROM {} AS t WHERE {} AND {applied})",
+        "SELECT {keys}, age(t.xmin) = 0, {}, {} FROM {} AS s JOIN {} AS t ON {}",
+        as_read(target),
+        per_column(target, ", ", landed),
         stage_table(target),
         target.qualified(),
         stage_join(target)
@@ -184,6 +209,20 @@ pub fn insert_quarantine(target: &Target) -> String {
         keys = target.key_list("t."),
         table = target.qualified(),
         params = key_params(target, 6),
+    )
+}
+
+/// Records one value that was not rotated. Parameters: job id, target,
+/// table label, column, key as bytea[], reason, then the key columns for the
+/// text lookup.
+pub fn insert_not_rotated(target: &Target) -> String {
+    format!(
+        "INSERT INTO rekey.not_rotated (job_id, target, table_name, column_name, pk, pk_text, reason) \
+         SELECT $1, $2, $3, $4, $5, (SELECT ROW({keys})::text FROM {table} AS t WHERE ({keys}) = {params}), $6 \
+         ON CONFLICT (job_id, target, column_name, pk) DO UPDATE SET reason = EXCLUDED.reason, seen_at = now()",
+        keys = target.key_list("t."),
+        table = target.qualified(),
+        params = key_params(target, 7),
     )
 }
 

@@ -149,9 +149,7 @@ pub(super) async fn write(shared: Arc<Shared>, mut writer: Option<Writer>, looku
             (None, Some(client)) => (tally(target, &batch, &mut outcome), sink::describe_failures(client, target, &batch).await?),
             (None, None) => return Err(Error::Runtime("a sink has neither a writer nor a lookup connection".into())),
         };
-        for f in &failures {
-            metrics::ValueQuarantined { table: &f.table, column: &f.column, key: &f.key, error: f.error }.emit();
-        }
+        shared.note_quarantined(&failures);
         let took = started.elapsed();
         metrics::BatchCommitted { table: &target.table.to_string(), target: target.index, counts: &counts, seconds: took.as_secs_f64(), rows }.emit();
         shared.sizer.committed(rows, took);

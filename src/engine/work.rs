@@ -13,6 +13,7 @@ use crate::control::throttle::{BatchSizer, Hold, Pace};
 use crate::db::session::Timeouts;
 use crate::db::KeyBytes;
 use crate::engine::pipeline::Settings;
+use crate::engine::sink::Failure;
 use crate::engine::source::Source;
 use crate::error::Retry;
 use crate::job::Job;
@@ -21,6 +22,12 @@ use crate::observe::metrics::{self, LeaseChange};
 use crate::observe::progress::Progress;
 use crate::state::{self, Claim, RangeState};
 use crate::Error;
+
+/// Quarantined values are summed up by table, column and error kind.
+type QuarantineGroup = (String, String, &'static str);
+
+/// Keys named in the warning about quarantined values of one column.
+const QUARANTINE_EXAMPLES: usize = 5;
 
 /// Batches waiting in the channels between stages, all lanes together.
 #[derive(Debug, Default)]
@@ -89,6 +96,8 @@ pub(super) struct Shared {
     pub(super) claiming: tokio::sync::Mutex<()>,
     /// Woken when a range is finished here: lanes waiting for work look again at once.
     pub(super) range_done: tokio::sync::Notify,
+    /// Values quarantined so far, by (table, column, error): how many, and the first few keys.
+    pub(super) quarantined: Mutex<BTreeMap<QuarantineGroup, (u64, Vec<String>)>>,
     /// Whether waiting on other processes' ranges was logged already.
     pub(super) said_waiting: AtomicBool,
 }
@@ -116,6 +125,32 @@ impl Shared {
             claiming: tokio::sync::Mutex::new(()),
             range_done: tokio::sync::Notify::new(),
             said_waiting: AtomicBool::new(false),
+            quarantined: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Counts values that did not decrypt, warning once for each column and
+    /// error kind (each value is logged at `debug` only).
+    pub(super) fn note_quarantined(&self, failures: &[Failure]) {
+        let Ok(mut seen) = self.quarantined.lock() else { return };
+        for f in failures {
+            metrics::ValueQuarantined { table: &f.table, column: &f.column, key: &f.key, error: f.error }.emit();
+            let (count, keys) = seen.entry((f.table.clone(), f.column.clone(), f.error)).or_default();
+            *count += 1;
+            if keys.len() < QUARANTINE_EXAMPLES {
+                keys.push(f.key.clone());
+            }
+            if *count == 1 {
+                metrics::QuarantineSummary { table: &f.table, column: &f.column, error: f.error, count: 1, first_keys: keys, finished: false }.emit();
+            }
+        }
+    }
+
+    /// One line per column and error kind with the values quarantined by this run.
+    pub(super) fn sum_up_quarantine(&self) {
+        let Ok(seen) = self.quarantined.lock() else { return };
+        for ((table, column, error), (count, keys)) in seen.iter() {
+            metrics::QuarantineSummary { table, column, error, count: *count, first_keys: keys, finished: true }.emit();
         }
     }
 

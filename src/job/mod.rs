@@ -8,6 +8,7 @@
 pub mod catalog;
 pub mod condition;
 pub mod spec;
+pub mod visibility;
 
 pub use spec::{AadSpec, DatabaseSpec, Encoding, JobSpec, TargetSpec};
 
@@ -239,6 +240,7 @@ impl Job {
             }
         }
         refuse_nested_targets(client, &targets).await?;
+        visibility::check(client, &targets).await?;
         Ok(Job { name: spec.name.clone().unwrap_or_else(|| "rekey".into()), spec_hash: spec.spec_hash(), targets })
     }
 

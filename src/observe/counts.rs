@@ -24,6 +24,9 @@ pub struct Counts {
     pub values_failed: u64,
     /// Rows changed by someone else between read and write, left untouched.
     pub conflicts: u64,
+    /// Values the database refused or undid the write of, twice (a trigger, a
+    /// policy): still under their old key.
+    pub values_not_rotated: u64,
 }
 
 impl AddAssign for Counts {
@@ -34,6 +37,7 @@ impl AddAssign for Counts {
         self.values_skipped += o.values_skipped;
         self.values_failed += o.values_failed;
         self.conflicts += o.conflicts;
+        self.values_not_rotated += o.values_not_rotated;
     }
 }
 
@@ -46,6 +50,7 @@ pub struct LiveCounts {
     values_skipped: AtomicU64,
     values_failed: AtomicU64,
     conflicts: AtomicU64,
+    values_not_rotated: AtomicU64,
 }
 
 impl LiveCounts {
@@ -57,6 +62,7 @@ impl LiveCounts {
         self.values_skipped.fetch_add(c.values_skipped, Ordering::Relaxed);
         self.values_failed.fetch_add(c.values_failed, Ordering::Relaxed);
         self.conflicts.fetch_add(c.conflicts, Ordering::Relaxed);
+        self.values_not_rotated.fetch_add(c.values_not_rotated, Ordering::Relaxed);
     }
 
     /// A consistent-enough copy for display and the final summary.
@@ -68,6 +74,7 @@ impl LiveCounts {
             values_skipped: self.values_skipped.load(Ordering::Relaxed),
             values_failed: self.values_failed.load(Ordering::Relaxed),
             conflicts: self.conflicts.load(Ordering::Relaxed),
+            values_not_rotated: self.values_not_rotated.load(Ordering::Relaxed),
         }
     }
 }

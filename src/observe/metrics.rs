@@ -104,7 +104,7 @@ enum Kind {
 const METRICS: &[(&str, Kind, Option<Unit>, &str)] = &[
     ("rekey_rows_scanned_total", Kind::Counter, Some(Unit::Count), "Rows read in committed batches, by table."),
     ("rekey_rows_rewritten_total", Kind::Counter, Some(Unit::Count), "Rows whose new values committed, by table."),
-    ("rekey_values_total", Kind::Counter, Some(Unit::Count), "Values in committed batches, by table and outcome (rewritten, skipped, failed)."),
+    ("rekey_values_total", Kind::Counter, Some(Unit::Count), "Values in committed batches, by table and outcome (rewritten, skipped, failed, not_rotated)."),
     ("rekey_conflicts_total", Kind::Counter, Some(Unit::Count), "Rows the application changed between read and write, left alone and re-read later, by table."),
     ("rekey_batch_seconds", Kind::Histogram, Some(Unit::Seconds), "Time from reading a batch to its commit, by table."),
     ("rekey_batch_rows", Kind::Gauge, Some(Unit::Count), "Rows in the last committed batch, by table."),
@@ -118,11 +118,39 @@ const METRICS: &[(&str, Kind, Option<Unit>, &str)] = &[
     ("rekey_rows_per_second", Kind::Gauge, Some(Unit::CountPerSecond), "Rows per second since the current phase started."),
     ("rekey_eta_seconds", Kind::Gauge, Some(Unit::Seconds), "Estimated seconds left in the current phase (NaN while unknown)."),
     ("rekey_queue_depth", Kind::Gauge, Some(Unit::Count), "Batches waiting between pipeline stages, summed over lanes, by stage (to_transform, to_sink)."),
-    ("rekey_run_state", Kind::Gauge, None, "1 for the state the last run ended in (done, stopped, window_ended, failed), else 0."),
+    ("rekey_run_state", Kind::Gauge, None, "1 for the state the last run ended in (done, left_on_old_keys, stopped, window_ended, failed), else 0."),
 ];
 
-/// The states [`RunFinished`] knows; each other one is set to 0 when a run ends.
-const RUN_STATES: [&str; 4] = ["done", "stopped", "window_ended", "failed"];
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    /// Every value in scope is on the target key (quarantined ones aside).
+    Done,
+    /// Finished, but values are left on an old key (not rotated, or still changing).
+    LeftOnOldKeys,
+    /// Stopped on request; resumable.
+    Stopped,
+    /// Stopped at the end of its window; resumable.
+    WindowEnded,
+    /// Ended by an error.
+    Failed,
+}
+
+impl RunState {
+    /// Every state, for the gauge.
+    const ALL: [RunState; 5] = [RunState::Done, RunState::LeftOnOldKeys, RunState::Stopped, RunState::WindowEnded, RunState::Failed];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Done => "done",
+            RunState::LeftOnOldKeys => "left_on_old_keys",
+            RunState::Stopped => "stopped",
+            RunState::WindowEnded => "window_ended",
+            RunState::Failed => "failed",
+        }
+    }
+}
 
 /// Bucket bounds of `rekey_batch_seconds`, in seconds.
 const BATCH_SECONDS_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
@@ -200,7 +228,7 @@ impl BatchCommitted<'_> {
         let table = self.table.to_owned();
         metrics::counter!("rekey_rows_scanned_total", "table" => table.clone()).increment(c.rows_scanned);
         metrics::counter!("rekey_rows_rewritten_total", "table" => table.clone()).increment(c.rows_rewritten);
-        for (outcome, n) in [("rewritten", c.values_rewritten), ("skipped", c.values_skipped), ("failed", c.values_failed)] {
+        for (outcome, n) in [("rewritten", c.values_rewritten), ("skipped", c.values_skipped), ("failed", c.values_failed), ("not_rotated", c.values_not_rotated)] {
             metrics::counter!("rekey_values_total", "table" => table.clone(), "outcome" => outcome).increment(n);
         }
         metrics::counter!("rekey_conflicts_total", "table" => table.clone()).increment(c.conflicts);
@@ -223,9 +251,11 @@ pub struct ValueQuarantined<'a> {
 }
 
 impl ValueQuarantined<'_> {
-    /// Warns, and counts by table, column and error kind (not by row).
+    /// Logs at `debug` (a run warns once per column and error, then sums
+    /// up: [`QuarantineSummary`]), and counts by table, column and error
+    /// kind (not by row).
     pub fn emit(&self) {
-        tracing::warn!("cannot decrypt {}.{} at key {}: {}", self.table, self.column, self.key, self.error);
+        tracing::debug!("cannot decrypt {}.{} at key {}: {}", self.table, self.column, self.key, self.error);
         metrics::counter!(
             "rekey_quarantined_total",
             "table" => self.table.to_owned(),
@@ -298,6 +328,37 @@ impl BatchRetried<'_> {
             self.error
         );
         metrics::counter!("rekey_batch_retries_total", "table" => self.table.to_owned()).increment(1);
+    }
+}
+
+/// Values of one column that could not be decrypted, for one error kind:
+/// warned once when the first is found, and summed up when the run ends.
+/// Carries no value.
+#[derive(Debug)]
+pub struct QuarantineSummary<'a> {
+    /// The table.
+    pub table: &'a str,
+    /// The column.
+    pub column: &'a str,
+    /// The error kind.
+    pub error: &'static str,
+    /// Values so far.
+    pub count: u64,
+    /// The first few rows' keys, as text.
+    pub first_keys: &'a [String],
+    /// Whether the run is over (the sum) or not (the first of them).
+    pub finished: bool,
+}
+
+impl QuarantineSummary<'_> {
+    /// Warns: one line per column and error kind, however many values.
+    pub fn emit(&self) {
+        let keys = self.first_keys.join(", ");
+        if self.finished {
+            tracing::warn!(count = self.count, "quarantined {} values of {}.{} ({}), e.g. at keys {keys}; see rekey.quarantine", self.count, self.table, self.column, self.error);
+        } else {
+            tracing::warn!("values of {}.{} do not decrypt ({}), the first at key {keys}: quarantining them; the run ends with their count", self.table, self.column, self.error);
+        }
     }
 }
 
@@ -397,8 +458,8 @@ impl QueueDepth {
 pub struct RunFinished<'a> {
     /// The job's name.
     pub job: &'a str,
-    /// "done", "stopped", "window_ended" or "failed".
-    pub state: &'a str,
+    /// How.
+    pub state: RunState,
     /// How long the run took.
     pub seconds: f64,
 }
@@ -406,11 +467,11 @@ pub struct RunFinished<'a> {
 impl RunFinished<'_> {
     /// Logs at `info`; sets `rekey_run_state` to 1 for this state, 0 for the others.
     pub fn emit(&self) {
-        tracing::info!("job {}: {} after {:.1}s", self.job, self.state, self.seconds);
-        for other in RUN_STATES.into_iter().filter(|s| *s != self.state) {
-            metrics::gauge!("rekey_run_state", "state" => other).set(0.0);
+        tracing::info!("job {}: {} after {:.1}s", self.job, self.state.as_str(), self.seconds);
+        for other in RunState::ALL.into_iter().filter(|s| *s != self.state) {
+            metrics::gauge!("rekey_run_state", "state" => other.as_str()).set(0.0);
         }
-        metrics::gauge!("rekey_run_state", "state" => self.state.to_owned()).set(1.0);
+        metrics::gauge!("rekey_run_state", "state" => self.state.as_str()).set(1.0);
     }
 }
 
@@ -464,7 +525,7 @@ mod tests {
     }
 
     fn counts() -> Counts {
-        Counts { rows_scanned: 10, rows_rewritten: 8, values_rewritten: 15, values_skipped: 3, values_failed: 1, conflicts: 2 }
+        Counts { rows_scanned: 10, rows_rewritten: 8, values_rewritten: 15, values_skipped: 3, values_failed: 1, conflicts: 2, values_not_rotated: 4 }
     }
 
     #[test]
@@ -477,6 +538,7 @@ mod tests {
             r#"rekey_values_total{table="users",outcome="rewritten"} 15"#,
             r#"rekey_values_total{table="users",outcome="skipped"} 3"#,
             r#"rekey_values_total{table="users",outcome="failed"} 1"#,
+            r#"rekey_values_total{table="users",outcome="not_rotated"} 4"#,
             r#"rekey_conflicts_total{table="users"} 2"#,
             r#"rekey_batch_seconds_bucket{table="users",le="0.25"} 1"#,
             r#"rekey_batch_seconds_count{table="users"} 1"#,
@@ -496,7 +558,7 @@ mod tests {
             LeaseChanged { kind: LeaseChange::TakenOver, table: "users", range_no: 3, owner: "host-a:12" }.emit();
             ProgressSampled { rows_done: 50, rows_total: 200, rows_per_second: 25.0, eta_seconds: None }.emit();
             QueueDepth { stage: "to_sink", depth: 4 }.emit();
-            RunFinished { job: "quarterly", state: "window_ended", seconds: 12.0 }.emit();
+            RunFinished { job: "quarterly", state: RunState::WindowEnded, seconds: 12.0 }.emit();
         });
         for line in [
             r#"rekey_quarantined_total{table="users",column="ssn",error="authentication"} 1"#,
@@ -564,9 +626,12 @@ mod tests {
         // What the failing value held; the event has no field to carry it.
         let (plaintext, ciphertext) = ("555-0100", "AQIDBAUGBwgJCgsM");
         let event = ValueQuarantined { table: "patients", column: "phone", key: "(7)", error: "authentication" };
-        let log = logged(LogFormat::Json, || event.emit());
+        let keys = ["(7)".to_string(), "(9)".to_string()];
+        let summary = QuarantineSummary { table: "patients", column: "phone", error: "authentication", count: 2, first_keys: &keys, finished: true };
+        let log = logged(LogFormat::Json, || event.emit()) + &logged(LogFormat::Json, || summary.emit());
         let out = rendered(|| event.emit()) + &log;
         assert!(log.contains("cannot decrypt patients.phone at key (7): authentication"), "{log}");
+        assert!(log.contains("quarantined 2 values of patients.phone (authentication), e.g. at keys (7), (9)"), "{log}");
         assert!(!out.contains(plaintext) && !out.contains(ciphertext), "{out}");
     }
 

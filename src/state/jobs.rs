@@ -8,7 +8,7 @@ use crate::job::Job;
 use crate::observe::counts::Counts;
 use crate::Error;
 
-use super::progress::{counts_from, KeyRange, RangeState, RETRY_RANGE, SUM_COUNTS};
+use super::progress::{counts_from, KeyRange, RangeState, COUNT_COLUMNS, RETRY_RANGE, SUM_COUNTS};
 
 /// A job row opened for running: new, or an unfinished one resumed.
 #[derive(Debug)]
@@ -113,9 +113,7 @@ async fn open_job_locked(
 async fn load_ranges(client: &Client, job_id: i64, targets: usize) -> Result<(Vec<RangeState>, Counts), Error> {
     let rows = client
         .query(
-            "SELECT target, range_no, lower_key, upper_key, last_key, done, rows_scanned, rows_rewritten,
-                    values_rewritten, values_skipped, values_failed, conflicts
-               FROM rekey.progress WHERE job_id = $1 ORDER BY target, range_no",
+            &format!("SELECT target, range_no, lower_key, upper_key, last_key, done, {COUNT_COLUMNS} FROM rekey.progress WHERE job_id = $1 ORDER BY target, range_no"),
             &[&job_id],
         )
         .await

@@ -42,13 +42,17 @@ impl RangeState {
     }
 }
 
-/// The six counters summed over a job's ranges, in [`Counts`] order, for
+/// The counters of `rekey.progress`, in [`Counts`] order.
+pub const COUNT_COLUMNS: &str = "rows_scanned, rows_rewritten, values_rewritten, values_skipped, values_failed, conflicts, values_not_rotated";
+
+/// The counters summed over a job's ranges, in [`Counts`] order, for
 /// `SELECT {SUM_COUNTS} FROM rekey.progress WHERE ...`; read back with [`counts_from`].
 pub const SUM_COUNTS: &str = "coalesce(sum(rows_scanned), 0)::bigint, coalesce(sum(rows_rewritten), 0)::bigint, \
      coalesce(sum(values_rewritten), 0)::bigint, coalesce(sum(values_skipped), 0)::bigint, \
-     coalesce(sum(values_failed), 0)::bigint, coalesce(sum(conflicts), 0)::bigint";
+     coalesce(sum(values_failed), 0)::bigint, coalesce(sum(conflicts), 0)::bigint, \
+     coalesce(sum(values_not_rotated), 0)::bigint";
 
-/// The six counters of a row, starting at column `first`.
+/// The counters of a row, starting at column `first`.
 pub fn counts_from(r: &tokio_postgres::Row, first: usize) -> Counts {
     let g = |i: usize| r.get::<_, i64>(first + i) as u64;
     Counts {
@@ -58,12 +62,13 @@ pub fn counts_from(r: &tokio_postgres::Row, first: usize) -> Counts {
         values_skipped: g(3),
         values_failed: g(4),
         conflicts: g(5),
+        values_not_rotated: g(6),
     }
 }
 
-/// The six counters, in `rekey.progress` column order, as bigint parameters.
-fn as_params(c: &Counts) -> [i64; 6] {
-    [c.rows_scanned, c.rows_rewritten, c.values_rewritten, c.values_skipped, c.values_failed, c.conflicts].map(|v| i64::try_from(v).unwrap_or(i64::MAX))
+/// The counters, in `rekey.progress` column order, as bigint parameters.
+fn as_params(c: &Counts) -> [i64; 7] {
+    [c.rows_scanned, c.rows_rewritten, c.values_rewritten, c.values_skipped, c.values_failed, c.conflicts, c.values_not_rotated].map(|v| i64::try_from(v).unwrap_or(i64::MAX))
 }
 
 /// A range's lease as a lane holds it: the owner's name and the claim's generation.
@@ -96,11 +101,12 @@ pub async fn record_batch(
             "UPDATE rekey.progress SET last_key = coalesce($4, last_key), done = $5,
                     rows_scanned = rows_scanned + $6, rows_rewritten = rows_rewritten + $7,
                     values_rewritten = values_rewritten + $8, values_skipped = values_skipped + $9,
-                    values_failed = values_failed + $10, conflicts = conflicts + $11, updated_at = now()
+                    values_failed = values_failed + $10, conflicts = conflicts + $11,
+                    values_not_rotated = values_not_rotated + $14, updated_at = now()
               WHERE job_id = $1 AND target = $2 AND range_no = $3
                 AND owner IS NOT DISTINCT FROM $12 AND ($13::bigint IS NULL OR lease_gen = $13)
              RETURNING (SELECT control FROM rekey.jobs WHERE job_id = $1)",
-            &[&job_id, &(state.target as i32), &state.range_no, &last, &done, &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &owner, &generation],
+            &[&job_id, &(state.target as i32), &state.range_no, &last, &done, &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &owner, &generation, &v[6]],
         )
         .await?;
     Ok(row.map(|r| r.get(0)))
@@ -111,13 +117,14 @@ pub async fn record_retry(tx: &impl GenericClient, job_id: i64, target: usize, t
     let v = as_params(c);
     tx.execute(
         "INSERT INTO rekey.progress AS p (job_id, target, range_no, table_name, done, rows_scanned, rows_rewritten,
-                values_rewritten, values_skipped, values_failed, conflicts)
-         VALUES ($1, $2, $3, $4, true, $5, $6, $7, $8, $9, $10)
+                values_rewritten, values_skipped, values_failed, conflicts, values_not_rotated)
+         VALUES ($1, $2, $3, $4, true, $5, $6, $7, $8, $9, $10, $11)
          ON CONFLICT (job_id, target, range_no) DO UPDATE SET
                 rows_scanned = p.rows_scanned + EXCLUDED.rows_scanned, rows_rewritten = p.rows_rewritten + EXCLUDED.rows_rewritten,
                 values_rewritten = p.values_rewritten + EXCLUDED.values_rewritten, values_skipped = p.values_skipped + EXCLUDED.values_skipped,
-                values_failed = p.values_failed + EXCLUDED.values_failed, conflicts = p.conflicts + EXCLUDED.conflicts, updated_at = now()",
-        &[&job_id, &(target as i32), &RETRY_RANGE, &table, &v[0], &v[1], &v[2], &v[3], &v[4], &v[5]],
+                values_failed = p.values_failed + EXCLUDED.values_failed, conflicts = p.conflicts + EXCLUDED.conflicts,
+                values_not_rotated = p.values_not_rotated + EXCLUDED.values_not_rotated, updated_at = now()",
+        &[&job_id, &(target as i32), &RETRY_RANGE, &table, &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6]],
     )
     .await
     .map(|_| ())

@@ -13,6 +13,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (3, include_str!("../../sql/003_rotations.sql")),
     (4, include_str!("../../sql/004_rotation_fingerprint.sql")),
     (5, include_str!("../../sql/005_leases_control_key_usage.sql")),
+    (6, include_str!("../../sql/006_not_rotated.sql")),
 ];
 
 /// Creates or upgrades schema `rekey`. Safe to run from several processes at once.

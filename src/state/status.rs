@@ -32,6 +32,10 @@ pub struct JobStatus {
     pub counts: Counts,
     /// Values recorded in `rekey.quarantine` by this job.
     pub quarantined: i64,
+    /// Values the database refused or undid the write of: still under an old key.
+    pub values_not_rotated: i64,
+    /// Rows still waiting in `rekey.conflicts` to be re-read.
+    pub conflicts_left: i64,
     /// Live control.
     pub control: Control,
     /// Processes holding leases on unfinished ranges now.
@@ -48,7 +52,9 @@ pub async fn job_status(client: &Client, name: &str) -> Result<Option<JobStatus>
                     to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
                     (SELECT count(*) FROM rekey.quarantine q WHERE q.job_id = j.job_id), control,
                     (SELECT coalesce(array_agg(DISTINCT p.owner ORDER BY p.owner), '{}') FROM rekey.progress p
-                      WHERE p.job_id = j.job_id AND NOT p.done AND p.owner IS NOT NULL AND p.lease_until > now())
+                      WHERE p.job_id = j.job_id AND NOT p.done AND p.owner IS NOT NULL AND p.lease_until > now()),
+                    (SELECT count(*) FROM rekey.not_rotated n WHERE n.job_id = j.job_id),
+                    (SELECT count(*) FROM rekey.conflicts c WHERE c.job_id = j.job_id)
                FROM rekey.jobs j WHERE name = $1 ORDER BY job_id DESC LIMIT 1",
             &[&name],
         )
@@ -78,5 +84,7 @@ pub async fn job_status(client: &Client, name: &str) -> Result<Option<JobStatus>
         quarantined: j.get(5),
         control: Control::stored(j.get(6))?,
         workers: j.get(7),
+        values_not_rotated: j.get(8),
+        conflicts_left: j.get(9),
     }))
 }

@@ -1,0 +1,143 @@
+//! Whether rekey can see and update every row of a target, checked before
+//! any run, verify or retire touches it (README, Guarantees 8). What hides
+//! rows (row-level security that applies to the role, a key whose collation
+//! makes distinct keys compare equal, a rule that replaces updates) is
+//! refused with the fix; what may refuse or undo a write (a trigger, an
+//! UPDATE policy) cannot be ruled out up front and is said: every write is
+//! checked, and such values are reported as not rotated.
+
+use tokio_postgres::Client;
+
+use crate::error::DbContext;
+use crate::Error;
+
+use super::Target;
+
+/// Refuses a target whose rows rekey might not all see; warns of what may
+/// refuse its writes.
+pub async fn check(client: &Client, targets: &[Target]) -> Result<(), Error> {
+    for t in targets {
+        row_security(client, t).await?;
+        key_collations(client, t).await?;
+        update_rules(client, t).await?;
+        write_triggers(client, t).await?;
+    }
+    Ok(())
+}
+
+/// Row-level security that applies to this role must provably let it see
+/// every row: a permissive SELECT policy `USING (true)` that applies to it,
+/// and no restrictive one. Otherwise rows it cannot see would keep their old
+/// key while a run, a verify and a retire all reported nothing left.
+async fn row_security(client: &Client, t: &Target) -> Result<(), Error> {
+    let what = || format!("checking row-level security on {}", t.table);
+    let row = client
+        .query_one(
+            "SELECT row_security_active(c.oid), c.relforcerowsecurity, current_user::text,
+                    coalesce(bool_or(p.polpermissive AND p.polcmd IN ('r', '*') AND pg_get_expr(p.polqual, p.polrelid) = 'true'), false),
+                    coalesce(bool_or(NOT p.polpermissive AND p.polcmd IN ('r', '*')), false)
+               FROM pg_class c
+               LEFT JOIN pg_policy p ON p.polrelid = c.oid
+                    AND (0::oid = ANY (p.polroles)
+                         OR EXISTS (SELECT 1 FROM unnest(p.polroles) r WHERE r <> 0 AND pg_has_role(current_user, r, 'USAGE')))
+              WHERE c.oid = $1::text::regclass
+              GROUP BY c.oid, c.relforcerowsecurity",
+            &[&t.qualified()],
+        )
+        .await
+        .ctx(what)?;
+    let (active, forced, role, sees_all, restricted): (bool, bool, String, bool, bool) = (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    if !active {
+        return Ok(());
+    }
+    if sees_all && !restricted {
+        tracing::warn!(
+            "row-level security applies to role {role} on {}; its policies let it see every row, but an UPDATE policy may refuse some writes: such values are reported as not rotated",
+            t.table
+        );
+        return Ok(());
+    }
+    let why = if forced {
+        "the table has FORCE ROW LEVEL SECURITY, so its policies apply to its owner too"
+    } else {
+        "row-level security is enabled and the role is neither a superuser, nor BYPASSRLS, nor the table's owner"
+    };
+    Err(Error::Config(format!(
+        "{}: row-level security applies to role {role} ({why}), and its policies may hide rows from it; a value rekey cannot see would stay \
+         on its old key while rekey reported the rotation done. Connect as a role with BYPASSRLS (ALTER ROLE {role} BYPASSRLS) or as a superuser{}",
+        t.table,
+        if forced { "" } else { ", or as the table's owner" }
+    )))
+}
+
+/// Keyset paging orders and compares keys: under a nondeterministic
+/// collation distinct keys can compare equal, and rows would be skipped.
+async fn key_collations(client: &Client, t: &Target) -> Result<(), Error> {
+    let names: Vec<&str> = t.key.iter().map(|k| k.name.as_str()).collect();
+    let found = client
+        .query(
+            "SELECT a.attname::text, co.collname::text
+               FROM pg_attribute a JOIN pg_collation co ON co.oid = a.attcollation
+              WHERE a.attrelid = $1::text::regclass AND a.attname = ANY ($2) AND NOT co.collisdeterministic",
+            &[&t.qualified(), &names],
+        )
+        .await
+        .ctx(|| format!("checking the collations of {}'s key", t.table))?;
+    if let Some(r) = found.first() {
+        let (column, collation): (String, String) = (r.get(0), r.get(1));
+        return Err(Error::Config(format!(
+            "key column {}.{column} uses the nondeterministic collation {collation:?}: rows whose keys compare equal under it would be \
+             skipped by keyset paging and keep their old key. Name a key of deterministically collated columns as primary_key \
+             (a numeric id, or a column with COLLATE \"C\")",
+            t.table
+        )));
+    }
+    Ok(())
+}
+
+/// An `ON UPDATE DO INSTEAD` rule replaces rekey's UPDATE with something else.
+async fn update_rules(client: &Client, t: &Target) -> Result<(), Error> {
+    let rules: Vec<String> = client
+        .query("SELECT rulename::text FROM pg_rewrite WHERE ev_class = $1::text::regclass AND ev_type = '2' AND is_instead ORDER BY 1", &[&t.qualified()])
+        .await
+        .ctx(|| format!("checking the rules of {}", t.table))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !rules.is_empty() {
+        return Err(Error::Config(format!(
+            "{} has ON UPDATE DO INSTEAD rules ({}): they replace the updates rekey makes, so it cannot rotate the values in place; \
+             drop or disable them for the rotation",
+            t.table,
+            rules.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// Enabled row-level BEFORE UPDATE triggers may refuse or change a write:
+/// said up front; the sink checks every write.
+async fn write_triggers(client: &Client, t: &Target) -> Result<(), Error> {
+    // tgtype bits: 1 row-level, 2 before, 16 update
+    let triggers: Vec<String> = client
+        .query(
+            "SELECT tgname::text FROM pg_trigger
+              WHERE tgrelid = $1::text::regclass AND NOT tgisinternal AND tgenabled <> 'D'
+                AND tgtype & 1 = 1 AND tgtype & 2 = 2 AND tgtype & 16 = 16 ORDER BY 1",
+            &[&t.qualified()],
+        )
+        .await
+        .ctx(|| format!("checking the triggers of {}", t.table))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !triggers.is_empty() {
+        tracing::warn!(
+            "{} has BEFORE UPDATE triggers ({}): a trigger that refuses or changes rekey's write leaves the value on its old key; \
+             rekey checks every write and reports such values as not rotated",
+            t.table,
+            triggers.join(", ")
+        );
+    }
+    Ok(())
+}
