@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::process::{Child, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand_core::RngCore;
 use rekey::codec::versioned_gcm::VersionedGcm;
@@ -22,13 +22,10 @@ async fn finish(child: Child, limit: Duration) -> std::process::Output {
     tokio::time::timeout(limit, waited).await.expect("rekey did not finish in time").unwrap()
 }
 
-/// Values committed by every job of the database so far.
+/// Values committed by every job of the database so far (0 only while
+/// rekey's engine state does not exist yet; a query error fails the test).
 async fn committed(db: &TestDb) -> i64 {
-    db.client
-        .query_one("SELECT coalesce(sum(values_rewritten), 0)::bigint FROM rekey.progress", &[])
-        .await
-        .map(|r| r.get(0))
-        .unwrap_or(0)
+    committed_values(db).await
 }
 
 /// Waits until the committed count stops moving for `quiet` (the batches in flight have landed).
@@ -47,9 +44,10 @@ async fn settled(db: &TestDb, quiet: Duration) -> i64 {
     last
 }
 
-/// Waits until rekey has at least `n` sessions open on the database (it has started its run).
+/// Waits until rekey has at least `n` sessions open on the database (it has
+/// started its run); fails the test if that does not happen within 30 s.
 async fn sessions_open(db: &TestDb, n: i64) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let open: i64 = db
             .client
@@ -57,9 +55,10 @@ async fn sessions_open(db: &TestDb, n: i64) {
             .await
             .unwrap()
             .get(0);
-        if open >= n || std::time::Instant::now() > deadline {
+        if open >= n {
             return;
         }
+        assert!(Instant::now() < deadline, "waited 30 s for rekey to open {n} sessions on the test database; {open} open");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -104,7 +103,7 @@ async fn rekey_pause_holds_every_reader_and_rekey_resume_goes_on() {
     assert!(printed(&status).contains("paused"), "{}", printed(&status));
     let idle: i64 = db
         .client
-        .query_one("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'rekey' AND state = 'idle in transaction'", &[])
+        .query_one("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'rekey' AND datname = current_database() AND state = 'idle in transaction'", &[])
         .await
         .unwrap()
         .get(0);
@@ -226,7 +225,7 @@ async fn a_batch_blocked_by_a_row_lock_is_retried_in_halves_and_the_run_finishes
     while waits < 3 && std::time::Instant::now() < deadline {
         let waiting: i64 = db
             .client
-            .query_one("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'rekey' AND wait_event_type = 'Lock'", &[])
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'rekey' AND datname = current_database() AND wait_event_type = 'Lock'", &[])
             .await
             .unwrap()
             .get(0);
@@ -319,8 +318,11 @@ async fn three_processes_share_one_job_and_one_killed_midway_loses_nothing() {
     let mut owners = std::collections::BTreeSet::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while owners.len() < 3 && std::time::Instant::now() < deadline {
-        for r in db.client.query("SELECT owner FROM rekey.progress WHERE owner IS NOT NULL", &[]).await.unwrap_or_default() {
-            owners.insert(r.get::<_, String>(0));
+        // before the first process has created rekey.progress, no one holds a lease
+        if engine_state_exists(&db).await {
+            for r in db.client.query("SELECT owner FROM rekey.progress WHERE owner IS NOT NULL", &[]).await.unwrap() {
+                owners.insert(r.get::<_, String>(0));
+            }
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
