@@ -251,6 +251,38 @@ async fn rekey_waits_on_a_lock(db: &TestDb) -> bool {
         .get(0)
 }
 
+/// rekey's statements of this database now waiting for a lock, as (pid,
+/// statement start): one entry per statement, however often it is seen.
+async fn lock_waits(db: &TestDb) -> Vec<(i32, String)> {
+    db.client
+        .query(
+            "SELECT pid, query_start::text FROM pg_stat_activity
+              WHERE application_name = 'rekey' AND datname = current_database() AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// rekey's statements of this database that have waited for a lock for longer than `for_ms`.
+async fn lock_waits_longer_than(db: &TestDb, for_ms: i64) -> Vec<(i32, String)> {
+    db.client
+        .query(
+            "SELECT pid, query_start::text FROM pg_stat_activity
+              WHERE application_name = 'rekey' AND datname = current_database() AND wait_event_type = 'Lock'
+                AND query_start < clock_timestamp() - $1::bigint * interval '1 millisecond'",
+            &[&for_ms],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_transaction_holding_row_locks_mid_table_delays_the_run_but_loses_nothing() {
     const ROWS: i64 = 20_000;
@@ -277,26 +309,84 @@ async fn a_transaction_holding_row_locks_mid_table_delays_the_run_but_loses_noth
     assert_nothing_lost(&db, ROWS, &summary, &untouched).await;
 }
 
+/// How long the database's own `statement_timeout` is set to in the test below.
+const DATABASE_TIMEOUT_MS: i64 = 1_000;
+
 #[tokio::test(flavor = "multi_thread")]
-async fn a_batch_cancelled_by_statement_timeout_loses_nothing_and_the_run_resumes_once_it_is_lifted() {
+async fn the_databases_statement_timeout_does_not_cut_rekeys_batches_its_own_setting_applies() {
+    // rekey sets statement_timeout on each of its reading and writing
+    // sessions from --statement-timeout (2 min by default), which overrides
+    // the database's setting. So a batch waiting on locked rows well past
+    // the database's timeout is not cancelled, and the run finishes by
+    // itself without a retry. (The database's setting applies to rekey's
+    // other sessions too, whose short statements stay far below 1 s.)
     const ROWS: i64 = 20_000;
     let db = TestDb::new().await;
     let dir = tempfile::tempdir().unwrap();
-    let run = setup(&db, ROWS, &dir).await;
+    let mut run = setup(&db, ROWS, &dir).await;
+    run.extend(["--lock-timeout", "60s"].map(String::from)); // only a statement timeout could cut the wait
     let untouched = db.unencrypted_checksum().await;
-    // A low timeout for rekey's sessions, and locked rows that make the
-    // batch reaching them wait past it.
     let locker = lock_middle_rows(&db, ROWS).await;
-    db.alter_database("SET statement_timeout = '100ms'").await;
+    db.alter_database(&format!("SET statement_timeout = {DATABASE_TIMEOUT_MS}")).await;
+    // premise: a new session of this database gets the database's timeout
+    let fresh = connect(&db.url).await;
+    let applied: String = fresh.query_one("SHOW statement_timeout", &[]).await.unwrap().get(0);
+    assert_eq!(applied, "1s", "the database's statement_timeout does not apply to new sessions");
+
     let mut runs = Disturbed::new(&strs(&run), &["statement timeout"]);
     runs.child();
-    // Today the run stops at the first timeout; an engine that retries
-    // keeps going, so give it a few seconds, then lift the fault either way.
-    eventually(Duration::from_secs(5), || std::future::ready(runs.ended())).await;
+    // a batch of rekey's waits on the locked rows for twice the database's timeout
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut long_waits = Vec::new();
+    while long_waits.is_empty() {
+        assert!(!runs.ended(), "the run ended before a batch of it waited past the database's statement_timeout");
+        assert!(Instant::now() < deadline, "no batch of rekey's was seen waiting on the locked rows for {} ms", 2 * DATABASE_TIMEOUT_MS);
+        long_waits = lock_waits_longer_than(&db, 2 * DATABASE_TIMEOUT_MS).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     locker.batch_execute("COMMIT").await.unwrap();
-    db.alter_database("RESET statement_timeout").await;
     let (summary, failures) = runs.finish(&db).await;
-    report("statement_timeout = 100ms on the database and 20 locked mid-table rows", 1, &failures);
+    db.alter_database("RESET statement_timeout").await;
+    report(
+        &format!("statement_timeout = {DATABASE_TIMEOUT_MS} ms on the database and 20 locked mid-table rows (injections: batches seen waiting past 2x it)"),
+        long_waits.len(),
+        &failures,
+    );
+    assert!(failures.is_empty(), "the run stopped: the database's timeout applied to a batch: {failures:?}");
+    assert_eq!(summary["retries"], 0, "a batch was retried: its statement was cancelled: {summary}");
+    assert_nothing_lost(&db, ROWS, &summary, &untouched).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_cancelled_by_rekeys_own_statement_timeout_stops_the_run_clearly_and_it_resumes_once_the_locks_go() {
+    // --statement-timeout 300ms, locked rows, and two tries: the batch that
+    // reaches the rows is cancelled, halved down to the locked row, cancelled
+    // twice more, and the run stops with exit 1 naming the timeout; the same
+    // command, once the locks are gone, resumes the job and finishes it.
+    const ROWS: i64 = 20_000;
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut run = setup(&db, ROWS, &dir).await;
+    run.extend(["--statement-timeout", "300ms", "--lock-timeout", "60s", "--attempts", "2"].map(String::from));
+    let untouched = db.unencrypted_checksum().await;
+    let locker = lock_middle_rows(&db, ROWS).await;
+    let mut runs = Disturbed::new(&strs(&run), &["statement timeout"]);
+    runs.child();
+    // the locks stay until the run has given up on them; each statement of
+    // rekey's seen waiting on them is one time the fault met the run
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut waits = std::collections::BTreeSet::new();
+    while !runs.ended() {
+        assert!(Instant::now() < deadline, "the run neither stopped nor finished in 60 s with its batch blocked");
+        waits.extend(lock_waits(&db).await);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(runs.failures.len(), 1, "the run finished although a batch could not commit within --statement-timeout");
+    locker.batch_execute("COMMIT").await.unwrap();
+    let (summary, failures) = runs.finish(&db).await;
+    report("--statement-timeout 300ms and 20 locked mid-table rows (injections: rekey statements seen waiting on them)", waits.len(), &failures);
+    assert!(!waits.is_empty(), "no statement of rekey's was seen waiting on the locked rows");
+    assert!(failures[0].contains("failed 2 times"), "{failures:?}");
     assert_nothing_lost(&db, ROWS, &summary, &untouched).await;
 }
 
