@@ -207,6 +207,10 @@ async fn restart_mid_run(mode: &'static str) {
     wait_for_progress(&db, child, values_in(ROWS) / 3).await;
     let landed = usize::from(!runs.ended());
     let before = committed_values(&db).await;
+    // the restart lands mid-run: the run is still going, some values are
+    // committed and not all (measured just before the restart is issued)
+    assert_eq!(landed, 1, "the run ended before the restart: {before} values committed");
+    assert!(before > 0 && before < values_in(ROWS), "not mid-run: {before} of {} values committed when the restart was issued", values_in(ROWS));
     tokio::task::block_in_place(|| cluster.ctl(&["restart", "-w", "-t", "60", "-m", mode]))
         .unwrap_or_else(|e| panic!("restart failed: {e}\n{}", cluster.log()));
     db.client = connect(&db.url).await;
@@ -237,18 +241,6 @@ async fn lock_middle_rows(db: &TestDb, rows: i64) -> tokio_postgres::Client {
         .await
         .unwrap();
     locker
-}
-
-/// Whether one of rekey's sessions of this database is waiting for a lock.
-async fn rekey_waits_on_a_lock(db: &TestDb) -> bool {
-    db.client
-        .query_one(
-            "SELECT count(*) > 0 FROM pg_stat_activity WHERE application_name = 'rekey' AND datname = current_database() AND wait_event_type = 'Lock'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0)
 }
 
 /// rekey's statements of this database now waiting for a lock, as (pid,
@@ -294,18 +286,23 @@ async fn a_transaction_holding_row_locks_mid_table_delays_the_run_but_loses_noth
     let mut runs = Disturbed::new(&strs(&run), &["lock", "canceling statement"]);
     runs.child();
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut waited = false;
-    while !waited && !runs.ended() && Instant::now() < deadline {
-        waited = rekey_waits_on_a_lock(&db).await;
+    let mut waits = std::collections::BTreeSet::new();
+    while waits.is_empty() && !runs.ended() && Instant::now() < deadline {
+        waits.extend(lock_waits(&db).await);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let met = waited || runs.child.is_none();
+    let met = !waits.is_empty() || runs.child.is_none();
     assert!(met, "rekey neither waited on the locked rows nor stopped");
-    // hold the locks a while longer, as a slow application transaction would
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // hold the locks a while longer, as a slow application transaction
+    // would, counting each statement of rekey's that waits on them
+    let hold = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < hold {
+        waits.extend(lock_waits(&db).await);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     locker.batch_execute("COMMIT").await.unwrap();
     let (summary, failures) = runs.finish(&db).await;
-    report(&format!("FOR UPDATE on 20 mid-table rows held ~2 s (rekey seen waiting: {waited})"), 1, &failures);
+    report("FOR UPDATE on 20 mid-table rows held ~2 s after rekey met them (injections: rekey statements seen waiting on them)", waits.len(), &failures);
     assert_nothing_lost(&db, ROWS, &summary, &untouched).await;
 }
 
@@ -437,6 +434,17 @@ async fn a_full_disk_under_the_table_stops_the_run_clearly_and_it_resumes_once_s
     assert_nothing_lost(&db, ROWS, &summary, &untouched).await;
 }
 
+/// Sessions of this database the server has ended with a fatal error (an
+/// idle-session timeout among them), from `pg_stat_database`.
+async fn sessions_ended_by_the_server(db: &TestDb) -> i64 {
+    db.client.batch_execute("SELECT pg_stat_clear_snapshot()").await.unwrap();
+    db.client
+        .query_one("SELECT sessions_fatal FROM pg_stat_database WHERE datname = current_database()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// The finished job's recorded totals (`rekey.jobs.summary`), by job id.
 async fn recorded_totals(db: &TestDb) -> Vec<(i64, String, Option<i64>)> {
     db.client
@@ -496,13 +504,16 @@ async fn an_idle_session_timeout_shorter_than_the_run_loses_nothing_and_the_run_
     let untouched = db.unencrypted_checksum().await;
     // rekey's sessions opened from now on are closed by the server after 500 ms idle
     db.alter_database("SET idle_session_timeout = '500ms'").await;
+    let fatal_before = sessions_ended_by_the_server(&db).await;
     let mut runs = Disturbed::new(&strs(&run), &["idle-session timeout", "job lock", "connection closed"]);
     runs.child();
     while !runs.ended() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     db.alter_database("RESET idle_session_timeout").await;
+    let closed = sessions_ended_by_the_server(&db).await - fatal_before;
     let (summary, failures) = runs.finish(&db).await;
-    report("idle_session_timeout = 500ms on the database", 1, &failures);
+    report("idle_session_timeout = 500ms on the database (injections: sessions the server ended)", closed as usize, &failures);
+    assert!(closed > 0, "the server closed no session of the run: the fault never landed");
     assert_nothing_lost(&db, ROWS, &summary, &untouched).await;
 }
