@@ -314,17 +314,50 @@ pub fn spawn_rekey_captured(args: &[&str], env: &[(&str, String)]) -> std::proce
     rekey_cmd(args, env).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn rekey")
 }
 
-/// Values committed so far by every job of the database (0 before rekey's schema exists).
-pub async fn committed_values(db: &TestDb) -> i64 {
+/// A database error as the server said it ("db error" alone says nothing).
+pub fn db_error(e: &tokio_postgres::Error) -> String {
+    e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string())
+}
+
+/// Whether rekey has created its engine state (`rekey.progress`) in the database yet.
+pub async fn engine_state_exists(db: &TestDb) -> bool {
     db.client
-        .query_one(
-            "SELECT coalesce(sum(p.values_rewritten), 0)::bigint FROM pg_namespace n
-               LEFT JOIN rekey.progress p ON true WHERE n.nspname = 'rekey'",
+        .query_one("SELECT to_regclass('rekey.progress') IS NOT NULL", &[])
+        .await
+        .unwrap_or_else(|e| panic!("looking for rekey.progress: {}", db_error(&e)))
+        .get(0)
+}
+
+/// Values committed so far by every job of the database. Before rekey has
+/// created its engine state nothing can have been committed, so that alone
+/// reads as 0; any error reading it fails the test.
+pub async fn committed_values(db: &TestDb) -> i64 {
+    if !engine_state_exists(db).await {
+        return 0;
+    }
+    db.client
+        .query_one("SELECT coalesce(sum(values_rewritten), 0)::bigint FROM rekey.progress", &[])
+        .await
+        .unwrap_or_else(|e| panic!("reading the values committed from rekey.progress: {}", db_error(&e)))
+        .get(0)
+}
+
+/// Values committed by the database's one running job, which must exist:
+/// "nothing written" means something only once rekey has started its job
+/// (a rekey that never started also writes nothing).
+pub async fn committed_by_running_job(db: &TestDb) -> i64 {
+    assert!(engine_state_exists(db).await, "rekey has not created its engine state: it never started its job");
+    let rows = db
+        .client
+        .query(
+            "SELECT j.job_id, coalesce(sum(p.values_rewritten), 0)::bigint FROM rekey.jobs j
+               LEFT JOIN rekey.progress p USING (job_id) WHERE j.state = 'running' GROUP BY j.job_id",
             &[],
         )
         .await
-        .map(|r| r.get(0))
-        .unwrap_or(0)
+        .unwrap_or_else(|e| panic!("reading the running job from rekey.jobs: {}", db_error(&e)));
+    assert_eq!(rows.len(), 1, "expected exactly one running job in rekey.jobs");
+    rows[0].get(1)
 }
 
 /// Waits until the values committed by every job of the database reach

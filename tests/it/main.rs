@@ -4,6 +4,7 @@
 mod harness;
 
 mod aws;
+mod completeness;
 mod config;
 mod control;
 mod faults;

@@ -2,8 +2,10 @@
 //! application writing during the run, and several processes sharing a job.
 
 use std::collections::BTreeMap;
-use std::process::{Child, Stdio};
-use std::time::Duration;
+use std::io::BufRead;
+use std::process::{Child, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rand_core::RngCore;
 use rekey::crypto::codec::versioned_gcm::VersionedGcm;
@@ -22,34 +24,28 @@ async fn finish(child: Child, limit: Duration) -> std::process::Output {
     tokio::time::timeout(limit, waited).await.expect("rekey did not finish in time").unwrap()
 }
 
-/// Values committed by every job of the database so far.
+/// Values committed by every job of the database so far (0 only while
+/// rekey's engine state does not exist yet; a query error fails the test).
 async fn committed(db: &TestDb) -> i64 {
+    committed_values(db).await
+}
+
+/// rekey's sessions of this database (other tests share the cluster) whose `state` matches `states` (a SQL list).
+async fn rekey_sessions(db: &TestDb, states: &str) -> i64 {
     db.client
-        .query_one("SELECT coalesce(sum(values_rewritten), 0)::bigint FROM rekey.progress", &[])
+        .query_one(
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'rekey' AND datname = current_database() AND state IN ({states})"),
+            &[],
+        )
         .await
-        .map(|r| r.get(0))
-        .unwrap_or(0)
+        .unwrap()
+        .get(0)
 }
 
-/// Waits until the committed count stops moving for `quiet` (the batches in flight have landed).
-async fn settled(db: &TestDb, quiet: Duration) -> i64 {
-    let mut last = committed(db).await;
-    let mut since = std::time::Instant::now();
-    let deadline = since + Duration::from_secs(30);
-    while since.elapsed() < quiet && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let now = committed(db).await;
-        if now != last {
-            last = now;
-            since = std::time::Instant::now();
-        }
-    }
-    last
-}
-
-/// Waits until rekey has at least `n` sessions open on the database (it has started its run).
+/// Waits until rekey has at least `n` sessions open on the database (it has
+/// started its run); fails the test if that does not happen within 30 s.
 async fn sessions_open(db: &TestDb, n: i64) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let open: i64 = db
             .client
@@ -57,10 +53,71 @@ async fn sessions_open(db: &TestDb, n: i64) {
             .await
             .unwrap()
             .get(0);
-        if open >= n || std::time::Instant::now() > deadline {
+        if open >= n {
             return;
         }
+        assert!(Instant::now() < deadline, "waited 30 s for rekey to open {n} sessions on the test database; {open} open");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A background `rekey` whose stderr is read while it runs, so that a test
+/// can wait for what it says (a hold, a retry) instead of sleeping.
+struct Watched {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl Watched {
+    fn spawn(args: &[&str]) -> Watched {
+        let mut child = spawn_captured(args);
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                match line {
+                    Ok(l) => sink.lock().unwrap().push(l),
+                    Err(_) => break,
+                }
+            }
+        });
+        Watched { child, lines, reader }
+    }
+
+    fn stderr(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    fn has_said(&self, text: &str) -> bool {
+        self.lines.lock().unwrap().iter().any(|l| l.contains(text))
+    }
+
+    /// Waits until a line of stderr contains `text`; fails the test, with
+    /// what rekey said, if it exits first or `limit` passes.
+    async fn said(&mut self, text: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self.has_said(text) {
+            if let Some(exited) = self.child.try_wait().unwrap() {
+                // it may have said it just before it exited: read to the end first
+                while !self.reader.is_finished() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                assert!(self.has_said(text), "rekey exited ({exited}) without saying {text:?}; it said:\n{}", self.stderr());
+                return;
+            }
+            assert!(Instant::now() < deadline, "rekey did not say {text:?} within {limit:?}; it said:\n{}", self.stderr());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits for the process (failing the test after `limit`); its stderr is what was read.
+    async fn finish(self, limit: Duration) -> Output {
+        let out = finish(self.child, limit).await;
+        self.reader.join().unwrap();
+        let stderr = self.lines.lock().unwrap().join("\n").into_bytes();
+        Output { status: out.status, stdout: out.stdout, stderr }
     }
 }
 
@@ -92,27 +149,32 @@ fn values(rows: i64) -> i64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn rekey_pause_holds_every_reader_and_rekey_resume_goes_on() {
     let (db, _dir, j) = patients(30_000).await;
-    let mut child = spawn_captured(&["run", "--job", &j, "--json", "--batch-size", "200", "--max-rows-per-sec", "5000"]);
-    wait_for_progress(&db, &mut child, 2_000).await;
+    let mut run = Watched::spawn(&["run", "--job", &j, "--json", "--batch-size", "200", "--max-rows-per-sec", "5000"]);
+    wait_for_progress(&db, &mut run.child, 2_000).await;
 
     let out = rekey(&["pause", "--job", &j], &seed_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-    let paused_at = settled(&db, Duration::from_millis(600)).await; // the batches in flight commit
+    // the run says it holds, and its batches in flight have committed: no
+    // session of it is inside a statement or a transaction
+    run.said("paused by `rekey pause`", Duration::from_secs(30)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rekey_sessions(&db, "'active', 'idle in transaction'").await > 0 {
+        assert!(Instant::now() < deadline, "rekey's sessions stayed busy for 30 s after it said it was paused");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let paused_at = committed(&db).await;
+    assert!(paused_at < values(30_000), "paused before the end ({paused_at} values committed)");
+    // Watch for a while: unpaused, this run (5000 rows/s, 200-row batches)
+    // commits a batch every 40 ms or so, and reads its control every 1 s.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(committed(&db).await, paused_at, "nothing is written while paused");
     let status = rekey(&["status", "--job", &j], &seed_env());
     assert!(printed(&status).contains("paused"), "{}", printed(&status));
-    let idle: i64 = db
-        .client
-        .query_one("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'rekey' AND state = 'idle in transaction'", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(idle, 0, "no transaction is held open while paused");
+    assert_eq!(rekey_sessions(&db, "'idle in transaction'").await, 0, "no transaction is held open while paused");
 
     let out = rekey(&["resume", "--job", &j], &seed_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-    let out = finish(child, Duration::from_secs(60)).await;
+    let out = run.finish(Duration::from_secs(60)).await;
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert_eq!(json(&out)["job_totals"]["values_rewritten"], values(30_000));
     assert_all_rotated(&db, 30_000).await;
@@ -150,15 +212,15 @@ async fn a_control_file_pauses_the_run_and_then_stops_it() {
     let control = dir.path().join("control");
     std::fs::write(&control, "pause\n").unwrap();
     let c = control.display().to_string();
-    let child = spawn_captured(&["run", "--job", &j, "--json", "--batch-size", "200", "--control-file", &c, "--check-every", "100ms"]);
+    let mut run = Watched::spawn(&["run", "--job", &j, "--json", "--batch-size", "200", "--control-file", &c, "--check-every", "100ms"]);
     sessions_open(&db, 3).await;
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert_eq!(committed(&db).await, 0, "paused from the start: nothing written");
+    run.said("paused by the control file", Duration::from_secs(30)).await;
+    assert_eq!(committed_by_running_job(&db).await, 0, "paused from the start: nothing written");
     std::fs::write(&control, "stop\n").unwrap();
-    let out = finish(child, Duration::from_secs(30)).await;
+    let out = run.finish(Duration::from_secs(30)).await;
     assert_eq!(out.status.code(), Some(130), "{}", printed(&out));
     assert_eq!(json(&out)["stopped_by"], "control file");
-    assert!(printed(&out).contains("paused by the control file"), "the hold says why\n{}", printed(&out));
+    assert_eq!(committed_by_running_job(&db).await, 0, "paused from the start, then stopped: the run wrote nothing");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -168,12 +230,12 @@ async fn a_gate_that_returns_false_holds_the_run_until_it_returns_true() {
     db.client.batch_execute("CREATE TABLE gate (open boolean); INSERT INTO gate VALUES (false)").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let j = db.patients_job(&dir).display().to_string();
-    let child = spawn_captured(&["run", "--job", &j, "--json", "--batch-size", "200", "--gate-sql", "SELECT open FROM gate", "--check-every", "100ms"]);
+    let mut run = Watched::spawn(&["run", "--job", &j, "--json", "--batch-size", "200", "--gate-sql", "SELECT open FROM gate", "--check-every", "100ms"]);
     sessions_open(&db, 3).await;
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert_eq!(committed(&db).await, 0, "the gate is shut: nothing written");
+    run.said("--gate-sql query returned false", Duration::from_secs(30)).await;
+    assert_eq!(committed_by_running_job(&db).await, 0, "the gate is shut: nothing written");
     db.client.batch_execute("UPDATE gate SET open = true").await.unwrap();
-    let out = finish(child, Duration::from_secs(30)).await;
+    let out = run.finish(Duration::from_secs(30)).await;
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert!(printed(&out).contains("--gate-sql query returned false"), "{}", printed(&out));
     assert_all_rotated(&db, 3_000).await;
@@ -188,14 +250,14 @@ async fn a_gate_that_errors_holds_the_run_rather_than_running_blind() {
     let j = db.patients_job(&dir).display().to_string();
     // the gate works at the start, then its table goes away
     db.client.batch_execute("UPDATE gate SET open = false").await.unwrap();
-    let child = spawn_captured(&["run", "--job", &j, "--json", "--batch-size", "200", "--gate-sql", "SELECT open FROM gate", "--check-every", "100ms"]);
-    sessions_open(&db, 3).await; // the gate was checked and the lanes are waiting on it
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut run = Watched::spawn(&["run", "--job", &j, "--json", "--batch-size", "200", "--gate-sql", "SELECT open FROM gate", "--check-every", "100ms"]);
+    sessions_open(&db, 3).await;
+    run.said("--gate-sql query returned false", Duration::from_secs(30)).await; // the gate was checked and the lanes are waiting on it
     db.client.batch_execute("DROP TABLE gate").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(committed(&db).await, 0, "a gate that cannot be read holds (fails closed)");
+    run.said("--gate-sql query failed, holding", Duration::from_secs(30)).await;
+    assert_eq!(committed_by_running_job(&db).await, 0, "a gate that cannot be read holds (fails closed)");
     db.client.batch_execute("CREATE TABLE gate (open boolean); INSERT INTO gate VALUES (true)").await.unwrap();
-    let out = finish(child, Duration::from_secs(30)).await;
+    let out = run.finish(Duration::from_secs(30)).await;
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert!(printed(&out).contains("--gate-sql query failed, holding"), "{}", printed(&out));
 }
@@ -220,19 +282,23 @@ async fn a_batch_blocked_by_a_row_lock_is_retried_in_halves_and_the_run_finishes
     let tx = app.transaction().await.unwrap();
     tx.execute("SELECT 1 FROM patient_persons WHERE id = 1000 FOR UPDATE", &[]).await.unwrap();
     let child = spawn_captured(&["run", "--job", &j, "--json", "--batch-size", "500", "--workers", "1", "--lock-timeout", "200ms"]);
-    // hold the lock until rekey has run into it a few times
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let mut waits = 0;
-    while waits < 3 && std::time::Instant::now() < deadline {
-        let waiting: i64 = db
+    // hold the lock until rekey has run into it three times: three distinct
+    // waiting statements (each try is a new statement, with its own start)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut waits = std::collections::BTreeSet::new();
+    while waits.len() < 3 {
+        assert!(Instant::now() < deadline, "rekey ran into the locked row {} times in 30 s, not 3", waits.len());
+        for r in db
             .client
-            .query_one("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'rekey' AND wait_event_type = 'Lock'", &[])
+            .query(
+                "SELECT pid, query_start::text FROM pg_stat_activity
+                  WHERE application_name = 'rekey' AND datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
             .await
             .unwrap()
-            .get(0);
-        if waiting > 0 {
-            waits += 1;
-            tokio::time::sleep(Duration::from_millis(250)).await;
+        {
+            waits.insert((r.get::<_, i32>(0), r.get::<_, String>(1)));
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -276,12 +342,20 @@ async fn batches_shrink_toward_the_target_batch_time() {
 #[tokio::test(flavor = "multi_thread")]
 async fn until_stops_at_the_given_instant_like_run_time() {
     let (_db, _dir, j) = patients(40_000).await;
-    let at = humantime::format_rfc3339(std::time::SystemTime::now() + Duration::from_millis(700)).to_string();
-    let out = rekey(&["run", "--job", &j, "--json", "--batch-size", "200", "--max-rows-per-sec", "10000", "--until", &at], &seed_env());
+    // The instant is 5 s off, far beyond any start-up (an instant already
+    // past is refused with exit 2); at 2000 rows/s the 40k rows need 20 s, so
+    // only the deadline can end the run, and only exit 5 is right.
+    let until = std::time::SystemTime::now() + Duration::from_secs(5);
+    let at = humantime::format_rfc3339_millis(until).to_string();
+    let out = rekey(&["run", "--job", &j, "--json", "--batch-size", "200", "--max-rows-per-sec", "2000", "--until", &at], &seed_env());
+    let ended = std::time::SystemTime::now();
     assert_eq!(out.status.code(), Some(5), "{}", printed(&out));
     let s = json(&out);
     assert_eq!(s["stopped_by"], "run-time");
     assert!(s["projected_s"].as_f64().unwrap() > 0.0, "{s}");
+    assert!(ended >= until, "stopped before the instant given");
+    let late = ended.duration_since(until).unwrap();
+    assert!(late < Duration::from_secs(5), "stopped {late:?} after the instant given");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -319,8 +393,11 @@ async fn three_processes_share_one_job_and_one_killed_midway_loses_nothing() {
     let mut owners = std::collections::BTreeSet::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while owners.len() < 3 && std::time::Instant::now() < deadline {
-        for r in db.client.query("SELECT owner FROM rekey.progress WHERE owner IS NOT NULL", &[]).await.unwrap_or_default() {
-            owners.insert(r.get::<_, String>(0));
+        // before the first process has created rekey.progress, no one holds a lease
+        if engine_state_exists(&db).await {
+            for r in db.client.query("SELECT owner FROM rekey.progress WHERE owner IS NOT NULL", &[]).await.unwrap() {
+                owners.insert(r.get::<_, String>(0));
+            }
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -517,11 +594,11 @@ async fn log_format_json_writes_one_object_per_line_with_the_hold_reason() {
     let control = dir.path().join("control");
     std::fs::write(&control, "pause").unwrap();
     let c = control.display().to_string();
-    let child = spawn_captured(&["--log-format", "json", "run", "--job", &j, "--json", "--quiet", "--control-file", &c, "--check-every", "100ms"]);
+    let mut run = Watched::spawn(&["--log-format", "json", "run", "--job", &j, "--json", "--quiet", "--control-file", &c, "--check-every", "100ms"]);
     sessions_open(&db, 3).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    run.said("paused by the control file", Duration::from_secs(30)).await;
     std::fs::write(&control, "stop").unwrap();
-    let out = finish(child, Duration::from_secs(30)).await;
+    let out = run.finish(Duration::from_secs(30)).await;
     assert_eq!(out.status.code(), Some(130), "{}", printed(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<serde_json::Value> = stderr.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();

@@ -207,6 +207,10 @@ async fn restart_mid_run(mode: &'static str) {
     wait_for_progress(&db, child, values_in(ROWS) / 3).await;
     let landed = usize::from(!runs.ended());
     let before = committed_values(&db).await;
+    // the restart lands mid-run: the run is still going, some values are
+    // committed and not all (measured just before the restart is issued)
+    assert_eq!(landed, 1, "the run ended before the restart: {before} values committed");
+    assert!(before > 0 && before < values_in(ROWS), "not mid-run: {before} of {} values committed when the restart was issued", values_in(ROWS));
     tokio::task::block_in_place(|| cluster.ctl(&["restart", "-w", "-t", "60", "-m", mode]))
         .unwrap_or_else(|e| panic!("restart failed: {e}\n{}", cluster.log()));
     db.client = connect(&db.url).await;
@@ -239,16 +243,36 @@ async fn lock_middle_rows(db: &TestDb, rows: i64) -> tokio_postgres::Client {
     locker
 }
 
-/// Whether one of rekey's sessions of this database is waiting for a lock.
-async fn rekey_waits_on_a_lock(db: &TestDb) -> bool {
+/// rekey's statements of this database now waiting for a lock, as (pid,
+/// statement start): one entry per statement, however often it is seen.
+async fn lock_waits(db: &TestDb) -> Vec<(i32, String)> {
     db.client
-        .query_one(
-            "SELECT count(*) > 0 FROM pg_stat_activity WHERE application_name = 'rekey' AND datname = current_database() AND wait_event_type = 'Lock'",
+        .query(
+            "SELECT pid, query_start::text FROM pg_stat_activity
+              WHERE application_name = 'rekey' AND datname = current_database() AND wait_event_type = 'Lock'",
             &[],
         )
         .await
         .unwrap()
-        .get(0)
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// rekey's statements of this database that have waited for a lock for longer than `for_ms`.
+async fn lock_waits_longer_than(db: &TestDb, for_ms: i64) -> Vec<(i32, String)> {
+    db.client
+        .query(
+            "SELECT pid, query_start::text FROM pg_stat_activity
+              WHERE application_name = 'rekey' AND datname = current_database() AND wait_event_type = 'Lock'
+                AND query_start < clock_timestamp() - $1::bigint * interval '1 millisecond'",
+            &[&for_ms],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -262,41 +286,104 @@ async fn a_transaction_holding_row_locks_mid_table_delays_the_run_but_loses_noth
     let mut runs = Disturbed::new(&strs(&run), &["lock", "canceling statement"]);
     runs.child();
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut waited = false;
-    while !waited && !runs.ended() && Instant::now() < deadline {
-        waited = rekey_waits_on_a_lock(&db).await;
+    let mut waits = std::collections::BTreeSet::new();
+    while waits.is_empty() && !runs.ended() && Instant::now() < deadline {
+        waits.extend(lock_waits(&db).await);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let met = waited || runs.child.is_none();
+    let met = !waits.is_empty() || runs.child.is_none();
     assert!(met, "rekey neither waited on the locked rows nor stopped");
-    // hold the locks a while longer, as a slow application transaction would
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // hold the locks a while longer, as a slow application transaction
+    // would, counting each statement of rekey's that waits on them
+    let hold = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < hold {
+        waits.extend(lock_waits(&db).await);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     locker.batch_execute("COMMIT").await.unwrap();
     let (summary, failures) = runs.finish(&db).await;
-    report(&format!("FOR UPDATE on 20 mid-table rows held ~2 s (rekey seen waiting: {waited})"), 1, &failures);
+    report("FOR UPDATE on 20 mid-table rows held ~2 s after rekey met them (injections: rekey statements seen waiting on them)", waits.len(), &failures);
+    assert_nothing_lost(&db, ROWS, &summary, &untouched).await;
+}
+
+/// How long the database's own `statement_timeout` is set to in the test below.
+const DATABASE_TIMEOUT_MS: i64 = 1_000;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_databases_statement_timeout_does_not_cut_rekeys_batches_its_own_setting_applies() {
+    // rekey sets statement_timeout on each of its reading and writing
+    // sessions from --statement-timeout (2 min by default), which overrides
+    // the database's setting. So a batch waiting on locked rows well past
+    // the database's timeout is not cancelled, and the run finishes by
+    // itself without a retry. (The database's setting applies to rekey's
+    // other sessions too, whose short statements stay far below 1 s.)
+    const ROWS: i64 = 20_000;
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut run = setup(&db, ROWS, &dir).await;
+    run.extend(["--lock-timeout", "60s"].map(String::from)); // only a statement timeout could cut the wait
+    let untouched = db.unencrypted_checksum().await;
+    let locker = lock_middle_rows(&db, ROWS).await;
+    db.alter_database(&format!("SET statement_timeout = {DATABASE_TIMEOUT_MS}")).await;
+    // premise: a new session of this database gets the database's timeout
+    let fresh = connect(&db.url).await;
+    let applied: String = fresh.query_one("SHOW statement_timeout", &[]).await.unwrap().get(0);
+    assert_eq!(applied, "1s", "the database's statement_timeout does not apply to new sessions");
+
+    let mut runs = Disturbed::new(&strs(&run), &["statement timeout"]);
+    runs.child();
+    // a batch of rekey's waits on the locked rows for twice the database's timeout
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut long_waits = Vec::new();
+    while long_waits.is_empty() {
+        assert!(!runs.ended(), "the run ended before a batch of it waited past the database's statement_timeout");
+        assert!(Instant::now() < deadline, "no batch of rekey's was seen waiting on the locked rows for {} ms", 2 * DATABASE_TIMEOUT_MS);
+        long_waits = lock_waits_longer_than(&db, 2 * DATABASE_TIMEOUT_MS).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    locker.batch_execute("COMMIT").await.unwrap();
+    let (summary, failures) = runs.finish(&db).await;
+    db.alter_database("RESET statement_timeout").await;
+    report(
+        &format!("statement_timeout = {DATABASE_TIMEOUT_MS} ms on the database and 20 locked mid-table rows (injections: batches seen waiting past 2x it)"),
+        long_waits.len(),
+        &failures,
+    );
+    assert!(failures.is_empty(), "the run stopped: the database's timeout applied to a batch: {failures:?}");
+    assert_eq!(summary["retries"], 0, "a batch was retried: its statement was cancelled: {summary}");
     assert_nothing_lost(&db, ROWS, &summary, &untouched).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_batch_cancelled_by_statement_timeout_loses_nothing_and_the_run_resumes_once_it_is_lifted() {
+async fn a_batch_cancelled_by_rekeys_own_statement_timeout_stops_the_run_clearly_and_it_resumes_once_the_locks_go() {
+    // --statement-timeout 300ms, locked rows, and two tries: the batch that
+    // reaches the rows is cancelled, halved down to the locked row, cancelled
+    // twice more, and the run stops with exit 1 naming the timeout; the same
+    // command, once the locks are gone, resumes the job and finishes it.
     const ROWS: i64 = 20_000;
     let db = TestDb::new().await;
     let dir = tempfile::tempdir().unwrap();
-    let run = setup(&db, ROWS, &dir).await;
+    let mut run = setup(&db, ROWS, &dir).await;
+    run.extend(["--statement-timeout", "300ms", "--lock-timeout", "60s", "--attempts", "2"].map(String::from));
     let untouched = db.unencrypted_checksum().await;
-    // A low timeout for rekey's sessions, and locked rows that make the
-    // batch reaching them wait past it.
     let locker = lock_middle_rows(&db, ROWS).await;
-    db.alter_database("SET statement_timeout = '100ms'").await;
     let mut runs = Disturbed::new(&strs(&run), &["statement timeout"]);
     runs.child();
-    // Today the run stops at the first timeout; an engine that retries
-    // keeps going, so give it a few seconds, then lift the fault either way.
-    eventually(Duration::from_secs(5), || std::future::ready(runs.ended())).await;
+    // the locks stay until the run has given up on them; each statement of
+    // rekey's seen waiting on them is one time the fault met the run
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut waits = std::collections::BTreeSet::new();
+    while !runs.ended() {
+        assert!(Instant::now() < deadline, "the run neither stopped nor finished in 60 s with its batch blocked");
+        waits.extend(lock_waits(&db).await);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(runs.failures.len(), 1, "the run finished although a batch could not commit within --statement-timeout");
     locker.batch_execute("COMMIT").await.unwrap();
-    db.alter_database("RESET statement_timeout").await;
     let (summary, failures) = runs.finish(&db).await;
-    report("statement_timeout = 100ms on the database and 20 locked mid-table rows", 1, &failures);
+    report("--statement-timeout 300ms and 20 locked mid-table rows (injections: rekey statements seen waiting on them)", waits.len(), &failures);
+    assert!(!waits.is_empty(), "no statement of rekey's was seen waiting on the locked rows");
+    assert!(failures[0].contains("failed 2 times"), "{failures:?}");
     assert_nothing_lost(&db, ROWS, &summary, &untouched).await;
 }
 
@@ -345,6 +432,17 @@ async fn a_full_disk_under_the_table_stops_the_run_clearly_and_it_resumes_once_s
     let (summary, failures) = runs.finish(&db).await;
     report("tablespace on a 16 MB disk filled to ~1 MB free", stopped, &failures);
     assert_nothing_lost(&db, ROWS, &summary, &untouched).await;
+}
+
+/// Sessions of this database the server has ended with a fatal error (an
+/// idle-session timeout among them), from `pg_stat_database`.
+async fn sessions_ended_by_the_server(db: &TestDb) -> i64 {
+    db.client.batch_execute("SELECT pg_stat_clear_snapshot()").await.unwrap();
+    db.client
+        .query_one("SELECT sessions_fatal FROM pg_stat_database WHERE datname = current_database()", &[])
+        .await
+        .unwrap()
+        .get(0)
 }
 
 /// The finished job's recorded totals (`rekey.jobs.summary`), by job id.
@@ -406,13 +504,16 @@ async fn an_idle_session_timeout_shorter_than_the_run_loses_nothing_and_the_run_
     let untouched = db.unencrypted_checksum().await;
     // rekey's sessions opened from now on are closed by the server after 500 ms idle
     db.alter_database("SET idle_session_timeout = '500ms'").await;
+    let fatal_before = sessions_ended_by_the_server(&db).await;
     let mut runs = Disturbed::new(&strs(&run), &["idle-session timeout", "job lock", "connection closed"]);
     runs.child();
     while !runs.ended() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     db.alter_database("RESET idle_session_timeout").await;
+    let closed = sessions_ended_by_the_server(&db).await - fatal_before;
     let (summary, failures) = runs.finish(&db).await;
-    report("idle_session_timeout = 500ms on the database", 1, &failures);
+    report("idle_session_timeout = 500ms on the database (injections: sessions the server ended)", closed as usize, &failures);
+    assert!(closed > 0, "the server closed no session of the run: the fault never landed");
     assert_nothing_lost(&db, ROWS, &summary, &untouched).await;
 }
