@@ -9,11 +9,11 @@
 use std::collections::BTreeMap;
 use std::process::Output;
 
-use rekey::codec::versioned_gcm::VersionedGcm;
-use rekey::codec::Codec;
-use rekey::keyring::file::KeyringFile;
-use rekey::keyring::{Key, Keyring};
-use rekey::lifecycle::{Entry, KeyState, KeyTable};
+use rekey::crypto::codec::versioned_gcm::VersionedGcm;
+use rekey::crypto::codec::Codec;
+use rekey::secrets::file::KeyringFile;
+use rekey::crypto::keyring::{Key, Keyring};
+use rekey::crypto::keytable::{Entry, KeyState, KeyTable};
 
 use crate::harness::*;
 
