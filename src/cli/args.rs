@@ -295,8 +295,32 @@ pub enum SecretsCommand {
     Promote(LifecycleArgs),
     /// Make the previous key current again (or drop a pending key).
     Rollback(LifecycleArgs),
-    /// Remove a previous key; refused while any value still needs it.
+    /// Retire a previous key: out of what applications read, into the store's archive; refused while any value still needs it.
     Retire(RetireArgs),
+    /// Bring a retired key back from the store's archive as previous.
+    Restore(KeyArgs),
+    /// Destroy the archived material of a retired key (all retired keys without --key-id).
+    Purge(PurgeArgs),
+}
+
+/// `rekey secrets restore`.
+#[derive(Debug, Args)]
+pub struct KeyArgs {
+    #[command(flatten)]
+    pub life: LifecycleArgs,
+    /// The retired key.
+    #[arg(long, value_name = "ID")]
+    pub key_id: u32,
+}
+
+/// `rekey secrets purge`.
+#[derive(Debug, Args)]
+pub struct PurgeArgs {
+    #[command(flatten)]
+    pub life: LifecycleArgs,
+    /// The retired key; default: every retired key still archived.
+    #[arg(long, value_name = "ID")]
+    pub key_id: Option<u32>,
 }
 
 /// `rekey secrets init`.

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::cli::args::{LifecycleArgs, RotateArgs};
+use crate::cli::args::{LifecycleArgs, Reason, RotateArgs};
 use crate::cli::exit::{EXIT_LEFT_ON_OLD_KEYS, EXIT_STOPPED};
 use crate::cli::{default_lanes, open, print_json, Opened};
 use crate::engine::pipeline::Settings;
@@ -28,6 +28,7 @@ pub(crate) fn rotate_options(life: &LifecycleArgs, spec: &JobSpec, lanes: usize,
         reveal: life.reveal,
         settings: Settings { lanes, batch_size, ..Settings::default() },
         quiet: quiet || life.common.json,
+        compromised: life.reason == Reason::Compromise,
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::cli::args::{InitArgs, LifecycleArgs, RetireArgs, SecretsCommand};
+use crate::cli::args::{InitArgs, KeyArgs, LifecycleArgs, PurgeArgs, RetireArgs, SecretsCommand};
 use crate::cli::rotate::{report, rotate_options};
 use crate::cli::{default_lanes, open, print_json, Opened};
 use crate::crypto::keyring::{generate_material, Key};
@@ -14,7 +14,7 @@ use crate::crypto::keytable::{now, Entry, KeyState, KeyTable};
 use crate::job::{Job, JobSpec};
 use crate::lifecycle::audit::What;
 use crate::lifecycle::rotation::{self, job_keys};
-use crate::lifecycle::steps;
+use crate::lifecycle::steps::{self, Applied};
 use crate::secrets::{KeysSpec, Store};
 use crate::state::{self, rotations};
 use crate::Error;
@@ -26,6 +26,47 @@ pub async fn secrets(command: SecretsCommand) -> Result<u8, Error> {
         SecretsCommand::Show(a) => show(a).await,
         SecretsCommand::Stage(a) | SecretsCommand::Promote(a) | SecretsCommand::Rollback(a) => transition(&command, a).await,
         SecretsCommand::Retire(a) => retire(a).await,
+        SecretsCommand::Restore(a) => restore(a).await,
+        SecretsCommand::Purge(a) => purge(a).await,
+    }
+}
+
+/// `rekey secrets restore`: a retired key back from the archive, as previous.
+async fn restore(a: &KeyArgs) -> Result<u8, Error> {
+    let (spec, Opened { client, .. }, mut store) = locked(&a.life).await?;
+    let applied = steps::restore(&mut store, a.key_id, a.life.reveal).await?;
+    let note = format!("key {} restored from the archive as previous", a.key_id);
+    recorded(&a.life, &spec, &client, &store.secret_id(), "key_restored", &note).await?;
+    said(&a.life, "key_restored", &applied, &note);
+    Ok(0)
+}
+
+/// `rekey secrets purge`: archived material destroyed.
+async fn purge(a: &PurgeArgs) -> Result<u8, Error> {
+    let (spec, Opened { client, .. }, mut store) = locked(&a.life).await?;
+    let (purged, applied) = steps::purge(&mut store, a.key_id).await?;
+    let note = if purged.is_empty() { "no archived key to purge".to_string() } else { format!("destroyed the archived material of keys {purged:?}") };
+    recorded(&a.life, &spec, &client, &store.secret_id(), "key_purged", &note).await?;
+    said(&a.life, "key_purged", &applied, &note);
+    Ok(0)
+}
+
+/// Writes one audit event of a `secrets` command.
+async fn recorded(life: &LifecycleArgs, spec: &JobSpec, client: &tokio_postgres::Client, secret_id: &str, event: &'static str, note: &str) -> Result<(), Error> {
+    let audit = rotate_options(life, spec, default_lanes(), 5000, Duration::ZERO, false).audit;
+    audit.record(client, What { event_type: event, secret_id, verification_status: "not_applicable", affected_records: None, notes: note, job_id: None }).await?;
+    Ok(())
+}
+
+/// Prints what a `secrets` command changed.
+fn said(life: &LifecycleArgs, event: &str, applied: &Applied, note: &str) {
+    if life.common.json {
+        print_json(&json!({ "event": event, "changed": applied.changed, "note": note, "instructions": applied.instructions }));
+    } else {
+        println!("{note}{}", if applied.changed { "" } else { " (nothing to change)" });
+        for i in &applied.instructions {
+            println!("  {i}");
+        }
     }
 }
 
@@ -58,7 +99,8 @@ async fn show(life: &LifecycleArgs) -> Result<u8, Error> {
     } else {
         println!("{}", store.secret_id());
         for k in &info {
-            println!("  key {:>3}  {:<8}  fingerprint {:<8}  created {}  state since {}", k.id, k.state.to_string(), k.fingerprint, k.created_at, k.changed_at);
+            let state = if k.archived { "retired (archived)".to_string() } else { k.state.to_string() };
+            println!("  key {:>3}  {:<18}  fingerprint {:<8}  created {}  state since {}", k.id, state, k.fingerprint, k.created_at, k.changed_at);
         }
     }
     Ok(0)
@@ -94,20 +136,10 @@ async fn transition(command: &SecretsCommand, life: &LifecycleArgs) -> Result<u8
             rotations::roll_back(&client, spec.name.as_deref().unwrap_or_default()).await?;
             ("key_rolled_back", applied, format!("key {} current", steps::current(&store).unwrap_or_default()))
         }
-        SecretsCommand::Init(_) | SecretsCommand::Show(_) | SecretsCommand::Retire(_) => {
-            return Err(Error::Runtime("not a key transition".into()));
-        }
+        _ => return Err(Error::Runtime("not a key transition".into())),
     };
-    let audit = rotate_options(life, &spec, default_lanes(), 5000, Duration::ZERO, false).audit;
-    audit.record(&client, What { event_type: event, secret_id: &secret_id, verification_status: "not_applicable", affected_records: None, notes: &note, job_id: None }).await?;
-    if life.common.json {
-        print_json(&json!({ "event": event, "changed": applied.changed, "note": note, "instructions": applied.instructions }));
-    } else {
-        println!("{note}{}", if applied.changed { "" } else { " (nothing to change)" });
-        for i in &applied.instructions {
-            println!("  {i}");
-        }
-    }
+    recorded(life, &spec, &client, &secret_id, event, &note).await?;
+    said(life, event, &applied, &note);
     Ok(0)
 }
 

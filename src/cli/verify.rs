@@ -33,7 +33,17 @@ pub async fn verify(args: &VerifyArgs) -> Result<u8, Error> {
         for f in v.failures.iter().take(20) {
             println!("  cannot decrypt {}.{} at key {}: {}", f.table, f.column, f.key, f.error);
         }
-        println!("{}", if v.verified { "verified: nothing left on an old key" } else { "NOT verified: run `rekey run` again, and inspect rekey.quarantine" });
+        println!(
+            "{}",
+            match (v.verified, v.mode) {
+                (true, "full") => "verified: every value decrypted, nothing left on an old key".to_string(),
+                (true, _) => format!(
+                    "verified by a sample: every value's key version counted, {} sampled values decrypted; `rekey verify --full` decrypts every value (a retire always does)",
+                    v.values_sampled
+                ),
+                (false, _) => "NOT verified: values on old keys need `rekey run`; undecryptable ones are listed in rekey.quarantine after a run".into(),
+            }
+        );
     }
     Ok(if v.verified { 0 } else { EXIT_LEFT_ON_OLD_KEYS })
 }

@@ -50,7 +50,8 @@ pub struct Entry {
     pub created_at: u64,
     /// When its state last changed (Unix seconds).
     pub changed_at: u64,
-    /// The key; `None` once retired.
+    /// The key. A retired key keeps its material in the store's archive
+    /// (never beside the keys applications read) until purged: `None` then.
     pub key: Option<Key>,
 }
 
@@ -72,6 +73,12 @@ pub enum LifecycleError {
     /// A new key's id collides or its material repeats an existing key.
     #[error("the new key cannot be staged: {0}")]
     BadNewKey(String),
+    /// Restore of a key that is not retired.
+    #[error("key {0} is {1}, not retired; only a retired key can be restored")]
+    NotRetired(KeyId, KeyState),
+    /// Restore of a retired key whose material was purged.
+    #[error("key {0} was purged: its material is gone from the store and its archive")]
+    Purged(KeyId),
     /// The table does not form a keyring.
     #[error(transparent)]
     Keyring(#[from] KeyringError),
@@ -80,7 +87,7 @@ pub enum LifecycleError {
 /// The keys of one store, with their states.
 #[derive(Debug, Clone, Default)]
 pub struct KeyTable {
-    /// Every key ever held, retired ones without material.
+    /// Every key ever held.
     pub entries: Vec<Entry>,
 }
 
@@ -104,10 +111,11 @@ impl KeyTable {
         self.entries.iter().map(|e| e.id).max().unwrap_or(0).checked_add(1).ok_or(LifecycleError::BadNewKey("no key id left".into()))
     }
 
-    /// The keyring of every key that still has material.
+    /// The keyring of every key applications may use: retired keys are not
+    /// in it, archived or not.
     pub fn keyring(&self) -> Result<Keyring, LifecycleError> {
         let current = self.id_in(KeyState::Current).ok_or(KeyringError::Empty)?;
-        let keys: Vec<Key> = self.entries.iter().filter_map(|e| e.key.clone()).collect();
+        let keys: Vec<Key> = self.entries.iter().filter(|e| e.state != KeyState::Retired).filter_map(|e| e.key.clone()).collect();
         Ok(Keyring::new(keys, current, self.id_in(KeyState::Pending))?)
     }
 
@@ -173,20 +181,66 @@ impl KeyTable {
         }
     }
 
-    /// Removes a previous key's material. Idempotent for a retired key.
-    /// The caller must first prove no value still needs it.
+    /// Retires a previous key: out of the keyring applications read, its
+    /// material archived until [`KeyTable::purge`]. Idempotent for a retired
+    /// key. The caller must first prove no value still needs it.
     pub fn retire(&mut self, id: KeyId, at: u64) -> Result<bool, LifecycleError> {
-        let e = self.entries.iter_mut().find(|e| e.id == id).ok_or(LifecycleError::NoSuchKey(id))?;
+        let e = self.entry_mut(id)?;
         match e.state {
             KeyState::Retired => Ok(false),
             KeyState::Previous => {
                 e.state = KeyState::Retired;
                 e.changed_at = at;
-                e.key = None;
                 Ok(true)
             }
             other => Err(LifecycleError::NotRetirable(id, other)),
         }
+    }
+
+    /// Destroys a retired key's archived material. Idempotent.
+    pub fn purge(&mut self, id: KeyId) -> Result<bool, LifecycleError> {
+        let e = self.entry_mut(id)?;
+        match e.state {
+            KeyState::Retired => Ok(e.key.take().is_some()),
+            other => Err(LifecycleError::NotRetired(id, other)),
+        }
+    }
+
+    /// Destroys the archived material of keys retired before `before` (Unix
+    /// seconds); returns their ids.
+    pub fn purge_retired_before(&mut self, before: u64) -> Vec<KeyId> {
+        let mut purged = Vec::new();
+        for e in self.entries.iter_mut().filter(|e| e.state == KeyState::Retired && e.changed_at < before) {
+            if e.key.take().is_some() {
+                purged.push(e.id);
+            }
+        }
+        purged
+    }
+
+    /// Brings a retired key back from the archive as previous, so values
+    /// still under it open again. Idempotent for a previous key.
+    pub fn restore(&mut self, id: KeyId, at: u64) -> Result<bool, LifecycleError> {
+        let e = self.entry_mut(id)?;
+        match (e.state, &e.key) {
+            (KeyState::Previous, _) => Ok(false),
+            (KeyState::Retired, Some(_)) => {
+                e.state = KeyState::Previous;
+                e.changed_at = at;
+                Ok(true)
+            }
+            (KeyState::Retired, None) => Err(LifecycleError::Purged(id)),
+            (other, _) => Err(LifecycleError::NotRetired(id, other)),
+        }
+    }
+
+    /// Ids of retired keys whose material is still archived.
+    pub fn archived_ids(&self) -> Vec<KeyId> {
+        self.with_state(KeyState::Retired).filter(|e| e.key.is_some()).map(|e| e.id).collect()
+    }
+
+    fn entry_mut(&mut self, id: KeyId) -> Result<&mut Entry, LifecycleError> {
+        self.entries.iter_mut().find(|e| e.id == id).ok_or(LifecycleError::NoSuchKey(id))
     }
 
     /// Ids of previous keys (retire candidates).
@@ -197,7 +251,9 @@ impl KeyTable {
 
 /// One key as the stores write it (keyring file, Secrets Manager, KMS
 /// keyring): `material` is the store's own encoding of the key (sealed,
-/// hex, or KMS-wrapped), absent once retired.
+/// hex, or KMS-wrapped). What applications read never holds a retired
+/// key's material ([`StoredKey::from_entry`]); a store's archive does
+/// ([`StoredKey::archived`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoredKey {
@@ -217,15 +273,28 @@ pub struct StoredKey {
 }
 
 impl StoredKey {
-    /// An entry as stored, with its material encoded by `encode`.
+    /// An entry as applications read it, with its material encoded by
+    /// `encode`; a retired key without material.
     pub fn from_entry(e: &Entry, encode: impl FnOnce(&Key) -> String) -> StoredKey {
+        let live = e.key.as_ref().filter(|_| e.state != KeyState::Retired);
+        StoredKey { material: live.map(encode), ..Self::bare(e) }
+    }
+
+    /// A retired entry as the archive keeps it, material included; `None`
+    /// for any other entry, or one already purged.
+    pub fn archived(e: &Entry, encode: impl FnOnce(&Key) -> String) -> Option<StoredKey> {
+        let key = e.key.as_ref().filter(|_| e.state == KeyState::Retired)?;
+        Some(StoredKey { material: Some(encode(key)), ..Self::bare(e) })
+    }
+
+    fn bare(e: &Entry) -> StoredKey {
         StoredKey {
             id: e.id,
             state: e.state,
             created_at: rfc3339(e.created_at),
             changed_at: rfc3339(e.changed_at),
             fingerprint: e.key.as_ref().map(Key::fingerprint).unwrap_or_default(),
-            material: e.key.as_ref().map(encode),
+            material: None,
         }
     }
 
@@ -251,6 +320,8 @@ pub struct KeyInfo {
     pub age_s: u64,
     /// Last state change, RFC 3339.
     pub changed_at: String,
+    /// A retired key whose material is still in the store's archive.
+    pub archived: bool,
 }
 
 /// RFC 3339 (UTC, seconds) for Unix seconds.
@@ -271,6 +342,7 @@ impl KeyTable {
                 created_at: rfc3339(e.created_at),
                 age_s: t.saturating_sub(e.created_at),
                 changed_at: rfc3339(e.changed_at),
+                archived: e.state == KeyState::Retired && e.key.is_some(),
             })
             .collect()
     }
@@ -330,7 +402,7 @@ mod tests {
     }
 
     #[test]
-    fn retire_refuses_the_current_key_and_drops_a_previous_keys_material() {
+    fn retire_refuses_the_current_key_and_takes_a_previous_key_out_of_the_keyring_into_the_archive() {
         let mut t = table();
         t.stage(Key::new(2, [2; 32]), 20).unwrap();
         assert_eq!(t.retire(2, 21).unwrap_err(), LifecycleError::NotRetirable(2, KeyState::Pending));
@@ -338,6 +410,26 @@ mod tests {
         assert!(t.retire(1, 40).unwrap());
         assert!(!t.retire(1, 41).unwrap());
         assert!(t.keyring().unwrap().get(1).is_none());
+        assert_eq!(t.archived_ids(), vec![1]);
+        let applications_read = StoredKey::from_entry(&t.entries[0], |_| "sealed".into());
+        assert_eq!(applications_read.material, None, "what applications read holds no retired material");
+        assert_eq!(StoredKey::archived(&t.entries[0], |_| "sealed".into()).and_then(|k| k.material).as_deref(), Some("sealed"));
+    }
+
+    #[test]
+    fn a_retired_key_is_restored_as_previous_until_it_is_purged() {
+        let mut t = table();
+        t.stage(Key::new(2, [2; 32]), 20).unwrap();
+        t.promote(30).unwrap();
+        t.retire(1, 40).unwrap();
+        assert!(t.restore(1, 50).unwrap());
+        assert_eq!(t.keyring().unwrap().get(1).map(Key::fingerprint), Some(Key::new(1, [1; 32]).fingerprint()));
+        assert_eq!(t.restore(2, 51).unwrap_err(), LifecycleError::NotRetired(2, KeyState::Current));
+        t.retire(1, 60).unwrap();
+        assert_eq!(t.purge_retired_before(60), Vec::<KeyId>::new(), "retired at 60: not before 60");
+        assert_eq!(t.purge_retired_before(61), vec![1]);
+        assert_eq!(t.restore(1, 70).unwrap_err(), LifecycleError::Purged(1));
+        assert!(!t.purge(1).unwrap());
     }
 
     #[test]

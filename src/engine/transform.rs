@@ -16,6 +16,7 @@ use tokio_postgres::Row;
 use zeroize::Zeroize;
 
 use crate::crypto::codec::{Codec, CodecError};
+use crate::crypto::keyring::KeyId;
 use crate::db::RawRef;
 use crate::job::{Aad, Encoding, Side, Target};
 
@@ -94,6 +95,15 @@ fn encode(encoding: Encoding, sealed: Vec<u8>) -> Vec<u8> {
         Encoding::Raw => sealed,
         Encoding::Base64 => base64::engine::general_purpose::STANDARD.encode(&sealed).into_bytes(),
     }
+}
+
+/// The key a stored value names in the old format, when the format carries
+/// key ids and the keys given do not hold it.
+pub fn missing_key(target: &Target, col: usize, stored: &[u8]) -> Option<KeyId> {
+    let ct = decode(target.columns[col].read, stored).ok()?;
+    let id = target.read.codec.key_hint(&ct)?;
+    let held = target.read.keyring.get(id).is_some() || (target.migrating && target.write.codec.key_hint(&ct).is_some_and(|w| target.write.keyring.get(w).is_some()));
+    (!held).then_some(id)
 }
 
 /// Whether `ct` is a value of `side`'s format that opens under its target key.
@@ -227,7 +237,7 @@ mod tests {
     }
 
     fn side(format: Format, keyring: Keyring) -> Side {
-        Side { format, codec: format.codec(&keyring).unwrap(), keyring }
+        Side { format, codec: format.codec(&keyring).unwrap(), keyring, source: None }
     }
 
     /// One encrypted column `c` stored with `encoding`, read in `from`, written in `to`.

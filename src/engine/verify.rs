@@ -19,8 +19,10 @@ use crate::engine::pipeline::{self, Mode, Settings};
 use crate::observe::progress::Progress;
 use crate::engine::sink::Failure;
 use crate::observe::counts::LiveCounts;
+use crate::crypto::keyring::KeyId;
 use crate::engine::transform::{self, Cell};
 use crate::engine::{plan, sql};
+use crate::state;
 use crate::Error;
 
 /// How hard to look.
@@ -67,10 +69,19 @@ impl Verification {
     }
 }
 
-/// Verifies every target of `job`.
+/// Verifies every target of `job`, after checking its keys against the
+/// fingerprints the job's last run recorded.
 pub async fn verify(db: &Database, client: &Client, job: &Arc<Job>, depth: Depth, quiet: bool) -> Result<Verification, Error> {
+    check_recorded_keys(client, job).await?;
     let counted = plan::count_by_key(client, job).await?;
     let full = depth.full || counted.iter().any(|c| c.by_key.is_none());
+    if !full && depth.sample == 0 {
+        return Err(Error::Config(
+            "--sample 0 decrypts nothing, so it cannot verify anything: give --sample N (N at least 1) or --full; \
+             `rekey plan` counts values per key version without decrypting"
+                .into(),
+        ));
+    }
     let mut by_column: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
     let mut failures = Vec::new();
     let (mut total, mut on_target, mut on_old, mut undecryptable) = (0u64, 0u64, 0u64, 0u64);
@@ -136,6 +147,36 @@ pub async fn verify(db: &Database, client: &Client, job: &Arc<Job>, depth: Depth
     })
 }
 
+/// Refuses keys that are not the ones the job's last run used: a target key
+/// with another fingerprint would make values rekey wrote look
+/// undecryptable, or a verify pass on the wrong key. Keys are compared by
+/// id and fingerprint, never material; a job whose file changed since is not
+/// compared (its targets may differ).
+async fn check_recorded_keys(client: &Client, job: &Job) -> Result<(), Error> {
+    let Some((job_id, spec_hash, recorded)) = state::last_job_keys(client, &job.name).await? else { return Ok(()) };
+    if spec_hash != job.spec_hash {
+        tracing::info!("the job file changed since job {job_id} ran; its keys are not compared with that run's");
+        return Ok(());
+    }
+    for (t, rec) in job.targets.iter().zip(recorded.as_array().into_iter().flatten()) {
+        for (side, name) in [(&t.write, "write"), (&t.read, "read")] {
+            for key in side.keyring.keys() {
+                let Some(was) = rec[name]["keys"][key.id().to_string()].as_str() else { continue };
+                let now = key.fingerprint();
+                if was != now {
+                    let at = side.source.as_ref().map_or_else(|| format!("key {}", key.id()), |s| s.where_key(key.id()));
+                    return Err(Error::Config(format!(
+                        "{at} (for {}) is not the key job {:?} (job {job_id}) used: its fingerprint is {now}, the job recorded {was}; \
+                         give the key the job ran with, then verify again",
+                        t.table, job.name
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Values read from each target before a run to prove the keys open something.
 const PREFLIGHT_ROWS: i64 = 200;
 
@@ -151,6 +192,7 @@ pub async fn preflight(client: &Client, job: &Job) -> Result<(), Error> {
         let mut params = params(&prefixes);
         params.push(&PREFLIGHT_ROWS);
         let rows = client.query(&text, &params).await.ctx(|| format!("reading a sample of {}", t.table))?;
+        refuse_missing_keys(t, &rows)?;
         let mut cells = Vec::new();
         transform::classify(t, &rows, &mut cells);
         let tried = cells.iter().filter(|c| !matches!(c, Cell::Null)).count();
@@ -167,6 +209,42 @@ pub async fn preflight(client: &Client, job: &Job) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// Refuses, before any write, values that name a key the keys given do not
+/// hold (an old key left out): every one of them would be quarantined. A key
+/// id named by a stray value or two (a damaged version byte) is not a key
+/// left out: those values are quarantined one by one.
+fn refuse_missing_keys(t: &Target, rows: &[tokio_postgres::Row]) -> Result<(), Error> {
+    let mut missing: BTreeMap<KeyId, u64> = BTreeMap::new();
+    let mut tried = 0u64;
+    for row in rows {
+        for col in 0..t.columns.len() {
+            let Some(stored) = transform::value(t, row, col) else { continue };
+            tried += 1;
+            if let Some(id) = transform::missing_key(t, col, stored) {
+                *missing.entry(id).or_default() += 1;
+            }
+        }
+    }
+    // a key left out shows in at least 2 values and 1 in 20 of those sampled
+    missing.retain(|_, n| *n >= 2 && *n * 20 >= tried);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let named: Vec<String> = missing
+        .iter()
+        .map(|(id, n)| {
+            let at = t.read.source.as_ref().map_or_else(String::new, |s| format!(": {} is not given", s.where_key(*id)));
+            format!("{n} under key {}{at}", t.read.codec.key_label(*id))
+        })
+        .collect();
+    Err(Error::Config(format!(
+        "of the {tried} values sampled from {}, {}; the keys given do not hold that key, so nothing was written. \
+         Give the old key as well as the new one, or pass --force to quarantine every value under a key that is not given",
+        t.table,
+        named.join("; ")
+    )))
 }
 
 /// Decrypts up to `n` sampled rows of a target; returns rows sampled and the failed keys.

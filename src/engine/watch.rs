@@ -43,7 +43,8 @@ pub(super) fn apply(shared: &Shared, verdict: Verdict) {
     };
     if shared.hold.set(reason.clone()) {
         shared.progress.set_hold(reason.as_deref());
-        metrics::ThrottleChanged { reason: kind, detail: reason.as_deref() }.emit();
+        let previous = shared.hold_kind.lock().ok().and_then(|mut last| std::mem::replace(&mut *last, kind));
+        metrics::ThrottleChanged { reason: kind, previous, detail: reason.as_deref() }.emit();
     }
 }
 

@@ -77,6 +77,8 @@ pub(super) struct Shared {
     pub(super) pace: Option<Pace>,
     /// Why sources wait, if they do.
     pub(super) hold: Hold,
+    /// The hold's stable reason label, for the metrics of the next change.
+    pub(super) hold_kind: Mutex<Option<&'static str>>,
     /// Tries of one batch or page.
     pub(super) attempts: u32,
     /// Lock and statement timeouts of every session.
@@ -116,6 +118,7 @@ impl Shared {
             sizer: BatchSizer::new(settings.batch_size, settings.batch_time, settings.max_batch_bytes),
             pace: settings.max_rows_per_sec.map(Pace::new),
             hold: Hold::default(),
+            hold_kind: Mutex::new(None),
             attempts: settings.attempts.max(1),
             timeouts: settings.timeouts,
             taken_over: AtomicU64::new(0),

@@ -164,9 +164,33 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(2000))]
 
         #[test]
-        fn arbitrary_text_is_accepted_or_refused_with_a_reason(text in "\\PC{0,80}") {
-            if let Err(why) = check_condition(&text) {
-                prop_assert!(!why.is_empty());
+        fn arbitrary_text_is_refused_with_a_reason_or_is_one_balanced_expression(text in "\\PC{0,80}") {
+            match check_condition(&text) {
+                Err(why) => prop_assert!(!why.is_empty()),
+                Ok(()) => {
+                    // accepted: quotes close, and outside them parentheses never close
+                    // more than they opened and no statement separator or comment appears
+                    let quoted = quoted_regions(&text, false);
+                    prop_assert!(quoted.is_some(), "an open quote was accepted: {:?}", text);
+                    let quoted = quoted.unwrap_or_default();
+                    let (mut depth, mut previous) = (0i32, ' ');
+                    for (i, c) in text.chars().enumerate() {
+                        if quoted.iter().any(|&(a, b)| a <= i && i <= b) {
+                            previous = ' ';
+                            continue;
+                        }
+                        match c {
+                            '(' => depth += 1,
+                            ')' => depth -= 1,
+                            _ => {}
+                        }
+                        prop_assert!(c != ';', "a ';' was accepted: {:?}", text);
+                        prop_assert!(!matches!((previous, c), ('-', '-') | ('/', '*')), "a comment was accepted: {:?}", text);
+                        prop_assert!(depth >= 0, "closes a parenthesis it did not open: {:?}", text);
+                        previous = c;
+                    }
+                    prop_assert_eq!(depth, 0, "unbalanced: {:?}", text);
+                }
             }
         }
 

@@ -45,6 +45,8 @@ pub struct Side {
     pub codec: Arc<dyn Codec>,
     /// The keys.
     pub keyring: Keyring,
+    /// Where they came from (`None`: handed in whole, as `rekey bench` does).
+    pub source: Option<KeysSpec>,
 }
 
 /// Where a value's associated data comes from.
@@ -72,7 +74,7 @@ pub struct Target {
     pub read: Side,
     /// How values are written (the same format and keys unless migrating).
     pub write: Side,
-    /// Whether `read` and `write` differ in format.
+    /// Whether `read` and `write` differ: in format, or in key store (`to_keys`).
     pub migrating: bool,
     /// Associated data.
     pub aad: Aad,
@@ -142,6 +144,7 @@ impl Job {
 
     /// As [`Job::resolve`]; with `keyring`, every target uses it instead of its key source (`rekey bench`).
     pub async fn resolve_with(spec: &JobSpec, client: &tokio_postgres::Client, keyring: Option<&Keyring>) -> Result<Job, Error> {
+        let keyring_given = keyring;
         let load = |keys: &KeysSpec| {
             let keys = keys.clone();
             async move {
@@ -165,12 +168,12 @@ impl Job {
                 None => read_ring.clone(),
             };
             let to_format = t.to_format.unwrap_or(t.format);
-            let side = |format: Format, keyring: Keyring| -> Result<Side, Error> {
+            let side = |format: Format, keyring: Keyring, source: &KeysSpec| -> Result<Side, Error> {
                 let codec = format.codec(&keyring).map_err(|e| Error::Config(format!("{}: {e}", at())))?;
-                Ok(Side { format, codec, keyring })
+                Ok(Side { format, codec, keyring, source: keyring_given.is_none().then(|| source.clone()) })
             };
-            let read = side(t.format, read_ring)?;
-            let write = side(to_format, write_ring)?;
+            let read = side(t.format, read_ring, keys)?;
+            let write = side(to_format, write_ring, t.to_keys.as_ref().unwrap_or(keys))?;
             let aad = match &t.aad {
                 None => Aad::None,
                 Some(AadSpec { constant: Some(c), .. }) => Aad::Constant(c.as_bytes().to_vec()),
@@ -211,7 +214,9 @@ impl Job {
                 table: resolved.table,
                 key: resolved.key,
                 columns,
-                migrating: t.format != to_format,
+                // another format, or the same one under another store's keys:
+                // every value is read, whatever key id it names
+                migrating: t.format != to_format || t.to_keys.is_some(),
                 read,
                 write,
                 aad,

@@ -351,8 +351,12 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(1000))]
 
         #[test]
-        fn arbitrary_text_is_a_job_or_a_configuration_error(text in "\\PC{0,300}") {
-            prop_assert!(matches!(JobSpec::parse(&text), Ok(_) | Err(Error::Config(_))));
+        fn arbitrary_text_is_a_checked_job_or_a_configuration_error_that_says_something(text in "\\PC{0,300}") {
+            match JobSpec::parse(&text) {
+                Ok(spec) => prop_assert!(!spec.targets.is_empty() && spec.targets.iter().all(|t| !t.columns.is_empty())),
+                Err(Error::Config(msg)) => prop_assert!(!msg.trim().is_empty()),
+                Err(other) => prop_assert!(false, "not a configuration error: {:?}", other),
+            }
         }
 
         #[test]

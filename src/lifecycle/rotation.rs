@@ -43,6 +43,9 @@ pub struct RotateOptions {
     pub settings: Settings,
     /// No progress line.
     pub quiet: bool,
+    /// The key is retired because it was compromised: its material is
+    /// destroyed at once (after the full verify), not archived.
+    pub compromised: bool,
 }
 
 /// How an invocation ended.
@@ -295,7 +298,9 @@ pub async fn retire(db: &Database, client: &Client, job: &Arc<Job>, store: &mut 
             t.table
         )));
     }
-    let depth = Depth { full: false, sample: 1000, lanes: opts.settings.lanes };
+    // Retire rests on a full verify of this invocation: every value decrypted,
+    // with the keys matched against the job's recorded fingerprints.
+    let depth = Depth { full: true, sample: 0, lanes: opts.settings.lanes };
     let v = verify::verify(db, client, job, depth, opts.quiet).await?;
     // Old values may be labelled by either side's codec (a migration reads one format and writes another).
     let labels: BTreeSet<String> = job.targets.iter().flat_map(|t| [t.read.codec.key_label(old), t.write.codec.key_label(old)]).collect();
@@ -305,9 +310,19 @@ pub async fn retire(db: &Database, client: &Client, job: &Arc<Job>, store: &mut 
         opts.audit.record(client, What { event_type: "retire_refused", secret_id: &key_ref, verification_status: "failed", affected_records: Some(remaining), notes: &notes, job_id: None }).await?;
         return Ok(Progressed { ended: Ended::NotVerified, lines: vec![format!("refusing to retire key {old}: {notes}")], events: vec!["retire_refused".into()], step: None });
     }
-    let applied = steps::retire(store, old).await?;
-    opts.audit.record(client, What { event_type: "key_retired", secret_id: &key_ref, verification_status: "passed", affected_records: Some(v.values_total), notes: &format!("key {old} retired; no value needs it"), job_id: None }).await?;
-    let mut lines = vec![format!("retired key {old}")];
+    let compromised = opts.compromised;
+    let applied = steps::retire(store, old, compromised).await?;
+    let notes = if compromised {
+        format!("key {old} retired and its material destroyed (compromise); a full verify found no value under it")
+    } else {
+        format!("key {old} retired; a full verify found no value under it; its material stays in the store's archive until purged")
+    };
+    opts.audit.record(client, What { event_type: "key_retired", secret_id: &key_ref, verification_status: "passed", affected_records: Some(v.values_total), notes: &notes, job_id: None }).await?;
+    let mut lines = vec![if compromised {
+        format!("retired key {old} and destroyed its material (compromise)")
+    } else {
+        format!("retired key {old}; `rekey secrets restore --key-id {old}` brings it back until it is purged (`rekey secrets purge`, or {} after retiring)", humantime::format_duration(crate::secrets::ARCHIVE_RETENTION))
+    }];
     applied.tell(&mut lines, "make these changes where the application's environment is set:");
     Ok(Progressed { ended: Ended::Done, lines, events: vec!["key_retired".into()], step: None })
 }

@@ -53,10 +53,53 @@ pub async fn rollback(store: &mut Store, reveal: bool) -> Result<Applied, Error>
     saved(store, changed, reveal).await
 }
 
-/// Removes key `id` from the store (callers prove first that no value needs it).
-pub async fn retire(store: &mut Store, id: KeyId) -> Result<Applied, Error> {
-    let changed = store.table_mut().retire(id, now()).map_err(|e| Error::Config(e.to_string()))?;
+/// Takes key `id` out of what applications read, into the store's archive
+/// (callers prove first that no value needs it); with `destroy` (a
+/// compromised key) its material is destroyed at once instead.
+pub async fn retire(store: &mut Store, id: KeyId, destroy: bool) -> Result<Applied, Error> {
+    if destroy && !store.can_purge() && store.writable() {
+        return Err(Error::Config(format!(
+            "{} cannot destroy a key's material (Secrets Manager keeps a secret's former versions and cannot delete one): \
+             retire key {id} without the compromise reason, then move the keys to a new secret and delete this one",
+            store.secret_id()
+        )));
+    }
+    let mut changed = store.table_mut().retire(id, now()).map_err(|e| Error::Config(e.to_string()))?;
+    if destroy {
+        changed |= store.table_mut().purge(id).map_err(|e| Error::Config(e.to_string()))?;
+    }
     saved(store, changed, false).await
+}
+
+/// Destroys the archived material of retired key `id`, or of every retired
+/// key with `None`; returns the ids purged.
+pub async fn purge(store: &mut Store, id: Option<KeyId>) -> Result<(Vec<KeyId>, Applied), Error> {
+    if !store.can_purge() {
+        return Err(Error::Config(format!(
+            "{} keeps no archive rekey can purge: Secrets Manager keeps a secret's former versions and cannot delete one, \
+             and environment keys are archived by whoever holds them",
+            store.secret_id()
+        )));
+    }
+    let ids = match id {
+        Some(id) => vec![id],
+        None => store.table().archived_ids(),
+    };
+    let mut purged = Vec::new();
+    for id in ids {
+        if store.table_mut().purge(id).map_err(|e| Error::Config(e.to_string()))? {
+            purged.push(id);
+        }
+    }
+    let applied = saved(store, !purged.is_empty(), false).await?;
+    Ok((purged, applied))
+}
+
+/// Brings retired key `id` back from the store's archive as previous.
+pub async fn restore(store: &mut Store, id: KeyId, reveal: bool) -> Result<Applied, Error> {
+    store.fetch_archived(id).await?;
+    let changed = store.table_mut().restore(id, now()).map_err(|e| Error::Config(e.to_string()))?;
+    saved(store, changed, reveal).await
 }
 
 /// The current key's id, for messages.

@@ -10,7 +10,7 @@
 //! and fields are table and column names, key ids, counts and error kinds.
 
 use std::net::SocketAddr;
-use std::sync::{Mutex, Once};
+use std::sync::Once;
 
 use metrics::Unit;
 use metrics_exporter_prometheus::PrometheusBuilder;
@@ -266,15 +266,14 @@ impl ValueQuarantined<'_> {
     }
 }
 
-/// The reason of the last [`ThrottleChanged`], whose info series goes back to 0 on the next.
-static THROTTLE_REASON: Mutex<Option<String>> = Mutex::new(None);
-
 /// A throttle paused the run (`Some(reason)`) or let it go on (`None`).
 #[derive(Debug)]
 pub struct ThrottleChanged<'a> {
     /// Why the run waits, as a stable label value (`replica_lag`, `gate`,
     /// `paused`, `control_file`, `unreadable`); `None`: running again.
     pub reason: Option<&'a str>,
+    /// The reason before this change, whose info series goes back to 0.
+    pub previous: Option<&'a str>,
     /// The same, for people: "replica r1 replays 12.0s behind (--max-replica-lag 10s)".
     pub detail: Option<&'a str>,
 }
@@ -287,15 +286,11 @@ impl ThrottleChanged<'_> {
             (Some(reason), None) => tracing::info!("holding: {reason}"),
             (None, _) => tracing::info!("reading again"),
         }
-        let mut last = THROTTLE_REASON.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(previous) = last.take() {
-            if Some(previous.as_str()) != self.reason {
-                metrics::gauge!("rekey_throttle_info", "reason" => previous).set(0.0);
-            }
+        if let Some(previous) = self.previous.filter(|p| Some(*p) != self.reason) {
+            metrics::gauge!("rekey_throttle_info", "reason" => previous.to_owned()).set(0.0);
         }
         if let Some(reason) = self.reason {
             metrics::gauge!("rekey_throttle_info", "reason" => reason.to_owned()).set(1.0);
-            *last = Some(reason.to_owned());
         }
         metrics::gauge!("rekey_throttled").set(if self.reason.is_some() { 1.0 } else { 0.0 });
     }
@@ -478,7 +473,7 @@ impl RunFinished<'_> {
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Write};
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex};
 
     use metrics_exporter_prometheus::PrometheusHandle;
 
@@ -579,13 +574,13 @@ mod tests {
     #[test]
     fn throttle_info_follows_the_current_reason() {
         let out = rendered(|| {
-            ThrottleChanged { reason: Some("replica lag"), detail: None }.emit();
-            ThrottleChanged { reason: Some("gate query"), detail: Some("the gate said no") }.emit();
+            ThrottleChanged { reason: Some("replica lag"), previous: None, detail: None }.emit();
+            ThrottleChanged { reason: Some("gate query"), previous: Some("replica lag"), detail: Some("the gate said no") }.emit();
         });
         assert!(out.contains("rekey_throttled 1"), "{out}");
         assert!(out.contains(r#"rekey_throttle_info{reason="replica lag"} 0"#), "{out}");
         assert!(out.contains(r#"rekey_throttle_info{reason="gate query"} 1"#), "{out}");
-        let out = rendered(|| ThrottleChanged { reason: None, detail: None }.emit());
+        let out = rendered(|| ThrottleChanged { reason: None, previous: Some("gate query"), detail: None }.emit());
         assert!(out.contains("rekey_throttled 0"), "{out}");
         assert!(out.contains(r#"rekey_throttle_info{reason="gate query"} 0"#), "{out}");
     }
@@ -594,7 +589,7 @@ mod tests {
     fn json_logs_are_one_object_per_line() {
         let out = logged(LogFormat::Json, || {
             BatchRetried { table: "users", attempt: 2, error: "connection reset", rows: 10, wait_seconds: 1.5 }.emit();
-            ThrottleChanged { reason: None, detail: None }.emit();
+            ThrottleChanged { reason: None, previous: None, detail: None }.emit();
         });
         let lines: Vec<serde_json::Value> =
             out.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
@@ -622,17 +617,24 @@ mod tests {
     }
 
     #[test]
-    fn quarantine_output_names_the_place_never_the_value() {
-        // What the failing value held; the event has no field to carry it.
-        let (plaintext, ciphertext) = ("555-0100", "AQIDBAUGBwgJCgsM");
+    fn quarantine_warnings_name_table_column_key_and_error_once_per_column() {
+        // Values never reach these events: they have no field for one. What
+        // can go wrong is the wording and the count, checked here.
         let event = ValueQuarantined { table: "patients", column: "phone", key: "(7)", error: "authentication" };
         let keys = ["(7)".to_string(), "(9)".to_string()];
+        let first = QuarantineSummary { table: "patients", column: "phone", error: "authentication", count: 1, first_keys: &keys[..1], finished: false };
         let summary = QuarantineSummary { table: "patients", column: "phone", error: "authentication", count: 2, first_keys: &keys, finished: true };
-        let log = logged(LogFormat::Json, || event.emit()) + &logged(LogFormat::Json, || summary.emit());
-        let out = rendered(|| event.emit()) + &log;
-        assert!(log.contains("cannot decrypt patients.phone at key (7): authentication"), "{log}");
-        assert!(log.contains("quarantined 2 values of patients.phone (authentication), e.g. at keys (7), (9)"), "{log}");
-        assert!(!out.contains(plaintext) && !out.contains(ciphertext), "{out}");
+        let per_value = logged(LogFormat::Json, || event.emit());
+        assert!(per_value.contains("cannot decrypt patients.phone at key (7): authentication") && per_value.contains("DEBUG"), "{per_value}");
+        let warned = logged(LogFormat::Text, || {
+            first.emit();
+            summary.emit();
+        });
+        assert_eq!(warned.lines().count(), 2, "{warned}");
+        assert!(warned.contains("values of patients.phone do not decrypt (authentication), the first at key (7)"), "{warned}");
+        assert!(warned.contains("quarantined 2 values of patients.phone (authentication), e.g. at keys (7), (9)"), "{warned}");
+        let counted = rendered(|| event.emit());
+        assert!(counted.contains(r#"rekey_quarantined_total{table="patients",column="phone",error="authentication"} 1"#), "{counted}");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::spec::KeysSpec;
-use crate::crypto::keyring::Key;
+use crate::crypto::keyring::{Key, KeyId};
 use crate::crypto::keytable::{Entry, KeyState, KeyTable, StoredKey};
 use crate::Error;
 
@@ -169,6 +169,38 @@ impl SecretsManagerStore {
     /// Names the store for the audit trail.
     pub fn secret_id(&self) -> String {
         format!("aws-secrets-manager:{}", self.secret_id)
+    }
+
+    /// The material of key `id` from the secret's former versions (Secrets
+    /// Manager keeps them: they are this store's archive of retired keys),
+    /// newest first.
+    pub async fn archived_key(&self, id: KeyId) -> Result<Option<Key>, Error> {
+        let sid = &self.secret_id;
+        let listed = self
+            .client
+            .list_secret_version_ids()
+            .secret_id(sid)
+            .include_deprecated(true)
+            .send()
+            .await
+            .map_err(|e| aws_err("listing versions", sid, aws_sdk_secretsmanager::error::DisplayErrorContext(e)))?;
+        let mut versions: Vec<_> = listed.versions().iter().filter_map(|v| Some((v.created_date()?.secs(), v.version_id()?.to_string()))).collect();
+        versions.sort_by(|a, b| b.cmp(a));
+        for (_, version) in versions {
+            let out = self
+                .client
+                .get_secret_value()
+                .secret_id(sid)
+                .version_id(&version)
+                .send()
+                .await
+                .map_err(|e| aws_err("reading a former version", sid, aws_sdk_secretsmanager::error::DisplayErrorContext(e)))?;
+            let text = Zeroizing::new(out.secret_string().unwrap_or_default().to_string());
+            if let Some(key) = parse(sid, &text)?.entries.into_iter().find(|e| e.id == id).and_then(|e| e.key) {
+                return Ok(Some(key));
+            }
+        }
+        Ok(None)
     }
 
     /// A new version holding the table, made current as finishSecret does:

@@ -9,6 +9,12 @@
 //! file, synced, the old version copied to `<file>.bak`, then the temporary
 //! file renamed over the old one and the directory synced; a crash at any
 //! instant leaves a readable keyring.
+//!
+//! Retired keys are not in the file: their sealed material moves to an
+//! archive beside it (`<file>.archive`, same format and passphrase) until
+//! `rekey secrets purge` or the end of [`super::ARCHIVE_RETENTION`]. Material
+//! is written to the archive before it leaves the file, and leaves the
+//! archive only after the file holds what replaces it.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -103,6 +109,8 @@ pub struct KeyringFile {
     kek: LessSafeKey,
     /// The keys, opened.
     pub table: KeyTable,
+    /// Ids of the keys in the archive file as last read or written.
+    archived_on_disk: Vec<StoredKey>,
 }
 
 impl std::fmt::Debug for KeyringFile {
@@ -156,7 +164,7 @@ impl KeyringFile {
         crate::crypto::nonce::fill(&mut salt);
         let kdf = Kdf { salt: B64.encode(salt), m_cost: 19 * 1024, t_cost: 2, p_cost: 1 };
         let kek = derive(path, passphrase, &kdf)?;
-        let file = KeyringFile { path: path.to_path_buf(), kdf, kek, table };
+        let mut file = KeyringFile { path: path.to_path_buf(), kdf, kek, table, archived_on_disk: Vec::new() };
         file.save()?;
         Ok(file)
     }
@@ -173,18 +181,35 @@ impl KeyringFile {
             return Err(FileKeyringError::Malformed { path: path.to_path_buf(), problem: format!("format is {:?}, expected {FORMAT:?}", doc.format) });
         }
         let kek = derive(path, passphrase, &doc.kdf)?;
+        let open = |k: &StoredKey, at: &Path| -> Result<Option<Key>, FileKeyringError> {
+            let Some(sealed) = &k.material else { return Ok(None) };
+            open_key(&kek, k.id, sealed).map(Some).map_err(|e| match e {
+                Unopened::Damaged(problem) => FileKeyringError::Malformed { path: at.to_path_buf(), problem: format!("key {}: {problem}", k.id) },
+                Unopened::Refused => FileKeyringError::WrongPassphrase { path: at.to_path_buf(), var: passphrase_var.to_string() },
+            })
+        };
         let mut table = KeyTable::default();
         for k in doc.keys {
-            let key = match &k.material {
-                None => None,
-                Some(sealed) => Some(open_key(&kek, k.id, sealed).map_err(|e| match e {
-                    Unopened::Damaged(problem) => FileKeyringError::Malformed { path: path.to_path_buf(), problem: format!("key {}: {problem}", k.id) },
-                    Unopened::Refused => FileKeyringError::WrongPassphrase { path: path.to_path_buf(), var: passphrase_var.to_string() },
-                })?),
-            };
+            let key = open(&k, path)?;
             table.entries.push(k.into_entry(key));
         }
-        Ok(KeyringFile { path: path.to_path_buf(), kdf: doc.kdf, kek, table })
+        let archive = archive_path(path);
+        let mut archived_on_disk = Vec::new();
+        if archive.exists() {
+            let text = fs::read_to_string(&archive).map_err(io(&archive))?;
+            let doc: Document = serde_json::from_str(&text).map_err(|e| FileKeyringError::Malformed {
+                path: archive.clone(),
+                problem: format!("invalid JSON at line {} column {}", e.line(), e.column()),
+            })?;
+            for k in doc.keys {
+                let key = open(&k, &archive)?;
+                if let Some(e) = table.entries.iter_mut().find(|e| e.id == k.id && e.state == KeyState::Retired && e.key.is_none()) {
+                    e.key = key;
+                }
+                archived_on_disk.push(k);
+            }
+        }
+        Ok(KeyringFile { path: path.to_path_buf(), kdf: doc.kdf, kek, table, archived_on_disk })
     }
 
     /// Where the file lives.
@@ -212,11 +237,75 @@ impl KeyringFile {
         commit(&self.path, tmp, self.table.entries.iter().any(|e| e.state == KeyState::Retired))
     }
 
-    /// Saves atomically (write, fsync, backup, rename, fsync the directory).
-    pub fn save(&self) -> Result<(), FileKeyringError> {
-        let tmp = self.write_pending()?;
-        self.commit(&tmp)
+    /// Saves atomically (write, fsync, backup, rename, fsync the directory),
+    /// with the archive of retired keys beside it: material being archived
+    /// reaches the archive before it leaves the file, and leaves the archive
+    /// only after the file is saved.
+    pub fn save(&mut self) -> Result<(), FileKeyringError> {
+        let archived: Vec<StoredKey> = self.table.entries.iter().filter_map(|e| StoredKey::archived(e, |k| seal_key(&self.kek, k))).collect();
+        let render = |keys: &[StoredKey]| serde_json::to_vec_pretty(&Document { format: FORMAT.into(), kdf: self.kdf.clone(), keys: keys.to_vec() });
+        let main = || {
+            let tmp = self.write_pending()?;
+            self.commit(&tmp)
+        };
+        save_with_archive(&self.path, archived, &self.archived_on_disk, render, main)?;
+        self.archived_on_disk = self.table.entries.iter().filter_map(|e| StoredKey::archived(e, |k| seal_key(&self.kek, k))).collect();
+        Ok(())
     }
+}
+
+/// Saves a store file (`save_main`) and its archive of retired keys in the
+/// order that never loses material: the archive first gains what is being
+/// archived (keeping what it held), then the file is saved, then the archive
+/// drops what was restored or purged (removed when empty).
+pub fn save_with_archive(
+    path: &Path,
+    archived: Vec<StoredKey>,
+    on_disk: &[StoredKey],
+    render: impl Fn(&[StoredKey]) -> Result<Vec<u8>, serde_json::Error>,
+    save_main: impl FnOnce() -> Result<(), FileKeyringError>,
+) -> Result<(), FileKeyringError> {
+    let ids = |keys: &[StoredKey]| keys.iter().map(|k| k.id).collect::<std::collections::BTreeSet<_>>();
+    let mut superset = archived.clone();
+    superset.extend(on_disk.iter().filter(|k| !ids(&archived).contains(&k.id)).cloned());
+    if ids(&superset) != ids(on_disk) {
+        write_archive(path, &superset, &render)?;
+    }
+    save_main()?;
+    if ids(&archived) != ids(&superset) {
+        write_archive(path, &archived, &render)?;
+    }
+    Ok(())
+}
+
+/// Replaces `path`'s archive with `keys`, or removes it when there are none.
+fn write_archive(path: &Path, keys: &[StoredKey], render: &impl Fn(&[StoredKey]) -> Result<Vec<u8>, serde_json::Error>) -> Result<(), FileKeyringError> {
+    let archive = archive_path(path);
+    if keys.is_empty() {
+        return match fs::remove_file(&archive) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&archive)(e)),
+            _ => sync_dir(&archive),
+        };
+    }
+    let json = render(keys).map_err(|e| FileKeyringError::Malformed { path: archive.clone(), problem: e.to_string() })?;
+    let tmp = write_pending(&archive, &json)?;
+    fs::rename(&tmp, &archive).map_err(io(&archive))?;
+    sync_dir(&archive)
+}
+
+/// Where a store file keeps its retired keys: `<file>.archive`.
+pub fn archive_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".archive");
+    PathBuf::from(name)
+}
+
+/// Syncs the directory holding `path`, so a rename in it is durable.
+fn sync_dir(path: &Path) -> Result<(), FileKeyringError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+    }
+    Ok(())
 }
 
 /// Writes `bytes` beside `path` (owner-only, synced); returns the temporary path.
@@ -245,10 +334,7 @@ pub fn commit(path: &Path, tmp: &Path, scrub_backup: bool) -> Result<(), FileKey
     if scrub_backup {
         backup(path)?;
     }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
-    }
-    Ok(())
+    sync_dir(path)
 }
 
 /// Owner-only permissions for files holding sealed keys (Unix).

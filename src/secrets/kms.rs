@@ -17,7 +17,7 @@ use zeroize::Zeroizing;
 use super::spec::KeysSpec;
 use crate::secrets::file;
 use crate::crypto::keyring::{Key, KeyId, KEY_LEN};
-use crate::crypto::keytable::{KeyState, KeyTable, StoredKey};
+use crate::crypto::keytable::{Entry, KeyState, KeyTable, StoredKey};
 use crate::Error;
 
 /// Format tag of a KMS-wrapped keyring file.
@@ -47,6 +47,8 @@ pub struct KmsKeyring {
     wrapped: HashMap<KeyId, Vec<u8>>,
     /// The keys, unwrapped.
     pub table: KeyTable,
+    /// The keys in the archive file as last read or written.
+    archived_on_disk: Vec<StoredKey>,
 }
 
 impl std::fmt::Debug for KmsKeyring {
@@ -65,8 +67,25 @@ fn settings(keys: &KeysSpec) -> Result<(PathBuf, String), Error> {
     Ok((path, id))
 }
 
+/// Unwraps one stored key through KMS (none once purged), keeping its blob.
+async fn unwrap_key(client: &Client, kms_key_id: &str, path: &std::path::Path, k: &StoredKey, wrapped: &mut HashMap<KeyId, Vec<u8>>) -> Result<Option<Key>, Error> {
+    let Some(b64) = &k.material else { return Ok(None) };
+    let blob = B64.decode(b64).map_err(|_| Error::Config(format!("keyring file {}: key {} is not base64", path.display(), k.id)))?;
+    let out = client
+        .decrypt()
+        .ciphertext_blob(Blob::new(blob.clone()))
+        .key_id(kms_key_id)
+        .send()
+        .await
+        .map_err(|e| kms_err(&format!("unwrapping key {}", k.id), aws_sdk_kms::error::DisplayErrorContext(e)))?;
+    let plain = Zeroizing::new(out.plaintext().map(|p| p.as_ref().to_vec()).unwrap_or_default());
+    let material: [u8; KEY_LEN] = plain.as_slice().try_into().map_err(|_| Error::Config(format!("KMS unwrapped key {} to {} bytes, not 32", k.id, plain.len())))?;
+    wrapped.insert(k.id, blob);
+    Ok(Some(Key::new(k.id, material)))
+}
+
 impl KmsKeyring {
-    /// Opens the file and unwraps every key that is not retired.
+    /// Opens the file and unwraps every key, retired ones from its archive.
     pub async fn open(keys: &KeysSpec) -> Result<Self, Error> {
         let (path, kms_key_id) = settings(keys)?;
         let client = Client::new(&super::aws::sdk_config(keys).await);
@@ -86,26 +105,25 @@ impl KmsKeyring {
         let mut table = KeyTable::default();
         let mut wrapped = HashMap::new();
         for k in doc.keys {
-            let key = match &k.material {
-                None => None,
-                Some(b64) => {
-                    let blob = B64.decode(b64).map_err(|_| Error::Config(format!("keyring file {}: key {} is not base64", path.display(), k.id)))?;
-                    let out = client
-                        .decrypt()
-                        .ciphertext_blob(Blob::new(blob.clone()))
-                        .key_id(&doc.kms_key_id)
-                        .send()
-                        .await
-                        .map_err(|e| kms_err(&format!("unwrapping key {}", k.id), aws_sdk_kms::error::DisplayErrorContext(e)))?;
-                    let plain = Zeroizing::new(out.plaintext().map(|p| p.as_ref().to_vec()).unwrap_or_default());
-                    let material: [u8; KEY_LEN] = plain.as_slice().try_into().map_err(|_| Error::Config(format!("KMS unwrapped key {} to {} bytes, not 32", k.id, plain.len())))?;
-                    wrapped.insert(k.id, blob);
-                    Some(Key::new(k.id, material))
-                }
-            };
+            let key = unwrap_key(&client, &doc.kms_key_id, &path, &k, &mut wrapped).await?;
             table.entries.push(k.into_entry(key));
         }
-        Ok(KmsKeyring { path, kms_key_id: doc.kms_key_id, client, wrapped, table })
+        // retired keys' wrapped material, kept in the archive until purged
+        let archive = file::archive_path(&path);
+        let mut archived_on_disk = Vec::new();
+        if archive.exists() {
+            let text = std::fs::read_to_string(&archive).map_err(|e| Error::Config(format!("keyring archive {}: {e}", archive.display())))?;
+            let doc: Document = serde_json::from_str(&text)
+                .map_err(|e| Error::Config(format!("keyring archive {} is damaged (invalid JSON at line {} column {})", archive.display(), e.line(), e.column())))?;
+            for k in doc.keys {
+                let key = unwrap_key(&client, &kms_key_id, &archive, &k, &mut wrapped).await?;
+                if let Some(e) = table.entries.iter_mut().find(|e| e.id == k.id && e.state == KeyState::Retired && e.key.is_none()) {
+                    e.key = key;
+                }
+                archived_on_disk.push(k);
+            }
+        }
+        Ok(KmsKeyring { path, kms_key_id: doc.kms_key_id, client, wrapped, table, archived_on_disk })
     }
 
     /// Creates the file with `table`, wrapping each key with KMS.
@@ -115,7 +133,7 @@ impl KmsKeyring {
             return Err(Error::Config(format!("keyring file {} already exists; refusing to overwrite it", path.display())));
         }
         let client = Client::new(&super::aws::sdk_config(keys).await);
-        let mut ring = KmsKeyring { path, kms_key_id, client, wrapped: HashMap::new(), table };
+        let mut ring = KmsKeyring { path, kms_key_id, client, wrapped: HashMap::new(), table, archived_on_disk: Vec::new() };
         ring.save().await
     }
 
@@ -157,16 +175,18 @@ impl KmsKeyring {
                 self.wrapped.insert(e.id, out.ciphertext_blob().map(|b| b.as_ref().to_vec()).unwrap_or_default());
             }
         }
-        let keys = self
-            .table
-            .entries
-            .iter()
-            .map(|e| StoredKey::from_entry(e, |_| self.wrapped.get(&e.id).map(|b| B64.encode(b)).unwrap_or_default()))
-            .collect();
-        let doc = Document { format: FORMAT.into(), kms_key_id: self.kms_key_id.clone(), keys };
-        let json = serde_json::to_string_pretty(&doc).map_err(|e| Error::Runtime(e.to_string()))?;
-        let err = |e: file::FileKeyringError| Error::Runtime(e.to_string());
-        let tmp = file::write_pending(&self.path, json.as_bytes()).map_err(err)?;
-        file::commit(&self.path, &tmp, self.table.entries.iter().any(|e| e.state == KeyState::Retired)).map_err(err)
+        let wrapped = |e: &Entry| self.wrapped.get(&e.id).map(|b| B64.encode(b)).unwrap_or_default();
+        let keys = self.table.entries.iter().map(|e| StoredKey::from_entry(e, |_| wrapped(e))).collect();
+        let archived: Vec<StoredKey> = self.table.entries.iter().filter_map(|e| StoredKey::archived(e, |_| wrapped(e))).collect();
+        let doc = |keys: Vec<StoredKey>| Document { format: FORMAT.into(), kms_key_id: self.kms_key_id.clone(), keys };
+        let json = serde_json::to_string_pretty(&doc(keys)).map_err(|e| Error::Runtime(e.to_string()))?;
+        let main = || {
+            let tmp = file::write_pending(&self.path, json.as_bytes())?;
+            file::commit(&self.path, &tmp, self.table.entries.iter().any(|e| e.state == KeyState::Retired))
+        };
+        let render = |keys: &[StoredKey]| serde_json::to_vec_pretty(&doc(keys.to_vec()));
+        file::save_with_archive(&self.path, archived.clone(), &self.archived_on_disk, render, main).map_err(|e| Error::Runtime(e.to_string()))?;
+        self.archived_on_disk = archived;
+        Ok(())
     }
 }

@@ -19,7 +19,7 @@ use std::io::IsTerminal;
 
 use crate::crypto::keyring::{encode_key, env, tink, Key, KeyEncoding, KeyId, Keyring};
 use file::KeyringFile;
-use crate::crypto::keytable::{Entry, KeyState, KeyTable};
+use crate::crypto::keytable::{now, rfc3339, Entry, KeyState, KeyTable};
 use crate::Error;
 
 /// Keys from the environment, as a table, with the table they were read as.
@@ -53,6 +53,11 @@ pub fn open_file(keys: &KeysSpec) -> Result<KeyringFile, Error> {
     let pass = std::env::var(var).map_err(|_| Error::Config(format!("keyring file {} needs its passphrase in {var}", path.display())))?;
     KeyringFile::open(path, pass.as_bytes(), var).map_err(|e| Error::Config(e.to_string()))
 }
+
+/// How long a retired key's material stays in its store's archive before a
+/// save destroys it (`rekey secrets purge` destroys it sooner; a retire for
+/// a compromised key, at once).
+pub const ARCHIVE_RETENTION: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
 
 /// Loads the keyring a `[keys]` section names, for a run: every source,
 /// and both environment conventions (versioned, and current + new).
@@ -183,6 +188,31 @@ impl Store {
         }
     }
 
+    /// Fetches a retired key's material from the store's archive into the
+    /// table where the table does not hold it (Secrets Manager keeps it in
+    /// former versions); false when the archive does not have it either.
+    pub async fn fetch_archived(&mut self, id: KeyId) -> Result<bool, Error> {
+        let held = self.table().entries.iter().any(|e| e.id == id && e.key.is_some());
+        if held {
+            return Ok(true);
+        }
+        let found = match self {
+            Store::Aws(a) => a.archived_key(id).await?,
+            Store::Env(_) | Store::File(_) | Store::Kms(_) => None,
+        };
+        let Some(key) = found else { return Ok(false) };
+        if let Some(e) = self.table_mut().entries.iter_mut().find(|e| e.id == id) {
+            e.key = Some(key);
+        }
+        Ok(true)
+    }
+
+    /// Whether the store's archive can destroy a retired key's material (a
+    /// Secrets Manager secret cannot delete one of its former versions).
+    pub fn can_purge(&self) -> bool {
+        matches!(self, Store::File(_) | Store::Kms(_))
+    }
+
     /// Whether rekey itself can write this store.
     pub fn writable(&self) -> bool {
         matches!(self, Store::File(_) | Store::Aws(_) | Store::Kms(_))
@@ -192,6 +222,11 @@ impl Store {
     /// the operator must make instead (empty when nothing is left to do).
     /// Key values are shown only with `reveal` and stdout on a terminal.
     pub async fn save(&mut self, reveal: bool) -> Result<Vec<String>, Error> {
+        let cutoff = now().saturating_sub(ARCHIVE_RETENTION.as_secs());
+        let expired = self.table_mut().purge_retired_before(cutoff);
+        if !expired.is_empty() {
+            tracing::info!("destroyed the archived material of keys {expired:?}: retired more than {} ago", humantime::format_duration(ARCHIVE_RETENTION));
+        }
         match self {
             Store::Aws(a) => {
                 a.save().await?;
@@ -230,7 +265,11 @@ impl EnvStore {
                     out.push(format!("unset {p}_PENDING_VERSION"));
                 }
                 (Some(b), KeyState::Current) if b != KeyState::Current => out.push(format!("export {p}_CURRENT_VERSION={}", e.id)),
-                (Some(b), KeyState::Retired) if b != KeyState::Retired => out.push(format!("unset {p}_KEY_V{}", e.id)),
+                (Some(b), KeyState::Retired) if b != KeyState::Retired => out.push(format!(
+                    "unset {p}_KEY_V{}   # rekey cannot archive environment keys: keep its value where you keep secrets until {}, in case a value under it turns up",
+                    e.id,
+                    rfc3339(now() + ARCHIVE_RETENTION.as_secs())
+                )),
                 (Some(KeyState::Pending), KeyState::Previous) => out.push(format!("unset {p}_PENDING_VERSION   # key {} stays, to read what was rewritten under it", e.id)),
                 _ => {}
             }

@@ -288,3 +288,17 @@ pub async fn finish_job(client: &Client, job_id: i64, summary: &serde_json::Valu
         )
     }))
 }
+
+/// The latest job of this name that was not abandoned: its id, spec hash
+/// and the key ids and fingerprints it ran with; `None` before any run
+/// (or before rekey's schema exists).
+pub async fn last_job_keys(client: &Client, name: &str) -> Result<Option<(i64, String, serde_json::Value)>, Error> {
+    if !super::schema_exists(client).await? {
+        return Ok(None);
+    }
+    Ok(client
+        .query_opt("SELECT job_id, spec_hash, keys FROM rekey.jobs WHERE name = $1 AND state <> 'abandoned' ORDER BY job_id DESC LIMIT 1", &[&name])
+        .await
+        .ctx(|| format!("reading the keys job {name:?} ran with"))?
+        .map(|r| (r.get(0), r.get(1), r.get(2))))
+}

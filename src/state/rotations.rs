@@ -94,7 +94,7 @@ pub struct NewRotation<'a> {
 pub async fn open_rotation(client: &Client, name: &str) -> Result<Option<Rotation>, Error> {
     let row = client
         .query_opt(
-            "SELECT rotation_id, step, old_key, new_key, grace_s, extract(epoch FROM promoted_at)::bigint, new_fingerprint
+            "SELECT rotation_id, step, old_key, new_key, grace_s, floor(extract(epoch FROM promoted_at))::bigint, new_fingerprint
                FROM rekey.rotations WHERE job_name = $1 AND step NOT IN ('retired', 'rolled_back')",
             &[&name],
         )

@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod archive;
 mod aws;
 mod completeness;
 mod config;
