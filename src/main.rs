@@ -8,7 +8,7 @@ fn main() -> ExitCode {
     // Key material must not end up in a core file.
     rekey::crypto::keyring::forbid_core_dumps();
     let cli = rekey::cli::args::Cli::parse();
-    rekey::observe::metrics::init_logging(cli.log_format);
+    rekey::observe::logging::init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

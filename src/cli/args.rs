@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::crypto::keyring::KeyEncoding;
-use crate::observe::metrics::LogFormat;
+use crate::observe::logging::LogFormat;
 
 /// Rotates the key under encrypted columns in PostgreSQL.
 #[derive(Debug, Parser)]

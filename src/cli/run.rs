@@ -18,7 +18,8 @@ use crate::engine::rewrite::{rewrite, stale_rows, RunControl};
 use crate::engine::{plan, verify};
 use crate::job::Job;
 use crate::observe::counts::{Counts, LiveCounts};
-use crate::observe::metrics::{self, RunState};
+use crate::observe::events::{self, RunState};
+use crate::observe::metrics;
 use crate::observe::progress::Progress;
 use crate::state;
 use crate::Error;
@@ -228,6 +229,6 @@ fn ended(args: &RunArgs, job: &Job, ran: &Ran) -> u8 {
     } else {
         (RunState::Done, 0)
     };
-    metrics::RunFinished { job: &job.name, state, seconds: ran.elapsed }.emit();
+    events::RunFinished { job: &job.name, state, seconds: ran.elapsed }.emit();
     code
 }

@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use crate::engine::sink::{AfterReconnect, Batch, Commit, Writer, Written};
 use crate::error::Retry;
 use crate::observe::counts::Counts;
-use crate::observe::metrics;
+use crate::observe::events;
 use crate::state::{Control, RangeState};
 use crate::Error;
 
@@ -80,7 +80,7 @@ pub(super) async fn commit(shared: &Shared, writer: &mut Writer, state: &RangeSt
         }
         let wait = backoff(failed.max(1));
         let message = format!("{}{}", error.chain(), if halves { "; retrying in halves" } else { "" });
-        metrics::BatchRetried { table: &target.table.to_string(), attempt: failed, error: &message, rows: b.rows.len(), wait_seconds: if halves { 0.0 } else { wait.as_secs_f64() } }.emit();
+        events::BatchRetried { table: &target.table.to_string(), attempt: failed, error: &message, rows: b.rows.len(), wait_seconds: if halves { 0.0 } else { wait.as_secs_f64() } }.emit();
         match how {
             Retry::Smaller if halves => {
                 shared.sizer.shrink();

@@ -23,7 +23,7 @@ use crate::db::KeyBytes;
 use crate::engine::sql;
 use crate::observe::counts::Counts;
 use crate::engine::transform::{self, Cell};
-use crate::observe::metrics::{self, LeaseChange};
+use crate::observe::events::{self, LeaseChange};
 use crate::Error;
 
 /// One value that could not be decrypted, as reported (never the value itself).
@@ -328,7 +328,7 @@ async fn checkpoint(tx: &Transaction<'_>, job_id: i64, owner: Option<&str>, targ
             let lease = owner.zip(batch.lease).map(|(owner, generation)| state::Lease { owner, generation });
             let Some(word) = state::record_batch(tx, job_id, state, lease, batch.last_key.as_ref(), batch.end, counts).await.ctx(what)? else {
                 let owner = owner.unwrap_or("");
-                metrics::LeaseChanged { kind: LeaseChange::Lost, table: &target.table.to_string(), range_no: state.range_no, owner }.emit();
+                events::LeaseChanged { kind: LeaseChange::Lost, table: &target.table.to_string(), range_no: state.range_no, owner }.emit();
                 return Err(Error::LeaseLost(format!(
                     "range {} of {} was taken over by another rekey process (this one stopped renewing its lease); \
                      the batch was rolled back, nothing of it was written",

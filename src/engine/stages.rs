@@ -17,7 +17,7 @@ use crate::engine::source::{self, Source};
 use crate::engine::transform::{self, Cell};
 use crate::job::Job;
 use crate::observe::counts::Counts;
-use crate::observe::metrics;
+use crate::observe::events;
 use crate::state::Control;
 use crate::Error;
 
@@ -151,7 +151,7 @@ pub(super) async fn write(shared: Arc<Shared>, mut writer: Option<Writer>, looku
         };
         shared.note_quarantined(&failures);
         let took = started.elapsed();
-        metrics::BatchCommitted { table: &target.table.to_string(), target: target.index, counts: &counts, seconds: took.as_secs_f64(), rows }.emit();
+        events::BatchCommitted { table: &target.table.to_string(), target: target.index, counts: &counts, seconds: took.as_secs_f64(), rows }.emit();
         shared.sizer.committed(rows, took);
         let _ = outcome.batch_micros.record(took.as_micros().max(1) as u64);
         if rows > 0 {

@@ -10,7 +10,7 @@ use tokio_postgres::Client;
 
 use crate::control::monitor::{Monitor, Verdict};
 use crate::db::Database;
-use crate::observe::metrics;
+use crate::observe::events;
 use crate::state;
 
 use super::pipeline::backend_pid;
@@ -44,7 +44,7 @@ pub(super) fn apply(shared: &Shared, verdict: Verdict) {
     if shared.hold.set(reason.clone()) {
         shared.progress.set_hold(reason.as_deref());
         let previous = shared.hold_kind.lock().ok().and_then(|mut last| std::mem::replace(&mut *last, kind));
-        metrics::ThrottleChanged { reason: kind, previous, detail: reason.as_deref() }.emit();
+        events::ThrottleChanged { reason: kind, previous, detail: reason.as_deref() }.emit();
     }
 }
 
@@ -82,7 +82,7 @@ pub(super) async fn watch(shared: Arc<Shared>, db: Database, mut conn: Client, m
         };
         apply(&shared, verdict);
         for (stage, n) in [("to_transform", &shared.queued.to_transform), ("to_sink", &shared.queued.to_sink)] {
-            metrics::QueueDepth { stage, depth: usize::try_from(n.load(Ordering::Relaxed)).unwrap_or(0) }.emit();
+            events::QueueDepth { stage, depth: usize::try_from(n.load(Ordering::Relaxed)).unwrap_or(0) }.emit();
         }
     }
 }

@@ -18,7 +18,7 @@ use crate::engine::source::Source;
 use crate::error::Retry;
 use crate::job::Job;
 use crate::observe::counts::LiveCounts;
-use crate::observe::metrics::{self, LeaseChange};
+use crate::observe::events::{self, LeaseChange};
 use crate::observe::progress::Progress;
 use crate::state::{self, Claim, RangeState};
 use crate::Error;
@@ -137,14 +137,14 @@ impl Shared {
     pub(super) fn note_quarantined(&self, failures: &[Failure]) {
         let Ok(mut seen) = self.quarantined.lock() else { return };
         for f in failures {
-            metrics::ValueQuarantined { table: &f.table, column: &f.column, key: &f.key, error: f.error }.emit();
+            events::ValueQuarantined { table: &f.table, column: &f.column, key: &f.key, error: f.error }.emit();
             let (count, keys) = seen.entry((f.table.clone(), f.column.clone(), f.error)).or_default();
             *count += 1;
             if keys.len() < QUARANTINE_EXAMPLES {
                 keys.push(f.key.clone());
             }
             if *count == 1 {
-                metrics::QuarantineSummary { table: &f.table, column: &f.column, error: f.error, count: 1, first_keys: keys, finished: false }.emit();
+                events::QuarantineSummary { table: &f.table, column: &f.column, error: f.error, count: 1, first_keys: keys, finished: false }.emit();
             }
         }
     }
@@ -153,7 +153,7 @@ impl Shared {
     pub(super) fn sum_up_quarantine(&self) {
         let Ok(seen) = self.quarantined.lock() else { return };
         for ((table, column, error), (count, keys)) in seen.iter() {
-            metrics::QuarantineSummary { table, column, error, count: *count, first_keys: keys, finished: true }.emit();
+            events::QuarantineSummary { table, column, error, count: *count, first_keys: keys, finished: true }.emit();
         }
     }
 
@@ -209,9 +209,9 @@ impl Shared {
                     let table = self.job.targets[state.target].table.to_string();
                     if let Some(from) = from {
                         self.taken_over.fetch_add(1, Ordering::Relaxed);
-                        metrics::LeaseChanged { kind: LeaseChange::TakenOver, table: &table, range_no: state.range_no, owner: &from }.emit();
+                        events::LeaseChanged { kind: LeaseChange::TakenOver, table: &table, range_no: state.range_no, owner: &from }.emit();
                     } else {
-                        metrics::LeaseChanged { kind: LeaseChange::Taken, table: &table, range_no: state.range_no, owner }.emit();
+                        events::LeaseChanged { kind: LeaseChange::Taken, table: &table, range_no: state.range_no, owner }.emit();
                     }
                     return Ok(Some((i, state.start().cloned(), Some(generation))));
                 }

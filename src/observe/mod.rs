@@ -3,5 +3,7 @@
 //! but the error type.
 
 pub mod counts;
+pub mod events;
+pub mod logging;
 pub mod metrics;
 pub mod progress;

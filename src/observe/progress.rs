@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::observe::metrics::ProgressSampled;
+use crate::observe::events::ProgressSampled;
 use crate::observe::counts::Counts;
 
 /// How often a non-terminal stderr gets a progress line.
