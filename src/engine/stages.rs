@@ -146,7 +146,7 @@ pub(super) async fn write(shared: Arc<Shared>, mut writer: Option<Writer>, looku
                 }
                 (written.counts, written.failures)
             }
-            (None, Some(client)) => (tally(target, &batch, &mut outcome), sink::describe_failures(client, target, &batch).await?),
+            (None, Some(client)) => (tally(target, &batch, &mut outcome), sink::record::describe_failures(client, target, &batch).await?),
             (None, None) => return Err(Error::Runtime("a sink has neither a writer nor a lookup connection".into())),
         };
         shared.note_quarantined(&failures);

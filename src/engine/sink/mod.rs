@@ -5,16 +5,15 @@
 //! the row still holds exactly what was read (compare-and-swap), the
 //! quarantine rows, and the batch's checkpoint; then COMMIT. A row changed by
 //! the application in between is left alone and counted as a conflict.
+//! [`swap`] stages and swaps the values and checks what landed; [`record`]
+//! counts every value and records what did not open or did not land.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use serde::Serialize;
-use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row, Statement, Transaction};
 
-use crate::db::binary_copy::CopyBuffer;
 use crate::state::{self, Control, RangeState};
-use crate::db::raw::{self, params};
 use crate::db::session::Timeouts;
 use crate::db::Database;
 use crate::error::DbContext;
@@ -25,6 +24,12 @@ use crate::observe::counts::Counts;
 use crate::engine::transform::{self, Cell};
 use crate::observe::events::{self, LeaseChange};
 use crate::Error;
+
+pub mod record;
+pub mod swap;
+
+use record::{record_not_rotated, tally_and_quarantine};
+use swap::{swap, Swapped};
 
 /// One value that could not be decrypted, as reported (never the value itself).
 #[derive(Debug, Clone, Serialize)]
@@ -65,52 +70,17 @@ pub enum Commit<'a> {
 }
 
 /// Per-target prepared statements of a writer connection.
-struct Prepared {
+pub(super) struct Prepared {
     /// The compare-and-swap UPDATE, bounded by the batch's key range.
-    update: Statement,
+    pub(super) update: Statement,
     /// The same without key bounds (conflict re-reads are not contiguous).
-    update_any: Statement,
+    pub(super) update_any: Statement,
     /// The quarantine INSERT.
-    quarantine: Statement,
+    pub(super) quarantine: Statement,
     /// Where each staged row stands after the UPDATE (run when not every row landed).
-    outcome: Statement,
+    pub(super) outcome: Statement,
     /// The not-rotated INSERT.
-    not_rotated: Statement,
-}
-
-/// Why a value was not rotated: the database refused or undid rekey's write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NotRotated {
-    /// The row still held what was read but the UPDATE left it alone: a
-    /// trigger returned NULL, a row-level security policy or a rule.
-    WriteRefused,
-    /// The UPDATE ran, but the stored value is not what rekey wrote: a
-    /// BEFORE trigger changed it.
-    WriteUndone,
-}
-
-impl NotRotated {
-    /// The word stored in `rekey.not_rotated.reason`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            NotRotated::WriteRefused => "write_refused",
-            NotRotated::WriteUndone => "write_undone",
-        }
-    }
-}
-
-/// What the compare-and-swap found for the rows it staged.
-#[derive(Debug, Default)]
-struct Swapped {
-    /// Rows someone changed or deleted since they were read, or (on the
-    /// first try) whose write was refused or undone: re-read later.
-    conflicted: HashSet<KeyBytes>,
-    /// (row, column) of values whose write was refused or undone again on a
-    /// re-read: not rotated.
-    not_rotated: HashMap<(usize, usize), NotRotated>,
-    /// (row, column) of values that landed in rows that are re-read for
-    /// their other values.
-    landed_in_conflicted: HashSet<(usize, usize)>,
+    pub(super) not_rotated: Statement,
 }
 
 /// What a committed batch did.
@@ -262,63 +232,6 @@ impl Writer {
     }
 }
 
-/// Counts every value of the batch by what became of it, and records the
-/// ones that did not open in `rekey.quarantine`.
-async fn tally_and_quarantine(
-    tx: &Transaction<'_>,
-    p: &Prepared,
-    job_id: i64,
-    target: &Target,
-    batch: &Batch,
-    swapped: &Swapped,
-    counts: &mut Counts,
-) -> Result<Vec<Failure>, tokio_postgres::Error> {
-    let ncols = target.columns.len();
-    let mut failures = Vec::new();
-    for (r, row) in batch.rows.iter().enumerate() {
-        let row_conflicted = !swapped.conflicted.is_empty() && swapped.conflicted.contains(&target.row_key(row));
-        for (c, cell) in batch.cells[r * ncols..(r + 1) * ncols].iter().enumerate() {
-            match cell {
-                Cell::Rewritten(_) if swapped.not_rotated.contains_key(&(r, c)) => counts.values_not_rotated += 1,
-                Cell::Rewritten(_) if !row_conflicted || swapped.landed_in_conflicted.contains(&(r, c)) => counts.values_rewritten += 1,
-                Cell::Rewritten(_) | Cell::Opened(..) => {}
-                Cell::Null | Cell::Current => counts.values_skipped += 1,
-                Cell::Failed(e) => {
-                    counts.values_failed += 1;
-                    let key = target.row_key(row);
-                    let pk: Vec<&[u8]> = key.iter().map(|k| k.as_slice()).collect();
-                    let table = target.table.to_string();
-                    let column = &target.columns[c].name;
-                    let kind = e.kind();
-                    let keyp = target.key_params(row);
-                    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&job_id, &table, column, &pk, &kind];
-                    params.extend(raw::params(&keyp));
-                    let key_text: Option<String> = tx.query_one(&p.quarantine, &params).await?.get(0);
-                    failures.push(Failure { table, column: column.clone(), key: key_text.unwrap_or_default(), error: kind });
-                }
-            }
-        }
-    }
-    Ok(failures)
-}
-
-/// Records the values whose write was refused or undone on a re-read in
-/// `rekey.not_rotated`.
-async fn record_not_rotated(tx: &Transaction<'_>, p: &Prepared, job_id: i64, target: &Target, batch: &Batch, swapped: &Swapped) -> Result<(), tokio_postgres::Error> {
-    let (target_no, table) = (target.index as i32, target.table.to_string());
-    for (&(r, c), reason) in &swapped.not_rotated {
-        let row = &batch.rows[r];
-        let key = target.row_key(row);
-        let pk: Vec<&[u8]> = key.iter().map(|k| k.as_slice()).collect();
-        let keyp = target.key_params(row);
-        let reason = reason.as_str();
-        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&job_id, &target_no, &table, &target.columns[c].name, &pk, &reason];
-        params.extend(raw::params(&keyp));
-        tx.execute(&p.not_rotated, &params).await?;
-    }
-    Ok(())
-}
-
 /// Moves the range's checkpoint (or counts a conflict re-read) in the
 /// batch's transaction; returns the job's live control as of now.
 async fn checkpoint(tx: &Transaction<'_>, job_id: i64, owner: Option<&str>, target: &Target, commit: Commit<'_>, batch: &Batch, counts: &Counts) -> Result<Control, Error> {
@@ -344,118 +257,6 @@ async fn checkpoint(tx: &Transaction<'_>, job_id: i64, owner: Option<&str>, targ
     }
 }
 
-/// Stages the batch's new values with binary COPY and swaps them in where
-/// each row still holds what was read (compare-and-swap), then checks that
-/// what is stored is what was written. A row whose value did not land is
-/// re-read later (a conflict); on a re-read, a value whose write the
-/// database refuses or undoes again is not rotated.
-async fn swap(
-    tx: &Transaction<'_>,
-    p: &Prepared,
-    target: &Target,
-    commit: Commit<'_>,
-    batch: &Batch,
-    staged: &[usize],
-    counts: &mut Counts,
-) -> Result<Swapped, tokio_postgres::Error> {
-    let ncols = target.columns.len();
-    let mut buf = CopyBuffer::with_capacity(staged.len() * 160);
-    let fields = (target.key.len() + 2 * ncols) as i16;
-    for &r in staged {
-        let row = &batch.rows[r];
-        buf.row(fields);
-        for k in raw::leading(row, target.key.len()) {
-            buf.field(Some(k));
-        }
-        for (c, cell) in batch.cells[r * ncols..(r + 1) * ncols].iter().enumerate() {
-            buf.field(transform::value(target, row, c));
-            buf.field(match cell {
-                Cell::Rewritten(v) => Some(v),
-                _ => None,
-            });
-        }
-    }
-    let copy = tx.copy_in::<_, bytes::Bytes>(&sql::copy_stage(target)).await?;
-    futures_util::pin_mut!(copy);
-    futures_util::SinkExt::send(&mut copy, buf.finish()).await?;
-    copy.finish().await?;
-
-    let answer = match (commit, staged.first(), staged.last()) {
-        (Commit::Range(_), Some(&first), Some(&last)) => {
-            let lo = target.key_params(&batch.rows[first]);
-            let hi = target.key_params(&batch.rows[last]);
-            let mut params = params(&lo);
-            params.extend(raw::params(&hi));
-            tx.query_one(&p.update, &params).await?
-        }
-        _ => tx.query_one(&p.update_any, &[]).await?,
-    };
-    let landed = answer.get::<_, i64>(1) as u64;
-    counts.rows_rewritten = landed;
-    if landed == staged.len() as u64 {
-        return Ok(Swapped::default());
-    }
-    let retry = matches!(commit, Commit::Retry(_));
-    let outcomes = staged_outcomes(tx, p, target).await?;
-    let mut swapped = Swapped::default();
-    counts.rows_rewritten = 0;
-    for &r in staged {
-        let row = &batch.rows[r];
-        let key = target.row_key(row);
-        let rewritten: Vec<usize> = (0..ncols).filter(|&c| matches!(batch.cells[r * ncols + c], Cell::Rewritten(_))).collect();
-        let Some(o) = outcomes.get(&key) else {
-            // deleted meanwhile: the re-read finds nothing left to rotate
-            swapped.conflicted.insert(key);
-            continue;
-        };
-        let unlanded: Vec<usize> = rewritten.iter().copied().filter(|&c| !o.landed[c]).collect();
-        if rewritten.iter().any(|&c| o.landed[c]) {
-            counts.rows_rewritten += 1;
-        }
-        if unlanded.is_empty() {
-            continue;
-        }
-        let refusal = if o.touched {
-            Some(NotRotated::WriteUndone)
-        } else if o.as_read {
-            Some(NotRotated::WriteRefused)
-        } else {
-            None // the application changed it
-        };
-        match refusal {
-            Some(reason) if retry => swapped.not_rotated.extend(unlanded.iter().map(|&c| ((r, c), reason))),
-            _ => {
-                swapped.landed_in_conflicted.extend(rewritten.iter().copied().filter(|&c| o.landed[c]).map(|c| (r, c)));
-                swapped.conflicted.insert(key);
-            }
-        }
-    }
-    counts.conflicts = swapped.conflicted.len() as u64;
-    Ok(swapped)
-}
-
-/// Where one staged row stands after the UPDATE.
-struct StagedOutcome {
-    /// This transaction updated it.
-    touched: bool,
-    /// It still holds every value as it was read.
-    as_read: bool,
-    /// Per encrypted column: it holds what rekey wrote.
-    landed: Vec<bool>,
-}
-
-/// Where each staged row still in the table stands, by key.
-async fn staged_outcomes(tx: &Transaction<'_>, p: &Prepared, target: &Target) -> Result<HashMap<KeyBytes, StagedOutcome>, tokio_postgres::Error> {
-    let nkeys = target.key.len();
-    let mut out = HashMap::new();
-    for row in tx.query(&p.outcome, &[]).await? {
-        let landed = (0..target.columns.len()).map(|c| row.try_get(nkeys + 2 + c)).collect::<Result<_, _>>()?;
-        let o = StagedOutcome { touched: row.try_get(nkeys)?, as_read: row.try_get(nkeys + 1)?, landed };
-        out.insert(raw::key_of(&row, nkeys), o);
-    }
-    Ok(out)
-}
-
 /// The error for a key that has used up its random nonces (README, Guarantees 7).
 pub fn nonce_budget_spent(target: &Target, used: i64, what: &str) -> Error {
     Error::Config(format!(
@@ -463,32 +264,4 @@ pub fn nonce_budget_spent(target: &Target, used: i64, what: &str) -> Error {
          (NIST SP 800-38D); stage a new key and rotate to it instead (rekey.key_usage counts per key fingerprint)",
         target.target_label()
     ))
-}
-
-/// Looks up the text form of failed values' keys for reports, writing nothing
-/// (`--dry-run` and `verify`).
-pub async fn describe_failures(client: &Client, target: &Target, batch: &Batch) -> Result<Vec<Failure>, Error> {
-    let ncols = target.columns.len();
-    let mut out = Vec::new();
-    let mut stmt = None;
-    for (r, row) in batch.rows.iter().enumerate() {
-        for (c, cell) in batch.cells[r * ncols..(r + 1) * ncols].iter().enumerate() {
-            if let Cell::Failed(e) = cell {
-                let what = || format!("describing a failed value of {}", target.table);
-                if stmt.is_none() {
-                    stmt = Some(client.prepare(&sql::key_text(target)).await.ctx(what)?);
-                }
-                let Some(s) = &stmt else { continue };
-                let keyp = target.key_params(row);
-                let key: Option<String> = client.query_opt(s, &params(&keyp)).await.ctx(what)?.map(|r| r.get(0));
-                out.push(Failure {
-                    table: target.table.to_string(),
-                    column: target.columns[c].name.clone(),
-                    key: key.unwrap_or_default(),
-                    error: e.kind(),
-                });
-            }
-        }
-    }
-    Ok(out)
 }

@@ -1,0 +1,103 @@
+//! What a batch did to each value, counted; values that did not decrypt go
+//! to `rekey.quarantine`, values the database would not take to
+//! `rekey.not_rotated` (never the value itself in either).
+
+
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Transaction};
+
+use crate::db::raw::{self, params};
+use crate::error::DbContext;
+use crate::job::Target;
+use crate::engine::sql;
+use crate::observe::counts::Counts;
+use crate::engine::transform::Cell;
+use crate::Error;
+
+use super::swap::Swapped;
+use super::{Batch, Failure, Prepared};
+
+/// Counts every value of the batch by what became of it, and records the
+/// ones that did not open in `rekey.quarantine`.
+pub(super) async fn tally_and_quarantine(
+    tx: &Transaction<'_>,
+    p: &Prepared,
+    job_id: i64,
+    target: &Target,
+    batch: &Batch,
+    swapped: &Swapped,
+    counts: &mut Counts,
+) -> Result<Vec<Failure>, tokio_postgres::Error> {
+    let ncols = target.columns.len();
+    let mut failures = Vec::new();
+    for (r, row) in batch.rows.iter().enumerate() {
+        let row_conflicted = !swapped.conflicted.is_empty() && swapped.conflicted.contains(&target.row_key(row));
+        for (c, cell) in batch.cells[r * ncols..(r + 1) * ncols].iter().enumerate() {
+            match cell {
+                Cell::Rewritten(_) if swapped.not_rotated.contains_key(&(r, c)) => counts.values_not_rotated += 1,
+                Cell::Rewritten(_) if !row_conflicted || swapped.landed_in_conflicted.contains(&(r, c)) => counts.values_rewritten += 1,
+                Cell::Rewritten(_) | Cell::Opened(..) => {}
+                Cell::Null | Cell::Current => counts.values_skipped += 1,
+                Cell::Failed(e) => {
+                    counts.values_failed += 1;
+                    let key = target.row_key(row);
+                    let pk: Vec<&[u8]> = key.iter().map(|k| k.as_slice()).collect();
+                    let table = target.table.to_string();
+                    let column = &target.columns[c].name;
+                    let kind = e.kind();
+                    let keyp = target.key_params(row);
+                    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&job_id, &table, column, &pk, &kind];
+                    params.extend(raw::params(&keyp));
+                    let key_text: Option<String> = tx.query_one(&p.quarantine, &params).await?.get(0);
+                    failures.push(Failure { table, column: column.clone(), key: key_text.unwrap_or_default(), error: kind });
+                }
+            }
+        }
+    }
+    Ok(failures)
+}
+
+/// Records the values whose write was refused or undone on a re-read in
+/// `rekey.not_rotated`.
+pub(super) async fn record_not_rotated(tx: &Transaction<'_>, p: &Prepared, job_id: i64, target: &Target, batch: &Batch, swapped: &Swapped) -> Result<(), tokio_postgres::Error> {
+    let (target_no, table) = (target.index as i32, target.table.to_string());
+    for (&(r, c), reason) in &swapped.not_rotated {
+        let row = &batch.rows[r];
+        let key = target.row_key(row);
+        let pk: Vec<&[u8]> = key.iter().map(|k| k.as_slice()).collect();
+        let keyp = target.key_params(row);
+        let reason = reason.as_str();
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&job_id, &target_no, &table, &target.columns[c].name, &pk, &reason];
+        params.extend(raw::params(&keyp));
+        tx.execute(&p.not_rotated, &params).await?;
+    }
+    Ok(())
+}
+
+/// Looks up the text form of failed values' keys for reports, writing nothing
+/// (`--dry-run` and `verify`).
+pub async fn describe_failures(client: &Client, target: &Target, batch: &Batch) -> Result<Vec<Failure>, Error> {
+    let ncols = target.columns.len();
+    let mut out = Vec::new();
+    let mut stmt = None;
+    for (r, row) in batch.rows.iter().enumerate() {
+        for (c, cell) in batch.cells[r * ncols..(r + 1) * ncols].iter().enumerate() {
+            if let Cell::Failed(e) = cell {
+                let what = || format!("describing a failed value of {}", target.table);
+                if stmt.is_none() {
+                    stmt = Some(client.prepare(&sql::key_text(target)).await.ctx(what)?);
+                }
+                let Some(s) = &stmt else { continue };
+                let keyp = target.key_params(row);
+                let key: Option<String> = client.query_opt(s, &params(&keyp)).await.ctx(what)?.map(|r| r.get(0));
+                out.push(Failure {
+                    table: target.table.to_string(),
+                    column: target.columns[c].name.clone(),
+                    key: key.unwrap_or_default(),
+                    error: e.kind(),
+                });
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,166 @@
+//! The compare-and-swap write of a batch: binary COPY into the stage table,
+//! one UPDATE that swaps a row's values only where it still holds what was
+//! read, then a check of what landed. A row whose values did not land is
+//! re-read later; on a re-read, a value the database refuses or undoes again
+//! is not rotated.
+
+use std::collections::{HashMap, HashSet};
+
+use tokio_postgres::Transaction;
+
+use crate::db::binary_copy::CopyBuffer;
+use crate::db::raw::{self, params};
+use crate::job::Target;
+use crate::db::KeyBytes;
+use crate::engine::sql;
+use crate::observe::counts::Counts;
+use crate::engine::transform::{self, Cell};
+
+use super::{Batch, Commit, Prepared};
+
+/// Why a value was not rotated: the database refused or undid rekey's write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotRotated {
+    /// The row still held what was read but the UPDATE left it alone: a
+    /// trigger returned NULL, a row-level security policy or a rule.
+    WriteRefused,
+    /// The UPDATE ran, but the stored value is not what rekey wrote: a
+    /// BEFORE trigger changed it.
+    WriteUndone,
+}
+
+impl NotRotated {
+    /// The word stored in `rekey.not_rotated.reason`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotRotated::WriteRefused => "write_refused",
+            NotRotated::WriteUndone => "write_undone",
+        }
+    }
+}
+
+/// What the compare-and-swap found for the rows it staged.
+#[derive(Debug, Default)]
+pub(super) struct Swapped {
+    /// Rows someone changed or deleted since they were read, or (on the
+    /// first try) whose write was refused or undone: re-read later.
+    pub(super) conflicted: HashSet<KeyBytes>,
+    /// (row, column) of values whose write was refused or undone again on a
+    /// re-read: not rotated.
+    pub(super) not_rotated: HashMap<(usize, usize), NotRotated>,
+    /// (row, column) of values that landed in rows that are re-read for
+    /// their other values.
+    pub(super) landed_in_conflicted: HashSet<(usize, usize)>,
+}
+
+/// Stages the batch's new values with binary COPY and swaps them in where
+/// each row still holds what was read (compare-and-swap), then checks that
+/// what is stored is what was written. A row whose value did not land is
+/// re-read later (a conflict); on a re-read, a value whose write the
+/// database refuses or undoes again is not rotated.
+pub(super) async fn swap(
+    tx: &Transaction<'_>,
+    p: &Prepared,
+    target: &Target,
+    commit: Commit<'_>,
+    batch: &Batch,
+    staged: &[usize],
+    counts: &mut Counts,
+) -> Result<Swapped, tokio_postgres::Error> {
+    let ncols = target.columns.len();
+    let mut buf = CopyBuffer::with_capacity(staged.len() * 160);
+    let fields = (target.key.len() + 2 * ncols) as i16;
+    for &r in staged {
+        let row = &batch.rows[r];
+        buf.row(fields);
+        for k in raw::leading(row, target.key.len()) {
+            buf.field(Some(k));
+        }
+        for (c, cell) in batch.cells[r * ncols..(r + 1) * ncols].iter().enumerate() {
+            buf.field(transform::value(target, row, c));
+            buf.field(match cell {
+                Cell::Rewritten(v) => Some(v),
+                _ => None,
+            });
+        }
+    }
+    let copy = tx.copy_in::<_, bytes::Bytes>(&sql::copy_stage(target)).await?;
+    futures_util::pin_mut!(copy);
+    futures_util::SinkExt::send(&mut copy, buf.finish()).await?;
+    copy.finish().await?;
+
+    let answer = match (commit, staged.first(), staged.last()) {
+        (Commit::Range(_), Some(&first), Some(&last)) => {
+            let lo = target.key_params(&batch.rows[first]);
+            let hi = target.key_params(&batch.rows[last]);
+            let mut params = params(&lo);
+            params.extend(raw::params(&hi));
+            tx.query_one(&p.update, &params).await?
+        }
+        _ => tx.query_one(&p.update_any, &[]).await?,
+    };
+    let landed = answer.get::<_, i64>(1) as u64;
+    counts.rows_rewritten = landed;
+    if landed == staged.len() as u64 {
+        return Ok(Swapped::default());
+    }
+    let retry = matches!(commit, Commit::Retry(_));
+    let outcomes = staged_outcomes(tx, p, target).await?;
+    let mut swapped = Swapped::default();
+    counts.rows_rewritten = 0;
+    for &r in staged {
+        let row = &batch.rows[r];
+        let key = target.row_key(row);
+        let rewritten: Vec<usize> = (0..ncols).filter(|&c| matches!(batch.cells[r * ncols + c], Cell::Rewritten(_))).collect();
+        let Some(o) = outcomes.get(&key) else {
+            // deleted meanwhile: the re-read finds nothing left to rotate
+            swapped.conflicted.insert(key);
+            continue;
+        };
+        let unlanded: Vec<usize> = rewritten.iter().copied().filter(|&c| !o.landed[c]).collect();
+        if rewritten.iter().any(|&c| o.landed[c]) {
+            counts.rows_rewritten += 1;
+        }
+        if unlanded.is_empty() {
+            continue;
+        }
+        let refusal = if o.touched {
+            Some(NotRotated::WriteUndone)
+        } else if o.as_read {
+            Some(NotRotated::WriteRefused)
+        } else {
+            None // the application changed it
+        };
+        match refusal {
+            Some(reason) if retry => swapped.not_rotated.extend(unlanded.iter().map(|&c| ((r, c), reason))),
+            _ => {
+                swapped.landed_in_conflicted.extend(rewritten.iter().copied().filter(|&c| o.landed[c]).map(|c| (r, c)));
+                swapped.conflicted.insert(key);
+            }
+        }
+    }
+    counts.conflicts = swapped.conflicted.len() as u64;
+    Ok(swapped)
+}
+
+/// Where one staged row stands after the UPDATE.
+pub(super) struct StagedOutcome {
+    /// This transaction updated it.
+    touched: bool,
+    /// It still holds every value as it was read.
+    as_read: bool,
+    /// Per encrypted column: it holds what rekey wrote.
+    landed: Vec<bool>,
+}
+
+/// Where each staged row still in the table stands, by key.
+pub(super) async fn staged_outcomes(tx: &Transaction<'_>, p: &Prepared, target: &Target) -> Result<HashMap<KeyBytes, StagedOutcome>, tokio_postgres::Error> {
+    let nkeys = target.key.len();
+    let mut out = HashMap::new();
+    for row in tx.query(&p.outcome, &[]).await? {
+        let landed = (0..target.columns.len()).map(|c| row.try_get(nkeys + 2 + c)).collect::<Result<_, _>>()?;
+        let o = StagedOutcome { touched: row.try_get(nkeys)?, as_read: row.try_get(nkeys + 1)?, landed };
+        out.insert(raw::key_of(&row, nkeys), o);
+    }
+    Ok(out)
+}
