@@ -16,18 +16,23 @@
 //! is written to the archive before it leaves the file, and leaves the
 //! archive only after the file holds what replaces it.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+mod atomic;
+mod seal;
+
+pub use atomic::{archive_path, commit, save_with_archive, write_pending};
+
+use std::fs::{self};
 use std::path::{Path, PathBuf};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use ring::aead::LessSafeKey;
 use serde::{Deserialize, Serialize};
-use zeroize::Zeroizing;
 
-use crate::crypto::keyring::{Key, KeyId, KEY_LEN};
+use crate::crypto::keyring::Key;
 use crate::crypto::keytable::{KeyState, KeyTable, StoredKey};
+
+use seal::{derive, open_key, seal_key, Kdf, Unopened};
 
 /// Format tag written in every keyring file.
 const FORMAT: &str = "rekey-keyring/1";
@@ -73,20 +78,6 @@ pub enum FileKeyringError {
     Exists(PathBuf),
 }
 
-/// Argon2id parameters, stored with the salt.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Kdf {
-    /// Base64 salt.
-    salt: String,
-    /// Memory in KiB.
-    m_cost: u32,
-    /// Passes.
-    t_cost: u32,
-    /// Lanes.
-    p_cost: u32,
-}
-
 /// The file's JSON.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -121,37 +112,6 @@ impl std::fmt::Debug for KeyringFile {
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> FileKeyringError + '_ {
     move |source| FileKeyringError::Io { path: path.to_path_buf(), source }
-}
-
-/// The most memory (KiB), passes and lanes a keyring file may ask Argon2id
-/// for: far above what rekey writes (19 MiB, 2, 1), far below what would
-/// exhaust memory or time. A damaged or hostile file asking for more (up to
-/// 4 TiB) is refused instead of aborting the process or running for hours.
-const MAX_M_COST: u32 = 1 << 20;
-/// See [`MAX_M_COST`].
-const MAX_T_COST: u32 = 16;
-/// See [`MAX_M_COST`].
-const MAX_P_COST: u32 = 16;
-
-fn derive(path: &Path, passphrase: &[u8], kdf: &Kdf) -> Result<LessSafeKey, FileKeyringError> {
-    let malformed = |problem: String| FileKeyringError::Malformed { path: path.to_path_buf(), problem };
-    if kdf.m_cost > MAX_M_COST || kdf.t_cost > MAX_T_COST || kdf.p_cost > MAX_P_COST {
-        return Err(malformed(format!(
-            "kdf parameters m_cost={} t_cost={} p_cost={} exceed what rekey accepts (m_cost <= {MAX_M_COST} KiB, t_cost <= {MAX_T_COST}, p_cost <= {MAX_P_COST}); restore the file from its .bak",
-            kdf.m_cost, kdf.t_cost, kdf.p_cost
-        )));
-    }
-    let salt = B64.decode(&kdf.salt).map_err(|_| malformed("kdf.salt is not base64".into()))?;
-    let params = argon2::Params::new(kdf.m_cost, kdf.t_cost, kdf.p_cost, Some(KEY_LEN)).map_err(|e| malformed(format!("kdf parameters: {e}")))?;
-    let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
-    let mut kek = Zeroizing::new([0u8; KEY_LEN]);
-    argon.hash_password_into(passphrase, &salt, kek.as_mut_slice()).map_err(|e| malformed(format!("kdf: {e}")))?;
-    let unbound = UnboundKey::new(&AES_256_GCM, kek.as_slice()).map_err(|_| malformed("key-encryption key refused".into()))?;
-    Ok(LessSafeKey::new(unbound))
-}
-
-fn aad(id: KeyId) -> Vec<u8> {
-    format!("{FORMAT} key {id}").into_bytes()
 }
 
 impl KeyringFile {
@@ -254,134 +214,11 @@ impl KeyringFile {
     }
 }
 
-/// Saves a store file (`save_main`) and its archive of retired keys in the
-/// order that never loses material: the archive first gains what is being
-/// archived (keeping what it held), then the file is saved, then the archive
-/// drops what was restored or purged (removed when empty).
-pub fn save_with_archive(
-    path: &Path,
-    archived: Vec<StoredKey>,
-    on_disk: &[StoredKey],
-    render: impl Fn(&[StoredKey]) -> Result<Vec<u8>, serde_json::Error>,
-    save_main: impl FnOnce() -> Result<(), FileKeyringError>,
-) -> Result<(), FileKeyringError> {
-    let ids = |keys: &[StoredKey]| keys.iter().map(|k| k.id).collect::<std::collections::BTreeSet<_>>();
-    let mut superset = archived.clone();
-    superset.extend(on_disk.iter().filter(|k| !ids(&archived).contains(&k.id)).cloned());
-    if ids(&superset) != ids(on_disk) {
-        write_archive(path, &superset, &render)?;
-    }
-    save_main()?;
-    if ids(&archived) != ids(&superset) {
-        write_archive(path, &archived, &render)?;
-    }
-    Ok(())
-}
-
-/// Replaces `path`'s archive with `keys`, or removes it when there are none.
-fn write_archive(path: &Path, keys: &[StoredKey], render: &impl Fn(&[StoredKey]) -> Result<Vec<u8>, serde_json::Error>) -> Result<(), FileKeyringError> {
-    let archive = archive_path(path);
-    if keys.is_empty() {
-        return match fs::remove_file(&archive) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&archive)(e)),
-            _ => sync_dir(&archive),
-        };
-    }
-    let json = render(keys).map_err(|e| FileKeyringError::Malformed { path: archive.clone(), problem: e.to_string() })?;
-    let tmp = write_pending(&archive, &json)?;
-    fs::rename(&tmp, &archive).map_err(io(&archive))?;
-    sync_dir(&archive)
-}
-
-/// Where a store file keeps its retired keys: `<file>.archive`.
-pub fn archive_path(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(".archive");
-    PathBuf::from(name)
-}
-
-/// Syncs the directory holding `path`, so a rename in it is durable.
-fn sync_dir(path: &Path) -> Result<(), FileKeyringError> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
-    }
-    Ok(())
-}
-
-/// Writes `bytes` beside `path` (owner-only, synced); returns the temporary path.
-pub fn write_pending(path: &Path, bytes: &[u8]) -> Result<PathBuf, FileKeyringError> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(io(&tmp))?;
-    restrict(&f);
-    f.write_all(bytes).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    Ok(tmp)
-}
-
-/// Backs up `path` to `<path>.bak`, renames `tmp` over it and syncs the
-/// directory; with `scrub_backup`, the backup becomes the new version too
-/// (a retired key must not live on in it).
-pub fn commit(path: &Path, tmp: &Path, scrub_backup: bool) -> Result<(), FileKeyringError> {
-    let bak = path.with_extension("bak");
-    let backup = |from: &Path| -> Result<(), FileKeyringError> {
-        fs::copy(from, &bak).map_err(io(&bak))?;
-        File::open(&bak).and_then(|f| f.sync_all()).map_err(io(&bak))
-    };
-    if path.exists() {
-        backup(path)?;
-    }
-    fs::rename(tmp, path).map_err(io(path))?;
-    if scrub_backup {
-        backup(path)?;
-    }
-    sync_dir(path)
-}
-
-/// Owner-only permissions for files holding sealed keys (Unix).
-fn restrict(f: &File) {
-    use std::os::unix::fs::PermissionsExt;
-    let _ = f.set_permissions(fs::Permissions::from_mode(0o600));
-}
-
-fn seal_key(kek: &LessSafeKey, key: &Key) -> String {
-    let mut nonce = [0u8; NONCE_LEN];
-    crate::crypto::nonce::fill(&mut nonce);
-    let mut buf = Zeroizing::new(key.material().to_vec());
-    // Sealing 32 bytes cannot exceed GCM's limits.
-    let tag = kek.seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad(key.id())), buf.as_mut_slice());
-    let mut out = nonce.to_vec();
-    out.extend_from_slice(&buf);
-    if let Ok(tag) = tag {
-        out.extend_from_slice(tag.as_ref());
-    }
-    B64.encode(out)
-}
-
-/// Why a sealed key did not open.
-enum Unopened {
-    /// The stored material is not a sealed key at all (not base64, too short).
-    Damaged(&'static str),
-    /// It is, but the key-encryption key does not open it: a wrong passphrase
-    /// (or a blob tampered with, which GCM cannot tell apart).
-    Refused,
-}
-
-fn open_key(kek: &LessSafeKey, id: KeyId, sealed: &str) -> Result<Key, Unopened> {
-    let raw = Zeroizing::new(B64.decode(sealed).map_err(|_| Unopened::Damaged("material is not base64"))?);
-    if raw.len() != NONCE_LEN + KEY_LEN + AES_256_GCM.tag_len() {
-        return Err(Unopened::Damaged("material is not a sealed 32-byte key (wrong length)"));
-    }
-    let (nonce, body) = raw.split_at(NONCE_LEN);
-    let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| Unopened::Damaged("material has no nonce"))?;
-    let mut buf = Zeroizing::new(body.to_vec());
-    let plain = kek.open_in_place(nonce, Aad::from(aad(id)), buf.as_mut_slice()).map_err(|_| Unopened::Refused)?;
-    let material: [u8; KEY_LEN] = plain.try_into().map_err(|_| Unopened::Damaged("material is not a sealed 32-byte key (wrong length)"))?;
-    Ok(Key::new(id, material))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::OpenOptions;
+    use seal::MAX_M_COST;
     use crate::crypto::keytable::Entry;
     use proptest::prelude::*;
 
