@@ -7,20 +7,21 @@
 //! batch latencies, peak memory and projected windows. Drives the engine
 //! directly; only the command line uses it.
 
-use std::fmt::Write as _;
+mod load;
+mod report;
+
+pub use report::{human_duration, parse_sizes, peak_rss_mib, throughput_svg};
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rayon::prelude::*;
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::db::binary_copy::{encode_tuple, CopyBuffer};
 use crate::state;
 use crate::db::cluster::{ClusterOptions, TempCluster};
-use crate::crypto::codec::{versioned_gcm::VersionedGcm, Codec};
 use crate::db::{quote_ident, Database};
 use crate::error::DbContext;
 use crate::job::{Job, JobSpec};
@@ -30,6 +31,9 @@ use crate::engine::plan;
 use crate::observe::progress::Progress;
 use crate::observe::counts::LiveCounts;
 use crate::Error;
+
+use load::load;
+use report::{median, reset_peak_rss, write_report};
 
 /// What to benchmark.
 #[derive(Debug, Clone)]
@@ -275,127 +279,6 @@ async fn rekey_once(opts: &BenchOptions, db: &Database, client: &mut Client, job
     let peak_rss_mib = peak_rss_mib();
     state::finish_job(client, record.id, &serde_json::json!({ "bench": true })).await?;
     Ok(RekeyRun { secs, outcome, throughput, peak_rss_mib })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
-/// Creates and fills the patient-records-shaped table, then makes it as a long-lived
-/// table would be: primary key built, vacuumed, analyzed, checkpointed.
-async fn load(client: &Client, table: &str, rows: u64, old: &Keyring) -> Result<f64, Error> {
-    let what = || "loading the bench table".to_string();
-    let started = Instant::now();
-    client
-        .batch_execute(&format!("CREATE TABLE {table} (id bigint NOT NULL, name text NOT NULL, a bytea, b bytea, notes text)"))
-        .await
-        .ctx(what)?;
-    let codec = VersionedGcm::new(old).map_err(|e| Error::Runtime(e.to_string()))?;
-    const CHUNK: u64 = 20_000;
-    let mut first = 1u64;
-    while first <= rows {
-        let last = (first + CHUNK - 1).min(rows);
-        let encoded: Vec<Vec<u8>> = (first..=last)
-            .into_par_iter()
-            .map(|id| {
-                let mut tuple = Vec::with_capacity(260);
-                let mut a = Vec::new();
-                let mut b = Vec::new();
-                codec.seal(format!("+1555{id:07}").as_bytes(), b"", None, &mut a);
-                if id % 3 != 0 {
-                    codec.seal(format!("+1444{id:07}").as_bytes(), b"", None, &mut b);
-                }
-                let name = format!("patient {id}");
-                encode_tuple(
-                    &mut tuple,
-                    &[Some(&(id as i64).to_be_bytes()), Some(name.as_bytes()), Some(&a), (id % 3 != 0).then_some(&b[..]), Some(&[b'n'; 120])],
-                );
-                tuple
-            })
-            .collect();
-        let mut buf = CopyBuffer::with_capacity(encoded.iter().map(Vec::len).sum());
-        buf.raw(&encoded.concat());
-        let sink = client.copy_in::<_, bytes::Bytes>(&format!("COPY {table} FROM STDIN (FORMAT binary)")).await.ctx(what)?;
-        futures_util::pin_mut!(sink);
-        futures_util::SinkExt::send(&mut sink, buf.finish()).await.ctx(what)?;
-        sink.finish().await.ctx(what)?;
-        first = last + 1;
-    }
-    client.batch_execute(&format!("ALTER TABLE {table} ADD PRIMARY KEY (id)")).await.ctx(what)?;
-    client.batch_execute(&format!("VACUUM ANALYZE {table}")).await.ctx(what)?;
-    // Needs superuser or pg_checkpoint; without it the figures are a little noisier.
-    let _ = client.batch_execute("CHECKPOINT").await;
-    Ok(started.elapsed().as_secs_f64())
-}
-
-/// Resets the kernel's peak-RSS mark for this process (Linux 4.0+).
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-/// Peak resident memory of this process, MiB (Linux; 0 elsewhere).
-pub fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
-        .map_or(0.0, |kib| kib / 1024.0)
-}
-
-/// Parses `10M,100M,1B` (K, M, B suffixes) into row counts.
-pub fn parse_sizes(text: &str) -> Result<Vec<u64>, String> {
-    text.split(',')
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| {
-            let s = s.trim();
-            let (num, mult) = match s.char_indices().last() {
-                Some((i, 'k' | 'K')) => (&s[..i], 1_000.0),
-                Some((i, 'm' | 'M')) => (&s[..i], 1_000_000.0),
-                Some((i, 'b' | 'B' | 'g' | 'G')) => (&s[..i], 1_000_000_000.0),
-                _ => (s, 1.0),
-            };
-            num.parse::<f64>().map(|n| (n * mult) as u64).map_err(|_| format!("{s:?} is not a row count like 10M, 250K or 1B"))
-        })
-        .collect()
-}
-
-/// A duration for people: `42s`, `7m 12s`, `3h 05m`.
-pub fn human_duration(secs: f64) -> String {
-    let s = secs.round() as u64;
-    match s {
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m {:02}s", s / 60, s % 60),
-        _ => format!("{}h {:02}m", s / 3600, (s % 3600) / 60),
-    }
-}
-
-fn write_report(dir: &std::path::Path, r: &BenchReport) -> Result<(), Error> {
-    let io = |e: std::io::Error| Error::Runtime(format!("writing the bench report to {}: {e}", dir.display()));
-    std::fs::create_dir_all(dir).map_err(io)?;
-    std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(r).unwrap_or_default()).map_err(io)?;
-    std::fs::write(dir.join("throughput.svg"), throughput_svg(r)).map_err(io)
-}
-
-/// Throughput over time as a small SVG line chart, with the floor as a dashed line.
-pub fn throughput_svg(r: &BenchReport) -> String {
-    let (w, h, pad) = (720.0, 320.0, 50.0);
-    let t_max = r.throughput.last().map_or(1.0, |p| p.0).max(1e-9);
-    let y_max = r.throughput.iter().map(|p| p.1).fold(r.floor_rows_per_s, f64::max).max(1.0) * 1.1;
-    let x = |t: f64| pad + (w - 2.0 * pad) * t / t_max;
-    let y = |v: f64| h - pad - (h - 2.0 * pad) * v / y_max;
-    let mut svg = format!(r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/>"#);
-    let _ = write!(svg, r#"<text x="{pad}" y="20">rekey bench: {} rows, {:.0} rows/s ({:.2}x the floor)</text>"#, r.rows, r.rekey_rows_per_s, r.ratio);
-    let _ = write!(svg, r#"<line x1="{pad}" y1="{b}" x2="{r}" y2="{b}" stroke="black"/><line x1="{pad}" y1="{pad}" x2="{pad}" y2="{b}" stroke="black"/>"#, b = h - pad, r = w - pad);
-    let fy = y(r.floor_rows_per_s);
-    let _ = write!(svg, r#"<line x1="{pad}" y1="{fy}" x2="{}" y2="{fy}" stroke="gray" stroke-dasharray="6,4"/><text x="{}" y="{}" fill="gray">floor {:.0}/s</text>"#, w - pad, w - pad - 110.0, fy - 5.0, r.floor_rows_per_s);
-    let points = r.throughput.iter().map(|&(t, v)| format!("{:.1},{:.1}", x(t), y(v))).collect::<Vec<_>>().join(" ");
-    let _ = write!(svg, r#"<polyline fill="none" stroke="steelblue" stroke-width="2" points="{points}"/>"#);
-    let _ = write!(svg, r#"<text x="{}" y="{}">seconds ({:.1})</text><text x="5" y="{pad}">rows/s</text><text x="5" y="{}">{:.0}</text></svg>"#, w / 2.0, h - 15.0, t_max, pad + 15.0, y_max);
-    svg
 }
 
 #[cfg(test)]

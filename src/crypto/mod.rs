@@ -6,3 +6,4 @@ pub mod codec;
 pub mod keyring;
 pub mod keytable;
 pub mod nonce;
+pub mod stored;

@@ -3,5 +3,6 @@
 //! the secret stores; nothing below imports from here.
 
 pub mod audit;
+pub mod retire;
 pub mod rotation;
 pub mod steps;

@@ -8,7 +8,6 @@
 //! which rekey cannot write, a step that changes keys prints the variable
 //! changes to make and stops; the next invocation checks they were made.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +28,8 @@ use crate::secrets::{KeysSpec, Store};
 use crate::state::rotations::{self, NewRotation, Rotation, Step};
 use crate::state::{self, lock_lifecycle};
 use crate::Error;
+
+use super::retire::retire;
 
 /// How a rotation runs.
 #[derive(Debug, Clone)]
@@ -287,42 +288,4 @@ async fn retired(cx: &Ctx<'_>, client: &Client, store: &mut Store, rot: &Rotatio
     }
     rotations::set_step(client, rot.id, Step::Retired).await?;
     Ok(log.end(Ended::Done, Step::Retired))
-}
-
-/// Retires `old` after proving that no value still needs it.
-pub async fn retire(db: &Database, client: &Client, job: &Arc<Job>, store: &mut Store, old: KeyId, opts: &RotateOptions) -> Result<Progressed, Error> {
-    let key_ref = format!("{}#{old}", store.secret_id());
-    if let Some(t) = job.targets.iter().find(|t| t.filter.is_some()) {
-        return Err(Error::Config(format!(
-            "target {} has a `where` filter, so verification cannot see every row; retire the key with a job that covers whole tables",
-            t.table
-        )));
-    }
-    // Retire rests on a full verify of this invocation: every value decrypted,
-    // with the keys matched against the job's recorded fingerprints.
-    let depth = Depth { full: true, sample: 0, lanes: opts.settings.lanes };
-    let v = verify::verify(db, client, job, depth, opts.quiet).await?;
-    // Old values may be labelled by either side's codec (a migration reads one format and writes another).
-    let labels: BTreeSet<String> = job.targets.iter().flat_map(|t| [t.read.codec.key_label(old), t.write.codec.key_label(old)]).collect();
-    let remaining: u64 = labels.iter().map(|l| v.values_under(l)).sum();
-    if remaining > 0 || v.values_undecryptable > 0 {
-        let notes = format!("{remaining} values still under key {old}, {} undecryptable; rotate them first (`rekey run`)", v.values_undecryptable);
-        opts.audit.record(client, What { event_type: "retire_refused", secret_id: &key_ref, verification_status: "failed", affected_records: Some(remaining), notes: &notes, job_id: None }).await?;
-        return Ok(Progressed { ended: Ended::NotVerified, lines: vec![format!("refusing to retire key {old}: {notes}")], events: vec!["retire_refused".into()], step: None });
-    }
-    let compromised = opts.compromised;
-    let applied = steps::retire(store, old, compromised).await?;
-    let notes = if compromised {
-        format!("key {old} retired and its material destroyed (compromise); a full verify found no value under it")
-    } else {
-        format!("key {old} retired; a full verify found no value under it; its material stays in the store's archive until purged")
-    };
-    opts.audit.record(client, What { event_type: "key_retired", secret_id: &key_ref, verification_status: "passed", affected_records: Some(v.values_total), notes: &notes, job_id: None }).await?;
-    let mut lines = vec![if compromised {
-        format!("retired key {old} and destroyed its material (compromise)")
-    } else {
-        format!("retired key {old}; `rekey secrets restore --key-id {old}` brings it back until it is purged (`rekey secrets purge`, or {} after retiring)", humantime::format_duration(crate::secrets::ARCHIVE_RETENTION))
-    }];
-    applied.tell(&mut lines, "make these changes where the application's environment is set:");
-    Ok(Progressed { ended: Ended::Done, lines, events: vec!["key_retired".into()], step: None })
 }

@@ -1,0 +1,110 @@
+//! A key table as stores write it: one [`StoredKey`] per key (material in the
+//! store's own encoding, never beside a retired key), and what `rekey
+//! secrets show` prints ([`KeyInfo`]): never material.
+
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::keyring::{Key, KeyId};
+
+use crate::crypto::keytable::{now, Entry, KeyState, KeyTable};
+
+/// One key as the stores write it (keyring file, Secrets Manager, KMS
+/// keyring): `material` is the store's own encoding of the key (sealed,
+/// hex, or KMS-wrapped). What applications read never holds a retired
+/// key's material ([`StoredKey::from_entry`]); a store's archive does
+/// ([`StoredKey::archived`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredKey {
+    /// Key id.
+    pub id: KeyId,
+    /// Lifecycle state.
+    pub state: KeyState,
+    /// Created, RFC 3339.
+    pub created_at: String,
+    /// Last state change, RFC 3339.
+    pub changed_at: String,
+    /// Fingerprint of the key, to recognise it without opening the store.
+    #[serde(default)]
+    pub fingerprint: String,
+    /// The key in the store's encoding; absent once retired.
+    pub material: Option<String>,
+}
+
+impl StoredKey {
+    /// An entry as applications read it, with its material encoded by
+    /// `encode`; a retired key without material.
+    pub fn from_entry(e: &Entry, encode: impl FnOnce(&Key) -> String) -> StoredKey {
+        let live = e.key.as_ref().filter(|_| e.state != KeyState::Retired);
+        StoredKey { material: live.map(encode), ..Self::bare(e) }
+    }
+
+    /// A retired entry as the archive keeps it, material included; `None`
+    /// for any other entry, or one already purged.
+    pub fn archived(e: &Entry, encode: impl FnOnce(&Key) -> String) -> Option<StoredKey> {
+        let key = e.key.as_ref().filter(|_| e.state == KeyState::Retired)?;
+        Some(StoredKey { material: Some(encode(key)), ..Self::bare(e) })
+    }
+
+    fn bare(e: &Entry) -> StoredKey {
+        StoredKey {
+            id: e.id,
+            state: e.state,
+            created_at: rfc3339(e.created_at),
+            changed_at: rfc3339(e.changed_at),
+            fingerprint: e.key.as_ref().map(Key::fingerprint).unwrap_or_default(),
+            material: None,
+        }
+    }
+
+    /// Back to an entry, with the key the caller decoded from `material`.
+    pub fn into_entry(self, key: Option<Key>) -> Entry {
+        let at = |t: &str| humantime::parse_rfc3339(t).ok().and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
+        Entry { id: self.id, state: self.state, created_at: at(&self.created_at), changed_at: at(&self.changed_at), key }
+    }
+}
+
+/// What `rekey secrets show` prints for one key: never material.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyInfo {
+    /// The id.
+    pub id: KeyId,
+    /// The state.
+    pub state: KeyState,
+    /// Fingerprint of the material (empty once retired).
+    pub fingerprint: String,
+    /// Created, RFC 3339.
+    pub created_at: String,
+    /// Seconds since creation.
+    pub age_s: u64,
+    /// Last state change, RFC 3339.
+    pub changed_at: String,
+    /// A retired key whose material is still in the store's archive.
+    pub archived: bool,
+}
+
+/// RFC 3339 (UTC, seconds) for Unix seconds.
+pub fn rfc3339(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs)).to_string()
+}
+
+impl KeyTable {
+    /// Ids, states, fingerprints and ages.
+    pub fn info(&self) -> Vec<KeyInfo> {
+        let t = now();
+        self.entries
+            .iter()
+            .map(|e| KeyInfo {
+                id: e.id,
+                state: e.state,
+                fingerprint: e.key.as_ref().map(Key::fingerprint).unwrap_or_default(),
+                created_at: rfc3339(e.created_at),
+                age_s: t.saturating_sub(e.created_at),
+                changed_at: rfc3339(e.changed_at),
+                archived: e.state == KeyState::Retired && e.key.is_some(),
+            })
+            .collect()
+    }
+}
