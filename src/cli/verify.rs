@@ -5,7 +5,7 @@ use std::sync::Arc;
 use crate::cli::args::VerifyArgs;
 use crate::cli::exit::EXIT_LEFT_ON_OLD_KEYS;
 use crate::cli::{default_lanes, open, print_json, Opened};
-use crate::engine::verify::{self, Depth};
+use crate::engine::verify::{self, Depth, VerifyMode};
 use crate::job::Job;
 use crate::Error;
 
@@ -24,7 +24,7 @@ pub async fn verify(args: &VerifyArgs) -> Result<u8, Error> {
             v.values_on_target_key,
             v.values_on_old_keys,
             v.values_undecryptable,
-            if v.mode == "full" { "every value decrypted".to_string() } else { format!("key versions counted for every value, {} sampled values decrypted", v.values_sampled) }
+            if v.mode == VerifyMode::Full { "every value decrypted".to_string() } else { format!("key versions counted for every value, {} sampled values decrypted", v.values_sampled) }
         );
         for (col, keys) in &v.by_column {
             let list = keys.iter().map(|(k, n)| format!("{k}={n}")).collect::<Vec<_>>().join(" ");
@@ -36,7 +36,7 @@ pub async fn verify(args: &VerifyArgs) -> Result<u8, Error> {
         println!(
             "{}",
             match (v.verified, v.mode) {
-                (true, "full") => "verified: every value decrypted, nothing left on an old key".to_string(),
+                (true, VerifyMode::Full) => "verified: every value decrypted, nothing left on an old key".to_string(),
                 (true, _) => format!(
                     "verified by a sample: every value's key version counted, {} sampled values decrypted; `rekey verify --full` decrypts every value (a retire always does)",
                     v.values_sampled

@@ -36,6 +36,7 @@ use tokio::task::JoinSet;
 
 use crate::control::monitor::{check_gate_sql, Monitor, Signals};
 use crate::control::stop::{Stop, StopBy};
+use crate::crypto::keyring::KeyId;
 use crate::db::session::Timeouts;
 use crate::db::Database;
 use crate::engine::sink::{Batch, Failure, Writer};
@@ -124,6 +125,8 @@ pub struct Outcome {
     pub failures: Vec<Failure>,
     /// Verify: values per `table.column` and key label.
     pub by_key: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Verify: values per key id that opened them, all columns and formats.
+    pub by_key_id: BTreeMap<KeyId, u64>,
     /// Verify: values that opened under the target key (in the target format).
     pub on_target: u64,
     /// Verify: values that opened under an old key (or in the old format).
@@ -151,6 +154,7 @@ impl Default for Outcome {
             batch_micros: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant histogram bounds are valid"),
             failures: Vec::new(),
             by_key: BTreeMap::new(),
+            by_key_id: BTreeMap::new(),
             on_target: 0,
             on_old: 0,
             by_target: BTreeMap::new(),
@@ -177,6 +181,9 @@ impl Outcome {
         self.batch_rows = (self.batch_rows.0.min(other.batch_rows.0), self.batch_rows.1.max(other.batch_rows.1));
         for (t, c) in other.by_target {
             *self.by_target.entry(t).or_default() += c;
+        }
+        for (k, n) in other.by_key_id {
+            *self.by_key_id.entry(k).or_default() += n;
         }
         for (col, keys) in other.by_key {
             let mine = self.by_key.entry(col).or_default();

@@ -108,6 +108,10 @@ pub struct ColumnPlan {
     pub by_key: Option<BTreeMap<String, u64>>,
     /// Values already on the target key (where countable).
     pub on_target_key: Option<u64>,
+    /// Values whose prefix names a key the keyring does not hold, or no key
+    /// at all (where countable): they cannot be decrypted.
+    #[serde(skip)]
+    pub unknown_key: Option<u64>,
     /// Values a run will read (not NULL and not visibly on the target key).
     pub to_rewrite: u64,
 }
@@ -137,6 +141,7 @@ pub async fn count_by_key(client: &Client, job: &Job) -> Result<Vec<ColumnPlan>,
                     nulls: (rows - non_null) as u64,
                     by_key: None,
                     on_target_key: None,
+                    unknown_key: None,
                     to_rewrite: non_null as u64,
                 });
                 continue;
@@ -154,6 +159,7 @@ pub async fn count_by_key(client: &Client, job: &Job) -> Result<Vec<ColumnPlan>,
                 nulls: 0,
                 by_key: Some(BTreeMap::new()),
                 on_target_key: Some(0),
+                unknown_key: Some(0),
                 to_rewrite: 0,
             };
             for row in rows {
@@ -169,6 +175,7 @@ pub async fn count_by_key(client: &Client, job: &Job) -> Result<Vec<ColumnPlan>,
                 let mut label = codec.describe_prefix(&prefix);
                 if !known {
                     label.push_str(" (no such key)");
+                    plan.unknown_key = plan.unknown_key.map(|u| u + n);
                 }
                 *plan.by_key.get_or_insert_with(BTreeMap::new).entry(label).or_default() += n;
                 if prefix == tp {

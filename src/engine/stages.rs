@@ -174,8 +174,9 @@ pub(super) fn tally(target: &crate::job::Target, batch: &Batch, verified: &mut O
             Cell::Null | Cell::Current => c.values_skipped += 1,
             Cell::Rewritten(_) => c.values_rewritten += 1,
             Cell::Failed(_) => c.values_failed += 1,
-            Cell::Opened(label, on_target) => {
+            Cell::Opened { label, key, on_target } => {
                 *verified.by_key.entry(target.label(i % ncols)).or_default().entry(label.clone()).or_default() += 1;
+                *verified.by_key_id.entry(*key).or_default() += 1;
                 if *on_target {
                     verified.on_target += 1;
                 } else {

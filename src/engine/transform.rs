@@ -29,8 +29,15 @@ pub enum Cell {
     Current,
     /// The new ciphertext, as it is stored (bytes, base64 or token text), to write.
     Rewritten(Vec<u8>),
-    /// Opened (verify only; nothing is written): the key's label, and whether it is the target key.
-    Opened(String, bool),
+    /// Opened (verify only; nothing is written).
+    Opened {
+        /// The key's label for people (`v2`, `fernet key 1`).
+        label: String,
+        /// The key that opened it.
+        key: KeyId,
+        /// Whether that is the target key, in the target format.
+        on_target: bool,
+    },
     /// Could not be opened: quarantined, never overwritten.
     Failed(CodecError),
 }
@@ -204,11 +211,11 @@ pub fn classify_value(target: &Target, col: usize, stored: &[u8], aad: &[u8]) ->
     match written {
         Ok(o) => {
             let prefix = if target.migrating { format!("{} ", target.write.format.name()) } else { String::new() };
-            Cell::Opened(format!("{prefix}{}", target.write.codec.key_label(o.key)), o.key == target.write.codec.target())
+            Cell::Opened { label: format!("{prefix}{}", target.write.codec.key_label(o.key)), key: o.key, on_target: o.key == target.write.codec.target() }
         }
         Err(e) if !target.migrating => Cell::Failed(e),
         Err(e) => match decode(column.read, stored).and_then(|ct| target.read.codec.open(&ct, aad)) {
-            Ok(o) => Cell::Opened(format!("{} {}", target.read.format.name(), target.read.codec.key_label(o.key)), false),
+            Ok(o) => Cell::Opened { label: format!("{} {}", target.read.format.name(), target.read.codec.key_label(o.key)), key: o.key, on_target: false },
             Err(_) => Cell::Failed(e),
         },
     }

@@ -36,13 +36,23 @@ pub struct Depth {
     pub lanes: usize,
 }
 
+/// How a verification looked at the values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyMode {
+    /// Every value decrypted.
+    Full,
+    /// Key versions counted for every value, a sample decrypted.
+    Sample,
+}
+
 /// What verification found (the `--json` object of `rekey verify`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Verification {
     /// Nothing on an old key and nothing undecryptable.
     pub verified: bool,
-    /// "full" or "sample".
-    pub mode: &'static str,
+    /// How hard it looked.
+    pub mode: VerifyMode,
     /// Non-NULL values.
     pub values_total: u64,
     /// Values under the target key.
@@ -55,6 +65,9 @@ pub struct Verification {
     pub values_sampled: u64,
     /// Values per key label, all columns together.
     pub by_key: BTreeMap<String, u64>,
+    /// Full verify: values per id of the key that opened them.
+    #[serde(skip)]
+    pub by_key_id: BTreeMap<KeyId, u64>,
     /// Values per `table.column` and key label.
     pub by_column: BTreeMap<String, BTreeMap<String, u64>>,
     /// Values that did not decrypt (never the values themselves).
@@ -62,10 +75,9 @@ pub struct Verification {
 }
 
 impl Verification {
-    /// Values still under the key with this label (e.g. `v1`), in any column and format.
-    pub fn values_under(&self, label: &str) -> u64 {
-        let suffix = format!(" {label}");
-        self.by_key.iter().filter(|(k, _)| k.as_str() == label || k.ends_with(&suffix)).map(|(_, n)| n).sum()
+    /// Values a full verify opened with key `id`, in any column and format.
+    pub fn values_under_key(&self, id: KeyId) -> u64 {
+        self.by_key_id.get(&id).copied().unwrap_or(0)
     }
 }
 
@@ -83,6 +95,7 @@ pub async fn verify(db: &Database, client: &Client, job: &Arc<Job>, depth: Depth
         ));
     }
     let mut by_column: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    let mut by_key_id = BTreeMap::new();
     let mut failures = Vec::new();
     let (mut total, mut on_target, mut on_old, mut undecryptable) = (0u64, 0u64, 0u64, 0u64);
     let mut sampled = 0u64;
@@ -98,21 +111,17 @@ pub async fn verify(db: &Database, client: &Client, job: &Arc<Job>, depth: Depth
         undecryptable = outcome.counts.values_failed;
         total = on_target + on_old + undecryptable;
         by_column = outcome.by_key;
+        by_key_id = outcome.by_key_id;
         failures = outcome.failures;
     } else {
         for c in &counted {
             let keys = c.by_key.clone().unwrap_or_default();
-            let target = job.targets[c.target].target_label();
-            for (k, n) in &keys {
-                total += n;
-                if *k == target {
-                    on_target += n;
-                } else if k.ends_with("(no such key)") || k == "empty" {
-                    undecryptable += n;
-                } else {
-                    on_old += n;
-                }
-            }
+            let column_total: u64 = keys.values().sum();
+            let (target, unknown) = (c.on_target_key.unwrap_or(0), c.unknown_key.unwrap_or(0));
+            total += column_total;
+            on_target += target;
+            undecryptable += unknown;
+            on_old += column_total - target - unknown;
             by_column.insert(format!("{}.{}", c.table, c.column), keys);
         }
         for t in &job.targets {
@@ -135,13 +144,14 @@ pub async fn verify(db: &Database, client: &Client, job: &Arc<Job>, depth: Depth
     }
     Ok(Verification {
         verified: on_old == 0 && undecryptable == 0,
-        mode: if full { "full" } else { "sample" },
+        mode: if full { VerifyMode::Full } else { VerifyMode::Sample },
         values_total: total,
         values_on_target_key: on_target,
         values_on_old_keys: on_old,
         values_undecryptable: undecryptable,
         values_sampled: sampled,
         by_key,
+        by_key_id,
         by_column,
         failures,
     })
@@ -196,7 +206,7 @@ pub async fn preflight(client: &Client, job: &Job) -> Result<(), Error> {
         let mut cells = Vec::new();
         transform::classify(t, &rows, &mut cells);
         let tried = cells.iter().filter(|c| !matches!(c, Cell::Null)).count();
-        let opened = cells.iter().filter(|c| matches!(c, Cell::Opened(..))).count();
+        let opened = cells.iter().filter(|c| matches!(c, Cell::Opened { .. })).count();
         // A wrong key shows as authentication failures; a few malformed
         // values (truncated, not base64) left over from an earlier run do not.
         let wrong_key = cells.iter().filter(|c| matches!(c, Cell::Failed(crate::crypto::codec::CodecError::AuthFailed))).count();

@@ -2,7 +2,6 @@
 //! value needs it; the key then leaves what applications read for the
 //! store's archive (destroyed at once when it was compromised).
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use tokio_postgres::Client;
@@ -31,9 +30,8 @@ pub async fn retire(db: &Database, client: &Client, job: &Arc<Job>, store: &mut 
     // with the keys matched against the job's recorded fingerprints.
     let depth = Depth { full: true, sample: 0, lanes: opts.settings.lanes };
     let v = verify::verify(db, client, job, depth, opts.quiet).await?;
-    // Old values may be labelled by either side's codec (a migration reads one format and writes another).
-    let labels: BTreeSet<String> = job.targets.iter().flat_map(|t| [t.read.codec.key_label(old), t.write.codec.key_label(old)]).collect();
-    let remaining: u64 = labels.iter().map(|l| v.values_under(l)).sum();
+    // in either format: a migration reads one and writes another
+    let remaining = v.values_under_key(old);
     if remaining > 0 || v.values_undecryptable > 0 {
         let notes = format!("{remaining} values still under key {old}, {} undecryptable; rotate them first (`rekey run`)", v.values_undecryptable);
         opts.audit.record(client, What { event_type: "retire_refused", secret_id: &key_ref, verification_status: "failed", affected_records: Some(remaining), notes: &notes, job_id: None }).await?;

@@ -3,42 +3,18 @@
 //! when it was compromised.
 
 use rekey::crypto::keyring::{Key, Keyring};
-use rekey::crypto::keytable::{Entry, KeyState, KeyTable};
+use rekey::crypto::keytable::{KeyState, KeyTable};
 use rekey::secrets::file::{archive_path, KeyringFile};
 
 use crate::harness::*;
 
-const PASS: &str = "archive passphrase";
-
-fn pass_env() -> Vec<(&'static str, String)> {
-    vec![("REKEY_KEYRING_PASSPHRASE", PASS.to_string())]
-}
-
-/// A keyring file holding K1 as current key 1, and a job over patient_persons using it.
-fn file_job(db: &TestDb, dir: &tempfile::TempDir) -> (String, std::path::PathBuf) {
-    let keyring = dir.path().join("keyring.json");
-    let table = KeyTable { entries: vec![Entry { id: 1, state: KeyState::Current, created_at: 1, changed_at: 1, key: Some(Key::parse(1, K1).unwrap()) }] };
-    KeyringFile::create(&keyring, PASS.as_bytes(), table).unwrap();
-    let job = dir.path().join("patients.toml");
-    std::fs::write(
-        &job,
-        format!(
-            "[database]\nurl = \"{}\"\n[keys]\nsource = \"file\"\npath = {:?}\n[[target]]\ntable = \"patient_persons\"\ncolumns = [\"phone_encrypted\", \"emergency_contact_phone_encrypted\"]\nformat = \"versioned-gcm\"\n",
-            db.url,
-            keyring.display().to_string()
-        ),
-    )
-    .unwrap();
-    (job.display().to_string(), keyring)
-}
-
 fn table(path: &std::path::Path) -> KeyTable {
-    KeyringFile::open(path, PASS.as_bytes(), "P").unwrap().table
+    KeyringFile::open(path, KEYRING_PASS.as_bytes(), "P").unwrap().table
 }
 
 /// Rotates key 1 to key 2 and, with no grace period, retires key 1 in the same invocation.
 fn rotated_and_retired(job: &str, reason: &str) -> std::process::Output {
-    rekey(&["rotate", "--job", job, "--grace", "0s", "--reason", reason, "--json"], &pass_env())
+    rekey(&["rotate", "--job", job, "--grace", "0s", "--reason", reason, "--json"], &keyring_pass_env())
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -46,14 +22,14 @@ async fn a_retired_key_leaves_the_keyring_file_for_its_archive_and_restore_bring
     let db = TestDb::new().await;
     db.seed_patients(300).await;
     let dir = tempfile::tempdir().unwrap();
-    let (job, keyring) = file_job(&db, &dir);
+    let (job, keyring) = keyring_file_job(&db, &dir);
     let out = rotated_and_retired(&job, "scheduled");
     assert_eq!((out.status.code(), json(&out)["step"].as_str()), (Some(0), Some("retired")), "{}", printed(&out));
 
     // what applications read no longer holds key 1's material, in the file or its backup
     let k1_fingerprint = Key::parse(1, K1).unwrap().fingerprint();
     let read_by_apps = std::fs::read_to_string(&keyring).unwrap() + &std::fs::read_to_string(keyring.with_extension("bak")).unwrap_or_default();
-    let file_only = KeyringFile::open(&keyring, PASS.as_bytes(), "P").unwrap().table.keyring().unwrap();
+    let file_only = KeyringFile::open(&keyring, KEYRING_PASS.as_bytes(), "P").unwrap().table.keyring().unwrap();
     assert!(file_only.get(1).is_none(), "key 1 is retired");
     assert!(archive_path(&keyring).exists(), "the archive holds the retired key");
     assert!(!read_by_apps.contains(&K1.to_string()));
@@ -62,7 +38,7 @@ async fn a_retired_key_leaves_the_keyring_file_for_its_archive_and_restore_bring
     assert_eq!((entry.state, entry.key.as_ref().map(Key::fingerprint)), (KeyState::Retired, Some(k1_fingerprint.clone())));
 
     // a value under key 1 turns up (a restore from a backup): the key comes back
-    let out = rekey(&["secrets", "restore", "--job", &job, "--key-id", "1", "--json"], &pass_env());
+    let out = rekey(&["secrets", "restore", "--job", &job, "--key-id", "1", "--json"], &keyring_pass_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert_eq!(json(&out)["changed"], true);
     let restored = table(&keyring).keyring().unwrap();
@@ -77,16 +53,16 @@ async fn purge_destroys_an_archived_key_and_it_cannot_be_restored_after() {
     let db = TestDb::new().await;
     db.seed_patients(200).await;
     let dir = tempfile::tempdir().unwrap();
-    let (job, keyring) = file_job(&db, &dir);
+    let (job, keyring) = keyring_file_job(&db, &dir);
     let out = rotated_and_retired(&job, "scheduled");
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert_eq!(table(&keyring).archived_ids(), vec![1]);
 
-    let out = rekey(&["secrets", "purge", "--job", &job, "--key-id", "1"], &pass_env());
+    let out = rekey(&["secrets", "purge", "--job", &job, "--key-id", "1"], &keyring_pass_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert!(table(&keyring).archived_ids().is_empty());
     assert!(!archive_path(&keyring).exists());
-    let out = rekey(&["secrets", "restore", "--job", &job, "--key-id", "1"], &pass_env());
+    let out = rekey(&["secrets", "restore", "--job", &job, "--key-id", "1"], &keyring_pass_env());
     assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
     assert!(printed(&out).contains("purged"), "{}", printed(&out));
     let events: Vec<String> = std::fs::read_to_string(dir.path().join("patients.audit.jsonl"))
@@ -102,7 +78,7 @@ async fn a_compromised_key_is_destroyed_at_retire_not_archived() {
     let db = TestDb::new().await;
     db.seed_patients(200).await;
     let dir = tempfile::tempdir().unwrap();
-    let (job, keyring) = file_job(&db, &dir);
+    let (job, keyring) = keyring_file_job(&db, &dir);
     let out = rotated_and_retired(&job, "compromise");
     assert_eq!((out.status.code(), json(&out)["step"].as_str()), (Some(0), Some("retired")), "{}", printed(&out));
     let t = table(&keyring);

@@ -11,9 +11,7 @@ use std::process::Output;
 
 use rekey::crypto::codec::versioned_gcm::VersionedGcm;
 use rekey::crypto::codec::Codec;
-use rekey::secrets::file::KeyringFile;
 use rekey::crypto::keyring::{Key, Keyring};
-use rekey::crypto::keytable::{Entry, KeyState, KeyTable};
 
 use crate::harness::*;
 
@@ -21,8 +19,6 @@ use crate::harness::*;
 const K3: &str = "3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b";
 
 /// Passphrase of the keyring files made here.
-const PASS: &str = "completeness passphrase";
-
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -212,7 +208,7 @@ async fn rotate_even_rows_by_hand(db: &TestDb) {
     }
 }
 
-// Today (before issue 11): exit 0, "values_rewritten": 167 (the 100 even
+// Before these checks existed: exit 0, "values_rewritten": 167 (the 100 even
 // rows the role sees); the 100 odd rows' 167 values stay on V1 and nothing
 // says so ("rekey: job patients: done").
 #[tokio::test(flavor = "multi_thread")]
@@ -220,7 +216,7 @@ async fn run_as_a_role_that_row_security_limits_is_refused_before_any_write() {
     run_under_row_security_is_refused(Rls::OtherRole).await;
 }
 
-// Today (before issue 11): the same for the owner under FORCE: exit 0,
+// Before these checks existed: the same for the owner under FORCE: exit 0,
 // "values_rewritten": 167 (the even rows), the odd rows left on V1.
 #[tokio::test(flavor = "multi_thread")]
 async fn run_as_the_owner_under_forced_row_security_is_refused_before_any_write() {
@@ -246,7 +242,7 @@ async fn run_under_row_security_is_refused(form: Rls) {
     assert_nothing_written(&db, ROWS).await;
 }
 
-// Today (before issue 11), with the even rows on V2 and the hidden odd rows
+// Before these checks existed, with the even rows on V2 and the hidden odd rows
 // on V1: `verify` exits 0 with "167 values: 167 on the target key ...
 // verified: nothing left on an old key" (it never gets to `--full`).
 #[tokio::test(flavor = "multi_thread")]
@@ -254,7 +250,7 @@ async fn verify_as_a_role_that_row_security_limits_is_refused_sampled_and_full()
     verify_under_row_security_is_refused(Rls::OtherRole).await;
 }
 
-// Today (before issue 11): as above for the owner under FORCE: exit 0,
+// Before these checks existed: as above for the owner under FORCE: exit 0,
 // "verified: nothing left on an old key".
 #[tokio::test(flavor = "multi_thread")]
 async fn verify_as_the_owner_under_forced_row_security_is_refused_sampled_and_full() {
@@ -287,40 +283,9 @@ async fn verify_under_row_security_is_refused(form: Rls) {
     );
 }
 
-/// A keyring file holding K1 as current key 1, and a job over
-/// `patient_persons` using it (as in lifecycle.rs).
-fn keyring_file_job(db: &TestDb, dir: &tempfile::TempDir) -> (String, std::path::PathBuf) {
-    let keyring = dir.path().join("keyring.json");
-    let table = KeyTable {
-        entries: vec![Entry {
-            id: 1,
-            state: KeyState::Current,
-            created_at: 1,
-            changed_at: 1,
-            key: Some(Key::parse(1, K1).unwrap()),
-        }],
-    };
-    KeyringFile::create(&keyring, PASS.as_bytes(), table).unwrap();
-    let job = dir.path().join("patients.toml");
-    std::fs::write(
-        &job,
-        format!(
-            "[database]\nurl = \"{}\"\n[keys]\nsource = \"file\"\npath = {:?}\n[[target]]\ntable = \"patient_persons\"\ncolumns = [\"phone_encrypted\", \"emergency_contact_phone_encrypted\"]\nformat = \"versioned-gcm\"\n",
-            db.url,
-            keyring.display().to_string()
-        ),
-    )
-    .unwrap();
-    (job.display().to_string(), keyring)
-}
-
-fn pass_env() -> Vec<(&'static str, String)> {
-    vec![("REKEY_KEYRING_PASSPHRASE", PASS.to_string())]
-}
-
 /// Key 1's state in `rekey secrets show --json`, and whether its material is there (a fingerprint).
 fn key_1_as_shown(job: &str) -> (String, bool) {
-    let show = rekey(&["secrets", "show", "--job", job, "--json"], &pass_env());
+    let show = rekey(&["secrets", "show", "--job", job, "--json"], &keyring_pass_env());
     assert_eq!(show.status.code(), Some(0), "{}", printed(&show));
     let keys = json(&show)["keys"].clone();
     let one = keys
@@ -335,7 +300,7 @@ fn key_1_as_shown(job: &str) -> (String, bool) {
     )
 }
 
-// Today (before issue 11): `secrets retire` as the half-sighted role exits 0
+// Before these checks existed: `secrets retire` as the half-sighted role exits 0
 // and prints "retired key 1": key 1 leaves the keyring while the 100 phones
 // of the hidden rows are still sealed under it (permanent data loss).
 #[tokio::test(flavor = "multi_thread")]
@@ -343,7 +308,7 @@ async fn retire_as_a_role_that_row_security_limits_is_refused_and_the_old_key_st
     retire_under_row_security_is_refused(Rls::OtherRole).await;
 }
 
-// Today (before issue 11): as above for the owner under FORCE: exit 0,
+// Before these checks existed: as above for the owner under FORCE: exit 0,
 // "retired key 1".
 #[tokio::test(flavor = "multi_thread")]
 async fn retire_as_the_owner_under_forced_row_security_is_refused_and_the_old_key_stays() {
@@ -369,7 +334,7 @@ async fn retire_under_row_security_is_refused(form: Rls) {
             &owner_url,
             "--json",
         ],
-        &pass_env(),
+        &keyring_pass_env(),
     );
     assert_eq!(
         (out.status.code(), json(&out)["step"].as_str()),
@@ -422,7 +387,7 @@ async fn retire_under_row_security_is_refused(form: Rls) {
             "--database-url",
             &role_url,
         ],
-        &pass_env(),
+        &keyring_pass_env(),
     );
     assert_refused_for_row_security(&format!("secrets retire ({form:?})"), &out);
     assert_eq!(
@@ -449,7 +414,7 @@ async fn retire_under_row_security_is_refused(form: Rls) {
             "--grace",
             "0s",
         ],
-        &pass_env(),
+        &keyring_pass_env(),
     );
     assert_refused_for_row_security(&format!("rotate at its retire step ({form:?})"), &out);
     assert_eq!(
@@ -459,7 +424,7 @@ async fn retire_under_row_security_is_refused(form: Rls) {
     );
 }
 
-// Today (before issue 11): with --batch-size 7, `run` exits 0 ("done") having
+// Before these checks existed: with --batch-size 7, `run` exits 0 ("done") having
 // rewritten 88 of the 100 rows: rows whose key compares equal, under the
 // case-insensitive collation, to the last key of a page are skipped and stay
 // on V1, unreported.
@@ -651,7 +616,7 @@ fn every_tenth_row(id: i64) -> (bool, bool) {
     (id % 10 == 0, id % 10 == 0)
 }
 
-// Today (before issue 11): exit 0, "values_rewritten": 1667 (every value,
+// Before these checks existed: exit 0, "values_rewritten": 1667 (every value,
 // including the 100 phones the trigger put back on V1), "conflicts": 0; a
 // second run again exits 0 and counts the same 100 phones as rewritten.
 #[tokio::test(flavor = "multi_thread")]
@@ -672,7 +637,7 @@ async fn a_trigger_that_puts_the_old_value_back_leaves_values_reported_as_not_ro
     assert_refused_writes_end_as_not_rotated(&db, 1_000, every_tenth_phone, &[]).await;
 }
 
-// Today (before issue 11): exit 0 after ~4 s of re-reads, "values_rewritten":
+// Before these checks existed: exit 0 after ~4 s of re-reads, "values_rewritten":
 // 1500, "conflicts": 1100, "conflicts_left": 100, no "values_not_rotated";
 // the job is recorded as done.
 #[tokio::test(flavor = "multi_thread")]
@@ -693,7 +658,7 @@ async fn a_trigger_that_skips_the_update_leaves_values_reported_as_not_rotated()
     assert_refused_writes_end_as_not_rotated(&db, 1_000, every_tenth_row, &[]).await;
 }
 
-// Today (before issue 11): not refused up front (right: every row is
+// Before these checks existed: not refused up front (right: every row is
 // visible), then exit 0 with "values_rewritten": 1500, "conflicts": 1100,
 // "conflicts_left": 100, the tenth rows still on V1, no "values_not_rotated";
 // in text mode the message blames the application ("rows kept changing").
@@ -736,7 +701,7 @@ fn env_with_v2(v2: &str) -> Vec<(&'static str, String)> {
     ]
 }
 
-// Today (before issue 11): `--sample 0` exits 0 with "verified": true; the
+// Before these checks existed: `--sample 0` exits 0 with "verified": true; the
 // default sample, `--sample 5` and `--full` exit 4 (the values decrypted are
 // "undecryptable", one warning line per value for --full); none exits 2 or
 // says the key is not the one the job recorded.
@@ -775,7 +740,7 @@ async fn verify_with_a_target_key_that_is_not_the_jobs_fails_on_its_fingerprint_
     );
 }
 
-// Today (before issue 11): exit 0, "verified": true, "values_sampled": 0:
+// Before these checks existed: exit 0, "verified": true, "values_sampled": 0:
 // verified having decrypted nothing.
 #[tokio::test(flavor = "multi_thread")]
 async fn verify_with_a_sample_of_zero_never_says_verified() {
@@ -811,7 +776,7 @@ async fn verify_with_a_sample_of_zero_never_says_verified() {
     );
 }
 
-// Today (before issue 11): exit 0, "values_rewritten": 0, "rows_scanned": 0:
+// Before these checks existed: exit 0, "values_rewritten": 0, "rows_scanned": 0:
 // all 300 rows still sealed under the old key 1 (the stale filter sees
 // version byte 1, the write side's current version, and skips everything).
 #[tokio::test(flavor = "multi_thread")]
@@ -877,7 +842,7 @@ fn env_without_v1() -> Vec<(&'static str, String)> {
     ]
 }
 
-// Today (before issue 11): exit 3: all 100 values are quarantined as
+// Before these checks existed: exit 3: all 100 values are quarantined as
 // unknown_key, one warning line each (the preflight refuses a key that
 // fails authentication, not one that is missing).
 #[tokio::test(flavor = "multi_thread")]
@@ -923,7 +888,7 @@ async fn a_missing_old_key_is_refused_before_any_write() {
     }
 }
 
-// Today (before issue 11): the 100 values are quarantined, with one warning
+// Before these checks existed: the 100 values are quarantined, with one warning
 // line per value on stderr ("rekey: warning: cannot decrypt
 // public.patient_persons.phone_encrypted at key (1): unknown_key", 100 lines)
 // and no summary there. (Those lines say "cannot decrypt", not "quarantine":

@@ -436,3 +436,32 @@ impl Drop for TinyDisk {
         let _ = Command::new("umount").arg("-l").arg(self.dir.path()).output();
     }
 }
+
+/// The passphrase of the keyring files tests create.
+pub const KEYRING_PASS: &str = "correct horse battery staple";
+
+/// The environment giving [`KEYRING_PASS`] to rekey.
+pub fn keyring_pass_env() -> Vec<(&'static str, String)> {
+    vec![("REKEY_KEYRING_PASSPHRASE", KEYRING_PASS.to_string())]
+}
+
+/// A keyring file holding K1 as current key 1 (sealed with
+/// [`KEYRING_PASS`]), and a job over `patient_persons` using it; returns the
+/// job file and the keyring file.
+pub fn keyring_file_job(db: &TestDb, dir: &tempfile::TempDir) -> (String, std::path::PathBuf) {
+    use rekey::crypto::keytable::{Entry, KeyState, KeyTable};
+    let keyring = dir.path().join("keyring.json");
+    let table = KeyTable { entries: vec![Entry { id: 1, state: KeyState::Current, created_at: 1, changed_at: 1, key: Some(Key::parse(1, K1).unwrap()) }] };
+    rekey::secrets::file::KeyringFile::create(&keyring, KEYRING_PASS.as_bytes(), table).unwrap();
+    let job = dir.path().join("patients.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "[database]\nurl = \"{}\"\n[keys]\nsource = \"file\"\npath = {:?}\n[[target]]\ntable = \"patient_persons\"\ncolumns = [\"phone_encrypted\", \"emergency_contact_phone_encrypted\"]\nformat = \"versioned-gcm\"\n",
+            db.url,
+            keyring.display().to_string()
+        ),
+    )
+    .unwrap();
+    (job.display().to_string(), keyring)
+}

@@ -5,33 +5,9 @@
 use base64::Engine as _;
 use rekey::secrets::file::KeyringFile;
 use rekey::crypto::keyring::Key;
-use rekey::crypto::keytable::{Entry, KeyState, KeyTable};
+use rekey::crypto::keytable::{KeyState, KeyTable};
 
 use crate::harness::*;
-
-const PASS: &str = "correct horse battery staple";
-
-fn pass_env() -> Vec<(&'static str, String)> {
-    vec![("REKEY_KEYRING_PASSPHRASE", PASS.to_string())]
-}
-
-/// A keyring file holding K1 as current key 1, and a job over patient_persons using it.
-fn file_job(db: &TestDb, dir: &tempfile::TempDir) -> (String, std::path::PathBuf) {
-    let keyring = dir.path().join("keyring.json");
-    let table = KeyTable { entries: vec![Entry { id: 1, state: KeyState::Current, created_at: 1, changed_at: 1, key: Some(Key::parse(1, K1).unwrap()) }] };
-    KeyringFile::create(&keyring, PASS.as_bytes(), table).unwrap();
-    let job = dir.path().join("patients.toml");
-    std::fs::write(
-        &job,
-        format!(
-            "[database]\nurl = \"{}\"\n[keys]\nsource = \"file\"\npath = {:?}\n[[target]]\ntable = \"patient_persons\"\ncolumns = [\"phone_encrypted\", \"emergency_contact_phone_encrypted\"]\nformat = \"versioned-gcm\"\n",
-            db.url,
-            keyring.display().to_string()
-        ),
-    )
-    .unwrap();
-    (job.display().to_string(), keyring)
-}
 
 fn audit_events(dir: &tempfile::TempDir) -> Vec<serde_json::Value> {
     std::fs::read_to_string(dir.path().join("patients.audit.jsonl"))
@@ -46,7 +22,7 @@ fn event_types(dir: &tempfile::TempDir) -> Vec<String> {
 }
 
 fn keyring_table(path: &std::path::Path) -> KeyTable {
-    KeyringFile::open(path, PASS.as_bytes(), "P").unwrap().table
+    KeyringFile::open(path, KEYRING_PASS.as_bytes(), "P").unwrap().table
 }
 
 async fn pretend_grace_passed(db: &TestDb) {
@@ -58,9 +34,9 @@ async fn rotate_with_a_keyring_file_runs_the_whole_procedure_with_an_audit_trail
     let db = TestDb::new().await;
     db.seed_patients(50_000).await;
     let dir = tempfile::tempdir().unwrap();
-    let (job, keyring) = file_job(&db, &dir);
+    let (job, keyring) = keyring_file_job(&db, &dir);
 
-    let out = rekey(&["rotate", "--job", &job, "--operator", "alice", "--json"], &pass_env());
+    let out = rekey(&["rotate", "--job", &job, "--operator", "alice", "--json"], &keyring_pass_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert_eq!(json(&out)["step"], "promoted");
     assert_eq!(event_types(&dir), ["key_staged", "reencryption_completed", "verification_passed", "key_promoted"]);
@@ -70,12 +46,12 @@ async fn rotate_with_a_keyring_file_runs_the_whole_procedure_with_an_audit_trail
     let new_key = hex::encode(ring.get(2).unwrap().material());
 
     // a later invocation, inside the grace period, changes nothing
-    let out = rekey(&["rotate", "--job", &job, "--json"], &pass_env());
+    let out = rekey(&["rotate", "--job", &job, "--json"], &keyring_pass_env());
     assert_eq!((out.status.code(), json(&out)["step"].as_str()), (Some(0), Some("promoted")), "{}", printed(&out));
     assert_eq!(event_types(&dir).len(), 4);
 
     pretend_grace_passed(&db).await;
-    let out = rekey(&["rotate", "--job", &job, "--json"], &pass_env());
+    let out = rekey(&["rotate", "--job", &job, "--json"], &keyring_pass_env());
     assert_eq!((out.status.code(), json(&out)["step"].as_str()), (Some(0), Some("retired")), "{}", printed(&out));
     assert_eq!(event_types(&dir), ["key_staged", "reencryption_completed", "verification_passed", "key_promoted", "key_retired"]);
     assert!(keyring_table(&keyring).keyring().unwrap().get(1).is_none(), "the old key's material is gone");
@@ -102,15 +78,15 @@ async fn a_rotation_killed_between_stage_and_promote_resumes() {
     let db = TestDb::new().await;
     db.seed_patients(30_000).await;
     let dir = tempfile::tempdir().unwrap();
-    let (job, keyring) = file_job(&db, &dir);
+    let (job, keyring) = keyring_file_job(&db, &dir);
     let args = ["rotate", "--job", job.as_str(), "--json", "--batch-size", "200"];
-    let mut child = spawn_rekey(&args, &pass_env());
+    let mut child = spawn_rekey(&args, &keyring_pass_env());
     wait_for_progress(&db, &mut child, 5_000 + 1).await;
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(keyring_table(&keyring).id_in(KeyState::Pending), Some(2), "killed after staging");
 
-    let out = rekey(&args, &pass_env());
+    let out = rekey(&args, &keyring_pass_env());
     assert_eq!((out.status.code(), json(&out)["step"].as_str()), (Some(0), Some("promoted")), "{}", printed(&out));
     assert_eq!(event_types(&dir), ["key_staged", "reencryption_completed", "verification_passed", "key_promoted"]);
     let ring = keyring_table(&keyring).keyring().unwrap();
@@ -122,18 +98,18 @@ async fn rollback_makes_the_previous_key_current_again() {
     let db = TestDb::new().await;
     db.seed_patients(2_000).await;
     let dir = tempfile::tempdir().unwrap();
-    let (job, keyring) = file_job(&db, &dir);
-    assert_eq!(rekey(&["rotate", "--job", &job], &pass_env()).status.code(), Some(0));
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    assert_eq!(rekey(&["rotate", "--job", &job], &keyring_pass_env()).status.code(), Some(0));
     assert_eq!(keyring_table(&keyring).id_in(KeyState::Current), Some(2));
 
-    let out = rekey(&["secrets", "rollback", "--job", &job, "--reason", "emergency"], &pass_env());
+    let out = rekey(&["secrets", "rollback", "--job", &job, "--reason", "emergency"], &keyring_pass_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     let table = keyring_table(&keyring);
     assert_eq!((table.id_in(KeyState::Current), table.previous_ids()), (Some(1), vec![2]));
     // both keys still read everything
     assert!(db.decrypted_patients(&table.keyring().unwrap()).await.values().all(|(p, _)| matches!(p, Decrypted::Plain(2, _))));
     assert_eq!(event_types(&dir).last().map(String::as_str), Some("key_rolled_back"));
-    let show = rekey(&["secrets", "show", "--job", &job, "--json"], &pass_env());
+    let show = rekey(&["secrets", "show", "--job", &job, "--json"], &keyring_pass_env());
     let keys = json(&show)["keys"].clone();
     assert_eq!((keys[0]["state"].as_str(), keys[1]["state"].as_str()), (Some("current"), Some("previous")), "{keys}");
 }
@@ -143,21 +119,21 @@ async fn retire_is_refused_while_values_still_need_the_old_key() {
     let db = TestDb::new().await;
     db.seed_patients(1_000).await;
     let dir = tempfile::tempdir().unwrap();
-    let (job, keyring) = file_job(&db, &dir);
+    let (job, keyring) = keyring_file_job(&db, &dir);
     for step in ["stage", "promote"] {
-        let out = rekey(&["secrets", step, "--job", &job, "--reason", "compromise"], &pass_env());
+        let out = rekey(&["secrets", step, "--job", &job, "--reason", "compromise"], &keyring_pass_env());
         assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     }
     let before = std::fs::read(&keyring).unwrap();
-    let out = rekey(&["secrets", "retire", "--job", &job, "--reason", "compromise"], &pass_env());
+    let out = rekey(&["secrets", "retire", "--job", &job, "--reason", "compromise"], &keyring_pass_env());
     assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
     assert!(printed(&out).contains("1667 values still under key 1"), "{}", printed(&out));
     assert_eq!(std::fs::read(&keyring).unwrap(), before, "the keyring changed");
     assert_eq!(event_types(&dir).last().map(String::as_str), Some("retire_refused"));
 
     // once the data is rotated, it goes
-    assert_eq!(rekey(&["run", "--job", &job], &pass_env()).status.code(), Some(0));
-    let out = rekey(&["secrets", "retire", "--job", &job], &pass_env());
+    assert_eq!(rekey(&["run", "--job", &job], &keyring_pass_env()).status.code(), Some(0));
+    let out = rekey(&["secrets", "retire", "--job", &job], &keyring_pass_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert_eq!(keyring_table(&keyring).entries[0].state, KeyState::Retired);
 }
@@ -167,7 +143,7 @@ async fn a_wrong_passphrase_is_refused_clearly_and_changes_nothing() {
     let db = TestDb::new().await;
     db.seed_patients(100).await;
     let dir = tempfile::tempdir().unwrap();
-    let (job, keyring) = file_job(&db, &dir);
+    let (job, keyring) = keyring_file_job(&db, &dir);
     let before = std::fs::read(&keyring).unwrap();
     let table_before = db.checksum("patient_persons").await;
     for args in [vec!["rotate", "--job", job.as_str()], vec!["run", "--job", job.as_str()], vec!["secrets", "stage", "--job", job.as_str()]] {
@@ -227,18 +203,18 @@ async fn a_staged_key_replaced_by_hand_stops_the_rotation() {
     let db = TestDb::new().await;
     db.seed_patients(500).await;
     let dir = tempfile::tempdir().unwrap();
-    let (job, keyring) = file_job(&db, &dir);
-    assert_eq!(rekey(&["secrets", "stage", "--job", &job], &pass_env()).status.code(), Some(0));
-    let out = rekey(&["rotate", "--job", &job], &pass_env());
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    assert_eq!(rekey(&["secrets", "stage", "--job", &job], &keyring_pass_env()).status.code(), Some(0));
+    let out = rekey(&["rotate", "--job", &job], &keyring_pass_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
 
     // someone swaps key 2's material in the store
-    let mut file = KeyringFile::open(&keyring, PASS.as_bytes(), "P").unwrap();
+    let mut file = KeyringFile::open(&keyring, KEYRING_PASS.as_bytes(), "P").unwrap();
     for e in file.table.entries.iter_mut().filter(|e| e.id == 2) {
         e.key = Some(Key::new(2, [42; 32]));
     }
     file.save().unwrap();
-    let out = rekey(&["rotate", "--job", &job], &pass_env());
+    let out = rekey(&["rotate", "--job", &job], &keyring_pass_env());
     assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
     assert!(printed(&out).contains("not the key this rotation staged"), "{}", printed(&out));
 }

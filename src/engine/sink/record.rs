@@ -36,7 +36,7 @@ pub(super) async fn tally_and_quarantine(
             match cell {
                 Cell::Rewritten(_) if swapped.not_rotated.contains_key(&(r, c)) => counts.values_not_rotated += 1,
                 Cell::Rewritten(_) if !row_conflicted || swapped.landed_in_conflicted.contains(&(r, c)) => counts.values_rewritten += 1,
-                Cell::Rewritten(_) | Cell::Opened(..) => {}
+                Cell::Rewritten(_) | Cell::Opened { .. } => {}
                 Cell::Null | Cell::Current => counts.values_skipped += 1,
                 Cell::Failed(e) => {
                     counts.values_failed += 1;
