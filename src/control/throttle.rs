@@ -1,7 +1,7 @@
 //! Keeping a run off a live primary's back: the rows/s pace, the hold that
 //! pauses every source while a signal says so, the adaptive batch size, and
 //! the replica-lag estimate. Pure state and arithmetic; the checks that read
-//! the database live in `monitor.rs`, the tasks in `pipeline.rs`.
+//! the database live in [`super::monitor`], the tasks in the engine.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
