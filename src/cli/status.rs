@@ -62,8 +62,9 @@ pub async fn status(args: &StatusArgs) -> Result<u8, Error> {
             s.finished_at.as_ref().map(|f| format!(", finished {f}")).unwrap_or_default()
         );
         if s.values_not_rotated > 0 {
+            let why = s.not_rotated_by_reason.iter().map(|(r, n)| format!("{n} {r}")).collect::<Vec<_>>().join(", ");
             println!(
-                "  {} values NOT rotated: the database refused or undid rekey's write (a trigger, a row-level security policy or a rule); see SELECT * FROM rekey.not_rotated WHERE job_id = {}",
+                "  {} values NOT rotated ({why}): the database refused or undid rekey's write (a trigger, a row-level security policy or a rule); see SELECT * FROM rekey.not_rotated WHERE job_id = {}",
                 s.values_not_rotated, s.job_id
             );
         }

@@ -34,6 +34,8 @@ pub struct JobStatus {
     pub quarantined: i64,
     /// Values the database refused or undid the write of: still under an old key.
     pub values_not_rotated: i64,
+    /// The same by reason (`write_refused`, `write_undone`).
+    pub not_rotated_by_reason: std::collections::BTreeMap<String, i64>,
     /// Rows still waiting in `rekey.conflicts` to be re-read.
     pub conflicts_left: i64,
     /// Live control.
@@ -71,6 +73,13 @@ pub async fn job_status(client: &Client, name: &str) -> Result<Option<JobStatus>
         )
         .await
         .ctx(what)?;
+    let not_rotated_by_reason = client
+        .query("SELECT reason, count(*) FROM rekey.not_rotated WHERE job_id = $1 GROUP BY reason", &[&id])
+        .await
+        .ctx(what)?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
     Ok(Some(JobStatus {
         job_id: id,
         name: name.to_string(),
@@ -85,6 +94,7 @@ pub async fn job_status(client: &Client, name: &str) -> Result<Option<JobStatus>
         control: Control::stored(j.get(6))?,
         workers: j.get(7),
         values_not_rotated: j.get(8),
+        not_rotated_by_reason,
         conflicts_left: j.get(9),
     }))
 }
