@@ -93,6 +93,8 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
     let stop = Stop::default();
     let _signals = stop_on_signals(&stop, deadline(args)?);
     let settings = settings_from(lanes, args.batch_size, args.max_rows_per_sec, &args.online, stop);
+    // every session of the run gets its limits, whatever the role or the database sets
+    let db = db.with_session(&settings.timeouts);
     let quiet = args.quiet || args.common.json;
     let started = Instant::now();
     let live = Arc::new(LiveCounts::default());

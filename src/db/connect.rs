@@ -8,6 +8,7 @@
 use std::error::Error as StdError;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 use rustls::CertificateError;
@@ -16,6 +17,7 @@ use tokio_postgres::{Client, Config};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::conninfo::take_tls_params;
+use super::session::Timeouts;
 use super::tls::{load_roots, tls_config, Check, Roots};
 
 /// Why a connection could not be made. No variant carries the password.
@@ -65,8 +67,22 @@ pub enum ConnectError {
         roots: String,
     },
     /// The server could not be reached or refused us.
-    #[error("cannot connect to PostgreSQL")]
-    Connect(#[source] tokio_postgres::Error),
+    #[error("cannot connect to PostgreSQL at {at}")]
+    Connect {
+        /// Host, port, database and user (never the password).
+        at: String,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// Nothing answered within the connect timeout (a stuck pooler, a half-dead host).
+    #[error("no answer from PostgreSQL at {at} within {secs}s (connect_timeout): check the host and port, and that the server or pooler there is answering; set connect_timeout=N in the URL or PGCONNECT_TIMEOUT to wait longer")]
+    Timeout {
+        /// Host, port, database and user (never the password).
+        at: String,
+        /// The bound, in seconds.
+        secs: u64,
+    },
 }
 
 /// How much TLS a connection asks for: libpq's `sslmode`.
@@ -126,7 +142,23 @@ pub struct Database {
     roots: String,
     /// The TLS connector, built once: CA files are read when the URL is parsed.
     tls: MakeRustlsConnect,
+    /// The string's own `options`, before rekey's session settings.
+    options: String,
+    /// How long a connection may take to start, TLS and authentication included.
+    connect_timeout: Duration,
 }
+
+/// How long a connection may take to start when neither the string
+/// (`connect_timeout`) nor `PGCONNECT_TIMEOUT` says.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// TCP keepalives: a peer gone silent in the middle of a session is noticed
+/// after about `idle + interval * retries` instead of never.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// See [`KEEPALIVE_IDLE`].
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// See [`KEEPALIVE_IDLE`].
+const KEEPALIVE_RETRIES: u32 = 3;
 
 impl std::fmt::Debug for Database {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -154,7 +186,17 @@ impl Database {
             Some(o) if !o.is_empty() => format!("{o} -c standard_conforming_strings=on"),
             _ => "-c standard_conforming_strings=on".to_string(),
         };
-        config.options(&options);
+        config.options(&format!("{options} {}", Timeouts::read_only().startup_options()));
+        let connect_timeout = match config.get_connect_timeout() {
+            Some(t) => *t,
+            None => match env("PGCONNECT_TIMEOUT").filter(|t| !t.trim().is_empty()) {
+                // libpq: a value under 2 seconds waits 2
+                Some(t) => Duration::from_secs(t.trim().parse::<u64>().map_err(|_| ConnectError::BadUrl(format!("PGCONNECT_TIMEOUT={t} is not a number of seconds")))?.max(2)),
+                None => DEFAULT_CONNECT_TIMEOUT,
+            },
+        };
+        config.connect_timeout(connect_timeout);
+        config.keepalives(true).keepalives_idle(KEEPALIVE_IDLE).keepalives_interval(KEEPALIVE_INTERVAL).keepalives_retries(KEEPALIVE_RETRIES);
         let rootcert = params.sslrootcert.or_else(|| env("PGSSLROOTCERT")).filter(|r| !r.is_empty());
         let mode = match params.sslmode.or_else(|| env("PGSSLMODE")).filter(|m| !m.is_empty()) {
             Some(mode) => SslMode::parse(&mode)?,
@@ -199,7 +241,39 @@ impl Database {
             Some(Roots::System) => "system".to_string(),
             Some(Roots::File(path)) => path.display().to_string(),
         };
-        Ok(Database { config, mode, roots, tls: MakeRustlsConnect::new(tls_config(check)?) })
+        Ok(Database { config, mode, roots, tls: MakeRustlsConnect::new(tls_config(check)?), options, connect_timeout })
+    }
+
+    /// The same database, every session opened with `timeouts` (and read
+    /// committed) as its startup options.
+    pub fn with_session(&self, timeouts: &Timeouts) -> Database {
+        let mut db = self.clone();
+        db.config.options(&format!("{} {}", self.options, timeouts.startup_options()));
+        db
+    }
+
+    /// Where connections go, for messages: host and port, database, user;
+    /// never the password.
+    pub fn describe(&self) -> String {
+        let ports = self.config.get_ports();
+        let hosts: Vec<String> = self
+            .config
+            .get_hosts()
+            .iter()
+            .enumerate()
+            .map(|(i, h)| (h, ports.get(i).or(ports.first()).copied().unwrap_or(5432)))
+            .map(|(h, p)| match h {
+                Host::Tcp(name) => format!("{name}:{p}"),
+                #[cfg(unix)]
+                Host::Unix(dir) => format!("{}/.s.PGSQL.{p}", dir.display()),
+            })
+            .collect();
+        format!(
+            "{} (database {}, user {})",
+            if hosts.is_empty() { "localhost:5432".to_string() } else { hosts.join(", ") },
+            self.config.get_dbname().unwrap_or("(default)"),
+            self.config.get_user().unwrap_or("(default)")
+        )
     }
 
     /// The sslmode this database is reached with.
@@ -210,7 +284,13 @@ impl Database {
     /// Opens one connection; its I/O runs on a spawned tokio task until the
     /// client is dropped.
     pub async fn connect(&self) -> Result<Client, ConnectError> {
-        let (client, connection) = self.config.connect(self.tls.clone()).await.map_err(|e| self.explain(e))?;
+        // the driver's connect_timeout bounds the TCP connect only: the TLS and
+        // PostgreSQL handshakes of a server that accepts and never answers would hang
+        let started = self.config.connect(self.tls.clone());
+        let (client, connection) = match tokio::time::timeout(self.connect_timeout + Duration::from_secs(1), started).await {
+            Ok(connected) => connected.map_err(|e| self.explain(e))?,
+            Err(_) => return Err(ConnectError::Timeout { at: self.describe(), secs: self.connect_timeout.as_secs() }),
+        };
         tokio::spawn(async move {
             // The client sees the same error on its next call; nothing to add here.
             let _ = connection.await;
@@ -230,7 +310,7 @@ impl Database {
             }
             Some(TlsFailure::Certificate(CertificateError::NotValidForName)) => ConnectError::WrongHost { detail: "the host connected to".into() },
             Some(TlsFailure::Certificate(other)) => ConnectError::BadCertificate { reason: other.to_string(), roots },
-            None => ConnectError::Connect(e),
+            None => ConnectError::Connect { at: self.describe(), source: e },
         }
     }
 }
