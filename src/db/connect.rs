@@ -186,7 +186,7 @@ impl Database {
             Some(o) if !o.is_empty() => format!("{o} -c standard_conforming_strings=on"),
             _ => "-c standard_conforming_strings=on".to_string(),
         };
-        config.options(&format!("{options} {}", Timeouts::read_only().startup_options()));
+        config.options(format!("{options} {}", Timeouts::read_only().startup_options()));
         let connect_timeout = match config.get_connect_timeout() {
             Some(t) => *t,
             None => match env("PGCONNECT_TIMEOUT").filter(|t| !t.trim().is_empty()) {
@@ -248,7 +248,7 @@ impl Database {
     /// committed) as its startup options.
     pub fn with_session(&self, timeouts: &Timeouts) -> Database {
         let mut db = self.clone();
-        db.config.options(&format!("{} {}", self.options, timeouts.startup_options()));
+        db.config.options(format!("{} {}", self.options, timeouts.startup_options()));
         db
     }
 
