@@ -32,7 +32,9 @@ pub(super) async fn commit(shared: &Shared, writer: &mut Writer, state: &RangeSt
             // crash may have lost commits the server had acknowledged
             match writer.after_reconnect(state, b.last_key.as_ref()).await {
                 Ok(AfterReconnect::Committed) => {
+                    // landed before the break: its checkpoint and counts are in rekey.progress
                     unchecked = false;
+                    writer.remember(state, &b);
                     continue;
                 }
                 Ok(AfterReconnect::NotCommitted) => {

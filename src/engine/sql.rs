@@ -199,16 +199,22 @@ pub fn staged_outcome(target: &Target) -> String {
 }
 
 /// Records one undecryptable value. Parameters: job id, table label, column,
-/// key as bytea[], error kind, then the key columns for the text lookup.
-pub fn insert_quarantine(target: &Target) -> String {
+/// key as bytea[], error kind, the key columns, then the value as read.
+/// Only while encrypted column `col` still holds the value read (the last
+/// parameter): a value changed since (perhaps fixed by the application) is
+/// re-read instead, and answers no row.
+pub fn insert_quarantine(target: &Target, col: usize) -> String {
+    let n = target.key.len();
     format!(
         "INSERT INTO rekey.quarantine (job_id, table_name, column_name, pk, pk_text, error_kind) \
-         SELECT $1, $2, $3, $4, (SELECT ROW({keys})::text FROM {table} AS t WHERE ({keys}) = {params}), $5 \
+         SELECT $1, $2, $3, $4, ROW({keys})::text, $5 FROM {table} AS t WHERE ({keys}) = {params} AND t.{column} IS NOT DISTINCT FROM ${value} \
          ON CONFLICT (job_id, table_name, column_name, pk) DO UPDATE SET error_kind = EXCLUDED.error_kind, seen_at = now() \
          RETURNING pk_text",
         keys = target.key_list("t."),
         table = target.qualified(),
         params = key_params(target, 6),
+        column = quote_ident(&target.columns[col].name),
+        value = 6 + n,
     )
 }
 

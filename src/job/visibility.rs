@@ -19,6 +19,7 @@ pub async fn check(client: &Client, targets: &[Target]) -> Result<(), Error> {
     for t in targets {
         row_security(client, t).await?;
         key_collations(client, t).await?;
+        key_types(client, t).await?;
         update_rules(client, t).await?;
         write_triggers(client, t).await?;
     }
@@ -89,6 +90,46 @@ async fn key_collations(client: &Client, t: &Target) -> Result<(), Error> {
             "key column {}.{column} uses the nondeterministic collation {collation:?}: rows whose keys compare equal under it would be \
              skipped by keyset paging and keep their old key. Name a key of deterministically collated columns as primary_key \
              (a numeric id, or a column with COLLATE \"C\")",
+            t.table
+        )));
+    }
+    Ok(())
+}
+
+/// Keyset paging compares keys and sends them back as parameters: a key of
+/// a composite type cannot be sent back (PostgreSQL takes no anonymous
+/// composite input), and a type with no btree ordering cannot be compared.
+async fn key_types(client: &Client, t: &Target) -> Result<(), Error> {
+    let names: Vec<&str> = t.key.iter().map(|k| k.name.as_str()).collect();
+    let rows = client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
+                    coalesce(b.typtype, t.typtype) = 'c' OR t.typtype = 'p',
+                    EXISTS (SELECT 1 FROM pg_opclass oc JOIN pg_am am ON am.oid = oc.opcmethod
+                             WHERE am.amname = 'btree' AND oc.opcdefault
+                               AND (oc.opcintype = coalesce(b.oid, t.oid)
+                                    OR (oc.opcintype = 'anyarray'::regtype AND coalesce(b.typcategory, t.typcategory) = 'A')
+                                    OR (oc.opcintype = 'anyenum'::regtype AND coalesce(b.typtype, t.typtype) = 'e')
+                                    OR (oc.opcintype = 'anyrange'::regtype AND coalesce(b.typtype, t.typtype) = 'r')))
+               FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+               LEFT JOIN pg_type b ON t.typtype = 'd' AND b.oid = t.typbasetype
+              WHERE a.attrelid = $1::text::regclass AND a.attname = ANY ($2)",
+            &[&t.qualified(), &names],
+        )
+        .await
+        .ctx(|| format!("checking the types of {}'s key", t.table))?;
+    for r in &rows {
+        let (column, type_name, composite, ordered): (String, String, bool, bool) = (r.get(0), r.get(1), r.get(2), r.get(3));
+        let why = if composite {
+            "a composite type, which PostgreSQL cannot take back as a parameter"
+        } else if !ordered {
+            "a type with no btree ordering"
+        } else {
+            continue;
+        };
+        return Err(Error::Config(format!(
+            "key column {}.{column} is of type {type_name}, {why}, so rekey cannot page by it; name a key of scalar columns as primary_key \
+             (a unique NOT NULL id, or the composite's fields stored in columns of their own)",
             t.table
         )));
     }

@@ -75,8 +75,8 @@ pub(super) struct Prepared {
     pub(super) update: Statement,
     /// The same without key bounds (conflict re-reads are not contiguous).
     pub(super) update_any: Statement,
-    /// The quarantine INSERT.
-    pub(super) quarantine: Statement,
+    /// The quarantine INSERT, per encrypted column.
+    pub(super) quarantine: Vec<Statement>,
     /// Where each staged row stands after the UPDATE (run when not every row landed).
     pub(super) outcome: Statement,
     /// The not-rotated INSERT.
@@ -108,9 +108,10 @@ pub struct Writer {
     timeouts: Timeouts,
     /// Statements by target index.
     prepared: HashMap<usize, Prepared>,
-    /// The last key this writer committed in each (target, range), to tell
-    /// after a reconnect whether the server lost acknowledged commits.
-    ledger: HashMap<(usize, i32), KeyBytes>,
+    /// The last key this writer committed in each (target, range), with the
+    /// lease generation it wrote under, to tell after a reconnect whether the
+    /// server lost acknowledged commits.
+    ledger: HashMap<(usize, i32), (KeyBytes, Option<i64>)>,
 }
 
 /// Where a batch stands after its connection broke and was reopened.
@@ -145,6 +146,14 @@ impl Writer {
         Ok(())
     }
 
+    /// Notes that `batch` of `state` is committed (by [`Writer::write`], or
+    /// found committed after a reconnect).
+    pub fn remember(&mut self, state: &RangeState, batch: &Batch) {
+        if let Some(last) = &batch.last_key {
+            self.ledger.insert((state.target, state.range_no), (last.clone(), batch.lease));
+        }
+    }
+
     /// After a reconnect: whether the batch ending at `last` of `state`
     /// committed, and whether every batch this writer committed before it
     /// is still there (a crash can lose acknowledged asynchronous commits,
@@ -152,7 +161,7 @@ impl Writer {
     pub async fn after_reconnect(&self, state: &RangeState, last: Option<&KeyBytes>) -> Result<AfterReconnect, Error> {
         let rows = self
             .client
-            .query("SELECT target, range_no, last_key, owner FROM rekey.progress WHERE job_id = $1 AND range_no >= 0", &[&self.job_id])
+            .query("SELECT target, range_no, last_key, owner, lease_gen FROM rekey.progress WHERE job_id = $1 AND range_no >= 0", &[&self.job_id])
             .await
             .ctx(|| "checking the checkpoints after a reconnect".into())?;
         let mut this = None;
@@ -160,6 +169,7 @@ impl Writer {
             let key = (usize::try_from(r.get::<_, i32>(0)).unwrap_or(usize::MAX), r.get::<_, i32>(1));
             let durable: Option<KeyBytes> = r.get(2);
             let owner: Option<String> = r.get(3);
+            let generation: i64 = r.get(4);
             if key == (state.target, state.range_no) {
                 this = Some(durable.clone());
             }
@@ -167,7 +177,11 @@ impl Writer {
             if owner.is_some() && owner != self.owner {
                 continue;
             }
-            if let Some(committed) = self.ledger.get(&key) {
+            if let Some((committed, written_under)) = self.ledger.get(&key) {
+                // claimed again since (by another lane, or handed back): its checkpoint moved on without us
+                if written_under.is_some_and(|g| g != generation) {
+                    continue;
+                }
                 if durable.as_ref() != Some(committed) && !(key == (state.target, state.range_no) && durable.as_ref() == last && last.is_some()) {
                     return Ok(AfterReconnect::Lost);
                 }
@@ -191,7 +205,10 @@ impl Writer {
             client.batch_execute(&sql::create_stage(t)).await.ctx(what)?;
             let update = client.prepare(&sql::update_from_stage(t, true)).await.ctx(what)?;
             let update_any = client.prepare(&sql::update_from_stage(t, false)).await.ctx(what)?;
-            let quarantine = client.prepare(&sql::insert_quarantine(t)).await.ctx(what)?;
+            let mut quarantine = Vec::with_capacity(t.columns.len());
+            for col in 0..t.columns.len() {
+                quarantine.push(client.prepare(&sql::insert_quarantine(t, col)).await.ctx(what)?);
+            }
             let outcome = client.prepare(&sql::staged_outcome(t)).await.ctx(what)?;
             let not_rotated = client.prepare(&sql::insert_not_rotated(t)).await.ctx(what)?;
             prepared.insert(t.index, Prepared { update, update_any, quarantine, outcome, not_rotated });
@@ -207,13 +224,14 @@ impl Writer {
         let tx = self.client.transaction().await.ctx(what)?;
         let p = &self.prepared[&target.index];
         let swapped = if staged.is_empty() { Swapped::default() } else { swap(&tx, p, target, commit, batch, &staged, &mut counts).await.ctx(what)? };
-        let failures = tally_and_quarantine(&tx, p, self.job_id, target, batch, &swapped, &mut counts).await.ctx(what)?;
+        let (failures, changed) = tally_and_quarantine(&tx, p, self.job_id, target, batch, &swapped, &mut counts).await.ctx(what)?;
         record_not_rotated(&tx, p, self.job_id, target, batch, &swapped).await.ctx(what)?;
         let job = self.job_id;
         if let Commit::Retry(keys) = commit {
             state::conflicts::clear(&tx, job, target.index, keys).await.ctx(what)?;
         }
         state::conflicts::add(&tx, job, target.index, &swapped.conflicted).await.ctx(what)?;
+        state::conflicts::add(&tx, job, target.index, &changed).await.ctx(what)?;
         if target.write.format.random_nonces() && !staged.is_empty() {
             // The nonce budget (README, Guarantees 7): every staged value was encrypted under a fresh random nonce.
             let encrypted = batch.cells.iter().filter(|c| matches!(c, Cell::Rewritten(_))).count() as i64;
@@ -225,8 +243,8 @@ impl Writer {
         }
         let control = checkpoint(&tx, self.job_id, self.owner.as_deref(), target, commit, batch, &counts).await?;
         tx.commit().await.ctx(what)?;
-        if let (Commit::Range(state), Some(last)) = (commit, &batch.last_key) {
-            self.ledger.insert((state.target, state.range_no), last.clone());
+        if let Commit::Range(state) = commit {
+            self.remember(state, batch);
         }
         Ok(Written { counts, failures, control })
     }

@@ -3,15 +3,18 @@
 //! `rekey.not_rotated` (never the value itself in either).
 
 
+use std::collections::HashSet;
+
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Transaction};
 
-use crate::db::raw::{self, params};
+use crate::db::raw::{self, params, RawParam};
+use crate::db::KeyBytes;
 use crate::error::DbContext;
 use crate::job::Target;
 use crate::engine::sql;
 use crate::observe::counts::Counts;
-use crate::engine::transform::Cell;
+use crate::engine::transform::{self, Cell};
 use crate::Error;
 
 use super::swap::Swapped;
@@ -27,9 +30,10 @@ pub(super) async fn tally_and_quarantine(
     batch: &Batch,
     swapped: &Swapped,
     counts: &mut Counts,
-) -> Result<Vec<Failure>, tokio_postgres::Error> {
+) -> Result<(Vec<Failure>, HashSet<KeyBytes>), tokio_postgres::Error> {
     let ncols = target.columns.len();
     let mut failures = Vec::new();
+    let mut changed = HashSet::new();
     for (r, row) in batch.rows.iter().enumerate() {
         let row_conflicted = !swapped.conflicted.is_empty() && swapped.conflicted.contains(&target.row_key(row));
         for (c, cell) in batch.cells[r * ncols..(r + 1) * ncols].iter().enumerate() {
@@ -38,23 +42,35 @@ pub(super) async fn tally_and_quarantine(
                 Cell::Rewritten(_) if !row_conflicted || swapped.landed_in_conflicted.contains(&(r, c)) => counts.values_rewritten += 1,
                 Cell::Rewritten(_) | Cell::Opened { .. } => {}
                 Cell::Null | Cell::Current => counts.values_skipped += 1,
+                // changed since it was read (perhaps fixed): the re-read decides
+                Cell::Failed(_) if row_conflicted => {}
                 Cell::Failed(e) => {
-                    counts.values_failed += 1;
                     let key = target.row_key(row);
                     let pk: Vec<&[u8]> = key.iter().map(|k| k.as_slice()).collect();
                     let table = target.table.to_string();
                     let column = &target.columns[c].name;
                     let kind = e.kind();
                     let keyp = target.key_params(row);
+                    let read = RawParam(transform::value(target, row, c).unwrap_or_default());
                     let mut params: Vec<&(dyn ToSql + Sync)> = vec![&job_id, &table, column, &pk, &kind];
                     params.extend(raw::params(&keyp));
-                    let key_text: Option<String> = tx.query_one(&p.quarantine, &params).await?.get(0);
-                    failures.push(Failure { table, column: column.clone(), key: key_text.unwrap_or_default(), error: kind });
+                    params.push(&read);
+                    match tx.query_opt(&p.quarantine[c], &params).await? {
+                        Some(r) => {
+                            counts.values_failed += 1;
+                            let key_text: Option<String> = r.get(0);
+                            failures.push(Failure { table, column: column.clone(), key: key_text.unwrap_or_default(), error: kind });
+                        }
+                        // changed since it was read (perhaps fixed): re-read later
+                        None => {
+                            changed.insert(key);
+                        }
+                    }
                 }
             }
         }
     }
-    Ok(failures)
+    Ok((failures, changed))
 }
 
 /// Records the values whose write was refused or undone on a re-read in
