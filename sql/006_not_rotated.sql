@@ -13,8 +13,9 @@ CREATE TABLE rekey.not_rotated (
     -- write_refused: the UPDATE left the row alone though it still held what
     --   was read (a trigger returned NULL, a policy or a rule);
     -- write_undone: the UPDATE ran but the stored value is not what rekey
-    --   wrote (a BEFORE trigger changed it)
-    reason       text    NOT NULL CHECK (reason IN ('write_refused', 'write_undone')),
+    --   wrote (a BEFORE trigger changed it);
+    -- row_locked: another transaction held the row locked through every try
+    reason       text    NOT NULL CHECK (reason IN ('write_refused', 'write_undone', 'row_locked')),
     seen_at      timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (job_id, target, column_name, pk)
 );

@@ -4,7 +4,10 @@
 
 use std::collections::BTreeMap;
 
-use crate::db::Database;
+use crate::db::{Database, KeyBytes};
+use crate::error::Retry;
+use crate::job::Target;
+use crate::observe::counts::Counts;
 use crate::engine::pipeline::{Mode, Outcome};
 use crate::engine::sink::{Batch, Commit, Writer, Written};
 use crate::engine::source::Source;
@@ -15,6 +18,8 @@ use super::work::Shared;
 
 /// Rounds of conflict re-reads before the run reports rows still changing.
 pub(super) const RETRY_ROUNDS: u32 = 10;
+/// Tries of one locked row in the conflict pass before it is not rotated.
+const LOCKED_RETRIES: u32 = 2;
 /// Keys re-read per batch.
 pub(super) const RETRY_BATCH: i64 = 1000;
 
@@ -56,7 +61,17 @@ pub(super) async fn retry_conflicts(db: &Database, shared: &Shared, job_id: i64)
                 let rows = source.rows_by_keys(target, &keys).await?;
                 let batch = Batch { range_index: 0, rows, cells: Vec::new(), last_key: None, end: false, lease: None };
                 let batch = on_pool(shared.job.clone(), target.index, Mode::Rewrite { job_id }, batch).await?;
-                let Written { counts, failures, .. } = sink.write(target, Commit::Retry(&keys), &batch).await?;
+                let Written { counts, failures, .. } = match sink.write(target, Commit::Retry(&keys), &batch).await {
+                    Ok(w) => w,
+                    // a row locked elsewhere: one key at a time, and one that stays locked is not rotated
+                    Err(e) if e.retry() == Retry::Smaller => {
+                        let counts = locked_one_by_one(shared, source, sink, target, &keys, job_id).await?;
+                        shared.live.add(&counts);
+                        outcome.merge(Outcome { counts, by_target: BTreeMap::from([(target.index, counts)]), ..Outcome::default() });
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 shared.note_quarantined(&failures);
                 shared.live.add(&counts);
                 outcome.merge(Outcome { counts, failures, by_target: BTreeMap::from([(target.index, counts)]), ..Outcome::default() });
@@ -77,4 +92,35 @@ pub(super) async fn retry_conflicts(db: &Database, shared: &Shared, job_id: i64)
         .map_err(|e| Error::Db { context: "counting conflicts left".into(), source: e })?
         .get(0);
     Ok((outcome, left as u64))
+}
+
+/// Re-reads and rewrites `keys` one at a time, after a batch of them hit a
+/// lock or statement timeout: a row that times out twice more is recorded
+/// as not rotated (`row_locked`) and leaves the list.
+async fn locked_one_by_one(shared: &Shared, source: &mut Source, sink: &mut Writer, target: &Target, keys: &[KeyBytes], job_id: i64) -> Result<Counts, Error> {
+    let mut counts = Counts::default();
+    for key in keys {
+        let one = std::slice::from_ref(key);
+        let mut tries = 0;
+        loop {
+            let rows = source.rows_by_keys(target, one).await?;
+            let batch = Batch { range_index: 0, rows, cells: Vec::new(), last_key: None, end: false, lease: None };
+            let batch = on_pool(shared.job.clone(), target.index, Mode::Rewrite { job_id }, batch).await?;
+            match sink.write(target, Commit::Retry(one), &batch).await {
+                Ok(w) => {
+                    shared.note_quarantined(&w.failures);
+                    counts += w.counts;
+                    break;
+                }
+                Err(e) if e.retry() == Retry::Smaller && tries + 1 < LOCKED_RETRIES => tries += 1,
+                Err(e) if e.retry() == Retry::Smaller => {
+                    tracing::warn!(table = %target.table, "a row stayed locked through every try; its values are not rotated (see rekey.not_rotated)");
+                    counts += sink.not_rotated_locked(target, one, &batch).await?;
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(counts)
 }

@@ -72,6 +72,15 @@ pub(super) async fn commit(shared: &Shared, writer: &mut Writer, state: &RangeSt
         if !halves {
             failed += 1;
         }
+        if how == Retry::Smaller && !halves && failed >= LOCKED_TRIES {
+            // one row held by another transaction: set it aside, re-read it at the end, go on
+            tracing::info!(table = %target.table, "a row stayed locked through {failed} tries; it is re-read at the end of the run");
+            let w = writer.set_aside(target, state, &b).await?;
+            total.counts += w.counts;
+            total.control = w.control;
+            failed = 0;
+            continue;
+        }
         if failed >= shared.attempts {
             return Err(Error::Runtime(format!(
                 "a batch of {} rows of {} failed {failed} times, the last time with: {}; the batch was not written; run the same command again to resume",
@@ -106,6 +115,10 @@ pub(super) async fn commit(shared: &Shared, writer: &mut Writer, state: &RangeSt
     }
     Ok((total, retries))
 }
+
+/// Tries of a single row that times out (a lock held elsewhere) before it
+/// is set aside.
+const LOCKED_TRIES: u32 = 2;
 
 /// Splits a batch into two contiguous halves; the first ends at its own last row.
 pub(super) fn split(target: &crate::job::Target, mut b: Batch) -> (Batch, Batch) {

@@ -8,7 +8,7 @@
 //! [`swap`] stages and swaps the values and checks what landed; [`record`]
 //! counts every value and records what did not open or did not land.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 use tokio_postgres::{Client, Row, Statement, Transaction};
@@ -144,6 +144,45 @@ impl Writer {
         self.client = client;
         self.prepared = prepared;
         Ok(())
+    }
+
+    /// Sets aside a batch whose rows stayed locked past the retries: their
+    /// keys go to `rekey.conflicts` (re-read at the end of the run) and the
+    /// range's checkpoint moves past them, in one transaction, so the range
+    /// goes on.
+    pub async fn set_aside(&mut self, target: &Target, state: &RangeState, batch: &Batch) -> Result<Written, Error> {
+        let what = || format!("setting aside locked rows of {}", target.table);
+        let rows: HashSet<KeyBytes> = batch.rows.iter().map(|r| target.row_key(r)).collect();
+        let counts = Counts { rows_scanned: batch.rows.len() as u64, conflicts: rows.len() as u64, ..Counts::default() };
+        let tx = self.client.transaction().await.ctx(what)?;
+        state::conflicts::add(&tx, self.job_id, target.index, &rows).await.ctx(what)?;
+        let control = checkpoint(&tx, self.job_id, self.owner.as_deref(), target, Commit::Range(state), batch, &counts).await?;
+        tx.commit().await.ctx(what)?;
+        self.remember(state, batch);
+        Ok(Written { counts, failures: Vec::new(), control })
+    }
+
+    /// Records the values a conflict re-read would rewrite as not rotated:
+    /// their rows stayed locked through every try. They leave `rekey.conflicts`.
+    pub async fn not_rotated_locked(&mut self, target: &Target, keys: &[KeyBytes], batch: &Batch) -> Result<Counts, Error> {
+        let what = || format!("recording locked rows of {}", target.table);
+        let p = &self.prepared[&target.index];
+        let ncols = target.columns.len();
+        let mut swapped = Swapped::default();
+        for (r, _) in batch.rows.iter().enumerate() {
+            for c in 0..ncols {
+                if matches!(batch.cells[r * ncols + c], Cell::Rewritten(_)) {
+                    swapped.not_rotated.insert((r, c), swap::NotRotated::RowLocked);
+                }
+            }
+        }
+        let counts = Counts { rows_scanned: batch.rows.len() as u64, values_not_rotated: swapped.not_rotated.len() as u64, ..Counts::default() };
+        let tx = self.client.transaction().await.ctx(what)?;
+        record_not_rotated(&tx, p, self.job_id, target, batch, &swapped).await.ctx(what)?;
+        state::conflicts::clear(&tx, self.job_id, target.index, keys).await.ctx(what)?;
+        state::record_retry(&tx, self.job_id, target.index, &target.table.to_string(), &counts).await.ctx(what)?;
+        tx.commit().await.ctx(what)?;
+        Ok(counts)
     }
 
     /// Notes that `batch` of `state` is committed (by [`Writer::write`], or

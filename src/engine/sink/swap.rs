@@ -27,6 +27,8 @@ pub enum NotRotated {
     /// The UPDATE ran, but the stored value is not what rekey wrote: a
     /// BEFORE trigger changed it.
     WriteUndone,
+    /// Another transaction held the row locked through every try.
+    RowLocked,
 }
 
 impl NotRotated {
@@ -35,6 +37,7 @@ impl NotRotated {
         match self {
             NotRotated::WriteRefused => "write_refused",
             NotRotated::WriteUndone => "write_undone",
+            NotRotated::RowLocked => "row_locked",
         }
     }
 }
