@@ -117,6 +117,9 @@ struct SizerState {
     bytes_per_row: Option<f64>,
 }
 
+/// Rows of a page read before the size of the values is known.
+pub const FIRST_PAGE_ROWS: usize = 100;
+
 /// Weight of a new observation in the averages.
 const EWMA_ALPHA: f64 = 0.3;
 /// Most a page may grow from one batch to the next (slow to grow).
@@ -137,10 +140,12 @@ impl BatchSizer {
         }
     }
 
-    /// Rows the next page should hold.
+    /// Rows the next page should hold. Until a page has shown how large the
+    /// values are, at most [`FIRST_PAGE_ROWS`]: a table of 1 MiB values must
+    /// not fill its first page with thousands of them.
     pub fn rows(&self) -> usize {
-        let Ok(s) = self.state.lock() else { return self.max };
-        let by_bytes = s.bytes_per_row.map_or(usize::MAX, |b| (self.max_bytes as f64 / b.max(1.0)) as usize);
+        let Ok(s) = self.state.lock() else { return self.max.min(FIRST_PAGE_ROWS) };
+        let by_bytes = s.bytes_per_row.map_or(FIRST_PAGE_ROWS, |b| (self.max_bytes as f64 / b.max(1.0)) as usize);
         (s.rows as usize).min(by_bytes).clamp(1, self.max)
     }
 
@@ -222,8 +227,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_first_page_is_small_until_the_size_of_the_values_is_known() {
+        let s = BatchSizer::new(5000, None, 8 << 20);
+        assert_eq!(s.rows(), FIRST_PAGE_ROWS);
+        s.read(FIRST_PAGE_ROWS, FIRST_PAGE_ROWS * 40_000); // 40 KB values
+        assert_eq!(s.rows(), (8 << 20) / 40_000);
+    }
+
+    #[test]
     fn a_fixed_sizer_keeps_its_size_whatever_batches_take() {
         let s = BatchSizer::new(5000, None, usize::MAX);
+        s.read(1, 100);
         s.committed(5000, Duration::from_secs(10));
         assert_eq!(s.rows(), 5000);
     }
@@ -231,6 +245,7 @@ mod tests {
     #[test]
     fn slow_batches_shrink_the_page_fast_and_fast_ones_grow_it_slowly() {
         let s = BatchSizer::new(10_000, Some(Duration::from_millis(100)), usize::MAX);
+        s.read(1, 100);
         s.committed(10_000, Duration::from_secs(1)); // 10x too slow
         assert_eq!(s.rows(), 5000, "at most halves per batch");
         for _ in 0..20 {
@@ -246,6 +261,7 @@ mod tests {
     #[test]
     fn the_sizer_stays_within_its_bounds() {
         let s = BatchSizer::new(1000, Some(Duration::from_millis(1)), usize::MAX);
+        s.read(1, 100);
         for _ in 0..50 {
             s.committed(s.rows(), Duration::from_secs(5));
         }
@@ -266,6 +282,7 @@ mod tests {
     #[test]
     fn a_timed_out_batch_halves_the_next_page_and_clean_commits_grow_it_back() {
         let s = BatchSizer::new(5000, None, usize::MAX);
+        s.read(1, 100);
         s.shrink();
         assert_eq!(s.rows(), 2500);
         for _ in 0..20 {

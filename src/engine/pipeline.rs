@@ -103,7 +103,7 @@ impl Default for Settings {
             lanes: 2,
             batch_size: 5000,
             batch_time: None,
-            max_batch_bytes: 64 << 20,
+            max_batch_bytes: 16 << 20,
             stop: Stop::default(),
             max_rows_per_sec: None,
             timeouts: Timeouts::default(),
