@@ -68,6 +68,15 @@ impl Error {
         }
     }
 
+    /// Whether the server refused a connection for want of slots
+    /// (`max_connections`, or the slots reserved for superusers).
+    pub fn is_too_many_connections(&self) -> bool {
+        match self {
+            Error::Connect(ConnectError::Connect { source, .. }) | Error::Db { source, .. } => source.code().is_some_and(|c| c.code() == "53300"),
+            _ => false,
+        }
+    }
+
     /// The message with every cause behind it, on one line, each cause
     /// only once (a wrapper often repeats its source's text).
     pub fn chain(&self) -> String {

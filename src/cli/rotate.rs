@@ -54,7 +54,10 @@ pub async fn rotate(args: &RotateArgs) -> Result<u8, Error> {
         metrics::serve(addr)?;
     }
     let Opened { spec, db, mut client } = open(&args.life.common).await?;
-    let lanes = args.workers.map_or_else(default_lanes, usize::from);
+    let lanes = match args.workers {
+        Some(w) => usize::from(w),
+        None => crate::engine::plan::lanes_for_server(&client, default_lanes()).await?,
+    };
     let opts = rotate_options(&args.life, &spec, lanes, args.batch_size as usize, args.grace, args.quiet);
     let _signals = crate::control::signals::stop_on_signals(&opts.settings.stop, None);
     let p = rotation::rotate(&spec, &db, &mut client, &opts).await?;

@@ -88,7 +88,10 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
     }
     let Opened { spec, db, mut client } = open(&args.common).await?;
     let job = Arc::new(Job::resolve(&spec, &client).await?);
-    let lanes = args.workers.map_or_else(default_lanes, usize::from);
+    let lanes = match args.workers {
+        Some(w) => usize::from(w),
+        None => plan::lanes_for_server(&client, default_lanes()).await?,
+    };
     check_online(&args.online)?;
     let stop = Stop::default();
     let _signals = stop_on_signals(&stop, deadline(args)?);

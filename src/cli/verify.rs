@@ -13,7 +13,8 @@ use crate::Error;
 pub async fn verify(args: &VerifyArgs) -> Result<u8, Error> {
     let Opened { spec, db, client } = open(&args.common).await?;
     let job = Arc::new(Job::resolve(&spec, &client).await?);
-    let v = verify::verify(&db, &client, &job, Depth { full: args.full, sample: args.sample, lanes: default_lanes() }, args.quiet || args.common.json).await?;
+    let lanes = crate::engine::plan::lanes_for_server(&client, default_lanes()).await?;
+    let v = verify::verify(&db, &client, &job, Depth { full: args.full, sample: args.sample, lanes }, args.quiet || args.common.json).await?;
     if args.common.json {
         print_json(&serde_json::to_value(&v).unwrap_or_default());
     } else {

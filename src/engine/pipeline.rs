@@ -224,18 +224,18 @@ pub async fn run(db: &Database, job: Arc<Job>, ranges: Vec<RangeState>, mode: Mo
     watcher.spawn(watch(shared.clone(), db.clone(), monitor_conn, monitor, settings.signals.check_every, job_id));
 
     let mut tasks: JoinSet<Result<Option<Outcome>, Error>> = JoinSet::new();
-    for _ in 0..lanes {
+    for lane in 0..lanes {
+        let (reader, writer, lookup) = match lane_connections(db, &shared, mode, &settings).await {
+            Ok(c) => c,
+            // the server has no connection slot left: run with the lanes it gave
+            Err(e) if lane > 0 && e.is_too_many_connections() => {
+                tracing::warn!("the server took only {lane} of {lanes} lanes ({}); going on with {lane}", e.chain());
+                break;
+            }
+            Err(e) => return Err(e),
+        };
         let (to_transform, from_source) = mpsc::channel::<Batch>(CHANNEL_DEPTH);
         let (to_sink, from_transform) = mpsc::channel::<Batch>(CHANNEL_DEPTH);
-        let reader = Source::connect(db, mode != Mode::Verify, settings.timeouts).await?;
-        let lookup = match mode {
-            Mode::Rewrite { .. } => None,
-            Mode::DryRun | Mode::Verify => Some(db.connect().await?),
-        };
-        let writer = match (mode, &shared.work) {
-            (Mode::Rewrite { job_id }, Work::Leased { owner, .. }) => Some(Writer::connect_as(db, &shared.job, job_id, Some(owner.clone()), settings.timeouts).await?),
-            _ => None,
-        };
         tasks.spawn(read(shared.clone(), reader, to_transform));
         tasks.spawn(transform_stage(shared.clone(), mode, from_source, to_sink));
         tasks.spawn(write(shared.clone(), writer, lookup, from_transform));
@@ -256,6 +256,21 @@ pub async fn run(db: &Database, job: Arc<Job>, ranges: Vec<RangeState>, mode: Mo
     }
     watcher.abort_all();
     finish(db, &shared, job_id, outcome, first_error).await
+}
+
+/// One lane's connections: a reader, and a writer (a rewrite) or a lookup
+/// connection for failed values' keys (dry run, verify).
+async fn lane_connections(db: &Database, shared: &Shared, mode: Mode, settings: &Settings) -> Result<(Source, Option<Writer>, Option<tokio_postgres::Client>), Error> {
+    let reader = Source::connect(db, mode != Mode::Verify, settings.timeouts).await?;
+    let lookup = match mode {
+        Mode::Rewrite { .. } => None,
+        Mode::DryRun | Mode::Verify => Some(db.connect().await?),
+    };
+    let writer = match (mode, &shared.work) {
+        (Mode::Rewrite { job_id }, Work::Leased { owner, .. }) => Some(Writer::connect_as(db, &shared.job, job_id, Some(owner.clone()), settings.timeouts).await?),
+        _ => None,
+    };
+    Ok((reader, writer, lookup))
 }
 
 /// After the lanes: gives leases back, then (a rewrite that was not cut

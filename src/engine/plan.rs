@@ -20,6 +20,30 @@ const MIN_ROWS_PER_RANGE: f64 = 20_000.0;
 /// early find work left.
 const RANGES_PER_LANE: usize = 4;
 
+/// Connections a lane holds: a reader and a writer (or a lookup).
+const CONNECTIONS_PER_LANE: i64 = 2;
+
+/// Lanes a run may take without crowding the server: at most `wanted`, and
+/// at most what half of the connection slots still free (after those
+/// reserved for superusers, and every session open now) can hold, beside the
+/// run's monitor connection. At least one.
+pub async fn lanes_for_server(client: &Client, wanted: usize) -> Result<usize, Error> {
+    let free: i64 = client
+        .query_one(
+            "SELECT (current_setting('max_connections')::int - current_setting('superuser_reserved_connections')::int
+                    - (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')::int)::bigint",
+            &[],
+        )
+        .await
+        .ctx(|| "reading how many connections the server has free".into())?
+        .get(0);
+    let fit = usize::try_from((free / 2 - 1) / CONNECTIONS_PER_LANE).unwrap_or(0).max(1);
+    if fit < wanted {
+        tracing::info!("the server has {free} connection slots free: running {fit} lanes, not {wanted} (at most half the free slots; --workers to choose)");
+    }
+    Ok(fit.min(wanted))
+}
+
 /// Every target of `job` split into ranges for `lanes` lanes, none started.
 pub async fn job_ranges(client: &Client, job: &Job, lanes: usize) -> Result<Vec<RangeState>, Error> {
     let mut ranges = Vec::new();

@@ -3,6 +3,7 @@
 
 use tokio_postgres::Client;
 
+use crate::db::quote_ident;
 use crate::error::DbContext;
 use crate::Error;
 
@@ -16,23 +17,90 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (6, include_str!("../../sql/006_not_rotated.sql")),
 ];
 
-/// Creates or upgrades schema `rekey`. Safe to run from several processes at once.
+/// Creates or upgrades schema `rekey`. Safe to run from several processes
+/// at once. A schema a DBA created for the role is used as it is: only a
+/// missing schema needs CREATE on the database, and only missing tables
+/// need CREATE on the schema.
 pub async fn ensure_schema(client: &mut Client) -> Result<(), Error> {
-    let what = || "creating rekey's engine schema (needs CREATE on the database, or create schema rekey for this role)".to_string();
+    let what = || "preparing rekey's engine schema".to_string();
+    let latest = MIGRATIONS.last().map_or(0, |(v, _)| *v);
+    if applied(client).await? == Some(latest) {
+        return Ok(());
+    }
+    let who = client.query_one("SELECT current_database()::text, current_user::text", &[]).await.ctx(what)?;
+    let who = Who { database: who.get(0), role: who.get(1) };
     let tx = client.transaction().await.ctx(what)?;
-    tx.batch_execute(
-        "SELECT pg_advisory_xact_lock(hashtext('rekey.schema'));
-         CREATE SCHEMA IF NOT EXISTS rekey;
-         CREATE TABLE IF NOT EXISTS rekey.schema_version (version int PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());",
-    )
-    .await
-    .ctx(what)?;
+    tx.batch_execute("SELECT pg_advisory_xact_lock(hashtext('rekey.schema'))").await.ctx(what)?;
+    let exists: bool = tx.query_one("SELECT to_regnamespace('rekey') IS NOT NULL", &[]).await.ctx(what)?.get(0);
+    if !exists {
+        tx.batch_execute("CREATE SCHEMA rekey").await.map_err(|e| refused(e, Missing::Schema, &who))?;
+    }
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS rekey.schema_version (version int PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
+        .await
+        .map_err(|e| refused(e, Missing::Tables, &who))?;
     let current: i32 = tx.query_one("SELECT coalesce(max(version), 0) FROM rekey.schema_version", &[]).await.ctx(what)?.get(0);
     for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
-        tx.batch_execute(sql).await.ctx(|| format!("applying engine schema migration {version}"))?;
-        tx.execute("INSERT INTO rekey.schema_version (version) VALUES ($1)", &[version]).await.ctx(what)?;
+        tx.batch_execute(sql).await.map_err(|e| refused(e, Missing::Tables, &who))?;
+        tx.execute("INSERT INTO rekey.schema_version (version) VALUES ($1)", &[version]).await.ctx(|| format!("recording engine schema migration {version}"))?;
     }
     tx.commit().await.ctx(what)
+}
+
+/// The latest migration applied, `None` before the schema exists.
+async fn applied(client: &Client) -> Result<Option<i32>, Error> {
+    let row = client
+        .query_one(
+            "SELECT to_regclass('rekey.schema_version') IS NOT NULL, coalesce(has_schema_privilege(s.ns, 'USAGE'), false)
+               FROM (SELECT to_regnamespace('rekey')::oid AS ns) s",
+            &[],
+        )
+        .await
+        .ctx(|| "looking for rekey's engine schema".into())?;
+    let (table, usage): (bool, bool) = (row.get(0), row.get(1));
+    if !(table && usage) {
+        return Ok(None);
+    }
+    Ok(Some(
+        client
+            .query_one("SELECT coalesce(max(version), 0) FROM rekey.schema_version", &[])
+            .await
+            .ctx(|| "reading the engine schema's version".into())?
+            .get(0),
+    ))
+}
+
+/// The database and role, for the GRANT a refusal names.
+struct Who {
+    database: String,
+    role: String,
+}
+
+/// What the role could not create.
+#[derive(Debug, Clone, Copy)]
+enum Missing {
+    /// Schema `rekey`: needs CREATE on the database.
+    Schema,
+    /// Its tables: need USAGE and CREATE on the schema.
+    Tables,
+}
+
+/// Why the engine schema could not be prepared, with the fix for this case:
+/// a missing grant (naming it), or a database that cannot be written here.
+fn refused(e: tokio_postgres::Error, missing: Missing, who: &Who) -> Error {
+    let (database, role) = (quote_ident(&who.database), quote_ident(&who.role));
+    let Some(db) = e.as_db_error() else {
+        return Error::Db { context: "preparing rekey's engine schema".into(), source: e };
+    };
+    let fix = match (db.code().code(), missing) {
+        ("25006", _) => "the database is read-only here (default_transaction_read_only, or a hot standby): run rekey against the writable primary".to_string(),
+        ("42501", Missing::Schema) => format!(
+            "this role may not create schemas in the database: as its owner or a superuser, run either \
+             GRANT CREATE ON DATABASE {database} TO {role}; or CREATE SCHEMA rekey AUTHORIZATION {role}; (rekey keeps its state there)"
+        ),
+        ("42501", Missing::Tables) => format!("this role may not create tables in schema rekey: as its owner or a superuser, run GRANT USAGE, CREATE ON SCHEMA rekey TO {role};"),
+        _ => return Error::Db { context: "preparing rekey's engine schema".into(), source: e },
+    };
+    Error::Config(format!("cannot prepare rekey's engine schema: {}; {fix}", db.message()))
 }
 
 /// Whether schema `rekey` exists yet (read-only commands do not create it).
