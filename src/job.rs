@@ -598,6 +598,13 @@ mod tests {
         assert_eq!(a.spec_hash(), b.spec_hash());
     }
 
+    #[test]
+    fn spec_hash_is_pinned() {
+        // Stored with every job: computed by the sha2 crate before hashing
+        // moved to ring; a change would refuse every job resumed after an upgrade.
+        assert_eq!(JobSpec::parse(MINIMAL).unwrap().spec_hash(), "bbdce3faff76918d70d9391cea82bcaf779b3d69d90b90884f933aaf7f29f638");
+    }
+
     /// Names as a job file might give them, hostile ones included.
     const NAMES: [&str; 9] = ["patients", "phi.patients", "a.b.c", "", " ", ".", "pa\"tients; DROP TABLE canary; --", "Ünïcødé 表", "id"];
     /// Column names, few enough that targets repeat them.

@@ -296,6 +296,13 @@ mod tests {
     }
 
     #[test]
+    fn fingerprint_is_pinned() {
+        // Stored in databases (rekey.key_usage, rekey.rotations): computed by
+        // the sha2 crate before hashing moved to ring; must never change.
+        assert_eq!(Key::parse(1, HEX).unwrap().fingerprint(), "bd16d3c7");
+    }
+
+    #[test]
     fn debug_shows_fingerprint_not_material() {
         let key = Key::parse(7, HEX).unwrap();
         let shown = format!("{key:?}");
