@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use ring::digest::{digest, SHA256};
 
 use crate::catalog::{self, Column, TableRef};
 use crate::codec::{Codec, Format};
@@ -234,7 +234,7 @@ impl JobSpec {
     /// A job resumed with a different hash is refused.
     pub fn spec_hash(&self) -> String {
         let canonical = serde_json::json!({ "keys": self.keys, "targets": self.targets });
-        hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
+        hex::encode(digest(&SHA256, canonical.to_string().as_bytes()))
     }
 }
 

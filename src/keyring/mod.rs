@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use base64::Engine as _;
-use sha2::{Digest, Sha256};
+use ring::digest::{Context, SHA256};
 use zeroize::Zeroizing;
 
 /// Identifies a key inside a keyring: the version byte of `versioned-gcm`.
@@ -91,10 +91,10 @@ impl Key {
     /// A short, one-way identifier of the material: the first 8 hex characters
     /// of SHA-256 over a domain tag and the key. Safe to log and store.
     pub fn fingerprint(&self) -> String {
-        let mut h = Sha256::new();
+        let mut h = Context::new(&SHA256);
         h.update(b"rekey key fingerprint v1\0");
         h.update(self.material.as_slice());
-        hex::encode(&h.finalize()[..4])
+        hex::encode(&h.finish().as_ref()[..4])
     }
 }
 
