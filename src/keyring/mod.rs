@@ -255,9 +255,11 @@ pub fn forbid_core_dumps() -> bool {
 
 /// 32 fresh bytes from the operating system's CSPRNG.
 pub fn generate_material() -> Zeroizing<[u8; KEY_LEN]> {
-    use rand_core::{OsRng, RngCore};
+    use rand::TryRng as _;
     let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
-    OsRng.fill_bytes(bytes.as_mut_slice());
+    if let Err(e) = rand::rngs::SysRng.try_fill_bytes(bytes.as_mut_slice()) {
+        panic!("the operating system refused random bytes for a new key: {e}");
+    }
     bytes
 }
 
