@@ -6,8 +6,14 @@
 //! changes the operator must make (key values only with `--reveal` on a
 //! terminal), and the next step checks that they were made.
 
+#[cfg(feature = "aws")]
 pub mod aws;
+#[cfg(feature = "aws")]
 pub mod kms;
+#[cfg(not(feature = "aws"))]
+mod without_aws;
+#[cfg(not(feature = "aws"))]
+pub use without_aws::{aws, kms};
 
 use std::io::IsTerminal;
 
