@@ -13,6 +13,8 @@
 //! - `versioned-gcm/open`, `versioned-gcm/seal`, `fernet/open`,
 //!   `fernet/seal`: the halves alone, for profiling; `fernet/open-old-key`
 //!   opens a token under the second key tried (one more HMAC, as MultiFernet).
+//! - `nonce/12-bytes`: one random GCM nonce from `codec::nonce::fill`, the
+//!   thread-local CSPRNG every seal draws from.
 //!
 //! Run: `cargo bench --bench codec -- --warm-up-time 1 --measurement-time 3`.
 
@@ -103,5 +105,19 @@ fn fernet_migration(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, versioned_gcm_rotation, fernet_migration);
+/// One random 12-byte nonce, as every `versioned-gcm` seal draws.
+fn nonce(c: &mut Criterion) {
+    let mut group = c.benchmark_group("nonce");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("12-bytes", |b| {
+        let mut nonce = [0u8; 12];
+        b.iter(|| {
+            rekey::crypto::nonce::fill(black_box(&mut nonce));
+            black_box(nonce)
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, versioned_gcm_rotation, fernet_migration, nonce);
 criterion_main!(benches);

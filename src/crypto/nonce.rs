@@ -1,25 +1,18 @@
 //! Random nonces without a system call per value.
 //!
-//! Each rayon thread keeps a ChaCha20 CSPRNG seeded once from the operating
-//! system; drawing 12 bytes costs ~10 ns against ~430 ns for `getrandom`.
+//! Each thread draws from `rand`'s thread-local generator ([`rand::rng`]): a
+//! ChaCha12 CSPRNG seeded from the operating system and reseeded from it
+//! every 64 KiB of output; drawing 12 bytes costs ~15 ns against ~430 ns for
+//! `getrandom` (`nonce/12-bytes` in `benches/codec.rs`).
 //! Random 96-bit nonces stay safe up to 2^32 values per key (README,
 //! Guarantees 7).
 
-use std::cell::RefCell;
+use rand::Rng as _;
 
-use rand_chacha::ChaCha20Rng;
-use rand_core::{OsRng, RngCore, SeedableRng};
-
-thread_local! {
-    static RNG: RefCell<ChaCha20Rng> = RefCell::new(ChaCha20Rng::from_rng(OsRng).unwrap_or_else(|e| {
-        // The OS refusing randomness leaves no safe way to encrypt.
-        panic!("cannot seed the nonce generator from the operating system: {e}")
-    }));
-}
-
-/// Fills `buf` with fresh random bytes from this thread's generator.
+/// Fills `buf` with fresh random bytes from this thread's generator (which
+/// panics if the operating system refuses to seed it: no safe way to encrypt).
 pub fn fill(buf: &mut [u8]) {
-    RNG.with(|rng| rng.borrow_mut().fill_bytes(buf));
+    rand::rng().fill_bytes(buf);
 }
 
 #[cfg(test)]

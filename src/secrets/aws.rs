@@ -61,9 +61,14 @@ fn aws_err(what: &str, secret: &str, e: impl std::fmt::Display) -> Error {
     Error::Runtime(format!("AWS Secrets Manager, {what} of secret {secret:?}: {e}"))
 }
 
-/// AWS SDK settings for the `[keys]` section's region and endpoint (else the AWS defaults).
+/// AWS SDK settings for the `[keys]` section's region and endpoint (else the
+/// AWS defaults), with the SDK's HTTPS client on rustls with ring, rekey's one
+/// TLS stack (the SDK's default client would build aws-lc beside it). Secrets
+/// Manager, KMS and the credential providers all use this client.
 pub async fn sdk_config(keys: &KeysSpec) -> aws_config::SdkConfig {
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
+    let https = aws_smithy_http_client::Builder::new().tls_provider(Provider::Rustls(CryptoMode::Ring)).build_https();
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(https);
     if let Some(region) = &keys.region {
         loader = loader.region(aws_config::Region::new(region.clone()));
     }

@@ -8,11 +8,17 @@
 //! [`load_keyring`] is the one dispatch from a `[keys]` section to its keys.
 //! Uses the crypto and database layers only.
 
+#[cfg(feature = "aws")]
 pub mod aws;
 pub mod file;
+#[cfg(feature = "aws")]
 pub mod kms;
 pub mod spec;
+#[cfg(not(feature = "aws"))]
+mod without_aws;
 
+#[cfg(not(feature = "aws"))]
+pub use without_aws::{aws, kms};
 pub use spec::{KeySource, KeysSpec};
 
 use std::io::IsTerminal;

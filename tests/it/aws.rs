@@ -1,5 +1,6 @@
 //! AWS Secrets Manager as the key store, against moto's server on loopback:
 //! versions moved through AWSPENDING -> AWSCURRENT -> AWSPREVIOUS.
+#![cfg(feature = "aws")]
 
 use std::process::Command;
 

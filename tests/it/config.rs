@@ -137,3 +137,16 @@ async fn a_key_variable_that_is_not_text_names_the_variable() {
     assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
     assert!(printed(&out).contains("ENCRYPTION_KEY_V2 is not valid text"), "{}", printed(&out));
 }
+
+#[cfg(not(feature = "aws"))]
+#[tokio::test(flavor = "multi_thread")]
+async fn without_the_aws_feature_the_aws_key_sources_are_refused_saying_how_to_get_them() {
+    let (db, dir) = patients().await;
+    for keys in ["source = \"aws-secrets-manager\"\nsecret_id = \"rekey\"", "source = \"aws-kms\"\nkms_key_id = \"alias/rekey\"\npath = \"keyring.json\""] {
+        let job = job_with(&dir, &db, GOOD);
+        std::fs::write(&job, std::fs::read_to_string(&job).unwrap().replace("source = \"env\"", keys)).unwrap();
+        assert_refused(&db, &job, &[], "needs AWS support, and this rekey was built without it").await;
+        let out = rekey(&["secrets", "show", "--job", &job], &[]);
+        assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    }
+}

@@ -260,6 +260,7 @@ pub fn printed(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
+#[cfg(feature = "aws")]
 /// A moto server (AWS APIs on loopback) for the whole test binary.
 pub struct Moto {
     /// Its endpoint URL.
@@ -268,8 +269,10 @@ pub struct Moto {
     _server: std::sync::Mutex<std::process::Child>,
 }
 
+#[cfg(feature = "aws")]
 static MOTO: OnceLock<Moto> = OnceLock::new();
 
+#[cfg(feature = "aws")]
 /// Starts moto's server on a free loopback port, once; a watchdog stops it
 /// when this test process ends, however it ends.
 pub fn moto() -> &'static Moto {
@@ -293,6 +296,7 @@ pub fn moto() -> &'static Moto {
     })
 }
 
+#[cfg(feature = "aws")]
 /// Credentials and region for moto (its credentials are not checked).
 pub fn aws_env() -> Vec<(&'static str, String)> {
     vec![

@@ -7,7 +7,7 @@ use std::process::{Child, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rand_core::RngCore;
+use rand::Rng;
 use rekey::crypto::codec::versioned_gcm::VersionedGcm;
 use rekey::crypto::codec::Codec;
 
@@ -480,7 +480,7 @@ async fn an_application_writing_during_the_rotation_loses_no_write_and_every_val
     let run = spawn_captured(&["run", "--job", &j, "--json", "--batch-size", "100", "--workers", "2", "--max-rows-per-sec", "10000"]);
     let app = connect(&db.url).await;
     let (old, new) = (v1_codec(), VersionedGcm::new(&v2_ring()).unwrap());
-    let mut rng = rand_core::OsRng;
+    let mut rng = rand::rng();
     let mut next_id = rows + 1;
     let mut writes = 0u64;
     let started = std::time::Instant::now();

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use base64::Engine as _;
-use sha2::{Digest, Sha256};
+use ring::digest::{Context, SHA256};
 use zeroize::Zeroizing;
 
 /// Identifies a key inside a keyring: the version byte of `versioned-gcm`.
@@ -90,10 +90,10 @@ impl Key {
     /// A short, one-way identifier of the material: the first 8 hex characters
     /// of SHA-256 over a domain tag and the key. Safe to log and store.
     pub fn fingerprint(&self) -> String {
-        let mut h = Sha256::new();
+        let mut h = Context::new(&SHA256);
         h.update(b"rekey key fingerprint v1\0");
         h.update(self.material.as_slice());
-        hex::encode(&h.finalize()[..4])
+        hex::encode(&h.finish().as_ref()[..4])
     }
 }
 
@@ -254,9 +254,11 @@ pub fn forbid_core_dumps() -> bool {
 
 /// 32 fresh bytes from the operating system's CSPRNG.
 pub fn generate_material() -> Zeroizing<[u8; KEY_LEN]> {
-    use rand_core::{OsRng, RngCore};
+    use rand::TryRng as _;
     let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
-    OsRng.fill_bytes(bytes.as_mut_slice());
+    if let Err(e) = rand::rngs::SysRng.try_fill_bytes(bytes.as_mut_slice()) {
+        panic!("the operating system refused random bytes for a new key: {e}");
+    }
     bytes
 }
 
@@ -292,6 +294,13 @@ mod tests {
     #[test]
     fn refuses_base64_of_the_wrong_length() {
         assert_eq!(Key::parse(1, "AAAA").unwrap_err(), KeyParseError::WrongLength { got: 3 });
+    }
+
+    #[test]
+    fn fingerprint_is_pinned() {
+        // Stored in databases (rekey.key_usage, rekey.rotations): computed by
+        // the sha2 crate before hashing moved to ring; must never change.
+        assert_eq!(Key::parse(1, HEX).unwrap().fingerprint(), "bd16d3c7");
     }
 
     #[test]

@@ -1,0 +1,112 @@
+//! The AWS key stores in a binary built without the `aws` feature: the same
+//! names as `aws` and `kms`, so the key-source dispatch compiles unchanged,
+//! and every way in (opening or creating a store) is a configuration error
+//! saying how to get AWS support. No value of these types can exist.
+
+use std::convert::Infallible;
+
+use crate::crypto::keyring::{Key, KeyId};
+use crate::crypto::keytable::KeyTable;
+use crate::secrets::KeysSpec;
+use crate::Error;
+
+/// Why `source` cannot be used here, and how to get a binary that can.
+fn without_aws(source: &str) -> Error {
+    Error::Config(format!(
+        "keys source \"{source}\" needs AWS support, and this rekey was built without it (--no-default-features); \
+         build it with the `aws` feature (on by default): cargo build --release, or add --features aws"
+    ))
+}
+
+/// Stands in for `secrets::aws` (AWS Secrets Manager).
+pub mod aws {
+    use super::*;
+
+    /// Never constructed: [`SecretsManagerStore::open`] always fails.
+    #[derive(Debug)]
+    pub struct SecretsManagerStore {
+        /// As in the real store.
+        pub table: KeyTable,
+        /// Makes the type uninhabited.
+        never: Infallible,
+    }
+
+    impl SecretsManagerStore {
+        /// Fails: no AWS support in this build.
+        pub async fn open(_keys: &KeysSpec) -> Result<Self, Error> {
+            Err(without_aws("aws-secrets-manager"))
+        }
+
+        /// Fails: no AWS support in this build.
+        pub async fn create(_keys: &KeysSpec, _table: &KeyTable) -> Result<(), Error> {
+            Err(without_aws("aws-secrets-manager"))
+        }
+
+        /// Unreachable: no value exists.
+        pub fn secret_id(&self) -> String {
+            match self.never {}
+        }
+
+        /// Unreachable: no value exists.
+        pub async fn save(&mut self) -> Result<(), Error> {
+            match self.never {}
+        }
+
+        /// Unreachable: no value exists.
+        pub async fn archived_key(&self, _id: KeyId) -> Result<Option<Key>, Error> {
+            match self.never {}
+        }
+    }
+}
+
+/// Stands in for `secrets::kms` (keys wrapped by AWS KMS).
+pub mod kms {
+    use super::*;
+
+    /// Never constructed: [`KmsKeyring::open`] always fails.
+    #[derive(Debug)]
+    pub struct KmsKeyring {
+        /// As in the real store.
+        pub table: KeyTable,
+        /// Makes the type uninhabited.
+        never: Infallible,
+    }
+
+    impl KmsKeyring {
+        /// Fails: no AWS support in this build.
+        pub async fn open(_keys: &KeysSpec) -> Result<Self, Error> {
+            Err(without_aws("aws-kms"))
+        }
+
+        /// Fails: no AWS support in this build.
+        pub async fn create(_keys: &KeysSpec, _table: KeyTable) -> Result<(), Error> {
+            Err(without_aws("aws-kms"))
+        }
+
+        /// Unreachable: no value exists.
+        pub async fn new_key(&mut self, _id: KeyId) -> Result<Key, Error> {
+            match self.never {}
+        }
+
+        /// Unreachable: no value exists.
+        pub fn secret_id(&self) -> String {
+            match self.never {}
+        }
+
+        /// Unreachable: no value exists.
+        pub async fn save(&mut self) -> Result<(), Error> {
+            match self.never {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn aws_sources_are_a_configuration_error_that_says_how_to_get_them() {
+        let err = super::without_aws("aws-kms");
+        assert!(matches!(err, crate::Error::Config(_)));
+        let text = err.to_string();
+        assert!(text.contains("\"aws-kms\" needs AWS support") && text.contains("--features aws"), "{text}");
+    }
+}
