@@ -39,7 +39,8 @@ fn rotation<C: Codec>(codec_for: impl Fn(&Keyring) -> C) -> (C, Vec<u8>) {
     let old = codec_for(&Keyring::new(vec![Key::new(1, [1; 32])], 1, None).expect("old keyring"));
     let mut value = Vec::new();
     old.seal(&plaintext(), b"", Some(1_700_000_000), &mut value);
-    let keyring = Keyring::new(vec![Key::new(1, [1; 32]), Key::new(2, [2; 32])], 2, None).expect("keyring");
+    let keyring =
+        Keyring::new(vec![Key::new(1, [1; 32]), Key::new(2, [2; 32])], 2, None).expect("keyring");
     (codec_for(&keyring), value)
 }
 
@@ -49,13 +50,22 @@ fn versioned_gcm_rotation(c: &mut Criterion) {
     let mut group = c.benchmark_group("rewrite");
     group.throughput(Throughput::Elements(1));
     group.bench_function("versioned-gcm", |b| {
-        b.iter(|| rekey::engine::transform::reseal(&codec, &codec, black_box(value.as_slice()), b"", true).expect("old value reseals"))
+        b.iter(|| {
+            rekey::engine::transform::reseal(&codec, &codec, black_box(value.as_slice()), b"", true)
+                .expect("old value reseals")
+        })
     });
     group.finish();
 
     let mut group = c.benchmark_group("versioned-gcm");
     group.throughput(Throughput::Elements(1));
-    group.bench_function("open", |b| b.iter(|| codec.open(black_box(value.as_slice()), b"").expect("value opens")));
+    group.bench_function("open", |b| {
+        b.iter(|| {
+            codec
+                .open(black_box(value.as_slice()), b"")
+                .expect("value opens")
+        })
+    });
     let pt = plaintext();
     group.bench_function("seal", |b| {
         let mut out = Vec::new();
@@ -74,26 +84,45 @@ fn fernet_migration(c: &mut Criterion) {
     let (fernet, old_token) = rotation(|k| Fernet::new(k).expect("fernet"));
     let mut token = Vec::new();
     fernet.seal(&plaintext(), b"", Some(1_700_000_000), &mut token);
-    let gcm = VersionedGcm::new(&Keyring::new(vec![Key::new(1, [3; 32])], 1, None).expect("gcm keyring")).expect("versioned-gcm");
+    let gcm =
+        VersionedGcm::new(&Keyring::new(vec![Key::new(1, [3; 32])], 1, None).expect("gcm keyring"))
+            .expect("versioned-gcm");
     let mut group = c.benchmark_group("migrate");
     group.throughput(Throughput::Elements(1));
     group.bench_function("fernet->versioned-gcm", |b| {
         let mut sealed = Vec::new();
         b.iter(|| {
-            let opened = fernet.open(black_box(token.as_slice()), b"").expect("token opens");
+            let opened = fernet
+                .open(black_box(token.as_slice()), b"")
+                .expect("token opens");
             gcm.seal(&opened.plaintext, b"", None, &mut sealed);
             black_box(sealed.len())
         })
     });
     group.bench_function("fernet->versioned-gcm+verify", |b| {
-        b.iter(|| rekey::engine::transform::reseal(&fernet, &gcm, black_box(token.as_slice()), b"", false).expect("token reseals"))
+        b.iter(|| {
+            rekey::engine::transform::reseal(&fernet, &gcm, black_box(token.as_slice()), b"", false)
+                .expect("token reseals")
+        })
     });
     group.finish();
 
     let mut group = c.benchmark_group("fernet");
     group.throughput(Throughput::Elements(1));
-    group.bench_function("open", |b| b.iter(|| fernet.open(black_box(token.as_slice()), b"").expect("token opens")));
-    group.bench_function("open-old-key", |b| b.iter(|| fernet.open(black_box(old_token.as_slice()), b"").expect("token opens")));
+    group.bench_function("open", |b| {
+        b.iter(|| {
+            fernet
+                .open(black_box(token.as_slice()), b"")
+                .expect("token opens")
+        })
+    });
+    group.bench_function("open-old-key", |b| {
+        b.iter(|| {
+            fernet
+                .open(black_box(old_token.as_slice()), b"")
+                .expect("token opens")
+        })
+    });
     let pt = plaintext();
     group.bench_function("seal", |b| {
         let mut out = Vec::new();

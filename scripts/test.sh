@@ -39,8 +39,11 @@ if [ ${#need_py[@]} -gt 0 ]; then
         || python3 -m pip install --quiet --break-system-packages "${need_py[@]}"
 fi
 
-# Lints fail the run like a failing test does.
+# Formatting and lints fail the run like a failing test does.
+cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
+# A build without AWS support must stay possible (the `aws` feature, on by default).
+cargo clippy --all-targets --locked --no-default-features -- -D warnings
 # The dependency policy in deny.toml. Advisories are left out: their database
 # comes from GitHub, which CI cannot reach. This script does not install
 # cargo-deny (building it would take CI many minutes): it runs where it is installed.

@@ -72,7 +72,9 @@ impl Error {
     /// (`max_connections`, or the slots reserved for superusers).
     pub fn is_too_many_connections(&self) -> bool {
         match self {
-            Error::Connect(ConnectError::Connect { source, .. }) | Error::Db { source, .. } => source.code().is_some_and(|c| c.code() == "53300"),
+            Error::Connect(ConnectError::Connect { source, .. }) | Error::Db { source, .. } => {
+                source.code().is_some_and(|c| c.code() == "53300")
+            }
             _ => false,
         }
     }
@@ -110,6 +112,9 @@ pub trait DbContext<T> {
 
 impl<T> DbContext<T> for Result<T, tokio_postgres::Error> {
     fn ctx(self, context: impl FnOnce() -> String) -> Result<T, Error> {
-        self.map_err(|source| Error::Db { context: context(), source })
+        self.map_err(|source| Error::Db {
+            context: context(),
+            source,
+        })
     }
 }

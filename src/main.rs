@@ -9,7 +9,10 @@ fn main() -> ExitCode {
     rekey::crypto::keyring::forbid_core_dumps();
     let cli = rekey::cli::args::Cli::parse();
     rekey::observe::logging::init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("rekey: cannot start the async runtime: {e}");

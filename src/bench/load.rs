@@ -7,15 +7,20 @@ use std::time::Instant;
 use rayon::prelude::*;
 use tokio_postgres::Client;
 
-use crate::db::binary_copy::{encode_tuple, CopyBuffer};
 use crate::crypto::codec::{versioned_gcm::VersionedGcm, Codec};
-use crate::error::DbContext;
 use crate::crypto::keyring::Keyring;
+use crate::db::binary_copy::{encode_tuple, CopyBuffer};
+use crate::error::DbContext;
 use crate::Error;
 
 /// Creates and fills the patient-records-shaped table, then makes it as a long-lived
 /// table would be: primary key built, vacuumed, analyzed, checkpointed.
-pub(super) async fn load(client: &Client, table: &str, rows: u64, old: &Keyring) -> Result<f64, Error> {
+pub(super) async fn load(
+    client: &Client,
+    table: &str,
+    rows: u64,
+    old: &Keyring,
+) -> Result<f64, Error> {
     let what = || "loading the bench table".to_string();
     let started = Instant::now();
     client
@@ -40,21 +45,38 @@ pub(super) async fn load(client: &Client, table: &str, rows: u64, old: &Keyring)
                 let name = format!("patient {id}");
                 encode_tuple(
                     &mut tuple,
-                    &[Some(&(id as i64).to_be_bytes()), Some(name.as_bytes()), Some(&a), (id % 3 != 0).then_some(&b[..]), Some(&[b'n'; 120])],
+                    &[
+                        Some(&(id as i64).to_be_bytes()),
+                        Some(name.as_bytes()),
+                        Some(&a),
+                        (id % 3 != 0).then_some(&b[..]),
+                        Some(&[b'n'; 120]),
+                    ],
                 );
                 tuple
             })
             .collect();
         let mut buf = CopyBuffer::with_capacity(encoded.iter().map(Vec::len).sum());
         buf.raw(&encoded.concat());
-        let sink = client.copy_in::<_, bytes::Bytes>(&format!("COPY {table} FROM STDIN (FORMAT binary)")).await.ctx(what)?;
+        let sink = client
+            .copy_in::<_, bytes::Bytes>(&format!("COPY {table} FROM STDIN (FORMAT binary)"))
+            .await
+            .ctx(what)?;
         futures_util::pin_mut!(sink);
-        futures_util::SinkExt::send(&mut sink, buf.finish()).await.ctx(what)?;
+        futures_util::SinkExt::send(&mut sink, buf.finish())
+            .await
+            .ctx(what)?;
         sink.finish().await.ctx(what)?;
         first = last + 1;
     }
-    client.batch_execute(&format!("ALTER TABLE {table} ADD PRIMARY KEY (id)")).await.ctx(what)?;
-    client.batch_execute(&format!("VACUUM ANALYZE {table}")).await.ctx(what)?;
+    client
+        .batch_execute(&format!("ALTER TABLE {table} ADD PRIMARY KEY (id)"))
+        .await
+        .ctx(what)?;
+    client
+        .batch_execute(&format!("VACUUM ANALYZE {table}"))
+        .await
+        .ctx(what)?;
     // Needs superuser or pg_checkpoint; without it the figures are a little noisier.
     let _ = client.batch_execute("CHECKPOINT").await;
     Ok(started.elapsed().as_secs_f64())

@@ -20,16 +20,16 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::state;
+use crate::crypto::keyring::{generate_material, Key, Keyring};
 use crate::db::cluster::{ClusterOptions, TempCluster};
 use crate::db::{quote_ident, Database};
-use crate::error::DbContext;
-use crate::job::{Job, JobSpec};
-use crate::crypto::keyring::{generate_material, Key, Keyring};
 use crate::engine::pipeline::{self, Mode, Settings};
 use crate::engine::plan;
-use crate::observe::progress::Progress;
+use crate::error::DbContext;
+use crate::job::{Job, JobSpec};
 use crate::observe::counts::LiveCounts;
+use crate::observe::progress::Progress;
+use crate::state;
 use crate::Error;
 
 use load::load;
@@ -110,12 +110,18 @@ pub struct BenchReport {
 /// Runs the benchmark.
 pub async fn run(opts: &BenchOptions) -> Result<BenchReport, Error> {
     let (_cluster, url, schema) = match &opts.database_url {
-        Some(url) => (None, url.clone(), format!("rekey_bench_{}", std::process::id())),
+        Some(url) => (
+            None,
+            url.clone(),
+            format!("rekey_bench_{}", std::process::id()),
+        ),
         None => {
-            let cluster = tokio::task::spawn_blocking(|| TempCluster::start(ClusterOptions { durable: true }))
-                .await
-                .map_err(|e| Error::Runtime(e.to_string()))?
-                .map_err(|e| Error::Runtime(e.to_string()))?;
+            let cluster = tokio::task::spawn_blocking(|| {
+                TempCluster::start(ClusterOptions { durable: true })
+            })
+            .await
+            .map_err(|e| Error::Runtime(e.to_string()))?
+            .map_err(|e| Error::Runtime(e.to_string()))?;
             let url = cluster.url("postgres");
             (Some(cluster), url, "bench".to_string())
         }
@@ -124,8 +130,18 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, Error> {
     let mut client = db.connect().await?;
     let result = measure(opts, &db, &mut client, &schema).await;
     // The scratch schema goes whatever happened; the throwaway cluster goes on drop.
-    let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", quote_ident(&schema))).await;
-    let _ = client.execute("DELETE FROM rekey.jobs WHERE name = $1", &[&bench_job_name(&schema)]).await;
+    let _ = client
+        .batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {} CASCADE",
+            quote_ident(&schema)
+        ))
+        .await;
+    let _ = client
+        .execute(
+            "DELETE FROM rekey.jobs WHERE name = $1",
+            &[&bench_job_name(&schema)],
+        )
+        .await;
     result
 }
 
@@ -139,13 +155,24 @@ fn say(opts: &BenchOptions, msg: &str) {
     }
 }
 
-async fn measure(opts: &BenchOptions, db: &Database, client: &mut Client, schema: &str) -> Result<BenchReport, Error> {
+async fn measure(
+    opts: &BenchOptions,
+    db: &Database,
+    client: &mut Client,
+    schema: &str,
+) -> Result<BenchReport, Error> {
     let v1 = Key::new(1, *generate_material());
     let v2 = Key::new(2, *generate_material());
     let old = Keyring::new(vec![v1.clone()], 1, None).map_err(|e| Error::Runtime(e.to_string()))?;
     let ring = Keyring::new(vec![v1, v2], 2, None).map_err(|e| Error::Runtime(e.to_string()))?;
     let table = format!("{}.patients", quote_ident(schema));
-    client.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(schema))).await.ctx(|| "creating the bench schema".into())?;
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {}",
+            quote_ident(schema)
+        ))
+        .await
+        .ctx(|| "creating the bench schema".into())?;
     let spec = JobSpec::parse(&format!(
         "name = {name:?}\n[keys]\nsource = \"env\"\n[[target]]\ntable = \"patients\"\nschema = {schema:?}\ncolumns = [\"a\", \"b\"]\nformat = \"versioned-gcm\"\n",
         name = bench_job_name(schema)
@@ -157,26 +184,61 @@ async fn measure(opts: &BenchOptions, db: &Database, client: &mut Client, schema
     let mut load_s = 0.0;
     let mut resumed = Vec::new();
     for round in 1..=opts.repeat.max(1) {
-        let of = if opts.repeat > 1 { format!(" (round {round} of {})", opts.repeat) } else { String::new() };
+        let of = if opts.repeat > 1 {
+            format!(" (round {round} of {})", opts.repeat)
+        } else {
+            String::new()
+        };
         say(opts, &format!("loading {} rows{of}", opts.rows));
         load_s = load(client, &table, opts.rows, &old).await?;
-        say(opts, &format!("loaded in {load_s:.1}s; timing the floor: UPDATE t SET a = a, b = b"));
+        say(
+            opts,
+            &format!("loaded in {load_s:.1}s; timing the floor: UPDATE t SET a = a, b = b"),
+        );
         let t = Instant::now();
-        client.batch_execute(&format!("UPDATE {table} SET a = a, b = b")).await.ctx(|| "running the floor statement".into())?;
+        client
+            .batch_execute(&format!("UPDATE {table} SET a = a, b = b"))
+            .await
+            .ctx(|| "running the floor statement".into())?;
         floors.push(t.elapsed().as_secs_f64());
-        say(opts, &format!("floor {:.0} rows/s; reloading the table for rekey", opts.rows as f64 / floors[floors.len() - 1]));
-        client.batch_execute(&format!("DROP TABLE {table}")).await.ctx(|| "dropping the bench table".into())?;
+        say(
+            opts,
+            &format!(
+                "floor {:.0} rows/s; reloading the table for rekey",
+                opts.rows as f64 / floors[floors.len() - 1]
+            ),
+        );
+        client
+            .batch_execute(&format!("DROP TABLE {table}"))
+            .await
+            .ctx(|| "dropping the bench table".into())?;
         load(client, &table, opts.rows, &old).await?;
 
         let job = Arc::new(Job::resolve_with(&spec, client, Some(&ring)).await?);
         say(opts, "running rekey");
         runs.push(rekey_once(opts, db, client, job.clone(), None).await?);
-        client.batch_execute(&format!("DROP TABLE {table}")).await.ctx(|| "dropping the bench table".into())?;
+        client
+            .batch_execute(&format!("DROP TABLE {table}"))
+            .await
+            .ctx(|| "dropping the bench table".into())?;
         if let Some(fraction) = opts.interrupt_at {
             load(client, &table, opts.rows, &old).await?;
-            say(opts, &format!("running rekey, killing it at {:.0}% and resuming", fraction * 100.0));
-            resumed.push(rekey_once(opts, db, client, job, Some(fraction)).await?.secs);
-            client.batch_execute(&format!("DROP TABLE {table}")).await.ctx(|| "dropping the bench table".into())?;
+            say(
+                opts,
+                &format!(
+                    "running rekey, killing it at {:.0}% and resuming",
+                    fraction * 100.0
+                ),
+            );
+            resumed.push(
+                rekey_once(opts, db, client, job, Some(fraction))
+                    .await?
+                    .secs,
+            );
+            client
+                .batch_execute(&format!("DROP TABLE {table}"))
+                .await
+                .ctx(|| "dropping the bench table".into())?;
         }
     }
 
@@ -185,7 +247,11 @@ async fn measure(opts: &BenchOptions, db: &Database, client: &mut Client, schema
     // figures of the run closest to the median, so latencies and the plot match the headline
     let run = runs
         .iter()
-        .min_by(|a, b| (a.secs - rekey_s).abs().total_cmp(&(b.secs - rekey_s).abs()))
+        .min_by(|a, b| {
+            (a.secs - rekey_s)
+                .abs()
+                .total_cmp(&(b.secs - rekey_s).abs())
+        })
         .ok_or_else(|| Error::Runtime("no bench round ran".into()))?;
     let h = &run.outcome.batch_micros;
     let floor_rows_per_s = opts.rows as f64 / floor_s;
@@ -210,7 +276,11 @@ async fn measure(opts: &BenchOptions, db: &Database, client: &mut Client, schema
         resumed_total_s: (!resumed.is_empty()).then(|| median(resumed.clone())),
         resume_cost_ratio: (!resumed.is_empty()).then(|| median(resumed.clone()) / rekey_s),
         peak_rss_mib: runs.iter().map(|r| r.peak_rss_mib).fold(0.0, f64::max),
-        projections: opts.project.iter().map(|&n| (n, n as f64 / rekey_rows_per_s)).collect(),
+        projections: opts
+            .project
+            .iter()
+            .map(|&n| (n, n as f64 / rekey_rows_per_s))
+            .collect(),
         throughput: run.throughput.clone(),
     };
     if let Some(dir) = &opts.report_dir {
@@ -234,8 +304,17 @@ struct RekeyRun {
 /// Times one run; with `kill_at`, the run is dropped mid-flight (as a killed
 /// process would be: uncommitted batches roll back) once that fraction of the
 /// rows is done, then resumed from its checkpoints, and the time is the sum.
-async fn rekey_once(opts: &BenchOptions, db: &Database, client: &mut Client, job: Arc<Job>, kill_at: Option<f64>) -> Result<RekeyRun, Error> {
-    let mut record = state::open_job(client, &job, true, async |c: &Client| plan::job_ranges(c, &job, opts.lanes).await).await?;
+async fn rekey_once(
+    opts: &BenchOptions,
+    db: &Database,
+    client: &mut Client,
+    job: Arc<Job>,
+    kill_at: Option<f64>,
+) -> Result<RekeyRun, Error> {
+    let mut record = state::open_job(client, &job, true, async |c: &Client| {
+        plan::job_ranges(c, &job, opts.lanes).await
+    })
+    .await?;
     let live = Arc::new(LiveCounts::default());
     reset_peak_rss();
     let started = Instant::now();
@@ -245,17 +324,33 @@ async fn rekey_once(opts: &BenchOptions, db: &Database, client: &mut Client, job
         let mut last = (0.0f64, 0u64);
         while !done.load(Ordering::Relaxed) {
             tokio::time::sleep(Duration::from_millis(250)).await;
-            let now = (started.elapsed().as_secs_f64(), live.snapshot().rows_scanned);
+            let now = (
+                started.elapsed().as_secs_f64(),
+                live.snapshot().rows_scanned,
+            );
             samples.push((now.0, (now.1 - last.1) as f64 / (now.0 - last.0).max(1e-9)));
             last = now;
         }
         samples
     };
-    let settings = Settings { lanes: opts.lanes, batch_size: opts.batch_size, stop: Default::default(), ..opts.settings.clone() };
+    let settings = Settings {
+        lanes: opts.lanes,
+        batch_size: opts.batch_size,
+        stop: Default::default(),
+        ..opts.settings.clone()
+    };
     let run = async {
         if let Some(fraction) = kill_at {
             let threshold = (opts.rows as f64 * fraction) as u64;
-            let first = pipeline::run(db, job.clone(), record.ranges.clone(), Mode::Rewrite { job_id: record.id }, settings.clone(), live.clone(), Progress::new(opts.rows, "bench", true));
+            let first = pipeline::run(
+                db,
+                job.clone(),
+                record.ranges.clone(),
+                Mode::Rewrite { job_id: record.id },
+                settings.clone(),
+                live.clone(),
+                Progress::new(opts.rows, "bench", true),
+            );
             let reached = async {
                 while live.snapshot().rows_scanned < threshold {
                     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -265,10 +360,22 @@ async fn rekey_once(opts: &BenchOptions, db: &Database, client: &mut Client, job
                 r = first => { r?; }
                 _ = reached => {}
             }
-            record = state::open_job(client, &job, false, async |c: &Client| plan::job_ranges(c, &job, opts.lanes).await).await?;
+            record = state::open_job(client, &job, false, async |c: &Client| {
+                plan::job_ranges(c, &job, opts.lanes).await
+            })
+            .await?;
         }
         let progress = Progress::new(opts.rows, "bench", opts.quiet);
-        let r = pipeline::run(db, job.clone(), record.ranges.clone(), Mode::Rewrite { job_id: record.id }, settings, live.clone(), progress).await;
+        let r = pipeline::run(
+            db,
+            job.clone(),
+            record.ranges.clone(),
+            Mode::Rewrite { job_id: record.id },
+            settings,
+            live.clone(),
+            progress,
+        )
+        .await;
         // timed here, not after the sampler's next tick
         let secs = started.elapsed().as_secs_f64();
         done.store(true, Ordering::Relaxed);
@@ -278,14 +385,22 @@ async fn rekey_once(opts: &BenchOptions, db: &Database, client: &mut Client, job
     let (outcome, secs) = outcome?;
     let peak_rss_mib = peak_rss_mib();
     state::finish_job(client, record.id, &serde_json::json!({ "bench": true })).await?;
-    Ok(RekeyRun { secs, outcome, throughput, peak_rss_mib })
+    Ok(RekeyRun {
+        secs,
+        outcome,
+        throughput,
+        peak_rss_mib,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn parses_sizes_with_suffixes() {
-        assert_eq!(super::parse_sizes("10M, 250k,1B,42").unwrap(), vec![10_000_000, 250_000, 1_000_000_000, 42]);
+        assert_eq!(
+            super::parse_sizes("10M, 250k,1B,42").unwrap(),
+            vec![10_000_000, 250_000, 1_000_000_000, 42]
+        );
         assert!(super::parse_sizes("ten").is_err());
     }
 

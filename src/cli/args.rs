@@ -138,15 +138,23 @@ pub struct OnlineArgs {
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let (digits, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
-    let n: u64 = digits.parse().map_err(|_| format!("{text:?} is not a size; write e.g. 64MiB, 512KiB or a number of bytes"))?;
+    let n: u64 = digits.parse().map_err(|_| {
+        format!("{text:?} is not a size; write e.g. 64MiB, 512KiB or a number of bytes")
+    })?;
     let mult = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
-        other => return Err(format!("unknown size unit {other:?}; use B, KiB, MiB or GiB")),
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?}; use B, KiB, MiB or GiB"
+            ))
+        }
     };
-    n.checked_mul(mult).filter(|n| *n > 0).ok_or_else(|| format!("{text:?} is out of range"))
+    n.checked_mul(mult)
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{text:?} is out of range"))
 }
 
 /// Parses `--until`: `HH:MM[:SS]` local time (the next one to come) or an RFC 3339 instant.
@@ -161,8 +169,14 @@ pub fn parse_until(text: &str) -> Result<std::time::SystemTime, String> {
         .map_err(|_| format!("{text:?} is not a time; write HH:MM (local time, e.g. 06:00) or an RFC 3339 instant (2026-11-26T06:00:00Z)"))?;
     let now = Local::now();
     let today = now.date_naive().and_time(time);
-    let day = if today > now.naive_local() { today } else { today + chrono::Duration::days(1) };
-    let at = Local.from_local_datetime(&day).earliest().ok_or_else(|| format!("{text:?} does not exist today in the local time zone (a clock change)"))?;
+    let day = if today > now.naive_local() {
+        today
+    } else {
+        today + chrono::Duration::days(1)
+    };
+    let at = Local.from_local_datetime(&day).earliest().ok_or_else(|| {
+        format!("{text:?} does not exist today in the local time zone (a clock change)")
+    })?;
     Ok(at.with_timezone(&chrono::Utc).into())
 }
 
@@ -172,7 +186,12 @@ pub struct VerifyArgs {
     #[command(flatten)]
     pub common: JobArgs,
     /// Decrypt this many sampled values per target (key versions are counted for every value).
-    #[arg(long, value_name = "N", default_value_t = 1000, conflicts_with = "full")]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1000,
+        conflicts_with = "full"
+    )]
     pub sample: u32,
     /// Decrypt every value.
     #[arg(long)]
@@ -404,7 +423,9 @@ mod tests {
 
     #[test]
     fn log_format_is_global() {
-        let cli = Cli::try_parse_from(["rekey", "status", "--job", "j.toml", "--log-format", "json"]).expect("parses");
+        let cli =
+            Cli::try_parse_from(["rekey", "status", "--job", "j.toml", "--log-format", "json"])
+                .expect("parses");
         assert_eq!(cli.log_format, LogFormat::Json);
         let cli = Cli::try_parse_from(["rekey", "keygen"]).expect("parses");
         assert_eq!(cli.log_format, LogFormat::Text);
@@ -412,6 +433,9 @@ mod tests {
 
     #[test]
     fn sample_and_full_conflict() {
-        assert!(Cli::try_parse_from(["rekey", "verify", "--job", "j.toml", "--sample", "5", "--full"]).is_err());
+        assert!(Cli::try_parse_from([
+            "rekey", "verify", "--job", "j.toml", "--sample", "5", "--full"
+        ])
+        .is_err());
     }
 }

@@ -18,10 +18,16 @@ pub async fn bench(args: &BenchArgs) -> Result<u8, Error> {
     if let Some(addr) = args.online.metrics_addr {
         metrics::serve(addr)?;
     }
-    let mut project = bench::parse_sizes(&args.project).map_err(|e| Error::Config(format!("--project: {e}")))?;
+    let mut project =
+        bench::parse_sizes(&args.project).map_err(|e| Error::Config(format!("--project: {e}")))?;
     let mut project_labels: Vec<String> = project.iter().map(|n| format!("{n} rows")).collect();
     if let Some(path) = &args.job {
-        let opened = open(&JobArgs { job: path.clone(), database_url: None, json: false }).await?;
+        let opened = open(&JobArgs {
+            job: path.clone(),
+            database_url: None,
+            json: false,
+        })
+        .await?;
         let job = Job::resolve(&opened.spec, &opened.client).await?;
         let mut per_table: BTreeMap<String, u64> = BTreeMap::new();
         for c in plan::count_by_key(&opened.client, &job).await? {
@@ -29,7 +35,10 @@ pub async fn bench(args: &BenchArgs) -> Result<u8, Error> {
             *rows = (*rows).max(c.rows);
         }
         project = per_table.values().copied().collect();
-        project_labels = per_table.iter().map(|(t, n)| format!("{t} ({n} rows)")).collect();
+        project_labels = per_table
+            .iter()
+            .map(|(t, n)| format!("{t} ({n} rows)"))
+            .collect();
     }
     let opts = BenchOptions {
         rows: args.rows,
@@ -38,13 +47,23 @@ pub async fn bench(args: &BenchArgs) -> Result<u8, Error> {
         batch_size: args.batch_size as usize,
         repeat: usize::from(args.repeat),
         interrupt_at: match args.interrupt_at {
-            Some(f) if !(0.0..1.0).contains(&f) || f == 0.0 => return Err(Error::Config("--interrupt-at must be a fraction between 0 and 1, e.g. 0.5".into())),
+            Some(f) if !(0.0..1.0).contains(&f) || f == 0.0 => {
+                return Err(Error::Config(
+                    "--interrupt-at must be a fraction between 0 and 1, e.g. 0.5".into(),
+                ))
+            }
             other => other,
         },
         project,
         report_dir: args.report_dir.clone(),
         quiet: args.quiet || args.json,
-        settings: settings_from(args.workers.map_or_else(default_lanes, usize::from), args.batch_size, args.max_rows_per_sec, &args.online, Stop::default()),
+        settings: settings_from(
+            args.workers.map_or_else(default_lanes, usize::from),
+            args.batch_size,
+            args.max_rows_per_sec,
+            &args.online,
+            Stop::default(),
+        ),
     };
     let r = bench::run(&opts).await?;
     if args.json {
@@ -56,20 +75,42 @@ pub async fn bench(args: &BenchArgs) -> Result<u8, Error> {
         r.rows,
         r.lanes,
         r.batch_size,
-        if r.rounds > 1 { format!(", median of {} rounds", r.rounds) } else { String::new() }
+        if r.rounds > 1 {
+            format!(", median of {} rounds", r.rounds)
+        } else {
+            String::new()
+        }
     );
-    println!("  floor  UPDATE t SET a = a, b = b  {:>8.2}s  {:>10.0} rows/s", r.floor_s, r.floor_rows_per_s);
-    println!("  rekey  re-encrypt a and b        {:>8.2}s  {:>10.0} rows/s  ({:.2}x the floor)", r.rekey_s, r.rekey_rows_per_s, r.ratio);
-    println!("  batch latency  p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms", r.batch_ms_p50, r.batch_ms_p99, r.batch_ms_max);
+    println!(
+        "  floor  UPDATE t SET a = a, b = b  {:>8.2}s  {:>10.0} rows/s",
+        r.floor_s, r.floor_rows_per_s
+    );
+    println!(
+        "  rekey  re-encrypt a and b        {:>8.2}s  {:>10.0} rows/s  ({:.2}x the floor)",
+        r.rekey_s, r.rekey_rows_per_s, r.ratio
+    );
+    println!(
+        "  batch latency  p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
+        r.batch_ms_p50, r.batch_ms_p99, r.batch_ms_max
+    );
     println!("  peak memory    {:.0} MiB", r.peak_rss_mib);
     if let (Some(total), Some(ratio)) = (r.resumed_total_s, r.resume_cost_ratio) {
-        println!("  killed at {:.0}% and resumed: {:.2}s in all ({:.2}x an uninterrupted run)", args.interrupt_at.unwrap_or_default() * 100.0, total, ratio);
+        println!(
+            "  killed at {:.0}% and resumed: {:.2}s in all ({:.2}x an uninterrupted run)",
+            args.interrupt_at.unwrap_or_default() * 100.0,
+            total,
+            ratio
+        );
     }
     for ((_, secs), label) in r.projections.iter().zip(&project_labels) {
         println!("  window for {label}: {}", human_duration(*secs));
     }
     if let Some(dir) = &args.report_dir {
-        println!("  report: {}, plot: {}", dir.join("report.json").display(), dir.join("throughput.svg").display());
+        println!(
+            "  report: {}, plot: {}",
+            dir.join("report.json").display(),
+            dir.join("throughput.svg").display()
+        );
     }
     Ok(0)
 }

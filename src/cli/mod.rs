@@ -67,7 +67,10 @@ pub(crate) async fn open(args: &JobArgs) -> Result<Opened, Error> {
 
 /// Lanes when `--workers` is not given: the CPU count, at least 2.
 pub fn default_lanes() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .max(2)
 }
 
 /// Prints one JSON object on stdout (`--json`).

@@ -16,7 +16,9 @@ pub async fn plan(args: &StatusArgs) -> Result<u8, Error> {
     let to_rewrite: u64 = columns.iter().map(|c| c.to_rewrite).sum();
     if args.common.json {
         let target_keys: Vec<String> = job.targets.iter().map(|t| t.target_label()).collect();
-        print_json(&json!({ "job": job.name, "target_keys": target_keys, "values_to_rewrite": to_rewrite, "columns": columns }));
+        print_json(
+            &json!({ "job": job.name, "target_keys": target_keys, "values_to_rewrite": to_rewrite, "columns": columns }),
+        );
     } else {
         println!("{}: {} values to rewrite", job.name, to_rewrite);
         for t in &job.targets {
@@ -26,9 +28,17 @@ pub async fn plan(args: &StatusArgs) -> Result<u8, Error> {
             let keys = c
                 .by_key
                 .as_ref()
-                .map(|m| m.iter().map(|(k, n)| format!("{k}={n}")).collect::<Vec<_>>().join(" "))
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, n)| format!("{k}={n}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
                 .unwrap_or_else(|| "key not visible without decrypting".into());
-            println!("  {}.{}: {} rows, {} NULL, {}; {} to rewrite", c.table, c.column, c.rows, c.nulls, keys, c.to_rewrite);
+            println!(
+                "  {}.{}: {} rows, {} NULL, {}; {} to rewrite",
+                c.table, c.column, c.rows, c.nulls, keys, c.to_rewrite
+            );
         }
     }
     Ok(0)

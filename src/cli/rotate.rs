@@ -16,17 +16,36 @@ use crate::Error;
 /// The audit settings of a lifecycle command.
 pub(crate) fn audit_for(args: &LifecycleArgs, spec: &JobSpec) -> Audit {
     let name = spec.name.clone().unwrap_or_else(|| "rekey".into());
-    let path = args.audit_log.clone().unwrap_or_else(|| args.common.job.with_file_name(format!("{name}.audit.jsonl")));
-    Audit { path, operator: args.operator.clone().unwrap_or_else(os_user), reason: args.reason.name().into() }
+    let path = args.audit_log.clone().unwrap_or_else(|| {
+        args.common
+            .job
+            .with_file_name(format!("{name}.audit.jsonl"))
+    });
+    Audit {
+        path,
+        operator: args.operator.clone().unwrap_or_else(os_user),
+        reason: args.reason.name().into(),
+    }
 }
 
 /// How a lifecycle command runs a rotation's steps.
-pub(crate) fn rotate_options(life: &LifecycleArgs, spec: &JobSpec, lanes: usize, batch_size: usize, grace: Duration, quiet: bool) -> RotateOptions {
+pub(crate) fn rotate_options(
+    life: &LifecycleArgs,
+    spec: &JobSpec,
+    lanes: usize,
+    batch_size: usize,
+    grace: Duration,
+    quiet: bool,
+) -> RotateOptions {
     RotateOptions {
         audit: audit_for(life, spec),
         grace,
         reveal: life.reveal,
-        settings: Settings { lanes, batch_size, ..Settings::default() },
+        settings: Settings {
+            lanes,
+            batch_size,
+            ..Settings::default()
+        },
         quiet: quiet || life.common.json,
         compromised: life.reason == Reason::Compromise,
     }
@@ -53,12 +72,23 @@ pub async fn rotate(args: &RotateArgs) -> Result<u8, Error> {
     if let Some(addr) = args.metrics_addr {
         metrics::serve(addr)?;
     }
-    let Opened { spec, db, mut client } = open(&args.life.common).await?;
+    let Opened {
+        spec,
+        db,
+        mut client,
+    } = open(&args.life.common).await?;
     let lanes = match args.workers {
         Some(w) => usize::from(w),
         None => crate::engine::plan::lanes_for_server(&client, default_lanes()).await?,
     };
-    let opts = rotate_options(&args.life, &spec, lanes, args.batch_size as usize, args.grace, args.quiet);
+    let opts = rotate_options(
+        &args.life,
+        &spec,
+        lanes,
+        args.batch_size as usize,
+        args.grace,
+        args.quiet,
+    );
     let _signals = crate::control::signals::stop_on_signals(&opts.settings.stop, None);
     let p = rotation::rotate(&spec, &db, &mut client, &opts).await?;
     Ok(report(&args.life, &spec, &p))

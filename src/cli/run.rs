@@ -37,7 +37,13 @@ pub(crate) fn check_online(o: &OnlineArgs) -> Result<(), Error> {
 }
 
 /// The run's settings from the command line.
-pub(crate) fn settings_from(lanes: usize, batch_size: u32, max_rows_per_sec: Option<u32>, o: &OnlineArgs, stop: Stop) -> Settings {
+pub(crate) fn settings_from(
+    lanes: usize,
+    batch_size: u32,
+    max_rows_per_sec: Option<u32>,
+    o: &OnlineArgs,
+    stop: Stop,
+) -> Settings {
     Settings {
         lanes,
         batch_size: batch_size as usize,
@@ -51,7 +57,12 @@ pub(crate) fn settings_from(lanes: usize, batch_size: u32, max_rows_per_sec: Opt
             idle_in_transaction: Some((o.lease_ttl / 2).max(Duration::from_secs(1))),
         },
         attempts: o.attempts,
-        signals: Signals { max_replica_lag: o.max_replica_lag, gate_sql: o.gate_sql.clone(), control_file: o.control_file.clone(), check_every: o.check_every },
+        signals: Signals {
+            max_replica_lag: o.max_replica_lag,
+            gate_sql: o.gate_sql.clone(),
+            control_file: o.control_file.clone(),
+            check_every: o.check_every,
+        },
         lease_ttl: o.lease_ttl,
     }
 }
@@ -59,12 +70,14 @@ pub(crate) fn settings_from(lanes: usize, batch_size: u32, max_rows_per_sec: Opt
 /// When the run's window ends (`--run-time`, `--until`), if it has one.
 fn deadline(args: &RunArgs) -> Result<Option<Instant>, Error> {
     if args.until.is_some_and(|at| at <= SystemTime::now()) {
-        return Err(Error::Config("--until names an instant already past; give a time still to come".into()));
+        return Err(Error::Config(
+            "--until names an instant already past; give a time still to come".into(),
+        ));
     }
-    Ok(args
-        .run_time
-        .map(|d| Instant::now() + d)
-        .or_else(|| args.until.map(|at| Instant::now() + at.duration_since(SystemTime::now()).unwrap_or_default())))
+    Ok(args.run_time.map(|d| Instant::now() + d).or_else(|| {
+        args.until
+            .map(|at| Instant::now() + at.duration_since(SystemTime::now()).unwrap_or_default())
+    }))
 }
 
 /// What a run did, for the report.
@@ -86,7 +99,11 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
     if let Some(addr) = args.online.metrics_addr {
         metrics::serve(addr)?;
     }
-    let Opened { spec, db, mut client } = open(&args.common).await?;
+    let Opened {
+        spec,
+        db,
+        mut client,
+    } = open(&args.common).await?;
     let job = Arc::new(Job::resolve(&spec, &client).await?);
     let lanes = match args.workers {
         Some(w) => usize::from(w),
@@ -95,7 +112,13 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
     check_online(&args.online)?;
     let stop = Stop::default();
     let _signals = stop_on_signals(&stop, deadline(args)?);
-    let settings = settings_from(lanes, args.batch_size, args.max_rows_per_sec, &args.online, stop);
+    let settings = settings_from(
+        lanes,
+        args.batch_size,
+        args.max_rows_per_sec,
+        &args.online,
+        stop,
+    );
     // every session of the run gets its limits, whatever the role or the database sets
     let db = db.with_session(&settings.timeouts);
     let quiet = args.quiet || args.common.json;
@@ -108,13 +131,49 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
     let ran = if args.dry_run {
         let ranges = plan::job_ranges(&client, &job, lanes).await?;
         let progress = Progress::new(stale_rows(&client, &job).await?, "dry run", quiet);
-        let outcome = pipeline::run(&db, job.clone(), ranges, Mode::DryRun, settings, live, progress).await?;
-        Ran { totals: outcome.counts, outcome, job_id: None, resumed: false, elapsed: started.elapsed().as_secs_f64() }
+        let outcome = pipeline::run(
+            &db,
+            job.clone(),
+            ranges,
+            Mode::DryRun,
+            settings,
+            live,
+            progress,
+        )
+        .await?;
+        Ran {
+            totals: outcome.counts,
+            outcome,
+            job_id: None,
+            resumed: false,
+            elapsed: started.elapsed().as_secs_f64(),
+        }
     } else {
-        let (outcome, record) = rewrite(&db, &mut client, &job, settings, RunControl { restart: args.restart, quiet }, live).await?;
-        Ran { outcome, totals: record.prior, job_id: Some(record.id), resumed: record.resumed, elapsed: started.elapsed().as_secs_f64() }
+        let (outcome, record) = rewrite(
+            &db,
+            &mut client,
+            &job,
+            settings,
+            RunControl {
+                restart: args.restart,
+                quiet,
+            },
+            live,
+        )
+        .await?;
+        Ran {
+            outcome,
+            totals: record.prior,
+            job_id: Some(record.id),
+            resumed: record.resumed,
+            elapsed: started.elapsed().as_secs_f64(),
+        }
     };
-    let remaining_rows = if ran.outcome.stopped { Some(stale_rows(&client, &job).await?) } else { None };
+    let remaining_rows = if ran.outcome.stopped {
+        Some(stale_rows(&client, &job).await?)
+    } else {
+        None
+    };
     let summary = summary(args, &job, &ran, remaining_rows);
     if let (Some(id), false) = (ran.job_id, ran.outcome.stopped) {
         state::finish_job(&client, id, &summary).await?;
@@ -178,7 +237,11 @@ fn summary(args: &RunArgs, job: &Job, ran: &Ran, remaining_rows: Option<u64>) ->
 /// The report for people.
 fn print_text(args: &RunArgs, job: &Job, ran: &Ran) {
     let (outcome, c) = (&ran.outcome, ran.outcome.counts);
-    let verb = if args.dry_run { "would rewrite" } else { "rewrote" };
+    let verb = if args.dry_run {
+        "would rewrite"
+    } else {
+        "rewrote"
+    };
     println!(
         "{}: {verb} {} values in {} rows ({} rows scanned, {} skipped, {} failed, {} conflicts) in {:.1}s, {:.0} rows/s",
         job.name,
@@ -207,7 +270,11 @@ fn print_text(args: &RunArgs, job: &Job, ran: &Ran) {
         );
     }
     if ran.resumed {
-        println!("resumed job {}: {} values rewritten in all", ran.job_id.unwrap_or_default(), ran.totals.values_rewritten);
+        println!(
+            "resumed job {}: {} values rewritten in all",
+            ran.job_id.unwrap_or_default(),
+            ran.totals.values_rewritten
+        );
     }
     if ran.totals.values_failed > 0 && !args.dry_run {
         println!(
@@ -222,7 +289,11 @@ fn print_text(args: &RunArgs, job: &Job, ran: &Ran) {
 fn ended(args: &RunArgs, job: &Job, ran: &Ran) -> u8 {
     let outcome = &ran.outcome;
     let window_ended = outcome.stopped && outcome.stopped_by == Some(StopBy::RunTime);
-    let failed = if args.dry_run { outcome.counts.values_failed } else { ran.totals.values_failed };
+    let failed = if args.dry_run {
+        outcome.counts.values_failed
+    } else {
+        ran.totals.values_failed
+    };
     let (state, code) = if window_ended {
         (RunState::WindowEnded, EXIT_WINDOW_ENDED)
     } else if outcome.stopped {
@@ -234,6 +305,11 @@ fn ended(args: &RunArgs, job: &Job, ran: &Ran) -> u8 {
     } else {
         (RunState::Done, 0)
     };
-    events::RunFinished { job: &job.name, state, seconds: ran.elapsed }.emit();
+    events::RunFinished {
+        job: &job.name,
+        state,
+        seconds: ran.elapsed,
+    }
+    .emit();
     code
 }

@@ -24,7 +24,9 @@ pub async fn secrets(command: SecretsCommand) -> Result<u8, Error> {
     match &command {
         SecretsCommand::Init(a) => init(a).await,
         SecretsCommand::Show(a) => show(a).await,
-        SecretsCommand::Stage(a) | SecretsCommand::Promote(a) | SecretsCommand::Rollback(a) => transition(&command, a).await,
+        SecretsCommand::Stage(a) | SecretsCommand::Promote(a) | SecretsCommand::Rollback(a) => {
+            transition(&command, a).await
+        }
         SecretsCommand::Retire(a) => retire(a).await,
         SecretsCommand::Restore(a) => restore(a).await,
         SecretsCommand::Purge(a) => purge(a).await,
@@ -36,7 +38,15 @@ async fn restore(a: &KeyArgs) -> Result<u8, Error> {
     let (spec, Opened { client, .. }, mut store) = locked(&a.life).await?;
     let applied = steps::restore(&mut store, a.key_id, a.life.reveal).await?;
     let note = format!("key {} restored from the archive as previous", a.key_id);
-    recorded(&a.life, &spec, &client, &store.secret_id(), "key_restored", &note).await?;
+    recorded(
+        &a.life,
+        &spec,
+        &client,
+        &store.secret_id(),
+        "key_restored",
+        &note,
+    )
+    .await?;
     said(&a.life, "key_restored", &applied, &note);
     Ok(0)
 }
@@ -45,25 +55,65 @@ async fn restore(a: &KeyArgs) -> Result<u8, Error> {
 async fn purge(a: &PurgeArgs) -> Result<u8, Error> {
     let (spec, Opened { client, .. }, mut store) = locked(&a.life).await?;
     let (purged, applied) = steps::purge(&mut store, a.key_id).await?;
-    let note = if purged.is_empty() { "no archived key to purge".to_string() } else { format!("destroyed the archived material of keys {purged:?}") };
-    recorded(&a.life, &spec, &client, &store.secret_id(), "key_purged", &note).await?;
+    let note = if purged.is_empty() {
+        "no archived key to purge".to_string()
+    } else {
+        format!("destroyed the archived material of keys {purged:?}")
+    };
+    recorded(
+        &a.life,
+        &spec,
+        &client,
+        &store.secret_id(),
+        "key_purged",
+        &note,
+    )
+    .await?;
     said(&a.life, "key_purged", &applied, &note);
     Ok(0)
 }
 
 /// Writes one audit event of a `secrets` command.
-async fn recorded(life: &LifecycleArgs, spec: &JobSpec, client: &tokio_postgres::Client, secret_id: &str, event: &'static str, note: &str) -> Result<(), Error> {
+async fn recorded(
+    life: &LifecycleArgs,
+    spec: &JobSpec,
+    client: &tokio_postgres::Client,
+    secret_id: &str,
+    event: &'static str,
+    note: &str,
+) -> Result<(), Error> {
     let audit = rotate_options(life, spec, default_lanes(), 5000, Duration::ZERO, false).audit;
-    audit.record(client, What { event_type: event, secret_id, verification_status: "not_applicable", affected_records: None, notes: note, job_id: None }).await?;
+    audit
+        .record(
+            client,
+            What {
+                event_type: event,
+                secret_id,
+                verification_status: "not_applicable",
+                affected_records: None,
+                notes: note,
+                job_id: None,
+            },
+        )
+        .await?;
     Ok(())
 }
 
 /// Prints what a `secrets` command changed.
 fn said(life: &LifecycleArgs, event: &str, applied: &Applied, note: &str) {
     if life.common.json {
-        print_json(&json!({ "event": event, "changed": applied.changed, "note": note, "instructions": applied.instructions }));
+        print_json(
+            &json!({ "event": event, "changed": applied.changed, "note": note, "instructions": applied.instructions }),
+        );
     } else {
-        println!("{note}{}", if applied.changed { "" } else { " (nothing to change)" });
+        println!(
+            "{note}{}",
+            if applied.changed {
+                ""
+            } else {
+                " (nothing to change)"
+            }
+        );
         for i in &applied.instructions {
             println!("  {i}");
         }
@@ -80,7 +130,15 @@ async fn init(a: &InitArgs) -> Result<u8, Error> {
         None => {
             let at = now();
             let key = Key::new(1, *generate_material());
-            KeyTable { entries: vec![Entry { id: 1, state: KeyState::Current, created_at: at, changed_at: at, key: Some(key) }] }
+            KeyTable {
+                entries: vec![Entry {
+                    id: 1,
+                    state: KeyState::Current,
+                    created_at: at,
+                    changed_at: at,
+                    key: Some(key),
+                }],
+            }
         }
     };
     let ids: Vec<_> = table.entries.iter().map(|e| e.id).collect();
@@ -99,8 +157,15 @@ async fn show(life: &LifecycleArgs) -> Result<u8, Error> {
     } else {
         println!("{}", store.secret_id());
         for k in &info {
-            let state = if k.archived { "retired (archived)".to_string() } else { k.state.to_string() };
-            println!("  key {:>3}  {:<18}  fingerprint {:<8}  created {}  state since {}", k.id, state, k.fingerprint, k.created_at, k.changed_at);
+            let state = if k.archived {
+                "retired (archived)".to_string()
+            } else {
+                k.state.to_string()
+            };
+            println!(
+                "  key {:>3}  {:<18}  fingerprint {:<8}  created {}  state since {}",
+                k.id, state, k.fingerprint, k.created_at, k.changed_at
+            );
         }
     }
     Ok(0)
@@ -129,12 +194,20 @@ async fn transition(command: &SecretsCommand, life: &LifecycleArgs) -> Result<u8
         }
         SecretsCommand::Promote(_) => {
             let applied = steps::promote(&mut store, life.reveal).await?;
-            ("key_promoted", applied, format!("key {} current", steps::current(&store).unwrap_or_default()))
+            (
+                "key_promoted",
+                applied,
+                format!("key {} current", steps::current(&store).unwrap_or_default()),
+            )
         }
         SecretsCommand::Rollback(_) => {
             let applied = steps::rollback(&mut store, life.reveal).await?;
             rotations::roll_back(&client, spec.name.as_deref().unwrap_or_default()).await?;
-            ("key_rolled_back", applied, format!("key {} current", steps::current(&store).unwrap_or_default()))
+            (
+                "key_rolled_back",
+                applied,
+                format!("key {} current", steps::current(&store).unwrap_or_default()),
+            )
         }
         _ => return Err(Error::Runtime("not a key transition".into())),
     };
@@ -151,7 +224,11 @@ async fn retire(a: &RetireArgs) -> Result<u8, Error> {
         (Some(id), _) => id,
         (None, [one]) => *one,
         (None, []) => return Err(Error::Config("no previous key to retire".into())),
-        (None, many) => return Err(Error::Config(format!("several previous keys ({many:?}): say which with --key-id"))),
+        (None, many) => {
+            return Err(Error::Config(format!(
+                "several previous keys ({many:?}): say which with --key-id"
+            )))
+        }
     };
     let opts = rotate_options(&a.life, &spec, default_lanes(), 5000, Duration::ZERO, false);
     let job = Arc::new(Job::resolve(&spec, &client).await?);

@@ -33,7 +33,11 @@ pub async fn control(args: &StatusArgs, to: Control) -> Result<u8, Error> {
 pub async fn status(args: &StatusArgs) -> Result<u8, Error> {
     let Opened { spec, client, .. } = open(&args.common).await?;
     let name = spec.name.clone().unwrap_or_else(|| "rekey".into());
-    let found = if state::schema_exists(&client).await? { state::job_status(&client, &name).await? } else { None };
+    let found = if state::schema_exists(&client).await? {
+        state::job_status(&client, &name).await?
+    } else {
+        None
+    };
     let Some(s) = found else {
         if args.common.json {
             print_json(&json!({ "job": name, "state": "never run" }));
@@ -62,14 +66,22 @@ pub async fn status(args: &StatusArgs) -> Result<u8, Error> {
             s.finished_at.as_ref().map(|f| format!(", finished {f}")).unwrap_or_default()
         );
         if s.values_not_rotated > 0 {
-            let why = s.not_rotated_by_reason.iter().map(|(r, n)| format!("{n} {r}")).collect::<Vec<_>>().join(", ");
+            let why = s
+                .not_rotated_by_reason
+                .iter()
+                .map(|(r, n)| format!("{n} {r}"))
+                .collect::<Vec<_>>()
+                .join(", ");
             println!(
                 "  {} values NOT rotated ({why}): the database refused or undid rekey's write (a trigger, a row-level security policy or a rule); see SELECT * FROM rekey.not_rotated WHERE job_id = {}",
                 s.values_not_rotated, s.job_id
             );
         }
         if s.conflicts_left > 0 {
-            println!("  {} rows still changing under the runs, left for the next run to re-read", s.conflicts_left);
+            println!(
+                "  {} rows still changing under the runs, left for the next run to re-read",
+                s.conflicts_left
+            );
         }
         if s.state == JobState::Running {
             let control = match s.control {
@@ -77,7 +89,11 @@ pub async fn status(args: &StatusArgs) -> Result<u8, Error> {
                 Control::Stop => " (stop requested)",
                 Control::Run => "",
             };
-            println!("  being run by {} process(es){control}: {}", s.workers.len(), s.workers.join(", "));
+            println!(
+                "  being run by {} process(es){control}: {}",
+                s.workers.len(),
+                s.workers.join(", ")
+            );
         }
     }
     Ok(0)

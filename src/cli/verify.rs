@@ -14,7 +14,18 @@ pub async fn verify(args: &VerifyArgs) -> Result<u8, Error> {
     let Opened { spec, db, client } = open(&args.common).await?;
     let job = Arc::new(Job::resolve(&spec, &client).await?);
     let lanes = crate::engine::plan::lanes_for_server(&client, default_lanes()).await?;
-    let v = verify::verify(&db, &client, &job, Depth { full: args.full, sample: args.sample, lanes }, args.quiet || args.common.json).await?;
+    let v = verify::verify(
+        &db,
+        &client,
+        &job,
+        Depth {
+            full: args.full,
+            sample: args.sample,
+            lanes,
+        },
+        args.quiet || args.common.json,
+    )
+    .await?;
     if args.common.json {
         print_json(&serde_json::to_value(&v).unwrap_or_default());
     } else {
@@ -25,14 +36,28 @@ pub async fn verify(args: &VerifyArgs) -> Result<u8, Error> {
             v.values_on_target_key,
             v.values_on_old_keys,
             v.values_undecryptable,
-            if v.mode == VerifyMode::Full { "every value decrypted".to_string() } else { format!("key versions counted for every value, {} sampled values decrypted", v.values_sampled) }
+            if v.mode == VerifyMode::Full {
+                "every value decrypted".to_string()
+            } else {
+                format!(
+                    "key versions counted for every value, {} sampled values decrypted",
+                    v.values_sampled
+                )
+            }
         );
         for (col, keys) in &v.by_column {
-            let list = keys.iter().map(|(k, n)| format!("{k}={n}")).collect::<Vec<_>>().join(" ");
+            let list = keys
+                .iter()
+                .map(|(k, n)| format!("{k}={n}"))
+                .collect::<Vec<_>>()
+                .join(" ");
             println!("  {col}: {list}");
         }
         for f in v.failures.iter().take(20) {
-            println!("  cannot decrypt {}.{} at key {}: {}", f.table, f.column, f.key, f.error);
+            println!(
+                "  cannot decrypt {}.{} at key {}: {}",
+                f.table, f.column, f.key, f.error
+            );
         }
         println!(
             "{}",

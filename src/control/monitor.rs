@@ -29,7 +29,12 @@ pub struct Signals {
 
 impl Default for Signals {
     fn default() -> Self {
-        Signals { max_replica_lag: None, gate_sql: None, control_file: None, check_every: Duration::from_secs(1) }
+        Signals {
+            max_replica_lag: None,
+            gate_sql: None,
+            control_file: None,
+            check_every: Duration::from_secs(1),
+        }
     }
 }
 
@@ -59,7 +64,10 @@ pub struct Monitor {
 impl Monitor {
     /// A monitor of `signals`.
     pub fn new(signals: Signals) -> Self {
-        Monitor { signals, lag: LagTracker::default() }
+        Monitor {
+            signals,
+            lag: LagTracker::default(),
+        }
     }
 
     /// Reads every signal once, in order of precedence: a stop, then holds.
@@ -68,7 +76,12 @@ impl Monitor {
         if let Some(path) = &self.signals.control_file {
             match read_control_file(path) {
                 Ok(Some(Control::Stop)) => return Verdict::Stop(StopBy::ControlFile),
-                Ok(Some(Control::Pause)) => return Verdict::Hold("control_file", format!("paused by the control file {}", path.display())),
+                Ok(Some(Control::Pause)) => {
+                    return Verdict::Hold(
+                        "control_file",
+                        format!("paused by the control file {}", path.display()),
+                    )
+                }
                 Ok(_) => {}
                 Err(e) => return Verdict::Hold("unreadable", e),
             }
@@ -81,17 +94,36 @@ impl Monitor {
         if let Some(max) = self.signals.max_replica_lag {
             match self.replica_lag(client).await {
                 Ok(Some((name, lag))) if lag > max => {
-                    return Verdict::Hold("replica_lag", format!("replica {name} replays {:.1}s behind (--max-replica-lag {})", lag.as_secs_f64(), humantime::format_duration(max)));
+                    return Verdict::Hold(
+                        "replica_lag",
+                        format!(
+                            "replica {name} replays {:.1}s behind (--max-replica-lag {})",
+                            lag.as_secs_f64(),
+                            humantime::format_duration(max)
+                        ),
+                    );
                 }
                 Ok(_) => {}
-                Err(e) => return Verdict::Hold("unreadable", format!("replica lag unreadable, holding: {e}")),
+                Err(e) => {
+                    return Verdict::Hold(
+                        "unreadable",
+                        format!("replica lag unreadable, holding: {e}"),
+                    )
+                }
             }
         }
         if let Some(sql) = &self.signals.gate_sql {
             match gate(client, sql).await {
                 Ok(true) => {}
-                Ok(false) => return Verdict::Hold("gate", "the --gate-sql query returned false".into()),
-                Err(e) => return Verdict::Hold("unreadable", format!("the --gate-sql query failed, holding: {e}")),
+                Ok(false) => {
+                    return Verdict::Hold("gate", "the --gate-sql query returned false".into())
+                }
+                Err(e) => {
+                    return Verdict::Hold(
+                        "unreadable",
+                        format!("the --gate-sql query failed, holding: {e}"),
+                    )
+                }
             }
         }
         Verdict::Go
@@ -109,7 +141,10 @@ impl Monitor {
             .await
             .map_err(|e| db_message(&e))?;
         let now = Instant::now();
-        let current = rows.first().and_then(|r| r.get::<_, Option<f64>>(0)).ok_or("the primary's WAL position is unknown")?;
+        let current = rows
+            .first()
+            .and_then(|r| r.get::<_, Option<f64>>(0))
+            .ok_or("the primary's WAL position is unknown")?;
         self.lag.sample(now, current as u64);
         let mut worst: Option<(String, Duration)> = None;
         for r in &rows {
@@ -121,10 +156,27 @@ impl Monitor {
             };
             // our own estimate keeps counting while replay is stalled; the
             // server's own replay_lag knows about lag from before we started
-            let reported = r.get::<_, Option<f64>>(3).filter(|l| l.is_finite() && *l > 0.0).map_or(Duration::ZERO, Duration::from_secs_f64);
-            let lag = self.lag.lag(now, replayed as u64).max(if (replayed as u64) < current as u64 { reported } else { Duration::ZERO });
+            let reported = r
+                .get::<_, Option<f64>>(3)
+                .filter(|l| l.is_finite() && *l > 0.0)
+                .map_or(Duration::ZERO, Duration::from_secs_f64);
+            let lag =
+                self.lag
+                    .lag(now, replayed as u64)
+                    .max(if (replayed as u64) < current as u64 {
+                        reported
+                    } else {
+                        Duration::ZERO
+                    });
             if worst.as_ref().is_none_or(|(_, w)| lag > *w) {
-                worst = Some((if name.is_empty() { "(unnamed)".into() } else { name }, lag));
+                worst = Some((
+                    if name.is_empty() {
+                        "(unnamed)".into()
+                    } else {
+                        name
+                    },
+                    lag,
+                ));
             }
         }
         Ok(worst)
@@ -151,11 +203,20 @@ pub fn read_control_file(path: &std::path::Path) -> Result<Option<Control>, Stri
 /// Runs the gate query in a read-only transaction that is always rolled back.
 async fn gate(client: &mut Client, sql: &str) -> Result<bool, String> {
     let tx = client.transaction().await.map_err(|e| db_message(&e))?;
-    tx.batch_execute("SET TRANSACTION READ ONLY; SET LOCAL statement_timeout = '5s'").await.map_err(|e| db_message(&e))?;
+    tx.batch_execute("SET TRANSACTION READ ONLY; SET LOCAL statement_timeout = '5s'")
+        .await
+        .map_err(|e| db_message(&e))?;
     let rows = tx.query(sql, &[]).await.map_err(|e| db_message(&e))?;
     let value = match rows.as_slice() {
-        [row] if row.len() == 1 => row.try_get::<_, Option<bool>>(0).map_err(|_| "it must return one boolean column".to_string())?,
-        _ => return Err(format!("it returned {} rows; it must return exactly one row with one boolean", rows.len())),
+        [row] if row.len() == 1 => row
+            .try_get::<_, Option<bool>>(0)
+            .map_err(|_| "it must return one boolean column".to_string())?,
+        _ => {
+            return Err(format!(
+                "it returned {} rows; it must return exactly one row with one boolean",
+                rows.len()
+            ))
+        }
     };
     let _ = tx.rollback().await;
     Ok(value == Some(true))
@@ -164,12 +225,16 @@ async fn gate(client: &mut Client, sql: &str) -> Result<bool, String> {
 /// Checks the gate query before a run starts: it must parse, run read-only
 /// and return one boolean. A false answer is fine (the run waits).
 pub async fn check_gate_sql(client: &mut Client, sql: &str) -> Result<(), Error> {
-    gate(client, sql).await.map(|_| ()).map_err(|e| Error::Config(format!("--gate-sql {sql:?} cannot serve as a gate: {e}")))
+    gate(client, sql)
+        .await
+        .map(|_| ())
+        .map_err(|e| Error::Config(format!("--gate-sql {sql:?} cannot serve as a gate: {e}")))
 }
 
 /// The server's message, without the driver's wrapping.
 fn db_message(e: &tokio_postgres::Error) -> String {
-    e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string())
+    e.as_db_error()
+        .map_or_else(|| e.to_string(), |d| d.message().to_string())
 }
 
 #[cfg(test)]
@@ -181,12 +246,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("control");
         assert_eq!(read_control_file(&f), Ok(None));
-        for (text, want) in [("run\n", Control::Run), ("pause", Control::Pause), (" stop \n", Control::Stop)] {
+        for (text, want) in [
+            ("run\n", Control::Run),
+            ("pause", Control::Pause),
+            (" stop \n", Control::Stop),
+        ] {
             std::fs::write(&f, text).unwrap();
             assert_eq!(read_control_file(&f), Ok(Some(want)), "{text:?}");
         }
         std::fs::write(&f, "").unwrap();
-        assert!(read_control_file(&f).is_err(), "an empty (half-written) file holds");
+        assert!(
+            read_control_file(&f).is_err(),
+            "an empty (half-written) file holds"
+        );
     }
 
     #[test]

@@ -23,14 +23,19 @@ pub struct Pace {
 impl Pace {
     /// A pace of `rows_per_sec` (at least 1).
     pub fn new(rows_per_sec: u32) -> Self {
-        Pace { rate: f64::from(rows_per_sec.max(1)), next: Mutex::new(Instant::now()) }
+        Pace {
+            rate: f64::from(rows_per_sec.max(1)),
+            next: Mutex::new(Instant::now()),
+        }
     }
 
     /// Waits for the slot of a page of `rows` rows. Holds no transaction: the
     /// source reads autocommit, between pages.
     pub async fn wait(&self, rows: usize) {
         let slot = {
-            let Ok(mut next) = self.next.lock() else { return };
+            let Ok(mut next) = self.next.lock() else {
+                return;
+            };
             let now = Instant::now();
             let slot = (*next).max(now);
             *next = slot + Duration::from_secs_f64(rows as f64 / self.rate);
@@ -49,7 +54,9 @@ pub struct Hold {
 
 impl Default for Hold {
     fn default() -> Self {
-        Hold { tx: watch::channel(None).0 }
+        Hold {
+            tx: watch::channel(None).0,
+        }
     }
 }
 
@@ -136,7 +143,11 @@ impl BatchSizer {
             min: max.min(50),
             max,
             max_bytes: max_bytes.max(1),
-            state: Mutex::new(SizerState { rows: max as f64, secs_per_row: None, bytes_per_row: None }),
+            state: Mutex::new(SizerState {
+                rows: max as f64,
+                secs_per_row: None,
+                bytes_per_row: None,
+            }),
         }
     }
 
@@ -144,8 +155,12 @@ impl BatchSizer {
     /// values are, at most [`FIRST_PAGE_ROWS`]: a table of 1 MiB values must
     /// not fill its first page with thousands of them.
     pub fn rows(&self) -> usize {
-        let Ok(s) = self.state.lock() else { return self.max.min(FIRST_PAGE_ROWS) };
-        let by_bytes = s.bytes_per_row.map_or(FIRST_PAGE_ROWS, |b| (self.max_bytes as f64 / b.max(1.0)) as usize);
+        let Ok(s) = self.state.lock() else {
+            return self.max.min(FIRST_PAGE_ROWS);
+        };
+        let by_bytes = s.bytes_per_row.map_or(FIRST_PAGE_ROWS, |b| {
+            (self.max_bytes as f64 / b.max(1.0)) as usize
+        });
         (s.rows as usize).min(by_bytes).clamp(1, self.max)
     }
 
@@ -156,7 +171,10 @@ impl BatchSizer {
         }
         let Ok(mut s) = self.state.lock() else { return };
         let b = bytes as f64 / rows as f64;
-        s.bytes_per_row = Some(s.bytes_per_row.map_or(b, |old| old + EWMA_ALPHA * (b - old)));
+        s.bytes_per_row = Some(
+            s.bytes_per_row
+                .map_or(b, |old| old + EWMA_ALPHA * (b - old)),
+        );
     }
 
     /// Records a batch of `rows` rows that took `took` to commit, and adapts.
@@ -171,10 +189,14 @@ impl BatchSizer {
             return;
         };
         let per_row = took.as_secs_f64() / rows as f64;
-        let avg = s.secs_per_row.map_or(per_row, |old| old + EWMA_ALPHA * (per_row - old));
+        let avg = s
+            .secs_per_row
+            .map_or(per_row, |old| old + EWMA_ALPHA * (per_row - old));
         s.secs_per_row = Some(avg);
         let ideal = target.as_secs_f64() / avg.max(1e-9);
-        s.rows = ideal.clamp(s.rows * SHRINK, s.rows * GROW).clamp(self.min as f64, self.max as f64);
+        s.rows = ideal
+            .clamp(s.rows * SHRINK, s.rows * GROW)
+            .clamp(self.min as f64, self.max as f64);
     }
 
     /// Halves the page size at once (a batch timed out), down to the floor;
@@ -252,10 +274,16 @@ mod tests {
             s.committed(s.rows(), Duration::from_secs_f64(s.rows() as f64 * 1e-4));
         }
         let settled = s.rows();
-        assert!((900..=1100).contains(&settled), "settles near 1000 rows per 100 ms, got {settled}");
+        assert!(
+            (900..=1100).contains(&settled),
+            "settles near 1000 rows per 100 ms, got {settled}"
+        );
         let before = s.rows();
         s.committed(before, Duration::from_micros(1)); // suddenly very fast
-        assert!(s.rows() <= (before as f64 * GROW) as usize + 1, "grows by at most 20% per batch");
+        assert!(
+            s.rows() <= (before as f64 * GROW) as usize + 1,
+            "grows by at most 20% per batch"
+        );
     }
 
     #[test]

@@ -95,7 +95,10 @@ pub struct KeyTable {
 
 /// Seconds since the Unix epoch.
 pub fn now() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl KeyTable {
@@ -110,14 +113,25 @@ impl KeyTable {
 
     /// The next free id (one more than the largest ever used).
     pub fn next_id(&self) -> Result<KeyId, LifecycleError> {
-        self.entries.iter().map(|e| e.id).max().unwrap_or(0).checked_add(1).ok_or(LifecycleError::BadNewKey("no key id left".into()))
+        self.entries
+            .iter()
+            .map(|e| e.id)
+            .max()
+            .unwrap_or(0)
+            .checked_add(1)
+            .ok_or(LifecycleError::BadNewKey("no key id left".into()))
     }
 
     /// The keyring of every key applications may use: retired keys are not
     /// in it, archived or not.
     pub fn keyring(&self) -> Result<Keyring, LifecycleError> {
         let current = self.id_in(KeyState::Current).ok_or(KeyringError::Empty)?;
-        let keys: Vec<Key> = self.entries.iter().filter(|e| e.state != KeyState::Retired).filter_map(|e| e.key.clone()).collect();
+        let keys: Vec<Key> = self
+            .entries
+            .iter()
+            .filter(|e| e.state != KeyState::Retired)
+            .filter_map(|e| e.key.clone())
+            .collect();
         Ok(Keyring::new(keys, current, self.id_in(KeyState::Pending))?)
     }
 
@@ -128,13 +142,29 @@ impl KeyTable {
             return Ok((id, false));
         }
         if self.entries.iter().any(|e| e.id == key.id()) {
-            return Err(LifecycleError::BadNewKey(format!("id {} is already used", key.id())));
+            return Err(LifecycleError::BadNewKey(format!(
+                "id {} is already used",
+                key.id()
+            )));
         }
-        if self.entries.iter().filter_map(|e| e.key.as_ref()).any(|k| k.material() == key.material()) {
-            return Err(LifecycleError::BadNewKey("its material equals an existing key".into()));
+        if self
+            .entries
+            .iter()
+            .filter_map(|e| e.key.as_ref())
+            .any(|k| k.material() == key.material())
+        {
+            return Err(LifecycleError::BadNewKey(
+                "its material equals an existing key".into(),
+            ));
         }
         let id = key.id();
-        self.entries.push(Entry { id, state: KeyState::Pending, created_at: at, changed_at: at, key: Some(key) });
+        self.entries.push(Entry {
+            id,
+            state: KeyState::Pending,
+            created_at: at,
+            changed_at: at,
+            key: Some(key),
+        });
         Ok((id, true))
     }
 
@@ -143,7 +173,11 @@ impl KeyTable {
     /// (has a previous key) is left as it is.
     pub fn promote(&mut self, at: u64) -> Result<bool, LifecycleError> {
         let Some(pending) = self.id_in(KeyState::Pending) else {
-            return if self.id_in(KeyState::Previous).is_some() { Ok(false) } else { Err(LifecycleError::NothingToPromote) };
+            return if self.id_in(KeyState::Previous).is_some() {
+                Ok(false)
+            } else {
+                Err(LifecycleError::NothingToPromote)
+            };
         };
         self.make_current(pending, at);
         Ok(true)
@@ -212,7 +246,11 @@ impl KeyTable {
     /// seconds); returns their ids.
     pub fn purge_retired_before(&mut self, before: u64) -> Vec<KeyId> {
         let mut purged = Vec::new();
-        for e in self.entries.iter_mut().filter(|e| e.state == KeyState::Retired && e.changed_at < before) {
+        for e in self
+            .entries
+            .iter_mut()
+            .filter(|e| e.state == KeyState::Retired && e.changed_at < before)
+        {
             if e.key.take().is_some() {
                 purged.push(e.id);
             }
@@ -238,11 +276,17 @@ impl KeyTable {
 
     /// Ids of retired keys whose material is still archived.
     pub fn archived_ids(&self) -> Vec<KeyId> {
-        self.with_state(KeyState::Retired).filter(|e| e.key.is_some()).map(|e| e.id).collect()
+        self.with_state(KeyState::Retired)
+            .filter(|e| e.key.is_some())
+            .map(|e| e.id)
+            .collect()
     }
 
     fn entry_mut(&mut self, id: KeyId) -> Result<&mut Entry, LifecycleError> {
-        self.entries.iter_mut().find(|e| e.id == id).ok_or(LifecycleError::NoSuchKey(id))
+        self.entries
+            .iter_mut()
+            .find(|e| e.id == id)
+            .ok_or(LifecycleError::NoSuchKey(id))
     }
 
     /// Ids of previous keys (retire candidates).
@@ -257,7 +301,13 @@ mod tests {
 
     fn table() -> KeyTable {
         let mut t = KeyTable::default();
-        t.entries.push(Entry { id: 1, state: KeyState::Current, created_at: 10, changed_at: 10, key: Some(Key::new(1, [1; 32])) });
+        t.entries.push(Entry {
+            id: 1,
+            state: KeyState::Current,
+            created_at: 10,
+            changed_at: 10,
+            key: Some(Key::new(1, [1; 32])),
+        });
         t
     }
 
@@ -267,7 +317,10 @@ mod tests {
         assert_eq!(t.stage(Key::new(2, [2; 32]), 20).unwrap(), (2, true));
         assert_eq!(t.keyring().unwrap().target().id(), 2);
         assert!(t.promote(30).unwrap());
-        assert_eq!((t.id_in(KeyState::Current), t.previous_ids()), (Some(2), vec![1]));
+        assert_eq!(
+            (t.id_in(KeyState::Current), t.previous_ids()),
+            (Some(2), vec![1])
+        );
     }
 
     #[test]
@@ -292,7 +345,10 @@ mod tests {
         t.stage(Key::new(2, [2; 32]), 20).unwrap();
         t.promote(30).unwrap();
         assert!(t.rollback(40).unwrap());
-        assert_eq!((t.id_in(KeyState::Current), t.previous_ids()), (Some(1), vec![2]));
+        assert_eq!(
+            (t.id_in(KeyState::Current), t.previous_ids()),
+            (Some(1), vec![2])
+        );
     }
 
     #[test]
@@ -300,23 +356,41 @@ mod tests {
         let mut t = table();
         t.stage(Key::new(2, [2; 32]), 20).unwrap();
         assert!(t.rollback(30).unwrap());
-        assert_eq!((t.id_in(KeyState::Current), t.previous_ids()), (Some(1), vec![2]));
-        assert!(t.keyring().unwrap().get(2).is_some(), "values rewritten under key 2 stay readable");
+        assert_eq!(
+            (t.id_in(KeyState::Current), t.previous_ids()),
+            (Some(1), vec![2])
+        );
+        assert!(
+            t.keyring().unwrap().get(2).is_some(),
+            "values rewritten under key 2 stay readable"
+        );
     }
 
     #[test]
-    fn retire_refuses_the_current_key_and_takes_a_previous_key_out_of_the_keyring_into_the_archive() {
+    fn retire_refuses_the_current_key_and_takes_a_previous_key_out_of_the_keyring_into_the_archive()
+    {
         let mut t = table();
         t.stage(Key::new(2, [2; 32]), 20).unwrap();
-        assert_eq!(t.retire(2, 21).unwrap_err(), LifecycleError::NotRetirable(2, KeyState::Pending));
+        assert_eq!(
+            t.retire(2, 21).unwrap_err(),
+            LifecycleError::NotRetirable(2, KeyState::Pending)
+        );
         t.promote(30).unwrap();
         assert!(t.retire(1, 40).unwrap());
         assert!(!t.retire(1, 41).unwrap());
         assert!(t.keyring().unwrap().get(1).is_none());
         assert_eq!(t.archived_ids(), vec![1]);
         let applications_read = StoredKey::from_entry(&t.entries[0], |_| "sealed".into());
-        assert_eq!(applications_read.material, None, "what applications read holds no retired material");
-        assert_eq!(StoredKey::archived(&t.entries[0], |_| "sealed".into()).and_then(|k| k.material).as_deref(), Some("sealed"));
+        assert_eq!(
+            applications_read.material, None,
+            "what applications read holds no retired material"
+        );
+        assert_eq!(
+            StoredKey::archived(&t.entries[0], |_| "sealed".into())
+                .and_then(|k| k.material)
+                .as_deref(),
+            Some("sealed")
+        );
     }
 
     #[test]
@@ -326,10 +400,20 @@ mod tests {
         t.promote(30).unwrap();
         t.retire(1, 40).unwrap();
         assert!(t.restore(1, 50).unwrap());
-        assert_eq!(t.keyring().unwrap().get(1).map(Key::fingerprint), Some(Key::new(1, [1; 32]).fingerprint()));
-        assert_eq!(t.restore(2, 51).unwrap_err(), LifecycleError::NotRetired(2, KeyState::Current));
+        assert_eq!(
+            t.keyring().unwrap().get(1).map(Key::fingerprint),
+            Some(Key::new(1, [1; 32]).fingerprint())
+        );
+        assert_eq!(
+            t.restore(2, 51).unwrap_err(),
+            LifecycleError::NotRetired(2, KeyState::Current)
+        );
         t.retire(1, 60).unwrap();
-        assert_eq!(t.purge_retired_before(60), Vec::<KeyId>::new(), "retired at 60: not before 60");
+        assert_eq!(
+            t.purge_retired_before(60),
+            Vec::<KeyId>::new(),
+            "retired at 60: not before 60"
+        );
         assert_eq!(t.purge_retired_before(61), vec![1]);
         assert_eq!(t.restore(1, 70).unwrap_err(), LifecycleError::Purged(1));
         assert!(!t.purge(1).unwrap());
@@ -338,6 +422,9 @@ mod tests {
     #[test]
     fn staging_a_copy_of_an_existing_key_is_refused() {
         let mut t = table();
-        assert!(matches!(t.stage(Key::new(2, [1; 32]), 20), Err(LifecycleError::BadNewKey(_))));
+        assert!(matches!(
+            t.stage(Key::new(2, [1; 32]), 20),
+            Err(LifecycleError::BadNewKey(_))
+        ));
     }
 }

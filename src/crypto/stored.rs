@@ -38,14 +38,20 @@ impl StoredKey {
     /// `encode`; a retired key without material.
     pub fn from_entry(e: &Entry, encode: impl FnOnce(&Key) -> String) -> StoredKey {
         let live = e.key.as_ref().filter(|_| e.state != KeyState::Retired);
-        StoredKey { material: live.map(encode), ..Self::bare(e) }
+        StoredKey {
+            material: live.map(encode),
+            ..Self::bare(e)
+        }
     }
 
     /// A retired entry as the archive keeps it, material included; `None`
     /// for any other entry, or one already purged.
     pub fn archived(e: &Entry, encode: impl FnOnce(&Key) -> String) -> Option<StoredKey> {
         let key = e.key.as_ref().filter(|_| e.state == KeyState::Retired)?;
-        Some(StoredKey { material: Some(encode(key)), ..Self::bare(e) })
+        Some(StoredKey {
+            material: Some(encode(key)),
+            ..Self::bare(e)
+        })
     }
 
     fn bare(e: &Entry) -> StoredKey {
@@ -61,8 +67,19 @@ impl StoredKey {
 
     /// Back to an entry, with the key the caller decoded from `material`.
     pub fn into_entry(self, key: Option<Key>) -> Entry {
-        let at = |t: &str| humantime::parse_rfc3339(t).ok().and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
-        Entry { id: self.id, state: self.state, created_at: at(&self.created_at), changed_at: at(&self.changed_at), key }
+        let at = |t: &str| {
+            humantime::parse_rfc3339(t)
+                .ok()
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs())
+        };
+        Entry {
+            id: self.id,
+            state: self.state,
+            created_at: at(&self.created_at),
+            changed_at: at(&self.changed_at),
+            key,
+        }
     }
 }
 
@@ -87,7 +104,8 @@ pub struct KeyInfo {
 
 /// RFC 3339 (UTC, seconds) for Unix seconds.
 pub fn rfc3339(secs: u64) -> String {
-    humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs)).to_string()
+    humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+        .to_string()
 }
 
 impl KeyTable {

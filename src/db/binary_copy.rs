@@ -84,7 +84,9 @@ mod tests {
         let out = b.finish();
         let mut want = SIGNATURE.to_vec();
         want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0]);
-        want.extend_from_slice(&[0, 2, 0, 0, 0, 2, b'a', b'b', 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+        want.extend_from_slice(&[
+            0, 2, 0, 0, 0, 2, b'a', b'b', 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        ]);
         assert_eq!(&out[..], &want[..]);
     }
 }

@@ -56,15 +56,41 @@ impl TempCluster {
     pub fn start(opts: ClusterOptions) -> Result<Self, ClusterError> {
         let bin = find_bindir().ok_or(ClusterError::NoBinaries)?;
         let run_as = is_root().then(|| "postgres".to_string());
-        let dir = std::env::temp_dir().join(format!("rekey-pg-{}-{}", std::process::id(), unique()));
+        let dir =
+            std::env::temp_dir().join(format!("rekey-pg-{}-{}", std::process::id(), unique()));
         std::fs::create_dir_all(&dir).map_err(|e| step("creating the cluster directory", e))?;
-        let mut cluster = TempCluster { dir, bin, port: 0, run_as, running: false };
+        let mut cluster = TempCluster {
+            dir,
+            bin,
+            port: 0,
+            run_as,
+            running: false,
+        };
         if let Some(user) = &cluster.run_as {
-            run(Command::new("chown").arg(format!("{user}:")).arg(&cluster.dir), "chown of the cluster directory")?;
+            run(
+                Command::new("chown")
+                    .arg(format!("{user}:"))
+                    .arg(&cluster.dir),
+                "chown of the cluster directory",
+            )?;
         }
         cluster.spawn_watchdog();
         let data = cluster.data_dir();
-        cluster.pg("initdb", &["-D", path_str(&data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-locale", "--no-sync"])?;
+        cluster.pg(
+            "initdb",
+            &[
+                "-D",
+                path_str(&data),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-locale",
+                "--no-sync",
+            ],
+        )?;
         cluster.port = free_port()?;
         let mut conf = format!(
             "port = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nmax_connections = 200\n\
@@ -86,7 +112,10 @@ impl TempCluster {
 
     /// A key=value connection string for database `dbname`.
     pub fn url(&self, dbname: &str) -> String {
-        format!("host=127.0.0.1 port={} user=postgres dbname={dbname}", self.port)
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={dbname}",
+            self.port
+        )
     }
 
     /// The server's port.
@@ -123,18 +152,45 @@ impl TempCluster {
     /// grows with every write and rows written on the primary stay invisible
     /// on the standby; [`TempCluster::resume_replay`] lets it catch up.
     pub fn start_replica(&self) -> Result<TempCluster, ClusterError> {
-        let dir = std::env::temp_dir().join(format!("rekey-pg-{}-{}", std::process::id(), unique()));
+        let dir =
+            std::env::temp_dir().join(format!("rekey-pg-{}-{}", std::process::id(), unique()));
         std::fs::create_dir_all(&dir).map_err(|e| step("creating the replica directory", e))?;
-        let mut replica = TempCluster { dir, bin: self.bin.clone(), port: 0, run_as: self.run_as.clone(), running: false };
+        let mut replica = TempCluster {
+            dir,
+            bin: self.bin.clone(),
+            port: 0,
+            run_as: self.run_as.clone(),
+            running: false,
+        };
         if let Some(user) = &replica.run_as {
-            run(Command::new("chown").arg(format!("{user}:")).arg(&replica.dir), "chown of the replica directory")?;
+            run(
+                Command::new("chown")
+                    .arg(format!("{user}:"))
+                    .arg(&replica.dir),
+                "chown of the replica directory",
+            )?;
         }
         replica.spawn_watchdog();
         let data = replica.data_dir();
         let primary_port = self.port.to_string();
         replica.pg(
             "pg_basebackup",
-            &["-D", path_str(&data), "-h", "127.0.0.1", "-p", &primary_port, "-U", "postgres", "-R", "-X", "stream", "-c", "fast", "--no-sync"],
+            &[
+                "-D",
+                path_str(&data),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &primary_port,
+                "-U",
+                "postgres",
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "--no-sync",
+            ],
         )?;
         replica.port = free_port()?;
         // The backup carries the primary's settings; these lines come later and win.
@@ -144,7 +200,8 @@ impl TempCluster {
             path_str(&replica.dir)
         );
         let conf_path = data.join("postgresql.auto.conf");
-        let mut existing = std::fs::read_to_string(&conf_path).map_err(|e| step("reading the replica's postgresql.auto.conf", e))?;
+        let mut existing = std::fs::read_to_string(&conf_path)
+            .map_err(|e| step("reading the replica's postgresql.auto.conf", e))?;
         existing.push_str(&conf);
         replica.write_as_owner(&conf_path, &existing)?;
         replica.ctl(&["start", "-w", "-t", "60"])?;
@@ -171,7 +228,22 @@ impl TempCluster {
         let port = self.port.to_string();
         run(
             Command::new(self.bin.join("psql"))
-                .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-d", "postgres", "-c", sql])
+                .args([
+                    "-X",
+                    "-q",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "postgres",
+                    "-c",
+                    sql,
+                ])
                 .current_dir(&self.dir),
             "psql",
         )
@@ -203,7 +275,10 @@ impl TempCluster {
     fn write_as_owner(&self, path: &Path, text: &str) -> Result<(), ClusterError> {
         std::fs::write(path, text).map_err(|e| step("writing postgresql.auto.conf", e))?;
         if let Some(user) = &self.run_as {
-            run(Command::new("chown").arg(format!("{user}:")).arg(path), "chown of postgresql.auto.conf")?;
+            run(
+                Command::new("chown").arg(format!("{user}:")).arg(path),
+                "chown of postgresql.auto.conf",
+            )?;
         }
         Ok(())
     }
@@ -211,7 +286,11 @@ impl TempCluster {
     /// Starts a detached process that cleans up if we die first.
     fn spawn_watchdog(&self) {
         let ctl = self.bin.join("pg_ctl");
-        let as_user = self.run_as.as_ref().map(|u| format!("runuser -u {u} -- ")).unwrap_or_default();
+        let as_user = self
+            .run_as
+            .as_ref()
+            .map(|u| format!("runuser -u {u} -- "))
+            .unwrap_or_default();
         let script = format!(
             "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
              {as_user}'{ctl}' -D '{data}' stop -m immediate >/dev/null 2>&1; rm -rf '{dir}'",
@@ -239,15 +318,28 @@ impl Drop for TempCluster {
 }
 
 fn step(what: &str, e: impl std::fmt::Display) -> ClusterError {
-    ClusterError::Step { step: what.to_string(), detail: e.to_string() }
+    ClusterError::Step {
+        step: what.to_string(),
+        detail: e.to_string(),
+    }
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result<(), ClusterError> {
-    let out = cmd.stdin(Stdio::null()).output().map_err(|e| step(what, e))?;
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| step(what, e))?;
     if out.status.success() {
         return Ok(());
     }
-    Err(step(what, format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))))
+    Err(step(
+        what,
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ))
 }
 
 fn path_str(p: &Path) -> &str {
@@ -262,7 +354,10 @@ fn unique() -> u64 {
 
 fn free_port() -> Result<u16, ClusterError> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| step("finding a free port", e))?;
-    listener.local_addr().map(|a| a.port()).map_err(|e| step("finding a free port", e))
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(|e| step("finding a free port", e))
 }
 
 fn is_root() -> bool {
@@ -270,7 +365,12 @@ fn is_root() -> bool {
     // which is root for a non-dumpable process whoever runs it).
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(2)).map(|uid| uid == "0"))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2))
+                .map(|uid| uid == "0")
+        })
         .unwrap_or(false)
 }
 
@@ -281,7 +381,12 @@ pub fn find_bindir() -> Option<PathBuf> {
         for d in std::env::split_paths(&path) {
             if has_tools(&d) {
                 // Debian links /usr/bin tools to a wrapper; prefer the real directory.
-                return Some(std::fs::canonicalize(d.join("initdb")).ok().and_then(|p| p.parent().map(Path::to_path_buf)).unwrap_or(d));
+                return Some(
+                    std::fs::canonicalize(d.join("initdb"))
+                        .ok()
+                        .and_then(|p| p.parent().map(Path::to_path_buf))
+                        .unwrap_or(d),
+                );
             }
         }
     }

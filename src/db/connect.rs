@@ -162,7 +162,10 @@ const KEEPALIVE_RETRIES: u32 = 3;
 
 impl std::fmt::Debug for Database {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Database").field("dbname", &self.config.get_dbname()).field("sslmode", &self.mode).finish()
+        f.debug_struct("Database")
+            .field("dbname", &self.config.get_dbname())
+            .field("sslmode", &self.mode)
+            .finish()
     }
 }
 
@@ -174,9 +177,13 @@ impl Database {
         Self::parse_with_env(url, &|name| std::env::var(name).ok())
     }
 
-    fn parse_with_env(url: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConnectError> {
+    fn parse_with_env(
+        url: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConnectError> {
         let params = take_tls_params(url)?;
-        let mut config = Config::from_str(&params.rest).map_err(|e| ConnectError::BadUrl(e.to_string()))?;
+        let mut config =
+            Config::from_str(&params.rest).map_err(|e| ConnectError::BadUrl(e.to_string()))?;
         if config.get_application_name().is_none() {
             config.application_name("rekey");
         }
@@ -186,19 +193,42 @@ impl Database {
             Some(o) if !o.is_empty() => format!("{o} -c standard_conforming_strings=on"),
             _ => "-c standard_conforming_strings=on".to_string(),
         };
-        config.options(format!("{options} {}", Timeouts::read_only().startup_options()));
+        config.options(format!(
+            "{options} {}",
+            Timeouts::read_only().startup_options()
+        ));
         let connect_timeout = match config.get_connect_timeout() {
             Some(t) => *t,
             None => match env("PGCONNECT_TIMEOUT").filter(|t| !t.trim().is_empty()) {
                 // libpq: a value under 2 seconds waits 2
-                Some(t) => Duration::from_secs(t.trim().parse::<u64>().map_err(|_| ConnectError::BadUrl(format!("PGCONNECT_TIMEOUT={t} is not a number of seconds")))?.max(2)),
+                Some(t) => Duration::from_secs(
+                    t.trim()
+                        .parse::<u64>()
+                        .map_err(|_| {
+                            ConnectError::BadUrl(format!(
+                                "PGCONNECT_TIMEOUT={t} is not a number of seconds"
+                            ))
+                        })?
+                        .max(2),
+                ),
                 None => DEFAULT_CONNECT_TIMEOUT,
             },
         };
         config.connect_timeout(connect_timeout);
-        config.keepalives(true).keepalives_idle(KEEPALIVE_IDLE).keepalives_interval(KEEPALIVE_INTERVAL).keepalives_retries(KEEPALIVE_RETRIES);
-        let rootcert = params.sslrootcert.or_else(|| env("PGSSLROOTCERT")).filter(|r| !r.is_empty());
-        let mode = match params.sslmode.or_else(|| env("PGSSLMODE")).filter(|m| !m.is_empty()) {
+        config
+            .keepalives(true)
+            .keepalives_idle(KEEPALIVE_IDLE)
+            .keepalives_interval(KEEPALIVE_INTERVAL)
+            .keepalives_retries(KEEPALIVE_RETRIES);
+        let rootcert = params
+            .sslrootcert
+            .or_else(|| env("PGSSLROOTCERT"))
+            .filter(|r| !r.is_empty());
+        let mode = match params
+            .sslmode
+            .or_else(|| env("PGSSLMODE"))
+            .filter(|m| !m.is_empty())
+        {
             Some(mode) => SslMode::parse(&mode)?,
             // libpq 16: the system's CAs make verify-full the default.
             None if rootcert.as_deref() == Some("system") => SslMode::VerifyFull,
@@ -212,12 +242,20 @@ impl Database {
                 )))
             }
             (_, Some(r)) if r == "system" => Some(Roots::System),
-            (SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull, Some(r)) => Some(Roots::File(PathBuf::from(r))),
-            (SslMode::VerifyCa | SslMode::VerifyFull, None) => match env("HOME").map(|h| PathBuf::from(h).join(".postgresql/root.crt")) {
-                // libpq's default CA file.
-                Some(path) if path.is_file() => Some(Roots::File(path)),
-                _ => return Err(ConnectError::NoRootCert { mode: mode.as_str() }),
-            },
+            (SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull, Some(r)) => {
+                Some(Roots::File(PathBuf::from(r)))
+            }
+            (SslMode::VerifyCa | SslMode::VerifyFull, None) => {
+                match env("HOME").map(|h| PathBuf::from(h).join(".postgresql/root.crt")) {
+                    // libpq's default CA file.
+                    Some(path) if path.is_file() => Some(Roots::File(path)),
+                    _ => {
+                        return Err(ConnectError::NoRootCert {
+                            mode: mode.as_str(),
+                        })
+                    }
+                }
+            }
             // prefer never checks (libpq's default must keep working with any server).
             (SslMode::Disable | SslMode::Prefer | SslMode::Require, _) => None,
         };
@@ -241,14 +279,22 @@ impl Database {
             Some(Roots::System) => "system".to_string(),
             Some(Roots::File(path)) => path.display().to_string(),
         };
-        Ok(Database { config, mode, roots, tls: MakeRustlsConnect::new(tls_config(check)?), options, connect_timeout })
+        Ok(Database {
+            config,
+            mode,
+            roots,
+            tls: MakeRustlsConnect::new(tls_config(check)?),
+            options,
+            connect_timeout,
+        })
     }
 
     /// The same database, every session opened with `timeouts` (and read
     /// committed) as its startup options.
     pub fn with_session(&self, timeouts: &Timeouts) -> Database {
         let mut db = self.clone();
-        db.config.options(format!("{} {}", self.options, timeouts.startup_options()));
+        db.config
+            .options(format!("{} {}", self.options, timeouts.startup_options()));
         db
     }
 
@@ -270,7 +316,11 @@ impl Database {
             .collect();
         format!(
             "{} (database {}, user {})",
-            if hosts.is_empty() { "localhost:5432".to_string() } else { hosts.join(", ") },
+            if hosts.is_empty() {
+                "localhost:5432".to_string()
+            } else {
+                hosts.join(", ")
+            },
             self.config.get_dbname().unwrap_or("(default)"),
             self.config.get_user().unwrap_or("(default)")
         )
@@ -287,9 +337,19 @@ impl Database {
         // the driver's connect_timeout bounds the TCP connect only: the TLS and
         // PostgreSQL handshakes of a server that accepts and never answers would hang
         let started = self.config.connect(self.tls.clone());
-        let (client, connection) = match tokio::time::timeout(self.connect_timeout + Duration::from_secs(1), started).await {
+        let (client, connection) = match tokio::time::timeout(
+            self.connect_timeout + Duration::from_secs(1),
+            started,
+        )
+        .await
+        {
             Ok(connected) => connected.map_err(|e| self.explain(e))?,
-            Err(_) => return Err(ConnectError::Timeout { at: self.describe(), secs: self.connect_timeout.as_secs() }),
+            Err(_) => {
+                return Err(ConnectError::Timeout {
+                    at: self.describe(),
+                    secs: self.connect_timeout.as_secs(),
+                })
+            }
         };
         tokio::spawn(async move {
             // The client sees the same error on its next call; nothing to add here.
@@ -302,15 +362,39 @@ impl Database {
     fn explain(&self, e: tokio_postgres::Error) -> ConnectError {
         let roots = self.roots.clone();
         match tls_failure(&e) {
-            Some(TlsFailure::NoTls) => ConnectError::ServerWithoutTls { mode: self.mode.as_str() },
-            Some(TlsFailure::Certificate(CertificateError::UnknownIssuer)) => ConnectError::UnknownIssuer { roots },
-            Some(TlsFailure::Certificate(CertificateError::NotValidForNameContext { expected, presented })) => {
-                let presented: Vec<&str> = presented.iter().map(|name| presented_name(name)).collect();
-                ConnectError::WrongHost { detail: format!("host {} (it names {})", server_name(expected), presented.join(", ")) }
+            Some(TlsFailure::NoTls) => ConnectError::ServerWithoutTls {
+                mode: self.mode.as_str(),
+            },
+            Some(TlsFailure::Certificate(CertificateError::UnknownIssuer)) => {
+                ConnectError::UnknownIssuer { roots }
             }
-            Some(TlsFailure::Certificate(CertificateError::NotValidForName)) => ConnectError::WrongHost { detail: "the host connected to".into() },
-            Some(TlsFailure::Certificate(other)) => ConnectError::BadCertificate { reason: other.to_string(), roots },
-            None => ConnectError::Connect { at: self.describe(), source: e },
+            Some(TlsFailure::Certificate(CertificateError::NotValidForNameContext {
+                expected,
+                presented,
+            })) => {
+                let presented: Vec<&str> =
+                    presented.iter().map(|name| presented_name(name)).collect();
+                ConnectError::WrongHost {
+                    detail: format!(
+                        "host {} (it names {})",
+                        server_name(expected),
+                        presented.join(", ")
+                    ),
+                }
+            }
+            Some(TlsFailure::Certificate(CertificateError::NotValidForName)) => {
+                ConnectError::WrongHost {
+                    detail: "the host connected to".into(),
+                }
+            }
+            Some(TlsFailure::Certificate(other)) => ConnectError::BadCertificate {
+                reason: other.to_string(),
+                roots,
+            },
+            None => ConnectError::Connect {
+                at: self.describe(),
+                source: e,
+            },
         }
     }
 }
@@ -328,9 +412,11 @@ enum TlsFailure<'a> {
 fn tls_failure(e: &tokio_postgres::Error) -> Option<TlsFailure<'_>> {
     let mut next: Option<&(dyn StdError + 'static)> = e.source();
     while let Some(err) = next {
-        let tls = err
-            .downcast_ref::<rustls::Error>()
-            .or_else(|| err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()).and_then(|inner| inner.downcast_ref::<rustls::Error>()));
+        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
+            err.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
         if let Some(rustls::Error::InvalidCertificate(cert)) = tls {
             return Some(TlsFailure::Certificate(cert));
         }
@@ -356,7 +442,10 @@ fn server_name(name: &ServerName<'_>) -> String {
 fn presented_name(name: &str) -> &str {
     name.strip_prefix("DnsName(\"")
         .and_then(|n| n.strip_suffix("\")"))
-        .or_else(|| name.strip_prefix("IpAddress(").and_then(|n| n.strip_suffix(')')))
+        .or_else(|| {
+            name.strip_prefix("IpAddress(")
+                .and_then(|n| n.strip_suffix(')'))
+        })
         .unwrap_or(name)
 }
 
@@ -386,29 +475,67 @@ mod tests {
 
     #[test]
     fn prefer_is_the_default_and_pgsslmode_applies_when_the_url_says_nothing() {
-        assert_eq!(Database::parse_with_env("host=h", &no_env).unwrap().ssl_mode(), SslMode::Prefer);
+        assert_eq!(
+            Database::parse_with_env("host=h", &no_env)
+                .unwrap()
+                .ssl_mode(),
+            SslMode::Prefer
+        );
         let env = |name: &str| (name == "PGSSLMODE").then(|| "require".to_string());
-        assert_eq!(Database::parse_with_env("host=h", &env).unwrap().ssl_mode(), SslMode::Require);
-        assert_eq!(Database::parse_with_env("host=h sslmode=disable", &env).unwrap().ssl_mode(), SslMode::Disable);
+        assert_eq!(
+            Database::parse_with_env("host=h", &env).unwrap().ssl_mode(),
+            SslMode::Require
+        );
+        assert_eq!(
+            Database::parse_with_env("host=h sslmode=disable", &env)
+                .unwrap()
+                .ssl_mode(),
+            SslMode::Disable
+        );
     }
 
     #[test]
     fn verify_full_without_a_ca_is_refused_with_the_fix() {
-        let err = Database::parse_with_env("postgres://h/db?sslmode=verify-full", &no_env).unwrap_err();
-        assert!(matches!(err, ConnectError::NoRootCert { mode: "verify-full" }), "{err:?}");
-        assert!(err.to_string().contains("pass sslrootcert=/path/to/ca.pem"), "{err}");
+        let err =
+            Database::parse_with_env("postgres://h/db?sslmode=verify-full", &no_env).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConnectError::NoRootCert {
+                    mode: "verify-full"
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains("pass sslrootcert=/path/to/ca.pem"),
+            "{err}"
+        );
     }
 
     #[test]
     fn a_missing_ca_file_is_refused_naming_it() {
-        let err = Database::parse_with_env("host=h sslmode=verify-ca sslrootcert=/nonexistent/ca.pem", &no_env).unwrap_err();
-        assert!(err.to_string().starts_with("cannot use sslrootcert=/nonexistent/ca.pem: "), "{err}");
+        let err = Database::parse_with_env(
+            "host=h sslmode=verify-ca sslrootcert=/nonexistent/ca.pem",
+            &no_env,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("cannot use sslrootcert=/nonexistent/ca.pem: "),
+            "{err}"
+        );
     }
 
     #[test]
     fn system_roots_need_verify_full() {
-        let err = Database::parse_with_env("host=h sslmode=require sslrootcert=system", &no_env).unwrap_err();
-        assert!(err.to_string().contains("sslrootcert=system needs sslmode=verify-full"), "{err}");
+        let err = Database::parse_with_env("host=h sslmode=require sslrootcert=system", &no_env)
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("sslrootcert=system needs sslmode=verify-full"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -426,7 +553,8 @@ mod tests {
 
     #[test]
     fn debug_shows_no_password() {
-        let db = Database::parse_with_env("postgres://u:s3cret-pw@h/db?sslmode=require", &no_env).unwrap();
+        let db = Database::parse_with_env("postgres://u:s3cret-pw@h/db?sslmode=require", &no_env)
+            .unwrap();
         assert!(!format!("{db:?}").contains("s3cret-pw"));
     }
 }

@@ -34,7 +34,10 @@ pub(super) fn take_tls_params(url: &str) -> Result<TlsParams, ConnectError> {
     let rest = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         // tokio-postgres reads credentials up to the first '@', then the query after the next '?'.
         let after_credentials = url.find('@').map_or(0, |at| at + 1);
-        match url[after_credentials..].find('?').map(|q| after_credentials + q) {
+        match url[after_credentials..]
+            .find('?')
+            .map(|q| after_credentials + q)
+        {
             None => url.to_string(),
             Some(q) => {
                 let mut kept = Vec::new();
@@ -44,7 +47,9 @@ pub(super) fn take_tls_params(url: &str) -> Result<TlsParams, ConnectError> {
                         continue;
                     };
                     let key = percent_decode(key)?;
-                    if !matches!(key.as_str(), "sslmode" | "sslrootcert") || keep(&key, percent_decode(value)?) {
+                    if !matches!(key.as_str(), "sslmode" | "sslrootcert")
+                        || keep(&key, percent_decode(value)?)
+                    {
                         kept.push(pair);
                     }
                 }
@@ -59,7 +64,14 @@ pub(super) fn take_tls_params(url: &str) -> Result<TlsParams, ConnectError> {
             None => url.to_string(),
             Some(pairs) => pairs
                 .into_iter()
-                .filter_map(|(key, value)| keep(&key, value.clone()).then(|| format!("{key}='{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))))
+                .filter_map(|(key, value)| {
+                    keep(&key, value.clone()).then(|| {
+                        format!(
+                            "{key}='{}'",
+                            value.replace('\\', "\\\\").replace('\'', "\\'")
+                        )
+                    })
+                })
                 .collect::<Vec<_>>()
                 .join(" "),
         }
@@ -72,7 +84,9 @@ fn percent_decode(s: &str) -> Result<String, ConnectError> {
     percent_encoding::percent_decode_str(s)
         .decode_utf8()
         .map(|v| v.into_owned())
-        .map_err(|_| ConnectError::BadUrl("a URL parameter is not UTF-8 once percent-decoded".into()))
+        .map_err(|_| {
+            ConnectError::BadUrl("a URL parameter is not UTF-8 once percent-decoded".into())
+        })
 }
 
 /// Reads a libpq key=value string: `key = value` pairs separated by
@@ -132,7 +146,10 @@ mod tests {
         assert_eq!(p.sslmode.as_deref(), Some("verify-full"));
         assert_eq!(p.sslrootcert.as_deref(), Some("/etc/ca dir/ca.pem"));
         let only = take_tls_params("postgresql://h/db?sslmode=require").unwrap();
-        assert_eq!((only.rest.as_str(), only.sslmode.as_deref()), ("postgresql://h/db", Some("require")));
+        assert_eq!(
+            (only.rest.as_str(), only.sslmode.as_deref()),
+            ("postgresql://h/db", Some("require"))
+        );
     }
 
     #[test]

@@ -30,7 +30,11 @@ impl<'a> FromSql<'a> for RawRef<'a> {
 pub struct RawParam<'a>(pub &'a [u8]);
 
 impl ToSql for RawParam<'_> {
-    fn to_sql(&self, _: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
         out.extend_from_slice(self.0);
         Ok(IsNull::No)
     }
@@ -48,7 +52,12 @@ pub type KeyBytes = Vec<Vec<u8>>;
 /// The first `n` columns of `row` as raw bytes (key columns come first in
 /// every row rekey reads); a NULL reads as empty, which no key column holds.
 pub fn leading(row: &Row, n: usize) -> impl Iterator<Item = &[u8]> {
-    (0..n).map(move |i| row.try_get::<_, Option<RawRef>>(i).ok().flatten().map_or(&[][..], |r| r.0))
+    (0..n).map(move |i| {
+        row.try_get::<_, Option<RawRef>>(i)
+            .ok()
+            .flatten()
+            .map_or(&[][..], |r| r.0)
+    })
 }
 
 /// The key of a row whose first `n` columns are its key, owned.

@@ -24,7 +24,11 @@ impl Timeouts {
     /// limit (their scans take as long as the table needs), a lock wait and
     /// an idle transaction bounded.
     pub fn read_only() -> Timeouts {
-        Timeouts { lock: Some(Duration::from_secs(5)), statement: None, idle_in_transaction: Some(Duration::from_secs(60)) }
+        Timeouts {
+            lock: Some(Duration::from_secs(5)),
+            statement: None,
+            idle_in_transaction: Some(Duration::from_secs(60)),
+        }
     }
 
     /// The same settings as startup options (`-c name=value`), which the

@@ -38,19 +38,29 @@ pub(super) fn load_roots(roots: &Roots) -> Result<RootCertStore, ConnectError> {
             let found = rustls_native_certs::load_native_certs();
             let (added, _) = store.add_parsable_certificates(found.certs);
             if added == 0 {
-                return Err(ConnectError::RootCert { path: "system".into(), reason: "the system's trust store holds no usable CA certificate".into() });
+                return Err(ConnectError::RootCert {
+                    path: "system".into(),
+                    reason: "the system's trust store holds no usable CA certificate".into(),
+                });
             }
         }
         Roots::File(path) => {
-            let bad = |reason: String| ConnectError::RootCert { path: path.display().to_string(), reason };
+            let bad = |reason: String| ConnectError::RootCert {
+                path: path.display().to_string(),
+                reason,
+            };
             let certs = CertificateDer::pem_file_iter(path)
                 .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
                 .map_err(|e| bad(e.to_string()))?;
             if certs.is_empty() {
-                return Err(bad("it holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into()));
+                return Err(bad(
+                    "it holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into(),
+                ));
             }
             for cert in certs {
-                store.add(cert).map_err(|e| bad(format!("not a usable CA certificate: {e}")))?;
+                store
+                    .add(cert)
+                    .map_err(|e| bad(format!("not a usable CA certificate: {e}")))?;
             }
         }
     }
@@ -63,10 +73,20 @@ pub(super) fn tls_config(check: Check) -> Result<ClientConfig, ConnectError> {
         .with_safe_default_protocol_versions()
         .map_err(|e| ConnectError::BadUrl(format!("TLS cannot be set up: {e}")))?;
     let mut config = match check {
-        Check::Nothing => builder.dangerous().with_custom_certificate_verifier(Arc::new(NoHostName { roots: None, provider })).with_no_client_auth(),
-        Check::Chain(roots) => {
-            builder.dangerous().with_custom_certificate_verifier(Arc::new(NoHostName { roots: Some(Arc::new(roots)), provider })).with_no_client_auth()
-        }
+        Check::Nothing => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoHostName {
+                roots: None,
+                provider,
+            }))
+            .with_no_client_auth(),
+        Check::Chain(roots) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoHostName {
+                roots: Some(Arc::new(roots)),
+                provider,
+            }))
+            .with_no_client_auth(),
         Check::ChainAndName(roots) => builder.with_root_certificates(roots).with_no_client_auth(),
     };
     // PostgreSQL 17 checks ALPN; older servers ignore it.
@@ -98,20 +118,48 @@ impl ServerCertVerifier for NoHostName {
     ) -> Result<ServerCertVerified, rustls::Error> {
         if let Some(roots) = &self.roots {
             let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
-            rustls::client::verify_server_cert_signed_by_trust_anchor(&cert, roots, intermediates, now, self.provider.signature_verification_algorithms.all)?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &cert,
+                roots,
+                intermediates,
+                now,
+                self.provider.signature_verification_algorithms.all,
+            )?;
         }
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }

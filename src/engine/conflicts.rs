@@ -5,12 +5,12 @@
 use std::collections::BTreeMap;
 
 use crate::db::{Database, KeyBytes};
-use crate::error::Retry;
-use crate::job::Target;
-use crate::observe::counts::Counts;
 use crate::engine::pipeline::{Mode, Outcome};
 use crate::engine::sink::{Batch, Commit, Writer, Written};
 use crate::engine::source::Source;
+use crate::error::Retry;
+use crate::job::Target;
+use crate::observe::counts::Counts;
 use crate::Error;
 
 use super::stages::on_pool;
@@ -26,21 +26,33 @@ pub(super) const RETRY_BATCH: i64 = 1000;
 /// Re-reads rows the application changed under a batch, until none remain
 /// or [`RETRY_ROUNDS`] rounds have passed; returns the outcome and how many
 /// keys are still waiting.
-pub(super) async fn retry_conflicts(db: &Database, shared: &Shared, job_id: i64) -> Result<(Outcome, u64), Error> {
+pub(super) async fn retry_conflicts(
+    db: &Database,
+    shared: &Shared,
+    job_id: i64,
+) -> Result<(Outcome, u64), Error> {
     let mut outcome = Outcome::default();
     let admin = db.connect().await?;
     // processes sharing the job take turns: the next finds what the first left
     admin
-        .execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", &[&format!("rekey.conflicts:{job_id}")])
+        .execute(
+            "SELECT pg_advisory_lock(hashtextextended($1, 0))",
+            &[&format!("rekey.conflicts:{job_id}")],
+        )
         .await
-        .map_err(|e| Error::Db { context: "waiting for another process's conflict re-reads".into(), source: e })?;
+        .map_err(|e| Error::Db {
+            context: "waiting for another process's conflict re-reads".into(),
+            source: e,
+        })?;
     let mut reader = None;
     let mut writer = None;
     'rounds: for round in 0..RETRY_ROUNDS {
         let mut any = false;
         for target in &shared.job.targets {
             loop {
-                let keys = crate::state::pending_conflicts(&admin, job_id, target.index, RETRY_BATCH).await?;
+                let keys =
+                    crate::state::pending_conflicts(&admin, job_id, target.index, RETRY_BATCH)
+                        .await?;
                 if keys.is_empty() {
                     break;
                 }
@@ -55,26 +67,55 @@ pub(super) async fn retry_conflicts(db: &Database, shared: &Shared, job_id: i64)
                 }
                 if reader.is_none() {
                     reader = Some(Source::connect(db, false, shared.timeouts).await?);
-                    writer = Some(Writer::connect_as(db, &shared.job, job_id, None, shared.timeouts).await?);
+                    writer = Some(
+                        Writer::connect_as(db, &shared.job, job_id, None, shared.timeouts).await?,
+                    );
                 }
-                let (Some(source), Some(sink)) = (reader.as_mut(), writer.as_mut()) else { break };
+                let (Some(source), Some(sink)) = (reader.as_mut(), writer.as_mut()) else {
+                    break;
+                };
                 let rows = source.rows_by_keys(target, &keys).await?;
-                let batch = Batch { range_index: 0, rows, cells: Vec::new(), last_key: None, end: false, lease: None };
-                let batch = on_pool(shared.job.clone(), target.index, Mode::Rewrite { job_id }, batch).await?;
-                let Written { counts, failures, .. } = match sink.write(target, Commit::Retry(&keys), &batch).await {
+                let batch = Batch {
+                    range_index: 0,
+                    rows,
+                    cells: Vec::new(),
+                    last_key: None,
+                    end: false,
+                    lease: None,
+                };
+                let batch = on_pool(
+                    shared.job.clone(),
+                    target.index,
+                    Mode::Rewrite { job_id },
+                    batch,
+                )
+                .await?;
+                let Written {
+                    counts, failures, ..
+                } = match sink.write(target, Commit::Retry(&keys), &batch).await {
                     Ok(w) => w,
                     // a row locked elsewhere: one key at a time, and one that stays locked is not rotated
                     Err(e) if e.retry() == Retry::Smaller => {
-                        let counts = locked_one_by_one(shared, source, sink, target, &keys, job_id).await?;
+                        let counts =
+                            locked_one_by_one(shared, source, sink, target, &keys, job_id).await?;
                         shared.live.add(&counts);
-                        outcome.merge(Outcome { counts, by_target: BTreeMap::from([(target.index, counts)]), ..Outcome::default() });
+                        outcome.merge(Outcome {
+                            counts,
+                            by_target: BTreeMap::from([(target.index, counts)]),
+                            ..Outcome::default()
+                        });
                         continue;
                     }
                     Err(e) => return Err(e),
                 };
                 shared.note_quarantined(&failures);
                 shared.live.add(&counts);
-                outcome.merge(Outcome { counts, failures, by_target: BTreeMap::from([(target.index, counts)]), ..Outcome::default() });
+                outcome.merge(Outcome {
+                    counts,
+                    failures,
+                    by_target: BTreeMap::from([(target.index, counts)]),
+                    ..Outcome::default()
+                });
                 if counts.conflicts > 0 {
                     // still changing: give the application's transactions time before the next round
                     break;
@@ -87,9 +128,15 @@ pub(super) async fn retry_conflicts(db: &Database, shared: &Shared, job_id: i64)
         tokio::time::sleep(std::time::Duration::from_millis(50 * u64::from(round + 1))).await;
     }
     let left: i64 = admin
-        .query_one("SELECT count(*) FROM rekey.conflicts WHERE job_id = $1", &[&job_id])
+        .query_one(
+            "SELECT count(*) FROM rekey.conflicts WHERE job_id = $1",
+            &[&job_id],
+        )
         .await
-        .map_err(|e| Error::Db { context: "counting conflicts left".into(), source: e })?
+        .map_err(|e| Error::Db {
+            context: "counting conflicts left".into(),
+            source: e,
+        })?
         .get(0);
     Ok((outcome, left as u64))
 }
@@ -97,15 +144,35 @@ pub(super) async fn retry_conflicts(db: &Database, shared: &Shared, job_id: i64)
 /// Re-reads and rewrites `keys` one at a time, after a batch of them hit a
 /// lock or statement timeout: a row that times out twice more is recorded
 /// as not rotated (`row_locked`) and leaves the list.
-async fn locked_one_by_one(shared: &Shared, source: &mut Source, sink: &mut Writer, target: &Target, keys: &[KeyBytes], job_id: i64) -> Result<Counts, Error> {
+async fn locked_one_by_one(
+    shared: &Shared,
+    source: &mut Source,
+    sink: &mut Writer,
+    target: &Target,
+    keys: &[KeyBytes],
+    job_id: i64,
+) -> Result<Counts, Error> {
     let mut counts = Counts::default();
     for key in keys {
         let one = std::slice::from_ref(key);
         let mut tries = 0;
         loop {
             let rows = source.rows_by_keys(target, one).await?;
-            let batch = Batch { range_index: 0, rows, cells: Vec::new(), last_key: None, end: false, lease: None };
-            let batch = on_pool(shared.job.clone(), target.index, Mode::Rewrite { job_id }, batch).await?;
+            let batch = Batch {
+                range_index: 0,
+                rows,
+                cells: Vec::new(),
+                last_key: None,
+                end: false,
+                lease: None,
+            };
+            let batch = on_pool(
+                shared.job.clone(),
+                target.index,
+                Mode::Rewrite { job_id },
+                batch,
+            )
+            .await?;
             match sink.write(target, Commit::Retry(one), &batch).await {
                 Ok(w) => {
                     shared.note_quarantined(&w.failures);

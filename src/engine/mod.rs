@@ -2,16 +2,16 @@
 //! what plans and checks its work. [`pipeline`] wires the stages and is the
 //! only place that spawns. Uses the state, control, job and lower layers.
 
-pub mod pipeline;
 mod conflicts;
+pub mod pipeline;
 pub mod plan;
+mod retry;
 pub mod rewrite;
 pub mod sink;
 pub mod source;
 pub mod sql;
+mod stages;
 pub mod transform;
 pub mod verify;
-mod retry;
-mod stages;
 mod watch;
 mod work;

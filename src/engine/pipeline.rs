@@ -151,7 +151,8 @@ impl Default for Outcome {
     fn default() -> Self {
         Outcome {
             counts: Counts::default(),
-            batch_micros: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant histogram bounds are valid"),
+            batch_micros: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3)
+                .expect("constant histogram bounds are valid"),
             failures: Vec::new(),
             by_key: BTreeMap::new(),
             by_key_id: BTreeMap::new(),
@@ -178,7 +179,10 @@ impl Outcome {
         self.on_old += other.on_old;
         self.retries += other.retries;
         self.taken_over += other.taken_over;
-        self.batch_rows = (self.batch_rows.0.min(other.batch_rows.0), self.batch_rows.1.max(other.batch_rows.1));
+        self.batch_rows = (
+            self.batch_rows.0.min(other.batch_rows.0),
+            self.batch_rows.1.max(other.batch_rows.1),
+        );
         for (t, c) in other.by_target {
             *self.by_target.entry(t).or_default() += c;
         }
@@ -196,7 +200,15 @@ impl Outcome {
 
 /// Runs the pipeline over `ranges` until every unfinished one is done or a
 /// stage fails; on failure, batches already in flight still commit.
-pub async fn run(db: &Database, job: Arc<Job>, ranges: Vec<RangeState>, mode: Mode, settings: Settings, live: Arc<LiveCounts>, progress: Progress) -> Result<Outcome, Error> {
+pub async fn run(
+    db: &Database,
+    job: Arc<Job>,
+    ranges: Vec<RangeState>,
+    mode: Mode,
+    settings: Settings,
+    live: Arc<LiveCounts>,
+    progress: Progress,
+) -> Result<Outcome, Error> {
     let mut monitor_conn = db.connect().await?;
     let job_id = match mode {
         Mode::Rewrite { job_id } => Some(job_id),
@@ -205,9 +217,21 @@ pub async fn run(db: &Database, job: Arc<Job>, ranges: Vec<RangeState>, mode: Mo
     let work = match job_id {
         Some(job_id) => {
             let pid = backend_pid(&monitor_conn).await?;
-            Work::Leased { job_id, owner: owner_name(), monitor_pid: AtomicI32::new(pid), ttl: settings.lease_ttl.max(Duration::from_secs(1)) }
+            Work::Leased {
+                job_id,
+                owner: owner_name(),
+                monitor_pid: AtomicI32::new(pid),
+                ttl: settings.lease_ttl.max(Duration::from_secs(1)),
+            }
         }
-        None => Work::Local(Mutex::new(ranges.iter().enumerate().filter(|(_, r)| !r.done).map(|(i, _)| i).collect())),
+        None => Work::Local(Mutex::new(
+            ranges
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| !r.done)
+                .map(|(i, _)| i)
+                .collect(),
+        )),
     };
     let unfinished = ranges.iter().filter(|r| !r.done).count();
     let lanes = settings.lanes.clamp(1, unfinished.max(1));
@@ -218,10 +242,20 @@ pub async fn run(db: &Database, job: Arc<Job>, ranges: Vec<RangeState>, mode: Mo
 
     // the signals are read once before any source reads a page
     let mut monitor = Monitor::new(settings.signals.clone());
-    apply(&shared, read_signals(&mut monitor, &mut monitor_conn, job_id).await);
+    apply(
+        &shared,
+        read_signals(&mut monitor, &mut monitor_conn, job_id).await,
+    );
     // in a JoinSet so that it ends with this future even when the future is dropped
     let mut watcher = JoinSet::new();
-    watcher.spawn(watch(shared.clone(), db.clone(), monitor_conn, monitor, settings.signals.check_every, job_id));
+    watcher.spawn(watch(
+        shared.clone(),
+        db.clone(),
+        monitor_conn,
+        monitor,
+        settings.signals.check_every,
+        job_id,
+    ));
 
     let mut tasks: JoinSet<Result<Option<Outcome>, Error>> = JoinSet::new();
     for lane in 0..lanes {
@@ -229,7 +263,10 @@ pub async fn run(db: &Database, job: Arc<Job>, ranges: Vec<RangeState>, mode: Mo
             Ok(c) => c,
             // the server has no connection slot left: run with the lanes it gave
             Err(e) if lane > 0 && e.is_too_many_connections() => {
-                tracing::warn!("the server took only {lane} of {lanes} lanes ({}); going on with {lane}", e.chain());
+                tracing::warn!(
+                    "the server took only {lane} of {lanes} lanes ({}); going on with {lane}",
+                    e.chain()
+                );
                 break;
             }
             Err(e) => return Err(e),
@@ -244,7 +281,11 @@ pub async fn run(db: &Database, job: Arc<Job>, ranges: Vec<RangeState>, mode: Mo
     let mut outcome = Outcome::default();
     let mut first_error = None;
     while let Some(joined) = tasks.join_next().await {
-        let result = joined.unwrap_or_else(|e| Err(Error::Runtime(format!("a pipeline task stopped unexpectedly: {e}"))));
+        let result = joined.unwrap_or_else(|e| {
+            Err(Error::Runtime(format!(
+                "a pipeline task stopped unexpectedly: {e}"
+            )))
+        });
         match result {
             Ok(Some(lane)) => outcome.merge(lane),
             Ok(None) => {}
@@ -260,14 +301,28 @@ pub async fn run(db: &Database, job: Arc<Job>, ranges: Vec<RangeState>, mode: Mo
 
 /// One lane's connections: a reader, and a writer (a rewrite) or a lookup
 /// connection for failed values' keys (dry run, verify).
-async fn lane_connections(db: &Database, shared: &Shared, mode: Mode, settings: &Settings) -> Result<(Source, Option<Writer>, Option<tokio_postgres::Client>), Error> {
+async fn lane_connections(
+    db: &Database,
+    shared: &Shared,
+    mode: Mode,
+    settings: &Settings,
+) -> Result<(Source, Option<Writer>, Option<tokio_postgres::Client>), Error> {
     let reader = Source::connect(db, mode != Mode::Verify, settings.timeouts).await?;
     let lookup = match mode {
         Mode::Rewrite { .. } => None,
         Mode::DryRun | Mode::Verify => Some(db.connect().await?),
     };
     let writer = match (mode, &shared.work) {
-        (Mode::Rewrite { job_id }, Work::Leased { owner, .. }) => Some(Writer::connect_as(db, &shared.job, job_id, Some(owner.clone()), settings.timeouts).await?),
+        (Mode::Rewrite { job_id }, Work::Leased { owner, .. }) => Some(
+            Writer::connect_as(
+                db,
+                &shared.job,
+                job_id,
+                Some(owner.clone()),
+                settings.timeouts,
+            )
+            .await?,
+        ),
         _ => None,
     };
     Ok((reader, writer, lookup))
@@ -275,7 +330,13 @@ async fn lane_connections(db: &Database, shared: &Shared, mode: Mode, settings: 
 
 /// After the lanes: gives leases back, then (a rewrite that was not cut
 /// short) re-reads the rows that conflicted.
-async fn finish(db: &Database, shared: &Shared, job_id: Option<i64>, mut outcome: Outcome, first_error: Option<Error>) -> Result<Outcome, Error> {
+async fn finish(
+    db: &Database,
+    shared: &Shared,
+    job_id: Option<i64>,
+    mut outcome: Outcome,
+    first_error: Option<Error>,
+) -> Result<Outcome, Error> {
     if let Work::Leased { job_id, owner, .. } = &shared.work {
         // give unfinished ranges back now rather than when their leases run out
         if let Ok(client) = db.connect().await {
@@ -308,12 +369,21 @@ async fn finish(db: &Database, shared: &Shared, job_id: Option<i64>, mut outcome
 
 /// The server process behind a connection: while it lives, the leases naming it are held.
 pub(super) async fn backend_pid(client: &tokio_postgres::Client) -> Result<i32, Error> {
-    Ok(client.query_one("SELECT pg_backend_pid()", &[]).await.map_err(|e| Error::Db { context: "opening the run's monitor connection".into(), source: e })?.get(0))
+    Ok(client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .map_err(|e| Error::Db {
+            context: "opening the run's monitor connection".into(),
+            source: e,
+        })?
+        .get(0))
 }
 
 /// This process's name in leases: host, pid and a random tag.
 fn owner_name() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "host".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "host".into());
     let tag = crate::crypto::keyring::generate_material();
     format!("{host}:{}:{}", std::process::id(), hex::encode(&tag[..3]))
 }

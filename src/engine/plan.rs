@@ -37,7 +37,9 @@ pub async fn lanes_for_server(client: &Client, wanted: usize) -> Result<usize, E
         .await
         .ctx(|| "reading how many connections the server has free".into())?
         .get(0);
-    let fit = usize::try_from((free / 2 - 1) / CONNECTIONS_PER_LANE).unwrap_or(0).max(1);
+    let fit = usize::try_from((free / 2 - 1) / CONNECTIONS_PER_LANE)
+        .unwrap_or(0)
+        .max(1);
     if fit < wanted {
         tracing::info!("the server has {free} connection slots free: running {fit} lanes, not {wanted} (at most half the free slots; --workers to choose)");
     }
@@ -45,11 +47,25 @@ pub async fn lanes_for_server(client: &Client, wanted: usize) -> Result<usize, E
 }
 
 /// Every target of `job` split into ranges for `lanes` lanes, none started.
-pub async fn job_ranges(client: &Client, job: &Job, lanes: usize) -> Result<Vec<RangeState>, Error> {
+pub async fn job_ranges(
+    client: &Client,
+    job: &Job,
+    lanes: usize,
+) -> Result<Vec<RangeState>, Error> {
     let mut ranges = Vec::new();
     for t in &job.targets {
-        for (no, bounds) in split_ranges(client, t, lanes * RANGES_PER_LANE).await?.into_iter().enumerate() {
-            ranges.push(RangeState { target: t.index, range_no: no as i32, bounds, last: None, done: false });
+        for (no, bounds) in split_ranges(client, t, lanes * RANGES_PER_LANE)
+            .await?
+            .into_iter()
+            .enumerate()
+        {
+            ranges.push(RangeState {
+                target: t.index,
+                range_no: no as i32,
+                bounds,
+                last: None,
+                done: false,
+            });
         }
     }
     Ok(ranges)
@@ -58,8 +74,15 @@ pub async fn job_ranges(client: &Client, job: &Job, lanes: usize) -> Result<Vec<
 /// Splits a target into at most `n` ranges of about equal row counts, from a
 /// sample of its keys. Rows inserted later still fall in some range: the
 /// first and last ranges are open-ended.
-pub async fn split_ranges(client: &Client, target: &Target, n: usize) -> Result<Vec<KeyRange>, Error> {
-    let whole = vec![KeyRange { lower: None, upper: None }];
+pub async fn split_ranges(
+    client: &Client,
+    target: &Target,
+    n: usize,
+) -> Result<Vec<KeyRange>, Error> {
+    let whole = vec![KeyRange {
+        lower: None,
+        upper: None,
+    }];
     let rows = estimated_rows(client, target).await?;
     let n = n.min((rows / MIN_ROWS_PER_RANGE) as usize).max(1);
     if n == 1 {
@@ -69,7 +92,10 @@ pub async fn split_ranges(client: &Client, target: &Target, n: usize) -> Result<
     let keys = target.key_list("");
     let sample = client
         .query(
-            &format!("SELECT {keys} FROM {} TABLESAMPLE SYSTEM ($1) ORDER BY {keys}", target.qualified()),
+            &format!(
+                "SELECT {keys} FROM {} TABLESAMPLE SYSTEM ($1) ORDER BY {keys}",
+                target.qualified()
+            ),
             &[&percent],
         )
         .await
@@ -88,7 +114,10 @@ pub async fn split_ranges(client: &Client, target: &Target, n: usize) -> Result<
     let mut ranges = Vec::with_capacity(bounds.len() + 1);
     let mut lower = None;
     for b in bounds {
-        ranges.push(KeyRange { lower: lower.take(), upper: Some(b.clone()) });
+        ranges.push(KeyRange {
+            lower: lower.take(),
+            upper: Some(b.clone()),
+        });
         lower = Some(b);
     }
     ranges.push(KeyRange { lower, upper: None });
@@ -109,7 +138,11 @@ pub async fn estimated_rows(client: &Client, target: &Target) -> Result<f64, Err
     if est >= 0.0 {
         return Ok(f64::from(est));
     }
-    let count: i64 = client.query_one(&format!("SELECT count(*) FROM {}", target.qualified()), &[]).await.ctx(what)?.get(0);
+    let count: i64 = client
+        .query_one(&format!("SELECT count(*) FROM {}", target.qualified()), &[])
+        .await
+        .ctx(what)?
+        .get(0);
     Ok(count as f64)
 }
 
@@ -146,12 +179,24 @@ pub async fn count_by_key(client: &Client, job: &Job) -> Result<Vec<ColumnPlan>,
     for target in &job.targets {
         for (i, col) in target.columns.iter().enumerate() {
             let what = || format!("counting values of {}", target.label(i));
-            let target_prefix = if target.migrating { None } else { target.stale_prefix(i) };
-            let filter = target.filter.as_ref().map(|f| format!(" WHERE ({f})")).unwrap_or_default();
+            let target_prefix = if target.migrating {
+                None
+            } else {
+                target.stale_prefix(i)
+            };
+            let filter = target
+                .filter
+                .as_ref()
+                .map(|f| format!(" WHERE ({f})"))
+                .unwrap_or_default();
             let Some(tp) = target_prefix else {
                 let row = client
                     .query_one(
-                        &format!("SELECT count(*), count({}) FROM {}{filter}", crate::db::quote_ident(&col.name), target.qualified()),
+                        &format!(
+                            "SELECT count(*), count({}) FROM {}{filter}",
+                            crate::db::quote_ident(&col.name),
+                            target.qualified()
+                        ),
                         &[],
                     )
                     .await
@@ -172,7 +217,13 @@ pub async fn count_by_key(client: &Client, job: &Job) -> Result<Vec<ColumnPlan>,
             };
             let expr = sql::prefix_expr(target, i, "", tp.len());
             let rows = client
-                .query(&format!("SELECT {expr}, count(*) FROM {}{filter} GROUP BY 1", target.qualified()), &[])
+                .query(
+                    &format!(
+                        "SELECT {expr}, count(*) FROM {}{filter} GROUP BY 1",
+                        target.qualified()
+                    ),
+                    &[],
+                )
                 .await
                 .ctx(what)?;
             let mut plan = ColumnPlan {
@@ -195,13 +246,19 @@ pub async fn count_by_key(client: &Client, job: &Job) -> Result<Vec<ColumnPlan>,
                     continue;
                 };
                 let codec = &target.write.codec;
-                let known = codec.key_hint(&prefix).is_some_and(|id| target.write.keyring.get(id).is_some());
+                let known = codec
+                    .key_hint(&prefix)
+                    .is_some_and(|id| target.write.keyring.get(id).is_some());
                 let mut label = codec.describe_prefix(&prefix);
                 if !known {
                     label.push_str(" (no such key)");
                     plan.unknown_key = plan.unknown_key.map(|u| u + n);
                 }
-                *plan.by_key.get_or_insert_with(BTreeMap::new).entry(label).or_default() += n;
+                *plan
+                    .by_key
+                    .get_or_insert_with(BTreeMap::new)
+                    .entry(label)
+                    .or_default() += n;
                 if prefix == tp {
                     plan.on_target_key = plan.on_target_key.map(|t| t + n);
                 } else {

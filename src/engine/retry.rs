@@ -18,9 +18,18 @@ use super::work::{backoff, Shared};
 /// whose COMMIT did land is not redone), a transient error waits. After
 /// `attempts` failed tries the last error stops the run, which resumes
 /// from the last committed batch. Returns what was written and the retries.
-pub(super) async fn commit(shared: &Shared, writer: &mut Writer, state: &RangeState, batch: Batch) -> Result<(Written, u64), Error> {
+pub(super) async fn commit(
+    shared: &Shared,
+    writer: &mut Writer,
+    state: &RangeState,
+    batch: Batch,
+) -> Result<(Written, u64), Error> {
     let target = &shared.job.targets[state.target];
-    let mut total = Written { counts: Counts::default(), failures: Vec::new(), control: Control::Run };
+    let mut total = Written {
+        counts: Counts::default(),
+        failures: Vec::new(),
+        control: Control::Run,
+    };
     let mut pending = VecDeque::from([batch]);
     let mut failed = 0u32;
     let mut retries = 0u64;
@@ -90,8 +99,19 @@ pub(super) async fn commit(shared: &Shared, writer: &mut Writer, state: &RangeSt
             )));
         }
         let wait = backoff(failed.max(1));
-        let message = format!("{}{}", error.chain(), if halves { "; retrying in halves" } else { "" });
-        events::BatchRetried { table: &target.table.to_string(), attempt: failed, error: &message, rows: b.rows.len(), wait_seconds: if halves { 0.0 } else { wait.as_secs_f64() } }.emit();
+        let message = format!(
+            "{}{}",
+            error.chain(),
+            if halves { "; retrying in halves" } else { "" }
+        );
+        events::BatchRetried {
+            table: &target.table.to_string(),
+            attempt: failed,
+            error: &message,
+            rows: b.rows.len(),
+            wait_seconds: if halves { 0.0 } else { wait.as_secs_f64() },
+        }
+        .emit();
         match how {
             Retry::Smaller if halves => {
                 shared.sizer.shrink();
@@ -127,7 +147,21 @@ pub(super) fn split(target: &crate::job::Target, mut b: Batch) -> (Batch, Batch)
     let rows = b.rows.split_off(mid);
     let cells = b.cells.split_off(mid * ncols);
     let first_last = b.rows.last().map(|r| target.row_key(r));
-    let second = Batch { range_index: b.range_index, rows, cells, last_key: b.last_key, end: b.end, lease: b.lease };
-    let first = Batch { range_index: b.range_index, rows: b.rows, cells: b.cells, last_key: first_last, end: false, lease: b.lease };
+    let second = Batch {
+        range_index: b.range_index,
+        rows,
+        cells,
+        last_key: b.last_key,
+        end: b.end,
+        lease: b.lease,
+    };
+    let first = Batch {
+        range_index: b.range_index,
+        rows: b.rows,
+        cells: b.cells,
+        last_key: first_last,
+        end: false,
+        lease: b.lease,
+    };
     (first, second)
 }

@@ -42,13 +42,25 @@ pub async fn rewrite(
     state::lock_job(client, &job.name, restart).await?;
     check_nonce_budget(client, job).await?;
     let lanes = settings.lanes;
-    let mut record = state::open_job(client, job, restart, async |c: &Client| plan::job_ranges(c, job, lanes).await).await?;
+    let mut record = state::open_job(client, job, restart, async |c: &Client| {
+        plan::job_ranges(c, job, lanes).await
+    })
+    .await?;
     if restart {
         state::share_job_lock(client, &job.name).await?;
     }
     let progress = Progress::new(stale_rows(client, job).await?, "rewriting", quiet);
     let ranges = std::mem::take(&mut record.ranges);
-    let outcome = pipeline::run(db, job.clone(), ranges, Mode::Rewrite { job_id: record.id }, settings, live, progress).await?;
+    let outcome = pipeline::run(
+        db,
+        job.clone(),
+        ranges,
+        Mode::Rewrite { job_id: record.id },
+        settings,
+        live,
+        progress,
+    )
+    .await?;
     if client.is_closed() {
         // this session sat idle through the run (an idle_session_timeout, a restart): the work is committed, carry on
         *client = db.connect().await?;
@@ -63,7 +75,14 @@ async fn stale_rows_of(client: &Client, t: &Target) -> Result<u64, Error> {
     let (filter, cols) = sql::stale_filter(t, "", 1);
     let prefixes: Vec<Vec<u8>> = cols.iter().filter_map(|&c| t.stale_prefix(c)).collect();
     let n: i64 = client
-        .query_one(&format!("SELECT count(*) FROM {} WHERE {filter}{}", t.qualified(), sql::target_filter(t)), &params(&prefixes))
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {} WHERE {filter}{}",
+                t.qualified(),
+                sql::target_filter(t)
+            ),
+            &params(&prefixes),
+        )
         .await
         .ctx(|| format!("counting rows to rotate in {}", t.table))?
         .get(0);
@@ -82,12 +101,21 @@ pub async fn stale_rows(client: &Client, job: &Job) -> Result<u64, Error> {
 /// Refuses a run that would take a key past 2^32 random-nonce encryptions
 /// (README, Guarantees: the nonce budget), before any write; the sink enforces it per batch too.
 async fn check_nonce_budget(client: &Client, job: &Job) -> Result<(), Error> {
-    for t in job.targets.iter().filter(|t| t.write.format.random_nonces()) {
-        let used = state::encryptions_so_far(client, &t.write.keyring.target().fingerprint()).await?;
+    for t in job
+        .targets
+        .iter()
+        .filter(|t| t.write.format.random_nonces())
+    {
+        let used =
+            state::encryptions_so_far(client, &t.write.keyring.target().fingerprint()).await?;
         let rows = i64::try_from(stale_rows_of(client, t).await?).unwrap_or(i64::MAX);
         let most = used.saturating_add(rows.saturating_mul(t.columns.len() as i64));
         if most > state::NONCE_BUDGET {
-            return Err(crate::engine::sink::nonce_budget_spent(t, used, "this run (nothing written)"));
+            return Err(crate::engine::sink::nonce_budget_spent(
+                t,
+                used,
+                "this run (nothing written)",
+            ));
         }
     }
     Ok(())

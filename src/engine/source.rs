@@ -11,12 +11,12 @@ use std::collections::HashMap;
 use tokio_postgres::{Client, Row, Statement};
 
 use crate::db::raw::{self, RawParam, RawRef};
-use crate::db::Database;
-use crate::error::DbContext;
-use crate::job::Target;
 use crate::db::session::Timeouts;
+use crate::db::Database;
 use crate::db::KeyBytes;
 use crate::engine::sql::{self, Bounds};
+use crate::error::DbContext;
+use crate::job::Target;
 use crate::Error;
 
 /// Reads pages over one connection.
@@ -34,13 +34,27 @@ pub struct Source {
 impl Source {
     /// Wraps a connection.
     pub fn new(client: Client, only_stale: bool) -> Self {
-        Source { client, origin: None, statements: HashMap::new(), only_stale }
+        Source {
+            client,
+            origin: None,
+            statements: HashMap::new(),
+            only_stale,
+        }
     }
 
     /// Opens a reading connection with `timeouts` (only `statement_timeout` applies to reads).
-    pub async fn connect(db: &Database, only_stale: bool, timeouts: Timeouts) -> Result<Self, Error> {
+    pub async fn connect(
+        db: &Database,
+        only_stale: bool,
+        timeouts: Timeouts,
+    ) -> Result<Self, Error> {
         let client = Self::open(db, timeouts).await?;
-        Ok(Source { client, origin: Some((db.clone(), timeouts)), statements: HashMap::new(), only_stale })
+        Ok(Source {
+            client,
+            origin: Some((db.clone(), timeouts)),
+            statements: HashMap::new(),
+            only_stale,
+        })
     }
 
     /// Replaces a broken connection with a new one.
@@ -55,7 +69,10 @@ impl Source {
 
     async fn open(db: &Database, timeouts: Timeouts) -> Result<Client, Error> {
         let client = db.connect().await?;
-        client.batch_execute(&timeouts.session_sql()).await.ctx(|| "configuring a reader connection".into())?;
+        client
+            .batch_execute(&timeouts.session_sql())
+            .await
+            .ctx(|| "configuring a reader connection".into())?;
         Ok(client)
     }
 
@@ -65,34 +82,70 @@ impl Source {
     }
 
     /// The next page of at most `limit` rows after `after`, up to `upper`.
-    pub async fn page(&mut self, target: &Target, after: Option<&KeyBytes>, upper: Option<&KeyBytes>, limit: usize) -> Result<Vec<Row>, Error> {
-        let bounds = Bounds { lower: after.is_some(), upper: upper.is_some() };
+    pub async fn page(
+        &mut self,
+        target: &Target,
+        after: Option<&KeyBytes>,
+        upper: Option<&KeyBytes>,
+        limit: usize,
+    ) -> Result<Vec<Row>, Error> {
+        let bounds = Bounds {
+            lower: after.is_some(),
+            upper: upper.is_some(),
+        };
         let key = (target.index, bounds);
         if !self.statements.contains_key(&key) {
             let (text, prefixed) = sql::select_page(target, bounds, self.only_stale);
-            let stmt = self.client.prepare(&text).await.ctx(|| format!("preparing the read of {}", target.table))?;
+            let stmt = self
+                .client
+                .prepare(&text)
+                .await
+                .ctx(|| format!("preparing the read of {}", target.table))?;
             self.statements.insert(key, (stmt, prefixed));
         }
         let (stmt, prefixed) = &self.statements[&key];
-        let prefixes: Vec<Vec<u8>> = prefixed.iter().filter_map(|&c| target.stale_prefix(c)).collect();
+        let prefixes: Vec<Vec<u8>> = prefixed
+            .iter()
+            .filter_map(|&c| target.stale_prefix(c))
+            .collect();
         let limit = limit as i64;
-        let bounds: Vec<RawParam> = after.into_iter().chain(upper).flat_map(|k| k.iter().map(|p| RawParam(p))).collect();
+        let bounds: Vec<RawParam> = after
+            .into_iter()
+            .chain(upper)
+            .flat_map(|k| k.iter().map(|p| RawParam(p)))
+            .collect();
         let mut params = raw::params(&bounds);
         params.extend(raw::params(&prefixes));
         params.push(&limit);
-        self.client.query(stmt, &params).await.ctx(|| format!("reading a page of {}", target.table))
+        self.client
+            .query(stmt, &params)
+            .await
+            .ctx(|| format!("reading a page of {}", target.table))
     }
 }
 
 impl Source {
     /// The rows with these keys (those that still exist), for conflict re-reads.
-    pub async fn rows_by_keys(&mut self, target: &Target, keys: &[KeyBytes]) -> Result<Vec<Row>, Error> {
+    pub async fn rows_by_keys(
+        &mut self,
+        target: &Target,
+        keys: &[KeyBytes],
+    ) -> Result<Vec<Row>, Error> {
         let what = || format!("re-reading conflicted rows of {}", target.table);
-        let stmt = self.client.prepare(&sql::select_by_key(target)).await.ctx(what)?;
+        let stmt = self
+            .client
+            .prepare(&sql::select_by_key(target))
+            .await
+            .ctx(what)?;
         let mut rows = Vec::with_capacity(keys.len());
         for key in keys {
             let key: Vec<RawParam> = key.iter().map(|p| RawParam(p)).collect();
-            rows.extend(self.client.query_opt(&stmt, &raw::params(&key)).await.ctx(what)?);
+            rows.extend(
+                self.client
+                    .query_opt(&stmt, &raw::params(&key))
+                    .await
+                    .ctx(what)?,
+            );
         }
         Ok(rows)
     }
@@ -100,5 +153,7 @@ impl Source {
 
 /// Bytes of the encrypted values in a row read by [`Source::page`].
 pub fn value_bytes(target: &Target, row: &Row) -> usize {
-    (target.key.len()..row.len()).map(|i| row.try_get::<_, RawRef>(i).map_or(0, |r| r.0.len())).sum()
+    (target.key.len()..row.len())
+        .map(|i| row.try_get::<_, RawRef>(i).map_or(0, |r| r.0.len()))
+        .sum()
 }

@@ -17,7 +17,10 @@ pub struct Bounds {
 
 /// Parameter placeholders `($a, $a+1, ...)` for one key, starting at `first`.
 fn key_params(target: &Target, first: usize) -> String {
-    let list = (0..target.key.len()).map(|i| format!("${}", first + i)).collect::<Vec<_>>().join(", ");
+    let list = (0..target.key.len())
+        .map(|i| format!("${}", first + i))
+        .collect::<Vec<_>>()
+        .join(", ");
     format!("({list})")
 }
 
@@ -30,7 +33,9 @@ fn key_params(target: &Target, first: usize) -> String {
 pub fn prefix_expr(target: &Target, col: usize, alias: &str, len: usize) -> String {
     let c = format!("{alias}{}", quote_ident(&target.columns[col].name));
     match target.columns[col].write {
-        Encoding::Raw if target.columns[col].type_name == "bytea" => format!("substring({c} from 1 for {len})"),
+        Encoding::Raw if target.columns[col].type_name == "bytea" => {
+            format!("substring({c} from 1 for {len})")
+        }
         Encoding::Raw => format!("substring(convert_to({c}, 'UTF8') from 1 for {len})"),
         Encoding::Base64 => {
             let chars = len.div_ceil(3) * 4;
@@ -53,7 +58,11 @@ pub fn stale_filter(target: &Target, alias: &str, first: usize) -> (String, Vec<
     for (i, col) in target.columns.iter().enumerate() {
         match target.stale_prefix(i) {
             Some(prefix) => {
-                terms.push(format!("{} <> ${}", prefix_expr(target, i, alias, prefix.len()), first + bound.len()));
+                terms.push(format!(
+                    "{} <> ${}",
+                    prefix_expr(target, i, alias, prefix.len()),
+                    first + bound.len()
+                ));
                 bound.push(i);
             }
             None => terms.push(format!("{alias}{} IS NOT NULL", quote_ident(&col.name))),
@@ -88,8 +97,16 @@ pub fn select_page(target: &Target, bounds: Bounds, only_stale: bool) -> (String
     if let Some(f) = &target.filter {
         conds.push(format!("({f})"));
     }
-    let filter = if conds.is_empty() { String::new() } else { format!(" WHERE {}", conds.join(" AND ")) };
-    let sql = format!("SELECT {keys}, {cols}{} FROM {}{filter} ORDER BY {keys} LIMIT ${next}", aad_select(target), target.qualified());
+    let filter = if conds.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", conds.join(" AND "))
+    };
+    let sql = format!(
+        "SELECT {keys}, {cols}{} FROM {}{filter} ORDER BY {keys} LIMIT ${next}",
+        aad_select(target),
+        target.qualified()
+    );
     (sql, prefixed)
 }
 
@@ -103,22 +120,43 @@ pub fn aad_select(target: &Target) -> String {
 
 /// `WHERE` conditions every read of a target carries (its operator filter).
 pub fn target_filter(target: &Target) -> String {
-    target.filter.as_ref().map(|f| format!(" AND ({f})")).unwrap_or_default()
+    target
+        .filter
+        .as_ref()
+        .map(|f| format!(" AND ({f})"))
+        .unwrap_or_default()
 }
 
 /// The encrypted columns, quoted, comma-separated.
 fn column_list(target: &Target) -> String {
-    target.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ")
+    target
+        .columns
+        .iter()
+        .map(|c| quote_ident(&c.name))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `f(i, quoted name)` for every encrypted column, joined by `sep`.
 fn per_column(target: &Target, sep: &str, f: impl Fn(usize, &str) -> String) -> String {
-    target.columns.iter().enumerate().map(|(i, c)| f(i, &quote_ident(&c.name))).collect::<Vec<_>>().join(sep)
+    target
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| f(i, &quote_ident(&c.name)))
+        .collect::<Vec<_>>()
+        .join(sep)
 }
 
 /// `t."k1" = s.k0 AND ...`: a table row joined to its stage row.
 fn stage_join(target: &Target) -> String {
-    target.key.iter().enumerate().map(|(i, k)| format!("t.{} = s.k{i}", quote_ident(&k.name))).collect::<Vec<_>>().join(" AND ")
+    target
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("t.{} = s.k{i}", quote_ident(&k.name)))
+        .collect::<Vec<_>>()
+        .join(" AND ")
 }
 
 /// Name of the per-connection temp stage table for a target.
@@ -129,12 +167,17 @@ pub fn stage_table(target: &Target) -> String {
 /// Creates the stage table: key columns `k0..`, then `o<i>`/`n<i>` (old and
 /// new value) per encrypted column, with the target's own column types.
 pub fn create_stage(target: &Target) -> String {
-    let keys = target.key.iter().enumerate().map(|(i, k)| format!("{} AS k{i}", quote_ident(&k.name)));
-    let vals = target
-        .columns
+    let keys = target
+        .key
         .iter()
         .enumerate()
-        .flat_map(|(i, c)| [format!("{} AS o{i}", quote_ident(&c.name)), format!("{} AS n{i}", quote_ident(&c.name))]);
+        .map(|(i, k)| format!("{} AS k{i}", quote_ident(&k.name)));
+    let vals = target.columns.iter().enumerate().flat_map(|(i, c)| {
+        [
+            format!("{} AS o{i}", quote_ident(&c.name)),
+            format!("{} AS n{i}", quote_ident(&c.name)),
+        ]
+    });
     format!(
         "CREATE TEMP TABLE IF NOT EXISTS rekey_stage_{} ON COMMIT DELETE ROWS AS SELECT {} FROM {} WITH NO DATA",
         target.index,
@@ -156,9 +199,19 @@ pub fn copy_stage(target: &Target) -> String {
 /// join reads only that stretch of the index.
 pub fn update_from_stage(target: &Target, bounded: bool) -> String {
     let n = target.key.len();
-    let sets = per_column(target, ", ", |i, q| format!("{q} = COALESCE(s.n{i}, t.{q})"));
+    let sets = per_column(target, ", ", |i, q| {
+        format!("{q} = COALESCE(s.n{i}, t.{q})")
+    });
     let keys = target.key_list("t.");
-    let range = if bounded { format!(" AND ({keys}) >= {} AND ({keys}) <= {}", key_params(target, 1), key_params(target, n + 1)) } else { String::new() };
+    let range = if bounded {
+        format!(
+            " AND ({keys}) >= {} AND ({keys}) <= {}",
+            key_params(target, 1),
+            key_params(target, n + 1)
+        )
+    } else {
+        String::new()
+    };
     format!(
         "WITH u AS (UPDATE {} AS t SET {sets} FROM {} AS s WHERE {}{range} AND {} RETURNING {} AS landed) \
          SELECT count(*)::bigint, count(*) FILTER (WHERE landed)::bigint FROM u",
@@ -172,7 +225,9 @@ pub fn update_from_stage(target: &Target, bounded: bool) -> String {
 
 /// Whether the row still holds every value as it was read.
 fn as_read(target: &Target) -> String {
-    per_column(target, " AND ", |i, q| format!("t.{q} IS NOT DISTINCT FROM s.o{i}"))
+    per_column(target, " AND ", |i, q| {
+        format!("t.{q} IS NOT DISTINCT FROM s.o{i}")
+    })
 }
 
 /// Whether column `i` of the row holds what rekey wrote (or, where rekey
@@ -187,7 +242,10 @@ fn landed(i: usize, q: &str) -> String {
 /// encrypted column whether it holds what rekey wrote. Staged rows missing
 /// from the answer were deleted meanwhile.
 pub fn staged_outcome(target: &Target) -> String {
-    let keys = (0..target.key.len()).map(|i| format!("s.k{i}")).collect::<Vec<_>>().join(", ");
+    let keys = (0..target.key.len())
+        .map(|i| format!("s.k{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     format!(
         "SELECT {keys}, age(t.xmin) = 0, {}, {} FROM {} AS s JOIN {} AS t ON {}",
         as_read(target),
@@ -237,7 +295,11 @@ pub fn insert_not_rotated(target: &Target) -> String {
 pub fn select_sample(target: &Target) -> String {
     let keys = target.key_list("");
     let cols = column_list(target);
-    let filter = target.filter.as_ref().map(|f| format!(" WHERE ({f})")).unwrap_or_default();
+    let filter = target
+        .filter
+        .as_ref()
+        .map(|f| format!(" WHERE ({f})"))
+        .unwrap_or_default();
     format!(
         "SELECT {keys}, {cols}{}, ROW({keys})::text AS \"rekey key\" FROM {} TABLESAMPLE BERNOULLI ($1){filter} LIMIT $2",
         aad_select(target),
@@ -249,11 +311,21 @@ pub fn select_sample(target: &Target) -> String {
 pub fn select_by_key(target: &Target) -> String {
     let keys = target.key_list("");
     let cols = column_list(target);
-    format!("SELECT {keys}, {cols}{} FROM {} WHERE ({keys}) = {}{}", aad_select(target), target.qualified(), key_params(target, 1), target_filter(target))
+    format!(
+        "SELECT {keys}, {cols}{} FROM {} WHERE ({keys}) = {}{}",
+        aad_select(target),
+        target.qualified(),
+        key_params(target, 1),
+        target_filter(target)
+    )
 }
 
 /// The key of one row as text, for reports (`(42)`, `(7,abc)`).
 pub fn key_text(target: &Target) -> String {
     let keys = target.key_list("t.");
-    format!("SELECT ROW({keys})::text FROM {} AS t WHERE ({keys}) = {}", target.qualified(), key_params(target, 1))
+    format!(
+        "SELECT ROW({keys})::text FROM {} AS t WHERE ({keys}) = {}",
+        target.qualified(),
+        key_params(target, 1)
+    )
 }

@@ -26,7 +26,11 @@ use super::watch::apply;
 use super::work::Shared;
 
 /// Source stage: reads each range it takes, page by page, in key order.
-pub(super) async fn read(shared: Arc<Shared>, mut source: Source, out: mpsc::Sender<Batch>) -> Result<Option<Outcome>, Error> {
+pub(super) async fn read(
+    shared: Arc<Shared>,
+    mut source: Source,
+    out: mpsc::Sender<Batch>,
+) -> Result<Option<Outcome>, Error> {
     while let Some((ri, start, lease)) = shared.next_range(&mut source).await? {
         let state = &shared.ranges[ri];
         let target = &shared.job.targets[state.target];
@@ -54,16 +58,35 @@ pub(super) async fn read(shared: Arc<Shared>, mut source: Source, out: mpsc::Sen
             let rows = loop {
                 match source.page(target, after.as_ref(), upper, limit).await {
                     Ok(rows) => break rows,
-                    Err(e) => shared.recover(&mut source, &format!("reading a page of {}", target.table), &mut failed, e).await?,
+                    Err(e) => {
+                        shared
+                            .recover(
+                                &mut source,
+                                &format!("reading a page of {}", target.table),
+                                &mut failed,
+                                e,
+                            )
+                            .await?
+                    }
                 }
             };
-            shared.sizer.read(rows.len(), rows.iter().map(|r| source::value_bytes(target, r)).sum());
+            shared.sizer.read(
+                rows.len(),
+                rows.iter().map(|r| source::value_bytes(target, r)).sum(),
+            );
             let end = rows.len() < limit;
             let last_key = rows.last().map(|r| target.row_key(r));
             if let Some(k) = &last_key {
                 after = Some(k.clone());
             }
-            let batch = Batch { range_index: ri, rows, cells: Vec::new(), last_key, end, lease };
+            let batch = Batch {
+                range_index: ri,
+                rows,
+                cells: Vec::new(),
+                last_key,
+                end,
+                lease,
+            };
             if out.send(batch).await.is_err() {
                 return Ok(None);
             }
@@ -77,7 +100,12 @@ pub(super) async fn read(shared: Arc<Shared>, mut source: Source, out: mpsc::Sen
 }
 
 /// Transform stage: runs each batch on the rayon pool and passes it on.
-pub(super) async fn transform_stage(shared: Arc<Shared>, mode: Mode, mut input: mpsc::Receiver<Batch>, out: mpsc::Sender<Batch>) -> Result<Option<Outcome>, Error> {
+pub(super) async fn transform_stage(
+    shared: Arc<Shared>,
+    mode: Mode,
+    mut input: mpsc::Receiver<Batch>,
+    out: mpsc::Sender<Batch>,
+) -> Result<Option<Outcome>, Error> {
     while let Some(batch) = input.recv().await {
         shared.queued.to_transform.fetch_sub(1, Ordering::Relaxed);
         let target_index = shared.ranges[batch.range_index].target;
@@ -91,22 +119,35 @@ pub(super) async fn transform_stage(shared: Arc<Shared>, mode: Mode, mut input: 
 }
 
 /// Runs the transform of one batch on the rayon pool.
-pub(super) async fn on_pool(job: Arc<Job>, target_index: usize, mode: Mode, mut batch: Batch) -> Result<Batch, Error> {
+pub(super) async fn on_pool(
+    job: Arc<Job>,
+    target_index: usize,
+    mode: Mode,
+    mut batch: Batch,
+) -> Result<Batch, Error> {
     let (done, result) = oneshot::channel();
     rayon::spawn(move || {
         let target = &job.targets[target_index];
         match mode {
             Mode::Verify => transform::classify(target, &batch.rows, &mut batch.cells),
-            Mode::Rewrite { .. } | Mode::DryRun => transform::rewrite(target, &batch.rows, &mut batch.cells),
+            Mode::Rewrite { .. } | Mode::DryRun => {
+                transform::rewrite(target, &batch.rows, &mut batch.cells)
+            }
         }
         let _ = done.send(batch);
     });
-    result.await.map_err(|_| Error::Runtime("the transform pool dropped a batch".into()))
+    result
+        .await
+        .map_err(|_| Error::Runtime("the transform pool dropped a batch".into()))
 }
 
-
 /// Sink stage: commits batches (rewrite) or tallies them (dry run, verify).
-pub(super) async fn write(shared: Arc<Shared>, mut writer: Option<Writer>, lookup: Option<tokio_postgres::Client>, mut input: mpsc::Receiver<Batch>) -> Result<Option<Outcome>, Error> {
+pub(super) async fn write(
+    shared: Arc<Shared>,
+    mut writer: Option<Writer>,
+    lookup: Option<tokio_postgres::Client>,
+    mut input: mpsc::Receiver<Batch>,
+) -> Result<Option<Outcome>, Error> {
     let mut outcome = Outcome::default();
     while let Some(batch) = input.recv().await {
         shared.queued.to_sink.fetch_sub(1, Ordering::Relaxed);
@@ -141,41 +182,77 @@ pub(super) async fn write(shared: Arc<Shared>, mut writer: Option<Writer>, looku
                 // the job's control as of this commit: honoured before the next page
                 match written.control {
                     Control::Stop => apply(&shared, Verdict::Stop(StopBy::RekeyStop)),
-                    Control::Pause => apply(&shared, Verdict::Hold("paused", crate::control::monitor::PAUSED.into())),
+                    Control::Pause => apply(
+                        &shared,
+                        Verdict::Hold("paused", crate::control::monitor::PAUSED.into()),
+                    ),
                     Control::Run => {}
                 }
                 (written.counts, written.failures)
             }
-            (None, Some(client)) => (tally(target, &batch, &mut outcome), sink::record::describe_failures(client, target, &batch).await?),
-            (None, None) => return Err(Error::Runtime("a sink has neither a writer nor a lookup connection".into())),
+            (None, Some(client)) => (
+                tally(target, &batch, &mut outcome),
+                sink::record::describe_failures(client, target, &batch).await?,
+            ),
+            (None, None) => {
+                return Err(Error::Runtime(
+                    "a sink has neither a writer nor a lookup connection".into(),
+                ))
+            }
         };
         shared.note_quarantined(&failures);
         let took = started.elapsed();
-        events::BatchCommitted { table: &target.table.to_string(), target: target.index, counts: &counts, seconds: took.as_secs_f64(), rows }.emit();
+        events::BatchCommitted {
+            table: &target.table.to_string(),
+            target: target.index,
+            counts: &counts,
+            seconds: took.as_secs_f64(),
+            rows,
+        }
+        .emit();
         shared.sizer.committed(rows, took);
         let _ = outcome.batch_micros.record(took.as_micros().max(1) as u64);
         if rows > 0 {
-            outcome.batch_rows = (outcome.batch_rows.0.min(rows), outcome.batch_rows.1.max(rows));
+            outcome.batch_rows = (
+                outcome.batch_rows.0.min(rows),
+                outcome.batch_rows.1.max(rows),
+            );
         }
-        outcome.merge(Outcome { counts, failures, by_target: BTreeMap::from([(target.index, counts)]), ..Outcome::default() });
+        outcome.merge(Outcome {
+            counts,
+            failures,
+            by_target: BTreeMap::from([(target.index, counts)]),
+            ..Outcome::default()
+        });
         shared.live.add(&counts);
         shared.progress.update(&shared.live.snapshot());
     }
     Ok(Some(outcome))
 }
 
-
 /// Counts a batch that is not written: what a run would do, and which keys hold the values.
 pub(super) fn tally(target: &crate::job::Target, batch: &Batch, verified: &mut Outcome) -> Counts {
     let ncols = target.columns.len();
-    let mut c = Counts { rows_scanned: batch.rows.len() as u64, ..Counts::default() };
+    let mut c = Counts {
+        rows_scanned: batch.rows.len() as u64,
+        ..Counts::default()
+    };
     for (i, cell) in batch.cells.iter().enumerate() {
         match cell {
             Cell::Null | Cell::Current => c.values_skipped += 1,
             Cell::Rewritten(_) => c.values_rewritten += 1,
             Cell::Failed(_) => c.values_failed += 1,
-            Cell::Opened { label, key, on_target } => {
-                *verified.by_key.entry(target.label(i % ncols)).or_default().entry(label.clone()).or_default() += 1;
+            Cell::Opened {
+                label,
+                key,
+                on_target,
+            } => {
+                *verified
+                    .by_key
+                    .entry(target.label(i % ncols))
+                    .or_default()
+                    .entry(label.clone())
+                    .or_default() += 1;
                 *verified.by_key_id.entry(*key).or_default() += 1;
                 if *on_target {
                     verified.on_target += 1;

@@ -44,7 +44,10 @@ pub enum Cell {
 
 /// The encrypted value in column `col` of a page row, as stored.
 pub fn value<'a>(target: &Target, row: &'a Row, col: usize) -> Option<&'a [u8]> {
-    row.try_get::<_, Option<RawRef>>(target.key.len() + col).ok().flatten().map(|r| r.0)
+    row.try_get::<_, Option<RawRef>>(target.key.len() + col)
+        .ok()
+        .flatten()
+        .map(|r| r.0)
 }
 
 /// The associated data for the values of a page row.
@@ -62,45 +65,67 @@ pub fn aad<'a>(target: &'a Target, row: &'a Row) -> &'a [u8] {
 
 /// The rows (indexes) of a batch with at least one value to write.
 pub fn rewritten_rows(cells: &[Cell], ncols: usize) -> impl Iterator<Item = usize> + '_ {
-    cells.chunks(ncols.max(1)).enumerate().filter(|(_, row)| row.iter().any(|c| matches!(c, Cell::Rewritten(_)))).map(|(r, _)| r)
+    cells
+        .chunks(ncols.max(1))
+        .enumerate()
+        .filter(|(_, row)| row.iter().any(|c| matches!(c, Cell::Rewritten(_))))
+        .map(|(r, _)| r)
 }
 
 /// Decides every cell of a batch; `cells` is row-major, one per encrypted column.
 pub fn rewrite(target: &Target, rows: &[Row], cells: &mut Vec<Cell>) {
-    fill(target, rows, cells, |col, stored, aad| rewrite_value(target, col, stored, aad));
+    fill(target, rows, cells, |col, stored, aad| {
+        rewrite_value(target, col, stored, aad)
+    });
 }
 
 /// Opens every value of a batch to see which key (and format) it is under (verify).
 pub fn classify(target: &Target, rows: &[Row], cells: &mut Vec<Cell>) {
-    fill(target, rows, cells, |col, stored, aad| classify_value(target, col, stored, aad));
+    fill(target, rows, cells, |col, stored, aad| {
+        classify_value(target, col, stored, aad)
+    });
 }
 
-fn fill(target: &Target, rows: &[Row], cells: &mut Vec<Cell>, decide: impl Fn(usize, &[u8], &[u8]) -> Cell + Sync) {
+fn fill(
+    target: &Target,
+    rows: &[Row],
+    cells: &mut Vec<Cell>,
+    decide: impl Fn(usize, &[u8], &[u8]) -> Cell + Sync,
+) {
     let ncols = target.columns.len();
     cells.clear();
     cells.resize(rows.len() * ncols, Cell::Null);
-    cells.par_chunks_mut(ncols).zip(rows.par_iter()).with_min_len(64).for_each(|(out, row)| {
-        let aad = aad(target, row);
-        for (col, cell) in out.iter_mut().enumerate() {
-            *cell = match value(target, row, col) {
-                None => Cell::Null,
-                Some(stored) => decide(col, stored, aad),
-            };
-        }
-    });
+    cells
+        .par_chunks_mut(ncols)
+        .zip(rows.par_iter())
+        .with_min_len(64)
+        .for_each(|(out, row)| {
+            let aad = aad(target, row);
+            for (col, cell) in out.iter_mut().enumerate() {
+                *cell = match value(target, row, col) {
+                    None => Cell::Null,
+                    Some(stored) => decide(col, stored, aad),
+                };
+            }
+        });
 }
 
 fn decode(encoding: Encoding, stored: &[u8]) -> Result<Cow<'_, [u8]>, CodecError> {
     match encoding {
         Encoding::Raw => Ok(Cow::Borrowed(stored)),
-        Encoding::Base64 => base64::engine::general_purpose::STANDARD.decode(stored).map(Cow::Owned).map_err(|_| CodecError::BadEncoding),
+        Encoding::Base64 => base64::engine::general_purpose::STANDARD
+            .decode(stored)
+            .map(Cow::Owned)
+            .map_err(|_| CodecError::BadEncoding),
     }
 }
 
 fn encode(encoding: Encoding, sealed: Vec<u8>) -> Vec<u8> {
     match encoding {
         Encoding::Raw => sealed,
-        Encoding::Base64 => base64::engine::general_purpose::STANDARD.encode(&sealed).into_bytes(),
+        Encoding::Base64 => base64::engine::general_purpose::STANDARD
+            .encode(&sealed)
+            .into_bytes(),
     }
 }
 
@@ -109,7 +134,13 @@ fn encode(encoding: Encoding, sealed: Vec<u8>) -> Vec<u8> {
 pub fn missing_key(target: &Target, col: usize, stored: &[u8]) -> Option<KeyId> {
     let ct = decode(target.columns[col].read, stored).ok()?;
     let id = target.read.codec.key_hint(&ct)?;
-    let held = target.read.keyring.get(id).is_some() || (target.migrating && target.write.codec.key_hint(&ct).is_some_and(|w| target.write.keyring.get(w).is_some()));
+    let held = target.read.keyring.get(id).is_some()
+        || (target.migrating
+            && target
+                .write
+                .codec
+                .key_hint(&ct)
+                .is_some_and(|w| target.write.keyring.get(w).is_some()));
     (!held).then_some(id)
 }
 
@@ -121,7 +152,9 @@ fn on_target(side: &Side, ct: &[u8], aad: &[u8]) -> Result<bool, CodecError> {
         _ => SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
             let plain = &mut scratch.0;
-            let result = codec.open_into(ct, aad, plain).map(|(k, _)| k == codec.target());
+            let result = codec
+                .open_into(ct, aad, plain)
+                .map(|(k, _)| k == codec.target());
             plain.as_mut_slice().zeroize();
             plain.clear();
             result
@@ -148,7 +181,13 @@ thread_local! {
 /// `keep_current`: a value `read` opens under its target key is left as it
 /// is (a rotation; false for a migration, where every old-format value moves).
 /// Plaintext lives only in per-thread buffers that are wiped before return.
-pub fn reseal(read: &dyn Codec, write: &dyn Codec, ct: &[u8], aad: &[u8], keep_current: bool) -> Result<Resealed, CodecError> {
+pub fn reseal(
+    read: &dyn Codec,
+    write: &dyn Codec,
+    ct: &[u8],
+    aad: &[u8],
+    keep_current: bool,
+) -> Result<Resealed, CodecError> {
     SCRATCH.with(|scratch| {
         let mut scratch = scratch.borrow_mut();
         let (plain, check) = &mut *scratch;
@@ -210,12 +249,29 @@ pub fn classify_value(target: &Target, col: usize, stored: &[u8], aad: &[u8]) ->
     let written = decode(column.write, stored).and_then(|ct| target.write.codec.open(&ct, aad));
     match written {
         Ok(o) => {
-            let prefix = if target.migrating { format!("{} ", target.write.format.name()) } else { String::new() };
-            Cell::Opened { label: format!("{prefix}{}", target.write.codec.key_label(o.key)), key: o.key, on_target: o.key == target.write.codec.target() }
+            let prefix = if target.migrating {
+                format!("{} ", target.write.format.name())
+            } else {
+                String::new()
+            };
+            Cell::Opened {
+                label: format!("{prefix}{}", target.write.codec.key_label(o.key)),
+                key: o.key,
+                on_target: o.key == target.write.codec.target(),
+            }
         }
         Err(e) if !target.migrating => Cell::Failed(e),
-        Err(e) => match decode(column.read, stored).and_then(|ct| target.read.codec.open(&ct, aad)) {
-            Ok(o) => Cell::Opened { label: format!("{} {}", target.read.format.name(), target.read.codec.key_label(o.key)), key: o.key, on_target: false },
+        Err(e) => match decode(column.read, stored).and_then(|ct| target.read.codec.open(&ct, aad))
+        {
+            Ok(o) => Cell::Opened {
+                label: format!(
+                    "{} {}",
+                    target.read.format.name(),
+                    target.read.codec.key_label(o.key)
+                ),
+                key: o.key,
+                on_target: false,
+            },
             Err(_) => Cell::Failed(e),
         },
     }
@@ -224,14 +280,19 @@ pub fn classify_value(target: &Target, col: usize, stored: &[u8], aad: &[u8]) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::codec::Format;
+    use crate::crypto::keyring::{Key, Keyring};
     use crate::job::catalog::{TableColumn, TableRef};
     use crate::job::Column;
-    use crate::crypto::codec::Format;
     use crate::job::Side;
-    use crate::crypto::keyring::{Key, Keyring};
     use proptest::prelude::*;
 
-    const FORMATS: [Format; 4] = [Format::VersionedGcm, Format::Fernet, Format::TinkGcm, Format::RawGcm];
+    const FORMATS: [Format; 4] = [
+        Format::VersionedGcm,
+        Format::Fernet,
+        Format::TinkGcm,
+        Format::RawGcm,
+    ];
 
     /// Key 1 only: how old values were written.
     fn old_ring() -> Keyring {
@@ -244,17 +305,37 @@ mod tests {
     }
 
     fn side(format: Format, keyring: Keyring) -> Side {
-        Side { format, codec: format.codec(&keyring).unwrap(), keyring, source: None }
+        Side {
+            format,
+            codec: format.codec(&keyring).unwrap(),
+            keyring,
+            source: None,
+        }
     }
 
     /// One encrypted column `c` stored with `encoding`, read in `from`, written in `to`.
     fn target(from: Format, to: Format, encoding: Encoding) -> Target {
-        let type_name = if encoding == Encoding::Raw && from != Format::Fernet { "bytea" } else { "text" };
+        let type_name = if encoding == Encoding::Raw && from != Format::Fernet {
+            "bytea"
+        } else {
+            "text"
+        };
         Target {
             index: 0,
-            table: TableRef { schema: "public".into(), name: "t".into() },
-            key: vec![TableColumn { name: "id".into(), type_name: "bigint".into() }],
-            columns: vec![Column { name: "c".into(), type_name: type_name.into(), read: encoding, write: encoding }],
+            table: TableRef {
+                schema: "public".into(),
+                name: "t".into(),
+            },
+            key: vec![TableColumn {
+                name: "id".into(),
+                type_name: "bigint".into(),
+            }],
+            columns: vec![Column {
+                name: "c".into(),
+                type_name: type_name.into(),
+                read: encoding,
+                write: encoding,
+            }],
             read: side(from, new_ring()),
             write: side(to, new_ring()),
             migrating: from != to,
@@ -320,7 +401,11 @@ mod tests {
         fn key_hint(&self, value: &[u8]) -> Option<crate::crypto::keyring::KeyId> {
             self.inner.key_hint(value)
         }
-        fn open(&self, value: &[u8], aad: &[u8]) -> Result<crate::crypto::codec::Opened, CodecError> {
+        fn open(
+            &self,
+            value: &[u8],
+            aad: &[u8],
+        ) -> Result<crate::crypto::codec::Opened, CodecError> {
             self.inner.open(value, aad)
         }
         fn seal(&self, plaintext: &[u8], aad: &[u8], timestamp: Option<u64>, out: &mut Vec<u8>) {
@@ -355,9 +440,15 @@ mod tests {
             },
         ];
         for damage in damages {
-            let write = Faulty { inner: Format::VersionedGcm.codec(&new_ring()).unwrap(), damage };
+            let write = Faulty {
+                inner: Format::VersionedGcm.codec(&new_ring()).unwrap(),
+                damage,
+            };
             let reader = Format::VersionedGcm.codec(&new_ring()).unwrap();
-            assert_eq!(reseal(&*reader, &write, &old, b"", true), Err(CodecError::VerifyMismatch));
+            assert_eq!(
+                reseal(&*reader, &write, &old, b"", true),
+                Err(CodecError::VerifyMismatch)
+            );
         }
     }
 
@@ -367,13 +458,20 @@ mod tests {
         let mut old = Vec::new();
         read.seal(b"+15551234567", b"", None, &mut old);
         // claims to seal under key 2 but seals under key 1: opens, to the right plaintext, under the wrong key
-        let write = Faulty { inner: Format::VersionedGcm.codec(&old_ring()).unwrap(), damage: |_| {} };
+        let write = Faulty {
+            inner: Format::VersionedGcm.codec(&old_ring()).unwrap(),
+            damage: |_| {},
+        };
         struct Claims2(Faulty);
         impl Codec for Claims2 {
             fn key_hint(&self, v: &[u8]) -> Option<crate::crypto::keyring::KeyId> {
                 self.0.key_hint(v)
             }
-            fn open(&self, v: &[u8], aad: &[u8]) -> Result<crate::crypto::codec::Opened, CodecError> {
+            fn open(
+                &self,
+                v: &[u8],
+                aad: &[u8],
+            ) -> Result<crate::crypto::codec::Opened, CodecError> {
                 self.0.open(v, aad)
             }
             fn seal(&self, p: &[u8], aad: &[u8], t: Option<u64>, out: &mut Vec<u8>) {
@@ -390,7 +488,9 @@ mod tests {
             }
         }
         let reader = Format::VersionedGcm.codec(&new_ring()).unwrap();
-        assert_eq!(reseal(&*reader, &Claims2(write), &old, b"", false), Err(CodecError::VerifyMismatch));
+        assert_eq!(
+            reseal(&*reader, &Claims2(write), &old, b"", false),
+            Err(CodecError::VerifyMismatch)
+        );
     }
-
 }

@@ -11,17 +11,17 @@ use std::sync::Arc;
 use serde::Serialize;
 use tokio_postgres::Client;
 
+use crate::crypto::keyring::KeyId;
 use crate::db::raw::params;
 use crate::db::Database;
-use crate::error::DbContext;
-use crate::job::{Aad, Job, Target};
 use crate::engine::pipeline::{self, Mode, Settings};
-use crate::observe::progress::Progress;
 use crate::engine::sink::Failure;
-use crate::observe::counts::LiveCounts;
-use crate::crypto::keyring::KeyId;
 use crate::engine::transform::{self, Cell};
 use crate::engine::{plan, sql};
+use crate::error::DbContext;
+use crate::job::{Aad, Job, Target};
+use crate::observe::counts::LiveCounts;
+use crate::observe::progress::Progress;
 use crate::state;
 use crate::Error;
 
@@ -83,7 +83,13 @@ impl Verification {
 
 /// Verifies every target of `job`, after checking its keys against the
 /// fingerprints the job's last run recorded.
-pub async fn verify(db: &Database, client: &Client, job: &Arc<Job>, depth: Depth, quiet: bool) -> Result<Verification, Error> {
+pub async fn verify(
+    db: &Database,
+    client: &Client,
+    job: &Arc<Job>,
+    depth: Depth,
+    quiet: bool,
+) -> Result<Verification, Error> {
     check_recorded_keys(client, job).await?;
     let counted = plan::count_by_key(client, job).await?;
     let full = depth.full || counted.iter().any(|c| c.by_key.is_none());
@@ -104,8 +110,20 @@ pub async fn verify(db: &Database, client: &Client, job: &Arc<Job>, depth: Depth
         let ranges = plan::job_ranges(client, job, depth.lanes).await?;
         let rows: u64 = counted.iter().map(|c| c.rows).max().unwrap_or(0);
         let progress = Progress::new(rows, "verifying", quiet);
-        let settings = Settings { lanes: depth.lanes, ..Settings::default() };
-        let outcome = pipeline::run(db, job.clone(), ranges, Mode::Verify, settings, Arc::new(LiveCounts::default()), progress).await?;
+        let settings = Settings {
+            lanes: depth.lanes,
+            ..Settings::default()
+        };
+        let outcome = pipeline::run(
+            db,
+            job.clone(),
+            ranges,
+            Mode::Verify,
+            settings,
+            Arc::new(LiveCounts::default()),
+            progress,
+        )
+        .await?;
         on_target = outcome.on_target;
         on_old = outcome.on_old;
         undecryptable = outcome.counts.values_failed;
@@ -128,7 +146,12 @@ pub async fn verify(db: &Database, client: &Client, job: &Arc<Job>, depth: Depth
             let (n, failed) = sample_target(client, t, depth.sample).await?;
             sampled += n;
             for (f, col) in failed {
-                failures.push(Failure { table: t.table.to_string(), column: t.columns[col].name.clone(), key: f, error: "sampled value did not decrypt" });
+                failures.push(Failure {
+                    table: t.table.to_string(),
+                    column: t.columns[col].name.clone(),
+                    key: f,
+                    error: "sampled value did not decrypt",
+                });
             }
         }
         let sample_failures = failures.len() as u64;
@@ -144,7 +167,11 @@ pub async fn verify(db: &Database, client: &Client, job: &Arc<Job>, depth: Depth
     }
     Ok(Verification {
         verified: on_old == 0 && undecryptable == 0,
-        mode: if full { VerifyMode::Full } else { VerifyMode::Sample },
+        mode: if full {
+            VerifyMode::Full
+        } else {
+            VerifyMode::Sample
+        },
         values_total: total,
         values_on_target_key: on_target,
         values_on_old_keys: on_old,
@@ -163,18 +190,29 @@ pub async fn verify(db: &Database, client: &Client, job: &Arc<Job>, depth: Depth
 /// id and fingerprint, never material; a job whose file changed since is not
 /// compared (its targets may differ).
 async fn check_recorded_keys(client: &Client, job: &Job) -> Result<(), Error> {
-    let Some((job_id, spec_hash, recorded)) = state::last_job_keys(client, &job.name).await? else { return Ok(()) };
+    let Some((job_id, spec_hash, recorded)) = state::last_job_keys(client, &job.name).await? else {
+        return Ok(());
+    };
     if spec_hash != job.spec_hash {
         tracing::info!("the job file changed since job {job_id} ran; its keys are not compared with that run's");
         return Ok(());
     }
-    for (t, rec) in job.targets.iter().zip(recorded.as_array().into_iter().flatten()) {
+    for (t, rec) in job
+        .targets
+        .iter()
+        .zip(recorded.as_array().into_iter().flatten())
+    {
         for (side, name) in [(&t.write, "write"), (&t.read, "read")] {
             for key in side.keyring.keys() {
-                let Some(was) = rec[name]["keys"][key.id().to_string()].as_str() else { continue };
+                let Some(was) = rec[name]["keys"][key.id().to_string()].as_str() else {
+                    continue;
+                };
                 let now = key.fingerprint();
                 if was != now {
-                    let at = side.source.as_ref().map_or_else(|| format!("key {}", key.id()), |s| s.where_key(key.id()));
+                    let at = side
+                        .source
+                        .as_ref()
+                        .map_or_else(|| format!("key {}", key.id()), |s| s.where_key(key.id()));
                     return Err(Error::Config(format!(
                         "{at} (for {}) is not the key job {:?} (job {job_id}) used: its fingerprint is {now}, the job recorded {was}; \
                          give the key the job ran with, then verify again",
@@ -197,19 +235,40 @@ const PREFLIGHT_ROWS: i64 = 200;
 /// quarantined one by one.
 pub async fn preflight(client: &Client, job: &Job) -> Result<(), Error> {
     for t in &job.targets {
-        let (text, prefixed) = sql::select_page(t, sql::Bounds { lower: false, upper: false }, true);
+        let (text, prefixed) = sql::select_page(
+            t,
+            sql::Bounds {
+                lower: false,
+                upper: false,
+            },
+            true,
+        );
         let prefixes: Vec<Vec<u8>> = prefixed.iter().filter_map(|&c| t.stale_prefix(c)).collect();
         let mut params = params(&prefixes);
         params.push(&PREFLIGHT_ROWS);
-        let rows = client.query(&text, &params).await.ctx(|| format!("reading a sample of {}", t.table))?;
+        let rows = client
+            .query(&text, &params)
+            .await
+            .ctx(|| format!("reading a sample of {}", t.table))?;
         refuse_missing_keys(t, &rows)?;
         let mut cells = Vec::new();
         transform::classify(t, &rows, &mut cells);
         let tried = cells.iter().filter(|c| !matches!(c, Cell::Null)).count();
-        let opened = cells.iter().filter(|c| matches!(c, Cell::Opened { .. })).count();
+        let opened = cells
+            .iter()
+            .filter(|c| matches!(c, Cell::Opened { .. }))
+            .count();
         // A wrong key shows as authentication failures; a few malformed
         // values (truncated, not base64) left over from an earlier run do not.
-        let wrong_key = cells.iter().filter(|c| matches!(c, Cell::Failed(crate::crypto::codec::CodecError::AuthFailed))).count();
+        let wrong_key = cells
+            .iter()
+            .filter(|c| {
+                matches!(
+                    c,
+                    Cell::Failed(crate::crypto::codec::CodecError::AuthFailed)
+                )
+            })
+            .count();
         if tried > 0 && opened == 0 && 2 * wrong_key >= tried {
             return Err(Error::Config(format!(
                 "none of the {tried} values sampled from {} opens with the keys given (a wrong old key, or the wrong format?); \
@@ -230,7 +289,9 @@ fn refuse_missing_keys(t: &Target, rows: &[tokio_postgres::Row]) -> Result<(), E
     let mut tried = 0u64;
     for row in rows {
         for col in 0..t.columns.len() {
-            let Some(stored) = transform::value(t, row, col) else { continue };
+            let Some(stored) = transform::value(t, row, col) else {
+                continue;
+            };
             tried += 1;
             if let Some(id) = transform::missing_key(t, col, stored) {
                 *missing.entry(id).or_default() += 1;
@@ -245,7 +306,9 @@ fn refuse_missing_keys(t: &Target, rows: &[tokio_postgres::Row]) -> Result<(), E
     let named: Vec<String> = missing
         .iter()
         .map(|(id, n)| {
-            let at = t.read.source.as_ref().map_or_else(String::new, |s| format!(": {} is not given", s.where_key(*id)));
+            let at = t.read.source.as_ref().map_or_else(String::new, |s| {
+                format!(": {} is not given", s.where_key(*id))
+            });
             format!("{n} under key {}{at}", t.read.codec.key_label(*id))
         })
         .collect();
@@ -258,13 +321,20 @@ fn refuse_missing_keys(t: &Target, rows: &[tokio_postgres::Row]) -> Result<(), E
 }
 
 /// Decrypts up to `n` sampled rows of a target; returns rows sampled and the failed keys.
-async fn sample_target(client: &Client, t: &Target, n: u32) -> Result<(u64, Vec<(String, usize)>), Error> {
+async fn sample_target(
+    client: &Client,
+    t: &Target,
+    n: u32,
+) -> Result<(u64, Vec<(String, usize)>), Error> {
     if n == 0 {
         return Ok((0, Vec::new()));
     }
     let rows_est = plan::estimated_rows(client, t).await?.max(1.0);
     let percent = (100.0 * 2.0 * f64::from(n) / rows_est).clamp(0.0001, 100.0) as f32;
-    let rows = client.query(&sql::select_sample(t), &[&percent, &i64::from(n)]).await.ctx(|| format!("sampling {}", t.table))?;
+    let rows = client
+        .query(&sql::select_sample(t), &[&percent, &i64::from(n)])
+        .await
+        .ctx(|| format!("sampling {}", t.table))?;
     let mut cells = Vec::new();
     transform::classify(t, &rows, &mut cells);
     let ncols = t.columns.len();

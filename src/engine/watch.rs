@@ -17,11 +17,20 @@ use super::pipeline::backend_pid;
 use super::work::{Shared, Work};
 
 /// Reads the job's control and every signal once.
-pub(super) async fn read_signals(monitor: &mut Monitor, conn: &mut Client, job_id: Option<i64>) -> Verdict {
+pub(super) async fn read_signals(
+    monitor: &mut Monitor,
+    conn: &mut Client,
+    job_id: Option<i64>,
+) -> Verdict {
     let control = match job_id {
         Some(id) => match state::job_control(conn, id).await {
             Ok(c) => Some(c),
-            Err(e) => return Verdict::Hold("unreadable", format!("the job's control is unreadable, holding: {}", e.chain())),
+            Err(e) => {
+                return Verdict::Hold(
+                    "unreadable",
+                    format!("the job's control is unreadable, holding: {}", e.chain()),
+                )
+            }
         },
         None => None,
     };
@@ -35,7 +44,11 @@ pub(super) fn apply(shared: &Shared, verdict: Verdict) {
         Verdict::Hold(kind, reason) => (Some(kind), Some(reason)),
         Verdict::Stop(who) => {
             if !shared.stop.requested() {
-                tracing::info!(by = who.as_str(), "stop asked by {}; stopping after the batches in flight commit", who.as_str());
+                tracing::info!(
+                    by = who.as_str(),
+                    "stop asked by {}; stopping after the batches in flight commit",
+                    who.as_str()
+                );
             }
             shared.stop.trigger_by(who);
             (None, None)
@@ -43,46 +56,96 @@ pub(super) fn apply(shared: &Shared, verdict: Verdict) {
     };
     if shared.hold.set(reason.clone()) {
         shared.progress.set_hold(reason.as_deref());
-        let previous = shared.hold_kind.lock().ok().and_then(|mut last| std::mem::replace(&mut *last, kind));
-        events::ThrottleChanged { reason: kind, previous, detail: reason.as_deref() }.emit();
+        let previous = shared
+            .hold_kind
+            .lock()
+            .ok()
+            .and_then(|mut last| std::mem::replace(&mut *last, kind));
+        events::ThrottleChanged {
+            reason: kind,
+            previous,
+            detail: reason.as_deref(),
+        }
+        .emit();
     }
 }
 
 /// The monitor task: renews leases and reads the signals every `every`, on
 /// a connection of its own (reopened when lost; meanwhile the run holds).
-pub(super) async fn watch(shared: Arc<Shared>, db: Database, mut conn: Client, mut monitor: Monitor, every: Duration, job_id: Option<i64>) {
+pub(super) async fn watch(
+    shared: Arc<Shared>,
+    db: Database,
+    mut conn: Client,
+    mut monitor: Monitor,
+    every: Duration,
+    job_id: Option<i64>,
+) {
     let every = every.max(Duration::from_millis(50));
     let mut last_beat = Instant::now();
     loop {
         tokio::time::sleep(every).await;
         if conn.is_closed() {
-            apply(&shared, Verdict::Hold("unreadable", "the monitor's connection was lost; reconnecting".into()));
-            let Some(c) = reopen_monitor(&shared, &db).await else { continue };
+            apply(
+                &shared,
+                Verdict::Hold(
+                    "unreadable",
+                    "the monitor's connection was lost; reconnecting".into(),
+                ),
+            );
+            let Some(c) = reopen_monitor(&shared, &db).await else {
+                continue;
+            };
             conn = c;
-            last_beat = Instant::now().checked_sub(Duration::from_secs(3600)).unwrap_or(last_beat);
+            last_beat = Instant::now()
+                .checked_sub(Duration::from_secs(3600))
+                .unwrap_or(last_beat);
         }
-        if let Work::Leased { job_id, owner, ttl, .. } = &shared.work {
+        if let Work::Leased {
+            job_id, owner, ttl, ..
+        } = &shared.work
+        {
             if last_beat.elapsed() >= *ttl / 3 {
                 match state::heartbeat(&conn, *job_id, owner, *ttl, &shared.working()).await {
                     Ok(_) => last_beat = Instant::now(),
-                    Err(e) => tracing::warn!("renewing leases failed (they lapse after --lease-ttl): {}", e.chain()),
+                    Err(e) => tracing::warn!(
+                        "renewing leases failed (they lapse after --lease-ttl): {}",
+                        e.chain()
+                    ),
                 }
             }
         }
         // a round that hangs (a half-open socket) holds the run and reconnects
         let limit = (every * 10).clamp(Duration::from_secs(5), Duration::from_secs(30));
-        let verdict = match tokio::time::timeout(limit, read_signals(&mut monitor, &mut conn, job_id)).await {
+        let verdict = match tokio::time::timeout(
+            limit,
+            read_signals(&mut monitor, &mut conn, job_id),
+        )
+        .await
+        {
             Ok(v) => v,
             Err(_) => {
                 if let Some(c) = reopen_monitor(&shared, &db).await {
                     conn = c;
                 }
-                Verdict::Hold("unreadable", format!("reading the throttle signals took over {}s; holding", limit.as_secs()))
+                Verdict::Hold(
+                    "unreadable",
+                    format!(
+                        "reading the throttle signals took over {}s; holding",
+                        limit.as_secs()
+                    ),
+                )
             }
         };
         apply(&shared, verdict);
-        for (stage, n) in [("to_transform", &shared.queued.to_transform), ("to_sink", &shared.queued.to_sink)] {
-            events::QueueDepth { stage, depth: usize::try_from(n.load(Ordering::Relaxed)).unwrap_or(0) }.emit();
+        for (stage, n) in [
+            ("to_transform", &shared.queued.to_transform),
+            ("to_sink", &shared.queued.to_sink),
+        ] {
+            events::QueueDepth {
+                stage,
+                depth: usize::try_from(n.load(Ordering::Relaxed)).unwrap_or(0),
+            }
+            .emit();
         }
     }
 }

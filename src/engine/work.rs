@@ -106,7 +106,14 @@ pub(super) struct Shared {
 
 impl Shared {
     /// What the tasks of a run over `ranges` share.
-    pub(super) fn new(job: Arc<Job>, ranges: Vec<RangeState>, work: Work, settings: &Settings, live: Arc<LiveCounts>, progress: Progress) -> Self {
+    pub(super) fn new(
+        job: Arc<Job>,
+        ranges: Vec<RangeState>,
+        work: Work,
+        settings: &Settings,
+        live: Arc<LiveCounts>,
+        progress: Progress,
+    ) -> Self {
         Shared {
             job,
             ranges,
@@ -115,7 +122,11 @@ impl Shared {
             cut_short: AtomicBool::new(false),
             live,
             progress,
-            sizer: BatchSizer::new(settings.batch_size, settings.batch_time, settings.max_batch_bytes),
+            sizer: BatchSizer::new(
+                settings.batch_size,
+                settings.batch_time,
+                settings.max_batch_bytes,
+            ),
             pace: settings.max_rows_per_sec.map(Pace::new),
             hold: Hold::default(),
             hold_kind: Mutex::new(None),
@@ -135,48 +146,91 @@ impl Shared {
     /// Counts values that did not decrypt, warning once for each column and
     /// error kind (each value is logged at `debug` only).
     pub(super) fn note_quarantined(&self, failures: &[Failure]) {
-        let Ok(mut seen) = self.quarantined.lock() else { return };
+        let Ok(mut seen) = self.quarantined.lock() else {
+            return;
+        };
         for f in failures {
-            events::ValueQuarantined { table: &f.table, column: &f.column, key: &f.key, error: f.error }.emit();
-            let (count, keys) = seen.entry((f.table.clone(), f.column.clone(), f.error)).or_default();
+            events::ValueQuarantined {
+                table: &f.table,
+                column: &f.column,
+                key: &f.key,
+                error: f.error,
+            }
+            .emit();
+            let (count, keys) = seen
+                .entry((f.table.clone(), f.column.clone(), f.error))
+                .or_default();
             *count += 1;
             if keys.len() < QUARANTINE_EXAMPLES {
                 keys.push(f.key.clone());
             }
             if *count == 1 {
-                events::QuarantineSummary { table: &f.table, column: &f.column, error: f.error, count: 1, first_keys: keys, finished: false }.emit();
+                events::QuarantineSummary {
+                    table: &f.table,
+                    column: &f.column,
+                    error: f.error,
+                    count: 1,
+                    first_keys: keys,
+                    finished: false,
+                }
+                .emit();
             }
         }
     }
 
     /// One line per column and error kind with the values quarantined by this run.
     pub(super) fn sum_up_quarantine(&self) {
-        let Ok(seen) = self.quarantined.lock() else { return };
+        let Ok(seen) = self.quarantined.lock() else {
+            return;
+        };
         for ((table, column, error), (count, keys)) in seen.iter() {
-            events::QuarantineSummary { table, column, error, count: *count, first_keys: keys, finished: true }.emit();
+            events::QuarantineSummary {
+                table,
+                column,
+                error,
+                count: *count,
+                first_keys: keys,
+                finished: true,
+            }
+            .emit();
         }
     }
 
     /// The ranges lanes work on now.
     pub(super) fn working(&self) -> Vec<(i32, i32)> {
-        self.working.lock().map(|w| w.keys().copied().collect()).unwrap_or_default()
+        self.working
+            .lock()
+            .map(|w| w.keys().copied().collect())
+            .unwrap_or_default()
     }
 
     /// The next range to read, the key to start after and the lease's
     /// generation; `None` when there is no more work (or a stop was asked for).
-    pub(super) async fn next_range(&self, source: &mut Source) -> Result<Option<(usize, Option<KeyBytes>, Option<i64>)>, Error> {
+    pub(super) async fn next_range(
+        &self,
+        source: &mut Source,
+    ) -> Result<Option<(usize, Option<KeyBytes>, Option<i64>)>, Error> {
         let (job_id, owner, monitor_pid, ttl) = match &self.work {
             Work::Local(queue) => {
-                let Ok(mut queue) = queue.lock() else { return Ok(None) };
+                let Ok(mut queue) = queue.lock() else {
+                    return Ok(None);
+                };
                 if self.stop.requested() {
                     if !queue.is_empty() {
                         self.cut_short.store(true, Ordering::Relaxed);
                     }
                     return Ok(None);
                 }
-                return Ok(queue.pop_front().map(|i| (i, self.ranges[i].start().cloned(), None)));
+                return Ok(queue
+                    .pop_front()
+                    .map(|i| (i, self.ranges[i].start().cloned(), None)));
             }
-            Work::Leased { job_id, owner, monitor_pid, ttl } => (*job_id, owner.as_str(), monitor_pid, *ttl),
+            Work::Leased {
+                job_id,
+                owner,
+                monitor_pid,
+                ttl,
+            } => (*job_id, owner.as_str(), monitor_pid, *ttl),
         };
         loop {
             if self.stop.requested() {
@@ -189,12 +243,28 @@ impl Shared {
                 let _one_at_a_time = self.claiming.lock().await;
                 let mut failed = 0;
                 let claim = loop {
-                    match state::claim_range(source.client(), job_id, owner, pid, ttl, &self.working(), targets).await {
+                    match state::claim_range(
+                        source.client(),
+                        job_id,
+                        owner,
+                        pid,
+                        ttl,
+                        &self.working(),
+                        targets,
+                    )
+                    .await
+                    {
                         Ok(c) => break c,
-                        Err(e) => self.recover(source, "leasing a range", &mut failed, e).await?,
+                        Err(e) => {
+                            self.recover(source, "leasing a range", &mut failed, e)
+                                .await?
+                        }
                     }
                 };
-                if let Claim::Leased { state, generation, .. } = &claim {
+                if let Claim::Leased {
+                    state, generation, ..
+                } = &claim
+                {
                     if let Ok(mut w) = self.working.lock() {
                         w.insert((state.target as i32, state.range_no), *generation);
                     }
@@ -202,16 +272,36 @@ impl Shared {
                 claim
             };
             match claimed {
-                Claim::Leased { state, generation, from } => {
-                    let Some(i) = self.ranges.iter().position(|r| r.target == state.target && r.range_no == state.range_no) else {
+                Claim::Leased {
+                    state,
+                    generation,
+                    from,
+                } => {
+                    let Some(i) = self
+                        .ranges
+                        .iter()
+                        .position(|r| r.target == state.target && r.range_no == state.range_no)
+                    else {
                         return Err(Error::Runtime(format!("rekey.progress of job {job_id} has a range this run did not load; the engine state was edited by hand")));
                     };
                     let table = self.job.targets[state.target].table.to_string();
                     if let Some(from) = from {
                         self.taken_over.fetch_add(1, Ordering::Relaxed);
-                        events::LeaseChanged { kind: LeaseChange::TakenOver, table: &table, range_no: state.range_no, owner: &from }.emit();
+                        events::LeaseChanged {
+                            kind: LeaseChange::TakenOver,
+                            table: &table,
+                            range_no: state.range_no,
+                            owner: &from,
+                        }
+                        .emit();
                     } else {
-                        events::LeaseChanged { kind: LeaseChange::Taken, table: &table, range_no: state.range_no, owner }.emit();
+                        events::LeaseChanged {
+                            kind: LeaseChange::Taken,
+                            table: &table,
+                            range_no: state.range_no,
+                            owner,
+                        }
+                        .emit();
                     }
                     return Ok(Some((i, state.start().cloned(), Some(generation))));
                 }
@@ -219,10 +309,15 @@ impl Shared {
                 // other processes (or lanes) hold the rest: look again when a
                 // range is finished here, and now and then in case an owner died
                 Claim::Busy => {
-                    if self.working().is_empty() && !self.said_waiting.swap(true, Ordering::Relaxed) {
+                    if self.working().is_empty() && !self.said_waiting.swap(true, Ordering::Relaxed)
+                    {
                         tracing::info!("the job's unfinished ranges are leased to other processes; waiting to take over any whose owner stops");
                     }
-                    let _ = tokio::time::timeout(Duration::from_millis(250), self.range_done.notified()).await;
+                    let _ = tokio::time::timeout(
+                        Duration::from_millis(250),
+                        self.range_done.notified(),
+                    )
+                    .await;
                 }
             }
         }
@@ -241,20 +336,37 @@ impl Shared {
 
     /// Whether the lease a batch was read under was lost meanwhile.
     pub(super) fn is_lost(&self, range: usize, generation: Option<i64>) -> bool {
-        generation.is_some_and(|g| self.lost.lock().map(|l| l.contains(&(range, g))).unwrap_or(false))
+        generation.is_some_and(|g| {
+            self.lost
+                .lock()
+                .map(|l| l.contains(&(range, g)))
+                .unwrap_or(false)
+        })
     }
 
     /// After a read on `source` failed with `error` (the `failed`-th time):
     /// waits and reconnects (or shrinks pages) so the caller can try again,
     /// or returns the error when it cannot be retried or keeps coming.
-    pub(super) async fn recover(&self, source: &mut Source, what: &str, failed: &mut u32, error: Error) -> Result<(), Error> {
+    pub(super) async fn recover(
+        &self,
+        source: &mut Source,
+        what: &str,
+        failed: &mut u32,
+        error: Error,
+    ) -> Result<(), Error> {
         *failed += 1;
         let how = error.retry();
         if how == Retry::Never || *failed >= self.attempts || self.stop.requested() {
             return Err(error);
         }
         let wait = backoff(*failed);
-        tracing::warn!(attempt = *failed, "{what} failed (try {failed} of {}), again in {:.1}s: {}", self.attempts, wait.as_secs_f64(), error.chain());
+        tracing::warn!(
+            attempt = *failed,
+            "{what} failed (try {failed} of {}), again in {:.1}s: {}",
+            self.attempts,
+            wait.as_secs_f64(),
+            error.chain()
+        );
         tokio::time::sleep(wait).await;
         match how {
             Retry::Reconnect => {

@@ -8,9 +8,9 @@ use std::fmt;
 
 use tokio_postgres::Client;
 
+use super::spec::TargetSpec;
 use crate::db::quote_ident;
 use crate::error::DbContext;
-use super::spec::TargetSpec;
 use crate::Error;
 
 /// A table, by schema and name.
@@ -70,14 +70,26 @@ pub async fn resolve_target(client: &Client, spec: &TargetSpec) -> Result<Resolv
     let key = key_names
         .iter()
         .filter_map(|k| find(k))
-        .map(|c| TableColumn { name: c.name.clone(), type_name: c.type_name.clone() })
+        .map(|c| TableColumn {
+            name: c.name.clone(),
+            type_name: c.type_name.clone(),
+        })
         .collect::<Vec<_>>();
-    if let Some(c) = columns.iter().find(|c| key.iter().any(|k| k.name == c.name)) {
-        return Err(Error::Config(format!("column {table}.{} is part of the key and cannot be re-encrypted in place", c.name)));
+    if let Some(c) = columns
+        .iter()
+        .find(|c| key.iter().any(|k| k.name == c.name))
+    {
+        return Err(Error::Config(format!(
+            "column {table}.{} is part of the key and cannot be re-encrypted in place",
+            c.name
+        )));
     }
-    Ok(ResolvedTarget { table, key, columns })
+    Ok(ResolvedTarget {
+        table,
+        key,
+        columns,
+    })
 }
-
 
 /// The table a target names: its oid and name, or why there is none.
 async fn find_table(client: &Client, spec: &TargetSpec) -> Result<(u32, TableRef), Error> {
@@ -96,7 +108,10 @@ async fn find_table(client: &Client, spec: &TargetSpec) -> Result<(u32, TableRef
         .await
         .ctx(what)?;
     let Some(row) = row else {
-        let searched = schema.map_or_else(|| "the search_path".to_string(), |s| format!("schema {s:?}"));
+        let searched = schema.map_or_else(
+            || "the search_path".to_string(),
+            |s| format!("schema {s:?}"),
+        );
         let dotted = if spec.schema.is_none() && schema.is_some() {
             format!("; a table whose own name holds a dot needs its schema given apart: schema = \"public\", table = {:?}", spec.table)
         } else {
@@ -128,11 +143,21 @@ async fn find_table(client: &Client, spec: &TargetSpec) -> Result<(u32, TableRef
             spec.table
         )));
     };
-    Ok((row.get(0), TableRef { schema: row.get(1), name: row.get(2) }))
+    Ok((
+        row.get(0),
+        TableRef {
+            schema: row.get(1),
+            name: row.get(2),
+        },
+    ))
 }
 
 /// Every column of a table, in order.
-async fn table_columns(client: &Client, oid: u32, table: &TableRef) -> Result<Vec<CatalogColumn>, Error> {
+async fn table_columns(
+    client: &Client,
+    oid: u32,
+    table: &TableRef,
+) -> Result<Vec<CatalogColumn>, Error> {
     Ok(client
         .query(
             "SELECT attname::text, format_type(atttypid, atttypmod), attnotnull, atttypid
@@ -148,16 +173,26 @@ async fn table_columns(client: &Client, oid: u32, table: &TableRef) -> Result<Ve
 
 /// The names of a table's columns, for messages.
 fn column_names(cols: &[CatalogColumn]) -> String {
-    cols.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
+    cols.iter()
+        .map(|c| c.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The encrypted columns a target lists: present, and of a type that holds ciphertext.
-fn encrypted_columns(spec: &TargetSpec, table: &TableRef, cols: &[CatalogColumn]) -> Result<Vec<TableColumn>, Error> {
+fn encrypted_columns(
+    spec: &TargetSpec,
+    table: &TableRef,
+    cols: &[CatalogColumn],
+) -> Result<Vec<TableColumn>, Error> {
     let find = |c: &str| cols.iter().find(|col| col.name == c);
     let mut columns = Vec::new();
     for c in &spec.columns {
         let col = find(c).ok_or_else(|| {
-            Error::Config(format!("column {c:?} does not exist in {table}; its columns are: {}", column_names(cols)))
+            Error::Config(format!(
+                "column {c:?} does not exist in {table}; its columns are: {}",
+                column_names(cols)
+            ))
         })?;
         match col.type_name.as_str() {
             "bytea" | "text" => {}
@@ -168,7 +203,10 @@ fn encrypted_columns(spec: &TargetSpec, table: &TableRef, cols: &[CatalogColumn]
                 )))
             }
         };
-        columns.push(TableColumn { name: col.name.clone(), type_name: col.type_name.clone() });
+        columns.push(TableColumn {
+            name: col.name.clone(),
+            type_name: col.type_name.clone(),
+        });
     }
 
     Ok(columns)
@@ -176,7 +214,13 @@ fn encrypted_columns(spec: &TargetSpec, table: &TableRef, cols: &[CatalogColumn]
 
 /// The key the target pages by: the given primary_key if it is a unique key
 /// of NOT NULL columns, else the table's primary key.
-async fn key_columns(client: &Client, spec: &TargetSpec, oid: u32, table: &TableRef, cols: &[CatalogColumn]) -> Result<Vec<String>, Error> {
+async fn key_columns(
+    client: &Client,
+    spec: &TargetSpec,
+    oid: u32,
+    table: &TableRef,
+    cols: &[CatalogColumn],
+) -> Result<Vec<String>, Error> {
     let find = |c: &str| cols.iter().find(|col| col.name == c);
     let unique_keys: Vec<(bool, Vec<String>)> = client
         .query(
@@ -236,7 +280,11 @@ async fn key_columns(client: &Client, spec: &TargetSpec, oid: u32, table: &Table
 }
 
 /// Checks that `column` exists in `table` (for an `aad = { column = ... }`).
-pub async fn check_column_exists(client: &Client, table: &TableRef, column: &str) -> Result<(), Error> {
+pub async fn check_column_exists(
+    client: &Client,
+    table: &TableRef,
+    column: &str,
+) -> Result<(), Error> {
     let found: bool = client
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -249,6 +297,8 @@ pub async fn check_column_exists(client: &Client, table: &TableRef, column: &str
     if found {
         Ok(())
     } else {
-        Err(Error::Config(format!("aad column {column:?} does not exist in {table}")))
+        Err(Error::Config(format!(
+            "aad column {column:?} does not exist in {table}"
+        )))
     }
 }

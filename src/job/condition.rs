@@ -25,9 +25,15 @@ pub fn check_condition(text: &str) -> Result<(), String> {
                 // The word right before the quote: `E` alone (or a number
                 // ending in `e`, which PostgreSQL before 15 splits into the
                 // number and `E'`) starts an escape-string constant.
-                let word = chars[..i].iter().rev().take_while(|c| c.is_alphanumeric() || **c == '_').count();
+                let word = chars[..i]
+                    .iter()
+                    .rev()
+                    .take_while(|c| c.is_alphanumeric() || **c == '_')
+                    .count();
                 let word = &chars[i - word..i];
-                if matches!(word.last(), Some('e' | 'E')) && (word.len() == 1 || word[0].is_ascii_digit()) {
+                if matches!(word.last(), Some('e' | 'E'))
+                    && (word.len() == 1 || word[0].is_ascii_digit())
+                {
                     return Err("uses an escape-string constant (E'...'); write the value as a standard string".into());
                 }
                 i += 1;
@@ -50,7 +56,9 @@ pub fn check_condition(text: &str) -> Result<(), String> {
                         (Some('"'), Some('"')) => i += 2,
                         (Some('"'), _) => break,
                         (Some(_), _) => i += 1,
-                        (None, _) => return Err("has a quoted identifier that is not closed".into()),
+                        (None, _) => {
+                            return Err("has a quoted identifier that is not closed".into())
+                        }
                     }
                 }
             }
@@ -64,7 +72,9 @@ pub fn check_condition(text: &str) -> Result<(), String> {
             ';' => return Err("contains ';': it must be one condition".into()),
             '-' if next == Some('-') => return Err("contains a comment (--)".into()),
             '/' if next == Some('*') => return Err("contains a comment (/*)".into()),
-            '$' => return Err("contains '$' (parameters and dollar quoting are not allowed)".into()),
+            '$' => {
+                return Err("contains '$' (parameters and dollar quoting are not allowed)".into())
+            }
             _ => {}
         }
         i += 1;
@@ -82,7 +92,13 @@ mod tests {
 
     #[test]
     fn plain_conditions_pass() {
-        for ok in ["id <= 100", "org_id = 5 AND (region = 'eu' OR region = 'it''s')", "\"Weird ) col\" > 3", "created_at > now() - interval '1 day'", "x1E'2024-01-01' IS NULL"] {
+        for ok in [
+            "id <= 100",
+            "org_id = 5 AND (region = 'eu' OR region = 'it''s')",
+            "\"Weird ) col\" > 3",
+            "created_at > now() - interval '1 day'",
+            "x1E'2024-01-01' IS NULL",
+        ] {
             assert_eq!(check_condition(ok), Ok(()), "{ok}");
         }
     }
@@ -111,7 +127,10 @@ mod tests {
     /// `) OR (` outside it, and another string.
     #[test]
     fn a_backslash_in_a_string_is_refused_whatever_the_server_does_with_it() {
-        for bad in ["id::text = '\\'' ) OR (true OR id::text = '\\''", "name LIKE 'a\\_b'"] {
+        for bad in [
+            "id::text = '\\'' ) OR (true OR id::text = '\\''",
+            "name LIKE 'a\\_b'",
+        ] {
             let err = check_condition(bad).unwrap_err();
             assert!(err.contains("backslash"), "{bad}: {err}");
         }
@@ -156,7 +175,10 @@ mod tests {
 
     /// Conditions built from the pieces that matter to the check.
     fn condition() -> impl Strategy<Value = String> {
-        let pieces = vec!["'", "''", "\\", "\"", "(", ")", " ", "id", "=", "1", "E", "e", " OR ", ";", "-", "/", "*", "$", "."];
+        let pieces = vec![
+            "'", "''", "\\", "\"", "(", ")", " ", "id", "=", "1", "E", "e", " OR ", ";", "-", "/",
+            "*", "$", ".",
+        ];
         proptest::collection::vec(prop::sample::select(pieces), 0..16).prop_map(|p| p.concat())
     }
 

@@ -90,7 +90,11 @@ impl Target {
 
     /// Key columns as `alias."k1", alias."k2"` (alias may be empty).
     pub fn key_list(&self, alias: &str) -> String {
-        self.key.iter().map(|c| format!("{alias}{}", quote_ident(&c.name))).collect::<Vec<_>>().join(", ")
+        self.key
+            .iter()
+            .map(|c| format!("{alias}{}", quote_ident(&c.name)))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// The key of a row read from this target (key columns first), owned.
@@ -143,7 +147,11 @@ impl Job {
     }
 
     /// As [`Job::resolve`]; with `keyring`, every target uses it instead of its key source (`rekey bench`).
-    pub async fn resolve_with(spec: &JobSpec, client: &tokio_postgres::Client, keyring: Option<&Keyring>) -> Result<Job, Error> {
+    pub async fn resolve_with(
+        spec: &JobSpec,
+        client: &tokio_postgres::Client,
+        keyring: Option<&Keyring>,
+    ) -> Result<Job, Error> {
         let keyring_given = keyring;
         let load = |keys: &KeysSpec| {
             let keys = keys.clone();
@@ -161,31 +169,59 @@ impl Job {
         let mut claimed: HashMap<(String, String, String), usize> = HashMap::new();
         for (index, t) in spec.targets.iter().enumerate() {
             let at = || format!("[[target]] #{} (table {:?})", index + 1, t.table);
-            let keys = t.keys.as_ref().or(spec.keys.as_ref()).ok_or_else(|| Error::Config(format!("{}: no keys", at())))?;
+            let keys = t
+                .keys
+                .as_ref()
+                .or(spec.keys.as_ref())
+                .ok_or_else(|| Error::Config(format!("{}: no keys", at())))?;
             let read_ring = load(keys).await?;
             let write_ring = match &t.to_keys {
                 Some(k) => load(k).await?,
                 None => read_ring.clone(),
             };
             let to_format = t.to_format.unwrap_or(t.format);
-            let side = |format: Format, keyring: Keyring, source: &KeysSpec| -> Result<Side, Error> {
-                let codec = format.codec(&keyring).map_err(|e| Error::Config(format!("{}: {e}", at())))?;
-                Ok(Side { format, codec, keyring, source: keyring_given.is_none().then(|| source.clone()) })
-            };
+            let side =
+                |format: Format, keyring: Keyring, source: &KeysSpec| -> Result<Side, Error> {
+                    let codec = format
+                        .codec(&keyring)
+                        .map_err(|e| Error::Config(format!("{}: {e}", at())))?;
+                    Ok(Side {
+                        format,
+                        codec,
+                        keyring,
+                        source: keyring_given.is_none().then(|| source.clone()),
+                    })
+                };
             let read = side(t.format, read_ring, keys)?;
             let write = side(to_format, write_ring, t.to_keys.as_ref().unwrap_or(keys))?;
             let aad = match &t.aad {
                 None => Aad::None,
-                Some(AadSpec { constant: Some(c), .. }) => Aad::Constant(c.as_bytes().to_vec()),
-                Some(AadSpec { column: Some(c), .. }) => Aad::Column(c.clone()),
+                Some(AadSpec {
+                    constant: Some(c), ..
+                }) => Aad::Constant(c.as_bytes().to_vec()),
+                Some(AadSpec {
+                    column: Some(c), ..
+                }) => Aad::Column(c.clone()),
                 Some(_) => Aad::None,
             };
             if aad != Aad::None && !(read.codec.supports_aad() && write.codec.supports_aad()) {
-                return Err(Error::Config(format!("{}: format {} cannot bind associated data; remove aad", at(), if read.codec.supports_aad() { to_format.name() } else { t.format.name() })));
+                return Err(Error::Config(format!(
+                    "{}: format {} cannot bind associated data; remove aad",
+                    at(),
+                    if read.codec.supports_aad() {
+                        to_format.name()
+                    } else {
+                        t.format.name()
+                    }
+                )));
             }
             let resolved = catalog::resolve_target(client, t).await?;
             for col in &resolved.columns {
-                let column = (resolved.table.schema.clone(), resolved.table.name.clone(), col.name.clone());
+                let column = (
+                    resolved.table.schema.clone(),
+                    resolved.table.name.clone(),
+                    col.name.clone(),
+                );
                 if let Some(first) = claimed.insert(column, index) {
                     return Err(Error::Config(format!(
                         "{}: column {}.{} is also rotated by [[target]] #{}; each column may appear in one target only",
@@ -196,14 +232,23 @@ impl Job {
                     )));
                 }
             }
-            let written_as = t.to_encoding.or(if t.to_format.is_none() { t.encoding } else { None });
+            let written_as = t.to_encoding.or(if t.to_format.is_none() {
+                t.encoding
+            } else {
+                None
+            });
             let columns = resolved
                 .columns
                 .into_iter()
                 .map(|c| {
                     let read = encoding_for(t.encoding, t.format, &c, &resolved.table)?;
                     let write = encoding_for(written_as, to_format, &c, &resolved.table)?;
-                    Ok(Column { name: c.name, type_name: c.type_name, read, write })
+                    Ok(Column {
+                        name: c.name,
+                        type_name: c.type_name,
+                        read,
+                        write,
+                    })
                 })
                 .collect::<Result<Vec<_>, Error>>()?;
             if let Aad::Column(c) = &aad {
@@ -224,9 +269,20 @@ impl Job {
             };
             if let Some(f) = &target.filter {
                 client
-                    .prepare(&format!("SELECT 1 FROM {} WHERE ({f}) LIMIT 0", target.qualified()))
+                    .prepare(&format!(
+                        "SELECT 1 FROM {} WHERE ({f}) LIMIT 0",
+                        target.qualified()
+                    ))
                     .await
-                    .map_err(|e| Error::Config(format!("{}: where = {f:?} is not a valid condition on {}: {}", at(), target.table, e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string()))))?;
+                    .map_err(|e| {
+                        Error::Config(format!(
+                            "{}: where = {f:?} is not a valid condition on {}: {}",
+                            at(),
+                            target.table,
+                            e.as_db_error()
+                                .map_or_else(|| e.to_string(), |d| d.message().to_string())
+                        ))
+                    })?;
             }
             targets.push(target);
         }
@@ -234,7 +290,9 @@ impl Job {
         // under the values bound to it: they would no longer open.
         for t in &targets {
             if let Aad::Column(c) = &t.aad {
-                if let Some(other) = claimed.get(&(t.table.schema.clone(), t.table.name.clone(), c.clone())) {
+                if let Some(other) =
+                    claimed.get(&(t.table.schema.clone(), t.table.name.clone(), c.clone()))
+                {
                     return Err(Error::Config(format!(
                         "[[target]] #{}: aad column {}.{c} is itself re-encrypted by [[target]] #{}; associated data must come from a column the job does not rewrite",
                         t.index + 1,
@@ -246,7 +304,11 @@ impl Job {
         }
         refuse_nested_targets(client, &targets).await?;
         visibility::check(client, &targets).await?;
-        Ok(Job { name: spec.name.clone().unwrap_or_else(|| "rekey".into()), spec_hash: spec.spec_hash(), targets })
+        Ok(Job {
+            name: spec.name.clone().unwrap_or_else(|| "rekey".into()),
+            spec_hash: spec.spec_hash(),
+            targets,
+        })
     }
 
     /// Key ids and fingerprints of every target, never material: what the
@@ -261,10 +323,18 @@ impl Job {
 /// Refuses two targets whose tables nest (a partition or inheritance child
 /// and its parent) and share a column: reading the parent reads the child's
 /// rows too, so both targets would rotate the same values, racing each other.
-async fn refuse_nested_targets(client: &tokio_postgres::Client, targets: &[Target]) -> Result<(), Error> {
+async fn refuse_nested_targets(
+    client: &tokio_postgres::Client,
+    targets: &[Target],
+) -> Result<(), Error> {
     for (i, a) in targets.iter().enumerate() {
         for b in &targets[i + 1..] {
-            if a.table == b.table || !a.columns.iter().any(|c| b.columns.iter().any(|d| d.name == c.name)) {
+            if a.table == b.table
+                || !a
+                    .columns
+                    .iter()
+                    .any(|c| b.columns.iter().any(|d| d.name == c.name))
+            {
                 continue;
             }
             for (child, parent) in [(a, b), (b, a)] {
@@ -297,9 +367,18 @@ async fn refuse_nested_targets(client: &tokio_postgres::Client, targets: &[Targe
 }
 
 /// The encoding of one column on one side: as given, else from the column's type.
-fn encoding_for(given: Option<Encoding>, format: Format, col: &TableColumn, table: &TableRef) -> Result<Encoding, Error> {
+fn encoding_for(
+    given: Option<Encoding>,
+    format: Format,
+    col: &TableColumn,
+    table: &TableRef,
+) -> Result<Encoding, Error> {
     let is_text = col.type_name != "bytea";
-    let enc = given.unwrap_or(if is_text && !format.is_text() { Encoding::Base64 } else { Encoding::Raw });
+    let enc = given.unwrap_or(if is_text && !format.is_text() {
+        Encoding::Base64
+    } else {
+        Encoding::Raw
+    });
     if is_text && enc == Encoding::Raw && !format.is_text() {
         return Err(Error::Config(format!(
             "column {table}.{} is {}, but {} values are binary: set encoding = \"base64\" (or use a bytea column)",

@@ -6,8 +6,8 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
 use ring::digest::{digest, SHA256};
+use serde::{Deserialize, Serialize};
 
 use crate::crypto::codec::Format;
 use crate::secrets::KeysSpec;
@@ -119,14 +119,20 @@ impl JobSpec {
     fn check(&self) -> Result<(), Error> {
         if let Some(name) = &self.name {
             // The name also names the audit log beside the job file.
-            if name.trim().is_empty() || name == "." || name == ".." || name.contains(['/', '\\', '\0']) {
+            if name.trim().is_empty()
+                || name == "."
+                || name == ".."
+                || name.contains(['/', '\\', '\0'])
+            {
                 return Err(Error::Config(format!(
                     "name {name:?} cannot be used: it names the job's audit log beside the job file, so it must be non-empty, without '/', '\\' or NUL"
                 )));
             }
         }
         if self.targets.is_empty() {
-            return Err(Error::Config("no [[target]] entries: add one with table, columns and format".into()));
+            return Err(Error::Config(
+                "no [[target]] entries: add one with table, columns and format".into(),
+            ));
         }
         let mut seen = HashSet::new();
         for (i, t) in self.targets.iter().enumerate() {
@@ -135,7 +141,12 @@ impl JobSpec {
                 return Err(Error::Config(format!("{at}: table is empty")));
             }
             let (schema, table) = t.split_table();
-            let names = schema.into_iter().chain([table]).chain(t.columns.iter().chain(t.primary_key.iter().flatten()).map(String::as_str));
+            let names = schema.into_iter().chain([table]).chain(
+                t.columns
+                    .iter()
+                    .chain(t.primary_key.iter().flatten())
+                    .map(String::as_str),
+            );
             for name in names.chain(t.aad.as_ref().and_then(|a| a.column.as_deref())) {
                 if name.contains('\0') {
                     return Err(Error::Config(format!("{at}: name {name:?} contains a NUL character, which no PostgreSQL name can hold")));
@@ -148,7 +159,9 @@ impl JobSpec {
                 }
             }
             if t.columns.is_empty() {
-                return Err(Error::Config(format!("{at}: columns is empty; list the encrypted columns")));
+                return Err(Error::Config(format!(
+                    "{at}: columns is empty; list the encrypted columns"
+                )));
             }
             if matches!(&t.primary_key, Some(k) if k.is_empty()) {
                 return Err(Error::Config(format!("{at}: primary_key is empty; list its columns or leave it out to use the table's primary key")));
@@ -158,7 +171,9 @@ impl JobSpec {
             }
             if let Some(aad) = &t.aad {
                 if aad.constant.is_some() == aad.column.is_some() {
-                    return Err(Error::Config(format!("{at}: aad needs exactly one of constant = \"...\" or column = \"...\"")));
+                    return Err(Error::Config(format!(
+                        "{at}: aad needs exactly one of constant = \"...\" or column = \"...\""
+                    )));
                 }
             }
             if let Some(f) = &t.filter {
@@ -170,7 +185,9 @@ impl JobSpec {
                     return Err(Error::Config(format!("{at}: column {c:?} is listed twice in this job; each column may appear in one target only")));
                 }
                 if t.primary_key.iter().flatten().any(|k| k == c) {
-                    return Err(Error::Config(format!("{at}: column {c:?} is both encrypted and part of primary_key")));
+                    return Err(Error::Config(format!(
+                        "{at}: column {c:?} is both encrypted and part of primary_key"
+                    )));
                 }
             }
         }
@@ -196,7 +213,6 @@ impl TargetSpec {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,20 +236,33 @@ mod tests {
 
     #[test]
     fn unknown_field_is_refused() {
-        let err = JobSpec::parse(&MINIMAL.replace("format =", "formt = \"x\"\nformat =")).unwrap_err();
+        let err =
+            JobSpec::parse(&MINIMAL.replace("format =", "formt = \"x\"\nformat =")).unwrap_err();
         assert!(err.to_string().contains("formt"), "{err}");
     }
 
     #[test]
     fn duplicate_column_is_refused() {
         let twice = format!("{MINIMAL}\n[[target]]\ntable = \"patient_persons\"\ncolumns = [\"phone_encrypted\"]\nformat = \"versioned-gcm\"\n");
-        assert!(JobSpec::parse(&twice).unwrap_err().to_string().contains("listed twice"));
+        assert!(JobSpec::parse(&twice)
+            .unwrap_err()
+            .to_string()
+            .contains("listed twice"));
     }
 
     #[test]
     fn a_job_name_that_is_not_a_file_name_is_refused() {
-        for bad in ["", "../../elsewhere", "/abs/path", "a\\\\b", "..", "x\\u0000"] {
-            let err = JobSpec::parse(&format!("name = \"{bad}\"\n{MINIMAL}")).unwrap_err().to_string();
+        for bad in [
+            "",
+            "../../elsewhere",
+            "/abs/path",
+            "a\\\\b",
+            "..",
+            "x\\u0000",
+        ] {
+            let err = JobSpec::parse(&format!("name = \"{bad}\"\n{MINIMAL}"))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("names the job's audit log"), "{bad}: {err}");
         }
         assert!(JobSpec::parse(&format!("name = \"nightly eu-1 (j'ob)\"\n{MINIMAL}")).is_ok());
@@ -241,8 +270,14 @@ mod tests {
 
     #[test]
     fn a_name_with_a_nul_character_is_refused() {
-        for (from, to) in [("\"patient_persons\"", "\"pa\\u0000tients\""), ("[\"phone_encrypted\"]", "[\"ph\\u0000\"]"), ("[\"id\"]", "[\"\\u0000\"]")] {
-            let err = JobSpec::parse(&MINIMAL.replacen(from, to, 1)).unwrap_err().to_string();
+        for (from, to) in [
+            ("\"patient_persons\"", "\"pa\\u0000tients\""),
+            ("[\"phone_encrypted\"]", "[\"ph\\u0000\"]"),
+            ("[\"id\"]", "[\"\\u0000\"]"),
+        ] {
+            let err = JobSpec::parse(&MINIMAL.replacen(from, to, 1))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("contains a NUL character"), "{err}");
         }
     }
@@ -250,17 +285,36 @@ mod tests {
     #[test]
     fn a_name_longer_than_postgresql_keeps_is_refused() {
         let long = "x".repeat(64);
-        for (from, to) in [("\"patient_persons\"", format!("\"{long}\"")), ("\"patient_persons\"", format!("\"{long}.t\"")), ("[\"id\"]", format!("[\"{long}\"]"))] {
-            let err = JobSpec::parse(&MINIMAL.replacen(from, &to, 1)).unwrap_err().to_string();
-            assert!(err.contains("is 64 bytes, and PostgreSQL keeps only the first 63"), "{err}");
+        for (from, to) in [
+            ("\"patient_persons\"", format!("\"{long}\"")),
+            ("\"patient_persons\"", format!("\"{long}.t\"")),
+            ("[\"id\"]", format!("[\"{long}\"]")),
+        ] {
+            let err = JobSpec::parse(&MINIMAL.replacen(from, &to, 1))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("is 64 bytes, and PostgreSQL keeps only the first 63"),
+                "{err}"
+            );
         }
-        assert!(JobSpec::parse(&MINIMAL.replacen("\"patient_persons\"", &format!("\"{}\"", &long[..63]), 1)).is_ok());
+        assert!(JobSpec::parse(&MINIMAL.replacen(
+            "\"patient_persons\"",
+            &format!("\"{}\"", &long[..63]),
+            1
+        ))
+        .is_ok());
     }
 
     #[test]
     fn schema_qualified_table_splits() {
-        let spec = JobSpec::parse(&MINIMAL.replace("\"patient_persons\"", "\"phi.patient_persons\"")).unwrap();
-        assert_eq!(spec.targets[0].split_table(), (Some("phi"), "patient_persons"));
+        let spec =
+            JobSpec::parse(&MINIMAL.replace("\"patient_persons\"", "\"phi.patient_persons\""))
+                .unwrap();
+        assert_eq!(
+            spec.targets[0].split_table(),
+            (Some("phi"), "patient_persons")
+        );
     }
 
     #[test]
@@ -274,11 +328,24 @@ mod tests {
     fn spec_hash_is_pinned() {
         // Stored with every job: computed by the sha2 crate before hashing
         // moved to ring; a change would refuse every job resumed after an upgrade.
-        assert_eq!(JobSpec::parse(MINIMAL).unwrap().spec_hash(), "bbdce3faff76918d70d9391cea82bcaf779b3d69d90b90884f933aaf7f29f638");
+        assert_eq!(
+            JobSpec::parse(MINIMAL).unwrap().spec_hash(),
+            "bbdce3faff76918d70d9391cea82bcaf779b3d69d90b90884f933aaf7f29f638"
+        );
     }
 
     /// Names as a job file might give them, hostile ones included.
-    const NAMES: [&str; 9] = ["patients", "phi.patients", "a.b.c", "", " ", ".", "pa\"tients; DROP TABLE canary; --", "Ünïcødé 表", "id"];
+    const NAMES: [&str; 9] = [
+        "patients",
+        "phi.patients",
+        "a.b.c",
+        "",
+        " ",
+        ".",
+        "pa\"tients; DROP TABLE canary; --",
+        "Ünïcødé 表",
+        "id",
+    ];
     /// Column names, few enough that targets repeat them.
     const COLUMNS: [&str; 5] = ["a", "b", "id", "c\"; --", ""];
 
@@ -287,7 +354,11 @@ mod tests {
     }
 
     fn list(values: &'static [&'static str]) -> impl Strategy<Value = toml::Value> {
-        proptest::collection::vec(prop::sample::select(values).prop_map(|s| toml::Value::String(s.into())), 0..4).prop_map(toml::Value::Array)
+        proptest::collection::vec(
+            prop::sample::select(values).prop_map(|s| toml::Value::String(s.into())),
+            0..4,
+        )
+        .prop_map(toml::Value::Array)
     }
 
     /// An optional field: present with a value from `value`, or absent.
@@ -301,57 +372,134 @@ mod tests {
     }
 
     fn keys() -> impl Strategy<Value = toml::Value> {
-        (text(&["env", "env", "env", "env", "file", "tink-keyset", "aws-kms", "vault"]), maybe(text(&["ENCRYPTION", "APP"])), rarely(Just(toml::Value::Integer(1)))).prop_map(|(source, prefix, junk)| {
-            let mut t = toml::Table::new();
-            t.insert("source".into(), source);
-            t.extend(prefix.map(|p| ("prefix".to_string(), p)));
-            t.extend(junk.map(|j| ("sauce".to_string(), j)));
-            toml::Value::Table(t)
-        })
-    }
-
-    fn condition() -> impl Strategy<Value = toml::Value> {
-        text(&["id <= 100", "1=1) OR (true", "; DROP TABLE canary", "x = '\\'' ) OR (true OR x = '\\''", "a -- b", "name = 'it''s'"])
-    }
-
-    fn target() -> impl Strategy<Value = toml::Value> {
         (
-            (text(&NAMES), maybe(text(&["public", "phi"])), maybe(list(&COLUMNS)), list(&COLUMNS)),
-            (text(&["versioned-gcm", "fernet", "tink-gcm", "raw-gcm", "versioned-gcm", "fernet", "tink-gcm", "raw-gcm", "aes-gcm"]), maybe(text(&["raw", "base64", "raw", "base64", "raw", "base64", "hex"])), maybe(text(&["versioned-gcm", "fernet", "versioned-gcm", "fernet", "rot13"]))),
-            (maybe(keys()), maybe((maybe(text(&["ctx"])), maybe(text(&["id"])))), maybe(condition()), rarely(Just(toml::Value::Integer(5)))),
+            text(&[
+                "env",
+                "env",
+                "env",
+                "env",
+                "file",
+                "tink-keyset",
+                "aws-kms",
+                "vault",
+            ]),
+            maybe(text(&["ENCRYPTION", "APP"])),
+            rarely(Just(toml::Value::Integer(1))),
         )
-            .prop_map(|((table, schema, key, columns), (format, encoding, to_format), (keys, aad, filter, junk))| {
+            .prop_map(|(source, prefix, junk)| {
                 let mut t = toml::Table::new();
-                t.insert("table".into(), table);
-                t.insert("columns".into(), columns);
-                t.insert("format".into(), format);
-                let aad = aad.map(|(constant, column)| {
-                    let mut a = toml::Table::new();
-                    a.extend(constant.map(|c| ("constant".to_string(), c)));
-                    a.extend(column.map(|c| ("column".to_string(), c)));
-                    toml::Value::Table(a)
-                });
-                for (name, value) in [("schema", schema), ("primary_key", key), ("encoding", encoding), ("to_format", to_format), ("keys", keys), ("aad", aad), ("where", filter), ("batch", junk)] {
-                    t.extend(value.map(|v| (name.to_string(), v)));
-                }
+                t.insert("source".into(), source);
+                t.extend(prefix.map(|p| ("prefix".to_string(), p)));
+                t.extend(junk.map(|j| ("sauce".to_string(), j)));
                 toml::Value::Table(t)
             })
     }
 
+    fn condition() -> impl Strategy<Value = toml::Value> {
+        text(&[
+            "id <= 100",
+            "1=1) OR (true",
+            "; DROP TABLE canary",
+            "x = '\\'' ) OR (true OR x = '\\''",
+            "a -- b",
+            "name = 'it''s'",
+        ])
+    }
+
+    fn target() -> impl Strategy<Value = toml::Value> {
+        (
+            (
+                text(&NAMES),
+                maybe(text(&["public", "phi"])),
+                maybe(list(&COLUMNS)),
+                list(&COLUMNS),
+            ),
+            (
+                text(&[
+                    "versioned-gcm",
+                    "fernet",
+                    "tink-gcm",
+                    "raw-gcm",
+                    "versioned-gcm",
+                    "fernet",
+                    "tink-gcm",
+                    "raw-gcm",
+                    "aes-gcm",
+                ]),
+                maybe(text(&[
+                    "raw", "base64", "raw", "base64", "raw", "base64", "hex",
+                ])),
+                maybe(text(&[
+                    "versioned-gcm",
+                    "fernet",
+                    "versioned-gcm",
+                    "fernet",
+                    "rot13",
+                ])),
+            ),
+            (
+                maybe(keys()),
+                maybe((maybe(text(&["ctx"])), maybe(text(&["id"])))),
+                maybe(condition()),
+                rarely(Just(toml::Value::Integer(5))),
+            ),
+        )
+            .prop_map(
+                |(
+                    (table, schema, key, columns),
+                    (format, encoding, to_format),
+                    (keys, aad, filter, junk),
+                )| {
+                    let mut t = toml::Table::new();
+                    t.insert("table".into(), table);
+                    t.insert("columns".into(), columns);
+                    t.insert("format".into(), format);
+                    let aad = aad.map(|(constant, column)| {
+                        let mut a = toml::Table::new();
+                        a.extend(constant.map(|c| ("constant".to_string(), c)));
+                        a.extend(column.map(|c| ("column".to_string(), c)));
+                        toml::Value::Table(a)
+                    });
+                    for (name, value) in [
+                        ("schema", schema),
+                        ("primary_key", key),
+                        ("encoding", encoding),
+                        ("to_format", to_format),
+                        ("keys", keys),
+                        ("aad", aad),
+                        ("where", filter),
+                        ("batch", junk),
+                    ] {
+                        t.extend(value.map(|v| (name.to_string(), v)));
+                    }
+                    toml::Value::Table(t)
+                },
+            )
+    }
+
     /// A job-file-shaped document: valid TOML, fields that may be wrong.
     fn document() -> impl Strategy<Value = String> {
-        (maybe(text(&["nightly"])), maybe(keys()), proptest::collection::vec(target(), 1..3), maybe(text(&["postgres://localhost/db"]))).prop_map(|(name, keys, targets, url)| {
-            let mut doc = toml::Table::new();
-            doc.extend(name.map(|n| ("name".to_string(), n)));
-            doc.extend(keys.map(|k| ("keys".to_string(), k)));
-            if let Some(url) = url {
-                doc.insert("database".into(), toml::Value::Table(toml::Table::from_iter([("url".to_string(), url)])));
-            }
-            if !targets.is_empty() {
-                doc.insert("target".into(), toml::Value::Array(targets));
-            }
-            toml::to_string(&doc).unwrap_or_default()
-        })
+        (
+            maybe(text(&["nightly"])),
+            maybe(keys()),
+            proptest::collection::vec(target(), 1..3),
+            maybe(text(&["postgres://localhost/db"])),
+        )
+            .prop_map(|(name, keys, targets, url)| {
+                let mut doc = toml::Table::new();
+                doc.extend(name.map(|n| ("name".to_string(), n)));
+                doc.extend(keys.map(|k| ("keys".to_string(), k)));
+                if let Some(url) = url {
+                    doc.insert(
+                        "database".into(),
+                        toml::Value::Table(toml::Table::from_iter([("url".to_string(), url)])),
+                    );
+                }
+                if !targets.is_empty() {
+                    doc.insert("target".into(), toml::Value::Array(targets));
+                }
+                toml::to_string(&doc).unwrap_or_default()
+            })
     }
 
     proptest! {

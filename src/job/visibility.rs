@@ -47,7 +47,8 @@ async fn row_security(client: &Client, t: &Target) -> Result<(), Error> {
         )
         .await
         .ctx(what)?;
-    let (active, forced, role, sees_all, restricted): (bool, bool, String, bool, bool) = (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    let (active, forced, role, sees_all, restricted): (bool, bool, String, bool, bool) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
     if !active {
         return Ok(());
     }
@@ -119,7 +120,8 @@ async fn key_types(client: &Client, t: &Target) -> Result<(), Error> {
         .await
         .ctx(|| format!("checking the types of {}'s key", t.table))?;
     for r in &rows {
-        let (column, type_name, composite, ordered): (String, String, bool, bool) = (r.get(0), r.get(1), r.get(2), r.get(3));
+        let (column, type_name, composite, ordered): (String, String, bool, bool) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
         let why = if composite {
             "a composite type, which PostgreSQL cannot take back as a parameter"
         } else if !ordered {

@@ -64,7 +64,10 @@ pub struct Audit {
 
 /// The OS user running rekey.
 pub fn os_user() -> String {
-    ["USER", "LOGNAME"].iter().find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty())).unwrap_or_else(|| "unknown".into())
+    ["USER", "LOGNAME"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty()))
+        .unwrap_or_else(|| "unknown".into())
 }
 
 impl Audit {
@@ -84,8 +87,17 @@ impl Audit {
             job_id,
         };
         let line = serde_json::to_string(&event).map_err(|e| Error::Runtime(e.to_string()))?;
-        let io = |e: std::io::Error| Error::Runtime(format!("writing the audit log {}: {e}", self.path.display()));
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path).map_err(io)?;
+        let io = |e: std::io::Error| {
+            Error::Runtime(format!(
+                "writing the audit log {}: {e}",
+                self.path.display()
+            ))
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(io)?;
         writeln!(f, "{line}").map_err(io)?;
         f.sync_data().map_err(io)?;
         client

@@ -18,7 +18,14 @@ use crate::Error;
 use super::rotation::{Ended, Progressed, RotateOptions};
 
 /// Retires `old` after proving that no value still needs it.
-pub async fn retire(db: &Database, client: &Client, job: &Arc<Job>, store: &mut Store, old: KeyId, opts: &RotateOptions) -> Result<Progressed, Error> {
+pub async fn retire(
+    db: &Database,
+    client: &Client,
+    job: &Arc<Job>,
+    store: &mut Store,
+    old: KeyId,
+    opts: &RotateOptions,
+) -> Result<Progressed, Error> {
     let key_ref = format!("{}#{old}", store.secret_id());
     if let Some(t) = job.targets.iter().find(|t| t.filter.is_some()) {
         return Err(Error::Config(format!(
@@ -28,14 +35,35 @@ pub async fn retire(db: &Database, client: &Client, job: &Arc<Job>, store: &mut 
     }
     // Retire rests on a full verify of this invocation: every value decrypted,
     // with the keys matched against the job's recorded fingerprints.
-    let depth = Depth { full: true, sample: 0, lanes: opts.settings.lanes };
+    let depth = Depth {
+        full: true,
+        sample: 0,
+        lanes: opts.settings.lanes,
+    };
     let v = verify::verify(db, client, job, depth, opts.quiet).await?;
     // in either format: a migration reads one and writes another
     let remaining = v.values_under_key(old);
     if remaining > 0 || v.values_undecryptable > 0 {
         let notes = format!("{remaining} values still under key {old}, {} undecryptable; rotate them first (`rekey run`)", v.values_undecryptable);
-        opts.audit.record(client, What { event_type: "retire_refused", secret_id: &key_ref, verification_status: "failed", affected_records: Some(remaining), notes: &notes, job_id: None }).await?;
-        return Ok(Progressed { ended: Ended::NotVerified, lines: vec![format!("refusing to retire key {old}: {notes}")], events: vec!["retire_refused".into()], step: None });
+        opts.audit
+            .record(
+                client,
+                What {
+                    event_type: "retire_refused",
+                    secret_id: &key_ref,
+                    verification_status: "failed",
+                    affected_records: Some(remaining),
+                    notes: &notes,
+                    job_id: None,
+                },
+            )
+            .await?;
+        return Ok(Progressed {
+            ended: Ended::NotVerified,
+            lines: vec![format!("refusing to retire key {old}: {notes}")],
+            events: vec!["retire_refused".into()],
+            step: None,
+        });
     }
     let compromised = opts.compromised;
     let applied = steps::retire(store, old, compromised).await?;
@@ -44,12 +72,32 @@ pub async fn retire(db: &Database, client: &Client, job: &Arc<Job>, store: &mut 
     } else {
         format!("key {old} retired; a full verify found no value under it; its material stays in the store's archive until purged")
     };
-    opts.audit.record(client, What { event_type: "key_retired", secret_id: &key_ref, verification_status: "passed", affected_records: Some(v.values_total), notes: &notes, job_id: None }).await?;
+    opts.audit
+        .record(
+            client,
+            What {
+                event_type: "key_retired",
+                secret_id: &key_ref,
+                verification_status: "passed",
+                affected_records: Some(v.values_total),
+                notes: &notes,
+                job_id: None,
+            },
+        )
+        .await?;
     let mut lines = vec![if compromised {
         format!("retired key {old} and destroyed its material (compromise)")
     } else {
         format!("retired key {old}; `rekey secrets restore --key-id {old}` brings it back until it is purged (`rekey secrets purge`, or {} after retiring)", humantime::format_duration(crate::secrets::ARCHIVE_RETENTION))
     }];
-    applied.tell(&mut lines, "make these changes where the application's environment is set:");
-    Ok(Progressed { ended: Ended::Done, lines, events: vec!["key_retired".into()], step: None })
+    applied.tell(
+        &mut lines,
+        "make these changes where the application's environment is set:",
+    );
+    Ok(Progressed {
+        ended: Ended::Done,
+        lines,
+        events: vec!["key_retired".into()],
+        step: None,
+    })
 }

@@ -29,27 +29,46 @@ impl Applied {
 
 /// Saves the store when `changed`.
 async fn saved(store: &mut Store, changed: bool, reveal: bool) -> Result<Applied, Error> {
-    let instructions = if changed { store.save(reveal).await? } else { Vec::new() };
-    Ok(Applied { changed, instructions })
+    let instructions = if changed {
+        store.save(reveal).await?
+    } else {
+        Vec::new()
+    };
+    Ok(Applied {
+        changed,
+        instructions,
+    })
 }
 
 /// Stages a new key (the next id) as pending; returns its id.
 pub async fn stage(store: &mut Store, reveal: bool) -> Result<(KeyId, Applied), Error> {
-    let next = store.table().next_id().map_err(|e| Error::Config(e.to_string()))?;
+    let next = store
+        .table()
+        .next_id()
+        .map_err(|e| Error::Config(e.to_string()))?;
     let key = store.new_key(next).await?;
-    let (id, changed) = store.table_mut().stage(key, now()).map_err(|e| Error::Config(e.to_string()))?;
+    let (id, changed) = store
+        .table_mut()
+        .stage(key, now())
+        .map_err(|e| Error::Config(e.to_string()))?;
     Ok((id, saved(store, changed, reveal).await?))
 }
 
 /// Promotes the pending key to current (the current one becomes previous).
 pub async fn promote(store: &mut Store, reveal: bool) -> Result<Applied, Error> {
-    let changed = store.table_mut().promote(now()).map_err(|e| Error::Config(e.to_string()))?;
+    let changed = store
+        .table_mut()
+        .promote(now())
+        .map_err(|e| Error::Config(e.to_string()))?;
     saved(store, changed, reveal).await
 }
 
 /// Makes the previous key current again.
 pub async fn rollback(store: &mut Store, reveal: bool) -> Result<Applied, Error> {
-    let changed = store.table_mut().rollback(now()).map_err(|e| Error::Config(e.to_string()))?;
+    let changed = store
+        .table_mut()
+        .rollback(now())
+        .map_err(|e| Error::Config(e.to_string()))?;
     saved(store, changed, reveal).await
 }
 
@@ -64,9 +83,15 @@ pub async fn retire(store: &mut Store, id: KeyId, destroy: bool) -> Result<Appli
             store.secret_id()
         )));
     }
-    let mut changed = store.table_mut().retire(id, now()).map_err(|e| Error::Config(e.to_string()))?;
+    let mut changed = store
+        .table_mut()
+        .retire(id, now())
+        .map_err(|e| Error::Config(e.to_string()))?;
     if destroy {
-        changed |= store.table_mut().purge(id).map_err(|e| Error::Config(e.to_string()))?;
+        changed |= store
+            .table_mut()
+            .purge(id)
+            .map_err(|e| Error::Config(e.to_string()))?;
     }
     saved(store, changed, false).await
 }
@@ -87,7 +112,11 @@ pub async fn purge(store: &mut Store, id: Option<KeyId>) -> Result<(Vec<KeyId>, 
     };
     let mut purged = Vec::new();
     for id in ids {
-        if store.table_mut().purge(id).map_err(|e| Error::Config(e.to_string()))? {
+        if store
+            .table_mut()
+            .purge(id)
+            .map_err(|e| Error::Config(e.to_string()))?
+        {
             purged.push(id);
         }
     }
@@ -98,7 +127,10 @@ pub async fn purge(store: &mut Store, id: Option<KeyId>) -> Result<(Vec<KeyId>, 
 /// Brings retired key `id` back from the store's archive as previous.
 pub async fn restore(store: &mut Store, id: KeyId, reveal: bool) -> Result<Applied, Error> {
     store.fetch_archived(id).await?;
-    let changed = store.table_mut().restore(id, now()).map_err(|e| Error::Config(e.to_string()))?;
+    let changed = store
+        .table_mut()
+        .restore(id, now())
+        .map_err(|e| Error::Config(e.to_string()))?;
     saved(store, changed, reveal).await
 }
 

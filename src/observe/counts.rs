@@ -56,13 +56,19 @@ pub struct LiveCounts {
 impl LiveCounts {
     /// Adds one committed batch.
     pub fn add(&self, c: &Counts) {
-        self.rows_scanned.fetch_add(c.rows_scanned, Ordering::Relaxed);
-        self.rows_rewritten.fetch_add(c.rows_rewritten, Ordering::Relaxed);
-        self.values_rewritten.fetch_add(c.values_rewritten, Ordering::Relaxed);
-        self.values_skipped.fetch_add(c.values_skipped, Ordering::Relaxed);
-        self.values_failed.fetch_add(c.values_failed, Ordering::Relaxed);
+        self.rows_scanned
+            .fetch_add(c.rows_scanned, Ordering::Relaxed);
+        self.rows_rewritten
+            .fetch_add(c.rows_rewritten, Ordering::Relaxed);
+        self.values_rewritten
+            .fetch_add(c.values_rewritten, Ordering::Relaxed);
+        self.values_skipped
+            .fetch_add(c.values_skipped, Ordering::Relaxed);
+        self.values_failed
+            .fetch_add(c.values_failed, Ordering::Relaxed);
         self.conflicts.fetch_add(c.conflicts, Ordering::Relaxed);
-        self.values_not_rotated.fetch_add(c.values_not_rotated, Ordering::Relaxed);
+        self.values_not_rotated
+            .fetch_add(c.values_not_rotated, Ordering::Relaxed);
     }
 
     /// A consistent-enough copy for display and the final summary.

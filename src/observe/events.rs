@@ -24,7 +24,13 @@ pub enum RunState {
 
 impl RunState {
     /// Every state, for the gauge.
-    const ALL: [RunState; 5] = [RunState::Done, RunState::LeftOnOldKeys, RunState::Stopped, RunState::WindowEnded, RunState::Failed];
+    const ALL: [RunState; 5] = [
+        RunState::Done,
+        RunState::LeftOnOldKeys,
+        RunState::Stopped,
+        RunState::WindowEnded,
+        RunState::Failed,
+    ];
 
     /// The metric label.
     pub fn as_str(self) -> &'static str {
@@ -70,10 +76,18 @@ impl BatchCommitted<'_> {
             "batch committed"
         );
         let table = self.table.to_owned();
-        metrics::counter!("rekey_rows_scanned_total", "table" => table.clone()).increment(c.rows_scanned);
-        metrics::counter!("rekey_rows_rewritten_total", "table" => table.clone()).increment(c.rows_rewritten);
-        for (outcome, n) in [("rewritten", c.values_rewritten), ("skipped", c.values_skipped), ("failed", c.values_failed), ("not_rotated", c.values_not_rotated)] {
-            metrics::counter!("rekey_values_total", "table" => table.clone(), "outcome" => outcome).increment(n);
+        metrics::counter!("rekey_rows_scanned_total", "table" => table.clone())
+            .increment(c.rows_scanned);
+        metrics::counter!("rekey_rows_rewritten_total", "table" => table.clone())
+            .increment(c.rows_rewritten);
+        for (outcome, n) in [
+            ("rewritten", c.values_rewritten),
+            ("skipped", c.values_skipped),
+            ("failed", c.values_failed),
+            ("not_rotated", c.values_not_rotated),
+        ] {
+            metrics::counter!("rekey_values_total", "table" => table.clone(), "outcome" => outcome)
+                .increment(n);
         }
         metrics::counter!("rekey_conflicts_total", "table" => table.clone()).increment(c.conflicts);
         metrics::histogram!("rekey_batch_seconds", "table" => table.clone()).record(self.seconds);
@@ -99,7 +113,13 @@ impl ValueQuarantined<'_> {
     /// up: [`QuarantineSummary`]), and counts by table, column and error
     /// kind (not by row).
     pub fn emit(&self) {
-        tracing::debug!("cannot decrypt {}.{} at key {}: {}", self.table, self.column, self.key, self.error);
+        tracing::debug!(
+            "cannot decrypt {}.{} at key {}: {}",
+            self.table,
+            self.column,
+            self.key,
+            self.error
+        );
         metrics::counter!(
             "rekey_quarantined_total",
             "table" => self.table.to_owned(),
@@ -166,7 +186,8 @@ impl BatchRetried<'_> {
             self.wait_seconds,
             self.error
         );
-        metrics::counter!("rekey_batch_retries_total", "table" => self.table.to_owned()).increment(1);
+        metrics::counter!("rekey_batch_retries_total", "table" => self.table.to_owned())
+            .increment(1);
     }
 }
 
@@ -194,7 +215,14 @@ impl QuarantineSummary<'_> {
     pub fn emit(&self) {
         let keys = self.first_keys.join(", ");
         if self.finished {
-            tracing::warn!(count = self.count, "quarantined {} values of {}.{} ({}), e.g. at keys {keys}; see rekey.quarantine", self.count, self.table, self.column, self.error);
+            tracing::warn!(
+                count = self.count,
+                "quarantined {} values of {}.{} ({}), e.g. at keys {keys}; see rekey.quarantine",
+                self.count,
+                self.table,
+                self.column,
+                self.error
+            );
         } else {
             tracing::warn!("values of {}.{} do not decrypt ({}), the first at key {keys}: quarantining them; the run ends with their count", self.table, self.column, self.error);
         }
@@ -306,14 +334,18 @@ pub struct RunFinished<'a> {
 impl RunFinished<'_> {
     /// Logs at `info`; sets `rekey_run_state` to 1 for this state, 0 for the others.
     pub fn emit(&self) {
-        tracing::info!("job {}: {} after {:.1}s", self.job, self.state.as_str(), self.seconds);
+        tracing::info!(
+            "job {}: {} after {:.1}s",
+            self.job,
+            self.state.as_str(),
+            self.seconds
+        );
         for other in RunState::ALL.into_iter().filter(|s| *s != self.state) {
             metrics::gauge!("rekey_run_state", "state" => other.as_str()).set(0.0);
         }
         metrics::gauge!("rekey_run_state", "state" => self.state.as_str()).set(1.0);
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -323,13 +355,30 @@ mod tests {
     use crate::observe::metrics::tests::rendered;
 
     fn counts() -> Counts {
-        Counts { rows_scanned: 10, rows_rewritten: 8, values_rewritten: 15, values_skipped: 3, values_failed: 1, conflicts: 2, values_not_rotated: 4 }
+        Counts {
+            rows_scanned: 10,
+            rows_rewritten: 8,
+            values_rewritten: 15,
+            values_skipped: 3,
+            values_failed: 1,
+            conflicts: 2,
+            values_not_rotated: 4,
+        }
     }
 
     #[test]
     fn batch_committed_counts_per_table_and_outcome() {
         let c = counts();
-        let out = rendered(|| BatchCommitted { table: "users", target: 0, counts: &c, seconds: 0.2, rows: 10 }.emit());
+        let out = rendered(|| {
+            BatchCommitted {
+                table: "users",
+                target: 0,
+                counts: &c,
+                seconds: 0.2,
+                rows: 10,
+            }
+            .emit()
+        });
         for line in [
             r#"rekey_rows_scanned_total{table="users"} 10"#,
             r#"rekey_rows_rewritten_total{table="users"} 8"#,
@@ -351,12 +400,46 @@ mod tests {
     #[test]
     fn every_other_event_renders_its_series() {
         let out = rendered(|| {
-            ValueQuarantined { table: "users", column: "ssn", key: "42", error: "authentication" }.emit();
-            BatchRetried { table: "users", attempt: 1, error: "connection reset", rows: 10, wait_seconds: 0.5 }.emit();
-            LeaseChanged { kind: LeaseChange::TakenOver, table: "users", range_no: 3, owner: "host-a:12" }.emit();
-            ProgressSampled { rows_done: 50, rows_total: 200, rows_per_second: 25.0, eta_seconds: None }.emit();
-            QueueDepth { stage: "to_sink", depth: 4 }.emit();
-            RunFinished { job: "quarterly", state: RunState::WindowEnded, seconds: 12.0 }.emit();
+            ValueQuarantined {
+                table: "users",
+                column: "ssn",
+                key: "42",
+                error: "authentication",
+            }
+            .emit();
+            BatchRetried {
+                table: "users",
+                attempt: 1,
+                error: "connection reset",
+                rows: 10,
+                wait_seconds: 0.5,
+            }
+            .emit();
+            LeaseChanged {
+                kind: LeaseChange::TakenOver,
+                table: "users",
+                range_no: 3,
+                owner: "host-a:12",
+            }
+            .emit();
+            ProgressSampled {
+                rows_done: 50,
+                rows_total: 200,
+                rows_per_second: 25.0,
+                eta_seconds: None,
+            }
+            .emit();
+            QueueDepth {
+                stage: "to_sink",
+                depth: 4,
+            }
+            .emit();
+            RunFinished {
+                job: "quarterly",
+                state: RunState::WindowEnded,
+                seconds: 12.0,
+            }
+            .emit();
         });
         for line in [
             r#"rekey_quarantined_total{table="users",column="ssn",error="authentication"} 1"#,
@@ -377,34 +460,93 @@ mod tests {
     #[test]
     fn throttle_info_follows_the_current_reason() {
         let out = rendered(|| {
-            ThrottleChanged { reason: Some("replica lag"), previous: None, detail: None }.emit();
-            ThrottleChanged { reason: Some("gate query"), previous: Some("replica lag"), detail: Some("the gate said no") }.emit();
+            ThrottleChanged {
+                reason: Some("replica lag"),
+                previous: None,
+                detail: None,
+            }
+            .emit();
+            ThrottleChanged {
+                reason: Some("gate query"),
+                previous: Some("replica lag"),
+                detail: Some("the gate said no"),
+            }
+            .emit();
         });
         assert!(out.contains("rekey_throttled 1"), "{out}");
-        assert!(out.contains(r#"rekey_throttle_info{reason="replica lag"} 0"#), "{out}");
-        assert!(out.contains(r#"rekey_throttle_info{reason="gate query"} 1"#), "{out}");
-        let out = rendered(|| ThrottleChanged { reason: None, previous: Some("gate query"), detail: None }.emit());
+        assert!(
+            out.contains(r#"rekey_throttle_info{reason="replica lag"} 0"#),
+            "{out}"
+        );
+        assert!(
+            out.contains(r#"rekey_throttle_info{reason="gate query"} 1"#),
+            "{out}"
+        );
+        let out = rendered(|| {
+            ThrottleChanged {
+                reason: None,
+                previous: Some("gate query"),
+                detail: None,
+            }
+            .emit()
+        });
         assert!(out.contains("rekey_throttled 0"), "{out}");
-        assert!(out.contains(r#"rekey_throttle_info{reason="gate query"} 0"#), "{out}");
+        assert!(
+            out.contains(r#"rekey_throttle_info{reason="gate query"} 0"#),
+            "{out}"
+        );
     }
 
     #[test]
     fn quarantine_warnings_name_table_column_key_and_error_once_per_column() {
         // Values never reach these events: they have no field for one. What
         // can go wrong is the wording and the count, checked here.
-        let event = ValueQuarantined { table: "patients", column: "phone", key: "(7)", error: "authentication" };
+        let event = ValueQuarantined {
+            table: "patients",
+            column: "phone",
+            key: "(7)",
+            error: "authentication",
+        };
         let keys = ["(7)".to_string(), "(9)".to_string()];
-        let first = QuarantineSummary { table: "patients", column: "phone", error: "authentication", count: 1, first_keys: &keys[..1], finished: false };
-        let summary = QuarantineSummary { table: "patients", column: "phone", error: "authentication", count: 2, first_keys: &keys, finished: true };
+        let first = QuarantineSummary {
+            table: "patients",
+            column: "phone",
+            error: "authentication",
+            count: 1,
+            first_keys: &keys[..1],
+            finished: false,
+        };
+        let summary = QuarantineSummary {
+            table: "patients",
+            column: "phone",
+            error: "authentication",
+            count: 2,
+            first_keys: &keys,
+            finished: true,
+        };
         let per_value = logged(LogFormat::Json, || event.emit());
-        assert!(per_value.contains("cannot decrypt patients.phone at key (7): authentication") && per_value.contains("DEBUG"), "{per_value}");
+        assert!(
+            per_value.contains("cannot decrypt patients.phone at key (7): authentication")
+                && per_value.contains("DEBUG"),
+            "{per_value}"
+        );
         let warned = logged(LogFormat::Text, || {
             first.emit();
             summary.emit();
         });
         assert_eq!(warned.lines().count(), 2, "{warned}");
-        assert!(warned.contains("values of patients.phone do not decrypt (authentication), the first at key (7)"), "{warned}");
-        assert!(warned.contains("quarantined 2 values of patients.phone (authentication), e.g. at keys (7), (9)"), "{warned}");
+        assert!(
+            warned.contains(
+                "values of patients.phone do not decrypt (authentication), the first at key (7)"
+            ),
+            "{warned}"
+        );
+        assert!(
+            warned.contains(
+                "quarantined 2 values of patients.phone (authentication), e.g. at keys (7), (9)"
+            ),
+            "{warned}"
+        );
         let counted = rendered(|| event.emit());
         assert!(counted.contains(r#"rekey_quarantined_total{table="patients",column="phone",error="authentication"} 1"#), "{counted}");
     }

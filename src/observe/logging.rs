@@ -35,7 +35,9 @@ pub fn init_logging(format: LogFormat) {
             }
         };
         // Fails only when another subscriber is already installed: keep that one.
-        if tracing::subscriber::set_global_default(subscriber(format, filter, std::io::stderr)).is_ok() {
+        if tracing::subscriber::set_global_default(subscriber(format, filter, std::io::stderr))
+            .is_ok()
+        {
             if let Some(e) = bad_filter {
                 tracing::warn!("RUST_LOG ignored ({e}); logging at {DEFAULT_FILTER}");
             }
@@ -44,15 +46,27 @@ pub fn init_logging(format: LogFormat) {
 }
 
 /// The subscriber [`init_logging`] installs, writing to `writer`.
-fn subscriber<W>(format: LogFormat, filter: EnvFilter, writer: W) -> Box<dyn Subscriber + Send + Sync>
+fn subscriber<W>(
+    format: LogFormat,
+    filter: EnvFilter,
+    writer: W,
+) -> Box<dyn Subscriber + Send + Sync>
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
     match format {
         LogFormat::Text => Box::new(builder.event_format(TextLine).finish()),
         LogFormat::Json => Box::new(
-            builder.json().flatten_event(true).with_current_span(false).with_span_list(false).with_target(false).finish(),
+            builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(false)
+                .with_target(false)
+                .finish(),
         ),
     }
 }
@@ -66,7 +80,12 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> std::fmt::Result {
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
         let prefix = match *event.metadata().level() {
             Level::ERROR => "rekey: error: ",
             Level::WARN => "rekey: warning: ",
@@ -77,7 +96,6 @@ where
         writeln!(writer)
     }
 }
-
 
 #[cfg(test)]
 pub(crate) mod tests {
@@ -110,7 +128,10 @@ pub(crate) mod tests {
     /// The log lines `f` writes in `format`, at `debug` and above.
     pub(crate) fn logged(format: LogFormat, f: impl FnOnce()) -> String {
         let buf = Buffer::default();
-        tracing::subscriber::with_default(subscriber(format, EnvFilter::new("debug"), buf.clone()), f);
+        tracing::subscriber::with_default(
+            subscriber(format, EnvFilter::new("debug"), buf.clone()),
+            f,
+        );
         let bytes = buf.0.lock().expect("buffer").clone();
         String::from_utf8(bytes).expect("utf-8")
     }
@@ -118,15 +139,32 @@ pub(crate) mod tests {
     #[test]
     fn json_logs_are_one_object_per_line() {
         let out = logged(LogFormat::Json, || {
-            BatchRetried { table: "users", attempt: 2, error: "connection reset", rows: 10, wait_seconds: 1.5 }.emit();
-            ThrottleChanged { reason: None, previous: None, detail: None }.emit();
+            BatchRetried {
+                table: "users",
+                attempt: 2,
+                error: "connection reset",
+                rows: 10,
+                wait_seconds: 1.5,
+            }
+            .emit();
+            ThrottleChanged {
+                reason: None,
+                previous: None,
+                detail: None,
+            }
+            .emit();
         });
-        let lines: Vec<serde_json::Value> =
-            out.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
+        let lines: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
         assert_eq!(lines.len(), 2, "{out}");
         let first = &lines[0];
         assert_eq!(first["level"], "WARN");
-        assert_eq!(first["message"], "batch on users failed, retrying in 1.5s: connection reset");
+        assert_eq!(
+            first["message"],
+            "batch on users failed, retrying in 1.5s: connection reset"
+        );
         assert_eq!(first["attempt"], 2);
         assert_eq!(first["rows"], 10);
         assert!(first["timestamp"].is_string(), "{first}");
@@ -136,8 +174,21 @@ pub(crate) mod tests {
     #[test]
     fn text_logs_name_the_program_and_the_level() {
         let out = logged(LogFormat::Text, || {
-            LeaseChanged { kind: LeaseChange::Lost, table: "users", range_no: 3, owner: "host-b:7" }.emit();
-            BatchRetried { table: "users", attempt: 2, error: "connection reset", rows: 10, wait_seconds: 1.5 }.emit();
+            LeaseChanged {
+                kind: LeaseChange::Lost,
+                table: "users",
+                range_no: 3,
+                owner: "host-b:7",
+            }
+            .emit();
+            BatchRetried {
+                table: "users",
+                attempt: 2,
+                error: "connection reset",
+                rows: 10,
+                wait_seconds: 1.5,
+            }
+            .emit();
         });
         assert_eq!(
             out,

@@ -39,9 +39,10 @@ const METRICS: &[(&str, Kind, Option<Unit>, &str)] = &[
     ("rekey_run_state", Kind::Gauge, None, "1 for the state the last run ended in (done, left_on_old_keys, stopped, window_ended, failed), else 0."),
 ];
 
-
 /// Bucket bounds of `rekey_batch_seconds`, in seconds.
-const BATCH_SECONDS_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+const BATCH_SECONDS_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
 
 /// Registers the help text and unit of every metric with the installed recorder.
 fn describe() {
@@ -82,7 +83,6 @@ pub fn serve(addr: SocketAddr) -> Result<(), Error> {
     Ok(())
 }
 
-
 #[cfg(test)]
 pub(crate) mod tests {
     use std::io::{Read, Write};
@@ -105,30 +105,48 @@ pub(crate) mod tests {
 
     #[test]
     fn serve_exports_help_lines_and_names_an_address_it_cannot_bind() {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
         let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let busy = taken.local_addr().expect("addr");
         match rt.block_on(async { serve(busy) }) {
             Err(Error::Config(msg)) => assert!(msg.contains(&busy.to_string()), "{msg}"),
             other => panic!("expected a configuration error, got {other:?}"),
         }
-        let free = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port");
+        let free = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port");
         rt.block_on(async { serve(free) }).expect("serve");
-        QueueDepth { stage: "to_transform", depth: 1 }.emit();
+        QueueDepth {
+            stage: "to_transform",
+            depth: 1,
+        }
+        .emit();
         let mut stream = std::net::TcpStream::connect(free).expect("connect");
-        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("request");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .expect("request");
         let mut page = String::new();
         stream.read_to_string(&mut page).expect("response");
         assert!(page.starts_with("HTTP/1.1 200"), "{page}");
         assert!(page.contains("# HELP rekey_queue_depth "), "{page}");
-        assert!(page.contains(r#"rekey_queue_depth{stage="to_transform"} 1"#), "{page}");
+        assert!(
+            page.contains(r#"rekey_queue_depth{stage="to_transform"} 1"#),
+            "{page}"
+        );
     }
 
     #[test]
     fn readme_lists_every_metric() {
         let readme = include_str!("../../README.md");
         for (name, ..) in METRICS {
-            assert!(readme.contains(&format!("`{name}`")), "README's metrics table lacks {name}");
+            assert!(
+                readme.contains(&format!("`{name}`")),
+                "README's metrics table lacks {name}"
+            );
         }
     }
 }

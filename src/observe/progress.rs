@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::observe::events::ProgressSampled;
 use crate::observe::counts::Counts;
+use crate::observe::events::ProgressSampled;
 
 /// How often a non-terminal stderr gets a progress line.
 const PLAIN_EVERY: Duration = Duration::from_secs(10);
@@ -35,20 +35,43 @@ impl Progress {
     pub fn new(total: u64, verb: &'static str, quiet: bool) -> Self {
         let started = Instant::now();
         if quiet {
-            return Progress { bar: None, plain: None, total, started, verb, hold: Mutex::new(None) };
+            return Progress {
+                bar: None,
+                plain: None,
+                total,
+                started,
+                verb,
+                hold: Mutex::new(None),
+            };
         }
         if std::io::stderr().is_terminal() {
             let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
             bar.set_style(
-                ProgressStyle::with_template("{msg} [{bar:30}] {human_pos}/{human_len} rows  {per_sec}  eta {eta}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {human_pos}/{human_len} rows  {per_sec}  eta {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
             );
             bar.set_message(verb);
             bar.enable_steady_tick(Duration::from_millis(250));
-            Progress { bar: Some(bar), plain: None, total, started, verb, hold: Mutex::new(None) }
+            Progress {
+                bar: Some(bar),
+                plain: None,
+                total,
+                started,
+                verb,
+                hold: Mutex::new(None),
+            }
         } else {
-            Progress { bar: None, plain: Some(Mutex::new(started)), total, started, verb, hold: Mutex::new(None) }
+            Progress {
+                bar: None,
+                plain: Some(Mutex::new(started)),
+                total,
+                started,
+                verb,
+                hold: Mutex::new(None),
+            }
         }
     }
 
@@ -71,7 +94,13 @@ impl Progress {
         let secs = self.started.elapsed().as_secs_f64().max(1e-9);
         let rate = c.rows_scanned as f64 / secs;
         let eta = eta_seconds(c.rows_scanned, self.total, rate);
-        ProgressSampled { rows_done: c.rows_scanned, rows_total: self.total, rows_per_second: rate, eta_seconds: eta }.emit();
+        ProgressSampled {
+            rows_done: c.rows_scanned,
+            rows_total: self.total,
+            rows_per_second: rate,
+            eta_seconds: eta,
+        }
+        .emit();
         if let Some(bar) = &self.bar {
             bar.set_position(c.rows_scanned);
             return;
@@ -83,8 +112,17 @@ impl Progress {
         }
         *last = Instant::now();
         let hold = self.hold.lock().ok().and_then(|h| h.clone());
-        let paused = hold.map(|reason| format!(" (paused: {reason})")).unwrap_or_default();
-        let eta = eta.map(|s| format!(", eta {}", humantime::format_duration(Duration::from_secs(s.ceil() as u64)))).unwrap_or_default();
+        let paused = hold
+            .map(|reason| format!(" (paused: {reason})"))
+            .unwrap_or_default();
+        let eta = eta
+            .map(|s| {
+                format!(
+                    ", eta {}",
+                    humantime::format_duration(Duration::from_secs(s.ceil() as u64))
+                )
+            })
+            .unwrap_or_default();
         tracing::info!(
             values_rewritten = c.values_rewritten,
             values_failed = c.values_failed,
@@ -132,7 +170,10 @@ mod tests {
     fn hold_is_kept_and_cleared() {
         let p = Progress::new(10, "rewriting", true);
         p.set_hold(Some("replica lag 12s > 10s"));
-        assert_eq!(p.hold.lock().expect("hold").as_deref(), Some("replica lag 12s > 10s"));
+        assert_eq!(
+            p.hold.lock().expect("hold").as_deref(),
+            Some("replica lag 12s > 10s")
+        );
         p.set_hold(None);
         assert_eq!(p.hold.lock().expect("hold").as_deref(), None);
     }

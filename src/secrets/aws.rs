@@ -53,12 +53,17 @@ pub struct SecretsManagerStore {
 
 impl std::fmt::Debug for SecretsManagerStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SecretsManagerStore").field("secret_id", &self.secret_id).field("table", &self.table).finish()
+        f.debug_struct("SecretsManagerStore")
+            .field("secret_id", &self.secret_id)
+            .field("table", &self.table)
+            .finish()
     }
 }
 
 fn aws_err(what: &str, secret: &str, e: impl std::fmt::Display) -> Error {
-    Error::Runtime(format!("AWS Secrets Manager, {what} of secret {secret:?}: {e}"))
+    Error::Runtime(format!(
+        "AWS Secrets Manager, {what} of secret {secret:?}: {e}"
+    ))
 }
 
 /// AWS SDK settings for the `[keys]` section's region and endpoint (else the
@@ -67,7 +72,9 @@ fn aws_err(what: &str, secret: &str, e: impl std::fmt::Display) -> Error {
 /// Manager, KMS and the credential providers all use this client.
 pub async fn sdk_config(keys: &KeysSpec) -> aws_config::SdkConfig {
     use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
-    let https = aws_smithy_http_client::Builder::new().tls_provider(Provider::Rustls(CryptoMode::Ring)).build_https();
+    let https = aws_smithy_http_client::Builder::new()
+        .tls_provider(Provider::Rustls(CryptoMode::Ring))
+        .build_https();
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(https);
     if let Some(region) = &keys.region {
         loader = loader.region(aws_config::Region::new(region.clone()));
@@ -85,16 +92,26 @@ pub async fn client(keys: &KeysSpec) -> Client {
 
 fn parse(secret: &str, text: &str) -> Result<KeyTable, Error> {
     let doc: Document = serde_json::from_str(text).map_err(|e| {
-        Error::Config(format!("secret {secret:?} is not a rekey keyring (invalid JSON at line {} column {})", e.line(), e.column()))
+        Error::Config(format!(
+            "secret {secret:?} is not a rekey keyring (invalid JSON at line {} column {})",
+            e.line(),
+            e.column()
+        ))
     })?;
     if doc.format != FORMAT {
-        return Err(Error::Config(format!("secret {secret:?} has format {:?}, expected {FORMAT:?}", doc.format)));
+        return Err(Error::Config(format!(
+            "secret {secret:?} has format {:?}, expected {FORMAT:?}",
+            doc.format
+        )));
     }
     let mut table = KeyTable::default();
     for k in doc.keys {
         let key = match &k.material {
             None => None,
-            Some(hex) => Some(Key::parse(k.id, hex).map_err(|e| Error::Config(format!("secret {secret:?}, key {}: {e}", k.id)))?),
+            Some(hex) => Some(
+                Key::parse(k.id, hex)
+                    .map_err(|e| Error::Config(format!("secret {secret:?}, key {}: {e}", k.id)))?,
+            ),
         };
         table.entries.push(k.into_entry(key));
     }
@@ -104,7 +121,11 @@ fn parse(secret: &str, text: &str) -> Result<KeyTable, Error> {
 fn render(table: &KeyTable) -> Zeroizing<String> {
     let doc = Document {
         format: FORMAT.into(),
-        keys: table.entries.iter().map(|e| StoredKey::from_entry(e, |k| hex::encode(k.material()))).collect(),
+        keys: table
+            .entries
+            .iter()
+            .map(|e| StoredKey::from_entry(e, |k| hex::encode(k.material())))
+            .collect(),
     };
     Zeroizing::new(serde_json::to_string(&doc).unwrap_or_default())
 }
@@ -114,15 +135,37 @@ fn token() -> String {
     let mut bytes = [0u8; 16];
     crate::crypto::nonce::fill(&mut bytes);
     let h = hex::encode(bytes);
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
 }
 
 impl SecretsManagerStore {
     /// Reads the secret's labelled versions.
     pub async fn open(keys: &KeysSpec) -> Result<Self, Error> {
-        let secret_id = keys.secret_id.clone().ok_or_else(|| Error::Config("keys source \"aws-secrets-manager\" needs secret_id = \"name or ARN\"".into()))?;
+        let secret_id = keys.secret_id.clone().ok_or_else(|| {
+            Error::Config(
+                "keys source \"aws-secrets-manager\" needs secret_id = \"name or ARN\"".into(),
+            )
+        })?;
         let client = client(keys).await;
-        let versions = client.list_secret_version_ids().secret_id(&secret_id).send().await.map_err(|e| aws_err("listing versions", &secret_id, aws_sdk_secretsmanager::error::DisplayErrorContext(e)))?;
+        let versions = client
+            .list_secret_version_ids()
+            .secret_id(&secret_id)
+            .send()
+            .await
+            .map_err(|e| {
+                aws_err(
+                    "listing versions",
+                    &secret_id,
+                    aws_sdk_secretsmanager::error::DisplayErrorContext(e),
+                )
+            })?;
         let mut current_version = None;
         let mut pending_version = None;
         for v in versions.versions() {
@@ -137,7 +180,19 @@ impl SecretsManagerStore {
             let client = client.clone();
             let secret_id = secret_id.clone();
             async move {
-                let out = client.get_secret_value().secret_id(&secret_id).version_id(version).send().await.map_err(|e| aws_err("reading", &secret_id, aws_sdk_secretsmanager::error::DisplayErrorContext(e)))?;
+                let out = client
+                    .get_secret_value()
+                    .secret_id(&secret_id)
+                    .version_id(version)
+                    .send()
+                    .await
+                    .map_err(|e| {
+                        aws_err(
+                            "reading",
+                            &secret_id,
+                            aws_sdk_secretsmanager::error::DisplayErrorContext(e),
+                        )
+                    })?;
                 let text = Zeroizing::new(out.secret_string().unwrap_or_default().to_string());
                 parse(&secret_id, &text)
             }
@@ -148,16 +203,30 @@ impl SecretsManagerStore {
             // The pending version holds the keyring as it will be once promoted:
             // show its new current key as pending, beside today's current.
             let pending = get(p.clone()).await?;
-            if let Some(new) = pending.entries.iter().find(|e| e.state == KeyState::Current && !table.entries.iter().any(|t| t.id == e.id)) {
-                table.entries.push(Entry { state: KeyState::Pending, ..new.clone() });
+            if let Some(new) = pending.entries.iter().find(|e| {
+                e.state == KeyState::Current && !table.entries.iter().any(|t| t.id == e.id)
+            }) {
+                table.entries.push(Entry {
+                    state: KeyState::Pending,
+                    ..new.clone()
+                });
             }
         }
-        Ok(SecretsManagerStore { client, secret_id, current_version, pending_version, before: table.clone(), table })
+        Ok(SecretsManagerStore {
+            client,
+            secret_id,
+            current_version,
+            pending_version,
+            before: table.clone(),
+            table,
+        })
     }
 
     /// Creates the secret with `table` as its first AWSCURRENT version.
     pub async fn create(keys: &KeysSpec, table: &KeyTable) -> Result<(), Error> {
-        let secret_id = keys.secret_id.clone().ok_or_else(|| Error::Config("keys source \"aws-secrets-manager\" needs secret_id".into()))?;
+        let secret_id = keys.secret_id.clone().ok_or_else(|| {
+            Error::Config("keys source \"aws-secrets-manager\" needs secret_id".into())
+        })?;
         let client = client(keys).await;
         let text = render(table);
         client
@@ -167,7 +236,13 @@ impl SecretsManagerStore {
             .secret_string(text.as_str())
             .send()
             .await
-            .map_err(|e| aws_err("creating", &secret_id, aws_sdk_secretsmanager::error::DisplayErrorContext(e)))?;
+            .map_err(|e| {
+                aws_err(
+                    "creating",
+                    &secret_id,
+                    aws_sdk_secretsmanager::error::DisplayErrorContext(e),
+                )
+            })?;
         Ok(())
     }
 
@@ -188,8 +263,18 @@ impl SecretsManagerStore {
             .include_deprecated(true)
             .send()
             .await
-            .map_err(|e| aws_err("listing versions", sid, aws_sdk_secretsmanager::error::DisplayErrorContext(e)))?;
-        let mut versions: Vec<_> = listed.versions().iter().filter_map(|v| Some((v.created_date()?.secs(), v.version_id()?.to_string()))).collect();
+            .map_err(|e| {
+                aws_err(
+                    "listing versions",
+                    sid,
+                    aws_sdk_secretsmanager::error::DisplayErrorContext(e),
+                )
+            })?;
+        let mut versions: Vec<_> = listed
+            .versions()
+            .iter()
+            .filter_map(|v| Some((v.created_date()?.secs(), v.version_id()?.to_string())))
+            .collect();
         versions.sort_by(|a, b| b.cmp(a));
         for (_, version) in versions {
             let out = self
@@ -199,9 +284,20 @@ impl SecretsManagerStore {
                 .version_id(&version)
                 .send()
                 .await
-                .map_err(|e| aws_err("reading a former version", sid, aws_sdk_secretsmanager::error::DisplayErrorContext(e)))?;
+                .map_err(|e| {
+                    aws_err(
+                        "reading a former version",
+                        sid,
+                        aws_sdk_secretsmanager::error::DisplayErrorContext(e),
+                    )
+                })?;
             let text = Zeroizing::new(out.secret_string().unwrap_or_default().to_string());
-            if let Some(key) = parse(sid, &text)?.entries.into_iter().find(|e| e.id == id).and_then(|e| e.key) {
+            if let Some(key) = parse(sid, &text)?
+                .entries
+                .into_iter()
+                .find(|e| e.id == id)
+                .and_then(|e| e.key)
+            {
                 return Ok(Some(key));
             }
         }
@@ -213,7 +309,9 @@ impl SecretsManagerStore {
     async fn write_current(&mut self) -> Result<(), Error> {
         let sid = self.secret_id.clone();
         let Some(current) = self.current_version.clone() else {
-            return Err(Error::Runtime(format!("secret {sid:?}: no AWSCURRENT version")));
+            return Err(Error::Runtime(format!(
+                "secret {sid:?}: no AWSCURRENT version"
+            )));
         };
         let version = token();
         self.client
@@ -224,7 +322,13 @@ impl SecretsManagerStore {
             .version_stages("AWSPENDING")
             .send()
             .await
-            .map_err(|e| aws_err("writing a new version", &sid, aws_sdk_secretsmanager::error::DisplayErrorContext(e)))?;
+            .map_err(|e| {
+                aws_err(
+                    "writing a new version",
+                    &sid,
+                    aws_sdk_secretsmanager::error::DisplayErrorContext(e),
+                )
+            })?;
         self.move_current(&version, &current).await
     }
 
@@ -240,7 +344,13 @@ impl SecretsManagerStore {
             .remove_from_version_id(current)
             .send()
             .await
-            .map_err(|e| aws_err("promoting", &sid, aws_sdk_secretsmanager::error::DisplayErrorContext(e)))?;
+            .map_err(|e| {
+                aws_err(
+                    "promoting",
+                    &sid,
+                    aws_sdk_secretsmanager::error::DisplayErrorContext(e),
+                )
+            })?;
         self.client
             .update_secret_version_stage()
             .secret_id(&self.secret_id)
@@ -248,7 +358,13 @@ impl SecretsManagerStore {
             .remove_from_version_id(version)
             .send()
             .await
-            .map_err(|e| aws_err("clearing AWSPENDING", &sid, aws_sdk_secretsmanager::error::DisplayErrorContext(e)))?;
+            .map_err(|e| {
+                aws_err(
+                    "clearing AWSPENDING",
+                    &sid,
+                    aws_sdk_secretsmanager::error::DisplayErrorContext(e),
+                )
+            })?;
         self.current_version = Some(version.to_string());
         Ok(())
     }
@@ -273,13 +389,24 @@ impl SecretsManagerStore {
                     .version_stages("AWSPENDING")
                     .send()
                     .await
-                    .map_err(|e| aws_err("staging a version", &sid, aws_sdk_secretsmanager::error::DisplayErrorContext(e)))?;
+                    .map_err(|e| {
+                        aws_err(
+                            "staging a version",
+                            &sid,
+                            aws_sdk_secretsmanager::error::DisplayErrorContext(e),
+                        )
+                    })?;
                 self.pending_version = Some(version);
             }
             // finishSecret: AWSCURRENT moves to the pending version, AWSPENDING goes
             (Some(p), None) if now_current == Some(p) => {
-                let (Some(pending), Some(current)) = (self.pending_version.clone(), self.current_version.clone()) else {
-                    return Err(Error::Runtime(format!("secret {:?}: no AWSPENDING version to promote", self.secret_id)));
+                let (Some(pending), Some(current)) =
+                    (self.pending_version.clone(), self.current_version.clone())
+                else {
+                    return Err(Error::Runtime(format!(
+                        "secret {:?}: no AWSPENDING version to promote",
+                        self.secret_id
+                    )));
                 };
                 self.move_current(&pending, &current).await?;
                 self.pending_version = None;
@@ -295,7 +422,13 @@ impl SecretsManagerStore {
                         .remove_from_version_id(&pending)
                         .send()
                         .await
-                        .map_err(|e| aws_err("dropping the staged version", &sid, aws_sdk_secretsmanager::error::DisplayErrorContext(e)))?;
+                        .map_err(|e| {
+                            aws_err(
+                                "dropping the staged version",
+                                &sid,
+                                aws_sdk_secretsmanager::error::DisplayErrorContext(e),
+                            )
+                        })?;
                 }
                 self.write_current().await?;
             }

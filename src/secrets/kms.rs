@@ -15,9 +15,9 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::spec::KeysSpec;
-use crate::secrets::file;
 use crate::crypto::keyring::{Key, KeyId, KEY_LEN};
 use crate::crypto::keytable::{Entry, KeyState, KeyTable, StoredKey};
+use crate::secrets::file;
 use crate::Error;
 
 /// Format tag of a KMS-wrapped keyring file.
@@ -53,7 +53,11 @@ pub struct KmsKeyring {
 
 impl std::fmt::Debug for KmsKeyring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KmsKeyring").field("path", &self.path).field("kms_key_id", &self.kms_key_id).field("table", &self.table).finish()
+        f.debug_struct("KmsKeyring")
+            .field("path", &self.path)
+            .field("kms_key_id", &self.kms_key_id)
+            .field("table", &self.table)
+            .finish()
     }
 }
 
@@ -63,23 +67,54 @@ fn kms_err(what: &str, e: impl std::fmt::Display) -> Error {
 
 fn settings(keys: &KeysSpec) -> Result<(PathBuf, String), Error> {
     let path = keys.path.clone().ok_or_else(|| Error::Config("keys source \"aws-kms\" needs path = \"keyring.json\" (where the wrapped keys are kept)".into()))?;
-    let id = keys.kms_key_id.clone().ok_or_else(|| Error::Config("keys source \"aws-kms\" needs kms_key_id = \"alias/... or key ARN\"".into()))?;
+    let id = keys.kms_key_id.clone().ok_or_else(|| {
+        Error::Config("keys source \"aws-kms\" needs kms_key_id = \"alias/... or key ARN\"".into())
+    })?;
     Ok((path, id))
 }
 
 /// Unwraps one stored key through KMS (none once purged), keeping its blob.
-async fn unwrap_key(client: &Client, kms_key_id: &str, path: &std::path::Path, k: &StoredKey, wrapped: &mut HashMap<KeyId, Vec<u8>>) -> Result<Option<Key>, Error> {
-    let Some(b64) = &k.material else { return Ok(None) };
-    let blob = B64.decode(b64).map_err(|_| Error::Config(format!("keyring file {}: key {} is not base64", path.display(), k.id)))?;
+async fn unwrap_key(
+    client: &Client,
+    kms_key_id: &str,
+    path: &std::path::Path,
+    k: &StoredKey,
+    wrapped: &mut HashMap<KeyId, Vec<u8>>,
+) -> Result<Option<Key>, Error> {
+    let Some(b64) = &k.material else {
+        return Ok(None);
+    };
+    let blob = B64.decode(b64).map_err(|_| {
+        Error::Config(format!(
+            "keyring file {}: key {} is not base64",
+            path.display(),
+            k.id
+        ))
+    })?;
     let out = client
         .decrypt()
         .ciphertext_blob(Blob::new(blob.clone()))
         .key_id(kms_key_id)
         .send()
         .await
-        .map_err(|e| kms_err(&format!("unwrapping key {}", k.id), aws_sdk_kms::error::DisplayErrorContext(e)))?;
-    let plain = Zeroizing::new(out.plaintext().map(|p| p.as_ref().to_vec()).unwrap_or_default());
-    let material: [u8; KEY_LEN] = plain.as_slice().try_into().map_err(|_| Error::Config(format!("KMS unwrapped key {} to {} bytes, not 32", k.id, plain.len())))?;
+        .map_err(|e| {
+            kms_err(
+                &format!("unwrapping key {}", k.id),
+                aws_sdk_kms::error::DisplayErrorContext(e),
+            )
+        })?;
+    let plain = Zeroizing::new(
+        out.plaintext()
+            .map(|p| p.as_ref().to_vec())
+            .unwrap_or_default(),
+    );
+    let material: [u8; KEY_LEN] = plain.as_slice().try_into().map_err(|_| {
+        Error::Config(format!(
+            "KMS unwrapped key {} to {} bytes, not 32",
+            k.id,
+            plain.len()
+        ))
+    })?;
     wrapped.insert(k.id, blob);
     Ok(Some(Key::new(k.id, material)))
 }
@@ -89,11 +124,22 @@ impl KmsKeyring {
     pub async fn open(keys: &KeysSpec) -> Result<Self, Error> {
         let (path, kms_key_id) = settings(keys)?;
         let client = Client::new(&super::aws::sdk_config(keys).await);
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::Config(format!("keyring file {}: {e}", path.display())))?;
-        let doc: Document = serde_json::from_str(&text)
-            .map_err(|e| Error::Config(format!("keyring file {} is not a KMS keyring (invalid JSON at line {} column {})", path.display(), e.line(), e.column())))?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| Error::Config(format!("keyring file {}: {e}", path.display())))?;
+        let doc: Document = serde_json::from_str(&text).map_err(|e| {
+            Error::Config(format!(
+                "keyring file {} is not a KMS keyring (invalid JSON at line {} column {})",
+                path.display(),
+                e.line(),
+                e.column()
+            ))
+        })?;
         if doc.format != FORMAT {
-            return Err(Error::Config(format!("keyring file {} has format {:?}, expected {FORMAT:?}", path.display(), doc.format)));
+            return Err(Error::Config(format!(
+                "keyring file {} has format {:?}, expected {FORMAT:?}",
+                path.display(),
+                doc.format
+            )));
         }
         if doc.kms_key_id != kms_key_id {
             return Err(Error::Config(format!(
@@ -112,28 +158,57 @@ impl KmsKeyring {
         let archive = file::archive_path(&path);
         let mut archived_on_disk = Vec::new();
         if archive.exists() {
-            let text = std::fs::read_to_string(&archive).map_err(|e| Error::Config(format!("keyring archive {}: {e}", archive.display())))?;
-            let doc: Document = serde_json::from_str(&text)
-                .map_err(|e| Error::Config(format!("keyring archive {} is damaged (invalid JSON at line {} column {})", archive.display(), e.line(), e.column())))?;
+            let text = std::fs::read_to_string(&archive).map_err(|e| {
+                Error::Config(format!("keyring archive {}: {e}", archive.display()))
+            })?;
+            let doc: Document = serde_json::from_str(&text).map_err(|e| {
+                Error::Config(format!(
+                    "keyring archive {} is damaged (invalid JSON at line {} column {})",
+                    archive.display(),
+                    e.line(),
+                    e.column()
+                ))
+            })?;
             for k in doc.keys {
                 let key = unwrap_key(&client, &kms_key_id, &archive, &k, &mut wrapped).await?;
-                if let Some(e) = table.entries.iter_mut().find(|e| e.id == k.id && e.state == KeyState::Retired && e.key.is_none()) {
+                if let Some(e) = table
+                    .entries
+                    .iter_mut()
+                    .find(|e| e.id == k.id && e.state == KeyState::Retired && e.key.is_none())
+                {
                     e.key = key;
                 }
                 archived_on_disk.push(k);
             }
         }
-        Ok(KmsKeyring { path, kms_key_id: doc.kms_key_id, client, wrapped, table, archived_on_disk })
+        Ok(KmsKeyring {
+            path,
+            kms_key_id: doc.kms_key_id,
+            client,
+            wrapped,
+            table,
+            archived_on_disk,
+        })
     }
 
     /// Creates the file with `table`, wrapping each key with KMS.
     pub async fn create(keys: &KeysSpec, table: KeyTable) -> Result<(), Error> {
         let (path, kms_key_id) = settings(keys)?;
         if path.exists() {
-            return Err(Error::Config(format!("keyring file {} already exists; refusing to overwrite it", path.display())));
+            return Err(Error::Config(format!(
+                "keyring file {} already exists; refusing to overwrite it",
+                path.display()
+            )));
         }
         let client = Client::new(&super::aws::sdk_config(keys).await);
-        let mut ring = KmsKeyring { path, kms_key_id, client, wrapped: HashMap::new(), table, archived_on_disk: Vec::new() };
+        let mut ring = KmsKeyring {
+            path,
+            kms_key_id,
+            client,
+            wrapped: HashMap::new(),
+            table,
+            archived_on_disk: Vec::new(),
+        };
         ring.save().await
     }
 
@@ -146,9 +221,21 @@ impl KmsKeyring {
             .key_spec(aws_sdk_kms::types::DataKeySpec::Aes256)
             .send()
             .await
-            .map_err(|e| kms_err("generating a data key", aws_sdk_kms::error::DisplayErrorContext(e)))?;
-        let plain = Zeroizing::new(out.plaintext().map(|p| p.as_ref().to_vec()).unwrap_or_default());
-        let material: [u8; KEY_LEN] = plain.as_slice().try_into().map_err(|_| Error::Runtime("KMS returned a data key that is not 32 bytes".into()))?;
+            .map_err(|e| {
+                kms_err(
+                    "generating a data key",
+                    aws_sdk_kms::error::DisplayErrorContext(e),
+                )
+            })?;
+        let plain = Zeroizing::new(
+            out.plaintext()
+                .map(|p| p.as_ref().to_vec())
+                .unwrap_or_default(),
+        );
+        let material: [u8; KEY_LEN] = plain
+            .as_slice()
+            .try_into()
+            .map_err(|_| Error::Runtime("KMS returned a data key that is not 32 bytes".into()))?;
         if let Some(blob) = out.ciphertext_blob() {
             self.wrapped.insert(id, blob.as_ref().to_vec());
         }
@@ -171,21 +258,65 @@ impl KmsKeyring {
                     .plaintext(Blob::new(k.material().to_vec()))
                     .send()
                     .await
-                    .map_err(|err| kms_err(&format!("wrapping key {}", e.id), aws_sdk_kms::error::DisplayErrorContext(err)))?;
-                self.wrapped.insert(e.id, out.ciphertext_blob().map(|b| b.as_ref().to_vec()).unwrap_or_default());
+                    .map_err(|err| {
+                        kms_err(
+                            &format!("wrapping key {}", e.id),
+                            aws_sdk_kms::error::DisplayErrorContext(err),
+                        )
+                    })?;
+                self.wrapped.insert(
+                    e.id,
+                    out.ciphertext_blob()
+                        .map(|b| b.as_ref().to_vec())
+                        .unwrap_or_default(),
+                );
             }
         }
-        let wrapped = |e: &Entry| self.wrapped.get(&e.id).map(|b| B64.encode(b)).unwrap_or_default();
-        let keys = self.table.entries.iter().map(|e| StoredKey::from_entry(e, |_| wrapped(e))).collect();
-        let archived: Vec<StoredKey> = self.table.entries.iter().filter_map(|e| StoredKey::archived(e, |_| wrapped(e))).collect();
-        let doc = |keys: Vec<StoredKey>| Document { format: FORMAT.into(), kms_key_id: self.kms_key_id.clone(), keys };
-        let json = serde_json::to_string_pretty(&doc(keys)).map_err(|e| Error::Runtime(e.to_string()))?;
+        let wrapped = |e: &Entry| {
+            self.wrapped
+                .get(&e.id)
+                .map(|b| B64.encode(b))
+                .unwrap_or_default()
+        };
+        let keys = self
+            .table
+            .entries
+            .iter()
+            .map(|e| StoredKey::from_entry(e, |_| wrapped(e)))
+            .collect();
+        let archived: Vec<StoredKey> = self
+            .table
+            .entries
+            .iter()
+            .filter_map(|e| StoredKey::archived(e, |_| wrapped(e)))
+            .collect();
+        let doc = |keys: Vec<StoredKey>| Document {
+            format: FORMAT.into(),
+            kms_key_id: self.kms_key_id.clone(),
+            keys,
+        };
+        let json =
+            serde_json::to_string_pretty(&doc(keys)).map_err(|e| Error::Runtime(e.to_string()))?;
         let main = || {
             let tmp = file::write_pending(&self.path, json.as_bytes())?;
-            file::commit(&self.path, &tmp, self.table.entries.iter().any(|e| e.state == KeyState::Retired))
+            file::commit(
+                &self.path,
+                &tmp,
+                self.table
+                    .entries
+                    .iter()
+                    .any(|e| e.state == KeyState::Retired),
+            )
         };
         let render = |keys: &[StoredKey]| serde_json::to_vec_pretty(&doc(keys.to_vec()));
-        file::save_with_archive(&self.path, archived.clone(), &self.archived_on_disk, render, main).map_err(|e| Error::Runtime(e.to_string()))?;
+        file::save_with_archive(
+            &self.path,
+            archived.clone(),
+            &self.archived_on_disk,
+            render,
+            main,
+        )
+        .map_err(|e| Error::Runtime(e.to_string()))?;
         self.archived_on_disk = archived;
         Ok(())
     }

@@ -17,16 +17,16 @@ pub mod spec;
 #[cfg(not(feature = "aws"))]
 mod without_aws;
 
+pub use spec::{KeySource, KeysSpec};
 #[cfg(not(feature = "aws"))]
 pub use without_aws::{aws, kms};
-pub use spec::{KeySource, KeysSpec};
 
 use std::io::IsTerminal;
 
 use crate::crypto::keyring::{encode_key, env, tink, Key, KeyEncoding, KeyId, Keyring};
-use file::KeyringFile;
 use crate::crypto::keytable::{now, rfc3339, Entry, KeyState, KeyTable};
 use crate::Error;
+use file::KeyringFile;
 
 /// Keys from the environment, as a table, with the table they were read as.
 #[derive(Debug)]
@@ -54,9 +54,16 @@ pub enum Store {
 
 /// Opens the keyring file a `[keys]` section names.
 pub fn open_file(keys: &KeysSpec) -> Result<KeyringFile, Error> {
-    let path = keys.path.as_ref().ok_or_else(|| Error::Config("keys source \"file\" needs path = \"keyring.json\"".into()))?;
+    let path = keys.path.as_ref().ok_or_else(|| {
+        Error::Config("keys source \"file\" needs path = \"keyring.json\"".into())
+    })?;
     let var = keys.passphrase_var();
-    let pass = std::env::var(var).map_err(|_| Error::Config(format!("keyring file {} needs its passphrase in {var}", path.display())))?;
+    let pass = std::env::var(var).map_err(|_| {
+        Error::Config(format!(
+            "keyring file {} needs its passphrase in {var}",
+            path.display()
+        ))
+    })?;
     KeyringFile::open(path, pass.as_bytes(), var).map_err(|e| Error::Config(e.to_string()))
 }
 
@@ -69,15 +76,25 @@ pub const ARCHIVE_RETENTION: std::time::Duration = std::time::Duration::from_sec
 /// and both environment conventions (versioned, and current + new).
 pub async fn load_keyring(keys: &KeysSpec) -> Result<Keyring, Error> {
     match keys.source {
-        KeySource::Env => env::from_process_env(&keys.prefix).map_err(|e| Error::Config(e.to_string())),
+        KeySource::Env => {
+            env::from_process_env(&keys.prefix).map_err(|e| Error::Config(e.to_string()))
+        }
         KeySource::TinkKeyset => {
-            let path = keys.path.as_ref().ok_or_else(|| Error::Config("keys source \"tink-keyset\" needs path = \"keyset.json\"".into()))?;
-            let text = std::fs::read_to_string(path).map_err(|e| Error::Config(format!("cannot read Tink keyset {}: {e}", path.display())))?;
-            tink::parse_json(&text).map_err(|e| Error::Config(format!("Tink keyset {}: {e}", path.display())))
+            let path = keys.path.as_ref().ok_or_else(|| {
+                Error::Config("keys source \"tink-keyset\" needs path = \"keyset.json\"".into())
+            })?;
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                Error::Config(format!("cannot read Tink keyset {}: {e}", path.display()))
+            })?;
+            tink::parse_json(&text)
+                .map_err(|e| Error::Config(format!("Tink keyset {}: {e}", path.display())))
         }
         KeySource::File | KeySource::AwsSecretsManager | KeySource::AwsKms => {
             let store = Store::open(keys).await?;
-            store.table().keyring().map_err(|e| Error::Config(format!("{}: {e}", store.kind())))
+            store
+                .table()
+                .keyring()
+                .map_err(|e| Error::Config(format!("{}: {e}", store.kind())))
         }
     }
 }
@@ -198,7 +215,11 @@ impl Store {
     /// table where the table does not hold it (Secrets Manager keeps it in
     /// former versions); false when the archive does not have it either.
     pub async fn fetch_archived(&mut self, id: KeyId) -> Result<bool, Error> {
-        let held = self.table().entries.iter().any(|e| e.id == id && e.key.is_some());
+        let held = self
+            .table()
+            .entries
+            .iter()
+            .any(|e| e.id == id && e.key.is_some());
         if held {
             return Ok(true);
         }
@@ -231,7 +252,10 @@ impl Store {
         let cutoff = now().saturating_sub(ARCHIVE_RETENTION.as_secs());
         let expired = self.table_mut().purge_retired_before(cutoff);
         if !expired.is_empty() {
-            tracing::info!("destroyed the archived material of keys {expired:?}: retired more than {} ago", humantime::format_duration(ARCHIVE_RETENTION));
+            tracing::info!(
+                "destroyed the archived material of keys {expired:?}: retired more than {} ago",
+                humantime::format_duration(ARCHIVE_RETENTION)
+            );
         }
         match self {
             Store::Aws(a) => {
@@ -255,9 +279,11 @@ impl EnvStore {
     fn instructions(&self, reveal: bool) -> Vec<String> {
         let p = &self.prefix;
         let mut out = Vec::new();
-        let value = |e: &Entry| match (&e.key, reveal) {
+        let value = |e: &Entry| {
+            match (&e.key, reveal) {
             (Some(k), true) => encode_key(k.material(), KeyEncoding::Hex).to_string(),
             _ => "<a new key from `rekey keygen` (or run with --reveal on a terminal to have rekey print one)>".into(),
+        }
         };
         for e in &self.table.entries {
             let before = self.before.entries.iter().find(|b| b.id == e.id);

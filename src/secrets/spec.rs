@@ -29,24 +29,42 @@ pub struct KeysSpec {
 impl KeysSpec {
     /// Where key `id` of this source would be, for messages.
     pub fn where_key(&self, id: u32) -> String {
-        let path = || self.path.as_ref().map_or_else(|| "(no path)".into(), |p| p.display().to_string());
+        let path = || {
+            self.path
+                .as_ref()
+                .map_or_else(|| "(no path)".into(), |p| p.display().to_string())
+        };
         match self.source {
             KeySource::Env => format!("{}_KEY_V{id} in the environment", self.prefix),
             KeySource::TinkKeyset => format!("key {id} of the Tink keyset {}", path()),
             KeySource::File => format!("key {id} of the keyring file {}", path()),
-            KeySource::AwsSecretsManager => format!("key {id} of secret {}", self.secret_id.as_deref().unwrap_or("(no secret_id)")),
+            KeySource::AwsSecretsManager => format!(
+                "key {id} of secret {}",
+                self.secret_id.as_deref().unwrap_or("(no secret_id)")
+            ),
             KeySource::AwsKms => format!("key {id} of the KMS-wrapped keyring {}", path()),
         }
     }
 
     /// Keys from the environment under `prefix` (`{prefix}_KEY_V1`, ...).
     pub fn env(prefix: &str) -> KeysSpec {
-        KeysSpec { source: KeySource::Env, prefix: prefix.into(), path: None, passphrase_env: None, secret_id: None, region: None, endpoint: None, kms_key_id: None }
+        KeysSpec {
+            source: KeySource::Env,
+            prefix: prefix.into(),
+            path: None,
+            passphrase_env: None,
+            secret_id: None,
+            region: None,
+            endpoint: None,
+            kms_key_id: None,
+        }
     }
 
     /// The variable a keyring file's passphrase is read from.
     pub fn passphrase_var(&self) -> &str {
-        self.passphrase_env.as_deref().unwrap_or("REKEY_KEYRING_PASSPHRASE")
+        self.passphrase_env
+            .as_deref()
+            .unwrap_or("REKEY_KEYRING_PASSPHRASE")
     }
 }
 

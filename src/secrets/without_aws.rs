@@ -107,6 +107,9 @@ mod tests {
         let err = super::without_aws("aws-kms");
         assert!(matches!(err, crate::Error::Config(_)));
         let text = err.to_string();
-        assert!(text.contains("\"aws-kms\" needs AWS support") && text.contains("--features aws"), "{text}");
+        assert!(
+            text.contains("\"aws-kms\" needs AWS support") && text.contains("--features aws"),
+            "{text}"
+        );
     }
 }

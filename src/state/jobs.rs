@@ -36,9 +36,18 @@ pub async fn open_job(
     // Processes starting together must agree on one job row: the first plans
     // it, the others resume it.
     let lock = format!("rekey.open:{}", job.name);
-    client.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", &[&lock]).await.ctx(|| format!("opening job {:?}", job.name))?;
+    client
+        .execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", &[&lock])
+        .await
+        .ctx(|| format!("opening job {:?}", job.name))?;
     let opened = open_job_locked(client, job, restart, plan).await;
-    let unlocked = client.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", &[&lock]).await.ctx(|| format!("opening job {:?}", job.name));
+    let unlocked = client
+        .execute(
+            "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
+            &[&lock],
+        )
+        .await
+        .ctx(|| format!("opening job {:?}", job.name));
     let opened = opened?;
     unlocked?;
     Ok(opened)
@@ -53,11 +62,15 @@ async fn open_job_locked(
     let keys = job.describe_keys();
     let what = || format!("opening job {:?}", job.name);
     if let Some(row) = client
-        .query_opt("SELECT job_id, spec_hash, keys FROM rekey.jobs WHERE name = $1 AND state = 'running'", &[&job.name])
+        .query_opt(
+            "SELECT job_id, spec_hash, keys FROM rekey.jobs WHERE name = $1 AND state = 'running'",
+            &[&job.name],
+        )
         .await
         .ctx(what)?
     {
-        let (id, hash, old_keys): (i64, String, serde_json::Value) = (row.get(0), row.get(1), row.get(2));
+        let (id, hash, old_keys): (i64, String, serde_json::Value) =
+            (row.get(0), row.get(1), row.get(2));
         if restart {
             client.execute("UPDATE rekey.jobs SET state = 'abandoned', updated_at = now() WHERE job_id = $1", &[&id]).await.ctx(what)?;
         } else if hash != job.spec_hash {
@@ -84,7 +97,12 @@ async fn open_job_locked(
                 .await
                 .ctx(what)?;
             let (ranges, prior) = load_ranges(client, id, job.targets.len()).await?;
-            return Ok(JobRecord { id, resumed: true, ranges, prior });
+            return Ok(JobRecord {
+                id,
+                resumed: true,
+                ranges,
+                prior,
+            });
         }
     }
 
@@ -104,13 +122,34 @@ async fn open_job_locked(
         .ctx(what)?;
     for r in &planned {
         let table = job.targets[r.target].table.to_string();
-        tx.execute(&insert, &[&id, &(r.target as i32), &r.range_no, &table, &r.bounds.lower, &r.bounds.upper]).await.ctx(what)?;
+        tx.execute(
+            &insert,
+            &[
+                &id,
+                &(r.target as i32),
+                &r.range_no,
+                &table,
+                &r.bounds.lower,
+                &r.bounds.upper,
+            ],
+        )
+        .await
+        .ctx(what)?;
     }
     tx.commit().await.ctx(what)?;
-    Ok(JobRecord { id, resumed: false, ranges: planned, prior: Counts::default() })
+    Ok(JobRecord {
+        id,
+        resumed: false,
+        ranges: planned,
+        prior: Counts::default(),
+    })
 }
 
-async fn load_ranges(client: &Client, job_id: i64, targets: usize) -> Result<(Vec<RangeState>, Counts), Error> {
+async fn load_ranges(
+    client: &Client,
+    job_id: i64,
+    targets: usize,
+) -> Result<(Vec<RangeState>, Counts), Error> {
     let rows = client
         .query(
             &format!("SELECT target, range_no, lower_key, upper_key, last_key, done, {COUNT_COLUMNS} FROM rekey.progress WHERE job_id = $1 ORDER BY target, range_no"),
@@ -132,7 +171,10 @@ async fn load_ranges(client: &Client, job_id: i64, targets: usize) -> Result<(Ve
         ranges.push(RangeState {
             target,
             range_no,
-            bounds: KeyRange { lower: r.get(2), upper: r.get(3) },
+            bounds: KeyRange {
+                lower: r.get(2),
+                upper: r.get(3),
+            },
             last: r.get(4),
             done: r.get(5),
         });
@@ -220,7 +262,10 @@ impl Control {
 /// The job's live control.
 pub async fn job_control(client: &Client, job_id: i64) -> Result<Control, Error> {
     let word: String = client
-        .query_one("SELECT control FROM rekey.jobs WHERE job_id = $1", &[&job_id])
+        .query_one(
+            "SELECT control FROM rekey.jobs WHERE job_id = $1",
+            &[&job_id],
+        )
         .await
         .ctx(|| format!("reading the control of job {job_id}"))?
         .get(0);
@@ -253,7 +298,11 @@ pub async fn job_totals(client: &Client, job_id: i64) -> Result<Counts, Error> {
 /// Marks the job finished with its totals, if it is: every range done, and
 /// still the running job of its name. The UPDATE commits synchronously, so
 /// every batch committed before it is durable with it.
-pub async fn finish_job(client: &Client, job_id: i64, summary: &serde_json::Value) -> Result<(), Error> {
+pub async fn finish_job(
+    client: &Client,
+    job_id: i64,
+    summary: &serde_json::Value,
+) -> Result<(), Error> {
     let what = || format!("finishing job {job_id}");
     let finished = client
         .execute(
@@ -292,7 +341,10 @@ pub async fn finish_job(client: &Client, job_id: i64, summary: &serde_json::Valu
 /// The latest job of this name that was not abandoned: its id, spec hash
 /// and the key ids and fingerprints it ran with; `None` before any run
 /// (or before rekey's schema exists).
-pub async fn last_job_keys(client: &Client, name: &str) -> Result<Option<(i64, String, serde_json::Value)>, Error> {
+pub async fn last_job_keys(
+    client: &Client,
+    name: &str,
+) -> Result<Option<(i64, String, serde_json::Value)>, Error> {
     if !super::schema_exists(client).await? {
         return Ok(None);
     }

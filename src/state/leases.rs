@@ -68,22 +68,48 @@ pub async fn claim_range(
         let target = usize::try_from(r.get::<_, i32>(0)).ok().filter(|t| *t < targets).ok_or_else(|| {
             Error::Runtime(format!("rekey.progress of job {job_id} names a target this job does not have; the engine state was edited by hand"))
         })?;
-        let state = RangeState { target, range_no: r.get(1), bounds: KeyRange { lower: r.get(2), upper: r.get(3) }, last: r.get(4), done: false };
+        let state = RangeState {
+            target,
+            range_no: r.get(1),
+            bounds: KeyRange {
+                lower: r.get(2),
+                upper: r.get(3),
+            },
+            last: r.get(4),
+            done: false,
+        };
         let previous: Option<String> = r.get(5);
-        return Ok(Claim::Leased { state, generation: r.get(6), from: previous.filter(|p| p != owner) });
+        return Ok(Claim::Leased {
+            state,
+            generation: r.get(6),
+            from: previous.filter(|p| p != owner),
+        });
     }
     let left: i64 = client
-        .query_one("SELECT count(*) FROM rekey.progress WHERE job_id = $1 AND range_no >= 0 AND NOT done", &[&job_id])
+        .query_one(
+            "SELECT count(*) FROM rekey.progress WHERE job_id = $1 AND range_no >= 0 AND NOT done",
+            &[&job_id],
+        )
         .await
         .ctx(what)?
         .get(0);
-    Ok(if left == 0 { Claim::Finished } else { Claim::Busy })
+    Ok(if left == 0 {
+        Claim::Finished
+    } else {
+        Claim::Busy
+    })
 }
 
 /// Extends the leases of the ranges `owner`'s lanes are working on (and
 /// records the pid of its monitor session, which changes after a reconnect);
 /// a range it owns but no lane works lapses, for whoever comes next.
-pub async fn heartbeat(client: &Client, job_id: i64, owner: &str, ttl: std::time::Duration, working: &[(i32, i32)]) -> Result<u64, Error> {
+pub async fn heartbeat(
+    client: &Client,
+    job_id: i64,
+    owner: &str,
+    ttl: std::time::Duration,
+    working: &[(i32, i32)],
+) -> Result<u64, Error> {
     let (wt, wr): (Vec<i32>, Vec<i32>) = working.iter().copied().unzip();
     client
         .execute(

@@ -19,10 +19,18 @@ pub async fn advisory_lock(client: &Client, name: &str) -> Result<bool, Error> {
 
 /// [`advisory_lock`], shared (`pg_try_advisory_lock_shared`) or exclusive.
 async fn lock_within_grace(client: &Client, name: &str, shared: bool) -> Result<bool, Error> {
-    let sql = if shared { "SELECT pg_try_advisory_lock_shared(hashtextextended($1, 0))" } else { "SELECT pg_try_advisory_lock(hashtextextended($1, 0))" };
+    let sql = if shared {
+        "SELECT pg_try_advisory_lock_shared(hashtextextended($1, 0))"
+    } else {
+        "SELECT pg_try_advisory_lock(hashtextextended($1, 0))"
+    };
     let deadline = std::time::Instant::now() + LOCK_GRACE;
     loop {
-        let got: bool = client.query_one(sql, &[&name]).await.ctx(|| format!("taking the lock {name:?}"))?.get(0);
+        let got: bool = client
+            .query_one(sql, &[&name])
+            .await
+            .ctx(|| format!("taking the lock {name:?}"))?
+            .get(0);
         if got || std::time::Instant::now() >= deadline {
             return Ok(got);
         }
@@ -40,7 +48,9 @@ pub async fn lock_job(client: &Client, name: &str, restart: bool) -> Result<(), 
     Err(Error::Runtime(if restart {
         format!("job {name:?} is being run by other rekey processes on this database; stop them first (`rekey stop --job ...`), then restart")
     } else {
-        format!("job {name:?} is being restarted by another rekey process; wait for it, then run again")
+        format!(
+            "job {name:?} is being restarted by another rekey process; wait for it, then run again"
+        )
     }))
 }
 

@@ -13,7 +13,10 @@ pub mod schema;
 pub mod status;
 
 pub use conflicts::pending_conflicts;
-pub use jobs::{finish_job, job_control, job_totals, last_job_keys, open_job, set_control, Control, JobRecord, JobState};
+pub use jobs::{
+    finish_job, job_control, job_totals, last_job_keys, open_job, set_control, Control, JobRecord,
+    JobState,
+};
 pub use key_usage::{count_encryptions, encryptions_so_far, NONCE_BUDGET};
 pub use leases::{claim_range, heartbeat, release_ranges, Claim};
 pub use locks::{advisory_lock, lock_job, lock_lifecycle, share_job_lock};

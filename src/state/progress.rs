@@ -47,7 +47,8 @@ pub const COUNT_COLUMNS: &str = "rows_scanned, rows_rewritten, values_rewritten,
 
 /// The counters summed over a job's ranges, in [`Counts`] order, for
 /// `SELECT {SUM_COUNTS} FROM rekey.progress WHERE ...`; read back with [`counts_from`].
-pub const SUM_COUNTS: &str = "coalesce(sum(rows_scanned), 0)::bigint, coalesce(sum(rows_rewritten), 0)::bigint, \
+pub const SUM_COUNTS: &str =
+    "coalesce(sum(rows_scanned), 0)::bigint, coalesce(sum(rows_rewritten), 0)::bigint, \
      coalesce(sum(values_rewritten), 0)::bigint, coalesce(sum(values_skipped), 0)::bigint, \
      coalesce(sum(values_failed), 0)::bigint, coalesce(sum(conflicts), 0)::bigint, \
      coalesce(sum(values_not_rotated), 0)::bigint";
@@ -68,7 +69,16 @@ pub fn counts_from(r: &tokio_postgres::Row, first: usize) -> Counts {
 
 /// The counters, in `rekey.progress` column order, as bigint parameters.
 fn as_params(c: &Counts) -> [i64; 7] {
-    [c.rows_scanned, c.rows_rewritten, c.values_rewritten, c.values_skipped, c.values_failed, c.conflicts, c.values_not_rotated].map(|v| i64::try_from(v).unwrap_or(i64::MAX))
+    [
+        c.rows_scanned,
+        c.rows_rewritten,
+        c.values_rewritten,
+        c.values_skipped,
+        c.values_failed,
+        c.conflicts,
+        c.values_not_rotated,
+    ]
+    .map(|v| i64::try_from(v).unwrap_or(i64::MAX))
 }
 
 /// A range's lease as a lane holds it: the owner's name and the claim's generation.
@@ -106,14 +116,35 @@ pub async fn record_batch(
               WHERE job_id = $1 AND target = $2 AND range_no = $3
                 AND owner IS NOT DISTINCT FROM $12 AND ($13::bigint IS NULL OR lease_gen = $13)
              RETURNING (SELECT control FROM rekey.jobs WHERE job_id = $1)",
-            &[&job_id, &(state.target as i32), &state.range_no, &last, &done, &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &owner, &generation, &v[6]],
+            &[
+                &job_id,
+                &(state.target as i32),
+                &state.range_no,
+                &last,
+                &done,
+                &v[0],
+                &v[1],
+                &v[2],
+                &v[3],
+                &v[4],
+                &v[5],
+                &owner,
+                &generation,
+                &v[6],
+            ],
         )
         .await?;
     Ok(row.map(|r| r.get(0)))
 }
 
 /// Counts a batch of conflict re-reads, inside its own transaction.
-pub async fn record_retry(tx: &impl GenericClient, job_id: i64, target: usize, table: &str, c: &Counts) -> Result<(), tokio_postgres::Error> {
+pub async fn record_retry(
+    tx: &impl GenericClient,
+    job_id: i64,
+    target: usize,
+    table: &str,
+    c: &Counts,
+) -> Result<(), tokio_postgres::Error> {
     let v = as_params(c);
     tx.execute(
         "INSERT INTO rekey.progress AS p (job_id, target, range_no, table_name, done, rows_scanned, rows_rewritten,

@@ -101,7 +101,13 @@ pub async fn open_rotation(client: &Client, name: &str) -> Result<Option<Rotatio
         .await
         .ctx(|| "reading the rotation in progress".into())?;
     let Some(r) = row else { return Ok(None) };
-    let key = |v: i64| KeyId::try_from(v).map_err(|_| Error::Runtime(format!("rekey.rotations holds key id {v}, which is not a key id")));
+    let key = |v: i64| {
+        KeyId::try_from(v).map_err(|_| {
+            Error::Runtime(format!(
+                "rekey.rotations holds key id {v}, which is not a key id"
+            ))
+        })
+    };
     Ok(Some(Rotation {
         id: r.get(0),
         step: Step::stored(r.get(1))?,
@@ -145,7 +151,10 @@ pub async fn set_step(client: &Client, id: i64, step: Step) -> Result<(), Error>
 /// Records the staged key's fingerprint once it can be read.
 pub async fn set_fingerprint(client: &Client, id: i64, fingerprint: &str) -> Result<(), Error> {
     client
-        .execute("UPDATE rekey.rotations SET new_fingerprint = $2 WHERE rotation_id = $1", &[&id, &fingerprint])
+        .execute(
+            "UPDATE rekey.rotations SET new_fingerprint = $2 WHERE rotation_id = $1",
+            &[&id, &fingerprint],
+        )
         .await
         .ctx(|| "recording the staged key's fingerprint".into())?;
     Ok(())

@@ -13,7 +13,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (2, include_str!("../../sql/002_conflicts.sql")),
     (3, include_str!("../../sql/003_rotations.sql")),
     (4, include_str!("../../sql/004_rotation_fingerprint.sql")),
-    (5, include_str!("../../sql/005_leases_control_key_usage.sql")),
+    (
+        5,
+        include_str!("../../sql/005_leases_control_key_usage.sql"),
+    ),
     (6, include_str!("../../sql/006_not_rotated.sql")),
 ];
 
@@ -27,21 +30,49 @@ pub async fn ensure_schema(client: &mut Client) -> Result<(), Error> {
     if applied(client).await? == Some(latest) {
         return Ok(());
     }
-    let who = client.query_one("SELECT current_database()::text, current_user::text", &[]).await.ctx(what)?;
-    let who = Who { database: who.get(0), role: who.get(1) };
+    let who = client
+        .query_one("SELECT current_database()::text, current_user::text", &[])
+        .await
+        .ctx(what)?;
+    let who = Who {
+        database: who.get(0),
+        role: who.get(1),
+    };
     let tx = client.transaction().await.ctx(what)?;
-    tx.batch_execute("SELECT pg_advisory_xact_lock(hashtext('rekey.schema'))").await.ctx(what)?;
-    let exists: bool = tx.query_one("SELECT to_regnamespace('rekey') IS NOT NULL", &[]).await.ctx(what)?.get(0);
+    tx.batch_execute("SELECT pg_advisory_xact_lock(hashtext('rekey.schema'))")
+        .await
+        .ctx(what)?;
+    let exists: bool = tx
+        .query_one("SELECT to_regnamespace('rekey') IS NOT NULL", &[])
+        .await
+        .ctx(what)?
+        .get(0);
     if !exists {
-        tx.batch_execute("CREATE SCHEMA rekey").await.map_err(|e| refused(e, Missing::Schema, &who))?;
+        tx.batch_execute("CREATE SCHEMA rekey")
+            .await
+            .map_err(|e| refused(e, Missing::Schema, &who))?;
     }
     tx.batch_execute("CREATE TABLE IF NOT EXISTS rekey.schema_version (version int PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
         .await
         .map_err(|e| refused(e, Missing::Tables, &who))?;
-    let current: i32 = tx.query_one("SELECT coalesce(max(version), 0) FROM rekey.schema_version", &[]).await.ctx(what)?.get(0);
+    let current: i32 = tx
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM rekey.schema_version",
+            &[],
+        )
+        .await
+        .ctx(what)?
+        .get(0);
     for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
-        tx.batch_execute(sql).await.map_err(|e| refused(e, Missing::Tables, &who))?;
-        tx.execute("INSERT INTO rekey.schema_version (version) VALUES ($1)", &[version]).await.ctx(|| format!("recording engine schema migration {version}"))?;
+        tx.batch_execute(sql)
+            .await
+            .map_err(|e| refused(e, Missing::Tables, &who))?;
+        tx.execute(
+            "INSERT INTO rekey.schema_version (version) VALUES ($1)",
+            &[version],
+        )
+        .await
+        .ctx(|| format!("recording engine schema migration {version}"))?;
     }
     tx.commit().await.ctx(what)
 }
@@ -62,7 +93,10 @@ async fn applied(client: &Client) -> Result<Option<i32>, Error> {
     }
     Ok(Some(
         client
-            .query_one("SELECT coalesce(max(version), 0) FROM rekey.schema_version", &[])
+            .query_one(
+                "SELECT coalesce(max(version), 0) FROM rekey.schema_version",
+                &[],
+            )
             .await
             .ctx(|| "reading the engine schema's version".into())?
             .get(0),
@@ -89,7 +123,10 @@ enum Missing {
 fn refused(e: tokio_postgres::Error, missing: Missing, who: &Who) -> Error {
     let (database, role) = (quote_ident(&who.database), quote_ident(&who.role));
     let Some(db) = e.as_db_error() else {
-        return Error::Db { context: "preparing rekey's engine schema".into(), source: e };
+        return Error::Db {
+            context: "preparing rekey's engine schema".into(),
+            source: e,
+        };
     };
     let fix = match (db.code().code(), missing) {
         ("25006", _) => "the database is read-only here (default_transaction_read_only, or a hot standby): run rekey against the writable primary".to_string(),
@@ -100,7 +137,10 @@ fn refused(e: tokio_postgres::Error, missing: Missing, who: &Who) -> Error {
         ("42501", Missing::Tables) => format!("this role may not create tables in schema rekey: as its owner or a superuser, run GRANT USAGE, CREATE ON SCHEMA rekey TO {role};"),
         _ => return Error::Db { context: "preparing rekey's engine schema".into(), source: e },
     };
-    Error::Config(format!("cannot prepare rekey's engine schema: {}; {fix}", db.message()))
+    Error::Config(format!(
+        "cannot prepare rekey's engine schema: {}; {fix}",
+        db.message()
+    ))
 }
 
 /// Whether schema `rekey` exists yet (read-only commands do not create it).

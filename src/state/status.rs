@@ -74,7 +74,10 @@ pub async fn job_status(client: &Client, name: &str) -> Result<Option<JobStatus>
         .await
         .ctx(what)?;
     let not_rotated_by_reason = client
-        .query("SELECT reason, count(*) FROM rekey.not_rotated WHERE job_id = $1 GROUP BY reason", &[&id])
+        .query(
+            "SELECT reason, count(*) FROM rekey.not_rotated WHERE job_id = $1 GROUP BY reason",
+            &[&id],
+        )
         .await
         .ctx(what)?
         .iter()

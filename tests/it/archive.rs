@@ -9,12 +9,19 @@ use rekey::secrets::file::{archive_path, KeyringFile};
 use crate::harness::*;
 
 fn table(path: &std::path::Path) -> KeyTable {
-    KeyringFile::open(path, KEYRING_PASS.as_bytes(), "P").unwrap().table
+    KeyringFile::open(path, KEYRING_PASS.as_bytes(), "P")
+        .unwrap()
+        .table
 }
 
 /// Rotates key 1 to key 2 and, with no grace period, retires key 1 in the same invocation.
 fn rotated_and_retired(job: &str, reason: &str) -> std::process::Output {
-    rekey(&["rotate", "--job", job, "--grace", "0s", "--reason", reason, "--json"], &keyring_pass_env())
+    rekey(
+        &[
+            "rotate", "--job", job, "--grace", "0s", "--reason", reason, "--json",
+        ],
+        &keyring_pass_env(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -24,28 +31,55 @@ async fn a_retired_key_leaves_the_keyring_file_for_its_archive_and_restore_bring
     let dir = tempfile::tempdir().unwrap();
     let (job, keyring) = keyring_file_job(&db, &dir);
     let out = rotated_and_retired(&job, "scheduled");
-    assert_eq!((out.status.code(), json(&out)["step"].as_str()), (Some(0), Some("retired")), "{}", printed(&out));
+    assert_eq!(
+        (out.status.code(), json(&out)["step"].as_str()),
+        (Some(0), Some("retired")),
+        "{}",
+        printed(&out)
+    );
 
     // what applications read no longer holds key 1's material, in the file or its backup
     let k1_fingerprint = Key::parse(1, K1).unwrap().fingerprint();
-    let read_by_apps = std::fs::read_to_string(&keyring).unwrap() + &std::fs::read_to_string(keyring.with_extension("bak")).unwrap_or_default();
-    let file_only = KeyringFile::open(&keyring, KEYRING_PASS.as_bytes(), "P").unwrap().table.keyring().unwrap();
+    let read_by_apps = std::fs::read_to_string(&keyring).unwrap()
+        + &std::fs::read_to_string(keyring.with_extension("bak")).unwrap_or_default();
+    let file_only = KeyringFile::open(&keyring, KEYRING_PASS.as_bytes(), "P")
+        .unwrap()
+        .table
+        .keyring()
+        .unwrap();
     assert!(file_only.get(1).is_none(), "key 1 is retired");
-    assert!(archive_path(&keyring).exists(), "the archive holds the retired key");
+    assert!(
+        archive_path(&keyring).exists(),
+        "the archive holds the retired key"
+    );
     assert!(!read_by_apps.contains(&K1.to_string()));
     let archived = table(&keyring);
     let entry = archived.entries.iter().find(|e| e.id == 1).unwrap();
-    assert_eq!((entry.state, entry.key.as_ref().map(Key::fingerprint)), (KeyState::Retired, Some(k1_fingerprint.clone())));
+    assert_eq!(
+        (entry.state, entry.key.as_ref().map(Key::fingerprint)),
+        (KeyState::Retired, Some(k1_fingerprint.clone()))
+    );
 
     // a value under key 1 turns up (a restore from a backup): the key comes back
-    let out = rekey(&["secrets", "restore", "--job", &job, "--key-id", "1", "--json"], &keyring_pass_env());
+    let out = rekey(
+        &[
+            "secrets", "restore", "--job", &job, "--key-id", "1", "--json",
+        ],
+        &keyring_pass_env(),
+    );
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert_eq!(json(&out)["changed"], true);
     let restored = table(&keyring).keyring().unwrap();
     assert_eq!(restored.get(1).map(Key::fingerprint), Some(k1_fingerprint));
-    assert!(!archive_path(&keyring).exists(), "nothing left in the archive");
+    assert!(
+        !archive_path(&keyring).exists(),
+        "nothing left in the archive"
+    );
     let old_value = Keyring::new(vec![Key::parse(1, K1).unwrap()], 1, None).unwrap();
-    assert!(restored.get(1).is_some() && old_value.get(1).map(Key::fingerprint) == restored.get(1).map(Key::fingerprint));
+    assert!(
+        restored.get(1).is_some()
+            && old_value.get(1).map(Key::fingerprint) == restored.get(1).map(Key::fingerprint)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -58,17 +92,28 @@ async fn purge_destroys_an_archived_key_and_it_cannot_be_restored_after() {
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert_eq!(table(&keyring).archived_ids(), vec![1]);
 
-    let out = rekey(&["secrets", "purge", "--job", &job, "--key-id", "1"], &keyring_pass_env());
+    let out = rekey(
+        &["secrets", "purge", "--job", &job, "--key-id", "1"],
+        &keyring_pass_env(),
+    );
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert!(table(&keyring).archived_ids().is_empty());
     assert!(!archive_path(&keyring).exists());
-    let out = rekey(&["secrets", "restore", "--job", &job, "--key-id", "1"], &keyring_pass_env());
+    let out = rekey(
+        &["secrets", "restore", "--job", &job, "--key-id", "1"],
+        &keyring_pass_env(),
+    );
     assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
     assert!(printed(&out).contains("purged"), "{}", printed(&out));
     let events: Vec<String> = std::fs::read_to_string(dir.path().join("patients.audit.jsonl"))
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["event_type"].as_str().unwrap().to_string())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["event_type"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     assert!(events.contains(&"key_purged".to_string()), "{events:?}");
 }
@@ -80,10 +125,18 @@ async fn a_compromised_key_is_destroyed_at_retire_not_archived() {
     let dir = tempfile::tempdir().unwrap();
     let (job, keyring) = keyring_file_job(&db, &dir);
     let out = rotated_and_retired(&job, "compromise");
-    assert_eq!((out.status.code(), json(&out)["step"].as_str()), (Some(0), Some("retired")), "{}", printed(&out));
+    assert_eq!(
+        (out.status.code(), json(&out)["step"].as_str()),
+        (Some(0), Some("retired")),
+        "{}",
+        printed(&out)
+    );
     let t = table(&keyring);
     let entry = t.entries.iter().find(|e| e.id == 1).unwrap();
     assert_eq!(entry.state, KeyState::Retired);
-    assert!(entry.key.is_none(), "a compromised key's material is destroyed");
+    assert!(
+        entry.key.is_none(),
+        "a compromised key's material is destroyed"
+    );
     assert!(!archive_path(&keyring).exists());
 }

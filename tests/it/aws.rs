@@ -15,8 +15,19 @@ vs = c.list_secret_version_ids(SecretId=sys.argv[2], IncludeDeprecated=True)["Ve
 vs.sort(key=lambda v: v["CreatedDate"])
 print(json.dumps([sorted(v.get("VersionStages", [])) for v in vs]))
 "#;
-    let out = Command::new("python3").arg("-c").arg(script).arg(&moto().endpoint).arg(secret).envs(aws_env()).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&moto().endpoint)
+        .arg(secret)
+        .envs(aws_env())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -51,31 +62,87 @@ async fn a_full_rotation_moves_versions_through_the_staging_labels() {
     let dir = tempfile::tempdir().unwrap();
     let secret = format!("rekey-test/full-{}", std::process::id());
     let job = aws_job(&db, &dir, &secret);
-    let import = env_with(&[("ENCRYPTION_KEY_V1", K1.into()), ("ENCRYPTION_CURRENT_VERSION", "1".into())]);
-    let out = rekey(&["secrets", "init", "--job", &job, "--import-env", "ENCRYPTION"], &import);
+    let import = env_with(&[
+        ("ENCRYPTION_KEY_V1", K1.into()),
+        ("ENCRYPTION_CURRENT_VERSION", "1".into()),
+    ]);
+    let out = rekey(
+        &[
+            "secrets",
+            "init",
+            "--job",
+            &job,
+            "--import-env",
+            "ENCRYPTION",
+        ],
+        &import,
+    );
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert_eq!(labels(&secret), vec![s(&["AWSCURRENT"])]);
 
     // createSecret
     let out = rekey(&["secrets", "stage", "--job", &job], &aws_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-    assert_eq!(labels(&secret), vec![s(&["AWSCURRENT"]), s(&["AWSPENDING"])]);
+    assert_eq!(
+        labels(&secret),
+        vec![s(&["AWSCURRENT"]), s(&["AWSPENDING"])]
+    );
     // idempotent
-    assert_eq!(rekey(&["secrets", "stage", "--job", &job], &aws_env()).status.code(), Some(0));
+    assert_eq!(
+        rekey(&["secrets", "stage", "--job", &job], &aws_env())
+            .status
+            .code(),
+        Some(0)
+    );
     assert_eq!(labels(&secret).len(), 2);
 
     // testSecret (run + verify) and finishSecret
     let out = rekey(&["rotate", "--job", &job, "--json"], &aws_env());
-    assert_eq!((out.status.code(), json(&out)["step"].as_str()), (Some(0), Some("promoted")), "{}", printed(&out));
-    assert_eq!(labels(&secret), vec![s(&["AWSPREVIOUS"]), s(&["AWSCURRENT"])]);
-    let show = json(&rekey(&["secrets", "show", "--job", &job, "--json"], &aws_env()));
-    assert_eq!((show["keys"][0]["state"].as_str(), show["keys"][1]["state"].as_str()), (Some("previous"), Some("current")), "{show}");
+    assert_eq!(
+        (out.status.code(), json(&out)["step"].as_str()),
+        (Some(0), Some("promoted")),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(
+        labels(&secret),
+        vec![s(&["AWSPREVIOUS"]), s(&["AWSCURRENT"])]
+    );
+    let show = json(&rekey(
+        &["secrets", "show", "--job", &job, "--json"],
+        &aws_env(),
+    ));
+    assert_eq!(
+        (
+            show["keys"][0]["state"].as_str(),
+            show["keys"][1]["state"].as_str()
+        ),
+        (Some("previous"), Some("current")),
+        "{show}"
+    );
 
-    db.client.execute("UPDATE rekey.rotations SET promoted_at = promoted_at - interval '2 days'", &[]).await.unwrap();
+    db.client
+        .execute(
+            "UPDATE rekey.rotations SET promoted_at = promoted_at - interval '2 days'",
+            &[],
+        )
+        .await
+        .unwrap();
     let out = rekey(&["rotate", "--job", &job, "--json"], &aws_env());
-    assert_eq!((out.status.code(), json(&out)["step"].as_str()), (Some(0), Some("retired")), "{}", printed(&out));
-    assert_eq!(labels(&secret), vec![s(&[]), s(&["AWSPREVIOUS"]), s(&["AWSCURRENT"])]);
-    let show = json(&rekey(&["secrets", "show", "--job", &job, "--json"], &aws_env()));
+    assert_eq!(
+        (out.status.code(), json(&out)["step"].as_str()),
+        (Some(0), Some("retired")),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(
+        labels(&secret),
+        vec![s(&[]), s(&["AWSPREVIOUS"]), s(&["AWSCURRENT"])]
+    );
+    let show = json(&rekey(
+        &["secrets", "show", "--job", &job, "--json"],
+        &aws_env(),
+    ));
     assert_eq!(show["keys"][0]["state"], "retired");
 }
 
@@ -86,24 +153,81 @@ async fn a_rotation_killed_before_promote_resumes_and_rollback_restores_the_prev
     let dir = tempfile::tempdir().unwrap();
     let secret = format!("rekey-test/resume-{}", std::process::id());
     let job = aws_job(&db, &dir, &secret);
-    let import = env_with(&[("ENCRYPTION_KEY_V1", K1.into()), ("ENCRYPTION_CURRENT_VERSION", "1".into())]);
-    assert_eq!(rekey(&["secrets", "init", "--job", &job, "--import-env", "ENCRYPTION"], &import).status.code(), Some(0));
+    let import = env_with(&[
+        ("ENCRYPTION_KEY_V1", K1.into()),
+        ("ENCRYPTION_CURRENT_VERSION", "1".into()),
+    ]);
+    assert_eq!(
+        rekey(
+            &[
+                "secrets",
+                "init",
+                "--job",
+                &job,
+                "--import-env",
+                "ENCRYPTION"
+            ],
+            &import
+        )
+        .status
+        .code(),
+        Some(0)
+    );
 
-    let args = ["rotate", "--job", job.as_str(), "--json", "--batch-size", "200"];
+    let args = [
+        "rotate",
+        "--job",
+        job.as_str(),
+        "--json",
+        "--batch-size",
+        "200",
+    ];
     let mut child = spawn_rekey(&args, &aws_env());
     wait_for_progress(&db, &mut child, 5_000 + 1).await;
     child.kill().unwrap();
     child.wait().unwrap();
-    assert_eq!(labels(&secret), vec![s(&["AWSCURRENT"]), s(&["AWSPENDING"])], "killed between stage and promote");
+    assert_eq!(
+        labels(&secret),
+        vec![s(&["AWSCURRENT"]), s(&["AWSPENDING"])],
+        "killed between stage and promote"
+    );
 
     let out = rekey(&args, &aws_env());
-    assert_eq!((out.status.code(), json(&out)["step"].as_str()), (Some(0), Some("promoted")), "{}", printed(&out));
-    assert_eq!(labels(&secret), vec![s(&["AWSPREVIOUS"]), s(&["AWSCURRENT"])]);
+    assert_eq!(
+        (out.status.code(), json(&out)["step"].as_str()),
+        (Some(0), Some("promoted")),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(
+        labels(&secret),
+        vec![s(&["AWSPREVIOUS"]), s(&["AWSCURRENT"])]
+    );
 
-    let out = rekey(&["secrets", "rollback", "--job", &job, "--reason", "emergency"], &aws_env());
+    let out = rekey(
+        &[
+            "secrets",
+            "rollback",
+            "--job",
+            &job,
+            "--reason",
+            "emergency",
+        ],
+        &aws_env(),
+    );
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-    let show = json(&rekey(&["secrets", "show", "--job", &job, "--json"], &aws_env()));
-    assert_eq!((show["keys"][0]["state"].as_str(), show["keys"][1]["state"].as_str()), (Some("current"), Some("previous")), "{show}");
+    let show = json(&rekey(
+        &["secrets", "show", "--job", &job, "--json"],
+        &aws_env(),
+    ));
+    assert_eq!(
+        (
+            show["keys"][0]["state"].as_str(),
+            show["keys"][1]["state"].as_str()
+        ),
+        (Some("current"), Some("previous")),
+        "{show}"
+    );
     assert_eq!(labels(&secret).last().unwrap(), &s(&["AWSCURRENT"]));
 
     // retire refused while values are still under the key being retired (key 2 now)
@@ -118,8 +242,18 @@ import boto3, sys
 c = boto3.client("kms", endpoint_url=sys.argv[1], region_name="us-east-1")
 print(c.create_key(Description="rekey test master key")["KeyMetadata"]["KeyId"])
 "#;
-    let out = Command::new("python3").arg("-c").arg(script).arg(&moto().endpoint).envs(aws_env()).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&moto().endpoint)
+        .envs(aws_env())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
@@ -142,18 +276,45 @@ async fn kms_wrapped_data_keys_rotate_and_only_wrapped_keys_are_stored() {
     )
     .unwrap();
     let j = job.display().to_string();
-    let import = env_with(&[("ENCRYPTION_KEY_V1", K1.into()), ("ENCRYPTION_CURRENT_VERSION", "1".into())]);
-    let out = rekey(&["secrets", "init", "--job", &j, "--import-env", "ENCRYPTION"], &import);
+    let import = env_with(&[
+        ("ENCRYPTION_KEY_V1", K1.into()),
+        ("ENCRYPTION_CURRENT_VERSION", "1".into()),
+    ]);
+    let out = rekey(
+        &["secrets", "init", "--job", &j, "--import-env", "ENCRYPTION"],
+        &import,
+    );
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
 
     let out = rekey(&["rotate", "--job", &j, "--json"], &aws_env());
-    assert_eq!((out.status.code(), json(&out)["step"].as_str()), (Some(0), Some("promoted")), "{}", printed(&out));
-    let show = json(&rekey(&["secrets", "show", "--job", &j, "--json"], &aws_env()));
-    assert_eq!((show["keys"][0]["state"].as_str(), show["keys"][1]["state"].as_str()), (Some("previous"), Some("current")), "{show}");
+    assert_eq!(
+        (out.status.code(), json(&out)["step"].as_str()),
+        (Some(0), Some("promoted")),
+        "{}",
+        printed(&out)
+    );
+    let show = json(&rekey(
+        &["secrets", "show", "--job", &j, "--json"],
+        &aws_env(),
+    ));
+    assert_eq!(
+        (
+            show["keys"][0]["state"].as_str(),
+            show["keys"][1]["state"].as_str()
+        ),
+        (Some("previous"), Some("current")),
+        "{show}"
+    );
 
     let text = std::fs::read_to_string(&keyring).unwrap();
-    let k1_b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, hex::decode(K1).unwrap());
-    assert!(!text.contains(K1) && !text.contains(&k1_b64), "an unwrapped key in the keyring file");
+    let k1_b64 = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        hex::decode(K1).unwrap(),
+    );
+    assert!(
+        !text.contains(K1) && !text.contains(&k1_b64),
+        "an unwrapped key in the keyring file"
+    );
     let verify = rekey(&["verify", "--job", &j, "--full", "--json"], &aws_env());
     assert_eq!(verify.status.code(), Some(0), "{}", printed(&verify));
     assert_eq!(json(&verify)["by_key"]["v2"], 3_000 + 2_000);

@@ -285,7 +285,10 @@ async fn verify_under_row_security_is_refused(form: Rls) {
 
 /// Key 1's state in `rekey secrets show --json`, and whether its material is there (a fingerprint).
 fn key_1_as_shown(job: &str) -> (String, bool) {
-    let show = rekey(&["secrets", "show", "--job", job, "--json"], &keyring_pass_env());
+    let show = rekey(
+        &["secrets", "show", "--job", job, "--json"],
+        &keyring_pass_env(),
+    );
     assert_eq!(show.status.code(), Some(0), "{}", printed(&show));
     let keys = json(&show)["keys"].clone();
     let one = keys

@@ -11,7 +11,14 @@ async fn patients() -> (TestDb, tempfile::TempDir) {
 
 fn job_with(dir: &tempfile::TempDir, db: &TestDb, target: &str) -> String {
     let path = dir.path().join("job.toml");
-    std::fs::write(&path, format!("[database]\nurl = \"{}\"\n[keys]\nsource = \"env\"\n[[target]]\n{target}\n", db.url)).unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "[database]\nurl = \"{}\"\n[keys]\nsource = \"env\"\n[[target]]\n{target}\n",
+            db.url
+        ),
+    )
+    .unwrap();
     path.display().to_string()
 }
 
@@ -44,28 +51,55 @@ async fn missing_table_is_refused() {
 async fn missing_column_is_refused_with_the_columns_that_exist() {
     let (db, dir) = patients().await;
     let job = job_with(&dir, &db, &GOOD.replace("phone_encrypted", "phone"));
-    assert_refused(&db, &job, &seed_env(), "its columns are: id, name, phone_encrypted").await;
+    assert_refused(
+        &db,
+        &job,
+        &seed_env(),
+        "its columns are: id, name, phone_encrypted",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn column_of_the_wrong_type_is_refused() {
     let (db, dir) = patients().await;
-    let job = job_with(&dir, &db, &GOOD.replace("[\"phone_encrypted\"]", "[\"id\"]").replace("primary_key = [\"id\"]\n", ""));
-    assert_refused(&db, &job, &seed_env(), "is bigint; encrypted columns must be bytea").await;
+    let job = job_with(
+        &dir,
+        &db,
+        &GOOD
+            .replace("[\"phone_encrypted\"]", "[\"id\"]")
+            .replace("primary_key = [\"id\"]\n", ""),
+    );
+    assert_refused(
+        &db,
+        &job,
+        &seed_env(),
+        "is bigint; encrypted columns must be bytea",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_key_that_is_not_unique_is_refused() {
     let (db, dir) = patients().await;
     let job = job_with(&dir, &db, &GOOD.replace("[\"id\"]", "[\"name\"]"));
-    assert_refused(&db, &job, &seed_env(), "primary_key [name] is not a unique key").await;
+    assert_refused(
+        &db,
+        &job,
+        &seed_env(),
+        "primary_key [name] is not a unique key",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn missing_current_version_names_the_variable() {
     let (db, dir) = patients().await;
     let job = job_with(&dir, &db, GOOD);
-    let env = vec![("ENCRYPTION_KEY_V1", K1.to_string()), ("ENCRYPTION_KEY_V2", K2.to_string())];
+    let env = vec![
+        ("ENCRYPTION_KEY_V1", K1.to_string()),
+        ("ENCRYPTION_KEY_V2", K2.to_string()),
+    ];
     assert_refused(&db, &job, &env, "ENCRYPTION_CURRENT_VERSION is not set").await;
 }
 
@@ -73,7 +107,10 @@ async fn missing_current_version_names_the_variable() {
 async fn current_version_without_a_key_names_the_variable() {
     let (db, dir) = patients().await;
     let job = job_with(&dir, &db, GOOD);
-    let env = vec![("ENCRYPTION_KEY_V1", K1.to_string()), ("ENCRYPTION_CURRENT_VERSION", "2".to_string())];
+    let env = vec![
+        ("ENCRYPTION_KEY_V1", K1.to_string()),
+        ("ENCRYPTION_CURRENT_VERSION", "2".to_string()),
+    ];
     assert_refused(&db, &job, &env, "ENCRYPTION_KEY_V2 is not set").await;
 }
 
@@ -81,7 +118,11 @@ async fn current_version_without_a_key_names_the_variable() {
 async fn a_key_of_the_wrong_length_names_the_variable() {
     let (db, dir) = patients().await;
     let job = job_with(&dir, &db, GOOD);
-    let env = vec![("ENCRYPTION_KEY_V1", K1.to_string()), ("ENCRYPTION_KEY_V2", K2[..62].to_string()), ("ENCRYPTION_CURRENT_VERSION", "2".to_string())];
+    let env = vec![
+        ("ENCRYPTION_KEY_V1", K1.to_string()),
+        ("ENCRYPTION_KEY_V2", K2[..62].to_string()),
+        ("ENCRYPTION_CURRENT_VERSION", "2".to_string()),
+    ];
     assert_refused(&db, &job, &env, "ENCRYPTION_KEY_V2 is not a 32-byte key").await;
 }
 
@@ -90,7 +131,11 @@ async fn bad_hex_names_the_variable() {
     let (db, dir) = patients().await;
     let job = job_with(&dir, &db, GOOD);
     let bad = format!("zz{}", &K2[2..]);
-    let env = vec![("ENCRYPTION_KEY_V1", K1.to_string()), ("ENCRYPTION_KEY_V2", bad), ("ENCRYPTION_CURRENT_VERSION", "2".to_string())];
+    let env = vec![
+        ("ENCRYPTION_KEY_V1", K1.to_string()),
+        ("ENCRYPTION_KEY_V2", bad),
+        ("ENCRYPTION_CURRENT_VERSION", "2".to_string()),
+    ];
     assert_refused(&db, &job, &env, "ENCRYPTION_KEY_V2").await;
 }
 
@@ -98,7 +143,10 @@ async fn bad_hex_names_the_variable() {
 async fn resuming_with_a_changed_job_file_is_refused() {
     let (db, dir) = patients().await;
     let job = job_with(&dir, &db, GOOD);
-    db.client.batch_execute("CREATE SCHEMA rekey").await.unwrap();
+    db.client
+        .batch_execute("CREATE SCHEMA rekey")
+        .await
+        .unwrap();
     // an unfinished job of the same name, started from another spec
     let mut admin = connect(&db.url).await;
     rekey::state::ensure_schema(&mut admin).await.unwrap();
@@ -114,16 +162,41 @@ async fn a_key_that_opens_nothing_is_refused_before_any_write_unless_forced() {
     let (db, dir) = patients().await;
     let job = job_with(&dir, &db, GOOD);
     let wrong_v1 = "9999999999999999999999999999999999999999999999999999999999999999";
-    let env = vec![("ENCRYPTION_KEY_V1", wrong_v1.to_string()), ("ENCRYPTION_KEY_V2", K2.to_string()), ("ENCRYPTION_CURRENT_VERSION", "2".to_string())];
-    assert_refused(&db, &job, &env, "none of the 100 values sampled from public.patient_persons opens").await;
-    let schema: bool = db.client.query_one("SELECT to_regnamespace('rekey') IS NOT NULL", &[]).await.unwrap().get(0);
+    let env = vec![
+        ("ENCRYPTION_KEY_V1", wrong_v1.to_string()),
+        ("ENCRYPTION_KEY_V2", K2.to_string()),
+        ("ENCRYPTION_CURRENT_VERSION", "2".to_string()),
+    ];
+    assert_refused(
+        &db,
+        &job,
+        &env,
+        "none of the 100 values sampled from public.patient_persons opens",
+    )
+    .await;
+    let schema: bool = db
+        .client
+        .query_one("SELECT to_regnamespace('rekey') IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert!(!schema, "refused, yet engine state was created");
 
     let before = db.checksum("patient_persons").await;
     let out = rekey(&["run", "--job", &job, "--force", "--json"], &env);
     assert_eq!(out.status.code(), Some(3), "{}", printed(&out));
-    assert_eq!((json(&out)["values_failed"].as_u64(), json(&out)["values_rewritten"].as_u64()), (Some(100), Some(0)));
-    assert_eq!(db.checksum("patient_persons").await, before, "a value was overwritten");
+    assert_eq!(
+        (
+            json(&out)["values_failed"].as_u64(),
+            json(&out)["values_rewritten"].as_u64()
+        ),
+        (Some(100), Some(0))
+    );
+    assert_eq!(
+        db.checksum("patient_persons").await,
+        before,
+        "a value was overwritten"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -131,21 +204,49 @@ async fn a_key_variable_that_is_not_text_names_the_variable() {
     use std::os::unix::ffi::OsStrExt;
     let (db, dir) = patients().await;
     let job = job_with(&dir, &db, GOOD);
-    let mut cmd = rekey_cmd(&["run", "--job", &job], &[("ENCRYPTION_KEY_V1", K1.to_string()), ("ENCRYPTION_CURRENT_VERSION", "1".to_string())]);
-    cmd.env("ENCRYPTION_KEY_V2", std::ffi::OsStr::from_bytes(b"\xff\xfe"));
+    let mut cmd = rekey_cmd(
+        &["run", "--job", &job],
+        &[
+            ("ENCRYPTION_KEY_V1", K1.to_string()),
+            ("ENCRYPTION_CURRENT_VERSION", "1".to_string()),
+        ],
+    );
+    cmd.env(
+        "ENCRYPTION_KEY_V2",
+        std::ffi::OsStr::from_bytes(b"\xff\xfe"),
+    );
     let out = cmd.output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
-    assert!(printed(&out).contains("ENCRYPTION_KEY_V2 is not valid text"), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("ENCRYPTION_KEY_V2 is not valid text"),
+        "{}",
+        printed(&out)
+    );
 }
 
 #[cfg(not(feature = "aws"))]
 #[tokio::test(flavor = "multi_thread")]
 async fn without_the_aws_feature_the_aws_key_sources_are_refused_saying_how_to_get_them() {
     let (db, dir) = patients().await;
-    for keys in ["source = \"aws-secrets-manager\"\nsecret_id = \"rekey\"", "source = \"aws-kms\"\nkms_key_id = \"alias/rekey\"\npath = \"keyring.json\""] {
+    for keys in [
+        "source = \"aws-secrets-manager\"\nsecret_id = \"rekey\"",
+        "source = \"aws-kms\"\nkms_key_id = \"alias/rekey\"\npath = \"keyring.json\"",
+    ] {
         let job = job_with(&dir, &db, GOOD);
-        std::fs::write(&job, std::fs::read_to_string(&job).unwrap().replace("source = \"env\"", keys)).unwrap();
-        assert_refused(&db, &job, &[], "needs AWS support, and this rekey was built without it").await;
+        std::fs::write(
+            &job,
+            std::fs::read_to_string(&job)
+                .unwrap()
+                .replace("source = \"env\"", keys),
+        )
+        .unwrap();
+        assert_refused(
+            &db,
+            &job,
+            &[],
+            "needs AWS support, and this rekey was built without it",
+        )
+        .await;
         let out = rekey(&["secrets", "show", "--job", &job], &[]);
         assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
     }

@@ -1,7 +1,6 @@
 //! Every ciphertext format against its reference implementation, migrations
 //! between formats, and a job mixing formats and key sources.
 
-
 use base64::Engine as _;
 use rekey::crypto::codec::{Codec, Format};
 use rekey::crypto::keyring::{Key, Keyring};
@@ -23,7 +22,14 @@ fn fernet_env() -> Vec<(&'static str, String)> {
 }
 
 fn ring(ids: &[(u32, &str)], current: u32) -> Keyring {
-    Keyring::new(ids.iter().map(|(id, k)| Key::parse(*id, k).unwrap()).collect(), current, None).unwrap()
+    Keyring::new(
+        ids.iter()
+            .map(|(id, k)| Key::parse(*id, k).unwrap())
+            .collect(),
+        current,
+        None,
+    )
+    .unwrap()
 }
 
 const PY_FERNET_SEAL: &str = r#"
@@ -49,10 +55,19 @@ print(n)
 #[tokio::test(flavor = "multi_thread")]
 async fn fernet_tokens_from_python_rotate_and_python_reads_them_with_only_the_new_key() {
     let db = TestDb::new().await;
-    db.client.batch_execute("CREATE TABLE people (id int PRIMARY KEY, ssn text, ssn_b bytea)").await.unwrap();
+    db.client
+        .batch_execute("CREATE TABLE people (id int PRIMARY KEY, ssn text, ssn_b bytea)")
+        .await
+        .unwrap();
     let tokens = python(PY_FERNET_SEAL, &[&urlsafe(K1), "400"], "");
     for (i, t) in tokens.lines().enumerate() {
-        db.client.execute("INSERT INTO people VALUES ($1, $2, convert_to($2, 'UTF8'))", &[&(i as i32), &t]).await.unwrap();
+        db.client
+            .execute(
+                "INSERT INTO people VALUES ($1, $2, convert_to($2, 'UTF8'))",
+                &[&(i as i32), &t],
+            )
+            .await
+            .unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
     let job = job_file(&dir, "people", &db, "[[target]]\ntable = \"people\"\ncolumns = [\"ssn\", \"ssn_b\"]\nformat = \"fernet\"\nkeys = { source = \"env\", prefix = \"FERNET\" }\n");
@@ -61,14 +76,29 @@ async fn fernet_tokens_from_python_rotate_and_python_reads_them_with_only_the_ne
     assert_eq!(json(&out)["values_rewritten"], 800);
 
     for col in ["ssn", "convert_from(ssn_b, 'UTF8')"] {
-        let rotated: Vec<String> =
-            db.client.query(&format!("SELECT {col} FROM people ORDER BY id"), &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
-        assert_eq!(python(PY_FERNET_OPEN, &[&urlsafe(K2)], &rotated.join("\n")).trim(), "400", "{col}");
+        let rotated: Vec<String> = db
+            .client
+            .query(&format!("SELECT {col} FROM people ORDER BY id"), &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(
+            python(PY_FERNET_OPEN, &[&urlsafe(K2)], &rotated.join("\n")).trim(),
+            "400",
+            "{col}"
+        );
     }
     // values already on the new key are skipped without a rewrite
     let again = rekey(&["run", "--job", &job, "--json"], &fernet_env());
     let s = json(&again);
-    assert_eq!((s["values_rewritten"].as_u64(), s["values_skipped"].as_u64()), (Some(0), Some(800)), "{}", printed(&again));
+    assert_eq!(
+        (s["values_rewritten"].as_u64(), s["values_skipped"].as_u64()),
+        (Some(0), Some(800)),
+        "{}",
+        printed(&again)
+    );
 }
 
 const PY_TINK_SEAL: &str = r#"
@@ -104,10 +134,20 @@ print(len(data["values"]))
 #[tokio::test(flavor = "multi_thread")]
 async fn tink_ciphertexts_and_keysets_from_python_rotate_and_tink_reads_them() {
     let db = TestDb::new().await;
-    db.client.batch_execute("CREATE TABLE cards (id int PRIMARY KEY, pan bytea)").await.unwrap();
-    let made: serde_json::Value = serde_json::from_str(&python(PY_TINK_SEAL, &["300"], "")).unwrap();
+    db.client
+        .batch_execute("CREATE TABLE cards (id int PRIMARY KEY, pan bytea)")
+        .await
+        .unwrap();
+    let made: serde_json::Value =
+        serde_json::from_str(&python(PY_TINK_SEAL, &["300"], "")).unwrap();
     for (i, v) in made["values"].as_array().unwrap().iter().enumerate() {
-        db.client.execute("INSERT INTO cards VALUES ($1, $2)", &[&(i as i32), &hex::decode(v.as_str().unwrap()).unwrap()]).await.unwrap();
+        db.client
+            .execute(
+                "INSERT INTO cards VALUES ($1, $2)",
+                &[&(i as i32), &hex::decode(v.as_str().unwrap()).unwrap()],
+            )
+            .await
+            .unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
     let keyset = dir.path().join("keyset.json");
@@ -128,8 +168,14 @@ async fn tink_ciphertexts_and_keysets_from_python_rotate_and_tink_reads_them() {
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert_eq!(json(&out)["values_rewritten"], 300);
 
-    let rotated: Vec<String> =
-        db.client.query("SELECT pan FROM cards ORDER BY id", &[]).await.unwrap().iter().map(|r| hex::encode(r.get::<_, Vec<u8>>(0))).collect();
+    let rotated: Vec<String> = db
+        .client
+        .query("SELECT pan FROM cards ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| hex::encode(r.get::<_, Vec<u8>>(0)))
+        .collect();
     let input = serde_json::json!({ "keyset": made["only_new"], "values": rotated }).to_string();
     assert_eq!(python(PY_TINK_OPEN, &[], &input).trim(), "300");
     let verify = rekey(&["verify", "--job", &job, "--json"], &[]);
@@ -139,7 +185,10 @@ async fn tink_ciphertexts_and_keysets_from_python_rotate_and_tink_reads_them() {
 #[tokio::test(flavor = "multi_thread")]
 async fn fernet_to_versioned_gcm_migration_of_100k_rows() {
     let db = TestDb::new().await;
-    db.client.batch_execute("CREATE TABLE notes (id bigint PRIMARY KEY, body text)").await.unwrap();
+    db.client
+        .batch_execute("CREATE TABLE notes (id bigint PRIMARY KEY, body text)")
+        .await
+        .unwrap();
     let fernet = Format::Fernet.codec(&ring(&[(1, K1)], 1)).unwrap();
     let (mut ids, mut bodies, mut out) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..100_000i64 {
@@ -147,7 +196,13 @@ async fn fernet_to_versioned_gcm_migration_of_100k_rows() {
         ids.push(i);
         bodies.push(String::from_utf8(out.clone()).unwrap());
     }
-    db.client.execute("INSERT INTO notes SELECT * FROM unnest($1::bigint[], $2::text[])", &[&ids, &bodies]).await.unwrap();
+    db.client
+        .execute(
+            "INSERT INTO notes SELECT * FROM unnest($1::bigint[], $2::text[])",
+            &[&ids, &bodies],
+        )
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let job = job_file(
         &dir,
@@ -166,10 +221,20 @@ async fn fernet_to_versioned_gcm_migration_of_100k_rows() {
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert_eq!(json(&out)["values_rewritten"], 100_000);
     let gcm = rekey::crypto::codec::versioned_gcm::VersionedGcm::new(&v2_ring()).unwrap();
-    for r in db.client.query("SELECT id, body FROM notes", &[]).await.unwrap() {
+    for r in db
+        .client
+        .query("SELECT id, body FROM notes", &[])
+        .await
+        .unwrap()
+    {
         let (id, body): (i64, String) = (r.get(0), r.get(1));
-        let raw = base64::engine::general_purpose::STANDARD.decode(body).unwrap();
-        assert_eq!(gcm.open(&raw, b"").unwrap().plaintext.as_slice(), format!("note {id}").as_bytes());
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(body)
+            .unwrap();
+        assert_eq!(
+            gcm.open(&raw, b"").unwrap().plaintext.as_slice(),
+            format!("note {id}").as_bytes()
+        );
     }
     let after = rekey(&["verify", "--job", &job, "--json"], &env);
     assert_eq!(after.status.code(), Some(0), "{}", printed(&after));
@@ -183,39 +248,124 @@ async fn every_format_quarantines_tampered_truncated_wrong_key_and_bad_encoding(
     let db = TestDb::new().await;
     let dir = tempfile::tempdir().unwrap();
     let old = ring(&[(1, K1)], 1);
-    let stranger = ring(&[(1, "7777777777777777777777777777777777777777777777777777777777777777")], 1);
-    for (format, table) in [(Format::VersionedGcm, "vg"), (Format::Fernet, "fe"), (Format::TinkGcm, "ti"), (Format::RawGcm, "rg")] {
-        db.client.batch_execute(&format!("CREATE TABLE {table} (id int PRIMARY KEY, v text)")).await.unwrap();
+    let stranger = ring(
+        &[(
+            1,
+            "7777777777777777777777777777777777777777777777777777777777777777",
+        )],
+        1,
+    );
+    for (format, table) in [
+        (Format::VersionedGcm, "vg"),
+        (Format::Fernet, "fe"),
+        (Format::TinkGcm, "ti"),
+        (Format::RawGcm, "rg"),
+    ] {
+        db.client
+            .batch_execute(&format!(
+                "CREATE TABLE {table} (id int PRIMARY KEY, v text)"
+            ))
+            .await
+            .unwrap();
         let codec = format.codec(&old).unwrap();
-        let store = |v: Vec<u8>| if format == Format::Fernet { String::from_utf8_lossy(&v).into_owned() } else { base64::engine::general_purpose::STANDARD.encode(v) };
+        let store = |v: Vec<u8>| {
+            if format == Format::Fernet {
+                String::from_utf8_lossy(&v).into_owned()
+            } else {
+                base64::engine::general_purpose::STANDARD.encode(v)
+            }
+        };
         let mut out = Vec::new();
         for i in 0..20 {
             codec.seal(b"fine", b"", None, &mut out);
-            db.client.execute(&format!("INSERT INTO {table} VALUES ($1, $2)"), &[&i, &store(out.clone())]).await.unwrap();
+            db.client
+                .execute(
+                    &format!("INSERT INTO {table} VALUES ($1, $2)"),
+                    &[&i, &store(out.clone())],
+                )
+                .await
+                .unwrap();
         }
         // tampered: flip a byte in the middle; truncated; wrong key; not base64
         codec.seal(b"tampered", b"", None, &mut out);
         let mid = out.len() / 2;
         out[mid] ^= if format == Format::Fernet { 0x01 } else { 0x80 };
-        db.client.execute(&format!("INSERT INTO {table} VALUES (100, $1)"), &[&store(out.clone())]).await.unwrap();
+        db.client
+            .execute(
+                &format!("INSERT INTO {table} VALUES (100, $1)"),
+                &[&store(out.clone())],
+            )
+            .await
+            .unwrap();
         codec.seal(b"truncated", b"", None, &mut out);
         out.truncate(10);
-        db.client.execute(&format!("INSERT INTO {table} VALUES (101, $1)"), &[&store(out.clone())]).await.unwrap();
-        format.codec(&stranger).unwrap().seal(b"wrong key", b"", None, &mut out);
-        db.client.execute(&format!("INSERT INTO {table} VALUES (102, $1)"), &[&store(out.clone())]).await.unwrap();
-        db.client.execute(&format!("INSERT INTO {table} VALUES (103, '%%% not base64 %%%')"), &[]).await.unwrap();
-        let bad_before = db.checksum(&format!("(SELECT * FROM {table} WHERE id >= 100)")).await;
+        db.client
+            .execute(
+                &format!("INSERT INTO {table} VALUES (101, $1)"),
+                &[&store(out.clone())],
+            )
+            .await
+            .unwrap();
+        format
+            .codec(&stranger)
+            .unwrap()
+            .seal(b"wrong key", b"", None, &mut out);
+        db.client
+            .execute(
+                &format!("INSERT INTO {table} VALUES (102, $1)"),
+                &[&store(out.clone())],
+            )
+            .await
+            .unwrap();
+        db.client
+            .execute(
+                &format!("INSERT INTO {table} VALUES (103, '%%% not base64 %%%')"),
+                &[],
+            )
+            .await
+            .unwrap();
+        let bad_before = db
+            .checksum(&format!("(SELECT * FROM {table} WHERE id >= 100)"))
+            .await;
 
         let (keys, env) = match format {
-            Format::Fernet => ("keys = { source = \"env\", prefix = \"FERNET\" }", fernet_env()),
+            Format::Fernet => (
+                "keys = { source = \"env\", prefix = \"FERNET\" }",
+                fernet_env(),
+            ),
             _ => ("keys = { source = \"env\" }", seed_env()),
         };
-        let job = job_file(&dir, table, &db, &format!("[[target]]\ntable = \"{table}\"\ncolumns = [\"v\"]\nformat = \"{}\"\n{keys}\n", format.name()));
+        let job = job_file(
+            &dir,
+            table,
+            &db,
+            &format!(
+                "[[target]]\ntable = \"{table}\"\ncolumns = [\"v\"]\nformat = \"{}\"\n{keys}\n",
+                format.name()
+            ),
+        );
         let out = rekey(&["run", "--job", &job, "--json"], &env);
-        assert_eq!(out.status.code(), Some(3), "{}: {}", format.name(), printed(&out));
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "{}: {}",
+            format.name(),
+            printed(&out)
+        );
         let s = json(&out);
-        assert_eq!((s["values_rewritten"].as_u64(), s["values_failed"].as_u64()), (Some(20), Some(4)), "{}", format.name());
-        assert_eq!(db.checksum(&format!("(SELECT * FROM {table} WHERE id >= 100)")).await, bad_before, "{}", format.name());
+        assert_eq!(
+            (s["values_rewritten"].as_u64(), s["values_failed"].as_u64()),
+            (Some(20), Some(4)),
+            "{}",
+            format.name()
+        );
+        assert_eq!(
+            db.checksum(&format!("(SELECT * FROM {table} WHERE id >= 100)"))
+                .await,
+            bad_before,
+            "{}",
+            format.name()
+        );
     }
 }
 
@@ -234,8 +384,20 @@ async fn a_job_of_three_formats_and_key_sources_killed_and_resumed() {
         raw.seal(format!("blob {i}").as_bytes(), b"", None, &mut out);
         bs.push(out.clone());
     }
-    db.client.execute("INSERT INTO tokens SELECT * FROM unnest($1::bigint[], $2::text[])", &[&ids, &ts]).await.unwrap();
-    db.client.execute("INSERT INTO blobs SELECT * FROM unnest($1::bigint[], $2::bytea[])", &[&ids, &bs]).await.unwrap();
+    db.client
+        .execute(
+            "INSERT INTO tokens SELECT * FROM unnest($1::bigint[], $2::text[])",
+            &[&ids, &ts],
+        )
+        .await
+        .unwrap();
+    db.client
+        .execute(
+            "INSERT INTO blobs SELECT * FROM unnest($1::bigint[], $2::bytea[])",
+            &[&ids, &bs],
+        )
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let job = job_file(
         &dir,
@@ -250,7 +412,14 @@ async fn a_job_of_three_formats_and_key_sources_killed_and_resumed() {
     env.extend(fernet_env());
     env.push(("RAW_KEY", K1.into()));
     env.push(("RAW_KEY_NEW", K2.into()));
-    let run = ["run", "--job", job.as_str(), "--json", "--batch-size", "200"];
+    let run = [
+        "run",
+        "--job",
+        job.as_str(),
+        "--json",
+        "--batch-size",
+        "200",
+    ];
 
     let mut kills = 0;
     for fraction in [0.1, 0.3, 0.5, 0.7] {
@@ -266,7 +435,10 @@ async fn a_job_of_three_formats_and_key_sources_killed_and_resumed() {
     assert!(kills >= 3, "only {kills} kills landed");
     let out = rekey(&run, &env);
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-    assert_eq!(json(&out)["job_totals"]["values_rewritten"], 20_000 + 13_334 + 20_000 + 20_000);
+    assert_eq!(
+        json(&out)["job_totals"]["values_rewritten"],
+        20_000 + 13_334 + 20_000 + 20_000
+    );
     let verify = rekey(&["verify", "--job", &job, "--full", "--json"], &env);
     assert_eq!(verify.status.code(), Some(0), "{}", printed(&verify));
     assert_eq!(json(&verify)["values_on_target_key"], 73_334);

@@ -6,10 +6,10 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use rekey::db::cluster::{ClusterOptions, TempCluster};
 use rekey::crypto::codec::versioned_gcm::VersionedGcm;
 use rekey::crypto::codec::Codec;
 use rekey::crypto::keyring::{Key, Keyring};
+use rekey::db::cluster::{ClusterOptions, TempCluster};
 use tokio_postgres::{Client, NoTls};
 
 /// Old key (V1) and new key (V2) of the seed procedure, as hex.
@@ -21,10 +21,12 @@ static NEXT_DB: AtomicU64 = AtomicU64::new(0);
 
 /// The binary's one cluster, started on first use.
 pub fn cluster() -> &'static TempCluster {
-    CLUSTER.get_or_init(|| match TempCluster::start(ClusterOptions { durable: false }) {
-        Ok(c) => c,
-        Err(e) => panic!("cannot start the test PostgreSQL cluster: {e}"),
-    })
+    CLUSTER.get_or_init(
+        || match TempCluster::start(ClusterOptions { durable: false }) {
+            Ok(c) => c,
+            Err(e) => panic!("cannot start the test PostgreSQL cluster: {e}"),
+        },
+    )
 }
 
 /// A fresh database for one test.
@@ -44,9 +46,16 @@ impl TestDb {
     /// Creates an empty database on `c`: a test's own cluster, for faults
     /// that disturb the whole server (restarts, full disks).
     pub async fn on(c: &TempCluster) -> TestDb {
-        let name = format!("t{}_{}", std::process::id(), NEXT_DB.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "t{}_{}",
+            std::process::id(),
+            NEXT_DB.fetch_add(1, Ordering::Relaxed)
+        );
         let admin = connect(&c.url("postgres")).await;
-        admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create database");
         let url = c.url(&name);
         let client = connect(&url).await;
         TestDb { url, client }
@@ -95,7 +104,10 @@ impl TestDb {
                 .await
                 .unwrap();
         }
-        self.client.batch_execute("ANALYZE patient_persons").await.unwrap();
+        self.client
+            .batch_execute("ANALYZE patient_persons")
+            .await
+            .unwrap();
     }
 
     /// Writes a job file for `patient_persons` and returns its path.
@@ -113,7 +125,10 @@ impl TestDb {
     }
 
     /// Every (id -> (phone, emergency)) pair, decrypted with `keyring`, with the version byte of each.
-    pub async fn decrypted_patients(&self, keyring: &Keyring) -> BTreeMap<i64, (Decrypted, Decrypted)> {
+    pub async fn decrypted_patients(
+        &self,
+        keyring: &Keyring,
+    ) -> BTreeMap<i64, (Decrypted, Decrypted)> {
         let codec = VersionedGcm::new(keyring).unwrap();
         let rows = self
             .client
@@ -125,7 +140,10 @@ impl TestDb {
                 let open = |v: Option<Vec<u8>>| match v {
                     None => Decrypted::Null,
                     Some(v) => match codec.open(&v, b"") {
-                        Ok(o) => Decrypted::Plain(o.key, String::from_utf8_lossy(&o.plaintext).into_owned()),
+                        Ok(o) => Decrypted::Plain(
+                            o.key,
+                            String::from_utf8_lossy(&o.plaintext).into_owned(),
+                        ),
                         Err(e) => Decrypted::Failed(e.kind()),
                     },
                 };
@@ -137,7 +155,10 @@ impl TestDb {
     /// md5 of the whole table in key order: equal before and after means nothing changed.
     pub async fn checksum(&self, table: &str) -> String {
         self.client
-            .query_one(&format!("SELECT md5(string_agg(t::text, '|' ORDER BY t::text)) FROM {table} t"), &[])
+            .query_one(
+                &format!("SELECT md5(string_agg(t::text, '|' ORDER BY t::text)) FROM {table} t"),
+                &[],
+            )
             .await
             .unwrap()
             .get::<_, Option<String>>(0)
@@ -155,7 +176,11 @@ impl TestDb {
         assert_eq!(after.len() as i64, rows, "rows lost or added");
         for (id, (p, e)) in after {
             assert_eq!(p, Decrypted::Plain(2, phone(id)), "phone of {id}");
-            let want = if id % 3 == 0 { Decrypted::Null } else { Decrypted::Plain(2, emergency(id)) };
+            let want = if id % 3 == 0 {
+                Decrypted::Null
+            } else {
+                Decrypted::Plain(2, emergency(id))
+            };
             assert_eq!(e, want, "emergency phone of {id}");
         }
     }
@@ -172,8 +197,16 @@ impl TestDb {
 
     /// `ALTER DATABASE <this one> ...` (e.g. `SET statement_timeout = '100ms'`): applies to sessions opened afterwards.
     pub async fn alter_database(&self, change: &str) {
-        let name: String = self.client.query_one("SELECT current_database()", &[]).await.unwrap().get(0);
-        self.client.batch_execute(&format!("ALTER DATABASE {name} {change}")).await.unwrap();
+        let name: String = self
+            .client
+            .query_one("SELECT current_database()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        self.client
+            .batch_execute(&format!("ALTER DATABASE {name} {change}"))
+            .await
+            .unwrap();
     }
 }
 
@@ -211,7 +244,12 @@ pub fn v1_ring() -> Keyring {
 
 /// Keyring with V1 and V2, current V2.
 pub fn v2_ring() -> Keyring {
-    Keyring::new(vec![Key::parse(1, K1).unwrap(), Key::parse(2, K2).unwrap()], 2, None).unwrap()
+    Keyring::new(
+        vec![Key::parse(1, K1).unwrap(), Key::parse(2, K2).unwrap()],
+        2,
+        None,
+    )
+    .unwrap()
 }
 
 /// A codec that writes V1 values.
@@ -221,7 +259,9 @@ pub fn v1_codec() -> VersionedGcm {
 
 /// Connects for setup and checks.
 pub async fn connect(url: &str) -> Client {
-    let (client, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect to test cluster");
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .expect("connect to test cluster");
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -230,13 +270,20 @@ pub async fn connect(url: &str) -> Client {
 
 /// The environment of the seed after step 2: V1 and V2 set, current version 2.
 pub fn seed_env() -> Vec<(&'static str, String)> {
-    vec![("ENCRYPTION_KEY_V1", K1.into()), ("ENCRYPTION_KEY_V2", K2.into()), ("ENCRYPTION_CURRENT_VERSION", "2".into())]
+    vec![
+        ("ENCRYPTION_KEY_V1", K1.into()),
+        ("ENCRYPTION_KEY_V2", K2.into()),
+        ("ENCRYPTION_CURRENT_VERSION", "2".into()),
+    ]
 }
 
 /// A `rekey` command with a clean environment plus `env`.
 pub fn rekey_cmd(args: &[&str], env: &[(&str, String)]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_rekey"));
-    cmd.args(args).env_clear().env("PATH", std::env::var("PATH").unwrap_or_default()).stdin(Stdio::null());
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .stdin(Stdio::null());
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -251,13 +298,21 @@ pub fn rekey(args: &[&str], env: &[(&str, String)]) -> Output {
 /// stdout parsed as the one JSON object `--json` promises.
 pub fn json(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("stdout is not JSON ({e}):\n{}\nstderr:\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+        panic!(
+            "stdout is not JSON ({e}):\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
     })
 }
 
 /// Everything a command printed, for assertions and failure messages.
 pub fn printed(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 #[cfg(feature = "aws")]
@@ -277,22 +332,48 @@ static MOTO: OnceLock<Moto> = OnceLock::new();
 /// when this test process ends, however it ends.
 pub fn moto() -> &'static Moto {
     MOTO.get_or_init(|| {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let child = Command::new("python3")
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("python3 -m moto.server (scripts/test.sh installs moto)");
-        let watchdog = format!("while kill -0 {} 2>/dev/null; do sleep 1; done; kill {} 2>/dev/null", std::process::id(), child.id());
-        let _ = Command::new("setsid").args(["sh", "-c", &watchdog]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn();
+        let watchdog = format!(
+            "while kill -0 {} 2>/dev/null; do sleep 1; done; kill {} 2>/dev/null",
+            std::process::id(),
+            child.id()
+        );
+        let _ = Command::new("setsid")
+            .args(["sh", "-c", &watchdog])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "moto server did not start on port {port}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "moto server did not start on port {port}"
+            );
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        Moto { endpoint: format!("http://127.0.0.1:{port}"), _server: std::sync::Mutex::new(child) }
+        Moto {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            _server: std::sync::Mutex::new(child),
+        }
     })
 }
 
@@ -309,18 +390,27 @@ pub fn aws_env() -> Vec<(&'static str, String)> {
 
 /// `rekey` in the background, its output discarded (to be killed by a test).
 pub fn spawn_rekey(args: &[&str], env: &[(&str, String)]) -> std::process::Child {
-    rekey_cmd(args, env).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn rekey")
+    rekey_cmd(args, env)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn rekey")
 }
 
 /// `rekey` in the background with stdout and stderr captured (for
 /// `wait_with_output` once it is done).
 pub fn spawn_rekey_captured(args: &[&str], env: &[(&str, String)]) -> std::process::Child {
-    rekey_cmd(args, env).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn rekey")
+    rekey_cmd(args, env)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn rekey")
 }
 
 /// A database error as the server said it ("db error" alone says nothing).
 pub fn db_error(e: &tokio_postgres::Error) -> String {
-    e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string())
+    e.as_db_error()
+        .map_or_else(|| e.to_string(), |d| d.message().to_string())
 }
 
 /// Whether rekey has created its engine state (`rekey.progress`) in the database yet.
@@ -340,9 +430,17 @@ pub async fn committed_values(db: &TestDb) -> i64 {
         return 0;
     }
     db.client
-        .query_one("SELECT coalesce(sum(values_rewritten), 0)::bigint FROM rekey.progress", &[])
+        .query_one(
+            "SELECT coalesce(sum(values_rewritten), 0)::bigint FROM rekey.progress",
+            &[],
+        )
         .await
-        .unwrap_or_else(|e| panic!("reading the values committed from rekey.progress: {}", db_error(&e)))
+        .unwrap_or_else(|e| {
+            panic!(
+                "reading the values committed from rekey.progress: {}",
+                db_error(&e)
+            )
+        })
         .get(0)
 }
 
@@ -350,7 +448,10 @@ pub async fn committed_values(db: &TestDb) -> i64 {
 /// "nothing written" means something only once rekey has started its job
 /// (a rekey that never started also writes nothing).
 pub async fn committed_by_running_job(db: &TestDb) -> i64 {
-    assert!(engine_state_exists(db).await, "rekey has not created its engine state: it never started its job");
+    assert!(
+        engine_state_exists(db).await,
+        "rekey has not created its engine state: it never started its job"
+    );
     let rows = db
         .client
         .query(
@@ -360,7 +461,11 @@ pub async fn committed_by_running_job(db: &TestDb) -> i64 {
         )
         .await
         .unwrap_or_else(|e| panic!("reading the running job from rekey.jobs: {}", db_error(&e)));
-    assert_eq!(rows.len(), 1, "expected exactly one running job in rekey.jobs");
+    assert_eq!(
+        rows.len(),
+        1,
+        "expected exactly one running job in rekey.jobs"
+    );
     rows[0].get(1)
 }
 
@@ -388,12 +493,20 @@ pub fn python(script: &str, args: &[&str], input: &str) -> String {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("python3 is needed (scripts/test.sh installs cryptography and tink)");
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "python failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
-
 
 /// A tiny tmpfs mounted on a temp directory (owned by the server's user), for
 /// a tablespace that fills up; unmounted when dropped. Mounting needs root
@@ -406,24 +519,43 @@ pub struct TinyDisk {
 impl TinyDisk {
     /// Mounts a tmpfs of `size` (e.g. `"16M"`), or says why it cannot.
     pub fn mount(size: &str) -> Result<TinyDisk, String> {
-        let uid = Command::new("id").arg("-u").output().map_err(|e| format!("cannot run id: {e}"))?;
+        let uid = Command::new("id")
+            .arg("-u")
+            .output()
+            .map_err(|e| format!("cannot run id: {e}"))?;
         if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
             return Err("mounting a tmpfs needs root".into());
         }
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
             .arg(dir.path())
             .output()
             .map_err(|e| format!("cannot run mount: {e}"))?;
         if !out.status.success() {
-            return Err(format!("mount -t tmpfs failed (an unprivileged container?): {}", String::from_utf8_lossy(&out.stderr).trim()));
+            return Err(format!(
+                "mount -t tmpfs failed (an unprivileged container?): {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
         }
         let disk = TinyDisk { dir };
         // The test cluster runs as `postgres` under root (see TempCluster).
-        let chown = Command::new("chown").arg("postgres:").arg(disk.path()).output().map_err(|e| e.to_string())?;
+        let chown = Command::new("chown")
+            .arg("postgres:")
+            .arg(disk.path())
+            .output()
+            .map_err(|e| e.to_string())?;
         if !chown.status.success() {
-            return Err(format!("chown postgres of the mount failed: {}", String::from_utf8_lossy(&chown.stderr).trim()));
+            return Err(format!(
+                "chown postgres of the mount failed: {}",
+                String::from_utf8_lossy(&chown.stderr).trim()
+            ));
         }
         Ok(disk)
     }
@@ -437,7 +569,10 @@ impl TinyDisk {
 impl Drop for TinyDisk {
     fn drop(&mut self) {
         // Lazy: a server still holding files there lets go when it stops.
-        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).output();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .output();
     }
 }
 
@@ -455,7 +590,15 @@ pub fn keyring_pass_env() -> Vec<(&'static str, String)> {
 pub fn keyring_file_job(db: &TestDb, dir: &tempfile::TempDir) -> (String, std::path::PathBuf) {
     use rekey::crypto::keytable::{Entry, KeyState, KeyTable};
     let keyring = dir.path().join("keyring.json");
-    let table = KeyTable { entries: vec![Entry { id: 1, state: KeyState::Current, created_at: 1, changed_at: 1, key: Some(Key::parse(1, K1).unwrap()) }] };
+    let table = KeyTable {
+        entries: vec![Entry {
+            id: 1,
+            state: KeyState::Current,
+            created_at: 1,
+            changed_at: 1,
+            key: Some(Key::parse(1, K1).unwrap()),
+        }],
+    };
     rekey::secrets::file::KeyringFile::create(&keyring, KEYRING_PASS.as_bytes(), table).unwrap();
     let job = dir.path().join("patients.toml");
     std::fs::write(

@@ -1,6 +1,5 @@
 //! Interop with an independent implementation: Python's `cryptography` AESGCM.
 
-
 use crate::harness::*;
 
 const PY_SEAL: &str = r#"
@@ -31,7 +30,10 @@ async fn values_sealed_by_python_rotate_and_python_reads_them_with_the_new_key()
     let sealed = python(PY_SEAL, &[K1, "500"], "");
     for (i, line) in sealed.lines().enumerate() {
         db.client
-            .execute("INSERT INTO organization_integrations VALUES ($1, $2)", &[&(i as i32), &hex::decode(line).unwrap()])
+            .execute(
+                "INSERT INTO organization_integrations VALUES ($1, $2)",
+                &[&(i as i32), &hex::decode(line).unwrap()],
+            )
             .await
             .unwrap();
     }
@@ -42,13 +44,19 @@ async fn values_sealed_by_python_rotate_and_python_reads_them_with_the_new_key()
         format!("[database]\nurl = \"{}\"\n[keys]\nsource = \"env\"\n[[target]]\ntable = \"organization_integrations\"\ncolumns = [\"api_key_encrypted\"]\nformat = \"versioned-gcm\"\n", db.url),
     )
     .unwrap();
-    let out = rekey(&["run", "--job", &job.display().to_string(), "--json"], &seed_env());
+    let out = rekey(
+        &["run", "--job", &job.display().to_string(), "--json"],
+        &seed_env(),
+    );
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert_eq!(json(&out)["values_rewritten"], 500);
 
     let rotated: Vec<String> = db
         .client
-        .query("SELECT api_key_encrypted FROM organization_integrations ORDER BY id", &[])
+        .query(
+            "SELECT api_key_encrypted FROM organization_integrations ORDER BY id",
+            &[],
+        )
         .await
         .unwrap()
         .iter()

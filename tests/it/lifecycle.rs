@@ -1,11 +1,10 @@
 //! The rotation lifecycle around a run: `rekey rotate` and `rekey secrets`,
 //! with the keyring file and with keys in the environment, and the audit trail.
 
-
 use base64::Engine as _;
-use rekey::secrets::file::KeyringFile;
 use rekey::crypto::keyring::Key;
 use rekey::crypto::keytable::{KeyState, KeyTable};
+use rekey::secrets::file::KeyringFile;
 
 use crate::harness::*;
 
@@ -18,15 +17,26 @@ fn audit_events(dir: &tempfile::TempDir) -> Vec<serde_json::Value> {
 }
 
 fn event_types(dir: &tempfile::TempDir) -> Vec<String> {
-    audit_events(dir).iter().map(|e| e["event_type"].as_str().unwrap().to_string()).collect()
+    audit_events(dir)
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap().to_string())
+        .collect()
 }
 
 fn keyring_table(path: &std::path::Path) -> KeyTable {
-    KeyringFile::open(path, KEYRING_PASS.as_bytes(), "P").unwrap().table
+    KeyringFile::open(path, KEYRING_PASS.as_bytes(), "P")
+        .unwrap()
+        .table
 }
 
 async fn pretend_grace_passed(db: &TestDb) {
-    db.client.execute("UPDATE rekey.rotations SET promoted_at = promoted_at - interval '2 days'", &[]).await.unwrap();
+    db.client
+        .execute(
+            "UPDATE rekey.rotations SET promoted_at = promoted_at - interval '2 days'",
+            &[],
+        )
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -36,40 +46,88 @@ async fn rotate_with_a_keyring_file_runs_the_whole_procedure_with_an_audit_trail
     let dir = tempfile::tempdir().unwrap();
     let (job, keyring) = keyring_file_job(&db, &dir);
 
-    let out = rekey(&["rotate", "--job", &job, "--operator", "alice", "--json"], &keyring_pass_env());
+    let out = rekey(
+        &["rotate", "--job", &job, "--operator", "alice", "--json"],
+        &keyring_pass_env(),
+    );
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert_eq!(json(&out)["step"], "promoted");
-    assert_eq!(event_types(&dir), ["key_staged", "reencryption_completed", "verification_passed", "key_promoted"]);
+    assert_eq!(
+        event_types(&dir),
+        [
+            "key_staged",
+            "reencryption_completed",
+            "verification_passed",
+            "key_promoted"
+        ]
+    );
     let table = keyring_table(&keyring);
-    assert_eq!((table.id_in(KeyState::Current), table.previous_ids()), (Some(2), vec![1]));
+    assert_eq!(
+        (table.id_in(KeyState::Current), table.previous_ids()),
+        (Some(2), vec![1])
+    );
     let ring = table.keyring().unwrap();
     let new_key = hex::encode(ring.get(2).unwrap().material());
 
     // a later invocation, inside the grace period, changes nothing
     let out = rekey(&["rotate", "--job", &job, "--json"], &keyring_pass_env());
-    assert_eq!((out.status.code(), json(&out)["step"].as_str()), (Some(0), Some("promoted")), "{}", printed(&out));
+    assert_eq!(
+        (out.status.code(), json(&out)["step"].as_str()),
+        (Some(0), Some("promoted")),
+        "{}",
+        printed(&out)
+    );
     assert_eq!(event_types(&dir).len(), 4);
 
     pretend_grace_passed(&db).await;
     let out = rekey(&["rotate", "--job", &job, "--json"], &keyring_pass_env());
-    assert_eq!((out.status.code(), json(&out)["step"].as_str()), (Some(0), Some("retired")), "{}", printed(&out));
-    assert_eq!(event_types(&dir), ["key_staged", "reencryption_completed", "verification_passed", "key_promoted", "key_retired"]);
-    assert!(keyring_table(&keyring).keyring().unwrap().get(1).is_none(), "the old key's material is gone");
+    assert_eq!(
+        (out.status.code(), json(&out)["step"].as_str()),
+        (Some(0), Some("retired")),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(
+        event_types(&dir),
+        [
+            "key_staged",
+            "reencryption_completed",
+            "verification_passed",
+            "key_promoted",
+            "key_retired"
+        ]
+    );
+    assert!(
+        keyring_table(&keyring).keyring().unwrap().get(1).is_none(),
+        "the old key's material is gone"
+    );
 
     // every value under the new key; the audit trail names the operator and counts, never a key
-    let ring2 = rekey::crypto::keyring::Keyring::new(vec![Key::parse(2, &new_key).unwrap()], 2, None).unwrap();
+    let ring2 =
+        rekey::crypto::keyring::Keyring::new(vec![Key::parse(2, &new_key).unwrap()], 2, None)
+            .unwrap();
     let after = db.decrypted_patients(&ring2).await;
-    assert!(after.iter().all(|(id, (p, _))| *p == Decrypted::Plain(2, phone(*id))));
+    assert!(after
+        .iter()
+        .all(|(id, (p, _))| *p == Decrypted::Plain(2, phone(*id))));
     let events = audit_events(&dir);
     assert_eq!(events[1]["affected_records"], 50_000 + 33_334);
     assert_eq!(events[0]["operator"], "alice");
     assert_eq!(events[2]["verification_status"], "passed");
     let trail = std::fs::read_to_string(dir.path().join("patients.audit.jsonl")).unwrap();
-    let rows: i64 = db.client.query_one("SELECT count(*) FROM rekey.audit", &[]).await.unwrap().get(0);
+    let rows: i64 = db
+        .client
+        .query_one("SELECT count(*) FROM rekey.audit", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(rows, 5);
     for key in [K1.to_string(), new_key.clone()] {
         let b64 = base64::engine::general_purpose::STANDARD.encode(hex::decode(&key).unwrap());
-        assert!(!trail.contains(&key) && !trail.contains(&b64), "key material in the audit trail");
+        assert!(
+            !trail.contains(&key) && !trail.contains(&b64),
+            "key material in the audit trail"
+        );
     }
 }
 
@@ -79,18 +137,46 @@ async fn a_rotation_killed_between_stage_and_promote_resumes() {
     db.seed_patients(30_000).await;
     let dir = tempfile::tempdir().unwrap();
     let (job, keyring) = keyring_file_job(&db, &dir);
-    let args = ["rotate", "--job", job.as_str(), "--json", "--batch-size", "200"];
+    let args = [
+        "rotate",
+        "--job",
+        job.as_str(),
+        "--json",
+        "--batch-size",
+        "200",
+    ];
     let mut child = spawn_rekey(&args, &keyring_pass_env());
     wait_for_progress(&db, &mut child, 5_000 + 1).await;
     child.kill().unwrap();
     child.wait().unwrap();
-    assert_eq!(keyring_table(&keyring).id_in(KeyState::Pending), Some(2), "killed after staging");
+    assert_eq!(
+        keyring_table(&keyring).id_in(KeyState::Pending),
+        Some(2),
+        "killed after staging"
+    );
 
     let out = rekey(&args, &keyring_pass_env());
-    assert_eq!((out.status.code(), json(&out)["step"].as_str()), (Some(0), Some("promoted")), "{}", printed(&out));
-    assert_eq!(event_types(&dir), ["key_staged", "reencryption_completed", "verification_passed", "key_promoted"]);
+    assert_eq!(
+        (out.status.code(), json(&out)["step"].as_str()),
+        (Some(0), Some("promoted")),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(
+        event_types(&dir),
+        [
+            "key_staged",
+            "reencryption_completed",
+            "verification_passed",
+            "key_promoted"
+        ]
+    );
     let ring = keyring_table(&keyring).keyring().unwrap();
-    assert!(db.decrypted_patients(&ring).await.iter().all(|(id, (p, _))| *p == Decrypted::Plain(2, phone(*id))));
+    assert!(db
+        .decrypted_patients(&ring)
+        .await
+        .iter()
+        .all(|(id, (p, _))| *p == Decrypted::Plain(2, phone(*id))));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -99,19 +185,51 @@ async fn rollback_makes_the_previous_key_current_again() {
     db.seed_patients(2_000).await;
     let dir = tempfile::tempdir().unwrap();
     let (job, keyring) = keyring_file_job(&db, &dir);
-    assert_eq!(rekey(&["rotate", "--job", &job], &keyring_pass_env()).status.code(), Some(0));
+    assert_eq!(
+        rekey(&["rotate", "--job", &job], &keyring_pass_env())
+            .status
+            .code(),
+        Some(0)
+    );
     assert_eq!(keyring_table(&keyring).id_in(KeyState::Current), Some(2));
 
-    let out = rekey(&["secrets", "rollback", "--job", &job, "--reason", "emergency"], &keyring_pass_env());
+    let out = rekey(
+        &[
+            "secrets",
+            "rollback",
+            "--job",
+            &job,
+            "--reason",
+            "emergency",
+        ],
+        &keyring_pass_env(),
+    );
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     let table = keyring_table(&keyring);
-    assert_eq!((table.id_in(KeyState::Current), table.previous_ids()), (Some(1), vec![2]));
+    assert_eq!(
+        (table.id_in(KeyState::Current), table.previous_ids()),
+        (Some(1), vec![2])
+    );
     // both keys still read everything
-    assert!(db.decrypted_patients(&table.keyring().unwrap()).await.values().all(|(p, _)| matches!(p, Decrypted::Plain(2, _))));
-    assert_eq!(event_types(&dir).last().map(String::as_str), Some("key_rolled_back"));
-    let show = rekey(&["secrets", "show", "--job", &job, "--json"], &keyring_pass_env());
+    assert!(db
+        .decrypted_patients(&table.keyring().unwrap())
+        .await
+        .values()
+        .all(|(p, _)| matches!(p, Decrypted::Plain(2, _))));
+    assert_eq!(
+        event_types(&dir).last().map(String::as_str),
+        Some("key_rolled_back")
+    );
+    let show = rekey(
+        &["secrets", "show", "--job", &job, "--json"],
+        &keyring_pass_env(),
+    );
     let keys = json(&show)["keys"].clone();
-    assert_eq!((keys[0]["state"].as_str(), keys[1]["state"].as_str()), (Some("current"), Some("previous")), "{keys}");
+    assert_eq!(
+        (keys[0]["state"].as_str(), keys[1]["state"].as_str()),
+        (Some("current"), Some("previous")),
+        "{keys}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -121,18 +239,40 @@ async fn retire_is_refused_while_values_still_need_the_old_key() {
     let dir = tempfile::tempdir().unwrap();
     let (job, keyring) = keyring_file_job(&db, &dir);
     for step in ["stage", "promote"] {
-        let out = rekey(&["secrets", step, "--job", &job, "--reason", "compromise"], &keyring_pass_env());
+        let out = rekey(
+            &["secrets", step, "--job", &job, "--reason", "compromise"],
+            &keyring_pass_env(),
+        );
         assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     }
     let before = std::fs::read(&keyring).unwrap();
-    let out = rekey(&["secrets", "retire", "--job", &job, "--reason", "compromise"], &keyring_pass_env());
+    let out = rekey(
+        &["secrets", "retire", "--job", &job, "--reason", "compromise"],
+        &keyring_pass_env(),
+    );
     assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
-    assert!(printed(&out).contains("1667 values still under key 1"), "{}", printed(&out));
-    assert_eq!(std::fs::read(&keyring).unwrap(), before, "the keyring changed");
-    assert_eq!(event_types(&dir).last().map(String::as_str), Some("retire_refused"));
+    assert!(
+        printed(&out).contains("1667 values still under key 1"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(
+        std::fs::read(&keyring).unwrap(),
+        before,
+        "the keyring changed"
+    );
+    assert_eq!(
+        event_types(&dir).last().map(String::as_str),
+        Some("retire_refused")
+    );
 
     // once the data is rotated, it goes
-    assert_eq!(rekey(&["run", "--job", &job], &keyring_pass_env()).status.code(), Some(0));
+    assert_eq!(
+        rekey(&["run", "--job", &job], &keyring_pass_env())
+            .status
+            .code(),
+        Some(0)
+    );
     let out = rekey(&["secrets", "retire", "--job", &job], &keyring_pass_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert_eq!(keyring_table(&keyring).entries[0].state, KeyState::Retired);
@@ -146,10 +286,19 @@ async fn a_wrong_passphrase_is_refused_clearly_and_changes_nothing() {
     let (job, keyring) = keyring_file_job(&db, &dir);
     let before = std::fs::read(&keyring).unwrap();
     let table_before = db.checksum("patient_persons").await;
-    for args in [vec!["rotate", "--job", job.as_str()], vec!["run", "--job", job.as_str()], vec!["secrets", "stage", "--job", job.as_str()]] {
+    for args in [
+        vec!["rotate", "--job", job.as_str()],
+        vec!["run", "--job", job.as_str()],
+        vec!["secrets", "stage", "--job", job.as_str()],
+    ] {
         let out = rekey(&args, &[("REKEY_KEYRING_PASSPHRASE", "wrong".to_string())]);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", printed(&out));
-        assert!(printed(&out).contains("wrong passphrase") && printed(&out).contains("REKEY_KEYRING_PASSPHRASE"), "{}", printed(&out));
+        assert!(
+            printed(&out).contains("wrong passphrase")
+                && printed(&out).contains("REKEY_KEYRING_PASSPHRASE"),
+            "{}",
+            printed(&out)
+        );
     }
     assert_eq!(std::fs::read(&keyring).unwrap(), before);
     assert_eq!(db.checksum("patient_persons").await, table_before);
@@ -162,12 +311,19 @@ async fn rotate_with_environment_keys_prints_each_change_and_checks_it_was_made(
     let dir = tempfile::tempdir().unwrap();
     let job = db.patients_job(&dir);
     let j = job.display().to_string();
-    let mut env = vec![("ENCRYPTION_KEY_V1", K1.to_string()), ("ENCRYPTION_CURRENT_VERSION", "1".to_string())];
+    let mut env = vec![
+        ("ENCRYPTION_KEY_V1", K1.to_string()),
+        ("ENCRYPTION_CURRENT_VERSION", "1".to_string()),
+    ];
 
     let out = rekey(&["rotate", "--job", &j], &env);
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     let said = printed(&out);
-    assert!(said.contains("export ENCRYPTION_KEY_V2=<a new key") && said.contains("export ENCRYPTION_PENDING_VERSION=2"), "{said}");
+    assert!(
+        said.contains("export ENCRYPTION_KEY_V2=<a new key")
+            && said.contains("export ENCRYPTION_PENDING_VERSION=2"),
+        "{said}"
+    );
 
     // not made yet: refused, nothing happens
     let out = rekey(&["rotate", "--job", &j], &env);
@@ -179,22 +335,54 @@ async fn rotate_with_environment_keys_prints_each_change_and_checks_it_was_made(
     let out = rekey(&["rotate", "--job", &j], &env);
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     let said = printed(&out);
-    assert!(said.contains("export ENCRYPTION_CURRENT_VERSION=2") && said.contains("unset ENCRYPTION_PENDING_VERSION"), "{said}");
-    assert!(db.decrypted_patients(&v2_ring()).await.iter().all(|(id, (p, _))| *p == Decrypted::Plain(2, phone(*id))));
+    assert!(
+        said.contains("export ENCRYPTION_CURRENT_VERSION=2")
+            && said.contains("unset ENCRYPTION_PENDING_VERSION"),
+        "{said}"
+    );
+    assert!(db
+        .decrypted_patients(&v2_ring())
+        .await
+        .iter()
+        .all(|(id, (p, _))| *p == Decrypted::Plain(2, phone(*id))));
 
     env.retain(|(k, _)| *k != "ENCRYPTION_PENDING_VERSION" && *k != "ENCRYPTION_CURRENT_VERSION");
     env.push(("ENCRYPTION_CURRENT_VERSION", "2".to_string()));
     pretend_grace_passed(&db).await;
     let out = rekey(&["rotate", "--job", &j, "--json"], &env);
-    assert_eq!((out.status.code(), json(&out)["step"].as_str()), (Some(0), Some("retired")), "{}", printed(&out));
-    assert!(printed(&out).contains("unset ENCRYPTION_KEY_V1"), "{}", printed(&out));
-    assert!(!printed(&out).contains(K2), "a key value was printed without --reveal on a terminal");
-    assert_eq!(event_types(&dir), ["key_staged", "reencryption_completed", "verification_passed", "key_promoted", "key_retired"]);
+    assert_eq!(
+        (out.status.code(), json(&out)["step"].as_str()),
+        (Some(0), Some("retired")),
+        "{}",
+        printed(&out)
+    );
+    assert!(
+        printed(&out).contains("unset ENCRYPTION_KEY_V1"),
+        "{}",
+        printed(&out)
+    );
+    assert!(
+        !printed(&out).contains(K2),
+        "a key value was printed without --reveal on a terminal"
+    );
+    assert_eq!(
+        event_types(&dir),
+        [
+            "key_staged",
+            "reencryption_completed",
+            "verification_passed",
+            "key_promoted",
+            "key_retired"
+        ]
+    );
     assert_eq!(audit_events(&dir)[1]["affected_records"], 50_000 + 33_334);
     let trail = std::fs::read_to_string(dir.path().join("patients.audit.jsonl")).unwrap();
     for key in [K1, K2] {
         let b64 = base64::engine::general_purpose::STANDARD.encode(hex::decode(key).unwrap());
-        assert!(!trail.contains(key) && !trail.contains(&b64), "key material in the audit trail");
+        assert!(
+            !trail.contains(key) && !trail.contains(&b64),
+            "key material in the audit trail"
+        );
     }
 }
 
@@ -204,7 +392,12 @@ async fn a_staged_key_replaced_by_hand_stops_the_rotation() {
     db.seed_patients(500).await;
     let dir = tempfile::tempdir().unwrap();
     let (job, keyring) = keyring_file_job(&db, &dir);
-    assert_eq!(rekey(&["secrets", "stage", "--job", &job], &keyring_pass_env()).status.code(), Some(0));
+    assert_eq!(
+        rekey(&["secrets", "stage", "--job", &job], &keyring_pass_env())
+            .status
+            .code(),
+        Some(0)
+    );
     let out = rekey(&["rotate", "--job", &job], &keyring_pass_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
 
@@ -216,5 +409,9 @@ async fn a_staged_key_replaced_by_hand_stops_the_rotation() {
     file.save().unwrap();
     let out = rekey(&["rotate", "--job", &job], &keyring_pass_env());
     assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
-    assert!(printed(&out).contains("not the key this rotation staged"), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("not the key this rotation staged"),
+        "{}",
+        printed(&out)
+    );
 }

@@ -3,7 +3,12 @@
 use crate::harness::*;
 
 fn run_args(job: &std::path::Path) -> Vec<String> {
-    vec!["run".into(), "--job".into(), job.display().to_string(), "--json".into()]
+    vec![
+        "run".into(),
+        "--job".into(),
+        job.display().to_string(),
+        "--json".into(),
+    ]
 }
 
 fn args(v: &[String]) -> Vec<&str> {
@@ -14,7 +19,9 @@ fn args(v: &[String]) -> Vec<&str> {
 async fn rotation_of_100k_rows_leaves_every_value_on_v2_with_its_plaintext() {
     let db = TestDb::new().await;
     db.seed_patients(100_000).await;
-    let others_before = db.checksum("(SELECT id, name, notes FROM patient_persons)").await;
+    let others_before = db
+        .checksum("(SELECT id, name, notes FROM patient_persons)")
+        .await;
     let dir = tempfile::tempdir().unwrap();
     let job = db.patients_job(&dir);
 
@@ -29,10 +36,19 @@ async fn rotation_of_100k_rows_leaves_every_value_on_v2_with_its_plaintext() {
     assert_eq!(after.len(), 100_000);
     for (id, (p, e)) in &after {
         assert_eq!(p, &Decrypted::Plain(2, phone(*id)), "phone of {id}");
-        let want = if id % 3 == 0 { Decrypted::Null } else { Decrypted::Plain(2, emergency(*id)) };
+        let want = if id % 3 == 0 {
+            Decrypted::Null
+        } else {
+            Decrypted::Plain(2, emergency(*id))
+        };
         assert_eq!(e, &want, "emergency phone of {id}");
     }
-    assert_eq!(db.checksum("(SELECT id, name, notes FROM patient_persons)").await, others_before, "other columns changed");
+    assert_eq!(
+        db.checksum("(SELECT id, name, notes FROM patient_persons)")
+            .await,
+        others_before,
+        "other columns changed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -41,7 +57,10 @@ async fn a_second_run_after_a_finished_one_rewrites_nothing() {
     db.seed_patients(3_000).await;
     let dir = tempfile::tempdir().unwrap();
     let job = db.patients_job(&dir);
-    assert_eq!(rekey(&args(&run_args(&job)), &seed_env()).status.code(), Some(0));
+    assert_eq!(
+        rekey(&args(&run_args(&job)), &seed_env()).status.code(),
+        Some(0)
+    );
     let before = db.checksum("patient_persons").await;
 
     let out = rekey(&args(&run_args(&job)), &seed_env());
@@ -56,7 +75,13 @@ async fn a_second_run_after_a_finished_one_rewrites_nothing() {
 async fn dry_run_changes_neither_the_table_nor_engine_state() {
     let db = TestDb::new().await;
     db.seed_patients(5_000).await;
-    db.client.execute("UPDATE patient_persons SET phone_encrypted = '\\x0102' WHERE id = 7", &[]).await.unwrap();
+    db.client
+        .execute(
+            "UPDATE patient_persons SET phone_encrypted = '\\x0102' WHERE id = 7",
+            &[],
+        )
+        .await
+        .unwrap();
     db.client.execute("UPDATE patient_persons SET phone_encrypted = '\\x09' || substring(phone_encrypted from 2) WHERE id = 8", &[]).await.unwrap();
     let before = db.checksum("patient_persons").await;
     let dir = tempfile::tempdir().unwrap();
@@ -68,13 +93,27 @@ async fn dry_run_changes_neither_the_table_nor_engine_state() {
     assert_eq!(out.status.code(), Some(3), "{}", printed(&out));
     let summary = json(&out);
     assert_eq!(summary["values_rewritten"], 5_000 + 3_334 - 2);
-    assert_eq!(summary["values_failed"], 2, "every failing value is reported");
+    assert_eq!(
+        summary["values_failed"], 2,
+        "every failing value is reported"
+    );
     let failures = summary["failures"].as_array().unwrap();
-    let keys: Vec<&str> = failures.iter().map(|f| f["key"].as_str().unwrap()).collect();
-    assert!(keys.contains(&"(7)") && keys.contains(&"(8)"), "{failures:?}");
+    let keys: Vec<&str> = failures
+        .iter()
+        .map(|f| f["key"].as_str().unwrap())
+        .collect();
+    assert!(
+        keys.contains(&"(7)") && keys.contains(&"(8)"),
+        "{failures:?}"
+    );
 
     assert_eq!(db.checksum("patient_persons").await, before);
-    let schema: bool = db.client.query_one("SELECT to_regnamespace('rekey') IS NOT NULL", &[]).await.unwrap().get(0);
+    let schema: bool = db
+        .client
+        .query_one("SELECT to_regnamespace('rekey') IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert!(!schema, "dry run created engine state");
 }
 
@@ -92,10 +131,27 @@ async fn corrupted_values_are_quarantined_reported_and_left_byte_for_byte() {
         )
         .await
         .unwrap();
-    let wrong = rekey::crypto::keyring::Keyring::new(vec![rekey::crypto::keyring::Key::new(1, [9; 32])], 1, None).unwrap();
+    let wrong = rekey::crypto::keyring::Keyring::new(
+        vec![rekey::crypto::keyring::Key::new(1, [9; 32])],
+        1,
+        None,
+    )
+    .unwrap();
     let mut sealed = Vec::new();
-    rekey::crypto::codec::Codec::seal(&rekey::crypto::codec::versioned_gcm::VersionedGcm::new(&wrong).unwrap(), b"x", b"", None, &mut sealed);
-    db.client.execute("UPDATE patient_persons SET phone_encrypted = $1 WHERE id = 16", &[&sealed]).await.unwrap();
+    rekey::crypto::codec::Codec::seal(
+        &rekey::crypto::codec::versioned_gcm::VersionedGcm::new(&wrong).unwrap(),
+        b"x",
+        b"",
+        None,
+        &mut sealed,
+    );
+    db.client
+        .execute(
+            "UPDATE patient_persons SET phone_encrypted = $1 WHERE id = 16",
+            &[&sealed],
+        )
+        .await
+        .unwrap();
     let corrupt = "(SELECT id, CASE WHEN id = 13 THEN emergency_contact_phone_encrypted ELSE phone_encrypted END FROM patient_persons WHERE id IN (10, 11, 13, 14, 16))";
     let corrupt_before = db.checksum(corrupt).await;
     let dir = tempfile::tempdir().unwrap();
@@ -104,14 +160,19 @@ async fn corrupted_values_are_quarantined_reported_and_left_byte_for_byte() {
     let out = rekey(&args(&run_args(&job)), &seed_env());
     assert_eq!(out.status.code(), Some(3), "{}", printed(&out));
     assert_eq!(json(&out)["values_failed"], 5);
-    assert_eq!(db.checksum(corrupt).await, corrupt_before, "a corrupted value was changed");
+    assert_eq!(
+        db.checksum(corrupt).await,
+        corrupt_before,
+        "a corrupted value was changed"
+    );
 
     let q = db
         .client
         .query("SELECT pk_text, column_name, error_kind FROM rekey.quarantine ORDER BY pk_text, column_name", &[])
         .await
         .unwrap();
-    let got: Vec<(String, String, String)> = q.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    let got: Vec<(String, String, String)> =
+        q.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
     let want = [
         ("(10)", "phone_encrypted", "truncated"),
         ("(11)", "phone_encrypted", "auth_failed"),
@@ -119,13 +180,20 @@ async fn corrupted_values_are_quarantined_reported_and_left_byte_for_byte() {
         ("(14)", "phone_encrypted", "truncated"),
         ("(16)", "phone_encrypted", "auth_failed"),
     ];
-    assert_eq!(got, want.map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string())));
+    assert_eq!(
+        got,
+        want.map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+    );
 
     // everything else rotated, including the healthy column of the corrupted rows
     let after = db.decrypted_patients(&v2_ring()).await;
     assert_eq!(after[&13].0, Decrypted::Plain(2, phone(13)));
     assert_eq!(after[&10].1, Decrypted::Plain(2, emergency(10)));
-    let rotated = after.values().flat_map(|(p, e)| [p, e]).filter(|d| matches!(d, Decrypted::Plain(2, _))).count();
+    let rotated = after
+        .values()
+        .flat_map(|(p, e)| [p, e])
+        .filter(|d| matches!(d, Decrypted::Plain(2, _)))
+        .count();
     assert_eq!(rotated, 2_000 + 1_334 - 5);
 }
 
@@ -142,7 +210,10 @@ async fn verify_exits_4_before_rotation_and_0_after() {
     assert_eq!(json(&before)["values_on_old_keys"], 4_000 + 2_667);
     assert_eq!(json(&before)["by_key"]["v1"], 4_000 + 2_667);
 
-    assert_eq!(rekey(&args(&run_args(&job)), &seed_env()).status.code(), Some(0));
+    assert_eq!(
+        rekey(&args(&run_args(&job)), &seed_env()).status.code(),
+        Some(0)
+    );
     for mode in ["--full", "--sample"] {
         let mut a = vec!["verify", "--job", &j, "--json", mode];
         if mode == "--sample" {
@@ -160,10 +231,19 @@ async fn verify_exits_4_before_rotation_and_0_after() {
 async fn plan_counts_values_per_key_version_and_nulls() {
     let db = TestDb::new().await;
     db.seed_patients(900).await;
-    db.client.execute("UPDATE patient_persons SET phone_encrypted = NULL WHERE id <= 10", &[]).await.unwrap();
+    db.client
+        .execute(
+            "UPDATE patient_persons SET phone_encrypted = NULL WHERE id <= 10",
+            &[],
+        )
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let job = db.patients_job(&dir);
-    let out = rekey(&["plan", "--job", &job.display().to_string(), "--json"], &seed_env());
+    let out = rekey(
+        &["plan", "--job", &job.display().to_string(), "--json"],
+        &seed_env(),
+    );
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     let plan = json(&out);
     let cols = plan["columns"].as_array().unwrap();
@@ -183,7 +263,10 @@ async fn status_reports_a_finished_job_from_the_database() {
     let j = job.display().to_string();
     let never = rekey(&["status", "--job", &j, "--json"], &[]);
     assert_eq!(json(&never)["state"], "never run");
-    assert_eq!(rekey(&args(&run_args(&job)), &seed_env()).status.code(), Some(0));
+    assert_eq!(
+        rekey(&args(&run_args(&job)), &seed_env()).status.code(),
+        Some(0)
+    );
 
     let out = rekey(&["status", "--job", &j, "--json"], &[]);
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
@@ -207,8 +290,20 @@ async fn composite_keys_and_quoted_identifiers_rotate() {
     let mut out = Vec::new();
     for org in ["a", "b\"quote", "c'; drop"] {
         for seq in 0..700 {
-            rekey::crypto::codec::Codec::seal(&codec, format!("{org}/{seq}").as_bytes(), b"", None, &mut out);
-            db.client.execute("INSERT INTO \"Clinic Data\".\"Visit Notes\" VALUES ($1, $2, $3)", &[&org, &seq, &out]).await.unwrap();
+            rekey::crypto::codec::Codec::seal(
+                &codec,
+                format!("{org}/{seq}").as_bytes(),
+                b"",
+                None,
+                &mut out,
+            );
+            db.client
+                .execute(
+                    "INSERT INTO \"Clinic Data\".\"Visit Notes\" VALUES ($1, $2, $3)",
+                    &[&org, &seq, &out],
+                )
+                .await
+                .unwrap();
         }
     }
     let dir = tempfile::tempdir().unwrap();
@@ -221,13 +316,34 @@ async fn composite_keys_and_quoted_identifiers_rotate() {
         ),
     )
     .unwrap();
-    let out = rekey(&["run", "--job", &job.display().to_string(), "--json", "--batch-size", "97"], &seed_env());
+    let out = rekey(
+        &[
+            "run",
+            "--job",
+            &job.display().to_string(),
+            "--json",
+            "--batch-size",
+            "97",
+        ],
+        &seed_env(),
+    );
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert_eq!(json(&out)["values_rewritten"], 2_100);
     let codec2 = rekey::crypto::codec::versioned_gcm::VersionedGcm::new(&v2_ring()).unwrap();
-    for r in db.client.query("SELECT org, \"Seq\", \"Secret Col\" FROM \"Clinic Data\".\"Visit Notes\"", &[]).await.unwrap() {
+    for r in db
+        .client
+        .query(
+            "SELECT org, \"Seq\", \"Secret Col\" FROM \"Clinic Data\".\"Visit Notes\"",
+            &[],
+        )
+        .await
+        .unwrap()
+    {
         let (org, seq, v): (String, i32, Vec<u8>) = (r.get(0), r.get(1), r.get(2));
         let opened = rekey::crypto::codec::Codec::open(&codec2, &v, b"").unwrap();
-        assert_eq!((opened.key, opened.plaintext.as_slice()), (2, format!("{org}/{seq}").as_bytes()));
+        assert_eq!(
+            (opened.key, opened.plaintext.as_slice()),
+            (2, format!("{org}/{seq}").as_bytes())
+        );
     }
 }

@@ -20,7 +20,13 @@ fn forms(hex_key: &str) -> Vec<String> {
 async fn no_key_material_in_outputs_errors_or_engine_tables() {
     let db = TestDb::new().await;
     db.seed_patients(2_000).await;
-    db.client.execute("UPDATE patient_persons SET phone_encrypted = '\\x0102' WHERE id = 3", &[]).await.unwrap();
+    db.client
+        .execute(
+            "UPDATE patient_persons SET phone_encrypted = '\\x0102' WHERE id = 3",
+            &[],
+        )
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let job = db.patients_job(&dir);
     let j = job.display().to_string();
@@ -36,7 +42,11 @@ async fn no_key_material_in_outputs_errors_or_engine_tables() {
         said.push_str(&printed(&rekey(&args, &seed_env())));
     }
     // and an error path: a key of the wrong length
-    let bad = vec![("ENCRYPTION_KEY_V1", K1.to_string()), ("ENCRYPTION_KEY_V2", K2[..60].to_string()), ("ENCRYPTION_CURRENT_VERSION", "2".to_string())];
+    let bad = vec![
+        ("ENCRYPTION_KEY_V1", K1.to_string()),
+        ("ENCRYPTION_KEY_V2", K2[..60].to_string()),
+        ("ENCRYPTION_CURRENT_VERSION", "2".to_string()),
+    ];
     said.push_str(&printed(&rekey(&["run", "--job", &j], &bad)));
 
     let tables = db

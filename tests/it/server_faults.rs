@@ -32,7 +32,13 @@ struct Disturbed {
 
 impl Disturbed {
     fn new(args: &[&str], names: &'static [&'static str]) -> Disturbed {
-        Disturbed { args: args.iter().map(|a| a.to_string()).collect(), names, child: None, failures: Vec::new(), finished: None }
+        Disturbed {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            names,
+            child: None,
+            failures: Vec::new(),
+            finished: None,
+        }
     }
 
     fn args(&self) -> Vec<&str> {
@@ -67,8 +73,17 @@ impl Disturbed {
             return;
         }
         let said = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        assert_eq!(out.status.code(), Some(1), "a fault must stop the run with exit 1 (or not at all): {}", printed(out));
-        assert!(said.starts_with("rekey: ") && self.names.iter().any(|n| said.contains(n)), "unclear failure, expected one of {:?} in: {said}", self.names);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "a fault must stop the run with exit 1 (or not at all): {}",
+            printed(out)
+        );
+        assert!(
+            said.starts_with("rekey: ") && self.names.iter().any(|n| said.contains(n)),
+            "unclear failure, expected one of {:?} in: {said}",
+            self.names
+        );
         self.failures.push(said);
     }
 
@@ -84,10 +99,18 @@ impl Disturbed {
         }
         let job_started = committed_values(db).await > 0;
         let out = rekey(&self.args(), &seed_env());
-        assert_eq!(out.status.code(), Some(0), "the re-run after the fault did not finish: {}", printed(&out));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "the re-run after the fault did not finish: {}",
+            printed(&out)
+        );
         let summary = json(&out);
         if job_started {
-            assert_eq!(summary["resumed"], true, "the re-run started over instead of resuming");
+            assert_eq!(
+                summary["resumed"], true,
+                "the re-run started over instead of resuming"
+            );
         }
         (summary, self.failures)
     }
@@ -95,7 +118,15 @@ impl Disturbed {
 
 /// Says how the engine met a fault, for the closing note.
 fn report(fault: &str, landed: usize, failures: &[String]) {
-    let met = if failures.is_empty() { "the run finished by itself".to_string() } else { format!("{} run(s) stopped, then resumed and finished; said: {:?}", failures.len(), failures) };
+    let met = if failures.is_empty() {
+        "the run finished by itself".to_string()
+    } else {
+        format!(
+            "{} run(s) stopped, then resumed and finished; said: {:?}",
+            failures.len(),
+            failures
+        )
+    };
     println!("fault report: {fault}: injected {landed} time(s); {met}");
 }
 
@@ -119,7 +150,19 @@ where
 async fn setup(db: &TestDb, rows: i64, dir: &tempfile::TempDir) -> Vec<String> {
     db.seed_patients(rows).await;
     let job = db.patients_job(dir).display().to_string();
-    ["run", "--job", &job, "--json", "--batch-size", "200", "--workers", "2"].iter().map(|a| a.to_string()).collect()
+    [
+        "run",
+        "--job",
+        &job,
+        "--json",
+        "--batch-size",
+        "200",
+        "--workers",
+        "2",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect()
 }
 
 fn strs(v: &[String]) -> Vec<&str> {
@@ -128,9 +171,17 @@ fn strs(v: &[String]) -> Vec<&str> {
 
 /// Asserts the contract after the job finished.
 async fn assert_nothing_lost(db: &TestDb, rows: i64, summary: &Value, untouched: &str) {
-    assert_eq!(summary["job_totals"]["values_rewritten"], values_in(rows), "every value rewritten exactly once across all runs");
+    assert_eq!(
+        summary["job_totals"]["values_rewritten"],
+        values_in(rows),
+        "every value rewritten exactly once across all runs"
+    );
     db.assert_every_value_rotated(rows).await;
-    assert_eq!(db.unencrypted_checksum().await, untouched, "a column rekey does not own was written");
+    assert_eq!(
+        db.unencrypted_checksum().await,
+        untouched,
+        "a column rekey does not own was written"
+    );
 }
 
 /// How a lost connection may be named.
@@ -189,7 +240,11 @@ async fn terminating_rekeys_sessions_mid_batch_loses_nothing_and_the_run_finishe
         eventually(Duration::from_secs(2), || std::future::ready(runs.ended())).await;
     }
     let (summary, failures) = runs.finish(&db).await;
-    report("pg_terminate_backend of rekey's sessions inside a batch", landed, &failures);
+    report(
+        "pg_terminate_backend of rekey's sessions inside a batch",
+        landed,
+        &failures,
+    );
     assert!(landed > 0, "no session was caught inside a batch");
     assert_nothing_lost(&db, ROWS, &summary, &untouched).await;
 }
@@ -209,14 +264,27 @@ async fn restart_mid_run(mode: &'static str) {
     let before = committed_values(&db).await;
     // the restart lands mid-run: the run is still going, some values are
     // committed and not all (measured just before the restart is issued)
-    assert_eq!(landed, 1, "the run ended before the restart: {before} values committed");
-    assert!(before > 0 && before < values_in(ROWS), "not mid-run: {before} of {} values committed when the restart was issued", values_in(ROWS));
+    assert_eq!(
+        landed, 1,
+        "the run ended before the restart: {before} values committed"
+    );
+    assert!(
+        before > 0 && before < values_in(ROWS),
+        "not mid-run: {before} of {} values committed when the restart was issued",
+        values_in(ROWS)
+    );
     tokio::task::block_in_place(|| cluster.ctl(&["restart", "-w", "-t", "60", "-m", mode]))
         .unwrap_or_else(|e| panic!("restart failed: {e}\n{}", cluster.log()));
     db.client = connect(&db.url).await;
     let after = committed_values(&db).await;
     let (summary, failures) = runs.finish(&db).await;
-    report(&format!("server restart -m {mode} (values committed: {before} seen before, {after} after)"), landed, &failures);
+    report(
+        &format!(
+            "server restart -m {mode} (values committed: {before} seen before, {after} after)"
+        ),
+        landed,
+        &failures,
+    );
     assert_nothing_lost(&db, ROWS, &summary, &untouched).await;
 }
 
@@ -324,11 +392,19 @@ async fn the_databases_statement_timeout_does_not_cut_rekeys_batches_its_own_set
     run.extend(["--lock-timeout", "60s"].map(String::from)); // only a statement timeout could cut the wait
     let untouched = db.unencrypted_checksum().await;
     let locker = lock_middle_rows(&db, ROWS).await;
-    db.alter_database(&format!("SET statement_timeout = {DATABASE_TIMEOUT_MS}")).await;
+    db.alter_database(&format!("SET statement_timeout = {DATABASE_TIMEOUT_MS}"))
+        .await;
     // premise: a new session of this database gets the database's timeout
     let fresh = connect(&db.url).await;
-    let applied: String = fresh.query_one("SHOW statement_timeout", &[]).await.unwrap().get(0);
-    assert_eq!(applied, "1s", "the database's statement_timeout does not apply to new sessions");
+    let applied: String = fresh
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        applied, "1s",
+        "the database's statement_timeout does not apply to new sessions"
+    );
 
     let mut runs = Disturbed::new(&strs(&run), &["statement timeout"]);
     runs.child();
@@ -336,8 +412,15 @@ async fn the_databases_statement_timeout_does_not_cut_rekeys_batches_its_own_set
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut long_waits = Vec::new();
     while long_waits.is_empty() {
-        assert!(!runs.ended(), "the run ended before a batch of it waited past the database's statement_timeout");
-        assert!(Instant::now() < deadline, "no batch of rekey's was seen waiting on the locked rows for {} ms", 2 * DATABASE_TIMEOUT_MS);
+        assert!(
+            !runs.ended(),
+            "the run ended before a batch of it waited past the database's statement_timeout"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no batch of rekey's was seen waiting on the locked rows for {} ms",
+            2 * DATABASE_TIMEOUT_MS
+        );
         long_waits = lock_waits_longer_than(&db, 2 * DATABASE_TIMEOUT_MS).await;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -349,13 +432,20 @@ async fn the_databases_statement_timeout_does_not_cut_rekeys_batches_its_own_set
         long_waits.len(),
         &failures,
     );
-    assert!(failures.is_empty(), "the run stopped: the database's timeout applied to a batch: {failures:?}");
-    assert_eq!(summary["retries"], 0, "a batch was retried: its statement was cancelled: {summary}");
+    assert!(
+        failures.is_empty(),
+        "the run stopped: the database's timeout applied to a batch: {failures:?}"
+    );
+    assert_eq!(
+        summary["retries"], 0,
+        "a batch was retried: its statement was cancelled: {summary}"
+    );
     assert_nothing_lost(&db, ROWS, &summary, &untouched).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_batch_cancelled_by_rekeys_own_statement_timeout_stops_the_run_clearly_and_it_resumes_once_the_locks_go() {
+async fn a_batch_cancelled_by_rekeys_own_statement_timeout_stops_the_run_clearly_and_it_resumes_once_the_locks_go(
+) {
     // --statement-timeout 300ms, locked rows, and two tries: the batch that
     // reaches the rows is cancelled, halved down to the locked row, cancelled
     // twice more, and the run stops with exit 1 naming the timeout; the same
@@ -364,7 +454,17 @@ async fn a_batch_cancelled_by_rekeys_own_statement_timeout_stops_the_run_clearly
     let db = TestDb::new().await;
     let dir = tempfile::tempdir().unwrap();
     let mut run = setup(&db, ROWS, &dir).await;
-    run.extend(["--statement-timeout", "300ms", "--lock-timeout", "60s", "--attempts", "2"].map(String::from));
+    run.extend(
+        [
+            "--statement-timeout",
+            "300ms",
+            "--lock-timeout",
+            "60s",
+            "--attempts",
+            "2",
+        ]
+        .map(String::from),
+    );
     let untouched = db.unencrypted_checksum().await;
     let locker = lock_middle_rows(&db, ROWS).await;
     let mut runs = Disturbed::new(&strs(&run), &["statement timeout"]);
@@ -374,15 +474,25 @@ async fn a_batch_cancelled_by_rekeys_own_statement_timeout_stops_the_run_clearly
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut waits = std::collections::BTreeSet::new();
     while !runs.ended() {
-        assert!(Instant::now() < deadline, "the run neither stopped nor finished in 60 s with its batch blocked");
+        assert!(
+            Instant::now() < deadline,
+            "the run neither stopped nor finished in 60 s with its batch blocked"
+        );
         waits.extend(lock_waits(&db).await);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(runs.failures.len(), 1, "the run finished although a batch could not commit within --statement-timeout");
+    assert_eq!(
+        runs.failures.len(),
+        1,
+        "the run finished although a batch could not commit within --statement-timeout"
+    );
     locker.batch_execute("COMMIT").await.unwrap();
     let (summary, failures) = runs.finish(&db).await;
     report("--statement-timeout 300ms and 20 locked mid-table rows (injections: rekey statements seen waiting on them)", waits.len(), &failures);
-    assert!(!waits.is_empty(), "no statement of rekey's was seen waiting on the locked rows");
+    assert!(
+        !waits.is_empty(),
+        "no statement of rekey's was seen waiting on the locked rows"
+    );
     assert!(failures[0].contains("failed 2 times"), "{failures:?}");
     assert_nothing_lost(&db, ROWS, &summary, &untouched).await;
 }
@@ -401,8 +511,14 @@ async fn a_full_disk_under_the_table_stops_the_run_clearly_and_it_resumes_once_s
     let cluster = TempCluster::start(ClusterOptions { durable: false }).expect("a private cluster");
     let db = TestDb::on(&cluster).await;
     let space = disk.path().display().to_string();
-    db.client.batch_execute(&format!("CREATE TABLESPACE tiny LOCATION '{space}'")).await.unwrap();
-    db.client.batch_execute("SET default_tablespace = tiny").await.unwrap();
+    db.client
+        .batch_execute(&format!("CREATE TABLESPACE tiny LOCATION '{space}'"))
+        .await
+        .unwrap();
+    db.client
+        .batch_execute("SET default_tablespace = tiny")
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let run = setup(&db, ROWS, &dir).await;
     let untouched = db.unencrypted_checksum().await;
@@ -417,29 +533,52 @@ async fn a_full_disk_under_the_table_stops_the_run_clearly_and_it_resumes_once_s
         fillers += 1;
         assert!(fillers < 100, "the disk never filled up");
     }
-    db.client.batch_execute(&format!("DROP TABLE filler{}; DROP TABLE filler{}", fillers - 1, fillers - 2)).await.unwrap();
+    db.client
+        .batch_execute(&format!(
+            "DROP TABLE filler{}; DROP TABLE filler{}",
+            fillers - 1,
+            fillers - 2
+        ))
+        .await
+        .unwrap();
 
     let mut runs = Disturbed::new(&strs(&run), &["No space left on device"]);
     runs.child();
     // Today the run stops at the first failed extension; an engine that
     // retries waits for space instead, so free it after a while either way.
     eventually(Duration::from_secs(15), || std::future::ready(runs.ended())).await;
-    assert!(runs.finished.is_none(), "the run finished before space was freed: the disk was not full enough to matter");
+    assert!(
+        runs.finished.is_none(),
+        "the run finished before space was freed: the disk was not full enough to matter"
+    );
     let stopped = runs.failures.len();
     for f in 0..fillers - 2 {
-        db.client.batch_execute(&format!("DROP TABLE filler{f}")).await.unwrap();
+        db.client
+            .batch_execute(&format!("DROP TABLE filler{f}"))
+            .await
+            .unwrap();
     }
     let (summary, failures) = runs.finish(&db).await;
-    report("tablespace on a 16 MB disk filled to ~1 MB free", stopped, &failures);
+    report(
+        "tablespace on a 16 MB disk filled to ~1 MB free",
+        stopped,
+        &failures,
+    );
     assert_nothing_lost(&db, ROWS, &summary, &untouched).await;
 }
 
 /// Sessions of this database the server has ended with a fatal error (an
 /// idle-session timeout among them), from `pg_stat_database`.
 async fn sessions_ended_by_the_server(db: &TestDb) -> i64 {
-    db.client.batch_execute("SELECT pg_stat_clear_snapshot()").await.unwrap();
     db.client
-        .query_one("SELECT sessions_fatal FROM pg_stat_database WHERE datname = current_database()", &[])
+        .batch_execute("SELECT pg_stat_clear_snapshot()")
+        .await
+        .unwrap();
+    db.client
+        .query_one(
+            "SELECT sessions_fatal FROM pg_stat_database WHERE datname = current_database()",
+            &[],
+        )
         .await
         .unwrap()
         .get(0)
@@ -457,7 +596,8 @@ async fn recorded_totals(db: &TestDb) -> Vec<(i64, String, Option<i64>)> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn terminating_the_session_holding_the_job_lock_lets_the_run_finish_and_a_second_process_join_it() {
+async fn terminating_the_session_holding_the_job_lock_lets_the_run_finish_and_a_second_process_join_it(
+) {
     const ROWS: i64 = 60_000;
     let db = TestDb::new().await;
     let dir = tempfile::tempdir().unwrap();
@@ -490,22 +630,30 @@ async fn terminating_the_session_holding_the_job_lock_lets_the_run_finish_and_a_
     assert_eq!(first.status.code(), Some(0), "{}", printed(&first));
     assert_eq!(second.status.code(), Some(0), "{}", printed(&second));
     // Whoever finished last, the job's record counts every value once.
-    assert_eq!(recorded_totals(&db).await, vec![(1, "done".to_string(), Some(values_in(ROWS)))]);
+    assert_eq!(
+        recorded_totals(&db).await,
+        vec![(1, "done".to_string(), Some(values_in(ROWS)))]
+    );
     db.assert_every_value_rotated(ROWS).await;
     assert_eq!(db.unencrypted_checksum().await, untouched);
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_idle_session_timeout_shorter_than_the_run_loses_nothing_and_the_run_finishes_or_resumes() {
+async fn an_idle_session_timeout_shorter_than_the_run_loses_nothing_and_the_run_finishes_or_resumes(
+) {
     const ROWS: i64 = 60_000;
     let db = TestDb::new().await;
     let dir = tempfile::tempdir().unwrap();
     let run = setup(&db, ROWS, &dir).await;
     let untouched = db.unencrypted_checksum().await;
     // rekey's sessions opened from now on are closed by the server after 500 ms idle
-    db.alter_database("SET idle_session_timeout = '500ms'").await;
+    db.alter_database("SET idle_session_timeout = '500ms'")
+        .await;
     let fatal_before = sessions_ended_by_the_server(&db).await;
-    let mut runs = Disturbed::new(&strs(&run), &["idle-session timeout", "job lock", "connection closed"]);
+    let mut runs = Disturbed::new(
+        &strs(&run),
+        &["idle-session timeout", "job lock", "connection closed"],
+    );
     runs.child();
     while !runs.ended() {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -513,7 +661,14 @@ async fn an_idle_session_timeout_shorter_than_the_run_loses_nothing_and_the_run_
     db.alter_database("RESET idle_session_timeout").await;
     let closed = sessions_ended_by_the_server(&db).await - fatal_before;
     let (summary, failures) = runs.finish(&db).await;
-    report("idle_session_timeout = 500ms on the database (injections: sessions the server ended)", closed as usize, &failures);
-    assert!(closed > 0, "the server closed no session of the run: the fault never landed");
+    report(
+        "idle_session_timeout = 500ms on the database (injections: sessions the server ended)",
+        closed as usize,
+        &failures,
+    );
+    assert!(
+        closed > 0,
+        "the server closed no session of the run: the fault never landed"
+    );
     assert_nothing_lost(&db, ROWS, &summary, &untouched).await;
 }

@@ -12,7 +12,14 @@ fn write_job(dir: &tempfile::TempDir, db: &TestDb, body: &str) -> String {
 
 fn write_named_job(dir: &tempfile::TempDir, db: &TestDb, name: &str, body: &str) -> String {
     let path = dir.path().join(format!("{name}.toml"));
-    std::fs::write(&path, format!("[database]\nurl = \"{}\"\n[keys]\nsource = \"env\"\n{body}", db.url)).unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "[database]\nurl = \"{}\"\n[keys]\nsource = \"env\"\n{body}",
+            db.url
+        ),
+    )
+    .unwrap();
     path.display().to_string()
 }
 
@@ -33,33 +40,72 @@ fn b64(v: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn base64_text_columns_rotate_and_stay_base64() {
     let db = TestDb::new().await;
-    db.client.batch_execute("CREATE TABLE t (id int PRIMARY KEY, secret text)").await.unwrap();
+    db.client
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, secret text)")
+        .await
+        .unwrap();
     for i in 0..300 {
-        db.client.execute("INSERT INTO t VALUES ($1, $2)", &[&i, &b64(&seal_v1(&format!("s{i}"), b""))]).await.unwrap();
+        db.client
+            .execute(
+                "INSERT INTO t VALUES ($1, $2)",
+                &[&i, &b64(&seal_v1(&format!("s{i}"), b""))],
+            )
+            .await
+            .unwrap();
     }
-    db.client.execute("UPDATE t SET secret = 'not base64!' WHERE id = 7", &[]).await.unwrap();
+    db.client
+        .execute("UPDATE t SET secret = 'not base64!' WHERE id = 7", &[])
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let job = write_job(&dir, &db, "[[target]]\ntable = \"t\"\ncolumns = [\"secret\"]\nformat = \"versioned-gcm\"\n");
+    let job = write_job(
+        &dir,
+        &db,
+        "[[target]]\ntable = \"t\"\ncolumns = [\"secret\"]\nformat = \"versioned-gcm\"\n",
+    );
     let out = rekey(&["run", "--job", &job, "--json"], &seed_env());
     assert_eq!(out.status.code(), Some(3), "{}", printed(&out));
     assert_eq!(json(&out)["values_rewritten"], 299);
     assert_eq!(json(&out)["failures"][0]["error"], "bad_encoding");
-    for r in db.client.query("SELECT id, secret FROM t WHERE id <> 7", &[]).await.unwrap() {
+    for r in db
+        .client
+        .query("SELECT id, secret FROM t WHERE id <> 7", &[])
+        .await
+        .unwrap()
+    {
         let (id, text): (i32, String) = (r.get(0), r.get(1));
-        let raw = base64::engine::general_purpose::STANDARD.decode(text).unwrap();
-        assert_eq!(v2().open(&raw, b"").unwrap().plaintext.as_slice(), format!("s{id}").as_bytes());
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .unwrap();
+        assert_eq!(
+            v2().open(&raw, b"").unwrap().plaintext.as_slice(),
+            format!("s{id}").as_bytes()
+        );
     }
     let again = rekey(&["run", "--job", &job, "--json"], &seed_env());
-    assert_eq!(json(&again)["rows_scanned"], 1, "the SQL filter sees base64 key versions; only the bad value is read again");
+    assert_eq!(
+        json(&again)["rows_scanned"],
+        1,
+        "the SQL filter sees base64 key versions; only the bad value is read again"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn associated_data_from_a_column_and_a_constant_is_kept() {
     let db = TestDb::new().await;
-    db.client.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, a bytea, b bytea)").await.unwrap();
+    db.client
+        .batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, a bytea, b bytea)")
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     for i in 0..200i64 {
-        db.client.execute("INSERT INTO t VALUES ($1, $2, NULL)", &[&i, &seal_v1("x", i.to_string().as_bytes())]).await.unwrap();
+        db.client
+            .execute(
+                "INSERT INTO t VALUES ($1, $2, NULL)",
+                &[&i, &seal_v1("x", i.to_string().as_bytes())],
+            )
+            .await
+            .unwrap();
     }
     let job = write_job(&dir, &db, "[[target]]\ntable = \"t\"\ncolumns = [\"a\"]\nformat = \"versioned-gcm\"\naad = { column = \"id\" }\n");
     let out = rekey(&["run", "--job", &job, "--json"], &seed_env());
@@ -67,15 +113,26 @@ async fn associated_data_from_a_column_and_a_constant_is_kept() {
     assert_eq!(json(&out)["values_rewritten"], 200);
     for r in db.client.query("SELECT id, a FROM t", &[]).await.unwrap() {
         let (id, a): (i64, Vec<u8>) = (r.get(0), r.get(1));
-        assert!(v2().open(&a, id.to_string().as_bytes()).is_ok(), "row {id} lost its associated data");
+        assert!(
+            v2().open(&a, id.to_string().as_bytes()).is_ok(),
+            "row {id} lost its associated data"
+        );
         assert!(v2().open(&a, b"").is_err());
     }
 
-    db.client.execute("UPDATE t SET b = $1", &[&seal_v1("y", b"patients")]).await.unwrap();
+    db.client
+        .execute("UPDATE t SET b = $1", &[&seal_v1("y", b"patients")])
+        .await
+        .unwrap();
     let job = write_named_job(&dir, &db, "b", "[[target]]\ntable = \"t\"\ncolumns = [\"b\"]\nformat = \"versioned-gcm\"\naad = { constant = \"patients\" }\n");
     let out = rekey(&["run", "--job", &job, "--json"], &seed_env());
     assert_eq!(json(&out)["values_rewritten"], 200, "{}", printed(&out));
-    let b: Vec<u8> = db.client.query_one("SELECT b FROM t WHERE id = 3", &[]).await.unwrap().get(0);
+    let b: Vec<u8> = db
+        .client
+        .query_one("SELECT b FROM t WHERE id = 3", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert!(v2().open(&b, b"patients").is_ok());
 }
 
@@ -95,7 +152,11 @@ async fn a_where_filter_limits_the_rows_rotated() {
     let bad = write_job(&dir, &db, "[[target]]\ntable = \"patient_persons\"\ncolumns = [\"phone_encrypted\"]\nformat = \"versioned-gcm\"\nwhere = \"nosuch > 1\"\n");
     let out = rekey(&["run", "--job", &bad], &seed_env());
     assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
-    assert!(printed(&out).contains("is not a valid condition"), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("is not a valid condition"),
+        "{}",
+        printed(&out)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -113,10 +174,19 @@ async fn partitioned_tables_with_uuid_and_text_keys_rotate() {
     for i in 0..400 {
         let region = if i % 2 == 0 { "eu" } else { "us" };
         db.client
-            .execute("INSERT INTO events VALUES ($1, md5($2::text)::uuid, $3)", &[&region, &i.to_string(), &seal_v1(&format!("e{i}"), b"")])
+            .execute(
+                "INSERT INTO events VALUES ($1, md5($2::text)::uuid, $3)",
+                &[&region, &i.to_string(), &seal_v1(&format!("e{i}"), b"")],
+            )
             .await
             .unwrap();
-        db.client.execute("INSERT INTO tokens VALUES ($1, $2)", &[&format!("tök {i}"), &seal_v1(&format!("t{i}"), b"")]).await.unwrap();
+        db.client
+            .execute(
+                "INSERT INTO tokens VALUES ($1, $2)",
+                &[&format!("tök {i}"), &seal_v1(&format!("t{i}"), b"")],
+            )
+            .await
+            .unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
     let job = write_job(
@@ -125,7 +195,10 @@ async fn partitioned_tables_with_uuid_and_text_keys_rotate() {
         "[[target]]\ntable = \"events\"\ncolumns = [\"payload\"]\nformat = \"versioned-gcm\"\n\
          [[target]]\ntable = \"public.tokens\"\ncolumns = [\"token\"]\nformat = \"versioned-gcm\"\n",
     );
-    let out = rekey(&["run", "--job", &job, "--json", "--batch-size", "64"], &seed_env());
+    let out = rekey(
+        &["run", "--job", &job, "--json", "--batch-size", "64"],
+        &seed_env(),
+    );
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     let s = json(&out);
     assert_eq!(s["values_rewritten"], 800);
@@ -157,7 +230,11 @@ async fn resuming_with_a_changed_key_set_is_refused() {
     let before = db.checksum("patient_persons").await;
     let out = rekey(&["run", "--job", &j], &seed_env());
     assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
-    assert!(printed(&out).contains("different key set"), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("different key set"),
+        "{}",
+        printed(&out)
+    );
     assert_eq!(db.checksum("patient_persons").await, before);
 
     let out = rekey(&["run", "--job", &j, "--restart", "--json"], &seed_env());
@@ -175,7 +252,13 @@ async fn a_partition_listed_beside_its_parent_is_refused() {
         )
         .await
         .unwrap();
-    db.client.execute("INSERT INTO events VALUES ('eu', 1, $1)", &[&seal_v1("e1", b"")]).await.unwrap();
+    db.client
+        .execute(
+            "INSERT INTO events VALUES ('eu', 1, $1)",
+            &[&seal_v1("e1", b"")],
+        )
+        .await
+        .unwrap();
     let before = db.checksum("events").await;
     let dir = tempfile::tempdir().unwrap();
     let job = write_job(
@@ -186,6 +269,10 @@ async fn a_partition_listed_beside_its_parent_is_refused() {
     );
     let out = rekey(&["run", "--job", &job, "--json"], &seed_env());
     assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
-    assert!(printed(&out).contains("is a partition or child of [[target]] #1"), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("is a partition or child of [[target]] #1"),
+        "{}",
+        printed(&out)
+    );
     assert_eq!(db.checksum("events").await, before, "nothing changed");
 }

@@ -32,9 +32,9 @@ use cbc::cipher::{BlockDecryptMut, BlockEncryptMut, InnerIvInit, KeyInit};
 use ring::hmac;
 use zeroize::Zeroizing;
 
-use crate::crypto::nonce;
 use super::{Codec, CodecError, FormatKeyError, Opened};
 use crate::crypto::keyring::{Key, KeyId, Keyring};
+use crate::crypto::nonce;
 
 /// The version byte every Fernet token starts with.
 pub const VERSION: u8 = 0x80;
@@ -69,7 +69,10 @@ impl FernetKey {
     /// Splits `key` into its signing and encryption halves and prepares both.
     fn new(key: &Key) -> Result<Self, FormatKeyError> {
         let (signing, encryption) = key.material().split_at(16);
-        let refused = |what: &str| FormatKeyError { format: "fernet", problem: format!("{what} refused key {}", key.id()) };
+        let refused = |what: &str| FormatKeyError {
+            format: "fernet",
+            problem: format!("{what} refused key {}", key.id()),
+        };
         Ok(FernetKey {
             id: key.id(),
             mac: hmac::Key::new(hmac::HMAC_SHA256, signing),
@@ -112,8 +115,12 @@ impl Fernet {
         out.clear();
         let key = &self.keys[0];
         let ct_len = (plaintext.len() / BLOCK_LEN + 1) * BLOCK_LEN;
-        let Some(len) = ct_len.checked_add(HEADER_LEN + TAG_LEN) else { return };
-        let Some(text_len) = base64::encoded_len(len, true) else { return };
+        let Some(len) = ct_len.checked_add(HEADER_LEN + TAG_LEN) else {
+            return;
+        };
+        let Some(text_len) = base64::encoded_len(len, true) else {
+            return;
+        };
         let mut stack = [0u8; STACK_TOKEN];
         let mut heap;
         let raw: &mut [u8] = if len <= STACK_TOKEN {
@@ -144,7 +151,10 @@ impl Fernet {
 
 /// Seconds since the Unix epoch, as Python's `int(time.time())`.
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl Codec for Fernet {
@@ -159,7 +169,11 @@ impl Codec for Fernet {
         // Decode straight into the buffer the plaintext is returned in, so
         // the only allocation is the output.
         let mut buf = Zeroizing::new(vec![0u8; base64::decoded_len_estimate(value.len())]);
-        let decode = |buf: &mut [u8]| URL_SAFE.decode_slice(value, buf).map_err(|_| CodecError::BadEncoding);
+        let decode = |buf: &mut [u8]| {
+            URL_SAFE
+                .decode_slice(value, buf)
+                .map_err(|_| CodecError::BadEncoding)
+        };
         let len = decode(buf.as_mut_slice())?;
         if len < MIN_TOKEN_LEN {
             return Err(CodecError::Truncated);
@@ -191,7 +205,11 @@ impl Codec for Fernet {
                     buf.copy_within(HEADER_LEN..HEADER_LEN + pt_len, 0);
                     buf[pt_len..].fill(0);
                     buf.truncate(pt_len);
-                    return Ok(Opened { key: key.id, plaintext: buf, timestamp: Some(u64::from_be_bytes(timestamp)) });
+                    return Ok(Opened {
+                        key: key.id,
+                        plaintext: buf,
+                        timestamp: Some(u64::from_be_bytes(timestamp)),
+                    });
                 }
                 Err(_) => {
                     // Bad padding under this key's encryption half (another
@@ -244,7 +262,10 @@ mod tests {
         (b"", "gAAAAABlU_EAoKGio6SlpqeoqaqrrK2ur9O7erZFnrP5QdmHcSLL6VFXYIixxl1AmTRA6zW1v27gD2v8Il0NNOcHT_InaMMxDQ=="),
         (b"0123456789abcdef", "gAAAAABlU_EAoKGio6SlpqeoqaqrrK2urynNqNPaVpvoj53cifbv3U7vIS3mPVH4s4-IuMvWgTxT78aFCil8vOYYWL495JfjkOoLI2oZikwINuaarJvS868="),
     ];
-    const KAT_IV: [u8; IV_LEN] = [0xa0, 0xa1, 0xa2, 0xa3, 0xa4, 0xa5, 0xa6, 0xa7, 0xa8, 0xa9, 0xaa, 0xab, 0xac, 0xad, 0xae, 0xaf];
+    const KAT_IV: [u8; IV_LEN] = [
+        0xa0, 0xa1, 0xa2, 0xa3, 0xa4, 0xa5, 0xa6, 0xa7, 0xa8, 0xa9, 0xaa, 0xab, 0xac, 0xad, 0xae,
+        0xaf,
+    ];
 
     fn kat_ring() -> Keyring {
         Keyring::new(vec![Key::parse(1, KAT_KEY).unwrap()], 1, None).unwrap()
@@ -252,7 +273,12 @@ mod tests {
 
     /// Keys 1 and 2; `target` names which one seals.
     fn ring_with_target(target: KeyId) -> Keyring {
-        Keyring::new(vec![Key::new(1, [1; 32]), Key::new(2, [2; 32])], target, None).unwrap()
+        Keyring::new(
+            vec![Key::new(1, [1; 32]), Key::new(2, [2; 32])],
+            target,
+            None,
+        )
+        .unwrap()
     }
 
     fn sealed(codec: &Fernet, pt: &[u8], timestamp: Option<u64>) -> Vec<u8> {
@@ -273,7 +299,10 @@ mod tests {
         let codec = Fernet::new(&kat_ring()).unwrap();
         for (plaintext, token) in KAT {
             let opened = codec.open(token.as_bytes(), b"").unwrap();
-            assert_eq!((opened.key, opened.plaintext.as_slice(), opened.timestamp), (1, plaintext, Some(KAT_TIMESTAMP)));
+            assert_eq!(
+                (opened.key, opened.plaintext.as_slice(), opened.timestamp),
+                (1, plaintext, Some(KAT_TIMESTAMP))
+            );
         }
     }
 
@@ -291,27 +320,53 @@ mod tests {
     fn round_trip_keeps_a_given_timestamp_or_stamps_now() {
         let codec = Fernet::new(&ring_with_target(2)).unwrap();
         let out = sealed(&codec, b"+15551234567", Some(1_600_000_000));
-        assert!(out.iter().all(|b| b.is_ascii_alphanumeric() || b"-_=".contains(b)));
+        assert!(out
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_=".contains(b)));
         let opened = codec.open(&out, b"").unwrap();
-        assert_eq!((opened.key, opened.plaintext.as_slice(), opened.timestamp), (2, &b"+15551234567"[..], Some(1_600_000_000)));
+        assert_eq!(
+            (opened.key, opened.plaintext.as_slice(), opened.timestamp),
+            (2, &b"+15551234567"[..], Some(1_600_000_000))
+        );
         let before = now();
         let opened = codec.open(&sealed(&codec, b"x", None), b"").unwrap();
         assert!(opened.timestamp.is_some_and(|t| t >= before && t <= now()));
-        assert_eq!((codec.target(), codec.key_hint(&out), codec.key_prefix(2), codec.supports_aad()), (2, None, None, false));
+        assert_eq!(
+            (
+                codec.target(),
+                codec.key_hint(&out),
+                codec.key_prefix(2),
+                codec.supports_aad()
+            ),
+            (2, None, None, false)
+        );
         assert_eq!(codec.key_label(2), "key 2");
     }
 
     #[test]
     fn fresh_ivs_make_distinct_tokens() {
         let codec = Fernet::new(&ring_with_target(2)).unwrap();
-        assert_ne!(sealed(&codec, b"same", Some(1)), sealed(&codec, b"same", Some(1)));
+        assert_ne!(
+            sealed(&codec, b"same", Some(1)),
+            sealed(&codec, b"same", Some(1))
+        );
     }
 
     #[test]
     fn token_under_an_old_key_opens_and_names_it() {
-        let out = sealed(&Fernet::new(&ring_with_target(1)).unwrap(), b"from last year", Some(5));
-        let opened = Fernet::new(&ring_with_target(2)).unwrap().open(&out, b"").unwrap();
-        assert_eq!((opened.key, opened.plaintext.as_slice(), opened.timestamp), (1, &b"from last year"[..], Some(5)));
+        let out = sealed(
+            &Fernet::new(&ring_with_target(1)).unwrap(),
+            b"from last year",
+            Some(5),
+        );
+        let opened = Fernet::new(&ring_with_target(2))
+            .unwrap()
+            .open(&out, b"")
+            .unwrap();
+        assert_eq!(
+            (opened.key, opened.plaintext.as_slice(), opened.timestamp),
+            (1, &b"from last year"[..], Some(5))
+        );
     }
 
     #[test]
@@ -319,20 +374,38 @@ mod tests {
         let codec = Fernet::new(&ring_with_target(2)).unwrap();
         let out = sealed(&codec, b"secret", None);
         let last = |raw: &mut Vec<u8>| *raw.last_mut().unwrap() ^= 1;
-        assert_eq!(codec.open(&edited(&out, last), b"").err(), Some(CodecError::AuthFailed));
+        assert_eq!(
+            codec.open(&edited(&out, last), b"").err(),
+            Some(CodecError::AuthFailed)
+        );
         let ciphertext = |raw: &mut Vec<u8>| raw[HEADER_LEN] ^= 1;
-        assert_eq!(codec.open(&edited(&out, ciphertext), b"").err(), Some(CodecError::AuthFailed));
+        assert_eq!(
+            codec.open(&edited(&out, ciphertext), b"").err(),
+            Some(CodecError::AuthFailed)
+        );
         let timestamp = |raw: &mut Vec<u8>| raw[8] ^= 1;
-        assert_eq!(codec.open(&edited(&out, timestamp), b"").err(), Some(CodecError::AuthFailed));
+        assert_eq!(
+            codec.open(&edited(&out, timestamp), b"").err(),
+            Some(CodecError::AuthFailed)
+        );
         let version = |raw: &mut Vec<u8>| raw[0] = 0x81;
-        assert_eq!(codec.open(&edited(&out, version), b"").err(), Some(CodecError::AuthFailed));
+        assert_eq!(
+            codec.open(&edited(&out, version), b"").err(),
+            Some(CodecError::AuthFailed)
+        );
     }
 
     #[test]
     fn wrong_key_fails_authentication() {
         let stranger = Keyring::new(vec![Key::new(1, [9; 32])], 1, None).unwrap();
         let out = sealed(&Fernet::new(&stranger).unwrap(), b"x", None);
-        assert_eq!(Fernet::new(&ring_with_target(2)).unwrap().open(&out, b"").err(), Some(CodecError::AuthFailed));
+        assert_eq!(
+            Fernet::new(&ring_with_target(2))
+                .unwrap()
+                .open(&out, b"")
+                .err(),
+            Some(CodecError::AuthFailed)
+        );
     }
 
     #[test]
@@ -341,20 +414,40 @@ mod tests {
         assert_eq!(codec.open(b"", b"").err(), Some(CodecError::Truncated));
         let out = sealed(&codec, b"secret", None);
         let short = |raw: &mut Vec<u8>| raw.truncate(MIN_TOKEN_LEN - 1);
-        assert_eq!(codec.open(&edited(&out, short), b"").err(), Some(CodecError::Truncated));
+        assert_eq!(
+            codec.open(&edited(&out, short), b"").err(),
+            Some(CodecError::Truncated)
+        );
         let ragged = |raw: &mut Vec<u8>| raw.insert(HEADER_LEN, 0);
-        assert_eq!(codec.open(&edited(&out, ragged), b"").err(), Some(CodecError::Truncated));
+        assert_eq!(
+            codec.open(&edited(&out, ragged), b"").err(),
+            Some(CodecError::Truncated)
+        );
     }
 
     #[test]
     fn invalid_base64_is_a_bad_encoding() {
         let codec = Fernet::new(&kat_ring()).unwrap();
-        assert_eq!(codec.open(b"not a token!", b"").err(), Some(CodecError::BadEncoding));
+        assert_eq!(
+            codec.open(b"not a token!", b"").err(),
+            Some(CodecError::BadEncoding)
+        );
         let token = KAT[0].1;
         // Standard-alphabet characters, and a token with its padding cut.
-        assert_eq!(codec.open(token.replace('_', "/").as_bytes(), b"").err(), Some(CodecError::BadEncoding));
-        assert_eq!(codec.open(token.trim_end_matches('=').as_bytes(), b"").err(), Some(CodecError::BadEncoding));
-        assert_eq!(codec.open(&token.as_bytes()[..token.len() - 3], b"").err(), Some(CodecError::BadEncoding));
+        assert_eq!(
+            codec.open(token.replace('_', "/").as_bytes(), b"").err(),
+            Some(CodecError::BadEncoding)
+        );
+        assert_eq!(
+            codec
+                .open(token.trim_end_matches('=').as_bytes(), b"")
+                .err(),
+            Some(CodecError::BadEncoding)
+        );
+        assert_eq!(
+            codec.open(&token.as_bytes()[..token.len() - 3], b"").err(),
+            Some(CodecError::BadEncoding)
+        );
     }
 
     #[test]
@@ -366,12 +459,22 @@ mod tests {
         let mut b = [1u8; 32];
         a[16..].fill(7);
         b[16..].fill(8);
-        let out = sealed(&Fernet::new(&Keyring::new(vec![Key::new(2, b)], 2, None).unwrap()).unwrap(), b"payload", Some(1));
+        let out = sealed(
+            &Fernet::new(&Keyring::new(vec![Key::new(2, b)], 2, None).unwrap()).unwrap(),
+            b"payload",
+            Some(1),
+        );
         let both = Keyring::new(vec![Key::new(1, a), Key::new(2, b)], 1, None).unwrap();
         let opened = Fernet::new(&both).unwrap().open(&out, b"").unwrap();
-        assert_eq!((opened.key, opened.plaintext.as_slice()), (2, &b"payload"[..]));
+        assert_eq!(
+            (opened.key, opened.plaintext.as_slice()),
+            (2, &b"payload"[..])
+        );
         let only_a = Keyring::new(vec![Key::new(1, a)], 1, None).unwrap();
-        assert_eq!(Fernet::new(&only_a).unwrap().open(&out, b"").err(), Some(CodecError::AuthFailed));
+        assert_eq!(
+            Fernet::new(&only_a).unwrap().open(&out, b"").err(),
+            Some(CodecError::AuthFailed)
+        );
     }
 
     #[test]

@@ -131,7 +131,12 @@ pub trait Codec: Send + Sync {
     /// returning the key and timestamp: [`Codec::open`] without an allocation
     /// per value. The caller wipes `plaintext` when done; on error its
     /// contents are unspecified (and must be wiped too).
-    fn open_into(&self, value: &[u8], aad: &[u8], plaintext: &mut Vec<u8>) -> Result<(KeyId, Option<u64>), CodecError> {
+    fn open_into(
+        &self,
+        value: &[u8],
+        aad: &[u8],
+        plaintext: &mut Vec<u8>,
+    ) -> Result<(KeyId, Option<u64>), CodecError> {
         let opened = self.open(value, aad)?;
         plaintext.clear();
         plaintext.extend_from_slice(&opened.plaintext);

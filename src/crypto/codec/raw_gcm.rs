@@ -13,9 +13,9 @@
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::crypto::nonce;
 use super::{Codec, CodecError, FormatKeyError, Opened};
 use crate::crypto::keyring::{Key, KeyId, Keyring};
+use crate::crypto::nonce;
 
 /// Length of the GCM tag.
 const TAG_LEN: usize = 16;
@@ -24,14 +24,21 @@ pub const OVERHEAD: usize = NONCE_LEN + TAG_LEN;
 
 /// Prepares one key for AES-256-GCM (key schedule and GHASH key, once).
 pub(super) fn prepare(format: &'static str, key: &Key) -> Result<LessSafeKey, FormatKeyError> {
-    let unbound = UnboundKey::new(&AES_256_GCM, key.material())
-        .map_err(|_| FormatKeyError { format, problem: format!("AES-256-GCM refused key {}", key.id()) })?;
+    let unbound = UnboundKey::new(&AES_256_GCM, key.material()).map_err(|_| FormatKeyError {
+        format,
+        problem: format!("AES-256-GCM refused key {}", key.id()),
+    })?;
     Ok(LessSafeKey::new(unbound))
 }
 
 /// Opens a nonce | ciphertext | tag `body` under `key` into `buf` (cleared
 /// first; left holding the plaintext on success, zeros on failure).
-pub(super) fn open_body(key: &LessSafeKey, body: &[u8], aad: &[u8], buf: &mut Vec<u8>) -> Result<(), CodecError> {
+pub(super) fn open_body(
+    key: &LessSafeKey,
+    body: &[u8],
+    aad: &[u8],
+    buf: &mut Vec<u8>,
+) -> Result<(), CodecError> {
     if body.len() < OVERHEAD {
         return Err(CodecError::Truncated);
     }
@@ -39,7 +46,10 @@ pub(super) fn open_body(key: &LessSafeKey, body: &[u8], aad: &[u8], buf: &mut Ve
     let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| CodecError::Truncated)?;
     buf.clear();
     buf.extend_from_slice(sealed);
-    let len = key.open_in_place(nonce, Aad::from(aad), buf.as_mut_slice()).map_err(|_| CodecError::AuthFailed)?.len();
+    let len = key
+        .open_in_place(nonce, Aad::from(aad), buf.as_mut_slice())
+        .map_err(|_| CodecError::AuthFailed)?
+        .len();
     buf.truncate(len);
     Ok(())
 }
@@ -95,7 +105,11 @@ impl Codec for RawGcm {
         for (id, key) in &self.keys {
             // A failed open zeroes the buffer, so each key starts from a fresh copy.
             if open_body(key, value, aad, &mut buf).is_ok() {
-                return Ok(Opened { key: *id, plaintext: buf, timestamp: None });
+                return Ok(Opened {
+                    key: *id,
+                    plaintext: buf,
+                    timestamp: None,
+                });
             }
         }
         Err(CodecError::AuthFailed)
@@ -125,7 +139,16 @@ mod tests {
     use proptest::prelude::*;
 
     fn ring_with_target(target: KeyId) -> Keyring {
-        Keyring::new(vec![Key::new(1, [1; 32]), Key::new(2, [2; 32]), Key::new(3, [3; 32])], target, None).unwrap()
+        Keyring::new(
+            vec![
+                Key::new(1, [1; 32]),
+                Key::new(2, [2; 32]),
+                Key::new(3, [3; 32]),
+            ],
+            target,
+            None,
+        )
+        .unwrap()
     }
 
     fn sealed(codec: &RawGcm, pt: &[u8], aad: &[u8]) -> Vec<u8> {
@@ -140,7 +163,10 @@ mod tests {
         let out = sealed(&codec, b"+15551234567", b"");
         assert_eq!(out.len(), OVERHEAD + 12);
         let opened = codec.open(&out, b"").unwrap();
-        assert_eq!((opened.key, opened.plaintext.as_slice(), opened.timestamp), (2, &b"+15551234567"[..], None));
+        assert_eq!(
+            (opened.key, opened.plaintext.as_slice(), opened.timestamp),
+            (2, &b"+15551234567"[..], None)
+        );
         assert_eq!(codec.target(), 2);
         assert_eq!((codec.key_hint(&out), codec.key_prefix(2)), (None, None));
     }
@@ -151,7 +177,10 @@ mod tests {
         let out = sealed(&old, b"from last year", b"");
         let codec = RawGcm::new(&ring_with_target(1)).unwrap();
         let opened = codec.open(&out, b"").unwrap();
-        assert_eq!((opened.key, opened.plaintext.as_slice()), (3, &b"from last year"[..]));
+        assert_eq!(
+            (opened.key, opened.plaintext.as_slice()),
+            (3, &b"from last year"[..])
+        );
     }
 
     #[test]
@@ -165,10 +194,16 @@ mod tests {
     #[test]
     fn short_value_is_truncated() {
         let codec = RawGcm::new(&ring_with_target(2)).unwrap();
-        assert_eq!(codec.open(&[7; OVERHEAD - 1], b"").err(), Some(CodecError::Truncated));
+        assert_eq!(
+            codec.open(&[7; OVERHEAD - 1], b"").err(),
+            Some(CodecError::Truncated)
+        );
         assert_eq!(codec.open(&[], b"").err(), Some(CodecError::Truncated));
         let out = sealed(&codec, b"secret", b"");
-        assert_eq!(codec.open(&out[..out.len() - 1], b"").err(), Some(CodecError::AuthFailed));
+        assert_eq!(
+            codec.open(&out[..out.len() - 1], b"").err(),
+            Some(CodecError::AuthFailed)
+        );
     }
 
     #[test]
@@ -183,8 +218,14 @@ mod tests {
     fn associated_data_is_bound() {
         let codec = RawGcm::new(&ring_with_target(2)).unwrap();
         let out = sealed(&codec, b"x", b"row-1");
-        assert_eq!(codec.open(&out, b"row-1").unwrap().plaintext.as_slice(), b"x");
-        assert_eq!(codec.open(&out, b"row-2").err(), Some(CodecError::AuthFailed));
+        assert_eq!(
+            codec.open(&out, b"row-1").unwrap().plaintext.as_slice(),
+            b"x"
+        );
+        assert_eq!(
+            codec.open(&out, b"row-2").err(),
+            Some(CodecError::AuthFailed)
+        );
     }
 
     /// Nonce 000102..0b, key 0x01 * 32, "raw gcm KAT", AAD "aad": from
@@ -194,10 +235,14 @@ mod tests {
         let value = hex::decode(KAT_RAW).unwrap();
         let codec = RawGcm::new(&ring_with_target(2)).unwrap();
         let opened = codec.open(&value, b"aad").unwrap();
-        assert_eq!((opened.key, opened.plaintext.as_slice()), (1, &b"raw gcm KAT"[..]));
+        assert_eq!(
+            (opened.key, opened.plaintext.as_slice()),
+            (1, &b"raw gcm KAT"[..])
+        );
     }
 
-    const KAT_RAW: &str = "000102030405060708090a0bc9c7e206479d6b59b52bb3f6a1b2b5aa34101a59bd8de1facd23cf";
+    const KAT_RAW: &str =
+        "000102030405060708090a0bc9c7e206479d6b59b52bb3f6a1b2b5aa34101a59bd8de1facd23cf";
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]

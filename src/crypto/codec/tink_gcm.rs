@@ -57,16 +57,21 @@ impl TinkGcm {
             .map(|key| Ok((key.id(), raw_gcm::prepare("tink-gcm", key)?)))
             .collect::<Result<Vec<_>, FormatKeyError>>()?;
         let target_id = keyring.target().id();
-        let target = keys.binary_search_by_key(&target_id, |(id, _)| *id).map_err(|_| FormatKeyError {
-            format: "tink-gcm",
-            problem: format!("target key {target_id} is missing from the keyring"),
-        })?;
+        let target = keys
+            .binary_search_by_key(&target_id, |(id, _)| *id)
+            .map_err(|_| FormatKeyError {
+                format: "tink-gcm",
+                problem: format!("target key {target_id} is missing from the keyring"),
+            })?;
         Ok(TinkGcm { keys, target })
     }
 
     /// The prepared key with Tink id `id`.
     fn key(&self, id: KeyId) -> Option<&LessSafeKey> {
-        self.keys.binary_search_by_key(&id, |(id, _)| *id).ok().map(|i| &self.keys[i].1)
+        self.keys
+            .binary_search_by_key(&id, |(id, _)| *id)
+            .ok()
+            .map(|i| &self.keys[i].1)
     }
 }
 
@@ -86,7 +91,11 @@ impl Codec for TinkGcm {
         let key = self.key(id).ok_or(CodecError::UnknownKey)?;
         let mut buf = Zeroizing::new(Vec::new());
         open_body(key, &value[PREFIX_LEN..], aad, &mut buf)?;
-        Ok(Opened { key: id, plaintext: buf, timestamp: None })
+        Ok(Opened {
+            key: id,
+            plaintext: buf,
+            timestamp: None,
+        })
     }
 
     fn seal(&self, plaintext: &[u8], aad: &[u8], _timestamp: Option<u64>, out: &mut Vec<u8>) {
@@ -109,11 +118,19 @@ impl Codec for TinkGcm {
     fn describe_prefix(&self, prefix: &[u8]) -> String {
         match prefix {
             [] => "empty".into(),
-            [TINK_START_BYTE, _, _, _, _, ..] => format!("tink:0x{:08x}", prefixed_id(prefix).unwrap_or_default()),
-            [0x00, a, b, c, d, ..] => {
-                format!("tink legacy/crunchy:0x{:08x} (unsupported prefix)", u32::from_be_bytes([*a, *b, *c, *d]))
+            [TINK_START_BYTE, _, _, _, _, ..] => {
+                format!("tink:0x{:08x}", prefixed_id(prefix).unwrap_or_default())
             }
-            other => format!("not a tink prefix (0x{})", hex::encode(&other[..other.len().min(PREFIX_LEN)])),
+            [0x00, a, b, c, d, ..] => {
+                format!(
+                    "tink legacy/crunchy:0x{:08x} (unsupported prefix)",
+                    u32::from_be_bytes([*a, *b, *c, *d])
+                )
+            }
+            other => format!(
+                "not a tink prefix (0x{})",
+                hex::encode(&other[..other.len().min(PREFIX_LEN)])
+            ),
         }
     }
 }
@@ -128,7 +145,12 @@ mod tests {
     const NEW: KeyId = 0x1a2b_3c4d;
 
     fn ring() -> Keyring {
-        Keyring::new(vec![Key::new(OLD, [1; 32]), Key::new(NEW, [2; 32])], NEW, None).unwrap()
+        Keyring::new(
+            vec![Key::new(OLD, [1; 32]), Key::new(NEW, [2; 32])],
+            NEW,
+            None,
+        )
+        .unwrap()
     }
 
     fn sealed(codec: &TinkGcm, pt: &[u8], aad: &[u8]) -> Vec<u8> {
@@ -146,15 +168,22 @@ mod tests {
         assert_eq!(codec.key_hint(&out), Some(NEW));
         assert_eq!(codec.key_prefix(NEW).as_deref(), Some(&out[..PREFIX_LEN]));
         let opened = codec.open(&out, b"").unwrap();
-        assert_eq!((opened.key, opened.plaintext.as_slice(), opened.timestamp), (NEW, &b"+15551234567"[..], None));
+        assert_eq!(
+            (opened.key, opened.plaintext.as_slice(), opened.timestamp),
+            (NEW, &b"+15551234567"[..], None)
+        );
     }
 
     #[test]
     fn value_under_an_old_key_opens_and_names_it() {
-        let old = TinkGcm::new(&Keyring::new(vec![Key::new(OLD, [1; 32])], OLD, None).unwrap()).unwrap();
+        let old =
+            TinkGcm::new(&Keyring::new(vec![Key::new(OLD, [1; 32])], OLD, None).unwrap()).unwrap();
         let out = sealed(&old, b"from last year", b"ctx");
         let opened = TinkGcm::new(&ring()).unwrap().open(&out, b"ctx").unwrap();
-        assert_eq!((opened.key, opened.plaintext.as_slice()), (OLD, &b"from last year"[..]));
+        assert_eq!(
+            (opened.key, opened.plaintext.as_slice()),
+            (OLD, &b"from last year"[..])
+        );
     }
 
     #[test]
@@ -179,32 +208,53 @@ mod tests {
     fn short_value_is_truncated() {
         let codec = TinkGcm::new(&ring()).unwrap();
         assert_eq!(codec.open(&[], b"").err(), Some(CodecError::Truncated));
-        assert_eq!(codec.open(&[0x01, 0x1a, 0x2b], b"").err(), Some(CodecError::Truncated));
+        assert_eq!(
+            codec.open(&[0x01, 0x1a, 0x2b], b"").err(),
+            Some(CodecError::Truncated)
+        );
         let out = sealed(&codec, b"", b"");
-        assert_eq!(codec.open(&out[..OVERHEAD - 1], b"").err(), Some(CodecError::Truncated));
+        assert_eq!(
+            codec.open(&out[..OVERHEAD - 1], b"").err(),
+            Some(CodecError::Truncated)
+        );
     }
 
     #[test]
     fn wrong_key_under_a_known_id_fails_authentication() {
         let impostor = Keyring::new(vec![Key::new(NEW, [9; 32])], NEW, None).unwrap();
         let out = sealed(&TinkGcm::new(&impostor).unwrap(), b"x", b"");
-        assert_eq!(TinkGcm::new(&ring()).unwrap().open(&out, b"").err(), Some(CodecError::AuthFailed));
+        assert_eq!(
+            TinkGcm::new(&ring()).unwrap().open(&out, b"").err(),
+            Some(CodecError::AuthFailed)
+        );
     }
 
     #[test]
     fn associated_data_is_bound() {
         let codec = TinkGcm::new(&ring()).unwrap();
         let out = sealed(&codec, b"x", b"row-1");
-        assert_eq!(codec.open(&out, b"row-2").err(), Some(CodecError::AuthFailed));
+        assert_eq!(
+            codec.open(&out, b"row-2").err(),
+            Some(CodecError::AuthFailed)
+        );
     }
 
     #[test]
     fn prefixes_are_described() {
         let codec = TinkGcm::new(&ring()).unwrap();
-        assert_eq!(codec.describe_prefix(&[0x01, 0x1a, 0x2b, 0x3c, 0x4d]), "tink:0x1a2b3c4d");
+        assert_eq!(
+            codec.describe_prefix(&[0x01, 0x1a, 0x2b, 0x3c, 0x4d]),
+            "tink:0x1a2b3c4d"
+        );
         assert_eq!(codec.key_label(OLD), "tink:0x00000007");
-        assert_eq!(codec.describe_prefix(&[0x00, 0, 0, 0, 5]), "tink legacy/crunchy:0x00000005 (unsupported prefix)");
-        assert_eq!(codec.describe_prefix(&[0x80, 1]), "not a tink prefix (0x8001)");
+        assert_eq!(
+            codec.describe_prefix(&[0x00, 0, 0, 0, 5]),
+            "tink legacy/crunchy:0x00000005 (unsupported prefix)"
+        );
+        assert_eq!(
+            codec.describe_prefix(&[0x80, 1]),
+            "not a tink prefix (0x8001)"
+        );
         assert_eq!(codec.describe_prefix(&[]), "empty");
     }
 
@@ -215,7 +265,10 @@ mod tests {
     fn known_answer_in_tink_layout_from_python_cryptography() {
         let value = hex::decode("011a2b3c4d101112131415161718191a1b5d2a94410e092d9aad8a01cb7977bb05bd7edbda18bf6fc42ef77518e98928").unwrap();
         let opened = TinkGcm::new(&ring()).unwrap().open(&value, b"").unwrap();
-        assert_eq!((opened.key, opened.plaintext.as_slice()), (NEW, &b"tink layout KAT"[..]));
+        assert_eq!(
+            (opened.key, opened.plaintext.as_slice()),
+            (NEW, &b"tink layout KAT"[..])
+        );
     }
 
     /// Ciphertexts made by Python `tink` 1.16.1 (`Aead.encrypt`) under the
@@ -223,14 +276,22 @@ mod tests {
     /// old key with associated data, the second under the primary.
     #[test]
     fn known_answers_from_python_tink() {
-        let keyring = crate::crypto::keyring::tink::parse_json(crate::crypto::keyring::tink::tests::TWO_KEYS).unwrap();
+        let keyring =
+            crate::crypto::keyring::tink::parse_json(crate::crypto::keyring::tink::tests::TWO_KEYS)
+                .unwrap();
         let codec = TinkGcm::new(&keyring).unwrap();
         let old = hex::decode("013bbff8f28d7bbaf4577d59bf8b941e538e308975b01a83d21dc296faa765c31f840dedc2d6fb62d61ea7").unwrap();
         let opened = codec.open(&old, b"row-7").unwrap();
-        assert_eq!((opened.key, opened.plaintext.as_slice()), (1_002_436_850, &b"old secret"[..]));
+        assert_eq!(
+            (opened.key, opened.plaintext.as_slice()),
+            (1_002_436_850, &b"old secret"[..])
+        );
         let new = hex::decode("013536e43ef6934c9f9678060d35239305b2382477dc03b694dad3de447633638c05bc4e99fe1866436c22").unwrap();
         let opened = codec.open(&new, b"").unwrap();
-        assert_eq!((opened.key, opened.plaintext.as_slice()), (892_789_822, &b"new secret"[..]));
+        assert_eq!(
+            (opened.key, opened.plaintext.as_slice()),
+            (892_789_822, &b"new secret"[..])
+        );
         assert_eq!(codec.target(), 892_789_822);
         assert_eq!(codec.key_hint(&new), Some(codec.target()));
     }

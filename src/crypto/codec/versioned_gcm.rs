@@ -32,14 +32,18 @@ impl VersionedGcm {
                 _ => {
                     return Err(FormatKeyError {
                         format: "versioned-gcm",
-                        problem: format!("key id {} does not fit the version byte (1..=255)", key.id()),
+                        problem: format!(
+                            "key id {} does not fit the version byte (1..=255)",
+                            key.id()
+                        ),
                     })
                 }
             };
-            let unbound = UnboundKey::new(&AES_256_GCM, key.material()).map_err(|_| FormatKeyError {
-                format: "versioned-gcm",
-                problem: "AES-256-GCM refused a key".into(),
-            })?;
+            let unbound =
+                UnboundKey::new(&AES_256_GCM, key.material()).map_err(|_| FormatKeyError {
+                    format: "versioned-gcm",
+                    problem: "AES-256-GCM refused a key".into(),
+                })?;
             keys[usize::from(slot)] = Some(LessSafeKey::new(unbound));
         }
         // The keyring guarantees the target exists and every id fit above.
@@ -56,12 +60,23 @@ impl Codec for VersionedGcm {
     fn open(&self, value: &[u8], aad: &[u8]) -> Result<Opened, CodecError> {
         let mut buf = Zeroizing::new(Vec::with_capacity(value.len()));
         let (key, timestamp) = self.open_into(value, aad, &mut buf)?;
-        Ok(Opened { key, plaintext: buf, timestamp })
+        Ok(Opened {
+            key,
+            plaintext: buf,
+            timestamp,
+        })
     }
 
-    fn open_into(&self, value: &[u8], aad: &[u8], plaintext: &mut Vec<u8>) -> Result<(KeyId, Option<u64>), CodecError> {
+    fn open_into(
+        &self,
+        value: &[u8],
+        aad: &[u8],
+        plaintext: &mut Vec<u8>,
+    ) -> Result<(KeyId, Option<u64>), CodecError> {
         let (&version, body) = value.split_first().ok_or(CodecError::Truncated)?;
-        let key = self.keys[usize::from(version)].as_ref().ok_or(CodecError::UnknownKey)?;
+        let key = self.keys[usize::from(version)]
+            .as_ref()
+            .ok_or(CodecError::UnknownKey)?;
         raw_gcm::open_body(key, body, aad, plaintext)?;
         Ok((KeyId::from(version), None))
     }
@@ -112,7 +127,10 @@ mod tests {
         assert_eq!(out[0], 2);
         assert_eq!(out.len(), OVERHEAD + 12);
         let opened = codec.open(&out, b"").unwrap();
-        assert_eq!((opened.key, opened.plaintext.as_slice()), (2, &b"+15551234567"[..]));
+        assert_eq!(
+            (opened.key, opened.plaintext.as_slice()),
+            (2, &b"+15551234567"[..])
+        );
     }
 
     #[test]
@@ -127,7 +145,10 @@ mod tests {
     #[test]
     fn unknown_version_is_named() {
         let codec = VersionedGcm::new(&ring()).unwrap();
-        assert_eq!(codec.open(&[9; 40], b"").err(), Some(CodecError::UnknownKey));
+        assert_eq!(
+            codec.open(&[9; 40], b"").err(),
+            Some(CodecError::UnknownKey)
+        );
     }
 
     #[test]
@@ -142,13 +163,19 @@ mod tests {
         let codec = VersionedGcm::new(&ring()).unwrap();
         let mut out = Vec::new();
         codec.seal(b"x", b"row-1", None, &mut out);
-        assert_eq!(codec.open(&out, b"row-2").err(), Some(CodecError::AuthFailed));
+        assert_eq!(
+            codec.open(&out, b"row-2").err(),
+            Some(CodecError::AuthFailed)
+        );
     }
 
     /// The errors opening can give: anything else (a panic, `BadEncoding`,
     /// `VerifyMismatch`) would be a bug in the decoder.
     fn typed(e: CodecError) -> bool {
-        matches!(e, CodecError::Truncated | CodecError::UnknownKey | CodecError::AuthFailed)
+        matches!(
+            e,
+            CodecError::Truncated | CodecError::UnknownKey | CodecError::AuthFailed
+        )
     }
 
     proptest! {

@@ -30,13 +30,17 @@ pub enum EnvKeyError {
         var: String,
     },
     /// Keys are present but the variable naming the current one is not.
-    #[error("{var} is not set: set it to the version applications encrypt with today (e.g. {var}=2)")]
+    #[error(
+        "{var} is not set: set it to the version applications encrypt with today (e.g. {var}=2)"
+    )]
     MissingCurrent {
         /// The variable to set.
         var: String,
     },
     /// The current (or pending) version names a key that is not set.
-    #[error("{version_var}={version} but {key_var} is not set: export the key for version {version}")]
+    #[error(
+        "{version_var}={version} but {key_var} is not set: export the key for version {version}"
+    )]
     VersionWithoutKey {
         /// The variable naming the version.
         version_var: String,
@@ -70,7 +74,9 @@ pub fn from_process_env(prefix: &str) -> Result<Keyring, EnvKeyError> {
         if !name.starts_with(prefix) {
             continue;
         }
-        let value = v.into_string().map_err(|_| EnvKeyError::NotText { var: name.clone() })?;
+        let value = v
+            .into_string()
+            .map_err(|_| EnvKeyError::NotText { var: name.clone() })?;
         vars.push((name, value));
     }
     from_vars(prefix, &vars)
@@ -78,7 +84,11 @@ pub fn from_process_env(prefix: &str) -> Result<Keyring, EnvKeyError> {
 
 /// Reads a keyring from `(name, value)` pairs, as if they were the environment.
 pub fn from_vars(prefix: &str, vars: &[(String, String)]) -> Result<Keyring, EnvKeyError> {
-    let get = |name: &str| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let get = |name: &str| {
+        vars.iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
     let version = |var: String| -> Result<Option<KeyId>, EnvKeyError> {
         match get(&var) {
             None => Ok(None),
@@ -89,14 +99,19 @@ pub fn from_vars(prefix: &str, vars: &[(String, String)]) -> Result<Keyring, Env
         }
     };
     let key = |var: String, id: KeyId| -> Result<Option<Key>, EnvKeyError> {
-        get(&var).map(|v| Key::parse(id, v).map_err(|source| EnvKeyError::BadKey { var, source })).transpose()
+        get(&var)
+            .map(|v| Key::parse(id, v).map_err(|source| EnvKeyError::BadKey { var, source }))
+            .transpose()
     };
 
     let versioned_prefix = format!("{prefix}_KEY_V");
     let mut keys = Vec::new();
     for (name, _) in vars {
         // `_KEY_V<digits>` only: `_KEY_VERSION` belongs to the dual convention
-        if let Some(n) = name.strip_prefix(&versioned_prefix).filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) {
+        if let Some(n) = name
+            .strip_prefix(&versioned_prefix)
+            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        {
             let id: KeyId = match n.parse() {
                 Ok(id) if (1..=255).contains(&id) && !n.starts_with('0') => id,
                 _ => return Err(EnvKeyError::BadVersion { var: name.clone() }),
@@ -108,31 +123,49 @@ pub fn from_vars(prefix: &str, vars: &[(String, String)]) -> Result<Keyring, Env
 
     if !keys.is_empty() {
         let current_var = format!("{prefix}_CURRENT_VERSION");
-        let current = version(current_var.clone())?.ok_or(EnvKeyError::MissingCurrent { var: current_var.clone() })?;
+        let current = version(current_var.clone())?.ok_or(EnvKeyError::MissingCurrent {
+            var: current_var.clone(),
+        })?;
         let pending_var = format!("{prefix}_PENDING_VERSION");
         let pending = version(pending_var.clone())?;
         for (var, id) in [(current_var, Some(current)), (pending_var, pending)] {
             if let Some(id) = id {
                 if !keys.iter().any(|k| k.id() == id) {
-                    return Err(EnvKeyError::VersionWithoutKey { version_var: var, version: id, key_var: format!("{versioned_prefix}{id}") });
+                    return Err(EnvKeyError::VersionWithoutKey {
+                        version_var: var,
+                        version: id,
+                        key_var: format!("{versioned_prefix}{id}"),
+                    });
                 }
             }
         }
-        return Ok(Keyring::new(keys, current, pending.filter(|p| *p != current))?);
+        return Ok(Keyring::new(
+            keys,
+            current,
+            pending.filter(|p| *p != current),
+        )?);
     }
 
     let current_id = version(format!("{prefix}_KEY_VERSION"))?.unwrap_or(1);
     let Some(current) = key(format!("{prefix}_KEY"), current_id)? else {
-        return Err(EnvKeyError::NoKeys { prefix: prefix.to_string() });
+        return Err(EnvKeyError::NoKeys {
+            prefix: prefix.to_string(),
+        });
     };
     let new_version_var = format!("{prefix}_KEY_NEW_VERSION");
     let new_id = version(new_version_var.clone())?.unwrap_or(current_id % 255 + 1);
     if new_id == current_id {
-        return Err(EnvKeyError::BadVersion { var: new_version_var });
+        return Err(EnvKeyError::BadVersion {
+            var: new_version_var,
+        });
     }
     let new = key(format!("{prefix}_KEY_NEW"), new_id)?;
     let pending = new.as_ref().map(|k| k.id());
-    Ok(Keyring::new(std::iter::once(current).chain(new).collect(), current_id, pending)?)
+    Ok(Keyring::new(
+        std::iter::once(current).chain(new).collect(),
+        current_id,
+        pending,
+    )?)
 }
 
 #[cfg(test)]
@@ -144,19 +177,34 @@ mod tests {
     const K2: &str = "2222222222222222222222222222222222222222222222222222222222222222";
 
     fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn versioned_convention_targets_the_current_version() {
-        let ring = from_vars("ENCRYPTION", &vars(&[("ENCRYPTION_KEY_V1", K1), ("ENCRYPTION_KEY_V2", K2), ("ENCRYPTION_CURRENT_VERSION", "2")])).unwrap();
+        let ring = from_vars(
+            "ENCRYPTION",
+            &vars(&[
+                ("ENCRYPTION_KEY_V1", K1),
+                ("ENCRYPTION_KEY_V2", K2),
+                ("ENCRYPTION_CURRENT_VERSION", "2"),
+            ]),
+        )
+        .unwrap();
         assert_eq!(ring.target().id(), 2);
         assert!(ring.get(1).is_some());
     }
 
     #[test]
     fn dual_convention_targets_the_new_key() {
-        let ring = from_vars("ENCRYPTION", &vars(&[("ENCRYPTION_KEY", K1), ("ENCRYPTION_KEY_NEW", K2)])).unwrap();
+        let ring = from_vars(
+            "ENCRYPTION",
+            &vars(&[("ENCRYPTION_KEY", K1), ("ENCRYPTION_KEY_NEW", K2)]),
+        )
+        .unwrap();
         assert_eq!((ring.current_id(), ring.target().id()), (1, 2));
     }
 
@@ -164,7 +212,12 @@ mod tests {
     fn dual_convention_takes_explicit_versions() {
         let ring = from_vars(
             "ENCRYPTION",
-            &vars(&[("ENCRYPTION_KEY", K1), ("ENCRYPTION_KEY_VERSION", "4"), ("ENCRYPTION_KEY_NEW", K2), ("ENCRYPTION_KEY_NEW_VERSION", "5")]),
+            &vars(&[
+                ("ENCRYPTION_KEY", K1),
+                ("ENCRYPTION_KEY_VERSION", "4"),
+                ("ENCRYPTION_KEY_NEW", K2),
+                ("ENCRYPTION_KEY_NEW_VERSION", "5"),
+            ]),
         )
         .unwrap();
         assert_eq!((ring.current_id(), ring.target().id()), (4, 5));
@@ -173,14 +226,27 @@ mod tests {
     #[test]
     fn missing_current_version_names_the_variable() {
         let err = from_vars("ENCRYPTION", &vars(&[("ENCRYPTION_KEY_V1", K1)])).unwrap_err();
-        assert!(err.to_string().contains("ENCRYPTION_CURRENT_VERSION"), "{err}");
+        assert!(
+            err.to_string().contains("ENCRYPTION_CURRENT_VERSION"),
+            "{err}"
+        );
     }
 
     #[test]
     fn current_version_without_key_names_both_variables() {
-        let err = from_vars("ENCRYPTION", &vars(&[("ENCRYPTION_KEY_V1", K1), ("ENCRYPTION_CURRENT_VERSION", "3")])).unwrap_err();
+        let err = from_vars(
+            "ENCRYPTION",
+            &vars(&[
+                ("ENCRYPTION_KEY_V1", K1),
+                ("ENCRYPTION_CURRENT_VERSION", "3"),
+            ]),
+        )
+        .unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("ENCRYPTION_CURRENT_VERSION=3") && msg.contains("ENCRYPTION_KEY_V3"), "{msg}");
+        assert!(
+            msg.contains("ENCRYPTION_CURRENT_VERSION=3") && msg.contains("ENCRYPTION_KEY_V3"),
+            "{msg}"
+        );
     }
 
     /// Names the conventions read, some near misses, and a stranger.
@@ -246,7 +312,15 @@ mod tests {
     #[test]
     fn bad_hex_names_the_variable_and_hides_the_value() {
         let bad = &K2[..63];
-        let err = from_vars("ENCRYPTION", &vars(&[("ENCRYPTION_KEY_V1", K1), ("ENCRYPTION_KEY_V2", bad), ("ENCRYPTION_CURRENT_VERSION", "2")])).unwrap_err();
+        let err = from_vars(
+            "ENCRYPTION",
+            &vars(&[
+                ("ENCRYPTION_KEY_V1", K1),
+                ("ENCRYPTION_KEY_V2", bad),
+                ("ENCRYPTION_CURRENT_VERSION", "2"),
+            ]),
+        )
+        .unwrap_err();
         let msg = err.to_string();
         assert!(msg.starts_with("ENCRYPTION_KEY_V2 "), "{msg}");
         assert!(!msg.contains(bad));

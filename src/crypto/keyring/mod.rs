@@ -54,22 +54,31 @@ pub struct Key {
 impl Key {
     /// Wraps raw key bytes.
     pub fn new(id: KeyId, material: [u8; KEY_LEN]) -> Self {
-        Key { id, material: Zeroizing::new(material) }
+        Key {
+            id,
+            material: Zeroizing::new(material),
+        }
     }
 
     /// Parses 64 hex characters or base64 (standard or urlsafe, padded or not) of 32 bytes.
     pub fn parse(id: KeyId, text: &str) -> Result<Self, KeyParseError> {
         let text = text.trim();
-        if text.len() >= 2 && (text.starts_with('"') && text.ends_with('"') || text.starts_with('\'') && text.ends_with('\'')) {
+        if text.len() >= 2
+            && (text.starts_with('"') && text.ends_with('"')
+                || text.starts_with('\'') && text.ends_with('\''))
+        {
             return Err(KeyParseError::Quoted);
         }
-        let bytes: Zeroizing<Vec<u8>> = if text.len() == 2 * KEY_LEN
-            && text.bytes().all(|b| b.is_ascii_hexdigit())
-        {
-            Zeroizing::new(hex::decode(text).map_err(|_| KeyParseError::Malformed { len: text.len() })?)
-        } else {
-            decode_base64_any(text).ok_or(KeyParseError::Malformed { len: text.chars().count() })?
-        };
+        let bytes: Zeroizing<Vec<u8>> =
+            if text.len() == 2 * KEY_LEN && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+                Zeroizing::new(
+                    hex::decode(text).map_err(|_| KeyParseError::Malformed { len: text.len() })?,
+                )
+            } else {
+                decode_base64_any(text).ok_or(KeyParseError::Malformed {
+                    len: text.chars().count(),
+                })?
+            };
         let material: [u8; KEY_LEN] = bytes
             .as_slice()
             .try_into()
@@ -99,7 +108,10 @@ impl Key {
 
 impl fmt::Debug for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Key").field("id", &self.id).field("fingerprint", &self.fingerprint()).finish()
+        f.debug_struct("Key")
+            .field("id", &self.id)
+            .field("fingerprint", &self.fingerprint())
+            .finish()
     }
 }
 
@@ -144,7 +156,11 @@ pub struct Keyring {
 
 impl Keyring {
     /// Builds a keyring, checking that the current and pending ids have keys.
-    pub fn new(keys: Vec<Key>, current: KeyId, pending: Option<KeyId>) -> Result<Self, KeyringError> {
+    pub fn new(
+        keys: Vec<Key>,
+        current: KeyId,
+        pending: Option<KeyId>,
+    ) -> Result<Self, KeyringError> {
         if keys.is_empty() {
             return Err(KeyringError::Empty);
         }
@@ -166,7 +182,11 @@ impl Keyring {
                 return Err(KeyringError::PendingMissing(p));
             }
         }
-        Ok(Keyring { keys: map, current, pending })
+        Ok(Keyring {
+            keys: map,
+            current,
+            pending,
+        })
     }
 
     /// The key new ciphertexts are written under: pending if staged, else current.
@@ -201,7 +221,12 @@ impl Keyring {
         let keys: serde_json::Map<String, serde_json::Value> = self
             .keys
             .values()
-            .map(|k| (k.id().to_string(), serde_json::Value::String(k.fingerprint())))
+            .map(|k| {
+                (
+                    k.id().to_string(),
+                    serde_json::Value::String(k.fingerprint()),
+                )
+            })
             .collect();
         serde_json::json!({ "keys": keys, "current": self.current, "pending": self.pending, "target": self.target().id() })
     }
@@ -284,7 +309,11 @@ mod tests {
 
     #[test]
     fn a_quoted_key_is_refused_saying_so() {
-        for quoted in [format!("\"{HEX}\""), format!("'{HEX}'"), format!(" \"{HEX}\"\n")] {
+        for quoted in [
+            format!("\"{HEX}\""),
+            format!("'{HEX}'"),
+            format!(" \"{HEX}\"\n"),
+        ] {
             let err = Key::parse(1, &quoted).unwrap_err();
             assert_eq!(err, KeyParseError::Quoted);
             assert!(!err.to_string().contains(&HEX[..10]));
@@ -293,7 +322,10 @@ mod tests {
 
     #[test]
     fn refuses_base64_of_the_wrong_length() {
-        assert_eq!(Key::parse(1, "AAAA").unwrap_err(), KeyParseError::WrongLength { got: 3 });
+        assert_eq!(
+            Key::parse(1, "AAAA").unwrap_err(),
+            KeyParseError::WrongLength { got: 3 }
+        );
     }
 
     #[test]
@@ -367,7 +399,8 @@ mod tests {
 
     #[test]
     fn refuses_two_versions_with_the_same_material() {
-        let err = Keyring::new(vec![Key::new(1, [1; 32]), Key::new(2, [1; 32])], 2, None).unwrap_err();
+        let err =
+            Keyring::new(vec![Key::new(1, [1; 32]), Key::new(2, [1; 32])], 2, None).unwrap_err();
         assert_eq!(err, KeyringError::Duplicate(1, 2));
     }
 }

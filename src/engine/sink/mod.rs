@@ -13,16 +13,16 @@ use std::collections::{HashMap, HashSet};
 use serde::Serialize;
 use tokio_postgres::{Client, Row, Statement, Transaction};
 
-use crate::state::{self, Control, RangeState};
 use crate::db::session::Timeouts;
 use crate::db::Database;
-use crate::error::DbContext;
-use crate::job::{Job, Target};
 use crate::db::KeyBytes;
 use crate::engine::sql;
-use crate::observe::counts::Counts;
 use crate::engine::transform::{self, Cell};
+use crate::error::DbContext;
+use crate::job::{Job, Target};
+use crate::observe::counts::Counts;
 use crate::observe::events::{self, LeaseChange};
+use crate::state::{self, Control, RangeState};
 use crate::Error;
 
 pub mod record;
@@ -133,9 +133,23 @@ impl Writer {
     }
 
     /// As [`Writer::connect`], for the lease holder `owner`, with `timeouts`.
-    pub async fn connect_as(db: &Database, job: &Job, job_id: i64, owner: Option<String>, timeouts: Timeouts) -> Result<Writer, Error> {
+    pub async fn connect_as(
+        db: &Database,
+        job: &Job,
+        job_id: i64,
+        owner: Option<String>,
+        timeouts: Timeouts,
+    ) -> Result<Writer, Error> {
         let (client, prepared) = Self::open(db, job, timeouts).await?;
-        Ok(Writer { client, db: db.clone(), job_id, owner, timeouts, prepared, ledger: HashMap::new() })
+        Ok(Writer {
+            client,
+            db: db.clone(),
+            job_id,
+            owner,
+            timeouts,
+            prepared,
+            ledger: HashMap::new(),
+        })
     }
 
     /// Replaces a broken connection with a new one.
@@ -150,21 +164,50 @@ impl Writer {
     /// keys go to `rekey.conflicts` (re-read at the end of the run) and the
     /// range's checkpoint moves past them, in one transaction, so the range
     /// goes on.
-    pub async fn set_aside(&mut self, target: &Target, state: &RangeState, batch: &Batch) -> Result<Written, Error> {
+    pub async fn set_aside(
+        &mut self,
+        target: &Target,
+        state: &RangeState,
+        batch: &Batch,
+    ) -> Result<Written, Error> {
         let what = || format!("setting aside locked rows of {}", target.table);
         let rows: HashSet<KeyBytes> = batch.rows.iter().map(|r| target.row_key(r)).collect();
-        let counts = Counts { rows_scanned: batch.rows.len() as u64, conflicts: rows.len() as u64, ..Counts::default() };
+        let counts = Counts {
+            rows_scanned: batch.rows.len() as u64,
+            conflicts: rows.len() as u64,
+            ..Counts::default()
+        };
         let tx = self.client.transaction().await.ctx(what)?;
-        state::conflicts::add(&tx, self.job_id, target.index, &rows).await.ctx(what)?;
-        let control = checkpoint(&tx, self.job_id, self.owner.as_deref(), target, Commit::Range(state), batch, &counts).await?;
+        state::conflicts::add(&tx, self.job_id, target.index, &rows)
+            .await
+            .ctx(what)?;
+        let control = checkpoint(
+            &tx,
+            self.job_id,
+            self.owner.as_deref(),
+            target,
+            Commit::Range(state),
+            batch,
+            &counts,
+        )
+        .await?;
         tx.commit().await.ctx(what)?;
         self.remember(state, batch);
-        Ok(Written { counts, failures: Vec::new(), control })
+        Ok(Written {
+            counts,
+            failures: Vec::new(),
+            control,
+        })
     }
 
     /// Records the values a conflict re-read would rewrite as not rotated:
     /// their rows stayed locked through every try. They leave `rekey.conflicts`.
-    pub async fn not_rotated_locked(&mut self, target: &Target, keys: &[KeyBytes], batch: &Batch) -> Result<Counts, Error> {
+    pub async fn not_rotated_locked(
+        &mut self,
+        target: &Target,
+        keys: &[KeyBytes],
+        batch: &Batch,
+    ) -> Result<Counts, Error> {
         let what = || format!("recording locked rows of {}", target.table);
         let p = &self.prepared[&target.index];
         let ncols = target.columns.len();
@@ -172,15 +215,33 @@ impl Writer {
         for (r, _) in batch.rows.iter().enumerate() {
             for c in 0..ncols {
                 if matches!(batch.cells[r * ncols + c], Cell::Rewritten(_)) {
-                    swapped.not_rotated.insert((r, c), swap::NotRotated::RowLocked);
+                    swapped
+                        .not_rotated
+                        .insert((r, c), swap::NotRotated::RowLocked);
                 }
             }
         }
-        let counts = Counts { rows_scanned: batch.rows.len() as u64, values_not_rotated: swapped.not_rotated.len() as u64, ..Counts::default() };
+        let counts = Counts {
+            rows_scanned: batch.rows.len() as u64,
+            values_not_rotated: swapped.not_rotated.len() as u64,
+            ..Counts::default()
+        };
         let tx = self.client.transaction().await.ctx(what)?;
-        record_not_rotated(&tx, p, self.job_id, target, batch, &swapped).await.ctx(what)?;
-        state::conflicts::clear(&tx, self.job_id, target.index, keys).await.ctx(what)?;
-        state::record_retry(&tx, self.job_id, target.index, &target.table.to_string(), &counts).await.ctx(what)?;
+        record_not_rotated(&tx, p, self.job_id, target, batch, &swapped)
+            .await
+            .ctx(what)?;
+        state::conflicts::clear(&tx, self.job_id, target.index, keys)
+            .await
+            .ctx(what)?;
+        state::record_retry(
+            &tx,
+            self.job_id,
+            target.index,
+            &target.table.to_string(),
+            &counts,
+        )
+        .await
+        .ctx(what)?;
         tx.commit().await.ctx(what)?;
         Ok(counts)
     }
@@ -189,7 +250,8 @@ impl Writer {
     /// found committed after a reconnect).
     pub fn remember(&mut self, state: &RangeState, batch: &Batch) {
         if let Some(last) = &batch.last_key {
-            self.ledger.insert((state.target, state.range_no), (last.clone(), batch.lease));
+            self.ledger
+                .insert((state.target, state.range_no), (last.clone(), batch.lease));
         }
     }
 
@@ -197,7 +259,11 @@ impl Writer {
     /// committed, and whether every batch this writer committed before it
     /// is still there (a crash can lose acknowledged asynchronous commits,
     /// each together with its checkpoint).
-    pub async fn after_reconnect(&self, state: &RangeState, last: Option<&KeyBytes>) -> Result<AfterReconnect, Error> {
+    pub async fn after_reconnect(
+        &self,
+        state: &RangeState,
+        last: Option<&KeyBytes>,
+    ) -> Result<AfterReconnect, Error> {
         let rows = self
             .client
             .query("SELECT target, range_no, last_key, owner, lease_gen FROM rekey.progress WHERE job_id = $1 AND range_no >= 0", &[&self.job_id])
@@ -205,7 +271,10 @@ impl Writer {
             .ctx(|| "checking the checkpoints after a reconnect".into())?;
         let mut this = None;
         for r in &rows {
-            let key = (usize::try_from(r.get::<_, i32>(0)).unwrap_or(usize::MAX), r.get::<_, i32>(1));
+            let key = (
+                usize::try_from(r.get::<_, i32>(0)).unwrap_or(usize::MAX),
+                r.get::<_, i32>(1),
+            );
             let durable: Option<KeyBytes> = r.get(2);
             let owner: Option<String> = r.get(3);
             let generation: i64 = r.get(4);
@@ -221,7 +290,11 @@ impl Writer {
                 if written_under.is_some_and(|g| g != generation) {
                     continue;
                 }
-                if durable.as_ref() != Some(committed) && !(key == (state.target, state.range_no) && durable.as_ref() == last && last.is_some()) {
+                if durable.as_ref() != Some(committed)
+                    && !(key == (state.target, state.range_no)
+                        && durable.as_ref() == last
+                        && last.is_some())
+                {
                     return Ok(AfterReconnect::Lost);
                 }
             }
@@ -232,73 +305,190 @@ impl Writer {
         })
     }
 
-    async fn open(db: &Database, job: &Job, timeouts: Timeouts) -> Result<(Client, HashMap<usize, Prepared>), Error> {
+    async fn open(
+        db: &Database,
+        job: &Job,
+        timeouts: Timeouts,
+    ) -> Result<(Client, HashMap<usize, Prepared>), Error> {
         let client = db.connect().await?;
         // The checkpoint commits with its batch, so a commit lost in a crash
         // loses both together and the batch is simply redone.
-        client.batch_execute("SET synchronous_commit = off").await.ctx(|| "configuring the writer connection".into())?;
-        client.batch_execute(&timeouts.session_sql()).await.ctx(|| "configuring the writer connection".into())?;
+        client
+            .batch_execute("SET synchronous_commit = off")
+            .await
+            .ctx(|| "configuring the writer connection".into())?;
+        client
+            .batch_execute(&timeouts.session_sql())
+            .await
+            .ctx(|| "configuring the writer connection".into())?;
         let mut prepared = HashMap::new();
         for t in &job.targets {
             let what = || format!("preparing writes to {}", t.table);
-            client.batch_execute(&sql::create_stage(t)).await.ctx(what)?;
-            let update = client.prepare(&sql::update_from_stage(t, true)).await.ctx(what)?;
-            let update_any = client.prepare(&sql::update_from_stage(t, false)).await.ctx(what)?;
+            client
+                .batch_execute(&sql::create_stage(t))
+                .await
+                .ctx(what)?;
+            let update = client
+                .prepare(&sql::update_from_stage(t, true))
+                .await
+                .ctx(what)?;
+            let update_any = client
+                .prepare(&sql::update_from_stage(t, false))
+                .await
+                .ctx(what)?;
             let mut quarantine = Vec::with_capacity(t.columns.len());
             for col in 0..t.columns.len() {
-                quarantine.push(client.prepare(&sql::insert_quarantine(t, col)).await.ctx(what)?);
+                quarantine.push(
+                    client
+                        .prepare(&sql::insert_quarantine(t, col))
+                        .await
+                        .ctx(what)?,
+                );
             }
             let outcome = client.prepare(&sql::staged_outcome(t)).await.ctx(what)?;
-            let not_rotated = client.prepare(&sql::insert_not_rotated(t)).await.ctx(what)?;
-            prepared.insert(t.index, Prepared { update, update_any, quarantine, outcome, not_rotated });
+            let not_rotated = client
+                .prepare(&sql::insert_not_rotated(t))
+                .await
+                .ctx(what)?;
+            prepared.insert(
+                t.index,
+                Prepared {
+                    update,
+                    update_any,
+                    quarantine,
+                    outcome,
+                    not_rotated,
+                },
+            );
         }
         Ok((client, prepared))
     }
 
     /// Commits one batch and its checkpoint; returns what it did.
-    pub async fn write(&mut self, target: &Target, commit: Commit<'_>, batch: &Batch) -> Result<Written, Error> {
+    pub async fn write(
+        &mut self,
+        target: &Target,
+        commit: Commit<'_>,
+        batch: &Batch,
+    ) -> Result<Written, Error> {
         let what = || format!("writing a batch to {}", target.table);
-        let mut counts = Counts { rows_scanned: batch.rows.len() as u64, ..Counts::default() };
-        let staged: Vec<usize> = transform::rewritten_rows(&batch.cells, target.columns.len()).collect();
+        let mut counts = Counts {
+            rows_scanned: batch.rows.len() as u64,
+            ..Counts::default()
+        };
+        let staged: Vec<usize> =
+            transform::rewritten_rows(&batch.cells, target.columns.len()).collect();
         let tx = self.client.transaction().await.ctx(what)?;
         let p = &self.prepared[&target.index];
-        let swapped = if staged.is_empty() { Swapped::default() } else { swap(&tx, p, target, commit, batch, &staged, &mut counts).await.ctx(what)? };
-        let (failures, changed) = tally_and_quarantine(&tx, p, self.job_id, target, batch, &swapped, &mut counts).await.ctx(what)?;
-        record_not_rotated(&tx, p, self.job_id, target, batch, &swapped).await.ctx(what)?;
+        let swapped = if staged.is_empty() {
+            Swapped::default()
+        } else {
+            swap(&tx, p, target, commit, batch, &staged, &mut counts)
+                .await
+                .ctx(what)?
+        };
+        let (failures, changed) =
+            tally_and_quarantine(&tx, p, self.job_id, target, batch, &swapped, &mut counts)
+                .await
+                .ctx(what)?;
+        record_not_rotated(&tx, p, self.job_id, target, batch, &swapped)
+            .await
+            .ctx(what)?;
         let job = self.job_id;
         if let Commit::Retry(keys) = commit {
-            state::conflicts::clear(&tx, job, target.index, keys).await.ctx(what)?;
+            state::conflicts::clear(&tx, job, target.index, keys)
+                .await
+                .ctx(what)?;
         }
-        state::conflicts::add(&tx, job, target.index, &swapped.conflicted).await.ctx(what)?;
-        state::conflicts::add(&tx, job, target.index, &changed).await.ctx(what)?;
+        state::conflicts::add(&tx, job, target.index, &swapped.conflicted)
+            .await
+            .ctx(what)?;
+        state::conflicts::add(&tx, job, target.index, &changed)
+            .await
+            .ctx(what)?;
         if target.write.format.random_nonces() && !staged.is_empty() {
             // The nonce budget (README, Guarantees 7): every staged value was encrypted under a fresh random nonce.
-            let encrypted = batch.cells.iter().filter(|c| matches!(c, Cell::Rewritten(_))).count() as i64;
+            let encrypted = batch
+                .cells
+                .iter()
+                .filter(|c| matches!(c, Cell::Rewritten(_)))
+                .count() as i64;
             let key = target.write.keyring.target();
-            let total = state::count_encryptions(&tx, &key.fingerprint(), &target.target_label(), encrypted).await.ctx(what)?;
+            let total = state::count_encryptions(
+                &tx,
+                &key.fingerprint(),
+                &target.target_label(),
+                encrypted,
+            )
+            .await
+            .ctx(what)?;
             if total > state::NONCE_BUDGET {
-                return Err(nonce_budget_spent(target, total - encrypted, "this batch (rolled back)"));
+                return Err(nonce_budget_spent(
+                    target,
+                    total - encrypted,
+                    "this batch (rolled back)",
+                ));
             }
         }
-        let control = checkpoint(&tx, self.job_id, self.owner.as_deref(), target, commit, batch, &counts).await?;
+        let control = checkpoint(
+            &tx,
+            self.job_id,
+            self.owner.as_deref(),
+            target,
+            commit,
+            batch,
+            &counts,
+        )
+        .await?;
         tx.commit().await.ctx(what)?;
         if let Commit::Range(state) = commit {
             self.remember(state, batch);
         }
-        Ok(Written { counts, failures, control })
+        Ok(Written {
+            counts,
+            failures,
+            control,
+        })
     }
 }
 
 /// Moves the range's checkpoint (or counts a conflict re-read) in the
 /// batch's transaction; returns the job's live control as of now.
-async fn checkpoint(tx: &Transaction<'_>, job_id: i64, owner: Option<&str>, target: &Target, commit: Commit<'_>, batch: &Batch, counts: &Counts) -> Result<Control, Error> {
+async fn checkpoint(
+    tx: &Transaction<'_>,
+    job_id: i64,
+    owner: Option<&str>,
+    target: &Target,
+    commit: Commit<'_>,
+    batch: &Batch,
+    counts: &Counts,
+) -> Result<Control, Error> {
     let what = || format!("writing a batch to {}", target.table);
     match commit {
         Commit::Range(state) => {
-            let lease = owner.zip(batch.lease).map(|(owner, generation)| state::Lease { owner, generation });
-            let Some(word) = state::record_batch(tx, job_id, state, lease, batch.last_key.as_ref(), batch.end, counts).await.ctx(what)? else {
+            let lease = owner
+                .zip(batch.lease)
+                .map(|(owner, generation)| state::Lease { owner, generation });
+            let Some(word) = state::record_batch(
+                tx,
+                job_id,
+                state,
+                lease,
+                batch.last_key.as_ref(),
+                batch.end,
+                counts,
+            )
+            .await
+            .ctx(what)?
+            else {
                 let owner = owner.unwrap_or("");
-                events::LeaseChanged { kind: LeaseChange::Lost, table: &target.table.to_string(), range_no: state.range_no, owner }.emit();
+                events::LeaseChanged {
+                    kind: LeaseChange::Lost,
+                    table: &target.table.to_string(),
+                    range_no: state.range_no,
+                    owner,
+                }
+                .emit();
                 return Err(Error::LeaseLost(format!(
                     "range {} of {} was taken over by another rekey process (this one stopped renewing its lease); \
                      the batch was rolled back, nothing of it was written",
@@ -308,7 +498,9 @@ async fn checkpoint(tx: &Transaction<'_>, job_id: i64, owner: Option<&str>, targ
             Control::stored(&word)
         }
         Commit::Retry(_) => {
-            state::record_retry(tx, job_id, target.index, &target.table.to_string(), counts).await.ctx(what)?;
+            state::record_retry(tx, job_id, target.index, &target.table.to_string(), counts)
+                .await
+                .ctx(what)?;
             Ok(Control::Run)
         }
     }

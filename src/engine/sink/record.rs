@@ -2,7 +2,6 @@
 //! to `rekey.quarantine`, values the database would not take to
 //! `rekey.not_rotated` (never the value itself in either).
 
-
 use std::collections::HashSet;
 
 use tokio_postgres::types::ToSql;
@@ -10,11 +9,11 @@ use tokio_postgres::{Client, Transaction};
 
 use crate::db::raw::{self, params, RawParam};
 use crate::db::KeyBytes;
+use crate::engine::sql;
+use crate::engine::transform::{self, Cell};
 use crate::error::DbContext;
 use crate::job::Target;
-use crate::engine::sql;
 use crate::observe::counts::Counts;
-use crate::engine::transform::{self, Cell};
 use crate::Error;
 
 use super::swap::Swapped;
@@ -35,11 +34,18 @@ pub(super) async fn tally_and_quarantine(
     let mut failures = Vec::new();
     let mut changed = HashSet::new();
     for (r, row) in batch.rows.iter().enumerate() {
-        let row_conflicted = !swapped.conflicted.is_empty() && swapped.conflicted.contains(&target.row_key(row));
+        let row_conflicted =
+            !swapped.conflicted.is_empty() && swapped.conflicted.contains(&target.row_key(row));
         for (c, cell) in batch.cells[r * ncols..(r + 1) * ncols].iter().enumerate() {
             match cell {
-                Cell::Rewritten(_) if swapped.not_rotated.contains_key(&(r, c)) => counts.values_not_rotated += 1,
-                Cell::Rewritten(_) if !row_conflicted || swapped.landed_in_conflicted.contains(&(r, c)) => counts.values_rewritten += 1,
+                Cell::Rewritten(_) if swapped.not_rotated.contains_key(&(r, c)) => {
+                    counts.values_not_rotated += 1
+                }
+                Cell::Rewritten(_)
+                    if !row_conflicted || swapped.landed_in_conflicted.contains(&(r, c)) =>
+                {
+                    counts.values_rewritten += 1
+                }
                 Cell::Rewritten(_) | Cell::Opened { .. } => {}
                 Cell::Null | Cell::Current => counts.values_skipped += 1,
                 // changed since it was read (perhaps fixed): the re-read decides
@@ -52,14 +58,20 @@ pub(super) async fn tally_and_quarantine(
                     let kind = e.kind();
                     let keyp = target.key_params(row);
                     let read = RawParam(transform::value(target, row, c).unwrap_or_default());
-                    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&job_id, &table, column, &pk, &kind];
+                    let mut params: Vec<&(dyn ToSql + Sync)> =
+                        vec![&job_id, &table, column, &pk, &kind];
                     params.extend(raw::params(&keyp));
                     params.push(&read);
                     match tx.query_opt(&p.quarantine[c], &params).await? {
                         Some(r) => {
                             counts.values_failed += 1;
                             let key_text: Option<String> = r.get(0);
-                            failures.push(Failure { table, column: column.clone(), key: key_text.unwrap_or_default(), error: kind });
+                            failures.push(Failure {
+                                table,
+                                column: column.clone(),
+                                key: key_text.unwrap_or_default(),
+                                error: kind,
+                            });
                         }
                         // changed since it was read (perhaps fixed): re-read later
                         None => {
@@ -75,7 +87,14 @@ pub(super) async fn tally_and_quarantine(
 
 /// Records the values whose write was refused or undone on a re-read in
 /// `rekey.not_rotated`.
-pub(super) async fn record_not_rotated(tx: &Transaction<'_>, p: &Prepared, job_id: i64, target: &Target, batch: &Batch, swapped: &Swapped) -> Result<(), tokio_postgres::Error> {
+pub(super) async fn record_not_rotated(
+    tx: &Transaction<'_>,
+    p: &Prepared,
+    job_id: i64,
+    target: &Target,
+    batch: &Batch,
+    swapped: &Swapped,
+) -> Result<(), tokio_postgres::Error> {
     let (target_no, table) = (target.index as i32, target.table.to_string());
     for (&(r, c), reason) in &swapped.not_rotated {
         let row = &batch.rows[r];
@@ -83,7 +102,14 @@ pub(super) async fn record_not_rotated(tx: &Transaction<'_>, p: &Prepared, job_i
         let pk: Vec<&[u8]> = key.iter().map(|k| k.as_slice()).collect();
         let keyp = target.key_params(row);
         let reason = reason.as_str();
-        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&job_id, &target_no, &table, &target.columns[c].name, &pk, &reason];
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+            &job_id,
+            &target_no,
+            &table,
+            &target.columns[c].name,
+            &pk,
+            &reason,
+        ];
         params.extend(raw::params(&keyp));
         tx.execute(&p.not_rotated, &params).await?;
     }
@@ -92,7 +118,11 @@ pub(super) async fn record_not_rotated(tx: &Transaction<'_>, p: &Prepared, job_i
 
 /// Looks up the text form of failed values' keys for reports, writing nothing
 /// (`--dry-run` and `verify`).
-pub async fn describe_failures(client: &Client, target: &Target, batch: &Batch) -> Result<Vec<Failure>, Error> {
+pub async fn describe_failures(
+    client: &Client,
+    target: &Target,
+    batch: &Batch,
+) -> Result<Vec<Failure>, Error> {
     let ncols = target.columns.len();
     let mut out = Vec::new();
     let mut stmt = None;
@@ -105,7 +135,11 @@ pub async fn describe_failures(client: &Client, target: &Target, batch: &Batch) 
                 }
                 let Some(s) = &stmt else { continue };
                 let keyp = target.key_params(row);
-                let key: Option<String> = client.query_opt(s, &params(&keyp)).await.ctx(what)?.map(|r| r.get(0));
+                let key: Option<String> = client
+                    .query_opt(s, &params(&keyp))
+                    .await
+                    .ctx(what)?
+                    .map(|r| r.get(0));
                 out.push(Failure {
                     table: target.table.to_string(),
                     column: target.columns[c].name.clone(),

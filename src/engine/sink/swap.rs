@@ -10,11 +10,11 @@ use tokio_postgres::Transaction;
 
 use crate::db::binary_copy::CopyBuffer;
 use crate::db::raw::{self, params};
-use crate::job::Target;
 use crate::db::KeyBytes;
 use crate::engine::sql;
-use crate::observe::counts::Counts;
 use crate::engine::transform::{self, Cell};
+use crate::job::Target;
+use crate::observe::counts::Counts;
 
 use super::{Batch, Commit, Prepared};
 
@@ -87,7 +87,9 @@ pub(super) async fn swap(
             });
         }
     }
-    let copy = tx.copy_in::<_, bytes::Bytes>(&sql::copy_stage(target)).await?;
+    let copy = tx
+        .copy_in::<_, bytes::Bytes>(&sql::copy_stage(target))
+        .await?;
     futures_util::pin_mut!(copy);
     futures_util::SinkExt::send(&mut copy, buf.finish()).await?;
     copy.finish().await?;
@@ -114,13 +116,19 @@ pub(super) async fn swap(
     for &r in staged {
         let row = &batch.rows[r];
         let key = target.row_key(row);
-        let rewritten: Vec<usize> = (0..ncols).filter(|&c| matches!(batch.cells[r * ncols + c], Cell::Rewritten(_))).collect();
+        let rewritten: Vec<usize> = (0..ncols)
+            .filter(|&c| matches!(batch.cells[r * ncols + c], Cell::Rewritten(_)))
+            .collect();
         let Some(o) = outcomes.get(&key) else {
             // deleted meanwhile: the re-read finds nothing left to rotate
             swapped.conflicted.insert(key);
             continue;
         };
-        let unlanded: Vec<usize> = rewritten.iter().copied().filter(|&c| !o.landed[c]).collect();
+        let unlanded: Vec<usize> = rewritten
+            .iter()
+            .copied()
+            .filter(|&c| !o.landed[c])
+            .collect();
         if rewritten.iter().any(|&c| o.landed[c]) {
             counts.rows_rewritten += 1;
         }
@@ -135,9 +143,17 @@ pub(super) async fn swap(
             None // the application changed it
         };
         match refusal {
-            Some(reason) if retry => swapped.not_rotated.extend(unlanded.iter().map(|&c| ((r, c), reason))),
+            Some(reason) if retry => swapped
+                .not_rotated
+                .extend(unlanded.iter().map(|&c| ((r, c), reason))),
             _ => {
-                swapped.landed_in_conflicted.extend(rewritten.iter().copied().filter(|&c| o.landed[c]).map(|c| (r, c)));
+                swapped.landed_in_conflicted.extend(
+                    rewritten
+                        .iter()
+                        .copied()
+                        .filter(|&c| o.landed[c])
+                        .map(|c| (r, c)),
+                );
                 swapped.conflicted.insert(key);
             }
         }
@@ -157,12 +173,22 @@ pub(super) struct StagedOutcome {
 }
 
 /// Where each staged row still in the table stands, by key.
-pub(super) async fn staged_outcomes(tx: &Transaction<'_>, p: &Prepared, target: &Target) -> Result<HashMap<KeyBytes, StagedOutcome>, tokio_postgres::Error> {
+pub(super) async fn staged_outcomes(
+    tx: &Transaction<'_>,
+    p: &Prepared,
+    target: &Target,
+) -> Result<HashMap<KeyBytes, StagedOutcome>, tokio_postgres::Error> {
     let nkeys = target.key.len();
     let mut out = HashMap::new();
     for row in tx.query(&p.outcome, &[]).await? {
-        let landed = (0..target.columns.len()).map(|c| row.try_get(nkeys + 2 + c)).collect::<Result<_, _>>()?;
-        let o = StagedOutcome { touched: row.try_get(nkeys)?, as_read: row.try_get(nkeys + 1)?, landed };
+        let landed = (0..target.columns.len())
+            .map(|c| row.try_get(nkeys + 2 + c))
+            .collect::<Result<_, _>>()?;
+        let o = StagedOutcome {
+            touched: row.try_get(nkeys)?,
+            as_read: row.try_get(nkeys + 1)?,
+            landed,
+        };
         out.insert(raw::key_of(&row, nkeys), o);
     }
     Ok(out)

@@ -6,7 +6,6 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-
 use crate::crypto::keytable::StoredKey;
 
 use super::{io, FileKeyringError};
@@ -22,9 +21,18 @@ pub fn save_with_archive(
     render: impl Fn(&[StoredKey]) -> Result<Vec<u8>, serde_json::Error>,
     save_main: impl FnOnce() -> Result<(), FileKeyringError>,
 ) -> Result<(), FileKeyringError> {
-    let ids = |keys: &[StoredKey]| keys.iter().map(|k| k.id).collect::<std::collections::BTreeSet<_>>();
+    let ids = |keys: &[StoredKey]| {
+        keys.iter()
+            .map(|k| k.id)
+            .collect::<std::collections::BTreeSet<_>>()
+    };
     let mut superset = archived.clone();
-    superset.extend(on_disk.iter().filter(|k| !ids(&archived).contains(&k.id)).cloned());
+    superset.extend(
+        on_disk
+            .iter()
+            .filter(|k| !ids(&archived).contains(&k.id))
+            .cloned(),
+    );
     if ids(&superset) != ids(on_disk) {
         write_archive(path, &superset, &render)?;
     }
@@ -36,7 +44,11 @@ pub fn save_with_archive(
 }
 
 /// Replaces `path`'s archive with `keys`, or removes it when there are none.
-pub(super) fn write_archive(path: &Path, keys: &[StoredKey], render: &impl Fn(&[StoredKey]) -> Result<Vec<u8>, serde_json::Error>) -> Result<(), FileKeyringError> {
+pub(super) fn write_archive(
+    path: &Path,
+    keys: &[StoredKey],
+    render: &impl Fn(&[StoredKey]) -> Result<Vec<u8>, serde_json::Error>,
+) -> Result<(), FileKeyringError> {
     let archive = archive_path(path);
     if keys.is_empty() {
         return match fs::remove_file(&archive) {
@@ -44,7 +56,10 @@ pub(super) fn write_archive(path: &Path, keys: &[StoredKey], render: &impl Fn(&[
             _ => sync_dir(&archive),
         };
     }
-    let json = render(keys).map_err(|e| FileKeyringError::Malformed { path: archive.clone(), problem: e.to_string() })?;
+    let json = render(keys).map_err(|e| FileKeyringError::Malformed {
+        path: archive.clone(),
+        problem: e.to_string(),
+    })?;
     let tmp = write_pending(&archive, &json)?;
     fs::rename(&tmp, &archive).map_err(io(&archive))?;
     sync_dir(&archive)
@@ -60,7 +75,9 @@ pub fn archive_path(path: &Path) -> PathBuf {
 /// Syncs the directory holding `path`, so a rename in it is durable.
 pub(super) fn sync_dir(path: &Path) -> Result<(), FileKeyringError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(dir))?;
     }
     Ok(())
 }
@@ -68,7 +85,12 @@ pub(super) fn sync_dir(path: &Path) -> Result<(), FileKeyringError> {
 /// Writes `bytes` beside `path` (owner-only, synced); returns the temporary path.
 pub fn write_pending(path: &Path, bytes: &[u8]) -> Result<PathBuf, FileKeyringError> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(io(&tmp))?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
     restrict(&f);
     f.write_all(bytes).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;
@@ -82,7 +104,9 @@ pub fn commit(path: &Path, tmp: &Path, scrub_backup: bool) -> Result<(), FileKey
     let bak = path.with_extension("bak");
     let backup = |from: &Path| -> Result<(), FileKeyringError> {
         fs::copy(from, &bak).map_err(io(&bak))?;
-        File::open(&bak).and_then(|f| f.sync_all()).map_err(io(&bak))
+        File::open(&bak)
+            .and_then(|f| f.sync_all())
+            .map_err(io(&bak))
     };
     if path.exists() {
         backup(path)?;

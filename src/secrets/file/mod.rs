@@ -106,46 +106,83 @@ pub struct KeyringFile {
 
 impl std::fmt::Debug for KeyringFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyringFile").field("path", &self.path).field("table", &self.table).finish()
+        f.debug_struct("KeyringFile")
+            .field("path", &self.path)
+            .field("table", &self.table)
+            .finish()
     }
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> FileKeyringError + '_ {
-    move |source| FileKeyringError::Io { path: path.to_path_buf(), source }
+    move |source| FileKeyringError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 impl KeyringFile {
     /// Creates a new keyring file holding `table`, sealed under `passphrase`.
-    pub fn create(path: &Path, passphrase: &[u8], table: KeyTable) -> Result<Self, FileKeyringError> {
+    pub fn create(
+        path: &Path,
+        passphrase: &[u8],
+        table: KeyTable,
+    ) -> Result<Self, FileKeyringError> {
         if path.exists() {
             return Err(FileKeyringError::Exists(path.to_path_buf()));
         }
         let mut salt = [0u8; 16];
         crate::crypto::nonce::fill(&mut salt);
-        let kdf = Kdf { salt: B64.encode(salt), m_cost: 19 * 1024, t_cost: 2, p_cost: 1 };
+        let kdf = Kdf {
+            salt: B64.encode(salt),
+            m_cost: 19 * 1024,
+            t_cost: 2,
+            p_cost: 1,
+        };
         let kek = derive(path, passphrase, &kdf)?;
-        let mut file = KeyringFile { path: path.to_path_buf(), kdf, kek, table, archived_on_disk: Vec::new() };
+        let mut file = KeyringFile {
+            path: path.to_path_buf(),
+            kdf,
+            kek,
+            table,
+            archived_on_disk: Vec::new(),
+        };
         file.save()?;
         Ok(file)
     }
 
     /// Opens a keyring file. A wrong passphrase is refused before anything else happens.
-    pub fn open(path: &Path, passphrase: &[u8], passphrase_var: &str) -> Result<Self, FileKeyringError> {
+    pub fn open(
+        path: &Path,
+        passphrase: &[u8],
+        passphrase_var: &str,
+    ) -> Result<Self, FileKeyringError> {
         let text = fs::read_to_string(path).map_err(io(path))?;
         // serde's messages can quote the input; say only where it broke.
-        let doc: Document = serde_json::from_str(&text).map_err(|e| FileKeyringError::Malformed {
-            path: path.to_path_buf(),
-            problem: format!("invalid JSON at line {} column {}", e.line(), e.column()),
-        })?;
+        let doc: Document =
+            serde_json::from_str(&text).map_err(|e| FileKeyringError::Malformed {
+                path: path.to_path_buf(),
+                problem: format!("invalid JSON at line {} column {}", e.line(), e.column()),
+            })?;
         if doc.format != FORMAT {
-            return Err(FileKeyringError::Malformed { path: path.to_path_buf(), problem: format!("format is {:?}, expected {FORMAT:?}", doc.format) });
+            return Err(FileKeyringError::Malformed {
+                path: path.to_path_buf(),
+                problem: format!("format is {:?}, expected {FORMAT:?}", doc.format),
+            });
         }
         let kek = derive(path, passphrase, &doc.kdf)?;
         let open = |k: &StoredKey, at: &Path| -> Result<Option<Key>, FileKeyringError> {
-            let Some(sealed) = &k.material else { return Ok(None) };
+            let Some(sealed) = &k.material else {
+                return Ok(None);
+            };
             open_key(&kek, k.id, sealed).map(Some).map_err(|e| match e {
-                Unopened::Damaged(problem) => FileKeyringError::Malformed { path: at.to_path_buf(), problem: format!("key {}: {problem}", k.id) },
-                Unopened::Refused => FileKeyringError::WrongPassphrase { path: at.to_path_buf(), var: passphrase_var.to_string() },
+                Unopened::Damaged(problem) => FileKeyringError::Malformed {
+                    path: at.to_path_buf(),
+                    problem: format!("key {}: {problem}", k.id),
+                },
+                Unopened::Refused => FileKeyringError::WrongPassphrase {
+                    path: at.to_path_buf(),
+                    var: passphrase_var.to_string(),
+                },
             })
         };
         let mut table = KeyTable::default();
@@ -157,19 +194,30 @@ impl KeyringFile {
         let mut archived_on_disk = Vec::new();
         if archive.exists() {
             let text = fs::read_to_string(&archive).map_err(io(&archive))?;
-            let doc: Document = serde_json::from_str(&text).map_err(|e| FileKeyringError::Malformed {
-                path: archive.clone(),
-                problem: format!("invalid JSON at line {} column {}", e.line(), e.column()),
-            })?;
+            let doc: Document =
+                serde_json::from_str(&text).map_err(|e| FileKeyringError::Malformed {
+                    path: archive.clone(),
+                    problem: format!("invalid JSON at line {} column {}", e.line(), e.column()),
+                })?;
             for k in doc.keys {
                 let key = open(&k, &archive)?;
-                if let Some(e) = table.entries.iter_mut().find(|e| e.id == k.id && e.state == KeyState::Retired && e.key.is_none()) {
+                if let Some(e) = table
+                    .entries
+                    .iter_mut()
+                    .find(|e| e.id == k.id && e.state == KeyState::Retired && e.key.is_none())
+                {
                     e.key = key;
                 }
                 archived_on_disk.push(k);
             }
         }
-        Ok(KeyringFile { path: path.to_path_buf(), kdf: doc.kdf, kek, table, archived_on_disk })
+        Ok(KeyringFile {
+            path: path.to_path_buf(),
+            kdf: doc.kdf,
+            kek,
+            table,
+            archived_on_disk,
+        })
     }
 
     /// Where the file lives.
@@ -178,15 +226,29 @@ impl KeyringFile {
     }
 
     fn document(&self) -> Result<Document, FileKeyringError> {
-        let keys = self.table.entries.iter().map(|e| StoredKey::from_entry(e, |k| seal_key(&self.kek, k))).collect();
-        Ok(Document { format: FORMAT.into(), kdf: self.kdf.clone(), keys })
+        let keys = self
+            .table
+            .entries
+            .iter()
+            .map(|e| StoredKey::from_entry(e, |k| seal_key(&self.kek, k)))
+            .collect();
+        Ok(Document {
+            format: FORMAT.into(),
+            kdf: self.kdf.clone(),
+            keys,
+        })
     }
 
     /// Writes the new version next to the file and syncs it; returns the
     /// temporary path. Until [`KeyringFile::commit`] renames it, the old
     /// version is untouched: this is where a crash may leave things.
     pub fn write_pending(&self) -> Result<PathBuf, FileKeyringError> {
-        let json = serde_json::to_string_pretty(&self.document()?).map_err(|e| FileKeyringError::Malformed { path: self.path.clone(), problem: e.to_string() })?;
+        let json = serde_json::to_string_pretty(&self.document()?).map_err(|e| {
+            FileKeyringError::Malformed {
+                path: self.path.clone(),
+                problem: e.to_string(),
+            }
+        })?;
         write_pending(&self.path, json.as_bytes())
     }
 
@@ -194,7 +256,14 @@ impl KeyringFile {
     /// Once a key is retired, the backup is the new version too, so the
     /// retired material is gone from both.
     pub fn commit(&self, tmp: &Path) -> Result<(), FileKeyringError> {
-        commit(&self.path, tmp, self.table.entries.iter().any(|e| e.state == KeyState::Retired))
+        commit(
+            &self.path,
+            tmp,
+            self.table
+                .entries
+                .iter()
+                .any(|e| e.state == KeyState::Retired),
+        )
     }
 
     /// Saves atomically (write, fsync, backup, rename, fsync the directory),
@@ -202,14 +271,30 @@ impl KeyringFile {
     /// reaches the archive before it leaves the file, and leaves the archive
     /// only after the file is saved.
     pub fn save(&mut self) -> Result<(), FileKeyringError> {
-        let archived: Vec<StoredKey> = self.table.entries.iter().filter_map(|e| StoredKey::archived(e, |k| seal_key(&self.kek, k))).collect();
-        let render = |keys: &[StoredKey]| serde_json::to_vec_pretty(&Document { format: FORMAT.into(), kdf: self.kdf.clone(), keys: keys.to_vec() });
+        let archived: Vec<StoredKey> = self
+            .table
+            .entries
+            .iter()
+            .filter_map(|e| StoredKey::archived(e, |k| seal_key(&self.kek, k)))
+            .collect();
+        let render = |keys: &[StoredKey]| {
+            serde_json::to_vec_pretty(&Document {
+                format: FORMAT.into(),
+                kdf: self.kdf.clone(),
+                keys: keys.to_vec(),
+            })
+        };
         let main = || {
             let tmp = self.write_pending()?;
             self.commit(&tmp)
         };
         save_with_archive(&self.path, archived, &self.archived_on_disk, render, main)?;
-        self.archived_on_disk = self.table.entries.iter().filter_map(|e| StoredKey::archived(e, |k| seal_key(&self.kek, k))).collect();
+        self.archived_on_disk = self
+            .table
+            .entries
+            .iter()
+            .filter_map(|e| StoredKey::archived(e, |k| seal_key(&self.kek, k)))
+            .collect();
         Ok(())
     }
 }
@@ -217,13 +302,21 @@ impl KeyringFile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::fs::OpenOptions;
-    use seal::MAX_M_COST;
     use crate::crypto::keytable::Entry;
     use proptest::prelude::*;
+    use seal::MAX_M_COST;
+    use std::fs::OpenOptions;
 
     fn table() -> KeyTable {
-        KeyTable { entries: vec![Entry { id: 1, state: KeyState::Current, created_at: 100, changed_at: 100, key: Some(Key::new(1, [7; 32])) }] }
+        KeyTable {
+            entries: vec![Entry {
+                id: 1,
+                state: KeyState::Current,
+                created_at: 100,
+                changed_at: 100,
+                key: Some(Key::new(1, [7; 32])),
+            }],
+        }
     }
 
     #[test]
@@ -232,7 +325,10 @@ mod tests {
         let path = dir.path().join("keys.json");
         KeyringFile::create(&path, b"correct horse", table()).unwrap();
         let opened = KeyringFile::open(&path, b"correct horse", "P").unwrap();
-        assert_eq!(opened.table.keyring().unwrap().get(1).unwrap().material(), &[7; 32]);
+        assert_eq!(
+            opened.table.keyring().unwrap().get(1).unwrap().material(),
+            &[7; 32]
+        );
         let text = fs::read_to_string(&path).unwrap();
         assert!(!text.contains(&hex::encode([7u8; 32])) && !text.contains(&B64.encode([7u8; 32])));
     }
@@ -244,7 +340,10 @@ mod tests {
         KeyringFile::create(&path, b"right", table()).unwrap();
         let before = fs::read(&path).unwrap();
         let err = KeyringFile::open(&path, b"wrong", "REKEY_KEYRING_PASSPHRASE").unwrap_err();
-        assert!(err.to_string().contains("REKEY_KEYRING_PASSPHRASE"), "{err}");
+        assert!(
+            err.to_string().contains("REKEY_KEYRING_PASSPHRASE"),
+            "{err}"
+        );
         assert_eq!(fs::read(&path).unwrap(), before);
     }
 
@@ -256,10 +355,20 @@ mod tests {
         let good = fs::read_to_string(&path).unwrap();
         let doc: serde_json::Value = serde_json::from_str(&good).unwrap();
         let sealed = doc["keys"][0]["material"].as_str().unwrap().to_string();
-        for (damaged, problem) in [("%%%".to_string(), "key 1: material is not base64"), (B64.encode([0u8; 20]), "key 1: material is not a sealed 32-byte key")] {
+        for (damaged, problem) in [
+            ("%%%".to_string(), "key 1: material is not base64"),
+            (
+                B64.encode([0u8; 20]),
+                "key 1: material is not a sealed 32-byte key",
+            ),
+        ] {
             fs::write(&path, good.replace(&sealed, &damaged)).unwrap();
             let err = KeyringFile::open(&path, b"pw", "P").unwrap_err();
-            assert!(matches!(err, FileKeyringError::Malformed { .. }) && err.to_string().contains(problem), "{err}");
+            assert!(
+                matches!(err, FileKeyringError::Malformed { .. })
+                    && err.to_string().contains(problem),
+                "{err}"
+            );
         }
     }
 
@@ -272,7 +381,12 @@ mod tests {
         let tmp = file.write_pending().unwrap();
         // the process dies here, with the new version half-written
         let len = fs::metadata(&tmp).unwrap().len();
-        OpenOptions::new().write(true).open(&tmp).unwrap().set_len(len / 2).unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(&tmp)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
         let reopened = KeyringFile::open(&path, b"pw", "P").unwrap();
         assert_eq!(reopened.table.entries.len(), 1);
     }
@@ -286,7 +400,14 @@ mod tests {
         file.save().unwrap();
         let backup = KeyringFile::open(&path.with_extension("bak"), b"pw", "P").unwrap();
         assert_eq!(backup.table.entries.len(), 1);
-        assert_eq!(KeyringFile::open(&path, b"pw", "P").unwrap().table.entries.len(), 2);
+        assert_eq!(
+            KeyringFile::open(&path, b"pw", "P")
+                .unwrap()
+                .table
+                .entries
+                .len(),
+            2
+        );
     }
 
     /// A keyring file whose Argon2id parameters ask for `m_cost` KiB.
@@ -303,11 +424,19 @@ mod tests {
     fn absurd_kdf_parameters_are_refused_before_any_memory_is_taken() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys.json");
-        for (m, t, p) in [(u32::MAX, 1, 1), (MAX_M_COST + 1, 1, 1), (8, u32::MAX, 1), (8 * (1 << 20), 1, 1 << 20)] {
+        for (m, t, p) in [
+            (u32::MAX, 1, 1),
+            (MAX_M_COST + 1, 1, 1),
+            (8, u32::MAX, 1),
+            (8 * (1 << 20), 1, 1 << 20),
+        ] {
             fs::write(&path, document_asking_for(m, t, p)).unwrap();
             let err = KeyringFile::open(&path, b"pw", "P").unwrap_err();
             assert!(matches!(err, FileKeyringError::Malformed { .. }), "{err:?}");
-            assert!(err.to_string().contains("exceed what rekey accepts"), "{err}");
+            assert!(
+                err.to_string().contains("exceed what rekey accepts"),
+                "{err}"
+            );
         }
     }
 
@@ -322,10 +451,22 @@ mod tests {
         use serde_json::json;
         let key = (
             field(vec![json!(1), json!(2), json!(-1), json!("1")]),
-            field(vec![json!("current"), json!("pending"), json!("previous"), json!("retired"), json!("CURRENT"), json!(null)]),
-            field(vec![json!("2024-01-01T00:00:00Z"), json!("yesterday"), json!(0)]),
+            field(vec![
+                json!("current"),
+                json!("pending"),
+                json!("previous"),
+                json!("retired"),
+                json!("CURRENT"),
+                json!(null),
+            ]),
+            field(vec![
+                json!("2024-01-01T00:00:00Z"),
+                json!("yesterday"),
+                json!(0),
+            ]),
             prop_oneof![
-                proptest::collection::vec(any::<u8>(), 0..80).prop_map(|b| Some(json!(B64.encode(b)))),
+                proptest::collection::vec(any::<u8>(), 0..80)
+                    .prop_map(|b| Some(json!(B64.encode(b)))),
                 Just(Some(json!("not base64!"))),
                 Just(Some(json!(null))),
                 Just(None),
@@ -333,7 +474,13 @@ mod tests {
         )
             .prop_map(|(id, state, at, material)| {
                 let mut k = serde_json::Map::new();
-                for (name, v) in [("id", id), ("state", state), ("created_at", at.clone()), ("changed_at", at), ("material", material)] {
+                for (name, v) in [
+                    ("id", id),
+                    ("state", state),
+                    ("created_at", at.clone()),
+                    ("changed_at", at),
+                    ("material", material),
+                ] {
                     if let Some(v) = v {
                         k.insert(name.into(), v);
                     }
@@ -342,8 +489,18 @@ mod tests {
             });
         (
             field(vec![json!(FORMAT), json!("rekey-keyring/2"), json!(1)]),
-            field(vec![json!(B64.encode([1u8; 16])), json!(B64.encode([1u8; 4])), json!("%%")]),
-            field(vec![json!(8), json!(16), json!(0), json!(u32::MAX), json!(-1)]),
+            field(vec![
+                json!(B64.encode([1u8; 16])),
+                json!(B64.encode([1u8; 4])),
+                json!("%%"),
+            ]),
+            field(vec![
+                json!(8),
+                json!(16),
+                json!(0),
+                json!(u32::MAX),
+                json!(-1),
+            ]),
             field(vec![json!(1), json!(0), json!(u32::MAX)]),
             field(vec![json!(1), json!(2), json!(0), json!(1 << 24)]),
             proptest::collection::vec(key, 0..3),

@@ -40,20 +40,33 @@ pub(super) const MAX_T_COST: u32 = 16;
 /// See [`MAX_M_COST`].
 pub(super) const MAX_P_COST: u32 = 16;
 
-pub(super) fn derive(path: &Path, passphrase: &[u8], kdf: &Kdf) -> Result<LessSafeKey, FileKeyringError> {
-    let malformed = |problem: String| FileKeyringError::Malformed { path: path.to_path_buf(), problem };
+pub(super) fn derive(
+    path: &Path,
+    passphrase: &[u8],
+    kdf: &Kdf,
+) -> Result<LessSafeKey, FileKeyringError> {
+    let malformed = |problem: String| FileKeyringError::Malformed {
+        path: path.to_path_buf(),
+        problem,
+    };
     if kdf.m_cost > MAX_M_COST || kdf.t_cost > MAX_T_COST || kdf.p_cost > MAX_P_COST {
         return Err(malformed(format!(
             "kdf parameters m_cost={} t_cost={} p_cost={} exceed what rekey accepts (m_cost <= {MAX_M_COST} KiB, t_cost <= {MAX_T_COST}, p_cost <= {MAX_P_COST}); restore the file from its .bak",
             kdf.m_cost, kdf.t_cost, kdf.p_cost
         )));
     }
-    let salt = B64.decode(&kdf.salt).map_err(|_| malformed("kdf.salt is not base64".into()))?;
-    let params = argon2::Params::new(kdf.m_cost, kdf.t_cost, kdf.p_cost, Some(KEY_LEN)).map_err(|e| malformed(format!("kdf parameters: {e}")))?;
+    let salt = B64
+        .decode(&kdf.salt)
+        .map_err(|_| malformed("kdf.salt is not base64".into()))?;
+    let params = argon2::Params::new(kdf.m_cost, kdf.t_cost, kdf.p_cost, Some(KEY_LEN))
+        .map_err(|e| malformed(format!("kdf parameters: {e}")))?;
     let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
     let mut kek = Zeroizing::new([0u8; KEY_LEN]);
-    argon.hash_password_into(passphrase, &salt, kek.as_mut_slice()).map_err(|e| malformed(format!("kdf: {e}")))?;
-    let unbound = UnboundKey::new(&AES_256_GCM, kek.as_slice()).map_err(|_| malformed("key-encryption key refused".into()))?;
+    argon
+        .hash_password_into(passphrase, &salt, kek.as_mut_slice())
+        .map_err(|e| malformed(format!("kdf: {e}")))?;
+    let unbound = UnboundKey::new(&AES_256_GCM, kek.as_slice())
+        .map_err(|_| malformed("key-encryption key refused".into()))?;
     Ok(LessSafeKey::new(unbound))
 }
 
@@ -66,7 +79,11 @@ pub(super) fn seal_key(kek: &LessSafeKey, key: &Key) -> String {
     crate::crypto::nonce::fill(&mut nonce);
     let mut buf = Zeroizing::new(key.material().to_vec());
     // Sealing 32 bytes cannot exceed GCM's limits.
-    let tag = kek.seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad(key.id())), buf.as_mut_slice());
+    let tag = kek.seal_in_place_separate_tag(
+        Nonce::assume_unique_for_key(nonce),
+        Aad::from(aad(key.id())),
+        buf.as_mut_slice(),
+    );
     let mut out = nonce.to_vec();
     out.extend_from_slice(&buf);
     if let Ok(tag) = tag {
@@ -85,14 +102,24 @@ pub(super) enum Unopened {
 }
 
 pub(super) fn open_key(kek: &LessSafeKey, id: KeyId, sealed: &str) -> Result<Key, Unopened> {
-    let raw = Zeroizing::new(B64.decode(sealed).map_err(|_| Unopened::Damaged("material is not base64"))?);
+    let raw = Zeroizing::new(
+        B64.decode(sealed)
+            .map_err(|_| Unopened::Damaged("material is not base64"))?,
+    );
     if raw.len() != NONCE_LEN + KEY_LEN + AES_256_GCM.tag_len() {
-        return Err(Unopened::Damaged("material is not a sealed 32-byte key (wrong length)"));
+        return Err(Unopened::Damaged(
+            "material is not a sealed 32-byte key (wrong length)",
+        ));
     }
     let (nonce, body) = raw.split_at(NONCE_LEN);
-    let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| Unopened::Damaged("material has no nonce"))?;
+    let nonce = Nonce::try_assume_unique_for_key(nonce)
+        .map_err(|_| Unopened::Damaged("material has no nonce"))?;
     let mut buf = Zeroizing::new(body.to_vec());
-    let plain = kek.open_in_place(nonce, Aad::from(aad(id)), buf.as_mut_slice()).map_err(|_| Unopened::Refused)?;
-    let material: [u8; KEY_LEN] = plain.try_into().map_err(|_| Unopened::Damaged("material is not a sealed 32-byte key (wrong length)"))?;
+    let plain = kek
+        .open_in_place(nonce, Aad::from(aad(id)), buf.as_mut_slice())
+        .map_err(|_| Unopened::Refused)?;
+    let material: [u8; KEY_LEN] = plain
+        .try_into()
+        .map_err(|_| Unopened::Damaged("material is not a sealed 32-byte key (wrong length)"))?;
     Ok(Key::new(id, material))
 }

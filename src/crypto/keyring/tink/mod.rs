@@ -122,14 +122,18 @@ pub enum TinkKeysetError {
 
 /// " for key N" when the key is known, for [`TinkKeysetError::Field`].
 fn key_context(key_id: Option<KeyId>) -> String {
-    key_id.map(|id| format!(" for key {id}")).unwrap_or_default()
+    key_id
+        .map(|id| format!(" for key {id}"))
+        .unwrap_or_default()
 }
 
 /// Parses a Tink cleartext JSON keyset into a keyring whose current key is
 /// the keyset's primary (no pending key).
 pub fn parse_json(json: &str) -> Result<Keyring, TinkKeysetError> {
-    let mut value: Value =
-        serde_json::from_str(json).map_err(|e| TinkKeysetError::Json { line: e.line(), column: e.column() })?;
+    let mut value: Value = serde_json::from_str(json).map_err(|e| TinkKeysetError::Json {
+        line: e.line(),
+        column: e.column(),
+    })?;
     let parsed = keyring_from(&value);
     wipe(&mut value);
     parsed
@@ -148,7 +152,13 @@ fn wipe(value: &mut Value) {
 /// The keyring of a parsed keyset: its ENABLED keys, current = primary.
 fn keyring_from(keyset: &Value) -> Result<Keyring, TinkKeysetError> {
     let primary = key_id(keyset.get("primaryKeyId"), "primaryKeyId", None)?;
-    let entries = keyset.get("key").and_then(Value::as_array).ok_or(TinkKeysetError::Field { field: "key", key_id: None })?;
+    let entries = keyset
+        .get("key")
+        .and_then(Value::as_array)
+        .ok_or(TinkKeysetError::Field {
+            field: "key",
+            key_id: None,
+        })?;
     let mut keys: Vec<Key> = Vec::with_capacity(entries.len());
     let mut seen: Vec<KeyId> = Vec::with_capacity(entries.len());
     for entry in entries {
@@ -170,22 +180,41 @@ fn keyring_from(keyset: &Value) -> Result<Keyring, TinkKeysetError> {
 /// A Tink key id: a JSON number in `uint32` range. Negative numbers down to
 /// -2^31 are read as their two's complement, as Java Tink's reader does for
 /// keysets written by old Java versions.
-fn key_id(value: Option<&Value>, field: &'static str, key_id: Option<KeyId>) -> Result<KeyId, TinkKeysetError> {
-    let number = value.and_then(Value::as_number).ok_or(TinkKeysetError::Field { field, key_id })?;
-    let out_of_range = || TinkKeysetError::KeyIdRange { field, value: number.to_string() };
+fn key_id(
+    value: Option<&Value>,
+    field: &'static str,
+    key_id: Option<KeyId>,
+) -> Result<KeyId, TinkKeysetError> {
+    let number = value
+        .and_then(Value::as_number)
+        .ok_or(TinkKeysetError::Field { field, key_id })?;
+    let out_of_range = || TinkKeysetError::KeyIdRange {
+        field,
+        value: number.to_string(),
+    };
     match (number.as_u64(), number.as_i64()) {
         (Some(n), _) => KeyId::try_from(n).map_err(|_| out_of_range()),
-        (None, Some(n)) => i32::try_from(n).map(|n| n as KeyId).map_err(|_| out_of_range()),
+        (None, Some(n)) => i32::try_from(n)
+            .map(|n| n as KeyId)
+            .map_err(|_| out_of_range()),
         (None, None) => Err(out_of_range()),
     }
 }
 
 /// The string at `path` under `value`, or a [`TinkKeysetError::Field`] naming `field`.
-fn text<'a>(value: &'a Value, path: &[&str], field: &'static str, key_id: KeyId) -> Result<&'a str, TinkKeysetError> {
+fn text<'a>(
+    value: &'a Value,
+    path: &[&str],
+    field: &'static str,
+    key_id: KeyId,
+) -> Result<&'a str, TinkKeysetError> {
     path.iter()
         .try_fold(value, |v, name| v.get(name))
         .and_then(Value::as_str)
-        .ok_or(TinkKeysetError::Field { field, key_id: Some(key_id) })
+        .ok_or(TinkKeysetError::Field {
+            field,
+            key_id: Some(key_id),
+        })
 }
 
 /// One keyset entry as a key, `None` for a DISABLED or DESTROYED one.
@@ -193,10 +222,20 @@ fn key_from(entry: &Value, id: KeyId) -> Result<Option<Key>, TinkKeysetError> {
     match text(entry, &["status"], "status", id)? {
         "ENABLED" => {}
         "DISABLED" | "DESTROYED" => return Ok(None),
-        other => return Err(TinkKeysetError::UnknownStatus { key_id: id, status: other.to_owned() }),
+        other => {
+            return Err(TinkKeysetError::UnknownStatus {
+                key_id: id,
+                status: other.to_owned(),
+            })
+        }
     }
     let type_url = text(entry, &["keyData", "typeUrl"], "keyData.typeUrl", id)?;
-    let material_type = text(entry, &["keyData", "keyMaterialType"], "keyData.keyMaterialType", id)?;
+    let material_type = text(
+        entry,
+        &["keyData", "keyMaterialType"],
+        "keyData.keyMaterialType",
+        id,
+    )?;
     if type_url != AES_GCM_TYPE_URL || material_type != "SYMMETRIC" {
         return Err(TinkKeysetError::UnsupportedKeyType {
             key_id: id,
@@ -206,19 +245,36 @@ fn key_from(entry: &Value, id: KeyId) -> Result<Option<Key>, TinkKeysetError> {
     }
     let prefix = text(entry, &["outputPrefixType"], "outputPrefixType", id)?;
     if prefix != "TINK" {
-        return Err(TinkKeysetError::UnsupportedPrefix { key_id: id, prefix: prefix.to_owned() });
+        return Err(TinkKeysetError::UnsupportedPrefix {
+            key_id: id,
+            prefix: prefix.to_owned(),
+        });
     }
     let encoded = text(entry, &["keyData", "value"], "keyData.value", id)?;
-    let malformed = |problem| TinkKeysetError::MalformedKey { key_id: id, problem };
+    let malformed = |problem| TinkKeysetError::MalformedKey {
+        key_id: id,
+        problem,
+    };
     let proto = Zeroizing::new(
-        STANDARD.decode(encoded).or_else(|_| URL_SAFE.decode(encoded)).map_err(|_| malformed("not base64"))?,
+        STANDARD
+            .decode(encoded)
+            .or_else(|_| URL_SAFE.decode(encoded))
+            .map_err(|_| malformed("not base64"))?,
     );
     let (version, material) = decode_aes_gcm_key(&proto).map_err(malformed)?;
     if version != 0 {
-        return Err(TinkKeysetError::UnsupportedVersion { key_id: id, version });
+        return Err(TinkKeysetError::UnsupportedVersion {
+            key_id: id,
+            version,
+        });
     }
     let material: &[u8; KEY_LEN] =
-        material.try_into().map_err(|_| TinkKeysetError::UnsupportedKeySize { key_id: id, bytes: material.len() })?;
+        material
+            .try_into()
+            .map_err(|_| TinkKeysetError::UnsupportedKeySize {
+                key_id: id,
+                bytes: material.len(),
+            })?;
     Ok(Some(Key::new(id, *material)))
 }
 

@@ -51,7 +51,10 @@ fn reads_a_keyset_written_by_python_tink() {
     let ring = parse_json(TWO_KEYS).unwrap();
     assert_eq!(ring.current_id(), 892_789_822);
     assert_eq!(ring.target().id(), 892_789_822);
-    assert_eq!(ring.keys().map(Key::id).collect::<Vec<_>>(), vec![892_789_822, 1_002_436_850]);
+    assert_eq!(
+        ring.keys().map(Key::id).collect::<Vec<_>>(),
+        vec![892_789_822, 1_002_436_850]
+    );
     let old = ring.get(1_002_436_850).unwrap();
     assert_eq!(&old.material()[..4], &[0x38, 0x8e, 0x66, 0xc8]);
 }
@@ -59,15 +62,28 @@ fn reads_a_keyset_written_by_python_tink() {
 #[test]
 fn refuses_aes128_keys_naming_the_key() {
     let err = parse_json(&one_key(AES_GCM_TYPE_URL, AES128_VALUE, "TINK", "ENABLED")).unwrap_err();
-    assert_eq!(err, TinkKeysetError::UnsupportedKeySize { key_id: 7, bytes: 16 });
+    assert_eq!(
+        err,
+        TinkKeysetError::UnsupportedKeySize {
+            key_id: 7,
+            bytes: 16
+        }
+    );
     assert!(err.to_string().contains("key 7"));
 }
 
 #[test]
 fn refuses_other_output_prefixes() {
     for prefix in ["RAW", "LEGACY", "CRUNCHY"] {
-        let err = parse_json(&one_key(AES_GCM_TYPE_URL, AES256_VALUE, prefix, "ENABLED")).unwrap_err();
-        assert_eq!(err, TinkKeysetError::UnsupportedPrefix { key_id: 7, prefix: prefix.into() });
+        let err =
+            parse_json(&one_key(AES_GCM_TYPE_URL, AES256_VALUE, prefix, "ENABLED")).unwrap_err();
+        assert_eq!(
+            err,
+            TinkKeysetError::UnsupportedPrefix {
+                key_id: 7,
+                prefix: prefix.into()
+            }
+        );
     }
 }
 
@@ -75,7 +91,10 @@ fn refuses_other_output_prefixes() {
 fn refuses_other_key_types() {
     let siv = "type.googleapis.com/google.crypto.tink.AesGcmSivKey";
     let err = parse_json(&one_key(siv, AES256_VALUE, "TINK", "ENABLED")).unwrap_err();
-    assert!(matches!(err, TinkKeysetError::UnsupportedKeyType { key_id: 7, .. }), "{err:?}");
+    assert!(
+        matches!(err, TinkKeysetError::UnsupportedKeyType { key_id: 7, .. }),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("AesGcmSivKey"));
 }
 
@@ -83,30 +102,75 @@ fn refuses_other_key_types() {
 fn leaves_out_disabled_keys_but_needs_an_enabled_primary() {
     let err = parse_json(&one_key(AES_GCM_TYPE_URL, AES256_VALUE, "TINK", "DISABLED")).unwrap_err();
     assert_eq!(err, TinkKeysetError::PrimaryMissing(7));
-    let err = parse_json(&one_key(AES_GCM_TYPE_URL, AES256_VALUE, "TINK", "SOMETIMES")).unwrap_err();
-    assert_eq!(err, TinkKeysetError::UnknownStatus { key_id: 7, status: "SOMETIMES".into() });
+    let err = parse_json(&one_key(
+        AES_GCM_TYPE_URL,
+        AES256_VALUE,
+        "TINK",
+        "SOMETIMES",
+    ))
+    .unwrap_err();
+    assert_eq!(
+        err,
+        TinkKeysetError::UnknownStatus {
+            key_id: 7,
+            status: "SOMETIMES".into()
+        }
+    );
     let disabled_old = TWO_KEYS.replacen("\"ENABLED\"", "\"DISABLED\"", 1);
     let ring = parse_json(&disabled_old).unwrap();
-    assert_eq!(ring.keys().map(Key::id).collect::<Vec<_>>(), vec![892_789_822]);
+    assert_eq!(
+        ring.keys().map(Key::id).collect::<Vec<_>>(),
+        vec![892_789_822]
+    );
 }
 
 #[test]
 fn refuses_malformed_keysets_without_echoing_key_bytes() {
-    assert!(matches!(parse_json("{not json"), Err(TinkKeysetError::Json { line: 1, .. })));
-    assert_eq!(parse_json("{}").unwrap_err(), TinkKeysetError::Field { field: "primaryKeyId", key_id: None });
+    assert!(matches!(
+        parse_json("{not json"),
+        Err(TinkKeysetError::Json { line: 1, .. })
+    ));
+    assert_eq!(
+        parse_json("{}").unwrap_err(),
+        TinkKeysetError::Field {
+            field: "primaryKeyId",
+            key_id: None
+        }
+    );
     let duplicate = TWO_KEYS.replace("892789822", "1002436850");
-    assert_eq!(parse_json(&duplicate).unwrap_err(), TinkKeysetError::DuplicateKeyId(1_002_436_850));
+    assert_eq!(
+        parse_json(&duplicate).unwrap_err(),
+        TinkKeysetError::DuplicateKeyId(1_002_436_850)
+    );
     // Key bytes in a field of the wrong type are not repeated in the error.
     let misplaced = TWO_KEYS.replacen("1002436850", &format!("\"{AES256_VALUE}\""), 1);
     let err = parse_json(&misplaced).unwrap_err();
-    assert_eq!(err, TinkKeysetError::Field { field: "keyId", key_id: None });
+    assert_eq!(
+        err,
+        TinkKeysetError::Field {
+            field: "keyId",
+            key_id: None
+        }
+    );
     assert!(!format!("{err} {err:?}").contains("GiA4"));
     let truncated = one_key(AES_GCM_TYPE_URL, "GiA4jmbI", "TINK", "ENABLED");
     let err = parse_json(&truncated).unwrap_err();
-    assert_eq!(err, TinkKeysetError::MalformedKey { key_id: 7, problem: "truncated field" });
+    assert_eq!(
+        err,
+        TinkKeysetError::MalformedKey {
+            key_id: 7,
+            problem: "truncated field"
+        }
+    );
     assert!(!format!("{err} {err:?}").contains("GiA4"));
     let too_big = TWO_KEYS.replace("892789822", "4294967296");
-    assert!(matches!(parse_json(&too_big), Err(TinkKeysetError::KeyIdRange { field: "primaryKeyId", .. })));
+    assert!(matches!(
+        parse_json(&too_big),
+        Err(TinkKeysetError::KeyIdRange {
+            field: "primaryKeyId",
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -117,7 +181,9 @@ fn reads_negative_ids_as_java_tink_does() {
 
 #[test]
 fn decodes_the_aes_gcm_key_protobuf() {
-    let mut proto = vec![0x08, 0x00, 0x12, 0x02, 0x10, 0x20, 0x1a, 0x03, 1, 2, 3, 0x25, 0, 0, 0, 0];
+    let mut proto = vec![
+        0x08, 0x00, 0x12, 0x02, 0x10, 0x20, 0x1a, 0x03, 1, 2, 3, 0x25, 0, 0, 0, 0,
+    ];
     assert_eq!(decode_aes_gcm_key(&proto), Ok((0, &[1u8, 2, 3][..])));
     proto[1] = 1;
     assert_eq!(decode_aes_gcm_key(&proto).map(|(v, _)| v), Ok(1));
@@ -156,11 +222,16 @@ fn text_field(good: &'static [&'static str]) -> impl Strategy<Value = Option<Val
 /// `keyData.value`: a well-formed `AesGcmKey` of some key size and
 /// version, arbitrary protobuf bytes, or text that is not base64.
 fn key_value() -> impl Strategy<Value = Option<Value>> {
-    let proto = (0u8..3, prop::sample::select(vec![16usize, 24, 32, 33]), proptest::collection::vec(any::<u8>(), 33)).prop_map(|(version, len, bytes)| {
-        let mut p = vec![0x08, version, 0x1a, len as u8];
-        p.extend_from_slice(&bytes[..len.min(bytes.len())]);
-        p
-    });
+    let proto = (
+        0u8..3,
+        prop::sample::select(vec![16usize, 24, 32, 33]),
+        proptest::collection::vec(any::<u8>(), 33),
+    )
+        .prop_map(|(version, len, bytes)| {
+            let mut p = vec![0x08, version, 0x1a, len as u8];
+            p.extend_from_slice(&bytes[..len.min(bytes.len())]);
+            p
+        });
     prop_oneof![
         4 => proto.prop_map(|p| Some(Value::String(STANDARD.encode(p)))),
         2 => proptest::collection::vec(any::<u8>(), 0..48).prop_map(|p| Some(Value::String(URL_SAFE.encode(p)))),
@@ -174,7 +245,10 @@ fn entry() -> impl Strategy<Value = Value> {
     (
         id_field(),
         text_field(&["ENABLED", "DISABLED", "DESTROYED"]),
-        text_field(&[AES_GCM_TYPE_URL, "type.googleapis.com/google.crypto.tink.AesGcmSivKey"]),
+        text_field(&[
+            AES_GCM_TYPE_URL,
+            "type.googleapis.com/google.crypto.tink.AesGcmSivKey",
+        ]),
         text_field(&["SYMMETRIC", "REMOTE"]),
         text_field(&["TINK", "RAW", "LEGACY"]),
         key_value(),
@@ -182,13 +256,21 @@ fn entry() -> impl Strategy<Value = Value> {
         .prop_map(|(id, status, type_url, material_type, prefix, value)| {
             let mut data = serde_json::Map::new();
             let mut entry = serde_json::Map::new();
-            for (name, field) in [("typeUrl", type_url), ("keyMaterialType", material_type), ("value", value)] {
+            for (name, field) in [
+                ("typeUrl", type_url),
+                ("keyMaterialType", material_type),
+                ("value", value),
+            ] {
                 if let Some(v) = field {
                     data.insert(name.into(), v);
                 }
             }
             entry.insert("keyData".into(), Value::Object(data));
-            for (name, field) in [("keyId", id), ("status", status), ("outputPrefixType", prefix)] {
+            for (name, field) in [
+                ("keyId", id),
+                ("status", status),
+                ("outputPrefixType", prefix),
+            ] {
                 if let Some(v) = field {
                     entry.insert(name.into(), v);
                 }
@@ -199,8 +281,19 @@ fn entry() -> impl Strategy<Value = Value> {
 
 /// Every `keyData.value` string of a keyset.
 fn key_values(keyset: &Value) -> Vec<String> {
-    let entries = keyset.get("key").and_then(Value::as_array).cloned().unwrap_or_default();
-    entries.iter().filter_map(|e| e.pointer("/keyData/value").and_then(Value::as_str).map(str::to_owned)).collect()
+    let entries = keyset
+        .get("key")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    entries
+        .iter()
+        .filter_map(|e| {
+            e.pointer("/keyData/value")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .collect()
 }
 
 proptest! {
