@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs rekey's whole test suite on a fresh Debian machine: installs what is
-# missing (PostgreSQL server binaries, Python interop packages), then runs
-# clippy (warnings are errors), cargo-deny's policy checks when it is
-# installed, and `cargo test`. The tests start their own throwaway PostgreSQL cluster.
+# missing (PostgreSQL server binaries, Python interop packages), then checks
+# formatting (cargo fmt --check), runs clippy (warnings are errors; with and
+# without the aws feature), cargo-deny's policy checks when it is installed,
+# and `cargo test`. The tests start their own throwaway PostgreSQL cluster.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
