@@ -5,12 +5,10 @@
 //! rekey takes the TLS parameters out of the string itself ([`super::conninfo`])
 //! and hands the rest to tokio-postgres.
 
-use std::error::Error as StdError;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use rustls::pki_types::ServerName;
 use rustls::CertificateError;
 use tokio_postgres::config::{Host, SslMode as DriverSslMode};
 use tokio_postgres::{Client, Config};
@@ -18,7 +16,10 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::conninfo::take_tls_params;
 use super::session::Timeouts;
-use super::tls::{load_roots, tls_config, Check, Roots};
+use super::tls::{
+    load_roots, presented_name, server_name, tls_config, tls_failure, Check, Roots, SslMode,
+    TlsFailure,
+};
 
 /// Why a connection could not be made. No variant carries the password.
 #[derive(Debug, thiserror::Error)]
@@ -83,51 +84,6 @@ pub enum ConnectError {
         /// The bound, in seconds.
         secs: u64,
     },
-}
-
-/// How much TLS a connection asks for: libpq's `sslmode`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SslMode {
-    /// Plaintext only.
-    Disable,
-    /// TLS when the server offers it, else plaintext; the certificate is not
-    /// checked. The default, as in libpq; `allow` is taken as `prefer`.
-    Prefer,
-    /// TLS or no connection. The certificate is checked against `sslrootcert`
-    /// only when one is given (as libpq), else not at all.
-    Require,
-    /// TLS; the certificate must chain to a CA in `sslrootcert`; the host name is not checked.
-    VerifyCa,
-    /// TLS; the certificate must chain to a CA in `sslrootcert` and name the host.
-    VerifyFull,
-}
-
-impl SslMode {
-    fn parse(value: &str) -> Result<Self, ConnectError> {
-        Ok(match value {
-            "disable" => SslMode::Disable,
-            "allow" | "prefer" => SslMode::Prefer,
-            "require" => SslMode::Require,
-            "verify-ca" => SslMode::VerifyCa,
-            "verify-full" => SslMode::VerifyFull,
-            other => {
-                return Err(ConnectError::BadUrl(format!(
-                    "sslmode={other} is not one of disable, allow, prefer, require, verify-ca, verify-full"
-                )))
-            }
-        })
-    }
-
-    /// The name libpq uses.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SslMode::Disable => "disable",
-            SslMode::Prefer => "prefer",
-            SslMode::Require => "require",
-            SslMode::VerifyCa => "verify-ca",
-            SslMode::VerifyFull => "verify-full",
-        }
-    }
 }
 
 /// A parsed connection string and the TLS setup it asks for; the password
@@ -397,56 +353,6 @@ impl Database {
             },
         }
     }
-}
-
-/// What a failed connection says about TLS.
-enum TlsFailure<'a> {
-    /// The server said no to TLS.
-    NoTls,
-    /// rustls refused the server's certificate.
-    Certificate(&'a CertificateError),
-}
-
-/// Finds the TLS reason in a driver error's chain (tokio-rustls wraps
-/// rustls's error in an `io::Error`, whose `source` skips it).
-fn tls_failure(e: &tokio_postgres::Error) -> Option<TlsFailure<'_>> {
-    let mut next: Option<&(dyn StdError + 'static)> = e.source();
-    while let Some(err) = next {
-        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
-            err.downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        });
-        if let Some(rustls::Error::InvalidCertificate(cert)) = tls {
-            return Some(TlsFailure::Certificate(cert));
-        }
-        // tokio-postgres's own words when the server answers the TLS request with 'N'.
-        if err.to_string() == "server does not support TLS" {
-            return Some(TlsFailure::NoTls);
-        }
-        next = err.source();
-    }
-    None
-}
-
-fn server_name(name: &ServerName<'_>) -> String {
-    match name {
-        ServerName::DnsName(dns) => dns.as_ref().to_string(),
-        ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
-        other => format!("{other:?}"),
-    }
-}
-
-/// A name from the certificate as a user writes it: rustls gives webpki's
-/// `Debug` form, `DnsName("db.example")` or `IpAddress(10.0.0.1)`.
-fn presented_name(name: &str) -> &str {
-    name.strip_prefix("DnsName(\"")
-        .and_then(|n| n.strip_suffix("\")"))
-        .or_else(|| {
-            name.strip_prefix("IpAddress(")
-                .and_then(|n| n.strip_suffix(')'))
-        })
-        .unwrap_or(name)
 }
 
 #[cfg(unix)]

@@ -12,8 +12,9 @@ pub mod raw;
 pub mod session;
 pub mod tls;
 
-pub use connect::{ConnectError, Database, SslMode};
+pub use connect::{ConnectError, Database};
 pub use raw::{KeyBytes, RawParam, RawRef};
+pub use tls::SslMode;
 
 /// Quotes an identifier for SQL: `my "col"` becomes `"my ""col"""`.
 pub fn quote_ident(name: &str) -> String {

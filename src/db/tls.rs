@@ -2,6 +2,7 @@
 //! checked of the server's certificate for each `sslmode`, and the one
 //! verifier for the modes that do not check the host name.
 
+use std::error::Error as StdError;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -9,9 +10,56 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
 
 use super::connect::ConnectError;
+
+/// How much TLS a connection asks for: libpq's `sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    /// Plaintext only.
+    Disable,
+    /// TLS when the server offers it, else plaintext; the certificate is not
+    /// checked. The default, as in libpq; `allow` is taken as `prefer`.
+    Prefer,
+    /// TLS or no connection. The certificate is checked against `sslrootcert`
+    /// only when one is given (as libpq), else not at all.
+    Require,
+    /// TLS; the certificate must chain to a CA in `sslrootcert`; the host name is not checked.
+    VerifyCa,
+    /// TLS; the certificate must chain to a CA in `sslrootcert` and name the host.
+    VerifyFull,
+}
+
+impl SslMode {
+    pub(super) fn parse(value: &str) -> Result<Self, ConnectError> {
+        Ok(match value {
+            "disable" => SslMode::Disable,
+            "allow" | "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            other => {
+                return Err(ConnectError::BadUrl(format!(
+                    "sslmode={other} is not one of disable, allow, prefer, require, verify-ca, verify-full"
+                )))
+            }
+        })
+    }
+
+    /// The name libpq uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
 
 /// Where the CA certificates come from.
 pub(super) enum Roots {
@@ -162,4 +210,54 @@ impl ServerCertVerifier for NoHostName {
             .signature_verification_algorithms
             .supported_schemes()
     }
+}
+
+/// What a failed connection says about TLS.
+pub(super) enum TlsFailure<'a> {
+    /// The server said no to TLS.
+    NoTls,
+    /// rustls refused the server's certificate.
+    Certificate(&'a CertificateError),
+}
+
+/// Finds the TLS reason in a driver error's chain (tokio-rustls wraps
+/// rustls's error in an `io::Error`, whose `source` skips it).
+pub(super) fn tls_failure(e: &tokio_postgres::Error) -> Option<TlsFailure<'_>> {
+    let mut next: Option<&(dyn StdError + 'static)> = e.source();
+    while let Some(err) = next {
+        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
+            err.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(rustls::Error::InvalidCertificate(cert)) = tls {
+            return Some(TlsFailure::Certificate(cert));
+        }
+        // tokio-postgres's own words when the server answers the TLS request with 'N'.
+        if err.to_string() == "server does not support TLS" {
+            return Some(TlsFailure::NoTls);
+        }
+        next = err.source();
+    }
+    None
+}
+
+pub(super) fn server_name(name: &ServerName<'_>) -> String {
+    match name {
+        ServerName::DnsName(dns) => dns.as_ref().to_string(),
+        ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// A name from the certificate as a user writes it: rustls gives webpki's
+/// `Debug` form, `DnsName("db.example")` or `IpAddress(10.0.0.1)`.
+pub(super) fn presented_name(name: &str) -> &str {
+    name.strip_prefix("DnsName(\"")
+        .and_then(|n| n.strip_suffix("\")"))
+        .or_else(|| {
+            name.strip_prefix("IpAddress(")
+                .and_then(|n| n.strip_suffix(')'))
+        })
+        .unwrap_or(name)
 }

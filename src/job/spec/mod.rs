@@ -1,0 +1,217 @@
+//! The job file as written: parsed and checked without I/O (unknown
+//! fields, empty lists, names PostgreSQL cannot hold, duplicate columns, a
+//! `where` that could escape its parentheses). [`super::Job`] is the same
+//! job resolved against the database.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use ring::digest::{digest, SHA256};
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::codec::Format;
+use crate::secrets::KeysSpec;
+use crate::Error;
+
+use super::condition::check_condition;
+
+/// The longest name PostgreSQL keeps (NAMEDATALEN - 1 bytes).
+const MAX_NAME_BYTES: usize = 63;
+
+/// The job file as written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Name of the job; defaults to the job file's stem. Identifies the job
+    /// in `rekey.jobs`, so a re-run of the same file resumes it.
+    pub name: Option<String>,
+    /// Where the database is, when neither `--database-url` nor `DATABASE_URL` says.
+    #[serde(default)]
+    pub database: DatabaseSpec,
+    /// Where the keys come from, for targets that do not say.
+    pub keys: Option<KeysSpec>,
+    /// The tables and columns to rotate.
+    #[serde(rename = "target", default)]
+    pub targets: Vec<TargetSpec>,
+}
+
+/// `[database]` section.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSpec {
+    /// libpq URL or key=value string.
+    pub url: Option<String>,
+}
+
+/// How ciphertext bytes are stored in a column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Encoding {
+    /// The bytes as they are (`bytea`; or the token text of a text-native format such as Fernet).
+    Raw,
+    /// Standard base64 with padding (usually in a `text` column).
+    Base64,
+}
+
+/// Associated data bound to each value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AadSpec {
+    /// The same bytes (UTF-8) for every value.
+    pub constant: Option<String>,
+    /// The value of this column of the same row, as text (e.g. the primary key).
+    pub column: Option<String>,
+}
+
+/// One `[[target]]`: a table, its key, the encrypted columns and their format.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSpec {
+    /// Table name, optionally `schema.table`.
+    pub table: String,
+    /// Schema, when the table name itself contains a dot.
+    pub schema: Option<String>,
+    /// Columns of the primary key (or of a unique, NOT NULL key); defaults to the table's primary key.
+    pub primary_key: Option<Vec<String>>,
+    /// Encrypted columns.
+    pub columns: Vec<String>,
+    /// Ciphertext format the values are in.
+    pub format: Format,
+    /// How they are stored; default: raw in `bytea`, base64 in `text` (Fernet tokens: raw).
+    pub encoding: Option<Encoding>,
+    /// Format to write instead (a migration, e.g. fernet -> versioned-gcm).
+    pub to_format: Option<Format>,
+    /// How to store the written format; default as for `encoding`.
+    pub to_encoding: Option<Encoding>,
+    /// Keys of this target, instead of the job's `[keys]`.
+    pub keys: Option<KeysSpec>,
+    /// Keys for `to_format`, when they differ from `keys`.
+    pub to_keys: Option<KeysSpec>,
+    /// Associated data the application binds to each value.
+    pub aad: Option<AadSpec>,
+    /// Only rows matching this SQL condition (written by the operator; checked by preparing it).
+    #[serde(rename = "where")]
+    pub filter: Option<String>,
+}
+
+impl JobSpec {
+    /// Reads and checks a job file.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("cannot read job file {}: {e}", path.display())))?;
+        let mut spec = Self::parse(&text).map_err(|e| match e {
+            Error::Config(msg) => Error::Config(format!("job file {}: {msg}", path.display())),
+            other => other,
+        })?;
+        if spec.name.is_none() {
+            spec.name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+        }
+        Ok(spec)
+    }
+
+    /// Parses job-file text and checks what can be checked without a database.
+    pub fn parse(text: &str) -> Result<Self, Error> {
+        let spec: JobSpec = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        spec.check()?;
+        Ok(spec)
+    }
+
+    fn check(&self) -> Result<(), Error> {
+        if let Some(name) = &self.name {
+            // The name also names the audit log beside the job file.
+            if name.trim().is_empty()
+                || name == "."
+                || name == ".."
+                || name.contains(['/', '\\', '\0'])
+            {
+                return Err(Error::Config(format!(
+                    "name {name:?} cannot be used: it names the job's audit log beside the job file, so it must be non-empty, without '/', '\\' or NUL"
+                )));
+            }
+        }
+        if self.targets.is_empty() {
+            return Err(Error::Config(
+                "no [[target]] entries: add one with table, columns and format".into(),
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, t) in self.targets.iter().enumerate() {
+            let at = format!("[[target]] #{} (table {:?})", i + 1, t.table);
+            if t.table.trim().is_empty() {
+                return Err(Error::Config(format!("{at}: table is empty")));
+            }
+            let (schema, table) = t.split_table();
+            let names = schema.into_iter().chain([table]).chain(
+                t.columns
+                    .iter()
+                    .chain(t.primary_key.iter().flatten())
+                    .map(String::as_str),
+            );
+            for name in names.chain(t.aad.as_ref().and_then(|a| a.column.as_deref())) {
+                if name.contains('\0') {
+                    return Err(Error::Config(format!("{at}: name {name:?} contains a NUL character, which no PostgreSQL name can hold")));
+                }
+                if name.len() > MAX_NAME_BYTES {
+                    return Err(Error::Config(format!(
+                        "{at}: name {name:?} is {} bytes, and PostgreSQL keeps only the first {MAX_NAME_BYTES} bytes of a name (cutting longer ones when a table is created): give the name as the catalog holds it",
+                        name.len()
+                    )));
+                }
+            }
+            if t.columns.is_empty() {
+                return Err(Error::Config(format!(
+                    "{at}: columns is empty; list the encrypted columns"
+                )));
+            }
+            if matches!(&t.primary_key, Some(k) if k.is_empty()) {
+                return Err(Error::Config(format!("{at}: primary_key is empty; list its columns or leave it out to use the table's primary key")));
+            }
+            if t.keys.is_none() && self.keys.is_none() {
+                return Err(Error::Config(format!("{at}: no keys: add a [keys] section, or keys = {{ source = \"env\" }} to the target")));
+            }
+            if let Some(aad) = &t.aad {
+                if aad.constant.is_some() == aad.column.is_some() {
+                    return Err(Error::Config(format!(
+                        "{at}: aad needs exactly one of constant = \"...\" or column = \"...\""
+                    )));
+                }
+            }
+            if let Some(f) = &t.filter {
+                check_condition(f).map_err(|why| Error::Config(format!("{at}: where {why}")))?;
+            }
+            for c in &t.columns {
+                let (schema, table) = t.split_table();
+                if !seen.insert((schema.map(str::to_owned), table.to_owned(), c.clone())) {
+                    return Err(Error::Config(format!("{at}: column {c:?} is listed twice in this job; each column may appear in one target only")));
+                }
+                if t.primary_key.iter().flatten().any(|k| k == c) {
+                    return Err(Error::Config(format!(
+                        "{at}: column {c:?} is both encrypted and part of primary_key"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Hash of everything that decides which values a run rewrites and how.
+    /// A job resumed with a different hash is refused.
+    pub fn spec_hash(&self) -> String {
+        let canonical = serde_json::json!({ "keys": self.keys, "targets": self.targets });
+        hex::encode(digest(&SHA256, canonical.to_string().as_bytes()))
+    }
+}
+
+impl TargetSpec {
+    /// `(schema, table)`, splitting `schema.table` when no `schema` is given.
+    pub fn split_table(&self) -> (Option<&str>, &str) {
+        match (&self.schema, self.table.split_once('.')) {
+            (Some(s), _) => (Some(s.as_str()), self.table.as_str()),
+            (None, Some((s, t))) => (Some(s), t),
+            (None, None) => (None, self.table.as_str()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,251 @@
+//! The keyring file: saving and opening, wrong passphrases, damaged files, crashes mid-save, the archive.
+use super::*;
+use crate::crypto::keytable::Entry;
+use proptest::prelude::*;
+use seal::MAX_M_COST;
+use std::fs::OpenOptions;
+
+fn table() -> KeyTable {
+    KeyTable {
+        entries: vec![Entry {
+            id: 1,
+            state: KeyState::Current,
+            created_at: 100,
+            changed_at: 100,
+            key: Some(Key::new(1, [7; 32])),
+        }],
+    }
+}
+
+#[test]
+fn saves_and_reopens_with_the_same_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    KeyringFile::create(&path, b"correct horse", table()).unwrap();
+    let opened = KeyringFile::open(&path, b"correct horse", "P").unwrap();
+    assert_eq!(
+        opened.table.keyring().unwrap().get(1).unwrap().material(),
+        &[7; 32]
+    );
+    let text = fs::read_to_string(&path).unwrap();
+    assert!(!text.contains(&hex::encode([7u8; 32])) && !text.contains(&B64.encode([7u8; 32])));
+}
+
+#[test]
+fn wrong_passphrase_names_the_variable_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    KeyringFile::create(&path, b"right", table()).unwrap();
+    let before = fs::read(&path).unwrap();
+    let err = KeyringFile::open(&path, b"wrong", "REKEY_KEYRING_PASSPHRASE").unwrap_err();
+    assert!(
+        err.to_string().contains("REKEY_KEYRING_PASSPHRASE"),
+        "{err}"
+    );
+    assert_eq!(fs::read(&path).unwrap(), before);
+}
+
+#[test]
+fn damaged_material_is_malformed_not_a_wrong_passphrase() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    KeyringFile::create(&path, b"pw", table()).unwrap();
+    let good = fs::read_to_string(&path).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&good).unwrap();
+    let sealed = doc["keys"][0]["material"].as_str().unwrap().to_string();
+    for (damaged, problem) in [
+        ("%%%".to_string(), "key 1: material is not base64"),
+        (
+            B64.encode([0u8; 20]),
+            "key 1: material is not a sealed 32-byte key",
+        ),
+    ] {
+        fs::write(&path, good.replace(&sealed, &damaged)).unwrap();
+        let err = KeyringFile::open(&path, b"pw", "P").unwrap_err();
+        assert!(
+            matches!(err, FileKeyringError::Malformed { .. }) && err.to_string().contains(problem),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn a_crash_before_the_rename_leaves_the_old_version_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    let mut file = KeyringFile::create(&path, b"pw", table()).unwrap();
+    file.table.stage(Key::new(2, [8; 32]), 200).unwrap();
+    let tmp = file.write_pending().unwrap();
+    // the process dies here, with the new version half-written
+    let len = fs::metadata(&tmp).unwrap().len();
+    OpenOptions::new()
+        .write(true)
+        .open(&tmp)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let reopened = KeyringFile::open(&path, b"pw", "P").unwrap();
+    assert_eq!(reopened.table.entries.len(), 1);
+}
+
+#[test]
+fn saving_keeps_a_backup_of_the_previous_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    let mut file = KeyringFile::create(&path, b"pw", table()).unwrap();
+    file.table.stage(Key::new(2, [8; 32]), 200).unwrap();
+    file.save().unwrap();
+    let backup = KeyringFile::open(&path.with_extension("bak"), b"pw", "P").unwrap();
+    assert_eq!(backup.table.entries.len(), 1);
+    assert_eq!(
+        KeyringFile::open(&path, b"pw", "P")
+            .unwrap()
+            .table
+            .entries
+            .len(),
+        2
+    );
+}
+
+/// A keyring file whose Argon2id parameters ask for `m_cost` KiB.
+fn document_asking_for(m_cost: u32, t_cost: u32, p_cost: u32) -> String {
+    serde_json::json!({
+        "format": FORMAT,
+        "kdf": { "salt": B64.encode([0u8; 16]), "m_cost": m_cost, "t_cost": t_cost, "p_cost": p_cost },
+        "keys": [],
+    })
+    .to_string()
+}
+
+#[test]
+fn absurd_kdf_parameters_are_refused_before_any_memory_is_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    for (m, t, p) in [
+        (u32::MAX, 1, 1),
+        (MAX_M_COST + 1, 1, 1),
+        (8, u32::MAX, 1),
+        (8 * (1 << 20), 1, 1 << 20),
+    ] {
+        fs::write(&path, document_asking_for(m, t, p)).unwrap();
+        let err = KeyringFile::open(&path, b"pw", "P").unwrap_err();
+        assert!(matches!(err, FileKeyringError::Malformed { .. }), "{err:?}");
+        assert!(
+            err.to_string().contains("exceed what rekey accepts"),
+            "{err}"
+        );
+    }
+}
+
+/// Values for one field of a keyring file: sensible, wrong, or absent.
+fn field(choices: Vec<serde_json::Value>) -> impl Strategy<Value = Option<serde_json::Value>> {
+    prop_oneof![4 => prop::sample::select(choices).prop_map(Some), 1 => Just(None)]
+}
+
+/// A keyring-file-shaped document: cheap Argon2id parameters (or absurd
+/// ones), keys whose sealed material is random.
+fn document() -> impl Strategy<Value = serde_json::Value> {
+    use serde_json::json;
+    let key = (
+        field(vec![json!(1), json!(2), json!(-1), json!("1")]),
+        field(vec![
+            json!("current"),
+            json!("pending"),
+            json!("previous"),
+            json!("retired"),
+            json!("CURRENT"),
+            json!(null),
+        ]),
+        field(vec![
+            json!("2024-01-01T00:00:00Z"),
+            json!("yesterday"),
+            json!(0),
+        ]),
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..80).prop_map(|b| Some(json!(B64.encode(b)))),
+            Just(Some(json!("not base64!"))),
+            Just(Some(json!(null))),
+            Just(None),
+        ],
+    )
+        .prop_map(|(id, state, at, material)| {
+            let mut k = serde_json::Map::new();
+            for (name, v) in [
+                ("id", id),
+                ("state", state),
+                ("created_at", at.clone()),
+                ("changed_at", at),
+                ("material", material),
+            ] {
+                if let Some(v) = v {
+                    k.insert(name.into(), v);
+                }
+            }
+            serde_json::Value::Object(k)
+        });
+    (
+        field(vec![json!(FORMAT), json!("rekey-keyring/2"), json!(1)]),
+        field(vec![
+            json!(B64.encode([1u8; 16])),
+            json!(B64.encode([1u8; 4])),
+            json!("%%"),
+        ]),
+        field(vec![
+            json!(8),
+            json!(16),
+            json!(0),
+            json!(u32::MAX),
+            json!(-1),
+        ]),
+        field(vec![json!(1), json!(0), json!(u32::MAX)]),
+        field(vec![json!(1), json!(2), json!(0), json!(1 << 24)]),
+        proptest::collection::vec(key, 0..3),
+    )
+        .prop_map(|(format, salt, m, t, p, keys)| {
+            let mut kdf = serde_json::Map::new();
+            for (name, v) in [("salt", salt), ("m_cost", m), ("t_cost", t), ("p_cost", p)] {
+                if let Some(v) = v {
+                    kdf.insert(name.into(), v);
+                }
+            }
+            let mut doc = serde_json::Map::new();
+            if let Some(f) = format {
+                doc.insert("format".into(), f);
+            }
+            doc.insert("kdf".into(), serde_json::Value::Object(kdf));
+            doc.insert("keys".into(), serde_json::Value::Array(keys));
+            serde_json::Value::Object(doc)
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn arbitrary_bytes_in_a_keyring_file_give_a_typed_error(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        fs::write(&path, &bytes).unwrap();
+        let err = KeyringFile::open(&path, b"pw", "P").err();
+        prop_assert!(matches!(err, Some(FileKeyringError::Io { .. } | FileKeyringError::Malformed { .. })), "{:?}", err);
+    }
+
+    #[test]
+    fn keyring_shaped_documents_open_or_give_a_typed_error_without_material(doc in document()) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        fs::write(&path, doc.to_string()).unwrap();
+        match KeyringFile::open(&path, b"pw", "P") {
+            // Random sealed material never opens; only documents without any can.
+            Ok(file) => prop_assert!(file.table.entries.iter().all(|e| e.key.is_none())),
+            Err(err) => {
+                prop_assert!(matches!(err, FileKeyringError::Malformed { .. } | FileKeyringError::WrongPassphrase { .. }), "{:?}", err);
+                let shown = format!("{err} {err:?}");
+                let sealed = doc["keys"].as_array().into_iter().flatten().filter_map(|k| k["material"].as_str());
+                for m in sealed.filter(|m| m.len() >= 8) {
+                    prop_assert!(!shown.contains(m), "{} repeats sealed material", shown);
+                }
+            }
+        }
+    }
+}
