@@ -1,0 +1,426 @@
+//! Running under the server's and the role's own settings (issue 12): a
+//! role's statement timeout, a server that accepts and never answers, a row
+//! locked for the whole run, large values, missing privileges, serializable
+//! default isolation, few connections, a key rekey cannot page by, and an
+//! application fixing an undecryptable value between rekey's read and write.
+//!
+//! These tests specify the designed behaviour. Above each one, a comment
+//! records what the code of the day did instead when the test was written.
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use rekey::crypto::codec::versioned_gcm::VersionedGcm;
+use rekey::crypto::codec::Codec;
+
+use crate::harness::*;
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+/// How a `rekey` started with a deadline ended.
+enum Bounded {
+    /// It exited by itself, after this long.
+    Exited(Output, Duration),
+    /// It was still running at the deadline and was killed; what it had
+    /// printed on stderr by then.
+    Killed(String),
+}
+
+/// Runs `rekey` with a deadline: a command that is still running after
+/// `limit` is killed (SIGKILL to this child only), so that a hang fails the
+/// test instead of hanging it.
+fn rekey_bounded(args: &[&str], env: &[(&str, String)], limit: Duration) -> Bounded {
+    let started = Instant::now();
+    let mut child = spawn_rekey_captured(args, env);
+    let mut stdout = child.stdout.take().expect("stdout is piped");
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    let out_reader = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = stdout.read_to_end(&mut b);
+        b
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = stderr.read_to_end(&mut b);
+        b
+    });
+    loop {
+        if let Some(status) = child.try_wait().expect("waiting for rekey") {
+            let elapsed = started.elapsed();
+            let stdout = out_reader.join().unwrap();
+            let stderr = err_reader.join().unwrap();
+            return Bounded::Exited(
+                Output {
+                    status,
+                    stdout,
+                    stderr,
+                },
+                elapsed,
+            );
+        }
+        if started.elapsed() >= limit {
+            child.kill().expect("killing rekey at its deadline");
+            child.wait().expect("reaping rekey");
+            let _ = out_reader.join();
+            let stderr = err_reader.join().unwrap();
+            return Bounded::Killed(String::from_utf8_lossy(&stderr).into_owned());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `rekey` to completion within `limit`, failing the test (after
+/// killing it) if it is still running then.
+fn rekey_within(args: &[&str], env: &[(&str, String)], limit: Duration) -> Output {
+    match tokio::task::block_in_place(|| rekey_bounded(args, env, limit)) {
+        Bounded::Exited(out, _) => out,
+        Bounded::Killed(said) => panic!(
+            "`rekey {}` was still running after {limit:?} and was killed; it had said:\n{said}",
+            args.join(" ")
+        ),
+    }
+}
+
+/// stderr as text.
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The current database's name (roles are per cluster: names made from it do not collide between tests).
+async fn db_name(db: &TestDb) -> String {
+    db.client
+        .query_one("SELECT current_database()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// `db.url` with the user replaced by `role` (the harness's URLs name `user=postgres`).
+fn url_as(db: &TestDb, role: &str) -> String {
+    assert!(
+        db.url.contains("user=postgres"),
+        "the harness's URL changed shape: {}",
+        db.url
+    );
+    db.url.replace("user=postgres", &format!("user={role}"))
+}
+
+/// Whether `role` has CREATE on the database (premise checks).
+async fn may_create_in_database(db: &TestDb, role: &str) -> bool {
+    db.client
+        .query_one(
+            "SELECT has_database_privilege($1, current_database(), 'CREATE')",
+            &[&role],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Makes a login role (not superuser) that owns `patient_persons`; with
+/// `create_on_database` it may also create rekey's schema (CREATE on the
+/// database). It has TEMPORARY on the database (stage tables) either way.
+async fn owner_role(db: &TestDb, suffix: &str, create_on_database: bool) -> String {
+    let database = db_name(db).await;
+    let name = format!("{database}_{suffix}");
+    db.client
+        .batch_execute(&format!(
+            "CREATE ROLE {name} LOGIN NOSUPERUSER NOBYPASSRLS;
+             GRANT USAGE ON SCHEMA public TO {name};
+             GRANT TEMPORARY ON DATABASE {database} TO {name};
+             ALTER TABLE patient_persons OWNER TO {name};"
+        ))
+        .await
+        .unwrap();
+    if create_on_database {
+        db.client
+            .batch_execute(&format!("GRANT CREATE ON DATABASE {database} TO {name}"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        may_create_in_database(db, &name).await,
+        create_on_database,
+        "premise: CREATE on the database as intended"
+    );
+    name
+}
+
+/// Creates `patient_persons` (the seed's shape) with `rows` rows sealed by
+/// `codec`: as the harness's `seed_patients`, for data already under V2.
+async fn seed_patients_sealed_by(db: &TestDb, rows: i64, codec: &VersionedGcm) {
+    db.client
+        .batch_execute(
+            "CREATE TABLE patient_persons (
+                id bigint PRIMARY KEY,
+                name text NOT NULL,
+                phone_encrypted bytea,
+                emergency_contact_phone_encrypted bytea,
+                notes text)",
+        )
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let mut start = 1;
+    while start <= rows {
+        let end = (start + 50_000 - 1).min(rows);
+        let (mut ids, mut phones, mut emergencies) = (Vec::new(), Vec::new(), Vec::new());
+        for id in start..=end {
+            ids.push(id);
+            codec.seal(phone(id).as_bytes(), b"", None, &mut out);
+            phones.push(out.clone());
+            emergencies.push((id % 3 != 0).then(|| {
+                codec.seal(emergency(id).as_bytes(), b"", None, &mut out);
+                out.clone()
+            }));
+        }
+        db.client
+            .execute(
+                "INSERT INTO patient_persons (id, name, phone_encrypted, emergency_contact_phone_encrypted, notes)
+                 SELECT id, 'patient ' || id, p, e, repeat('n', 120) FROM unnest($1::bigint[], $2::bytea[], $3::bytea[]) AS u(id, p, e)",
+                &[&ids, &phones, &emergencies],
+            )
+            .await
+            .unwrap();
+        start = end + 1;
+    }
+    db.client
+        .batch_execute("ANALYZE patient_persons")
+        .await
+        .unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// 1. A role with a short statement_timeout
+// ---------------------------------------------------------------------------
+
+/// Rows for the statement-timeout tests: the issue's 400k.
+const TIMEOUT_ROWS: i64 = 400_000;
+
+/// A role owning `patient_persons` (and allowed to create rekey's schema)
+/// whose sessions start with `statement_timeout = 50ms`; returns its URL.
+async fn impatient_role(db: &TestDb) -> String {
+    let role = owner_role(db, "impatient", true).await;
+    db.client
+        .batch_execute(&format!("ALTER ROLE {role} SET statement_timeout = '50ms'"))
+        .await
+        .unwrap();
+    let url = url_as(db, &role);
+    // premise: the role's sessions get the timeout
+    let as_role = connect(&url).await;
+    let applied: String = as_role
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        applied, "50ms",
+        "the role's statement_timeout does not apply to its sessions"
+    );
+    url
+}
+
+// Today: exit 1 at once, "rekey: counting rows to rotate in
+// public.patient_persons: ... canceling statement due to statement
+// timeout": the session that counts never gets rekey's own settings (nor
+// would --statement-timeout 10m help).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_role_with_a_50ms_statement_timeout_runs_400k_rows_to_the_end_without_being_told_a_longer_timeout(
+) {
+    let db = TestDb::new().await;
+    db.seed_patients(TIMEOUT_ROWS).await;
+    let url = impatient_role(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job(&dir).display().to_string();
+
+    let out = rekey_within(
+        &["run", "--job", &j, "--database-url", &url, "--json"],
+        &seed_env(),
+        Duration::from_secs(600),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(
+        json(&out)["values_rewritten"],
+        values_in(TIMEOUT_ROWS),
+        "{}",
+        printed(&out)
+    );
+    db.assert_every_value_rotated(TIMEOUT_ROWS).await;
+}
+
+// Today: exit 1, "rekey: counting values of
+// public.patient_persons.phone_encrypted: ... canceling statement due to
+// statement timeout".
+#[tokio::test(flavor = "multi_thread")]
+async fn a_role_with_a_50ms_statement_timeout_plans_400k_rows() {
+    let db = TestDb::new().await;
+    db.seed_patients(TIMEOUT_ROWS).await;
+    let url = impatient_role(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job(&dir).display().to_string();
+
+    let out = rekey_within(
+        &["plan", "--job", &j, "--database-url", &url, "--json"],
+        &seed_env(),
+        Duration::from_secs(300),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(
+        json(&out)["values_to_rewrite"],
+        values_in(TIMEOUT_ROWS),
+        "{}",
+        printed(&out)
+    );
+}
+
+// Today: exit 1 for the sampled verify and for --full alike, "rekey:
+// counting values of public.patient_persons.phone_encrypted: ... canceling
+// statement due to statement timeout".
+#[tokio::test(flavor = "multi_thread")]
+async fn a_role_with_a_50ms_statement_timeout_verifies_400k_rows_sampled_and_full() {
+    let db = TestDb::new().await;
+    // the table as a finished rotation leaves it: every value under V2
+    seed_patients_sealed_by(&db, TIMEOUT_ROWS, &VersionedGcm::new(&v2_ring()).unwrap()).await;
+    let url = impatient_role(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job(&dir).display().to_string();
+
+    // both depths are tried before either is judged, so a failure shows both
+    let outs: Vec<(&str, Output)> = [("sampled", None), ("--full", Some("--full"))]
+        .into_iter()
+        .map(|(name, depth)| {
+            let mut args = vec!["verify", "--job", &j, "--database-url", &url, "--json"];
+            args.extend(depth);
+            (
+                name,
+                rekey_within(&args, &seed_env(), Duration::from_secs(300)),
+            )
+        })
+        .collect();
+    let codes: Vec<(&str, Option<i32>)> = outs
+        .iter()
+        .map(|(name, out)| (*name, out.status.code()))
+        .collect();
+    assert_eq!(
+        codes,
+        vec![("sampled", Some(0)), ("--full", Some(0))],
+        "{}",
+        outs.iter()
+            .map(|(name, out)| format!("{name}: {}", printed(out)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    for (name, out) in &outs {
+        let v = json(out);
+        assert_eq!(
+            v["values_total"],
+            values_in(TIMEOUT_ROWS),
+            "verify {name}: {v}"
+        );
+        assert_eq!(
+            v["values_on_target_key"],
+            values_in(TIMEOUT_ROWS),
+            "verify {name}: {v}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 2. A server that accepts connections and never answers
+// ---------------------------------------------------------------------------
+
+/// A job file for `patient_persons` with no database in it (the URL comes from `--database-url`).
+fn patients_job_without_database(dir: &tempfile::TempDir) -> String {
+    let path = dir.path().join("patients.toml");
+    std::fs::write(
+        &path,
+        "[keys]\nsource = \"env\"\n\n[[target]]\ntable = \"patient_persons\"\nprimary_key = [\"id\"]\ncolumns = [\"phone_encrypted\", \"emergency_contact_phone_encrypted\"]\nformat = \"versioned-gcm\"\n",
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+/// A TCP listener on 127.0.0.1 that accepts every connection and never
+/// writes a byte (a stuck pooler, a half-dead host); returns its port. The
+/// accepted sockets are kept open for the life of the test process.
+fn silent_server() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback listener");
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            held.push(stream);
+        }
+    });
+    port
+}
+
+/// How long a command may take against the silent server with a 3 s connect timeout.
+const SILENT_BOUND: Duration = Duration::from_secs(15);
+
+/// Runs `run`, `plan` and `verify` at once against a silent server (with
+/// `url` and `env`) and asserts that each exits 1 within [`SILENT_BOUND`]
+/// with a message naming the host and the port.
+fn assert_every_command_gives_up_on_a_silent_server(url: &str, port: u16, env: &[(&str, String)]) {
+    let dir = tempfile::tempdir().unwrap();
+    let j = patients_job_without_database(&dir);
+    let commands: [&[&str]; 3] = [&["run", "--json"], &["plan"], &["verify"]];
+    let outcomes: Vec<(String, Bounded)> = std::thread::scope(|s| {
+        let running: Vec<_> = commands
+            .iter()
+            .map(|c| {
+                let mut args: Vec<&str> = vec![c[0], "--job", &j, "--database-url", url];
+                args.extend_from_slice(&c[1..]);
+                let name = c[0].to_string();
+                s.spawn(move || (name, rekey_bounded(&args, env, SILENT_BOUND)))
+            })
+            .collect();
+        running.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut wrong = Vec::new();
+    for (command, outcome) in &outcomes {
+        match outcome {
+            Bounded::Killed(said) => wrong.push(format!("`rekey {command}` still ran after {SILENT_BOUND:?} (killed); it had said: {said:?}")),
+            Bounded::Exited(out, took) => {
+                let said = stderr(out);
+                if out.status.code() != Some(1) || !said.contains("127.0.0.1") || !said.contains(&port.to_string()) {
+                    wrong.push(format!("`rekey {command}` exited {:?} after {took:?}; expected 1, naming 127.0.0.1 and port {port}; said: {said:?}", out.status.code()));
+                }
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "against a server that never answers:\n{}",
+        wrong.join("\n")
+    );
+}
+
+// Today: `run`, `plan` and `verify` all still running (no output) when
+// killed after 15 s: connect_timeout bounds the TCP connect only, not the
+// start-up handshake the server never answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_that_never_answers_fails_run_plan_and_verify_within_the_connect_timeout_of_the_url(
+) {
+    let port = silent_server();
+    let url = format!("host=127.0.0.1 port={port} user=postgres dbname=rekey connect_timeout=3");
+    tokio::task::block_in_place(|| {
+        assert_every_command_gives_up_on_a_silent_server(&url, port, &seed_env())
+    });
+}
+
+// Today: as above, all three killed after 15 s with no output.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_that_never_answers_fails_run_plan_and_verify_within_pgconnect_timeout() {
+    let port = silent_server();
+    let url = format!("host=127.0.0.1 port={port} user=postgres dbname=rekey");
+    let mut env = seed_env();
+    env.push(("PGCONNECT_TIMEOUT", "3".into()));
+    tokio::task::block_in_place(|| {
+        assert_every_command_gives_up_on_a_silent_server(&url, port, &env)
+    });
+}
