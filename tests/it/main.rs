@@ -18,5 +18,6 @@ mod replica;
 mod rotation;
 mod secrecy;
 mod server_faults;
+mod server_settings;
 mod shapes;
 mod tls;
