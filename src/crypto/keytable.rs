@@ -380,13 +380,15 @@ mod tests {
         assert!(!t.retire(1, 41).unwrap());
         assert!(t.keyring().unwrap().get(1).is_none());
         assert_eq!(t.archived_ids(), vec![1]);
-        let applications_read = StoredKey::from_entry(&t.entries[0], |_| "sealed".into());
+        let applications_read =
+            StoredKey::from_entry(&t.entries[0], |_| Ok::<_, ()>("sealed".into())).unwrap();
         assert_eq!(
             applications_read.material, None,
             "what applications read holds no retired material"
         );
         assert_eq!(
-            StoredKey::archived(&t.entries[0], |_| "sealed".into())
+            StoredKey::archived(&t.entries[0], |_| Ok::<_, ()>("sealed".into()))
+                .unwrap()
                 .and_then(|k| k.material)
                 .as_deref(),
             Some("sealed")

@@ -36,22 +36,30 @@ pub struct StoredKey {
 impl StoredKey {
     /// An entry as applications read it, with its material encoded by
     /// `encode`; a retired key without material.
-    pub fn from_entry(e: &Entry, encode: impl FnOnce(&Key) -> String) -> StoredKey {
+    pub fn from_entry<E>(
+        e: &Entry,
+        encode: impl FnOnce(&Key) -> Result<String, E>,
+    ) -> Result<StoredKey, E> {
         let live = e.key.as_ref().filter(|_| e.state != KeyState::Retired);
-        StoredKey {
-            material: live.map(encode),
+        Ok(StoredKey {
+            material: live.map(encode).transpose()?,
             ..Self::bare(e)
-        }
+        })
     }
 
     /// A retired entry as the archive keeps it, material included; `None`
     /// for any other entry, or one already purged.
-    pub fn archived(e: &Entry, encode: impl FnOnce(&Key) -> String) -> Option<StoredKey> {
-        let key = e.key.as_ref().filter(|_| e.state == KeyState::Retired)?;
-        Some(StoredKey {
-            material: Some(encode(key)),
+    pub fn archived<E>(
+        e: &Entry,
+        encode: impl FnOnce(&Key) -> Result<String, E>,
+    ) -> Result<Option<StoredKey>, E> {
+        let Some(key) = e.key.as_ref().filter(|_| e.state == KeyState::Retired) else {
+            return Ok(None);
+        };
+        Ok(Some(StoredKey {
+            material: Some(encode(key)?),
             ..Self::bare(e)
-        })
+        }))
     }
 
     fn bare(e: &Entry) -> StoredKey {

@@ -118,16 +118,19 @@ fn parse(secret: &str, text: &str) -> Result<KeyTable, Error> {
     Ok(table)
 }
 
-fn render(table: &KeyTable) -> Zeroizing<String> {
+fn render(table: &KeyTable) -> Result<Zeroizing<String>, Error> {
+    let keys = table
+        .entries
+        .iter()
+        .map(|e| StoredKey::from_entry(e, |k| Ok::<_, Error>(hex::encode(k.material()))))
+        .collect::<Result<_, _>>()?;
     let doc = Document {
         format: FORMAT.into(),
-        keys: table
-            .entries
-            .iter()
-            .map(|e| StoredKey::from_entry(e, |k| hex::encode(k.material())))
-            .collect(),
+        keys,
     };
-    Zeroizing::new(serde_json::to_string(&doc).unwrap_or_default())
+    serde_json::to_string(&doc)
+        .map(Zeroizing::new)
+        .map_err(|e| Error::Runtime(format!("the keyring could not be written as JSON: {e}")))
 }
 
 /// A fresh idempotency token for a new version.
@@ -228,7 +231,7 @@ impl SecretsManagerStore {
             Error::Config("keys source \"aws-secrets-manager\" needs secret_id".into())
         })?;
         let client = client(keys).await;
-        let text = render(table);
+        let text = render(table)?;
         client
             .create_secret()
             .name(&secret_id)
@@ -318,7 +321,7 @@ impl SecretsManagerStore {
             .put_secret_value()
             .secret_id(&self.secret_id)
             .client_request_token(&version)
-            .secret_string(render(&self.table).as_str())
+            .secret_string(render(&self.table)?.as_str())
             .version_stages("AWSPENDING")
             .send()
             .await
@@ -385,7 +388,7 @@ impl SecretsManagerStore {
                     .put_secret_value()
                     .secret_id(&self.secret_id)
                     .client_request_token(&version)
-                    .secret_string(render(&promoted).as_str())
+                    .secret_string(render(&promoted)?.as_str())
                     .version_stages("AWSPENDING")
                     .send()
                     .await

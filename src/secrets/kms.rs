@@ -236,9 +236,10 @@ impl KmsKeyring {
             .as_slice()
             .try_into()
             .map_err(|_| Error::Runtime("KMS returned a data key that is not 32 bytes".into()))?;
-        if let Some(blob) = out.ciphertext_blob() {
-            self.wrapped.insert(id, blob.as_ref().to_vec());
-        }
+        let blob = out.ciphertext_blob().ok_or_else(|| {
+            Error::Runtime("AWS KMS generated a data key but returned no wrapped form of it".into())
+        })?;
+        self.wrapped.insert(id, blob.as_ref().to_vec());
         Ok(Key::new(id, material))
     }
 
@@ -264,32 +265,36 @@ impl KmsKeyring {
                             aws_sdk_kms::error::DisplayErrorContext(err),
                         )
                     })?;
-                self.wrapped.insert(
-                    e.id,
-                    out.ciphertext_blob()
-                        .map(|b| b.as_ref().to_vec())
-                        .unwrap_or_default(),
-                );
+                let blob = out.ciphertext_blob().ok_or_else(|| {
+                    Error::Runtime(format!(
+                        "AWS KMS wrapped key {} but returned no ciphertext; nothing was saved",
+                        e.id
+                    ))
+                })?;
+                self.wrapped.insert(e.id, blob.as_ref().to_vec());
             }
         }
         let wrapped = |e: &Entry| {
             self.wrapped
                 .get(&e.id)
                 .map(|b| B64.encode(b))
-                .unwrap_or_default()
+                .ok_or_else(|| {
+                    Error::Runtime(format!(
+                        "key {} has no KMS-wrapped form; nothing was saved",
+                        e.id
+                    ))
+                })
         };
         let keys = self
             .table
             .entries
             .iter()
             .map(|e| StoredKey::from_entry(e, |_| wrapped(e)))
-            .collect();
-        let archived: Vec<StoredKey> = self
-            .table
-            .entries
-            .iter()
-            .filter_map(|e| StoredKey::archived(e, |_| wrapped(e)))
-            .collect();
+            .collect::<Result<_, _>>()?;
+        let mut archived = Vec::new();
+        for e in &self.table.entries {
+            archived.extend(StoredKey::archived(e, |_| wrapped(e))?);
+        }
         let doc = |keys: Vec<StoredKey>| Document {
             format: FORMAT.into(),
             kms_key_id: self.kms_key_id.clone(),

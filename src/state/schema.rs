@@ -3,7 +3,6 @@
 
 use tokio_postgres::Client;
 
-use crate::db::quote_ident;
 use crate::error::DbContext;
 use crate::Error;
 
@@ -31,7 +30,10 @@ pub async fn ensure_schema(client: &mut Client) -> Result<(), Error> {
         return Ok(());
     }
     let who = client
-        .query_one("SELECT current_database()::text, current_user::text", &[])
+        .query_one(
+            "SELECT quote_ident(current_database()), quote_ident(current_user)",
+            &[],
+        )
         .await
         .ctx(what)?;
     let who = Who {
@@ -103,7 +105,8 @@ async fn applied(client: &Client) -> Result<Option<i32>, Error> {
     ))
 }
 
-/// The database and role, for the GRANT a refusal names.
+/// The database and role as SQL names (quoted by the server only where
+/// needed), for the GRANT a refusal names.
 struct Who {
     database: String,
     role: String,
@@ -121,7 +124,7 @@ enum Missing {
 /// Why the engine schema could not be prepared, with the fix for this case:
 /// a missing grant (naming it), or a database that cannot be written here.
 fn refused(e: tokio_postgres::Error, missing: Missing, who: &Who) -> Error {
-    let (database, role) = (quote_ident(&who.database), quote_ident(&who.role));
+    let (database, role) = (&who.database, &who.role);
     let Some(db) = e.as_db_error() else {
         return Error::Db {
             context: "preparing rekey's engine schema".into(),

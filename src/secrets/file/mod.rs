@@ -230,8 +230,8 @@ impl KeyringFile {
             .table
             .entries
             .iter()
-            .map(|e| StoredKey::from_entry(e, |k| seal_key(&self.kek, k)))
-            .collect();
+            .map(|e| StoredKey::from_entry(e, |k| seal_key(&self.kek, k, &self.path)))
+            .collect::<Result<_, _>>()?;
         Ok(Document {
             format: FORMAT.into(),
             kdf: self.kdf.clone(),
@@ -271,12 +271,12 @@ impl KeyringFile {
     /// reaches the archive before it leaves the file, and leaves the archive
     /// only after the file is saved.
     pub fn save(&mut self) -> Result<(), FileKeyringError> {
-        let archived: Vec<StoredKey> = self
-            .table
-            .entries
-            .iter()
-            .filter_map(|e| StoredKey::archived(e, |k| seal_key(&self.kek, k)))
-            .collect();
+        let mut archived = Vec::new();
+        for e in &self.table.entries {
+            archived.extend(StoredKey::archived(e, |k| {
+                seal_key(&self.kek, k, &self.path)
+            })?);
+        }
         let render = |keys: &[StoredKey]| {
             serde_json::to_vec_pretty(&Document {
                 format: FORMAT.into(),
@@ -288,13 +288,14 @@ impl KeyringFile {
             let tmp = self.write_pending()?;
             self.commit(&tmp)
         };
-        save_with_archive(&self.path, archived, &self.archived_on_disk, render, main)?;
-        self.archived_on_disk = self
-            .table
-            .entries
-            .iter()
-            .filter_map(|e| StoredKey::archived(e, |k| seal_key(&self.kek, k)))
-            .collect();
+        save_with_archive(
+            &self.path,
+            archived.clone(),
+            &self.archived_on_disk,
+            render,
+            main,
+        )?;
+        self.archived_on_disk = archived;
         Ok(())
     }
 }

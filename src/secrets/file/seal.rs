@@ -74,22 +74,28 @@ pub(super) fn aad(id: KeyId) -> Vec<u8> {
     format!("{FORMAT} key {id}").into_bytes()
 }
 
-pub(super) fn seal_key(kek: &LessSafeKey, key: &Key) -> String {
+pub(super) fn seal_key(
+    kek: &LessSafeKey,
+    key: &Key,
+    path: &Path,
+) -> Result<String, FileKeyringError> {
     let mut nonce = [0u8; NONCE_LEN];
     crate::crypto::nonce::fill(&mut nonce);
     let mut buf = Zeroizing::new(key.material().to_vec());
-    // Sealing 32 bytes cannot exceed GCM's limits.
-    let tag = kek.seal_in_place_separate_tag(
-        Nonce::assume_unique_for_key(nonce),
-        Aad::from(aad(key.id())),
-        buf.as_mut_slice(),
-    );
+    let tag = kek
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad(key.id())),
+            buf.as_mut_slice(),
+        )
+        .map_err(|_| FileKeyringError::Malformed {
+            path: path.to_path_buf(),
+            problem: format!("key {} could not be sealed", key.id()),
+        })?;
     let mut out = nonce.to_vec();
     out.extend_from_slice(&buf);
-    if let Ok(tag) = tag {
-        out.extend_from_slice(tag.as_ref());
-    }
-    B64.encode(out)
+    out.extend_from_slice(tag.as_ref());
+    Ok(B64.encode(out))
 }
 
 /// Why a sealed key did not open.
