@@ -444,13 +444,15 @@ async fn the_databases_statement_timeout_does_not_cut_rekeys_batches_its_own_set
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_batch_cancelled_by_rekeys_own_statement_timeout_stops_the_run_clearly_and_it_resumes_once_the_locks_go(
+async fn rows_whose_batches_rekeys_own_statement_timeout_cancels_are_set_aside_reported_and_rotated_once_the_locks_go(
 ) {
-    // --statement-timeout 300ms, locked rows, and two tries: the batch that
-    // reaches the rows is cancelled, halved down to the locked row, cancelled
-    // twice more, and the run stops with exit 1 naming the timeout; the same
-    // command, once the locks are gone, resumes the job and finishes it.
+    // --statement-timeout 300ms and 20 locked rows held through the run: the
+    // batch that reaches them is cancelled, halved down to each locked row,
+    // which is set aside after two tries; the rest of the table is rotated,
+    // the conflict pass finds them still locked and reports them as not
+    // rotated (exit 4); once the locks go, the next run rotates them.
     const ROWS: i64 = 20_000;
+    const LOCKED: i64 = 20;
     let db = TestDb::new().await;
     let dir = tempfile::tempdir().unwrap();
     let mut run = setup(&db, ROWS, &dir).await;
@@ -467,34 +469,68 @@ async fn a_batch_cancelled_by_rekeys_own_statement_timeout_stops_the_run_clearly
     );
     let untouched = db.unencrypted_checksum().await;
     let locker = lock_middle_rows(&db, ROWS).await;
-    let mut runs = Disturbed::new(&strs(&run), &["statement timeout"]);
-    runs.child();
-    // the locks stay until the run has given up on them; each statement of
-    // rekey's seen waiting on them is one time the fault met the run
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut child = spawn_rekey_captured(&strs(&run), &seed_env());
+    let deadline = Instant::now() + Duration::from_secs(120);
     let mut waits = std::collections::BTreeSet::new();
-    while !runs.ended() {
+    while child.try_wait().unwrap().is_none() {
         assert!(
             Instant::now() < deadline,
-            "the run neither stopped nor finished in 60 s with its batch blocked"
+            "the run did not end in 120 s with 20 rows locked"
         );
         waits.extend(lock_waits(&db).await);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let out = child.wait_with_output().unwrap();
     assert_eq!(
-        runs.failures.len(),
-        1,
-        "the run finished although a batch could not commit within --statement-timeout"
+        out.status.code(),
+        Some(4),
+        "values left on an old key: {}",
+        printed(&out)
     );
-    locker.batch_execute("COMMIT").await.unwrap();
-    let (summary, failures) = runs.finish(&db).await;
-    report("--statement-timeout 300ms and 20 locked mid-table rows (injections: rekey statements seen waiting on them)", waits.len(), &failures);
+    let s = json(&out);
+    let locked_values: i64 = db
+        .client
+        .query_one(
+            "SELECT (count(phone_encrypted) + count(emergency_contact_phone_encrypted))::bigint FROM patient_persons WHERE id BETWEEN $1 AND $2",
+            &[&(ROWS / 2), &(ROWS / 2 + LOCKED - 1)],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(s["values_not_rotated"], locked_values, "{s}");
+    assert_eq!(
+        s["job_totals"]["values_rewritten"],
+        values_in(ROWS) - locked_values,
+        "every unlocked value rotated: {s}"
+    );
+    let reasons: Vec<String> = db
+        .client
+        .query("SELECT DISTINCT reason FROM rekey.not_rotated", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(reasons, ["row_locked"]);
+    report("--statement-timeout 300ms and 20 locked mid-table rows (injections: rekey statements seen waiting on them)", waits.len(), &[]);
     assert!(
         !waits.is_empty(),
         "no statement of rekey's was seen waiting on the locked rows"
     );
-    assert!(failures[0].contains("failed 2 times"), "{failures:?}");
-    assert_nothing_lost(&db, ROWS, &summary, &untouched).await;
+    locker.batch_execute("COMMIT").await.unwrap();
+    let out = rekey(&strs(&run), &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(
+        json(&out)["job_totals"]["values_rewritten"],
+        locked_values,
+        "the next run rotates the rows that were locked"
+    );
+    db.assert_every_value_rotated(ROWS).await;
+    assert_eq!(
+        db.unencrypted_checksum().await,
+        untouched,
+        "a column rekey does not own was written"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
