@@ -15,10 +15,8 @@
 //! then the others in id order, as `MultiFernet` does with its key list.
 //!
 //! Both halves of each key are prepared once in [`Fernet::new`]: the AES key
-//! schedule, and ring's HMAC key (the states after absorbing the padded
-//! signing key), which each value starts from instead of re-deriving. The AES
-//! schedule wipes itself on drop; ring's HMAC key, like the AES-GCM keys of
-//! the other codecs, does not.
+//! schedule, and the HMAC state after absorbing the padded signing key, which
+//! each value clones instead of re-deriving. Both wipe themselves on drop.
 //! Opening a value allocates only the returned plaintext buffer; sealing
 //! allocates nothing beyond `out` for values up to [`STACK_TOKEN`] bytes.
 
@@ -29,7 +27,8 @@ use base64::engine::general_purpose::URL_SAFE;
 use base64::Engine as _;
 use cbc::cipher::block_padding::Pkcs7;
 use cbc::cipher::{BlockDecryptMut, BlockEncryptMut, InnerIvInit, KeyInit};
-use ring::hmac;
+use hmac::{Hmac, Mac};
+use sha2_hmac::Sha256;
 use zeroize::Zeroizing;
 
 use super::{Codec, CodecError, FormatKeyError, Opened};
@@ -55,12 +54,15 @@ pub const MIN_TOKEN_LEN: usize = HEADER_LEN + BLOCK_LEN + TAG_LEN;
 /// (plaintexts up to 959 bytes); longer ones use a temporary heap buffer.
 pub const STACK_TOKEN: usize = 1024;
 
+/// HMAC-SHA256 on the digest 0.11 generation (its state zeroizes on drop).
+type HmacSha256 = Hmac<Sha256>;
+
 /// One Fernet key, both halves prepared.
 struct FernetKey {
     /// The keyring id of the key.
     id: KeyId,
-    /// HMAC-SHA256 keyed with the signing half.
-    mac: hmac::Key,
+    /// HMAC-SHA256 keyed with the signing half; cloned per value.
+    mac: HmacSha256,
     /// AES-128 keyed with the encryption half (schedule expanded once).
     cipher: Aes128,
 }
@@ -75,19 +77,24 @@ impl FernetKey {
         };
         Ok(FernetKey {
             id: key.id(),
-            mac: hmac::Key::new(hmac::HMAC_SHA256, signing),
+            mac: <HmacSha256 as hmac::KeyInit>::new_from_slice(signing)
+                .map_err(|_| refused("HMAC-SHA256"))?,
             cipher: Aes128::new_from_slice(encryption).map_err(|_| refused("AES-128"))?,
         })
     }
 
     /// The HMAC-SHA256 of `data` under this key's signing half.
-    fn tag(&self, data: &[u8]) -> hmac::Tag {
-        hmac::sign(&self.mac, data)
+    fn tag(&self, data: &[u8]) -> [u8; TAG_LEN] {
+        let mut mac = self.mac.clone();
+        mac.update(data);
+        mac.finalize().into_bytes().into()
     }
 
     /// Whether `tag` is the HMAC of `data` under this key (constant time).
     fn verifies(&self, data: &[u8], tag: &[u8]) -> bool {
-        hmac::verify(&self.mac, data, tag).is_ok()
+        let mut mac = self.mac.clone();
+        mac.update(data);
+        mac.verify_slice(tag).is_ok()
     }
 }
 
@@ -141,7 +148,7 @@ impl Fernet {
             return;
         }
         let tag = key.tag(&raw[..len - TAG_LEN]);
-        raw[len - TAG_LEN..].copy_from_slice(tag.as_ref());
+        raw[len - TAG_LEN..].copy_from_slice(&tag);
         out.resize(text_len, 0);
         if URL_SAFE.encode_slice(&*raw, out.as_mut_slice()) != Ok(text_len) {
             out.clear();
