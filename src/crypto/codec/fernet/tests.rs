@@ -207,11 +207,12 @@ fn bad_padding_under_a_verified_tag_fails_then_tries_the_next_key() {
     let mut b = [1u8; 32];
     a[16..].fill(7);
     b[16..].fill(8);
-    let out = sealed(
-        &Fernet::new(&Keyring::new(vec![Key::new(2, b)], 2, None).unwrap()).unwrap(),
-        b"payload",
-        Some(1),
-    );
+    // a fixed IV: with a random one, 1 time in 256 key 1's garbage ends in a
+    // valid padding byte by chance, and the test would see key 1 "open" it
+    let mut out = Vec::new();
+    Fernet::new(&Keyring::new(vec![Key::new(2, b)], 2, None).unwrap())
+        .unwrap()
+        .seal_with_iv(b"payload", 1, &KAT_IV, &mut out);
     let both = Keyring::new(vec![Key::new(1, a), Key::new(2, b)], 1, None).unwrap();
     let opened = Fernet::new(&both).unwrap().open(&out, b"").unwrap();
     assert_eq!(
