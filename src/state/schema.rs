@@ -40,10 +40,25 @@ pub async fn ensure_schema(client: &mut Client) -> Result<(), Error> {
         database: who.get(0),
         role: who.get(1),
     };
-    let tx = client.transaction().await.ctx(what)?;
-    tx.batch_execute("SELECT pg_advisory_xact_lock(hashtext('rekey.schema'))")
+    // one process at a time, and the checks in a transaction begun after the
+    // lock, so they see what the process before created (an advisory lock
+    // taken inside a transaction would leave its catalog view stale)
+    client
+        .batch_execute("SELECT pg_advisory_lock(hashtext('rekey.schema'))")
         .await
         .ctx(what)?;
+    let prepared = migrate(client, &who).await;
+    let unlocked = client
+        .batch_execute("SELECT pg_advisory_unlock(hashtext('rekey.schema'))")
+        .await
+        .ctx(what);
+    prepared.and(unlocked)
+}
+
+/// Creates what is missing of schema `rekey`, in one transaction.
+async fn migrate(client: &mut Client, who: &Who) -> Result<(), Error> {
+    let what = || "preparing rekey's engine schema".to_string();
+    let tx = client.transaction().await.ctx(what)?;
     let exists: bool = tx
         .query_one("SELECT to_regnamespace('rekey') IS NOT NULL", &[])
         .await
@@ -52,11 +67,11 @@ pub async fn ensure_schema(client: &mut Client) -> Result<(), Error> {
     if !exists {
         tx.batch_execute("CREATE SCHEMA rekey")
             .await
-            .map_err(|e| refused(e, Missing::Schema, &who))?;
+            .map_err(|e| refused(e, Missing::Schema, who))?;
     }
     tx.batch_execute("CREATE TABLE IF NOT EXISTS rekey.schema_version (version int PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
         .await
-        .map_err(|e| refused(e, Missing::Tables, &who))?;
+        .map_err(|e| refused(e, Missing::Tables, who))?;
     let current: i32 = tx
         .query_one(
             "SELECT coalesce(max(version), 0) FROM rekey.schema_version",
@@ -68,7 +83,7 @@ pub async fn ensure_schema(client: &mut Client) -> Result<(), Error> {
     for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
         tx.batch_execute(sql)
             .await
-            .map_err(|e| refused(e, Missing::Tables, &who))?;
+            .map_err(|e| refused(e, Missing::Tables, who))?;
         tx.execute(
             "INSERT INTO rekey.schema_version (version) VALUES ($1)",
             &[version],

@@ -707,7 +707,7 @@ async fn three_processes_share_one_job_and_one_killed_midway_loses_nothing() {
         "--workers",
         "1",
         "--max-rows-per-sec",
-        "2500",
+        "5000",
     ];
     let mut children = vec![
         spawn_captured(&args),
@@ -800,7 +800,7 @@ async fn a_process_that_stops_renewing_its_lease_loses_its_range_and_cannot_comm
         "--check-every",
         "500ms",
         "--max-rows-per-sec",
-        "2500",
+        "5000",
     ]);
     wait_for_progress(&db, &mut a, 1_000).await;
     let pid = a.id().to_string();
@@ -1100,7 +1100,7 @@ async fn a_batch_that_would_take_its_key_past_the_nonce_budget_is_rolled_back_an
         "--workers",
         "1",
         "--max-rows-per-sec",
-        "2500",
+        "5000",
     ]);
     wait_for_progress(&db, &mut child, 1_000).await;
     // another job (or process) sealing under the same key spends the budget meanwhile
