@@ -187,7 +187,7 @@ async fn rekey_pause_holds_every_reader_and_rekey_resume_goes_on() {
         "--batch-size",
         "200",
         "--max-rows-per-sec",
-        "2500",
+        "5000",
     ]);
     wait_for_progress(&db, &mut run.child, 2_000).await;
 
@@ -245,7 +245,7 @@ async fn rekey_stop_stops_the_run_cleanly_and_the_next_run_finishes_it() {
         "--batch-size",
         "200",
         "--max-rows-per-sec",
-        "2500",
+        "5000",
     ]);
     wait_for_progress(&db, &mut child, 2_000).await;
     let out = rekey(&["stop", "--job", &j], &seed_env());
