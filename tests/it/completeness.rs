@@ -18,31 +18,6 @@ use crate::harness::*;
 /// A third key: neither V1 nor V2 of the seed.
 const K3: &str = "3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b";
 
-/// Passphrase of the keyring files made here.
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// The current database's name: roles are per cluster, so names made from it do not collide between tests.
-async fn db_name(db: &TestDb) -> String {
-    db.client
-        .query_one("SELECT current_database()", &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
-/// `db.url` with the user replaced by `role` (the harness's URLs name `user=postgres`).
-fn url_as(db: &TestDb, role: &str) -> String {
-    assert!(
-        db.url.contains("user=postgres"),
-        "the harness's URL changed shape: {}",
-        db.url
-    );
-    db.url
-        .replace("user=postgres", &format!("user={role} password=pw"))
-}
-
 /// Creates a login role without BYPASSRLS (and not superuser) that may
 /// read and update `patient_persons` and create rekey's schema.
 async fn restricted_role(db: &TestDb, suffix: &str) -> String {

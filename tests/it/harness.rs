@@ -612,3 +612,30 @@ pub fn keyring_file_job(db: &TestDb, dir: &tempfile::TempDir) -> (String, std::p
     .unwrap();
     (job.display().to_string(), keyring)
 }
+
+/// What a command wrote to stderr, as text.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The current database's name: roles are per cluster, so names made from it
+/// do not collide between tests.
+pub async fn db_name(db: &TestDb) -> String {
+    db.client
+        .query_one("SELECT current_database()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// `db.url` with the user replaced by `role`, password `pw` (the harness's
+/// URLs name `user=postgres`; its servers trust local connections).
+pub fn url_as(db: &TestDb, role: &str) -> String {
+    assert!(
+        db.url.contains("user=postgres"),
+        "the harness's URL changed shape: {}",
+        db.url
+    );
+    db.url
+        .replace("user=postgres", &format!("user={role} password=pw"))
+}

@@ -86,30 +86,6 @@ fn rekey_within(args: &[&str], env: &[(&str, String)], limit: Duration) -> Outpu
     }
 }
 
-/// stderr as text.
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// The current database's name (roles are per cluster: names made from it do not collide between tests).
-async fn db_name(db: &TestDb) -> String {
-    db.client
-        .query_one("SELECT current_database()", &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
-/// `db.url` with the user replaced by `role` (the harness's URLs name `user=postgres`).
-fn url_as(db: &TestDb, role: &str) -> String {
-    assert!(
-        db.url.contains("user=postgres"),
-        "the harness's URL changed shape: {}",
-        db.url
-    );
-    db.url.replace("user=postgres", &format!("user={role}"))
-}
-
 /// Whether `role` has CREATE on the database (premise checks).
 async fn may_create_in_database(db: &TestDb, role: &str) -> bool {
     db.client
