@@ -34,11 +34,7 @@ pub(super) async fn retry_conflicts(
     let mut outcome = Outcome::default();
     let admin = db.connect().await?;
     // processes sharing the job take turns: the next finds what the first left
-    admin
-        .execute(
-            "SELECT pg_advisory_lock(hashtextextended($1, 0))",
-            &[&format!("rekey.conflicts:{job_id}")],
-        )
+    crate::state::locks::wait_for(&admin, &format!("rekey.conflicts:{job_id}"))
         .await
         .map_err(|e| Error::Db {
             context: "waiting for another process's conflict re-reads".into(),

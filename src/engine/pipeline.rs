@@ -209,7 +209,7 @@ pub async fn run(
     live: Arc<LiveCounts>,
     progress: Progress,
 ) -> Result<Outcome, Error> {
-    let mut monitor_conn = db.connect().await?;
+    let mut monitor_conn = monitor_connection(db).await?;
     let job_id = match mode {
         Mode::Rewrite { job_id } => Some(job_id),
         Mode::DryRun | Mode::Verify => None,
@@ -365,6 +365,19 @@ async fn finish(
     shared.sum_up_quarantine();
     shared.progress.finish();
     Ok(outcome)
+}
+
+/// The monitor's connection: its lease renewals wait on a range row for as
+/// long as a batch holds it, not `--lock-timeout`.
+pub(super) async fn monitor_connection(db: &Database) -> Result<tokio_postgres::Client, Error> {
+    let conn = db.connect().await?;
+    conn.batch_execute("SET lock_timeout = 0")
+        .await
+        .map_err(|e| Error::Db {
+            context: "opening the run's monitor connection".into(),
+            source: e,
+        })?;
+    Ok(conn)
 }
 
 /// The server process behind a connection: while it lives, the leases naming it are held.

@@ -13,7 +13,7 @@ use crate::db::Database;
 use crate::observe::events;
 use crate::state;
 
-use super::pipeline::backend_pid;
+use super::pipeline::{backend_pid, monitor_connection};
 use super::work::{Shared, Work};
 
 /// Reads the job's control and every signal once.
@@ -152,7 +152,7 @@ pub(super) async fn watch(
 
 /// A new monitor connection; its backend pid becomes the one leases name.
 pub(super) async fn reopen_monitor(shared: &Shared, db: &Database) -> Option<Client> {
-    let conn = db.connect().await.ok()?;
+    let conn = monitor_connection(db).await.ok()?;
     if let (Work::Leased { monitor_pid, .. }, Ok(pid)) = (&shared.work, backend_pid(&conn).await) {
         monitor_pid.store(pid, Ordering::Relaxed);
     }

@@ -36,16 +36,11 @@ pub async fn open_job(
     // Processes starting together must agree on one job row: the first plans
     // it, the others resume it.
     let lock = format!("rekey.open:{}", job.name);
-    client
-        .execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", &[&lock])
+    super::locks::wait_for(client, &lock)
         .await
         .ctx(|| format!("opening job {:?}", job.name))?;
     let opened = open_job_locked(client, job, restart, plan).await;
-    let unlocked = client
-        .execute(
-            "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
-            &[&lock],
-        )
+    let unlocked = super::locks::release(client, &lock)
         .await
         .ctx(|| format!("opening job {:?}", job.name));
     let opened = opened?;

@@ -54,6 +54,30 @@ pub async fn lock_job(client: &Client, name: &str, restart: bool) -> Result<(), 
     }))
 }
 
+/// Waits for the session-level advisory lock `name` as long as it takes,
+/// whatever `lock_timeout` the session has: the process holding it does work
+/// this one must wait for (preparing the schema, opening a job, re-reading
+/// conflicts).
+pub async fn wait_for(client: &Client, name: &str) -> Result<(), tokio_postgres::Error> {
+    client.batch_execute("SET lock_timeout = 0").await?;
+    let locked = client
+        .execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", &[&name])
+        .await;
+    client.batch_execute("RESET lock_timeout").await?;
+    locked.map(|_| ())
+}
+
+/// Gives back the session-level advisory lock `name`.
+pub async fn release(client: &Client, name: &str) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
+            &[&name],
+        )
+        .await
+        .map(|_| ())
+}
+
 /// Turns a `--restart`'s exclusive job lock into a shared one, so other
 /// processes can join the new job.
 pub async fn share_job_lock(client: &Client, name: &str) -> Result<(), Error> {

@@ -43,13 +43,11 @@ pub async fn ensure_schema(client: &mut Client) -> Result<(), Error> {
     // one process at a time, and the checks in a transaction begun after the
     // lock, so they see what the process before created (an advisory lock
     // taken inside a transaction would leave its catalog view stale)
-    client
-        .batch_execute("SELECT pg_advisory_lock(hashtext('rekey.schema'))")
+    super::locks::wait_for(client, "rekey.schema")
         .await
         .ctx(what)?;
     let prepared = migrate(client, &who).await;
-    let unlocked = client
-        .batch_execute("SELECT pg_advisory_unlock(hashtext('rekey.schema'))")
+    let unlocked = super::locks::release(client, "rekey.schema")
         .await
         .ctx(what);
     prepared.and(unlocked)
