@@ -367,9 +367,18 @@ pub struct RetireArgs {
 pub struct RotateArgs {
     #[command(flatten)]
     pub life: LifecycleArgs,
-    /// How long the old key stays after promotion before a later invocation retires it.
-    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = humantime::parse_duration)]
-    pub grace: std::time::Duration,
+    /// How long the old key stays after promotion before a later invocation retires it (default 24h when a rotation starts). Given at a later step, it replaces the one recorded.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub grace: Option<std::time::Duration>,
+    /// After staging, go on at once instead of stopping (exit 6) for the redeployment: for applications that already read the pending key.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Start the next rotation when the last one is over (a job's first rotation starts without it).
+    #[arg(long, conflicts_with = "abort")]
+    pub new: bool,
+    /// Cancel the rotation in progress (before promotion): values go back to the old key, then the staged key is retired.
+    #[arg(long)]
+    pub abort: bool,
     /// Lanes for the re-encryption.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub workers: Option<u16>,

@@ -12,3 +12,6 @@ pub const EXIT_LEFT_ON_OLD_KEYS: u8 = 4;
 pub const EXIT_STOPPED: u8 = 130;
 /// Exit code: stopped at the end of its `--run-time` window; resumable.
 pub const EXIT_WINDOW_ENDED: u8 = 5;
+/// Exit code: `rotate` stopped for an operator step (redeploy, make the
+/// environment changes printed) or for the grace period; run it again.
+pub const EXIT_WAITING: u8 = 6;

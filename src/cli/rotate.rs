@@ -4,12 +4,12 @@
 use std::time::Duration;
 
 use crate::cli::args::{LifecycleArgs, Reason, RotateArgs};
-use crate::cli::exit::{EXIT_LEFT_ON_OLD_KEYS, EXIT_STOPPED};
+use crate::cli::exit::{EXIT_LEFT_ON_OLD_KEYS, EXIT_STOPPED, EXIT_WAITING};
 use crate::cli::{default_lanes, open, print_json, Opened};
 use crate::engine::pipeline::Settings;
 use crate::job::JobSpec;
 use crate::lifecycle::audit::{os_user, Audit};
-use crate::lifecycle::rotation::{self, Ended, Progressed, RotateOptions};
+use crate::lifecycle::rotation::{self, Ended, Intent, Progressed, RotateOptions};
 use crate::observe::metrics;
 use crate::Error;
 
@@ -39,7 +39,7 @@ pub(crate) fn rotate_options(
 ) -> RotateOptions {
     RotateOptions {
         audit: audit_for(life, spec),
-        grace,
+        grace: Some(grace),
         reveal: life.reveal,
         settings: Settings {
             lanes,
@@ -48,6 +48,8 @@ pub(crate) fn rotate_options(
         },
         quiet: quiet || life.common.json,
         compromised: life.reason == Reason::Compromise,
+        no_wait: false,
+        intent: Intent::Continue,
     }
 }
 
@@ -61,7 +63,8 @@ pub(crate) fn report(life: &LifecycleArgs, spec: &JobSpec, p: &Progressed) -> u8
         }
     }
     match p.ended {
-        Ended::Done | Ended::Waiting => 0,
+        Ended::Done => 0,
+        Ended::Waiting(_) => EXIT_WAITING,
         Ended::Stopped => EXIT_STOPPED,
         Ended::NotVerified => EXIT_LEFT_ON_OLD_KEYS,
     }
@@ -81,14 +84,23 @@ pub async fn rotate(args: &RotateArgs) -> Result<u8, Error> {
         Some(w) => usize::from(w),
         None => crate::engine::plan::lanes_for_server(&client, default_lanes()).await?,
     };
-    let opts = rotate_options(
+    let mut opts = rotate_options(
         &args.life,
         &spec,
         lanes,
         args.batch_size as usize,
-        args.grace,
+        Duration::ZERO,
         args.quiet,
     );
+    opts.grace = args.grace;
+    opts.no_wait = args.no_wait;
+    opts.intent = if args.abort {
+        Intent::Abort
+    } else if args.new {
+        Intent::New
+    } else {
+        Intent::Continue
+    };
     let _signals = crate::control::signals::stop_on_signals(&opts.settings.stop, None);
     let p = rotation::rotate(&spec, &db, &mut client, &opts).await?;
     Ok(report(&args.life, &spec, &p))

@@ -2,7 +2,9 @@
 //! retire, each step recorded and audited. Uses the engine, the state and
 //! the secret stores; nothing below imports from here.
 
+pub mod abort;
 pub mod audit;
+pub mod forward;
 pub mod retire;
 pub mod rotation;
 pub mod steps;

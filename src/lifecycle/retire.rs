@@ -63,6 +63,7 @@ pub async fn retire(
             lines: vec![format!("refusing to retire key {old}: {notes}")],
             events: vec!["retire_refused".into()],
             step: None,
+            rotation: None,
         });
     }
     let compromised = opts.compromised;
@@ -85,11 +86,15 @@ pub async fn retire(
             },
         )
         .await?;
-    let mut lines = vec![if compromised {
+    let mut lines = Vec::new();
+    if crate::state::rotations::old_key_retired(client, &job.name, old).await? {
+        lines.push(format!("the rotation that replaced key {old} is complete"));
+    }
+    lines.push(if compromised {
         format!("retired key {old} and destroyed its material (compromise)")
     } else {
         format!("retired key {old}; `rekey secrets restore --key-id {old}` brings it back until it is purged (`rekey secrets purge`, or {} after retiring)", humantime::format_duration(crate::secrets::ARCHIVE_RETENTION))
-    }];
+    });
     applied.tell(
         &mut lines,
         "make these changes where the application's environment is set:",
@@ -99,5 +104,6 @@ pub async fn retire(
         lines,
         events: vec!["key_retired".into()],
         step: None,
+        rotation: None,
     })
 }

@@ -1,65 +1,118 @@
 //! `rekey rotate`: the procedures users follow by hand, as one resumable
-//! command.
+//! command, with a stop wherever the operator has something to do.
 //!
-//! stage -> run -> verify -> promote -> (after the grace period, on a later
-//! invocation) retire. Where the rotation stands is kept in `rekey.rotations`,
-//! so a second invocation continues from the step the first one reached;
-//! every step is idempotent and writes one audit event. For the environment,
-//! which rekey cannot write, a step that changes keys prints the variable
-//! changes to make and stops; the next invocation checks they were made.
+//! stage -> (the operator redeploys so applications read both keys) -> run
+//! -> verify -> promote -> (after the grace period) retire. Where the
+//! rotation stands is kept in `rekey.rotations`, so a later invocation
+//! continues from the step the last one reached; every step is idempotent
+//! and writes one audit event. An invocation that stops for the operator
+//! ends [`Ended::Waiting`] and says for what ([`Wait`]); only a rotation
+//! that is over ends [`Ended::Done`]. A finished rotation is not followed
+//! by another unless asked for ([`Intent::New`]); one not yet promoted can
+//! be cancelled ([`Intent::Abort`], in `abort`).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
 use tokio_postgres::Client;
 
 use crate::crypto::keyring::{Key, KeyId};
-use crate::crypto::keytable::{now, rfc3339, KeyState};
+use crate::crypto::keytable::rfc3339;
 use crate::db::Database;
 use crate::engine::pipeline::Settings;
-use crate::engine::rewrite::{rewrite, RunControl};
-use crate::engine::verify::{self, Depth};
-use crate::job::{Job, JobSpec};
+use crate::job::JobSpec;
 use crate::lifecycle::audit::{Audit, What};
 use crate::lifecycle::steps;
-use crate::observe::counts::LiveCounts;
 use crate::secrets::{KeysSpec, Store};
 use crate::state::rotations::{self, NewRotation, Rotation, Step};
 use crate::state::{self, lock_lifecycle};
 use crate::Error;
 
-use super::retire::retire;
+use super::{abort, forward};
+
+/// The grace period of a rotation started without `--grace`.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
+
+/// What the operator asked `rekey rotate` to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intent {
+    /// Continue the rotation in progress; start one only if the job never had one.
+    Continue,
+    /// Start the next rotation (the last one is over).
+    New,
+    /// Cancel the rotation in progress (before promotion).
+    Abort,
+}
 
 /// How a rotation runs.
 #[derive(Debug, Clone)]
 pub struct RotateOptions {
     /// Who, and why, for the audit trail.
     pub audit: Audit,
-    /// How long the old key stays after promotion.
-    pub grace: Duration,
+    /// How long the old key stays after promotion, when given (it then
+    /// replaces what the rotation recorded, at any step).
+    pub grace: Option<Duration>,
     /// Print new key values for the environment (on a terminal only).
     pub reveal: bool,
     /// Pipeline settings for the re-encryption.
     pub settings: Settings,
     /// No progress line.
     pub quiet: bool,
-    /// The key is retired because it was compromised: its material is
-    /// destroyed at once (after the full verify), not archived.
+    /// The key is retired because it was compromised: no grace period, and
+    /// its material is destroyed at once (after the full verify), not archived.
     pub compromised: bool,
+    /// After staging, go on at once instead of stopping for the deployment
+    /// (`--no-wait`: the applications already read the pending key).
+    pub no_wait: bool,
+    /// Continue, start the next rotation, or cancel.
+    pub intent: Intent,
+}
+
+/// What an invocation stopped for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// The new key is staged: redeploy so applications read both keys.
+    Deploy,
+    /// Rekey cannot write the environment: make the changes printed.
+    Environment,
+    /// The old key stays until the grace period ends (Unix seconds).
+    Grace(u64),
+}
+
+impl Wait {
+    /// The word `--json` gives.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Wait::Deploy => "deploy",
+            Wait::Environment => "environment",
+            Wait::Grace(_) => "grace_period",
+        }
+    }
 }
 
 /// How an invocation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ended {
-    /// The rotation is over, or went as far as it may for now.
+    /// The rotation is over (or the step asked for is done).
     Done,
-    /// Waiting for the operator: environment changes, or the grace period.
-    Waiting,
+    /// Waiting for the operator, or for the grace period.
+    Waiting(Wait),
     /// Stopped on request during the re-encryption; resumable.
     Stopped,
     /// Values are still on an old key, or undecryptable.
     NotVerified,
+}
+
+impl Ended {
+    /// The word `--json` gives.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ended::Done => "done",
+            Ended::Waiting(_) => "waiting",
+            Ended::Stopped => "stopped",
+            Ended::NotVerified => "not_verified",
+        }
+    }
 }
 
 /// What a rotate invocation did and where it stopped.
@@ -72,17 +125,49 @@ pub struct Progressed {
     pub events: Vec<String>,
     /// The step the rotation stands at.
     pub step: Option<Step>,
+    /// The rotation, when there is one.
+    pub rotation: Option<RotationInfo>,
+}
+
+/// The rotation an invocation worked on, for `--json`.
+#[derive(Debug, Clone, Copy)]
+pub struct RotationInfo {
+    /// `rotation_id`.
+    pub id: i64,
+    /// The key rotated from.
+    pub old_key: Option<KeyId>,
+    /// The key rotated to.
+    pub new_key: KeyId,
+    /// Seconds the old key stays after promotion.
+    pub grace_s: i64,
 }
 
 impl Progressed {
     /// The `--json` object.
     pub fn json(&self, job: &str) -> serde_json::Value {
-        json!({ "job": job, "step": self.step.map(Step::as_str), "events": self.events, "messages": self.lines })
+        let (waiting_for, retire_after) = match self.ended {
+            Ended::Waiting(w @ Wait::Grace(at)) => (Some(w.as_str()), Some(rfc3339(at))),
+            Ended::Waiting(w) => (Some(w.as_str()), None),
+            _ => (None, None),
+        };
+        json!({
+            "job": job,
+            "step": self.step.map(Step::as_str),
+            "ended": self.ended.as_str(),
+            "waiting_for": waiting_for,
+            "retire_after": retire_after,
+            "rotation": self.rotation.map(|r| r.id),
+            "old_key": self.rotation.and_then(|r| r.old_key),
+            "new_key": self.rotation.map(|r| r.new_key),
+            "grace_s": self.rotation.map(|r| r.grace_s),
+            "events": self.events,
+            "messages": self.lines,
+        })
     }
 }
 
 /// The fingerprint of key `id` in the store, if it holds its material.
-fn fingerprint_of(store: &Store, id: KeyId) -> Option<String> {
+pub(crate) fn fingerprint_of(store: &Store, id: KeyId) -> Option<String> {
     store
         .table()
         .entries
@@ -107,33 +192,49 @@ pub fn job_keys(spec: &JobSpec) -> Result<KeysSpec, Error> {
 }
 
 /// One invocation's record: lines for the operator and audit events written.
-struct Log {
-    lines: Vec<String>,
-    events: Vec<String>,
+#[derive(Default)]
+pub(crate) struct Log {
+    pub lines: Vec<String>,
+    pub events: Vec<String>,
+    pub rotation: Option<RotationInfo>,
 }
 
 impl Log {
     /// Ends the invocation at `step`.
-    fn end(self, ended: Ended, step: Step) -> Progressed {
+    pub fn end(self, ended: Ended, step: Step) -> Progressed {
         Progressed {
             ended,
             lines: self.lines,
             events: self.events,
             step: Some(step),
+            rotation: self.rotation,
         }
+    }
+
+    /// Records the audit event `what` and notes it.
+    pub async fn record(
+        &mut self,
+        audit: &Audit,
+        client: &Client,
+        what: What<'_>,
+    ) -> Result<(), Error> {
+        audit.record(client, what).await?;
+        self.events.push(what.event_type.into());
+        Ok(())
     }
 }
 
 /// What every step needs.
-struct Ctx<'a> {
-    spec: &'a JobSpec,
-    keys: &'a KeysSpec,
-    db: &'a Database,
-    opts: &'a RotateOptions,
+pub(crate) struct Ctx<'a> {
+    pub spec: &'a JobSpec,
+    pub keys: &'a KeysSpec,
+    pub db: &'a Database,
+    pub opts: &'a RotateOptions,
+    pub name: &'a str,
 }
 
 /// Runs the rotation from wherever it stands until it finishes, waits for
-/// the operator (environment changes, grace period), or fails.
+/// the operator (deployment, environment changes, grace period), or fails.
 pub async fn rotate(
     spec: &JobSpec,
     db: &Database,
@@ -149,30 +250,48 @@ pub async fn rotate(
         keys: &keys,
         db,
         opts,
+        name: &name,
     };
-    let mut log = Log {
-        lines: Vec::new(),
-        events: Vec::new(),
-    };
+    let mut log = Log::default();
+    let mut intent = opts.intent;
     loop {
         let rotation = rotations::open_rotation(client, &name).await?;
         let mut store = Store::open(&keys).await?;
-        let Some(rot) = rotation else {
-            if !stage_new(&cx, client, &mut store, &name, &mut log).await? {
-                return Ok(log.end(Ended::Waiting, Step::Staged));
+        let Some(mut rot) = rotation else {
+            if let Some(over) = nothing_open(&cx, client, intent, &mut log).await? {
+                return Ok(over);
             }
-            continue;
+            let wait = stage_new(&cx, client, &mut store, &mut log).await?;
+            // the rotation asked for is started: what follows continues it
+            intent = Intent::Continue;
+            match wait {
+                Some(w) => return Ok(log.end(Ended::Waiting(w), Step::Staged)),
+                None => continue,
+            }
         };
-        check_staged_key(client, &store, &rot).await?;
+        adjust(&cx, client, &mut rot, &mut log).await?;
+        log.rotation = Some(info(&rot));
+        if intent == Intent::New {
+            return Err(Error::Config(format!(
+                "rotation {} of job {name} is in progress (step {}): continue it with `rekey rotate`, or cancel it with `rekey rotate --abort`",
+                rot.id,
+                rot.step.as_str()
+            )));
+        }
+        if intent == Intent::Abort || rot.step == Step::Aborting {
+            return abort::abort(&cx, client, &mut store, &rot, log).await;
+        }
+        forward::check_staged_key(client, &store, &rot).await?;
         let next = match rot.step {
-            Step::Staged => ran(&cx, client, &store, &rot, &mut log).await?,
-            Step::Ran => verified(&cx, client, &store, &rot, &mut log).await?,
-            Step::Verified => promoted(&cx, client, &mut store, &rot, &mut log).await?,
-            Step::Promoted => return retired(&cx, client, &mut store, &rot, log).await,
-            Step::Retired | Step::RolledBack => {
+            Step::Staged => forward::ran(&cx, client, &store, &rot, &mut log).await?,
+            Step::Ran => forward::verified(&cx, client, &store, &rot, &mut log).await?,
+            Step::Verified => forward::promoted(&cx, client, &mut store, &rot, &mut log).await?,
+            Step::Promoted => return forward::retired(&cx, client, &mut store, &rot, log).await,
+            Step::Retired | Step::RolledBack | Step::Aborting => {
                 return Err(Error::Runtime(format!(
-                    "rotation {} is over but was read as in progress",
-                    rot.id
+                    "rotation {} is at step {} but was read as going forward",
+                    rot.id,
+                    rot.step.as_str()
                 )))
             }
         };
@@ -182,15 +301,111 @@ pub async fn rotate(
     }
 }
 
-/// Stages a new key and records the rotation; false when the operator must
-/// first make the environment changes printed.
+/// With no rotation in progress: the answer, unless a new one should start.
+async fn nothing_open(
+    cx: &Ctx<'_>,
+    client: &Client,
+    intent: Intent,
+    log: &mut Log,
+) -> Result<Option<Progressed>, Error> {
+    if intent == Intent::Abort {
+        return Err(Error::Config(format!(
+            "job {} has no rotation in progress to abort",
+            cx.name
+        )));
+    }
+    let Some(last) = rotations::last_finished(client, cx.name).await? else {
+        // a job's first rotation starts without --new
+        return Ok(None);
+    };
+    if intent == Intent::New {
+        return Ok(None);
+    }
+    let how = match last.step {
+        Step::RolledBack => "was rolled back".to_string(),
+        _ => format!("is complete (key {} current)", last.new_key),
+    };
+    log.lines.push(format!(
+        "rotation {} {how}, ended {}; start the next one with `rekey rotate --new`",
+        last.id, last.finished_at
+    ));
+    Ok(Some(std::mem::take(log).end(Ended::Done, last.step)))
+}
+
+/// Applies what this invocation changes in a rotation in progress: a
+/// `--grace` given now, or the switch to compromise mode.
+async fn adjust(
+    cx: &Ctx<'_>,
+    client: &Client,
+    rot: &mut Rotation,
+    log: &mut Log,
+) -> Result<(), Error> {
+    if cx.opts.compromised && rot.reason != "compromise" {
+        rotations::set_compromised(client, rot.id).await?;
+        rot.reason = "compromise".into();
+        rot.grace_s = 0;
+        log.lines.push(format!(
+            "rotation {} is now a compromise rotation: no grace period, and the old key's material is destroyed when it is retired",
+            rot.id
+        ));
+    }
+    if let Some(g) = cx.opts.grace {
+        let g = grace_s(cx.opts, g)?;
+        if g != rot.grace_s {
+            rotations::set_grace(client, rot.id, g).await?;
+            log.lines.push(format!(
+                "grace period set to {} (was {})",
+                human(g),
+                human(rot.grace_s)
+            ));
+            rot.grace_s = g;
+        }
+    }
+    Ok(())
+}
+
+/// The grace period in seconds; a compromise rotation has none.
+fn grace_s(opts: &RotateOptions, g: Duration) -> Result<i64, Error> {
+    if opts.compromised && !g.is_zero() {
+        return Err(Error::Config(
+            "a compromise rotation has no grace period: the compromised key is retired as soon as a full verify shows no value needs it; drop --grace".into(),
+        ));
+    }
+    i64::try_from(g.as_secs()).map_err(|_| {
+        Error::Config(format!(
+            "--grace {} is too long",
+            humantime::format_duration(g)
+        ))
+    })
+}
+
+/// Seconds as a duration an operator reads.
+pub(crate) fn human(s: i64) -> String {
+    humantime::format_duration(Duration::from_secs(s.max(0).unsigned_abs())).to_string()
+}
+
+fn info(rot: &Rotation) -> RotationInfo {
+    RotationInfo {
+        id: rot.id,
+        old_key: rot.old_key,
+        new_key: rot.new_key,
+        grace_s: rot.grace_s,
+    }
+}
+
+/// Stages a new key and records the rotation; says what it waits for,
+/// if anything, before the rotation can go on.
 async fn stage_new(
     cx: &Ctx<'_>,
     client: &Client,
     store: &mut Store,
-    name: &str,
     log: &mut Log,
-) -> Result<bool, Error> {
+) -> Result<Option<Wait>, Error> {
+    let grace = if cx.opts.compromised {
+        grace_s(cx.opts, cx.opts.grace.unwrap_or_default())?
+    } else {
+        grace_s(cx.opts, cx.opts.grace.unwrap_or(DEFAULT_GRACE))?
+    };
     let secret_id = store.secret_id();
     let old = steps::current(store);
     let (id, applied) = steps::stage(store, cx.opts.reveal).await?;
@@ -204,258 +419,50 @@ async fn stage_new(
     rotations::start_rotation(
         client,
         &NewRotation {
-            job_name: name,
+            job_name: cx.name,
             reason: &audit.reason,
             operator: &audit.operator,
             secret_id: &secret_id,
             old_key: old,
             new_key: id,
-            grace_s: cx.opts.grace.as_secs() as i64,
+            grace_s: grace,
             new_fingerprint: fingerprint.as_deref(),
         },
     )
     .await?;
-    audit
-        .record(
-            client,
-            What {
-                event_type: "key_staged",
-                secret_id: &format!("{secret_id}#{id}"),
-                verification_status: "not_applicable",
-                affected_records: None,
-                notes: &format!("key {id} staged as pending"),
-                job_id: None,
-            },
-        )
-        .await?;
-    log.events.push("key_staged".into());
-    log.lines.push(format!("staged key {id} as pending"));
-    applied.tell(&mut log.lines, "make these changes where the application's environment is set, then run `rekey rotate` again:");
-    Ok(applied.instructions.is_empty())
-}
-
-/// Refuses a staged key that was changed by hand; records its fingerprint once known.
-async fn check_staged_key(client: &Client, store: &Store, rot: &Rotation) -> Result<(), Error> {
-    let Some(found) = fingerprint_of(store, rot.new_key) else {
-        return Ok(());
-    };
-    match &rot.new_fingerprint {
-        Some(staged) if *staged != found => Err(Error::Config(format!(
-            "key {} in {} is not the key this rotation staged (fingerprint {found}, staged {staged}): it was changed by hand; \
-             restore it, or roll back with `rekey secrets rollback`",
-            rot.new_key,
-            store.secret_id()
-        ))),
-        Some(_) => Ok(()),
-        None => rotations::set_fingerprint(client, rot.id, &found).await,
+    if let Some(rot) = rotations::open_rotation(client, cx.name).await? {
+        log.rotation = Some(info(&rot));
     }
-}
-
-/// Staged -> ran (`None`: go on to the next step): re-encrypts every value under the staged key.
-async fn ran(
-    cx: &Ctx<'_>,
-    client: &mut Client,
-    store: &Store,
-    rot: &Rotation,
-    log: &mut Log,
-) -> Result<Option<(Ended, Step)>, Error> {
-    let secret_id = store.secret_id();
-    if store.table().id_in(KeyState::Pending) != Some(rot.new_key)
-        && store.table().id_in(KeyState::Current) != Some(rot.new_key)
-    {
-        return Err(Error::Config(format!(
-            "key {} is not staged in {secret_id} yet: make the changes `rekey rotate` printed (for the environment: {p}_KEY_V{n}=<key> and {p}_PENDING_VERSION={n}), then run it again",
-            rot.new_key,
-            p = cx.keys.prefix,
-            n = rot.new_key
-        )));
-    }
-    let job = Arc::new(Job::resolve(cx.spec, client).await?);
-    verify::preflight(client, &job).await?;
-    let control = RunControl {
-        quiet: cx.opts.quiet,
-        ..Default::default()
-    };
-    let (outcome, record) = rewrite(
-        cx.db,
+    log.record(
+        audit,
         client,
-        &job,
-        cx.opts.settings.clone(),
-        control,
-        Arc::new(LiveCounts::default()),
+        What {
+            event_type: "key_staged",
+            secret_id: &format!("{secret_id}#{id}"),
+            verification_status: "not_applicable",
+            affected_records: None,
+            notes: &format!("key {id} staged as pending"),
+            job_id: None,
+        },
     )
     .await?;
-    if outcome.stopped {
-        log.lines
-            .push("stopped during re-encryption; run `rekey rotate` again to resume".into());
-        return Ok(Some((Ended::Stopped, Step::Staged)));
-    }
-    let totals = record.prior;
-    state::finish_job(
-        client,
-        record.id,
-        &json!({ "rotation": rot.id, "job_totals": totals }),
-    )
-    .await?;
-    rotations::set_step(client, rot.id, Step::Ran).await?;
-    let notes = format!(
-        "{} values re-encrypted under key {}, {} quarantined",
-        totals.values_rewritten, rot.new_key, totals.values_failed
-    );
-    let key_ref = format!("{secret_id}#{}", rot.new_key);
-    cx.opts
-        .audit
-        .record(
-            client,
-            What {
-                event_type: "reencryption_completed",
-                secret_id: &key_ref,
-                verification_status: "pending",
-                affected_records: Some(totals.values_rewritten),
-                notes: &notes,
-                job_id: Some(record.id),
-            },
-        )
-        .await?;
-    log.events.push("reencryption_completed".into());
-    log.lines.push(notes);
-    Ok(None)
-}
-
-/// Ran -> verified: proves no value is left on an old key (else back to staged).
-async fn verified(
-    cx: &Ctx<'_>,
-    client: &Client,
-    store: &Store,
-    rot: &Rotation,
-    log: &mut Log,
-) -> Result<Option<(Ended, Step)>, Error> {
-    let key_ref = format!("{}#{}", store.secret_id(), rot.new_key);
-    let job = Arc::new(Job::resolve(cx.spec, client).await?);
-    let depth = Depth {
-        full: false,
-        sample: 1000,
-        lanes: cx.opts.settings.lanes,
-    };
-    let v = verify::verify(cx.db, client, &job, depth, cx.opts.quiet).await?;
-    let audit = &cx.opts.audit;
-    if !v.verified {
-        rotations::set_step(client, rot.id, Step::Staged).await?;
-        let notes = format!(
-            "{} values on old keys, {} undecryptable",
-            v.values_on_old_keys, v.values_undecryptable
+    log.lines.push(format!(
+        "staged key {id} as pending in {secret_id} (grace period after promotion: {})",
+        human(grace)
+    ));
+    if !applied.instructions.is_empty() {
+        applied.tell(
+            &mut log.lines,
+            "make these changes where the application's environment is set, redeploy so applications read both keys, then run `rekey rotate` again:",
         );
-        audit
-            .record(
-                client,
-                What {
-                    event_type: "verification_failed",
-                    secret_id: &key_ref,
-                    verification_status: "failed",
-                    affected_records: Some(v.values_total),
-                    notes: &notes,
-                    job_id: None,
-                },
-            )
-            .await?;
-        log.events.push("verification_failed".into());
-        log.lines.push(format!("verification failed: {notes}; inspect rekey.quarantine, fix, and run `rekey rotate` again (it re-runs the re-encryption)"));
-        return Ok(Some((Ended::NotVerified, Step::Staged)));
+        return Ok(Some(Wait::Environment));
     }
-    rotations::set_step(client, rot.id, Step::Verified).await?;
-    let notes = format!("all {} values under key {}", v.values_total, rot.new_key);
-    audit
-        .record(
-            client,
-            What {
-                event_type: "verification_passed",
-                secret_id: &key_ref,
-                verification_status: "passed",
-                affected_records: Some(v.values_total),
-                notes: &notes,
-                job_id: None,
-            },
-        )
-        .await?;
-    log.events.push("verification_passed".into());
-    log.lines.push(format!("verified: {notes}"));
-    Ok(None)
-}
-
-/// Verified -> promoted: the new key becomes current.
-async fn promoted(
-    cx: &Ctx<'_>,
-    client: &Client,
-    store: &mut Store,
-    rot: &Rotation,
-    log: &mut Log,
-) -> Result<Option<(Ended, Step)>, Error> {
-    let key_ref = format!("{}#{}", store.secret_id(), rot.new_key);
-    let applied = steps::promote(store, cx.opts.reveal).await?;
-    rotations::set_step(client, rot.id, Step::Promoted).await?;
-    let notes = format!(
-        "key {} is current; key {} is previous",
-        rot.new_key,
-        rot.old_key.map_or("-".into(), |k| k.to_string())
-    );
-    cx.opts
-        .audit
-        .record(
-            client,
-            What {
-                event_type: "key_promoted",
-                secret_id: &key_ref,
-                verification_status: "passed",
-                affected_records: None,
-                notes: &notes,
-                job_id: None,
-            },
-        )
-        .await?;
-    log.events.push("key_promoted".into());
-    log.lines
-        .push(format!("promoted key {} to current", rot.new_key));
-    applied.tell(
-        &mut log.lines,
-        "make these changes where the application's environment is set:",
-    );
-    Ok((!applied.instructions.is_empty()).then_some((Ended::Waiting, Step::Promoted)))
-}
-
-/// Promoted -> retired, once the grace period is over.
-async fn retired(
-    cx: &Ctx<'_>,
-    client: &Client,
-    store: &mut Store,
-    rot: &Rotation,
-    mut log: Log,
-) -> Result<Progressed, Error> {
-    if store.table().id_in(KeyState::Current) != Some(rot.new_key) {
-        return Err(Error::Config(format!(
-            "key {} is not current in {} yet: make the changes `rekey rotate` printed (for the environment: {}_CURRENT_VERSION={}), then run it again",
-            rot.new_key,
-            store.secret_id(),
-            cx.keys.prefix,
-            rot.new_key
-        )));
+    if cx.opts.no_wait {
+        return Ok(None);
     }
-    let Some(old) = rot.old_key else {
-        rotations::set_step(client, rot.id, Step::Retired).await?;
-        return Ok(log.end(Ended::Done, Step::Retired));
-    };
-    // promoted_at is set with the step; if it were missing, the grace period starts now
-    let due = rot.promoted_at_s.unwrap_or(now() as i64) + rot.grace_s;
-    if (now() as i64) < due {
-        log.lines.push(format!("key {old} stays as previous for the grace period; run `rekey rotate` again after {} to retire it", rfc3339(due as u64)));
-        return Ok(log.end(Ended::Waiting, Step::Promoted));
-    }
-    let job = Arc::new(Job::resolve(cx.spec, client).await?);
-    let outcome = retire(cx.db, client, &job, store, old, cx.opts).await?;
-    log.lines.extend(outcome.lines);
-    log.events.extend(outcome.events);
-    if outcome.ended != Ended::Done {
-        return Ok(log.end(outcome.ended, Step::Promoted));
-    }
-    rotations::set_step(client, rot.id, Step::Retired).await?;
-    Ok(log.end(Ended::Done, Step::Retired))
+    log.lines.push(format!(
+        "next: redeploy the applications so they read the pending key {id} as well as the current one, then run `rekey rotate` again to re-encrypt \
+         (`--no-wait` goes on at once, for applications that already read the pending key)"
+    ));
+    Ok(Some(Wait::Deploy))
 }

@@ -48,6 +48,22 @@ pub async fn open_job(
     Ok(opened)
 }
 
+/// The key set an unfinished job of this name was started with, if one is
+/// unfinished (compare with [`Job::describe_keys`]).
+pub async fn unfinished_job_keys(
+    client: &Client,
+    name: &str,
+) -> Result<Option<serde_json::Value>, Error> {
+    let row = client
+        .query_opt(
+            "SELECT keys FROM rekey.jobs WHERE name = $1 AND state = 'running'",
+            &[&name],
+        )
+        .await
+        .ctx(|| format!("reading job {name:?}"))?;
+    Ok(row.map(|r| r.get(0)))
+}
+
 async fn open_job_locked(
     client: &mut Client,
     job: &Job,

@@ -22,6 +22,9 @@ pub enum Step {
     Retired,
     /// The rotation was rolled back: over.
     RolledBack,
+    /// `rotate --abort`: the staged key is un-staged and values are being
+    /// rewritten back to the old key; ends as rolled back.
+    Aborting,
 }
 
 impl Step {
@@ -34,6 +37,7 @@ impl Step {
             Step::Promoted => "promoted",
             Step::Retired => "retired",
             Step::RolledBack => "rolled_back",
+            Step::Aborting => "aborting",
         }
     }
 
@@ -45,6 +49,7 @@ impl Step {
             "promoted" => Step::Promoted,
             "retired" => Step::Retired,
             "rolled_back" => Step::RolledBack,
+            "aborting" => Step::Aborting,
             other => return Err(Error::Runtime(format!("rekey.rotations holds step {other:?}, which rekey never writes; the engine state was edited by hand"))),
         })
     }
@@ -67,6 +72,21 @@ pub struct Rotation {
     pub promoted_at_s: Option<i64>,
     /// The staged key's fingerprint, once known.
     pub new_fingerprint: Option<String>,
+    /// Why it was started (the compromise reason changes the procedure).
+    pub reason: String,
+}
+
+/// The last rotation of a job that is over.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    /// `rotation_id`.
+    pub id: i64,
+    /// Retired or rolled back.
+    pub step: Step,
+    /// The key it rotated to.
+    pub new_key: KeyId,
+    /// When it ended (RFC 3339).
+    pub finished_at: String,
 }
 
 /// What a new rotation records.
@@ -94,20 +114,13 @@ pub struct NewRotation<'a> {
 pub async fn open_rotation(client: &Client, name: &str) -> Result<Option<Rotation>, Error> {
     let row = client
         .query_opt(
-            "SELECT rotation_id, step, old_key, new_key, grace_s, floor(extract(epoch FROM promoted_at))::bigint, new_fingerprint
+            "SELECT rotation_id, step, old_key, new_key, grace_s, floor(extract(epoch FROM promoted_at))::bigint, new_fingerprint, reason
                FROM rekey.rotations WHERE job_name = $1 AND step NOT IN ('retired', 'rolled_back')",
             &[&name],
         )
         .await
         .ctx(|| "reading the rotation in progress".into())?;
     let Some(r) = row else { return Ok(None) };
-    let key = |v: i64| {
-        KeyId::try_from(v).map_err(|_| {
-            Error::Runtime(format!(
-                "rekey.rotations holds key id {v}, which is not a key id"
-            ))
-        })
-    };
     Ok(Some(Rotation {
         id: r.get(0),
         step: Step::stored(r.get(1))?,
@@ -116,7 +129,78 @@ pub async fn open_rotation(client: &Client, name: &str) -> Result<Option<Rotatio
         grace_s: r.get(4),
         promoted_at_s: r.get(5),
         new_fingerprint: r.get(6),
+        reason: r.get(7),
     }))
+}
+
+/// A key id read back from `rekey.rotations`.
+fn key(v: i64) -> Result<KeyId, Error> {
+    KeyId::try_from(v).map_err(|_| {
+        Error::Runtime(format!(
+            "rekey.rotations holds key id {v}, which is not a key id"
+        ))
+    })
+}
+
+/// The most recent rotation of job `name` that is over, if any.
+pub async fn last_finished(client: &Client, name: &str) -> Result<Option<Finished>, Error> {
+    let row = client
+        .query_opt(
+            "SELECT rotation_id, step, new_key, to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
+               FROM rekey.rotations WHERE job_name = $1 AND step IN ('retired', 'rolled_back')
+              ORDER BY rotation_id DESC LIMIT 1",
+            &[&name],
+        )
+        .await
+        .ctx(|| "reading the last rotation".into())?;
+    let Some(r) = row else { return Ok(None) };
+    Ok(Some(Finished {
+        id: r.get(0),
+        step: Step::stored(r.get(1))?,
+        new_key: key(r.get(2))?,
+        finished_at: r
+            .get::<_, Option<String>>(3)
+            .unwrap_or_else(|| "an unrecorded time".into()),
+    }))
+}
+
+/// Sets how long rotation `id` keeps its old key after promotion.
+pub async fn set_grace(client: &Client, id: i64, grace_s: i64) -> Result<(), Error> {
+    client
+        .execute(
+            "UPDATE rekey.rotations SET grace_s = $2, updated_at = now() WHERE rotation_id = $1",
+            &[&id, &grace_s],
+        )
+        .await
+        .ctx(|| "recording the grace period".into())?;
+    Ok(())
+}
+
+/// Turns rotation `id` into a compromise rotation: no grace period.
+pub async fn set_compromised(client: &Client, id: i64) -> Result<(), Error> {
+    client
+        .execute(
+            "UPDATE rekey.rotations SET reason = 'compromise', grace_s = 0, updated_at = now() WHERE rotation_id = $1",
+            &[&id],
+        )
+        .await
+        .ctx(|| "recording the compromise".into())?;
+    Ok(())
+}
+
+/// Ends the rotation of job `name` that is waiting to retire key `old`,
+/// once that key was retired outside `rekey rotate` (`rekey secrets
+/// retire`); true when there was one.
+pub async fn old_key_retired(client: &Client, name: &str, old: KeyId) -> Result<bool, Error> {
+    let n = client
+        .execute(
+            "UPDATE rekey.rotations SET step = 'retired', finished_at = now(), updated_at = now()
+              WHERE job_name = $1 AND old_key = $2 AND step = 'promoted'",
+            &[&name, &i64::from(old)],
+        )
+        .await
+        .ctx(|| "recording the retirement in the rotation".into())?;
+    Ok(n > 0)
 }
 
 /// Records a rotation that has just staged its key.

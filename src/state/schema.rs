@@ -17,6 +17,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
         include_str!("../../sql/005_leases_control_key_usage.sql"),
     ),
     (6, include_str!("../../sql/006_not_rotated.sql")),
+    (7, include_str!("../../sql/007_rotation_abort.sql")),
 ];
 
 /// Creates or upgrades schema `rekey`. Safe to run from several processes

@@ -18,7 +18,15 @@ fn table(path: &std::path::Path) -> KeyTable {
 fn rotated_and_retired(job: &str, reason: &str) -> std::process::Output {
     rekey(
         &[
-            "rotate", "--job", job, "--grace", "0s", "--reason", reason, "--json",
+            "rotate",
+            "--job",
+            job,
+            "--grace",
+            "0s",
+            "--reason",
+            reason,
+            "--json",
+            "--no-wait",
         ],
         &keyring_pass_env(),
     )

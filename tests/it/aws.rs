@@ -97,10 +97,13 @@ async fn a_full_rotation_moves_versions_through_the_staging_labels() {
     assert_eq!(labels(&secret).len(), 2);
 
     // testSecret (run + verify) and finishSecret
-    let out = rekey(&["rotate", "--job", &job, "--json"], &aws_env());
+    let out = rekey(
+        &["rotate", "--job", &job, "--json", "--no-wait"],
+        &aws_env(),
+    );
     assert_eq!(
         (out.status.code(), json(&out)["step"].as_str()),
-        (Some(0), Some("promoted")),
+        (Some(6), Some("promoted")),
         "{}",
         printed(&out)
     );
@@ -179,6 +182,7 @@ async fn a_rotation_killed_before_promote_resumes_and_rollback_restores_the_prev
         "--job",
         job.as_str(),
         "--json",
+        "--no-wait",
         "--batch-size",
         "200",
     ];
@@ -195,7 +199,7 @@ async fn a_rotation_killed_before_promote_resumes_and_rollback_restores_the_prev
     let out = rekey(&args, &aws_env());
     assert_eq!(
         (out.status.code(), json(&out)["step"].as_str()),
-        (Some(0), Some("promoted")),
+        (Some(6), Some("promoted")),
         "{}",
         printed(&out)
     );
@@ -286,10 +290,10 @@ async fn kms_wrapped_data_keys_rotate_and_only_wrapped_keys_are_stored() {
     );
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
 
-    let out = rekey(&["rotate", "--job", &j, "--json"], &aws_env());
+    let out = rekey(&["rotate", "--job", &j, "--json", "--no-wait"], &aws_env());
     assert_eq!(
         (out.status.code(), json(&out)["step"].as_str()),
-        (Some(0), Some("promoted")),
+        (Some(6), Some("promoted")),
         "{}",
         printed(&out)
     );

@@ -311,12 +311,13 @@ async fn retire_under_row_security_is_refused(form: Rls) {
             "--database-url",
             &owner_url,
             "--json",
+            "--no-wait",
         ],
         &keyring_pass_env(),
     );
     assert_eq!(
         (out.status.code(), json(&out)["step"].as_str()),
-        (Some(0), Some("promoted")),
+        (Some(6), Some("promoted")),
         "{}",
         printed(&out)
     );

@@ -47,11 +47,21 @@ async fn rotate_with_a_keyring_file_runs_the_whole_procedure_with_an_audit_trail
     let (job, keyring) = keyring_file_job(&db, &dir);
 
     let out = rekey(
-        &["rotate", "--job", &job, "--operator", "alice", "--json"],
+        &[
+            "rotate",
+            "--job",
+            &job,
+            "--operator",
+            "alice",
+            "--json",
+            "--no-wait",
+        ],
         &keyring_pass_env(),
     );
-    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    // promoted, and waiting for the grace period: not done
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
     assert_eq!(json(&out)["step"], "promoted");
+    assert_eq!(json(&out)["waiting_for"], "grace_period");
     assert_eq!(
         event_types(&dir),
         [
@@ -73,7 +83,7 @@ async fn rotate_with_a_keyring_file_runs_the_whole_procedure_with_an_audit_trail
     let out = rekey(&["rotate", "--job", &job, "--json"], &keyring_pass_env());
     assert_eq!(
         (out.status.code(), json(&out)["step"].as_str()),
-        (Some(0), Some("promoted")),
+        (Some(6), Some("promoted")),
         "{}",
         printed(&out)
     );
@@ -142,6 +152,7 @@ async fn a_rotation_killed_between_stage_and_promote_resumes() {
         "--job",
         job.as_str(),
         "--json",
+        "--no-wait",
         "--batch-size",
         "200",
     ];
@@ -158,7 +169,7 @@ async fn a_rotation_killed_between_stage_and_promote_resumes() {
     let out = rekey(&args, &keyring_pass_env());
     assert_eq!(
         (out.status.code(), json(&out)["step"].as_str()),
-        (Some(0), Some("promoted")),
+        (Some(6), Some("promoted")),
         "{}",
         printed(&out)
     );
@@ -186,10 +197,10 @@ async fn rollback_makes_the_previous_key_current_again() {
     let dir = tempfile::tempdir().unwrap();
     let (job, keyring) = keyring_file_job(&db, &dir);
     assert_eq!(
-        rekey(&["rotate", "--job", &job], &keyring_pass_env())
+        rekey(&["rotate", "--job", &job, "--no-wait"], &keyring_pass_env())
             .status
             .code(),
-        Some(0)
+        Some(6)
     );
     assert_eq!(keyring_table(&keyring).id_in(KeyState::Current), Some(2));
 
@@ -317,7 +328,7 @@ async fn rotate_with_environment_keys_prints_each_change_and_checks_it_was_made(
     ];
 
     let out = rekey(&["rotate", "--job", &j], &env);
-    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
     let said = printed(&out);
     assert!(
         said.contains("export ENCRYPTION_KEY_V2=<a new key")
@@ -333,7 +344,7 @@ async fn rotate_with_environment_keys_prints_each_change_and_checks_it_was_made(
     env.push(("ENCRYPTION_KEY_V2", K2.to_string()));
     env.push(("ENCRYPTION_PENDING_VERSION", "2".to_string()));
     let out = rekey(&["rotate", "--job", &j], &env);
-    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
     let said = printed(&out);
     assert!(
         said.contains("export ENCRYPTION_CURRENT_VERSION=2")
@@ -399,7 +410,7 @@ async fn a_staged_key_replaced_by_hand_stops_the_rotation() {
         Some(0)
     );
     let out = rekey(&["rotate", "--job", &job], &keyring_pass_env());
-    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
 
     // someone swaps key 2's material in the store
     let mut file = KeyringFile::open(&keyring, KEYRING_PASS.as_bytes(), "P").unwrap();

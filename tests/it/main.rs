@@ -16,6 +16,7 @@ mod lifecycle;
 mod online;
 mod replica;
 mod rotation;
+mod rotation_states;
 mod secrecy;
 mod server_faults;
 mod server_settings;

@@ -793,11 +793,12 @@ async fn state_schema_puts_the_engine_state_in_the_schema_named_for_rotate_and_s
             "--json",
             "--state-schema",
             "rekey_state",
+            "--no-wait",
         ],
         &keyring_pass_env(),
         Duration::from_secs(120),
     );
-    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
     assert_eq!(json(&out)["step"], "promoted", "{}", printed(&out));
     let rotations: i64 = db
         .client

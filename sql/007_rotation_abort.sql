@@ -1,0 +1,6 @@
+-- `rekey rotate --abort`: a rotation cancelled before promotion rewrites its
+-- values back to the old key before it ends as rolled back; `aborting` is the
+-- step it holds meanwhile, so a killed abort resumes.
+ALTER TABLE rekey.rotations DROP CONSTRAINT rotations_step_check;
+ALTER TABLE rekey.rotations ADD CONSTRAINT rotations_step_check
+    CHECK (step IN ('staged', 'ran', 'verified', 'promoted', 'retired', 'rolled_back', 'aborting'));

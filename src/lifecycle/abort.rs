@@ -1,0 +1,137 @@
+//! `rekey rotate --abort`: cancels a rotation before promotion. The staged
+//! key is un-staged (it stays readable, as values may be under it), every
+//! value is rewritten back to the old key, and once a full verify shows no
+//! value needs the staged key it is retired. The rotation holds step
+//! `aborting` meanwhile, so a killed or stopped abort resumes.
+
+use std::sync::Arc;
+
+use tokio_postgres::Client;
+
+use crate::crypto::keytable::KeyState;
+use crate::job::Job;
+use crate::lifecycle::audit::What;
+use crate::lifecycle::steps;
+use crate::secrets::Store;
+use crate::state::rotations::{self, Rotation, Step};
+use crate::Error;
+
+use super::forward::rewrite_all;
+use super::retire::retire;
+use super::rotation::{Ctx, Ended, Log, Progressed, Wait};
+
+/// Cancels rotation `rot`, or continues cancelling it.
+pub(crate) async fn abort(
+    cx: &Ctx<'_>,
+    client: &mut Client,
+    store: &mut Store,
+    rot: &Rotation,
+    mut log: Log,
+) -> Result<Progressed, Error> {
+    let new = rot.new_key;
+    let Some(old) = rot.old_key else {
+        return Err(Error::Config(format!(
+            "rotation {} started with no current key, so there is no key to go back to; finish it with `rekey rotate`",
+            rot.id
+        )));
+    };
+    if rot.step == Step::Promoted {
+        return Err(Error::Config(format!(
+            "rotation {} is already promoted: key {new} is current and applications write under it, so it cannot be aborted. \
+             To go back, make key {old} current with `rekey secrets rollback`, then rewrite the values with `rekey run`",
+            rot.id
+        )));
+    }
+    let secret_id = store.secret_id();
+    if rot.step != Step::Aborting {
+        let applied = if store.table().id_in(KeyState::Pending) == Some(new) {
+            steps::rollback(store, cx.opts.reveal).await?
+        } else {
+            steps::Applied::default()
+        };
+        rotations::set_step(client, rot.id, Step::Aborting).await?;
+        log.record(
+            &cx.opts.audit,
+            client,
+            What {
+                event_type: "rotation_abort_started",
+                secret_id: &format!("{secret_id}#{new}"),
+                verification_status: "not_applicable",
+                affected_records: None,
+                notes: &format!("key {new} un-staged; values go back to key {old}"),
+                job_id: None,
+            },
+        )
+        .await?;
+        log.lines.push(format!(
+            "aborting rotation {}: key {new} is no longer pending (it stays readable until no value needs it); key {old} stays current",
+            rot.id
+        ));
+        if !applied.instructions.is_empty() {
+            applied.tell(
+                &mut log.lines,
+                "make these changes where the application's environment is set, then run `rekey rotate --abort` again:",
+            );
+            return Ok(log.end(Ended::Waiting(Wait::Environment), Step::Aborting));
+        }
+    }
+    let table = store.table();
+    if table.id_in(KeyState::Pending) == Some(new) || table.id_in(KeyState::Current) != Some(old) {
+        return Err(Error::Config(format!(
+            "key {new} is still pending in {secret_id}, or key {old} is not current: make the changes printed \
+             (for the environment: unset {p}_PENDING_VERSION and keep {p}_CURRENT_VERSION={old}), then run `rekey rotate --abort` again",
+            p = cx.keys.prefix
+        )));
+    }
+    let staged = table
+        .entries
+        .iter()
+        .any(|e| e.id == new && e.state != KeyState::Retired);
+    if staged {
+        if !rewrite_all(
+            cx,
+            client,
+            rot,
+            &secret_id,
+            old,
+            "reencryption_reverted",
+            &mut log,
+        )
+        .await?
+        {
+            return Ok(log.end(Ended::Stopped, Step::Aborting));
+        }
+        // a full verify proves no value needs the staged key, then retires it
+        let job = Arc::new(Job::resolve(cx.spec, client).await?);
+        let mut opts = cx.opts.clone();
+        opts.compromised = false;
+        let outcome = retire(cx.db, client, &job, store, new, &opts).await?;
+        log.lines.extend(outcome.lines);
+        log.events.extend(outcome.events);
+        if outcome.ended != Ended::Done {
+            return Ok(log.end(outcome.ended, Step::Aborting));
+        }
+    }
+    rotations::set_step(client, rot.id, Step::RolledBack).await?;
+    log.record(
+        &cx.opts.audit,
+        client,
+        What {
+            event_type: "rotation_aborted",
+            secret_id: &format!("{secret_id}#{new}"),
+            verification_status: "passed",
+            affected_records: None,
+            notes: &format!(
+                "rotation {} aborted: key {old} is current, key {new} retired",
+                rot.id
+            ),
+            job_id: None,
+        },
+    )
+    .await?;
+    log.lines.push(format!(
+        "rotation {} aborted: every value is under key {old}, which stays current",
+        rot.id
+    ));
+    Ok(log.end(Ended::Done, Step::RolledBack))
+}

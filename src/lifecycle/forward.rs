@@ -1,0 +1,312 @@
+//! The steps of a rotation going forward, each from the step before it:
+//! staged -> ran (every value rewritten under the new key) -> verified ->
+//! promoted -> retired (after the grace period, on a full verify).
+
+use std::sync::Arc;
+
+use serde_json::json;
+use tokio_postgres::Client;
+
+use crate::crypto::keyring::KeyId;
+use crate::crypto::keytable::{now, rfc3339, KeyState};
+use crate::engine::rewrite::{rewrite, RunControl};
+use crate::engine::verify::{self, Depth};
+use crate::job::Job;
+use crate::lifecycle::audit::What;
+use crate::lifecycle::steps;
+use crate::observe::counts::LiveCounts;
+use crate::secrets::Store;
+use crate::state;
+use crate::state::rotations::{self, Rotation, Step};
+use crate::Error;
+
+use super::retire::retire;
+use super::rotation::{fingerprint_of, Ctx, Ended, Log, Progressed, Wait};
+
+/// A step's answer: `None` to go on to the next step, else where the
+/// invocation ends.
+pub(crate) type Next = Option<(Ended, Step)>;
+
+/// Refuses a staged key that was changed by hand; records its fingerprint once known.
+pub(crate) async fn check_staged_key(
+    client: &Client,
+    store: &Store,
+    rot: &Rotation,
+) -> Result<(), Error> {
+    let Some(found) = fingerprint_of(store, rot.new_key) else {
+        return Ok(());
+    };
+    match &rot.new_fingerprint {
+        Some(staged) if *staged != found => Err(Error::Config(format!(
+            "key {} in {} is not the key this rotation staged (fingerprint {found}, staged {staged}): it was changed by hand; \
+             restore it, or cancel the rotation with `rekey rotate --abort`",
+            rot.new_key,
+            store.secret_id()
+        ))),
+        Some(_) => Ok(()),
+        None => rotations::set_fingerprint(client, rot.id, &found).await,
+    }
+}
+
+/// Rewrites every value not under the store's target key (the pending key,
+/// else the current one); false when stopped on request.
+pub(crate) async fn rewrite_all(
+    cx: &Ctx<'_>,
+    client: &mut Client,
+    rot: &Rotation,
+    secret_id: &str,
+    to: KeyId,
+    event_type: &str,
+    log: &mut Log,
+) -> Result<bool, Error> {
+    let job = Arc::new(Job::resolve(cx.spec, client).await?);
+    verify::preflight(client, &job).await?;
+    // A run left unfinished under another key set (the forward run an abort
+    // turns back) is given up: its values are rewritten by this one.
+    let stale = state::jobs::unfinished_job_keys(client, &job.name)
+        .await?
+        .is_some_and(|keys| keys != job.describe_keys());
+    let control = RunControl {
+        quiet: cx.opts.quiet,
+        restart: stale,
+    };
+    let (outcome, record) = rewrite(
+        cx.db,
+        client,
+        &job,
+        cx.opts.settings.clone(),
+        control,
+        Arc::new(LiveCounts::default()),
+    )
+    .await?;
+    if outcome.stopped {
+        log.lines
+            .push("stopped during re-encryption; run `rekey rotate` again to resume".into());
+        return Ok(false);
+    }
+    let totals = record.prior;
+    state::finish_job(
+        client,
+        record.id,
+        &json!({ "rotation": rot.id, "job_totals": totals }),
+    )
+    .await?;
+    let notes = format!(
+        "{} values re-encrypted under key {to}, {} quarantined",
+        totals.values_rewritten, totals.values_failed
+    );
+    let audit = &cx.opts.audit;
+    log.record(
+        audit,
+        client,
+        What {
+            event_type,
+            secret_id: &format!("{secret_id}#{to}"),
+            verification_status: "pending",
+            affected_records: Some(totals.values_rewritten),
+            notes: &notes,
+            job_id: Some(record.id),
+        },
+    )
+    .await?;
+    log.lines.push(notes);
+    Ok(true)
+}
+
+/// Staged -> ran: re-encrypts every value under the staged key.
+pub(crate) async fn ran(
+    cx: &Ctx<'_>,
+    client: &mut Client,
+    store: &Store,
+    rot: &Rotation,
+    log: &mut Log,
+) -> Result<Next, Error> {
+    if store.table().id_in(KeyState::Pending) != Some(rot.new_key)
+        && store.table().id_in(KeyState::Current) != Some(rot.new_key)
+    {
+        return Err(Error::Config(format!(
+            "key {} is not staged in {} yet: make the changes `rekey rotate` printed (for the environment: {p}_KEY_V{n}=<key> and {p}_PENDING_VERSION={n}), then run it again",
+            rot.new_key,
+            store.secret_id(),
+            p = cx.keys.prefix,
+            n = rot.new_key
+        )));
+    }
+    let secret_id = store.secret_id();
+    if !rewrite_all(
+        cx,
+        client,
+        rot,
+        &secret_id,
+        rot.new_key,
+        "reencryption_completed",
+        log,
+    )
+    .await?
+    {
+        return Ok(Some((Ended::Stopped, Step::Staged)));
+    }
+    rotations::set_step(client, rot.id, Step::Ran).await?;
+    Ok(None)
+}
+/// Ran -> verified: proves no value is left on an old key (else back to staged).
+pub(crate) async fn verified(
+    cx: &Ctx<'_>,
+    client: &Client,
+    store: &Store,
+    rot: &Rotation,
+    log: &mut Log,
+) -> Result<Next, Error> {
+    let key_ref = format!("{}#{}", store.secret_id(), rot.new_key);
+    let job = Arc::new(Job::resolve(cx.spec, client).await?);
+    let depth = Depth {
+        full: false,
+        sample: 1000,
+        lanes: cx.opts.settings.lanes,
+    };
+    let v = verify::verify(cx.db, client, &job, depth, cx.opts.quiet).await?;
+    let audit = &cx.opts.audit;
+    if !v.verified {
+        rotations::set_step(client, rot.id, Step::Staged).await?;
+        let notes = format!(
+            "{} values on old keys, {} undecryptable",
+            v.values_on_old_keys, v.values_undecryptable
+        );
+        log.record(
+            audit,
+            client,
+            What {
+                event_type: "verification_failed",
+                secret_id: &key_ref,
+                verification_status: "failed",
+                affected_records: Some(v.values_total),
+                notes: &notes,
+                job_id: None,
+            },
+        )
+        .await?;
+        log.lines.push(format!("verification failed: {notes}; inspect rekey.quarantine, fix, and run `rekey rotate` again (it re-runs the re-encryption)"));
+        return Ok(Some((Ended::NotVerified, Step::Staged)));
+    }
+    rotations::set_step(client, rot.id, Step::Verified).await?;
+    let notes = format!("all {} values under key {}", v.values_total, rot.new_key);
+    log.record(
+        audit,
+        client,
+        What {
+            event_type: "verification_passed",
+            secret_id: &key_ref,
+            verification_status: "passed",
+            affected_records: Some(v.values_total),
+            notes: &notes,
+            job_id: None,
+        },
+    )
+    .await?;
+    log.lines.push(format!("verified: {notes}"));
+    Ok(None)
+}
+
+/// Verified -> promoted: the new key becomes current.
+pub(crate) async fn promoted(
+    cx: &Ctx<'_>,
+    client: &Client,
+    store: &mut Store,
+    rot: &Rotation,
+    log: &mut Log,
+) -> Result<Next, Error> {
+    let key_ref = format!("{}#{}", store.secret_id(), rot.new_key);
+    let applied = steps::promote(store, cx.opts.reveal).await?;
+    rotations::set_step(client, rot.id, Step::Promoted).await?;
+    let notes = format!(
+        "key {} is current; key {} is previous",
+        rot.new_key,
+        rot.old_key.map_or("-".into(), |k| k.to_string())
+    );
+    log.record(
+        &cx.opts.audit,
+        client,
+        What {
+            event_type: "key_promoted",
+            secret_id: &key_ref,
+            verification_status: "passed",
+            affected_records: None,
+            notes: &notes,
+            job_id: None,
+        },
+    )
+    .await?;
+    log.lines
+        .push(format!("promoted key {} to current", rot.new_key));
+    if applied.instructions.is_empty() {
+        return Ok(None);
+    }
+    applied.tell(
+        &mut log.lines,
+        "make these changes where the application's environment is set, then run `rekey rotate` again:",
+    );
+    Ok(Some((Ended::Waiting(Wait::Environment), Step::Promoted)))
+}
+
+/// Promoted -> retired, once the grace period is over (at once for a
+/// compromise rotation), or once the old key was retired by hand.
+pub(crate) async fn retired(
+    cx: &Ctx<'_>,
+    client: &Client,
+    store: &mut Store,
+    rot: &Rotation,
+    mut log: Log,
+) -> Result<Progressed, Error> {
+    if store.table().id_in(KeyState::Current) != Some(rot.new_key) {
+        return Err(Error::Config(format!(
+            "key {} is not current in {} yet: make the changes `rekey rotate` printed (for the environment: {}_CURRENT_VERSION={}), then run it again",
+            rot.new_key,
+            store.secret_id(),
+            cx.keys.prefix,
+            rot.new_key
+        )));
+    }
+    let Some(old) = rot.old_key else {
+        rotations::set_step(client, rot.id, Step::Retired).await?;
+        log.lines.push(format!("rotation {} complete", rot.id));
+        return Ok(log.end(Ended::Done, Step::Retired));
+    };
+    let gone = store
+        .table()
+        .entries
+        .iter()
+        .find(|e| e.id == old)
+        .is_none_or(|e| e.state == KeyState::Retired);
+    if gone {
+        rotations::set_step(client, rot.id, Step::Retired).await?;
+        log.lines.push(format!(
+            "key {old} was already retired (`rekey secrets retire`); rotation {} complete",
+            rot.id
+        ));
+        return Ok(log.end(Ended::Done, Step::Retired));
+    }
+    // promoted_at is set with the step; if it were missing, the grace period starts now
+    let due = rot.promoted_at_s.unwrap_or(now() as i64) + rot.grace_s;
+    if (now() as i64) < due {
+        let due = due.max(0).unsigned_abs();
+        log.lines.push(format!(
+            "key {old} stays as previous for the grace period ({}); run `rekey rotate` again after {} to retire it \
+             (`--grace` shortens or lengthens it)",
+            super::rotation::human(rot.grace_s),
+            rfc3339(due)
+        ));
+        return Ok(log.end(Ended::Waiting(Wait::Grace(due)), Step::Promoted));
+    }
+    let job = Arc::new(Job::resolve(cx.spec, client).await?);
+    let mut opts = cx.opts.clone();
+    opts.compromised |= rot.reason == "compromise";
+    let outcome = retire(cx.db, client, &job, store, old, &opts).await?;
+    log.lines.extend(outcome.lines);
+    log.events.extend(outcome.events);
+    if outcome.ended != Ended::Done {
+        return Ok(log.end(outcome.ended, Step::Promoted));
+    }
+    rotations::set_step(client, rot.id, Step::Retired).await?;
+    log.lines.push(format!("rotation {} complete", rot.id));
+    Ok(log.end(Ended::Done, Step::Retired))
+}

@@ -1,0 +1,321 @@
+//! `rekey rotate` as a state machine an operator can follow: it stops for
+//! the deployment after staging (exit 6), honours `--grace` at any step,
+//! notices a hand retire, says when a rotation is complete and starts the
+//! next only with `--new`, cancels a staged rotation with `--abort`, and
+//! runs a compromise rotation with no grace period.
+
+use rekey::crypto::keytable::{KeyState, KeyTable};
+use rekey::secrets::file::KeyringFile;
+
+use crate::harness::*;
+
+fn table(path: &std::path::Path) -> KeyTable {
+    KeyringFile::open(path, KEYRING_PASS.as_bytes(), "P")
+        .unwrap()
+        .table
+}
+
+fn rotate(job: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["rotate", "--job", job, "--json"];
+    args.extend_from_slice(extra);
+    rekey(&args, &keyring_pass_env())
+}
+
+/// (exit code, step, how it ended, what it waits for)
+fn state(out: &std::process::Output) -> (Option<i32>, String, String, String) {
+    let j = json(out);
+    let word = |k: &str| j[k].as_str().unwrap_or("-").to_string();
+    (
+        out.status.code(),
+        word("step"),
+        word("ended"),
+        word("waiting_for"),
+    )
+}
+
+fn expect(out: &std::process::Output, code: i32, step: &str, ended: &str, waiting_for: &str) {
+    assert_eq!(
+        state(out),
+        (
+            Some(code),
+            step.to_string(),
+            ended.to_string(),
+            waiting_for.to_string()
+        ),
+        "{}",
+        printed(out)
+    );
+}
+
+/// Values per key id the patients table holds, decrypting with `table`'s keys.
+async fn values_by_key(db: &TestDb, table: &KeyTable) -> std::collections::BTreeMap<u32, usize> {
+    let ring = table.keyring().unwrap();
+    let mut by_key = std::collections::BTreeMap::new();
+    for (p, e) in db.decrypted_patients(&ring).await.into_values() {
+        for d in [p, e] {
+            match d {
+                Decrypted::Plain(k, _) => *by_key.entry(k).or_default() += 1,
+                Decrypted::Null => {}
+                Decrypted::Failed(why) => panic!("a value did not decrypt: {why}"),
+            }
+        }
+    }
+    by_key
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rotate_stops_after_staging_for_the_deployment_then_goes_on() {
+    let db = TestDb::new().await;
+    db.seed_patients(600).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    let values = values_in(600) as usize;
+
+    let out = rotate(&job, &[]);
+    expect(&out, 6, "staged", "waiting", "deploy");
+    assert!(printed(&out).contains("redeploy"), "{}", printed(&out));
+    assert_eq!(table(&keyring).id_in(KeyState::Pending), Some(2));
+    assert_eq!(
+        values_by_key(&db, &table(&keyring)).await,
+        [(1, values)].into(),
+        "nothing is rewritten before the applications read the new key"
+    );
+
+    let out = rotate(&job, &[]);
+    expect(&out, 6, "promoted", "waiting", "grace_period");
+    assert!(json(&out)["retire_after"].is_string(), "{}", printed(&out));
+    assert_eq!(
+        values_by_key(&db, &table(&keyring)).await,
+        [(2, values)].into()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grace_given_at_a_later_step_replaces_the_one_recorded_at_staging() {
+    let db = TestDb::new().await;
+    db.seed_patients(200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    let out = rotate(&job, &["--no-wait"]);
+    expect(&out, 6, "promoted", "waiting", "grace_period");
+    assert_eq!(json(&out)["grace_s"], 24 * 3600, "{}", printed(&out));
+
+    let out = rotate(&job, &["--grace", "0s"]);
+    expect(&out, 0, "retired", "done", "-");
+    assert_eq!(json(&out)["grace_s"], 0);
+    assert!(
+        printed(&out).contains("grace period set to"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(table(&keyring).entries[0].state, KeyState::Retired);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hand_retire_of_the_old_key_completes_the_rotation() {
+    let db = TestDb::new().await;
+    db.seed_patients(200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, _) = keyring_file_job(&db, &dir);
+    expect(
+        &rotate(&job, &["--no-wait"]),
+        6,
+        "promoted",
+        "waiting",
+        "grace_period",
+    );
+
+    let out = rekey(&["secrets", "retire", "--job", &job], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+
+    let out = rotate(&job, &[]);
+    expect(&out, 0, "retired", "done", "-");
+    assert!(printed(&out).contains("complete"), "{}", printed(&out));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_finished_rotation_is_complete_and_the_next_starts_only_with_new() {
+    let db = TestDb::new().await;
+    db.seed_patients(200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    expect(
+        &rotate(&job, &["--no-wait", "--grace", "0s"]),
+        0,
+        "retired",
+        "done",
+        "-",
+    );
+    let before = std::fs::read(&keyring).unwrap();
+
+    let out = rotate(&job, &[]);
+    expect(&out, 0, "retired", "done", "-");
+    assert!(
+        printed(&out).contains("complete") && printed(&out).contains("--new"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(std::fs::read(&keyring).unwrap(), before, "a key was staged");
+
+    let out = rotate(&job, &["--new"]);
+    expect(&out, 6, "staged", "waiting", "deploy");
+    assert_eq!(table(&keyring).id_in(KeyState::Pending), Some(3));
+
+    let out = rotate(&job, &["--new"]);
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("in progress") && printed(&out).contains("--abort"),
+        "{}",
+        printed(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn abort_puts_every_value_back_under_the_old_key_and_retires_the_staged_one() {
+    let db = TestDb::new().await;
+    db.seed_patients(20_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    let values = values_in(20_000);
+
+    // killed half-way through the re-encryption: values under both keys
+    let args = [
+        "rotate",
+        "--job",
+        job.as_str(),
+        "--no-wait",
+        "--batch-size",
+        "200",
+    ];
+    let mut child = spawn_rekey(&args, &keyring_pass_env());
+    wait_for_progress(&db, &mut child, values / 3).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let split = values_by_key(&db, &table(&keyring)).await;
+    assert!(split.len() == 2, "killed too late or too early: {split:?}");
+
+    // the abort itself killed part-way, then resumed by a plain rotate
+    let done_before = committed_values(&db).await;
+    let args = [
+        "rotate",
+        "--job",
+        job.as_str(),
+        "--abort",
+        "--batch-size",
+        "200",
+    ];
+    let mut child = spawn_rekey(&args, &keyring_pass_env());
+    wait_for_progress(&db, &mut child, done_before + split[&2] as i64 / 3).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let out = rotate(&job, &[]);
+    expect(&out, 0, "rolled_back", "done", "-");
+    let keys = table(&keyring);
+    assert_eq!(keys.id_in(KeyState::Current), Some(1));
+    assert_eq!(keys.id_in(KeyState::Pending), None);
+    let staged = keys.entries.iter().find(|e| e.id == 2).unwrap();
+    assert_eq!(staged.state, KeyState::Retired, "the staged key is retired");
+    assert_eq!(
+        values_by_key(&db, &keys).await,
+        [(1, values as usize)].into()
+    );
+
+    // over: the next rotation needs --new, and nothing is left to abort
+    let out = rotate(&job, &[]);
+    assert!(printed(&out).contains("rolled back"), "{}", printed(&out));
+    let out = rotate(&job, &["--abort"]);
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn abort_after_promotion_is_refused_and_changes_nothing() {
+    let db = TestDb::new().await;
+    db.seed_patients(200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    expect(
+        &rotate(&job, &["--no-wait"]),
+        6,
+        "promoted",
+        "waiting",
+        "grace_period",
+    );
+    let before = std::fs::read(&keyring).unwrap();
+    let out = rotate(&job, &["--abort"]);
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("already promoted"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(std::fs::read(&keyring).unwrap(), before);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_compromise_rotation_has_no_grace_and_destroys_the_old_key_after_a_full_verify() {
+    let db = TestDb::new().await;
+    db.seed_patients(300).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    let out = rotate(&job, &["--reason", "compromise", "--grace", "1h"]);
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("no grace period"),
+        "{}",
+        printed(&out)
+    );
+
+    let out = rotate(&job, &["--reason", "compromise", "--no-wait"]);
+    expect(&out, 0, "retired", "done", "-");
+    let old = table(&keyring)
+        .entries
+        .into_iter()
+        .find(|e| e.id == 1)
+        .unwrap();
+    assert_eq!(old.state, KeyState::Retired);
+    assert!(old.key.is_none(), "the compromised key's material is kept");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotation_in_progress_switches_to_compromise_mode() {
+    let db = TestDb::new().await;
+    db.seed_patients(200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    expect(
+        &rotate(&job, &["--no-wait"]),
+        6,
+        "promoted",
+        "waiting",
+        "grace_period",
+    );
+    let out = rotate(&job, &["--reason", "compromise"]);
+    expect(&out, 0, "retired", "done", "-");
+    assert!(
+        printed(&out).contains("compromise rotation"),
+        "{}",
+        printed(&out)
+    );
+    let old = table(&keyring)
+        .entries
+        .into_iter()
+        .find(|e| e.id == 1)
+        .unwrap();
+    assert!(old.key.is_none(), "the compromised key's material is kept");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn environment_keys_wait_for_the_changes_with_exit_6() {
+    let db = TestDb::new().await;
+    db.seed_patients(100).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir);
+    let j = job.display().to_string();
+    let env = vec![
+        ("ENCRYPTION_KEY_V1", K1.to_string()),
+        ("ENCRYPTION_CURRENT_VERSION", "1".to_string()),
+    ];
+    let out = rekey(&["rotate", "--job", &j, "--json"], &env);
+    expect(&out, 6, "staged", "waiting", "environment");
+}
