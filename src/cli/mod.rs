@@ -51,7 +51,8 @@ pub(crate) struct Opened {
 }
 
 /// Reads the job file and connects to the database: `--database-url`, else
-/// `DATABASE_URL`, else the job file's `[database] url`.
+/// `DATABASE_URL`, else the job file's `[database] url`, else libpq's `PG*`
+/// variables alone.
 pub(crate) async fn open(args: &JobArgs) -> Result<Opened, Error> {
     let spec = JobSpec::load(&args.job)?;
     let url = args
@@ -59,10 +60,27 @@ pub(crate) async fn open(args: &JobArgs) -> Result<Opened, Error> {
         .clone()
         .or_else(|| std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()))
         .or_else(|| spec.database.url.clone())
-        .ok_or_else(|| Error::Config("no database given: pass --database-url, set DATABASE_URL, or add [database] url to the job file".into()))?;
+        .or_else(libpq_variables_only)
+        .ok_or_else(|| Error::Config("no database given: pass --database-url, set DATABASE_URL or libpq's PGHOST/PGDATABASE/PGSERVICE, or add [database] url to the job file".into()))?;
     let db = Database::parse(&url).map_err(|e| Error::Config(e.to_string()))?;
     let client = db.connect().await?;
     Ok(Opened { spec, db, client })
+}
+
+/// An empty connection string when libpq's variables name a server or a
+/// service (libpq then reads them as psql does), else None.
+fn libpq_variables_only() -> Option<String> {
+    [
+        "PGHOST",
+        "PGHOSTADDR",
+        "PGPORT",
+        "PGDATABASE",
+        "PGUSER",
+        "PGSERVICE",
+    ]
+    .iter()
+    .any(|v| std::env::var(v).is_ok_and(|x| !x.is_empty()))
+    .then(String::new)
 }
 
 /// Lanes when `--workers` is not given: the CPU count, at least 2.

@@ -15,6 +15,7 @@ use tokio_postgres::{Client, Config};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::conninfo::take_tls_params;
+use super::libpq_env;
 use super::session::Timeouts;
 use super::tls::{
     load_roots, presented_name, server_name, tls_config, tls_failure, Check, Roots, SslMode,
@@ -140,6 +141,17 @@ impl Database {
         let params = take_tls_params(url)?;
         let mut config =
             Config::from_str(&params.rest).map_err(|e| ConnectError::BadUrl(e.to_string()))?;
+        let service = match params
+            .service
+            .clone()
+            .or_else(|| env("PGSERVICE"))
+            .filter(|s| !s.is_empty())
+        {
+            Some(name) => libpq_env::service(&name, env)?,
+            None => Vec::new(),
+        };
+        libpq_env::fill(&mut config, &service, env)?;
+        libpq_env::password_file(&mut config, params.passfile.clone(), env);
         if config.get_application_name().is_none() {
             config.application_name("rekey");
         }
@@ -178,10 +190,12 @@ impl Database {
             .keepalives_retries(KEEPALIVE_RETRIES);
         let rootcert = params
             .sslrootcert
+            .or_else(|| libpq_env::param(&service, "sslrootcert"))
             .or_else(|| env("PGSSLROOTCERT"))
             .filter(|r| !r.is_empty());
         let mode = match params
             .sslmode
+            .or_else(|| libpq_env::param(&service, "sslmode"))
             .or_else(|| env("PGSSLMODE"))
             .filter(|m| !m.is_empty())
         {

@@ -13,6 +13,10 @@ pub(super) struct TlsParams {
     pub(super) sslmode: Option<String>,
     /// `sslrootcert`, if given.
     pub(super) sslrootcert: Option<String>,
+    /// `service`: a section of the connection service file.
+    pub(super) service: Option<String>,
+    /// `passfile`: the password file.
+    pub(super) passfile: Option<String>,
 }
 
 /// Takes `sslmode` and `sslrootcert` out of a URL's query or a key=value
@@ -27,6 +31,14 @@ pub(super) fn take_tls_params(url: &str) -> Result<TlsParams, ConnectError> {
         }
         "sslrootcert" => {
             out.sslrootcert = Some(value);
+            false
+        }
+        "service" => {
+            out.service = Some(value);
+            false
+        }
+        "passfile" => {
+            out.passfile = Some(value);
             false
         }
         _ => true,
@@ -47,8 +59,10 @@ pub(super) fn take_tls_params(url: &str) -> Result<TlsParams, ConnectError> {
                         continue;
                     };
                     let key = percent_decode(key)?;
-                    if !matches!(key.as_str(), "sslmode" | "sslrootcert")
-                        || keep(&key, percent_decode(value)?)
+                    if !matches!(
+                        key.as_str(),
+                        "sslmode" | "sslrootcert" | "service" | "passfile"
+                    ) || keep(&key, percent_decode(value)?)
                     {
                         kept.push(pair);
                     }

@@ -1,5 +1,6 @@
 //! PostgreSQL plumbing below everything else: connections ([`connect`], with
-//! TLS in [`tls`] and libpq strings in [`conninfo`]), raw binary values
+//! TLS in [`tls`], libpq strings in [`conninfo`], and what libpq reads
+//! besides them: service file, `PG*` variables, password file), raw binary values
 //! ([`raw`]), binary COPY ([`binary_copy`]), identifier quoting, and
 //! throwaway clusters for tests and benchmarks ([`cluster`]). Uses nothing
 //! else of rekey's.
@@ -8,6 +9,7 @@ pub mod binary_copy;
 pub mod cluster;
 pub mod connect;
 pub mod conninfo;
+mod libpq_env;
 pub mod raw;
 pub mod session;
 pub mod tls;
