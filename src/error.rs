@@ -95,6 +95,28 @@ impl Error {
         msg
     }
 
+    /// The kind of failure, for `--json`: `config`, `connect`, `database`, `runtime`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Config(_) => "config",
+            Error::Connect(ConnectError::BadUrl(_)) => "config",
+            Error::Connect(_) => "connect",
+            Error::Db { .. } => "database",
+            Error::Runtime(_) | Error::LeaseLost(_) => "runtime",
+        }
+    }
+
+    /// What to do next, for `--json` (the message names the problem and,
+    /// where it knows one, its own fix).
+    pub fn hint(&self) -> &'static str {
+        match self.kind() {
+            "config" => "fix the job file, keys or arguments the error names, then run the command again; nothing was changed",
+            "connect" => "check the host, port, database, user and credentials the error names, and that the server is up; nothing was changed",
+            "database" => "a statement failed; every batch commits whole, so running the same command again resumes safely",
+            _ => "running the same command again resumes from the last committed batch",
+        }
+    }
+
     /// The process exit code for this error (README, "Output and exit codes").
     pub fn exit_code(&self) -> u8 {
         match self {

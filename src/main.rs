@@ -1,13 +1,50 @@
-//! `rekey`: parse, run, map the outcome to an exit code.
+//! `rekey`: parse, run, map the outcome to an exit code. With `--json`, a
+//! failure is also one JSON object on stdout (`error`, `kind`, `exit_code`,
+//! `hint`), for scripts; the human line stays on stderr.
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
+/// Whether the command line asks for JSON (read from the raw arguments, so
+/// that a command line clap refuses is answered in JSON too).
+fn wants_json() -> bool {
+    std::env::args()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json")
+}
+
+/// Prints the `--json` error object on stdout.
+fn json_error(error: &str, kind: &str, exit_code: u8, hint: &str) {
+    println!(
+        "{}",
+        serde_json::json!({ "error": error, "kind": kind, "exit_code": exit_code, "hint": hint })
+    );
+}
+
 fn main() -> ExitCode {
     // Key material must not end up in a core file.
     rekey::crypto::keyring::forbid_core_dumps();
-    let cli = rekey::cli::args::Cli::parse();
+    let json = wants_json();
+    let cli = match rekey::cli::args::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            if json {
+                let first = e.to_string();
+                let first = first.lines().next().unwrap_or_default();
+                json_error(
+                    first.trim_start_matches("error: "),
+                    "usage",
+                    2,
+                    "see `rekey --help` or `rekey <command> --help`",
+                );
+            }
+            let _ = e.print();
+            return ExitCode::from(2);
+        }
+    };
     rekey::observe::logging::init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -16,6 +53,14 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("rekey: cannot start the async runtime: {e}");
+            if json {
+                json_error(
+                    &format!("cannot start the async runtime: {e}"),
+                    "runtime",
+                    1,
+                    "",
+                );
+            }
             return ExitCode::from(1);
         }
     };
@@ -23,6 +68,9 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("rekey: {}", e.chain());
+            if json {
+                json_error(&e.chain(), e.kind(), e.exit_code(), e.hint());
+            }
             ExitCode::from(e.exit_code())
         }
     }

@@ -12,6 +12,7 @@ mod faults;
 mod formats;
 mod inputs;
 mod interop;
+mod json_errors;
 mod libpq;
 mod lifecycle;
 mod online;

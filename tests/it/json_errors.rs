@@ -1,0 +1,120 @@
+//! With `--json`, a failure is one JSON object on stdout (`error`, `kind`,
+//! `exit_code`, `hint`) as well as the human line on stderr, for every
+//! command, so scripts never scrape stderr.
+
+use crate::harness::*;
+
+/// The error object a failed `--json` command printed; its exit code agrees with the process's.
+fn error_object(out: &std::process::Output) -> serde_json::Value {
+    let v = json(out);
+    assert_eq!(
+        v["exit_code"].as_i64().map(|c| c as i32),
+        out.status.code(),
+        "{}",
+        printed(out)
+    );
+    assert!(
+        v["error"].as_str().is_some_and(|e| !e.is_empty())
+            && v["hint"].as_str().is_some_and(|h| !h.is_empty()),
+        "{v}"
+    );
+    assert!(
+        stderr(out).starts_with("rekey") || stderr(out).starts_with("error"),
+        "{}",
+        printed(out)
+    );
+    v
+}
+
+#[test]
+fn a_bad_job_file_is_a_config_error_object() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = dir.path().join("job.toml");
+    std::fs::write(&job, "[[target]]\ntable = 1\n").unwrap();
+    let j = job.display().to_string();
+    for args in [
+        vec!["run", "--job", j.as_str(), "--json"],
+        vec!["verify", "--job", j.as_str(), "--json"],
+        vec!["status", "--job", j.as_str(), "--json"],
+        vec!["rotate", "--job", j.as_str(), "--json"],
+        vec!["secrets", "show", "--job", j.as_str(), "--json"],
+    ] {
+        let out = rekey(&args, &[]);
+        let v = error_object(&out);
+        assert_eq!(
+            (out.status.code(), v["kind"].as_str()),
+            (Some(2), Some("config")),
+            "{args:?}: {v}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_url_and_an_unreachable_server_are_error_objects() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+
+    let out = rekey(
+        &[
+            "plan",
+            "--job",
+            &job,
+            "--json",
+            "--database-url",
+            "postgres://h:notaport/db",
+        ],
+        &seed_env(),
+    );
+    let v = error_object(&out);
+    assert_eq!(
+        (out.status.code(), v["kind"].as_str()),
+        (Some(2), Some("config")),
+        "{v}"
+    );
+
+    // a port nothing listens on: refused at once
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let url = format!("host=127.0.0.1 port={port} user=postgres dbname=x");
+    let out = rekey(
+        &["plan", "--job", &job, "--json", "--database-url", &url],
+        &seed_env(),
+    );
+    let v = error_object(&out);
+    assert_eq!(
+        (out.status.code(), v["kind"].as_str()),
+        (Some(1), Some("connect")),
+        "{v}"
+    );
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("127.0.0.1:{port}")),
+        "{v}"
+    );
+}
+
+#[test]
+fn a_command_line_clap_refuses_is_a_usage_error_object() {
+    let out = rekey(&["run", "--job", "j.toml", "--json", "--no-such-flag"], &[]);
+    let v = error_object(&out);
+    assert_eq!(
+        (out.status.code(), v["kind"].as_str()),
+        (Some(2), Some("usage")),
+        "{v}"
+    );
+    assert!(
+        v["error"].as_str().unwrap().contains("--no-such-flag"),
+        "{v}"
+    );
+}
+
+#[test]
+fn without_json_stdout_stays_empty_on_failure() {
+    let out = rekey(&["run", "--job", "/nonexistent/job.toml"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(out.stdout.is_empty(), "{}", printed(&out));
+}
