@@ -46,6 +46,7 @@ fn main() -> ExitCode {
         }
     };
     rekey::observe::logging::init_logging(cli.log_format);
+    rekey::observe::progress::set_log_interval(cli.progress_every);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -17,6 +17,9 @@ pub struct Cli {
     /// How log lines on stderr are written: text, or one JSON object per line. Filter with RUST_LOG.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, value_name = "FORMAT")]
     pub log_format: LogFormat,
+    /// Off a terminal, how often a progress line is logged (rows, percent, rows/s, ETA, hold reason).
+    #[arg(long, global = true, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub progress_every: std::time::Duration,
 }
 
 /// The subcommands (README lists them with examples).

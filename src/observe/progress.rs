@@ -1,25 +1,43 @@
-//! The progress line: a bar on a terminal, a plain log line every few seconds
-//! otherwise, nothing with `--quiet`. Always on stderr; stdout is for results.
-//! Every update also sets the progress gauges ([`ProgressSampled`]).
+//! The progress display: a one-line bar on a terminal; off a terminal (ECS,
+//! Kubernetes, `nohup`), a log line every `--progress-every` (10 s by
+//! default) with rows done and total, percent, rows/s, ETA and the hold
+//! reason, written by a ticker so a held or slow run still reports;
+//! nothing with `--quiet`. Always on stderr; stdout is for results. Every
+//! update also sets the progress gauges ([`ProgressSampled`]).
 
 use std::io::IsTerminal;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{HumanCount, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::observe::counts::Counts;
 use crate::observe::events::ProgressSampled;
 
-/// How often a non-terminal stderr gets a progress line.
-const PLAIN_EVERY: Duration = Duration::from_secs(10);
+/// How often a non-terminal stderr gets a progress line unless
+/// [`set_log_interval`] said otherwise.
+const DEFAULT_EVERY: Duration = Duration::from_secs(10);
 
-/// Shows how far a run is.
-pub struct Progress {
-    /// The bar, when stderr is a terminal.
-    bar: Option<ProgressBar>,
-    /// When the last plain line was printed, when it is not.
-    plain: Option<Mutex<Instant>>,
+static EVERY: OnceLock<Duration> = OnceLock::new();
+
+/// Sets, once per process, how often progress lines are logged off a
+/// terminal (`--progress-every`).
+pub fn set_log_interval(every: Duration) {
+    let _ = EVERY.set(every.max(Duration::from_millis(100)));
+}
+
+fn log_interval() -> Duration {
+    EVERY.get().copied().unwrap_or(DEFAULT_EVERY)
+}
+
+/// The longest hold reason the bar shows: the line must fit 80 columns.
+const HOLD_WIDTH: usize = 22;
+
+/// What the display and the ticker share.
+struct Shared {
     /// Rows expected in all.
     total: u64,
     /// When the run started.
@@ -28,119 +46,197 @@ pub struct Progress {
     verb: &'static str,
     /// Why the run is paused, while a throttle holds it.
     hold: Mutex<Option<String>>,
+    /// Rows scanned so far.
+    done: AtomicU64,
+    /// Values rewritten and failed so far, for the log line.
+    rewritten: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Shared {
+    fn rate(&self) -> f64 {
+        self.done.load(Ordering::Relaxed) as f64 / self.started.elapsed().as_secs_f64().max(1e-9)
+    }
+
+    fn hold(&self) -> Option<String> {
+        self.hold.lock().ok().and_then(|h| h.clone())
+    }
+
+    /// One progress line for a log.
+    fn log_line(&self) {
+        let done = self.done.load(Ordering::Relaxed);
+        let rate = self.rate();
+        let eta = eta_seconds(done, self.total, rate);
+        let percent = percent(done, self.total);
+        let hold = self.hold();
+        let paused = hold
+            .as_deref()
+            .map(|r| format!(" (paused: {r})"))
+            .unwrap_or_default();
+        let eta_text = eta.map_or_else(|| "-".to_string(), short_duration);
+        tracing::info!(
+            rows_done = done,
+            rows_total = self.total,
+            percent,
+            rows_per_second = rate.round() as u64,
+            eta_seconds = eta.map(|s| s.ceil() as u64),
+            held = hold.as_deref(),
+            values_rewritten = self.rewritten.load(Ordering::Relaxed),
+            values_failed = self.failed.load(Ordering::Relaxed),
+            "{}{paused}: {}/{} rows ({percent}%), {} rows/s, eta {eta_text}",
+            self.verb,
+            HumanCount(done),
+            HumanCount(self.total),
+            HumanCount(rate.round() as u64),
+        );
+    }
+
+    /// The bar's message: percent, rate, ETA (or "-" until there is a rate).
+    fn bar_message(&self) -> String {
+        let done = self.done.load(Ordering::Relaxed);
+        let rate = self.rate();
+        let eta = eta_seconds(done, self.total, rate)
+            .filter(|_| done > 0)
+            .map_or_else(|| "-".to_string(), short_duration);
+        format!("{}/s eta {eta}", HumanCount(rate.round() as u64))
+    }
+}
+
+/// Shows how far a run is.
+pub struct Progress {
+    /// The bar, when stderr is a terminal.
+    bar: Option<ProgressBar>,
+    shared: Arc<Shared>,
+    /// The log ticker off a terminal: dropping the sender stops it.
+    ticker: Mutex<Option<(mpsc::Sender<()>, JoinHandle<()>)>>,
 }
 
 impl Progress {
     /// A progress display for `total` rows; `quiet` shows nothing.
     pub fn new(total: u64, verb: &'static str, quiet: bool) -> Self {
-        let started = Instant::now();
+        let shared = Arc::new(Shared {
+            total,
+            started: Instant::now(),
+            verb,
+            hold: Mutex::new(None),
+            done: AtomicU64::new(0),
+            rewritten: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        });
+        let mut p = Progress {
+            bar: None,
+            shared: shared.clone(),
+            ticker: Mutex::new(None),
+        };
         if quiet {
-            return Progress {
-                bar: None,
-                plain: None,
-                total,
-                started,
-                verb,
-                hold: Mutex::new(None),
-            };
+            return p;
         }
         if std::io::stderr().is_terminal() {
             let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
             bar.set_style(
                 ProgressStyle::with_template(
-                    "{msg} [{bar:30}] {human_pos}/{human_len} rows  {per_sec}  eta {eta}",
+                    "{prefix} [{wide_bar}] {percent:>3}% {human_pos}/{human_len} {msg}",
                 )
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
                 .progress_chars("=> "),
             );
-            bar.set_message(verb);
+            bar.set_prefix(verb);
+            bar.set_message(shared.bar_message());
             bar.enable_steady_tick(Duration::from_millis(250));
-            Progress {
-                bar: Some(bar),
-                plain: None,
-                total,
-                started,
-                verb,
-                hold: Mutex::new(None),
-            }
+            p.bar = Some(bar);
         } else {
-            Progress {
-                bar: None,
-                plain: Some(Mutex::new(started)),
-                total,
-                started,
-                verb,
-                hold: Mutex::new(None),
+            let (tx, rx) = mpsc::channel::<()>();
+            let every = log_interval();
+            let ticker = std::thread::Builder::new()
+                .name("rekey-progress".into())
+                .spawn(move || loop {
+                    match rx.recv_timeout(every) {
+                        Err(RecvTimeoutError::Timeout) => shared.log_line(),
+                        _ => return,
+                    }
+                });
+            if let Ok(handle) = ticker {
+                p.ticker = Mutex::new(Some((tx, handle)));
             }
         }
+        p
     }
 
     /// Shows why the run is paused (`Some`), or that it is running again
-    /// (`None`): `rewriting (paused: replica lag 12s > 10s)`.
+    /// (`None`): `paused: replica lag 12s > 10s` in the bar's place of the verb.
     pub fn set_hold(&self, reason: Option<&str>) {
-        if let Ok(mut hold) = self.hold.lock() {
+        if let Ok(mut hold) = self.shared.hold.lock() {
             *hold = reason.map(str::to_owned);
         }
         if let Some(bar) = &self.bar {
             match reason {
-                Some(reason) => bar.set_message(format!("{} (paused: {reason})", self.verb)),
-                None => bar.set_message(self.verb),
+                Some(reason) => bar.set_prefix(format!("paused: {}", truncate(reason, HOLD_WIDTH))),
+                None => bar.set_prefix(self.shared.verb),
             }
         }
     }
 
     /// Shows the counts so far and sets the progress gauges.
     pub fn update(&self, c: &Counts) {
-        let secs = self.started.elapsed().as_secs_f64().max(1e-9);
-        let rate = c.rows_scanned as f64 / secs;
-        let eta = eta_seconds(c.rows_scanned, self.total, rate);
+        let s = &self.shared;
+        s.done.store(c.rows_scanned, Ordering::Relaxed);
+        s.rewritten.store(c.values_rewritten, Ordering::Relaxed);
+        s.failed.store(c.values_failed, Ordering::Relaxed);
+        let rate = s.rate();
         ProgressSampled {
             rows_done: c.rows_scanned,
-            rows_total: self.total,
+            rows_total: s.total,
             rows_per_second: rate,
-            eta_seconds: eta,
+            eta_seconds: eta_seconds(c.rows_scanned, s.total, rate),
         }
         .emit();
         if let Some(bar) = &self.bar {
             bar.set_position(c.rows_scanned);
-            return;
+            bar.set_message(s.bar_message());
         }
-        let Some(plain) = &self.plain else { return };
-        let Ok(mut last) = plain.lock() else { return };
-        if last.elapsed() < PLAIN_EVERY {
-            return;
-        }
-        *last = Instant::now();
-        let hold = self.hold.lock().ok().and_then(|h| h.clone());
-        let paused = hold
-            .map(|reason| format!(" (paused: {reason})"))
-            .unwrap_or_default();
-        let eta = eta
-            .map(|s| {
-                format!(
-                    ", eta {}",
-                    humantime::format_duration(Duration::from_secs(s.ceil() as u64))
-                )
-            })
-            .unwrap_or_default();
-        tracing::info!(
-            values_rewritten = c.values_rewritten,
-            values_failed = c.values_failed,
-            conflicts = c.conflicts,
-            "{}{paused} {}/{} rows ({:.0} rows/s{eta})",
-            self.verb,
-            c.rows_scanned,
-            self.total,
-            rate,
-        );
     }
 
-    /// Removes the bar.
+    /// Removes the bar, or stops the log ticker.
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
+        let ticker = self.ticker.lock().ok().and_then(|mut t| t.take());
+        if let Some((tx, handle)) = ticker {
+            drop(tx);
+            let _ = handle.join();
+        }
     }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// Whole percent of `done` out of `total` (100 when there is nothing to do).
+fn percent(done: u64, total: u64) -> u64 {
+    (done.min(total) * 100).checked_div(total).unwrap_or(100)
+}
+
+/// `1h 2m`, `3m 4s`, `5s`: two units at most, for a narrow line.
+fn short_duration(secs: f64) -> String {
+    let s = secs.ceil() as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m {}s", s / 60, s % 60),
+        _ => format!("{}h {}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+/// `reason` cut to `width` characters, with an ellipsis when cut.
+fn truncate(reason: &str, width: usize) -> String {
+    if reason.chars().count() <= width {
+        return reason.to_string();
+    }
+    let cut: String = reason.chars().take(width.saturating_sub(1)).collect();
+    format!("{cut}…")
 }
 
 /// Seconds left at `rate` rows/s with `done` of `total` rows done; `None`
@@ -170,11 +266,39 @@ mod tests {
     fn hold_is_kept_and_cleared() {
         let p = Progress::new(10, "rewriting", true);
         p.set_hold(Some("replica lag 12s > 10s"));
-        assert_eq!(
-            p.hold.lock().expect("hold").as_deref(),
-            Some("replica lag 12s > 10s")
-        );
+        assert_eq!(p.shared.hold().as_deref(), Some("replica lag 12s > 10s"));
         p.set_hold(None);
-        assert_eq!(p.hold.lock().expect("hold").as_deref(), None);
+        assert_eq!(p.shared.hold(), None);
+    }
+
+    #[test]
+    fn durations_and_reasons_stay_short() {
+        assert_eq!(short_duration(4.2), "5s");
+        assert_eq!(short_duration(125.0), "2m 5s");
+        assert_eq!(short_duration(7384.0), "2h 3m");
+        assert_eq!(
+            truncate("replica lag 12s > 10s", 22),
+            "replica lag 12s > 10s"
+        );
+        assert_eq!(
+            truncate("WAL archive lag 1234 MB > 100 MB", 10)
+                .chars()
+                .count(),
+            10
+        );
+        assert_eq!(percent(1, 3), 33);
+        assert_eq!(percent(0, 0), 100);
+    }
+
+    #[test]
+    fn the_bar_says_dash_until_there_is_a_rate_and_rounds_it() {
+        let p = Progress::new(1_000_000, "rewriting", true);
+        assert_eq!(p.shared.bar_message(), "0/s eta -");
+        p.update(&Counts {
+            rows_scanned: 10,
+            ..Counts::default()
+        });
+        let m = p.shared.bar_message();
+        assert!(!m.contains('.'), "{m}");
     }
 }

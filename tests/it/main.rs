@@ -16,6 +16,7 @@ mod json_errors;
 mod libpq;
 mod lifecycle;
 mod online;
+mod progress_log;
 mod replica;
 mod rotation;
 mod rotation_states;
