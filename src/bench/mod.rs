@@ -7,10 +7,12 @@
 //! batch latencies, peak memory and projected windows. Drives the engine
 //! directly; only the command line uses it.
 
+mod chart;
 mod load;
 mod report;
 
-pub use report::{human_duration, parse_sizes, peak_rss_mib, throughput_svg};
+pub use chart::throughput_svg;
+pub use report::{human_duration, parse_sizes, peak_rss_mib};
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -91,8 +93,12 @@ pub struct BenchReport {
     pub values_rewritten: u64,
     /// Batch latency percentiles, milliseconds.
     pub batch_ms_p50: f64,
+    /// 90th percentile.
+    pub batch_ms_p90: f64,
     /// 99th percentile.
     pub batch_ms_p99: f64,
+    /// 99.9th percentile.
+    pub batch_ms_p999: f64,
     /// Slowest batch.
     pub batch_ms_max: f64,
     /// With `--interrupt-at`: seconds of the killed run plus its resume (median).
@@ -103,8 +109,16 @@ pub struct BenchReport {
     pub peak_rss_mib: f64,
     /// Projected window per table size: (rows, seconds).
     pub projections: Vec<(u64, f64)>,
-    /// Rows/s sampled every 250 ms during the run: (seconds since start, rows/s).
+    /// Rows/s over the run, about 60 intervals: (seconds since start at the interval's end, rows/s).
     pub throughput: Vec<(f64, f64)>,
+    /// Rows done, sampled every 50 ms and at the end: (seconds since start, rows).
+    pub progress: Vec<(f64, u64)>,
+    /// With `--interrupt-at`: the same for the killed and resumed run.
+    pub resumed_progress: Vec<(f64, u64)>,
+    /// When that run was killed (seconds since its start).
+    pub killed_at_s: Option<f64>,
+    /// When its resume started.
+    pub resumed_at_s: Option<f64>,
 }
 
 /// Runs the benchmark.
@@ -183,6 +197,7 @@ async fn measure(
     let mut runs = Vec::new();
     let mut load_s = 0.0;
     let mut resumed = Vec::new();
+    let mut interrupted_runs: Vec<RekeyRun> = Vec::new();
     for round in 1..=opts.repeat.max(1) {
         let of = if opts.repeat > 1 {
             format!(" (round {round} of {})", opts.repeat)
@@ -230,11 +245,9 @@ async fn measure(
                     fraction * 100.0
                 ),
             );
-            resumed.push(
-                rekey_once(opts, db, client, job, Some(fraction))
-                    .await?
-                    .secs,
-            );
+            let run = rekey_once(opts, db, client, job, Some(fraction)).await?;
+            resumed.push(run.secs);
+            interrupted_runs.push(run);
             client
                 .batch_execute(&format!("DROP TABLE {table}"))
                 .await
@@ -254,6 +267,13 @@ async fn measure(
         })
         .ok_or_else(|| Error::Runtime("no bench round ran".into()))?;
     let h = &run.outcome.batch_micros;
+    // the interrupted run closest to the median, for the chart
+    let resumed_median = (!resumed.is_empty()).then(|| median(resumed.clone()));
+    let interrupted = resumed_median.and_then(|m| {
+        interrupted_runs
+            .iter()
+            .min_by(|a, b| (a.secs - m).abs().total_cmp(&(b.secs - m).abs()))
+    });
     let floor_rows_per_s = opts.rows as f64 / floor_s;
     let rekey_rows_per_s = run.outcome.counts.rows_scanned as f64 / rekey_s;
     let report = BenchReport {
@@ -271,7 +291,9 @@ async fn measure(
         ratio: rekey_rows_per_s / floor_rows_per_s,
         values_rewritten: run.outcome.counts.values_rewritten,
         batch_ms_p50: h.value_at_quantile(0.5) as f64 / 1000.0,
+        batch_ms_p90: h.value_at_quantile(0.9) as f64 / 1000.0,
         batch_ms_p99: h.value_at_quantile(0.99) as f64 / 1000.0,
+        batch_ms_p999: h.value_at_quantile(0.999) as f64 / 1000.0,
         batch_ms_max: h.max() as f64 / 1000.0,
         resumed_total_s: (!resumed.is_empty()).then(|| median(resumed.clone())),
         resume_cost_ratio: (!resumed.is_empty()).then(|| median(resumed.clone()) / rekey_s),
@@ -281,7 +303,14 @@ async fn measure(
             .iter()
             .map(|&n| (n, n as f64 / rekey_rows_per_s))
             .collect(),
-        throughput: run.throughput.clone(),
+        throughput: chart::rates(&run.progress),
+        progress: run.progress.clone(),
+        resumed_progress: interrupted
+            .as_ref()
+            .map(|r| r.progress.clone())
+            .unwrap_or_default(),
+        killed_at_s: interrupted.as_ref().and_then(|r| r.killed_at_s),
+        resumed_at_s: interrupted.as_ref().and_then(|r| r.resumed_at_s),
     };
     if let Some(dir) = &opts.report_dir {
         write_report(dir, &report)?;
@@ -295,8 +324,11 @@ struct RekeyRun {
     secs: f64,
     /// What the pipeline did.
     outcome: pipeline::Outcome,
-    /// Rows/s every 250 ms.
-    throughput: Vec<(f64, f64)>,
+    /// Rows done every 50 ms, and at the end: (seconds, rows).
+    progress: Vec<(f64, u64)>,
+    /// With a kill: when it was killed, and when the resume started.
+    killed_at_s: Option<f64>,
+    resumed_at_s: Option<f64>,
     /// Peak RSS during the run, MiB.
     peak_rss_mib: f64,
 }
@@ -321,18 +353,16 @@ async fn rekey_once(
     let done = AtomicBool::new(false);
     let sampler = async {
         let mut samples = Vec::new();
-        let mut last = (0.0f64, 0u64);
         while !done.load(Ordering::Relaxed) {
-            tokio::time::sleep(Duration::from_millis(250)).await;
-            let now = (
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            samples.push((
                 started.elapsed().as_secs_f64(),
                 live.snapshot().rows_scanned,
-            );
-            samples.push((now.0, (now.1 - last.1) as f64 / (now.0 - last.0).max(1e-9)));
-            last = now;
+            ));
         }
         samples
     };
+    let marks = std::sync::Mutex::new((None, None));
     let settings = Settings {
         lanes: opts.lanes,
         batch_size: opts.batch_size,
@@ -360,10 +390,14 @@ async fn rekey_once(
                 r = first => { r?; }
                 _ = reached => {}
             }
+            let killed_at = started.elapsed().as_secs_f64();
             record = state::open_job(client, &job, false, async |c: &Client| {
                 plan::job_ranges(c, &job, opts.lanes).await
             })
             .await?;
+            if let Ok(mut m) = marks.lock() {
+                *m = (Some(killed_at), Some(started.elapsed().as_secs_f64()));
+            }
         }
         let progress = Progress::new(opts.rows, "bench", opts.quiet);
         let r = pipeline::run(
@@ -378,17 +412,24 @@ async fn rekey_once(
         .await;
         // timed here, not after the sampler's next tick
         let secs = started.elapsed().as_secs_f64();
+        let rows = live.snapshot().rows_scanned;
         done.store(true, Ordering::Relaxed);
-        r.map(|o| (o, secs))
+        r.map(|o| (o, secs, rows))
     };
-    let (outcome, throughput) = tokio::join!(run, sampler);
-    let (outcome, secs) = outcome?;
+    let (outcome, mut progress) = tokio::join!(run, sampler);
+    let (outcome, secs, rows) = outcome?;
+    // the exact end, not the sampler's next tick after it
+    progress.retain(|&(t, _)| t < secs);
+    progress.push((secs, rows));
+    let (killed_at_s, resumed_at_s) = marks.lock().map(|m| *m).unwrap_or((None, None));
     let peak_rss_mib = peak_rss_mib();
     state::finish_job(client, record.id, &serde_json::json!({ "bench": true })).await?;
     Ok(RekeyRun {
         secs,
         outcome,
-        throughput,
+        progress,
+        killed_at_s,
+        resumed_at_s,
         peak_rss_mib,
     })
 }

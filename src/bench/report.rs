@@ -1,7 +1,5 @@
 //! What `rekey bench` reports: medians, peak memory, sizes and durations as
-//! people write them, the report file and its throughput chart.
-
-use std::fmt::Write as _;
+//! people write them, the report file (its chart is drawn in `chart`).
 
 use crate::Error;
 
@@ -75,63 +73,7 @@ pub(super) fn write_report(dir: &std::path::Path, r: &BenchReport) -> Result<(),
         serde_json::to_string_pretty(r).unwrap_or_default(),
     )
     .map_err(io)?;
-    std::fs::write(dir.join("throughput.svg"), throughput_svg(r)).map_err(io)
-}
-
-/// Throughput over time as a small SVG line chart, with the floor as a dashed line.
-pub fn throughput_svg(r: &BenchReport) -> String {
-    let (w, h, pad) = (720.0, 320.0, 50.0);
-    let t_max = r.throughput.last().map_or(1.0, |p| p.0).max(1e-9);
-    let y_max = r
-        .throughput
-        .iter()
-        .map(|p| p.1)
-        .fold(r.floor_rows_per_s, f64::max)
-        .max(1.0)
-        * 1.1;
-    let x = |t: f64| pad + (w - 2.0 * pad) * t / t_max;
-    let y = |v: f64| h - pad - (h - 2.0 * pad) * v / y_max;
-    let mut svg = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/>"#
-    );
-    let _ = write!(
-        svg,
-        r#"<text x="{pad}" y="20">rekey bench: {} rows, {:.0} rows/s ({:.2}x the floor)</text>"#,
-        r.rows, r.rekey_rows_per_s, r.ratio
-    );
-    let _ = write!(
-        svg,
-        r#"<line x1="{pad}" y1="{b}" x2="{r}" y2="{b}" stroke="black"/><line x1="{pad}" y1="{pad}" x2="{pad}" y2="{b}" stroke="black"/>"#,
-        b = h - pad,
-        r = w - pad
-    );
-    let fy = y(r.floor_rows_per_s);
-    let _ = write!(
-        svg,
-        r#"<line x1="{pad}" y1="{fy}" x2="{}" y2="{fy}" stroke="gray" stroke-dasharray="6,4"/><text x="{}" y="{}" fill="gray">floor {:.0}/s</text>"#,
-        w - pad,
-        w - pad - 110.0,
-        fy - 5.0,
-        r.floor_rows_per_s
-    );
-    let points = r
-        .throughput
-        .iter()
-        .map(|&(t, v)| format!("{:.1},{:.1}", x(t), y(v)))
-        .collect::<Vec<_>>()
-        .join(" ");
-    let _ = write!(
-        svg,
-        r#"<polyline fill="none" stroke="steelblue" stroke-width="2" points="{points}"/>"#
-    );
-    let _ = write!(
-        svg,
-        r#"<text x="{}" y="{}">seconds ({:.1})</text><text x="5" y="{pad}">rows/s</text><text x="5" y="{}">{:.0}</text></svg>"#,
-        w / 2.0,
-        h - 15.0,
-        t_max,
-        pad + 15.0,
-        y_max
-    );
-    svg
+    let svg = super::chart::throughput_svg(r)
+        .map_err(|e| Error::Runtime(format!("drawing the bench chart: {e}")))?;
+    std::fs::write(dir.join("throughput.svg"), svg).map_err(io)
 }

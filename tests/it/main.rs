@@ -5,6 +5,7 @@ mod harness;
 
 mod archive;
 mod aws;
+mod bench_report;
 mod completeness;
 mod config;
 mod control;

@@ -1,0 +1,271 @@
+//! The bench chart (`throughput.svg`), drawn with plotters' SVG backend (text
+//! is left to the viewer's fonts, so no font is needed to draw it): rows/s
+//! over time for rekey and the floor statement, with labelled axes ticked
+//! from 0; with `--interrupt-at`, the interrupted run too, its kill and its
+//! resume marked; and the batch latency percentiles.
+
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+
+use super::BenchReport;
+
+/// Rows/s over time from cumulative (seconds, rows) samples: 80 points
+/// across the run, each the rate over a window ending there (a twelfth of
+/// the run, 0.1 s to 10 s: long enough to hold several batches, so the line
+/// shows the rate rather than each commit), the last point exactly at the
+/// end of the run (no interval past the end drawn as a drop).
+pub fn rates(cumulative: &[(f64, u64)]) -> Vec<(f64, f64)> {
+    let Some(&(end, _)) = cumulative.last() else {
+        return Vec::new();
+    };
+    if end <= 0.0 {
+        return Vec::new();
+    }
+    let window = (end / 12.0).clamp(0.1, 10.0);
+    let rows_at = |t: f64| -> f64 {
+        // linear between samples; the samples start at (0, 0)
+        let mut prev = (0.0, 0u64);
+        for &(s, r) in cumulative {
+            if s >= t {
+                let span = (s - prev.0).max(1e-12);
+                return prev.1 as f64 + (r as f64 - prev.1 as f64) * (t - prev.0) / span;
+            }
+            prev = (s, r);
+        }
+        prev.1 as f64
+    };
+    (1..=80)
+        .map(|i| end * i as f64 / 80.0)
+        .map(|t| {
+            let from = (t - window).max(0.0);
+            (t, (rows_at(t) - rows_at(from)) / (t - from).max(1e-12))
+        })
+        .collect()
+}
+
+/// The chart as SVG text.
+pub fn throughput_svg(r: &BenchReport) -> Result<String, String> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (800, 560)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let (top, bottom) = root.split_vertically(380);
+        throughput_panel(&top, r)?;
+        latency_panel(&bottom, r)?;
+        root.present().map_err(|e| e.to_string())?;
+    }
+    Ok(svg)
+}
+
+fn throughput_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    r: &BenchReport,
+) -> Result<(), String>
+where
+    DB::ErrorType: 'static,
+{
+    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+    let rekey = rates(&r.progress);
+    let resumed = rates(&r.resumed_progress);
+    let t_max = rekey
+        .iter()
+        .chain(resumed.iter())
+        .map(|p| p.0)
+        .fold(r.floor_s, f64::max)
+        .max(0.1);
+    let y_max = rekey
+        .iter()
+        .chain(resumed.iter())
+        .map(|p| p.1)
+        .fold(r.floor_rows_per_s, f64::max)
+        .max(1.0)
+        * 1.15;
+    let mut chart = ChartBuilder::on(area)
+        .caption(
+            format!(
+                "rekey bench: {} rows, {:.0} rows/s, {:.2}x the floor",
+                r.rows, r.rekey_rows_per_s, r.ratio
+            ),
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..t_max, 0.0..y_max)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds since the start of the run")
+        .y_desc("rows/s")
+        .y_label_formatter(&|v| format!("{:.0}", v))
+        .x_label_formatter(&|v| format!("{:.1}", v))
+        .draw()
+        .map_err(err)?;
+    chart
+        .draw_series(LineSeries::new(
+            std::iter::once((0.0, 0.0)).chain(rekey.iter().copied()),
+            BLUE.stroke_width(2),
+        ))
+        .map_err(err)?
+        .label("rekey")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
+    chart
+        .draw_series(LineSeries::new(
+            [(0.0, r.floor_rows_per_s), (r.floor_s, r.floor_rows_per_s)],
+            BLACK.mix(0.5).stroke_width(2),
+        ))
+        .map_err(err)?
+        .label(format!(
+            "floor: one UPDATE ({:.0} rows/s)",
+            r.floor_rows_per_s
+        ))
+        .legend(|(x, y)| {
+            PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.5).stroke_width(2))
+        });
+    if !resumed.is_empty() {
+        chart
+            .draw_series(LineSeries::new(
+                std::iter::once((0.0, 0.0)).chain(resumed.iter().copied()),
+                RED.mix(0.7).stroke_width(2),
+            ))
+            .map_err(err)?
+            .label("killed and resumed")
+            .legend(|(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], RED.mix(0.7).stroke_width(2))
+            });
+        // "killed" left of its line, "resumed" right of its own, a line lower
+        let marks = [
+            (
+                r.killed_at_s,
+                "killed ",
+                0.97,
+                Pos::new(HPos::Right, VPos::Top),
+            ),
+            (
+                r.resumed_at_s,
+                " resumed",
+                0.90,
+                Pos::new(HPos::Left, VPos::Top),
+            ),
+        ];
+        for (at, what, height, pos) in marks {
+            if let Some(t) = at {
+                chart
+                    .draw_series(LineSeries::new([(t, 0.0), (t, y_max)], RED.mix(0.4)))
+                    .map_err(err)?;
+                chart
+                    .draw_series(std::iter::once(Text::new(
+                        what.to_string(),
+                        (t, y_max * height),
+                        ("sans-serif", 13).into_font().color(&RED).pos(pos),
+                    )))
+                    .map_err(err)?;
+            }
+        }
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .draw()
+        .map_err(err)?;
+    Ok(())
+}
+
+fn latency_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    r: &BenchReport,
+) -> Result<(), String>
+where
+    DB::ErrorType: 'static,
+{
+    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+    let points = [
+        ("p50", r.batch_ms_p50),
+        ("p90", r.batch_ms_p90),
+        ("p99", r.batch_ms_p99),
+        ("p99.9", r.batch_ms_p999),
+        ("max", r.batch_ms_max),
+    ];
+    let y_max = points.iter().map(|p| p.1).fold(1.0, f64::max) * 1.2;
+    let mut chart = ChartBuilder::on(area)
+        .caption(
+            format!("batch latency ({} rows per batch)", r.batch_size),
+            ("sans-serif", 15),
+        )
+        .margin(12)
+        .x_label_area_size(35)
+        .y_label_area_size(70)
+        .build_cartesian_2d(-0.5..points.len() as f64 - 0.5, 0.0..y_max)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .disable_y_mesh()
+        .x_labels(points.len())
+        .x_label_formatter(&|x| {
+            let i = x.round();
+            match points.get(i as usize) {
+                Some(p) if (x - i).abs() < 0.01 && i >= 0.0 => p.0.to_string(),
+                _ => String::new(),
+            }
+        })
+        .x_desc("percentile")
+        .y_desc("milliseconds")
+        .y_label_formatter(&|v| format!("{:.0}", v))
+        .draw()
+        .map_err(err)?;
+    chart
+        .draw_series(points.iter().enumerate().map(|(i, p)| {
+            let x = i as f64;
+            Rectangle::new([(x - 0.3, 0.0), (x + 0.3, p.1)], BLUE.mix(0.5).filled())
+        }))
+        .map_err(err)?;
+    chart
+        .draw_series(points.iter().enumerate().map(|(i, p)| {
+            Text::new(
+                format!("{:.0}", p.1),
+                (i as f64, p.1),
+                ("sans-serif", 12)
+                    .into_font()
+                    .color(&BLACK)
+                    .pos(Pos::new(HPos::Center, VPos::Bottom)),
+            )
+        }))
+        .map_err(err)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_steady_one_second_run_draws_a_level_line_to_its_end() {
+        // 1,000 rows/s sampled every 50 ms, ending 10 ms after a sample
+        let mut samples: Vec<(f64, u64)> = (1..=20).map(|i| (i as f64 * 0.05, i * 50)).collect();
+        samples.push((1.01, 1010));
+        let r = rates(&samples);
+        assert!(r.len() >= 60, "{r:?}");
+        assert!(r.iter().all(|&(_, v)| (v - 1000.0).abs() < 1.0), "{r:?}");
+        assert_eq!(r.last().map(|p| p.0), Some(1.01));
+    }
+
+    #[test]
+    fn commits_in_steps_still_draw_the_rate() {
+        // 5,000-row batches landing every 50 ms over 3 s: 100,000 rows/s in steps
+        let samples: Vec<(f64, u64)> = (1..=60).map(|i| (i as f64 * 0.05, i * 5000)).collect();
+        let r = rates(&samples);
+        let late: Vec<f64> = r.iter().filter(|p| p.0 > 0.5).map(|p| p.1).collect();
+        assert!(
+            late.iter().all(|v| (v - 100_000.0).abs() < 15_000.0),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn no_samples_no_line() {
+        assert!(rates(&[]).is_empty());
+    }
+}
