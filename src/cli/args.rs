@@ -391,9 +391,14 @@ pub struct RotateArgs {
     /// No progress line.
     #[arg(long, short)]
     pub quiet: bool,
-    /// Serve Prometheus metrics on this address (GET /metrics) during the re-encryption.
-    #[arg(long, value_name = "ADDR")]
-    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Say where the rotation stands and what the next invocation would do; change nothing.
+    #[arg(long, conflicts_with_all = ["abort", "new"])]
+    pub dry_run: bool,
+    /// Read at most this many rows per second during the re-encryption (all lanes together).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_rows_per_sec: Option<u32>,
+    #[command(flatten)]
+    pub online: OnlineArgs,
 }
 
 /// `rekey keygen`.

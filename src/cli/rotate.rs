@@ -72,7 +72,8 @@ pub(crate) fn report(life: &LifecycleArgs, spec: &JobSpec, p: &Progressed) -> u8
 
 /// `rekey rotate`.
 pub async fn rotate(args: &RotateArgs) -> Result<u8, Error> {
-    if let Some(addr) = args.metrics_addr {
+    crate::cli::run::check_online(&args.online)?;
+    if let Some(addr) = args.online.metrics_addr {
         metrics::serve(addr)?;
     }
     let Opened {
@@ -92,6 +93,14 @@ pub async fn rotate(args: &RotateArgs) -> Result<u8, Error> {
         Duration::ZERO,
         args.quiet,
     );
+    let stop = opts.settings.stop.clone();
+    opts.settings = crate::cli::run::settings_from(
+        lanes,
+        args.batch_size,
+        args.max_rows_per_sec,
+        &args.online,
+        stop,
+    );
     opts.grace = args.grace;
     opts.no_wait = args.no_wait;
     opts.intent = if args.abort {
@@ -101,6 +110,10 @@ pub async fn rotate(args: &RotateArgs) -> Result<u8, Error> {
     } else {
         Intent::Continue
     };
+    if args.dry_run {
+        let p = crate::lifecycle::preview::preview(&spec, &client, &opts).await?;
+        return Ok(report(&args.life, &spec, &p));
+    }
     let _signals = crate::control::signals::stop_on_signals(&opts.settings.stop, None);
     let p = rotation::rotate(&spec, &db, &mut client, &opts).await?;
     Ok(report(&args.life, &spec, &p))

@@ -5,6 +5,7 @@
 pub mod abort;
 pub mod audit;
 pub mod forward;
+pub mod preview;
 pub mod retire;
 pub mod rotation;
 pub mod steps;

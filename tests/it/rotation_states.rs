@@ -319,3 +319,63 @@ async fn environment_keys_wait_for_the_changes_with_exit_6() {
     let out = rekey(&["rotate", "--job", &j, "--json"], &env);
     expect(&out, 6, "staged", "waiting", "environment");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dry_run_says_what_the_next_invocation_would_do_and_changes_nothing() {
+    let db = TestDb::new().await;
+    db.seed_patients(300).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    let before = std::fs::read(&keyring).unwrap();
+
+    let out = rotate(&job, &["--dry-run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("would stage key 2"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(
+        std::fs::read(&keyring).unwrap(),
+        before,
+        "a dry run changed the keys"
+    );
+    assert!(
+        !engine_state_exists(&db).await,
+        "a dry run created the engine schema"
+    );
+
+    expect(&rotate(&job, &[]), 6, "staged", "waiting", "deploy");
+    let out = rotate(&job, &["--dry-run"]);
+    let said = format!("would re-encrypt {} values under key 2", values_in(300));
+    assert!(printed(&out).contains(&said), "{}", printed(&out));
+    assert_eq!(
+        values_by_key(&db, &table(&keyring)).await,
+        [(1, values_in(300) as usize)].into()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rotate_obeys_the_run_controls_a_control_file_stops_its_re_encryption() {
+    let db = TestDb::new().await;
+    db.seed_patients(300).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, _) = keyring_file_job(&db, &dir);
+    let control = dir.path().join("control");
+    std::fs::write(&control, "stop\n").unwrap();
+    let c = control.display().to_string();
+    let out = rotate(
+        &job,
+        &[
+            "--no-wait",
+            "--control-file",
+            &c,
+            "--max-rows-per-sec",
+            "100000",
+        ],
+    );
+    expect(&out, 130, "staged", "stopped", "-");
+    std::fs::write(&control, "run\n").unwrap();
+    let out = rotate(&job, &["--control-file", &c]);
+    expect(&out, 6, "promoted", "waiting", "grace_period");
+}

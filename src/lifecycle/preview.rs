@@ -1,0 +1,130 @@
+//! `rekey rotate --dry-run`: where a rotation stands and what the next
+//! invocation would do, read without a lock and without changing anything
+//! (no engine schema is created, no key is staged, no value is written).
+
+use tokio_postgres::Client;
+
+use crate::crypto::keytable::{now, rfc3339, KeyState};
+use crate::engine::plan;
+use crate::job::{Job, JobSpec};
+use crate::secrets::Store;
+use crate::state;
+use crate::state::rotations::{self, Step};
+use crate::Error;
+
+use super::rotation::{
+    human, job_keys, Ended, Intent, Log, Progressed, RotateOptions, RotationInfo,
+};
+
+/// What `rekey rotate` (with `opts`) would do next.
+pub async fn preview(
+    spec: &JobSpec,
+    client: &Client,
+    opts: &RotateOptions,
+) -> Result<Progressed, Error> {
+    let keys = job_keys(spec)?;
+    let name = spec.name.clone().unwrap_or_default();
+    let store = Store::open(&keys).await?;
+    let mut log = Log::default();
+    let say = |log: &mut Log, line: String| log.lines.push(format!("dry run: {line}"));
+    let exists = state::schema_exists(client).await?;
+    let rotation = if exists {
+        rotations::open_rotation(client, &name).await?
+    } else {
+        None
+    };
+    let Some(rot) = rotation else {
+        let last = if exists {
+            rotations::last_finished(client, &name).await?
+        } else {
+            None
+        };
+        if let (Some(last), false) = (&last, opts.intent == Intent::New) {
+            say(
+                &mut log,
+                format!(
+                    "rotation {} is over (step {}); `rekey rotate --new` would start the next one",
+                    last.id,
+                    last.step.as_str()
+                ),
+            );
+            return Ok(log.end(Ended::Done, last.step));
+        }
+        let next = store
+            .table()
+            .next_id()
+            .map_err(|e| Error::Config(e.to_string()))?;
+        say(
+            &mut log,
+            format!(
+                "would stage key {next} as pending in {}, then {}",
+                store.secret_id(),
+                if opts.no_wait {
+                    "re-encrypt, verify and promote in the same invocation"
+                } else {
+                    "stop (exit 6) while the applications are redeployed to read it"
+                }
+            ),
+        );
+        return Ok(log.end(Ended::Done, Step::Staged));
+    };
+    log.rotation = Some(RotationInfo {
+        id: rot.id,
+        old_key: rot.old_key,
+        new_key: rot.new_key,
+        grace_s: rot.grace_s,
+    });
+    let to_rewrite = || async {
+        let job = Job::resolve(spec, client).await?;
+        let columns = plan::count_by_key(client, &job).await?;
+        Ok::<u64, Error>(columns.iter().map(|c| c.to_rewrite).sum())
+    };
+    let line = match rot.step {
+        Step::Staged => format!(
+            "rotation {} is staged: would re-encrypt {} values under key {}, verify, and promote it",
+            rot.id,
+            to_rewrite().await?,
+            rot.new_key
+        ),
+        Step::Ran | Step::Verified => format!(
+            "rotation {} has re-encrypted its values: would verify and promote key {}",
+            rot.id, rot.new_key
+        ),
+        Step::Promoted => {
+            let due = rot.promoted_at_s.unwrap_or(now() as i64) + rot.grace_s;
+            match rot.old_key {
+                Some(old) if (now() as i64) < due => format!(
+                    "rotation {} is promoted; key {old} stays for the grace period ({}), until {}; then a full verify and its retirement",
+                    rot.id,
+                    human(rot.grace_s),
+                    rfc3339(due.max(0).unsigned_abs())
+                ),
+                Some(old) => format!(
+                    "rotation {} is promoted and its grace period is over: would verify every value and retire key {old}",
+                    rot.id
+                ),
+                None => format!("rotation {} is promoted: would mark it complete", rot.id),
+            }
+        }
+        Step::Aborting => format!(
+            "rotation {} is being aborted: would rewrite {} values back to key {}, then retire key {}",
+            rot.id,
+            to_rewrite().await?,
+            rot.old_key.map_or("-".into(), |k| k.to_string()),
+            rot.new_key
+        ),
+        Step::Retired | Step::RolledBack => format!("rotation {} is over", rot.id),
+    };
+    say(&mut log, line);
+    if store.table().id_in(KeyState::Pending).is_none() && rot.step == Step::Staged {
+        say(
+            &mut log,
+            format!(
+                "key {} is not staged in {} yet: make the changes the staging printed first",
+                rot.new_key,
+                store.secret_id()
+            ),
+        );
+    }
+    Ok(log.end(Ended::Done, rot.step))
+}
