@@ -22,7 +22,7 @@ pub async fn plan(args: &StatusArgs) -> Result<u8, Error> {
     } else {
         println!("{}: {} values to rewrite", job.name, to_rewrite);
         for t in &job.targets {
-            println!("  {}: target key {}", t.table, t.target_label());
+            println!("  {}: target {}", t.table, t.target_label());
         }
         for c in &columns {
             let keys = c

@@ -57,3 +57,27 @@ fn a_bench_report_samples_to_the_end_and_charts_the_kill_and_resume() {
         "no tick at 0 on both axes"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_job_projects_only_what_plan_says_is_left_to_rewrite() {
+    let db = TestDb::new().await;
+    db.seed_patients(3_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    let bench = |db_rows_left: u64| {
+        let out = rekey(
+            &[
+                "bench", "--rows", "5000", "--job", &job, "--quiet", "--json",
+            ],
+            &seed_env(),
+        );
+        assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+        let projections = json(&out)["projections"].clone();
+        assert_eq!(projections[0][0], db_rows_left, "{projections}");
+        projections[0][1].as_f64().unwrap()
+    };
+    assert!(bench(3_000) > 0.0);
+    let out = rekey(&["run", "--job", &job], &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(bench(0), 0.0, "a rotated table needs no window");
+}
