@@ -67,9 +67,27 @@ pub async fn verify(args: &VerifyArgs) -> Result<u8, Error> {
                     "verified by a sample: every value's key version counted, {} sampled values decrypted; `rekey verify --full` decrypts every value (a retire always does)",
                     v.values_sampled
                 ),
-                (false, _) => "NOT verified: values on old keys need `rekey run`; undecryptable ones are listed in rekey.quarantine after a run".into(),
+                (false, _) => not_verified(v.values_on_old_keys, v.values_undecryptable),
             }
         );
     }
     Ok(if v.verified { 0 } else { EXIT_LEFT_ON_OLD_KEYS })
+}
+
+/// What to do about values left on old keys, and about values no key opens.
+fn not_verified(on_old: u64, undecryptable: u64) -> String {
+    let mut out = "NOT verified:".to_string();
+    if on_old > 0 {
+        out.push_str(&format!(
+            " {on_old} values on old keys: `rekey run` rewrites them;"
+        ));
+    }
+    if undecryptable > 0 {
+        out.push_str(&format!(
+            " {undecryptable} values no key given opens (damaged, truncated, or under a key the job does not have): \
+             `rekey run` cannot fix these; restore them from a backup or add the key they were written under \
+             (each is listed above; a run also records them in rekey.quarantine)"
+        ));
+    }
+    out.trim_end_matches(';').to_string()
 }

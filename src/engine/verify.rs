@@ -92,7 +92,21 @@ pub async fn verify(
 ) -> Result<Verification, Error> {
     check_recorded_keys(client, job).await?;
     let counted = plan::count_by_key(client, job).await?;
-    let full = depth.full || counted.iter().any(|c| c.by_key.is_none());
+    let mut full = depth.full || counted.iter().any(|c| c.by_key.is_none());
+    // A sample counts key versions by their prefix; it cannot tell a value
+    // under an old key from a damaged one bearing that key's prefix. When the
+    // count finds anything off the target key, every value is decrypted, so
+    // the answer is the one `--full` gives.
+    let off_target = |c: &plan::ColumnPlan| {
+        let keys: u64 = c.by_key.as_ref().map_or(0, |k| k.values().sum());
+        keys > c.on_target_key.unwrap_or(0)
+    };
+    if !full && counted.iter().any(off_target) {
+        tracing::info!(
+            "values are not all on the target key: decrypting every value to tell old keys from damaged values"
+        );
+        full = true;
+    }
     if !full && depth.sample == 0 {
         return Err(Error::Config(
             "--sample 0 decrypts nothing, so it cannot verify anything: give --sample N (N at least 1) or --full; \
@@ -157,6 +171,20 @@ pub async fn verify(
         let sample_failures = failures.len() as u64;
         undecryptable += sample_failures;
         on_target = on_target.saturating_sub(sample_failures);
+    }
+    if !full && undecryptable > 0 {
+        // a sampled value with the target key's prefix did not decrypt: count them all
+        return Box::pin(verify(
+            db,
+            client,
+            job,
+            Depth {
+                full: true,
+                ..depth
+            },
+            quiet,
+        ))
+        .await;
     }
 
     let mut by_key: BTreeMap<String, u64> = BTreeMap::new();

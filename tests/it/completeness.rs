@@ -916,3 +916,46 @@ async fn a_missing_old_key_with_force_quarantines_with_a_summary_not_a_line_per_
         "the summary gives the count ({values}, or 60 and 40 per column):\n{said}"
     );
 }
+
+// Before: on the same damaged table, `--full` said "0 on old keys, 3
+// undecryptable" and a sample "2 on old keys, 1 undecryptable" (it counted the
+// old key's version byte on two damaged values), and both said `rekey run`
+// would fix what no run can.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sample_and_a_full_verify_agree_on_damaged_values_and_say_a_run_cannot_fix_them() {
+    let db = TestDb::new().await;
+    db.seed_patients(400).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job(&dir).display().to_string();
+    let out = rekey(&["run", "--job", &j], &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    // one value's tag damaged; two values given key 1's version byte over garbage
+    db.client
+        .batch_execute(
+            "UPDATE patient_persons SET phone_encrypted = overlay(phone_encrypted placing '\\xff'::bytea from length(phone_encrypted)) WHERE id = 11;
+             UPDATE patient_persons SET phone_encrypted = '\\x01'::bytea || substring(phone_encrypted from 2) WHERE id IN (12, 13);",
+        )
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    for depth in [&["--full"][..], &[][..], &["--sample", "5"][..]] {
+        let mut args = vec!["verify", "--job", j.as_str(), "--json"];
+        args.extend_from_slice(depth);
+        let out = rekey(&args, &seed_env());
+        assert_eq!(out.status.code(), Some(4), "{depth:?}: {}", printed(&out));
+        let v = json(&out);
+        seen.push((
+            v["values_on_old_keys"].as_u64(),
+            v["values_undecryptable"].as_u64(),
+        ));
+    }
+    assert_eq!(seen, vec![(Some(0), Some(3)); 3], "the depths disagree");
+    let out = rekey(&["verify", "--job", &j], &seed_env());
+    let said = printed(&out);
+    assert!(
+        said.contains("3 values no key given opens")
+            && said.contains("`rekey run` cannot fix these"),
+        "{said}"
+    );
+    assert!(!said.contains("need `rekey run`"), "{said}");
+}
