@@ -76,3 +76,88 @@ async fn progress_lines_are_json_fields_with_log_format_json() {
         "no progress between lines: {done:?}"
     );
 }
+
+/// Runs `args` under an 80-column pseudo-terminal; returns everything drawn.
+const UNDER_A_TERMINAL: &str = r#"
+import fcntl, os, pty, struct, subprocess, sys, termios
+master, slave = pty.openpty()
+fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+env = dict(line.split("=", 1) for line in sys.stdin.read().splitlines() if line)
+p = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
+os.close(slave)
+out = b""
+while True:
+    try:
+        chunk = os.read(master, 65536)
+    except OSError:
+        break
+    if not chunk:
+        break
+    out += chunk
+p.wait()
+sys.stdout.write(out.decode("utf-8", "replace"))
+sys.stdout.write("\nEXIT %d\n" % p.returncode)
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_terminal_bar_fits_an_80_column_terminal_and_rounds_its_rate() {
+    let db = TestDb::new().await;
+    db.seed_patients(3_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    let mut env: Vec<String> = seed_env().iter().map(|(k, v)| format!("{k}={v}")).collect();
+    env.push(format!(
+        "PATH={}",
+        std::env::var("PATH").unwrap_or_default()
+    ));
+    env.push("TERM=xterm".into());
+    let drawn = python(
+        UNDER_A_TERMINAL,
+        &[
+            env!("CARGO_BIN_EXE_rekey"),
+            "run",
+            "--job",
+            &job,
+            "--max-rows-per-sec",
+            "1500",
+            "--batch-size",
+            "100",
+        ],
+        &env.join("\n"),
+    );
+    assert!(drawn.contains("EXIT 0"), "{drawn}");
+    // what the terminal shows: each redraw after a carriage return, escapes taken out
+    let mut plain = String::new();
+    let mut chars = drawn.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ params final-byte
+            if chars.next_if_eq(&'[').is_some() {
+                while let Some(n) = chars.next() {
+                    if n.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        plain.push(c);
+    }
+    let bars: Vec<&str> = plain
+        .split(['\r', '\n'])
+        .filter(|l| l.contains("rows") || l.contains('%'))
+        .filter(|l| l.contains('['))
+        .collect();
+    assert!(!bars.is_empty(), "no bar drawn: {drawn:?}");
+    for b in &bars {
+        assert!(
+            b.chars().count() <= 80,
+            "a bar line wider than 80 columns: {b:?}"
+        );
+        let c: Vec<char> = b.chars().collect();
+        let decimals = c
+            .windows(3)
+            .any(|w| w[0].is_ascii_digit() && w[1] == '.' && w[2].is_ascii_digit());
+        assert!(!decimals, "a rate with decimals: {b:?}");
+    }
+}
