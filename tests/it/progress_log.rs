@@ -133,7 +133,7 @@ async fn the_terminal_bar_fits_an_80_column_terminal_and_rounds_its_rate() {
         if c == '\u{1b}' {
             // CSI: ESC [ params final-byte
             if chars.next_if_eq(&'[').is_some() {
-                while let Some(n) = chars.next() {
+                for n in chars.by_ref() {
                     if n.is_ascii_alphabetic() {
                         break;
                     }
