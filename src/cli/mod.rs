@@ -64,7 +64,34 @@ pub(crate) async fn open(args: &JobArgs) -> Result<Opened, Error> {
         .ok_or_else(|| Error::Config("no database given: pass --database-url, set DATABASE_URL or libpq's PGHOST/PGDATABASE/PGSERVICE, or add [database] url to the job file".into()))?;
     let db = Database::parse(&url).map_err(|e| Error::Config(e.to_string()))?;
     let client = db.connect().await?;
+    refuse_a_shared_default_name(&client, &spec).await?;
     Ok(Opened { spec, db, client })
+}
+
+/// Refuses a job file whose name comes from its file name (`job.toml`: job
+/// "job") when the job of that name on this database was started from
+/// another file with other targets or keys: `status`, `stop`, `--restart`
+/// and `rotate` would otherwise act on the other file's job.
+async fn refuse_a_shared_default_name(client: &Client, spec: &JobSpec) -> Result<(), Error> {
+    let (Some(name), Some(file), true) = (&spec.name, &spec.file, spec.name_from_file) else {
+        return Ok(());
+    };
+    if !crate::state::schema_exists(client).await? {
+        return Ok(());
+    }
+    let Some((Some(other), hash)) = crate::state::jobs::latest_job_origin(client, name).await?
+    else {
+        return Ok(());
+    };
+    if other == file.display().to_string() || hash == spec.spec_hash() {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "job {name:?} takes its name from the file name of {}, and the job of that name on this database was started from \
+         another job file ({other}) with other targets or keys: give this file its own name (name = \"...\" at its top) \
+         so the two jobs stay apart",
+        file.display()
+    )))
 }
 
 /// An empty connection string when libpq's variables name a server or a

@@ -135,6 +135,8 @@ pub struct Job {
     pub name: String,
     /// See [`JobSpec::spec_hash`].
     pub spec_hash: String,
+    /// The job file it was read from, if any.
+    pub file: Option<String>,
     /// The resolved targets.
     pub targets: Vec<Target>,
 }
@@ -307,6 +309,7 @@ impl Job {
         Ok(Job {
             name: spec.name.clone().unwrap_or_else(|| "rekey".into()),
             spec_hash: spec.spec_hash(),
+            file: spec.file.as_ref().map(|f| f.display().to_string()),
             targets,
         })
     }

@@ -48,6 +48,22 @@ pub async fn open_job(
     Ok(opened)
 }
 
+/// The job file and spec hash of the latest job named `name`, if any.
+pub async fn latest_job_origin(
+    client: &Client,
+    name: &str,
+) -> Result<Option<(Option<String>, String)>, Error> {
+    let row = client
+        .query_opt(
+            // through jsonb: a schema from before job_file existed reads NULL
+            "SELECT to_jsonb(j) ->> 'job_file', spec_hash FROM rekey.jobs j WHERE name = $1 ORDER BY job_id DESC LIMIT 1",
+            &[&name],
+        )
+        .await
+        .ctx(|| format!("reading job {name:?}"))?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
+}
+
 /// The key set an unfinished job of this name was started with, if one is
 /// unfinished (compare with [`Job::describe_keys`]).
 pub async fn unfinished_job_keys(
@@ -121,8 +137,8 @@ async fn open_job_locked(
     let tx = client.transaction().await.ctx(what)?;
     let id: i64 = tx
         .query_one(
-            "INSERT INTO rekey.jobs (name, spec_hash, keys, state) VALUES ($1, $2, $3, 'running') RETURNING job_id",
-            &[&job.name, &job.spec_hash, &keys],
+            "INSERT INTO rekey.jobs (name, spec_hash, keys, state, job_file) VALUES ($1, $2, $3, 'running', $4) RETURNING job_id",
+            &[&job.name, &job.spec_hash, &keys, &job.file],
         )
         .await
         .ctx(what)?

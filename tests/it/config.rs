@@ -251,3 +251,59 @@ async fn without_the_aws_feature_the_aws_key_sources_are_refused_saying_how_to_g
         assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
     }
 }
+
+// Before: every `job.toml` was job "job", so `status`, `stop` and `--restart`
+// of one acted on another folder's job.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_job_files_named_alike_in_different_folders_are_kept_apart() {
+    let db = TestDb::new().await;
+    db.seed_patients(200).await;
+    db.client
+        .batch_execute("CREATE TABLE other_secrets AS SELECT id, phone_encrypted AS secret FROM patient_persons; ALTER TABLE other_secrets ADD PRIMARY KEY (id)")
+        .await
+        .unwrap();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let job_a = a.path().join("job.toml");
+    std::fs::rename(db.patients_job(&a), &job_a).unwrap();
+    let text = std::fs::read_to_string(&job_a).unwrap();
+    let job_b = b.path().join("job.toml");
+    std::fs::write(
+        &job_b,
+        text.replace("patient_persons", "other_secrets").replace(
+            "[\"phone_encrypted\", \"emergency_contact_phone_encrypted\"]",
+            "[\"secret\"]",
+        ),
+    )
+    .unwrap();
+    let (ja, jb) = (job_a.display().to_string(), job_b.display().to_string());
+    let out = rekey(&["run", "--job", &ja], &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+
+    for args in [
+        vec!["status", "--job", jb.as_str()],
+        vec!["stop", "--job", jb.as_str()],
+        vec!["run", "--job", jb.as_str(), "--restart"],
+    ] {
+        let out = rekey(&args, &seed_env());
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", printed(&out));
+        assert!(
+            stderr(&out).contains("give this file its own name"),
+            "{args:?}: {}",
+            printed(&out)
+        );
+    }
+    // the same file, again: its own job
+    let out = rekey(&["status", "--job", &ja], &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    // named, the second file is a job of its own
+    std::fs::write(
+        &job_b,
+        format!(
+            "name = \"other\"\n{}",
+            std::fs::read_to_string(&job_b).unwrap()
+        ),
+    )
+    .unwrap();
+    let out = rekey(&["run", "--job", &jb], &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+}

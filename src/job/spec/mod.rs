@@ -33,6 +33,12 @@ pub struct JobSpec {
     /// The tables and columns to rotate.
     #[serde(rename = "target", default)]
     pub targets: Vec<TargetSpec>,
+    /// The job file this was read from (absolute), when it was read from one.
+    #[serde(skip)]
+    pub file: Option<std::path::PathBuf>,
+    /// Whether `name` was taken from the file's name rather than written.
+    #[serde(skip)]
+    pub name_from_file: bool,
 }
 
 /// `[database]` section.
@@ -105,7 +111,9 @@ impl JobSpec {
         })?;
         if spec.name.is_none() {
             spec.name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+            spec.name_from_file = true;
         }
+        spec.file = Some(std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()));
         Ok(spec)
     }
 
