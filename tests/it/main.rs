@@ -12,6 +12,7 @@ mod faults;
 mod formats;
 mod inputs;
 mod interop;
+mod layouts;
 mod lifecycle;
 mod online;
 mod replica;

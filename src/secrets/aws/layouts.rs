@@ -188,8 +188,10 @@ impl SecretsManagerStore {
         let mut next = FlatDoc::parse(doc.text()).map_err(|e| Error::Runtime(e.to_string()))?;
         layout::render_env_json(&self.spec.prefix, &mut next, &self.table, self.encoding);
         if next.text() != doc.text() {
+            // one PutSecretValue: AWSCURRENT (and AWSPREVIOUS) move in the
+            // same call, so no reader ever sees a half-written change
             let text = Zeroizing::new(next.text().to_string());
-            self.write_current(&text).await?;
+            self.current_version = Some(put(&self.client, &self.secret_id, &text, None).await?);
         }
         self.doc = Some(next);
         Ok(())

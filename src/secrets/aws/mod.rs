@@ -187,6 +187,21 @@ impl SecretsManagerStore {
             )
         })?;
         let client = client(keys).await;
+        // DescribeSecret first: it says "not found" plainly where some
+        // services fail ListSecretVersionIds on a missing secret
+        let described = client
+            .describe_secret()
+            .secret_id(&secret_id)
+            .send()
+            .await
+            .map_err(|e| aws_err(ops::DESCRIBE, &secret_id, e))?;
+        let meta_line = described
+            .tags()
+            .iter()
+            .find(|t| t.key() == Some(META_TAG))
+            .and_then(|t| t.value())
+            .unwrap_or_default()
+            .to_string();
         let vs = versions(&client, &secret_id, false).await?;
         let labelled = |label: &str| {
             vs.iter()
@@ -232,29 +247,13 @@ impl SecretsManagerStore {
                 table
             }
             Layout::EnvJson | Layout::Value => {
-                store.meta = Meta::parse(&store.meta_tag().await?.unwrap_or_default());
+                store.meta = Meta::parse(&meta_line);
                 store.open_layout(&text, &current, pending.as_ref()).await?
             }
         };
         store.before = table.clone();
         store.table = table;
         Ok(store)
-    }
-
-    /// The meta tag of the secret, if any.
-    async fn meta_tag(&self) -> Result<Option<String>, Error> {
-        let d = self
-            .client
-            .describe_secret()
-            .secret_id(&self.secret_id)
-            .send()
-            .await
-            .map_err(|e| aws_err(ops::DESCRIBE, &self.secret_id, e))?;
-        Ok(d.tags()
-            .iter()
-            .find(|t| t.key() == Some(META_TAG))
-            .and_then(|t| t.value())
-            .map(str::to_owned))
     }
 
     /// Writes the meta tag when the table's differs from the one read.
