@@ -28,15 +28,19 @@ pub struct KeysSpec {
     pub kms_key_id: Option<String>,
     /// How the secret holds the keys (`aws-secrets-manager`): rekey's keyring
     /// (the default), a flat JSON of environment names, or the key itself.
-    #[serde(default)]
+    /// (Left out of the job's spec hash while default, as the two fields
+    /// below: a job started before layouts existed resumes after an upgrade.)
+    #[serde(default, skip_serializing_if = "Layout::is_rekey")]
     pub layout: Layout,
     /// How key material is written where applications read it (`env-json`,
     /// `value`, the environment): default, the encoding of the keys already
     /// there (see `secrets::layout::detect_encoding`), else Fernet's for a
     /// Fernet job and hex otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub key_encoding: Option<KeyEncoding>,
     /// For `layout = "value"`: the secret the deployment reads
     /// `ENCRYPTION_KEY_NEW` from; default: the AWSPENDING version of `secret_id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub pending_secret_id: Option<String>,
     /// Whether every target of the job is Fernet (set when the job file is
     /// loaded, not written in it): decides an ambiguous base64 key encoding.
@@ -57,6 +61,13 @@ pub enum Layout {
     EnvJson,
     /// The secret string is the key itself (healthprep's `ENCRYPTION_KEY`).
     Value,
+}
+
+impl Layout {
+    /// The default layout.
+    pub fn is_rekey(&self) -> bool {
+        *self == Layout::Rekey
+    }
 }
 
 impl std::fmt::Display for Layout {
