@@ -144,7 +144,7 @@ async fn versions(client: &Client, sid: &str, all: bool) -> Result<Vec<Version>,
             })
         })
         .collect();
-    vs.sort_by(|a, b| b.created.cmp(&a.created));
+    vs.sort_by_key(|v| std::cmp::Reverse(v.created));
     Ok(vs)
 }
 
