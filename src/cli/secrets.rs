@@ -54,6 +54,18 @@ async fn restore(a: &KeyArgs) -> Result<u8, Error> {
 /// `rekey secrets purge`: archived material destroyed.
 async fn purge(a: &PurgeArgs) -> Result<u8, Error> {
     let (spec, Opened { client, .. }, mut store) = locked(&a.life).await?;
+    // Secrets Manager keeps retired material in former versions, not in the
+    // table read: fetch it, so purging destroys it there
+    let retired: Vec<_> = store
+        .table()
+        .entries
+        .iter()
+        .filter(|e| e.state == KeyState::Retired && a.key_id.is_none_or(|id| id == e.id))
+        .map(|e| e.id)
+        .collect();
+    for id in retired {
+        store.fetch_archived(id).await?;
+    }
     let (purged, applied) = steps::purge(&mut store, a.key_id).await?;
     let note = if purged.is_empty() {
         "no archived key to purge".to_string()

@@ -207,6 +207,10 @@ impl Store {
             Store::Env(_) | Store::File(_) | Store::Kms(_) => None,
         };
         let Some(key) = found else { return Ok(false) };
+        if let Store::Aws(a) = self {
+            // held since opening: destroying it now must reach the former versions
+            a.hold_archived(&key);
+        }
         if let Some(e) = self.table_mut().entries.iter_mut().find(|e| e.id == id) {
             e.key = Some(key);
         }

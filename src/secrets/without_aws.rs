@@ -48,6 +48,11 @@ pub mod aws {
         }
 
         /// Unreachable: no value exists.
+        pub fn hold_archived(&mut self, _key: &Key) {
+            match self.never {}
+        }
+
+        /// Unreachable: no value exists.
         pub fn describe_layout(&self) -> String {
             match self.never {}
         }

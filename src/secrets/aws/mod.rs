@@ -362,6 +362,14 @@ impl SecretsManagerStore {
         Ok(None)
     }
 
+    /// Records `key`, fetched from a former version, as held since opening,
+    /// so that destroying it afterwards ([`Self::save`]) purges the former versions.
+    pub fn hold_archived(&mut self, key: &Key) {
+        if let Some(e) = self.before.entries.iter_mut().find(|e| e.id == key.id()) {
+            e.key = Some(key.clone());
+        }
+    }
+
     /// Moves AWSCURRENT from `current` to `version` (Secrets Manager moves
     /// AWSPREVIOUS to `current`) and removes AWSPENDING from it (finishSecret).
     async fn move_current(&mut self, version: &str, current: &str) -> Result<(), Error> {

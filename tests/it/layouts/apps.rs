@@ -113,22 +113,29 @@ class DualKeyEncryption:
 /// label, not the version AWSCURRENT was moved to.
 ///
 /// The deployment: ENCRYPTION_KEY from the secret, ENCRYPTION_KEY_NEW from
-/// the second secret ("-": the AWSPENDING version) when there is one; then
+/// the second secret ("-": the AWSPENDING version) when there is one, or
+/// ("json") both from the flat environment JSON of the secret; then
 /// the application decrypts every `expected\ttoken` line. Prints "ok failed".
 pub fn healthprep_app() -> String {
     format!(
         r#"
-import os, sys, boto3
+import json, os, sys, boto3
 c = boto3.client("secretsmanager", endpoint_url=sys.argv[1], region_name="us-east-1")
 def value(sid, stage="AWSCURRENT"):
     try:
         return c.get_secret_value(SecretId=sid, VersionStage=stage)["SecretString"]
     except (c.exceptions.ResourceNotFoundException, c.exceptions.InvalidRequestException):
         return None
-os.environ["ENCRYPTION_KEY"] = value(sys.argv[2])
-new = value(sys.argv[3]) if sys.argv[3] != "-" else value(sys.argv[2], "AWSPENDING")
-if new:
-    os.environ["ENCRYPTION_KEY_NEW"] = new
+if sys.argv[3] == "json":
+    env = json.loads(value(sys.argv[2]))
+    for name in ("ENCRYPTION_KEY", "ENCRYPTION_KEY_NEW"):
+        if name in env:
+            os.environ[name] = env[name]
+else:
+    os.environ["ENCRYPTION_KEY"] = value(sys.argv[2])
+    new = value(sys.argv[3]) if sys.argv[3] != "-" else value(sys.argv[2], "AWSPENDING")
+    if new:
+        os.environ["ENCRYPTION_KEY_NEW"] = new
 {DUAL_KEY_ENCRYPTION}
 service = DualKeyEncryption()
 ok = failed = 0
@@ -169,6 +176,31 @@ for line in sys.stdin.read().splitlines():
         failed += 1
         why = f" (first: version {ct[0]}, keys {sorted(keys)}, {e!r})"
 print(ok, failed, why if failed else "")
+"#;
+
+/// The dual-key procedure with AES-GCM values: `ENCRYPTION_KEY` and
+/// `ENCRYPTION_KEY_NEW` (64 hex) from the flat JSON secret, the new key tried
+/// first, as `DualKeyEncryption` does. Prints "ok failed".
+pub const DUAL_GCM_APP: &str = r#"
+import json, sys, boto3
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+c = boto3.client("secretsmanager", endpoint_url=sys.argv[1], region_name="us-east-1")
+env = json.loads(c.get_secret_value(SecretId=sys.argv[2], VersionStage="AWSCURRENT")["SecretString"])
+keys = [AESGCM(bytes.fromhex(env[n])) for n in ("ENCRYPTION_KEY_NEW", "ENCRYPTION_KEY") if n in env]
+ok = failed = 0
+for line in sys.stdin.read().splitlines():
+    expected, value = line.split("\t")
+    ct = bytes.fromhex(value)
+    for k in keys:
+        try:
+            assert k.decrypt(ct[1:13], ct[13:], None) == expected.encode()
+            ok += 1
+            break
+        except Exception:
+            pass
+    else:
+        failed += 1
+print(ok, failed)
 "#;
 
 /// Runs an application check: every value decrypts.

@@ -280,3 +280,148 @@ async fn a_compromised_key_leaves_no_version_of_the_secret_holding_its_material(
     ));
     assert_eq!(show["keys"][0]["state"], "retired", "{show}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dual_convention_in_an_env_json_secret_rotates_fernet_with_the_healthprep_class() {
+    dual_env_json(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dual_convention_in_an_env_json_secret_rotates_versioned_gcm() {
+    dual_env_json(false).await;
+}
+
+/// `ENCRYPTION_KEY` + `ENCRYPTION_KEY_NEW` in a flat JSON secret beside other
+/// variables: stage adds NEW, promote copies it into `ENCRYPTION_KEY` and
+/// removes it; ids stay stable across processes (the GCM version byte).
+async fn dual_env_json(fernet: bool) {
+    let db = TestDb::new().await;
+    let secret = format!("healthprep/env-{}-{fernet}", std::process::id());
+    let (key, target, table) = if fernet {
+        fernet_table(&db, 300).await;
+        (
+            urlsafe(K1),
+            "[[target]]\ntable = \"patients\"\ncolumns = [\"ssn\"]\nformat = \"fernet\"\n",
+            "patients",
+        )
+    } else {
+        db.seed_patients(300).await;
+        (K1.to_string(), "[[target]]\ntable = \"patient_persons\"\ncolumns = [\"phone_encrypted\", \"emergency_contact_phone_encrypted\"]\nformat = \"versioned-gcm\"\n", "patient_persons")
+    };
+    let raw = format!("{{\"APP_NAME\": \"healthprep\",\n \"ENCRYPTION_KEY\": \"{key}\", \"DEBUG\": false, \"PORT\": 8080}}");
+    py(PY_CREATE, &[&secret], &raw);
+    let dir = tempfile::tempdir().unwrap();
+    let job = job_file(
+        &db,
+        &dir,
+        &format!("secret_id = \"{secret}\"\nlayout = \"env-json\""),
+        target,
+    );
+    let out = rekey(&["secrets", "init", "--adopt", "--job", &job], &aws_env());
+    assert!(
+        printed(&out).contains("dual convention"),
+        "{}",
+        printed(&out)
+    );
+    let app = if fernet {
+        healthprep_app()
+    } else {
+        DUAL_GCM_APP.to_string()
+    };
+    let args = [secret.as_str(), "json"];
+    let check = |when: &str| {
+        check_app(&app, &args, &lines_now(&db), when);
+        let raw = py(PY_RAW, &[&secret], "");
+        for member in [
+            "{\"APP_NAME\": \"healthprep\",\n ",
+            "\"DEBUG\": false",
+            "\"PORT\": 8080",
+        ] {
+            assert!(raw.contains(member), "{member} changed {when}: {raw}");
+        }
+    };
+    check("before the rotation");
+    kill_mid_run(&db, &job, 150, table, &mut |when| check(when)).await;
+    drive(&job, &mut |when| check(when));
+    let env: serde_json::Value = serde_json::from_str(&py(PY_RAW, &[&secret], "")).unwrap();
+    assert!(
+        env.get("ENCRYPTION_KEY_NEW").is_none(),
+        "NEW removed at promotion: {env}"
+    );
+    assert_ne!(env["ENCRYPTION_KEY"].as_str(), Some(key.as_str()), "{env}");
+    let show = json(&rekey(
+        &["secrets", "show", "--job", &job, "--json"],
+        &aws_env(),
+    ));
+    assert_eq!(
+        (
+            show["keys"][1]["id"].as_u64(),
+            show["keys"][1]["state"].as_str()
+        ),
+        (Some(2), Some("current")),
+        "{show}"
+    );
+    if !fernet {
+        let stale: i64 = db
+            .client
+            .query_one(
+                "SELECT count(*) FROM patient_persons WHERE get_byte(phone_encrypted, 0) <> 2",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(stale, 0, "every value under key 2, the id NEW had");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn purging_a_retired_key_of_a_rekey_keyring_secret_removes_it_from_every_version() {
+    let db = TestDb::new().await;
+    db.seed_patients(60).await;
+    let secret = format!("rekey-test/purge-{}", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let job = job_file(
+        &db,
+        &dir,
+        &format!("secret_id = \"{secret}\""),
+        "[[target]]\ntable = \"patient_persons\"\ncolumns = [\"phone_encrypted\", \"emergency_contact_phone_encrypted\"]\nformat = \"versioned-gcm\"\n",
+    );
+    let mut import = aws_env();
+    import.extend([
+        ("ENCRYPTION_KEY_V1", K1.to_string()),
+        ("ENCRYPTION_CURRENT_VERSION", "1".to_string()),
+    ]);
+    let out = rekey(
+        &[
+            "secrets",
+            "init",
+            "--job",
+            &job,
+            "--import-env",
+            "ENCRYPTION",
+        ],
+        &import,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    drive(&job, &mut |_| {});
+    assert!(
+        py(PY_ALL_VERSIONS, &[&secret], "").contains(K1),
+        "retired, archived in a former version"
+    );
+    let out = rekey(
+        &["secrets", "purge", "--job", &job, "--key-id", "1"],
+        &aws_env(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let versions = py(PY_ALL_VERSIONS, &[&secret], "");
+    assert!(
+        !versions.trim().is_empty() && !versions.contains(K1),
+        "{versions}"
+    );
+    let out = rekey(
+        &["secrets", "restore", "--job", &job, "--key-id", "1"],
+        &aws_env(),
+    );
+    assert_ne!(out.status.code(), Some(0), "purged: {}", printed(&out));
+}
