@@ -391,7 +391,10 @@ impl EnvStore {
             match (before, e.state) {
                 (None, KeyState::Pending) => {
                     out.push(format!("export {p}_KEY_NEW={}", value(e)));
-                    out.push(format!("export {p}_KEY_NEW_VERSION={}", e.id));
+                    let current = self.table.id_in(KeyState::Current).unwrap_or(1);
+                    if e.id != current % 255 + 1 {
+                        out.push(format!("export {p}_KEY_NEW_VERSION={}", e.id));
+                    }
                 }
                 (Some(b), KeyState::Current) if b != KeyState::Current => {
                     out.push(format!(

@@ -20,6 +20,19 @@ pub enum FlatError {
     Duplicate(String),
 }
 
+/// `(name, value)` pairs of a flat object; the values (key material among
+/// them) are wiped on drop.
+pub struct Vars(pub Vec<(String, String)>);
+
+impl Drop for Vars {
+    fn drop(&mut self) {
+        use zeroize::Zeroize as _;
+        for (_, v) in &mut self.0 {
+            v.zeroize();
+        }
+    }
+}
+
 /// One member: its decoded name and the byte spans of its raw parts.
 #[derive(Debug, Clone)]
 struct Member {
@@ -82,7 +95,7 @@ fn value_end(b: &[u8], i: usize) -> usize {
                     }
                     b'{' | b'[' => depth += 1,
                     b'}' | b']' => {
-                        depth -= 1;
+                        depth = depth.saturating_sub(1);
                         if depth == 0 {
                             return j + 1;
                         }
@@ -104,9 +117,10 @@ fn value_end(b: &[u8], i: usize) -> usize {
     }
 }
 
-/// A JSON string literal for `s`.
-fn quoted(s: &str) -> String {
-    serde_json::Value::String(s.to_string()).to_string()
+/// A JSON string literal for `s` (which may be key material: wiped on drop).
+fn quoted(s: &str) -> Zeroizing<String> {
+    // writing a &str as JSON cannot fail
+    Zeroizing::new(serde_json::to_string(s).unwrap_or_default())
 }
 
 impl FlatDoc {
@@ -181,15 +195,17 @@ impl FlatDoc {
     }
 
     /// The `(name, value)` pairs whose values are strings or numbers, for the
-    /// environment conventions.
-    pub fn vars(&self) -> Vec<(String, String)> {
-        self.names()
-            .into_iter()
-            .filter_map(|n| {
-                let v = self.get(&n)?;
-                Some((n, v.to_string()))
-            })
-            .collect()
+    /// environment conventions (values wiped on drop).
+    pub fn vars(&self) -> Vars {
+        Vars(
+            self.names()
+                .into_iter()
+                .filter_map(|n| {
+                    let v = self.get(&n)?;
+                    Some((n, v.to_string()))
+                })
+                .collect(),
+        )
     }
 
     /// Sets `name` to the string `value` (a number stays a number when
@@ -201,7 +217,7 @@ impl FlatDoc {
         if let Some(m) = members.iter().find(|m| m.name == name) {
             let was_number = self.text.as_bytes().get(m.value_start) != Some(&b'"');
             let new = if was_number && value.parse::<u64>().is_ok() {
-                value.to_string()
+                Zeroizing::new(value.to_string())
             } else {
                 quoted(value)
             };
@@ -217,7 +233,7 @@ impl FlatDoc {
                     ":"
                 }
             });
-            let member = format!("{}{colon}{}", quoted(name), quoted(value));
+            let member = Zeroizing::new(format!("{}{colon}{}", *quoted(name), *quoted(value)));
             match members.last() {
                 Some(last) => {
                     text.push_str(&self.text[..last.end]);

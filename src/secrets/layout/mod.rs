@@ -254,7 +254,7 @@ pub fn env_json_slots(
     written_at: u64,
 ) -> Result<(Vec<Slot>, Option<Zeroizing<String>>), LayoutError> {
     let vars = doc.vars();
-    let ring = env::from_vars(prefix, &vars)?;
+    let ring = env::from_vars(prefix, &vars.0)?;
     let is_versioned = versioned(prefix, &doc.names());
     let slots = ring
         .keys()

@@ -106,3 +106,34 @@ async fn the_env_store_walks_the_dual_convention_as_the_healthprep_policy_does()
     assert_eq!(show["keys"][1]["state"], "current", "{show}");
     assert_eq!(show["keys"][1]["created_at"], "unknown", "{show}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn init_creates_a_secret_in_the_layout_the_application_reads() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = format!("init/value-{}", std::process::id());
+    let job = rekey_layout_job(&db, &dir, &secret, "value");
+    let out = rekey(&["secrets", "init", "--job", &job], &aws_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let raw = py(PY_RAW, &[&secret], "");
+    assert!(
+        raw.len() == 64 && raw.bytes().all(|b| b.is_ascii_hexdigit()),
+        "the key itself, hex for a GCM job"
+    );
+    let show = json(&rekey(
+        &["secrets", "show", "--job", &job, "--json"],
+        &aws_env(),
+    ));
+    assert_eq!(
+        (
+            show["keys"][0]["id"].as_u64(),
+            show["keys"][0]["state"].as_str()
+        ),
+        (Some(1), Some("current")),
+        "{show}"
+    );
+    assert!(
+        show["keys"][0]["age_s"].as_u64().is_some(),
+        "created now: {show}"
+    );
+}
