@@ -317,10 +317,10 @@ impl SecretsManagerStore {
             Layout::Rekey => "layout rekey (rekey's keyring JSON, keys in hex)".into(),
             Layout::EnvJson => format!(
                 "layout env-json ({} convention, prefix {}), keys in {}",
-                if self.doc.as_ref().is_some_and(|d| d
-                    .names()
-                    .iter()
-                    .any(|n| n.starts_with(&format!("{}_KEY_V", self.spec.prefix))))
+                if self
+                    .doc
+                    .as_ref()
+                    .is_some_and(|d| super::layout::versioned(&self.spec.prefix, &d.names()))
                 {
                     "versioned"
                 } else {

@@ -238,7 +238,7 @@ pub fn assemble(slots: Vec<Slot>, meta: &Meta) -> KeyTable {
 }
 
 /// Whether an env-json object uses the versioned convention.
-fn versioned(prefix: &str, names: &[String]) -> bool {
+pub fn versioned(prefix: &str, names: &[String]) -> bool {
     let p = format!("{prefix}_KEY_V");
     names.iter().any(|n| {
         n.strip_prefix(&p)
