@@ -95,6 +95,42 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_compromised_marker_round_trips_and_defaults_to_false_in_older_keyrings() {
+        use crate::crypto::keytable::{Entry, KeyState};
+        let mut t = KeyTable::default();
+        for (id, compromised) in [(1, true), (2, false)] {
+            t.entries.push(Entry {
+                id,
+                state: if id == 2 {
+                    KeyState::Current
+                } else {
+                    KeyState::Previous
+                },
+                created_at: 1_700_000_000,
+                changed_at: 1_700_000_000,
+                key: Some(Key::new(id, [id as u8; 32])),
+                compromised,
+            });
+        }
+        let text = render(&t).unwrap();
+        let back = parse("s", &text).unwrap();
+        assert_eq!(
+            back.entries
+                .iter()
+                .map(|e| e.compromised)
+                .collect::<Vec<_>>(),
+            [true, false]
+        );
+        let older = text.replace(",\"compromised\":true", "");
+        assert!(!older.contains("compromised"));
+        assert!(parse("s", &older)
+            .unwrap()
+            .entries
+            .iter()
+            .all(|e| !e.compromised));
+    }
+
+    #[test]
     fn a_secret_of_another_shape_is_named_with_the_layout_that_reads_it() {
         let plain = diagnose("s", "gAAAAAkey-urlsafe_base64=");
         assert!(
