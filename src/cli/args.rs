@@ -351,8 +351,11 @@ pub struct InitArgs {
     #[command(flatten)]
     pub life: LifecycleArgs,
     /// Import the keys of the environment (ENCRYPTION_KEY_V<n>, ...) instead of generating one.
-    #[arg(long, value_name = "PREFIX")]
+    #[arg(long, value_name = "PREFIX", conflicts_with = "adopt")]
     pub import_env: Option<String>,
+    /// Take the existing secret as it is (any layout): check that it reads under the job's [keys], say what it holds, write nothing.
+    #[arg(long)]
+    pub adopt: bool,
 }
 
 /// `rekey secrets retire`.

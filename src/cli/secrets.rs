@@ -54,6 +54,18 @@ async fn restore(a: &KeyArgs) -> Result<u8, Error> {
 /// `rekey secrets purge`: archived material destroyed.
 async fn purge(a: &PurgeArgs) -> Result<u8, Error> {
     let (spec, Opened { client, .. }, mut store) = locked(&a.life).await?;
+    // Secrets Manager keeps retired material in former versions, not in the
+    // table read: fetch it, so purging destroys it there
+    let retired: Vec<_> = store
+        .table()
+        .entries
+        .iter()
+        .filter(|e| e.state == KeyState::Retired && a.key_id.is_none_or(|id| id == e.id))
+        .map(|e| e.id)
+        .collect();
+    for id in retired {
+        store.fetch_archived(id).await?;
+    }
     let (purged, applied) = steps::purge(&mut store, a.key_id).await?;
     let note = if purged.is_empty() {
         "no archived key to purge".to_string()
@@ -125,6 +137,9 @@ fn said(life: &LifecycleArgs, event: &str, applied: &Applied, note: &str) {
 async fn init(a: &InitArgs) -> Result<u8, Error> {
     let spec = JobSpec::load(&a.life.common.job)?;
     let keys = job_keys(&spec)?;
+    if a.adopt {
+        return adopt(&a.life, &keys).await;
+    }
     let table = match &a.import_env {
         Some(prefix) => Store::open(&KeysSpec::env(prefix)).await?.table().clone(),
         None => {
@@ -137,6 +152,7 @@ async fn init(a: &InitArgs) -> Result<u8, Error> {
                     created_at: at,
                     changed_at: at,
                     key: Some(key),
+                    compromised: false,
                 }],
             }
         }
@@ -144,6 +160,38 @@ async fn init(a: &InitArgs) -> Result<u8, Error> {
     let ids: Vec<_> = table.entries.iter().map(|e| e.id).collect();
     let created = Store::create(&keys, table).await?;
     println!("created {created} with keys {ids:?}");
+    Ok(0)
+}
+
+/// `rekey secrets init --adopt`: the existing store read as the job's
+/// layout says, checked to form a keyring, described; nothing is written.
+async fn adopt(life: &LifecycleArgs, keys: &KeysSpec) -> Result<u8, Error> {
+    let store = Store::open(keys).await?;
+    store.table().keyring().map_err(|e| {
+        Error::Config(format!(
+            "{} does not hold a usable keyring: {e}",
+            store.secret_id()
+        ))
+    })?;
+    let info = store.table().info();
+    let layout = store.describe_layout();
+    if life.common.json {
+        print_json(&json!({ "adopted": store.secret_id(), "layout": layout, "keys": info }));
+    } else {
+        println!(
+            "adopted {} as it is ({layout}); nothing was written",
+            store.secret_id()
+        );
+        for k in &info {
+            println!(
+                "  key {:>3}  {:<9}  fingerprint {}  created {}",
+                k.id,
+                k.state.to_string(),
+                k.fingerprint,
+                k.created_at
+            );
+        }
+    }
     Ok(0)
 }
 
@@ -157,11 +205,14 @@ async fn show(life: &LifecycleArgs) -> Result<u8, Error> {
     } else {
         println!("{}", store.secret_id());
         for k in &info {
-            let state = if k.archived {
+            let mut state = if k.archived {
                 "retired (archived)".to_string()
             } else {
                 k.state.to_string()
             };
+            if k.compromised {
+                state.push_str(", COMPROMISED");
+            }
             println!(
                 "  key {:>3}  {:<18}  fingerprint {:<8}  created {}  state since {}",
                 k.id, state, k.fingerprint, k.created_at, k.changed_at

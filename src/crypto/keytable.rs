@@ -55,6 +55,9 @@ pub struct Entry {
     /// The key. A retired key keeps its material in the store's archive
     /// (never beside the keys applications read) until purged: `None` then.
     pub key: Option<Key>,
+    /// Marked compromised (`--reason compromise`): its material must be
+    /// destroyed, not archived, once no value needs it.
+    pub compromised: bool,
 }
 
 /// Why a transition was refused.
@@ -164,6 +167,7 @@ impl KeyTable {
             created_at: at,
             changed_at: at,
             key: Some(key),
+            compromised: false,
         });
         Ok((id, true))
     }
@@ -289,6 +293,12 @@ impl KeyTable {
             .ok_or(LifecycleError::NoSuchKey(id))
     }
 
+    /// Marks key `id` compromised. Idempotent.
+    pub fn mark_compromised(&mut self, id: KeyId) -> Result<bool, LifecycleError> {
+        let e = self.entry_mut(id)?;
+        Ok(!std::mem::replace(&mut e.compromised, true))
+    }
+
     /// Ids of previous keys (retire candidates).
     pub fn previous_ids(&self) -> Vec<KeyId> {
         self.with_state(KeyState::Previous).map(|e| e.id).collect()
@@ -307,8 +317,21 @@ mod tests {
             created_at: 10,
             changed_at: 10,
             key: Some(Key::new(1, [1; 32])),
+            compromised: false,
         });
         t
+    }
+
+    #[test]
+    fn a_key_is_marked_compromised_once() {
+        let mut t = table();
+        assert!(t.mark_compromised(1).unwrap());
+        assert!(!t.mark_compromised(1).unwrap());
+        assert!(t.entries[0].compromised);
+        assert_eq!(
+            t.mark_compromised(9).unwrap_err(),
+            LifecycleError::NoSuchKey(9)
+        );
     }
 
     #[test]

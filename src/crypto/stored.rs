@@ -31,6 +31,9 @@ pub struct StoredKey {
     pub fingerprint: String,
     /// The key in the store's encoding; absent once retired.
     pub material: Option<String>,
+    /// Marked compromised (absent in keyrings written before the marker).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub compromised: bool,
 }
 
 impl StoredKey {
@@ -66,10 +69,11 @@ impl StoredKey {
         StoredKey {
             id: e.id,
             state: e.state,
-            created_at: rfc3339(e.created_at),
-            changed_at: rfc3339(e.changed_at),
+            created_at: rfc3339_or_unknown(e.created_at),
+            changed_at: rfc3339_or_unknown(e.changed_at),
             fingerprint: e.key.as_ref().map(Key::fingerprint).unwrap_or_default(),
             material: None,
+            compromised: e.compromised,
         }
     }
 
@@ -87,6 +91,7 @@ impl StoredKey {
             created_at: at(&self.created_at),
             changed_at: at(&self.changed_at),
             key,
+            compromised: self.compromised,
         }
     }
 }
@@ -100,20 +105,31 @@ pub struct KeyInfo {
     pub state: KeyState,
     /// Fingerprint of the material (empty once retired).
     pub fingerprint: String,
-    /// Created, RFC 3339.
+    /// Created, RFC 3339, or "unknown" (a key imported or adopted without a date).
     pub created_at: String,
-    /// Seconds since creation.
-    pub age_s: u64,
+    /// Seconds since creation; `null` when unknown.
+    pub age_s: Option<u64>,
     /// Last state change, RFC 3339.
     pub changed_at: String,
     /// A retired key whose material is still in the store's archive.
     pub archived: bool,
+    /// Marked compromised.
+    pub compromised: bool,
 }
 
 /// RFC 3339 (UTC, seconds) for Unix seconds.
 pub fn rfc3339(secs: u64) -> String {
     humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs))
         .to_string()
+}
+
+/// [`rfc3339`], or "unknown" for 0 (a time never recorded, not 1970).
+pub fn rfc3339_or_unknown(secs: u64) -> String {
+    if secs == 0 {
+        "unknown".into()
+    } else {
+        rfc3339(secs)
+    }
 }
 
 impl KeyTable {
@@ -126,10 +142,11 @@ impl KeyTable {
                 id: e.id,
                 state: e.state,
                 fingerprint: e.key.as_ref().map(Key::fingerprint).unwrap_or_default(),
-                created_at: rfc3339(e.created_at),
-                age_s: t.saturating_sub(e.created_at),
-                changed_at: rfc3339(e.changed_at),
+                created_at: rfc3339_or_unknown(e.created_at),
+                age_s: (e.created_at != 0).then(|| t.saturating_sub(e.created_at)),
+                changed_at: rfc3339_or_unknown(e.changed_at),
                 archived: e.state == KeyState::Retired && e.key.is_some(),
+                compromised: e.compromised,
             })
             .collect()
     }

@@ -13,11 +13,12 @@ pub mod aws;
 pub mod file;
 #[cfg(feature = "aws")]
 pub mod kms;
+pub mod layout;
 pub mod spec;
 #[cfg(not(feature = "aws"))]
 mod without_aws;
 
-pub use spec::{KeySource, KeysSpec};
+pub use spec::{KeySource, KeysSpec, Layout};
 #[cfg(not(feature = "aws"))]
 pub use without_aws::{aws, kms};
 
@@ -33,6 +34,10 @@ use file::KeyringFile;
 pub struct EnvStore {
     /// Variable prefix (`ENCRYPTION`).
     prefix: String,
+    /// The dual convention (`<P>_KEY` + `<P>_KEY_NEW`), else the versioned one.
+    dual: bool,
+    /// How keys are written in instructions.
+    encoding: KeyEncoding,
     /// The keys as the environment holds them now.
     before: KeyTable,
     /// The keys after the transitions applied so far.
@@ -140,33 +145,7 @@ impl Store {
             KeySource::AwsSecretsManager => Ok(Store::Aws(Box::new(aws::SecretsManagerStore::open(keys).await?))),
             KeySource::AwsKms => Ok(Store::Kms(Box::new(kms::KmsKeyring::open(keys).await?))),
             KeySource::File => Ok(Store::File(Box::new(open_file(keys)?))),
-            KeySource::Env => {
-                let ring = env::from_process_env(&keys.prefix).map_err(|e| Error::Config(e.to_string()))?;
-                let versioned_prefix = format!("{}_KEY_V", keys.prefix);
-                let versioned = std::env::vars().any(|(k, _)| k.strip_prefix(&versioned_prefix).is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())));
-                if !versioned {
-                    return Err(Error::Config(format!(
-                        "the lifecycle commands manage versioned environment keys ({p}_KEY_V<n> with {p}_CURRENT_VERSION); \
-                         with {p}_KEY / {p}_KEY_NEW, re-encrypt with `rekey run`, then move {p}_KEY_NEW to {p}_KEY yourself",
-                        p = keys.prefix
-                    )));
-                }
-                let entries = ring
-                    .keys()
-                    .map(|k| {
-                        let state = if k.id() == ring.current_id() {
-                            KeyState::Current
-                        } else if Some(k.id()) == ring.pending_id() {
-                            KeyState::Pending
-                        } else {
-                            KeyState::Previous
-                        };
-                        Entry { id: k.id(), state, created_at: 0, changed_at: 0, key: Some(k.clone()) }
-                    })
-                    .collect();
-                let table = KeyTable { entries };
-                Ok(Store::Env(EnvStore { prefix: keys.prefix.clone(), before: table.clone(), table }))
-            }
+            KeySource::Env => Ok(Store::Env(EnvStore::open(keys)?)),
             KeySource::TinkKeyset => Err(Error::Config(
                 "a Tink keyset is managed with Tink's own tools (tinkey add-key / promote-key); rekey rotates the data under it with `rekey run`".into(),
             )),
@@ -228,6 +207,10 @@ impl Store {
             Store::Env(_) | Store::File(_) | Store::Kms(_) => None,
         };
         let Some(key) = found else { return Ok(false) };
+        if let Store::Aws(a) = self {
+            // held since opening: destroying it now must reach the former versions
+            a.hold_archived(&key);
+        }
         if let Some(e) = self.table_mut().entries.iter_mut().find(|e| e.id == id) {
             e.key = Some(key);
         }
@@ -235,9 +218,23 @@ impl Store {
     }
 
     /// Whether the store's archive can destroy a retired key's material (a
-    /// Secrets Manager secret cannot delete one of its former versions).
+    /// Secrets Manager secret does it by being recreated: see `aws::purge`).
     pub fn can_purge(&self) -> bool {
-        matches!(self, Store::File(_) | Store::Kms(_))
+        matches!(self, Store::File(_) | Store::Kms(_) | Store::Aws(_))
+    }
+
+    /// The layout and key encoding, for `secrets init --adopt`.
+    pub fn describe_layout(&self) -> String {
+        match self {
+            Store::Aws(a) => a.describe_layout(),
+            Store::Env(e) => format!(
+                "{} convention, prefix {}, keys in {}",
+                if e.dual { "dual" } else { "versioned" },
+                e.prefix,
+                e.encoding
+            ),
+            Store::File(_) | Store::Kms(_) => "rekey keyring".into(),
+        }
     }
 
     /// Whether rekey itself can write this store.
@@ -276,15 +273,85 @@ impl Store {
 }
 
 impl EnvStore {
+    /// Reads the environment's keys as a table, in either convention. The
+    /// dual convention's ids come from `<P>_KEY_VERSION` (default 1) and
+    /// `<P>_KEY_NEW_VERSION` (default the next); once a promotion moved NEW
+    /// into `<P>_KEY` (and its id into `<P>_KEY_VERSION`), the key before it
+    /// is no longer in the environment: it is listed as previous without
+    /// material, so the lifecycle can still retire it by id.
+    fn open(keys: &KeysSpec) -> Result<EnvStore, Error> {
+        let ring = env::from_process_env(&keys.prefix).map_err(|e| Error::Config(e.to_string()))?;
+        let versioned_prefix = format!("{}_KEY_V", keys.prefix);
+        let dual = !std::env::vars().any(|(k, _)| {
+            k.strip_prefix(&versioned_prefix)
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        });
+        let mut entries: Vec<Entry> = ring
+            .keys()
+            .map(|k| {
+                let state = if k.id() == ring.current_id() {
+                    KeyState::Current
+                } else if Some(k.id()) == ring.pending_id() {
+                    KeyState::Pending
+                } else {
+                    KeyState::Previous
+                };
+                Entry {
+                    id: k.id(),
+                    state,
+                    created_at: 0,
+                    changed_at: 0,
+                    key: Some(k.clone()),
+                    compromised: false,
+                }
+            })
+            .collect();
+        let current = ring.current_id();
+        if dual && ring.pending_id().is_none() && current > 1 {
+            entries.insert(
+                0,
+                Entry {
+                    id: current - 1,
+                    state: KeyState::Previous,
+                    created_at: 0,
+                    changed_at: 0,
+                    key: None,
+                    compromised: false,
+                },
+            );
+        }
+        let encoding = keys.key_encoding.unwrap_or_else(|| {
+            let var = if dual {
+                format!("{}_KEY", keys.prefix)
+            } else {
+                format!("{versioned_prefix}{current}")
+            };
+            std::env::var(var).map_or(KeyEncoding::Hex, |t| {
+                layout::detect_encoding(&t, keys.fernet_job)
+            })
+        });
+        let table = KeyTable { entries };
+        Ok(EnvStore {
+            prefix: keys.prefix.clone(),
+            dual,
+            encoding,
+            before: table.clone(),
+            table,
+        })
+    }
+
     fn instructions(&self, reveal: bool) -> Vec<String> {
         let p = &self.prefix;
         let mut out = Vec::new();
         let value = |e: &Entry| {
             match (&e.key, reveal) {
-            (Some(k), true) => encode_key(k.material(), KeyEncoding::Hex).to_string(),
-            _ => "<a new key from `rekey keygen` (or run with --reveal on a terminal to have rekey print one)>".into(),
+            (Some(k), true) => encode_key(k.material(), self.encoding).to_string(),
+            _ => format!("<a new key from `rekey keygen --format {}` (or run with --reveal on a terminal to have rekey print one)>", self.encoding),
         }
         };
+        if self.dual {
+            return self.dual_instructions(&value);
+        }
         for e in &self.table.entries {
             let before = self.before.entries.iter().find(|b| b.id == e.id);
             match (before.map(|b| b.state), e.state) {
@@ -303,6 +370,43 @@ impl EnvStore {
                     rfc3339(now() + ARCHIVE_RETENTION.as_secs())
                 )),
                 (Some(KeyState::Pending), KeyState::Previous) => out.push(format!("unset {p}_PENDING_VERSION   # key {} stays, to read what was rewritten under it", e.id)),
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// The dual convention's steps, as the healthprep policy writes them:
+    /// stage sets NEW; promote copies NEW into the key and deletes NEW.
+    fn dual_instructions(&self, value: &dyn Fn(&Entry) -> String) -> Vec<String> {
+        let p = &self.prefix;
+        let mut out = Vec::new();
+        for e in &self.table.entries {
+            let before = self
+                .before
+                .entries
+                .iter()
+                .find(|b| b.id == e.id)
+                .map(|b| b.state);
+            match (before, e.state) {
+                (None, KeyState::Pending) => {
+                    out.push(format!("export {p}_KEY_NEW={}", value(e)));
+                    let current = self.table.id_in(KeyState::Current).unwrap_or(1);
+                    if e.id != current % 255 + 1 {
+                        out.push(format!("export {p}_KEY_NEW_VERSION={}", e.id));
+                    }
+                }
+                (Some(b), KeyState::Current) if b != KeyState::Current => {
+                    out.push(format!(
+                        "export {p}_KEY={}   # the value of {p}_KEY_NEW",
+                        value(e)
+                    ));
+                    out.push(format!("export {p}_KEY_VERSION={}", e.id));
+                    out.push(format!("unset {p}_KEY_NEW {p}_KEY_NEW_VERSION"));
+                }
+                (Some(KeyState::Pending), KeyState::Previous) => {
+                    out.push(format!("unset {p}_KEY_NEW {p}_KEY_NEW_VERSION   # only once no value is under key {}", e.id));
+                }
                 _ => {}
             }
         }

@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::crypto::keyring::KeyEncoding;
+
 /// A `[keys]` section: one key source.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -24,6 +26,58 @@ pub struct KeysSpec {
     pub endpoint: Option<String>,
     /// For `aws-kms`: the master key (id, ARN or alias) data keys are wrapped under.
     pub kms_key_id: Option<String>,
+    /// How the secret holds the keys (`aws-secrets-manager`): rekey's keyring
+    /// (the default), a flat JSON of environment names, or the key itself.
+    /// (Left out of the job's spec hash while default, as the two fields
+    /// below: a job started before layouts existed resumes after an upgrade.)
+    #[serde(default, skip_serializing_if = "Layout::is_rekey")]
+    pub layout: Layout,
+    /// How key material is written where applications read it (`env-json`,
+    /// `value`, the environment): default, the encoding of the keys already
+    /// there (see `secrets::layout::detect_encoding`), else Fernet's for a
+    /// Fernet job and hex otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_encoding: Option<KeyEncoding>,
+    /// For `layout = "value"`: the secret the deployment reads
+    /// `ENCRYPTION_KEY_NEW` from; default: the AWSPENDING version of `secret_id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pending_secret_id: Option<String>,
+    /// Whether every target of the job is Fernet (set when the job file is
+    /// loaded, not written in it): decides an ambiguous base64 key encoding.
+    #[serde(skip)]
+    pub fernet_job: bool,
+}
+
+/// How a secret holds a job's keys.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Layout {
+    /// rekey's own keyring JSON (`{"format": "rekey-keyring/1", "keys": [...]}`).
+    #[default]
+    Rekey,
+    /// A flat JSON object of environment names: `<PREFIX>_KEY_V<n>` +
+    /// `<PREFIX>_CURRENT_VERSION`, or `<PREFIX>_KEY` + `<PREFIX>_KEY_NEW`;
+    /// every other member is left byte for byte.
+    EnvJson,
+    /// The secret string is the key itself (healthprep's `ENCRYPTION_KEY`).
+    Value,
+}
+
+impl Layout {
+    /// The default layout.
+    pub fn is_rekey(&self) -> bool {
+        *self == Layout::Rekey
+    }
+}
+
+impl std::fmt::Display for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Layout::Rekey => "rekey",
+            Layout::EnvJson => "env-json",
+            Layout::Value => "value",
+        })
+    }
 }
 
 impl KeysSpec {
@@ -57,6 +111,10 @@ impl KeysSpec {
             region: None,
             endpoint: None,
             kms_key_id: None,
+            layout: Layout::Rekey,
+            key_encoding: None,
+            pending_secret_id: None,
+            fernet_job: false,
         }
     }
 

@@ -48,6 +48,16 @@ pub mod aws {
         }
 
         /// Unreachable: no value exists.
+        pub fn hold_archived(&mut self, _key: &Key) {
+            match self.never {}
+        }
+
+        /// Unreachable: no value exists.
+        pub fn describe_layout(&self) -> String {
+            match self.never {}
+        }
+
+        /// Unreachable: no value exists.
         pub async fn save(&mut self) -> Result<(), Error> {
             match self.never {}
         }
@@ -90,6 +100,11 @@ pub mod kms {
 
         /// Unreachable: no value exists.
         pub fn secret_id(&self) -> String {
+            match self.never {}
+        }
+
+        /// Unreachable: no value exists.
+        pub fn describe_layout(&self) -> String {
             match self.never {}
         }
 

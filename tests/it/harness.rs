@@ -597,6 +597,7 @@ pub fn keyring_file_job(db: &TestDb, dir: &tempfile::TempDir) -> (String, std::p
             created_at: 1,
             changed_at: 1,
             key: Some(Key::parse(1, K1).unwrap()),
+            compromised: false,
         }],
     };
     rekey::secrets::file::KeyringFile::create(&keyring, KEYRING_PASS.as_bytes(), table).unwrap();

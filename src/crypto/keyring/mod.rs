@@ -242,7 +242,17 @@ impl fmt::Debug for Keyring {
     }
 }
 
-/// Encodes key bytes for `rekey keygen`.
+impl fmt::Display for KeyEncoding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KeyEncoding::Hex => "hex",
+            KeyEncoding::Base64 => "base64",
+            KeyEncoding::Fernet => "fernet",
+        })
+    }
+}
+
+/// Encodes key bytes as text in `format`.
 pub fn encode_key(material: &[u8; KEY_LEN], format: KeyEncoding) -> Zeroizing<String> {
     use base64::engine::general_purpose::{STANDARD, URL_SAFE};
     Zeroizing::new(match format {
@@ -252,8 +262,11 @@ pub fn encode_key(material: &[u8; KEY_LEN], format: KeyEncoding) -> Zeroizing<St
     })
 }
 
-/// How `rekey keygen` prints a key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+/// How a key is written as text (`rekey keygen`, `[keys] key_encoding`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum KeyEncoding {
     /// 64 hex characters (`openssl rand -hex 32`).
     Hex,

@@ -119,8 +119,16 @@ impl JobSpec {
 
     /// Parses job-file text and checks what can be checked without a database.
     pub fn parse(text: &str) -> Result<Self, Error> {
-        let spec: JobSpec = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        let mut spec: JobSpec = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
         spec.check()?;
+        let fernet_job = !spec.targets.is_empty()
+            && spec
+                .targets
+                .iter()
+                .all(|t| t.format == crate::crypto::codec::Format::Fernet);
+        if let Some(keys) = spec.keys.as_mut() {
+            keys.fernet_job = fernet_job;
+        }
         Ok(spec)
     }
 

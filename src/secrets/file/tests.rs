@@ -13,6 +13,7 @@ fn table() -> KeyTable {
             created_at: 100,
             changed_at: 100,
             key: Some(Key::new(1, [7; 32])),
+            compromised: false,
         }],
     }
 }

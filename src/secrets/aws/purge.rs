@@ -1,0 +1,135 @@
+//! Destroying a key's material in Secrets Manager. A secret keeps its former
+//! versions (the archive of retired keys) and no API deletes one version's
+//! content: a deprecated version only loses its labels. The one call that
+//! removes version content is DeleteSecret, so a purge deletes the secret
+//! without recovery and creates it again under the same name with the same
+//! description, KMS key, tags and resource policy, holding only the current
+//! content as AWSCURRENT.
+//!
+//! Caveats, said in every refusal: between the delete and the create (a
+//! second or two, while the name frees up) applications reading the secret
+//! get ResourceNotFound; every former version goes, so every archived key
+//! with it; and replication or rotation configuration cannot be carried
+//! over: a secret with either is refused, naming what to remove first.
+
+use std::time::Duration;
+
+use aws_sdk_secretsmanager::types::Tag;
+use zeroize::Zeroizing;
+
+use super::errors::{aws_err, ops};
+use super::{read, versions, SecretsManagerStore};
+use crate::crypto::keyring::KeyId;
+use crate::Error;
+
+/// How long to wait for a deleted secret's name to be free again.
+const NAME_FREE_TIMEOUT: Duration = Duration::from_secs(120);
+
+impl SecretsManagerStore {
+    /// Recreates the secret with only its current content, so no version
+    /// holds the material of `ids` any more.
+    pub(super) async fn purge_former_versions(&mut self, ids: &[KeyId]) -> Result<(), Error> {
+        let sid = self.secret_id.clone();
+        let refuse = |why: String| {
+            Error::Config(format!(
+                "cannot destroy the material of keys {ids:?} in secret {sid:?}: {why}; \
+                 Secrets Manager removes a former version's content only by deleting the secret, which rekey then recreates"
+            ))
+        };
+        let d = self
+            .client
+            .describe_secret()
+            .secret_id(&sid)
+            .send()
+            .await
+            .map_err(|e| aws_err(ops::DESCRIBE, &sid, e))?;
+        if d.rotation_enabled() == Some(true) {
+            return Err(refuse("it has rotation configured (a Lambda); cancel it (aws secretsmanager cancel-rotate-secret), purge, then configure rotation again".into()));
+        }
+        if !d.replication_status().is_empty() || d.primary_region().is_some_and(|r| !r.is_empty()) {
+            return Err(refuse("it is replicated to other regions; stop replication (remove-regions-from-replication), purge, then replicate again".into()));
+        }
+        if self.pending_version.is_some() {
+            return Err(refuse(
+                "a version is staged (AWSPENDING); promote or roll back first".into(),
+            ));
+        }
+        let current = self
+            .current_version
+            .clone()
+            .ok_or_else(|| refuse("it has no AWSCURRENT version".into()))?;
+        let text: Zeroizing<String> = read(&self.client, &sid, &current).await?;
+        let policy = self
+            .client
+            .get_resource_policy()
+            .secret_id(&sid)
+            .send()
+            .await
+            .map_err(|e| aws_err(ops::DESCRIBE, &sid, e))?
+            .resource_policy()
+            .map(str::to_owned);
+        let tags: Vec<Tag> = d.tags().to_vec();
+        let description = d.description().map(str::to_owned);
+        let kms = d.kms_key_id().map(str::to_owned);
+        let name = d.name().unwrap_or(&sid).to_string();
+
+        tracing::warn!(
+            secret = %sid,
+            "destroying keys {ids:?}: deleting the secret without recovery and recreating it with its current content only (applications get ResourceNotFound for a moment)"
+        );
+        self.client
+            .delete_secret()
+            .secret_id(&sid)
+            .force_delete_without_recovery(true)
+            .send()
+            .await
+            .map_err(|e| aws_err(ops::DELETE, &sid, e))?;
+        let deadline = tokio::time::Instant::now() + NAME_FREE_TIMEOUT;
+        let mut pause = Duration::from_millis(100);
+        let version = super::token();
+        loop {
+            let mut req = self
+                .client
+                .create_secret()
+                .name(&name)
+                .client_request_token(&version)
+                .secret_string(text.as_str())
+                .set_tags(Some(tags.clone()))
+                .set_description(description.clone());
+            if let Some(k) = &kms {
+                req = req.kms_key_id(k);
+            }
+            match req.send().await {
+                Ok(_) => break,
+                // the name is still being freed
+                Err(e) if e.as_service_error().is_some_and(|s| s.is_invalid_request_exception() || s.is_resource_exists_exception())
+                    && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    return Err(Error::Runtime(format!(
+                        "{} (secret {sid:?} was deleted to destroy keys {ids:?}; its current content must be recreated by hand)",
+                        aws_err(ops::CREATE, &name, e)
+                    )))
+                }
+            }
+        }
+        if let Some(p) = policy {
+            self.client
+                .put_resource_policy()
+                .secret_id(&name)
+                .resource_policy(p)
+                .send()
+                .await
+                .map_err(|e| aws_err(ops::TAG, &name, e))?;
+        }
+        let now = versions(&self.client, &name, true).await?;
+        self.current_version = now
+            .into_iter()
+            .find(|v| v.stages.iter().any(|s| s == "AWSCURRENT"))
+            .map(|v| v.id);
+        Ok(())
+    }
+}

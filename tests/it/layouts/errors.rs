@@ -1,0 +1,139 @@
+//! Secrets of another layout, or none, explained in one sentence naming the
+//! secret and the fix; the env store's dual convention walked by hand.
+
+use super::apps::*;
+use super::quarterly_secret;
+use crate::harness::*;
+
+fn rekey_layout_job(db: &TestDb, dir: &tempfile::TempDir, secret: &str, layout: &str) -> String {
+    job_file(
+        db,
+        dir,
+        &format!("secret_id = \"{secret}\"\nlayout = \"{layout}\""),
+        "[[target]]\ntable = \"patient_persons\"\ncolumns = [\"phone_encrypted\"]\nformat = \"versioned-gcm\"\n",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_secret_of_another_layout_or_none_at_all_is_explained_in_one_sentence() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let id = std::process::id();
+    let plain = format!("errors/plain-{id}");
+    let env = format!("errors/env-{id}");
+    py(PY_CREATE, &[&plain], &urlsafe(K1));
+    py(PY_CREATE, &[&env], &quarterly_secret());
+    let cases = [
+        (
+            plain.clone(),
+            "rekey",
+            "is a plain value, not a rekey keyring: set layout = \"value\"",
+        ),
+        (env.clone(), "rekey", "set layout = \"env-json\""),
+        (
+            env.clone(),
+            "value",
+            "holds a JSON object, not a plain key: set layout = \"env-json\"",
+        ),
+        (format!("errors/missing-{id}"), "rekey", "does not exist"),
+    ];
+    for (secret, layout, says) in cases {
+        let job = rekey_layout_job(&db, &dir, &secret, layout);
+        let out = rekey(&["secrets", "show", "--job", &job], &aws_env());
+        let text = printed(&out);
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        assert!(
+            text.contains(says) && text.contains(&secret),
+            "{secret} as {layout}: {text}"
+        );
+        for dump in ["line 1 column", "ServiceError", "Exception(", "{ ", K1] {
+            assert!(!text.contains(dump), "{dump} in: {text}");
+        }
+        assert!(!text.contains(&urlsafe(K1)), "key material in: {text}");
+    }
+    // init over an existing secret suggests --adopt, and writes nothing
+    let job = rekey_layout_job(&db, &dir, &env, "env-json");
+    let out = rekey(&["secrets", "init", "--job", &job], &aws_env());
+    let text = printed(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("already exists")
+            && text.contains("--adopt")
+            && !text.contains("ResourceExistsException("),
+        "{text}"
+    );
+    assert_eq!(py(PY_RAW, &[&env], ""), quarterly_secret());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_env_store_walks_the_dual_convention_as_the_healthprep_policy_does() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    let env = |pairs: &[(&'static str, String)]| pairs.to_vec();
+    let out = rekey(
+        &["secrets", "stage", "--job", &job],
+        &env(&[("ENCRYPTION_KEY", urlsafe(K1))]),
+    );
+    let text = printed(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("export ENCRYPTION_KEY_NEW=") && text.contains("--format base64"),
+        "in the encoding of ENCRYPTION_KEY (base64 without urlsafe characters, in a GCM job): {text}"
+    );
+    let staged = env(&[
+        ("ENCRYPTION_KEY", urlsafe(K1)),
+        ("ENCRYPTION_KEY_NEW", urlsafe(K2)),
+    ]);
+    let out = rekey(&["secrets", "promote", "--job", &job], &staged);
+    let text = printed(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    for step in [
+        "export ENCRYPTION_KEY=",
+        "export ENCRYPTION_KEY_VERSION=2",
+        "unset ENCRYPTION_KEY_NEW",
+    ] {
+        assert!(text.contains(step), "{step} in: {text}");
+    }
+    let promoted = env(&[
+        ("ENCRYPTION_KEY", urlsafe(K2)),
+        ("ENCRYPTION_KEY_VERSION", "2".into()),
+    ]);
+    let show = json(&rekey(
+        &["secrets", "show", "--job", &job, "--json"],
+        &promoted,
+    ));
+    assert_eq!(show["keys"][1]["state"], "current", "{show}");
+    assert_eq!(show["keys"][1]["created_at"], "unknown", "{show}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn init_creates_a_secret_in_the_layout_the_application_reads() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = format!("init/value-{}", std::process::id());
+    let job = rekey_layout_job(&db, &dir, &secret, "value");
+    let out = rekey(&["secrets", "init", "--job", &job], &aws_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let raw = py(PY_RAW, &[&secret], "");
+    assert!(
+        raw.len() == 64 && raw.bytes().all(|b| b.is_ascii_hexdigit()),
+        "the key itself, hex for a GCM job"
+    );
+    let show = json(&rekey(
+        &["secrets", "show", "--job", &job, "--json"],
+        &aws_env(),
+    ));
+    assert_eq!(
+        (
+            show["keys"][0]["id"].as_u64(),
+            show["keys"][0]["state"].as_str()
+        ),
+        (Some(1), Some("current")),
+        "{show}"
+    );
+    assert!(
+        show["keys"][0]["age_s"].as_u64().is_some(),
+        "created now: {show}"
+    );
+}
