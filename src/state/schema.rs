@@ -17,6 +17,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
         include_str!("../../sql/005_leases_control_key_usage.sql"),
     ),
     (6, include_str!("../../sql/006_not_rotated.sql")),
+    (8, include_str!("../../sql/008_audit_chain.sql")),
 ];
 
 /// Creates or upgrades schema `rekey`. Safe to run from several processes
@@ -25,8 +26,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
 /// need CREATE on the schema.
 pub async fn ensure_schema(client: &mut Client) -> Result<(), Error> {
     let what = || "preparing rekey's engine schema".to_string();
-    let latest = MIGRATIONS.last().map_or(0, |(v, _)| *v);
-    if applied(client).await? == Some(latest) {
+    if applied(client)
+        .await?
+        .is_some_and(|done| MIGRATIONS.iter().all(|(v, _)| done.contains(v)))
+    {
         return Ok(());
     }
     let who = client
@@ -70,15 +73,17 @@ async fn migrate(client: &mut Client, who: &Who) -> Result<(), Error> {
     tx.batch_execute("CREATE TABLE IF NOT EXISTS rekey.schema_version (version int PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
         .await
         .map_err(|e| refused(e, Missing::Tables, who))?;
-    let current: i32 = tx
+    // every migration not applied yet, in order (not only those above the
+    // highest applied: branches number theirs apart and land in any order)
+    let done: Vec<i32> = tx
         .query_one(
-            "SELECT coalesce(max(version), 0) FROM rekey.schema_version",
+            "SELECT coalesce(array_agg(version), '{}') FROM rekey.schema_version",
             &[],
         )
         .await
         .ctx(what)?
         .get(0);
-    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| !done.contains(v)) {
         tx.batch_execute(sql)
             .await
             .map_err(|e| refused(e, Missing::Tables, who))?;
@@ -92,8 +97,8 @@ async fn migrate(client: &mut Client, who: &Who) -> Result<(), Error> {
     tx.commit().await.ctx(what)
 }
 
-/// The latest migration applied, `None` before the schema exists.
-async fn applied(client: &Client) -> Result<Option<i32>, Error> {
+/// The migrations applied, `None` before the schema exists.
+async fn applied(client: &Client) -> Result<Option<Vec<i32>>, Error> {
     let row = client
         .query_one(
             "SELECT to_regclass('rekey.schema_version') IS NOT NULL, coalesce(has_schema_privilege(s.ns, 'USAGE'), false)
@@ -109,7 +114,7 @@ async fn applied(client: &Client) -> Result<Option<i32>, Error> {
     Ok(Some(
         client
             .query_one(
-                "SELECT coalesce(max(version), 0) FROM rekey.schema_version",
+                "SELECT coalesce(array_agg(version), '{}') FROM rekey.schema_version",
                 &[],
             )
             .await
