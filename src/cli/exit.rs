@@ -12,3 +12,6 @@ pub const EXIT_LEFT_ON_OLD_KEYS: u8 = 4;
 pub const EXIT_STOPPED: u8 = 130;
 /// Exit code: stopped at the end of its `--run-time` window; resumable.
 pub const EXIT_WINDOW_ENDED: u8 = 5;
+/// Exit code: `report --check` found the evidence broken: an audit event
+/// edited, deleted or reordered (in `rekey.audit` or the JSON file).
+pub const EXIT_EVIDENCE_BROKEN: u8 = 7;

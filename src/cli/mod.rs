@@ -4,12 +4,15 @@
 //! exit code ([`exit`]). Nothing below imports from here.
 
 pub mod args;
+mod args_audit;
 pub mod bench;
 pub mod exit;
 pub mod keygen;
 pub mod plan;
+pub mod report;
 pub mod rotate;
 pub mod run;
+mod run_audit;
 pub mod secrets;
 pub mod status;
 pub mod verify;
@@ -37,6 +40,7 @@ pub async fn dispatch(command: Command) -> Result<u8, Error> {
         Command::Bench(a) => bench::bench(&a).await,
         Command::Secrets(a) => secrets::secrets(a.command).await,
         Command::Rotate(a) => rotate::rotate(&a).await,
+        Command::Report(a) => report::report(&a).await,
     }
 }
 
@@ -62,6 +66,8 @@ pub(crate) async fn open(args: &JobArgs) -> Result<Opened, Error> {
         .ok_or_else(|| Error::Config("no database given: pass --database-url, set DATABASE_URL, or add [database] url to the job file".into()))?;
     let db = Database::parse(&url).map_err(|e| Error::Config(e.to_string()))?;
     let client = db.connect().await?;
+    // the operator of last resort in audit events
+    crate::lifecycle::audit::note_session_role(&client).await?;
     Ok(Opened { spec, db, client })
 }
 
