@@ -15,6 +15,7 @@ mod interop;
 mod lifecycle;
 mod online;
 mod replica;
+mod report;
 mod rotation;
 mod secrecy;
 mod server_faults;
