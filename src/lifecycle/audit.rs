@@ -248,7 +248,7 @@ impl Audit {
         let line = event.line()?;
         let io = |e: std::io::Error| {
             Error::Runtime(format!(
-                "writing the audit log {}: {e}",
+                "writing the audit log {}: {e}; make it writable, or name another file with --audit-log",
                 self.path.display()
             ))
         };
