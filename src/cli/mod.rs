@@ -67,7 +67,11 @@ pub(crate) async fn open(args: &JobArgs) -> Result<Opened, Error> {
     let db = Database::parse(&url).map_err(|e| Error::Config(e.to_string()))?;
     let client = db.connect().await?;
     // the operator of last resort in audit events
-    crate::lifecycle::audit::note_session_role(&client).await?;
+    let keys = spec
+        .keys
+        .as_ref()
+        .or_else(|| spec.targets.first().and_then(|t| t.keys.as_ref()));
+    crate::lifecycle::audit::note_fallback_operator(&client, keys).await?;
     Ok(Opened { spec, db, client })
 }
 

@@ -20,6 +20,9 @@ use tokio_postgres::Client;
 
 use crate::crypto::keyring::KeyId;
 use crate::error::DbContext;
+#[cfg(feature = "aws")]
+use crate::secrets::KeySource;
+use crate::secrets::KeysSpec;
 use crate::Error;
 
 pub use super::chain::{Body, Event, GENESIS};
@@ -72,26 +75,62 @@ pub struct Audit {
     pub keys: Option<AuditKeys>,
 }
 
-/// The database role of the first session this process opened, noted by
-/// [`note_session_role`]: the operator when nothing else names one.
-static SESSION_ROLE: OnceLock<String> = OnceLock::new();
+/// Who runs rekey when neither `--operator`, REKEY_OPERATOR nor the OS user
+/// says: the AWS caller identity for an AWS store, else the database role
+/// of the first session this process opened; noted by [`note_fallback_operator`].
+static FALLBACK_OPERATOR: OnceLock<String> = OnceLock::new();
 
-/// Notes the session's role (`current_user`) as the last fallback for the operator.
-pub async fn note_session_role(client: &Client) -> Result<(), Error> {
-    if SESSION_ROLE.get().is_none() {
-        let role: String = client
-            .query_one("SELECT current_user::text", &[])
+/// How long the AWS caller identity may take before the database role is used instead.
+#[cfg(feature = "aws")]
+const STS_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The ARN of the AWS caller identity the job's store is reached as, if STS
+/// answers within [`STS_WAIT`].
+#[cfg(feature = "aws")]
+async fn aws_caller(keys: &KeysSpec) -> Option<String> {
+    let ask = async {
+        let config = crate::secrets::aws::sdk_config(keys).await;
+        let sts = aws_sdk_sts::Client::new(&config);
+        sts.get_caller_identity()
+            .send()
             .await
-            .ctx(|| "reading the session's role".into())?
-            .get(0);
-        let _ = SESSION_ROLE.set(role);
+            .ok()?
+            .arn()
+            .map(str::to_string)
+    };
+    tokio::time::timeout(STS_WAIT, ask).await.ok().flatten()
+}
+
+/// Notes the operator of last resort, once, when nothing in the environment
+/// names one: for an AWS store the caller identity's ARN (asked of STS, at
+/// most a few seconds), else the session's role (`current_user`).
+pub async fn note_fallback_operator(client: &Client, keys: Option<&KeysSpec>) -> Result<(), Error> {
+    if FALLBACK_OPERATOR.get().is_some() || operator(None).is_some() {
+        return Ok(());
     }
+    #[cfg(feature = "aws")]
+    if let Some(k) =
+        keys.filter(|k| matches!(k.source, KeySource::AwsSecretsManager | KeySource::AwsKms))
+    {
+        if let Some(arn) = aws_caller(k).await {
+            let _ = FALLBACK_OPERATOR.set(arn);
+            return Ok(());
+        }
+    }
+    #[cfg(not(feature = "aws"))]
+    let _ = keys;
+    let role: String = client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .ctx(|| "reading the session's role".into())?
+        .get(0);
+    let _ = FALLBACK_OPERATOR.set(role);
     Ok(())
 }
 
 /// Who runs rekey, without I/O: `given` (`--operator`), else REKEY_OPERATOR,
-/// else the OS user (USER, LOGNAME), else the database role noted by
-/// [`note_session_role`]; `None` when none is known yet ([`Audit::record`]
+/// else the OS user (USER, LOGNAME), else the AWS caller identity or the
+/// database role noted by [`note_fallback_operator`]; `None` when none is known yet ([`Audit::record`]
 /// then records the session's role). Never "unknown".
 pub fn operator(given: Option<&str>) -> Option<String> {
     given
@@ -104,7 +143,7 @@ pub fn operator(given: Option<&str>) -> Option<String> {
                     .filter(|u| !u.is_empty())
             })
         })
-        .or_else(|| SESSION_ROLE.get().cloned())
+        .or_else(|| FALLBACK_OPERATOR.get().cloned())
 }
 
 /// This host's name, for `written_to`.

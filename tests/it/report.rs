@@ -391,3 +391,50 @@ async fn a_rotation_reports_every_step_and_check_finds_each_edit_deletion_and_re
         "{said}"
     );
 }
+
+#[cfg(feature = "aws")]
+#[tokio::test(flavor = "multi_thread")]
+async fn with_an_aws_store_and_no_user_the_operator_is_the_aws_caller_identity() {
+    let db = TestDb::new().await;
+    db.seed_patients(100).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = format!("rekey-test/operator-{}", std::process::id());
+    let job = dir.path().join("patients.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "[database]\nurl = \"{}\"\n[keys]\nsource = \"aws-secrets-manager\"\nsecret_id = \"{secret}\"\nendpoint = \"{}\"\nregion = \"us-east-1\"\n[[target]]\ntable = \"patient_persons\"\ncolumns = [\"phone_encrypted\", \"emergency_contact_phone_encrypted\"]\nformat = \"versioned-gcm\"\n",
+            db.url,
+            moto().endpoint
+        ),
+    )
+    .unwrap();
+    let job = job.to_str().unwrap();
+    let mut import = aws_env();
+    import.extend([
+        ("ENCRYPTION_KEY_V1", K1.to_string()),
+        ("ENCRYPTION_CURRENT_VERSION", "1".to_string()),
+    ]);
+    let out = rekey(
+        &[
+            "secrets",
+            "init",
+            "--job",
+            job,
+            "--import-env",
+            "ENCRYPTION",
+        ],
+        &import,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let out = rekey(&["run", "--job", job], &aws_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let events = audit_lines(&dir);
+    let last = events.last().unwrap();
+    assert_eq!(last["event_type"], "run_completed");
+    let operator = last["operator"].as_str().unwrap();
+    assert!(
+        operator.starts_with("arn:aws:"),
+        "the STS caller identity: {last}"
+    );
+}
