@@ -175,7 +175,8 @@ impl Audit {
     }
 
     /// Records an event at the end of the chain: in `rekey.audit` and the
-    /// file, in one transaction under the chain's lock.
+    /// file, in one transaction under the chain's lock. `client` must not be
+    /// in a transaction, nor used by other tasks until this returns.
     pub async fn record(&self, client: &Client, what: What<'_>) -> Result<Event, Error> {
         let ctx = || "writing the audit trail (rekey.audit)".to_string();
         client.batch_execute("BEGIN").await.ctx(ctx)?;

@@ -313,6 +313,35 @@ async fn a_rotation_reports_every_step_and_check_finds_each_edit_deletion_and_re
     );
     assert!(doc["steps"][4]["seconds_since_previous_step"].is_number());
     assert_eq!(doc["events"].as_array().unwrap().len(), 5);
+    for e in doc["events"].as_array().unwrap() {
+        assert_eq!(
+            (e["old_key"].as_i64(), e["new_key"].as_i64()),
+            (Some(1), Some(2)),
+            "{e}"
+        );
+        assert_eq!(
+            (e["incident_id"].as_str(), e["reason"].as_str()),
+            (Some("INC-2026-001"), Some("scheduled_annual"))
+        );
+    }
+    let out = rekey(
+        &[
+            "report",
+            "--job",
+            &job,
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--format",
+            "html",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let html = std::fs::read_to_string(files[1].replace(".md", ".html")).unwrap();
+    assert!(
+        html.starts_with("<!doctype html>") && html.contains("<td>key_retired</td>"),
+        "{html}"
+    );
     assert!(page.contains(doc["events"][4]["hash"].as_str().unwrap()));
     // never key material: neither the old key nor the new one appears
     let ring = rekey::secrets::file::KeyringFile::open(&keyring, KEYRING_PASS.as_bytes(), "P")
