@@ -57,7 +57,8 @@ pub async fn report(args: &ReportArgs) -> Result<u8, Error> {
         ..Who::default()
     };
     let audit = audit_of(&who, &args.common.job, &spec);
-    let checked = evidence::check::check(&client, &audit.chain, &audit.path).await?;
+    let checked =
+        evidence::check::check(&client, &audit.chain, &audit.path, &audit.written_to()).await?;
     tell(args, &checked);
     let code = if checked.ok() {
         0

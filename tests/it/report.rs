@@ -405,6 +405,11 @@ async fn a_rotation_reports_every_step_and_check_finds_each_edit_deletion_and_re
     let (code, said) = check(&job);
     assert_eq!(code, Some(7), "{said}");
     assert!(said.contains("reordered"), "{said}");
+    // the whole file gone
+    std::fs::remove_file(&trail).unwrap();
+    let (code, said) = check(&job);
+    assert_eq!(code, Some(7), "{said}");
+    assert!(said.contains("the file is missing"), "{said}");
     std::fs::write(&trail, &original).unwrap();
     assert_eq!(check(&job).0, Some(0));
 

@@ -114,8 +114,15 @@ pub async fn table_events(
     Ok(Ok(out))
 }
 
-/// Checks job `chain`'s events in `rekey.audit` and in the JSON lines file.
-pub async fn check(client: &Client, chain: &str, file: &Path) -> Result<Checked, Error> {
+/// Checks job `chain`'s events in `rekey.audit` and in the JSON lines file
+/// (`written_to`: how events written to that file name it). A missing file
+/// is broken evidence only when the table records events written to it.
+pub async fn check(
+    client: &Client,
+    chain: &str,
+    file: &Path,
+    written_to: &str,
+) -> Result<Checked, Error> {
     let mut checked = Checked {
         chain: chain.to_string(),
         table_events: 0,
@@ -139,14 +146,16 @@ pub async fn check(client: &Client, chain: &str, file: &Path) -> Result<Checked,
     let text = match std::fs::read_to_string(file) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if events.is_empty() {
-                return Ok(checked);
+            let ours = events
+                .iter()
+                .filter(|(e, _)| e.body.written_to == written_to)
+                .count();
+            if ours > 0 {
+                checked.file_broken = Some(format!(
+                    "{}: the file is missing, and rekey.audit records {ours} events as written to it",
+                    file.display()
+                ));
             }
-            checked.file_broken = Some(format!(
-                "{}: the file is missing, and rekey.audit holds {} events of this job",
-                file.display(),
-                events.len()
-            ));
             return Ok(checked);
         }
         Err(e) => {
