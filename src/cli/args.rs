@@ -4,6 +4,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+pub use super::args_audit::{
+    parse_incident, parse_notes, parse_operator, Reason, RunAuditArgs, Who, MAX_REASON_LEN,
+};
 use crate::crypto::keyring::KeyEncoding;
 use crate::observe::logging::LogFormat;
 
@@ -47,6 +50,8 @@ pub enum Command {
     Secrets(SecretsArgs),
     /// The whole rotation: stage -> run -> verify -> promote (-> retire after the grace period); resumable.
     Rotate(RotateArgs),
+    /// Write the evidence of a rotation (JSON and a readable page), or check the audit chain (--check).
+    Report(ReportArgs),
 }
 
 /// Options every job command shares.
@@ -97,6 +102,8 @@ pub struct RunArgs {
     pub quiet: bool,
     #[command(flatten)]
     pub online: OnlineArgs,
+    #[command(flatten)]
+    pub audit: RunAuditArgs,
 }
 
 /// How a run behaves on a live primary: throttles, live control, timeouts, sharing a job.
@@ -255,45 +262,80 @@ pub struct BenchArgs {
     pub online: OnlineArgs,
 }
 
-/// Why a key is rotated (recorded in the audit trail).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Reason {
-    /// The regular schedule.
-    Scheduled,
-    /// Unplanned, e.g. an employee leaving.
-    Emergency,
-    /// The key is known or suspected to be exposed.
-    Compromise,
-}
-
-impl Reason {
-    /// The name recorded in the audit trail.
-    pub fn name(self) -> &'static str {
-        match self {
-            Reason::Scheduled => "scheduled",
-            Reason::Emergency => "emergency",
-            Reason::Compromise => "compromise",
-        }
-    }
-}
-
 /// Options of every lifecycle command.
 #[derive(Debug, Args)]
 pub struct LifecycleArgs {
     #[command(flatten)]
     pub common: JobArgs,
-    /// Why (audit trail).
-    #[arg(long, value_enum, default_value_t = Reason::Scheduled)]
+    /// Why (audit trail): scheduled, scheduled_annual, emergency, compromise, ... (letters, digits, _ - . :).
+    #[arg(long, value_parser = Reason::parse, default_value = "scheduled")]
     pub reason: Reason,
-    /// Who (audit trail); default: the OS user.
-    #[arg(long)]
+    /// Who (audit trail); default: REKEY_OPERATOR, else the OS user, else the database role.
+    #[arg(long, value_parser = parse_operator)]
     pub operator: Option<String>,
+    /// The incident this rotation answers (audit trail), e.g. INC-2026-001.
+    #[arg(long, value_name = "ID", value_parser = parse_incident)]
+    pub incident: Option<String>,
+    /// The operator's notes (audit trail), e.g. "Annual rotation per policy".
+    #[arg(long, value_name = "TEXT", value_parser = parse_notes)]
+    pub notes: Option<String>,
     /// The JSON lines audit log; default: <job name>.audit.jsonl beside the job file.
     #[arg(long, value_name = "FILE")]
     pub audit_log: Option<PathBuf>,
     /// For keys in the environment: print new key values (only on a terminal).
     #[arg(long)]
     pub reveal: bool,
+}
+
+impl LifecycleArgs {
+    /// Whether this is a compromise rotation (`--reason compromise`).
+    pub fn is_compromise(&self) -> bool {
+        self.reason.is_compromise()
+    }
+
+    /// What the audit events record.
+    pub fn who(&self) -> Who {
+        Who {
+            reason: Some(self.reason.clone()),
+            operator: self.operator.clone(),
+            incident: self.incident.clone(),
+            notes: self.notes.clone(),
+            audit_log: self.audit_log.clone(),
+        }
+    }
+}
+
+/// Output formats of `rekey report`'s readable page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportFormat {
+    /// report.json only.
+    Json,
+    /// report.json and report.md.
+    Markdown,
+    /// report.json and report.html.
+    Html,
+}
+
+/// `rekey report`.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    #[command(flatten)]
+    pub common: JobArgs,
+    /// The rotation (`rotation_id` in rekey.rotations); default: the job's latest.
+    #[arg(long, value_name = "ID")]
+    pub rotation: Option<i64>,
+    /// Where report.json and the page are written; default: the current directory.
+    #[arg(long, value_name = "DIR", conflicts_with = "check")]
+    pub out: Option<PathBuf>,
+    /// The readable page written beside report.json.
+    #[arg(long, value_enum, default_value_t = ReportFormat::Markdown, conflicts_with = "check")]
+    pub format: ReportFormat,
+    /// Verify the audit chain (rekey.audit and the JSON lines file) instead; exit 7 naming the first bad event.
+    #[arg(long)]
+    pub check: bool,
+    /// The JSON lines audit log; default: <job name>.audit.jsonl beside the job file.
+    #[arg(long, value_name = "FILE")]
+    pub audit_log: Option<PathBuf>,
 }
 
 /// `rekey secrets`.

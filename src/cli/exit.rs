@@ -15,3 +15,6 @@ pub const EXIT_WINDOW_ENDED: u8 = 5;
 /// Exit code: `rotate` stopped for an operator step (redeploy, make the
 /// environment changes printed) or for the grace period; run it again.
 pub const EXIT_WAITING: u8 = 6;
+/// Exit code: `report --check` found the evidence broken: an audit event
+/// edited, deleted or reordered (in `rekey.audit` or the JSON file).
+pub const EXIT_EVIDENCE_BROKEN: u8 = 7;

@@ -4,12 +4,15 @@
 //! exit code ([`exit`]). Nothing below imports from here.
 
 pub mod args;
+mod args_audit;
 pub mod bench;
 pub mod exit;
 pub mod keygen;
 pub mod plan;
+pub mod report;
 pub mod rotate;
 pub mod run;
+mod run_audit;
 pub mod secrets;
 pub mod status;
 pub mod verify;
@@ -37,6 +40,7 @@ pub async fn dispatch(command: Command) -> Result<u8, Error> {
         Command::Bench(a) => bench::bench(&a).await,
         Command::Secrets(a) => secrets::secrets(a.command).await,
         Command::Rotate(a) => rotate::rotate(&a).await,
+        Command::Report(a) => report::report(&a).await,
     }
 }
 
@@ -65,6 +69,12 @@ pub(crate) async fn open(args: &JobArgs) -> Result<Opened, Error> {
     let db = Database::parse(&url).map_err(|e| Error::Config(e.to_string()))?;
     let client = db.connect().await?;
     refuse_a_shared_default_name(&client, &spec).await?;
+    // the operator of last resort in audit events
+    let keys = spec
+        .keys
+        .as_ref()
+        .or_else(|| spec.targets.first().and_then(|t| t.keys.as_ref()));
+    crate::lifecycle::audit::note_fallback_operator(&client, keys).await?;
     Ok(Opened { spec, db, client })
 }
 

@@ -3,28 +3,41 @@
 
 use std::time::Duration;
 
-use crate::cli::args::{LifecycleArgs, Reason, RotateArgs};
+use crate::cli::args::{LifecycleArgs, RotateArgs, Who};
 use crate::cli::exit::{EXIT_LEFT_ON_OLD_KEYS, EXIT_STOPPED, EXIT_WAITING};
 use crate::cli::{default_lanes, open, print_json, Opened};
 use crate::engine::pipeline::Settings;
 use crate::job::JobSpec;
-use crate::lifecycle::audit::{os_user, Audit};
+use crate::lifecycle::audit::{self, Audit};
 use crate::lifecycle::rotation::{self, Ended, Intent, Progressed, RotateOptions};
 use crate::observe::metrics;
 use crate::Error;
 
 /// The audit settings of a lifecycle command.
 pub(crate) fn audit_for(args: &LifecycleArgs, spec: &JobSpec) -> Audit {
+    audit_of(&args.who(), &args.common.job, spec)
+}
+
+/// The audit settings of any command that records events (`run` too).
+pub(crate) fn audit_of(who: &Who, job_file: &std::path::Path, spec: &JobSpec) -> Audit {
     let name = spec.name.clone().unwrap_or_else(|| "rekey".into());
-    let path = args.audit_log.clone().unwrap_or_else(|| {
-        args.common
-            .job
-            .with_file_name(format!("{name}.audit.jsonl"))
-    });
+    let path = who
+        .audit_log
+        .clone()
+        .unwrap_or_else(|| job_file.with_file_name(format!("{name}.audit.jsonl")));
     Audit {
         path,
-        operator: args.operator.clone().unwrap_or_else(os_user),
-        reason: args.reason.name().into(),
+        // empty: the event records the session's role
+        operator: audit::operator(who.operator.as_deref()).unwrap_or_default(),
+        reason: who
+            .reason
+            .as_ref()
+            .map_or("scheduled", |r| r.name())
+            .to_string(),
+        chain: name,
+        incident_id: who.incident.clone(),
+        operator_notes: who.notes.clone(),
+        keys: None,
     }
 }
 
@@ -47,7 +60,7 @@ pub(crate) fn rotate_options(
             ..Settings::default()
         },
         quiet: quiet || life.common.json,
-        compromised: life.reason == Reason::Compromise,
+        compromised: life.is_compromise(),
         no_wait: false,
         intent: Intent::Continue,
     }

@@ -8,6 +8,7 @@ use serde_json::json;
 
 use crate::cli::args::{OnlineArgs, RunArgs};
 use crate::cli::exit::{EXIT_LEFT_ON_OLD_KEYS, EXIT_QUARANTINED, EXIT_STOPPED, EXIT_WINDOW_ENDED};
+use crate::cli::run_audit;
 use crate::cli::{default_lanes, open, print_json, Opened};
 use crate::control::monitor::Signals;
 use crate::control::signals::stop_on_signals;
@@ -128,6 +129,12 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
     if !args.dry_run && !args.force {
         verify::preflight(&client, &job).await?;
     }
+    let audit = if args.dry_run {
+        None
+    } else {
+        state::ensure_schema(&mut client).await?;
+        Some(run_audit::started(args, &spec, &job, &client).await?)
+    };
     let ran = if args.dry_run {
         let ranges = plan::job_ranges(&client, &job, lanes).await?;
         let progress = Progress::new(stale_rows(&client, &job).await?, "dry run", quiet);
@@ -177,6 +184,9 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
     let summary = summary(args, &job, &ran, remaining_rows);
     if let (Some(id), false) = (ran.job_id, ran.outcome.stopped) {
         state::finish_job(&client, id, &summary).await?;
+    }
+    if let Some(audit) = &audit {
+        run_audit::ended(audit, &client, &job, &ran.outcome, &ran.totals, ran.job_id).await?;
     }
     if args.common.json {
         print_json(&summary);

@@ -1,38 +1,31 @@
-//! The audit trail: one event per lifecycle step, as a JSON line (appended
-//! and synced) and a row of `rekey.audit`, with the fields of the healthprep
-//! policy's template. Never a key value: secrets are named by store and id.
+//! The audit trail: one event per lifecycle step and per `rekey run`, as a
+//! JSON line (appended and synced) and a row of `rekey.audit`, with the
+//! fields of the healthprep policy's template plus the keys concerned (ids,
+//! never material), the incident and the rotation, each event hash-chained
+//! to the one before it ([`super::chain`]) so `rekey report --check` finds
+//! an edited, deleted or reordered event.
+//!
+//! One chain per job name, shared by every process that writes events for
+//! the job: an event is appended under a transaction-level advisory lock on
+//! the chain, its place and link read inside that transaction, its JSON line
+//! written before the commit, so the file and the table hold one order and
+//! two writers can never fork the chain (a unique index on the place backs
+//! the lock). Never a key value: secrets are named by store and id.
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
-use serde::Serialize;
 use tokio_postgres::Client;
 
+use crate::crypto::keyring::KeyId;
 use crate::error::DbContext;
+#[cfg(feature = "aws")]
+use crate::secrets::KeySource;
+use crate::secrets::KeysSpec;
 use crate::Error;
 
-/// One audit event.
-#[derive(Debug, Clone, Serialize)]
-pub struct Event {
-    /// What happened: key_staged, reencryption_completed, verification_passed, ...
-    pub event_type: String,
-    /// When (UTC, RFC 3339).
-    pub timestamp: String,
-    /// The store and key id concerned (never the value).
-    pub secret_id: String,
-    /// Who ran it.
-    pub operator: String,
-    /// scheduled, emergency or compromise.
-    pub reason: String,
-    /// passed, failed, or not applicable.
-    pub verification_status: String,
-    /// Values re-encrypted or checked, where that applies.
-    pub affected_records: Option<u64>,
-    /// Free text.
-    pub notes: String,
-    /// The `rekey.jobs` row concerned, if any.
-    pub job_id: Option<i64>,
-}
+pub use super::chain::{Body, Event, GENESIS};
 
 /// What happened, for [`Audit::record`].
 #[derive(Debug, Clone, Copy)]
@@ -45,10 +38,20 @@ pub struct What<'a> {
     pub verification_status: &'a str,
     /// Values concerned.
     pub affected_records: Option<u64>,
-    /// Free text.
+    /// What rekey says about the event (recorded as `detail`; the event's
+    /// `notes` are the operator's, from `--notes`).
     pub notes: &'a str,
     /// The job concerned.
     pub job_id: Option<i64>,
+}
+
+/// The keys an event concerns (ids, never material).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AuditKeys {
+    /// The key values move away from, when there is one.
+    pub old: Option<KeyId>,
+    /// The key values move to.
+    pub new: Option<KeyId>,
 }
 
 /// Where and as whom events are written.
@@ -56,40 +59,236 @@ pub struct What<'a> {
 pub struct Audit {
     /// The JSON lines file.
     pub path: PathBuf,
-    /// `--operator`, else the OS user.
+    /// Who: `--operator`, else REKEY_OPERATOR, else the OS user, else the
+    /// database role (empty here: [`Audit::record`] asks the session).
     pub operator: String,
-    /// Why the rotation happens.
+    /// Why the rotation happens (`scheduled_annual`, `compromise`, ...).
     pub reason: String,
+    /// The chain the events join: the job's name.
+    pub chain: String,
+    /// `--incident`.
+    pub incident_id: Option<String>,
+    /// `--notes`: recorded as each event's `notes`.
+    pub operator_notes: Option<String>,
+    /// The keys concerned; when `None`, those of the job's rotation in
+    /// progress, if any.
+    pub keys: Option<AuditKeys>,
 }
 
-/// The OS user running rekey.
-pub fn os_user() -> String {
-    ["USER", "LOGNAME"]
-        .iter()
-        .find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty()))
-        .unwrap_or_else(|| "unknown".into())
+/// Who runs rekey when neither `--operator`, REKEY_OPERATOR nor the OS user
+/// says: the AWS caller identity for an AWS store, else the database role
+/// of the first session this process opened; noted by [`note_fallback_operator`].
+static FALLBACK_OPERATOR: OnceLock<String> = OnceLock::new();
+
+/// How long the AWS caller identity may take before the database role is used instead.
+#[cfg(feature = "aws")]
+const STS_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The ARN of the AWS caller identity the job's store is reached as, if STS
+/// answers within [`STS_WAIT`].
+#[cfg(feature = "aws")]
+async fn aws_caller(keys: &KeysSpec) -> Option<String> {
+    let ask = async {
+        let config = crate::secrets::aws::sdk_config(keys).await;
+        let sts = aws_sdk_sts::Client::new(&config);
+        sts.get_caller_identity()
+            .send()
+            .await
+            .ok()?
+            .arn()
+            .map(str::to_string)
+    };
+    tokio::time::timeout(STS_WAIT, ask).await.ok().flatten()
+}
+
+/// Notes the operator of last resort, once, when nothing in the environment
+/// names one: for an AWS store the caller identity's ARN (asked of STS, at
+/// most a few seconds), else the session's role (`current_user`).
+pub async fn note_fallback_operator(client: &Client, keys: Option<&KeysSpec>) -> Result<(), Error> {
+    if FALLBACK_OPERATOR.get().is_some() || operator(None).is_some() {
+        return Ok(());
+    }
+    #[cfg(feature = "aws")]
+    if let Some(k) =
+        keys.filter(|k| matches!(k.source, KeySource::AwsSecretsManager | KeySource::AwsKms))
+    {
+        if let Some(arn) = aws_caller(k).await {
+            let _ = FALLBACK_OPERATOR.set(arn);
+            return Ok(());
+        }
+    }
+    #[cfg(not(feature = "aws"))]
+    let _ = keys;
+    let role: String = client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .ctx(|| "reading the session's role".into())?
+        .get(0);
+    let _ = FALLBACK_OPERATOR.set(role);
+    Ok(())
+}
+
+/// Who runs rekey, without I/O: `given` (`--operator`), else REKEY_OPERATOR,
+/// else the OS user (USER, LOGNAME), else the AWS caller identity or the
+/// database role noted by [`note_fallback_operator`]; `None` when none is known yet ([`Audit::record`]
+/// then records the session's role). Never "unknown".
+pub fn operator(given: Option<&str>) -> Option<String> {
+    given
+        .map(str::to_string)
+        .or_else(|| {
+            ["REKEY_OPERATOR", "USER", "LOGNAME"].iter().find_map(|v| {
+                std::env::var(v)
+                    .ok()
+                    .map(|u| u.trim().to_string())
+                    .filter(|u| !u.is_empty())
+            })
+        })
+        .or_else(|| FALLBACK_OPERATOR.get().cloned())
+}
+
+/// This host's name, for `written_to`.
+fn host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 impl Audit {
-    /// Records an event in the file and in `rekey.audit`.
+    /// The same audit settings for events about the move from `old` to `new`.
+    pub fn for_keys(&self, old: Option<KeyId>, new: KeyId) -> Audit {
+        Audit {
+            keys: Some(AuditKeys {
+                old,
+                new: Some(new),
+            }),
+            ..self.clone()
+        }
+    }
+
+    /// Where this process's JSON lines go, as recorded in `written_to`.
+    pub fn written_to(&self) -> String {
+        let path = std::path::absolute(&self.path).unwrap_or_else(|_| self.path.clone());
+        format!("{}:{}", host(), path.display())
+    }
+
+    /// Records an event at the end of the chain: in `rekey.audit` and the
+    /// file, in one transaction under the chain's lock. `client` must not be
+    /// in a transaction, nor used by other tasks until this returns.
     pub async fn record(&self, client: &Client, what: What<'_>) -> Result<Event, Error> {
-        let affected_records = what.affected_records;
-        let job_id = what.job_id;
-        let event = Event {
-            event_type: what.event_type.into(),
-            timestamp: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-            secret_id: what.secret_id.into(),
-            operator: self.operator.clone(),
-            reason: self.reason.clone(),
-            verification_status: what.verification_status.into(),
-            affected_records,
-            notes: what.notes.into(),
-            job_id,
+        let ctx = || "writing the audit trail (rekey.audit)".to_string();
+        client.batch_execute("BEGIN").await.ctx(ctx)?;
+        match self.append(client, what).await {
+            Ok(event) => {
+                client.batch_execute("COMMIT").await.ctx(ctx)?;
+                Ok(event)
+            }
+            Err(e) => {
+                // the error that matters is the first one
+                let _ = client.batch_execute("ROLLBACK").await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The body of [`Audit::record`], inside its transaction.
+    async fn append(&self, client: &Client, what: What<'_>) -> Result<Event, Error> {
+        let ctx = || "writing the audit trail (rekey.audit)".to_string();
+        // a waiting writer waits for the one ahead, whatever the session's lock_timeout
+        client
+            .batch_execute("SET LOCAL lock_timeout = '60s'")
+            .await
+            .ctx(ctx)?;
+        client
+            .execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended('rekey.audit:' || $1, 0))",
+                &[&self.chain],
+            )
+            .await
+            .ctx(ctx)?;
+        let row = client
+            .query_one(
+                "SELECT a.seq, a.hash, current_user::text,
+                        to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+                        r.rotation_id, r.old_key, r.new_key
+                   FROM (SELECT 1) one
+                   LEFT JOIN LATERAL (SELECT seq, hash FROM rekey.audit WHERE chain = $1 AND seq IS NOT NULL
+                                       ORDER BY seq DESC LIMIT 1) a ON true
+                   LEFT JOIN LATERAL (SELECT rotation_id, old_key, new_key FROM rekey.rotations
+                                       WHERE job_name = $1 AND finished_at IS NULL
+                                       ORDER BY rotation_id DESC LIMIT 1) r ON true",
+                &[&self.chain],
+            )
+            .await
+            .ctx(ctx)?;
+        let last_seq: Option<i64> = row.get(0);
+        let last_hash: Option<String> = row.get(1);
+        let role: String = row.get(2);
+        let timestamp: String = row.get(3);
+        let rotation_id: Option<i64> = row.get(4);
+        let key = |v: Option<i64>| v.and_then(|v| KeyId::try_from(v).ok());
+        let keys = self.keys.unwrap_or(AuditKeys {
+            old: key(row.get(5)),
+            new: key(row.get(6)),
+        });
+        let operator = if self.operator.trim().is_empty() {
+            role
+        } else {
+            self.operator.clone()
         };
-        let line = serde_json::to_string(&event).map_err(|e| Error::Runtime(e.to_string()))?;
+        let body = Body {
+            event_type: what.event_type.into(),
+            timestamp,
+            secret_id: what.secret_id.into(),
+            operator,
+            reason: self.reason.clone(),
+            incident_id: self.incident_id.clone(),
+            verification_status: what.verification_status.into(),
+            affected_records: what.affected_records,
+            old_key: keys.old,
+            new_key: keys.new,
+            notes: self.operator_notes.clone(),
+            detail: what.notes.into(),
+            job_id: what.job_id,
+            rotation_id,
+            chain: self.chain.clone(),
+            seq: last_seq.unwrap_or(0) + 1,
+            written_to: self.written_to(),
+            prev_hash: last_hash.unwrap_or_else(|| GENESIS.into()),
+        };
+        let event = body.sealed();
+        let affected = event
+            .body
+            .affected_records
+            .map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+        let b = &event.body;
+        client
+            .execute(
+                "INSERT INTO rekey.audit (event_type, timestamp, secret_id, operator, reason, incident_id, verification_status,
+                                          affected_records, old_key, new_key, notes, detail, job_id, rotation_id,
+                                          chain, seq, written_to, prev_hash, hash)
+                 VALUES ($1, $2::text::timestamptz, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
+                &[
+                    &b.event_type, &b.timestamp, &b.secret_id, &b.operator, &b.reason, &b.incident_id,
+                    &b.verification_status, &affected, &b.old_key.map(i64::from), &b.new_key.map(i64::from),
+                    &b.notes, &b.detail, &b.job_id, &b.rotation_id, &b.chain, &b.seq, &b.written_to,
+                    &b.prev_hash, &event.hash,
+                ],
+            )
+            .await
+            .ctx(ctx)?;
+        self.append_line(&event)?;
+        Ok(event)
+    }
+
+    /// Appends the event's JSON line to the file and syncs it.
+    fn append_line(&self, event: &Event) -> Result<(), Error> {
+        let line = event.line()?;
         let io = |e: std::io::Error| {
             Error::Runtime(format!(
-                "writing the audit log {}: {e}",
+                "writing the audit log {}: {e}; make it writable, or name another file with --audit-log",
                 self.path.display()
             ))
         };
@@ -99,15 +298,6 @@ impl Audit {
             .open(&self.path)
             .map_err(io)?;
         writeln!(f, "{line}").map_err(io)?;
-        f.sync_data().map_err(io)?;
-        client
-            .execute(
-                "INSERT INTO rekey.audit (event_type, timestamp, secret_id, operator, reason, verification_status, affected_records, notes, job_id)
-                 VALUES ($1, now(), $2, $3, $4, $5, $6, $7, $8)",
-                &[&event.event_type, &event.secret_id, &event.operator, &event.reason, &event.verification_status, &affected_records.map(|n| n as i64), &event.notes, &job_id],
-            )
-            .await
-            .ctx(|| "writing rekey.audit".into())?;
-        Ok(event)
+        f.sync_data().map_err(io)
     }
 }

@@ -1,9 +1,12 @@
 //! The rotation around a run: stage a key, re-encrypt, verify, promote,
-//! retire, each step recorded and audited. Uses the engine, the state and
-//! the secret stores; nothing below imports from here.
+//! retire, each step recorded and audited, and the evidence of it: the
+//! hash-chained audit trail and the report built from it. Uses the engine,
+//! the state and the secret stores; nothing below imports from here.
 
 pub mod abort;
 pub mod audit;
+pub mod chain;
+pub mod evidence;
 pub mod forward;
 pub mod preview;
 pub mod retire;

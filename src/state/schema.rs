@@ -18,6 +18,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     ),
     (6, include_str!("../../sql/006_not_rotated.sql")),
     (7, include_str!("../../sql/007_rotation_abort.sql")),
+    (8, include_str!("../../sql/008_audit_chain.sql")),
 ];
 
 /// Creates or upgrades schema `rekey`. Safe to run from several processes
@@ -26,8 +27,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
 /// need CREATE on the schema.
 pub async fn ensure_schema(client: &mut Client) -> Result<(), Error> {
     let what = || "preparing rekey's engine schema".to_string();
-    let latest = MIGRATIONS.last().map_or(0, |(v, _)| *v);
-    if applied(client).await? == Some(latest) {
+    if applied(client)
+        .await?
+        .is_some_and(|done| MIGRATIONS.iter().all(|(v, _)| done.contains(v)))
+    {
         return Ok(());
     }
     let who = client
@@ -71,15 +74,17 @@ async fn migrate(client: &mut Client, who: &Who) -> Result<(), Error> {
     tx.batch_execute("CREATE TABLE IF NOT EXISTS rekey.schema_version (version int PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
         .await
         .map_err(|e| refused(e, Missing::Tables, who))?;
-    let current: i32 = tx
+    // every migration not applied yet, in order (not only those above the
+    // highest applied: branches number theirs apart and land in any order)
+    let done: Vec<i32> = tx
         .query_one(
-            "SELECT coalesce(max(version), 0) FROM rekey.schema_version",
+            "SELECT coalesce(array_agg(version), '{}') FROM rekey.schema_version",
             &[],
         )
         .await
         .ctx(what)?
         .get(0);
-    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| !done.contains(v)) {
         tx.batch_execute(sql)
             .await
             .map_err(|e| refused(e, Missing::Tables, who))?;
@@ -93,8 +98,8 @@ async fn migrate(client: &mut Client, who: &Who) -> Result<(), Error> {
     tx.commit().await.ctx(what)
 }
 
-/// The latest migration applied, `None` before the schema exists.
-async fn applied(client: &Client) -> Result<Option<i32>, Error> {
+/// The migrations applied, `None` before the schema exists.
+async fn applied(client: &Client) -> Result<Option<Vec<i32>>, Error> {
     let row = client
         .query_one(
             "SELECT to_regclass('rekey.schema_version') IS NOT NULL, coalesce(has_schema_privilege(s.ns, 'USAGE'), false)
@@ -110,7 +115,7 @@ async fn applied(client: &Client) -> Result<Option<i32>, Error> {
     Ok(Some(
         client
             .query_one(
-                "SELECT coalesce(max(version), 0) FROM rekey.schema_version",
+                "SELECT coalesce(array_agg(version), '{}') FROM rekey.schema_version",
                 &[],
             )
             .await

@@ -20,6 +20,7 @@ mod lifecycle;
 mod online;
 mod progress_log;
 mod replica;
+mod report;
 mod rotation;
 mod rotation_states;
 mod secrecy;

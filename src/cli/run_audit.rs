@@ -1,0 +1,135 @@
+//! The audit events of `rekey run`: one when a run starts, one when it ends
+//! (completed, stopped, or its window ended) with the values re-encrypted,
+//! quarantined and not rotated, the job, and the keys (the job's target
+//! key, and its old key when there is exactly one).
+
+use std::collections::BTreeSet;
+
+use tokio_postgres::Client;
+
+use crate::cli::args::RunArgs;
+use crate::cli::rotate::audit_of;
+use crate::control::stop::StopBy;
+use crate::engine::pipeline::Outcome;
+use crate::job::{Job, JobSpec};
+use crate::lifecycle::audit::{Audit, AuditKeys, What};
+use crate::observe::counts::Counts;
+use crate::Error;
+
+/// The one element of `set`, if it has exactly one.
+fn only<T: Copy + Ord>(set: &BTreeSet<T>) -> Option<T> {
+    (set.len() == 1).then(|| set.first().copied()).flatten()
+}
+
+/// The audit settings of a run: who and why from the command line, the
+/// keys from the job.
+fn run_audit(args: &RunArgs, spec: &JobSpec, job: &Job) -> Audit {
+    let mut audit = audit_of(&args.audit.who(), &args.common.job, spec);
+    let targets: BTreeSet<_> = job
+        .targets
+        .iter()
+        .map(|t| t.write.keyring.target().id())
+        .collect();
+    let new = only(&targets);
+    let old: BTreeSet<_> = job
+        .targets
+        .iter()
+        .flat_map(|t| t.read.keyring.keys().map(|k| k.id()))
+        .filter(|id| Some(*id) != new)
+        .collect();
+    if new.is_some() {
+        audit.keys = Some(AuditKeys {
+            old: only(&old),
+            new,
+        });
+    }
+    audit
+}
+
+/// The store a run's keys come from and its target key, named for the
+/// audit trail (never a value).
+fn secret_ref(job: &Job, audit: &Audit) -> String {
+    let store = match job.targets.first().and_then(|t| t.write.source.as_ref()) {
+        Some(k) => match (&k.secret_id, &k.path, &k.kms_key_id) {
+            (Some(id), _, _) => id.clone(),
+            (None, Some(path), _) => format!("file:{}", path.display()),
+            (None, None, Some(kms)) => format!("kms:{kms}"),
+            (None, None, None) => format!("env:{}", k.prefix),
+        },
+        None => format!("job:{}", job.name),
+    };
+    match audit.keys.and_then(|k| k.new) {
+        Some(id) => format!("{store}#{id}"),
+        None => store,
+    }
+}
+
+/// Records that a run starts; the audit settings for its end.
+pub(crate) async fn started(
+    args: &RunArgs,
+    spec: &JobSpec,
+    job: &Job,
+    client: &Client,
+) -> Result<Audit, Error> {
+    let audit = run_audit(args, spec, job);
+    let what = What {
+        event_type: "run_started",
+        secret_id: &secret_ref(job, &audit),
+        verification_status: "not_applicable",
+        affected_records: None,
+        notes: "re-encryption started (or resumed)",
+        job_id: None,
+    };
+    audit.record(client, what).await?;
+    Ok(audit)
+}
+
+/// Records how a run ended: this run's values re-encrypted (the event's
+/// `affected_records`), quarantined and not rotated, and the job's totals.
+pub(crate) async fn ended(
+    audit: &Audit,
+    client: &Client,
+    job: &Job,
+    outcome: &Outcome,
+    totals: &Counts,
+    job_id: Option<i64>,
+) -> Result<(), Error> {
+    let c = outcome.counts;
+    let event_type = match (outcome.stopped, outcome.stopped_by) {
+        (false, _) => "run_completed",
+        (true, Some(StopBy::RunTime)) => "run_window_ended",
+        (true, _) => "run_stopped",
+    };
+    let detail = format!(
+        "{} values re-encrypted in {} rows ({} rows scanned, {} values already on the target key or NULL), \
+         {} quarantined, {} not rotated, {} rows left changing; job totals: {} re-encrypted, {} quarantined, {} not rotated",
+        c.values_rewritten,
+        c.rows_rewritten,
+        c.rows_scanned,
+        c.values_skipped,
+        c.values_failed,
+        c.values_not_rotated,
+        outcome.conflicts_left,
+        totals.values_rewritten,
+        totals.values_failed,
+        totals.values_not_rotated,
+    );
+    let left = totals.values_failed + totals.values_not_rotated + outcome.conflicts_left;
+    let status = if outcome.stopped {
+        "pending"
+    } else if left > 0 {
+        "failed"
+    } else {
+        "not_applicable"
+    };
+    let what = What {
+        event_type,
+        secret_id: &secret_ref(job, audit),
+        verification_status: status,
+        affected_records: Some(c.values_rewritten),
+        notes: &detail,
+        job_id,
+    };
+    audit.record(client, what).await?;
+    Ok(())
+}

@@ -1,0 +1,378 @@
+//! The audit chain: an event's canonical form, its SHA-256 link to the
+//! event before it, and the checks `rekey report --check` runs over the
+//! rows of `rekey.audit` and the lines of the JSON file. Pure: no I/O.
+//!
+//! An event's `hash` is the SHA-256 (ring) of its [`Body`] serialized as
+//! JSON, fields in declaration order, `prev_hash` included; the first event
+//! of a chain links to [`GENESIS`]. One chain per job name; `seq` numbers
+//! its events from 1. Editing an event breaks its own hash; deleting or
+//! reordering one breaks `seq` and the next event's link; the file and the
+//! table must hold the same events, each file holding at least every event
+//! recorded as written to it (`written_to`). Deleting the newest events of
+//! both copies at once is the one change a chain alone cannot show: keep
+//! the JSON file where the database's administrators cannot write.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::keyring::KeyId;
+use crate::Error;
+
+/// What the first event of a chain links to.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// An event as hashed: every field but the hash itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Body {
+    /// What happened: key_staged, run_completed, verification_passed, ...
+    pub event_type: String,
+    /// When (UTC, RFC 3339 with microseconds, the database's clock).
+    pub timestamp: String,
+    /// The store and key id concerned (never the value).
+    pub secret_id: String,
+    /// Who ran it.
+    pub operator: String,
+    /// Why: scheduled, scheduled_annual, emergency, compromise, ...
+    pub reason: String,
+    /// The incident it answers (`--incident`).
+    pub incident_id: Option<String>,
+    /// passed, failed, pending, not_applicable.
+    pub verification_status: String,
+    /// Values re-encrypted or checked, where that applies.
+    pub affected_records: Option<u64>,
+    /// The key values move away from (id, never material).
+    pub old_key: Option<KeyId>,
+    /// The key values move to (id, never material).
+    pub new_key: Option<KeyId>,
+    /// The operator's notes (`--notes`).
+    pub notes: Option<String>,
+    /// What rekey says about the event.
+    pub detail: String,
+    /// The `rekey.jobs` row concerned, if any.
+    pub job_id: Option<i64>,
+    /// The `rekey.rotations` row concerned, if any.
+    pub rotation_id: Option<i64>,
+    /// The chain: the job's name.
+    pub chain: String,
+    /// The event's place in its chain, from 1.
+    pub seq: i64,
+    /// Where its JSON line was written: host and path.
+    pub written_to: String,
+    /// The hash of the event before it ([`GENESIS`] for the first).
+    pub prev_hash: String,
+}
+
+/// One audit event: its body and the hash that seals it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Everything hashed.
+    #[serde(flatten)]
+    pub body: Body,
+    /// SHA-256 (hex) of the body's canonical form.
+    pub hash: String,
+}
+
+impl Body {
+    /// SHA-256 (hex) of the canonical form.
+    pub fn digest(&self) -> String {
+        // a struct of strings and integers always serializes
+        let canonical = serde_json::to_vec(self).unwrap_or_default();
+        hex::encode(ring::digest::digest(&ring::digest::SHA256, &canonical))
+    }
+
+    /// The event sealed with its hash.
+    pub fn sealed(self) -> Event {
+        Event {
+            hash: self.digest(),
+            body: self,
+        }
+    }
+}
+
+impl Event {
+    /// The JSON line written to the file.
+    pub fn line(&self) -> Result<String, Error> {
+        serde_json::to_string(self)
+            .map_err(|e| Error::Runtime(format!("encoding an audit event: {e}")))
+    }
+
+    /// Whether the hash seals the body as it is.
+    pub fn intact(&self) -> bool {
+        self.body.digest() == self.hash
+    }
+}
+
+/// The first event found broken, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Broken {
+    /// Where it is: `rekey.audit (audit_id 12)`, or `<file> line 7`.
+    pub place: String,
+    /// Its place in the chain, when known.
+    pub seq: Option<i64>,
+    /// Its type, when known.
+    pub event_type: Option<String>,
+    /// What is wrong.
+    pub why: String,
+}
+
+impl fmt::Display for Broken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.place)?;
+        if let Some(seq) = self.seq {
+            write!(f, ", event {seq}")?;
+        }
+        if let Some(t) = &self.event_type {
+            write!(f, " ({t})")?;
+        }
+        write!(f, ": {}", self.why)
+    }
+}
+
+/// Checks one chain's events as stored, ordered by `seq`, each with where it
+/// is stored (for the message); the number of events on success.
+pub fn check_chain(events: &[(Event, String)]) -> Result<usize, Broken> {
+    let mut prev: Option<&Event> = None;
+    for (e, place) in events {
+        let broken = |why: String| Broken {
+            place: place.clone(),
+            seq: Some(e.body.seq),
+            event_type: Some(e.body.event_type.clone()),
+            why,
+        };
+        if !e.intact() {
+            return Err(broken(
+                "its content does not match its hash: the event was edited".into(),
+            ));
+        }
+        let expected = prev.map_or(1, |p| p.body.seq + 1);
+        if e.body.seq > expected {
+            let missing = if e.body.seq == expected + 1 {
+                format!("event {expected} is missing")
+            } else {
+                format!("events {expected} to {} are missing", e.body.seq - 1)
+            };
+            return Err(broken(format!("{missing} before it: deleted")));
+        }
+        if e.body.seq < expected {
+            return Err(broken(format!(
+                "it comes after event {}: reordered",
+                expected - 1
+            )));
+        }
+        let link = prev.map_or(GENESIS, |p| p.hash.as_str());
+        if e.body.prev_hash != link {
+            return Err(broken(
+                "its link does not match the hash of the event before it: an event before it was replaced".into(),
+            ));
+        }
+        prev = Some(e);
+    }
+    Ok(events.len())
+}
+
+/// What a JSON lines file holds of one chain.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FileChecked {
+    /// Chained events of the chain checked.
+    pub events: usize,
+    /// Lines written before the chain existed (no hash), not checked.
+    pub unchained: usize,
+    /// Lines of other chains (another job sharing the file), not checked.
+    pub other_chains: usize,
+}
+
+/// Checks the lines of a JSON audit file for chain `chain` against the
+/// events of the table (`table`, already checked by [`check_chain`]): every
+/// line as rekey wrote it and sealed by its hash, in the chain's order, the
+/// same event as the table's at its place, and no event of the table that was
+/// written to this file missing from it.
+pub fn check_file(
+    name: &str,
+    text: &str,
+    chain: &str,
+    table: &[Event],
+) -> Result<FileChecked, Broken> {
+    let by_seq: BTreeMap<i64, &Event> = table.iter().map(|e| (e.body.seq, e)).collect();
+    let mut seen = FileChecked::default();
+    let mut destinations = BTreeSet::new();
+    let mut in_file = BTreeSet::new();
+    let mut last: Option<i64> = None;
+    for (n, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let place = format!("{name} line {}", n + 1);
+        let broken = |seq: Option<i64>, t: Option<&str>, why: &str| Broken {
+            place: place.clone(),
+            seq,
+            event_type: t.map(str::to_string),
+            why: why.to_string(),
+        };
+        let value: serde_json::Value = serde_json::from_str(line)
+            .map_err(|_| broken(None, None, "not a JSON object: the line was edited"))?;
+        if value.get("hash").is_none() && value.get("seq").is_none() {
+            seen.unchained += 1;
+            continue;
+        }
+        let event: Event = serde_json::from_value(value).map_err(|e| {
+            broken(
+                None,
+                None,
+                &format!("not an audit event ({e}): the line was edited"),
+            )
+        })?;
+        let (seq, t) = (Some(event.body.seq), Some(event.body.event_type.as_str()));
+        if event.body.chain != chain {
+            seen.other_chains += 1;
+            continue;
+        }
+        if event.line().ok().as_deref() != Some(line) || !event.intact() {
+            return Err(broken(
+                seq,
+                t,
+                "its content does not match its hash: the line was edited",
+            ));
+        }
+        if last.is_some_and(|l| event.body.seq <= l) {
+            return Err(broken(
+                seq,
+                t,
+                "it comes after a later event: the lines were reordered",
+            ));
+        }
+        match by_seq.get(&event.body.seq) {
+            None => {
+                return Err(broken(
+                    seq,
+                    t,
+                    "rekey.audit has no event at this place: it was deleted from the table",
+                ))
+            }
+            Some(row) if row.hash != event.hash => {
+                return Err(broken(
+                    seq,
+                    t,
+                    "rekey.audit holds another event at this place: one of them was replaced",
+                ))
+            }
+            Some(_) => {}
+        }
+        last = Some(event.body.seq);
+        destinations.insert(event.body.written_to.clone());
+        in_file.insert(event.body.seq);
+        seen.events += 1;
+    }
+    if let Some(missing) = table
+        .iter()
+        .find(|e| destinations.contains(&e.body.written_to) && !in_file.contains(&e.body.seq))
+    {
+        return Err(Broken {
+            place: name.to_string(),
+            seq: Some(missing.body.seq),
+            event_type: Some(missing.body.event_type.clone()),
+            why: "rekey.audit records it as written to this file, but the file does not hold it: deleted from the file".into(),
+        });
+    }
+    Ok(seen)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain_of(n: i64) -> Vec<Event> {
+        let mut out: Vec<Event> = Vec::new();
+        for seq in 1..=n {
+            let body = Body {
+                event_type: format!("step_{seq}"),
+                timestamp: "2026-12-03T10:00:00.000000Z".into(),
+                secret_id: "file:k.toml#2".into(),
+                operator: "alice".into(),
+                reason: "scheduled_annual".into(),
+                incident_id: None,
+                verification_status: "passed".into(),
+                affected_records: Some(seq as u64),
+                old_key: Some(1),
+                new_key: Some(2),
+                notes: Some("Annual rotation per policy".into()),
+                detail: String::new(),
+                job_id: None,
+                rotation_id: Some(1),
+                chain: "patients".into(),
+                seq,
+                written_to: "h:/a.jsonl".into(),
+                prev_hash: out.last().map_or(GENESIS.into(), |e| e.hash.clone()),
+            };
+            out.push(body.sealed());
+        }
+        out
+    }
+
+    fn placed(events: &[Event]) -> Vec<(Event, String)> {
+        events
+            .iter()
+            .map(|e| (e.clone(), format!("row {}", e.body.seq)))
+            .collect()
+    }
+
+    fn file_of(events: &[Event]) -> String {
+        events.iter().map(|e| e.line().unwrap() + "\n").collect()
+    }
+
+    #[test]
+    fn an_intact_chain_checks() {
+        let c = chain_of(4);
+        assert_eq!(check_chain(&placed(&c)), Ok(4));
+        let checked = check_file(
+            "f",
+            &format!("{{\"event_type\":\"old\"}}\n{}", file_of(&c)),
+            "patients",
+            &c,
+        )
+        .unwrap();
+        assert_eq!((checked.events, checked.unchained), (4, 1));
+    }
+
+    #[test]
+    fn an_edit_a_deletion_and_a_swap_are_each_named() {
+        let c = chain_of(4);
+        let mut edited = c.clone();
+        edited[1].body.affected_records = Some(99);
+        assert_eq!(check_chain(&placed(&edited)).unwrap_err().seq, Some(2));
+        let mut deleted = c.clone();
+        deleted.remove(2);
+        let err = check_chain(&placed(&deleted)).unwrap_err();
+        assert_eq!(err.seq, Some(4));
+        assert!(err.why.contains("event 3 is missing"), "{err}");
+        let mut swapped = c.clone();
+        swapped.swap(1, 2);
+        assert!(check_chain(&placed(&swapped)).is_err());
+        // resealed after an edit: the next link names it
+        let mut resealed = c.clone();
+        resealed[1].body.operator = "mallory".into();
+        resealed[1] = resealed[1].body.clone().sealed();
+        assert_eq!(check_chain(&placed(&resealed)).unwrap_err().seq, Some(3));
+    }
+
+    #[test]
+    fn the_file_must_hold_the_tables_events_in_order() {
+        let c = chain_of(3);
+        let text = file_of(&c);
+        let edited = text.replacen("\"affected_records\":2", "\"affected_records\":3", 1);
+        assert_eq!(
+            check_file("f", &edited, "patients", &c).unwrap_err().seq,
+            Some(2)
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        let dropped = format!("{}\n{}\n", lines[0], lines[2]);
+        let err = check_file("f", &dropped, "patients", &c).unwrap_err();
+        assert_eq!(err.seq, Some(2), "{err}");
+        let swapped = format!("{}\n{}\n{}\n", lines[0], lines[2], lines[1]);
+        assert!(check_file("f", &swapped, "patients", &c).is_err());
+        let err = check_file("f", &text, "patients", &c[..2]).unwrap_err();
+        assert_eq!(err.seq, Some(3), "{err}");
+    }
+}

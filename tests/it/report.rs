@@ -1,0 +1,474 @@
+//! Audit and evidence: `rekey run`'s audit events and their counts, the
+//! fields every event carries (keys, incident, notes, an operator that is
+//! never "unknown"), the hash chain under concurrent writers, and `rekey
+//! report` with `--check` finding an edited, deleted or reordered event.
+
+use crate::harness::*;
+
+/// The JSON audit lines beside the job file.
+fn audit_lines(dir: &tempfile::TempDir) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.path().join("patients.audit.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Values of `patient_persons` whose version byte is `v`.
+async fn values_on(db: &TestDb, v: i32) -> i64 {
+    db.client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE get_byte(phone_encrypted, 0) = $1)
+                  + count(*) FILTER (WHERE get_byte(emergency_contact_phone_encrypted, 0) = $1)
+               FROM patient_persons",
+            &[&v],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_records_an_event_saying_how_many_values_it_rewrote_with_keys_incident_and_notes() {
+    let db = TestDb::new().await;
+    db.seed_patients(3_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir);
+    let job = job.to_str().unwrap();
+    // a reason that is not one is refused before anything runs
+    let out = rekey(
+        &["run", "--job", job, "--reason", "because I said so"],
+        &seed_env(),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(stderr(&out).contains("not a reason"), "{}", printed(&out));
+
+    let before = values_on(&db, 1).await;
+    // no USER, no LOGNAME (the harness clears the environment): the operator is the database role
+    let out = rekey(
+        &[
+            "run",
+            "--job",
+            job,
+            "--json",
+            "--reason",
+            "scheduled_annual",
+            "--incident",
+            "CHG-2026-17",
+            "--notes",
+            "Annual rotation per policy",
+        ],
+        &seed_env(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let rewritten = before - values_on(&db, 1).await;
+    assert!(rewritten > 0 && values_on(&db, 2).await == rewritten);
+
+    let events = audit_lines(&dir);
+    let types: Vec<&str> = events
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["run_started", "run_completed"]);
+    let done = &events[1];
+    assert_eq!(done["affected_records"], rewritten, "{done}");
+    assert_eq!(done["job_id"], json(&out)["job_id"]);
+    for e in &events {
+        assert_eq!(
+            (e["old_key"].as_i64(), e["new_key"].as_i64()),
+            (Some(1), Some(2)),
+            "{e}"
+        );
+        assert_eq!(e["incident_id"], "CHG-2026-17");
+        assert_eq!(e["notes"], "Annual rotation per policy");
+        assert_eq!(e["reason"], "scheduled_annual");
+        assert_eq!(
+            e["operator"], "postgres",
+            "the session's role, never unknown: {e}"
+        );
+    }
+    let row = db
+        .client
+        .query_one(
+            "SELECT affected_records, old_key, new_key, incident_id, notes, operator, reason, hash, prev_hash
+               FROM rekey.audit WHERE event_type = 'run_completed'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, Option<i64>>(0), Some(rewritten));
+    assert_eq!(
+        (row.get::<_, Option<i64>>(1), row.get::<_, Option<i64>>(2)),
+        (Some(1), Some(2))
+    );
+    assert_eq!(
+        row.get::<_, Option<String>>(3).as_deref(),
+        Some("CHG-2026-17")
+    );
+    assert_eq!(
+        row.get::<_, Option<String>>(4).as_deref(),
+        Some("Annual rotation per policy")
+    );
+    assert_eq!(row.get::<_, Option<String>>(5).as_deref(), Some("postgres"));
+    assert_eq!(
+        row.get::<_, Option<String>>(7).as_deref(),
+        done["hash"].as_str()
+    );
+    assert_eq!(
+        row.get::<_, Option<String>>(8).as_deref(),
+        events[0]["hash"].as_str()
+    );
+
+    // a second run finds nothing stale and says so: zero
+    let out = rekey(&["run", "--job", job], &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(audit_lines(&dir)[3]["affected_records"], 0);
+    let out = rekey(&["report", "--job", job, "--check"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn writers_appending_at_once_never_fork_the_chain() {
+    let db = TestDb::new().await;
+    db.seed_patients(10).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir);
+    let mut setup = connect(&db.url).await;
+    rekey::state::ensure_schema(&mut setup).await.unwrap();
+    let audit = rekey::lifecycle::audit::Audit {
+        path: dir.path().join("patients.audit.jsonl"),
+        operator: "alice".into(),
+        reason: "scheduled".into(),
+        chain: "patients".into(),
+        incident_id: None,
+        operator_notes: None,
+        keys: None,
+    };
+    let mut tasks = Vec::new();
+    for w in 0..6 {
+        let (audit, url) = (audit.for_keys(Some(1), 2), db.url.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = connect(&url).await;
+            for i in 0..5 {
+                let what = rekey::lifecycle::audit::What {
+                    event_type: "test_event",
+                    secret_id: "file:k#2",
+                    verification_status: "not_applicable",
+                    affected_records: Some(w * 100 + i),
+                    notes: "",
+                    job_id: None,
+                };
+                audit.record(&client, what).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let seqs: Vec<i64> = db
+        .client
+        .query(
+            "SELECT seq FROM rekey.audit WHERE chain = 'patients' ORDER BY seq",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(seqs, (1..=30).collect::<Vec<i64>>());
+    let out = rekey(
+        &[
+            "report",
+            "--job",
+            job.to_str().unwrap(),
+            "--check",
+            "--json",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(json(&out)["check"]["file_events"], 30);
+}
+
+/// Drives `rekey rotate --grace 0s` until the rotation is over: a call that
+/// waits for an operator step exits 6 and the next one goes on.
+fn rotate_to_the_end(job: &str, extra: &[&str]) {
+    for _ in 0..8 {
+        let args = [
+            &["rotate", "--job", job, "--grace", "0s", "--json"][..],
+            extra,
+        ]
+        .concat();
+        let out = rekey(&args, &keyring_pass_env());
+        match out.status.code() {
+            Some(6) => continue,
+            Some(0) if json(&out)["step"] == "retired" => return,
+            Some(0) => continue,
+            _ => panic!("rotate failed: {}", printed(&out)),
+        }
+    }
+    panic!("the rotation did not end in 8 calls");
+}
+
+/// `rekey report --check`: its exit code and what it printed.
+fn check(job: &str) -> (Option<i32>, String) {
+    let out = rekey(&["report", "--job", job, "--check"], &[]);
+    (out.status.code(), printed(&out))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotation_reports_every_step_and_check_finds_each_edit_deletion_and_reordering() {
+    let db = TestDb::new().await;
+    db.seed_patients(2_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    rotate_to_the_end(
+        &job,
+        &[
+            "--operator",
+            "alice",
+            "--reason",
+            "scheduled_annual",
+            "--incident",
+            "INC-2026-001",
+            "--notes",
+            "Annual rotation per policy",
+        ],
+    );
+
+    let out_dir = dir.path().join("evidence");
+    let out = rekey(
+        &[
+            "report",
+            "--job",
+            &job,
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--json",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let files: Vec<String> = json(&out)["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        files[0].ends_with(".json") && files[1].ends_with(".md"),
+        "{files:?}"
+    );
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&files[0]).unwrap()).unwrap();
+    let page = std::fs::read_to_string(&files[1]).unwrap();
+    let steps: Vec<&str> = doc["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "key_staged",
+            "reencryption_completed",
+            "verification_passed",
+            "key_promoted",
+            "key_retired"
+        ],
+        "{doc}"
+    );
+    for s in &steps {
+        assert!(page.contains(s), "the page names {s}:\n{page}");
+    }
+    assert_eq!(doc["who"], serde_json::json!(["alice"]));
+    assert_eq!(doc["why"], "scheduled_annual");
+    assert_eq!(doc["incident_id"], serde_json::json!(["INC-2026-001"]));
+    assert_eq!(
+        doc["notes"],
+        serde_json::json!(["Annual rotation per policy"])
+    );
+    assert_eq!(
+        (
+            doc["keys"]["old"]["id"].as_i64(),
+            doc["keys"]["new"]["id"].as_i64()
+        ),
+        (Some(1), Some(2))
+    );
+    assert!(
+        doc["keys"]["old"]["fingerprint"].is_string()
+            && doc["keys"]["new"]["fingerprint"].is_string(),
+        "{doc}"
+    );
+    assert_eq!(doc["final_full_verify"]["passed"], true, "{doc}");
+    assert_eq!(
+        doc["final_full_verify"]["values_checked_or_left"],
+        values_in(2_000)
+    );
+    assert!(
+        doc["reencryption_jobs"][0]["duration_s"].is_number(),
+        "{doc}"
+    );
+    assert!(doc["steps"][4]["seconds_since_previous_step"].is_number());
+    assert_eq!(doc["events"].as_array().unwrap().len(), 5);
+    for e in doc["events"].as_array().unwrap() {
+        assert_eq!(
+            (e["old_key"].as_i64(), e["new_key"].as_i64()),
+            (Some(1), Some(2)),
+            "{e}"
+        );
+        assert_eq!(
+            (e["incident_id"].as_str(), e["reason"].as_str()),
+            (Some("INC-2026-001"), Some("scheduled_annual"))
+        );
+    }
+    let out = rekey(
+        &[
+            "report",
+            "--job",
+            &job,
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--format",
+            "html",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let html = std::fs::read_to_string(files[1].replace(".md", ".html")).unwrap();
+    assert!(
+        html.starts_with("<!doctype html>") && html.contains("<td>key_retired</td>"),
+        "{html}"
+    );
+    assert!(page.contains(doc["events"][4]["hash"].as_str().unwrap()));
+    // never key material: neither the old key nor the new one appears
+    let ring = rekey::secrets::file::KeyringFile::open(&keyring, KEYRING_PASS.as_bytes(), "P")
+        .unwrap()
+        .table
+        .keyring()
+        .unwrap();
+    let new_key = hex::encode(ring.get(2).unwrap().material());
+    let written = std::fs::read_to_string(&files[0]).unwrap() + &page;
+    assert!(!written.contains(K1) && !written.contains(&new_key));
+
+    assert_eq!(check(&job).0, Some(0), "{}", check(&job).1);
+    let trail = dir.path().join("patients.audit.jsonl");
+    let original = std::fs::read_to_string(&trail).unwrap();
+
+    // an event edited in the table
+    let edit = "UPDATE rekey.audit SET affected_records = affected_records + 1 WHERE event_type = 'reencryption_completed'";
+    db.client.batch_execute(edit).await.unwrap();
+    let (code, said) = check(&job);
+    assert_eq!(code, Some(7), "{said}");
+    assert!(
+        said.contains("reencryption_completed") && said.contains("edited"),
+        "{said}"
+    );
+    db.client
+        .batch_execute(&edit.replace("+ 1", "- 1"))
+        .await
+        .unwrap();
+    assert_eq!(check(&job).0, Some(0));
+
+    // an event edited in the file
+    let lines: Vec<&str> = original.lines().collect();
+    let promoted = lines
+        .iter()
+        .position(|l| l.contains("\"key_promoted\""))
+        .unwrap();
+    let mut edited = lines.clone();
+    let forged = lines[promoted].replace("\"alice\"", "\"mallory\"");
+    edited[promoted] = &forged;
+    std::fs::write(&trail, edited.join("\n") + "\n").unwrap();
+    let (code, said) = check(&job);
+    assert_eq!(code, Some(7), "{said}");
+    assert!(
+        said.contains("key_promoted") && said.contains(&format!("line {}", promoted + 1)),
+        "{said}"
+    );
+
+    // a line deleted from the file, and two lines swapped
+    let mut dropped = lines.clone();
+    dropped.remove(promoted);
+    std::fs::write(&trail, dropped.join("\n") + "\n").unwrap();
+    let (code, said) = check(&job);
+    assert_eq!(code, Some(7), "{said}");
+    assert!(
+        said.contains("key_promoted") && said.contains("deleted"),
+        "{said}"
+    );
+    let mut swapped = lines.clone();
+    swapped.swap(promoted, promoted - 1);
+    std::fs::write(&trail, swapped.join("\n") + "\n").unwrap();
+    let (code, said) = check(&job);
+    assert_eq!(code, Some(7), "{said}");
+    assert!(said.contains("reordered"), "{said}");
+    // the whole file gone
+    std::fs::remove_file(&trail).unwrap();
+    let (code, said) = check(&job);
+    assert_eq!(code, Some(7), "{said}");
+    assert!(said.contains("the file is missing"), "{said}");
+    std::fs::write(&trail, &original).unwrap();
+    assert_eq!(check(&job).0, Some(0));
+
+    // an event deleted from the table
+    db.client
+        .batch_execute("DELETE FROM rekey.audit WHERE event_type = 'verification_passed'")
+        .await
+        .unwrap();
+    let (code, said) = check(&job);
+    assert_eq!(code, Some(7), "{said}");
+    assert!(
+        said.contains("key_promoted") && said.contains("event 3 is missing"),
+        "{said}"
+    );
+}
+
+#[cfg(feature = "aws")]
+#[tokio::test(flavor = "multi_thread")]
+async fn with_an_aws_store_and_no_user_the_operator_is_the_aws_caller_identity() {
+    let db = TestDb::new().await;
+    db.seed_patients(100).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = format!("rekey-test/operator-{}", std::process::id());
+    let job = dir.path().join("patients.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "[database]\nurl = \"{}\"\n[keys]\nsource = \"aws-secrets-manager\"\nsecret_id = \"{secret}\"\nendpoint = \"{}\"\nregion = \"us-east-1\"\n[[target]]\ntable = \"patient_persons\"\ncolumns = [\"phone_encrypted\", \"emergency_contact_phone_encrypted\"]\nformat = \"versioned-gcm\"\n",
+            db.url,
+            moto().endpoint
+        ),
+    )
+    .unwrap();
+    let job = job.to_str().unwrap();
+    let mut import = aws_env();
+    import.extend([
+        ("ENCRYPTION_KEY_V1", K1.to_string()),
+        ("ENCRYPTION_CURRENT_VERSION", "1".to_string()),
+    ]);
+    let out = rekey(
+        &[
+            "secrets",
+            "init",
+            "--job",
+            job,
+            "--import-env",
+            "ENCRYPTION",
+        ],
+        &import,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let out = rekey(&["run", "--job", job], &aws_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let events = audit_lines(&dir);
+    let last = events.last().unwrap();
+    assert_eq!(last["event_type"], "run_completed");
+    let operator = last["operator"].as_str().unwrap();
+    assert!(
+        operator.starts_with("arn:aws:"),
+        "the STS caller identity: {last}"
+    );
+}
