@@ -45,8 +45,7 @@ impl Reason {
     /// ending in `_compromise` / `-compromise` (the quarterly procedure's
     /// `suspected_key_compromise`).
     pub fn is_compromise(&self) -> bool {
-        let r = self.name();
-        r == "compromise" || r.ends_with("_compromise") || r.ends_with("-compromise")
+        crate::lifecycle::audit::is_compromise_reason(self.name())
     }
 }
 

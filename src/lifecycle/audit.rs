@@ -301,3 +301,10 @@ impl Audit {
         f.sync_data().map_err(io)
     }
 }
+
+/// Whether a reason names a compromise (`compromise`, or one ending in
+/// `_compromise` / `-compromise`, as the quarterly procedure's
+/// `suspected_key_compromise`): no grace period, material destroyed at retire.
+pub fn is_compromise_reason(reason: &str) -> bool {
+    reason == "compromise" || reason.ends_with("_compromise") || reason.ends_with("-compromise")
+}

@@ -299,7 +299,7 @@ pub(crate) async fn retired(
     }
     let job = Arc::new(Job::resolve(cx.spec, client).await?);
     let mut opts = cx.opts.clone();
-    opts.compromised |= rot.reason == "compromise";
+    opts.compromised |= super::audit::is_compromise_reason(&rot.reason);
     let outcome = retire(cx.db, client, &job, store, old, &opts).await?;
     log.lines.extend(outcome.lines);
     log.events.extend(outcome.events);

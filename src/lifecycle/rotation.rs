@@ -340,7 +340,7 @@ async fn adjust(
     rot: &mut Rotation,
     log: &mut Log,
 ) -> Result<(), Error> {
-    if cx.opts.compromised && rot.reason != "compromise" {
+    if cx.opts.compromised && !super::audit::is_compromise_reason(&rot.reason) {
         rotations::set_compromised(client, rot.id).await?;
         rot.reason = "compromise".into();
         rot.grace_s = 0;

@@ -88,6 +88,11 @@ pub async fn retire(store: &mut Store, id: KeyId, destroy: bool) -> Result<Appli
         .retire(id, now())
         .map_err(|e| Error::Config(e.to_string()))?;
     if destroy {
+        // the store says so (`secrets show`: COMPROMISED), then the material goes
+        changed |= store
+            .table_mut()
+            .mark_compromised(id)
+            .map_err(|e| Error::Config(e.to_string()))?;
         changed |= store
             .table_mut()
             .purge(id)

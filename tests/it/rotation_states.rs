@@ -275,6 +275,20 @@ async fn a_compromise_rotation_has_no_grace_and_destroys_the_old_key_after_a_ful
         .unwrap();
     assert_eq!(old.state, KeyState::Retired);
     assert!(old.key.is_none(), "the compromised key's material is kept");
+    assert!(
+        old.compromised,
+        "the store does not say key 1 was compromised"
+    );
+    let show = rekey(
+        &["secrets", "show", "--job", &job, "--json"],
+        &keyring_pass_env(),
+    );
+    assert_eq!(
+        json(&show)["keys"][0]["compromised"],
+        true,
+        "{}",
+        printed(&show)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
