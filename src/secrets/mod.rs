@@ -267,7 +267,16 @@ impl Store {
                 f.save().map_err(|e| Error::Runtime(e.to_string()))?;
                 Ok(Vec::new())
             }
-            Store::Env(e) => Ok(e.instructions(reveal && std::io::stdout().is_terminal())),
+            Store::Env(e) => {
+                let terminal = std::io::stdout().is_terminal();
+                if reveal && !terminal {
+                    tracing::warn!(
+                        "--reveal prints key values only when stdout is a terminal (it is not: they would land in a log or a pipe); \
+                         the changes name `rekey keygen` instead: run it where you set the variables"
+                    );
+                }
+                Ok(e.instructions(reveal && terminal))
+            }
         }
     }
 }
@@ -346,7 +355,7 @@ impl EnvStore {
         let value = |e: &Entry| {
             match (&e.key, reveal) {
             (Some(k), true) => encode_key(k.material(), self.encoding).to_string(),
-            _ => format!("<a new key from `rekey keygen --format {}` (or run with --reveal on a terminal to have rekey print one)>", self.encoding),
+            _ => format!("<a new key from `rekey keygen --format {}` (or run rekey with --reveal, stdout on a terminal, to have it print one)>", self.encoding),
         }
         };
         if self.dual {

@@ -393,3 +393,23 @@ async fn rotate_obeys_the_run_controls_a_control_file_stops_its_re_encryption() 
     let out = rotate(&job, &["--control-file", &c]);
     expect(&out, 6, "promoted", "waiting", "grace_period");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reveal_off_a_terminal_says_why_no_key_is_printed() {
+    let db = TestDb::new().await;
+    db.seed_patients(50).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job(&dir).display().to_string();
+    let env = vec![
+        ("ENCRYPTION_KEY_V1", K1.to_string()),
+        ("ENCRYPTION_CURRENT_VERSION", "1".to_string()),
+    ];
+    let out = rekey(&["rotate", "--job", &j, "--reveal"], &env);
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    assert!(
+        stderr(&out).contains("--reveal prints key values only when stdout is a terminal"),
+        "{}",
+        printed(&out)
+    );
+    assert!(printed(&out).contains("rekey keygen"), "{}", printed(&out));
+}
