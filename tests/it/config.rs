@@ -307,3 +307,41 @@ async fn two_job_files_named_alike_in_different_folders_are_kept_apart() {
     let out = rekey(&["run", "--job", &jb], &seed_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
 }
+
+// Before: "ENCRYPTION_CURRENT_VERSION is not set": values could not be counted
+// per key version before choosing the target.
+#[tokio::test(flavor = "multi_thread")]
+async fn plan_counts_values_per_key_version_before_a_target_is_chosen() {
+    let db = TestDb::new().await;
+    db.seed_patients(300).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job(&dir).display().to_string();
+    let env = vec![
+        ("ENCRYPTION_KEY_V1", K1.to_string()),
+        ("ENCRYPTION_KEY_V2", K2.to_string()),
+    ];
+    let out = rekey(&["plan", "--job", &j, "--json"], &env);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let v = json(&out);
+    assert_eq!(v["target_chosen"], false, "{v}");
+    assert!(v["values_to_rewrite"].is_null(), "{v}");
+    let counted: u64 = v["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| {
+            c["by_key"]
+                .as_object()
+                .unwrap()
+                .values()
+                .map(|n| n.as_u64().unwrap())
+        })
+        .sum();
+    assert_eq!(counted, values_in(300) as u64, "{v}");
+    let out = rekey(&["plan", "--job", &j], &env);
+    assert!(
+        printed(&out).contains("no target key chosen yet"),
+        "{}",
+        printed(&out)
+    );
+}

@@ -82,6 +82,33 @@ pub fn from_process_env(prefix: &str) -> Result<Keyring, EnvKeyError> {
     from_vars(prefix, &vars)
 }
 
+/// Reads the versioned keys of the environment to count values per key
+/// version before a target is chosen (`rekey plan`): with no
+/// `<PREFIX>_CURRENT_VERSION`, the highest version stands in as current, and
+/// the answer says no target was chosen (`false`).
+pub fn for_counting(prefix: &str) -> Result<(Keyring, bool), EnvKeyError> {
+    let mut vars: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| k.starts_with(prefix))
+        .collect();
+    let current_var = format!("{prefix}_CURRENT_VERSION");
+    if vars.iter().any(|(k, _)| *k == current_var) {
+        return from_vars(prefix, &vars).map(|ring| (ring, true));
+    }
+    let versioned_prefix = format!("{prefix}_KEY_V");
+    let highest = vars
+        .iter()
+        .filter_map(|(k, _)| k.strip_prefix(&versioned_prefix)?.parse::<KeyId>().ok())
+        .max();
+    match highest {
+        Some(id) => {
+            vars.push((current_var, id.to_string()));
+            vars.retain(|(k, _)| *k != format!("{prefix}_PENDING_VERSION"));
+            from_vars(prefix, &vars).map(|ring| (ring, false))
+        }
+        None => from_vars(prefix, &vars).map(|ring| (ring, true)),
+    }
+}
+
 /// Reads a keyring from `(name, value)` pairs, as if they were the environment.
 pub fn from_vars(prefix: &str, vars: &[(String, String)]) -> Result<Keyring, EnvKeyError> {
     let get = |name: &str| {
