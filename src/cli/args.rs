@@ -350,7 +350,7 @@ pub struct SecretsArgs {
 #[derive(Debug, Subcommand)]
 pub enum SecretsCommand {
     /// Key ids, states, fingerprints and ages; never material.
-    Show(LifecycleArgs),
+    Show(StatusArgs),
     /// Create the job's keyring file with one new current key (or the keys in the environment).
     Init(InitArgs),
     /// Stage a new key as pending (idempotent).

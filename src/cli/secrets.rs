@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::cli::args::{InitArgs, KeyArgs, LifecycleArgs, PurgeArgs, RetireArgs, SecretsCommand};
+use crate::cli::args::{
+    InitArgs, KeyArgs, LifecycleArgs, PurgeArgs, RetireArgs, SecretsCommand, StatusArgs,
+};
 use crate::cli::rotate::{report, rotate_options};
 use crate::cli::{default_lanes, open, print_json, Opened};
 use crate::crypto::keyring::{generate_material, Key};
@@ -196,7 +198,7 @@ async fn adopt(life: &LifecycleArgs, keys: &KeysSpec) -> Result<u8, Error> {
 }
 
 /// `rekey secrets show`: ids, states and fingerprints, never key values.
-async fn show(life: &LifecycleArgs) -> Result<u8, Error> {
+async fn show(life: &StatusArgs) -> Result<u8, Error> {
     let spec = JobSpec::load(&life.common.job)?;
     let store = Store::open(&job_keys(&spec)?).await?;
     let info = store.table().info();

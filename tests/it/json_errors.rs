@@ -118,3 +118,12 @@ fn without_json_stdout_stays_empty_on_failure() {
     assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
     assert!(out.stdout.is_empty(), "{}", printed(&out));
 }
+
+#[test]
+fn secrets_show_refuses_the_flags_it_would_not_use() {
+    for flag in ["--reveal", "--operator=x", "--reason=scheduled"] {
+        let out = rekey(&["secrets", "show", "--job", "j.toml", flag], &[]);
+        assert_eq!(out.status.code(), Some(2), "{flag}: {}", printed(&out));
+        assert!(stderr(&out).contains("unexpected argument"), "{flag}: {}", printed(&out));
+    }
+}
