@@ -124,6 +124,10 @@ fn secrets_show_refuses_the_flags_it_would_not_use() {
     for flag in ["--reveal", "--operator=x", "--reason=scheduled"] {
         let out = rekey(&["secrets", "show", "--job", "j.toml", flag], &[]);
         assert_eq!(out.status.code(), Some(2), "{flag}: {}", printed(&out));
-        assert!(stderr(&out).contains("unexpected argument"), "{flag}: {}", printed(&out));
+        assert!(
+            stderr(&out).contains("unexpected argument"),
+            "{flag}: {}",
+            printed(&out)
+        );
     }
 }

@@ -413,3 +413,43 @@ async fn reveal_off_a_terminal_says_why_no_key_is_printed() {
     );
     assert!(printed(&out).contains("rekey keygen"), "{}", printed(&out));
 }
+
+// Before: imported and environment keys were dated 1970 (`age_s` of 57 years).
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_imported_from_the_environment_have_an_unknown_age_not_1970() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    std::fs::remove_file(&keyring).unwrap();
+    let mut env = keyring_pass_env();
+    env.extend(seed_env());
+    let out = rekey(
+        &[
+            "secrets",
+            "init",
+            "--job",
+            &job,
+            "--import-env",
+            "ENCRYPTION",
+        ],
+        &env,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let show = json(&rekey(&["secrets", "show", "--job", &job, "--json"], &env));
+    for k in show["keys"].as_array().unwrap() {
+        assert!(k["age_s"].is_null(), "{show}");
+        assert_eq!(k["created_at"], "unknown", "{show}");
+    }
+    // a key rekey stages itself has its real age
+    let out = rekey(&["secrets", "stage", "--job", &job], &env);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let show = json(&rekey(&["secrets", "show", "--job", &job, "--json"], &env));
+    let staged = show["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == 3)
+        .unwrap()
+        .clone();
+    assert!(staged["age_s"].as_u64().is_some_and(|a| a < 3600), "{show}");
+}
