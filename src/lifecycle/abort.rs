@@ -9,6 +9,7 @@ use std::sync::Arc;
 use tokio_postgres::Client;
 
 use crate::crypto::keytable::KeyState;
+use crate::engine::verify::{self, Depth};
 use crate::job::Job;
 use crate::lifecycle::audit::What;
 use crate::lifecycle::steps;
@@ -44,6 +45,15 @@ pub(crate) async fn abort(
     }
     let secret_id = store.secret_id();
     if rot.step != Step::Aborting {
+        if store.table().id_in(KeyState::Current) != Some(old) {
+            // e.g. a promote saved in the store but not yet recorded here
+            return Err(Error::Config(format!(
+                "key {old} is not current in {secret_id} (key {} is): the store has moved past what rotation {} recorded; \
+                 run `rekey rotate` to continue it",
+                store.table().id_in(KeyState::Current).map_or("none".into(), |k| k.to_string()),
+                rot.id
+            )));
+        }
         let applied = if store.table().id_in(KeyState::Pending) == Some(new) {
             steps::rollback(store, cx.opts.reveal).await?
         } else {
@@ -86,7 +96,7 @@ pub(crate) async fn abort(
     let staged = table
         .entries
         .iter()
-        .any(|e| e.id == new && e.state != KeyState::Retired);
+        .any(|e| e.id == new && e.state != KeyState::Retired && e.key.is_some());
     if staged {
         if !rewrite_all(
             cx,
@@ -110,6 +120,25 @@ pub(crate) async fn abort(
         log.events.extend(outcome.events);
         if outcome.ended != Ended::Done {
             return Ok(log.end(outcome.ended, Step::Aborting));
+        }
+    } else {
+        // The store does not hold the staged key (never set, or removed by
+        // hand): no value may be under it. A full verify with the keys there
+        // are proves it: a value under the missing key does not decrypt.
+        let job = Arc::new(Job::resolve(cx.spec, client).await?);
+        let depth = Depth {
+            full: true,
+            sample: 0,
+            lanes: cx.opts.settings.lanes,
+        };
+        let v = verify::verify(cx.db, client, &job, depth, cx.opts.quiet).await?;
+        if !v.verified {
+            log.lines.push(format!(
+                "cannot end the abort: {} values are on other keys and {} do not decrypt with the keys the store holds \
+                 (key {new} is not there); put key {new} back where it was, then run `rekey rotate --abort` again",
+                v.values_on_old_keys, v.values_undecryptable
+            ));
+            return Ok(log.end(Ended::NotVerified, Step::Aborting));
         }
     }
     rotations::set_step(client, rot.id, Step::RolledBack).await?;

@@ -278,9 +278,29 @@ pub(crate) async fn retired(
         .find(|e| e.id == old)
         .is_none_or(|e| e.state == KeyState::Retired);
     if gone {
+        // retired (or removed) outside rotate: complete only on a full proof
+        // that no value is left without its key
+        let job = Arc::new(Job::resolve(cx.spec, client).await?);
+        let depth = Depth {
+            full: true,
+            sample: 0,
+            lanes: cx.opts.settings.lanes,
+        };
+        let v = verify::verify(cx.db, client, &job, depth, cx.opts.quiet).await?;
+        if !v.verified {
+            log.lines.push(format!(
+                "key {old} is gone from {} but {} values are on other keys and {} do not decrypt with the keys there: \
+                 put key {old} back (`rekey secrets restore --key-id {old}`, or its variable), then run `rekey rotate` again",
+                store.secret_id(),
+                v.values_on_old_keys,
+                v.values_undecryptable
+            ));
+            return Ok(log.end(Ended::NotVerified, Step::Promoted));
+        }
         rotations::set_step(client, rot.id, Step::Retired).await?;
         log.lines.push(format!(
-            "key {old} was already retired (`rekey secrets retire`); rotation {} complete",
+            "key {old} was already retired (`rekey secrets retire`), and a full verify finds every value under the keys there; \
+             rotation {} complete",
             rot.id
         ));
         return Ok(log.end(Ended::Done, Step::Retired));

@@ -321,6 +321,23 @@ async fn nothing_open(
     if intent == Intent::New {
         return Ok(None);
     }
+    if last.step == Step::RolledBack {
+        // a rollback leaves values under the key it turned away from until a run
+        let job = crate::job::Job::resolve(cx.spec, client).await?;
+        let left: u64 = crate::engine::plan::count_by_key(client, &job)
+            .await?
+            .iter()
+            .map(|c| c.to_rewrite)
+            .sum();
+        if left > 0 {
+            log.lines.push(format!(
+                "rotation {} was rolled back, and {left} values are not on the current key: `rekey run` rewrites them; \
+                 start the next rotation with `rekey rotate --new`",
+                last.id
+            ));
+            return Ok(Some(std::mem::take(log).end(Ended::NotVerified, last.step)));
+        }
+    }
     let how = match last.step {
         Step::RolledBack => "was rolled back".to_string(),
         _ => format!("is complete (key {} current)", last.new_key),

@@ -63,8 +63,20 @@ pub async fn promote(store: &mut Store, reveal: bool) -> Result<Applied, Error> 
     saved(store, changed, reveal).await
 }
 
-/// Makes the previous key current again.
+/// Makes the previous key current again (or un-stages the pending key,
+/// where the store can keep it readable: values may be under it).
 pub async fn rollback(store: &mut Store, reveal: bool) -> Result<Applied, Error> {
+    if let Some(pending) = store.table().id_in(KeyState::Pending) {
+        if !store.holds_unstaged_keys() {
+            return Err(Error::Config(format!(
+                "{} keeps the staged key {pending} only where applications read the new key ({}): un-staging it would \
+                 delete the only copy of a key values may already be under. Finish the rotation instead (`rekey rotate`); \
+                 if `rekey plan` shows no value under key {pending}, remove the new key yourself",
+                store.secret_id(),
+                store.new_key_place()
+            )));
+        }
+    }
     let changed = store
         .table_mut()
         .rollback(now())

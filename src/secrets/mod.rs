@@ -237,6 +237,27 @@ impl Store {
         }
     }
 
+    /// Whether the store can keep a key that is neither current nor pending
+    /// (an un-staged key that values may still be under); the dual
+    /// convention and the value layout cannot: their only place for the new
+    /// key is where applications read `<P>_KEY_NEW`.
+    pub fn holds_unstaged_keys(&self) -> bool {
+        match self {
+            Store::Env(e) => !e.dual,
+            Store::File(_) | Store::Kms(_) => true,
+            Store::Aws(a) => a.holds_unstaged_keys(),
+        }
+    }
+
+    /// Where applications read the new key, for messages.
+    pub fn new_key_place(&self) -> String {
+        match self {
+            Store::Env(e) => format!("{}_KEY_NEW", e.prefix),
+            Store::Aws(a) => a.new_key_place(),
+            Store::File(_) | Store::Kms(_) => "the keyring".into(),
+        }
+    }
+
     /// Whether rekey itself can write this store.
     pub fn writable(&self) -> bool {
         matches!(self, Store::File(_) | Store::Aws(_) | Store::Kms(_))

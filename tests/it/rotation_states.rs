@@ -453,3 +453,165 @@ async fn keys_imported_from_the_environment_have_an_unknown_age_not_1970() {
         .clone();
     assert!(staged["age_s"].as_u64().is_some_and(|a| a < 3600), "{show}");
 }
+
+// The dual convention keeps the new key only where applications read
+// ENCRYPTION_KEY_NEW: un-staging it would delete the only copy of a key that
+// values may be under, so abort (and a hand rollback) refuse and say why.
+#[tokio::test(flavor = "multi_thread")]
+async fn abort_refuses_where_the_staged_key_has_nowhere_to_stay() {
+    let db = TestDb::new().await;
+    db.seed_patients(100).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job(&dir).display().to_string();
+    let mut env = vec![("ENCRYPTION_KEY", K1.to_string())];
+    let out = rekey(&["rotate", "--job", &j], &env);
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("ENCRYPTION_KEY_NEW"),
+        "{}",
+        printed(&out)
+    );
+    env.push(("ENCRYPTION_KEY_NEW", K2.to_string()));
+    for args in [
+        vec!["rotate", "--job", j.as_str(), "--abort"],
+        vec!["secrets", "rollback", "--job", j.as_str()],
+    ] {
+        let out = rekey(&args, &env);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", printed(&out));
+        assert!(
+            stderr(&out).contains("Finish the rotation instead"),
+            "{args:?}: {}",
+            printed(&out)
+        );
+    }
+    // nothing changed: the rotation goes on
+    let out = rekey(&["rotate", "--job", &j, "--json"], &env);
+    assert_eq!(json(&out)["step"], "promoted", "{}", printed(&out));
+}
+
+/// Writes one phone value under key 1, as an application still on key 1 would.
+async fn app_writes_under_key_1(db: &TestDb, id: i64) {
+    let mut sealed = Vec::new();
+    rekey::crypto::codec::Codec::seal(&v1_codec(), b"written late", b"", None, &mut sealed);
+    db.client
+        .execute(
+            "UPDATE patient_persons SET phone_encrypted = $1 WHERE id = $2",
+            &[&sealed, &id],
+        )
+        .await
+        .unwrap();
+}
+
+// Before: with the old key removed by hand after promotion, `rotate` said
+// "already retired, rotation complete" and exited 0 with no verify.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_old_key_removed_by_hand_completes_the_rotation_only_on_a_full_verify() {
+    let db = TestDb::new().await;
+    db.seed_patients(100).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job(&dir).display().to_string();
+    let mut env = vec![
+        ("ENCRYPTION_KEY_V1", K1.to_string()),
+        ("ENCRYPTION_CURRENT_VERSION", "1".to_string()),
+    ];
+    assert_eq!(rekey(&["rotate", "--job", &j], &env).status.code(), Some(6));
+    env.push(("ENCRYPTION_KEY_V2", K2.to_string()));
+    env.push(("ENCRYPTION_PENDING_VERSION", "2".to_string()));
+    let out = rekey(&["rotate", "--job", &j, "--json"], &env);
+    assert_eq!(json(&out)["step"], "promoted", "{}", printed(&out));
+    app_writes_under_key_1(&db, 5).await;
+    // the operator moves to key 2 and drops key 1 by hand
+    let env = vec![
+        ("ENCRYPTION_KEY_V2", K2.to_string()),
+        ("ENCRYPTION_CURRENT_VERSION", "2".to_string()),
+    ];
+    let out = rekey(&["rotate", "--job", &j, "--json", "--grace", "0s"], &env);
+    assert_eq!(
+        (out.status.code(), json(&out)["step"].as_str()),
+        (Some(4), Some("promoted")),
+        "{}",
+        printed(&out)
+    );
+    assert!(
+        printed(&out).contains("put key 1 back"),
+        "{}",
+        printed(&out)
+    );
+}
+
+// Before: after `secrets rollback` of a promoted rotation, `rotate` exited 0
+// ("was rolled back") with every value under the key it turned away from.
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_rollback_rotate_says_values_are_left_until_a_run() {
+    let db = TestDb::new().await;
+    db.seed_patients(100).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, _) = keyring_file_job(&db, &dir);
+    expect(
+        &rotate(&job, &["--no-wait"]),
+        6,
+        "promoted",
+        "waiting",
+        "grace_period",
+    );
+    let out = rekey(&["secrets", "rollback", "--job", &job], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let out = rotate(&job, &[]);
+    expect(&out, 4, "rolled_back", "not_verified", "-");
+    assert!(
+        printed(&out).contains("`rekey run` rewrites them"),
+        "{}",
+        printed(&out)
+    );
+    let out = rekey(&["run", "--job", &job], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    expect(&rotate(&job, &[]), 0, "rolled_back", "done", "-");
+}
+
+// Before: an abort whose staged key the operator had already removed ended
+// "rolled back" with exit 0 while values were under that key.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_abort_without_the_staged_key_ends_only_on_a_full_verify() {
+    let db = TestDb::new().await;
+    db.seed_patients(100).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job(&dir).display().to_string();
+    let base = vec![
+        ("ENCRYPTION_KEY_V1", K1.to_string()),
+        ("ENCRYPTION_CURRENT_VERSION", "1".to_string()),
+    ];
+    assert_eq!(
+        rekey(&["rotate", "--job", &j], &base).status.code(),
+        Some(6)
+    );
+    let mut staged = base.clone();
+    staged.push(("ENCRYPTION_KEY_V2", K2.to_string()));
+    staged.push(("ENCRYPTION_PENDING_VERSION", "2".to_string()));
+    // values rewritten under key 2 by a run, then the abort begins
+    assert_eq!(rekey(&["run", "--job", &j], &staged).status.code(), Some(0));
+    let out = rekey(&["rotate", "--job", &j, "--abort", "--json"], &staged);
+    assert_eq!(
+        json(&out)["waiting_for"],
+        "environment",
+        "{}",
+        printed(&out)
+    );
+    // the operator removes key 2 entirely instead of keeping it
+    let out = rekey(&["rotate", "--job", &j, "--abort", "--json"], &base);
+    assert_eq!(
+        (out.status.code(), json(&out)["step"].as_str()),
+        (Some(4), Some("aborting")),
+        "{}",
+        printed(&out)
+    );
+    // with key 2 back (not pending), the abort rewrites and ends
+    let mut readable = base.clone();
+    readable.push(("ENCRYPTION_KEY_V2", K2.to_string()));
+    let out = rekey(&["rotate", "--job", &j, "--abort", "--json"], &readable);
+    assert_eq!(
+        (out.status.code(), json(&out)["step"].as_str()),
+        (Some(0), Some("rolled_back")),
+        "{}",
+        printed(&out)
+    );
+}
