@@ -77,6 +77,23 @@ pub async fn rollback(store: &mut Store, reveal: bool) -> Result<Applied, Error>
             )));
         }
     }
+    // the key that becomes current must be one rekey holds: else every value is unreadable
+    let back = store
+        .table()
+        .entries
+        .iter()
+        .filter(|e| e.state == KeyState::Previous)
+        .max_by_key(|e| (e.changed_at, e.id))
+        .map(|e| e.id);
+    if let (Some(back), None) = (back, store.table().id_in(KeyState::Pending)) {
+        if !store.fetch_archived(back).await? {
+            return Err(Error::Config(format!(
+                "{} does not hold key {back}'s material any more, so it cannot be made current again; \
+                 to move away from the current key, rotate to a new one (`rekey rotate --new`)",
+                store.secret_id()
+            )));
+        }
+    }
     let changed = store
         .table_mut()
         .rollback(now())
@@ -94,6 +111,13 @@ pub async fn retire(store: &mut Store, id: KeyId, destroy: bool) -> Result<Appli
              retire key {id} without the compromise reason, then move the keys to a new secret and delete this one",
             store.secret_id()
         )));
+    }
+    if destroy && !store.fetch_archived(id).await? {
+        // held nowhere rekey can see (e.g. removed from the environment)
+        tracing::warn!(
+            "key {id}'s material is not in {}: rekey cannot destroy copies it does not hold; destroy them where they are",
+            store.secret_id()
+        );
     }
     let mut changed = store
         .table_mut()

@@ -261,7 +261,7 @@ impl SecretsManagerStore {
         if self.spec.layout == Layout::Rekey {
             return Ok(());
         }
-        let line = Meta::of(&self.table);
+        let line = Meta::of_known(&self.table, &self.meta);
         if Meta::parse(&line) == self.meta {
             return Ok(());
         }

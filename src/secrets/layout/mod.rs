@@ -123,15 +123,24 @@ impl Meta {
 
     /// The line for `table`, dropping the oldest retired keys while too long.
     pub fn of(table: &KeyTable) -> String {
+        Self::of_known(table, &Meta { keys: Vec::new() })
+    }
+
+    /// As [`Meta::of`], keeping the fingerprints `known` recorded for keys
+    /// whose material the table does not hold (an old key after promotion
+    /// lives only in former versions: its fingerprint finds it there).
+    pub fn of_known(table: &KeyTable, known: &Meta) -> String {
         let mut items: Vec<(bool, String)> = table
             .entries
             .iter()
             .map(|e| {
-                let fp = e
-                    .key
-                    .as_ref()
-                    .map(Key::fingerprint)
-                    .unwrap_or_else(|| "-".into());
+                let fp = e.key.as_ref().map(Key::fingerprint).unwrap_or_else(|| {
+                    known
+                        .keys
+                        .iter()
+                        .find(|m| m.id == e.id)
+                        .map_or_else(|| "-".into(), |m| m.fingerprint.clone())
+                });
                 let c = if e.compromised { ":c" } else { "" };
                 (
                     e.state == KeyState::Retired,

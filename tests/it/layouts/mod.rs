@@ -6,6 +6,7 @@
 //! rotation, a kill -9 in the middle included.
 #![cfg(feature = "aws")]
 mod apps;
+mod compromise;
 mod errors;
 
 use std::process::Command;

@@ -1,0 +1,73 @@
+//! A compromise retire in the layouts that keep only the current key in the
+//! secret's content (`value`): the old key lives on in former versions
+//! (AWSPREVIOUS), and those must lose it too.
+
+use crate::harness::*;
+
+use super::apps::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_compromise_retire_of_a_plain_value_secret_leaves_no_version_holding_the_old_key() {
+    let db = TestDb::new().await;
+    let secret = format!("/healthprep/prod/compromised-value-{}", std::process::id());
+    py(PY_CREATE, &[&secret], &urlsafe(K1));
+    let lines = fernet_table(&db, 40).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = job_file(
+        &db,
+        &dir,
+        &format!("secret_id = \"{secret}\"\nlayout = \"value\""),
+        "[[target]]\ntable = \"patients\"\ncolumns = [\"ssn\"]\nformat = \"fernet\"\n",
+    );
+    let out = rekey(
+        &["rotate", "--job", &job, "--json", "--no-wait"],
+        &aws_env(),
+    );
+    assert_eq!(json(&out)["step"], "promoted", "{}", printed(&out));
+    let before = py(PY_ALL_VERSIONS, &[&secret], "");
+    assert!(
+        before.contains(&urlsafe(K1)),
+        "the old key is not in a former version to begin with: {before}"
+    );
+
+    let out = rekey(
+        &[
+            "secrets",
+            "retire",
+            "--job",
+            &job,
+            "--reason",
+            "compromise",
+            "--json",
+        ],
+        &aws_env(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let versions = py(PY_ALL_VERSIONS, &[&secret], "");
+    assert!(!versions.trim().is_empty());
+    assert!(
+        !versions.contains(&urlsafe(K1)) && !versions.contains(K1),
+        "a version still holds the compromised key: {versions}"
+    );
+    let show = json(&rekey(
+        &["secrets", "show", "--job", &job, "--json"],
+        &aws_env(),
+    ));
+    let old = show["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == 1)
+        .unwrap()
+        .clone();
+    assert_eq!(old["compromised"], true, "{show}");
+    // the application, with the new key alone, still reads every value
+    let lines_after = fernet_lines(&db).await;
+    assert_eq!(lines_after.len(), lines.len());
+    check_app(
+        &healthprep_app(),
+        &[&secret, "-"],
+        &lines_after,
+        "after the compromise retire",
+    );
+}
