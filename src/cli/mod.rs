@@ -5,6 +5,7 @@
 
 pub mod args;
 mod args_audit;
+mod args_rotate;
 pub mod bench;
 pub mod exit;
 pub mod keygen;

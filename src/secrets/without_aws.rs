@@ -53,6 +53,16 @@ pub mod aws {
         }
 
         /// Unreachable: no value exists.
+        pub fn holds_unstaged_keys(&self) -> bool {
+            match self.never {}
+        }
+
+        /// Unreachable: no value exists.
+        pub fn new_key_place(&self) -> String {
+            match self.never {}
+        }
+
+        /// Unreachable: no value exists.
         pub fn describe_layout(&self) -> String {
             match self.never {}
         }

@@ -189,12 +189,21 @@ impl SecretsManagerStore {
         let client = client(keys).await;
         // DescribeSecret first: it says "not found" plainly where some
         // services fail ListSecretVersionIds on a missing secret
-        let described = client
-            .describe_secret()
-            .secret_id(&secret_id)
-            .send()
-            .await
-            .map_err(|e| aws_err(ops::DESCRIBE, &secret_id, e))?;
+        let described = match client.describe_secret().secret_id(&secret_id).send().await {
+            Ok(d) => d,
+            Err(e)
+                if errors::not_found(&e)
+                    && Self::restore_from_backup(&client, &secret_id).await? =>
+            {
+                client
+                    .describe_secret()
+                    .secret_id(&secret_id)
+                    .send()
+                    .await
+                    .map_err(|e| aws_err(ops::DESCRIBE, &secret_id, e))?
+            }
+            Err(e) => return Err(aws_err(ops::DESCRIBE, &secret_id, e)),
+        };
         let meta_line = described
             .tags()
             .iter()
@@ -309,60 +318,6 @@ impl SecretsManagerStore {
     /// Names the store for the audit trail.
     pub fn secret_id(&self) -> String {
         format!("aws-secrets-manager:{}", self.secret_id)
-    }
-
-    /// Whether the secret can keep a key that is neither current nor
-    /// pending (an un-staged key values may still be under): rekey's keyring
-    /// and the versioned env-json can; the value layout and the dual
-    /// convention hold only the current key and the new one.
-    pub fn holds_unstaged_keys(&self) -> bool {
-        match self.spec.layout {
-            Layout::Rekey => true,
-            Layout::EnvJson => self
-                .doc
-                .as_ref()
-                .is_some_and(|d| super::layout::versioned(&self.spec.prefix, &d.names())),
-            Layout::Value => false,
-        }
-    }
-
-    /// Where applications read the new key, for messages.
-    pub fn new_key_place(&self) -> String {
-        match (&self.spec.layout, &self.spec.pending_secret_id) {
-            (Layout::Value, Some(p)) => format!("secret {p:?}"),
-            (Layout::Value, None) => "the AWSPENDING version".into(),
-            (Layout::EnvJson, _) => format!("{}_KEY_NEW", self.spec.prefix),
-            (Layout::Rekey, _) => "the keyring".into(),
-        }
-    }
-
-    /// The layout and how keys are written, for `secrets init --adopt`.
-    pub fn describe_layout(&self) -> String {
-        match self.spec.layout {
-            Layout::Rekey => "layout rekey (rekey's keyring JSON, keys in hex)".into(),
-            Layout::EnvJson => format!(
-                "layout env-json ({} convention, prefix {}), keys in {}",
-                if self
-                    .doc
-                    .as_ref()
-                    .is_some_and(|d| super::layout::versioned(&self.spec.prefix, &d.names()))
-                {
-                    "versioned"
-                } else {
-                    "dual"
-                },
-                self.spec.prefix,
-                self.encoding
-            ),
-            Layout::Value => format!(
-                "layout value (the secret is the key), keys in {}, pending key in {}",
-                self.encoding,
-                self.spec.pending_secret_id.as_deref().map_or_else(
-                    || "its AWSPENDING version".to_string(),
-                    |p| format!("secret {p:?}")
-                )
-            ),
-        }
     }
 
     /// The material of key `id` from the secret's former versions (Secrets

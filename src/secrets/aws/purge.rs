@@ -6,6 +6,12 @@
 //! description, KMS key, tags and resource policy, holding only the current
 //! content as AWSCURRENT.
 //!
+//! Before the delete, the current content is copied into a backup secret
+//! (`<name>.rekey-purge-backup`, same KMS key), deleted only once the
+//! recreated secret reads back the same: a purge killed between the delete
+//! and the create loses nothing, and the next `open` puts the secret back
+//! from the backup ([`SecretsManagerStore::restore_from_backup`]).
+//!
 //! Caveats, said in every refusal: between the delete and the create (a
 //! second or two, while the name frees up) applications reading the secret
 //! get ResourceNotFound; every former version goes, so every archived key
@@ -73,6 +79,8 @@ impl SecretsManagerStore {
         let kms = d.kms_key_id().map(str::to_owned);
         let name = d.name().unwrap_or(&sid).to_string();
 
+        self.write_backup(&name, &text, kms.as_deref(), &tags)
+            .await?;
         tracing::warn!(
             secret = %sid,
             "destroying keys {ids:?}: deleting the secret without recovery and recreating it with its current content only (applications get ResourceNotFound for a moment)"
@@ -130,6 +138,121 @@ impl SecretsManagerStore {
             .into_iter()
             .find(|v| v.stages.iter().any(|s| s == "AWSCURRENT"))
             .map(|v| v.id);
+        // the backup goes only once the secret reads back what it held
+        if let Some(v) = &self.current_version {
+            let back: Zeroizing<String> = read(&self.client, &name, v).await?;
+            if *back == *text {
+                self.delete_backup(&name).await?;
+            }
+        }
         Ok(())
     }
+
+    /// Copies the current content into the purge backup secret (replacing a
+    /// stale one a finished purge left behind).
+    async fn write_backup(
+        &self,
+        name: &str,
+        text: &str,
+        kms: Option<&str>,
+        tags: &[Tag],
+    ) -> Result<(), Error> {
+        let backup = backup_name(name);
+        self.delete_backup(name).await?;
+        let deadline = tokio::time::Instant::now() + NAME_FREE_TIMEOUT;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let mut req = self
+                .client
+                .create_secret()
+                .name(&backup)
+                .secret_string(text)
+                .set_tags(Some(tags.to_vec()))
+                .description(format!("rekey: the content of {name:?} while a purge recreates it; deleted when it is done"));
+            if let Some(k) = kms {
+                req = req.kms_key_id(k);
+            }
+            match req.send().await {
+                Ok(_) => return Ok(()),
+                Err(e)
+                    if e.as_service_error().is_some_and(|s| {
+                        s.is_invalid_request_exception() || s.is_resource_exists_exception()
+                    }) && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(aws_err(ops::CREATE, &backup, e)),
+            }
+        }
+    }
+
+    async fn delete_backup(&self, name: &str) -> Result<(), Error> {
+        let backup = backup_name(name);
+        match self
+            .client
+            .delete_secret()
+            .secret_id(&backup)
+            .force_delete_without_recovery(true)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if super::errors::not_found(&e) => Ok(()),
+            Err(e) => Err(aws_err(ops::DELETE, &backup, e)),
+        }
+    }
+
+    /// Puts secret `name` back from its purge backup when a purge was killed
+    /// between deleting and recreating it; true when it did.
+    pub(super) async fn restore_from_backup(
+        client: &aws_sdk_secretsmanager::Client,
+        name: &str,
+    ) -> Result<bool, Error> {
+        let backup = backup_name(name);
+        let Ok(found) = client.get_secret_value().secret_id(&backup).send().await else {
+            return Ok(false);
+        };
+        let Some(text) = found.secret_string().map(|t| Zeroizing::new(t.to_string())) else {
+            return Ok(false);
+        };
+        let described = client
+            .describe_secret()
+            .secret_id(&backup)
+            .send()
+            .await
+            .ok();
+        let kms = described
+            .as_ref()
+            .and_then(|d| d.kms_key_id().map(str::to_owned));
+        let tags = described.map(|d| d.tags().to_vec()).unwrap_or_default();
+        tracing::warn!(
+            secret = %name,
+            "the secret is missing and its purge backup exists (a purge was stopped between deleting and recreating it): recreating it from the backup"
+        );
+        let mut req = client
+            .create_secret()
+            .name(name)
+            .secret_string(text.as_str())
+            .set_tags(Some(tags));
+        if let Some(k) = kms {
+            req = req.kms_key_id(k);
+        }
+        req.send()
+            .await
+            .map_err(|e| aws_err(ops::CREATE, name, e))?;
+        client
+            .delete_secret()
+            .secret_id(&backup)
+            .force_delete_without_recovery(true)
+            .send()
+            .await
+            .map_err(|e| aws_err(ops::DELETE, &backup, e))?;
+        Ok(true)
+    }
+}
+
+/// The purge backup's name for secret `name`.
+pub(super) fn backup_name(name: &str) -> String {
+    format!("{name}.rekey-purge-backup")
 }

@@ -71,3 +71,44 @@ async fn a_compromise_retire_of_a_plain_value_secret_leaves_no_version_holding_t
         "after the compromise retire",
     );
 }
+
+/// "yes" when secret argv 2 exists (even scheduled for deletion: no), else "no".
+const PY_EXISTS: &str = r#"
+import boto3, sys
+c = boto3.client("secretsmanager", endpoint_url=sys.argv[1], region_name="us-east-1")
+try:
+    c.get_secret_value(SecretId=sys.argv[2])
+    print("yes")
+except Exception:
+    print("no")
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_purge_stopped_between_delete_and_create_is_undone_from_its_backup() {
+    let db = TestDb::new().await;
+    let secret = format!("/healthprep/prod/purge-crash-{}", std::process::id());
+    let backup = format!("{secret}.rekey-purge-backup");
+    // what a purge killed after its delete leaves: the backup, no secret
+    py(PY_CREATE, &[&backup], &urlsafe(K1));
+    assert_eq!(py(PY_EXISTS, &[&secret], "").trim(), "no");
+    let dir = tempfile::tempdir().unwrap();
+    let _ = fernet_table(&db, 5).await;
+    let job = job_file(
+        &db,
+        &dir,
+        &format!("secret_id = \"{secret}\"\nlayout = \"value\""),
+        "[[target]]\ntable = \"patients\"\ncolumns = [\"ssn\"]\nformat = \"fernet\"\n",
+    );
+    let out = rekey(&["secrets", "show", "--job", &job, "--json"], &aws_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(
+        py(PY_RAW, &[&secret], ""),
+        urlsafe(K1),
+        "the secret was not put back"
+    );
+    assert_eq!(
+        py(PY_EXISTS, &[&backup], "").trim(),
+        "no",
+        "the backup stayed"
+    );
+}
