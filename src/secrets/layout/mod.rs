@@ -193,6 +193,20 @@ pub fn assemble(slots: Vec<Slot>, meta: &Meta) -> KeyTable {
     // the current key first, so a pending key without an id comes after it
     order.sort_by_key(|s| (s.state != KeyState::Current, s.state == KeyState::Pending));
     for s in order {
+        // a pending key that is already the current one: a promote stopped
+        // before it removed the pending copy; it is the same key, not a new one
+        let again = entries.iter().any(|e| {
+            e.key
+                .as_ref()
+                .is_some_and(|k| k.material() == s.key.material())
+        });
+        if again && s.state == KeyState::Pending {
+            tracing::warn!(
+                "the new key's place still holds the key that is now current (a promote was stopped before removing it); \
+                 remove it, or let the next rotation replace it"
+            );
+            continue;
+        }
         let m = meta.by_fingerprint(&s.key);
         let taken = |id: KeyId, entries: &Vec<Entry>| entries.iter().any(|e| e.id == id);
         let id =

@@ -140,3 +140,34 @@ fn a_value_secret_holding_json_says_which_layout_fits() {
     let err = value_key("not a key").unwrap_err().to_string();
     assert!(!err.contains("not a key"), "{err}");
 }
+
+#[test]
+fn a_pending_copy_of_the_current_key_is_not_a_new_key() {
+    // a promote stopped after the secret took the new key, before the pending copy went
+    let key = Key::new(2, [7; 32]);
+    let slots = vec![
+        Slot {
+            id: None,
+            state: KeyState::Current,
+            key: key.clone(),
+            written_at: 10,
+        },
+        Slot {
+            id: None,
+            state: KeyState::Pending,
+            key,
+            written_at: 5,
+        },
+    ];
+    let t = assemble(slots, &Meta::default());
+    assert_eq!(
+        t.entries.len(),
+        1,
+        "{:?}",
+        t.entries
+            .iter()
+            .map(|e| (e.id, e.state))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(t.id_in(KeyState::Pending), None);
+}
