@@ -15,7 +15,7 @@ use crate::crypto::keytable::{now, Entry, KeyState, KeyTable};
 /// hex, or KMS-wrapped). What applications read never holds a retired
 /// key's material ([`StoredKey::from_entry`]); a store's archive does
 /// ([`StoredKey::archived`]).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoredKey {
     /// Key id.
@@ -36,6 +36,27 @@ pub struct StoredKey {
     pub compromised: bool,
 }
 
+impl std::fmt::Debug for StoredKey {
+    /// Everything but the material.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredKey")
+            .field("id", &self.id)
+            .field("state", &self.state)
+            .field("fingerprint", &self.fingerprint)
+            .field("material", &self.material.as_ref().map(|_| "<redacted>"))
+            .field("compromised", &self.compromised)
+            .finish()
+    }
+}
+
+impl Drop for StoredKey {
+    fn drop(&mut self) {
+        if let Some(m) = self.material.as_mut() {
+            zeroize::Zeroize::zeroize(m);
+        }
+    }
+}
+
 impl StoredKey {
     /// An entry as applications read it, with its material encoded by
     /// `encode`; a retired key without material.
@@ -44,10 +65,9 @@ impl StoredKey {
         encode: impl FnOnce(&Key) -> Result<String, E>,
     ) -> Result<StoredKey, E> {
         let live = e.key.as_ref().filter(|_| e.state != KeyState::Retired);
-        Ok(StoredKey {
-            material: live.map(encode).transpose()?,
-            ..Self::bare(e)
-        })
+        let mut stored = Self::bare(e);
+        stored.material = live.map(encode).transpose()?;
+        Ok(stored)
     }
 
     /// A retired entry as the archive keeps it, material included; `None`
@@ -59,10 +79,9 @@ impl StoredKey {
         let Some(key) = e.key.as_ref().filter(|_| e.state == KeyState::Retired) else {
             return Ok(None);
         };
-        Ok(Some(StoredKey {
-            material: Some(encode(key)?),
-            ..Self::bare(e)
-        }))
+        let mut stored = Self::bare(e);
+        stored.material = Some(encode(key)?);
+        Ok(Some(stored))
     }
 
     fn bare(e: &Entry) -> StoredKey {
@@ -149,5 +168,26 @@ impl KeyTable {
                 compromised: e.compromised,
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod debug_tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_never_shows_the_material() {
+        let e = Entry {
+            id: 1,
+            state: KeyState::Current,
+            created_at: 0,
+            changed_at: 0,
+            key: Some(Key::new(1, [0xab; 32])),
+            compromised: false,
+        };
+        let stored = StoredKey::from_entry(&e, |k| Ok::<_, ()>(hex::encode(k.material()))).unwrap();
+        let shown = format!("{stored:?}");
+        assert!(!shown.contains("abab"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
     }
 }
