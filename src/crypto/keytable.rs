@@ -412,7 +412,7 @@ mod tests {
         assert_eq!(
             StoredKey::archived(&t.entries[0], |_| Ok::<_, ()>("sealed".into()))
                 .unwrap()
-                .and_then(|k| k.material)
+                .and_then(|mut k| k.material.take())
                 .as_deref(),
             Some("sealed")
         );
