@@ -122,7 +122,7 @@ pub struct OnlineArgs {
     /// Hold while the server writes more WAL per second than this, e.g. 20MB/s (B, KiB, MiB, GiB; MB = MiB, as PostgreSQL counts); the application's WAL counts too.
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     pub max_wal_rate: Option<u64>,
-    /// Hold while more than this much WAL (whole segments, e.g. 1GB) waits to be archived, or while archive_command fails; needs archive_mode on.
+    /// Hold while more than this much WAL (whole segments; e.g. 1GB, units B, KiB, MiB, GiB) waits to be archived, or while archive_command fails; needs archive_mode on.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub max_archive_lag: Option<u64>,
     /// A file whose content controls the run: run, pause or stop (absent: run).
