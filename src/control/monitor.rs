@@ -71,6 +71,8 @@ pub struct Monitor {
     lag: LagTracker,
     /// The WAL rate budget, with `--max-wal-rate`.
     wal: Option<WalBudget>,
+    /// Why the WAL budget holds the run, while it does.
+    wal_hold: Option<String>,
     /// The WAL segment size and the segment the run started in, once read.
     archive_base: Option<(u64, u64)>,
 }
@@ -85,6 +87,7 @@ impl Monitor {
             signals,
             lag: LagTracker::default(),
             wal,
+            wal_hold: None,
             archive_base: None,
         }
     }
@@ -133,17 +136,17 @@ impl Monitor {
         }
         if let Some(cap) = self.signals.max_wal_rate {
             match self.wal_rate(client).await {
-                Ok(WalRate::Go) => {}
+                Ok(WalRate::Go) => self.wal_hold = None,
                 Ok(WalRate::Hold { rate, window }) => {
-                    return Verdict::Hold(
-                        "wal_rate",
-                        format!(
-                            "the server writes WAL above --max-wal-rate {}/s ({}/s over the last {:.0}s); holding until the average is back under it",
-                            mib(cap as f64),
-                            mib(rate),
-                            window.as_secs_f64()
-                        ),
-                    )
+                    // the rate that started the hold stays its reason: one
+                    // log line per hold, not one per check
+                    let why = self.wal_hold.get_or_insert_with(|| format!(
+                        "the server writes WAL above --max-wal-rate {}/s ({}/s over the last {:.1}s); holding until the average is back under it",
+                        mib(cap as f64),
+                        mib(rate),
+                        window.as_secs_f64()
+                    ));
+                    return Verdict::Hold("wal_rate", why.clone());
                 }
                 Err(e) => {
                     return Verdict::Hold(
