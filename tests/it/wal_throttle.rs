@@ -231,31 +231,127 @@ async fn max_archive_lag_is_refused_on_a_server_that_does_not_archive() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_failing_archive_command_holds_the_run_until_archiving_succeeds() {
+/// A private cluster archiving with `command(dir)`, and `dir`: a folder the
+/// server (another OS user) can see into. Dropped in this order, the folder
+/// goes first, so a command that waits on a file there ends.
+async fn archiving_cluster(
+    command: impl Fn(&std::path::Path) -> String,
+) -> (TempCluster, tempfile::TempDir) {
     let cluster = TempCluster::start(ClusterOptions { durable: false }).expect("a private cluster");
-    // archive_command succeeds once `allow` exists (the server runs as another user)
     let files = tempfile::tempdir().unwrap();
     std::fs::set_permissions(
         files.path(),
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let allow = files.path().join("allow");
-    {
-        let admin = connect(&cluster.url("postgres")).await;
-        for set in [
-            "ALTER SYSTEM SET archive_mode = on".to_string(),
-            format!(
-                "ALTER SYSTEM SET archive_command = 'test -f {}'",
-                allow.display()
-            ),
-        ] {
-            admin.batch_execute(&set).await.unwrap();
-        }
+    let admin = connect(&cluster.url("postgres")).await;
+    for set in [
+        "ALTER SYSTEM SET archive_mode = on".to_string(),
+        format!(
+            "ALTER SYSTEM SET archive_command = '{}'",
+            command(files.path())
+        ),
+    ] {
+        admin.batch_execute(&set).await.unwrap();
     }
+    drop(admin);
     tokio::task::block_in_place(|| cluster.ctl(&["restart", "-w", "-m", "fast"]))
         .unwrap_or_else(|e| panic!("restart with archiving: {e}\n{}", cluster.log()));
+    (cluster, files)
+}
+
+/// Waits until `pg_stat_archiver` shows `column` at `at_least`.
+async fn archiver_shows(db: &TestDb, column: &str, at_least: i64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n: i64 = db
+            .client
+            .query_one(&format!("SELECT {column} FROM pg_stat_archiver"), &[])
+            .await
+            .unwrap()
+            .get(0);
+        if n >= at_least {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pg_stat_archiver.{column} stayed at {n}, below {at_least}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Completes the segment being written (after a write: an empty one is not switched).
+async fn switch_segment(db: &TestDb) {
+    db.client
+        .batch_execute("CREATE TABLE IF NOT EXISTS filler (n int); INSERT INTO filler VALUES (1); SELECT pg_switch_wal()")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_archiver_behind_the_cap_holds_the_run_until_it_catches_up() {
+    // archive_command waits while `block` exists: busy, not failing
+    let (cluster, files) = archiving_cluster(|dir| {
+        format!("while [ -f {}/block ]; do sleep 0.05; done", dir.display())
+    })
+    .await;
+    let db = TestDb::on(&cluster).await;
+    db.seed_patients(2_000).await;
+    switch_segment(&db).await;
+    archiver_shows(&db, "archived_count", 1).await;
+    let block = files.path().join("block");
+    std::fs::write(&block, "").unwrap();
+    // switch until at least two complete segments wait behind the archived one
+    for _ in 0..10 {
+        switch_segment(&db).await;
+        let row = db
+            .client
+            .query_one(
+                "SELECT pg_walfile_name(pg_current_wal_lsn()), last_archived_wal FROM pg_stat_archiver",
+                &[],
+            )
+            .await
+            .unwrap();
+        let segment = |name: String| u64::from_str_radix(&name[8..], 16).unwrap();
+        if segment(row.get(0)) >= segment(row.get(1)) + 3 {
+            break;
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job(&dir).display().to_string();
+    let mut run = Watched::spawn(&[
+        "run",
+        "--job",
+        &j,
+        "--json",
+        "--max-archive-lag",
+        "16MiB",
+        "--check-every",
+        "100ms",
+    ]);
+    run.said(
+        "behind, over --max-archive-lag 16.0 MiB",
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(
+        committed_by_running_job(&db).await,
+        0,
+        "nothing written while the archiver is behind"
+    );
+    std::fs::remove_file(&block).unwrap();
+    let out = run.finish(Duration::from_secs(120)).await;
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    db.assert_every_value_rotated(2_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_archive_command_holds_the_run_until_archiving_succeeds() {
+    // archive_command succeeds once `allow` exists
+    let (cluster, files) =
+        archiving_cluster(|dir| format!("test -f {}/allow", dir.display())).await;
+    let allow = files.path().join("allow");
     let db = TestDb::on(&cluster).await;
     db.seed_patients(2_000).await;
     // a complete segment the archiver cannot archive
@@ -263,24 +359,7 @@ async fn a_failing_archive_command_holds_the_run_until_archiving_succeeds() {
         .batch_execute("SELECT pg_switch_wal()")
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let failed: i64 = db
-            .client
-            .query_one("SELECT failed_count FROM pg_stat_archiver", &[])
-            .await
-            .unwrap()
-            .get(0);
-        if failed > 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "archiving never failed\n{}",
-            cluster.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    archiver_shows(&db, "failed_count", 1).await;
     let dir = tempfile::tempdir().unwrap();
     let j = db.patients_job(&dir).display().to_string();
     let mut run = Watched::spawn(&[
