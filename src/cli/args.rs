@@ -8,6 +8,7 @@ pub use super::args_audit::{
     parse_incident, parse_notes, parse_operator, Reason, RunAuditArgs, Who, MAX_REASON_LEN,
 };
 pub use super::args_rotate::RotateArgs;
+pub use super::args_values::{parse_rate, parse_size, parse_until};
 use crate::crypto::keyring::KeyEncoding;
 use crate::observe::logging::LogFormat;
 
@@ -119,6 +120,12 @@ pub struct OnlineArgs {
     /// Hold while this read-only query does not return true (one row, one boolean), e.g. "SELECT count(*) < 50 FROM pg_stat_activity".
     #[arg(long, value_name = "SQL")]
     pub gate_sql: Option<String>,
+    /// Hold while the server writes more WAL per second than this, e.g. 20MB/s (B, KiB, MiB, GiB; MB = MiB, as PostgreSQL counts); the application's WAL counts too.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub max_wal_rate: Option<u64>,
+    /// Hold while more than this much WAL (whole segments; e.g. 1GB, units B, KiB, MiB, GiB) waits to be archived, or while archive_command fails; needs archive_mode on.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_archive_lag: Option<u64>,
     /// A file whose content controls the run: run, pause or stop (absent: run).
     #[arg(long, value_name = "PATH")]
     pub control_file: Option<PathBuf>,
@@ -143,52 +150,6 @@ pub struct OnlineArgs {
     /// How long a range stays leased to a process that stopped renewing it (several processes may share a job).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     pub lease_ttl: std::time::Duration,
-}
-
-/// Parses `64MiB`, `512KiB`, `1GiB`, `1000000` (bytes).
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let (digits, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
-    let n: u64 = digits.parse().map_err(|_| {
-        format!("{text:?} is not a size; write e.g. 64MiB, 512KiB or a number of bytes")
-    })?;
-    let mult = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        other => {
-            return Err(format!(
-                "unknown size unit {other:?}; use B, KiB, MiB or GiB"
-            ))
-        }
-    };
-    n.checked_mul(mult)
-        .filter(|n| *n > 0)
-        .ok_or_else(|| format!("{text:?} is out of range"))
-}
-
-/// Parses `--until`: `HH:MM[:SS]` local time (the next one to come) or an RFC 3339 instant.
-pub fn parse_until(text: &str) -> Result<std::time::SystemTime, String> {
-    use chrono::{Local, NaiveTime, TimeZone};
-    let t = text.trim();
-    if let Ok(at) = chrono::DateTime::parse_from_rfc3339(t) {
-        return Ok(at.with_timezone(&chrono::Utc).into());
-    }
-    let time = NaiveTime::parse_from_str(t, "%H:%M:%S")
-        .or_else(|_| NaiveTime::parse_from_str(t, "%H:%M"))
-        .map_err(|_| format!("{text:?} is not a time; write HH:MM (local time, e.g. 06:00) or an RFC 3339 instant (2026-11-26T06:00:00Z)"))?;
-    let now = Local::now();
-    let today = now.date_naive().and_time(time);
-    let day = if today > now.naive_local() {
-        today
-    } else {
-        today + chrono::Duration::days(1)
-    };
-    let at = Local.from_local_datetime(&day).earliest().ok_or_else(|| {
-        format!("{text:?} does not exist today in the local time zone (a clock change)")
-    })?;
-    Ok(at.with_timezone(&chrono::Utc).into())
 }
 
 /// `rekey verify`.
@@ -427,25 +388,6 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn sizes_take_binary_units() {
-        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
-        assert_eq!(parse_size("512kib"), Ok(512 << 10));
-        assert_eq!(parse_size("1000"), Ok(1000));
-        assert!(parse_size("lots").is_err());
-        assert!(parse_size("5 parsecs").is_err());
-        assert!(parse_size("0").is_err());
-    }
-
-    #[test]
-    fn until_takes_a_time_of_day_in_the_future_or_an_instant() {
-        let now = std::time::SystemTime::now();
-        let at = parse_until("06:00").unwrap();
-        assert!(at > now && at <= now + std::time::Duration::from_secs(24 * 3600 + 3600));
-        assert!(parse_until("2026-11-26T06:00:00Z").is_ok());
-        assert!(parse_until("6 o'clock").is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 pub mod args;
 mod args_audit;
 mod args_rotate;
+mod args_values;
 pub mod bench;
 pub mod exit;
 pub mod keygen;

@@ -61,6 +61,8 @@ pub(crate) fn settings_from(
         signals: Signals {
             max_replica_lag: o.max_replica_lag,
             gate_sql: o.gate_sql.clone(),
+            max_wal_rate: o.max_wal_rate,
+            max_archive_lag: o.max_archive_lag,
             control_file: o.control_file.clone(),
             check_every: o.check_every,
         },

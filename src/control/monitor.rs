@@ -1,6 +1,7 @@
 //! The signals a run checks between batches, on a connection of its own:
 //! live control (`rekey pause|resume|stop`, or a control file), replica
-//! lag from `pg_stat_replication`, and a user's SQL gate. A signal that
+//! lag from `pg_stat_replication`, the WAL rate from `pg_current_wal_lsn()`,
+//! the archiver's lag from `pg_stat_archiver`, and a user's SQL gate. A signal that
 //! cannot be read holds the run (fail closed); nothing here holds a
 //! transaction open while the run waits.
 
@@ -11,6 +12,7 @@ use tokio_postgres::Client;
 
 use super::stop::StopBy;
 use super::throttle::LagTracker;
+use super::wal::{archive_lag, segment_of, ArchiveLag, ArchiverState, WalBudget, WalRate};
 use crate::state::Control;
 use crate::Error;
 
@@ -21,6 +23,11 @@ pub struct Signals {
     pub max_replica_lag: Option<Duration>,
     /// Hold while this query does not return true.
     pub gate_sql: Option<String>,
+    /// Hold while the server writes more WAL than this many bytes per second.
+    pub max_wal_rate: Option<u64>,
+    /// Hold while more than this many bytes of complete WAL segments wait
+    /// to be archived, or while archiving fails.
+    pub max_archive_lag: Option<u64>,
     /// A file whose content (`run`, `pause` or `stop`) controls the run.
     pub control_file: Option<PathBuf>,
     /// How often the signals are read.
@@ -32,6 +39,8 @@ impl Default for Signals {
         Signals {
             max_replica_lag: None,
             gate_sql: None,
+            max_wal_rate: None,
+            max_archive_lag: None,
             control_file: None,
             check_every: Duration::from_secs(1),
         }
@@ -52,21 +61,34 @@ pub enum Verdict {
     Stop(StopBy),
 }
 
-/// Reads the signals, keeping what needs memory (the replica lag samples).
+/// Reads the signals, keeping what needs memory (the replica lag samples,
+/// the WAL budget, where the archiver stood).
 #[derive(Debug, Default)]
 pub struct Monitor {
     /// What to watch.
     signals: Signals,
     /// The primary's WAL positions over time.
     lag: LagTracker,
+    /// The WAL rate budget, with `--max-wal-rate`.
+    wal: Option<WalBudget>,
+    /// Why the WAL budget holds the run, while it does.
+    wal_hold: Option<String>,
+    /// The WAL segment size and the segment the run started in, once read.
+    archive_base: Option<(u64, u64)>,
 }
 
 impl Monitor {
     /// A monitor of `signals`.
     pub fn new(signals: Signals) -> Self {
+        let wal = signals
+            .max_wal_rate
+            .map(|cap| WalBudget::new(cap, signals.check_every));
         Monitor {
             signals,
             lag: LagTracker::default(),
+            wal,
+            wal_hold: None,
+            archive_base: None,
         }
     }
 
@@ -112,6 +134,50 @@ impl Monitor {
                 }
             }
         }
+        if let Some(cap) = self.signals.max_wal_rate {
+            match self.wal_rate(client).await {
+                Ok(WalRate::Go) => self.wal_hold = None,
+                Ok(WalRate::Hold { rate, window }) => {
+                    // the rate that started the hold stays its reason: one
+                    // log line per hold, not one per check
+                    let why = self.wal_hold.get_or_insert_with(|| format!(
+                        "the server writes WAL above --max-wal-rate {}/s ({}/s over the last {:.1}s); holding until the average is back under it",
+                        mib(cap as f64),
+                        mib(rate),
+                        window.as_secs_f64()
+                    ));
+                    return Verdict::Hold("wal_rate", why.clone());
+                }
+                Err(e) => {
+                    return Verdict::Hold(
+                        "unreadable",
+                        format!("the WAL position is unreadable, holding: {e}"),
+                    )
+                }
+            }
+        }
+        if let Some(cap) = self.signals.max_archive_lag {
+            match self.archive_lag(client, cap).await {
+                Ok(ArchiveLag::Go) => {}
+                Ok(ArchiveLag::Failing(why)) => return Verdict::Hold("archive_failing", why),
+                Ok(ArchiveLag::Behind { segments, bytes }) => {
+                    return Verdict::Hold(
+                        "archive_lag",
+                        format!(
+                            "the archiver is {segments} WAL segments ({}) behind, over --max-archive-lag {}; holding",
+                            mib(bytes as f64),
+                            mib(cap as f64)
+                        ),
+                    )
+                }
+                Err(e) => {
+                    return Verdict::Hold(
+                        "unreadable",
+                        format!("pg_stat_archiver is unreadable, holding: {e}"),
+                    )
+                }
+            }
+        }
         if let Some(sql) = &self.signals.gate_sql {
             match gate(client, sql).await {
                 Ok(true) => {}
@@ -127,6 +193,50 @@ impl Monitor {
             }
         }
         Verdict::Go
+    }
+
+    /// Samples the server's WAL position into the budget.
+    async fn wal_rate(&mut self, client: &Client) -> Result<WalRate, String> {
+        let lsn = current_lsn(client).await?;
+        let now = Instant::now();
+        Ok(self
+            .wal
+            .as_mut()
+            .map_or(WalRate::Go, |budget| budget.sample(now, lsn)))
+    }
+
+    /// How far the archiver is behind, or whether it fails.
+    async fn archive_lag(&mut self, client: &Client, cap: u64) -> Result<ArchiveLag, String> {
+        let row = client
+            .query_one(
+                "SELECT pg_walfile_name(pg_current_wal_lsn()), a.last_archived_wal, a.last_failed_wal,
+                        a.last_failed_time::text, a.failed_count,
+                        a.last_failed_time IS NOT NULL
+                          AND a.last_failed_time > coalesce(a.last_archived_time, '-infinity'),
+                        pg_size_bytes(current_setting('wal_segment_size'))
+                   FROM pg_stat_archiver a",
+                &[],
+            )
+            .await
+            .map_err(|e| db_message(&e))?;
+        let state = ArchiverState {
+            current_wal: row.try_get(0).map_err(|e| e.to_string())?,
+            last_archived_wal: row.try_get(1).map_err(|e| e.to_string())?,
+            last_failed_wal: row.try_get(2).map_err(|e| e.to_string())?,
+            last_failed_time: row.try_get(3).map_err(|e| e.to_string())?,
+            failed_count: row.try_get(4).map_err(|e| e.to_string())?,
+            failing: row.try_get(5).map_err(|e| e.to_string())?,
+        };
+        let segment_size = u64::try_from(row.try_get::<_, i64>(6).map_err(|e| e.to_string())?)
+            .map_err(|_| "wal_segment_size is negative".to_string())?;
+        let (size, base) = match self.archive_base {
+            Some(known) => known,
+            None => {
+                let base = segment_of(&state.current_wal, segment_size).unwrap_or(0);
+                *self.archive_base.insert((segment_size, base))
+            }
+        };
+        Ok(archive_lag(&state, size, base, cap))
     }
 
     /// The replica furthest behind and by how long; `None` when caught up.
@@ -229,6 +339,81 @@ pub async fn check_gate_sql(client: &mut Client, sql: &str) -> Result<(), Error>
         .await
         .map(|_| ())
         .map_err(|e| Error::Config(format!("--gate-sql {sql:?} cannot serve as a gate: {e}")))
+}
+
+/// The server's WAL position, in bytes from 0/0.
+async fn current_lsn(client: &Client) -> Result<u64, String> {
+    let row = client
+        .query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::text", &[])
+        .await
+        .map_err(|e| db_message(&e))?;
+    let text: String = row.try_get(0).map_err(|e| e.to_string())?;
+    text.parse()
+        .map_err(|_| format!("the WAL position {text:?} is not a number"))
+}
+
+/// Checks the WAL throttles before a run starts: `--max-wal-rate` needs a
+/// primary's WAL position, `--max-archive-lag` a server that archives.
+pub async fn check_wal_signals(client: &Client, signals: &Signals) -> Result<(), Error> {
+    if signals.max_wal_rate.is_none() && signals.max_archive_lag.is_none() {
+        return Ok(());
+    }
+    let row = client
+        .query_one(
+            "SELECT pg_is_in_recovery(), current_setting('archive_mode')",
+            &[],
+        )
+        .await
+        .map_err(|e| {
+            Error::Config(format!(
+                "the WAL throttles cannot read the server's state: {}",
+                db_message(&e)
+            ))
+        })?;
+    let standby: bool = row.try_get(0).map_err(|e| Error::Config(e.to_string()))?;
+    let archive_mode: String = row.try_get(1).map_err(|e| Error::Config(e.to_string()))?;
+    if standby {
+        return Err(Error::Config(
+            "--max-wal-rate and --max-archive-lag read the primary's WAL position (pg_current_wal_lsn()), \
+             and this server is a standby; connect to the primary"
+                .into(),
+        ));
+    }
+    if signals.max_wal_rate.is_some() {
+        current_lsn(client).await.map_err(|e| {
+            Error::Config(format!("--max-wal-rate cannot read the WAL position: {e}"))
+        })?;
+    }
+    if signals.max_archive_lag.is_some() {
+        if archive_mode == "off" {
+            return Err(Error::Config(
+                "--max-archive-lag needs WAL archiving, and archive_mode is off on this server: \
+                 nothing is archived, so nothing can fall behind; drop the flag (or use --max-wal-rate)"
+                    .into(),
+            ));
+        }
+        client
+            .query_one("SELECT failed_count FROM pg_stat_archiver", &[])
+            .await
+            .map_err(|e| {
+                Error::Config(format!(
+                    "--max-archive-lag cannot read pg_stat_archiver: {}",
+                    db_message(&e)
+                ))
+            })?;
+    }
+    Ok(())
+}
+
+/// Bytes per second or bytes, for people: `20.0 MiB`.
+fn mib(bytes: f64) -> String {
+    if bytes >= (1u64 << 30) as f64 {
+        format!("{:.1} GiB", bytes / (1u64 << 30) as f64)
+    } else if bytes >= (1u64 << 20) as f64 {
+        format!("{:.1} MiB", bytes / (1u64 << 20) as f64)
+    } else {
+        format!("{:.1} KiB", bytes / 1024.0)
+    }
 }
 
 /// The server's message, without the driver's wrapping.

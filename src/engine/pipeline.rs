@@ -34,7 +34,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::control::monitor::{check_gate_sql, Monitor, Signals};
+use crate::control::monitor::{check_gate_sql, check_wal_signals, Monitor, Signals};
 use crate::control::stop::{Stop, StopBy};
 use crate::crypto::keyring::KeyId;
 use crate::db::session::Timeouts;
@@ -239,6 +239,7 @@ pub async fn run(
     if let Some(sql) = &settings.signals.gate_sql {
         check_gate_sql(&mut monitor_conn, sql).await?;
     }
+    check_wal_signals(&monitor_conn, &settings.signals).await?;
 
     // the signals are read once before any source reads a page
     let mut monitor = Monitor::new(settings.signals.clone());

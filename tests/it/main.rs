@@ -28,3 +28,4 @@ mod server_faults;
 mod server_settings;
 mod shapes;
 mod tls;
+mod wal_throttle;

@@ -134,7 +134,8 @@ impl ValueQuarantined<'_> {
 #[derive(Debug)]
 pub struct ThrottleChanged<'a> {
     /// Why the run waits, as a stable label value (`replica_lag`, `gate`,
-    /// `paused`, `control_file`, `unreadable`); `None`: running again.
+    /// `wal_rate`, `archive_lag`, `archive_failing`, `paused`,
+    /// `control_file`, `unreadable`); `None`: running again.
     pub reason: Option<&'a str>,
     /// The reason before this change, whose info series goes back to 0.
     pub previous: Option<&'a str>,
