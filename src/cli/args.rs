@@ -261,13 +261,13 @@ pub struct BenchArgs {
     #[arg(long)]
     pub with_load: bool,
     /// pgbench clients for --with-load (threads: at most 2).
-    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    #[arg(long, value_name = "N", default_value_t = 2, requires = "with_load", value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub load_clients: u32,
     /// pgbench scale for --with-load (100,000 accounts each).
-    #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    #[arg(long, value_name = "N", default_value_t = 5, requires = "with_load", value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub load_scale: u32,
     /// Seconds of load measured before the rekey run (the application's baseline).
-    #[arg(long, value_name = "SECS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=3600))]
+    #[arg(long, value_name = "SECS", default_value_t = 5, requires = "with_load", value_parser = clap::value_parser!(u32).range(1..=3600))]
     pub load_baseline_secs: u32,
     /// The online settings to measure with, as `rekey run` takes them.
     #[command(flatten)]
