@@ -2,12 +2,13 @@
 //! is left to the viewer's fonts, so no font is needed to draw it): rows/s
 //! over time for rekey and the floor statement, with labelled axes ticked
 //! from 0; with `--interrupt-at`, the interrupted run too, its kill and its
-//! resume marked; and the batch latency percentiles.
+//! resume marked; the batch latency percentiles; and with `--with-load`, the
+//! application's transactions/s over each loaded run, the run's span marked.
 
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use super::BenchReport;
+use super::{BenchReport, LoadReport};
 
 /// Rows/s over time from cumulative (seconds, rows) samples: 80 points
 /// across the run, each the rate over a window ending there (a twelfth of
@@ -47,11 +48,16 @@ pub fn rates(cumulative: &[(f64, u64)]) -> Vec<(f64, f64)> {
 pub fn throughput_svg(r: &BenchReport) -> Result<String, String> {
     let mut svg = String::new();
     {
-        let root = SVGBackend::with_string(&mut svg, (800, 560)).into_drawing_area();
+        let height = if r.load.is_some() { 880 } else { 560 };
+        let root = SVGBackend::with_string(&mut svg, (800, height)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| e.to_string())?;
-        let (top, bottom) = root.split_vertically(380);
+        let (top, rest) = root.split_vertically(380);
         throughput_panel(&top, r)?;
-        latency_panel(&bottom, r)?;
+        let (middle, bottom) = rest.split_vertically(180);
+        latency_panel(&middle, r)?;
+        if let Some(load) = &r.load {
+            app_panel(&bottom, load)?;
+        }
         root.present().map_err(|e| e.to_string())?;
     }
     Ok(svg)
@@ -233,6 +239,73 @@ where
                     .pos(Pos::new(HPos::Center, VPos::Bottom)),
             )
         }))
+        .map_err(err)?;
+    Ok(())
+}
+
+/// The application's TPS each second of each loaded run, the rekey run's span marked.
+fn app_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    load: &LoadReport,
+) -> Result<(), String>
+where
+    DB::ErrorType: 'static,
+{
+    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+    let points = || load.runs.iter().flat_map(|run| run.app_tps.iter());
+    let t_max = points().map(|p| p.0).fold(1.0, f64::max);
+    let y_max = points().map(|p| p.1).fold(1.0, f64::max) * 1.2;
+    let mut chart = ChartBuilder::on(area)
+        .caption(
+            format!(
+                "the application under load: pgbench, {} clients, scale {}",
+                load.clients, load.scale
+            ),
+            ("sans-serif", 15),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..t_max, 0.0..y_max)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds since the application's baseline began")
+        .y_desc("transactions/s")
+        .y_label_formatter(&|v| format!("{:.0}", v))
+        .x_label_formatter(&|v| format!("{:.0}", v))
+        .draw()
+        .map_err(err)?;
+    for (i, run) in load.runs.iter().enumerate() {
+        let color = Palette99::pick(i * 3 + 1).to_rgba();
+        let label = run.max_rows_per_sec.map_or_else(
+            || "app TPS, rekey at full speed".to_string(),
+            |n| format!("app TPS, rekey at max {n} rows/s"),
+        );
+        chart
+            .draw_series(LineSeries::new(
+                run.app_tps.iter().copied(),
+                color.stroke_width(2),
+            ))
+            .map_err(err)?
+            .label(label)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        // the rekey run's span under this line
+        chart
+            .draw_series(std::iter::once(Rectangle::new(
+                [(run.rekey_from_s, 0.0), (run.rekey_to_s, y_max * 0.04)],
+                color.mix(0.5).filled(),
+            )))
+            .map_err(err)?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .draw()
         .map_err(err)?;
     Ok(())
 }

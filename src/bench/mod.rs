@@ -9,9 +9,13 @@
 
 mod chart;
 mod load;
+mod oltp;
+mod pgbench;
 mod report;
 
 pub use chart::throughput_svg;
+pub use oltp::{LoadOptions, LoadReport, LoadedRun};
+pub use pgbench::AppWindow;
 pub use report::{human_duration, parse_sizes, peak_rss_mib};
 
 use std::path::PathBuf;
@@ -60,6 +64,8 @@ pub struct BenchOptions {
     pub quiet: bool,
     /// The rekey runs' settings (throttles, timeouts, signals), as `rekey run` would use them.
     pub settings: Settings,
+    /// `--with-load`: also measure rekey runs under a pgbench load.
+    pub load: Option<LoadOptions>,
 }
 
 /// One bench run's figures.
@@ -119,6 +125,8 @@ pub struct BenchReport {
     pub killed_at_s: Option<f64>,
     /// When its resume started.
     pub resumed_at_s: Option<f64>,
+    /// With `--with-load`: the cost to an application on the same cluster.
+    pub load: Option<LoadReport>,
 }
 
 /// Runs the benchmark.
@@ -142,7 +150,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, Error> {
     };
     let db = Database::parse(&url).map_err(|e| Error::Config(e.to_string()))?;
     let mut client = db.connect().await?;
-    let result = measure(opts, &db, &mut client, &schema).await;
+    let result = measure(opts, &db, &mut client, &schema, &url).await;
     // The scratch schema goes whatever happened; the throwaway cluster goes on drop.
     let _ = client
         .batch_execute(&format!(
@@ -174,6 +182,7 @@ async fn measure(
     db: &Database,
     client: &mut Client,
     schema: &str,
+    conninfo: &str,
 ) -> Result<BenchReport, Error> {
     let v1 = Key::new(1, *generate_material());
     let v2 = Key::new(2, *generate_material());
@@ -255,6 +264,21 @@ async fn measure(
         }
     }
 
+    let under_load = match &opts.load {
+        Some(l) => {
+            let scene = oltp::Scene {
+                db,
+                conninfo,
+                schema,
+                table: &table,
+                spec: &spec,
+                old: &old,
+                ring: &ring,
+            };
+            Some(oltp::measure(opts, l, client, &scene).await?)
+        }
+        None => None,
+    };
     let floor_s = median(floors.clone());
     let rekey_s = median(runs.iter().map(|r| r.secs).collect());
     // figures of the run closest to the median, so latencies and the plot match the headline
@@ -311,6 +335,7 @@ async fn measure(
             .unwrap_or_default(),
         killed_at_s: interrupted.as_ref().and_then(|r| r.killed_at_s),
         resumed_at_s: interrupted.as_ref().and_then(|r| r.resumed_at_s),
+        load: under_load,
     };
     if let Some(dir) = &opts.report_dir {
         write_report(dir, &report)?;

@@ -219,6 +219,18 @@ pub struct BenchArgs {
     /// Rows per second the rekey runs may read (as `rekey run --max-rows-per-sec`).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_rows_per_sec: Option<u32>,
+    /// Also measure the cost to an application: a pgbench load before and during a rekey run, at full speed and at --max-rows-per-sec.
+    #[arg(long)]
+    pub with_load: bool,
+    /// pgbench clients for --with-load (threads: at most 2).
+    #[arg(long, value_name = "N", default_value_t = 2, requires = "with_load", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub load_clients: u32,
+    /// pgbench scale for --with-load (100,000 accounts each).
+    #[arg(long, value_name = "N", default_value_t = 5, requires = "with_load", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub load_scale: u32,
+    /// Seconds of load measured before the rekey run (the application's baseline).
+    #[arg(long, value_name = "SECS", default_value_t = 5, requires = "with_load", value_parser = clap::value_parser!(u32).range(1..=3600))]
+    pub load_baseline_secs: u32,
     /// The online settings to measure with, as `rekey run` takes them.
     #[command(flatten)]
     pub online: OnlineArgs,

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::bench::{self, human_duration, BenchOptions};
+use crate::bench::{self, human_duration, BenchOptions, LoadOptions, LoadReport};
 use crate::cli::args::{BenchArgs, JobArgs};
 use crate::cli::run::settings_from;
 use crate::cli::{default_lanes, open, print_json};
@@ -69,6 +69,12 @@ pub async fn bench(args: &BenchArgs) -> Result<u8, Error> {
             &args.online,
             Stop::default(),
         ),
+        load: args.with_load.then(|| LoadOptions {
+            clients: args.load_clients,
+            threads: args.load_clients.min(2),
+            scale: args.load_scale,
+            baseline_s: f64::from(args.load_baseline_secs),
+        }),
     };
     let r = bench::run(&opts).await?;
     if args.json {
@@ -107,6 +113,9 @@ pub async fn bench(args: &BenchArgs) -> Result<u8, Error> {
             ratio
         );
     }
+    if let Some(load) = &r.load {
+        print_load(load);
+    }
     for ((_, secs), label) in r.projections.iter().zip(&project_labels) {
         println!("  window for {label}: {}", human_duration(*secs));
     }
@@ -118,4 +127,36 @@ pub async fn bench(args: &BenchArgs) -> Result<u8, Error> {
         );
     }
     Ok(0)
+}
+
+/// The `--with-load` lines of the text summary.
+fn print_load(load: &LoadReport) {
+    println!(
+        "  under load: pgbench, {} clients, scale {}; the application before -> during the run",
+        load.clients, load.scale
+    );
+    for run in &load.runs {
+        let pace = run
+            .max_rows_per_sec
+            .map_or("full speed".to_string(), |n| format!("max {n} rows/s"));
+        let (b, d) = (&run.baseline, &run.during);
+        println!(
+            "    {pace:<18} rekey {:>8.0} rows/s  app {:.0} -> {:.0} tps ({:.0}%)  p50 {:.1} -> {:.1} ms  p99 {:.1} -> {:.1} ms",
+            run.rekey_rows_per_s,
+            b.tps,
+            d.tps,
+            run.tps_ratio * 100.0,
+            b.latency_ms_p50,
+            d.latency_ms_p50,
+            b.latency_ms_p99,
+            d.latency_ms_p99
+        );
+        println!(
+            "    {:<18} WAL: rekey {:.0} B/row, {:.1} MB/s; the cluster {:.1} MB/s",
+            "",
+            run.rekey_wal_bytes_per_row,
+            run.rekey_wal_bytes_per_s / 1e6,
+            run.wal_bytes_per_s / 1e6
+        );
+    }
 }

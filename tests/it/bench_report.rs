@@ -1,6 +1,7 @@
 //! `rekey bench --report-dir`: the report's samples reach the end of the run
 //! and mark a kill and its resume; the chart has labelled axes ticked from 0
-//! and draws the interrupted run with its marks.
+//! and draws the interrupted run with its marks; `--with-load` reports the
+//! application's TPS, latency and the WAL written, full speed and throttled.
 
 use crate::harness::*;
 
@@ -80,4 +81,68 @@ async fn bench_job_projects_only_what_plan_says_is_left_to_rewrite() {
     let out = rekey(&["run", "--job", &job], &seed_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert_eq!(bench(0), 0.0, "a rotated table needs no window");
+}
+
+#[test]
+fn bench_with_load_reports_the_applications_cost_at_full_speed_and_throttled() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = rekey(
+        &[
+            "bench",
+            "--rows",
+            "20000",
+            "--with-load",
+            "--load-scale",
+            "1",
+            "--load-baseline-secs",
+            "2",
+            "--max-rows-per-sec",
+            "10000",
+            "--report-dir",
+            &dir.path().display().to_string(),
+            "--json",
+            "--quiet",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let load = json(&out)["load"].clone();
+    let runs = load["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2, "full speed, then throttled: {load}");
+    assert!(runs[0]["max_rows_per_sec"].is_null(), "{load}");
+    assert_eq!(runs[1]["max_rows_per_sec"], 10_000, "{load}");
+    let f = |v: &serde_json::Value| v.as_f64().unwrap();
+    for run in runs {
+        for window in ["baseline", "during"] {
+            let w = &run[window];
+            assert!(f(&w["tps"]) > 0.0, "{window}: {run}");
+            assert!(
+                f(&w["latency_ms_p50"]) > 0.0
+                    && f(&w["latency_ms_p50"]) <= f(&w["latency_ms_p99"])
+                    && f(&w["latency_ms_p99"]) <= f(&w["latency_ms_max"]),
+                "{window}: {run}"
+            );
+        }
+        let per_row = f(&run["rekey_wal_bytes_per_row"]);
+        // a rewritten row's new tuple and index entry are some hundreds of bytes
+        assert!((50.0..100_000.0).contains(&per_row), "{run}");
+        let per_s = f(&run["rekey_wal_bytes_per_s"]);
+        let expected = per_row * f(&run["rekey_rows_per_s"]);
+        assert!(
+            per_s > expected * 0.5 && per_s < expected * 2.0,
+            "WAL/s {per_s} vs WAL/row x rows/s {expected}: {run}"
+        );
+        assert!(f(&run["wal_bytes_per_s"]) >= per_s * 0.5, "{run}");
+        let from = f(&run["rekey_from_s"]);
+        assert!(from >= 1.5 && f(&run["rekey_to_s"]) > from, "{run}");
+        assert!(!run["app_tps"].as_array().unwrap().is_empty(), "{run}");
+    }
+    let svg = std::fs::read_to_string(dir.path().join("throughput.svg")).unwrap();
+    for label in [
+        "transactions/s",
+        "app TPS, rekey at full speed",
+        "app TPS, rekey at max 10000 rows/s",
+    ] {
+        assert!(svg.contains(label), "the chart lacks {label:?}");
+    }
 }
