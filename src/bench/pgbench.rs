@@ -55,6 +55,9 @@ pub(super) fn find() -> Result<PathBuf, PgbenchError> {
         .ok_or(PgbenchError::NotFound)
 }
 
+/// The connection string goes to pgbench in `PGDATABASE` (pgbench expands a
+/// connection string there, as on its command line), never as an argument:
+/// a password in it would show in the process list.
 fn in_schema<'a>(cmd: &'a mut Command, schema: &str) -> &'a mut Command {
     // the schema is rekey's own scratch name (letters, digits, _), never input
     cmd.env("PGOPTIONS", format!("-c search_path={schema}"))
@@ -76,7 +79,7 @@ pub(super) fn init(
 ) -> Result<(), PgbenchError> {
     let out = in_schema(&mut Command::new(pgbench), schema)
         .args(["-i", "-q", "-s", &scale.to_string()])
-        .arg(conninfo)
+        .env("PGDATABASE", conninfo)
         .stdin(Stdio::null())
         .output()
         .map_err(|e| step("starting pgbench -i", e))?;
@@ -116,7 +119,7 @@ impl Running {
             .args(["-j", &threads.clamp(1, clients).to_string()])
             .arg("--log-prefix")
             .arg(dir.join("log"))
-            .arg(conninfo)
+            .env("PGDATABASE", conninfo)
             .stdin(Stdio::null())
             .stdout(file("stdout")?)
             .stderr(file("stderr")?)
