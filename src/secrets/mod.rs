@@ -95,7 +95,21 @@ pub async fn load_keyring(keys: &KeysSpec) -> Result<Keyring, Error> {
                 .map_err(|e| Error::Config(format!("Tink keyset {}: {e}", path.display())))
         }
         KeySource::File | KeySource::AwsSecretsManager | KeySource::AwsKms => {
-            let store = Store::open(keys).await?;
+            let mut store = Store::open(keys).await?;
+            // A previous key the content no longer holds (the value layout and
+            // the dual convention keep only the current key after promotion)
+            // is read from the store's former versions: values written late
+            // under it must still be rewritten, and verified.
+            let previous: Vec<KeyId> = store
+                .table()
+                .entries
+                .iter()
+                .filter(|e| e.state == KeyState::Previous && e.key.is_none())
+                .map(|e| e.id)
+                .collect();
+            for id in previous {
+                store.fetch_archived(id).await?;
+            }
             store
                 .table()
                 .keyring()

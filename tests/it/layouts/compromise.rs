@@ -112,3 +112,53 @@ async fn a_purge_stopped_between_delete_and_create_is_undone_from_its_backup() {
         "the backup stayed"
     );
 }
+
+// Before: after promotion the old key lived only in AWSPREVIOUS, which run and
+// verify never read: a value written late under it could not be rewritten,
+// and the retire refused for ever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_value_written_late_under_the_old_key_is_rewritten_from_its_former_version() {
+    let db = TestDb::new().await;
+    let secret = format!("/healthprep/prod/late-value-{}", std::process::id());
+    py(PY_CREATE, &[&secret], &urlsafe(K1));
+    let _ = fernet_table(&db, 20).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = job_file(
+        &db,
+        &dir,
+        &format!("secret_id = \"{secret}\"\nlayout = \"value\""),
+        "[[target]]\ntable = \"patients\"\ncolumns = [\"ssn\"]\nformat = \"fernet\"\n",
+    );
+    let out = rekey(
+        &["rotate", "--job", &job, "--json", "--no-wait"],
+        &aws_env(),
+    );
+    assert_eq!(json(&out)["step"], "promoted", "{}", printed(&out));
+    // an application instance not yet redeployed writes under key 1
+    let script = "import sys\nfrom cryptography.fernet import Fernet\nprint(Fernet(sys.argv[2]).encrypt(b'ssn-1000').decode())\n";
+    let token = py(script, &[&urlsafe(K1)], "");
+    db.client
+        .execute("INSERT INTO patients VALUES (1000, $1)", &[&token.trim()])
+        .await
+        .unwrap();
+
+    let out = rekey(&["run", "--job", &job, "--json"], &aws_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(json(&out)["values_rewritten"], 1, "{}", printed(&out));
+    let out = rekey(
+        &["rotate", "--job", &job, "--json", "--grace", "0s"],
+        &aws_env(),
+    );
+    assert_eq!(
+        (out.status.code(), json(&out)["step"].as_str()),
+        (Some(0), Some("retired")),
+        "{}",
+        printed(&out)
+    );
+    check_app(
+        &healthprep_app(),
+        &[&secret, "-"],
+        &fernet_lines(&db).await,
+        "after the late value was rewritten",
+    );
+}
