@@ -173,6 +173,15 @@ pub struct ColumnPlan {
     pub to_rewrite: u64,
 }
 
+/// Values `job` would rewrite now, every column together.
+pub async fn values_to_rewrite(client: &Client, job: &Job) -> Result<u64, Error> {
+    Ok(count_by_key(client, job)
+        .await?
+        .iter()
+        .map(|c| c.to_rewrite)
+        .sum())
+}
+
 /// Counts every column of every target by key, in one scan per column.
 pub async fn count_by_key(client: &Client, job: &Job) -> Result<Vec<ColumnPlan>, Error> {
     let mut out = Vec::new();

@@ -36,6 +36,17 @@ pub struct Depth {
     pub lanes: usize,
 }
 
+impl Depth {
+    /// Every value decrypted, over `lanes` lanes (what a retire rests on).
+    pub fn full(lanes: usize) -> Depth {
+        Depth {
+            full: true,
+            sample: 0,
+            lanes,
+        }
+    }
+}
+
 /// How a verification looked at the values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]

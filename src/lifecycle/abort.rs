@@ -9,7 +9,6 @@ use std::sync::Arc;
 use tokio_postgres::Client;
 
 use crate::crypto::keytable::KeyState;
-use crate::engine::verify::{self, Depth};
 use crate::job::Job;
 use crate::lifecycle::audit::What;
 use crate::lifecycle::steps;
@@ -17,7 +16,7 @@ use crate::secrets::Store;
 use crate::state::rotations::{self, Rotation, Step};
 use crate::Error;
 
-use super::forward::rewrite_all;
+use super::forward::{full_verify, rewrite_all};
 use super::retire::retire;
 use super::rotation::{Ctx, Ended, Log, Progressed, Wait};
 
@@ -125,13 +124,7 @@ pub(crate) async fn abort(
         // The store does not hold the staged key (never set, or removed by
         // hand): no value may be under it. A full verify with the keys there
         // are proves it: a value under the missing key does not decrypt.
-        let job = Arc::new(Job::resolve(cx.spec, client).await?);
-        let depth = Depth {
-            full: true,
-            sample: 0,
-            lanes: cx.opts.settings.lanes,
-        };
-        let v = verify::verify(cx.db, client, &job, depth, cx.opts.quiet).await?;
+        let v = full_verify(cx, client).await?;
         if !v.verified {
             log.lines.push(format!(
                 "cannot end the abort: {} values are on other keys and {} do not decrypt with the keys the store holds \

@@ -113,6 +113,22 @@ pub(crate) async fn rewrite_all(
     Ok(true)
 }
 
+/// A full verify of the job, every value decrypted with the keys the store holds now.
+pub(crate) async fn full_verify(
+    cx: &Ctx<'_>,
+    client: &Client,
+) -> Result<verify::Verification, Error> {
+    let job = Arc::new(Job::resolve(cx.spec, client).await?);
+    verify::verify(
+        cx.db,
+        client,
+        &job,
+        Depth::full(cx.opts.settings.lanes),
+        cx.opts.quiet,
+    )
+    .await
+}
+
 /// Staged -> ran: re-encrypts every value under the staged key.
 pub(crate) async fn ran(
     cx: &Ctx<'_>,
@@ -280,13 +296,7 @@ pub(crate) async fn retired(
     if gone {
         // retired (or removed) outside rotate: complete only on a full proof
         // that no value is left without its key
-        let job = Arc::new(Job::resolve(cx.spec, client).await?);
-        let depth = Depth {
-            full: true,
-            sample: 0,
-            lanes: cx.opts.settings.lanes,
-        };
-        let v = verify::verify(cx.db, client, &job, depth, cx.opts.quiet).await?;
+        let v = full_verify(cx, client).await?;
         if !v.verified {
             log.lines.push(format!(
                 "key {old} is gone from {} but {} values are on other keys and {} do not decrypt with the keys there: \

@@ -76,8 +76,7 @@ pub async fn preview(
     });
     let to_rewrite = || async {
         let job = Job::resolve(spec, client).await?;
-        let columns = plan::count_by_key(client, &job).await?;
-        Ok::<u64, Error>(columns.iter().map(|c| c.to_rewrite).sum())
+        plan::values_to_rewrite(client, &job).await
     };
     let line = match rot.step {
         Step::Staged => format!(

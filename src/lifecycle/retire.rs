@@ -35,12 +35,14 @@ pub async fn retire(
     }
     // Retire rests on a full verify of this invocation: every value decrypted,
     // with the keys matched against the job's recorded fingerprints.
-    let depth = Depth {
-        full: true,
-        sample: 0,
-        lanes: opts.settings.lanes,
-    };
-    let v = verify::verify(db, client, job, depth, opts.quiet).await?;
+    let v = verify::verify(
+        db,
+        client,
+        job,
+        Depth::full(opts.settings.lanes),
+        opts.quiet,
+    )
+    .await?;
     // in either format: a migration reads one and writes another
     let remaining = v.values_under_key(old);
     if remaining > 0 || v.values_undecryptable > 0 {

@@ -324,11 +324,7 @@ async fn nothing_open(
     if last.step == Step::RolledBack {
         // a rollback leaves values under the key it turned away from until a run
         let job = crate::job::Job::resolve(cx.spec, client).await?;
-        let left: u64 = crate::engine::plan::count_by_key(client, &job)
-            .await?
-            .iter()
-            .map(|c| c.to_rewrite)
-            .sum();
+        let left = crate::engine::plan::values_to_rewrite(client, &job).await?;
         if left > 0 {
             log.lines.push(format!(
                 "rotation {} was rolled back, and {left} values are not on the current key: `rekey run` rewrites them; \

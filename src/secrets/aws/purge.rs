@@ -92,11 +92,9 @@ impl SecretsManagerStore {
             .send()
             .await
             .map_err(|e| aws_err(ops::DELETE, &sid, e))?;
-        let deadline = tokio::time::Instant::now() + NAME_FREE_TIMEOUT;
-        let mut pause = Duration::from_millis(100);
         let version = super::token();
-        loop {
-            let mut req = self
+        create_when_name_free(&name, || {
+            let req = self
                 .client
                 .create_secret()
                 .name(&name)
@@ -104,26 +102,18 @@ impl SecretsManagerStore {
                 .secret_string(text.as_str())
                 .set_tags(Some(tags.clone()))
                 .set_description(description.clone());
-            if let Some(k) = &kms {
-                req = req.kms_key_id(k);
+            match &kms {
+                Some(k) => req.kms_key_id(k),
+                None => req,
             }
-            match req.send().await {
-                Ok(_) => break,
-                // the name is still being freed
-                Err(e) if e.as_service_error().is_some_and(|s| s.is_invalid_request_exception() || s.is_resource_exists_exception())
-                    && tokio::time::Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(5));
-                }
-                Err(e) => {
-                    return Err(Error::Runtime(format!(
-                        "{} (secret {sid:?} was deleted to destroy keys {ids:?}; its current content must be recreated by hand)",
-                        aws_err(ops::CREATE, &name, e)
-                    )))
-                }
-            }
-        }
+        })
+        .await
+        .map_err(|e| {
+            Error::Runtime(format!(
+                "{e} (secret {sid:?} was deleted to destroy keys {ids:?}; its content is kept in {:?}, and the next rekey command recreates it from there)",
+                backup_name(&name)
+            ))
+        })?;
         if let Some(p) = policy {
             self.client
                 .put_resource_policy()
@@ -159,32 +149,20 @@ impl SecretsManagerStore {
     ) -> Result<(), Error> {
         let backup = backup_name(name);
         self.delete_backup(name).await?;
-        let deadline = tokio::time::Instant::now() + NAME_FREE_TIMEOUT;
-        let mut pause = Duration::from_millis(100);
-        loop {
-            let mut req = self
+        create_when_name_free(&backup, || {
+            let req = self
                 .client
                 .create_secret()
                 .name(&backup)
                 .secret_string(text)
                 .set_tags(Some(tags.to_vec()))
                 .description(format!("rekey: the content of {name:?} while a purge recreates it; deleted when it is done"));
-            if let Some(k) = kms {
-                req = req.kms_key_id(k);
+            match kms {
+                Some(k) => req.kms_key_id(k),
+                None => req,
             }
-            match req.send().await {
-                Ok(_) => return Ok(()),
-                Err(e)
-                    if e.as_service_error().is_some_and(|s| {
-                        s.is_invalid_request_exception() || s.is_resource_exists_exception()
-                    }) && tokio::time::Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(5));
-                }
-                Err(e) => return Err(aws_err(ops::CREATE, &backup, e)),
-            }
-        }
+        })
+        .await
     }
 
     async fn delete_backup(&self, name: &str) -> Result<(), Error> {
@@ -249,6 +227,31 @@ impl SecretsManagerStore {
             .await
             .map_err(|e| aws_err(ops::DELETE, &backup, e))?;
         Ok(true)
+    }
+}
+
+/// Sends the CreateSecret request `make` builds until it succeeds, while
+/// the name is still being freed by a deletion (up to [`NAME_FREE_TIMEOUT`]).
+async fn create_when_name_free(
+    name: &str,
+    make: impl Fn() -> aws_sdk_secretsmanager::operation::create_secret::builders::CreateSecretFluentBuilder,
+) -> Result<(), Error> {
+    let deadline = tokio::time::Instant::now() + NAME_FREE_TIMEOUT;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match make().send().await {
+            Ok(_) => return Ok(()),
+            // the name is still being freed
+            Err(e)
+                if e.as_service_error().is_some_and(|s| {
+                    s.is_invalid_request_exception() || s.is_resource_exists_exception()
+                }) && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(aws_err(ops::CREATE, name, e)),
+        }
     }
 }
 
