@@ -277,6 +277,14 @@ pub fn seed_env() -> Vec<(&'static str, String)> {
     ]
 }
 
+/// Key 1 alone, current: the environment before a first rotation.
+pub fn v1_env() -> Vec<(&'static str, String)> {
+    vec![
+        ("ENCRYPTION_KEY_V1", K1.into()),
+        ("ENCRYPTION_CURRENT_VERSION", "1".into()),
+    ]
+}
+
 /// A `rekey` command with a clean environment plus `env`.
 pub fn rekey_cmd(args: &[&str], env: &[(&str, String)]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_rekey"));

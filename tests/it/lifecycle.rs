@@ -322,10 +322,7 @@ async fn rotate_with_environment_keys_prints_each_change_and_checks_it_was_made(
     let dir = tempfile::tempdir().unwrap();
     let job = db.patients_job(&dir);
     let j = job.display().to_string();
-    let mut env = vec![
-        ("ENCRYPTION_KEY_V1", K1.to_string()),
-        ("ENCRYPTION_CURRENT_VERSION", "1".to_string()),
-    ];
+    let mut env = v1_env();
 
     let out = rekey(&["rotate", "--job", &j], &env);
     assert_eq!(out.status.code(), Some(6), "{}", printed(&out));

@@ -326,10 +326,7 @@ async fn environment_keys_wait_for_the_changes_with_exit_6() {
     let dir = tempfile::tempdir().unwrap();
     let job = db.patients_job(&dir);
     let j = job.display().to_string();
-    let env = vec![
-        ("ENCRYPTION_KEY_V1", K1.to_string()),
-        ("ENCRYPTION_CURRENT_VERSION", "1".to_string()),
-    ];
+    let env = v1_env();
     let out = rekey(&["rotate", "--job", &j, "--json"], &env);
     expect(&out, 6, "staged", "waiting", "environment");
 }
@@ -400,10 +397,7 @@ async fn reveal_off_a_terminal_says_why_no_key_is_printed() {
     db.seed_patients(50).await;
     let dir = tempfile::tempdir().unwrap();
     let j = db.patients_job(&dir).display().to_string();
-    let env = vec![
-        ("ENCRYPTION_KEY_V1", K1.to_string()),
-        ("ENCRYPTION_CURRENT_VERSION", "1".to_string()),
-    ];
+    let env = v1_env();
     let out = rekey(&["rotate", "--job", &j, "--reveal"], &env);
     assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
     assert!(
@@ -510,10 +504,7 @@ async fn an_old_key_removed_by_hand_completes_the_rotation_only_on_a_full_verify
     db.seed_patients(100).await;
     let dir = tempfile::tempdir().unwrap();
     let j = db.patients_job(&dir).display().to_string();
-    let mut env = vec![
-        ("ENCRYPTION_KEY_V1", K1.to_string()),
-        ("ENCRYPTION_CURRENT_VERSION", "1".to_string()),
-    ];
+    let mut env = v1_env();
     assert_eq!(rekey(&["rotate", "--job", &j], &env).status.code(), Some(6));
     env.push(("ENCRYPTION_KEY_V2", K2.to_string()));
     env.push(("ENCRYPTION_PENDING_VERSION", "2".to_string()));
@@ -576,10 +567,7 @@ async fn an_abort_without_the_staged_key_ends_only_on_a_full_verify() {
     db.seed_patients(100).await;
     let dir = tempfile::tempdir().unwrap();
     let j = db.patients_job(&dir).display().to_string();
-    let base = vec![
-        ("ENCRYPTION_KEY_V1", K1.to_string()),
-        ("ENCRYPTION_CURRENT_VERSION", "1".to_string()),
-    ];
+    let base = v1_env();
     assert_eq!(
         rekey(&["rotate", "--job", &j], &base).status.code(),
         Some(6)
