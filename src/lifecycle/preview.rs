@@ -13,7 +13,7 @@ use crate::state::rotations::{self, Step};
 use crate::Error;
 
 use super::rotation::{
-    human, job_keys, Ended, Intent, Log, Progressed, RotateOptions, RotationInfo,
+    human, job_keys, Ended, Intent, Log, Progressed, RotateOptions, RotationInfo, Wait,
 };
 
 /// What `rekey rotate` (with `opts`) would do next.
@@ -48,7 +48,18 @@ pub async fn preview(
                     last.step.as_str()
                 ),
             );
-            return Ok(log.end(Ended::Done, last.step));
+            // a rollback leaves values under the key it turned away from until a run
+            let left = if last.step == Step::RolledBack {
+                plan::values_to_rewrite(client, &Job::resolve(spec, client).await?).await?
+            } else {
+                0
+            };
+            let ended = if left > 0 {
+                Ended::NotVerified
+            } else {
+                Ended::Done
+            };
+            return Ok(log.end(ended, last.step));
         }
         let next = store
             .table()
@@ -125,5 +136,7 @@ pub async fn preview(
             ),
         );
     }
-    Ok(log.end(Ended::Done, rot.step))
+    // exit 0 only where nothing in scope is left on an old key: a rotation in
+    // progress waits for the next `rekey rotate`
+    Ok(log.end(Ended::Waiting(Wait::Rotate), rot.step))
 }

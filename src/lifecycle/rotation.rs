@@ -77,6 +77,9 @@ pub enum Wait {
     Environment,
     /// The old key stays until the grace period ends (Unix seconds).
     Grace(u64),
+    /// Nothing but the next `rekey rotate` (what `--dry-run` says of a
+    /// rotation in progress).
+    Rotate,
 }
 
 impl Wait {
@@ -86,6 +89,7 @@ impl Wait {
             Wait::Deploy => "deploy",
             Wait::Environment => "environment",
             Wait::Grace(_) => "grace_period",
+            Wait::Rotate => "rotate",
         }
     }
 }

@@ -358,6 +358,9 @@ async fn dry_run_says_what_the_next_invocation_would_do_and_changes_nothing() {
 
     expect(&rotate(&job, &[]), 6, "staged", "waiting", "deploy");
     let out = rotate(&job, &["--dry-run"]);
+    // a rotation in progress: not done
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    assert_eq!(json(&out)["waiting_for"], "rotate", "{}", printed(&out));
     let said = format!("would re-encrypt {} values under key 2", values_in(300));
     assert!(printed(&out).contains(&said), "{}", printed(&out));
     assert_eq!(
