@@ -9,6 +9,7 @@ mod retry;
 pub mod rewrite;
 pub mod sink;
 pub mod source;
+mod split;
 pub mod sql;
 mod stages;
 pub mod transform;

@@ -234,7 +234,12 @@ pub async fn run(
         )),
     };
     let unfinished = ranges.iter().filter(|r| !r.done).count();
-    let lanes = settings.lanes.clamp(1, unfinished.max(1));
+    // a rewrite's lanes split ranges for each other, so fewer ranges than
+    // lanes still keep every lane busy; in memory, a lane takes whole ranges
+    let lanes = match job_id {
+        Some(_) if unfinished > 0 => settings.lanes.max(1),
+        _ => settings.lanes.clamp(1, unfinished.max(1)),
+    };
     let shared = Arc::new(Shared::new(job, ranges, work, &settings, live, progress));
     if let Some(sql) = &settings.signals.gate_sql {
         check_gate_sql(&mut monitor_conn, sql).await?;

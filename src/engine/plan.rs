@@ -14,7 +14,7 @@ use crate::state::{KeyRange, RangeState};
 use crate::Error;
 
 /// Rows per range below which a table is not split further.
-const MIN_ROWS_PER_RANGE: f64 = 20_000.0;
+const MIN_ROWS_PER_RANGE: f64 = 5_000.0;
 
 /// Ranges per lane a job's tables are split into, so lanes that finish
 /// early find work left.

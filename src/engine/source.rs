@@ -81,6 +81,11 @@ impl Source {
         &self.client
     }
 
+    /// The connection, for a short transaction beside the pages.
+    pub fn client_mut(&mut self) -> &mut Client {
+        &mut self.client
+    }
+
     /// The next page of at most `limit` rows after `after`, up to `upper`.
     pub async fn page(
         &mut self,
@@ -148,6 +153,38 @@ impl Source {
             );
         }
         Ok(rows)
+    }
+}
+
+impl Source {
+    /// Where to split what is left of a range after `after` (up to `upper`):
+    /// the key half-way through its next `cap` rows, and how many rows those
+    /// are; `None` when nothing is left.
+    pub async fn split_point(
+        &mut self,
+        target: &Target,
+        after: Option<&KeyBytes>,
+        upper: Option<&KeyBytes>,
+        cap: i64,
+    ) -> Result<Option<(KeyBytes, i64)>, Error> {
+        let shape = Bounds {
+            lower: after.is_some(),
+            upper: upper.is_some(),
+        };
+        let text = sql::split_point(target, shape);
+        let bounds: Vec<RawParam> = after
+            .into_iter()
+            .chain(upper)
+            .flat_map(|k| k.iter().map(|p| RawParam(p)))
+            .collect();
+        let mut params = raw::params(&bounds);
+        params.push(&cap);
+        let row = self
+            .client
+            .query_opt(&text, &params)
+            .await
+            .ctx(|| format!("finding where to split a range of {}", target.table))?;
+        Ok(row.map(|r| (raw::key_of(&r, target.key.len()), r.get(target.key.len()))))
     }
 }
 

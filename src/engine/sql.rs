@@ -110,6 +110,35 @@ pub fn select_page(target: &Target, bounds: Bounds, only_stale: bool) -> (String
     (sql, prefixed)
 }
 
+/// The key half-way through a range's next `$cap` rows (after a key, if
+/// `bounds.lower`; up to its upper bound, if `bounds.upper`), with how many
+/// rows those are: where a lane splits the rest of its range for an idle
+/// one. Rows come from the key's index in order.
+pub fn split_point(target: &Target, bounds: Bounds) -> String {
+    let keys = target.key_list("");
+    let mut conds = Vec::new();
+    let mut next = 1;
+    if bounds.lower {
+        conds.push(format!("({keys}) > {}", key_params(target, next)));
+        next += target.key.len();
+    }
+    if bounds.upper {
+        conds.push(format!("({keys}) <= {}", key_params(target, next)));
+        next += target.key.len();
+    }
+    let filter = if conds.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", conds.join(" AND "))
+    };
+    format!(
+        "SELECT {keys}, \"rekey n\" FROM (SELECT {keys}, row_number() OVER (ORDER BY {keys}) AS \"rekey rn\", count(*) OVER () AS \"rekey n\"
+           FROM (SELECT {keys} FROM {}{filter} ORDER BY {keys} LIMIT ${next}) s) m
+          WHERE \"rekey rn\" = greatest(\"rekey n\" / 2, 1)",
+        target.qualified(),
+    )
+}
+
 /// `, "col"::text` when the target binds a column as associated data.
 pub fn aad_select(target: &Target) -> String {
     match &target.aad {

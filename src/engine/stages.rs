@@ -32,9 +32,10 @@ pub(super) async fn read(
     out: mpsc::Sender<Batch>,
 ) -> Result<Option<Outcome>, Error> {
     while let Some((ri, start, lease)) = shared.next_range(&mut source).await? {
-        let state = &shared.ranges[ri];
+        let state = shared.range(ri);
         let target = &shared.job.targets[state.target];
         let mut after = start;
+        let mut upper = state.bounds.upper.clone();
         loop {
             if !shared.hold.wait(&shared.stop).await {
                 shared.cut_short.store(true, Ordering::Relaxed);
@@ -53,10 +54,35 @@ pub(super) async fn read(
                     return Ok(None);
                 }
             }
-            let upper = state.bounds.upper.as_ref();
+            match shared
+                .split_for_idle_lane(
+                    &mut source,
+                    target,
+                    ri,
+                    after.as_ref(),
+                    upper.as_ref(),
+                    lease,
+                    limit,
+                )
+                .await
+            {
+                Ok(Some(at)) => upper = Some(at),
+                Ok(None) => {}
+                // a split is an optimisation: the lane goes on with the bounds
+                // it has (were the split committed unseen, the compare-and-swap
+                // writes keep two lanes on the same rows from losing anything)
+                Err(e) => tracing::warn!(
+                    "splitting a range of {} for an idle lane failed: {}",
+                    target.table,
+                    e.chain()
+                ),
+            }
             let mut failed = 0;
             let rows = loop {
-                match source.page(target, after.as_ref(), upper, limit).await {
+                match source
+                    .page(target, after.as_ref(), upper.as_ref(), limit)
+                    .await
+                {
                     Ok(rows) => break rows,
                     Err(e) => {
                         shared
@@ -108,7 +134,7 @@ pub(super) async fn transform_stage(
 ) -> Result<Option<Outcome>, Error> {
     while let Some(batch) = input.recv().await {
         shared.queued.to_transform.fetch_sub(1, Ordering::Relaxed);
-        let target_index = shared.ranges[batch.range_index].target;
+        let target_index = shared.range(batch.range_index).target;
         let batch = on_pool(shared.job.clone(), target_index, mode, batch).await?;
         if out.send(batch).await.is_err() {
             break;
@@ -153,7 +179,8 @@ pub(super) async fn write(
         shared.queued.to_sink.fetch_sub(1, Ordering::Relaxed);
         let started = Instant::now();
         let rows = batch.rows.len();
-        let state = &shared.ranges[batch.range_index];
+        let state = shared.range(batch.range_index);
+        let state = &*state;
         let target = &shared.job.targets[state.target];
         let (end, lease) = (batch.end, batch.lease);
         if shared.is_lost(batch.range_index, lease) {

@@ -4,8 +4,8 @@
 //! give it up when its lease is lost, and retry reads that can be retried.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use crate::control::stop::Stop;
@@ -59,8 +59,12 @@ pub(super) enum Work {
 pub(super) struct Shared {
     /// The job.
     pub(super) job: Arc<Job>,
-    /// Every range of the run.
-    pub(super) ranges: Vec<RangeState>,
+    /// Every range of the run; grows when a lane splits its range for an
+    /// idle one (or claims a range another process split off).
+    ranges: RwLock<Vec<Arc<RangeState>>>,
+    /// Lanes of this process waiting for a range while others still work:
+    /// a lane that sees this splits what is left of its range.
+    pub(super) hungry: AtomicUsize,
     /// Where the next range comes from.
     pub(super) work: Work,
     /// Set on the first error or on request: sources stop reading, sinks finish what is in flight.
@@ -116,7 +120,8 @@ impl Shared {
     ) -> Self {
         Shared {
             job,
-            ranges,
+            ranges: RwLock::new(ranges.into_iter().map(Arc::new).collect()),
+            hungry: AtomicUsize::new(0),
             work,
             stop: settings.stop.clone(),
             cut_short: AtomicBool::new(false),
@@ -196,6 +201,47 @@ impl Shared {
         }
     }
 
+    /// The range at `index`.
+    pub(super) fn range(&self, index: usize) -> Arc<RangeState> {
+        match self.ranges.read() {
+            Ok(r) => r[index].clone(),
+            Err(poisoned) => poisoned.into_inner()[index].clone(),
+        }
+    }
+
+    /// The index of the range `state` names, adding it when this run has
+    /// not seen it yet (split off by a lane of this or another process).
+    fn find_or_add(&self, state: RangeState) -> usize {
+        let mut ranges = self.ranges.write().unwrap_or_else(|p| p.into_inner());
+        match ranges
+            .iter()
+            .position(|r| r.target == state.target && r.range_no == state.range_no)
+        {
+            Some(i) => {
+                // its bounds as the claim read them (a split may have moved its upper bound)
+                ranges[i] = Arc::new(state);
+                i
+            }
+            None => {
+                ranges.push(Arc::new(state));
+                ranges.len() - 1
+            }
+        }
+    }
+
+    /// Records that the range at `index` now ends at `upper`, and that
+    /// `rest` (split off it) waits for a lane; wakes lanes waiting for work.
+    pub(super) fn split(&self, index: usize, upper: KeyBytes, rest: RangeState) {
+        {
+            let mut ranges = self.ranges.write().unwrap_or_else(|p| p.into_inner());
+            let mut shrunk = (*ranges[index]).clone();
+            shrunk.bounds.upper = Some(upper);
+            ranges[index] = Arc::new(shrunk);
+        }
+        self.find_or_add(rest);
+        self.range_done.notify_waiters();
+    }
+
     /// The ranges lanes work on now.
     pub(super) fn working(&self) -> Vec<(i32, i32)> {
         self.working
@@ -223,7 +269,7 @@ impl Shared {
                 }
                 return Ok(queue
                     .pop_front()
-                    .map(|i| (i, self.ranges[i].start().cloned(), None)));
+                    .map(|i| (i, self.range(i).start().cloned(), None)));
             }
             Work::Leased {
                 job_id,
@@ -277,20 +323,16 @@ impl Shared {
                     generation,
                     from,
                 } => {
-                    let Some(i) = self
-                        .ranges
-                        .iter()
-                        .position(|r| r.target == state.target && r.range_no == state.range_no)
-                    else {
-                        return Err(Error::Runtime(format!("rekey.progress of job {job_id} has a range this run did not load; the engine state was edited by hand")));
-                    };
-                    let table = self.job.targets[state.target].table.to_string();
+                    let start = state.start().cloned();
+                    let i = self.find_or_add(state);
+                    let range = self.range(i);
+                    let table = self.job.targets[range.target].table.to_string();
                     if let Some(from) = from {
                         self.taken_over.fetch_add(1, Ordering::Relaxed);
                         events::LeaseChanged {
                             kind: LeaseChange::TakenOver,
                             table: &table,
-                            range_no: state.range_no,
+                            range_no: range.range_no,
                             owner: &from,
                         }
                         .emit();
@@ -298,12 +340,12 @@ impl Shared {
                         events::LeaseChanged {
                             kind: LeaseChange::Taken,
                             table: &table,
-                            range_no: state.range_no,
+                            range_no: range.range_no,
                             owner,
                         }
                         .emit();
                     }
-                    return Ok(Some((i, state.start().cloned(), Some(generation))));
+                    return Ok(Some((i, start, Some(generation))));
                 }
                 Claim::Finished => return Ok(None),
                 // other processes (or lanes) hold the rest: look again when a
@@ -313,11 +355,16 @@ impl Shared {
                     {
                         tracing::info!("the job's unfinished ranges are leased to other processes; waiting to take over any whose owner stops");
                     }
+                    // lanes still working here split their ranges for this one
+                    self.hungry.fetch_add(1, Ordering::Relaxed);
                     let _ = tokio::time::timeout(
                         Duration::from_millis(250),
                         self.range_done.notified(),
                     )
                     .await;
+                    let _ = self
+                        .hungry
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| h.checked_sub(1));
                 }
             }
         }

@@ -4,6 +4,7 @@
 
 use tokio_postgres::Client;
 
+use crate::db::raw::KeyBytes;
 use crate::error::DbContext;
 use crate::Error;
 
@@ -128,4 +129,75 @@ pub async fn release_ranges(client: &Client, job_id: i64, owner: &str) -> Result
         .await
         .ctx(|| format!("releasing the leases of job {job_id}"))?;
     Ok(())
+}
+
+/// Splits the range `state` that `owner` holds under `generation` at `at`
+/// (a key after its last read row): the range now ends at `at`, and the rest,
+/// after `at` up to the old upper bound, becomes a new unleased range that an
+/// idle lane (of any process) can claim. One transaction, so the two ranges
+/// always cover exactly what the one did. Returns the new range, or `None`
+/// when the lease was lost or the range finished meanwhile (nothing changed).
+pub async fn split_range(
+    client: &mut Client,
+    job_id: i64,
+    owner: &str,
+    generation: i64,
+    state: &RangeState,
+    at: &KeyBytes,
+) -> Result<Option<RangeState>, Error> {
+    let what = || format!("splitting range {} of job {job_id}", state.range_no);
+    let target = state.target as i32;
+    let tx = client.transaction().await.ctx(what)?;
+    // range numbers of a target are handed out one split at a time
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended('rekey.split', $1))",
+        &[&job_id],
+    )
+    .await
+    .ctx(what)?;
+    let Some(held) = tx
+        .query_opt(
+            "SELECT upper_key, table_name FROM rekey.progress
+              WHERE job_id = $1 AND target = $2 AND range_no = $3 AND owner = $4 AND lease_gen = $5 AND NOT done
+                FOR UPDATE",
+            &[&job_id, &target, &state.range_no, &owner, &generation],
+        )
+        .await
+        .ctx(what)?
+    else {
+        return Ok(None);
+    };
+    let upper: Option<KeyBytes> = held.get(0);
+    let table: String = held.get(1);
+    let range_no: i32 = tx
+        .query_one(
+            "SELECT coalesce(max(range_no), 0) + 1 FROM rekey.progress WHERE job_id = $1 AND target = $2",
+            &[&job_id, &target],
+        )
+        .await
+        .ctx(what)?
+        .get(0);
+    tx.execute(
+        "UPDATE rekey.progress SET upper_key = $4, updated_at = now() WHERE job_id = $1 AND target = $2 AND range_no = $3",
+        &[&job_id, &target, &state.range_no, at],
+    )
+    .await
+    .ctx(what)?;
+    tx.execute(
+        "INSERT INTO rekey.progress (job_id, target, range_no, table_name, lower_key, upper_key) VALUES ($1, $2, $3, $4, $5, $6)",
+        &[&job_id, &target, &range_no, &table, at, &upper],
+    )
+    .await
+    .ctx(what)?;
+    tx.commit().await.ctx(what)?;
+    Ok(Some(RangeState {
+        target: state.target,
+        range_no,
+        bounds: KeyRange {
+            lower: Some(at.clone()),
+            upper,
+        },
+        last: None,
+        done: false,
+    }))
 }

@@ -1,0 +1,59 @@
+//! Even lanes to the end: a lane that finds no range left splits off the
+//! rest of a range another lane of its process is still reading, so every
+//! lane works until the last rows.
+
+use crate::harness::*;
+
+/// The ranges of the database's only job: (range_no, rows scanned, rows rewritten).
+async fn ranges(db: &TestDb) -> Vec<(i32, i64, i64)> {
+    db.client
+        .query(
+            "SELECT range_no, rows_scanned, rows_rewritten FROM rekey.progress WHERE range_no >= 0 ORDER BY range_no",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_of_one_range_is_split_so_every_lane_rewrites_rows() {
+    let db = TestDb::new().await;
+    // fewer rows than one range holds: planning gives the whole table to one range
+    let rows = 4_000;
+    db.seed_patients(rows).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+
+    let out = rekey(
+        &[
+            "run",
+            "--job",
+            &job,
+            "--json",
+            "--workers",
+            "2",
+            "--batch-size",
+            "100",
+        ],
+        &seed_env(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+
+    let ranges = ranges(&db).await;
+    assert!(
+        ranges.len() > 1,
+        "the lane without a range split the other's: {ranges:?}"
+    );
+    assert!(
+        ranges.iter().all(|&(_, _, rewritten)| rewritten > 0),
+        "every range split off was worked: {ranges:?}"
+    );
+    // the ranges still cover the table exactly once
+    let scanned: i64 = ranges.iter().map(|r| r.1).sum();
+    let rewritten: i64 = ranges.iter().map(|r| r.2).sum();
+    assert_eq!((scanned, rewritten), (rows, rows), "{ranges:?}");
+    db.assert_every_value_rotated(rows).await;
+}
