@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 
 use crate::db::KeyBytes;
 use crate::engine::source::Source;
-use crate::job::Target;
 use crate::state;
 use crate::Error;
 
@@ -27,7 +26,6 @@ impl Shared {
     pub(super) async fn split_for_idle_lane(
         &self,
         source: &mut Source,
-        target: &Target,
         index: usize,
         after: Option<&KeyBytes>,
         upper: Option<&KeyBytes>,
@@ -46,6 +44,8 @@ impl Shared {
         {
             return Ok(None);
         }
+        let range = self.range(index);
+        let target = &self.job.targets[range.target];
         let page = i64::try_from(page).unwrap_or(i64::MAX).max(1);
         let cap = page.saturating_mul(SCAN_PAGES).clamp(50_000, 1_000_000);
         let Some((at, left)) = source.split_point(target, after, upper, cap).await? else {
@@ -54,7 +54,6 @@ impl Shared {
         if left < page.saturating_mul(MIN_PAGES_LEFT) {
             return Ok(None);
         }
-        let range = self.range(index);
         let Some(rest) =
             state::split_range(source.client_mut(), *job_id, owner, generation, &range, &at)
                 .await?

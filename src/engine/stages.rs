@@ -57,7 +57,6 @@ pub(super) async fn read(
             match shared
                 .split_for_idle_lane(
                     &mut source,
-                    target,
                     ri,
                     after.as_ref(),
                     upper.as_ref(),
