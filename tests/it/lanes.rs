@@ -57,3 +57,60 @@ async fn a_table_of_one_range_is_split_so_every_lane_rewrites_rows() {
     assert_eq!((scanned, rewritten), (rows, rows), "{ranges:?}");
     db.assert_every_value_rotated(rows).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn near_its_nonce_budget_a_key_counts_every_lanes_batches_exactly() {
+    let db = TestDb::new().await;
+    let rows = 6_000;
+    db.seed_patients(rows).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    // the key has encrypted 2^32 - 2^27 values before: its batches count one at a time
+    let before: i64 = (1 << 32) - (1 << 27);
+    let fingerprint = v2_ring().target().fingerprint();
+    rekey::state::ensure_schema(&mut connect(&db.url).await)
+        .await
+        .unwrap();
+    db.client
+        .execute(
+            "INSERT INTO rekey.key_usage (fingerprint, shard, key_label, encryptions) VALUES ($1, 99, 'earlier runs', $2)",
+            &[&fingerprint, &before],
+        )
+        .await
+        .unwrap();
+
+    let out = rekey(
+        &[
+            "run",
+            "--job",
+            &job,
+            "--json",
+            "--workers",
+            "2",
+            "--batch-size",
+            "100",
+        ],
+        &seed_env(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    db.assert_every_value_rotated(rows).await;
+    let used: i64 = db
+        .client
+        .query_one(
+            "SELECT sum(encryptions)::bigint FROM rekey.key_usage WHERE fingerprint = $1",
+            &[&fingerprint],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let encrypted = db
+        .client
+        .query_one(
+            "SELECT count(phone_encrypted) + count(emergency_contact_phone_encrypted) FROM patient_persons",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(used, before + encrypted, "every encryption counted once");
+}

@@ -631,7 +631,7 @@ async fn a_key_near_its_nonce_budget_is_refused_before_any_write() {
     let used: i64 = db
         .client
         .query_one(
-            "SELECT encryptions FROM rekey.key_usage WHERE fingerprint = $1",
+            "SELECT sum(encryptions)::bigint FROM rekey.key_usage WHERE fingerprint = $1",
             &[&fingerprint],
         )
         .await
@@ -646,7 +646,7 @@ async fn a_key_near_its_nonce_budget_is_refused_before_any_write() {
     // the key has (nearly) used up its 2^32 random nonces; new old-key rows arrive
     db.client
         .execute(
-            "UPDATE rekey.key_usage SET encryptions = 4294967290 WHERE fingerprint = $1",
+            "UPDATE rekey.key_usage SET encryptions = CASE WHEN shard = (SELECT min(shard) FROM rekey.key_usage WHERE fingerprint = $1) THEN 4294967290 ELSE 0 END WHERE fingerprint = $1",
             &[&fingerprint],
         )
         .await
@@ -1107,7 +1107,7 @@ async fn a_batch_that_would_take_its_key_past_the_nonce_budget_is_rolled_back_an
     let fingerprint = v2_ring().target().fingerprint();
     db.client
         .execute(
-            "UPDATE rekey.key_usage SET encryptions = 4294967290 WHERE fingerprint = $1",
+            "UPDATE rekey.key_usage SET encryptions = CASE WHEN shard = (SELECT min(shard) FROM rekey.key_usage WHERE fingerprint = $1) THEN 4294967290 ELSE 0 END WHERE fingerprint = $1",
             &[&fingerprint],
         )
         .await
@@ -1123,7 +1123,7 @@ async fn a_batch_that_would_take_its_key_past_the_nonce_budget_is_rolled_back_an
     let used: i64 = db
         .client
         .query_one(
-            "SELECT encryptions FROM rekey.key_usage WHERE fingerprint = $1",
+            "SELECT sum(encryptions)::bigint FROM rekey.key_usage WHERE fingerprint = $1",
             &[&fingerprint],
         )
         .await

@@ -338,7 +338,7 @@ impl Writer {
                 .filter(|c| matches!(c, Cell::Rewritten(_)))
                 .count() as i64;
             let key = target.write.keyring.target();
-            let total = state::count_encryptions(
+            let counted = state::count_encryptions(
                 &tx,
                 &key.fingerprint(),
                 &target.target_label(),
@@ -346,10 +346,10 @@ impl Writer {
             )
             .await
             .ctx(what)?;
-            if total > state::NONCE_BUDGET {
+            if counted.most > state::NONCE_BUDGET {
                 return Err(nonce_budget_spent(
                     target,
-                    total - encrypted,
+                    counted.total - encrypted,
                     "this batch (rolled back)",
                 ));
             }
