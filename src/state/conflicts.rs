@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, GenericClient};
 
 use crate::db::raw::KeyBytes;
@@ -25,15 +26,36 @@ pub async fn pending_conflicts(
         .collect())
 }
 
-/// Records rows of `target` that conflicted, inside a batch's transaction.
+/// Keys written or removed by one statement, so its parameters stay well
+/// under the protocol's 65,535.
+const KEYS_PER_STATEMENT: usize = 1_000;
+
+/// `$first, $first+1, ...`: one placeholder per key of `keys`.
+fn placeholders(first: usize, keys: usize, row: impl Fn(String) -> String) -> String {
+    (first..first + keys)
+        .map(|i| row(format!("${i}")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Records rows of `target` that conflicted, inside a batch's transaction:
+/// one statement for every thousand keys.
 pub async fn add(
     tx: &impl GenericClient,
     job_id: i64,
     target: usize,
     keys: &HashSet<KeyBytes>,
 ) -> Result<(), tokio_postgres::Error> {
-    for key in keys {
-        tx.execute("INSERT INTO rekey.conflicts (job_id, target, pk) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING", &[&job_id, &(target as i32), key]).await?;
+    let target = target as i32;
+    let keys: Vec<&KeyBytes> = keys.iter().collect();
+    for chunk in keys.chunks(KEYS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO rekey.conflicts (job_id, target, pk) VALUES {} ON CONFLICT DO NOTHING",
+            placeholders(3, chunk.len(), |p| format!("($1, $2, {p})"))
+        );
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&job_id, &target];
+        params.extend(chunk.iter().map(|k| *k as &(dyn ToSql + Sync)));
+        tx.execute(&sql, &params).await?;
     }
     Ok(())
 }
@@ -46,12 +68,15 @@ pub async fn clear(
     target: usize,
     keys: &[KeyBytes],
 ) -> Result<(), tokio_postgres::Error> {
-    for key in keys {
-        tx.execute(
-            "DELETE FROM rekey.conflicts WHERE job_id = $1 AND target = $2 AND pk = $3",
-            &[&job_id, &(target as i32), key],
-        )
-        .await?;
+    let target = target as i32;
+    for chunk in keys.chunks(KEYS_PER_STATEMENT) {
+        let sql = format!(
+            "DELETE FROM rekey.conflicts WHERE job_id = $1 AND target = $2 AND pk IN ({})",
+            placeholders(3, chunk.len(), |p| p)
+        );
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&job_id, &target];
+        params.extend(chunk.iter().map(|k| k as &(dyn ToSql + Sync)));
+        tx.execute(&sql, &params).await?;
     }
     Ok(())
 }

@@ -7,7 +7,8 @@
 //! one row's lock until they commit. Exactness comes from an advisory lock
 //! per key: far from the budget every batch holds it shared, and a batch
 //! whose key is within [`NEAR`] of the budget takes it exclusively, so it
-//! waits for every batch in flight to commit and counts what they added.
+//! waits for every batch in flight to commit and counts what they added
+//! (two-key advisory locks, apart from the session locks on jobs).
 //! A batch that counted under the shared lock commits only while the sum
 //! stays [`NEAR`]` / 2` below the budget; the batches in flight beside it
 //! (a few thousand values each, per writer session) cannot make up the rest.
@@ -47,8 +48,8 @@ pub async fn count_encryptions(
     // read in the same statement, before the lock (any recent view will do)
     let near: bool = tx
         .query_one(
-            "SELECT near, CASE WHEN near THEN pg_advisory_xact_lock(hashtextextended('rekey.key_usage ' || $1, 0))::text
-                               ELSE pg_advisory_xact_lock_shared(hashtextextended('rekey.key_usage ' || $1, 0))::text END
+            "SELECT near, CASE WHEN near THEN pg_advisory_xact_lock(hashtext('rekey.key_usage'), hashtext($1))::text
+                               ELSE pg_advisory_xact_lock_shared(hashtext('rekey.key_usage'), hashtext($1))::text END
                FROM (SELECT coalesce(sum(encryptions), 0)::bigint + $2::bigint > $3::bigint AS near FROM rekey.key_usage WHERE fingerprint = $1) s",
             &[&fingerprint, &n, &(NONCE_BUDGET - NEAR)],
         )

@@ -150,8 +150,8 @@ pub async fn split_range(
     let tx = client.transaction().await.ctx(what)?;
     // range numbers of a target are handed out one split at a time
     tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtextextended('rekey.split', $1))",
-        &[&job_id],
+        "SELECT pg_advisory_xact_lock(hashtext('rekey.split'), hashtext($1::text))",
+        &[&job_id.to_string()],
     )
     .await
     .ctx(what)?;

@@ -645,7 +645,7 @@ async fn terminating_the_session_holding_the_job_lock_lets_the_run_finish_and_a_
         .client
         .query_one(
             "SELECT count(*) FILTER (WHERE pg_terminate_backend(l.pid))::bigint FROM pg_locks l JOIN pg_stat_activity a USING (pid)
-              WHERE l.locktype = 'advisory' AND a.application_name = 'rekey' AND a.datname = current_database()",
+              WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND a.application_name = 'rekey' AND a.datname = current_database()",
             &[],
         )
         .await
