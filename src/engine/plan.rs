@@ -146,6 +146,23 @@ pub async fn estimated_rows(client: &Client, target: &Target) -> Result<f64, Err
     Ok(count as f64)
 }
 
+/// The planner's estimate of a target's rows now: rows per page at the
+/// last ANALYZE times the pages the table has now (so a table that grew
+/// since is not underestimated by its growth); `None` before any ANALYZE.
+pub async fn current_rows_estimate(client: &Client, target: &Target) -> Result<Option<f64>, Error> {
+    let est: Option<f64> = client
+        .query_one(
+            "SELECT CASE WHEN c.relpages > 0 AND c.reltuples >= 0
+                         THEN c.reltuples::float8 / c.relpages * (pg_relation_size(c.oid) / current_setting('block_size')::float8) END
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2",
+            &[&target.table.schema, &target.table.name],
+        )
+        .await
+        .ctx(|| format!("estimating the size of {}", target.table))?
+        .get(0);
+    Ok(est)
+}
+
 /// Values of one column, counted by the key they are under.
 #[derive(Debug, Clone, Serialize)]
 pub struct ColumnPlan {
