@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 
+use futures_util::future::join_all;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Transaction};
 
@@ -20,7 +21,9 @@ use super::swap::Swapped;
 use super::{Batch, Failure, Prepared};
 
 /// Counts every value of the batch by what became of it, and records the
-/// ones that did not open in `rekey.quarantine`.
+/// ones that did not open in `rekey.quarantine`: the inserts go out
+/// together (pipelined), so a batch of failures costs one round trip, not
+/// one each, inside its transaction.
 pub(super) async fn tally_and_quarantine(
     tx: &Transaction<'_>,
     p: &Prepared,
@@ -31,8 +34,8 @@ pub(super) async fn tally_and_quarantine(
     counts: &mut Counts,
 ) -> Result<(Vec<Failure>, HashSet<KeyBytes>), tokio_postgres::Error> {
     let ncols = target.columns.len();
-    let mut failures = Vec::new();
-    let mut changed = HashSet::new();
+    // (row, column, error kind) of each value to quarantine
+    let mut failed = Vec::new();
     for (r, row) in batch.rows.iter().enumerate() {
         let row_conflicted =
             !swapped.conflicted.is_empty() && swapped.conflicted.contains(&target.row_key(row));
@@ -50,35 +53,44 @@ pub(super) async fn tally_and_quarantine(
                 Cell::Null | Cell::Current => counts.values_skipped += 1,
                 // changed since it was read (perhaps fixed): the re-read decides
                 Cell::Failed(_) if row_conflicted => {}
-                Cell::Failed(e) => {
-                    let key = target.row_key(row);
-                    let pk: Vec<&[u8]> = key.iter().map(|k| k.as_slice()).collect();
-                    let table = target.table.to_string();
-                    let column = &target.columns[c].name;
-                    let kind = e.kind();
-                    let keyp = target.key_params(row);
-                    let read = RawParam(transform::value(target, row, c).unwrap_or_default());
-                    let mut params: Vec<&(dyn ToSql + Sync)> =
-                        vec![&job_id, &table, column, &pk, &kind];
-                    params.extend(raw::params(&keyp));
-                    params.push(&read);
-                    match tx.query_opt(&p.quarantine[c], &params).await? {
-                        Some(r) => {
-                            counts.values_failed += 1;
-                            let key_text: Option<String> = r.get(0);
-                            failures.push(Failure {
-                                table,
-                                column: column.clone(),
-                                key: key_text.unwrap_or_default(),
-                                error: kind,
-                            });
-                        }
-                        // changed since it was read (perhaps fixed): re-read later
-                        None => {
-                            changed.insert(key);
-                        }
-                    }
-                }
+                Cell::Failed(e) => failed.push((r, c, e.kind())),
+            }
+        }
+    }
+    let table = target.table.to_string();
+    let inserted = join_all(failed.iter().map(|&(r, c, kind)| {
+        let table = &table;
+        async move {
+            let row = &batch.rows[r];
+            let key = target.row_key(row);
+            let pk: Vec<&[u8]> = key.iter().map(|k| k.as_slice()).collect();
+            let keyp = target.key_params(row);
+            let read = RawParam(transform::value(target, row, c).unwrap_or_default());
+            let mut params: Vec<&(dyn ToSql + Sync)> =
+                vec![&job_id, table, &target.columns[c].name, &pk, &kind];
+            params.extend(raw::params(&keyp));
+            params.push(&read);
+            tx.query_opt(&p.quarantine[c], &params).await
+        }
+    }))
+    .await;
+    let mut failures = Vec::new();
+    let mut changed = HashSet::new();
+    for (&(r, c, kind), answer) in failed.iter().zip(inserted) {
+        match answer? {
+            Some(found) => {
+                counts.values_failed += 1;
+                let key_text: Option<String> = found.get(0);
+                failures.push(Failure {
+                    table: table.clone(),
+                    column: target.columns[c].name.clone(),
+                    key: key_text.unwrap_or_default(),
+                    error: kind,
+                });
+            }
+            // changed since it was read (perhaps fixed): re-read later
+            None => {
+                changed.insert(target.row_key(&batch.rows[r]));
             }
         }
     }
@@ -86,7 +98,7 @@ pub(super) async fn tally_and_quarantine(
 }
 
 /// Records the values whose write was refused or undone on a re-read in
-/// `rekey.not_rotated`.
+/// `rekey.not_rotated`, the inserts pipelined like the quarantine's.
 pub(super) async fn record_not_rotated(
     tx: &Transaction<'_>,
     p: &Prepared,
@@ -96,24 +108,28 @@ pub(super) async fn record_not_rotated(
     swapped: &Swapped,
 ) -> Result<(), tokio_postgres::Error> {
     let (target_no, table) = (target.index as i32, target.table.to_string());
-    for (&(r, c), reason) in &swapped.not_rotated {
-        let row = &batch.rows[r];
-        let key = target.row_key(row);
-        let pk: Vec<&[u8]> = key.iter().map(|k| k.as_slice()).collect();
-        let keyp = target.key_params(row);
-        let reason = reason.as_str();
-        let mut params: Vec<&(dyn ToSql + Sync)> = vec![
-            &job_id,
-            &target_no,
-            &table,
-            &target.columns[c].name,
-            &pk,
-            &reason,
-        ];
-        params.extend(raw::params(&keyp));
-        tx.execute(&p.not_rotated, &params).await?;
-    }
-    Ok(())
+    let written = join_all(swapped.not_rotated.iter().map(|(&(r, c), reason)| {
+        let table = &table;
+        async move {
+            let row = &batch.rows[r];
+            let key = target.row_key(row);
+            let pk: Vec<&[u8]> = key.iter().map(|k| k.as_slice()).collect();
+            let keyp = target.key_params(row);
+            let reason = reason.as_str();
+            let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+                &job_id,
+                &target_no,
+                table,
+                &target.columns[c].name,
+                &pk,
+                &reason,
+            ];
+            params.extend(raw::params(&keyp));
+            tx.execute(&p.not_rotated, &params).await
+        }
+    }))
+    .await;
+    written.into_iter().try_for_each(|w| w.map(|_| ()))
 }
 
 /// Looks up the text form of failed values' keys for reports, writing nothing
