@@ -10,7 +10,7 @@ use crate::cli::args::{OnlineArgs, RunArgs};
 use crate::cli::exit::{EXIT_LEFT_ON_OLD_KEYS, EXIT_QUARANTINED, EXIT_STOPPED, EXIT_WINDOW_ENDED};
 use crate::cli::run_audit;
 use crate::cli::{default_lanes, open, print_json, Opened};
-use crate::control::monitor::Signals;
+use crate::control::monitor::{check_gate_sql, check_wal_signals, Signals};
 use crate::control::signals::stop_on_signals;
 use crate::control::stop::{Stop, StopBy};
 use crate::db::session::Timeouts;
@@ -130,6 +130,14 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
 
     if !args.dry_run && !args.force {
         verify::preflight(&client, &job).await?;
+    }
+    if !args.dry_run {
+        // throttles that cannot work are refused before the engine's state
+        // (and a job to resume) is created; the pipeline checks them again
+        if let Some(sql) = &settings.signals.gate_sql {
+            check_gate_sql(&mut client, sql).await?;
+        }
+        check_wal_signals(&client, &settings.signals).await?;
     }
     let audit = if args.dry_run {
         None

@@ -229,6 +229,10 @@ async fn max_archive_lag_is_refused_on_a_server_that_does_not_archive() {
         before,
         "nothing written"
     );
+    assert!(
+        !engine_state_exists(&db).await,
+        "refused before the engine's state (and a job to resume) was created"
+    );
 }
 
 /// A private cluster archiving with `command(dir)`, and `dir`: a folder the
