@@ -231,6 +231,10 @@ fn summary(args: &RunArgs, job: &Job, ran: &Ran, remaining_rows: Option<u64>) ->
         "stopped": outcome.stopped,
         "stopped_by": if outcome.stopped { Some(outcome.stopped_by.unwrap_or(StopBy::Signal)) } else { None },
         "retries": outcome.retries,
+        "held": outcome.held.iter().map(|(k, h)| (k.to_string(), json!({
+            "times": h.times,
+            "seconds": (h.seconds * 1000.0).round() / 1000.0,
+        }))).collect::<serde_json::Map<_, _>>(),
         "ranges_taken_over": outcome.taken_over,
         "batch_rows_min": (outcome.batch_rows.1 > 0).then_some(outcome.batch_rows.0),
         "batch_rows_max": (outcome.batch_rows.1 > 0).then_some(outcome.batch_rows.1),
@@ -274,6 +278,14 @@ fn print_text(args: &RunArgs, job: &Job, ran: &Ran) {
         ran.elapsed,
         rate(ran)
     );
+    if !outcome.held.is_empty() {
+        let holds: Vec<String> = outcome
+            .held
+            .iter()
+            .map(|(k, h)| format!("{k} {:.1}s ({} times)", h.seconds, h.times))
+            .collect();
+        println!("held by: {}", holds.join(", "));
+    }
     if outcome.stopped {
         println!("stopped on request after the batches in flight committed; run the same command again to resume");
     }

@@ -145,6 +145,17 @@ pub struct Outcome {
     pub taken_over: u64,
     /// Smallest and largest batch committed, in rows.
     pub batch_rows: (usize, usize),
+    /// How often, and how long, the throttles held the sources, by reason.
+    pub held: BTreeMap<&'static str, Held>,
+}
+
+/// How often and how long one throttle held a run.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Held {
+    /// Holds begun for this reason.
+    pub times: u64,
+    /// Seconds held, all holds together.
+    pub seconds: f64,
 }
 
 impl Default for Outcome {
@@ -165,6 +176,7 @@ impl Default for Outcome {
             retries: 0,
             taken_over: 0,
             batch_rows: (usize::MAX, 0),
+            held: BTreeMap::new(),
         }
     }
 }
@@ -350,6 +362,7 @@ async fn finish(
         }
     }
     outcome.taken_over = shared.taken_over.load(Ordering::Relaxed);
+    outcome.held = shared.held();
     if let Some(e) = first_error {
         shared.sum_up_quarantine();
         shared.progress.finish();

@@ -56,11 +56,7 @@ pub(super) fn apply(shared: &Shared, verdict: Verdict) {
     };
     if shared.hold.set(reason.clone()) {
         shared.progress.set_hold(reason.as_deref());
-        let previous = shared
-            .hold_kind
-            .lock()
-            .ok()
-            .and_then(|mut last| std::mem::replace(&mut *last, kind));
+        let previous = shared.note_hold(kind);
         events::ThrottleChanged {
             reason: kind,
             previous,

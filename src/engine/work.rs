@@ -6,13 +6,13 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::control::stop::Stop;
 use crate::control::throttle::{BatchSizer, Hold, Pace};
 use crate::db::session::Timeouts;
 use crate::db::KeyBytes;
-use crate::engine::pipeline::Settings;
+use crate::engine::pipeline::{Held, Settings};
 use crate::engine::sink::Failure;
 use crate::engine::source::Source;
 use crate::error::Retry;
@@ -81,8 +81,11 @@ pub(super) struct Shared {
     pub(super) pace: Option<Pace>,
     /// Why sources wait, if they do.
     pub(super) hold: Hold,
-    /// The hold's stable reason label, for the metrics of the next change.
-    pub(super) hold_kind: Mutex<Option<&'static str>>,
+    /// The hold's stable reason label, for the metrics of the next change,
+    /// and when that hold began.
+    pub(super) hold_kind: Mutex<Option<(&'static str, Instant)>>,
+    /// Holds that ended, by reason: how often and how long.
+    pub(super) held: Mutex<BTreeMap<&'static str, Held>>,
     /// Tries of one batch or page.
     pub(super) attempts: u32,
     /// Lock and statement timeouts of every session.
@@ -135,6 +138,7 @@ impl Shared {
             pace: settings.max_rows_per_sec.map(Pace::new),
             hold: Hold::default(),
             hold_kind: Mutex::new(None),
+            held: Mutex::new(BTreeMap::new()),
             attempts: settings.attempts.max(1),
             timeouts: settings.timeouts,
             taken_over: AtomicU64::new(0),
@@ -199,6 +203,36 @@ impl Shared {
             }
             .emit();
         }
+    }
+
+    /// Records that the sources are now held for `kind` (`None`: released);
+    /// returns the reason of the hold that ended, if one did.
+    pub(super) fn note_hold(&self, kind: Option<&'static str>) -> Option<&'static str> {
+        let now = Instant::now();
+        let ended = self
+            .hold_kind
+            .lock()
+            .ok()
+            .and_then(|mut last| std::mem::replace(&mut *last, kind.map(|k| (k, now))));
+        if let Ok(mut held) = self.held.lock() {
+            if let Some((previous, since)) = ended {
+                held.entry(previous).or_default().seconds += (now - since).as_secs_f64();
+            }
+            if let Some(k) = kind {
+                held.entry(k).or_default().times += 1;
+            }
+        }
+        ended.map(|(k, _)| k)
+    }
+
+    /// How often and how long the run was held so far, by reason (a hold
+    /// still on counts up to now).
+    pub(super) fn held(&self) -> BTreeMap<&'static str, Held> {
+        let mut held = self.held.lock().map(|h| h.clone()).unwrap_or_default();
+        if let Some(Some((kind, since))) = self.hold_kind.lock().ok().map(|k| *k) {
+            held.entry(kind).or_default().seconds += since.elapsed().as_secs_f64();
+        }
+        held
     }
 
     /// The range at `index`.

@@ -150,6 +150,12 @@ async fn a_tiny_wal_cap_holds_the_run_and_says_why_and_a_run_without_it_finishes
         "the run held before the end ({written} values written)"
     );
     assert_eq!(json(&out)["stopped_by"], "run-time", "{}", printed(&out));
+    let held = &json(&out)["held"]["wal_rate"];
+    assert!(
+        held["times"].as_u64() >= Some(1) && held["seconds"].as_f64() > Some(0.5),
+        "the summary says how often and how long the cap held the run: {}",
+        json(&out)
+    );
 
     // the cap lifted: the same job resumes and finishes
     let out = rekey(&["run", "--job", &j, "--json"], &seed_env());
