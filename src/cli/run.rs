@@ -214,7 +214,10 @@ fn rate(ran: &Ran) -> f64 {
 /// The `--json` object (also kept as the job's summary in `rekey.jobs`).
 fn summary(args: &RunArgs, job: &Job, ran: &Ran, remaining_rows: Option<u64>) -> serde_json::Value {
     let (outcome, c) = (&ran.outcome, ran.outcome.counts);
-    let projected_s = remaining_rows.map(|left| (left as f64 / rate(ran).max(1e-9)).round());
+    // no rate yet (held from the start): no projection, rather than a billion years
+    let projected_s = remaining_rows
+        .filter(|_| rate(ran) > 0.0)
+        .map(|left| (left as f64 / rate(ran)).round());
     json!({
         "job": job.name,
         "job_id": ran.job_id,
