@@ -16,7 +16,7 @@ use super::work::{Shared, Work};
 const MIN_PAGES_LEFT: i64 = 2;
 
 /// Rows looked at to find the half-way key, in pages (bounded below and above).
-const SCAN_PAGES: i64 = 64;
+const SCAN_PAGES: i64 = 32;
 
 impl Shared {
     /// When a lane waits for work, splits the rest of the range at `index`

@@ -113,7 +113,7 @@ pub fn select_page(target: &Target, bounds: Bounds, only_stale: bool) -> (String
 /// The key half-way through a range's next `$cap` rows (after a key, if
 /// `bounds.lower`; up to its upper bound, if `bounds.upper`), with how many
 /// rows those are: where a lane splits the rest of its range for an idle
-/// one. Rows come from the key's index in order.
+/// one.
 pub fn split_point(target: &Target, bounds: Bounds) -> String {
     let keys = target.key_list("");
     let mut conds = Vec::new();
@@ -131,11 +131,13 @@ pub fn split_point(target: &Target, bounds: Bounds) -> String {
     } else {
         format!(" WHERE {}", conds.join(" AND "))
     };
+    // counted on the key's index, then skipped to half-way on it: no sort, no window
     format!(
-        "SELECT {keys}, \"rekey n\" FROM (SELECT {keys}, row_number() OVER (ORDER BY {keys}) AS \"rekey rn\", count(*) OVER () AS \"rekey n\"
-           FROM (SELECT {keys} FROM {}{filter} ORDER BY {keys} LIMIT ${next}) s) m
-          WHERE \"rekey rn\" = greatest(\"rekey n\" / 2, 1)",
-        target.qualified(),
+        "SELECT {}, c.\"rekey n\"
+           FROM (SELECT count(*) AS \"rekey n\" FROM (SELECT 1 FROM {table}{filter} ORDER BY {keys} LIMIT ${next}) s) c,
+                LATERAL (SELECT {keys} FROM {table}{filter} ORDER BY {keys} OFFSET greatest(c.\"rekey n\" / 2 - 1, 0) LIMIT 1) m",
+        target.key_list("m."),
+        table = target.qualified(),
     )
 }
 

@@ -2,6 +2,8 @@
 //! rest of a range another lane of its process is still reading, so every
 //! lane works until the last rows.
 
+use rekey::crypto::codec::Codec;
+
 use crate::harness::*;
 
 /// The ranges of the database's only job: (range_no, rows scanned, rows rewritten).
@@ -113,4 +115,62 @@ async fn near_its_nonce_budget_a_key_counts_every_lanes_batches_exactly() {
         .unwrap()
         .get::<_, i64>(0);
     assert_eq!(used, before + encrypted, "every encryption counted once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_range_over_a_composite_text_and_uuid_key_is_split_and_covered_exactly_once() {
+    let db = TestDb::new().await;
+    db.client
+        .batch_execute(
+            "CREATE TABLE events (region text, id uuid, payload bytea, PRIMARY KEY (region, id))",
+        )
+        .await
+        .unwrap();
+    let rows = 3_000;
+    let mut sealed = Vec::new();
+    for i in 0..rows {
+        let mut out = Vec::new();
+        v1_codec().seal(format!("event {i}").as_bytes(), b"", None, &mut out);
+        sealed.push(out);
+    }
+    db.client
+        .execute(
+            "INSERT INTO events SELECT CASE WHEN i % 3 = 0 THEN 'eu' ELSE 'us' END, md5(i::text)::uuid, p
+               FROM unnest($1::bytea[]) WITH ORDINALITY AS u(p, i)",
+            &[&sealed],
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[database]\nurl = \"{}\"\n[keys]\nsource = \"env\"\n[[target]]\ntable = \"events\"\ncolumns = [\"payload\"]\nformat = \"versioned-gcm\"\n",
+            db.url
+        ),
+    )
+    .unwrap();
+    let job = path.display().to_string();
+    let out = rekey(
+        &[
+            "run",
+            "--job",
+            &job,
+            "--json",
+            "--workers",
+            "2",
+            "--batch-size",
+            "50",
+        ],
+        &seed_env(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let ranges = ranges(&db).await;
+    assert!(ranges.len() > 1, "split: {ranges:?}");
+    let scanned: i64 = ranges.iter().map(|r| r.1).sum();
+    assert_eq!(scanned, rows, "every row read once: {ranges:?}");
+    let verify = rekey(&["verify", "--job", &job, "--full", "--json"], &seed_env());
+    assert_eq!(verify.status.code(), Some(0), "{}", printed(&verify));
+    assert_eq!(json(&verify)["values_on_target_key"], rows);
 }
