@@ -29,6 +29,7 @@ pub(super) async fn commit(
         counts: Counts::default(),
         failures: Vec::new(),
         control: Control::Run,
+        split_wanted: false,
     };
     let mut pending = VecDeque::from([batch]);
     let mut failed = 0u32;
@@ -67,6 +68,7 @@ pub(super) async fn commit(
                 total.counts += w.counts;
                 total.failures.extend(w.failures);
                 total.control = w.control;
+                total.split_wanted |= w.split_wanted;
                 continue;
             }
             Err(e) => e,

@@ -205,6 +205,10 @@ pub(super) async fn write(
                     shared.leave(state, lease);
                 }
                 outcome.retries += retries;
+                if written.split_wanted {
+                    // a lane of another process waits: this lane's reader splits at its next page
+                    shared.hungry.fetch_add(1, Ordering::Relaxed);
+                }
                 // the job's control as of this commit: honoured before the next page
                 match written.control {
                     Control::Stop => apply(&shared, Verdict::Stop(StopBy::RekeyStop)),

@@ -389,7 +389,13 @@ impl Shared {
                     {
                         tracing::info!("the job's unfinished ranges are leased to other processes; waiting to take over any whose owner stops");
                     }
-                    // lanes still working here split their ranges for this one
+                    // lanes still working here split their ranges for this one;
+                    // with none, a lane of another process is asked to
+                    if self.working().is_empty() {
+                        if let Err(e) = state::ask_for_split(source.client(), job_id, owner).await {
+                            tracing::debug!("asking for a range to be split failed: {}", e.chain());
+                        }
+                    }
                     self.hungry.fetch_add(1, Ordering::Relaxed);
                     let _ = tokio::time::timeout(
                         Duration::from_millis(250),

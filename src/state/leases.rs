@@ -201,3 +201,21 @@ pub async fn split_range(
         done: false,
     }))
 }
+
+/// Asks the owner of a range another process holds to split it, for a lane
+/// of `owner` that found nothing to claim: the range that has read the
+/// fewest rows (the most likely to have the most left), skipping one a
+/// batch is writing now (asked again at the next look).
+pub async fn ask_for_split(client: &Client, job_id: i64, owner: &str) -> Result<u64, Error> {
+    client
+        .execute(
+            "UPDATE rekey.progress p SET split_wanted = true
+               FROM (SELECT target, range_no FROM rekey.progress
+                      WHERE job_id = $1 AND range_no >= 0 AND NOT done AND owner IS NOT NULL AND owner <> $2 AND NOT split_wanted
+                      ORDER BY rows_scanned LIMIT 1 FOR UPDATE SKIP LOCKED) pick
+              WHERE p.job_id = $1 AND p.target = pick.target AND p.range_no = pick.range_no",
+            &[&job_id, &owner],
+        )
+        .await
+        .ctx(|| format!("asking for a range of job {job_id} to be split"))
+}

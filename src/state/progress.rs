@@ -92,8 +92,9 @@ pub struct Lease<'a> {
 
 /// Records a committed batch inside its own transaction, if the range is
 /// still held under `lease` (`None`: ranges are not leased); returns the
-/// job's `control` ("run", "pause", "stop"), or `None` when the lease was
-/// lost (the caller must roll back).
+/// job's `control` ("run", "pause", "stop") and whether a lane of another
+/// process asked for the range to be split (the request is taken: cleared),
+/// or `None` when the lease was lost (the caller must roll back).
 pub async fn record_batch(
     tx: &impl GenericClient,
     job_id: i64,
@@ -102,7 +103,7 @@ pub async fn record_batch(
     last: Option<&KeyBytes>,
     done: bool,
     c: &Counts,
-) -> Result<Option<String>, tokio_postgres::Error> {
+) -> Result<Option<(String, bool)>, tokio_postgres::Error> {
     let v = as_params(c);
     let owner = lease.map(|l| l.owner);
     let generation = lease.map(|l| l.generation);
@@ -112,10 +113,12 @@ pub async fn record_batch(
                     rows_scanned = rows_scanned + $6, rows_rewritten = rows_rewritten + $7,
                     values_rewritten = values_rewritten + $8, values_skipped = values_skipped + $9,
                     values_failed = values_failed + $10, conflicts = conflicts + $11,
-                    values_not_rotated = values_not_rotated + $14, updated_at = now()
+                    values_not_rotated = values_not_rotated + $14, split_wanted = false, updated_at = now()
               WHERE job_id = $1 AND target = $2 AND range_no = $3
                 AND owner IS NOT DISTINCT FROM $12 AND ($13::bigint IS NULL OR lease_gen = $13)
-             RETURNING (SELECT control FROM rekey.jobs WHERE job_id = $1)",
+             RETURNING (SELECT control FROM rekey.jobs WHERE job_id = $1),
+                       -- the flag as it was before this update (a subquery sees the statement's snapshot)
+                       (SELECT w.split_wanted FROM rekey.progress w WHERE w.job_id = $1 AND w.target = $2 AND w.range_no = $3)",
             &[
                 &job_id,
                 &(state.target as i32),
@@ -134,7 +137,7 @@ pub async fn record_batch(
             ],
         )
         .await?;
-    Ok(row.map(|r| r.get(0)))
+    Ok(row.map(|r| (r.get(0), r.get::<_, Option<bool>>(1).unwrap_or(false))))
 }
 
 /// Counts a batch of conflict re-reads, inside its own transaction.

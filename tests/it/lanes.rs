@@ -174,3 +174,47 @@ async fn a_range_over_a_composite_text_and_uuid_key_is_split_and_covered_exactly
     assert_eq!(verify.status.code(), Some(0), "{}", printed(&verify));
     assert_eq!(json(&verify)["values_on_target_key"], rows);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_process_with_nothing_to_claim_gets_half_of_the_first_ones_range() {
+    let db = TestDb::new().await;
+    let rows = 6_000;
+    db.seed_patients(rows).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    // one slow process holds the table's only range
+    let mut first = spawn_rekey_captured(
+        &[
+            "run",
+            "--job",
+            &job,
+            "--json",
+            "--workers",
+            "1",
+            "--batch-size",
+            "100",
+            "--max-rows-per-sec",
+            "1500",
+        ],
+        &seed_env(),
+    );
+    wait_for_progress(&db, &mut first, 200).await;
+
+    let second = rekey(
+        &["run", "--job", &job, "--json", "--workers", "1"],
+        &seed_env(),
+    );
+    assert_eq!(second.status.code(), Some(0), "{}", printed(&second));
+    assert!(
+        json(&second)["rows_rewritten"].as_u64() > Some(0),
+        "the second process was handed part of the first one's range: {}",
+        printed(&second)
+    );
+    let first = first.wait_with_output().unwrap();
+    assert_eq!(first.status.code(), Some(0), "{}", printed(&first));
+
+    let ranges = ranges(&db).await;
+    let scanned: i64 = ranges.iter().map(|r| r.1).sum();
+    assert_eq!(scanned, rows, "every row read once: {ranges:?}");
+    db.assert_every_value_rotated(rows).await;
+}

@@ -95,6 +95,8 @@ pub struct Written {
     pub failures: Vec<Failure>,
     /// The job's live control as of the commit.
     pub control: Control,
+    /// Whether a lane of another process asked for the batch's range to be split.
+    pub split_wanted: bool,
 }
 
 /// Writes batches over one connection.
@@ -176,10 +178,12 @@ impl Writer {
         .await?;
         tx.commit().await.ctx(what)?;
         self.remember(state, batch);
+        let (control, split_wanted) = control;
         Ok(Written {
             counts,
             failures: Vec::new(),
             control,
+            split_wanted,
         })
     }
 
@@ -368,16 +372,19 @@ impl Writer {
         if let Commit::Range(state) = commit {
             self.remember(state, batch);
         }
+        let (control, split_wanted) = control;
         Ok(Written {
             counts,
             failures,
             control,
+            split_wanted,
         })
     }
 }
 
 /// Moves the range's checkpoint (or counts a conflict re-read) in the
-/// batch's transaction; returns the job's live control as of now.
+/// batch's transaction; returns the job's live control as of now, and
+/// whether another process asked for the range to be split.
 async fn checkpoint(
     tx: &Transaction<'_>,
     job_id: i64,
@@ -386,14 +393,14 @@ async fn checkpoint(
     commit: Commit<'_>,
     batch: &Batch,
     counts: &Counts,
-) -> Result<Control, Error> {
+) -> Result<(Control, bool), Error> {
     let what = || format!("writing a batch to {}", target.table);
     match commit {
         Commit::Range(state) => {
             let lease = owner
                 .zip(batch.lease)
                 .map(|(owner, generation)| state::Lease { owner, generation });
-            let Some(word) = state::record_batch(
+            let Some((word, split_wanted)) = state::record_batch(
                 tx,
                 job_id,
                 state,
@@ -419,13 +426,13 @@ async fn checkpoint(
                     state.range_no, target.table
                 )));
             };
-            Control::stored(&word)
+            Ok((Control::stored(&word)?, split_wanted))
         }
         Commit::Retry(_) => {
             state::record_retry(tx, job_id, target.index, &target.table.to_string(), counts)
                 .await
                 .ctx(what)?;
-            Ok(Control::Run)
+            Ok((Control::Run, false))
         }
     }
 }
