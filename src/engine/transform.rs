@@ -20,6 +20,8 @@ use crate::crypto::keyring::KeyId;
 use crate::db::RawRef;
 use crate::job::{Aad, Encoding, Side, Target};
 
+use super::rehash::{self, Purpose};
+
 /// What the transform decided for one value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cell {
@@ -74,22 +76,28 @@ pub fn rewritten_rows(cells: &[Cell], ncols: usize) -> impl Iterator<Item = usiz
 
 /// Decides every cell of a batch; `cells` is row-major, one per encrypted column.
 pub fn rewrite(target: &Target, rows: &[Row], cells: &mut Vec<Cell>) {
-    fill(target, rows, cells, |col, stored, aad| {
+    fill(target, rows, cells, Purpose::Rewrite, |col, stored, aad| {
         rewrite_value(target, col, stored, aad)
     });
 }
 
 /// Opens every value of a batch to see which key (and format) it is under (verify).
 pub fn classify(target: &Target, rows: &[Row], cells: &mut Vec<Cell>) {
-    fill(target, rows, cells, |col, stored, aad| {
-        classify_value(target, col, stored, aad)
-    });
+    fill(
+        target,
+        rows,
+        cells,
+        Purpose::Classify,
+        |col, stored, aad| classify_value(target, col, stored, aad),
+    );
 }
 
+/// Decides the ciphertexts of each row with `decide`, then its search hash.
 fn fill(
     target: &Target,
     rows: &[Row],
     cells: &mut Vec<Cell>,
+    purpose: Purpose,
     decide: impl Fn(usize, &[u8], &[u8]) -> Cell + Sync,
 ) {
     let ncols = target.columns.len();
@@ -101,16 +109,20 @@ fn fill(
         .with_min_len(64)
         .for_each(|(out, row)| {
             let aad = aad(target, row);
-            for (col, cell) in out.iter_mut().enumerate() {
+            let sealed = target.sealed_columns();
+            for (col, cell) in out.iter_mut().enumerate().take(sealed) {
                 *cell = match value(target, row, col) {
                     None => Cell::Null,
                     Some(stored) => decide(col, stored, aad),
                 };
             }
+            if let Some(hash) = &target.hash {
+                out[hash.column] = rehash::cell(target, hash, row, aad, purpose);
+            }
         });
 }
 
-fn decode(encoding: Encoding, stored: &[u8]) -> Result<Cow<'_, [u8]>, CodecError> {
+pub(super) fn decode(encoding: Encoding, stored: &[u8]) -> Result<Cow<'_, [u8]>, CodecError> {
     match encoding {
         Encoding::Raw => Ok(Cow::Borrowed(stored)),
         Encoding::Base64 => base64::engine::general_purpose::STANDARD
@@ -132,6 +144,9 @@ fn encode(encoding: Encoding, sealed: Vec<u8>) -> Vec<u8> {
 /// The key a stored value names in the old format, when the format carries
 /// key ids and the keys given do not hold it.
 pub fn missing_key(target: &Target, col: usize, stored: &[u8]) -> Option<KeyId> {
+    if target.is_hash_column(col) {
+        return None;
+    }
     let ct = decode(target.columns[col].read, stored).ok()?;
     let id = target.read.codec.key_hint(&ct)?;
     let held = target.read.keyring.get(id).is_some()
@@ -212,7 +227,11 @@ pub fn reseal(
 }
 
 /// Re-encrypts one stored value under the target key, or says why not.
+/// A hash-only target's ciphertexts are only opened, never rewritten.
 pub fn rewrite_value(target: &Target, col: usize, stored: &[u8], aad: &[u8]) -> Cell {
+    if target.hash_only() {
+        return rehash::left_as_is(target, col, stored, aad);
+    }
     let column = &target.columns[col];
     let (read, write) = (&target.read, &target.write);
     if target.migrating {
@@ -244,7 +263,11 @@ pub fn rewrite_value(target: &Target, col: usize, stored: &[u8], aad: &[u8]) -> 
 
 /// Which key a stored value is under: the target format first, then (when
 /// migrating) the old one.
+/// A hash-only target's ciphertexts are out of its scope: `Current` when they open.
 pub fn classify_value(target: &Target, col: usize, stored: &[u8], aad: &[u8]) -> Cell {
+    if target.hash_only() {
+        return rehash::left_as_is(target, col, stored, aad);
+    }
     let column = &target.columns[col];
     let written = decode(column.write, stored).and_then(|ct| target.write.codec.open(&ct, aad));
     match written {

@@ -308,6 +308,7 @@ pub async fn preflight(client: &Client, job: &Job) -> Result<(), Error> {
                 )
             })
             .count();
+        refuse_wrong_hash_key(t, &cells)?;
         if tried > 0 && opened == 0 && 2 * wrong_key >= tried {
             return Err(Error::Config(format!(
                 "none of the {tried} values sampled from {} opens with the keys given (a wrong old key, or the wrong format?); \
@@ -315,6 +316,37 @@ pub async fn preflight(client: &Client, job: &Job) -> Result<(), Error> {
                 t.table
             )));
         }
+    }
+    Ok(())
+}
+
+/// Refuses, before any write, a target none of whose sampled search hashes
+/// any hash key made (a wrong hash key, output or truncate), which would
+/// otherwise quarantine every hash of the table.
+fn refuse_wrong_hash_key(t: &Target, cells: &[Cell]) -> Result<(), Error> {
+    let Some(hash) = &t.hash else {
+        return Ok(());
+    };
+    let hashes = cells.iter().skip(hash.column).step_by(t.columns.len());
+    let (mut tried, mut matched, mut mismatched) = (0usize, 0usize, 0usize);
+    for cell in hashes {
+        match cell {
+            Cell::Null => continue,
+            Cell::Opened { .. } => matched += 1,
+            Cell::Failed(crate::crypto::codec::CodecError::HashMismatch) => mismatched += 1,
+            _ => {}
+        }
+        tried += 1;
+    }
+    if tried > 0 && matched == 0 && 2 * mismatched >= tried {
+        return Err(Error::Config(format!(
+            "none of the {tried} search hashes sampled from {}.{} is the HMAC of its plaintext under a hash key given \
+             ({}; or the wrong output or truncate?); nothing was written. Fix the hash keys or the job file, \
+             or pass --force to quarantine every hash that matches no key",
+            t.table,
+            t.columns[hash.column].name,
+            hash.source.where_key(hash.hasher.target())
+        )));
     }
     Ok(())
 }

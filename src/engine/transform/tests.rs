@@ -58,6 +58,7 @@ fn target(from: Format, to: Format, encoding: Encoding) -> Target {
             read: encoding,
             write: encoding,
         }],
+        hash: None,
         read: side(from, new_ring()),
         write: side(to, new_ring()),
         migrating: from != to,
