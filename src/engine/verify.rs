@@ -241,16 +241,22 @@ async fn check_recorded_keys(client: &Client, job: &Job) -> Result<(), Error> {
         .iter()
         .zip(recorded.as_array().into_iter().flatten())
     {
-        for (side, name) in [(&t.write, "write"), (&t.read, "read")] {
-            for key in side.keyring.keys() {
+        let sides = [
+            (&t.write.keyring, t.write.source.as_ref(), "write"),
+            (&t.read.keyring, t.read.source.as_ref(), "read"),
+        ];
+        let hash = t
+            .hash
+            .as_ref()
+            .map(|h| (&h.keyring, Some(&h.source), "hash"));
+        for (keyring, source, name) in sides.into_iter().chain(hash) {
+            for key in keyring.keys() {
                 let Some(was) = rec[name]["keys"][key.id().to_string()].as_str() else {
                     continue;
                 };
                 let now = key.fingerprint();
                 if was != now {
-                    let at = side
-                        .source
-                        .as_ref()
+                    let at = source
                         .map_or_else(|| format!("key {}", key.id()), |s| s.where_key(key.id()));
                     return Err(Error::Config(format!(
                         "{at} (for {}) is not the key job {:?} (job {job_id}) used: its fingerprint is {now}, the job recorded {was}; \
@@ -341,7 +347,8 @@ fn refuse_wrong_hash_key(t: &Target, cells: &[Cell]) -> Result<(), Error> {
     if tried > 0 && matched == 0 && 2 * mismatched >= tried {
         return Err(Error::Config(format!(
             "none of the {tried} search hashes sampled from {}.{} is the HMAC of its plaintext under a hash key given \
-             ({}; or the wrong output or truncate?); nothing was written. Fix the hash keys or the job file, \
+             (the new one is {}): the old hash key is missing, or output or truncate differ from what the application writes. \
+             Nothing was written. Give the old hash key as well as the new one, fix the job file, \
              or pass --force to quarantine every hash that matches no key",
             t.table,
             t.columns[hash.column].name,

@@ -514,3 +514,31 @@ async fn verify_fails_when_a_hash_is_left_under_the_old_key() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hash_keys_that_made_none_of_the_hashes_are_refused_before_anything_is_written() {
+    let db = TestDb::new().await;
+    seed(&db, 80, HEX).await;
+    let before = column_checksum(&db, "ssn_bidx").await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = job_file(&db, &dir, HEX, "");
+    // the new hash key alone: the old one (H1), which made every hash, is left out
+    let mut env = seed_env();
+    env.extend([
+        ("SSN_HASH_KEY_V2", H2.to_string()),
+        ("SSN_HASH_CURRENT_VERSION", "2".into()),
+    ]);
+    let out = rekey(&["run", "--job", &job], &env);
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    let said = stderr(&out);
+    assert!(
+        said.contains("search hashes sampled from public.people.ssn_bidx"),
+        "{said}"
+    );
+    assert!(said.contains("SSN_HASH_KEY_V2"), "{said}");
+    assert!(
+        !said.contains(H2) && !said.contains(H1),
+        "key material in: {said}"
+    );
+    assert_eq!(column_checksum(&db, "ssn_bidx").await, before);
+}

@@ -120,3 +120,104 @@ pub(super) fn check(t: &TargetSpec, at: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::JobSpec;
+    use super::*;
+
+    const JOB: &str = r#"
+        [keys]
+        source = "env"
+        [[target]]
+        table = "people"
+        columns = ["ssn_encrypted"]
+        format = "versioned-gcm"
+    "#;
+
+    fn with(extra: &str) -> Result<JobSpec, String> {
+        JobSpec::parse(&format!("{JOB}{extra}\n")).map_err(|e| e.to_string())
+    }
+
+    const HASH: &str = r#"hash = { column = "ssn_bidx", algorithm = "hmac-sha256", keys = { source = "env", prefix = "SSN_HASH" } }"#;
+
+    #[test]
+    fn a_hash_parses_with_hex_output_of_the_one_column() {
+        let spec = with(HASH).unwrap();
+        let t = &spec.targets[0];
+        let h = t.hash.as_ref().unwrap();
+        assert_eq!((h.output, h.truncate), (HashOutput::Hex, None));
+        assert_eq!(h.keys.prefix, "SSN_HASH");
+        assert_eq!(t.hashed_column(), Some("ssn_encrypted"));
+        assert!(!t.hash_only());
+        let only = with(&format!("{HASH}\nrewrite = \"hash\"")).unwrap();
+        assert!(only.targets[0].hash_only());
+    }
+
+    #[test]
+    fn a_spec_without_a_hash_hashes_as_before() {
+        // resuming a job started before search hashes existed must not be refused
+        let spec = with("").unwrap();
+        assert!(!serde_json::to_string(&spec.targets)
+            .unwrap()
+            .contains("hash"));
+        assert!(!serde_json::to_string(&spec.targets)
+            .unwrap()
+            .contains("rewrite"));
+    }
+
+    #[test]
+    fn what_cannot_be_a_search_hash_is_refused_with_the_fix() {
+        let hash = |fields: &str| {
+            format!(
+                r#"hash = {{ column = "ssn_bidx", algorithm = "hmac-sha256", keys = {{ source = "env" }}{fields} }}"#
+            )
+        };
+        for (extra, says) in [
+            ("rewrite = \"hash\"".to_string(), "has none"),
+            (hash(", truncate = 0"), "truncate must be 1 to 32"),
+            (hash(", truncate = 33"), "truncate must be 1 to 32"),
+            (
+                hash(", of = \"ssn\""),
+                "is not one of this target's columns",
+            ),
+            (hash(", output = \"octal\""), "unknown variant"),
+            (hash(", salt = \"x\""), "unknown field"),
+            (hash("").replace("hmac-sha256", "md5"), "unknown variant"),
+            (
+                hash("").replace("ssn_bidx", "ssn_encrypted"),
+                "also listed in columns",
+            ),
+            (
+                hash("").replace("ssn_bidx", "id") + "\nprimary_key = [\"id\"]",
+                "part of primary_key",
+            ),
+            (
+                hash("") + "\naad = { column = \"ssn_bidx\" }",
+                "also the aad column",
+            ),
+            (
+                hash("") + "\nrewrite = \"hash\"\nto_format = \"fernet\"",
+                "cannot migrate",
+            ),
+        ] {
+            let err = with(&extra).unwrap_err();
+            assert!(err.contains(says), "{extra}: {err}");
+        }
+        let two = JOB.replace(
+            "[\"ssn_encrypted\"]",
+            "[\"ssn_encrypted\", \"dob_encrypted\"]",
+        );
+        let err = JobSpec::parse(&format!("{two}{}\n", hash("")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("say which one the hash is of"), "{err}");
+        assert!(JobSpec::parse(&format!("{two}{}\n", hash(", of = \"dob_encrypted\""))).is_ok());
+    }
+
+    #[test]
+    fn a_hash_column_rotated_by_two_targets_is_refused() {
+        let second = format!("{HASH}\n[[target]]\ntable = \"people\"\ncolumns = [\"ssn_bidx\"]\nformat = \"versioned-gcm\"");
+        assert!(with(&second).unwrap_err().contains("listed twice"));
+    }
+}
