@@ -323,7 +323,8 @@ async fn an_application_write_to_the_hash_between_read_and_write_is_a_conflict_n
     let db = TestDb::new().await;
     seed(&db, 50, HEX).await;
     let dir = tempfile::tempdir().unwrap();
-    let spec = JobSpec::load(std::path::Path::new(&job_file(&db, &dir, HEX, ""))).unwrap();
+    let job_path = job_file(&db, &dir, HEX, "");
+    let spec = JobSpec::load(std::path::Path::new(&job_path)).unwrap();
     for (k, v) in env() {
         std::env::set_var(k, v);
     }
@@ -395,6 +396,36 @@ async fn an_application_write_to_the_hash_between_read_and_write_is_a_conflict_n
         .unwrap()
         .get(0);
     assert_eq!(pending, 1);
+
+    // the re-read finds the application's hash is no hash key's HMAC of the
+    // row's plaintext (it hashed another SSN): quarantined, still not overwritten
+    let out = rekey(&["run", "--job", &job_path, "--json"], &env());
+    assert_eq!(out.status.code(), Some(3), "{}", printed(&out));
+    let q: Vec<(String, String, String)> = db
+        .client
+        .query(
+            "SELECT column_name, pk_text, error_kind FROM rekey.quarantine",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        q,
+        [("ssn_bidx".into(), "(5)".into(), "hash_mismatch".into())]
+    );
+    let hash: String = db
+        .client
+        .query_one("SELECT ssn_bidx FROM people WHERE id = 5", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        hash, app,
+        "the application's hash was overwritten on the re-read"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
