@@ -122,3 +122,23 @@ where
         },
     )))
 }
+
+/// Warns of a hash key that is also one of the target's encryption keys:
+/// one key for two purposes. A warning, not a refusal: rotating away from
+/// such a key is exactly what a run with separate hash keys does.
+pub fn warn_shared_keys(at: &str, hash: &SearchHash, encryption: [&Keyring; 2]) {
+    for k in hash.keyring.keys() {
+        let fingerprint = k.fingerprint();
+        if encryption
+            .iter()
+            .flat_map(|ring| ring.keys())
+            .any(|e| e.fingerprint() == fingerprint)
+        {
+            tracing::warn!(
+                "{at}: hash key {} is also an encryption key of this target (fingerprint {fingerprint}): \
+                 one key for two purposes; give the search hash keys of its own",
+                k.id()
+            );
+        }
+    }
+}

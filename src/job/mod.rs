@@ -287,6 +287,9 @@ impl Job {
                 }
             }
             let (hash_column, hash) = hashed.unzip();
+            if let Some(h) = &hash {
+                hash::warn_shared_keys(&at(), h, [&read.keyring, &write.keyring]);
+            }
             let mut columns = resolved
                 .columns
                 .into_iter()

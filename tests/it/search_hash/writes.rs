@@ -261,6 +261,22 @@ async fn hash_keys_that_made_none_of_the_hashes_are_refused_before_anything_is_w
         "key material in: {said}"
     );
     assert_eq!(column_checksum(&db, "ssn_bidx").await, before);
+
+    // the encryption keys given as hash keys: a warning, then the same refusal
+    let text = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(&job, text.replace("\"SSN_HASH\"", "\"ENCRYPTION\"")).unwrap();
+    let out = rekey(&["run", "--job", &job], &seed_env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    let said = stderr(&out);
+    assert!(
+        said.contains("hash key 2 is also an encryption key"),
+        "{said}"
+    );
+    assert!(
+        !said.contains(K2) && !said.contains(K1),
+        "key material in: {said}"
+    );
+    assert_eq!(column_checksum(&db, "ssn_bidx").await, before);
 }
 
 #[tokio::test(flavor = "multi_thread")]
