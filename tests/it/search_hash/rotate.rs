@@ -104,3 +104,49 @@ async fn verify_fails_when_a_hash_is_left_under_the_old_key() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hashes_beside_ciphertexts_already_on_the_new_key_are_rehashed_and_null_stays_null() {
+    const ROWS: i64 = 100;
+    let db = TestDb::new().await;
+    seed(&db, ROWS, HEX).await;
+    // rows 1..=10 had their ciphertext rotated before the hash was (a rotation without hashes)
+    let v2 = rekey::crypto::codec::versioned_gcm::VersionedGcm::new(&v2_ring()).unwrap();
+    for id in 1..=10i64 {
+        let mut sealed = Vec::new();
+        v2.seal(ssn(id).as_bytes(), b"", None, &mut sealed);
+        db.client
+            .execute(
+                "UPDATE people SET ssn_encrypted = $1 WHERE id = $2",
+                &[&sealed, &id],
+            )
+            .await
+            .unwrap();
+    }
+    db.client
+        .execute("INSERT INTO people (id, note) VALUES (0, 'no ssn')", &[])
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let job = job_file(&db, &dir, HEX, "");
+    let out = rekey(&["run", "--job", &job, "--json"], &env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let summary = json(&out);
+    assert_eq!(summary["values_rewritten"], 2 * ROWS - 10, "{summary}");
+    assert_eq!(summary["rows_rewritten"], ROWS, "{summary}");
+    let nulls: (Option<Vec<u8>>, Option<String>) = db
+        .client
+        .query_one(
+            "SELECT ssn_encrypted, ssn_bidx FROM people WHERE id = 0",
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(nulls, (None, None));
+    db.client
+        .execute("DELETE FROM people WHERE id = 0", &[])
+        .await
+        .unwrap();
+    assert_python_agrees(&db, HEX, ROWS).await;
+}
