@@ -5,6 +5,7 @@
 mod conflicts;
 pub mod pipeline;
 pub mod plan;
+pub mod rehash;
 mod retry;
 pub mod rewrite;
 pub mod sink;

@@ -20,6 +20,8 @@ use crate::crypto::keyring::KeyId;
 use crate::db::RawRef;
 use crate::job::{Aad, Encoding, Side, Target};
 
+use super::rehash::{self, Purpose};
+
 /// What the transform decided for one value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cell {
@@ -74,22 +76,28 @@ pub fn rewritten_rows(cells: &[Cell], ncols: usize) -> impl Iterator<Item = usiz
 
 /// Decides every cell of a batch; `cells` is row-major, one per encrypted column.
 pub fn rewrite(target: &Target, rows: &[Row], cells: &mut Vec<Cell>) {
-    fill(target, rows, cells, |col, stored, aad| {
+    fill(target, rows, cells, Purpose::Rewrite, |col, stored, aad| {
         rewrite_value(target, col, stored, aad)
     });
 }
 
 /// Opens every value of a batch to see which key (and format) it is under (verify).
 pub fn classify(target: &Target, rows: &[Row], cells: &mut Vec<Cell>) {
-    fill(target, rows, cells, |col, stored, aad| {
-        classify_value(target, col, stored, aad)
-    });
+    fill(
+        target,
+        rows,
+        cells,
+        Purpose::Classify,
+        |col, stored, aad| classify_value(target, col, stored, aad),
+    );
 }
 
+/// Decides the ciphertexts of each row with `decide`, then its search hash.
 fn fill(
     target: &Target,
     rows: &[Row],
     cells: &mut Vec<Cell>,
+    purpose: Purpose,
     decide: impl Fn(usize, &[u8], &[u8]) -> Cell + Sync,
 ) {
     let ncols = target.columns.len();
@@ -101,16 +109,20 @@ fn fill(
         .with_min_len(64)
         .for_each(|(out, row)| {
             let aad = aad(target, row);
-            for (col, cell) in out.iter_mut().enumerate() {
+            let sealed = target.sealed_columns();
+            for (col, cell) in out.iter_mut().enumerate().take(sealed) {
                 *cell = match value(target, row, col) {
                     None => Cell::Null,
                     Some(stored) => decide(col, stored, aad),
                 };
             }
+            if let Some(hash) = &target.hash {
+                out[hash.column] = rehash::cell(target, hash, row, aad, purpose);
+            }
         });
 }
 
-fn decode(encoding: Encoding, stored: &[u8]) -> Result<Cow<'_, [u8]>, CodecError> {
+pub(super) fn decode(encoding: Encoding, stored: &[u8]) -> Result<Cow<'_, [u8]>, CodecError> {
     match encoding {
         Encoding::Raw => Ok(Cow::Borrowed(stored)),
         Encoding::Base64 => base64::engine::general_purpose::STANDARD
@@ -132,6 +144,9 @@ fn encode(encoding: Encoding, sealed: Vec<u8>) -> Vec<u8> {
 /// The key a stored value names in the old format, when the format carries
 /// key ids and the keys given do not hold it.
 pub fn missing_key(target: &Target, col: usize, stored: &[u8]) -> Option<KeyId> {
+    if target.is_hash_column(col) {
+        return None;
+    }
     let ct = decode(target.columns[col].read, stored).ok()?;
     let id = target.read.codec.key_hint(&ct)?;
     let held = target.read.keyring.get(id).is_some()
@@ -212,7 +227,11 @@ pub fn reseal(
 }
 
 /// Re-encrypts one stored value under the target key, or says why not.
+/// A hash-only target's ciphertexts are only opened, never rewritten.
 pub fn rewrite_value(target: &Target, col: usize, stored: &[u8], aad: &[u8]) -> Cell {
+    if target.hash_only() {
+        return rehash::left_as_is(target, col, stored, aad);
+    }
     let column = &target.columns[col];
     let (read, write) = (&target.read, &target.write);
     if target.migrating {
@@ -244,7 +263,11 @@ pub fn rewrite_value(target: &Target, col: usize, stored: &[u8], aad: &[u8]) -> 
 
 /// Which key a stored value is under: the target format first, then (when
 /// migrating) the old one.
+/// A hash-only target's ciphertexts are out of its scope: `Current` when they open.
 pub fn classify_value(target: &Target, col: usize, stored: &[u8], aad: &[u8]) -> Cell {
+    if target.hash_only() {
+        return rehash::left_as_is(target, col, stored, aad);
+    }
     let column = &target.columns[col];
     let written = decode(column.write, stored).and_then(|ct| target.write.codec.open(&ct, aad));
     match written {
@@ -278,219 +301,4 @@ pub fn classify_value(target: &Target, col: usize, stored: &[u8], aad: &[u8]) ->
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::crypto::codec::Format;
-    use crate::crypto::keyring::{Key, Keyring};
-    use crate::job::catalog::{TableColumn, TableRef};
-    use crate::job::Column;
-    use crate::job::Side;
-    use proptest::prelude::*;
-
-    const FORMATS: [Format; 4] = [
-        Format::VersionedGcm,
-        Format::Fernet,
-        Format::TinkGcm,
-        Format::RawGcm,
-    ];
-
-    /// Key 1 only: how old values were written.
-    fn old_ring() -> Keyring {
-        Keyring::new(vec![Key::new(1, [1; 32])], 1, None).unwrap()
-    }
-
-    /// Keys 1 and 2, target 2: the rotation.
-    fn new_ring() -> Keyring {
-        Keyring::new(vec![Key::new(1, [1; 32]), Key::new(2, [2; 32])], 1, Some(2)).unwrap()
-    }
-
-    fn side(format: Format, keyring: Keyring) -> Side {
-        Side {
-            format,
-            codec: format.codec(&keyring).unwrap(),
-            keyring,
-            source: None,
-        }
-    }
-
-    /// One encrypted column `c` stored with `encoding`, read in `from`, written in `to`.
-    fn target(from: Format, to: Format, encoding: Encoding) -> Target {
-        let type_name = if encoding == Encoding::Raw && from != Format::Fernet {
-            "bytea"
-        } else {
-            "text"
-        };
-        Target {
-            index: 0,
-            table: TableRef {
-                schema: "public".into(),
-                name: "t".into(),
-            },
-            key: vec![TableColumn {
-                name: "id".into(),
-                type_name: "bigint".into(),
-            }],
-            columns: vec![Column {
-                name: "c".into(),
-                type_name: type_name.into(),
-                read: encoding,
-                write: encoding,
-            }],
-            read: side(from, new_ring()),
-            write: side(to, new_ring()),
-            migrating: from != to,
-            aad: Aad::None,
-            filter: None,
-        }
-    }
-
-    fn encoding() -> impl Strategy<Value = Encoding> {
-        prop::sample::select(vec![Encoding::Raw, Encoding::Base64])
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(512))]
-
-        #[test]
-        fn arbitrary_stored_bytes_are_failed_with_a_typed_error_never_rewritten(
-            from in prop::sample::select(FORMATS.to_vec()),
-            to in prop::sample::select(FORMATS.to_vec()),
-            encoding in encoding(),
-            stored in proptest::collection::vec(any::<u8>(), 0..128),
-        ) {
-            let target = target(from, to, encoding);
-            let cell = rewrite_value(&target, 0, &stored, b"");
-            prop_assert!(matches!(cell, Cell::Failed(CodecError::Truncated | CodecError::UnknownKey | CodecError::AuthFailed | CodecError::BadEncoding)), "{:?}", cell);
-            let seen = classify_value(&target, 0, &stored, b"");
-            prop_assert!(matches!(seen, Cell::Failed(_)), "{:?}", seen);
-        }
-
-        #[test]
-        fn arbitrary_base64_text_is_failed_with_a_typed_error(format in prop::sample::select(FORMATS.to_vec()), text in "[A-Za-z0-9+/=]{0,120}") {
-            let cell = rewrite_value(&target(format, format, Encoding::Base64), 0, text.as_bytes(), b"");
-            prop_assert!(matches!(cell, Cell::Failed(CodecError::Truncated | CodecError::UnknownKey | CodecError::AuthFailed | CodecError::BadEncoding)), "{:?}", cell);
-        }
-
-        #[test]
-        fn a_value_under_the_old_key_is_rewritten_to_one_that_opens_to_its_plaintext(
-            from in prop::sample::select(FORMATS.to_vec()),
-            to in prop::sample::select(FORMATS.to_vec()),
-            encoding in encoding(),
-            plaintext in proptest::collection::vec(any::<u8>(), 0..300),
-        ) {
-            let target = target(from, to, encoding);
-            let mut sealed = Vec::new();
-            from.codec(&old_ring()).unwrap().seal(&plaintext, b"", Some(1_700_000_000), &mut sealed);
-            let stored = encode(encoding, sealed);
-            let Cell::Rewritten(new) = rewrite_value(&target, 0, &stored, b"") else {
-                return Err(TestCaseError::fail("not rewritten"));
-            };
-            let opened = target.write.codec.open(&decode(encoding, &new).unwrap(), b"").unwrap();
-            prop_assert_eq!((opened.key, opened.plaintext.as_slice()), (2, plaintext.as_slice()));
-            prop_assert_eq!(rewrite_value(&target, 0, &new, b""), Cell::Current);
-        }
-    }
-
-    /// A faulty encryptor: seals through a real codec, then `damage` spoils the result.
-    struct Faulty {
-        inner: std::sync::Arc<dyn Codec>,
-        damage: fn(&mut Vec<u8>),
-    }
-
-    impl Codec for Faulty {
-        fn key_hint(&self, value: &[u8]) -> Option<crate::crypto::keyring::KeyId> {
-            self.inner.key_hint(value)
-        }
-        fn open(
-            &self,
-            value: &[u8],
-            aad: &[u8],
-        ) -> Result<crate::crypto::codec::Opened, CodecError> {
-            self.inner.open(value, aad)
-        }
-        fn seal(&self, plaintext: &[u8], aad: &[u8], timestamp: Option<u64>, out: &mut Vec<u8>) {
-            self.inner.seal(plaintext, aad, timestamp, out);
-            (self.damage)(out);
-        }
-        fn target(&self) -> crate::crypto::keyring::KeyId {
-            self.inner.target()
-        }
-        fn key_prefix(&self, key: crate::crypto::keyring::KeyId) -> Option<Vec<u8>> {
-            self.inner.key_prefix(key)
-        }
-        fn describe_prefix(&self, prefix: &[u8]) -> String {
-            self.inner.describe_prefix(prefix)
-        }
-    }
-
-    #[test]
-    fn a_ciphertext_that_does_not_open_to_the_same_plaintext_is_never_handed_to_the_sink() {
-        let read = Format::VersionedGcm.codec(&old_ring()).unwrap();
-        let mut old = Vec::new();
-        read.seal(b"+15551234567", b"", None, &mut old);
-        let damages: [fn(&mut Vec<u8>); 3] = [
-            |v| {
-                let last = v.len() - 1;
-                v[last] ^= 1; // a broken tag
-            },
-            |v| v.truncate(v.len() / 2), // a short write
-            |v| {
-                let n = v.len();
-                v[n - 20] ^= 0x40; // a flipped ciphertext bit
-            },
-        ];
-        for damage in damages {
-            let write = Faulty {
-                inner: Format::VersionedGcm.codec(&new_ring()).unwrap(),
-                damage,
-            };
-            let reader = Format::VersionedGcm.codec(&new_ring()).unwrap();
-            assert_eq!(
-                reseal(&*reader, &write, &old, b"", true),
-                Err(CodecError::VerifyMismatch)
-            );
-        }
-    }
-
-    #[test]
-    fn a_ciphertext_sealed_under_another_key_than_the_target_is_refused() {
-        let read = Format::VersionedGcm.codec(&old_ring()).unwrap();
-        let mut old = Vec::new();
-        read.seal(b"+15551234567", b"", None, &mut old);
-        // claims to seal under key 2 but seals under key 1: opens, to the right plaintext, under the wrong key
-        let write = Faulty {
-            inner: Format::VersionedGcm.codec(&old_ring()).unwrap(),
-            damage: |_| {},
-        };
-        struct Claims2(Faulty);
-        impl Codec for Claims2 {
-            fn key_hint(&self, v: &[u8]) -> Option<crate::crypto::keyring::KeyId> {
-                self.0.key_hint(v)
-            }
-            fn open(
-                &self,
-                v: &[u8],
-                aad: &[u8],
-            ) -> Result<crate::crypto::codec::Opened, CodecError> {
-                self.0.open(v, aad)
-            }
-            fn seal(&self, p: &[u8], aad: &[u8], t: Option<u64>, out: &mut Vec<u8>) {
-                self.0.seal(p, aad, t, out)
-            }
-            fn target(&self) -> crate::crypto::keyring::KeyId {
-                2
-            }
-            fn key_prefix(&self, k: crate::crypto::keyring::KeyId) -> Option<Vec<u8>> {
-                self.0.key_prefix(k)
-            }
-            fn describe_prefix(&self, p: &[u8]) -> String {
-                self.0.describe_prefix(p)
-            }
-        }
-        let reader = Format::VersionedGcm.codec(&new_ring()).unwrap();
-        assert_eq!(
-            reseal(&*reader, &Claims2(write), &old, b"", false),
-            Err(CodecError::VerifyMismatch)
-        );
-    }
-}
+mod tests;

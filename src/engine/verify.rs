@@ -241,16 +241,22 @@ async fn check_recorded_keys(client: &Client, job: &Job) -> Result<(), Error> {
         .iter()
         .zip(recorded.as_array().into_iter().flatten())
     {
-        for (side, name) in [(&t.write, "write"), (&t.read, "read")] {
-            for key in side.keyring.keys() {
+        let sides = [
+            (&t.write.keyring, t.write.source.as_ref(), "write"),
+            (&t.read.keyring, t.read.source.as_ref(), "read"),
+        ];
+        let hash = t
+            .hash
+            .as_ref()
+            .map(|h| (&h.keyring, Some(&h.source), "hash"));
+        for (keyring, source, name) in sides.into_iter().chain(hash) {
+            for key in keyring.keys() {
                 let Some(was) = rec[name]["keys"][key.id().to_string()].as_str() else {
                     continue;
                 };
                 let now = key.fingerprint();
                 if was != now {
-                    let at = side
-                        .source
-                        .as_ref()
+                    let at = source
                         .map_or_else(|| format!("key {}", key.id()), |s| s.where_key(key.id()));
                     return Err(Error::Config(format!(
                         "{at} (for {}) is not the key job {:?} (job {job_id}) used: its fingerprint is {now}, the job recorded {was}; \
@@ -308,6 +314,7 @@ pub async fn preflight(client: &Client, job: &Job) -> Result<(), Error> {
                 )
             })
             .count();
+        refuse_wrong_hash_key(t, &cells)?;
         if tried > 0 && opened == 0 && 2 * wrong_key >= tried {
             return Err(Error::Config(format!(
                 "none of the {tried} values sampled from {} opens with the keys given (a wrong old key, or the wrong format?); \
@@ -315,6 +322,38 @@ pub async fn preflight(client: &Client, job: &Job) -> Result<(), Error> {
                 t.table
             )));
         }
+    }
+    Ok(())
+}
+
+/// Refuses, before any write, a target none of whose sampled search hashes
+/// any hash key made (a wrong hash key, output or truncate), which would
+/// otherwise quarantine every hash of the table.
+fn refuse_wrong_hash_key(t: &Target, cells: &[Cell]) -> Result<(), Error> {
+    let Some(hash) = &t.hash else {
+        return Ok(());
+    };
+    let hashes = cells.iter().skip(hash.column).step_by(t.columns.len());
+    let (mut tried, mut matched, mut mismatched) = (0usize, 0usize, 0usize);
+    for cell in hashes {
+        match cell {
+            Cell::Null => continue,
+            Cell::Opened { .. } => matched += 1,
+            Cell::Failed(crate::crypto::codec::CodecError::HashMismatch) => mismatched += 1,
+            _ => {}
+        }
+        tried += 1;
+    }
+    if tried > 0 && matched == 0 && 2 * mismatched >= tried {
+        return Err(Error::Config(format!(
+            "none of the {tried} search hashes sampled from {}.{} is the HMAC of its plaintext under a hash key given \
+             (the new one is {}): the old hash key is missing, or output or truncate differ from what the application writes. \
+             Nothing was written. Give the old hash key as well as the new one, fix the job file, \
+             or pass --force to quarantine every hash that matches no key",
+            t.table,
+            t.columns[hash.column].name,
+            hash.source.where_key(hash.hasher.target())
+        )));
     }
     Ok(())
 }

@@ -7,10 +7,12 @@
 
 pub mod catalog;
 pub mod condition;
+pub mod hash;
 pub mod spec;
 pub mod visibility;
 
-pub use spec::{AadSpec, DatabaseSpec, Encoding, JobSpec, TargetSpec};
+pub use hash::SearchHash;
+pub use spec::{AadSpec, DatabaseSpec, Encoding, HashSpec, JobSpec, Rewrite, TargetSpec};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -68,8 +70,10 @@ pub struct Target {
     pub table: TableRef,
     /// Key columns, in keyset order.
     pub key: Vec<TableColumn>,
-    /// Encrypted columns.
+    /// Encrypted columns, then the search hash column when there is one.
     pub columns: Vec<Column>,
+    /// The search hash, if the target has one (its column is the last of `columns`).
+    pub hash: Option<SearchHash>,
     /// How values are read.
     pub read: Side,
     /// How values are written (the same format and keys unless migrating).
@@ -116,11 +120,28 @@ impl Target {
     /// the target key, where SQL can see it.
     /// None during a migration: a value of the old format may start with the
     /// same bytes by chance (or by design), and must still be read.
-    pub fn stale_prefix(&self, _column: usize) -> Option<Vec<u8>> {
-        if self.migrating {
+    /// None for a search hash, which only its plaintext can place under a
+    /// key, and for every column of a hash-only target (each row is read).
+    pub fn stale_prefix(&self, column: usize) -> Option<Vec<u8>> {
+        if self.migrating || self.is_hash_column(column) || self.hash_only() {
             return None;
         }
         self.write.codec.key_prefix(self.write.codec.target())
+    }
+
+    /// Whether column `column` is the search hash, not a ciphertext.
+    pub fn is_hash_column(&self, column: usize) -> bool {
+        self.hash.as_ref().is_some_and(|h| h.column == column)
+    }
+
+    /// Whether a run rewrites only the search hash (`rewrite = "hash"`).
+    pub fn hash_only(&self) -> bool {
+        self.hash.as_ref().is_some_and(|h| h.only)
+    }
+
+    /// The number of encrypted columns (the search hash column comes after them).
+    pub fn sealed_columns(&self) -> usize {
+        self.columns.len() - usize::from(self.hash.is_some())
     }
 
     /// Label of the key new values are written under.
@@ -239,7 +260,37 @@ impl Job {
             } else {
                 None
             });
-            let columns = resolved
+            let encrypted: Vec<String> = resolved.columns.iter().map(|c| c.name.clone()).collect();
+            let hashed = hash::resolve(
+                client,
+                t,
+                &resolved.table,
+                &encrypted,
+                &at(),
+                |k| async move { crate::secrets::load_keyring(&k).await },
+            )
+            .await?;
+            if let Some((col, _)) = &hashed {
+                let column = (
+                    resolved.table.schema.clone(),
+                    resolved.table.name.clone(),
+                    col.name.clone(),
+                );
+                if let Some(first) = claimed.insert(column, index) {
+                    return Err(Error::Config(format!(
+                        "{}: hash column {}.{} is also rewritten by [[target]] #{}; each column may appear in one target only",
+                        at(),
+                        resolved.table,
+                        col.name,
+                        first + 1
+                    )));
+                }
+            }
+            let (hash_column, hash) = hashed.unzip();
+            if let Some(h) = &hash {
+                hash::warn_shared_keys(&at(), h, [&read.keyring, &write.keyring]);
+            }
+            let mut columns = resolved
                 .columns
                 .into_iter()
                 .map(|c| {
@@ -253,6 +304,13 @@ impl Job {
                     })
                 })
                 .collect::<Result<Vec<_>, Error>>()?;
+            // the hash is stored as it is (hex, base64 text or raw bytes): no ciphertext encoding
+            columns.extend(hash_column.map(|c| Column {
+                name: c.name,
+                type_name: c.type_name,
+                read: Encoding::Raw,
+                write: Encoding::Raw,
+            }));
             if let Aad::Column(c) = &aad {
                 catalog::check_column_exists(client, &resolved.table, c).await?;
             }
@@ -261,6 +319,7 @@ impl Job {
                 table: resolved.table,
                 key: resolved.key,
                 columns,
+                hash,
                 // another format, or the same one under another store's keys:
                 // every value is read, whatever key id it names
                 migrating: t.format != to_format || t.to_keys.is_some(),
@@ -318,7 +377,16 @@ impl Job {
     /// engine stores to detect a key set that changed under an unfinished job.
     pub fn describe_keys(&self) -> serde_json::Value {
         serde_json::Value::Array(
-            self.targets.iter().map(|t| serde_json::json!({ "read": t.read.keyring.describe(), "write": t.write.keyring.describe() })).collect(),
+            self.targets
+                .iter()
+                .map(|t| {
+                    let mut keys = serde_json::json!({ "read": t.read.keyring.describe(), "write": t.write.keyring.describe() });
+                    if let Some(h) = &t.hash {
+                        keys["hash"] = h.keyring.describe();
+                    }
+                    keys
+                })
+                .collect(),
         )
     }
 }

@@ -24,6 +24,7 @@ mod replica;
 mod report;
 mod rotation;
 mod rotation_states;
+mod search_hash;
 mod secrecy;
 mod server_faults;
 mod server_settings;

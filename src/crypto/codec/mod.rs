@@ -93,6 +93,10 @@ pub enum CodecError {
     /// A freshly sealed value did not open back to the same plaintext. Never expected.
     #[error("re-encrypted value did not verify")]
     VerifyMismatch,
+    /// A search hash that is no hash key's HMAC of its row's plaintext (or
+    /// stands beside no ciphertext): left untouched, never overwritten.
+    #[error("search hash matches no hash key for its plaintext")]
+    HashMismatch,
 }
 
 impl CodecError {
@@ -104,6 +108,7 @@ impl CodecError {
             CodecError::AuthFailed => "auth_failed",
             CodecError::BadEncoding => "bad_encoding",
             CodecError::VerifyMismatch => "verify_mismatch",
+            CodecError::HashMismatch => "hash_mismatch",
         }
     }
 }

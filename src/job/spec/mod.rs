@@ -15,6 +15,9 @@ use crate::Error;
 
 use super::condition::check_condition;
 
+mod hash;
+pub use hash::{HashSpec, Rewrite};
+
 /// The longest name PostgreSQL keeps (NAMEDATALEN - 1 bytes).
 const MAX_NAME_BYTES: usize = 63;
 
@@ -98,6 +101,13 @@ pub struct TargetSpec {
     /// Only rows matching this SQL condition (written by the operator; checked by preparing it).
     #[serde(rename = "where")]
     pub filter: Option<String>,
+    /// A search hash of one encrypted column's plaintext, rehashed in the
+    /// same row update (left out of the spec hash when absent, as `rewrite`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<HashSpec>,
+    /// What a run rewrites: `all` (default) or `hash` (only the search hash).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<Rewrite>,
 }
 
 impl JobSpec {
@@ -163,7 +173,9 @@ impl JobSpec {
                     .chain(t.primary_key.iter().flatten())
                     .map(String::as_str),
             );
-            for name in names.chain(t.aad.as_ref().and_then(|a| a.column.as_deref())) {
+            let extra = t.aad.as_ref().and_then(|a| a.column.as_deref());
+            let hashed = t.hash.as_ref().map(|h| h.column.as_str());
+            for name in names.chain(extra).chain(hashed) {
                 if name.contains('\0') {
                     return Err(Error::Config(format!("{at}: name {name:?} contains a NUL character, which no PostgreSQL name can hold")));
                 }
@@ -195,7 +207,8 @@ impl JobSpec {
             if let Some(f) = &t.filter {
                 check_condition(f).map_err(|why| Error::Config(format!("{at}: where {why}")))?;
             }
-            for c in &t.columns {
+            hash::check(t, &at).map_err(Error::Config)?;
+            for c in t.columns.iter().chain(t.hash.as_ref().map(|h| &h.column)) {
                 let (schema, table) = t.split_table();
                 if !seen.insert((schema.map(str::to_owned), table.to_owned(), c.clone())) {
                     return Err(Error::Config(format!("{at}: column {c:?} is listed twice in this job; each column may appear in one target only")));
