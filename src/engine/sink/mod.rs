@@ -335,11 +335,16 @@ impl Writer {
             .await
             .ctx(what)?;
         if target.write.format.random_nonces() && !staged.is_empty() {
-            // The nonce budget (README, Guarantees 7): every staged value was encrypted under a fresh random nonce.
+            // The nonce budget (README, Guarantees 7): every staged value was
+            // encrypted under a fresh random nonce (a search hash was not).
+            let ncols = target.columns.len();
             let encrypted = batch
                 .cells
                 .iter()
-                .filter(|c| matches!(c, Cell::Rewritten(_)))
+                .enumerate()
+                .filter(|(i, c)| {
+                    matches!(c, Cell::Rewritten(_)) && !target.is_hash_column(i % ncols)
+                })
                 .count() as i64;
             let key = target.write.keyring.target();
             let counted = state::count_encryptions(

@@ -72,6 +72,17 @@ async fn a_hash_only_run_rehashes_and_leaves_every_ciphertext_byte_identical() {
         "a ciphertext was rewritten"
     );
     assert_lookups_find_every_row(&db, HEX, ROWS).await;
+    let counted: Option<i64> = db
+        .client
+        .query_one("SELECT sum(encryptions)::bigint FROM rekey.key_usage", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        counted.unwrap_or(0),
+        0,
+        "a hash is not an encryption: no key's nonce budget was spent"
+    );
     let out = rekey(&["verify", "--job", &job, "--json"], &env);
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert_eq!(json(&out)["values_on_target_key"], ROWS);
