@@ -19,6 +19,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (6, include_str!("../../sql/006_not_rotated.sql")),
     (7, include_str!("../../sql/007_rotation_abort.sql")),
     (8, include_str!("../../sql/008_audit_chain.sql")),
+    (11, include_str!("../../sql/011_key_table.sql")),
 ];
 
 /// Creates or upgrades schema `rekey`. Safe to run from several processes
