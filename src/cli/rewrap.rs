@@ -40,10 +40,27 @@ pub async fn rewrap(a: &RewrapArgs) -> Result<u8, Error> {
         &format!("re-wrapping every data key under KMS key {to}"),
     )
     .await?;
-    let done = rewrap_keys(&mut store, to, |id| {
+    let rewrapped = rewrap_keys(&mut store, to, |id| {
         tracing::debug!("data key {id} re-wrapped")
     })
-    .await?;
+    .await;
+    let done = match rewrapped {
+        Ok(done) => done,
+        Err(e) => {
+            // the trail says it ended: what is re-wrapped stays so, a rerun finishes
+            let note = format!("rewrap to KMS key {to} stopped: {e}");
+            recorded(
+                life,
+                &spec,
+                client,
+                &secret_id,
+                "master_key_rewrap_failed",
+                &note,
+            )
+            .await?;
+            return Err(e);
+        }
+    };
     let from: Vec<&String> = done.from.iter().collect();
     let note = format!(
         "{} of {} data keys re-wrapped under {} ({} already were), each checked to unwrap to the same key under it alone; \

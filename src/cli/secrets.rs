@@ -247,7 +247,7 @@ async fn transition(command: &SecretsCommand, life: &LifecycleArgs) -> Result<u8
             ("key_staged", applied, format!("key {id} pending"))
         }
         SecretsCommand::Promote(_) => {
-            let applied = steps::promote(&mut store, life.reveal).await?;
+            let applied = steps::promote(&mut store, life.reveal, life.is_compromise()).await?;
             (
                 "key_promoted",
                 applied,

@@ -14,6 +14,7 @@ mod formats;
 mod inputs;
 mod interop;
 mod json_errors;
+mod key_hierarchy;
 mod layouts;
 mod libpq;
 mod lifecycle;
