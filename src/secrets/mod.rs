@@ -5,6 +5,9 @@
 //! environment cannot be written by rekey: saving returns the exact variable
 //! changes the operator must make (key values only with `--reveal` on a
 //! terminal), and the next step checks that they were made.
+//! A key table ([`table`]) is the application's own table of KMS-wrapped
+//! data keys, written back in one transaction; [`rewrap`] moves every
+//! KMS-wrapped data key under a new master key.
 //! [`load_keyring`] is the one dispatch from a `[keys]` section to its keys.
 //! Uses the crypto and database layers only.
 
