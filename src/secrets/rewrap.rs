@@ -83,7 +83,9 @@ pub async fn rewrap(
         out.rewrapped += 1;
         done(id);
     }
-    // the proof: every key opens under the new master key alone
+    // the proof: every key opens under the new master key alone, one
+    // added meanwhile included
+    t.refresh().await?;
     for (id, blob) in t.wrapped_keys() {
         wrap::unwrap(&kms, id, &blob, Some(&target)).await.map_err(|e| {
             Error::Runtime(format!("after the rewrap, data key {id} does not unwrap under {target} alone: {e}; keep the old master key enabled and run the rewrap again"))

@@ -3,7 +3,7 @@
 //! of the target database (`encryption_keys`: `version`, `purpose`,
 //! `algorithm`, `encryptedKey`, `status`, `createdAt`, `expiresAt`), each
 //! wrapped by a KMS master key (`GenerateDataKey`) and unwrapped only in
-//! memory ([`store`]).
+//! memory ([`store`]), written back in one transaction (`write`).
 //!
 //! The table's `status` says what applications do with a key: they encrypt
 //! with the one `ACTIVE` key and decrypt with any key by its version.
@@ -26,6 +26,8 @@
 
 #[cfg(feature = "aws")]
 pub mod store;
+#[cfg(feature = "aws")]
+mod write;
 
 use serde::{Deserialize, Serialize};
 

@@ -1,15 +1,14 @@
 //! The key table store: reads the application's key table and rekey's
-//! lifecycle markers, unwraps every data key through KMS (pinned to the
-//! job's master key), and writes a transition back in one transaction
-//! (statuses, a new row, a retired row moved to rekey's archive). The state
-//! mapping is in the parent module's documentation.
+//! lifecycle markers and unwraps every data key through KMS (pinned to the
+//! job's master key, except for a rewrap). Writing back is in `write`; the
+//! state mapping is in the parent module's documentation.
 
 use std::collections::{BTreeMap, HashMap};
 
 use aws_sdk_kms::Client as Kms;
 use tokio_postgres::Client;
 
-use super::{marker_state, KeyColumns, Status, DEFAULT_ALGORITHM, DEFAULT_PURPOSE, DEFAULT_TABLE};
+use super::{marker_state, KeyColumns, Status, DEFAULT_PURPOSE, DEFAULT_TABLE};
 use crate::crypto::keyring::{Key, KeyId};
 use crate::crypto::keytable::{Entry, KeyState, KeyTable};
 use crate::db::{quote_ident, Database};
@@ -21,25 +20,28 @@ use crate::Error;
 /// A key table, opened: its keys unwrapped in memory.
 pub struct KeyTableStore {
     /// A connection to the target database.
-    client: Client,
+    pub(super) client: Client,
     /// KMS.
     kms: Kms,
     /// The master key new data keys are wrapped under, as the job names it.
     master: String,
     /// The table, as the catalog names it (`regclass` text).
-    relation: String,
+    pub(super) relation: String,
     /// The keys' purpose.
-    purpose: String,
+    pub(super) purpose: String,
     /// Column names.
-    columns: KeyColumns,
+    pub(super) columns: KeyColumns,
     /// Type of each mapped column (`format_type`), for casts on write.
-    types: HashMap<String, String>,
+    pub(super) types: HashMap<String, String>,
     /// A new key's lifetime in days.
-    expires_in_days: i32,
+    pub(super) expires_in_days: i32,
     /// Each key's wrapped form, as stored (archive included).
-    wrapped: HashMap<KeyId, Vec<u8>>,
+    pub(super) wrapped: HashMap<KeyId, Vec<u8>>,
     /// Each row's algorithm.
-    algorithms: HashMap<KeyId, String>,
+    pub(super) algorithms: HashMap<KeyId, String>,
+    /// Each row's status as last read or written: a save refuses a table
+    /// changed since (another writer's promotion, a key added by hand).
+    pub(super) seen: BTreeMap<i64, String>,
     /// Whether every key must unwrap under `master` alone (all but a
     /// rewrap, which finds keys under either master key).
     pinned: bool,
@@ -130,6 +132,7 @@ impl KeyTableStore {
                 .unwrap_or(i32::MAX),
             wrapped: HashMap::new(),
             algorithms: HashMap::new(),
+            seen: BTreeMap::new(),
             pinned,
             table: KeyTable::default(),
         };
@@ -141,7 +144,7 @@ impl KeyTableStore {
         quote_ident(c)
     }
 
-    fn ty(&self, c: &str) -> &str {
+    pub(super) fn ty(&self, c: &str) -> &str {
         self.types.get(c).map_or("text", String::as_str)
     }
 
@@ -202,6 +205,10 @@ impl KeyTableStore {
                 self.relation, active.len(), self.purpose
             )));
         }
+        self.seen = rows
+            .iter()
+            .map(|r| (i64::from(r.version), r.status.as_str().to_string()))
+            .collect();
         let markers = self.markers().await?;
         let mut table = KeyTable::default();
         for r in rows {
@@ -313,125 +320,9 @@ impl KeyTableStore {
         format!("table:{}:{}", self.relation, self.purpose)
     }
 
-    /// Writes the table's keys back in one transaction: every status, any
-    /// new row, retired rows moved into rekey's archive. Demotions are
-    /// written before the promotion, so a unique index on the ACTIVE row
-    /// holds at every statement.
-    pub async fn save(&mut self) -> Result<(), Error> {
-        let c = self.columns.clone();
-        let what = || format!("writing the key table {}", self.relation);
-        let set_status = format!(
-            "UPDATE {t} SET {s} = $3::text::{st} WHERE {p}::text = $1 AND {v} = $2::bigint AND {s}::text IS DISTINCT FROM $3",
-            t = self.relation,
-            s = quote_ident(&c.status),
-            st = self.ty(&c.status),
-            p = quote_ident(&c.purpose),
-            v = quote_ident(&c.version),
-        );
-        let insert = format!(
-            "INSERT INTO {t} ({v}, {p}, {a}, {k}, {s}, {cr}, {ex}) VALUES ($2::bigint, $1::text::{pt}, $4::text::{at}, $5, $3::text::{st}, now(), now() + make_interval(days => $6))",
-            t = self.relation,
-            v = quote_ident(&c.version),
-            p = quote_ident(&c.purpose),
-            a = quote_ident(&c.algorithm),
-            k = quote_ident(&c.encrypted_key),
-            s = quote_ident(&c.status),
-            cr = quote_ident(&c.created_at),
-            ex = quote_ident(&c.expires_at),
-            pt = self.ty(&c.purpose),
-            at = self.ty(&c.algorithm),
-            st = self.ty(&c.status),
-        );
-        let delete = format!(
-            "DELETE FROM {t} WHERE {p}::text = $1 AND {v} = $2::bigint",
-            t = self.relation,
-            p = quote_ident(&c.purpose),
-            v = quote_ident(&c.version),
-        );
-        let mark = "INSERT INTO rekey.key_table_keys (key_table, purpose, version, state, changed_at, compromised, archived_key)
-                    VALUES ($1, $2, $3, $4, to_timestamp($5), $6, $7)
-                    ON CONFLICT (key_table, purpose, version) DO UPDATE SET state = EXCLUDED.state,
-                      changed_at = EXCLUDED.changed_at, compromised = EXCLUDED.compromised, archived_key = EXCLUDED.archived_key";
-        let tx = self.client.transaction().await.ctx(what)?;
-        let present: Vec<i64> = tx
-            .query(
-                &format!(
-                    "SELECT {v}::bigint FROM {t} WHERE {p}::text = $1 FOR UPDATE",
-                    v = quote_ident(&c.version),
-                    p = quote_ident(&c.purpose),
-                    t = self.relation
-                ),
-                &[&self.purpose],
-            )
-            .await
-            .ctx(what)?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let algorithm = self
-            .table
-            .id_in(KeyState::Current)
-            .and_then(|id| self.algorithms.get(&id))
-            .filter(|a| !a.is_empty())
-            .cloned()
-            .unwrap_or_else(|| DEFAULT_ALGORITHM.into());
-        let mut order: Vec<&Entry> = self.table.entries.iter().collect();
-        order.sort_by_key(|e| e.state == KeyState::Current);
-        for e in order {
-            let version = i64::from(e.id);
-            let blob = self.wrapped.get(&e.id);
-            let mut archived = None;
-            if e.state == KeyState::Retired {
-                // material kept only while the table still holds it (purged: gone)
-                archived = e.key.as_ref().and(blob).cloned();
-                tx.execute(&delete, &[&self.purpose, &version])
-                    .await
-                    .ctx(what)?;
-            } else {
-                let blob = blob.ok_or_else(|| {
-                    Error::Runtime(format!(
-                        "key {} has no wrapped form; nothing was saved",
-                        e.id
-                    ))
-                })?;
-                let status = Status::of(e).as_str();
-                if present.contains(&version) {
-                    tx.execute(&set_status, &[&self.purpose, &version, &status])
-                        .await
-                        .ctx(what)?;
-                } else {
-                    tx.execute(
-                        &insert,
-                        &[
-                            &self.purpose,
-                            &version,
-                            &status,
-                            &algorithm,
-                            blob,
-                            &self.expires_in_days,
-                        ],
-                    )
-                    .await
-                    .ctx(what)?;
-                }
-            }
-            let changed_at = e.changed_at as f64;
-            tx.execute(
-                mark,
-                &[
-                    &self.relation,
-                    &self.purpose,
-                    &version,
-                    &e.state.to_string(),
-                    &changed_at,
-                    &e.compromised,
-                    &archived,
-                ],
-            )
-            .await
-            .ctx(what)?;
-        }
-        tx.commit().await.ctx(what)
+    /// Reads the table again (a rewrap's final check sees keys added meanwhile).
+    pub async fn refresh(&mut self) -> Result<(), Error> {
+        self.load().await
     }
 
     /// Every stored wrapped data key (archive included), by key id: what a
@@ -445,47 +336,6 @@ impl KeyTableStore {
     /// KMS, for the rewrap.
     pub fn kms(&self) -> &Kms {
         &self.kms
-    }
-
-    /// Replaces key `id`'s wrapped form, only if it still is `old`
-    /// (compare-and-swap, committed at once): a rewrap killed at any
-    /// instant leaves each key wrapped under one master key or the other,
-    /// never lost. Returns whether it replaced it.
-    pub async fn replace_wrapped(
-        &mut self,
-        id: KeyId,
-        old: &[u8],
-        new: &[u8],
-    ) -> Result<bool, Error> {
-        let c = &self.columns;
-        let version = i64::from(id);
-        let what = || format!("re-wrapping key {id} in the key table {}", self.relation);
-        let sql = format!(
-            "UPDATE {t} SET {k} = $4 WHERE {p}::text = $1 AND {v} = $2::bigint AND {k} = $3",
-            t = self.relation,
-            k = quote_ident(&c.encrypted_key),
-            p = quote_ident(&c.purpose),
-            v = quote_ident(&c.version),
-        );
-        let mut n = self
-            .client
-            .execute(&sql, &[&self.purpose, &version, &old, &new])
-            .await
-            .ctx(what)?;
-        if n == 0 {
-            n = self
-                .client
-                .execute(
-                    "UPDATE rekey.key_table_keys SET archived_key = $5 WHERE key_table = $1 AND purpose = $2 AND version = $3 AND archived_key = $4",
-                    &[&self.relation, &self.purpose, &version, &old, &new],
-                )
-                .await
-                .ctx(what)?;
-        }
-        if n > 0 {
-            self.wrapped.insert(id, new.to_vec());
-        }
-        Ok(n > 0)
     }
 }
 

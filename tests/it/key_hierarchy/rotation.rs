@@ -194,3 +194,62 @@ async fn a_key_table_with_two_active_keys_or_missing_columns_is_refused_with_the
         printed(&out)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_table_changed_between_read_and_write_is_not_overwritten() {
+    let db = TestDb::new().await;
+    let master = master_key(false);
+    seed(&db, &master, 1, 10).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = job(&db, &dir, &master);
+    for step in ["stage", "promote"] {
+        let out = rekey(&["secrets", step, "--job", &j], &aws_env());
+        assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    }
+    // hold rekey between reading the key table and writing it back: its
+    // markers are read after the rows, and wait for this lock
+    let blocker = connect(&db.url).await;
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE rekey.key_table_keys IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let child = spawn_rekey_captured(&["secrets", "stage", "--job", &j], &aws_env());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let waiting: i64 = db
+            .client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%key_table_keys%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rekey never reached the key table"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // the application's security team marks key 1 compromised meanwhile
+    db.client
+        .batch_execute("UPDATE encryption_keys SET status = 'COMPROMISED' WHERE version = 1")
+        .await
+        .unwrap();
+    blocker.batch_execute("COMMIT").await.unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        stderr(&out).contains("changed since rekey read it"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(
+        statuses(&db).await,
+        vec![(1, "COMPROMISED".into()), (2, "ACTIVE".into())],
+        "nothing written over the change"
+    );
+}
