@@ -178,6 +178,22 @@ mod tests {
     }
 
     #[test]
+    fn columns_default_to_the_procedures_table_and_a_job_names_only_those_that_differ() {
+        let keys: crate::secrets::KeysSpec = toml::from_str(
+            "source = \"table\"\nkms_key_id = \"alias/phi-master-key\"\n[columns]\nstatus = \"key_status\"\n",
+        )
+        .unwrap();
+        let columns = keys.columns.unwrap();
+        assert_eq!(columns.status, "key_status");
+        assert_eq!(columns.encrypted_key, "encryptedKey");
+        assert_eq!(columns.expires_at, "expiresAt");
+        let typo = toml::from_str::<crate::secrets::KeysSpec>(
+            "source = \"table\"\n[columns]\nencrypted = \"k\"\n",
+        );
+        assert!(typo.is_err(), "a misspelt column field is an error");
+    }
+
+    #[test]
     fn a_row_reads_back_as_the_state_it_was_written_from() {
         for (state, compromised) in [
             (KeyState::Current, false),
