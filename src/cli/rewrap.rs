@@ -9,7 +9,8 @@ use crate::cli::args::RewrapArgs;
 use crate::cli::secrets::recorded;
 use crate::cli::{open, print_json};
 use crate::lifecycle::rotation::job_keys;
-use crate::secrets::{rewrap::rewrap as rewrap_keys, KeySource, Store};
+use crate::secrets::rewrap::{self, rewrap as rewrap_keys};
+use crate::secrets::KeySource;
 use crate::state;
 use crate::Error;
 
@@ -28,7 +29,7 @@ pub async fn rewrap(a: &RewrapArgs) -> Result<u8, Error> {
     state::ensure_schema(&mut opened.client).await?;
     let client = &opened.client;
     state::lock_lifecycle(client, spec.name.as_deref().unwrap_or_default()).await?;
-    let mut store = Store::open_for_rewrap(&keys).await?;
+    let mut store = rewrap::open(&keys).await?;
     let secret_id = store.secret_id();
     let to = &a.to_kms_key;
     recorded(

@@ -181,21 +181,6 @@ impl Store {
         }
     }
 
-    /// Opens the store of `keys` for a master key rewrap: its data keys
-    /// unwrapped under whichever master key wraps each (an interrupted
-    /// rewrap leaves both).
-    pub async fn open_for_rewrap(keys: &KeysSpec) -> Result<Store, Error> {
-        match keys.source {
-            KeySource::Table => Ok(Store::Table(Box::new(
-                table::KeyTableStore::open(keys, false).await?,
-            ))),
-            KeySource::AwsKms => Ok(Store::Kms(Box::new(
-                kms::KmsKeyring::open_with(keys, true).await?,
-            ))),
-            _ => Store::open(keys).await,
-        }
-    }
-
     /// The keys and their states.
     pub fn table(&self) -> &KeyTable {
         match self {

@@ -16,7 +16,7 @@
 use std::collections::BTreeSet;
 
 use crate::crypto::keyring::KeyId;
-use crate::secrets::{wrap, Store};
+use crate::secrets::{kms, table, wrap, KeySource, KeysSpec, Store};
 use crate::Error;
 
 /// What a rewrap did.
@@ -32,6 +32,20 @@ pub struct Rewrapped {
     pub already: usize,
     /// The master keys they were wrapped under before (ARNs).
     pub from: BTreeSet<String>,
+}
+
+/// Opens the store of `keys` for a rewrap: its data keys unwrapped under
+/// whichever master key wraps each (an interrupted rewrap leaves both).
+pub async fn open(keys: &KeysSpec) -> Result<Store, Error> {
+    match keys.source {
+        KeySource::Table => Ok(Store::Table(Box::new(
+            table::KeyTableStore::open(keys, false).await?,
+        ))),
+        KeySource::AwsKms => Ok(Store::Kms(Box::new(
+            kms::KmsKeyring::open_with(keys, true).await?,
+        ))),
+        _ => Store::open(keys).await,
+    }
 }
 
 /// Re-wraps every data key of `store` under master key `to`; `done` is

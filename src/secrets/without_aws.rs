@@ -182,6 +182,11 @@ pub mod rewrap {
     }
 
     /// Fails: no AWS support in this build.
+    pub async fn open(_keys: &KeysSpec) -> Result<Store, Error> {
+        Err(without_aws("aws-kms"))
+    }
+
+    /// Fails: no AWS support in this build.
     pub async fn rewrap(
         _store: &mut Store,
         _to: &str,
