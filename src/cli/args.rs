@@ -339,6 +339,18 @@ pub enum SecretsCommand {
     Restore(KeyArgs),
     /// Destroy the archived material of a retired key (all retired keys without --key-id).
     Purge(PurgeArgs),
+    /// Re-wrap every data key under a new KMS master key (key table or KMS keyring); no value of user data is touched.
+    Rewrap(RewrapArgs),
+}
+
+/// `rekey secrets rewrap`.
+#[derive(Debug, Args)]
+pub struct RewrapArgs {
+    #[command(flatten)]
+    pub life: LifecycleArgs,
+    /// The new master key: key id, ARN or alias.
+    #[arg(long, value_name = "KMS_KEY")]
+    pub to_kms_key: String,
 }
 
 /// `rekey secrets restore`.

@@ -12,6 +12,7 @@ pub mod exit;
 pub mod keygen;
 pub mod plan;
 pub mod report;
+pub mod rewrap;
 pub mod rotate;
 pub mod run;
 mod run_audit;
@@ -60,14 +61,7 @@ pub(crate) struct Opened {
 /// `DATABASE_URL`, else the job file's `[database] url`, else libpq's `PG*`
 /// variables alone.
 pub(crate) async fn open(args: &JobArgs) -> Result<Opened, Error> {
-    let spec = JobSpec::load(&args.job)?;
-    let url = args
-        .database_url
-        .clone()
-        .or_else(|| std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()))
-        .or_else(|| spec.database.url.clone())
-        .or_else(libpq_variables_only)
-        .ok_or_else(|| Error::Config("no database given: pass --database-url, set DATABASE_URL or libpq's PGHOST/PGDATABASE/PGSERVICE, or add [database] url to the job file".into()))?;
+    let (spec, url) = resolve(args)?;
     let db = Database::parse(&url).map_err(|e| Error::Config(e.to_string()))?;
     let client = db.connect().await?;
     refuse_a_shared_default_name(&client, &spec).await?;
@@ -78,6 +72,27 @@ pub(crate) async fn open(args: &JobArgs) -> Result<Opened, Error> {
         .or_else(|| spec.targets.first().and_then(|t| t.keys.as_ref()));
     crate::lifecycle::audit::note_fallback_operator(&client, keys).await?;
     Ok(Opened { spec, db, client })
+}
+
+/// Reads the job file and resolves its database (as [`open`], without
+/// connecting); the job's key sources learn it too, for a key table.
+pub(crate) fn resolve(args: &JobArgs) -> Result<(JobSpec, String), Error> {
+    let mut spec = JobSpec::load(&args.job)?;
+    let url = args
+        .database_url
+        .clone()
+        .or_else(|| std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()))
+        .or_else(|| spec.database.url.clone())
+        .or_else(libpq_variables_only)
+        .ok_or_else(|| Error::Config("no database given: pass --database-url, set DATABASE_URL or libpq's PGHOST/PGDATABASE/PGSERVICE, or add [database] url to the job file".into()))?;
+    let targets = spec
+        .targets
+        .iter_mut()
+        .flat_map(|t| t.keys.iter_mut().chain(t.to_keys.iter_mut()));
+    for keys in spec.keys.iter_mut().chain(targets) {
+        keys.database_url = Some(url.clone());
+    }
+    Ok((spec, url))
 }
 
 /// Refuses a job file whose name comes from its file name (`job.toml`: job

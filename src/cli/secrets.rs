@@ -10,7 +10,7 @@ use crate::cli::args::{
     InitArgs, KeyArgs, LifecycleArgs, PurgeArgs, RetireArgs, SecretsCommand, StatusArgs,
 };
 use crate::cli::rotate::{report, rotate_options};
-use crate::cli::{default_lanes, open, print_json, Opened};
+use crate::cli::{default_lanes, open, print_json, resolve, Opened};
 use crate::crypto::keyring::{generate_material, Key};
 use crate::crypto::keytable::{now, Entry, KeyState, KeyTable};
 use crate::job::{Job, JobSpec};
@@ -32,6 +32,7 @@ pub async fn secrets(command: SecretsCommand) -> Result<u8, Error> {
         SecretsCommand::Retire(a) => retire(a).await,
         SecretsCommand::Restore(a) => restore(a).await,
         SecretsCommand::Purge(a) => purge(a).await,
+        SecretsCommand::Rewrap(a) => crate::cli::rewrap::rewrap(a).await,
     }
 }
 
@@ -88,7 +89,7 @@ async fn purge(a: &PurgeArgs) -> Result<u8, Error> {
 }
 
 /// Writes one audit event of a `secrets` command.
-async fn recorded(
+pub(crate) async fn recorded(
     life: &LifecycleArgs,
     spec: &JobSpec,
     client: &tokio_postgres::Client,
@@ -137,7 +138,7 @@ fn said(life: &LifecycleArgs, event: &str, applied: &Applied, note: &str) {
 /// `rekey secrets init`: a new store holding one fresh key, or the
 /// environment's keys (`--import-env`).
 async fn init(a: &InitArgs) -> Result<u8, Error> {
-    let spec = JobSpec::load(&a.life.common.job)?;
+    let (spec, _) = resolve(&a.life.common)?;
     let keys = job_keys(&spec)?;
     if a.adopt {
         return adopt(&a.life, &keys).await;
@@ -199,7 +200,7 @@ async fn adopt(life: &LifecycleArgs, keys: &KeysSpec) -> Result<u8, Error> {
 
 /// `rekey secrets show`: ids, states and fingerprints, never key values.
 async fn show(life: &StatusArgs) -> Result<u8, Error> {
-    let spec = JobSpec::load(&life.common.job)?;
+    let (spec, _) = resolve(&life.common)?;
     let store = Store::open(&job_keys(&spec)?).await?;
     let info = store.table().info();
     if life.common.json {
@@ -226,10 +227,10 @@ async fn show(life: &StatusArgs) -> Result<u8, Error> {
 
 /// The job's store, opened under the job's lifecycle lock (another command
 /// may have changed it meanwhile), and a connection holding that lock.
-async fn locked(life: &LifecycleArgs) -> Result<(JobSpec, Opened, Store), Error> {
-    let spec = JobSpec::load(&life.common.job)?;
-    let keys = job_keys(&spec)?;
+pub(crate) async fn locked(life: &LifecycleArgs) -> Result<(JobSpec, Opened, Store), Error> {
     let mut opened = open(&life.common).await?;
+    let spec = opened.spec.clone();
+    let keys = job_keys(&spec)?;
     state::ensure_schema(&mut opened.client).await?;
     state::lock_lifecycle(&opened.client, spec.name.as_deref().unwrap_or_default()).await?;
     let store = Store::open(&keys).await?;
@@ -246,7 +247,7 @@ async fn transition(command: &SecretsCommand, life: &LifecycleArgs) -> Result<u8
             ("key_staged", applied, format!("key {id} pending"))
         }
         SecretsCommand::Promote(_) => {
-            let applied = steps::promote(&mut store, life.reveal).await?;
+            let applied = steps::promote(&mut store, life.reveal, life.is_compromise()).await?;
             (
                 "key_promoted",
                 applied,

@@ -109,9 +109,12 @@ pub async fn note_fallback_operator(client: &Client, keys: Option<&KeysSpec>) ->
         return Ok(());
     }
     #[cfg(feature = "aws")]
-    if let Some(k) =
-        keys.filter(|k| matches!(k.source, KeySource::AwsSecretsManager | KeySource::AwsKms))
-    {
+    if let Some(k) = keys.filter(|k| {
+        matches!(
+            k.source,
+            KeySource::AwsSecretsManager | KeySource::AwsKms | KeySource::Table
+        )
+    }) {
         if let Some(arn) = aws_caller(k).await {
             let _ = FALLBACK_OPERATOR.set(arn);
             return Ok(());

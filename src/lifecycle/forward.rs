@@ -232,7 +232,7 @@ pub(crate) async fn promoted(
     log: &mut Log,
 ) -> Result<Next, Error> {
     let key_ref = format!("{}#{}", store.secret_id(), rot.new_key);
-    let applied = steps::promote(store, cx.opts.reveal).await?;
+    let applied = steps::promote(store, cx.opts.reveal, cx.opts.compromised).await?;
     rotations::set_step(client, rot.id, Step::Promoted).await?;
     let notes = format!(
         "key {} is current; key {} is previous",

@@ -55,7 +55,22 @@ pub async fn stage(store: &mut Store, reveal: bool) -> Result<(KeyId, Applied), 
 }
 
 /// Promotes the pending key to current (the current one becomes previous).
-pub async fn promote(store: &mut Store, reveal: bool) -> Result<Applied, Error> {
+/// With `compromised` (a compromise rotation), a key table marks the key
+/// it demotes `COMPROMISED` in the same transaction, as the key hierarchy
+/// procedure does at once; other stores mark it when it is retired.
+pub async fn promote(store: &mut Store, reveal: bool, compromised: bool) -> Result<Applied, Error> {
+    let pending = store.table().id_in(KeyState::Pending);
+    if let (true, Some(_), Some(current), Store::Table(_)) = (
+        compromised,
+        pending,
+        store.table().id_in(KeyState::Current),
+        &store,
+    ) {
+        store
+            .table_mut()
+            .mark_compromised(current)
+            .map_err(|e| Error::Config(e.to_string()))?;
+    }
     let changed = store
         .table_mut()
         .promote(now())

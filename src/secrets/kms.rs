@@ -18,6 +18,8 @@ use super::spec::KeysSpec;
 use crate::crypto::keyring::{Key, KeyId, KEY_LEN};
 use crate::crypto::keytable::{Entry, KeyState, KeyTable, StoredKey};
 use crate::secrets::file;
+use crate::secrets::rewrap::Rewrapped;
+use crate::secrets::wrap;
 use crate::Error;
 
 /// Format tag of a KMS-wrapped keyring file.
@@ -122,6 +124,12 @@ async fn unwrap_key(
 impl KmsKeyring {
     /// Opens the file and unwraps every key, retired ones from its archive.
     pub async fn open(keys: &KeysSpec) -> Result<Self, Error> {
+        Self::open_with(keys, false).await
+    }
+
+    /// As [`KmsKeyring::open`]; with `any_master` (a master key rewrap), the
+    /// master key the file names is used even where the job names another.
+    pub async fn open_with(keys: &KeysSpec, any_master: bool) -> Result<Self, Error> {
         let (path, kms_key_id) = settings(keys)?;
         let client = Client::new(&super::aws::sdk_config(keys).await);
         let text = std::fs::read_to_string(&path)
@@ -141,13 +149,15 @@ impl KmsKeyring {
                 doc.format
             )));
         }
-        if doc.kms_key_id != kms_key_id {
+        if doc.kms_key_id != kms_key_id && !any_master {
             return Err(Error::Config(format!(
-                "keyring file {} is wrapped under KMS key {:?}, but the job names {kms_key_id:?}",
+                "keyring file {} is wrapped under KMS key {:?}, but the job names {kms_key_id:?}: name the file's key in [keys] kms_key_id \
+                 (after `rekey secrets rewrap --to-kms-key`, the new one), or finish the rewrap to the job's key",
                 path.display(),
                 doc.kms_key_id
             )));
         }
+        let kms_key_id = doc.kms_key_id.clone();
         let mut table = KeyTable::default();
         let mut wrapped = HashMap::new();
         for k in doc.keys {
@@ -246,6 +256,49 @@ impl KmsKeyring {
     /// Names the store for the audit trail.
     pub fn secret_id(&self) -> String {
         format!("aws-kms:{}:{}", self.kms_key_id, self.path.display())
+    }
+
+    /// Master key rewrap of the file: every data key (archive included)
+    /// re-wrapped under `to` inside KMS and checked to unwrap to the same
+    /// key under `to` alone, then the file (and its archive) rewritten
+    /// naming `to`. Killed before the write, the file is as it was.
+    pub async fn rewrap_to(&mut self, to: &str) -> Result<Rewrapped, Error> {
+        let target = wrap::usable_master(&self.client, to)
+            .await
+            .map_err(|e| Error::Config(format!("{e}; nothing was re-wrapped")))?;
+        let mut out = Rewrapped {
+            target: target.clone(),
+            ..Rewrapped::default()
+        };
+        let mut ids: Vec<KeyId> = self.wrapped.keys().copied().collect();
+        ids.sort_unstable();
+        let mut rewrapped = HashMap::new();
+        for id in ids {
+            let Some(old) = self.wrapped.get(&id) else {
+                continue;
+            };
+            out.total += 1;
+            let (key, under) = wrap::unwrap(&self.client, id, old, None).await?;
+            if under == target {
+                out.already += 1;
+                rewrapped.insert(id, old.clone());
+                continue;
+            }
+            out.from.insert(under);
+            let new = wrap::rewrap(&self.client, id, old, &target).await?;
+            let (again, _) = wrap::unwrap(&self.client, id, &new, Some(&target)).await?;
+            if again.fingerprint() != key.fingerprint() {
+                return Err(Error::Runtime(format!(
+                    "data key {id} re-wrapped under {target} unwraps to another key; nothing was replaced"
+                )));
+            }
+            rewrapped.insert(id, new);
+            out.rewrapped += 1;
+        }
+        self.wrapped = rewrapped;
+        self.kms_key_id = to.to_string();
+        self.save().await?;
+        Ok(out)
     }
 
     /// Wraps any key not wrapped yet and writes the file atomically.

@@ -5,6 +5,9 @@
 //! environment cannot be written by rekey: saving returns the exact variable
 //! changes the operator must make (key values only with `--reveal` on a
 //! terminal), and the next step checks that they were made.
+//! A key table ([`table`]) is the application's own table of KMS-wrapped
+//! data keys, written back in one transaction; [`rewrap`] moves every
+//! KMS-wrapped data key under a new master key.
 //! [`load_keyring`] is the one dispatch from a `[keys]` section to its keys.
 //! Uses the crypto and database layers only.
 
@@ -14,13 +17,18 @@ pub mod file;
 #[cfg(feature = "aws")]
 pub mod kms;
 pub mod layout;
+#[cfg(feature = "aws")]
+pub mod rewrap;
 pub mod spec;
+pub mod table;
 #[cfg(not(feature = "aws"))]
 mod without_aws;
+#[cfg(feature = "aws")]
+pub mod wrap;
 
 pub use spec::{KeySource, KeysSpec, Layout};
 #[cfg(not(feature = "aws"))]
-pub use without_aws::{aws, kms};
+pub use without_aws::{aws, kms, rewrap};
 
 use std::io::IsTerminal;
 
@@ -55,6 +63,8 @@ pub enum Store {
     Aws(Box<aws::SecretsManagerStore>),
     /// A keyring file of data keys wrapped by AWS KMS.
     Kms(Box<kms::KmsKeyring>),
+    /// A table of data keys wrapped by AWS KMS, in the target database.
+    Table(Box<table::KeyTableStore>),
 }
 
 /// Opens the keyring file a `[keys]` section names.
@@ -94,7 +104,7 @@ pub async fn load_keyring(keys: &KeysSpec) -> Result<Keyring, Error> {
             tink::parse_json(&text)
                 .map_err(|e| Error::Config(format!("Tink keyset {}: {e}", path.display())))
         }
-        KeySource::File | KeySource::AwsSecretsManager | KeySource::AwsKms => {
+        KeySource::File | KeySource::AwsSecretsManager | KeySource::AwsKms | KeySource::Table => {
             let mut store = Store::open(keys).await?;
             // A previous key the content no longer holds (the value layout and
             // the dual convention keep only the current key after promotion)
@@ -137,6 +147,9 @@ impl Store {
                 kms::KmsKeyring::create(keys, table).await?;
                 Ok(format!("KMS-wrapped keyring {}", keys.path.clone().unwrap_or_default().display()))
             }
+            KeySource::Table => Err(Error::Config(
+                "a key table is the application's own: create it and its first data key as the application does, then adopt it with `rekey secrets init --adopt`".into(),
+            )),
             KeySource::Env | KeySource::TinkKeyset => Err(Error::Config(
                 "secrets init creates a keyring file or an AWS Secrets Manager secret: set [keys] source to \"file\" or \"aws-secrets-manager\"".into(),
             )),
@@ -150,6 +163,7 @@ impl Store {
             Store::File(_) => "keyring file",
             Store::Aws(_) => "AWS Secrets Manager keyring",
             Store::Kms(_) => "KMS keyring",
+            Store::Table(_) => "key table",
         }
     }
 
@@ -158,6 +172,7 @@ impl Store {
         match keys.source {
             KeySource::AwsSecretsManager => Ok(Store::Aws(Box::new(aws::SecretsManagerStore::open(keys).await?))),
             KeySource::AwsKms => Ok(Store::Kms(Box::new(kms::KmsKeyring::open(keys).await?))),
+            KeySource::Table => Ok(Store::Table(Box::new(table::KeyTableStore::open(keys, true).await?))),
             KeySource::File => Ok(Store::File(Box::new(open_file(keys)?))),
             KeySource::Env => Ok(Store::Env(EnvStore::open(keys)?)),
             KeySource::TinkKeyset => Err(Error::Config(
@@ -173,6 +188,7 @@ impl Store {
             Store::File(f) => &f.table,
             Store::Aws(a) => &a.table,
             Store::Kms(k) => &k.table,
+            Store::Table(t) => &t.table,
         }
     }
 
@@ -183,6 +199,7 @@ impl Store {
             Store::File(f) => &mut f.table,
             Store::Aws(a) => &mut a.table,
             Store::Kms(k) => &mut k.table,
+            Store::Table(t) => &mut t.table,
         }
     }
 
@@ -193,6 +210,7 @@ impl Store {
             Store::File(f) => format!("file:{}", f.path().display()),
             Store::Aws(a) => a.secret_id(),
             Store::Kms(k) => k.secret_id(),
+            Store::Table(t) => t.secret_id(),
         }
     }
 
@@ -200,6 +218,7 @@ impl Store {
     pub async fn new_key(&mut self, id: KeyId) -> Result<Key, Error> {
         match self {
             Store::Kms(k) => k.new_key(id).await,
+            Store::Table(t) => t.new_key(id).await,
             _ => Ok(Key::new(id, *crate::crypto::keyring::generate_material())),
         }
     }
@@ -218,7 +237,7 @@ impl Store {
         }
         let found = match self {
             Store::Aws(a) => a.archived_key(id).await?,
-            Store::Env(_) | Store::File(_) | Store::Kms(_) => None,
+            Store::Env(_) | Store::File(_) | Store::Kms(_) | Store::Table(_) => None,
         };
         let Some(key) = found else { return Ok(false) };
         if let Store::Aws(a) = self {
@@ -234,7 +253,10 @@ impl Store {
     /// Whether the store's archive can destroy a retired key's material (a
     /// Secrets Manager secret does it by being recreated: see `aws::purge`).
     pub fn can_purge(&self) -> bool {
-        matches!(self, Store::File(_) | Store::Kms(_) | Store::Aws(_))
+        matches!(
+            self,
+            Store::File(_) | Store::Kms(_) | Store::Aws(_) | Store::Table(_)
+        )
     }
 
     /// The layout and key encoding, for `secrets init --adopt`.
@@ -248,6 +270,7 @@ impl Store {
                 e.encoding
             ),
             Store::File(_) | Store::Kms(_) => "rekey keyring".into(),
+            Store::Table(t) => format!("key table {}", t.secret_id()),
         }
     }
 
@@ -258,7 +281,7 @@ impl Store {
     pub fn holds_unstaged_keys(&self) -> bool {
         match self {
             Store::Env(e) => !e.dual,
-            Store::File(_) | Store::Kms(_) => true,
+            Store::File(_) | Store::Kms(_) | Store::Table(_) => true,
             Store::Aws(a) => a.holds_unstaged_keys(),
         }
     }
@@ -269,12 +292,16 @@ impl Store {
             Store::Env(e) => format!("{}_KEY_NEW", e.prefix),
             Store::Aws(a) => a.new_key_place(),
             Store::File(_) | Store::Kms(_) => "the keyring".into(),
+            Store::Table(_) => "the key table (INACTIVE until promoted)".into(),
         }
     }
 
     /// Whether rekey itself can write this store.
     pub fn writable(&self) -> bool {
-        matches!(self, Store::File(_) | Store::Aws(_) | Store::Kms(_))
+        matches!(
+            self,
+            Store::File(_) | Store::Aws(_) | Store::Kms(_) | Store::Table(_)
+        )
     }
 
     /// Persists the table. For the environment, returns the variable changes
@@ -296,6 +323,10 @@ impl Store {
             }
             Store::Kms(k) => {
                 k.save().await?;
+                Ok(Vec::new())
+            }
+            Store::Table(t) => {
+                t.save().await?;
                 Ok(Vec::new())
             }
             Store::File(f) => {

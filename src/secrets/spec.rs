@@ -42,6 +42,24 @@ pub struct KeysSpec {
     /// `ENCRYPTION_KEY_NEW` from; default: the AWSPENDING version of `secret_id`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pending_secret_id: Option<String>,
+    /// For `table`: the application's key table (may be schema-qualified;
+    /// default `encryption_keys`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
+    /// For `table`: the data keys of this `purpose` (default `PHI`); new keys get it too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purpose: Option<String>,
+    /// For `table`: the key table's column names, where they differ from the
+    /// key hierarchy procedure's `encryption_keys`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub columns: Option<crate::secrets::table::KeyColumns>,
+    /// For `table`: a new data key's `expiresAt`, in days after its creation (default 90).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_days: Option<u32>,
+    /// The database the job runs against (set when the command resolves it,
+    /// not written in the job): where a `table` source's keys are.
+    #[serde(skip)]
+    pub database_url: Option<String>,
     /// Whether every target of the job is Fernet (set when the job file is
     /// loaded, not written in it): decides an ambiguous base64 key encoding.
     #[serde(skip)]
@@ -97,6 +115,12 @@ impl KeysSpec {
                 self.secret_id.as_deref().unwrap_or("(no secret_id)")
             ),
             KeySource::AwsKms => format!("key {id} of the KMS-wrapped keyring {}", path()),
+            KeySource::Table => format!(
+                "version {id} of the key table {}",
+                self.table
+                    .as_deref()
+                    .unwrap_or(crate::secrets::table::DEFAULT_TABLE)
+            ),
         }
     }
 
@@ -114,6 +138,11 @@ impl KeysSpec {
             layout: Layout::Rekey,
             key_encoding: None,
             pending_secret_id: None,
+            table: None,
+            purpose: None,
+            columns: None,
+            expires_in_days: None,
+            database_url: None,
             fernet_job: false,
         }
     }
@@ -144,4 +173,7 @@ pub enum KeySource {
     AwsSecretsManager,
     /// Data keys generated and wrapped by an AWS KMS master key (`kms_key_id`), kept wrapped in a file (`path`).
     AwsKms,
+    /// Data keys wrapped by an AWS KMS master key (`kms_key_id`), kept in a
+    /// table of the target database (`table`), as the key hierarchy procedure keeps them.
+    Table,
 }

@@ -99,6 +99,11 @@ pub mod kms {
         }
 
         /// Fails: no AWS support in this build.
+        pub async fn open_with(_keys: &KeysSpec, _any_master: bool) -> Result<Self, Error> {
+            Err(without_aws("aws-kms"))
+        }
+
+        /// Fails: no AWS support in this build.
         pub async fn create(_keys: &KeysSpec, _table: KeyTable) -> Result<(), Error> {
             Err(without_aws("aws-kms"))
         }
@@ -122,6 +127,72 @@ pub mod kms {
         pub async fn save(&mut self) -> Result<(), Error> {
             match self.never {}
         }
+    }
+}
+
+/// Stands in for `secrets::table::store` (data keys wrapped by AWS KMS in a table).
+#[derive(Debug)]
+pub struct KeyTableStore {
+    /// As in the real store.
+    pub table: KeyTable,
+    /// Makes the type uninhabited.
+    never: Infallible,
+}
+
+impl KeyTableStore {
+    /// Fails: no AWS support in this build.
+    pub async fn open(_keys: &KeysSpec, _pinned: bool) -> Result<Self, Error> {
+        Err(without_aws("table"))
+    }
+
+    /// Unreachable: no value exists.
+    pub async fn new_key(&mut self, _id: KeyId) -> Result<Key, Error> {
+        match self.never {}
+    }
+
+    /// Unreachable: no value exists.
+    pub fn secret_id(&self) -> String {
+        match self.never {}
+    }
+
+    /// Unreachable: no value exists.
+    pub async fn save(&mut self) -> Result<(), Error> {
+        match self.never {}
+    }
+}
+
+/// Stands in for `secrets::rewrap` (master key rotation through AWS KMS).
+pub mod rewrap {
+    use super::*;
+    use crate::secrets::Store;
+
+    /// What a rewrap did (never, in this build).
+    #[derive(Debug, Clone, Default)]
+    pub struct Rewrapped {
+        /// The new master key's ARN.
+        pub target: String,
+        /// Wrapped data keys in the store.
+        pub total: usize,
+        /// Re-wrapped by this invocation.
+        pub rewrapped: usize,
+        /// Already under the new master key.
+        pub already: usize,
+        /// The master keys they were wrapped under before.
+        pub from: std::collections::BTreeSet<String>,
+    }
+
+    /// Fails: no AWS support in this build.
+    pub async fn open(_keys: &KeysSpec) -> Result<Store, Error> {
+        Err(without_aws("aws-kms"))
+    }
+
+    /// Fails: no AWS support in this build.
+    pub async fn rewrap(
+        _store: &mut Store,
+        _to: &str,
+        _done: impl FnMut(KeyId),
+    ) -> Result<Rewrapped, Error> {
+        Err(without_aws("aws-kms"))
     }
 }
 

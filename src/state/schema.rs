@@ -21,6 +21,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (8, include_str!("../../sql/008_audit_chain.sql")),
     (9, include_str!("../../sql/009_key_usage_shards.sql")),
     (10, include_str!("../../sql/010_split_wanted.sql")),
+    (11, include_str!("../../sql/011_key_table.sql")),
 ];
 
 /// Creates or upgrades schema `rekey`. Safe to run from several processes

@@ -14,6 +14,7 @@ mod formats;
 mod inputs;
 mod interop;
 mod json_errors;
+mod key_hierarchy;
 mod lanes;
 mod layouts;
 mod libpq;

@@ -1,0 +1,107 @@
+//! `rekey secrets rewrap --to-kms-key KEY`: master key rotation. Every data
+//! key of the job's key table or KMS keyring is re-wrapped under the new
+//! master key (see `secrets::rewrap`), under the job's lifecycle lock,
+//! audited before and after. The old master key is left as it is.
+
+use serde_json::json;
+
+use crate::cli::args::RewrapArgs;
+use crate::cli::secrets::recorded;
+use crate::cli::{open, print_json};
+use crate::lifecycle::rotation::job_keys;
+use crate::secrets::rewrap::{self, rewrap as rewrap_keys};
+use crate::secrets::KeySource;
+use crate::state;
+use crate::Error;
+
+/// `rekey secrets rewrap`.
+pub async fn rewrap(a: &RewrapArgs) -> Result<u8, Error> {
+    let life = &a.life;
+    let mut opened = open(&life.common).await?;
+    let spec = opened.spec.clone();
+    let keys = job_keys(&spec)?;
+    if !matches!(keys.source, KeySource::Table | KeySource::AwsKms) {
+        return Err(Error::Config(format!(
+            "a master key rewrap re-wraps KMS-wrapped data keys: [keys] source must be \"table\" or \"aws-kms\", not {:?}",
+            keys.source
+        )));
+    }
+    state::ensure_schema(&mut opened.client).await?;
+    let client = &opened.client;
+    state::lock_lifecycle(client, spec.name.as_deref().unwrap_or_default()).await?;
+    let mut store = rewrap::open(&keys).await?;
+    let secret_id = store.secret_id();
+    let to = &a.to_kms_key;
+    recorded(
+        life,
+        &spec,
+        client,
+        &secret_id,
+        "master_key_rewrap_started",
+        &format!("re-wrapping every data key under KMS key {to}"),
+    )
+    .await?;
+    let rewrapped = rewrap_keys(&mut store, to, |id| {
+        tracing::debug!("data key {id} re-wrapped")
+    })
+    .await;
+    let done = match rewrapped {
+        Ok(done) => done,
+        Err(e) => {
+            // the trail says it ended: what is re-wrapped stays so, a rerun finishes
+            let note = format!("rewrap to KMS key {to} stopped: {e}");
+            recorded(
+                life,
+                &spec,
+                client,
+                &secret_id,
+                "master_key_rewrap_failed",
+                &note,
+            )
+            .await?;
+            return Err(e);
+        }
+    };
+    let from: Vec<&String> = done.from.iter().collect();
+    let note = format!(
+        "{} of {} data keys re-wrapped under {} ({} already were), each checked to unwrap to the same key under it alone; \
+         no data key needs {} any more",
+        done.rewrapped,
+        done.total,
+        done.target,
+        done.already,
+        if from.is_empty() {
+            "any other master key".to_string()
+        } else {
+            format!("{from:?}")
+        }
+    );
+    recorded(
+        life,
+        &spec,
+        client,
+        &store.secret_id(),
+        "master_key_rewrapped",
+        &note,
+    )
+    .await?;
+    let next = format!(
+        "set [keys] kms_key_id = {to:?} in the job, so new data keys are wrapped under it; the old master key was left enabled: \
+         disable it (or schedule its deletion) once nothing else uses it"
+    );
+    if life.common.json {
+        print_json(&json!({
+            "event": "master_key_rewrapped",
+            "target": done.target,
+            "total": done.total,
+            "rewrapped": done.rewrapped,
+            "already": done.already,
+            "from": done.from,
+            "next": next,
+        }));
+    } else {
+        println!("{note}");
+        println!("next: {next}");
+    }
+    Ok(0)
+}

@@ -1,0 +1,384 @@
+//! The key table store: reads the application's key table and rekey's
+//! lifecycle markers and unwraps every data key through KMS (pinned to the
+//! job's master key, except for a rewrap). Writing back is in `write`; the
+//! state mapping is in the parent module's documentation.
+
+use std::collections::{BTreeMap, HashMap};
+
+use aws_sdk_kms::Client as Kms;
+use tokio_postgres::Client;
+
+use super::{marker_state, KeyColumns, Status, DEFAULT_PURPOSE, DEFAULT_TABLE};
+use crate::crypto::keyring::{Key, KeyId};
+use crate::crypto::keytable::{Entry, KeyState, KeyTable};
+use crate::db::{quote_ident, Database};
+use crate::error::DbContext;
+use crate::secrets::spec::KeysSpec;
+use crate::secrets::wrap;
+use crate::Error;
+
+/// A key table, opened: its keys unwrapped in memory.
+pub struct KeyTableStore {
+    /// A connection to the target database.
+    pub(super) client: Client,
+    /// KMS.
+    kms: Kms,
+    /// The master key new data keys are wrapped under, as the job names it.
+    master: String,
+    /// The table, as the catalog names it (`regclass` text).
+    pub(super) relation: String,
+    /// The keys' purpose.
+    pub(super) purpose: String,
+    /// Column names.
+    pub(super) columns: KeyColumns,
+    /// Type of each mapped column (`format_type`), for casts on write.
+    pub(super) types: HashMap<String, String>,
+    /// A new key's lifetime in days.
+    pub(super) expires_in_days: i32,
+    /// Each key's wrapped form, as stored (archive included).
+    pub(super) wrapped: HashMap<KeyId, Vec<u8>>,
+    /// Each row's algorithm.
+    pub(super) algorithms: HashMap<KeyId, String>,
+    /// Each row's status as last read or written: a save refuses a table
+    /// changed since (another writer's promotion, a key added by hand).
+    pub(super) seen: BTreeMap<i64, String>,
+    /// Whether every key must unwrap under `master` alone (all but a
+    /// rewrap, which finds keys under either master key).
+    pinned: bool,
+    /// The keys, unwrapped.
+    pub table: KeyTable,
+}
+
+impl std::fmt::Debug for KeyTableStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyTableStore")
+            .field("relation", &self.relation)
+            .field("purpose", &self.purpose)
+            .field("master", &self.master)
+            .field("table", &self.table)
+            .finish()
+    }
+}
+
+/// One row of the key table, as read.
+struct Row {
+    version: KeyId,
+    status: Status,
+    blob: Vec<u8>,
+    algorithm: String,
+    created_at: u64,
+}
+
+/// One lifecycle marker of rekey's.
+struct Marker {
+    state: KeyState,
+    changed_at: u64,
+    compromised: bool,
+    archived: Option<Vec<u8>>,
+}
+
+fn secs(v: Option<i64>) -> u64 {
+    v.and_then(|v| u64::try_from(v).ok()).unwrap_or(0)
+}
+
+impl KeyTableStore {
+    /// Opens the key table `keys` names and unwraps its keys; with
+    /// `pinned`, under the job's master key alone.
+    pub async fn open(keys: &KeysSpec, pinned: bool) -> Result<Self, Error> {
+        let master = keys.kms_key_id.clone().ok_or_else(|| {
+            Error::Config("keys source \"table\" needs kms_key_id = \"alias/... or key ARN\" (the master key that wraps the data keys)".into())
+        })?;
+        let url = keys.database_url.clone().ok_or_else(|| {
+            Error::Config("keys source \"table\" reads its keys from the target database: give it with --database-url, DATABASE_URL or [database] url".into())
+        })?;
+        let client = Database::parse(&url)
+            .map_err(|e| Error::Config(e.to_string()))?
+            .connect()
+            .await?;
+        let kms = Kms::new(&crate::secrets::aws::sdk_config(keys).await);
+        let name = keys.table.clone().unwrap_or_else(|| DEFAULT_TABLE.into());
+        let quoted = name
+            .split('.')
+            .map(quote_ident)
+            .collect::<Vec<_>>()
+            .join(".");
+        let relation: Option<String> = client
+            .query_one("SELECT to_regclass($1)::text", &[&quoted])
+            .await
+            .ctx(|| format!("looking up the key table {name:?}"))?
+            .get(0);
+        let relation = relation.ok_or_else(|| {
+            Error::Config(format!(
+                "the key table {name:?} does not exist in the target database (or this role cannot see it): set [keys] table"
+            ))
+        })?;
+        let columns = keys.columns.clone().unwrap_or_default();
+        let types = column_types(&client, &relation, &columns).await?;
+        let mut store = KeyTableStore {
+            client,
+            kms,
+            master,
+            relation,
+            purpose: keys
+                .purpose
+                .clone()
+                .unwrap_or_else(|| DEFAULT_PURPOSE.into()),
+            columns,
+            types,
+            expires_in_days: keys
+                .expires_in_days
+                .unwrap_or(super::DEFAULT_EXPIRES_IN_DAYS)
+                .try_into()
+                .unwrap_or(i32::MAX),
+            wrapped: HashMap::new(),
+            algorithms: HashMap::new(),
+            seen: BTreeMap::new(),
+            pinned,
+            table: KeyTable::default(),
+        };
+        store.load().await?;
+        Ok(store)
+    }
+
+    fn col(&self, c: &str) -> String {
+        quote_ident(c)
+    }
+
+    pub(super) fn ty(&self, c: &str) -> &str {
+        self.types.get(c).map_or("text", String::as_str)
+    }
+
+    /// Reads the rows and markers and unwraps every key.
+    async fn load(&mut self) -> Result<(), Error> {
+        let c = &self.columns;
+        let sql = format!(
+            "SELECT {v}::bigint, {s}::text, {k}, {a}::text, extract(epoch FROM {cr})::bigint FROM {t} WHERE {p}::text = $1 ORDER BY 1",
+            v = self.col(&c.version),
+            s = self.col(&c.status),
+            k = self.col(&c.encrypted_key),
+            a = self.col(&c.algorithm),
+            cr = self.col(&c.created_at),
+            p = self.col(&c.purpose),
+            t = self.relation,
+        );
+        let what = || format!("reading the key table {}", self.relation);
+        let mut rows = Vec::new();
+        for r in self.client.query(&sql, &[&self.purpose]).await.ctx(what)? {
+            let version: i64 = r.get(0);
+            let version = KeyId::try_from(version).map_err(|_| {
+                Error::Config(format!(
+                    "key table {}: version {version} is not a key id rekey can use (1 to {})",
+                    self.relation,
+                    KeyId::MAX
+                ))
+            })?;
+            let status: Option<String> = r.get(1);
+            let status = status.as_deref().and_then(Status::parse).ok_or_else(|| {
+                Error::Config(format!(
+                    "key table {}: version {version} has status {status:?}; rekey reads ACTIVE, INACTIVE or COMPROMISED",
+                    self.relation
+                ))
+            })?;
+            let blob: Option<Vec<u8>> = r.get(2);
+            let blob = blob.ok_or_else(|| {
+                Error::Config(format!(
+                    "key table {}: version {version} has no wrapped key",
+                    self.relation
+                ))
+            })?;
+            rows.push(Row {
+                version,
+                status,
+                blob,
+                algorithm: r.get::<_, Option<String>>(3).unwrap_or_default(),
+                created_at: secs(r.get(4)),
+            });
+        }
+        let active: Vec<KeyId> = rows
+            .iter()
+            .filter(|r| r.status == Status::Active)
+            .map(|r| r.version)
+            .collect();
+        if active.len() > 1 {
+            return Err(Error::Config(format!(
+                "key table {} has {} ACTIVE keys for purpose {:?} (versions {active:?}); applications must agree on one: set all but one INACTIVE",
+                self.relation, active.len(), self.purpose
+            )));
+        }
+        self.seen = rows
+            .iter()
+            .map(|r| (i64::from(r.version), r.status.as_str().to_string()))
+            .collect();
+        let markers = self.markers().await?;
+        let mut table = KeyTable::default();
+        for r in rows {
+            let m = markers.get(&r.version);
+            let key = self.unwrap(r.version, &r.blob).await?;
+            table.entries.push(Entry {
+                id: r.version,
+                state: r.status.state(m.map(|m| m.state)),
+                created_at: r.created_at,
+                changed_at: m.map_or(r.created_at, |m| m.changed_at),
+                key: Some(key),
+                compromised: r.status == Status::Compromised || m.is_some_and(|m| m.compromised),
+            });
+            self.wrapped.insert(r.version, r.blob);
+            self.algorithms.insert(r.version, r.algorithm);
+        }
+        for (version, m) in markers {
+            if m.state != KeyState::Retired || table.entries.iter().any(|e| e.id == version) {
+                continue;
+            }
+            let key = match &m.archived {
+                Some(blob) => Some(self.unwrap(version, blob).await?),
+                None => None,
+            };
+            if let Some(blob) = m.archived {
+                self.wrapped.insert(version, blob);
+            }
+            table.entries.push(Entry {
+                id: version,
+                state: KeyState::Retired,
+                created_at: 0,
+                changed_at: m.changed_at,
+                key,
+                compromised: m.compromised,
+            });
+        }
+        table.entries.sort_by_key(|e| e.id);
+        self.table = table;
+        Ok(())
+    }
+
+    async fn unwrap(&self, version: KeyId, blob: &[u8]) -> Result<Key, Error> {
+        let (key, _) = wrap::unwrap(&self.kms, version, blob, self.pinned.then_some(self.master.as_str()))
+            .await
+            .map_err(|e| {
+                Error::Runtime(format!(
+                    "key table {}: {e}; is it wrapped under another master key? If a master key rewrap is under way, finish it \
+                     (`rekey secrets rewrap --to-kms-key ...`) and name that key in [keys] kms_key_id",
+                    self.relation
+                ))
+            })?;
+        Ok(key)
+    }
+
+    /// rekey's markers for this table and purpose (none before rekey's schema exists).
+    async fn markers(&self) -> Result<BTreeMap<KeyId, Marker>, Error> {
+        let what = || "reading rekey's key table markers".to_string();
+        let exists: bool = self
+            .client
+            .query_one(
+                "SELECT to_regclass('rekey.key_table_keys') IS NOT NULL",
+                &[],
+            )
+            .await
+            .ctx(what)?
+            .get(0);
+        let mut out = BTreeMap::new();
+        if !exists {
+            return Ok(out);
+        }
+        let rows = self
+            .client
+            .query(
+                "SELECT version, state, extract(epoch FROM changed_at)::bigint, compromised, archived_key
+                   FROM rekey.key_table_keys WHERE key_table = $1 AND purpose = $2",
+                &[&self.relation, &self.purpose],
+            )
+            .await
+            .ctx(what)?;
+        for r in rows {
+            let version: i64 = r.get(0);
+            let state: String = r.get(1);
+            let (Ok(version), Some(state)) = (KeyId::try_from(version), marker_state(&state))
+            else {
+                continue;
+            };
+            out.insert(
+                version,
+                Marker {
+                    state,
+                    changed_at: secs(r.get(2)),
+                    compromised: r.get(3),
+                    archived: r.get(4),
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    /// A new data key from KMS under the job's master key.
+    pub async fn new_key(&mut self, id: KeyId) -> Result<Key, Error> {
+        let (key, blob) = wrap::generate(&self.kms, id, &self.master).await?;
+        self.wrapped.insert(id, blob);
+        Ok(key)
+    }
+
+    /// Names the store for the audit trail.
+    pub fn secret_id(&self) -> String {
+        format!("table:{}:{}", self.relation, self.purpose)
+    }
+
+    /// Reads the table again (a rewrap's final check sees keys added meanwhile).
+    pub async fn refresh(&mut self) -> Result<(), Error> {
+        self.load().await
+    }
+
+    /// Every stored wrapped data key (archive included), by key id: what a
+    /// master key rewrap re-wraps.
+    pub fn wrapped_keys(&self) -> Vec<(KeyId, Vec<u8>)> {
+        let mut v: Vec<_> = self.wrapped.iter().map(|(k, b)| (*k, b.clone())).collect();
+        v.sort_by_key(|(k, _)| *k);
+        v
+    }
+
+    /// KMS, for the rewrap.
+    pub fn kms(&self) -> &Kms {
+        &self.kms
+    }
+}
+
+/// The type of each mapped column; refuses a table that lacks one.
+async fn column_types(
+    client: &Client,
+    relation: &str,
+    c: &KeyColumns,
+) -> Result<HashMap<String, String>, Error> {
+    let rows = client
+        .query(
+            "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute
+              WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped",
+            &[&relation],
+        )
+        .await
+        .ctx(|| format!("reading the columns of the key table {relation}"))?;
+    let types: HashMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let wanted = [
+        ("version", &c.version),
+        ("purpose", &c.purpose),
+        ("algorithm", &c.algorithm),
+        ("encrypted_key", &c.encrypted_key),
+        ("status", &c.status),
+        ("created_at", &c.created_at),
+        ("expires_at", &c.expires_at),
+    ];
+    let missing: Vec<String> = wanted
+        .iter()
+        .filter(|(_, name)| !types.contains_key(name.as_str()))
+        .map(|(field, name)| format!("{field} = {name:?}"))
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::Config(format!(
+            "the key table {relation} has no column for {}: name its columns in [keys.columns]",
+            missing.join(", ")
+        )));
+    }
+    if types.get(&c.encrypted_key).map(String::as_str) != Some("bytea") {
+        return Err(Error::Config(format!(
+            "the key table {relation}: column {:?} must be bytea (the KMS ciphertext blob, as GenerateDataKey returns it)",
+            c.encrypted_key
+        )));
+    }
+    Ok(types)
+}

@@ -1,0 +1,193 @@
+//! Writing a key table back: a transition in one transaction (statuses,
+//! a new row, a retired row moved to rekey's archive), refused if the table
+//! changed since it was read; and one wrapped key replaced by compare-and-swap,
+//! for a master key rewrap.
+
+use std::collections::BTreeMap;
+
+use super::store::KeyTableStore;
+use super::{Status, DEFAULT_ALGORITHM};
+use crate::crypto::keyring::KeyId;
+use crate::crypto::keytable::{Entry, KeyState};
+use crate::db::quote_ident;
+use crate::error::DbContext;
+use crate::Error;
+
+impl KeyTableStore {
+    /// Writes the table's keys back in one transaction: every status, any
+    /// new row, retired rows moved into rekey's archive. Demotions are
+    /// written before the promotion, so a unique index on the ACTIVE row
+    /// holds at every statement.
+    pub async fn save(&mut self) -> Result<(), Error> {
+        let c = self.columns.clone();
+        let what = || format!("writing the key table {}", self.relation);
+        let set_status = format!(
+            "UPDATE {t} SET {s} = $3::text::{st} WHERE {p}::text = $1 AND {v} = $2::bigint AND {s}::text IS DISTINCT FROM $3",
+            t = self.relation,
+            s = quote_ident(&c.status),
+            st = self.ty(&c.status),
+            p = quote_ident(&c.purpose),
+            v = quote_ident(&c.version),
+        );
+        let insert = format!(
+            "INSERT INTO {t} ({v}, {p}, {a}, {k}, {s}, {cr}, {ex}) VALUES ($2::bigint, $1::text::{pt}, $4::text::{at}, $5, $3::text::{st}, now(), now() + make_interval(days => $6))",
+            t = self.relation,
+            v = quote_ident(&c.version),
+            p = quote_ident(&c.purpose),
+            a = quote_ident(&c.algorithm),
+            k = quote_ident(&c.encrypted_key),
+            s = quote_ident(&c.status),
+            cr = quote_ident(&c.created_at),
+            ex = quote_ident(&c.expires_at),
+            pt = self.ty(&c.purpose),
+            at = self.ty(&c.algorithm),
+            st = self.ty(&c.status),
+        );
+        let delete = format!(
+            "DELETE FROM {t} WHERE {p}::text = $1 AND {v} = $2::bigint",
+            t = self.relation,
+            p = quote_ident(&c.purpose),
+            v = quote_ident(&c.version),
+        );
+        let mark = "INSERT INTO rekey.key_table_keys (key_table, purpose, version, state, changed_at, compromised, archived_key)
+                    VALUES ($1, $2, $3, $4, to_timestamp($5), $6, $7)
+                    ON CONFLICT (key_table, purpose, version) DO UPDATE SET state = EXCLUDED.state,
+                      changed_at = EXCLUDED.changed_at, compromised = EXCLUDED.compromised, archived_key = EXCLUDED.archived_key";
+        let tx = self.client.transaction().await.ctx(what)?;
+        let now: BTreeMap<i64, String> = tx
+            .query(
+                &format!(
+                    "SELECT {v}::bigint, {s}::text FROM {t} WHERE {p}::text = $1 FOR UPDATE",
+                    v = quote_ident(&c.version),
+                    s = quote_ident(&c.status),
+                    p = quote_ident(&c.purpose),
+                    t = self.relation
+                ),
+                &[&self.purpose],
+            )
+            .await
+            .ctx(what)?
+            .iter()
+            .map(|r| (r.get(0), r.get::<_, Option<String>>(1).unwrap_or_default()))
+            .collect();
+        if now != self.seen {
+            return Err(Error::Config(format!(
+                "the key table {} changed since rekey read it (versions and statuses now {now:?}, read as {:?}): nothing was written; run the command again",
+                self.relation, self.seen
+            )));
+        }
+        let algorithm = self
+            .table
+            .id_in(KeyState::Current)
+            .and_then(|id| self.algorithms.get(&id))
+            .filter(|a| !a.is_empty())
+            .cloned()
+            .unwrap_or_else(|| DEFAULT_ALGORITHM.into());
+        let mut order: Vec<&Entry> = self.table.entries.iter().collect();
+        order.sort_by_key(|e| e.state == KeyState::Current);
+        for e in order {
+            let version = i64::from(e.id);
+            let blob = self.wrapped.get(&e.id);
+            let mut archived = None;
+            if e.state == KeyState::Retired {
+                // material kept only while the table still holds it (purged: gone)
+                archived = e.key.as_ref().and(blob).cloned();
+                tx.execute(&delete, &[&self.purpose, &version])
+                    .await
+                    .ctx(what)?;
+            } else {
+                let blob = blob.ok_or_else(|| {
+                    Error::Runtime(format!(
+                        "key {} has no wrapped form; nothing was saved",
+                        e.id
+                    ))
+                })?;
+                let status = Status::of(e).as_str();
+                if now.contains_key(&version) {
+                    tx.execute(&set_status, &[&self.purpose, &version, &status])
+                        .await
+                        .ctx(what)?;
+                } else {
+                    tx.execute(
+                        &insert,
+                        &[
+                            &self.purpose,
+                            &version,
+                            &status,
+                            &algorithm,
+                            blob,
+                            &self.expires_in_days,
+                        ],
+                    )
+                    .await
+                    .ctx(what)?;
+                }
+            }
+            let changed_at = e.changed_at as f64;
+            tx.execute(
+                mark,
+                &[
+                    &self.relation,
+                    &self.purpose,
+                    &version,
+                    &e.state.to_string(),
+                    &changed_at,
+                    &e.compromised,
+                    &archived,
+                ],
+            )
+            .await
+            .ctx(what)?;
+        }
+        tx.commit().await.ctx(what)?;
+        self.seen = self
+            .table
+            .entries
+            .iter()
+            .filter(|e| e.state != KeyState::Retired)
+            .map(|e| (i64::from(e.id), Status::of(e).as_str().to_string()))
+            .collect();
+        Ok(())
+    }
+
+    /// Replaces key `id`'s wrapped form, only if it still is `old`
+    /// (compare-and-swap, committed at once): a rewrap killed at any
+    /// instant leaves each key wrapped under one master key or the other,
+    /// never lost. Returns whether it replaced it.
+    pub async fn replace_wrapped(
+        &mut self,
+        id: KeyId,
+        old: &[u8],
+        new: &[u8],
+    ) -> Result<bool, Error> {
+        let c = &self.columns;
+        let version = i64::from(id);
+        let what = || format!("re-wrapping key {id} in the key table {}", self.relation);
+        let sql = format!(
+            "UPDATE {t} SET {k} = $4 WHERE {p}::text = $1 AND {v} = $2::bigint AND {k} = $3",
+            t = self.relation,
+            k = quote_ident(&c.encrypted_key),
+            p = quote_ident(&c.purpose),
+            v = quote_ident(&c.version),
+        );
+        let mut n = self
+            .client
+            .execute(&sql, &[&self.purpose, &version, &old, &new])
+            .await
+            .ctx(what)?;
+        if n == 0 {
+            n = self
+                .client
+                .execute(
+                    "UPDATE rekey.key_table_keys SET archived_key = $5 WHERE key_table = $1 AND purpose = $2 AND version = $3 AND archived_key = $4",
+                    &[&self.relation, &self.purpose, &version, &old, &new],
+                )
+                .await
+                .ctx(what)?;
+        }
+        if n > 0 {
+            self.wrapped.insert(id, new.to_vec());
+        }
+        Ok(n > 0)
+    }
+}

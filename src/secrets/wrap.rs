@@ -1,0 +1,168 @@
+//! The AWS KMS calls of a key hierarchy, in one place for the stores that
+//! keep data keys wrapped by a master key (the key table) and for the master
+//! key rewrap: unwrap (Decrypt), generate (GenerateDataKey), re-wrap
+//! (ReEncrypt) and check a master key (DescribeKey). Plaintext data keys
+//! come back as [`Key`]s, zeroized on drop; errors name keys by id, never
+//! by value.
+
+use aws_sdk_kms::error::DisplayErrorContext;
+use aws_sdk_kms::primitives::Blob;
+use aws_sdk_kms::types::{DataKeySpec, KeyState, KeyUsageType};
+use aws_sdk_kms::Client;
+use zeroize::Zeroizing;
+
+use crate::crypto::keyring::{Key, KeyId, KEY_LEN};
+use crate::Error;
+
+/// Why a KMS call of the key hierarchy failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WrapError {
+    /// KMS refused or could not be reached.
+    #[error("AWS KMS, {what}: {detail}")]
+    Kms {
+        /// What rekey asked for.
+        what: String,
+        /// KMS's answer.
+        detail: String,
+    },
+    /// KMS answered without what the call promises.
+    #[error("AWS KMS, {0}: the answer lacks its result")]
+    Incomplete(String),
+    /// A data key that is not 32 bytes (not an AES-256 key).
+    #[error("AWS KMS unwrapped data key {id} to {len} bytes, not 32: it is not an AES-256 key")]
+    Length {
+        /// The key's id.
+        id: KeyId,
+        /// Its length.
+        len: usize,
+    },
+    /// A master key that cannot wrap data keys.
+    #[error("KMS key {key:?} cannot wrap data keys: {why}")]
+    Unusable {
+        /// The key as the job or command names it.
+        key: String,
+        /// Its state or usage.
+        why: String,
+    },
+}
+
+impl From<WrapError> for Error {
+    fn from(e: WrapError) -> Self {
+        match e {
+            WrapError::Unusable { .. } => Error::Config(e.to_string()),
+            _ => Error::Runtime(e.to_string()),
+        }
+    }
+}
+
+fn kms(what: String, e: impl std::error::Error) -> WrapError {
+    WrapError::Kms {
+        what,
+        detail: DisplayErrorContext(e).to_string(),
+    }
+}
+
+/// 32 plaintext bytes from KMS as a key, the copy KMS's answer held wiped.
+fn as_key(id: KeyId, plain: Option<&Blob>) -> Result<Key, WrapError> {
+    let plain = Zeroizing::new(plain.map(|p| p.as_ref().to_vec()).unwrap_or_default());
+    let material: [u8; KEY_LEN] = plain.as_slice().try_into().map_err(|_| WrapError::Length {
+        id,
+        len: plain.len(),
+    })?;
+    Ok(Key::new(id, material))
+}
+
+/// Unwraps data key `id`; with `pinned`, only under that master key (KMS
+/// refuses a blob wrapped under another). Returns the key and the ARN of
+/// the master key it was wrapped under.
+pub async fn unwrap(
+    client: &Client,
+    id: KeyId,
+    blob: &[u8],
+    pinned: Option<&str>,
+) -> Result<(Key, String), WrapError> {
+    let out = client
+        .decrypt()
+        .ciphertext_blob(Blob::new(blob.to_vec()))
+        .set_key_id(pinned.map(str::to_string))
+        .send()
+        .await
+        .map_err(|e| kms(format!("unwrapping data key {id}"), e))?;
+    let arn = out.key_id().unwrap_or_default().to_string();
+    Ok((as_key(id, out.plaintext())?, arn))
+}
+
+/// A new AES-256 data key from KMS (GenerateDataKey), and its wrapped form.
+pub async fn generate(
+    client: &Client,
+    id: KeyId,
+    master: &str,
+) -> Result<(Key, Vec<u8>), WrapError> {
+    let what = || format!("generating data key {id} under {master:?}");
+    let out = client
+        .generate_data_key()
+        .key_id(master)
+        .key_spec(DataKeySpec::Aes256)
+        .send()
+        .await
+        .map_err(|e| kms(what(), e))?;
+    let blob = out
+        .ciphertext_blob()
+        .ok_or_else(|| WrapError::Incomplete(what()))?
+        .as_ref()
+        .to_vec();
+    Ok((as_key(id, out.plaintext())?, blob))
+}
+
+/// Data key `id` re-wrapped under master key `to` inside KMS (ReEncrypt:
+/// the plaintext never leaves KMS).
+pub async fn rewrap(
+    client: &Client,
+    id: KeyId,
+    blob: &[u8],
+    to: &str,
+) -> Result<Vec<u8>, WrapError> {
+    let what = || format!("re-wrapping data key {id} under {to:?}");
+    let out = client
+        .re_encrypt()
+        .ciphertext_blob(Blob::new(blob.to_vec()))
+        .destination_key_id(to)
+        .send()
+        .await
+        .map_err(|e| kms(what(), e))?;
+    Ok(out
+        .ciphertext_blob()
+        .ok_or_else(|| WrapError::Incomplete(what()))?
+        .as_ref()
+        .to_vec())
+}
+
+/// The ARN of master key `key` (an id, ARN or alias), refused unless it is
+/// enabled and made for encryption: the key new data keys are wrapped under.
+pub async fn usable_master(client: &Client, key: &str) -> Result<String, WrapError> {
+    let unusable = |why: String| WrapError::Unusable {
+        key: key.to_string(),
+        why,
+    };
+    let out = client.describe_key().key_id(key).send().await.map_err(|e| {
+        unusable(format!(
+            "{} (check the id or alias, the region and endpoint, and that this identity may call kms:DescribeKey on it)",
+            DisplayErrorContext(e)
+        ))
+    })?;
+    let meta = out
+        .key_metadata()
+        .ok_or_else(|| WrapError::Incomplete(format!("describing {key:?}")))?;
+    if meta.key_state() != Some(&KeyState::Enabled) {
+        return Err(unusable(format!(
+            "its state is {}; enable it (aws kms enable-key, or cancel its deletion) and run again",
+            meta.key_state().map_or("unknown", |s| s.as_str())
+        )));
+    }
+    if meta.key_usage() != Some(&KeyUsageType::EncryptDecrypt) {
+        return Err(unusable(
+            "it is not a symmetric ENCRYPT_DECRYPT key; name one that is".into(),
+        ));
+    }
+    Ok(meta.arn().unwrap_or(key).to_string())
+}

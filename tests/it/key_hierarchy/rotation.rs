@@ -1,0 +1,255 @@
+//! A data key rotation through the seed's key table: adopted as it is,
+//! a new key from GenerateDataKey staged INACTIVE (never what the
+//! application writes with), values re-encrypted, promoted in one
+//! transaction, the old key retired; then a compromise rotation end to end.
+
+use super::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_seed_key_table_is_adopted_and_data_keys_rotate_through_it_while_the_application_reads_every_value(
+) {
+    let db = TestDb::new().await;
+    let master = master_key(true);
+    seed(&db, &master, 1, 200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = job(&db, &dir, &master);
+    let env = aws_env();
+
+    let out = rekey(&["secrets", "init", "--adopt", "--job", &j, "--json"], &env);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(
+        json(&out)["keys"][0]["state"],
+        "current",
+        "{}",
+        printed(&out)
+    );
+    let seen = app(&db, "-").await.unwrap();
+    assert_eq!((seen.active, seen.read), (1, 200));
+
+    // stage: a new row, INACTIVE: the application keeps writing with key 1
+    let out = rekey(&["secrets", "stage", "--job", &j], &env);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(
+        statuses(&db).await,
+        vec![(1, "ACTIVE".into()), (2, "INACTIVE".into())]
+    );
+    let marker: String = db
+        .client
+        .query_one(
+            "SELECT state FROM rekey.key_table_keys WHERE version = 2",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(marker, "pending");
+    let seen = app(&db, "-").await.unwrap();
+    assert_eq!(
+        (seen.active, seen.read),
+        (1, 201),
+        "a staged key is not what the application writes with"
+    );
+
+    // run: every value onto key 2, which the application reads by version
+    let out = rekey(&["run", "--job", &j, "--json"], &env);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(json(&out)["values_rewritten"], 202);
+    let seen = app(&db, "-").await.unwrap();
+    assert_eq!((seen.active, seen.read), (1, 202));
+    // the value the application wrote meanwhile, under key 1, is picked up
+    let out = rekey(&["run", "--job", &j, "--json"], &env);
+    assert_eq!(json(&out)["values_rewritten"], 1, "{}", printed(&out));
+    let out = rekey(&["verify", "--job", &j, "--full", "--json"], &env);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+
+    // promote: old INACTIVE and new ACTIVE in one transaction
+    db.client
+        .batch_execute("TRUNCATE status_changes")
+        .await
+        .unwrap();
+    let out = rekey(&["secrets", "promote", "--job", &j], &env);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(
+        statuses(&db).await,
+        vec![(1, "INACTIVE".into()), (2, "ACTIVE".into())]
+    );
+    let (changes, transactions): (i64, i64) = db
+        .client
+        .query_one(
+            "SELECT count(*), count(DISTINCT tx) FROM status_changes",
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(
+        (changes, transactions),
+        (2, 1),
+        "a promotion is one transaction"
+    );
+    let seen = app(&db, "-").await.unwrap();
+    assert_eq!((seen.active, seen.read), (2, 203));
+
+    // retire: key 1's row leaves the table (kept wrapped in rekey's archive)
+    let out = rekey(&["secrets", "retire", "--job", &j, "--json"], &env);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(statuses(&db).await, vec![(2, "ACTIVE".into())]);
+    let archived: bool = db
+        .client
+        .query_one(
+            "SELECT state = 'retired' AND archived_key IS NOT NULL FROM rekey.key_table_keys WHERE version = 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(archived);
+    let seen = app(&db, "-").await.unwrap();
+    assert_eq!((seen.active, seen.read), (2, 204));
+
+    // a compromise rotation, end to end: key 2 COMPROMISED when key 3 becomes ACTIVE
+    db.client
+        .batch_execute("TRUNCATE status_changes")
+        .await
+        .unwrap();
+    let out = rekey(
+        &[
+            "rotate",
+            "--job",
+            &j,
+            "--json",
+            "--no-wait",
+            "--reason",
+            "compromise",
+        ],
+        &env,
+    );
+    assert_eq!(
+        (out.status.code(), json(&out)["step"].as_str()),
+        (Some(0), Some("retired")),
+        "{}",
+        printed(&out)
+    );
+    let changes: Vec<(i32, String, i64)> = db
+        .client
+        .query(
+            "SELECT version, status, dense_rank() OVER (ORDER BY tx) FROM status_changes ORDER BY tx, version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        changes,
+        vec![(2, "COMPROMISED".into(), 1), (3, "ACTIVE".into(), 1)],
+        "the compromised key demoted and the new one promoted in one transaction"
+    );
+    assert_eq!(statuses(&db).await, vec![(3, "ACTIVE".into())]);
+    let purged: bool = db
+        .client
+        .query_one(
+            "SELECT compromised AND archived_key IS NULL FROM rekey.key_table_keys WHERE version = 2",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(purged, "a compromised key's wrapped material is destroyed");
+    let seen = app(&db, "-").await.unwrap();
+    assert_eq!((seen.active, seen.read), (3, 205));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_table_with_two_active_keys_or_missing_columns_is_refused_with_the_fix() {
+    let db = TestDb::new().await;
+    let master = master_key(false);
+    seed(&db, &master, 2, 10).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = job(&db, &dir, &master);
+    db.client
+        .batch_execute(
+            "DROP INDEX encryption_keys_one_active; UPDATE encryption_keys SET status = 'ACTIVE'",
+        )
+        .await
+        .unwrap();
+    let out = rekey(&["secrets", "show", "--job", &j], &aws_env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        stderr(&out).contains("2 ACTIVE keys") && stderr(&out).contains("set all but one INACTIVE"),
+        "{}",
+        printed(&out)
+    );
+    db.client
+        .batch_execute(r#"ALTER TABLE encryption_keys RENAME COLUMN "expiresAt" TO expires"#)
+        .await
+        .unwrap();
+    let out = rekey(&["secrets", "show", "--job", &j], &aws_env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        stderr(&out).contains("expires_at = \"expiresAt\"")
+            && stderr(&out).contains("[keys.columns]"),
+        "{}",
+        printed(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_table_changed_between_read_and_write_is_not_overwritten() {
+    let db = TestDb::new().await;
+    let master = master_key(false);
+    seed(&db, &master, 1, 10).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = job(&db, &dir, &master);
+    for step in ["stage", "promote"] {
+        let out = rekey(&["secrets", step, "--job", &j], &aws_env());
+        assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    }
+    // hold rekey between reading the key table and writing it back: its
+    // markers are read after the rows, and wait for this lock
+    let blocker = connect(&db.url).await;
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE rekey.key_table_keys IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let child = spawn_rekey_captured(&["secrets", "stage", "--job", &j], &aws_env());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let waiting: i64 = db
+            .client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%key_table_keys%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rekey never reached the key table"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // the application's security team marks key 1 compromised meanwhile
+    db.client
+        .batch_execute("UPDATE encryption_keys SET status = 'COMPROMISED' WHERE version = 1")
+        .await
+        .unwrap();
+    blocker.batch_execute("COMMIT").await.unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        stderr(&out).contains("changed since rekey read it"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(
+        statuses(&db).await,
+        vec![(1, "COMPROMISED".into()), (2, "ACTIVE".into())],
+        "nothing written over the change"
+    );
+}
