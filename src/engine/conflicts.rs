@@ -78,6 +78,7 @@ pub(super) async fn retry_conflicts(
                     last_key: None,
                     end: false,
                     lease: None,
+                    upper: None,
                 };
                 let batch = on_pool(
                     shared.job.clone(),
@@ -161,6 +162,7 @@ async fn locked_one_by_one(
                 last_key: None,
                 end: false,
                 lease: None,
+                upper: None,
             };
             let batch = on_pool(
                 shared.job.clone(),

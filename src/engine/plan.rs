@@ -193,15 +193,17 @@ pub struct ColumnPlan {
 /// Values `job` would rewrite now, every encrypted column together. Search
 /// hashes are left out: no count tells which key made one (a run reads
 /// them all; a full verify decides), and rotation steps ask about ciphertexts.
+/// So is every column of a hash-only target: its ciphertexts are never rewritten.
 pub async fn values_to_rewrite(client: &Client, job: &Job) -> Result<u64, Error> {
     Ok(count_by_key(client, job)
         .await?
         .iter()
         .filter(|c| {
             let t = &job.targets[c.target];
-            t.hash
-                .as_ref()
-                .is_none_or(|h| t.columns[h.column].name != c.column)
+            !t.hash_only()
+                && t.hash
+                    .as_ref()
+                    .is_none_or(|h| t.columns[h.column].name != c.column)
         })
         .map(|c| c.to_rewrite)
         .sum())

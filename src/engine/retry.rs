@@ -156,6 +156,7 @@ pub(super) fn split(target: &crate::job::Target, mut b: Batch) -> (Batch, Batch)
         last_key: b.last_key,
         end: b.end,
         lease: b.lease,
+        upper: b.upper.clone(),
     };
     let first = Batch {
         range_index: b.range_index,
@@ -164,6 +165,7 @@ pub(super) fn split(target: &crate::job::Target, mut b: Batch) -> (Batch, Batch)
         last_key: first_last,
         end: false,
         lease: b.lease,
+        upper: b.upper,
     };
     (first, second)
 }

@@ -99,29 +99,46 @@ pub async fn stale_rows(client: &Client, job: &Job) -> Result<u64, Error> {
 }
 
 /// Refuses a run that would take a key past 2^32 random-nonce encryptions
-/// (README, Guarantees: the nonce budget), before any write; the sink enforces it per batch too.
+/// (README, Guarantees: the nonce budget), before any write; the sink
+/// enforces it per batch too. Targets sealing under the same key are summed.
 async fn check_nonce_budget(client: &Client, job: &Job) -> Result<(), Error> {
+    let mut by_key: std::collections::BTreeMap<String, Vec<&Target>> = Default::default();
     for t in job
         .targets
         .iter()
         .filter(|t| t.write.format.random_nonces())
     {
-        let used =
-            state::encryptions_so_far(client, &t.write.keyring.target().fingerprint()).await?;
-        let columns = t.columns.len() as f64;
+        by_key
+            .entry(t.write.keyring.target().fingerprint())
+            .or_default()
+            .push(t);
+    }
+    for (fingerprint, targets) in by_key {
+        let used = state::encryptions_so_far(client, &fingerprint).await?;
         // far from the budget, the catalogue's size (four times over) settles
-        // it without counting the table; near it, the stale rows are counted
-        if plan::current_rows_estimate(client, t)
-            .await?
-            .is_some_and(|rows| used as f64 + 4.0 * rows * columns <= state::NONCE_BUDGET as f64)
-        {
+        // it without counting the tables; a table never analyzed, or
+        // analyzed empty, is counted
+        let mut estimated = 0.0;
+        for t in &targets {
+            match plan::current_rows_estimate(client, t).await? {
+                Some(rows) if rows >= 1.0 => estimated += rows * t.columns.len() as f64,
+                _ => {
+                    estimated = f64::INFINITY;
+                    break;
+                }
+            }
+        }
+        if used as f64 + 4.0 * estimated <= state::NONCE_BUDGET as f64 {
             continue;
         }
-        let rows = i64::try_from(stale_rows_of(client, t).await?).unwrap_or(i64::MAX);
-        let most = used.saturating_add(rows.saturating_mul(t.columns.len() as i64));
+        let mut most = used;
+        for t in &targets {
+            let rows = i64::try_from(stale_rows_of(client, t).await?).unwrap_or(i64::MAX);
+            most = most.saturating_add(rows.saturating_mul(t.columns.len() as i64));
+        }
         if most > state::NONCE_BUDGET {
             return Err(crate::engine::sink::nonce_budget_spent(
-                t,
+                targets[0],
                 used,
                 "this run (nothing written)",
             ));

@@ -54,9 +54,16 @@ impl Shared {
         if left < page.saturating_mul(MIN_PAGES_LEFT) {
             return Ok(None);
         }
-        let Some(rest) =
-            state::split_range(source.client_mut(), *job_id, owner, generation, &range, &at)
-                .await?
+        let Some(rest) = state::split_range(
+            source.client_mut(),
+            *job_id,
+            owner,
+            generation,
+            &range,
+            upper,
+            &at,
+        )
+        .await?
         else {
             return Ok(None);
         };

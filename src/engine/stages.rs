@@ -111,6 +111,7 @@ pub(super) async fn read(
                 last_key,
                 end,
                 lease,
+                upper: upper.clone(),
             };
             if out.send(batch).await.is_err() {
                 return Ok(None);

@@ -10,8 +10,10 @@
 //! waits for every batch in flight to commit and counts what they added
 //! (two-key advisory locks, apart from the session locks on jobs).
 //! A batch that counted under the shared lock commits only while the sum
-//! stays [`NEAR`]` / 2` below the budget; the batches in flight beside it
-//! (a few thousand values each, per writer session) cannot make up the rest.
+//! stays [`NEAR`]` / 2` below the budget, and only a batch of at most
+//! `NEAR / 2 / max_connections` values counts under the shared lock (a
+//! larger one takes the exclusive lock): each session holds at most one
+//! batch, so the batches in flight beside it cannot make up the rest.
 
 use tokio_postgres::{Client, GenericClient};
 
@@ -50,8 +52,10 @@ pub async fn count_encryptions(
         .query_one(
             "SELECT near, CASE WHEN near THEN pg_advisory_xact_lock(hashtext('rekey.key_usage'), hashtext($1))::text
                                ELSE pg_advisory_xact_lock_shared(hashtext('rekey.key_usage'), hashtext($1))::text END
-               FROM (SELECT coalesce(sum(encryptions), 0)::bigint + $2::bigint > $3::bigint AS near FROM rekey.key_usage WHERE fingerprint = $1) s",
-            &[&fingerprint, &n, &(NONCE_BUDGET - NEAR)],
+               FROM (SELECT coalesce(sum(encryptions), 0)::bigint + $2::bigint > $3::bigint
+                            OR $2::bigint > $4::bigint / current_setting('max_connections')::bigint AS near
+                       FROM rekey.key_usage WHERE fingerprint = $1) s",
+            &[&fingerprint, &n, &(NONCE_BUDGET - NEAR), &(NEAR / 2)],
         )
         .await?
         .get(0);

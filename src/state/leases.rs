@@ -131,23 +131,32 @@ pub async fn release_ranges(client: &Client, job_id: i64, owner: &str) -> Result
     Ok(())
 }
 
-/// Splits the range `state` that `owner` holds under `generation` at `at`
-/// (a key after its last read row): the range now ends at `at`, and the rest,
-/// after `at` up to the old upper bound, becomes a new unleased range that an
-/// idle lane (of any process) can claim. One transaction, so the two ranges
-/// always cover exactly what the one did. Returns the new range, or `None`
-/// when the lease was lost or the range finished meanwhile (nothing changed).
+/// Splits the range `state` that `owner` holds under `generation`, and that
+/// ends at `upper` as its reader knows it, at `at` (a key after its last read
+/// row): the range now ends at `at`, and the rest, after `at` up to `upper`,
+/// becomes a new unleased range that an idle lane (of any process) can
+/// claim. One transaction, committed durably (whatever
+/// `synchronous_commit` says), so the two ranges always cover exactly what
+/// the one did. Returns the new range, or `None` when the lease was lost,
+/// the range finished, or its bound is not `upper` (a split whose outcome
+/// this reader never learned): nothing changed.
 pub async fn split_range(
     client: &mut Client,
     job_id: i64,
     owner: &str,
     generation: i64,
     state: &RangeState,
+    upper: Option<&KeyBytes>,
     at: &KeyBytes,
 ) -> Result<Option<RangeState>, Error> {
     let what = || format!("splitting range {} of job {job_id}", state.range_no);
     let target = state.target as i32;
     let tx = client.transaction().await.ctx(what)?;
+    // the reader stops at `at` once this commits: a commit the server could
+    // still lose would leave the rows after `at` in no range
+    tx.batch_execute("SET LOCAL synchronous_commit = on")
+        .await
+        .ctx(what)?;
     // range numbers of a target are handed out one split at a time
     tx.execute(
         "SELECT pg_advisory_xact_lock(hashtext('rekey.split'), hashtext($1::text))",
@@ -159,8 +168,9 @@ pub async fn split_range(
         .query_opt(
             "SELECT upper_key, table_name FROM rekey.progress
               WHERE job_id = $1 AND target = $2 AND range_no = $3 AND owner = $4 AND lease_gen = $5 AND NOT done
+                AND upper_key IS NOT DISTINCT FROM $6
                 FOR UPDATE",
-            &[&job_id, &target, &state.range_no, &owner, &generation],
+            &[&job_id, &target, &state.range_no, &owner, &generation, &upper],
         )
         .await
         .ctx(what)?
@@ -205,7 +215,8 @@ pub async fn split_range(
 /// Asks the owner of a range another process holds to split it, for a lane
 /// of `owner` that found nothing to claim: the range that has read the
 /// fewest rows (the most likely to have the most left), skipping one a
-/// batch is writing now (asked again at the next look).
+/// batch is writing now (asked again at the next look); none while a
+/// request is still open.
 pub async fn ask_for_split(client: &Client, job_id: i64, owner: &str) -> Result<u64, Error> {
     client
         .execute(
@@ -213,7 +224,9 @@ pub async fn ask_for_split(client: &Client, job_id: i64, owner: &str) -> Result<
                FROM (SELECT target, range_no FROM rekey.progress
                       WHERE job_id = $1 AND range_no >= 0 AND NOT done AND owner IS NOT NULL AND owner <> $2 AND NOT split_wanted
                       ORDER BY rows_scanned LIMIT 1 FOR UPDATE SKIP LOCKED) pick
-              WHERE p.job_id = $1 AND p.target = pick.target AND p.range_no = pick.range_no",
+              WHERE p.job_id = $1 AND p.target = pick.target AND p.range_no = pick.range_no
+                -- one request at a time: a range asked and not split yet is enough
+                AND NOT EXISTS (SELECT 1 FROM rekey.progress w WHERE w.job_id = $1 AND w.split_wanted AND NOT w.done)",
             &[&job_id, &owner],
         )
         .await

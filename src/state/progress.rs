@@ -102,6 +102,7 @@ pub async fn record_batch(
     lease: Option<Lease<'_>>,
     last: Option<&KeyBytes>,
     done: bool,
+    upper: Option<&KeyBytes>,
     c: &Counts,
 ) -> Result<Option<(String, bool)>, tokio_postgres::Error> {
     let v = as_params(c);
@@ -109,7 +110,7 @@ pub async fn record_batch(
     let generation = lease.map(|l| l.generation);
     let row = tx
         .query_opt(
-            "UPDATE rekey.progress SET last_key = coalesce($4, last_key), done = $5,
+            "UPDATE rekey.progress SET last_key = coalesce($4, last_key), done = $5 AND upper_key IS NOT DISTINCT FROM $15,
                     rows_scanned = rows_scanned + $6, rows_rewritten = rows_rewritten + $7,
                     values_rewritten = values_rewritten + $8, values_skipped = values_skipped + $9,
                     values_failed = values_failed + $10, conflicts = conflicts + $11,
@@ -134,6 +135,7 @@ pub async fn record_batch(
                 &owner,
                 &generation,
                 &v[6],
+                &upper,
             ],
         )
         .await?;

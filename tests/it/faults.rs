@@ -125,6 +125,7 @@ async fn an_application_update_between_read_and_write_is_not_overwritten() {
         last_key,
         end: true,
         lease: None,
+        upper: None,
     };
 
     // the application writes row 5 in between, still with the old key

@@ -1497,6 +1497,7 @@ async fn a_tampered_value_the_application_fixes_between_read_and_write_is_not_qu
         last_key,
         end: true,
         lease: None,
+        upper: None,
     };
 
     // the application fixes row 5's phone (a good value under V1) in between

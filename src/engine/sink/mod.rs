@@ -61,6 +61,10 @@ pub struct Batch {
     pub end: bool,
     /// The generation of the range's lease it was read under (`None`: not leased).
     pub lease: Option<i64>,
+    /// The range's upper bound as the reader knew it: the range is marked
+    /// done only where `rekey.progress` has the same bound (a split the
+    /// server lost leaves the range open, to be claimed again).
+    pub upper: Option<KeyBytes>,
 }
 
 /// What a committed batch records besides the rows.
@@ -412,6 +416,7 @@ async fn checkpoint(
                 lease,
                 batch.last_key.as_ref(),
                 batch.end,
+                batch.upper.as_ref(),
                 counts,
             )
             .await

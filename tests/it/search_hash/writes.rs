@@ -107,6 +107,7 @@ async fn an_application_write_to_the_hash_between_read_and_write_is_a_conflict_n
         last_key,
         end: true,
         lease: None,
+        upper: None,
     };
 
     // the application writes row 5's hash in between (only the hash column)
