@@ -90,6 +90,18 @@ pub struct Lease<'a> {
     pub generation: i64,
 }
 
+/// Where a batch leaves its range.
+#[derive(Debug, Clone, Copy)]
+pub struct Reached<'a> {
+    /// The key of its last row, where the next batch starts.
+    pub last: Option<&'a KeyBytes>,
+    /// Whether it was the range's last page.
+    pub end: bool,
+    /// The range's upper bound as its reader knew it: the range is marked
+    /// done only where `rekey.progress` has the same bound.
+    pub upper: Option<&'a KeyBytes>,
+}
+
 /// Records a committed batch inside its own transaction, if the range is
 /// still held under `lease` (`None`: ranges are not leased); returns the
 /// job's `control` ("run", "pause", "stop") and whether a lane of another
@@ -100,11 +112,14 @@ pub async fn record_batch(
     job_id: i64,
     state: &RangeState,
     lease: Option<Lease<'_>>,
-    last: Option<&KeyBytes>,
-    done: bool,
-    upper: Option<&KeyBytes>,
+    reached: Reached<'_>,
     c: &Counts,
 ) -> Result<Option<(String, bool)>, tokio_postgres::Error> {
+    let Reached {
+        last,
+        end: done,
+        upper,
+    } = reached;
     let v = as_params(c);
     let owner = lease.map(|l| l.owner);
     let generation = lease.map(|l| l.generation);

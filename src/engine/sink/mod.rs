@@ -414,9 +414,11 @@ async fn checkpoint(
                 job_id,
                 state,
                 lease,
-                batch.last_key.as_ref(),
-                batch.end,
-                batch.upper.as_ref(),
+                state::Reached {
+                    last: batch.last_key.as_ref(),
+                    end: batch.end,
+                    upper: batch.upper.as_ref(),
+                },
                 counts,
             )
             .await
