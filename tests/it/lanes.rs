@@ -218,3 +218,63 @@ async fn a_second_process_with_nothing_to_claim_gets_half_of_the_first_ones_rang
     assert_eq!(scanned, rows, "every row read once: {ranges:?}");
     db.assert_every_value_rotated(rows).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_split_the_server_lost_leaves_the_range_open_and_every_row_is_still_rotated() {
+    let db = TestDb::new().await;
+    let rows = 6_000;
+    db.seed_patients(rows).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    let one_lane = |pace: &'static str| {
+        spawn_rekey_captured(
+            &[
+                "run",
+                "--job",
+                &job,
+                "--json",
+                "--workers",
+                "1",
+                "--batch-size",
+                "100",
+                "--max-rows-per-sec",
+                pace,
+            ],
+            &seed_env(),
+        )
+    };
+    // one slow process holds the table's only range; a second one, with
+    // nothing to claim, asks for it to be split
+    let mut first = one_lane("1000");
+    wait_for_progress(&db, &mut first, 200).await;
+    let second = one_lane("100000");
+    // the split lands (range 1, not claimed yet): lose it, as a server that
+    // lost the split's commit would: one range to the end, nothing split off
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let lost = db
+            .client
+            .query_one(
+                "WITH gone AS (DELETE FROM rekey.progress WHERE range_no = 1 AND owner IS NULL RETURNING 1),
+                      widened AS (UPDATE rekey.progress SET upper_key = NULL WHERE range_no = 0 AND EXISTS (SELECT 1 FROM gone) RETURNING 1)
+                 SELECT count(*) FROM widened",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
+        if lost == 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no split to lose");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+
+    let first = first.wait_with_output().unwrap();
+    assert_eq!(first.status.code(), Some(0), "{}", printed(&first));
+    let second = second.wait_with_output().unwrap();
+    assert_eq!(second.status.code(), Some(0), "{}", printed(&second));
+    // the reader stopped at the split key, but the range was not marked done
+    // there: it was claimed again and read to its real end
+    db.assert_every_value_rotated(rows).await;
+}
