@@ -253,3 +253,64 @@ async fn a_key_table_changed_between_read_and_write_is_not_overwritten() {
         "nothing written over the change"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_compromised_key_is_never_made_active_again_by_rollback_or_promote() {
+    let db = TestDb::new().await;
+    let master = master_key(false);
+    seed(&db, &master, 1, 10).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = job(&db, &dir, &master);
+    let env = aws_env();
+    let out = rekey(&["secrets", "stage", "--job", &j], &env);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let out = rekey(
+        &["secrets", "promote", "--job", &j, "--reason", "compromise"],
+        &env,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(
+        statuses(&db).await,
+        vec![(1, "COMPROMISED".into()), (2, "ACTIVE".into())]
+    );
+
+    // rollback would hand applications the compromised key to encrypt with
+    let out = rekey(&["secrets", "rollback", "--job", &j], &env);
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        stderr(&out).contains("key 1 is marked compromised")
+            && stderr(&out).contains("rekey rotate --new"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(
+        statuses(&db).await,
+        vec![(1, "COMPROMISED".into()), (2, "ACTIVE".into())],
+        "nothing written"
+    );
+
+    // a staged key the security team marked COMPROMISED is not promoted
+    let out = rekey(&["secrets", "stage", "--job", &j], &env);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    db.client
+        .batch_execute("UPDATE encryption_keys SET status = 'COMPROMISED' WHERE version = 3")
+        .await
+        .unwrap();
+    let out = rekey(&["secrets", "promote", "--job", &j], &env);
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        stderr(&out).contains("key 3 is staged but marked compromised")
+            && stderr(&out).contains("rekey rotate --new"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(
+        statuses(&db).await,
+        vec![
+            (1, "COMPROMISED".into()),
+            (2, "ACTIVE".into()),
+            (3, "COMPROMISED".into())
+        ],
+        "nothing written"
+    );
+}
