@@ -314,3 +314,75 @@ async fn a_compromised_key_is_never_made_active_again_by_rollback_or_promote() {
         "nothing written"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_without_a_version_or_epoch_number_times_is_refused_with_the_fix_not_a_panic() {
+    let db = TestDb::new().await;
+    let master = master_key(false);
+    seed(&db, &master, 1, 10).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = job(&db, &dir, &master);
+    let out = rekey(&["secrets", "stage", "--job", &j], &aws_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let no_version = r#"ALTER TABLE encryption_keys ALTER version DROP NOT NULL;
+        INSERT INTO encryption_keys (version, purpose, algorithm, "encryptedKey", status, "expiresAt")
+        VALUES (NULL, 'PHI', 'AES-256-GCM', '\x00', 'INACTIVE', now())"#;
+
+    // a row without a version appears between rekey's read and its write
+    let blocker = connect(&db.url).await;
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE rekey.key_table_keys IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let mut child = spawn_rekey_captured(&["secrets", "promote", "--job", &j], &aws_env());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let waiting: i64 = db
+            .client
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'rekey.key_table_keys'::regclass",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "rekey ended early");
+        assert!(std::time::Instant::now() < deadline, "rekey never waited");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    db.client.batch_execute(no_version).await.unwrap();
+    blocker.batch_execute("COMMIT").await.unwrap();
+    let out = child.wait_with_output().unwrap();
+    let says_fix = |out: &std::process::Output| {
+        stderr(out).contains("has no version (\"version\" is NULL)")
+            && stderr(out).contains("give it its version")
+    };
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(says_fix(&out), "{}", printed(&out));
+
+    // and when rekey reads it
+    let out = rekey(&["secrets", "show", "--job", &j], &aws_env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(says_fix(&out), "{}", printed(&out));
+
+    // times kept as epoch milliseconds: refused up front, naming the column and the fix
+    db.client
+        .batch_execute(
+            r#"DELETE FROM encryption_keys WHERE version IS NULL;
+               ALTER TABLE encryption_keys ALTER "createdAt" DROP DEFAULT,
+                 ALTER "createdAt" TYPE bigint USING (extract(epoch FROM "createdAt") * 1000)::bigint"#,
+        )
+        .await
+        .unwrap();
+    let out = rekey(&["secrets", "show", "--job", &j], &aws_env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        stderr(&out).contains("column \"createdAt\" (created_at) is bigint, not a timestamp")
+            && stderr(&out).contains("[keys.columns]"),
+        "{}",
+        printed(&out)
+    );
+}
