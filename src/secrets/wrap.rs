@@ -78,25 +78,6 @@ fn as_key(id: KeyId, plain: Option<Blob>) -> Result<Key, WrapError> {
     Ok(Key::new(id, *material))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn kms_plaintext_is_taken_by_value_and_must_be_32_bytes() {
-        // by value: the Blob's own buffer is the one wiped, not a copy of it
-        let key = as_key(7, Some(Blob::new(vec![9u8; KEY_LEN]))).unwrap();
-        assert_eq!((key.id(), key.material()), (7, &[9u8; KEY_LEN]));
-        for (plain, len) in [(Some(Blob::new(vec![1u8; 31])), 31), (None, 0)] {
-            let e = as_key(7, plain).unwrap_err();
-            assert!(
-                matches!(e, WrapError::Length { id: 7, len: l } if l == len),
-                "{e}"
-            );
-        }
-    }
-}
-
 /// Unwraps data key `id`; with `pinned`, only under that master key (KMS
 /// refuses a blob wrapped under another). Returns the key and the ARN of
 /// the master key it was wrapped under.
@@ -190,4 +171,23 @@ pub async fn usable_master(client: &Client, key: &str) -> Result<String, WrapErr
         ));
     }
     Ok(meta.arn().unwrap_or(key).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kms_plaintext_is_taken_by_value_and_must_be_32_bytes() {
+        // by value: the Blob's own buffer is the one wiped, not a copy of it
+        let key = as_key(7, Some(Blob::new(vec![9u8; KEY_LEN]))).unwrap();
+        assert_eq!((key.id(), key.material()), (7, &[9u8; KEY_LEN]));
+        for (plain, len) in [(Some(Blob::new(vec![1u8; 31])), 31), (None, 0)] {
+            let e = as_key(7, plain).unwrap_err();
+            assert!(
+                matches!(e, WrapError::Length { id: 7, len: l } if l == len),
+                "{e}"
+            );
+        }
+    }
 }
