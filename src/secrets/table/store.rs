@@ -348,11 +348,16 @@ impl KeyTableStore {
     pub async fn hold_lock(&mut self) -> Result<(), Error> {
         let what = || format!("locking the key table {}", self.relation);
         self.client.batch_execute("BEGIN").await.ctx(what)?;
-        self.client
+        let locked = self
+            .client
             .execute(LOCK, &[&self.relation, &self.purpose])
             .await
-            .ctx(what)?;
-        Ok(())
+            .ctx(what);
+        if locked.is_err() {
+            // the error to report is the lock's; the connection is left idle either way
+            let _ = self.client.batch_execute("ROLLBACK").await;
+        }
+        locked.map(drop)
     }
 
     /// Ends [`KeyTableStore::hold_lock`]'s transaction (it wrote nothing).
