@@ -84,6 +84,12 @@ pub enum LifecycleError {
     /// Restore of a retired key whose material was purged.
     #[error("key {0} was purged: its material is gone from the store and its archive")]
     Purged(KeyId),
+    /// Promote of a pending key marked compromised.
+    #[error("key {0} is staged but marked compromised: it must never become the key applications encrypt with; un-stage it (`rekey secrets rollback`), then stage a fresh key (`rekey rotate --new`)")]
+    CompromisedPending(KeyId),
+    /// Rollback to a previous key marked compromised.
+    #[error("key {0} is marked compromised: rolling back to it would have applications encrypt with it again; to move away from the current key, rotate to a fresh key (`rekey rotate --new`)")]
+    CompromisedPrevious(KeyId),
     /// The table does not form a keyring.
     #[error(transparent)]
     Keyring(#[from] KeyringError),
@@ -183,6 +189,13 @@ impl KeyTable {
                 Err(LifecycleError::NothingToPromote)
             };
         };
+        if self
+            .entries
+            .iter()
+            .any(|e| e.id == pending && e.compromised)
+        {
+            return Err(LifecycleError::CompromisedPending(pending));
+        }
         self.make_current(pending, at);
         Ok(true)
     }
@@ -202,8 +215,11 @@ impl KeyTable {
         let previous = self
             .with_state(KeyState::Previous)
             .max_by_key(|e| (e.changed_at, e.id))
-            .map(|e| e.id)
             .ok_or(LifecycleError::NothingToRollBack)?;
+        if previous.compromised {
+            return Err(LifecycleError::CompromisedPrevious(previous.id));
+        }
+        let previous = previous.id;
         self.make_current(previous, at);
         Ok(true)
     }
@@ -372,6 +388,23 @@ mod tests {
             (t.id_in(KeyState::Current), t.previous_ids()),
             (Some(1), vec![2])
         );
+    }
+
+    #[test]
+    fn a_compromised_key_is_never_made_current_by_promote_or_rollback() {
+        let mut t = table();
+        t.stage(Key::new(2, [2; 32]), 20).unwrap();
+        t.mark_compromised(1).unwrap();
+        t.promote(30).unwrap();
+        let e = t.rollback(40).unwrap_err();
+        assert_eq!(e, LifecycleError::CompromisedPrevious(1));
+        assert!(e.to_string().contains("rekey rotate --new"), "{e}");
+        assert_eq!(t.id_in(KeyState::Current), Some(2), "nothing changed");
+        t.stage(Key::new(3, [3; 32]), 50).unwrap();
+        t.mark_compromised(3).unwrap();
+        assert_eq!(t.promote(60), Err(LifecycleError::CompromisedPending(3)));
+        assert_eq!(t.id_in(KeyState::Pending), Some(3), "nothing changed");
+        assert!(t.rollback(70).unwrap(), "un-staging it stays possible");
     }
 
     #[test]

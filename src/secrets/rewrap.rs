@@ -98,12 +98,28 @@ pub async fn rewrap(
         done(id);
     }
     // the proof: every key opens under the new master key alone, one
-    // added meanwhile included
+    // added meanwhile included; under the key table's lock, so no other
+    // job's stage (a key wrapped under the old master key) commits between
+    // this read and the answer
+    t.hold_lock().await?;
+    let checked = all_under(t, &kms, &target).await;
+    let released = t.release_lock().await;
+    checked?;
+    released?;
+    Ok(out)
+}
+
+/// Reads the key table again and unwraps every key under `target` alone.
+async fn all_under(
+    t: &mut table::KeyTableStore,
+    kms: &aws_sdk_kms::Client,
+    target: &str,
+) -> Result<(), Error> {
     t.refresh().await?;
     for (id, blob) in t.wrapped_keys() {
-        wrap::unwrap(&kms, id, &blob, Some(&target)).await.map_err(|e| {
+        wrap::unwrap(kms, id, &blob, Some(target)).await.map_err(|e| {
             Error::Runtime(format!("after the rewrap, data key {id} does not unwrap under {target} alone: {e}; keep the old master key enabled and run the rewrap again"))
         })?;
     }
-    Ok(out)
+    Ok(())
 }

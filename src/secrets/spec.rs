@@ -5,8 +5,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::crypto::keyring::KeyEncoding;
 
-/// A `[keys]` section: one key source.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A `[keys]` section: one key source. `Debug` leaves out the database
+/// URL, which may carry a password.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeysSpec {
     /// Which key source to read.
@@ -64,6 +65,50 @@ pub struct KeysSpec {
     /// loaded, not written in it): decides an ambiguous base64 key encoding.
     #[serde(skip)]
     pub fernet_job: bool,
+}
+
+impl std::fmt::Debug for KeysSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // destructured: a field added later must be placed here on purpose
+        let KeysSpec {
+            source,
+            prefix,
+            path,
+            passphrase_env,
+            secret_id,
+            region,
+            endpoint,
+            kms_key_id,
+            layout,
+            key_encoding,
+            pending_secret_id,
+            table,
+            purpose,
+            columns,
+            expires_in_days,
+            database_url,
+            fernet_job,
+        } = self;
+        f.debug_struct("KeysSpec")
+            .field("source", source)
+            .field("prefix", prefix)
+            .field("path", path)
+            .field("passphrase_env", passphrase_env)
+            .field("secret_id", secret_id)
+            .field("region", region)
+            .field("endpoint", endpoint)
+            .field("kms_key_id", kms_key_id)
+            .field("layout", layout)
+            .field("key_encoding", key_encoding)
+            .field("pending_secret_id", pending_secret_id)
+            .field("table", table)
+            .field("purpose", purpose)
+            .field("columns", columns)
+            .field("expires_in_days", expires_in_days)
+            .field("database_url", &database_url.as_ref().map(|_| "<redacted>"))
+            .field("fernet_job", fernet_job)
+            .finish()
+    }
 }
 
 /// How a secret holds a job's keys.
@@ -176,4 +221,24 @@ pub enum KeySource {
     /// Data keys wrapped by an AWS KMS master key (`kms_key_id`), kept in a
     /// table of the target database (`table`), as the key hierarchy procedure keeps them.
     Table,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_the_database_url_which_may_carry_a_password() {
+        let mut keys = KeysSpec::env("ENCRYPTION");
+        keys.source = KeySource::Table;
+        keys.database_url = Some("postgres://rekey:s3cr3t-pw@db.internal/app".into());
+        let shown = format!("{keys:?}");
+        assert!(!shown.contains("s3cr3t-pw"), "{shown}");
+        assert!(!shown.contains("db.internal"), "{shown}");
+        assert!(
+            shown.contains("database_url: Some(\"<redacted>\")"),
+            "{shown}"
+        );
+        assert!(shown.contains("source: Table"), "{shown}");
+    }
 }

@@ -62,14 +62,20 @@ fn kms(what: String, e: impl std::error::Error) -> WrapError {
     }
 }
 
-/// 32 plaintext bytes from KMS as a key, the copy KMS's answer held wiped.
-fn as_key(id: KeyId, plain: Option<&Blob>) -> Result<Key, WrapError> {
-    let plain = Zeroizing::new(plain.map(|p| p.as_ref().to_vec()).unwrap_or_default());
-    let material: [u8; KEY_LEN] = plain.as_slice().try_into().map_err(|_| WrapError::Length {
-        id,
-        len: plain.len(),
-    })?;
-    Ok(Key::new(id, material))
+/// 32 plaintext bytes from KMS as a key. Takes KMS's answer's plaintext
+/// out of it (`plaintext.take()`), so the buffer the answer held is the one
+/// wiped after the copy into the key, not dropped unwiped.
+fn as_key(id: KeyId, plain: Option<Blob>) -> Result<Key, WrapError> {
+    let plain = Zeroizing::new(plain.map(Blob::into_inner).unwrap_or_default());
+    if plain.len() != KEY_LEN {
+        return Err(WrapError::Length {
+            id,
+            len: plain.len(),
+        });
+    }
+    let mut material = Zeroizing::new([0u8; KEY_LEN]);
+    material.copy_from_slice(&plain);
+    Ok(Key::new(id, *material))
 }
 
 /// Unwraps data key `id`; with `pinned`, only under that master key (KMS
@@ -81,7 +87,7 @@ pub async fn unwrap(
     blob: &[u8],
     pinned: Option<&str>,
 ) -> Result<(Key, String), WrapError> {
-    let out = client
+    let mut out = client
         .decrypt()
         .ciphertext_blob(Blob::new(blob.to_vec()))
         .set_key_id(pinned.map(str::to_string))
@@ -89,7 +95,7 @@ pub async fn unwrap(
         .await
         .map_err(|e| kms(format!("unwrapping data key {id}"), e))?;
     let arn = out.key_id().unwrap_or_default().to_string();
-    Ok((as_key(id, out.plaintext())?, arn))
+    Ok((as_key(id, out.plaintext.take())?, arn))
 }
 
 /// A new AES-256 data key from KMS (GenerateDataKey), and its wrapped form.
@@ -99,7 +105,7 @@ pub async fn generate(
     master: &str,
 ) -> Result<(Key, Vec<u8>), WrapError> {
     let what = || format!("generating data key {id} under {master:?}");
-    let out = client
+    let mut out = client
         .generate_data_key()
         .key_id(master)
         .key_spec(DataKeySpec::Aes256)
@@ -111,7 +117,7 @@ pub async fn generate(
         .ok_or_else(|| WrapError::Incomplete(what()))?
         .as_ref()
         .to_vec();
-    Ok((as_key(id, out.plaintext())?, blob))
+    Ok((as_key(id, out.plaintext.take())?, blob))
 }
 
 /// Data key `id` re-wrapped under master key `to` inside KMS (ReEncrypt:
@@ -165,4 +171,23 @@ pub async fn usable_master(client: &Client, key: &str) -> Result<String, WrapErr
         ));
     }
     Ok(meta.arn().unwrap_or(key).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kms_plaintext_is_taken_by_value_and_must_be_32_bytes() {
+        // by value: the Blob's own buffer is the one wiped, not a copy of it
+        let key = as_key(7, Some(Blob::new(vec![9u8; KEY_LEN]))).unwrap();
+        assert_eq!((key.id(), key.material()), (7, &[9u8; KEY_LEN]));
+        for (plain, len) in [(Some(Blob::new(vec![1u8; 31])), 31), (None, 0)] {
+            let e = as_key(7, plain).unwrap_err();
+            assert!(
+                matches!(e, WrapError::Length { id: 7, len: l } if l == len),
+                "{e}"
+            );
+        }
+    }
 }

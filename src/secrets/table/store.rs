@@ -17,6 +17,14 @@ use crate::secrets::spec::KeysSpec;
 use crate::secrets::wrap;
 use crate::Error;
 
+/// The lock every writer of one key table's keys of one purpose takes, in
+/// the transaction that writes (a save) or checks (a rewrap's final
+/// check): a stage, promote or retire of one job and a master key rewrap
+/// of another never interleave. The two-key form: the one-bigint form is
+/// rekey's session locks on jobs.
+pub(super) const LOCK: &str =
+    "SELECT pg_advisory_xact_lock(hashtext('rekey.key_table'), hashtext($1 || '/' || $2))";
+
 /// A key table, opened: its keys unwrapped in memory.
 pub struct KeyTableStore {
     /// A connection to the target database.
@@ -40,7 +48,8 @@ pub struct KeyTableStore {
     /// Each row's algorithm.
     pub(super) algorithms: HashMap<KeyId, String>,
     /// Each row's status as last read or written: a save refuses a table
-    /// changed since (another writer's promotion, a key added by hand).
+    /// changed since (another writer's promotion, a key added by hand; with
+    /// `wrapped`, a key re-wrapped by a rewrap).
     pub(super) seen: BTreeMap<i64, String>,
     /// Whether every key must unwrap under `master` alone (all but a
     /// rewrap, which finds keys under either master key).
@@ -164,7 +173,9 @@ impl KeyTableStore {
         let what = || format!("reading the key table {}", self.relation);
         let mut rows = Vec::new();
         for r in self.client.query(&sql, &[&self.purpose]).await.ctx(what)? {
-            let version: i64 = r.get(0);
+            let version: i64 = r.get::<_, Option<i64>>(0).ok_or_else(|| {
+                null_version(&self.relation, &self.columns.version, &self.purpose)
+            })?;
             let version = KeyId::try_from(version).map_err(|_| {
                 Error::Config(format!(
                     "key table {}: version {version} is not a key id rekey can use (1 to {})",
@@ -205,10 +216,13 @@ impl KeyTableStore {
                 self.relation, active.len(), self.purpose
             )));
         }
-        self.seen = rows
+        // built afresh: a row deleted since the last read leaves nothing behind
+        let seen: BTreeMap<i64, String> = rows
             .iter()
             .map(|r| (i64::from(r.version), r.status.as_str().to_string()))
             .collect();
+        let mut wrapped = HashMap::new();
+        let mut algorithms = HashMap::new();
         let markers = self.markers().await?;
         let mut table = KeyTable::default();
         for r in rows {
@@ -222,8 +236,8 @@ impl KeyTableStore {
                 key: Some(key),
                 compromised: r.status == Status::Compromised || m.is_some_and(|m| m.compromised),
             });
-            self.wrapped.insert(r.version, r.blob);
-            self.algorithms.insert(r.version, r.algorithm);
+            wrapped.insert(r.version, r.blob);
+            algorithms.insert(r.version, r.algorithm);
         }
         for (version, m) in markers {
             if m.state != KeyState::Retired || table.entries.iter().any(|e| e.id == version) {
@@ -234,7 +248,7 @@ impl KeyTableStore {
                 None => None,
             };
             if let Some(blob) = m.archived {
-                self.wrapped.insert(version, blob);
+                wrapped.insert(version, blob);
             }
             table.entries.push(Entry {
                 id: version,
@@ -247,6 +261,9 @@ impl KeyTableStore {
         }
         table.entries.sort_by_key(|e| e.id);
         self.table = table;
+        self.seen = seen;
+        self.wrapped = wrapped;
+        self.algorithms = algorithms;
         Ok(())
     }
 
@@ -325,6 +342,32 @@ impl KeyTableStore {
         self.load().await
     }
 
+    /// Begins a transaction on this store's connection holding the key
+    /// table's lock ([`LOCK`]) until [`KeyTableStore::release_lock`]: no
+    /// other job's save of this table and purpose commits meanwhile.
+    pub async fn hold_lock(&mut self) -> Result<(), Error> {
+        let what = || format!("locking the key table {}", self.relation);
+        self.client.batch_execute("BEGIN").await.ctx(what)?;
+        let locked = self
+            .client
+            .execute(LOCK, &[&self.relation, &self.purpose])
+            .await
+            .ctx(what);
+        if locked.is_err() {
+            // the error to report is the lock's; the connection is left idle either way
+            let _ = self.client.batch_execute("ROLLBACK").await;
+        }
+        locked.map(drop)
+    }
+
+    /// Ends [`KeyTableStore::hold_lock`]'s transaction (it wrote nothing).
+    pub async fn release_lock(&mut self) -> Result<(), Error> {
+        self.client
+            .batch_execute("ROLLBACK")
+            .await
+            .ctx(|| format!("unlocking the key table {}", self.relation))
+    }
+
     /// Every stored wrapped data key (archive included), by key id: what a
     /// master key rewrap re-wraps.
     pub fn wrapped_keys(&self) -> Vec<(KeyId, Vec<u8>)> {
@@ -337,6 +380,14 @@ impl KeyTableStore {
     pub fn kms(&self) -> &Kms {
         &self.kms
     }
+}
+
+/// The error for a row of the key table without a version (NULL).
+pub(super) fn null_version(relation: &str, column: &str, purpose: &str) -> Error {
+    Error::Config(format!(
+        "key table {relation}: a row of purpose {purpose:?} has no version ({column:?} is NULL), so rekey cannot tell \
+         which values it opens: give it its version (the key id values carry) or delete the row if it holds no key in use"
+    ))
 }
 
 /// The type of each mapped column; refuses a table that lacks one.
@@ -373,6 +424,16 @@ async fn column_types(
             "the key table {relation} has no column for {}: name its columns in [keys.columns]",
             missing.join(", ")
         )));
+    }
+    for (field, name) in [("created_at", &c.created_at), ("expires_at", &c.expires_at)] {
+        let ty = types.get(name).map_or("", String::as_str);
+        if !(ty.starts_with("timestamp") || ty == "date") {
+            return Err(Error::Config(format!(
+                "the key table {relation}: column {name:?} ({field}) is {ty}, not a timestamp: rekey reads and writes key times \
+                 as timestamp or timestamptz (not epoch numbers); name a timestamp column in [keys.columns] {field}, or convert \
+                 this one (e.g. ALTER TABLE ... TYPE timestamptz USING to_timestamp({name:?} / 1000.0) for epoch milliseconds)"
+            )));
+        }
     }
     if types.get(&c.encrypted_key).map(String::as_str) != Some("bytea") {
         return Err(Error::Config(format!(

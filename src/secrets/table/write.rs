@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use super::store::KeyTableStore;
+use super::store::{null_version, KeyTableStore, LOCK};
 use super::{Status, DEFAULT_ALGORITHM};
 use crate::crypto::keyring::KeyId;
 use crate::crypto::keytable::{Entry, KeyState};
@@ -54,25 +54,42 @@ impl KeyTableStore {
                     ON CONFLICT (key_table, purpose, version) DO UPDATE SET state = EXCLUDED.state,
                       changed_at = EXCLUDED.changed_at, compromised = EXCLUDED.compromised, archived_key = EXCLUDED.archived_key";
         let tx = self.client.transaction().await.ctx(what)?;
-        let now: BTreeMap<i64, String> = tx
+        tx.execute(LOCK, &[&self.relation, &self.purpose])
+            .await
+            .ctx(what)?;
+        let rows = tx
             .query(
                 &format!(
-                    "SELECT {v}::bigint, {s}::text FROM {t} WHERE {p}::text = $1 FOR UPDATE",
+                    "SELECT {v}::bigint, {s}::text, {k} FROM {t} WHERE {p}::text = $1 FOR UPDATE",
                     v = quote_ident(&c.version),
                     s = quote_ident(&c.status),
+                    k = quote_ident(&c.encrypted_key),
                     p = quote_ident(&c.purpose),
                     t = self.relation
                 ),
                 &[&self.purpose],
             )
             .await
-            .ctx(what)?
-            .iter()
-            .map(|r| (r.get(0), r.get::<_, Option<String>>(1).unwrap_or_default()))
-            .collect();
-        if now != self.seen {
+            .ctx(what)?;
+        let mut now = BTreeMap::new();
+        let mut rewrapped = Vec::new();
+        for r in rows {
+            let version: i64 = r
+                .get::<_, Option<i64>>(0)
+                .ok_or_else(|| null_version(&self.relation, &c.version, &self.purpose))?;
+            let blob: Option<Vec<u8>> = r.get(2);
+            let read = KeyId::try_from(version)
+                .ok()
+                .and_then(|id| self.wrapped.get(&id));
+            if blob.as_ref() != read {
+                rewrapped.push(version);
+            }
+            now.insert(version, r.get::<_, Option<String>>(1).unwrap_or_default());
+        }
+        if now != self.seen || !rewrapped.is_empty() {
             return Err(Error::Config(format!(
-                "the key table {} changed since rekey read it (versions and statuses now {now:?}, read as {:?}): nothing was written; run the command again",
+                "the key table {} changed since rekey read it (versions and statuses now {now:?}, read as {:?}; \
+                 wrapped keys changed: {rewrapped:?}, e.g. by a master key rewrap): nothing was written; run the command again",
                 self.relation, self.seen
             )));
         }
@@ -170,14 +187,18 @@ impl KeyTableStore {
             p = quote_ident(&c.purpose),
             v = quote_ident(&c.version),
         );
-        let mut n = self
-            .client
+        // under the key table's lock: a save of another job sees the new
+        // wrapped key, or commits before it is written
+        let tx = self.client.transaction().await.ctx(what)?;
+        tx.execute(LOCK, &[&self.relation, &self.purpose])
+            .await
+            .ctx(what)?;
+        let mut n = tx
             .execute(&sql, &[&self.purpose, &version, &old, &new])
             .await
             .ctx(what)?;
         if n == 0 {
-            n = self
-                .client
+            n = tx
                 .execute(
                     "UPDATE rekey.key_table_keys SET archived_key = $5 WHERE key_table = $1 AND purpose = $2 AND version = $3 AND archived_key = $4",
                     &[&self.relation, &self.purpose, &version, &old, &new],
@@ -185,6 +206,7 @@ impl KeyTableStore {
                 .await
                 .ctx(what)?;
         }
+        tx.commit().await.ctx(what)?;
         if n > 0 {
             self.wrapped.insert(id, new.to_vec());
         }

@@ -253,3 +253,136 @@ async fn a_key_table_changed_between_read_and_write_is_not_overwritten() {
         "nothing written over the change"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_compromised_key_is_never_made_active_again_by_rollback_or_promote() {
+    let db = TestDb::new().await;
+    let master = master_key(false);
+    seed(&db, &master, 1, 10).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = job(&db, &dir, &master);
+    let env = aws_env();
+    let out = rekey(&["secrets", "stage", "--job", &j], &env);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let out = rekey(
+        &["secrets", "promote", "--job", &j, "--reason", "compromise"],
+        &env,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(
+        statuses(&db).await,
+        vec![(1, "COMPROMISED".into()), (2, "ACTIVE".into())]
+    );
+
+    // rollback would hand applications the compromised key to encrypt with
+    let out = rekey(&["secrets", "rollback", "--job", &j], &env);
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        stderr(&out).contains("key 1 is marked compromised")
+            && stderr(&out).contains("rekey rotate --new"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(
+        statuses(&db).await,
+        vec![(1, "COMPROMISED".into()), (2, "ACTIVE".into())],
+        "nothing written"
+    );
+
+    // a staged key the security team marked COMPROMISED is not promoted
+    let out = rekey(&["secrets", "stage", "--job", &j], &env);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    db.client
+        .batch_execute("UPDATE encryption_keys SET status = 'COMPROMISED' WHERE version = 3")
+        .await
+        .unwrap();
+    let out = rekey(&["secrets", "promote", "--job", &j], &env);
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        stderr(&out).contains("key 3 is staged but marked compromised")
+            && stderr(&out).contains("rekey rotate --new"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(
+        statuses(&db).await,
+        vec![
+            (1, "COMPROMISED".into()),
+            (2, "ACTIVE".into()),
+            (3, "COMPROMISED".into())
+        ],
+        "nothing written"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_without_a_version_or_epoch_number_times_is_refused_with_the_fix_not_a_panic() {
+    let db = TestDb::new().await;
+    let master = master_key(false);
+    seed(&db, &master, 1, 10).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = job(&db, &dir, &master);
+    let out = rekey(&["secrets", "stage", "--job", &j], &aws_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let no_version = r#"ALTER TABLE encryption_keys ALTER version DROP NOT NULL;
+        INSERT INTO encryption_keys (version, purpose, algorithm, "encryptedKey", status, "expiresAt")
+        VALUES (NULL, 'PHI', 'AES-256-GCM', '\x00', 'INACTIVE', now())"#;
+
+    // a row without a version appears between rekey's read and its write
+    let blocker = connect(&db.url).await;
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE rekey.key_table_keys IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let mut child = spawn_rekey_captured(&["secrets", "promote", "--job", &j], &aws_env());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let waiting: i64 = db
+            .client
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'rekey.key_table_keys'::regclass",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "rekey ended early");
+        assert!(std::time::Instant::now() < deadline, "rekey never waited");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    db.client.batch_execute(no_version).await.unwrap();
+    blocker.batch_execute("COMMIT").await.unwrap();
+    let out = child.wait_with_output().unwrap();
+    let says_fix = |out: &std::process::Output| {
+        stderr(out).contains("has no version (\"version\" is NULL)")
+            && stderr(out).contains("give it its version")
+    };
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(says_fix(&out), "{}", printed(&out));
+
+    // and when rekey reads it
+    let out = rekey(&["secrets", "show", "--job", &j], &aws_env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(says_fix(&out), "{}", printed(&out));
+
+    // times kept as epoch milliseconds: refused up front, naming the column and the fix
+    db.client
+        .batch_execute(
+            r#"DELETE FROM encryption_keys WHERE version IS NULL;
+               ALTER TABLE encryption_keys ALTER "createdAt" DROP DEFAULT,
+                 ALTER "createdAt" TYPE bigint USING (extract(epoch FROM "createdAt") * 1000)::bigint"#,
+        )
+        .await
+        .unwrap();
+    let out = rekey(&["secrets", "show", "--job", &j], &aws_env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        stderr(&out).contains("column \"createdAt\" (created_at) is bigint, not a timestamp")
+            && stderr(&out).contains("[keys.columns]"),
+        "{}",
+        printed(&out)
+    );
+}
