@@ -45,11 +45,21 @@ pub struct JobSpec {
 }
 
 /// `[database]` section.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseSpec {
     /// libpq URL or key=value string.
     pub url: Option<String>,
+}
+
+/// The URL may carry a password: `Debug` never shows it.
+impl std::fmt::Debug for DatabaseSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let DatabaseSpec { url } = self;
+        f.debug_struct("DatabaseSpec")
+            .field("url", &url.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// How ciphertext bytes are stored in a column.

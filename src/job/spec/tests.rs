@@ -320,3 +320,13 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn debug_never_shows_the_database_url_which_may_carry_a_password() {
+    let spec = DatabaseSpec {
+        url: Some("postgres://app:hunter2@db/prod".into()),
+    };
+    let shown = format!("{spec:?}");
+    assert!(!shown.contains("hunter2"), "{shown}");
+    assert!(shown.contains("<redacted>"), "{shown}");
+}
