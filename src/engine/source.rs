@@ -114,11 +114,7 @@ impl Source {
             .filter_map(|&c| target.stale_prefix(c))
             .collect();
         let limit = limit as i64;
-        let bounds: Vec<RawParam> = after
-            .into_iter()
-            .chain(upper)
-            .flat_map(|k| k.iter().map(|p| RawParam(p)))
-            .collect();
+        let bounds = bound_params(after, upper);
         let mut params = raw::params(&bounds);
         params.extend(raw::params(&prefixes));
         params.push(&limit);
@@ -172,11 +168,7 @@ impl Source {
             upper: upper.is_some(),
         };
         let text = sql::split_point(target, shape);
-        let bounds: Vec<RawParam> = after
-            .into_iter()
-            .chain(upper)
-            .flat_map(|k| k.iter().map(|p| RawParam(p)))
-            .collect();
+        let bounds = bound_params(after, upper);
         let mut params = raw::params(&bounds);
         params.push(&cap);
         let row = self
@@ -186,6 +178,15 @@ impl Source {
             .ctx(|| format!("finding where to split a range of {}", target.table))?;
         Ok(row.map(|r| (raw::key_of(&r, target.key.len()), r.get(target.key.len()))))
     }
+}
+
+/// The key bounds of a keyset query as parameters, in [`sql::Bounds`] order.
+fn bound_params<'a>(after: Option<&'a KeyBytes>, upper: Option<&'a KeyBytes>) -> Vec<RawParam<'a>> {
+    after
+        .into_iter()
+        .chain(upper)
+        .flat_map(|k| k.iter().map(|p| RawParam(p)))
+        .collect()
 }
 
 /// Bytes of the encrypted values in a row read by [`Source::page`].

@@ -15,6 +15,23 @@ pub struct Bounds {
     pub upper: bool,
 }
 
+/// The key range conditions of a keyset query (`(key) > $1..` after a lower
+/// key, `(key) <= $n..` up to an upper one), and the next free parameter number.
+fn bound_conditions(target: &Target, bounds: Bounds) -> (Vec<String>, usize) {
+    let keys = target.key_list("");
+    let mut conds = Vec::new();
+    let mut next = 1;
+    if bounds.lower {
+        conds.push(format!("({keys}) > {}", key_params(target, next)));
+        next += target.key.len();
+    }
+    if bounds.upper {
+        conds.push(format!("({keys}) <= {}", key_params(target, next)));
+        next += target.key.len();
+    }
+    (conds, next)
+}
+
 /// Parameter placeholders `($a, $a+1, ...)` for one key, starting at `first`.
 fn key_params(target: &Target, first: usize) -> String {
     let list = (0..target.key.len())
@@ -77,16 +94,7 @@ pub fn stale_filter(target: &Target, alias: &str, first: usize) -> (String, Vec<
 pub fn select_page(target: &Target, bounds: Bounds, only_stale: bool) -> (String, Vec<usize>) {
     let keys = target.key_list("");
     let cols = column_list(target);
-    let mut next = 1;
-    let mut conds = Vec::new();
-    if bounds.lower {
-        conds.push(format!("({keys}) > {}", key_params(target, next)));
-        next += target.key.len();
-    }
-    if bounds.upper {
-        conds.push(format!("({keys}) <= {}", key_params(target, next)));
-        next += target.key.len();
-    }
+    let (mut conds, mut next) = bound_conditions(target, bounds);
     let mut prefixed = Vec::new();
     if only_stale {
         let (filter, cols) = stale_filter(target, "", next);
@@ -116,16 +124,7 @@ pub fn select_page(target: &Target, bounds: Bounds, only_stale: bool) -> (String
 /// one.
 pub fn split_point(target: &Target, bounds: Bounds) -> String {
     let keys = target.key_list("");
-    let mut conds = Vec::new();
-    let mut next = 1;
-    if bounds.lower {
-        conds.push(format!("({keys}) > {}", key_params(target, next)));
-        next += target.key.len();
-    }
-    if bounds.upper {
-        conds.push(format!("({keys}) <= {}", key_params(target, next)));
-        next += target.key.len();
-    }
+    let (conds, next) = bound_conditions(target, bounds);
     let filter = if conds.is_empty() {
         String::new()
     } else {
