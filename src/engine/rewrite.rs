@@ -1,10 +1,11 @@
 //! The engine's entry for a rewrite: join the job (resuming an unfinished
 //! one), refuse what would spend a key's nonces, plan ranges for a new job,
-//! run the pipeline, and add up what every process sharing the job did.
+//! run the pipeline while the rows left are counted for the progress total,
+//! and add up what every process sharing the job did.
 
 use std::sync::Arc;
 
-use tokio_postgres::Client;
+use tokio_postgres::{Client, GenericClient, IsolationLevel};
 
 use crate::db::raw::params;
 use crate::db::Database;
@@ -49,9 +50,34 @@ pub async fn rewrite(
     if restart {
         state::share_job_lock(client, &job.name).await?;
     }
-    let progress = Progress::new(stale_rows(client, job).await?, "rewriting", quiet);
+    // The progress total (rows left to rotate) is counted beside the run,
+    // not before it: the first batch does not wait for a count of the whole
+    // table. The count reads a snapshot taken before any batch can commit,
+    // so it is the rows left at the start; until it lands the total is the
+    // catalogue's estimate.
+    let progress = Progress::estimated(rows_estimate(client, job).await?, "rewriting", quiet);
+    let total = progress.total();
+    let counting = client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .ctx(|| "starting the count of rows to rotate".into())?;
+    counting
+        .batch_execute("SELECT 1")
+        .await
+        .ctx(|| "starting the count of rows to rotate".into())?;
+    let count = async {
+        match stale_rows(&counting, job).await {
+            Ok(rows) => total.set(rows),
+            Err(e) => tracing::warn!("the progress total stays an estimate: {e}"),
+        }
+        // a read-only transaction: nothing to keep, and an error here is the connection's
+        let _ = counting.commit().await;
+    };
     let ranges = std::mem::take(&mut record.ranges);
-    let outcome = pipeline::run(
+    let run = pipeline::run(
         db,
         job.clone(),
         ranges,
@@ -59,8 +85,9 @@ pub async fn rewrite(
         settings,
         live,
         progress,
-    )
-    .await?;
+    );
+    let ((), outcome) = tokio::join!(count, run);
+    let outcome = outcome?;
     if client.is_closed() {
         // this session sat idle through the run (an idle_session_timeout, a restart): the work is committed, carry on
         *client = db.connect().await?;
@@ -70,8 +97,17 @@ pub async fn rewrite(
     Ok((outcome, record))
 }
 
+/// The catalogue's estimate of the targets' rows (no count).
+async fn rows_estimate(client: &Client, job: &Job) -> Result<u64, Error> {
+    let mut rows = 0.0;
+    for t in &job.targets {
+        rows += plan::current_rows_estimate(client, t).await?.unwrap_or(0.0);
+    }
+    Ok(rows as u64)
+}
+
 /// Rows of `t` holding at least one value not visibly on the target key.
-async fn stale_rows_of(client: &Client, t: &Target) -> Result<u64, Error> {
+async fn stale_rows_of(client: &impl GenericClient, t: &Target) -> Result<u64, Error> {
     let (filter, cols) = sql::stale_filter(t, "", 1);
     let prefixes: Vec<Vec<u8>> = cols.iter().filter_map(|&c| t.stale_prefix(c)).collect();
     let n: i64 = client
@@ -90,7 +126,7 @@ async fn stale_rows_of(client: &Client, t: &Target) -> Result<u64, Error> {
 }
 
 /// Rows holding at least one value not visibly on the target key, all targets.
-pub async fn stale_rows(client: &Client, job: &Job) -> Result<u64, Error> {
+pub async fn stale_rows(client: &impl GenericClient, job: &Job) -> Result<u64, Error> {
     let mut total = 0u64;
     for t in &job.targets {
         total += stale_rows_of(client, t).await?;

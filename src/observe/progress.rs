@@ -2,11 +2,13 @@
 //! Kubernetes, `nohup`), a log line every `--progress-every` (10 s by
 //! default) with rows done and total, percent, rows/s, ETA and the hold
 //! reason, written by a ticker so a held or slow run still reports;
-//! nothing with `--quiet`. Always on stderr; stdout is for results. Every
-//! update also sets the progress gauges ([`ProgressSampled`]).
+//! nothing with `--quiet`. A total counted while the run goes starts as an
+//! estimate (`~` in the line) until [`Total::set`] gives the count. Always
+//! on stderr; stdout is for results. Every update also sets the progress
+//! gauges ([`ProgressSampled`]).
 
 use std::io::IsTerminal;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -39,7 +41,9 @@ const HOLD_WIDTH: usize = 22;
 /// What the display and the ticker share.
 struct Shared {
     /// Rows expected in all.
-    total: u64,
+    total: AtomicU64,
+    /// Whether `total` is still an estimate (the count runs beside the work).
+    estimated: AtomicBool,
     /// When the run started.
     started: Instant,
     /// What is being done ("rewriting", "verifying").
@@ -58,6 +62,10 @@ impl Shared {
         self.done.load(Ordering::Relaxed) as f64 / self.started.elapsed().as_secs_f64().max(1e-9)
     }
 
+    fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+
     fn hold(&self) -> Option<String> {
         self.hold.lock().ok().and_then(|h| h.clone())
     }
@@ -66,8 +74,10 @@ impl Shared {
     fn log_line(&self) {
         let done = self.done.load(Ordering::Relaxed);
         let rate = self.rate();
-        let eta = eta_seconds(done, self.total, rate);
-        let percent = percent(done, self.total);
+        let total = self.total();
+        let estimated = self.estimated.load(Ordering::Relaxed);
+        let eta = eta_seconds(done, total, rate);
+        let percent = percent(done, total);
         let hold = self.hold();
         let paused = hold
             .as_deref()
@@ -76,17 +86,19 @@ impl Shared {
         let eta_text = eta.map_or_else(|| "-".to_string(), short_duration);
         tracing::info!(
             rows_done = done,
-            rows_total = self.total,
+            rows_total = total,
+            rows_total_estimated = estimated,
             percent,
             rows_per_second = rate.round() as u64,
             eta_seconds = eta.map(|s| s.ceil() as u64),
             held = hold.as_deref(),
             values_rewritten = self.rewritten.load(Ordering::Relaxed),
             values_failed = self.failed.load(Ordering::Relaxed),
-            "{}{paused}: {}/{} rows ({percent}%), {} rows/s, eta {eta_text}",
+            "{}{paused}: {}/{}{} rows ({percent}%), {} rows/s, eta {eta_text}",
             self.verb,
             HumanCount(done),
-            HumanCount(self.total),
+            if estimated { "~" } else { "" },
+            HumanCount(total),
             HumanCount(rate.round() as u64),
         );
     }
@@ -95,7 +107,7 @@ impl Shared {
     fn bar_message(&self) -> String {
         let done = self.done.load(Ordering::Relaxed);
         let rate = self.rate();
-        let eta = eta_seconds(done, self.total, rate)
+        let eta = eta_seconds(done, self.total(), rate)
             .filter(|_| done > 0)
             .map_or_else(|| "-".to_string(), short_duration);
         format!("{}/s eta {eta}", HumanCount(rate.round() as u64))
@@ -111,11 +123,49 @@ pub struct Progress {
     ticker: Mutex<Option<(mpsc::Sender<()>, JoinHandle<()>)>>,
 }
 
+/// Sets the total of a [`Progress`] that started from an estimate, from
+/// wherever the count runs.
+#[derive(Clone)]
+pub struct Total {
+    shared: Arc<Shared>,
+    bar: Option<ProgressBar>,
+}
+
+impl Total {
+    /// The rows expected in all, now counted.
+    pub fn set(&self, rows: u64) {
+        self.shared.total.store(rows, Ordering::Relaxed);
+        self.shared.estimated.store(false, Ordering::Relaxed);
+        if let Some(bar) = &self.bar {
+            bar.set_length(rows);
+        }
+    }
+}
+
 impl Progress {
     /// A progress display for `total` rows; `quiet` shows nothing.
     pub fn new(total: u64, verb: &'static str, quiet: bool) -> Self {
+        Self::with_total(total, false, verb, quiet)
+    }
+
+    /// A progress display whose total is an `estimate` until [`Total::set`]
+    /// gives the count (log lines show `~` before it meanwhile).
+    pub fn estimated(estimate: u64, verb: &'static str, quiet: bool) -> Self {
+        Self::with_total(estimate, true, verb, quiet)
+    }
+
+    /// Where the counted total goes.
+    pub fn total(&self) -> Total {
+        Total {
+            shared: self.shared.clone(),
+            bar: self.bar.clone(),
+        }
+    }
+
+    fn with_total(total: u64, estimated: bool, verb: &'static str, quiet: bool) -> Self {
         let shared = Arc::new(Shared {
-            total,
+            total: AtomicU64::new(total),
+            estimated: AtomicBool::new(estimated),
             started: Instant::now(),
             verb,
             hold: Mutex::new(None),
@@ -183,11 +233,12 @@ impl Progress {
         s.rewritten.store(c.values_rewritten, Ordering::Relaxed);
         s.failed.store(c.values_failed, Ordering::Relaxed);
         let rate = s.rate();
+        let total = s.total();
         ProgressSampled {
             rows_done: c.rows_scanned,
-            rows_total: s.total,
+            rows_total: total,
             rows_per_second: rate,
-            eta_seconds: eta_seconds(c.rows_scanned, s.total, rate),
+            eta_seconds: eta_seconds(c.rows_scanned, total, rate),
         }
         .emit();
         if let Some(bar) = &self.bar {
@@ -260,6 +311,15 @@ mod tests {
         assert_eq!(eta_seconds(0, 100, 0.0), None);
         assert_eq!(eta_seconds(50, 100, 10.0), Some(5.0));
         assert_eq!(eta_seconds(120, 100, 10.0), Some(0.0));
+    }
+
+    #[test]
+    fn an_estimated_total_is_replaced_by_the_count() {
+        let p = Progress::estimated(3_000, "rewriting", true);
+        assert!(p.shared.estimated.load(Ordering::Relaxed));
+        p.total().set(1_800);
+        assert_eq!(p.shared.total(), 1_800);
+        assert!(!p.shared.estimated.load(Ordering::Relaxed));
     }
 
     #[test]

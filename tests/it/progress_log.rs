@@ -77,6 +77,70 @@ async fn progress_lines_are_json_fields_with_log_format_json() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn the_progress_total_is_the_rows_left_to_rotate_counted_beside_the_run() {
+    let db = TestDb::new().await;
+    db.seed_patients(3_000).await;
+    // rows with nothing encrypted have nothing to rotate; the catalogue still counts them
+    db.client
+        .batch_execute(
+            "UPDATE patient_persons SET phone_encrypted = NULL, emergency_contact_phone_encrypted = NULL WHERE id <= 1200;
+             ANALYZE patient_persons",
+        )
+        .await
+        .unwrap();
+    let left: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM patient_persons WHERE phone_encrypted IS NOT NULL OR emergency_contact_phone_encrypted IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let estimate: f32 = db
+        .client
+        .query_one(
+            "SELECT reltuples FROM pg_class WHERE relname = 'patient_persons'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(
+        estimate as i64, left,
+        "the premise: the catalogue's size is not the count"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    let out = rekey(
+        &[
+            "run",
+            "--job",
+            &job,
+            "--max-rows-per-sec",
+            "1500",
+            "--batch-size",
+            "100",
+            "--progress-every",
+            "300ms",
+            "--log-format",
+            "json",
+        ],
+        &seed_env(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let log = stderr(&out);
+    let last = log
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v.get("rows_total").is_some())
+        .unwrap_or_else(|| panic!("no progress line: {log}"));
+    assert_eq!(last["rows_total"], left, "{last}");
+    assert_eq!(last["rows_total_estimated"], false, "{last}");
+}
+
 /// Runs `args` under an 80-column pseudo-terminal; returns everything drawn.
 const UNDER_A_TERMINAL: &str = r#"
 import fcntl, os, pty, struct, subprocess, sys, termios
