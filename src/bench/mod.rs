@@ -4,8 +4,9 @@
 //! patient-records-shaped table, times what PostgreSQL does on its own, with no crypto
 //! (`UPDATE t SET a = a, b = b` in one statement: the floor), reloads the same
 //! table, times `rekey run` re-encrypting both columns, and reports the ratio,
-//! batch latencies, peak memory and projected windows. Drives the engine
-//! directly; only the command line uses it.
+//! batch latencies, peak memory, the WAL written (against `--max-wal-rate`),
+//! the time before the first batch and projected windows. Drives the engine
+//! directly (one run: `timed`); only the command line uses it.
 
 mod chart;
 mod load;
