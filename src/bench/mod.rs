@@ -40,7 +40,7 @@ use crate::Error;
 
 use load::load;
 use report::{median, write_report};
-use timed::{rekey_once, RekeyRun};
+use timed::{rekey_once, Before, RekeyRun};
 
 /// What to benchmark.
 #[derive(Debug, Clone)]
@@ -254,7 +254,7 @@ async fn measure(
 
         let job = Arc::new(Job::resolve_with(&spec, client, Some(&ring)).await?);
         say(opts, "running rekey");
-        runs.push(rekey_once(opts, db, client, job.clone(), None).await?);
+        runs.push(rekey_once(opts, db, client, job.clone(), Before::AsRun, None).await?);
         client
             .batch_execute(&format!("DROP TABLE {table}"))
             .await
@@ -268,7 +268,7 @@ async fn measure(
                     fraction * 100.0
                 ),
             );
-            let run = rekey_once(opts, db, client, job, Some(fraction)).await?;
+            let run = rekey_once(opts, db, client, job, Before::AsRun, Some(fraction)).await?;
             resumed.push(run.secs);
             interrupted_runs.push(run);
             client

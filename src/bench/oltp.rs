@@ -21,7 +21,7 @@ use crate::job::{Job, JobSpec};
 use crate::Error;
 
 use super::pgbench::{self, AppWindow, Running};
-use super::timed::rekey_once;
+use super::timed::{rekey_once, Before};
 use super::wal::wal_position;
 use super::{load::load, say, BenchOptions};
 
@@ -169,7 +169,7 @@ pub(super) async fn measure(
         tokio::time::sleep(Duration::from_secs_f64(load_opts.baseline_s)).await;
         running.check().map_err(runtime)?;
         let (t1, wal1) = (now(), wal_position(client).await? as f64);
-        let run = rekey_once(&paced, scene.db, client, job, None).await?;
+        let run = rekey_once(&paced, scene.db, client, job, Before::OpenOnly, None).await?;
         let (t2, wal2) = (now(), wal_position(client).await? as f64);
         // the newest log lines reach the files a little after they happen
         tokio::time::sleep(Duration::from_secs(1)).await;
