@@ -4,24 +4,27 @@
 //! patient-records-shaped table, times what PostgreSQL does on its own, with no crypto
 //! (`UPDATE t SET a = a, b = b` in one statement: the floor), reloads the same
 //! table, times `rekey run` re-encrypting both columns, and reports the ratio,
-//! batch latencies, peak memory and projected windows. Drives the engine
-//! directly; only the command line uses it.
+//! batch latencies, peak memory, the WAL written (against `--max-wal-rate`),
+//! the time before the first batch and projected windows. Drives the engine
+//! directly (one run: `timed`); only the command line uses it.
 
 mod chart;
 mod load;
 mod oltp;
 mod pgbench;
 mod report;
+mod timed;
+mod wal;
 
 pub use chart::throughput_svg;
 pub use oltp::{LoadOptions, LoadReport, LoadedRun};
 pub use pgbench::AppWindow;
 pub use report::{human_duration, parse_sizes, peak_rss_mib};
+pub use wal::{busiest, WalReport};
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::Serialize;
 use tokio_postgres::Client;
@@ -29,17 +32,15 @@ use tokio_postgres::Client;
 use crate::crypto::keyring::{generate_material, Key, Keyring};
 use crate::db::cluster::{ClusterOptions, TempCluster};
 use crate::db::{quote_ident, Database};
-use crate::engine::pipeline::{self, Mode, Settings};
-use crate::engine::plan;
+use crate::engine::pipeline::Settings;
 use crate::error::DbContext;
 use crate::job::{Job, JobSpec};
-use crate::observe::counts::LiveCounts;
-use crate::observe::progress::Progress;
 use crate::state;
 use crate::Error;
 
 use load::load;
-use report::{median, reset_peak_rss, write_report};
+use report::{median, write_report};
+use timed::{rekey_once, Before, RekeyRun};
 
 /// What to benchmark.
 #[derive(Debug, Clone)]
@@ -87,7 +88,7 @@ pub struct BenchReport {
     pub floor_rows_per_s: f64,
     /// Every round's floor seconds.
     pub floor_runs_s: Vec<f64>,
-    /// Median seconds of the rekey run.
+    /// Median seconds of the rekey run: the pipeline, from its first batch to its last.
     pub rekey_s: f64,
     /// Rows per second of the rekey run (median round).
     pub rekey_rows_per_s: f64,
@@ -95,6 +96,16 @@ pub struct BenchReport {
     pub rekey_runs_s: Vec<f64>,
     /// rekey rows/s over floor rows/s.
     pub ratio: f64,
+    /// Median seconds before the first batch that `rekey run` spends and the
+    /// pipeline's time leaves out: checking the keys open the values,
+    /// opening the job with its planned ranges, counting the rows to rotate.
+    pub setup_s: f64,
+    /// Every round's seconds before the first batch.
+    pub setup_runs_s: Vec<f64>,
+    /// Median seconds of the whole command: before the first batch, then the pipeline.
+    pub whole_s: f64,
+    /// The whole command's rows/s over floor rows/s.
+    pub whole_ratio: f64,
     /// Values rewritten by the run.
     pub values_rewritten: u64,
     /// Batch latency percentiles, milliseconds.
@@ -125,6 +136,9 @@ pub struct BenchReport {
     pub killed_at_s: Option<f64>,
     /// When its resume started.
     pub resumed_at_s: Option<f64>,
+    /// The WAL the server wrote during the median run, and its busiest 10 s.
+    #[serde(flatten)]
+    pub wal: WalReport,
     /// With `--with-load`: the cost to an application on the same cluster.
     pub load: Option<LoadReport>,
 }
@@ -240,7 +254,7 @@ async fn measure(
 
         let job = Arc::new(Job::resolve_with(&spec, client, Some(&ring)).await?);
         say(opts, "running rekey");
-        runs.push(rekey_once(opts, db, client, job.clone(), None).await?);
+        runs.push(rekey_once(opts, db, client, job.clone(), Before::AsRun, None).await?);
         client
             .batch_execute(&format!("DROP TABLE {table}"))
             .await
@@ -254,7 +268,7 @@ async fn measure(
                     fraction * 100.0
                 ),
             );
-            let run = rekey_once(opts, db, client, job, Some(fraction)).await?;
+            let run = rekey_once(opts, db, client, job, Before::AsRun, Some(fraction)).await?;
             resumed.push(run.secs);
             interrupted_runs.push(run);
             client
@@ -281,6 +295,8 @@ async fn measure(
     };
     let floor_s = median(floors.clone());
     let rekey_s = median(runs.iter().map(|r| r.secs).collect());
+    let setup_s = median(runs.iter().map(|r| r.setup_secs).collect());
+    let whole_s = median(runs.iter().map(|r| r.setup_secs + r.secs).collect());
     // figures of the run closest to the median, so latencies and the plot match the headline
     let run = runs
         .iter()
@@ -299,7 +315,8 @@ async fn measure(
             .min_by(|a, b| (a.secs - m).abs().total_cmp(&(b.secs - m).abs()))
     });
     let floor_rows_per_s = opts.rows as f64 / floor_s;
-    let rekey_rows_per_s = run.outcome.counts.rows_scanned as f64 / rekey_s;
+    let rows_scanned = run.outcome.counts.rows_scanned;
+    let rekey_rows_per_s = rows_scanned as f64 / rekey_s;
     let report = BenchReport {
         rows: opts.rows,
         lanes: opts.lanes,
@@ -313,6 +330,10 @@ async fn measure(
         rekey_rows_per_s,
         rekey_runs_s: runs.iter().map(|r| r.secs).collect(),
         ratio: rekey_rows_per_s / floor_rows_per_s,
+        setup_s,
+        setup_runs_s: runs.iter().map(|r| r.setup_secs).collect(),
+        whole_s,
+        whole_ratio: rows_scanned as f64 / whole_s / floor_rows_per_s,
         values_rewritten: run.outcome.counts.values_rewritten,
         batch_ms_p50: h.value_at_quantile(0.5) as f64 / 1000.0,
         batch_ms_p90: h.value_at_quantile(0.9) as f64 / 1000.0,
@@ -335,128 +356,18 @@ async fn measure(
             .unwrap_or_default(),
         killed_at_s: interrupted.as_ref().and_then(|r| r.killed_at_s),
         resumed_at_s: interrupted.as_ref().and_then(|r| r.resumed_at_s),
+        wal: WalReport::new(
+            run.wal.clone(),
+            rows_scanned,
+            run.secs,
+            opts.settings.signals.max_wal_rate,
+        ),
         load: under_load,
     };
     if let Some(dir) = &opts.report_dir {
         write_report(dir, &report)?;
     }
     Ok(report)
-}
-
-/// One timed rekey run over the freshly loaded table.
-struct RekeyRun {
-    /// Wall seconds.
-    secs: f64,
-    /// What the pipeline did.
-    outcome: pipeline::Outcome,
-    /// Rows done every 50 ms, and at the end: (seconds, rows).
-    progress: Vec<(f64, u64)>,
-    /// With a kill: when it was killed, and when the resume started.
-    killed_at_s: Option<f64>,
-    resumed_at_s: Option<f64>,
-    /// Peak RSS during the run, MiB.
-    peak_rss_mib: f64,
-}
-
-/// Times one run; with `kill_at`, the run is dropped mid-flight (as a killed
-/// process would be: uncommitted batches roll back) once that fraction of the
-/// rows is done, then resumed from its checkpoints, and the time is the sum.
-async fn rekey_once(
-    opts: &BenchOptions,
-    db: &Database,
-    client: &mut Client,
-    job: Arc<Job>,
-    kill_at: Option<f64>,
-) -> Result<RekeyRun, Error> {
-    let mut record = state::open_job(client, &job, true, async |c: &Client| {
-        plan::job_ranges(c, &job, opts.lanes).await
-    })
-    .await?;
-    let live = Arc::new(LiveCounts::default());
-    reset_peak_rss();
-    let started = Instant::now();
-    let done = AtomicBool::new(false);
-    let sampler = async {
-        let mut samples = Vec::new();
-        while !done.load(Ordering::Relaxed) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            samples.push((
-                started.elapsed().as_secs_f64(),
-                live.snapshot().rows_scanned,
-            ));
-        }
-        samples
-    };
-    let marks = std::sync::Mutex::new((None, None));
-    let settings = Settings {
-        lanes: opts.lanes,
-        batch_size: opts.batch_size,
-        stop: Default::default(),
-        ..opts.settings.clone()
-    };
-    let run = async {
-        if let Some(fraction) = kill_at {
-            let threshold = (opts.rows as f64 * fraction) as u64;
-            let first = pipeline::run(
-                db,
-                job.clone(),
-                record.ranges.clone(),
-                Mode::Rewrite { job_id: record.id },
-                settings.clone(),
-                live.clone(),
-                Progress::new(opts.rows, "bench", true),
-            );
-            let reached = async {
-                while live.snapshot().rows_scanned < threshold {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            };
-            tokio::select! {
-                r = first => { r?; }
-                _ = reached => {}
-            }
-            let killed_at = started.elapsed().as_secs_f64();
-            record = state::open_job(client, &job, false, async |c: &Client| {
-                plan::job_ranges(c, &job, opts.lanes).await
-            })
-            .await?;
-            if let Ok(mut m) = marks.lock() {
-                *m = (Some(killed_at), Some(started.elapsed().as_secs_f64()));
-            }
-        }
-        let progress = Progress::new(opts.rows, "bench", opts.quiet);
-        let r = pipeline::run(
-            db,
-            job.clone(),
-            record.ranges.clone(),
-            Mode::Rewrite { job_id: record.id },
-            settings,
-            live.clone(),
-            progress,
-        )
-        .await;
-        // timed here, not after the sampler's next tick
-        let secs = started.elapsed().as_secs_f64();
-        let rows = live.snapshot().rows_scanned;
-        done.store(true, Ordering::Relaxed);
-        r.map(|o| (o, secs, rows))
-    };
-    let (outcome, mut progress) = tokio::join!(run, sampler);
-    let (outcome, secs, rows) = outcome?;
-    // the exact end, not the sampler's next tick after it
-    progress.retain(|&(t, _)| t < secs);
-    progress.push((secs, rows));
-    let (killed_at_s, resumed_at_s) = marks.lock().map(|m| *m).unwrap_or((None, None));
-    let peak_rss_mib = peak_rss_mib();
-    state::finish_job(client, record.id, &serde_json::json!({ "bench": true })).await?;
-    Ok(RekeyRun {
-        secs,
-        outcome,
-        progress,
-        killed_at_s,
-        resumed_at_s,
-        peak_rss_mib,
-    })
 }
 
 #[cfg(test)]

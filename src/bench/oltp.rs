@@ -21,7 +21,9 @@ use crate::job::{Job, JobSpec};
 use crate::Error;
 
 use super::pgbench::{self, AppWindow, Running};
-use super::{load::load, rekey_once, say, BenchOptions};
+use super::timed::{rekey_once, Before};
+use super::wal::wal_position;
+use super::{load::load, say, BenchOptions};
 
 /// The load `--with-load` runs.
 #[derive(Debug, Clone, Copy)]
@@ -88,19 +90,6 @@ fn now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
-}
-
-/// The WAL position, in bytes from 0/0.
-async fn wal_position(client: &Client) -> Result<f64, Error> {
-    let row = client
-        .query_one(
-            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::float8",
-            &[],
-        )
-        .await
-        .ctx(|| "reading the WAL position (pg_current_wal_lsn)".into())?;
-    row.try_get(0)
-        .ctx(|| "reading the WAL position (pg_current_wal_lsn)".into())
 }
 
 /// Where the bench's pieces live, as `bench::measure` has them.
@@ -176,12 +165,12 @@ pub(super) async fn measure(
         // connections up and the first transactions through before the window opens
         tokio::time::sleep(Duration::from_secs(1)).await;
         running.check().map_err(runtime)?;
-        let (t0, wal0) = (now(), wal_position(client).await?);
+        let (t0, wal0) = (now(), wal_position(client).await? as f64);
         tokio::time::sleep(Duration::from_secs_f64(load_opts.baseline_s)).await;
         running.check().map_err(runtime)?;
-        let (t1, wal1) = (now(), wal_position(client).await?);
-        let run = rekey_once(&paced, scene.db, client, job, None).await?;
-        let (t2, wal2) = (now(), wal_position(client).await?);
+        let (t1, wal1) = (now(), wal_position(client).await? as f64);
+        let run = rekey_once(&paced, scene.db, client, job, Before::OpenOnly, None).await?;
+        let (t2, wal2) = (now(), wal_position(client).await? as f64);
         // the newest log lines reach the files a little after they happen
         tokio::time::sleep(Duration::from_secs(1)).await;
         let logs = running.stop().map_err(runtime)?;

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::bench::{self, human_duration, BenchOptions, LoadOptions, LoadReport};
+use crate::bench::{self, human_duration, BenchOptions, LoadOptions, LoadReport, WalReport};
 use crate::cli::args::{BenchArgs, JobArgs};
 use crate::cli::run::settings_from;
 use crate::cli::{default_lanes, open, print_json};
@@ -101,9 +101,14 @@ pub async fn bench(args: &BenchArgs) -> Result<u8, Error> {
         r.rekey_s, r.rekey_rows_per_s, r.ratio
     );
     println!(
+        "  before the first batch {:.2} s (checking the keys, planning ranges, counting rows to rotate); whole command ~ {:.2} s, {:.2}x the floor",
+        r.setup_s, r.whole_s, r.whole_ratio
+    );
+    println!(
         "  batch latency  p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
         r.batch_ms_p50, r.batch_ms_p99, r.batch_ms_max
     );
+    println!("  WAL            {}", wal_line(&r.wal));
     println!("  peak memory    {:.0} MiB", r.peak_rss_mib);
     if let (Some(total), Some(ratio)) = (r.resumed_total_s, r.resume_cost_ratio) {
         println!(
@@ -127,6 +132,33 @@ pub async fn bench(args: &BenchArgs) -> Result<u8, Error> {
         );
     }
     Ok(0)
+}
+
+/// The WAL line of the text summary: per row and per second, then the
+/// busiest 10 s (when the run lasted that long) against the cap (when set).
+fn wal_line(w: &WalReport) -> String {
+    let mib = |bytes: f64| bytes / f64::from(1u32 << 20);
+    let mut line = format!(
+        "{:.0} B/row, {:.1} MiB/s",
+        w.wal_bytes_per_row,
+        mib(w.wal_bytes_per_s)
+    );
+    match (w.wal_busiest_10s_bytes_per_s, w.wal_cap_bytes_per_s) {
+        (Some(busiest), _) => {
+            line += &format!("; busiest 10 s {:.1} MiB/s", mib(busiest));
+            if let Some(over) = w.wal_busiest_10s_over_cap {
+                line += &format!(" ({over:.2}x the --max-wal-rate cap)");
+            }
+        }
+        (None, Some(cap)) => {
+            line += &format!(
+                " (a run under 10 s is too short to hold against the --max-wal-rate cap, {:.1} MiB/s)",
+                mib(cap as f64)
+            );
+        }
+        (None, None) => {}
+    }
+    line
 }
 
 /// The `--with-load` lines of the text summary.

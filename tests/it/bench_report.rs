@@ -1,7 +1,9 @@
 //! `rekey bench --report-dir`: the report's samples reach the end of the run
 //! and mark a kill and its resume; the chart has labelled axes ticked from 0
 //! and draws the interrupted run with its marks; `--with-load` reports the
-//! application's TPS, latency and the WAL written, full speed and throttled.
+//! application's TPS, latency and the WAL written, full speed and throttled;
+//! every run reports its WAL (the series, per row, per second, against the
+//! `--max-wal-rate` cap) and the time `rekey run` spends before its first batch.
 
 use crate::harness::*;
 
@@ -57,6 +59,106 @@ fn a_bench_report_samples_to_the_end_and_charts_the_kill_and_resume() {
         squeezed.contains(">0<") && squeezed.contains(">0.0<"),
         "no tick at 0 on both axes"
     );
+}
+
+#[test]
+fn a_bench_report_measures_the_wal_and_the_time_before_the_first_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = rekey(
+        &[
+            "bench",
+            "--rows",
+            "20000",
+            "--batch-size",
+            "500",
+            // far above what the run writes: reported, never holding
+            "--max-wal-rate",
+            "1GiB/s",
+            "--report-dir",
+            &dir.path().display().to_string(),
+            "--quiet",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("report.json")).unwrap())
+            .unwrap();
+    let f = |v: &serde_json::Value| v.as_f64().unwrap_or_else(|| panic!("{v} in {r}"));
+    let rekey_s = f(&r["rekey_s"]);
+
+    let series: Vec<(f64, u64)> = r["wal_progress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (f(&p[0]), p[1].as_u64().unwrap()))
+        .collect();
+    assert_eq!(series[0], (0.0, 0), "the series starts at the run's start");
+    assert!(
+        series
+            .windows(2)
+            .all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1),
+        "time and WAL only go forward: {series:?}"
+    );
+    let &(end, wal_bytes) = series.last().unwrap();
+    assert!(
+        (end - rekey_s).abs() < 1e-6,
+        "the series ends with the run: {end} vs {rekey_s}"
+    );
+    assert_eq!(
+        r["wal_bytes"], wal_bytes,
+        "the whole run's WAL is the series' last point"
+    );
+    // a rewritten row's new tuple and index entry are some hundreds of bytes
+    let per_row = f(&r["wal_bytes_per_row"]);
+    assert!((50.0..100_000.0).contains(&per_row), "{per_row} B/row");
+    assert!((per_row - wal_bytes as f64 / 20_000.0).abs() < 1e-6, "{r}");
+    assert!(
+        (f(&r["wal_bytes_per_s"]) - wal_bytes as f64 / rekey_s).abs() < 1e-3,
+        "{r}"
+    );
+    assert_eq!(r["wal_cap_bytes_per_s"], 1u64 << 30);
+    // the busiest 10 s, as the window function reads the run's own series
+    // (equal up to the JSON round trip of the samples' seconds)
+    let busiest = rekey::bench::busiest(&series, 10.0);
+    let close = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => (a - b).abs() <= 1e-9 * a.abs().max(1.0),
+        _ => false,
+    };
+    assert!(
+        close(r["wal_busiest_10s_bytes_per_s"].as_f64(), busiest),
+        "{busiest:?} vs {r}"
+    );
+    assert!(
+        close(
+            r["wal_busiest_10s_over_cap"].as_f64(),
+            busiest.map(|b| b / f64::from(1u32 << 30))
+        ),
+        "{r}"
+    );
+
+    let (setup_s, whole_s) = (f(&r["setup_s"]), f(&r["whole_s"]));
+    // the keys checked, the job and its ranges written, the rows counted:
+    // statements on the server, not nothing
+    assert!(setup_s > 0.001, "{r}");
+    assert!(whole_s > rekey_s, "{r}");
+    assert!(
+        (whole_s - (setup_s + rekey_s)).abs() < 1e-6,
+        "one round: {r}"
+    );
+    assert!(f(&r["whole_ratio"]) < f(&r["ratio"]), "{r}");
+
+    let text = String::from_utf8_lossy(&out.stdout);
+    let wal_line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("WAL "))
+        .unwrap_or_else(|| panic!("no WAL line: {text}"));
+    assert!(
+        wal_line.contains(&format!("{per_row:.0} B/row")),
+        "{wal_line}"
+    );
+    assert!(text.contains("before the first batch"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,0 +1,193 @@
+//! One timed rekey run over the freshly loaded bench table: what `rekey run`
+//! does before its first batch (checking the keys open the values, opening
+//! the job with its planned ranges, counting the rows to rotate; under
+//! `--with-load`, only the opening, as ever), timed on its own, then the
+//! pipeline, timed with its rows and the server's WAL sampled every 50 ms.
+//! The pipeline's time is the bench's headline, as it always was; the time
+//! before it is what a user's whole command adds.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+
+use crate::db::Database;
+use crate::engine::pipeline::{self, Mode, Settings};
+use crate::engine::rewrite::stale_rows;
+use crate::engine::{plan, verify};
+use crate::job::Job;
+use crate::observe::counts::LiveCounts;
+use crate::observe::progress::Progress;
+use crate::state;
+use crate::Error;
+
+use super::report::{peak_rss_mib, reset_peak_rss};
+use super::wal::wal_position;
+use super::BenchOptions;
+
+/// How often the rows done and the WAL position are sampled.
+const SAMPLE_EVERY: Duration = Duration::from_millis(50);
+
+/// What a timed run does before its first batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Before {
+    /// What `rekey run` does: check the keys open a sample of values, open
+    /// the job with its planned ranges, count the rows to rotate.
+    AsRun,
+    /// Only open the job with its ranges: `--with-load` keeps the figures it
+    /// has always taken, whose window (the application's "during") starts
+    /// before this.
+    OpenOnly,
+}
+
+/// One timed rekey run over the freshly loaded table.
+pub(super) struct RekeyRun {
+    /// Wall seconds of the pipeline.
+    pub secs: f64,
+    /// Wall seconds before the pipeline's first batch: what `before` asked for.
+    pub setup_secs: f64,
+    /// What the pipeline did.
+    pub outcome: pipeline::Outcome,
+    /// Rows done every 50 ms, and at the end: (seconds, rows).
+    pub progress: Vec<(f64, u64)>,
+    /// WAL the server wrote since the start, from (0, 0), every 50 ms and at
+    /// the end: (seconds, bytes).
+    pub wal: Vec<(f64, u64)>,
+    /// With a kill: when it was killed, and when the resume started.
+    pub killed_at_s: Option<f64>,
+    /// See `killed_at_s`.
+    pub resumed_at_s: Option<f64>,
+    /// Peak RSS during the run, MiB.
+    pub peak_rss_mib: f64,
+}
+
+/// Times one run; with `kill_at`, the run is dropped mid-flight (as a killed
+/// process would be: uncommitted batches roll back) once that fraction of the
+/// rows is done, then resumed from its checkpoints, and the time is the sum.
+pub(super) async fn rekey_once(
+    opts: &BenchOptions,
+    db: &Database,
+    client: &mut Client,
+    job: Arc<Job>,
+    before: Before,
+    kill_at: Option<f64>,
+) -> Result<RekeyRun, Error> {
+    // what `rekey run` does before its first batch, in its order
+    let setup = Instant::now();
+    if before == Before::AsRun {
+        verify::preflight(client, &job).await?;
+    }
+    let mut record = state::open_job(client, &job, true, async |c: &Client| {
+        plan::job_ranges(c, &job, opts.lanes).await
+    })
+    .await?;
+    let to_rotate = match before {
+        Before::AsRun => stale_rows(client, &job).await?,
+        Before::OpenOnly => opts.rows,
+    };
+    let setup_secs = setup.elapsed().as_secs_f64();
+
+    let wal_client = db.connect().await?;
+    let wal_base = wal_position(&wal_client).await?;
+    let live = Arc::new(LiveCounts::default());
+    reset_peak_rss();
+    let started = Instant::now();
+    let done = AtomicBool::new(false);
+    let sampler = async {
+        let mut rows = Vec::new();
+        let mut wal = vec![(0.0, 0)];
+        let mut wal_error = None;
+        while !done.load(Ordering::Relaxed) {
+            tokio::time::sleep(SAMPLE_EVERY).await;
+            let t = started.elapsed().as_secs_f64();
+            rows.push((t, live.snapshot().rows_scanned));
+            if wal_error.is_none() {
+                match wal_position(&wal_client).await {
+                    Ok(at) => wal.push((t, at.saturating_sub(wal_base))),
+                    Err(e) => wal_error = Some(e),
+                }
+            }
+        }
+        (rows, wal, wal_error)
+    };
+    let marks = std::sync::Mutex::new((None, None));
+    let settings = Settings {
+        lanes: opts.lanes,
+        batch_size: opts.batch_size,
+        stop: Default::default(),
+        ..opts.settings.clone()
+    };
+    let run = async {
+        if let Some(fraction) = kill_at {
+            let threshold = (opts.rows as f64 * fraction) as u64;
+            let first = pipeline::run(
+                db,
+                job.clone(),
+                record.ranges.clone(),
+                Mode::Rewrite { job_id: record.id },
+                settings.clone(),
+                live.clone(),
+                Progress::new(to_rotate, "bench", true),
+            );
+            let reached = async {
+                while live.snapshot().rows_scanned < threshold {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            };
+            tokio::select! {
+                r = first => { r?; }
+                _ = reached => {}
+            }
+            let killed_at = started.elapsed().as_secs_f64();
+            record = state::open_job(client, &job, false, async |c: &Client| {
+                plan::job_ranges(c, &job, opts.lanes).await
+            })
+            .await?;
+            if let Ok(mut m) = marks.lock() {
+                *m = (Some(killed_at), Some(started.elapsed().as_secs_f64()));
+            }
+        }
+        let progress = Progress::new(to_rotate, "bench", opts.quiet);
+        let r = pipeline::run(
+            db,
+            job.clone(),
+            record.ranges.clone(),
+            Mode::Rewrite { job_id: record.id },
+            settings,
+            live.clone(),
+            progress,
+        )
+        .await;
+        // timed here, not after the sampler's next tick
+        let secs = started.elapsed().as_secs_f64();
+        let rows = live.snapshot().rows_scanned;
+        done.store(true, Ordering::Relaxed);
+        r.map(|o| (o, secs, rows))
+    };
+    let (outcome, (mut progress, mut wal, wal_error)) = tokio::join!(run, sampler);
+    let (outcome, secs, rows) = outcome?;
+    if let Some(e) = wal_error {
+        return Err(e);
+    }
+    // the exact end, not the sampler's next tick after it; nothing else
+    // writes between the run's end and this read
+    let wal_end = wal_position(&wal_client).await?.saturating_sub(wal_base);
+    progress.retain(|&(t, _)| t < secs);
+    progress.push((secs, rows));
+    wal.retain(|&(t, _)| t < secs);
+    wal.push((secs, wal_end));
+    let (killed_at_s, resumed_at_s) = marks.lock().map(|m| *m).unwrap_or((None, None));
+    let peak_rss_mib = peak_rss_mib();
+    state::finish_job(client, record.id, &serde_json::json!({ "bench": true })).await?;
+    Ok(RekeyRun {
+        secs,
+        setup_secs,
+        outcome,
+        progress,
+        wal,
+        killed_at_s,
+        resumed_at_s,
+        peak_rss_mib,
+    })
+}
