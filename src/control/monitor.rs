@@ -93,8 +93,14 @@ impl Monitor {
     }
 
     /// Reads every signal once, in order of precedence: a stop, then holds.
-    /// `job_control` is the job's `rekey.jobs.control`, when there is a job.
-    pub async fn check(&mut self, client: &mut Client, job_control: Option<Control>) -> Verdict {
+    /// `job_control` is the job's `rekey.jobs.control`, when there is a job;
+    /// `rows` is how many rows the run has read so far.
+    pub async fn check(
+        &mut self,
+        client: &mut Client,
+        job_control: Option<Control>,
+        rows: u64,
+    ) -> Verdict {
         if let Some(path) = &self.signals.control_file {
             match read_control_file(path) {
                 Ok(Some(Control::Stop)) => return Verdict::Stop(StopBy::ControlFile),
@@ -135,7 +141,7 @@ impl Monitor {
             }
         }
         if let Some(cap) = self.signals.max_wal_rate {
-            match self.wal_rate(client).await {
+            match self.wal_rate(client, rows).await {
                 Ok(WalRate::Go) => self.wal_hold = None,
                 Ok(WalRate::Hold { rate, window }) => {
                     // the rate that started the hold stays its reason: one
@@ -195,14 +201,20 @@ impl Monitor {
         Verdict::Go
     }
 
+    /// With `--max-wal-rate`, the rows per second that keep the server's WAL
+    /// at the cap, as the last checks measured it ([`WalBudget::pace`]).
+    pub fn wal_pace(&self) -> Option<f64> {
+        self.wal.as_ref()?.pace()
+    }
+
     /// Samples the server's WAL position into the budget.
-    async fn wal_rate(&mut self, client: &Client) -> Result<WalRate, String> {
+    async fn wal_rate(&mut self, client: &Client, rows: u64) -> Result<WalRate, String> {
         let lsn = current_lsn(client).await?;
         let now = Instant::now();
         Ok(self
             .wal
             .as_mut()
-            .map_or(WalRate::Go, |budget| budget.sample(now, lsn)))
+            .map_or(WalRate::Go, |budget| budget.sample(now, lsn, rows)))
     }
 
     /// How far the archiver is behind, or whether it fails.

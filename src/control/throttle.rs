@@ -4,6 +4,7 @@
 //! the database live in [`super::monitor`], the tasks in the engine.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -11,11 +12,13 @@ use tokio::sync::watch;
 
 use super::stop::Stop;
 
-/// Spaces pages out so all lanes together read at most `rate` rows per second.
+/// Spaces pages out so all lanes together read at most `rate` rows per
+/// second. The rate may change while the run goes: `--max-wal-rate` sets
+/// it from the WAL each row costs.
 #[derive(Debug)]
 pub struct Pace {
-    /// Rows per second.
-    rate: f64,
+    /// Rows per second, as `f64` bits.
+    rate: AtomicU64,
     /// When the next page may be read.
     next: Mutex<Instant>,
 }
@@ -23,10 +26,32 @@ pub struct Pace {
 impl Pace {
     /// A pace of `rows_per_sec` (at least 1).
     pub fn new(rows_per_sec: u32) -> Self {
-        Pace {
-            rate: f64::from(rows_per_sec.max(1)),
+        Self::of(f64::from(rows_per_sec))
+    }
+
+    /// A pace of `rows_per_sec` (at least 1), a fraction allowed.
+    pub fn of(rows_per_sec: f64) -> Self {
+        let p = Pace {
+            rate: AtomicU64::new(1.0f64.to_bits()),
             next: Mutex::new(Instant::now()),
-        }
+        };
+        p.set_rate(rows_per_sec);
+        p
+    }
+
+    /// Rows per second now.
+    pub fn rate(&self) -> f64 {
+        f64::from_bits(self.rate.load(Ordering::Relaxed))
+    }
+
+    /// Changes the pace to `rows_per_sec` (at least 1) from the next page on.
+    pub fn set_rate(&self, rows_per_sec: f64) {
+        let rate = if rows_per_sec.is_nan() {
+            1.0
+        } else {
+            rows_per_sec.max(1.0)
+        };
+        self.rate.store(rate.to_bits(), Ordering::Relaxed);
     }
 
     /// Waits for the slot of a page of `rows` rows. Holds no transaction: the
@@ -38,7 +63,7 @@ impl Pace {
             };
             let now = Instant::now();
             let slot = (*next).max(now);
-            *next = slot + Duration::from_secs_f64(rows as f64 / self.rate);
+            *next = slot + Duration::from_secs_f64(rows as f64 / self.rate());
             slot
         };
         tokio::time::sleep_until(slot.into()).await;

@@ -11,6 +11,12 @@
 //! does not flap at every check. What the server writes beyond the budget
 //! is owed for at most [`DEBT_WINDOW`] (or two rate windows): a busy
 //! application does not keep the run waiting long after it calms down.
+//!
+//! Held and let go once a check, a run would still write in bursts (a
+//! check's worth at full speed, then the batches in flight): over 10 s it
+//! could pass the cap by a third. So the budget also gives a pace
+//! ([`WalBudget::pace`]): the rows per second at which the WAL a row costs
+//! fills the cap, which the engine reads at; the hold is the backstop.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -52,8 +58,8 @@ pub struct WalBudget {
     held: bool,
     /// The span the shown rate is averaged over.
     window: Duration,
-    /// (when, WAL position) within `window`, oldest first.
-    samples: VecDeque<(Instant, u64)>,
+    /// (when, WAL position, rows the run had read) within `window`, oldest first.
+    samples: VecDeque<(Instant, u64, u64)>,
 }
 
 impl WalBudget {
@@ -74,21 +80,22 @@ impl WalBudget {
         }
     }
 
-    /// Records the server's WAL position `lsn` seen at `at`, and decides.
-    pub fn sample(&mut self, at: Instant, lsn: u64) -> WalRate {
-        if let Some(&(then, before)) = self.samples.back() {
+    /// Records the server's WAL position `lsn` seen at `at`, when the run
+    /// had read `rows` rows, and decides.
+    pub fn sample(&mut self, at: Instant, lsn: u64, rows: u64) -> WalRate {
+        if let Some(&(then, before, _)) = self.samples.back() {
             let secs = at.saturating_duration_since(then).as_secs_f64();
             // a position that went back (another server behind the same
             // address) is a fresh start, not negative WAL
             let written = lsn.saturating_sub(before) as f64;
             self.credit = (self.credit + self.cap * secs - written).clamp(self.least, self.most);
         }
-        self.samples.push_back((at, lsn));
+        self.samples.push_back((at, lsn, rows));
         while self.samples.len() > 2
             && self
                 .samples
                 .get(1)
-                .is_some_and(|(t, _)| at.saturating_duration_since(*t) >= self.window)
+                .is_some_and(|(t, _, _)| at.saturating_duration_since(*t) >= self.window)
         {
             self.samples.pop_front();
         }
@@ -105,7 +112,7 @@ impl WalBudget {
         }
         let (first, last) = (self.samples.front(), self.samples.back());
         let (rate, window) = match (first, last) {
-            (Some(&(t0, l0)), Some(&(t1, l1))) => {
+            (Some(&(t0, l0, _)), Some(&(t1, l1, _))) => {
                 let span = t1.saturating_duration_since(t0);
                 (
                     l1.saturating_sub(l0) as f64 / span.as_secs_f64().max(1e-3),
@@ -115,6 +122,19 @@ impl WalBudget {
             _ => (0.0, Duration::ZERO),
         };
         WalRate::Hold { rate, window }
+    }
+}
+
+impl WalBudget {
+    /// The rows per second that keep the server's WAL at the cap, from the
+    /// WAL each row read cost over the last `window` (the application's WAL
+    /// counted in, so the run slows while the application writes); `None`
+    /// until the run has read rows under a rising WAL position. Paced at
+    /// this rate the run writes evenly instead of in bursts between holds.
+    pub fn pace(&self) -> Option<f64> {
+        let (&(_, l0, r0), &(_, l1, r1)) = (self.samples.front()?, self.samples.back()?);
+        let (wal, rows) = (l1.saturating_sub(l0), r1.saturating_sub(r0));
+        (wal > 0 && rows > 0).then(|| self.cap * rows as f64 / wal as f64)
     }
 }
 
@@ -212,16 +232,16 @@ mod tests {
         let t0 = Instant::now();
         let s = |n: u64| t0 + Duration::from_secs(n);
         let mut b = WalBudget::new(MIB, Duration::from_secs(1));
-        assert_eq!(b.sample(s(0), 0), WalRate::Go, "one position is no rate");
-        assert_eq!(b.sample(s(1), MIB / 2), WalRate::Go);
+        assert_eq!(b.sample(s(0), 0, 0), WalRate::Go, "one position is no rate");
+        assert_eq!(b.sample(s(1), MIB / 2, 0), WalRate::Go);
         // 4 MiB in one second: 3.5 MiB owed, paid back at 1 MiB/s
         assert!(matches!(
-            b.sample(s(2), 4 * MIB + MIB / 2),
+            b.sample(s(2), 4 * MIB + MIB / 2, 0),
             WalRate::Hold { .. }
         ));
         let mut held = 0;
         for n in 3..20 {
-            if b.sample(s(n), 4 * MIB + MIB / 2) == WalRate::Go {
+            if b.sample(s(n), 4 * MIB + MIB / 2, 0) == WalRate::Go {
                 break;
             }
             held += 1;
@@ -237,9 +257,9 @@ mod tests {
         let t0 = Instant::now();
         let mut b = WalBudget::new(MIB, Duration::from_secs(1));
         for n in 0..10 {
-            b.sample(t0 + Duration::from_secs(n), n * 3 * MIB);
+            b.sample(t0 + Duration::from_secs(n), n * 3 * MIB, 0);
         }
-        match b.sample(t0 + Duration::from_secs(10), 30 * MIB) {
+        match b.sample(t0 + Duration::from_secs(10), 30 * MIB, 0) {
             WalRate::Hold { rate, window } => {
                 assert!((rate - 3.0 * MIB as f64).abs() < 1.0, "{rate}");
                 assert_eq!(window, Duration::from_secs(5));
@@ -253,11 +273,11 @@ mod tests {
         let t0 = Instant::now();
         let mut b = WalBudget::new(MIB, Duration::from_secs(1));
         for n in 0..3600 {
-            b.sample(t0 + Duration::from_secs(n), n * 10 * MIB);
+            b.sample(t0 + Duration::from_secs(n), n * 10 * MIB, 0);
         }
         let quiet = 3599 * 10 * MIB;
         let back = (3600..4000)
-            .find(|n| b.sample(t0 + Duration::from_secs(*n), quiet) == WalRate::Go)
+            .find(|n| b.sample(t0 + Duration::from_secs(*n), quiet, 0) == WalRate::Go)
             .expect("goes on once the application calms down");
         assert!(
             back - 3600 <= 62,
@@ -273,12 +293,85 @@ mod tests {
         let mut b = WalBudget::new(2 * MIB, Duration::from_secs(1));
         let mut lsn = 0;
         for n in 0..600 {
-            if b.sample(t0 + Duration::from_secs(n), lsn) == WalRate::Go {
+            if b.sample(t0 + Duration::from_secs(n), lsn, 0) == WalRate::Go {
                 lsn += 8 * MIB;
             }
         }
         let rate = lsn as f64 / 600.0 / (2 * MIB) as f64;
         assert!((0.9..=1.1).contains(&rate), "{rate}x the cap");
+    }
+
+    /// WAL positions every 10 ms of a simulated run paced by the budget as
+    /// the engine paces it: pages of 5,000 rows read when the pace and the
+    /// hold allow (at most `capacity` rows/s), each committing 300 ms later
+    /// with 700 bytes of WAL a row, beside an application writing
+    /// `app` bytes/s; the signals are read every second.
+    fn simulated_wal(cap: u64, capacity: f64, app: f64) -> Vec<(f64, f64)> {
+        let (page, per_row, tick, every) = (5_000.0, 700.0, 0.01, 1.0);
+        let t0 = Instant::now();
+        let mut b = WalBudget::new(cap, Duration::from_secs(1));
+        let (mut rate, mut next, mut free) = (page / every, 0.0f64, 0.0f64);
+        let (mut held, mut wal, mut rows) = (false, 0.0f64, 0u64);
+        let mut in_flight: VecDeque<f64> = VecDeque::new();
+        let mut out = Vec::new();
+        for i in 0..=12_000u32 {
+            let now = f64::from(i) * tick;
+            wal += app * tick;
+            while in_flight.front().is_some_and(|&at| at <= now) {
+                in_flight.pop_front();
+                wal += page * per_row;
+                rows += page as u64;
+            }
+            if !held && now >= next.max(free) {
+                next = next.max(now) + page / rate;
+                free = now + page / capacity;
+                in_flight.push_back(now + 0.3);
+            }
+            if i % (every / tick) as u32 == 0 {
+                let at = t0 + Duration::from_secs_f64(now);
+                held = b.sample(at, wal as u64, rows) != WalRate::Go;
+                if let Some(r) = b.pace() {
+                    rate = r;
+                }
+            }
+            out.push((now, wal));
+        }
+        out
+    }
+
+    /// The highest and lowest WAL rate over any `span` seconds from `from` on.
+    fn extremes(series: &[(f64, f64)], span: f64, from: f64) -> (f64, f64) {
+        let (mut most, mut least) = (0.0f64, f64::INFINITY);
+        for (i, &(t0, w0)) in series.iter().enumerate().filter(|(_, p)| p.0 >= from) {
+            if let Some(&(t1, w1)) = series[i..].iter().find(|p| p.0 - t0 >= span - 1e-9) {
+                let r = (w1 - w0) / (t1 - t0);
+                most = most.max(r);
+                least = least.min(r);
+            }
+        }
+        (most, least)
+    }
+
+    #[test]
+    fn paced_from_the_wal_a_row_costs_every_10_s_stays_within_10_percent_of_the_cap() {
+        let cap = 20 * MIB;
+        for app in [0.0, 2.0 * MIB as f64] {
+            // the run alone could write 2.6x the cap
+            let wal = simulated_wal(cap, 75_000.0, app);
+            let (most, least) = extremes(&wal, 10.0, 0.0);
+            assert!(
+                most <= 1.1 * cap as f64,
+                "{:.2}x the cap",
+                most / cap as f64
+            );
+            let (_, settled) = extremes(&wal, 10.0, 5.0);
+            assert!(
+                settled >= 0.9 * cap as f64,
+                "{:.2}x the cap",
+                settled / cap as f64
+            );
+            assert!(least > 0.0);
+        }
     }
 
     #[test]

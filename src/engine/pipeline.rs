@@ -262,7 +262,7 @@ pub async fn run(
     let mut monitor = Monitor::new(settings.signals.clone());
     apply(
         &shared,
-        read_signals(&mut monitor, &mut monitor_conn, job_id).await,
+        read_signals(&mut monitor, &mut monitor_conn, job_id, 0).await,
     );
     // in a JoinSet so that it ends with this future even when the future is dropped
     let mut watcher = JoinSet::new();

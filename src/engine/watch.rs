@@ -16,11 +16,12 @@ use crate::state;
 use super::pipeline::{backend_pid, monitor_connection};
 use super::work::{Shared, Work};
 
-/// Reads the job's control and every signal once.
+/// Reads the job's control and every signal once; `rows`: rows read so far.
 pub(super) async fn read_signals(
     monitor: &mut Monitor,
     conn: &mut Client,
     job_id: Option<i64>,
+    rows: u64,
 ) -> Verdict {
     let control = match job_id {
         Some(id) => match state::job_control(conn, id).await {
@@ -34,7 +35,7 @@ pub(super) async fn read_signals(
         },
         None => None,
     };
-    monitor.check(conn, control).await
+    monitor.check(conn, control, rows).await
 }
 
 /// Acts on a verdict: stop, hold or release the sources.
@@ -112,26 +113,28 @@ pub(super) async fn watch(
         }
         // a round that hangs (a half-open socket) holds the run and reconnects
         let limit = (every * 10).clamp(Duration::from_secs(5), Duration::from_secs(30));
-        let verdict = match tokio::time::timeout(
-            limit,
-            read_signals(&mut monitor, &mut conn, job_id),
-        )
-        .await
-        {
-            Ok(v) => v,
-            Err(_) => {
-                if let Some(c) = reopen_monitor(&shared, &db).await {
-                    conn = c;
+        let rows = shared.live.snapshot().rows_scanned;
+        let verdict =
+            match tokio::time::timeout(limit, read_signals(&mut monitor, &mut conn, job_id, rows))
+                .await
+            {
+                Ok(v) => {
+                    shared.pace_wal(monitor.wal_pace());
+                    v
                 }
-                Verdict::Hold(
-                    "unreadable",
-                    format!(
-                        "reading the throttle signals took over {}s; holding",
-                        limit.as_secs()
-                    ),
-                )
-            }
-        };
+                Err(_) => {
+                    if let Some(c) = reopen_monitor(&shared, &db).await {
+                        conn = c;
+                    }
+                    Verdict::Hold(
+                        "unreadable",
+                        format!(
+                            "reading the throttle signals took over {}s; holding",
+                            limit.as_secs()
+                        ),
+                    )
+                }
+            };
         apply(&shared, verdict);
         for (stage, n) in [
             ("to_transform", &shared.queued.to_transform),
