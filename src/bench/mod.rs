@@ -98,7 +98,8 @@ pub struct BenchReport {
     pub ratio: f64,
     /// Median seconds before the first batch that `rekey run` spends and the
     /// pipeline's time leaves out: checking the keys open the values,
-    /// opening the job with its planned ranges, counting the rows to rotate.
+    /// opening the job with its planned ranges (the rows to rotate are
+    /// counted beside the run, not before it).
     pub setup_s: f64,
     /// Every round's seconds before the first batch.
     pub setup_runs_s: Vec<f64>,

@@ -1,7 +1,7 @@
 //! One timed rekey run over the freshly loaded bench table: what `rekey run`
 //! does before its first batch (checking the keys open the values, opening
-//! the job with its planned ranges, counting the rows to rotate; under
-//! `--with-load`, only the opening, as ever), timed on its own, then the
+//! the job with its planned ranges; under `--with-load`, only the opening,
+//! as ever), timed on its own, then the
 //! pipeline, timed with its rows and the server's WAL sampled every 50 ms.
 //! The pipeline's time is the bench's headline, as it always was; the time
 //! before it is what a user's whole command adds.
@@ -14,7 +14,6 @@ use tokio_postgres::Client;
 
 use crate::db::Database;
 use crate::engine::pipeline::{self, Mode, Settings};
-use crate::engine::rewrite::stale_rows;
 use crate::engine::{plan, verify};
 use crate::job::Job;
 use crate::observe::counts::LiveCounts;
@@ -33,7 +32,8 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(50);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Before {
     /// What `rekey run` does: check the keys open a sample of values, open
-    /// the job with its planned ranges, count the rows to rotate.
+    /// the job with its planned ranges (it counts the rows to rotate beside
+    /// the run, for its progress total).
     AsRun,
     /// Only open the job with its ranges: `--with-load` keeps the figures it
     /// has always taken, whose window (the application's "during") starts
@@ -82,10 +82,8 @@ pub(super) async fn rekey_once(
         plan::job_ranges(c, &job, opts.lanes).await
     })
     .await?;
-    let to_rotate = match before {
-        Before::AsRun => stale_rows(client, &job).await?,
-        Before::OpenOnly => opts.rows,
-    };
+    // `rekey run` counts the rows to rotate beside its run, not before it
+    let to_rotate = opts.rows;
     let setup_secs = setup.elapsed().as_secs_f64();
 
     let wal_client = db.connect().await?;
