@@ -7,29 +7,26 @@
 
 use crate::harness::*;
 
-#[test]
-fn a_bench_report_samples_to_the_end_and_charts_the_kill_and_resume() {
+/// A quiet `rekey bench` of 20,000 rows in batches of 500 with `extra`
+/// flags, into a report directory: what it printed, its `report.json`, and
+/// the directory (kept while the caller holds it).
+fn bench_20k(extra: &[&str]) -> (std::process::Output, serde_json::Value, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let out = rekey(
-        &[
-            "bench",
-            "--rows",
-            "20000",
-            "--batch-size",
-            "500",
-            "--interrupt-at",
-            "0.5",
-            "--report-dir",
-            &dir.path().display().to_string(),
-            "--quiet",
-            "--json",
-        ],
-        &[],
-    );
+    let report_dir = dir.path().display().to_string();
+    let mut args = vec!["bench", "--rows", "20000", "--batch-size", "500"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--report-dir", &report_dir, "--quiet"]);
+    let out = rekey(&args, &[]);
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-    let report: serde_json::Value =
+    let report =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("report.json")).unwrap())
             .unwrap();
+    (out, report, dir)
+}
+
+#[test]
+fn a_bench_report_samples_to_the_end_and_charts_the_kill_and_resume() {
+    let (_, report, dir) = bench_20k(&["--interrupt-at", "0.5", "--json"]);
     let progress = report["progress"].as_array().unwrap();
     let last = progress.last().unwrap();
     assert_eq!(last[1], 20_000, "the samples end with every row: {last}");
@@ -63,27 +60,8 @@ fn a_bench_report_samples_to_the_end_and_charts_the_kill_and_resume() {
 
 #[test]
 fn a_bench_report_measures_the_wal_and_the_time_before_the_first_batch() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = rekey(
-        &[
-            "bench",
-            "--rows",
-            "20000",
-            "--batch-size",
-            "500",
-            // far above what the run writes: reported, never holding
-            "--max-wal-rate",
-            "1GiB/s",
-            "--report-dir",
-            &dir.path().display().to_string(),
-            "--quiet",
-        ],
-        &[],
-    );
-    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("report.json")).unwrap())
-            .unwrap();
+    // a cap far above what the run writes: reported, never holding
+    let (out, r, _dir) = bench_20k(&["--max-wal-rate", "1GiB/s"]);
     let f = |v: &serde_json::Value| v.as_f64().unwrap_or_else(|| panic!("{v} in {r}"));
     let rekey_s = f(&r["rekey_s"]);
 
@@ -139,8 +117,8 @@ fn a_bench_report_measures_the_wal_and_the_time_before_the_first_batch() {
     );
 
     let (setup_s, whole_s) = (f(&r["setup_s"]), f(&r["whole_s"]));
-    // the keys checked, the job and its ranges written, the rows counted:
-    // statements on the server, not nothing
+    // the keys checked, the job and its ranges written: statements on the
+    // server, not nothing
     assert!(setup_s > 0.001, "{r}");
     assert!(whole_s > rekey_s, "{r}");
     assert!(

@@ -8,6 +8,12 @@ use crate::harness::*;
 async fn slow_run(log_format: &str) -> String {
     let db = TestDb::new().await;
     db.seed_patients(3_000).await;
+    slow_run_on(&db, log_format)
+}
+
+/// A run over `db`'s patients held to 1,500 rows/s, logging progress every
+/// 300 ms as `log_format`; what it wrote on stderr.
+fn slow_run_on(db: &TestDb, log_format: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let job = db.patients_job(&dir).display().to_string();
     let out = rekey(
@@ -111,26 +117,7 @@ async fn the_progress_total_is_the_rows_left_to_rotate_counted_beside_the_run() 
         estimate as i64, left,
         "the premise: the catalogue's size is not the count"
     );
-    let dir = tempfile::tempdir().unwrap();
-    let job = db.patients_job(&dir).display().to_string();
-    let out = rekey(
-        &[
-            "run",
-            "--job",
-            &job,
-            "--max-rows-per-sec",
-            "1500",
-            "--batch-size",
-            "100",
-            "--progress-every",
-            "300ms",
-            "--log-format",
-            "json",
-        ],
-        &seed_env(),
-    );
-    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-    let log = stderr(&out);
+    let log = slow_run_on(&db, "json");
     let last = log
         .lines()
         .rev()
