@@ -2,13 +2,9 @@
 
 use std::time::Duration;
 
-use rekey::db::Database;
-use rekey::engine::sink::{Batch, Commit, Writer};
-use rekey::engine::source::Source;
-use rekey::engine::transform;
-use rekey::job::{Job, JobSpec};
-use rekey::state;
+use rekey::engine::sink::{Commit, Writer};
 
+use crate::by_hand::{first_batch, open_job, Opened};
 use crate::harness::*;
 
 /// Kills of the run: at least this many must land on a live process.
@@ -94,39 +90,15 @@ async fn an_application_update_between_read_and_write_is_not_overwritten() {
     let db = TestDb::new().await;
     db.seed_patients(50).await;
     let dir = tempfile::tempdir().unwrap();
-    let spec = JobSpec::load(&db.patients_job(&dir)).unwrap();
-    for (k, v) in seed_env() {
-        std::env::set_var(k, v);
-    }
-    let job = Job::resolve(&spec, &db.client).await.unwrap();
-    let database = Database::parse(&db.url).unwrap();
-    let mut admin = database.connect().await.unwrap();
-    state::ensure_schema(&mut admin).await.unwrap();
-    let record = state::open_job(
-        &mut admin,
-        &job,
-        false,
-        async |c: &tokio_postgres::Client| rekey::engine::plan::job_ranges(c, &job, 1).await,
-    )
-    .await
-    .unwrap();
+    let Opened {
+        job,
+        database,
+        record,
+    } = open_job(&db, &db.patients_job(&dir), &seed_env()).await;
     let target = &job.targets[0];
 
     // read and transform one batch, as the pipeline does
-    let mut source = Source::new(database.connect().await.unwrap(), true);
-    let rows = source.page(target, None, None, 100).await.unwrap();
-    let mut cells = Vec::new();
-    transform::rewrite(target, &rows, &mut cells);
-    let last_key = rows.last().map(|r| target.row_key(r));
-    let batch = Batch {
-        range_index: 0,
-        rows,
-        cells,
-        last_key,
-        end: true,
-        lease: None,
-        upper: None,
-    };
+    let batch = first_batch(&database, target).await;
 
     // the application writes row 5 in between, still with the old key
     let mut fresh = Vec::new();

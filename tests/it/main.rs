@@ -6,6 +6,7 @@ mod harness;
 mod archive;
 mod aws;
 mod bench_report;
+mod by_hand;
 mod completeness;
 mod config;
 mod control;

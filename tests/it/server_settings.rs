@@ -16,6 +16,7 @@ use rekey::crypto::codec::versioned_gcm::VersionedGcm;
 use rekey::crypto::codec::Codec;
 use rekey::db::cluster::{ClusterOptions, TempCluster};
 
+use crate::by_hand::{first_batch, open_job, Opened};
 use crate::harness::*;
 
 // ---------------------------------------------------------------------------
@@ -1429,12 +1430,7 @@ async fn a_key_column_of_a_composite_type_is_refused_before_any_write() {
 // exits 3, with the stale quarantine row left behind.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tampered_value_the_application_fixes_between_read_and_write_is_not_quarantined() {
-    use rekey::db::Database;
-    use rekey::engine::sink::{Batch, Commit, Writer};
-    use rekey::engine::source::Source;
-    use rekey::engine::transform;
-    use rekey::job::{Job, JobSpec};
-    use rekey::state;
+    use rekey::engine::sink::{Commit, Writer};
 
     const ROWS: i64 = 50;
     const FIXED: i64 = 5; // has both values (5 % 3 != 0)
@@ -1463,42 +1459,18 @@ async fn a_tampered_value_the_application_fixes_between_read_and_write_is_not_qu
     let j = job_file.display().to_string();
 
     // a run as the pipeline does it, up to the write of its one batch
-    let spec = JobSpec::load(&job_file).unwrap();
-    for (k, v) in seed_env() {
-        std::env::set_var(k, v);
-    }
-    let job = Job::resolve(&spec, &db.client).await.unwrap();
-    let database = Database::parse(&db.url).unwrap();
-    let mut admin = database.connect().await.unwrap();
-    state::ensure_schema(&mut admin).await.unwrap();
-    let record = state::open_job(
-        &mut admin,
-        &job,
-        false,
-        async |c: &tokio_postgres::Client| rekey::engine::plan::job_ranges(c, &job, 1).await,
-    )
-    .await
-    .unwrap();
+    let Opened {
+        job,
+        database,
+        record,
+    } = open_job(&db, &job_file, &seed_env()).await;
     assert_eq!(
         record.ranges.len(),
         1,
         "premise: one range, read in one page"
     );
     let target = &job.targets[0];
-    let mut source = Source::new(database.connect().await.unwrap(), true);
-    let rows = source.page(target, None, None, 100).await.unwrap();
-    let mut cells = Vec::new();
-    transform::rewrite(target, &rows, &mut cells);
-    let last_key = rows.last().map(|r| target.row_key(r));
-    let batch = Batch {
-        range_index: 0,
-        rows,
-        cells,
-        last_key,
-        end: true,
-        lease: None,
-        upper: None,
-    };
+    let batch = first_batch(&database, target).await;
 
     // the application fixes row 5's phone (a good value under V1) in between
     let mut fixed = Vec::new();

@@ -4,14 +4,10 @@
 
 use std::time::Duration;
 
-use rekey::db::Database;
-use rekey::engine::sink::{Batch, Commit, Writer};
-use rekey::engine::source::Source;
-use rekey::engine::transform;
-use rekey::job::{Job, JobSpec};
-use rekey::state;
+use rekey::engine::sink::{Commit, Writer};
 
 use super::*;
+use crate::by_hand::{first_batch, open_job, Opened};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hash_no_key_made_is_quarantined_and_reported_never_overwritten() {
@@ -76,39 +72,15 @@ async fn an_application_write_to_the_hash_between_read_and_write_is_a_conflict_n
     seed(&db, 50, HEX).await;
     let dir = tempfile::tempdir().unwrap();
     let job_path = job_file(&db, &dir, HEX, "");
-    let spec = JobSpec::load(std::path::Path::new(&job_path)).unwrap();
-    for (k, v) in env() {
-        std::env::set_var(k, v);
-    }
-    let job = Job::resolve(&spec, &db.client).await.unwrap();
-    let database = Database::parse(&db.url).unwrap();
-    let mut admin = database.connect().await.unwrap();
-    state::ensure_schema(&mut admin).await.unwrap();
-    let record = state::open_job(
-        &mut admin,
-        &job,
-        false,
-        async |c: &tokio_postgres::Client| rekey::engine::plan::job_ranges(c, &job, 1).await,
-    )
-    .await
-    .unwrap();
+    let Opened {
+        job,
+        database,
+        record,
+    } = open_job(&db, std::path::Path::new(&job_path), &env()).await;
     let target = &job.targets[0];
 
     // read and transform one batch, as the pipeline does
-    let mut source = Source::new(database.connect().await.unwrap(), true);
-    let rows = source.page(target, None, None, 100).await.unwrap();
-    let mut cells = Vec::new();
-    transform::rewrite(target, &rows, &mut cells);
-    let last_key = rows.last().map(|r| target.row_key(r));
-    let batch = Batch {
-        range_index: 0,
-        rows,
-        cells,
-        last_key,
-        end: true,
-        lease: None,
-        upper: None,
-    };
+    let batch = first_batch(&database, target).await;
 
     // the application writes row 5's hash in between (only the hash column)
     let app = String::from_utf8(py_hashes(H2, HEX, &["555-55-5555".into()]).remove(0)).unwrap();
