@@ -137,7 +137,6 @@ pub async fn bench(args: &BenchArgs) -> Result<u8, Error> {
 /// The WAL line of the text summary: per row and per second, then the
 /// busiest 10 s (when the run lasted that long) against the cap (when set).
 fn wal_line(w: &WalReport) -> String {
-    let mib = |bytes: f64| bytes / f64::from(1u32 << 20);
     let mut line = format!(
         "{:.0} B/row, {:.1} MiB/s",
         w.wal_bytes_per_row,
@@ -184,11 +183,16 @@ fn print_load(load: &LoadReport) {
             d.latency_ms_p99
         );
         println!(
-            "    {:<18} WAL: rekey {:.0} B/row, {:.1} MB/s; the cluster {:.1} MB/s",
+            "    {:<18} WAL: rekey {:.0} B/row, {:.1} MiB/s; the cluster {:.1} MiB/s",
             "",
             run.rekey_wal_bytes_per_row,
-            run.rekey_wal_bytes_per_s / 1e6,
-            run.wal_bytes_per_s / 1e6
+            mib(run.rekey_wal_bytes_per_s),
+            mib(run.wal_bytes_per_s)
         );
     }
+}
+
+/// Bytes in MiB, as `--max-wal-rate` counts them.
+fn mib(bytes: f64) -> f64 {
+    bytes / f64::from(1u32 << 20)
 }

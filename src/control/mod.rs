@@ -3,6 +3,7 @@
 //! WAL rate and archive lag, and the SQL gate. Holds no transaction while a
 //! run waits.
 
+pub mod archive;
 pub mod monitor;
 pub mod signals;
 pub mod stop;

@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
+use super::archive::{archive_lag, segment_of, ArchiveLag, ArchiverState};
 use super::stop::StopBy;
 use super::throttle::LagTracker;
-use super::wal::{archive_lag, segment_of, ArchiveLag, ArchiverState, WalBudget, WalRate};
+use super::wal::{WalBudget, WalRate};
 use crate::state::Control;
 use crate::Error;
 
@@ -73,6 +74,9 @@ pub struct Monitor {
     wal: Option<WalBudget>,
     /// Why the WAL budget holds the run, while it does.
     wal_hold: Option<String>,
+    /// Whether the last check sampled the WAL position (a check that holds
+    /// for another reason returns before it).
+    wal_sampled: bool,
     /// The WAL segment size and the segment the run started in, once read.
     archive_base: Option<(u64, u64)>,
 }
@@ -88,6 +92,7 @@ impl Monitor {
             lag: LagTracker::default(),
             wal,
             wal_hold: None,
+            wal_sampled: false,
             archive_base: None,
         }
     }
@@ -101,6 +106,7 @@ impl Monitor {
         job_control: Option<Control>,
         rows: u64,
     ) -> Verdict {
+        let sampled_before = std::mem::replace(&mut self.wal_sampled, false);
         if let Some(path) = &self.signals.control_file {
             match read_control_file(path) {
                 Ok(Some(Control::Stop)) => return Verdict::Stop(StopBy::ControlFile),
@@ -141,7 +147,7 @@ impl Monitor {
             }
         }
         if let Some(cap) = self.signals.max_wal_rate {
-            match self.wal_rate(client, rows).await {
+            match self.wal_rate(client, rows, sampled_before).await {
                 Ok(WalRate::Go) => self.wal_hold = None,
                 Ok(WalRate::Hold { rate, window }) => {
                     // the rate that started the hold stays its reason: one
@@ -208,9 +214,18 @@ impl Monitor {
     }
 
     /// Samples the server's WAL position into the budget.
-    async fn wal_rate(&mut self, client: &Client, rows: u64) -> Result<WalRate, String> {
+    async fn wal_rate(
+        &mut self,
+        client: &Client,
+        rows: u64,
+        sampled_before: bool,
+    ) -> Result<WalRate, String> {
         let lsn = current_lsn(client).await?;
         let now = Instant::now();
+        self.wal_sampled = true;
+        if let (false, Some(budget)) = (sampled_before, self.wal.as_mut()) {
+            budget.restart();
+        }
         Ok(self
             .wal
             .as_mut()

@@ -13,15 +13,22 @@ use tokio::sync::watch;
 use super::stop::Stop;
 
 /// Spaces pages out so all lanes together read at most `rate` rows per
-/// second. The rate may change while the run goes: `--max-wal-rate` sets
-/// it from the WAL each row costs.
+/// second. The rate may change while the run goes (`--max-wal-rate` sets it
+/// from the WAL each row costs) and applies to the page being waited for.
 #[derive(Debug)]
 pub struct Pace {
     /// Rows per second, as `f64` bits.
     rate: AtomicU64,
-    /// When the next page may be read.
-    next: Mutex<Instant>,
+    /// The last page let through: when, and its rows.
+    last: Mutex<Option<(Instant, f64)>>,
 }
+
+/// How often a wait looks at the rate again.
+const PACE_LOOK: Duration = Duration::from_millis(100);
+
+/// The most a measured pace may fall at one check (a window that held an
+/// application's burst says less than it seems).
+const PACE_FALL: f64 = 0.5;
 
 impl Pace {
     /// A pace of `rows_per_sec` (at least 1).
@@ -33,7 +40,7 @@ impl Pace {
     pub fn of(rows_per_sec: f64) -> Self {
         let p = Pace {
             rate: AtomicU64::new(1.0f64.to_bits()),
-            next: Mutex::new(Instant::now()),
+            last: Mutex::new(None),
         };
         p.set_rate(rows_per_sec);
         p
@@ -44,7 +51,7 @@ impl Pace {
         f64::from_bits(self.rate.load(Ordering::Relaxed))
     }
 
-    /// Changes the pace to `rows_per_sec` (at least 1) from the next page on.
+    /// Changes the pace to `rows_per_sec` (at least 1).
     pub fn set_rate(&self, rows_per_sec: f64) {
         let rate = if rows_per_sec.is_nan() {
             1.0
@@ -54,19 +61,35 @@ impl Pace {
         self.rate.store(rate.to_bits(), Ordering::Relaxed);
     }
 
-    /// Waits for the slot of a page of `rows` rows. Holds no transaction: the
-    /// source reads autocommit, between pages.
-    pub async fn wait(&self, rows: usize) {
-        let slot = {
-            let Ok(mut next) = self.next.lock() else {
-                return;
+    /// Follows a measured pace: `measured` rows/s, falling by at most half
+    /// at a time, never under `least` nor over `most`.
+    pub fn follow(&self, measured: f64, least: f64, most: Option<f64>) {
+        let rate = measured.max(self.rate() * PACE_FALL).max(least);
+        self.set_rate(most.map_or(rate, |most| rate.min(most)));
+    }
+
+    /// Waits for the turn of a page of `rows` rows: the previous page's rows
+    /// at the current rate after it. Holds no transaction (the source reads
+    /// autocommit, between pages); returns false when `stop` is asked meanwhile.
+    pub async fn wait(&self, rows: usize, stop: &Stop) -> bool {
+        loop {
+            let wait = {
+                let Ok(mut last) = self.last.lock() else {
+                    return true;
+                };
+                let now = Instant::now();
+                let due = last.map_or(now, |(at, n)| at + Duration::from_secs_f64(n / self.rate()));
+                if due <= now {
+                    *last = Some((now, rows as f64));
+                    return true;
+                }
+                (due - now).min(PACE_LOOK)
             };
-            let now = Instant::now();
-            let slot = (*next).max(now);
-            *next = slot + Duration::from_secs_f64(rows as f64 / self.rate());
-            slot
-        };
-        tokio::time::sleep_until(slot.into()).await;
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = stop.asked() => return false,
+            }
+        }
     }
 }
 
@@ -272,6 +295,54 @@ impl LagTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_stop_ends_a_wait_for_a_page_s_turn() {
+        let pace = Pace::of(1.0);
+        let stop = Stop::default();
+        assert!(pace.wait(1_000, &stop).await, "the first page goes at once");
+        let waiting = pace.wait(1_000, &stop);
+        let asked = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            stop.trigger();
+        };
+        let (went, ()) = tokio::time::timeout(Duration::from_secs(5), async {
+            tokio::join!(waiting, asked)
+        })
+        .await
+        .expect("the wait ends with the stop, not 1,000 s later");
+        assert!(!went);
+    }
+
+    #[tokio::test]
+    async fn a_new_rate_applies_to_the_page_waiting_for_its_turn() {
+        let pace = Pace::of(1.0);
+        let stop = Stop::default();
+        assert!(pace.wait(1_000, &stop).await);
+        let faster = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            pace.set_rate(1e9);
+        };
+        let (went, ()) = tokio::time::timeout(Duration::from_secs(5), async {
+            tokio::join!(pace.wait(1_000, &stop), faster)
+        })
+        .await
+        .expect("due soon after the rate rose, not 1,000 s after the first page");
+        assert!(went);
+    }
+
+    #[test]
+    fn a_followed_pace_falls_by_half_at_most_and_stays_between_its_bounds() {
+        let pace = Pace::of(10_000.0);
+        pace.follow(100.0, 50.0, None);
+        assert_eq!(pace.rate(), 5_000.0, "half at most");
+        pace.follow(100.0, 4_000.0, None);
+        assert_eq!(pace.rate(), 4_000.0, "never under the least");
+        pace.follow(90_000.0, 50.0, Some(20_000.0));
+        assert_eq!(pace.rate(), 20_000.0, "never over the most");
+        pace.follow(30_000.0, 50.0, None);
+        assert_eq!(pace.rate(), 30_000.0, "up at once");
+    }
 
     #[test]
     fn the_first_page_is_small_until_the_size_of_the_values_is_known() {

@@ -1,6 +1,6 @@
-//! The WAL throttles' arithmetic: the WAL rate budget behind
-//! `--max-wal-rate` and the archiver's lag behind `--max-archive-lag`.
-//! Pure state; [`super::monitor`] reads the positions from the server.
+//! The WAL rate throttle's arithmetic: the budget and the pace behind
+//! `--max-wal-rate` (the archiver's lag is in [`super::archive`]). Pure
+//! state; [`super::monitor`] reads the positions from the server.
 //!
 //! The rate is a budget, not a bare moving average: the run earns
 //! `cap x seconds` of WAL as time passes and spends whatever the server
@@ -46,7 +46,8 @@ pub enum WalRate {
 pub struct WalBudget {
     /// The cap, bytes per second.
     cap: f64,
-    /// Most credit kept: half a rate window at the cap.
+    /// Most credit kept: one check at the cap (a run paced at the cap
+    /// does not save up for a burst).
     most: f64,
     /// Most debt kept.
     least: f64,
@@ -70,7 +71,7 @@ impl WalBudget {
         let window = every * RATE_WINDOW_CHECKS;
         WalBudget {
             cap,
-            most: cap * window.as_secs_f64() / 2.0,
+            most: cap * every.as_secs_f64(),
             least: -cap * DEBT_WINDOW.max(window * 2).as_secs_f64(),
             release: cap * every.as_secs_f64(),
             credit: 0.0,
@@ -78,6 +79,13 @@ impl WalBudget {
             window,
             samples: VecDeque::new(),
         }
+    }
+
+    /// Forgets the positions sampled so far (the credit stays): the run was
+    /// held by something else meanwhile, and a window across that gap would
+    /// charge the rows read after it with the WAL the application wrote in it.
+    pub fn restart(&mut self) {
+        self.samples.clear();
     }
 
     /// Records the server's WAL position `lsn` seen at `at`, when the run
@@ -102,12 +110,17 @@ impl WalBudget {
         if self.samples.len() < 2 {
             return WalRate::Go;
         }
+        let was_held = self.held;
         self.held = if self.held {
             self.credit < self.release.min(self.most)
         } else {
             self.credit < 0.0
         };
         if !self.held {
+            if was_held {
+                // the pace is measured again from here: rows read while held are none
+                self.samples.drain(..self.samples.len() - 1);
+            }
             return WalRate::Go;
         }
         let (first, last) = (self.samples.front(), self.samples.back());
@@ -132,98 +145,19 @@ impl WalBudget {
     /// until the run has read rows under a rising WAL position. Paced at
     /// this rate the run writes evenly instead of in bursts between holds.
     pub fn pace(&self) -> Option<f64> {
+        if self.held {
+            return None;
+        }
         let (&(_, l0, r0), &(_, l1, r1)) = (self.samples.front()?, self.samples.back()?);
         let (wal, rows) = (l1.saturating_sub(l0), r1.saturating_sub(r0));
         (wal > 0 && rows > 0).then(|| self.cap * rows as f64 / wal as f64)
     }
 }
 
-/// The segment number a WAL file name stands for (`000000010000000A000000FF`
-/// and names that begin with one, as `.partial` and `.backup` files do);
-/// `None` for a timeline history file or anything else.
-pub fn segment_of(file: &str, segment_size: u64) -> Option<u64> {
-    let name = file.get(..24)?;
-    if !name.bytes().all(|b| b.is_ascii_hexdigit()) || segment_size == 0 {
-        return None;
-    }
-    let log = u64::from_str_radix(name.get(8..16)?, 16).ok()?;
-    let seg = u64::from_str_radix(name.get(16..24)?, 16).ok()?;
-    let per_log = 0x1_0000_0000_u64 / segment_size;
-    log.checked_mul(per_log)?.checked_add(seg)
-}
-
-/// What `pg_stat_archiver` says, read once.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ArchiverState {
-    /// `pg_walfile_name(pg_current_wal_lsn())`.
-    pub current_wal: String,
-    /// The last WAL file archived, if any since the statistics were reset.
-    pub last_archived_wal: Option<String>,
-    /// The last WAL file whose archiving failed.
-    pub last_failed_wal: Option<String>,
-    /// When it failed, as the server prints it.
-    pub last_failed_time: Option<String>,
-    /// Failures since the statistics were reset.
-    pub failed_count: i64,
-    /// Whether the last failure came after the last success: the archiver
-    /// retries a failed file until it succeeds, so this means it still fails.
-    pub failing: bool,
-}
-
-/// Why the archiver holds the run, if it does.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ArchiveLag {
-    /// Caught up within the cap.
-    Go,
-    /// `archive_command` fails: nothing archived since the last failure.
-    Failing(String),
-    /// This many complete segments wait to be archived, more than the cap allows.
-    Behind {
-        /// Segments ready and not archived.
-        segments: u64,
-        /// The same in bytes.
-        bytes: u64,
-    },
-}
-
-/// Judges the archiver against `cap` bytes of complete segments waiting.
-/// `base` is the segment the run started in: when the archiver has archived
-/// nothing since its statistics were reset (or last archived a history
-/// file), the lag counts from there.
-pub fn archive_lag(s: &ArchiverState, segment_size: u64, base: u64, cap: u64) -> ArchiveLag {
-    if s.failing {
-        return ArchiveLag::Failing(format!(
-            "archiving is failing: {} could not be archived (last failure {}, {} failures counted), \
-             nothing archived since; holding until archive_command succeeds (see the server log)",
-            s.last_failed_wal.as_deref().unwrap_or("a WAL file"),
-            s.last_failed_time.as_deref().unwrap_or("unknown"),
-            s.failed_count
-        ));
-    }
-    let Some(current) = segment_of(&s.current_wal, segment_size) else {
-        return ArchiveLag::Failing(format!(
-            "the current WAL file name {:?} is not one rekey can read; holding",
-            s.current_wal
-        ));
-    };
-    let archived = s
-        .last_archived_wal
-        .as_deref()
-        .and_then(|w| segment_of(w, segment_size))
-        .unwrap_or_else(|| base.saturating_sub(1));
-    // the current segment is still being written: only those before it can be archived
-    let segments = current.saturating_sub(archived).saturating_sub(1);
-    let bytes = segments.saturating_mul(segment_size);
-    if bytes > cap {
-        ArchiveLag::Behind { segments, bytes }
-    } else {
-        ArchiveLag::Go
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control::throttle::Pace;
 
     const MIB: u64 = 1 << 20;
 
@@ -301,29 +235,60 @@ mod tests {
         assert!((0.9..=1.1).contains(&rate), "{rate}x the cap");
     }
 
+    #[test]
+    fn no_pace_is_measured_while_held_nor_across_a_gap() {
+        let t0 = Instant::now();
+        let s = |n: u64| t0 + Duration::from_secs(n);
+        let mut b = WalBudget::new(MIB, Duration::from_secs(1));
+        b.sample(s(0), 0, 0);
+        b.sample(s(1), MIB / 2, 1_000);
+        assert_eq!(
+            b.pace(),
+            Some(2_000.0),
+            "half a MiB for 1,000 rows: 2,000 rows/s"
+        );
+        // the application writes 8 MiB while the run is held by something else
+        b.restart();
+        b.sample(s(9), 8 * MIB + MIB / 2, 1_000);
+        b.sample(s(10), 9 * MIB, 2_000);
+        assert_eq!(b.pace(), Some(2_000.0), "measured after the gap only");
+        // a burst the budget holds for: no pace while held
+        assert!(matches!(
+            b.sample(s(11), 20 * MIB, 2_000),
+            WalRate::Hold { .. }
+        ));
+        assert_eq!(b.pace(), None);
+    }
+
     /// WAL positions every 10 ms of a simulated run paced by the budget as
     /// the engine paces it: pages of 5,000 rows read when the pace and the
     /// hold allow (at most `capacity` rows/s), each committing 300 ms later
-    /// with 700 bytes of WAL a row, beside an application writing
-    /// `app` bytes/s; the signals are read every second.
-    fn simulated_wal(cap: u64, capacity: f64, app: f64) -> Vec<(f64, f64)> {
-        let (page, per_row, tick, every) = (5_000.0, 700.0, 0.01, 1.0);
+    /// with `per_row(t)` bytes of WAL a row, beside an application writing
+    /// `app(t)` bytes/s; the signals are read every second.
+    fn simulated_wal(
+        cap: u64,
+        capacity: f64,
+        per_row: impl Fn(f64) -> f64,
+        app: impl Fn(f64) -> f64,
+    ) -> Vec<(f64, f64)> {
+        let (page, tick, every) = (5_000.0, 0.01, 1.0);
         let t0 = Instant::now();
         let mut b = WalBudget::new(cap, Duration::from_secs(1));
-        let (mut rate, mut next, mut free) = (page / every, 0.0f64, 0.0f64);
+        let pace = Pace::of(page / every);
+        let (mut next, mut free) = (0.0f64, 0.0f64);
         let (mut held, mut wal, mut rows) = (false, 0.0f64, 0u64);
         let mut in_flight: VecDeque<f64> = VecDeque::new();
         let mut out = Vec::new();
-        for i in 0..=12_000u32 {
+        for i in 0..=18_000u32 {
             let now = f64::from(i) * tick;
-            wal += app * tick;
+            wal += app(now) * tick;
             while in_flight.front().is_some_and(|&at| at <= now) {
                 in_flight.pop_front();
-                wal += page * per_row;
+                wal += page * per_row(now);
                 rows += page as u64;
             }
             if !held && now >= next.max(free) {
-                next = next.max(now) + page / rate;
+                next = next.max(now) + page / pace.rate();
                 free = now + page / capacity;
                 in_flight.push_back(now + 0.3);
             }
@@ -331,7 +296,7 @@ mod tests {
                 let at = t0 + Duration::from_secs_f64(now);
                 held = b.sample(at, wal as u64, rows) != WalRate::Go;
                 if let Some(r) = b.pace() {
-                    rate = r;
+                    pace.follow(r, page / every, None);
                 }
             }
             out.push((now, wal));
@@ -357,7 +322,7 @@ mod tests {
         let cap = 20 * MIB;
         for app in [0.0, 2.0 * MIB as f64] {
             // the run alone could write 2.6x the cap
-            let wal = simulated_wal(cap, 75_000.0, app);
+            let wal = simulated_wal(cap, 75_000.0, |_| 700.0, |_| app);
             let (most, least) = extremes(&wal, 10.0, 0.0);
             assert!(
                 most <= 1.1 * cap as f64,
@@ -375,73 +340,47 @@ mod tests {
     }
 
     #[test]
-    fn wal_file_names_give_their_segment_number() {
-        let mib16 = 16 * MIB;
-        assert_eq!(segment_of("000000010000000000000003", mib16), Some(3));
-        assert_eq!(
-            segment_of("00000001000000010000000A", mib16),
-            Some(256 + 10)
-        );
-        assert_eq!(
-            segment_of("000000010000000000000003.00000028.backup", mib16),
-            Some(3)
-        );
-        assert_eq!(segment_of("00000002.history", mib16), None);
-        assert_eq!(segment_of("", mib16), None);
-        assert_eq!(segment_of("0000000100000000000000ZZ", mib16), None);
-    }
-
-    fn state(current: &str, archived: Option<&str>) -> ArchiverState {
-        ArchiverState {
-            current_wal: current.into(),
-            last_archived_wal: archived.map(Into::into),
-            ..ArchiverState::default()
-        }
-    }
-
-    #[test]
-    fn the_archiver_is_behind_by_the_complete_segments_not_yet_archived() {
-        let seg = 16 * MIB;
-        let s = state("000000010000000000000010", Some("00000001000000000000000F"));
-        assert_eq!(archive_lag(&s, seg, 0, seg), ArchiveLag::Go, "caught up");
-        let s = state("000000010000000000000010", Some("00000001000000000000000A"));
-        assert_eq!(
-            archive_lag(&s, seg, 0, 64 * MIB),
-            ArchiveLag::Behind {
-                segments: 5,
-                bytes: 5 * seg
+    fn after_an_application_burst_over_the_cap_is_paid_back_the_pace_is_back_within_10_s() {
+        let cap = 20 * MIB;
+        // the application alone writes 3x the cap for 20 s, then nothing
+        let burst = |t: f64| {
+            if (40.0..60.0).contains(&t) {
+                3.0 * cap as f64
+            } else {
+                0.0
             }
+        };
+        let wal = simulated_wal(cap, 75_000.0, |_| 700.0, burst);
+        // what it wrote over the cap (40 s worth) is owed, then the run goes on at the cap
+        let (most, least) = extremes(&wal, 10.0, 110.0);
+        assert!(
+            most <= 1.1 * cap as f64,
+            "{:.2}x the cap",
+            most / cap as f64
         );
-        assert_eq!(archive_lag(&s, seg, 0, 80 * MIB), ArchiveLag::Go);
-        assert!(matches!(
-            archive_lag(&s, seg, 0, 1),
-            ArchiveLag::Behind { .. }
-        ));
-    }
-
-    #[test]
-    fn nothing_archived_yet_counts_from_where_the_run_started() {
-        let seg = 16 * MIB;
-        let s = state("000000010000000000000010", None);
-        assert_eq!(archive_lag(&s, seg, 0x10, seg), ArchiveLag::Go);
-        assert_eq!(
-            archive_lag(&s, seg, 0x0E, seg),
-            ArchiveLag::Behind {
-                segments: 2,
-                bytes: 2 * seg
-            }
+        assert!(
+            least >= 0.9 * cap as f64,
+            "{:.2}x the cap",
+            least / cap as f64
         );
     }
 
     #[test]
-    fn a_failing_archiver_holds_whatever_the_lag() {
-        let mut s = state("000000010000000000000010", Some("00000001000000000000000F"));
-        s.failing = true;
-        s.failed_count = 3;
-        s.last_failed_wal = Some("000000010000000000000010".into());
-        match archive_lag(&s, 16 * MIB, 0, u64::MAX) {
-            ArchiveLag::Failing(why) => assert!(why.contains("archiving is failing"), "{why}"),
-            other => panic!("{other:?}"),
-        }
+    fn when_a_row_suddenly_costs_twice_the_wal_the_cap_holds_within_15_percent_over_10_s() {
+        let cap = 20 * MIB;
+        // wider values from the middle of the table on: the pace learns it
+        // a check late, and the budget keeps only a check's worth of credit
+        let wal = simulated_wal(
+            cap,
+            75_000.0,
+            |t| if t < 60.0 { 700.0 } else { 1_400.0 },
+            |_| 0.0,
+        );
+        let (most, _) = extremes(&wal, 10.0, 0.0);
+        assert!(
+            most <= 1.15 * cap as f64,
+            "{:.2}x the cap",
+            most / cap as f64
+        );
     }
 }

@@ -301,6 +301,15 @@ impl Database {
         self.mode
     }
 
+    /// Asks the server to cancel what the session behind `token` is running
+    /// (over TLS when the connection was).
+    pub async fn cancel(
+        &self,
+        token: &tokio_postgres::CancelToken,
+    ) -> Result<(), tokio_postgres::Error> {
+        token.cancel_query(self.tls.clone()).await
+    }
+
     /// Opens one connection; its I/O runs on a spawned tokio task until the
     /// client is dropped.
     pub async fn connect(&self) -> Result<Client, ConnectError> {

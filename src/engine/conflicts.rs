@@ -59,7 +59,9 @@ pub(super) async fn retry_conflicts(
                     break 'rounds;
                 }
                 if let Some(pace) = &shared.pace {
-                    pace.wait(keys.len()).await;
+                    if !pace.wait(keys.len(), &shared.stop).await {
+                        break 'rounds;
+                    }
                 }
                 if reader.is_none() {
                     reader = Some(Source::connect(db, false, shared.timeouts).await?);

@@ -262,7 +262,13 @@ pub async fn run(
     let mut monitor = Monitor::new(settings.signals.clone());
     apply(
         &shared,
-        read_signals(&mut monitor, &mut monitor_conn, job_id, 0).await,
+        read_signals(
+            &mut monitor,
+            &mut monitor_conn,
+            job_id,
+            shared.live.snapshot().rows_scanned,
+        )
+        .await,
     );
     // in a JoinSet so that it ends with this future even when the future is dropped
     let mut watcher = JoinSet::new();
@@ -313,8 +319,11 @@ pub async fn run(
             }
         }
     }
+    // the watcher reads the signals through the conflict pass too: a hold
+    // that began as the last batches committed is lifted, a stop is heard
+    let finished = finish(db, &shared, job_id, outcome, first_error).await;
     watcher.abort_all();
-    finish(db, &shared, job_id, outcome, first_error).await
+    finished
 }
 
 /// One lane's connections: a reader, and a writer (a rewrite) or a lookup

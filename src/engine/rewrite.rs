@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use tokio_postgres::{Client, GenericClient, IsolationLevel};
+use tokio_postgres::{Client, GenericClient};
 
 use crate::db::raw::params;
 use crate::db::Database;
@@ -52,29 +52,23 @@ pub async fn rewrite(
     }
     // The progress total (rows left to rotate) is counted beside the run,
     // not before it: the first batch does not wait for a count of the whole
-    // table. The count reads a snapshot taken before any batch can commit,
-    // so it is the rows left at the start; until it lands the total is the
-    // catalogue's estimate.
+    // table. The count runs in a session of its own, in a read-only
+    // snapshot taken before any batch can commit, so it is the rows left at
+    // the start; until it lands the total is the catalogue's estimate. A
+    // run that ends first cancels it.
     let progress = Progress::estimated(rows_estimate(client, job).await?, "rewriting", quiet);
     let total = progress.total();
-    let counting = client
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
+    let counter = db.connect().await?;
+    counter
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1")
         .await
         .ctx(|| "starting the count of rows to rotate".into())?;
-    counting
-        .batch_execute("SELECT 1")
-        .await
-        .ctx(|| "starting the count of rows to rotate".into())?;
+    let cancel = counter.cancel_token();
     let count = async {
-        match stale_rows(&counting, job).await {
+        match stale_rows(&counter, job).await {
             Ok(rows) => total.set(rows),
-            Err(e) => tracing::warn!("the progress total stays an estimate: {e}"),
+            Err(e) => tracing::warn!("the progress total stays an estimate: {}", e.chain()),
         }
-        // a read-only transaction: nothing to keep, and an error here is the connection's
-        let _ = counting.commit().await;
     };
     let ranges = std::mem::take(&mut record.ranges);
     let run = pipeline::run(
@@ -86,8 +80,15 @@ pub async fn rewrite(
         live,
         progress,
     );
-    let ((), outcome) = tokio::join!(count, run);
-    let outcome = outcome?;
+    tokio::pin!(count, run);
+    let outcome = tokio::select! {
+        () = &mut count => run.await,
+        outcome = &mut run => {
+            // the total no longer matters; the session is dropped with its snapshot
+            let _ = db.cancel(&cancel).await;
+            outcome
+        }
+    }?;
     if client.is_closed() {
         // this session sat idle through the run (an idle_session_timeout, a restart): the work is committed, carry on
         *client = db.connect().await?;

@@ -47,9 +47,8 @@ pub(super) async fn read(
             }
             let limit = shared.sizer.rows();
             if let Some(pace) = &shared.pace {
-                pace.wait(limit).await;
-                // a hold or stop may have come while waiting for the slot
-                if !shared.hold.wait(&shared.stop).await {
+                // a hold or stop may have come while waiting for the page's turn
+                if !pace.wait(limit, &shared.stop).await || !shared.hold.wait(&shared.stop).await {
                     shared.cut_short.store(true, Ordering::Relaxed);
                     return Ok(None);
                 }

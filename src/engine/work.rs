@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use crate::control::stop::Stop;
 use crate::control::throttle::{BatchSizer, Hold, Pace};
+
+use super::pacing::{initial_pace, WalPace};
 use crate::db::session::Timeouts;
 use crate::db::KeyBytes;
 use crate::engine::pipeline::{Held, Settings};
@@ -80,8 +82,8 @@ pub(super) struct Shared {
     /// The rows/s limit, if any: `--max-rows-per-sec`, or the pace
     /// `--max-wal-rate` keeps (never above the former).
     pub(super) pace: Option<Pace>,
-    /// `--max-rows-per-sec`, the most the WAL pace may be set to.
-    pub(super) most_rows_per_sec: Option<f64>,
+    /// How a rewrite's pace follows `--max-wal-rate`, with one.
+    pub(super) wal_pace: Option<WalPace>,
     /// Why sources wait, if they do.
     pub(super) hold: Hold,
     /// The hold's stable reason label, for the metrics of the next change,
@@ -114,28 +116,7 @@ pub(super) struct Shared {
     pub(super) said_waiting: AtomicBool,
 }
 
-/// The pace a run starts at: `--max-rows-per-sec`; under `--max-wal-rate`
-/// alone, one page per check until the monitor has measured the WAL a row
-/// costs (then [`Shared::pace_wal`] sets it).
-fn initial_pace(settings: &Settings) -> Option<Pace> {
-    match (settings.max_rows_per_sec, settings.signals.max_wal_rate) {
-        (Some(rows), _) => Some(Pace::new(rows)),
-        (None, Some(_)) => Some(Pace::of(
-            settings.batch_size as f64 / settings.signals.check_every.as_secs_f64().max(0.05),
-        )),
-        (None, None) => None,
-    }
-}
-
 impl Shared {
-    /// Sets the pace `--max-wal-rate` measured (`None`: not measured yet),
-    /// never above `--max-rows-per-sec`.
-    pub(super) fn pace_wal(&self, rows_per_sec: Option<f64>) {
-        if let (Some(pace), Some(rate)) = (&self.pace, rows_per_sec) {
-            pace.set_rate(self.most_rows_per_sec.map_or(rate, |most| rate.min(most)));
-        }
-    }
-
     /// What the tasks of a run over `ranges` share.
     pub(super) fn new(
         job: Arc<Job>,
@@ -145,6 +126,7 @@ impl Shared {
         live: Arc<LiveCounts>,
         progress: Progress,
     ) -> Self {
+        let wal_pace = WalPace::of(settings, &work);
         Shared {
             job,
             ranges: RwLock::new(ranges.into_iter().map(Arc::new).collect()),
@@ -159,8 +141,8 @@ impl Shared {
                 settings.batch_time,
                 settings.max_batch_bytes,
             ),
-            pace: initial_pace(settings),
-            most_rows_per_sec: settings.max_rows_per_sec.map(f64::from),
+            pace: initial_pace(settings, wal_pace),
+            wal_pace,
             hold: Hold::default(),
             hold_kind: Mutex::new(None),
             held: Mutex::new(BTreeMap::new()),

@@ -1,4 +1,8 @@
-//! Keeping a run inside its window and off the primary's back.
+//! Keeping a run inside its window and off the primary's back: a window's
+//! end is not held up by the count of rows to rotate or a slow pace's next
+//! page, and a hold that begins as the last batch commits is lifted again.
+
+use std::time::{Duration, Instant};
 
 use crate::harness::*;
 
@@ -69,4 +73,200 @@ async fn max_rows_per_sec_spaces_the_reads_out() {
     assert_eq!(s["values_rewritten"], 3_000 + 2_000);
     // 3,000 rows at 5,000 rows/s: at least 0.5 s of spacing (a lower bound; a slow machine only adds)
     assert!(s["elapsed_s"].as_f64().unwrap() >= 0.5, "{s}");
+}
+
+/// The count of rows to rotate (the only statement rekey runs under
+/// REPEATABLE READ) made slow: 3,000 rows x 10 ms = 30 s. A run whose
+/// window ends after 2 s ends (exit 5) soon after: the count is cancelled.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_window_is_not_held_open_by_the_count_of_rows_to_rotate() {
+    let db = TestDb::new().await;
+    db.seed_patients(3_000).await;
+    db.client
+        .batch_execute(
+            "CREATE FUNCTION slow_when_counting() RETURNS boolean LANGUAGE sql VOLATILE AS $$
+               SELECT CASE WHEN current_setting('transaction_isolation') = 'repeatable read'
+                           THEN pg_sleep(0.01) IS NOT NULL ELSE true END $$",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[database]\nurl = \"{}\"\n[keys]\nsource = \"env\"\n[[target]]\ntable = \"patient_persons\"\nprimary_key = [\"id\"]\ncolumns = [\"phone_encrypted\", \"emergency_contact_phone_encrypted\"]\nformat = \"versioned-gcm\"\nwhere = \"slow_when_counting()\"\n",
+            db.url
+        ),
+    )
+    .unwrap();
+    let job = path.display().to_string();
+    let started = Instant::now();
+    let out = rekey(
+        &[
+            "run",
+            "--job",
+            &job,
+            "--max-rows-per-sec",
+            "200",
+            "--batch-size",
+            "100",
+            "--run-time",
+            "2s",
+            "--quiet",
+        ],
+        &seed_env(),
+    );
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(5), "{}", printed(&out));
+    assert!(
+        took < Duration::from_secs(10),
+        "a 2 s window ended after {took:?}"
+    );
+}
+
+/// At 1 row/s, a page of 20 rows is 20 s away: a window's end (or a
+/// signal) ends the wait for it instead of waiting it out.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_window_s_end_does_not_wait_for_a_slow_pace_s_next_page() {
+    let db = TestDb::new().await;
+    db.seed_patients(3_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    let started = Instant::now();
+    let out = rekey(
+        &[
+            "run",
+            "--job",
+            &job,
+            "--max-rows-per-sec",
+            "1",
+            "--batch-size",
+            "20",
+            "--workers",
+            "2",
+            "--run-time",
+            "2s",
+            "--quiet",
+        ],
+        &seed_env(),
+    );
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(5), "{}", printed(&out));
+    assert!(
+        took < Duration::from_secs(10),
+        "a 2 s window ended after {took:?}"
+    );
+}
+
+/// A pause that starts while the last batch commits is still read after
+/// the lanes end: once the control file says `run` again, the conflict
+/// re-reads go on and the run finishes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hold_as_the_last_batch_commits_is_lifted_for_the_conflict_re_reads() {
+    let db = TestDb::new().await;
+    db.seed_patients(3_000).await;
+    db.client
+        .batch_execute(
+            "CREATE TABLE flags (skipped boolean NOT NULL);
+             INSERT INTO flags VALUES (false);
+             CREATE FUNCTION skip_once_then_sleep() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF OLD.id = 10 AND NOT (SELECT skipped FROM flags) THEN
+                 UPDATE flags SET skipped = true;
+                 RETURN NULL; -- one conflict, re-read at the end
+               END IF;
+               IF OLD.id = 3000 THEN PERFORM pg_sleep(4); END IF; -- the last batch commits slowly
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER skip_once_then_sleep BEFORE UPDATE ON patient_persons FOR EACH ROW EXECUTE FUNCTION skip_once_then_sleep();",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    let control = dir.path().join("control");
+    let mut child = rekey_cmd(
+        &[
+            "run",
+            "--job",
+            &job,
+            "--workers",
+            "1",
+            "--batch-size",
+            "500",
+            "--check-every",
+            "100ms",
+            "--control-file",
+            &control.display().to_string(),
+            "--json",
+            "--quiet",
+        ],
+        &seed_env(),
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    // wait for the last batch's sleep, then pause through the control file
+    let started = Instant::now();
+    loop {
+        let n: i64 = db
+            .client
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep' AND application_name = 'rekey' AND datname = current_database()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if n > 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "never reached the last batch"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::fs::write(&control, "pause").unwrap();
+    // held through the last commit: every range done, the conflict not re-read yet
+    loop {
+        let done: Option<bool> = db
+            .client
+            .query_one(
+                "SELECT bool_and(done) FROM rekey.progress WHERE range_no >= 0",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if done == Some(true) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the last batch never committed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::fs::write(&control, "run").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        status.is_some(),
+        "rekey run still running 20 s after the control file said run again: {}",
+        printed(&out)
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    db.assert_every_value_rotated(3_000).await;
 }

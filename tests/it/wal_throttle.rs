@@ -412,3 +412,44 @@ async fn a_failing_archive_command_holds_the_run_until_archiving_succeeds() {
     );
     db.assert_every_value_rotated(2_000).await;
 }
+
+/// A dry run writes no WAL: `--max-wal-rate` does not pace it (paced at
+/// one page per check until the first check measures a pace, it would
+/// take at least one 10 s check).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_is_not_paced_by_the_wal_cap_it_writes_nothing_for() {
+    let db = TestDb::new().await;
+    db.seed_patients(3_000).await;
+    db.client
+        .batch_execute("ANALYZE patient_persons; CHECKPOINT")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    let base = [
+        "run",
+        "--job",
+        &job,
+        "--dry-run",
+        "--check-every",
+        "10s",
+        "--batch-size",
+        "100",
+        "--quiet",
+        "--json",
+    ];
+    let started = Instant::now();
+    let out = rekey(&base, &seed_env());
+    let free = started.elapsed();
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let mut capped = base.to_vec();
+    capped.extend(["--max-wal-rate", "20MB/s"]);
+    let started = Instant::now();
+    let out = rekey(&capped, &seed_env());
+    let paced = started.elapsed();
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert!(
+        paced < free + Duration::from_secs(5),
+        "{free:?} vs {paced:?}"
+    );
+}
