@@ -1,10 +1,11 @@
 //! One timed rekey run over the freshly loaded bench table: what `rekey run`
 //! does before its first batch (checking the keys open the values, opening
 //! the job with its planned ranges; under `--with-load`, only the opening,
-//! as ever), timed on its own, then the
-//! pipeline, timed with its rows and the server's WAL sampled every 50 ms.
-//! The pipeline's time is the bench's headline, as it always was; the time
-//! before it is what a user's whole command adds.
+//! as ever), timed on its own, then the pipeline with the rows to rotate
+//! counted beside it as `rekey run` counts them, timed with its rows and the
+//! server's WAL sampled every 50 ms. The pipeline's time is the bench's
+//! headline, as it always was; the time before it is what a user's whole
+//! command adds.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -14,10 +15,11 @@ use tokio_postgres::Client;
 
 use crate::db::Database;
 use crate::engine::pipeline::{self, Mode, Settings};
+use crate::engine::rewrite::counted_beside;
 use crate::engine::{plan, verify};
 use crate::job::Job;
 use crate::observe::counts::LiveCounts;
-use crate::observe::progress::Progress;
+use crate::observe::progress::{Progress, Total};
 use crate::state;
 use crate::Error;
 
@@ -32,8 +34,8 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(50);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Before {
     /// What `rekey run` does: check the keys open a sample of values, open
-    /// the job with its planned ranges (it counts the rows to rotate beside
-    /// the run, for its progress total).
+    /// the job with its planned ranges, then count the rows to rotate beside
+    /// the pipeline, for its progress total.
     AsRun,
     /// Only open the job with its ranges: `--with-load` keeps the figures it
     /// has always taken, whose window (the application's "during") starts
@@ -119,14 +121,22 @@ pub(super) async fn rekey_once(
     let run = async {
         if let Some(fraction) = kill_at {
             let threshold = (opts.rows as f64 * fraction) as u64;
-            let first = pipeline::run(
+            let progress = Progress::estimated(to_rotate, "bench", true);
+            let total = progress.total();
+            let first = as_run(
+                before,
                 db,
-                job.clone(),
-                record.ranges.clone(),
-                Mode::Rewrite { job_id: record.id },
-                settings.clone(),
-                live.clone(),
-                Progress::new(to_rotate, "bench", true),
+                &job,
+                &total,
+                pipeline::run(
+                    db,
+                    job.clone(),
+                    record.ranges.clone(),
+                    Mode::Rewrite { job_id: record.id },
+                    settings.clone(),
+                    live.clone(),
+                    progress,
+                ),
             );
             let reached = async {
                 while live.snapshot().rows_scanned < threshold {
@@ -146,15 +156,22 @@ pub(super) async fn rekey_once(
                 *m = (Some(killed_at), Some(started.elapsed().as_secs_f64()));
             }
         }
-        let progress = Progress::new(to_rotate, "bench", opts.quiet);
-        let r = pipeline::run(
+        let progress = Progress::estimated(to_rotate, "bench", opts.quiet);
+        let total = progress.total();
+        let r = as_run(
+            before,
             db,
-            job.clone(),
-            record.ranges.clone(),
-            Mode::Rewrite { job_id: record.id },
-            settings,
-            live.clone(),
-            progress,
+            &job,
+            &total,
+            pipeline::run(
+                db,
+                job.clone(),
+                record.ranges.clone(),
+                Mode::Rewrite { job_id: record.id },
+                settings,
+                live.clone(),
+                progress,
+            ),
         )
         .await;
         // timed here, not after the sampler's next tick
@@ -188,4 +205,20 @@ pub(super) async fn rekey_once(
         resumed_at_s,
         peak_rss_mib,
     })
+}
+
+/// Runs a pipeline as `rekey run` does (`Before::AsRun`: with the rows to
+/// rotate counted beside it, so its figures carry the count's cost too), or
+/// on its own.
+async fn as_run(
+    before: Before,
+    db: &Database,
+    job: &Job,
+    total: &Total,
+    pipeline: impl std::future::Future<Output = Result<pipeline::Outcome, Error>>,
+) -> Result<pipeline::Outcome, Error> {
+    match before {
+        Before::AsRun => counted_beside(db, job, total, pipeline).await?,
+        Before::OpenOnly => pipeline.await,
+    }
 }

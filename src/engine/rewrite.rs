@@ -3,6 +3,7 @@
 //! run the pipeline while the rows left are counted for the progress total,
 //! and add up what every process sharing the job did.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use tokio_postgres::{Client, GenericClient};
@@ -14,7 +15,7 @@ use crate::engine::{plan, sql};
 use crate::error::DbContext;
 use crate::job::{Job, Target};
 use crate::observe::counts::LiveCounts;
-use crate::observe::progress::Progress;
+use crate::observe::progress::{Progress, Total};
 use crate::state::{self, JobRecord};
 use crate::Error;
 
@@ -50,14 +51,40 @@ pub async fn rewrite(
     if restart {
         state::share_job_lock(client, &job.name).await?;
     }
-    // The progress total (rows left to rotate) is counted beside the run,
-    // not before it: the first batch does not wait for a count of the whole
-    // table. The count runs in a session of its own, in a read-only
-    // snapshot taken before any batch can commit, so it is the rows left at
-    // the start; until it lands the total is the catalogue's estimate. A
-    // run that ends first cancels it.
     let progress = Progress::estimated(rows_estimate(client, job).await?, "rewriting", quiet);
     let total = progress.total();
+    let ranges = std::mem::take(&mut record.ranges);
+    let run = pipeline::run(
+        db,
+        job.clone(),
+        ranges,
+        Mode::Rewrite { job_id: record.id },
+        settings,
+        live,
+        progress,
+    );
+    let outcome = counted_beside(db, job, &total, run).await??;
+    if client.is_closed() {
+        // this session sat idle through the run (an idle_session_timeout, a restart): the work is committed, carry on
+        *client = db.connect().await?;
+    }
+    // what every process sharing the job has done, not only this one
+    record.prior = state::job_totals(client, record.id).await?;
+    Ok((outcome, record))
+}
+
+/// Runs `run` (not started yet) while the rows left to rotate in `job` are
+/// counted beside it for the progress `total`, so the first batch does not
+/// wait for a count of the whole table. The count runs in a session of its
+/// own, in a read-only snapshot taken before `run` starts, so it is the rows
+/// left at the start whatever the batches commit meanwhile; a run that ends
+/// first cancels it.
+pub async fn counted_beside<T>(
+    db: &Database,
+    job: &Job,
+    total: &Total,
+    run: impl Future<Output = T>,
+) -> Result<T, Error> {
     let counter = db.connect().await?;
     counter
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1")
@@ -70,32 +97,15 @@ pub async fn rewrite(
             Err(e) => tracing::warn!("the progress total stays an estimate: {}", e.chain()),
         }
     };
-    let ranges = std::mem::take(&mut record.ranges);
-    let run = pipeline::run(
-        db,
-        job.clone(),
-        ranges,
-        Mode::Rewrite { job_id: record.id },
-        settings,
-        live,
-        progress,
-    );
     tokio::pin!(count, run);
-    let outcome = tokio::select! {
+    Ok(tokio::select! {
         () = &mut count => run.await,
-        outcome = &mut run => {
+        out = &mut run => {
             // the total no longer matters; the session is dropped with its snapshot
             let _ = db.cancel(&cancel).await;
-            outcome
+            out
         }
-    }?;
-    if client.is_closed() {
-        // this session sat idle through the run (an idle_session_timeout, a restart): the work is committed, carry on
-        *client = db.connect().await?;
-    }
-    // what every process sharing the job has done, not only this one
-    record.prior = state::job_totals(client, record.id).await?;
-    Ok((outcome, record))
+    })
 }
 
 /// The catalogue's estimate of the targets' rows (no count).
