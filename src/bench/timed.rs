@@ -121,7 +121,7 @@ pub(super) async fn rekey_once(
     let run = async {
         if let Some(fraction) = kill_at {
             let threshold = (opts.rows as f64 * fraction) as u64;
-            let progress = Progress::estimated(to_rotate, "bench", true);
+            let progress = Progress::estimated(Some(to_rotate), "bench", true);
             let total = progress.total();
             let first = as_run(
                 before,
@@ -156,7 +156,7 @@ pub(super) async fn rekey_once(
                 *m = (Some(killed_at), Some(started.elapsed().as_secs_f64()));
             }
         }
-        let progress = Progress::estimated(to_rotate, "bench", opts.quiet);
+        let progress = Progress::estimated(Some(to_rotate), "bench", opts.quiet);
         let total = progress.total();
         let r = as_run(
             before,

@@ -108,13 +108,17 @@ pub async fn counted_beside<T>(
     })
 }
 
-/// The catalogue's estimate of the targets' rows (no count).
-async fn rows_estimate(client: &Client, job: &Job) -> Result<u64, Error> {
+/// The catalogue's estimate of the targets' rows (no count); `None` when a
+/// target was never analyzed (a restored database before its `ANALYZE`).
+async fn rows_estimate(client: &Client, job: &Job) -> Result<Option<u64>, Error> {
     let mut rows = 0.0;
     for t in &job.targets {
-        rows += plan::current_rows_estimate(client, t).await?.unwrap_or(0.0);
+        match plan::current_rows_estimate(client, t).await? {
+            Some(r) => rows += r,
+            None => return Ok(None),
+        }
     }
-    Ok(rows as u64)
+    Ok(Some(rows as u64))
 }
 
 /// Rows of `t` holding at least one value not visibly on the target key.

@@ -3,12 +3,14 @@
 //! default) with rows done and total, percent, rows/s, ETA and the hold
 //! reason, written by a ticker so a held or slow run still reports;
 //! nothing with `--quiet`. A total counted while the run goes starts as an
-//! estimate (`~` in the line) until [`Total::set`] gives the count. Always
+//! estimate (`~` in the line) until [`Total::set`] gives the count; with no
+//! estimate (a table never analyzed), or once the rows done pass it, the
+//! total is shown as unknown (`?`, no percent or ETA), never as 100%. Always
 //! on stderr; stdout is for results. Every update also sets the progress
 //! gauges ([`ProgressSampled`]).
 
 use std::io::IsTerminal;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -38,12 +40,34 @@ fn log_interval() -> Duration {
 /// The longest hold reason the bar shows: the line must fit 80 columns.
 const HOLD_WIDTH: usize = 22;
 
+/// How far the display can trust its total.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum TotalIs {
+    /// Counted: percent and ETA hold.
+    Counted = 0,
+    /// The catalogue's estimate while the count runs beside the work.
+    Estimated = 1,
+    /// No estimate yet (a table never analyzed): only the rows done mean anything.
+    Unknown = 2,
+}
+
+impl TotalIs {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => TotalIs::Counted,
+            1 => TotalIs::Estimated,
+            _ => TotalIs::Unknown,
+        }
+    }
+}
+
 /// What the display and the ticker share.
 struct Shared {
-    /// Rows expected in all.
+    /// Rows expected in all (meaningless while `total_is` is `Unknown`).
     total: AtomicU64,
-    /// Whether `total` is still an estimate (the count runs beside the work).
-    estimated: AtomicBool,
+    /// Whether `total` is counted, an estimate, or unknown.
+    total_is: AtomicU8,
     /// When the run started.
     started: Instant,
     /// What is being done ("rewriting", "verifying").
@@ -62,8 +86,20 @@ impl Shared {
         self.done.load(Ordering::Relaxed) as f64 / self.started.elapsed().as_secs_f64().max(1e-9)
     }
 
-    fn total(&self) -> u64 {
-        self.total.load(Ordering::Relaxed)
+    fn total_is(&self) -> TotalIs {
+        TotalIs::from_u8(self.total_is.load(Ordering::Relaxed))
+    }
+
+    /// The total to show beside `done` rows, and whether it is an estimate:
+    /// `None` while unknown, or once `done` has passed an estimate (it was
+    /// low, and 100% or an ETA of 0 would be false).
+    fn shown_total(&self, done: u64) -> Option<(u64, bool)> {
+        let total = self.total.load(Ordering::Relaxed);
+        match self.total_is() {
+            TotalIs::Counted => Some((total, false)),
+            TotalIs::Estimated if done < total => Some((total, true)),
+            TotalIs::Estimated | TotalIs::Unknown => None,
+        }
     }
 
     fn hold(&self) -> Option<String> {
@@ -74,31 +110,37 @@ impl Shared {
     fn log_line(&self) {
         let done = self.done.load(Ordering::Relaxed);
         let rate = self.rate();
-        let total = self.total();
-        let estimated = self.estimated.load(Ordering::Relaxed);
-        let eta = eta_seconds(done, total, rate);
-        let percent = percent(done, total);
+        let shown = self.shown_total(done);
+        let eta = shown.and_then(|(total, _)| eta_seconds(done, total, rate));
+        let percent = shown.map(|(total, _)| percent(done, total));
         let hold = self.hold();
         let paused = hold
             .as_deref()
             .map(|r| format!(" (paused: {r})"))
             .unwrap_or_default();
         let eta_text = eta.map_or_else(|| "-".to_string(), short_duration);
+        let of = match shown {
+            Some((total, estimated)) => format!(
+                "{}{} rows ({}%)",
+                if estimated { "~" } else { "" },
+                HumanCount(total),
+                percent.unwrap_or(0)
+            ),
+            None => "? rows".to_string(),
+        };
         tracing::info!(
             rows_done = done,
-            rows_total = total,
-            rows_total_estimated = estimated,
+            rows_total = shown.map(|(total, _)| total),
+            rows_total_estimated = self.total_is() != TotalIs::Counted,
             percent,
             rows_per_second = rate.round() as u64,
             eta_seconds = eta.map(|s| s.ceil() as u64),
             held = hold.as_deref(),
             values_rewritten = self.rewritten.load(Ordering::Relaxed),
             values_failed = self.failed.load(Ordering::Relaxed),
-            "{}{paused}: {}/{}{} rows ({percent}%), {} rows/s, eta {eta_text}",
+            "{}{paused}: {}/{of}, {} rows/s, eta {eta_text}",
             self.verb,
             HumanCount(done),
-            if estimated { "~" } else { "" },
-            HumanCount(total),
             HumanCount(rate.round() as u64),
         );
     }
@@ -107,7 +149,9 @@ impl Shared {
     fn bar_message(&self) -> String {
         let done = self.done.load(Ordering::Relaxed);
         let rate = self.rate();
-        let eta = eta_seconds(done, self.total(), rate)
+        let eta = self
+            .shown_total(done)
+            .and_then(|(total, _)| eta_seconds(done, total, rate))
             .filter(|_| done > 0)
             .map_or_else(|| "-".to_string(), short_duration);
         format!("{}/s eta {eta}", HumanCount(rate.round() as u64))
@@ -135,8 +179,11 @@ impl Total {
     /// The rows expected in all, now counted.
     pub fn set(&self, rows: u64) {
         self.shared.total.store(rows, Ordering::Relaxed);
-        self.shared.estimated.store(false, Ordering::Relaxed);
+        self.shared
+            .total_is
+            .store(TotalIs::Counted as u8, Ordering::Relaxed);
         if let Some(bar) = &self.bar {
+            bar.set_style(bar_style(true));
             bar.set_length(rows);
         }
     }
@@ -145,13 +192,17 @@ impl Total {
 impl Progress {
     /// A progress display for `total` rows; `quiet` shows nothing.
     pub fn new(total: u64, verb: &'static str, quiet: bool) -> Self {
-        Self::with_total(total, false, verb, quiet)
+        Self::with_total(total, TotalIs::Counted, verb, quiet)
     }
 
-    /// A progress display whose total is an `estimate` until [`Total::set`]
-    /// gives the count (log lines show `~` before it meanwhile).
-    pub fn estimated(estimate: u64, verb: &'static str, quiet: bool) -> Self {
-        Self::with_total(estimate, true, verb, quiet)
+    /// A progress display whose total is an `estimate` (`None`: unknown)
+    /// until [`Total::set`] gives the count (log lines show `~` or `?`
+    /// meanwhile).
+    pub fn estimated(estimate: Option<u64>, verb: &'static str, quiet: bool) -> Self {
+        match estimate {
+            Some(rows) => Self::with_total(rows, TotalIs::Estimated, verb, quiet),
+            None => Self::with_total(0, TotalIs::Unknown, verb, quiet),
+        }
     }
 
     /// Where the counted total goes.
@@ -162,10 +213,10 @@ impl Progress {
         }
     }
 
-    fn with_total(total: u64, estimated: bool, verb: &'static str, quiet: bool) -> Self {
+    fn with_total(total: u64, total_is: TotalIs, verb: &'static str, quiet: bool) -> Self {
         let shared = Arc::new(Shared {
             total: AtomicU64::new(total),
-            estimated: AtomicBool::new(estimated),
+            total_is: AtomicU8::new(total_is as u8),
             started: Instant::now(),
             verb,
             hold: Mutex::new(None),
@@ -182,14 +233,12 @@ impl Progress {
             return p;
         }
         if std::io::stderr().is_terminal() {
-            let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{prefix} [{wide_bar}] {percent:>3}% {human_pos}/{human_len} {msg}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
+            let known = total_is != TotalIs::Unknown;
+            let bar = ProgressBar::with_draw_target(
+                Some(total).filter(|_| known),
+                ProgressDrawTarget::stderr(),
             );
+            bar.set_style(bar_style(known));
             bar.set_prefix(verb);
             bar.set_message(shared.bar_message());
             bar.enable_steady_tick(Duration::from_millis(250));
@@ -233,12 +282,12 @@ impl Progress {
         s.rewritten.store(c.values_rewritten, Ordering::Relaxed);
         s.failed.store(c.values_failed, Ordering::Relaxed);
         let rate = s.rate();
-        let total = s.total();
+        let total = s.shown_total(c.rows_scanned).map(|(total, _)| total);
         ProgressSampled {
             rows_done: c.rows_scanned,
             rows_total: total,
             rows_per_second: rate,
-            eta_seconds: eta_seconds(c.rows_scanned, total, rate),
+            eta_seconds: total.and_then(|total| eta_seconds(c.rows_scanned, total, rate)),
         }
         .emit();
         if let Some(bar) = &self.bar {
@@ -264,6 +313,19 @@ impl Drop for Progress {
     fn drop(&mut self) {
         self.finish();
     }
+}
+
+/// The bar's look: with a bar and percent when the total is `known`, a
+/// count of rows done otherwise.
+fn bar_style(known: bool) -> ProgressStyle {
+    let template = if known {
+        "{prefix} [{wide_bar}] {percent:>3}% {human_pos}/{human_len} {msg}"
+    } else {
+        "{prefix} {human_pos}/? {msg}"
+    };
+    ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ")
 }
 
 /// Whole percent of `done` out of `total` (100 when there is nothing to do).
@@ -315,11 +377,33 @@ mod tests {
 
     #[test]
     fn an_estimated_total_is_replaced_by_the_count() {
-        let p = Progress::estimated(3_000, "rewriting", true);
-        assert!(p.shared.estimated.load(Ordering::Relaxed));
+        let p = Progress::estimated(Some(3_000), "rewriting", true);
+        assert_eq!(p.shared.shown_total(0), Some((3_000, true)));
         p.total().set(1_800);
-        assert_eq!(p.shared.total(), 1_800);
-        assert!(!p.shared.estimated.load(Ordering::Relaxed));
+        assert_eq!(p.shared.shown_total(0), Some((1_800, false)));
+    }
+
+    #[test]
+    fn no_estimate_is_an_unknown_total_until_the_count() {
+        let p = Progress::estimated(None, "rewriting", true);
+        p.update(&Counts {
+            rows_scanned: 500,
+            ..Counts::default()
+        });
+        assert_eq!(p.shared.shown_total(500), None);
+        assert!(p.shared.bar_message().ends_with("eta -"));
+        p.total().set(2_000);
+        assert_eq!(p.shared.shown_total(500), Some((2_000, false)));
+    }
+
+    #[test]
+    fn an_estimate_the_rows_done_have_passed_is_unknown_not_finished() {
+        let p = Progress::estimated(Some(1_000), "rewriting", true);
+        assert_eq!(p.shared.shown_total(999), Some((1_000, true)));
+        assert_eq!(p.shared.shown_total(1_000), None);
+        // a counted total is kept whatever the rows done
+        p.total().set(1_000);
+        assert_eq!(p.shared.shown_total(1_200), Some((1_000, false)));
     }
 
     #[test]

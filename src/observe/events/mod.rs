@@ -287,8 +287,8 @@ impl LeaseChanged<'_> {
 pub struct ProgressSampled {
     /// Rows done so far.
     pub rows_done: u64,
-    /// Rows expected in all.
-    pub rows_total: u64,
+    /// Rows expected in all, when known.
+    pub rows_total: Option<u64>,
     /// Rows per second since the phase started.
     pub rows_per_second: f64,
     /// Seconds left, when known.
@@ -296,10 +296,11 @@ pub struct ProgressSampled {
 }
 
 impl ProgressSampled {
-    /// Sets the progress gauges (`rekey_eta_seconds` to NaN while unknown).
+    /// Sets the progress gauges (`rekey_rows_total` and `rekey_eta_seconds`
+    /// to NaN while unknown).
     pub fn emit(&self) {
         metrics::gauge!("rekey_rows_done").set(self.rows_done as f64);
-        metrics::gauge!("rekey_rows_total").set(self.rows_total as f64);
+        metrics::gauge!("rekey_rows_total").set(self.rows_total.map_or(f64::NAN, |r| r as f64));
         metrics::gauge!("rekey_rows_per_second").set(self.rows_per_second);
         metrics::gauge!("rekey_eta_seconds").set(self.eta_seconds.unwrap_or(f64::NAN));
     }

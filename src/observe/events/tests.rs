@@ -74,7 +74,7 @@ fn every_other_event_renders_its_series() {
         .emit();
         ProgressSampled {
             rows_done: 50,
-            rows_total: 200,
+            rows_total: Some(200),
             rows_per_second: 25.0,
             eta_seconds: None,
         }
