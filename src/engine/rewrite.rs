@@ -77,8 +77,8 @@ pub async fn rewrite(
 /// counted beside it for the progress `total`, so the first batch does not
 /// wait for a count of the whole table. The count runs in a session of its
 /// own, in a read-only snapshot taken before `run` starts, so it is the rows
-/// left at the start whatever the batches commit meanwhile; a run that ends
-/// first cancels it.
+/// left at the start whatever the batches commit meanwhile, and closed as
+/// soon as it has its answer; a run that ends first cancels it.
 pub async fn counted_beside<T>(
     db: &Database,
     job: &Job,
@@ -91,8 +91,12 @@ pub async fn counted_beside<T>(
         .await
         .ctx(|| "starting the count of rows to rotate".into())?;
     let cancel = counter.cancel_token();
-    let count = async {
-        match stale_rows(&counter, job).await {
+    let count = async move {
+        let counted = stale_rows(&counter, job).await;
+        // the session goes with its snapshot at once: held through the run,
+        // it would keep vacuum from removing anything deleted since, cluster-wide
+        drop(counter);
+        match counted {
             Ok(rows) => total.set(rows),
             Err(e) => tracing::warn!("the progress total stays an estimate: {}", e.chain()),
         }

@@ -1,6 +1,7 @@
 //! Keeping a run inside its window and off the primary's back: a window's
 //! end is not held up by the count of rows to rotate or a slow pace's next
-//! page, and a hold that begins as the last batch commits is lifted again.
+//! page, the count's snapshot is let go once it has its answer, and a hold
+//! that begins as the last batch commits is lifted again.
 
 use std::time::{Duration, Instant};
 
@@ -122,6 +123,67 @@ async fn a_run_window_is_not_held_open_by_the_count_of_rows_to_rotate() {
     assert!(
         took < Duration::from_secs(10),
         "a 2 s window ended after {took:?}"
+    );
+}
+
+/// The count of rows to rotate reads in a snapshot of its own. Held for the
+/// whole run, that snapshot would keep vacuum, on every table of the
+/// cluster, from removing anything deleted since the run began: over a
+/// rotation of hours, bloat the application pays for. Once the count has
+/// its answer, its session is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_count_of_rows_to_rotate_lets_its_snapshot_go_once_counted() {
+    let db = TestDb::new().await;
+    db.seed_patients(3_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    let mut child = spawn_rekey(
+        &[
+            "run",
+            "--job",
+            &job,
+            "--max-rows-per-sec",
+            "500",
+            "--batch-size",
+            "100",
+            "--quiet",
+        ],
+        &seed_env(),
+    );
+    // the count starts before the first batch: once batches commit, its session exists
+    wait_for_progress(&db, &mut child, values_in(500)).await;
+    let count_sessions = |active: bool| {
+        format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+               AND application_name = 'rekey' AND query LIKE 'SELECT count(*)%'
+               AND (state = 'active') = {active} AND backend_xmin IS NOT NULL"
+        )
+    };
+    loop {
+        let counting: i64 = db
+            .client
+            .query_one(&count_sessions(true), &[])
+            .await
+            .unwrap()
+            .get(0);
+        if counting == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let holding: i64 = db
+        .client
+        .query_one(&count_sessions(false), &[])
+        .await
+        .unwrap()
+        .get(0);
+    let still_running = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(still_running, "the premise: the run was still going");
+    assert_eq!(
+        holding, 0,
+        "a session of the run holds the count's snapshot after counting"
     );
 }
 
