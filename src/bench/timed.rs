@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 use crate::db::Database;
+use crate::engine::left::counted_beside;
 use crate::engine::pipeline::{self, Mode, Settings};
-use crate::engine::rewrite::counted_beside;
 use crate::engine::{plan, verify};
 use crate::job::Job;
 use crate::observe::counts::LiveCounts;

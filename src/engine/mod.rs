@@ -3,6 +3,7 @@
 //! only place that spawns. Uses the state, control, job and lower layers.
 
 mod conflicts;
+pub mod left;
 mod pacing;
 pub mod pipeline;
 pub mod plan;

@@ -1,21 +1,21 @@
 //! The engine's entry for a rewrite: join the job (resuming an unfinished
 //! one), refuse what would spend a key's nonces, plan ranges for a new job,
-//! run the pipeline while the rows left are counted for the progress total,
-//! and add up what every process sharing the job did.
+//! run the pipeline while the rows left are counted for the progress total
+//! ([`super::left`]), and add up what every process sharing the job did.
 
-use std::future::Future;
 use std::sync::Arc;
 
 use tokio_postgres::{Client, GenericClient};
 
 use crate::db::raw::params;
 use crate::db::Database;
+use crate::engine::left::{counted_beside, rows_estimate};
 use crate::engine::pipeline::{self, Mode, Outcome, Settings};
 use crate::engine::{plan, sql};
 use crate::error::DbContext;
 use crate::job::{Job, Target};
 use crate::observe::counts::LiveCounts;
-use crate::observe::progress::{Progress, Total};
+use crate::observe::progress::Progress;
 use crate::state::{self, JobRecord};
 use crate::Error;
 
@@ -73,60 +73,8 @@ pub async fn rewrite(
     Ok((outcome, record))
 }
 
-/// Runs `run` (not started yet) while the rows left to rotate in `job` are
-/// counted beside it for the progress `total`, so the first batch does not
-/// wait for a count of the whole table. The count runs in a session of its
-/// own, in a read-only snapshot taken before `run` starts, so it is the rows
-/// left at the start whatever the batches commit meanwhile, and closed as
-/// soon as it has its answer; a run that ends first cancels it.
-pub async fn counted_beside<T>(
-    db: &Database,
-    job: &Job,
-    total: &Total,
-    run: impl Future<Output = T>,
-) -> Result<T, Error> {
-    let counter = db.connect().await?;
-    counter
-        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1")
-        .await
-        .ctx(|| "starting the count of rows to rotate".into())?;
-    let cancel = counter.cancel_token();
-    let count = async move {
-        let counted = stale_rows(&counter, job).await;
-        // the session goes with its snapshot at once: held through the run,
-        // it would keep vacuum from removing anything deleted since, cluster-wide
-        drop(counter);
-        match counted {
-            Ok(rows) => total.set(rows),
-            Err(e) => tracing::warn!("the progress total stays an estimate: {}", e.chain()),
-        }
-    };
-    tokio::pin!(count, run);
-    Ok(tokio::select! {
-        () = &mut count => run.await,
-        out = &mut run => {
-            // the total no longer matters; the session is dropped with its snapshot
-            let _ = db.cancel(&cancel).await;
-            out
-        }
-    })
-}
-
-/// The catalogue's estimate of the targets' rows (no count); `None` when a
-/// target was never analyzed (a restored database before its `ANALYZE`).
-async fn rows_estimate(client: &Client, job: &Job) -> Result<Option<u64>, Error> {
-    let mut rows = 0.0;
-    for t in &job.targets {
-        match plan::current_rows_estimate(client, t).await? {
-            Some(r) => rows += r,
-            None => return Ok(None),
-        }
-    }
-    Ok(Some(rows as u64))
-}
-
 /// Rows of `t` holding at least one value not visibly on the target key.
-async fn stale_rows_of(client: &impl GenericClient, t: &Target) -> Result<u64, Error> {
+pub(super) async fn stale_rows_of(client: &impl GenericClient, t: &Target) -> Result<u64, Error> {
     let (filter, cols) = sql::stale_filter(t, "", 1);
     let prefixes: Vec<Vec<u8>> = cols.iter().filter_map(|&c| t.stale_prefix(c)).collect();
     let n: i64 = client

@@ -178,10 +178,20 @@ pub struct Total {
 impl Total {
     /// The rows expected in all, now counted.
     pub fn set(&self, rows: u64) {
+        self.store(rows, TotalIs::Counted);
+    }
+
+    /// A better estimate of the rows expected in all (from a sample): still
+    /// shown as an estimate.
+    pub fn set_estimate(&self, rows: u64) {
+        self.store(rows, TotalIs::Estimated);
+    }
+
+    fn store(&self, rows: u64, total_is: TotalIs) {
         self.shared.total.store(rows, Ordering::Relaxed);
         self.shared
             .total_is
-            .store(TotalIs::Counted as u8, Ordering::Relaxed);
+            .store(total_is as u8, Ordering::Relaxed);
         if let Some(bar) = &self.bar {
             bar.set_style(bar_style(true));
             bar.set_length(rows);

@@ -1,6 +1,8 @@
 //! Off a terminal (stderr to a file or a pipe, as under ECS, Kubernetes or
 //! `nohup`), a run logs a progress line every `--progress-every`: rows done
-//! and total, percent, rows/s and ETA, as text or as JSON fields.
+//! and total, percent, rows/s and ETA, as text or as JSON fields. The total
+//! is the rows left to rotate: counted for a small table, sampled for a
+//! large one.
 
 use crate::harness::*;
 
@@ -126,6 +128,70 @@ async fn the_progress_total_is_the_rows_left_to_rotate_counted_beside_the_run() 
         .unwrap_or_else(|| panic!("no progress line: {log}"));
     assert_eq!(last["rows_total"], left, "{last}");
     assert_eq!(last["rows_total_estimated"], false, "{last}");
+}
+
+/// A table too large to count cheaply beside the run gets its total from a
+/// sample of its pages: near the rows left to rotate, not the catalogue's
+/// size, and shown as an estimate to the end.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_table_s_progress_total_is_estimated_from_a_sample_of_its_pages() {
+    let db = TestDb::new().await;
+    db.seed_patients(20_000).await;
+    // rows with nothing to rotate, after the rotated ones: the catalogue counts them
+    db.client
+        .batch_execute(
+            "INSERT INTO patient_persons (id, name, notes)
+               SELECT g, 'no phone', repeat('n', 120) FROM generate_series(100001, 160000) g;
+             ANALYZE patient_persons",
+        )
+        .await
+        .unwrap();
+    let pages: f64 = db
+        .client
+        .query_one(
+            "SELECT pg_relation_size('patient_persons')::float8 / current_setting('block_size')::float8",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        pages > rekey::engine::left::SAMPLE_PAGES,
+        "the premise: the table ({pages} pages) is sampled, not counted"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    let out = rekey(
+        &[
+            "run",
+            "--job",
+            &job,
+            "--max-rows-per-sec",
+            "10000",
+            "--batch-size",
+            "500",
+            "--progress-every",
+            "200ms",
+            "--log-format",
+            "json",
+        ],
+        &seed_env(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let log = stderr(&out);
+    let last = log
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v.get("rows_done").is_some() && v.get("rows_total").is_some())
+        .unwrap_or_else(|| panic!("no progress line with a total: {log}"));
+    assert_eq!(last["rows_total_estimated"], true, "{last}");
+    let total = last["rows_total"].as_f64().unwrap();
+    // 20,000 rows to rotate; half the pages sampled: 3-4% off at one standard deviation
+    assert!(
+        (total - 20_000.0).abs() <= 0.2 * 20_000.0,
+        "a sampled total of {total} for 20,000 rows to rotate (the catalogue holds 80,000): {last}"
+    );
 }
 
 /// Runs `args` under an 80-column pseudo-terminal; returns everything drawn.
