@@ -20,7 +20,7 @@ use crate::engine::{plan, verify};
 use crate::job::Job;
 use crate::observe::counts::LiveCounts;
 use crate::observe::progress::{Progress, Total};
-use crate::state;
+use crate::state::{self, JobRecord};
 use crate::Error;
 
 use super::report::{peak_rss_mib, reset_peak_rss};
@@ -118,26 +118,26 @@ pub(super) async fn rekey_once(
         stop: Default::default(),
         ..opts.settings.clone()
     };
+    let job_ref = &job;
+    // one pass of the pipeline over the job's ranges, as `rekey run` makes it
+    let pass = |record: &JobRecord, settings: Settings, quiet: bool| {
+        let progress = Progress::estimated(Some(to_rotate), "bench", quiet);
+        let total = progress.total();
+        let pipeline = pipeline::run(
+            db,
+            job_ref.clone(),
+            record.ranges.clone(),
+            Mode::Rewrite { job_id: record.id },
+            settings,
+            live.clone(),
+            progress,
+        );
+        async move { as_run(before, db, job_ref, &total, pipeline).await }
+    };
     let run = async {
         if let Some(fraction) = kill_at {
             let threshold = (opts.rows as f64 * fraction) as u64;
-            let progress = Progress::estimated(Some(to_rotate), "bench", true);
-            let total = progress.total();
-            let first = as_run(
-                before,
-                db,
-                &job,
-                &total,
-                pipeline::run(
-                    db,
-                    job.clone(),
-                    record.ranges.clone(),
-                    Mode::Rewrite { job_id: record.id },
-                    settings.clone(),
-                    live.clone(),
-                    progress,
-                ),
-            );
+            let first = pass(&record, settings.clone(), true);
             let reached = async {
                 while live.snapshot().rows_scanned < threshold {
                     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -156,24 +156,7 @@ pub(super) async fn rekey_once(
                 *m = (Some(killed_at), Some(started.elapsed().as_secs_f64()));
             }
         }
-        let progress = Progress::estimated(Some(to_rotate), "bench", opts.quiet);
-        let total = progress.total();
-        let r = as_run(
-            before,
-            db,
-            &job,
-            &total,
-            pipeline::run(
-                db,
-                job.clone(),
-                record.ranges.clone(),
-                Mode::Rewrite { job_id: record.id },
-                settings,
-                live.clone(),
-                progress,
-            ),
-        )
-        .await;
+        let r = pass(&record, settings, opts.quiet).await;
         // timed here, not after the sampler's next tick
         let secs = started.elapsed().as_secs_f64();
         let rows = live.snapshot().rows_scanned;
