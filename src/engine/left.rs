@@ -1,17 +1,18 @@
 //! The progress total of a rewrite: the rows left to rotate, found beside
 //! the run so the first batch does not wait for them. A table of up to
-//! [`SAMPLE_PAGES`] pages is counted; a larger one is estimated from a
-//! sample of that many pages. A full count reads the whole table a second
+//! [`SAMPLE_PAGES`] pages (its partitions or inheritance children
+//! included) is counted; a larger one is estimated from a sample of about
+//! that many pages. A full count reads the whole table a second
 //! time beside the run (on 100M rows, tens of GB of I/O against the run's
 //! and the application's) for a number only the progress line reads.
 
 use std::future::Future;
 
-use tokio_postgres::{Client, GenericClient};
+use tokio_postgres::Client;
 
 use crate::db::raw::params;
 use crate::db::Database;
-use crate::engine::{plan, sql};
+use crate::engine::sql;
 use crate::error::DbContext;
 use crate::job::{Job, Target};
 use crate::observe::progress::Total;
@@ -20,8 +21,8 @@ use crate::Error;
 use super::rewrite::stale_rows_of;
 
 /// Pages a table may have and still be counted row by row (8 MiB at the
-/// default block size: a count of milliseconds); above it, this many pages
-/// are sampled.
+/// default 8 kB block size: a count of milliseconds); above it, about this
+/// many pages are sampled.
 pub const SAMPLE_PAGES: f64 = 1_000.0;
 
 /// The rows left to rotate, and how they were found.
@@ -34,7 +35,8 @@ pub enum RowsLeft {
 }
 
 /// Runs `run` (not started yet) while the rows left to rotate in `job` are
-/// found beside it for the progress `total`. They are read in a session of
+/// found beside it (counted or sampled: [`rows_left`]) for the progress
+/// `total`. They are read in a session of
 /// their own, in a read-only snapshot taken before `run` starts, so they
 /// are the rows left at the start whatever the batches commit meanwhile;
 /// the session is closed as soon as it has its answer, and a run that ends
@@ -45,11 +47,15 @@ pub async fn counted_beside<T>(
     total: &Total,
     run: impl Future<Output = T>,
 ) -> Result<T, Error> {
-    let counter = db.connect().await?;
-    counter
-        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1")
-        .await
-        .ctx(|| "starting the count of rows to rotate".into())?;
+    // the total only feeds the progress line: without a session for it
+    // (connection slots full, a role's limit) the run goes on with the estimate
+    let counter = match open_counter(db).await {
+        Ok(counter) => counter,
+        Err(e) => {
+            tracing::warn!("the progress total stays an estimate: {}", e.chain());
+            return Ok(run.await);
+        }
+    };
     let cancel = counter.cancel_token();
     let count = async move {
         let left = rows_left(&counter, job).await;
@@ -73,16 +79,26 @@ pub async fn counted_beside<T>(
     })
 }
 
+/// A session in a read-only snapshot taken now, for [`rows_left`].
+async fn open_counter(db: &Database) -> Result<Client, Error> {
+    let counter = db.connect().await?;
+    counter
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1")
+        .await
+        .ctx(|| "starting the count of rows to rotate".into())?;
+    Ok(counter)
+}
+
 /// The rows left to rotate in every target: counted, or sampled where a
 /// target is larger than [`SAMPLE_PAGES`].
 pub async fn rows_left(client: &Client, job: &Job) -> Result<RowsLeft, Error> {
     let (mut rows, mut sampled) = (0u64, false);
     for t in &job.targets {
-        let pages = pages_of(client, t).await?;
-        if pages <= SAMPLE_PAGES {
+        let size = size_of(client, t).await?;
+        if size.pages <= SAMPLE_PAGES {
             rows += stale_rows_of(client, t).await?;
         } else {
-            rows += sampled_stale_rows(client, t, pages).await?;
+            rows += sampled_stale_rows(client, t, size).await?;
             sampled = true;
         }
     }
@@ -93,31 +109,57 @@ pub async fn rows_left(client: &Client, job: &Job) -> Result<RowsLeft, Error> {
     })
 }
 
-/// The table's pages now (not the catalogue's figure from its last ANALYZE).
-async fn pages_of(client: &impl GenericClient, t: &Target) -> Result<f64, Error> {
-    client
+/// How large a target's table is now, its partitions or inheritance
+/// children included (a read of it reads them too).
+#[derive(Debug, Clone, Copy)]
+struct Size {
+    /// Pages now (not the catalogue's figure from the last `ANALYZE`).
+    pages: f64,
+    /// Rows: the catalogue's rows per page times the pages now; `None` when
+    /// a part with pages was never analyzed.
+    rows: Option<f64>,
+}
+
+/// Reads a target's [`Size`] in one statement, before its sample.
+async fn size_of(client: &Client, t: &Target) -> Result<Size, Error> {
+    let row = client
         .query_one(
-            "SELECT pg_relation_size(c.oid)::float8 / current_setting('block_size')::float8
-               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE n.nspname = $1 AND c.relname = $2",
+            "WITH RECURSIVE tree(oid) AS (
+                 SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE n.nspname = $1 AND c.relname = $2
+                 UNION ALL
+                 SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid),
+             part AS (
+                 SELECT c.relpages, c.reltuples::float8 AS reltuples,
+                        pg_relation_size(c.oid)::float8 / current_setting('block_size')::float8 AS pages
+                   FROM tree JOIN pg_class c ON c.oid = tree.oid)
+             SELECT coalesce(sum(pages), 0)::float8,
+                    sum(CASE WHEN relpages > 0 AND reltuples >= 0 THEN reltuples / relpages * pages ELSE 0 END)::float8,
+                    coalesce(bool_or(pages > 0 AND NOT (relpages > 0 AND reltuples >= 0)), false)
+               FROM part",
             &[&t.table.schema, &t.table.name],
         )
         .await
-        .ctx(|| format!("reading the size of {}", t.table))
-        .map(|r| r.get(0))
+        .ctx(|| format!("reading the size of {}", t.table))?;
+    let pages: f64 = row.get(0);
+    let rows: Option<f64> = row.get(1);
+    let unanalyzed: bool = row.get(2);
+    Ok(Size {
+        pages,
+        rows: rows.filter(|_| !unanalyzed),
+    })
 }
 
-/// Rows of `t` (of `pages` pages) holding a value not visibly on the target
-/// key, estimated from about [`SAMPLE_PAGES`] pages picked at random: the
-/// share of the sampled rows left to rotate times the table's rows (the
-/// catalogue's figure scaled to its pages now), or, for a table never
-/// analyzed, the sampled count scaled up by the share of pages sampled. The
-/// share is the steadier figure: how many pages a sample picks varies by
-/// about 3% at 1,000 pages, and the first form cancels it out.
-async fn sampled_stale_rows(client: &Client, t: &Target, pages: f64) -> Result<u64, Error> {
+/// Rows of `t` holding a value not visibly on the target key, estimated
+/// from about [`SAMPLE_PAGES`] pages picked at random: the share of the
+/// sampled rows left to rotate times the table's rows, or, where a part
+/// was never analyzed, the sampled count scaled up by the share of pages
+/// sampled. The share is the steadier figure: how many pages a sample picks
+/// varies by about 3% at 1,000 pages, and the first form cancels it out.
+async fn sampled_stale_rows(client: &Client, t: &Target, size: Size) -> Result<u64, Error> {
     let (filter, cols) = sql::stale_filter(t, "", 1);
     let prefixes: Vec<Vec<u8>> = cols.iter().filter_map(|&c| t.stale_prefix(c)).collect();
-    let percent = (100.0 * SAMPLE_PAGES / pages).min(100.0) as f32;
+    let percent = (100.0 * SAMPLE_PAGES / size.pages).min(100.0) as f32;
     let mut values = params(&prefixes);
     values.push(&percent);
     let row = client
@@ -134,19 +176,20 @@ async fn sampled_stale_rows(client: &Client, t: &Target, pages: f64) -> Result<u
         .ctx(|| format!("sampling the rows to rotate in {}", t.table))?;
     let (stale, sampled): (i64, i64) = (row.get(0), row.get(1));
     let stale = stale.max(0) as f64;
-    let rows = match plan::current_rows_estimate(client, t).await? {
+    let rows = match size.rows {
         Some(rows) if sampled > 0 => stale / sampled as f64 * rows,
         _ => stale * 100.0 / f64::from(percent),
     };
     Ok(rows.round() as u64)
 }
 
-/// The catalogue's estimate of the targets' rows (no count); `None` when a
-/// target was never analyzed (a restored database before its `ANALYZE`).
+/// The catalogue's estimate of the targets' rows (no count), partitions and
+/// inheritance children included; `None` when a part was never analyzed (a
+/// restored database before its `ANALYZE`).
 pub async fn rows_estimate(client: &Client, job: &Job) -> Result<Option<u64>, Error> {
     let mut rows = 0.0;
     for t in &job.targets {
-        match plan::current_rows_estimate(client, t).await? {
+        match size_of(client, t).await?.rows {
             Some(r) => rows += r,
             None => return Ok(None),
         }

@@ -1,6 +1,6 @@
 //! The engine's entry for a rewrite: join the job (resuming an unfinished
 //! one), refuse what would spend a key's nonces, plan ranges for a new job,
-//! run the pipeline while the rows left are counted for the progress total
+//! run the pipeline while the rows left are found for the progress total
 //! ([`super::left`]), and add up what every process sharing the job did.
 
 use std::sync::Arc;

@@ -10,7 +10,7 @@
 //! gauges ([`ProgressSampled`]).
 
 use std::io::IsTerminal;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -42,32 +42,21 @@ const HOLD_WIDTH: usize = 22;
 
 /// How far the display can trust its total.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
 enum TotalIs {
     /// Counted: percent and ETA hold.
-    Counted = 0,
-    /// The catalogue's estimate while the count runs beside the work.
-    Estimated = 1,
+    Counted,
+    /// An estimate: the catalogue's while the rows are found beside the
+    /// work, or a sample's.
+    Estimated,
     /// No estimate yet (a table never analyzed): only the rows done mean anything.
-    Unknown = 2,
-}
-
-impl TotalIs {
-    fn from_u8(v: u8) -> Self {
-        match v {
-            0 => TotalIs::Counted,
-            1 => TotalIs::Estimated,
-            _ => TotalIs::Unknown,
-        }
-    }
+    Unknown,
 }
 
 /// What the display and the ticker share.
 struct Shared {
-    /// Rows expected in all (meaningless while `total_is` is `Unknown`).
-    total: AtomicU64,
-    /// Whether `total` is counted, an estimate, or unknown.
-    total_is: AtomicU8,
+    /// Rows expected in all (meaningless while `Unknown`), and whether they
+    /// are counted, an estimate, or unknown: set together, read together.
+    total: Mutex<(u64, TotalIs)>,
     /// When the run started.
     started: Instant,
     /// What is being done ("rewriting", "verifying").
@@ -86,16 +75,20 @@ impl Shared {
         self.done.load(Ordering::Relaxed) as f64 / self.started.elapsed().as_secs_f64().max(1e-9)
     }
 
-    fn total_is(&self) -> TotalIs {
-        TotalIs::from_u8(self.total_is.load(Ordering::Relaxed))
+    /// The total and its state (unknown, should a panic have poisoned it).
+    fn total(&self) -> (u64, TotalIs) {
+        self.total
+            .lock()
+            .map(|t| *t)
+            .unwrap_or((0, TotalIs::Unknown))
     }
 
     /// The total to show beside `done` rows, and whether it is an estimate:
     /// `None` while unknown, or once `done` has passed an estimate (it was
     /// low, and 100% or an ETA of 0 would be false).
     fn shown_total(&self, done: u64) -> Option<(u64, bool)> {
-        let total = self.total.load(Ordering::Relaxed);
-        match self.total_is() {
+        let (total, total_is) = self.total();
+        match total_is {
             TotalIs::Counted => Some((total, false)),
             TotalIs::Estimated if done < total => Some((total, true)),
             TotalIs::Estimated | TotalIs::Unknown => None,
@@ -131,7 +124,7 @@ impl Shared {
         tracing::info!(
             rows_done = done,
             rows_total = shown.map(|(total, _)| total),
-            rows_total_estimated = self.total_is() != TotalIs::Counted,
+            rows_total_estimated = self.total().1 != TotalIs::Counted,
             percent,
             rows_per_second = rate.round() as u64,
             eta_seconds = eta.map(|s| s.ceil() as u64),
@@ -188,13 +181,12 @@ impl Total {
     }
 
     fn store(&self, rows: u64, total_is: TotalIs) {
-        self.shared.total.store(rows, Ordering::Relaxed);
-        self.shared
-            .total_is
-            .store(total_is as u8, Ordering::Relaxed);
+        if let Ok(mut t) = self.shared.total.lock() {
+            *t = (rows, total_is);
+        }
         if let Some(bar) = &self.bar {
-            bar.set_style(bar_style(true));
-            bar.set_length(rows);
+            let done = self.shared.done.load(Ordering::Relaxed);
+            follow_total(bar, self.shared.shown_total(done).map(|(total, _)| total));
         }
     }
 }
@@ -225,8 +217,7 @@ impl Progress {
 
     fn with_total(total: u64, total_is: TotalIs, verb: &'static str, quiet: bool) -> Self {
         let shared = Arc::new(Shared {
-            total: AtomicU64::new(total),
-            total_is: AtomicU8::new(total_is as u8),
+            total: Mutex::new((total, total_is)),
             started: Instant::now(),
             verb,
             hold: Mutex::new(None),
@@ -301,6 +292,7 @@ impl Progress {
         }
         .emit();
         if let Some(bar) = &self.bar {
+            follow_total(bar, total);
             bar.set_position(c.rows_scanned);
             bar.set_message(s.bar_message());
         }
@@ -336,6 +328,25 @@ fn bar_style(known: bool) -> ProgressStyle {
     ProgressStyle::with_template(template)
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ")
+}
+
+/// Gives the bar the total it may show: with `None` (unknown, or an
+/// estimate the rows done have passed) it counts rows instead of drawing a
+/// bar and a percent.
+fn follow_total(bar: &ProgressBar, total: Option<u64>) {
+    if bar.length() == total {
+        return;
+    }
+    match total {
+        Some(rows) => {
+            bar.set_style(bar_style(true));
+            bar.set_length(rows);
+        }
+        None => {
+            bar.set_style(bar_style(false));
+            bar.unset_length();
+        }
+    }
 }
 
 /// Whole percent of `done` out of `total` (100 when there is nothing to do).

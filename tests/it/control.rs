@@ -150,19 +150,17 @@ async fn the_count_of_rows_to_rotate_lets_its_snapshot_go_once_counted() {
         ],
         &seed_env(),
     );
-    // the count starts before the first batch: once batches commit, its session exists
-    wait_for_progress(&db, &mut child, values_in(500)).await;
-    let count_sessions = |active: bool| {
-        format!(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
-               AND application_name = 'rekey' AND query LIKE 'SELECT count(*)%'
-               AND (state = 'active') = {active} AND backend_xmin IS NOT NULL"
-        )
-    };
+    // the count's snapshot is taken before the first batch; at 500 rows/s a
+    // third of the rows are two seconds in, and 3,000 rows count in milliseconds
+    wait_for_progress(&db, &mut child, values_in(1_000)).await;
     loop {
         let counting: i64 = db
             .client
-            .query_one(&count_sessions(true), &[])
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+                   AND application_name = 'rekey' AND state = 'active' AND query LIKE 'SELECT count(*)%'",
+                &[],
+            )
             .await
             .unwrap()
             .get(0);
@@ -171,9 +169,15 @@ async fn the_count_of_rows_to_rotate_lets_its_snapshot_go_once_counted() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // whatever its last statement: a batch's transaction is idle for milliseconds, not a second
     let holding: i64 = db
         .client
-        .query_one(&count_sessions(false), &[])
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+               AND application_name = 'rekey' AND state = 'idle in transaction'
+               AND backend_xmin IS NOT NULL AND xact_start < now() - interval '1 second'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
