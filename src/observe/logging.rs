@@ -1,7 +1,13 @@
 //! Log lines to stderr through `tracing`: `text` (`rekey: <message>
-//! key=value ...`) or `json` (one object per line), filtered by `RUST_LOG`.
+//! key=value ...`) or `json` (one object per line), filtered by `RUST_LOG`. While a
+//! progress bar is drawn, each line is written above it ([`LogsAbove`]),
+//! never onto the bar's line.
 
-use std::sync::Once;
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, Once};
+
+use indicatif::ProgressBar;
 
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::fmt::format::Writer;
@@ -35,8 +41,7 @@ pub fn init_logging(format: LogFormat) {
             }
         };
         // Fails only when another subscriber is already installed: keep that one.
-        if tracing::subscriber::set_global_default(subscriber(format, filter, std::io::stderr))
-            .is_ok()
+        if tracing::subscriber::set_global_default(subscriber(format, filter, || ToStderr)).is_ok()
         {
             if let Some(e) = bad_filter {
                 tracing::warn!("RUST_LOG ignored ({e}); logging at {DEFAULT_FILTER}");
@@ -68,6 +73,61 @@ where
                 .with_target(false)
                 .finish(),
         ),
+    }
+}
+
+/// The bar being drawn on stderr, if any, with the number of the
+/// [`LogsAbove`] that set it.
+static BAR: Mutex<Option<(u64, ProgressBar)>> = Mutex::new(None);
+
+/// Numbers each [`LogsAbove`].
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// While held, log lines are written above `bar`: the bar is cleared, the
+/// line written, the bar drawn again below it. Dropping it writes them
+/// plainly again.
+pub struct LogsAbove(u64);
+
+impl LogsAbove {
+    /// Log lines go above `bar` from now on (instead of a bar drawn before).
+    pub fn bar(bar: &ProgressBar) -> Self {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut shown) = BAR.lock() {
+            *shown = Some((n, bar.clone()));
+        }
+        LogsAbove(n)
+    }
+}
+
+impl Drop for LogsAbove {
+    fn drop(&mut self) {
+        if let Ok(mut shown) = BAR.lock() {
+            if shown.as_ref().is_some_and(|(n, _)| *n == self.0) {
+                *shown = None;
+            }
+        }
+    }
+}
+
+/// Stderr, around the bar being drawn. The formatter writes each event
+/// whole in one `write_all`, so a line is never split by a redraw.
+struct ToStderr;
+
+impl Write for ToStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let bar = BAR
+            .lock()
+            .ok()
+            .and_then(|shown| shown.as_ref().map(|(_, bar)| bar.clone()));
+        match bar {
+            Some(bar) => bar.suspend(|| std::io::stderr().write_all(buf))?,
+            None => std::io::stderr().write_all(buf)?,
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
     }
 }
 

@@ -20,6 +20,7 @@ use indicatif::{HumanCount, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::observe::counts::Counts;
 use crate::observe::events::ProgressSampled;
+use crate::observe::logging::LogsAbove;
 
 /// How often a non-terminal stderr gets a progress line unless
 /// [`set_log_interval`] said otherwise.
@@ -156,6 +157,8 @@ pub struct Progress {
     /// The bar, when stderr is a terminal.
     bar: Option<ProgressBar>,
     shared: Arc<Shared>,
+    /// Keeps log lines above the bar while it is drawn.
+    logs_above: Mutex<Option<LogsAbove>>,
     /// The log ticker off a terminal: dropping the sender stops it.
     ticker: Mutex<Option<(mpsc::Sender<()>, JoinHandle<()>)>>,
 }
@@ -227,6 +230,7 @@ impl Progress {
         });
         let mut p = Progress {
             bar: None,
+            logs_above: Mutex::new(None),
             shared: shared.clone(),
             ticker: Mutex::new(None),
         };
@@ -243,6 +247,7 @@ impl Progress {
             bar.set_prefix(verb);
             bar.set_message(shared.bar_message());
             bar.enable_steady_tick(Duration::from_millis(250));
+            p.logs_above = Mutex::new(Some(LogsAbove::bar(&bar)));
             p.bar = Some(bar);
         } else {
             let (tx, rx) = mpsc::channel::<()>();
@@ -302,6 +307,9 @@ impl Progress {
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
+        }
+        if let Ok(mut above) = self.logs_above.lock() {
+            above.take();
         }
         let ticker = self.ticker.lock().ok().and_then(|mut t| t.take());
         if let Some((tx, handle)) = ticker {

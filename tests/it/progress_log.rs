@@ -250,34 +250,20 @@ sys.stdout.write(out.decode("utf-8", "replace"))
 sys.stdout.write("\nEXIT %d\n" % p.returncode)
 "#;
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_terminal_bar_fits_an_80_column_terminal_and_rounds_its_rate() {
-    let db = TestDb::new().await;
-    db.seed_patients(3_000).await;
-    let dir = tempfile::tempdir().unwrap();
-    let job = db.patients_job(&dir).display().to_string();
+/// What a terminal of 80 columns shows of `rekey args` on `db`'s patients
+/// job: each redraw or printed line on a line of its own (split at carriage
+/// returns and newlines), escapes taken out; and the exit line.
+fn under_a_terminal(db: &TestDb, dir: &tempfile::TempDir, args: &[&str]) -> (Vec<String>, String) {
+    let job = db.patients_job(dir).display().to_string();
     let mut env: Vec<String> = seed_env().iter().map(|(k, v)| format!("{k}={v}")).collect();
     env.push(format!(
         "PATH={}",
         std::env::var("PATH").unwrap_or_default()
     ));
     env.push("TERM=xterm".into());
-    let drawn = python(
-        UNDER_A_TERMINAL,
-        &[
-            env!("CARGO_BIN_EXE_rekey"),
-            "run",
-            "--job",
-            &job,
-            "--max-rows-per-sec",
-            "1500",
-            "--batch-size",
-            "100",
-        ],
-        &env.join("\n"),
-    );
-    assert!(drawn.contains("EXIT 0"), "{drawn}");
-    // what the terminal shows: each redraw after a carriage return, escapes taken out
+    let mut argv = vec![env!("CARGO_BIN_EXE_rekey"), "run", "--job", &job];
+    argv.extend_from_slice(args);
+    let drawn = python(UNDER_A_TERMINAL, &argv, &env.join("\n"));
     let mut plain = String::new();
     let mut chars = drawn.chars().peekable();
     while let Some(c) = chars.next() {
@@ -294,12 +280,38 @@ async fn the_terminal_bar_fits_an_80_column_terminal_and_rounds_its_rate() {
         }
         plain.push(c);
     }
-    let bars: Vec<&str> = plain
+    let exit = plain
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("EXIT "))
+        .unwrap_or_else(|| panic!("no exit line: {drawn:?}"))
+        .to_string();
+    let lines = plain
         .split(['\r', '\n'])
-        .filter(|l| l.contains("rows") || l.contains('%'))
-        .filter(|l| l.contains('['))
+        .filter(|l| !l.is_empty() && !l.starts_with("EXIT "))
+        .map(str::to_owned)
         .collect();
-    assert!(!bars.is_empty(), "no bar drawn: {drawn:?}");
+    (lines, exit)
+}
+
+/// Whether a line of the terminal is (or holds) a drawing of the bar.
+fn is_bar(line: &str) -> bool {
+    line.starts_with("rewriting") || line.contains("% ")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_terminal_bar_fits_an_80_column_terminal_and_rounds_its_rate() {
+    let db = TestDb::new().await;
+    db.seed_patients(3_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (lines, exit) = under_a_terminal(
+        &db,
+        &dir,
+        &["--max-rows-per-sec", "1500", "--batch-size", "100"],
+    );
+    assert_eq!(exit, "EXIT 0", "{lines:#?}");
+    let bars: Vec<&String> = lines.iter().filter(|l| is_bar(l)).collect();
+    assert!(!bars.is_empty(), "no bar drawn: {lines:#?}");
     for b in &bars {
         assert!(
             b.chars().count() <= 80,
@@ -311,4 +323,34 @@ async fn the_terminal_bar_fits_an_80_column_terminal_and_rounds_its_rate() {
             .any(|w| w[0].is_ascii_digit() && w[1] == '.' && w[2].is_ascii_digit());
         assert!(!decimals, "a rate with decimals: {b:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_line_logged_while_the_bar_is_drawn_gets_a_line_of_its_own() {
+    let db = TestDb::new().await;
+    db.seed_patients(3_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    // the window ends while the bar is drawn, which is logged
+    let (lines, exit) = under_a_terminal(
+        &db,
+        &dir,
+        &[
+            "--max-rows-per-sec",
+            "1000",
+            "--batch-size",
+            "100",
+            "--run-time",
+            "1s",
+        ],
+    );
+    assert_eq!(exit, "EXIT 5", "{lines:#?}");
+    assert!(lines.iter().any(|l| is_bar(l)), "no bar drawn: {lines:#?}");
+    let logged = lines
+        .iter()
+        .find(|l| l.contains("window is over"))
+        .unwrap_or_else(|| panic!("the window's end is not logged: {lines:#?}"));
+    assert!(
+        !is_bar(logged),
+        "the logged line shares its line with the bar: {logged:?}"
+    );
 }
