@@ -16,19 +16,41 @@ async fn slow_run(log_format: &str) -> String {
 /// A run over `db`'s patients held to 1,500 rows/s, logging progress every
 /// 300 ms as `log_format`; what it wrote on stderr.
 fn slow_run_on(db: &TestDb, log_format: &str) -> String {
+    run_logging_progress(
+        db,
+        log_format,
+        Pace {
+            rows_per_sec: 1_500,
+            batch: 100,
+            every: "300ms",
+        },
+    )
+}
+
+/// How fast a run goes and how often it logs its progress.
+struct Pace {
+    rows_per_sec: u32,
+    batch: u32,
+    every: &'static str,
+}
+
+/// Runs `db`'s patients' job at `pace`, logging progress as `log_format`;
+/// what it wrote on stderr once it finished (exit 0).
+fn run_logging_progress(db: &TestDb, log_format: &str, pace: Pace) -> String {
     let dir = tempfile::tempdir().unwrap();
     let job = db.patients_job(&dir).display().to_string();
+    let (rate, batch) = (pace.rows_per_sec.to_string(), pace.batch.to_string());
     let out = rekey(
         &[
             "run",
             "--job",
             &job,
             "--max-rows-per-sec",
-            "1500",
+            &rate,
             "--batch-size",
-            "100",
+            &batch,
             "--progress-every",
-            "300ms",
+            pace.every,
             "--log-format",
             log_format,
         ],
@@ -138,7 +160,7 @@ async fn a_large_table_s_progress_total_is_estimated_from_a_sample_of_its_pages(
     let db = TestDb::new().await;
     db.seed_patients(20_000).await;
     pad_with_rows_to_leave_alone(&db).await;
-    assert_sampled_total_near(&db, 20_000.0).await;
+    assert_sampled_total_near(&db, 20_000.0);
 }
 
 /// A partitioned table is sized by its partitions (the parent holds no
@@ -159,7 +181,7 @@ async fn a_large_partitioned_table_s_progress_total_is_sampled_over_its_partitio
         .await
         .unwrap();
     pad_with_rows_to_leave_alone(&db).await;
-    assert_sampled_total_near(&db, 20_000.0).await;
+    assert_sampled_total_near(&db, 20_000.0);
 }
 
 /// Adds 60,000 rows with nothing to rotate after the seeded ones (the
@@ -193,27 +215,16 @@ async fn pad_with_rows_to_leave_alone(db: &TestDb) {
 /// Runs the patients' job and checks its last progress total: an estimate
 /// within 20% of the `left` rows to rotate (about half the pages are
 /// sampled: 3-4% off at one standard deviation).
-async fn assert_sampled_total_near(db: &TestDb, left: f64) {
-    let dir = tempfile::tempdir().unwrap();
-    let job = db.patients_job(&dir).display().to_string();
-    let out = rekey(
-        &[
-            "run",
-            "--job",
-            &job,
-            "--max-rows-per-sec",
-            "10000",
-            "--batch-size",
-            "500",
-            "--progress-every",
-            "200ms",
-            "--log-format",
-            "json",
-        ],
-        &seed_env(),
+fn assert_sampled_total_near(db: &TestDb, left: f64) {
+    let log = run_logging_progress(
+        db,
+        "json",
+        Pace {
+            rows_per_sec: 10_000,
+            batch: 500,
+            every: "200ms",
+        },
     );
-    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-    let log = stderr(&out);
     let last = log
         .lines()
         .rev()
