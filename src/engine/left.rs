@@ -2,13 +2,16 @@
 //! the run so the first batch does not wait for them. A table of up to
 //! [`SAMPLE_PAGES`] pages (its partitions or inheritance children
 //! included) is counted; a larger one is estimated from a sample of about
-//! that many pages. A full count reads the whole table a second
-//! time beside the run (on 100M rows, tens of GB of I/O against the run's
-//! and the application's) for a number only the progress line reads.
+//! that many pages, and sampled again as the run nears the estimate. A
+//! full count reads the whole table a second time beside the run (on 100M
+//! rows, tens of GB of I/O against the run's and the application's) for a
+//! number only the progress line reads.
 
 use std::future::Future;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use tokio_postgres::Client;
+use tokio_postgres::{CancelToken, Client};
 
 use crate::db::raw::params;
 use crate::db::Database;
@@ -34,13 +37,34 @@ pub enum RowsLeft {
     Sampled(u64),
 }
 
+/// How many times a sampled total is found again as the run nears it.
+const RESAMPLES: u32 = 32;
+
+/// A sample is taken again no sooner than this many times as long as the
+/// last one took after it: sampling is at most a twentieth of one session's
+/// time (of the server's, a twentieth of that over the run's lanes).
+const SAMPLE_SHARE: u32 = 20;
+
+/// How often the rows done are compared with the point a total is found
+/// again.
+const WATCH_EVERY: Duration = Duration::from_millis(100);
+
 /// Runs `run` (not started yet) while the rows left to rotate in `job` are
 /// found beside it (counted or sampled: [`rows_left`]) for the progress
-/// `total`. They are read in a session of
-/// their own, in a read-only snapshot taken before `run` starts, so they
-/// are the rows left at the start whatever the batches commit meanwhile;
-/// the session is closed as soon as it has its answer, and a run that ends
-/// first cancels it.
+/// `total`. They are read in a session of their own, in a read-only
+/// snapshot taken before `run` starts, so they are the rows left at the
+/// start whatever the batches commit meanwhile; the session is closed as
+/// soon as it has its answer, and a run that ends first cancels it.
+///
+/// A sampled total can be low (a sample's error, rows the application
+/// adds under the old key). Rather than showing an unknown total once the
+/// rows done pass it, the rows left are sampled again, in a new snapshot,
+/// when the run has done half of what the last sample found left: the
+/// total becomes the rows done then plus the rows left then, and no sooner
+/// than [`SAMPLE_SHARE`] times as long as the last sample took. Each sample
+/// reads about [`SAMPLE_PAGES`] pages; the rows left halve between samples,
+/// so a run of 100M rows takes at most about 25 (200 MB read beside tens of
+/// GB).
 pub async fn counted_beside<T>(
     db: &Database,
     job: &Job,
@@ -49,23 +73,61 @@ pub async fn counted_beside<T>(
 ) -> Result<T, Error> {
     // the total only feeds the progress line: without a session for it
     // (connection slots full, a role's limit) the run goes on with the estimate
-    let counter = match open_counter(db).await {
+    let first = match open_counter(db).await {
         Ok(counter) => counter,
         Err(e) => {
             tracing::warn!("the progress total stays an estimate: {}", e.chain());
             return Ok(run.await);
         }
     };
-    let cancel = counter.cancel_token();
-    let count = async move {
-        let left = rows_left(&counter, job).await;
-        // the session goes with its snapshot at once: held through the run,
-        // it would keep vacuum from removing anything deleted since, cluster-wide
-        drop(counter);
-        match left {
-            Ok(RowsLeft::Counted(rows)) => total.set(rows),
-            Ok(RowsLeft::Sampled(rows)) => total.set_estimate(rows),
-            Err(e) => tracing::warn!("the progress total stays an estimate: {}", e.chain()),
+    // the session counting now, for the run's end to cancel
+    let counting = Mutex::new(Some(first.cancel_token()));
+    let count = async {
+        let (mut counter, mut began) = (first, Instant::now());
+        let mut at_start = Vec::new();
+        for resample in 0..=RESAMPLES {
+            let left = rows_left(&counter, job, &mut at_start).await;
+            // the session goes with its snapshot at once: held through the run,
+            // it would keep vacuum from removing anything deleted since, cluster-wide
+            drop(counter);
+            set_counting(&counting, None);
+            let (took, ended) = (began.elapsed(), Instant::now());
+            tracing::debug!(
+                resample,
+                seconds = took.as_secs_f64(),
+                "found the rows left to rotate: {left:?}"
+            );
+            // the rows done besides those left: none before the first snapshot
+            // (the run had not started); for a later one, those done by now,
+            // which counts the rows done while sampling twice (high by a batch
+            // or two, where the rows done as of the snapshot would leave out
+            // the batches committed but not yet counted, and be low)
+            let done = if resample == 0 { 0 } else { total.rows_done() };
+            let left = match left {
+                Ok(RowsLeft::Counted(rows)) => return total.set(done + rows),
+                Ok(RowsLeft::Sampled(rows)) => {
+                    total.set_estimate(done + rows);
+                    rows
+                }
+                Err(e) => {
+                    return tracing::warn!("the progress total stays an estimate: {}", e.chain())
+                }
+            };
+            if left == 0 || resample == RESAMPLES {
+                return;
+            }
+            let again = done + left / 2;
+            while total.rows_done() < again || ended.elapsed() < took * SAMPLE_SHARE {
+                tokio::time::sleep(WATCH_EVERY).await;
+            }
+            began = Instant::now();
+            counter = match open_counter(db).await {
+                Ok(counter) => counter,
+                Err(e) => {
+                    return tracing::warn!("the progress total stays an estimate: {}", e.chain())
+                }
+            };
+            set_counting(&counting, Some(counter.cancel_token()));
         }
     };
     tokio::pin!(count, run);
@@ -73,10 +135,20 @@ pub async fn counted_beside<T>(
         () = &mut count => run.await,
         out = &mut run => {
             // the total no longer matters; the session is dropped with its snapshot
-            let _ = db.cancel(&cancel).await;
+            let token = counting.lock().ok().and_then(|mut t| t.take());
+            if let Some(token) = token {
+                let _ = db.cancel(&token).await;
+            }
             out
         }
     })
+}
+
+/// Notes which session is counting (`None`: none is).
+fn set_counting(counting: &Mutex<Option<CancelToken>>, token: Option<CancelToken>) {
+    if let Ok(mut t) = counting.lock() {
+        *t = token;
+    }
 }
 
 /// A session in a read-only snapshot taken now, for [`rows_left`].
@@ -90,11 +162,23 @@ async fn open_counter(db: &Database) -> Result<Client, Error> {
 }
 
 /// The rows left to rotate in every target: counted, or sampled where a
-/// target is larger than [`SAMPLE_PAGES`].
-pub async fn rows_left(client: &Client, job: &Job) -> Result<RowsLeft, Error> {
+/// target is larger than [`SAMPLE_PAGES`]. `at_start` holds each target's
+/// rows as first found (the first call fills it): a rewrite leaves as many
+/// rows as it found, but the dead versions it leaves behind spread them
+/// over more pages, so the catalogue's rows per page times the pages now
+/// would count too many once it has begun.
+pub async fn rows_left(
+    client: &Client,
+    job: &Job,
+    at_start: &mut Vec<Option<f64>>,
+) -> Result<RowsLeft, Error> {
     let (mut rows, mut sampled) = (0u64, false);
-    for t in &job.targets {
-        let size = size_of(client, t).await?;
+    for (i, t) in job.targets.iter().enumerate() {
+        let mut size = size_of(client, t).await?;
+        match at_start.get(i) {
+            Some(&first) => size.rows = first,
+            None => at_start.push(size.rows),
+        }
         if size.pages <= SAMPLE_PAGES {
             rows += stale_rows_of(client, t).await?;
         } else {

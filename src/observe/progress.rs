@@ -183,6 +183,11 @@ impl Total {
         self.store(rows, TotalIs::Estimated);
     }
 
+    /// The rows done so far.
+    pub fn rows_done(&self) -> u64 {
+        self.shared.done.load(Ordering::Relaxed)
+    }
+
     fn store(&self, rows: u64, total_is: TotalIs) {
         if let Ok(mut t) = self.shared.total.lock() {
             *t = (rows, total_is);

@@ -16,8 +16,9 @@ async fn slow_run(log_format: &str) -> String {
 /// A run over `db`'s patients held to 1,500 rows/s, logging progress every
 /// 300 ms as `log_format`; what it wrote on stderr.
 fn slow_run_on(db: &TestDb, log_format: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
     run_logging_progress(
-        db,
+        &db.patients_job(&dir).display().to_string(),
         log_format,
         Pace {
             rows_per_sec: 1_500,
@@ -34,17 +35,15 @@ struct Pace {
     every: &'static str,
 }
 
-/// Runs `db`'s patients' job at `pace`, logging progress as `log_format`;
-/// what it wrote on stderr once it finished (exit 0).
-fn run_logging_progress(db: &TestDb, log_format: &str, pace: Pace) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let job = db.patients_job(&dir).display().to_string();
+/// Runs `job` at `pace`, logging progress as `log_format`; what it wrote
+/// on stderr once it finished (exit 0).
+fn run_logging_progress(job: &str, log_format: &str, pace: Pace) -> String {
     let (rate, batch) = (pace.rows_per_sec.to_string(), pace.batch.to_string());
     let out = rekey(
         &[
             "run",
             "--job",
-            &job,
+            job,
             "--max-rows-per-sec",
             &rate,
             "--batch-size",
@@ -163,6 +162,112 @@ async fn a_large_table_s_progress_total_is_estimated_from_a_sample_of_its_pages(
     assert_sampled_total_near(&db, 20_000.0);
 }
 
+/// A sampled total that comes out low is found again as the run nears it,
+/// rather than shown as unknown for the rest of the run. Here the sample
+/// sees only half the rows to rotate (the job's filter hides every other
+/// row from a read-only repeatable-read transaction, which only the count
+/// uses), so the first total is about 10,000 of 20,000.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_low_sampled_total_is_found_again_before_the_rows_done_pass_it() {
+    let db = TestDb::new().await;
+    db.seed_patients(20_000).await;
+    pad_with_rows_to_leave_alone(&db).await;
+    db.client
+        .batch_execute(
+            "CREATE FUNCTION half_to_the_count(id bigint) RETURNS boolean LANGUAGE sql STABLE AS $$
+               SELECT CASE WHEN current_setting('transaction_isolation') = 'repeatable read'
+                           THEN id % 2 = 0 ELSE true END $$",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[database]\nurl = \"{}\"\n[keys]\nsource = \"env\"\n[[target]]\ntable = \"patient_persons\"\nprimary_key = [\"id\"]\ncolumns = [\"phone_encrypted\", \"emergency_contact_phone_encrypted\"]\nformat = \"versioned-gcm\"\nwhere = \"half_to_the_count(id)\"\n",
+            db.url
+        ),
+    )
+    .unwrap();
+    // about 7 s, for samples at most every 20 times as long as one takes
+    let log = run_logging_progress(
+        &path.display().to_string(),
+        "json",
+        Pace {
+            rows_per_sec: 3_000,
+            batch: 250,
+            every: "100ms",
+        },
+    );
+    let past: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["rows_done"].as_u64().is_some_and(|done| done > 12_000))
+        .collect();
+    assert!(
+        !past.is_empty(),
+        "the premise: a run long enough to watch: {log}"
+    );
+    // well past the first total (about 10,000, within 20% at 5 standard deviations)
+    assert!(
+        past.iter()
+            .any(|v| v["rows_total"].as_u64() >= v["rows_done"].as_u64()),
+        "past 12,000 rows done, no progress line shows a total: {log}"
+    );
+}
+
+/// Once a rewrite has begun, the dead versions it leaves spread the
+/// table's rows over more pages: a sample taken then scales what it finds
+/// by the rows found at the start, not by the catalogue's rows per page
+/// times the pages now (which here counts twice the rows).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sample_taken_mid_run_is_not_inflated_by_the_dead_versions_the_run_left() {
+    let db = TestDb::new().await;
+    db.seed_patients(20_000).await;
+    pad_with_rows_to_leave_alone(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = rekey::job::JobSpec::load(&db.patients_job(&dir)).unwrap();
+    // the keys, as a run reads them (the same for every test that sets them)
+    for (k, v) in seed_env() {
+        std::env::set_var(k, v);
+    }
+    let job = rekey::job::Job::resolve(&spec, &db.client).await.unwrap();
+    let mut at_start = Vec::new();
+    rekey::engine::left::rows_left(&db.client, &job, &mut at_start)
+        .await
+        .unwrap();
+    // what a run leaves halfway: half the rows to rotate done, and a new
+    // version of every row (the old ones dead, the table twice its pages)
+    db.client
+        .batch_execute(
+            "ALTER TABLE patient_persons SET (autovacuum_enabled = false);
+             UPDATE patient_persons SET phone_encrypted = NULL, emergency_contact_phone_encrypted = NULL WHERE id <= 10000;
+             UPDATE patient_persons SET notes = notes WHERE id > 10000",
+        )
+        .await
+        .unwrap();
+    let left: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM patient_persons WHERE phone_encrypted IS NOT NULL OR emergency_contact_phone_encrypted IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let found = rekey::engine::left::rows_left(&db.client, &job, &mut at_start)
+        .await
+        .unwrap();
+    let rekey::engine::left::RowsLeft::Sampled(found) = found else {
+        panic!("the premise: the table is sampled, not counted: {found:?}");
+    };
+    assert!(
+        (found as f64 - left as f64).abs() <= 0.2 * left as f64,
+        "sampled {found} rows left to rotate of {left}"
+    );
+}
+
 /// A partitioned table is sized by its partitions (the parent holds no
 /// pages of its own): large, it is sampled like any other.
 #[tokio::test(flavor = "multi_thread")]
@@ -216,8 +321,9 @@ async fn pad_with_rows_to_leave_alone(db: &TestDb) {
 /// within 20% of the `left` rows to rotate (about half the pages are
 /// sampled: 3-4% off at one standard deviation).
 fn assert_sampled_total_near(db: &TestDb, left: f64) {
+    let dir = tempfile::tempdir().unwrap();
     let log = run_logging_progress(
-        db,
+        &db.patients_job(&dir).display().to_string(),
         "json",
         Pace {
             rows_per_sec: 10_000,
