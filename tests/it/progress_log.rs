@@ -218,9 +218,9 @@ async fn a_low_sampled_total_is_found_again_before_the_rows_done_pass_it() {
 }
 
 /// Once a rewrite has begun, the dead versions it leaves spread the
-/// table's rows over more pages: a sample taken then scales what it finds
-/// by the rows found at the start, not by the catalogue's rows per page
-/// times the pages now (which here counts twice the rows).
+/// table's rows over more pages (here twice as many): a sample taken then
+/// scales what it finds by the rows found at the start, not by the
+/// catalogue's rows per page times the pages now.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sample_taken_mid_run_is_not_inflated_by_the_dead_versions_the_run_left() {
     let db = TestDb::new().await;
@@ -234,9 +234,7 @@ async fn a_sample_taken_mid_run_is_not_inflated_by_the_dead_versions_the_run_lef
     }
     let job = rekey::job::Job::resolve(&spec, &db.client).await.unwrap();
     let mut at_start = Vec::new();
-    rekey::engine::left::rows_left(&db.client, &job, &mut at_start)
-        .await
-        .unwrap();
+    rows_left(&db, &job, &mut at_start).await;
     // what a run leaves halfway: half the rows to rotate done, and a new
     // version of every row (the old ones dead, the table twice its pages)
     db.client
@@ -256,16 +254,23 @@ async fn a_sample_taken_mid_run_is_not_inflated_by_the_dead_versions_the_run_lef
         .await
         .unwrap()
         .get(0);
-    let found = rekey::engine::left::rows_left(&db.client, &job, &mut at_start)
-        .await
-        .unwrap();
-    let rekey::engine::left::RowsLeft::Sampled(found) = found else {
-        panic!("the premise: the table is sampled, not counted: {found:?}");
-    };
+    let found = rows_left(&db, &job, &mut at_start).await;
     assert!(
         (found as f64 - left as f64).abs() <= 0.2 * left as f64,
         "sampled {found} rows left to rotate of {left}"
     );
+}
+
+/// The rows left to rotate in `job`, sampled (the premise of the tests
+/// that call it).
+async fn rows_left(db: &TestDb, job: &rekey::job::Job, at_start: &mut Vec<Option<f64>>) -> u64 {
+    match rekey::engine::left::rows_left(&db.client, job, at_start)
+        .await
+        .unwrap()
+    {
+        rekey::engine::left::RowsLeft::Sampled(rows) => rows,
+        counted => panic!("the premise: the table is sampled, not counted: {counted:?}"),
+    }
 }
 
 /// A partitioned table is sized by its partitions (the parent holds no
