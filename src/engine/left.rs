@@ -28,6 +28,10 @@ use super::rewrite::stale_rows_of;
 /// many pages are sampled.
 pub const SAMPLE_PAGES: f64 = 1_000.0;
 
+/// How many times its pages at the last `ANALYZE` a table may have before
+/// the catalogue's rows per page no longer scale its live rows.
+const GROWN: f64 = 1.1;
+
 /// The rows left to rotate, and how they were found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RowsLeft {
@@ -162,11 +166,11 @@ async fn open_counter(db: &Database) -> Result<Client, Error> {
 }
 
 /// The rows left to rotate in every target: counted, or sampled where a
-/// target is larger than [`SAMPLE_PAGES`]. `at_start` holds each target's
-/// rows as first found (the first call fills it): a rewrite leaves as many
-/// rows as it found, but the dead versions it leaves behind spread them
-/// over more pages, so the catalogue's rows per page times the pages now
-/// would count too many once it has begun.
+/// target is larger than [`SAMPLE_PAGES`]. `at_start` holds the live rows
+/// each sampled target was scaled by the first time (the first call fills
+/// it): a rewrite leaves as many rows as it found, but the dead versions it
+/// leaves behind spread them over more pages, so the catalogue's rows per
+/// page times the pages now would count too many once it has begun.
 pub async fn rows_left(
     client: &Client,
     job: &Job,
@@ -174,16 +178,19 @@ pub async fn rows_left(
 ) -> Result<RowsLeft, Error> {
     let (mut rows, mut sampled) = (0u64, false);
     for (i, t) in job.targets.iter().enumerate() {
-        let mut size = size_of(client, t).await?;
-        match at_start.get(i) {
-            Some(&first) => size.rows = first,
-            None => at_start.push(size.rows),
-        }
-        if size.pages <= SAMPLE_PAGES {
+        let size = size_of(client, t).await?;
+        let first = at_start.get(i).copied();
+        let live = if size.pages <= SAMPLE_PAGES {
             rows += stale_rows_of(client, t).await?;
+            None
         } else {
-            rows += sampled_stale_rows(client, t, size).await?;
+            let found = sampled_stale_rows(client, t, size, first.flatten()).await?;
+            rows += found.stale;
             sampled = true;
+            Some(found.live)
+        };
+        if first.is_none() {
+            at_start.push(live);
         }
     }
     Ok(if sampled {
@@ -202,6 +209,10 @@ struct Size {
     /// Rows: the catalogue's rows per page times the pages now; `None` when
     /// a part with pages was never analyzed.
     rows: Option<f64>,
+    /// Over a tenth more pages than at the last `ANALYZE`: grown by
+    /// inserts, or by the dead versions of a rewrite (one interrupted
+    /// before this run), which the pages alone cannot tell apart.
+    grown: bool,
 }
 
 /// Reads a target's [`Size`] in one statement, before its sample.
@@ -219,9 +230,10 @@ async fn size_of(client: &Client, t: &Target) -> Result<Size, Error> {
                    FROM tree JOIN pg_class c ON c.oid = tree.oid)
              SELECT coalesce(sum(pages), 0)::float8,
                     sum(CASE WHEN relpages > 0 AND reltuples >= 0 THEN reltuples / relpages * pages ELSE 0 END)::float8,
-                    coalesce(bool_or(pages > 0 AND NOT (relpages > 0 AND reltuples >= 0)), false)
+                    coalesce(bool_or(pages > 0 AND NOT (relpages > 0 AND reltuples >= 0)), false),
+                    coalesce(sum(pages) > $3::float8 * sum(greatest(relpages, 0))::float8, false)
                FROM part",
-            &[&t.table.schema, &t.table.name],
+            &[&t.table.schema, &t.table.name, &GROWN],
         )
         .await
         .ctx(|| format!("reading the size of {}", t.table))?;
@@ -231,16 +243,32 @@ async fn size_of(client: &Client, t: &Target) -> Result<Size, Error> {
     Ok(Size {
         pages,
         rows: rows.filter(|_| !unanalyzed),
+        grown: row.get(3),
     })
+}
+
+/// What a sample of a target found.
+struct Sampled {
+    /// Rows left to rotate.
+    stale: u64,
+    /// The live rows they were scaled by.
+    live: f64,
 }
 
 /// Rows of `t` holding a value not visibly on the target key, estimated
 /// from about [`SAMPLE_PAGES`] pages picked at random: the share of the
-/// sampled rows left to rotate times the table's rows, or, where a part
-/// was never analyzed, the sampled count scaled up by the share of pages
-/// sampled. The share is the steadier figure: how many pages a sample picks
-/// varies by about 3% at 1,000 pages, and the first form cancels it out.
-async fn sampled_stale_rows(client: &Client, t: &Target, size: Size) -> Result<u64, Error> {
+/// sampled rows left to rotate times the table's live rows (`live` when
+/// given, else its [`Size`]), or, where its size cannot be trusted (never
+/// analyzed, or grown since: inserts or dead versions, which cannot be told
+/// apart), the sampled count scaled up by the share of pages sampled. The
+/// share is the steadier figure: how many pages a sample picks varies by
+/// about 3% at 1,000 pages, and the first form cancels it out.
+async fn sampled_stale_rows(
+    client: &Client,
+    t: &Target,
+    size: Size,
+    live: Option<f64>,
+) -> Result<Sampled, Error> {
     let (filter, cols) = sql::stale_filter(t, "", 1);
     let prefixes: Vec<Vec<u8>> = cols.iter().filter_map(|&c| t.stale_prefix(c)).collect();
     let percent = (100.0 * SAMPLE_PAGES / size.pages).min(100.0) as f32;
@@ -259,12 +287,19 @@ async fn sampled_stale_rows(client: &Client, t: &Target, size: Size) -> Result<u
         .await
         .ctx(|| format!("sampling the rows to rotate in {}", t.table))?;
     let (stale, sampled): (i64, i64) = (row.get(0), row.get(1));
-    let stale = stale.max(0) as f64;
-    let rows = match size.rows {
-        Some(rows) if sampled > 0 => stale / sampled as f64 * rows,
-        _ => stale * 100.0 / f64::from(percent),
-    };
-    Ok(rows.round() as u64)
+    let (stale, sampled) = (stale.max(0) as f64, sampled.max(0) as f64);
+    let scale = 100.0 / f64::from(percent);
+    let live = live.or(size.rows.filter(|_| !size.grown));
+    Ok(match live {
+        Some(live) if sampled > 0.0 => Sampled {
+            stale: (stale / sampled * live).round() as u64,
+            live,
+        },
+        _ => Sampled {
+            stale: (stale * scale).round() as u64,
+            live: sampled * scale,
+        },
+    })
 }
 
 /// The catalogue's estimate of the targets' rows (no count), partitions and

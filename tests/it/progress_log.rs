@@ -218,11 +218,16 @@ async fn a_low_sampled_total_is_found_again_before_the_rows_done_pass_it() {
 }
 
 /// Once a rewrite has begun, the dead versions it leaves spread the
-/// table's rows over more pages (here twice as many): a sample taken then
-/// scales what it finds by the rows found at the start, not by the
-/// catalogue's rows per page times the pages now.
+/// table's rows over more pages (here twice as many). A sample taken then
+/// is not scaled by the catalogue's rows per page times the pages now
+/// (which counts twice the rows): mid-run, it is scaled by the live rows
+/// found at the start; in a run after an interrupted one (the catalogue
+/// not analyzed since), by the share of pages sampled. The rows left are
+/// in a few hundred pages, so a sample's count of them varies by about
+/// 10% (one standard deviation): the bound is 40%, where counting twice the
+/// rows is 100% over.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_sample_taken_mid_run_is_not_inflated_by_the_dead_versions_the_run_left() {
+async fn a_sample_after_a_rewrite_began_is_not_inflated_by_the_dead_versions_it_left() {
     let db = TestDb::new().await;
     db.seed_patients(20_000).await;
     pad_with_rows_to_leave_alone(&db).await;
@@ -254,11 +259,17 @@ async fn a_sample_taken_mid_run_is_not_inflated_by_the_dead_versions_the_run_lef
         .await
         .unwrap()
         .get(0);
-    let found = rows_left(&db, &job, &mut at_start).await;
-    assert!(
-        (found as f64 - left as f64).abs() <= 0.2 * left as f64,
-        "sampled {found} rows left to rotate of {left}"
-    );
+    let mid_run = rows_left(&db, &job, &mut at_start).await;
+    let after_an_interrupted_run = rows_left(&db, &job, &mut Vec::new()).await;
+    for (when, found) in [
+        ("mid-run", mid_run),
+        ("after an interrupted run", after_an_interrupted_run),
+    ] {
+        assert!(
+            (found as f64 - left as f64).abs() <= 0.4 * left as f64,
+            "{when}: sampled {found} rows left to rotate of {left}"
+        );
+    }
 }
 
 /// The rows left to rotate in `job`, sampled (the premise of the tests
