@@ -28,8 +28,9 @@ use super::rewrite::stale_rows_of;
 /// many pages are sampled.
 pub const SAMPLE_PAGES: f64 = 1_000.0;
 
-/// How many times its pages at the last `ANALYZE` a table may have before
-/// the catalogue's rows per page no longer scale its live rows.
+/// How many times its pages when the catalogue last sized it (`ANALYZE`,
+/// `VACUUM`) a table may have before the catalogue's rows per page no
+/// longer scale its live rows.
 const GROWN: f64 = 1.1;
 
 /// The rows left to rotate, and how they were found.
@@ -41,7 +42,7 @@ pub enum RowsLeft {
     Sampled(u64),
 }
 
-/// How many times a sampled total is found again as the run nears it.
+/// How many times at most a sampled total is found again as the run nears it.
 const RESAMPLES: u32 = 32;
 
 /// A sample is taken again no sooner than this many times as long as the
@@ -60,15 +61,20 @@ const WATCH_EVERY: Duration = Duration::from_millis(100);
 /// start whatever the batches commit meanwhile; the session is closed as
 /// soon as it has its answer, and a run that ends first cancels it.
 ///
-/// A sampled total can be low (a sample's error, rows the application
-/// adds under the old key). Rather than showing an unknown total once the
-/// rows done pass it, the rows left are sampled again, in a new snapshot,
-/// when the run has done half of what the last sample found left: the
-/// total becomes the rows done then plus the rows left then, and no sooner
-/// than [`SAMPLE_SHARE`] times as long as the last sample took. Each sample
-/// reads about [`SAMPLE_PAGES`] pages; the rows left halve between samples,
-/// so a run of 100M rows takes at most about 25 (200 MB read beside tens of
-/// GB).
+/// A sampled total can come out low. Rather than showing an unknown total
+/// once the rows done pass it, the rows left are sampled again, in a new
+/// snapshot, when the run has done half of what the last sample found left
+/// (any more, where it found none), and no sooner than [`SAMPLE_SHARE`]
+/// times as long as the last sample took: the total becomes the rows done
+/// as of that snapshot plus the rows left in it. Each sample reads about
+/// [`SAMPLE_PAGES`] pages, and a run takes at most [`RESAMPLES`] more.
+/// Only where a rotated value can be told from one left to rotate by its
+/// first bytes ([`shows_rotated`]): elsewhere every row with a value stays
+/// "left", and a sample taken mid-run would count the rows done twice.
+///
+/// The rows done are this process's: where several share a job, the rows
+/// left are everyone's, so the total is this process's rows done plus
+/// everyone's left, and the half-way point may come late or never.
 pub async fn counted_beside<T>(
     db: &Database,
     job: &Job,
@@ -86,10 +92,17 @@ pub async fn counted_beside<T>(
     };
     // the session counting now, for the run's end to cancel
     let counting = Mutex::new(Some(first.cancel_token()));
+    let resamples = if job.targets.iter().all(shows_rotated) {
+        RESAMPLES
+    } else {
+        0
+    };
     let count = async {
         let (mut counter, mut began) = (first, Instant::now());
-        let mut at_start = Vec::new();
-        for resample in 0..=RESAMPLES {
+        let mut at_start = AtStart::default();
+        // the rows done as of the snapshot: none before `run` starts
+        let mut done = 0;
+        for resample in 0..=resamples {
             let left = rows_left(&counter, job, &mut at_start).await;
             // the session goes with its snapshot at once: held through the run,
             // it would keep vacuum from removing anything deleted since, cluster-wide
@@ -101,26 +114,26 @@ pub async fn counted_beside<T>(
                 seconds = took.as_secs_f64(),
                 "found the rows left to rotate: {left:?}"
             );
-            // the rows done besides those left: none before the first snapshot
-            // (the run had not started); for a later one, those done by now,
-            // which counts the rows done while sampling twice (high by a batch
-            // or two, where the rows done as of the snapshot would leave out
-            // the batches committed but not yet counted, and be low)
-            let done = if resample == 0 { 0 } else { total.rows_done() };
             let left = match left {
-                Ok(RowsLeft::Counted(rows)) => return total.set(done + rows),
+                Ok(RowsLeft::Counted(rows)) => {
+                    total.set(done + rows);
+                    return;
+                }
                 Ok(RowsLeft::Sampled(rows)) => {
                     total.set_estimate(done + rows);
                     rows
                 }
                 Err(e) => {
-                    return tracing::warn!("the progress total stays an estimate: {}", e.chain())
+                    tracing::warn!("the progress total stays an estimate: {}", e.chain());
+                    return;
                 }
             };
-            if left == 0 || resample == RESAMPLES {
+            if resample == resamples {
                 return;
             }
-            let again = done + left / 2;
+            // a sample can miss the few pages that still hold rows to rotate:
+            // where it found none, the next one comes once any more are done
+            let again = done + (left / 2).max(1);
             while total.rows_done() < again || ended.elapsed() < took * SAMPLE_SHARE {
                 tokio::time::sleep(WATCH_EVERY).await;
             }
@@ -128,10 +141,14 @@ pub async fn counted_beside<T>(
             counter = match open_counter(db).await {
                 Ok(counter) => counter,
                 Err(e) => {
-                    return tracing::warn!("the progress total stays an estimate: {}", e.chain())
+                    tracing::warn!("the progress total stays an estimate: {}", e.chain());
+                    return;
                 }
             };
             set_counting(&counting, Some(counter.cancel_token()));
+            // the snapshot is taken: the rows done by now are not among those it
+            // sees left (but for batches committed and not yet counted: a moment's)
+            done = total.rows_done();
         }
     };
     tokio::pin!(count, run);
@@ -146,6 +163,14 @@ pub async fn counted_beside<T>(
             out
         }
     })
+}
+
+/// Whether every value of `t` rotated can be told from one left to rotate
+/// by its first bytes (the target key's id), so the rows found left shrink
+/// as the run goes. Not for a move to another format or key store, or a
+/// search hash, where every row with a value is read.
+fn shows_rotated(t: &Target) -> bool {
+    (0..t.columns.len()).all(|c| t.stale_prefix(c).is_some())
 }
 
 /// Notes which session is counting (`None`: none is).
@@ -165,32 +190,42 @@ async fn open_counter(db: &Database) -> Result<Client, Error> {
     Ok(counter)
 }
 
+/// The live rows each sampled target was scaled by at its first sample, so
+/// later samples scale by the same (see [`rows_left`]).
+#[derive(Debug, Default)]
+pub struct AtStart {
+    /// By target, in the job's order: `None` where it was counted, or its
+    /// sample saw no live rows.
+    live: Vec<Option<f64>>,
+}
+
 /// The rows left to rotate in every target: counted, or sampled where a
-/// target is larger than [`SAMPLE_PAGES`]. `at_start` holds the live rows
-/// each sampled target was scaled by the first time (the first call fills
-/// it): a rewrite leaves as many rows as it found, but the dead versions it
-/// leaves behind spread them over more pages, so the catalogue's rows per
-/// page times the pages now would count too many once it has begun.
+/// target is larger than [`SAMPLE_PAGES`]. The first call fills
+/// `at_start`; later ones scale their samples by it: a rewrite leaves as
+/// many rows as it found, but the dead versions it leaves behind spread
+/// them over more pages, so the catalogue's rows per page times the pages
+/// now would count too many once it has begun.
 pub async fn rows_left(
     client: &Client,
     job: &Job,
-    at_start: &mut Vec<Option<f64>>,
+    at_start: &mut AtStart,
 ) -> Result<RowsLeft, Error> {
     let (mut rows, mut sampled) = (0u64, false);
+    let first = at_start.live.is_empty();
     for (i, t) in job.targets.iter().enumerate() {
         let size = size_of(client, t).await?;
-        let first = at_start.get(i).copied();
         let live = if size.pages <= SAMPLE_PAGES {
             rows += stale_rows_of(client, t).await?;
             None
         } else {
-            let found = sampled_stale_rows(client, t, size, first.flatten()).await?;
+            let fixed = at_start.live.get(i).copied().flatten();
+            let found = sampled_stale_rows(client, t, size, fixed).await?;
             rows += found.stale;
             sampled = true;
-            Some(found.live)
+            Some(found.live).filter(|live| *live > 0.0)
         };
-        if first.is_none() {
-            at_start.push(live);
+        if first {
+            at_start.live.push(live);
         }
     }
     Ok(if sampled {
@@ -209,7 +244,8 @@ struct Size {
     /// Rows: the catalogue's rows per page times the pages now; `None` when
     /// a part with pages was never analyzed.
     rows: Option<f64>,
-    /// Over a tenth more pages than at the last `ANALYZE`: grown by
+    /// Over a tenth more pages, over its whole tree, than when the
+    /// catalogue last sized it (`ANALYZE`, `VACUUM`): grown by
     /// inserts, or by the dead versions of a rewrite (one interrupted
     /// before this run), which the pages alone cannot tell apart.
     grown: bool,
@@ -297,7 +333,7 @@ async fn sampled_stale_rows(
         },
         _ => Sampled {
             stale: (stale * scale).round() as u64,
-            live: sampled * scale,
+            live: live.unwrap_or(sampled * scale),
         },
     })
 }
