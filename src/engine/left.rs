@@ -86,7 +86,7 @@ pub async fn counted_beside<T>(
     let first = match open_counter(db).await {
         Ok(counter) => counter,
         Err(e) => {
-            tracing::warn!("the progress total stays an estimate: {}", e.chain());
+            stays_an_estimate(&e);
             return Ok(run.await);
         }
     };
@@ -124,7 +124,7 @@ pub async fn counted_beside<T>(
                     rows
                 }
                 Err(e) => {
-                    tracing::warn!("the progress total stays an estimate: {}", e.chain());
+                    stays_an_estimate(&e);
                     return;
                 }
             };
@@ -141,7 +141,7 @@ pub async fn counted_beside<T>(
             counter = match open_counter(db).await {
                 Ok(counter) => counter,
                 Err(e) => {
-                    tracing::warn!("the progress total stays an estimate: {}", e.chain());
+                    stays_an_estimate(&e);
                     return;
                 }
             };
@@ -171,6 +171,11 @@ pub async fn counted_beside<T>(
 /// search hash, where every row with a value is read.
 fn shows_rotated(t: &Target) -> bool {
     (0..t.columns.len()).all(|c| t.stale_prefix(c).is_some())
+}
+
+/// Warns that the total could not be found (the run goes on without it).
+fn stays_an_estimate(e: &Error) {
+    tracing::warn!("the progress total stays an estimate: {}", e.chain());
 }
 
 /// Notes which session is counting (`None`: none is).

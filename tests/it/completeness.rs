@@ -15,9 +15,6 @@ use rekey::crypto::keyring::{Key, Keyring};
 
 use crate::harness::*;
 
-/// A third key: neither V1 nor V2 of the seed.
-const K3: &str = "3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b";
-
 /// Creates a login role without BYPASSRLS (and not superuser) that may
 /// read and update `patient_persons` and create rekey's schema.
 async fn restricted_role(db: &TestDb, suffix: &str) -> String {

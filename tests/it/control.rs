@@ -92,15 +92,7 @@ async fn a_run_window_is_not_held_open_by_the_count_of_rows_to_rotate() {
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("job.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[database]\nurl = \"{}\"\n[keys]\nsource = \"env\"\n[[target]]\ntable = \"patient_persons\"\nprimary_key = [\"id\"]\ncolumns = [\"phone_encrypted\", \"emergency_contact_phone_encrypted\"]\nformat = \"versioned-gcm\"\nwhere = \"slow_when_counting()\"\n",
-            db.url
-        ),
-    )
-    .unwrap();
+    let path = db.patients_job_where(&dir, "slow_when_counting()");
     assert_a_2s_window_ends_in_time(
         &path.display().to_string(),
         &["--max-rows-per-sec", "200", "--batch-size", "100"],

@@ -16,6 +16,9 @@ use tokio_postgres::{Client, NoTls};
 pub const K1: &str = "5c2a8f0e7d1b3c4a96e8f7d2b1a0c3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0";
 pub const K2: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f91";
 
+/// A third key: neither V1 nor V2 of the seed.
+pub const K3: &str = "3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b";
+
 static CLUSTER: OnceLock<TempCluster> = OnceLock::new();
 static NEXT_DB: AtomicU64 = AtomicU64::new(0);
 
@@ -112,11 +115,21 @@ impl TestDb {
 
     /// Writes a job file for `patient_persons` and returns its path.
     pub fn patients_job(&self, dir: &tempfile::TempDir) -> std::path::PathBuf {
+        self.patients_job_with(dir, "")
+    }
+
+    /// [`TestDb::patients_job`] limited to the rows where `filter` holds.
+    pub fn patients_job_where(&self, dir: &tempfile::TempDir, filter: &str) -> std::path::PathBuf {
+        self.patients_job_with(dir, &format!("where = \"{filter}\"\n"))
+    }
+
+    /// The patients' job file with `more` lines in its target.
+    fn patients_job_with(&self, dir: &tempfile::TempDir, more: &str) -> std::path::PathBuf {
         let path = dir.path().join("patients.toml");
         std::fs::write(
             &path,
             format!(
-                "[database]\nurl = \"{}\"\n\n[keys]\nsource = \"env\"\n\n[[target]]\ntable = \"patient_persons\"\nprimary_key = [\"id\"]\ncolumns = [\"phone_encrypted\", \"emergency_contact_phone_encrypted\"]\nformat = \"versioned-gcm\"\n",
+                "[database]\nurl = \"{}\"\n\n[keys]\nsource = \"env\"\n\n[[target]]\ntable = \"patient_persons\"\nprimary_key = [\"id\"]\ncolumns = [\"phone_encrypted\", \"emergency_contact_phone_encrypted\"]\nformat = \"versioned-gcm\"\n{more}",
                 self.url
             ),
         )

@@ -28,6 +28,15 @@ fn slow_run_on(db: &TestDb, log_format: &str) -> String {
     )
 }
 
+/// The last JSON progress line of `log` that shows a total.
+fn last_progress_with_a_total(log: &str) -> serde_json::Value {
+    log.lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v.get("rows_done").is_some() && v.get("rows_total").is_some())
+        .unwrap_or_else(|| panic!("no progress line with a total: {log}"))
+}
+
 /// How fast a run goes and how often it logs its progress.
 struct Pace {
     rows_per_sec: u32,
@@ -151,12 +160,7 @@ async fn the_progress_total_is_the_rows_left_to_rotate_counted_beside_the_run() 
         "the premise: the catalogue's size is not the count"
     );
     let log = slow_run_on(&db, "json");
-    let last = log
-        .lines()
-        .rev()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v.get("rows_total").is_some())
-        .unwrap_or_else(|| panic!("no progress line: {log}"));
+    let last = last_progress_with_a_total(&log);
     assert_eq!(last["rows_total"], left, "{last}");
     assert_eq!(last["rows_total_estimated"], false, "{last}");
 }
@@ -191,15 +195,7 @@ async fn a_low_sampled_total_is_found_again_before_the_rows_done_pass_it() {
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("job.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[database]\nurl = \"{}\"\n[keys]\nsource = \"env\"\n[[target]]\ntable = \"patient_persons\"\nprimary_key = [\"id\"]\ncolumns = [\"phone_encrypted\", \"emergency_contact_phone_encrypted\"]\nformat = \"versioned-gcm\"\nwhere = \"half_to_the_count(id)\"\n",
-            db.url
-        ),
-    )
-    .unwrap();
+    let path = db.patients_job_where(&dir, "half_to_the_count(id)");
     // about 10 s, for samples at most every 20 times as long as one takes
     // (a first sample of up to 0.4 s still leaves time for a second)
     let log = run_logging_progress(
@@ -252,10 +248,7 @@ async fn a_total_whose_rotated_rows_still_look_left_is_not_sampled_again() {
         ("ENCRYPTION_KEY_V1", K1.to_string()),
         ("ENCRYPTION_CURRENT_VERSION", "1".to_string()),
         // a third key, the new store's
-        (
-            "NEWKEYS_KEY_V1",
-            "3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b".to_string(),
-        ),
+        ("NEWKEYS_KEY_V1", K3.to_string()),
         ("NEWKEYS_CURRENT_VERSION", "1".to_string()),
     ];
     let log = run_logging_progress_with(
@@ -268,12 +261,7 @@ async fn a_total_whose_rotated_rows_still_look_left_is_not_sampled_again() {
         },
         &env,
     );
-    let last = log
-        .lines()
-        .rev()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v.get("rows_total").is_some())
-        .unwrap_or_else(|| panic!("no progress line with a total: {log}"));
+    let last = last_progress_with_a_total(&log);
     let total = last["rows_total"].as_f64().unwrap();
     assert!(
         total <= 1.2 * 20_000.0,
@@ -416,12 +404,7 @@ fn assert_sampled_total_near(db: &TestDb, left: f64) {
             every: "200ms",
         },
     );
-    let last = log
-        .lines()
-        .rev()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v.get("rows_done").is_some() && v.get("rows_total").is_some())
-        .unwrap_or_else(|| panic!("no progress line with a total: {log}"));
+    let last = last_progress_with_a_total(&log);
     assert_eq!(last["rows_total_estimated"], true, "{last}");
     let total = last["rows_total"].as_f64().unwrap();
     assert!(
