@@ -84,13 +84,17 @@ pub(super) async fn rekey_once(
         plan::job_ranges(c, &job, opts.lanes).await
     })
     .await?;
-    // `rekey run` counts the rows to rotate beside its run, not before it
-    let to_rotate = opts.rows;
+    // `rekey run` counts the rows to rotate beside its run, not before it;
+    // until then a pass shows the rows the passes before it left
     let setup_secs = setup.elapsed().as_secs_f64();
 
     let wal_client = db.connect().await?;
     let wal_base = wal_position(&wal_client).await?;
+    // each pass counts its own rows, as each `rekey run` process does; the
+    // samples add the killed pass's rows to the resumed pass's
+    let killed = Arc::new(LiveCounts::default());
     let live = Arc::new(LiveCounts::default());
+    let rows_so_far = || killed.snapshot().rows_scanned + live.snapshot().rows_scanned;
     reset_peak_rss();
     let started = Instant::now();
     let done = AtomicBool::new(false);
@@ -101,7 +105,7 @@ pub(super) async fn rekey_once(
         while !done.load(Ordering::Relaxed) {
             tokio::time::sleep(SAMPLE_EVERY).await;
             let t = started.elapsed().as_secs_f64();
-            rows.push((t, live.snapshot().rows_scanned));
+            rows.push((t, rows_so_far()));
             if wal_error.is_none() {
                 match wal_position(&wal_client).await {
                     Ok(at) => wal.push((t, at.saturating_sub(wal_base))),
@@ -120,8 +124,9 @@ pub(super) async fn rekey_once(
     };
     let job_ref = &job;
     // one pass of the pipeline over the job's ranges, as `rekey run` makes it
-    let pass = |record: &JobRecord, settings: Settings, quiet: bool| {
-        let progress = Progress::estimated(Some(to_rotate), "bench", quiet);
+    let pass = |record: &JobRecord, settings: Settings, live: &Arc<LiveCounts>, quiet: bool| {
+        let left = opts.rows.saturating_sub(killed.snapshot().rows_scanned);
+        let progress = Progress::estimated(Some(left), "bench", quiet);
         let total = progress.total();
         let pipeline = pipeline::run(
             db,
@@ -137,9 +142,9 @@ pub(super) async fn rekey_once(
     let run = async {
         if let Some(fraction) = kill_at {
             let threshold = (opts.rows as f64 * fraction) as u64;
-            let first = pass(&record, settings.clone(), true);
+            let first = pass(&record, settings.clone(), &killed, true);
             let reached = async {
-                while live.snapshot().rows_scanned < threshold {
+                while killed.snapshot().rows_scanned < threshold {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             };
@@ -156,10 +161,10 @@ pub(super) async fn rekey_once(
                 *m = (Some(killed_at), Some(started.elapsed().as_secs_f64()));
             }
         }
-        let r = pass(&record, settings, opts.quiet).await;
+        let r = pass(&record, settings, &live, opts.quiet).await;
         // timed here, not after the sampler's next tick
         let secs = started.elapsed().as_secs_f64();
-        let rows = live.snapshot().rows_scanned;
+        let rows = rows_so_far();
         done.store(true, Ordering::Relaxed);
         r.map(|o| (o, secs, rows))
     };

@@ -59,6 +59,49 @@ fn a_bench_report_samples_to_the_end_and_charts_the_kill_and_resume() {
 }
 
 #[test]
+fn a_resumed_bench_pass_counts_its_own_rows_against_the_rows_it_found_left() {
+    // paced so each pass logs a few lines; the interrupted round runs last,
+    // so the last progress line is its resumed pass's
+    let out = rekey(
+        &[
+            "bench",
+            "--rows",
+            "20000",
+            "--batch-size",
+            "500",
+            "--interrupt-at",
+            "0.5",
+            "--max-rows-per-sec",
+            "20000",
+            "--progress-every",
+            "100ms",
+            "--log-format",
+            "json",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let log = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("rows_done").is_some())
+        .collect();
+    for v in &lines {
+        if let Some(total) = v["rows_total"].as_u64() {
+            assert!(v["rows_done"].as_u64().unwrap() <= total, "{v}\n{log}");
+        }
+    }
+    let last = lines
+        .last()
+        .unwrap_or_else(|| panic!("no progress line: {log}"));
+    let total = last["rows_total"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("the resumed pass lost its total: {last}\n{log}"));
+    assert!(total < 20_000, "the whole table, not the rows left: {last}");
+}
+
+#[test]
 fn a_bench_report_measures_the_wal_and_the_time_before_the_first_batch() {
     // a cap far above what the run writes: reported, never holding
     let (out, r, _dir) = bench_20k(&["--max-wal-rate", "1GiB/s"]);
