@@ -72,9 +72,9 @@ const WATCH_EVERY: Duration = Duration::from_millis(100);
 /// first bytes ([`shows_rotated`]): elsewhere every row with a value stays
 /// "left", and a sample taken mid-run would count the rows done twice.
 ///
-/// The rows done are this process's: where several share a job, the rows
-/// left are everyone's, so the total is this process's rows done plus
-/// everyone's left, and the half-way point may come late or never.
+/// Where several processes share a job, the rows left are everyone's, and
+/// so are the rows done ([`Total::rows_done`]: the others' are read a
+/// check or two late, so a re-sample may come a little early).
 pub async fn counted_beside<T>(
     db: &Database,
     job: &Job,

@@ -4,6 +4,7 @@
 
 mod conflicts;
 pub mod left;
+mod others;
 mod pacing;
 pub mod pipeline;
 pub mod plan;

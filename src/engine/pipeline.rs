@@ -48,6 +48,7 @@ use crate::state::{self, RangeState};
 use crate::Error;
 
 use super::conflicts::retry_conflicts;
+use super::others::OthersDone;
 use super::stages::{read, transform_stage, write};
 use super::watch::{apply, read_signals, watch};
 use super::work::{Shared, Work};
@@ -258,7 +259,11 @@ pub async fn run(
     }
     check_wal_signals(&monitor_conn, &settings.signals).await?;
 
-    // the signals are read once before any source reads a page
+    // the signals, and the job's rows so far, are read once before any source reads a page
+    let others = match job_id {
+        Some(id) => OthersDone::start(&monitor_conn, id).await,
+        None => OthersDone::default(),
+    };
     let mut monitor = Monitor::new(settings.signals.clone());
     apply(
         &shared,
@@ -277,6 +282,7 @@ pub async fn run(
         db.clone(),
         monitor_conn,
         monitor,
+        others,
         settings.signals.check_every,
         job_id,
     ));

@@ -13,6 +13,7 @@ use crate::db::Database;
 use crate::observe::events;
 use crate::state;
 
+use super::others::OthersDone;
 use super::pipeline::{backend_pid, monitor_connection};
 use super::work::{Shared, Work};
 
@@ -74,6 +75,7 @@ pub(super) async fn watch(
     db: Database,
     mut conn: Client,
     mut monitor: Monitor,
+    mut others: OthersDone,
     every: Duration,
     job_id: Option<i64>,
 ) {
@@ -136,6 +138,14 @@ pub(super) async fn watch(
                 }
             };
         apply(&shared, verdict);
+        if let Some(job_id) = job_id {
+            let own = || shared.live.snapshot().rows_scanned;
+            if let Ok(Some(rows)) =
+                tokio::time::timeout(limit, others.read(&conn, job_id, own)).await
+            {
+                shared.progress.others_done(rows);
+            }
+        }
         for (stage, n) in [
             ("to_transform", &shared.queued.to_transform),
             ("to_sink", &shared.queued.to_sink),

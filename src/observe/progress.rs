@@ -64,8 +64,11 @@ struct Shared {
     verb: &'static str,
     /// Why the run is paused, while a throttle holds it.
     hold: Mutex<Option<String>>,
-    /// Rows scanned so far.
+    /// Rows scanned so far: this process's, plus `others`.
     done: AtomicU64,
+    /// Rows other processes sharing the job have scanned since this one
+    /// started (0 for a process on its own).
+    others: AtomicU64,
     /// Values rewritten and failed so far, for the log line.
     rewritten: AtomicU64,
     failed: AtomicU64,
@@ -183,7 +186,8 @@ impl Total {
         self.store(rows, TotalIs::Estimated);
     }
 
-    /// The rows done so far.
+    /// The rows done so far (by every process sharing the job since this
+    /// one started).
     pub fn rows_done(&self) -> u64 {
         self.shared.done.load(Ordering::Relaxed)
     }
@@ -230,6 +234,7 @@ impl Progress {
             verb,
             hold: Mutex::new(None),
             done: AtomicU64::new(0),
+            others: AtomicU64::new(0),
             rewritten: AtomicU64::new(0),
             failed: AtomicU64::new(0),
         });
@@ -286,24 +291,33 @@ impl Progress {
         }
     }
 
-    /// Shows the counts so far and sets the progress gauges.
+    /// The rows other processes sharing the job have scanned since this one
+    /// started, as last read: shown with this process's own from the next
+    /// update on, so the rows done, the rate and the ETA are the job's,
+    /// against a total of every process's rows left. It never goes down.
+    pub fn others_done(&self, rows: u64) {
+        self.shared.others.fetch_max(rows, Ordering::Relaxed);
+    }
+
+    /// Shows the counts so far (this process's) and sets the progress gauges.
     pub fn update(&self, c: &Counts) {
         let s = &self.shared;
-        s.done.store(c.rows_scanned, Ordering::Relaxed);
+        let done = c.rows_scanned + s.others.load(Ordering::Relaxed);
+        s.done.store(done, Ordering::Relaxed);
         s.rewritten.store(c.values_rewritten, Ordering::Relaxed);
         s.failed.store(c.values_failed, Ordering::Relaxed);
         let rate = s.rate();
-        let total = s.shown_total(c.rows_scanned).map(|(total, _)| total);
+        let total = s.shown_total(done).map(|(total, _)| total);
         ProgressSampled {
-            rows_done: c.rows_scanned,
+            rows_done: done,
             rows_total: total,
             rows_per_second: rate,
-            eta_seconds: total.and_then(|total| eta_seconds(c.rows_scanned, total, rate)),
+            eta_seconds: total.and_then(|total| eta_seconds(done, total, rate)),
         }
         .emit();
         if let Some(bar) = &self.bar {
             follow_total(bar, total);
-            bar.set_position(c.rows_scanned);
+            bar.set_position(done);
             bar.set_message(s.bar_message());
         }
     }

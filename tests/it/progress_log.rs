@@ -544,3 +544,54 @@ async fn a_line_logged_while_the_bar_is_drawn_gets_a_line_of_its_own() {
         lines[at]
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn processes_sharing_a_job_each_show_the_job_s_rows_done_against_everyone_s_rows_left() {
+    let db = TestDb::new().await;
+    db.seed_patients(6_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    // two processes of one lane each, 1,000 rows/s each: about 3 s together
+    let args = [
+        "run",
+        "--job",
+        &job,
+        "--max-rows-per-sec",
+        "1000",
+        "--batch-size",
+        "100",
+        "--workers",
+        "1",
+        "--check-every",
+        "100ms",
+        "--progress-every",
+        "200ms",
+        "--log-format",
+        "json",
+    ]
+    .map(str::to_owned);
+    let processes: Vec<_> = (0..2)
+        .map(|_| {
+            let args = args.clone();
+            std::thread::spawn(move || {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                rekey(&args, &seed_env())
+            })
+        })
+        .collect();
+    for p in processes {
+        let out = p.join().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+        let log = stderr(&out);
+        let last = last_progress_with_a_total(&log);
+        let (done, total) = (
+            last["rows_done"].as_u64().unwrap(),
+            last["rows_total"].as_u64().unwrap(),
+        );
+        // the other process's rows count too; they are read a check or two late
+        assert!(
+            done <= total && done as f64 >= 0.85 * total as f64,
+            "a process shows only its own share of the job: {last}\n{log}"
+        );
+    }
+}
