@@ -67,11 +67,7 @@ async fn with_max_connections_10_a_run_with_default_settings_completes() {
     let dir = tempfile::tempdir().unwrap();
     let j = db.patients_job(&dir).display().to_string();
 
-    let out = rekey_within(
-        &["run", "--job", &j, "--database-url", &url, "--json"],
-        &seed_env(),
-        Duration::from_secs(180),
-    );
+    let out = rekey_as(&url, "run", &j, &[], Duration::from_secs(180));
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     db.assert_every_value_rotated(LANE_ROWS).await;
     assert_eq!(
@@ -91,18 +87,11 @@ async fn with_max_connections_10_a_run_with_8_workers_shrinks_to_what_the_server
     let dir = tempfile::tempdir().unwrap();
     let j = db.patients_job(&dir).display().to_string();
 
-    let out = rekey_within(
-        &[
-            "run",
-            "--job",
-            &j,
-            "--database-url",
-            &url,
-            "--json",
-            "--workers",
-            "8",
-        ],
-        &seed_env(),
+    let out = rekey_as(
+        &url,
+        "run",
+        &j,
+        &["--workers", "8"],
         Duration::from_secs(180),
     );
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
@@ -121,18 +110,11 @@ async fn a_run_that_exits_by_itself_leaves_no_process_holding_leases() {
 
     // whatever this run does with the few connections it gets (designed:
     // finish; today: exit 1), once it has exited nobody holds leases
-    let out = rekey_within(
-        &[
-            "run",
-            "--job",
-            &j,
-            "--database-url",
-            &url,
-            "--json",
-            "--workers",
-            "8",
-        ],
-        &seed_env(),
+    let out = rekey_as(
+        &url,
+        "run",
+        &j,
+        &["--workers", "8"],
         Duration::from_secs(180),
     );
     let exited = out.status.code();

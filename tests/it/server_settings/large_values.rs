@@ -20,17 +20,7 @@ fn big_plaintext(id: i64) -> Vec<u8> {
 
 /// `patient_persons` with `rows` rows whose phone is a 40-50 KB value sealed under V1 (no emergency phones).
 async fn seed_big_values(db: &TestDb, rows: i64) {
-    db.client
-        .batch_execute(
-            "CREATE TABLE patient_persons (
-                id bigint PRIMARY KEY,
-                name text NOT NULL,
-                phone_encrypted bytea,
-                emergency_contact_phone_encrypted bytea,
-                notes text)",
-        )
-        .await
-        .unwrap();
+    create_patient_persons(db).await;
     let codec = v1_codec();
     let mut out = Vec::new();
     let mut start = 1;

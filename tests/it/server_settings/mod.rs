@@ -94,6 +94,14 @@ fn rekey_within(args: &[&str], env: &[(&str, String)], limit: Duration) -> Outpu
     }
 }
 
+/// Runs `rekey <command> --job <job> --database-url <url> --json`, then
+/// `extra`, as [`rekey_within`] does: connected as the role of `url`.
+fn rekey_as(url: &str, command: &str, job: &str, extra: &[&str], limit: Duration) -> Output {
+    let mut args = vec![command, "--job", job, "--database-url", url, "--json"];
+    args.extend_from_slice(extra);
+    rekey_within(&args, &seed_env(), limit)
+}
+
 /// Whether `role` has CREATE on the database (premise checks).
 async fn may_create_in_database(db: &TestDb, role: &str) -> bool {
     db.client
@@ -138,17 +146,7 @@ async fn owner_role(db: &TestDb, suffix: &str, create_on_database: bool) -> Stri
 /// Creates `patient_persons` (the seed's shape) with `rows` rows sealed by
 /// `codec`: as the harness's `seed_patients`, for data already under V2.
 async fn seed_patients_sealed_by(db: &TestDb, rows: i64, codec: &VersionedGcm) {
-    db.client
-        .batch_execute(
-            "CREATE TABLE patient_persons (
-                id bigint PRIMARY KEY,
-                name text NOT NULL,
-                phone_encrypted bytea,
-                emergency_contact_phone_encrypted bytea,
-                notes text)",
-        )
-        .await
-        .unwrap();
+    create_patient_persons(db).await;
     let mut out = Vec::new();
     let mut start = 1;
     while start <= rows {
@@ -175,6 +173,22 @@ async fn seed_patients_sealed_by(db: &TestDb, rows: i64, codec: &VersionedGcm) {
     }
     db.client
         .batch_execute("ANALYZE patient_persons")
+        .await
+        .unwrap();
+}
+
+/// Creates `patient_persons` empty, in the shape the harness's
+/// `seed_patients` gives it, for the seeds here that fill it otherwise.
+async fn create_patient_persons(db: &TestDb) {
+    db.client
+        .batch_execute(
+            "CREATE TABLE patient_persons (
+                id bigint PRIMARY KEY,
+                name text NOT NULL,
+                phone_encrypted bytea,
+                emergency_contact_phone_encrypted bytea,
+                notes text)",
+        )
         .await
         .unwrap();
 }

@@ -42,11 +42,7 @@ async fn a_role_with_a_50ms_statement_timeout_runs_400k_rows_to_the_end_without_
     let dir = tempfile::tempdir().unwrap();
     let j = db.patients_job(&dir).display().to_string();
 
-    let out = rekey_within(
-        &["run", "--job", &j, "--database-url", &url, "--json"],
-        &seed_env(),
-        Duration::from_secs(600),
-    );
+    let out = rekey_as(&url, "run", &j, &[], Duration::from_secs(600));
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert_eq!(
         json(&out)["values_rewritten"],
@@ -68,11 +64,7 @@ async fn a_role_with_a_50ms_statement_timeout_plans_400k_rows() {
     let dir = tempfile::tempdir().unwrap();
     let j = db.patients_job(&dir).display().to_string();
 
-    let out = rekey_within(
-        &["plan", "--job", &j, "--database-url", &url, "--json"],
-        &seed_env(),
-        Duration::from_secs(300),
-    );
+    let out = rekey_as(&url, "plan", &j, &[], Duration::from_secs(300));
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert_eq!(
         json(&out)["values_to_rewrite"],
@@ -98,11 +90,10 @@ async fn a_role_with_a_50ms_statement_timeout_verifies_400k_rows_sampled_and_ful
     let outs: Vec<(&str, Output)> = [("sampled", None), ("--full", Some("--full"))]
         .into_iter()
         .map(|(name, depth)| {
-            let mut args = vec!["verify", "--job", &j, "--database-url", &url, "--json"];
-            args.extend(depth);
+            let depth = depth.as_slice();
             (
                 name,
-                rekey_within(&args, &seed_env(), Duration::from_secs(300)),
+                rekey_as(&url, "verify", &j, depth, Duration::from_secs(300)),
             )
         })
         .collect();

@@ -1,0 +1,187 @@
+//! Writes the database refuses or undoes (a trigger that puts the old value
+//! back or skips the update, an update policy narrower than the select one)
+//! end as values not rotated, with exit 4, run after run.
+
+use super::*;
+
+/// Which values of a patient row the database refuses to change, by id: (phone, emergency phone).
+type Blocked = fn(i64) -> (bool, bool);
+
+/// Runs the job over a table where the database refuses or undoes some
+/// writes (`blocked`), as `extra` (e.g. `--database-url` of a role), and
+/// checks the designed outcome: exit 4, the refused values counted as not
+/// rotated, only values that landed counted as rewritten, both in the run's
+/// summary and in `status`, and the same again on a second run.
+async fn assert_refused_writes_end_as_not_rotated(
+    db: &TestDb,
+    rows: i64,
+    blocked: Blocked,
+    extra: &[&str],
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job(&dir).display().to_string();
+    // what the run will try to rewrite and the database will refuse, from the data
+    let before = db.decrypted_patients(&v1_ring()).await;
+    let refused: i64 = before
+        .iter()
+        .map(|(id, (p, e))| {
+            let (bp, be) = blocked(*id);
+            i64::from(bp && *p != Decrypted::Null) + i64::from(be && *e != Decrypted::Null)
+        })
+        .sum();
+    assert!(
+        refused > 0,
+        "the restriction blocks no value: the test proves nothing"
+    );
+    let mut args = vec!["run", "--job", j.as_str(), "--json"];
+    args.extend_from_slice(extra);
+
+    let out = rekey(&args, &seed_env());
+    let after = db.decrypted_patients(&v2_ring()).await;
+    let landed = after
+        .values()
+        .flat_map(|(p, e)| [p, e])
+        .filter(|d| matches!(d, Decrypted::Plain(2, _)))
+        .count() as i64;
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "values left on an old key: exit 4 (refused values: {refused}, landed: {landed})\n{}",
+        printed(&out)
+    );
+    let summary = json(&out);
+    assert_eq!(summary["values_not_rotated"], refused, "{summary}");
+    assert_eq!(
+        summary["values_rewritten"], landed,
+        "only values that landed count as rewritten: {summary}"
+    );
+
+    // the refused values hold their V1 ciphertext, every other one is on V2
+    for (id, (p, e)) in &after {
+        let (bp, be) = blocked(*id);
+        assert_eq!(
+            *p,
+            Decrypted::Plain(if bp { 1 } else { 2 }, phone(*id)),
+            "phone of {id}"
+        );
+        let want_e = if id % 3 == 0 {
+            Decrypted::Null
+        } else {
+            Decrypted::Plain(if be { 1 } else { 2 }, emergency(*id))
+        };
+        assert_eq!(*e, want_e, "emergency phone of {id}");
+    }
+    assert_eq!(after.len() as i64, rows);
+
+    let status = rekey(&["status", "--job", &j, "--json"], &seed_env());
+    assert_eq!(status.status.code(), Some(0), "{}", printed(&status));
+    assert_eq!(
+        json(&status)["values_not_rotated"],
+        refused,
+        "status reports the values not rotated: {}",
+        printed(&status)
+    );
+
+    let again = rekey(&args, &seed_env());
+    assert_eq!(
+        again.status.code(),
+        Some(4),
+        "a second run still leaves them: exit 4\n{}",
+        printed(&again)
+    );
+    let summary = json(&again);
+    assert_eq!(
+        summary["values_rewritten"], 0,
+        "the refused values are not counted as rewritten again: {summary}"
+    );
+    assert_eq!(summary["values_not_rotated"], refused, "{summary}");
+    assert_eq!(
+        db.decrypted_patients(&v2_ring()).await,
+        after,
+        "the second run changed what the first left"
+    );
+}
+
+fn every_tenth_phone(id: i64) -> (bool, bool) {
+    (id % 10 == 0, false)
+}
+
+fn every_tenth_row(id: i64) -> (bool, bool) {
+    (id % 10 == 0, id % 10 == 0)
+}
+
+// Before these checks existed: exit 0, "values_rewritten": 1667 (every value,
+// including the 100 phones the trigger put back on V1), "conflicts": 0; a
+// second run again exits 0 and counts the same 100 phones as rewritten.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trigger_that_puts_the_old_value_back_leaves_values_reported_as_not_rotated() {
+    let db = TestDb::new().await;
+    db.seed_patients(1_000).await;
+    db.client
+        .batch_execute(
+            "CREATE FUNCTION keep_old_phone() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF OLD.id % 10 = 0 THEN NEW.phone_encrypted := OLD.phone_encrypted; END IF;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER keep_old_phone BEFORE UPDATE ON patient_persons FOR EACH ROW EXECUTE FUNCTION keep_old_phone();",
+        )
+        .await
+        .unwrap();
+    assert_refused_writes_end_as_not_rotated(&db, 1_000, every_tenth_phone, &[]).await;
+}
+
+// Before these checks existed: exit 0 after ~4 s of re-reads, "values_rewritten":
+// 1500, "conflicts": 1100, "conflicts_left": 100, no "values_not_rotated";
+// the job is recorded as done.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trigger_that_skips_the_update_leaves_values_reported_as_not_rotated() {
+    let db = TestDb::new().await;
+    db.seed_patients(1_000).await;
+    db.client
+        .batch_execute(
+            "CREATE FUNCTION skip_tenth() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF OLD.id % 10 = 0 THEN RETURN NULL; END IF;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER skip_tenth BEFORE UPDATE ON patient_persons FOR EACH ROW EXECUTE FUNCTION skip_tenth();",
+        )
+        .await
+        .unwrap();
+    assert_refused_writes_end_as_not_rotated(&db, 1_000, every_tenth_row, &[]).await;
+}
+
+// Before these checks existed: not refused up front (right: every row is
+// visible), then exit 0 with "values_rewritten": 1500, "conflicts": 1100,
+// "conflicts_left": 100, the tenth rows still on V1, no "values_not_rotated";
+// in text mode the message blames the application ("rows kept changing").
+#[tokio::test(flavor = "multi_thread")]
+async fn an_update_policy_narrower_than_select_leaves_values_reported_as_not_rotated() {
+    let db = TestDb::new().await;
+    db.seed_patients(1_000).await;
+    let role = restricted_role(&db, "narrow").await;
+    db.client
+        .batch_execute(
+            "ALTER TABLE patient_persons ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY r ON patient_persons FOR SELECT USING (true);
+             CREATE POLICY w ON patient_persons FOR UPDATE USING (id % 10 <> 0);",
+        )
+        .await
+        .unwrap();
+    let role_url = url_as(&db, &role);
+    let as_role = connect(&role_url).await;
+    let seen: i64 = as_role
+        .query_one("SELECT count(*) FROM patient_persons", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(seen, 1_000, "the role sees every row");
+    assert_refused_writes_end_as_not_rotated(
+        &db,
+        1_000,
+        every_tenth_row,
+        &["--database-url", &role_url],
+    )
+    .await;
+}

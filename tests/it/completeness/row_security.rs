@@ -1,0 +1,340 @@
+//! Row-level security: a role that policies limit, and the owner under
+//! FORCE ROW LEVEL SECURITY, are refused by run, verify and retire, before
+//! anything is written or any key retired.
+
+use std::process::Output;
+
+use rekey::crypto::codec::versioned_gcm::VersionedGcm;
+use rekey::crypto::codec::Codec;
+
+use super::*;
+
+/// Makes a non-superuser role own `patient_persons` (and may create rekey's schema).
+async fn owner_role(db: &TestDb) -> String {
+    let name = format!("{}_owner", db_name(db).await);
+    let database = db_name(db).await;
+    db.client
+        .batch_execute(&format!(
+            "CREATE ROLE {name} LOGIN PASSWORD 'pw' NOSUPERUSER NOBYPASSRLS;
+             GRANT USAGE, CREATE ON SCHEMA public TO {name};
+             GRANT CREATE, TEMPORARY ON DATABASE {database} TO {name};
+             ALTER TABLE patient_persons OWNER TO {name};"
+        ))
+        .await
+        .unwrap();
+    name
+}
+
+/// The two ways row-level security applies to the role rekey connects as.
+#[derive(Debug, Clone, Copy)]
+enum Rls {
+    /// A role that is neither superuser nor BYPASSRLS, RLS enabled on the table.
+    OtherRole,
+    /// The table's owner (not superuser), under FORCE ROW LEVEL SECURITY.
+    ForcedOwner,
+}
+
+/// Turns on row-level security on `patient_persons` with a policy that
+/// shows `role` (the form's role) only the even ids.
+async fn hide_odd_rows(db: &TestDb, form: Rls) {
+    db.client
+        .batch_execute(
+            "ALTER TABLE patient_persons ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY even_only ON patient_persons FOR ALL USING (id % 2 = 0);",
+        )
+        .await
+        .unwrap();
+    if let Rls::ForcedOwner = form {
+        db.client
+            .batch_execute("ALTER TABLE patient_persons FORCE ROW LEVEL SECURITY")
+            .await
+            .unwrap();
+    }
+}
+
+/// The role of `form` (created here), for a table already seeded.
+async fn role_for(db: &TestDb, form: Rls) -> String {
+    match form {
+        Rls::OtherRole => restricted_role(db, "halfsight").await,
+        Rls::ForcedOwner => owner_role(db).await,
+    }
+}
+
+/// Sanity: the role really sees half the rows (else the test proves nothing).
+async fn assert_role_sees_half(role_url: &str, rows: i64) {
+    let as_role = connect(role_url).await;
+    let seen: i64 = as_role
+        .query_one("SELECT count(*) FROM patient_persons", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        seen,
+        rows / 2,
+        "the policy should hide the odd rows from the role"
+    );
+}
+
+/// A refusal for row-level security: exit 2, naming the table, the cause and the fix.
+fn assert_refused_for_row_security(what: &str, out: &Output) {
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{what}: must be refused (exit 2)\n{}",
+        printed(out)
+    );
+    let said = stderr(out);
+    assert!(
+        said.contains("patient_persons"),
+        "{what}: the refusal names the table: {said}"
+    );
+    assert!(
+        said.to_lowercase().contains("row-level security"),
+        "{what}: the refusal says why (row-level security): {said}"
+    );
+    assert!(
+        said.contains("BYPASSRLS"),
+        "{what}: the refusal names the fix (a role with BYPASSRLS): {said}"
+    );
+}
+
+/// Re-seals the values of the even rows under V2, as superuser: the state a
+/// run as the half-sighted role leaves (visible rows rotated, hidden ones not).
+async fn rotate_even_rows_by_hand(db: &TestDb) {
+    let v2 = VersionedGcm::new(&v2_ring()).unwrap();
+    let rows = db.client.query("SELECT id, emergency_contact_phone_encrypted IS NOT NULL FROM patient_persons WHERE id % 2 = 0", &[]).await.unwrap();
+    let mut out = Vec::new();
+    for r in rows {
+        let (id, has_emergency): (i64, bool) = (r.get(0), r.get(1));
+        v2.seal(phone(id).as_bytes(), b"", None, &mut out);
+        let p = out.clone();
+        let e = has_emergency.then(|| {
+            v2.seal(emergency(id).as_bytes(), b"", None, &mut out);
+            out.clone()
+        });
+        db.client
+            .execute("UPDATE patient_persons SET phone_encrypted = $2, emergency_contact_phone_encrypted = $3 WHERE id = $1", &[&id, &p, &e])
+            .await
+            .unwrap();
+    }
+}
+
+// Before these checks existed: exit 0, "values_rewritten": 167 (the 100 even
+// rows the role sees); the 100 odd rows' 167 values stay on V1 and nothing
+// says so ("rekey: job patients: done").
+#[tokio::test(flavor = "multi_thread")]
+async fn run_as_a_role_that_row_security_limits_is_refused_before_any_write() {
+    run_under_row_security_is_refused(Rls::OtherRole).await;
+}
+
+// Before these checks existed: the same for the owner under FORCE: exit 0,
+// "values_rewritten": 167 (the even rows), the odd rows left on V1.
+#[tokio::test(flavor = "multi_thread")]
+async fn run_as_the_owner_under_forced_row_security_is_refused_before_any_write() {
+    run_under_row_security_is_refused(Rls::ForcedOwner).await;
+}
+
+async fn run_under_row_security_is_refused(form: Rls) {
+    const ROWS: i64 = 200;
+    let db = TestDb::new().await;
+    db.seed_patients(ROWS).await;
+    let role = role_for(&db, form).await;
+    hide_odd_rows(&db, form).await;
+    let role_url = url_as(&db, &role);
+    assert_role_sees_half(&role_url, ROWS).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job(&dir).display().to_string();
+
+    let out = rekey(
+        &["run", "--job", &j, "--database-url", &role_url, "--json"],
+        &seed_env(),
+    );
+    assert_refused_for_row_security(&format!("run ({form:?})"), &out);
+    assert_nothing_written(&db, ROWS).await;
+}
+
+// Before these checks existed, with the even rows on V2 and the hidden odd rows
+// on V1: `verify` exits 0 with "167 values: 167 on the target key ...
+// verified: nothing left on an old key" (it never gets to `--full`).
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_as_a_role_that_row_security_limits_is_refused_sampled_and_full() {
+    verify_under_row_security_is_refused(Rls::OtherRole).await;
+}
+
+// Before these checks existed: as above for the owner under FORCE: exit 0,
+// "verified: nothing left on an old key".
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_as_the_owner_under_forced_row_security_is_refused_sampled_and_full() {
+    verify_under_row_security_is_refused(Rls::ForcedOwner).await;
+}
+
+async fn verify_under_row_security_is_refused(form: Rls) {
+    const ROWS: i64 = 200;
+    let db = TestDb::new().await;
+    db.seed_patients(ROWS).await;
+    rotate_even_rows_by_hand(&db).await;
+    let role = role_for(&db, form).await;
+    hide_odd_rows(&db, form).await;
+    let role_url = url_as(&db, &role);
+    assert_role_sees_half(&role_url, ROWS).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job(&dir).display().to_string();
+    let before = db.checksum("patient_persons").await;
+
+    for depth in [&[][..], &["--full"][..]] {
+        let mut args = vec!["verify", "--job", &j, "--database-url", &role_url];
+        args.extend_from_slice(depth);
+        let out = rekey(&args, &seed_env());
+        assert_refused_for_row_security(&format!("verify {depth:?} ({form:?})"), &out);
+    }
+    assert_eq!(
+        db.checksum("patient_persons").await,
+        before,
+        "verify wrote to the table"
+    );
+}
+
+/// Key 1's state in `rekey secrets show --json`, and whether its material is there (a fingerprint).
+fn key_1_as_shown(job: &str) -> (String, bool) {
+    let show = rekey(
+        &["secrets", "show", "--job", job, "--json"],
+        &keyring_pass_env(),
+    );
+    assert_eq!(show.status.code(), Some(0), "{}", printed(&show));
+    let keys = json(&show)["keys"].clone();
+    let one = keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == 1)
+        .unwrap_or_else(|| panic!("key 1 is gone from the store: {keys}"));
+    (
+        one["state"].as_str().unwrap_or_default().to_string(),
+        one["fingerprint"].as_str().is_some_and(|f| !f.is_empty()),
+    )
+}
+
+// Before these checks existed: `secrets retire` as the half-sighted role exits 0
+// and prints "retired key 1": key 1 leaves the keyring while the 100 phones
+// of the hidden rows are still sealed under it (permanent data loss).
+#[tokio::test(flavor = "multi_thread")]
+async fn retire_as_a_role_that_row_security_limits_is_refused_and_the_old_key_stays() {
+    retire_under_row_security_is_refused(Rls::OtherRole).await;
+}
+
+// Before these checks existed: as above for the owner under FORCE: exit 0,
+// "retired key 1".
+#[tokio::test(flavor = "multi_thread")]
+async fn retire_as_the_owner_under_forced_row_security_is_refused_and_the_old_key_stays() {
+    retire_under_row_security_is_refused(Rls::ForcedOwner).await;
+}
+
+async fn retire_under_row_security_is_refused(form: Rls) {
+    const ROWS: i64 = 200;
+    let db = TestDb::new().await;
+    db.seed_patients(ROWS).await;
+    let owner = owner_role(&db).await;
+    let owner_url = url_as(&db, &owner);
+    let dir = tempfile::tempdir().unwrap();
+    let (job, _keyring) = keyring_file_job(&db, &dir);
+
+    // the whole rotation as the owner, RLS off: key 2 current, key 1 previous
+    let out = rekey(
+        &[
+            "rotate",
+            "--job",
+            &job,
+            "--database-url",
+            &owner_url,
+            "--json",
+            "--no-wait",
+        ],
+        &keyring_pass_env(),
+    );
+    assert_eq!(
+        (out.status.code(), json(&out)["step"].as_str()),
+        (Some(6), Some("promoted")),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(key_1_as_shown(&job), ("previous".to_string(), true));
+
+    // rows the role will not see are still sealed under key 1 (an application
+    // with the old key wrote them during the grace period)
+    let v1 = v1_codec();
+    let mut sealed = Vec::new();
+    for id in (1..=ROWS).filter(|id| id % 2 == 1) {
+        v1.seal(phone(id).as_bytes(), b"", None, &mut sealed);
+        db.client
+            .execute(
+                "UPDATE patient_persons SET phone_encrypted = $2 WHERE id = $1",
+                &[&id, &sealed],
+            )
+            .await
+            .unwrap();
+    }
+    let role = match form {
+        Rls::OtherRole => {
+            let r = restricted_role(&db, "halfsight").await;
+            // it may use rekey's engine state, which the owner created
+            db.client
+                .batch_execute(&format!(
+                    "GRANT USAGE, CREATE ON SCHEMA rekey TO {r};
+                     GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA rekey TO {r};
+                     GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA rekey TO {r};"
+                ))
+                .await
+                .unwrap();
+            r
+        }
+        Rls::ForcedOwner => owner,
+    };
+    hide_odd_rows(&db, form).await;
+    let role_url = url_as(&db, &role);
+    assert_role_sees_half(&role_url, ROWS).await;
+
+    let out = rekey(
+        &[
+            "secrets",
+            "retire",
+            "--job",
+            &job,
+            "--database-url",
+            &role_url,
+        ],
+        &keyring_pass_env(),
+    );
+    assert_refused_for_row_security(&format!("secrets retire ({form:?})"), &out);
+    assert_eq!(
+        key_1_as_shown(&job),
+        ("previous".to_string(), true),
+        "secrets retire removed key 1"
+    );
+
+    // rotate's own retire step, the grace period over
+    db.client
+        .execute(
+            "UPDATE rekey.rotations SET promoted_at = promoted_at - interval '2 days'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let out = rekey(
+        &[
+            "rotate",
+            "--job",
+            &job,
+            "--database-url",
+            &role_url,
+            "--grace",
+            "0s",
+        ],
+        &keyring_pass_env(),
+    );
+    assert_refused_for_row_security(&format!("rotate at its retire step ({form:?})"), &out);
+    assert_eq!(
+        key_1_as_shown(&job),
+        ("previous".to_string(), true),
+        "rotate retired key 1"
+    );
+}

@@ -1,0 +1,151 @@
+//! Live control of a run: `rekey pause`, `resume` and `stop` and a control
+//! file hold or end it cleanly, and name a job that does not exist.
+
+use super::*;
+
+/// rekey's sessions of this database (other tests share the cluster) whose `state` matches `states` (a SQL list).
+async fn rekey_sessions(db: &TestDb, states: &str) -> i64 {
+    db.client
+        .query_one(
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'rekey' AND datname = current_database() AND state IN ({states})"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rekey_pause_holds_every_reader_and_rekey_resume_goes_on() {
+    let (db, _dir, j) = patients(30_000).await;
+    let mut run = Watched::spawn(&[
+        "run",
+        "--job",
+        &j,
+        "--json",
+        "--batch-size",
+        "200",
+        "--max-rows-per-sec",
+        "5000",
+    ]);
+    wait_for_progress(&db, &mut run.child, 2_000).await;
+
+    let out = rekey(&["pause", "--job", &j], &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    // the run says it holds, and its batches in flight have committed: no
+    // session of it is inside a statement or a transaction
+    run.said("paused by `rekey pause`", Duration::from_secs(30))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rekey_sessions(&db, "'active', 'idle in transaction'").await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "rekey's sessions stayed busy for 30 s after it said it was paused"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let paused_at = committed(&db).await;
+    assert!(
+        paused_at < values(30_000),
+        "paused before the end ({paused_at} values committed)"
+    );
+    // Watch for a while: unpaused, this run (5000 rows/s, 200-row batches)
+    // commits a batch every 40 ms or so, and reads its control every 1 s.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        committed(&db).await,
+        paused_at,
+        "nothing is written while paused"
+    );
+    let status = rekey(&["status", "--job", &j], &seed_env());
+    assert!(printed(&status).contains("paused"), "{}", printed(&status));
+    assert_eq!(
+        rekey_sessions(&db, "'idle in transaction'").await,
+        0,
+        "no transaction is held open while paused"
+    );
+
+    let out = rekey(&["resume", "--job", &j], &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let out = run.finish(Duration::from_secs(60)).await;
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(json(&out)["job_totals"]["values_rewritten"], values(30_000));
+    assert_all_rotated(&db, 30_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rekey_stop_stops_the_run_cleanly_and_the_next_run_finishes_it() {
+    let (db, _dir, j) = patients(30_000).await;
+    let mut child = spawn_captured(&[
+        "run",
+        "--job",
+        &j,
+        "--json",
+        "--batch-size",
+        "200",
+        "--max-rows-per-sec",
+        "5000",
+    ]);
+    wait_for_progress(&db, &mut child, 2_000).await;
+    let out = rekey(&["stop", "--job", &j], &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let out = finish(child, Duration::from_secs(30)).await;
+    assert_eq!(out.status.code(), Some(130), "{}", printed(&out));
+    let s = json(&out);
+    assert_eq!(s["stopped_by"], "rekey stop");
+
+    let out = rekey(&["run", "--job", &j, "--json"], &seed_env());
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "the stop is spent: the next run goes on\n{}",
+        printed(&out)
+    );
+    assert_eq!(json(&out)["job_totals"]["values_rewritten"], values(30_000));
+    assert_all_rotated(&db, 30_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pause_resume_and_stop_name_a_missing_job() {
+    let (_db, _dir, j) = patients(10).await;
+    let out = rekey(&["pause", "--job", &j], &seed_env());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(printed(&out).contains("no job named"), "{}", printed(&out));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_control_file_pauses_the_run_and_then_stops_it() {
+    let (db, dir, j) = patients(5_000).await;
+    let control = dir.path().join("control");
+    std::fs::write(&control, "pause\n").unwrap();
+    let c = control.display().to_string();
+    let mut run = Watched::spawn(&[
+        "run",
+        "--job",
+        &j,
+        "--json",
+        "--batch-size",
+        "200",
+        "--control-file",
+        &c,
+        "--check-every",
+        "100ms",
+    ]);
+    sessions_open(&db, 3).await;
+    run.said("paused by the control file", Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        committed_by_running_job(&db).await,
+        0,
+        "paused from the start: nothing written"
+    );
+    std::fs::write(&control, "stop\n").unwrap();
+    let out = run.finish(Duration::from_secs(30)).await;
+    assert_eq!(out.status.code(), Some(130), "{}", printed(&out));
+    assert_eq!(json(&out)["stopped_by"], "control file");
+    assert_eq!(
+        committed_by_running_job(&db).await,
+        0,
+        "paused from the start, then stopped: the run wrote nothing"
+    );
+}

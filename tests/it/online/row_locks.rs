@@ -1,0 +1,131 @@
+//! Rows an application holds locked: a blocked batch is retried in halves,
+//! and a row locked past every retry is set aside, reported as not rotated
+//! and rotated by the next run.
+
+use super::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_blocked_by_a_row_lock_is_retried_in_halves_and_the_run_finishes() {
+    let (db, _dir, j) = patients(2_000).await;
+    // an application transaction holds one row's lock for 1.5 s
+    let mut app = connect(&db.url).await;
+    let tx = app.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM patient_persons WHERE id = 1000 FOR UPDATE",
+        &[],
+    )
+    .await
+    .unwrap();
+    let child = spawn_captured(&[
+        "run",
+        "--job",
+        &j,
+        "--json",
+        "--batch-size",
+        "500",
+        "--workers",
+        "1",
+        "--lock-timeout",
+        "200ms",
+    ]);
+    // hold the lock until rekey has run into it three times: three distinct
+    // waiting statements (each try is a new statement, with its own start)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut waits = std::collections::BTreeSet::new();
+    while waits.len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "rekey ran into the locked row {} times in 30 s, not 3",
+            waits.len()
+        );
+        for r in db
+            .client
+            .query(
+                "SELECT pid, query_start::text FROM pg_stat_activity
+                  WHERE application_name = 'rekey' AND datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+        {
+            waits.insert((r.get::<_, i32>(0), r.get::<_, String>(1)));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tx.rollback().await.unwrap();
+    let out = finish(child, Duration::from_secs(60)).await;
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let s = json(&out);
+    assert!(s["retries"].as_u64().unwrap() >= 1, "{s}");
+    assert!(
+        printed(&out).contains("retrying in halves"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(s["values_rewritten"], values(2_000));
+    assert_all_rotated(&db, 2_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_locked_for_longer_than_every_retry_is_set_aside_reported_as_not_rotated_and_rotated_by_the_next_run(
+) {
+    let (db, _dir, j) = patients(1_000).await;
+    let mut app = connect(&db.url).await;
+    let tx = app.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM patient_persons WHERE id = 500 FOR UPDATE",
+        &[],
+    )
+    .await
+    .unwrap();
+    let out = rekey(
+        &[
+            "run",
+            "--job",
+            &j,
+            "--json",
+            "--batch-size",
+            "100",
+            "--workers",
+            "1",
+            "--lock-timeout",
+            "50ms",
+            "--attempts",
+            "2",
+        ],
+        &seed_env(),
+    );
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
+    let s = json(&out);
+    let locked_values: i64 = db
+        .client
+        .query_one("SELECT ((phone_encrypted IS NOT NULL)::int + (emergency_contact_phone_encrypted IS NOT NULL)::int)::bigint FROM patient_persons WHERE id = 500", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(s["values_not_rotated"], locked_values, "{s}");
+    assert_eq!(
+        s["job_totals"]["values_rewritten"],
+        values(1_000) - locked_values,
+        "every other value is rotated: {s}"
+    );
+    let reason: String = db
+        .client
+        .query_one(
+            "SELECT reason FROM rekey.not_rotated WHERE pk_text = '(500)' LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(reason, "row_locked");
+    tx.rollback().await.unwrap();
+    let out = rekey(&["run", "--job", &j, "--json"], &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(
+        json(&out)["job_totals"]["values_rewritten"],
+        locked_values,
+        "the next run rotates the row"
+    );
+    assert_all_rotated(&db, 1_000).await;
+}

@@ -1,0 +1,153 @@
+//! Several processes sharing one job through leases: one killed midway
+//! loses nothing, and one that stops renewing its lease loses its range and
+//! cannot commit after.
+
+use super::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_processes_share_one_job_and_one_killed_midway_loses_nothing() {
+    let (db, _dir, j) = patients(60_000).await;
+    // 60k rows make three ranges (20k rows each at least): one lane per process
+    let args = [
+        "run",
+        "--job",
+        j.as_str(),
+        "--json",
+        "--batch-size",
+        "200",
+        "--workers",
+        "1",
+        "--max-rows-per-sec",
+        "5000",
+    ];
+    let mut children = vec![
+        spawn_captured(&args),
+        spawn_captured(&args),
+        spawn_captured(&args),
+    ];
+    // all three hold leases at some point (the machine may start one late)
+    let mut owners = std::collections::BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while owners.len() < 3 && std::time::Instant::now() < deadline {
+        // before the first process has created rekey.progress, no one holds a lease
+        if engine_state_exists(&db).await {
+            for r in db
+                .client
+                .query(
+                    "SELECT owner FROM rekey.progress WHERE owner IS NOT NULL",
+                    &[],
+                )
+                .await
+                .unwrap()
+            {
+                owners.insert(r.get::<_, String>(0));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if owners.len() < 3 {
+        for c in children {
+            let out = finish(c, Duration::from_secs(60)).await;
+            eprintln!("exit {:?}: {}", out.status.code(), printed(&out));
+        }
+        panic!("all three processes hold leases: {owners:?}");
+    }
+    wait_for_progress(&db, &mut children[0], 20_000).await;
+    // kill one that holds an unfinished range right now, mid-batch
+    let holder: String = db
+        .client
+        .query_one("SELECT owner FROM rekey.progress WHERE owner IS NOT NULL AND NOT done AND range_no >= 0 ORDER BY range_no LIMIT 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let pid: u32 = holder.split(':').nth(1).unwrap().parse().unwrap();
+    let victim = children
+        .iter()
+        .position(|c| c.id() == pid)
+        .expect("the lease holder is one of ours");
+    let mut a = children.remove(victim);
+    a.kill().unwrap(); // SIGKILL
+    a.wait().unwrap();
+    let (b, c) = (children.remove(0), children.remove(0));
+    let (b, c) = (
+        finish(b, Duration::from_secs(60)).await,
+        finish(c, Duration::from_secs(60)).await,
+    );
+    assert_eq!(b.status.code(), Some(0), "{}", printed(&b));
+    assert_eq!(c.status.code(), Some(0), "{}", printed(&c));
+    let (b, c) = (json(&b), json(&c));
+    assert_eq!(b["job_id"], c["job_id"], "one job");
+    assert!(
+        b["rows_scanned"].as_u64().unwrap() > 0 && c["rows_scanned"].as_u64().unwrap() > 0,
+        "both did work"
+    );
+    let taken = b["ranges_taken_over"].as_u64().unwrap() + c["ranges_taken_over"].as_u64().unwrap();
+    assert!(
+        taken >= 1,
+        "the killed process's ranges were taken over: {b} {c}"
+    );
+    assert_eq!(
+        committed(&db).await,
+        values(60_000),
+        "every value rewritten exactly once across the three"
+    );
+    assert_all_rotated(&db, 60_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_process_that_stops_renewing_its_lease_loses_its_range_and_cannot_commit_after() {
+    let (db, _dir, j) = patients(20_000).await;
+    let mut a = spawn_captured(&[
+        "run",
+        "--job",
+        &j,
+        "--json",
+        "--batch-size",
+        "200",
+        "--workers",
+        "1",
+        "--lease-ttl",
+        "2s",
+        "--check-every",
+        "500ms",
+        "--max-rows-per-sec",
+        "5000",
+    ]);
+    wait_for_progress(&db, &mut a, 1_000).await;
+    let pid = a.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    // its connections stay open, but its lease runs out after 2 s; b takes the range over
+    let b = rekey(
+        &["run", "--job", &j, "--json", "--batch-size", "500"],
+        &seed_env(),
+    );
+    assert_eq!(b.status.code(), Some(0), "{}", printed(&b));
+    assert!(
+        json(&b)["ranges_taken_over"].as_u64().unwrap() >= 1,
+        "{}",
+        printed(&b)
+    );
+    assert!(std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let a = finish(a, Duration::from_secs(30)).await;
+    // its batch under the lapsed lease is rolled back; it leaves the range and finds nothing else to do
+    assert_eq!(a.status.code(), Some(0), "{}", printed(&a));
+    assert!(
+        printed(&a).contains("taken over by another rekey process"),
+        "{}",
+        printed(&a)
+    );
+    assert_eq!(
+        committed(&db).await,
+        values(20_000),
+        "the late process wrote nothing: every value counted once"
+    );
+    assert_all_rotated(&db, 20_000).await;
+}
