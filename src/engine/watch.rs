@@ -81,8 +81,22 @@ pub(super) async fn watch(
 ) {
     let every = every.max(Duration::from_millis(50));
     let mut last_beat = Instant::now();
+    // under --max-wal-rate the run reads one page per check until a check
+    // has measured the WAL a row costs: the first checks come as soon as a
+    // batch has committed, not a whole interval later, until two have
+    // measured it (the first batch is a small probe whose WAL includes the
+    // job's own setup)
+    let mut early_checks = if shared.wal_pace.is_some() {
+        EARLY_CHECKS
+    } else {
+        0
+    };
     loop {
-        tokio::time::sleep(every).await;
+        if early_checks > 0 {
+            first_commit_or(&shared, every).await;
+        } else {
+            tokio::time::sleep(every).await;
+        }
         if conn.is_closed() {
             apply(
                 &shared,
@@ -121,7 +135,11 @@ pub(super) async fn watch(
                 .await
             {
                 Ok(v) => {
-                    shared.pace_wal(monitor.wal_pace());
+                    let measured = monitor.wal_pace();
+                    if measured.is_some() {
+                        early_checks = early_checks.saturating_sub(1);
+                    }
+                    shared.pace_wal(measured);
                     v
                 }
                 Err(_) => {
@@ -158,6 +176,23 @@ pub(super) async fn watch(
         }
     }
 }
+
+/// Waits `every`, or less: until a batch has committed since this began.
+async fn first_commit_or(shared: &Shared, every: Duration) {
+    let rows = shared.live.snapshot().rows_scanned;
+    let until = Instant::now() + every;
+    while Instant::now() < until && shared.live.snapshot().rows_scanned == rows {
+        tokio::time::sleep(FIRST_COMMIT_POLL.min(until.saturating_duration_since(Instant::now())))
+            .await;
+    }
+}
+
+/// Checks of a run under `--max-wal-rate` that measure the WAL a row
+/// costs as soon as a batch commits.
+const EARLY_CHECKS: u32 = 2;
+
+/// How often [`first_commit_or`] looks for a commit.
+const FIRST_COMMIT_POLL: Duration = Duration::from_millis(20);
 
 /// A new monitor connection; its backend pid becomes the one leases name.
 pub(super) async fn reopen_monitor(shared: &Shared, db: &Database) -> Option<Client> {
