@@ -93,8 +93,8 @@ pub(super) async fn rekey_once(
     // each pass counts its own rows, as each `rekey run` process does; the
     // samples add the killed pass's rows to the resumed pass's
     let killed = Arc::new(LiveCounts::default());
-    let live = Arc::new(LiveCounts::default());
-    let rows_so_far = || killed.snapshot().rows_scanned + live.snapshot().rows_scanned;
+    let last_pass = Arc::new(LiveCounts::default());
+    let rows_so_far = || killed.snapshot().rows_scanned + last_pass.snapshot().rows_scanned;
     reset_peak_rss();
     let started = Instant::now();
     let done = AtomicBool::new(false);
@@ -161,7 +161,7 @@ pub(super) async fn rekey_once(
                 *m = (Some(killed_at), Some(started.elapsed().as_secs_f64()));
             }
         }
-        let r = pass(&record, settings, &live, opts.quiet).await;
+        let r = pass(&record, settings, &last_pass, opts.quiet).await;
         // timed here, not after the sampler's next tick
         let secs = started.elapsed().as_secs_f64();
         let rows = rows_so_far();

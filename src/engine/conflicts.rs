@@ -73,6 +73,8 @@ pub(super) async fn retry_conflicts(
                     break;
                 };
                 let rows = source.rows_by_keys(target, &keys).await?;
+                // another connection can see these committed before they are added below
+                let _writing = shared.live.writing(rows.len() as u64);
                 let batch = Batch {
                     range_index: 0,
                     rows,

@@ -73,8 +73,9 @@ const WATCH_EVERY: Duration = Duration::from_millis(100);
 /// "left", and a sample taken mid-run would count the rows done twice.
 ///
 /// Where several processes share a job, the rows left are everyone's, and
-/// so are the rows done ([`Total::rows_done`]: the others' are read a
-/// check or two late, so a re-sample may come a little early).
+/// so are the rows done ([`Total::rows_done`]: the others' are read up to a
+/// check late, so a re-sample may come a little late, and the total it
+/// gives be low by the others' rows of that check).
 pub async fn counted_beside<T>(
     db: &Database,
     job: &Job,

@@ -42,8 +42,11 @@ pub(super) async fn commit(
             // crash may have lost commits the server had acknowledged
             match writer.after_reconnect(state, b.last_key.as_ref()).await {
                 Ok(AfterReconnect::Committed) => {
-                    // landed before the break: its checkpoint and counts are in rekey.progress
+                    // landed before the break: its checkpoint and counts are in
+                    // rekey.progress; its rows count as this process's (the
+                    // other counts are not known here)
                     unchecked = false;
+                    total.counts.rows_scanned += b.rows.len() as u64;
                     writer.remember(state, &b);
                     continue;
                 }

@@ -185,6 +185,8 @@ pub(super) async fn write(
         if shared.is_lost(batch.range_index, lease) {
             continue;
         }
+        // the batch is another connection's to see as committed before it is added below
+        let _writing = shared.live.writing(rows as u64);
         let (counts, failures) = match (&mut writer, &lookup) {
             (Some(w), _) => {
                 let range = batch.range_index;

@@ -75,7 +75,7 @@ pub(super) async fn watch(
     db: Database,
     mut conn: Client,
     mut monitor: Monitor,
-    mut others: OthersDone,
+    others: OthersDone,
     every: Duration,
     job_id: Option<i64>,
 ) {
@@ -93,7 +93,7 @@ pub(super) async fn watch(
     };
     loop {
         if early_checks > 0 {
-            first_commit_or(&shared, every).await;
+            next_commit_or(&shared, every).await;
         } else {
             tokio::time::sleep(every).await;
         }
@@ -157,7 +157,7 @@ pub(super) async fn watch(
             };
         apply(&shared, verdict);
         if let Some(job_id) = job_id {
-            let own = || shared.live.snapshot().rows_scanned;
+            let own = || shared.live.own_so_far();
             if let Ok(Some(rows)) =
                 tokio::time::timeout(limit, others.read(&conn, job_id, own)).await
             {
@@ -178,12 +178,11 @@ pub(super) async fn watch(
 }
 
 /// Waits `every`, or less: until a batch has committed since this began.
-async fn first_commit_or(shared: &Shared, every: Duration) {
+async fn next_commit_or(shared: &Shared, every: Duration) {
     let rows = shared.live.snapshot().rows_scanned;
     let until = Instant::now() + every;
     while Instant::now() < until && shared.live.snapshot().rows_scanned == rows {
-        tokio::time::sleep(FIRST_COMMIT_POLL.min(until.saturating_duration_since(Instant::now())))
-            .await;
+        tokio::time::sleep(COMMIT_POLL.min(until.saturating_duration_since(Instant::now()))).await;
     }
 }
 
@@ -191,8 +190,8 @@ async fn first_commit_or(shared: &Shared, every: Duration) {
 /// costs as soon as a batch commits.
 const EARLY_CHECKS: u32 = 2;
 
-/// How often [`first_commit_or`] looks for a commit.
-const FIRST_COMMIT_POLL: Duration = Duration::from_millis(20);
+/// How often [`next_commit_or`] looks for a commit.
+const COMMIT_POLL: Duration = Duration::from_millis(20);
 
 /// A new monitor connection; its backend pid becomes the one leases name.
 pub(super) async fn reopen_monitor(shared: &Shared, db: &Database) -> Option<Client> {

@@ -2,7 +2,8 @@
 //!
 //! [`Counts`] is plain data, added up per batch by the sink and stored with
 //! each checkpoint; [`LiveCounts`] is the same set as atomics, read by the
-//! progress line while the pipeline runs.
+//! progress line while the pipeline runs, with the rows of the batches
+//! being written ([`Writing`]).
 
 use std::ops::AddAssign;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -51,9 +52,44 @@ pub struct LiveCounts {
     values_failed: AtomicU64,
     conflicts: AtomicU64,
     values_not_rotated: AtomicU64,
+    /// Rows of the batches being written: from before their commit is sent
+    /// until after they are added (or given up).
+    writing: AtomicU64,
+}
+
+/// A batch of rows being written, counted in [`LiveCounts::own_so_far`]
+/// until dropped; dropped after its counts are added, or when it is given up.
+#[derive(Debug)]
+pub struct Writing<'a> {
+    live: &'a LiveCounts,
+    rows: u64,
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        // Release: the batch's counts, added before, are seen by whoever sees this
+        self.live.writing.fetch_sub(self.rows, Ordering::Release);
+    }
 }
 
 impl LiveCounts {
+    /// Counts `rows` as being written until the returned guard is dropped:
+    /// take it before the batch's commit is sent, drop it after [`Self::add`].
+    pub fn writing(&self, rows: u64) -> Writing<'_> {
+        self.writing.fetch_add(rows, Ordering::AcqRel);
+        Writing { live: self, rows }
+    }
+
+    /// The rows scanned so far, with those of batches being written: at
+    /// least every row of this process's that another connection can see
+    /// committed (read after what that connection saw), where the rows
+    /// scanned alone can lag a batch just committed.
+    pub fn own_so_far(&self) -> u64 {
+        // a batch gone from `writing` was added first (see `Writing::drop`)
+        let writing = self.writing.load(Ordering::Acquire);
+        writing + self.rows_scanned.load(Ordering::Relaxed)
+    }
+
     /// Adds one committed batch.
     pub fn add(&self, c: &Counts) {
         self.rows_scanned
@@ -82,5 +118,38 @@ impl LiveCounts {
             conflicts: self.conflicts.load(Ordering::Relaxed),
             values_not_rotated: self.values_not_rotated.load(Ordering::Relaxed),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scanned(rows: u64) -> Counts {
+        Counts {
+            rows_scanned: rows,
+            ..Counts::default()
+        }
+    }
+
+    #[test]
+    fn a_batch_being_written_counts_as_this_process_s_from_before_its_commit_to_after_it_is_added()
+    {
+        let live = LiveCounts::default();
+        live.add(&scanned(100));
+        let writing = live.writing(50);
+        assert_eq!(live.own_so_far(), 150, "sent, maybe committed");
+        live.add(&scanned(50));
+        assert_eq!(live.own_so_far(), 200, "added and still writing");
+        drop(writing);
+        assert_eq!(live.own_so_far(), 150);
+        assert_eq!(live.snapshot().rows_scanned, 150);
+    }
+
+    #[test]
+    fn a_batch_given_up_no_longer_counts() {
+        let live = LiveCounts::default();
+        drop(live.writing(50));
+        assert_eq!(live.own_so_far(), 0);
     }
 }

@@ -64,8 +64,8 @@ struct Shared {
     verb: &'static str,
     /// Why the run is paused, while a throttle holds it.
     hold: Mutex<Option<String>>,
-    /// Rows scanned so far: this process's, plus `others`.
-    done: AtomicU64,
+    /// Rows this process has scanned so far.
+    own: AtomicU64,
     /// Rows other processes sharing the job have scanned since this one
     /// started (0 for a process on its own).
     others: AtomicU64,
@@ -75,8 +75,13 @@ struct Shared {
 }
 
 impl Shared {
+    /// Rows scanned so far: this process's, plus the others'.
+    fn done(&self) -> u64 {
+        self.own.load(Ordering::Relaxed) + self.others.load(Ordering::Relaxed)
+    }
+
     fn rate(&self) -> f64 {
-        self.done.load(Ordering::Relaxed) as f64 / self.started.elapsed().as_secs_f64().max(1e-9)
+        self.done() as f64 / self.started.elapsed().as_secs_f64().max(1e-9)
     }
 
     /// The total and its state (unknown, should a panic have poisoned it).
@@ -105,7 +110,7 @@ impl Shared {
 
     /// One progress line for a log.
     fn log_line(&self) {
-        let done = self.done.load(Ordering::Relaxed);
+        let done = self.done();
         let rate = self.rate();
         let shown = self.shown_total(done);
         let eta = shown.and_then(|(total, _)| eta_seconds(done, total, rate));
@@ -144,7 +149,7 @@ impl Shared {
 
     /// The bar's message: percent, rate, ETA (or "-" until there is a rate).
     fn bar_message(&self) -> String {
-        let done = self.done.load(Ordering::Relaxed);
+        let done = self.done();
         let rate = self.rate();
         let eta = self
             .shown_total(done)
@@ -189,7 +194,7 @@ impl Total {
     /// The rows done so far (by every process sharing the job since this
     /// one started).
     pub fn rows_done(&self) -> u64 {
-        self.shared.done.load(Ordering::Relaxed)
+        self.shared.done()
     }
 
     fn store(&self, rows: u64, total_is: TotalIs) {
@@ -197,7 +202,7 @@ impl Total {
             *t = (rows, total_is);
         }
         if let Some(bar) = &self.bar {
-            let done = self.shared.done.load(Ordering::Relaxed);
+            let done = self.shared.done();
             follow_total(bar, self.shared.shown_total(done).map(|(total, _)| total));
         }
     }
@@ -233,7 +238,7 @@ impl Progress {
             started: Instant::now(),
             verb,
             hold: Mutex::new(None),
-            done: AtomicU64::new(0),
+            own: AtomicU64::new(0),
             others: AtomicU64::new(0),
             rewritten: AtomicU64::new(0),
             failed: AtomicU64::new(0),
@@ -292,18 +297,21 @@ impl Progress {
     }
 
     /// The rows other processes sharing the job have scanned since this one
-    /// started, as last read: shown with this process's own from the next
-    /// update on, so the rows done, the rate and the ETA are the job's,
-    /// against a total of every process's rows left. It never goes down.
+    /// started, as last read: shown with this process's own at once, so the
+    /// rows done, the rate and the ETA are the job's, against a total of
+    /// every process's rows left. It never goes down.
     pub fn others_done(&self, rows: u64) {
         self.shared.others.fetch_max(rows, Ordering::Relaxed);
+        if let Some(bar) = &self.bar {
+            bar.set_position(self.shared.done());
+        }
     }
 
     /// Shows the counts so far (this process's) and sets the progress gauges.
     pub fn update(&self, c: &Counts) {
         let s = &self.shared;
-        let done = c.rows_scanned + s.others.load(Ordering::Relaxed);
-        s.done.store(done, Ordering::Relaxed);
+        s.own.store(c.rows_scanned, Ordering::Relaxed);
+        let done = s.done();
         s.rewritten.store(c.values_rewritten, Ordering::Relaxed);
         s.failed.store(c.values_failed, Ordering::Relaxed);
         let rate = s.rate();

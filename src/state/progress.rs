@@ -180,18 +180,3 @@ pub async fn record_retry(
     .await
     .map(|_| ())
 }
-
-/// The rows scanned for `job_id` by every process and run so far (the
-/// batches committed as of this statement).
-pub async fn rows_scanned(
-    client: &impl GenericClient,
-    job_id: i64,
-) -> Result<u64, tokio_postgres::Error> {
-    let row = client
-        .query_one(
-            "SELECT coalesce(sum(rows_scanned), 0)::bigint FROM rekey.progress WHERE job_id = $1",
-            &[&job_id],
-        )
-        .await?;
-    Ok(row.get::<_, i64>(0).max(0) as u64)
-}

@@ -588,9 +588,9 @@ async fn processes_sharing_a_job_each_show_the_job_s_rows_done_against_everyone_
             last["rows_done"].as_u64().unwrap(),
             last["rows_total"].as_u64().unwrap(),
         );
-        // the other process's rows count too; they are read a check or two late
+        // the other process's rows count too; they are read at each check, so the last line can lag the job by a check
         assert!(
-            done <= total && done as f64 >= 0.85 * total as f64,
+            done <= total && done as f64 >= 0.8 * total as f64,
             "a process shows only its own share of the job: {last}\n{log}"
         );
     }
