@@ -8,8 +8,10 @@
 //! read after it, counting the batches it is writing
 //! ([`crate::observe::counts::LiveCounts::own_so_far`]): a batch of its own
 //! can be seen committed a moment before it is counted, and would otherwise
-//! be shown as another's. What is shown is a lower bound, and never goes
-//! down.
+//! be shown as another's. What is shown never goes down, and is a lower
+//! bound but for one rare case: a batch whose COMMIT landed as the
+//! connection broke, where another process took the range over before
+//! this one reconnected, cannot be told from one it never wrote.
 
 use tokio_postgres::Client;
 

@@ -24,13 +24,34 @@ pub(super) async fn commit(
     state: &RangeState,
     batch: Batch,
 ) -> Result<(Written, u64), Error> {
-    let target = &shared.job.targets[state.target];
     let mut total = Written {
         counts: Counts::default(),
         failures: Vec::new(),
         control: Control::Run,
         split_wanted: false,
     };
+    match pieces(shared, writer, state, batch, &mut total).await {
+        Ok(retries) => Ok((total, retries)),
+        Err(e) => {
+            // pieces committed before the error (a half, a row set aside)
+            // are in rekey.progress: they are this process's rows, or the
+            // progress line would count them as another process's
+            shared.live.add(&total.counts);
+            Err(e)
+        }
+    }
+}
+
+/// Commits the pieces of one batch for [`commit`], adding what each
+/// committed to `total` as it goes; returns the retries.
+async fn pieces(
+    shared: &Shared,
+    writer: &mut Writer,
+    state: &RangeState,
+    batch: Batch,
+    total: &mut Written,
+) -> Result<u64, Error> {
+    let target = &shared.job.targets[state.target];
     let mut pending = VecDeque::from([batch]);
     let mut failed = 0u32;
     let mut retries = 0u64;
@@ -138,7 +159,7 @@ pub(super) async fn commit(
             }
         }
     }
-    Ok((total, retries))
+    Ok(retries)
 }
 
 /// Tries of a single row that times out (a lock held elsewhere) before it

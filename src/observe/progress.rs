@@ -297,13 +297,18 @@ impl Progress {
     }
 
     /// The rows other processes sharing the job have scanned since this one
-    /// started, as last read: shown with this process's own at once, so the
+    /// started, as last read: shown with this process's own at once (the
+    /// bar's position, rate and ETA, and the next log line), so the
     /// rows done, the rate and the ETA are the job's, against a total of
     /// every process's rows left. It never goes down.
     pub fn others_done(&self, rows: u64) {
-        self.shared.others.fetch_max(rows, Ordering::Relaxed);
-        if let Some(bar) = &self.bar {
-            bar.set_position(self.shared.done());
+        let before = self.shared.others.fetch_max(rows, Ordering::Relaxed);
+        if let (Some(bar), true) = (&self.bar, rows > before) {
+            // a process on its own never moves the bar from here
+            let done = self.shared.done();
+            follow_total(bar, self.shared.shown_total(done).map(|(total, _)| total));
+            bar.set_position(done);
+            bar.set_message(self.shared.bar_message());
         }
     }
 

@@ -595,3 +595,53 @@ async fn processes_sharing_a_job_each_show_the_job_s_rows_done_against_everyone_
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_process_on_its_own_shows_no_rows_but_its_own() {
+    let db = TestDb::new().await;
+    let rows = 4_000;
+    db.seed_patients(rows).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    // two lanes committing small batches while the monitor reads the job's
+    // rows every 50 ms: none of them is another process's (the moment a
+    // batch is committed and not yet counted is the unit test's in
+    // observe::counts; it is too short to be met here at will)
+    let out = rekey(
+        &[
+            "run",
+            "--job",
+            &job,
+            "--max-rows-per-sec",
+            "2000",
+            "--batch-size",
+            "50",
+            "--workers",
+            "2",
+            "--check-every",
+            "50ms",
+            "--progress-every",
+            "100ms",
+            "--log-format",
+            "json",
+        ],
+        &seed_env(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let log = stderr(&out);
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("rows_done").is_some())
+        .collect();
+    assert!(
+        lines.len() >= 5,
+        "the premise: a run logging its progress: {log}"
+    );
+    for v in &lines {
+        assert!(
+            v["rows_done"].as_u64().unwrap() <= rows as u64,
+            "more rows done than the table holds: {v}\n{log}"
+        );
+    }
+}
