@@ -147,6 +147,14 @@ impl Shared {
         );
     }
 
+    /// Draws the rows done so far on `bar`: its total, position and message.
+    fn draw(&self, bar: &ProgressBar) {
+        let done = self.done();
+        follow_total(bar, self.shown_total(done).map(|(total, _)| total));
+        bar.set_position(done);
+        bar.set_message(self.bar_message());
+    }
+
     /// The bar's message: percent, rate, ETA (or "-" until there is a rate).
     fn bar_message(&self) -> String {
         let done = self.done();
@@ -305,10 +313,7 @@ impl Progress {
         let before = self.shared.others.fetch_max(rows, Ordering::Relaxed);
         if let (Some(bar), true) = (&self.bar, rows > before) {
             // a process on its own never moves the bar from here
-            let done = self.shared.done();
-            follow_total(bar, self.shared.shown_total(done).map(|(total, _)| total));
-            bar.set_position(done);
-            bar.set_message(self.shared.bar_message());
+            self.shared.draw(bar);
         }
     }
 
@@ -329,9 +334,7 @@ impl Progress {
         }
         .emit();
         if let Some(bar) = &self.bar {
-            follow_total(bar, total);
-            bar.set_position(done);
-            bar.set_message(s.bar_message());
+            s.draw(bar);
         }
     }
 

@@ -81,12 +81,8 @@ fn a_resumed_bench_pass_counts_its_own_rows_against_the_rows_it_found_left() {
         &[],
     );
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-    let log = String::from_utf8_lossy(&out.stderr);
-    let lines: Vec<serde_json::Value> = log
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v.get("rows_done").is_some())
-        .collect();
+    let log = stderr(&out);
+    let lines = progress_lines(&log);
     for v in &lines {
         if let Some(total) = v["rows_total"].as_u64() {
             assert!(v["rows_done"].as_u64().unwrap() <= total, "{v}\n{log}");

@@ -640,6 +640,15 @@ pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// The progress lines (those with `rows_done`) of a log written with
+/// `--log-format json`, in order.
+pub fn progress_lines(log: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("rows_done").is_some())
+        .collect()
+}
+
 /// The current database's name: roles are per cluster, so names made from it
 /// do not collide between tests.
 pub async fn db_name(db: &TestDb) -> String {

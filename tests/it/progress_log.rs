@@ -30,10 +30,10 @@ fn slow_run_on(db: &TestDb, log_format: &str) -> String {
 
 /// The last JSON progress line of `log` that shows a total.
 fn last_progress_with_a_total(log: &str) -> serde_json::Value {
-    log.lines()
+    progress_lines(log)
+        .into_iter()
         .rev()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v.get("rows_done").is_some() && v.get("rows_total").is_some())
+        .find(|v| v.get("rows_total").is_some())
         .unwrap_or_else(|| panic!("no progress line with a total: {log}"))
 }
 
@@ -47,33 +47,33 @@ struct Pace {
 /// Runs `job` at `pace`, logging progress as `log_format`; what it wrote
 /// on stderr once it finished (exit 0).
 fn run_logging_progress(job: &str, log_format: &str, pace: Pace) -> String {
-    run_logging_progress_with(job, log_format, pace, &seed_env())
+    run_logging_progress_with(job, log_format, pace, &[], &seed_env())
 }
 
-/// [`run_logging_progress`] with the keys in `env`.
+/// [`run_logging_progress`] with more arguments, `extra`, and the keys in `env`.
 fn run_logging_progress_with(
     job: &str,
     log_format: &str,
     pace: Pace,
+    extra: &[&str],
     env: &[(&str, String)],
 ) -> String {
     let (rate, batch) = (pace.rows_per_sec.to_string(), pace.batch.to_string());
-    let out = rekey(
-        &[
-            "run",
-            "--job",
-            job,
-            "--max-rows-per-sec",
-            &rate,
-            "--batch-size",
-            &batch,
-            "--progress-every",
-            pace.every,
-            "--log-format",
-            log_format,
-        ],
-        env,
-    );
+    let mut args = vec![
+        "run",
+        "--job",
+        job,
+        "--max-rows-per-sec",
+        &rate,
+        "--batch-size",
+        &batch,
+        "--progress-every",
+        pace.every,
+        "--log-format",
+        log_format,
+    ];
+    args.extend_from_slice(extra);
+    let out = rekey(&args, env);
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     stderr(&out)
 }
@@ -103,11 +103,7 @@ async fn a_run_off_a_terminal_logs_progress_with_percent_and_eta() {
 #[tokio::test(flavor = "multi_thread")]
 async fn progress_lines_are_json_fields_with_log_format_json() {
     let log = slow_run("json").await;
-    let lines: Vec<serde_json::Value> = log
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v.get("rows_done").is_some())
-        .collect();
+    let lines = progress_lines(&log);
     assert!(lines.len() >= 3, "{log}");
     for v in &lines {
         assert_eq!(v["rows_total"], 3_000, "{v}");
@@ -207,9 +203,8 @@ async fn a_low_sampled_total_is_found_again_before_the_rows_done_pass_it() {
             every: "100ms",
         },
     );
-    let past: Vec<serde_json::Value> = log
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    let past: Vec<serde_json::Value> = progress_lines(&log)
+        .into_iter()
         .filter(|v| v["rows_done"].as_u64().is_some_and(|done| done > 12_000))
         .collect();
     assert!(
@@ -259,6 +254,7 @@ async fn a_total_whose_rotated_rows_still_look_left_is_not_sampled_again() {
             batch: 250,
             every: "100ms",
         },
+        &[],
         &env,
     );
     let last = last_progress_with_a_total(&log);
@@ -552,37 +548,26 @@ async fn processes_sharing_a_job_each_show_the_job_s_rows_done_against_everyone_
     let dir = tempfile::tempdir().unwrap();
     let job = db.patients_job(&dir).display().to_string();
     // two processes of one lane each, 1,000 rows/s each: about 3 s together
-    let args = [
-        "run",
-        "--job",
-        &job,
-        "--max-rows-per-sec",
-        "1000",
-        "--batch-size",
-        "100",
-        "--workers",
-        "1",
-        "--check-every",
-        "100ms",
-        "--progress-every",
-        "200ms",
-        "--log-format",
-        "json",
-    ]
-    .map(str::to_owned);
     let processes: Vec<_> = (0..2)
         .map(|_| {
-            let args = args.clone();
+            let job = job.clone();
             std::thread::spawn(move || {
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                rekey(&args, &seed_env())
+                run_logging_progress_with(
+                    &job,
+                    "json",
+                    Pace {
+                        rows_per_sec: 1_000,
+                        batch: 100,
+                        every: "200ms",
+                    },
+                    &["--workers", "1", "--check-every", "100ms"],
+                    &seed_env(),
+                )
             })
         })
         .collect();
     for p in processes {
-        let out = p.join().unwrap();
-        assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-        let log = stderr(&out);
+        let log = p.join().unwrap();
         let last = last_progress_with_a_total(&log);
         let (done, total) = (
             last["rows_done"].as_u64().unwrap(),
@@ -607,33 +592,18 @@ async fn a_process_on_its_own_shows_no_rows_but_its_own() {
     // rows every 50 ms: none of them is another process's (the moment a
     // batch is committed and not yet counted is the unit test's in
     // observe::counts; it is too short to be met here at will)
-    let out = rekey(
-        &[
-            "run",
-            "--job",
-            &job,
-            "--max-rows-per-sec",
-            "2000",
-            "--batch-size",
-            "50",
-            "--workers",
-            "2",
-            "--check-every",
-            "50ms",
-            "--progress-every",
-            "100ms",
-            "--log-format",
-            "json",
-        ],
+    let log = run_logging_progress_with(
+        &job,
+        "json",
+        Pace {
+            rows_per_sec: 2_000,
+            batch: 50,
+            every: "100ms",
+        },
+        &["--workers", "2", "--check-every", "50ms"],
         &seed_env(),
     );
-    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-    let log = stderr(&out);
-    let lines: Vec<serde_json::Value> = log
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v.get("rows_done").is_some())
-        .collect();
+    let lines = progress_lines(&log);
     assert!(
         lines.len() >= 5,
         "the premise: a run logging its progress: {log}"
