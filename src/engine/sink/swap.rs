@@ -18,6 +18,9 @@ use crate::observe::counts::Counts;
 
 use super::{Batch, Commit, Prepared};
 
+/// Most bytes of the stage's COPY data sent at once (see [`swap`]).
+const COPY_PIECE: usize = 64 << 10;
+
 /// Why a value was not rotated: the database refused or undid rekey's write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NotRotated {
@@ -91,7 +94,13 @@ pub(super) async fn swap(
         .copy_in::<_, bytes::Bytes>(&sql::copy_stage(target))
         .await?;
     futures_util::pin_mut!(copy);
-    futures_util::SinkExt::send(&mut copy, buf.finish()).await?;
+    // in pieces: the connection copies what it is sent into its own buffer,
+    // which keeps its largest size for as long as the connection lives
+    let mut data = buf.finish();
+    while !data.is_empty() {
+        let piece = data.split_to(data.len().min(COPY_PIECE));
+        futures_util::SinkExt::send(&mut copy, piece).await?;
+    }
     copy.finish().await?;
 
     let answer = match (commit, staged.first(), staged.last()) {
