@@ -83,6 +83,7 @@ pub(super) async fn retry_conflicts(
                     end: false,
                     lease: None,
                     upper: None,
+                    slot: None,
                 };
                 let batch = on_pool(
                     shared.job.clone(),
@@ -167,6 +168,7 @@ async fn locked_one_by_one(
                 end: false,
                 lease: None,
                 upper: None,
+                slot: None,
             };
             let batch = on_pool(
                 shared.job.clone(),

@@ -4,9 +4,9 @@
 //! share, [`super::stages`] the stages, [`super::watch`] the monitor task). The job's ranges go into a shared work
 //! queue; each of `lanes` lanes is a reader task, a transform task (which
 //! hands each batch to the rayon pool) and a sink task, with channels of one
-//! batch between them, so memory is bounded by lanes x 5 batches whatever
-//! the table's size (one deep is as fast as two here, and loses less work to
-//! a kill). A lane works one range at a time, in key order, so its
+//! batch between them, and a lane holds at most [`LANE_PAGES`] pages at once,
+//! so memory is bounded by lanes x 3 batches whatever the table's size (one
+//! deep is as fast as two here, and loses less work to a kill). A lane works one range at a time, in key order, so its
 //! checkpoints only move forward; lanes write disjoint ranges side by side.
 //!
 //! ```text
@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::control::monitor::{check_gate_sql, check_wal_signals, Monitor, Signals};
@@ -55,6 +55,13 @@ use super::work::{Shared, Work};
 
 /// Batches in flight between two stages of a lane.
 const CHANNEL_DEPTH: usize = 1;
+
+/// Pages a lane holds at once, from the read of one until its batch is
+/// written: one being written, one ready for the sink, one being read or
+/// sealed. The stages and their channels alone would hold five (one in each
+/// stage, one in each channel), and since the sink sets a lane's pace the
+/// two more only waited, taking memory.
+const LANE_PAGES: usize = 3;
 
 /// Failures kept in memory for the report; the count beyond is exact.
 pub const MAX_REPORTED_FAILURES: usize = 10_000;
@@ -303,7 +310,8 @@ pub async fn run(
         };
         let (to_transform, from_source) = mpsc::channel::<Batch>(CHANNEL_DEPTH);
         let (to_sink, from_transform) = mpsc::channel::<Batch>(CHANNEL_DEPTH);
-        tasks.spawn(read(shared.clone(), reader, to_transform));
+        let slots = Arc::new(Semaphore::new(LANE_PAGES));
+        tasks.spawn(read(shared.clone(), reader, slots, to_transform));
         tasks.spawn(transform_stage(shared.clone(), mode, from_source, to_sink));
         tasks.spawn(write(shared.clone(), writer, lookup, from_transform));
     }

@@ -181,6 +181,8 @@ pub(super) fn split(target: &crate::job::Target, mut b: Batch) -> (Batch, Batch)
         end: b.end,
         lease: b.lease,
         upper: b.upper.clone(),
+        // the slot goes with the half written last
+        slot: b.slot,
     };
     let first = Batch {
         range_index: b.range_index,
@@ -190,6 +192,7 @@ pub(super) fn split(target: &crate::job::Target, mut b: Batch) -> (Batch, Batch)
         end: false,
         lease: b.lease,
         upper: b.upper,
+        slot: None,
     };
     (first, second)
 }

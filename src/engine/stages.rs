@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::control::monitor::Verdict;
 use crate::control::stop::StopBy;
@@ -29,6 +29,7 @@ use super::work::Shared;
 pub(super) async fn read(
     shared: Arc<Shared>,
     mut source: Source,
+    slots: Arc<Semaphore>,
     out: mpsc::Sender<Batch>,
 ) -> Result<Option<Outcome>, Error> {
     while let Some((ri, start, lease)) = shared.next_range(&mut source).await? {
@@ -37,6 +38,10 @@ pub(super) async fn read(
         let mut after = start;
         let mut upper = state.bounds.upper.clone();
         loop {
+            // the lane's page slots: one comes back as the sink drops a batch
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return Ok(None);
+            };
             if !shared.hold.wait(&shared.stop).await {
                 shared.cut_short.store(true, Ordering::Relaxed);
                 return Ok(None);
@@ -111,6 +116,7 @@ pub(super) async fn read(
                 end,
                 lease,
                 upper: upper.clone(),
+                slot: Some(slot),
             };
             if out.send(batch).await.is_err() {
                 return Ok(None);

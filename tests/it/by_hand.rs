@@ -65,5 +65,6 @@ pub async fn first_batch(database: &Database, target: &Target) -> Batch {
         end: true,
         lease: None,
         upper: None,
+        slot: None,
     }
 }

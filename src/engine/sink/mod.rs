@@ -11,6 +11,7 @@
 use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_postgres::{Client, Row, Statement, Transaction};
 
 use crate::db::session::Timeouts;
@@ -65,6 +66,9 @@ pub struct Batch {
     /// done only where `rekey.progress` has the same bound (a split the
     /// server lost leaves the range open, to be claimed again).
     pub upper: Option<KeyBytes>,
+    /// The lane's page slot this batch holds until it is dropped (`None`:
+    /// read outside a lane's pipeline, as the conflict re-reads are).
+    pub slot: Option<OwnedSemaphorePermit>,
 }
 
 /// What a committed batch records besides the rows.

@@ -1,6 +1,6 @@
 //! What a run shows while it runs: the metrics endpoint (the hold, the rows
-//! rewritten) and `--log-format json` (one object a line, with the hold's
-//! reason).
+//! rewritten, the batches waiting between stages: a lane holds three pages)
+//! and `--log-format json` (one object a line, with the hold's reason).
 
 use super::*;
 
@@ -133,4 +133,90 @@ async fn log_format_json_writes_one_object_per_line_with_the_hold_reason() {
             .all(|l| l["timestamp"].is_string() && l["level"].is_string()),
         "{stderr}"
     );
+}
+
+/// The value of `rekey_queue_depth{stage}` on a metrics page (`None`: not shown yet).
+fn queue_depth(page: &str, stage: &str) -> Option<u64> {
+    let name = format!("rekey_queue_depth{{stage=\"{stage}\"}} ");
+    page.lines()
+        .find_map(|l| l.strip_prefix(name.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// While its sink waits (here on a row an application holds locked), a
+/// lane holds three pages (the one being written, one sealed and ready,
+/// one more), not five: with five, a page read ahead stays waiting for the
+/// transform (`to_transform` 1) for as long as the sink waits.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lane_whose_sink_waits_reads_no_more_than_three_pages() {
+    let (db, _dir, j) = patients(4_000).await;
+    let mut app = connect(&db.url).await;
+    let tx = app.transaction().await.unwrap();
+    tx.execute("SELECT 1 FROM patient_persons WHERE id = 1 FOR UPDATE", &[])
+        .await
+        .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let child = spawn_captured(&[
+        "run",
+        "--job",
+        &j,
+        "--json",
+        "--workers",
+        "1",
+        "--batch-size",
+        "200",
+        "--lock-timeout",
+        "60s",
+        "--check-every",
+        "100ms",
+        "--metrics-addr",
+        &addr,
+    ]);
+    // the first batch waits on the lock; the next one is sealed and ready
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let page = tokio::task::block_in_place(|| scrape(port));
+        if queue_depth(&page, "to_sink") == Some(1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sink never had a batch waiting: {page}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // then nothing waits for the transform: five scrapes in a row, the
+    // gauges set at each check (every 100 ms)
+    let mut quiet = 0;
+    let mut last = String::new();
+    while quiet < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "a page read ahead kept waiting for the transform: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        last = tokio::task::block_in_place(|| scrape(port));
+        quiet = match queue_depth(&last, "to_transform") {
+            Some(0) => quiet + 1,
+            _ => 0,
+        };
+    }
+    let still: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'rekey' AND datname = current_database() AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(still, 1, "premise: the sink waited on the lock throughout");
+    tx.rollback().await.unwrap();
+    let out = finish(child, Duration::from_secs(60)).await;
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
 }
