@@ -123,7 +123,7 @@ impl Source {
         params.push(&limit);
         let what = || format!("reading a page of {}", target.table);
         // collected into a page of its full size at once: grown row by row it
-        // doubles to 8,192 places for 5,000 rows, and a lane holds up to five pages
+        // doubles to 8,192 places for 5,000 rows, and a lane holds up to three pages
         let stream = self
             .client
             .query_raw(stmt, params.iter().copied())

@@ -39,9 +39,12 @@ pub(super) async fn read(
         let mut upper = state.bounds.upper.clone();
         loop {
             // the lane's page slots: one comes back as the sink drops a batch
-            let Ok(slot) = slots.clone().acquire_owned().await else {
-                return Ok(None);
-            };
+            // (nothing closes them: were they closed, the lane must not look finished)
+            let slot = slots
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| Error::Runtime("a lane's page slots were closed".into()))?;
             if !shared.hold.wait(&shared.stop).await {
                 shared.cut_short.store(true, Ordering::Relaxed);
                 return Ok(None);
