@@ -353,11 +353,7 @@ static MOTO: OnceLock<Moto> = OnceLock::new();
 /// when this test process ends, however it ends.
 pub fn moto() -> &'static Moto {
     MOTO.get_or_init(|| {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let child = Command::new("python3")
             .args([
                 "-m",
@@ -669,4 +665,30 @@ pub fn url_as(db: &TestDb, role: &str) -> String {
     );
     db.url
         .replace("user=postgres", &format!("user={role} password=pw"))
+}
+
+/// A loopback port free a moment ago (for a listener the test starts, or one
+/// nothing listens on).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// rekey's statements of this database now waiting for a lock, as (pid,
+/// statement start): one entry per statement, however often it is seen.
+pub async fn lock_waits(db: &TestDb) -> Vec<(i32, String)> {
+    db.client
+        .query(
+            "SELECT pid, query_start::text FROM pg_stat_activity
+              WHERE application_name = 'rekey' AND datname = current_database() AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
 }

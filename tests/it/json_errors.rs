@@ -74,9 +74,7 @@ async fn a_bad_url_and_an_unreachable_server_are_error_objects() {
     );
 
     // a port nothing listens on: refused at once
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    drop(listener);
+    let port = free_port();
     let url = format!("host=127.0.0.1 port={port} user=postgres dbname=x");
     let out = rekey(
         &["plan", "--job", &job, "--json", "--database-url", &url],

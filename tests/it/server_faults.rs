@@ -311,22 +311,6 @@ async fn lock_middle_rows(db: &TestDb, rows: i64) -> tokio_postgres::Client {
     locker
 }
 
-/// rekey's statements of this database now waiting for a lock, as (pid,
-/// statement start): one entry per statement, however often it is seen.
-async fn lock_waits(db: &TestDb) -> Vec<(i32, String)> {
-    db.client
-        .query(
-            "SELECT pid, query_start::text FROM pg_stat_activity
-              WHERE application_name = 'rekey' AND datname = current_database() AND wait_event_type = 'Lock'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect()
-}
-
 /// rekey's statements of this database that have waited for a lock for longer than `for_ms`.
 async fn lock_waits_longer_than(db: &TestDb, for_ms: i64) -> Vec<(i32, String)> {
     db.client

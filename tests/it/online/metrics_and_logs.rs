@@ -29,11 +29,7 @@ async fn the_metrics_endpoint_shows_the_hold_and_the_rows_rewritten() {
     let (_db, dir, j) = patients(4_000).await;
     let control = dir.path().join("control");
     std::fs::write(&control, "pause").unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let c = control.display().to_string();
     let child = spawn_captured(&[
@@ -155,11 +151,7 @@ async fn a_lane_whose_sink_waits_reads_no_more_than_three_pages() {
     tx.execute("SELECT 1 FROM patient_persons WHERE id = 1 FOR UPDATE", &[])
         .await
         .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let child = spawn_captured(&[
         "run",
@@ -206,16 +198,12 @@ async fn a_lane_whose_sink_waits_reads_no_more_than_three_pages() {
             _ => 0,
         };
     }
-    let still: i64 = db
-        .client
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'rekey' AND datname = current_database() AND wait_event_type = 'Lock'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(still, 1, "premise: the sink waited on the lock throughout");
+    let still = lock_waits(&db).await;
+    assert_eq!(
+        still.len(),
+        1,
+        "premise: the sink waited on the lock throughout: {still:?}"
+    );
     tx.rollback().await.unwrap();
     let out = finish(child, Duration::from_secs(60)).await;
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));

@@ -38,18 +38,7 @@ async fn a_batch_blocked_by_a_row_lock_is_retried_in_halves_and_the_run_finishes
             "rekey ran into the locked row {} times in 30 s, not 3",
             waits.len()
         );
-        for r in db
-            .client
-            .query(
-                "SELECT pid, query_start::text FROM pg_stat_activity
-                  WHERE application_name = 'rekey' AND datname = current_database() AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .await
-            .unwrap()
-        {
-            waits.insert((r.get::<_, i32>(0), r.get::<_, String>(1)));
-        }
+        waits.extend(lock_waits(&db).await);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     tx.rollback().await.unwrap();
