@@ -1,7 +1,7 @@
 //! PostgreSQL plumbing below everything else: connections ([`connect`], with
 //! TLS in [`tls`], libpq strings in [`conninfo`], and what libpq reads
 //! besides them: service file, `PG*` variables, password file), raw binary values
-//! ([`raw`]), binary COPY ([`binary_copy`]), identifier quoting, and
+//! ([`raw`], held compactly by the page in [`page`]), binary COPY ([`binary_copy`]), identifier quoting, and
 //! throwaway clusters for tests and benchmarks ([`cluster`]). Uses nothing
 //! else of rekey's.
 
@@ -10,11 +10,13 @@ pub mod cluster;
 pub mod connect;
 pub mod conninfo;
 mod libpq_env;
+pub mod page;
 pub mod raw;
 pub mod session;
 pub mod tls;
 
 pub use connect::{ConnectError, Database};
+pub use page::{Page, PageError, PageRow};
 pub use raw::{KeyBytes, RawParam, RawRef};
 pub use tls::SslMode;
 

@@ -51,7 +51,7 @@ pub type KeyBytes = Vec<Vec<u8>>;
 
 /// The first `n` columns of `row` as raw bytes (key columns come first in
 /// every row rekey reads); a NULL reads as empty, which no key column holds.
-pub fn leading(row: &Row, n: usize) -> impl Iterator<Item = &[u8]> {
+fn leading(row: &Row, n: usize) -> impl Iterator<Item = &[u8]> {
     (0..n).map(move |i| {
         row.try_get::<_, Option<RawRef>>(i)
             .ok()

@@ -4,10 +4,10 @@
 //! made (or one beside no ciphertext) is failed, so the sink quarantines it
 //! and leaves it as it is. Pure CPU, like the rest of the transform.
 
-use tokio_postgres::Row;
 use zeroize::Zeroizing;
 
 use crate::crypto::codec::CodecError;
+use crate::db::PageRow;
 use crate::job::{Encoding, SearchHash, Target};
 
 use super::transform::{decode, value, Cell};
@@ -23,7 +23,13 @@ pub enum Purpose {
 
 /// The cell of the search hash of `row`. A NULL hash stays NULL: rekey
 /// rotates hashes, it does not add them where the application wrote none.
-pub fn cell(target: &Target, hash: &SearchHash, row: &Row, aad: &[u8], purpose: Purpose) -> Cell {
+pub fn cell(
+    target: &Target,
+    hash: &SearchHash,
+    row: PageRow<'_>,
+    aad: &[u8],
+    purpose: Purpose,
+) -> Cell {
     let Some(stored) = value(target, row, hash.column) else {
         return Cell::Null;
     };

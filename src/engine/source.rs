@@ -10,12 +10,11 @@ use std::collections::HashMap;
 
 use futures_util::TryStreamExt;
 
-use tokio_postgres::{Client, Row, Statement};
+use tokio_postgres::{Client, Statement};
 
-use crate::db::raw::{self, RawParam, RawRef};
+use crate::db::raw::{self, RawParam};
 use crate::db::session::Timeouts;
-use crate::db::Database;
-use crate::db::KeyBytes;
+use crate::db::{Database, KeyBytes, Page};
 use crate::engine::sql::{self, Bounds};
 use crate::error::DbContext;
 use crate::job::Target;
@@ -95,7 +94,7 @@ impl Source {
         after: Option<&KeyBytes>,
         upper: Option<&KeyBytes>,
         limit: usize,
-    ) -> Result<Vec<Row>, Error> {
+    ) -> Result<Page, Error> {
         let bounds = Bounds {
             lower: after.is_some(),
             upper: upper.is_some(),
@@ -122,22 +121,21 @@ impl Source {
         params.extend(raw::params(&prefixes));
         params.push(&limit);
         let what = || format!("reading a page of {}", target.table);
-        // collected into a page of its full size at once: grown row by row it
-        // doubles to 8,192 places for 5,000 rows, and a lane holds up to three pages
+        // copied row by row into a compact page with places for all its rows:
+        // the driver's rows cost about 160 bytes each beside their values
         let stream = self
             .client
             .query_raw(stmt, params.iter().copied())
             .await
             .ctx(what)?;
         futures_util::pin_mut!(stream);
-        let mut page = Vec::with_capacity(rows);
+        let mut page = Page::with_capacity(rows, stmt.columns().len());
         while let Some(row) = stream.try_next().await.ctx(what)? {
-            page.push(row);
+            page.push(&row)
+                .map_err(|e| Error::Runtime(format!("{}: {e}", what())))?;
         }
-        // a range's last page is short: it does not keep a full page's places
-        if page.len() < rows / 2 {
-            page.shrink_to_fit();
-        }
+        // a range's last page is short, and the values' buffer grew by doubling
+        page.shrink_to_fit();
         Ok(page)
     }
 }
@@ -148,24 +146,27 @@ impl Source {
         &mut self,
         target: &Target,
         keys: &[KeyBytes],
-    ) -> Result<Vec<Row>, Error> {
+    ) -> Result<Page, Error> {
         let what = || format!("re-reading conflicted rows of {}", target.table);
         let stmt = self
             .client
             .prepare(&sql::select_by_key(target))
             .await
             .ctx(what)?;
-        let mut rows = Vec::with_capacity(keys.len());
+        let mut page = Page::with_capacity(keys.len(), stmt.columns().len());
         for key in keys {
             let key: Vec<RawParam> = key.iter().map(|p| RawParam(p)).collect();
-            rows.extend(
-                self.client
-                    .query_opt(&stmt, &raw::params(&key))
-                    .await
-                    .ctx(what)?,
-            );
+            let found = self
+                .client
+                .query_opt(&stmt, &raw::params(&key))
+                .await
+                .ctx(what)?;
+            if let Some(row) = found {
+                page.push(&row)
+                    .map_err(|e| Error::Runtime(format!("{}: {e}", what())))?;
+            }
         }
-        Ok(rows)
+        Ok(page)
     }
 }
 
@@ -204,11 +205,4 @@ fn bound_params<'a>(after: Option<&'a KeyBytes>, upper: Option<&'a KeyBytes>) ->
         .chain(upper)
         .flat_map(|k| k.iter().map(|p| RawParam(p)))
         .collect()
-}
-
-/// Bytes of the encrypted values in a row read by [`Source::page`].
-pub fn value_bytes(target: &Target, row: &Row) -> usize {
-    (target.key.len()..row.len())
-        .map(|i| row.try_get::<_, RawRef>(i).map_or(0, |r| r.0.len()))
-        .sum()
 }

@@ -13,7 +13,7 @@ use crate::control::monitor::Verdict;
 use crate::control::stop::StopBy;
 use crate::engine::pipeline::{Mode, Outcome};
 use crate::engine::sink::{self, Batch, Writer};
-use crate::engine::source::{self, Source};
+use crate::engine::source::Source;
 use crate::engine::transform::{self, Cell};
 use crate::job::Job;
 use crate::observe::counts::Counts;
@@ -102,10 +102,9 @@ pub(super) async fn read(
                     }
                 }
             };
-            shared.sizer.read(
-                rows.len(),
-                rows.iter().map(|r| source::value_bytes(target, r)).sum(),
-            );
+            shared
+                .sizer
+                .read(rows.len(), rows.bytes_in(target.key.len()..usize::MAX));
             let end = rows.len() < limit;
             let last_key = rows.last().map(|r| target.row_key(r));
             if let Some(k) = &last_key {

@@ -11,13 +11,11 @@ use std::cell::RefCell;
 
 use base64::Engine as _;
 use rayon::prelude::*;
-use tokio_postgres::Row;
-
 use zeroize::Zeroize;
 
 use crate::crypto::codec::{Codec, CodecError};
 use crate::crypto::keyring::KeyId;
-use crate::db::RawRef;
+use crate::db::{Page, PageRow};
 use crate::job::{Aad, Encoding, Side, Target};
 
 use super::rehash::{self, Purpose};
@@ -45,23 +43,18 @@ pub enum Cell {
 }
 
 /// The encrypted value in column `col` of a page row, as stored.
-pub fn value<'a>(target: &Target, row: &'a Row, col: usize) -> Option<&'a [u8]> {
-    row.try_get::<_, Option<RawRef>>(target.key.len() + col)
-        .ok()
-        .flatten()
-        .map(|r| r.0)
+pub fn value<'a>(target: &Target, row: PageRow<'a>, col: usize) -> Option<&'a [u8]> {
+    row.get(target.key.len() + col)
 }
 
 /// The associated data for the values of a page row.
-pub fn aad<'a>(target: &'a Target, row: &'a Row) -> &'a [u8] {
+pub fn aad<'a>(target: &'a Target, row: PageRow<'a>) -> &'a [u8] {
     match &target.aad {
         Aad::None => &[],
         Aad::Constant(bytes) => bytes,
         Aad::Column(_) => row
-            .try_get::<_, Option<RawRef>>(target.key.len() + target.columns.len())
-            .ok()
-            .flatten()
-            .map_or(&[], |r| r.0),
+            .get(target.key.len() + target.columns.len())
+            .unwrap_or_default(),
     }
 }
 
@@ -75,14 +68,14 @@ pub fn rewritten_rows(cells: &[Cell], ncols: usize) -> impl Iterator<Item = usiz
 }
 
 /// Decides every cell of a batch; `cells` is row-major, one per encrypted column.
-pub fn rewrite(target: &Target, rows: &[Row], cells: &mut Vec<Cell>) {
+pub fn rewrite(target: &Target, rows: &Page, cells: &mut Vec<Cell>) {
     fill(target, rows, cells, Purpose::Rewrite, |col, stored, aad| {
         rewrite_value(target, col, stored, aad)
     });
 }
 
 /// Opens every value of a batch to see which key (and format) it is under (verify).
-pub fn classify(target: &Target, rows: &[Row], cells: &mut Vec<Cell>) {
+pub fn classify(target: &Target, rows: &Page, cells: &mut Vec<Cell>) {
     fill(
         target,
         rows,
@@ -95,7 +88,7 @@ pub fn classify(target: &Target, rows: &[Row], cells: &mut Vec<Cell>) {
 /// Decides the ciphertexts of each row with `decide`, then its search hash.
 fn fill(
     target: &Target,
-    rows: &[Row],
+    rows: &Page,
     cells: &mut Vec<Cell>,
     purpose: Purpose,
     decide: impl Fn(usize, &[u8], &[u8]) -> Cell + Sync,
@@ -105,7 +98,7 @@ fn fill(
     cells.resize(rows.len() * ncols, Cell::Null);
     cells
         .par_chunks_mut(ncols)
-        .zip(rows.par_iter())
+        .zip((0..rows.len()).into_par_iter().map(|r| rows.row(r)))
         .with_min_len(64)
         .for_each(|(out, row)| {
             let aad = aad(target, row);

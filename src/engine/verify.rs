@@ -13,7 +13,7 @@ use tokio_postgres::Client;
 
 use crate::crypto::keyring::KeyId;
 use crate::db::raw::params;
-use crate::db::Database;
+use crate::db::{Database, Page};
 use crate::engine::pipeline::{self, Mode, Settings};
 use crate::engine::sink::Failure;
 use crate::engine::transform::{self, Cell};
@@ -295,6 +295,7 @@ pub async fn preflight(client: &Client, job: &Job) -> Result<(), Error> {
             .query(&text, &params)
             .await
             .ctx(|| format!("reading a sample of {}", t.table))?;
+        let rows = page_of(t, &rows)?;
         refuse_missing_keys(t, &rows)?;
         let mut cells = Vec::new();
         transform::classify(t, &rows, &mut cells);
@@ -324,6 +325,12 @@ pub async fn preflight(client: &Client, job: &Job) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// Sampled rows as the transform takes them.
+fn page_of(t: &Target, rows: &[tokio_postgres::Row]) -> Result<Page, Error> {
+    Page::from_rows(rows)
+        .map_err(|e| Error::Runtime(format!("reading a sample of {}: {e}", t.table)))
 }
 
 /// Refuses, before any write, a target none of whose sampled search hashes
@@ -362,10 +369,10 @@ fn refuse_wrong_hash_key(t: &Target, cells: &[Cell]) -> Result<(), Error> {
 /// hold (an old key left out): every one of them would be quarantined. A key
 /// id named by a stray value or two (a damaged version byte) is not a key
 /// left out: those values are quarantined one by one.
-fn refuse_missing_keys(t: &Target, rows: &[tokio_postgres::Row]) -> Result<(), Error> {
+fn refuse_missing_keys(t: &Target, rows: &Page) -> Result<(), Error> {
     let mut missing: BTreeMap<KeyId, u64> = BTreeMap::new();
     let mut tried = 0u64;
-    for row in rows {
+    for row in rows.rows() {
         for col in 0..t.columns.len() {
             let Some(stored) = transform::value(t, row, col) else {
                 continue;
@@ -414,7 +421,7 @@ async fn sample_target(
         .await
         .ctx(|| format!("sampling {}", t.table))?;
     let mut cells = Vec::new();
-    transform::classify(t, &rows, &mut cells);
+    transform::classify(t, &page_of(t, &rows)?, &mut cells);
     let ncols = t.columns.len();
     let key_col = t.key.len() + ncols + usize::from(matches!(t.aad, Aad::Column(_)));
     let mut failed = Vec::new();

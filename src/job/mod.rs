@@ -20,7 +20,8 @@ use std::sync::Arc;
 use crate::crypto::codec::{Codec, Format};
 use crate::crypto::keyring::Keyring;
 use crate::db::quote_ident;
-use crate::db::raw::{self, KeyBytes, RawParam};
+use crate::db::raw::{KeyBytes, RawParam};
+use crate::db::PageRow;
 use crate::secrets::KeysSpec;
 use crate::Error;
 
@@ -102,13 +103,13 @@ impl Target {
     }
 
     /// The key of a row read from this target (key columns first), owned.
-    pub fn row_key(&self, row: &tokio_postgres::Row) -> KeyBytes {
-        raw::key_of(row, self.key.len())
+    pub fn row_key(&self, row: PageRow<'_>) -> KeyBytes {
+        row.key(self.key.len())
     }
 
     /// The key of a row read from this target, as statement parameters.
-    pub fn key_params<'a>(&self, row: &'a tokio_postgres::Row) -> Vec<RawParam<'a>> {
-        raw::leading(row, self.key.len()).map(RawParam).collect()
+    pub fn key_params<'a>(&self, row: PageRow<'a>) -> Vec<RawParam<'a>> {
+        row.leading(self.key.len()).map(RawParam).collect()
     }
 
     /// A readable `table.column` label.

@@ -12,11 +12,10 @@ use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio_postgres::{Client, Row, Statement, Transaction};
+use tokio_postgres::{Client, Statement, Transaction};
 
 use crate::db::session::Timeouts;
-use crate::db::Database;
-use crate::db::KeyBytes;
+use crate::db::{Database, KeyBytes, Page};
 use crate::engine::sql;
 use crate::engine::transform::{self, Cell};
 use crate::error::DbContext;
@@ -53,7 +52,7 @@ pub struct Batch {
     /// Index of the range (in the pipeline's range list) it belongs to.
     pub range_index: usize,
     /// The rows read, key columns first.
-    pub rows: Vec<Row>,
+    pub rows: Page,
     /// Row-major decisions, filled by the transform.
     pub cells: Vec<Cell>,
     /// Key of the last row read, where the next page starts.
@@ -164,7 +163,7 @@ impl Writer {
         batch: &Batch,
     ) -> Result<Written, Error> {
         let what = || format!("setting aside locked rows of {}", target.table);
-        let rows: HashSet<KeyBytes> = batch.rows.iter().map(|r| target.row_key(r)).collect();
+        let rows: HashSet<KeyBytes> = batch.rows.rows().map(|r| target.row_key(r)).collect();
         let counts = Counts {
             rows_scanned: batch.rows.len() as u64,
             conflicts: rows.len() as u64,
@@ -207,7 +206,7 @@ impl Writer {
         let p = &self.prepared[&target.index];
         let ncols = target.columns.len();
         let mut swapped = Swapped::default();
-        for (r, _) in batch.rows.iter().enumerate() {
+        for r in 0..batch.rows.len() {
             for c in 0..ncols {
                 if matches!(batch.cells[r * ncols + c], Cell::Rewritten(_)) {
                     swapped

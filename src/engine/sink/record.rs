@@ -36,7 +36,7 @@ pub(super) async fn tally_and_quarantine(
     let ncols = target.columns.len();
     // (row, column, error kind) of each value to quarantine
     let mut failed = Vec::new();
-    for (r, row) in batch.rows.iter().enumerate() {
+    for (r, row) in batch.rows.rows().enumerate() {
         let row_conflicted =
             !swapped.conflicted.is_empty() && swapped.conflicted.contains(&target.row_key(row));
         for (c, cell) in batch.cells[r * ncols..(r + 1) * ncols].iter().enumerate() {
@@ -61,7 +61,7 @@ pub(super) async fn tally_and_quarantine(
     let inserted = join_all(failed.iter().map(|&(r, c, kind)| {
         let table = &table;
         async move {
-            let row = &batch.rows[r];
+            let row = batch.rows.row(r);
             let key = target.row_key(row);
             let pk: Vec<&[u8]> = key.iter().map(|k| k.as_slice()).collect();
             let keyp = target.key_params(row);
@@ -90,7 +90,7 @@ pub(super) async fn tally_and_quarantine(
             }
             // changed since it was read (perhaps fixed): re-read later
             None => {
-                changed.insert(target.row_key(&batch.rows[r]));
+                changed.insert(target.row_key(batch.rows.row(r)));
             }
         }
     }
@@ -111,7 +111,7 @@ pub(super) async fn record_not_rotated(
     let written = join_all(swapped.not_rotated.iter().map(|(&(r, c), reason)| {
         let table = &table;
         async move {
-            let row = &batch.rows[r];
+            let row = batch.rows.row(r);
             let key = target.row_key(row);
             let pk: Vec<&[u8]> = key.iter().map(|k| k.as_slice()).collect();
             let keyp = target.key_params(row);
@@ -142,7 +142,7 @@ pub async fn describe_failures(
     let ncols = target.columns.len();
     let mut out = Vec::new();
     let mut stmt = None;
-    for (r, row) in batch.rows.iter().enumerate() {
+    for (r, row) in batch.rows.rows().enumerate() {
         for (c, cell) in batch.cells[r * ncols..(r + 1) * ncols].iter().enumerate() {
             if let Cell::Failed(e) = cell {
                 let what = || format!("describing a failed value of {}", target.table);

@@ -77,9 +77,9 @@ pub(super) async fn swap(
     let mut buf = CopyBuffer::with_capacity(staged.len() * 160);
     let fields = (target.key.len() + 2 * ncols) as i16;
     for &r in staged {
-        let row = &batch.rows[r];
+        let row = batch.rows.row(r);
         buf.row(fields);
-        for k in raw::leading(row, target.key.len()) {
+        for k in row.leading(target.key.len()) {
             buf.field(Some(k));
         }
         for (c, cell) in batch.cells[r * ncols..(r + 1) * ncols].iter().enumerate() {
@@ -105,8 +105,8 @@ pub(super) async fn swap(
 
     let answer = match (commit, staged.first(), staged.last()) {
         (Commit::Range(_), Some(&first), Some(&last)) => {
-            let lo = target.key_params(&batch.rows[first]);
-            let hi = target.key_params(&batch.rows[last]);
+            let lo = target.key_params(batch.rows.row(first));
+            let hi = target.key_params(batch.rows.row(last));
             let mut params = params(&lo);
             params.extend(raw::params(&hi));
             tx.query_one(&p.update, &params).await?
@@ -123,8 +123,7 @@ pub(super) async fn swap(
     let mut swapped = Swapped::default();
     counts.rows_rewritten = 0;
     for &r in staged {
-        let row = &batch.rows[r];
-        let key = target.row_key(row);
+        let key = target.row_key(batch.rows.row(r));
         let rewritten: Vec<usize> = (0..ncols)
             .filter(|&c| matches!(batch.cells[r * ncols + c], Cell::Rewritten(_)))
             .collect();
