@@ -3,7 +3,8 @@
 //! Layout: an 11-byte signature, flags and header-extension length (both
 //! zero), then per tuple a 16-bit field count and per field a 32-bit length
 //! (-1 for NULL) and the field's binary-format bytes, then a -1 trailer.
-//! The encoder builds one contiguous buffer per batch; the caller *must*
+//! The encoder builds a batch's data in one buffer, which the caller may
+//! hand over in parts as it grows ([`CopyBuffer::take`]); the caller *must*
 //! call [`CopyBuffer::finish`] to append the trailer, or the server rejects
 //! the data.
 
@@ -49,6 +50,22 @@ impl CopyBuffer {
         self.buf.put_slice(tuples);
     }
 
+    /// Bytes encoded and not yet handed over.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Whether every byte encoded has been handed over.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// Hands over the bytes encoded so far (the signature first) and goes
+    /// on with an empty buffer; what follows continues the same data.
+    pub fn take(&mut self) -> Bytes {
+        self.buf.split().freeze()
+    }
+
     /// Appends the trailer and hands the bytes over.
     pub fn finish(mut self) -> Bytes {
         self.buf.put_i16(-1);
@@ -88,5 +105,24 @@ mod tests {
             0, 2, 0, 0, 0, 2, b'a', b'b', 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
         ]);
         assert_eq!(&out[..], &want[..]);
+    }
+
+    #[test]
+    fn data_taken_in_parts_joins_into_the_data_built_whole() {
+        let build = |take_after_each_row: bool| {
+            let mut b = CopyBuffer::with_capacity(0);
+            let mut out = Vec::new();
+            for v in [&b"one"[..], b"", b"three"] {
+                b.row(1);
+                b.field(Some(v));
+                if take_after_each_row {
+                    out.extend_from_slice(&b.take());
+                    assert!(b.is_empty());
+                }
+            }
+            out.extend_from_slice(&b.finish());
+            out
+        };
+        assert_eq!(build(true), build(false));
     }
 }
