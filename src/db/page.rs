@@ -1,8 +1,8 @@
 //! A page of result rows held compactly: every value's bytes back to back in
 //! one buffer, and one small span per value.
 //!
-//! A lane holds up to three pages, so what a page costs per row is paid by
-//! every lane three times over. The driver's own rows cost about 160 bytes
+//! A lane holds up to two pages, so what a page costs per row is paid by
+//! every lane twice over. The driver's own rows cost about 160 bytes
 //! each beside their values (a struct, a list of column ranges of its own,
 //! and the message framing they point into); a span costs 8 bytes.
 

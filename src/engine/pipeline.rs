@@ -5,7 +5,7 @@
 //! queue; each of `lanes` lanes is a reader task, a transform task (which
 //! hands each batch to the rayon pool) and a sink task, with channels of one
 //! batch between them, and a lane holds at most [`LANE_PAGES`] pages at once,
-//! so memory is bounded by lanes x 3 batches whatever the table's size (one
+//! so memory is bounded by lanes x 2 batches whatever the table's size (one
 //! deep is as fast as two here, and loses less work to a kill). A lane works one range at a time, in key order, so its
 //! checkpoints only move forward; lanes write disjoint ranges side by side.
 //!
@@ -57,11 +57,12 @@ use super::work::{Shared, Work};
 const CHANNEL_DEPTH: usize = 1;
 
 /// Pages a lane holds at once, from the read of one until its batch is
-/// written: one being written, one ready for the sink, one being read or
-/// sealed. The stages and their channels alone would hold five (one in each
-/// stage, one in each channel), and since the sink sets a lane's pace the
-/// two more only waited, taking memory.
-const LANE_PAGES: usize = 3;
+/// written: one being written, and the next, being read, sealed or ready for
+/// the sink. The stages and their channels alone would hold five (one in
+/// each stage, one in each channel); the sink sets a lane's pace, and the
+/// next page is read and sealed in less time than a batch takes to write,
+/// so the three more only waited, taking memory (three pages ran no faster).
+const LANE_PAGES: usize = 2;
 
 /// Failures kept in memory for the report; the count beyond is exact.
 pub const MAX_REPORTED_FAILURES: usize = 10_000;

@@ -23,7 +23,7 @@ use crate::Error;
 
 use super::retry::commit;
 use super::watch::apply;
-use super::work::Shared;
+use super::work::{PageSlot, Shared};
 
 /// Source stage: reads each range it takes, page by page, in key order.
 pub(super) async fn read(
@@ -118,7 +118,7 @@ pub(super) async fn read(
                 end,
                 lease,
                 upper: upper.clone(),
-                slot: Some(slot),
+                slot: Some(PageSlot::new(slot, shared.queued.pages.clone())),
             };
             if out.send(batch).await.is_err() {
                 return Ok(None);

@@ -174,6 +174,10 @@ pub(super) async fn watch(
             }
             .emit();
         }
+        events::PagesHeld {
+            pages: usize::try_from(shared.queued.pages.load(Ordering::Relaxed)).unwrap_or(0),
+        }
+        .emit();
     }
 }
 

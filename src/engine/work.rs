@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, AtomicUsize
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use tokio::sync::OwnedSemaphorePermit;
+
 use crate::control::stop::Stop;
 use crate::control::throttle::{BatchSizer, Hold, Pace};
 
@@ -38,6 +40,34 @@ pub(super) struct Queued {
     pub(super) to_transform: AtomicI64,
     /// Transformed, waiting for the sink.
     pub(super) to_sink: AtomicI64,
+    /// Pages held: read and not yet written or dropped.
+    pub(super) pages: Arc<AtomicI64>,
+}
+
+/// A lane's page slot, held by a batch from the read of its page until the
+/// batch is dropped, and counted meanwhile in the pages the run holds.
+pub struct PageSlot {
+    /// The lane's permit: it goes back to the lane on drop.
+    _permit: OwnedSemaphorePermit,
+    /// The run's count of pages held.
+    held: Arc<AtomicI64>,
+}
+
+impl PageSlot {
+    /// Counts a page read under `permit` as held.
+    pub(super) fn new(permit: OwnedSemaphorePermit, held: Arc<AtomicI64>) -> Self {
+        held.fetch_add(1, Ordering::Relaxed);
+        PageSlot {
+            _permit: permit,
+            held,
+        }
+    }
+}
+
+impl Drop for PageSlot {
+    fn drop(&mut self) {
+        self.held.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Where ranges come from.

@@ -11,13 +11,13 @@
 use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_postgres::{Client, Statement, Transaction};
 
 use crate::db::session::Timeouts;
 use crate::db::{Database, KeyBytes, Page};
 use crate::engine::sql;
 use crate::engine::transform::{self, Cell};
+use crate::engine::work::PageSlot;
 use crate::error::DbContext;
 use crate::job::{Job, Target};
 use crate::observe::counts::Counts;
@@ -67,7 +67,7 @@ pub struct Batch {
     pub upper: Option<KeyBytes>,
     /// The lane's page slot this batch holds until it is dropped (`None`:
     /// read outside a lane's pipeline, as the conflict re-reads are).
-    pub slot: Option<OwnedSemaphorePermit>,
+    pub slot: Option<PageSlot>,
 }
 
 /// What a committed batch records besides the rows.

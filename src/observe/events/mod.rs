@@ -322,6 +322,20 @@ impl QueueDepth {
     }
 }
 
+/// Pages read and not yet written or dropped, all lanes; a gauge only.
+#[derive(Debug, Clone, Copy)]
+pub struct PagesHeld {
+    /// Pages held.
+    pub pages: usize,
+}
+
+impl PagesHeld {
+    /// Sets `rekey_pages_held`.
+    pub fn emit(&self) {
+        metrics::gauge!("rekey_pages_held").set(self.pages as f64);
+    }
+}
+
 /// A run ended.
 #[derive(Debug)]
 pub struct RunFinished<'a> {
