@@ -135,7 +135,7 @@ pub struct OnlineArgs {
     /// Adapt the batch size (up to --batch-size) so one batch takes about this long to commit.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub batch_time: Option<std::time::Duration>,
-    /// Most bytes of encrypted values in one batch (e.g. 16MiB); memory is about lanes x 10 x this, at most.
+    /// Most bytes of encrypted values in one batch (e.g. 16MiB); memory is about lanes x 20 x this, at most.
     #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = parse_size)]
     pub max_batch_bytes: u64,
     /// How long one statement of a batch may wait for a row lock; a batch that waits longer is retried in halves.

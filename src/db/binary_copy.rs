@@ -12,7 +12,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
 
-/// One batch of tuples in binary COPY format.
+/// One batch of tuples in binary COPY format, handed over whole or in parts.
 pub struct CopyBuffer {
     /// The encoded bytes so far.
     buf: BytesMut,
@@ -66,7 +66,7 @@ impl CopyBuffer {
         self.buf.split().freeze()
     }
 
-    /// Appends the trailer and hands the bytes over.
+    /// Appends the trailer and hands over the bytes not yet handed over.
     pub fn finish(mut self) -> Bytes {
         self.buf.put_i16(-1);
         self.buf.freeze()

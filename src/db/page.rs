@@ -28,7 +28,7 @@ const NULL: u32 = u32::MAX;
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum PageError {
     /// Its values passed 4 GiB, which the spans do not reach.
-    #[error("a page's values passed 4 GiB; read fewer rows at a time (--batch-size)")]
+    #[error("a page's values passed 4 GiB; read fewer bytes at a time (--max-batch-bytes)")]
     TooLarge,
     /// A row had a different number of columns than the page's first.
     #[error("a row of {found} columns in a page of {width}")]
@@ -40,8 +40,9 @@ pub enum PageError {
     },
 }
 
-/// Rows of raw binary values, each with the same number of columns.
-#[derive(Debug, Default)]
+/// Rows of raw binary values, each with the same number of columns. Its
+/// `Debug` shows its shape, never the values (keys and ciphertexts).
+#[derive(Default)]
 pub struct Page {
     /// Columns per row.
     width: usize,
@@ -54,11 +55,22 @@ pub struct Page {
 impl Page {
     /// An empty page with places for `rows` rows of `width` columns.
     pub fn with_capacity(rows: usize, width: usize) -> Self {
+        Page::with_room(rows, width, 0)
+    }
+
+    /// An empty page with places for `rows` rows of `width` columns and
+    /// room for `bytes` bytes of their values.
+    pub fn with_room(rows: usize, width: usize, bytes: usize) -> Self {
         Page {
             width,
-            bytes: Vec::new(),
+            bytes: Vec::with_capacity(bytes),
             spans: Vec::with_capacity(rows * width),
         }
+    }
+
+    /// Bytes of every value it holds.
+    pub fn value_bytes(&self) -> usize {
+        self.bytes.len()
     }
 
     /// The driver's rows, copied into a page.
@@ -177,7 +189,8 @@ impl Page {
             .max()
             .unwrap_or(0);
         self.bytes.truncate(kept);
-        self.bytes.shrink_to_fit();
+        self.shrink_to_fit();
+        rest.shrink_to_fit();
         rest
     }
 
@@ -186,6 +199,26 @@ impl Page {
         self.bytes.shrink_to_fit();
         self.spans.shrink_to_fit();
     }
+
+    /// Gives back the room for its values where over a quarter of it is unused.
+    pub fn shrink_if_roomy(&mut self) {
+        if self.bytes.capacity() - self.bytes.len() > self.bytes.len() / 4 {
+            self.bytes.shrink_to_fit();
+        }
+        if self.spans.capacity() - self.spans.len() > self.spans.len() / 4 {
+            self.spans.shrink_to_fit();
+        }
+    }
+}
+
+impl std::fmt::Debug for Page {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Page")
+            .field("rows", &self.len())
+            .field("width", &self.width)
+            .field("bytes", &self.bytes.len())
+            .finish()
+    }
 }
 
 /// The bytes a span points at.
@@ -193,7 +226,7 @@ fn value(bytes: &[u8], span: Span) -> Option<&[u8]> {
     (span.len != NULL).then(|| &bytes[span.start as usize..(span.start + span.len) as usize])
 }
 
-/// One row of a [`Page`].
+/// One row of a [`Page`] (its `Debug` shows where it is, never its values).
 #[derive(Debug, Clone, Copy)]
 pub struct PageRow<'a> {
     page: &'a Page,
@@ -267,6 +300,11 @@ mod tests {
         assert_eq!(r1.get(3), None, "past the row's columns");
         assert_eq!(p.last().map(|r| r.key(1)), Some(vec![b"k2".to_vec()]));
         assert_eq!(p.bytes_in(1..3), 3);
+        assert_eq!(
+            format!("{p:?}"),
+            "Page { rows: 2, width: 3, bytes: 7 }",
+            "its Debug shows no value"
+        );
     }
 
     #[test]

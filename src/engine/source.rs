@@ -30,6 +30,8 @@ pub struct Source {
     statements: HashMap<(usize, Bounds), (Statement, Vec<usize>)>,
     /// Whether to read only rows with a stale value (false for `verify --full`).
     only_stale: bool,
+    /// Bytes of values per row in the last page of each target, to size the next.
+    row_bytes: HashMap<usize, usize>,
 }
 
 impl Source {
@@ -40,6 +42,7 @@ impl Source {
             origin: None,
             statements: HashMap::new(),
             only_stale,
+            row_bytes: HashMap::new(),
         }
     }
 
@@ -55,6 +58,7 @@ impl Source {
             origin: Some((db.clone(), timeouts)),
             statements: HashMap::new(),
             only_stale,
+            row_bytes: HashMap::new(),
         })
     }
 
@@ -121,21 +125,29 @@ impl Source {
         params.extend(raw::params(&prefixes));
         params.push(&limit);
         let what = || format!("reading a page of {}", target.table);
-        // copied row by row into a compact page with places for all its rows:
-        // the driver's rows cost about 160 bytes each beside their values
+        // copied row by row into a compact page with places for all its rows,
+        // and room for their values as the last page's rows took: the
+        // driver's rows cost about 160 bytes each beside their values
         let stream = self
             .client
             .query_raw(stmt, params.iter().copied())
             .await
             .ctx(what)?;
         futures_util::pin_mut!(stream);
-        let mut page = Page::with_capacity(rows, stmt.columns().len());
+        // an eighth more than the last page's rows took, for rows a little larger
+        let per_row = self.row_bytes.get(&target.index).map_or(0, |b| b + b / 8);
+        let room = rows.saturating_mul(per_row);
+        let mut page = Page::with_room(rows, stmt.columns().len(), room);
         while let Some(row) = stream.try_next().await.ctx(what)? {
             page.push(&row)
                 .map_err(|e| Error::Runtime(format!("{}: {e}", what())))?;
         }
-        // a range's last page is short, and the values' buffer grew by doubling
-        page.shrink_to_fit();
+        if let Some(per_row) = page.value_bytes().checked_div(page.len()) {
+            self.row_bytes.insert(target.index, per_row);
+        }
+        // a range's last page is short, and values larger than the last
+        // page's grew their buffer by doubling
+        page.shrink_if_roomy();
         Ok(page)
     }
 }

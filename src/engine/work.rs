@@ -33,7 +33,8 @@ type QuarantineGroup = (String, String, &'static str);
 /// Keys named in the warning about quarantined values of one column.
 const QUARANTINE_EXAMPLES: usize = 5;
 
-/// Batches waiting in the channels between stages, all lanes together.
+/// Batches waiting in the channels between stages, and pages held, all
+/// lanes together.
 #[derive(Debug, Default)]
 pub(super) struct Queued {
     /// Read, waiting for the transform.
@@ -508,4 +509,33 @@ impl Shared {
 /// Waits before try `failed + 1`: 0.25 s, doubling, at most 8 s.
 pub(super) fn backoff(failed: u32) -> Duration {
     Duration::from_millis(250u64 << failed.saturating_sub(1).min(5))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    use std::sync::Arc;
+
+    use tokio::sync::Semaphore;
+
+    use super::PageSlot;
+
+    #[test]
+    fn a_page_slot_counts_itself_held_until_it_is_dropped_and_gives_its_permit_back() {
+        let permits = Arc::new(Semaphore::new(2));
+        let held = Arc::new(AtomicI64::new(0));
+        let take = || {
+            let permit = permits.clone().try_acquire_owned().expect("a free slot");
+            PageSlot::new(permit, held.clone())
+        };
+        let (first, second) = (take(), take());
+        assert_eq!(held.load(Ordering::Relaxed), 2);
+        assert_eq!(permits.available_permits(), 0);
+        drop(first);
+        assert_eq!(held.load(Ordering::Relaxed), 1);
+        assert_eq!(permits.available_permits(), 1);
+        drop(second);
+        assert_eq!(held.load(Ordering::Relaxed), 0);
+        assert_eq!(permits.available_permits(), 2);
+    }
 }

@@ -36,7 +36,7 @@ const METRICS: &[(&str, Kind, Option<Unit>, &str)] = &[
     ("rekey_rows_per_second", Kind::Gauge, Some(Unit::CountPerSecond), "Rows per second since the current phase started."),
     ("rekey_eta_seconds", Kind::Gauge, Some(Unit::Seconds), "Estimated seconds left in the current phase (NaN while unknown)."),
     ("rekey_queue_depth", Kind::Gauge, Some(Unit::Count), "Batches waiting between pipeline stages, summed over lanes, by stage (to_transform, to_sink)."),
-    ("rekey_pages_held", Kind::Gauge, Some(Unit::Count), "Pages read and not yet written or dropped, summed over lanes: what the run holds in memory (at most 2 a lane)."),
+    ("rekey_pages_held", Kind::Gauge, Some(Unit::Count), "Pages the lanes read and have not yet written or dropped, summed over lanes: what the run holds in memory (a conflict's re-read is not counted)."),
     ("rekey_run_state", Kind::Gauge, None, "1 for the state the last run ended in (done, left_on_old_keys, stopped, window_ended, failed), else 0."),
 ];
 
