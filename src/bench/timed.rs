@@ -18,7 +18,7 @@ use crate::engine::left::counted_beside;
 use crate::engine::pipeline::{self, Mode, Settings};
 use crate::engine::{plan, verify};
 use crate::job::Job;
-use crate::observe::counts::LiveCounts;
+use crate::observe::counts::{Counts, LiveCounts};
 use crate::observe::progress::{Progress, Total};
 use crate::state::{self, JobRecord};
 use crate::Error;
@@ -153,6 +153,17 @@ pub(super) async fn rekey_once(
                 _ = reached => {}
             }
             let killed_at = started.elapsed().as_secs_f64();
+            // a batch that committed just before the drop never added its
+            // rows to the pass's counters, and the resumed pass finds them
+            // rotated: its checkpoint counts them
+            let committed = state::job_totals(client, record.id).await?.rows_scanned;
+            let counted = killed.snapshot().rows_scanned;
+            if committed > counted {
+                killed.add(&Counts {
+                    rows_scanned: committed - counted,
+                    ..Counts::default()
+                });
+            }
             record = state::open_job(client, &job, false, async |c: &Client| {
                 plan::job_ranges(c, &job, opts.lanes).await
             })
