@@ -11,7 +11,7 @@ use std::ops::Range;
 use thiserror::Error;
 use tokio_postgres::Row;
 
-use super::raw::{KeyBytes, RawRef};
+use super::raw::{self, KeyBytes};
 
 /// Where one value lies in a page's buffer; a NULL has no bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,13 +94,7 @@ impl Page {
                 found: row.len(),
             });
         }
-        let values = (0..row.len()).map(|c| {
-            row.try_get::<_, Option<RawRef>>(c)
-                .ok()
-                .flatten()
-                .map(|r| r.0)
-        });
-        self.push_values(values)
+        self.push_values((0..row.len()).map(|c| raw::value(row, c)))
     }
 
     /// Appends a row from its values (`None` for NULL).
@@ -173,25 +167,29 @@ impl Page {
     pub fn split_off(&mut self, at: usize) -> Page {
         let at = at.min(self.len());
         let spans = self.spans.split_off(at * self.width);
-        let mut rest = Page::with_capacity(spans.len() / self.width.max(1), self.width);
-        for row in spans.chunks(self.width.max(1)) {
-            let values = row.iter().map(|s| value(&self.bytes, *s));
-            // the rest is no larger than the whole, whose spans fitted
-            if rest.push_values(values).is_err() {
-                unreachable!("a part of a page is no larger than the page");
-            }
-        }
-        let kept = self
-            .spans
+        // values lie in row order: the rest's bytes start at its first value's
+        // (a page's bytes fit in u32, as every span's end does)
+        let from = spans
             .iter()
-            .filter(|s| s.len != NULL)
-            .map(|s| (s.start + s.len) as usize)
-            .max()
-            .unwrap_or(0);
-        self.bytes.truncate(kept);
+            .find(|s| s.len != NULL)
+            .map_or(self.bytes.len() as u32, |s| s.start);
+        let bytes = self.bytes.split_off(from as usize);
+        let spans = spans
+            .into_iter()
+            .map(|s| match s.len {
+                NULL => s,
+                _ => Span {
+                    start: s.start - from,
+                    len: s.len,
+                },
+            })
+            .collect();
         self.shrink_to_fit();
-        rest.shrink_to_fit();
-        rest
+        Page {
+            width: self.width,
+            bytes,
+            spans,
+        }
     }
 
     /// Gives back room it reserved and does not use.
@@ -243,16 +241,6 @@ impl<'a> PageRow<'a> {
             &self.page.bytes,
             self.page.spans[self.r * self.page.width + c],
         )
-    }
-
-    /// Its number of columns.
-    pub fn len(&self) -> usize {
-        self.page.width
-    }
-
-    /// Whether it has no column.
-    pub fn is_empty(&self) -> bool {
-        self.page.width == 0
     }
 
     /// Its first `n` columns as raw bytes (key columns come first in every
@@ -332,6 +320,15 @@ mod tests {
             ]
         );
         assert_eq!(p.bytes.len(), 4, "the first part keeps only its own bytes");
+
+        let mut q = page(&[&[Some(b"a"), Some(b"11")], &[None, Some(b"22")]]);
+        let rest = q.split_off(1);
+        assert_eq!(
+            keys(&rest),
+            vec![(None, Some(&b"22"[..]))],
+            "a rest that starts with NULL"
+        );
+        assert_eq!(keys(&q), vec![(Some(&b"a"[..]), Some(&b"11"[..]))]);
     }
 
     #[test]

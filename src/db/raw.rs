@@ -52,12 +52,15 @@ pub type KeyBytes = Vec<Vec<u8>>;
 /// The first `n` columns of `row` as raw bytes (key columns come first in
 /// every row rekey reads); a NULL reads as empty, which no key column holds.
 fn leading(row: &Row, n: usize) -> impl Iterator<Item = &[u8]> {
-    (0..n).map(move |i| {
-        row.try_get::<_, Option<RawRef>>(i)
-            .ok()
-            .flatten()
-            .map_or(&[][..], |r| r.0)
-    })
+    (0..n).map(move |i| value(row, i).unwrap_or_default())
+}
+
+/// Column `i` of `row` as raw bytes; `None` for NULL (or past the row's end).
+pub fn value(row: &Row, i: usize) -> Option<&[u8]> {
+    row.try_get::<_, Option<RawRef>>(i)
+        .ok()
+        .flatten()
+        .map(|r| r.0)
 }
 
 /// The key of a row whose first `n` columns are its key, owned.
