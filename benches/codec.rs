@@ -51,8 +51,18 @@ fn versioned_gcm_rotation(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     group.bench_function("versioned-gcm", |b| {
         b.iter(|| {
-            rekey::engine::transform::reseal(&codec, &codec, black_box(value.as_slice()), b"", true)
-                .expect("old value reseals")
+            rekey::engine::transform::reseal(
+                &codec,
+                &codec,
+                black_box(value.as_slice()),
+                b"",
+                true,
+                |sealed| {
+                    black_box(sealed);
+                    Ok(())
+                },
+            )
+            .expect("old value reseals")
         })
     });
     group.finish();
@@ -101,8 +111,18 @@ fn fernet_migration(c: &mut Criterion) {
     });
     group.bench_function("fernet->versioned-gcm+verify", |b| {
         b.iter(|| {
-            rekey::engine::transform::reseal(&fernet, &gcm, black_box(token.as_slice()), b"", false)
-                .expect("token reseals")
+            rekey::engine::transform::reseal(
+                &fernet,
+                &gcm,
+                black_box(token.as_slice()),
+                b"",
+                false,
+                |sealed| {
+                    black_box(sealed);
+                    Ok(())
+                },
+            )
+            .expect("token reseals")
         })
     });
     group.finish();

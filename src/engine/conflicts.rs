@@ -8,6 +8,7 @@ use crate::db::{Database, KeyBytes};
 use crate::engine::pipeline::{Mode, Outcome};
 use crate::engine::sink::{Batch, Commit, Writer, Written};
 use crate::engine::source::Source;
+use crate::engine::transform::Cells;
 use crate::error::Retry;
 use crate::job::Target;
 use crate::observe::counts::Counts;
@@ -78,7 +79,7 @@ pub(super) async fn retry_conflicts(
                 let batch = Batch {
                     range_index: 0,
                     rows,
-                    cells: Vec::new(),
+                    cells: Cells::default(),
                     last_key: None,
                     end: false,
                     lease: None,
@@ -163,7 +164,7 @@ async fn locked_one_by_one(
             let batch = Batch {
                 range_index: 0,
                 rows,
-                cells: Vec::new(),
+                cells: Cells::default(),
                 last_key: None,
                 end: false,
                 lease: None,

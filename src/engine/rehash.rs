@@ -10,7 +10,7 @@ use crate::crypto::codec::CodecError;
 use crate::db::PageRow;
 use crate::job::{Encoding, SearchHash, Target};
 
-use super::transform::{decode, value, Cell};
+use super::transform::{decode, value, Cell, Span};
 
 /// What to decide for a hash: the write a run makes, or the key it is under (verify).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,12 +23,14 @@ pub enum Purpose {
 
 /// The cell of the search hash of `row`. A NULL hash stays NULL: rekey
 /// rotates hashes, it does not add them where the application wrote none.
+/// A new hash is appended to `out`.
 pub fn cell(
     target: &Target,
     hash: &SearchHash,
     row: PageRow<'_>,
     aad: &[u8],
     purpose: Purpose,
+    out: &mut Vec<u8>,
 ) -> Cell {
     let Some(stored) = value(target, row, hash.column) else {
         return Cell::Null;
@@ -53,7 +55,11 @@ pub fn cell(
         },
         Purpose::Rewrite if on_target => Cell::Current,
         Purpose::Rewrite => match hasher.hash(hasher.target(), &plain) {
-            Some(new) => Cell::Rewritten(new),
+            Some(new) => {
+                let start = out.len();
+                out.extend_from_slice(&new);
+                Cell::Rewritten(Span::since(start, out))
+            }
             None => Cell::Failed(CodecError::UnknownKey),
         },
     }

@@ -169,9 +169,8 @@ const LOCKED_TRIES: u32 = 2;
 /// Splits a batch into two contiguous halves; the first ends at its own last row.
 pub(super) fn split(target: &crate::job::Target, mut b: Batch) -> (Batch, Batch) {
     let mid = b.rows.len() / 2;
-    let ncols = target.columns.len();
     let rows = b.rows.split_off(mid);
-    let cells = b.cells.split_off(mid * ncols);
+    let cells = b.cells.split_off(mid);
     let first_last = b.rows.last().map(|r| target.row_key(r));
     let second = Batch {
         range_index: b.range_index,

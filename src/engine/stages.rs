@@ -14,7 +14,7 @@ use crate::control::stop::StopBy;
 use crate::engine::pipeline::{Mode, Outcome};
 use crate::engine::sink::{self, Batch, Writer};
 use crate::engine::source::Source;
-use crate::engine::transform::{self, Cell};
+use crate::engine::transform::{self, Cell, Cells};
 use crate::job::Job;
 use crate::observe::counts::Counts;
 use crate::observe::events;
@@ -113,7 +113,7 @@ pub(super) async fn read(
             let batch = Batch {
                 range_index: ri,
                 rows,
-                cells: Vec::new(),
+                cells: Cells::default(),
                 last_key,
                 end,
                 lease,

@@ -20,27 +20,8 @@ use crate::job::{Aad, Encoding, Side, Target};
 
 use super::rehash::{self, Purpose};
 
-/// What the transform decided for one value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Cell {
-    /// NULL: nothing to do.
-    Null,
-    /// Already under the target key (in the target format): left as is.
-    Current,
-    /// The new ciphertext, as it is stored (bytes, base64 or token text), to write.
-    Rewritten(Vec<u8>),
-    /// Opened (verify only; nothing is written).
-    Opened {
-        /// The key's label for people (`v2`, `fernet key 1`).
-        label: String,
-        /// The key that opened it.
-        key: KeyId,
-        /// Whether that is the target key, in the target format.
-        on_target: bool,
-    },
-    /// Could not be opened: quarantined, never overwritten.
-    Failed(CodecError),
-}
+mod cells;
+pub use cells::{Cell, Cells, Span, PART_ROWS};
 
 /// The encrypted value in column `col` of a page row, as stored.
 pub fn value<'a>(target: &Target, row: PageRow<'a>, col: usize) -> Option<&'a [u8]> {
@@ -68,49 +49,68 @@ pub fn rewritten_rows(cells: &[Cell], ncols: usize) -> impl Iterator<Item = usiz
 }
 
 /// Decides every cell of a batch; `cells` is row-major, one per encrypted column.
-pub fn rewrite(target: &Target, rows: &Page, cells: &mut Vec<Cell>) {
-    fill(target, rows, cells, Purpose::Rewrite, |col, stored, aad| {
-        rewrite_value(target, col, stored, aad)
-    });
+pub fn rewrite(target: &Target, rows: &Page, cells: &mut Cells) {
+    fill(
+        target,
+        rows,
+        cells,
+        Purpose::Rewrite,
+        |col, stored, aad, out| rewrite_value(target, col, stored, aad, out),
+    );
 }
 
 /// Opens every value of a batch to see which key (and format) it is under (verify).
-pub fn classify(target: &Target, rows: &Page, cells: &mut Vec<Cell>) {
+pub fn classify(target: &Target, rows: &Page, cells: &mut Cells) {
     fill(
         target,
         rows,
         cells,
         Purpose::Classify,
-        |col, stored, aad| classify_value(target, col, stored, aad),
+        |col, stored, aad, _| classify_value(target, col, stored, aad),
     );
 }
 
-/// Decides the ciphertexts of each row with `decide`, then its search hash.
+/// Decides the ciphertexts of each row with `decide`, then its search hash,
+/// a part of [`PART_ROWS`] rows to a task of the pool; new values are
+/// appended to the part's buffer.
 fn fill(
     target: &Target,
     rows: &Page,
-    cells: &mut Vec<Cell>,
+    cells: &mut Cells,
     purpose: Purpose,
-    decide: impl Fn(usize, &[u8], &[u8]) -> Cell + Sync,
+    decide: impl Fn(usize, &[u8], &[u8], &mut Vec<u8>) -> Cell + Sync,
 ) {
-    let ncols = target.columns.len();
-    cells.clear();
-    cells.resize(rows.len() * ncols, Cell::Null);
+    let ncols = target.columns.len().max(1);
+    cells.reset(rows.len(), ncols);
     cells
-        .par_chunks_mut(ncols)
-        .zip((0..rows.len()).into_par_iter().map(|r| rows.row(r)))
-        .with_min_len(64)
-        .for_each(|(out, row)| {
-            let aad = aad(target, row);
-            let sealed = target.sealed_columns();
-            for (col, cell) in out.iter_mut().enumerate().take(sealed) {
-                *cell = match value(target, row, col) {
-                    None => Cell::Null,
-                    Some(stored) => decide(col, stored, aad),
-                };
+        .par_parts_mut()
+        .enumerate()
+        .for_each(|(part, (out, buf))| {
+            let first_row = part * PART_ROWS;
+            let part_rows = out.len() / ncols;
+            // new values are about the size of the old ones
+            let stored: usize = (first_row..first_row + part_rows)
+                .flat_map(|r| (0..ncols).filter_map(move |c| value(target, rows.row(r), c)))
+                .map(<[u8]>::len)
+                .sum();
+            buf.reserve(stored + stored / 8);
+            for (i, out) in out.chunks_mut(ncols).enumerate() {
+                let row = rows.row(first_row + i);
+                let aad = aad(target, row);
+                let sealed = target.sealed_columns();
+                for (col, cell) in out.iter_mut().enumerate().take(sealed) {
+                    *cell = match value(target, row, col) {
+                        None => Cell::Null,
+                        Some(stored) => decide(col, stored, aad, buf),
+                    };
+                }
+                if let Some(hash) = &target.hash {
+                    out[hash.column] = rehash::cell(target, hash, row, aad, purpose, buf);
+                }
             }
-            if let Some(hash) = &target.hash {
-                out[hash.column] = rehash::cell(target, hash, row, aad, purpose);
+            // values already current leave their room unused
+            if buf.len() < buf.capacity() / 2 {
+                buf.shrink_to_fit();
             }
         });
 }
@@ -125,13 +125,24 @@ pub(super) fn decode(encoding: Encoding, stored: &[u8]) -> Result<Cow<'_, [u8]>,
     }
 }
 
-fn encode(encoding: Encoding, sealed: Vec<u8>) -> Vec<u8> {
+/// Appends `sealed` to `out` as it is stored in a column of `encoding`.
+fn encode_into(encoding: Encoding, sealed: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
     match encoding {
-        Encoding::Raw => sealed,
-        Encoding::Base64 => base64::engine::general_purpose::STANDARD
-            .encode(&sealed)
-            .into_bytes(),
+        Encoding::Raw => out.extend_from_slice(sealed),
+        Encoding::Base64 => {
+            let start = out.len();
+            // padded: four characters for every three bytes begun
+            out.resize(start + sealed.len().div_ceil(3) * 4, 0);
+            let written =
+                base64::engine::general_purpose::STANDARD.encode_slice(sealed, &mut out[start..]);
+            let Ok(written) = written else {
+                out.truncate(start);
+                return Err(CodecError::BadEncoding);
+            };
+            out.truncate(start + written);
+        }
     }
+    Ok(())
 }
 
 /// The key a stored value names in the old format, when the format carries
@@ -159,7 +170,7 @@ fn on_target(side: &Side, ct: &[u8], aad: &[u8]) -> Result<bool, CodecError> {
         Some(k) if k != codec.target() => Ok(false),
         _ => SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
-            let plain = &mut scratch.0;
+            let plain = &mut scratch.plain;
             let result = codec
                 .open_into(ct, aad, plain)
                 .map(|(k, _)| k == codec.target());
@@ -175,17 +186,28 @@ fn on_target(side: &Side, ct: &[u8], aad: &[u8]) -> Result<bool, CodecError> {
 pub enum Resealed {
     /// Already under the target key; nothing to write.
     Current,
-    /// The new ciphertext, verified to open to the same plaintext under the target key.
-    New(Vec<u8>),
+    /// A new ciphertext, verified to open to the same plaintext under the
+    /// target key, was handed to the caller's `emit`.
+    New,
+}
+
+/// Per-thread plaintext, check and new-ciphertext buffers; the first two
+/// are wiped after every value.
+struct Scratch {
+    plain: Vec<u8>,
+    check: Vec<u8>,
+    sealed: Vec<u8>,
 }
 
 thread_local! {
-    /// Per-thread plaintext and check buffers, wiped after every value.
-    static SCRATCH: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    static SCRATCH: RefCell<Scratch> = const {
+        RefCell::new(Scratch { plain: Vec::new(), check: Vec::new(), sealed: Vec::new() })
+    };
 }
 
 /// The re-encryption core: opens `ct` with `read`, seals the plaintext with
-/// `write`, opens the result again and compares (verify-before-write).
+/// `write`, opens the result again and compares (verify-before-write), then
+/// hands the new ciphertext to `emit`, which copies it where it is kept.
 /// `keep_current`: a value `read` opens under its target key is left as it
 /// is (a rotation; false for a migration, where every old-format value moves).
 /// Plaintext lives only in per-thread buffers that are wiped before return.
@@ -195,19 +217,25 @@ pub fn reseal(
     ct: &[u8],
     aad: &[u8],
     keep_current: bool,
+    emit: impl FnOnce(&[u8]) -> Result<(), CodecError>,
 ) -> Result<Resealed, CodecError> {
     SCRATCH.with(|scratch| {
         let mut scratch = scratch.borrow_mut();
-        let (plain, check) = &mut *scratch;
+        let Scratch {
+            plain,
+            check,
+            sealed,
+        } = &mut *scratch;
         let result = (|| {
             let (key, timestamp) = read.open_into(ct, aad, plain)?;
             if keep_current && key == read.target() {
                 return Ok(Resealed::Current);
             }
-            let mut sealed = Vec::new();
-            write.seal(plain, aad, timestamp, &mut sealed);
-            match write.open_into(&sealed, aad, check) {
-                Ok((k, _)) if k == write.target() && check == plain => Ok(Resealed::New(sealed)),
+            write.seal(plain, aad, timestamp, sealed);
+            match write.open_into(sealed, aad, check) {
+                Ok((k, _)) if k == write.target() && check == plain => {
+                    emit(sealed).map(|()| Resealed::New)
+                }
                 _ => Err(CodecError::VerifyMismatch),
             }
         })();
@@ -215,13 +243,21 @@ pub fn reseal(
             buf.as_mut_slice().zeroize();
             buf.clear();
         }
+        sealed.clear();
         result
     })
 }
 
-/// Re-encrypts one stored value under the target key, or says why not.
+/// Re-encrypts one stored value under the target key, appending the new
+/// value to `out`, or says why not (and appends nothing).
 /// A hash-only target's ciphertexts are only opened, never rewritten.
-pub fn rewrite_value(target: &Target, col: usize, stored: &[u8], aad: &[u8]) -> Cell {
+pub fn rewrite_value(
+    target: &Target,
+    col: usize,
+    stored: &[u8],
+    aad: &[u8],
+    out: &mut Vec<u8>,
+) -> Cell {
     if target.hash_only() {
         return rehash::left_as_is(target, col, stored, aad);
     }
@@ -247,9 +283,18 @@ pub fn rewrite_value(target: &Target, col: usize, stored: &[u8], aad: &[u8]) -> 
             Err(e) => Cell::Failed(e),
         };
     }
-    match reseal(&*read.codec, &*write.codec, &ct, aad, !target.migrating) {
+    let start = out.len();
+    let emit = |sealed: &[u8]| encode_into(column.write, sealed, out);
+    match reseal(
+        &*read.codec,
+        &*write.codec,
+        &ct,
+        aad,
+        !target.migrating,
+        emit,
+    ) {
         Ok(Resealed::Current) => Cell::Current,
-        Ok(Resealed::New(sealed)) => Cell::Rewritten(encode(column.write, sealed)),
+        Ok(Resealed::New) => Cell::Rewritten(Span::since(start, out)),
         Err(e) => Cell::Failed(e),
     }
 }

@@ -16,7 +16,7 @@ use crate::db::raw::params;
 use crate::db::{Database, Page};
 use crate::engine::pipeline::{self, Mode, Settings};
 use crate::engine::sink::Failure;
-use crate::engine::transform::{self, Cell};
+use crate::engine::transform::{self, Cell, Cells};
 use crate::engine::{plan, sql};
 use crate::error::DbContext;
 use crate::job::{Aad, Job, Target};
@@ -297,7 +297,7 @@ pub async fn preflight(client: &Client, job: &Job) -> Result<(), Error> {
             .ctx(|| format!("reading a sample of {}", t.table))?;
         let rows = page_of(t, &rows)?;
         refuse_missing_keys(t, &rows)?;
-        let mut cells = Vec::new();
+        let mut cells = Cells::default();
         transform::classify(t, &rows, &mut cells);
         let tried = cells.iter().filter(|c| !matches!(c, Cell::Null)).count();
         let opened = cells
@@ -420,7 +420,7 @@ async fn sample_target(
         .query(&sql::select_sample(t), &[&percent, &i64::from(n)])
         .await
         .ctx(|| format!("sampling {}", t.table))?;
-    let mut cells = Vec::new();
+    let mut cells = Cells::default();
     transform::classify(t, &page_of(t, &rows)?, &mut cells);
     let ncols = t.columns.len();
     let key_col = t.key.len() + ncols + usize::from(matches!(t.aad, Aad::Column(_)));

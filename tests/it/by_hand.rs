@@ -54,7 +54,7 @@ pub async fn open_job(db: &TestDb, job_file: &Path, env: &[(&str, String)]) -> O
 pub async fn first_batch(database: &Database, target: &Target) -> Batch {
     let mut source = Source::new(database.connect().await.unwrap(), true);
     let rows = source.page(target, None, None, 100).await.unwrap();
-    let mut cells = Vec::new();
+    let mut cells = transform::Cells::default();
     transform::rewrite(target, &rows, &mut cells);
     let last_key = rows.last().map(|r| target.row_key(r));
     Batch {

@@ -16,7 +16,7 @@ use tokio_postgres::{Client, Statement, Transaction};
 use crate::db::session::Timeouts;
 use crate::db::{Database, KeyBytes, Page};
 use crate::engine::sql;
-use crate::engine::transform::{self, Cell};
+use crate::engine::transform::{self, Cell, Cells};
 use crate::engine::work::PageSlot;
 use crate::error::DbContext;
 use crate::job::{Job, Target};
@@ -54,7 +54,7 @@ pub struct Batch {
     /// The rows read, key columns first.
     pub rows: Page,
     /// Row-major decisions, filled by the transform.
-    pub cells: Vec<Cell>,
+    pub cells: Cells,
     /// Key of the last row read, where the next page starts.
     pub last_key: Option<KeyBytes>,
     /// Whether this is the last batch of its range.

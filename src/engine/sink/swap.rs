@@ -88,12 +88,9 @@ pub(super) async fn swap(
         for k in row.leading(target.key.len()) {
             buf.field(Some(k));
         }
-        for (c, cell) in batch.cells[r * ncols..(r + 1) * ncols].iter().enumerate() {
+        for c in 0..ncols {
             buf.field(transform::value(target, row, c));
-            buf.field(match cell {
-                Cell::Rewritten(v) => Some(v),
-                _ => None,
-            });
+            buf.field(batch.cells.new_value(r, c));
         }
         if buf.len() >= COPY_PIECE {
             send(copy.as_mut(), buf.take()).await?;

@@ -82,15 +82,17 @@ proptest! {
         stored in proptest::collection::vec(any::<u8>(), 0..128),
     ) {
         let target = target(from, to, encoding);
-        let cell = rewrite_value(&target, 0, &stored, b"");
+        let mut out = Vec::new();
+        let cell = rewrite_value(&target, 0, &stored, b"", &mut out);
         prop_assert!(matches!(cell, Cell::Failed(CodecError::Truncated | CodecError::UnknownKey | CodecError::AuthFailed | CodecError::BadEncoding)), "{:?}", cell);
+        prop_assert!(out.is_empty());
         let seen = classify_value(&target, 0, &stored, b"");
         prop_assert!(matches!(seen, Cell::Failed(_)), "{:?}", seen);
     }
 
     #[test]
     fn arbitrary_base64_text_is_failed_with_a_typed_error(format in prop::sample::select(FORMATS.to_vec()), text in "[A-Za-z0-9+/=]{0,120}") {
-        let cell = rewrite_value(&target(format, format, Encoding::Base64), 0, text.as_bytes(), b"");
+        let cell = rewrite_value(&target(format, format, Encoding::Base64), 0, text.as_bytes(), b"", &mut Vec::new());
         prop_assert!(matches!(cell, Cell::Failed(CodecError::Truncated | CodecError::UnknownKey | CodecError::AuthFailed | CodecError::BadEncoding)), "{:?}", cell);
     }
 
@@ -104,13 +106,18 @@ proptest! {
         let target = target(from, to, encoding);
         let mut sealed = Vec::new();
         from.codec(&old_ring()).unwrap().seal(&plaintext, b"", Some(1_700_000_000), &mut sealed);
-        let stored = encode(encoding, sealed);
-        let Cell::Rewritten(new) = rewrite_value(&target, 0, &stored, b"") else {
+        let mut stored = Vec::new();
+        encode_into(encoding, &sealed, &mut stored).unwrap();
+        // appended after what the buffer holds already
+        let mut out = b"earlier".to_vec();
+        let Cell::Rewritten(span) = rewrite_value(&target, 0, &stored, b"", &mut out) else {
             return Err(TestCaseError::fail("not rewritten"));
         };
+        prop_assert!(out.starts_with(b"earlier"));
+        let new = span.of(&out).to_vec();
         let opened = target.write.codec.open(&decode(encoding, &new).unwrap(), b"").unwrap();
         prop_assert_eq!((opened.key, opened.plaintext.as_slice()), (2, plaintext.as_slice()));
-        prop_assert_eq!(rewrite_value(&target, 0, &new, b""), Cell::Current);
+        prop_assert_eq!(rewrite_value(&target, 0, &new, b"", &mut out), Cell::Current);
     }
 }
 
@@ -164,10 +171,16 @@ fn a_ciphertext_that_does_not_open_to_the_same_plaintext_is_never_handed_to_the_
             damage,
         };
         let reader = Format::VersionedGcm.codec(&new_ring()).unwrap();
+        let mut handed = false;
+        let emit = |_: &[u8]| {
+            handed = true;
+            Ok(())
+        };
         assert_eq!(
-            reseal(&*reader, &write, &old, b"", true),
+            reseal(&*reader, &write, &old, b"", true, emit),
             Err(CodecError::VerifyMismatch)
         );
+        assert!(!handed);
     }
 }
 
@@ -203,8 +216,14 @@ fn a_ciphertext_sealed_under_another_key_than_the_target_is_refused() {
         }
     }
     let reader = Format::VersionedGcm.codec(&new_ring()).unwrap();
+    let mut handed = false;
+    let emit = |_: &[u8]| {
+        handed = true;
+        Ok(())
+    };
     assert_eq!(
-        reseal(&*reader, &Claims2(write), &old, b"", false),
+        reseal(&*reader, &Claims2(write), &old, b"", false, emit),
         Err(CodecError::VerifyMismatch)
     );
+    assert!(!handed);
 }
