@@ -9,7 +9,7 @@ use tokio_postgres::Client;
 
 use crate::crypto::codec::{versioned_gcm::VersionedGcm, Codec};
 use crate::crypto::keyring::Keyring;
-use crate::db::binary_copy::{encode_tuple, CopyBuffer};
+use crate::db::binary_copy::{encode_tuple, send, CopyBuffer, COPY_PIECE};
 use crate::error::DbContext;
 use crate::Error;
 
@@ -56,16 +56,21 @@ pub(super) async fn load(
                 tuple
             })
             .collect();
-        let mut buf = CopyBuffer::with_capacity(encoded.iter().map(Vec::len).sum());
-        buf.raw(&encoded.concat());
         let sink = client
             .copy_in::<_, bytes::Bytes>(&format!("COPY {table} FROM STDIN (FORMAT binary)"))
             .await
             .ctx(what)?;
         futures_util::pin_mut!(sink);
-        futures_util::SinkExt::send(&mut sink, buf.finish())
-            .await
-            .ctx(what)?;
+        // sent a piece at a time: the connection, which the bench's controls
+        // use through the timed runs, keeps its largest message's room
+        let mut buf = CopyBuffer::with_capacity(COPY_PIECE + COPY_PIECE / 4);
+        for tuple in &encoded {
+            buf.raw(tuple);
+            if buf.len() >= COPY_PIECE {
+                send(sink.as_mut(), buf.take()).await.ctx(what)?;
+            }
+        }
+        send(sink.as_mut(), buf.finish()).await.ctx(what)?;
         sink.finish().await.ctx(what)?;
         first = last + 1;
     }

@@ -12,6 +12,23 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
 
+/// The most COPY data sent in one message ([`send`]).
+pub const COPY_PIECE: usize = 64 << 10;
+
+/// Sends COPY data in pieces of at most [`COPY_PIECE`]: the connection
+/// copies what it is sent into its own buffer, which keeps its largest size
+/// for as long as the connection lives.
+pub async fn send(
+    mut copy: std::pin::Pin<&mut tokio_postgres::CopyInSink<Bytes>>,
+    mut data: Bytes,
+) -> Result<(), tokio_postgres::Error> {
+    while !data.is_empty() {
+        let piece = data.split_to(data.len().min(COPY_PIECE));
+        futures_util::SinkExt::send(&mut copy, piece).await?;
+    }
+    Ok(())
+}
+
 /// One batch of tuples in binary COPY format, handed over whole or in parts.
 pub struct CopyBuffer {
     /// The encoded bytes so far.

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 
 use tokio_postgres::Transaction;
 
-use crate::db::binary_copy::CopyBuffer;
+use crate::db::binary_copy::{send, CopyBuffer, COPY_PIECE};
 use crate::db::raw::{self, params};
 use crate::db::KeyBytes;
 use crate::engine::sql;
@@ -17,9 +17,6 @@ use crate::job::Target;
 use crate::observe::counts::Counts;
 
 use super::{Batch, Commit, Prepared};
-
-/// Most bytes of the stage's COPY data sent at once (see [`swap`]).
-const COPY_PIECE: usize = 64 << 10;
 
 /// Why a value was not rotated: the database refused or undid rekey's write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,20 +161,6 @@ pub(super) async fn swap(
     }
     counts.conflicts = swapped.conflicted.len() as u64;
     Ok(swapped)
-}
-
-/// Sends COPY data in pieces of at most [`COPY_PIECE`]: the connection
-/// copies what it is sent into its own buffer, which keeps its largest size
-/// for as long as the connection lives.
-async fn send(
-    mut copy: std::pin::Pin<&mut tokio_postgres::CopyInSink<bytes::Bytes>>,
-    mut data: bytes::Bytes,
-) -> Result<(), tokio_postgres::Error> {
-    while !data.is_empty() {
-        let piece = data.split_to(data.len().min(COPY_PIECE));
-        futures_util::SinkExt::send(&mut copy, piece).await?;
-    }
-    Ok(())
 }
 
 /// Where one staged row stands after the UPDATE.
