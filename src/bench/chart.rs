@@ -2,7 +2,8 @@
 //! is left to the viewer's fonts, so no font is needed to draw it): rows/s
 //! over time for rekey and the floor statement, with labelled axes ticked
 //! from 0; with `--interrupt-at`, the interrupted run too, its kill and its
-//! resume marked; the batch latency percentiles; and with `--with-load`, the
+//! resume marked; the checkpoints the server made during the run, shaded
+//! from when each began; the batch latency percentiles; and with `--with-load`, the
 //! application's transactions/s over each loaded run, the run's span marked.
 
 use plotters::prelude::*;
@@ -107,6 +108,25 @@ where
         .x_label_formatter(&|v| format!("{:.1}", v))
         .draw()
         .map_err(err)?;
+    // under the lines: each checkpoint, from when it began (where known) to when it ended
+    let spans: Vec<(f64, f64)> = r
+        .checkpoints
+        .iter()
+        .flatten()
+        .map(|c| (c.began_at_s.unwrap_or(0.0), c.ended_at_s.min(t_max)))
+        .collect();
+    if !spans.is_empty() {
+        let shade = BLACK.mix(0.08).filled();
+        chart
+            .draw_series(
+                spans
+                    .iter()
+                    .map(|&(a, b)| Rectangle::new([(a, 0.0), (b, y_max)], shade)),
+            )
+            .map_err(err)?
+            .label("a checkpoint of the server's")
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 20, y + 5)], shade));
+    }
     chart
         .draw_series(LineSeries::new(
             std::iter::once((0.0, 0.0)).chain(rekey.iter().copied()),

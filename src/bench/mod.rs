@@ -9,6 +9,7 @@
 //! directly (one run: `timed`); only the command line uses it.
 
 mod chart;
+mod checkpoints;
 mod load;
 mod oltp;
 mod pgbench;
@@ -17,6 +18,7 @@ mod timed;
 mod wal;
 
 pub use chart::throughput_svg;
+pub use checkpoints::{Cause, Checkpoint};
 pub use oltp::{LoadOptions, LoadReport, LoadedRun};
 pub use pgbench::AppWindow;
 pub use report::{human_duration, parse_sizes, peak_rss_mib};
@@ -142,6 +144,14 @@ pub struct BenchReport {
     pub wal: WalReport,
     /// With `--with-load`: the cost to an application on the same cluster.
     pub load: Option<LoadReport>,
+    /// The checkpoints that ended during the median run (`None`: the
+    /// server's counters were not readable).
+    pub checkpoints: Option<Vec<checkpoints::Checkpoint>>,
+    /// The server's `max_wal_size`, bytes.
+    pub max_wal_size_bytes: u64,
+    /// Where the WAL caused checkpoints during the run: the `max_wal_size`
+    /// that would let the run's WAL pass without one.
+    pub checkpoint_advice: Option<String>,
 }
 
 /// Runs the benchmark.
@@ -294,6 +304,7 @@ async fn measure(
         }
         None => None,
     };
+    let (max_wal_size, completion_target) = checkpoint_settings(client).await?;
     let floor_s = median(floors.clone());
     let rekey_s = median(runs.iter().map(|r| r.secs).collect());
     let setup_s = median(runs.iter().map(|r| r.setup_secs).collect());
@@ -318,6 +329,21 @@ async fn measure(
     let floor_rows_per_s = opts.rows as f64 / floor_s;
     let rows_scanned = run.outcome.counts.rows_scanned;
     let rekey_rows_per_s = rows_scanned as f64 / rekey_s;
+    let wal = WalReport::new(
+        run.wal.clone(),
+        rows_scanned,
+        run.secs,
+        opts.settings.signals.max_wal_rate,
+    );
+    let checkpoint_advice = run.checkpoints.as_deref().and_then(|c| {
+        checkpoints::advice(
+            c,
+            wal.wal_bytes,
+            wal.wal_bytes_per_row,
+            max_wal_size,
+            completion_target,
+        )
+    });
     let report = BenchReport {
         rows: opts.rows,
         lanes: opts.lanes,
@@ -357,18 +383,34 @@ async fn measure(
             .unwrap_or_default(),
         killed_at_s: interrupted.as_ref().and_then(|r| r.killed_at_s),
         resumed_at_s: interrupted.as_ref().and_then(|r| r.resumed_at_s),
-        wal: WalReport::new(
-            run.wal.clone(),
-            rows_scanned,
-            run.secs,
-            opts.settings.signals.max_wal_rate,
-        ),
+        wal,
         load: under_load,
+        checkpoints: run.checkpoints.clone(),
+        max_wal_size_bytes: max_wal_size,
+        checkpoint_advice,
     };
     if let Some(dir) = &opts.report_dir {
         write_report(dir, &report)?;
     }
     Ok(report)
+}
+
+/// The server's `max_wal_size` (bytes) and `checkpoint_completion_target`.
+async fn checkpoint_settings(client: &Client) -> Result<(u64, f64), Error> {
+    let what = || "reading max_wal_size and checkpoint_completion_target".to_string();
+    let row = client
+        .query_one(
+            "SELECT pg_size_bytes(current_setting('max_wal_size')),
+                    current_setting('checkpoint_completion_target')::float8",
+            &[],
+        )
+        .await
+        .ctx(what)?;
+    let bytes: i64 = row.try_get(0).ctx(what)?;
+    let target: f64 = row.try_get(1).ctx(what)?;
+    let bytes = u64::try_from(bytes)
+        .map_err(|_| Error::Runtime(format!("the server gave a negative max_wal_size: {bytes}")))?;
+    Ok((bytes, target))
 }
 
 #[cfg(test)]

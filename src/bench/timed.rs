@@ -23,6 +23,7 @@ use crate::observe::progress::{Progress, Total};
 use crate::state::{self, JobRecord};
 use crate::Error;
 
+use super::checkpoints::{self, Checkpoint, Counters};
 use super::report::{peak_rss_mib, reset_peak_rss};
 use super::wal::wal_position;
 use super::BenchOptions;
@@ -62,6 +63,9 @@ pub(super) struct RekeyRun {
     pub resumed_at_s: Option<f64>,
     /// Peak RSS during the run, MiB.
     pub peak_rss_mib: f64,
+    /// The checkpoints that ended during the run; `None` where the server's
+    /// counters could not be read.
+    pub checkpoints: Option<Vec<Checkpoint>>,
 }
 
 /// Times one run; with `kill_at`, the run is dropped mid-flight (as a killed
@@ -89,6 +93,8 @@ pub(super) async fn rekey_once(
     let setup_secs = setup.elapsed().as_secs_f64();
 
     let wal_client = db.connect().await?;
+    let mut counters = Counters::for_server(&wal_client).await?;
+    let counted = counters.read(&wal_client).await;
     let wal_base = wal_position(&wal_client).await?;
     // each pass counts its own rows, as each `rekey run` process does; the
     // samples add the killed pass's rows to the resumed pass's
@@ -102,6 +108,8 @@ pub(super) async fn rekey_once(
         let mut rows = Vec::new();
         let mut wal = vec![(0.0, 0)];
         let mut wal_error = None;
+        // the checkpoints seen so far and the last reading, while readable
+        let mut seen = counted.map(|c| (Vec::new(), c));
         while !done.load(Ordering::Relaxed) {
             tokio::time::sleep(SAMPLE_EVERY).await;
             let t = started.elapsed().as_secs_f64();
@@ -112,8 +120,15 @@ pub(super) async fn rekey_once(
                     Err(e) => wal_error = Some(e),
                 }
             }
+            seen = match seen {
+                Ok((mut list, before)) => counters.read(&wal_client).await.map(|now| {
+                    list.extend(checkpoints::ended(&before, &now, t, wal_base, &wal));
+                    (list, now)
+                }),
+                Err(e) => Err(e),
+            };
         }
-        (rows, wal, wal_error)
+        (rows, wal, wal_error, seen)
     };
     let marks = std::sync::Mutex::new((None, None));
     let settings = Settings {
@@ -179,7 +194,7 @@ pub(super) async fn rekey_once(
         done.store(true, Ordering::Relaxed);
         r.map(|o| (o, secs, rows))
     };
-    let (outcome, (mut progress, mut wal, wal_error)) = tokio::join!(run, sampler);
+    let (outcome, (mut progress, mut wal, wal_error, seen)) = tokio::join!(run, sampler);
     let (outcome, secs, rows) = outcome?;
     if let Some(e) = wal_error {
         return Err(e);
@@ -191,6 +206,13 @@ pub(super) async fn rekey_once(
     progress.push((secs, rows));
     wal.retain(|&(t, _)| t < secs);
     wal.push((secs, wal_end));
+    let checkpoints = match seen {
+        Ok((list, _)) => Some(list),
+        Err(e) => {
+            tracing::debug!("the server's checkpoints are not reported: {}", e.chain());
+            None
+        }
+    };
     let (killed_at_s, resumed_at_s) = marks.lock().map(|m| *m).unwrap_or((None, None));
     let peak_rss_mib = peak_rss_mib();
     state::finish_job(client, record.id, &serde_json::json!({ "bench": true })).await?;
@@ -203,6 +225,7 @@ pub(super) async fn rekey_once(
         killed_at_s,
         resumed_at_s,
         peak_rss_mib,
+        checkpoints,
     })
 }
 

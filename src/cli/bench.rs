@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::bench::{self, human_duration, BenchOptions, LoadOptions, LoadReport, WalReport};
+use crate::bench::{
+    self, human_duration, BenchOptions, Cause, Checkpoint, LoadOptions, LoadReport, WalReport,
+};
 use crate::cli::args::{BenchArgs, JobArgs};
 use crate::cli::run::settings_from;
 use crate::cli::{default_lanes, open, print_json};
@@ -109,6 +111,15 @@ pub async fn bench(args: &BenchArgs) -> Result<u8, Error> {
         r.batch_ms_p50, r.batch_ms_p99, r.batch_ms_max
     );
     println!("  WAL            {}", wal_line(&r.wal));
+    if let Some(c) = &r.checkpoints {
+        println!(
+            "  checkpoints    {}",
+            checkpoints_line(c, r.max_wal_size_bytes)
+        );
+    }
+    if let Some(advice) = &r.checkpoint_advice {
+        println!("  note: {advice}");
+    }
     println!("  peak memory    {:.0} MiB", r.peak_rss_mib);
     if let (Some(total), Some(ratio)) = (r.resumed_total_s, r.resume_cost_ratio) {
         println!(
@@ -158,6 +169,18 @@ fn wal_line(w: &WalReport) -> String {
         (None, None) => {}
     }
     line
+}
+
+/// The checkpoints line of the text summary: how many ended during the
+/// run, and why.
+fn checkpoints_line(c: &[Checkpoint], max_wal_size: u64) -> String {
+    let requested = c.iter().filter(|c| c.cause == Cause::Requested).count();
+    format!(
+        "{} ended during the run: {requested} for WAL past max_wal_size ({:.0} MiB) or asked for, {} timed",
+        c.len(),
+        mib(max_wal_size as f64),
+        c.len() - requested
+    )
 }
 
 /// The `--with-load` lines of the text summary.

@@ -5,6 +5,8 @@
 //! every run reports its WAL (the series, per row, per second, against the
 //! `--max-wal-rate` cap) and the time `rekey run` spends before its first batch.
 
+use rekey::db::cluster::{ClusterOptions, TempCluster};
+
 use crate::harness::*;
 
 /// A quiet `rekey bench` of 20,000 rows in batches of 500 with `extra`
@@ -176,6 +178,104 @@ fn a_bench_report_measures_the_wal_and_the_time_before_the_first_batch() {
         "{wal_line}"
     );
     assert!(text.contains("before the first batch"), "{text}");
+
+    // 20,000 rows write a few MB of WAL: under the default max_wal_size, the
+    // server is never asked for a checkpoint, so nothing is advised
+    let checkpoints = r["checkpoints"].as_array().unwrap_or_else(|| panic!("{r}"));
+    assert!(
+        checkpoints.iter().all(|c| c["cause"] != "requested"),
+        "{checkpoints:?}"
+    );
+    assert_eq!(r["checkpoint_advice"], serde_json::Value::Null, "{r}");
+    let max_wal_size = r["max_wal_size_bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{r}"));
+    assert!(
+        max_wal_size > wal_bytes,
+        "the bench's own cluster allows more: {r}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bench_whose_wal_passes_max_wal_size_marks_the_checkpoints_and_names_the_setting() {
+    let cluster = TempCluster::start(ClusterOptions { durable: true }).expect("a private cluster");
+    let admin = connect(&cluster.url("postgres")).await;
+    // the least it takes: a checkpoint is asked for every ~17 MB of WAL
+    admin
+        .batch_execute("ALTER SYSTEM SET max_wal_size = '32MB'")
+        .await
+        .unwrap();
+    admin
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let report_dir = dir.path().display().to_string();
+    let url = cluster.url("postgres");
+    let out = tokio::task::block_in_place(|| {
+        rekey(
+            &[
+                "bench",
+                "--database-url",
+                &url,
+                "--rows",
+                "100000",
+                "--report-dir",
+                &report_dir,
+            ],
+            &[],
+        )
+    });
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("report.json")).unwrap())
+            .unwrap();
+    let rekey_s = r["rekey_s"].as_f64().unwrap();
+    let wal_bytes = r["wal_bytes"].as_u64().unwrap();
+    assert!(
+        wal_bytes > 2 * (32 << 20),
+        "enough WAL to ask for checkpoints: {r}"
+    );
+
+    let requested: Vec<&serde_json::Value> = r["checkpoints"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{r}"))
+        .iter()
+        .filter(|c| c["cause"] == "requested")
+        .collect();
+    assert!(!requested.is_empty(), "{}", r["checkpoints"]);
+    for c in &requested {
+        let ended = c["ended_at_s"].as_f64().unwrap();
+        assert!(
+            (0.0..=rekey_s + 1.0).contains(&ended),
+            "{c} in a {rekey_s} s run"
+        );
+        // the bench's cluster role is a superuser: the redo point is readable
+        if let Some(began) = c["began_at_s"].as_f64() {
+            assert!((0.0..=ended).contains(&began), "{c}");
+        }
+    }
+    assert!(
+        requested.iter().any(|c| c["began_at_s"].is_f64()),
+        "a checkpoint begun during the run is placed on it: {requested:?}"
+    );
+    assert_eq!(r["max_wal_size_bytes"], 32u64 << 20);
+    let advice = r["checkpoint_advice"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{r}"));
+    assert!(advice.contains("max_wal_size (32 MiB)"), "{advice}");
+
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("checkpoints"), "{text}");
+    assert!(
+        text.contains(advice),
+        "the summary gives the advice: {text}"
+    );
+    let svg = std::fs::read_to_string(dir.path().join("throughput.svg")).unwrap();
+    assert!(
+        svg.contains("a checkpoint of the server"),
+        "the chart marks them"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
