@@ -31,9 +31,12 @@ impl Span {
         }
     }
 
-    /// The value in `buf`, the buffer it was appended to.
+    /// The value in `buf`, the buffer it was appended to. Panics on a span
+    /// past the buffer's end (like indexing a slice): a span is only made
+    /// around what was appended, and a batch that panics is never written,
+    /// where an empty value would overwrite a ciphertext.
     pub fn of<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
-        buf.get(self.start..self.end).unwrap_or_default()
+        &buf[self.start..self.end]
     }
 }
 
@@ -113,7 +116,7 @@ impl Cells {
     /// The new value of row `r`, column `c`, when there is one to write.
     pub fn new_value(&self, r: usize, c: usize) -> Option<&[u8]> {
         match self.cells.get(r * self.ncols + c)? {
-            Cell::Rewritten(w) => Some(w.of(self.parts.get(r / PART_ROWS)?)),
+            Cell::Rewritten(w) => Some(w.of(&self.parts[r / PART_ROWS])),
             _ => None,
         }
     }
@@ -130,20 +133,29 @@ impl Cells {
         };
         let rows = rest.cells.len() / ncols;
         rest.parts.resize_with(rows.div_ceil(PART_ROWS), Vec::new);
+        // where the part the split cuts through stops holding the first part's
+        // values: values lie in row order, so at the first one moved out of it
+        let mut cut = None;
         // the rest's rows start a part of their own: their values move to it
         for r in 0..rows {
             for c in 0..ncols {
                 let Cell::Rewritten(w) = &mut rest.cells[r * ncols + c] else {
                     continue;
                 };
-                let from = self.parts.get((at + r) / PART_ROWS).map(Vec::as_slice);
+                let part = (at + r) / PART_ROWS;
+                if part == at / PART_ROWS && cut.is_none() {
+                    cut = Some(w.start);
+                }
                 let to = &mut rest.parts[r / PART_ROWS];
                 let start = to.len();
-                to.extend_from_slice(w.of(from.unwrap_or_default()));
+                to.extend_from_slice(w.of(&self.parts[part]));
                 *w = Span::since(start, to);
             }
         }
         self.parts.truncate(at.div_ceil(PART_ROWS));
+        if let (Some(cut), Some(part)) = (cut, self.parts.get_mut(at / PART_ROWS)) {
+            part.truncate(cut);
+        }
         self.cells.shrink_to_fit();
         for p in &mut self.parts {
             p.shrink_to_fit();
@@ -218,6 +230,15 @@ mod tests {
                     assert_eq!(got.map(<[u8]>::to_vec), expected(r, c), "at {at}, row {r}");
                 }
             }
+            let kept: usize = (0..at)
+                .flat_map(|r| (0..2).filter_map(move |c| expected(r, c)))
+                .map(|v| v.len())
+                .sum();
+            let held: usize = first.parts.iter().map(Vec::len).sum();
+            assert_eq!(
+                held, kept,
+                "at {at}: the first part holds only its own values"
+            );
         }
     }
 
