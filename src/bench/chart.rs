@@ -108,21 +108,25 @@ where
         .x_label_formatter(&|v| format!("{:.1}", v))
         .draw()
         .map_err(err)?;
-    // under the lines: each checkpoint, from when it began (where known) to when it ended
-    let spans: Vec<(f64, f64)> = r
-        .checkpoints
-        .iter()
-        .flatten()
-        .map(|c| (c.began_at_s.unwrap_or(0.0), c.ended_at_s.min(t_max)))
-        .collect();
-    if !spans.is_empty() {
+    // under the lines: each checkpoint that ended, from when it began (the
+    // run's start for one begun before it); one with no end seen, a line
+    // where it began
+    let checkpoints: Vec<_> = r.checkpoints.iter().flatten().collect();
+    if !checkpoints.is_empty() {
         let shade = BLACK.mix(0.08).filled();
+        let begun = checkpoints
+            .iter()
+            .filter(|c| c.ended_at_s.is_none())
+            .filter_map(|c| c.began_at_s)
+            .map(|t| PathElement::new(vec![(t, 0.0), (t, y_max)], BLACK.mix(0.3)));
+        chart.draw_series(begun).map_err(err)?;
+        let ended = checkpoints.iter().filter_map(|c| {
+            let end = c.ended_at_s?.min(t_max);
+            let start = c.began_at_s.unwrap_or(0.0);
+            Some(Rectangle::new([(start, 0.0), (end, y_max)], shade))
+        });
         chart
-            .draw_series(
-                spans
-                    .iter()
-                    .map(|&(a, b)| Rectangle::new([(a, 0.0), (b, y_max)], shade)),
-            )
+            .draw_series(ended)
             .map_err(err)?
             .label("a checkpoint of the server's")
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 20, y + 5)], shade));

@@ -19,33 +19,38 @@ use crate::Error;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Cause {
-    /// Asked for: the WAL since the last one passed what `max_wal_size`
-    /// allows, or a `CHECKPOINT` command.
+    /// Asked for: the WAL since the last one reached `max_wal_size / (1 +
+    /// checkpoint_completion_target)`, or a `CHECKPOINT` command or a backup.
     Requested,
     /// `checkpoint_timeout` passed.
     Timed,
+    /// Begun before the run, when the counters were first read.
+    BeforeTheRun,
 }
 
-/// One checkpoint that ended during the run.
+/// One checkpoint the server ran during the run.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Checkpoint {
     /// Why it was made.
     pub cause: Cause,
-    /// When it began, seconds since the start of the run: when the run's
-    /// WAL reached its redo point. `None` where it began before the run, or
-    /// the redo point is not readable (`pg_control_checkpoint()` needs
-    /// superuser or `pg_monitor` on some servers).
+    /// When it began, seconds since the start of the run: where the run's
+    /// WAL reached its redo point; without the redo point, the sample at
+    /// which its counter moved (the server counts one as it begins). `None`
+    /// where it began before the run.
     pub began_at_s: Option<f64>,
-    /// When the bench saw it ended (its counter moved), seconds since the start.
-    pub ended_at_s: f64,
+    /// When it ended (its redo point became the last checkpoint's);
+    /// `None` where it was still running as the run ended, or the redo point
+    /// is not readable (`pg_control_checkpoint()` may be refused to a role).
+    pub ended_at_s: Option<f64>,
 }
 
-/// What the checkpoint counters and the last redo point read at one tick.
+/// What the checkpoint counters and the last checkpoint's redo point read
+/// at one sample.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Reading {
     timed: i64,
     requested: i64,
-    /// The last checkpoint's redo point, bytes from 0/0.
+    /// The last completed checkpoint's redo point, bytes from 0/0.
     redo: Option<u64>,
 }
 
@@ -103,38 +108,87 @@ impl Counters {
     }
 }
 
-/// The checkpoints that ended between two readings, the second at `t`
-/// seconds: one for each step of each counter, the last of them with the
-/// redo point read at `t`, placed on the run's `wal` series (bytes since
-/// `wal_base`, in time order). A counter reset (it went down) shows none.
-pub(super) fn ended(
-    before: &Reading,
-    now: &Reading,
-    t: f64,
+/// Follows the checkpoints through a run's samples. The counters move as a
+/// checkpoint begins (or at its first pause), the redo point as it ends:
+/// each begun is held until the redo point moves, oldest first.
+#[derive(Debug)]
+pub(super) struct Tracker {
+    last: Reading,
+    /// Begun and not yet ended: why, and the sample its counter moved at.
+    running: std::collections::VecDeque<(Cause, f64)>,
+    seen: Vec<Checkpoint>,
+    /// The WAL position (bytes from 0/0) at the run's start.
     wal_base: u64,
-    wal: &[(f64, u64)],
-) -> Vec<Checkpoint> {
-    let steps = |a: i64, b: i64| usize::try_from(b.saturating_sub(a)).unwrap_or(0);
-    let mut out: Vec<Checkpoint> =
-        std::iter::repeat_n(Cause::Timed, steps(before.timed, now.timed))
-            .chain(std::iter::repeat_n(
-                Cause::Requested,
-                steps(before.requested, now.requested),
-            ))
-            .map(|cause| Checkpoint {
-                cause,
-                began_at_s: None,
-                ended_at_s: t,
-            })
-            .collect();
-    if let (Some(last), Some(redo)) = (out.last_mut(), now.redo) {
-        last.began_at_s = redo.checked_sub(wal_base).and_then(|at| when(wal, at));
+}
+
+impl Tracker {
+    /// From the reading before the run, at WAL position `wal_base`.
+    pub(super) fn new(first: Reading, wal_base: u64) -> Tracker {
+        Tracker {
+            last: first,
+            running: Default::default(),
+            seen: Vec::new(),
+            wal_base,
+        }
     }
-    out
+
+    /// The reading at `t` seconds, with the run's WAL series so far (bytes
+    /// since the start, in time order).
+    pub(super) fn observe(&mut self, now: Reading, t: f64, wal: &[(f64, u64)]) {
+        let steps = |a: i64, b: i64| usize::try_from(b.saturating_sub(a)).unwrap_or(0);
+        for cause in std::iter::repeat_n(Cause::Timed, steps(self.last.timed, now.timed)).chain(
+            std::iter::repeat_n(Cause::Requested, steps(self.last.requested, now.requested)),
+        ) {
+            self.running.push_back((cause, t));
+        }
+        match (self.last.redo, now.redo) {
+            (Some(before), Some(redo)) if redo != before => {
+                // one ended (two in one sample look like one: the later);
+                // one whose redo point is before the run began before it
+                let (cause, began_at_s) = match redo.checked_sub(self.wal_base) {
+                    None => (Cause::BeforeTheRun, None),
+                    Some(at) => (
+                        self.running
+                            .pop_front()
+                            .map_or(Cause::BeforeTheRun, |(cause, _)| cause),
+                        Some(when(wal, at).unwrap_or(t)),
+                    ),
+                };
+                self.seen.push(Checkpoint {
+                    cause,
+                    began_at_s,
+                    ended_at_s: Some(t),
+                });
+            }
+            (_, None) => {
+                // no redo point: each as its counter moved, its end unknown
+                self.seen
+                    .extend(self.running.drain(..).map(|(cause, at)| Checkpoint {
+                        cause,
+                        began_at_s: Some(at),
+                        ended_at_s: None,
+                    }));
+            }
+            _ => {}
+        }
+        self.last = now;
+    }
+
+    /// Every checkpoint seen, with those still running at the end.
+    pub(super) fn finish(mut self) -> Vec<Checkpoint> {
+        self.seen
+            .extend(self.running.drain(..).map(|(cause, at)| Checkpoint {
+                cause,
+                began_at_s: Some(at),
+                ended_at_s: None,
+            }));
+        self.seen
+    }
 }
 
 /// When the run's WAL reached `at` bytes, between the samples around it
-/// (the WAL taken as written evenly between two samples).
+/// (the WAL taken as written evenly between two samples); `None` past the
+/// last sample.
 fn when(wal: &[(f64, u64)], at: u64) -> Option<f64> {
     let j = wal.iter().position(|&(_, b)| b >= at)?;
     let (t1, b1) = wal[j];
@@ -145,16 +199,15 @@ fn when(wal: &[(f64, u64)], at: u64) -> Option<f64> {
     Some(t0 + (t1 - t0) * share)
 }
 
-/// What to tell the operator when the WAL caused checkpoints during the
-/// run: how much `max_wal_size` would let the run's WAL pass without one.
-/// `wal_bytes`: the run's WAL; `max_wal_size`, `completion_target`: the
-/// server's settings. `None` when no checkpoint was requested.
+/// What to tell the operator when checkpoints were requested during the
+/// run: the `max_wal_size` that would let the run's WAL pass without one.
+/// `wal_bytes`: the run's WAL; the rest: the server's settings. `None` when
+/// none was requested.
 pub fn advice(
     checkpoints: &[Checkpoint],
     wal_bytes: u64,
     wal_bytes_per_row: f64,
-    max_wal_size: u64,
-    completion_target: f64,
+    settings: &Settings,
 ) -> Option<String> {
     let requested = checkpoints
         .iter()
@@ -163,20 +216,61 @@ pub fn advice(
     if requested == 0 {
         return None;
     }
-    // the server asks for one each max_wal_size / (1 + completion target) of WAL
-    let enough = wal_bytes as f64 * (1.0 + completion_target.clamp(0.0, 1.0));
+    // the server asks for one when the WAL since the last one's redo point
+    // reaches max_wal_size / (1 + completion target), less a segment
+    let target = 1.0 + settings.completion_target.clamp(0.0, 1.0);
+    let enough = (wal_bytes + 2 * settings.wal_segment) as f64 * target;
     Some(format!(
-        "the server started {requested} checkpoint(s) during the run because its WAL \
-         passed max_wal_size ({}); while one runs, each page's first change writes the \
-         whole page to the WAL and the rate dips. For the rotation's window, a \
-         max_wal_size of about {} would take this run's {} of WAL without one \
-         ({:.0} bytes a row: scale it by your table's rows, and keep that much free \
-         in pg_wal); or keep it, and size the window from a bench that has the dips",
-        mib(max_wal_size as f64),
+        "the server was asked for {requested} checkpoint(s) during the run: with no \
+         CHECKPOINT command or backup running, its WAL reached what max_wal_size ({}) \
+         allows; while one runs, each page's first change writes the whole page to the \
+         WAL and the rate dips. For the rotation's window, a max_wal_size of at least {} \
+         would take this run's {} of WAL without one ({:.0} bytes a row, the dips' \
+         full pages included: scale it by your table's rows, add the WAL the server \
+         writes since its last checkpoint, and keep that much free in pg_wal); or keep \
+         it, and size the window from a bench that has the dips",
+        mib(settings.max_wal_size as f64),
         mib(enough),
         mib(wal_bytes as f64),
         wal_bytes_per_row,
     ))
+}
+
+/// The server's checkpoint settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Settings {
+    /// `max_wal_size`, bytes.
+    pub max_wal_size: u64,
+    /// `checkpoint_completion_target`.
+    pub completion_target: f64,
+    /// `wal_segment_size`, bytes.
+    pub wal_segment: u64,
+}
+
+impl Settings {
+    /// Reads them.
+    pub(super) async fn read(client: &Client) -> Result<Settings, Error> {
+        let what = || "reading the server's checkpoint settings".to_string();
+        let row = client
+            .query_one(
+                "SELECT pg_size_bytes(current_setting('max_wal_size')),
+                        current_setting('checkpoint_completion_target')::float8,
+                        pg_size_bytes(current_setting('wal_segment_size'))",
+                &[],
+            )
+            .await
+            .ctx(what)?;
+        let bytes = |i: usize| -> Result<u64, Error> {
+            let v: i64 = row.try_get(i).ctx(what)?;
+            u64::try_from(v)
+                .map_err(|_| Error::Runtime(format!("the server gave a negative size: {v}")))
+        };
+        Ok(Settings {
+            max_wal_size: bytes(0)?,
+            completion_target: row.try_get(1).ctx(what)?,
+            wal_segment: bytes(2)?,
+        })
+    }
 }
 
 fn mib(bytes: f64) -> String {
@@ -195,60 +289,86 @@ mod tests {
         }
     }
 
+    const WAL: [(f64, u64); 4] = [(0.0, 0), (1.0, 100), (2.0, 300), (3.0, 400)];
+
     #[test]
-    fn a_requested_checkpoint_begins_where_the_run_s_wal_reached_its_redo_point() {
-        let wal = [(0.0, 0), (1.0, 100), (2.0, 300), (3.0, 400)];
-        let seen = ended(
-            &reading(4, 1, Some(900)),
-            &reading(4, 2, Some(1_000 + 200)),
-            3.0,
-            1_000,
-            &wal,
-        );
+    fn a_checkpoint_begins_where_the_wal_reached_its_redo_point_and_ends_when_that_point_moves() {
+        let mut t = Tracker::new(reading(4, 1, Some(900)), 1_000);
+        // its counter moves as it begins; the last redo point is still the old one
+        t.observe(reading(4, 2, Some(900)), 1.0, &WAL[..2]);
+        t.observe(reading(4, 2, Some(900)), 2.0, &WAL[..3]);
+        t.observe(reading(4, 2, Some(1_000 + 200)), 3.0, &WAL);
         // halfway from 100 bytes at 1 s to 300 at 2 s
         assert_eq!(
-            seen,
+            t.finish(),
             vec![Checkpoint {
                 cause: Cause::Requested,
                 began_at_s: Some(1.5),
-                ended_at_s: 3.0
+                ended_at_s: Some(3.0)
             }]
         );
     }
 
     #[test]
-    fn a_checkpoint_begun_before_the_run_has_no_start_and_unmoved_counters_show_none() {
-        let wal = [(0.0, 0), (1.0, 100)];
-        let seen = ended(
-            &reading(4, 1, None),
-            &reading(5, 1, Some(500)),
-            1.0,
-            1_000,
-            &wal,
+    fn one_begun_before_the_run_has_no_start_and_one_still_running_has_no_end() {
+        let mut t = Tracker::new(reading(4, 1, Some(500)), 1_000);
+        // the one running as the run began ends (its redo point is before the run)
+        t.observe(reading(4, 1, Some(800)), 1.0, &WAL[..2]);
+        // a timed one begins, and is still running at the end
+        t.observe(reading(5, 1, Some(800)), 2.0, &WAL[..3]);
+        assert_eq!(
+            t.finish(),
+            vec![
+                Checkpoint {
+                    cause: Cause::BeforeTheRun,
+                    began_at_s: None,
+                    ended_at_s: Some(1.0)
+                },
+                Checkpoint {
+                    cause: Cause::Timed,
+                    began_at_s: Some(2.0),
+                    ended_at_s: None
+                },
+            ]
         );
-        assert_eq!(seen.len(), 1);
-        assert_eq!((seen[0].cause, seen[0].began_at_s), (Cause::Timed, None));
-        assert!(ended(&reading(5, 1, None), &reading(5, 1, None), 1.0, 0, &wal).is_empty());
-        assert!(ended(&reading(5, 3, None), &reading(0, 0, None), 1.0, 0, &wal).is_empty());
+    }
+
+    #[test]
+    fn without_the_redo_point_each_counter_step_is_a_checkpoint_begun_and_reset_counters_show_none()
+    {
+        let mut t = Tracker::new(reading(4, 1, None), 0);
+        t.observe(reading(4, 3, None), 1.0, &WAL[..2]);
+        t.observe(reading(0, 0, None), 2.0, &WAL[..3]);
+        let seen = t.finish();
+        assert_eq!(seen.len(), 2);
+        assert!(seen.iter().all(|c| c.cause == Cause::Requested
+            && c.began_at_s == Some(1.0)
+            && c.ended_at_s.is_none()));
     }
 
     #[test]
     fn advice_is_given_only_for_requested_checkpoints_and_names_the_setting() {
+        let settings = Settings {
+            max_wal_size: 256 << 20,
+            completion_target: 0.9,
+            wal_segment: 16 << 20,
+        };
         let timed = Checkpoint {
             cause: Cause::Timed,
             began_at_s: None,
-            ended_at_s: 1.0,
+            ended_at_s: Some(1.0),
         };
         assert_eq!(
-            advice(std::slice::from_ref(&timed), 1 << 30, 700.0, 1 << 30, 0.9),
+            advice(std::slice::from_ref(&timed), 1 << 30, 700.0, &settings),
             None
         );
         let requested = Checkpoint {
             cause: Cause::Requested,
             ..timed
         };
-        let said = advice(&[requested], 1 << 30, 700.0, 256 << 20, 0.9).unwrap();
+        let said = advice(&[requested], 1 << 30, 700.0, &settings).unwrap();
         assert!(said.contains("max_wal_size (256 MiB)"), "{said}");
-        assert!(said.contains("about 1946 MiB"), "{said}");
+        // (1024 + 32) MiB x 1.9
+        assert!(said.contains("at least 2006 MiB"), "{said}");
     }
 }

@@ -147,9 +147,9 @@ pub struct BenchReport {
     /// The checkpoints that ended during the median run (`None`: the
     /// server's counters were not readable).
     pub checkpoints: Option<Vec<checkpoints::Checkpoint>>,
-    /// The server's `max_wal_size`, bytes.
-    pub max_wal_size_bytes: u64,
-    /// Where the WAL caused checkpoints during the run: the `max_wal_size`
+    /// The server's `max_wal_size`, bytes (`None`: not readable).
+    pub max_wal_size_bytes: Option<u64>,
+    /// Where checkpoints were requested during the run: the `max_wal_size`
     /// that would let the run's WAL pass without one.
     pub checkpoint_advice: Option<String>,
 }
@@ -304,7 +304,13 @@ async fn measure(
         }
         None => None,
     };
-    let (max_wal_size, completion_target) = checkpoint_settings(client).await?;
+    let checkpoint_settings = match checkpoints::Settings::read(client).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::debug!("no checkpoint advice: {}", e.chain());
+            None
+        }
+    };
     let floor_s = median(floors.clone());
     let rekey_s = median(runs.iter().map(|r| r.secs).collect());
     let setup_s = median(runs.iter().map(|r| r.setup_secs).collect());
@@ -335,15 +341,13 @@ async fn measure(
         run.secs,
         opts.settings.signals.max_wal_rate,
     );
-    let checkpoint_advice = run.checkpoints.as_deref().and_then(|c| {
-        checkpoints::advice(
-            c,
-            wal.wal_bytes,
-            wal.wal_bytes_per_row,
-            max_wal_size,
-            completion_target,
-        )
-    });
+    let checkpoint_advice = run
+        .checkpoints
+        .as_deref()
+        .zip(checkpoint_settings.as_ref())
+        .and_then(|(c, settings)| {
+            checkpoints::advice(c, wal.wal_bytes, wal.wal_bytes_per_row, settings)
+        });
     let report = BenchReport {
         rows: opts.rows,
         lanes: opts.lanes,
@@ -386,31 +390,13 @@ async fn measure(
         wal,
         load: under_load,
         checkpoints: run.checkpoints.clone(),
-        max_wal_size_bytes: max_wal_size,
+        max_wal_size_bytes: checkpoint_settings.map(|s| s.max_wal_size),
         checkpoint_advice,
     };
     if let Some(dir) = &opts.report_dir {
         write_report(dir, &report)?;
     }
     Ok(report)
-}
-
-/// The server's `max_wal_size` (bytes) and `checkpoint_completion_target`.
-async fn checkpoint_settings(client: &Client) -> Result<(u64, f64), Error> {
-    let what = || "reading max_wal_size and checkpoint_completion_target".to_string();
-    let row = client
-        .query_one(
-            "SELECT pg_size_bytes(current_setting('max_wal_size')),
-                    current_setting('checkpoint_completion_target')::float8",
-            &[],
-        )
-        .await
-        .ctx(what)?;
-    let bytes: i64 = row.try_get(0).ctx(what)?;
-    let target: f64 = row.try_get(1).ctx(what)?;
-    let bytes = u64::try_from(bytes)
-        .map_err(|_| Error::Runtime(format!("the server gave a negative max_wal_size: {bytes}")))?;
-    Ok((bytes, target))
 }
 
 #[cfg(test)]

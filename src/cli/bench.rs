@@ -112,10 +112,7 @@ pub async fn bench(args: &BenchArgs) -> Result<u8, Error> {
     );
     println!("  WAL            {}", wal_line(&r.wal));
     if let Some(c) = &r.checkpoints {
-        println!(
-            "  checkpoints    {}",
-            checkpoints_line(c, r.max_wal_size_bytes)
-        );
+        println!("  checkpoints    {}", checkpoints_line(c));
     }
     if let Some(advice) = &r.checkpoint_advice {
         println!("  note: {advice}");
@@ -171,15 +168,17 @@ fn wal_line(w: &WalReport) -> String {
     line
 }
 
-/// The checkpoints line of the text summary: how many ended during the
+/// The checkpoints line of the text summary: how many ran during the
 /// run, and why.
-fn checkpoints_line(c: &[Checkpoint], max_wal_size: u64) -> String {
-    let requested = c.iter().filter(|c| c.cause == Cause::Requested).count();
+fn checkpoints_line(c: &[Checkpoint]) -> String {
+    let of = |cause: Cause| c.iter().filter(|c| c.cause == cause).count();
+    let running = c.iter().filter(|c| c.ended_at_s.is_none()).count();
     format!(
-        "{} ended during the run: {requested} for WAL past max_wal_size ({:.0} MiB) or asked for, {} timed",
+        "{} during the run: {} requested (WAL or a command), {} timed, {} begun before it; {running} with no end seen",
         c.len(),
-        mib(max_wal_size as f64),
-        c.len() - requested
+        of(Cause::Requested),
+        of(Cause::Timed),
+        of(Cause::BeforeTheRun),
     )
 }
 
