@@ -47,15 +47,57 @@ pub struct Checkpoint {
 /// What the checkpoint counters and the last checkpoint's redo point read
 /// at one sample.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Reading {
+struct Reading {
     timed: i64,
     requested: i64,
     /// The last completed checkpoint's redo point, bytes from 0/0.
     redo: Option<u64>,
 }
 
+/// The checkpoints of one run, followed from the server's counters.
+pub(super) struct Watch {
+    counters: Counters,
+    tracker: Tracker,
+}
+
+impl Watch {
+    /// Starts following at the run's start, at WAL position `wal_base`.
+    pub(super) async fn start(client: &Client, wal_base: u64) -> Result<Watch, Error> {
+        let mut counters = Counters::for_server(client).await?;
+        let first = counters.read(client).await?;
+        Ok(Watch {
+            counters,
+            tracker: Tracker::new(first, wal_base),
+        })
+    }
+
+    /// One more reading, `t` seconds into the run, with the run's WAL series
+    /// so far (bytes since the start, in time order).
+    pub(super) async fn sample(
+        mut self,
+        client: &Client,
+        t: f64,
+        wal: &[(f64, u64)],
+    ) -> Result<Watch, Error> {
+        let now = self.counters.read(client).await?;
+        self.tracker.observe(now, t, wal);
+        Ok(self)
+    }
+
+    /// Every checkpoint seen, with those still running, their times held to
+    /// the run's `end` (the last sample may fall just after it).
+    pub(super) fn finish(self, end: f64) -> Vec<Checkpoint> {
+        let mut seen = self.tracker.finish();
+        for c in &mut seen {
+            c.began_at_s = c.began_at_s.map(|b| b.min(end));
+            c.ended_at_s = c.ended_at_s.map(|e| e.min(end));
+        }
+        seen
+    }
+}
+
 /// Reads the counters on the server's version of the statistics views.
-pub(super) struct Counters {
+struct Counters {
     sql: &'static str,
     /// Whether `pg_control_checkpoint()` may be read; false after it refused once.
     redo_readable: bool,
@@ -64,7 +106,7 @@ pub(super) struct Counters {
 impl Counters {
     /// Picks the view for the server: `pg_stat_checkpointer` from PostgreSQL
     /// 17, `pg_stat_bgwriter` before.
-    pub(super) async fn for_server(client: &Client) -> Result<Counters, Error> {
+    async fn for_server(client: &Client) -> Result<Counters, Error> {
         let what = || "reading the server's version".to_string();
         let row = client
             .query_one("SELECT current_setting('server_version_num')::int", &[])
@@ -82,7 +124,7 @@ impl Counters {
     }
 
     /// The counters now, and the last redo point where readable.
-    pub(super) async fn read(&mut self, client: &Client) -> Result<Reading, Error> {
+    async fn read(&mut self, client: &Client) -> Result<Reading, Error> {
         let what = || "reading the server's checkpoint counters".to_string();
         let row = client.query_one(self.sql, &[]).await.ctx(what)?;
         let (timed, requested) = (row.try_get(0).ctx(what)?, row.try_get(1).ctx(what)?);
@@ -112,7 +154,7 @@ impl Counters {
 /// checkpoint begins (or at its first pause), the redo point as it ends:
 /// each begun is held until the redo point moves, oldest first.
 #[derive(Debug)]
-pub(super) struct Tracker {
+struct Tracker {
     last: Reading,
     /// Begun and not yet ended: why, and the sample its counter moved at.
     running: std::collections::VecDeque<(Cause, f64)>,
@@ -123,7 +165,7 @@ pub(super) struct Tracker {
 
 impl Tracker {
     /// From the reading before the run, at WAL position `wal_base`.
-    pub(super) fn new(first: Reading, wal_base: u64) -> Tracker {
+    fn new(first: Reading, wal_base: u64) -> Tracker {
         Tracker {
             last: first,
             running: Default::default(),
@@ -134,7 +176,7 @@ impl Tracker {
 
     /// The reading at `t` seconds, with the run's WAL series so far (bytes
     /// since the start, in time order).
-    pub(super) fn observe(&mut self, now: Reading, t: f64, wal: &[(f64, u64)]) {
+    fn observe(&mut self, now: Reading, t: f64, wal: &[(f64, u64)]) {
         let steps = |a: i64, b: i64| usize::try_from(b.saturating_sub(a)).unwrap_or(0);
         for cause in std::iter::repeat_n(Cause::Timed, steps(self.last.timed, now.timed)).chain(
             std::iter::repeat_n(Cause::Requested, steps(self.last.requested, now.requested)),
@@ -175,7 +217,7 @@ impl Tracker {
     }
 
     /// Every checkpoint seen, with those still running at the end.
-    pub(super) fn finish(mut self) -> Vec<Checkpoint> {
+    fn finish(mut self) -> Vec<Checkpoint> {
         self.seen
             .extend(self.running.drain(..).map(|(cause, at)| Checkpoint {
                 cause,

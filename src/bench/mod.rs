@@ -144,7 +144,7 @@ pub struct BenchReport {
     pub wal: WalReport,
     /// With `--with-load`: the cost to an application on the same cluster.
     pub load: Option<LoadReport>,
-    /// The checkpoints that ended during the median run (`None`: the
+    /// The checkpoints that ran during the median run (`None`: the
     /// server's counters were not readable).
     pub checkpoints: Option<Vec<checkpoints::Checkpoint>>,
     /// The server's `max_wal_size`, bytes (`None`: not readable).

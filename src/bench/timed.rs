@@ -23,7 +23,7 @@ use crate::observe::progress::{Progress, Total};
 use crate::state::{self, JobRecord};
 use crate::Error;
 
-use super::checkpoints::{Checkpoint, Counters, Tracker};
+use super::checkpoints::{Checkpoint, Watch};
 use super::report::{peak_rss_mib, reset_peak_rss};
 use super::wal::wal_position;
 use super::BenchOptions;
@@ -63,7 +63,7 @@ pub(super) struct RekeyRun {
     pub resumed_at_s: Option<f64>,
     /// Peak RSS during the run, MiB.
     pub peak_rss_mib: f64,
-    /// The checkpoints that ended during the run; `None` where the server's
+    /// The checkpoints that ran during the run; `None` where the server's
     /// counters could not be read.
     pub checkpoints: Option<Vec<Checkpoint>>,
 }
@@ -93,14 +93,9 @@ pub(super) async fn rekey_once(
     let setup_secs = setup.elapsed().as_secs_f64();
 
     let wal_client = db.connect().await?;
-    // the checkpoints are reported where the server lets them be read
-    let mut counters = Counters::for_server(&wal_client).await;
-    let first = match &mut counters {
-        Ok(c) => c.read(&wal_client).await,
-        Err(e) => Err(Error::Runtime(e.chain())),
-    };
     let wal_base = wal_position(&wal_client).await?;
-    let tracked = first.map(|r| Tracker::new(r, wal_base));
+    // the checkpoints are reported where the server lets them be read
+    let watch = Watch::start(&wal_client, wal_base).await;
     // each pass counts its own rows, as each `rekey run` process does; the
     // samples add the killed pass's rows to the resumed pass's
     let killed = Arc::new(LiveCounts::default());
@@ -113,7 +108,7 @@ pub(super) async fn rekey_once(
         let mut rows = Vec::new();
         let mut wal = vec![(0.0, 0)];
         let mut wal_error = None;
-        let mut tracked = tracked;
+        let mut watch = watch;
         while !done.load(Ordering::Relaxed) {
             tokio::time::sleep(SAMPLE_EVERY).await;
             let t = started.elapsed().as_secs_f64();
@@ -124,9 +119,12 @@ pub(super) async fn rekey_once(
                     Err(e) => wal_error = Some(e),
                 }
             }
-            tracked = observe(tracked, &mut counters, &wal_client, t, &wal).await;
+            watch = match watch {
+                Ok(w) => w.sample(&wal_client, t, &wal).await,
+                unread => unread,
+            };
         }
-        (rows, wal, wal_error, tracked)
+        (rows, wal, wal_error, watch)
     };
     let marks = std::sync::Mutex::new((None, None));
     let settings = Settings {
@@ -192,7 +190,7 @@ pub(super) async fn rekey_once(
         done.store(true, Ordering::Relaxed);
         r.map(|o| (o, secs, rows))
     };
-    let (outcome, (mut progress, mut wal, wal_error, tracked)) = tokio::join!(run, sampler);
+    let (outcome, (mut progress, mut wal, wal_error, watch)) = tokio::join!(run, sampler);
     let (outcome, secs, rows) = outcome?;
     if let Some(e) = wal_error {
         return Err(e);
@@ -205,19 +203,12 @@ pub(super) async fn rekey_once(
     wal.retain(|&(t, _)| t < secs);
     wal.push((secs, wal_end));
     // a checkpoint that ended since the last sample, at the exact end
-    let checkpoints = match observe(tracked, &mut counters, &wal_client, secs, &wal).await {
-        // the sampler's last tick may fall just after the end: held to it
-        Ok(tracker) => Some(
-            tracker
-                .finish()
-                .into_iter()
-                .map(|mut c| {
-                    c.began_at_s = c.began_at_s.map(|b| b.min(secs));
-                    c.ended_at_s = c.ended_at_s.map(|e| e.min(secs));
-                    c
-                })
-                .collect(),
-        ),
+    let watch = match watch {
+        Ok(w) => w.sample(&wal_client, secs, &wal).await,
+        unread => unread,
+    };
+    let checkpoints = match watch {
+        Ok(w) => Some(w.finish(secs)),
         Err(e) => {
             tracing::debug!("the server's checkpoints are not reported: {}", e.chain());
             None
@@ -237,21 +228,6 @@ pub(super) async fn rekey_once(
         peak_rss_mib,
         checkpoints,
     })
-}
-
-/// The checkpoint tracker after one more reading at `t` seconds; the
-/// error, where the counters could not be read (then or before).
-async fn observe(
-    tracked: Result<Tracker, Error>,
-    counters: &mut Result<Counters, Error>,
-    client: &Client,
-    t: f64,
-    wal: &[(f64, u64)],
-) -> Result<Tracker, Error> {
-    let mut tracker = tracked?;
-    let counters = counters.as_mut().map_err(|e| Error::Runtime(e.chain()))?;
-    tracker.observe(counters.read(client).await?, t, wal);
-    Ok(tracker)
 }
 
 /// Runs a pipeline as `rekey run` does (`Before::AsRun`: with the rows to

@@ -89,17 +89,17 @@ fn fill(
             let first_row = part * PART_ROWS;
             let part_rows = out.len() / ncols;
             // new values are about the size of the old ones (verify writes none)
-            let stored: usize = (first_row..first_row + part_rows)
-                .flat_map(|r| (0..ncols).filter_map(move |c| value(target, rows.row(r), c)))
-                .map(<[u8]>::len)
-                .sum();
             if purpose == Purpose::Rewrite {
+                let stored: usize = (first_row..first_row + part_rows)
+                    .flat_map(|r| (0..ncols).filter_map(move |c| value(target, rows.row(r), c)))
+                    .map(<[u8]>::len)
+                    .sum();
                 buf.reserve(stored + stored / 8);
             }
+            let sealed = target.sealed_columns();
             for (i, out) in out.chunks_mut(ncols).enumerate() {
                 let row = rows.row(first_row + i);
                 let aad = aad(target, row);
-                let sealed = target.sealed_columns();
                 for (col, cell) in out.iter_mut().enumerate().take(sealed) {
                     *cell = match value(target, row, col) {
                         None => Cell::Null,
