@@ -1,6 +1,7 @@
 //! The conflict pass at the end of a rewrite: rows the application changed
 //! between a batch's read and its write are re-read and rewritten, until
-//! none remain or the rounds run out.
+//! none remain or the rounds run out. The progress line shows the pass as
+//! a phase of its own: the rows re-read against the rows waiting.
 
 use std::collections::BTreeMap;
 
@@ -43,7 +44,17 @@ pub(super) async fn retry_conflicts(
         })?;
     let mut reader = None;
     let mut writer = None;
+    // rows re-read so far: the progress line counts the pass as a phase of its own
+    let mut reread = 0;
     'rounds: for round in 0..RETRY_ROUNDS {
+        let waiting = waiting(&admin, job_id).await?;
+        if waiting == 0 {
+            return Ok((outcome, 0));
+        }
+        match round {
+            0 => shared.progress.begin_phase(PHASE, waiting),
+            _ => shared.progress.set_phase_total(reread + waiting),
+        }
         let mut any = false;
         for target in &shared.job.targets {
             loop {
@@ -102,6 +113,8 @@ pub(super) async fn retry_conflicts(
                         let counts =
                             locked_one_by_one(shared, source, sink, target, &keys, job_id).await?;
                         shared.live.add(&counts);
+                        shared.progress.update(&shared.live.snapshot());
+                        reread += counts.rows_scanned;
                         outcome.merge(Outcome {
                             counts,
                             by_target: BTreeMap::from([(target.index, counts)]),
@@ -113,6 +126,8 @@ pub(super) async fn retry_conflicts(
                 };
                 shared.note_quarantined(&failures);
                 shared.live.add(&counts);
+                shared.progress.update(&shared.live.snapshot());
+                reread += counts.rows_scanned;
                 outcome.merge(Outcome {
                     counts,
                     failures,
@@ -130,18 +145,26 @@ pub(super) async fn retry_conflicts(
         }
         tokio::time::sleep(std::time::Duration::from_millis(50 * u64::from(round + 1))).await;
     }
-    let left: i64 = admin
+    Ok((outcome, waiting(&admin, job_id).await?))
+}
+
+/// What the progress line says while the pass runs.
+const PHASE: &str = "re-reading changed rows";
+
+/// Keys of `job_id` waiting to be re-read, every target's.
+async fn waiting(admin: &tokio_postgres::Client, job_id: i64) -> Result<u64, Error> {
+    let keys: i64 = admin
         .query_one(
             "SELECT count(*) FROM rekey.conflicts WHERE job_id = $1",
             &[&job_id],
         )
         .await
         .map_err(|e| Error::Db {
-            context: "counting conflicts left".into(),
+            context: "counting the rows left to re-read".into(),
             source: e,
         })?
         .get(0);
-    Ok((outcome, left as u64))
+    Ok(u64::try_from(keys).unwrap_or(0))
 }
 
 /// Re-reads and rewrites `keys` one at a time, after a batch of them hit a

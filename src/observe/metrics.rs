@@ -31,7 +31,7 @@ const METRICS: &[(&str, Kind, Option<Unit>, &str)] = &[
     ("rekey_throttled", Kind::Gauge, None, "1 while the run is paused by a throttle, else 0."),
     ("rekey_throttle_info", Kind::Gauge, None, "1 for the reason the run is paused now, 0 for earlier reasons."),
     ("rekey_leases_total", Kind::Counter, Some(Unit::Count), "Range lease changes, by kind (taken, taken_over, lost, released)."),
-    ("rekey_rows_done", Kind::Gauge, Some(Unit::Count), "Rows done so far in the current phase (rewriting or verifying)."),
+    ("rekey_rows_done", Kind::Gauge, Some(Unit::Count), "Rows done so far in the current phase (rewriting, re-reading changed rows, or verifying)."),
     ("rekey_rows_total", Kind::Gauge, Some(Unit::Count), "Rows the current phase expects in all."),
     ("rekey_rows_per_second", Kind::Gauge, Some(Unit::CountPerSecond), "Rows per second since the current phase started."),
     ("rekey_eta_seconds", Kind::Gauge, Some(Unit::Seconds), "Estimated seconds left in the current phase (NaN while unknown)."),

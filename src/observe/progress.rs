@@ -53,15 +53,31 @@ enum TotalIs {
     Unknown,
 }
 
+/// What the rows shown are counted from: the run, or a later phase of it
+/// (the conflict re-reads) with rows, rate and total of its own.
+#[derive(Debug, Clone, Copy)]
+struct Phase {
+    /// What is being done ("rewriting", "re-reading changed rows").
+    verb: &'static str,
+    /// When the phase started.
+    started: Instant,
+    /// This process's rows scanned before the phase started.
+    own_before: u64,
+    /// Whether other processes' rows count: in the run's first phase only
+    /// (a later phase is this process's own work).
+    with_others: bool,
+    /// 0 for the first phase, one more for each after it: a [`Total`] sets
+    /// only the phase it was made for.
+    number: u32,
+}
+
 /// What the display and the ticker share.
 struct Shared {
     /// Rows expected in all (meaningless while `Unknown`), and whether they
     /// are counted, an estimate, or unknown: set together, read together.
     total: Mutex<(u64, TotalIs)>,
-    /// When the run started.
-    started: Instant,
-    /// What is being done ("rewriting", "verifying").
-    verb: &'static str,
+    /// What is being done, since when, and from which counts.
+    phase: Mutex<Phase>,
     /// Why the run is paused, while a throttle holds it.
     hold: Mutex<Option<String>>,
     /// Rows this process has scanned so far.
@@ -75,13 +91,32 @@ struct Shared {
 }
 
 impl Shared {
-    /// Rows scanned so far: this process's, plus the others'.
+    /// The phase shown (as it was, should a panic have poisoned it).
+    fn phase(&self) -> Phase {
+        *self
+            .phase
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Rows scanned so far in the phase: this process's, plus the others'
+    /// in the first phase.
     fn done(&self) -> u64 {
-        self.own.load(Ordering::Relaxed) + self.others.load(Ordering::Relaxed)
+        let phase = self.phase();
+        let own = self
+            .own
+            .load(Ordering::Relaxed)
+            .saturating_sub(phase.own_before);
+        let others = match phase.with_others {
+            true => self.others.load(Ordering::Relaxed),
+            false => 0,
+        };
+        own + others
     }
 
     fn rate(&self) -> f64 {
-        self.done() as f64 / self.started.elapsed().as_secs_f64().max(1e-9)
+        let secs = self.phase().started.elapsed().as_secs_f64();
+        self.done() as f64 / secs.max(1e-9)
     }
 
     /// The total and its state (unknown, should a panic have poisoned it).
@@ -141,7 +176,7 @@ impl Shared {
             values_rewritten = self.rewritten.load(Ordering::Relaxed),
             values_failed = self.failed.load(Ordering::Relaxed),
             "{}{paused}: {}/{of}, {} rows/s, eta {eta_text}",
-            self.verb,
+            self.phase().verb,
             HumanCount(done),
             HumanCount(rate.round() as u64),
         );
@@ -185,6 +220,8 @@ pub struct Progress {
 pub struct Total {
     shared: Arc<Shared>,
     bar: Option<ProgressBar>,
+    /// The phase whose total this sets ([`Phase::number`]).
+    phase: u32,
 }
 
 impl Total {
@@ -206,9 +243,15 @@ impl Total {
     }
 
     fn store(&self, rows: u64, total_is: TotalIs) {
+        // a count or sample finishing after its phase has nothing to set
+        let phase = self.shared.phase.lock();
+        if phase.as_ref().map_or(true, |p| p.number != self.phase) {
+            return;
+        }
         if let Ok(mut t) = self.shared.total.lock() {
             *t = (rows, total_is);
         }
+        drop(phase);
         if let Some(bar) = &self.bar {
             let done = self.shared.done();
             follow_total(bar, self.shared.shown_total(done).map(|(total, _)| total));
@@ -237,14 +280,57 @@ impl Progress {
         Total {
             shared: self.shared.clone(),
             bar: self.bar.clone(),
+            phase: self.shared.phase().number,
+        }
+    }
+
+    /// Starts showing a later phase of the run, `verb`, of `total` rows
+    /// (counted): its rows, rate and ETA count from now, and only this
+    /// process's. A [`Total`] made before it sets nothing more.
+    pub fn begin_phase(&self, verb: &'static str, total: u64) {
+        let own = self.shared.own.load(Ordering::Relaxed);
+        if let Ok(mut phase) = self.shared.phase.lock() {
+            *phase = Phase {
+                verb,
+                started: Instant::now(),
+                own_before: own,
+                with_others: false,
+                number: phase.number + 1,
+            };
+        }
+        if let Ok(mut t) = self.shared.total.lock() {
+            *t = (total, TotalIs::Counted);
+        }
+        if let Some(bar) = &self.bar {
+            let held = self.shared.hold().is_some();
+            if !held {
+                bar.set_prefix(verb);
+            }
+            bar.reset_elapsed();
+            self.shared.draw(bar);
+        }
+    }
+
+    /// A new count of the current phase's rows in all (see [`Self::begin_phase`]).
+    pub fn set_phase_total(&self, total: u64) {
+        if let Ok(mut t) = self.shared.total.lock() {
+            *t = (total, TotalIs::Counted);
+        }
+        if let Some(bar) = &self.bar {
+            self.shared.draw(bar);
         }
     }
 
     fn with_total(total: u64, total_is: TotalIs, verb: &'static str, quiet: bool) -> Self {
         let shared = Arc::new(Shared {
             total: Mutex::new((total, total_is)),
-            started: Instant::now(),
-            verb,
+            phase: Mutex::new(Phase {
+                verb,
+                started: Instant::now(),
+                own_before: 0,
+                with_others: true,
+                number: 0,
+            }),
             hold: Mutex::new(None),
             own: AtomicU64::new(0),
             others: AtomicU64::new(0),
@@ -299,7 +385,7 @@ impl Progress {
         if let Some(bar) = &self.bar {
             match reason {
                 Some(reason) => bar.set_prefix(format!("paused: {}", truncate(reason, HOLD_WIDTH))),
-                None => bar.set_prefix(self.shared.verb),
+                None => bar.set_prefix(self.shared.phase().verb),
             }
         }
     }
@@ -468,6 +554,33 @@ mod tests {
         // a counted total is kept whatever the rows done
         p.total().set(1_000);
         assert_eq!(p.shared.shown_total(1_200), Some((1_000, false)));
+    }
+
+    #[test]
+    fn a_later_phase_counts_only_its_own_rows_against_its_own_total() {
+        let p = Progress::estimated(Some(1_000), "rewriting", true);
+        let counted_beside = p.total();
+        p.others_done(400);
+        p.update(&Counts {
+            rows_scanned: 600,
+            ..Counts::default()
+        });
+        assert_eq!(p.shared.done(), 1_000);
+        p.begin_phase("re-reading changed rows", 30);
+        assert_eq!(p.shared.phase().verb, "re-reading changed rows");
+        assert_eq!(p.shared.done(), 0);
+        assert_eq!(p.shared.shown_total(0), Some((30, false)));
+        p.update(&Counts {
+            rows_scanned: 610,
+            ..Counts::default()
+        });
+        p.others_done(900);
+        assert_eq!(p.shared.done(), 10, "the others' rows are not this phase's");
+        // a sample of the table finishing now has nothing to set
+        counted_beside.set_estimate(5_000);
+        assert_eq!(p.shared.shown_total(10), Some((30, false)));
+        p.set_phase_total(45);
+        assert_eq!(p.shared.shown_total(10), Some((45, false)));
     }
 
     #[test]

@@ -118,3 +118,61 @@ async fn a_row_locked_for_longer_than_every_retry_is_set_aside_reported_as_not_r
     );
     assert_all_rotated(&db, 1_000).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_re_reads_at_the_end_show_in_the_progress_line_as_a_phase_of_their_own() {
+    let (db, _dir, j) = patients(200).await;
+    // row 100 stays locked until the re-reads at the end show in the progress line
+    let mut app = connect(&db.url).await;
+    let tx = app.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM patient_persons WHERE id = 100 FOR UPDATE",
+        &[],
+    )
+    .await
+    .unwrap();
+    let mut run = Watched::spawn(&[
+        "run",
+        "--job",
+        &j,
+        "--batch-size",
+        "2",
+        "--workers",
+        "1",
+        "--lock-timeout",
+        "1s",
+        "--progress-every",
+        "100ms",
+        "--log-format",
+        "json",
+    ]);
+    run.said("re-reading changed rows", Duration::from_secs(60))
+        .await;
+    tx.rollback().await.unwrap();
+    let out = run.finish(Duration::from_secs(60)).await;
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_all_rotated(&db, 200).await;
+    let lines = progress_lines(&stderr(&out));
+    let is_reread = |v: &serde_json::Value| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("re-reading changed rows"))
+    };
+    let first = lines
+        .iter()
+        .position(is_reread)
+        .unwrap_or_else(|| panic!("no progress line of the re-reads: {lines:?}"));
+    assert!(
+        first > 0 && lines[first - 1]["rows_total"] == 200,
+        "the rewrite's lines come first, against the table's rows: {lines:?}"
+    );
+    // the set-aside row is all there is to re-read, and none is done while it is locked
+    let reread = &lines[first];
+    assert_eq!(reread["rows_total"], 1, "{reread}");
+    assert_eq!(reread["rows_done"], 0, "{reread}");
+    assert_eq!(reread["percent"], 0, "{reread}");
+    assert!(
+        lines[first..].iter().all(is_reread),
+        "once the re-reads begin, every line is theirs: {lines:?}"
+    );
+}
