@@ -15,6 +15,10 @@
 //!   opens a token under the second key tried (one more HMAC, as MultiFernet).
 //! - `nonce/12-bytes`: one random GCM nonce from `codec::nonce::fill`, the
 //!   thread-local CSPRNG every seal draws from.
+//! - `search-hash/rehash-hex`: a search hash's share of a rotation: which
+//!   key a stored hex hash of an SSN-sized plaintext is under (the target
+//!   key's tried first, then the old one's), and the hash under the target
+//!   key (the decrypt it also needs is the codec's, above).
 //!
 //! Run: `cargo bench --bench codec -- --warm-up-time 1 --measurement-time 3`.
 
@@ -25,6 +29,7 @@ use rekey::crypto::codec::fernet::Fernet;
 use rekey::crypto::codec::versioned_gcm::VersionedGcm;
 use rekey::crypto::codec::Codec;
 use rekey::crypto::keyring::{Key, Keyring};
+use rekey::crypto::search_hash::{HashOutput, SearchHasher};
 
 /// Plaintext length of every benchmarked value.
 const PLAINTEXT_LEN: usize = 128;
@@ -168,5 +173,35 @@ fn nonce(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, versioned_gcm_rotation, fernet_migration, nonce);
+/// A hex search hash found under the old key and written under the target key.
+fn search_hash(c: &mut Criterion) {
+    let keyring =
+        Keyring::new(vec![Key::new(1, [1; 32]), Key::new(2, [2; 32])], 2, None).expect("keyring");
+    let hasher = SearchHasher::new(&keyring, HashOutput::Hex, None).expect("hasher");
+    let ssn = b"123-45-6789";
+    let stored = hasher.hash(1, ssn).expect("key 1 is held");
+    let mut group = c.benchmark_group("search-hash");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("rehash-hex", |b| {
+        let mut out = Vec::with_capacity(1 << 16);
+        b.iter(|| {
+            let key = hasher.identify(black_box(ssn), black_box(&stored));
+            assert_eq!(key, Some(1));
+            if out.len() > (1 << 16) - 64 {
+                out.clear();
+            }
+            assert!(hasher.hash_into(2, black_box(ssn), &mut out));
+            black_box(out.len())
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    versioned_gcm_rotation,
+    fernet_migration,
+    nonce,
+    search_hash
+);
 criterion_main!(benches);

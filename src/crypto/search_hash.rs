@@ -20,6 +20,9 @@ type HmacSha256 = Hmac<Sha256>;
 /// Bytes of an HMAC-SHA256 output.
 pub const HMAC_SHA256_LEN: usize = 32;
 
+/// The longest stored form: all 32 bytes as hex (base64 takes 44).
+const STORED_MAX: usize = 2 * HMAC_SHA256_LEN;
+
 /// The keyed hash function.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -114,8 +117,21 @@ impl SearchHasher {
 
     /// The stored form of the hash of `plaintext` under key `key`, if held.
     pub fn hash(&self, key: KeyId, plaintext: &[u8]) -> Option<Vec<u8>> {
-        let (_, mac) = self.macs.iter().find(|(id, _)| *id == key)?;
-        Some(self.encode(mac, plaintext))
+        let mut out = Vec::new();
+        self.hash_into(key, plaintext, &mut out).then_some(out)
+    }
+
+    /// Appends the stored form of the hash of `plaintext` under key `key` to
+    /// `out` (a run's buffer of new values); false, and nothing appended,
+    /// when the key is not held.
+    pub fn hash_into(&self, key: KeyId, plaintext: &[u8], out: &mut Vec<u8>) -> bool {
+        match self.macs.iter().find(|(id, _)| *id == key) {
+            Some((_, mac)) => {
+                self.encode(mac, plaintext, |stored| out.extend_from_slice(stored));
+                true
+            }
+            None => false,
+        }
     }
 
     /// Which key's hash of `plaintext` `stored` is, in its exact stored form
@@ -123,21 +139,32 @@ impl SearchHasher {
     pub fn identify(&self, plaintext: &[u8], stored: &[u8]) -> Option<KeyId> {
         self.macs
             .iter()
-            .find(|(_, mac)| self.encode(mac, plaintext) == stored)
+            .find(|(_, mac)| self.encode(mac, plaintext, |mine| mine == stored))
             .map(|(id, _)| *id)
     }
 
-    fn encode(&self, mac: &HmacSha256, plaintext: &[u8]) -> Vec<u8> {
+    /// Hands `then` the stored form of the hash of `plaintext` under `mac`,
+    /// encoded on the stack: a run hashes every row of a hashed column, and
+    /// each hash is read once.
+    fn encode<R>(&self, mac: &HmacSha256, plaintext: &[u8], then: impl FnOnce(&[u8]) -> R) -> R {
         let mut mac = mac.clone();
         mac.update(plaintext);
         let full = mac.finalize().into_bytes();
         let kept = &full[..self.len];
+        let mut text = [0u8; STORED_MAX];
         match self.output {
-            HashOutput::Raw => kept.to_vec(),
-            HashOutput::Hex => hex::encode(kept).into_bytes(),
-            HashOutput::Base64 => base64::engine::general_purpose::STANDARD
-                .encode(kept)
-                .into_bytes(),
+            HashOutput::Raw => then(kept),
+            HashOutput::Hex => {
+                let hex = &mut text[..2 * kept.len()];
+                hex::encode_to_slice(kept, hex).expect("a slice twice the bytes' length");
+                then(hex)
+            }
+            HashOutput::Base64 => {
+                let n = base64::engine::general_purpose::STANDARD
+                    .encode_slice(kept, &mut text)
+                    .expect("64 bytes hold 32 bytes in base64 (44)");
+                then(&text[..n])
+            }
         }
     }
 }
@@ -212,6 +239,51 @@ mod tests {
             Some(HashError::Truncate(0))
         );
         assert!(SearchHasher::new(&ring(), HashOutput::Raw, Some(33)).is_err());
+    }
+
+    #[test]
+    fn each_stored_form_is_the_mac_as_python_writes_it() {
+        let mut mac = <HmacSha256 as KeyInit>::new_from_slice(&[2; 32]).unwrap();
+        mac.update(b"123-45-6789");
+        let full = mac.finalize().into_bytes();
+        for (output, truncate, expected) in [
+            (HashOutput::Raw, None, full.to_vec()),
+            (HashOutput::Hex, None, hex::encode(full).into_bytes()),
+            (
+                HashOutput::Hex,
+                Some(7),
+                hex::encode(&full[..7]).into_bytes(),
+            ),
+            (
+                HashOutput::Base64,
+                None,
+                base64::engine::general_purpose::STANDARD
+                    .encode(full)
+                    .into_bytes(),
+            ),
+            (
+                HashOutput::Base64,
+                Some(31),
+                base64::engine::general_purpose::STANDARD
+                    .encode(&full[..31])
+                    .into_bytes(),
+            ),
+        ] {
+            let h = SearchHasher::new(&ring(), output, truncate).unwrap();
+            assert_eq!(h.hash(2, b"123-45-6789").unwrap(), expected, "{output:?}");
+            assert_eq!(h.identify(b"123-45-6789", &expected), Some(2));
+        }
+    }
+
+    #[test]
+    fn a_hash_is_appended_after_what_the_buffer_holds_and_an_unheld_key_appends_nothing() {
+        let h = SearchHasher::new(&ring(), HashOutput::Hex, None).unwrap();
+        let mut out = b"before".to_vec();
+        assert!(h.hash_into(2, b"123-45-6789", &mut out));
+        assert_eq!(&out[..6], b"before");
+        assert_eq!(out[6..], h.hash(2, b"123-45-6789").unwrap()[..]);
+        assert!(!h.hash_into(3, b"123-45-6789", &mut out));
+        assert_eq!(out.len(), 6 + 64);
     }
 
     #[test]

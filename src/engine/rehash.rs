@@ -54,14 +54,13 @@ pub fn cell(
             on_target,
         },
         Purpose::Rewrite if on_target => Cell::Current,
-        Purpose::Rewrite => match hasher.hash(hasher.target(), &plain) {
-            Some(new) => {
-                let start = out.len();
-                out.extend_from_slice(&new);
-                Cell::Rewritten(Span::since(start, out))
+        Purpose::Rewrite => {
+            let start = out.len();
+            match hasher.hash_into(hasher.target(), &plain, out) {
+                true => Cell::Rewritten(Span::since(start, out)),
+                false => Cell::Failed(CodecError::UnknownKey),
             }
-            None => Cell::Failed(CodecError::UnknownKey),
-        },
+        }
     }
 }
 
