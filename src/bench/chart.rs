@@ -45,6 +45,36 @@ pub fn rates(cumulative: &[(f64, u64)]) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// How fast the last tenth of a run's rows went, over the run's median
+/// rate ([`rates`]' windows): 1.0 where the run held its pace to the end,
+/// 0.5 where its last rows went at half of it (lanes running out of work
+/// at different times, a checkpoint). `None` for a run too short to tell.
+pub fn last_tenth_ratio(cumulative: &[(f64, u64)]) -> Option<f64> {
+    let &(end, rows) = cumulative.last()?;
+    let mut windows: Vec<f64> = rates(cumulative).into_iter().map(|(_, r)| r).collect();
+    windows.sort_by(f64::total_cmp);
+    let median = *windows.get(windows.len() / 2)?;
+    // when the rows done first reached nine tenths, between two samples
+    let mark = rows as f64 * 0.9;
+    let mut prev = (0.0, 0u64);
+    let mut at_mark = None;
+    for &(t, r) in cumulative {
+        if r as f64 >= mark {
+            let grew = (r - prev.1.min(r)) as f64;
+            let part = if grew > 0.0 {
+                (mark - prev.1 as f64) / grew
+            } else {
+                1.0
+            };
+            at_mark = Some(prev.0 + (t - prev.0) * part.clamp(0.0, 1.0));
+            break;
+        }
+        prev = (t, r);
+    }
+    let took = end - at_mark?;
+    (took > 0.0 && median > 0.0).then(|| rows as f64 * 0.1 / took / median)
+}
+
 /// The chart as SVG text.
 pub fn throughput_svg(r: &BenchReport) -> Result<String, String> {
     let mut svg = String::new();
@@ -364,5 +394,27 @@ mod tests {
     #[test]
     fn no_samples_no_line() {
         assert!(rates(&[]).is_empty());
+    }
+
+    #[test]
+    fn a_run_that_holds_its_pace_to_the_end_has_a_last_tenth_of_one() {
+        let samples: Vec<(f64, u64)> = (1..=40).map(|i| (i as f64 * 0.05, i * 500)).collect();
+        let ratio = last_tenth_ratio(&samples).unwrap();
+        assert!((ratio - 1.0).abs() < 0.01, "{ratio}");
+    }
+
+    #[test]
+    fn a_run_whose_last_rows_go_at_half_its_pace_has_a_last_tenth_of_one_half() {
+        // 18,000 rows at 10,000 rows/s, then the last 2,000 at 5,000 rows/s
+        let mut samples: Vec<(f64, u64)> = (1..=36).map(|i| (i as f64 * 0.05, i * 500)).collect();
+        samples.extend((1..=8).map(|i| (1.8 + i as f64 * 0.05, 18_000 + i * 250)));
+        let ratio = last_tenth_ratio(&samples).unwrap();
+        assert!((ratio - 0.5).abs() < 0.02, "{ratio}");
+    }
+
+    #[test]
+    fn a_run_with_no_rows_or_samples_has_no_last_tenth() {
+        assert_eq!(last_tenth_ratio(&[(0.0, 0)]), None);
+        assert_eq!(last_tenth_ratio(&[]), None);
     }
 }

@@ -125,6 +125,12 @@ pub struct BenchReport {
     pub resumed_total_s: Option<f64>,
     /// That over the uninterrupted run's seconds.
     pub resume_cost_ratio: Option<f64>,
+    /// The rate of the median run's last tenth of its rows over the run's
+    /// median rate (the chart's windows): near 1 where lanes kept working
+    /// to the end; `None` for a run too short to tell.
+    pub last_tenth_rate_ratio: Option<f64>,
+    /// With `--interrupt-at`: the same for the resumed run's last tenth.
+    pub resumed_last_tenth_rate_ratio: Option<f64>,
     /// Peak resident memory of this process during the rekey run, MiB.
     pub peak_rss_mib: f64,
     /// Projected window per table size: (rows, seconds).
@@ -373,6 +379,10 @@ async fn measure(
         batch_ms_max: h.max() as f64 / 1000.0,
         resumed_total_s: (!resumed.is_empty()).then(|| median(resumed.clone())),
         resume_cost_ratio: (!resumed.is_empty()).then(|| median(resumed.clone()) / rekey_s),
+        last_tenth_rate_ratio: chart::last_tenth_ratio(&run.progress),
+        resumed_last_tenth_rate_ratio: interrupted
+            .as_ref()
+            .and_then(|r| chart::last_tenth_ratio(&r.progress)),
         peak_rss_mib: runs.iter().map(|r| r.peak_rss_mib).fold(0.0, f64::max),
         projections: opts
             .project

@@ -118,6 +118,13 @@ pub async fn bench(args: &BenchArgs) -> Result<u8, Error> {
         println!("  note: {advice}");
     }
     println!("  peak memory    {:.0} MiB", r.peak_rss_mib);
+    if let Some(ratio) = r.last_tenth_rate_ratio {
+        let resumed = r
+            .resumed_last_tenth_rate_ratio
+            .map(|x| format!(" (the resumed run's: {x:.2}x)"))
+            .unwrap_or_default();
+        println!("  last 10% of rows at {ratio:.2}x the run's median rate{resumed}");
+    }
     if let (Some(total), Some(ratio)) = (r.resumed_total_s, r.resume_cost_ratio) {
         println!(
             "  killed at {:.0}% and resumed: {:.2}s in all ({:.2}x an uninterrupted run)",

@@ -41,6 +41,12 @@ fn a_bench_report_samples_to_the_end_and_charts_the_kill_and_resume() {
     let resumed = report["resumed_at_s"].as_f64().unwrap();
     assert!(0.0 < killed && killed <= resumed, "{killed} {resumed}");
     assert!(report["throughput"].as_array().unwrap().len() >= 60);
+    for pace in ["last_tenth_rate_ratio", "resumed_last_tenth_rate_ratio"] {
+        let ratio = report[pace]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no {pace}: {report}"));
+        assert!(0.0 < ratio && ratio.is_finite(), "{pace}: {ratio}");
+    }
 
     let svg = std::fs::read_to_string(dir.path().join("throughput.svg")).unwrap();
     for label in [
