@@ -20,6 +20,7 @@ use crate::error::DbContext;
 use crate::job::{Job, JobSpec};
 use crate::Error;
 
+use super::checkpoints::Checkpoint;
 use super::pgbench::{self, AppWindow, Running};
 use super::timed::{rekey_once, Before};
 use super::wal::wal_position;
@@ -84,6 +85,10 @@ pub struct LoadedRun {
     pub rekey_from_s: f64,
     /// See `rekey_from_s`.
     pub rekey_to_s: f64,
+    /// The checkpoints that ran during the rekey run, in seconds since it
+    /// started (`None`: the server's counters were not readable): an
+    /// application's latency spike may be one, not the rotation's rows.
+    pub checkpoints: Option<Vec<Checkpoint>>,
 }
 
 fn now() -> f64 {
@@ -209,6 +214,7 @@ pub(super) async fn measure(
             app_tps: logs.per_second(t0),
             rekey_from_s: t1 - t0,
             rekey_to_s: t2 - t0,
+            checkpoints: run.checkpoints,
         });
     }
     Ok(LoadReport {

@@ -218,6 +218,9 @@ fn print_load(load: &LoadReport) {
             mib(run.rekey_wal_bytes_per_s),
             mib(run.wal_bytes_per_s)
         );
+        if let Some(c) = &run.checkpoints {
+            println!("    {:<18} checkpoints: {}", "", checkpoints_line(c));
+        }
     }
 }
 

@@ -367,6 +367,10 @@ fn bench_with_load_reports_the_applications_cost_at_full_speed_and_throttled() {
         let from = f(&run["rekey_from_s"]);
         assert!(from >= 1.5 && f(&run["rekey_to_s"]) > from, "{run}");
         assert!(!run["app_tps"].as_array().unwrap().is_empty(), "{run}");
+        assert!(
+            run["checkpoints"].is_array(),
+            "the checkpoints during each loaded run: {run}"
+        );
     }
     let svg = std::fs::read_to_string(dir.path().join("throughput.svg")).unwrap();
     for label in [
