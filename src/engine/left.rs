@@ -344,6 +344,13 @@ async fn sampled_stale_rows(
     })
 }
 
+/// The percent of `t`'s pages (its partitions or children included) that
+/// holds about [`SAMPLE_PAGES`] of them, for `TABLESAMPLE SYSTEM`.
+pub async fn sample_percent(client: &Client, t: &Target) -> Result<f32, Error> {
+    let pages = size_of(client, t).await?.pages;
+    Ok((100.0 * SAMPLE_PAGES / pages.max(1.0)).min(100.0) as f32)
+}
+
 /// The catalogue's estimate of the targets' rows (no count), partitions and
 /// inheritance children included; `None` when a part was never analyzed (a
 /// restored database before its `ANALYZE`).

@@ -88,6 +88,56 @@ pub fn stale_filter(target: &Target, alias: &str, first: usize) -> (String, Vec<
     (format!("({})", terms.join(" OR ")), bound)
 }
 
+/// Rows holding a value labelled with the target key, for the preflight's
+/// check that the target key given opens them: among the newest `$n+1` rows
+/// by key (where an application writing under the key puts its rows) and in
+/// a `$n+2` percent sample of the pages (where a run before this one put
+/// them), at most `$n+3` of each, once each, as a page. Parameters: the target
+/// prefixes of the returned columns, in order, then those three. `None`
+/// where no column's values show their key (a migration, Fernet, a search
+/// hash).
+pub fn select_labelled(target: &Target) -> Option<(String, Vec<usize>)> {
+    let mut terms = Vec::new();
+    let mut bound = Vec::new();
+    for i in 0..target.columns.len() {
+        if let Some(prefix) = target.stale_prefix(i) {
+            bound.push(i);
+            terms.push(format!(
+                "{} = ${}",
+                prefix_expr(target, i, "", prefix.len()),
+                bound.len()
+            ));
+        }
+    }
+    if bound.is_empty() {
+        return None;
+    }
+    let labelled = terms.join(" OR ");
+    let n = bound.len();
+    let (newest, percent, limit) = (n + 1, n + 2, n + 3);
+    let shown = format!(
+        "{}, {}{}",
+        target.key_list(""),
+        column_list(target),
+        aad_select(target)
+    );
+    let descending = target
+        .key
+        .iter()
+        .map(|c| format!("{} DESC", quote_ident(&c.name)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let filter = target_filter(target);
+    let table = target.qualified();
+    let sql = format!(
+        "(SELECT {shown} FROM (SELECT * FROM {table} WHERE true{filter} ORDER BY {descending} LIMIT ${newest}) AS newest \
+          WHERE {labelled} LIMIT ${limit}) \
+         UNION \
+         (SELECT {shown} FROM {table} TABLESAMPLE SYSTEM (${percent}) WHERE ({labelled}){filter} LIMIT ${limit})"
+    );
+    Some((sql, bound))
+}
+
 /// One keyset page: key columns then encrypted columns, in key order.
 /// Parameters: lower key (if any), upper key (if any), stale prefixes (if
 /// `only_stale`), then the row limit.

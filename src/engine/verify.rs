@@ -277,9 +277,10 @@ const PREFLIGHT_ROWS: i64 = 200;
 /// target, and refuses when none of them opens and most fail authentication
 /// (the wrong key given), which would otherwise quarantine the whole table. A target
 /// with some values that open and some that do not proceeds: those are
-/// quarantined one by one.
+/// quarantined one by one. Then [`refuse_a_target_key_not_theirs`].
 pub async fn preflight(client: &Client, job: &Job) -> Result<(), Error> {
     for t in &job.targets {
+        refuse_a_target_key_not_theirs(client, t).await?;
         let (text, prefixed) = sql::select_page(
             t,
             sql::Bounds {
@@ -323,6 +324,71 @@ pub async fn preflight(client: &Client, job: &Job) -> Result<(), Error> {
                 t.table
             )));
         }
+    }
+    Ok(())
+}
+
+/// The newest rows by key that [`refuse_a_target_key_not_theirs`] looks
+/// among for values already labelled with the target key.
+const NEWEST_ROWS: i64 = 10_000;
+
+/// Refuses, before any write, a target key that opens none of the values
+/// already labelled with it (written by an application that already writes
+/// under that key id, or by an earlier rotation to it): it is then not the
+/// key they were written under, and a run would re-encrypt every other
+/// value under a key nothing else holds, while those values are skipped as
+/// done. Looks among the newest rows by key and a sample of about 1,000
+/// pages; one value that opens proves the key (authenticated encryption
+/// does not open under another key), so a few damaged values with the
+/// target's label are quarantined as before.
+async fn refuse_a_target_key_not_theirs(client: &Client, t: &Target) -> Result<(), Error> {
+    let Some((text, prefixed)) = sql::select_labelled(t) else {
+        return Ok(());
+    };
+    let prefixes: Vec<Vec<u8>> = prefixed.iter().filter_map(|&c| t.stale_prefix(c)).collect();
+    let percent = crate::engine::left::sample_percent(client, t).await?;
+    let mut params = params(&prefixes);
+    params.push(&NEWEST_ROWS);
+    params.push(&percent);
+    params.push(&PREFLIGHT_ROWS);
+    let rows = client
+        .query(&text, &params)
+        .await
+        .ctx(|| format!("reading values of {} already on the target key", t.table))?;
+    let rows = page_of(t, &rows)?;
+    let mut cells = Cells::default();
+    transform::classify(t, &rows, &mut cells);
+    let on_target = cells
+        .iter()
+        .filter(|c| {
+            matches!(
+                c,
+                Cell::Opened {
+                    on_target: true,
+                    ..
+                }
+            )
+        })
+        .count();
+    let refused = cells
+        .iter()
+        .filter(|c| {
+            matches!(
+                c,
+                Cell::Failed(crate::crypto::codec::CodecError::AuthFailed)
+            )
+        })
+        .count();
+    if on_target == 0 && refused > 0 {
+        let label = t.target_label();
+        return Err(Error::Config(format!(
+            "{refused} values sampled from {} are already labelled {label} (written by an application that already writes \
+             under it, or by an earlier rotation), and the key given as {label} opens none of them: it is not \
+             the key they were written under. Nothing was written: the run would re-encrypt every other value \
+             under a key nothing else holds. Give the key they were written under (the one the application \
+             uses), or, for a new key, a key id no value carries yet",
+            t.table
+        )));
     }
     Ok(())
 }

@@ -15,6 +15,7 @@ mod collation;
 mod missing_key;
 mod refused_writes;
 mod row_security;
+mod target_key;
 mod to_keys;
 mod verify;
 

@@ -1,0 +1,110 @@
+//! A target key that is not the key the values already labelled with it
+//! were written under (an application already writing under key 2 with
+//! another key 2, or a second rotation to key 2 with a new key) is refused
+//! before any write.
+
+use rekey::crypto::codec::versioned_gcm::VersionedGcm;
+use rekey::crypto::codec::Codec;
+use rekey::crypto::keyring::{Key, Keyring};
+
+use super::*;
+
+/// The application's own key 2 (not the K2 `seed_env` gives).
+fn app_ring() -> Keyring {
+    Keyring::new(
+        vec![Key::parse(1, K1).unwrap(), Key::parse(2, K3).unwrap()],
+        2,
+        None,
+    )
+    .unwrap()
+}
+
+/// `seed_env` with the application's key as key 2.
+fn app_env() -> Vec<(&'static str, String)> {
+    vec![
+        ("ENCRYPTION_KEY_V1", K1.into()),
+        ("ENCRYPTION_KEY_V2", K3.into()),
+        ("ENCRYPTION_CURRENT_VERSION", "2".into()),
+    ]
+}
+
+/// Values whose first byte (the key id) is `id`, over both columns.
+async fn labelled(db: &TestDb, id: i32) -> i64 {
+    db.client
+        .query_one(
+            "SELECT (count(*) FILTER (WHERE get_byte(phone_encrypted, 0) = $1)
+                   + count(*) FILTER (WHERE get_byte(emergency_contact_phone_encrypted, 0) = $1))::bigint
+               FROM patient_persons",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+// Before this check: exit 0, "done": the 480 values on key 1 were
+// re-encrypted under the K2 given, which the application does not hold,
+// and the application's 20 values were skipped as done.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_key_that_opens_none_of_the_values_already_labelled_with_it_is_refused_before_any_write(
+) {
+    let db = TestDb::new().await;
+    db.seed_patients(300).await;
+    // the application already writes under its key 2
+    let app = VersionedGcm::new(&app_ring()).unwrap();
+    for id in 281..=300i64 {
+        let mut value = Vec::new();
+        app.seal(phone(id).as_bytes(), b"", None, &mut value);
+        db.client
+            .execute(
+                "UPDATE patient_persons SET phone_encrypted = $1 WHERE id = $2",
+                &[&value, &id],
+            )
+            .await
+            .unwrap();
+    }
+    let on_key_1 = labelled(&db, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+
+    let out = rekey(&["run", "--job", &job], &seed_env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    let said = printed(&out);
+    assert!(
+        said.contains("20 values sampled from public.patient_persons are already labelled")
+            && said.contains("opens none of them")
+            && said.contains("Nothing was written"),
+        "{said}"
+    );
+    assert_eq!(labelled(&db, 1).await, on_key_1, "values were rewritten");
+    assert_eq!(labelled(&db, 2).await, 20);
+
+    // with the application's key 2 the same run goes through
+    let out = rekey(&["run", "--job", &job], &app_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(labelled(&db, 1).await, 0);
+    for (id, (p, _)) in db.decrypted_patients(&app_ring()).await {
+        assert_eq!(p, Decrypted::Plain(2, phone(id)), "phone of {id}");
+    }
+}
+
+// Before this check: exit 0, "rewrote 0 values ... done", with a key 2
+// that opens nothing in the table.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_rotation_to_the_same_key_id_with_another_key_is_refused() {
+    let db = TestDb::new().await;
+    db.seed_patients(200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    let out = rekey(&["run", "--job", &job], &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+
+    let out = rekey(&["run", "--job", &job], &app_env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("opens none of them"),
+        "{}",
+        printed(&out)
+    );
+    db.assert_every_value_rotated(200).await;
+}
