@@ -33,6 +33,7 @@ pub async fn retire(
             t.table
         )));
     }
+    refuse_tables_left_out(client, job, old).await?;
     // Retire rests on a full verify of this invocation: every value decrypted,
     // with the keys matched against the job's recorded fingerprints.
     let v = verify::verify(
@@ -108,4 +109,31 @@ pub async fn retire(
         step: None,
         rotation: None,
     })
+}
+
+/// Refuses a retire from a job file that no longer lists a table this
+/// job's earlier runs rotated (in `rekey.progress`) and that still exists:
+/// the full verify sees only the job's targets, and a value there (a row
+/// restored from a backup, an application still writing under the old
+/// key) may still need the key.
+async fn refuse_tables_left_out(client: &Client, job: &Job, old: KeyId) -> Result<(), Error> {
+    let rotated = crate::state::jobs::tables_rotated(client, &job.name).await?;
+    let listed: Vec<String> = job.targets.iter().map(|t| t.table.to_string()).collect();
+    let left_out: Vec<String> = rotated
+        .into_iter()
+        .filter(|table| !listed.contains(table))
+        .collect();
+    if left_out.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "job {:?} rotated {} in an earlier run, and the job file no longer lists {}: the full verify that retire \
+         rests on would not read {}, and a value there may still need key {old}. Nothing was retired. List {} \
+         in the job file again (or retire with the job file the rotation ran with)",
+        job.name,
+        left_out.join(", "),
+        if left_out.len() == 1 { "it" } else { "them" },
+        if left_out.len() == 1 { "its values" } else { "their values" },
+        if left_out.len() == 1 { "it" } else { "them" },
+    )))
 }

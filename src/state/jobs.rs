@@ -381,3 +381,25 @@ pub async fn last_job_keys(
         .ctx(|| format!("reading the keys job {name:?} ran with"))?
         .map(|r| (r.get(0), r.get(1), r.get(2))))
 }
+
+/// The tables (`schema.name`, as `rekey.progress` records them) that the
+/// runs of job `name` rotated, but for abandoned ones, and that still
+/// exist; none before rekey's schema does.
+pub async fn tables_rotated(client: &Client, name: &str) -> Result<Vec<String>, Error> {
+    if !super::schema_exists(client).await? {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(
+            "SELECT DISTINCT p.table_name
+               FROM rekey.progress p JOIN rekey.jobs j ON j.job_id = p.job_id
+              WHERE j.name = $1 AND j.state <> 'abandoned'
+                AND EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                             WHERE n.nspname || '.' || c.relname = p.table_name)
+              ORDER BY 1",
+            &[&name],
+        )
+        .await
+        .ctx(|| format!("reading the tables job {name:?} rotated"))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}

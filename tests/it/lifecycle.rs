@@ -423,3 +423,75 @@ async fn a_staged_key_replaced_by_hand_stops_the_rotation() {
         printed(&out)
     );
 }
+
+// Before this check: exit 0, "retired key 1 ... rotation 1 complete",
+// while 3 values of the table the job file no longer listed were on key 1.
+#[tokio::test(flavor = "multi_thread")]
+async fn retire_is_refused_from_a_job_file_that_no_longer_lists_a_table_the_job_rotated() {
+    let db = TestDb::new().await;
+    db.seed_patients(200).await;
+    db.client
+        .batch_execute(
+            "CREATE TABLE patient_copy AS SELECT * FROM patient_persons;
+             ALTER TABLE patient_copy ADD PRIMARY KEY (id);",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    let one_table = std::fs::read_to_string(&job).unwrap();
+    let copy_target = "[[target]]\ntable = \"patient_copy\"\ncolumns = [\"phone_encrypted\", \"emergency_contact_phone_encrypted\"]\nformat = \"versioned-gcm\"\n";
+    std::fs::write(&job, format!("{one_table}{copy_target}")).unwrap();
+    // three of the copy's values as they were under key 1, to restore from a "backup"
+    let backup = db
+        .client
+        .query(
+            "SELECT id, phone_encrypted FROM patient_copy WHERE id IN (10, 20, 30)",
+            &[],
+        )
+        .await
+        .unwrap();
+    for step in ["stage", "promote"] {
+        let out = rekey(&["secrets", step, "--job", &job], &keyring_pass_env());
+        assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    }
+    let out = rekey(&["run", "--job", &job], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    for row in &backup {
+        let (id, value): (i64, Vec<u8>) = (row.get(0), row.get(1));
+        db.client
+            .execute(
+                "UPDATE patient_copy SET phone_encrypted = $1 WHERE id = $2",
+                &[&value, &id],
+            )
+            .await
+            .unwrap();
+    }
+    // the operator drops the copy's target from the job file, then retires
+    std::fs::write(&job, &one_table).unwrap();
+    let before = std::fs::read(&keyring).unwrap();
+    let out = rekey(&["secrets", "retire", "--job", &job], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains(
+            "rotated public.patient_copy in an earlier run, and the job file no longer lists it"
+        ),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(
+        std::fs::read(&keyring).unwrap(),
+        before,
+        "the keyring changed"
+    );
+
+    // listed again, the full verify finds the restored values
+    std::fs::write(&job, format!("{one_table}{copy_target}")).unwrap();
+    let out = rekey(&["secrets", "retire", "--job", &job], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("3 values still under key 1"),
+        "{}",
+        printed(&out)
+    );
+}
