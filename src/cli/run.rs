@@ -231,6 +231,8 @@ fn summary(args: &RunArgs, job: &Job, ran: &Ran, remaining_rows: Option<u64>) ->
         "conflicts": c.conflicts,
         "conflicts_left": outcome.conflicts_left,
         "values_not_rotated": ran.totals.values_not_rotated,
+        "rows_written_behind": outcome.behind.iter().map(|b| b.rows).sum::<u64>(),
+        "written_behind": outcome.behind,
         "stopped": outcome.stopped,
         "stopped_by": if outcome.stopped { Some(outcome.stopped_by.unwrap_or(StopBy::Signal)) } else { None },
         "retries": outcome.retries,
@@ -295,6 +297,14 @@ fn print_text(args: &RunArgs, job: &Job, ran: &Ran) {
     if outcome.conflicts_left > 0 {
         println!("{} rows kept changing under the run and were left as the application wrote them; run again to rotate them", outcome.conflicts_left);
     }
+    for b in &outcome.behind {
+        println!(
+            "{} rows of {} hold a value on an old key that the run never read: written after it passed them \
+             (is an application still writing under an old key, or were rows restored from a backup?); \
+             once the application writes under the target key, run again to rotate them",
+            b.rows, b.table
+        );
+    }
     if ran.totals.values_not_rotated > 0 {
         println!(
             "{} values were NOT rotated and are still under their old key: the database refused or undid rekey's write, \
@@ -333,7 +343,10 @@ fn ended(args: &RunArgs, job: &Job, ran: &Ran) -> u8 {
         (RunState::WindowEnded, EXIT_WINDOW_ENDED)
     } else if outcome.stopped {
         (RunState::Stopped, EXIT_STOPPED)
-    } else if ran.totals.values_not_rotated > 0 || outcome.conflicts_left > 0 {
+    } else if ran.totals.values_not_rotated > 0
+        || outcome.conflicts_left > 0
+        || !outcome.behind.is_empty()
+    {
         (RunState::LeftOnOldKeys, EXIT_LEFT_ON_OLD_KEYS)
     } else if failed > 0 {
         (RunState::Done, EXIT_QUARANTINED)

@@ -170,7 +170,7 @@ pub async fn counted_beside<T>(
 /// by its first bytes (the target key's id), so the rows found left shrink
 /// as the run goes. Not for a move to another format or key store, or a
 /// search hash, where every row with a value is read.
-fn shows_rotated(t: &Target) -> bool {
+pub(super) fn shows_rotated(t: &Target) -> bool {
     (0..t.columns.len()).all(|c| t.stale_prefix(c).is_some())
 }
 

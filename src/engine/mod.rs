@@ -2,6 +2,7 @@
 //! what plans and checks its work. [`pipeline`] wires the stages and is the
 //! only place that spawns. Uses the state, control, job and lower layers.
 
+pub mod behind;
 mod conflicts;
 pub mod left;
 mod others;

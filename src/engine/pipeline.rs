@@ -144,6 +144,9 @@ pub struct Outcome {
     pub by_target: BTreeMap<usize, Counts>,
     /// Rows still changing under the run after every conflict re-read.
     pub conflicts_left: u64,
+    /// Rows on an old key written behind the run, by table, counted once
+    /// every range was done ([`super::behind`]).
+    pub behind: Vec<super::behind::Behind>,
     /// Whether the run stopped on request before finishing every range.
     pub stopped: bool,
     /// Who asked it to stop, when it did.
@@ -180,6 +183,7 @@ impl Default for Outcome {
             on_old: 0,
             by_target: BTreeMap::new(),
             conflicts_left: 0,
+            behind: Vec::new(),
             stopped: false,
             stopped_by: None,
             retries: 0,

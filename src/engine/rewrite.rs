@@ -9,6 +9,7 @@ use tokio_postgres::{Client, GenericClient};
 
 use crate::db::raw::params;
 use crate::db::Database;
+use crate::engine::behind;
 use crate::engine::left::{counted_beside, rows_estimate};
 use crate::engine::pipeline::{self, Mode, Outcome, Settings};
 use crate::engine::{plan, sql};
@@ -63,10 +64,13 @@ pub async fn rewrite(
         live,
         progress,
     );
-    let outcome = counted_beside(db, job, &total, run).await??;
+    let mut outcome = counted_beside(db, job, &total, run).await??;
     if client.is_closed() {
         // this session sat idle through the run (an idle_session_timeout, a restart): the work is committed, carry on
         *client = db.connect().await?;
+    }
+    if !outcome.stopped {
+        outcome.behind = behind::rows_behind(client, job, record.id).await?;
     }
     // what every process sharing the job has done, not only this one
     record.prior = state::job_totals(client, record.id).await?;

@@ -18,6 +18,7 @@ mod row_security;
 mod target_key;
 mod to_keys;
 mod verify;
+mod written_behind;
 
 /// Creates a login role without BYPASSRLS (and not superuser) that may
 /// read and update `patient_persons` and create rekey's schema.
