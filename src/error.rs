@@ -109,6 +109,14 @@ impl Error {
     /// What to do next, for `--json` (the message names the problem and,
     /// where it knows one, its own fix).
     pub fn hint(&self) -> &'static str {
+        if let Error::Db { source, .. } = self {
+            match source.code().map(|c| c.code()) {
+                Some("42501") => return "the role lacks the privilege the error names: grant it (GRANT ... TO the role rekey connects as), then run the same command again; every batch commits whole, so it resumes safely",
+                // raised by a trigger, a constraint or a rule: the same rows fail again on every run
+                Some(c) if c == "P0001" || c == "0A000" || c.starts_with("23") => return "the database refused the write itself (a trigger, constraint or rule of the table raised the error): running again fails the same way; change what raises it, or leave those rows out with the target's `where`, then run again; every batch commits whole, nothing is half-written",
+                _ => {}
+            }
+        }
         match self.kind() {
             "config" => "fix the job file, keys or arguments the error names, then run the command again; nothing was changed",
             "connect" => "check the host, port, database, user and credentials the error names, and that the server is up; nothing was changed",

@@ -280,6 +280,7 @@ const PREFLIGHT_ROWS: i64 = 200;
 /// quarantined one by one. Then [`refuse_a_target_key_not_theirs`].
 pub async fn preflight(client: &Client, job: &Job) -> Result<(), Error> {
     for t in &job.targets {
+        crate::job::visibility::check_writable(client, t).await?;
         refuse_a_target_key_not_theirs(client, t).await?;
         let (text, prefixed) = sql::select_page(
             t,

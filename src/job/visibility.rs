@@ -8,6 +8,7 @@
 
 use tokio_postgres::Client;
 
+use crate::db::quote_ident;
 use crate::error::DbContext;
 use crate::Error;
 
@@ -183,4 +184,50 @@ async fn write_triggers(client: &Client, t: &Target) -> Result<(), Error> {
         );
     }
     Ok(())
+}
+
+/// Refuses, before a run writes anything, a target whose table this role
+/// may not read or whose written columns it may not update: the run would
+/// otherwise fail on its first batch with the server's "permission denied"
+/// and a hint to run again, where a grant is the fix.
+pub async fn check_writable(client: &Client, t: &Target) -> Result<(), Error> {
+    let written: Vec<&str> = t
+        .columns
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !t.hash_only() || t.is_hash_column(*i))
+        .map(|(_, c)| c.name.as_str())
+        .collect();
+    let row = client
+        .query_one(
+            "SELECT current_user::text, has_table_privilege($1::text::regclass, 'SELECT'),
+                    array(SELECT c FROM unnest($2::text[]) AS c
+                           WHERE NOT has_column_privilege($1::text::regclass, c, 'UPDATE'))",
+            &[&t.table.qualified(), &written],
+        )
+        .await
+        .ctx(|| format!("checking this role's privileges on {}", t.table))?;
+    let (role, select, no_update): (String, bool, Vec<String>) = (row.get(0), row.get(1), row.get(2));
+    if select && no_update.is_empty() {
+        return Ok(());
+    }
+    let columns: Vec<String> = no_update.iter().map(|c| quote_ident(c)).collect();
+    let mut cannot = Vec::new();
+    let mut grant = Vec::new();
+    if !select {
+        cannot.push("read it".to_string());
+        grant.push("SELECT".to_string());
+    }
+    if !columns.is_empty() {
+        cannot.push(format!("update {}", columns.join(", ")));
+        grant.push(format!("UPDATE ({})", columns.join(", ")));
+    }
+    Err(Error::Config(format!(
+        "role {role} may not {} in {}: the run would fail on its first batch. Nothing was written. \
+         Grant it, then run again: GRANT {} ON {} TO {}",
+        cannot.join(" or "),
+        t.table,
+        grant.join(", "),
+        t.table.qualified(),
+        quote_ident(&role)    )))
 }

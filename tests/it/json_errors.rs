@@ -129,3 +129,31 @@ fn secrets_show_refuses_the_flags_it_would_not_use() {
         );
     }
 }
+
+// Before: the hint said running again resumes safely; it fails the same way every time.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_a_trigger_raises_an_error_on_says_running_again_fails_the_same_way() {
+    let db = TestDb::new().await;
+    db.seed_patients(200).await;
+    db.client
+        .batch_execute(
+            "CREATE FUNCTION frozen() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN IF NEW.id = 77 THEN RAISE EXCEPTION 'row 77 is frozen'; END IF; RETURN NEW; END $$;
+             CREATE TRIGGER frozen BEFORE UPDATE ON patient_persons FOR EACH ROW EXECUTE FUNCTION frozen();",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    let out = rekey(&["run", "--job", &job, "--json"], &seed_env());
+    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
+    let v = error_object(&out);
+    assert!(v["error"].as_str().unwrap().contains("row 77 is frozen"), "{v}");
+    assert!(
+        v["hint"]
+            .as_str()
+            .unwrap()
+            .contains("running again fails the same way"),
+        "{v}"
+    );
+}

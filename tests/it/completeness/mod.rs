@@ -13,6 +13,7 @@ use crate::harness::*;
 
 mod collation;
 mod missing_key;
+mod privileges;
 mod refused_writes;
 mod row_security;
 mod target_key;
