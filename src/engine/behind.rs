@@ -11,12 +11,13 @@
 
 use tokio_postgres::Client;
 
+use crate::db::raw::params;
 use crate::error::DbContext;
 use crate::job::{Job, Target};
 use crate::Error;
 
 use super::left::shows_rotated;
-use super::rewrite::stale_rows_of;
+use super::sql;
 
 /// Rows written behind the run in one table.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -47,11 +48,7 @@ pub async fn rows_behind(client: &Client, job: &Job, job_id: i64) -> Result<Vec<
     }
     let mut behind = Vec::new();
     for t in job.targets.iter().filter(|t| shows_rotated(t)) {
-        let stale = stale_rows_of(client, t).await?;
-        if stale == 0 {
-            continue;
-        }
-        let rows = stale.saturating_sub(left_knowingly(client, t, job_id).await?);
+        let rows = unrecorded_stale_rows(client, t, job_id).await?;
         if rows > 0 {
             behind.push(Behind {
                 table: t.table.to_string(),
@@ -62,20 +59,35 @@ pub async fn rows_behind(client: &Client, job: &Job, job_id: i64) -> Result<Vec<
     Ok(behind)
 }
 
-/// Rows of `t` the job recorded as left on an old key: quarantined, not
-/// rotated, or still changing.
-async fn left_knowingly(client: &Client, t: &Target, job_id: i64) -> Result<u64, Error> {
+/// Rows of `t` holding a value on an old key, less the rows the job
+/// recorded as left on one (quarantined, not rotated, still changing), in
+/// one statement: one snapshot, so a row another process re-reads and
+/// clears from `rekey.conflicts` meanwhile is not counted as written behind.
+async fn unrecorded_stale_rows(client: &Client, t: &Target, job_id: i64) -> Result<u64, Error> {
+    let (filter, cols) = sql::stale_filter(t, "", 4);
+    let prefixes: Vec<Vec<u8>> = cols.iter().filter_map(|&c| t.stale_prefix(c)).collect();
     let table = t.table.to_string();
-    let rows: i64 = client
+    let target = t.index as i32;
+    let mut values: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = Vec::new();
+    values.push(&job_id);
+    values.push(&table);
+    values.push(&target);
+    values.extend(params(&prefixes));
+    let row = client
         .query_one(
-            "SELECT count(*) FROM (
-                 SELECT pk FROM rekey.quarantine WHERE job_id = $1 AND table_name = $2
-                 UNION SELECT pk FROM rekey.not_rotated WHERE job_id = $1 AND target = $3
-                 UNION SELECT pk FROM rekey.conflicts WHERE job_id = $1 AND target = $3) AS recorded",
-            &[&job_id, &table, &(t.index as i32)],
+            &format!(
+                "SELECT (SELECT count(*) FROM {} WHERE {filter}{}),
+                        (SELECT count(*) FROM (
+                             SELECT pk FROM rekey.quarantine WHERE job_id = $1 AND table_name = $2
+                             UNION SELECT pk FROM rekey.not_rotated WHERE job_id = $1 AND target = $3
+                             UNION SELECT pk FROM rekey.conflicts WHERE job_id = $1 AND target = $3) AS recorded)",
+                t.qualified(),
+                sql::target_filter(t)
+            ),
+            &values,
         )
         .await
-        .ctx(|| format!("counting the rows of {} the run recorded as not rotated", t.table))?
-        .get(0);
-    Ok(u64::try_from(rows).unwrap_or(0))
+        .ctx(|| format!("counting the rows of {} still on an old key", t.table))?;
+    let (stale, recorded): (i64, i64) = (row.get(0), row.get(1));
+    Ok(u64::try_from(stale.saturating_sub(recorded)).unwrap_or(0))
 }

@@ -130,7 +130,7 @@ pub fn select_labelled(target: &Target) -> Option<(String, Vec<usize>)> {
     let filter = target_filter(target);
     let table = target.qualified();
     let sql = format!(
-        "(SELECT {shown} FROM (SELECT * FROM {table} WHERE true{filter} ORDER BY {descending} LIMIT ${newest}) AS newest \
+        "(SELECT * FROM (SELECT {shown} FROM {table} WHERE true{filter} ORDER BY {descending} LIMIT ${newest}) AS newest \
           WHERE {labelled} LIMIT ${limit}) \
          UNION \
          (SELECT {shown} FROM {table} TABLESAMPLE SYSTEM (${percent}) WHERE ({labelled}){filter} LIMIT ${limit})"

@@ -387,7 +387,8 @@ async fn refuse_a_target_key_not_theirs(client: &Client, t: &Target) -> Result<(
              under it, or by an earlier rotation), and the key given as {label} opens none of them: it is not \
              the key they were written under. Nothing was written: the run would re-encrypt every other value \
              under a key nothing else holds. Give the key they were written under (the one the application \
-             uses), or, for a new key, a key id no value carries yet",
+             uses), or, for a new key, a key id no value carries yet. If they are damaged values rather than \
+             another key's, --force quarantines what does not open and goes on",
             t.table
         )));
     }

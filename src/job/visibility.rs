@@ -207,7 +207,8 @@ pub async fn check_writable(client: &Client, t: &Target) -> Result<(), Error> {
         )
         .await
         .ctx(|| format!("checking this role's privileges on {}", t.table))?;
-    let (role, select, no_update): (String, bool, Vec<String>) = (row.get(0), row.get(1), row.get(2));
+    let (role, select, no_update): (String, bool, Vec<String>) =
+        (row.get(0), row.get(1), row.get(2));
     if select && no_update.is_empty() {
         return Ok(());
     }

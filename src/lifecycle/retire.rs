@@ -111,18 +111,16 @@ pub async fn retire(
     })
 }
 
-/// Refuses a retire from a job file that no longer lists a table this
-/// job's earlier runs rotated (in `rekey.progress`) and that still exists:
+/// Refuses a retire from a job file that no longer lists (itself or as a
+/// partition or child of a listed table) a table in which this job's
+/// earlier runs rewrote values (in `rekey.progress`, abandoned runs too)
+/// and that still exists:
 /// the full verify sees only the job's targets, and a value there (a row
 /// restored from a backup, an application still writing under the old
 /// key) may still need the key.
 async fn refuse_tables_left_out(client: &Client, job: &Job, old: KeyId) -> Result<(), Error> {
-    let rotated = crate::state::jobs::tables_rotated(client, &job.name).await?;
     let listed: Vec<String> = job.targets.iter().map(|t| t.table.to_string()).collect();
-    let left_out: Vec<String> = rotated
-        .into_iter()
-        .filter(|table| !listed.contains(table))
-        .collect();
+    let left_out = crate::state::jobs::tables_rotated_unlisted(client, &job.name, &listed).await?;
     if left_out.is_empty() {
         return Ok(());
     }

@@ -382,22 +382,37 @@ pub async fn last_job_keys(
         .map(|r| (r.get(0), r.get(1), r.get(2))))
 }
 
-/// The tables (`schema.name`, as `rekey.progress` records them) that the
-/// runs of job `name` rotated, but for abandoned ones, and that still
-/// exist; none before rekey's schema does.
-pub async fn tables_rotated(client: &Client, name: &str) -> Result<Vec<String>, Error> {
+/// The tables (`schema.name`, as `rekey.progress` records them) in which
+/// a run of job `name` rewrote values (abandoned runs too), that still
+/// exist, and that neither `listed` nor a table `listed` holds as a
+/// partition or inheritance child covers; none before rekey's schema does.
+pub async fn tables_rotated_unlisted(
+    client: &Client,
+    name: &str,
+    listed: &[String],
+) -> Result<Vec<String>, Error> {
     if !super::schema_exists(client).await? {
         return Ok(Vec::new());
     }
     let rows = client
         .query(
-            "SELECT DISTINCT p.table_name
-               FROM rekey.progress p JOIN rekey.jobs j ON j.job_id = p.job_id
-              WHERE j.name = $1 AND j.state <> 'abandoned'
-                AND EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                             WHERE n.nspname || '.' || c.relname = p.table_name)
+            "WITH RECURSIVE rotated AS (
+                 SELECT DISTINCT p.table_name
+                   FROM rekey.progress p JOIN rekey.jobs j ON j.job_id = p.job_id
+                  WHERE j.name = $1 AND p.rows_rewritten > 0),
+             rel AS (
+                 SELECT c.oid, n.nspname || '.' || c.relname AS name
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace),
+             up(table_name, ancestor) AS (
+                 SELECT r.table_name, rel.oid FROM rotated r JOIN rel ON rel.name = r.table_name
+                 UNION
+                 SELECT up.table_name, i.inhparent FROM up JOIN pg_inherits i ON i.inhrelid = up.ancestor)
+             SELECT r.table_name FROM rotated r
+              WHERE EXISTS (SELECT 1 FROM rel WHERE rel.name = r.table_name)
+                AND NOT EXISTS (SELECT 1 FROM up JOIN rel ON rel.oid = up.ancestor
+                                 WHERE up.table_name = r.table_name AND rel.name = ANY($2))
               ORDER BY 1",
-            &[&name],
+            &[&name, &listed],
         )
         .await
         .ctx(|| format!("reading the tables job {name:?} rotated"))?;

@@ -148,7 +148,10 @@ async fn a_write_a_trigger_raises_an_error_on_says_running_again_fails_the_same_
     let out = rekey(&["run", "--job", &job, "--json"], &seed_env());
     assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
     let v = error_object(&out);
-    assert!(v["error"].as_str().unwrap().contains("row 77 is frozen"), "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("row 77 is frozen"),
+        "{v}"
+    );
     assert!(
         v["hint"]
             .as_str()

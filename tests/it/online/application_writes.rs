@@ -96,6 +96,21 @@ async fn an_application_writing_during_the_rotation_loses_no_write_and_every_val
     let expected_code = if behind > 0 { 4 } else { 0 };
     assert_eq!(out.status.code(), Some(expected_code), "{}", printed(&out));
     assert!(behind <= writes, "{behind} rows behind of {writes} writes");
+    // measured apart: the rows still on key 1 now, less those the run recorded
+    let on_old: i64 = db
+        .client
+        .query_one(
+            "SELECT (SELECT count(*) FROM patient_persons
+                      WHERE get_byte(phone_encrypted, 0) <> 2
+                         OR get_byte(emergency_contact_phone_encrypted, 0) <> 2)
+                  - (SELECT count(*) FROM (SELECT pk FROM rekey.quarantine UNION SELECT pk FROM rekey.not_rotated
+                                           UNION SELECT pk FROM rekey.conflicts) AS recorded)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(behind as i64, on_old, "{first}");
     // and the next run picks them up
     let out = rekey(&["run", "--job", &j, "--json"], &seed_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
