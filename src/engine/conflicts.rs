@@ -55,7 +55,6 @@ pub(super) async fn retry_conflicts(
             0 => shared.progress.begin_phase(PHASE, waiting),
             _ => shared.progress.set_phase_total(reread + waiting),
         }
-        let mut any = false;
         for target in &shared.job.targets {
             loop {
                 let keys =
@@ -64,7 +63,6 @@ pub(super) async fn retry_conflicts(
                 if keys.is_empty() {
                     break;
                 }
-                any = true;
                 // throttles and live control hold re-reads too; a stop leaves
                 // the keys in rekey.conflicts for the next run
                 if !shared.hold.wait(&shared.stop).await {
@@ -139,9 +137,6 @@ pub(super) async fn retry_conflicts(
                     break;
                 }
             }
-        }
-        if !any {
-            return Ok((outcome, 0));
         }
         tokio::time::sleep(std::time::Duration::from_millis(50 * u64::from(round + 1))).await;
     }

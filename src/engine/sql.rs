@@ -66,6 +66,22 @@ pub fn prefix_expr(target: &Target, col: usize, alias: &str, len: usize) -> Stri
     }
 }
 
+/// `<prefix of column col> <op> $param`, where the column's values show
+/// their key ([`Target::stale_prefix`]).
+fn prefix_compared(
+    target: &Target,
+    col: usize,
+    alias: &str,
+    op: &str,
+    param: usize,
+) -> Option<String> {
+    let prefix = target.stale_prefix(col)?;
+    Some(format!(
+        "{} {op} ${param}",
+        prefix_expr(target, col, alias, prefix.len())
+    ))
+}
+
 /// `(c1 stale OR c2 stale ...)`: rows holding at least one value not on the
 /// target key. Prefixes are parameters `$first..`, one per column that has one;
 /// returns the SQL and the columns whose prefix must be bound, in order.
@@ -73,13 +89,9 @@ pub fn stale_filter(target: &Target, alias: &str, first: usize) -> (String, Vec<
     let mut terms = Vec::new();
     let mut bound = Vec::new();
     for (i, col) in target.columns.iter().enumerate() {
-        match target.stale_prefix(i) {
-            Some(prefix) => {
-                terms.push(format!(
-                    "{} <> ${}",
-                    prefix_expr(target, i, alias, prefix.len()),
-                    first + bound.len()
-                ));
+        match prefix_compared(target, i, alias, "<>", first + bound.len()) {
+            Some(term) => {
+                terms.push(term);
                 bound.push(i);
             }
             None => terms.push(format!("{alias}{} IS NOT NULL", quote_ident(&col.name))),
@@ -100,13 +112,9 @@ pub fn select_labelled(target: &Target) -> Option<(String, Vec<usize>)> {
     let mut terms = Vec::new();
     let mut bound = Vec::new();
     for i in 0..target.columns.len() {
-        if let Some(prefix) = target.stale_prefix(i) {
+        if let Some(term) = prefix_compared(target, i, "", "=", bound.len() + 1) {
+            terms.push(term);
             bound.push(i);
-            terms.push(format!(
-                "{} = ${}",
-                prefix_expr(target, i, "", prefix.len()),
-                bound.len()
-            ));
         }
     }
     if bound.is_empty() {

@@ -308,15 +308,7 @@ pub async fn preflight(client: &Client, job: &Job) -> Result<(), Error> {
             .count();
         // A wrong key shows as authentication failures; a few malformed
         // values (truncated, not base64) left over from an earlier run do not.
-        let wrong_key = cells
-            .iter()
-            .filter(|c| {
-                matches!(
-                    c,
-                    Cell::Failed(crate::crypto::codec::CodecError::AuthFailed)
-                )
-            })
-            .count();
+        let wrong_key = auth_failures(&cells);
         refuse_wrong_hash_key(t, &cells)?;
         if tried > 0 && opened == 0 && 2 * wrong_key >= tried {
             return Err(Error::Config(format!(
@@ -340,8 +332,9 @@ const NEWEST_ROWS: i64 = 10_000;
 /// value under a key nothing else holds, while those values are skipped as
 /// done. Looks among the newest rows by key and a sample of about 1,000
 /// pages; one value that opens proves the key (authenticated encryption
-/// does not open under another key), so a few damaged values with the
-/// target's label are quarantined as before.
+/// does not open under another key), so damaged values with the target's
+/// label beside one that opens are quarantined as before (where none
+/// opens, `--force` skips this check).
 async fn refuse_a_target_key_not_theirs(client: &Client, t: &Target) -> Result<(), Error> {
     let Some((text, prefixed)) = sql::select_labelled(t) else {
         return Ok(());
@@ -371,15 +364,7 @@ async fn refuse_a_target_key_not_theirs(client: &Client, t: &Target) -> Result<(
             )
         })
         .count();
-    let refused = cells
-        .iter()
-        .filter(|c| {
-            matches!(
-                c,
-                Cell::Failed(crate::crypto::codec::CodecError::AuthFailed)
-            )
-        })
-        .count();
+    let refused = auth_failures(&cells);
     if on_target == 0 && refused > 0 {
         let label = t.target_label();
         return Err(Error::Config(format!(
@@ -393,6 +378,19 @@ async fn refuse_a_target_key_not_theirs(client: &Client, t: &Target) -> Result<(
         )));
     }
     Ok(())
+}
+
+/// Values that failed authentication: what a wrong key shows as.
+fn auth_failures(cells: &[Cell]) -> usize {
+    cells
+        .iter()
+        .filter(|c| {
+            matches!(
+                c,
+                Cell::Failed(crate::crypto::codec::CodecError::AuthFailed)
+            )
+        })
+        .count()
 }
 
 /// Sampled rows as the transform takes them.

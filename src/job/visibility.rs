@@ -230,5 +230,6 @@ pub async fn check_writable(client: &Client, t: &Target) -> Result<(), Error> {
         t.table,
         grant.join(", "),
         t.table.qualified(),
-        quote_ident(&role)    )))
+        quote_ident(&role)
+    )))
 }

@@ -114,24 +114,22 @@ pub async fn retire(
 /// Refuses a retire from a job file that no longer lists (itself or as a
 /// partition or child of a listed table) a table in which this job's
 /// earlier runs rewrote values (in `rekey.progress`, abandoned runs too)
-/// and that still exists:
-/// the full verify sees only the job's targets, and a value there (a row
-/// restored from a backup, an application still writing under the old
-/// key) may still need the key.
+/// and that still exists: the full verify sees only the job's targets, and
+/// a value there (a row restored from a backup, an application still
+/// writing under the old key) may still need the key.
 async fn refuse_tables_left_out(client: &Client, job: &Job, old: KeyId) -> Result<(), Error> {
     let listed: Vec<String> = job.targets.iter().map(|t| t.table.to_string()).collect();
     let left_out = crate::state::jobs::tables_rotated_unlisted(client, &job.name, &listed).await?;
-    if left_out.is_empty() {
-        return Ok(());
-    }
+    let (it, its) = match left_out.len() {
+        0 => return Ok(()),
+        1 => ("it", "its"),
+        _ => ("them", "their"),
+    };
     Err(Error::Config(format!(
-        "job {:?} rotated {} in an earlier run, and the job file no longer lists {}: the full verify that retire \
-         rests on would not read {}, and a value there may still need key {old}. Nothing was retired. List {} \
+        "job {:?} rotated {} in an earlier run, and the job file no longer lists {it}: the full verify that retire \
+         rests on would not read {its} values, and a value there may still need key {old}. Nothing was retired. List {it} \
          in the job file again (or retire with the job file the rotation ran with)",
         job.name,
         left_out.join(", "),
-        if left_out.len() == 1 { "it" } else { "them" },
-        if left_out.len() == 1 { "its values" } else { "their values" },
-        if left_out.len() == 1 { "it" } else { "them" },
     )))
 }

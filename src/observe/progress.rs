@@ -63,11 +63,9 @@ struct Phase {
     started: Instant,
     /// This process's rows scanned before the phase started.
     own_before: u64,
-    /// Whether other processes' rows count: in the run's first phase only
-    /// (a later phase is this process's own work).
-    with_others: bool,
     /// 0 for the first phase, one more for each after it: a [`Total`] sets
-    /// only the phase it was made for.
+    /// only the phase it was made for. Other processes' rows count in the
+    /// first phase only (a later phase is this process's own work).
     number: u32,
 }
 
@@ -107,9 +105,9 @@ impl Shared {
             .own
             .load(Ordering::Relaxed)
             .saturating_sub(phase.own_before);
-        let others = match phase.with_others {
-            true => self.others.load(Ordering::Relaxed),
-            false => 0,
+        let others = match phase.number {
+            0 => self.others.load(Ordering::Relaxed),
+            _ => 0,
         };
         own + others
     }
@@ -294,21 +292,16 @@ impl Progress {
                 verb,
                 started: Instant::now(),
                 own_before: own,
-                with_others: false,
                 number: phase.number + 1,
             };
         }
-        if let Ok(mut t) = self.shared.total.lock() {
-            *t = (total, TotalIs::Counted);
-        }
         if let Some(bar) = &self.bar {
-            let held = self.shared.hold().is_some();
-            if !held {
+            if self.shared.hold().is_none() {
                 bar.set_prefix(verb);
             }
             bar.reset_elapsed();
-            self.shared.draw(bar);
         }
+        self.set_phase_total(total);
     }
 
     /// A new count of the current phase's rows in all (see [`Self::begin_phase`]).
@@ -328,7 +321,6 @@ impl Progress {
                 verb,
                 started: Instant::now(),
                 own_before: 0,
-                with_others: true,
                 number: 0,
             }),
             hold: Mutex::new(None),
