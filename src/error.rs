@@ -38,6 +38,10 @@ pub enum Retry {
     Reconnect,
     /// A transient condition (deadlock, serialization failure, disk full): wait, then try again.
     Wait,
+    /// The database refused the write itself, for a row (a trigger's
+    /// exception, a constraint): try fewer rows, to find the ones refused
+    /// and go on without them.
+    Refused,
     /// Anything else: report it.
     Never,
 }
@@ -59,12 +63,26 @@ impl Error {
                 match code.code() {
                     "55P03" | "57014" => Retry::Smaller,
                     "40001" | "40P01" => Retry::Wait,
+                    // raised by a trigger (PL/pgSQL's RAISE) or a constraint
+                    c if c.starts_with("P0") || c.starts_with("23") => Retry::Refused,
                     c if c.starts_with("08") || c.starts_with("57P") => Retry::Reconnect,
                     c if c.starts_with("53") => Retry::Wait,
                     _ => Retry::Never,
                 }
             }
             Error::Config(_) | Error::Runtime(_) | Error::LeaseLost(_) => Retry::Never,
+        }
+    }
+
+    /// The server's own words for an error it raised (`SQLSTATE: message`),
+    /// or the whole chain for any other error.
+    pub fn server_words(&self) -> String {
+        match self {
+            Error::Db { source, .. } => match source.as_db_error() {
+                Some(e) => format!("{}: {}", e.code().code(), e.message()),
+                None => self.chain(),
+            },
+            _ => self.chain(),
         }
     }
 

@@ -307,9 +307,10 @@ fn print_text(args: &RunArgs, job: &Job, ran: &Ran) {
     }
     if ran.totals.values_not_rotated > 0 {
         println!(
-            "{} values were NOT rotated and are still under their old key: the database refused or undid rekey's write, \
-             on the first try and again on a re-read (a trigger, a row-level security policy or a rule); \
-             see SELECT * FROM rekey.not_rotated WHERE job_id = {}; fix what refuses the write, or run as a role it does not apply to, then run again",
+            "{} values were NOT rotated and are still under their old key: the database refused, undid or held locked rekey's write, \
+             on the first try and again on a re-read (a trigger, a constraint, a row-level security policy, a rule, or a long transaction); \
+             `rekey status` and SELECT reason, detail, pk_text FROM rekey.not_rotated WHERE job_id = {} say which; \
+             fix what refuses the write, or run as a role it does not apply to, then run again",
             ran.totals.values_not_rotated,
             ran.job_id.unwrap_or_default()
         );

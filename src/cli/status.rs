@@ -69,11 +69,12 @@ pub async fn status(args: &StatusArgs) -> Result<u8, Error> {
             let why = s
                 .not_rotated_by_reason
                 .iter()
-                .map(|(r, n)| format!("{n} {r}"))
+                .map(|(r, n)| format!("{n} {r} ({})", not_rotated_because(r)))
                 .collect::<Vec<_>>()
                 .join(", ");
             println!(
-                "  {} values NOT rotated ({why}): the database refused or undid rekey's write (a trigger, a row-level security policy or a rule); see SELECT * FROM rekey.not_rotated WHERE job_id = {}",
+                "  {} values NOT rotated, still under their old key: {why}; \
+                 see SELECT reason, detail, pk_text FROM rekey.not_rotated WHERE job_id = {}",
                 s.values_not_rotated, s.job_id
             );
         }
@@ -97,4 +98,15 @@ pub async fn status(args: &StatusArgs) -> Result<u8, Error> {
         }
     }
     Ok(0)
+}
+
+/// What a reason in `rekey.not_rotated` means, for people.
+fn not_rotated_because(reason: &str) -> &'static str {
+    match reason {
+        "write_refused" => "the update left the row alone: a trigger returned NULL, a row-level security policy or a rule",
+        "write_undone" => "a BEFORE UPDATE trigger put another value back",
+        "row_locked" => "another transaction held the row locked through every try",
+        "write_rejected" => "the database raised an error for the row, a trigger's exception or a constraint: its words are in detail",
+        _ => "see the reason column",
+    }
 }

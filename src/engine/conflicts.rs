@@ -106,10 +106,11 @@ pub(super) async fn retry_conflicts(
                     counts, failures, ..
                 } = match sink.write(target, Commit::Retry(&keys), &batch).await {
                     Ok(w) => w,
-                    // a row locked elsewhere: one key at a time, and one that stays locked is not rotated
-                    Err(e) if e.retry() == Retry::Smaller => {
+                    // a row locked elsewhere, or one the database refuses: one key at a
+                    // time, and one that stays locked or is refused again is not rotated
+                    Err(e) if matches!(e.retry(), Retry::Smaller | Retry::Refused) => {
                         let counts =
-                            locked_one_by_one(shared, source, sink, target, &keys, job_id).await?;
+                            one_by_one(shared, source, sink, target, &keys, job_id).await?;
                         shared.live.add(&counts);
                         shared.progress.update(&shared.live.snapshot());
                         reread += counts.rows_scanned;
@@ -163,9 +164,10 @@ async fn waiting(admin: &tokio_postgres::Client, job_id: i64) -> Result<u64, Err
 }
 
 /// Re-reads and rewrites `keys` one at a time, after a batch of them hit a
-/// lock or statement timeout: a row that times out twice more is recorded
-/// as not rotated (`row_locked`) and leaves the list.
-async fn locked_one_by_one(
+/// lock or statement timeout or a refusal: a row that times out twice more
+/// is recorded as not rotated (`row_locked`), one the database refuses
+/// again as `write_rejected` with its words, and either leaves the list.
+async fn one_by_one(
     shared: &Shared,
     source: &mut Source,
     sink: &mut Writer,
@@ -206,6 +208,14 @@ async fn locked_one_by_one(
                 Err(e) if e.retry() == Retry::Smaller => {
                     tracing::warn!(table = %target.table, "a row stayed locked through every try; its values are not rotated (see rekey.not_rotated)");
                     counts += sink.not_rotated_locked(target, one, &batch).await?;
+                    break;
+                }
+                Err(e) if e.retry() == Retry::Refused => {
+                    let words = e.server_words();
+                    tracing::warn!(table = %target.table, "the database refused the write of a row again ({words}); its values are not rotated (see rekey.not_rotated)");
+                    let w = sink.write_rejected(target, one, &batch, words).await?;
+                    shared.note_quarantined(&w.failures);
+                    counts += w.counts;
                     break;
                 }
                 Err(e) => return Err(e),

@@ -1,8 +1,11 @@
 //! Committing one batch despite what can be retried: a lock or statement
 //! timeout splits it in halves, a lost connection is reopened (and a batch
-//! whose COMMIT did land is not redone), a transient error waits.
+//! whose COMMIT did land is not redone), a transient error waits, and a
+//! write the database refuses for a row is halved down to that row, which
+//! is set aside.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 
 use crate::engine::sink::{AfterReconnect, Batch, Commit, Writer, Written};
 use crate::error::Retry;
@@ -102,8 +105,22 @@ async fn pieces(
             return Err(error);
         }
         retries += 1;
+        if how == Retry::Refused && b.rows.len() == 1 {
+            // one row the database refuses (a trigger's exception, a
+            // constraint): set aside like a locked row, so the range goes on;
+            // refused again on the re-read, it is recorded as not rotated
+            let refused = shared.refused.fetch_add(1, Ordering::Relaxed) + 1;
+            if refused > REFUSED_LIMIT {
+                return Err(too_many_refused(error));
+            }
+            tracing::warn!(table = %target.table, "the database refused the write of one row ({}); it is re-read at the end of the run and, refused again, left on its old key", error.chain());
+            let w = writer.set_aside(target, state, &b).await?;
+            total.counts += w.counts;
+            total.control = w.control;
+            continue;
+        }
         // halving is bounded by log2(rows); only other retries use up tries
-        let halves = how == Retry::Smaller && b.rows.len() > 1;
+        let halves = matches!(how, Retry::Smaller | Retry::Refused) && b.rows.len() > 1;
         if !halves {
             failed += 1;
         }
@@ -139,6 +156,12 @@ async fn pieces(
         }
         .emit();
         match how {
+            Retry::Refused => {
+                // the pages stay as they are: the refusal is the row's, not the batch's size
+                let (first, second) = split(target, b);
+                pending.push_front(second);
+                pending.push_front(first);
+            }
             Retry::Smaller if halves => {
                 shared.sizer.shrink();
                 let (first, second) = split(target, b);
@@ -160,6 +183,26 @@ async fn pieces(
         }
     }
     Ok(retries)
+}
+
+/// Rows a process sets aside because the database refused their write
+/// (each alone) before it stops: past this, what refuses them is not about
+/// a row or two, and halving batches down to single rows costs more than
+/// fixing it or leaving the rows out with the target's `where`.
+pub(super) const REFUSED_LIMIT: u64 = 1000;
+
+/// The error that stops a run once more than [`REFUSED_LIMIT`] rows were refused.
+fn too_many_refused(error: Error) -> Error {
+    match error {
+        Error::Db { context, source } => Error::Db {
+            context: format!(
+                "{context}: the database refused the write of more than {REFUSED_LIMIT} rows, each alone, \
+                 so rekey stops (the last refusal follows)"
+            ),
+            source,
+        },
+        other => other,
+    }
 }
 
 /// Tries of a single row that times out (a lock held elsewhere) before it

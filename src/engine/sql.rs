@@ -365,16 +365,16 @@ pub fn insert_quarantine(target: &Target, col: usize) -> String {
 }
 
 /// Records one value that was not rotated. Parameters: job id, target,
-/// table label, column, key as bytea[], reason, then the key columns for the
-/// text lookup.
+/// table label, column, key as bytea[], reason, the database's words (or
+/// NULL), then the key columns for the text lookup.
 pub fn insert_not_rotated(target: &Target) -> String {
     format!(
-        "INSERT INTO rekey.not_rotated (job_id, target, table_name, column_name, pk, pk_text, reason) \
-         SELECT $1, $2, $3, $4, $5, (SELECT ROW({keys})::text FROM {table} AS t WHERE ({keys}) = {params}), $6 \
-         ON CONFLICT (job_id, target, column_name, pk) DO UPDATE SET reason = EXCLUDED.reason, seen_at = now()",
+        "INSERT INTO rekey.not_rotated (job_id, target, table_name, column_name, pk, pk_text, reason, detail) \
+         SELECT $1, $2, $3, $4, $5, (SELECT ROW({keys})::text FROM {table} AS t WHERE ({keys}) = {params}), $6, $7 \
+         ON CONFLICT (job_id, target, column_name, pk) DO UPDATE SET reason = EXCLUDED.reason, detail = EXCLUDED.detail, seen_at = now()",
         keys = target.key_list("t."),
         table = target.qualified(),
-        params = key_params(target, 7),
+        params = key_params(target, 8),
     )
 }
 

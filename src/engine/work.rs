@@ -128,6 +128,8 @@ pub(super) struct Shared {
     pub(super) timeouts: Timeouts,
     /// Ranges taken over from dead owners.
     pub(super) taken_over: AtomicU64,
+    /// Rows set aside because the database refused their write (each alone).
+    pub(super) refused: AtomicU64,
     /// Batches waiting in the channels, all lanes together.
     pub(super) queued: Queued,
     /// (target, range_no) of the ranges this process's lanes are working on,
@@ -180,6 +182,7 @@ impl Shared {
             attempts: settings.attempts.max(1),
             timeouts: settings.timeouts,
             taken_over: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
             queued: Queued::default(),
             working: Mutex::new(BTreeMap::new()),
             lost: Mutex::new(BTreeSet::new()),
@@ -481,7 +484,10 @@ impl Shared {
     ) -> Result<(), Error> {
         *failed += 1;
         let how = error.retry();
-        if how == Retry::Never || *failed >= self.attempts || self.stop.requested() {
+        if matches!(how, Retry::Never | Retry::Refused)
+            || *failed >= self.attempts
+            || self.stop.requested()
+        {
             return Err(error);
         }
         let wait = backoff(*failed);
@@ -500,7 +506,7 @@ impl Shared {
                 }
             }
             Retry::Smaller => self.sizer.shrink(),
-            Retry::Wait | Retry::Never => {}
+            Retry::Wait | Retry::Never | Retry::Refused => {}
         }
         Ok(())
     }

@@ -139,10 +139,16 @@ async fn key_types(client: &Client, t: &Target) -> Result<(), Error> {
     Ok(())
 }
 
-/// An `ON UPDATE DO INSTEAD` rule replaces rekey's UPDATE with something else.
+/// An enabled `ON UPDATE` rule stops every write: a `DO INSTEAD` rule
+/// replaces rekey's UPDATE with something else, and PostgreSQL refuses any
+/// other on the data-modifying `WITH` the UPDATE is.
 async fn update_rules(client: &Client, t: &Target) -> Result<(), Error> {
     let rules: Vec<String> = client
-        .query("SELECT rulename::text FROM pg_rewrite WHERE ev_class = $1::text::regclass AND ev_type = '2' AND is_instead ORDER BY 1", &[&t.qualified()])
+        .query(
+            "SELECT format('%s (%s)', rulename, CASE WHEN is_instead THEN 'DO INSTEAD' ELSE 'DO ALSO' END)
+               FROM pg_rewrite WHERE ev_class = $1::text::regclass AND ev_type = '2' AND ev_enabled <> 'D' ORDER BY rulename",
+            &[&t.qualified()],
+        )
         .await
         .ctx(|| format!("checking the rules of {}", t.table))?
         .iter()
@@ -150,10 +156,12 @@ async fn update_rules(client: &Client, t: &Target) -> Result<(), Error> {
         .collect();
     if !rules.is_empty() {
         return Err(Error::Config(format!(
-            "{} has ON UPDATE DO INSTEAD rules ({}): they replace the updates rekey makes, so it cannot rotate the values in place; \
-             drop or disable them for the rotation",
+            "{} has ON UPDATE rules: {}; a DO INSTEAD rule replaces the updates rekey makes, and PostgreSQL refuses a DO ALSO rule \
+             on them (each is a data-modifying statement in WITH), so rekey cannot rotate the values in place; \
+             disable them for the rotation (ALTER TABLE {} DISABLE RULE name), or drop them",
             t.table,
-            rules.join(", ")
+            rules.join(", "),
+            t.qualified()
         )));
     }
     Ok(())

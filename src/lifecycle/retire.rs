@@ -112,14 +112,27 @@ pub async fn retire(
 }
 
 /// Refuses a retire from a job file that no longer lists (itself or as a
-/// partition or child of a listed table) a table in which this job's
-/// earlier runs rewrote values (in `rekey.progress`, abandoned runs too)
-/// and that still exists: the full verify sees only the job's targets, and
-/// a value there (a row restored from a backup, an application still
-/// writing under the old key) may still need the key.
+/// partition or child of a listed table) a table or a column in which this
+/// job's earlier runs rewrote values (in `rekey.progress` and
+/// `rekey.job_targets`, abandoned runs too) and that still exists: the full
+/// verify sees only the job's targets, and a value there (a row restored
+/// from a backup, an application still writing under the old key) may
+/// still need the key. A column dropped from its table holds no values.
 async fn refuse_tables_left_out(client: &Client, job: &Job, old: KeyId) -> Result<(), Error> {
     let listed: Vec<String> = job.targets.iter().map(|t| t.table.to_string()).collect();
-    let left_out = crate::state::jobs::tables_rotated_unlisted(client, &job.name, &listed).await?;
+    let columns: Vec<(String, String)> = job
+        .targets
+        .iter()
+        .flat_map(|t| {
+            t.columns
+                .iter()
+                .map(|c| (t.table.to_string(), c.name.clone()))
+        })
+        .collect();
+    let mut left_out =
+        crate::state::jobs::tables_rotated_unlisted(client, &job.name, &listed).await?;
+    left_out
+        .extend(crate::state::jobs::columns_rotated_unlisted(client, &job.name, &columns).await?);
     let (it, its) = match left_out.len() {
         0 => return Ok(()),
         1 => ("it", "its"),

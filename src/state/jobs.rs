@@ -143,6 +143,16 @@ async fn open_job_locked(
         .await
         .ctx(what)?
         .get(0);
+    // the columns each target rotates: retire checks none was left out of the job file since
+    for t in &job.targets {
+        let columns: Vec<&str> = t.columns.iter().map(|c| c.name.as_str()).collect();
+        tx.execute(
+            "INSERT INTO rekey.job_targets (job_id, target, table_name, columns) VALUES ($1, $2, $3, $4)",
+            &[&id, &(t.index as i32), &t.table.to_string(), &columns],
+        )
+        .await
+        .ctx(what)?;
+    }
     let insert = tx
         .prepare("INSERT INTO rekey.progress (job_id, target, range_no, table_name, lower_key, upper_key) VALUES ($1, $2, $3, $4, $5, $6)")
         .await
@@ -383,9 +393,11 @@ pub async fn last_job_keys(
 }
 
 /// The tables (`schema.name`, as `rekey.progress` records them) in which
-/// a run of job `name` rewrote values (abandoned runs too), that still
-/// exist, and that neither `listed` nor a table `listed` holds as a
-/// partition or inheritance child covers; none before rekey's schema does.
+/// a run of job `name` that did not record its columns rewrote values
+/// (abandoned runs too), that still exist, and that neither `listed` nor a
+/// table `listed` holds as a partition or inheritance child covers; none
+/// before rekey's schema does. [`columns_rotated_unlisted`] checks the runs
+/// that recorded their columns.
 pub async fn tables_rotated_unlisted(
     client: &Client,
     name: &str,
@@ -399,7 +411,9 @@ pub async fn tables_rotated_unlisted(
             "WITH RECURSIVE rotated AS (
                  SELECT DISTINCT p.table_name
                    FROM rekey.progress p JOIN rekey.jobs j ON j.job_id = p.job_id
-                  WHERE j.name = $1 AND p.rows_rewritten > 0),
+                  WHERE j.name = $1 AND p.rows_rewritten > 0
+                    -- runs that recorded their columns are checked column by column
+                    AND NOT EXISTS (SELECT 1 FROM rekey.job_targets t WHERE t.job_id = p.job_id)),
              rel AS (
                  SELECT c.oid, n.nspname || '.' || c.relname AS name
                    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace),
@@ -416,5 +430,54 @@ pub async fn tables_rotated_unlisted(
         )
         .await
         .ctx(|| format!("reading the tables job {name:?} rotated"))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// The columns in which a run of job `name` rewrote values (abandoned runs
+/// too), whose table and column still exist, and that `listed` (table,
+/// column) pairs do not cover, by the table itself or a table that holds it
+/// as a partition or inheritance child: `column c of schema.table`, or
+/// `schema.table` where no listed pair covers the table at all; none
+/// before rekey's schema does.
+pub async fn columns_rotated_unlisted(
+    client: &Client,
+    name: &str,
+    listed: &[(String, String)],
+) -> Result<Vec<String>, Error> {
+    if !super::schema_exists(client).await? {
+        return Ok(Vec::new());
+    }
+    let (tables, columns): (Vec<&str>, Vec<&str>) =
+        listed.iter().map(|(t, c)| (t.as_str(), c.as_str())).unzip();
+    let rows = client
+        .query(
+            "WITH RECURSIVE rotated AS (
+                 SELECT DISTINCT p.table_name, unnest(t.columns) AS column_name
+                   FROM rekey.progress p JOIN rekey.jobs j ON j.job_id = p.job_id
+                   JOIN rekey.job_targets t ON t.job_id = p.job_id AND t.target = p.target
+                  WHERE j.name = $1 AND p.rows_rewritten > 0),
+             rel AS (
+                 SELECT c.oid, n.nspname || '.' || c.relname AS name
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace),
+             up(table_name, ancestor) AS (
+                 SELECT DISTINCT r.table_name, rel.oid FROM rotated r JOIN rel ON rel.name = r.table_name
+                 UNION
+                 SELECT up.table_name, i.inhparent FROM up JOIN pg_inherits i ON i.inhrelid = up.ancestor),
+             listed AS (SELECT * FROM unnest($2::text[], $3::text[]) AS l(table_name, column_name))
+             SELECT CASE WHEN EXISTS (SELECT 1 FROM up JOIN rel anc ON anc.oid = up.ancestor
+                                       JOIN listed l ON l.table_name = anc.name WHERE up.table_name = r.table_name)
+                         THEN format('column %s of %s', r.column_name, r.table_name)
+                         ELSE r.table_name END
+               FROM rotated r JOIN rel ON rel.name = r.table_name
+              WHERE EXISTS (SELECT 1 FROM pg_attribute a
+                             WHERE a.attrelid = rel.oid AND a.attname = r.column_name AND NOT a.attisdropped)
+                AND NOT EXISTS (SELECT 1 FROM up JOIN rel anc ON anc.oid = up.ancestor
+                                  JOIN listed l ON l.table_name = anc.name AND l.column_name = r.column_name
+                                 WHERE up.table_name = r.table_name)
+              GROUP BY 1 ORDER BY 1",
+            &[&name, &tables, &columns],
+        )
+        .await
+        .ctx(|| format!("reading the columns job {name:?} rotated"))?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }

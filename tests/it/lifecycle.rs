@@ -495,3 +495,71 @@ async fn retire_is_refused_from_a_job_file_that_no_longer_lists_a_table_the_job_
         printed(&out)
     );
 }
+
+// Before this check: exit 0, "retired key 1", while 3 values of a column
+// the job file no longer listed were on key 1. A column dropped from its
+// table holds no values, so it refuses nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn retire_is_refused_from_a_job_file_that_no_longer_lists_a_column_the_job_rotated_until_it_is_dropped(
+) {
+    let db = TestDb::new().await;
+    db.seed_patients(200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    let both_columns = std::fs::read_to_string(&job).unwrap();
+    // three emergency phones as they were under key 1, to restore from a "backup"
+    let backup = db
+        .client
+        .query(
+            "SELECT id, emergency_contact_phone_encrypted FROM patient_persons WHERE id IN (10, 20, 40)",
+            &[],
+        )
+        .await
+        .unwrap();
+    for step in ["stage", "promote"] {
+        let out = rekey(&["secrets", step, "--job", &job], &keyring_pass_env());
+        assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    }
+    let out = rekey(&["run", "--job", &job], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    for row in &backup {
+        let (id, value): (i64, Vec<u8>) = (row.get(0), row.get(1));
+        db.client
+            .execute(
+                "UPDATE patient_persons SET emergency_contact_phone_encrypted = $1 WHERE id = $2",
+                &[&value, &id],
+            )
+            .await
+            .unwrap();
+    }
+    // the operator drops the column from the target's list, then retires
+    let one_column = both_columns.replace(
+        "columns = [\"phone_encrypted\", \"emergency_contact_phone_encrypted\"]",
+        "columns = [\"phone_encrypted\"]",
+    );
+    assert_ne!(one_column, both_columns);
+    std::fs::write(&job, &one_column).unwrap();
+    let before = std::fs::read(&keyring).unwrap();
+    let out = rekey(&["secrets", "retire", "--job", &job], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains(
+            "rotated column emergency_contact_phone_encrypted of public.patient_persons in an earlier run"
+        ),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(
+        std::fs::read(&keyring).unwrap(),
+        before,
+        "the keyring changed"
+    );
+
+    // the column dropped from the table: nothing of it can need the key
+    db.client
+        .batch_execute("ALTER TABLE patient_persons DROP COLUMN emergency_contact_phone_encrypted")
+        .await
+        .unwrap();
+    let out = rekey(&["secrets", "retire", "--job", &job], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+}

@@ -204,17 +204,12 @@ impl Writer {
     ) -> Result<Counts, Error> {
         let what = || format!("recording locked rows of {}", target.table);
         let p = &self.prepared[&target.index];
-        let ncols = target.columns.len();
-        let mut swapped = Swapped::default();
-        for r in 0..batch.rows.len() {
-            for c in 0..ncols {
-                if matches!(batch.cells[r * ncols + c], Cell::Rewritten(_)) {
-                    swapped
-                        .not_rotated
-                        .insert((r, c), swap::NotRotated::RowLocked);
-                }
-            }
-        }
+        let swapped = Swapped::none_landed(
+            batch,
+            target.columns.len(),
+            swap::NotRotated::RowLocked,
+            None,
+        );
         let counts = Counts {
             rows_scanned: batch.rows.len() as u64,
             values_not_rotated: swapped.not_rotated.len() as u64,
@@ -306,6 +301,32 @@ impl Writer {
         commit: Commit<'_>,
         batch: &Batch,
     ) -> Result<Written, Error> {
+        self.commit_batch(target, commit, batch, None).await
+    }
+
+    /// Commits a conflict re-read whose write the database refused with
+    /// an error again (`refusal`, its words): the values it would rewrite
+    /// are recorded as not rotated, the rest as [`Writer::write`] would.
+    pub async fn write_rejected(
+        &mut self,
+        target: &Target,
+        keys: &[KeyBytes],
+        batch: &Batch,
+        refusal: String,
+    ) -> Result<Written, Error> {
+        self.commit_batch(target, Commit::Retry(keys), batch, Some(refusal))
+            .await
+    }
+
+    /// Commits one batch, swapped in (`refusal` is `None`) or recorded as
+    /// refused with those words.
+    async fn commit_batch(
+        &mut self,
+        target: &Target,
+        commit: Commit<'_>,
+        batch: &Batch,
+        refusal: Option<String>,
+    ) -> Result<Written, Error> {
         let what = || format!("writing a batch to {}", target.table);
         let mut counts = Counts {
             rows_scanned: batch.rows.len() as u64,
@@ -315,12 +336,18 @@ impl Writer {
             transform::rewritten_rows(&batch.cells, target.columns.len()).collect();
         let tx = self.client.transaction().await.ctx(what)?;
         let p = &self.prepared[&target.index];
-        let swapped = if staged.is_empty() {
-            Swapped::default()
-        } else {
-            swap(&tx, p, target, commit, batch, &staged, &mut counts)
+        let refused = refusal.is_some();
+        let swapped = match refusal {
+            Some(words) => Swapped::none_landed(
+                batch,
+                target.columns.len(),
+                swap::NotRotated::WriteRejected,
+                Some(words),
+            ),
+            None if staged.is_empty() => Swapped::default(),
+            None => swap(&tx, p, target, commit, batch, &staged, &mut counts)
                 .await
-                .ctx(what)?
+                .ctx(what)?,
         };
         let (failures, changed) =
             tally_and_quarantine(&tx, p, self.job_id, target, batch, &swapped, &mut counts)
@@ -341,7 +368,7 @@ impl Writer {
         state::conflicts::add(&tx, job, target.index, &changed)
             .await
             .ctx(what)?;
-        if target.write.format.random_nonces() && !staged.is_empty() {
+        if target.write.format.random_nonces() && !staged.is_empty() && !refused {
             // The nonce budget (README, Guarantees 7): every staged value was
             // encrypted under a fresh random nonce (a search hash was not).
             let ncols = target.columns.len();

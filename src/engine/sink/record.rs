@@ -123,6 +123,7 @@ pub(super) async fn record_not_rotated(
                 &target.columns[c].name,
                 &pk,
                 &reason,
+                &swapped.detail,
             ];
             params.extend(raw::params(&keyp));
             tx.execute(&p.not_rotated, &params).await

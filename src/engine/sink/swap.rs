@@ -29,6 +29,9 @@ pub enum NotRotated {
     WriteUndone,
     /// Another transaction held the row locked through every try.
     RowLocked,
+    /// The database refused the write with an error (a trigger's
+    /// exception, a constraint), on the first try and again when re-read.
+    WriteRejected,
 }
 
 impl NotRotated {
@@ -38,6 +41,7 @@ impl NotRotated {
             NotRotated::WriteRefused => "write_refused",
             NotRotated::WriteUndone => "write_undone",
             NotRotated::RowLocked => "row_locked",
+            NotRotated::WriteRejected => "write_rejected",
         }
     }
 }
@@ -54,6 +58,29 @@ pub(super) struct Swapped {
     /// (row, column) of values that landed in rows that are re-read for
     /// their other values.
     pub(super) landed_in_conflicted: HashSet<(usize, usize)>,
+    /// The database's own words for a refusal, recorded with the values not rotated.
+    pub(super) detail: Option<String>,
+}
+
+impl Swapped {
+    /// Every value the batch would rewrite, not rotated for `reason`.
+    pub(super) fn none_landed(
+        batch: &Batch,
+        ncols: usize,
+        reason: NotRotated,
+        detail: Option<String>,
+    ) -> Swapped {
+        let not_rotated = (0..batch.rows.len())
+            .flat_map(|r| (0..ncols).map(move |c| (r, c)))
+            .filter(|&(r, c)| matches!(batch.cells[r * ncols + c], Cell::Rewritten(_)))
+            .map(|rc| (rc, reason))
+            .collect();
+        Swapped {
+            not_rotated,
+            detail,
+            ..Swapped::default()
+        }
+    }
 }
 
 /// Stages the batch's new values with binary COPY and swaps them in where

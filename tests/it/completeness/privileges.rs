@@ -42,3 +42,79 @@ async fn a_role_that_may_not_update_the_columns_is_refused_with_the_grant_before
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     db.assert_every_value_rotated(100).await;
 }
+
+// Before this check: exit 1, "looking for rekey's engine schema: permission
+// denied for schema rekey", with the hint to run again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_role_that_may_not_use_the_engine_schema_another_role_made_is_refused_with_the_grants() {
+    let db = TestDb::new().await;
+    db.seed_patients(100).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    // the engine schema made by another role's run (here the superuser's)
+    let first = rekey(&["run", "--job", &job], &seed_env());
+    assert_eq!(first.status.code(), Some(0), "{}", printed(&first));
+    let role = restricted_role(&db, "newcomer").await;
+    let url = url_as(&db, &role);
+
+    let status = rekey(
+        &["status", "--job", &job, "--database-url", &url],
+        &seed_env(),
+    );
+    assert_eq!(status.status.code(), Some(2), "{}", printed(&status));
+    let read = format!("GRANT SELECT ON ALL TABLES IN SCHEMA rekey TO {role};");
+    assert!(printed(&status).contains(&read), "{}", printed(&status));
+
+    let out = rekey(&["run", "--job", &job, "--database-url", &url], &seed_env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    let grants = [
+        format!("GRANT USAGE ON SCHEMA rekey TO {role};"),
+        format!("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA rekey TO {role};"),
+        format!("GRANT USAGE ON ALL SEQUENCES IN SCHEMA rekey TO {role};"),
+    ];
+    for grant in &grants {
+        assert!(printed(&out).contains(grant), "{grant}\n{}", printed(&out));
+    }
+    db.client.batch_execute(&grants.concat()).await.unwrap();
+    let out = rekey(&["run", "--job", &job, "--database-url", &url], &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    db.assert_every_value_rotated(100).await;
+}
+
+// An engine schema a newer rekey must change is changed by its tables'
+// owner: another role is told so (exit 2), not "must be owner of table".
+#[tokio::test(flavor = "multi_thread")]
+async fn a_role_that_may_not_upgrade_the_engine_schema_is_told_who_may() {
+    let db = TestDb::new().await;
+    db.seed_patients(100).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    let first = rekey(&["run", "--job", &job], &seed_env());
+    assert_eq!(first.status.code(), Some(0), "{}", printed(&first));
+    let role = restricted_role(&db, "upgrader").await;
+    // the schema as the version before the last migration left it
+    db.client
+        .batch_execute(&format!(
+            "DELETE FROM rekey.schema_version WHERE version = 12;
+             ALTER TABLE rekey.not_rotated DROP COLUMN detail;
+             GRANT USAGE ON SCHEMA rekey TO {role};
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA rekey TO {role};
+             GRANT USAGE ON ALL SEQUENCES IN SCHEMA rekey TO {role};"
+        ))
+        .await
+        .unwrap();
+    let url = url_as(&db, &role);
+    let args = ["run", "--job", &job, "--restart", "--database-url", &url];
+    let out = rekey(&args, &seed_env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("only the owner of its tables may (postgres)"),
+        "{}",
+        printed(&out)
+    );
+    // the owner's run upgrades it; the role's goes on
+    let owner = rekey(&["run", "--job", &job], &seed_env());
+    assert_eq!(owner.status.code(), Some(0), "{}", printed(&owner));
+    let out = rekey(&args, &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+}

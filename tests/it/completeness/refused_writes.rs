@@ -185,3 +185,77 @@ async fn an_update_policy_narrower_than_select_leaves_values_reported_as_not_rot
     )
     .await;
 }
+
+// Before rows refused with an error were isolated: exit 1 ("archived patients
+// are read-only"), not one value of the table rotated, and every run after
+// it stopped the same way.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trigger_that_raises_an_error_for_some_rows_leaves_only_those_reported_as_not_rotated() {
+    let db = TestDb::new().await;
+    db.seed_patients(1_000).await;
+    db.client
+        .batch_execute(
+            "CREATE FUNCTION archived_read_only() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF OLD.id % 10 = 0 THEN RAISE EXCEPTION 'archived patients are read-only'; END IF;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER archived_read_only BEFORE UPDATE ON patient_persons FOR EACH ROW EXECUTE FUNCTION archived_read_only();",
+        )
+        .await
+        .unwrap();
+    assert_refused_writes_end_as_not_rotated(&db, 1_000, every_tenth_row, &[]).await;
+    // each refused value is recorded with the database's own words
+    let recorded: Vec<(String, Option<String>)> = db
+        .client
+        .query("SELECT DISTINCT reason, detail FROM rekey.not_rotated", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        recorded,
+        vec![(
+            "write_rejected".to_string(),
+            Some("P0001: archived patients are read-only".to_string())
+        )]
+    );
+}
+
+// A table that refuses every row is not halved down to each of its rows:
+// past the limit of rows refused one by one, the run stops with the error,
+// and nothing of the table is changed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trigger_that_raises_for_every_row_stops_the_run_once_more_rows_than_the_limit_are_refused(
+) {
+    let db = TestDb::new().await;
+    db.seed_patients(1_500).await;
+    db.client
+        .batch_execute(
+            "CREATE FUNCTION read_only() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN RAISE EXCEPTION 'patients are read-only'; END $$;
+             CREATE TRIGGER read_only BEFORE UPDATE ON patient_persons FOR EACH ROW EXECUTE FUNCTION read_only();",
+        )
+        .await
+        .unwrap();
+    let before = db.decrypted_patients(&v1_ring()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job(&dir).display().to_string();
+    let out = rekey(&["run", "--job", &j, "--json"], &seed_env());
+    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
+    let error = json(&out);
+    let message = error["error"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("refused the write of more than 1000 rows")
+            && message.contains("patients are read-only"),
+        "the error names the limit and the database's words: {error}"
+    );
+    assert!(
+        error["hint"]
+            .as_str()
+            .is_some_and(|h| h.contains("running again fails the same way")),
+        "{error}"
+    );
+    assert_eq!(db.decrypted_patients(&v1_ring()).await, before);
+}
