@@ -90,11 +90,17 @@ pub async fn status(args: &StatusArgs) -> Result<u8, Error> {
                 Control::Stop => " (stop requested)",
                 Control::Run => "",
             };
-            println!(
-                "  being run by {} process(es){control}: {}",
-                s.workers.len(),
-                s.workers.join(", ")
-            );
+            match s.workers.len() {
+                0 => println!(
+                    "  not being run by any process now{control} (the last one stopped, or was killed): \
+                     `rekey run` with the same job file resumes it"
+                ),
+                n => println!(
+                    "  being run by {n} process{}{control}: {}",
+                    if n == 1 { "" } else { "es" },
+                    s.workers.join(", ")
+                ),
+            }
         }
     }
     Ok(0)

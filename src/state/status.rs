@@ -40,7 +40,8 @@ pub struct JobStatus {
     pub conflicts_left: i64,
     /// Live control.
     pub control: Control,
-    /// Processes holding leases on unfinished ranges now.
+    /// Processes holding leases on unfinished ranges now, and alive (the
+    /// session that renews their leases is still connected).
     pub workers: Vec<String>,
 }
 
@@ -54,7 +55,9 @@ pub async fn job_status(client: &Client, name: &str) -> Result<Option<JobStatus>
                     to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
                     (SELECT count(*) FROM rekey.quarantine q WHERE q.job_id = j.job_id), control,
                     (SELECT coalesce(array_agg(DISTINCT p.owner ORDER BY p.owner), '{}') FROM rekey.progress p
-                      WHERE p.job_id = j.job_id AND NOT p.done AND p.owner IS NOT NULL AND p.lease_until > now()),
+                      WHERE p.job_id = j.job_id AND NOT p.done AND p.owner IS NOT NULL AND p.lease_until > now()
+                        -- a lease outlives a process killed with -9 until it expires; its session does not
+                        AND EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = p.owner_pid)),
                     (SELECT count(*) FROM rekey.not_rotated n WHERE n.job_id = j.job_id),
                     (SELECT count(*) FROM rekey.conflicts c WHERE c.job_id = j.job_id)
                FROM rekey.jobs j WHERE name = $1 ORDER BY job_id DESC LIMIT 1",

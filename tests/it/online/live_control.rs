@@ -1,5 +1,6 @@
 //! Live control of a run: `rekey pause`, `resume` and `stop` and a control
-//! file hold or end it cleanly, and name a job that does not exist.
+//! file hold or end it cleanly, and name a job that does not exist;
+//! `rekey status` names the processes running it.
 
 use super::*;
 
@@ -147,5 +148,54 @@ async fn a_control_file_pauses_the_run_and_then_stops_it() {
         committed_by_running_job(&db).await,
         0,
         "paused from the start, then stopped: the run wrote nothing"
+    );
+}
+
+// Before: `status` said "being run by 1 process(es): <owner>" until the
+// killed process's lease expired (30 s), and "being run by 0 process(es): "
+// after.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_stops_listing_a_process_killed_with_sigkill_once_its_session_is_gone() {
+    let db = TestDb::new().await;
+    db.seed_patients(5_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job(&dir).display().to_string();
+    let mut child = spawn_rekey(
+        &[
+            "run",
+            "--job",
+            &j,
+            "--max-rows-per-sec",
+            "500",
+            "--batch-size",
+            "100",
+        ],
+        &seed_env(),
+    );
+    wait_for_progress(&db, &mut child, 100).await;
+    let workers = |out: &std::process::Output| json(out)["workers"].as_array().map(Vec::len);
+    let running = rekey(&["status", "--job", &j, "--json"], &seed_env());
+    assert_eq!(workers(&running), Some(1), "{}", printed(&running));
+
+    child.kill().unwrap(); // SIGKILL: its leases stay until they expire
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = rekey(&["status", "--job", &j, "--json"], &seed_env());
+        if workers(&out) == Some(0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status still lists the killed process 20 s later: {}",
+            printed(&out)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = rekey(&["status", "--job", &j], &seed_env());
+    assert!(
+        printed(&out).contains("not being run by any process now"),
+        "{}",
+        printed(&out)
     );
 }
