@@ -63,8 +63,13 @@ impl Error {
                 match code.code() {
                     "55P03" | "57014" => Retry::Smaller,
                     "40001" | "40P01" => Retry::Wait,
-                    // raised by a trigger (PL/pgSQL's RAISE) or a constraint
-                    c if c.starts_with("P0") || c.starts_with("23") => Retry::Refused,
+                    // raised by a trigger (PL/pgSQL's RAISE) or a constraint of the
+                    // user's table (one of rekey's own tables is rekey's error)
+                    c if (c.starts_with("P0") || c.starts_with("23"))
+                        && source.as_db_error().and_then(|d| d.schema()) != Some("rekey") =>
+                    {
+                        Retry::Refused
+                    }
                     c if c.starts_with("08") || c.starts_with("57P") => Retry::Reconnect,
                     c if c.starts_with("53") => Retry::Wait,
                     _ => Retry::Never,

@@ -113,10 +113,12 @@ async fn pieces(
             if refused > REFUSED_LIMIT {
                 return Err(too_many_refused(error));
             }
-            tracing::warn!(table = %target.table, "the database refused the write of one row ({}); it is re-read at the end of the run and, refused again, left on its old key", error.chain());
+            // the server's words alone: a constraint's DETAIL shows the row's values
+            tracing::warn!(table = %target.table, "the database refused the write of one row ({}); it is re-read at the end of the run and, refused again, left on its old key", error.server_words());
             let w = writer.set_aside(target, state, &b).await?;
             total.counts += w.counts;
             total.control = w.control;
+            total.split_wanted |= w.split_wanted;
             continue;
         }
         // halving is bounded by log2(rows); only other retries use up tries
@@ -130,6 +132,7 @@ async fn pieces(
             let w = writer.set_aside(target, state, &b).await?;
             total.counts += w.counts;
             total.control = w.control;
+            total.split_wanted |= w.split_wanted;
             failed = 0;
             continue;
         }
@@ -144,7 +147,11 @@ async fn pieces(
         let wait = backoff(failed.max(1));
         let message = format!(
             "{}{}",
-            error.chain(),
+            match how {
+                // the server's words alone: a constraint's DETAIL shows the row's values
+                Retry::Refused => error.server_words(),
+                _ => error.chain(),
+            },
             if halves { "; retrying in halves" } else { "" }
         );
         events::BatchRetried {

@@ -146,7 +146,7 @@ async fn update_rules(client: &Client, t: &Target) -> Result<(), Error> {
     let rules: Vec<String> = client
         .query(
             "SELECT format('%s (%s)', rulename, CASE WHEN is_instead THEN 'DO INSTEAD' ELSE 'DO ALSO' END)
-               FROM pg_rewrite WHERE ev_class = $1::text::regclass AND ev_type = '2' AND ev_enabled <> 'D' ORDER BY rulename",
+               FROM pg_rewrite WHERE ev_class = $1::text::regclass AND ev_type = '2' AND ev_enabled IN ('O', 'A') ORDER BY rulename",
             &[&t.qualified()],
         )
         .await

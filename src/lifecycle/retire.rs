@@ -123,11 +123,7 @@ async fn refuse_tables_left_out(client: &Client, job: &Job, old: KeyId) -> Resul
     let columns: Vec<(String, String)> = job
         .targets
         .iter()
-        .flat_map(|t| {
-            t.columns
-                .iter()
-                .map(|c| (t.table.to_string(), c.name.clone()))
-        })
+        .flat_map(|t| t.columns.iter().map(|c| (t.qualified(), c.name.clone())))
         .collect();
     let mut left_out =
         crate::state::jobs::tables_rotated_unlisted(client, &job.name, &listed).await?;

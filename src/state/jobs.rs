@@ -147,8 +147,12 @@ async fn open_job_locked(
     for t in &job.targets {
         let columns: Vec<&str> = t.columns.iter().map(|c| c.name.as_str()).collect();
         tx.execute(
-            "INSERT INTO rekey.job_targets (job_id, target, table_name, columns) VALUES ($1, $2, $3, $4)",
-            &[&id, &(t.index as i32), &t.table.to_string(), &columns],
+            "INSERT INTO rekey.job_targets (job_id, target, table_name, table_oid, columns, attnums)
+             SELECT $1, $2, $3, c.oid, $5,
+                    ARRAY(SELECT a.attnum FROM unnest($5::text[]) WITH ORDINALITY AS u(name, i)
+                            JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = u.name ORDER BY u.i)
+               FROM pg_class c WHERE c.oid = $4::text::regclass",
+            &[&id, &(t.index as i32), &t.table.to_string(), &t.qualified(), &columns],
         )
         .await
         .ctx(what)?;
@@ -434,11 +438,12 @@ pub async fn tables_rotated_unlisted(
 }
 
 /// The columns in which a run of job `name` rewrote values (abandoned runs
-/// too), whose table and column still exist, and that `listed` (table,
-/// column) pairs do not cover, by the table itself or a table that holds it
-/// as a partition or inheritance child: `column c of schema.table`, or
-/// `schema.table` where no listed pair covers the table at all; none
-/// before rekey's schema does.
+/// too) that still exist, found by the table's oid and the column's number
+/// (renamed since) or by their names (dropped and restored since), and that
+/// `listed` (table as SQL, column) pairs do not cover, by the table itself
+/// or a table that holds it as a partition or inheritance child: `column c
+/// of schema.table`, or `schema.table` where no listed pair covers the table
+/// at all; none before rekey's schema does.
 pub async fn columns_rotated_unlisted(
     client: &Client,
     name: &str,
@@ -452,28 +457,33 @@ pub async fn columns_rotated_unlisted(
     let rows = client
         .query(
             "WITH RECURSIVE rotated AS (
-                 SELECT DISTINCT p.table_name, unnest(t.columns) AS column_name
+                 SELECT DISTINCT t.table_oid, t.table_name, u.column_name, u.attnum
                    FROM rekey.progress p JOIN rekey.jobs j ON j.job_id = p.job_id
                    JOIN rekey.job_targets t ON t.job_id = p.job_id AND t.target = p.target
+                  CROSS JOIN LATERAL unnest(t.columns, t.attnums) AS u(column_name, attnum)
                   WHERE j.name = $1 AND p.rows_rewritten > 0),
              rel AS (
                  SELECT c.oid, n.nspname || '.' || c.relname AS name
                    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace),
-             up(table_name, ancestor) AS (
-                 SELECT DISTINCT r.table_name, rel.oid FROM rotated r JOIN rel ON rel.name = r.table_name
+             live(oid, column_name) AS (
+                 SELECT a.attrelid, a.attname::text FROM rotated r
+                   JOIN pg_attribute a ON a.attrelid = r.table_oid AND a.attnum = r.attnum AND NOT a.attisdropped
                  UNION
-                 SELECT up.table_name, i.inhparent FROM up JOIN pg_inherits i ON i.inhrelid = up.ancestor),
-             listed AS (SELECT * FROM unnest($2::text[], $3::text[]) AS l(table_name, column_name))
-             SELECT CASE WHEN EXISTS (SELECT 1 FROM up JOIN rel anc ON anc.oid = up.ancestor
-                                       JOIN listed l ON l.table_name = anc.name WHERE up.table_name = r.table_name)
-                         THEN format('column %s of %s', r.column_name, r.table_name)
-                         ELSE r.table_name END
-               FROM rotated r JOIN rel ON rel.name = r.table_name
-              WHERE EXISTS (SELECT 1 FROM pg_attribute a
-                             WHERE a.attrelid = rel.oid AND a.attname = r.column_name AND NOT a.attisdropped)
-                AND NOT EXISTS (SELECT 1 FROM up JOIN rel anc ON anc.oid = up.ancestor
-                                  JOIN listed l ON l.table_name = anc.name AND l.column_name = r.column_name
-                                 WHERE up.table_name = r.table_name)
+                 SELECT a.attrelid, a.attname::text FROM rotated r JOIN rel ON rel.name = r.table_name
+                   JOIN pg_attribute a ON a.attrelid = rel.oid AND a.attname = r.column_name AND NOT a.attisdropped),
+             up(oid, ancestor) AS (
+                 SELECT DISTINCT oid, oid FROM live
+                 UNION
+                 SELECT up.oid, i.inhparent FROM up JOIN pg_inherits i ON i.inhrelid = up.ancestor),
+             listed AS (
+                 SELECT to_regclass(l.table_name) AS oid, l.column_name
+                   FROM unnest($2::text[], $3::text[]) AS l(table_name, column_name))
+             SELECT CASE WHEN EXISTS (SELECT 1 FROM up JOIN listed l ON l.oid = up.ancestor WHERE up.oid = v.oid)
+                         THEN format('column %s of %s', v.column_name, rel.name)
+                         ELSE rel.name END
+               FROM live v JOIN rel ON rel.oid = v.oid
+              WHERE NOT EXISTS (SELECT 1 FROM up JOIN listed l ON l.oid = up.ancestor AND l.column_name = v.column_name
+                                 WHERE up.oid = v.oid)
               GROUP BY 1 ORDER BY 1",
             &[&name, &tables, &columns],
         )

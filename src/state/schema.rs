@@ -59,8 +59,11 @@ async fn who(client: &Client) -> Result<Who, Error> {
     let row = client
         .query_one(
             "SELECT quote_ident(current_database()), quote_ident(current_user),
+                    (SELECT string_agg(DISTINCT quote_ident(pg_get_userbyid(c.relowner)), ' or ')
+                       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                      WHERE n.nspname = 'rekey' AND c.relkind IN ('r', 'p') AND c.relname = ANY($1)),
                     (SELECT quote_ident(pg_get_userbyid(nspowner)) FROM pg_namespace WHERE nspname = 'rekey')",
-            &[],
+            &[&OWN_TABLES.iter().map(|(t, _)| *t).collect::<Vec<_>>()],
         )
         .await
         .ctx(|| "looking for rekey's engine schema".into())?;
@@ -68,8 +71,28 @@ async fn who(client: &Client) -> Result<Who, Error> {
         database: row.get(0),
         role: row.get(1),
         owner: row.get(2),
+        schema_owner: row
+            .get::<_, Option<String>>(3)
+            .unwrap_or_else(|| "its owner".into()),
     })
 }
+
+/// rekey's own tables in schema `rekey`, and what a writing command does
+/// to each besides SELECT and INSERT (an `ON CONFLICT DO UPDATE` is an
+/// UPDATE). Tables others add to the schema are not rekey's concern.
+const OWN_TABLES: &[(&str, &[&str])] = &[
+    ("schema_version", &[]),
+    ("jobs", &["UPDATE"]),
+    ("progress", &["UPDATE"]),
+    ("quarantine", &["UPDATE"]),
+    ("audit", &[]),
+    ("conflicts", &["DELETE"]),
+    ("rotations", &["UPDATE"]),
+    ("key_usage", &["UPDATE"]),
+    ("not_rotated", &["UPDATE"]),
+    ("key_table_keys", &["UPDATE"]),
+    ("job_targets", &[]),
+];
 
 /// What a command does with the engine schema.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,65 +103,107 @@ enum Use {
     ReadWrite,
 }
 
-/// Whether schema `rekey` exists, and the role may use its tables as
-/// `used`; refuses one it may not, with the grants that fix it (the
+/// Whether schema `rekey` exists, and the role may use rekey's tables in
+/// it as `used`; refuses one it may not, with the grants that fix it (the
 /// catalogue is read directly: a lookup by name would fail without USAGE
 /// on the schema, with a bare "permission denied").
 async fn usable(client: &Client, who: &Who, used: Use) -> Result<bool, Error> {
-    let row = client
+    let what = || "checking this role's access to rekey's engine schema".to_string();
+    let Some(schema) = client
         .query_opt(
-            "SELECT has_schema_privilege(n.oid, 'USAGE'),
-                    coalesce(bool_and(has_table_privilege(c.oid, 'SELECT')) FILTER (WHERE c.relkind IN ('r', 'p')), true),
-                    coalesce(bool_and(has_table_privilege(c.oid, 'SELECT') AND has_table_privilege(c.oid, 'INSERT')
-                                      AND has_table_privilege(c.oid, 'UPDATE') AND has_table_privilege(c.oid, 'DELETE'))
-                        FILTER (WHERE c.relkind IN ('r', 'p')), true),
-                    coalesce(bool_and(has_sequence_privilege(c.oid, 'USAGE')) FILTER (WHERE c.relkind = 'S'), true)
-               FROM pg_namespace n LEFT JOIN pg_class c ON c.relnamespace = n.oid
-              WHERE n.nspname = 'rekey' GROUP BY n.oid",
+            "SELECT has_schema_privilege(oid, 'USAGE') FROM pg_namespace WHERE nspname = 'rekey'",
             &[],
         )
         .await
-        .ctx(|| "checking this role's access to rekey's engine schema".into())?;
-    let Some(row) = row else {
+        .ctx(what)?
+    else {
         return Ok(false);
     };
-    let (usage, read, write, sequences): (bool, bool, bool, bool) =
-        (row.get(0), row.get(1), row.get(2), row.get(3));
-    let role = &who.role;
-    let schema = (!usage).then(|| format!("GRANT USAGE ON SCHEMA rekey TO {role};"));
-    let to_read: Vec<String> = schema
-        .iter()
-        .cloned()
-        .chain((!read).then(|| format!("GRANT SELECT ON ALL TABLES IN SCHEMA rekey TO {role};")))
-        .collect();
-    let to_write: Vec<String> = schema
-        .into_iter()
-        .chain((!write).then(|| {
-            format!("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA rekey TO {role};")
-        }))
-        .chain(
-            (!sequences)
-                .then(|| format!("GRANT USAGE ON ALL SEQUENCES IN SCHEMA rekey TO {role};")),
+    let usage: bool = schema.get(0);
+    let mut read = true;
+    let mut write = true;
+    for row in client
+        .query(
+            "SELECT c.relname::text, has_table_privilege(c.oid, 'SELECT'), has_table_privilege(c.oid, 'INSERT'),
+                    has_table_privilege(c.oid, 'UPDATE'), has_table_privilege(c.oid, 'DELETE')
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = 'rekey' AND c.relkind IN ('r', 'p')",
+            &[],
         )
-        .collect();
-    let owner = who.owner.as_deref().unwrap_or("its owner");
+        .await
+        .ctx(what)?
+    {
+        let name: String = row.get(0);
+        let Some((_, more)) = OWN_TABLES.iter().find(|(t, _)| *t == name) else {
+            continue;
+        };
+        let held = |privilege: &str| match privilege {
+            "UPDATE" => row.get::<_, bool>(3),
+            "DELETE" => row.get::<_, bool>(4),
+            _ => false,
+        };
+        read &= row.get::<_, bool>(1);
+        write &= row.get::<_, bool>(1) && row.get::<_, bool>(2) && more.iter().all(|p| held(p));
+    }
+    // the serial keys' sequences (an identity column needs no grant of its own)
+    let sequences: bool = client
+        .query_one(
+            "SELECT coalesce(bool_and(has_sequence_privilege(c.oid, 'USAGE')), true)
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = 'rekey' AND c.relkind = 'S'
+                AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                                   AND d.objid = c.oid AND d.deptype = 'i')",
+            &[],
+        )
+        .await
+        .ctx(what)?
+        .get(0);
+    let role = &who.role;
+    let tables_read =
+        (!read).then(|| format!("GRANT SELECT ON ALL TABLES IN SCHEMA rekey TO {role};"));
+    let tables_write = [
+        (!write).then(|| {
+            format!("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA rekey TO {role};")
+        }),
+        (!sequences).then(|| format!("GRANT USAGE ON ALL SEQUENCES IN SCHEMA rekey TO {role};")),
+    ];
+    // USAGE is the schema owner's to grant, the rest its tables' owner's
+    let fix = |tables: Vec<String>| {
+        let mut asks = Vec::new();
+        if !usage {
+            asks.push(format!(
+                "as {} (the owner of the schema) or a superuser, GRANT USAGE ON SCHEMA rekey TO {role};",
+                who.schema_owner
+            ));
+        }
+        if !tables.is_empty() {
+            asks.push(format!(
+                "as {} (the owner of its tables) or a superuser, {}",
+                who.owner.as_deref().unwrap_or(&who.schema_owner),
+                tables.join(" ")
+            ));
+        }
+        (!asks.is_empty()).then(|| asks.join(" and "))
+    };
+    let to_read = fix(tables_read.into_iter().collect());
+    let to_write = fix(tables_write.into_iter().flatten().collect());
     let refuse = |may: &str, fix: String| {
         Err(Error::Config(format!(
-            "this role ({role}) may not {may} rekey's engine schema, which {owner} owns (rekey keeps its jobs, checkpoints and audit records there): \
-             as {owner} or a superuser, run {fix}"
+            "this role ({role}) may not {may} rekey's engine schema (rekey keeps its jobs, checkpoints and audit records there): run {fix}"
         )))
     };
-    match used {
-        Use::Read if !to_read.is_empty() => refuse(
+    match (used, to_read, to_write) {
+        (Use::Read, Some(read), write) => refuse(
             "read",
             format!(
-                "{} (enough for status, report and verify), or for run, rotate and retire {}",
-                to_read.join(" "),
-                to_write.join(" ")
+                "{read} (enough for status, report and verify){}",
+                write
+                    .map(|w| format!("; for run, rotate and retire: {w}"))
+                    .unwrap_or_default()
             ),
         ),
-        Use::ReadWrite if !to_write.is_empty() => refuse("write to", to_write.join(" ")),
-        Use::Read | Use::ReadWrite => Ok(true),
+        (Use::ReadWrite, _, Some(write)) => refuse("write to", write),
+        _ => Ok(true),
     }
 }
 
@@ -231,8 +296,11 @@ async fn applied(client: &Client) -> Result<Option<Vec<i32>>, Error> {
 struct Who {
     database: String,
     role: String,
-    /// The owner of schema `rekey`, where it exists.
+    /// The owner of rekey's tables in schema `rekey`, once it has them:
+    /// grants on them and changes to them are theirs to make.
     owner: Option<String>,
+    /// The owner of schema `rekey` (its USAGE is theirs to grant).
+    schema_owner: String,
 }
 
 /// What the role could not create.
@@ -266,7 +334,7 @@ fn refused(e: tokio_postgres::Error, missing: Missing, who: &Who) -> Error {
         ("42501", Missing::Upgrade) => format!(
             "this version of rekey upgrades its engine schema, and only the owner of its tables may ({}): \
              run the same command once as that role or a superuser, which upgrades it first, or give that role's ownership to {role}",
-            who.owner.as_deref().unwrap_or("the owner of schema rekey")
+            who.owner.as_deref().unwrap_or("the owner of rekey's tables")
         ),
         _ => return Error::Db { context: "preparing rekey's engine schema".into(), source: e },
     };

@@ -500,7 +500,7 @@ async fn retire_is_refused_from_a_job_file_that_no_longer_lists_a_table_the_job_
 // the job file no longer listed were on key 1. A column dropped from its
 // table holds no values, so it refuses nothing.
 #[tokio::test(flavor = "multi_thread")]
-async fn retire_is_refused_from_a_job_file_that_no_longer_lists_a_column_the_job_rotated_until_it_is_dropped(
+async fn retire_is_refused_from_a_job_file_that_no_longer_lists_a_column_the_job_rotated_renamed_or_not_until_it_is_dropped(
 ) {
     let db = TestDb::new().await;
     db.seed_patients(200).await;
@@ -555,9 +555,24 @@ async fn retire_is_refused_from_a_job_file_that_no_longer_lists_a_column_the_job
         "the keyring changed"
     );
 
+    // renamed, it is the same column, with the same values
+    db.client
+        .batch_execute(
+            "ALTER TABLE patient_persons RENAME COLUMN emergency_contact_phone_encrypted TO emergency_phone",
+        )
+        .await
+        .unwrap();
+    let out = rekey(&["secrets", "retire", "--job", &job], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("rotated column emergency_phone of public.patient_persons"),
+        "{}",
+        printed(&out)
+    );
+
     // the column dropped from the table: nothing of it can need the key
     db.client
-        .batch_execute("ALTER TABLE patient_persons DROP COLUMN emergency_contact_phone_encrypted")
+        .batch_execute("ALTER TABLE patient_persons DROP COLUMN emergency_phone")
         .await
         .unwrap();
     let out = rekey(&["secrets", "retire", "--job", &job], &keyring_pass_env());

@@ -76,9 +76,80 @@ async fn a_role_that_may_not_use_the_engine_schema_another_role_made_is_refused_
         assert!(printed(&out).contains(grant), "{grant}\n{}", printed(&out));
     }
     db.client.batch_execute(&grants.concat()).await.unwrap();
-    let out = rekey(&["run", "--job", &job, "--database-url", &url], &seed_env());
+    // a value restored under key 1 since: the role's run has one to rotate
+    let mut v1 = Vec::new();
+    rekey::crypto::codec::Codec::seal(&v1_codec(), b"555-0100", b"", None, &mut v1);
+    db.client
+        .execute(
+            "UPDATE patient_persons SET phone_encrypted = $1 WHERE id = 7",
+            &[&v1],
+        )
+        .await
+        .unwrap();
+    let out = rekey(
+        &["run", "--job", &job, "--database-url", &url, "--json"],
+        &seed_env(),
+    );
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-    db.assert_every_value_rotated(100).await;
+    assert_eq!(json(&out)["values_rewritten"], 1, "{}", printed(&out));
+}
+
+// The grants are the tables' owner's to give: where a DBA made the schema
+// and the application's role made its tables, the refusal names that role,
+// and its grants let the next role in.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_grants_are_asked_of_the_role_that_owns_the_engine_tables_not_the_schema() {
+    let db = TestDb::new().await;
+    db.seed_patients(100).await;
+    let app = restricted_role(&db, "app").await;
+    db.client
+        .batch_execute(&format!(
+            "CREATE SCHEMA rekey; GRANT USAGE, CREATE ON SCHEMA rekey TO {app};"
+        ))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    let app_url = url_as(&db, &app);
+    let first = rekey(
+        &["run", "--job", &job, "--database-url", &app_url],
+        &seed_env(),
+    );
+    assert_eq!(first.status.code(), Some(0), "{}", printed(&first));
+
+    let other = restricted_role(&db, "other").await;
+    let other_url = url_as(&db, &other);
+    let out = rekey(
+        &["status", "--job", &job, "--database-url", &other_url],
+        &seed_env(),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    let said = printed(&out);
+    assert!(
+        said.contains(&format!(
+            "as {app} (the owner of its tables) or a superuser, GRANT SELECT ON ALL TABLES IN SCHEMA rekey TO {other};"
+        )) && said.contains(&format!(
+            "as postgres (the owner of the schema) or a superuser, GRANT USAGE ON SCHEMA rekey TO {other};"
+        )),
+        "{said}"
+    );
+    let as_app = connect(&app_url).await;
+    as_app
+        .batch_execute(&format!(
+            "GRANT SELECT ON ALL TABLES IN SCHEMA rekey TO {other};"
+        ))
+        .await
+        .unwrap();
+    // the schema's USAGE is the DBA's (its owner) to give
+    db.client
+        .batch_execute(&format!("GRANT USAGE ON SCHEMA rekey TO {other};"))
+        .await
+        .unwrap();
+    let out = rekey(
+        &["status", "--job", &job, "--database-url", &other_url],
+        &seed_env(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
 }
 
 // An engine schema a newer rekey must change is changed by its tables'
