@@ -222,6 +222,7 @@ impl Shared {
                     count: 1,
                     first_keys: keys,
                     finished: false,
+                    recorded: matches!(self.work, Work::Leased { .. }),
                 }
                 .emit();
             }
@@ -241,6 +242,7 @@ impl Shared {
                 count: *count,
                 first_keys: keys,
                 finished: true,
+                recorded: matches!(self.work, Work::Leased { .. }),
             }
             .emit();
         }

@@ -209,23 +209,30 @@ pub struct QuarantineSummary<'a> {
     pub first_keys: &'a [String],
     /// Whether the run is over (the sum) or not (the first of them).
     pub finished: bool,
+    /// Whether they go to `rekey.quarantine` (a rewrite) or are only
+    /// counted (verify and dry runs write nothing).
+    pub recorded: bool,
 }
 
 impl QuarantineSummary<'_> {
     /// Warns: one line per column and error kind, however many values.
     pub fn emit(&self) {
         let keys = self.first_keys.join(", ");
-        if self.finished {
-            tracing::warn!(
+        let (table, column, error) = (self.table, self.column, self.error);
+        match (self.finished, self.recorded) {
+            (true, true) => tracing::warn!(
                 count = self.count,
-                "quarantined {} values of {}.{} ({}), e.g. at keys {keys}; see rekey.quarantine",
+                "quarantined {} values of {table}.{column} ({error}), e.g. at keys {keys}; see rekey.quarantine",
                 self.count,
-                self.table,
-                self.column,
-                self.error
-            );
-        } else {
-            tracing::warn!("values of {}.{} do not decrypt ({}), the first at key {keys}: quarantining them; the run ends with their count", self.table, self.column, self.error);
+            ),
+            (true, false) => tracing::warn!(
+                count = self.count,
+                "found {} values of {table}.{column} that do not decrypt ({error}), e.g. at keys {keys}; \
+                 nothing was recorded (this command writes nothing): `rekey run` quarantines them",
+                self.count,
+            ),
+            (false, true) => tracing::warn!("values of {table}.{column} do not decrypt ({error}), the first at key {keys}: quarantining them; the run ends with their count"),
+            (false, false) => tracing::warn!("values of {table}.{column} do not decrypt ({error}), the first at key {keys}; the command ends with their count"),
         }
     }
 }

@@ -165,6 +165,7 @@ fn quarantine_warnings_name_table_column_key_and_error_once_per_column() {
         count: 1,
         first_keys: &keys[..1],
         finished: false,
+        recorded: true,
     };
     let summary = QuarantineSummary {
         table: "patients",
@@ -173,6 +174,7 @@ fn quarantine_warnings_name_table_column_key_and_error_once_per_column() {
         count: 2,
         first_keys: &keys,
         finished: true,
+        recorded: true,
     };
     let per_value = logged(LogFormat::Json, || event.emit());
     assert!(

@@ -1,6 +1,6 @@
 //! Verify cannot pass on the wrong keys or on nothing: a target key that is
 //! not the job's, a sample of zero; and sampled and full agree on damaged
-//! values, which no run can fix.
+//! values, which no run can fix, and which verify counts without recording.
 
 use super::*;
 
@@ -129,4 +129,16 @@ async fn a_sample_and_a_full_verify_agree_on_damaged_values_and_say_a_run_cannot
         "{said}"
     );
     assert!(!said.contains("need `rekey run`"), "{said}");
+    // verify writes nothing, and says so (before: "quarantining them")
+    assert!(
+        !said.contains("quarantining") && said.contains("nothing was recorded"),
+        "{said}"
+    );
+    let recorded: i64 = db
+        .client
+        .query_one("SELECT count(*) FROM rekey.quarantine", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded, 0, "verify wrote to rekey.quarantine");
 }
