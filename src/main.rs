@@ -5,6 +5,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use rekey::cli::out;
 
 /// Whether the command line asks for JSON (read from the raw arguments, so
 /// that a command line clap refuses is answered in JSON too).
@@ -17,10 +18,9 @@ fn wants_json() -> bool {
 
 /// Prints the `--json` error object on stdout.
 fn json_error(error: &str, kind: &str, exit_code: u8, hint: &str) {
-    println!(
-        "{}",
-        serde_json::json!({ "error": error, "kind": kind, "exit_code": exit_code, "hint": hint })
-    );
+    let object =
+        serde_json::json!({ "error": error, "kind": kind, "exit_code": exit_code, "hint": hint });
+    out::stdout_line(format_args!("{object}"));
 }
 
 fn main() -> ExitCode {
@@ -53,7 +53,7 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("rekey: cannot start the async runtime: {e}");
+            out::stderr_line(format_args!("rekey: cannot start the async runtime: {e}"));
             if json {
                 json_error(
                     &format!("cannot start the async runtime: {e}"),
@@ -68,7 +68,7 @@ fn main() -> ExitCode {
     match runtime.block_on(rekey::cli::dispatch(cli.command)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("rekey: {}", e.chain());
+            out::stderr_line(format_args!("rekey: {}", e.chain()));
             if json {
                 json_error(&e.chain(), e.kind(), e.exit_code(), e.hint());
             }

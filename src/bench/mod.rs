@@ -24,6 +24,7 @@ pub use pgbench::AppWindow;
 pub use report::{human_duration, parse_sizes, peak_rss_mib};
 pub use wal::{busiest, WalReport};
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -204,7 +205,8 @@ fn bench_job_name(schema: &str) -> String {
 
 fn say(opts: &BenchOptions, msg: &str) {
     if !opts.quiet {
-        eprintln!("rekey bench: {msg}");
+        // never panics on a closed stderr, as `eprintln!` would
+        let _ = writeln!(std::io::stderr(), "rekey bench: {msg}");
     }
 }
 

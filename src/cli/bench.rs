@@ -7,6 +7,7 @@ use crate::bench::{
     self, human_duration, BenchOptions, Cause, Checkpoint, LoadOptions, LoadReport, WalReport,
 };
 use crate::cli::args::{BenchArgs, JobArgs};
+use crate::cli::out::out;
 use crate::cli::run::settings_from;
 use crate::cli::{default_lanes, open, print_json};
 use crate::control::stop::Stop;
@@ -83,7 +84,7 @@ pub async fn bench(args: &BenchArgs) -> Result<u8, Error> {
         print_json(&serde_json::to_value(&r).unwrap_or_default());
         return Ok(0);
     }
-    println!(
+    out!(
         "rekey bench: {} rows, {} lanes x {} rows per batch{}",
         r.rows,
         r.lanes,
@@ -94,39 +95,44 @@ pub async fn bench(args: &BenchArgs) -> Result<u8, Error> {
             String::new()
         }
     );
-    println!(
+    out!(
         "  floor  UPDATE t SET a = a, b = b  {:>8.2}s  {:>10.0} rows/s",
-        r.floor_s, r.floor_rows_per_s
+        r.floor_s,
+        r.floor_rows_per_s
     );
-    println!(
+    out!(
         "  rekey  re-encrypt a and b        {:>8.2}s  {:>10.0} rows/s  ({:.2}x the floor)",
-        r.rekey_s, r.rekey_rows_per_s, r.ratio
+        r.rekey_s,
+        r.rekey_rows_per_s,
+        r.ratio
     );
-    println!(
+    out!(
         "  before the first batch {:.2} s (checking the keys, planning ranges); whole command ~ {:.2} s, {:.2}x the floor",
         r.setup_s, r.whole_s, r.whole_ratio
     );
-    println!(
+    out!(
         "  batch latency  p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
-        r.batch_ms_p50, r.batch_ms_p99, r.batch_ms_max
+        r.batch_ms_p50,
+        r.batch_ms_p99,
+        r.batch_ms_max
     );
-    println!("  WAL            {}", wal_line(&r.wal));
+    out!("  WAL            {}", wal_line(&r.wal));
     if let Some(c) = &r.checkpoints {
-        println!("  checkpoints    {}", checkpoints_line(c));
+        out!("  checkpoints    {}", checkpoints_line(c));
     }
     if let Some(advice) = &r.checkpoint_advice {
-        println!("  note: {advice}");
+        out!("  note: {advice}");
     }
-    println!("  peak memory    {:.0} MiB", r.peak_rss_mib);
+    out!("  peak memory    {:.0} MiB", r.peak_rss_mib);
     if let Some(ratio) = r.last_tenth_rate_ratio {
         let resumed = r
             .resumed_last_tenth_rate_ratio
             .map(|x| format!(" (the resumed run's: {x:.2}x)"))
             .unwrap_or_default();
-        println!("  last 10% of rows at {ratio:.2}x the run's median rate{resumed}");
+        out!("  last 10% of rows at {ratio:.2}x the run's median rate{resumed}");
     }
     if let (Some(total), Some(ratio)) = (r.resumed_total_s, r.resume_cost_ratio) {
-        println!(
+        out!(
             "  killed at {:.0}% and resumed: {:.2}s in all ({:.2}x an uninterrupted run)",
             args.interrupt_at.unwrap_or_default() * 100.0,
             total,
@@ -137,10 +143,10 @@ pub async fn bench(args: &BenchArgs) -> Result<u8, Error> {
         print_load(load);
     }
     for ((_, secs), label) in r.projections.iter().zip(&project_labels) {
-        println!("  window for {label}: {}", human_duration(*secs));
+        out!("  window for {label}: {}", human_duration(*secs));
     }
     if let Some(dir) = &args.report_dir {
-        println!(
+        out!(
             "  report: {}, plot: {}",
             dir.join("report.json").display(),
             dir.join("throughput.svg").display()
@@ -191,16 +197,17 @@ fn checkpoints_line(c: &[Checkpoint]) -> String {
 
 /// The `--with-load` lines of the text summary.
 fn print_load(load: &LoadReport) {
-    println!(
+    out!(
         "  under load: pgbench, {} clients, scale {}; the application before -> during the run",
-        load.clients, load.scale
+        load.clients,
+        load.scale
     );
     for run in &load.runs {
         let pace = run
             .max_rows_per_sec
             .map_or("full speed".to_string(), |n| format!("max {n} rows/s"));
         let (b, d) = (&run.baseline, &run.during);
-        println!(
+        out!(
             "    {pace:<18} rekey {:>8.0} rows/s  app {:.0} -> {:.0} tps ({:.0}%)  p50 {:.1} -> {:.1} ms  p99 {:.1} -> {:.1} ms",
             run.rekey_rows_per_s,
             b.tps,
@@ -211,7 +218,7 @@ fn print_load(load: &LoadReport) {
             b.latency_ms_p99,
             d.latency_ms_p99
         );
-        println!(
+        out!(
             "    {:<18} WAL: rekey {:.0} B/row, {:.1} MiB/s; the cluster {:.1} MiB/s",
             "",
             run.rekey_wal_bytes_per_row,
@@ -219,7 +226,7 @@ fn print_load(load: &LoadReport) {
             mib(run.wal_bytes_per_s)
         );
         if let Some(c) = &run.checkpoints {
-            println!("    {:<18} checkpoints: {}", "", checkpoints_line(c));
+            out!("    {:<18} checkpoints: {}", "", checkpoints_line(c));
         }
     }
 }

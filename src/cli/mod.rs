@@ -10,6 +10,7 @@ mod args_values;
 pub mod bench;
 pub mod exit;
 pub mod keygen;
+pub mod out;
 pub mod plan;
 pub mod report;
 pub mod rewrap;
@@ -22,6 +23,7 @@ pub mod verify;
 
 use tokio_postgres::Client;
 
+use crate::cli::out::out;
 use crate::db::Database;
 use crate::job::JobSpec;
 use crate::state::Control;
@@ -147,5 +149,5 @@ pub fn default_lanes() -> usize {
 
 /// Prints one JSON object on stdout (`--json`).
 pub(crate) fn print_json(value: &serde_json::Value) {
-    println!("{value}");
+    out!("{value}");
 }

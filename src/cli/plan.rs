@@ -5,6 +5,7 @@
 use serde_json::json;
 
 use crate::cli::args::StatusArgs;
+use crate::cli::out::out;
 use crate::cli::{open, print_json, Opened};
 use crate::crypto::keyring::env;
 use crate::engine::plan;
@@ -63,12 +64,12 @@ pub async fn plan(args: &StatusArgs) -> Result<u8, Error> {
         }));
     } else {
         if chosen {
-            println!("{}: {} values to rewrite", job.name, to_rewrite);
+            out!("{}: {} values to rewrite", job.name, to_rewrite);
             for t in &job.targets {
-                println!("  {}: target {}", t.table, t.target_label());
+                out!("  {}: target {}", t.table, t.target_label());
             }
         } else {
-            println!(
+            out!(
                 "{}: no target key chosen yet ({prefix}_CURRENT_VERSION is not set): values per key version only",
                 job.name
             );
@@ -89,9 +90,13 @@ pub async fn plan(args: &StatusArgs) -> Result<u8, Error> {
             } else {
                 String::new()
             };
-            println!(
+            out!(
                 "  {}.{}: {} rows, {} NULL, {}{left}",
-                c.table, c.column, c.rows, c.nulls, keys
+                c.table,
+                c.column,
+                c.rows,
+                c.nulls,
+                keys
             );
         }
     }

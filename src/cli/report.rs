@@ -7,6 +7,7 @@ use serde_json::json;
 
 use crate::cli::args::{ReportArgs, ReportFormat, Who};
 use crate::cli::exit::EXIT_EVIDENCE_BROKEN;
+use crate::cli::out::{eout, out};
 use crate::cli::rotate::audit_of;
 use crate::cli::{open, print_json, Opened};
 use crate::lifecycle::evidence::{self, check::Checked, page};
@@ -18,21 +19,21 @@ fn tell(args: &ReportArgs, checked: &Checked) {
         print_json(&json!({ "ok": checked.ok(), "check": checked }));
         return;
     }
-    let out = |s: String| {
+    let say = |s: String| {
         if checked.ok() {
-            println!("{s}")
+            out!("{s}")
         } else {
-            eprintln!("rekey: {s}")
+            eout!("rekey: {s}")
         }
     };
     if let Some(b) = &checked.table_broken {
-        out(format!("audit chain broken in rekey.audit: {b}"));
+        say(format!("audit chain broken in rekey.audit: {b}"));
     }
     if let Some(b) = &checked.file_broken {
-        out(format!("audit chain broken in the JSON file: {b}"));
+        say(format!("audit chain broken in the JSON file: {b}"));
     }
     if checked.ok() && args.check {
-        println!(
+        out!(
             "audit chain of job {} intact: {} events in rekey.audit, {} in {}",
             checked.chain,
             checked.table_events,
@@ -104,7 +105,7 @@ pub async fn report(args: &ReportArgs) -> Result<u8, Error> {
         }));
     } else {
         for p in &written {
-            println!("wrote {}", p.display());
+            out!("wrote {}", p.display());
         }
     }
     Ok(code)

@@ -6,6 +6,7 @@
 use serde_json::json;
 
 use crate::cli::args::RewrapArgs;
+use crate::cli::out::out;
 use crate::cli::secrets::recorded;
 use crate::cli::{open, print_json};
 use crate::lifecycle::rotation::job_keys;
@@ -100,8 +101,8 @@ pub async fn rewrap(a: &RewrapArgs) -> Result<u8, Error> {
             "next": next,
         }));
     } else {
-        println!("{note}");
-        println!("next: {next}");
+        out!("{note}");
+        out!("next: {next}");
     }
     Ok(0)
 }

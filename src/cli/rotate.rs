@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::cli::args::{LifecycleArgs, RotateArgs, Who};
 use crate::cli::exit::{EXIT_LEFT_ON_OLD_KEYS, EXIT_STOPPED, EXIT_WAITING};
+use crate::cli::out::out;
 use crate::cli::{default_lanes, open, print_json, Opened};
 use crate::engine::pipeline::Settings;
 use crate::job::JobSpec;
@@ -72,7 +73,7 @@ pub(crate) fn report(life: &LifecycleArgs, spec: &JobSpec, p: &Progressed) -> u8
         print_json(&p.json(spec.name.as_deref().unwrap_or_default()));
     } else {
         for l in &p.lines {
-            println!("{l}");
+            out!("{l}");
         }
     }
     match p.ended {

@@ -8,6 +8,7 @@ use serde_json::json;
 
 use crate::cli::args::{OnlineArgs, RunArgs};
 use crate::cli::exit::{EXIT_LEFT_ON_OLD_KEYS, EXIT_QUARANTINED, EXIT_STOPPED, EXIT_WINDOW_ENDED};
+use crate::cli::out::out;
 use crate::cli::run_audit;
 use crate::cli::{default_lanes, open, print_json, Opened};
 use crate::control::monitor::{check_gate_sql, check_wal_signals, Signals};
@@ -271,7 +272,7 @@ fn print_text(args: &RunArgs, job: &Job, ran: &Ran) {
     } else {
         "rewrote"
     };
-    println!(
+    out!(
         "{}: {verb} {} values in {} rows ({} rows scanned, {} skipped, {} failed, {} conflicts) in {:.1}s, {:.0} rows/s",
         job.name,
         c.values_rewritten,
@@ -289,16 +290,16 @@ fn print_text(args: &RunArgs, job: &Job, ran: &Ran) {
             .iter()
             .map(|(k, h)| format!("{k} {:.1}s ({} times)", h.seconds, h.times))
             .collect();
-        println!("held by: {}", holds.join(", "));
+        out!("held by: {}", holds.join(", "));
     }
     if outcome.stopped {
-        println!("stopped on request after the batches in flight committed; run the same command again to resume");
+        out!("stopped on request after the batches in flight committed; run the same command again to resume");
     }
     if outcome.conflicts_left > 0 {
-        println!("{} rows kept changing under the run and were left as the application wrote them; run again to rotate them", outcome.conflicts_left);
+        out!("{} rows kept changing under the run and were left as the application wrote them; run again to rotate them", outcome.conflicts_left);
     }
     for b in &outcome.behind {
-        println!(
+        out!(
             "{} rows of {} hold a value on an old key that the run never read: written after it passed them \
              (is an application still writing under an old key, or were rows restored from a backup?); \
              once the application writes under the target key, run again to rotate them",
@@ -306,7 +307,7 @@ fn print_text(args: &RunArgs, job: &Job, ran: &Ran) {
         );
     }
     if ran.totals.values_not_rotated > 0 {
-        println!(
+        out!(
             "{} values were NOT rotated and are still under their old key: the database refused, undid or held locked rekey's write, \
              on the first try and again on a re-read (a trigger, a constraint, a row-level security policy, a rule, or a long transaction); \
              `rekey status` and SELECT reason, detail, pk_text FROM rekey.not_rotated WHERE job_id = {} say which; \
@@ -316,14 +317,14 @@ fn print_text(args: &RunArgs, job: &Job, ran: &Ran) {
         );
     }
     if ran.resumed {
-        println!(
+        out!(
             "resumed job {}: {} values rewritten in all",
             ran.job_id.unwrap_or_default(),
             ran.totals.values_rewritten
         );
     }
     if ran.totals.values_failed > 0 && !args.dry_run {
-        println!(
+        out!(
             "{} values could not be decrypted and were left untouched; see: SELECT * FROM rekey.quarantine WHERE job_id = {}",
             ran.totals.values_failed,
             ran.job_id.unwrap_or_default()

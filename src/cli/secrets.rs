@@ -9,6 +9,7 @@ use serde_json::json;
 use crate::cli::args::{
     InitArgs, KeyArgs, LifecycleArgs, PurgeArgs, RetireArgs, SecretsCommand, StatusArgs,
 };
+use crate::cli::out::out;
 use crate::cli::rotate::{report, rotate_options};
 use crate::cli::{default_lanes, open, print_json, resolve, Opened};
 use crate::crypto::keyring::{generate_material, Key};
@@ -121,7 +122,7 @@ fn said(life: &LifecycleArgs, event: &str, applied: &Applied, note: &str) {
             &json!({ "event": event, "changed": applied.changed, "note": note, "instructions": applied.instructions }),
         );
     } else {
-        println!(
+        out!(
             "{note}{}",
             if applied.changed {
                 ""
@@ -130,7 +131,7 @@ fn said(life: &LifecycleArgs, event: &str, applied: &Applied, note: &str) {
             }
         );
         for i in &applied.instructions {
-            println!("  {i}");
+            out!("  {i}");
         }
     }
 }
@@ -162,7 +163,7 @@ async fn init(a: &InitArgs) -> Result<u8, Error> {
     };
     let ids: Vec<_> = table.entries.iter().map(|e| e.id).collect();
     let created = Store::create(&keys, table).await?;
-    println!("created {created} with keys {ids:?}");
+    out!("created {created} with keys {ids:?}");
     Ok(0)
 }
 
@@ -181,12 +182,12 @@ async fn adopt(life: &LifecycleArgs, keys: &KeysSpec) -> Result<u8, Error> {
     if life.common.json {
         print_json(&json!({ "adopted": store.secret_id(), "layout": layout, "keys": info }));
     } else {
-        println!(
+        out!(
             "adopted {} as it is ({layout}); nothing was written",
             store.secret_id()
         );
         for k in &info {
-            println!(
+            out!(
                 "  key {:>3}  {:<9}  fingerprint {}  created {}",
                 k.id,
                 k.state.to_string(),
@@ -206,7 +207,7 @@ async fn show(life: &StatusArgs) -> Result<u8, Error> {
     if life.common.json {
         print_json(&json!({ "secret_id": store.secret_id(), "keys": info }));
     } else {
-        println!("{}", store.secret_id());
+        out!("{}", store.secret_id());
         for k in &info {
             let mut state = if k.archived {
                 "retired (archived)".to_string()
@@ -216,9 +217,13 @@ async fn show(life: &StatusArgs) -> Result<u8, Error> {
             if k.compromised {
                 state.push_str(", COMPROMISED");
             }
-            println!(
+            out!(
                 "  key {:>3}  {:<18}  fingerprint {:<8}  created {}  state since {}",
-                k.id, state, k.fingerprint, k.created_at, k.changed_at
+                k.id,
+                state,
+                k.fingerprint,
+                k.created_at,
+                k.changed_at
             );
         }
     }

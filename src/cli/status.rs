@@ -4,6 +4,7 @@
 use serde_json::json;
 
 use crate::cli::args::StatusArgs;
+use crate::cli::out::out;
 use crate::cli::{open, print_json, Opened};
 use crate::state::{self, Control, JobState};
 use crate::Error;
@@ -24,7 +25,7 @@ pub async fn control(args: &StatusArgs, to: Control) -> Result<u8, Error> {
     if args.common.json {
         print_json(&json!({ "job": name, "control": to.as_str() }));
     } else {
-        println!("{name}: {said}");
+        out!("{name}: {said}");
     }
     Ok(0)
 }
@@ -42,14 +43,14 @@ pub async fn status(args: &StatusArgs) -> Result<u8, Error> {
         if args.common.json {
             print_json(&json!({ "job": name, "state": "never run" }));
         } else {
-            println!("{name}: never run on this database");
+            out!("{name}: never run on this database");
         }
         return Ok(0);
     };
     if args.common.json {
         print_json(&serde_json::to_value(&s).unwrap_or_default());
     } else {
-        println!(
+        out!(
             "{} (job {}): {}, {}/{} ranges done, {} rows scanned, {} values rewritten, {} failed (quarantined: {}), {} conflicts; started {}, last checkpoint {}{}",
             s.name,
             s.job_id,
@@ -72,14 +73,14 @@ pub async fn status(args: &StatusArgs) -> Result<u8, Error> {
                 .map(|(r, n)| format!("{n} {r} ({})", not_rotated_because(r)))
                 .collect::<Vec<_>>()
                 .join(", ");
-            println!(
+            out!(
                 "  {} values NOT rotated, still under their old key: {why}; \
                  see SELECT reason, detail, pk_text FROM rekey.not_rotated WHERE job_id = {}",
                 s.values_not_rotated, s.job_id
             );
         }
         if s.conflicts_left > 0 {
-            println!(
+            out!(
                 "  {} rows still changing under the runs, left for the next run to re-read",
                 s.conflicts_left
             );
@@ -91,11 +92,11 @@ pub async fn status(args: &StatusArgs) -> Result<u8, Error> {
                 Control::Run => "",
             };
             match s.workers.len() {
-                0 => println!(
+                0 => out!(
                     "  not being run by any process now{control} (the last one stopped, or was killed): \
                      `rekey run` with the same job file resumes it"
                 ),
-                n => println!(
+                n => out!(
                     "  being run by {n} process{}{control}: {}",
                     if n == 1 { "" } else { "es" },
                     s.workers.join(", ")

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use crate::cli::args::VerifyArgs;
 use crate::cli::exit::EXIT_LEFT_ON_OLD_KEYS;
+use crate::cli::out::out;
 use crate::cli::{default_lanes, open, print_json, Opened};
 use crate::engine::verify::{self, Depth, VerifyMode};
 use crate::job::Job;
@@ -29,7 +30,7 @@ pub async fn verify(args: &VerifyArgs) -> Result<u8, Error> {
     if args.common.json {
         print_json(&serde_json::to_value(&v).unwrap_or_default());
     } else {
-        println!(
+        out!(
             "{}: {} values: {} on the target key, {} on old keys, {} undecryptable ({})",
             job.name,
             v.values_total,
@@ -51,15 +52,18 @@ pub async fn verify(args: &VerifyArgs) -> Result<u8, Error> {
                 .map(|(k, n)| format!("{k}={n}"))
                 .collect::<Vec<_>>()
                 .join(" ");
-            println!("  {col}: {list}");
+            out!("  {col}: {list}");
         }
         for f in v.failures.iter().take(20) {
-            println!(
+            out!(
                 "  cannot decrypt {}.{} at key {}: {}",
-                f.table, f.column, f.key, f.error
+                f.table,
+                f.column,
+                f.key,
+                f.error
             );
         }
-        println!(
+        out!(
             "{}",
             match (v.verified, v.mode) {
                 (true, VerifyMode::Full) => "verified: every value decrypted, nothing left on an old key".to_string(),

@@ -110,7 +110,10 @@ impl Drop for LogsAbove {
 }
 
 /// Stderr, around the bar being drawn. The formatter writes each event
-/// whole in one `write_all`, so a line is never split by a redraw.
+/// whole in one `write_all`, so a line is never split by a redraw. A line
+/// stderr does not take (a closed pipe, a full disk) is dropped: there is
+/// nowhere to say so, and an error returned here would make
+/// tracing-subscriber report it with `eprintln!`, which panics.
 struct ToStderr;
 
 impl Write for ToStderr {
@@ -119,15 +122,16 @@ impl Write for ToStderr {
             .lock()
             .ok()
             .and_then(|shown| shown.as_ref().map(|(_, bar)| bar.clone()));
-        match bar {
-            Some(bar) => bar.suspend(|| std::io::stderr().write_all(buf))?,
-            None => std::io::stderr().write_all(buf)?,
-        }
+        let _dropped = match bar {
+            Some(bar) => bar.suspend(|| std::io::stderr().write_all(buf)),
+            None => std::io::stderr().write_all(buf),
+        };
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        std::io::stderr().flush()
+        let _dropped = std::io::stderr().flush();
+        Ok(())
     }
 }
 

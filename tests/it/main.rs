@@ -7,6 +7,7 @@ mod archive;
 mod aws;
 mod bench_report;
 mod by_hand;
+mod closed_output;
 mod completeness;
 mod config;
 mod control;
