@@ -140,6 +140,26 @@ async fn bad_hex_names_the_variable() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_hex_key_with_a_typo_names_the_character_not_a_byte_count() {
+    let (db, dir) = patients().await;
+    let job = job_with(&dir, &db, GOOD);
+    let typo = format!("{}g{}", &K2[..16], &K2[17..]);
+    let env = vec![
+        ("ENCRYPTION_KEY_V1", K1.to_string()),
+        ("ENCRYPTION_KEY_V2", typo.clone()),
+        ("ENCRYPTION_CURRENT_VERSION", "2".to_string()),
+    ];
+    let needle = "ENCRYPTION_KEY_V2 is not hex: character 17 is not a hex digit";
+    assert_refused(&db, &job, &env, needle).await;
+    let said = printed(&rekey(&["run", "--job", &job], &env));
+    assert!(!said.contains("bytes"), "{said}");
+    for part in typo.as_bytes().windows(6) {
+        let part = std::str::from_utf8(part).unwrap();
+        assert!(!said.contains(part), "a part of the key in: {said}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn resuming_with_a_changed_job_file_is_refused() {
     let (db, dir) = patients().await;
     let job = job_with(&dir, &db, GOOD);

@@ -34,6 +34,13 @@ pub enum KeyParseError {
     /// The value is wrapped in quotes (as some env files and shells leave it).
     #[error("is wrapped in quotes: set it to the key itself (64 hex characters or base64), without the quotes")]
     Quoted,
+    /// The value has a hex key's 64 characters, all but a few of them hex
+    /// digits: a typo (base64 of 32 bytes is 43 or 44 characters, never 64).
+    #[error("is not hex: {}; a hex key is 64 digits 0-9 and a-f: correct {} where the key is kept, or copy it again from its source", not_hex_digits(positions), if positions.len() == 1 { "it" } else { "them" })]
+    NotHex {
+        /// Where the characters that are not hex digits are, counted from 1.
+        positions: Vec<usize>,
+    },
     /// The value decodes, but not to 32 bytes.
     #[error("decodes to {got} bytes; a key must be exactly 32 bytes (64 hex characters)")]
     WrongLength {
@@ -74,6 +81,8 @@ impl Key {
                 Zeroizing::new(
                     hex::decode(text).map_err(|_| KeyParseError::Malformed { len: text.len() })?,
                 )
+            } else if let Some(positions) = hex_typos(text) {
+                return Err(KeyParseError::NotHex { positions });
             } else {
                 decode_base64_any(text).ok_or(KeyParseError::Malformed {
                     len: text.chars().count(),
@@ -112,6 +121,42 @@ impl fmt::Debug for Key {
             .field("id", &self.id)
             .field("fingerprint", &self.fingerprint())
             .finish()
+    }
+}
+
+/// The most characters that may not be hex digits in a value of a hex
+/// key's length for it to read as hex with typos, not as something else.
+/// (Of 64 random base64 characters, about 42 are not hex digits.)
+const TYPOS_AT_MOST: usize = 8;
+
+/// Where a value of a hex key's length, all but a few of whose characters
+/// are hex digits, has characters that are not (counted from 1); `None`
+/// for any other value.
+fn hex_typos(text: &str) -> Option<Vec<usize>> {
+    if text.chars().count() != 2 * KEY_LEN {
+        return None;
+    }
+    let positions: Vec<usize> = text
+        .chars()
+        .enumerate()
+        .filter(|(_, c)| !c.is_ascii_hexdigit())
+        .map(|(i, _)| i + 1)
+        .collect();
+    (!positions.is_empty() && positions.len() <= TYPOS_AT_MOST).then_some(positions)
+}
+
+/// "character 17 is not a hex digit", "characters 3, 17 and 40 are not hex digits".
+fn not_hex_digits(positions: &[usize]) -> String {
+    match positions {
+        [one] => format!("character {one} is not a hex digit"),
+        [first @ .., last] => {
+            let first: Vec<String> = first.iter().map(usize::to_string).collect();
+            format!(
+                "characters {} and {last} are not hex digits",
+                first.join(", ")
+            )
+        }
+        [] => "every character is a hex digit".into(),
     }
 }
 
@@ -334,6 +379,39 @@ mod tests {
     }
 
     #[test]
+    fn a_hex_key_with_typos_names_their_positions_and_nothing_of_the_key() {
+        let typos = format!("{}g{}-{}", &HEX[..2], &HEX[3..40], &HEX[41..]);
+        let err = Key::parse(1, &typos).unwrap_err();
+        assert_eq!(
+            err,
+            KeyParseError::NotHex {
+                positions: vec![3, 41]
+            }
+        );
+        let shown = err.to_string();
+        assert!(
+            shown.starts_with("is not hex: characters 3 and 41 are not hex digits"),
+            "{shown}"
+        );
+        for part in typos.as_bytes().windows(4) {
+            assert!(
+                !shown.contains(std::str::from_utf8(part).unwrap()),
+                "{shown}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_64_character_value_mostly_not_hex_is_still_measured_as_base64() {
+        let b64 = base64::engine::general_purpose::STANDARD.encode([0xa5u8; 48]);
+        assert_eq!(b64.len(), 64);
+        assert_eq!(
+            Key::parse(1, &b64).unwrap_err(),
+            KeyParseError::WrongLength { got: 48 }
+        );
+    }
+
+    #[test]
     fn refuses_base64_of_the_wrong_length() {
         assert_eq!(
             Key::parse(1, "AAAA").unwrap_err(),
@@ -380,6 +458,10 @@ mod tests {
                 Ok(key) => proptest::prop_assert_eq!(key.material().len(), KEY_LEN),
                 Err(KeyParseError::Malformed { len }) => proptest::prop_assert_eq!(len, text.trim().chars().count()),
                 Err(KeyParseError::WrongLength { got }) => proptest::prop_assert_ne!(got, KEY_LEN),
+                Err(KeyParseError::NotHex { positions }) => {
+                    proptest::prop_assert_eq!(text.trim().chars().count(), 2 * KEY_LEN);
+                    proptest::prop_assert!(!positions.is_empty());
+                }
                 Err(KeyParseError::Quoted) => proptest::prop_assert!(text.trim().starts_with(['"', '\''])),
             }
         }
