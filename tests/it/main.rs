@@ -17,6 +17,7 @@ mod inputs;
 mod interop;
 mod json_errors;
 mod key_hierarchy;
+mod keyring_file;
 mod lanes;
 mod layouts;
 mod libpq;

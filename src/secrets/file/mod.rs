@@ -29,7 +29,7 @@ use base64::Engine as _;
 use ring::aead::LessSafeKey;
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::keyring::Key;
+use crate::crypto::keyring::{Key, KeyId};
 use crate::crypto::keytable::{KeyState, KeyTable, StoredKey};
 
 use seal::{derive, open_key, seal_key, Kdf, Unopened};
@@ -49,16 +49,28 @@ pub enum FileKeyringError {
         #[source]
         source: std::io::Error,
     },
-    /// Not a keyring file, or damaged.
-    #[error("keyring file {path} is not a rekey keyring: {problem}")]
+    /// Not a keyring file, or damaged so that it does not parse.
+    #[error("keyring file {path} is damaged or not a rekey keyring: {problem}")]
     Malformed {
         /// The file.
         path: PathBuf,
         /// What is wrong.
         problem: String,
     },
-    /// The passphrase does not open the keys.
-    #[error("wrong passphrase for keyring file {path}: check {var}; nothing was changed")]
+    /// Some sealed keys do not open with the passphrase that opens another:
+    /// the file was damaged or altered (one passphrase seals them all).
+    #[error("keyring file {path} is damaged: the sealed material of {} does not open with the passphrase that opens key {opened}, so it was corrupted or altered after rekey wrote it; nothing was changed: restore the file from a backup (a keyring file's .bak holds the version before its last save, which may lack the newest key)", key_list(keys))]
+    Altered {
+        /// The file holding the keys that do not open.
+        path: PathBuf,
+        /// The keys that do not open.
+        keys: Vec<KeyId>,
+        /// A key that opens.
+        opened: KeyId,
+    },
+    /// No sealed key opens: a wrong passphrase, or an alteration of the
+    /// sealed keys, salt or parameters, which AES-GCM cannot tell apart.
+    #[error("keyring file {path} does not open: wrong passphrase in {var}, or its sealed keys or key derivation were altered after rekey wrote it (the format cannot tell the two apart); check {var}; nothing was changed")]
     WrongPassphrase {
         /// The file.
         path: PathBuf,
@@ -113,6 +125,72 @@ impl std::fmt::Debug for KeyringFile {
     }
 }
 
+/// "key 2", "keys 2 and 3", "keys 2, 3 and 4".
+fn key_list(ids: &[KeyId]) -> String {
+    match ids {
+        [one] => format!("key {one}"),
+        [first @ .., last] => {
+            let first: Vec<String> = first.iter().map(KeyId::to_string).collect();
+            format!("keys {} and {last}", first.join(", "))
+        }
+        [] => "no key".into(),
+    }
+}
+
+/// What opening a file's sealed keys (and its archive's) found.
+#[derive(Default)]
+struct Seen {
+    /// The first key that opened.
+    opened: Option<KeyId>,
+    /// The keys the key-encryption key did not open, with the file each is in.
+    refused: Vec<(PathBuf, KeyId)>,
+}
+
+impl Seen {
+    /// Refused keys beside one that opened are damage; with none that
+    /// opened, the passphrase (or an alteration it cannot be told from).
+    fn verdict(&self, var: &str) -> Result<(), FileKeyringError> {
+        let Some((at, _)) = self.refused.first() else {
+            return Ok(());
+        };
+        Err(match self.opened {
+            Some(opened) => FileKeyringError::Altered {
+                path: at.clone(),
+                keys: self
+                    .refused
+                    .iter()
+                    .filter(|(p, _)| p == at)
+                    .map(|(_, id)| *id)
+                    .collect(),
+                opened,
+            },
+            None => FileKeyringError::WrongPassphrase {
+                path: at.clone(),
+                var: var.to_string(),
+            },
+        })
+    }
+}
+
+/// Reads and parses a keyring file (or its archive). Bytes that are not
+/// JSON, text included, are damage: they are never quoted.
+fn read_document(path: &Path) -> Result<Document, FileKeyringError> {
+    let bytes = fs::read(path).map_err(io(path))?;
+    // serde's messages can quote the input; say only where it broke.
+    serde_json::from_slice(&bytes).map_err(|e| FileKeyringError::Malformed {
+        path: path.to_path_buf(),
+        problem: if e.is_eof() {
+            format!(
+                "it ends before its JSON does, at line {} column {} (truncated)",
+                e.line(),
+                e.column()
+            )
+        } else {
+            format!("invalid JSON at line {} column {}", e.line(), e.column())
+        },
+    })
+}
+
 fn io(path: &Path) -> impl Fn(std::io::Error) -> FileKeyringError + '_ {
     move |source| FileKeyringError::Io {
         path: path.to_path_buf(),
@@ -150,19 +228,16 @@ impl KeyringFile {
         Ok(file)
     }
 
-    /// Opens a keyring file. A wrong passphrase is refused before anything else happens.
+    /// Opens a keyring file, with its archive. Every sealed key is tried
+    /// before any is judged: a file that does not parse, or some of whose
+    /// keys do not open where another does, is damaged; one none of whose
+    /// keys opens has a wrong passphrase (or was altered).
     pub fn open(
         path: &Path,
         passphrase: &[u8],
         passphrase_var: &str,
     ) -> Result<Self, FileKeyringError> {
-        let text = fs::read_to_string(path).map_err(io(path))?;
-        // serde's messages can quote the input; say only where it broke.
-        let doc: Document =
-            serde_json::from_str(&text).map_err(|e| FileKeyringError::Malformed {
-                path: path.to_path_buf(),
-                problem: format!("invalid JSON at line {} column {}", e.line(), e.column()),
-            })?;
+        let doc = read_document(path)?;
         if doc.format != FORMAT {
             return Err(FileKeyringError::Malformed {
                 path: path.to_path_buf(),
@@ -170,20 +245,25 @@ impl KeyringFile {
             });
         }
         let kek = derive(path, passphrase, &doc.kdf)?;
-        let open = |k: &StoredKey, at: &Path| -> Result<Option<Key>, FileKeyringError> {
+        let mut seen = Seen::default();
+        let mut open = |k: &StoredKey, at: &Path| -> Result<Option<Key>, FileKeyringError> {
             let Some(sealed) = &k.material else {
                 return Ok(None);
             };
-            open_key(&kek, k.id, sealed).map(Some).map_err(|e| match e {
-                Unopened::Damaged(problem) => FileKeyringError::Malformed {
+            match open_key(&kek, k.id, sealed) {
+                Ok(key) => {
+                    seen.opened.get_or_insert(k.id);
+                    Ok(Some(key))
+                }
+                Err(Unopened::Damaged(problem)) => Err(FileKeyringError::Malformed {
                     path: at.to_path_buf(),
                     problem: format!("key {}: {problem}", k.id),
-                },
-                Unopened::Refused => FileKeyringError::WrongPassphrase {
-                    path: at.to_path_buf(),
-                    var: passphrase_var.to_string(),
-                },
-            })
+                }),
+                Err(Unopened::Refused) => {
+                    seen.refused.push((at.to_path_buf(), k.id));
+                    Ok(None)
+                }
+            }
         };
         let mut table = KeyTable::default();
         for k in doc.keys {
@@ -193,13 +273,7 @@ impl KeyringFile {
         let archive = archive_path(path);
         let mut archived_on_disk = Vec::new();
         if archive.exists() {
-            let text = fs::read_to_string(&archive).map_err(io(&archive))?;
-            let doc: Document =
-                serde_json::from_str(&text).map_err(|e| FileKeyringError::Malformed {
-                    path: archive.clone(),
-                    problem: format!("invalid JSON at line {} column {}", e.line(), e.column()),
-                })?;
-            for k in doc.keys {
+            for k in read_document(&archive)?.keys {
                 let key = open(&k, &archive)?;
                 if let Some(e) = table
                     .entries
@@ -211,6 +285,7 @@ impl KeyringFile {
                 archived_on_disk.push(k);
             }
         }
+        seen.verdict(passphrase_var)?;
         Ok(KeyringFile {
             path: path.to_path_buf(),
             kdf: doc.kdf,

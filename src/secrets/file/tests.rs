@@ -250,3 +250,31 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn an_archived_key_that_does_not_open_where_the_file_s_keys_do_is_damage_in_the_archive() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    let mut with_retired = table();
+    with_retired.entries.push(Entry {
+        id: 2,
+        state: KeyState::Retired,
+        created_at: 50,
+        changed_at: 90,
+        key: Some(Key::new(2, [8; 32])),
+        compromised: false,
+    });
+    KeyringFile::create(&path, b"pw", with_retired).unwrap();
+    let archive = archive_path(&path);
+    let text = fs::read_to_string(&archive).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let sealed = doc["keys"][0]["material"].as_str().unwrap();
+    let mut altered = B64.decode(sealed).unwrap();
+    altered[20] ^= 1;
+    fs::write(&archive, text.replace(sealed, &B64.encode(altered))).unwrap();
+    let err = KeyringFile::open(&path, b"pw", "P").unwrap_err();
+    assert!(
+        matches!(&err, FileKeyringError::Altered { path, keys, opened: 1 } if *path == archive && keys == &[2]),
+        "{err:?}"
+    );
+}

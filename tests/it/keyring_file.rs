@@ -1,0 +1,114 @@
+//! A keyring file as it may be found on disk: truncated, with a corrupted
+//! byte, a sealed key altered. Each is refused (exit 2, nothing changed)
+//! with a message that says what the format can tell: a file that does not
+//! parse, or whose keys open only in part, is damaged; a well-formed file
+//! none of whose keys opens has a wrong passphrase, or was altered.
+
+use rekey::crypto::keyring::Key;
+use rekey::secrets::file::KeyringFile;
+
+use crate::harness::*;
+
+/// 100 patients and a job over them whose keys are in a keyring file
+/// (key 1, current); returns the job file and the keyring file.
+async fn patients_with_a_keyring_file() -> (TestDb, tempfile::TempDir, String, std::path::PathBuf) {
+    let db = TestDb::new().await;
+    db.seed_patients(100).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    (db, dir, job, keyring)
+}
+
+/// Runs the job with the keyring's passphrase in `env`; expects exit 2, no
+/// row changed, and what it said.
+async fn refused(db: &TestDb, job: &str, env: &[(&str, String)]) -> String {
+    let before = db.checksum("patient_persons").await;
+    let out = rekey(&["run", "--job", job], env);
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert_eq!(db.checksum("patient_persons").await, before);
+    stderr(&out)
+}
+
+/// Rewrites the keyring file's bytes with `change`, keeping its permissions.
+fn damage(keyring: &std::path::Path, change: impl FnOnce(&mut Vec<u8>)) {
+    let mut bytes = std::fs::read(keyring).unwrap();
+    change(&mut bytes);
+    std::fs::write(keyring, bytes).unwrap();
+}
+
+/// The sealed material of key `id` as the keyring file holds it.
+fn sealed_material(keyring: &std::path::Path, id: u64) -> String {
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(keyring).unwrap()).unwrap();
+    let keys = doc["keys"].as_array().unwrap();
+    let key = keys.iter().find(|k| k["id"] == id).unwrap();
+    key["material"].as_str().unwrap().to_string()
+}
+
+/// `sealed` with one base64 character changed: still base64 of the same
+/// length, but not what was sealed.
+fn altered(sealed: &str) -> String {
+    let mut chars: Vec<char> = sealed.chars().collect();
+    chars[10] = if chars[10] == 'A' { 'B' } else { 'A' };
+    chars.into_iter().collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_truncated_keyring_file_is_damaged_not_a_wrong_passphrase() {
+    let (db, _dir, job, keyring) = patients_with_a_keyring_file().await;
+    damage(&keyring, |b| b.truncate(b.len() / 2));
+    let said = refused(&db, &job, &keyring_pass_env()).await;
+    assert!(said.contains("is damaged"), "{said}");
+    assert!(said.contains("truncated"), "{said}");
+    assert!(!said.contains("passphrase"), "{said}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keyring_file_with_a_byte_that_is_not_text_is_damaged_not_unreadable() {
+    let (db, _dir, job, keyring) = patients_with_a_keyring_file().await;
+    damage(&keyring, |b| {
+        let middle = b.len() / 2;
+        b[middle] = 0xff;
+    });
+    let said = refused(&db, &job, &keyring_pass_env()).await;
+    assert!(said.contains("is damaged"), "{said}");
+    assert!(!said.contains("passphrase"), "{said}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sealed_key_altered_beside_one_that_opens_is_damage_not_a_wrong_passphrase() {
+    let (db, _dir, job, keyring) = patients_with_a_keyring_file().await;
+    let mut file = KeyringFile::open(&keyring, KEYRING_PASS.as_bytes(), "P").unwrap();
+    file.table.stage(Key::parse(2, K2).unwrap(), 2).unwrap();
+    file.save().unwrap();
+    let sealed = sealed_material(&keyring, 2);
+    let text = std::fs::read_to_string(&keyring).unwrap();
+    std::fs::write(&keyring, text.replace(&sealed, &altered(&sealed))).unwrap();
+    let said = refused(&db, &job, &keyring_pass_env()).await;
+    assert!(said.contains("is damaged"), "{said}");
+    assert!(said.contains("key 2"), "{said}");
+    assert!(!said.contains("wrong passphrase"), "{said}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keyring_file_no_key_of_which_opens_says_wrong_passphrase_or_altered() {
+    let (db, _dir, job, keyring) = patients_with_a_keyring_file().await;
+    let wrong = vec![("REKEY_KEYRING_PASSPHRASE", "Tr0ub4dor&3".to_string())];
+    let sealed = sealed_material(&keyring, 1);
+    let text = std::fs::read_to_string(&keyring).unwrap();
+    for (what, env) in [
+        ("a wrong passphrase", wrong),
+        ("its one key altered", keyring_pass_env()),
+    ] {
+        if what == "its one key altered" {
+            std::fs::write(&keyring, text.replace(&sealed, &altered(&sealed))).unwrap();
+        }
+        let said = refused(&db, &job, &env).await;
+        assert!(
+            said.contains("wrong passphrase in REKEY_KEYRING_PASSPHRASE, or"),
+            "{what}: {said}"
+        );
+        assert!(said.contains("altered"), "{what}: {said}");
+        assert!(said.contains("REKEY_KEYRING_PASSPHRASE"), "{what}: {said}");
+    }
+}
