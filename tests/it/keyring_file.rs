@@ -1,8 +1,13 @@
 //! A keyring file as it may be found on disk: truncated, with a corrupted
-//! byte, a sealed key altered. Each is refused (exit 2, nothing changed)
-//! with a message that says what the format can tell: a file that does not
-//! parse, or whose keys open only in part, is damaged; a well-formed file
-//! none of whose keys opens has a wrong passphrase, or was altered.
+//! byte, a sealed key altered, open to other users. Each is refused (exit 2,
+//! nothing changed) with a message that says what the format can tell: a
+//! file that does not parse, or whose keys open only in part, is damaged; a
+//! well-formed file none of whose keys opens has a wrong passphrase, or was
+//! altered; a file group or others may read is refused as ssh refuses such
+//! a private key, naming the `chmod` that fixes it. rekey writes its own
+//! keyring files for their owner alone.
+
+use std::os::unix::fs::PermissionsExt;
 
 use rekey::crypto::keyring::Key;
 use rekey::secrets::file::KeyringFile;
@@ -111,4 +116,44 @@ async fn a_keyring_file_no_key_of_which_opens_says_wrong_passphrase_or_altered()
         assert!(said.contains("altered"), "{what}: {said}");
         assert!(said.contains("REKEY_KEYRING_PASSPHRASE"), "{what}: {said}");
     }
+}
+
+/// The permission bits of `path`.
+fn mode(path: &std::path::Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keyring_file_group_or_others_may_read_is_refused_naming_the_chmod_that_fixes_it() {
+    let (db, _dir, job, keyring) = patients_with_a_keyring_file().await;
+    for open in [0o640, 0o604, 0o660, 0o644] {
+        std::fs::set_permissions(&keyring, std::fs::Permissions::from_mode(open)).unwrap();
+        let said = refused(&db, &job, &keyring_pass_env()).await;
+        let fix = format!("chmod 600 {}", keyring.display());
+        assert!(said.contains(&fix), "{open:o}: {said}");
+    }
+    std::fs::set_permissions(&keyring, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = rekey(&["run", "--job", &job], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keyring_files_rekey_writes_are_its_owners_alone_whatever_the_umask() {
+    let (_db, _dir, job, keyring) = patients_with_a_keyring_file().await;
+    std::fs::remove_file(&keyring).unwrap();
+    for step in ["init", "stage"] {
+        let out = std::process::Command::new("sh")
+            .args(["-c", "umask 000; exec \"$0\" secrets \"$1\" --job \"$2\""])
+            .args([env!("CARGO_BIN_EXE_rekey"), step, &job])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(keyring_pass_env())
+            .output()
+            .expect("run rekey through sh");
+        assert!(out.status.success(), "{step}: {}", printed(&out));
+    }
+    let backup = keyring.with_extension("bak");
+    assert!(backup.exists(), "stage saved no backup");
+    assert_eq!(mode(&keyring), 0o600);
+    assert_eq!(mode(&backup), 0o600);
 }

@@ -85,13 +85,13 @@ pub(super) fn sync_dir(path: &Path) -> Result<(), FileKeyringError> {
 /// Writes `bytes` beside `path` (owner-only, synced); returns the temporary path.
 pub fn write_pending(path: &Path, bytes: &[u8]) -> Result<PathBuf, FileKeyringError> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    restrict(&f);
+    let mut options = OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut f = options.open(&tmp).map_err(io(&tmp))?;
+    // a file left by an earlier process of the same id keeps its mode
+    restrict(&f).map_err(io(&tmp))?;
     f.write_all(bytes).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;
     Ok(tmp)
@@ -118,8 +118,15 @@ pub fn commit(path: &Path, tmp: &Path, scrub_backup: bool) -> Result<(), FileKey
     sync_dir(path)
 }
 
-/// Owner-only permissions for files holding sealed keys (Unix).
-pub(super) fn restrict(f: &File) {
-    use std::os::unix::fs::PermissionsExt;
-    let _ = f.set_permissions(fs::Permissions::from_mode(0o600));
+/// Owner-only permissions for files holding sealed keys (Unix): opening
+/// refuses any other ([`super::KeyringFile::open`]).
+fn restrict(f: &File) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(fs::Permissions::from_mode(0o600))?;
+    }
+    #[cfg(not(unix))]
+    let _ = f;
+    Ok(())
 }

@@ -77,6 +77,15 @@ pub enum FileKeyringError {
         /// The variable the passphrase came from.
         var: String,
     },
+    /// Group or others may read or write the file (Unix): refused, as ssh
+    /// refuses such a private key, before anything is read from it.
+    #[error("keyring file {path} is open to group or others (mode {mode:03o}), and it holds sealed keys: make it its owner's alone with `chmod 600 {path}`, then run the command again; nothing was changed")]
+    OpenToOthers {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// No passphrase given.
     #[error("keyring file {path} needs its passphrase in {var}")]
     NoPassphrase {
@@ -172,9 +181,29 @@ impl Seen {
     }
 }
 
-/// Reads and parses a keyring file (or its archive). Bytes that are not
-/// JSON, text included, are damage: they are never quoted.
+/// Refuses a file group or others may read or write (Unix only: elsewhere
+/// nothing is checked). rekey writes its files for their owner alone
+/// ([`write_pending`]).
+fn refuse_open_to_others(path: &Path) -> Result<(), FileKeyringError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(path).map_err(io(path))?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(FileKeyringError::OpenToOthers {
+                path: path.to_path_buf(),
+                mode,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Reads and parses a keyring file (or its archive), refusing one open to
+/// others. Bytes that are not JSON, text included, are damage: they are
+/// never quoted.
 fn read_document(path: &Path) -> Result<Document, FileKeyringError> {
+    refuse_open_to_others(path)?;
     let bytes = fs::read(path).map_err(io(path))?;
     // serde's messages can quote the input; say only where it broke.
     serde_json::from_slice(&bytes).map_err(|e| FileKeyringError::Malformed {

@@ -18,6 +18,13 @@ fn table() -> KeyTable {
     }
 }
 
+/// Writes `bytes` as a keyring file, its owner's alone, as rekey writes one.
+fn write_owner_only(path: &Path, bytes: impl AsRef<[u8]>) {
+    use std::os::unix::fs::PermissionsExt;
+    fs::write(path, bytes).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 #[test]
 fn saves_and_reopens_with_the_same_keys() {
     let dir = tempfile::tempdir().unwrap();
@@ -128,7 +135,7 @@ fn absurd_kdf_parameters_are_refused_before_any_memory_is_taken() {
         (8, u32::MAX, 1),
         (8 * (1 << 20), 1, 1 << 20),
     ] {
-        fs::write(&path, document_asking_for(m, t, p)).unwrap();
+        write_owner_only(&path, document_asking_for(m, t, p));
         let err = KeyringFile::open(&path, b"pw", "P").unwrap_err();
         assert!(matches!(err, FileKeyringError::Malformed { .. }), "{err:?}");
         assert!(
@@ -226,7 +233,7 @@ proptest! {
     fn arbitrary_bytes_in_a_keyring_file_give_a_typed_error(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys.json");
-        fs::write(&path, &bytes).unwrap();
+        write_owner_only(&path, &bytes);
         let err = KeyringFile::open(&path, b"pw", "P").err();
         prop_assert!(matches!(err, Some(FileKeyringError::Io { .. } | FileKeyringError::Malformed { .. })), "{:?}", err);
     }
@@ -235,7 +242,7 @@ proptest! {
     fn keyring_shaped_documents_open_or_give_a_typed_error_without_material(doc in document()) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys.json");
-        fs::write(&path, doc.to_string()).unwrap();
+        write_owner_only(&path, doc.to_string());
         match KeyringFile::open(&path, b"pw", "P") {
             // Random sealed material never opens; only documents without any can.
             Ok(file) => prop_assert!(file.table.entries.iter().all(|e| e.key.is_none())),
@@ -275,6 +282,50 @@ fn an_archived_key_that_does_not_open_where_the_file_s_keys_do_is_damage_in_the_
     let err = KeyringFile::open(&path, b"pw", "P").unwrap_err();
     assert!(
         matches!(&err, FileKeyringError::Altered { path, keys, opened: 1 } if *path == archive && keys == &[2]),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn a_keyring_file_group_or_others_may_read_or_write_is_refused_before_it_is_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    KeyringFile::create(&path, b"pw", table()).unwrap();
+    for open in [0o640, 0o620, 0o604, 0o602, 0o660, 0o666] {
+        fs::set_permissions(&path, fs::Permissions::from_mode(open)).unwrap();
+        let err = KeyringFile::open(&path, b"wrong", "P").unwrap_err();
+        assert!(
+            matches!(err, FileKeyringError::OpenToOthers { mode, .. } if mode == open),
+            "{open:o}: {err:?}"
+        );
+    }
+    for owners in [0o600, 0o400] {
+        fs::set_permissions(&path, fs::Permissions::from_mode(owners)).unwrap();
+        assert!(KeyringFile::open(&path, b"pw", "P").is_ok(), "{owners:o}");
+    }
+}
+
+#[test]
+fn an_archive_group_or_others_may_read_is_refused_too() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    let mut with_retired = table();
+    with_retired.entries.push(Entry {
+        id: 2,
+        state: KeyState::Retired,
+        created_at: 50,
+        changed_at: 90,
+        key: Some(Key::new(2, [8; 32])),
+        compromised: false,
+    });
+    KeyringFile::create(&path, b"pw", with_retired).unwrap();
+    let archive = archive_path(&path);
+    fs::set_permissions(&archive, fs::Permissions::from_mode(0o644)).unwrap();
+    let err = KeyringFile::open(&path, b"pw", "P").unwrap_err();
+    assert!(
+        matches!(&err, FileKeyringError::OpenToOthers { path, .. } if *path == archive),
         "{err:?}"
     );
 }
