@@ -1,7 +1,8 @@
 //! The command line: [`args`] parses and validates what the user typed (no
 //! I/O); one module per command resolves the job, drives the layers below,
-//! prints the result (text, or one JSON object with `--json`) and picks the
-//! exit code ([`exit`]). Nothing below imports from here.
+//! prints the result (text, or one JSON object with `--json`) through
+//! [`out`], which never panics, and picks the exit code ([`exit`]). Nothing
+//! below imports from here.
 
 pub mod args;
 mod args_audit;
