@@ -76,7 +76,8 @@ pub async fn status(args: &StatusArgs) -> Result<u8, Error> {
             out!(
                 "  {} values NOT rotated, still under their old key: {why}; \
                  see SELECT reason, detail, pk_text FROM rekey.not_rotated WHERE job_id = {}",
-                s.values_not_rotated, s.job_id
+                s.values_not_rotated,
+                s.job_id
             );
         }
         if s.conflicts_left > 0 {
