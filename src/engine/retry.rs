@@ -92,10 +92,7 @@ async fn pieces(
         };
         let error = match attempt {
             Ok(w) => {
-                total.counts += w.counts;
-                total.failures.extend(w.failures);
-                total.control = w.control;
-                total.split_wanted |= w.split_wanted;
+                total.absorb(w);
                 continue;
             }
             Err(e) => e,
@@ -115,10 +112,7 @@ async fn pieces(
             }
             // the server's words alone: a constraint's DETAIL shows the row's values
             tracing::warn!(table = %target.table, "the database refused the write of one row ({}); it is re-read at the end of the run and, refused again, left on its old key", error.server_words());
-            let w = writer.set_aside(target, state, &b).await?;
-            total.counts += w.counts;
-            total.control = w.control;
-            total.split_wanted |= w.split_wanted;
+            total.absorb(writer.set_aside(target, state, &b).await?);
             continue;
         }
         // halving is bounded by log2(rows); only other retries use up tries
@@ -129,10 +123,7 @@ async fn pieces(
         if how == Retry::Smaller && !halves && failed >= LOCKED_TRIES {
             // one row held by another transaction: set it aside, re-read it at the end, go on
             tracing::info!(table = %target.table, "a row stayed locked through {failed} tries; it is re-read at the end of the run");
-            let w = writer.set_aside(target, state, &b).await?;
-            total.counts += w.counts;
-            total.control = w.control;
-            total.split_wanted |= w.split_wanted;
+            total.absorb(writer.set_aside(target, state, &b).await?);
             failed = 0;
             continue;
         }
@@ -163,14 +154,11 @@ async fn pieces(
         }
         .emit();
         match how {
-            Retry::Refused => {
-                // the pages stay as they are: the refusal is the row's, not the batch's size
-                let (first, second) = split(target, b);
-                pending.push_front(second);
-                pending.push_front(first);
-            }
-            Retry::Smaller if halves => {
-                shared.sizer.shrink();
+            Retry::Smaller | Retry::Refused if halves => {
+                // a timeout shrinks the pages; a refusal is the row's, not the page size's
+                if how == Retry::Smaller {
+                    shared.sizer.shrink();
+                }
                 let (first, second) = split(target, b);
                 pending.push_front(second);
                 pending.push_front(first);
@@ -183,7 +171,7 @@ async fn pieces(
                 }
                 pending.push_front(b);
             }
-            Retry::Smaller | Retry::Wait | Retry::Never => {
+            Retry::Smaller | Retry::Refused | Retry::Wait | Retry::Never => {
                 tokio::time::sleep(wait).await;
                 pending.push_front(b);
             }

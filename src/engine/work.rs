@@ -222,11 +222,17 @@ impl Shared {
                     count: 1,
                     first_keys: keys,
                     finished: false,
-                    recorded: matches!(self.work, Work::Leased { .. }),
+                    recorded: self.records(),
                 }
                 .emit();
             }
         }
+    }
+
+    /// Whether this run writes (a rewrite's ranges are leased): dry runs and
+    /// verify only count what they find.
+    fn records(&self) -> bool {
+        matches!(self.work, Work::Leased { .. })
     }
 
     /// One line per column and error kind with the values quarantined by this run.
@@ -242,7 +248,7 @@ impl Shared {
                 count: *count,
                 first_keys: keys,
                 finished: true,
-                recorded: matches!(self.work, Work::Leased { .. }),
+                recorded: self.records(),
             }
             .emit();
         }

@@ -33,14 +33,14 @@ const MIGRATIONS: &[(i32, &str)] = &[
 /// use is refused with the grants that let it.
 pub async fn ensure_schema(client: &mut Client) -> Result<(), Error> {
     let what = || "preparing rekey's engine schema".to_string();
-    let who = who(client).await?;
-    if usable(client, &who, Use::ReadWrite).await?
+    if usable(client, Use::ReadWrite).await?
         && applied(client)
             .await?
             .is_some_and(|done| MIGRATIONS.iter().all(|(v, _)| done.contains(v)))
     {
         return Ok(());
     }
+    let who = who(client).await?;
     // one process at a time, and the checks in a transaction begun after the
     // lock, so they see what the process before created (an advisory lock
     // taken inside a transaction would leave its catalog view stale)
@@ -107,7 +107,7 @@ enum Use {
 /// it as `used`; refuses one it may not, with the grants that fix it (the
 /// catalogue is read directly: a lookup by name would fail without USAGE
 /// on the schema, with a bare "permission denied").
-async fn usable(client: &Client, who: &Who, used: Use) -> Result<bool, Error> {
+async fn usable(client: &Client, used: Use) -> Result<bool, Error> {
     let what = || "checking this role's access to rekey's engine schema".to_string();
     let Some(schema) = client
         .query_opt(
@@ -158,6 +158,16 @@ async fn usable(client: &Client, who: &Who, used: Use) -> Result<bool, Error> {
         .await
         .ctx(what)?
         .get(0);
+    let fine = usage
+        && match used {
+            Use::Read => read,
+            Use::ReadWrite => write && sequences,
+        };
+    if fine {
+        return Ok(true);
+    }
+    // who may grant what is looked up only for the refusal
+    let who = who(client).await?;
     let role = &who.role;
     let tables_read =
         (!read).then(|| format!("GRANT SELECT ON ALL TABLES IN SCHEMA rekey TO {role};"));
@@ -347,8 +357,7 @@ fn refused(e: tokio_postgres::Error, missing: Missing, who: &Who) -> Error {
 /// Whether schema `rekey` exists yet (read-only commands do not create it);
 /// one the role may not read is refused with the grants that let it.
 pub async fn schema_exists(client: &Client) -> Result<bool, Error> {
-    let who = who(client).await?;
-    Ok(usable(client, &who, Use::Read).await?
+    Ok(usable(client, Use::Read).await?
         && client
             .query_one(
                 "SELECT EXISTS (SELECT FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace

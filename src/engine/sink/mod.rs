@@ -106,6 +106,17 @@ pub struct Written {
     pub split_wanted: bool,
 }
 
+impl Written {
+    /// Adds what a later piece of the same batch committed: its counts and
+    /// failures, and the job's control and split request as of its commit.
+    pub fn absorb(&mut self, piece: Written) {
+        self.counts += piece.counts;
+        self.failures.extend(piece.failures);
+        self.control = piece.control;
+        self.split_wanted |= piece.split_wanted;
+    }
+}
+
 /// Writes batches over one connection.
 pub struct Writer {
     /// The writing connection.
