@@ -69,9 +69,12 @@ pub enum LifecycleError {
     /// Rollback with no previous key.
     #[error("no previous key to roll back to")]
     NothingToRollBack,
-    /// Retire of the current or pending key.
+    /// Retire of the pending key.
     #[error("key {0} is {1}; only a previous key can be retired (promote or roll back first)")]
     NotRetirable(KeyId, KeyState),
+    /// Retire of the current key.
+    #[error("key {0} is current: applications encrypt under it, and a run keeps every value under it; only a previous key can be retired: stage and promote a new key (`rekey rotate`), run, then retire key {0}")]
+    CurrentNotRetirable(KeyId),
     /// Retire of an id the table does not hold.
     #[error("there is no key {0}")]
     NoSuchKey(KeyId),
@@ -241,14 +244,27 @@ impl KeyTable {
     /// material archived until [`KeyTable::purge`]. Idempotent for a retired
     /// key. The caller must first prove no value still needs it.
     pub fn retire(&mut self, id: KeyId, at: u64) -> Result<bool, LifecycleError> {
+        self.retirable(id)?;
         let e = self.entry_mut(id)?;
+        if e.state == KeyState::Retired {
+            return Ok(false);
+        }
+        e.state = KeyState::Retired;
+        e.changed_at = at;
+        Ok(true)
+    }
+
+    /// Whether key `id` may be retired (previous, or retired already), asked
+    /// before the full verify a retire rests on.
+    pub fn retirable(&self, id: KeyId) -> Result<(), LifecycleError> {
+        let e = self
+            .entries
+            .iter()
+            .find(|e| e.id == id)
+            .ok_or(LifecycleError::NoSuchKey(id))?;
         match e.state {
-            KeyState::Retired => Ok(false),
-            KeyState::Previous => {
-                e.state = KeyState::Retired;
-                e.changed_at = at;
-                Ok(true)
-            }
+            KeyState::Previous | KeyState::Retired => Ok(()),
+            KeyState::Current => Err(LifecycleError::CurrentNotRetirable(id)),
             other => Err(LifecycleError::NotRetirable(id, other)),
         }
     }
@@ -432,6 +448,10 @@ mod tests {
             LifecycleError::NotRetirable(2, KeyState::Pending)
         );
         t.promote(30).unwrap();
+        assert_eq!(
+            t.retire(2, 31).unwrap_err(),
+            LifecycleError::CurrentNotRetirable(2)
+        );
         assert!(t.retire(1, 40).unwrap());
         assert!(!t.retire(1, 41).unwrap());
         assert!(t.keyring().unwrap().get(1).is_none());

@@ -27,6 +27,11 @@ pub async fn retire(
     opts: &RotateOptions,
 ) -> Result<Progressed, Error> {
     let key_ref = format!("{}#{old}", store.secret_id());
+    // the current or pending key, or one the store does not hold: no verify can help
+    store
+        .table()
+        .retirable(old)
+        .map_err(|e| Error::Config(format!("{}: {e}; nothing was retired", store.secret_id())))?;
     if let Some(t) = job.targets.iter().find(|t| t.filter.is_some()) {
         return Err(Error::Config(format!(
             "target {} has a `where` filter, so verification cannot see every row; retire the key with a job that covers whole tables",

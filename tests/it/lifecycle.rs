@@ -578,3 +578,55 @@ async fn retire_is_refused_from_a_job_file_that_no_longer_lists_a_column_the_job
     let out = rekey(&["secrets", "retire", "--job", &job], &keyring_pass_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
 }
+
+// Before this check: `--key-id 2` of the current key ran a full verify of
+// every value, then said "refusing to retire key 2: 1667 values still under
+// key 2; rotate them first" (exit 4), advice that cannot help: a run keeps
+// them under the current key. An id the keyring does not hold was verified
+// the same way, then refused as "there is no key 9".
+#[tokio::test(flavor = "multi_thread")]
+async fn retiring_the_current_pending_or_an_unknown_key_is_refused_before_any_verify_naming_the_key_state(
+) {
+    let db = TestDb::new().await;
+    db.seed_patients(200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    for step in ["stage", "promote", "run", "stage"] {
+        let args = match step {
+            "run" => vec!["run", "--job", &job],
+            _ => vec!["secrets", step, "--job", &job],
+        };
+        let out = rekey(&args, &keyring_pass_env());
+        assert_eq!(out.status.code(), Some(0), "{step}: {}", printed(&out));
+    }
+    let events_before = event_types(&dir).len();
+    let before = std::fs::read(&keyring).unwrap();
+    for (id, words) in [
+        ("2", "key 2 is current: applications encrypt under it"),
+        ("3", "key 3 is pending"),
+        ("9", "there is no key 9"),
+    ] {
+        let out = rekey(
+            &["secrets", "retire", "--job", &job, "--key-id", id, "--json"],
+            &keyring_pass_env(),
+        );
+        assert_eq!(out.status.code(), Some(2), "key {id}: {}", printed(&out));
+        assert!(printed(&out).contains(words), "key {id}: {}", printed(&out));
+        assert!(
+            !printed(&out).contains("values still under"),
+            "key {id}: {}",
+            printed(&out)
+        );
+    }
+    assert_eq!(
+        std::fs::read(&keyring).unwrap(),
+        before,
+        "the keyring changed"
+    );
+    assert_eq!(
+        event_types(&dir).len(),
+        events_before,
+        "a refusal before any verify records no retire_refused event: {:?}",
+        event_types(&dir)
+    );
+}
