@@ -109,6 +109,11 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
         mut client,
     } = open(&args.common).await?;
     let job = Arc::new(Job::resolve(&spec, &client).await?);
+    // said first, and again with the totals: the run itself is not refused
+    let newer_keys = crate::job::newer_keys::newer_than_target(&job);
+    for line in &newer_keys {
+        tracing::warn!("{line}");
+    }
     let lanes = match args.workers {
         Some(w) => usize::from(w),
         None => plan::lanes_for_server(&client, default_lanes()).await?,
@@ -192,7 +197,8 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
     } else {
         None
     };
-    let summary = summary(args, &job, &ran, remaining_rows);
+    let mut summary = summary(args, &job, &ran, remaining_rows);
+    summary["warnings"] = json!(newer_keys);
     if let (Some(id), false) = (ran.job_id, ran.outcome.stopped) {
         state::finish_job(&client, id, &summary).await?;
     }
@@ -203,6 +209,9 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
         print_json(&summary);
     } else {
         print_text(args, &job, &ran);
+        for line in &newer_keys {
+            out!("warning: {line}");
+        }
     }
     Ok(ended(args, &job, &ran))
 }

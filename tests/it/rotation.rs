@@ -347,3 +347,48 @@ async fn composite_keys_and_quoted_identifiers_rotate() {
         );
     }
 }
+
+// Before this warning: key 2 set, the current version left at 1, and the
+// run rewrote nothing, exit 0, saying no word of key 2.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_warns_when_the_environment_holds_a_key_newer_than_the_current_version() {
+    let db = TestDb::new().await;
+    db.seed_patients(100).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir);
+    let not_raised = vec![
+        ("ENCRYPTION_KEY_V1", K1.to_string()),
+        ("ENCRYPTION_KEY_V2", K2.to_string()),
+        ("ENCRYPTION_CURRENT_VERSION", "1".to_string()),
+    ];
+    let out = rekey(&args(&run_args(&job)), &not_raised);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let warnings = json(&out)["warnings"].clone();
+    assert_eq!(warnings.as_array().map(Vec::len), Some(1), "{warnings}");
+    let words = "ENCRYPTION_KEY_V2 is set, newer than key 1";
+    assert!(
+        warnings[0].as_str().unwrap_or_default().contains(words),
+        "{warnings}"
+    );
+    assert!(
+        warnings[0]
+            .as_str()
+            .unwrap_or_default()
+            .contains("set ENCRYPTION_CURRENT_VERSION=2"),
+        "{warnings}"
+    );
+    assert!(stderr(&out).contains(words), "{}", stderr(&out));
+    assert_eq!(json(&out)["values_rewritten"], 0);
+
+    // raised: no warning, and the run rotates
+    let out = rekey(&args(&run_args(&job)), &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(
+        json(&out)["warnings"],
+        serde_json::json!([]),
+        "{}",
+        printed(&out)
+    );
+    assert!(!stderr(&out).contains("newer than key"), "{}", stderr(&out));
+    assert!(json(&out)["values_rewritten"].as_u64() > Some(0));
+}
