@@ -11,6 +11,7 @@ use crate::engine::sink::{AfterReconnect, Batch, Commit, Writer, Written};
 use crate::error::Retry;
 use crate::observe::counts::Counts;
 use crate::observe::events;
+use crate::state::conflicts::SetAside;
 use crate::state::{Control, RangeState};
 use crate::Error;
 
@@ -106,13 +107,22 @@ async fn pieces(
             // one row the database refuses (a trigger's exception, a
             // constraint): set aside like a locked row, so the range goes on;
             // refused again on the re-read, it is recorded as not rotated
+            // the limit is the job's: rows earlier runs set aside count
+            let before = *shared
+                .refused_before
+                .get_or_try_init(|| writer.refused_rows())
+                .await?;
             let refused = shared.refused.fetch_add(1, Ordering::Relaxed) + 1;
-            if refused > REFUSED_LIMIT {
-                return Err(too_many_refused(error));
+            if before + refused > REFUSED_LIMIT {
+                return Err(too_many_refused(error, before));
             }
             // the server's words alone: a constraint's DETAIL shows the row's values
             tracing::warn!(table = %target.table, "the database refused the write of one row ({}); it is re-read at the end of the run and, refused again, left on its old key", error.server_words());
-            total.absorb(writer.set_aside(target, state, &b).await?);
+            total.absorb(
+                writer
+                    .set_aside(target, state, &b, SetAside::Refused)
+                    .await?,
+            );
             continue;
         }
         // halving is bounded by log2(rows); only other retries use up tries
@@ -123,7 +133,11 @@ async fn pieces(
         if how == Retry::Smaller && !halves && failed >= LOCKED_TRIES {
             // one row held by another transaction: set it aside, re-read it at the end, go on
             tracing::info!(table = %target.table, "a row stayed locked through {failed} tries; it is re-read at the end of the run");
-            total.absorb(writer.set_aside(target, state, &b).await?);
+            total.absorb(
+                writer
+                    .set_aside(target, state, &b, SetAside::Changed)
+                    .await?,
+            );
             failed = 0;
             continue;
         }
@@ -180,18 +194,25 @@ async fn pieces(
     Ok(retries)
 }
 
-/// Rows a process sets aside because the database refused their write
-/// (each alone) before it stops: past this, what refuses them is not about
-/// a row or two, and halving batches down to single rows costs more than
-/// fixing it or leaving the rows out with the target's `where`.
+/// Rows of a job set aside because the database refused their write (each
+/// alone), in all its runs, before it stops: past this, what refuses them
+/// is not about a row or two, and halving batches down to single rows costs
+/// more than fixing it or leaving the rows out with the target's `where`.
+/// A run resumed after the limit stopped it stops at its first refusal.
 pub(super) const REFUSED_LIMIT: u64 = 1000;
 
-/// The error that stops a run once more than [`REFUSED_LIMIT`] rows were refused.
-fn too_many_refused(error: Error) -> Error {
+/// The error that stops a run once more than [`REFUSED_LIMIT`] rows of the
+/// job were refused, `before` of them by earlier runs.
+fn too_many_refused(error: Error, before: u64) -> Error {
+    let earlier = if before > 0 {
+        format!(" ({before} of them in earlier runs)")
+    } else {
+        String::new()
+    };
     match error {
         Error::Db { context, source } => Error::Db {
             context: format!(
-                "{context}: the database refused the write of more than {REFUSED_LIMIT} rows, each alone, \
+                "{context}: the database refused the write of more than {REFUSED_LIMIT} rows of this job, each alone{earlier}, \
                  so rekey stops (the last refusal follows)"
             ),
             source,

@@ -130,6 +130,8 @@ pub(super) struct Shared {
     pub(super) taken_over: AtomicU64,
     /// Rows set aside because the database refused their write (each alone).
     pub(super) refused: AtomicU64,
+    /// Such rows of the job before this process's first (read at that first).
+    pub(super) refused_before: tokio::sync::OnceCell<u64>,
     /// Batches waiting in the channels, all lanes together.
     pub(super) queued: Queued,
     /// (target, range_no) of the ranges this process's lanes are working on,
@@ -183,6 +185,7 @@ impl Shared {
             timeouts: settings.timeouts,
             taken_over: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            refused_before: tokio::sync::OnceCell::new(),
             queued: Queued::default(),
             working: Mutex::new(BTreeMap::new()),
             lost: Mutex::new(BTreeSet::new()),

@@ -38,22 +38,33 @@ fn placeholders(first: usize, keys: usize, row: impl Fn(String) -> String) -> St
         .join(", ")
 }
 
-/// Records rows of `target` that conflicted, inside a batch's transaction:
-/// one statement for every thousand keys.
+/// Why a row was set aside to be re-read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetAside {
+    /// The application changed it, or held it locked, while rekey wrote.
+    Changed,
+    /// The database refused its write with an error (a trigger, a constraint).
+    Refused,
+}
+
+/// Records rows of `target` set aside to be re-read, inside a batch's
+/// transaction: one statement for every thousand keys.
 pub async fn add(
     tx: &impl GenericClient,
     job_id: i64,
     target: usize,
     keys: &HashSet<KeyBytes>,
+    why: SetAside,
 ) -> Result<(), tokio_postgres::Error> {
     let target = target as i32;
+    let refused = why == SetAside::Refused;
     let keys: Vec<&KeyBytes> = keys.iter().collect();
     for chunk in keys.chunks(KEYS_PER_STATEMENT) {
         let sql = format!(
-            "INSERT INTO rekey.conflicts (job_id, target, pk) VALUES {} ON CONFLICT DO NOTHING",
-            placeholders(3, chunk.len(), |p| format!("($1, $2, {p})"))
+            "INSERT INTO rekey.conflicts (job_id, target, pk, refused) VALUES {} ON CONFLICT DO NOTHING",
+            placeholders(4, chunk.len(), |p| format!("($1, $2, {p}, $3)"))
         );
-        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&job_id, &target];
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&job_id, &target, &refused];
         params.extend(chunk.iter().map(|k| *k as &(dyn ToSql + Sync)));
         tx.execute(&sql, &params).await?;
     }
@@ -79,4 +90,20 @@ pub async fn clear(
         tx.execute(&sql, &params).await?;
     }
     Ok(())
+}
+
+/// Rows of job `job_id` whose write the database refused with an error, in
+/// any run: set aside to be re-read, or re-read and recorded as not rotated.
+pub async fn refused_rows(client: &Client, job_id: i64) -> Result<u64, Error> {
+    let n: i64 = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM rekey.conflicts WHERE job_id = $1 AND refused) \
+                  + (SELECT count(DISTINCT (target, pk)) FROM rekey.not_rotated \
+                     WHERE job_id = $1 AND reason = 'write_rejected')",
+            &[&job_id],
+        )
+        .await
+        .ctx(|| "counting the rows whose write the database refused".into())?
+        .get(0);
+    Ok(u64::try_from(n).unwrap_or(0))
 }

@@ -24,6 +24,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (11, include_str!("../../sql/011_key_table.sql")),
     (12, include_str!("../../sql/012_not_rotated_rejected.sql")),
     (13, include_str!("../../sql/013_job_targets.sql")),
+    (14, include_str!("../../sql/014_conflicts_refused.sql")),
 ];
 
 /// Creates or upgrades schema `rekey`. Safe to run from several processes

@@ -22,6 +22,7 @@ use crate::error::DbContext;
 use crate::job::{Job, Target};
 use crate::observe::counts::Counts;
 use crate::observe::events::{self, LeaseChange};
+use crate::state::conflicts::SetAside;
 use crate::state::{self, Control, RangeState};
 use crate::Error;
 
@@ -163,17 +164,24 @@ impl Writer {
         })
     }
 
-    /// Sets aside a batch whose rows stayed locked past the retries: their
-    /// keys go to `rekey.conflicts` (re-read at the end of the run) and the
-    /// range's checkpoint moves past them, in one transaction, so the range
-    /// goes on.
+    /// Rows of this job whose write the database refused, in any run (the
+    /// refused-row limit is the job's).
+    pub async fn refused_rows(&self) -> Result<u64, Error> {
+        state::conflicts::refused_rows(&self.client, self.job_id).await
+    }
+
+    /// Sets aside a batch whose rows stayed locked past the retries, or a
+    /// row whose write the database refused: their keys go to
+    /// `rekey.conflicts` (re-read at the end of the run) and the range's
+    /// checkpoint moves past them, in one transaction, so the range goes on.
     pub async fn set_aside(
         &mut self,
         target: &Target,
         state: &RangeState,
         batch: &Batch,
+        why: SetAside,
     ) -> Result<Written, Error> {
-        let what = || format!("setting aside locked rows of {}", target.table);
+        let what = || format!("setting aside rows of {}", target.table);
         let rows: HashSet<KeyBytes> = batch.rows.rows().map(|r| target.row_key(r)).collect();
         let counts = Counts {
             rows_scanned: batch.rows.len() as u64,
@@ -181,7 +189,7 @@ impl Writer {
             ..Counts::default()
         };
         let tx = self.client.transaction().await.ctx(what)?;
-        state::conflicts::add(&tx, self.job_id, target.index, &rows)
+        state::conflicts::add(&tx, self.job_id, target.index, &rows, why)
             .await
             .ctx(what)?;
         let control = checkpoint(
@@ -373,10 +381,16 @@ impl Writer {
                 .await
                 .ctx(what)?;
         }
-        state::conflicts::add(&tx, job, target.index, &swapped.conflicted)
-            .await
-            .ctx(what)?;
-        state::conflicts::add(&tx, job, target.index, &changed)
+        state::conflicts::add(
+            &tx,
+            job,
+            target.index,
+            &swapped.conflicted,
+            SetAside::Changed,
+        )
+        .await
+        .ctx(what)?;
+        state::conflicts::add(&tx, job, target.index, &changed, SetAside::Changed)
             .await
             .ctx(what)?;
         if target.write.format.random_nonces() && !staged.is_empty() && !refused {

@@ -258,4 +258,30 @@ async fn a_trigger_that_raises_for_every_row_stops_the_run_once_more_rows_than_t
         "{error}"
     );
     assert_eq!(db.decrypted_patients(&v1_ring()).await, before);
+
+    // The limit is the job's: run again (as a retrying scheduler would) and
+    // no more rows are set aside; before, each run set aside another 1000
+    // and the last one recorded them all as not rotated, exit 4.
+    let set_aside = || async {
+        db.client
+            .query_one("SELECT count(*) FROM rekey.conflicts", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let first = set_aside().await;
+    assert!((1..=1000).contains(&first), "{first} rows set aside");
+    let out = rekey(&["run", "--job", &j, "--json"], &seed_env());
+    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
+    let message = json(&out)["error"].as_str().unwrap_or_default().to_string();
+    assert!(
+        message.contains(&format!("{first} of them in earlier runs")),
+        "{message}"
+    );
+    assert_eq!(
+        set_aside().await,
+        first,
+        "the second run set aside more rows"
+    );
+    assert_eq!(db.decrypted_patients(&v1_ring()).await, before);
 }
