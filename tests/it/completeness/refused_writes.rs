@@ -223,6 +223,73 @@ async fn a_trigger_that_raises_an_error_for_some_rows_leaves_only_those_reported
     );
 }
 
+/// The one reason and detail recorded for the values not rotated.
+async fn recorded_refusals(db: &TestDb) -> Vec<(String, Option<String>)> {
+    db.client
+        .query("SELECT DISTINCT reason, detail FROM rekey.not_rotated", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+// A constraint added NOT VALID holds for new rows only; a legacy row that
+// breaks it cannot be updated at all (SQLSTATE 23514), rekey's write included.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_check_constraint_that_legacy_rows_break_leaves_only_those_reported_as_not_rotated() {
+    let db = TestDb::new().await;
+    db.seed_patients(1_000).await;
+    db.client
+        .batch_execute(
+            "UPDATE patient_persons SET name = '' WHERE id % 10 = 0;
+             ALTER TABLE patient_persons ADD CONSTRAINT named CHECK (name <> '') NOT VALID;",
+        )
+        .await
+        .unwrap();
+    assert_refused_writes_end_as_not_rotated(&db, 1_000, every_tenth_row, &[]).await;
+    assert_eq!(
+        recorded_refusals(&db).await,
+        vec![(
+            "write_rejected".to_string(),
+            Some(
+                "23514: new row for relation \"patient_persons\" violates check constraint \"named\""
+                    .to_string()
+            )
+        )]
+    );
+}
+
+// A deferred constraint trigger refuses at COMMIT, not at the UPDATE: the
+// batch's whole transaction fails there, and is halved down to the rows
+// refused all the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deferred_constraint_trigger_that_refuses_some_rows_at_commit_leaves_only_those_not_rotated(
+) {
+    let db = TestDb::new().await;
+    db.seed_patients(1_000).await;
+    db.client
+        .batch_execute(
+            "CREATE FUNCTION archived_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF NEW.id % 10 = 0 THEN RAISE EXCEPTION 'archived patients are read-only'; END IF;
+               RETURN NULL;
+             END $$;
+             CREATE CONSTRAINT TRIGGER archived_at_commit AFTER UPDATE ON patient_persons
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION archived_at_commit();",
+        )
+        .await
+        .unwrap();
+    assert_refused_writes_end_as_not_rotated(&db, 1_000, every_tenth_row, &[]).await;
+    assert_eq!(
+        recorded_refusals(&db).await,
+        vec![(
+            "write_rejected".to_string(),
+            Some("P0001: archived patients are read-only".to_string())
+        )]
+    );
+}
+
 // A table that refuses every row is not halved down to each of its rows:
 // past the limit of rows refused one by one, the run stops with the error,
 // and nothing of the table is changed.
