@@ -42,6 +42,13 @@ fn tell(args: &ReportArgs, checked: &Checked) {
                 .map_or("no file".into(), |n| n.to_string()),
             checked.file
         );
+        if checked.file_other_databases > 0 {
+            out!(
+                "{} lines of the file are job {}'s events in other databases (the file serves several): checked against their own hashes only",
+                checked.file_other_databases,
+                checked.chain
+            );
+        }
     }
 }
 

@@ -215,7 +215,8 @@ impl Audit {
             .query_one(
                 "SELECT a.seq, a.hash, current_user::text,
                         to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
-                        r.rotation_id, r.old_key, r.new_key
+                        r.rotation_id, r.old_key, r.new_key,
+                        (SELECT database_id FROM rekey.identity)
                    FROM (SELECT 1) one
                    LEFT JOIN LATERAL (SELECT seq, hash FROM rekey.audit WHERE chain = $1 AND seq IS NOT NULL
                                        ORDER BY seq DESC LIMIT 1) a ON true
@@ -231,6 +232,7 @@ impl Audit {
         let role: String = row.get(2);
         let timestamp: String = row.get(3);
         let rotation_id: Option<i64> = row.get(4);
+        let database: Option<String> = row.get(7);
         let key = |v: Option<i64>| v.and_then(|v| KeyId::try_from(v).ok());
         let keys = self.keys.unwrap_or(AuditKeys {
             old: key(row.get(5)),
@@ -260,6 +262,7 @@ impl Audit {
             seq: last_seq.unwrap_or(0) + 1,
             written_to: self.written_to(),
             prev_hash: last_hash.unwrap_or_else(|| GENESIS.into()),
+            database,
         };
         let event = body.sealed();
         let affected = event
@@ -271,13 +274,13 @@ impl Audit {
             .execute(
                 "INSERT INTO rekey.audit (event_type, timestamp, secret_id, operator, reason, incident_id, verification_status,
                                           affected_records, old_key, new_key, notes, detail, job_id, rotation_id,
-                                          chain, seq, written_to, prev_hash, hash)
-                 VALUES ($1, $2::text::timestamptz, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
+                                          chain, seq, written_to, prev_hash, hash, database_id)
+                 VALUES ($1, $2::text::timestamptz, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)",
                 &[
                     &b.event_type, &b.timestamp, &b.secret_id, &b.operator, &b.reason, &b.incident_id,
                     &b.verification_status, &affected, &b.old_key.map(i64::from), &b.new_key.map(i64::from),
                     &b.notes, &b.detail, &b.job_id, &b.rotation_id, &b.chain, &b.seq, &b.written_to,
-                    &b.prev_hash, &event.hash,
+                    &b.prev_hash, &event.hash, &b.database,
                 ],
             )
             .await

@@ -62,6 +62,10 @@ pub struct Body {
     pub written_to: String,
     /// The hash of the event before it ([`GENESIS`] for the first).
     pub prev_hash: String,
+    /// The database it was recorded in (`rekey.identity`); absent from
+    /// events recorded before databases had one, which hash as they did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
 }
 
 /// One audit event: its body and the hash that seals it.
@@ -181,18 +185,23 @@ pub struct FileChecked {
     pub unchained: usize,
     /// Lines of other chains (another job sharing the file), not checked.
     pub other_chains: usize,
+    /// Lines of this chain recorded in another database (the file serves
+    /// several), not checked.
+    pub other_databases: usize,
 }
 
 /// Checks the lines of a JSON audit file for chain `chain` against the
-/// events of the table (`table`, already checked by [`check_chain`]): every
-/// line as rekey wrote it and sealed by its hash, in the chain's order, the
-/// same event as the table's at its place, and no event of the table that was
-/// written to this file missing from it.
+/// events of the table (`table`, already checked by [`check_chain`]) of
+/// database `database`: every line as rekey wrote it and sealed by its
+/// hash, in the chain's order, the same event as the table's at its place,
+/// and no event of the table that was written to this file missing from
+/// it. Lines another database recorded are counted and left out.
 pub fn check_file(
     name: &str,
     text: &str,
     chain: &str,
     table: &[Event],
+    database: Option<&str>,
 ) -> Result<FileChecked, Broken> {
     let by_seq: BTreeMap<i64, &Event> = table.iter().map(|e| (e.body.seq, e)).collect();
     let mut seen = FileChecked::default();
@@ -236,6 +245,11 @@ pub fn check_file(
                 "its content does not match its hash: the line was edited",
             ));
         }
+        if event.body.database.is_some() && event.body.database.as_deref() != database {
+            // sealed as recorded: the table it matches is another database's
+            seen.other_databases += 1;
+            continue;
+        }
         if last.is_some_and(|l| event.body.seq <= l) {
             return Err(broken(
                 seq,
@@ -249,6 +263,15 @@ pub fn check_file(
                     seq,
                     t,
                     "rekey.audit has no event at this place: it was deleted from the table",
+                ))
+            }
+            Some(row) if row.hash != event.hash && row.body.prev_hash == event.body.prev_hash => {
+                return Err(broken(
+                    seq,
+                    t,
+                    "rekey.audit holds another event at this place, after the same event before it: one of them \
+                     was replaced, or this file also serves a copy of this database (a backup restored, a snapshot: \
+                     a copy keeps the database's audit identity); give each copy an audit log of its own (--audit-log)",
                 ))
             }
             Some(row) if row.hash != event.hash => {
@@ -305,6 +328,7 @@ mod tests {
                 seq,
                 written_to: "h:/a.jsonl".into(),
                 prev_hash: out.last().map_or(GENESIS.into(), |e| e.hash.clone()),
+                database: None,
             };
             out.push(body.sealed());
         }
@@ -331,6 +355,7 @@ mod tests {
             &format!("{{\"event_type\":\"old\"}}\n{}", file_of(&c)),
             "patients",
             &c,
+            None,
         )
         .unwrap();
         assert_eq!((checked.events, checked.unchained), (4, 1));
@@ -358,21 +383,75 @@ mod tests {
     }
 
     #[test]
+    fn an_event_without_a_database_hashes_as_events_did_before_databases_had_one() {
+        let c = chain_of(1);
+        let line = c[0].line().unwrap();
+        assert!(!line.contains("database"), "{line}");
+        let mut named = c[0].body.clone();
+        named.database = Some("db-a".into());
+        assert_ne!(
+            named.digest(),
+            c[0].hash,
+            "the database is sealed with the event"
+        );
+    }
+
+    #[test]
+    fn another_databases_lines_are_counted_not_compared_and_a_fork_is_named() {
+        let ours = chain_of(2);
+        let mut theirs = chain_of(2);
+        // resealed in order, each linking to the one before
+        let mut prev = GENESIS.to_string();
+        for e in theirs.iter_mut() {
+            e.body.database = Some("db-b".into());
+            e.body.operator = "bob".into();
+            e.body.prev_hash = prev.clone();
+            *e = e.body.clone().sealed();
+            prev = e.hash.clone();
+        }
+        let mut ours_named = ours.clone();
+        let mut prev = GENESIS.to_string();
+        for e in ours_named.iter_mut() {
+            e.body.database = Some("db-a".into());
+            e.body.prev_hash = prev.clone();
+            *e = e.body.clone().sealed();
+            prev = e.hash.clone();
+        }
+        let text = format!("{}{}", file_of(&theirs), file_of(&ours_named));
+        let checked = check_file("f", &text, "patients", &ours_named, Some("db-a")).unwrap();
+        assert_eq!((checked.events, checked.other_databases), (2, 2));
+        // the same lines against a copy of db-a that kept its identity and
+        // went its own way: a fork, named as such
+        let copy: Vec<Event> = theirs
+            .iter()
+            .map(|e| {
+                let mut b = e.body.clone();
+                b.database = Some("db-a".into());
+                b.sealed()
+            })
+            .collect();
+        let err = check_file("f", &text, "patients", &copy, Some("db-a")).unwrap_err();
+        assert!(err.why.contains("a copy of this database"), "{err}");
+    }
+
+    #[test]
     fn the_file_must_hold_the_tables_events_in_order() {
         let c = chain_of(3);
         let text = file_of(&c);
         let edited = text.replacen("\"affected_records\":2", "\"affected_records\":3", 1);
         assert_eq!(
-            check_file("f", &edited, "patients", &c).unwrap_err().seq,
+            check_file("f", &edited, "patients", &c, None)
+                .unwrap_err()
+                .seq,
             Some(2)
         );
         let lines: Vec<&str> = text.lines().collect();
         let dropped = format!("{}\n{}\n", lines[0], lines[2]);
-        let err = check_file("f", &dropped, "patients", &c).unwrap_err();
+        let err = check_file("f", &dropped, "patients", &c, None).unwrap_err();
         assert_eq!(err.seq, Some(2), "{err}");
         let swapped = format!("{}\n{}\n{}\n", lines[0], lines[2], lines[1]);
-        assert!(check_file("f", &swapped, "patients", &c).is_err());
-        let err = check_file("f", &text, "patients", &c[..2]).unwrap_err();
+        assert!(check_file("f", &swapped, "patients", &c, None).is_err());
+        let err = check_file("f", &text, "patients", &c[..2], None).unwrap_err();
         assert_eq!(err.seq, Some(3), "{err}");
     }
 }

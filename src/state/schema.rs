@@ -25,6 +25,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (12, include_str!("../../sql/012_not_rotated_rejected.sql")),
     (13, include_str!("../../sql/013_job_targets.sql")),
     (14, include_str!("../../sql/014_conflicts_refused.sql")),
+    (15, include_str!("../../sql/015_database_identity.sql")),
 ];
 
 /// Creates or upgrades schema `rekey`. Safe to run from several processes
@@ -93,6 +94,7 @@ const OWN_TABLES: &[(&str, &[&str])] = &[
     ("not_rotated", &["UPDATE"]),
     ("key_table_keys", &["UPDATE"]),
     ("job_targets", &[]),
+    ("identity", &[]),
 ];
 
 /// What a command does with the engine schema.

@@ -472,3 +472,82 @@ async fn with_an_aws_store_and_no_user_the_operator_is_the_aws_caller_identity()
         "the STS caller identity: {last}"
     );
 }
+
+// Before events named their database: one job file run against staging and
+// then production appends both databases' events to one file, and
+// `report --check` against either said "rekey.audit holds another event at
+// this place: one of them was replaced" (exit 7), a tamper alarm for what
+// nobody tampered with.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_audit_file_serving_two_databases_checks_against_each_and_still_finds_an_edit() {
+    let staging = TestDb::new().await;
+    let production = TestDb::new().await;
+    staging.seed_patients(300).await;
+    production.seed_patients(300).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = staging.patients_job(&dir);
+    let job = job.to_str().unwrap();
+    for db in [&staging, &production] {
+        let out = rekey(
+            &["run", "--job", job, "--database-url", &db.url],
+            &seed_env(),
+        );
+        assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    }
+    let lines = audit_lines(&dir);
+    assert_eq!(
+        lines.iter().filter(|l| l["seq"] == 1).count(),
+        2,
+        "both databases' first events are in the one file: {lines:?}"
+    );
+    for db in [&staging, &production] {
+        let out = rekey(
+            &[
+                "report",
+                "--job",
+                job,
+                "--check",
+                "--json",
+                "--database-url",
+                &db.url,
+            ],
+            &[],
+        );
+        assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+        let check = &json(&out)["check"];
+        let own = check["file_events"].as_u64().unwrap_or_default();
+        assert_eq!(
+            (own, check["file_other_databases"].as_u64()),
+            (
+                check["table_events"].as_u64().unwrap_or_default(),
+                Some(lines.len() as u64 - own)
+            ),
+            "{check}"
+        );
+    }
+
+    // an edit of production's own line is still found
+    let path = dir.path().join("patients.audit.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let last = text.lines().last().unwrap().to_string();
+    let edited = last.replacen("\"operator\":\"", "\"operator\":\"x", 1);
+    assert_ne!(edited, last);
+    std::fs::write(&path, text.replace(&last, &edited)).unwrap();
+    let out = rekey(
+        &[
+            "report",
+            "--job",
+            job,
+            "--check",
+            "--database-url",
+            &production.url,
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(7), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("the line was edited"),
+        "{}",
+        printed(&out)
+    );
+}

@@ -12,11 +12,13 @@ use crate::error::DbContext;
 use crate::lifecycle::chain::{check_chain, check_file, Body, Broken, Event, FileChecked};
 use crate::Error;
 
-/// The columns of an event, its timestamp as it was hashed.
+/// The columns of an event (of `rekey.audit a`), its timestamp as it was
+/// hashed; `database_id` read so that a schema from before it (a newer
+/// rekey reporting before any writing command upgraded it) reads as NULL.
 pub(crate) const EVENT_COLUMNS: &str = "audit_id, event_type,
     to_char(timestamp AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), secret_id, operator, reason,
     incident_id, verification_status, affected_records, old_key, new_key, notes, detail, job_id, rotation_id,
-    chain, seq, written_to, prev_hash, hash";
+    chain, seq, written_to, prev_hash, hash, to_jsonb(a) ->> 'database_id'";
 
 /// What the check found.
 #[derive(Debug, Clone, Serialize)]
@@ -33,6 +35,9 @@ pub struct Checked {
     pub file_events: Option<usize>,
     /// Lines from before the chain existed, not checked.
     pub file_unchained: usize,
+    /// Lines of this job recorded in other databases (one file serving
+    /// staging and production), not checked against this one.
+    pub file_other_databases: usize,
     /// The first bad event of the file, if any.
     pub file_broken: Option<String>,
 }
@@ -76,6 +81,7 @@ fn event_of(row: &Row) -> Result<Event, String> {
         seq: row.get::<_, Option<i64>>(16).unwrap_or_default(),
         written_to: text(17),
         prev_hash: text(18),
+        database: row.get(20),
     };
     Ok(Event {
         body,
@@ -91,7 +97,7 @@ pub async fn table_events(
 ) -> Result<Result<Vec<(Event, String)>, Broken>, Error> {
     let rows = client
         .query(
-            &format!("SELECT {EVENT_COLUMNS} FROM rekey.audit WHERE chain = $1 AND seq IS NOT NULL ORDER BY seq, audit_id"),
+            &format!("SELECT {EVENT_COLUMNS} FROM rekey.audit a WHERE chain = $1 AND seq IS NOT NULL ORDER BY seq, audit_id"),
             &[&chain],
         )
         .await
@@ -130,6 +136,7 @@ pub async fn check(
         file: file.display().to_string(),
         file_events: None,
         file_unchained: 0,
+        file_other_databases: 0,
         file_broken: None,
     };
     let events = match table_events(client, chain).await? {
@@ -166,14 +173,44 @@ pub async fn check(
         }
     };
     let table: Vec<Event> = events.into_iter().map(|(e, _)| e).collect();
-    match check_file(&file.display().to_string(), &text, chain, &table) {
+    let database = database_id(client).await?;
+    match check_file(
+        &file.display().to_string(),
+        &text,
+        chain,
+        &table,
+        database.as_deref(),
+    ) {
         Ok(FileChecked {
-            events, unchained, ..
+            events,
+            unchained,
+            other_databases,
+            ..
         }) => {
             checked.file_events = Some(events);
             checked.file_unchained = unchained;
+            checked.file_other_databases = other_databases;
         }
         Err(broken) => checked.file_broken = Some(broken.to_string()),
     }
     Ok(checked)
+}
+
+/// This database's audit identity (`rekey.identity`; none in a schema
+/// from before it, whose events have none either).
+async fn database_id(client: &Client) -> Result<Option<String>, Error> {
+    let what = || "reading this database's audit identity (rekey.identity)".to_string();
+    let exists: bool = client
+        .query_one("SELECT to_regclass('rekey.identity') IS NOT NULL", &[])
+        .await
+        .ctx(what)?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    Ok(client
+        .query_opt("SELECT database_id FROM rekey.identity", &[])
+        .await
+        .ctx(what)?
+        .map(|r| r.get(0)))
 }
