@@ -27,8 +27,20 @@ pub async fn verify(args: &VerifyArgs) -> Result<u8, Error> {
         args.quiet || args.common.json,
     )
     .await?;
+    // a target's `where` leaves rows out of sight: said, never implied
+    let only_where: serde_json::Map<String, serde_json::Value> = job
+        .targets
+        .iter()
+        .filter_map(|t| {
+            t.filter
+                .as_ref()
+                .map(|f| (t.table.to_string(), serde_json::Value::from(f.as_str())))
+        })
+        .collect();
     if args.common.json {
-        print_json(&serde_json::to_value(&v).unwrap_or_default());
+        let mut value = serde_json::to_value(&v).unwrap_or_default();
+        value["only_where"] = serde_json::Value::Object(only_where);
+        print_json(&value);
     } else {
         out!(
             "{}: {} values: {} on the target key, {} on old keys, {} undecryptable ({})",
@@ -61,6 +73,12 @@ pub async fn verify(args: &VerifyArgs) -> Result<u8, Error> {
                 f.column,
                 f.key,
                 f.error
+            );
+        }
+        for (table, filter) in &only_where {
+            out!(
+                "  only rows of {table} where {} were read (the target's `where`): its other rows were not verified",
+                filter.as_str().unwrap_or_default()
             );
         }
         out!(

@@ -142,3 +142,40 @@ async fn a_sample_and_a_full_verify_agree_on_damaged_values_and_say_a_run_cannot
         .get(0);
     assert_eq!(recorded, 0, "verify wrote to rekey.quarantine");
 }
+
+// Before: a job whose target has a `where` said "verified: every value
+// decrypted, nothing left on an old key" with no word of the rows it never read.
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_of_a_target_with_a_where_says_which_rows_it_did_not_read() {
+    let db = TestDb::new().await;
+    db.seed_patients(300).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db
+        .patients_job_where(&dir, "id <= 100")
+        .display()
+        .to_string();
+    let out = rekey(&["run", "--job", &job], &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let out = rekey(&["verify", "--job", &job, "--full"], &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert!(
+        printed(&out).contains(
+            "only rows of public.patient_persons where id <= 100 were read (the target's `where`): its other rows were not verified"
+        ),
+        "{}",
+        printed(&out)
+    );
+    let out = rekey(&["verify", "--job", &job, "--json"], &seed_env());
+    assert_eq!(
+        json(&out)["only_where"],
+        serde_json::json!({"public.patient_persons": "id <= 100"})
+    );
+    let whole = db.patients_job(&dir).display().to_string();
+    let out = rekey(&["verify", "--job", &whole, "--json"], &seed_env());
+    assert_eq!(
+        json(&out)["only_where"],
+        serde_json::json!({}),
+        "{}",
+        printed(&out)
+    );
+}
