@@ -208,7 +208,7 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
     if args.common.json {
         print_json(&summary);
     } else {
-        print_text(args, &job, &ran);
+        print_text(args, &job, &ran, remaining_rows);
         for line in &newer_keys {
             out!("warning: {line}");
         }
@@ -274,7 +274,7 @@ fn summary(args: &RunArgs, job: &Job, ran: &Ran, remaining_rows: Option<u64>) ->
 }
 
 /// The report for people.
-fn print_text(args: &RunArgs, job: &Job, ran: &Ran) {
+fn print_text(args: &RunArgs, job: &Job, ran: &Ran, remaining_rows: Option<u64>) {
     let (outcome, c) = (&ran.outcome, ran.outcome.counts);
     let verb = if args.dry_run {
         "would rewrite"
@@ -302,7 +302,23 @@ fn print_text(args: &RunArgs, job: &Job, ran: &Ran) {
         out!("held by: {}", holds.join(", "));
     }
     if outcome.stopped {
-        out!("stopped on request after the batches in flight committed; run the same command again to resume");
+        let by = match outcome.stopped_by {
+            Some(StopBy::RunTime) => "at the end of its window (--run-time, --until)",
+            Some(StopBy::RekeyStop) => "by `rekey stop`",
+            Some(StopBy::ControlFile) => "by its control file",
+            Some(StopBy::Signal) | None => "on a signal",
+        };
+        let left = match remaining_rows {
+            Some(rows) if rate(ran) > 0.0 => format!(
+                "; about {rows} rows left to rotate, about {} at this run's rate",
+                humantime::format_duration(std::time::Duration::from_secs(
+                    (rows as f64 / rate(ran)).ceil() as u64
+                ))
+            ),
+            Some(rows) => format!("; about {rows} rows left to rotate"),
+            None => String::new(),
+        };
+        out!("stopped {by} after the batches in flight committed{left}; run the same command again to resume");
     }
     if outcome.conflicts_left > 0 {
         out!("{} rows kept changing under the run and were left as the application wrote them; run again to rotate them", outcome.conflicts_left);

@@ -50,6 +50,46 @@ async fn run_time_stops_cleanly_at_the_end_of_the_window_and_the_next_run_finish
     );
 }
 
+// Before: "stopped on request after the batches in flight committed", for
+// a window that ended as planned, with no word of what was left.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_stopped_by_its_window_says_so_with_the_rows_and_time_left() {
+    let db = TestDb::new().await;
+    db.seed_patients(60_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job(&dir).display().to_string();
+    let out = rekey(
+        &[
+            "run",
+            "--job",
+            &j,
+            "--max-rows-per-sec",
+            "20000",
+            "--run-time",
+            "500ms",
+        ],
+        &seed_env(),
+    );
+    assert_eq!(out.status.code(), Some(5), "{}", printed(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("stopped "))
+        .unwrap_or_else(|| panic!("no stop line: {text}"));
+    assert!(
+        line.starts_with("stopped at the end of its window"),
+        "{line}"
+    );
+    let left: u64 = line
+        .split("about ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no rows left in: {line}"));
+    assert!(left > 0 && left < 60_000, "{line}");
+    assert!(line.contains("at this run's rate"), "{line}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn max_rows_per_sec_spaces_the_reads_out() {
     let db = TestDb::new().await;
