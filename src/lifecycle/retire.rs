@@ -100,6 +100,10 @@ pub async fn retire(
     }
     lines.push(if compromised {
         format!("retired key {old} and destroyed its material (compromise)")
+    } else if !store.can_purge() {
+        // environment keys: rekey keeps no archive to restore from
+        format!("retired key {old}; rekey keeps no archive of keys in the environment: the variable's value, once removed, \
+                 is wherever you keep your secrets' history, or gone")
     } else {
         format!("retired key {old}; `rekey secrets restore --key-id {old}` brings it back until it is purged (`rekey secrets purge`, or {} after retiring)", humantime::format_duration(crate::secrets::ARCHIVE_RETENTION))
     });

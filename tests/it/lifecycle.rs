@@ -369,6 +369,13 @@ async fn rotate_with_environment_keys_prints_each_change_and_checks_it_was_made(
         "{}",
         printed(&out)
     );
+    // rekey keeps no archive of environment keys: no `secrets restore` to offer
+    assert!(
+        printed(&out).contains("rekey keeps no archive of keys in the environment")
+            && !printed(&out).contains("secrets restore"),
+        "{}",
+        printed(&out)
+    );
     assert!(
         !printed(&out).contains(K2),
         "a key value was printed without --reveal on a terminal"
