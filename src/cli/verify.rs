@@ -43,12 +43,20 @@ pub async fn verify(args: &VerifyArgs) -> Result<u8, Error> {
         print_json(&value);
     } else {
         out!(
-            "{}: {} values: {} on the target key, {} on old keys, {} undecryptable ({})",
+            "{}: {} values: {} on the target key, {} on old keys, {} undecryptable{} ({})",
             job.name,
             v.values_total,
             v.values_on_target_key,
             v.values_on_old_keys,
             v.values_undecryptable,
+            if v.values_hash_mismatched > 0 {
+                format!(
+                    ", {} search hashes matching no hash key",
+                    v.values_hash_mismatched
+                )
+            } else {
+                String::new()
+            },
             if v.mode == VerifyMode::Full {
                 "every value decrypted".to_string()
             } else {
@@ -67,8 +75,13 @@ pub async fn verify(args: &VerifyArgs) -> Result<u8, Error> {
             out!("  {col}: {list}");
         }
         for f in v.failures.iter().take(20) {
+            let what = if f.error == "hash_mismatch" {
+                "search hash matches no hash key"
+            } else {
+                "cannot decrypt"
+            };
             out!(
-                "  cannot decrypt {}.{} at key {}: {}",
+                "  {what}: {}.{} at key {}: {}",
                 f.table,
                 f.column,
                 f.key,
@@ -89,7 +102,7 @@ pub async fn verify(args: &VerifyArgs) -> Result<u8, Error> {
                     "verified by a sample: every value's key version counted, {} sampled values decrypted; `rekey verify --full` decrypts every value (a retire always does)",
                     v.values_sampled
                 ),
-                (false, _) => not_verified(v.values_on_old_keys, v.values_undecryptable),
+                (false, _) => not_verified(v.values_on_old_keys, v.values_undecryptable, v.values_hash_mismatched),
             }
         );
     }
@@ -97,7 +110,7 @@ pub async fn verify(args: &VerifyArgs) -> Result<u8, Error> {
 }
 
 /// What to do about values left on old keys, and about values no key opens.
-fn not_verified(on_old: u64, undecryptable: u64) -> String {
+fn not_verified(on_old: u64, undecryptable: u64, mismatched: u64) -> String {
     let mut out = "NOT verified:".to_string();
     if on_old > 0 {
         out.push_str(&format!(
@@ -109,6 +122,13 @@ fn not_verified(on_old: u64, undecryptable: u64) -> String {
             " {undecryptable} values no key given opens (damaged, truncated, or under a key the job does not have): \
              `rekey run` cannot fix these; restore them from a backup or add the key they were written under \
              (each is listed above; a run also records them in rekey.quarantine)"
+        ));
+    }
+    if mismatched > 0 {
+        out.push_str(&format!(
+            " {mismatched} search hashes match no hash key given for their row's plaintext (made with a hash key the job \
+             does not have, or written beside another value): `rekey run` leaves them as they are; give the job the hash \
+             key they were made with, or recompute them from the plaintext (each is listed above)"
         ));
     }
     out.trim_end_matches(';').to_string()

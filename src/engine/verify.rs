@@ -72,6 +72,8 @@ pub struct Verification {
     pub values_on_old_keys: u64,
     /// Values no key opens (or whose prefix names no key).
     pub values_undecryptable: u64,
+    /// Search hashes that match no hash key given for their row's plaintext.
+    pub values_hash_mismatched: u64,
     /// Values decrypted from samples (sample mode).
     pub values_sampled: u64,
     /// Values per key label, all columns together.
@@ -89,6 +91,12 @@ impl Verification {
     /// Values a full verify opened with key `id`, in any column and format.
     pub fn values_under_key(&self, id: KeyId) -> u64 {
         self.by_key_id.get(&id).copied().unwrap_or(0)
+    }
+
+    /// Values no key opens and search hashes no hash key made: what no
+    /// run can fix.
+    pub fn values_unreadable(&self) -> u64 {
+        self.values_undecryptable + self.values_hash_mismatched
     }
 }
 
@@ -198,6 +206,12 @@ pub async fn verify(
         .await;
     }
 
+    // a search hash that matches no hash key is not a ciphertext no key opens
+    let mismatched = failures
+        .iter()
+        .filter(|f| f.error == crate::crypto::codec::CodecError::HashMismatch.kind())
+        .count() as u64;
+    undecryptable = undecryptable.saturating_sub(mismatched);
     let mut by_key: BTreeMap<String, u64> = BTreeMap::new();
     for keys in by_column.values() {
         for (k, n) in keys {
@@ -205,7 +219,7 @@ pub async fn verify(
         }
     }
     Ok(Verification {
-        verified: on_old == 0 && undecryptable == 0,
+        verified: on_old == 0 && undecryptable == 0 && mismatched == 0,
         mode: if full {
             VerifyMode::Full
         } else {
@@ -215,6 +229,7 @@ pub async fn verify(
         values_on_target_key: on_target,
         values_on_old_keys: on_old,
         values_undecryptable: undecryptable,
+        values_hash_mismatched: mismatched,
         values_sampled: sampled,
         by_key,
         by_key_id,

@@ -129,7 +129,7 @@ pub(crate) async fn abort(
             log.lines.push(format!(
                 "cannot end the abort: {} values are on other keys and {} do not decrypt with the keys the store holds \
                  (key {new} is not there); put key {new} back where it was, then run `rekey rotate --abort` again",
-                v.values_on_old_keys, v.values_undecryptable
+                v.values_on_old_keys, v.values_unreadable()
             ));
             return Ok(log.end(Ended::NotVerified, Step::Aborting));
         }

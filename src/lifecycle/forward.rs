@@ -186,7 +186,8 @@ pub(crate) async fn verified(
         rotations::set_step(client, rot.id, Step::Staged).await?;
         let notes = format!(
             "{} values on old keys, {} undecryptable",
-            v.values_on_old_keys, v.values_undecryptable
+            v.values_on_old_keys,
+            v.values_unreadable()
         );
         log.record(
             audit,
@@ -303,7 +304,7 @@ pub(crate) async fn retired(
                  put key {old} back (`rekey secrets restore --key-id {old}`, or its variable), then run `rekey rotate` again",
                 store.secret_id(),
                 v.values_on_old_keys,
-                v.values_undecryptable
+                v.values_unreadable()
             ));
             return Ok(log.end(Ended::NotVerified, Step::Promoted));
         }

@@ -51,8 +51,8 @@ pub async fn retire(
     .await?;
     // in either format: a migration reads one and writes another
     let remaining = v.values_under_key(old);
-    if remaining > 0 || v.values_undecryptable > 0 {
-        let notes = format!("{remaining} values still under key {old}, {} undecryptable; rotate them first (`rekey run`)", v.values_undecryptable);
+    if remaining > 0 || v.values_unreadable() > 0 {
+        let notes = format!("{remaining} values still under key {old}, {} undecryptable; rotate them first (`rekey run`)", v.values_unreadable());
         opts.audit
             .record(
                 client,

@@ -61,9 +61,26 @@ async fn a_hash_no_key_made_is_quarantined_and_reported_never_overwritten() {
             .get(0);
         assert_eq!(now, h, "the hash of row {id} was overwritten");
     }
+    // verify counts them as what they are: hashes, not ciphertexts no key opens
     let out = rekey(&["verify", "--job", &job, "--json"], &env());
     assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
-    assert_eq!(json(&out)["values_undecryptable"], 2);
+    assert_eq!(
+        (
+            &json(&out)["values_undecryptable"],
+            &json(&out)["values_hash_mismatched"]
+        ),
+        (&serde_json::json!(0), &serde_json::json!(2)),
+        "{}",
+        printed(&out)
+    );
+    let out = rekey(&["verify", "--job", &job], &env());
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("2 search hashes match no hash key given for their row's plaintext")
+            && !printed(&out).contains("values no key given opens"),
+        "{}",
+        printed(&out)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
