@@ -194,18 +194,21 @@ pub struct FileChecked {
 /// events of the table (`table`, already checked by [`check_chain`]) of
 /// database `database`: every line as rekey wrote it and sealed by its
 /// hash, in the chain's order, the same event as the table's at its place,
-/// and no event of the table that was written to this file missing from
-/// it. Lines another database recorded are counted and left out.
+/// and no event of the table that was written to this file (`written_to`,
+/// or the destination of any line compared) missing from it. Lines another
+/// database recorded are counted and left out.
 pub fn check_file(
     name: &str,
     text: &str,
     chain: &str,
     table: &[Event],
     database: Option<&str>,
+    written_to: &str,
 ) -> Result<FileChecked, Broken> {
     let by_seq: BTreeMap<i64, &Event> = table.iter().map(|e| (e.body.seq, e)).collect();
     let mut seen = FileChecked::default();
-    let mut destinations = BTreeSet::new();
+    // a line retagged as another database's must not take its event out of the check
+    let mut destinations = BTreeSet::from([written_to.to_string()]);
     let mut in_file = BTreeSet::new();
     let mut last: Option<i64> = None;
     for (n, line) in text
@@ -356,6 +359,7 @@ mod tests {
             "patients",
             &c,
             None,
+            "",
         )
         .unwrap();
         assert_eq!((checked.events, checked.unchained), (4, 1));
@@ -418,7 +422,15 @@ mod tests {
             prev = e.hash.clone();
         }
         let text = format!("{}{}", file_of(&theirs), file_of(&ours_named));
-        let checked = check_file("f", &text, "patients", &ours_named, Some("db-a")).unwrap();
+        let checked = check_file(
+            "f",
+            &text,
+            "patients",
+            &ours_named,
+            Some("db-a"),
+            "h:/a.jsonl",
+        )
+        .unwrap();
         assert_eq!((checked.events, checked.other_databases), (2, 2));
         // the same lines against a copy of db-a that kept its identity and
         // went its own way: a fork, named as such
@@ -430,8 +442,29 @@ mod tests {
                 b.sealed()
             })
             .collect();
-        let err = check_file("f", &text, "patients", &copy, Some("db-a")).unwrap_err();
+        let err =
+            check_file("f", &text, "patients", &copy, Some("db-a"), "h:/a.jsonl").unwrap_err();
         assert!(err.why.contains("a copy of this database"), "{err}");
+        // a line of ours retagged as another database's and resealed: its event is missing
+        let mut retagged = ours_named[1].body.clone();
+        retagged.database = Some("db-z".into());
+        let forged = format!(
+            "{}{}{}",
+            file_of(&theirs),
+            file_of(&ours_named[..1]),
+            file_of(&[retagged.sealed()])
+        );
+        let err = check_file(
+            "f",
+            &forged,
+            "patients",
+            &ours_named,
+            Some("db-a"),
+            "h:/a.jsonl",
+        )
+        .unwrap_err();
+        assert_eq!(err.seq, Some(2), "{err}");
+        assert!(err.why.contains("deleted from the file"), "{err}");
     }
 
     #[test]
@@ -440,18 +473,18 @@ mod tests {
         let text = file_of(&c);
         let edited = text.replacen("\"affected_records\":2", "\"affected_records\":3", 1);
         assert_eq!(
-            check_file("f", &edited, "patients", &c, None)
+            check_file("f", &edited, "patients", &c, None, "")
                 .unwrap_err()
                 .seq,
             Some(2)
         );
         let lines: Vec<&str> = text.lines().collect();
         let dropped = format!("{}\n{}\n", lines[0], lines[2]);
-        let err = check_file("f", &dropped, "patients", &c, None).unwrap_err();
+        let err = check_file("f", &dropped, "patients", &c, None, "").unwrap_err();
         assert_eq!(err.seq, Some(2), "{err}");
         let swapped = format!("{}\n{}\n{}\n", lines[0], lines[2], lines[1]);
-        assert!(check_file("f", &swapped, "patients", &c, None).is_err());
-        let err = check_file("f", &text, "patients", &c[..2], None).unwrap_err();
+        assert!(check_file("f", &swapped, "patients", &c, None, "").is_err());
+        let err = check_file("f", &text, "patients", &c[..2], None, "").unwrap_err();
         assert_eq!(err.seq, Some(3), "{err}");
     }
 }

@@ -550,4 +550,30 @@ async fn one_audit_file_serving_two_databases_checks_against_each_and_still_find
         "{}",
         printed(&out)
     );
+
+    // changing the database's identity, which would set every line of the
+    // file aside as another database's, is itself found
+    std::fs::write(&path, &text).unwrap();
+    production
+        .client
+        .batch_execute("UPDATE rekey.identity SET database_id = 'elsewhere'")
+        .await
+        .unwrap();
+    let out = rekey(
+        &[
+            "report",
+            "--job",
+            job,
+            "--check",
+            "--database-url",
+            &production.url,
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(7), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("rekey.identity was changed or removed"),
+        "{}",
+        printed(&out)
+    );
 }

@@ -150,6 +150,29 @@ pub async fn check(
         Ok(n) => checked.table_events = n,
         Err(broken) => checked.table_broken = Some(broken.to_string()),
     }
+    let database = database_id(client).await?;
+    // the table's events are this database's: one naming another means
+    // rekey.identity changed (which would hide the file's lines) or events
+    // were copied in
+    if let Some((e, place)) = events
+        .iter()
+        .find(|(e, _)| e.body.database.is_some() && e.body.database != database)
+    {
+        checked.table_broken.get_or_insert_with(|| {
+            Broken {
+                place: place.clone(),
+                seq: Some(e.body.seq),
+                event_type: Some(e.body.event_type.clone()),
+                why: format!(
+                    "it names database {}, and this database is {}: rekey.identity was changed or removed, \
+                     or the event was copied in from another database",
+                    e.body.database.as_deref().unwrap_or_default(),
+                    database.as_deref().unwrap_or("without an identity")
+                ),
+            }
+            .to_string()
+        });
+    }
     let text = match std::fs::read_to_string(file) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -173,13 +196,13 @@ pub async fn check(
         }
     };
     let table: Vec<Event> = events.into_iter().map(|(e, _)| e).collect();
-    let database = database_id(client).await?;
     match check_file(
         &file.display().to_string(),
         &text,
         chain,
         &table,
         database.as_deref(),
+        written_to,
     ) {
         Ok(FileChecked {
             events,
