@@ -28,18 +28,17 @@ pub async fn verify(args: &VerifyArgs) -> Result<u8, Error> {
     )
     .await?;
     // a target's `where` leaves rows out of sight: said, never implied
-    let only_where: serde_json::Map<String, serde_json::Value> = job
+    let only_where: Vec<(String, &str)> = job
         .targets
         .iter()
-        .filter_map(|t| {
-            t.filter
-                .as_ref()
-                .map(|f| (t.table.to_string(), serde_json::Value::from(f.as_str())))
-        })
+        .filter_map(|t| t.filter.as_deref().map(|f| (t.table.to_string(), f)))
         .collect();
     if args.common.json {
         let mut value = serde_json::to_value(&v).unwrap_or_default();
-        value["only_where"] = serde_json::Value::Object(only_where);
+        value["only_where"] = only_where
+            .iter()
+            .map(|(table, filter)| serde_json::json!({ "table": table, "where": filter }))
+            .collect();
         print_json(&value);
     } else {
         out!(
@@ -89,10 +88,7 @@ pub async fn verify(args: &VerifyArgs) -> Result<u8, Error> {
             );
         }
         for (table, filter) in &only_where {
-            out!(
-                "  only rows of {table} where {} were read (the target's `where`): its other rows were not verified",
-                filter.as_str().unwrap_or_default()
-            );
+            out!("  only rows of {table} where {filter} were read (the target's `where`): its other rows were not verified");
         }
         out!(
             "{}",

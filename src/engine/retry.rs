@@ -5,7 +5,6 @@
 //! is set aside.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
 
 use crate::engine::sink::{AfterReconnect, Batch, Commit, Writer, Written};
 use crate::error::Retry;
@@ -107,14 +106,12 @@ async fn pieces(
             // one row the database refuses (a trigger's exception, a
             // constraint): set aside like a locked row, so the range goes on;
             // refused again on the re-read, it is recorded as not rotated
-            // the limit is the job's: rows earlier runs set aside count
-            let before = *shared
-                .refused_before
-                .get_or_try_init(|| writer.refused_rows())
-                .await?;
-            let refused = shared.refused.fetch_add(1, Ordering::Relaxed) + 1;
-            if before + refused > REFUSED_LIMIT {
-                return Err(too_many_refused(error, before));
+            // the limit is the job's: rows every process and run set aside
+            // count, read afresh each time (refusals are rare, and other
+            // processes add to them)
+            let so_far = writer.refused_rows().await?;
+            if so_far >= REFUSED_LIMIT {
+                return Err(too_many_refused(error, so_far));
             }
             // the server's words alone: a constraint's DETAIL shows the row's values
             tracing::warn!(table = %target.table, "the database refused the write of one row ({}); it is re-read at the end of the run and, refused again, left on its old key", error.server_words());
@@ -201,19 +198,15 @@ async fn pieces(
 /// A run resumed after the limit stopped it stops at its first refusal.
 pub(super) const REFUSED_LIMIT: u64 = 1000;
 
-/// The error that stops a run once more than [`REFUSED_LIMIT`] rows of the
-/// job were refused, `before` of them by earlier runs.
-fn too_many_refused(error: Error, before: u64) -> Error {
-    let earlier = if before > 0 {
-        format!(" ({before} of them in earlier runs)")
-    } else {
-        String::new()
-    };
+/// The error that stops a run once [`REFUSED_LIMIT`] rows of the job were
+/// refused (`so_far`, every run and process of the job together).
+fn too_many_refused(error: Error, so_far: u64) -> Error {
     match error {
         Error::Db { context, source } => Error::Db {
             context: format!(
-                "{context}: the database refused the write of more than {REFUSED_LIMIT} rows of this job, each alone{earlier}, \
-                 so rekey stops (the last refusal follows)"
+                "{context}: the database refused the write of more than {REFUSED_LIMIT} rows of this job, each alone \
+                 ({so_far} set aside or recorded by its runs so far, this one's included), so rekey stops without setting \
+                 aside more; `rekey run --restart` starts the job over, counting afresh (the last refusal follows)"
             ),
             source,
         },

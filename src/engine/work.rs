@@ -128,10 +128,6 @@ pub(super) struct Shared {
     pub(super) timeouts: Timeouts,
     /// Ranges taken over from dead owners.
     pub(super) taken_over: AtomicU64,
-    /// Rows set aside because the database refused their write (each alone).
-    pub(super) refused: AtomicU64,
-    /// Such rows of the job before this process's first (read at that first).
-    pub(super) refused_before: tokio::sync::OnceCell<u64>,
     /// Batches waiting in the channels, all lanes together.
     pub(super) queued: Queued,
     /// (target, range_no) of the ranges this process's lanes are working on,
@@ -184,8 +180,6 @@ impl Shared {
             attempts: settings.attempts.max(1),
             timeouts: settings.timeouts,
             taken_over: AtomicU64::new(0),
-            refused: AtomicU64::new(0),
-            refused_before: tokio::sync::OnceCell::new(),
             queued: Queued::default(),
             working: Mutex::new(BTreeMap::new()),
             lost: Mutex::new(BTreeSet::new()),

@@ -19,6 +19,10 @@ pub fn newer_than_target(job: &Job) -> Vec<String> {
         if spec.source != KeySource::Env {
             continue;
         }
+        if t.write.keyring.pending_id().is_some() {
+            // a key staged (PENDING_VERSION, or KEY_NEW) is the target already
+            continue;
+        }
         let target = t.write.codec.target();
         let Some(newest) = t
             .write

@@ -56,8 +56,14 @@ pub async fn add(
     keys: &HashSet<KeyBytes>,
     why: SetAside,
 ) -> Result<(), tokio_postgres::Error> {
-    let target = target as i32;
     let refused = why == SetAside::Refused;
+    if refused {
+        // a row already set aside for a change is refused now: marked so
+        // (DELETE and INSERT, no UPDATE privilege needed)
+        let keys: Vec<KeyBytes> = keys.iter().cloned().collect();
+        clear(tx, job_id, target, &keys).await?;
+    }
+    let target = target as i32;
     let keys: Vec<&KeyBytes> = keys.iter().collect();
     for chunk in keys.chunks(KEYS_PER_STATEMENT) {
         let sql = format!(

@@ -342,7 +342,9 @@ async fn a_trigger_that_raises_for_every_row_stops_the_run_once_more_rows_than_t
     assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
     let message = json(&out)["error"].as_str().unwrap_or_default().to_string();
     assert!(
-        message.contains(&format!("{first} of them in earlier runs")),
+        message.contains(&format!(
+            "({first} set aside or recorded by its runs so far"
+        )) && message.contains("`rekey run --restart` starts the job over"),
         "{message}"
     );
     assert_eq!(

@@ -168,13 +168,13 @@ async fn verify_of_a_target_with_a_where_says_which_rows_it_did_not_read() {
     let out = rekey(&["verify", "--job", &job, "--json"], &seed_env());
     assert_eq!(
         json(&out)["only_where"],
-        serde_json::json!({"public.patient_persons": "id <= 100"})
+        serde_json::json!([{"table": "public.patient_persons", "where": "id <= 100"}])
     );
     let whole = db.patients_job(&dir).display().to_string();
     let out = rekey(&["verify", "--job", &whole, "--json"], &seed_env());
     assert_eq!(
         json(&out)["only_where"],
-        serde_json::json!({}),
+        serde_json::json!([]),
         "{}",
         printed(&out)
     );
