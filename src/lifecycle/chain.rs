@@ -272,9 +272,16 @@ pub fn check_file(
                 return Err(broken(
                     seq,
                     t,
-                    "rekey.audit holds another event at this place, after the same event before it: one of them \
-                     was replaced, or this file also serves a copy of this database (a backup restored, a snapshot: \
-                     a copy keeps the database's audit identity); give each copy an audit log of its own (--audit-log)",
+                    if event.body.database.is_none() {
+                        "rekey.audit holds another event at this place, after the same event before it: one of them \
+                         was replaced, or this line is another database's, recorded before events named their database \
+                         (a file that served several databases then cannot be checked line by line against one: \
+                         keep it as it is and give each database an audit log of its own from now, with --audit-log)"
+                    } else {
+                        "rekey.audit holds another event at this place, after the same event before it: one of them \
+                         was replaced, or this file also serves a copy of this database (a backup restored, a snapshot: \
+                         a copy keeps the database's audit identity); give each copy an audit log of its own (--audit-log)"
+                    },
                 ))
             }
             Some(row) if row.hash != event.hash => {
@@ -390,6 +397,15 @@ mod tests {
     fn an_event_without_a_database_hashes_as_events_did_before_databases_had_one() {
         let c = chain_of(1);
         let line = c[0].line().unwrap();
+        // the canonical form, field for field, as events were hashed before
+        let canonical = format!(
+            "{{\"event_type\":\"step_1\",\"timestamp\":\"2026-12-03T10:00:00.000000Z\",\"secret_id\":\"file:k.toml#2\",\
+             \"operator\":\"alice\",\"reason\":\"scheduled_annual\",\"incident_id\":null,\"verification_status\":\"passed\",\
+             \"affected_records\":1,\"old_key\":1,\"new_key\":2,\"notes\":\"Annual rotation per policy\",\"detail\":\"\",\
+             \"job_id\":null,\"rotation_id\":1,\"chain\":\"patients\",\"seq\":1,\"written_to\":\"h:/a.jsonl\",\
+             \"prev_hash\":\"{GENESIS}\"}}"
+        );
+        assert_eq!(serde_json::to_string(&c[0].body).unwrap(), canonical);
         assert!(!line.contains("database"), "{line}");
         let mut named = c[0].body.clone();
         named.database = Some("db-a".into());

@@ -28,8 +28,14 @@ fn sections(doc: &Value) -> Vec<Section> {
     let fact = |label: &str, v: &Value| (label.to_string(), text(v));
     let chain = &doc["chain"];
     let chain_state = if chain["table_broken"].is_null() && chain["file_broken"].is_null() {
+        let others = match chain["file_other_databases"].as_u64() {
+            Some(n) if n > 0 => {
+                format!(" ({n} lines of other databases, checked against their own hashes)")
+            }
+            _ => String::new(),
+        };
         format!(
-            "intact: {} events in rekey.audit, {} in {}",
+            "intact: {} events in rekey.audit, {} in {}{others}",
             text(&chain["table_events"]),
             text(&chain["file_events"]),
             text(&chain["file"])
