@@ -123,7 +123,13 @@ async fn a_key_of_the_wrong_length_names_the_variable() {
         ("ENCRYPTION_KEY_V2", K2[..62].to_string()),
         ("ENCRYPTION_CURRENT_VERSION", "2".to_string()),
     ];
-    assert_refused(&db, &job, &env, "ENCRYPTION_KEY_V2 is not a 32-byte key").await;
+    assert_refused(
+        &db,
+        &job,
+        &env,
+        "ENCRYPTION_KEY_V2 looks like hex but is 62 characters; a key is 64 hex characters",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

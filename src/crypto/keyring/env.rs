@@ -337,6 +337,28 @@ mod tests {
     }
 
     #[test]
+    fn a_hex_key_of_the_wrong_length_names_the_variable_and_its_length() {
+        for bad in [&K2[..62], &K2[..63], &format!("{K2}22")[..]] {
+            let err = from_vars(
+                "ENCRYPTION",
+                &vars(&[
+                    ("ENCRYPTION_KEY_V1", K1),
+                    ("ENCRYPTION_KEY_V2", bad),
+                    ("ENCRYPTION_CURRENT_VERSION", "2"),
+                ]),
+            )
+            .unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "ENCRYPTION_KEY_V2 looks like hex but is {} characters; a key is 64 hex characters",
+                    bad.len()
+                )
+            );
+        }
+    }
+
+    #[test]
     fn bad_hex_names_the_variable_and_hides_the_value() {
         let bad = &K2[..63];
         let err = from_vars(

@@ -41,6 +41,15 @@ pub enum KeyParseError {
         /// Where the characters that are not hex digits are, counted from 1.
         positions: Vec<usize>,
     },
+    /// The value is made only of hex digits, but not 64 of them: a hex key
+    /// cut short or run on. (Base64 of 32 bytes is 44 characters, the last
+    /// one `=`, so never all hex digits; its 43 unpadded characters can be,
+    /// and are refused with the padding named rather than guessed at.)
+    #[error("looks like hex but is {len} characters; a key is 64 hex characters{}", if *len == UNPADDED_BASE64_LEN { " (or, if it is base64 of 32 bytes without its padding, add the final '=')" } else { "" })]
+    LooksLikeHex {
+        /// Length of the refused value, in characters.
+        len: usize,
+    },
     /// The value decodes, but not to 32 bytes.
     #[error("decodes to {got} bytes; a key must be exactly 32 bytes (64 hex characters)")]
     WrongLength {
@@ -48,6 +57,9 @@ pub enum KeyParseError {
         got: usize,
     },
 }
+
+/// Characters of base64 of a 32-byte key without its `=` padding.
+const UNPADDED_BASE64_LEN: usize = (KEY_LEN * 4).div_ceil(3);
 
 /// One key: an id and 32 bytes of secret material, wiped on drop.
 #[derive(Clone)]
@@ -68,6 +80,7 @@ impl Key {
     }
 
     /// Parses 64 hex characters or base64 (standard or urlsafe, padded or not) of 32 bytes.
+    /// A value made only of hex digits is hex: of any other length, it is refused.
     pub fn parse(id: KeyId, text: &str) -> Result<Self, KeyParseError> {
         let text = text.trim();
         if text.len() >= 2
@@ -81,6 +94,8 @@ impl Key {
                 Zeroizing::new(
                     hex::decode(text).map_err(|_| KeyParseError::Malformed { len: text.len() })?,
                 )
+            } else if !text.is_empty() && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(KeyParseError::LooksLikeHex { len: text.len() });
             } else if let Some(positions) = hex_typos(text) {
                 return Err(KeyParseError::NotHex { positions });
             } else {
@@ -402,6 +417,41 @@ mod tests {
     }
 
     #[test]
+    fn hex_digits_short_of_or_past_64_are_refused_as_hex_of_the_wrong_length() {
+        for len in [62, 63, 65, 66] {
+            let text: String = HEX.chars().cycle().take(len).collect();
+            let err = Key::parse(1, &text).unwrap_err();
+            assert_eq!(err, KeyParseError::LooksLikeHex { len });
+            let shown = format!("{err} {err:?}");
+            assert!(shown.starts_with(&format!(
+                "looks like hex but is {len} characters; a key is 64 hex characters"
+            )));
+            for part in text.as_bytes().windows(6) {
+                let part = std::str::from_utf8(part).unwrap();
+                assert!(!shown.contains(part), "{shown}");
+            }
+        }
+    }
+
+    #[test]
+    fn base64_of_32_bytes_is_all_hex_digits_only_unpadded_and_then_is_refused_naming_its_padding() {
+        use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
+        // 32 bytes are 44 base64 characters, the last one '=': never all hex
+        // digits. Unpadded they are 43, which can all be hex digits (zeros
+        // are "AAA...A"): such a value is refused rather than guessed at.
+        let zeros = STANDARD_NO_PAD.encode([0u8; KEY_LEN]);
+        assert!(zeros.len() == 43 && zeros.bytes().all(|b| b.is_ascii_hexdigit()));
+        let err = Key::parse(1, &zeros).unwrap_err();
+        assert_eq!(err, KeyParseError::LooksLikeHex { len: 43 });
+        assert!(err.to_string().contains("add the final '='"), "{err}");
+        let padded = STANDARD.encode([0u8; KEY_LEN]);
+        assert_eq!(
+            Key::parse(1, &padded).map(|k| *k.material()),
+            Ok([0; KEY_LEN])
+        );
+    }
+
+    #[test]
     fn a_64_character_value_mostly_not_hex_is_still_measured_as_base64() {
         let b64 = base64::engine::general_purpose::STANDARD.encode([0xa5u8; 48]);
         assert_eq!(b64.len(), 64);
@@ -414,7 +464,7 @@ mod tests {
     #[test]
     fn refuses_base64_of_the_wrong_length() {
         assert_eq!(
-            Key::parse(1, "AAAA").unwrap_err(),
+            Key::parse(1, "AQID").unwrap_err(),
             KeyParseError::WrongLength { got: 3 }
         );
     }
@@ -463,6 +513,22 @@ mod tests {
                     proptest::prop_assert!(!positions.is_empty());
                 }
                 Err(KeyParseError::Quoted) => proptest::prop_assert!(text.trim().starts_with(['"', '\''])),
+                Err(KeyParseError::LooksLikeHex { len }) => {
+                    proptest::prop_assert_eq!(len, text.trim().len());
+                    proptest::prop_assert_ne!(len, 2 * KEY_LEN);
+                    proptest::prop_assert!(text.trim().bytes().all(|b| b.is_ascii_hexdigit()));
+                }
+            }
+        }
+
+        #[test]
+        fn padded_base64_of_32_bytes_is_never_all_hex_digits(material in proptest::prelude::any::<[u8; KEY_LEN]>()) {
+            use base64::engine::general_purpose::{STANDARD, URL_SAFE};
+            for text in [STANDARD.encode(material), URL_SAFE.encode(material)] {
+                proptest::prop_assert_eq!(text.len(), 44);
+                proptest::prop_assert!(text.ends_with('='));
+                proptest::prop_assert!(!text.bytes().all(|b| b.is_ascii_hexdigit()));
+                proptest::prop_assert_eq!(Key::parse(1, &text).map(|k| *k.material()), Ok(material));
             }
         }
 
@@ -487,7 +553,11 @@ mod tests {
                 URL_SAFE_NO_PAD.encode(material),
             ];
             for text in texts {
-                proptest::prop_assert_eq!(Key::parse(1, &text).map(|k| *k.material()), Ok(material));
+                // unpadded base64 all of whose 43 characters are hex digits
+                // (about one key in 10^20) is refused as ambiguous
+                let ambiguous = text.len() == 43 && text.bytes().all(|b| b.is_ascii_hexdigit());
+                let expected = if ambiguous { Err(KeyParseError::LooksLikeHex { len: 43 }) } else { Ok(material) };
+                proptest::prop_assert_eq!(Key::parse(1, &text).map(|k| *k.material()), expected);
             }
         }
     }
