@@ -4,7 +4,7 @@
 
 use rekey::crypto::keyring::{Key, Keyring};
 use rekey::crypto::keytable::{KeyState, KeyTable};
-use rekey::secrets::file::{archive_path, KeyringFile};
+use rekey::secrets::file::{archive_path, backup_path, KeyringFile};
 
 use crate::harness::*;
 
@@ -49,7 +49,7 @@ async fn a_retired_key_leaves_the_keyring_file_for_its_archive_and_restore_bring
     // what applications read no longer holds key 1's material, in the file or its backup
     let k1_fingerprint = Key::parse(1, K1).unwrap().fingerprint();
     let read_by_apps = std::fs::read_to_string(&keyring).unwrap()
-        + &std::fs::read_to_string(keyring.with_extension("bak")).unwrap_or_default();
+        + &std::fs::read_to_string(backup_path(&keyring)).unwrap_or_default();
     let file_only = KeyringFile::open(&keyring, KEYRING_PASS.as_bytes(), "P")
         .unwrap()
         .table

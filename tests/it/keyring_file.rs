@@ -10,7 +10,7 @@
 use std::os::unix::fs::PermissionsExt;
 
 use rekey::crypto::keyring::Key;
-use rekey::secrets::file::KeyringFile;
+use rekey::secrets::file::{backup_path, KeyringFile};
 
 use crate::harness::*;
 
@@ -152,7 +152,7 @@ async fn keyring_files_rekey_writes_are_its_owners_alone_whatever_the_umask() {
             .expect("run rekey through sh");
         assert!(out.status.success(), "{step}: {}", printed(&out));
     }
-    let backup = keyring.with_extension("bak");
+    let backup = backup_path(&keyring);
     assert!(backup.exists(), "stage saved no backup");
     assert_eq!(mode(&keyring), 0o600);
     assert_eq!(mode(&backup), 0o600);

@@ -1,6 +1,10 @@
 //! Replacing a store file without ever leaving it unreadable (write beside
 //! it, sync, back up, rename, sync the directory), and keeping its archive
 //! of retired keys in step with it.
+//!
+//! Every name beside a file is its whole name with a suffix appended
+//! (`keyring.json.bak`, `keyring.json.tmp-<pid>`, `keyring.json.archive`),
+//! so two files of one stem (`prod.json`, `prod.toml`) never share one.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -43,6 +47,15 @@ pub fn save_with_archive(
     Ok(())
 }
 
+/// What a replaced file's backup becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backup {
+    /// The version being replaced (none when there was none).
+    Previous,
+    /// The new version: material the file drops must not live on in it.
+    Scrubbed,
+}
+
 /// Replaces `path`'s archive with `keys`, or removes it when there are none.
 pub(super) fn write_archive(
     path: &Path,
@@ -67,8 +80,18 @@ pub(super) fn write_archive(
 
 /// Where a store file keeps its retired keys: `<file>.archive`.
 pub fn archive_path(path: &Path) -> PathBuf {
+    beside(path, ".archive")
+}
+
+/// Where a store file keeps the version before its last save: `<file>.bak`.
+pub fn backup_path(path: &Path) -> PathBuf {
+    beside(path, ".bak")
+}
+
+/// `path`'s whole name with `suffix` appended.
+fn beside(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
-    name.push(".archive");
+    name.push(suffix);
     PathBuf::from(name)
 }
 
@@ -82,9 +105,10 @@ pub(super) fn sync_dir(path: &Path) -> Result<(), FileKeyringError> {
     Ok(())
 }
 
-/// Writes `bytes` beside `path` (owner-only, synced); returns the temporary path.
+/// Writes `bytes` beside `path` (`<file>.tmp-<pid>`, owner-only, synced);
+/// returns the temporary path.
 pub fn write_pending(path: &Path, bytes: &[u8]) -> Result<PathBuf, FileKeyringError> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let tmp = beside(path, &format!(".tmp-{}", std::process::id()));
     let mut options = OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -97,25 +121,125 @@ pub fn write_pending(path: &Path, bytes: &[u8]) -> Result<PathBuf, FileKeyringEr
     Ok(tmp)
 }
 
-/// Backs up `path` to `<path>.bak`, renames `tmp` over it and syncs the
-/// directory; with `scrub_backup`, the backup becomes the new version too
-/// (a retired key must not live on in it).
+/// Backs up `path` to `<file>.bak`, renames `tmp` over it and syncs the
+/// directory; with `scrub_backup`, the backup becomes the new version
+/// instead (a retired key must not live on in it). A backup an earlier
+/// rekey named `<stem>.bak` is removed once it is recognised as this
+/// file's ([`legacy_backup`]).
 pub fn commit(path: &Path, tmp: &Path, scrub_backup: bool) -> Result<(), FileKeyringError> {
-    let bak = path.with_extension("bak");
-    let backup = |from: &Path| -> Result<(), FileKeyringError> {
-        fs::copy(from, &bak).map_err(io(&bak))?;
-        File::open(&bak)
-            .and_then(|f| f.sync_all())
-            .map_err(io(&bak))
-    };
-    if path.exists() {
-        backup(path)?;
+    replace(
+        path,
+        tmp,
+        if scrub_backup {
+            Backup::Scrubbed
+        } else {
+            Backup::Previous
+        },
+    )?;
+    retire_legacy_backup(path, scrub_backup)
+}
+
+/// Copies `from` to `path`'s backup and syncs it.
+fn back_up(path: &Path, from: &Path) -> Result<(), FileKeyringError> {
+    let bak = backup_path(path);
+    fs::copy(from, &bak).map_err(io(&bak))?;
+    File::open(&bak)
+        .and_then(|f| f.sync_all())
+        .map_err(io(&bak))
+}
+
+/// Renames `tmp` over `path` with its backup written first: the previous
+/// version, or, scrubbed, the new one, so that at no instant does the
+/// backup hold material both versions lack.
+fn replace(path: &Path, tmp: &Path, backup: Backup) -> Result<(), FileKeyringError> {
+    match backup {
+        Backup::Previous if path.exists() => back_up(path, path)?,
+        Backup::Previous => {}
+        Backup::Scrubbed => back_up(path, tmp)?,
     }
     fs::rename(tmp, path).map_err(io(path))?;
-    if scrub_backup {
-        backup(path)?;
-    }
     sync_dir(path)
+}
+
+/// The name an earlier rekey gave `path`'s backup (`keyring.bak` for
+/// `keyring.json`), when that is neither the file nor its backup today.
+fn legacy_backup(path: &Path) -> Option<PathBuf> {
+    let legacy = path.with_extension("bak");
+    (legacy != path && legacy != backup_path(path)).then_some(legacy)
+}
+
+/// Removes `path`'s backup under the name an earlier rekey gave it, once
+/// it is recognised as this file's ([`same_keyring`]): `<file>.bak` now
+/// holds a later version, and with `retired` keys the old one may still
+/// hold their material. A file of that name that is not recognised may be
+/// another keyring's backup (`prod.toml`'s beside `prod.json`): it is left,
+/// and, when keys were retired, named in a warning.
+fn retire_legacy_backup(path: &Path, retired: bool) -> Result<(), FileKeyringError> {
+    let Some(legacy) = legacy_backup(path) else {
+        return Ok(());
+    };
+    let Ok(old) = fs::read(&legacy) else {
+        return Ok(());
+    };
+    let new = fs::read(path).map_err(io(path))?;
+    if same_keyring(&old, &new) {
+        fs::remove_file(&legacy).map_err(io(&legacy))?;
+        return sync_dir(&legacy);
+    }
+    if retired {
+        tracing::warn!(
+            "{} is not recognised as a backup of keyring file {} (an earlier rekey named backups so; {} is its backup now), so it was left as it is: if it is one, it may still hold a retired key's material; delete it",
+            legacy.display(),
+            path.display(),
+            backup_path(path).display()
+        );
+    }
+    Ok(())
+}
+
+/// Whether `old` is an earlier version of the keyring file `new`: the
+/// same format and key derivation (a passphrase file's random salt is
+/// kept across saves), no key of `old` that `new` lacks or holds with
+/// another fingerprint, and at least one key they share by fingerprint.
+/// Neither file is quoted anywhere.
+fn same_keyring(old: &[u8], new: &[u8]) -> bool {
+    let (Ok(old), Ok(new)) = (
+        serde_json::from_slice::<serde_json::Value>(old),
+        serde_json::from_slice::<serde_json::Value>(new),
+    ) else {
+        return false;
+    };
+    let keys = |doc: &serde_json::Value| -> Option<Vec<(u64, String)>> {
+        doc.get("keys")?
+            .as_array()?
+            .iter()
+            .map(|k| {
+                let fingerprint = k.get("fingerprint").and_then(|f| f.as_str());
+                Some((
+                    k.get("id")?.as_u64()?,
+                    fingerprint.unwrap_or("").to_string(),
+                ))
+            })
+            .collect()
+    };
+    let (Some(old_keys), Some(new_keys)) = (keys(&old), keys(&new)) else {
+        return false;
+    };
+    let mut shared = false;
+    for (id, fingerprint) in &old_keys {
+        let Some((_, now)) = new_keys.iter().find(|(n, _)| n == id) else {
+            return false;
+        };
+        match (fingerprint.is_empty(), now.is_empty()) {
+            (false, false) if fingerprint != now => return false,
+            (false, false) => shared = true,
+            _ => {}
+        }
+    }
+    old.get("format").is_some()
+        && old.get("format") == new.get("format")
+        && old.get("kdf") == new.get("kdf")
+        && shared
 }
 
 /// Owner-only permissions for files holding sealed keys (Unix): opening

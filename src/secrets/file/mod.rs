@@ -19,7 +19,7 @@
 mod atomic;
 mod seal;
 
-pub use atomic::{archive_path, commit, save_with_archive, write_pending};
+pub use atomic::{archive_path, backup_path, commit, save_with_archive, write_pending};
 
 use std::fs::{self};
 use std::path::{Path, PathBuf};

@@ -103,7 +103,7 @@ fn saving_keeps_a_backup_of_the_previous_version() {
     let mut file = KeyringFile::create(&path, b"pw", table()).unwrap();
     file.table.stage(Key::new(2, [8; 32]), 200).unwrap();
     file.save().unwrap();
-    let backup = KeyringFile::open(&path.with_extension("bak"), b"pw", "P").unwrap();
+    let backup = KeyringFile::open(&backup_path(&path), b"pw", "P").unwrap();
     assert_eq!(backup.table.entries.len(), 1);
     assert_eq!(
         KeyringFile::open(&path, b"pw", "P")
@@ -113,6 +113,109 @@ fn saving_keeps_a_backup_of_the_previous_version() {
             .len(),
         2
     );
+}
+
+#[test]
+fn the_backup_is_named_by_the_whole_file_name_with_bak_appended() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    let mut file = KeyringFile::create(&path, b"pw", table()).unwrap();
+    file.table.stage(Key::new(2, [8; 32]), 200).unwrap();
+    file.save().unwrap();
+    assert!(dir.path().join("keys.json.bak").exists());
+    assert!(!dir.path().join("keys.bak").exists());
+}
+
+#[test]
+fn the_temporary_file_is_named_by_the_whole_file_name_with_tmp_appended() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    let file = KeyringFile::create(&path, b"pw", table()).unwrap();
+    let tmp = file.write_pending().unwrap();
+    assert_eq!(
+        tmp,
+        dir.path()
+            .join(format!("keys.json.tmp-{}", std::process::id()))
+    );
+}
+
+#[test]
+fn two_keyring_files_of_one_stem_keep_a_backup_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let (json, toml) = (dir.path().join("prod.json"), dir.path().join("prod.toml"));
+    let mut first = KeyringFile::create(&json, b"one", table()).unwrap();
+    let mut second = KeyringFile::create(&toml, b"two", table()).unwrap();
+    first.table.stage(Key::new(2, [8; 32]), 200).unwrap();
+    first.save().unwrap();
+    second.table.stage(Key::new(2, [9; 32]), 200).unwrap();
+    second.save().unwrap();
+    assert!(KeyringFile::open(&backup_path(&json), b"one", "P").is_ok());
+    assert!(KeyringFile::open(&backup_path(&toml), b"two", "P").is_ok());
+}
+
+/// Key 1 current, key 2 staged and saved, then promoted and saved: the
+/// steps before key 1 may be retired.
+fn promoted(path: &Path) -> KeyringFile {
+    let mut file = KeyringFile::create(path, b"pw", table()).unwrap();
+    file.table.stage(Key::new(2, [8; 32]), 200).unwrap();
+    file.save().unwrap();
+    file.table.promote(300).unwrap();
+    file.save().unwrap();
+    file
+}
+
+/// Whether the keyring file at `path` holds key `id`'s material, sealed.
+fn holds_material(path: &Path, id: u64) -> bool {
+    let doc: serde_json::Value = serde_json::from_slice(&fs::read(path).unwrap()).unwrap();
+    doc["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|k| k["id"] == id && k["material"].is_string())
+}
+
+#[test]
+fn a_save_replaces_this_keyring_s_backup_named_by_an_earlier_rekey() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    let mut file = promoted(&path);
+    // an earlier rekey backed keys.json up to keys.bak
+    let legacy = dir.path().join("keys.bak");
+    write_owner_only(&legacy, fs::read(&path).unwrap());
+    file.table.stage(Key::new(3, [9; 32]), 400).unwrap();
+    file.save().unwrap();
+    assert!(!legacy.exists(), "keys.json.bak is its backup now");
+    assert!(KeyringFile::open(&backup_path(&path), b"pw", "P").is_ok());
+}
+
+#[test]
+fn retiring_a_key_leaves_its_material_in_no_backup_an_earlier_rekey_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    let mut file = promoted(&path);
+    let legacy = dir.path().join("keys.bak");
+    write_owner_only(&legacy, fs::read(&path).unwrap());
+    assert!(holds_material(&legacy, 1));
+    file.table.retire(1, 400).unwrap();
+    file.save().unwrap();
+    assert!(!legacy.exists() || !holds_material(&legacy, 1));
+    assert!(!holds_material(&backup_path(&path), 1));
+}
+
+#[test]
+fn a_file_named_as_an_earlier_rekey_named_backups_is_left_when_it_is_another_keyring_s() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    let mut file = promoted(&path);
+    // keys.toml's backup, by an earlier rekey: another salt, other keys
+    let legacy = dir.path().join("keys.bak");
+    let other = dir.path().join("keys.toml");
+    promoted(&other);
+    let theirs = fs::read(&other).unwrap();
+    write_owner_only(&legacy, &theirs);
+    file.table.retire(1, 400).unwrap();
+    file.save().unwrap();
+    assert_eq!(fs::read(&legacy).unwrap(), theirs);
 }
 
 /// A keyring file whose Argon2id parameters ask for `m_cost` KiB.
