@@ -107,6 +107,7 @@ async fn purge_destroys_an_archived_key_and_it_cannot_be_restored_after() {
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert!(table(&keyring).archived_ids().is_empty());
     assert!(!archive_path(&keyring).exists());
+    assert!(!backup_path(&archive_path(&keyring)).exists());
     let out = rekey(
         &["secrets", "restore", "--job", &job, "--key-id", "1"],
         &keyring_pass_env(),

@@ -1,6 +1,6 @@
 //! Replacing a store file without ever leaving it unreadable (write beside
 //! it, sync, back up, rename, sync the directory), and keeping its archive
-//! of retired keys in step with it.
+//! of retired keys, and the backups of both, in step with it.
 //!
 //! Every name beside a file is its whole name with a suffix appended
 //! (`keyring.json.bak`, `keyring.json.tmp-<pid>`, `keyring.json.archive`),
@@ -38,44 +38,57 @@ pub fn save_with_archive(
             .cloned(),
     );
     if ids(&superset) != ids(on_disk) {
-        write_archive(path, &superset, &render)?;
+        write_archive(path, &superset, &render, Backup::Previous)?;
     }
     save_main()?;
     if ids(&archived) != ids(&superset) {
-        write_archive(path, &archived, &render)?;
+        write_archive(path, &archived, &render, Backup::Scrubbed)?;
     }
     Ok(())
 }
 
 /// What a replaced file's backup becomes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Backup {
+pub(super) enum Backup {
     /// The version being replaced (none when there was none).
     Previous,
     /// The new version: material the file drops must not live on in it.
     Scrubbed,
 }
 
-/// Replaces `path`'s archive with `keys`, or removes it when there are none.
+/// Replaces `path`'s archive with `keys`, or removes it (and its backup)
+/// when there are none. Its backup, `<file>.archive.bak`, never holds a
+/// key the archive does not: it is the previous archive while keys are
+/// only added (a new archive's own copy, since retired keys are nowhere
+/// else), the new one once keys leave (restored or purged).
 pub(super) fn write_archive(
     path: &Path,
     keys: &[StoredKey],
     render: &impl Fn(&[StoredKey]) -> Result<Vec<u8>, serde_json::Error>,
+    backup: Backup,
 ) -> Result<(), FileKeyringError> {
     let archive = archive_path(path);
     if keys.is_empty() {
-        return match fs::remove_file(&archive) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&archive)(e)),
-            _ => sync_dir(&archive),
-        };
+        // the backup first: at no instant does it outlive the archive
+        for file in [backup_path(&archive), archive.clone()] {
+            match fs::remove_file(&file) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&file)(e)),
+                _ => sync_dir(&file)?,
+            }
+        }
+        return Ok(());
     }
     let json = render(keys).map_err(|e| FileKeyringError::Malformed {
         path: archive.clone(),
         problem: e.to_string(),
     })?;
     let tmp = write_pending(&archive, &json)?;
-    fs::rename(&tmp, &archive).map_err(io(&archive))?;
-    sync_dir(&archive)
+    let backup = if archive.exists() {
+        backup
+    } else {
+        Backup::Scrubbed
+    };
+    replace(&archive, &tmp, backup)
 }
 
 /// Where a store file keeps its retired keys: `<file>.archive`.

@@ -14,7 +14,9 @@
 //! archive beside it (`<file>.archive`, same format and passphrase) until
 //! `rekey secrets purge` or the end of [`super::ARCHIVE_RETENTION`]. Material
 //! is written to the archive before it leaves the file, and leaves the
-//! archive only after the file holds what replaces it.
+//! archive only after the file holds what replaces it. The archive has a
+//! backup too (`<file>.archive.bak`), which never holds a key the archive
+//! does not, so a purged key leaves both.
 
 mod atomic;
 mod seal;

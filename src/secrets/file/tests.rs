@@ -218,6 +218,58 @@ fn a_file_named_as_an_earlier_rekey_named_backups_is_left_when_it_is_another_key
     assert_eq!(fs::read(&legacy).unwrap(), theirs);
 }
 
+/// [`promoted`], with key 1 retired into the archive.
+fn retired(path: &Path) -> KeyringFile {
+    let mut file = promoted(path);
+    file.table.retire(1, 400).unwrap();
+    file.save().unwrap();
+    file
+}
+
+/// [`retired`], with key 3 promoted and key 2 retired too.
+fn two_retired(path: &Path) -> KeyringFile {
+    let mut file = retired(path);
+    file.table.stage(Key::new(3, [9; 32]), 500).unwrap();
+    file.table.promote(600).unwrap();
+    file.table.retire(2, 700).unwrap();
+    file.save().unwrap();
+    file
+}
+
+#[test]
+fn retiring_a_key_keeps_a_copy_of_the_new_archive_as_its_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    retired(&path);
+    let backup = backup_path(&archive_path(&path));
+    assert_eq!(backup, dir.path().join("keys.json.archive.bak"));
+    assert!(holds_material(&backup, 1));
+}
+
+#[test]
+fn archiving_another_key_keeps_the_previous_archive_as_its_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    two_retired(&path);
+    let backup = backup_path(&archive_path(&path));
+    assert!(holds_material(&backup, 1) && !holds_material(&backup, 2));
+    assert!(holds_material(&archive_path(&path), 2));
+}
+
+#[test]
+fn a_purged_key_leaves_the_archive_s_backup_with_the_archive() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    let mut file = two_retired(&path);
+    let backup = backup_path(&archive_path(&path));
+    file.table.purge(1).unwrap();
+    file.save().unwrap();
+    assert!(!holds_material(&backup, 1) && holds_material(&backup, 2));
+    file.table.purge(2).unwrap();
+    file.save().unwrap();
+    assert!(!archive_path(&path).exists() && !backup.exists());
+}
+
 /// A keyring file whose Argon2id parameters ask for `m_cost` KiB.
 fn document_asking_for(m_cost: u32, t_cost: u32, p_cost: u32) -> String {
     serde_json::json!({
