@@ -5,7 +5,8 @@
 //! well-formed file none of whose keys opens has a wrong passphrase, or was
 //! altered; a file group or others may read is refused as ssh refuses such
 //! a private key, naming the `chmod` that fixes it. rekey writes its own
-//! keyring files for their owner alone.
+//! keyring files for their owner alone. A damaged file's error says what
+//! its backup holds, and which keys restoring it would lose.
 
 use std::os::unix::fs::PermissionsExt;
 
@@ -93,6 +94,27 @@ async fn a_sealed_key_altered_beside_one_that_opens_is_damage_not_a_wrong_passph
     assert!(said.contains("is damaged"), "{said}");
     assert!(said.contains("key 2"), "{said}");
     assert!(!said.contains("wrong passphrase"), "{said}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_damaged_keyring_file_names_the_key_its_backup_lacks() {
+    let (db, _dir, job, keyring) = patients_with_a_keyring_file().await;
+    let mut file = KeyringFile::open(&keyring, KEYRING_PASS.as_bytes(), "P").unwrap();
+    file.table.stage(Key::parse(2, K2).unwrap(), 2).unwrap();
+    file.save().unwrap();
+    let sealed = sealed_material(&keyring, 2);
+    let text = std::fs::read_to_string(&keyring).unwrap();
+    std::fs::write(&keyring, text.replace(&sealed, &altered(&sealed))).unwrap();
+    let said = refused(&db, &job, &keyring_pass_env()).await;
+    let backup = backup_path(&keyring);
+    assert!(
+        said.contains(&format!(
+            "its backup {} holds key 1 (current) but not key 2",
+            backup.display()
+        )),
+        "{said}"
+    );
+    assert!(said.contains("restoring it alone would lose key 2"), "{said}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -81,6 +81,7 @@ pub(super) fn write_archive(
     let json = render(keys).map_err(|e| FileKeyringError::Malformed {
         path: archive.clone(),
         problem: e.to_string(),
+        backup: None,
     })?;
     let tmp = write_pending(&archive, &json)?;
     let backup = if archive.exists() {

@@ -52,16 +52,18 @@ pub enum FileKeyringError {
         source: std::io::Error,
     },
     /// Not a keyring file, or damaged so that it does not parse.
-    #[error("keyring file {path} is damaged or not a rekey keyring: {problem}")]
+    #[error("keyring file {path} is damaged or not a rekey keyring: {problem}{}", backup.as_ref().map(|b| format!("; nothing was changed: {b}")).unwrap_or_default())]
     Malformed {
         /// The file.
         path: PathBuf,
         /// What is wrong.
         problem: String,
+        /// What its backup holds, when it was read from disk.
+        backup: Option<InBackup>,
     },
     /// Some sealed keys do not open with the passphrase that opens another:
     /// the file was damaged or altered (one passphrase seals them all).
-    #[error("keyring file {path} is damaged: the sealed material of {} does not open with the passphrase that opens key {opened}, so it was corrupted or altered after rekey wrote it; nothing was changed: restore the file from a backup (a keyring file's .bak holds the version before its last save, which may lack the newest key)", key_list(keys))]
+    #[error("keyring file {path} is damaged: the sealed material of {} does not open with the passphrase that opens key {opened}, so it was corrupted or altered after rekey wrote it; nothing was changed: {}", key_list(keys), backup.as_ref().map_or("restore the file from a backup".to_string(), InBackup::to_string))]
     Altered {
         /// The file holding the keys that do not open.
         path: PathBuf,
@@ -69,6 +71,8 @@ pub enum FileKeyringError {
         keys: Vec<KeyId>,
         /// A key that opens.
         opened: KeyId,
+        /// What its backup holds.
+        backup: Option<InBackup>,
     },
     /// No sealed key opens: a wrong passphrase, or an alteration of the
     /// sealed keys, salt or parameters, which AES-GCM cannot tell apart.
@@ -99,6 +103,181 @@ pub enum FileKeyringError {
     /// Creating over an existing file.
     #[error("keyring file {0} already exists; refusing to overwrite it")]
     Exists(PathBuf),
+}
+
+/// What the backup of a damaged file holds, named in its error: the
+/// backup is the version before the file's last save, so restoring it
+/// blindly would lose a key that save added. Never any material.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InBackup {
+    /// There is no backup.
+    Nothing {
+        /// Where it would be.
+        backup: PathBuf,
+    },
+    /// The backup does not open either.
+    Unusable {
+        /// The backup.
+        backup: PathBuf,
+        /// Why, in a few words.
+        why: String,
+    },
+    /// The backup opens and holds these keys' material.
+    Keys {
+        /// The backup.
+        backup: PathBuf,
+        /// Each key whose material it holds, with its state there.
+        holds: Vec<(KeyId, KeyState)>,
+        /// The keys whose material the damaged file lists and the backup
+        /// lacks; `None` when the damaged file does not parse enough to tell.
+        lacks: Option<Vec<KeyId>>,
+    },
+}
+
+impl std::fmt::Display for InBackup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            InBackup::Nothing { backup } => write!(
+                f,
+                "there is no backup {}: restore the file from a copy of your own",
+                backup.display()
+            ),
+            InBackup::Unusable { backup, why } => write!(
+                f,
+                "its backup {} is no use either ({why}): restore the file from a copy of your own",
+                backup.display()
+            ),
+            InBackup::Keys {
+                backup,
+                holds,
+                lacks: Some(lacks),
+            } if lacks.is_empty() => write!(
+                f,
+                "its backup {} holds {}, every key whose material the damaged file lists: restore the file from it",
+                backup.display(),
+                key_states(holds)
+            ),
+            InBackup::Keys {
+                backup,
+                holds,
+                lacks: Some(lacks),
+            } => write!(
+                f,
+                "its backup {} holds {} but not {lacking}, which the damaged file lists (the backup is the version before the file's last save): restoring it alone would lose {lacking}, so recover {lacking} from where it came from first",
+                backup.display(),
+                key_states(holds),
+                lacking = key_list(lacks),
+            ),
+            InBackup::Keys {
+                backup,
+                holds,
+                lacks: None,
+            } => write!(
+                f,
+                "its backup {} holds {}, as they were before the file's last save: a key that save added is not in it, so make sure every key the applications use is among these before restoring the file from it",
+                backup.display(),
+                key_states(holds)
+            ),
+        }
+    }
+}
+
+/// "key 1 (current)", "keys 1 (current) and 2 (pending)".
+fn key_states(keys: &[(KeyId, KeyState)]) -> String {
+    keys_named(
+        &keys
+            .iter()
+            .map(|(id, state)| format!("{id} ({state})"))
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// What the backup of the damaged file `damaged` holds, `open` giving the
+/// keys whose material a backup holds (or why it does not open). The
+/// damaged file is read only for the ids of the keys it lists with
+/// material, if it parses that far.
+pub fn in_backup(
+    damaged: &Path,
+    open: impl FnOnce(&Path) -> Result<Vec<(KeyId, KeyState)>, String>,
+) -> InBackup {
+    let backup = backup_path(damaged);
+    if !backup.exists() {
+        return InBackup::Nothing { backup };
+    }
+    match open(&backup) {
+        Err(why) => InBackup::Unusable { backup, why },
+        Ok(holds) => {
+            let lacks = listed_with_material(damaged).map(|listed| {
+                listed
+                    .into_iter()
+                    .filter(|id| !holds.iter().any(|(held, _)| held == id))
+                    .collect()
+            });
+            InBackup::Keys {
+                backup,
+                holds,
+                lacks,
+            }
+        }
+    }
+}
+
+/// The ids of the keys a store file lists with material, if it parses as
+/// JSON with a list of keys.
+fn listed_with_material(path: &Path) -> Option<Vec<KeyId>> {
+    let doc: serde_json::Value = serde_json::from_slice(&fs::read(path).ok()?).ok()?;
+    doc.get("keys")?
+        .as_array()?
+        .iter()
+        .filter(|k| k.get("material").is_some_and(serde_json::Value::is_string))
+        .map(|k| KeyId::try_from(k.get("id")?.as_u64()?).ok())
+        .collect()
+}
+
+impl FileKeyringError {
+    /// A damaged file's error, with what its backup holds (`examine`).
+    pub fn with_backup(self, examine: impl FnOnce(&Path) -> InBackup) -> Self {
+        match self {
+            FileKeyringError::Malformed {
+                path,
+                problem,
+                backup: None,
+            } => FileKeyringError::Malformed {
+                backup: Some(examine(&path)),
+                path,
+                problem,
+            },
+            FileKeyringError::Altered {
+                path,
+                keys,
+                opened,
+                backup: None,
+            } => FileKeyringError::Altered {
+                backup: Some(examine(&path)),
+                path,
+                keys,
+                opened,
+            },
+            other => other,
+        }
+    }
+
+    /// Why a backup did not open, in a few words.
+    pub fn as_backup_problem(&self) -> String {
+        match self {
+            FileKeyringError::WrongPassphrase { var, .. } => {
+                format!("it does not open with the passphrase in {var}")
+            }
+            FileKeyringError::OpenToOthers { .. } => "group or others may read it".into(),
+            FileKeyringError::Io { source, .. } => format!("it cannot be read: {source}"),
+            FileKeyringError::Malformed { .. } | FileKeyringError::Altered { .. } => {
+                "it is damaged too".into()
+            }
+            FileKeyringError::NoPassphrase { .. } | FileKeyringError::Exists(_) => {
+                "it does not open".into()
+            }
+        }
+    }
 }
 
 /// The file's JSON.
@@ -138,12 +317,14 @@ impl std::fmt::Debug for KeyringFile {
 
 /// "key 2", "keys 2 and 3", "keys 2, 3 and 4".
 fn key_list(ids: &[KeyId]) -> String {
-    match ids {
+    keys_named(&ids.iter().map(KeyId::to_string).collect::<Vec<_>>())
+}
+
+/// "key a", "keys a and b", "keys a, b and c".
+fn keys_named(names: &[String]) -> String {
+    match names {
         [one] => format!("key {one}"),
-        [first @ .., last] => {
-            let first: Vec<String> = first.iter().map(KeyId::to_string).collect();
-            format!("keys {} and {last}", first.join(", "))
-        }
+        [first @ .., last] => format!("keys {} and {last}", first.join(", ")),
         [] => "no key".into(),
     }
 }
@@ -174,6 +355,7 @@ impl Seen {
                     .map(|(_, id)| *id)
                     .collect(),
                 opened,
+                backup: None,
             },
             None => FileKeyringError::WrongPassphrase {
                 path: at.clone(),
@@ -201,24 +383,30 @@ fn refuse_open_to_others(path: &Path) -> Result<(), FileKeyringError> {
     Ok(())
 }
 
-/// Reads and parses a keyring file (or its archive), refusing one open to
-/// others. Bytes that are not JSON, text included, are damage: they are
-/// never quoted.
-fn read_document(path: &Path) -> Result<Document, FileKeyringError> {
+/// Reads and parses a store file (a keyring file, a KMS keyring file, or
+/// an archive or backup of one), refusing one open to others. Bytes that
+/// are not the JSON of `T`, text included, are damage: they are never
+/// quoted (serde's messages can quote the input), only where it broke.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, FileKeyringError> {
     refuse_open_to_others(path)?;
     let bytes = fs::read(path).map_err(io(path))?;
-    // serde's messages can quote the input; say only where it broke.
-    serde_json::from_slice(&bytes).map_err(|e| FileKeyringError::Malformed {
-        path: path.to_path_buf(),
-        problem: if e.is_eof() {
-            format!(
-                "it ends before its JSON does, at line {} column {} (truncated)",
-                e.line(),
-                e.column()
-            )
-        } else {
-            format!("invalid JSON at line {} column {}", e.line(), e.column())
-        },
+    serde_json::from_slice(&bytes).map_err(|e| {
+        let (line, column) = (e.line(), e.column());
+        FileKeyringError::Malformed {
+            path: path.to_path_buf(),
+            problem: match e.classify() {
+                serde_json::error::Category::Eof => format!(
+                    "it ends before its JSON does, at line {line} column {column} (truncated)"
+                ),
+                serde_json::error::Category::Data => format!(
+                    "its JSON does not have the fields of one, at line {line} column {column}"
+                ),
+                serde_json::error::Category::Syntax | serde_json::error::Category::Io => {
+                    format!("invalid JSON at line {line} column {column}")
+                }
+            },
+            backup: None,
+        }
     })
 }
 
@@ -262,17 +450,42 @@ impl KeyringFile {
     /// Opens a keyring file, with its archive. Every sealed key is tried
     /// before any is judged: a file that does not parse, or some of whose
     /// keys do not open where another does, is damaged; one none of whose
-    /// keys opens has a wrong passphrase (or was altered).
+    /// keys opens has a wrong passphrase (or was altered). A damaged file's
+    /// error says what its backup holds ([`InBackup`]).
     pub fn open(
         path: &Path,
         passphrase: &[u8],
         passphrase_var: &str,
     ) -> Result<Self, FileKeyringError> {
-        let doc = read_document(path)?;
+        Self::open_as_is(path, passphrase, passphrase_var).map_err(|e| {
+            e.with_backup(|damaged| {
+                in_backup(damaged, |backup| {
+                    let file = Self::open_as_is(backup, passphrase, passphrase_var)
+                        .map_err(|e| e.as_backup_problem())?;
+                    Ok(file
+                        .table
+                        .entries
+                        .iter()
+                        .filter(|e| e.key.is_some())
+                        .map(|e| (e.id, e.state))
+                        .collect())
+                })
+            })
+        })
+    }
+
+    /// [`KeyringFile::open`], without looking at backups.
+    fn open_as_is(
+        path: &Path,
+        passphrase: &[u8],
+        passphrase_var: &str,
+    ) -> Result<Self, FileKeyringError> {
+        let doc = read_json::<Document>(path)?;
         if doc.format != FORMAT {
             return Err(FileKeyringError::Malformed {
                 path: path.to_path_buf(),
                 problem: format!("format is {:?}, expected {FORMAT:?}", doc.format),
+                backup: None,
             });
         }
         let kek = derive(path, passphrase, &doc.kdf)?;
@@ -289,6 +502,7 @@ impl KeyringFile {
                 Err(Unopened::Damaged(problem)) => Err(FileKeyringError::Malformed {
                     path: at.to_path_buf(),
                     problem: format!("key {}: {problem}", k.id),
+                    backup: None,
                 }),
                 Err(Unopened::Refused) => {
                     seen.refused.push((at.to_path_buf(), k.id));
@@ -304,7 +518,7 @@ impl KeyringFile {
         let archive = archive_path(path);
         let mut archived_on_disk = Vec::new();
         if archive.exists() {
-            for k in read_document(&archive)?.keys {
+            for k in read_json::<Document>(&archive)?.keys {
                 let key = open(&k, &archive)?;
                 if let Some(e) = table
                     .entries
@@ -353,6 +567,7 @@ impl KeyringFile {
             FileKeyringError::Malformed {
                 path: self.path.clone(),
                 problem: e.to_string(),
+                backup: None,
             }
         })?;
         write_pending(&self.path, json.as_bytes())

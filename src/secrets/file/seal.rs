@@ -48,10 +48,11 @@ pub(super) fn derive(
     let malformed = |problem: String| FileKeyringError::Malformed {
         path: path.to_path_buf(),
         problem,
+        backup: None,
     };
     if kdf.m_cost > MAX_M_COST || kdf.t_cost > MAX_T_COST || kdf.p_cost > MAX_P_COST {
         return Err(malformed(format!(
-            "kdf parameters m_cost={} t_cost={} p_cost={} exceed what rekey accepts (m_cost <= {MAX_M_COST} KiB, t_cost <= {MAX_T_COST}, p_cost <= {MAX_P_COST}); restore the file from its .bak",
+            "kdf parameters m_cost={} t_cost={} p_cost={} exceed what rekey accepts (m_cost <= {MAX_M_COST} KiB, t_cost <= {MAX_T_COST}, p_cost <= {MAX_P_COST})",
             kdf.m_cost, kdf.t_cost, kdf.p_cost
         )));
     }
@@ -91,6 +92,7 @@ pub(super) fn seal_key(
         .map_err(|_| FileKeyringError::Malformed {
             path: path.to_path_buf(),
             problem: format!("key {} could not be sealed", key.id()),
+            backup: None,
         })?;
     let mut out = nonce.to_vec();
     out.extend_from_slice(&buf);

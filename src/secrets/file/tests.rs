@@ -270,6 +270,156 @@ fn a_purged_key_leaves_the_archive_s_backup_with_the_archive() {
     assert!(!archive_path(&path).exists() && !backup.exists());
 }
 
+/// Flips a bit of key `id`'s sealed material in the file at `path`: still
+/// base64 of a sealed key's length, but not what was sealed.
+fn alter_key(path: &Path, id: u64) {
+    let text = fs::read_to_string(path).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let keys = doc["keys"].as_array().unwrap();
+    let sealed = keys.iter().find(|k| k["id"] == id).unwrap()["material"]
+        .as_str()
+        .unwrap();
+    let mut altered = B64.decode(sealed).unwrap();
+    altered[20] ^= 1;
+    fs::write(path, text.replace(sealed, &B64.encode(altered))).unwrap();
+}
+
+/// Key 1 current, then key 2 staged and saved: the backup holds key 1 alone.
+fn staged(path: &Path) -> KeyringFile {
+    let mut file = KeyringFile::create(path, b"pw", table()).unwrap();
+    file.table.stage(Key::new(2, [8; 32]), 200).unwrap();
+    file.save().unwrap();
+    file
+}
+
+#[test]
+fn a_damaged_file_s_error_names_the_keys_its_backup_holds_and_the_keys_it_lacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    staged(&path);
+    alter_key(&path, 2);
+    let err = KeyringFile::open(&path, b"pw", "P").unwrap_err();
+    let FileKeyringError::Altered { backup, .. } = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(
+        backup,
+        &Some(InBackup::Keys {
+            backup: backup_path(&path),
+            holds: vec![(1, KeyState::Current)],
+            lacks: Some(vec![2]),
+        })
+    );
+    assert!(
+        err.to_string().contains(&format!(
+            "its backup {} holds key 1 (current) but not key 2, which the damaged file lists",
+            backup_path(&path).display()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("restoring it alone would lose key 2"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_damaged_file_whose_backup_holds_every_key_it_lists_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    staged(&path).save().unwrap();
+    alter_key(&path, 2);
+    let err = KeyringFile::open(&path, b"pw", "P").unwrap_err();
+    assert!(
+        err.to_string().ends_with(&format!(
+            "its backup {} holds keys 1 (current) and 2 (pending), every key whose material the damaged file lists: restore the file from it",
+            backup_path(&path).display()
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_file_too_damaged_to_list_its_keys_says_a_key_its_last_save_added_is_not_in_the_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    staged(&path);
+    let bytes = fs::read(&path).unwrap();
+    fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let err = KeyringFile::open(&path, b"pw", "P").unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            FileKeyringError::Malformed {
+                backup: Some(InBackup::Keys { lacks: None, .. }),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains(&format!(
+            "its backup {} holds key 1 (current), as they were before the file's last save: a key that save added is not in it",
+            backup_path(&path).display()
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_damaged_file_without_a_backup_says_there_is_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    KeyringFile::create(&path, b"pw", table()).unwrap();
+    let bytes = fs::read(&path).unwrap();
+    fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let err = KeyringFile::open(&path, b"pw", "P").unwrap_err();
+    assert!(
+        err.to_string().ends_with(&format!(
+            "there is no backup {}: restore the file from a copy of your own",
+            backup_path(&path).display()
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_damaged_file_whose_backup_does_not_open_with_the_passphrase_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    staged(&path);
+    let other = dir.path().join("other.json");
+    KeyringFile::create(&other, b"another", table()).unwrap();
+    fs::copy(&other, backup_path(&path)).unwrap();
+    alter_key(&path, 2);
+    let err = KeyringFile::open(&path, b"pw", "P").unwrap_err();
+    assert!(
+        err.to_string().ends_with(&format!(
+            "its backup {} is no use either (it does not open with the passphrase in P): restore the file from a copy of your own",
+            backup_path(&path).display()
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_damaged_archive_s_error_names_what_the_archive_s_backup_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    two_retired(&path);
+    let archive = archive_path(&path);
+    alter_key(&archive, 2);
+    let err = KeyringFile::open(&path, b"pw", "P").unwrap_err();
+    assert!(
+        err.to_string().contains(&format!(
+            "its backup {} holds key 1 (retired) but not key 2",
+            backup_path(&archive).display()
+        )),
+        "{err}"
+    );
+}
+
 /// A keyring file whose Argon2id parameters ask for `m_cost` KiB.
 fn document_asking_for(m_cost: u32, t_cost: u32, p_cost: u32) -> String {
     serde_json::json!({
@@ -436,7 +586,7 @@ fn an_archived_key_that_does_not_open_where_the_file_s_keys_do_is_damage_in_the_
     fs::write(&archive, text.replace(sealed, &B64.encode(altered))).unwrap();
     let err = KeyringFile::open(&path, b"pw", "P").unwrap_err();
     assert!(
-        matches!(&err, FileKeyringError::Altered { path, keys, opened: 1 } if *path == archive && keys == &[2]),
+        matches!(&err, FileKeyringError::Altered { path, keys, opened: 1, .. } if *path == archive && keys == &[2]),
         "{err:?}"
     );
 }
