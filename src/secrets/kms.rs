@@ -1,11 +1,12 @@
 //! AWS KMS as a key store (a key hierarchy: a master key wraps data keys): data keys are generated
 //! by KMS under a master key, and only their wrapped form (KMS ciphertext
 //! blobs) is stored, in a keyring file written atomically like the
-//! passphrase-sealed one. Reading a key is a KMS Decrypt; nothing unwrapped
-//! ever touches the disk.
+//! passphrase-sealed one, and read like it ([`file::read_json`]): refused
+//! when group or others may read it, damaged when it does not parse.
+//! Reading a key is a KMS Decrypt; nothing unwrapped ever touches the disk.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::Client;
@@ -17,7 +18,7 @@ use zeroize::Zeroizing;
 use super::spec::KeysSpec;
 use crate::crypto::keyring::{Key, KeyId, KEY_LEN};
 use crate::crypto::keytable::{Entry, KeyState, KeyTable, StoredKey};
-use crate::secrets::file;
+use crate::secrets::file::{self, FileKeyringError};
 use crate::secrets::rewrap::Rewrapped;
 use crate::secrets::wrap;
 use crate::Error;
@@ -67,6 +68,39 @@ fn kms_err(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Runtime(format!("AWS KMS, {what}: {e}"))
 }
 
+/// Reads a KMS keyring file or its archive as the passphrase keyring reads
+/// its own ([`file::read_json`]): refused when group or others may read it,
+/// damaged (saying what its backup holds) when it is not one.
+fn read_document(path: &Path) -> Result<Document, Error> {
+    let doc: Document = file::read_json(path).map_err(damaged)?;
+    if doc.format != FORMAT {
+        return Err(damaged(FileKeyringError::Malformed {
+            path: path.to_path_buf(),
+            problem: format!("format is {:?}, expected {FORMAT:?}", doc.format),
+            backup: None,
+        }));
+    }
+    Ok(doc)
+}
+
+/// A KMS keyring file's error; a damaged one says what its backup holds
+/// (the keys it lists wrapped: unwrapping them is left to the restore).
+fn damaged(e: FileKeyringError) -> Error {
+    let listed = |backup: &Path| {
+        let doc: Document = file::read_json(backup).map_err(|e| e.as_backup_problem())?;
+        if doc.format != FORMAT {
+            return Err("it is not a KMS keyring file".to_string());
+        }
+        Ok(doc
+            .keys
+            .iter()
+            .filter(|k| k.material.is_some())
+            .map(|k| (k.id, k.state))
+            .collect())
+    };
+    Error::Config(e.with_backup(|at| file::in_backup(at, listed)).to_string())
+}
+
 fn settings(keys: &KeysSpec) -> Result<(PathBuf, String), Error> {
     let path = keys.path.clone().ok_or_else(|| Error::Config("keys source \"aws-kms\" needs path = \"keyring.json\" (where the wrapped keys are kept)".into()))?;
     let id = keys.kms_key_id.clone().ok_or_else(|| {
@@ -87,11 +121,11 @@ async fn unwrap_key(
         return Ok(None);
     };
     let blob = B64.decode(b64).map_err(|_| {
-        Error::Config(format!(
-            "keyring file {}: key {} is not base64",
-            path.display(),
-            k.id
-        ))
+        damaged(FileKeyringError::Malformed {
+            path: path.to_path_buf(),
+            problem: format!("key {}: material is not base64", k.id),
+            backup: None,
+        })
     })?;
     let out = client
         .decrypt()
@@ -131,24 +165,14 @@ impl KmsKeyring {
     /// master key the file names is used even where the job names another.
     pub async fn open_with(keys: &KeysSpec, any_master: bool) -> Result<Self, Error> {
         let (path, kms_key_id) = settings(keys)?;
+        let doc = read_document(&path)?;
+        let archive = file::archive_path(&path);
+        let archived = if archive.exists() {
+            Some(read_document(&archive)?)
+        } else {
+            None
+        };
         let client = Client::new(&super::aws::sdk_config(keys).await);
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| Error::Config(format!("keyring file {}: {e}", path.display())))?;
-        let doc: Document = serde_json::from_str(&text).map_err(|e| {
-            Error::Config(format!(
-                "keyring file {} is not a KMS keyring (invalid JSON at line {} column {})",
-                path.display(),
-                e.line(),
-                e.column()
-            ))
-        })?;
-        if doc.format != FORMAT {
-            return Err(Error::Config(format!(
-                "keyring file {} has format {:?}, expected {FORMAT:?}",
-                path.display(),
-                doc.format
-            )));
-        }
         if doc.kms_key_id != kms_key_id && !any_master {
             return Err(Error::Config(format!(
                 "keyring file {} is wrapped under KMS key {:?}, but the job names {kms_key_id:?}: name the file's key in [keys] kms_key_id \
@@ -165,20 +189,8 @@ impl KmsKeyring {
             table.entries.push(k.into_entry(key));
         }
         // retired keys' wrapped material, kept in the archive until purged
-        let archive = file::archive_path(&path);
         let mut archived_on_disk = Vec::new();
-        if archive.exists() {
-            let text = std::fs::read_to_string(&archive).map_err(|e| {
-                Error::Config(format!("keyring archive {}: {e}", archive.display()))
-            })?;
-            let doc: Document = serde_json::from_str(&text).map_err(|e| {
-                Error::Config(format!(
-                    "keyring archive {} is damaged (invalid JSON at line {} column {})",
-                    archive.display(),
-                    e.line(),
-                    e.column()
-                ))
-            })?;
+        if let Some(doc) = archived {
             for k in doc.keys {
                 let key = unwrap_key(&client, &kms_key_id, &archive, &k, &mut wrapped).await?;
                 if let Some(e) = table

@@ -240,7 +240,7 @@ async fn a_rotation_killed_before_promote_resumes_and_rollback_restores_the_prev
 }
 
 /// A KMS master key made on the moto server with boto3.
-fn kms_master_key() -> String {
+pub fn kms_master_key() -> String {
     let script = r#"
 import boto3, sys
 c = boto3.client("kms", endpoint_url=sys.argv[1], region_name="us-east-1")

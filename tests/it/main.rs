@@ -18,6 +18,7 @@ mod interop;
 mod json_errors;
 mod key_hierarchy;
 mod keyring_file;
+mod keyring_file_kms;
 mod lanes;
 mod layouts;
 mod libpq;
