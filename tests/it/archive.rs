@@ -91,6 +91,33 @@ async fn a_retired_key_leaves_the_keyring_file_for_its_archive_and_restore_bring
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_retire_names_a_file_left_under_an_earlier_rekey_s_backup_name_that_is_not_this_keyring_s(
+) {
+    let db = TestDb::new().await;
+    db.seed_patients(100).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    // keyring.bak, as an earlier rekey named backups, but another keyring's
+    let legacy = dir.path().join("keyring.bak");
+    let other = dir.path().join("other.json");
+    KeyringFile::create(&other, b"another", table(&keyring)).unwrap();
+    std::fs::rename(&other, &legacy).unwrap();
+    let theirs = std::fs::read(&legacy).unwrap();
+    let out = rotated_and_retired(&job, "scheduled");
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(std::fs::read(&legacy).unwrap(), theirs, "left as it was");
+    let said = stderr(&out);
+    assert!(
+        said.contains(&format!(
+            "{} is not recognised as a backup of keyring file {}",
+            legacy.display(),
+            keyring.display()
+        )),
+        "{said}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn purge_destroys_an_archived_key_and_it_cannot_be_restored_after() {
     let db = TestDb::new().await;
     db.seed_patients(200).await;

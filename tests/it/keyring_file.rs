@@ -114,7 +114,10 @@ async fn a_damaged_keyring_file_names_the_key_its_backup_lacks() {
         )),
         "{said}"
     );
-    assert!(said.contains("restoring it alone would lose key 2"), "{said}");
+    assert!(
+        said.contains("restoring it alone would lose key 2"),
+        "{said}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

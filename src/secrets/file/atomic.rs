@@ -202,7 +202,7 @@ fn retire_legacy_backup(path: &Path, retired: bool) -> Result<(), FileKeyringErr
     }
     if retired {
         tracing::warn!(
-            "{} is not recognised as a backup of keyring file {} (an earlier rekey named backups so; {} is its backup now), so it was left as it is: if it is one, it may still hold a retired key's material; delete it",
+            "{} is not recognised as a backup of keyring file {} (an earlier rekey named backups so; {} is its backup now), so it was left as it is: if it is one after all, it may still hold a retired key's material, and should be deleted",
             legacy.display(),
             path.display(),
             backup_path(path).display()
