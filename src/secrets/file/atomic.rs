@@ -139,7 +139,7 @@ pub fn write_pending(path: &Path, bytes: &[u8]) -> Result<PathBuf, FileKeyringEr
 /// directory; with `scrub_backup`, the backup becomes the new version
 /// instead (a retired key must not live on in it). A backup an earlier
 /// rekey named `<stem>.bak` is removed once it is recognised as this
-/// file's ([`legacy_backup`]).
+/// file's ([`same_keyring`]).
 pub fn commit(path: &Path, tmp: &Path, scrub_backup: bool) -> Result<(), FileKeyringError> {
     replace(
         path,
