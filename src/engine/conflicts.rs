@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use crate::db::{Database, KeyBytes};
 use crate::engine::pipeline::{Mode, Outcome};
-use crate::engine::sink::{Batch, Commit, Writer, Written};
+use crate::engine::sink::{Batch, Commit, Failure, Writer, Written};
 use crate::engine::source::Source;
 use crate::engine::transform::Cells;
 use crate::error::Retry;
@@ -109,13 +109,14 @@ pub(super) async fn retry_conflicts(
                     // a row locked elsewhere, or one the database refuses: one key at a
                     // time, and one that stays locked or is refused again is not rotated
                     Err(e) if matches!(e.retry(), Retry::Smaller | Retry::Refused) => {
-                        let counts =
+                        let (counts, failures) =
                             one_by_one(shared, source, sink, target, &keys, job_id).await?;
                         shared.live.add(&counts);
                         shared.progress.update(&shared.live.snapshot());
                         reread += counts.rows_scanned;
                         outcome.merge(Outcome {
                             counts,
+                            failures,
                             by_target: BTreeMap::from([(target.index, counts)]),
                             ..Outcome::default()
                         });
@@ -174,8 +175,10 @@ async fn one_by_one(
     target: &Target,
     keys: &[KeyBytes],
     job_id: i64,
-) -> Result<Counts, Error> {
+) -> Result<(Counts, Vec<Failure>), Error> {
     let mut counts = Counts::default();
+    // values quarantined on the way: the run's summary lists them as any other
+    let mut failures = Vec::new();
     for key in keys {
         let one = std::slice::from_ref(key);
         let mut tries = 0;
@@ -202,6 +205,7 @@ async fn one_by_one(
                 Ok(w) => {
                     shared.note_quarantined(&w.failures);
                     counts += w.counts;
+                    failures.extend(w.failures);
                     break;
                 }
                 Err(e) if e.retry() == Retry::Smaller && tries + 1 < LOCKED_RETRIES => tries += 1,
@@ -216,11 +220,12 @@ async fn one_by_one(
                     let w = sink.write_rejected(target, one, &batch, words).await?;
                     shared.note_quarantined(&w.failures);
                     counts += w.counts;
+                    failures.extend(w.failures);
                     break;
                 }
                 Err(e) => return Err(e),
             }
         }
     }
-    Ok(counts)
+    Ok((counts, failures))
 }

@@ -290,6 +290,58 @@ async fn a_deferred_constraint_trigger_that_refuses_some_rows_at_commit_leaves_o
     );
 }
 
+// Before: a damaged value in a row the database refused was quarantined on
+// the re-read, counted in values_failed, and missing from `failures`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_damaged_value_in_a_refused_row_is_listed_in_the_runs_failures() {
+    let db = TestDb::new().await;
+    db.seed_patients(200).await;
+    db.client
+        .batch_execute(
+            "UPDATE patient_persons
+                SET emergency_contact_phone_encrypted =
+                    overlay(emergency_contact_phone_encrypted placing '\\xff'::bytea from 20 for 1)
+              WHERE id = 10;
+             CREATE FUNCTION archived_read_only() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF OLD.id % 10 = 0 THEN RAISE EXCEPTION 'archived patients are read-only'; END IF;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER archived_read_only BEFORE UPDATE ON patient_persons FOR EACH ROW EXECUTE FUNCTION archived_read_only();",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job(&dir).display().to_string();
+    let out = rekey(&["run", "--job", &j, "--json"], &seed_env());
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
+    let summary = json(&out);
+    let failures: Vec<(String, String)> = summary["failures"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|f| {
+                    (
+                        f["column"].as_str().unwrap_or_default().to_string(),
+                        f["key"].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        (summary["values_failed"].as_u64(), failures),
+        (
+            Some(1),
+            vec![(
+                "emergency_contact_phone_encrypted".to_string(),
+                "(10)".to_string()
+            )]
+        ),
+        "{summary}"
+    );
+}
+
 // A table that refuses every row is not halved down to each of its rows:
 // past the limit of rows refused one by one, the run stops with the error,
 // and nothing of the table is changed.
