@@ -74,7 +74,7 @@ pub async fn verify(args: &VerifyArgs) -> Result<u8, Error> {
             out!("  {col}: {list}");
         }
         for f in v.failures.iter().take(20) {
-            let what = if f.error == "hash_mismatch" {
+            let what = if f.error == crate::crypto::codec::CodecError::HashMismatch.kind() {
                 "search hash matches no hash key"
             } else {
                 "cannot decrypt"

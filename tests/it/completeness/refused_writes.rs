@@ -189,33 +189,23 @@ async fn an_update_policy_narrower_than_select_leaves_values_reported_as_not_rot
 // Before rows refused with an error were isolated: exit 1 ("archived patients
 // are read-only"), not one value of the table rotated, and every run after
 // it stopped the same way.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_trigger_that_raises_an_error_for_some_rows_leaves_only_those_reported_as_not_rotated() {
-    let db = TestDb::new().await;
-    db.seed_patients(1_000).await;
-    db.client
-        .batch_execute(
-            "CREATE FUNCTION archived_read_only() RETURNS trigger LANGUAGE plpgsql AS $$
+/// A trigger that refuses, with an error, the update of every tenth row.
+const ARCHIVED_READ_ONLY: &str = "CREATE FUNCTION archived_read_only() RETURNS trigger LANGUAGE plpgsql AS $$
              BEGIN
                IF OLD.id % 10 = 0 THEN RAISE EXCEPTION 'archived patients are read-only'; END IF;
                RETURN NEW;
              END $$;
-             CREATE TRIGGER archived_read_only BEFORE UPDATE ON patient_persons FOR EACH ROW EXECUTE FUNCTION archived_read_only();",
-        )
-        .await
-        .unwrap();
+             CREATE TRIGGER archived_read_only BEFORE UPDATE ON patient_persons FOR EACH ROW EXECUTE FUNCTION archived_read_only();";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trigger_that_raises_an_error_for_some_rows_leaves_only_those_reported_as_not_rotated() {
+    let db = TestDb::new().await;
+    db.seed_patients(1_000).await;
+    db.client.batch_execute(ARCHIVED_READ_ONLY).await.unwrap();
     assert_refused_writes_end_as_not_rotated(&db, 1_000, every_tenth_row, &[]).await;
     // each refused value is recorded with the database's own words
-    let recorded: Vec<(String, Option<String>)> = db
-        .client
-        .query("SELECT DISTINCT reason, detail FROM rekey.not_rotated", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
     assert_eq!(
-        recorded,
+        recorded_refusals(&db).await,
         vec![(
             "write_rejected".to_string(),
             Some("P0001: archived patients are read-only".to_string())
@@ -301,16 +291,11 @@ async fn a_damaged_value_in_a_refused_row_is_listed_in_the_runs_failures() {
             "UPDATE patient_persons
                 SET emergency_contact_phone_encrypted =
                     overlay(emergency_contact_phone_encrypted placing '\\xff'::bytea from 20 for 1)
-              WHERE id = 10;
-             CREATE FUNCTION archived_read_only() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-               IF OLD.id % 10 = 0 THEN RAISE EXCEPTION 'archived patients are read-only'; END IF;
-               RETURN NEW;
-             END $$;
-             CREATE TRIGGER archived_read_only BEFORE UPDATE ON patient_persons FOR EACH ROW EXECUTE FUNCTION archived_read_only();",
+              WHERE id = 10;",
         )
         .await
         .unwrap();
+    db.client.batch_execute(ARCHIVED_READ_ONLY).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let j = db.patients_job(&dir).display().to_string();
     let out = rekey(&["run", "--job", &j, "--json"], &seed_env());
