@@ -64,6 +64,7 @@ pub(crate) fn rotate_options(
         compromised: life.is_compromise(),
         no_wait: false,
         intent: Intent::Continue,
+        accept_unverified: Vec::new(),
     }
 }
 

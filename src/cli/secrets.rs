@@ -16,7 +16,7 @@ use crate::crypto::keyring::{generate_material, Key};
 use crate::crypto::keytable::{now, Entry, KeyState, KeyTable};
 use crate::job::{Job, JobSpec};
 use crate::lifecycle::audit::What;
-use crate::lifecycle::rotation::job_keys;
+use crate::lifecycle::rotation::{job_keys, RotateOptions};
 use crate::lifecycle::steps::{self, Applied};
 use crate::secrets::{KeysSpec, Store};
 use crate::state::{self, rotations};
@@ -289,7 +289,10 @@ async fn retire(a: &RetireArgs) -> Result<u8, Error> {
             )))
         }
     };
-    let opts = rotate_options(&a.life, &spec, default_lanes(), 5000, Duration::ZERO, false);
+    let opts = RotateOptions {
+        accept_unverified: a.accept_unverified.clone(),
+        ..rotate_options(&a.life, &spec, default_lanes(), 5000, Duration::ZERO, false)
+    };
     let job = Arc::new(Job::resolve(&spec, &client).await?);
     let p = crate::lifecycle::retire::retire(&db, &client, &job, &mut store, id, &opts).await?;
     Ok(report(&a.life, &spec, &p))

@@ -13,6 +13,7 @@ use crate::job::Job;
 use crate::lifecycle::audit::What;
 use crate::lifecycle::steps;
 use crate::secrets::Store;
+use crate::state::rotated::{self, LeftOut, RetiringStore};
 use crate::Error;
 
 use super::rotation::{Ended, Progressed, RotateOptions};
@@ -38,7 +39,7 @@ pub async fn retire(
             t.table
         )));
     }
-    refuse_tables_left_out(client, job, old).await?;
+    let unverified = refuse_tables_left_out(client, job, old, &opts.accept_unverified).await?;
     // Retire rests on a full verify of this invocation: every value decrypted,
     // with the keys matched against the job's recorded fingerprints.
     let v = verify::verify(
@@ -76,25 +77,39 @@ pub async fn retire(
     }
     let compromised = opts.compromised;
     let applied = steps::retire(store, old, compromised).await?;
-    let notes = if compromised {
+    let mut notes = if compromised {
         format!("key {old} retired and its material destroyed (compromise); a full verify found no value under it")
     } else {
         format!("key {old} retired; a full verify found no value under it; its material stays in the store's archive until purged")
     };
+    let mut lines = Vec::new();
+    if !unverified.is_empty() {
+        let tables = unverified.join(", ");
+        notes.push_str(&format!(
+            "; not verified, on the operator's word (--accept-unverified): {tables}"
+        ));
+        lines.push(format!(
+            "not verified, on your word (--accept-unverified): {tables}; the audit trail records it"
+        ));
+    }
     opts.audit
         .record(
             client,
             What {
                 event_type: "key_retired",
                 secret_id: &key_ref,
-                verification_status: "passed",
+                // what the operator vouched for was not read
+                verification_status: if unverified.is_empty() {
+                    "passed"
+                } else {
+                    "partial"
+                },
                 affected_records: Some(v.values_total),
                 notes: &notes,
                 job_id: None,
             },
         )
         .await?;
-    let mut lines = Vec::new();
     if crate::state::rotations::old_key_retired(client, &job.name, old).await? {
         lines.push(format!("the rotation that replaced key {old} is complete"));
     }
@@ -122,32 +137,87 @@ pub async fn retire(
 
 /// Refuses a retire from a job file that no longer lists (itself or as a
 /// partition or child of a listed table) a table or a column in which this
-/// job's earlier runs rewrote values (in `rekey.progress` and
-/// `rekey.job_targets`, abandoned runs too) and that still exists: the full
-/// verify sees only the job's targets, and a value there (a row restored
-/// from a backup, an application still writing under the old key) may
-/// still need the key. A column dropped from its table holds no values.
-async fn refuse_tables_left_out(client: &Client, job: &Job, old: KeyId) -> Result<(), Error> {
+/// job's earlier runs rewrote values under the retiring store's keys (in
+/// `rekey.progress` and `rekey.job_targets`, abandoned runs too) and that
+/// still exists: the full verify sees only the job's targets, and a value
+/// there (a row restored from a backup, an application still writing under
+/// the old key) may still need the key. A column dropped from its table
+/// holds no values; a table rotated under another store's keys holds none
+/// of this store's. The operator may vouch for a table by name
+/// (`accepted`): each name must be one left out, and the names are returned
+/// for the audit trail.
+async fn refuse_tables_left_out(
+    client: &Client,
+    job: &Job,
+    old: KeyId,
+    accepted: &[String],
+) -> Result<Vec<String>, Error> {
     let listed: Vec<String> = job.targets.iter().map(|t| t.table.to_string()).collect();
     let columns: Vec<(String, String)> = job
         .targets
         .iter()
         .flat_map(|t| t.columns.iter().map(|c| (t.qualified(), c.name.clone())))
         .collect();
-    let mut left_out =
-        crate::state::jobs::tables_rotated_unlisted(client, &job.name, &listed).await?;
-    left_out
-        .extend(crate::state::jobs::columns_rotated_unlisted(client, &job.name, &columns).await?);
-    let (it, its) = match left_out.len() {
-        0 => return Ok(()),
+    let sides = || job.targets.iter().flat_map(|t| [&t.read, &t.write]);
+    let mut labels: Vec<String> = sides()
+        .filter_map(|s| s.source.as_ref().map(|k| k.store_label()))
+        .collect();
+    let mut fingerprints: Vec<String> = sides()
+        .flat_map(|s| s.keyring.keys().map(|k| k.fingerprint()))
+        .collect();
+    for v in [&mut labels, &mut fingerprints] {
+        v.sort();
+        v.dedup();
+    }
+    let store = RetiringStore {
+        labels: &labels,
+        fingerprints: &fingerprints,
+    };
+    let left_out = rotated::left_out(client, &job.name, &listed, &columns, &store).await?;
+    if let Some(stray) = accepted
+        .iter()
+        .find(|a| !left_out.iter().any(|l| &l.table == *a))
+    {
+        let tables: std::collections::BTreeSet<&str> =
+            left_out.iter().map(|l| l.table.as_str()).collect();
+        return Err(Error::Config(format!(
+            "--accept-unverified {stray}: {stray} is not a table this job rotated in an earlier run and its file no longer \
+             lists (those are: {}); name each as the refusal does (schema.table). Nothing was retired",
+            if tables.is_empty() {
+                "none".to_string()
+            } else {
+                tables.into_iter().collect::<Vec<_>>().join(", ")
+            }
+        )));
+    }
+    let refused: Vec<&LeftOut> = left_out
+        .iter()
+        .filter(|l| !accepted.contains(&l.table))
+        .collect();
+    let (it, its) = match refused.len() {
+        0 => {
+            let mut accepted = accepted.to_vec();
+            accepted.sort();
+            accepted.dedup();
+            return Ok(accepted);
+        }
         1 => ("it", "its"),
         _ => ("them", "their"),
     };
+    let mut tables: Vec<&str> = refused.iter().map(|l| l.table.as_str()).collect();
+    tables.dedup();
     Err(Error::Config(format!(
         "job {:?} rotated {} in an earlier run, and the job file no longer lists {it}: the full verify that retire \
          rests on would not read {its} values, and a value there may still need key {old}. Nothing was retired. List {it} \
-         in the job file again (or retire with the job file the rotation ran with)",
+         in the job file again (or retire with the job file the rotation ran with); or, where you know that no value there \
+         needs key {old} (the table moved to a job of its own, say), retire with `rekey secrets retire --key-id {old} {}`, \
+         which the audit trail records as not verified",
         job.name,
-        left_out.join(", "),
+        refused.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(", "),
+        tables
+            .iter()
+            .map(|t| format!("--accept-unverified {t}"))
+            .collect::<Vec<_>>()
+            .join(" "),
     )))
 }

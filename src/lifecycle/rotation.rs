@@ -66,6 +66,10 @@ pub struct RotateOptions {
     pub no_wait: bool,
     /// Continue, start the next rotation, or cancel.
     pub intent: Intent,
+    /// Tables (`schema.table`) the job rotated earlier and its file no
+    /// longer lists, which a retire goes on without on the operator's word
+    /// (`--accept-unverified`), recording them in the audit trail.
+    pub accept_unverified: Vec<String>,
 }
 
 /// What an invocation stopped for.

@@ -169,6 +169,37 @@ impl KeysSpec {
         }
     }
 
+    /// Which store this is, as the job file names it (`file:keyring.json`,
+    /// `env:ENCRYPTION`): recorded with each run's targets, so that a retire
+    /// can tell a table rotated under another store from one under its own.
+    /// A KMS keyring is named by its file alone: a rewrap changes its master key.
+    pub fn store_label(&self) -> String {
+        let path = || {
+            self.path
+                .as_ref()
+                .map_or_else(String::new, |p| p.display().to_string())
+        };
+        match self.source {
+            KeySource::Env => format!("env:{}", self.prefix),
+            KeySource::TinkKeyset => format!("tink-keyset:{}", path()),
+            KeySource::File => format!("file:{}", path()),
+            KeySource::AwsSecretsManager => format!(
+                "aws-secrets-manager:{}",
+                self.secret_id.as_deref().unwrap_or_default()
+            ),
+            KeySource::AwsKms => format!("aws-kms:{}", path()),
+            KeySource::Table => format!(
+                "table:{}:{}",
+                self.table
+                    .as_deref()
+                    .unwrap_or(crate::secrets::table::DEFAULT_TABLE),
+                self.purpose
+                    .as_deref()
+                    .unwrap_or(crate::secrets::table::DEFAULT_PURPOSE)
+            ),
+        }
+    }
+
     /// Keys from the environment under `prefix` (`{prefix}_KEY_V1`, ...).
     pub fn env(prefix: &str) -> KeysSpec {
         KeysSpec {

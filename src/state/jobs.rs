@@ -143,16 +143,24 @@ async fn open_job_locked(
         .await
         .ctx(what)?
         .get(0);
-    // the columns each target rotates: retire checks none was left out of the job file since
+    // the columns each target rotates: retire checks none was left out of the job file since,
     for t in &job.targets {
         let columns: Vec<&str> = t.columns.iter().map(|c| c.name.as_str()).collect();
+        // and the stores its values were read and written under (none for keys handed in whole)
+        let stores: std::collections::BTreeSet<String> = [&t.read.source, &t.write.source]
+            .into_iter()
+            .flatten()
+            .map(|k| k.store_label())
+            .collect();
+        let stores = (!stores.is_empty()).then(|| stores.into_iter().collect::<Vec<_>>());
         tx.execute(
-            "INSERT INTO rekey.job_targets (job_id, target, table_name, table_oid, columns, attnums)
+            "INSERT INTO rekey.job_targets (job_id, target, table_name, table_oid, columns, attnums, key_stores)
              SELECT $1, $2, $3, c.oid, $5,
                     ARRAY(SELECT a.attnum FROM unnest($5::text[]) WITH ORDINALITY AS u(name, i)
-                            JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = u.name ORDER BY u.i)
+                            JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = u.name ORDER BY u.i),
+                    $6
                FROM pg_class c WHERE c.oid = $4::text::regclass",
-            &[&id, &(t.index as i32), &t.table.to_string(), &t.qualified(), &columns],
+            &[&id, &(t.index as i32), &t.table.to_string(), &t.qualified(), &columns, &stores],
         )
         .await
         .ctx(what)?;
@@ -394,100 +402,4 @@ pub async fn last_job_keys(
         .await
         .ctx(|| format!("reading the keys job {name:?} ran with"))?
         .map(|r| (r.get(0), r.get(1), r.get(2))))
-}
-
-/// The tables (`schema.name`, as `rekey.progress` records them) in which
-/// a run of job `name` that did not record its columns rewrote values
-/// (abandoned runs too), that still exist, and that neither `listed` nor a
-/// table `listed` holds as a partition or inheritance child covers; none
-/// before rekey's schema does. [`columns_rotated_unlisted`] checks the runs
-/// that recorded their columns.
-pub async fn tables_rotated_unlisted(
-    client: &Client,
-    name: &str,
-    listed: &[String],
-) -> Result<Vec<String>, Error> {
-    if !super::schema_exists(client).await? {
-        return Ok(Vec::new());
-    }
-    let rows = client
-        .query(
-            "WITH RECURSIVE rotated AS (
-                 SELECT DISTINCT p.table_name
-                   FROM rekey.progress p JOIN rekey.jobs j ON j.job_id = p.job_id
-                  WHERE j.name = $1 AND p.rows_rewritten > 0
-                    -- runs that recorded their columns are checked column by column
-                    AND NOT EXISTS (SELECT 1 FROM rekey.job_targets t WHERE t.job_id = p.job_id)),
-             rel AS (
-                 SELECT c.oid, n.nspname || '.' || c.relname AS name
-                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace),
-             up(table_name, ancestor) AS (
-                 SELECT r.table_name, rel.oid FROM rotated r JOIN rel ON rel.name = r.table_name
-                 UNION
-                 SELECT up.table_name, i.inhparent FROM up JOIN pg_inherits i ON i.inhrelid = up.ancestor)
-             SELECT r.table_name FROM rotated r
-              WHERE EXISTS (SELECT 1 FROM rel WHERE rel.name = r.table_name)
-                AND NOT EXISTS (SELECT 1 FROM up JOIN rel ON rel.oid = up.ancestor
-                                 WHERE up.table_name = r.table_name AND rel.name = ANY($2))
-              ORDER BY 1",
-            &[&name, &listed],
-        )
-        .await
-        .ctx(|| format!("reading the tables job {name:?} rotated"))?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
-}
-
-/// The columns in which a run of job `name` rewrote values (abandoned runs
-/// too) that still exist, found by the table's oid and the column's number
-/// (renamed since) or by their names (dropped and restored since), and that
-/// `listed` (table as SQL, column) pairs do not cover, by the table itself
-/// or a table that holds it as a partition or inheritance child: `column c
-/// of schema.table`, or `schema.table` where no listed pair covers the table
-/// at all; none before rekey's schema does.
-pub async fn columns_rotated_unlisted(
-    client: &Client,
-    name: &str,
-    listed: &[(String, String)],
-) -> Result<Vec<String>, Error> {
-    if !super::schema_exists(client).await? {
-        return Ok(Vec::new());
-    }
-    let (tables, columns): (Vec<&str>, Vec<&str>) =
-        listed.iter().map(|(t, c)| (t.as_str(), c.as_str())).unzip();
-    let rows = client
-        .query(
-            "WITH RECURSIVE rotated AS (
-                 SELECT DISTINCT t.table_oid, t.table_name, u.column_name, u.attnum
-                   FROM rekey.progress p JOIN rekey.jobs j ON j.job_id = p.job_id
-                   JOIN rekey.job_targets t ON t.job_id = p.job_id AND t.target = p.target
-                  CROSS JOIN LATERAL unnest(t.columns, t.attnums) AS u(column_name, attnum)
-                  WHERE j.name = $1 AND p.rows_rewritten > 0),
-             rel AS (
-                 SELECT c.oid, n.nspname || '.' || c.relname AS name
-                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace),
-             live(oid, column_name) AS (
-                 SELECT a.attrelid, a.attname::text FROM rotated r
-                   JOIN pg_attribute a ON a.attrelid = r.table_oid AND a.attnum = r.attnum AND NOT a.attisdropped
-                 UNION
-                 SELECT a.attrelid, a.attname::text FROM rotated r JOIN rel ON rel.name = r.table_name
-                   JOIN pg_attribute a ON a.attrelid = rel.oid AND a.attname = r.column_name AND NOT a.attisdropped),
-             up(oid, ancestor) AS (
-                 SELECT DISTINCT oid, oid FROM live
-                 UNION
-                 SELECT up.oid, i.inhparent FROM up JOIN pg_inherits i ON i.inhrelid = up.ancestor),
-             listed AS (
-                 SELECT to_regclass(l.table_name) AS oid, l.column_name
-                   FROM unnest($2::text[], $3::text[]) AS l(table_name, column_name))
-             SELECT CASE WHEN EXISTS (SELECT 1 FROM up JOIN listed l ON l.oid = up.ancestor WHERE up.oid = v.oid)
-                         THEN format('column %s of %s', v.column_name, rel.name)
-                         ELSE rel.name END
-               FROM live v JOIN rel ON rel.oid = v.oid
-              WHERE NOT EXISTS (SELECT 1 FROM up JOIN listed l ON l.oid = up.ancestor AND l.column_name = v.column_name
-                                 WHERE up.oid = v.oid)
-              GROUP BY 1 ORDER BY 1",
-            &[&name, &tables, &columns],
-        )
-        .await
-        .ctx(|| format!("reading the columns job {name:?} rotated"))?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
 }

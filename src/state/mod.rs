@@ -8,6 +8,7 @@ pub mod key_usage;
 pub mod leases;
 pub mod locks;
 pub mod progress;
+pub mod rotated;
 pub mod rotations;
 pub mod schema;
 pub mod status;

@@ -26,6 +26,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (13, include_str!("../../sql/013_job_targets.sql")),
     (14, include_str!("../../sql/014_conflicts_refused.sql")),
     (15, include_str!("../../sql/015_database_identity.sql")),
+    (16, include_str!("../../sql/016_job_target_key_stores.sql")),
 ];
 
 /// Creates or upgrades schema `rekey`. Safe to run from several processes

@@ -27,6 +27,7 @@ mod online;
 mod progress_log;
 mod replica;
 mod report;
+mod retire_scope;
 mod rotation;
 mod rotation_states;
 mod search_hash;

@@ -1,0 +1,181 @@
+//! What a job rotated in its earlier runs, for a retire: the tables and
+//! columns its file no longer lists, whose values the retire's full verify
+//! would not read, under the store whose key is retiring.
+
+use std::fmt;
+
+use tokio_postgres::Client;
+
+use crate::error::DbContext;
+use crate::Error;
+
+/// A table, or one column of it, that the job rotated in an earlier run and
+/// its file no longer lists.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LeftOut {
+    /// `schema.table`, as `rekey.progress` records it.
+    pub table: String,
+    /// The column, where the file still lists the table (under the column's
+    /// name today: renamed since, it is found by number).
+    pub column: Option<String>,
+}
+
+impl fmt::Display for LeftOut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.column {
+            Some(c) => write!(f, "column {c} of {}", self.table),
+            None => f.write_str(&self.table),
+        }
+    }
+}
+
+/// The store whose key is retiring: what a run's records are matched
+/// against to tell a table rotated under it from one rotated under another
+/// store's keys (a target with `keys` of its own).
+pub struct RetiringStore<'a> {
+    /// Its names (`KeysSpec::store_label`).
+    pub labels: &'a [String],
+    /// The fingerprints of every key it holds, the retiring key among them.
+    pub fingerprints: &'a [String],
+}
+
+/// A condition on one run's target that holds unless that target was
+/// under another store: the keys the run recorded for it (`keys`, one
+/// element of `rekey.jobs.keys`) share no fingerprint with the retiring
+/// store, and its recorded store names (`stores`; NULL before they were
+/// recorded) do not name it. Rotated under its keys, a store holds at least
+/// one of them until a retire that lists the table: every retire of one is
+/// refused while the table is left out. A run that recorded no keys counts.
+fn under_retiring_store(keys: &str, stores: &str, labels: u8, fingerprints: u8) -> String {
+    format!(
+        "NOT (EXISTS (SELECT 1 FROM jsonb_path_query({keys}, '$.*.keys.*'))
+              AND NOT EXISTS (SELECT 1 FROM jsonb_path_query({keys}, '$.*.keys.*') AS f(v)
+                               WHERE f.v #>> '{{}}' = ANY(${fingerprints}::text[]))
+              AND NOT coalesce({stores} && ${labels}::text[], false))"
+    )
+}
+
+/// What job `name` rotated in its earlier runs (abandoned runs too) under
+/// `store`, that still exists, and that the job file no longer lists:
+/// neither by `tables` (`schema.table`) nor by `columns` (table as SQL,
+/// column), itself or through a table that holds it as a partition or
+/// inheritance child. A column dropped from its table holds no values and
+/// is not left out. Nothing before rekey's schema exists.
+pub async fn left_out(
+    client: &Client,
+    name: &str,
+    tables: &[String],
+    columns: &[(String, String)],
+    store: &RetiringStore<'_>,
+) -> Result<Vec<LeftOut>, Error> {
+    if !super::schema_exists(client).await? {
+        return Ok(Vec::new());
+    }
+    let mut all = tables_left_out(client, name, tables, store).await?;
+    all.extend(columns_left_out(client, name, columns, store).await?);
+    all.sort();
+    all.dedup();
+    Ok(all)
+}
+
+/// The tables of the runs that did not record their columns (before
+/// `rekey.job_targets`), which are known by their tables alone.
+async fn tables_left_out(
+    client: &Client,
+    name: &str,
+    listed: &[String],
+    store: &RetiringStore<'_>,
+) -> Result<Vec<LeftOut>, Error> {
+    let under = under_retiring_store("j.keys -> p.target", "NULL::text[]", 3, 4);
+    let rows = client
+        .query(
+            &format!(
+                "WITH RECURSIVE rotated AS (
+                     SELECT DISTINCT p.table_name
+                       FROM rekey.progress p JOIN rekey.jobs j ON j.job_id = p.job_id
+                      WHERE j.name = $1 AND p.rows_rewritten > 0
+                        -- runs that recorded their columns are checked column by column
+                        AND NOT EXISTS (SELECT 1 FROM rekey.job_targets t WHERE t.job_id = p.job_id)
+                        AND {under}),
+                 rel AS (
+                     SELECT c.oid, n.nspname || '.' || c.relname AS name
+                       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace),
+                 up(table_name, ancestor) AS (
+                     SELECT r.table_name, rel.oid FROM rotated r JOIN rel ON rel.name = r.table_name
+                     UNION
+                     SELECT up.table_name, i.inhparent FROM up JOIN pg_inherits i ON i.inhrelid = up.ancestor)
+                 SELECT r.table_name FROM rotated r
+                  WHERE EXISTS (SELECT 1 FROM rel WHERE rel.name = r.table_name)
+                    AND NOT EXISTS (SELECT 1 FROM up JOIN rel ON rel.oid = up.ancestor
+                                     WHERE up.table_name = r.table_name AND rel.name = ANY($2))"
+            ),
+            &[&name, &listed, &store.labels, &store.fingerprints],
+        )
+        .await
+        .ctx(|| format!("reading the tables job {name:?} rotated"))?;
+    Ok(rows
+        .iter()
+        .map(|r| LeftOut {
+            table: r.get(0),
+            column: None,
+        })
+        .collect())
+}
+
+/// The columns of the runs that recorded them, found by the table's oid
+/// and the column's number (renamed since) or by their names (dropped and
+/// restored since); a table no listed pair covers at all is named whole.
+async fn columns_left_out(
+    client: &Client,
+    name: &str,
+    listed: &[(String, String)],
+    store: &RetiringStore<'_>,
+) -> Result<Vec<LeftOut>, Error> {
+    let (tables, columns): (Vec<&str>, Vec<&str>) =
+        listed.iter().map(|(t, c)| (t.as_str(), c.as_str())).unzip();
+    let under = under_retiring_store("j.keys -> p.target", "t.key_stores", 4, 5);
+    let rows = client
+        .query(
+            &format!(
+                "WITH RECURSIVE rotated AS (
+                     SELECT DISTINCT t.table_oid, t.table_name, u.column_name, u.attnum
+                       FROM rekey.progress p JOIN rekey.jobs j ON j.job_id = p.job_id
+                       JOIN rekey.job_targets t ON t.job_id = p.job_id AND t.target = p.target
+                      CROSS JOIN LATERAL unnest(t.columns, t.attnums) AS u(column_name, attnum)
+                      WHERE j.name = $1 AND p.rows_rewritten > 0 AND {under}),
+                 rel AS (
+                     SELECT c.oid, n.nspname || '.' || c.relname AS name
+                       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace),
+                 live(oid, column_name) AS (
+                     SELECT a.attrelid, a.attname::text FROM rotated r
+                       JOIN pg_attribute a ON a.attrelid = r.table_oid AND a.attnum = r.attnum AND NOT a.attisdropped
+                     UNION
+                     SELECT a.attrelid, a.attname::text FROM rotated r JOIN rel ON rel.name = r.table_name
+                       JOIN pg_attribute a ON a.attrelid = rel.oid AND a.attname = r.column_name AND NOT a.attisdropped),
+                 up(oid, ancestor) AS (
+                     SELECT DISTINCT oid, oid FROM live
+                     UNION
+                     SELECT up.oid, i.inhparent FROM up JOIN pg_inherits i ON i.inhrelid = up.ancestor),
+                 listed AS (
+                     SELECT to_regclass(l.table_name) AS oid, l.column_name
+                       FROM unnest($2::text[], $3::text[]) AS l(table_name, column_name))
+                 SELECT rel.name,
+                        CASE WHEN EXISTS (SELECT 1 FROM up JOIN listed l ON l.oid = up.ancestor WHERE up.oid = v.oid)
+                             THEN v.column_name END
+                   FROM live v JOIN rel ON rel.oid = v.oid
+                  WHERE NOT EXISTS (SELECT 1 FROM up JOIN listed l ON l.oid = up.ancestor AND l.column_name = v.column_name
+                                     WHERE up.oid = v.oid)
+                  GROUP BY 1, 2"
+            ),
+            &[&name, &tables, &columns, &store.labels, &store.fingerprints],
+        )
+        .await
+        .ctx(|| format!("reading the columns job {name:?} rotated"))?;
+    Ok(rows
+        .iter()
+        .map(|r| LeftOut {
+            table: r.get(0),
+            column: r.get(1),
+        })
+        .collect())
+}
