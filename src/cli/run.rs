@@ -110,8 +110,9 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
     } = open(&args.common).await?;
     let job = Arc::new(Job::resolve(&spec, &client).await?);
     // said first, and again with the totals: the run itself is not refused
-    let newer_keys = crate::job::newer_keys::newer_than_target(&job);
-    for line in &newer_keys {
+    let mut warnings = crate::job::newer_keys::newer_than_target(&job);
+    warnings.extend(crate::job::visibility::old_row_copies(&client, &job.targets).await?);
+    for line in &warnings {
         tracing::warn!("{line}");
     }
     let lanes = match args.workers {
@@ -198,7 +199,7 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
         None
     };
     let mut summary = summary(args, &job, &ran, remaining_rows);
-    summary["warnings"] = json!(newer_keys);
+    summary["warnings"] = json!(warnings);
     if let (Some(id), false) = (ran.job_id, ran.outcome.stopped) {
         state::finish_job(&client, id, &summary).await?;
     }
@@ -209,7 +210,7 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
         print_json(&summary);
     } else {
         print_text(args, &job, &ran, remaining_rows);
-        for line in &newer_keys {
+        for line in &warnings {
             out!("warning: {line}");
         }
     }

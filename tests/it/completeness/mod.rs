@@ -12,6 +12,7 @@
 use crate::harness::*;
 
 mod collation;
+mod copying_triggers;
 mod missing_key;
 mod privileges;
 mod refused_writes;
