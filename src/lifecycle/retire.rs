@@ -2,6 +2,7 @@
 //! value needs it; the key then leaves what applications read for the
 //! store's archive (destroyed at once when it was compromised).
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use tokio_postgres::Client;
@@ -37,6 +38,13 @@ pub async fn retire(
         return Err(Error::Config(format!(
             "target {} has a `where` filter, so verification cannot see every row; retire the key with a job that covers whole tables",
             t.table
+        )));
+    }
+    if opts.compromised && !opts.accept_unverified.is_empty() {
+        return Err(Error::Config(format!(
+            "a compromised key's material is destroyed at once, so key {old} cannot be retired on your word \
+             (--accept-unverified): list the tables in the job file so that the full verify reads them, or retire \
+             without --reason compromise (the key then stays in the store's archive). Nothing was retired"
         )));
     }
     let unverified = refuse_tables_left_out(client, job, old, &opts.accept_unverified).await?;
@@ -77,10 +85,17 @@ pub async fn retire(
     }
     let compromised = opts.compromised;
     let applied = steps::retire(store, old, compromised).await?;
-    let mut notes = if compromised {
-        format!("key {old} retired and its material destroyed (compromise); a full verify found no value under it")
+    let verified = if unverified.is_empty() {
+        "a full verify found no value under it"
     } else {
-        format!("key {old} retired; a full verify found no value under it; its material stays in the store's archive until purged")
+        "a full verify of the job's targets found no value under it"
+    };
+    let mut notes = if compromised {
+        format!("key {old} retired and its material destroyed (compromise); {verified}")
+    } else {
+        format!(
+            "key {old} retired; {verified}; its material stays in the store's archive until purged"
+        )
     };
     let mut lines = Vec::new();
     if !unverified.is_empty() {
@@ -144,8 +159,8 @@ pub async fn retire(
 /// the old key) may still need the key. A column dropped from its table
 /// holds no values; a table rotated under another store's keys holds none
 /// of this store's. The operator may vouch for a table by name
-/// (`accepted`): each name must be one left out, and the names are returned
-/// for the audit trail.
+/// (`accepted`): each name must be one left out, and what it covers (the
+/// table, or columns of it) is returned for the audit trail.
 async fn refuse_tables_left_out(
     client: &Client,
     job: &Job,
@@ -178,8 +193,7 @@ async fn refuse_tables_left_out(
         .iter()
         .find(|a| !left_out.iter().any(|l| &l.table == *a))
     {
-        let tables: std::collections::BTreeSet<&str> =
-            left_out.iter().map(|l| l.table.as_str()).collect();
+        let tables: BTreeSet<&str> = left_out.iter().map(|l| l.table.as_str()).collect();
         return Err(Error::Config(format!(
             "--accept-unverified {stray}: {stray} is not a table this job rotated in an earlier run and its file no longer \
              lists (those are: {}); name each as the refusal does (schema.table). Nothing was retired",
@@ -195,12 +209,8 @@ async fn refuse_tables_left_out(
         .filter(|l| !accepted.contains(&l.table))
         .collect();
     let (it, its) = match refused.len() {
-        0 => {
-            let mut accepted = accepted.to_vec();
-            accepted.sort();
-            accepted.dedup();
-            return Ok(accepted);
-        }
+        // what was vouched for, as the refusal named it (a column of a listed table too)
+        0 => return Ok(left_out.iter().map(LeftOut::to_string).collect()),
         1 => ("it", "its"),
         _ => ("them", "their"),
     };

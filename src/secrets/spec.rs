@@ -169,15 +169,22 @@ impl KeysSpec {
         }
     }
 
-    /// Which store this is, as the job file names it (`file:keyring.json`,
-    /// `env:ENCRYPTION`): recorded with each run's targets, so that a retire
-    /// can tell a table rotated under another store from one under its own.
-    /// A KMS keyring is named by its file alone: a rewrap changes its master key.
+    /// Which store this is (`file:/etc/rekey/keyring.json`,
+    /// `env:ENCRYPTION`): recorded with each run's targets, so that a
+    /// retire can tell a table rotated under another store from one under
+    /// its own. One store has one name however the job file spells it: a
+    /// file by its canonical path (absolute where it does not exist), a
+    /// secret by its name (an ARN's name without its random suffix). A KMS
+    /// keyring is named by its file alone: a rewrap changes its master key.
     pub fn store_label(&self) -> String {
         let path = || {
-            self.path
-                .as_ref()
-                .map_or_else(String::new, |p| p.display().to_string())
+            self.path.as_ref().map_or_else(String::new, |p| {
+                std::fs::canonicalize(p)
+                    .or_else(|_| std::path::absolute(p))
+                    .unwrap_or_else(|_| p.clone())
+                    .display()
+                    .to_string()
+            })
         };
         match self.source {
             KeySource::Env => format!("env:{}", self.prefix),
@@ -185,7 +192,7 @@ impl KeysSpec {
             KeySource::File => format!("file:{}", path()),
             KeySource::AwsSecretsManager => format!(
                 "aws-secrets-manager:{}",
-                self.secret_id.as_deref().unwrap_or_default()
+                secret_name(self.secret_id.as_deref().unwrap_or_default())
             ),
             KeySource::AwsKms => format!("aws-kms:{}", path()),
             KeySource::Table => format!(
@@ -231,6 +238,18 @@ impl KeysSpec {
     }
 }
 
+/// A Secrets Manager secret's name, given its name or its ARN
+/// (`arn:aws:secretsmanager:<region>:<account>:secret:<name>-<6 characters>`).
+fn secret_name(id: &str) -> &str {
+    match id.split_once(":secret:") {
+        Some((arn, rest)) if arn.starts_with("arn:") => rest
+            .rsplit_once('-')
+            .filter(|(_, suffix)| suffix.len() == 6)
+            .map_or(rest, |(name, _)| name),
+        _ => id,
+    }
+}
+
 fn default_prefix() -> String {
     "ENCRYPTION".into()
 }
@@ -257,6 +276,35 @@ pub enum KeySource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_named_by_its_arn_or_its_name_is_one_store() {
+        assert_eq!(
+            secret_name("arn:aws:secretsmanager:eu-west-1:123456789012:secret:prod/keys-a1B2c3"),
+            "prod/keys"
+        );
+        assert_eq!(secret_name("prod/keys"), "prod/keys");
+        assert_eq!(secret_name("prod-keys"), "prod-keys");
+    }
+
+    #[test]
+    fn a_keyring_file_spelled_relative_or_absolute_is_one_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("keyring.json");
+        std::fs::write(&file, "{}").unwrap();
+        let label = |path: std::path::PathBuf| {
+            let mut keys = KeysSpec::env("ENCRYPTION");
+            keys.source = KeySource::File;
+            keys.path = Some(path);
+            keys.store_label()
+        };
+        let dotted = dir.path().join(".").join("keyring.json");
+        assert_eq!(label(file.clone()), label(dotted));
+        assert_eq!(
+            label(file.clone()),
+            format!("file:{}", std::fs::canonicalize(&file).unwrap().display())
+        );
+    }
 
     #[test]
     fn debug_never_shows_the_database_url_which_may_carry_a_password() {

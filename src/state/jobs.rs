@@ -1,6 +1,8 @@
 //! Jobs in `rekey.jobs`: opened (new, or an unfinished one resumed), their
 //! live control, their totals, and finished.
 
+use std::collections::BTreeSet;
+
 use tokio_postgres::Client;
 
 use crate::error::DbContext;
@@ -147,7 +149,7 @@ async fn open_job_locked(
     for t in &job.targets {
         let columns: Vec<&str> = t.columns.iter().map(|c| c.name.as_str()).collect();
         // and the stores its values were read and written under (none for keys handed in whole)
-        let stores: std::collections::BTreeSet<String> = [&t.read.source, &t.write.source]
+        let stores: BTreeSet<String> = [&t.read.source, &t.write.source]
             .into_iter()
             .flatten()
             .map(|k| k.store_label())

@@ -29,9 +29,10 @@ impl fmt::Display for LeftOut {
     }
 }
 
-/// The store whose key is retiring: what a run's records are matched
-/// against to tell a table rotated under it from one rotated under another
-/// store's keys (a target with `keys` of its own).
+/// The store whose key is retiring (the job's `[keys]`: a retire refuses
+/// targets with keys of their own): what a run's records are matched
+/// against to tell a table rotated under another store's keys (a target
+/// with `keys` of its own, since moved to a job of its own).
 pub struct RetiringStore<'a> {
     /// Its names (`KeysSpec::store_label`).
     pub labels: &'a [String],
@@ -39,19 +40,20 @@ pub struct RetiringStore<'a> {
     pub fingerprints: &'a [String],
 }
 
-/// A condition on one run's target that holds unless that target was
-/// under another store: the keys the run recorded for it (`keys`, one
-/// element of `rekey.jobs.keys`) share no fingerprint with the retiring
-/// store, and its recorded store names (`stores`; NULL before they were
-/// recorded) do not name it. Rotated under its keys, a store holds at least
-/// one of them until a retire that lists the table: every retire of one is
-/// refused while the table is left out. A run that recorded no keys counts.
+/// A condition on one run's target (`keys`: its element of
+/// `rekey.jobs.keys`; `stores`: its `rekey.job_targets.key_stores`) that
+/// holds unless the run shows positively that the target was under another
+/// store: it recorded the stores it read and wrote under, none of them is
+/// the retiring store by name, and no key it recorded is one the retiring
+/// store holds (a keyring file moved to another path is still known by its
+/// keys). `$labels` and `$fingerprints` are the statement's parameters of
+/// those numbers, [`RetiringStore`]'s fields.
 fn under_retiring_store(keys: &str, stores: &str, labels: u8, fingerprints: u8) -> String {
     format!(
-        "NOT (EXISTS (SELECT 1 FROM jsonb_path_query({keys}, '$.*.keys.*'))
+        "NOT ({stores} IS NOT NULL
+              AND NOT {stores} && ${labels}::text[]
               AND NOT EXISTS (SELECT 1 FROM jsonb_path_query({keys}, '$.*.keys.*') AS f(v)
-                               WHERE f.v #>> '{{}}' = ANY(${fingerprints}::text[]))
-              AND NOT coalesce({stores} && ${labels}::text[], false))"
+                               WHERE f.v #>> '{{}}' = ANY(${fingerprints}::text[])))"
     )
 }
 
@@ -71,7 +73,7 @@ pub async fn left_out(
     if !super::schema_exists(client).await? {
         return Ok(Vec::new());
     }
-    let mut all = tables_left_out(client, name, tables, store).await?;
+    let mut all = tables_left_out(client, name, tables).await?;
     all.extend(columns_left_out(client, name, columns, store).await?);
     all.sort();
     all.dedup();
@@ -79,24 +81,21 @@ pub async fn left_out(
 }
 
 /// The tables of the runs that did not record their columns (before
-/// `rekey.job_targets`), which are known by their tables alone.
+/// `rekey.job_targets`), which are known by their tables alone, and did
+/// not record their stores either: every one counts.
 async fn tables_left_out(
     client: &Client,
     name: &str,
     listed: &[String],
-    store: &RetiringStore<'_>,
 ) -> Result<Vec<LeftOut>, Error> {
-    let under = under_retiring_store("j.keys -> p.target", "NULL::text[]", 3, 4);
     let rows = client
         .query(
-            &format!(
-                "WITH RECURSIVE rotated AS (
+            "WITH RECURSIVE rotated AS (
                      SELECT DISTINCT p.table_name
                        FROM rekey.progress p JOIN rekey.jobs j ON j.job_id = p.job_id
                       WHERE j.name = $1 AND p.rows_rewritten > 0
                         -- runs that recorded their columns are checked column by column
-                        AND NOT EXISTS (SELECT 1 FROM rekey.job_targets t WHERE t.job_id = p.job_id)
-                        AND {under}),
+                        AND NOT EXISTS (SELECT 1 FROM rekey.job_targets t WHERE t.job_id = p.job_id)),
                  rel AS (
                      SELECT c.oid, n.nspname || '.' || c.relname AS name
                        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace),
@@ -107,9 +106,8 @@ async fn tables_left_out(
                  SELECT r.table_name FROM rotated r
                   WHERE EXISTS (SELECT 1 FROM rel WHERE rel.name = r.table_name)
                     AND NOT EXISTS (SELECT 1 FROM up JOIN rel ON rel.oid = up.ancestor
-                                     WHERE up.table_name = r.table_name AND rel.name = ANY($2))"
-            ),
-            &[&name, &listed, &store.labels, &store.fingerprints],
+                                     WHERE up.table_name = r.table_name AND rel.name = ANY($2))",
+            &[&name, &listed],
         )
         .await
         .ctx(|| format!("reading the tables job {name:?} rotated"))?;
@@ -133,6 +131,7 @@ async fn columns_left_out(
 ) -> Result<Vec<LeftOut>, Error> {
     let (tables, columns): (Vec<&str>, Vec<&str>) =
         listed.iter().map(|(t, c)| (t.as_str(), c.as_str())).unzip();
+    // $4 and $5: the retiring store's labels and fingerprints
     let under = under_retiring_store("j.keys -> p.target", "t.key_stores", 4, 5);
     let rows = client
         .query(

@@ -176,7 +176,8 @@ async fn copy_patients(db: &TestDb) {
 
 const COPY_TARGET: &str = "[[target]]\ntable = \"patient_copy\"\ncolumns = [\"phone_encrypted\", \"emergency_contact_phone_encrypted\"]\nformat = \"versioned-gcm\"\n";
 
-fn retire_succeeds(job: &str, extra: &[&str]) -> std::process::Output {
+/// `rekey secrets retire --job job` with `extra` arguments.
+fn rekey_retire(job: &str, extra: &[&str]) -> std::process::Output {
     let mut args = vec!["secrets", "retire", "--job", job];
     args.extend_from_slice(extra);
     rekey(&args, &keyring_pass_env())
@@ -196,7 +197,7 @@ async fn retire_is_not_refused_for_a_table_the_job_rotated_under_another_key_sto
     let dir = tempfile::tempdir().unwrap();
     let job = copy_rotated_under_another_store(&db, &dir).await;
     // key 1 of the keyring file retires
-    let out = retire_succeeds(&job, &[]);
+    let out = rekey_retire(&job, &[]);
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert!(printed(&out).contains("retired key 1"), "{}", printed(&out));
 }
@@ -211,7 +212,7 @@ async fn retire_goes_on_without_a_left_out_table_the_operator_names_and_the_audi
     let dir = tempfile::tempdir().unwrap();
     let (job, keyring, _) = copy_rotated_under_the_same_store(&db, &dir).await;
 
-    let refused = retire_succeeds(&job, &[]);
+    let refused = rekey_retire(&job, &[]);
     assert_eq!(refused.status.code(), Some(2), "{}", printed(&refused));
     assert!(
         printed(&refused).contains("--accept-unverified public.patient_copy"),
@@ -220,7 +221,7 @@ async fn retire_goes_on_without_a_left_out_table_the_operator_names_and_the_audi
     );
     // a name that is not among the tables left out is refused, nothing retired
     let before = std::fs::read(&keyring).unwrap();
-    let out = retire_succeeds(&job, &["--accept-unverified", "public.patient_cpy"]);
+    let out = rekey_retire(&job, &["--accept-unverified", "public.patient_cpy"]);
     assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
     assert!(
         printed(&out).contains("public.patient_cpy is not a table this job rotated"),
@@ -232,8 +233,29 @@ async fn retire_goes_on_without_a_left_out_table_the_operator_names_and_the_audi
         before,
         "the keyring changed"
     );
+    // nor can a compromised key, whose material is destroyed at once, go on a word
+    let out = rekey_retire(
+        &job,
+        &[
+            "--reason",
+            "compromise",
+            "--accept-unverified",
+            "public.patient_copy",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("cannot be retired on your word"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(
+        std::fs::read(&keyring).unwrap(),
+        before,
+        "the keyring changed"
+    );
 
-    let out = retire_succeeds(&job, &["--accept-unverified", "public.patient_copy"]);
+    let out = rekey_retire(&job, &["--accept-unverified", "public.patient_copy"]);
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     let audit = std::fs::read_to_string(dir.path().join("patients.audit.jsonl")).unwrap();
     let retired: serde_json::Value = audit
@@ -275,7 +297,7 @@ async fn a_left_out_table_under_the_same_store_is_still_refused_when_the_store_m
         .execute("UPDATE rekey.jobs SET keys = $1", &[&unknown])
         .await
         .unwrap();
-    let out = retire_succeeds(&job, &[]);
+    let out = rekey_retire(&job, &[]);
     assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
     assert!(printed(&out).contains(left_out), "{}", printed(&out));
     db.client
@@ -292,7 +314,7 @@ async fn a_left_out_table_under_the_same_store_is_still_refused_when_the_store_m
     );
     assert_ne!(moved_job, one_table);
     std::fs::write(&job, &moved_job).unwrap();
-    let out = retire_succeeds(&job, &[]);
+    let out = rekey_retire(&job, &[]);
     assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
     assert!(printed(&out).contains(left_out), "{}", printed(&out));
 
@@ -301,8 +323,8 @@ async fn a_left_out_table_under_the_same_store_is_still_refused_when_the_store_m
         .execute("UPDATE rekey.jobs SET keys = $1", &[&unknown])
         .await
         .unwrap();
-    let out = retire_succeeds(&job, &[]);
-    assert!(!printed(&out).contains(left_out), "{}", printed(&out));
+    let out = rekey_retire(&job, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
 }
 
 /// `keys` as `rekey.jobs` records them, every fingerprint replaced.
@@ -385,36 +407,31 @@ async fn copy_rotated_under_another_store(db: &TestDb, dir: &tempfile::TempDir) 
     job
 }
 
-// Runs from before rekey recorded their targets' columns (no
-// `rekey.job_targets` rows) are known by their tables and the keys the job
-// recorded: a table under another store is let through, one under the
-// retiring store's keys is refused.
+// Runs from before rekey recorded their targets' stores (a NULL
+// `key_stores`, or no `rekey.job_targets` rows at all, before it recorded
+// their columns) show nothing of the store they were under: a table they
+// rotated and the job file no longer lists is refused whatever its store,
+// until the operator vouches for it.
 #[tokio::test(flavor = "multi_thread")]
-async fn runs_recorded_before_their_columns_are_matched_to_the_retiring_store_by_their_keys() {
-    let db = TestDb::new().await;
-    db.seed_patients(200).await;
-    let dir = tempfile::tempdir().unwrap();
-    let (job, _keyring, _) = copy_rotated_under_the_same_store(&db, &dir).await;
-    db.client
-        .execute("DELETE FROM rekey.job_targets", &[])
-        .await
-        .unwrap();
-    let out = retire_succeeds(&job, &[]);
-    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
-    assert!(
-        printed(&out).contains("rotated public.patient_copy in an earlier run"),
-        "{}",
-        printed(&out)
-    );
-
+async fn runs_recorded_before_their_stores_count_whatever_store_they_were_under() {
     let db = TestDb::new().await;
     db.seed_patients(200).await;
     let dir = tempfile::tempdir().unwrap();
     let job = copy_rotated_under_another_store(&db, &dir).await;
-    db.client
-        .execute("DELETE FROM rekey.job_targets", &[])
-        .await
-        .unwrap();
-    let out = retire_succeeds(&job, &[]);
+    let left_out = "rotated public.patient_copy in an earlier run";
+    for before in [
+        "UPDATE rekey.job_targets SET key_stores = NULL",
+        "DELETE FROM rekey.job_targets",
+    ] {
+        db.client.execute(before, &[]).await.unwrap();
+        let out = rekey_retire(&job, &[]);
+        assert_eq!(out.status.code(), Some(2), "{before}: {}", printed(&out));
+        assert!(
+            printed(&out).contains(left_out),
+            "{before}: {}",
+            printed(&out)
+        );
+    }
+    let out = rekey_retire(&job, &["--accept-unverified", "public.patient_copy"]);
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
 }
