@@ -109,6 +109,7 @@ pub(super) async fn retry_conflicts(
                     // a row locked elsewhere, or one the database refuses: one key at a
                     // time, and one that stays locked or is refused again is not rotated
                     Err(e) if matches!(e.retry(), Retry::Smaller | Retry::Refused) => {
+                        sink.count_discarded(target, &batch).await?;
                         let (counts, failures) =
                             one_by_one(shared, source, sink, target, &keys, job_id).await?;
                         shared.live.add(&counts);
@@ -208,7 +209,10 @@ async fn one_by_one(
                     failures.extend(w.failures);
                     break;
                 }
-                Err(e) if e.retry() == Retry::Smaller && tries + 1 < LOCKED_RETRIES => tries += 1,
+                Err(e) if e.retry() == Retry::Smaller && tries + 1 < LOCKED_RETRIES => {
+                    sink.count_discarded(target, &batch).await?;
+                    tries += 1;
+                }
                 Err(e) if e.retry() == Retry::Smaller => {
                     tracing::warn!(table = %target.table, "a row stayed locked through every try; its values are not rotated (see rekey.not_rotated)");
                     counts += sink.not_rotated_locked(target, one, &batch).await?;

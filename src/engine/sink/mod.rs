@@ -192,6 +192,7 @@ impl Writer {
         state::conflicts::add(&tx, self.job_id, target.index, &rows, why)
             .await
             .ctx(what)?;
+        count_unwritten(&tx, target, batch).await.ctx(what)?;
         let control = checkpoint(
             &tx,
             self.job_id,
@@ -238,6 +239,7 @@ impl Writer {
         record_not_rotated(&tx, p, self.job_id, target, batch, &swapped)
             .await
             .ctx(what)?;
+        count_unwritten(&tx, target, batch).await.ctx(what)?;
         state::conflicts::clear(&tx, self.job_id, target.index, keys)
             .await
             .ctx(what)?;
@@ -337,6 +339,19 @@ impl Writer {
             .await
     }
 
+    /// Counts against the nonce budget what `batch` sealed, where its
+    /// transaction was rolled back and it will be read and sealed afresh
+    /// (a conflict re-read refused or timed out): each was a fresh nonce
+    /// under the target key all the same.
+    pub async fn count_discarded(&mut self, target: &Target, batch: &Batch) -> Result<(), Error> {
+        count_unwritten(&self.client, target, batch).await.ctx(|| {
+            format!(
+                "counting the encryptions of a batch of {} rolled back",
+                target.table
+            )
+        })
+    }
+
     /// Commits one batch, swapped in (`refusal` is `None`) or recorded as
     /// refused with those words.
     async fn commit_batch(
@@ -393,18 +408,13 @@ impl Writer {
         state::conflicts::add(&tx, job, target.index, &changed, SetAside::Changed)
             .await
             .ctx(what)?;
-        if target.write.format.random_nonces() && !staged.is_empty() && !refused {
-            // The nonce budget (README, Guarantees 7): every staged value was
-            // encrypted under a fresh random nonce (a search hash was not).
-            let ncols = target.columns.len();
-            let encrypted = batch
-                .cells
-                .iter()
-                .enumerate()
-                .filter(|(i, c)| {
-                    matches!(c, Cell::Rewritten(_)) && !target.is_hash_column(i % ncols)
-                })
-                .count() as i64;
+        // The nonce budget (README, Guarantees 7): every staged value was
+        // encrypted under a fresh random nonce (a search hash was not).
+        let encrypted = sealed_values(target, batch);
+        if refused {
+            // sealed all the same, not written
+            count_unwritten(&tx, target, batch).await.ctx(what)?;
+        } else if !staged.is_empty() && encrypted > 0 {
             let key = target.write.keyring.target();
             let counted = state::count_encryptions(
                 &tx,
@@ -444,6 +454,39 @@ impl Writer {
             split_wanted,
         })
     }
+}
+
+/// Values of `batch` sealed under the target key with a fresh random nonce
+/// (a search hash is not; nor is a value of a format without random
+/// nonces): what the nonce budget counts.
+fn sealed_values(target: &Target, batch: &Batch) -> i64 {
+    if !target.write.format.random_nonces() {
+        return 0;
+    }
+    let ncols = target.columns.len();
+    batch
+        .cells
+        .iter()
+        .enumerate()
+        .filter(|(i, c)| matches!(c, Cell::Rewritten(_)) && !target.is_hash_column(i % ncols))
+        .count() as i64
+}
+
+/// Counts what `batch` sealed and will not write (its rows set aside, its
+/// values recorded as not rotated, its transaction rolled back): invariant
+/// 7 counts every encryption under a key, not only those that land.
+async fn count_unwritten(
+    client: &impl tokio_postgres::GenericClient,
+    target: &Target,
+    batch: &Batch,
+) -> Result<(), tokio_postgres::Error> {
+    let sealed = sealed_values(target, batch);
+    if sealed > 0 {
+        let key = target.write.keyring.target();
+        state::count_encryptions(client, &key.fingerprint(), &target.target_label(), sealed)
+            .await?;
+    }
+    Ok(())
 }
 
 /// Moves the range's checkpoint (or counts a conflict re-read) in the

@@ -213,6 +213,43 @@ async fn a_trigger_that_raises_an_error_for_some_rows_leaves_only_those_reported
     );
 }
 
+// Before this count: key 2's count held the values written alone, while
+// each refused row's values were sealed under fresh random nonces in the
+// batch that set the row aside, in the batch that re-read it, and once more
+// alone, and none of those was counted (invariant 7 counts every
+// encryption, not only those that land).
+#[tokio::test(flavor = "multi_thread")]
+async fn values_sealed_for_refused_rows_count_against_the_nonce_budget() {
+    let db = TestDb::new().await;
+    db.seed_patients(1_000).await;
+    db.client.batch_execute(ARCHIVED_READ_ONLY).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    let out = rekey(&["run", "--job", &job, "--json"], &seed_env());
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
+    let summary = json(&out);
+    let rewritten = summary["values_rewritten"].as_i64().unwrap();
+    let refused = summary["values_not_rotated"].as_i64().unwrap();
+    assert!(refused > 0, "nothing refused: the test proves nothing");
+    let counted: i64 = db
+        .client
+        .query_one(
+            "SELECT sum(encryptions)::bigint FROM rekey.key_usage WHERE fingerprint = $1",
+            &[&v2_ring().target().fingerprint()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // a refused value is sealed three times: in the batch that set its row
+    // aside (halved down to the row, its sealed values kept), in the re-read
+    // batch the database refused, and alone, refused again
+    assert_eq!(
+        counted,
+        rewritten + 3 * refused,
+        "encryptions counted for {rewritten} values written and {refused} refused"
+    );
+}
+
 /// The one reason and detail recorded for the values not rotated.
 async fn recorded_refusals(db: &TestDb) -> Vec<(String, Option<String>)> {
     db.client
