@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::{CancelToken, Client};
 
 use crate::db::raw::params;
+use crate::db::session::Timeouts;
 use crate::db::Database;
 use crate::engine::sql;
 use crate::error::DbContext;
@@ -188,7 +189,8 @@ fn set_counting(counting: &Mutex<Option<CancelToken>>, token: Option<CancelToken
 
 /// A session in a read-only snapshot taken now, for [`rows_left`].
 async fn open_counter(db: &Database) -> Result<Client, Error> {
-    let counter = db.connect().await?;
+    // a count reads whole tables: not under the statement timeout of the run's batches
+    let counter = db.with_session(&Timeouts::read_only()).connect().await?;
     counter
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1")
         .await

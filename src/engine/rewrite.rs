@@ -8,6 +8,7 @@ use std::sync::Arc;
 use tokio_postgres::{Client, GenericClient};
 
 use crate::db::raw::params;
+use crate::db::session::Timeouts;
 use crate::db::Database;
 use crate::engine::behind;
 use crate::engine::left::{counted_beside, rows_estimate};
@@ -66,8 +67,9 @@ pub async fn rewrite(
     );
     let mut outcome = counted_beside(db, job, &total, run).await??;
     if client.is_closed() {
-        // this session sat idle through the run (an idle_session_timeout, a restart): the work is committed, carry on
-        *client = db.connect().await?;
+        // this session sat idle through the run (an idle_session_timeout, a restart): the work is committed, carry on,
+        // without the statement timeout of the run's batches: the recount below reads whole tables
+        *client = db.with_session(&Timeouts::read_only()).connect().await?;
     }
     if !outcome.stopped {
         outcome.behind = behind::rows_behind(client, job, record.id).await?;

@@ -56,3 +56,40 @@ async fn a_value_written_on_an_old_key_behind_the_run_keeps_it_from_saying_done(
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     db.assert_every_value_rotated(3_000).await;
 }
+
+// Before this: a run whose own session the server closed while it sat idle
+// (idle_session_timeout) reopened it under the run's statement timeout, and
+// the recount, a scan of the whole table, was cancelled past it: exit 1
+// after every batch had committed.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_recount_at_the_end_is_not_cut_short_by_the_runs_statement_timeout() {
+    let db = TestDb::new().await;
+    db.seed_patients(3_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    // every row read costs a sleep of at least 0.3 ms (a millisecond or so
+    // as timers go): a batch of 100 rows well under the statement timeout,
+    // a scan of the table (the recount) well over it
+    let job = db
+        .patients_job_where(&dir, "pg_sleep(0.0003) IS NOT NULL")
+        .display()
+        .to_string();
+    db.alter_database("SET idle_session_timeout = '1s'").await;
+    let out = rekey(
+        &[
+            "run",
+            "--job",
+            &job,
+            "--json",
+            "--workers",
+            "1",
+            "--batch-size",
+            "100",
+            "--statement-timeout",
+            "1500ms",
+        ],
+        &seed_env(),
+    );
+    db.alter_database("RESET idle_session_timeout").await;
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(json(&out)["rows_written_behind"], 0, "{}", printed(&out));
+}
