@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::db::session::Timeouts;
 use crate::db::{Database, KeyBytes};
 use crate::engine::pipeline::{Mode, Outcome};
 use crate::engine::sink::{Batch, Commit, Failure, Writer, Written};
@@ -34,7 +35,8 @@ pub(super) async fn retry_conflicts(
     job_id: i64,
 ) -> Result<(Outcome, u64), Error> {
     let mut outcome = Outcome::default();
-    let admin = db.connect().await?;
+    // its waits and counts are not batches: none under the batches' statement timeout
+    let admin = db.with_session(&Timeouts::read_only()).connect().await?;
     // processes sharing the job take turns: the next finds what the first left
     crate::state::locks::wait_for(&admin, &format!("rekey.conflicts:{job_id}"))
         .await

@@ -242,44 +242,51 @@ pub async fn check_writable(client: &Client, t: &Target) -> Result<(), Error> {
     )))
 }
 
-/// Enabled UPDATE triggers on the targets that fire on the columns rekey
-/// writes and can read the old row (row-level, or given an OLD TABLE),
-/// whose function reads it (for a function whose source rekey cannot read,
-/// one written in C say, any): one that copies the old values elsewhere (a
-/// history or audit table) keeps a copy under the old key of every row a
-/// run rewrites, out of the job's targets, which retiring the key leaves
-/// unreadable. Warnings for the operator, one per trigger; the run is not
-/// refused (a trigger that only logs, or copies new values, is common).
+/// Enabled UPDATE triggers on the targets, and on their partitions and
+/// inheritance children (rekey's UPDATE reaches their rows too), that fire
+/// on the columns rekey sets and can read the old row (row-level, or given
+/// an OLD TABLE), whose function reads it (for a function whose source
+/// rekey cannot read, one written in C say, any): one that copies the old
+/// values elsewhere (a history or audit table) keeps a copy under the old
+/// key of every row a run rewrites, out of the job's targets, which retiring
+/// the key leaves unreadable. Warnings for the operator, one per trigger;
+/// the run is not refused (a trigger that only logs, or copies new values,
+/// is common).
 pub async fn old_row_copies(client: &Client, targets: &[Target]) -> Result<Vec<String>, Error> {
     let mut warnings = Vec::new();
     for t in targets {
-        let written: Vec<&str> = t
-            .columns
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !t.hash_only() || t.is_hash_column(*i))
-            .map(|(_, c)| c.name.as_str())
-            .collect();
-        // tgtype bits: 1 row-level, 16 update; tgattr: the columns of UPDATE OF, none for any
+        // every column is in the SET list, a hash-only target's ciphertexts too
+        let set: Vec<&str> = t.columns.iter().map(|c| c.name.as_str()).collect();
+        // tgtype bits: 1 row-level, 16 update; tgattr: the columns of UPDATE OF, none for any;
+        // a partition's clone of a trigger above it (tgparentid) is named where it was made
         let rows = client
             .query(
-                "SELECT tg.tgname::text, p.oid::regprocedure::text
-                   FROM pg_trigger tg JOIN pg_proc p ON p.oid = tg.tgfoid JOIN pg_language l ON l.oid = p.prolang
-                  WHERE tg.tgrelid = $1::text::regclass AND NOT tg.tgisinternal AND tg.tgenabled IN ('O', 'A')
+                "WITH RECURSIVE tree(relid) AS (
+                     SELECT $1::text::regclass::oid
+                     UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.relid)
+                 SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname), n.nspname || '.' || c.relname,
+                        tg.tgname::text, p.oid::regprocedure::text
+                   FROM pg_trigger tg JOIN tree ON tree.relid = tg.tgrelid
+                   JOIN pg_class c ON c.oid = tg.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+                   JOIN pg_proc p ON p.oid = tg.tgfoid JOIN pg_language l ON l.oid = p.prolang
+                  WHERE NOT tg.tgisinternal AND tg.tgenabled <> 'D'
+                    AND NOT EXISTS (SELECT 1 FROM pg_trigger up JOIN tree ON tree.relid = up.tgrelid
+                                     WHERE up.oid = tg.tgparentid)
                     AND tg.tgtype & 16 = 16 AND (tg.tgtype & 1 = 1 OR tg.tgoldtable IS NOT NULL)
                     AND (cardinality(tg.tgattr::int2[]) = 0
                          OR EXISTS (SELECT 1 FROM pg_attribute a
                                      WHERE a.attrelid = tg.tgrelid AND a.attnum = ANY (tg.tgattr::int2[])
                                        AND a.attname = ANY ($2::text[])))
                     AND (tg.tgoldtable IS NOT NULL OR l.lanname NOT IN ('plpgsql', 'sql')
-                         OR p.prosrc ~* '\\mold\\M')
-                  ORDER BY 1",
-                &[&t.qualified(), &written],
+                         OR p.prosrc ~* $3)
+                  ORDER BY 2, 3",
+                &[&t.qualified(), &set, &r"\mold\M"],
             )
             .await
             .ctx(|| format!("checking the triggers of {}", t.table))?;
         for r in rows {
-            let (name, function): (String, String) = (r.get(0), r.get(1));
+            let (qualified, table, name, function): (String, String, String, String) =
+                (r.get(0), r.get(1), r.get(2), r.get(3));
             warnings.push(format!(
                 "{table}: trigger {name} (function {function}) fires on each row rekey rewrites and reads the old row: \
                  if it copies the old values elsewhere (a history or audit table), those copies stay under the old key, \
@@ -287,8 +294,6 @@ pub async fn old_row_copies(client: &Client, targets: &[Target]) -> Result<Vec<S
                  (a run finds copies made behind it and says so; the next run rotates them), or, where the copies need \
                  not stay readable, disable the trigger for the rotation (ALTER TABLE {qualified} DISABLE TRIGGER {trigger}, \
                  then ENABLE TRIGGER)",
-                table = t.table,
-                qualified = t.qualified(),
                 trigger = quote_ident(&name),
             ));
         }

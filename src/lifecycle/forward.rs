@@ -61,6 +61,11 @@ pub(crate) async fn rewrite_all(
 ) -> Result<bool, Error> {
     let job = Arc::new(Job::resolve(cx.spec, client).await?);
     verify::preflight(client, &job).await?;
+    // said before the run writes, and kept with the invocation's lines
+    for line in crate::job::visibility::old_row_copies(client, &job.targets).await? {
+        tracing::warn!("{line}");
+        log.lines.push(format!("warning: {line}"));
+    }
     // A run left unfinished under another key set (the forward run an abort
     // turns back) is given up: its values are rewritten by this one.
     let stale = state::jobs::unfinished_job_keys(client, &job.name)

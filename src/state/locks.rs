@@ -59,11 +59,15 @@ pub async fn lock_job(client: &Client, name: &str, restart: bool) -> Result<(), 
 /// this one must wait for (preparing the schema, opening a job, re-reading
 /// conflicts).
 pub async fn wait_for(client: &Client, name: &str) -> Result<(), tokio_postgres::Error> {
-    client.batch_execute("SET lock_timeout = 0").await?;
+    client
+        .batch_execute("SET lock_timeout = 0; SET statement_timeout = 0")
+        .await?;
     let locked = client
         .execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", &[&name])
         .await;
-    client.batch_execute("RESET lock_timeout").await?;
+    client
+        .batch_execute("RESET lock_timeout; RESET statement_timeout")
+        .await?;
     locked.map(|_| ())
 }
 

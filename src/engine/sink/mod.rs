@@ -192,7 +192,7 @@ impl Writer {
         state::conflicts::add(&tx, self.job_id, target.index, &rows, why)
             .await
             .ctx(what)?;
-        count_unwritten(&tx, target, batch).await.ctx(what)?;
+        count_unwritten(&tx, target, batch).await?;
         let control = checkpoint(
             &tx,
             self.job_id,
@@ -239,7 +239,7 @@ impl Writer {
         record_not_rotated(&tx, p, self.job_id, target, batch, &swapped)
             .await
             .ctx(what)?;
-        count_unwritten(&tx, target, batch).await.ctx(what)?;
+        count_unwritten(&tx, target, batch).await?;
         state::conflicts::clear(&tx, self.job_id, target.index, keys)
             .await
             .ctx(what)?;
@@ -344,12 +344,16 @@ impl Writer {
     /// (a conflict re-read refused or timed out): each was a fresh nonce
     /// under the target key all the same.
     pub async fn count_discarded(&mut self, target: &Target, batch: &Batch) -> Result<(), Error> {
-        count_unwritten(&self.client, target, batch).await.ctx(|| {
+        let what = || {
             format!(
                 "counting the encryptions of a batch of {} rolled back",
                 target.table
             )
-        })
+        };
+        // in a transaction of its own: the count's advisory lock is the transaction's
+        let tx = self.client.transaction().await.ctx(what)?;
+        count_unwritten(&tx, target, batch).await?;
+        tx.commit().await.ctx(what)
     }
 
     /// Commits one batch, swapped in (`refusal` is `None`) or recorded as
@@ -413,7 +417,7 @@ impl Writer {
         let encrypted = sealed_values(target, batch);
         if refused {
             // sealed all the same, not written
-            count_unwritten(&tx, target, batch).await.ctx(what)?;
+            count_unwritten(&tx, target, batch).await?;
         } else if !staged.is_empty() && encrypted > 0 {
             let key = target.write.keyring.target();
             let counted = state::count_encryptions(
@@ -479,12 +483,22 @@ async fn count_unwritten(
     client: &impl tokio_postgres::GenericClient,
     target: &Target,
     batch: &Batch,
-) -> Result<(), tokio_postgres::Error> {
+) -> Result<(), Error> {
     let sealed = sealed_values(target, batch);
     if sealed > 0 {
         let key = target.write.keyring.target();
-        state::count_encryptions(client, &key.fingerprint(), &target.target_label(), sealed)
-            .await?;
+        let counted =
+            state::count_encryptions(client, &key.fingerprint(), &target.target_label(), sealed)
+                .await
+                .ctx(|| format!("counting encryptions under {}", target.target_label()))?;
+        // spent, though never written: the run stops as a batch past the budget does
+        if counted.most > state::NONCE_BUDGET {
+            return Err(nonce_budget_spent(
+                target,
+                counted.total - sealed,
+                "values sealed for rows not written",
+            ));
+        }
     }
     Ok(())
 }

@@ -59,6 +59,52 @@ async fn a_trigger_that_copies_the_old_row_is_named_before_the_run_writes_and_wi
     assert!(copies > 0, "the trigger copied nothing");
 }
 
+// rekey's UPDATE of a table reaches the rows of its inheritance children,
+// whose own triggers fire on them: a child's copying trigger is named too,
+// with the child's name.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copying_trigger_of_an_inheritance_child_is_named_with_the_child() {
+    let db = TestDb::new().await;
+    db.seed_patients(100).await;
+    db.client
+        .batch_execute(&format!(
+            "{HISTORY}
+             DROP TRIGGER keep_old_phone ON patient_persons;
+             CREATE TABLE patient_archive () INHERITS (patient_persons);
+             CREATE TRIGGER keep_old_phone AFTER UPDATE ON patient_archive
+                 FOR EACH ROW EXECUTE FUNCTION keep_old_phone();"
+        ))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    let out = rekey(&["run", "--job", &job, "--json"], &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let warnings = json(&out)["warnings"].to_string();
+    assert!(
+        warnings.contains("public.patient_archive: trigger keep_old_phone"),
+        "{warnings}"
+    );
+}
+
+// `rekey rotate` runs the same re-encryption, and goes on to retire the key
+// the copies need: it names the trigger too.
+#[tokio::test(flavor = "multi_thread")]
+async fn rotate_names_a_trigger_that_copies_the_old_row() {
+    let db = TestDb::new().await;
+    db.seed_patients(100).await;
+    db.client.batch_execute(HISTORY).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (job, _keyring) = keyring_file_job(&db, &dir);
+    let out = rekey(&["rotate", "--job", &job, "--no-wait"], &keyring_pass_env());
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("warning: public.patient_persons: trigger keep_old_phone"),
+        "{}",
+        printed(&out)
+    );
+}
+
 // A trigger that does not read the old row (it stamps the new one), and
 // one that reads it only on an update of a column rekey does not write,
 // copy nothing a run leaves behind: no warning.
