@@ -161,3 +161,34 @@ async fn hashes_beside_ciphertexts_already_on_the_new_key_are_rehashed_and_null_
         .unwrap();
     assert_python_agrees(&db, HEX, ROWS).await;
 }
+
+// Before this check: a role that may update the hash column alone passed
+// it, and the run failed on its first batch ("permission denied for table
+// people", exit 1): a hash-only run's UPDATE sets every column of the
+// target, the ciphertext to itself.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hash_only_run_as_a_role_that_may_update_only_the_hash_is_refused_with_the_grant() {
+    let db = TestDb::new().await;
+    seed(&db, 50, HEX).await;
+    let role = format!("{}_hashonly", db_name(&db).await);
+    let database = db_name(&db).await;
+    db.client
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN PASSWORD 'pw' NOSUPERUSER NOBYPASSRLS;
+             GRANT SELECT, UPDATE (ssn_bidx) ON people TO {role};
+             GRANT USAGE, CREATE ON SCHEMA public TO {role};
+             GRANT CREATE, TEMPORARY ON DATABASE {database} TO {role};"
+        ))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let job = job_file(&db, &dir, HEX, "rewrite = \"hash\"\n");
+    let url = url_as(&db, &role);
+    let out = rekey(&["run", "--job", &job, "--database-url", &url], &env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("GRANT UPDATE (\"ssn_encrypted\") ON \"public\".\"people\""),
+        "{}",
+        printed(&out)
+    );
+}
