@@ -435,3 +435,42 @@ async fn runs_recorded_before_their_stores_count_whatever_store_they_were_under(
     let out = rekey_retire(&job, &["--accept-unverified", "public.patient_copy"]);
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
 }
+
+// A column the job file no longer lists, of a table it still lists, is
+// vouched for by its table's name, and the audit event names the column.
+#[tokio::test(flavor = "multi_thread")]
+async fn vouching_for_a_table_covers_a_left_out_column_and_the_audit_event_names_the_column() {
+    let db = TestDb::new().await;
+    db.seed_patients(200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, _keyring) = keyring_file_job(&db, &dir);
+    let both_columns = std::fs::read_to_string(&job).unwrap();
+    for step in ["stage", "promote"] {
+        let out = rekey(&["secrets", step, "--job", &job], &keyring_pass_env());
+        assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    }
+    let out = rekey(&["run", "--job", &job], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let one_column = both_columns.replace(
+        "columns = [\"phone_encrypted\", \"emergency_contact_phone_encrypted\"]",
+        "columns = [\"phone_encrypted\"]",
+    );
+    assert_ne!(one_column, both_columns);
+    std::fs::write(&job, &one_column).unwrap();
+    let out = rekey_retire(&job, &["--accept-unverified", "public.patient_persons"]);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let audit = std::fs::read_to_string(dir.path().join("patients.audit.jsonl")).unwrap();
+    let detail = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|e| e["event_type"] == "key_retired")
+        .expect("no key_retired event")["detail"]
+        .clone();
+    assert!(
+        detail
+            .as_str()
+            .unwrap_or_default()
+            .contains("(--accept-unverified): column emergency_contact_phone_encrypted of public.patient_persons"),
+        "{detail}"
+    );
+}
