@@ -11,18 +11,11 @@ use crate::harness::*;
 async fn retire_is_refused_from_a_job_file_that_no_longer_lists_a_table_the_job_rotated() {
     let db = TestDb::new().await;
     db.seed_patients(200).await;
-    db.client
-        .batch_execute(
-            "CREATE TABLE patient_copy AS SELECT * FROM patient_persons;
-             ALTER TABLE patient_copy ADD PRIMARY KEY (id);",
-        )
-        .await
-        .unwrap();
+    copy_patients(&db).await;
     let dir = tempfile::tempdir().unwrap();
     let (job, keyring) = keyring_file_job(&db, &dir);
     let one_table = std::fs::read_to_string(&job).unwrap();
-    let copy_target = "[[target]]\ntable = \"patient_copy\"\ncolumns = [\"phone_encrypted\", \"emergency_contact_phone_encrypted\"]\nformat = \"versioned-gcm\"\n";
-    std::fs::write(&job, format!("{one_table}{copy_target}")).unwrap();
+    std::fs::write(&job, format!("{one_table}{COPY_TARGET}")).unwrap();
     // three of the copy's values as they were under key 1, to restore from a "backup"
     let backup = db
         .client
@@ -32,12 +25,7 @@ async fn retire_is_refused_from_a_job_file_that_no_longer_lists_a_table_the_job_
         )
         .await
         .unwrap();
-    for step in ["stage", "promote"] {
-        let out = rekey(&["secrets", step, "--job", &job], &keyring_pass_env());
-        assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-    }
-    let out = rekey(&["run", "--job", &job], &keyring_pass_env());
-    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    stage_promote_and_run(&job);
     for row in &backup {
         let (id, value): (i64, Vec<u8>) = (row.get(0), row.get(1));
         db.client
@@ -67,7 +55,7 @@ async fn retire_is_refused_from_a_job_file_that_no_longer_lists_a_table_the_job_
     );
 
     // listed again, the full verify finds the restored values
-    std::fs::write(&job, format!("{one_table}{copy_target}")).unwrap();
+    std::fs::write(&job, format!("{one_table}{COPY_TARGET}")).unwrap();
     let out = rekey(&["secrets", "retire", "--job", &job], &keyring_pass_env());
     assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
     assert!(
@@ -97,12 +85,7 @@ async fn retire_is_refused_from_a_job_file_that_no_longer_lists_a_column_the_job
         )
         .await
         .unwrap();
-    for step in ["stage", "promote"] {
-        let out = rekey(&["secrets", step, "--job", &job], &keyring_pass_env());
-        assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-    }
-    let out = rekey(&["run", "--job", &job], &keyring_pass_env());
-    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    stage_promote_and_run(&job);
     for row in &backup {
         let (id, value): (i64, Vec<u8>) = (row.get(0), row.get(1));
         db.client
@@ -175,6 +158,16 @@ async fn copy_patients(db: &TestDb) {
 }
 
 const COPY_TARGET: &str = "[[target]]\ntable = \"patient_copy\"\ncolumns = [\"phone_encrypted\", \"emergency_contact_phone_encrypted\"]\nformat = \"versioned-gcm\"\n";
+
+/// Stages and promotes key 2 of the job's keyring file, then runs the job.
+fn stage_promote_and_run(job: &str) {
+    for step in ["stage", "promote"] {
+        let out = rekey(&["secrets", step, "--job", job], &keyring_pass_env());
+        assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    }
+    let out = rekey(&["run", "--job", job], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+}
 
 /// `rekey secrets retire --job job` with `extra` arguments.
 fn rekey_retire(job: &str, extra: &[&str]) -> std::process::Output {
@@ -351,12 +344,7 @@ async fn copy_rotated_under_the_same_store(
     let (job, keyring) = keyring_file_job(db, dir);
     let one_table = std::fs::read_to_string(&job).unwrap();
     std::fs::write(&job, format!("{one_table}{COPY_TARGET}")).unwrap();
-    for step in ["stage", "promote"] {
-        let out = rekey(&["secrets", step, "--job", &job], &keyring_pass_env());
-        assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-    }
-    let out = rekey(&["run", "--job", &job], &keyring_pass_env());
-    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    stage_promote_and_run(&job);
     std::fs::write(&job, &one_table).unwrap();
     (job, keyring, one_table)
 }
@@ -445,12 +433,7 @@ async fn vouching_for_a_table_covers_a_left_out_column_and_the_audit_event_names
     let dir = tempfile::tempdir().unwrap();
     let (job, _keyring) = keyring_file_job(&db, &dir);
     let both_columns = std::fs::read_to_string(&job).unwrap();
-    for step in ["stage", "promote"] {
-        let out = rekey(&["secrets", step, "--job", &job], &keyring_pass_env());
-        assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-    }
-    let out = rekey(&["run", "--job", &job], &keyring_pass_env());
-    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    stage_promote_and_run(&job);
     let one_column = both_columns.replace(
         "columns = [\"phone_encrypted\", \"emergency_contact_phone_encrypted\"]",
         "columns = [\"phone_encrypted\"]",
