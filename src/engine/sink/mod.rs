@@ -192,7 +192,7 @@ impl Writer {
         state::conflicts::add(&tx, self.job_id, target.index, &rows, why)
             .await
             .ctx(what)?;
-        count_unwritten(&tx, target, batch).await?;
+        count_sealed(&tx, target, batch, UNWRITTEN, what).await?;
         let control = checkpoint(
             &tx,
             self.job_id,
@@ -239,7 +239,7 @@ impl Writer {
         record_not_rotated(&tx, p, self.job_id, target, batch, &swapped)
             .await
             .ctx(what)?;
-        count_unwritten(&tx, target, batch).await?;
+        count_sealed(&tx, target, batch, UNWRITTEN, what).await?;
         state::conflicts::clear(&tx, self.job_id, target.index, keys)
             .await
             .ctx(what)?;
@@ -352,7 +352,7 @@ impl Writer {
         };
         // in a transaction of its own: the count's advisory lock is the transaction's
         let tx = self.client.transaction().await.ctx(what)?;
-        count_unwritten(&tx, target, batch).await?;
+        count_sealed(&tx, target, batch, UNWRITTEN, what).await?;
         tx.commit().await.ctx(what)
     }
 
@@ -413,29 +413,14 @@ impl Writer {
             .await
             .ctx(what)?;
         // The nonce budget (README, Guarantees 7): every staged value was
-        // encrypted under a fresh random nonce (a search hash was not).
-        let encrypted = sealed_values(target, batch);
-        if refused {
-            // sealed all the same, not written
-            count_unwritten(&tx, target, batch).await?;
-        } else if !staged.is_empty() && encrypted > 0 {
-            let key = target.write.keyring.target();
-            let counted = state::count_encryptions(
-                &tx,
-                &key.fingerprint(),
-                &target.target_label(),
-                encrypted,
-            )
-            .await
-            .ctx(what)?;
-            if counted.most > state::NONCE_BUDGET {
-                return Err(nonce_budget_spent(
-                    target,
-                    counted.total - encrypted,
-                    "this batch (rolled back)",
-                ));
-            }
-        }
+        // encrypted under a fresh random nonce (a search hash was not),
+        // counted whether it lands or is refused
+        let spent = if refused {
+            UNWRITTEN
+        } else {
+            "this batch (rolled back)"
+        };
+        count_sealed(&tx, target, batch, spent, what).await?;
         let control = checkpoint(
             &tx,
             self.job_id,
@@ -476,13 +461,22 @@ fn sealed_values(target: &Target, batch: &Batch) -> i64 {
         .count() as i64
 }
 
-/// Counts what `batch` sealed and will not write (its rows set aside, its
-/// values recorded as not rotated, its transaction rolled back): invariant
-/// 7 counts every encryption under a key, not only those that land.
-async fn count_unwritten(
+/// What a count past the nonce budget names when the values it counts
+/// were sealed for rows not written.
+const UNWRITTEN: &str = "values sealed for rows not written";
+
+/// Counts what `batch` sealed under its target key, in `client`'s
+/// transaction (`what` says what it is part of): the values written, and
+/// those it will not write (its rows set aside, its values recorded as not
+/// rotated, its transaction rolled back), as invariant 7 counts every
+/// encryption under a key, not only those that land. Past the budget it
+/// fails, naming `spent`, so the transaction is rolled back and the run stops.
+async fn count_sealed(
     client: &impl tokio_postgres::GenericClient,
     target: &Target,
     batch: &Batch,
+    spent: &str,
+    what: impl Fn() -> String,
 ) -> Result<(), Error> {
     let sealed = sealed_values(target, batch);
     if sealed > 0 {
@@ -490,14 +484,9 @@ async fn count_unwritten(
         let counted =
             state::count_encryptions(client, &key.fingerprint(), &target.target_label(), sealed)
                 .await
-                .ctx(|| format!("counting encryptions under {}", target.target_label()))?;
-        // spent, though never written: the run stops as a batch past the budget does
+                .ctx(what)?;
         if counted.most > state::NONCE_BUDGET {
-            return Err(nonce_budget_spent(
-                target,
-                counted.total - sealed,
-                "values sealed for rows not written",
-            ));
+            return Err(nonce_budget_spent(target, counted.total - sealed, spent));
         }
     }
     Ok(())
