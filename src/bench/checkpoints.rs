@@ -26,6 +26,10 @@ pub enum Cause {
     Timed,
     /// Begun before the run, when the counters were first read.
     BeforeTheRun,
+    /// Ended during the run before the server counted it (a checkpoint
+    /// that never pauses is counted as it ends), and not counted by the
+    /// run's last reading: why is not known.
+    Unread,
 }
 
 /// One checkpoint the server ran during the run.
@@ -150,15 +154,21 @@ impl Counters {
     }
 }
 
-/// Follows the checkpoints through a run's samples. The counters move as a
-/// checkpoint begins (or at its first pause), the redo point as it ends:
-/// each begun is held until the redo point moves, oldest first.
+/// Follows the checkpoints through a run's samples. The server runs one at
+/// a time; it counts one at its first pause, or as it ends where it never
+/// pauses (just after its redo point became the last one, so a sample may
+/// see the end first); the redo point moves as it ends. Each counted is held
+/// until a redo point moves, oldest first, and each end seen before its
+/// count waits for the next count.
 #[derive(Debug)]
 struct Tracker {
     last: Reading,
-    /// Begun and not yet ended: why, and the sample its counter moved at.
+    /// Counted and not yet ended: why, and the sample its counter moved at.
     running: std::collections::VecDeque<(Cause, f64)>,
     seen: Vec<Checkpoint>,
+    /// Ended during the run before they were counted: places in `seen`,
+    /// oldest first, whose cause the next counts give.
+    uncounted: std::collections::VecDeque<usize>,
     /// The WAL position (bytes from 0/0) at the run's start.
     wal_base: u64,
 }
@@ -170,6 +180,7 @@ impl Tracker {
             last: first,
             running: Default::default(),
             seen: Vec::new(),
+            uncounted: Default::default(),
             wal_base,
         }
     }
@@ -181,26 +192,45 @@ impl Tracker {
         for cause in std::iter::repeat_n(Cause::Timed, steps(self.last.timed, now.timed)).chain(
             std::iter::repeat_n(Cause::Requested, steps(self.last.requested, now.requested)),
         ) {
-            self.running.push_back((cause, t));
+            match self.uncounted.pop_front() {
+                // the count of one already seen ending
+                Some(i) => self.seen[i].cause = cause,
+                None => self.running.push_back((cause, t)),
+            }
         }
         match (self.last.redo, now.redo) {
             (Some(before), Some(redo)) if redo != before => {
-                // one ended (two in one sample look like one: the later);
-                // one whose redo point is before the run began before it
-                let (cause, began_at_s) = match redo.checked_sub(self.wal_base) {
-                    None => (Cause::BeforeTheRun, None),
-                    Some(at) => (
-                        self.running
-                            .pop_front()
-                            .map_or(Cause::BeforeTheRun, |(cause, _)| cause),
-                        Some(when(wal, at).unwrap_or(t)),
-                    ),
-                };
-                self.seen.push(Checkpoint {
-                    cause,
-                    began_at_s,
-                    ended_at_s: Some(t),
-                });
+                // one ended (two in one sample look like one: the later)
+                match redo.checked_sub(self.wal_base) {
+                    None => {
+                        // the one running as the run began: a count of an
+                        // earlier sample is its own (none begun during the
+                        // run could be counted before it ended)
+                        if self.running.front().is_some_and(|&(_, at)| at < t) {
+                            self.running.pop_front();
+                        }
+                        self.seen.push(Checkpoint {
+                            cause: Cause::BeforeTheRun,
+                            began_at_s: None,
+                            ended_at_s: Some(t),
+                        });
+                    }
+                    Some(at) => {
+                        let began_at_s = Some(when(wal, at).unwrap_or(t));
+                        let cause = match self.running.pop_front() {
+                            Some((cause, _)) => cause,
+                            None => {
+                                self.uncounted.push_back(self.seen.len());
+                                Cause::Unread
+                            }
+                        };
+                        self.seen.push(Checkpoint {
+                            cause,
+                            began_at_s,
+                            ended_at_s: Some(t),
+                        });
+                    }
+                }
             }
             (_, None) => {
                 // no redo point: each as its counter moved, its end unknown
@@ -216,7 +246,8 @@ impl Tracker {
         self.last = now;
     }
 
-    /// Every checkpoint seen, with those still running at the end.
+    /// Every checkpoint seen, with those still running at the end, in the
+    /// order they began.
     fn finish(mut self) -> Vec<Checkpoint> {
         self.seen
             .extend(self.running.drain(..).map(|(cause, at)| Checkpoint {
@@ -224,6 +255,13 @@ impl Tracker {
                 began_at_s: Some(at),
                 ended_at_s: None,
             }));
+        // those begun before the run first; a stable sort keeps the order
+        // of those with one time
+        self.seen.sort_by(|a, b| {
+            a.began_at_s
+                .unwrap_or(f64::NEG_INFINITY)
+                .total_cmp(&b.began_at_s.unwrap_or(f64::NEG_INFINITY))
+        });
         self.seen
     }
 }
@@ -373,6 +411,58 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn one_whose_redo_point_moves_before_its_counter_is_counted_once_with_the_counters_cause() {
+        // a checkpoint that never pauses reports its counter just after it ends
+        let mut t = Tracker::new(reading(4, 1, Some(900)), 1_000);
+        t.observe(reading(4, 1, Some(1_000 + 200)), 2.0, &WAL[..3]);
+        t.observe(reading(4, 2, Some(1_000 + 200)), 3.0, &WAL);
+        assert_eq!(
+            t.finish(),
+            vec![Checkpoint {
+                cause: Cause::Requested,
+                began_at_s: Some(1.5),
+                ended_at_s: Some(2.0)
+            }]
+        );
+    }
+
+    #[test]
+    fn the_counter_of_one_begun_before_the_run_is_not_taken_for_one_begun_during_it() {
+        let mut t = Tracker::new(reading(4, 1, Some(500)), 1_000);
+        // the one running as the run began is counted, then ends
+        t.observe(reading(4, 2, Some(500)), 1.0, &WAL[..2]);
+        t.observe(reading(4, 2, Some(800)), 2.0, &WAL[..3]);
+        // one begun during the run, counted, then ended
+        t.observe(reading(4, 3, Some(800)), 2.5, &WAL[..3]);
+        t.observe(reading(4, 3, Some(1_000 + 350)), 3.0, &WAL);
+        assert_eq!(
+            t.finish(),
+            vec![
+                Checkpoint {
+                    cause: Cause::BeforeTheRun,
+                    began_at_s: None,
+                    ended_at_s: Some(2.0)
+                },
+                Checkpoint {
+                    cause: Cause::Requested,
+                    began_at_s: Some(2.5),
+                    ended_at_s: Some(3.0)
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn an_end_not_yet_counted_when_the_run_ends_has_no_cause_read() {
+        let mut t = Tracker::new(reading(4, 1, Some(900)), 1_000);
+        t.observe(reading(4, 1, Some(1_000 + 200)), 3.0, &WAL);
+        let seen = t.finish();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].cause, Cause::Unread);
+        assert_eq!(seen[0].began_at_s, Some(1.5));
     }
 
     #[test]

@@ -187,11 +187,15 @@ fn checkpoints_line(c: &[Checkpoint]) -> String {
     let of = |cause: Cause| c.iter().filter(|c| c.cause == cause).count();
     let running = c.iter().filter(|c| c.ended_at_s.is_none()).count();
     format!(
-        "{} during the run: {} requested (WAL or a command), {} timed, {} begun before it; {running} with no end seen",
+        "{} during the run: {} requested (WAL or a command), {} timed, {} begun before it{}; {running} with no end seen",
         c.len(),
         of(Cause::Requested),
         of(Cause::Timed),
         of(Cause::BeforeTheRun),
+        match of(Cause::Unread) {
+            0 => String::new(),
+            n => format!(", {n} not yet counted by the server (cause unread)"),
+        },
     )
 }
 

@@ -215,6 +215,14 @@ async fn a_bench_whose_wal_passes_max_wal_size_marks_the_checkpoints_and_names_t
         .batch_execute("SELECT pg_reload_conf()")
         .await
         .unwrap();
+    let requested_count = async || -> i64 {
+        admin
+            .query_one("SELECT checkpoints_req FROM pg_stat_bgwriter", &[])
+            .await
+            .unwrap()
+            .get(0)
+    };
+    let requested_before = requested_count().await;
     let dir = tempfile::tempdir().unwrap();
     let report_dir = dir.path().display().to_string();
     let url = cluster.url("postgres");
@@ -233,6 +241,7 @@ async fn a_bench_whose_wal_passes_max_wal_size_marks_the_checkpoints_and_names_t
         )
     });
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let requested_by_the_bench = requested_count().await - requested_before;
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("report.json")).unwrap())
             .unwrap();
@@ -250,6 +259,14 @@ async fn a_bench_whose_wal_passes_max_wal_size_marks_the_checkpoints_and_names_t
         .filter(|c| c["cause"] == "requested")
         .collect();
     assert!(!requested.is_empty(), "{}", r["checkpoints"]);
+    // none listed twice: no more than the server counted over the whole
+    // bench (its seeding and floor included)
+    assert!(
+        requested.len() as i64 <= requested_by_the_bench,
+        "{} requested listed, {requested_by_the_bench} counted: {}",
+        requested.len(),
+        r["checkpoints"]
+    );
     let mut last_began = -1.0;
     for c in &requested {
         // begun during the run, in order: the server runs one at a time
