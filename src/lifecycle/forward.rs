@@ -20,6 +20,7 @@ use crate::state;
 use crate::state::rotations::{self, Rotation, Step};
 use crate::Error;
 
+use super::catch_up;
 use super::retire::retire;
 use super::rotation::{fingerprint_of, Ctx, Ended, Log, Progressed, Wait};
 
@@ -170,7 +171,25 @@ pub(crate) async fn ran(
     rotations::set_step(client, rot.id, Step::Ran).await?;
     Ok(None)
 }
-/// Ran -> verified: proves no value is left on an old key (else back to staged).
+
+/// The verify between the run and promotion: every value's key counted
+/// where it shows, a sample decrypted.
+pub(crate) async fn sample_verify(
+    cx: &Ctx<'_>,
+    client: &Client,
+) -> Result<verify::Verification, Error> {
+    let job = Arc::new(Job::resolve(cx.spec, client).await?);
+    let depth = Depth {
+        full: false,
+        sample: 1000,
+        lanes: cx.opts.settings.lanes,
+    };
+    verify::verify(cx.db, client, &job, depth, cx.opts.quiet).await
+}
+
+/// Ran -> verified: proves no value is left on an old key (else back to
+/// staged), or that those left were written behind the run (promoted over,
+/// with a catch-up run due: `catch_up`).
 pub(crate) async fn verified(
     cx: &Ctx<'_>,
     client: &Client,
@@ -179,14 +198,11 @@ pub(crate) async fn verified(
     log: &mut Log,
 ) -> Result<Next, Error> {
     let key_ref = format!("{}#{}", store.secret_id(), rot.new_key);
-    let job = Arc::new(Job::resolve(cx.spec, client).await?);
-    let depth = Depth {
-        full: false,
-        sample: 1000,
-        lanes: cx.opts.settings.lanes,
-    };
-    let v = verify::verify(cx.db, client, &job, depth, cx.opts.quiet).await?;
+    let v = sample_verify(cx, client).await?;
     let audit = &cx.opts.audit;
+    if !v.verified && catch_up::only_written_behind(cx, client, store, rot, &v).await? {
+        return catch_up::promote_over(cx, client, rot, &key_ref, &v, log).await;
+    }
     if !v.verified {
         rotations::set_step(client, rot.id, Step::Staged).await?;
         let notes = format!(
@@ -240,18 +256,25 @@ pub(crate) async fn promoted(
     let key_ref = format!("{}#{}", store.secret_id(), rot.new_key);
     let applied = steps::promote(store, cx.opts.reveal, cx.opts.compromised).await?;
     rotations::set_step(client, rot.id, Step::Promoted).await?;
-    let notes = format!(
+    let mut notes = format!(
         "key {} is current; key {} is previous",
         rot.new_key,
         rot.old_key.map_or("-".into(), |k| k.to_string())
     );
+    if rot.catch_up_due {
+        notes.push_str("; a catch-up run is due for values written behind the run");
+    }
     log.record(
         &cx.opts.audit,
         client,
         What {
             event_type: "key_promoted",
             secret_id: &key_ref,
-            verification_status: "passed",
+            verification_status: if rot.catch_up_due {
+                "partial"
+            } else {
+                "passed"
+            },
             affected_records: None,
             notes: &notes,
             job_id: None,
@@ -274,7 +297,7 @@ pub(crate) async fn promoted(
 /// compromise rotation), or once the old key was retired by hand.
 pub(crate) async fn retired(
     cx: &Ctx<'_>,
-    client: &Client,
+    client: &mut Client,
     store: &mut Store,
     rot: &Rotation,
     mut log: Log,
@@ -320,6 +343,11 @@ pub(crate) async fn retired(
             rot.id
         ));
         return Ok(log.end(Ended::Done, Step::Retired));
+    }
+    if rot.catch_up_due {
+        if let Some((ended, step)) = catch_up::catch_up(cx, client, store, rot, &mut log).await? {
+            return Ok(log.end(ended, step));
+        }
     }
     // promoted_at is set with the step; if it were missing, the grace period starts now
     let due = rot.promoted_at_s.unwrap_or(now() as i64) + rot.grace_s;

@@ -5,6 +5,7 @@
 
 pub mod abort;
 pub mod audit;
+pub mod catch_up;
 pub mod chain;
 pub mod evidence;
 pub mod forward;

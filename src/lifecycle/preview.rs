@@ -126,6 +126,16 @@ pub async fn preview(
         Step::Retired | Step::RolledBack => format!("rotation {} is over", rot.id),
     };
     say(&mut log, line);
+    if rot.step == Step::Promoted && rot.catch_up_due {
+        say(
+            &mut log,
+            format!(
+                "it was promoted over values written behind its run: would first run the catch-up ({} values to re-encrypt under key {}) and verify it",
+                to_rewrite().await?,
+                rot.new_key
+            ),
+        );
+    }
     if store.table().id_in(KeyState::Pending).is_none() && rot.step == Step::Staged {
         say(
             &mut log,

@@ -74,6 +74,9 @@ pub struct Rotation {
     pub new_fingerprint: Option<String>,
     /// Why it was started (the compromise reason changes the procedure).
     pub reason: String,
+    /// Promoted over values an application wrote behind its run under the
+    /// old key: a catch-up run is due before the grace period counts.
+    pub catch_up_due: bool,
 }
 
 /// The last rotation of a job that is over.
@@ -114,8 +117,10 @@ pub struct NewRotation<'a> {
 pub async fn open_rotation(client: &Client, name: &str) -> Result<Option<Rotation>, Error> {
     let row = client
         .query_opt(
-            "SELECT rotation_id, step, old_key, new_key, grace_s, floor(extract(epoch FROM promoted_at))::bigint, new_fingerprint, reason
-               FROM rekey.rotations WHERE job_name = $1 AND step NOT IN ('retired', 'rolled_back')",
+            // through jsonb: `--dry-run` reads a schema from before catch_up_due
+            "SELECT rotation_id, step, old_key, new_key, grace_s, floor(extract(epoch FROM promoted_at))::bigint, new_fingerprint, reason,
+                    coalesce((to_jsonb(r) ->> 'catch_up_due')::boolean, false)
+               FROM rekey.rotations r WHERE job_name = $1 AND step NOT IN ('retired', 'rolled_back')",
             &[&name],
         )
         .await
@@ -130,6 +135,7 @@ pub async fn open_rotation(client: &Client, name: &str) -> Result<Option<Rotatio
         promoted_at_s: r.get(5),
         new_fingerprint: r.get(6),
         reason: r.get(7),
+        catch_up_due: r.get(8),
     }))
 }
 
@@ -229,6 +235,19 @@ pub async fn set_step(client: &Client, id: i64, step: Step) -> Result<(), Error>
         )
         .await
         .ctx(|| format!("recording rotation step {word}"))?;
+    Ok(())
+}
+
+/// Records whether rotation `id` owes a catch-up run (promoted over values
+/// written behind its run, until one leaves none).
+pub async fn set_catch_up_due(client: &Client, id: i64, due: bool) -> Result<(), Error> {
+    client
+        .execute(
+            "UPDATE rekey.rotations SET catch_up_due = $2, updated_at = now() WHERE rotation_id = $1",
+            &[&id, &due],
+        )
+        .await
+        .ctx(|| "recording the catch-up run due".into())?;
     Ok(())
 }
 

@@ -27,6 +27,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (14, include_str!("../../sql/014_conflicts_refused.sql")),
     (15, include_str!("../../sql/015_database_identity.sql")),
     (16, include_str!("../../sql/016_job_target_key_stores.sql")),
+    (17, include_str!("../../sql/017_rotation_catch_up.sql")),
 ];
 
 /// Creates or upgrades schema `rekey`. Safe to run from several processes

@@ -18,6 +18,7 @@ mod gates;
 mod live_control;
 mod metrics_and_logs;
 mod nonce_budget;
+mod rotate_written_behind;
 mod row_locks;
 mod shared_job;
 mod timing;

@@ -1,0 +1,263 @@
+//! `rekey rotate` while an application writes under the current key, as the
+//! quarterly procedure's applications do until the new key is promoted
+//! (they read the pending key, they encrypt with the current one). Every
+//! value such an application writes after the run passed its row is still
+//! on the old key when the run ends, so a rotation that waited for a clean
+//! verify before promoting would never promote under a steady write load:
+//! each invocation ran again and found the latest writes. It promotes once
+//! the values left on an old key are only what was written behind its run
+//! (readable, none refused by the database), and rotates those in a
+//! catch-up run after promotion, before the grace period and the retire.
+
+use rekey::crypto::codec::Codec;
+use rekey::crypto::keyring::{Key, Keyring};
+use rekey::crypto::keytable::{KeyState, KeyTable};
+use rekey::secrets::file::KeyringFile;
+
+use super::*;
+
+fn keyring_table(path: &std::path::Path) -> KeyTable {
+    KeyringFile::open(path, KEYRING_PASS.as_bytes(), "P")
+        .unwrap()
+        .table
+}
+
+fn audit_events(dir: &tempfile::TempDir) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.path().join("patients.audit.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// `rekey rotate --no-wait`, its run slowed so a write lands behind it.
+fn spawn_slow_rotate(job: &str, env: &[(&str, String)]) -> Child {
+    rekey_cmd(
+        &[
+            "rotate",
+            "--job",
+            job,
+            "--json",
+            "--no-wait",
+            "--workers",
+            "1",
+            "--batch-size",
+            "100",
+            "--max-rows-per-sec",
+            "2000",
+        ],
+        env,
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("spawn rekey")
+}
+
+/// The application writes row `id` under key 1, the current key, once the
+/// run has rotated past it (its only lane reads in key order).
+async fn write_behind_the_run(db: &TestDb, child: &mut Child, id: i64) {
+    wait_for_progress(db, child, 500).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the run ended before the application wrote"
+    );
+    write_under_key_1(db, id).await;
+}
+
+/// The application writes row `id`'s phone under key 1.
+async fn write_under_key_1(db: &TestDb, id: i64) {
+    let mut value = Vec::new();
+    v1_codec().seal(phone(id).as_bytes(), b"", None, &mut value);
+    db.client
+        .execute(
+            "UPDATE patient_persons SET phone_encrypted = $1 WHERE id = $2",
+            &[&value, &id],
+        )
+        .await
+        .unwrap();
+}
+
+// Before: exit 4, "verification failed: 1 values on old keys", back to
+// staged with key 2 still pending; under a steady write load every
+// invocation ended so.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotation_written_behind_under_the_current_key_promotes_then_rotates_what_was_written() {
+    let db = TestDb::new().await;
+    db.seed_patients(3_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+
+    let mut child = spawn_slow_rotate(&job, &keyring_pass_env());
+    write_behind_the_run(&db, &mut child, 1).await;
+    let out = finish(child, Duration::from_secs(120)).await;
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    let s = json(&out);
+    assert_eq!(
+        (s["step"].as_str(), s["waiting_for"].as_str()),
+        (Some("promoted"), Some("grace_period")),
+        "{s}"
+    );
+    let events = audit_events(&dir);
+    let types: Vec<&str> = events
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "key_staged",
+            "reencryption_completed",
+            "verification_failed",
+            "key_promoted",
+            "reencryption_completed",
+            "verification_passed"
+        ]
+    );
+    // the record says what was promoted over, and that it was caught up
+    assert_eq!(events[2]["verification_status"], "partial", "{}", events[2]);
+    assert_eq!(events[2]["affected_records"], 1, "{}", events[2]);
+    let detail = events[2]["detail"].as_str().unwrap();
+    assert!(detail.contains("written behind the run"), "{detail}");
+    assert_eq!(events[3]["verification_status"], "partial", "{}", events[3]);
+    assert_eq!(events[4]["affected_records"], 1, "{}", events[4]);
+    assert_eq!(events[5]["verification_status"], "passed", "{}", events[5]);
+
+    // key 2 is current, and every value is under it, the one written behind too
+    let table = keyring_table(&keyring);
+    assert_eq!(
+        (table.id_in(KeyState::Current), table.previous_ids()),
+        (Some(2), vec![1])
+    );
+    let new_key = hex::encode(table.keyring().unwrap().get(2).unwrap().material());
+    let ring2 = Keyring::new(vec![Key::parse(2, &new_key).unwrap()], 2, None).unwrap();
+    let after = db.decrypted_patients(&ring2).await;
+    assert_eq!(after.len(), 3_000);
+    assert!(after
+        .iter()
+        .all(|(id, (p, _))| *p == Decrypted::Plain(2, phone(*id))));
+
+    // and the rotation ends as any other
+    db.client
+        .execute(
+            "UPDATE rekey.rotations SET promoted_at = promoted_at - interval '2 days'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let out = rekey(&["rotate", "--job", &job, "--json"], &keyring_pass_env());
+    assert_eq!(
+        (out.status.code(), json(&out)["step"].as_str()),
+        (Some(0), Some("retired")),
+        "{}",
+        printed(&out)
+    );
+}
+
+// What the database refused to let rekey write is no application's write:
+// the rotation stays staged, as before, and says what to fix.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotation_whose_writes_the_database_refused_is_not_promoted() {
+    let db = TestDb::new().await;
+    db.seed_patients(3_000).await;
+    db.client
+        .batch_execute(
+            "CREATE FUNCTION archived_read_only() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+               IF OLD.id % 100 = 0 THEN RAISE EXCEPTION 'archived patients are read-only'; END IF;
+               RETURN NEW; END $$;
+             CREATE TRIGGER archived_read_only BEFORE UPDATE ON patient_persons FOR EACH ROW EXECUTE FUNCTION archived_read_only();",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+
+    let mut child = spawn_slow_rotate(&job, &keyring_pass_env());
+    write_behind_the_run(&db, &mut child, 1).await;
+    let out = finish(child, Duration::from_secs(120)).await;
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
+    assert_eq!(json(&out)["step"], "staged", "{}", printed(&out));
+    let table = keyring_table(&keyring);
+    assert_eq!(
+        (
+            table.id_in(KeyState::Current),
+            table.id_in(KeyState::Pending)
+        ),
+        (Some(1), Some(2))
+    );
+    let promoted = audit_events(&dir)
+        .iter()
+        .any(|e| e["event_type"] == "key_promoted");
+    assert!(!promoted, "{}", printed(&out));
+}
+
+// Keys in the environment: rekey cannot promote by itself, so the catch-up
+// waits for the operator's change of the current version (until then the
+// applications write under key 1) and runs on the next invocation.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_keys_in_the_environment_the_catch_up_runs_after_the_current_version_changed() {
+    let db = TestDb::new().await;
+    db.seed_patients(3_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    let mut env = v1_env();
+    let out = rekey(&["rotate", "--job", &job], &env);
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    env.push(("ENCRYPTION_KEY_V2", K2.to_string()));
+    env.push(("ENCRYPTION_PENDING_VERSION", "2".to_string()));
+
+    let mut child = spawn_slow_rotate(&job, &env);
+    write_behind_the_run(&db, &mut child, 1).await;
+    let out = finish(child, Duration::from_secs(120)).await;
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    let s = json(&out);
+    assert_eq!(
+        (s["step"].as_str(), s["waiting_for"].as_str()),
+        (Some("promoted"), Some("environment")),
+        "{s}"
+    );
+    assert!(
+        printed(&out).contains("export ENCRYPTION_CURRENT_VERSION=2"),
+        "{}",
+        printed(&out)
+    );
+
+    // not redeployed yet: the application still writes under key 1
+    write_under_key_1(&db, 2).await;
+    let out = rekey(&["rotate", "--job", &job, "--dry-run"], &env);
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("would first run the catch-up (2 values to re-encrypt under key 2)"),
+        "{}",
+        printed(&out)
+    );
+
+    env.retain(|(k, _)| *k != "ENCRYPTION_PENDING_VERSION" && *k != "ENCRYPTION_CURRENT_VERSION");
+    env.push(("ENCRYPTION_CURRENT_VERSION", "2".to_string()));
+    let out = rekey(&["rotate", "--job", &job, "--json"], &env);
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    let s = json(&out);
+    assert_eq!(
+        (s["step"].as_str(), s["waiting_for"].as_str()),
+        (Some("promoted"), Some("grace_period")),
+        "{s}"
+    );
+    let events = audit_events(&dir);
+    let last: Vec<(&str, &serde_json::Value)> = events[events.len() - 2..]
+        .iter()
+        .map(|e| (e["event_type"].as_str().unwrap(), &e["affected_records"]))
+        .collect();
+    assert_eq!(
+        last,
+        [
+            ("reencryption_completed", &serde_json::json!(2)),
+            ("verification_passed", &serde_json::json!(values_in(3_000)))
+        ]
+    );
+    db.assert_every_value_rotated(3_000).await;
+
+    // caught up once: a later invocation in the grace period runs nothing
+    let out = rekey(&["rotate", "--job", &job, "--json"], &env);
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    assert_eq!(audit_events(&dir).len(), events.len());
+}
