@@ -9,6 +9,7 @@ pub mod binary_copy;
 pub mod cluster;
 pub mod connect;
 pub mod conninfo;
+pub mod idle;
 mod libpq_env;
 pub mod page;
 pub mod raw;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use tokio_postgres::{Client, GenericClient};
 
+use crate::db::idle::keeping_alive;
 use crate::db::raw::params;
 use crate::db::session::Timeouts;
 use crate::db::Database;
@@ -65,11 +66,14 @@ pub async fn rewrite(
         live,
         progress,
     );
-    let mut outcome = counted_beside(db, job, &total, run).await??;
+    // this session holds the job's lock while the pipeline's sessions work
+    let mut outcome = keeping_alive(client, counted_beside(db, job, &total, run)).await??;
     if client.is_closed() {
-        // this session sat idle through the run (an idle_session_timeout, a restart): the work is committed, carry on,
-        // without the statement timeout of the run's batches: the recount below reads whole tables
+        // this session was lost during the run (a restart, the network): the work is committed, carry on,
+        // without the statement timeout of the run's batches: the recount below reads whole tables;
+        // and join the job again, so that no restart abandons it before it is finished
         *client = db.with_session(&Timeouts::read_only()).connect().await?;
+        state::lock_job(client, &job.name, false).await?;
     }
     if !outcome.stopped {
         outcome.behind = behind::rows_behind(client, job, record.id).await?;

@@ -12,6 +12,7 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use crate::crypto::keyring::KeyId;
+use crate::db::idle::keeping_alive;
 use crate::db::raw::params;
 use crate::db::{Database, Page};
 use crate::engine::pipeline::{self, Mode, Settings};
@@ -147,14 +148,18 @@ pub async fn verify(
             lanes: depth.lanes,
             ..Settings::default()
         };
-        let outcome = pipeline::run(
-            db,
-            job.clone(),
-            ranges,
-            Mode::Verify,
-            settings,
-            Arc::new(LiveCounts::default()),
-            progress,
+        // this session may hold a lifecycle lock while the lanes decrypt
+        let outcome = keeping_alive(
+            client,
+            pipeline::run(
+                db,
+                job.clone(),
+                ranges,
+                Mode::Verify,
+                settings,
+                Arc::new(LiveCounts::default()),
+                progress,
+            ),
         )
         .await?;
         on_target = outcome.on_target;

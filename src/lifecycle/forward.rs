@@ -85,6 +85,9 @@ pub(crate) async fn rewrite_all(
         Arc::new(LiveCounts::default()),
     )
     .await?;
+    // a session lost during the run was reopened without this command's
+    // lock (on the same session, taking it again is a no-op)
+    state::lock_lifecycle(client, cx.name).await?;
     if outcome.stopped {
         log.lines
             .push("stopped during re-encryption; run `rekey rotate` again to resume".into());

@@ -19,6 +19,7 @@ use crate::harness::*;
 mod application_fix;
 mod composite_key;
 mod few_connections;
+mod idle_session;
 mod large_values;
 mod locked_row;
 mod privileges;
