@@ -16,7 +16,7 @@ use crate::secrets::Store;
 use crate::state::rotations::{self, Rotation, Step};
 use crate::Error;
 
-use super::forward::{full_verify, rewrite_all};
+use super::reencrypt::{full_verify, rewrite_all};
 use super::retire::retire;
 use super::rotation::{Ctx, Ended, Log, Progressed, Wait};
 

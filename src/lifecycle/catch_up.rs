@@ -13,21 +13,24 @@ use tokio_postgres::Client;
 
 use crate::crypto::keytable::KeyState;
 use crate::engine::verify::Verification;
+use crate::job::Job;
 use crate::lifecycle::audit::What;
 use crate::secrets::Store;
 use crate::state;
 use crate::state::rotations::{self, Rotation, Step};
 use crate::Error;
 
-use super::forward::{rewrite_all, sample_verify, Next};
-use super::rotation::{Ctx, Ended, Log};
+use super::reencrypt::{rewrite_all, sample_verify};
+use super::rotation::{Ctx, Ended, Log, Next};
 
 /// Whether a verify that failed before promotion found only values written
-/// behind the run: the new key still pending, every value left on an old
-/// key readable with the keys the store holds, and nothing the job's runs
-/// left knowingly (a value quarantined, or not rotated because the
-/// database refused, undid or held locked the write: those need a fix
-/// first, and the rotation stays staged for it).
+/// behind the run: the new key still pending, the verify's values off it all
+/// under the key that was current when the rotation began (the one the
+/// applications encrypt with) and readable, and the latest run of the job
+/// this rotation's own, finished under the job file and keys verified now,
+/// having left nothing knowingly (a value quarantined, or not rotated
+/// because the database refused, undid or held locked the write: those
+/// need a fix first, and the rotation stays staged for it).
 pub(crate) async fn only_written_behind(
     cx: &Ctx<'_>,
     client: &Client,
@@ -35,13 +38,28 @@ pub(crate) async fn only_written_behind(
     rot: &Rotation,
     v: &Verification,
 ) -> Result<bool, Error> {
+    let Some(old) = rot.old_key else {
+        return Ok(false);
+    };
+    let only_the_old_key = v.by_key_id.keys().all(|&k| k == rot.new_key || k == old)
+        && v.values_under_key(old) == v.values_on_old_keys;
     if store.table().id_in(KeyState::Pending) != Some(rot.new_key)
         || v.values_on_old_keys == 0
         || v.values_unreadable() > 0
+        || !only_the_old_key
     {
         return Ok(false);
     }
-    let Some((job_id, _, _)) = state::jobs::last_job_keys(client, cx.name).await? else {
+    let job = Job::resolve(cx.spec, client).await?;
+    let run = state::jobs::finished_rotation_run(
+        client,
+        cx.name,
+        rot.id,
+        &job.spec_hash,
+        &job.describe_keys(),
+    )
+    .await?;
+    let Some(job_id) = run else {
         return Ok(false);
     };
     let left = state::job_totals(client, job_id).await?;
@@ -59,12 +77,14 @@ pub(crate) async fn promote_over(
     v: &Verification,
     log: &mut Log,
 ) -> Result<Next, Error> {
-    rotations::set_catch_up_due(client, rot.id, true).await?;
-    rotations::set_step(client, rot.id, Step::Verified).await?;
+    rotations::verified_with_catch_up_due(client, rot.id).await?;
     let notes = format!(
-        "{} values on old keys, all readable and none refused by the database: written behind the run by applications \
-         that encrypt with the current key until key {} is promoted; promoting, then a catch-up run rotates them",
-        v.values_on_old_keys, rot.new_key
+        "{} values on key {}, the current key, all readable, none quarantined or refused by the database: taken for \
+         values applications wrote behind the run (they encrypt with the current key until key {} is promoted); \
+         promoting, then a catch-up run rotates them",
+        v.values_on_old_keys,
+        rot.old_key.map_or("-".into(), |k| k.to_string()),
+        rot.new_key
     );
     log.record(
         &cx.opts.audit,
@@ -139,7 +159,7 @@ pub(crate) async fn catch_up(
         ));
         return Ok(Some((Ended::NotVerified, Step::Promoted)));
     }
-    rotations::set_catch_up_due(client, rot.id, false).await?;
+    rotations::caught_up(client, rot.id).await?;
     let notes = format!(
         "all {} values under key {} after the catch-up run",
         v.values_total, rot.new_key

@@ -1,32 +1,25 @@
 //! The steps of a rotation going forward, each from the step before it:
 //! staged -> ran (every value rewritten under the new key) -> verified ->
-//! promoted -> retired (after the grace period, on a full verify).
+//! promoted -> retired (after the grace period, on a full verify). The runs
+//! and verifies they share are in `reencrypt`; the catch-up run an early
+//! promotion owes, in `catch_up`.
 
 use std::sync::Arc;
 
-use serde_json::json;
 use tokio_postgres::Client;
 
-use crate::crypto::keyring::KeyId;
 use crate::crypto::keytable::{now, rfc3339, KeyState};
-use crate::engine::rewrite::{rewrite, RunControl};
-use crate::engine::verify::{self, Depth};
 use crate::job::Job;
 use crate::lifecycle::audit::What;
 use crate::lifecycle::steps;
-use crate::observe::counts::LiveCounts;
 use crate::secrets::Store;
-use crate::state;
 use crate::state::rotations::{self, Rotation, Step};
 use crate::Error;
 
 use super::catch_up;
+use super::reencrypt::{full_verify, rewrite_all, sample_verify};
 use super::retire::retire;
-use super::rotation::{fingerprint_of, Ctx, Ended, Log, Progressed, Wait};
-
-/// A step's answer: `None` to go on to the next step, else where the
-/// invocation ends.
-pub(crate) type Next = Option<(Ended, Step)>;
+use super::rotation::{fingerprint_of, Ctx, Ended, Log, Next, Progressed, Wait};
 
 /// Refuses a staged key that was changed by hand; records its fingerprint once known.
 pub(crate) async fn check_staged_key(
@@ -47,95 +40,6 @@ pub(crate) async fn check_staged_key(
         Some(_) => Ok(()),
         None => rotations::set_fingerprint(client, rot.id, &found).await,
     }
-}
-
-/// Rewrites every value not under the store's target key (the pending key,
-/// else the current one); false when stopped on request.
-pub(crate) async fn rewrite_all(
-    cx: &Ctx<'_>,
-    client: &mut Client,
-    rot: &Rotation,
-    secret_id: &str,
-    to: KeyId,
-    event_type: &str,
-    log: &mut Log,
-) -> Result<bool, Error> {
-    let job = Arc::new(Job::resolve(cx.spec, client).await?);
-    verify::preflight(client, &job).await?;
-    // said before the run writes, and kept with the invocation's lines
-    for line in crate::job::visibility::old_row_copies(client, &job.targets).await? {
-        tracing::warn!("{line}");
-        log.lines.push(format!("warning: {line}"));
-    }
-    // A run left unfinished under another key set (the forward run an abort
-    // turns back) is given up: its values are rewritten by this one.
-    let stale = state::jobs::unfinished_job_keys(client, &job.name)
-        .await?
-        .is_some_and(|keys| keys != job.describe_keys());
-    let control = RunControl {
-        quiet: cx.opts.quiet,
-        restart: stale,
-    };
-    let (outcome, record) = rewrite(
-        cx.db,
-        client,
-        &job,
-        cx.opts.settings.clone(),
-        control,
-        Arc::new(LiveCounts::default()),
-    )
-    .await?;
-    // a session lost during the run was reopened without this command's
-    // lock (on the same session, taking it again is a no-op)
-    state::lock_lifecycle(client, cx.name).await?;
-    if outcome.stopped {
-        log.lines
-            .push("stopped during re-encryption; run `rekey rotate` again to resume".into());
-        return Ok(false);
-    }
-    let totals = record.prior;
-    state::finish_job(
-        client,
-        record.id,
-        &json!({ "rotation": rot.id, "job_totals": totals }),
-    )
-    .await?;
-    let notes = format!(
-        "{} values re-encrypted under key {to}, {} quarantined",
-        totals.values_rewritten, totals.values_failed
-    );
-    let audit = &cx.opts.audit;
-    log.record(
-        audit,
-        client,
-        What {
-            event_type,
-            secret_id: &format!("{secret_id}#{to}"),
-            verification_status: "pending",
-            affected_records: Some(totals.values_rewritten),
-            notes: &notes,
-            job_id: Some(record.id),
-        },
-    )
-    .await?;
-    log.lines.push(notes);
-    Ok(true)
-}
-
-/// A full verify of the job, every value decrypted with the keys the store holds now.
-pub(crate) async fn full_verify(
-    cx: &Ctx<'_>,
-    client: &Client,
-) -> Result<verify::Verification, Error> {
-    let job = Arc::new(Job::resolve(cx.spec, client).await?);
-    verify::verify(
-        cx.db,
-        client,
-        &job,
-        Depth::full(cx.opts.settings.lanes),
-        cx.opts.quiet,
-    )
-    .await
 }
 
 /// Staged -> ran: re-encrypts every value under the staged key.
@@ -173,21 +77,6 @@ pub(crate) async fn ran(
     }
     rotations::set_step(client, rot.id, Step::Ran).await?;
     Ok(None)
-}
-
-/// The verify between the run and promotion: every value's key counted
-/// where it shows, a sample decrypted.
-pub(crate) async fn sample_verify(
-    cx: &Ctx<'_>,
-    client: &Client,
-) -> Result<verify::Verification, Error> {
-    let job = Arc::new(Job::resolve(cx.spec, client).await?);
-    let depth = Depth {
-        full: false,
-        sample: 1000,
-        lanes: cx.opts.settings.lanes,
-    };
-    verify::verify(cx.db, client, &job, depth, cx.opts.quiet).await
 }
 
 /// Ran -> verified: proves no value is left on an old key (else back to
@@ -287,6 +176,17 @@ pub(crate) async fn promoted(
     log.lines
         .push(format!("promoted key {} to current", rot.new_key));
     if applied.instructions.is_empty() {
+        if rot.catch_up_due && !cx.opts.no_wait {
+            // the catch-up is for after the applications encrypt with the new key
+            log.lines.push(format!(
+                "next: reload or redeploy the applications so they encrypt with key {}, then run `rekey rotate` again: \
+                 it rotates what they wrote under key {} until then (the catch-up run) \
+                 (`--no-wait` goes on at once, for applications that read the store live)",
+                rot.new_key,
+                rot.old_key.map_or("-".into(), |k| k.to_string())
+            ));
+            return Ok(Some((Ended::Waiting(Wait::Deploy), Step::Promoted)));
+        }
         return Ok(None);
     }
     applied.tell(

@@ -232,6 +232,10 @@ impl Log {
     }
 }
 
+/// A step's answer: `None` to go on to the next step, else where the
+/// invocation ends.
+pub(crate) type Next = Option<(Ended, Step)>;
+
 /// What every step needs.
 pub(crate) struct Ctx<'a> {
     pub spec: &'a JobSpec,

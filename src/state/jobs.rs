@@ -389,6 +389,33 @@ pub async fn finish_job(
     }))
 }
 
+/// The id of the latest job named `name` that was not abandoned, where it
+/// is rotation `rotation`'s run, finished, under the spec hashed
+/// `spec_hash` and the key set `keys` ([`crate::job::Job::describe_keys`]);
+/// `None` where the latest is any other (a `rekey run` since, an edited
+/// job file, another key set, one not finished).
+pub async fn finished_rotation_run(
+    client: &Client,
+    name: &str,
+    rotation: i64,
+    spec_hash: &str,
+    keys: &serde_json::Value,
+) -> Result<Option<i64>, Error> {
+    let row = client
+        .query_opt(
+            "SELECT job_id, state = 'done' AND summary ->> 'rotation' = $2::text AND spec_hash = $3 AND keys = $4
+               FROM rekey.jobs WHERE name = $1 AND state <> 'abandoned' ORDER BY job_id DESC LIMIT 1",
+            &[&name, &rotation.to_string(), &spec_hash, keys],
+        )
+        .await
+        .ctx(|| format!("reading the last run of job {name:?}"))?;
+    Ok(row.and_then(|r| {
+        r.get::<_, Option<bool>>(1)
+            .unwrap_or(false)
+            .then(|| r.get(0))
+    }))
+}
+
 /// The latest job of this name that was not abandoned: its id, spec hash
 /// and the key ids and fingerprints it ran with; `None` before any run
 /// (or before rekey's schema exists).

@@ -223,11 +223,13 @@ pub async fn start_rotation(client: &Client, r: &NewRotation<'_>) -> Result<(), 
 }
 
 /// Moves rotation `id` to `step` (promotion and the end are timestamped).
+/// A catch-up run stays due through promotion; any other step clears it.
 pub async fn set_step(client: &Client, id: i64, step: Step) -> Result<(), Error> {
     let word = step.as_str();
     client
         .execute(
             "UPDATE rekey.rotations SET step = $2, updated_at = now(),
+                    catch_up_due = catch_up_due AND $2 = 'promoted',
                     promoted_at = CASE WHEN $2 = 'promoted' THEN now() ELSE promoted_at END,
                     finished_at = CASE WHEN $2 IN ('retired', 'rolled_back') THEN now() ELSE finished_at END
               WHERE rotation_id = $1",
@@ -238,16 +240,29 @@ pub async fn set_step(client: &Client, id: i64, step: Step) -> Result<(), Error>
     Ok(())
 }
 
-/// Records whether rotation `id` owes a catch-up run (promoted over values
-/// written behind its run, until one leaves none).
-pub async fn set_catch_up_due(client: &Client, id: i64, due: bool) -> Result<(), Error> {
+/// Moves rotation `id` to verified over values written behind its run: a
+/// catch-up run is due after promotion (one statement, so no crash leaves
+/// the one without the other).
+pub async fn verified_with_catch_up_due(client: &Client, id: i64) -> Result<(), Error> {
     client
         .execute(
-            "UPDATE rekey.rotations SET catch_up_due = $2, updated_at = now() WHERE rotation_id = $1",
-            &[&id, &due],
+            "UPDATE rekey.rotations SET step = 'verified', catch_up_due = true, updated_at = now() WHERE rotation_id = $1",
+            &[&id],
         )
         .await
         .ctx(|| "recording the catch-up run due".into())?;
+    Ok(())
+}
+
+/// Records that rotation `id`'s catch-up run left nothing on an old key.
+pub async fn caught_up(client: &Client, id: i64) -> Result<(), Error> {
+    client
+        .execute(
+            "UPDATE rekey.rotations SET catch_up_due = false, updated_at = now() WHERE rotation_id = $1",
+            &[&id],
+        )
+        .await
+        .ctx(|| "recording the catch-up run".into())?;
     Ok(())
 }
 

@@ -118,7 +118,14 @@ async fn a_rotation_written_behind_under_the_current_key_promotes_then_rotates_w
     assert_eq!(events[2]["verification_status"], "partial", "{}", events[2]);
     assert_eq!(events[2]["affected_records"], 1, "{}", events[2]);
     let detail = events[2]["detail"].as_str().unwrap();
-    assert!(detail.contains("written behind the run"), "{detail}");
+    assert!(
+        detail.contains("applications wrote behind the run"),
+        "{detail}"
+    );
+    assert!(
+        detail.contains("values on key 1, the current key"),
+        "{detail}"
+    );
     assert_eq!(events[3]["verification_status"], "partial", "{}", events[3]);
     assert_eq!(events[4]["affected_records"], 1, "{}", events[4]);
     assert_eq!(events[5]["verification_status"], "passed", "{}", events[5]);
@@ -152,6 +159,91 @@ async fn a_rotation_written_behind_under_the_current_key_promotes_then_rotates_w
         "{}",
         printed(&out)
     );
+}
+
+// Without --no-wait the catch-up waits for the operator's word that the
+// applications encrypt with the promoted key: what they wrote under key 1
+// until then is rotated by the next invocation.
+#[tokio::test(flavor = "multi_thread")]
+async fn after_promoting_over_written_behind_values_rotate_waits_for_the_applications_then_catches_up(
+) {
+    let db = TestDb::new().await;
+    db.seed_patients(3_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    let out = rekey(&["rotate", "--job", &job, "--json"], &keyring_pass_env());
+    assert_eq!(json(&out)["waiting_for"], "deploy", "{}", printed(&out));
+
+    // the applications now read key 2 and still encrypt with key 1
+    let mut child = rekey_cmd(
+        &[
+            "rotate",
+            "--job",
+            &job,
+            "--json",
+            "--workers",
+            "1",
+            "--batch-size",
+            "100",
+            "--max-rows-per-sec",
+            "2000",
+        ],
+        &keyring_pass_env(),
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("spawn rekey");
+    write_behind_the_run(&db, &mut child, 1).await;
+    let out = finish(child, Duration::from_secs(120)).await;
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    let s = json(&out);
+    assert_eq!(
+        (s["step"].as_str(), s["waiting_for"].as_str()),
+        (Some("promoted"), Some("deploy")),
+        "{s}"
+    );
+    assert!(
+        printed(&out).contains("reload or redeploy the applications so they encrypt with key 2"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(keyring_table(&keyring).id_in(KeyState::Current), Some(2));
+
+    // until they are redeployed, they write under key 1
+    write_under_key_1(&db, 2).await;
+    let out = rekey(&["rotate", "--job", &job, "--json"], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    assert_eq!(
+        json(&out)["waiting_for"],
+        "grace_period",
+        "{}",
+        printed(&out)
+    );
+    let events = audit_events(&dir);
+    let catch_up = &events[events.len() - 2];
+    assert_eq!(
+        (
+            catch_up["event_type"].as_str(),
+            &catch_up["affected_records"]
+        ),
+        (Some("reencryption_completed"), &serde_json::json!(2)),
+        "{catch_up}"
+    );
+    let new_key = hex::encode(
+        keyring_table(&keyring)
+            .keyring()
+            .unwrap()
+            .get(2)
+            .unwrap()
+            .material(),
+    );
+    let ring2 = Keyring::new(vec![Key::parse(2, &new_key).unwrap()], 2, None).unwrap();
+    assert!(db
+        .decrypted_patients(&ring2)
+        .await
+        .iter()
+        .all(|(id, (p, _))| *p == Decrypted::Plain(2, phone(*id))));
 }
 
 // What the database refused to let rekey write is no application's write:
@@ -260,4 +352,30 @@ async fn with_keys_in_the_environment_the_catch_up_runs_after_the_current_versio
     let out = rekey(&["rotate", "--job", &job, "--json"], &env);
     assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
     assert_eq!(audit_events(&dir).len(), events.len());
+}
+
+// Only the rotation's own run vouches for what it left: where the job's
+// latest run is another (a `rekey run` by hand after rotate's, here with
+// the rotation put back to the step after its run, as a kill leaves it),
+// values on the old key keep the rotation staged.
+#[tokio::test(flavor = "multi_thread")]
+async fn values_on_the_old_key_after_a_run_that_is_not_the_rotations_keep_it_staged() {
+    let db = TestDb::new().await;
+    db.seed_patients(3_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    let out = rekey(&["rotate", "--job", &job, "--json"], &keyring_pass_env());
+    assert_eq!(json(&out)["waiting_for"], "deploy", "{}", printed(&out));
+    let out = rekey(&["run", "--job", &job], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    db.client
+        .execute("UPDATE rekey.rotations SET step = 'ran'", &[])
+        .await
+        .unwrap();
+    write_under_key_1(&db, 1).await;
+
+    let out = rekey(&["rotate", "--job", &job, "--json"], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
+    assert_eq!(json(&out)["step"], "staged", "{}", printed(&out));
+    assert_eq!(keyring_table(&keyring).id_in(KeyState::Pending), Some(2));
 }

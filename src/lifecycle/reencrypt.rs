@@ -1,0 +1,125 @@
+//! The re-encryption and the verifies the steps of a rotation share: going
+//! forward, in the catch-up run after an early promotion, and turning back
+//! (`--abort`). Each run finishes its job recording the rotation, and
+//! writes one audit event.
+
+use std::sync::Arc;
+
+use serde_json::json;
+use tokio_postgres::Client;
+
+use crate::crypto::keyring::KeyId;
+use crate::engine::rewrite::{rewrite, RunControl};
+use crate::engine::verify::{self, Depth};
+use crate::job::Job;
+use crate::lifecycle::audit::What;
+use crate::observe::counts::LiveCounts;
+use crate::state;
+use crate::state::rotations::Rotation;
+use crate::Error;
+
+use super::rotation::{Ctx, Log};
+
+/// Rewrites every value not under the store's target key (the pending key,
+/// else the current one); false when stopped on request.
+pub(crate) async fn rewrite_all(
+    cx: &Ctx<'_>,
+    client: &mut Client,
+    rot: &Rotation,
+    secret_id: &str,
+    to: KeyId,
+    event_type: &str,
+    log: &mut Log,
+) -> Result<bool, Error> {
+    let job = Arc::new(Job::resolve(cx.spec, client).await?);
+    verify::preflight(client, &job).await?;
+    // said before the run writes, and kept with the invocation's lines
+    for line in crate::job::visibility::old_row_copies(client, &job.targets).await? {
+        tracing::warn!("{line}");
+        log.lines.push(format!("warning: {line}"));
+    }
+    // A run left unfinished under another key set (the forward run an abort
+    // turns back) is given up: its values are rewritten by this one.
+    let stale = state::jobs::unfinished_job_keys(client, &job.name)
+        .await?
+        .is_some_and(|keys| keys != job.describe_keys());
+    let control = RunControl {
+        quiet: cx.opts.quiet,
+        restart: stale,
+    };
+    let (outcome, record) = rewrite(
+        cx.db,
+        client,
+        &job,
+        cx.opts.settings.clone(),
+        control,
+        Arc::new(LiveCounts::default()),
+    )
+    .await?;
+    // a session lost during the run was reopened without this command's
+    // lock (on the same session, taking it again is a no-op)
+    state::lock_lifecycle(client, cx.name).await?;
+    if outcome.stopped {
+        log.lines
+            .push("stopped during re-encryption; run `rekey rotate` again to resume".into());
+        return Ok(false);
+    }
+    let totals = record.prior;
+    state::finish_job(
+        client,
+        record.id,
+        &json!({ "rotation": rot.id, "job_totals": totals }),
+    )
+    .await?;
+    let notes = format!(
+        "{} values re-encrypted under key {to}, {} quarantined",
+        totals.values_rewritten, totals.values_failed
+    );
+    let audit = &cx.opts.audit;
+    log.record(
+        audit,
+        client,
+        What {
+            event_type,
+            secret_id: &format!("{secret_id}#{to}"),
+            verification_status: "pending",
+            affected_records: Some(totals.values_rewritten),
+            notes: &notes,
+            job_id: Some(record.id),
+        },
+    )
+    .await?;
+    log.lines.push(notes);
+    Ok(true)
+}
+
+/// A full verify of the job, every value decrypted with the keys the store holds now.
+pub(crate) async fn full_verify(
+    cx: &Ctx<'_>,
+    client: &Client,
+) -> Result<verify::Verification, Error> {
+    let job = Arc::new(Job::resolve(cx.spec, client).await?);
+    verify::verify(
+        cx.db,
+        client,
+        &job,
+        Depth::full(cx.opts.settings.lanes),
+        cx.opts.quiet,
+    )
+    .await
+}
+
+/// The verify between the run and promotion: every value's key counted
+/// where it shows, a sample decrypted.
+pub(crate) async fn sample_verify(
+    cx: &Ctx<'_>,
+    client: &Client,
+) -> Result<verify::Verification, Error> {
+    let job = Arc::new(Job::resolve(cx.spec, client).await?);
+    let depth = Depth {
+        full: false,
+        sample: 1000,
+        lanes: cx.opts.settings.lanes,
+    };
+    verify::verify(cx.db, client, &job, depth, cx.opts.quiet).await
+}
