@@ -127,11 +127,11 @@ impl Counters {
         })
     }
 
-    /// The counters now, and the last redo point where readable.
+    /// The last redo point where readable, then the counters: a checkpoint
+    /// that never pauses is counted a moment after its redo point moves, so
+    /// an end this reading sees comes with its count.
     async fn read(&mut self, client: &Client) -> Result<Reading, Error> {
         let what = || "reading the server's checkpoint counters".to_string();
-        let row = client.query_one(self.sql, &[]).await.ctx(what)?;
-        let (timed, requested) = (row.try_get(0).ctx(what)?, row.try_get(1).ctx(what)?);
         let mut redo = None;
         if self.redo_readable {
             let read = client
@@ -146,6 +146,8 @@ impl Counters {
                 _ => self.redo_readable = false,
             }
         }
+        let row = client.query_one(self.sql, &[]).await.ctx(what)?;
+        let (timed, requested) = (row.try_get(0).ctx(what)?, row.try_get(1).ctx(what)?);
         Ok(Reading {
             timed,
             requested,
@@ -169,6 +171,7 @@ struct Tracker {
     /// Ended during the run before they were counted: places in `seen`,
     /// oldest first, whose cause the next counts give.
     uncounted: std::collections::VecDeque<usize>,
+
     /// The WAL position (bytes from 0/0) at the run's start.
     wal_base: u64,
 }
@@ -205,8 +208,12 @@ impl Tracker {
                     None => {
                         // the one running as the run began: a count of an
                         // earlier sample is its own (none begun during the
-                        // run could be counted before it ended)
-                        if self.running.front().is_some_and(|&(_, at)| at < t) {
+                        // run could be counted before it ended), and so is
+                        // one of this sample (one that never pauses is
+                        // counted as it ends, and the counters are read
+                        // after the redo point); else it was counted before
+                        // the run
+                        if self.running.front().is_some_and(|&(_, at)| at <= t) {
                             self.running.pop_front();
                         }
                         self.seen.push(Checkpoint {
@@ -233,7 +240,9 @@ impl Tracker {
                 }
             }
             (_, None) => {
-                // no redo point: each as its counter moved, its end unknown
+                // no redo point: each as its counter moved, its end unknown;
+                // ends seen before cannot be matched with counts any more
+                self.uncounted.clear();
                 self.seen
                     .extend(self.running.drain(..).map(|(cause, at)| Checkpoint {
                         cause,
@@ -452,6 +461,36 @@ mod tests {
                     ended_at_s: Some(3.0)
                 },
             ]
+        );
+    }
+
+    #[test]
+    fn one_begun_before_the_run_counted_in_the_sample_of_its_end_lends_no_count_to_the_next() {
+        let mut t = Tracker::new(reading(4, 1, Some(500)), 1_000);
+        t.observe(reading(4, 2, Some(800)), 1.0, &WAL[..2]);
+        t.observe(reading(4, 3, Some(800)), 2.5, &WAL[..3]);
+        t.observe(reading(4, 3, Some(1_000 + 350)), 3.0, &WAL);
+        let seen = t.finish();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert_eq!(seen[1].began_at_s, Some(2.5));
+        assert_eq!(seen[1].ended_at_s, Some(3.0));
+    }
+
+    #[test]
+    fn once_the_redo_point_is_unreadable_a_count_is_a_new_checkpoint_not_an_earlier_end() {
+        let mut t = Tracker::new(reading(4, 1, Some(900)), 1_000);
+        t.observe(reading(4, 1, Some(1_000 + 200)), 2.0, &WAL[..3]);
+        t.observe(reading(4, 1, None), 2.5, &WAL[..3]);
+        t.observe(reading(4, 2, None), 3.0, &WAL);
+        let seen = t.finish();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert_eq!(
+            (seen[0].cause, seen[0].ended_at_s),
+            (Cause::Unread, Some(2.0))
+        );
+        assert_eq!(
+            (seen[1].cause, seen[1].began_at_s),
+            (Cause::Requested, Some(3.0))
         );
     }
 
