@@ -172,7 +172,59 @@ fn replace(path: &Path, tmp: &Path, backup: Backup) -> Result<(), FileKeyringErr
         Backup::Scrubbed => back_up(path, tmp)?,
     }
     fs::rename(tmp, path).map_err(io(path))?;
-    sync_dir(path)
+    sync_dir(path)?;
+    if backup == Backup::Scrubbed {
+        remove_abandoned_pending(path)?;
+    }
+    Ok(())
+}
+
+/// Removes what saves that never finished left beside `path`
+/// (`<file>.tmp-<pid>` of another process: killed between writing and
+/// renaming), once material has left the file: such a file may still hold
+/// a retired key's material, sealed as the file is. A save of another
+/// process in flight at this instant loses its temporary file and fails
+/// with an error, leaving the file as it was; nothing is lost.
+fn remove_abandoned_pending(path: &Path) -> Result<(), FileKeyringError> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Ok(());
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let prefix = format!("{}.tmp-", name.to_string_lossy());
+    let ours = std::process::id().to_string();
+    let entries = fs::read_dir(dir).map_err(io(dir))?;
+    let mut removed = false;
+    for entry in entries {
+        let entry = entry.map_err(io(dir))?;
+        let file = entry.file_name();
+        let file = file.to_string_lossy();
+        let Some(pid) = file.strip_prefix(&prefix) else {
+            continue;
+        };
+        if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) || pid == ours {
+            continue;
+        }
+        let left = entry.path();
+        match fs::remove_file(&left) {
+            Ok(()) => {
+                tracing::warn!(
+                    "removed {}, left by a save of process {pid} that never finished: it could hold a retired key's material",
+                    left.display()
+                );
+                removed = true;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&left)(e)),
+        }
+    }
+    if removed {
+        sync_dir(path)?;
+    }
+    Ok(())
 }
 
 /// The name an earlier rekey gave `path`'s backup (`keyring.bak` for

@@ -203,6 +203,26 @@ fn retiring_a_key_leaves_its_material_in_no_backup_an_earlier_rekey_named() {
 }
 
 #[test]
+fn retiring_a_key_removes_the_copy_an_unfinished_save_of_another_process_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    let mut file = promoted(&path);
+    // a save killed between writing and renaming left a copy holding key 1
+    let left = dir.path().join(format!(
+        "keys.json.tmp-{}",
+        std::process::id().wrapping_add(1)
+    ));
+    write_owner_only(&left, fs::read(&path).unwrap());
+    assert!(holds_material(&left, 1));
+    let unrelated = dir.path().join("keys.json.tmp-notes");
+    write_owner_only(&unrelated, b"not a pid");
+    file.table.retire(1, 400).unwrap();
+    file.save().unwrap();
+    assert!(!left.exists(), "a copy of key 1's material is left");
+    assert!(unrelated.exists(), "only names a save gives are removed");
+}
+
+#[test]
 fn a_file_named_as_an_earlier_rekey_named_backups_is_left_when_it_is_another_keyring_s() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keys.json");
