@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::db::idle::{ping_interval, pinging};
 use crate::db::session::Timeouts;
 use crate::db::{Database, KeyBytes};
 use crate::engine::pipeline::{Mode, Outcome};
@@ -44,6 +45,8 @@ pub(super) async fn retry_conflicts(
             context: "waiting for another process's conflict re-reads".into(),
             source: e,
         })?;
+    // the turn's lock is this session's: it is kept from idling through the holds
+    let every = ping_interval(&admin).await;
     let mut reader = None;
     let mut writer = None;
     // rows re-read so far: the progress line counts the pass as a phase of its own
@@ -67,11 +70,11 @@ pub(super) async fn retry_conflicts(
                 }
                 // throttles and live control hold re-reads too; a stop leaves
                 // the keys in rekey.conflicts for the next run
-                if !shared.hold.wait(&shared.stop).await {
+                if !pinging(&admin, every, shared.hold.wait(&shared.stop)).await {
                     break 'rounds;
                 }
                 if let Some(pace) = &shared.pace {
-                    if !pace.wait(keys.len(), &shared.stop).await {
+                    if !pinging(&admin, every, pace.wait(keys.len(), &shared.stop)).await {
                         break 'rounds;
                     }
                 }

@@ -162,6 +162,13 @@ pub async fn verify(
             ),
         )
         .await?;
+        if client.is_closed() {
+            return Err(Error::Runtime(
+                "the session that holds this command's locks was closed during the verify (by the server or the network): \
+                 nothing was changed after it; run the same command again"
+                    .into(),
+            ));
+        }
         on_target = outcome.on_target;
         on_old = outcome.on_old;
         undecryptable = outcome.counts.values_failed;

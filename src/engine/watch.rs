@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 use crate::control::monitor::{Monitor, Verdict};
+use crate::db::idle::{ping_interval, pinging};
 use crate::db::Database;
 use crate::observe::events;
 use crate::state;
@@ -80,6 +81,9 @@ pub(super) async fn watch(
     job_id: Option<i64>,
 ) {
     let every = every.max(Duration::from_millis(50));
+    // a --check-every longer than the server lets a session idle would have
+    // the connection (whose backend owns the leases) closed between checks
+    let ping_every = ping_interval(&conn).await;
     let mut last_beat = Instant::now();
     // under --max-wal-rate the run reads one page per check until a check
     // has measured the WAL a row costs: the first checks come as soon as a
@@ -94,6 +98,8 @@ pub(super) async fn watch(
     loop {
         if early_checks > 0 {
             next_commit_or(&shared, every).await;
+        } else if every > ping_every {
+            pinging(&conn, ping_every, tokio::time::sleep(every)).await;
         } else {
             tokio::time::sleep(every).await;
         }

@@ -76,6 +76,7 @@ pub(super) fn write_archive(
                 _ => sync_dir(&file)?,
             }
         }
+        remove_abandoned_pending(&archive);
         return Ok(());
     }
     let json = render(keys).map_err(|e| FileKeyringError::Malformed {
@@ -150,6 +151,10 @@ pub fn commit(path: &Path, tmp: &Path, scrub_backup: bool) -> Result<(), FileKey
             Backup::Previous
         },
     )?;
+    if scrub_backup {
+        // a compromised key is destroyed without a save of the archive
+        remove_abandoned_pending(&archive_path(path));
+    }
     retire_legacy_backup(path, scrub_backup)
 }
 
@@ -174,7 +179,7 @@ fn replace(path: &Path, tmp: &Path, backup: Backup) -> Result<(), FileKeyringErr
     fs::rename(tmp, path).map_err(io(path))?;
     sync_dir(path)?;
     if backup == Backup::Scrubbed {
-        remove_abandoned_pending(path)?;
+        remove_abandoned_pending(path);
     }
     Ok(())
 }
@@ -184,47 +189,61 @@ fn replace(path: &Path, tmp: &Path, backup: Backup) -> Result<(), FileKeyringErr
 /// renaming), once material has left the file: such a file may still hold
 /// a retired key's material, sealed as the file is. A save of another
 /// process in flight at this instant loses its temporary file and fails
-/// with an error, leaving the file as it was; nothing is lost.
-fn remove_abandoned_pending(path: &Path) -> Result<(), FileKeyringError> {
+/// with an error, leaving the file as it was; nothing is lost. Called after
+/// the save itself is done, so what it cannot remove is a warning, not a
+/// failed save.
+fn remove_abandoned_pending(path: &Path) {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
-        return Ok(());
+        return;
     };
     let dir = if dir.as_os_str().is_empty() {
         Path::new(".")
     } else {
         dir
     };
-    let prefix = format!("{}.tmp-", name.to_string_lossy());
+    let mut prefix = name.as_encoded_bytes().to_vec();
+    prefix.extend_from_slice(b".tmp-");
     let ours = std::process::id().to_string();
-    let entries = fs::read_dir(dir).map_err(io(dir))?;
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            tracing::warn!(
+                "could not look for copies unfinished saves left beside {} ({e}): any such `.tmp-<pid>` file may still hold a retired key's material, and should be deleted",
+                path.display()
+            );
+            return;
+        }
+    };
     let mut removed = false;
-    for entry in entries {
-        let entry = entry.map_err(io(dir))?;
+    for entry in entries.flatten() {
         let file = entry.file_name();
-        let file = file.to_string_lossy();
-        let Some(pid) = file.strip_prefix(&prefix) else {
+        let Some(pid) = file.as_encoded_bytes().strip_prefix(prefix.as_slice()) else {
             continue;
         };
-        if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) || pid == ours {
+        if pid.is_empty() || !pid.iter().all(u8::is_ascii_digit) || pid == ours.as_bytes() {
             continue;
         }
         let left = entry.path();
         match fs::remove_file(&left) {
             Ok(()) => {
                 tracing::warn!(
-                    "removed {}, left by a save of process {pid} that never finished: it could hold a retired key's material",
+                    "removed {}, left by a save that never finished: it could hold a retired key's material",
                     left.display()
                 );
                 removed = true;
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(&left)(e)),
+            Err(e) => tracing::warn!(
+                "could not remove {}, left by a save that never finished ({e}): it may still hold a retired key's material, and should be deleted",
+                left.display()
+            ),
         }
     }
     if removed {
-        sync_dir(path)?;
+        if let Err(e) = sync_dir(path) {
+            tracing::warn!("{e}");
+        }
     }
-    Ok(())
 }
 
 /// The name an earlier rekey gave `path`'s backup (`keyring.bak` for

@@ -290,6 +290,23 @@ fn a_purged_key_leaves_the_archive_s_backup_with_the_archive() {
     assert!(!archive_path(&path).exists() && !backup.exists());
 }
 
+#[test]
+fn purging_the_last_archived_key_removes_the_copies_unfinished_saves_of_the_archive_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    let mut file = retired(&path);
+    let left = dir.path().join(format!(
+        "keys.json.archive.tmp-{}",
+        std::process::id().wrapping_add(1)
+    ));
+    write_owner_only(&left, fs::read(archive_path(&path)).unwrap());
+    assert!(holds_material(&left, 1));
+    file.table.purge(1).unwrap();
+    file.save().unwrap();
+    assert!(!archive_path(&path).exists());
+    assert!(!left.exists(), "a copy of key 1's material is left");
+}
+
 /// Flips a bit of key `id`'s sealed material in the file at `path`: still
 /// base64 of a sealed key's length, but not what was sealed.
 fn alter_key(path: &Path, id: u64) {

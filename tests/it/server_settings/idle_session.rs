@@ -70,3 +70,46 @@ async fn the_runs_share_of_its_job_is_held_through_a_run_longer_than_idle_sessio
     );
     db.assert_every_value_rotated(3_000).await;
 }
+
+// Before: a check interval longer than the timeout had the monitor's
+// connection (whose server process owns the run's leases) closed between
+// checks: the run held at every check to reconnect.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_check_interval_longer_than_idle_session_timeout_keeps_the_monitors_connection() {
+    let db = TestDb::new().await;
+    db.seed_patients(3_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    db.alter_database("SET idle_session_timeout = '300ms'")
+        .await;
+    let started = Instant::now();
+    let out = rekey(
+        &[
+            "run",
+            "--job",
+            &job,
+            "--workers",
+            "1",
+            "--batch-size",
+            "100",
+            "--max-rows-per-sec",
+            "1500",
+            "--check-every",
+            "1s",
+        ],
+        &seed_env(),
+    );
+    let ran_for = started.elapsed();
+    db.alter_database("RESET idle_session_timeout").await;
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert!(
+        ran_for > Duration::from_millis(1_500),
+        "the run ({ran_for:?}) outlasted a check"
+    );
+    assert!(
+        !printed(&out).contains("monitor's connection was lost"),
+        "{}",
+        printed(&out)
+    );
+    db.assert_every_value_rotated(3_000).await;
+}
