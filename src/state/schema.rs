@@ -82,20 +82,21 @@ async fn who(client: &Client) -> Result<Who, Error> {
 }
 
 /// rekey's own tables in schema `rekey`, and what a writing command does
-/// to each besides SELECT and INSERT (an `ON CONFLICT DO UPDATE` is an
+/// to each besides SELECT (an `ON CONFLICT DO UPDATE` is an INSERT and an
 /// UPDATE). Tables others add to the schema are not rekey's concern.
 const OWN_TABLES: &[(&str, &[&str])] = &[
-    ("schema_version", &[]),
-    ("jobs", &["UPDATE"]),
-    ("progress", &["UPDATE"]),
-    ("quarantine", &["UPDATE"]),
-    ("audit", &[]),
-    ("conflicts", &["DELETE"]),
-    ("rotations", &["UPDATE"]),
-    ("key_usage", &["UPDATE"]),
-    ("not_rotated", &["UPDATE"]),
-    ("key_table_keys", &["UPDATE"]),
-    ("job_targets", &[]),
+    ("schema_version", &["INSERT"]),
+    ("jobs", &["INSERT", "UPDATE"]),
+    ("progress", &["INSERT", "UPDATE"]),
+    ("quarantine", &["INSERT", "UPDATE"]),
+    ("audit", &["INSERT"]),
+    ("conflicts", &["INSERT", "DELETE"]),
+    ("rotations", &["INSERT", "UPDATE"]),
+    ("key_usage", &["INSERT", "UPDATE"]),
+    ("not_rotated", &["INSERT", "UPDATE"]),
+    ("key_table_keys", &["INSERT", "UPDATE"]),
+    ("job_targets", &["INSERT"]),
+    // made with its one row by the migration; only read after
     ("identity", &[]),
 ];
 
@@ -143,12 +144,13 @@ async fn usable(client: &Client, used: Use) -> Result<bool, Error> {
             continue;
         };
         let held = |privilege: &str| match privilege {
+            "INSERT" => row.get::<_, bool>(2),
             "UPDATE" => row.get::<_, bool>(3),
             "DELETE" => row.get::<_, bool>(4),
             _ => false,
         };
         read &= row.get::<_, bool>(1);
-        write &= row.get::<_, bool>(1) && row.get::<_, bool>(2) && more.iter().all(|p| held(p));
+        write &= row.get::<_, bool>(1) && more.iter().all(|p| held(p));
     }
     // the serial keys' sequences (an identity column needs no grant of its own)
     let sequences: bool = client
