@@ -57,10 +57,11 @@ async fn a_value_written_on_an_old_key_behind_the_run_keeps_it_from_saying_done(
     db.assert_every_value_rotated(3_000).await;
 }
 
-// Before this: a run whose own session the server closed while it sat idle
-// (idle_session_timeout) reopened it under the run's statement timeout, and
-// the recount, a scan of the whole table, was cancelled past it: exit 1
-// after every batch had committed.
+// Before this: a run whose own session was closed during the run (then by
+// the server's idle_session_timeout; now by anything else, as rekey keeps
+// it from idling) reopened it under the run's statement timeout, and the
+// recount, a scan of the whole table, was cancelled past it: exit 1 after
+// every batch had committed.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_recount_at_the_end_is_not_cut_short_by_the_runs_statement_timeout() {
     let db = TestDb::new().await;
@@ -73,8 +74,7 @@ async fn the_recount_at_the_end_is_not_cut_short_by_the_runs_statement_timeout()
         .patients_job_where(&dir, "pg_sleep(0.0003) IS NOT NULL")
         .display()
         .to_string();
-    db.alter_database("SET idle_session_timeout = '1s'").await;
-    let out = rekey(
+    let mut child = spawn_rekey_captured(
         &[
             "run",
             "--job",
@@ -89,7 +89,20 @@ async fn the_recount_at_the_end_is_not_cut_short_by_the_runs_statement_timeout()
         ],
         &seed_env(),
     );
-    db.alter_database("RESET idle_session_timeout").await;
+    wait_for_progress(&db, &mut child, 500).await;
+    // the run's own session: the one holding its share of the job
+    let closed: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(l.pid))::bigint FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+              WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND a.application_name = 'rekey' AND a.datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(closed, 1, "the run's own session was not found");
+    let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert_eq!(json(&out)["rows_written_behind"], 0, "{}", printed(&out));
 }
