@@ -115,8 +115,13 @@ pub(super) async fn retry_conflicts(
                     // time, and one that stays locked or is refused again is not rotated
                     Err(e) if matches!(e.retry(), Retry::Smaller | Retry::Refused) => {
                         sink.count_discarded(target, &batch).await?;
-                        let (counts, failures) =
-                            one_by_one(shared, source, sink, target, &keys, job_id).await?;
+                        // a key at a time waits out each locked row's lock timeout twice
+                        let (counts, failures) = pinging(
+                            &admin,
+                            every,
+                            one_by_one(shared, source, sink, target, &keys, job_id),
+                        )
+                        .await?;
                         shared.live.add(&counts);
                         shared.progress.update(&shared.live.snapshot());
                         reread += counts.rows_scanned;

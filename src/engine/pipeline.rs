@@ -149,6 +149,10 @@ pub struct Outcome {
     pub behind: Vec<super::behind::Behind>,
     /// Whether the run stopped on request before finishing every range.
     pub stopped: bool,
+    /// Whether the caller's own session was lost during the run and
+    /// reopened ([`super::rewrite::rewrite`]): the session-level locks it
+    /// held are gone, but the job's share, taken again.
+    pub session_reopened: bool,
     /// Who asked it to stop, when it did.
     pub stopped_by: Option<StopBy>,
     /// Batches retried after a timeout or a lost connection.
@@ -185,6 +189,7 @@ impl Default for Outcome {
             conflicts_left: 0,
             behind: Vec::new(),
             stopped: false,
+            session_reopened: false,
             stopped_by: None,
             retries: 0,
             taken_over: 0,

@@ -74,6 +74,7 @@ pub async fn rewrite(
         // and join the job again, so that no restart abandons it before it is finished
         *client = db.with_session(&Timeouts::read_only()).connect().await?;
         state::lock_job(client, &job.name, false).await?;
+        outcome.session_reopened = true;
     }
     if !outcome.stopped {
         outcome.behind = behind::rows_behind(client, job, record.id).await?;

@@ -97,7 +97,7 @@ pub(super) async fn watch(
     };
     loop {
         if early_checks > 0 {
-            next_commit_or(&shared, every).await;
+            pinging(&conn, ping_every, next_commit_or(&shared, every)).await;
         } else if every > ping_every {
             pinging(&conn, ping_every, tokio::time::sleep(every)).await;
         } else {

@@ -6,8 +6,9 @@
 //! promote. Where everything left on an old key is readable and none of it
 //! was refused by the database, the rotation promotes over it and owes a
 //! catch-up run: after promotion (the applications now write under the new
-//! key) it rewrites what was written behind and verifies again, before the
-//! grace period counts and long before the full verify of the retire.
+//! key) it rewrites what was written behind and verifies again; the retire
+//! (after the grace period, counted from the promotion, and on a full
+//! verify) waits for a catch-up that passed.
 
 use tokio_postgres::Client;
 
@@ -99,7 +100,8 @@ pub(crate) async fn promote_over(
         },
     )
     .await?;
-    log.lines.push(format!("verified in part: {notes}"));
+    log.lines
+        .push(format!("not verified, promoting over them: {notes}"));
     Ok(None)
 }
 

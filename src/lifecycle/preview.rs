@@ -126,15 +126,24 @@ pub async fn preview(
         Step::Retired | Step::RolledBack => format!("rotation {} is over", rot.id),
     };
     say(&mut log, line);
-    if rot.step == Step::Promoted && rot.catch_up_due {
-        say(
+    match (rot.step, rot.catch_up_due) {
+        (Step::Promoted, true) => say(
             &mut log,
             format!(
                 "it was promoted over values written behind its run: would first run the catch-up ({} values to re-encrypt under key {}) and verify it",
                 to_rewrite().await?,
                 rot.new_key
             ),
-        );
+        ),
+        (Step::Verified, true) => say(
+            &mut log,
+            format!(
+                "its verify found values written behind its run: after promoting key {}, would stop for the applications to be redeployed \
+                 (unless --no-wait), then run the catch-up",
+                rot.new_key
+            ),
+        ),
+        _ => {}
     }
     if store.table().id_in(KeyState::Pending).is_none() && rot.step == Step::Staged {
         say(

@@ -11,7 +11,6 @@ use tokio_postgres::Client;
 use crate::crypto::keyring::KeyId;
 use crate::engine::rewrite::{rewrite, RunControl};
 use crate::engine::verify::{self, Depth};
-use crate::error::DbContext;
 use crate::job::Job;
 use crate::lifecycle::audit::What;
 use crate::observe::counts::LiveCounts;
@@ -48,7 +47,6 @@ pub(crate) async fn rewrite_all(
         quiet: cx.opts.quiet,
         restart: stale,
     };
-    let session = session_pid(client).await?;
     let (outcome, record) = rewrite(
         cx.db,
         client,
@@ -58,7 +56,7 @@ pub(crate) async fn rewrite_all(
         Arc::new(LiveCounts::default()),
     )
     .await?;
-    if session_pid(client).await? != session {
+    if outcome.session_reopened {
         // the session was lost during the run and reopened, without this
         // command's lock: taken again (or refused, if another took it since)
         state::lock_lifecycle(client, cx.name).await?;
@@ -126,14 +124,4 @@ pub(crate) async fn sample_verify(
         lanes: cx.opts.settings.lanes,
     };
     verify::verify(cx.db, client, &job, depth, cx.opts.quiet).await
-}
-
-/// The server process behind `client`'s session (the session-level locks
-/// are its).
-async fn session_pid(client: &Client) -> Result<i32, Error> {
-    Ok(client
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .ctx(|| "reading this session's server process".into())?
-        .get(0))
 }

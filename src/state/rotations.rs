@@ -75,7 +75,7 @@ pub struct Rotation {
     /// Why it was started (the compromise reason changes the procedure).
     pub reason: String,
     /// Promoted over values an application wrote behind its run under the
-    /// old key: a catch-up run is due before the grace period counts.
+    /// old key: a catch-up run is due, and the retire waits for it.
     pub catch_up_due: bool,
 }
 

@@ -697,3 +697,91 @@ async fn an_idle_session_timeout_shorter_than_the_run_closes_none_of_its_session
     assert!(failures.is_empty(), "the run stopped: {failures:?}");
     assert_nothing_lost(&db, ROWS, &summary, &untouched).await;
 }
+
+/// Whether a session of rekey holds the lock of one lifecycle command on
+/// job `patients`.
+async fn lifecycle_lock_held(db: &TestDb) -> bool {
+    db.client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                             WHERE a.application_name = 'rekey' AND l.locktype = 'advisory' AND l.granted
+                               AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended('rekey.lifecycle:patients', 0))",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+// Before: rotate's own session, ended during the run, was reopened for the
+// recount without the lifecycle lock, and the verify and the promotion
+// after it ran with no lock: a second rotate could have gone ahead beside.
+#[tokio::test(flavor = "multi_thread")]
+async fn rotate_whose_own_session_is_ended_during_its_run_takes_its_lock_again_before_going_on() {
+    let db = TestDb::new().await;
+    db.seed_patients(3_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    // every row read sleeps: the verify after the run takes a while
+    let job = db
+        .patients_job_where(&dir, "pg_sleep(0.0003) IS NOT NULL")
+        .display()
+        .to_string();
+    let mut env = v1_env();
+    let out = rekey(&["rotate", "--job", &job], &env);
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    env.push(("ENCRYPTION_KEY_V2", K2.to_string()));
+    env.push(("ENCRYPTION_PENDING_VERSION", "2".to_string()));
+    let mut child = spawn_rekey_captured(
+        &[
+            "rotate",
+            "--job",
+            &job,
+            "--json",
+            "--workers",
+            "1",
+            "--batch-size",
+            "100",
+        ],
+        &env,
+    );
+    wait_for_progress(&db, &mut child, 500).await;
+    let ended: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))::bigint FROM (
+               SELECT DISTINCT l.pid FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+                WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND a.application_name = 'rekey'
+                  AND a.datname = current_database()) AS holders",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ended, 1, "rotate's own session was not found");
+    // once its run is done (the verify after it takes a second or more),
+    // the lock is held again (not at the instant the process exits, when
+    // its sessions close: no check counts against it)
+    let mut held_after_the_run = 0;
+    while child.try_wait().unwrap().is_none() {
+        let done: bool = db
+            .client
+            .query_one(
+                "SELECT coalesce(bool_and(state = 'done'), false) FROM rekey.jobs",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if done && lifecycle_lock_held(&db).await {
+            held_after_the_run += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    assert_eq!(json(&out)["step"], "promoted", "{}", printed(&out));
+    assert!(
+        held_after_the_run > 0,
+        "rotate went on after its run without its lock"
+    );
+}
