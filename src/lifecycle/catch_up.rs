@@ -21,7 +21,7 @@ use crate::state;
 use crate::state::rotations::{self, Rotation, Step};
 use crate::Error;
 
-use super::reencrypt::{rewrite_all, sample_verify};
+use super::reencrypt::{record_verify, rewrite_all, sample_verify};
 use super::rotation::{Ctx, Ended, Log, Next};
 
 /// Whether a verify that failed before promotion found only values written
@@ -135,25 +135,9 @@ pub(crate) async fn catch_up(
     }
     let key_ref = format!("{secret_id}#{}", rot.new_key);
     let v = sample_verify(cx, client).await?;
+    let after = " after the catch-up run";
     if !v.verified {
-        let notes = format!(
-            "{} values on old keys and {} undecryptable after the catch-up run",
-            v.values_on_old_keys,
-            v.values_unreadable()
-        );
-        log.record(
-            &cx.opts.audit,
-            client,
-            What {
-                event_type: "verification_failed",
-                secret_id: &key_ref,
-                verification_status: "failed",
-                affected_records: Some(v.values_total),
-                notes: &notes,
-                job_id: None,
-            },
-        )
-        .await?;
+        let notes = record_verify(cx, client, &key_ref, rot.new_key, &v, after, log).await?;
         log.lines.push(format!(
             "verification failed: {notes}: an application still encrypts with an old key (redeploy it so it writes under key {}, \
              the current key), or see rekey.quarantine and rekey.not_rotated; then run `rekey rotate` again (it runs the catch-up again)",
@@ -162,23 +146,7 @@ pub(crate) async fn catch_up(
         return Ok(Some((Ended::NotVerified, Step::Promoted)));
     }
     rotations::caught_up(client, rot.id).await?;
-    let notes = format!(
-        "all {} values under key {} after the catch-up run",
-        v.values_total, rot.new_key
-    );
-    log.record(
-        &cx.opts.audit,
-        client,
-        What {
-            event_type: "verification_passed",
-            secret_id: &key_ref,
-            verification_status: "passed",
-            affected_records: Some(v.values_total),
-            notes: &notes,
-            job_id: None,
-        },
-    )
-    .await?;
+    let notes = record_verify(cx, client, &key_ref, rot.new_key, &v, after, log).await?;
     log.lines.push(format!("verified: {notes}"));
     Ok(None)
 }

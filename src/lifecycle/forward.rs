@@ -17,7 +17,7 @@ use crate::state::rotations::{self, Rotation, Step};
 use crate::Error;
 
 use super::catch_up;
-use super::reencrypt::{full_verify, rewrite_all, sample_verify};
+use super::reencrypt::{full_verify, record_verify, rewrite_all, sample_verify};
 use super::retire::retire;
 use super::rotation::{fingerprint_of, Ctx, Ended, Log, Next, Progressed, Wait};
 
@@ -91,48 +91,17 @@ pub(crate) async fn verified(
 ) -> Result<Next, Error> {
     let key_ref = format!("{}#{}", store.secret_id(), rot.new_key);
     let v = sample_verify(cx, client).await?;
-    let audit = &cx.opts.audit;
     if !v.verified && catch_up::only_written_behind(cx, client, store, rot, &v).await? {
         return catch_up::promote_over(cx, client, rot, &key_ref, &v, log).await;
     }
     if !v.verified {
         rotations::set_step(client, rot.id, Step::Staged).await?;
-        let notes = format!(
-            "{} values on old keys, {} undecryptable",
-            v.values_on_old_keys,
-            v.values_unreadable()
-        );
-        log.record(
-            audit,
-            client,
-            What {
-                event_type: "verification_failed",
-                secret_id: &key_ref,
-                verification_status: "failed",
-                affected_records: Some(v.values_total),
-                notes: &notes,
-                job_id: None,
-            },
-        )
-        .await?;
+        let notes = record_verify(cx, client, &key_ref, rot.new_key, &v, "", log).await?;
         log.lines.push(format!("verification failed: {notes}; inspect rekey.quarantine, fix, and run `rekey rotate` again (it re-runs the re-encryption)"));
         return Ok(Some((Ended::NotVerified, Step::Staged)));
     }
     rotations::set_step(client, rot.id, Step::Verified).await?;
-    let notes = format!("all {} values under key {}", v.values_total, rot.new_key);
-    log.record(
-        audit,
-        client,
-        What {
-            event_type: "verification_passed",
-            secret_id: &key_ref,
-            verification_status: "passed",
-            affected_records: Some(v.values_total),
-            notes: &notes,
-            job_id: None,
-        },
-    )
-    .await?;
+    let notes = record_verify(cx, client, &key_ref, rot.new_key, &v, "", log).await?;
     log.lines.push(format!("verified: {notes}"));
     Ok(None)
 }

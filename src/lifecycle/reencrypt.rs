@@ -125,3 +125,48 @@ pub(crate) async fn sample_verify(
     };
     verify::verify(cx.db, client, &job, depth, cx.opts.quiet).await
 }
+
+/// Records a verify's outcome as one audit event, `verification_passed` or
+/// `verification_failed`, its notes ending with `after` (what the verify
+/// followed, or nothing); returns the notes, for the invocation's lines.
+pub(crate) async fn record_verify(
+    cx: &Ctx<'_>,
+    client: &Client,
+    key_ref: &str,
+    new_key: KeyId,
+    v: &verify::Verification,
+    after: &str,
+    log: &mut Log,
+) -> Result<String, Error> {
+    let (event_type, verification_status, notes) = if v.verified {
+        (
+            "verification_passed",
+            "passed",
+            format!("all {} values under key {new_key}{after}", v.values_total),
+        )
+    } else {
+        (
+            "verification_failed",
+            "failed",
+            format!(
+                "{} values on old keys, {} undecryptable{after}",
+                v.values_on_old_keys,
+                v.values_unreadable()
+            ),
+        )
+    };
+    log.record(
+        &cx.opts.audit,
+        client,
+        What {
+            event_type,
+            secret_id: key_ref,
+            verification_status,
+            affected_records: Some(v.values_total),
+            notes: &notes,
+            job_id: None,
+        },
+    )
+    .await?;
+    Ok(notes)
+}
