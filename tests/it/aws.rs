@@ -124,13 +124,7 @@ async fn a_full_rotation_moves_versions_through_the_staging_labels() {
         "{show}"
     );
 
-    db.client
-        .execute(
-            "UPDATE rekey.rotations SET promoted_at = promoted_at - interval '2 days'",
-            &[],
-        )
-        .await
-        .unwrap();
+    pretend_grace_passed(&db).await;
     let out = rekey(&["rotate", "--job", &job, "--json"], &aws_env());
     assert_eq!(
         (out.status.code(), json(&out)["step"].as_str()),

@@ -692,3 +692,69 @@ pub async fn lock_waits(db: &TestDb) -> Vec<(i32, String)> {
         .map(|r| (r.get(0), r.get(1)))
         .collect()
 }
+
+/// The audit events a job named `patients` wrote beside its job file in `dir`.
+pub fn audit_events(dir: &tempfile::TempDir) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.path().join("patients.audit.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The key table of the keyring file at `path` (sealed with [`KEYRING_PASS`]).
+pub fn keyring_table(path: &std::path::Path) -> rekey::crypto::keytable::KeyTable {
+    rekey::secrets::file::KeyringFile::open(path, KEYRING_PASS.as_bytes(), "P")
+        .unwrap()
+        .table
+}
+
+/// A keyring of key `id` of the keyring file at `path`, alone and current.
+pub fn keyring_file_key(path: &std::path::Path, id: u32) -> Keyring {
+    let table = keyring_table(path);
+    let material = hex::encode(table.keyring().unwrap().get(id).unwrap().material());
+    Keyring::new(vec![Key::parse(id, &material).unwrap()], id, None).unwrap()
+}
+
+/// Moves every rotation's promotion two days back: the default grace
+/// period is over.
+pub async fn pretend_grace_passed(db: &TestDb) {
+    db.client
+        .execute(
+            "UPDATE rekey.rotations SET promoted_at = promoted_at - interval '2 days'",
+            &[],
+        )
+        .await
+        .unwrap();
+}
+
+/// Whether a session of rekey holds the session-level lock named `name`
+/// (`rekey.job:<job>`, `rekey.lifecycle:<job>`).
+pub async fn advisory_lock_held(db: &TestDb, name: &str) -> bool {
+    db.client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                             WHERE a.application_name = 'rekey' AND l.locktype = 'advisory' AND l.granted
+                               AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended($1, 0))",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Ends every session of rekey on the test database that holds one of its
+/// session-level locks (a command's own session); returns how many.
+pub async fn end_rekeys_lock_holding_sessions(db: &TestDb) -> i64 {
+    db.client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))::bigint FROM (
+               SELECT DISTINCT l.pid FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+                WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND a.application_name = 'rekey'
+                  AND a.datname = current_database()) AS holders",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}

@@ -3,40 +3,16 @@
 
 use base64::Engine as _;
 use rekey::crypto::keyring::Key;
-use rekey::crypto::keytable::{KeyState, KeyTable};
+use rekey::crypto::keytable::KeyState;
 use rekey::secrets::file::KeyringFile;
 
 use crate::harness::*;
-
-fn audit_events(dir: &tempfile::TempDir) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.path().join("patients.audit.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 fn event_types(dir: &tempfile::TempDir) -> Vec<String> {
     audit_events(dir)
         .iter()
         .map(|e| e["event_type"].as_str().unwrap().to_string())
         .collect()
-}
-
-fn keyring_table(path: &std::path::Path) -> KeyTable {
-    KeyringFile::open(path, KEYRING_PASS.as_bytes(), "P")
-        .unwrap()
-        .table
-}
-
-async fn pretend_grace_passed(db: &TestDb) {
-    db.client
-        .execute(
-            "UPDATE rekey.rotations SET promoted_at = promoted_at - interval '2 days'",
-            &[],
-        )
-        .await
-        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -625,16 +625,7 @@ async fn terminating_the_session_holding_the_job_lock_lets_the_run_finish_and_a_
     let untouched = db.unencrypted_checksum().await;
     let mut first = spawn_rekey_captured(&strs(&run), &seed_env());
     wait_for_progress(&db, &mut first, values_in(ROWS) / 5).await;
-    let killed: i64 = db
-        .client
-        .query_one(
-            "SELECT count(*) FILTER (WHERE pg_terminate_backend(l.pid))::bigint FROM pg_locks l JOIN pg_stat_activity a USING (pid)
-              WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND a.application_name = 'rekey' AND a.datname = current_database()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let killed = end_rekeys_lock_holding_sessions(&db).await;
     assert_eq!(killed, 1, "the job lock's session was not found");
 
     // A second process on the same job shares it: ranges are leased, not locked per job.
@@ -698,21 +689,6 @@ async fn an_idle_session_timeout_shorter_than_the_run_closes_none_of_its_session
     assert_nothing_lost(&db, ROWS, &summary, &untouched).await;
 }
 
-/// Whether a session of rekey holds the lock of one lifecycle command on
-/// job `patients`.
-async fn lifecycle_lock_held(db: &TestDb) -> bool {
-    db.client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-                             WHERE a.application_name = 'rekey' AND l.locktype = 'advisory' AND l.granted
-                               AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended('rekey.lifecycle:patients', 0))",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0)
-}
-
 // Before: rotate's own session, ended during the run, was reopened for the
 // recount without the lifecycle lock, and the verify and the promotion
 // after it ran with no lock: a second rotate could have gone ahead beside.
@@ -745,18 +721,7 @@ async fn rotate_whose_own_session_is_ended_during_its_run_takes_its_lock_again_b
         &env,
     );
     wait_for_progress(&db, &mut child, 500).await;
-    let ended: i64 = db
-        .client
-        .query_one(
-            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))::bigint FROM (
-               SELECT DISTINCT l.pid FROM pg_locks l JOIN pg_stat_activity a USING (pid)
-                WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND a.application_name = 'rekey'
-                  AND a.datname = current_database()) AS holders",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let ended = end_rekeys_lock_holding_sessions(&db).await;
     assert_eq!(ended, 1, "rotate's own session was not found");
     // once its run is done (the verify after it takes a second or more),
     // the lock is held again (not at the instant the process exits, when
@@ -772,7 +737,7 @@ async fn rotate_whose_own_session_is_ended_during_its_run_takes_its_lock_again_b
             .await
             .unwrap()
             .get(0);
-        if done && lifecycle_lock_held(&db).await {
+        if done && advisory_lock_held(&db, "rekey.lifecycle:patients").await {
             held_after_the_run += 1;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;

@@ -312,13 +312,7 @@ async fn retire_under_row_security_is_refused(form: Rls) {
     );
 
     // rotate's own retire step, the grace period over
-    db.client
-        .execute(
-            "UPDATE rekey.rotations SET promoted_at = promoted_at - interval '2 days'",
-            &[],
-        )
-        .await
-        .unwrap();
+    pretend_grace_passed(&db).await;
     let out = rekey(
         &[
             "rotate",

@@ -91,16 +91,7 @@ async fn the_recount_at_the_end_is_not_cut_short_by_the_runs_statement_timeout()
     );
     wait_for_progress(&db, &mut child, 500).await;
     // the run's own session: the one holding its share of the job
-    let closed: i64 = db
-        .client
-        .query_one(
-            "SELECT count(*) FILTER (WHERE pg_terminate_backend(l.pid))::bigint FROM pg_locks l JOIN pg_stat_activity a USING (pid)
-              WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND a.application_name = 'rekey' AND a.datname = current_database()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let closed = end_rekeys_lock_holding_sessions(&db).await;
     assert_eq!(closed, 1, "the run's own session was not found");
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));

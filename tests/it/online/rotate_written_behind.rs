@@ -10,48 +10,31 @@
 //! catch-up run after promotion, before the grace period and the retire.
 
 use rekey::crypto::codec::Codec;
-use rekey::crypto::keyring::{Key, Keyring};
-use rekey::crypto::keytable::{KeyState, KeyTable};
-use rekey::secrets::file::KeyringFile;
+use rekey::crypto::keytable::KeyState;
 
 use super::*;
 
-fn keyring_table(path: &std::path::Path) -> KeyTable {
-    KeyringFile::open(path, KEYRING_PASS.as_bytes(), "P")
-        .unwrap()
-        .table
-}
-
-fn audit_events(dir: &tempfile::TempDir) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.path().join("patients.audit.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-/// `rekey rotate --no-wait`, its run slowed so a write lands behind it.
-fn spawn_slow_rotate(job: &str, env: &[(&str, String)]) -> Child {
-    rekey_cmd(
-        &[
-            "rotate",
-            "--job",
-            job,
-            "--json",
-            "--no-wait",
-            "--workers",
-            "1",
-            "--batch-size",
-            "100",
-            "--max-rows-per-sec",
-            "2000",
-        ],
-        env,
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .expect("spawn rekey")
+/// `rekey rotate` with `more` arguments, its run slowed so a write lands
+/// behind it.
+fn spawn_slow_rotate(job: &str, more: &[&str], env: &[(&str, String)]) -> Child {
+    let mut args = vec![
+        "rotate",
+        "--job",
+        job,
+        "--json",
+        "--workers",
+        "1",
+        "--batch-size",
+        "100",
+        "--max-rows-per-sec",
+        "2000",
+    ];
+    args.extend_from_slice(more);
+    rekey_cmd(&args, env)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn rekey")
 }
 
 /// The application writes row `id` under key 1, the current key, once the
@@ -88,7 +71,7 @@ async fn a_rotation_written_behind_under_the_current_key_promotes_then_rotates_w
     let dir = tempfile::tempdir().unwrap();
     let (job, keyring) = keyring_file_job(&db, &dir);
 
-    let mut child = spawn_slow_rotate(&job, &keyring_pass_env());
+    let mut child = spawn_slow_rotate(&job, &["--no-wait"], &keyring_pass_env());
     write_behind_the_run(&db, &mut child, 1).await;
     let out = finish(child, Duration::from_secs(120)).await;
     assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
@@ -136,22 +119,14 @@ async fn a_rotation_written_behind_under_the_current_key_promotes_then_rotates_w
         (table.id_in(KeyState::Current), table.previous_ids()),
         (Some(2), vec![1])
     );
-    let new_key = hex::encode(table.keyring().unwrap().get(2).unwrap().material());
-    let ring2 = Keyring::new(vec![Key::parse(2, &new_key).unwrap()], 2, None).unwrap();
-    let after = db.decrypted_patients(&ring2).await;
+    let after = db.decrypted_patients(&keyring_file_key(&keyring, 2)).await;
     assert_eq!(after.len(), 3_000);
     assert!(after
         .iter()
         .all(|(id, (p, _))| *p == Decrypted::Plain(2, phone(*id))));
 
     // and the rotation ends as any other
-    db.client
-        .execute(
-            "UPDATE rekey.rotations SET promoted_at = promoted_at - interval '2 days'",
-            &[],
-        )
-        .await
-        .unwrap();
+    pretend_grace_passed(&db).await;
     let out = rekey(&["rotate", "--job", &job, "--json"], &keyring_pass_env());
     assert_eq!(
         (out.status.code(), json(&out)["step"].as_str()),
@@ -175,25 +150,7 @@ async fn after_promoting_over_written_behind_values_rotate_waits_for_the_applica
     assert_eq!(json(&out)["waiting_for"], "deploy", "{}", printed(&out));
 
     // the applications now read key 2 and still encrypt with key 1
-    let mut child = rekey_cmd(
-        &[
-            "rotate",
-            "--job",
-            &job,
-            "--json",
-            "--workers",
-            "1",
-            "--batch-size",
-            "100",
-            "--max-rows-per-sec",
-            "2000",
-        ],
-        &keyring_pass_env(),
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .expect("spawn rekey");
+    let mut child = spawn_slow_rotate(&job, &[], &keyring_pass_env());
     write_behind_the_run(&db, &mut child, 1).await;
     let out = finish(child, Duration::from_secs(120)).await;
     assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
@@ -230,17 +187,8 @@ async fn after_promoting_over_written_behind_values_rotate_waits_for_the_applica
         (Some("reencryption_completed"), &serde_json::json!(2)),
         "{catch_up}"
     );
-    let new_key = hex::encode(
-        keyring_table(&keyring)
-            .keyring()
-            .unwrap()
-            .get(2)
-            .unwrap()
-            .material(),
-    );
-    let ring2 = Keyring::new(vec![Key::parse(2, &new_key).unwrap()], 2, None).unwrap();
     assert!(db
-        .decrypted_patients(&ring2)
+        .decrypted_patients(&keyring_file_key(&keyring, 2))
         .await
         .iter()
         .all(|(id, (p, _))| *p == Decrypted::Plain(2, phone(*id))));
@@ -264,7 +212,7 @@ async fn a_rotation_whose_writes_the_database_refused_is_not_promoted() {
     let dir = tempfile::tempdir().unwrap();
     let (job, keyring) = keyring_file_job(&db, &dir);
 
-    let mut child = spawn_slow_rotate(&job, &keyring_pass_env());
+    let mut child = spawn_slow_rotate(&job, &["--no-wait"], &keyring_pass_env());
     write_behind_the_run(&db, &mut child, 1).await;
     let out = finish(child, Duration::from_secs(120)).await;
     assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
@@ -298,7 +246,7 @@ async fn with_keys_in_the_environment_the_catch_up_runs_after_the_current_versio
     env.push(("ENCRYPTION_KEY_V2", K2.to_string()));
     env.push(("ENCRYPTION_PENDING_VERSION", "2".to_string()));
 
-    let mut child = spawn_slow_rotate(&job, &env);
+    let mut child = spawn_slow_rotate(&job, &["--no-wait"], &env);
     write_behind_the_run(&db, &mut child, 1).await;
     let out = finish(child, Duration::from_secs(120)).await;
     assert_eq!(out.status.code(), Some(6), "{}", printed(&out));

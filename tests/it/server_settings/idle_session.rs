@@ -5,20 +5,6 @@
 
 use super::*;
 
-/// Whether a session of rekey holds its share of job `patients`.
-async fn job_lock_held(db: &TestDb) -> bool {
-    db.client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-                             WHERE a.application_name = 'rekey' AND l.locktype = 'advisory' AND l.granted
-                               AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended('rekey.job:patients', 0))",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0)
-}
-
 // Before: the lock was gone from the first second past the timeout to the
 // end of the run (the session was reopened, without it, for the recount).
 #[tokio::test(flavor = "multi_thread")]
@@ -48,7 +34,7 @@ async fn the_runs_share_of_its_job_is_held_through_a_run_longer_than_idle_sessio
     let mut checked = 0;
     while child.try_wait().unwrap().is_none() {
         let before = committed_values(&db).await;
-        let held = job_lock_held(&db).await;
+        let held = advisory_lock_held(&db, "rekey.job:patients").await;
         // while the run writes, between its first batch and its last
         if before > 0 && committed_values(&db).await < all {
             assert!(
