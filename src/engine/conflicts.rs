@@ -50,7 +50,7 @@ pub(super) async fn retry_conflicts(
     let mut reader = None;
     let mut writer = None;
     // rows re-read so far: the progress line counts the pass as a phase of its own
-    let mut reread = 0;
+    let mut reread_rows = 0;
     'rounds: for round in 0..RETRY_ROUNDS {
         let waiting = waiting(&admin, job_id).await?;
         if waiting == 0 {
@@ -58,7 +58,7 @@ pub(super) async fn retry_conflicts(
         }
         match round {
             0 => shared.progress.begin_phase(PHASE, waiting),
-            _ => shared.progress.set_phase_total(reread + waiting),
+            _ => shared.progress.set_phase_total(reread_rows + waiting),
         }
         for target in &shared.job.targets {
             loop {
@@ -87,73 +87,106 @@ pub(super) async fn retry_conflicts(
                 let (Some(source), Some(sink)) = (reader.as_mut(), writer.as_mut()) else {
                     break;
                 };
-                let rows = source.rows_by_keys(target, &keys).await?;
-                // another connection can see these committed before they are added below
-                let _writing = shared.live.writing(rows.len() as u64);
-                let batch = Batch {
-                    range_index: 0,
-                    rows,
-                    cells: Cells::default(),
-                    last_key: None,
-                    end: false,
-                    lease: None,
-                    upper: None,
-                    slot: None,
-                };
-                let batch = on_pool(
-                    shared.job.clone(),
-                    target.index,
-                    Mode::Rewrite { job_id },
-                    batch,
+                let Reread {
+                    counts,
+                    failures,
+                    changing,
+                } = pinging(
+                    &admin,
+                    every,
+                    reread(shared, source, sink, target, &keys, job_id),
                 )
                 .await?;
-                let Written {
-                    counts, failures, ..
-                } = match sink.write(target, Commit::Retry(&keys), &batch).await {
-                    Ok(w) => w,
-                    // a row locked elsewhere, or one the database refuses: one key at a
-                    // time, and one that stays locked or is refused again is not rotated
-                    Err(e) if matches!(e.retry(), Retry::Smaller | Retry::Refused) => {
-                        sink.count_discarded(target, &batch).await?;
-                        // a key at a time waits out each locked row's lock timeout twice
-                        let (counts, failures) = pinging(
-                            &admin,
-                            every,
-                            one_by_one(shared, source, sink, target, &keys, job_id),
-                        )
-                        .await?;
-                        shared.live.add(&counts);
-                        shared.progress.update(&shared.live.snapshot());
-                        reread += counts.rows_scanned;
-                        outcome.merge(Outcome {
-                            counts,
-                            failures,
-                            by_target: BTreeMap::from([(target.index, counts)]),
-                            ..Outcome::default()
-                        });
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                };
-                shared.note_quarantined(&failures);
-                shared.live.add(&counts);
-                shared.progress.update(&shared.live.snapshot());
-                reread += counts.rows_scanned;
+                reread_rows += counts.rows_scanned;
                 outcome.merge(Outcome {
                     counts,
                     failures,
                     by_target: BTreeMap::from([(target.index, counts)]),
                     ..Outcome::default()
                 });
-                if counts.conflicts > 0 {
+                if changing {
                     // still changing: give the application's transactions time before the next round
                     break;
                 }
             }
         }
-        tokio::time::sleep(std::time::Duration::from_millis(50 * u64::from(round + 1))).await;
+        let pause = std::time::Duration::from_millis(50 * u64::from(round + 1));
+        pinging(&admin, every, tokio::time::sleep(pause)).await;
     }
     Ok((outcome, waiting(&admin, job_id).await?))
+}
+
+/// What one batch of re-reads did.
+struct Reread {
+    counts: Counts,
+    /// Values quarantined on the way.
+    failures: Vec<Failure>,
+    /// Whether rows changed under it again (the round ends for this target).
+    changing: bool,
+}
+
+/// Re-reads and rewrites `keys` of `target` as one batch, or one key at a
+/// time where the batch hit a locked row or a refusal, and adds what it
+/// did to the live counts. The two sessions sat idle through the holds
+/// and the counts before it: one a server's `idle_session_timeout` (or a
+/// proxy) closed meanwhile is reopened first.
+async fn reread(
+    shared: &Shared,
+    source: &mut Source,
+    sink: &mut Writer,
+    target: &Target,
+    keys: &[KeyBytes],
+    job_id: i64,
+) -> Result<Reread, Error> {
+    source.reopen_if_closed().await?;
+    sink.reopen_if_closed(&shared.job).await?;
+    let rows = source.rows_by_keys(target, keys).await?;
+    // another connection can see these committed before they are added below
+    let _writing = shared.live.writing(rows.len() as u64);
+    let batch = Batch {
+        range_index: 0,
+        rows,
+        cells: Cells::default(),
+        last_key: None,
+        end: false,
+        lease: None,
+        upper: None,
+        slot: None,
+    };
+    let batch = on_pool(
+        shared.job.clone(),
+        target.index,
+        Mode::Rewrite { job_id },
+        batch,
+    )
+    .await?;
+    let done = match sink.write(target, Commit::Retry(keys), &batch).await {
+        Ok(Written {
+            counts, failures, ..
+        }) => {
+            shared.note_quarantined(&failures);
+            Reread {
+                counts,
+                failures,
+                changing: counts.conflicts > 0,
+            }
+        }
+        // a row locked elsewhere, or one the database refuses: one key at a
+        // time, and one that stays locked or is refused again is not rotated
+        Err(e) if matches!(e.retry(), Retry::Smaller | Retry::Refused) => {
+            sink.count_discarded(target, &batch).await?;
+            let (counts, failures) = one_by_one(shared, source, sink, target, keys, job_id).await?;
+            Reread {
+                counts,
+                failures,
+                changing: false,
+            }
+        }
+        Err(e) => return Err(e),
+    };
+    shared.live.add(&done.counts);
+    shared.progress.update(&shared.live.snapshot());
+    Ok(done)
 }
 
 /// What the progress line says while the pass runs.
@@ -194,6 +227,9 @@ async fn one_by_one(
         let one = std::slice::from_ref(key);
         let mut tries = 0;
         loop {
+            // the reader idled through the write's lock wait, the writer through the read
+            source.reopen_if_closed().await?;
+            sink.reopen_if_closed(&shared.job).await?;
             let rows = source.rows_by_keys(target, one).await?;
             let batch = Batch {
                 range_index: 0,

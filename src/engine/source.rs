@@ -72,6 +72,18 @@ impl Source {
         Ok(())
     }
 
+    /// Reopens the connection where it was closed while this reader sat
+    /// idle (a server's `idle_session_timeout`, a proxy); returns whether
+    /// it did.
+    pub async fn reopen_if_closed(&mut self) -> Result<bool, Error> {
+        if !self.client.is_closed() {
+            return Ok(false);
+        }
+        tracing::debug!("a reading session was closed while idle; reopening it");
+        self.reconnect().await?;
+        Ok(true)
+    }
+
     async fn open(db: &Database, timeouts: Timeouts) -> Result<Client, Error> {
         let client = db.connect().await?;
         client

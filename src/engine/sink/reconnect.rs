@@ -31,6 +31,18 @@ impl Writer {
         Ok(())
     }
 
+    /// Reopens the connection where it was closed while this writer sat
+    /// idle (a server's `idle_session_timeout`, a proxy) with no batch in
+    /// flight; returns whether it did.
+    pub async fn reopen_if_closed(&mut self, job: &Job) -> Result<bool, Error> {
+        if !self.client.is_closed() {
+            return Ok(false);
+        }
+        tracing::debug!("a writing session was closed while idle; reopening it");
+        self.reconnect(job).await?;
+        Ok(true)
+    }
+
     /// Notes that `batch` of `state` is committed (by [`Writer::write`], or
     /// found committed after a reconnect).
     pub fn remember(&mut self, state: &RangeState, batch: &Batch) {

@@ -99,3 +99,116 @@ async fn a_check_interval_longer_than_idle_session_timeout_keeps_the_monitors_co
     );
     db.assert_every_value_rotated(3_000).await;
 }
+
+// Before: the conflict pass's reading and writing sessions sat idle through
+// the pace's wait between two batches of re-reads; the server closed them
+// and the next re-read failed (exit 1, the keys left for another run).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_conflict_re_reads_go_on_after_their_sessions_idled_through_a_hold() {
+    let db = TestDb::new().await;
+    db.seed_patients(3_000).await;
+    // the first write of each of the first 1,500 rows lands nowhere: two
+    // batches of re-reads, the pace's wait of a second between them
+    db.client
+        .batch_execute(
+            "CREATE TABLE skipped (id bigint PRIMARY KEY);
+             CREATE FUNCTION skip_once() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF OLD.id <= 1500 AND NOT EXISTS (SELECT 1 FROM skipped WHERE id = OLD.id) THEN
+                 INSERT INTO skipped VALUES (OLD.id);
+                 RETURN NULL;
+               END IF;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER skip_once BEFORE UPDATE ON patient_persons FOR EACH ROW EXECUTE FUNCTION skip_once();",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    db.alter_database("SET idle_session_timeout = '250ms'")
+        .await;
+    let out = rekey(
+        &[
+            "run",
+            "--job",
+            &job,
+            "--workers",
+            "1",
+            "--batch-size",
+            "100",
+            "--max-rows-per-sec",
+            "1000",
+            "--json",
+            "--quiet",
+        ],
+        &seed_env(),
+    );
+    db.alter_database("RESET idle_session_timeout").await;
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let skipped: i64 = db
+        .client
+        .query_one("SELECT count(*) FROM skipped", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(skipped, 1_500, "the premise: 1,500 rows re-read");
+    assert_eq!(json(&out)["conflicts"], 1_500, "{}", printed(&out));
+    db.assert_every_value_rotated(3_000).await;
+}
+
+// Before: a row locked through the conflict pass is tried one key at a
+// time; the reading session sat idle through each try's lock wait, the
+// server closed it, and the next try's read failed (exit 1) instead of
+// recording the row as not rotated.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_locked_through_the_conflict_re_reads_is_reported_not_rotated_after_their_reader_idled(
+) {
+    const LOCKED: i64 = 100; // has both values (100 % 3 != 0)
+    let db = TestDb::new().await;
+    db.seed_patients(200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    let mut app = connect(&db.url).await;
+    let tx = app.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM patient_persons WHERE id = $1 FOR UPDATE",
+        &[&LOCKED],
+    )
+    .await
+    .unwrap();
+    db.alter_database("SET idle_session_timeout = '300ms'")
+        .await;
+    let out = rekey(
+        &[
+            "run",
+            "--job",
+            &job,
+            "--workers",
+            "1",
+            "--batch-size",
+            "20",
+            "--lock-timeout",
+            "1s",
+            "--json",
+            "--quiet",
+        ],
+        &seed_env(),
+    );
+    db.alter_database("RESET idle_session_timeout").await;
+    tx.execute("SELECT 1", &[])
+        .await
+        .expect("the premise: the row stayed locked through the run");
+    tx.rollback().await.unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
+    assert_eq!(json(&out)["values_not_rotated"], 2, "{}", printed(&out));
+    let not_rotated: Vec<String> = db
+        .client
+        .query("SELECT DISTINCT pk_text FROM rekey.not_rotated", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(not_rotated, vec![format!("({LOCKED})")]);
+}
