@@ -9,6 +9,7 @@ use crate::cli::args::RewrapArgs;
 use crate::cli::out::out;
 use crate::cli::secrets::recorded;
 use crate::cli::{open, print_json};
+use crate::db::idle::keeping_alive;
 use crate::lifecycle::rotation::job_keys;
 use crate::secrets::rewrap::{self, rewrap as rewrap_keys};
 use crate::secrets::KeySource;
@@ -30,7 +31,9 @@ pub async fn rewrap(a: &RewrapArgs) -> Result<u8, Error> {
     state::ensure_schema(&mut opened.client).await?;
     let client = &opened.client;
     state::lock_lifecycle(client, spec.name.as_deref().unwrap_or_default()).await?;
-    let mut store = rewrap::open(&keys).await?;
+    // the lock's session is kept from idling while the store works (a KMS
+    // call or two per data key)
+    let mut store = keeping_alive(client, rewrap::open(&keys)).await?;
     let secret_id = store.secret_id();
     let to = &a.to_kms_key;
     recorded(
@@ -42,9 +45,12 @@ pub async fn rewrap(a: &RewrapArgs) -> Result<u8, Error> {
         &format!("re-wrapping every data key under KMS key {to}"),
     )
     .await?;
-    let rewrapped = rewrap_keys(&mut store, to, |id| {
-        tracing::debug!("data key {id} re-wrapped")
-    })
+    let rewrapped = keeping_alive(
+        client,
+        rewrap_keys(&mut store, to, |id| {
+            tracing::debug!("data key {id} re-wrapped")
+        }),
+    )
     .await;
     let done = match rewrapped {
         Ok(done) => done,

@@ -14,6 +14,7 @@ use crate::cli::rotate::{report, rotate_options};
 use crate::cli::{default_lanes, open, print_json, resolve, Opened};
 use crate::crypto::keyring::{generate_material, Key};
 use crate::crypto::keytable::{now, Entry, KeyState, KeyTable};
+use crate::db::idle::keeping_alive;
 use crate::job::{Job, JobSpec};
 use crate::lifecycle::audit::What;
 use crate::lifecycle::rotation::{job_keys, RotateOptions};
@@ -40,7 +41,8 @@ pub async fn secrets(command: SecretsCommand) -> Result<u8, Error> {
 /// `rekey secrets restore`: a retired key back from the archive, as previous.
 async fn restore(a: &KeyArgs) -> Result<u8, Error> {
     let (spec, Opened { client, .. }, mut store) = locked(&a.life).await?;
-    let applied = steps::restore(&mut store, a.key_id, a.life.reveal).await?;
+    let applied =
+        keeping_alive(&client, steps::restore(&mut store, a.key_id, a.life.reveal)).await?;
     let note = format!("key {} restored from the archive as previous", a.key_id);
     recorded(
         &a.life,
@@ -67,10 +69,13 @@ async fn purge(a: &PurgeArgs) -> Result<u8, Error> {
         .filter(|e| e.state == KeyState::Retired && a.key_id.is_none_or(|id| id == e.id))
         .map(|e| e.id)
         .collect();
-    for id in retired {
-        store.fetch_archived(id).await?;
-    }
-    let (purged, applied) = steps::purge(&mut store, a.key_id).await?;
+    let (purged, applied) = keeping_alive(&client, async {
+        for id in retired {
+            store.fetch_archived(id).await?;
+        }
+        steps::purge(&mut store, a.key_id).await
+    })
+    .await?;
     let note = if purged.is_empty() {
         "no archived key to purge".to_string()
     } else {
@@ -238,7 +243,9 @@ pub(crate) async fn locked(life: &LifecycleArgs) -> Result<(JobSpec, Opened, Sto
     let keys = job_keys(&spec)?;
     state::ensure_schema(&mut opened.client).await?;
     state::lock_lifecycle(&opened.client, spec.name.as_deref().unwrap_or_default()).await?;
-    let store = Store::open(&keys).await?;
+    // the lock's session is kept from idling while the store works (a KMS
+    // call per key, a purge's wait for Secrets Manager)
+    let store = keeping_alive(&opened.client, Store::open(&keys)).await?;
     Ok((spec, opened, store))
 }
 
@@ -248,11 +255,16 @@ async fn transition(command: &SecretsCommand, life: &LifecycleArgs) -> Result<u8
     let secret_id = store.secret_id();
     let (event, applied, note) = match command {
         SecretsCommand::Stage(_) => {
-            let (id, applied) = steps::stage(&mut store, life.reveal).await?;
+            let (id, applied) =
+                keeping_alive(&client, steps::stage(&mut store, life.reveal)).await?;
             ("key_staged", applied, format!("key {id} pending"))
         }
         SecretsCommand::Promote(_) => {
-            let applied = steps::promote(&mut store, life.reveal, life.is_compromise()).await?;
+            let applied = keeping_alive(
+                &client,
+                steps::promote(&mut store, life.reveal, life.is_compromise()),
+            )
+            .await?;
             (
                 "key_promoted",
                 applied,
@@ -260,7 +272,7 @@ async fn transition(command: &SecretsCommand, life: &LifecycleArgs) -> Result<u8
             )
         }
         SecretsCommand::Rollback(_) => {
-            let applied = steps::rollback(&mut store, life.reveal).await?;
+            let applied = keeping_alive(&client, steps::rollback(&mut store, life.reveal)).await?;
             rotations::roll_back(&client, spec.name.as_deref().unwrap_or_default()).await?;
             (
                 "key_rolled_back",

@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use crate::crypto::codec::{Codec, Format};
 use crate::crypto::keyring::Keyring;
+use crate::db::idle::keeping_alive;
 use crate::db::quote_ident;
 use crate::db::raw::{KeyBytes, RawParam};
 use crate::db::PageRow;
@@ -199,9 +200,11 @@ impl Job {
                 .as_ref()
                 .or(spec.keys.as_ref())
                 .ok_or_else(|| Error::Config(format!("{}: no keys", at())))?;
-            let read_ring = load(keys).await?;
+            // `client` is used again after the keys are loaded: kept from
+            // idling while a key table unwraps its keys through KMS
+            let read_ring = keeping_alive(client, load(keys)).await?;
             let write_ring = match &t.to_keys {
-                Some(k) => load(k).await?,
+                Some(k) => keeping_alive(client, load(k)).await?,
                 None => read_ring.clone(),
             };
             let to_format = t.to_format.unwrap_or(t.format);

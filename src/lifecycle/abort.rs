@@ -9,6 +9,7 @@ use std::sync::Arc;
 use tokio_postgres::Client;
 
 use crate::crypto::keytable::KeyState;
+use crate::db::idle::keeping_alive;
 use crate::job::Job;
 use crate::lifecycle::audit::What;
 use crate::lifecycle::steps;
@@ -54,7 +55,7 @@ pub(crate) async fn abort(
             )));
         }
         let applied = if store.table().id_in(KeyState::Pending) == Some(new) {
-            steps::rollback(store, cx.opts.reveal).await?
+            keeping_alive(client, steps::rollback(store, cx.opts.reveal)).await?
         } else {
             steps::Applied::default()
         };

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use tokio_postgres::Client;
 
 use crate::crypto::keytable::{now, rfc3339, KeyState};
+use crate::db::idle::keeping_alive;
 use crate::job::Job;
 use crate::lifecycle::audit::What;
 use crate::lifecycle::steps;
@@ -115,7 +116,11 @@ pub(crate) async fn promoted(
     log: &mut Log,
 ) -> Result<Next, Error> {
     let key_ref = format!("{}#{}", store.secret_id(), rot.new_key);
-    let applied = steps::promote(store, cx.opts.reveal, cx.opts.compromised).await?;
+    let applied = keeping_alive(
+        client,
+        steps::promote(store, cx.opts.reveal, cx.opts.compromised),
+    )
+    .await?;
     rotations::set_step(client, rot.id, Step::Promoted).await?;
     let mut notes = format!(
         "key {} is current; key {} is previous",

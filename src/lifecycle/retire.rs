@@ -8,6 +8,7 @@ use std::sync::Arc;
 use tokio_postgres::Client;
 
 use crate::crypto::keyring::KeyId;
+use crate::db::idle::keeping_alive;
 use crate::db::Database;
 use crate::engine::verify::{self, Depth};
 use crate::job::Job;
@@ -84,7 +85,9 @@ pub async fn retire(
         });
     }
     let compromised = opts.compromised;
-    let applied = steps::retire(store, old, compromised).await?;
+    // the lock's session is kept from idling while the store works (a
+    // purge's wait for Secrets Manager)
+    let applied = keeping_alive(client, steps::retire(store, old, compromised)).await?;
     let verified = if unverified.is_empty() {
         "a full verify found no value under it"
     } else {

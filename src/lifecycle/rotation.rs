@@ -18,6 +18,7 @@ use tokio_postgres::Client;
 
 use crate::crypto::keyring::{Key, KeyId};
 use crate::crypto::keytable::rfc3339;
+use crate::db::idle::keeping_alive;
 use crate::db::Database;
 use crate::engine::pipeline::Settings;
 use crate::job::JobSpec;
@@ -268,7 +269,8 @@ pub async fn rotate(
     let mut intent = opts.intent;
     loop {
         let rotation = rotations::open_rotation(client, &name).await?;
-        let mut store = Store::open(&keys).await?;
+        // the lock's session is kept from idling while the store works
+        let mut store = keeping_alive(client, Store::open(&keys)).await?;
         let Some(mut rot) = rotation else {
             if let Some(over) = nothing_open(&cx, client, intent, &mut log).await? {
                 return Ok(over);
@@ -433,7 +435,7 @@ async fn stage_new(
     };
     let secret_id = store.secret_id();
     let old = steps::current(store);
-    let (id, applied) = steps::stage(store, cx.opts.reveal).await?;
+    let (id, applied) = keeping_alive(client, steps::stage(store, cx.opts.reveal)).await?;
     // The environment's staged key is whatever the operator exports: known at the next step.
     let fingerprint = if store.writable() {
         fingerprint_of(store, id)

@@ -29,6 +29,8 @@ pub(super) const LOCK: &str =
 pub struct KeyTableStore {
     /// A connection to the target database.
     pub(super) client: Client,
+    /// Where to open it again.
+    db: Database,
     /// KMS.
     kms: Kms,
     /// The master key new data keys are wrapped under, as the job names it.
@@ -100,10 +102,8 @@ impl KeyTableStore {
         let url = keys.database_url.clone().ok_or_else(|| {
             Error::Config("keys source \"table\" reads its keys from the target database: give it with --database-url, DATABASE_URL or [database] url".into())
         })?;
-        let client = Database::parse(&url)
-            .map_err(|e| Error::Config(e.to_string()))?
-            .connect()
-            .await?;
+        let db = Database::parse(&url).map_err(|e| Error::Config(e.to_string()))?;
+        let client = db.connect().await?;
         let kms = Kms::new(&crate::secrets::aws::sdk_config(keys).await);
         let name = keys.table.clone().unwrap_or_else(|| DEFAULT_TABLE.into());
         let quoted = name
@@ -125,6 +125,7 @@ impl KeyTableStore {
         let types = column_types(&client, &relation, &columns).await?;
         let mut store = KeyTableStore {
             client,
+            db,
             kms,
             master,
             relation,
@@ -157,8 +158,21 @@ impl KeyTableStore {
         self.types.get(c).map_or("text", String::as_str)
     }
 
+    /// Opens the connection again where it was closed while the store sat
+    /// idle between statements (through its KMS calls, a key per call): a
+    /// server's `idle_session_timeout`, a proxy. It holds nothing between
+    /// transactions, and a save checks the table against what was read.
+    pub(super) async fn reopen_if_closed(&mut self) -> Result<(), Error> {
+        if self.client.is_closed() {
+            tracing::debug!("the key table's session was closed while idle; reopening it");
+            self.client = self.db.connect().await?;
+        }
+        Ok(())
+    }
+
     /// Reads the rows and markers and unwraps every key.
     async fn load(&mut self) -> Result<(), Error> {
+        self.reopen_if_closed().await?;
         let c = &self.columns;
         let sql = format!(
             "SELECT {v}::bigint, {s}::text, {k}, {a}::text, extract(epoch FROM {cr})::bigint FROM {t} WHERE {p}::text = $1 ORDER BY 1",
@@ -346,6 +360,7 @@ impl KeyTableStore {
     /// table's lock ([`LOCK`]) until [`KeyTableStore::release_lock`]: no
     /// other job's save of this table and purpose commits meanwhile.
     pub async fn hold_lock(&mut self) -> Result<(), Error> {
+        self.reopen_if_closed().await?;
         let what = || format!("locking the key table {}", self.relation);
         self.client.batch_execute("BEGIN").await.ctx(what)?;
         let locked = self

@@ -19,6 +19,7 @@ impl KeyTableStore {
     /// written before the promotion, so a unique index on the ACTIVE row
     /// holds at every statement.
     pub async fn save(&mut self) -> Result<(), Error> {
+        self.reopen_if_closed().await?;
         let c = self.columns.clone();
         let what = || format!("writing the key table {}", self.relation);
         let set_status = format!(
@@ -177,6 +178,7 @@ impl KeyTableStore {
         old: &[u8],
         new: &[u8],
     ) -> Result<bool, Error> {
+        self.reopen_if_closed().await?;
         let c = &self.columns;
         let version = i64::from(id);
         let what = || format!("re-wrapping key {id} in the key table {}", self.relation);

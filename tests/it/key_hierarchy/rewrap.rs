@@ -236,3 +236,75 @@ async fn a_kms_keyring_file_is_rewrapped_and_then_opens_under_the_new_master_key
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert_eq!(json(&out)["keys"][0]["fingerprint"], fingerprint);
 }
+
+// Before: the session holding the job's lifecycle lock sat idle through
+// the KMS calls; a server with `idle_session_timeout` closed it (the lock
+// went with it, letting another command change the keys beside the
+// rewrap), and the rewrap's closing audit event failed (exit 1).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rewrap_longer_than_idle_session_timeout_holds_the_lifecycle_lock_to_the_end() {
+    let db = TestDb::new().await;
+    let old = master_key(false);
+    seed(&db, &old, 1_000, 10).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = job(&db, &dir, &old);
+    let new = master_key(false);
+    db.alter_database("SET idle_session_timeout = '300ms'")
+        .await;
+    let started = std::time::Instant::now();
+    let mut child = spawn_rekey_captured(&rewrap_args(&j, &new), &aws_env());
+    let mut checked = 0;
+    while child.try_wait().unwrap().is_none() {
+        let schema: bool = db
+            .client
+            .query_one("SELECT to_regclass('rekey.audit') IS NOT NULL", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if !schema {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            continue;
+        }
+        let audited: i64 = db
+            .client
+            .query_one(
+                "SELECT count(*) FROM rekey.audit WHERE event_type = 'master_key_rewrap_started'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let held = advisory_lock_held(&db, "rekey.lifecycle:notes").await;
+        let finished: i64 = db
+            .client
+            .query_one(
+                "SELECT count(*) FROM rekey.audit WHERE event_type <> 'master_key_rewrap_started'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        eprintln!(
+            "{:?} audited {audited} held {held} finished {finished}",
+            started.elapsed()
+        );
+        if audited > 0 && finished == 0 && child.try_wait().unwrap().is_none() {
+            assert!(
+                held,
+                "no session holds the lifecycle lock {:?} into the rewrap",
+                started.elapsed()
+            );
+            checked += 1;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let took = started.elapsed();
+    db.alter_database("RESET idle_session_timeout").await;
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert!(
+        took > std::time::Duration::from_millis(900) && checked > 0,
+        "the premise: the rewrap ({took:?}, {checked} checks) outlasted the timeout three times over"
+    );
+    assert_eq!(json(&out)["rewrapped"], 1_000, "{}", printed(&out));
+}

@@ -386,3 +386,76 @@ async fn a_row_without_a_version_or_epoch_number_times_is_refused_with_the_fix_n
         printed(&out)
     );
 }
+
+/// The job's key table of 250 data keys (the format's version byte holds
+/// one more) adopted before any idle timeout, then `idle_session_timeout`
+/// set: every key's unwrap through KMS at each command's start takes
+/// longer than the timeout.
+async fn a_large_key_table_under_an_idle_session_timeout(
+    db: &TestDb,
+    dir: &tempfile::TempDir,
+) -> String {
+    let master = master_key(false);
+    seed(db, &master, 250, 20).await;
+    let j = job(db, dir, &master);
+    let out = rekey(&["secrets", "init", "--adopt", "--job", &j], &aws_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    db.alter_database("SET idle_session_timeout = '300ms'")
+        .await;
+    j
+}
+
+// Before: the session holding the lifecycle lock sat idle while the store
+// unwrapped every key; the server closed it (and the lock with it), and
+// the stage's audit event failed (exit 1) after the key was staged.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stage_whose_key_table_takes_longer_to_open_than_idle_session_timeout_is_staged_and_audited(
+) {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = a_large_key_table_under_an_idle_session_timeout(&db, &dir).await;
+    let out = rekey(&["secrets", "stage", "--job", &j], &aws_env());
+    db.alter_database("RESET idle_session_timeout").await;
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(statuses(&db).await.last(), Some(&(251, "INACTIVE".into())));
+    let last: String = db
+        .client
+        .query_one(
+            "SELECT event_type FROM rekey.audit ORDER BY audit_id DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(last, "key_staged");
+}
+
+// Before: as above, a rotation's first statement after opening the store
+// found the lifecycle lock's session closed (exit 1, nothing staged); and
+// the run's job, resolved on that session after loading the keys, failed
+// the same way.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotation_whose_key_table_takes_longer_to_open_than_idle_session_timeout_goes_through_its_steps(
+) {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = a_large_key_table_under_an_idle_session_timeout(&db, &dir).await;
+    let out = rekey(&["rotate", "--job", &j, "--no-wait", "--json"], &aws_env());
+    db.alter_database("RESET idle_session_timeout").await;
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    let report = json(&out);
+    assert_eq!(
+        (&report["step"], &report["waiting_for"]),
+        (&"promoted".into(), &"grace_period".into()),
+        "{report}"
+    );
+    assert_eq!(
+        report["events"],
+        serde_json::json!([
+            "key_staged",
+            "reencryption_completed",
+            "verification_passed",
+            "key_promoted"
+        ])
+    );
+}
