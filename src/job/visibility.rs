@@ -167,28 +167,42 @@ async fn update_rules(client: &Client, t: &Target) -> Result<(), Error> {
     Ok(())
 }
 
-/// Enabled row-level BEFORE UPDATE triggers may refuse or change a write:
-/// said up front; the sink checks every write.
+/// Enabled row-level BEFORE UPDATE triggers, on the target and on its
+/// partitions and inheritance children (rekey's UPDATE reaches their rows
+/// too), that fire on the columns rekey sets, may refuse or change a
+/// write: said up front, one line per table; the sink checks every write.
 async fn write_triggers(client: &Client, t: &Target) -> Result<(), Error> {
-    // tgtype bits: 1 row-level, 2 before, 16 update
-    let triggers: Vec<String> = client
+    // every column is in the SET list, a hash-only target's ciphertexts too
+    let set: Vec<&str> = t.columns.iter().map(|c| c.name.as_str()).collect();
+    // tgtype bits: 1 row-level, 2 before, 16 update; tgattr: the columns of
+    // UPDATE OF, none for any; a partition's clone of a trigger above it
+    // (tgparentid) is named where it was made
+    let rows = client
         .query(
-            "SELECT tgname::text FROM pg_trigger
-              WHERE tgrelid = $1::text::regclass AND NOT tgisinternal AND tgenabled <> 'D'
-                AND tgtype & 1 = 1 AND tgtype & 2 = 2 AND tgtype & 16 = 16 ORDER BY 1",
-            &[&t.qualified()],
+            "WITH RECURSIVE tree(relid) AS (
+                 SELECT $1::text::regclass::oid
+                 UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.relid)
+             SELECT n.nspname || '.' || c.relname, string_agg(tg.tgname::text, ', ' ORDER BY tg.tgname)
+               FROM pg_trigger tg JOIN tree ON tree.relid = tg.tgrelid
+               JOIN pg_class c ON c.oid = tg.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE NOT tg.tgisinternal AND tg.tgenabled <> 'D'
+                AND NOT EXISTS (SELECT 1 FROM pg_trigger up JOIN tree ON tree.relid = up.tgrelid
+                                 WHERE up.oid = tg.tgparentid)
+                AND tg.tgtype & 1 = 1 AND tg.tgtype & 2 = 2 AND tg.tgtype & 16 = 16
+                AND (cardinality(tg.tgattr::int2[]) = 0
+                     OR EXISTS (SELECT 1 FROM pg_attribute a
+                                 WHERE a.attrelid = tg.tgrelid AND a.attnum = ANY (tg.tgattr::int2[])
+                                   AND a.attname = ANY ($2::text[])))
+              GROUP BY 1 ORDER BY 1",
+            &[&t.qualified(), &set],
         )
         .await
-        .ctx(|| format!("checking the triggers of {}", t.table))?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    if !triggers.is_empty() {
+        .ctx(|| format!("checking the triggers of {}", t.table))?;
+    for r in rows {
+        let (table, triggers): (String, String) = (r.get(0), r.get(1));
         tracing::warn!(
-            "{} has BEFORE UPDATE triggers ({}): a trigger that refuses or changes rekey's write leaves the value on its old key; \
-             rekey checks every write and reports such values as not rotated",
-            t.table,
-            triggers.join(", ")
+            "{table} has BEFORE UPDATE triggers ({triggers}): a trigger that refuses or changes rekey's write leaves the value on its old key; \
+             rekey checks every write and reports such values as not rotated"
         );
     }
     Ok(())

@@ -428,3 +428,39 @@ async fn a_trigger_that_raises_for_every_row_stops_the_run_once_more_rows_than_t
     );
     assert_eq!(db.decrypted_patients(&v1_ring()).await, before);
 }
+
+// rekey's UPDATE of a table reaches the rows of its inheritance children
+// (and partitions), whose own BEFORE UPDATE triggers fire on them. Before:
+// the warning up front looked at the target alone, and said nothing of a
+// child's trigger that refuses every write (the sink's check still
+// reported the child's values as not rotated, exit 4).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refusing_trigger_of_an_inheritance_child_is_named_up_front_with_the_child() {
+    let db = TestDb::new().await;
+    db.seed_patients(100).await;
+    db.client
+        .batch_execute(
+            "CREATE TABLE patient_archive () INHERITS (patient_persons);
+             WITH moved AS (DELETE FROM ONLY patient_persons WHERE id > 90 RETURNING *)
+             INSERT INTO patient_archive SELECT * FROM moved;
+             CREATE FUNCTION skip_all() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN RETURN NULL; END $$;
+             CREATE TRIGGER skip_all BEFORE UPDATE ON patient_archive FOR EACH ROW EXECUTE FUNCTION skip_all();",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    let out = rekey(&["run", "--job", &job, "--json"], &seed_env());
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
+    assert!(
+        stderr(&out).contains("public.patient_archive has BEFORE UPDATE triggers (skip_all)"),
+        "{}",
+        printed(&out)
+    );
+    assert!(
+        !stderr(&out).contains("public.patient_persons has BEFORE UPDATE triggers"),
+        "{}",
+        printed(&out)
+    );
+}
