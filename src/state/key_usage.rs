@@ -27,6 +27,10 @@ pub const NONCE_BUDGET: i64 = 1 << 32;
 /// one at a time (2^28 values, 1/16 of the budget).
 pub const NEAR: i64 = 1 << 28;
 
+/// How long a batch near the budget waits for the batches in flight beside
+/// it to commit (they hold the key's lock shared until then).
+const NEAR_WAIT: &str = "60s";
+
 /// A key's count as a batch's transaction saw it after adding its own.
 #[derive(Debug, Clone, Copy)]
 pub struct Counted {
@@ -48,17 +52,33 @@ pub async fn count_encryptions(
 ) -> Result<Counted, tokio_postgres::Error> {
     // shared far from the budget, exclusive near it; the sum that decides is
     // read in the same statement, before the lock (any recent view will do)
-    let near: bool = tx
+    let row = tx
         .query_one(
-            "SELECT near, CASE WHEN near THEN pg_advisory_xact_lock(hashtext('rekey.key_usage'), hashtext($1))::text
-                               ELSE pg_advisory_xact_lock_shared(hashtext('rekey.key_usage'), hashtext($1))::text END
+            "SELECT near, current_setting('lock_timeout'),
+                    CASE WHEN NOT near THEN pg_advisory_xact_lock_shared(hashtext('rekey.key_usage'), hashtext($1))::text END
                FROM (SELECT coalesce(sum(encryptions), 0)::bigint + $2::bigint > $3::bigint
                             OR $2::bigint > $4::bigint / current_setting('max_connections')::bigint AS near
                        FROM rekey.key_usage WHERE fingerprint = $1) s",
             &[&fingerprint, &n, &(NONCE_BUDGET - NEAR), &(NEAR / 2)],
         )
-        .await?
-        .get(0);
+        .await?;
+    let near: bool = row.get(0);
+    if near {
+        // the exclusive lock waits for every batch in flight to commit: the
+        // session's lock_timeout, meant for a row the application holds,
+        // does not bound that wait (a timeout would halve the batch down to
+        // rows set aside as locked, or stop the run)
+        let was: String = row.get(1);
+        tx.execute("SELECT set_config('lock_timeout', $1, true)", &[&NEAR_WAIT])
+            .await?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('rekey.key_usage'), hashtext($1))",
+            &[&fingerprint],
+        )
+        .await?;
+        tx.execute("SELECT set_config('lock_timeout', $1, true)", &[&was])
+            .await?;
+    }
     // a new statement: its snapshot holds every batch that committed before the lock was granted
     let total: i64 = tx
         .query_one(
