@@ -118,6 +118,7 @@ pub(super) async fn retry_conflicts(
 
 /// What one batch of re-reads did.
 struct Reread {
+    /// What it counted (rows scanned, values rewritten, conflicts, ...).
     counts: Counts,
     /// Values quarantined on the way.
     failures: Vec<Failure>,
@@ -139,7 +140,6 @@ async fn reread(
     job_id: i64,
 ) -> Result<Reread, Error> {
     source.reopen_if_closed().await?;
-    sink.reopen_if_closed(&shared.job).await?;
     let rows = source.rows_by_keys(target, keys).await?;
     // another connection can see these committed before they are added below
     let _writing = shared.live.writing(rows.len() as u64);
@@ -160,6 +160,8 @@ async fn reread(
         batch,
     )
     .await?;
+    // the writer idled through the read (a query per key)
+    sink.reopen_if_closed(&shared.job).await?;
     let done = match sink.write(target, Commit::Retry(keys), &batch).await {
         Ok(Written {
             counts, failures, ..
@@ -227,9 +229,8 @@ async fn one_by_one(
         let one = std::slice::from_ref(key);
         let mut tries = 0;
         loop {
-            // the reader idled through the write's lock wait, the writer through the read
+            // the reader idled through the last try's lock wait
             source.reopen_if_closed().await?;
-            sink.reopen_if_closed(&shared.job).await?;
             let rows = source.rows_by_keys(target, one).await?;
             let batch = Batch {
                 range_index: 0,
@@ -248,6 +249,8 @@ async fn one_by_one(
                 batch,
             )
             .await?;
+            // the writer idled through the read
+            sink.reopen_if_closed(&shared.job).await?;
             match sink.write(target, Commit::Retry(one), &batch).await {
                 Ok(w) => {
                     shared.note_quarantined(&w.failures);

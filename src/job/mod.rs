@@ -272,7 +272,8 @@ impl Job {
                 &resolved.table,
                 &encrypted,
                 &at(),
-                |k| async move { crate::secrets::load_keyring(&k).await },
+                // kept from idling as above
+                |k| async move { keeping_alive(client, crate::secrets::load_keyring(&k)).await },
             )
             .await?;
             if let Some((col, _)) = &hashed {

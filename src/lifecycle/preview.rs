@@ -5,6 +5,7 @@
 use tokio_postgres::Client;
 
 use crate::crypto::keytable::{now, rfc3339, KeyState};
+use crate::db::idle::keeping_alive;
 use crate::engine::plan;
 use crate::job::{Job, JobSpec};
 use crate::secrets::Store;
@@ -24,7 +25,8 @@ pub async fn preview(
 ) -> Result<Progressed, Error> {
     let keys = job_keys(spec)?;
     let name = spec.name.clone().unwrap_or_default();
-    let store = Store::open(&keys).await?;
+    // `client` is read after the store opens: kept from idling meanwhile
+    let store = keeping_alive(client, Store::open(&keys)).await?;
     let mut log = Log::default();
     let say = |log: &mut Log, line: String| log.lines.push(format!("dry run: {line}"));
     let exists = state::schema_exists(client).await?;

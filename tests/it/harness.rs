@@ -735,6 +735,7 @@ pub async fn advisory_lock_held(db: &TestDb, name: &str) -> bool {
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
                              WHERE a.application_name = 'rekey' AND l.locktype = 'advisory' AND l.granted
+                               AND a.datname = current_database()
                                AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended($1, 0))",
             &[&name],
         )

@@ -334,7 +334,7 @@ async fn near_its_nonce_budget_a_batch_waits_past_the_lock_timeout_for_the_batch
         let waiting: bool = db
             .client
             .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name = 'rekey'
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name = 'rekey' AND datname = current_database()
                                    AND wait_event_type = 'Lock' AND wait_event = 'advisory'
                                    AND now() - query_start > interval '1 second')",
                 &[],

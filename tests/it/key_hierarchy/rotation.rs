@@ -400,7 +400,16 @@ async fn a_large_key_table_under_an_idle_session_timeout(
     let j = job(db, dir, &master);
     let out = rekey(&["secrets", "init", "--adopt", "--job", &j], &aws_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-    db.alter_database("SET idle_session_timeout = '300ms'")
+    // the premise: opening the store (all `secrets show` does) outlasts the timeout
+    let started = std::time::Instant::now();
+    let out = rekey(&["secrets", "show", "--job", &j], &aws_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let took = started.elapsed();
+    assert!(
+        took > std::time::Duration::from_millis(400),
+        "opening the key table took {took:?}, not twice the timeout"
+    );
+    db.alter_database("SET idle_session_timeout = '200ms'")
         .await;
     j
 }
@@ -458,4 +467,18 @@ async fn a_rotation_whose_key_table_takes_longer_to_open_than_idle_session_timeo
             "key_promoted"
         ])
     );
+}
+
+// Before: `rotate --dry-run` opened the store, then read the rotation on
+// the session that had idled meanwhile (exit 1).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_whose_key_table_takes_longer_to_open_than_idle_session_timeout_says_what_is_next(
+) {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = a_large_key_table_under_an_idle_session_timeout(&db, &dir).await;
+    let out = rekey(&["rotate", "--job", &j, "--dry-run"], &aws_env());
+    db.alter_database("RESET idle_session_timeout").await;
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert!(printed(&out).contains("dry run:"), "{}", printed(&out));
 }
