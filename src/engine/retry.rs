@@ -98,6 +98,14 @@ async fn pieces(
             Err(e) => e,
         };
         let how = error.retry();
+        if let Error::LeaseLost(_) = error {
+            // the range goes on elsewhere, read and sealed afresh: what this
+            // batch sealed (its pieces not written yet too) still counts
+            for piece in std::iter::once(&b).chain(&pending) {
+                writer.count_given_up(target, piece).await;
+            }
+            return Err(error);
+        }
         if how == Retry::Never {
             return Err(error);
         }

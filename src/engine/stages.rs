@@ -191,6 +191,10 @@ pub(super) async fn write(
         let target = &shared.job.targets[state.target];
         let (end, lease) = (batch.end, batch.lease);
         if shared.is_lost(batch.range_index, lease) {
+            // read before the lease was lost, sealed, and not written: counted all the same
+            if let Some(w) = writer.as_mut() {
+                w.count_given_up(target, &batch).await;
+            }
             continue;
         }
         // the batch is another connection's to see as committed before it is added below

@@ -356,6 +356,15 @@ impl Writer {
         tx.commit().await.ctx(what)
     }
 
+    /// As [`Writer::count_discarded`], for a batch given up (its range's
+    /// lease lost): the count failing is a warning, not an error, as the
+    /// reason the batch was given up is what the caller reports.
+    pub async fn count_given_up(&mut self, target: &Target, batch: &Batch) {
+        if let Err(e) = self.count_discarded(target, batch).await {
+            tracing::warn!(table = %target.table, "a batch given up was not counted against the nonce budget: {}", e.chain());
+        }
+    }
+
     /// Commits one batch, swapped in (`refusal` is `None`) or recorded as
     /// refused with those words.
     async fn commit_batch(

@@ -151,3 +151,77 @@ async fn a_process_that_stops_renewing_its_lease_loses_its_range_and_cannot_comm
     );
     assert_all_rotated(&db, 20_000).await;
 }
+
+// Batches read and sealed before a process's lease lapsed are not written
+// (another process reads those rows and seals them afresh), but each of
+// their values took a nonce under the key all the same. Before: they were
+// dropped or rolled back with their counts, and the key's count was only
+// what landed.
+#[tokio::test(flavor = "multi_thread")]
+async fn batches_sealed_under_a_lapsed_lease_count_against_the_nonce_budget() {
+    let (db, _dir, j) = patients(20_000).await;
+    // slow commits: the reader and the transform fill the queue to the sink ahead of them
+    db.client
+        .batch_execute(
+            "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN PERFORM pg_sleep(0.05); RETURN NULL; END $$;
+             CREATE TRIGGER slow_commit AFTER UPDATE ON patient_persons
+                 FOR EACH STATEMENT EXECUTE FUNCTION slow_commit();",
+        )
+        .await
+        .unwrap();
+    let mut a = spawn_captured(&[
+        "run",
+        "--job",
+        &j,
+        "--json",
+        "--batch-size",
+        "200",
+        "--workers",
+        "1",
+        "--lease-ttl",
+        "2s",
+        "--check-every",
+        "500ms",
+    ]);
+    wait_for_progress(&db, &mut a, 1_000).await;
+    let pid = a.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let b = rekey(
+        &["run", "--job", &j, "--json", "--batch-size", "1000"],
+        &seed_env(),
+    );
+    assert_eq!(b.status.code(), Some(0), "{}", printed(&b));
+    assert!(std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let a = finish(a, Duration::from_secs(30)).await;
+    assert_eq!(a.status.code(), Some(0), "{}", printed(&a));
+    assert!(
+        printed(&a).contains("taken over by another rekey process"),
+        "the premise: a batch of the first process was given up\n{}",
+        printed(&a)
+    );
+    assert_eq!(committed(&db).await, values(20_000));
+    assert_all_rotated(&db, 20_000).await;
+    let counted: i64 = db
+        .client
+        .query_one(
+            "SELECT sum(encryptions)::bigint FROM rekey.key_usage WHERE fingerprint = $1",
+            &[&v2_ring().target().fingerprint()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        counted > values(20_000),
+        "{counted} encryptions counted for {} values written",
+        values(20_000)
+    );
+}
