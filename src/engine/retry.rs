@@ -99,12 +99,7 @@ async fn pieces(
         };
         let how = error.retry();
         if let Error::LeaseLost(_) = error {
-            // the range goes on elsewhere, read and sealed afresh: what this
-            // batch sealed (its pieces not written yet too) still counts
-            for piece in std::iter::once(&b).chain(&pending) {
-                writer.count_given_up(target, piece).await;
-            }
-            return Err(error);
+            return Err(given_up(writer, target, &b, &pending, error).await);
         }
         if how == Retry::Never {
             return Err(error);
@@ -123,11 +118,13 @@ async fn pieces(
             }
             // the server's words alone: a constraint's DETAIL shows the row's values
             tracing::warn!(table = %target.table, "the database refused the write of one row ({}); it is re-read at the end of the run and, refused again, left on its old key", error.server_words());
-            total.absorb(
-                writer
-                    .set_aside(target, state, &b, SetAside::Refused)
-                    .await?,
-            );
+            match writer.set_aside(target, state, &b, SetAside::Refused).await {
+                Ok(w) => total.absorb(w),
+                Err(e @ Error::LeaseLost(_)) => {
+                    return Err(given_up(writer, target, &b, &pending, e).await)
+                }
+                Err(e) => return Err(e),
+            }
             continue;
         }
         // halving is bounded by log2(rows); only other retries use up tries
@@ -138,11 +135,13 @@ async fn pieces(
         if how == Retry::Smaller && !halves && failed >= LOCKED_TRIES {
             // one row held by another transaction: set it aside, re-read it at the end, go on
             tracing::info!(table = %target.table, "a row stayed locked through {failed} tries; it is re-read at the end of the run");
-            total.absorb(
-                writer
-                    .set_aside(target, state, &b, SetAside::Changed)
-                    .await?,
-            );
+            match writer.set_aside(target, state, &b, SetAside::Changed).await {
+                Ok(w) => total.absorb(w),
+                Err(e @ Error::LeaseLost(_)) => {
+                    return Err(given_up(writer, target, &b, &pending, e).await)
+                }
+                Err(e) => return Err(e),
+            }
             failed = 0;
             continue;
         }
@@ -197,6 +196,25 @@ async fn pieces(
         }
     }
     Ok(retries)
+}
+
+/// After the range's lease was lost under `b` (`lost`): the range goes
+/// on elsewhere, read and sealed afresh, and what `b` and the pieces not
+/// written yet sealed is counted all the same. Returns the error to stop
+/// the lane's range with: the lost lease, or the nonce budget spent.
+async fn given_up(
+    writer: &mut Writer,
+    target: &crate::job::Target,
+    b: &Batch,
+    pending: &VecDeque<Batch>,
+    lost: Error,
+) -> Error {
+    for piece in std::iter::once(b).chain(pending) {
+        if let Err(spent) = writer.count_given_up(target, piece).await {
+            return spent;
+        }
+    }
+    lost
 }
 
 /// Rows of a job set aside because the database refused their write (each

@@ -193,7 +193,7 @@ pub(super) async fn write(
         if shared.is_lost(batch.range_index, lease) {
             // read before the lease was lost, sealed, and not written: counted all the same
             if let Some(w) = writer.as_mut() {
-                w.count_given_up(target, &batch).await;
+                w.count_given_up(target, &batch).await?;
             }
             continue;
         }

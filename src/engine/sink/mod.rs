@@ -357,11 +357,34 @@ impl Writer {
     }
 
     /// As [`Writer::count_discarded`], for a batch given up (its range's
-    /// lease lost): the count failing is a warning, not an error, as the
-    /// reason the batch was given up is what the caller reports.
-    pub async fn count_given_up(&mut self, target: &Target, batch: &Batch) {
-        if let Err(e) = self.count_discarded(target, batch).await {
-            tracing::warn!(table = %target.table, "a batch given up was not counted against the nonce budget: {}", e.chain());
+    /// lease lost): the count is committed whatever it comes to, as the
+    /// nonces were used; past the budget, the error that stops the run is
+    /// returned. A count that fails otherwise is a warning, as the reason
+    /// the batch was given up is what the caller reports.
+    pub async fn count_given_up(&mut self, target: &Target, batch: &Batch) -> Result<(), Error> {
+        let sealed = sealed_values(target, batch);
+        if sealed == 0 {
+            return Ok(());
+        }
+        let key = target.write.keyring.target();
+        let counted = async {
+            let tx = self.client.transaction().await?;
+            let counted =
+                state::count_encryptions(&tx, &key.fingerprint(), &target.target_label(), sealed)
+                    .await?;
+            tx.commit().await?;
+            Ok::<_, tokio_postgres::Error>(counted)
+        }
+        .await;
+        match counted {
+            Ok(c) if c.most > state::NONCE_BUDGET => {
+                Err(nonce_budget_spent(target, c.total - sealed, UNWRITTEN))
+            }
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::warn!(table = %target.table, "a batch given up was not counted against the nonce budget: {e}");
+                Ok(())
+            }
         }
     }
 
