@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use crate::db::idle::{ping_interval, pinging};
 use crate::db::session::Timeouts;
-use crate::db::{Database, KeyBytes};
+use crate::db::{Database, KeyBytes, Page};
 use crate::engine::pipeline::{Mode, Outcome};
 use crate::engine::sink::{Batch, Commit, Failure, Writer, Written};
 use crate::engine::source::Source;
@@ -143,23 +143,7 @@ async fn reread(
     let rows = source.rows_by_keys(target, keys).await?;
     // another connection can see these committed before they are added below
     let _writing = shared.live.writing(rows.len() as u64);
-    let batch = Batch {
-        range_index: 0,
-        rows,
-        cells: Cells::default(),
-        last_key: None,
-        end: false,
-        lease: None,
-        upper: None,
-        slot: None,
-    };
-    let batch = on_pool(
-        shared.job.clone(),
-        target.index,
-        Mode::Rewrite { job_id },
-        batch,
-    )
-    .await?;
+    let batch = sealed(shared, target, rows, job_id).await?;
     // the writer idled through the read (a query per key)
     sink.reopen_if_closed(&shared.job).await?;
     let done = match sink.write(target, Commit::Retry(keys), &batch).await {
@@ -189,6 +173,28 @@ async fn reread(
     shared.live.add(&done.counts);
     shared.progress.update(&shared.live.snapshot());
     Ok(done)
+}
+
+/// `rows` re-read from `target`, as a batch re-encrypted on the pool (no
+/// range: a re-read's checkpoint is the conflict list).
+async fn sealed(shared: &Shared, target: &Target, rows: Page, job_id: i64) -> Result<Batch, Error> {
+    let batch = Batch {
+        range_index: 0,
+        rows,
+        cells: Cells::default(),
+        last_key: None,
+        end: false,
+        lease: None,
+        upper: None,
+        slot: None,
+    };
+    on_pool(
+        shared.job.clone(),
+        target.index,
+        Mode::Rewrite { job_id },
+        batch,
+    )
+    .await
 }
 
 /// What the progress line says while the pass runs.
@@ -232,23 +238,7 @@ async fn one_by_one(
             // the reader idled through the last try's lock wait
             source.reopen_if_closed().await?;
             let rows = source.rows_by_keys(target, one).await?;
-            let batch = Batch {
-                range_index: 0,
-                rows,
-                cells: Cells::default(),
-                last_key: None,
-                end: false,
-                lease: None,
-                upper: None,
-                slot: None,
-            };
-            let batch = on_pool(
-                shared.job.clone(),
-                target.index,
-                Mode::Rewrite { job_id },
-                batch,
-            )
-            .await?;
+            let batch = sealed(shared, target, rows, job_id).await?;
             // the writer idled through the read
             sink.reopen_if_closed(&shared.job).await?;
             match sink.write(target, Commit::Retry(one), &batch).await {

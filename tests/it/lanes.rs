@@ -67,19 +67,7 @@ async fn near_its_nonce_budget_a_key_counts_every_lanes_batches_exactly() {
     db.seed_patients(rows).await;
     let dir = tempfile::tempdir().unwrap();
     let job = db.patients_job(&dir).display().to_string();
-    // the key has encrypted 2^32 - 2^27 values before: its batches count one at a time
-    let before: i64 = (1 << 32) - (1 << 27);
-    let fingerprint = v2_ring().target().fingerprint();
-    rekey::state::ensure_schema(&mut connect(&db.url).await)
-        .await
-        .unwrap();
-    db.client
-        .execute(
-            "INSERT INTO rekey.key_usage (fingerprint, shard, key_label, encryptions) VALUES ($1, 99, 'earlier runs', $2)",
-            &[&fingerprint, &before],
-        )
-        .await
-        .unwrap();
+    let (fingerprint, before) = near_its_nonce_budget(&db).await;
 
     let out = rekey(
         &[
@@ -292,18 +280,7 @@ async fn near_its_nonce_budget_a_batch_waits_past_the_lock_timeout_for_the_batch
     db.seed_patients(rows).await;
     let dir = tempfile::tempdir().unwrap();
     let job = db.patients_job(&dir).display().to_string();
-    let before: i64 = (1 << 32) - (1 << 27);
-    let fingerprint = v2_ring().target().fingerprint();
-    rekey::state::ensure_schema(&mut connect(&db.url).await)
-        .await
-        .unwrap();
-    db.client
-        .execute(
-            "INSERT INTO rekey.key_usage (fingerprint, shard, key_label, encryptions) VALUES ($1, 99, 'earlier runs', $2)",
-            &[&fingerprint, &before],
-        )
-        .await
-        .unwrap();
+    let (fingerprint, _) = near_its_nonce_budget(&db).await;
     // a batch in flight elsewhere: the key's lock held shared until it commits
     let mut other = connect(&db.url).await;
     let in_flight = other.transaction().await.unwrap();
@@ -357,4 +334,23 @@ async fn near_its_nonce_budget_a_batch_waits_past_the_lock_timeout_for_the_batch
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert_eq!(json(&out)["values_not_rotated"], 0, "{}", printed(&out));
     db.assert_every_value_rotated(rows).await;
+}
+
+/// Records that the target key (K2's) has encrypted 2^32 - 2^27 values
+/// before: its batches count one at a time. Returns its fingerprint and
+/// that count.
+async fn near_its_nonce_budget(db: &TestDb) -> (String, i64) {
+    let before: i64 = (1 << 32) - (1 << 27);
+    let fingerprint = v2_ring().target().fingerprint();
+    rekey::state::ensure_schema(&mut connect(&db.url).await)
+        .await
+        .unwrap();
+    db.client
+        .execute(
+            "INSERT INTO rekey.key_usage (fingerprint, shard, key_label, encryptions) VALUES ($1, 99, 'earlier runs', $2)",
+            &[&fingerprint, &before],
+        )
+        .await
+        .unwrap();
+    (fingerprint, before)
 }
