@@ -118,13 +118,7 @@ async fn pieces(
             }
             // the server's words alone: a constraint's DETAIL shows the row's values
             tracing::warn!(table = %target.table, "the database refused the write of one row ({}); it is re-read at the end of the run and, refused again, left on its old key", error.server_words());
-            match writer.set_aside(target, state, &b, SetAside::Refused).await {
-                Ok(w) => total.absorb(w),
-                Err(e @ Error::LeaseLost(_)) => {
-                    return Err(given_up(writer, target, &b, &pending, e).await)
-                }
-                Err(e) => return Err(e),
-            }
+            total.absorb(set_aside(writer, target, state, &b, &pending, SetAside::Refused).await?);
             continue;
         }
         // halving is bounded by log2(rows); only other retries use up tries
@@ -135,13 +129,7 @@ async fn pieces(
         if how == Retry::Smaller && !halves && failed >= LOCKED_TRIES {
             // one row held by another transaction: set it aside, re-read it at the end, go on
             tracing::info!(table = %target.table, "a row stayed locked through {failed} tries; it is re-read at the end of the run");
-            match writer.set_aside(target, state, &b, SetAside::Changed).await {
-                Ok(w) => total.absorb(w),
-                Err(e @ Error::LeaseLost(_)) => {
-                    return Err(given_up(writer, target, &b, &pending, e).await)
-                }
-                Err(e) => return Err(e),
-            }
+            total.absorb(set_aside(writer, target, state, &b, &pending, SetAside::Changed).await?);
             failed = 0;
             continue;
         }
@@ -196,6 +184,23 @@ async fn pieces(
         }
     }
     Ok(retries)
+}
+
+/// Sets `b` aside ([`Writer::set_aside`]); where its checkpoint finds the
+/// range's lease lost, `b` and the pieces not written yet are given up
+/// ([`given_up`]).
+async fn set_aside(
+    writer: &mut Writer,
+    target: &crate::job::Target,
+    state: &RangeState,
+    b: &Batch,
+    pending: &VecDeque<Batch>,
+    why: SetAside,
+) -> Result<Written, Error> {
+    match writer.set_aside(target, state, b, why).await {
+        Err(e @ Error::LeaseLost(_)) => Err(given_up(writer, target, b, pending, e).await),
+        other => other,
+    }
 }
 
 /// After the range's lease was lost under `b` (`lost`): the range goes

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use crate::crypto::codec::{Codec, Format};
 use crate::crypto::keyring::Keyring;
-use crate::db::idle::keeping_alive;
+use crate::db::idle::{ping_interval, pinging};
 use crate::db::quote_ident;
 use crate::db::raw::{KeyBytes, RawParam};
 use crate::db::PageRow;
@@ -188,6 +188,9 @@ impl Job {
                 }
             }
         };
+        // `client` is used again after each load of keys: kept from idling
+        // while a key table unwraps its keys through KMS
+        let every = ping_interval(client).await;
         let mut targets = Vec::with_capacity(spec.targets.len());
         // Which target each column of the database belongs to: the job
         // file's check sees names as written, and `t`, `public.t` and
@@ -200,11 +203,9 @@ impl Job {
                 .as_ref()
                 .or(spec.keys.as_ref())
                 .ok_or_else(|| Error::Config(format!("{}: no keys", at())))?;
-            // `client` is used again after the keys are loaded: kept from
-            // idling while a key table unwraps its keys through KMS
-            let read_ring = keeping_alive(client, load(keys)).await?;
+            let read_ring = pinging(client, every, load(keys)).await?;
             let write_ring = match &t.to_keys {
-                Some(k) => keeping_alive(client, load(k)).await?,
+                Some(k) => pinging(client, every, load(k)).await?,
                 None => read_ring.clone(),
             };
             let to_format = t.to_format.unwrap_or(t.format);
@@ -272,8 +273,7 @@ impl Job {
                 &resolved.table,
                 &encrypted,
                 &at(),
-                // kept from idling as above
-                |k| async move { keeping_alive(client, crate::secrets::load_keyring(&k)).await },
+                |k| async move { pinging(client, every, crate::secrets::load_keyring(&k)).await },
             )
             .await?;
             if let Some((col, _)) = &hashed {
