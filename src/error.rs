@@ -20,6 +20,18 @@ pub enum Error {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// Near a key's nonce budget, a batch's wait for the batches in flight
+    /// beside it to commit (so that it counts what they added) ended before
+    /// they did (exit 1): the batch waits and tries again whole, as halving
+    /// it would not shorten the wait.
+    #[error("{context}")]
+    CountWait {
+        /// What rekey was doing.
+        context: String,
+        /// The driver's error (a statement or lock timeout).
+        #[source]
+        source: tokio_postgres::Error,
+    },
     /// A pipeline stage stopped unexpectedly (exit 1).
     #[error("{0}")]
     Runtime(String),
@@ -75,6 +87,7 @@ impl Error {
                     _ => Retry::Never,
                 }
             }
+            Error::CountWait { .. } => Retry::Wait,
             Error::Config(_) | Error::Runtime(_) | Error::LeaseLost(_) => Retry::Never,
         }
     }
@@ -83,10 +96,12 @@ impl Error {
     /// or the whole chain for any other error.
     pub fn server_words(&self) -> String {
         match self {
-            Error::Db { source, .. } => match source.as_db_error() {
-                Some(e) => format!("{}: {}", e.code().code(), e.message()),
-                None => self.chain(),
-            },
+            Error::Db { source, .. } | Error::CountWait { source, .. } => {
+                match source.as_db_error() {
+                    Some(e) => format!("{}: {}", e.code().code(), e.message()),
+                    None => self.chain(),
+                }
+            }
             _ => self.chain(),
         }
     }
@@ -124,7 +139,7 @@ impl Error {
             Error::Config(_) => "config",
             Error::Connect(ConnectError::BadUrl(_)) => "config",
             Error::Connect(_) => "connect",
-            Error::Db { .. } => "database",
+            Error::Db { .. } | Error::CountWait { .. } => "database",
             Error::Runtime(_) | Error::LeaseLost(_) => "runtime",
         }
     }

@@ -168,7 +168,8 @@ async fn reread(
                 changing: false,
             }
         }
-        Err(e) => return Err(e),
+        // the batch reached the server: its values are counted
+        Err(e) => return Err(sink.give_up(target, &[&batch], e).await),
     };
     shared.live.add(&done.counts);
     shared.progress.update(&shared.live.snapshot());
@@ -266,7 +267,7 @@ async fn one_by_one(
                     failures.extend(w.failures);
                     break;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(sink.give_up(target, &[&batch], e).await),
             }
         }
     }

@@ -78,13 +78,11 @@ async fn pieces(
                     unchecked = false;
                     writer.write(target, Commit::Range(state), &b).await
                 }
-                Ok(AfterReconnect::Lost) => {
-                    return Err(Error::Runtime(format!(
-                        "the server lost batches of {} it had acknowledged before it went down (rekey commits asynchronously; \
-                         each batch's checkpoint was lost with it); stopping so they are redone: run the same command again to resume",
-                        target.table
-                    )))
-                }
+                Ok(AfterReconnect::Lost) => Err(Error::Runtime(format!(
+                    "the server lost batches of {} it had acknowledged before it went down (rekey commits asynchronously; \
+                     each batch's checkpoint was lost with it); stopping so they are redone: run the same command again to resume",
+                    target.table
+                ))),
                 Err(e) => Err(e),
             }
         } else {
@@ -98,11 +96,9 @@ async fn pieces(
             Err(e) => e,
         };
         let how = error.retry();
-        if let Error::LeaseLost(_) = error {
-            return Err(given_up(writer, target, &b, &pending, error).await);
-        }
         if how == Retry::Never {
-            return Err(error);
+            // a lease lost included: the range goes on elsewhere
+            return Err(given_up(writer, target, &b, &pending, error).await);
         }
         retries += 1;
         if how == Retry::Refused && b.rows.len() == 1 {
@@ -114,7 +110,8 @@ async fn pieces(
             // processes add to them)
             let so_far = writer.refused_rows().await?;
             if so_far >= REFUSED_LIMIT {
-                return Err(too_many_refused(error, so_far));
+                let error = too_many_refused(error, so_far);
+                return Err(given_up(writer, target, &b, &pending, error).await);
             }
             // the server's words alone: a constraint's DETAIL shows the row's values
             tracing::warn!(table = %target.table, "the database refused the write of one row ({}); it is re-read at the end of the run and, refused again, left on its old key", error.server_words());
@@ -134,12 +131,13 @@ async fn pieces(
             continue;
         }
         if failed >= shared.attempts {
-            return Err(Error::Runtime(format!(
+            let error = Error::Runtime(format!(
                 "a batch of {} rows of {} failed {failed} times, the last time with: {}; the batch was not written; run the same command again to resume",
                 b.rows.len(),
                 target.table,
                 error.chain()
-            )));
+            ));
+            return Err(given_up(writer, target, &b, &pending, error).await);
         }
         let wait = backoff(failed.max(1));
         let message = format!(
@@ -186,9 +184,9 @@ async fn pieces(
     Ok(retries)
 }
 
-/// Sets `b` aside ([`Writer::set_aside`]); where its checkpoint finds the
-/// range's lease lost, `b` and the pieces not written yet are given up
-/// ([`given_up`]).
+/// Sets `b` aside ([`Writer::set_aside`]); where that fails (its
+/// checkpoint finding the range's lease lost, or any other error), `b` and
+/// the pieces not written yet are given up ([`given_up`]).
 async fn set_aside(
     writer: &mut Writer,
     target: &crate::job::Target,
@@ -198,28 +196,21 @@ async fn set_aside(
     why: SetAside,
 ) -> Result<Written, Error> {
     match writer.set_aside(target, state, b, why).await {
-        Err(e @ Error::LeaseLost(_)) => Err(given_up(writer, target, b, pending, e).await),
-        other => other,
+        Err(e) => Err(given_up(writer, target, b, pending, e).await),
+        ok => ok,
     }
 }
 
-/// After the range's lease was lost under `b` (`lost`): the range goes
-/// on elsewhere, read and sealed afresh, and what `b` and the pieces not
-/// written yet sealed is counted all the same. Returns the error to stop
-/// the lane's range with: the lost lease, or the nonce budget spent.
+/// [`Writer::give_up`] for `b` and the pieces of its batch not written yet.
 async fn given_up(
     writer: &mut Writer,
     target: &crate::job::Target,
     b: &Batch,
     pending: &VecDeque<Batch>,
-    lost: Error,
+    error: Error,
 ) -> Error {
-    for piece in std::iter::once(b).chain(pending) {
-        if let Err(spent) = writer.count_given_up(target, piece).await {
-            return spent;
-        }
-    }
-    lost
+    let batches: Vec<&Batch> = std::iter::once(b).chain(pending).collect();
+    writer.give_up(target, &batches, error).await
 }
 
 /// Rows of a job set aside because the database refused their write (each

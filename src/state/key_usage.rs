@@ -20,16 +20,17 @@ use tokio_postgres::{Client, GenericClient};
 use crate::error::DbContext;
 use crate::Error;
 
+/// Server error codes of a wait cut short by a limit: a statement timeout
+/// (the near wait is bounded by the session's `statement_timeout`) or a
+/// lock timeout.
+const TIMED_OUT: [&str; 2] = ["57014", "55P03"];
+
 /// Most values one key may encrypt with random 96-bit nonces (NIST SP 800-38D, 8.3).
 pub const NONCE_BUDGET: i64 = 1 << 32;
 
 /// How close to the budget a key's count must be for its batches to count
 /// one at a time (2^28 values, 1/16 of the budget).
 pub const NEAR: i64 = 1 << 28;
-
-/// How long a batch near the budget waits for the batches in flight beside
-/// it to commit (they hold the key's lock shared until then).
-const NEAR_WAIT: &str = "60s";
 
 /// A key's count as a batch's transaction saw it after adding its own.
 #[derive(Debug, Clone, Copy)]
@@ -43,13 +44,20 @@ pub struct Counted {
 }
 
 /// Adds `n` random-nonce encryptions under the key with `fingerprint`,
-/// inside a batch's transaction.
+/// inside a batch's transaction, before the batch writes anything: a
+/// batch that waits here near the budget holds none of the table's rows.
+/// `what` says what the count is part of, for its errors. Near the budget
+/// the wait for the batches in flight beside it is bounded by the
+/// session's `statement_timeout`, not its `lock_timeout` (meant for rows
+/// the application holds); a wait cut short is [`Error::CountWait`], which
+/// the batch waits out and tries again whole.
 pub async fn count_encryptions(
     tx: &impl GenericClient,
     fingerprint: &str,
     label: &str,
     n: i64,
-) -> Result<Counted, tokio_postgres::Error> {
+    what: impl Fn() -> String,
+) -> Result<Counted, Error> {
     // shared far from the budget, exclusive near it; the sum that decides is
     // read in the same statement, before the lock (any recent view will do)
     let row = tx
@@ -61,23 +69,40 @@ pub async fn count_encryptions(
                        FROM rekey.key_usage WHERE fingerprint = $1) s",
             &[&fingerprint, &n, &(NONCE_BUDGET - NEAR), &(NEAR / 2)],
         )
-        .await?;
+        .await
+        .ctx(&what)?;
     let near: bool = row.get(0);
     if near {
-        // the exclusive lock waits for every batch in flight to commit: the
-        // session's lock_timeout, meant for a row the application holds,
-        // does not bound that wait (a timeout would halve the batch down to
-        // rows set aside as locked, or stop the run)
         let was: String = row.get(1);
-        tx.execute("SELECT set_config('lock_timeout', $1, true)", &[&NEAR_WAIT])
-            .await?;
+        tx.execute("SELECT set_config('lock_timeout', '0', true)", &[])
+            .await
+            .ctx(&what)?;
+        // the exclusive lock waits for every batch in flight to commit
         tx.execute(
             "SELECT pg_advisory_xact_lock(hashtext('rekey.key_usage'), hashtext($1))",
             &[&fingerprint],
         )
-        .await?;
+        .await
+        .map_err(|source| {
+            if source.code().is_some_and(|c| TIMED_OUT.contains(&c.code())) {
+                Error::CountWait {
+                    context: format!(
+                        "{}: waiting for the batches in flight beside it to commit (key {label} is within 2^28 values of its \
+                         nonce budget, so its batches count one at a time)",
+                        what()
+                    ),
+                    source,
+                }
+            } else {
+                Error::Db {
+                    context: what(),
+                    source,
+                }
+            }
+        })?;
         tx.execute("SELECT set_config('lock_timeout', $1, true)", &[&was])
-            .await?;
+            .await
+            .ctx(&what)?;
     }
     // a new statement: its snapshot holds every batch that committed before the lock was granted
     let total: i64 = tx
@@ -91,7 +116,8 @@ pub async fn count_encryptions(
                     + coalesce((SELECT sum(encryptions) FROM rekey.key_usage WHERE fingerprint = $1 AND shard <> (SELECT shard FROM bumped)), 0)::bigint",
             &[&fingerprint, &label, &n],
         )
-        .await?
+        .await
+        .ctx(&what)?
         .get(0);
     // under the shared lock, batches in flight beside this one are not in the
     // sum: count them as the half of NEAR they cannot fill

@@ -208,6 +208,50 @@ impl TestDb {
             .unwrap_or_default()
     }
 
+    /// Random-nonce encryptions `rekey.key_usage` counts under the key
+    /// with `fingerprint` (0 where it counts none).
+    pub async fn encryptions_under(&self, fingerprint: &str) -> i64 {
+        self.client
+            .query_one(
+                "SELECT coalesce(sum(encryptions), 0)::bigint FROM rekey.key_usage WHERE fingerprint = $1",
+                &[&fingerprint],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// Encrypted values `patient_persons` holds now, counted.
+    pub async fn encrypted_values(&self) -> i64 {
+        self.client
+            .query_one(
+                "SELECT count(phone_encrypted) + count(emergency_contact_phone_encrypted) FROM patient_persons",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// Records that the target key (V2's) has encrypted 2^32 - 2^27 values
+    /// before, so its batches count one at a time. Returns its fingerprint
+    /// and that count.
+    pub async fn near_its_nonce_budget(&self) -> (String, i64) {
+        let before: i64 = (1 << 32) - (1 << 27);
+        let fingerprint = v2_ring().target().fingerprint();
+        rekey::state::ensure_schema(&mut connect(&self.url).await)
+            .await
+            .unwrap();
+        self.client
+            .execute(
+                "INSERT INTO rekey.key_usage (fingerprint, shard, key_label, encryptions) VALUES ($1, 99, 'earlier runs', $2)",
+                &[&fingerprint, &before],
+            )
+            .await
+            .unwrap();
+        (fingerprint, before)
+    }
+
     /// `ALTER DATABASE <this one> ...` (e.g. `SET statement_timeout = '100ms'`): applies to sessions opened afterwards.
     pub async fn alter_database(&self, change: &str) {
         let name: String = self

@@ -67,7 +67,7 @@ async fn near_its_nonce_budget_a_key_counts_every_lanes_batches_exactly() {
     db.seed_patients(rows).await;
     let dir = tempfile::tempdir().unwrap();
     let job = db.patients_job(&dir).display().to_string();
-    let (fingerprint, before) = near_its_nonce_budget(&db).await;
+    let (fingerprint, before) = db.near_its_nonce_budget().await;
 
     let out = rekey(
         &[
@@ -84,24 +84,8 @@ async fn near_its_nonce_budget_a_key_counts_every_lanes_batches_exactly() {
     );
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     db.assert_every_value_rotated(rows).await;
-    let used: i64 = db
-        .client
-        .query_one(
-            "SELECT sum(encryptions)::bigint FROM rekey.key_usage WHERE fingerprint = $1",
-            &[&fingerprint],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    let encrypted = db
-        .client
-        .query_one(
-            "SELECT count(phone_encrypted) + count(emergency_contact_phone_encrypted) FROM patient_persons",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get::<_, i64>(0);
+    let used = db.encryptions_under(&fingerprint).await;
+    let encrypted = db.encrypted_values().await;
     assert_eq!(used, before + encrypted, "every encryption counted once");
 }
 
@@ -265,92 +249,4 @@ async fn a_split_the_server_lost_leaves_the_range_open_and_every_row_is_still_ro
     // the reader stopped at the split key, but the range was not marked done
     // there: it was claimed again and read to its real end
     db.assert_every_value_rotated(rows).await;
-}
-
-// Near its budget a key's batch waits, holding the key's lock exclusively,
-// for every batch in flight beside it to commit. Before: that wait ran
-// under the writer's lock_timeout, meant for rows the application holds:
-// a batch in flight committing slowly (another process's, here held open)
-// had the batch halved down to single rows set aside as locked, whose own
-// counts then timed out too and stopped the run.
-#[tokio::test(flavor = "multi_thread")]
-async fn near_its_nonce_budget_a_batch_waits_past_the_lock_timeout_for_the_batches_in_flight() {
-    let db = TestDb::new().await;
-    let rows = 200;
-    db.seed_patients(rows).await;
-    let dir = tempfile::tempdir().unwrap();
-    let job = db.patients_job(&dir).display().to_string();
-    let (fingerprint, _) = near_its_nonce_budget(&db).await;
-    // a batch in flight elsewhere: the key's lock held shared until it commits
-    let mut other = connect(&db.url).await;
-    let in_flight = other.transaction().await.unwrap();
-    in_flight
-        .execute(
-            "SELECT pg_advisory_xact_lock_shared(hashtext('rekey.key_usage'), hashtext($1))",
-            &[&fingerprint],
-        )
-        .await
-        .unwrap();
-    let mut child = spawn_rekey_captured(
-        &[
-            "run",
-            "--job",
-            &job,
-            "--json",
-            "--workers",
-            "1",
-            "--batch-size",
-            "4",
-            "--lock-timeout",
-            "200ms",
-        ],
-        &seed_env(),
-    );
-    // a batch of the run has waited for the key's lock five times its lock timeout
-    let waited_long = loop {
-        let waiting: bool = db
-            .client
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name = 'rekey' AND datname = current_database()
-                                   AND wait_event_type = 'Lock' AND wait_event = 'advisory'
-                                   AND now() - query_start > interval '1 second')",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if waiting || child.try_wait().unwrap().is_some() {
-            break waiting;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
-    in_flight.commit().await.unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        waited_long,
-        "the run never waited for the key's lock past its lock timeout: {}",
-        printed(&out)
-    );
-    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-    assert_eq!(json(&out)["values_not_rotated"], 0, "{}", printed(&out));
-    db.assert_every_value_rotated(rows).await;
-}
-
-/// Records that the target key (K2's) has encrypted 2^32 - 2^27 values
-/// before: its batches count one at a time. Returns its fingerprint and
-/// that count.
-async fn near_its_nonce_budget(db: &TestDb) -> (String, i64) {
-    let before: i64 = (1 << 32) - (1 << 27);
-    let fingerprint = v2_ring().target().fingerprint();
-    rekey::state::ensure_schema(&mut connect(&db.url).await)
-        .await
-        .unwrap();
-    db.client
-        .execute(
-            "INSERT INTO rekey.key_usage (fingerprint, shard, key_label, encryptions) VALUES ($1, 99, 'earlier runs', $2)",
-            &[&fingerprint, &before],
-        )
-        .await
-        .unwrap();
-    (fingerprint, before)
 }

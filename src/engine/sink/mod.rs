@@ -189,10 +189,10 @@ impl Writer {
             ..Counts::default()
         };
         let tx = self.client.transaction().await.ctx(what)?;
+        count_sealed(&tx, target, batch, UNWRITTEN, what).await?;
         state::conflicts::add(&tx, self.job_id, target.index, &rows, why)
             .await
             .ctx(what)?;
-        count_sealed(&tx, target, batch, UNWRITTEN, what).await?;
         let control = checkpoint(
             &tx,
             self.job_id,
@@ -236,10 +236,10 @@ impl Writer {
             ..Counts::default()
         };
         let tx = self.client.transaction().await.ctx(what)?;
+        count_sealed(&tx, target, batch, UNWRITTEN, what).await?;
         record_not_rotated(&tx, p, self.job_id, target, batch, &swapped)
             .await
             .ctx(what)?;
-        count_sealed(&tx, target, batch, UNWRITTEN, what).await?;
         state::conflicts::clear(&tx, self.job_id, target.index, keys)
             .await
             .ctx(what)?;
@@ -342,50 +342,74 @@ impl Writer {
     /// Counts against the nonce budget what `batch` sealed, where its
     /// transaction was rolled back and it will be read and sealed afresh
     /// (a conflict re-read refused or timed out): each was a fresh nonce
-    /// under the target key all the same.
+    /// under the target key all the same, and reached the server. The count
+    /// is committed whatever it comes to; past the budget, the error that
+    /// stops the run is returned after it.
     pub async fn count_discarded(&mut self, target: &Target, batch: &Batch) -> Result<(), Error> {
-        let what = || {
-            format!(
-                "counting the encryptions of a batch of {} rolled back",
-                target.table
-            )
-        };
-        // in a transaction of its own: the count's advisory lock is the transaction's
-        let tx = self.client.transaction().await.ctx(what)?;
-        count_sealed(&tx, target, batch, UNWRITTEN, what).await?;
-        tx.commit().await.ctx(what)
-    }
-
-    /// As [`Writer::count_discarded`], for a batch given up (its range's
-    /// lease lost): the count is committed whatever it comes to, as the
-    /// nonces were used; past the budget, the error that stops the run is
-    /// returned. A count that fails otherwise is a warning, as the reason
-    /// the batch was given up is what the caller reports.
-    pub async fn count_given_up(&mut self, target: &Target, batch: &Batch) -> Result<(), Error> {
         let sealed = sealed_values(target, batch);
         if sealed == 0 {
             return Ok(());
         }
+        let what = || {
+            format!(
+                "counting the encryptions of a batch of {} not written",
+                target.table
+            )
+        };
         let key = target.write.keyring.target();
-        let counted = async {
-            let tx = self.client.transaction().await?;
-            let counted =
-                state::count_encryptions(&tx, &key.fingerprint(), &target.target_label(), sealed)
-                    .await?;
-            tx.commit().await?;
-            Ok::<_, tokio_postgres::Error>(counted)
+        // in a transaction of its own: the count's advisory lock is the transaction's
+        let tx = self.client.transaction().await.ctx(what)?;
+        let counted = state::count_encryptions(
+            &tx,
+            &key.fingerprint(),
+            &target.target_label(),
+            sealed,
+            what,
+        )
+        .await?;
+        tx.commit().await.ctx(what)?;
+        if counted.most > state::NONCE_BUDGET {
+            return Err(nonce_budget_spent(
+                target,
+                counted.total - sealed,
+                UNWRITTEN,
+            ));
         }
-        .await;
-        match counted {
-            Ok(c) if c.most > state::NONCE_BUDGET => {
-                Err(nonce_budget_spent(target, c.total - sealed, UNWRITTEN))
-            }
-            Ok(_) => Ok(()),
+        Ok(())
+    }
+
+    /// As [`Writer::count_discarded`], for a batch given up (its range's
+    /// lease lost, or the run stopping with it in hand): a count that fails
+    /// other than past the budget is a warning, as the reason the batch
+    /// was given up is what the caller reports.
+    pub async fn count_given_up(&mut self, target: &Target, batch: &Batch) -> Result<(), Error> {
+        match self.count_discarded(target, batch).await {
+            Err(spent @ Error::Config(_)) => Err(spent),
             Err(e) => {
-                tracing::warn!(table = %target.table, "a batch given up was not counted against the nonce budget: {e}");
+                tracing::warn!(table = %target.table, "a batch given up was not counted against the nonce budget: {}", e.chain());
                 Ok(())
             }
+            Ok(()) => Ok(()),
         }
+    }
+
+    /// Stops with `error`, where `batches` failed for good (a lease lost, an
+    /// error no retry helps, every try used): what they sealed reached the
+    /// server in the writes that failed and is counted all the same
+    /// ([`Writer::count_given_up`]), as their rows are read and sealed
+    /// afresh (by another process, or the next run). A batch refused for
+    /// the nonce budget wrote nothing (its count comes first). Returns
+    /// `error`, or the nonce budget spent.
+    pub async fn give_up(&mut self, target: &Target, batches: &[&Batch], error: Error) -> Error {
+        if let Error::Config(_) = error {
+            return error;
+        }
+        for batch in batches {
+            if let Err(spent) = self.count_given_up(target, batch).await {
+                return spent;
+            }
+        }
+        error
     }
 
     /// Commits one batch, swapped in (`refusal` is `None`) or recorded as
@@ -405,8 +429,17 @@ impl Writer {
         let staged: Vec<usize> =
             transform::rewritten_rows(&batch.cells, target.columns.len()).collect();
         let tx = self.client.transaction().await.ctx(what)?;
+        // The nonce budget (README, Guarantees 7): every staged value was
+        // encrypted under a fresh random nonce (a search hash was not),
+        // counted whether it lands or is refused; first, so a batch that
+        // waits for the count near the budget holds none of the table's rows
+        let spent = if refusal.is_some() {
+            UNWRITTEN
+        } else {
+            "this batch (rolled back)"
+        };
+        count_sealed(&tx, target, batch, spent, what).await?;
         let p = &self.prepared[&target.index];
-        let refused = refusal.is_some();
         let swapped = match refusal {
             Some(words) => Swapped::none_landed(
                 batch,
@@ -444,15 +477,6 @@ impl Writer {
         state::conflicts::add(&tx, job, target.index, &changed, SetAside::Changed)
             .await
             .ctx(what)?;
-        // The nonce budget (README, Guarantees 7): every staged value was
-        // encrypted under a fresh random nonce (a search hash was not),
-        // counted whether it lands or is refused
-        let spent = if refused {
-            UNWRITTEN
-        } else {
-            "this batch (rolled back)"
-        };
-        count_sealed(&tx, target, batch, spent, what).await?;
         let control = checkpoint(
             &tx,
             self.job_id,
@@ -513,10 +537,14 @@ async fn count_sealed(
     let sealed = sealed_values(target, batch);
     if sealed > 0 {
         let key = target.write.keyring.target();
-        let counted =
-            state::count_encryptions(client, &key.fingerprint(), &target.target_label(), sealed)
-                .await
-                .ctx(what)?;
+        let counted = state::count_encryptions(
+            client,
+            &key.fingerprint(),
+            &target.target_label(),
+            sealed,
+            what,
+        )
+        .await?;
         if counted.most > state::NONCE_BUDGET {
             return Err(nonce_budget_spent(target, counted.total - sealed, spent));
         }

@@ -231,15 +231,9 @@ async fn values_sealed_for_refused_rows_count_against_the_nonce_budget() {
     let rewritten = summary["values_rewritten"].as_i64().unwrap();
     let refused = summary["values_not_rotated"].as_i64().unwrap();
     assert!(refused > 0, "nothing refused: the test proves nothing");
-    let counted: i64 = db
-        .client
-        .query_one(
-            "SELECT sum(encryptions)::bigint FROM rekey.key_usage WHERE fingerprint = $1",
-            &[&v2_ring().target().fingerprint()],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let counted = db
+        .encryptions_under(&v2_ring().target().fingerprint())
+        .await;
     // a refused value is sealed three times: in the batch that set its row
     // aside (halved down to the row, its sealed values kept), in the re-read
     // batch the database refused, and alone, refused again

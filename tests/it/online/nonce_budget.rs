@@ -1,8 +1,11 @@
 //! The nonce budget (2^32 random nonces per key): a key near it is refused
-//! before any write, and a batch that would take it past is rolled back and
-//! the run stops.
+//! before any write, a batch that would take it past is rolled back and
+//! the run stops, near it batches count one at a time without holding the
+//! table's rows or being halved, and what a batch that failed for good
+//! sealed is counted all the same.
 
 use rekey::crypto::codec::Codec;
+use tokio_postgres::Client;
 
 use super::*;
 
@@ -12,15 +15,7 @@ async fn a_key_near_its_nonce_budget_is_refused_before_any_write() {
     let out = rekey(&["run", "--job", &j, "--json"], &seed_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     let fingerprint = v2_ring().target().fingerprint();
-    let used: i64 = db
-        .client
-        .query_one(
-            "SELECT sum(encryptions)::bigint FROM rekey.key_usage WHERE fingerprint = $1",
-            &[&fingerprint],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let used = db.encryptions_under(&fingerprint).await;
     assert_eq!(
         used,
         values(100),
@@ -110,15 +105,7 @@ async fn a_batch_that_would_take_its_key_past_the_nonce_budget_is_rolled_back_an
         "{}",
         printed(&out)
     );
-    let used: i64 = db
-        .client
-        .query_one(
-            "SELECT sum(encryptions)::bigint FROM rekey.key_usage WHERE fingerprint = $1",
-            &[&fingerprint],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let used = db.encryptions_under(&fingerprint).await;
     assert!(used <= 1 << 32, "the budget was never passed: {used}");
     // at most the batch in flight when the budget was spent committed after it
     assert!(
@@ -126,4 +113,226 @@ async fn a_batch_that_would_take_its_key_past_the_nonce_budget_is_rolled_back_an
         "{} > {at_limit} + one batch",
         committed(&db).await
     );
+}
+
+// Near its budget a key's batch waits, holding the key's lock exclusively,
+// for every batch in flight beside it to commit. Before: that wait ran
+// under the writer's lock_timeout, meant for rows the application holds:
+// a batch in flight committing slowly (another process's, here held open)
+// had the batch halved down to single rows set aside as locked, whose own
+// counts then timed out too and stopped the run.
+#[tokio::test(flavor = "multi_thread")]
+async fn near_its_nonce_budget_a_batch_waits_past_the_lock_timeout_for_the_batches_in_flight() {
+    let rows = 200;
+    let (db, _dir, j) = patients(rows).await;
+    let (fingerprint, _) = db.near_its_nonce_budget().await;
+    let in_flight = batch_in_flight(&db, &fingerprint).await;
+    let mut child = spawn_captured(&[
+        "run",
+        "--job",
+        &j,
+        "--json",
+        "--workers",
+        "1",
+        "--batch-size",
+        "4",
+        "--lock-timeout",
+        "200ms",
+    ]);
+    // a batch of the run has waited for the key's lock five times its lock timeout
+    let waited_long = watch_count_waits(&db, &mut child, |_, waited| waited > 1.0).await;
+    in_flight.batch_execute("COMMIT").await.unwrap();
+    let out = finish(child, Duration::from_secs(60)).await;
+    assert!(
+        waited_long,
+        "the run never waited for the key's lock past its lock timeout: {}",
+        printed(&out)
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(json(&out)["values_not_rotated"], 0, "{}", printed(&out));
+    db.assert_every_value_rotated(rows).await;
+}
+
+// Before: a wait for the count cut short (here by the statement timeout)
+// was taken for a row lock: the batch was halved, and halved again, down
+// to single rows set aside as locked, though halving cannot shorten a
+// wait for other batches to commit.
+#[tokio::test(flavor = "multi_thread")]
+async fn near_its_nonce_budget_a_batch_whose_wait_for_the_count_runs_out_waits_and_tries_again_whole(
+) {
+    let rows = 200;
+    let (db, _dir, j) = patients(rows).await;
+    let (fingerprint, _) = db.near_its_nonce_budget().await;
+    let in_flight = batch_in_flight(&db, &fingerprint).await;
+    let mut child = spawn_captured(&[
+        "run",
+        "--job",
+        &j,
+        "--json",
+        "--workers",
+        "1",
+        "--batch-size",
+        "4",
+        "--statement-timeout",
+        "1s",
+    ]);
+    // the first wait ran out, and a batch waits again
+    let mut first = None;
+    let waited_again = watch_count_waits(&db, &mut child, |began, _| {
+        *first.get_or_insert(began) != began
+    })
+    .await;
+    in_flight.batch_execute("COMMIT").await.unwrap();
+    let out = finish(child, Duration::from_secs(60)).await;
+    let said = printed(&out);
+    assert!(
+        waited_again,
+        "the run never waited for the count again: {said}"
+    );
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains("waiting for the batches in flight beside it to commit"),
+        "the retry does not say what the batch waited for: {said}"
+    );
+    assert!(
+        !said.contains("retrying in halves"),
+        "a batch whose wait for the count ran out was halved: {said}"
+    );
+    assert_eq!(json(&out)["values_not_rotated"], 0, "{said}");
+    db.assert_every_value_rotated(rows).await;
+}
+
+// Before: a batch counted its values after its UPDATE, so near the budget
+// the rows it had swapped stayed locked, the application's writes to them
+// waiting, for as long as the batches in flight beside it took to commit.
+#[tokio::test(flavor = "multi_thread")]
+async fn near_its_nonce_budget_a_batch_waiting_for_the_count_holds_none_of_the_tables_rows() {
+    let rows = 200;
+    let (db, _dir, j) = patients(rows).await;
+    let (fingerprint, _) = db.near_its_nonce_budget().await;
+    let in_flight = batch_in_flight(&db, &fingerprint).await;
+    let mut child = spawn_captured(&[
+        "run",
+        "--job",
+        &j,
+        "--json",
+        "--workers",
+        "1",
+        "--batch-size",
+        "1000",
+    ]);
+    let waiting = watch_count_waits(&db, &mut child, |_, _| true).await;
+    // the application locks every row of the table, waiting for none
+    let app = connect(&db.url).await;
+    app.batch_execute("BEGIN").await.unwrap();
+    let locked = app
+        .query("SELECT id FROM patient_persons FOR UPDATE NOWAIT", &[])
+        .await
+        .map(|r| r.len() as i64)
+        .map_err(|e| db_error(&e));
+    app.batch_execute("ROLLBACK").await.unwrap();
+    in_flight.batch_execute("COMMIT").await.unwrap();
+    let out = finish(child, Duration::from_secs(60)).await;
+    assert!(
+        waiting,
+        "the run never waited for the count: {}",
+        printed(&out)
+    );
+    assert_eq!(
+        locked,
+        Ok(rows),
+        "rows held while a batch waited for the count"
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    db.assert_every_value_rotated(rows).await;
+}
+
+// Before: a batch that failed for good (an error no retry helps, every try
+// used) stopped the run uncounted, though its values, sealed under the new
+// key with fresh nonces, had reached the server in the writes that failed;
+// the next run seals those rows afresh.
+#[tokio::test(flavor = "multi_thread")]
+async fn what_a_batch_that_failed_for_good_sealed_counts_against_the_nonce_budget() {
+    // fewer rows than a run's first page holds: one batch holds them all
+    let (db, _dir, j) = patients(100).await;
+    // a trigger with a bug: every update of the table fails (division by zero)
+    db.client
+        .batch_execute(
+            "CREATE FUNCTION visit_ratio() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN PERFORM 1 / (OLD.id - OLD.id); RETURN NEW; END $$;
+             CREATE TRIGGER visit_ratio BEFORE UPDATE ON patient_persons FOR EACH ROW EXECUTE FUNCTION visit_ratio();",
+        )
+        .await
+        .unwrap();
+    let before = db.checksum("patient_persons").await;
+    let sealed = db.encrypted_values().await;
+    let out = rekey(
+        &["run", "--job", &j, "--json", "--workers", "1"],
+        &seed_env(),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("division by zero"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(
+        db.checksum("patient_persons").await,
+        before,
+        "nothing written"
+    );
+    assert_eq!(
+        db.encryptions_under(&v2_ring().target().fingerprint())
+            .await,
+        sealed,
+        "the values of the batch that failed are counted"
+    );
+}
+
+/// A batch in flight in another session (another process's): the key
+/// with `fingerprint` held shared until the returned session commits.
+async fn batch_in_flight(db: &TestDb, fingerprint: &str) -> Client {
+    let other = connect(&db.url).await;
+    other.batch_execute("BEGIN").await.unwrap();
+    other
+        .execute(
+            "SELECT pg_advisory_xact_lock_shared(hashtext('rekey.key_usage'), hashtext($1))",
+            &[&fingerprint],
+        )
+        .await
+        .unwrap();
+    other
+}
+
+/// Watches the run's batches waiting for a key's count lock until `enough`
+/// holds for one (when its wait began and how long it has waited, in
+/// seconds), or the run ends first; returns whether it held. Fails the
+/// test after a minute.
+async fn watch_count_waits(
+    db: &TestDb,
+    child: &mut std::process::Child,
+    mut enough: impl FnMut(f64, f64) -> bool,
+) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let wait = db
+            .client
+            .query_opt(
+                "SELECT extract(epoch FROM query_start)::float8, extract(epoch FROM clock_timestamp() - query_start)::float8
+                   FROM pg_stat_activity WHERE application_name = 'rekey' AND datname = current_database()
+                                            AND wait_event_type = 'Lock' AND wait_event = 'advisory'
+                  ORDER BY query_start LIMIT 1",
+                &[],
+            )
+            .await
+            .unwrap();
+        if wait.is_some_and(|w| enough(w.get(0), w.get(1))) {
+            return true;
+        }
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        assert!(Instant::now() < deadline, "no count wait seen in a minute");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

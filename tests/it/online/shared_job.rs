@@ -210,15 +210,9 @@ async fn batches_sealed_under_a_lapsed_lease_count_against_the_nonce_budget() {
     );
     assert_eq!(committed(&db).await, values(20_000));
     assert_all_rotated(&db, 20_000).await;
-    let counted: i64 = db
-        .client
-        .query_one(
-            "SELECT sum(encryptions)::bigint FROM rekey.key_usage WHERE fingerprint = $1",
-            &[&v2_ring().target().fingerprint()],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let counted = db
+        .encryptions_under(&v2_ring().target().fingerprint())
+        .await;
     assert!(
         counted > values(20_000),
         "{counted} encryptions counted for {} values written",
