@@ -146,6 +146,7 @@ async fn reread(
     let batch = sealed(shared, target, rows, job_id).await?;
     // the writer idled through the read (a query per key)
     sink.reopen_if_closed(&shared.job).await?;
+    sink.count(target, &batch).await?;
     let done = match sink.write(target, Commit::Retry(keys), &batch).await {
         Ok(Written {
             counts, failures, ..
@@ -160,7 +161,6 @@ async fn reread(
         // a row locked elsewhere, or one the database refuses: one key at a
         // time, and one that stays locked or is refused again is not rotated
         Err(e) if matches!(e.retry(), Retry::Smaller | Retry::Refused) => {
-            sink.count_discarded(target, &batch).await?;
             let (counts, failures) = one_by_one(shared, source, sink, target, keys, job_id).await?;
             Reread {
                 counts,
@@ -168,8 +168,7 @@ async fn reread(
                 changing: false,
             }
         }
-        // the batch reached the server: its values are counted
-        Err(e) => return Err(sink.give_up(target, &[&batch], e).await),
+        Err(e) => return Err(e),
     };
     shared.live.add(&done.counts);
     shared.progress.update(&shared.live.snapshot());
@@ -242,6 +241,7 @@ async fn one_by_one(
             let batch = sealed(shared, target, rows, job_id).await?;
             // the writer idled through the read
             sink.reopen_if_closed(&shared.job).await?;
+            sink.count(target, &batch).await?;
             match sink.write(target, Commit::Retry(one), &batch).await {
                 Ok(w) => {
                     shared.note_quarantined(&w.failures);
@@ -250,7 +250,6 @@ async fn one_by_one(
                     break;
                 }
                 Err(e) if e.retry() == Retry::Smaller && tries + 1 < LOCKED_RETRIES => {
-                    sink.count_discarded(target, &batch).await?;
                     tries += 1;
                 }
                 Err(e) if e.retry() == Retry::Smaller => {
@@ -267,7 +266,7 @@ async fn one_by_one(
                     failures.extend(w.failures);
                     break;
                 }
-                Err(e) => return Err(sink.give_up(target, &[&batch], e).await),
+                Err(e) => return Err(e),
             }
         }
     }

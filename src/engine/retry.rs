@@ -60,11 +60,13 @@ async fn pieces(
     let mut retries = 0u64;
     // after a reconnect, nothing is written before the checkpoints are checked
     let mut unchecked = false;
+    let mut counted = false;
     while let Some(b) = pending.pop_front() {
-        let attempt = if unchecked {
+        let attempt = match count_once(writer, target, &b, &mut counted).await {
+            Err(e) => Err(e),
             // the COMMIT may have landed before the connection broke, and a
             // crash may have lost commits the server had acknowledged
-            match writer.after_reconnect(state, b.last_key.as_ref()).await {
+            Ok(()) if unchecked => match writer.after_reconnect(state, b.last_key.as_ref()).await {
                 Ok(AfterReconnect::Committed) => {
                     // landed before the break: its checkpoint and counts are in
                     // rekey.progress; its rows count as this process's (the
@@ -78,15 +80,16 @@ async fn pieces(
                     unchecked = false;
                     writer.write(target, Commit::Range(state), &b).await
                 }
-                Ok(AfterReconnect::Lost) => Err(Error::Runtime(format!(
-                    "the server lost batches of {} it had acknowledged before it went down (rekey commits asynchronously; \
-                     each batch's checkpoint was lost with it); stopping so they are redone: run the same command again to resume",
-                    target.table
-                ))),
+                Ok(AfterReconnect::Lost) => {
+                    return Err(Error::Runtime(format!(
+                        "the server lost batches of {} it had acknowledged before it went down (rekey commits asynchronously; \
+                         each batch's checkpoint was lost with it); stopping so they are redone: run the same command again to resume",
+                        target.table
+                    )))
+                }
                 Err(e) => Err(e),
-            }
-        } else {
-            writer.write(target, Commit::Range(state), &b).await
+            },
+            Ok(()) => writer.write(target, Commit::Range(state), &b).await,
         };
         let error = match attempt {
             Ok(w) => {
@@ -97,8 +100,7 @@ async fn pieces(
         };
         let how = error.retry();
         if how == Retry::Never {
-            // a lease lost included: the range goes on elsewhere
-            return Err(given_up(writer, target, &b, &pending, error).await);
+            return Err(error);
         }
         retries += 1;
         if how == Retry::Refused && b.rows.len() == 1 {
@@ -110,12 +112,15 @@ async fn pieces(
             // processes add to them)
             let so_far = writer.refused_rows().await?;
             if so_far >= REFUSED_LIMIT {
-                let error = too_many_refused(error, so_far);
-                return Err(given_up(writer, target, &b, &pending, error).await);
+                return Err(too_many_refused(error, so_far));
             }
             // the server's words alone: a constraint's DETAIL shows the row's values
             tracing::warn!(table = %target.table, "the database refused the write of one row ({}); it is re-read at the end of the run and, refused again, left on its old key", error.server_words());
-            total.absorb(set_aside(writer, target, state, &b, &pending, SetAside::Refused).await?);
+            total.absorb(
+                writer
+                    .set_aside(target, state, &b, SetAside::Refused)
+                    .await?,
+            );
             continue;
         }
         // halving is bounded by log2(rows); only other retries use up tries
@@ -126,18 +131,21 @@ async fn pieces(
         if how == Retry::Smaller && !halves && failed >= LOCKED_TRIES {
             // one row held by another transaction: set it aside, re-read it at the end, go on
             tracing::info!(table = %target.table, "a row stayed locked through {failed} tries; it is re-read at the end of the run");
-            total.absorb(set_aside(writer, target, state, &b, &pending, SetAside::Changed).await?);
+            total.absorb(
+                writer
+                    .set_aside(target, state, &b, SetAside::Changed)
+                    .await?,
+            );
             failed = 0;
             continue;
         }
         if failed >= shared.attempts {
-            let error = Error::Runtime(format!(
+            return Err(Error::Runtime(format!(
                 "a batch of {} rows of {} failed {failed} times, the last time with: {}; the batch was not written; run the same command again to resume",
                 b.rows.len(),
                 target.table,
                 error.chain()
-            ));
-            return Err(given_up(writer, target, &b, &pending, error).await);
+            )));
         }
         let wait = backoff(failed.max(1));
         let message = format!(
@@ -184,33 +192,20 @@ async fn pieces(
     Ok(retries)
 }
 
-/// Sets `b` aside ([`Writer::set_aside`]); where that fails (its
-/// checkpoint finding the range's lease lost, or any other error), `b` and
-/// the pieces not written yet are given up ([`given_up`]).
-async fn set_aside(
+/// Counts what the batch `b` is the first piece of sealed ([`Writer::count`]),
+/// before its first write, once: the pieces it is retried in hold the
+/// values it sealed, and a piece set aside or given up spent them too.
+async fn count_once(
     writer: &mut Writer,
     target: &crate::job::Target,
-    state: &RangeState,
     b: &Batch,
-    pending: &VecDeque<Batch>,
-    why: SetAside,
-) -> Result<Written, Error> {
-    match writer.set_aside(target, state, b, why).await {
-        Err(e) => Err(given_up(writer, target, b, pending, e).await),
-        ok => ok,
+    counted: &mut bool,
+) -> Result<(), Error> {
+    if !*counted {
+        writer.count(target, b).await?;
+        *counted = true;
     }
-}
-
-/// [`Writer::give_up`] for `b` and the pieces of its batch not written yet.
-async fn given_up(
-    writer: &mut Writer,
-    target: &crate::job::Target,
-    b: &Batch,
-    pending: &VecDeque<Batch>,
-    error: Error,
-) -> Error {
-    let batches: Vec<&Batch> = std::iter::once(b).chain(pending).collect();
-    writer.give_up(target, &batches, error).await
+    Ok(())
 }
 
 /// Rows of a job set aside because the database refused their write (each

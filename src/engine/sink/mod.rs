@@ -189,7 +189,6 @@ impl Writer {
             ..Counts::default()
         };
         let tx = self.client.transaction().await.ctx(what)?;
-        count_sealed(&tx, target, batch, UNWRITTEN, what).await?;
         state::conflicts::add(&tx, self.job_id, target.index, &rows, why)
             .await
             .ctx(what)?;
@@ -236,7 +235,6 @@ impl Writer {
             ..Counts::default()
         };
         let tx = self.client.transaction().await.ctx(what)?;
-        count_sealed(&tx, target, batch, UNWRITTEN, what).await?;
         record_not_rotated(&tx, p, self.job_id, target, batch, &swapped)
             .await
             .ctx(what)?;
@@ -339,51 +337,46 @@ impl Writer {
             .await
     }
 
-    /// Counts against the nonce budget what `batch` sealed, where its
-    /// transaction was rolled back and it will be read and sealed afresh
-    /// (a conflict re-read refused or timed out): each was a fresh nonce
-    /// under the target key all the same, and reached the server. The count
-    /// is committed whatever it comes to; past the budget, the error that
-    /// stops the run is returned after it.
-    pub async fn count_discarded(&mut self, target: &Target, batch: &Batch) -> Result<(), Error> {
+    /// Counts what `batch` sealed against the nonce budget (README,
+    /// Guarantees 7), before it writes: every value sealed under the target
+    /// key with a fresh random nonce (a search hash is not), whether it then
+    /// lands, is refused, is set aside or is given up. Past the budget the
+    /// batch must not write, and the error stops the run.
+    pub async fn count(&mut self, target: &Target, batch: &Batch) -> Result<(), Error> {
         let sealed = sealed_values(target, batch);
         if sealed == 0 {
             return Ok(());
         }
         let what = || {
             format!(
-                "counting the encryptions of a batch of {} not written",
+                "counting the values of a batch of {} against the nonce budget",
                 target.table
             )
         };
         let key = target.write.keyring.target();
-        // in a transaction of its own: the count's advisory lock is the transaction's
-        let tx = self.client.transaction().await.ctx(what)?;
-        let counted = state::count_encryptions(
-            &tx,
+        let count = state::count_encryptions(
+            &mut self.client,
             &key.fingerprint(),
             &target.target_label(),
             sealed,
             what,
         )
         .await?;
-        tx.commit().await.ctx(what)?;
-        if counted.most > state::NONCE_BUDGET {
-            return Err(nonce_budget_spent(
+        match count {
+            state::Count::Counted => Ok(()),
+            state::Count::Refused { used } => Err(nonce_budget_spent(
                 target,
-                counted.total - sealed,
-                UNWRITTEN,
-            ));
+                used,
+                "this batch (nothing written)",
+            )),
         }
-        Ok(())
     }
 
-    /// As [`Writer::count_discarded`], for a batch given up (its range's
-    /// lease lost, or the run stopping with it in hand): a count that fails
-    /// other than past the budget is a warning, as the reason the batch
-    /// was given up is what the caller reports.
+    /// As [`Writer::count`], for a batch sealed and given up before it was
+    /// written (its range's lease lost): a count that fails other than past
+    /// the budget is a warning, as the lost lease is what the run reports.
     pub async fn count_given_up(&mut self, target: &Target, batch: &Batch) -> Result<(), Error> {
-        match self.count_discarded(target, batch).await {
+        match self.count(target, batch).await {
             Err(spent @ Error::Config(_)) => Err(spent),
             Err(e) => {
                 tracing::warn!(table = %target.table, "a batch given up was not counted against the nonce budget: {}", e.chain());
@@ -391,25 +384,6 @@ impl Writer {
             }
             Ok(()) => Ok(()),
         }
-    }
-
-    /// Stops with `error`, where `batches` failed for good (a lease lost, an
-    /// error no retry helps, every try used): what they sealed reached the
-    /// server in the writes that failed and is counted all the same
-    /// ([`Writer::count_given_up`]), as their rows are read and sealed
-    /// afresh (by another process, or the next run). A batch refused for
-    /// the nonce budget wrote nothing (its count comes first). Returns
-    /// `error`, or the nonce budget spent.
-    pub async fn give_up(&mut self, target: &Target, batches: &[&Batch], error: Error) -> Error {
-        if let Error::Config(_) = error {
-            return error;
-        }
-        for batch in batches {
-            if let Err(spent) = self.count_given_up(target, batch).await {
-                return spent;
-            }
-        }
-        error
     }
 
     /// Commits one batch, swapped in (`refusal` is `None`) or recorded as
@@ -429,16 +403,6 @@ impl Writer {
         let staged: Vec<usize> =
             transform::rewritten_rows(&batch.cells, target.columns.len()).collect();
         let tx = self.client.transaction().await.ctx(what)?;
-        // The nonce budget (README, Guarantees 7): every staged value was
-        // encrypted under a fresh random nonce (a search hash was not),
-        // counted whether it lands or is refused; first, so a batch that
-        // waits for the count near the budget holds none of the table's rows
-        let spent = if refusal.is_some() {
-            UNWRITTEN
-        } else {
-            "this batch (rolled back)"
-        };
-        count_sealed(&tx, target, batch, spent, what).await?;
         let p = &self.prepared[&target.index];
         let swapped = match refusal {
             Some(words) => Swapped::none_landed(
@@ -515,41 +479,6 @@ fn sealed_values(target: &Target, batch: &Batch) -> i64 {
         .enumerate()
         .filter(|(i, c)| matches!(c, Cell::Rewritten(_)) && !target.is_hash_column(i % ncols))
         .count() as i64
-}
-
-/// What a count past the nonce budget names when the values it counts
-/// were sealed for rows not written.
-const UNWRITTEN: &str = "values sealed for rows not written";
-
-/// Counts what `batch` sealed under its target key, in `client`'s
-/// transaction (`what` says what it is part of): the values written, and
-/// those it will not write (its rows set aside, its values recorded as not
-/// rotated, its transaction rolled back), as invariant 7 counts every
-/// encryption under a key, not only those that land. Past the budget it
-/// fails, naming `spent`, so the transaction is rolled back and the run stops.
-async fn count_sealed(
-    client: &impl tokio_postgres::GenericClient,
-    target: &Target,
-    batch: &Batch,
-    spent: &str,
-    what: impl Fn() -> String,
-) -> Result<(), Error> {
-    let sealed = sealed_values(target, batch);
-    if sealed > 0 {
-        let key = target.write.keyring.target();
-        let counted = state::count_encryptions(
-            client,
-            &key.fingerprint(),
-            &target.target_label(),
-            sealed,
-            what,
-        )
-        .await?;
-        if counted.most > state::NONCE_BUDGET {
-            return Err(nonce_budget_spent(target, counted.total - sealed, spent));
-        }
-    }
-    Ok(())
 }
 
 /// Moves the range's checkpoint (or counts a conflict re-read) in the

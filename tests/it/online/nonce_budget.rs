@@ -1,8 +1,9 @@
 //! The nonce budget (2^32 random nonces per key): a key near it is refused
-//! before any write, a batch that would take it past is rolled back and
-//! the run stops, near it batches count one at a time without holding the
-//! table's rows or being halved, and what a batch that failed for good
-//! sealed is counted all the same.
+//! before any write, a batch that would take it past is refused before it
+//! writes and the run stops, a batch's values are counted before it writes
+//! (so what a batch that fails for good sealed is counted, and the count
+//! holds no lock while the batch waits for rows), and near the budget
+//! batches count one at a time without being halved.
 
 use rekey::crypto::codec::Codec;
 use tokio_postgres::Client;
@@ -73,7 +74,8 @@ async fn a_key_near_its_nonce_budget_is_refused_before_any_write() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_batch_that_would_take_its_key_past_the_nonce_budget_is_rolled_back_and_the_run_stops() {
+async fn a_batch_that_would_take_its_key_past_the_nonce_budget_is_refused_before_it_writes_and_the_run_stops(
+) {
     let (db, _dir, j) = patients(20_000).await;
     let mut child = spawn_captured(&[
         "run",
@@ -101,7 +103,7 @@ async fn a_batch_that_would_take_its_key_past_the_nonce_budget_is_rolled_back_an
     let out = finish(child, Duration::from_secs(60)).await;
     assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
     assert!(
-        printed(&out).contains("2^32") && printed(&out).contains("rolled back"),
+        printed(&out).contains("2^32") && printed(&out).contains("nothing written"),
         "{}",
         printed(&out)
     );
@@ -140,7 +142,7 @@ async fn near_its_nonce_budget_a_batch_waits_past_the_lock_timeout_for_the_batch
         "200ms",
     ]);
     // a batch of the run has waited for the key's lock five times its lock timeout
-    let waited_long = watch_count_waits(&db, &mut child, |_, waited| waited > 1.0).await;
+    let waited_long = watch_lock_waits(&db, &mut child, "advisory", |_, waited| waited > 1.0).await;
     in_flight.batch_execute("COMMIT").await.unwrap();
     let out = finish(child, Duration::from_secs(60)).await;
     assert!(
@@ -178,7 +180,7 @@ async fn near_its_nonce_budget_a_batch_whose_wait_for_the_count_runs_out_waits_a
     ]);
     // the first wait ran out, and a batch waits again
     let mut first = None;
-    let waited_again = watch_count_waits(&db, &mut child, |began, _| {
+    let waited_again = watch_lock_waits(&db, &mut child, "advisory", |began, _| {
         *first.get_or_insert(began) != began
     })
     .await;
@@ -191,7 +193,7 @@ async fn near_its_nonce_budget_a_batch_whose_wait_for_the_count_runs_out_waits_a
     );
     assert_eq!(out.status.code(), Some(0), "{said}");
     assert!(
-        said.contains("waiting for the batches in flight beside it to commit"),
+        said.contains("waiting for the key's lock while other batches count"),
         "the retry does not say what the batch waited for: {said}"
     );
     assert!(
@@ -221,7 +223,7 @@ async fn near_its_nonce_budget_a_batch_waiting_for_the_count_holds_none_of_the_t
         "--batch-size",
         "1000",
     ]);
-    let waiting = watch_count_waits(&db, &mut child, |_, _| true).await;
+    let waiting = watch_lock_waits(&db, &mut child, "advisory", |_, _| true).await;
     // the application locks every row of the table, waiting for none
     let app = connect(&db.url).await;
     app.batch_execute("BEGIN").await.unwrap();
@@ -247,10 +249,70 @@ async fn near_its_nonce_budget_a_batch_waiting_for_the_count_holds_none_of_the_t
     db.assert_every_value_rotated(rows).await;
 }
 
+// Before: a batch counted its values first in its own transaction, so
+// while it waited for a row the application held, it held the key's count
+// lock (shared) and its count row: a batch near the budget, or another
+// session counting into the same row, waited for the application too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_waiting_for_a_row_the_application_holds_holds_no_lock_of_the_nonce_count() {
+    let rows = 200;
+    let (db, _dir, j) = patients(rows).await;
+    let app = connect(&db.url).await;
+    app.batch_execute("BEGIN; SELECT id FROM patient_persons WHERE id = 1 FOR UPDATE")
+        .await
+        .unwrap();
+    let mut child = spawn_captured(&[
+        "run",
+        "--job",
+        &j,
+        "--json",
+        "--workers",
+        "1",
+        "--lock-timeout",
+        "30s",
+    ]);
+    let waiting = watch_lock_waits(&db, &mut child, "transactionid", |_, _| true).await;
+    // another process's count, near the budget: the key's lock alone, and every count row
+    let other = connect(&db.url).await;
+    other.batch_execute("BEGIN").await.unwrap();
+    let alone: bool = other
+        .query_one(
+            "SELECT pg_try_advisory_xact_lock(hashtext('rekey.key_usage'), hashtext($1))",
+            &[&v2_ring().target().fingerprint()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let rows_free = other
+        .query("SELECT 1 FROM rekey.key_usage FOR UPDATE NOWAIT", &[])
+        .await
+        .map(|r| r.len())
+        .map_err(|e| db_error(&e));
+    other.batch_execute("ROLLBACK").await.unwrap();
+    app.batch_execute("COMMIT").await.unwrap();
+    let out = finish(child, Duration::from_secs(60)).await;
+    assert!(
+        waiting,
+        "the run never waited for the row: {}",
+        printed(&out)
+    );
+    assert!(
+        alone,
+        "the key's count lock was held while a batch waited for a row"
+    );
+    assert!(
+        rows_free.is_ok(),
+        "a count row was locked while a batch waited for a row: {rows_free:?}"
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    db.assert_every_value_rotated(rows).await;
+}
+
 // Before: a batch that failed for good (an error no retry helps, every try
-// used) stopped the run uncounted, though its values, sealed under the new
-// key with fresh nonces, had reached the server in the writes that failed;
-// the next run seals those rows afresh.
+// used) stopped the run uncounted (its count was rolled back with it),
+// though its values, sealed under the new key with fresh nonces, had
+// reached the server in the writes that failed; the next run seals those
+// rows afresh.
 #[tokio::test(flavor = "multi_thread")]
 async fn what_a_batch_that_failed_for_good_sealed_counts_against_the_nonce_budget() {
     // fewer rows than a run's first page holds: one batch holds them all
@@ -304,13 +366,15 @@ async fn batch_in_flight(db: &TestDb, fingerprint: &str) -> Client {
     other
 }
 
-/// Watches the run's batches waiting for a key's count lock until `enough`
-/// holds for one (when its wait began and how long it has waited, in
-/// seconds), or the run ends first; returns whether it held. Fails the
-/// test after a minute.
-async fn watch_count_waits(
+/// Watches the run's sessions waiting for a lock of the kind `event`
+/// (`advisory`: a key's count lock; `transactionid`: a row another
+/// transaction holds) until `enough` holds for one (when its wait began
+/// and how long it has waited, in seconds), or the run ends first; returns
+/// whether it held. Fails the test after a minute.
+async fn watch_lock_waits(
     db: &TestDb,
     child: &mut std::process::Child,
+    event: &str,
     mut enough: impl FnMut(f64, f64) -> bool,
 ) -> bool {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -320,9 +384,9 @@ async fn watch_count_waits(
             .query_opt(
                 "SELECT extract(epoch FROM query_start)::float8, extract(epoch FROM clock_timestamp() - query_start)::float8
                    FROM pg_stat_activity WHERE application_name = 'rekey' AND datname = current_database()
-                                            AND wait_event_type = 'Lock' AND wait_event = 'advisory'
+                                            AND wait_event_type = 'Lock' AND wait_event = $1
                   ORDER BY query_start LIMIT 1",
-                &[],
+                &[&event],
             )
             .await
             .unwrap();
@@ -332,7 +396,10 @@ async fn watch_count_waits(
         if child.try_wait().unwrap().is_some() {
             return false;
         }
-        assert!(Instant::now() < deadline, "no count wait seen in a minute");
+        assert!(
+            Instant::now() < deadline,
+            "no {event} lock wait seen in a minute"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
