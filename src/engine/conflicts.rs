@@ -15,10 +15,11 @@ use crate::engine::transform::Cells;
 use crate::error::Retry;
 use crate::job::Target;
 use crate::observe::counts::Counts;
+use crate::observe::events;
 use crate::Error;
 
 use super::stages::on_pool;
-use super::work::Shared;
+use super::work::{backoff, Shared};
 
 /// Rounds of conflict re-reads before the run reports rows still changing.
 pub(super) const RETRY_ROUNDS: u32 = 10;
@@ -126,12 +127,50 @@ struct Reread {
     changing: bool,
 }
 
+/// [`reread_once`], tried again after a pause where it failed with what
+/// passes (a deadlock with the application, a serialization failure, a
+/// nonce count's wait cut short, a lost connection, reopened by the next
+/// try), up to the run's tries: a re-read derives what it writes from the
+/// rows as they are then, so one whose COMMIT landed unseen finds its rows
+/// rotated.
+async fn reread(
+    shared: &Shared,
+    source: &mut Source,
+    sink: &mut Writer,
+    target: &Target,
+    keys: &[KeyBytes],
+    job_id: i64,
+) -> Result<Reread, Error> {
+    let mut failed = 0;
+    loop {
+        match reread_once(shared, source, sink, target, keys, job_id).await {
+            Err(e)
+                if matches!(e.retry(), Retry::Wait | Retry::Reconnect)
+                    && failed + 1 < shared.attempts =>
+            {
+                failed += 1;
+                let wait = backoff(failed);
+                events::BatchRetried {
+                    table: &target.table.to_string(),
+                    attempt: failed,
+                    error: &e.chain(),
+                    rows: keys.len(),
+                    wait_seconds: wait.as_secs_f64(),
+                }
+                .emit();
+                tokio::time::sleep(wait).await;
+            }
+            done => return done,
+        }
+    }
+}
+
 /// Re-reads and rewrites `keys` of `target` as one batch, or one key at a
 /// time where the batch hit a locked row or a refusal, and adds what it
 /// did to the live counts. The two sessions sat idle through the holds
 /// and the counts before it: one a server's `idle_session_timeout` (or a
 /// proxy) closed meanwhile is reopened first.
-async fn reread(
+async fn reread_once(
     shared: &Shared,
     source: &mut Source,
     sink: &mut Writer,

@@ -18,7 +18,7 @@ pub use jobs::{
     finish_job, job_control, job_totals, last_job_keys, open_job, set_control, Control, JobRecord,
     JobState,
 };
-pub use key_usage::{count_encryptions, encryptions_so_far, Count, NONCE_BUDGET};
+pub use key_usage::{count_encryptions, encryptions_so_far, Count, CountStatements, NONCE_BUDGET};
 pub use leases::{ask_for_split, claim_range, heartbeat, release_ranges, split_range, Claim};
 pub use locks::{advisory_lock, lock_job, lock_lifecycle, share_job_lock};
 pub use progress::{record_batch, record_retry, KeyRange, Lease, RangeState, Reached, RETRY_RANGE};

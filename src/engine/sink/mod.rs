@@ -132,6 +132,8 @@ pub struct Writer {
     timeouts: Timeouts,
     /// Statements by target index.
     prepared: HashMap<usize, Prepared>,
+    /// The nonce count's statements.
+    count: state::CountStatements,
     /// The last key this writer committed in each (target, range), with the
     /// lease generation it wrote under, to tell after a reconnect whether the
     /// server lost acknowledged commits.
@@ -152,7 +154,7 @@ impl Writer {
         owner: Option<String>,
         timeouts: Timeouts,
     ) -> Result<Writer, Error> {
-        let (client, prepared) = Self::open(db, job, timeouts).await?;
+        let (client, prepared, count) = Self::open(db, job, timeouts).await?;
         Ok(Writer {
             client,
             db: db.clone(),
@@ -160,6 +162,7 @@ impl Writer {
             owner,
             timeouts,
             prepared,
+            count,
             ledger: HashMap::new(),
         })
     }
@@ -258,7 +261,7 @@ impl Writer {
         db: &Database,
         job: &Job,
         timeouts: Timeouts,
-    ) -> Result<(Client, HashMap<usize, Prepared>), Error> {
+    ) -> Result<(Client, HashMap<usize, Prepared>, state::CountStatements), Error> {
         let client = db.connect().await?;
         // The checkpoint commits with its batch, so a commit lost in a crash
         // loses both together and the batch is simply redone.
@@ -310,7 +313,8 @@ impl Writer {
                 },
             );
         }
-        Ok((client, prepared))
+        let count = state::CountStatements::prepare(&client).await?;
+        Ok((client, prepared, count))
     }
 
     /// Commits one batch and its checkpoint; returns what it did.
@@ -356,6 +360,7 @@ impl Writer {
         let key = target.write.keyring.target();
         let count = state::count_encryptions(
             &mut self.client,
+            &self.count,
             &key.fingerprint(),
             &target.target_label(),
             sealed,

@@ -25,9 +25,10 @@ pub enum AfterReconnect {
 impl Writer {
     /// Replaces a broken connection with a new one.
     pub async fn reconnect(&mut self, job: &Job) -> Result<(), Error> {
-        let (client, prepared) = Self::open(&self.db, job, self.timeouts).await?;
+        let (client, prepared, count) = Self::open(&self.db, job, self.timeouts).await?;
         self.client = client;
         self.prepared = prepared;
+        self.count = count;
         Ok(())
     }
 

@@ -90,15 +90,26 @@ async fn a_batch_that_would_take_its_key_past_the_nonce_budget_is_refused_before
         "5000",
     ]);
     wait_for_progress(&db, &mut child, 1_000).await;
-    // another job (or process) sealing under the same key spends the budget meanwhile
+    // another job (or process) sealing under the same key spends the budget
+    // meanwhile, counting as rekey does near the budget: the key's lock alone
     let fingerprint = v2_ring().target().fingerprint();
-    db.client
+    let mut other = connect(&db.url).await;
+    let spent = other.transaction().await.unwrap();
+    spent
+        .execute(
+            "SELECT pg_advisory_xact_lock(hashtext('rekey.key_usage'), hashtext($1))",
+            &[&fingerprint],
+        )
+        .await
+        .unwrap();
+    spent
         .execute(
             "UPDATE rekey.key_usage SET encryptions = CASE WHEN shard = (SELECT min(shard) FROM rekey.key_usage WHERE fingerprint = $1) THEN 4294967290 ELSE 0 END WHERE fingerprint = $1",
             &[&fingerprint],
         )
         .await
         .unwrap();
+    spent.commit().await.unwrap();
     let at_limit = committed(&db).await;
     let out = finish(child, Duration::from_secs(60)).await;
     assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
@@ -306,6 +317,66 @@ async fn a_batch_waiting_for_a_row_the_application_holds_holds_no_lock_of_the_no
     );
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     db.assert_every_value_rotated(rows).await;
+}
+
+// Before: far from the budget a count decided, took the key's lock shared
+// and added its values in one statement, from one view of the sum: a count
+// near the budget that committed while it waited for the lock was not in
+// that view, and the two together passed the budget.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_count_whose_view_of_the_sum_is_overtaken_while_it_waits_for_the_lock_keeps_the_budget() {
+    let rows = 100;
+    let (db, _dir, j) = patients(rows).await;
+    let (fingerprint, _) = db.near_its_nonce_budget().await;
+    let far = (1i64 << 32) - (1 << 29);
+    db.client
+        .execute(
+            "UPDATE rekey.key_usage SET encryptions = $2 WHERE fingerprint = $1",
+            &[&fingerprint, &far],
+        )
+        .await
+        .unwrap();
+    // another process's count near the budget: the key's lock alone, its
+    // values added, not yet committed
+    let near = (1i64 << 32) - 10;
+    let other = connect(&db.url).await;
+    other.batch_execute("BEGIN").await.unwrap();
+    other
+        .execute(
+            "SELECT pg_advisory_xact_lock(hashtext('rekey.key_usage'), hashtext($1))",
+            &[&fingerprint],
+        )
+        .await
+        .unwrap();
+    other
+        .execute(
+            "UPDATE rekey.key_usage SET encryptions = $2 WHERE fingerprint = $1",
+            &[&fingerprint, &near],
+        )
+        .await
+        .unwrap();
+    let before = db.checksum("patient_persons").await;
+    let mut child = spawn_captured(&["run", "--job", &j, "--json", "--workers", "1"]);
+    let waited = watch_lock_waits(&db, &mut child, "advisory", |_, _| true).await;
+    other.batch_execute("COMMIT").await.unwrap();
+    let out = finish(child, Duration::from_secs(60)).await;
+    assert!(
+        waited,
+        "the run's count never waited for the key's lock: {}",
+        printed(&out)
+    );
+    assert_eq!(
+        db.encryptions_under(&fingerprint).await,
+        near,
+        "the budget was passed, or a refused count recorded"
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(printed(&out).contains("2^32"), "{}", printed(&out));
+    assert_eq!(
+        db.checksum("patient_persons").await,
+        before,
+        "nothing written"
+    );
 }
 
 // Before: a batch that failed for good (an error no retry helps, every try

@@ -1,6 +1,7 @@
 //! Rows an application holds locked: a blocked batch is retried in halves,
-//! and a row locked past every retry is set aside, reported as not rotated
-//! and rotated by the next run.
+//! a row locked past every retry is set aside, reported as not rotated
+//! and rotated by the next run, and a deadlock while re-reading changed
+//! rows is waited out.
 
 use super::*;
 
@@ -175,4 +176,64 @@ async fn the_re_reads_at_the_end_show_in_the_progress_line_as_a_phase_of_their_o
         lines[first..].iter().all(is_reread),
         "once the re-reads begin, every line is theirs: {lines:?}"
     );
+}
+
+// Before: the conflict pass stopped the run at any error but a lock
+// timeout or a refusal: a deadlock with the application while re-reading
+// (or a serialization failure, a lost connection) ended the run with exit
+// 1 and the rows left on the old key, where the main pass waits and tries
+// such a batch again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deadlock_while_re_reading_changed_rows_is_waited_out_and_the_run_finishes() {
+    let rows = 200;
+    let (db, _dir, j) = patients(rows).await;
+    // the first write of each of the first 50 rows lands nowhere (they are
+    // re-read at the end), and the first re-read write ends in a deadlock
+    db.client
+        .batch_execute(
+            "CREATE TABLE skipped (id bigint PRIMARY KEY);
+             CREATE SEQUENCE deadlocks;
+             CREATE FUNCTION skip_then_deadlock() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF OLD.id <= 50 THEN
+                 IF NOT EXISTS (SELECT 1 FROM skipped WHERE id = OLD.id) THEN
+                   INSERT INTO skipped VALUES (OLD.id);
+                   RETURN NULL;
+                 END IF;
+                 IF nextval('deadlocks') = 1 THEN
+                   RAISE EXCEPTION 'deadlock detected' USING ERRCODE = 'deadlock_detected';
+                 END IF;
+               END IF;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER skip_then_deadlock BEFORE UPDATE ON patient_persons FOR EACH ROW EXECUTE FUNCTION skip_then_deadlock();",
+        )
+        .await
+        .unwrap();
+    let out = rekey(&["run", "--job", &j, "--json"], &seed_env());
+    let deadlocked: bool = db
+        .client
+        .query_one("SELECT is_called FROM deadlocks", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        deadlocked,
+        "the premise: a re-read deadlocked\n{}",
+        printed(&out)
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("deadlock detected"),
+        "the retry is not reported: {}",
+        printed(&out)
+    );
+    let skipped: i64 = db
+        .client
+        .query_one("SELECT count(*) FROM skipped", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(json(&out)["conflicts"], skipped, "{}", printed(&out));
+    db.assert_every_value_rotated(rows).await;
 }
