@@ -9,7 +9,7 @@ use crate::db::idle::{ping_interval, pinging};
 use crate::db::session::Timeouts;
 use crate::db::{Database, KeyBytes, Page};
 use crate::engine::pipeline::{Mode, Outcome};
-use crate::engine::sink::{Batch, Commit, Failure, Writer, Written};
+use crate::engine::sink::{Batch, Commit, Failure, Writer};
 use crate::engine::source::Source;
 use crate::engine::transform::Cells;
 use crate::error::Retry;
@@ -62,6 +62,8 @@ pub(super) async fn retry_conflicts(
             _ => shared.progress.set_phase_total(reread_rows + waiting),
         }
         for target in &shared.job.targets {
+            // failed tries of the keys being re-read
+            let mut failed = 0;
             loop {
                 let keys =
                     crate::state::pending_conflicts(&admin, job_id, target.index, RETRY_BATCH)
@@ -88,16 +90,19 @@ pub(super) async fn retry_conflicts(
                 let (Some(source), Some(sink)) = (reader.as_mut(), writer.as_mut()) else {
                     break;
                 };
+                let mut done = Reread::default();
+                let tried = pinging(
+                    &admin,
+                    every,
+                    reread(shared, source, sink, target, &keys, job_id, &mut done),
+                )
+                .await;
+                // what committed counts, even where a later key failed
                 let Reread {
                     counts,
                     failures,
                     changing,
-                } = pinging(
-                    &admin,
-                    every,
-                    reread(shared, source, sink, target, &keys, job_id),
-                )
-                .await?;
+                } = done;
                 reread_rows += counts.rows_scanned;
                 outcome.merge(Outcome {
                     counts,
@@ -105,6 +110,43 @@ pub(super) async fn retry_conflicts(
                     by_target: BTreeMap::from([(target.index, counts)]),
                     ..Outcome::default()
                 });
+                match tried {
+                    Ok(()) => failed = 0,
+                    // a deadlock with the application, a serialization
+                    // failure, a count's wait cut short, a lost connection:
+                    // wait, then read the keys still listed again (a re-read
+                    // whose COMMIT landed unseen left the list)
+                    Err(e)
+                        if matches!(e.retry(), Retry::Wait | Retry::Reconnect)
+                            && failed + 1 < shared.attempts =>
+                    {
+                        failed += 1;
+                        let wait = backoff(failed);
+                        events::BatchRetried {
+                            table: &target.table.to_string(),
+                            attempt: failed,
+                            error: &e.chain(),
+                            rows: keys.len(),
+                            wait_seconds: wait.as_secs_f64(),
+                        }
+                        .emit();
+                        if e.retry() == Retry::Reconnect {
+                            // both sessions opened afresh for the next try
+                            (reader, writer) = (None, None);
+                        }
+                        let waited = async {
+                            tokio::select! {
+                                () = tokio::time::sleep(wait) => true,
+                                () = shared.stop.asked() => false,
+                            }
+                        };
+                        if !pinging(&admin, every, waited).await {
+                            break 'rounds;
+                        }
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
                 if changing {
                     // still changing: give the application's transactions time before the next round
                     break;
@@ -118,6 +160,7 @@ pub(super) async fn retry_conflicts(
 }
 
 /// What one batch of re-reads did.
+#[derive(Default)]
 struct Reread {
     /// What it counted (rows scanned, values rewritten, conflicts, ...).
     counts: Counts,
@@ -127,12 +170,12 @@ struct Reread {
     changing: bool,
 }
 
-/// [`reread_once`], tried again after a pause where it failed with what
-/// passes (a deadlock with the application, a serialization failure, a
-/// nonce count's wait cut short, a lost connection, reopened by the next
-/// try), up to the run's tries: a re-read derives what it writes from the
-/// rows as they are then, so one whose COMMIT landed unseen finds its rows
-/// rotated.
+/// Re-reads and rewrites `keys` of `target` as one batch, or one key at a
+/// time where the batch hit a locked row or a refusal, adding what
+/// commits to `done` and to the live counts as it goes (a key that fails
+/// leaves what the keys before it did counted). The two sessions sat idle
+/// through the holds and the counts before it: one a server's
+/// `idle_session_timeout` (or a proxy) closed meanwhile is reopened first.
 async fn reread(
     shared: &Shared,
     source: &mut Source,
@@ -140,78 +183,44 @@ async fn reread(
     target: &Target,
     keys: &[KeyBytes],
     job_id: i64,
-) -> Result<Reread, Error> {
-    let mut failed = 0;
-    loop {
-        match reread_once(shared, source, sink, target, keys, job_id).await {
-            Err(e)
-                if matches!(e.retry(), Retry::Wait | Retry::Reconnect)
-                    && failed + 1 < shared.attempts =>
-            {
-                failed += 1;
-                let wait = backoff(failed);
-                events::BatchRetried {
-                    table: &target.table.to_string(),
-                    attempt: failed,
-                    error: &e.chain(),
-                    rows: keys.len(),
-                    wait_seconds: wait.as_secs_f64(),
-                }
-                .emit();
-                tokio::time::sleep(wait).await;
-            }
-            done => return done,
-        }
-    }
-}
-
-/// Re-reads and rewrites `keys` of `target` as one batch, or one key at a
-/// time where the batch hit a locked row or a refusal, and adds what it
-/// did to the live counts. The two sessions sat idle through the holds
-/// and the counts before it: one a server's `idle_session_timeout` (or a
-/// proxy) closed meanwhile is reopened first.
-async fn reread_once(
-    shared: &Shared,
-    source: &mut Source,
-    sink: &mut Writer,
-    target: &Target,
-    keys: &[KeyBytes],
-    job_id: i64,
-) -> Result<Reread, Error> {
+    done: &mut Reread,
+) -> Result<(), Error> {
     source.reopen_if_closed().await?;
     let rows = source.rows_by_keys(target, keys).await?;
     // another connection can see these committed before they are added below
     let _writing = shared.live.writing(rows.len() as u64);
-    let batch = sealed(shared, target, rows, job_id).await?;
-    // the writer idled through the read (a query per key)
-    sink.reopen_if_closed(&shared.job).await?;
-    sink.count(target, &batch).await?;
-    let done = match sink.write(target, Commit::Retry(keys), &batch).await {
-        Ok(Written {
-            counts, failures, ..
-        }) => {
-            shared.note_quarantined(&failures);
-            Reread {
-                counts,
-                failures,
-                changing: counts.conflicts > 0,
+    let written = async {
+        let batch = sealed(shared, target, rows, job_id).await?;
+        // the writer idled through the read (a query per key)
+        sink.reopen_if_closed(&shared.job).await?;
+        sink.count(target, &batch).await?;
+        match sink.write(target, Commit::Retry(keys), &batch).await {
+            Ok(w) => {
+                done.changing = w.counts.conflicts > 0;
+                done.add(shared, w.counts, w.failures);
+                Ok(())
             }
-        }
-        // a row locked elsewhere, or one the database refuses: one key at a
-        // time, and one that stays locked or is refused again is not rotated
-        Err(e) if matches!(e.retry(), Retry::Smaller | Retry::Refused) => {
-            let (counts, failures) = one_by_one(shared, source, sink, target, keys, job_id).await?;
-            Reread {
-                counts,
-                failures,
-                changing: false,
+            // a row locked elsewhere, or one the database refuses: one key at
+            // a time, and one that stays locked or is refused again is not rotated
+            Err(e) if matches!(e.retry(), Retry::Smaller | Retry::Refused) => {
+                one_by_one(shared, source, sink, target, keys, job_id, done).await
             }
+            Err(e) => Err(e),
         }
-        Err(e) => return Err(e),
-    };
+    }
+    .await;
     shared.live.add(&done.counts);
     shared.progress.update(&shared.live.snapshot());
-    Ok(done)
+    written
+}
+
+impl Reread {
+    /// Adds what one write committed; its quarantined values are noted.
+    fn add(&mut self, shared: &Shared, counts: Counts, failures: Vec<Failure>) {
+        shared.note_quarantined(&failures);
+        self.counts += counts;
+        self.failures.extend(failures);
+    }
 }
 
 /// `rows` re-read from `target`, as a batch re-encrypted on the pool (no
@@ -266,10 +275,8 @@ async fn one_by_one(
     target: &Target,
     keys: &[KeyBytes],
     job_id: i64,
-) -> Result<(Counts, Vec<Failure>), Error> {
-    let mut counts = Counts::default();
-    // values quarantined on the way: the run's summary lists them as any other
-    let mut failures = Vec::new();
+    done: &mut Reread,
+) -> Result<(), Error> {
     for key in keys {
         let one = std::slice::from_ref(key);
         let mut tries = 0;
@@ -283,9 +290,7 @@ async fn one_by_one(
             sink.count(target, &batch).await?;
             match sink.write(target, Commit::Retry(one), &batch).await {
                 Ok(w) => {
-                    shared.note_quarantined(&w.failures);
-                    counts += w.counts;
-                    failures.extend(w.failures);
+                    done.add(shared, w.counts, w.failures);
                     break;
                 }
                 Err(e) if e.retry() == Retry::Smaller && tries + 1 < LOCKED_RETRIES => {
@@ -293,21 +298,20 @@ async fn one_by_one(
                 }
                 Err(e) if e.retry() == Retry::Smaller => {
                     tracing::warn!(table = %target.table, "a row stayed locked through every try; its values are not rotated (see rekey.not_rotated)");
-                    counts += sink.not_rotated_locked(target, one, &batch).await?;
+                    let counts = sink.not_rotated_locked(target, one, &batch).await?;
+                    done.add(shared, counts, Vec::new());
                     break;
                 }
                 Err(e) if e.retry() == Retry::Refused => {
                     let words = e.server_words();
                     tracing::warn!(table = %target.table, "the database refused the write of a row again ({words}); its values are not rotated (see rekey.not_rotated)");
                     let w = sink.write_rejected(target, one, &batch, words).await?;
-                    shared.note_quarantined(&w.failures);
-                    counts += w.counts;
-                    failures.extend(w.failures);
+                    done.add(shared, w.counts, w.failures);
                     break;
                 }
                 Err(e) => return Err(e),
             }
         }
     }
-    Ok((counts, failures))
+    Ok(())
 }

@@ -175,8 +175,7 @@ fn cut_short(source: tokio_postgres::Error, what: &impl Fn() -> String, label: &
     if source.code().is_some_and(|c| TIMED_OUT.contains(&c.code())) {
         Error::CountWait {
             context: format!(
-                "{}: waiting for the key's lock while other batches count (key {label}; within 2^28 values of \
-                 its nonce budget, batches count one at a time)",
+                "{}: waiting for the key's lock while other batches count (key {label})",
                 what()
             ),
             source,

@@ -237,3 +237,74 @@ async fn a_deadlock_while_re_reading_changed_rows_is_waited_out_and_the_run_fini
     assert_eq!(json(&out)["conflicts"], skipped, "{}", printed(&out));
     db.assert_every_value_rotated(rows).await;
 }
+
+// Before: a deadlock that came while the re-reads went one key at a time
+// (after a refusal) re-read every key of the batch again: what the keys
+// before it had rotated was missing from the run's summary, and the
+// refused row was refused and recorded a second time.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deadlock_while_re_reading_one_key_at_a_time_keeps_what_the_keys_before_it_did() {
+    let rows = 200;
+    let (db, _dir, j) = patients(rows).await;
+    // the first write of each of the first 50 rows lands nowhere; re-read,
+    // row 10 is refused (the batch goes one key at a time), and once row 10
+    // is recorded as not rotated, row 20's first write ends in a deadlock
+    db.client
+        .batch_execute(
+            "CREATE TABLE skipped (id bigint PRIMARY KEY);
+             CREATE SEQUENCE deadlocks;
+             CREATE FUNCTION refuse_then_deadlock() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF OLD.id <= 50 THEN
+                 IF NOT EXISTS (SELECT 1 FROM skipped WHERE id = OLD.id) THEN
+                   INSERT INTO skipped VALUES (OLD.id);
+                   RETURN NULL;
+                 END IF;
+                 IF OLD.id = 10 THEN
+                   RAISE EXCEPTION 'archived patients are read-only';
+                 END IF;
+                 IF OLD.id = 20 AND EXISTS (SELECT 1 FROM rekey.not_rotated) AND nextval('deadlocks') = 1 THEN
+                   RAISE EXCEPTION 'deadlock detected' USING ERRCODE = 'deadlock_detected';
+                 END IF;
+               END IF;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER refuse_then_deadlock BEFORE UPDATE ON patient_persons FOR EACH ROW EXECUTE FUNCTION refuse_then_deadlock();",
+        )
+        .await
+        .unwrap();
+    let out = rekey(&["run", "--job", &j, "--json"], &seed_env());
+    let deadlocked: bool = db
+        .client
+        .query_one("SELECT is_called FROM deadlocks", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        deadlocked,
+        "the premise: a re-read deadlocked\n{}",
+        printed(&out)
+    );
+    // row 10's values stay on the old key, reported
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
+    let after = db.decrypted_patients(&v2_ring()).await;
+    let landed = after
+        .values()
+        .flat_map(|(p, e)| [p, e])
+        .filter(|d| matches!(d, Decrypted::Plain(2, _)))
+        .count() as i64;
+    let summary = json(&out);
+    assert_eq!(summary["values_rewritten"], landed, "{summary}");
+    let recorded: i64 = db
+        .client
+        .query_one("SELECT count(*) FROM rekey.not_rotated", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(summary["values_not_rotated"], recorded, "{summary}");
+    assert_eq!(
+        values(rows) - landed,
+        recorded,
+        "every value rotated but the refused row's, each recorded once"
+    );
+}
