@@ -81,21 +81,26 @@ pub(super) async fn retry_conflicts(
                         break 'rounds;
                     }
                 }
-                if reader.is_none() {
-                    reader = Some(Source::connect(db, false, shared.timeouts).await?);
-                    writer = Some(
-                        Writer::connect_as(db, &shared.job, job_id, None, shared.timeouts).await?,
-                    );
-                }
-                let (Some(source), Some(sink)) = (reader.as_mut(), writer.as_mut()) else {
-                    break;
-                };
                 let mut done = Reread::default();
-                let tried = pinging(
-                    &admin,
-                    every,
-                    reread(shared, source, sink, target, &keys, job_id, &mut done),
-                )
+                let tried = async {
+                    // opened at the first re-read, and again after a lost connection
+                    if reader.is_none() || writer.is_none() {
+                        reader = Some(Source::connect(db, false, shared.timeouts).await?);
+                        writer = Some(
+                            Writer::connect_as(db, &shared.job, job_id, None, shared.timeouts)
+                                .await?,
+                        );
+                    }
+                    match (reader.as_mut(), writer.as_mut()) {
+                        (Some(source), Some(sink)) => {
+                            let keys = &keys;
+                            let read =
+                                reread(shared, source, sink, target, keys, job_id, &mut done);
+                            pinging(&admin, every, read).await
+                        }
+                        _ => Ok(()),
+                    }
+                }
                 .await;
                 // what committed counts, even where a later key failed
                 let Reread {
@@ -196,7 +201,6 @@ async fn reread(
         sink.count(target, &batch).await?;
         match sink.write(target, Commit::Retry(keys), &batch).await {
             Ok(w) => {
-                done.changing = w.counts.conflicts > 0;
                 done.add(shared, w.counts, w.failures);
                 Ok(())
             }
@@ -215,9 +219,11 @@ async fn reread(
 }
 
 impl Reread {
-    /// Adds what one write committed; its quarantined values are noted.
+    /// Adds what one write committed; its quarantined values are noted,
+    /// and rows that changed under it again end the round.
     fn add(&mut self, shared: &Shared, counts: Counts, failures: Vec<Failure>) {
         shared.note_quarantined(&failures);
+        self.changing |= counts.conflicts > 0;
         self.counts += counts;
         self.failures.extend(failures);
     }

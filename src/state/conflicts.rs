@@ -18,7 +18,7 @@ pub async fn pending_conflicts(
     limit: i64,
 ) -> Result<Vec<KeyBytes>, Error> {
     Ok(client
-        .query("SELECT pk FROM rekey.conflicts WHERE job_id = $1 AND target = $2 ORDER BY seen_at LIMIT $3", &[&job_id, &(target as i32), &limit])
+        .query("SELECT pk FROM rekey.conflicts WHERE job_id = $1 AND target = $2 ORDER BY seen_at, pk LIMIT $3", &[&job_id, &(target as i32), &limit])
         .await
         .ctx(|| "reading conflicts to re-read".into())?
         .iter()
