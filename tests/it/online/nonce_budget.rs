@@ -64,13 +64,7 @@ async fn a_key_near_its_nonce_budget_is_refused_before_any_write() {
         .unwrap();
     let before = db.checksum("patient_persons").await;
     let out = rekey(&["run", "--job", &j, "--json", "--restart"], &seed_env());
-    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
-    assert!(printed(&out).contains("2^32"), "{}", printed(&out));
-    assert_eq!(
-        db.checksum("patient_persons").await,
-        before,
-        "nothing written"
-    );
+    assert_refused_for_the_budget(&db, &out, &before).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -370,13 +364,7 @@ async fn a_count_whose_view_of_the_sum_is_overtaken_while_it_waits_for_the_lock_
         near,
         "the budget was passed, or a refused count recorded"
     );
-    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
-    assert!(printed(&out).contains("2^32"), "{}", printed(&out));
-    assert_eq!(
-        db.checksum("patient_persons").await,
-        before,
-        "nothing written"
-    );
+    assert_refused_for_the_budget(&db, &out, &before).await;
 }
 
 // Before: a batch that failed for good (an error no retry helps, every try
@@ -473,4 +461,16 @@ async fn watch_lock_waits(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Asserts that the run `out` was refused for the nonce budget (exit 2,
+/// naming 2^32) and wrote nothing: the table's checksum is still `before`.
+async fn assert_refused_for_the_budget(db: &TestDb, out: &Output, before: &str) {
+    assert_eq!(out.status.code(), Some(2), "{}", printed(out));
+    assert!(printed(out).contains("2^32"), "{}", printed(out));
+    assert_eq!(
+        db.checksum("patient_persons").await,
+        before,
+        "nothing written"
+    );
 }

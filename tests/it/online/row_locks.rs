@@ -211,23 +211,8 @@ async fn a_deadlock_while_re_reading_changed_rows_is_waited_out_and_the_run_fini
         .await
         .unwrap();
     let out = rekey(&["run", "--job", &j, "--json"], &seed_env());
-    let deadlocked: bool = db
-        .client
-        .query_one("SELECT is_called FROM deadlocks", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert!(
-        deadlocked,
-        "the premise: a re-read deadlocked\n{}",
-        printed(&out)
-    );
+    assert_deadlocked_and_retried(&db, &out).await;
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-    assert!(
-        printed(&out).contains("deadlock detected"),
-        "the retry is not reported: {}",
-        printed(&out)
-    );
     let skipped: i64 = db
         .client
         .query_one("SELECT count(*) FROM skipped", &[])
@@ -276,22 +261,7 @@ async fn a_deadlock_while_re_reading_one_key_at_a_time_keeps_what_the_keys_befor
         .await
         .unwrap();
     let out = rekey(&["run", "--job", &j, "--json"], &seed_env());
-    let deadlocked: bool = db
-        .client
-        .query_one("SELECT is_called FROM deadlocks", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert!(
-        deadlocked,
-        "the premise: a re-read deadlocked\n{}",
-        printed(&out)
-    );
-    assert!(
-        printed(&out).contains("deadlock detected"),
-        "the retry is not reported: {}",
-        printed(&out)
-    );
+    assert_deadlocked_and_retried(&db, &out).await;
     // row 10's values stay on the old key, reported
     assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
     let after = db.decrypted_patients(&v2_ring()).await;
@@ -313,5 +283,26 @@ async fn a_deadlock_while_re_reading_one_key_at_a_time_keeps_what_the_keys_befor
         values(rows) - landed,
         recorded,
         "every value rotated but the refused row's, each recorded once"
+    );
+}
+
+/// Asserts the premise of a deadlock test: the `deadlocks` sequence was
+/// drawn (a re-read deadlocked), and the run `out` reported its retry.
+async fn assert_deadlocked_and_retried(db: &TestDb, out: &Output) {
+    let deadlocked: bool = db
+        .client
+        .query_one("SELECT is_called FROM deadlocks", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        deadlocked,
+        "the premise: a re-read deadlocked\n{}",
+        printed(out)
+    );
+    assert!(
+        printed(out).contains("deadlock detected"),
+        "the retry is not reported: {}",
+        printed(out)
     );
 }

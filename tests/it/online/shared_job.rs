@@ -114,12 +114,7 @@ async fn a_process_that_stops_renewing_its_lease_loses_its_range_and_cannot_comm
         "5000",
     ]);
     wait_for_progress(&db, &mut a, 1_000).await;
-    let pid = a.id().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-STOP", &pid])
-        .status()
-        .unwrap()
-        .success());
+    freeze(&a);
     // its connections stay open, but its lease runs out after 2 s; b takes the range over
     let b = rekey(
         &["run", "--job", &j, "--json", "--batch-size", "500"],
@@ -131,11 +126,7 @@ async fn a_process_that_stops_renewing_its_lease_loses_its_range_and_cannot_comm
         "{}",
         printed(&b)
     );
-    assert!(std::process::Command::new("kill")
-        .args(["-CONT", &pid])
-        .status()
-        .unwrap()
-        .success());
+    thaw(&a);
     let a = finish(a, Duration::from_secs(30)).await;
     // its batch under the lapsed lease is rolled back; it leaves the range and finds nothing else to do
     assert_eq!(a.status.code(), Some(0), "{}", printed(&a));
@@ -185,22 +176,13 @@ async fn batches_sealed_under_a_lapsed_lease_count_against_the_nonce_budget() {
         "500ms",
     ]);
     wait_for_progress(&db, &mut a, 1_000).await;
-    let pid = a.id().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-STOP", &pid])
-        .status()
-        .unwrap()
-        .success());
+    freeze(&a);
     let b = rekey(
         &["run", "--job", &j, "--json", "--batch-size", "1000"],
         &seed_env(),
     );
     assert_eq!(b.status.code(), Some(0), "{}", printed(&b));
-    assert!(std::process::Command::new("kill")
-        .args(["-CONT", &pid])
-        .status()
-        .unwrap()
-        .success());
+    thaw(&a);
     let a = finish(a, Duration::from_secs(30)).await;
     assert_eq!(a.status.code(), Some(0), "{}", printed(&a));
     assert!(
@@ -218,4 +200,24 @@ async fn batches_sealed_under_a_lapsed_lease_count_against_the_nonce_budget() {
         "{counted} encryptions counted for {} values written",
         values(20_000)
     );
+}
+
+/// Freezes the process `child` (SIGSTOP): its connections stay open, it
+/// renews no lease and commits nothing until [`thaw`].
+fn freeze(child: &std::process::Child) {
+    signal(child, "-STOP");
+}
+
+/// Lets a process [`freeze`] stopped go on (SIGCONT).
+fn thaw(child: &std::process::Child) {
+    signal(child, "-CONT");
+}
+
+/// Sends `signal` (as `kill` names it) to `child`.
+fn signal(child: &std::process::Child, signal: &str) {
+    let sent = std::process::Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill {signal} failed");
 }
