@@ -20,10 +20,10 @@ pub enum Error {
         #[source]
         source: tokio_postgres::Error,
     },
-    /// Near a key's nonce budget, a batch's wait for the batches in flight
-    /// beside it to commit (so that it counts what they added) ended before
-    /// they did (exit 1): the batch waits and tries again whole, as halving
-    /// it would not shorten the wait.
+    /// A batch's count against the nonce budget waited for the key's lock
+    /// while other batches counted, and a limit cut the wait short (exit
+    /// 1): the batch waits and tries again whole, as halving it would not
+    /// shorten the wait.
     #[error("{context}")]
     CountWait {
         /// What rekey was doing.

@@ -131,21 +131,11 @@ async fn a_batch_that_would_take_its_key_past_the_nonce_budget_is_refused_before
 #[tokio::test(flavor = "multi_thread")]
 async fn near_its_nonce_budget_a_batch_waits_past_the_lock_timeout_for_the_batches_in_flight() {
     let rows = 200;
-    let (db, _dir, j) = patients(rows).await;
-    let (fingerprint, _) = db.near_its_nonce_budget().await;
-    let in_flight = batch_in_flight(&db, &fingerprint).await;
-    let mut child = spawn_captured(&[
-        "run",
-        "--job",
-        &j,
-        "--json",
-        "--workers",
-        "1",
-        "--batch-size",
-        "4",
-        "--lock-timeout",
-        "200ms",
-    ]);
+    let (db, _dir, in_flight, mut child) = run_near_the_budget_beside_a_batch_in_flight(
+        rows,
+        &["--batch-size", "4", "--lock-timeout", "200ms"],
+    )
+    .await;
     // a batch of the run has waited for the key's lock five times its lock timeout
     let waited_long = watch_lock_waits(&db, &mut child, "advisory", |_, waited| waited > 1.0).await;
     in_flight.batch_execute("COMMIT").await.unwrap();
@@ -168,21 +158,11 @@ async fn near_its_nonce_budget_a_batch_waits_past_the_lock_timeout_for_the_batch
 async fn near_its_nonce_budget_a_batch_whose_wait_for_the_count_runs_out_waits_and_tries_again_whole(
 ) {
     let rows = 200;
-    let (db, _dir, j) = patients(rows).await;
-    let (fingerprint, _) = db.near_its_nonce_budget().await;
-    let in_flight = batch_in_flight(&db, &fingerprint).await;
-    let mut child = spawn_captured(&[
-        "run",
-        "--job",
-        &j,
-        "--json",
-        "--workers",
-        "1",
-        "--batch-size",
-        "4",
-        "--statement-timeout",
-        "1s",
-    ]);
+    let (db, _dir, in_flight, mut child) = run_near_the_budget_beside_a_batch_in_flight(
+        rows,
+        &["--batch-size", "4", "--statement-timeout", "1s"],
+    )
+    .await;
     // the first wait ran out, and a batch waits again
     let mut first = None;
     let waited_again = watch_lock_waits(&db, &mut child, "advisory", |began, _| {
@@ -215,19 +195,8 @@ async fn near_its_nonce_budget_a_batch_whose_wait_for_the_count_runs_out_waits_a
 #[tokio::test(flavor = "multi_thread")]
 async fn near_its_nonce_budget_a_batch_waiting_for_the_count_holds_none_of_the_tables_rows() {
     let rows = 200;
-    let (db, _dir, j) = patients(rows).await;
-    let (fingerprint, _) = db.near_its_nonce_budget().await;
-    let in_flight = batch_in_flight(&db, &fingerprint).await;
-    let mut child = spawn_captured(&[
-        "run",
-        "--job",
-        &j,
-        "--json",
-        "--workers",
-        "1",
-        "--batch-size",
-        "1000",
-    ]);
+    let (db, _dir, in_flight, mut child) =
+        run_near_the_budget_beside_a_batch_in_flight(rows, &["--batch-size", "1000"]).await;
     let waiting = watch_lock_waits(&db, &mut child, "advisory", |_, _| true).await;
     // the application locks every row of the table, waiting for none
     let app = connect(&db.url).await;
@@ -408,6 +377,23 @@ async fn what_a_batch_that_failed_for_good_sealed_counts_against_the_nonce_budge
         sealed,
         "the values of the batch that failed are counted"
     );
+}
+
+/// A run (`run --json --workers 1`, then `extra`) over `rows` seeded
+/// patients whose target key is near its nonce budget, started while a
+/// batch in flight elsewhere holds the key's lock shared: the database, the
+/// job's folder, that batch's session (`COMMIT` ends it) and the run.
+async fn run_near_the_budget_beside_a_batch_in_flight(
+    rows: i64,
+    extra: &[&str],
+) -> (TestDb, tempfile::TempDir, Client, std::process::Child) {
+    let (db, dir, j) = patients(rows).await;
+    let (fingerprint, _) = db.near_its_nonce_budget().await;
+    let in_flight = batch_in_flight(&db, &fingerprint).await;
+    let mut args = vec!["run", "--job", &j, "--json", "--workers", "1"];
+    args.extend_from_slice(extra);
+    let child = spawn_captured(&args);
+    (db, dir, in_flight, child)
 }
 
 /// A batch in flight in another session (another process's): the key

@@ -97,24 +97,7 @@ async fn three_processes_share_one_job_and_one_killed_midway_loses_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_process_that_stops_renewing_its_lease_loses_its_range_and_cannot_commit_after() {
     let (db, _dir, j) = patients(20_000).await;
-    let mut a = spawn_captured(&[
-        "run",
-        "--job",
-        &j,
-        "--json",
-        "--batch-size",
-        "200",
-        "--workers",
-        "1",
-        "--lease-ttl",
-        "2s",
-        "--check-every",
-        "500ms",
-        "--max-rows-per-sec",
-        "5000",
-    ]);
-    wait_for_progress(&db, &mut a, 1_000).await;
-    freeze(&a);
+    let a = frozen_with_a_short_lease(&db, &j, &["--max-rows-per-sec", "5000"]).await;
     // its connections stay open, but its lease runs out after 2 s; b takes the range over
     let b = rekey(
         &["run", "--job", &j, "--json", "--batch-size", "500"],
@@ -161,22 +144,7 @@ async fn batches_sealed_under_a_lapsed_lease_count_against_the_nonce_budget() {
         )
         .await
         .unwrap();
-    let mut a = spawn_captured(&[
-        "run",
-        "--job",
-        &j,
-        "--json",
-        "--batch-size",
-        "200",
-        "--workers",
-        "1",
-        "--lease-ttl",
-        "2s",
-        "--check-every",
-        "500ms",
-    ]);
-    wait_for_progress(&db, &mut a, 1_000).await;
-    freeze(&a);
+    let a = frozen_with_a_short_lease(&db, &j, &[]).await;
     let b = rekey(
         &["run", "--job", &j, "--json", "--batch-size", "1000"],
         &seed_env(),
@@ -200,6 +168,32 @@ async fn batches_sealed_under_a_lapsed_lease_count_against_the_nonce_budget() {
         "{counted} encryptions counted for {} values written",
         values(20_000)
     );
+}
+
+/// A process of the job `j` (`--batch-size 200 --workers 1 --lease-ttl 2s
+/// --check-every 500ms`, then `extra`), frozen ([`freeze`]) once it has
+/// committed 1,000 values: its connections stay open, and its lease runs
+/// out 2 s later.
+async fn frozen_with_a_short_lease(db: &TestDb, j: &str, extra: &[&str]) -> Child {
+    let mut args = vec![
+        "run",
+        "--job",
+        j,
+        "--json",
+        "--batch-size",
+        "200",
+        "--workers",
+        "1",
+        "--lease-ttl",
+        "2s",
+        "--check-every",
+        "500ms",
+    ];
+    args.extend_from_slice(extra);
+    let mut child = spawn_captured(&args);
+    wait_for_progress(db, &mut child, 1_000).await;
+    freeze(&child);
+    child
 }
 
 /// Freezes the process `child` (SIGSTOP): its connections stay open, it
