@@ -48,8 +48,8 @@ pub(super) async fn retry_conflicts(
         })?;
     // the turn's lock is this session's: it is kept from idling through the holds
     let every = ping_interval(&admin).await;
-    // the re-reads' reading and writing sessions, opened at the first re-read
-    let mut sessions: Option<(Source, Writer)> = None;
+    let mut reader = None;
+    let mut writer = None;
     // rows re-read so far: the progress line counts the pass as a phase of its own
     let mut reread_rows = 0;
     'rounds: for round in 0..RETRY_ROUNDS {
@@ -83,27 +83,23 @@ pub(super) async fn retry_conflicts(
                 }
                 let mut done = Reread::default();
                 let tried = async {
-                    // opened again after a lost connection, within the tries
-                    let (mut source, mut sink) = match sessions.take() {
-                        Some(open) => open,
-                        None => (
-                            Source::connect(db, false, shared.timeouts).await?,
+                    // opened at the first re-read, and again after a lost connection
+                    if reader.is_none() || writer.is_none() {
+                        reader = Some(Source::connect(db, false, shared.timeouts).await?);
+                        writer = Some(
                             Writer::connect_as(db, &shared.job, job_id, None, shared.timeouts)
                                 .await?,
-                        ),
-                    };
-                    let read = reread(
-                        shared,
-                        &mut source,
-                        &mut sink,
-                        target,
-                        &keys,
-                        job_id,
-                        &mut done,
-                    );
-                    let read = pinging(&admin, every, read).await;
-                    sessions = Some((source, sink));
-                    read
+                        );
+                    }
+                    match (reader.as_mut(), writer.as_mut()) {
+                        (Some(source), Some(sink)) => {
+                            let keys = &keys;
+                            let read =
+                                reread(shared, source, sink, target, keys, job_id, &mut done);
+                            pinging(&admin, every, read).await
+                        }
+                        _ => Ok(()),
+                    }
                 }
                 .await;
                 // what committed counts, even where a later key failed
@@ -141,7 +137,7 @@ pub(super) async fn retry_conflicts(
                         .emit();
                         if e.retry() == Retry::Reconnect {
                             // both sessions opened afresh for the next try
-                            sessions = None;
+                            (reader, writer) = (None, None);
                         }
                         let waited = async {
                             tokio::select! {
