@@ -65,7 +65,9 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(rekey::cli::dispatch(cli.command)) {
+    // the command's future (some 300 KB for `run` and `rotate`) lives on the
+    // heap, not on the main thread's stack beside the frames that poll it
+    match runtime.block_on(Box::pin(rekey::cli::dispatch(cli.command))) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             out::stderr_line(format_args!("rekey: {}", e.chain()));

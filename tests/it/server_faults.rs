@@ -750,3 +750,90 @@ async fn rotate_whose_own_session_is_ended_during_its_run_takes_its_lock_again_b
         "rotate went on after its run without its lock"
     );
 }
+
+// Before: the session of the conflict pass's turn (it holds the turn's lock
+// and lists the keys to re-read), ended mid-pass, ended the run (exit 1) at
+// its next listing, where every other session of a run is opened again;
+// meanwhile another process could take the turn beside it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_conflict_passs_own_session_ended_mid_pass_is_opened_again_with_its_turn_and_the_run_finishes(
+) {
+    const ROWS: i64 = 200;
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let run = setup(&db, ROWS, &dir).await;
+    // the first write of each of the first 50 rows lands nowhere (they are
+    // re-read at the end); the first re-read write ends the session holding
+    // the pass's turn (its pid kept in a sequence, which no rollback undoes)
+    // and fails as a deadlock; the next notes who holds the turn
+    db.client
+        .batch_execute(
+            "CREATE TABLE skipped (id bigint PRIMARY KEY);
+             CREATE SEQUENCE ended_turn;
+             CREATE TABLE turn_held (pid int PRIMARY KEY);
+             CREATE FUNCTION turn_holders() RETURNS SETOF int LANGUAGE plpgsql AS $$
+             BEGIN
+               RETURN QUERY SELECT pid FROM pg_locks
+                WHERE locktype = 'advisory' AND granted AND objsubid = 1
+                  AND (classid::bigint << 32 | objid::bigint)
+                      = hashtextextended('rekey.conflicts:' || (SELECT min(job_id) FROM rekey.conflicts), 0);
+             END $$;
+             CREATE FUNCTION skip_then_end_the_turn() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF OLD.id <= 50 THEN
+                 IF NOT EXISTS (SELECT 1 FROM skipped WHERE id = OLD.id) THEN
+                   INSERT INTO skipped VALUES (OLD.id);
+                   RETURN NULL;
+                 END IF;
+                 IF NOT (SELECT is_called FROM ended_turn) THEN
+                   PERFORM setval('ended_turn', pid) FROM turn_holders() AS pid WHERE pg_terminate_backend(pid);
+                   RAISE EXCEPTION 'deadlock detected' USING ERRCODE = 'deadlock_detected';
+                 END IF;
+                 INSERT INTO turn_held SELECT pid FROM turn_holders() AS pid ON CONFLICT DO NOTHING;
+               END IF;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER skip_then_end_the_turn BEFORE UPDATE ON patient_persons FOR EACH ROW EXECUTE FUNCTION skip_then_end_the_turn();",
+        )
+        .await
+        .unwrap();
+    let untouched = db.unencrypted_checksum().await;
+    let out = rekey(&strs(&run), &seed_env());
+    let ended: Option<i64> = db
+        .client
+        .query_one(
+            "SELECT CASE WHEN is_called THEN last_value END FROM ended_turn",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let ended = ended.unwrap_or_else(|| {
+        panic!(
+            "the premise: the turn's session was ended mid-pass\n{}",
+            printed(&out)
+        )
+    });
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let held: Vec<i64> = db
+        .client
+        .query("SELECT pid::bigint FROM turn_held", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        held.len() == 1 && held[0] != ended,
+        "the re-reads after it went on without the turn: held by {held:?} (ended: {ended})"
+    );
+    let skipped: i64 = db
+        .client
+        .query_one("SELECT count(*) FROM skipped", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let summary = json(&out);
+    assert_eq!(summary["conflicts"], skipped, "{summary}");
+    assert_nothing_lost(&db, ROWS, &summary, &untouched).await;
+}

@@ -5,8 +5,6 @@
 
 use std::collections::BTreeMap;
 
-use crate::db::idle::{ping_interval, pinging};
-use crate::db::session::Timeouts;
 use crate::db::{Database, KeyBytes, Page};
 use crate::engine::pipeline::{Mode, Outcome};
 use crate::engine::sink::{Batch, Commit, Failure, Writer};
@@ -18,8 +16,11 @@ use crate::observe::counts::Counts;
 use crate::observe::events;
 use crate::Error;
 
+mod turn;
+
 use super::stages::on_pool;
 use super::work::{backoff, Shared};
+use turn::Turn;
 
 /// Rounds of conflict re-reads before the run reports rows still changing.
 pub(super) const RETRY_ROUNDS: u32 = 10;
@@ -37,23 +38,14 @@ pub(super) async fn retry_conflicts(
     job_id: i64,
 ) -> Result<(Outcome, u64), Error> {
     let mut outcome = Outcome::default();
-    // its waits and counts are not batches: none under the batches' statement timeout
-    let admin = db.with_session(&Timeouts::read_only()).connect().await?;
     // processes sharing the job take turns: the next finds what the first left
-    crate::state::locks::wait_for(&admin, &format!("rekey.conflicts:{job_id}"))
-        .await
-        .map_err(|e| Error::Db {
-            context: "waiting for another process's conflict re-reads".into(),
-            source: e,
-        })?;
-    // the turn's lock is this session's: it is kept from idling through the holds
-    let every = ping_interval(&admin).await;
+    let mut turn = Turn::take(db, job_id).await?;
     let mut reader = None;
     let mut writer = None;
     // rows re-read so far: the progress line counts the pass as a phase of its own
     let mut reread_rows = 0;
     'rounds: for round in 0..RETRY_ROUNDS {
-        let waiting = waiting(&admin, job_id).await?;
+        let waiting = turn.waiting(shared).await?;
         if waiting == 0 {
             return Ok((outcome, 0));
         }
@@ -65,19 +57,17 @@ pub(super) async fn retry_conflicts(
             // failed tries of the keys being re-read
             let mut failed = 0;
             loop {
-                let keys =
-                    crate::state::pending_conflicts(&admin, job_id, target.index, RETRY_BATCH)
-                        .await?;
+                let keys = turn.pending(shared, target.index, RETRY_BATCH).await?;
                 if keys.is_empty() {
                     break;
                 }
                 // throttles and live control hold re-reads too; a stop leaves
                 // the keys in rekey.conflicts for the next run
-                if !pinging(&admin, every, shared.hold.wait(&shared.stop)).await {
+                if !turn.pinging(shared.hold.wait(&shared.stop)).await {
                     break 'rounds;
                 }
                 if let Some(pace) = &shared.pace {
-                    if !pinging(&admin, every, pace.wait(keys.len(), &shared.stop)).await {
+                    if !turn.pinging(pace.wait(keys.len(), &shared.stop)).await {
                         break 'rounds;
                     }
                 }
@@ -96,7 +86,7 @@ pub(super) async fn retry_conflicts(
                             let keys = &keys;
                             let read =
                                 reread(shared, source, sink, target, keys, job_id, &mut done);
-                            pinging(&admin, every, read).await
+                            turn.pinging(read).await
                         }
                         _ => Ok(()),
                     }
@@ -145,7 +135,7 @@ pub(super) async fn retry_conflicts(
                                 () = shared.stop.asked() => false,
                             }
                         };
-                        if !pinging(&admin, every, waited).await {
+                        if !turn.pinging(waited).await {
                             break 'rounds;
                         }
                         continue;
@@ -159,9 +149,10 @@ pub(super) async fn retry_conflicts(
             }
         }
         let pause = std::time::Duration::from_millis(50 * u64::from(round + 1));
-        pinging(&admin, every, tokio::time::sleep(pause)).await;
+        turn.pinging(tokio::time::sleep(pause)).await;
     }
-    Ok((outcome, waiting(&admin, job_id).await?))
+    let left = turn.waiting(shared).await?;
+    Ok((outcome, left))
 }
 
 /// What one batch of re-reads did.
@@ -253,22 +244,6 @@ async fn sealed(shared: &Shared, target: &Target, rows: Page, job_id: i64) -> Re
 
 /// What the progress line says while the pass runs.
 const PHASE: &str = "re-reading changed rows";
-
-/// Keys of `job_id` waiting to be re-read, every target's.
-async fn waiting(admin: &tokio_postgres::Client, job_id: i64) -> Result<u64, Error> {
-    let keys: i64 = admin
-        .query_one(
-            "SELECT count(*) FROM rekey.conflicts WHERE job_id = $1",
-            &[&job_id],
-        )
-        .await
-        .map_err(|e| Error::Db {
-            context: "counting the rows left to re-read".into(),
-            source: e,
-        })?
-        .get(0);
-    Ok(u64::try_from(keys).unwrap_or(0))
-}
 
 /// Re-reads and rewrites `keys` one at a time, after a batch of them hit a
 /// lock or statement timeout or a refusal: a row that times out twice more
