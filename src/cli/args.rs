@@ -401,6 +401,9 @@ pub struct RetireArgs {
     /// for each table the refusal names.
     #[arg(long, value_name = "TABLE")]
     pub accept_unverified: Vec<String>,
+    /// How long a retire waits for transactions still open that wrote to the job's tables (what they wrote is invisible to its verify until they commit); one still open then refuses the retire.
+    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub wait_for_writers: std::time::Duration,
 }
 
 /// `rekey keygen`.

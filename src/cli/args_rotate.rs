@@ -38,6 +38,9 @@ pub struct RotateArgs {
     /// Read at most this many rows per second during the re-encryption (all lanes together).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_rows_per_sec: Option<u32>,
+    /// How long a retire waits for transactions still open that wrote to the job's tables (what they wrote is invisible to its verify until they commit); one still open then refuses the retire.
+    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub wait_for_writers: std::time::Duration,
     #[command(flatten)]
     pub online: OnlineArgs,
 }

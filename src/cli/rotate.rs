@@ -65,6 +65,7 @@ pub(crate) fn rotate_options(
         no_wait: false,
         intent: Intent::Continue,
         accept_unverified: Vec::new(),
+        wait_for_writers: Duration::from_secs(120),
     }
 }
 
@@ -118,6 +119,7 @@ pub async fn rotate(args: &RotateArgs) -> Result<u8, Error> {
     );
     opts.grace = args.grace;
     opts.no_wait = args.no_wait;
+    opts.wait_for_writers = args.wait_for_writers;
     opts.intent = if args.abort {
         Intent::Abort
     } else if args.new {

@@ -1,7 +1,8 @@
 //! PostgreSQL plumbing below everything else: connections ([`connect`], with
 //! TLS in [`tls`], libpq strings in [`conninfo`], and what libpq reads
 //! besides them: service file, `PG*` variables, password file), raw binary values
-//! ([`raw`], held compactly by the page in [`page`]), binary COPY ([`binary_copy`]), identifier quoting, and
+//! ([`raw`], held compactly by the page in [`page`]), binary COPY ([`binary_copy`]), identifier quoting, other sessions' open
+//! writes ([`writers`]), and
 //! throwaway clusters for tests and benchmarks ([`cluster`]). Uses nothing
 //! else of rekey's.
 
@@ -15,6 +16,7 @@ pub mod page;
 pub mod raw;
 pub mod session;
 pub mod tls;
+pub mod writers;
 
 pub use connect::{ConnectError, Database};
 pub use page::{Page, PageError, PageRow};

@@ -4,13 +4,16 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
 use crate::crypto::keyring::KeyId;
 use crate::db::idle::keeping_alive;
+use crate::db::writers::{open_writers, OpenWriter};
 use crate::db::Database;
 use crate::engine::verify::{self, Depth};
+use crate::error::DbContext;
 use crate::job::Job;
 use crate::lifecycle::audit::What;
 use crate::lifecycle::steps;
@@ -49,6 +52,48 @@ pub async fn retire(
         )));
     }
     let unverified = refuse_tables_left_out(client, job, old, &opts.accept_unverified).await?;
+    // what a transaction still open wrote is invisible to the verify: a value
+    // it committed after under the old key would lose its key
+    let open = writers_ended(client, job, opts.wait_for_writers).await?;
+    if let Some(w) = open.first() {
+        let notes = format!(
+            "a transaction still open has written to {} (process {}, open since {}, {}){}: what it wrote \
+             is invisible to the verify, and a value it writes under key {old} would lose its key",
+            w.table,
+            w.pid,
+            w.since,
+            w.state,
+            match open.len() - 1 {
+                0 => String::new(),
+                more => format!(", and {more} more"),
+            }
+        );
+        opts.audit
+            .record(
+                client,
+                What {
+                    event_type: "retire_refused",
+                    secret_id: &key_ref,
+                    verification_status: "pending",
+                    affected_records: None,
+                    notes: &notes,
+                    job_id: None,
+                },
+            )
+            .await?;
+        return Ok(Progressed {
+            ended: Ended::NotVerified,
+            lines: vec![format!(
+                "refusing to retire key {old} after waiting {} for it: {notes}. Retire once it ends; if it is abandoned, \
+                 end it (SELECT pg_terminate_backend({})), or wait longer (--wait-for-writers)",
+                humantime::format_duration(opts.wait_for_writers),
+                w.pid
+            )],
+            events: vec!["retire_refused".into()],
+            step: None,
+            rotation: None,
+        });
+    }
     // Retire rests on a full verify of this invocation: every value decrypted,
     // with the keys matched against the job's recorded fingerprints.
     let v = verify::verify(
@@ -152,6 +197,41 @@ pub async fn retire(
         rotation: None,
     })
 }
+
+/// Waits, up to `limit`, for the transactions of other sessions that
+/// had written to the job's tables (or their partitions and children) and
+/// were still open when it began; returns those still open then. Those
+/// that begin meanwhile are not waited for: the applications write under
+/// the new key by now, and a later verify sees what they commit.
+async fn writers_ended(
+    client: &Client,
+    job: &Job,
+    limit: Duration,
+) -> Result<Vec<OpenWriter>, Error> {
+    let tables: Vec<String> = job.targets.iter().map(|t| t.qualified()).collect();
+    let what = || "looking for open transactions that wrote to the job's tables".to_string();
+    let mut open = open_writers(client, &tables).await.ctx(what)?;
+    if open.is_empty() {
+        return Ok(open);
+    }
+    tracing::info!(
+        "waiting up to {} for {} transaction(s) still open that wrote to the job's tables (process {} first)",
+        humantime::format_duration(limit),
+        open.len(),
+        open[0].pid
+    );
+    let deadline = Instant::now() + limit;
+    while !open.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(WRITERS_POLL).await;
+        let now = open_writers(client, &tables).await.ctx(what)?;
+        // the same transaction: the same process, begun at the same instant
+        open.retain(|w| now.iter().any(|n| n.pid == w.pid && n.since == w.since));
+    }
+    Ok(open)
+}
+
+/// How often [`writers_ended`] looks again.
+const WRITERS_POLL: Duration = Duration::from_millis(100);
 
 /// Refuses a retire from a job file that no longer lists (itself or as a
 /// partition or child of a listed table) a table or a column in which this

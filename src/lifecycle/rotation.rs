@@ -71,6 +71,9 @@ pub struct RotateOptions {
     /// longer lists, which a retire goes on without on the operator's word
     /// (`--accept-unverified`), recording them in the audit trail.
     pub accept_unverified: Vec<String>,
+    /// How long a retire waits for transactions still open that wrote to
+    /// the job's tables before its verify; one still open then refuses it.
+    pub wait_for_writers: Duration,
 }
 
 /// What an invocation stopped for.

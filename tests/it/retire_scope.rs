@@ -1,7 +1,8 @@
 //! What a retire's full verify must cover: tables and columns a job rotated
 //! in an earlier run and its file no longer lists are refused, unless they
 //! were under another key store than the key being retired, or the
-//! operator vouches for them by name (recorded in the audit trail).
+//! operator vouches for them by name (recorded in the audit trail); and
+//! what transactions still open wrote to them is waited for first.
 
 use crate::harness::*;
 
@@ -456,4 +457,124 @@ async fn vouching_for_a_table_covers_a_left_out_column_and_the_audit_event_names
             .contains("(--accept-unverified): column emergency_contact_phone_encrypted of public.patient_persons"),
         "{detail}"
     );
+}
+
+/// An application's transaction that writes id 10's value as it was under
+/// key 1 (before `stage_promote_and_run`) back, and stays open.
+async fn open_write_under_key_1(db: &TestDb, old: &[u8]) -> tokio_postgres::Client {
+    let app = connect(&db.url).await;
+    app.batch_execute("BEGIN").await.unwrap();
+    app.execute(
+        "UPDATE patient_persons SET phone_encrypted = $1 WHERE id = 10",
+        &[&old],
+    )
+    .await
+    .unwrap();
+    app
+}
+
+/// id 10's phone as it is now.
+async fn phone_of_10(db: &TestDb) -> Vec<u8> {
+    db.client
+        .query_one(
+            "SELECT phone_encrypted FROM patient_persons WHERE id = 10",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Whether `child` (a retire) looked for open writers to the job's tables
+/// before it ended.
+async fn looked_for_open_writers(db: &TestDb, child: &mut std::process::Child) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::time::Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+        let seen: bool = db
+            .client
+            .query_one(
+                "SELECT count(*) > 0 FROM pg_stat_activity
+                  WHERE application_name = 'rekey' AND datname = current_database()
+                    AND query LIKE '%RowExclusiveLock%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if seen {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    false
+}
+
+// Before: a retire's full verify ran beside a transaction still open that
+// had written a value under the retiring key, and saw the row as it was
+// before: exit 0, "retired key 1", and once the transaction committed, its
+// value's key was gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn retire_waits_for_a_transaction_still_writing_to_the_table_and_refuses_on_what_it_committed(
+) {
+    let db = TestDb::new().await;
+    db.seed_patients(200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    let old = phone_of_10(&db).await;
+    stage_promote_and_run(&job);
+    let app = open_write_under_key_1(&db, &old).await;
+    let before = std::fs::read(&keyring).unwrap();
+    let mut child =
+        spawn_rekey_captured(&["secrets", "retire", "--job", &job], &keyring_pass_env());
+    let waited = looked_for_open_writers(&db, &mut child).await;
+    app.batch_execute("COMMIT").await.unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(waited, "the retire did not wait: {}", printed(&out));
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("1 values still under key 1"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(
+        std::fs::read(&keyring).unwrap(),
+        before,
+        "the keyring changed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retire_is_refused_while_a_transaction_that_wrote_to_the_table_stays_open_naming_its_process(
+) {
+    let db = TestDb::new().await;
+    db.seed_patients(200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    let old = phone_of_10(&db).await;
+    stage_promote_and_run(&job);
+    let app = open_write_under_key_1(&db, &old).await;
+    let pid: i32 = app
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let before = std::fs::read(&keyring).unwrap();
+    let out = rekey_retire(&job, &["--wait-for-writers", "500ms"]);
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
+    assert!(
+        printed(&out).contains(&format!(
+            "a transaction still open has written to public.patient_persons (process {pid}"
+        )) && printed(&out).contains(&format!("pg_terminate_backend({pid})")),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(
+        std::fs::read(&keyring).unwrap(),
+        before,
+        "the keyring changed"
+    );
+    app.batch_execute("ROLLBACK").await.unwrap();
+    // once it is gone, nothing holds the retire back
+    let out = rekey_retire(&job, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
 }
