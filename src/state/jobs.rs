@@ -166,6 +166,20 @@ async fn open_job_locked(
         )
         .await
         .ctx(what)?;
+        // and its partitions and children: one detached since is a table of its own
+        tx.execute(
+            "WITH RECURSIVE parts(oid) AS (
+                 SELECT i.inhrelid FROM pg_inherits i WHERE i.inhparent = $3::text::regclass
+                 UNION SELECT i.inhrelid FROM pg_inherits i JOIN parts ON i.inhparent = parts.oid)
+             INSERT INTO rekey.job_target_parts (job_id, target, table_name, table_oid, columns, attnums)
+             SELECT $1, $2, n.nspname || '.' || c.relname, c.oid, $4,
+                    ARRAY(SELECT a.attnum FROM unnest($4::text[]) WITH ORDINALITY AS u(name, i)
+                            JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = u.name ORDER BY u.i)
+               FROM parts JOIN pg_class c ON c.oid = parts.oid JOIN pg_namespace n ON n.oid = c.relnamespace",
+            &[&id, &(t.index as i32), &t.qualified(), &columns],
+        )
+        .await
+        .ctx(what)?;
     }
     let insert = tx
         .prepare("INSERT INTO rekey.progress (job_id, target, range_no, table_name, lower_key, upper_key) VALUES ($1, $2, $3, $4, $5, $6)")

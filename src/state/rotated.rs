@@ -137,10 +137,16 @@ async fn columns_left_out(
         .query(
             &format!(
                 "WITH RECURSIVE rotated AS (
-                     SELECT DISTINCT t.table_oid, t.table_name, u.column_name, u.attnum
+                     SELECT DISTINCT r.table_oid, r.table_name, u.column_name, u.attnum
                        FROM rekey.progress p JOIN rekey.jobs j ON j.job_id = p.job_id
                        JOIN rekey.job_targets t ON t.job_id = p.job_id AND t.target = p.target
-                      CROSS JOIN LATERAL unnest(t.columns, t.attnums) AS u(column_name, attnum)
+                       -- the target's table, and its partitions and children when the job started
+                      CROSS JOIN LATERAL (
+                            SELECT t.table_oid, t.table_name, t.columns, t.attnums
+                            UNION ALL
+                            SELECT s.table_oid, s.table_name, s.columns, s.attnums FROM rekey.job_target_parts s
+                             WHERE s.job_id = t.job_id AND s.target = t.target) AS r
+                      CROSS JOIN LATERAL unnest(r.columns, r.attnums) AS u(column_name, attnum)
                       WHERE j.name = $1 AND p.rows_rewritten > 0 AND {under}),
                  rel AS (
                      SELECT c.oid, n.nspname || '.' || c.relname AS name

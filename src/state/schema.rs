@@ -28,6 +28,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (15, include_str!("../../sql/015_database_identity.sql")),
     (16, include_str!("../../sql/016_job_target_key_stores.sql")),
     (17, include_str!("../../sql/017_rotation_catch_up.sql")),
+    (18, include_str!("../../sql/018_job_target_parts.sql")),
 ];
 
 /// Creates or upgrades schema `rekey`. Safe to run from several processes
@@ -96,6 +97,7 @@ const OWN_TABLES: &[(&str, &[&str])] = &[
     ("not_rotated", &["INSERT", "UPDATE"]),
     ("key_table_keys", &["INSERT", "UPDATE"]),
     ("job_targets", &["INSERT"]),
+    ("job_target_parts", &["INSERT"]),
     // made with its one row by the migration; only read after
     ("identity", &[]),
 ];
