@@ -308,6 +308,7 @@ const PREFLIGHT_ROWS: i64 = 200;
 pub async fn preflight(client: &Client, job: &Job) -> Result<(), Error> {
     for t in &job.targets {
         crate::job::visibility::check_writable(client, t).await?;
+        crate::job::shared_keys::refuse_keys_shared_with_children(client, t).await?;
         refuse_a_target_key_not_theirs(client, t).await?;
         let (text, prefixed) = sql::select_page(
             t,

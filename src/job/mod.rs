@@ -9,6 +9,7 @@ pub mod catalog;
 pub mod condition;
 pub mod hash;
 pub mod newer_keys;
+pub mod shared_keys;
 pub mod spec;
 pub mod visibility;
 
