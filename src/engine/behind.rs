@@ -59,28 +59,51 @@ pub async fn rows_behind(client: &Client, job: &Job, job_id: i64) -> Result<Vec<
     Ok(behind)
 }
 
-/// Rows of `t` holding a value on an old key, less the rows the job
-/// recorded as left on one (quarantined, not rotated, still changing), in
-/// one statement: one snapshot, so a row another process re-reads and
-/// clears from `rekey.conflicts` meanwhile is not counted as written behind.
+/// Rows of `t` holding a value on an old key that the job did not record
+/// as left on one, column by column: a value recorded (quarantined, not
+/// rotated) does not hide one written behind in another column of its row;
+/// a row still changing (`rekey.conflicts`) counts as recorded in each.
+/// The most of any column's, a lower bound of the rows. In one statement:
+/// one snapshot, so a row another process re-reads and clears from
+/// `rekey.conflicts` meanwhile is not counted as written behind.
 async fn unrecorded_stale_rows(client: &Client, t: &Target, job_id: i64) -> Result<u64, Error> {
-    let (filter, cols) = sql::stale_filter(t, "", 4);
-    let prefixes: Vec<Vec<u8>> = cols.iter().filter_map(|&c| t.stale_prefix(c)).collect();
     let table = t.table.to_string();
     let target = t.index as i32;
-    let mut values: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = Vec::new();
-    values.push(&job_id);
-    values.push(&table);
-    values.push(&target);
+    let names: Vec<String> = t.columns.iter().map(|c| c.name.clone()).collect();
+    let mut prefixes = Vec::new();
+    let (mut stale, mut recorded) = (Vec::new(), Vec::new());
+    // $1 job, $2 table, $3 target, then one name per column, then the prefixes
+    for (col, name) in (0..names.len()).zip(4..) {
+        let param = 4 + names.len() + prefixes.len();
+        let Some(term) = sql::prefix_compared(t, col, "", "<>", param) else {
+            continue;
+        };
+        prefixes.extend(t.stale_prefix(col));
+        stale.push(format!("count(*) FILTER (WHERE {term})"));
+        recorded.push(format!(
+            "(SELECT count(*) FROM (
+                 SELECT pk FROM rekey.quarantine WHERE job_id = $1 AND table_name = $2 AND column_name = ${name}
+                 UNION SELECT pk FROM rekey.not_rotated WHERE job_id = $1 AND target = $3 AND column_name = ${name}
+                 UNION SELECT pk FROM rekey.conflicts WHERE job_id = $1 AND target = $3) AS recorded)"
+        ));
+    }
+    if stale.is_empty() {
+        return Ok(0);
+    }
+    let mut values: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+        vec![&job_id, &table, &target];
+    values.extend(
+        names
+            .iter()
+            .map(|n| n as &(dyn tokio_postgres::types::ToSql + Sync)),
+    );
     values.extend(params(&prefixes));
     let row = client
         .query_one(
             &format!(
-                "SELECT (SELECT count(*) FROM {} WHERE {filter}{}),
-                        (SELECT count(*) FROM (
-                             SELECT pk FROM rekey.quarantine WHERE job_id = $1 AND table_name = $2
-                             UNION SELECT pk FROM rekey.not_rotated WHERE job_id = $1 AND target = $3
-                             UNION SELECT pk FROM rekey.conflicts WHERE job_id = $1 AND target = $3) AS recorded)",
+                "SELECT ARRAY[{}]::bigint[], ARRAY[{}]::bigint[] FROM (SELECT * FROM {} WHERE true{}) AS t",
+                stale.join(", "),
+                recorded.join(", "),
                 t.qualified(),
                 sql::target_filter(t)
             ),
@@ -88,6 +111,12 @@ async fn unrecorded_stale_rows(client: &Client, t: &Target, job_id: i64) -> Resu
         )
         .await
         .ctx(|| format!("counting the rows of {} still on an old key", t.table))?;
-    let (stale, recorded): (i64, i64) = (row.get(0), row.get(1));
-    Ok(u64::try_from(stale.saturating_sub(recorded)).unwrap_or(0))
+    let (stale, recorded): (Vec<i64>, Vec<i64>) = (row.get(0), row.get(1));
+    let behind = stale
+        .iter()
+        .zip(&recorded)
+        .map(|(s, r)| s.saturating_sub(*r))
+        .max()
+        .unwrap_or(0);
+    Ok(u64::try_from(behind).unwrap_or(0))
 }

@@ -68,7 +68,7 @@ pub fn prefix_expr(target: &Target, col: usize, alias: &str, len: usize) -> Stri
 
 /// `<prefix of column col> <op> $param`, where the column's values show
 /// their key ([`Target::stale_prefix`]).
-fn prefix_compared(
+pub fn prefix_compared(
     target: &Target,
     col: usize,
     alias: &str,

@@ -97,3 +97,62 @@ async fn the_recount_at_the_end_is_not_cut_short_by_the_runs_statement_timeout()
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert_eq!(json(&out)["rows_written_behind"], 0, "{}", printed(&out));
 }
+
+// Before: the recount subtracted every row the run had recorded (one of its
+// values quarantined) whole, so a value written behind the run in another
+// column of that row went unseen: exit 3, "done but values quarantined",
+// with row 11's emergency phone on key 1 again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_value_written_behind_the_run_beside_a_quarantined_one_in_its_row_is_still_seen() {
+    let db = TestDb::new().await;
+    db.seed_patients(300).await;
+    // row 11's phone does not open (quarantined); the run's write of row 200,
+    // long after row 11's batch, puts row 11's emergency phone back as it was
+    db.client
+        .batch_execute(
+            "UPDATE patient_persons SET phone_encrypted = substring(phone_encrypted from 1 for 10) WHERE id = 11;
+             CREATE TABLE kept AS SELECT emergency_contact_phone_encrypted AS v FROM patient_persons WHERE id = 11;
+             CREATE FUNCTION write_behind() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               UPDATE patient_persons SET emergency_contact_phone_encrypted = (SELECT v FROM kept) WHERE id = 11;
+               RETURN NULL;
+             END $$;
+             CREATE TRIGGER write_behind AFTER UPDATE ON patient_persons FOR EACH ROW
+               WHEN (OLD.id = 200) EXECUTE FUNCTION write_behind();",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    let out = rekey(
+        &[
+            "run",
+            "--job",
+            &job,
+            "--json",
+            "--workers",
+            "1",
+            "--batch-size",
+            "50",
+        ],
+        &seed_env(),
+    );
+    let on_key_1: bool = db
+        .client
+        .query_one(
+            "SELECT get_byte(emergency_contact_phone_encrypted, 0) = 1 FROM patient_persons WHERE id = 11",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        on_key_1,
+        "the premise: written behind the run\n{}",
+        printed(&out)
+    );
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
+    let summary = json(&out);
+    assert_eq!(summary["values_failed"], 1, "{summary}");
+    assert_eq!(summary["rows_written_behind"], 1, "{summary}");
+}
