@@ -137,6 +137,11 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
 
     if !args.dry_run && !args.force {
         verify::preflight(&client, &job).await?;
+    } else if !args.dry_run {
+        // --force lets values that do not open through, never a key pages cannot follow
+        for t in &job.targets {
+            crate::job::shared_keys::refuse_keys_shared_with_children(&client, t).await?;
+        }
     }
     if !args.dry_run {
         // throttles that cannot work are refused before the engine's state

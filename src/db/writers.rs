@@ -2,27 +2,38 @@
 //! is invisible to every other session until they commit, so a scan that
 //! must see the whole table (the full verify a key's retire rests on) first
 //! waits for them, as `CREATE INDEX CONCURRENTLY` waits for the
-//! transactions before it. Found by their locks, which no one waits on.
+//! transactions before it. Found by their locks, which no one waits on,
+//! and which every role may read.
 
 use tokio_postgres::Client;
 
-/// Another session's transaction holding a write lock on a table.
+/// Another transaction holding a lock that writes, or changes what, a
+/// table holds.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct OpenWriter {
-    /// The server process of its session.
-    pub pid: i32,
-    /// When its transaction began (it is this transaction, not the session's next).
-    pub since: String,
-    /// `active`, `idle in transaction`, ...
-    pub state: String,
-    /// The table it wrote to (`schema.table`, quoted where needed).
+    /// Its virtual transaction id (`pg_locks.virtualtransaction`), which
+    /// every role may read and which names this transaction, not the
+    /// session's next.
+    pub transaction: String,
+    /// The server process of its session; none for a prepared transaction.
+    pub pid: Option<i32>,
+    /// When it began, where this role may see it (its own role's sessions,
+    /// or with `pg_read_all_stats`).
+    pub since: Option<String>,
+    /// `active`, `idle in transaction`, ..., where this role may see it.
+    pub state: Option<String>,
+    /// The table it holds the lock on (`schema.table`, quoted where needed).
     pub table: String,
 }
 
-/// The transactions of other sessions that hold a write lock (`ROW
-/// EXCLUSIVE`: an INSERT, UPDATE, DELETE or COPY FROM, kept until they
-/// end) on one of `tables` (quoted, qualified names) or on a partition or
-/// inheritance child of one, at any depth.
+/// The transactions of other sessions (prepared ones too) holding a lock
+/// on one of `tables` (quoted, qualified names), or on a partition or
+/// inheritance child of one at any depth, in a mode that conflicts with
+/// `SHARE`, as `CREATE INDEX CONCURRENTLY` waits for: `ROW EXCLUSIVE` (an
+/// INSERT, UPDATE, DELETE, MERGE or COPY FROM) and the modes of the DDL
+/// that changes what a table holds (attaching a partition, rewriting a
+/// column). Autovacuum's workers write no values and are left out. The
+/// locks are read from `pg_locks`, which every role may read in full.
 pub async fn open_writers(
     client: &Client,
     tables: &[String],
@@ -32,23 +43,29 @@ pub async fn open_writers(
             "WITH RECURSIVE tables AS (
                  SELECT t::regclass::oid AS oid FROM unnest($1::text[]) AS t
                  UNION SELECT i.inhrelid FROM pg_inherits i JOIN tables ON i.inhparent = tables.oid)
-             SELECT DISTINCT l.pid, a.xact_start::text, coalesce(a.state, ''), format('%I.%I', n.nspname, c.relname)
-               FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+             SELECT DISTINCT l.virtualtransaction, l.pid, a.xact_start::text, a.state,
+                    format('%I.%I', n.nspname, c.relname)
+               FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
                JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE l.locktype = 'relation' AND l.mode = 'RowExclusiveLock' AND l.granted
-                AND l.relation IN (SELECT oid FROM tables) AND l.pid <> pg_backend_pid()
-                AND a.xact_start IS NOT NULL
-              ORDER BY 1, 4",
+              WHERE l.locktype = 'relation' AND l.granted
+                AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                AND l.mode IN ('RowExclusiveLock', 'ShareUpdateExclusiveLock', 'ShareRowExclusiveLock',
+                               'ExclusiveLock', 'AccessExclusiveLock')
+                AND l.relation IN (SELECT oid FROM tables)
+                AND l.pid IS DISTINCT FROM pg_backend_pid()
+                AND a.backend_type IS DISTINCT FROM 'autovacuum worker'
+              ORDER BY 2, 5",
             &[&tables],
         )
         .await?;
     Ok(rows
         .iter()
         .map(|r| OpenWriter {
-            pid: r.get(0),
-            since: r.get(1),
-            state: r.get(2),
-            table: r.get(3),
+            transaction: r.get(0),
+            pid: r.get(1),
+            since: r.get(2),
+            state: r.get(3),
+            table: r.get(4),
         })
         .collect())
 }

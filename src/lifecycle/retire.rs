@@ -54,15 +54,17 @@ pub async fn retire(
     let unverified = refuse_tables_left_out(client, job, old, &opts.accept_unverified).await?;
     // what a transaction still open wrote is invisible to the verify: a value
     // it committed after under the old key would lose its key
+    // a key repeated across inheritance children would make the verify's pages skip rows
+    for t in &job.targets {
+        crate::job::shared_keys::refuse_keys_shared_with_children(client, t).await?;
+    }
     let open = writers_ended(client, job, opts.wait_for_writers).await?;
     if let Some(w) = open.first() {
         let notes = format!(
-            "a transaction still open has written to {} (process {}, open since {}, {}){}: what it wrote \
-             is invisible to the verify, and a value it writes under key {old} would lose its key",
+            "a transaction still open has written to {} ({}){}: what it wrote is invisible to the verify, \
+             and a value it writes under key {old} would lose its key",
             w.table,
-            w.pid,
-            w.since,
-            w.state,
+            described(w),
             match open.len() - 1 {
                 0 => String::new(),
                 more => format!(", and {more} more"),
@@ -81,13 +83,16 @@ pub async fn retire(
                 },
             )
             .await?;
+        let end_it = match w.pid {
+            Some(pid) => format!("SELECT pg_terminate_backend({pid})"),
+            None => "ROLLBACK PREPARED, see pg_prepared_xacts".to_string(),
+        };
         return Ok(Progressed {
             ended: Ended::NotVerified,
             lines: vec![format!(
                 "refusing to retire key {old} after waiting {} for it: {notes}. Retire once it ends; if it is abandoned, \
-                 end it (SELECT pg_terminate_backend({})), or wait longer (--wait-for-writers)",
+                 end it ({end_it}), or wait longer (--wait-for-writers)",
                 humantime::format_duration(opts.wait_for_writers),
-                w.pid
             )],
             events: vec!["retire_refused".into()],
             step: None,
@@ -198,11 +203,12 @@ pub async fn retire(
     })
 }
 
-/// Waits, up to `limit`, for the transactions of other sessions that
-/// had written to the job's tables (or their partitions and children) and
-/// were still open when it began; returns those still open then. Those
-/// that begin meanwhile are not waited for: the applications write under
-/// the new key by now, and a later verify sees what they commit.
+/// Waits, up to `limit`, for the transactions of other sessions (prepared
+/// ones too) that had written to the job's tables (or their partitions and
+/// children) and were still open when it began; returns those still open
+/// then, one each. Those that begin meanwhile are not waited for: the
+/// applications write under the new key by now, and a later verify sees
+/// what they commit.
 async fn writers_ended(
     client: &Client,
     job: &Job,
@@ -211,23 +217,42 @@ async fn writers_ended(
     let tables: Vec<String> = job.targets.iter().map(|t| t.qualified()).collect();
     let what = || "looking for open transactions that wrote to the job's tables".to_string();
     let mut open = open_writers(client, &tables).await.ctx(what)?;
-    if open.is_empty() {
+    // one per transaction, whatever the tables it holds locks on
+    open.sort_by(|a, b| a.transaction.cmp(&b.transaction));
+    open.dedup_by(|a, b| a.transaction == b.transaction);
+    let Some(first) = open.first() else {
         return Ok(open);
-    }
+    };
     tracing::info!(
-        "waiting up to {} for {} transaction(s) still open that wrote to the job's tables (process {} first)",
+        "waiting up to {} for {} transaction(s) still open that wrote to the job's tables ({} first)",
         humantime::format_duration(limit),
         open.len(),
-        open[0].pid
+        described(first)
     );
-    let deadline = Instant::now() + limit;
-    while !open.is_empty() && Instant::now() < deadline {
+    // a limit past what a clock can hold waits as long as it takes
+    let deadline = Instant::now().checked_add(limit);
+    while !open.is_empty() && deadline.is_none_or(|d| Instant::now() < d) {
         tokio::time::sleep(WRITERS_POLL).await;
         let now = open_writers(client, &tables).await.ctx(what)?;
-        // the same transaction: the same process, begun at the same instant
-        open.retain(|w| now.iter().any(|n| n.pid == w.pid && n.since == w.since));
+        open.retain(|w| now.iter().any(|n| n.transaction == w.transaction));
     }
     Ok(open)
+}
+
+/// An open transaction for people: its process, since when and its state
+/// where this role may see them; or that it is prepared.
+fn described(w: &OpenWriter) -> String {
+    let Some(pid) = w.pid else {
+        return format!("a prepared transaction, {}", w.transaction);
+    };
+    let mut said = format!("process {pid}");
+    if let Some(since) = &w.since {
+        said.push_str(&format!(", open since {since}"));
+    }
+    if let Some(state) = &w.state {
+        said.push_str(&format!(", {state}"));
+    }
+    said
 }
 
 /// How often [`writers_ended`] looks again.

@@ -657,3 +657,49 @@ async fn retire_is_refused_for_a_partition_the_job_rotated_and_that_was_detached
         printed(&out)
     );
 }
+
+// Before: where rekey's role may not see other roles' sessions in
+// pg_stat_activity (no pg_read_all_stats), an application's transaction
+// still open under another role was not seen, and the retire went on.
+#[tokio::test(flavor = "multi_thread")]
+async fn retire_as_a_role_that_may_not_see_the_applications_sessions_still_waits_for_its_open_write(
+) {
+    let db = TestDb::new().await;
+    db.seed_patients(200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    let old = phone_of_10(&db).await;
+    stage_promote_and_run(&job);
+    let role = format!("{}_retirer", db_name(&db).await);
+    db.client
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN PASSWORD 'pw' NOSUPERUSER NOBYPASSRLS;
+             GRANT SELECT ON patient_persons TO {role};
+             GRANT USAGE ON SCHEMA rekey TO {role};
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA rekey TO {role};
+             GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA rekey TO {role};"
+        ))
+        .await
+        .unwrap();
+    // the application's transaction, under the superuser's role
+    let app = open_write_under_key_1(&db, &old).await;
+    let before = std::fs::read(&keyring).unwrap();
+    let url = url_as(&db, &role);
+    let out = rekey_retire(
+        &job,
+        &["--wait-for-writers", "500ms", "--database-url", &url],
+    );
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
+    assert!(
+        printed(&out)
+            .contains("a transaction still open has written to public.patient_persons (process"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(
+        std::fs::read(&keyring).unwrap(),
+        before,
+        "the keyring changed"
+    );
+    app.batch_execute("ROLLBACK").await.unwrap();
+}
