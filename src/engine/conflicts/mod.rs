@@ -39,7 +39,7 @@ pub(super) async fn retry_conflicts(
 ) -> Result<(Outcome, u64), Error> {
     let mut outcome = Outcome::default();
     // processes sharing the job take turns: the next finds what the first left
-    let mut turn = Turn::take(db, job_id).await?;
+    let mut turn = Turn::first(db, job_id).await?;
     let mut reader = None;
     let mut writer = None;
     // rows re-read so far: the progress line counts the pass as a phase of its own

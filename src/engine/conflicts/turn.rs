@@ -24,19 +24,49 @@ pub(super) struct Turn<'a> {
     client: Client,
     /// How often it is pinged while other sessions work.
     every: Duration,
+    /// Its server process and when it started: after a break the server
+    /// did not see (a network cut), that process may hold the turn still.
+    backend: (i32, String),
 }
 
 impl<'a> Turn<'a> {
-    /// Opens the session and waits, as long as it takes, for the turn.
-    pub(super) async fn take(db: &'a Database, job_id: i64) -> Result<Turn<'a>, Error> {
+    /// Opens the session and waits, as long as it takes, for the turn;
+    /// first ends `lost`, this process's session that held it before.
+    async fn take(
+        db: &'a Database,
+        job_id: i64,
+        lost: Option<&(i32, String)>,
+    ) -> Result<Turn<'a>, Error> {
         // its waits and counts are not batches: none under the batches' statement timeout
         let client = db.with_session(&Timeouts::read_only()).connect().await?;
+        let ctx = |what: &str| {
+            let what = what.to_string();
+            move |e| Error::Db {
+                context: what,
+                source: e,
+            }
+        };
+        if let Some((pid, started)) = lost {
+            // the same process, started at the same instant: not one that reused its number
+            client
+                .execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                      WHERE pid = $1 AND backend_start::text = $2",
+                    &[pid, started],
+                )
+                .await
+                .map_err(ctx("ending the lost session of the conflict re-reads"))?;
+        }
         crate::state::locks::wait_for(&client, &format!("rekey.conflicts:{job_id}"))
             .await
-            .map_err(|e| Error::Db {
-                context: "waiting for another process's conflict re-reads".into(),
-                source: e,
-            })?;
+            .map_err(ctx("waiting for another process's conflict re-reads"))?;
+        let me = client
+            .query_one(
+                "SELECT pid, backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .map_err(ctx("reading the conflict re-reads' own session"))?;
         // the turn's lock is this session's: it is kept from idling through the holds
         let every = ping_interval(&client).await;
         Ok(Turn {
@@ -44,7 +74,13 @@ impl<'a> Turn<'a> {
             job_id,
             client,
             every,
+            backend: (me.get(0), me.get(1)),
         })
+    }
+
+    /// Takes the turn of job `job_id`'s re-reads ([`Turn::take`]).
+    pub(super) async fn first(db: &'a Database, job_id: i64) -> Result<Turn<'a>, Error> {
+        Turn::take(db, job_id, None).await
     }
 
     /// Runs `work` (on other sessions) while keeping this one from idling.
@@ -82,7 +118,10 @@ impl<'a> Turn<'a> {
     }
 
     /// After a listing failed with `error` (the `failed`-th time): where the
-    /// session was lost, waits, opens it again and takes the turn again, so
+    /// session was lost, waits, opens it again, ends the lost one's server
+    /// process where it lives on (a break the server did not see would
+    /// otherwise keep the turn from this process for as long as the
+    /// server's TCP keepalive takes) and takes the turn again, so
     /// the caller can list again; returns the error when it is another, or
     /// keeps coming past the run's tries.
     async fn recover(
@@ -105,7 +144,7 @@ impl<'a> Turn<'a> {
         );
         tokio::time::sleep(wait).await;
         // a failure here shows at the next listing, which counts a try
-        match Turn::take(self.db, self.job_id).await {
+        match Turn::take(self.db, self.job_id, Some(&self.backend)).await {
             Ok(again) => *self = again,
             Err(e) => tracing::warn!("opening it again failed: {}", e.chain()),
         }
