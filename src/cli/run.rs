@@ -379,6 +379,8 @@ fn ended(args: &RunArgs, job: &Job, ran: &Ran) -> u8 {
     } else if ran.totals.values_not_rotated > 0
         || outcome.conflicts_left > 0
         || !outcome.behind.is_empty()
+        // a dry run writes nothing: what it would rewrite is still on an old key
+        || (args.dry_run && outcome.counts.values_rewritten > 0)
     {
         (RunState::LeftOnOldKeys, EXIT_LEFT_ON_OLD_KEYS)
     } else if failed > 0 {

@@ -58,6 +58,9 @@ struct CatalogColumn {
     name: String,
     type_name: String,
     not_null: bool,
+    /// A generated column (`GENERATED ALWAYS AS (...) STORED`): the
+    /// server computes it, and refuses any other value.
+    generated: bool,
 }
 
 /// Resolves and checks one `[[target]]` against the catalog.
@@ -160,14 +163,14 @@ async fn table_columns(
 ) -> Result<Vec<CatalogColumn>, Error> {
     Ok(client
         .query(
-            "SELECT attname::text, format_type(atttypid, atttypmod), attnotnull, atttypid
+            "SELECT attname::text, format_type(atttypid, atttypmod), attnotnull, attgenerated <> ''
                FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
             &[&oid],
         )
         .await
         .ctx(|| format!("reading the columns of {table}"))?
         .iter()
-        .map(|r| CatalogColumn { name: r.get(0), type_name: r.get(1), not_null: r.get(2) })
+        .map(|r| CatalogColumn { name: r.get(0), type_name: r.get(1), not_null: r.get(2), generated: r.get(3) })
         .collect())
 }
 
@@ -194,6 +197,12 @@ fn encrypted_columns(
                 column_names(cols)
             ))
         })?;
+        if col.generated {
+            return Err(Error::Config(format!(
+                "column {table}.{c} is a generated column: the server computes its values from other columns and refuses \
+                 any other; list the encrypted column it is generated from instead"
+            )));
+        }
         match col.type_name.as_str() {
             "bytea" | "text" => {}
             other if other.starts_with("character varying") => {}

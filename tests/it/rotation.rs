@@ -71,6 +71,30 @@ async fn a_second_run_after_a_finished_one_rewrites_nothing() {
     assert_eq!(db.checksum("patient_persons").await, before);
 }
 
+// Before: a dry run that would rewrite every value exited 0 and logged
+// "done", where 0 promises that nothing in scope is on an old key.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_exits_4_while_values_would_be_rewritten_and_0_once_none_would() {
+    let db = TestDb::new().await;
+    db.seed_patients(500).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    let dry = ["run", "--job", job.as_str(), "--dry-run", "--json"];
+    let out = rekey(&dry, &seed_env());
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
+    assert!(
+        json(&out)["values_rewritten"].as_i64() > Some(0),
+        "{}",
+        printed(&out)
+    );
+    assert!(!printed(&out).contains(": done after"), "{}", printed(&out));
+    let out = rekey(&["run", "--job", &job], &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let out = rekey(&dry, &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(json(&out)["values_rewritten"], 0, "{}", printed(&out));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn dry_run_changes_neither_the_table_nor_engine_state() {
     let db = TestDb::new().await;
@@ -90,7 +114,8 @@ async fn dry_run_changes_neither_the_table_nor_engine_state() {
     let mut a = run_args(&job);
     a.push("--dry-run".into());
     let out = rekey(&args(&a), &seed_env());
-    assert_eq!(out.status.code(), Some(3), "{}", printed(&out));
+    // values it would rewrite are still on an old key
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
     let summary = json(&out);
     assert_eq!(summary["values_rewritten"], 5_000 + 3_334 - 2);
     assert_eq!(

@@ -346,3 +346,43 @@ async fn an_inheritance_parent_whose_children_hold_keys_of_their_own_rotates_wit
     let verified = rekey(&["verify", "--job", &job, "--full"], &seed_env());
     assert_eq!(verified.status.code(), Some(0), "{}", printed(&verified));
 }
+
+// Before: exit 1 with the server's "can only be updated to DEFAULT", the
+// hint that running again resumes (it never could), and a job left running.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_generated_column_listed_as_encrypted_is_refused_before_any_job_is_made() {
+    let db = TestDb::new().await;
+    db.seed_patients(50).await;
+    db.client
+        .batch_execute("ALTER TABLE patient_persons ADD COLUMN phone_copy bytea GENERATED ALWAYS AS (phone_encrypted) STORED")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(
+        &dir,
+        &db,
+        "[[target]]\ntable = \"patient_persons\"\ncolumns = [\"phone_copy\"]\nformat = \"versioned-gcm\"\n",
+    );
+    let out = rekey(&["run", "--job", &job], &seed_env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("column public.patient_persons.phone_copy is a generated column"),
+        "{}",
+        printed(&out)
+    );
+    let jobs: Option<i64> = db
+        .client
+        .query_one(
+            "SELECT CASE WHEN to_regclass('rekey.jobs') IS NOT NULL THEN 0::bigint END",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        jobs,
+        None,
+        "rekey's engine state was made: {}",
+        printed(&out)
+    );
+}

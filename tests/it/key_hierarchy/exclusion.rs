@@ -89,7 +89,8 @@ async fn a_retire_read_before_another_jobs_rewrap_does_not_archive_the_stale_wra
     let out = rekey(&["secrets", "init", "--adopt", "--job", &notes], &aws_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
 
-    // the retire reads the key table, then waits in its full verify
+    // the retire reads the key table, then waits: for the blocker's
+    // transaction to end before its full verify, and in it for the lock
     let blocker = connect(&db.url).await;
     blocker
         .batch_execute("BEGIN; LOCK TABLE patient_notes IN ACCESS EXCLUSIVE MODE")
@@ -101,9 +102,11 @@ async fn a_retire_read_before_another_jobs_rewrap_does_not_archive_the_stale_wra
     );
     until(
         &db,
-        "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'patient_notes'::regclass",
+        "SELECT (SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'patient_notes'::regclass)
+              + (SELECT count(*) FROM pg_stat_activity WHERE application_name = 'rekey'
+                    AND datname = current_database() AND query LIKE '%virtualtransaction%')",
         &mut retire,
-        "the retire reached its verify",
+        "the retire waited for the blocker",
     )
     .await;
 
