@@ -11,6 +11,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use tokio_postgres::Client;
 
+use crate::crypto::codec::CodecError;
 use crate::crypto::keyring::KeyId;
 use crate::db::idle::keeping_alive;
 use crate::db::raw::params;
@@ -345,8 +346,60 @@ pub async fn preflight(client: &Client, job: &Job) -> Result<(), Error> {
                 t.table
             )));
         }
+        // not a ciphertext of the format at all (a plaintext column listed by
+        // mistake, the wrong format): not damaged values an earlier run left
+        let malformed = cells
+            .iter()
+            .filter(|c| {
+                matches!(
+                    c,
+                    Cell::Failed(CodecError::BadEncoding | CodecError::Truncated)
+                )
+            })
+            .count();
+        if tried >= NOT_CIPHERTEXT_AT_LEAST
+            && malformed == tried
+            && !quarantined_before(client, job, t).await?
+        {
+            return Err(Error::Config(format!(
+                "none of the {tried} values sampled from {} is a value of the job's format ({}: not base64, or \
+                 shorter than the format's overhead): is every column listed encrypted, and in this format? Nothing \
+                 was written. Fix the job file's columns or format, or pass --force to quarantine every value that \
+                 does not open",
+                t.table,
+                cells
+                    .iter()
+                    .find_map(|c| match c {
+                        Cell::Failed(e) => Some(e.kind()),
+                        _ => None,
+                    })
+                    .unwrap_or_default()
+            )));
+        }
     }
     Ok(())
+}
+
+/// Sampled values that must all be malformed before a target is refused
+/// as not holding ciphertext of its format (fewer may be damaged values
+/// of a table otherwise rotated).
+const NOT_CIPHERTEXT_AT_LEAST: usize = 10;
+
+/// Whether a run of job `job` has quarantined values of `t` before: a
+/// sample of malformed values is then what it left, not a wrong column.
+async fn quarantined_before(client: &Client, job: &Job, t: &Target) -> Result<bool, Error> {
+    if !state::schema_exists(client).await? {
+        return Ok(false);
+    }
+    Ok(client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM rekey.quarantine q JOIN rekey.jobs j ON j.job_id = q.job_id
+                             WHERE j.name = $1 AND q.table_name = $2)",
+            &[&job.name, &t.table.to_string()],
+        )
+        .await
+        .ctx(|| format!("reading what earlier runs quarantined in {}", t.table))?
+        .get(0))
 }
 
 /// The newest rows by key that [`refuse_a_target_key_not_theirs`] looks

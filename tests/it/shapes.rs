@@ -386,3 +386,40 @@ async fn a_generated_column_listed_as_encrypted_is_refused_before_any_job_is_mad
         printed(&out)
     );
 }
+
+// Before: a plaintext text column listed as encrypted was quarantined
+// whole (exit 3, "done"), where a bytea one is refused before any write.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_text_column_holding_no_ciphertext_is_refused_before_any_write() {
+    let db = TestDb::new().await;
+    db.client
+        .batch_execute(
+            "CREATE TABLE notes (id bigint PRIMARY KEY, body text);
+             INSERT INTO notes SELECT i, 'patient ' || i FROM generate_series(1, 300) i;",
+        )
+        .await
+        .unwrap();
+    let before = db.checksum("notes").await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(
+        &dir,
+        &db,
+        "[[target]]\ntable = \"notes\"\ncolumns = [\"body\"]\nformat = \"versioned-gcm\"\n",
+    );
+    let out = rekey(&["run", "--job", &job], &seed_env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("none of the 200 values sampled from public.notes is a value of the job's format (bad_encoding"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(db.checksum("notes").await, before);
+    // on the operator's word, every value is quarantined, none written
+    let out = rekey(&["run", "--job", &job, "--force", "--json"], &seed_env());
+    assert_eq!(out.status.code(), Some(3), "{}", printed(&out));
+    assert_eq!(json(&out)["values_failed"], 300, "{}", printed(&out));
+    assert_eq!(db.checksum("notes").await, before);
+    // and a run after it, finding what it quarantined, is not refused
+    let out = rekey(&["run", "--job", &job], &seed_env());
+    assert_eq!(out.status.code(), Some(3), "{}", printed(&out));
+}
