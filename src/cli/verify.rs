@@ -117,7 +117,8 @@ fn not_verified(on_old: u64, undecryptable: u64, mismatched: u64) -> String {
         out.push_str(&format!(
             " {undecryptable} values no key given opens (damaged, truncated, or under a key the job does not have): \
              `rekey run` cannot fix these; restore them from a backup or add the key they were written under \
-             (each is listed above; a run also records them in rekey.quarantine)"
+             (each is listed above; a run records in rekey.quarantine those it reads, never one labelled with the \
+             target key)"
         ));
     }
     if mismatched > 0 {

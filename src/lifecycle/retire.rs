@@ -112,7 +112,19 @@ pub async fn retire(
     // in either format: a migration reads one and writes another
     let remaining = v.values_under_key(old);
     if remaining > 0 || v.values_unreadable() > 0 {
-        let notes = format!("{remaining} values still under key {old}, {} undecryptable; rotate them first (`rekey run`)", v.values_unreadable());
+        let unreadable = v.values_unreadable();
+        let mut notes =
+            format!("{remaining} values still under key {old}, {unreadable} undecryptable");
+        if remaining > 0 {
+            notes.push_str("; rotate them first (`rekey run`)");
+        }
+        if unreadable > 0 {
+            // `run` reads values on old keys only: one labelled with the target key it never reads
+            notes.push_str(
+                "; no key given opens the undecryptable ones (`rekey verify --full` lists them): restore them from a \
+                 backup or give the job the key they were written under",
+            );
+        }
         opts.audit
             .record(
                 client,

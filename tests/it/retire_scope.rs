@@ -703,3 +703,40 @@ async fn retire_as_a_role_that_may_not_see_the_applications_sessions_still_waits
     );
     app.batch_execute("ROLLBACK").await.unwrap();
 }
+
+// Before: a value no key opens, labelled with the target key (here a key-1
+// value whose version byte says 2), refused the retire with "rotate them
+// first (`rekey run`)", and `verify` said a run records them: a run never
+// reads a value labelled with the target key, so the advice looped.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retire_refused_for_values_no_key_opens_says_what_helps_not_a_run() {
+    let db = TestDb::new().await;
+    db.seed_patients(200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, _keyring) = keyring_file_job(&db, &dir);
+    let old = phone_of_10(&db).await;
+    stage_promote_and_run(&job);
+    db.client
+        .execute(
+            "UPDATE patient_persons SET phone_encrypted = set_byte($1, 0, 2) WHERE id = 10",
+            &[&old],
+        )
+        .await
+        .unwrap();
+    let out = rekey_retire(&job, &[]);
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("0 values still under key 1, 1 undecryptable; no key given opens")
+            && !printed(&out).contains("rotate them first"),
+        "{}",
+        printed(&out)
+    );
+    let out = rekey(&["verify", "--job", &job, "--full"], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
+    assert!(
+        !printed(&out).contains("a run also records them")
+            && !printed(&out).contains("`rekey run` quarantines them"),
+        "{}",
+        printed(&out)
+    );
+}

@@ -228,7 +228,7 @@ impl QuarantineSummary<'_> {
             (true, false) => tracing::warn!(
                 count = self.count,
                 "found {} values of {table}.{column} that do not decrypt ({error}), e.g. at keys {keys}; \
-                 nothing was recorded (this command writes nothing): `rekey run` quarantines them",
+                 nothing was recorded (this command writes nothing)",
                 self.count,
             ),
             (false, true) => tracing::warn!("values of {table}.{column} do not decrypt ({error}), the first at key {keys}: quarantining them; the run ends with their count"),
