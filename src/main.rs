@@ -23,6 +23,10 @@ fn json_error(error: &str, kind: &str, exit_code: u8, hint: &str) {
     out::stdout_line(format_args!("{object}"));
 }
 
+/// The stack of the thread that runs the command (the main thread's is 8 MiB
+/// where the system sets it; only what is used is taken).
+const COMMAND_STACK: usize = 64 << 20;
+
 fn main() -> ExitCode {
     // Key material must not end up in a core file.
     rekey::crypto::keyring::forbid_core_dumps();
@@ -66,8 +70,35 @@ fn main() -> ExitCode {
         }
     };
     // the command's future (some 300 KB for `run` and `rotate`) lives on the
-    // heap, not on the main thread's stack beside the frames that poll it
-    match runtime.block_on(Box::pin(rekey::cli::dispatch(cli.command))) {
+    // heap, and the frames that poll it (a debug build's hold every future
+    // they make) run on a thread whose stack is larger than the main one's
+    let command = cli.command;
+    let polled = std::thread::Builder::new()
+        .name("rekey-command".into())
+        .stack_size(COMMAND_STACK)
+        .spawn(move || runtime.block_on(Box::pin(rekey::cli::dispatch(command))));
+    let done = match polled {
+        Ok(thread) => match thread.join() {
+            Ok(done) => done,
+            // the panic was printed by its thread; end as a panic does
+            Err(panic) => std::panic::resume_unwind(panic),
+        },
+        Err(e) => {
+            out::stderr_line(format_args!(
+                "rekey: cannot start the command's thread: {e}"
+            ));
+            if json {
+                json_error(
+                    &format!("cannot start the command's thread: {e}"),
+                    "runtime",
+                    1,
+                    "",
+                );
+            }
+            return ExitCode::from(1);
+        }
+    };
+    match done {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             out::stderr_line(format_args!("rekey: {}", e.chain()));

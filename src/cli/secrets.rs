@@ -307,6 +307,10 @@ async fn retire(a: &RetireArgs) -> Result<u8, Error> {
         ..rotate_options(&a.life, &spec, default_lanes(), 5000, Duration::ZERO, false)
     };
     let job = Arc::new(Job::resolve(&spec, &client).await?);
-    let p = crate::lifecycle::retire::retire(&db, &client, &job, &mut store, id, &opts).await?;
+    // boxed: the retire's future (a full verify's inside) off the stack that polls it
+    let p = Box::pin(crate::lifecycle::retire::retire(
+        &db, &client, &job, &mut store, id, &opts,
+    ))
+    .await?;
     Ok(report(&a.life, &spec, &p))
 }

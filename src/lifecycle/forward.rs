@@ -241,7 +241,8 @@ pub(crate) async fn retired(
     let job = Arc::new(Job::resolve(cx.spec, client).await?);
     let mut opts = cx.opts.clone();
     opts.compromised |= super::audit::is_compromise_reason(&rot.reason);
-    let outcome = retire(cx.db, client, &job, store, old, &opts).await?;
+    // boxed: the retire's future (a full verify's inside) off the stack that polls it
+    let outcome = Box::pin(retire(cx.db, client, &job, store, old, &opts)).await?;
     log.lines.extend(outcome.lines);
     log.events.extend(outcome.events);
     if outcome.ended != Ended::Done {

@@ -51,14 +51,24 @@ pub async fn retire(
              without --reason compromise (the key then stays in the store's archive). Nothing was retired"
         )));
     }
-    let unverified = refuse_tables_left_out(client, job, old, &opts.accept_unverified).await?;
+    // each step's future boxed: a debug build's frames hold them whole otherwise
+    let unverified = Box::pin(refuse_tables_left_out(
+        client,
+        job,
+        old,
+        &opts.accept_unverified,
+    ))
+    .await?;
     // what a transaction still open wrote is invisible to the verify: a value
     // it committed after under the old key would lose its key
     // a key repeated across inheritance children would make the verify's pages skip rows
     for t in &job.targets {
-        crate::job::shared_keys::refuse_keys_shared_with_children(client, t).await?;
+        Box::pin(crate::job::shared_keys::refuse_keys_shared_with_children(
+            client, t,
+        ))
+        .await?;
     }
-    let open = writers_ended(client, job, opts.wait_for_writers).await?;
+    let open = Box::pin(writers_ended(client, job, opts.wait_for_writers)).await?;
     if let Some(w) = open.first() {
         let notes = format!(
             "a transaction still open has written to {} ({}){}: what it wrote is invisible to the verify, \
@@ -101,13 +111,13 @@ pub async fn retire(
     }
     // Retire rests on a full verify of this invocation: every value decrypted,
     // with the keys matched against the job's recorded fingerprints.
-    let v = verify::verify(
+    let v = Box::pin(verify::verify(
         db,
         client,
         job,
         Depth::full(opts.settings.lanes),
         opts.quiet,
-    )
+    ))
     .await?;
     // in either format: a migration reads one and writes another
     let remaining = v.values_under_key(old);
