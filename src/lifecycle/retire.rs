@@ -51,7 +51,7 @@ pub async fn retire(
              without --reason compromise (the key then stays in the store's archive). Nothing was retired"
         )));
     }
-    // each step's future boxed: a debug build's frames hold them whole otherwise
+    // each step's future boxed, so the retire's own stays small
     let unverified = Box::pin(refuse_tables_left_out(
         client,
         job,
@@ -59,8 +59,6 @@ pub async fn retire(
         &opts.accept_unverified,
     ))
     .await?;
-    // what a transaction still open wrote is invisible to the verify: a value
-    // it committed after under the old key would lose its key
     // a key repeated across inheritance children would make the verify's pages skip rows
     for t in &job.targets {
         Box::pin(crate::job::shared_keys::refuse_keys_shared_with_children(
@@ -68,6 +66,8 @@ pub async fn retire(
         ))
         .await?;
     }
+    // what a transaction still open wrote is invisible to the verify: a value
+    // it committed after under the old key would lose its key
     let open = Box::pin(writers_ended(client, job, opts.wait_for_writers)).await?;
     if let Some(w) = open.first() {
         let notes = format!(
