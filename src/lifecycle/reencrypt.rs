@@ -1,7 +1,9 @@
 //! The re-encryption and the verifies the steps of a rotation share: going
 //! forward, in the catch-up run after an early promotion, and turning back
 //! (`--abort`). Each run finishes its job recording the rotation, and
-//! writes one audit event.
+//! writes one audit event: completed, or stopped with what it did so far;
+//! a run it gives up (the forward run an abort turns back, killed or
+//! stopped) gets one too, with what that run had re-encrypted.
 
 use std::sync::Arc;
 
@@ -40,12 +42,16 @@ pub(crate) async fn rewrite_all(
     }
     // A run left unfinished under another key set (the forward run an abort
     // turns back) is given up: its values are rewritten by this one.
-    let stale = state::jobs::unfinished_job_keys(client, &job.name)
+    let given_up = state::jobs::unfinished_job_keys(client, &job.name)
         .await?
-        .is_some_and(|keys| keys != job.describe_keys());
+        .filter(|(_, keys)| *keys != job.describe_keys())
+        .map(|(id, _)| id);
+    if let Some(id) = given_up {
+        give_up(cx, client, secret_id, to, id, log).await?;
+    }
     let control = RunControl {
         quiet: cx.opts.quiet,
-        restart: stale,
+        restart: given_up.is_some(),
     };
     let (outcome, record) = rewrite(
         cx.db,
@@ -61,12 +67,29 @@ pub(crate) async fn rewrite_all(
         // command's lock: taken again (or refused, if another took it since)
         state::lock_lifecycle(client, cx.name).await?;
     }
+    let totals = record.prior;
     if outcome.stopped {
-        log.lines
-            .push("stopped during re-encryption; run `rekey rotate` again to resume".into());
+        let notes = format!(
+            "stopped during the re-encryption under key {to}: job {} has re-encrypted {} values so far, {} quarantined; \
+             `rekey rotate` resumes it",
+            record.id, totals.values_rewritten, totals.values_failed
+        );
+        log.record(
+            &cx.opts.audit,
+            client,
+            What {
+                event_type: "reencryption_stopped",
+                secret_id: &format!("{secret_id}#{to}"),
+                verification_status: "pending",
+                affected_records: Some(totals.values_rewritten),
+                notes: &notes,
+                job_id: Some(record.id),
+            },
+        )
+        .await?;
+        log.lines.push(notes);
         return Ok(false);
     }
-    let totals = record.prior;
     state::finish_job(
         client,
         record.id,
@@ -93,6 +116,40 @@ pub(crate) async fn rewrite_all(
     .await?;
     log.lines.push(notes);
     Ok(true)
+}
+
+/// Records that job `id`, left unfinished under another key set, is given
+/// up for this run: what it had re-encrypted (read from its progress, as a
+/// killed run wrote no event of its own) is rewritten under key `to`.
+async fn give_up(
+    cx: &Ctx<'_>,
+    client: &Client,
+    secret_id: &str,
+    to: KeyId,
+    id: i64,
+    log: &mut Log,
+) -> Result<(), Error> {
+    let done = state::job_totals(client, id).await?;
+    let notes = format!(
+        "job {id}, left unfinished under another key set, is given up: its {} values re-encrypted ({} quarantined) \
+         are rewritten under key {to} by this run",
+        done.values_rewritten, done.values_failed
+    );
+    log.record(
+        &cx.opts.audit,
+        client,
+        What {
+            event_type: "reencryption_abandoned",
+            secret_id: &format!("{secret_id}#{to}"),
+            verification_status: "not_applicable",
+            affected_records: Some(done.values_rewritten),
+            notes: &notes,
+            job_id: Some(id),
+        },
+    )
+    .await?;
+    log.lines.push(notes);
+    Ok(())
 }
 
 /// A full verify of the job, every value decrypted with the keys the store holds now.

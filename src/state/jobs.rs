@@ -66,20 +66,20 @@ pub async fn latest_job_origin(
     Ok(row.map(|r| (r.get(0), r.get(1))))
 }
 
-/// The key set an unfinished job of this name was started with, if one is
-/// unfinished (compare with [`Job::describe_keys`]).
+/// The id of an unfinished job of this name and the key set it was started
+/// with, if one is unfinished (compare with [`Job::describe_keys`]).
 pub async fn unfinished_job_keys(
     client: &Client,
     name: &str,
-) -> Result<Option<serde_json::Value>, Error> {
+) -> Result<Option<(i64, serde_json::Value)>, Error> {
     let row = client
         .query_opt(
-            "SELECT keys FROM rekey.jobs WHERE name = $1 AND state = 'running'",
+            "SELECT job_id, keys FROM rekey.jobs WHERE name = $1 AND state = 'running'",
             &[&name],
         )
         .await
         .ctx(|| format!("reading job {name:?}"))?;
-    Ok(row.map(|r| r.get(0)))
+    Ok(row.map(|r| (r.get(0), r.get(1))))
 }
 
 async fn open_job_locked(

@@ -577,3 +577,128 @@ async fn one_audit_file_serving_two_databases_checks_against_each_and_still_find
         printed(&out)
     );
 }
+
+/// `rekey rotate` of job `job` with `extra`, spawned quietly.
+fn spawn_rotate(job: &str, extra: &[&str]) -> std::process::Child {
+    let args = [
+        &["rotate", "--job", job, "--no-wait", "--batch-size", "200"][..],
+        extra,
+    ]
+    .concat();
+    spawn_rekey(&args, &keyring_pass_env())
+}
+
+/// `rekey report` of job `job` into `out`: the JSON document and the page.
+fn report(job: &str, out: &std::path::Path) -> (serde_json::Value, String) {
+    let said = rekey(
+        &[
+            "report",
+            "--job",
+            job,
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ],
+        &[],
+    );
+    assert_eq!(said.status.code(), Some(0), "{}", printed(&said));
+    let files = json(&said)["files"].clone();
+    let read = |i: usize| std::fs::read_to_string(files[i].as_str().unwrap()).unwrap();
+    (serde_json::from_str(&read(0)).unwrap(), read(1))
+}
+
+/// The first event of `events` of type `t`.
+fn event<'a>(events: &'a [serde_json::Value], t: &str) -> &'a serde_json::Value {
+    events
+        .iter()
+        .find(|e| e["event_type"] == t)
+        .unwrap_or_else(|| panic!("no {t} event in {events:#?}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotate_stopped_during_its_reencryption_records_how_many_values_it_rewrote() {
+    let db = TestDb::new().await;
+    db.seed_patients(20_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, _) = keyring_file_job(&db, &dir);
+    let mut child = spawn_rotate(&job, &[]);
+    wait_for_progress(&db, &mut child, values_in(20_000) / 3).await;
+    let out = rekey(&["stop", "--job", &job], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let status = child.wait().unwrap();
+    let rewritten = values_on(&db, 2).await;
+    assert!(
+        rewritten > 0 && values_on(&db, 1).await > 0,
+        "stopped too late or too early ({status})"
+    );
+
+    let events = audit_lines(&dir);
+    let stopped = event(&events, "reencryption_stopped");
+    assert_eq!(stopped["affected_records"], rewritten, "{stopped}");
+    assert_eq!(stopped["verification_status"], "pending", "{stopped}");
+    assert!(stopped["job_id"].is_i64(), "{stopped}");
+    // the next rotate resumes the same job and counts only what it adds
+    let out = rekey(
+        &["rotate", "--job", &job, "--no-wait", "--json"],
+        &keyring_pass_env(),
+    );
+    assert!(
+        matches!(out.status.code(), Some(0 | 6)),
+        "{}",
+        printed(&out)
+    );
+    let events = audit_lines(&dir);
+    let completed = event(&events, "reencryption_completed");
+    assert_eq!(completed["job_id"], stopped["job_id"], "{completed}");
+    assert_eq!(values_on(&db, 1).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_report_of_an_aborted_rotation_shows_the_killed_reencryption_it_turned_back() {
+    let db = TestDb::new().await;
+    db.seed_patients(20_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, _) = keyring_file_job(&db, &dir);
+    // killed half-way: no event of its own can say what it did
+    let mut child = spawn_rotate(&job, &[]);
+    wait_for_progress(&db, &mut child, values_in(20_000) / 3).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let forward = values_on(&db, 2).await;
+    assert!(
+        forward > 0 && values_on(&db, 1).await > 0,
+        "killed too late"
+    );
+    let doc = report(&job, &dir.path().join("mid-rotation")).0;
+    let running = &doc["reencryption_jobs"][0];
+    assert_eq!(running["state"], "running", "{doc:#}");
+    assert_eq!(running["totals"]["values_rewritten"], forward, "{running}");
+
+    let out = rekey(
+        &["rotate", "--job", &job, "--abort", "--json"],
+        &keyring_pass_env(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(values_on(&db, 2).await, 0);
+
+    let (doc, page) = report(&job, &dir.path().join("evidence"));
+    let jobs = doc["reencryption_jobs"].as_array().unwrap();
+    let given_up = jobs
+        .iter()
+        .find(|j| j["state"] == "abandoned")
+        .unwrap_or_else(|| panic!("the killed forward job is missing: {doc:#}"));
+    assert_eq!(
+        given_up["totals"]["values_rewritten"], forward,
+        "{given_up}"
+    );
+    let reverted = jobs.iter().find(|j| j["state"] == "done").unwrap();
+    assert_eq!(
+        reverted["totals"]["values_rewritten"], forward,
+        "{reverted}"
+    );
+    let events = doc["events"].as_array().unwrap();
+    let abandoned = event(events, "reencryption_abandoned");
+    assert_eq!(abandoned["affected_records"], forward, "{abandoned}");
+    assert_eq!(abandoned["job_id"], given_up["job_id"], "{abandoned}");
+    assert!(page.contains("| abandoned |"), "{page}");
+}

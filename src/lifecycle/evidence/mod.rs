@@ -35,16 +35,29 @@ async fn rotation(client: &Client, name: &str, id: Option<i64>) -> Result<Value,
     })
 }
 
-/// The `rekey.jobs` rows of the re-encryptions (timestamps in UTC).
-async fn jobs(client: &Client, ids: &[i64]) -> Result<Vec<Value>, Error> {
+/// The `rekey.jobs` rows of the re-encryptions (timestamps in UTC): the
+/// jobs the rotation's events name, and every job of its name started while
+/// it was open (a run killed or given up wrote no event of its own). Each
+/// with its totals as its progress holds them, a job left unfinished too.
+async fn jobs(client: &Client, rot: &Value, ids: &[i64]) -> Result<Vec<Value>, Error> {
+    let (name, id) = (rot["job_name"].as_str(), rot["rotation_id"].as_i64());
     let rows = client
         .query(
             "SELECT jsonb_build_object('job_id', job_id, 'name', name, 'state', state, 'keys', keys,
                       'started_at', started_at, 'finished_at', finished_at,
                       'duration_s', round(extract(epoch FROM finished_at - started_at)::numeric, 3),
-                      'summary', summary)
-               FROM rekey.jobs WHERE job_id = ANY($1) ORDER BY job_id",
-            &[&ids],
+                      'summary', summary,
+                      'totals', (SELECT jsonb_build_object('values_rewritten', coalesce(sum(values_rewritten), 0),
+                                          'values_failed', coalesce(sum(values_failed), 0),
+                                          'values_not_rotated', coalesce(sum(values_not_rotated), 0))
+                                   FROM rekey.progress p WHERE p.job_id = j.job_id))
+               FROM rekey.jobs j
+              WHERE job_id = ANY($1)
+                 OR EXISTS (SELECT 1 FROM rekey.rotations r
+                             WHERE r.rotation_id = $3 AND j.name = $2 AND j.started_at >= r.started_at
+                               AND j.started_at <= coalesce(r.finished_at, 'infinity'))
+              ORDER BY job_id",
+            &[&ids, &name, &id],
         )
         .await
         .ctx(|| "reading the re-encryption jobs (rekey.jobs)".into())?;
@@ -104,7 +117,7 @@ pub async fn gather(
     job_ids.extend(rot["job_id"].as_i64());
     job_ids.sort_unstable();
     job_ids.dedup();
-    let jobs = jobs(client, &job_ids).await?;
+    let jobs = jobs(client, &rot, &job_ids).await?;
     let (old, new) = (rot["old_key"].as_i64(), rot["new_key"].as_i64());
     let new_fp = rot["new_fingerprint"]
         .as_str()

@@ -139,7 +139,7 @@ fn sections(doc: &Value) -> Vec<Section> {
                     .into_iter()
                     .flatten()
                     .map(|j| {
-                        let t = &j["summary"]["job_totals"];
+                        let t = &j["totals"];
                         vec![
                             text(&j["job_id"]),
                             text(&j["state"]),
