@@ -9,7 +9,8 @@ use serde_json::json;
 use crate::cli::args::{
     InitArgs, KeyArgs, LifecycleArgs, PurgeArgs, RetireArgs, SecretsCommand, StatusArgs,
 };
-use crate::cli::out::out;
+use crate::cli::exit::EXIT_LEFT_ON_OLD_KEYS;
+use crate::cli::out::{eout, out};
 use crate::cli::rotate::{report, rotate_options};
 use crate::cli::{default_lanes, open, print_json, resolve, Opened};
 use crate::crypto::keyring::{generate_material, Key};
@@ -17,6 +18,7 @@ use crate::crypto::keytable::{now, Entry, KeyState, KeyTable};
 use crate::db::idle::keeping_alive;
 use crate::job::{Job, JobSpec};
 use crate::lifecycle::audit::What;
+use crate::lifecycle::promotion;
 use crate::lifecycle::rotation::{job_keys, RotateOptions};
 use crate::lifecycle::steps::{self, Applied};
 use crate::secrets::{KeysSpec, Store};
@@ -251,8 +253,28 @@ pub(crate) async fn locked(life: &LifecycleArgs) -> Result<(JobSpec, Opened, Sto
 
 /// `rekey secrets stage|promote|rollback`.
 async fn transition(command: &SecretsCommand, life: &LifecycleArgs) -> Result<u8, Error> {
-    let (spec, Opened { client, .. }, mut store) = locked(life).await?;
+    let (spec, Opened { db, client, .. }, mut store) = locked(life).await?;
     let secret_id = store.secret_id();
+    if matches!(command, SecretsCommand::Promote(_)) {
+        // boxed: a full verify's future off the stack that polls it
+        let refused = Box::pin(promotion::refused(
+            &db,
+            &client,
+            &spec,
+            &store,
+            default_lanes(),
+            false,
+        ))
+        .await?;
+        if let Some(why) = refused {
+            if life.common.json {
+                print_json(&json!({ "event": "key_promoted", "changed": false, "refused": why }));
+            } else {
+                eout!("rekey: {why}");
+            }
+            return Ok(EXIT_LEFT_ON_OLD_KEYS);
+        }
+    }
     let (event, applied, note) = match command {
         SecretsCommand::Stage(_) => {
             let (id, applied) =

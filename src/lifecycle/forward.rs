@@ -18,6 +18,7 @@ use crate::state::rotations::{self, Rotation, Step};
 use crate::Error;
 
 use super::catch_up;
+use super::promotion;
 use super::reencrypt::{full_verify, record_verify, rewrite_all, sample_verify};
 use super::retire::retire;
 use super::rotation::{fingerprint_of, Ctx, Ended, Log, Next, Progressed, Wait};
@@ -91,9 +92,38 @@ pub(crate) async fn verified(
     log: &mut Log,
 ) -> Result<Next, Error> {
     let key_ref = format!("{}#{}", store.secret_id(), rot.new_key);
-    let v = sample_verify(cx, client).await?;
+    // where the applications read only the new key once it is promoted,
+    // every value must be under it first: a full verify, and no promotion
+    // over values written behind the run
+    let only_new_key_read = promotion::old_key_unread_after_promotion(store);
+    let v = if only_new_key_read {
+        full_verify(cx, client).await?
+    } else {
+        sample_verify(cx, client).await?
+    };
     if !v.verified && catch_up::only_written_behind(cx, client, store, rot, &v).await? {
-        return catch_up::promote_over(cx, client, rot, &key_ref, &v, log).await;
+        if !only_new_key_read {
+            return catch_up::promote_over(cx, client, rot, &key_ref, &v, log).await;
+        }
+        rotations::set_step(client, rot.id, Step::Staged).await?;
+        record_verify(
+            cx,
+            client,
+            &key_ref,
+            rot.new_key,
+            &v,
+            " (written behind the run)",
+            log,
+        )
+        .await?;
+        log.lines.push(format!(
+            "{}. Values under key {} written behind the run come from an application that does not read {} yet: \
+             redeploy it, then run `rekey rotate` again (it rotates them, and promotes on a full verify)",
+            promotion::refusal(store, rot.new_key, &v),
+            rot.old_key.map_or("-".into(), |k| k.to_string()),
+            store.new_key_place()
+        ));
+        return Ok(Some((Ended::Waiting(Wait::Deploy), Step::Staged)));
     }
     if !v.verified {
         rotations::set_step(client, rot.id, Step::Staged).await?;

@@ -10,6 +10,7 @@ pub mod chain;
 pub mod evidence;
 pub mod forward;
 pub mod preview;
+pub mod promotion;
 pub mod reencrypt;
 pub mod retire;
 pub mod rotation;

@@ -68,6 +68,8 @@ async fn a_secret_of_another_layout_or_none_at_all_is_explained_in_one_sentence(
 #[tokio::test(flavor = "multi_thread")]
 async fn the_env_store_walks_the_dual_convention_as_the_healthprep_policy_does() {
     let db = TestDb::new().await;
+    // an empty table: nothing under the old key to keep the promotion back
+    db.seed_patients(0).await;
     let dir = tempfile::tempdir().unwrap();
     let job = db.patients_job(&dir).display().to_string();
     let env = |pairs: &[(&'static str, String)]| pairs.to_vec();
@@ -136,4 +138,40 @@ async fn init_creates_a_secret_in_the_layout_the_application_reads() {
         show["keys"][0]["age_s"].as_u64().is_some(),
         "created now: {show}"
     );
+}
+
+// Before: exit 0, "key 2 current", and the instructions to make
+// ENCRYPTION_KEY the new key and unset ENCRYPTION_KEY_NEW: followed, the
+// application (which reads only those two) could read none of the rows.
+#[tokio::test(flavor = "multi_thread")]
+async fn in_the_dual_convention_a_promote_is_refused_while_values_are_under_the_old_key() {
+    let db = TestDb::new().await;
+    db.seed_patients(300).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    let staged = [
+        ("ENCRYPTION_KEY", urlsafe(K1)),
+        ("ENCRYPTION_KEY_NEW", urlsafe(K2)),
+    ];
+    let out = rekey(&["secrets", "promote", "--job", &job], &staged);
+    let text = printed(&out);
+    assert_eq!(out.status.code(), Some(4), "{text}");
+    assert!(
+        text.contains(&format!("{} values are not under it", values_in(300)))
+            && text.contains("rekey run")
+            && !text.contains("export ENCRYPTION_KEY="),
+        "{text}"
+    );
+    assert_eq!(
+        audit_events(&dir).len(),
+        0,
+        "a refused promote records no promotion"
+    );
+
+    let out = rekey(&["run", "--job", &job], &staged);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let out = rekey(&["secrets", "promote", "--job", &job], &staged);
+    let text = printed(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("unset ENCRYPTION_KEY_NEW"), "{text}");
 }

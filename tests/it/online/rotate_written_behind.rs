@@ -327,3 +327,57 @@ async fn values_on_the_old_key_after_a_run_that_is_not_the_rotations_keep_it_sta
     assert_eq!(json(&out)["step"], "staged", "{}", printed(&out));
     assert_eq!(keyring_table(&keyring).id_in(KeyState::Pending), Some(2));
 }
+
+// Before: "not verified, promoting over them", the instructions to make
+// ENCRYPTION_KEY the new key and unset ENCRYPTION_KEY_NEW, and the value
+// written behind unreadable by the application until the catch-up run.
+#[tokio::test(flavor = "multi_thread")]
+async fn in_the_dual_convention_a_value_written_behind_the_run_keeps_the_key_staged_until_a_run_rotates_it(
+) {
+    use base64::Engine as _;
+    let urlsafe =
+        |k: &str| base64::engine::general_purpose::URL_SAFE.encode(hex::decode(k).unwrap());
+    let db = TestDb::new().await;
+    db.seed_patients(3_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    let out = rekey(
+        &["rotate", "--job", &job],
+        &[("ENCRYPTION_KEY", urlsafe(K1))],
+    );
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    let staged = [
+        ("ENCRYPTION_KEY", urlsafe(K1)),
+        ("ENCRYPTION_KEY_NEW", urlsafe(K2)),
+    ];
+
+    let mut child = spawn_slow_rotate(&job, &[], &staged);
+    write_behind_the_run(&db, &mut child, 1).await;
+    let out = finish(child, Duration::from_secs(120)).await;
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    let s = json(&out);
+    assert_eq!(
+        (s["step"].as_str(), s["waiting_for"].as_str()),
+        (Some("staged"), Some("deploy")),
+        "{s}"
+    );
+    let text = printed(&out);
+    assert!(
+        text.contains("refusing to promote key 2: 1 values are not under it")
+            && text.contains("ENCRYPTION_KEY_NEW")
+            && !text.contains("export ENCRYPTION_KEY="),
+        "{text}"
+    );
+
+    // the next invocation rotates it, and promotes on a full verify
+    let out = rekey(&["rotate", "--job", &job, "--json"], &staged);
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    assert_eq!(
+        json(&out)["step"].as_str(),
+        Some("promoted"),
+        "{}",
+        printed(&out)
+    );
+    assert!(printed(&out).contains("unset ENCRYPTION_KEY_NEW"));
+    db.assert_every_value_rotated(3_000).await;
+}
