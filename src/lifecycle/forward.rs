@@ -191,6 +191,19 @@ pub(crate) async fn promoted(
             ));
             return Ok(Some((Ended::Waiting(Wait::Deploy), Step::Promoted)));
         }
+        if rot.grace_s <= 0 && !cx.opts.no_wait {
+            // No grace period (a compromise rotation, or `--grace 0s`): the
+            // retire would follow at once, while applications not yet
+            // reloaded still encrypt with the old key, and what they wrote
+            // after its full verify would be left under a key no longer kept.
+            log.lines.push(format!(
+                "next: reload or redeploy the applications so they encrypt with key {}, then run `rekey rotate` again \
+                 to retire key {} (after a full verify) (`--no-wait` goes on at once, for applications that read the store live)",
+                rot.new_key,
+                rot.old_key.map_or("-".into(), |k| k.to_string())
+            ));
+            return Ok(Some((Ended::Waiting(Wait::Deploy), Step::Promoted)));
+        }
         return Ok(None);
     }
     applied.tell(

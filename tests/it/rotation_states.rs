@@ -291,6 +291,47 @@ async fn a_compromise_rotation_has_no_grace_and_destroys_the_old_key_after_a_ful
     );
 }
 
+// Before: the second invocation ran, promoted and destroyed key 1 at once
+// (exit 0, "rotation 1 complete"), while applications not yet reloaded
+// still encrypted with key 1: what they wrote next was left under a key
+// nothing held any more.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotation_without_grace_stops_after_promotion_for_the_applications_before_the_retire() {
+    let db = TestDb::new().await;
+    db.seed_patients(300).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    expect(
+        &rotate(&job, &["--reason", "compromise"]),
+        6,
+        "staged",
+        "waiting",
+        "deploy",
+    );
+    let out = rotate(&job, &["--reason", "compromise"]);
+    expect(&out, 6, "promoted", "waiting", "deploy");
+    assert!(
+        printed(&out).contains("so they encrypt with key 2"),
+        "{}",
+        printed(&out)
+    );
+    let old = table(&keyring)
+        .entries
+        .into_iter()
+        .find(|e| e.id == 1)
+        .unwrap();
+    assert!(
+        old.key.is_some() && old.state != KeyState::Retired,
+        "key 1 is kept until the applications encrypt with key 2"
+    );
+    let out = rotate(&job, &["--reason", "compromise"]);
+    expect(&out, 0, "retired", "done", "-");
+    assert!(table(&keyring)
+        .entries
+        .iter()
+        .any(|e| e.id == 1 && e.key.is_none()));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rotation_in_progress_switches_to_compromise_mode() {
     let db = TestDb::new().await;
