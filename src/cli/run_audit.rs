@@ -114,7 +114,13 @@ pub(crate) async fn ended(
         totals.values_failed,
         totals.values_not_rotated,
     );
-    let left = totals.values_failed + totals.values_not_rotated + outcome.conflicts_left;
+    let behind: u64 = outcome.behind.iter().map(|b| b.rows).sum();
+    let detail = if behind > 0 {
+        format!("{detail}; {behind} rows written behind the run under an old key, left for the next run")
+    } else {
+        detail
+    };
+    let left = totals.values_failed + totals.values_not_rotated + outcome.conflicts_left + behind;
     let status = if outcome.stopped {
         "pending"
     } else if left > 0 {

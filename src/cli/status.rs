@@ -86,6 +86,12 @@ pub async fn status(args: &StatusArgs) -> Result<u8, Error> {
                 s.conflicts_left
             );
         }
+        if s.rows_written_behind > 0 {
+            out!(
+                "  {} rows written behind the run under an old key (after it passed them): `rekey run` again rotates them",
+                s.rows_written_behind
+            );
+        }
         if s.state == JobState::Running {
             let control = match s.control {
                 Control::Pause => " (paused by `rekey pause`)",

@@ -38,6 +38,9 @@ pub struct JobStatus {
     pub not_rotated_by_reason: std::collections::BTreeMap<String, i64>,
     /// Rows still waiting in `rekey.conflicts` to be re-read.
     pub conflicts_left: i64,
+    /// Rows on an old key written behind the job's last run (after it passed
+    /// them), as its summary recorded them: the next run rotates them.
+    pub rows_written_behind: i64,
     /// Live control.
     pub control: Control,
     /// Processes holding leases on unfinished ranges now, and alive (the
@@ -59,7 +62,8 @@ pub async fn job_status(client: &Client, name: &str) -> Result<Option<JobStatus>
                         -- a lease outlives a process killed with -9 until it expires; its session does not
                         AND EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = p.owner_pid)),
                     (SELECT count(*) FROM rekey.not_rotated n WHERE n.job_id = j.job_id),
-                    (SELECT count(*) FROM rekey.conflicts c WHERE c.job_id = j.job_id)
+                    (SELECT count(*) FROM rekey.conflicts c WHERE c.job_id = j.job_id),
+                    coalesce((j.summary ->> 'rows_written_behind')::bigint, 0)
                FROM rekey.jobs j WHERE name = $1 ORDER BY job_id DESC LIMIT 1",
             &[&name],
         )
@@ -102,5 +106,6 @@ pub async fn job_status(client: &Client, name: &str) -> Result<Option<JobStatus>
         values_not_rotated: j.get(8),
         not_rotated_by_reason,
         conflicts_left: j.get(9),
+        rows_written_behind: j.get(10),
     }))
 }

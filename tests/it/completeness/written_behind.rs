@@ -6,18 +6,14 @@ use rekey::crypto::codec::Codec;
 
 use super::*;
 
-// Before this check: exit 0, "done", with row 1 on key 1 again.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_value_written_on_an_old_key_behind_the_run_keeps_it_from_saying_done() {
-    let db = TestDb::new().await;
-    db.seed_patients(3_000).await;
-    let dir = tempfile::tempdir().unwrap();
-    let job = db.patients_job(&dir).display().to_string();
+/// `rekey run` of `job` (one slow lane) while the application writes row 1
+/// under key 1 behind it.
+async fn run_with_a_value_written_behind(db: &TestDb, job: &str) -> std::process::Output {
     let mut child = spawn_rekey_captured(
         &[
             "run",
             "--job",
-            &job,
+            job,
             "--json",
             "--workers",
             "1",
@@ -29,7 +25,7 @@ async fn a_value_written_on_an_old_key_behind_the_run_keeps_it_from_saying_done(
         &seed_env(),
     );
     // the only lane reads in key order: once three batches committed, row 1 is rotated
-    wait_for_progress(&db, &mut child, 500).await;
+    wait_for_progress(db, &mut child, 500).await;
     assert!(
         child.try_wait().unwrap().is_none(),
         "the run ended before the application wrote"
@@ -43,7 +39,17 @@ async fn a_value_written_on_an_old_key_behind_the_run_keeps_it_from_saying_done(
         )
         .await
         .unwrap();
-    let out = child.wait_with_output().unwrap();
+    child.wait_with_output().unwrap()
+}
+
+// Before this check: exit 0, "done", with row 1 on key 1 again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_value_written_on_an_old_key_behind_the_run_keeps_it_from_saying_done() {
+    let db = TestDb::new().await;
+    db.seed_patients(3_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    let out = run_with_a_value_written_behind(&db, &job).await;
     assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
     let s = json(&out);
     assert_eq!(s["rows_written_behind"], 1, "{s}");
@@ -55,6 +61,36 @@ async fn a_value_written_on_an_old_key_behind_the_run_keeps_it_from_saying_done(
     let out = rekey(&["run", "--job", &job], &seed_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     db.assert_every_value_rotated(3_000).await;
+}
+
+// Before: the run exited 4, but its audit event was `run_completed` with
+// status `not_applicable` and a detail naming nothing left, and `rekey
+// status` said `done` with nothing to show.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_that_left_rows_written_behind_it_is_audited_as_failed_and_status_shows_them() {
+    let db = TestDb::new().await;
+    db.seed_patients(3_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    let out = run_with_a_value_written_behind(&db, &job).await;
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
+
+    let events = audit_events(&dir);
+    let ended = events.last().unwrap();
+    assert_eq!(ended["verification_status"], "failed", "{ended}");
+    let detail = ended["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("1 rows written behind the run under an old key"),
+        "{detail}"
+    );
+    let out = rekey(&["status", "--job", &job, "--json"], &seed_env());
+    assert_eq!(json(&out)["rows_written_behind"], 1, "{}", printed(&out));
+    let out = rekey(&["status", "--job", &job], &seed_env());
+    assert!(
+        printed(&out).contains("1 rows written behind the run"),
+        "{}",
+        printed(&out)
+    );
 }
 
 // Before this: a run whose own session was closed during the run (then by
