@@ -241,9 +241,9 @@ pub struct BenchArgs {
 pub struct LifecycleArgs {
     #[command(flatten)]
     pub common: JobArgs,
-    /// Why (audit trail): scheduled, scheduled_annual, emergency, compromise, ... (letters, digits, _ - . :).
-    #[arg(long, value_parser = Reason::parse, default_value = "scheduled")]
-    pub reason: Reason,
+    /// Why (audit trail): scheduled, scheduled_annual, emergency, compromise, ... (letters, digits, _ - . :). Default: the rotation's in progress, else scheduled.
+    #[arg(long, value_parser = Reason::parse)]
+    pub reason: Option<Reason>,
     /// Who (audit trail); default: REKEY_OPERATOR, else the OS user, else the database role.
     #[arg(long, value_parser = parse_operator)]
     pub operator: Option<String>,
@@ -264,13 +264,13 @@ pub struct LifecycleArgs {
 impl LifecycleArgs {
     /// Whether this is a compromise rotation (`--reason compromise`).
     pub fn is_compromise(&self) -> bool {
-        self.reason.is_compromise()
+        self.reason.as_ref().is_some_and(Reason::is_compromise)
     }
 
     /// What the audit events record.
     pub fn who(&self) -> Who {
         Who {
-            reason: Some(self.reason.clone()),
+            reason: self.reason.clone(),
             operator: self.operator.clone(),
             incident: self.incident.clone(),
             notes: self.notes.clone(),

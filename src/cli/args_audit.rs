@@ -109,9 +109,9 @@ pub struct Who {
 /// What `rekey run`'s audit events record.
 #[derive(Debug, Args, Clone)]
 pub struct RunAuditArgs {
-    /// Why (audit trail): scheduled, scheduled_annual, emergency, compromise, ...
-    #[arg(long, value_parser = Reason::parse, default_value = "scheduled")]
-    pub reason: Reason,
+    /// Why (audit trail): scheduled, scheduled_annual, emergency, compromise, ... Default: the rotation's in progress, else scheduled.
+    #[arg(long, value_parser = Reason::parse)]
+    pub reason: Option<Reason>,
     /// Who (audit trail); default: REKEY_OPERATOR, else the OS user, else the database role.
     #[arg(long, value_parser = parse_operator)]
     pub operator: Option<String>,
@@ -130,7 +130,7 @@ impl RunAuditArgs {
     /// What the audit events record.
     pub fn who(&self) -> Who {
         Who {
-            reason: Some(self.reason.clone()),
+            reason: self.reason.clone(),
             operator: self.operator.clone(),
             incident: self.incident.clone(),
             notes: self.notes.clone(),

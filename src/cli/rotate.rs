@@ -30,11 +30,7 @@ pub(crate) fn audit_of(who: &Who, job_file: &std::path::Path, spec: &JobSpec) ->
         path,
         // empty: the event records the session's role
         operator: audit::operator(who.operator.as_deref()).unwrap_or_default(),
-        reason: who
-            .reason
-            .as_ref()
-            .map_or("scheduled", |r| r.name())
-            .to_string(),
+        reason: who.reason.as_ref().map(|r| r.name().to_string()),
         chain: name,
         incident_id: who.incident.clone(),
         operator_notes: who.notes.clone(),

@@ -136,7 +136,7 @@ pub(crate) async fn abort(
             return Ok(log.end(Ended::NotVerified, Step::Aborting));
         }
     }
-    rotations::set_step(client, rot.id, Step::RolledBack).await?;
+    // recorded first: an event records the rotation still open, and this one belongs to it
     log.record(
         &cx.opts.audit,
         client,
@@ -153,6 +153,7 @@ pub(crate) async fn abort(
         },
     )
     .await?;
+    rotations::set_step(client, rot.id, Step::RolledBack).await?;
     log.lines.push(format!(
         "rotation {} aborted: every value is under key {old}, which stays current",
         rot.id

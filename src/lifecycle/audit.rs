@@ -62,13 +62,15 @@ pub struct Audit {
     /// Who: `--operator`, else REKEY_OPERATOR, else the OS user, else the
     /// database role (empty here: [`Audit::record`] asks the session).
     pub operator: String,
-    /// Why the rotation happens (`scheduled_annual`, `compromise`, ...).
-    pub reason: String,
+    /// Why the rotation happens (`scheduled_annual`, `compromise`, ...);
+    /// `None`: the reason of the job's rotation in progress, else `scheduled`.
+    pub reason: Option<String>,
     /// The chain the events join: the job's name.
     pub chain: String,
-    /// `--incident`.
+    /// `--incident`; `None`: the rotation's in progress, if any.
     pub incident_id: Option<String>,
-    /// `--notes`: recorded as each event's `notes`.
+    /// `--notes`: recorded as each event's `notes`; `None`: the rotation's
+    /// in progress, if any.
     pub operator_notes: Option<String>,
     /// The keys concerned; when `None`, those of the job's rotation in
     /// progress, if any.
@@ -216,11 +218,12 @@ impl Audit {
                 "SELECT a.seq, a.hash, current_user::text,
                         to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
                         r.rotation_id, r.old_key, r.new_key,
-                        (SELECT database_id FROM rekey.identity)
+                        (SELECT database_id FROM rekey.identity),
+                        r.reason, r.incident_id, r.notes
                    FROM (SELECT 1) one
                    LEFT JOIN LATERAL (SELECT seq, hash FROM rekey.audit WHERE chain = $1 AND seq IS NOT NULL
                                        ORDER BY seq DESC LIMIT 1) a ON true
-                   LEFT JOIN LATERAL (SELECT rotation_id, old_key, new_key FROM rekey.rotations
+                   LEFT JOIN LATERAL (SELECT rotation_id, old_key, new_key, reason, incident_id, notes FROM rekey.rotations
                                        WHERE job_name = $1 AND finished_at IS NULL
                                        ORDER BY rotation_id DESC LIMIT 1) r ON true",
                 &[&self.chain],
@@ -248,13 +251,18 @@ impl Audit {
             timestamp,
             secret_id: what.secret_id.into(),
             operator,
-            reason: self.reason.clone(),
-            incident_id: self.incident_id.clone(),
+            // what this invocation does not say, the rotation it continues does
+            reason: self
+                .reason
+                .clone()
+                .or_else(|| row.get(8))
+                .unwrap_or_else(|| "scheduled".into()),
+            incident_id: self.incident_id.clone().or_else(|| row.get(9)),
             verification_status: what.verification_status.into(),
             affected_records: what.affected_records,
             old_key: keys.old,
             new_key: keys.new,
-            notes: self.operator_notes.clone(),
+            notes: self.operator_notes.clone().or_else(|| row.get(10)),
             detail: what.notes.into(),
             job_id: what.job_id,
             rotation_id,

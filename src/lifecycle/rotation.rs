@@ -450,8 +450,10 @@ async fn stage_new(
         client,
         &NewRotation {
             job_name: cx.name,
-            reason: &audit.reason,
+            reason: audit.reason.as_deref().unwrap_or("scheduled"),
             operator: &audit.operator,
+            incident_id: audit.incident_id.as_deref(),
+            notes: audit.operator_notes.as_deref(),
             secret_id: &secret_id,
             old_key: old,
             new_key: id,

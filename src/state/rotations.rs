@@ -101,6 +101,10 @@ pub struct NewRotation<'a> {
     pub reason: &'a str,
     /// Who.
     pub operator: &'a str,
+    /// The incident it answers, if said.
+    pub incident_id: Option<&'a str>,
+    /// The operator's notes, if any.
+    pub notes: Option<&'a str>,
     /// The store, never a value.
     pub secret_id: &'a str,
     /// The current key now.
@@ -213,9 +217,11 @@ pub async fn old_key_retired(client: &Client, name: &str, old: KeyId) -> Result<
 pub async fn start_rotation(client: &Client, r: &NewRotation<'_>) -> Result<(), Error> {
     client
         .execute(
-            "INSERT INTO rekey.rotations (job_name, step, reason, operator, secret_id, old_key, new_key, grace_s, new_fingerprint)
-             VALUES ($1, 'staged', $2, $3, $4, $5, $6, $7, $8)",
-            &[&r.job_name, &r.reason, &r.operator, &r.secret_id, &r.old_key.map(i64::from), &i64::from(r.new_key), &r.grace_s, &r.new_fingerprint],
+            "INSERT INTO rekey.rotations (job_name, step, reason, operator, secret_id, old_key, new_key, grace_s, new_fingerprint,
+                                          incident_id, notes)
+             VALUES ($1, 'staged', $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            &[&r.job_name, &r.reason, &r.operator, &r.secret_id, &r.old_key.map(i64::from), &i64::from(r.new_key), &r.grace_s, &r.new_fingerprint,
+              &r.incident_id, &r.notes],
         )
         .await
         .ctx(|| "recording the rotation".into())?;

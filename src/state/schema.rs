@@ -29,6 +29,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (16, include_str!("../../sql/016_job_target_key_stores.sql")),
     (17, include_str!("../../sql/017_rotation_catch_up.sql")),
     (18, include_str!("../../sql/018_job_target_parts.sql")),
+    (
+        19,
+        include_str!("../../sql/019_rotation_incident_notes.sql"),
+    ),
 ];
 
 /// Creates or upgrades schema `rekey`. Safe to run from several processes

@@ -803,3 +803,30 @@ pub async fn end_rekeys_lock_holding_sessions(db: &TestDb) -> i64 {
         .unwrap()
         .get(0)
 }
+
+/// Waits until no session of rekey is left on the test database: after a
+/// kill -9, a batch whose COMMIT the server had received still commits,
+/// so what the tables hold is settled only once its sessions ended.
+pub async fn wait_for_rekeys_sessions_to_end(db: &TestDb) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let left: i64 = db
+            .client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE application_name = 'rekey' AND datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if left == 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{left} sessions of rekey still open a minute after it ended"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}

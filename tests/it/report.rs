@@ -138,7 +138,7 @@ async fn writers_appending_at_once_never_fork_the_chain() {
     let audit = rekey::lifecycle::audit::Audit {
         path: dir.path().join("patients.audit.jsonl"),
         operator: "alice".into(),
-        reason: "scheduled".into(),
+        reason: Some("scheduled".into()),
         chain: "patients".into(),
         incident_id: None,
         operator_notes: None,
@@ -664,6 +664,7 @@ async fn the_report_of_an_aborted_rotation_shows_the_killed_reencryption_it_turn
     wait_for_progress(&db, &mut child, values_in(20_000) / 3).await;
     child.kill().unwrap();
     child.wait().unwrap();
+    wait_for_rekeys_sessions_to_end(&db).await;
     let forward = values_on(&db, 2).await;
     assert!(
         forward > 0 && values_on(&db, 1).await > 0,
@@ -700,5 +701,55 @@ async fn the_report_of_an_aborted_rotation_shows_the_killed_reencryption_it_turn
     let abandoned = event(events, "reencryption_abandoned");
     assert_eq!(abandoned["affected_records"], forward, "{abandoned}");
     assert_eq!(abandoned["job_id"], given_up["job_id"], "{abandoned}");
+    // the abort's last event belongs to the rotation it ended
+    assert_eq!(
+        event(events, "rotation_aborted")["rotation_id"],
+        doc["rotation_id"]
+    );
     assert!(page.contains("| abandoned |"), "{page}");
+}
+
+// Before: only key_staged carried them; the events of the later steps,
+// the retire of a compromised key's material included, said `scheduled`
+// with no incident.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_later_steps_of_a_rotation_carry_the_reason_incident_and_notes_it_started_with() {
+    let db = TestDb::new().await;
+    db.seed_patients(300).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, _) = keyring_file_job(&db, &dir);
+    let out = rekey(
+        &[
+            "rotate",
+            "--job",
+            &job,
+            "--reason",
+            "compromise",
+            "--incident",
+            "INC-9",
+            "--notes",
+            "laptop stolen",
+        ],
+        &keyring_pass_env(),
+    );
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    rotate_to_the_end(&job, &[]);
+
+    let events = audit_lines(&dir);
+    let retired = event(&events, "key_retired");
+    assert!(
+        retired["detail"].as_str().unwrap().contains("destroyed"),
+        "{retired}"
+    );
+    for e in &events {
+        assert_eq!(
+            (
+                e["reason"].as_str(),
+                e["incident_id"].as_str(),
+                e["notes"].as_str()
+            ),
+            (Some("compromise"), Some("INC-9"), Some("laptop stolen")),
+            "{e}"
+        );
+    }
 }
