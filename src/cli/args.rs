@@ -282,11 +282,11 @@ impl LifecycleArgs {
 /// Output formats of `rekey report`'s readable page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ReportFormat {
-    /// report.json only.
+    /// <job>-rotation-<id>.json only.
     Json,
-    /// report.json and report.md.
+    /// <job>-rotation-<id>.json and <job>-rotation-<id>.md.
     Markdown,
-    /// report.json and report.html.
+    /// <job>-rotation-<id>.json and <job>-rotation-<id>.html.
     Html,
 }
 
@@ -298,10 +298,10 @@ pub struct ReportArgs {
     /// The rotation (`rotation_id` in rekey.rotations); default: the job's latest.
     #[arg(long, value_name = "ID")]
     pub rotation: Option<i64>,
-    /// Where report.json and the page are written; default: the current directory.
+    /// Where the evidence (<job>-rotation-<id>.json) and its page are written; default: the current directory.
     #[arg(long, value_name = "DIR", conflicts_with = "check")]
     pub out: Option<PathBuf>,
-    /// The readable page written beside report.json.
+    /// The readable page written beside the JSON evidence.
     #[arg(long, value_enum, default_value_t = ReportFormat::Markdown, conflicts_with = "check")]
     pub format: ReportFormat,
     /// Verify the audit chain (rekey.audit and the JSON lines file) instead; exit 7 naming the first bad event.

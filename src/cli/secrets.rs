@@ -46,15 +46,18 @@ async fn restore(a: &KeyArgs) -> Result<u8, Error> {
     let applied =
         keeping_alive(&client, steps::restore(&mut store, a.key_id, a.life.reveal)).await?;
     let note = format!("key {} restored from the archive as previous", a.key_id);
-    recorded(
-        &a.life,
-        &spec,
-        &client,
-        &store.secret_id(),
-        "key_restored",
-        &note,
-    )
-    .await?;
+    // a step that changed nothing (run again) is not an event
+    if applied.changed {
+        recorded(
+            &a.life,
+            &spec,
+            &client,
+            &format!("{}#{}", store.secret_id(), a.key_id),
+            "key_restored",
+            &note,
+        )
+        .await?;
+    }
     said(&a.life, "key_restored", &applied, &note);
     Ok(0)
 }
@@ -83,15 +86,17 @@ async fn purge(a: &PurgeArgs) -> Result<u8, Error> {
     } else {
         format!("destroyed the archived material of keys {purged:?}")
     };
-    recorded(
-        &a.life,
-        &spec,
-        &client,
-        &store.secret_id(),
-        "key_purged",
-        &note,
-    )
-    .await?;
+    if applied.changed {
+        recorded(
+            &a.life,
+            &spec,
+            &client,
+            &store.secret_id(),
+            "key_purged",
+            &note,
+        )
+        .await?;
+    }
     said(&a.life, "key_purged", &applied, &note);
     Ok(0)
 }
@@ -263,7 +268,7 @@ async fn transition(command: &SecretsCommand, life: &LifecycleArgs) -> Result<u8
             &spec,
             &store,
             default_lanes(),
-            false,
+            Duration::from_secs(120),
         ))
         .await?;
         if let Some(why) = refused {
@@ -275,38 +280,70 @@ async fn transition(command: &SecretsCommand, life: &LifecycleArgs) -> Result<u8
             return Ok(EXIT_LEFT_ON_OLD_KEYS);
         }
     }
-    let (event, applied, note) = match command {
+    let (event, applied, key, note) = match command {
         SecretsCommand::Stage(_) => {
             let (id, applied) =
                 keeping_alive(&client, steps::stage(&mut store, life.reveal)).await?;
-            ("key_staged", applied, format!("key {id} pending"))
+            ("key_staged", applied, id, format!("key {id} pending"))
         }
         SecretsCommand::Promote(_) => {
+            let compromised =
+                life.is_compromise() || compromise_in_progress(&client, &spec).await?;
             let applied = keeping_alive(
                 &client,
-                steps::promote(&mut store, life.reveal, life.is_compromise()),
+                steps::promote(&mut store, life.reveal, compromised),
             )
             .await?;
+            let current = steps::current(&store).unwrap_or_default();
             (
                 "key_promoted",
                 applied,
-                format!("key {} current", steps::current(&store).unwrap_or_default()),
+                current,
+                format!("key {current} current"),
             )
         }
         SecretsCommand::Rollback(_) => {
             let applied = keeping_alive(&client, steps::rollback(&mut store, life.reveal)).await?;
-            rotations::roll_back(&client, spec.name.as_deref().unwrap_or_default()).await?;
+            let current = steps::current(&store).unwrap_or_default();
             (
                 "key_rolled_back",
                 applied,
-                format!("key {} current", steps::current(&store).unwrap_or_default()),
+                current,
+                format!("key {current} current"),
             )
         }
         _ => return Err(Error::Runtime("not a key transition".into())),
     };
-    recorded(life, &spec, &client, &secret_id, event, &note).await?;
+    let note = if applied.instructions.is_empty() {
+        note
+    } else {
+        format!(
+            "{note}, once the changes printed are made where the application's environment is set"
+        )
+    };
+    // a step that changed nothing (run again) is not an event
+    if applied.changed {
+        let key_ref = format!("{secret_id}#{key}");
+        recorded(life, &spec, &client, &key_ref, event, &note).await?;
+    }
+    if matches!(command, SecretsCommand::Rollback(_)) {
+        // after its event, which belongs to the rotation this closes
+        rotations::roll_back(&client, spec.name.as_deref().unwrap_or_default()).await?;
+    }
     said(life, event, &applied, &note);
     Ok(0)
+}
+
+/// Whether the job's rotation in progress is a compromise one: its steps
+/// taken one at a time are, without `--reason compromise` said again.
+async fn compromise_in_progress(
+    client: &tokio_postgres::Client,
+    spec: &JobSpec,
+) -> Result<bool, Error> {
+    let name = spec.name.as_deref().unwrap_or_default();
+    Ok(rotations::open_rotation(client, name)
+        .await?
+        .is_some_and(|r| crate::lifecycle::audit::is_compromise_reason(&r.reason)))
 }
 
 /// `rekey secrets retire`: retires a previous key once no value needs it.
@@ -323,7 +360,9 @@ async fn retire(a: &RetireArgs) -> Result<u8, Error> {
             )))
         }
     };
+    let compromised = a.life.is_compromise() || compromise_in_progress(&client, &spec).await?;
     let opts = RotateOptions {
+        compromised,
         accept_unverified: a.accept_unverified.clone(),
         wait_for_writers: a.wait_for_writers,
         ..rotate_options(&a.life, &spec, default_lanes(), 5000, Duration::ZERO, false)

@@ -93,7 +93,11 @@ pub(crate) async fn rewrite_all(
     state::finish_job(
         client,
         record.id,
-        &json!({ "rotation": rot.id, "job_totals": totals }),
+        &json!({
+            "rotation": rot.id,
+            "job_totals": totals,
+            "rows_written_behind": outcome.behind.iter().map(|b| b.rows).sum::<u64>(),
+        }),
     )
     .await?;
     let notes = format!(

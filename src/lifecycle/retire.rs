@@ -231,7 +231,7 @@ pub async fn retire(
 /// then, one each. Those that begin meanwhile are not waited for: the
 /// applications write under the new key by now, and a later verify sees
 /// what they commit.
-async fn writers_ended(
+pub(super) async fn writers_ended(
     client: &Client,
     job: &Job,
     limit: Duration,
@@ -263,7 +263,7 @@ async fn writers_ended(
 
 /// An open transaction for people: its process, since when and its state
 /// where this role may see them; or that it is prepared.
-fn described(w: &OpenWriter) -> String {
+pub(super) fn described(w: &OpenWriter) -> String {
     let Some(pid) = w.pid else {
         return format!("a prepared transaction, {}", w.transaction);
     };

@@ -261,6 +261,13 @@ pub async fn rotate(
     let name = spec.name.clone().unwrap_or_default();
     state::ensure_schema(client).await?;
     lock_lifecycle(client, &name).await?;
+    // a rotation started as a compromise one stays so, whether or not this
+    // invocation says `--reason compromise` again
+    let mut opts = opts.clone();
+    if let Some(r) = rotations::open_rotation(client, &name).await? {
+        opts.compromised |= super::audit::is_compromise_reason(&r.reason);
+    }
+    let opts = &opts;
     let cx = Ctx {
         spec,
         keys: &keys,
@@ -270,6 +277,8 @@ pub async fn rotate(
     };
     let mut log = Log::default();
     let mut intent = opts.intent;
+    // whether this invocation verified the rotation (the step before promotion)
+    let mut verified_now = false;
     loop {
         let rotation = rotations::open_rotation(client, &name).await?;
         // the lock's session is kept from idling while the store works
@@ -301,8 +310,13 @@ pub async fn rotate(
         forward::check_staged_key(client, &store, &rot).await?;
         let next = match rot.step {
             Step::Staged => forward::ran(&cx, client, &store, &rot, &mut log).await?,
-            Step::Ran => forward::verified(&cx, client, &store, &rot, &mut log).await?,
-            Step::Verified => forward::promoted(&cx, client, &mut store, &rot, &mut log).await?,
+            Step::Ran => {
+                verified_now = true;
+                forward::verified(&cx, client, &store, &rot, &mut log).await?
+            }
+            Step::Verified => {
+                forward::promoted(&cx, client, &mut store, &rot, verified_now, &mut log).await?
+            }
             Step::Promoted => return forward::retired(&cx, client, &mut store, &rot, log).await,
             Step::Retired | Step::RolledBack | Step::Aborting => {
                 return Err(Error::Runtime(format!(

@@ -332,6 +332,41 @@ async fn a_rotation_without_grace_stops_after_promotion_for_the_applications_bef
         .any(|e| e.id == 1 && e.key.is_none()));
 }
 
+// Before: a `secrets retire` without `--reason compromise` said again
+// archived the compromised key's material, recoverable, and completed the
+// rotation.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_steps_of_a_compromise_rotation_stay_compromise_ones_without_the_flag() {
+    let db = TestDb::new().await;
+    db.seed_patients(300).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    expect(
+        &rotate(&job, &["--reason", "compromise"]),
+        6,
+        "staged",
+        "waiting",
+        "deploy",
+    );
+    expect(&rotate(&job, &[]), 6, "promoted", "waiting", "deploy");
+    let out = rotate(&job, &["--grace", "1h"]);
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    let out = rekey(
+        &["secrets", "retire", "--job", &job, "--json"],
+        &keyring_pass_env(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let old = table(&keyring)
+        .entries
+        .into_iter()
+        .find(|e| e.id == 1)
+        .unwrap();
+    assert!(
+        old.compromised && old.key.is_none(),
+        "key 1 is retired as a compromised key"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rotation_in_progress_switches_to_compromise_mode() {
     let db = TestDb::new().await;

@@ -205,16 +205,18 @@ fn sections(doc: &Value) -> Vec<Section> {
     ]
 }
 
-/// Escapes a cell for a Markdown table.
+/// Escapes text for a Markdown page: a table cell's bars and newlines, and
+/// HTML (which Markdown renders as it stands), so an operator's notes are
+/// shown, never run.
 fn md(s: &str) -> String {
-    s.replace('|', "\\|").replace('\n', " ")
+    html_escape(s).replace('|', "\\|").replace('\n', " ")
 }
 
 /// The document as Markdown.
 pub fn markdown(doc: &Value) -> String {
     let mut out = format!(
         "# Key rotation evidence: {} rotation {}\n\nGenerated {} by rekey from rekey.rotations, rekey.jobs and the hash-chained rekey.audit.\n",
-        text(&doc["job"]),
+        md(&text(&doc["job"])),
         text(&doc["rotation_id"]),
         text(&doc["generated_at"])
     );
@@ -293,4 +295,24 @@ pub fn html(doc: &Value) -> String {
     }
     out.push_str("</body></html>\n");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markdown_shows_an_operators_markup_as_text_and_keeps_table_cells_whole() {
+        let doc = serde_json::json!({
+            "job": "patients",
+            "notes": ["<script>alert(1)</script> a | b"],
+            "steps": [{ "step": "key_staged", "detail": "x | y" }],
+        });
+        let page = markdown(&doc);
+        assert!(!page.contains("<script>"), "{page}");
+        assert!(
+            page.contains("&lt;script&gt;alert(1)&lt;/script&gt; a \\| b"),
+            "{page}"
+        );
+    }
 }

@@ -175,3 +175,29 @@ async fn in_the_dual_convention_a_promote_is_refused_while_values_are_under_the_
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert!(text.contains("unset ENCRYPTION_KEY_NEW"), "{text}");
 }
+
+// Before: the full verify saw only the filtered rows, and the promotion
+// left every other row under a key the application no longer reads.
+#[tokio::test(flavor = "multi_thread")]
+async fn in_the_dual_convention_a_promote_from_a_filtered_job_is_refused() {
+    let db = TestDb::new().await;
+    db.seed_patients(300).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db
+        .patients_job_where(&dir, "id <= 100")
+        .display()
+        .to_string();
+    let staged = [
+        ("ENCRYPTION_KEY", urlsafe(K1)),
+        ("ENCRYPTION_KEY_NEW", urlsafe(K2)),
+    ];
+    let out = rekey(&["run", "--job", &job], &staged);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let out = rekey(&["secrets", "promote", "--job", &job], &staged);
+    let text = printed(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("`where` filter") && !text.contains("export ENCRYPTION_KEY="),
+        "{text}"
+    );
+}

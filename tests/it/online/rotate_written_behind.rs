@@ -381,3 +381,48 @@ async fn in_the_dual_convention_a_value_written_behind_the_run_keeps_the_key_sta
     assert!(printed(&out).contains("unset ENCRYPTION_KEY_NEW"));
     db.assert_every_value_rotated(3_000).await;
 }
+
+// Before: a rotation found at `verified` (the invocation that verified was
+// killed after) promoted with no verify of its own, the value written since
+// under key 1 included: unreadable by the application once promoted.
+#[tokio::test(flavor = "multi_thread")]
+async fn in_the_dual_convention_a_rotation_resumed_at_verified_proves_again_before_promoting() {
+    use base64::Engine as _;
+    let urlsafe =
+        |k: &str| base64::engine::general_purpose::URL_SAFE.encode(hex::decode(k).unwrap());
+    let db = TestDb::new().await;
+    db.seed_patients(300).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    let out = rekey(
+        &["rotate", "--job", &job],
+        &[("ENCRYPTION_KEY", urlsafe(K1))],
+    );
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    let staged = [
+        ("ENCRYPTION_KEY", urlsafe(K1)),
+        ("ENCRYPTION_KEY_NEW", urlsafe(K2)),
+    ];
+    let out = rekey(&["run", "--job", &job], &staged);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    // as a kill right after the verify leaves it
+    db.client
+        .execute("UPDATE rekey.rotations SET step = 'verified'", &[])
+        .await
+        .unwrap();
+    write_under_key_1(&db, 1).await;
+
+    let out = rekey(&["rotate", "--job", &job, "--json"], &staged);
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
+    assert_eq!(json(&out)["step"], "staged", "{}", printed(&out));
+    let text = printed(&out);
+    assert!(
+        text.contains("refusing to promote key 2: 1 values are not under it")
+            && !text.contains("export ENCRYPTION_KEY="),
+        "{text}"
+    );
+    // the next invocation rotates it and promotes
+    let out = rekey(&["rotate", "--job", &job, "--json"], &staged);
+    assert_eq!(json(&out)["step"], "promoted", "{}", printed(&out));
+    db.assert_every_value_rotated(300).await;
+}
