@@ -36,10 +36,12 @@ fn main() -> ExitCode {
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {
             if json {
-                let first = e.to_string();
-                let first = first.lines().next().unwrap_or_default();
+                // the message is its first paragraph (a value given may hold
+                // a newline); the usage lines and the help pointer follow
+                let text = e.to_string();
+                let first = text.split("\n\n").next().unwrap_or_default();
                 json_error(
-                    first.trim_start_matches("error: "),
+                    first.trim_start_matches("error: ").trim_end(),
                     "usage",
                     2,
                     "see `rekey --help` or `rekey <command> --help`",

@@ -110,6 +110,29 @@ fn a_command_line_clap_refuses_is_a_usage_error_object() {
     );
 }
 
+// Before: `{"error":"invalid value 'eve"}`, cut at the value's newline.
+#[test]
+fn a_usage_error_object_keeps_the_whole_message_of_a_value_with_a_newline() {
+    let out = rekey(
+        &[
+            "run",
+            "--job",
+            "j.toml",
+            "--json",
+            "--operator",
+            "eve\nmallory",
+        ],
+        &[],
+    );
+    let v = error_object(&out);
+    let error = v["error"].as_str().unwrap();
+    assert!(
+        error.contains("eve\nmallory") && error.contains("--operator"),
+        "{v}"
+    );
+    assert!(!error.contains("Usage:"), "{v}");
+}
+
 #[test]
 fn without_json_stdout_stays_empty_on_failure() {
     let out = rekey(&["run", "--job", "/nonexistent/job.toml"], &[]);
