@@ -385,8 +385,23 @@ async fn adjust(
     log: &mut Log,
 ) -> Result<(), Error> {
     if cx.opts.compromised && !super::audit::is_compromise_reason(&rot.reason) {
-        rotations::set_compromised(client, rot.id).await?;
-        rot.reason = "compromise".into();
+        // the reason as said (`suspected_key_compromise`, ...), and the
+        // incident and notes given with it, for the events that follow
+        let audit = &cx.opts.audit;
+        let reason = audit
+            .reason
+            .clone()
+            .filter(|r| super::audit::is_compromise_reason(r))
+            .unwrap_or_else(|| "compromise".into());
+        rotations::set_compromised(
+            client,
+            rot.id,
+            &reason,
+            audit.incident_id.as_deref(),
+            audit.operator_notes.as_deref(),
+        )
+        .await?;
+        rot.reason = reason;
         rot.grace_s = 0;
         log.lines.push(format!(
             "rotation {} is now a compromise rotation: no grace period, and the old key's material is destroyed when it is retired",

@@ -186,12 +186,21 @@ pub async fn set_grace(client: &Client, id: i64, grace_s: i64) -> Result<(), Err
     Ok(())
 }
 
-/// Turns rotation `id` into a compromise rotation: no grace period.
-pub async fn set_compromised(client: &Client, id: i64) -> Result<(), Error> {
+/// Turns rotation `id` into a compromise rotation (for `reason`): no grace
+/// period; an incident and notes given with the switch replace its own.
+pub async fn set_compromised(
+    client: &Client,
+    id: i64,
+    reason: &str,
+    incident_id: Option<&str>,
+    notes: Option<&str>,
+) -> Result<(), Error> {
     client
         .execute(
-            "UPDATE rekey.rotations SET reason = 'compromise', grace_s = 0, updated_at = now() WHERE rotation_id = $1",
-            &[&id],
+            "UPDATE rekey.rotations SET reason = $2, grace_s = 0, updated_at = now(),
+                    incident_id = coalesce($3, incident_id), notes = coalesce($4, notes)
+              WHERE rotation_id = $1",
+            &[&id, &reason, &incident_id, &notes],
         )
         .await
         .ctx(|| "recording the compromise".into())?;

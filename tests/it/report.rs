@@ -753,3 +753,36 @@ async fn the_later_steps_of_a_rotation_carry_the_reason_incident_and_notes_it_st
         );
     }
 }
+
+// Before: the switch stored `compromise` alone, so the later steps' events
+// said `compromise` with the rotation's first incident (none).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_switch_to_compromise_mode_keeps_the_reason_and_incident_it_was_given() {
+    let db = TestDb::new().await;
+    db.seed_patients(300).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, _) = keyring_file_job(&db, &dir);
+    let out = rekey(&["rotate", "--job", &job], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    let out = rekey(
+        &[
+            "rotate",
+            "--job",
+            &job,
+            "--reason",
+            "suspected_key_compromise",
+            "--incident",
+            "INC-7",
+        ],
+        &keyring_pass_env(),
+    );
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    rotate_to_the_end(&job, &[]);
+    let events = audit_lines(&dir);
+    let retired = event(&events, "key_retired");
+    assert_eq!(
+        (retired["reason"].as_str(), retired["incident_id"].as_str()),
+        (Some("suspected_key_compromise"), Some("INC-7")),
+        "{retired}"
+    );
+}
