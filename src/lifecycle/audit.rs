@@ -179,6 +179,24 @@ impl Audit {
         format!("{}:{}", host(), path.display())
     }
 
+    /// Whether this chain already holds an event of `event_type` for job
+    /// `job_id` (one recorded by an invocation that failed after it).
+    pub async fn has_event(
+        &self,
+        client: &Client,
+        event_type: &str,
+        job_id: i64,
+    ) -> Result<bool, Error> {
+        let row = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM rekey.audit WHERE chain = $1 AND event_type = $2 AND job_id = $3)",
+                &[&self.chain, &event_type, &job_id],
+            )
+            .await
+            .ctx(|| "reading the audit trail (rekey.audit)".to_string())?;
+        Ok(row.get(0))
+    }
+
     /// Records an event at the end of the chain: in `rekey.audit` and the
     /// file, in one transaction under the chain's lock. `client` must not be
     /// in a transaction, nor used by other tasks until this returns.

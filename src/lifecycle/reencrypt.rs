@@ -133,6 +133,15 @@ async fn give_up(
     id: i64,
     log: &mut Log,
 ) -> Result<(), Error> {
+    // once per job: an invocation that recorded it may have failed before the run gave it up
+    if cx
+        .opts
+        .audit
+        .has_event(client, "reencryption_abandoned", id)
+        .await?
+    {
+        return Ok(());
+    }
     let done = state::job_totals(client, id).await?;
     let notes = format!(
         "job {id}, left unfinished under another key set, is given up: its {} values re-encrypted ({} quarantined) \

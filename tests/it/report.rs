@@ -786,3 +786,40 @@ async fn a_switch_to_compromise_mode_keeps_the_reason_and_incident_it_was_given(
         "{retired}"
     );
 }
+
+// Before: an abort that gave up the forward job and then failed (another
+// process held the job) recorded `reencryption_abandoned`, and the abort
+// run again recorded it a second time.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_given_up_is_recorded_once_though_the_abort_that_gave_it_up_failed_after() {
+    let db = TestDb::new().await;
+    db.seed_patients(20_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, _) = keyring_file_job(&db, &dir);
+    let mut child = spawn_rotate(&job, &[]);
+    wait_for_progress(&db, &mut child, values_in(20_000) / 3).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    wait_for_rekeys_sessions_to_end(&db).await;
+
+    // another process joined to the job: the abort cannot give it up
+    let holder = connect(&db.url).await;
+    holder
+        .execute(
+            "SELECT pg_advisory_lock_shared(hashtextextended('rekey.job:patients', 0))",
+            &[],
+        )
+        .await
+        .unwrap();
+    let abort = ["rotate", "--job", job.as_str(), "--abort"];
+    let out = rekey(&abort, &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
+    drop(holder);
+    let out = rekey(&abort, &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let given_up = audit_lines(&dir)
+        .iter()
+        .filter(|e| e["event_type"] == "reencryption_abandoned")
+        .count();
+    assert_eq!(given_up, 1);
+}
