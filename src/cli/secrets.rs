@@ -19,7 +19,7 @@ use crate::db::idle::keeping_alive;
 use crate::job::{Job, JobSpec};
 use crate::lifecycle::audit::What;
 use crate::lifecycle::promotion;
-use crate::lifecycle::rotation::{job_keys, RotateOptions};
+use crate::lifecycle::rotation::{compromise_in_progress, job_keys, RotateOptions};
 use crate::lifecycle::steps::{self, Applied};
 use crate::secrets::{KeysSpec, Store};
 use crate::state::{self, rotations};
@@ -287,8 +287,9 @@ async fn transition(command: &SecretsCommand, life: &LifecycleArgs) -> Result<u8
             ("key_staged", applied, id, format!("key {id} pending"))
         }
         SecretsCommand::Promote(_) => {
-            let compromised =
-                life.is_compromise() || compromise_in_progress(&client, &spec).await?;
+            let compromised = life.is_compromise()
+                || compromise_in_progress(&client, spec.name.as_deref().unwrap_or_default())
+                    .await?;
             let applied = keeping_alive(
                 &client,
                 steps::promote(&mut store, life.reveal, compromised),
@@ -334,18 +335,6 @@ async fn transition(command: &SecretsCommand, life: &LifecycleArgs) -> Result<u8
     Ok(0)
 }
 
-/// Whether the job's rotation in progress is a compromise one: its steps
-/// taken one at a time are, without `--reason compromise` said again.
-async fn compromise_in_progress(
-    client: &tokio_postgres::Client,
-    spec: &JobSpec,
-) -> Result<bool, Error> {
-    let name = spec.name.as_deref().unwrap_or_default();
-    Ok(rotations::open_rotation(client, name)
-        .await?
-        .is_some_and(|r| crate::lifecycle::audit::is_compromise_reason(&r.reason)))
-}
-
 /// `rekey secrets retire`: retires a previous key once no value needs it.
 async fn retire(a: &RetireArgs) -> Result<u8, Error> {
     let (spec, Opened { db, client, .. }, mut store) = locked(&a.life).await?;
@@ -360,7 +349,8 @@ async fn retire(a: &RetireArgs) -> Result<u8, Error> {
             )))
         }
     };
-    let compromised = a.life.is_compromise() || compromise_in_progress(&client, &spec).await?;
+    let compromised = a.life.is_compromise()
+        || compromise_in_progress(&client, spec.name.as_deref().unwrap_or_default()).await?;
     let opts = RotateOptions {
         compromised,
         accept_unverified: a.accept_unverified.clone(),

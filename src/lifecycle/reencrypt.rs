@@ -68,45 +68,32 @@ pub(crate) async fn rewrite_all(
         state::lock_lifecycle(client, cx.name).await?;
     }
     let totals = record.prior;
-    if outcome.stopped {
+    let (event_type, notes) = if outcome.stopped {
         let notes = format!(
             "stopped during the re-encryption under key {to}: job {} has re-encrypted {} values so far, {} quarantined; \
              `rekey rotate` resumes it",
             record.id, totals.values_rewritten, totals.values_failed
         );
-        log.record(
-            &cx.opts.audit,
+        ("reencryption_stopped", notes)
+    } else {
+        state::finish_job(
             client,
-            What {
-                event_type: "reencryption_stopped",
-                secret_id: &format!("{secret_id}#{to}"),
-                verification_status: "pending",
-                affected_records: Some(totals.values_rewritten),
-                notes: &notes,
-                job_id: Some(record.id),
-            },
+            record.id,
+            &json!({
+                "rotation": rot.id,
+                "job_totals": totals,
+                "rows_written_behind": outcome.behind.iter().map(|b| b.rows).sum::<u64>(),
+            }),
         )
         .await?;
-        log.lines.push(notes);
-        return Ok(false);
-    }
-    state::finish_job(
-        client,
-        record.id,
-        &json!({
-            "rotation": rot.id,
-            "job_totals": totals,
-            "rows_written_behind": outcome.behind.iter().map(|b| b.rows).sum::<u64>(),
-        }),
-    )
-    .await?;
-    let notes = format!(
-        "{} values re-encrypted under key {to}, {} quarantined",
-        totals.values_rewritten, totals.values_failed
-    );
-    let audit = &cx.opts.audit;
+        let notes = format!(
+            "{} values re-encrypted under key {to}, {} quarantined",
+            totals.values_rewritten, totals.values_failed
+        );
+        (event_type, notes)
+    };
     log.record(
-        audit,
+        &cx.opts.audit,
         client,
         What {
             event_type,
@@ -119,7 +106,7 @@ pub(crate) async fn rewrite_all(
     )
     .await?;
     log.lines.push(notes);
-    Ok(true)
+    Ok(!outcome.stopped)
 }
 
 /// Records that job `id`, left unfinished under another key set, is given

@@ -264,9 +264,7 @@ pub async fn rotate(
     // a rotation started as a compromise one stays so, whether or not this
     // invocation says `--reason compromise` again
     let mut opts = opts.clone();
-    if let Some(r) = rotations::open_rotation(client, &name).await? {
-        opts.compromised |= super::audit::is_compromise_reason(&r.reason);
-    }
+    opts.compromised |= compromise_in_progress(client, &name).await?;
     let opts = &opts;
     let cx = Ctx {
         spec,
@@ -330,6 +328,15 @@ pub async fn rotate(
             return Ok(log.end(ended, step));
         }
     }
+}
+
+/// Whether job `name`'s rotation in progress is a compromise one: its later
+/// steps are, by `rotate` or `rekey secrets`, without `--reason compromise`
+/// said again.
+pub async fn compromise_in_progress(client: &Client, name: &str) -> Result<bool, Error> {
+    Ok(rotations::open_rotation(client, name)
+        .await?
+        .is_some_and(|r| super::audit::is_compromise_reason(&r.reason)))
 }
 
 /// With no rotation in progress: the answer, unless a new one should start.

@@ -328,28 +328,35 @@ async fn values_on_the_old_key_after_a_run_that_is_not_the_rotations_keep_it_sta
     assert_eq!(keyring_table(&keyring).id_in(KeyState::Pending), Some(2));
 }
 
+/// Starts a rotation of `job` with its key in the dual convention
+/// (`ENCRYPTION_KEY`, base64) and returns the environment once the staging
+/// is made: the new key as `ENCRYPTION_KEY_NEW`.
+fn stage_in_the_dual_convention(job: &str) -> [(&'static str, String); 2] {
+    use base64::Engine as _;
+    let urlsafe =
+        |k: &str| base64::engine::general_purpose::URL_SAFE.encode(hex::decode(k).unwrap());
+    let out = rekey(
+        &["rotate", "--job", job],
+        &[("ENCRYPTION_KEY", urlsafe(K1))],
+    );
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    [
+        ("ENCRYPTION_KEY", urlsafe(K1)),
+        ("ENCRYPTION_KEY_NEW", urlsafe(K2)),
+    ]
+}
+
 // Before: "not verified, promoting over them", the instructions to make
 // ENCRYPTION_KEY the new key and unset ENCRYPTION_KEY_NEW, and the value
 // written behind unreadable by the application until the catch-up run.
 #[tokio::test(flavor = "multi_thread")]
 async fn in_the_dual_convention_a_value_written_behind_the_run_keeps_the_key_staged_until_a_run_rotates_it(
 ) {
-    use base64::Engine as _;
-    let urlsafe =
-        |k: &str| base64::engine::general_purpose::URL_SAFE.encode(hex::decode(k).unwrap());
     let db = TestDb::new().await;
     db.seed_patients(3_000).await;
     let dir = tempfile::tempdir().unwrap();
     let job = db.patients_job(&dir).display().to_string();
-    let out = rekey(
-        &["rotate", "--job", &job],
-        &[("ENCRYPTION_KEY", urlsafe(K1))],
-    );
-    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
-    let staged = [
-        ("ENCRYPTION_KEY", urlsafe(K1)),
-        ("ENCRYPTION_KEY_NEW", urlsafe(K2)),
-    ];
+    let staged = stage_in_the_dual_convention(&job);
 
     let mut child = spawn_slow_rotate(&job, &[], &staged);
     write_behind_the_run(&db, &mut child, 1).await;
@@ -387,22 +394,11 @@ async fn in_the_dual_convention_a_value_written_behind_the_run_keeps_the_key_sta
 // under key 1 included: unreadable by the application once promoted.
 #[tokio::test(flavor = "multi_thread")]
 async fn in_the_dual_convention_a_rotation_resumed_at_verified_proves_again_before_promoting() {
-    use base64::Engine as _;
-    let urlsafe =
-        |k: &str| base64::engine::general_purpose::URL_SAFE.encode(hex::decode(k).unwrap());
     let db = TestDb::new().await;
     db.seed_patients(300).await;
     let dir = tempfile::tempdir().unwrap();
     let job = db.patients_job(&dir).display().to_string();
-    let out = rekey(
-        &["rotate", "--job", &job],
-        &[("ENCRYPTION_KEY", urlsafe(K1))],
-    );
-    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
-    let staged = [
-        ("ENCRYPTION_KEY", urlsafe(K1)),
-        ("ENCRYPTION_KEY_NEW", urlsafe(K2)),
-    ];
+    let staged = stage_in_the_dual_convention(&job);
     let out = rekey(&["run", "--job", &job], &staged);
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     // as a kill right after the verify leaves it
