@@ -71,10 +71,12 @@ pub async fn promote(store: &mut Store, reveal: bool, compromised: bool) -> Resu
             .mark_compromised(current)
             .map_err(|e| Error::Config(e.to_string()))?;
     }
-    let changed = store
+    let promoted = store
         .table_mut()
         .promote(now())
         .map_err(|e| Error::Config(e.to_string()))?;
+    // a promote stopped part way is finished now: the step happens here
+    let changed = promoted || store.promote_unfinished();
     saved(store, changed, reveal).await
 }
 

@@ -286,6 +286,12 @@ impl Store {
         }
     }
 
+    /// Whether a promote was stopped before it took the now current key away
+    /// from where applications read the new one (a promote run again finishes it).
+    pub fn promote_unfinished(&self) -> bool {
+        matches!(self, Store::Aws(a) if a.promote_unfinished())
+    }
+
     /// Where applications read the new key, for messages.
     pub fn new_key_place(&self) -> String {
         match self {

@@ -58,6 +58,11 @@ pub mod aws {
         }
 
         /// Unreachable: no value exists.
+        pub fn promote_unfinished(&self) -> bool {
+            match self.never {}
+        }
+
+        /// Unreachable: no value exists.
         pub fn new_key_place(&self) -> String {
             match self.never {}
         }

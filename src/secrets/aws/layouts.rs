@@ -137,13 +137,24 @@ impl SecretsManagerStore {
             }
             Layout::Value | Layout::Rekey => {
                 let key = layout::value_key(text).map_err(|e| self.layout_err(e))?;
+                let pending = match (
+                    self.pending_value(pending).await?,
+                    &self.spec.pending_secret_id,
+                ) {
+                    (Some((new, _)), Some(sid)) if new.material() == key.material() => {
+                        // a promote stopped before it deleted the pending secret
+                        self.left_pending = Some(super::LeftPending::Secret(sid.clone()));
+                        None
+                    }
+                    (found, _) => found,
+                };
                 let mut slots = vec![Slot {
                     id: None,
                     state: KeyState::Current,
                     key,
                     written_at: current.created,
                 }];
-                if let Some((new, at)) = self.pending_value(pending).await? {
+                if let Some((new, at)) = pending {
                     slots.push(Slot {
                         id: None,
                         state: KeyState::Pending,
@@ -341,7 +352,7 @@ impl SecretsManagerStore {
 
     /// Takes the pending key away: the pending secret deleted (at once: an
     /// application must not read it again), or the AWSPENDING label removed.
-    async fn remove_pending(&mut self) -> Result<(), Error> {
+    pub(super) async fn remove_pending(&mut self) -> Result<(), Error> {
         match self.spec.pending_secret_id.clone() {
             Some(sid) => match self
                 .client

@@ -50,6 +50,8 @@ pub struct SecretsManagerStore {
     current_version: Option<String>,
     /// Version labelled AWSPENDING (when different from AWSCURRENT).
     pending_version: Option<String>,
+    /// What a promote stopped part way left in the new key's place.
+    left_pending: Option<LeftPending>,
     /// `env-json`: the object as AWSCURRENT holds it.
     doc: Option<FlatDoc>,
     /// How new keys are written (`env-json`, `value`).
@@ -60,6 +62,18 @@ pub struct SecretsManagerStore {
     before: KeyTable,
     /// The keys after the transitions applied so far.
     pub table: KeyTable,
+}
+
+/// The new key's place still holding the key that is now current: a
+/// promote was stopped (killed, or a call failed) after it made the key
+/// current and before it took the key away from where applications read the
+/// new one. The next save finishes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum LeftPending {
+    /// The pending secret (`pending_secret_id`) still exists.
+    Secret(String),
+    /// The AWSCURRENT version still carries the AWSPENDING label.
+    Label(String),
 }
 
 impl std::fmt::Debug for SecretsManagerStore {
@@ -221,12 +235,16 @@ impl SecretsManagerStore {
             Error::Config(format!("secret {secret_id:?} has no AWSCURRENT version: create it with `rekey secrets init`"))
         })?;
         let pending = labelled("AWSPENDING").filter(|p| p.id != current.id);
+        let label_left = labelled("AWSPENDING")
+            .filter(|p| p.id == current.id)
+            .map(|p| LeftPending::Label(p.id));
         let mut store = SecretsManagerStore {
             client,
             secret_id,
             spec: keys.clone(),
             current_version: Some(current.id.clone()),
             pending_version: pending.as_ref().map(|p| p.id.clone()),
+            left_pending: label_left,
             doc: None,
             encoding: keys.key_encoding.unwrap_or(KeyEncoding::Hex),
             meta: Meta::default(),
@@ -397,6 +415,11 @@ impl SecretsManagerStore {
     /// Writes the transitions applied to the table since it was loaded; a
     /// key whose material was destroyed takes the former versions with it ([`purge`]).
     pub async fn save(&mut self) -> Result<(), Error> {
+        // a new pending key replaces what a stopped promote left (its
+        // version takes the label, or its value the pending secret)
+        if self.table.id_in(KeyState::Pending).is_none() {
+            self.finish_stopped_promote().await?;
+        }
         match self.spec.layout {
             Layout::Rekey => self.save_keyring().await?,
             Layout::EnvJson => self.save_env_json().await?,
@@ -420,6 +443,23 @@ impl SecretsManagerStore {
             self.purge_former_versions(&destroyed).await?;
         }
         self.before = self.table.clone();
+        Ok(())
+    }
+
+    /// Whether a promote was stopped before it took the now current key
+    /// away from the new key's place (saving finishes it).
+    pub fn promote_unfinished(&self) -> bool {
+        self.left_pending.is_some()
+    }
+
+    /// Takes the now current key away from the new key's place, as the
+    /// promote that was stopped would have.
+    async fn finish_stopped_promote(&mut self) -> Result<(), Error> {
+        match self.left_pending.take() {
+            None => {}
+            Some(LeftPending::Secret(_)) => self.remove_pending().await?,
+            Some(LeftPending::Label(version)) => self.drop_pending_label(&version).await?,
+        }
         Ok(())
     }
 
