@@ -203,10 +203,26 @@ impl KeyTable {
         Ok(true)
     }
 
-    /// Makes the most recent previous key current again; the current key
-    /// becomes previous (both stay readable). With a key pending, rollback
-    /// un-stages it instead: it becomes previous, and keeps its material,
-    /// since values may already have been rewritten under it.
+    /// The key a rollback makes current again: the most recent previous key
+    /// older than the current one. A rollback goes back, never forward: a
+    /// previous key newer than the current one was un-staged, or rolled back
+    /// from, already.
+    pub fn rollback_target(&self) -> Option<&Entry> {
+        let current = self
+            .entries
+            .iter()
+            .find(|e| e.state == KeyState::Current)
+            .map(|e| (e.created_at, e.id));
+        self.with_state(KeyState::Previous)
+            .filter(|e| current.is_none_or(|c| (e.created_at, e.id) < c))
+            .max_by_key(|e| (e.changed_at, e.id))
+    }
+
+    /// Makes the most recent previous key older than the current one
+    /// current again; the current key becomes previous (both stay readable).
+    /// With a key pending, rollback un-stages it instead: it becomes
+    /// previous, and keeps its material, since values may already have been
+    /// rewritten under it. Idempotent: run again, it changes nothing.
     pub fn rollback(&mut self, at: u64) -> Result<bool, LifecycleError> {
         if let Some(pending) = self.id_in(KeyState::Pending) {
             for e in self.entries.iter_mut().filter(|e| e.id == pending) {
@@ -215,10 +231,14 @@ impl KeyTable {
             }
             return Ok(true);
         }
-        let previous = self
-            .with_state(KeyState::Previous)
-            .max_by_key(|e| (e.changed_at, e.id))
-            .ok_or(LifecycleError::NothingToRollBack)?;
+        let Some(previous) = self.rollback_target() else {
+            // only newer keys are previous: rolled back already
+            return if self.with_state(KeyState::Previous).next().is_some() {
+                Ok(false)
+            } else {
+                Err(LifecycleError::NothingToRollBack)
+            };
+        };
         if previous.compromised {
             return Err(LifecycleError::CompromisedPrevious(previous.id));
         }

@@ -95,13 +95,7 @@ pub async fn rollback(store: &mut Store, reveal: bool) -> Result<Applied, Error>
         }
     }
     // the key that becomes current must be one rekey holds: else every value is unreadable
-    let back = store
-        .table()
-        .entries
-        .iter()
-        .filter(|e| e.state == KeyState::Previous)
-        .max_by_key(|e| (e.changed_at, e.id))
-        .map(|e| e.id);
+    let back = store.table().rollback_target().map(|e| e.id);
     if let (Some(back), None) = (back, store.table().id_in(KeyState::Pending)) {
         if !store.fetch_archived(back).await? {
             return Err(Error::Config(format!(

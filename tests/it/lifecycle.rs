@@ -219,6 +219,61 @@ async fn rollback_makes_the_previous_key_current_again() {
     );
 }
 
+// Before: the second rollback made the un-staged key 2, which never held a
+// value and was never verified, the key applications encrypt with.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollback_run_again_never_makes_the_key_it_un_staged_current() {
+    let db = TestDb::new().await;
+    db.seed_patients(100).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    let out = rekey(&["secrets", "stage", "--job", &job], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    for call in 0..2 {
+        let out = rekey(
+            &["secrets", "rollback", "--job", &job, "--json"],
+            &keyring_pass_env(),
+        );
+        assert_eq!(out.status.code(), Some(0), "call {call}: {}", printed(&out));
+        assert_eq!(
+            json(&out)["changed"],
+            call == 0,
+            "call {call}: {}",
+            printed(&out)
+        );
+        assert_eq!(
+            keyring_table(&keyring).id_in(KeyState::Current),
+            Some(1),
+            "after rollback call {call}: {}",
+            printed(&out)
+        );
+    }
+    let rolled_back = event_types(&dir)
+        .iter()
+        .filter(|e| *e == "key_rolled_back")
+        .count();
+    assert_eq!(rolled_back, 1, "{:?}", event_types(&dir));
+}
+
+// Before: a rollback run again went forward to the key it had just rolled
+// back from.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollback_of_a_promotion_run_again_changes_nothing() {
+    let db = TestDb::new().await;
+    db.seed_patients(100).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    for step in ["stage", "promote", "rollback", "rollback"] {
+        let out = rekey(&["secrets", step, "--job", &job], &keyring_pass_env());
+        assert_eq!(out.status.code(), Some(0), "{step}: {}", printed(&out));
+    }
+    let table = keyring_table(&keyring);
+    assert_eq!(
+        (table.id_in(KeyState::Current), table.previous_ids()),
+        (Some(1), vec![2])
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn retire_is_refused_while_values_still_need_the_old_key() {
     let db = TestDb::new().await;
