@@ -5,6 +5,7 @@
 //! what transactions still open wrote to them is waited for first.
 
 use crate::harness::*;
+use rekey::crypto::keytable::KeyState;
 
 // Before this check: exit 0, "retired key 1 ... rotation 1 complete",
 // while 3 values of the table the job file no longer listed were on key 1.
@@ -738,5 +739,52 @@ async fn a_retire_refused_for_values_no_key_opens_says_what_helps_not_a_run() {
             && !printed(&out).contains("`rekey run` quarantines them"),
         "{}",
         printed(&out)
+    );
+}
+
+// Before: exit 2 and "nothing was changed" after it had staged key 2,
+// re-encrypted the rows the filter saw and promoted; the compromised key
+// could then never be retired with that job.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_compromise_rotation_with_a_where_filter_is_refused_before_it_stages_a_key() {
+    let db = TestDb::new().await;
+    db.seed_patients(100).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    let whole = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(&job, format!("{whole}where = \"id <= 50\"\n")).unwrap();
+    let rows_before = db.checksum("patient_persons").await;
+    let out = rekey(
+        &[
+            "rotate",
+            "--job",
+            &job,
+            "--reason",
+            "compromise",
+            "--no-wait",
+        ],
+        &keyring_pass_env(),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("`where` filter"),
+        "the refusal names the filter: {}",
+        printed(&out)
+    );
+    let keys: Vec<_> = keyring_table(&keyring)
+        .entries
+        .iter()
+        .map(|e| (e.id, e.state))
+        .collect();
+    assert_eq!(
+        keys,
+        vec![(1, KeyState::Current)],
+        "no key was staged: {}",
+        printed(&out)
+    );
+    assert_eq!(
+        db.checksum("patient_persons").await,
+        rows_before,
+        "no value was re-encrypted"
     );
 }
