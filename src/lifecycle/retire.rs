@@ -44,7 +44,15 @@ pub async fn retire(
             t.table
         )));
     }
-    if opts.compromised && !opts.accept_unverified.is_empty() {
+    // a key marked compromised (a key table's COMPROMISED row, a compromise
+    // rotation's mark) is destroyed whatever this invocation's reason
+    let compromised = opts.compromised
+        || store
+            .table()
+            .entries
+            .iter()
+            .any(|e| e.id == old && e.compromised);
+    if compromised && !opts.accept_unverified.is_empty() {
         return Err(Error::Config(format!(
             "a compromised key's material is destroyed at once, so key {old} cannot be retired on your word \
              (--accept-unverified): list the tables in the job file so that the full verify reads them, or retire \
@@ -156,7 +164,6 @@ pub async fn retire(
             rotation: None,
         });
     }
-    let compromised = opts.compromised;
     // the lock's session is kept from idling while the store works (a
     // purge's wait for Secrets Manager)
     let applied = keeping_alive(client, steps::retire(store, old, compromised)).await?;

@@ -7,6 +7,7 @@
 //! value with the ACTIVE key as the seed's applications do.
 #![cfg(feature = "aws")]
 
+mod compromised_retire;
 mod exclusion;
 mod rewrap;
 mod rotation;

@@ -1,0 +1,49 @@
+//! A key the security team marked `COMPROMISED` in the key table is a
+//! compromised key to rekey whatever the invocation's reason: its retire
+//! destroys its material instead of archiving it.
+
+use super::*;
+
+// Before: `secrets retire` without `--reason compromise` kept the wrapped
+// key in rekey's archive (restorable) although its row said COMPROMISED.
+#[tokio::test(flavor = "multi_thread")]
+async fn retiring_a_key_marked_compromised_in_the_table_destroys_its_material() {
+    let db = TestDb::new().await;
+    let master = master_key(false);
+    seed(&db, &master, 1, 10).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = job(&db, &dir, &master);
+    let env = aws_env();
+    for step in [
+        &["secrets", "stage", "--job", &j][..],
+        &["run", "--job", &j],
+        &["secrets", "promote", "--job", &j],
+    ] {
+        let out = rekey(step, &env);
+        assert_eq!(out.status.code(), Some(0), "{step:?}: {}", printed(&out));
+    }
+    db.client
+        .batch_execute("UPDATE encryption_keys SET status = 'COMPROMISED' WHERE version = 1")
+        .await
+        .unwrap();
+
+    let out = rekey(&["secrets", "retire", "--job", &j, "--key-id", "1"], &env);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let archived: Option<Vec<u8>> = db
+        .client
+        .query_one(
+            "SELECT archived_key FROM rekey.key_table_keys WHERE version = 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        archived.is_none(),
+        "the compromised key's wrapped material is kept in the archive: {}",
+        printed(&out)
+    );
+    assert_eq!(statuses(&db).await, vec![(2, "ACTIVE".into())]);
+    let seen = app(&db, "-").await.unwrap();
+    assert_eq!(seen.read, 10, "every note reads with the keys left");
+}
