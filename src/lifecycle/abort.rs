@@ -136,23 +136,31 @@ pub(crate) async fn abort(
             return Ok(log.end(Ended::NotVerified, Step::Aborting));
         }
     }
-    // recorded first: an event records the rotation still open, and this one belongs to it
-    log.record(
-        &cx.opts.audit,
-        client,
-        What {
-            event_type: "rotation_aborted",
-            secret_id: &format!("{secret_id}#{new}"),
-            verification_status: "passed",
-            affected_records: None,
-            notes: &format!(
-                "rotation {} aborted: key {old} is current, key {new} retired",
-                rot.id
-            ),
-            job_id: None,
-        },
-    )
-    .await?;
+    // recorded first: an event records the rotation still open, and this
+    // one belongs to it; once only, though the close below failed after it
+    if !cx
+        .opts
+        .audit
+        .has_rotation_event(client, "rotation_aborted", rot.id)
+        .await?
+    {
+        log.record(
+            &cx.opts.audit,
+            client,
+            What {
+                event_type: "rotation_aborted",
+                secret_id: &format!("{secret_id}#{new}"),
+                verification_status: "passed",
+                affected_records: None,
+                notes: &format!(
+                    "rotation {} aborted: key {old} is current, key {new} retired",
+                    rot.id
+                ),
+                job_id: None,
+            },
+        )
+        .await?;
+    }
     rotations::set_step(client, rot.id, Step::RolledBack).await?;
     log.lines.push(format!(
         "rotation {} aborted: every value is under key {old}, which stays current",

@@ -823,3 +823,47 @@ async fn a_job_given_up_is_recorded_once_though_the_abort_that_gave_it_up_failed
         .count();
     assert_eq!(given_up, 1);
 }
+
+// Before: the abort recorded `rotation_aborted`, then failed to close the
+// rotation; run again, it recorded a second one.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_abort_that_failed_after_recording_its_end_records_it_once_when_run_again() {
+    let db = TestDb::new().await;
+    db.seed_patients(200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, _) = keyring_file_job(&db, &dir);
+    let out = rekey(&["rotate", "--job", &job, "--json"], &keyring_pass_env());
+    assert_eq!(json(&out)["step"], "staged", "{}", printed(&out));
+    // the rotation cannot be closed: the abort fails after its event
+    db.client
+        .batch_execute(
+            "CREATE FUNCTION refuse_close() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN RAISE EXCEPTION 'closing refused by the test'; END $$;
+             CREATE TRIGGER refuse_close BEFORE UPDATE ON rekey.rotations FOR EACH ROW
+               WHEN (NEW.step = 'rolled_back') EXECUTE FUNCTION refuse_close();",
+        )
+        .await
+        .unwrap();
+    let abort = ["rotate", "--job", job.as_str(), "--abort"];
+    let out = rekey(&abort, &keyring_pass_env());
+    assert_ne!(out.status.code(), Some(0), "{}", printed(&out));
+    let aborted = || {
+        audit_lines(&dir)
+            .iter()
+            .filter(|e| e["event_type"] == "rotation_aborted")
+            .count()
+    };
+    assert_eq!(
+        aborted(),
+        1,
+        "the event is written before the close: {}",
+        printed(&out)
+    );
+    db.client
+        .batch_execute("DROP TRIGGER refuse_close ON rekey.rotations")
+        .await
+        .unwrap();
+    let out = rekey(&abort, &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(aborted(), 1, "{}", printed(&out));
+}
