@@ -61,6 +61,21 @@ pub(crate) async fn ran(
     if store.table().id_in(KeyState::Pending) != Some(rot.new_key)
         && store.table().id_in(KeyState::Current) != Some(rot.new_key)
     {
+        if !store.writable() {
+            // the environment: the operator has not made the changes yet
+            let (p, n) = (&cx.keys.prefix, rot.new_key);
+            let set = if store.holds_unstaged_keys() {
+                format!("{p}_KEY_V{n}=<the new key> and {p}_PENDING_VERSION={n}")
+            } else {
+                format!("{p}_KEY_NEW=<the new key>")
+            };
+            log.lines.push(format!(
+                "key {n} is not staged in {} yet: make the changes `rekey rotate` printed ({set} where the \
+                 application's environment is set, and redeploy), then run it again",
+                store.secret_id(),
+            ));
+            return Ok(Some((Ended::Waiting(Wait::Environment), Step::Staged)));
+        }
         return Err(Error::Config(format!(
             "key {} is not staged in {} yet: make the changes `rekey rotate` printed (for the environment: {p}_KEY_V{n}=<key> and {p}_PENDING_VERSION={n}), then run it again",
             rot.new_key,

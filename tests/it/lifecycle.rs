@@ -364,10 +364,16 @@ async fn rotate_with_environment_keys_prints_each_change_and_checks_it_was_made(
         "{said}"
     );
 
-    // not made yet: refused, nothing happens
+    // not made yet: still waiting for them (exit 6, as README's table
+    // says), nothing happens, and it says again what to set
     let out = rekey(&["rotate", "--job", &j], &env);
-    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
-    assert!(printed(&out).contains("not staged"), "{}", printed(&out));
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("not staged")
+            && printed(&out).contains("ENCRYPTION_PENDING_VERSION=2"),
+        "{}",
+        printed(&out)
+    );
 
     env.push(("ENCRYPTION_KEY_V2", K2.to_string()));
     env.push(("ENCRYPTION_PENDING_VERSION", "2".to_string()));
