@@ -285,11 +285,18 @@ impl KeyTableStore {
         let (key, _) = wrap::unwrap(&self.kms, version, blob, self.pinned.then_some(self.master.as_str()))
             .await
             .map_err(|e| {
-                Error::Runtime(format!(
-                    "key table {}: {e}; is it wrapped under another master key? If a master key rewrap is under way, finish it \
-                     (`rekey secrets rewrap --to-kms-key ...`) and name that key in [keys] kms_key_id",
-                    self.relation
-                ))
+                let refused = e.is_refusal();
+                let said = format!(
+                    "key table {}, master key {:?}: {e}; name the master key the table's data keys are wrapped under in [keys] kms_key_id \
+                     (check the id or alias, region and endpoint, and that this identity may call kms:Decrypt on it); if a master key \
+                     rewrap is under way, finish it (`rekey secrets rewrap --to-kms-key ...`) and name that key",
+                    self.relation, self.master
+                );
+                if refused {
+                    Error::Config(said)
+                } else {
+                    Error::Runtime(said)
+                }
             })?;
         Ok(key)
     }

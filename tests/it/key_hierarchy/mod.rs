@@ -8,6 +8,7 @@
 #![cfg(feature = "aws")]
 
 mod exclusion;
+mod master_key;
 mod rewrap;
 mod rotation;
 
