@@ -56,6 +56,10 @@ pub struct KeyTableStore {
     /// Whether every key must unwrap under `master` alone (all but a
     /// rewrap, which finds keys under either master key).
     pinned: bool,
+    /// The current key when the purpose has no `ACTIVE` row: its newest
+    /// `COMPROMISED` row rekey did not stage or retire. Its row stays
+    /// `COMPROMISED` on every write.
+    pub(super) stand_in: Option<KeyId>,
     /// The keys, unwrapped.
     pub table: KeyTable,
 }
@@ -144,6 +148,7 @@ impl KeyTableStore {
             algorithms: HashMap::new(),
             seen: BTreeMap::new(),
             pinned,
+            stand_in: None,
             table: KeyTable::default(),
         };
         store.load().await?;
@@ -238,13 +243,35 @@ impl KeyTableStore {
         let mut wrapped = HashMap::new();
         let mut algorithms = HashMap::new();
         let markers = self.markers().await?;
+        let stand_in = if active.is_empty() {
+            rows.iter()
+                .filter(|r| r.status == Status::Compromised)
+                .filter(|r| {
+                    !matches!(
+                        markers.get(&r.version).map(|m| m.state),
+                        Some(KeyState::Pending | KeyState::Retired)
+                    )
+                })
+                .map(|r| r.version)
+                .max()
+        } else {
+            None
+        };
+        if active.is_empty() && stand_in.is_none() {
+            return Err(self.no_current_key(&rows).await);
+        }
         let mut table = KeyTable::default();
         for r in rows {
             let m = markers.get(&r.version);
             let key = self.unwrap(r.version, &r.blob).await?;
+            let state = if stand_in == Some(r.version) {
+                KeyState::Current
+            } else {
+                r.status.state(m.map(|m| m.state))
+            };
             table.entries.push(Entry {
                 id: r.version,
-                state: r.status.state(m.map(|m| m.state)),
+                state,
                 created_at: r.created_at,
                 changed_at: m.map_or(r.created_at, |m| m.changed_at),
                 key: Some(key),
@@ -278,7 +305,59 @@ impl KeyTableStore {
         self.seen = seen;
         self.wrapped = wrapped;
         self.algorithms = algorithms;
+        self.stand_in = stand_in;
         Ok(())
+    }
+
+    /// Why a purpose without an `ACTIVE` or usable `COMPROMISED` row has no
+    /// current key, and the fix: no row at all (a purpose spelt otherwise
+    /// than the rows': the purposes present are listed), or only rows
+    /// applications do not encrypt with.
+    async fn no_current_key(&self, rows: &[Row]) -> Error {
+        if rows.is_empty() {
+            let sql = format!(
+                "SELECT DISTINCT {p}::text FROM {t} ORDER BY 1",
+                p = self.col(&self.columns.purpose),
+                t = self.relation
+            );
+            let found = self
+                .client
+                .query(&sql, &[])
+                .await
+                .ctx(|| format!("reading the purposes of the key table {}", self.relation));
+            let present: Vec<String> = match found {
+                Ok(found) => found
+                    .iter()
+                    .filter_map(|r| r.get::<_, Option<String>>(0))
+                    .map(|p| format!("{p:?}"))
+                    .collect(),
+                Err(e) => return e,
+            };
+            return Error::Config(format!(
+                "key table {} has no key of purpose {:?}; {}: set [keys] purpose to the one this job's values are under (it is compared exactly, case included)",
+                self.relation,
+                self.purpose,
+                if present.is_empty() {
+                    "the table has no rows".to_string()
+                } else {
+                    format!("the purposes present are {}", present.join(", "))
+                }
+            ));
+        }
+        let listed: Vec<String> = rows
+            .iter()
+            .map(|r| format!("{} {}", r.version, r.status.as_str()))
+            .collect();
+        Error::Config(format!(
+            "key table {} has no ACTIVE key of purpose {:?} (and no COMPROMISED one rekey could rotate away from): versions {}; \
+             set the key applications encrypt with ACTIVE (UPDATE {} SET {} = 'ACTIVE' WHERE {} = <its version>), then run again",
+            self.relation,
+            self.purpose,
+            listed.join(", "),
+            self.relation,
+            self.col(&self.columns.status),
+            self.col(&self.columns.version),
+        ))
     }
 
     async fn unwrap(&self, version: KeyId, blob: &[u8]) -> Result<Key, Error> {
@@ -301,20 +380,24 @@ impl KeyTableStore {
         Ok(key)
     }
 
-    /// rekey's markers for this table and purpose (none before rekey's schema exists).
-    async fn markers(&self) -> Result<BTreeMap<KeyId, Marker>, Error> {
-        let what = || "reading rekey's key table markers".to_string();
-        let exists: bool = self
+    /// Whether rekey's schema (its markers) exists yet.
+    async fn has_markers(&self) -> Result<bool, Error> {
+        Ok(self
             .client
             .query_one(
                 "SELECT to_regclass('rekey.key_table_keys') IS NOT NULL",
                 &[],
             )
             .await
-            .ctx(what)?
-            .get(0);
+            .ctx(|| "reading rekey's key table markers".to_string())?
+            .get(0))
+    }
+
+    /// rekey's markers for this table and purpose (none before rekey's schema exists).
+    async fn markers(&self) -> Result<BTreeMap<KeyId, Marker>, Error> {
+        let what = || "reading rekey's key table markers".to_string();
         let mut out = BTreeMap::new();
-        if !exists {
+        if !self.has_markers().await? {
             return Ok(out);
         }
         let rows = self

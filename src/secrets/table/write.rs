@@ -120,7 +120,7 @@ impl KeyTableStore {
                         e.id
                     ))
                 })?;
-                let status = Status::of(e).as_str();
+                let status = Status::written(e, self.stand_in == Some(e.id)).as_str();
                 if now.contains_key(&version) {
                     tx.execute(&set_status, &[&self.purpose, &version, &status])
                         .await
@@ -163,7 +163,10 @@ impl KeyTableStore {
             .entries
             .iter()
             .filter(|e| e.state != KeyState::Retired)
-            .map(|e| (i64::from(e.id), Status::of(e).as_str().to_string()))
+            .map(|e| {
+                let status = Status::written(e, self.stand_in == Some(e.id));
+                (i64::from(e.id), status.as_str().to_string())
+            })
             .collect();
         Ok(())
     }
