@@ -156,6 +156,11 @@ impl KeyTableStore {
     }
 
     /// Unreachable: no value exists.
+    pub fn next_id(&self) -> Result<KeyId, Error> {
+        match self.never {}
+    }
+
+    /// Unreachable: no value exists.
     pub fn secret_id(&self) -> String {
         match self.never {}
     }

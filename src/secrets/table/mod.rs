@@ -30,7 +30,11 @@
 //! compromise rotation then moves every value off it and destroys it.
 //! rekey never writes a `COMPROMISED` row back to `ACTIVE`. A purpose with
 //! neither is refused, naming the fix.
-
+//!
+//! Versions are unique across the whole table, every purpose together (the
+//! procedure's `getNextKeyVersion`): applications may look a key up by
+//! version alone, so a new key's version is above every row's and every
+//! retired marker's of the table.
 
 #[cfg(feature = "aws")]
 pub mod store;

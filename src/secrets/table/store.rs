@@ -25,6 +25,13 @@ use crate::Error;
 pub(super) const LOCK: &str =
     "SELECT pg_advisory_xact_lock(hashtext('rekey.key_table'), hashtext($1 || '/' || $2))";
 
+/// The lock a save that adds a row takes after [`LOCK`], for the whole
+/// table: versions are shared by every purpose, so two jobs of different
+/// purposes never add the same version. Taken after the purpose's own
+/// lock, always in that order.
+pub(super) const TABLE_LOCK: &str =
+    "SELECT pg_advisory_xact_lock(hashtext('rekey.key_table'), hashtext($1))";
+
 /// A key table, opened: its keys unwrapped in memory.
 pub struct KeyTableStore {
     /// A connection to the target database.
@@ -60,6 +67,9 @@ pub struct KeyTableStore {
     /// `COMPROMISED` row rekey did not stage or retire. Its row stays
     /// `COMPROMISED` on every write.
     pub(super) stand_in: Option<KeyId>,
+    /// The highest version of the whole table, every purpose and rekey's
+    /// markers for it included: a new key's version is above it.
+    pub(super) version_floor: i64,
     /// The keys, unwrapped.
     pub table: KeyTable,
 }
@@ -149,6 +159,7 @@ impl KeyTableStore {
             seen: BTreeMap::new(),
             pinned,
             stand_in: None,
+            version_floor: 0,
             table: KeyTable::default(),
         };
         store.load().await?;
@@ -243,6 +254,7 @@ impl KeyTableStore {
         let mut wrapped = HashMap::new();
         let mut algorithms = HashMap::new();
         let markers = self.markers().await?;
+        let version_floor = self.version_floor().await?;
         let stand_in = if active.is_empty() {
             rows.iter()
                 .filter(|r| r.status == Status::Compromised)
@@ -306,6 +318,7 @@ impl KeyTableStore {
         self.wrapped = wrapped;
         self.algorithms = algorithms;
         self.stand_in = stand_in;
+        self.version_floor = version_floor;
         Ok(())
     }
 
@@ -358,6 +371,61 @@ impl KeyTableStore {
             self.col(&self.columns.status),
             self.col(&self.columns.version),
         ))
+    }
+
+    /// The highest version of the whole table (every purpose) and of
+    /// rekey's markers for it (retired keys'), 0 for none.
+    async fn version_floor(&self) -> Result<i64, Error> {
+        let what = || format!("reading the versions of the key table {}", self.relation);
+        let sql = format!(
+            "SELECT coalesce(max({v}::bigint), 0) FROM {t}",
+            v = self.col(&self.columns.version),
+            t = self.relation
+        );
+        let rows: i64 = self.client.query_one(&sql, &[]).await.ctx(what)?.get(0);
+        if !self.has_markers().await? {
+            return Ok(rows);
+        }
+        let marked: i64 = self
+            .client
+            .query_one(
+                "SELECT coalesce(max(version), 0) FROM rekey.key_table_keys WHERE key_table = $1",
+                &[&self.relation],
+            )
+            .await
+            .ctx(what)?
+            .get(0);
+        Ok(rows.max(marked))
+    }
+
+    /// The version a new key of this purpose takes: above every version of
+    /// the table, any purpose's and rekey's retired markers' (the
+    /// procedure's `getNextKeyVersion`), as read with the keys. Refused
+    /// where the version column or a key id cannot hold it.
+    pub fn next_id(&self) -> Result<KeyId, Error> {
+        let own = self
+            .table
+            .next_id()
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let next = i64::from(own).max(self.version_floor.saturating_add(1));
+        let ty = self.ty(&self.columns.version);
+        let column_max = match ty {
+            "smallint" => i64::from(i16::MAX),
+            "integer" => i64::from(i32::MAX),
+            _ => i64::MAX,
+        };
+        match KeyId::try_from(next) {
+            Ok(id) if next <= column_max => Ok(id),
+            _ => Err(Error::Config(format!(
+                "key table {}: a new key's version must be above {}, the highest version of the table (every purpose and retired key \
+                 included: applications may look a key up by version alone), but {next} does not fit the {:?} column ({ty}) or a key id \
+                 (1 to {}); nothing was staged: widen the column, or give the keys versions that leave room",
+                self.relation,
+                self.version_floor,
+                self.columns.version,
+                KeyId::MAX
+            ))),
+        }
     }
 
     async fn unwrap(&self, version: KeyId, blob: &[u8]) -> Result<Key, Error> {

@@ -5,6 +5,56 @@
 
 use super::*;
 
+// Before: PHI v1 and AUDIT v2 in the table, a rotation created PHI v2
+// ACTIVE, and a lookup by version 2 alone found the AUDIT key.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_key_takes_a_version_above_every_purposes_keys() {
+    let db = TestDb::new().await;
+    let master = master_key(false);
+    seed(&db, &master, 1, 5).await;
+    add_key(&db, &master, 2, "AUDIT", "ACTIVE").await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = job(&db, &dir, &master);
+    let out = rekey(&["secrets", "stage", "--job", &j], &aws_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let versions: Vec<(i32, String)> = db
+        .client
+        .query(
+            "SELECT version, purpose::text FROM encryption_keys ORDER BY version, purpose",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        versions,
+        vec![(1, "PHI".into()), (2, "AUDIT".into()), (3, "PHI".into())]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_version_the_version_column_cannot_hold_is_refused_before_anything_is_written() {
+    let db = TestDb::new().await;
+    let master = master_key(false);
+    seed(&db, &master, 1, 5).await;
+    add_key(&db, &master, i32::MAX, "AUDIT", "ACTIVE").await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = job(&db, &dir, &master);
+    let out = rekey(&["secrets", "stage", "--job", &j], &aws_env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        stderr(&out).contains(&format!("{}", i32::MAX)) && stderr(&out).contains("integer"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(
+        statuses(&db).await,
+        vec![(1, "ACTIVE".into()), (i32::MAX, "ACTIVE".into())]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_purpose_no_row_has_is_refused_naming_the_table_and_the_purposes_present() {
     let db = TestDb::new().await;
