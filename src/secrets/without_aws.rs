@@ -189,6 +189,10 @@ pub mod rewrap {
         pub already: usize,
         /// The master keys they were wrapped under before.
         pub from: std::collections::BTreeSet<String>,
+        /// Keys of the same store the rewrap did not cover.
+        pub elsewhere: Vec<String>,
+        /// Keys of the same store KMS would not say the master key of.
+        pub unchecked: Vec<String>,
     }
 
     /// Fails: no AWS support in this build.

@@ -428,6 +428,58 @@ impl KeyTableStore {
         }
     }
 
+    /// The rows of this table's other purposes, and their retired keys
+    /// still archived by rekey, each with the master key (ARN) that wraps
+    /// it as KMS names it from the wrapped blob (`Decrypt`; the plaintext
+    /// is dropped at once), `None` where KMS would not say: what a master
+    /// key rewrap of this purpose did not move. Never material.
+    pub async fn other_purposes_wrapping(
+        &mut self,
+    ) -> Result<Vec<(String, i64, Option<String>)>, Error> {
+        self.reopen_if_closed().await?;
+        let c = &self.columns;
+        let what = || {
+            format!(
+                "reading the other purposes of the key table {}",
+                self.relation
+            )
+        };
+        let archived = if self.has_markers().await? {
+            "UNION ALL SELECT purpose, version, archived_key FROM rekey.key_table_keys
+              WHERE key_table = $2 AND purpose IS DISTINCT FROM $1 AND state = 'retired' AND archived_key IS NOT NULL"
+        } else {
+            "AND $2::text IS NOT NULL"
+        };
+        let sql = format!(
+            "SELECT {p}::text, {v}::bigint, {k} FROM {t} WHERE {p}::text IS DISTINCT FROM $1 {archived} ORDER BY 1, 2",
+            p = self.col(&c.purpose),
+            v = self.col(&c.version),
+            k = self.col(&c.encrypted_key),
+            t = self.relation
+        );
+        let rows = self
+            .client
+            .query(&sql, &[&self.purpose, &self.relation])
+            .await
+            .ctx(what)?;
+        let mut out = Vec::new();
+        for r in rows {
+            let purpose: String = r.get::<_, Option<String>>(0).unwrap_or_default();
+            let version: i64 = r.get::<_, Option<i64>>(1).unwrap_or_default();
+            let blob: Option<Vec<u8>> = r.get(2);
+            let id = KeyId::try_from(version).unwrap_or_default();
+            let under = match blob {
+                Some(blob) => wrap::unwrap(&self.kms, id, &blob, None)
+                    .await
+                    .ok()
+                    .map(|(_, arn)| arn),
+                None => None,
+            };
+            out.push((purpose, version, under));
+        }
+        Ok(out)
+    }
+
     async fn unwrap(&self, version: KeyId, blob: &[u8]) -> Result<Key, Error> {
         let (key, _) = wrap::unwrap(&self.kms, version, blob, self.pinned.then_some(self.master.as_str()))
             .await

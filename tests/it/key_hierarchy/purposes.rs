@@ -55,6 +55,33 @@ async fn a_new_version_the_version_column_cannot_hold_is_refused_before_anything
     );
 }
 
+// Before: "2 of 2 data keys re-wrapped ... no data key needs A any more ...
+// disable it", with the AUDIT row still wrapped under A.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rewrap_of_one_purpose_names_the_other_purposes_rows_still_under_the_old_master_key() {
+    let db = TestDb::new().await;
+    let old = master_key(false);
+    seed(&db, &old, 2, 5).await;
+    add_key(&db, &old, 3, "AUDIT", "ACTIVE").await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = job(&db, &dir, &old);
+    let new = master_key(false);
+    let out = rekey(
+        &["secrets", "rewrap", "--job", &j, "--to-kms-key", &new],
+        &aws_env(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let said = printed(&out);
+    assert!(
+        !said.contains("no data key needs") && !said.contains("disable it"),
+        "{said}"
+    );
+    assert!(
+        said.contains("AUDIT version 3") && said.contains(&old),
+        "{said}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_purpose_no_row_has_is_refused_naming_the_table_and_the_purposes_present() {
     let db = TestDb::new().await;
