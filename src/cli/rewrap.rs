@@ -70,9 +70,9 @@ pub async fn rewrap(a: &RewrapArgs) -> Result<u8, Error> {
         }
     };
     let from: Vec<&String> = done.from.iter().collect();
-    let note = format!(
-        "{} of {} data keys re-wrapped under {} ({} already were), each checked to unwrap to the same key under it alone; \
-         no data key needs {} any more",
+    let mut note = format!(
+        "{} of {} data keys of {secret_id} re-wrapped under {} ({} already were), each checked to unwrap to the same key under it alone; \
+         none of them needs {} any more",
         done.rewrapped,
         done.total,
         done.target,
@@ -83,6 +83,19 @@ pub async fn rewrap(a: &RewrapArgs) -> Result<u8, Error> {
             format!("{from:?}")
         }
     );
+    if !done.elsewhere.is_empty() {
+        note.push_str(&format!(
+            "; keys of the same table this job does not cover (other purposes) are still wrapped under another master key: {}",
+            done.elsewhere.join(", ")
+        ));
+    }
+    if !done.unchecked.is_empty() {
+        note.push_str(&format!(
+            "; KMS would not say which master key wraps {} (same table, other purposes)",
+            done.unchecked.join(", ")
+        ));
+    }
+    let covered = done.elsewhere.is_empty() && done.unchecked.is_empty();
     recorded(
         life,
         &spec,
@@ -92,10 +105,17 @@ pub async fn rewrap(a: &RewrapArgs) -> Result<u8, Error> {
         &note,
     )
     .await?;
-    let next = format!(
-        "set [keys] kms_key_id = {to:?} in the job, so new data keys are wrapped under it; the old master key was left enabled: \
-         disable it (or schedule its deletion) once nothing else uses it"
-    );
+    let next = if covered {
+        format!(
+            "set [keys] kms_key_id = {to:?} in the job, so new data keys are wrapped under it; the old master key was left enabled: \
+             disable it (or schedule its deletion) once nothing else uses it"
+        )
+    } else {
+        format!(
+            "set [keys] kms_key_id = {to:?} in the job, so new data keys are wrapped under it; keep the old master key enabled: \
+             the keys named above still need it; rewrap them with a job of their purpose, then run this again"
+        )
+    };
     if life.common.json {
         print_json(&json!({
             "event": "master_key_rewrapped",
@@ -104,6 +124,8 @@ pub async fn rewrap(a: &RewrapArgs) -> Result<u8, Error> {
             "rewrapped": done.rewrapped,
             "already": done.already,
             "from": done.from,
+            "elsewhere": done.elsewhere,
+            "unchecked": done.unchecked,
             "next": next,
         }));
     } else {

@@ -63,10 +63,7 @@ pub async fn preview(
             };
             return Ok(log.end(ended, last.step));
         }
-        let next = store
-            .table()
-            .next_id()
-            .map_err(|e| Error::Config(e.to_string()))?;
+        let next = store.next_id()?;
         say(
             &mut log,
             format!(

@@ -42,10 +42,8 @@ async fn saved(store: &mut Store, changed: bool, reveal: bool) -> Result<Applied
 
 /// Stages a new key (the next id) as pending; returns its id.
 pub async fn stage(store: &mut Store, reveal: bool) -> Result<(KeyId, Applied), Error> {
-    let next = store
-        .table()
-        .next_id()
-        .map_err(|e| Error::Config(e.to_string()))?;
+    // the store's: a key table's versions are shared with other purposes
+    let next = store.next_id()?;
     let key = store.new_key(next).await?;
     let (id, changed) = store
         .table_mut()

@@ -64,10 +64,6 @@ impl std::fmt::Debug for KmsKeyring {
     }
 }
 
-fn kms_err(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::Runtime(format!("AWS KMS, {what}: {e}"))
-}
-
 /// Reads a KMS keyring file or its archive as the passphrase keyring reads
 /// its own ([`file::read_json`]): refused when group or others may read it,
 /// damaged (saying what its backup holds) when it is not one.
@@ -133,12 +129,7 @@ async fn unwrap_key(
         .key_id(kms_key_id)
         .send()
         .await
-        .map_err(|e| {
-            kms_err(
-                &format!("unwrapping key {}", k.id),
-                aws_sdk_kms::error::DisplayErrorContext(e),
-            )
-        })?;
+        .map_err(|e| wrap::kms_error(&format!("unwrapping key {}", k.id), e))?;
     let plain = Zeroizing::new(
         out.plaintext()
             .map(|p| p.as_ref().to_vec())
@@ -243,12 +234,7 @@ impl KmsKeyring {
             .key_spec(aws_sdk_kms::types::DataKeySpec::Aes256)
             .send()
             .await
-            .map_err(|e| {
-                kms_err(
-                    "generating a data key",
-                    aws_sdk_kms::error::DisplayErrorContext(e),
-                )
-            })?;
+            .map_err(|e| wrap::kms_error("generating a data key", e))?;
         let plain = Zeroizing::new(
             out.plaintext()
                 .map(|p| p.as_ref().to_vec())
@@ -324,12 +310,7 @@ impl KmsKeyring {
                     .plaintext(Blob::new(k.material().to_vec()))
                     .send()
                     .await
-                    .map_err(|err| {
-                        kms_err(
-                            &format!("wrapping key {}", e.id),
-                            aws_sdk_kms::error::DisplayErrorContext(err),
-                        )
-                    })?;
+                    .map_err(|err| wrap::kms_error(&format!("wrapping key {}", e.id), err))?;
                 let blob = out.ciphertext_blob().ok_or_else(|| {
                     Error::Runtime(format!(
                         "AWS KMS wrapped key {} but returned no ciphertext; nothing was saved",

@@ -11,7 +11,10 @@
 //! alone). The KMS keyring file is rewritten once, atomically. The old
 //! master key is never disabled here: the rewrap ends by unwrapping every
 //! key under the new master key alone, and says so; disabling or deleting
-//! the old one is the operator's later step.
+//! the old one is the operator's later step. A job's key table holds one
+//! purpose's keys; rows of the table's other purposes are not re-wrapped,
+//! and those not under the new master key are named, so that the old one
+//! is not disabled while they need it.
 
 use std::collections::BTreeSet;
 
@@ -32,6 +35,13 @@ pub struct Rewrapped {
     pub already: usize,
     /// The master keys they were wrapped under before (ARNs).
     pub from: BTreeSet<String>,
+    /// Keys of the same store this rewrap does not cover (a key table's
+    /// other purposes) still under another master key: "AUDIT version 3
+    /// under arn:...".
+    pub elsewhere: Vec<String>,
+    /// Keys of the same store it does not cover whose master key KMS
+    /// would not name (Decrypt refused).
+    pub unchecked: Vec<String>,
 }
 
 /// Opens the store of `keys` for a rewrap: its data keys unwrapped under
@@ -106,6 +116,15 @@ pub async fn rewrap(
     let released = t.release_lock().await;
     checked?;
     released?;
+    for (purpose, version, under) in t.other_purposes_wrapping().await? {
+        match under {
+            Some(arn) if arn == target => {}
+            Some(arn) => out
+                .elsewhere
+                .push(format!("{purpose} version {version} under {arn}")),
+            None => out.unchecked.push(format!("{purpose} version {version}")),
+        }
+    }
     Ok(out)
 }
 

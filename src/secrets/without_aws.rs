@@ -156,6 +156,11 @@ impl KeyTableStore {
     }
 
     /// Unreachable: no value exists.
+    pub fn next_id(&self) -> Result<KeyId, Error> {
+        match self.never {}
+    }
+
+    /// Unreachable: no value exists.
     pub fn secret_id(&self) -> String {
         match self.never {}
     }
@@ -184,6 +189,10 @@ pub mod rewrap {
         pub already: usize,
         /// The master keys they were wrapped under before.
         pub from: std::collections::BTreeSet<String>,
+        /// Keys of the same store the rewrap did not cover.
+        pub elsewhere: Vec<String>,
+        /// Keys of the same store KMS would not say the master key of.
+        pub unchecked: Vec<String>,
     }
 
     /// Fails: no AWS support in this build.

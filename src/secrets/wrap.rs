@@ -3,9 +3,11 @@
 //! key rewrap: unwrap (Decrypt), generate (GenerateDataKey), re-wrap
 //! (ReEncrypt) and check a master key (DescribeKey). Plaintext data keys
 //! come back as [`Key`]s, zeroized on drop; errors name keys by id, never
-//! by value.
+//! by value, and keep only KMS's error code and message (as
+//! `aws::errors` does for Secrets Manager): the SDK's own errors print as
+//! debug dumps with the response's headers.
 
-use aws_sdk_kms::error::DisplayErrorContext;
+use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{DataKeySpec, KeyState, KeyUsageType};
 use aws_sdk_kms::Client;
@@ -22,8 +24,12 @@ pub enum WrapError {
     Kms {
         /// What rekey asked for.
         what: String,
-        /// KMS's answer.
+        /// KMS's answer: its error code and message, or why it was not reached.
         detail: String,
+        /// KMS answered with a refusal that will not pass by itself (a key
+        /// not found, access denied, another key's blob): a configuration
+        /// to fix, not a failure to retry.
+        refused: bool,
     },
     /// KMS answered without what the call promises.
     #[error("AWS KMS, {0}: the answer lacks its result")]
@@ -46,20 +52,71 @@ pub enum WrapError {
     },
 }
 
+impl WrapError {
+    /// Whether KMS refused for a reason the configuration must fix.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            WrapError::Unusable { .. } | WrapError::Kms { refused: true, .. }
+        )
+    }
+}
+
 impl From<WrapError> for Error {
     fn from(e: WrapError) -> Self {
-        match e {
-            WrapError::Unusable { .. } => Error::Config(e.to_string()),
-            _ => Error::Runtime(e.to_string()),
+        if e.is_refusal() {
+            Error::Config(e.to_string())
+        } else {
+            Error::Runtime(e.to_string())
         }
     }
 }
 
-fn kms(what: String, e: impl std::error::Error) -> WrapError {
-    WrapError::Kms {
-        what,
-        detail: DisplayErrorContext(e).to_string(),
+/// KMS error codes that pass by themselves: retrying may succeed.
+const TRANSIENT: &[&str] = &[
+    "ThrottlingException",
+    "KMSInternalException",
+    "DependencyTimeoutException",
+    "LimitExceededException",
+];
+
+/// A KMS SDK error as one line: the service's code and message, or the
+/// innermost cause where KMS was not reached; never the SDK's debug dump.
+pub fn kms_failure<E, R>(what: String, e: SdkError<E, R>) -> WrapError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug + 'static,
+{
+    match &e {
+        SdkError::ServiceError(_) => {
+            let code = e.code().unwrap_or("an error without a code");
+            WrapError::Kms {
+                what,
+                detail: match e.message() {
+                    Some(m) => format!("{code}: {m}"),
+                    None => code.to_string(),
+                },
+                refused: !TRANSIENT.contains(&code),
+            }
+        }
+        _ => WrapError::Kms {
+            what,
+            detail: format!(
+                "not reached: {} (check region, endpoint, network and credentials)",
+                crate::secrets::aws::errors::root_cause(&e)
+            ),
+            refused: false,
+        },
     }
+}
+
+/// [`kms_failure`] as one of rekey's errors, for the KMS keyring file.
+pub fn kms_error<E, R>(what: &str, e: SdkError<E, R>) -> Error
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug + 'static,
+{
+    kms_failure(what.to_string(), e).into()
 }
 
 /// 32 plaintext bytes from KMS as a key. Takes KMS's answer's plaintext
@@ -93,7 +150,7 @@ pub async fn unwrap(
         .set_key_id(pinned.map(str::to_string))
         .send()
         .await
-        .map_err(|e| kms(format!("unwrapping data key {id}"), e))?;
+        .map_err(|e| kms_failure(format!("unwrapping data key {id}"), e))?;
     let arn = out.key_id().unwrap_or_default().to_string();
     Ok((as_key(id, out.plaintext.take())?, arn))
 }
@@ -111,7 +168,7 @@ pub async fn generate(
         .key_spec(DataKeySpec::Aes256)
         .send()
         .await
-        .map_err(|e| kms(what(), e))?;
+        .map_err(|e| kms_failure(what(), e))?;
     let blob = out
         .ciphertext_blob()
         .ok_or_else(|| WrapError::Incomplete(what()))?
@@ -135,7 +192,7 @@ pub async fn rewrap(
         .destination_key_id(to)
         .send()
         .await
-        .map_err(|e| kms(what(), e))?;
+        .map_err(|e| kms_failure(what(), e))?;
     Ok(out
         .ciphertext_blob()
         .ok_or_else(|| WrapError::Incomplete(what()))?
@@ -153,7 +210,7 @@ pub async fn usable_master(client: &Client, key: &str) -> Result<String, WrapErr
     let out = client.describe_key().key_id(key).send().await.map_err(|e| {
         unusable(format!(
             "{} (check the id or alias, the region and endpoint, and that this identity may call kms:DescribeKey on it)",
-            DisplayErrorContext(e)
+            kms_failure("describing it".into(), e)
         ))
     })?;
     let meta = out

@@ -96,7 +96,7 @@ pub fn sentence(op: Op, secret: &str, code: Option<&str>, message: Option<&str>)
 }
 
 /// The innermost cause of an error, as one line.
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     let mut cur = e;
     while let Some(next) = cur.source() {
         cur = next;

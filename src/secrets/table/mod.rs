@@ -13,16 +13,28 @@
 //! | rekey state | row `status` | rekey's marker (`rekey.key_table_keys`) |
 //! |---|---|---|
 //! | current | `ACTIVE` | current |
+//! | current, compromised by the application (no `ACTIVE` row) | `COMPROMISED`, left so | current, compromised |
 //! | pending (staged) | `INACTIVE` (readable, never written with) | pending |
 //! | previous | `INACTIVE` | previous |
 //! | previous, compromised | `COMPROMISED` | previous, compromised |
 //! | retired | row deleted (wrapped key kept in the marker until purged) | retired |
 //!
-//! A current key marked compromised stays `ACTIVE` until the promotion: the
-//! table always has one key applications can write with. A promotion sets
-//! the old key `INACTIVE` (or `COMPROMISED`) and the new one `ACTIVE` in one
-//! transaction. Rows rekey finds without a marker are read from their
-//! status alone (`ACTIVE` current, others previous).
+//! A current key rekey marks compromised stays `ACTIVE` until the promotion:
+//! the table always has one key applications can write with. A promotion
+//! sets the old key `INACTIVE` (or `COMPROMISED`) and the new one `ACTIVE`
+//! in one transaction. Rows rekey finds without a marker are read from
+//! their status alone (`ACTIVE` current, others previous), except that a
+//! purpose without an `ACTIVE` row (the procedure's emergency rotation
+//! marks the old key `COMPROMISED` first) has its newest `COMPROMISED` row
+//! that rekey did not stage or retire as its current key, compromised: a
+//! compromise rotation then moves every value off it and destroys it.
+//! rekey never writes a `COMPROMISED` row back to `ACTIVE`. A purpose with
+//! neither is refused, naming the fix.
+//!
+//! Versions are unique across the whole table, every purpose together (the
+//! procedure's `getNextKeyVersion`): applications may look a key up by
+//! version alone, so a new key's version is above every row's and every
+//! retired marker's of the table.
 
 #[cfg(feature = "aws")]
 pub mod store;
@@ -123,6 +135,16 @@ impl Status {
         }
     }
 
+    /// The status written for `e`, whose row was read `COMPROMISED` when
+    /// `row_compromised`: a current key standing in for a purpose without
+    /// an `ACTIVE` row keeps `COMPROMISED`, never made `ACTIVE` again.
+    pub fn written(e: &Entry, row_compromised: bool) -> Status {
+        match Status::of(e) {
+            Status::Active if row_compromised => Status::Compromised,
+            s => s,
+        }
+    }
+
     /// rekey's state of a row with this status and rekey's `marker`.
     pub fn state(self, marker: Option<KeyState>) -> KeyState {
         match (self, marker) {
@@ -175,6 +197,15 @@ mod tests {
             Status::of(&entry(KeyState::Previous, true)),
             Status::Compromised
         );
+    }
+
+    #[test]
+    fn a_current_key_read_from_a_compromised_row_is_written_back_compromised() {
+        let current = entry(KeyState::Current, true);
+        assert_eq!(Status::written(&current, true), Status::Compromised);
+        assert_eq!(Status::written(&current, false), Status::Active);
+        let previous = entry(KeyState::Previous, false);
+        assert_eq!(Status::written(&previous, true), Status::Inactive);
     }
 
     #[test]

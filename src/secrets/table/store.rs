@@ -25,6 +25,13 @@ use crate::Error;
 pub(super) const LOCK: &str =
     "SELECT pg_advisory_xact_lock(hashtext('rekey.key_table'), hashtext($1 || '/' || $2))";
 
+/// The lock a save that adds a row takes after [`LOCK`], for the whole
+/// table: versions are shared by every purpose, so two jobs of different
+/// purposes never add the same version. Taken after the purpose's own
+/// lock, always in that order.
+pub(super) const TABLE_LOCK: &str =
+    "SELECT pg_advisory_xact_lock(hashtext('rekey.key_table'), hashtext($1))";
+
 /// A key table, opened: its keys unwrapped in memory.
 pub struct KeyTableStore {
     /// A connection to the target database.
@@ -56,6 +63,13 @@ pub struct KeyTableStore {
     /// Whether every key must unwrap under `master` alone (all but a
     /// rewrap, which finds keys under either master key).
     pinned: bool,
+    /// The current key when the purpose has no `ACTIVE` row: its newest
+    /// `COMPROMISED` row rekey did not stage or retire. Its row stays
+    /// `COMPROMISED` on every write.
+    pub(super) stand_in: Option<KeyId>,
+    /// The highest version of the whole table, every purpose and rekey's
+    /// markers for it included: a new key's version is above it.
+    pub(super) version_floor: i64,
     /// The keys, unwrapped.
     pub table: KeyTable,
 }
@@ -144,6 +158,8 @@ impl KeyTableStore {
             algorithms: HashMap::new(),
             seen: BTreeMap::new(),
             pinned,
+            stand_in: None,
+            version_floor: 0,
             table: KeyTable::default(),
         };
         store.load().await?;
@@ -238,13 +254,36 @@ impl KeyTableStore {
         let mut wrapped = HashMap::new();
         let mut algorithms = HashMap::new();
         let markers = self.markers().await?;
+        let version_floor = self.version_floor().await?;
+        let stand_in = if active.is_empty() {
+            rows.iter()
+                .filter(|r| r.status == Status::Compromised)
+                .filter(|r| {
+                    !matches!(
+                        markers.get(&r.version).map(|m| m.state),
+                        Some(KeyState::Pending | KeyState::Retired)
+                    )
+                })
+                .map(|r| r.version)
+                .max()
+        } else {
+            None
+        };
+        if active.is_empty() && stand_in.is_none() {
+            return Err(self.no_current_key(&rows).await);
+        }
         let mut table = KeyTable::default();
         for r in rows {
             let m = markers.get(&r.version);
             let key = self.unwrap(r.version, &r.blob).await?;
+            let state = if stand_in == Some(r.version) {
+                KeyState::Current
+            } else {
+                r.status.state(m.map(|m| m.state))
+            };
             table.entries.push(Entry {
                 id: r.version,
-                state: r.status.state(m.map(|m| m.state)),
+                state,
                 created_at: r.created_at,
                 changed_at: m.map_or(r.created_at, |m| m.changed_at),
                 key: Some(key),
@@ -278,36 +317,207 @@ impl KeyTableStore {
         self.seen = seen;
         self.wrapped = wrapped;
         self.algorithms = algorithms;
+        self.stand_in = stand_in;
+        self.version_floor = version_floor;
         Ok(())
+    }
+
+    /// Why a purpose without an `ACTIVE` or usable `COMPROMISED` row has no
+    /// current key, and the fix: no row at all (a purpose spelt otherwise
+    /// than the rows': the purposes present are listed), or only rows
+    /// applications do not encrypt with.
+    async fn no_current_key(&self, rows: &[Row]) -> Error {
+        if rows.is_empty() {
+            let sql = format!(
+                "SELECT DISTINCT {p}::text FROM {t} ORDER BY 1",
+                p = self.col(&self.columns.purpose),
+                t = self.relation
+            );
+            let found = self
+                .client
+                .query(&sql, &[])
+                .await
+                .ctx(|| format!("reading the purposes of the key table {}", self.relation));
+            let present: Vec<String> = match found {
+                Ok(found) => found
+                    .iter()
+                    .filter_map(|r| r.get::<_, Option<String>>(0))
+                    .map(|p| format!("{p:?}"))
+                    .collect(),
+                Err(e) => return e,
+            };
+            return Error::Config(format!(
+                "key table {} has no key of purpose {:?}; {}: set [keys] purpose to the one this job's values are under (it is compared exactly, case included)",
+                self.relation,
+                self.purpose,
+                if present.is_empty() {
+                    "the table has no rows".to_string()
+                } else {
+                    format!("the purposes present are {}", present.join(", "))
+                }
+            ));
+        }
+        let listed: Vec<String> = rows
+            .iter()
+            .map(|r| format!("{} {}", r.version, r.status.as_str()))
+            .collect();
+        Error::Config(format!(
+            "key table {} has no ACTIVE key of purpose {:?} (and no COMPROMISED one rekey could rotate away from): versions {}; \
+             set the key applications encrypt with ACTIVE (UPDATE {} SET {} = 'ACTIVE' WHERE {} = <its version>), then run again",
+            self.relation,
+            self.purpose,
+            listed.join(", "),
+            self.relation,
+            self.col(&self.columns.status),
+            self.col(&self.columns.version),
+        ))
+    }
+
+    /// The highest version of the whole table (every purpose) and of
+    /// rekey's markers for it (retired keys'), 0 for none.
+    async fn version_floor(&self) -> Result<i64, Error> {
+        let what = || format!("reading the versions of the key table {}", self.relation);
+        let sql = format!(
+            "SELECT coalesce(max({v}::bigint), 0) FROM {t}",
+            v = self.col(&self.columns.version),
+            t = self.relation
+        );
+        let rows: i64 = self.client.query_one(&sql, &[]).await.ctx(what)?.get(0);
+        if !self.has_markers().await? {
+            return Ok(rows);
+        }
+        let marked: i64 = self
+            .client
+            .query_one(
+                "SELECT coalesce(max(version), 0) FROM rekey.key_table_keys WHERE key_table = $1",
+                &[&self.relation],
+            )
+            .await
+            .ctx(what)?
+            .get(0);
+        Ok(rows.max(marked))
+    }
+
+    /// The version a new key of this purpose takes: above every version of
+    /// the table, any purpose's and rekey's retired markers' (the
+    /// procedure's `getNextKeyVersion`), as read with the keys. Refused
+    /// where the version column or a key id cannot hold it.
+    pub fn next_id(&self) -> Result<KeyId, Error> {
+        let own = self
+            .table
+            .next_id()
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let next = i64::from(own).max(self.version_floor.saturating_add(1));
+        let ty = self.ty(&self.columns.version);
+        let column_max = match ty {
+            "smallint" => i64::from(i16::MAX),
+            "integer" => i64::from(i32::MAX),
+            _ => i64::MAX,
+        };
+        match KeyId::try_from(next) {
+            Ok(id) if next <= column_max => Ok(id),
+            _ => Err(Error::Config(format!(
+                "key table {}: a new key's version must be above {}, the highest version of the table (every purpose and retired key \
+                 included: applications may look a key up by version alone), but {next} does not fit the {:?} column ({ty}) or a key id \
+                 (1 to {}); nothing was staged: widen the column, or give the keys versions that leave room",
+                self.relation,
+                self.version_floor,
+                self.columns.version,
+                KeyId::MAX
+            ))),
+        }
+    }
+
+    /// The rows of this table's other purposes, and their retired keys
+    /// still archived by rekey, each with the master key (ARN) that wraps
+    /// it as KMS names it from the wrapped blob (`Decrypt`; the plaintext
+    /// is dropped at once), `None` where KMS would not say: what a master
+    /// key rewrap of this purpose did not move. Never material.
+    pub async fn other_purposes_wrapping(
+        &mut self,
+    ) -> Result<Vec<(String, i64, Option<String>)>, Error> {
+        self.reopen_if_closed().await?;
+        let c = &self.columns;
+        let what = || {
+            format!(
+                "reading the other purposes of the key table {}",
+                self.relation
+            )
+        };
+        let archived = if self.has_markers().await? {
+            "UNION ALL SELECT purpose, version, archived_key FROM rekey.key_table_keys
+              WHERE key_table = $2 AND purpose IS DISTINCT FROM $1 AND state = 'retired' AND archived_key IS NOT NULL"
+        } else {
+            "AND $2::text IS NOT NULL"
+        };
+        let sql = format!(
+            "SELECT {p}::text, {v}::bigint, {k} FROM {t} WHERE {p}::text IS DISTINCT FROM $1 {archived} ORDER BY 1, 2",
+            p = self.col(&c.purpose),
+            v = self.col(&c.version),
+            k = self.col(&c.encrypted_key),
+            t = self.relation
+        );
+        let rows = self
+            .client
+            .query(&sql, &[&self.purpose, &self.relation])
+            .await
+            .ctx(what)?;
+        let mut out = Vec::new();
+        for r in rows {
+            let purpose: String = r.get::<_, Option<String>>(0).unwrap_or_default();
+            let version: i64 = r.get::<_, Option<i64>>(1).unwrap_or_default();
+            let blob: Option<Vec<u8>> = r.get(2);
+            let id = KeyId::try_from(version).unwrap_or_default();
+            let under = match blob {
+                Some(blob) => wrap::unwrap(&self.kms, id, &blob, None)
+                    .await
+                    .ok()
+                    .map(|(_, arn)| arn),
+                None => None,
+            };
+            out.push((purpose, version, under));
+        }
+        Ok(out)
     }
 
     async fn unwrap(&self, version: KeyId, blob: &[u8]) -> Result<Key, Error> {
         let (key, _) = wrap::unwrap(&self.kms, version, blob, self.pinned.then_some(self.master.as_str()))
             .await
             .map_err(|e| {
-                Error::Runtime(format!(
-                    "key table {}: {e}; is it wrapped under another master key? If a master key rewrap is under way, finish it \
-                     (`rekey secrets rewrap --to-kms-key ...`) and name that key in [keys] kms_key_id",
-                    self.relation
-                ))
+                let refused = e.is_refusal();
+                let said = format!(
+                    "key table {}, master key {:?}: {e}; name the master key the table's data keys are wrapped under in [keys] kms_key_id \
+                     (check the id or alias, region and endpoint, and that this identity may call kms:Decrypt on it); if a master key \
+                     rewrap is under way, finish it (`rekey secrets rewrap --to-kms-key ...`) and name that key",
+                    self.relation, self.master
+                );
+                if refused {
+                    Error::Config(said)
+                } else {
+                    Error::Runtime(said)
+                }
             })?;
         Ok(key)
     }
 
-    /// rekey's markers for this table and purpose (none before rekey's schema exists).
-    async fn markers(&self) -> Result<BTreeMap<KeyId, Marker>, Error> {
-        let what = || "reading rekey's key table markers".to_string();
-        let exists: bool = self
+    /// Whether rekey's schema (its markers) exists yet.
+    async fn has_markers(&self) -> Result<bool, Error> {
+        Ok(self
             .client
             .query_one(
                 "SELECT to_regclass('rekey.key_table_keys') IS NOT NULL",
                 &[],
             )
             .await
-            .ctx(what)?
-            .get(0);
+            .ctx(|| "reading rekey's key table markers".to_string())?
+            .get(0))
+    }
+
+    /// rekey's markers for this table and purpose (none before rekey's schema exists).
+    async fn markers(&self) -> Result<BTreeMap<KeyId, Marker>, Error> {
+        let what = || "reading rekey's key table markers".to_string();
         let mut out = BTreeMap::new();
-        if !exists {
+        if !self.has_markers().await? {
             return Ok(out);
         }
         let rows = self

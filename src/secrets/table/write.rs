@@ -1,11 +1,12 @@
 //! Writing a key table back: a transition in one transaction (statuses,
 //! a new row, a retired row moved to rekey's archive), refused if the table
-//! changed since it was read; and one wrapped key replaced by compare-and-swap,
+//! changed since it was read (a new row also if another purpose took its
+//! version meanwhile); and one wrapped key replaced by compare-and-swap,
 //! for a master key rewrap.
 
 use std::collections::BTreeMap;
 
-use super::store::{null_version, KeyTableStore, LOCK};
+use super::store::{null_version, KeyTableStore, LOCK, TABLE_LOCK};
 use super::{Status, DEFAULT_ALGORITHM};
 use crate::crypto::keyring::KeyId;
 use crate::crypto::keytable::{Entry, KeyState};
@@ -94,6 +95,39 @@ impl KeyTableStore {
                 self.relation, self.seen
             )));
         }
+        let adds: Vec<i64> = self
+            .table
+            .entries
+            .iter()
+            .filter(|e| e.state != KeyState::Retired)
+            .map(|e| i64::from(e.id))
+            .filter(|v| !now.contains_key(v))
+            .collect();
+        if let Some(lowest) = adds.iter().min() {
+            // versions are the whole table's: no other purpose's key took it meanwhile
+            tx.execute(TABLE_LOCK, &[&self.relation]).await.ctx(what)?;
+            let taken: Option<i64> = tx
+                .query_one(
+                    &format!(
+                        "SELECT greatest((SELECT max({v}::bigint) FROM {t} WHERE {p}::text IS DISTINCT FROM $1),
+                           (SELECT max(version) FROM rekey.key_table_keys WHERE key_table = $2 AND purpose IS DISTINCT FROM $1))",
+                        v = quote_ident(&c.version),
+                        p = quote_ident(&c.purpose),
+                        t = self.relation
+                    ),
+                    &[&self.purpose, &self.relation],
+                )
+                .await
+                .ctx(what)?
+                .get(0);
+            if let Some(taken) = taken.filter(|t| t >= lowest) {
+                return Err(Error::Config(format!(
+                    "the key table {} changed since rekey read it: another purpose's key has version {taken}, and the new key's \
+                     version {lowest} must be above every purpose's: nothing was written; run the command again",
+                    self.relation
+                )));
+            }
+        }
         let algorithm = self
             .table
             .id_in(KeyState::Current)
@@ -120,7 +154,7 @@ impl KeyTableStore {
                         e.id
                     ))
                 })?;
-                let status = Status::of(e).as_str();
+                let status = Status::written(e, self.stand_in == Some(e.id)).as_str();
                 if now.contains_key(&version) {
                     tx.execute(&set_status, &[&self.purpose, &version, &status])
                         .await
@@ -163,7 +197,10 @@ impl KeyTableStore {
             .entries
             .iter()
             .filter(|e| e.state != KeyState::Retired)
-            .map(|e| (i64::from(e.id), Status::of(e).as_str().to_string()))
+            .map(|e| {
+                let status = Status::written(e, self.stand_in == Some(e.id));
+                (i64::from(e.id), status.as_str().to_string())
+            })
             .collect();
         Ok(())
     }

@@ -9,6 +9,8 @@
 
 mod compromised_retire;
 mod exclusion;
+mod master_key;
+mod purposes;
 mod rewrap;
 mod rotation;
 
@@ -193,6 +195,23 @@ pub async fn seed(db: &TestDb, master: &str, keys: usize, notes: usize) {
         .execute(
             "INSERT INTO patient_notes SELECT * FROM unnest($1::int[], $2::bytea[])",
             &[&ids, &sealed],
+        )
+        .await
+        .unwrap();
+}
+
+/// One more row of the key table: a data key the seed's `generateDataKey`
+/// made under `master`, of `purpose`, with `version` and `status` (the
+/// seed's `getNextKeyVersion` hands versions out across purposes).
+pub async fn add_key(db: &TestDb, master: &str, version: i32, purpose: &str, status: &str) {
+    let out: serde_json::Value =
+        serde_json::from_str(&py(PY_GENERATE, &[master, "1", "0"], "").unwrap()).unwrap();
+    let blob = hex::decode(out["keys"][0].as_str().unwrap()).unwrap();
+    db.client
+        .execute(
+            r#"INSERT INTO encryption_keys (version, purpose, algorithm, "encryptedKey", status, "expiresAt")
+               VALUES ($1, $2::text::"KeyPurpose", 'AES-256-GCM', $3, $4::text::"KeyStatus", now() + interval '90 days')"#,
+            &[&version, &purpose, &blob, &status],
         )
         .await
         .unwrap();

@@ -482,3 +482,110 @@ async fn a_dry_run_whose_key_table_takes_longer_to_open_than_idle_session_timeou
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert!(printed(&out).contains("dry run:"), "{}", printed(&out));
 }
+
+// Before: with the only row COMPROMISED (the procedure's emergency
+// rotation marks it first), the rotation staged key 2 and then every
+// command failed with "no keys were found"; a promote by hand left key 1's
+// material in the table.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_compromise_rotation_away_from_a_key_the_table_already_marks_compromised_destroys_it() {
+    let db = TestDb::new().await;
+    let master = master_key(false);
+    seed(&db, &master, 1, 20).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = job(&db, &dir, &master);
+    let env = aws_env();
+    db.client
+        .batch_execute("UPDATE encryption_keys SET status = 'COMPROMISED'; TRUNCATE status_changes")
+        .await
+        .unwrap();
+    let out = rekey(
+        &[
+            "rotate",
+            "--job",
+            &j,
+            "--json",
+            "--no-wait",
+            "--reason",
+            "compromise",
+        ],
+        &env,
+    );
+    assert_eq!(
+        (out.status.code(), json(&out)["step"].as_str()),
+        (Some(0), Some("retired")),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(statuses(&db).await, vec![(2, "ACTIVE".into())]);
+    let reactivated: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM status_changes WHERE version = 1 AND status = 'ACTIVE'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(reactivated, 0, "a COMPROMISED row is never written ACTIVE");
+    let purged: bool = db
+        .client
+        .query_one(
+            "SELECT compromised AND archived_key IS NULL FROM rekey.key_table_keys WHERE version = 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        purged,
+        "the compromised key's wrapped material is destroyed"
+    );
+    let seen = app(&db, "-").await.unwrap();
+    assert_eq!((seen.active, seen.read), (2, 20));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_staged_key_beside_a_compromised_row_leaves_that_row_compromised_for_the_application() {
+    let db = TestDb::new().await;
+    let master = master_key(false);
+    seed(&db, &master, 1, 5).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = job(&db, &dir, &master);
+    db.client
+        .batch_execute("UPDATE encryption_keys SET status = 'COMPROMISED'")
+        .await
+        .unwrap();
+    let out = rekey(&["secrets", "stage", "--job", &j], &aws_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(
+        statuses(&db).await,
+        vec![(1, "COMPROMISED".into()), (2, "INACTIVE".into())]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_table_with_neither_an_active_nor_a_compromised_key_names_the_table_purpose_and_fix()
+{
+    let db = TestDb::new().await;
+    let master = master_key(false);
+    seed(&db, &master, 2, 5).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = job(&db, &dir, &master);
+    db.client
+        .batch_execute("UPDATE encryption_keys SET status = 'INACTIVE'")
+        .await
+        .unwrap();
+    let out = rekey(&["secrets", "show", "--job", &j], &aws_env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    let said = stderr(&out);
+    assert!(
+        said.contains("encryption_keys")
+            && said.contains("\"PHI\"")
+            && said.contains("no ACTIVE")
+            && said.contains("set the key applications encrypt with ACTIVE")
+            && !said.contains("no keys were found"),
+        "{}",
+        printed(&out)
+    );
+}
