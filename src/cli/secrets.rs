@@ -283,7 +283,7 @@ async fn transition(command: &SecretsCommand, life: &LifecycleArgs) -> Result<u8
     let (event, applied, key, note) = match command {
         SecretsCommand::Stage(_) => {
             let (id, applied) =
-                keeping_alive(&client, steps::stage(&mut store, life.reveal)).await?;
+                keeping_alive(&client, steps::stage(&mut store, &spec, life.reveal)).await?;
             ("key_staged", applied, id, format!("key {id} pending"))
         }
         SecretsCommand::Promote(_) => {

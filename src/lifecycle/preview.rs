@@ -64,6 +64,7 @@ pub async fn preview(
             return Ok(log.end(ended, last.step));
         }
         let next = store.next_id()?;
+        super::steps::refuse_unnameable(spec, next)?;
         say(
             &mut log,
             format!(

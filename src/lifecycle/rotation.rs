@@ -492,7 +492,7 @@ async fn stage_new(
     refuse_filtered_compromise(cx)?;
     let secret_id = store.secret_id();
     let old = steps::current(store);
-    let (id, applied) = keeping_alive(client, steps::stage(store, cx.opts.reveal)).await?;
+    let (id, applied) = keeping_alive(client, steps::stage(store, cx.spec, cx.opts.reveal)).await?;
     // The environment's staged key is whatever the operator exports: known at the next step.
     let fingerprint = if store.writable() {
         fingerprint_of(store, id)

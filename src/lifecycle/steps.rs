@@ -5,6 +5,7 @@
 
 use crate::crypto::keyring::KeyId;
 use crate::crypto::keytable::{now, KeyState};
+use crate::job::JobSpec;
 use crate::secrets::Store;
 use crate::Error;
 
@@ -40,10 +41,34 @@ async fn saved(store: &mut Store, changed: bool, reveal: bool) -> Result<Applied
     })
 }
 
-/// Stages a new key (the next id) as pending; returns its id.
-pub async fn stage(store: &mut Store, reveal: bool) -> Result<(KeyId, Applied), Error> {
+/// Refuses a new key id a format of the job cannot name in its values,
+/// before anything is staged.
+pub fn refuse_unnameable(spec: &JobSpec, id: KeyId) -> Result<(), Error> {
+    match spec.targets.iter().find(|t| id > t.format.max_key_id()) {
+        Some(t) => Err(Error::Config(format!(
+            "the next key id {id} does not fit format {} of target {} (it names keys 1 to {}): the key \
+             store's ids have reached what the format can name, so no new key can be written in it; \
+             nothing was staged",
+            t.format.name(),
+            t.table,
+            t.format.max_key_id()
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Stages a new key (the next id) as pending; returns its id. Refused
+/// where a format of `spec` cannot name the new id.
+pub async fn stage(
+    store: &mut Store,
+    spec: &JobSpec,
+    reveal: bool,
+) -> Result<(KeyId, Applied), Error> {
     // the store's: a key table's versions are shared with other purposes
     let next = store.next_id()?;
+    if store.table().id_in(KeyState::Pending).is_none() {
+        refuse_unnameable(spec, next)?;
+    }
     let key = store.new_key(next).await?;
     let (id, changed) = store
         .table_mut()

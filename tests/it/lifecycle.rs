@@ -274,6 +274,51 @@ async fn a_rollback_of_a_promotion_run_again_changes_nothing() {
     );
 }
 
+// Before: "staged key 256" (exit 6), then every later `rotate`, `--abort`
+// and `--dry-run` exited 2: key 256 does not fit versioned-gcm's version byte.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_key_id_the_format_cannot_name_is_refused_before_anything_is_staged() {
+    use rekey::crypto::keytable::{Entry, KeyTable};
+    let db = TestDb::new().await;
+    db.seed_patients(20).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    let entry = |id, state, hex| Entry {
+        id,
+        state,
+        created_at: u64::from(id),
+        changed_at: u64::from(id),
+        key: Some(Key::parse(id, hex).unwrap()),
+        compromised: false,
+    };
+    std::fs::remove_file(&keyring).unwrap();
+    let table = KeyTable {
+        entries: vec![
+            entry(1, KeyState::Previous, K1),
+            entry(255, KeyState::Current, K2),
+        ],
+    };
+    KeyringFile::create(&keyring, KEYRING_PASS.as_bytes(), table).unwrap();
+    for step in [
+        &["secrets", "stage", "--job", &job][..],
+        &["rotate", "--job", &job],
+    ] {
+        let out = rekey(step, &keyring_pass_env());
+        assert_eq!(out.status.code(), Some(2), "{step:?}: {}", printed(&out));
+        assert!(
+            stderr(&out).contains("key id 256") && stderr(&out).contains("versioned-gcm"),
+            "{step:?}: {}",
+            printed(&out)
+        );
+        assert_eq!(
+            keyring_table(&keyring).entries.len(),
+            2,
+            "{step:?} staged a key: {}",
+            printed(&out)
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn retire_is_refused_while_values_still_need_the_old_key() {
     let db = TestDb::new().await;

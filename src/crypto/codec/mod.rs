@@ -42,6 +42,16 @@ impl Format {
         }
     }
 
+    /// The highest key id a value of this format can name: versioned-gcm's
+    /// version byte holds 1 to 255; the others name keys in four bytes or
+    /// not at all.
+    pub fn max_key_id(self) -> KeyId {
+        match self {
+            Format::VersionedGcm => KeyId::from(u8::MAX),
+            Format::Fernet | Format::TinkGcm | Format::RawGcm => KeyId::MAX,
+        }
+    }
+
     /// Whether values are text already (Fernet tokens are base64url), so a
     /// `text` column holds them as they are.
     pub fn is_text(self) -> bool {
