@@ -203,22 +203,20 @@ impl KeyTable {
         Ok(true)
     }
 
-    /// The key a rollback makes current again: the most recent previous key
-    /// older than the current one. A rollback goes back, never forward: a
-    /// previous key newer than the current one was un-staged, or rolled back
-    /// from, already.
+    /// The key a rollback makes current again: the previous key with the
+    /// highest id below the current one (ids only grow: a new key takes the
+    /// next one). `None` when a previous key is newer than the current one:
+    /// that key was un-staged or rolled back from, so the rollback was made
+    /// already and a second one must not go back a further key.
     pub fn rollback_target(&self) -> Option<&Entry> {
-        let current = self
-            .entries
-            .iter()
-            .find(|e| e.state == KeyState::Current)
-            .map(|e| (e.created_at, e.id));
-        self.with_state(KeyState::Previous)
-            .filter(|e| current.is_none_or(|c| (e.created_at, e.id) < c))
-            .max_by_key(|e| (e.changed_at, e.id))
+        let current = self.id_in(KeyState::Current)?;
+        if self.with_state(KeyState::Previous).any(|e| e.id > current) {
+            return None;
+        }
+        self.with_state(KeyState::Previous).max_by_key(|e| e.id)
     }
 
-    /// Makes the most recent previous key older than the current one
+    /// Makes the previous key before the current one ([`Self::rollback_target`])
     /// current again; the current key becomes previous (both stay readable).
     /// With a key pending, rollback un-stages it instead: it becomes
     /// previous, and keeps its material, since values may already have been
@@ -412,6 +410,22 @@ mod tests {
         assert!(t.promote(30).unwrap());
         assert!(!t.promote(31).unwrap());
         assert_eq!(t.id_in(KeyState::Current), Some(2));
+    }
+
+    // Before: with two previous keys, a second rollback went back a further
+    // key (to one the applications had stopped using), whatever the dates.
+    #[test]
+    fn a_rollback_run_again_with_several_previous_keys_changes_nothing() {
+        let mut t = table();
+        for (id, at) in [(2, 20), (3, 30)] {
+            t.stage(Key::new(id, [id as u8; 32]), at).unwrap();
+            t.promote(at + 1).unwrap();
+        }
+        assert!(t.rollback(40).unwrap());
+        assert_eq!(t.id_in(KeyState::Current), Some(2));
+        assert!(!t.rollback(41).unwrap());
+        assert_eq!(t.id_in(KeyState::Current), Some(2));
+        assert_eq!(t.previous_ids(), vec![1, 3]);
     }
 
     #[test]
