@@ -45,6 +45,19 @@ pub(crate) async fn abort(
     }
     let secret_id = store.secret_id();
     if rot.step != Step::Aborting {
+        if store
+            .table()
+            .entries
+            .iter()
+            .any(|e| e.id == old && e.compromised)
+        {
+            // going back would rewrite every value under a compromised key
+            return Err(Error::Config(format!(
+                "key {old} is marked compromised, so rotation {} is not aborted: that would rewrite every value \
+                 back under it. Finish the rotation instead (`rekey rotate`); nothing was changed",
+                rot.id
+            )));
+        }
         if store.table().id_in(KeyState::Current) != Some(old) {
             // e.g. a promote saved in the store but not yet recorded here
             return Err(Error::Config(format!(

@@ -261,7 +261,7 @@ impl KeyTableStore {
                 .filter(|r| {
                     !matches!(
                         markers.get(&r.version).map(|m| m.state),
-                        Some(KeyState::Pending | KeyState::Retired)
+                        Some(KeyState::Pending | KeyState::Previous | KeyState::Retired)
                     )
                 })
                 .map(|r| r.version)

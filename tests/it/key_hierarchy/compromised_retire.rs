@@ -1,6 +1,7 @@
 //! A key the security team marked `COMPROMISED` in the key table is a
 //! compromised key to rekey whatever the invocation's reason: its retire
-//! destroys its material instead of archiving it.
+//! destroys its material instead of archiving it, and no run rewrites
+//! values under it.
 
 use super::*;
 
@@ -46,4 +47,36 @@ async fn retiring_a_key_marked_compromised_in_the_table_destroys_its_material() 
     assert_eq!(statuses(&db).await, vec![(2, "ACTIVE".into())]);
     let seen = app(&db, "-").await.unwrap();
     assert_eq!(seen.read, 10, "every note reads with the keys left");
+}
+
+// Before: with the only usable row COMPROMISED read as the current key and
+// nothing staged, `rekey run` rewrote every value under the compromised key
+// and exited 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_never_rewrites_values_under_a_key_marked_compromised() {
+    let db = TestDb::new().await;
+    let master = master_key(false);
+    seed(&db, &master, 2, 10).await;
+    db.client
+        .batch_execute(
+            "UPDATE encryption_keys SET status = CASE version WHEN 1 THEN 'INACTIVE' ELSE 'COMPROMISED' END::\"KeyStatus\"",
+        )
+        .await
+        .unwrap();
+    let notes = "SELECT md5(string_agg(note_encrypted::text, '' ORDER BY id)) FROM patient_notes";
+    let before = table_hash(&db, notes).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = job(&db, &dir, &master);
+    let out = rekey(&["run", "--job", &j], &aws_env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        stderr(&out).contains("marked compromised"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(
+        table_hash(&db, notes).await,
+        before,
+        "values were rewritten"
+    );
 }
