@@ -63,8 +63,15 @@ pub async fn preview(
             };
             return Ok(log.end(ended, last.step));
         }
-        let next = store.next_id()?;
-        super::steps::refuse_unnameable(spec, next)?;
+        super::rotation::refuse_filtered_compromise(spec, opts.compromised)?;
+        let next = match store.table().id_in(KeyState::Pending) {
+            Some(pending) => pending,
+            None => {
+                let next = store.next_id()?;
+                super::steps::refuse_unnameable(spec, next)?;
+                next
+            }
+        };
         say(
             &mut log,
             format!(

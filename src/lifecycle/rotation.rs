@@ -387,9 +387,9 @@ async fn nothing_open(
 /// which no verify of a job with a `where` filter is: refused before any
 /// change, so no key is staged and no value rewritten for a rotation that
 /// could never end.
-fn refuse_filtered_compromise(cx: &Ctx<'_>) -> Result<(), Error> {
-    match cx.spec.targets.iter().find(|t| t.filter.is_some()) {
-        Some(t) if cx.opts.compromised => Err(Error::Config(format!(
+pub(super) fn refuse_filtered_compromise(spec: &JobSpec, compromised: bool) -> Result<(), Error> {
+    match spec.targets.iter().find(|t| t.filter.is_some()) {
+        Some(t) if compromised => Err(Error::Config(format!(
             "target {} has a `where` filter, so no verify sees every row, and a compromise rotation ends by \
              destroying the compromised key once a full verify shows no value needs it: rotate with a job that \
              covers whole tables (a rotation of the filtered rows alone cannot retire the key)",
@@ -408,7 +408,7 @@ async fn adjust(
     log: &mut Log,
 ) -> Result<(), Error> {
     if cx.opts.compromised && !super::audit::is_compromise_reason(&rot.reason) {
-        refuse_filtered_compromise(cx)?;
+        refuse_filtered_compromise(cx.spec, cx.opts.compromised)?;
         // the reason as said (`suspected_key_compromise`, ...), and the
         // incident and notes given with it, for the events that follow
         let audit = &cx.opts.audit;
@@ -489,7 +489,7 @@ async fn stage_new(
     } else {
         grace_s(cx.opts, cx.opts.grace.unwrap_or(DEFAULT_GRACE))?
     };
-    refuse_filtered_compromise(cx)?;
+    refuse_filtered_compromise(cx.spec, cx.opts.compromised)?;
     let secret_id = store.secret_id();
     let old = steps::current(store);
     let (id, applied) = keeping_alive(client, steps::stage(store, cx.spec, cx.opts.reveal)).await?;

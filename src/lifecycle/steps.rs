@@ -41,34 +41,47 @@ async fn saved(store: &mut Store, changed: bool, reveal: bool) -> Result<Applied
     })
 }
 
-/// Refuses a new key id a format of the job cannot name in its values,
-/// before anything is staged.
+/// Refuses a new key id a format the job writes or reads with the job's
+/// keys cannot name in its values, before anything is staged (targets with
+/// keys of their own use another store).
 pub fn refuse_unnameable(spec: &JobSpec, id: KeyId) -> Result<(), Error> {
-    match spec.targets.iter().find(|t| id > t.format.max_key_id()) {
-        Some(t) => Err(Error::Config(format!(
-            "the next key id {id} does not fit format {} of target {} (it names keys 1 to {}): the key \
-             store's ids have reached what the format can name, so no new key can be written in it; \
-             nothing was staged",
-            t.format.name(),
-            t.table,
-            t.format.max_key_id()
-        ))),
-        None => Ok(()),
+    let formats = spec
+        .targets
+        .iter()
+        .filter(|t| t.keys.is_none())
+        .flat_map(|t| {
+            let to = t.to_format.filter(|_| t.to_keys.is_none());
+            std::iter::once(t.format).chain(to).map(move |f| (t, f))
+        });
+    for (t, f) in formats {
+        if id > f.max_key_id() {
+            return Err(Error::Config(format!(
+                "the next key id {id} does not fit format {} of target {} (it names keys 1 to {}): the key \
+                 store's ids have reached what the format can name, so no new key can be written in it; \
+                 nothing was staged",
+                f.name(),
+                t.table,
+                f.max_key_id()
+            )));
+        }
     }
+    Ok(())
 }
 
 /// Stages a new key (the next id) as pending; returns its id. Refused
-/// where a format of `spec` cannot name the new id.
+/// where a format of `spec` cannot name the new id. Idempotent: with a key
+/// pending, that key's id, and nothing changes.
 pub async fn stage(
     store: &mut Store,
     spec: &JobSpec,
     reveal: bool,
 ) -> Result<(KeyId, Applied), Error> {
+    if let Some(pending) = store.table().id_in(KeyState::Pending) {
+        return Ok((pending, Applied::default()));
+    }
     // the store's: a key table's versions are shared with other purposes
     let next = store.next_id()?;
-    if store.table().id_in(KeyState::Pending).is_none() {
-        refuse_unnameable(spec, next)?;
-    }
+    refuse_unnameable(spec, next)?;
     let key = store.new_key(next).await?;
     let (id, changed) = store
         .table_mut()

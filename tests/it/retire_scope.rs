@@ -754,6 +754,23 @@ async fn a_compromise_rotation_with_a_where_filter_is_refused_before_it_stages_a
     let whole = std::fs::read_to_string(&job).unwrap();
     std::fs::write(&job, format!("{whole}where = \"id <= 50\"\n")).unwrap();
     let rows_before = db.checksum("patient_persons").await;
+    let dry = rekey(
+        &[
+            "rotate",
+            "--job",
+            &job,
+            "--reason",
+            "compromise",
+            "--dry-run",
+        ],
+        &keyring_pass_env(),
+    );
+    assert_eq!(
+        dry.status.code(),
+        Some(2),
+        "the dry run says what the run does: {}",
+        printed(&dry)
+    );
     let out = rekey(
         &[
             "rotate",

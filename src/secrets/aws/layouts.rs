@@ -177,7 +177,10 @@ impl SecretsManagerStore {
     }
 
     /// The pending key of a value secret, with when it was written.
-    async fn pending_value(&self, pending: Option<&Version>) -> Result<Option<(Key, u64)>, Error> {
+    pub(super) async fn pending_value(
+        &self,
+        pending: Option<&Version>,
+    ) -> Result<Option<(Key, u64)>, Error> {
         let parse = |sid: &str, text: &str| {
             layout::value_key(text)
                 .map_err(|e| Error::Config(format!("secret {sid:?} (the pending key) {e}")))

@@ -235,8 +235,14 @@ impl SecretsManagerStore {
             Error::Config(format!("secret {secret_id:?} has no AWSCURRENT version: create it with `rekey secrets init`"))
         })?;
         let pending = labelled("AWSPENDING").filter(|p| p.id != current.id);
+        // only where rekey itself labels the new key AWSPENDING
+        let labels_pending = match keys.layout {
+            Layout::Rekey => true,
+            Layout::Value => keys.pending_secret_id.is_none(),
+            Layout::EnvJson => false,
+        };
         let label_left = labelled("AWSPENDING")
-            .filter(|p| p.id == current.id)
+            .filter(|p| labels_pending && p.id == current.id)
             .map(|p| LeftPending::Label(p.id));
         let mut store = SecretsManagerStore {
             client,
@@ -457,7 +463,28 @@ impl SecretsManagerStore {
     async fn finish_stopped_promote(&mut self) -> Result<(), Error> {
         match self.left_pending.take() {
             None => {}
-            Some(LeftPending::Secret(_)) => self.remove_pending().await?,
+            Some(LeftPending::Secret(sid)) => {
+                // read again: a key staged there since this store was opened
+                // is not the copy of the current key to take away
+                let still_current = match (
+                    self.pending_value(None).await?,
+                    self.before
+                        .entries
+                        .iter()
+                        .find(|e| e.state == KeyState::Current)
+                        .and_then(|e| e.key.as_ref()),
+                ) {
+                    (Some((pending, _)), Some(current)) => pending.material() == current.material(),
+                    _ => false,
+                };
+                if still_current {
+                    self.remove_pending().await?;
+                } else {
+                    tracing::warn!(
+                        "secret {sid:?} no longer holds the current key: left as it is (a key may have been staged there since)"
+                    );
+                }
+            }
             Some(LeftPending::Label(version)) => self.drop_pending_label(&version).await?,
         }
         Ok(())
