@@ -95,11 +95,12 @@ impl KeyTableStore {
                 self.relation, self.seen
             )));
         }
+        // a key staged now (a restored key keeps the version it had)
         let adds: Vec<i64> = self
             .table
             .entries
             .iter()
-            .filter(|e| e.state != KeyState::Retired)
+            .filter(|e| e.state == KeyState::Pending)
             .map(|e| i64::from(e.id))
             .filter(|v| !now.contains_key(v))
             .collect();

@@ -104,3 +104,37 @@ async fn a_purpose_no_row_has_is_refused_naming_the_table_and_the_purposes_prese
         printed(&out)
     );
 }
+
+// Before: a restored key counted as a new one, and its version was below
+// another purpose's, so every restore was refused as a table "changed since".
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retired_key_is_restored_beside_another_purposes_higher_versions() {
+    let db = TestDb::new().await;
+    let master = master_key(false);
+    seed(&db, &master, 1, 5).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = job(&db, &dir, &master);
+    for step in [
+        &["secrets", "stage", "--job", &j][..],
+        &["run", "--job", &j],
+        &["secrets", "promote", "--job", &j],
+        &["secrets", "retire", "--job", &j, "--key-id", "1"],
+    ] {
+        let out = rekey(step, &aws_env());
+        assert_eq!(out.status.code(), Some(0), "{step:?}: {}", printed(&out));
+    }
+    add_key(&db, &master, 5, "AUDIT", "ACTIVE").await;
+    let out = rekey(
+        &["secrets", "restore", "--job", &j, "--key-id", "1"],
+        &aws_env(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(
+        statuses(&db).await,
+        vec![
+            (1, "INACTIVE".into()),
+            (2, "ACTIVE".into()),
+            (5, "ACTIVE".into())
+        ]
+    );
+}
