@@ -55,8 +55,12 @@ pub async fn retire(
     if compromised && !opts.accept_unverified.is_empty() {
         return Err(Error::Config(format!(
             "a compromised key's material is destroyed at once, so key {old} cannot be retired on your word \
-             (--accept-unverified): list the tables in the job file so that the full verify reads them, or retire \
-             without --reason compromise (the key then stays in the store's archive). Nothing was retired"
+             (--accept-unverified): list the tables in the job file so that the full verify reads them{}. Nothing was retired",
+            if opts.compromised {
+                ", or retire without --reason compromise (the key then stays in the store's archive, unless it is marked compromised)"
+            } else {
+                " (the key is marked compromised, so it is destroyed whatever the reason given)"
+            }
         )));
     }
     // each step's future boxed, so the retire's own stays small
