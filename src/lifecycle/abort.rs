@@ -100,6 +100,22 @@ pub(crate) async fn abort(
     }
     let table = store.table();
     if table.id_in(KeyState::Pending) == Some(new) || table.id_in(KeyState::Current) != Some(old) {
+        if !store.writable() {
+            // the environment: the operator has not made the changes yet
+            log.lines.push(format!(
+                "key {new} is still pending, or key {old} is not current, in {secret_id}: make the changes printed \
+                 ({}, where the application's environment is set), then run `rekey rotate --abort` again",
+                if store.holds_unstaged_keys() {
+                    format!(
+                        "unset {p}_PENDING_VERSION and keep {p}_CURRENT_VERSION={old}",
+                        p = cx.keys.prefix
+                    )
+                } else {
+                    format!("unset {}_KEY_NEW", cx.keys.prefix)
+                }
+            ));
+            return Ok(log.end(Ended::Waiting(Wait::Environment), Step::Aborting));
+        }
         return Err(Error::Config(format!(
             "key {new} is still pending in {secret_id}, or key {old} is not current: make the changes printed \
              (for the environment: unset {p}_PENDING_VERSION and keep {p}_CURRENT_VERSION={old}), then run `rekey rotate --abort` again",

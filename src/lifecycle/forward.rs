@@ -291,12 +291,25 @@ pub(crate) async fn retired(
     mut log: Log,
 ) -> Result<Progressed, Error> {
     if store.table().id_in(KeyState::Current) != Some(rot.new_key) {
+        if !store.writable() {
+            // the environment: the operator has not made the changes yet
+            let (p, n) = (&cx.keys.prefix, rot.new_key);
+            let set = if store.holds_unstaged_keys() {
+                format!("{p}_CURRENT_VERSION={n}, {p}_PENDING_VERSION unset")
+            } else {
+                format!("{p}_KEY=<key {n}>, {p}_KEY_NEW unset")
+            };
+            log.lines.push(format!(
+                "key {n} is not current in {} yet: make the changes `rekey rotate` printed ({set} where the \
+                 application's environment is set, and redeploy), then run it again",
+                store.secret_id(),
+            ));
+            return Ok(log.end(Ended::Waiting(Wait::Environment), Step::Promoted));
+        }
         return Err(Error::Config(format!(
-            "key {} is not current in {} yet: make the changes `rekey rotate` printed (for the environment: {}_CURRENT_VERSION={}), then run it again",
+            "key {} is not current in {} yet: it was changed by hand; make it current again, then run `rekey rotate`",
             rot.new_key,
             store.secret_id(),
-            cx.keys.prefix,
-            rot.new_key
         )));
     }
     let Some(old) = rot.old_key else {

@@ -319,6 +319,38 @@ async fn a_new_key_id_the_format_cannot_name_is_refused_before_anything_is_stage
     }
 }
 
+// Before: the abort run again before the printed changes were made exited 2.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_abort_with_environment_keys_waits_with_exit_6_until_the_changes_are_made() {
+    let db = TestDb::new().await;
+    db.seed_patients(50).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir);
+    let j = job.display().to_string();
+    let mut env = v1_env();
+    let out = rekey(&["rotate", "--job", &j], &env);
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    env.push(("ENCRYPTION_KEY_V2", K2.to_string()));
+    env.push(("ENCRYPTION_PENDING_VERSION", "2".to_string()));
+    for call in 0..2 {
+        let out = rekey(&["rotate", "--job", &j, "--abort"], &env);
+        assert_eq!(out.status.code(), Some(6), "call {call}: {}", printed(&out));
+        assert!(
+            printed(&out).contains("unset ENCRYPTION_PENDING_VERSION"),
+            "call {call}: {}",
+            printed(&out)
+        );
+    }
+    env.retain(|(k, _)| *k != "ENCRYPTION_PENDING_VERSION");
+    let out = rekey(&["rotate", "--job", &j, "--abort", "--json"], &env);
+    assert_eq!(
+        (out.status.code(), json(&out)["step"].as_str()),
+        (Some(0), Some("rolled_back")),
+        "{}",
+        printed(&out)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn retire_is_refused_while_values_still_need_the_old_key() {
     let db = TestDb::new().await;
@@ -435,6 +467,15 @@ async fn rotate_with_environment_keys_prints_each_change_and_checks_it_was_made(
         .await
         .iter()
         .all(|(id, (p, _))| *p == Decrypted::Plain(2, phone(*id))));
+
+    // not made yet: still waiting for them, and it says them again
+    let out = rekey(&["rotate", "--job", &j], &env);
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("ENCRYPTION_CURRENT_VERSION=2"),
+        "{}",
+        printed(&out)
+    );
 
     env.retain(|(k, _)| *k != "ENCRYPTION_PENDING_VERSION" && *k != "ENCRYPTION_CURRENT_VERSION");
     env.push(("ENCRYPTION_CURRENT_VERSION", "2".to_string()));
