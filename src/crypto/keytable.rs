@@ -118,6 +118,11 @@ impl KeyTable {
         self.entries.iter().filter(move |e| e.state == state)
     }
 
+    /// Whether key `id` is marked compromised.
+    pub fn is_compromised(&self, id: KeyId) -> bool {
+        self.entries.iter().any(|e| e.id == id && e.compromised)
+    }
+
     /// The id in `state`, if exactly one key has it (current, pending).
     pub fn id_in(&self, state: KeyState) -> Option<KeyId> {
         self.with_state(state).map(|e| e.id).next()
@@ -192,11 +197,7 @@ impl KeyTable {
                 Err(LifecycleError::NothingToPromote)
             };
         };
-        if self
-            .entries
-            .iter()
-            .any(|e| e.id == pending && e.compromised)
-        {
+        if self.is_compromised(pending) {
             return Err(LifecycleError::CompromisedPending(pending));
         }
         self.make_current(pending, at);

@@ -45,12 +45,7 @@ pub(crate) async fn abort(
     }
     let secret_id = store.secret_id();
     if rot.step != Step::Aborting {
-        if store
-            .table()
-            .entries
-            .iter()
-            .any(|e| e.id == old && e.compromised)
-        {
+        if store.table().is_compromised(old) {
             // going back would rewrite every value under a compromised key
             return Err(Error::Config(format!(
                 "key {old} is marked compromised, so rotation {} is not aborted: that would rewrite every value \

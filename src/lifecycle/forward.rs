@@ -50,6 +50,21 @@ pub(crate) async fn check_staged_key(
     }
 }
 
+/// What to say while the environment, which rekey cannot write, lacks the
+/// changes `rekey rotate` printed: `versioned` or `dual`, by convention.
+fn environment_not_yet(store: &Store, what: &str, versioned: String, dual: String) -> String {
+    let set = if store.holds_unstaged_keys() {
+        versioned
+    } else {
+        dual
+    };
+    format!(
+        "{what} in {} yet: make the changes `rekey rotate` printed ({set} where the application's environment \
+         is set, and redeploy), then run it again",
+        store.secret_id()
+    )
+}
+
 /// Staged -> ran: re-encrypts every value under the staged key.
 pub(crate) async fn ran(
     cx: &Ctx<'_>,
@@ -62,17 +77,12 @@ pub(crate) async fn ran(
         && store.table().id_in(KeyState::Current) != Some(rot.new_key)
     {
         if !store.writable() {
-            // the environment: the operator has not made the changes yet
             let (p, n) = (&cx.keys.prefix, rot.new_key);
-            let set = if store.holds_unstaged_keys() {
-                format!("{p}_KEY_V{n}=<the new key> and {p}_PENDING_VERSION={n}")
-            } else {
-                format!("{p}_KEY_NEW=<the new key>")
-            };
-            log.lines.push(format!(
-                "key {n} is not staged in {} yet: make the changes `rekey rotate` printed ({set} where the \
-                 application's environment is set, and redeploy), then run it again",
-                store.secret_id(),
+            log.lines.push(environment_not_yet(
+                store,
+                &format!("key {n} is not staged"),
+                format!("{p}_KEY_V{n}=<the new key> and {p}_PENDING_VERSION={n}"),
+                format!("{p}_KEY_NEW=<the new key>"),
             ));
             return Ok(Some((Ended::Waiting(Wait::Environment), Step::Staged)));
         }
@@ -292,17 +302,12 @@ pub(crate) async fn retired(
 ) -> Result<Progressed, Error> {
     if store.table().id_in(KeyState::Current) != Some(rot.new_key) {
         if !store.writable() {
-            // the environment: the operator has not made the changes yet
             let (p, n) = (&cx.keys.prefix, rot.new_key);
-            let set = if store.holds_unstaged_keys() {
-                format!("{p}_CURRENT_VERSION={n}, {p}_PENDING_VERSION unset")
-            } else {
-                format!("{p}_KEY=<key {n}>, {p}_KEY_NEW unset")
-            };
-            log.lines.push(format!(
-                "key {n} is not current in {} yet: make the changes `rekey rotate` printed ({set} where the \
-                 application's environment is set, and redeploy), then run it again",
-                store.secret_id(),
+            log.lines.push(environment_not_yet(
+                store,
+                &format!("key {n} is not current"),
+                format!("{p}_CURRENT_VERSION={n}, {p}_PENDING_VERSION unset"),
+                format!("{p}_KEY=<key {n}>, {p}_KEY_NEW unset"),
             ));
             return Ok(log.end(Ended::Waiting(Wait::Environment), Step::Promoted));
         }

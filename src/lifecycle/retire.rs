@@ -46,12 +46,7 @@ pub async fn retire(
     }
     // a key marked compromised (a key table's COMPROMISED row, a compromise
     // rotation's mark) is destroyed whatever this invocation's reason
-    let compromised = opts.compromised
-        || store
-            .table()
-            .entries
-            .iter()
-            .any(|e| e.id == old && e.compromised);
+    let compromised = opts.compromised || store.table().is_compromised(old);
     if compromised && !opts.accept_unverified.is_empty() {
         return Err(Error::Config(format!(
             "a compromised key's material is destroyed at once, so key {old} cannot be retired on your word \
