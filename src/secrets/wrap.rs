@@ -7,6 +7,8 @@
 //! `aws::errors` does for Secrets Manager): the SDK's own errors print as
 //! debug dumps with the response's headers.
 
+use aws_runtime::retries::classifiers::{THROTTLING_ERRORS, TRANSIENT_ERRORS};
+use aws_sdk_kms::config::http::HttpResponse;
 use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{DataKeySpec, KeyState, KeyUsageType};
@@ -72,31 +74,42 @@ impl From<WrapError> for Error {
     }
 }
 
-/// KMS error codes that pass by themselves: retrying may succeed.
-const TRANSIENT: &[&str] = &[
-    "ThrottlingException",
+/// KMS's own error codes that pass by themselves: retrying may succeed.
+const KMS_TRANSIENT: &[&str] = &[
     "KMSInternalException",
     "DependencyTimeoutException",
     "LimitExceededException",
 ];
 
+/// Whether a service error passes by itself (a retry may succeed) rather
+/// than a refusal the configuration must fix: KMS's own transient codes,
+/// the codes the AWS SDK itself retries as throttling or transient
+/// (`ThrottlingException`, `RequestTimeout`, ...), and any answer with a
+/// server-side status (5xx: `InternalFailure`, `ServiceUnavailable`).
+fn passes_by_itself(code: &str, status: Option<u16>) -> bool {
+    KMS_TRANSIENT.contains(&code)
+        || THROTTLING_ERRORS.contains(&code)
+        || TRANSIENT_ERRORS.contains(&code)
+        || status.is_some_and(|s| (500..600).contains(&s))
+}
+
 /// A KMS SDK error as one line: the service's code and message, or the
 /// innermost cause where KMS was not reached; never the SDK's debug dump.
-pub fn kms_failure<E, R>(what: String, e: SdkError<E, R>) -> WrapError
+pub fn kms_failure<E>(what: String, e: SdkError<E, HttpResponse>) -> WrapError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug + 'static,
 {
     match &e {
-        SdkError::ServiceError(_) => {
+        SdkError::ServiceError(service) => {
             let code = e.code().unwrap_or("an error without a code");
+            let status = service.raw().status().as_u16();
             WrapError::Kms {
                 what,
                 detail: match e.message() {
                     Some(m) => format!("{code}: {m}"),
                     None => code.to_string(),
                 },
-                refused: !TRANSIENT.contains(&code),
+                refused: !passes_by_itself(code, Some(status)),
             }
         }
         _ => WrapError::Kms {
@@ -111,10 +124,9 @@ where
 }
 
 /// [`kms_failure`] as one of rekey's errors, for the KMS keyring file.
-pub fn kms_error<E, R>(what: &str, e: SdkError<E, R>) -> Error
+pub fn kms_error<E>(what: &str, e: SdkError<E, HttpResponse>) -> Error
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug + 'static,
 {
     kms_failure(what.to_string(), e).into()
 }
@@ -208,10 +220,12 @@ pub async fn usable_master(client: &Client, key: &str) -> Result<String, WrapErr
         why,
     };
     let out = client.describe_key().key_id(key).send().await.map_err(|e| {
-        unusable(format!(
-            "{} (check the id or alias, the region and endpoint, and that this identity may call kms:DescribeKey on it)",
-            kms_failure("describing it".into(), e)
-        ))
+        match kms_failure(format!("describing master key {key:?}"), e) {
+            refused @ WrapError::Kms { refused: true, .. } => unusable(format!(
+                "{refused} (check the id or alias, the region and endpoint, and that this identity may call kms:DescribeKey on it)"
+            )),
+            passing => passing,
+        }
     })?;
     let meta = out
         .key_metadata()
@@ -233,6 +247,33 @@ pub async fn usable_master(client: &Client, key: &str) -> Result<String, WrapErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn throttling_timeouts_and_server_errors_pass_by_themselves_and_refusals_do_not() {
+        for code in [
+            "ThrottlingException",
+            "KMSInternalException",
+            "DependencyTimeoutException",
+            "RequestTimeout",
+            "TooManyRequestsException",
+        ] {
+            assert!(passes_by_itself(code, Some(400)), "{code}");
+        }
+        for code in ["InternalFailure", "ServiceUnavailable", "AnythingElse"] {
+            assert!(passes_by_itself(code, Some(503)), "{code}");
+            assert!(passes_by_itself(code, Some(500)), "{code}");
+        }
+        for code in [
+            "AccessDeniedException",
+            "NotFoundException",
+            "IncorrectKeyException",
+            "InvalidCiphertextException",
+            "DisabledException",
+        ] {
+            assert!(!passes_by_itself(code, Some(400)), "{code}");
+            assert!(!passes_by_itself(code, None), "{code}");
+        }
+    }
 
     #[test]
     fn kms_plaintext_is_taken_by_value_and_must_be_32_bytes() {

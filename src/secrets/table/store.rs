@@ -464,16 +464,32 @@ impl KeyTableStore {
             .ctx(what)?;
         let mut out = Vec::new();
         for r in rows {
-            let purpose: String = r.get::<_, Option<String>>(0).unwrap_or_default();
-            let version: i64 = r.get::<_, Option<i64>>(1).unwrap_or_default();
+            let purpose: String = r
+                .get::<_, Option<String>>(0)
+                .unwrap_or_else(|| "(no purpose)".into());
+            let Some(version) = r.get::<_, Option<i64>>(1) else {
+                // a row without a version names no key rekey could have
+                // moved; it is reported as unchecked under its purpose
+                out.push((purpose, 0, None));
+                continue;
+            };
             let blob: Option<Vec<u8>> = r.get(2);
-            let id = KeyId::try_from(version).unwrap_or_default();
-            let under = match blob {
-                Some(blob) => wrap::unwrap(&self.kms, id, &blob, None)
-                    .await
-                    .ok()
-                    .map(|(_, arn)| arn),
-                None => None,
+            let under = match (blob, KeyId::try_from(version)) {
+                (Some(blob), Ok(id)) => match wrap::unwrap(&self.kms, id, &blob, None).await {
+                    Ok((_, arn)) => Some(arn),
+                    // KMS refused to say (no kms:Decrypt on it, a blob it
+                    // does not know): reported as unchecked
+                    Err(e) if e.is_refusal() => None,
+                    // throttled or unreachable: a retry will know, so the
+                    // command fails rather than report a guess
+                    Err(e) => {
+                        return Err(Error::Runtime(format!(
+                            "{}: asking which master key wraps {purpose} version {version}: {e}; run the command again",
+                            what()
+                        )))
+                    }
+                },
+                _ => None,
             };
             out.push((purpose, version, under));
         }
