@@ -33,6 +33,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
         19,
         include_str!("../../sql/019_rotation_incident_notes.sql"),
     ),
+    (20, include_str!("../../sql/020_key_table_archived_row.sql")),
 ];
 
 /// Creates or upgrades schema `rekey`. Safe to run from several processes

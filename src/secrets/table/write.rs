@@ -1,5 +1,6 @@
 //! Writing a key table back: a transition in one transaction (statuses,
-//! a new row, a retired row moved to rekey's archive), refused if the table
+//! a new row, a retired row moved to rekey's archive and a restored one
+//! put back as it was), refused if the table
 //! changed since it was read (a new row also if another purpose took its
 //! version meanwhile); and one wrapped key replaced by compare-and-swap,
 //! for a master key rewrap.
@@ -31,8 +32,13 @@ impl KeyTableStore {
             p = quote_ident(&c.purpose),
             v = quote_ident(&c.version),
         );
+        // a new key's row is made now; a restored key's row ($7, the
+        // columns kept when it was retired) as the application made it
         let insert = format!(
-            "INSERT INTO {t} ({v}, {p}, {a}, {k}, {s}, {cr}, {ex}) VALUES ($2::bigint, $1::text::{pt}, $4::text::{at}, $5, $3::text::{st}, now(), now() + make_interval(days => $6))",
+            "INSERT INTO {t} ({v}, {p}, {a}, {k}, {s}, {cr}, {ex}) VALUES ($2::bigint, $1::text::{pt},
+               coalesce($7::text::jsonb ->> 'algorithm', $4)::text::{at}, $5, $3::text::{st},
+               coalesce(($7::text::jsonb ->> 'created_at')::{crt}, now()::{crt}),
+               coalesce(($7::text::jsonb ->> 'expires_at')::{ext}, (now() + make_interval(days => $6))::{ext}))",
             t = self.relation,
             v = quote_ident(&c.version),
             p = quote_ident(&c.purpose),
@@ -44,17 +50,28 @@ impl KeyTableStore {
             pt = self.ty(&c.purpose),
             at = self.ty(&c.algorithm),
             st = self.ty(&c.status),
+            crt = self.ty(&c.created_at),
+            ext = self.ty(&c.expires_at),
         );
+        // the row's own columns besides its key, kept for a restore
         let delete = format!(
-            "DELETE FROM {t} WHERE {p}::text = $1 AND {v} = $2::bigint",
+            "DELETE FROM {t} WHERE {p}::text = $1 AND {v} = $2::bigint
+             RETURNING json_build_object('algorithm', {a}::text, 'created_at', {cr}::text, 'expires_at', {ex}::text)::text",
             t = self.relation,
             p = quote_ident(&c.purpose),
             v = quote_ident(&c.version),
+            a = quote_ident(&c.algorithm),
+            cr = quote_ident(&c.created_at),
+            ex = quote_ident(&c.expires_at),
         );
-        let mark = "INSERT INTO rekey.key_table_keys (key_table, purpose, version, state, changed_at, compromised, archived_key)
-                    VALUES ($1, $2, $3, $4, to_timestamp($5), $6, $7)
+        let archived_row = "SELECT archived_row::text FROM rekey.key_table_keys
+                             WHERE key_table = $1 AND purpose = $2 AND version = $3 AND state = 'retired'";
+        let mark = "INSERT INTO rekey.key_table_keys (key_table, purpose, version, state, changed_at, compromised, archived_key, archived_row)
+                    VALUES ($1, $2, $3, $4, to_timestamp($5), $6, $7, $8::text::jsonb)
                     ON CONFLICT (key_table, purpose, version) DO UPDATE SET state = EXCLUDED.state,
-                      changed_at = EXCLUDED.changed_at, compromised = EXCLUDED.compromised, archived_key = EXCLUDED.archived_key";
+                      changed_at = EXCLUDED.changed_at, compromised = EXCLUDED.compromised, archived_key = EXCLUDED.archived_key,
+                      archived_row = CASE WHEN EXCLUDED.state = 'retired'
+                                     THEN coalesce(EXCLUDED.archived_row, rekey.key_table_keys.archived_row) END";
         let tx = self.client.transaction().await.ctx(what)?;
         tx.execute(LOCK, &[&self.relation, &self.purpose])
             .await
@@ -142,12 +159,15 @@ impl KeyTableStore {
             let version = i64::from(e.id);
             let blob = self.wrapped.get(&e.id);
             let mut archived = None;
+            let mut row: Option<String> = None;
             if e.state == KeyState::Retired {
                 // material kept only while the table still holds it (purged: gone)
                 archived = e.key.as_ref().and(blob).cloned();
-                tx.execute(&delete, &[&self.purpose, &version])
+                row = tx
+                    .query_opt(&delete, &[&self.purpose, &version])
                     .await
-                    .ctx(what)?;
+                    .ctx(what)?
+                    .and_then(|r| r.get(0));
             } else {
                 let blob = blob.ok_or_else(|| {
                     Error::Runtime(format!(
@@ -161,6 +181,11 @@ impl KeyTableStore {
                         .await
                         .ctx(what)?;
                 } else {
+                    let restored: Option<String> = tx
+                        .query_opt(archived_row, &[&self.relation, &self.purpose, &version])
+                        .await
+                        .ctx(what)?
+                        .and_then(|r| r.get(0));
                     tx.execute(
                         &insert,
                         &[
@@ -170,6 +195,7 @@ impl KeyTableStore {
                             &algorithm,
                             blob,
                             &self.expires_in_days,
+                            &restored,
                         ],
                     )
                     .await
@@ -187,6 +213,7 @@ impl KeyTableStore {
                     &changed_at,
                     &e.compromised,
                     &archived,
+                    &row,
                 ],
             )
             .await

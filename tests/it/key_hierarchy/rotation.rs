@@ -589,3 +589,45 @@ async fn a_key_table_with_neither_an_active_nor_a_compromised_key_names_the_tabl
         printed(&out)
     );
 }
+
+// Before: a restored key's row was inserted as a key made now: a new
+// `createdAt`, and an `expiresAt` 90 days on, which applications that
+// expire keys by date read as a fresh key.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restored_key_row_keeps_the_times_the_application_made_it_with() {
+    let db = TestDb::new().await;
+    let master = master_key(false);
+    seed(&db, &master, 1, 5).await;
+    db.client
+        .batch_execute(
+            "UPDATE encryption_keys SET \"createdAt\" = '2025-01-02 03:04:05.678', \"expiresAt\" = '2025-04-02 03:04:05.678' WHERE version = 1",
+        )
+        .await
+        .unwrap();
+    let times = "SELECT md5(string_agg(concat_ws(' ', version, algorithm, \"createdAt\", \"expiresAt\"), ',' ORDER BY version)) \
+                 FROM encryption_keys WHERE version = 1";
+    let before = table_hash(&db, times).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = job(&db, &dir, &master);
+    for step in [
+        &["secrets", "stage", "--job", &j][..],
+        &["run", "--job", &j],
+        &["secrets", "promote", "--job", &j],
+        &["secrets", "retire", "--job", &j, "--key-id", "1"],
+        &["secrets", "restore", "--job", &j, "--key-id", "1"],
+    ] {
+        let out = rekey(step, &aws_env());
+        assert_eq!(out.status.code(), Some(0), "{step:?}: {}", printed(&out));
+    }
+    assert_eq!(
+        statuses(&db).await,
+        vec![(1, "INACTIVE".into()), (2, "ACTIVE".into())]
+    );
+    assert_eq!(
+        table_hash(&db, times).await,
+        before,
+        "the restored row's algorithm or times changed"
+    );
+    let seen = app(&db, "-").await.unwrap();
+    assert_eq!(seen.read, 5, "every note reads with the restored keys");
+}
