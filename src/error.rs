@@ -82,6 +82,15 @@ impl Error {
                     {
                         Retry::Refused
                     }
+                    // a row-level security policy's WITH CHECK refusing
+                    // some rewritten rows: the rows', not the role's
+                    "42501"
+                        if source.as_db_error().is_some_and(|d| {
+                            d.message().contains("violates row-level security policy")
+                        }) =>
+                    {
+                        Retry::Refused
+                    }
                     c if c.starts_with("08") || c.starts_with("57P") => Retry::Reconnect,
                     c if c.starts_with("53") => Retry::Wait,
                     _ => Retry::Never,
@@ -144,6 +153,26 @@ impl Error {
         }
     }
 
+    /// This error, saying what the command had changed before it (`done`):
+    /// a refusal's "nothing was written" is its own step's, not the command's.
+    pub fn after(self, done: &str) -> Error {
+        let add = |m: String| format!("{m} (before this, the command had: {done})");
+        match self {
+            Error::Config(m) => Error::Config(add(m)),
+            Error::Runtime(m) => Error::Runtime(add(m)),
+            Error::LeaseLost(m) => Error::LeaseLost(add(m)),
+            Error::Db { context, source } => Error::Db {
+                context: add(context),
+                source,
+            },
+            Error::CountWait { context, source } => Error::CountWait {
+                context: add(context),
+                source,
+            },
+            other => other,
+        }
+    }
+
     /// What to do next, for `--json` (the message names the problem and,
     /// where it knows one, its own fix).
     pub fn hint(&self) -> &'static str {
@@ -156,7 +185,7 @@ impl Error {
             }
         }
         match self.kind() {
-            "config" => "fix the job file, keys or arguments the error names, then run the command again; nothing was changed",
+            "config" => "fix the job file, keys or arguments the error names, then run the command again; the step that refused changed nothing",
             "connect" => "check the host, port, database, user and credentials the error names, and that the server is up; nothing was changed",
             "database" => "a statement failed; every batch commits whole, so running the same command again resumes safely",
             _ => "running the same command again resumes from the last committed batch",

@@ -88,6 +88,11 @@ pub struct Target {
     pub aad: Aad,
     /// Operator-written row condition, if any.
     pub filter: Option<String>,
+    /// An AFTER UPDATE trigger on the table (or a partition or child), a
+    /// deferred constraint trigger included, may change a row after
+    /// rekey's UPDATE returned it: each batch fires the deferred ones and
+    /// reads back what is stored before it counts a value rotated.
+    pub after_triggers: bool,
 }
 
 impl Target {
@@ -334,6 +339,7 @@ impl Job {
                 write,
                 aad,
                 filter: t.filter.clone(),
+                after_triggers: false,
             };
             if let Some(f) = &target.filter {
                 client
@@ -371,7 +377,7 @@ impl Job {
             }
         }
         refuse_nested_targets(client, &targets).await?;
-        visibility::check(client, &targets).await?;
+        visibility::check(client, &mut targets).await?;
         Ok(Job {
             name: spec.name.clone().unwrap_or_else(|| "rekey".into()),
             spec_hash: spec.spec_hash(),

@@ -1,10 +1,12 @@
 //! Whether rekey can see and update every row of a target, checked before
 //! any run, verify or retire touches it (README, Guarantees 8). What hides
-//! rows (row-level security that applies to the role, a key whose collation
+//! rows (row-level security that applies to the role, a foreign table
+//! whose rows another server's permissions filter, a key whose collation
 //! makes distinct keys compare equal, a rule that replaces updates) is
 //! refused with the fix; what may refuse or undo a write (a trigger, an
 //! UPDATE policy) cannot be ruled out up front and is said: every write is
-//! checked, and such values are reported as not rotated.
+//! checked (after the AFTER triggers, deferred ones included, where the
+//! table has any), and such values are reported as not rotated.
 
 use tokio_postgres::Client;
 
@@ -16,15 +18,77 @@ use super::Target;
 
 /// Refuses a target whose rows rekey might not all see; warns of what may
 /// refuse its writes.
-pub async fn check(client: &Client, targets: &[Target]) -> Result<(), Error> {
+pub async fn check(client: &Client, targets: &mut [Target]) -> Result<(), Error> {
     for t in targets {
         row_security(client, t).await?;
+        foreign_children(client, t).await?;
         key_collations(client, t).await?;
         key_types(client, t).await?;
         update_rules(client, t).await?;
         write_triggers(client, t).await?;
+        t.after_triggers = after_triggers(client, t).await?;
     }
     Ok(())
+}
+
+/// A foreign table among a target's partitions or inheritance children:
+/// rekey's statements reach its rows through the parent, but another
+/// server answers for them, under its own row security and the user
+/// mapping's permissions, which no local catalog shows. A row it hides
+/// would keep its old key while a run, a verify and a retire all saw
+/// nothing left.
+async fn foreign_children(client: &Client, t: &Target) -> Result<(), Error> {
+    let found: Vec<String> = client
+        .query(
+            "WITH RECURSIVE tree(relid) AS (
+                 SELECT i.inhrelid FROM pg_inherits i WHERE i.inhparent = $1::text::regclass
+                 UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.relid)
+             SELECT n.nspname || '.' || c.relname FROM tree JOIN pg_class c ON c.oid = tree.relid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.relkind = 'f' ORDER BY 1",
+            &[&t.qualified()],
+        )
+        .await
+        .ctx(|| format!("checking the partitions and children of {}", t.table))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if found.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "{}: its partitions or inheritance children include foreign tables ({}), whose rows another server holds under its own          row-level security and the user mapping's permissions, which rekey cannot see: a value hidden there would stay on its          old key while rekey reported the rotation done. Rotate those tables with a job against the database that holds them,          and take them out of this table's tree for this one (ALTER TABLE ... NO INHERIT, or DETACH PARTITION)",
+        t.table,
+        found.join(", ")
+    )))
+}
+
+/// Whether an enabled AFTER UPDATE trigger (row or statement level, a
+/// constraint trigger included, deferred or not) on the target or a
+/// partition or child fires on the columns rekey sets: it may change the
+/// row after the UPDATE returned it, so the sink reads back what landed.
+async fn after_triggers(client: &Client, t: &Target) -> Result<bool, Error> {
+    let set: Vec<&str> = t.columns.iter().map(|c| c.name.as_str()).collect();
+    // tgtype bits: 2 before, 16 update, 64 instead of; tgenabled: 'O' and
+    // 'A' fire in rekey's sessions ('R' only under replication, 'D' never)
+    client
+        .query_one(
+            "WITH RECURSIVE tree(relid) AS (
+                 SELECT $1::text::regclass::oid
+                 UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.relid)
+             SELECT EXISTS (
+                 SELECT 1 FROM pg_trigger tg JOIN tree ON tree.relid = tg.tgrelid
+                  WHERE NOT tg.tgisinternal AND tg.tgenabled IN ('O', 'A')
+                    AND tg.tgtype & 2 = 0 AND tg.tgtype & 64 = 0 AND tg.tgtype & 16 = 16
+                    AND (cardinality(tg.tgattr::int2[]) = 0
+                         OR EXISTS (SELECT 1 FROM pg_attribute a
+                                     WHERE a.attrelid = tg.tgrelid AND a.attnum = ANY (tg.tgattr::int2[])
+                                       AND a.attname = ANY ($2::text[]))))",
+            &[&t.qualified(), &set],
+        )
+        .await
+        .map(|r| r.get(0))
+        .ctx(|| format!("checking the triggers of {}", t.table))
 }
 
 /// Row-level security that applies to this role must provably let it see

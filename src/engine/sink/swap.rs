@@ -1,6 +1,7 @@
 //! The compare-and-swap write of a batch: binary COPY into the stage table,
 //! one UPDATE that swaps a row's values only where it still holds what was
-//! read, then a check of what landed. A row whose values did not land is
+//! read, then a check of what landed (read back from the table, after the
+//! AFTER triggers, where it has any). A row whose values did not land is
 //! re-read later; on a re-read, a value the database refuses or undoes again
 //! is not rotated.
 
@@ -25,7 +26,8 @@ pub enum NotRotated {
     /// trigger returned NULL, a row-level security policy or a rule.
     WriteRefused,
     /// The UPDATE ran, but the stored value is not what rekey wrote: a
-    /// BEFORE trigger changed it.
+    /// BEFORE trigger changed it, or an AFTER trigger (deferred or not)
+    /// changed it back.
     WriteUndone,
     /// Another transaction held the row locked through every try.
     RowLocked,
@@ -135,7 +137,11 @@ pub(super) async fn swap(
     };
     let landed = answer.get::<_, i64>(1) as u64;
     counts.rows_rewritten = landed;
-    if landed == staged.len() as u64 {
+    if target.after_triggers {
+        // RETURNING saw the rows before the AFTER triggers: deferred ones
+        // fire now (as they would at COMMIT), and what is stored is read back
+        tx.batch_execute("SET CONSTRAINTS ALL IMMEDIATE").await?;
+    } else if landed == staged.len() as u64 {
         return Ok(Swapped::default());
     }
     let retry = matches!(commit, Commit::Retry(_));

@@ -64,6 +64,7 @@ fn target(from: Format, to: Format, encoding: Encoding) -> Target {
         migrating: from != to,
         aad: Aad::None,
         filter: None,
+        after_triggers: false,
     }
 }
 

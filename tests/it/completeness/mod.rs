@@ -13,6 +13,7 @@ use crate::harness::*;
 
 mod collation;
 mod copying_triggers;
+mod foreign_children;
 mod missing_key;
 mod privileges;
 mod refused_writes;

@@ -43,6 +43,50 @@ async fn a_role_that_may_not_update_the_columns_is_refused_with_the_grant_before
     db.assert_every_value_rotated(100).await;
 }
 
+// Before: `rotate` staged key 2 in the keyring file and recorded
+// `key_staged`, then the run refused (exit 2, "nothing was changed"), with
+// no word of the key it had staged.
+#[tokio::test(flavor = "multi_thread")]
+async fn rotate_as_a_role_that_may_not_update_the_columns_is_refused_before_it_stages_a_key() {
+    let db = TestDb::new().await;
+    db.seed_patients(100).await;
+    let role = format!("{}_stager", db_name(&db).await);
+    let database = db_name(&db).await;
+    db.client
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN PASSWORD 'pw' NOSUPERUSER NOBYPASSRLS;
+             GRANT SELECT, UPDATE (name) ON patient_persons TO {role};
+             GRANT USAGE, CREATE ON SCHEMA public TO {role};
+             GRANT CREATE, TEMPORARY ON DATABASE {database} TO {role};"
+        ))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    let url = url_as(&db, &role);
+    let before = std::fs::read(&keyring).unwrap();
+
+    let out = rekey(
+        &["rotate", "--job", &job, "--no-wait", "--database-url", &url],
+        &keyring_pass_env(),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(printed(&out).contains("GRANT UPDATE"), "{}", printed(&out));
+    assert_eq!(
+        std::fs::read(&keyring).unwrap(),
+        before,
+        "the keyring file changed (a key staged)"
+    );
+    assert!(
+        !audit_events(&dir)
+            .iter()
+            .any(|e| e["event_type"] == "key_staged"),
+        "{:?}",
+        audit_events(&dir)
+    );
+    assert_nothing_written(&db, 100).await;
+}
+
 // Before this check: exit 1, "looking for rekey's engine schema: permission
 // denied for schema rekey", with the hint to run again.
 #[tokio::test(flavor = "multi_thread")]

@@ -131,6 +131,53 @@ async fn a_trigger_that_puts_the_old_value_back_leaves_values_reported_as_not_ro
     assert_refused_writes_end_as_not_rotated(&db, 1_000, every_tenth_phone, &[]).await;
 }
 
+// Before: exit 0, "done", every value counted as rewritten, the tenth
+// phones still on V1: the UPDATE's RETURNING saw the rows before the
+// deferred trigger put the old value back at COMMIT.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deferred_trigger_that_puts_the_old_value_back_at_commit_leaves_values_reported_as_not_rotated(
+) {
+    let db = TestDb::new().await;
+    db.seed_patients(1_000).await;
+    db.client
+        .batch_execute(&format!(
+            "{PUT_OLD_PHONE_BACK}
+             CREATE CONSTRAINT TRIGGER put_old_phone_back AFTER UPDATE ON patient_persons
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (pg_trigger_depth() = 0)
+               EXECUTE FUNCTION put_old_phone_back();"
+        ))
+        .await
+        .unwrap();
+    assert_refused_writes_end_as_not_rotated(&db, 1_000, every_tenth_phone, &[]).await;
+}
+
+// Before: the run counted the tenth phones as rewritten, then blamed them
+// on an application "still writing under an old key" (rows written behind).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_after_trigger_that_puts_the_old_value_back_leaves_values_reported_as_not_rotated() {
+    let db = TestDb::new().await;
+    db.seed_patients(1_000).await;
+    db.client
+        .batch_execute(&format!(
+            "{PUT_OLD_PHONE_BACK}
+             CREATE TRIGGER put_old_phone_back AFTER UPDATE OF phone_encrypted ON patient_persons
+               FOR EACH ROW WHEN (pg_trigger_depth() = 0) EXECUTE FUNCTION put_old_phone_back();"
+        ))
+        .await
+        .unwrap();
+    assert_refused_writes_end_as_not_rotated(&db, 1_000, every_tenth_phone, &[]).await;
+}
+
+/// An AFTER trigger's function that writes every tenth phone back as it was.
+const PUT_OLD_PHONE_BACK: &str =
+    "CREATE FUNCTION put_old_phone_back() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF OLD.id % 10 = 0 AND NEW.phone_encrypted IS DISTINCT FROM OLD.phone_encrypted THEN
+                 UPDATE patient_persons SET phone_encrypted = OLD.phone_encrypted WHERE id = OLD.id;
+               END IF;
+               RETURN NULL;
+             END $$;";
+
 // Before these checks existed: exit 0 after ~4 s of re-reads, "values_rewritten":
 // 1500, "conflicts": 1100, "conflicts_left": 100, no "values_not_rotated";
 // the job is recorded as done.
@@ -177,6 +224,34 @@ async fn an_update_policy_narrower_than_select_leaves_values_reported_as_not_rot
         .unwrap()
         .get(0);
     assert_eq!(seen, 1_000, "the role sees every row");
+    assert_refused_writes_end_as_not_rotated(
+        &db,
+        1_000,
+        every_tenth_row,
+        &["--database-url", &role_url],
+    )
+    .await;
+}
+
+// Before: the warning said such values "are reported as not rotated", but
+// the first batch holding one failed the run (exit 1, "new row violates
+// row-level security policy"), no value of the table rotated.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_update_policy_whose_check_refuses_the_rewritten_row_leaves_values_reported_as_not_rotated(
+) {
+    let db = TestDb::new().await;
+    db.seed_patients(1_000).await;
+    let role = restricted_role(&db, "checked").await;
+    db.client
+        .batch_execute(
+            "ALTER TABLE patient_persons ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY r ON patient_persons FOR SELECT USING (true);
+             CREATE POLICY w ON patient_persons FOR UPDATE USING (true)
+               WITH CHECK (id % 10 <> 0 OR get_byte(phone_encrypted, 0) = 1);",
+        )
+        .await
+        .unwrap();
+    let role_url = url_as(&db, &role);
     assert_refused_writes_end_as_not_rotated(
         &db,
         1_000,
