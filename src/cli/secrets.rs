@@ -19,7 +19,9 @@ use crate::db::idle::keeping_alive;
 use crate::job::{Job, JobSpec};
 use crate::lifecycle::audit::What;
 use crate::lifecycle::promotion;
-use crate::lifecycle::rotation::{compromise_in_progress, job_keys, RotateOptions};
+use crate::lifecycle::rotation::{
+    compromise_in_progress, job_keys, refuse_filtered_compromise, RotateOptions,
+};
 use crate::lifecycle::steps::{self, Applied};
 use crate::secrets::{KeysSpec, Store};
 use crate::state::{self, rotations};
@@ -64,7 +66,7 @@ async fn restore(a: &KeyArgs) -> Result<u8, Error> {
 
 /// `rekey secrets purge`: archived material destroyed.
 async fn purge(a: &PurgeArgs) -> Result<u8, Error> {
-    let (spec, Opened { client, .. }, mut store) = locked(&a.life).await?;
+    let (spec, Opened { db, client, .. }, mut store) = locked(&a.life).await?;
     // Secrets Manager keeps retired material in former versions, not in the
     // table read: fetch it, so purging destroys it there
     let retired: Vec<_> = store
@@ -74,6 +76,33 @@ async fn purge(a: &PurgeArgs) -> Result<u8, Error> {
         .filter(|e| e.state == KeyState::Retired && a.key_id.is_none_or(|id| id == e.id))
         .map(|e| e.id)
         .collect();
+    let archived: Vec<_> = store
+        .table()
+        .entries
+        .iter()
+        .filter(|e| retired.contains(&e.id) && e.key.is_some())
+        .map(|e| e.id)
+        .collect();
+    if !archived.is_empty() {
+        // destroyed for good: only once no value of the job could need it
+        let job = Arc::new(Job::resolve(&spec, &client).await?);
+        let refused = Box::pin(crate::lifecycle::retire::purge_refused(
+            &db,
+            &client,
+            &job,
+            &archived,
+            default_lanes(),
+        ))
+        .await?;
+        if let Some(why) = refused {
+            if a.life.common.json {
+                print_json(&json!({ "event": "key_purged", "changed": false, "refused": why }));
+            } else {
+                eout!("rekey: {why}");
+            }
+            return Ok(EXIT_LEFT_ON_OLD_KEYS);
+        }
+    }
     let (purged, applied) = keeping_alive(&client, async {
         for id in retired {
             store.fetch_archived(id).await?;
@@ -151,11 +180,23 @@ fn said(life: &LifecycleArgs, event: &str, applied: &Applied, note: &str) {
 /// `rekey secrets init`: a new store holding one fresh key, or the
 /// environment's keys (`--import-env`).
 async fn init(a: &InitArgs) -> Result<u8, Error> {
-    let (spec, _) = resolve(&a.life.common)?;
-    let keys = job_keys(&spec)?;
     if a.adopt {
-        return adopt(&a.life, &keys).await;
+        let (spec, _) = resolve(&a.life.common)?;
+        return adopt(&a.life, &job_keys(&spec)?).await;
     }
+    // the database first: the keys made are recorded in its audit trail,
+    // and two inits of one job do not race (the lifecycle's lock)
+    let (spec, Opened { client, .. }) = {
+        let mut opened = open(&a.life.common).await?;
+        state::ensure_schema(&mut opened.client).await?;
+        state::lock_lifecycle(
+            &opened.client,
+            opened.spec.name.as_deref().unwrap_or_default(),
+        )
+        .await?;
+        (opened.spec.clone(), opened)
+    };
+    let keys = job_keys(&spec)?;
     let table = match &a.import_env {
         Some(prefix) => Store::open(&KeysSpec::env(prefix)).await?.table().clone(),
         None => {
@@ -174,8 +215,30 @@ async fn init(a: &InitArgs) -> Result<u8, Error> {
         }
     };
     let ids: Vec<_> = table.entries.iter().map(|e| e.id).collect();
-    let created = Store::create(&keys, table).await?;
-    out!("created {created} with keys {ids:?}");
+    let info = table.info();
+    let created = keeping_alive(&client, Store::create(&keys, table)).await?;
+    let note = format!(
+        "created {created} with keys {ids:?}{}",
+        if a.import_env.is_some() {
+            " (imported from the environment)"
+        } else {
+            ""
+        }
+    );
+    recorded(
+        &a.life,
+        &spec,
+        &client,
+        &created,
+        "key_store_created",
+        &note,
+    )
+    .await?;
+    if a.life.common.json {
+        print_json(&json!({ "event": "key_store_created", "created": created, "keys": info }));
+    } else {
+        out!("{note}");
+    }
     Ok(0)
 }
 
@@ -260,6 +323,15 @@ pub(crate) async fn locked(life: &LifecycleArgs) -> Result<(JobSpec, Opened, Sto
 async fn transition(command: &SecretsCommand, life: &LifecycleArgs) -> Result<u8, Error> {
     let (spec, Opened { db, client, .. }, mut store) = locked(life).await?;
     let secret_id = store.secret_id();
+    let compromised = matches!(command, SecretsCommand::Promote(_))
+        && (life.is_compromise()
+            || compromise_in_progress(&client, spec.name.as_deref().unwrap_or_default()).await?);
+    if compromised {
+        // a compromise promote marks the old key compromised (the key
+        // table's status the application reads): never for a job whose
+        // verify cannot see every row, so could never retire it
+        refuse_filtered_compromise(&spec, true)?;
+    }
     if matches!(command, SecretsCommand::Promote(_)) {
         // boxed: a full verify's future off the stack that polls it
         let refused = Box::pin(promotion::refused(
@@ -287,9 +359,6 @@ async fn transition(command: &SecretsCommand, life: &LifecycleArgs) -> Result<u8
             ("key_staged", applied, id, format!("key {id} pending"))
         }
         SecretsCommand::Promote(_) => {
-            let compromised = life.is_compromise()
-                || compromise_in_progress(&client, spec.name.as_deref().unwrap_or_default())
-                    .await?;
             let applied = keeping_alive(
                 &client,
                 steps::promote(&mut store, life.reveal, compromised),

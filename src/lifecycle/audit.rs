@@ -215,6 +215,24 @@ impl Audit {
         Ok(row.get(0))
     }
 
+    /// Whether this chain already holds an event of `event_type` for key
+    /// `key_ref` (`<store>#<id>`).
+    pub async fn has_key_event(
+        &self,
+        client: &Client,
+        event_type: &str,
+        key_ref: &str,
+    ) -> Result<bool, Error> {
+        let row = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM rekey.audit WHERE chain = $1 AND event_type = $2 AND secret_id = $3)",
+                &[&self.chain, &event_type, &key_ref],
+            )
+            .await
+            .ctx(|| "reading the audit trail (rekey.audit)".to_string())?;
+        Ok(row.get(0))
+    }
+
     /// Records an event at the end of the chain: in `rekey.audit` and the
     /// file, in one transaction under the chain's lock. `client` must not be
     /// in a transaction, nor used by other tasks until this returns.

@@ -165,7 +165,11 @@ pub(crate) async fn verified(
     if !v.verified {
         rotations::set_step(client, rot.id, Step::Staged).await?;
         let notes = record_verify(cx, client, &key_ref, rot.new_key, &v, "", log).await?;
-        log.lines.push(format!("verification failed: {notes}; inspect rekey.quarantine, fix, and run `rekey rotate` again (it re-runs the re-encryption)"));
+        log.lines.push(format!(
+            "verification failed: {notes}; values that do not open are in rekey.quarantine, and writes the database refused \
+             or undid (a trigger, a constraint, a policy) in rekey.not_rotated with their reason (`rekey status` counts both): \
+             fix what they name, and run `rekey rotate` again (it re-runs the re-encryption)"
+        ));
         return Ok(Some((Ended::NotVerified, Step::Staged)));
     }
     rotations::set_step(client, rot.id, Step::Verified).await?;

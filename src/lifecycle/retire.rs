@@ -44,6 +44,23 @@ pub async fn retire(
             t.table
         )));
     }
+    // another job rotating its tables away from this key on the same store:
+    // its values under it are out of this job's verify
+    let others = crate::state::rotations::others_away_from(
+        client,
+        &job.name,
+        &store.secret_id(),
+        i64::from(old),
+    )
+    .await?;
+    if let Some((other, id, step)) = others.first() {
+        return Err(Error::Config(format!(
+            "job {other:?} is rotating its tables away from key {old} in {} too (rotation {id}, step {step}), and its values \
+             under key {old} are out of this job's verify: finish that rotation first (`rekey rotate --job` its file), then \
+             retire key {old}; nothing was retired",
+            store.secret_id()
+        )));
+    }
     // a key marked compromised (a key table's COMPROMISED row, a compromise
     // rotation's mark) is destroyed whatever this invocation's reason
     let compromised = opts.compromised || store.table().is_compromised(old);
@@ -173,6 +190,10 @@ pub async fn retire(
     };
     let mut notes = if compromised {
         format!("key {old} retired and its material destroyed (compromise); {verified}")
+    } else if !store.can_purge() {
+        format!(
+            "key {old} retired; {verified}; rekey keeps no archive of keys in the environment (the variable is removed where it is set)"
+        )
     } else {
         format!(
             "key {old} retired; {verified}; its material stays in the store's archive until purged"
@@ -188,24 +209,37 @@ pub async fn retire(
             "not verified, on your word (--accept-unverified): {tables}; the audit trail records it"
         ));
     }
-    opts.audit
-        .record(
-            client,
-            What {
-                event_type: "key_retired",
-                secret_id: &key_ref,
-                // what the operator vouched for was not read
-                verification_status: if unverified.is_empty() {
-                    "passed"
-                } else {
-                    "partial"
+    // environment keys: rekey writes nothing there, so a retire run again
+    // before the variable is removed is the same retire, recorded once
+    let again = !store.writable()
+        && opts
+            .audit
+            .has_key_event(client, "key_retired", &key_ref)
+            .await?;
+    if again {
+        lines.push(format!(
+            "key {old} was retired already (the audit trail records it); the change below is not made yet"
+        ));
+    } else {
+        opts.audit
+            .record(
+                client,
+                What {
+                    event_type: "key_retired",
+                    secret_id: &key_ref,
+                    // what the operator vouched for was not read
+                    verification_status: if unverified.is_empty() {
+                        "passed"
+                    } else {
+                        "partial"
+                    },
+                    affected_records: Some(v.values_total),
+                    notes: &notes,
+                    job_id: None,
                 },
-                affected_records: Some(v.values_total),
-                notes: &notes,
-                job_id: None,
-            },
-        )
-        .await?;
+            )
+            .await?;
+    }
     if crate::state::rotations::old_key_retired(client, &job.name, old).await? {
         lines.push(format!("the rotation that replaced key {old} is complete"));
     }
@@ -225,10 +259,50 @@ pub async fn retire(
     Ok(Progressed {
         ended: Ended::Done,
         lines,
-        events: vec!["key_retired".into()],
+        events: if again {
+            Vec::new()
+        } else {
+            vec!["key_retired".into()]
+        },
         step: None,
         rotation: None,
     })
+}
+
+/// Why the archived material of retired keys `ids` may not be destroyed
+/// yet, if it may not: a full verify of the job (which must cover whole
+/// tables) found values no key of the store opens. A row restored from a
+/// backup under a retired key reads so, and only that key's archived
+/// material could ever open it again.
+pub async fn purge_refused(
+    db: &Database,
+    client: &Client,
+    job: &Arc<Job>,
+    ids: &[KeyId],
+    lanes: usize,
+) -> Result<Option<String>, Error> {
+    if let Some(t) = job.targets.iter().find(|t| t.filter.is_some()) {
+        return Err(Error::Config(format!(
+            "target {} has a `where` filter, so no verify sees every row, and a purge destroys keys for good: purge with a job \
+             that covers whole tables; nothing was purged",
+            t.table
+        )));
+    }
+    let v = Box::pin(verify::verify(db, client, job, Depth::full(lanes), false)).await?;
+    let unreadable = v.values_unreadable();
+    if unreadable == 0 {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "refusing to destroy the archived material of keys {ids:?}: a full verify found {unreadable} values no key of {} opens, \
+         and a value restored from a backup under a retired key reads so: only that key's archived material could open it again. \
+         Restore the key (`rekey secrets restore --key-id N`) and rotate them (`rekey run`), or, where they are damaged, fix them \
+         (`rekey verify --full` lists them); purge once a full verify finds none. Nothing was purged",
+        job.targets
+            .first()
+            .and_then(|t| t.read.source.as_ref())
+            .map_or_else(|| "the store".to_string(), |k| k.store_label()),
+    )))
 }
 
 /// Waits, up to `limit`, for the transactions of other sessions (prepared

@@ -274,26 +274,37 @@ pub async fn rotate(
         name: &name,
     };
     let mut log = Log::default();
+    match run_steps(&cx, client, &mut log).await {
+        // a failure after this invocation changed something says what it
+        // changed: the failure's own "nothing was written" is its step's
+        Err(e) if !log.events.is_empty() => Err(e.after(&log.lines.join("; "))),
+        ended => ended,
+    }
+}
+
+/// The rotation's steps from wherever it stands, noted in `log`.
+async fn run_steps(cx: &Ctx<'_>, client: &mut Client, log: &mut Log) -> Result<Progressed, Error> {
+    let (name, keys, opts) = (cx.name, cx.keys, cx.opts);
     let mut intent = opts.intent;
     // whether this invocation verified the rotation (the step before promotion)
     let mut verified_now = false;
     loop {
-        let rotation = rotations::open_rotation(client, &name).await?;
+        let rotation = rotations::open_rotation(client, name).await?;
         // the lock's session is kept from idling while the store works
-        let mut store = keeping_alive(client, Store::open(&keys)).await?;
+        let mut store = keeping_alive(client, Store::open(keys)).await?;
         let Some(mut rot) = rotation else {
-            if let Some(over) = nothing_open(&cx, client, intent, &mut log).await? {
+            if let Some(over) = nothing_open(cx, client, intent, log).await? {
                 return Ok(over);
             }
-            let wait = stage_new(&cx, client, &mut store, &mut log).await?;
+            let wait = stage_new(cx, client, &mut store, log).await?;
             // the rotation asked for is started: what follows continues it
             intent = Intent::Continue;
             match wait {
-                Some(w) => return Ok(log.end(Ended::Waiting(w), Step::Staged)),
+                Some(w) => return Ok(std::mem::take(log).end(Ended::Waiting(w), Step::Staged)),
                 None => continue,
             }
         };
-        adjust(&cx, client, &mut rot, &mut log).await?;
+        adjust(cx, client, &mut rot, log).await?;
         log.rotation = Some(info(&rot));
         if intent == Intent::New {
             return Err(Error::Config(format!(
@@ -303,19 +314,21 @@ pub async fn rotate(
             )));
         }
         if intent == Intent::Abort || rot.step == Step::Aborting {
-            return abort::abort(&cx, client, &mut store, &rot, log).await;
+            return abort::abort(cx, client, &mut store, &rot, std::mem::take(log)).await;
         }
         forward::check_staged_key(client, &store, &rot).await?;
         let next = match rot.step {
-            Step::Staged => forward::ran(&cx, client, &store, &rot, &mut log).await?,
+            Step::Staged => forward::ran(cx, client, &store, &rot, log).await?,
             Step::Ran => {
                 verified_now = true;
-                forward::verified(&cx, client, &store, &rot, &mut log).await?
+                forward::verified(cx, client, &store, &rot, log).await?
             }
             Step::Verified => {
-                forward::promoted(&cx, client, &mut store, &rot, verified_now, &mut log).await?
+                forward::promoted(cx, client, &mut store, &rot, verified_now, log).await?
             }
-            Step::Promoted => return forward::retired(&cx, client, &mut store, &rot, log).await,
+            Step::Promoted => {
+                return forward::retired(cx, client, &mut store, &rot, std::mem::take(log)).await
+            }
             Step::Retired | Step::RolledBack | Step::Aborting => {
                 return Err(Error::Runtime(format!(
                     "rotation {} is at step {} but was read as going forward",
@@ -325,7 +338,7 @@ pub async fn rotate(
             }
         };
         if let Some((ended, step)) = next {
-            return Ok(log.end(ended, step));
+            return Ok(std::mem::take(log).end(ended, step));
         }
     }
 }
@@ -387,7 +400,7 @@ async fn nothing_open(
 /// which no verify of a job with a `where` filter is: refused before any
 /// change, so no key is staged and no value rewritten for a rotation that
 /// could never end.
-pub(super) fn refuse_filtered_compromise(spec: &JobSpec, compromised: bool) -> Result<(), Error> {
+pub fn refuse_filtered_compromise(spec: &JobSpec, compromised: bool) -> Result<(), Error> {
     match spec.targets.iter().find(|t| t.filter.is_some()) {
         Some(t) if compromised => Err(Error::Config(format!(
             "target {} has a `where` filter, so no verify sees every row, and a compromise rotation ends by \
@@ -490,6 +503,10 @@ async fn stage_new(
         grace_s(cx.opts, cx.opts.grace.unwrap_or(DEFAULT_GRACE))?
     };
     refuse_filtered_compromise(cx.spec, cx.opts.compromised)?;
+    // what would refuse the run (a privilege, a table rekey may not see
+    // whole, values that do not open) refuses before a key is staged
+    let job = crate::job::Job::resolve(cx.spec, client).await?;
+    crate::engine::verify::preflight(client, &job).await?;
     let secret_id = store.secret_id();
     let old = steps::current(store);
     let (id, applied) = keeping_alive(client, steps::stage(store, cx.spec, cx.opts.reveal)).await?;

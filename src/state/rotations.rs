@@ -143,6 +143,32 @@ pub async fn open_rotation(client: &Client, name: &str) -> Result<Option<Rotatio
     }))
 }
 
+/// The rotations of other jobs than `name` on the same store
+/// (`secret_id`) away from key `old` that have not promoted yet: (job,
+/// rotation id, step). Their tables still hold values under it, which this
+/// job's verify never reads. (One promoted has verified its own tables; two
+/// jobs at that step may each retire, or neither could.)
+pub async fn others_away_from(
+    client: &Client,
+    name: &str,
+    secret_id: &str,
+    old: i64,
+) -> Result<Vec<(String, i64, String)>, Error> {
+    let rows = client
+        .query(
+            "SELECT job_name, rotation_id, step FROM rekey.rotations
+              WHERE job_name <> $1 AND secret_id = $2 AND old_key = $3 AND step IN ('staged', 'ran', 'verified', 'aborting')
+              ORDER BY rotation_id",
+            &[&name, &secret_id, &old],
+        )
+        .await
+        .ctx(|| "reading the other jobs' rotations on the same store".into())?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
+}
+
 /// A key id read back from `rekey.rotations`.
 fn key(v: i64) -> Result<KeyId, Error> {
     KeyId::try_from(v).map_err(|_| {

@@ -154,6 +154,59 @@ async fn purge_destroys_an_archived_key_and_it_cannot_be_restored_after() {
     assert!(events.contains(&"key_purged".to_string()), "{events:?}");
 }
 
+// Before: after rows were restored from a backup under the retired key 1,
+// `secrets purge` exited 0 "destroyed the archived material of keys [1]",
+// and those values could never be decrypted again.
+#[tokio::test(flavor = "multi_thread")]
+async fn purge_is_refused_while_values_only_the_archived_key_opens_are_in_the_job_s_tables() {
+    let db = TestDb::new().await;
+    db.seed_patients(200).await;
+    let backup = db
+        .client
+        .query(
+            "SELECT id, phone_encrypted FROM patient_persons WHERE id % 20 = 0",
+            &[],
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    let out = rotated_and_retired(&job, "scheduled");
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    for row in &backup {
+        let (id, value): (i64, Vec<u8>) = (row.get(0), row.get(1));
+        db.client
+            .execute(
+                "UPDATE patient_persons SET phone_encrypted = $1 WHERE id = $2",
+                &[&value, &id],
+            )
+            .await
+            .unwrap();
+    }
+
+    let out = rekey(&["secrets", "purge", "--job", &job], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
+    assert!(
+        printed(&out).contains(&format!("{} values no key", backup.len()))
+            && printed(&out).contains("secrets restore"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(table(&keyring).archived_ids(), vec![1], "key 1 was purged");
+    let out = rekey(
+        &["secrets", "restore", "--job", &job, "--key-id", "1"],
+        &keyring_pass_env(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let restored = db
+        .decrypted_patients(&table(&keyring).keyring().unwrap())
+        .await;
+    for row in &backup {
+        let id: i64 = row.get(0);
+        assert_eq!(restored[&id].0, Decrypted::Plain(1, phone(id)), "{id}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_compromised_key_is_destroyed_at_retire_not_archived() {
     let db = TestDb::new().await;

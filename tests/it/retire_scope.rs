@@ -805,3 +805,65 @@ async fn a_compromise_rotation_with_a_where_filter_is_refused_before_it_stages_a
         "no value was re-encrypted"
     );
 }
+
+// Before: with two jobs sharing one keyring file, the second job's rotate
+// retired key 1 ("rotation 2 complete", exit 0) while the first job's
+// rotation, still re-encrypting its table, had thousands of values under it.
+#[tokio::test(flavor = "multi_thread")]
+async fn retire_is_refused_while_another_job_on_the_same_store_still_rotates_away_from_the_key() {
+    let db = TestDb::new().await;
+    db.seed_patients(20_000).await;
+    copy_patients(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job_a, keyring) = keyring_file_job(&db, &dir);
+    let whole = std::fs::read_to_string(&job_a).unwrap();
+    std::fs::write(&job_a, format!("name = \"a\"\n{whole}")).unwrap();
+    let job_b = dir.path().join("b.toml").display().to_string();
+    let database = whole.split("[[target]]").next().unwrap();
+    std::fs::write(&job_b, format!("name = \"b\"\n{database}{COPY_TARGET}")).unwrap();
+
+    // job a's rotation is killed with its table part done
+    let mut a = spawn_rekey(
+        &[
+            "rotate",
+            "--job",
+            &job_a,
+            "--no-wait",
+            "--batch-size",
+            "200",
+            "--max-rows-per-sec",
+            "5000",
+        ],
+        &keyring_pass_env(),
+    );
+    wait_for_progress(&db, &mut a, 1_000).await;
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let left = db
+        .decrypted_patients(&keyring_table(&keyring).keyring().unwrap())
+        .await
+        .values()
+        .filter(|(p, _)| matches!(p, Decrypted::Plain(1, _)))
+        .count();
+    assert!(left > 0, "job a's window rotated every row");
+
+    let out = rekey(
+        &["rotate", "--job", &job_b, "--no-wait", "--grace", "0s"],
+        &keyring_pass_env(),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("job \"a\" is rotating"),
+        "the refusal names the other job: {}",
+        printed(&out)
+    );
+    let key1 = keyring_table(&keyring)
+        .entries
+        .into_iter()
+        .find(|e| e.id == 1)
+        .unwrap();
+    assert!(
+        key1.state != KeyState::Retired,
+        "key 1 was retired while job a's values need it"
+    );
+}

@@ -80,3 +80,43 @@ async fn a_run_never_rewrites_values_under_a_key_marked_compromised() {
         "values were rewritten"
     );
 }
+
+// Before: `secrets promote --reason compromise` with a job whose target has
+// a `where` filter marked the old row COMPROMISED (the application stops
+// using it), for a key no verify of that job could ever retire.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_compromise_promote_with_a_where_filter_is_refused_before_it_changes_a_key() {
+    let db = TestDb::new().await;
+    let master = master_key(false);
+    seed(&db, &master, 1, 10).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = job(&db, &dir, &master);
+    let whole = std::fs::read_to_string(&j).unwrap();
+    std::fs::write(&j, format!("{whole}where = \"id < 5\"\n")).unwrap();
+    let env = aws_env();
+    for step in [
+        &["secrets", "stage", "--job", &j][..],
+        &["run", "--job", &j],
+    ] {
+        let out = rekey(step, &env);
+        assert_eq!(out.status.code(), Some(0), "{step:?}: {}", printed(&out));
+    }
+    let before = statuses(&db).await;
+
+    let out = rekey(
+        &["secrets", "promote", "--job", &j, "--reason", "compromise"],
+        &env,
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("`where` filter"),
+        "the refusal names the filter: {}",
+        printed(&out)
+    );
+    assert_eq!(statuses(&db).await, before, "the key table changed");
+    assert!(
+        !statuses(&db).await.iter().any(|(_, s)| s == "COMPROMISED"),
+        "{:?}",
+        statuses(&db).await
+    );
+}
