@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::json;
+use tokio_postgres::Client;
 
 use crate::cli::args::{OnlineArgs, RunArgs};
 use crate::cli::exit::{EXIT_LEFT_ON_OLD_KEYS, EXIT_QUARANTINED, EXIT_STOPPED, EXIT_WINDOW_ENDED};
@@ -23,7 +24,7 @@ use crate::observe::counts::{Counts, LiveCounts};
 use crate::observe::events::{self, RunState};
 use crate::observe::metrics;
 use crate::observe::progress::Progress;
-use crate::state;
+use crate::state::{self, JobRecord};
 use crate::Error;
 
 /// Refuses online settings that cannot work together.
@@ -155,7 +156,7 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
         None
     } else {
         state::ensure_schema(&mut client).await?;
-        Some(run_audit::started(args, &spec, &job, &client).await?)
+        Some(run_audit::run_audit(args, &spec, &job))
     };
     let ran = if args.dry_run {
         let ranges = plan::job_ranges(&client, &job, lanes).await?;
@@ -188,6 +189,10 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
                 quiet,
             },
             live,
+            async |c: &Client, record: &JobRecord| match &audit {
+                Some(audit) => run_audit::started(audit, c, &job, record).await,
+                None => Ok(()),
+            },
         )
         .await?;
         Ran {

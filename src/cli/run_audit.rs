@@ -1,4 +1,5 @@
-//! The audit events of `rekey run`: one when a run starts, one when it ends
+//! The audit events of `rekey run`: one when a run starts (after one for
+//! an unfinished job `--restart` gave up), one when it ends
 //! (completed, stopped, or its window ended) with the values re-encrypted,
 //! quarantined and not rotated, the job, and the keys (the job's target
 //! key, and its old key when there is exactly one).
@@ -14,6 +15,7 @@ use crate::engine::pipeline::Outcome;
 use crate::job::{Job, JobSpec};
 use crate::lifecycle::audit::{Audit, AuditKeys, What};
 use crate::observe::counts::Counts;
+use crate::state::{self, JobRecord};
 use crate::Error;
 
 /// The one element of `set`, if it has exactly one.
@@ -23,7 +25,7 @@ fn only<T: Copy + Ord>(set: &BTreeSet<T>) -> Option<T> {
 
 /// The audit settings of a run: who and why from the command line, the
 /// keys from the job.
-fn run_audit(args: &RunArgs, spec: &JobSpec, job: &Job) -> Audit {
+pub(crate) fn run_audit(args: &RunArgs, spec: &JobSpec, job: &Job) -> Audit {
     let mut audit = audit_of(&args.audit.who(), &args.common.job, spec);
     let targets: BTreeSet<_> = job
         .targets
@@ -64,24 +66,48 @@ fn secret_ref(job: &Job, audit: &Audit) -> String {
     }
 }
 
-/// Records that a run starts; the audit settings for its end.
+/// Records that a run starts, once its job is joined or made (so the
+/// event names it): first, where `--restart` gave up an unfinished job,
+/// that job's end with what it had re-encrypted.
 pub(crate) async fn started(
-    args: &RunArgs,
-    spec: &JobSpec,
-    job: &Job,
+    audit: &Audit,
     client: &Client,
-) -> Result<Audit, Error> {
-    let audit = run_audit(args, spec, job);
+    job: &Job,
+    record: &JobRecord,
+) -> Result<(), Error> {
+    let secret = secret_ref(job, audit);
+    if let Some(old) = record.abandoned {
+        let done = state::job_totals(client, old).await?;
+        let notes = format!(
+            "job {old}, unfinished, is given up by `rekey run --restart` for job {}: it had re-encrypted {} values \
+             ({} quarantined, {} not rotated); they stay rotated, and the new job rewrites what is left",
+            record.id, done.values_rewritten, done.values_failed, done.values_not_rotated
+        );
+        let what = What {
+            event_type: "reencryption_abandoned",
+            secret_id: &secret,
+            verification_status: "not_applicable",
+            affected_records: Some(done.values_rewritten),
+            notes: &notes,
+            job_id: Some(old),
+        };
+        audit.record(client, what).await?;
+    }
+    let notes = if record.resumed {
+        format!("re-encryption resumed (job {})", record.id)
+    } else {
+        format!("re-encryption started (job {})", record.id)
+    };
     let what = What {
         event_type: "run_started",
-        secret_id: &secret_ref(job, &audit),
+        secret_id: &secret,
         verification_status: "not_applicable",
         affected_records: None,
-        notes: "re-encryption started (or resumed)",
-        job_id: None,
+        notes: &notes,
+        job_id: Some(record.id),
     };
     audit.record(client, what).await?;
-    Ok(audit)
+    Ok(())
 }
 
 /// Records how a run ended: this run's values re-encrypted (the event's

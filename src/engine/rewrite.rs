@@ -33,7 +33,8 @@ pub struct RunControl {
 
 /// Rewrites every stale value of `job` under its job lock, resuming an
 /// unfinished job of the same name; stops cleanly when `settings.stop` is
-/// triggered.
+/// triggered. `opened` is called once the job is joined or made, before
+/// any value is written (the caller's audit event names the job).
 pub async fn rewrite(
     db: &Database,
     client: &mut Client,
@@ -41,6 +42,7 @@ pub async fn rewrite(
     settings: Settings,
     control: RunControl,
     live: Arc<LiveCounts>,
+    opened: impl AsyncFnOnce(&Client, &JobRecord) -> Result<(), Error>,
 ) -> Result<(Outcome, JobRecord), Error> {
     let RunControl { restart, quiet } = control;
     state::ensure_schema(client).await?;
@@ -54,6 +56,7 @@ pub async fn rewrite(
     if restart {
         state::share_job_lock(client, &job.name).await?;
     }
+    opened(client, &record).await?;
     let progress = Progress::estimated(rows_estimate(client, job).await?, "rewriting", quiet);
     let total = progress.total();
     let ranges = std::mem::take(&mut record.ranges);

@@ -60,6 +60,8 @@ pub(crate) async fn rewrite_all(
         cx.opts.settings.clone(),
         control,
         Arc::new(LiveCounts::default()),
+        // given up and started are recorded by the rotation's own events
+        async |_: &Client, _: &state::JobRecord| Ok(()),
     )
     .await?;
     if outcome.session_reopened {

@@ -19,6 +19,8 @@ pub struct JobRecord {
     pub id: i64,
     /// Whether an unfinished job was picked up.
     pub resumed: bool,
+    /// The unfinished job of this name given up for this one (`--restart`).
+    pub abandoned: Option<i64>,
     /// Every range, finished or not.
     pub ranges: Vec<RangeState>,
     /// What earlier runs of this job already did; after a rewrite,
@@ -90,6 +92,7 @@ async fn open_job_locked(
 ) -> Result<JobRecord, Error> {
     let keys = job.describe_keys();
     let what = || format!("opening job {:?}", job.name);
+    let mut abandoned = None;
     if let Some(row) = client
         .query_opt(
             "SELECT job_id, spec_hash, keys FROM rekey.jobs WHERE name = $1 AND state = 'running'",
@@ -102,6 +105,7 @@ async fn open_job_locked(
             (row.get(0), row.get(1), row.get(2));
         if restart {
             client.execute("UPDATE rekey.jobs SET state = 'abandoned', updated_at = now() WHERE job_id = $1", &[&id]).await.ctx(what)?;
+            abandoned = Some(id);
         } else if hash != job.spec_hash {
             return Err(Error::Config(format!(
                 "job {:?} (id {id}) is unfinished and was started from a different job file; finish it with the original file, \
@@ -129,6 +133,7 @@ async fn open_job_locked(
             return Ok(JobRecord {
                 id,
                 resumed: true,
+                abandoned: None,
                 ranges,
                 prior,
             });
@@ -205,6 +210,7 @@ async fn open_job_locked(
     Ok(JobRecord {
         id,
         resumed: false,
+        abandoned,
         ranges: planned,
         prior: Counts::default(),
     })

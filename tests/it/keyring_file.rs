@@ -182,3 +182,39 @@ async fn keyring_files_rekey_writes_are_its_owners_alone_whatever_the_umask() {
     assert_eq!(mode(&keyring), 0o600);
     assert_eq!(mode(&backup), 0o600);
 }
+
+// Before: `secrets init` made a key and recorded nothing (a regulated
+// store's first key had no event), and printed prose under `--json`.
+#[tokio::test(flavor = "multi_thread")]
+async fn secrets_init_records_the_keys_it_made_and_answers_json_without_key_material() {
+    let (_db, dir, job, keyring) = patients_with_a_keyring_file().await;
+    std::fs::remove_file(&keyring).unwrap();
+    let out = rekey(
+        &["secrets", "init", "--job", &job, "--json"],
+        &keyring_pass_env(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let said = json(&out);
+    let made = keyring_table(&keyring);
+    let key = made.entries[0].key.as_ref().unwrap();
+    assert_eq!(said["event"], "key_store_created", "{said}");
+    assert_eq!(said["keys"][0]["id"], 1, "{said}");
+    assert_eq!(said["keys"][0]["fingerprint"], key.fingerprint(), "{said}");
+    assert!(
+        !printed(&out).contains(&hex::encode(key.material())),
+        "the key's value was printed"
+    );
+    let events = audit_events(&dir);
+    let created: Vec<_> = events
+        .iter()
+        .filter(|e| e["event_type"] == "key_store_created")
+        .collect();
+    assert_eq!(created.len(), 1, "{events:?}");
+    assert!(
+        created[0]["detail"]
+            .as_str()
+            .is_some_and(|n| n.contains("keys [1]")),
+        "{}",
+        created[0]
+    );
+}

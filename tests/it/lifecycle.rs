@@ -514,6 +514,33 @@ async fn rotate_with_environment_keys_prints_each_change_and_checks_it_was_made(
         ]
     );
     assert_eq!(audit_events(&dir)[1]["affected_records"], 50_000 + 33_334);
+    let retired = &audit_events(&dir)[4];
+    assert!(
+        retired["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("no archive") && !d.contains("archive until purged")),
+        "the event promises an archive the environment does not have: {retired}"
+    );
+
+    // Before: run again before ENCRYPTION_KEY_V1 is unset, it appended a
+    // second key_retired for the same key
+    let out = rekey(&["secrets", "retire", "--job", &j, "--key-id", "1"], &env);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("retired already")
+            && printed(&out).contains("unset ENCRYPTION_KEY_V1"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(
+        event_types(&dir)
+            .iter()
+            .filter(|t| *t == "key_retired")
+            .count(),
+        1,
+        "{:?}",
+        event_types(&dir)
+    );
     let trail = std::fs::read_to_string(dir.path().join("patients.audit.jsonl")).unwrap();
     for key in [K1, K2] {
         let b64 = base64::engine::general_purpose::STANDARD.encode(hex::decode(key).unwrap());

@@ -73,6 +73,12 @@ async fn run_records_an_event_saying_how_many_values_it_rewrote_with_keys_incide
     let done = &events[1];
     assert_eq!(done["affected_records"], rewritten, "{done}");
     assert_eq!(done["job_id"], json(&out)["job_id"]);
+    assert_eq!(
+        events[0]["job_id"],
+        json(&out)["job_id"],
+        "run_started names its job: {}",
+        events[0]
+    );
     for e in &events {
         assert_eq!(
             (e["old_key"].as_i64(), e["new_key"].as_i64()),
@@ -125,6 +131,57 @@ async fn run_records_an_event_saying_how_many_values_it_rewrote_with_keys_incide
     assert_eq!(audit_lines(&dir)[3]["affected_records"], 0);
     let out = rekey(&["report", "--job", job, "--check"], &[]);
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+}
+
+// Before: `run --restart` gave up the unfinished job with no event, so the
+// trail never said what became of it or of the values it had rewritten.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_records_the_unfinished_job_it_gives_up_with_what_it_had_rewritten() {
+    let db = TestDb::new().await;
+    db.seed_patients(20_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job(&dir).display().to_string();
+    let window = [
+        "run",
+        "--job",
+        &j,
+        "--json",
+        "--batch-size",
+        "200",
+        "--max-rows-per-sec",
+        "5000",
+        "--run-time",
+        "500ms",
+    ];
+    let out = rekey(&window, &seed_env());
+    assert_eq!(out.status.code(), Some(5), "{}", printed(&out));
+    let first = json(&out);
+    let rewritten = first["job_totals"]["values_rewritten"].as_u64().unwrap();
+    assert!(rewritten > 0, "{first}");
+
+    let out = rekey(&["run", "--job", &j, "--json", "--restart"], &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let second = json(&out);
+    assert_ne!(second["job_id"], first["job_id"]);
+    let events = audit_lines(&dir);
+    let types: Vec<&str> = events
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "run_started",
+            "run_window_ended",
+            "reencryption_abandoned",
+            "run_started",
+            "run_completed"
+        ]
+    );
+    let given_up = &events[2];
+    assert_eq!(given_up["job_id"], first["job_id"], "{given_up}");
+    assert_eq!(given_up["affected_records"], rewritten, "{given_up}");
+    assert_eq!(events[3]["job_id"], second["job_id"], "{}", events[3]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
