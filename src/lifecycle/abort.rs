@@ -44,7 +44,8 @@ pub(crate) async fn abort(
         )));
     }
     let secret_id = store.secret_id();
-    if rot.step != Step::Aborting {
+    let first = rot.step != Step::Aborting;
+    if first {
         if store.table().is_compromised(old) {
             // going back would rewrite every value under a compromised key
             return Err(Error::Config(format!(
@@ -62,25 +63,40 @@ pub(crate) async fn abort(
                 rot.id
             )));
         }
-        let applied = if store.table().id_in(KeyState::Pending) == Some(new) {
+        // the step before the store: an abort killed between the two
+        // resumes as an abort (with `rekey rotate`), never as a rotation
+        // whose staged key is gone
+        rotations::set_step(client, rot.id, Step::Aborting).await?;
+    }
+    // un-staged now, or again where an abort stopped before its save (the
+    // environment's changes are the operator's: said once, then checked)
+    let applied =
+        if store.table().id_in(KeyState::Pending) == Some(new) && (first || store.writable()) {
             keeping_alive(client, steps::rollback(store, cx.opts.reveal)).await?
         } else {
             steps::Applied::default()
         };
-        rotations::set_step(client, rot.id, Step::Aborting).await?;
-        log.record(
-            &cx.opts.audit,
-            client,
-            What {
-                event_type: "rotation_abort_started",
-                secret_id: &format!("{secret_id}#{new}"),
-                verification_status: "not_applicable",
-                affected_records: None,
-                notes: &format!("key {new} un-staged; values go back to key {old}"),
-                job_id: None,
-            },
-        )
+    let started = cx
+        .opts
+        .audit
+        .has_rotation_event(client, "rotation_abort_started", rot.id)
         .await?;
+    if first || !started {
+        if !started {
+            log.record(
+                &cx.opts.audit,
+                client,
+                What {
+                    event_type: "rotation_abort_started",
+                    secret_id: &format!("{secret_id}#{new}"),
+                    verification_status: "not_applicable",
+                    affected_records: None,
+                    notes: &format!("key {new} un-staged; values go back to key {old}"),
+                    job_id: None,
+                },
+            )
+            .await?;
+        }
         log.lines.push(format!(
             "aborting rotation {}: key {new} is no longer pending (it stays readable until no value needs it); key {old} stays current",
             rot.id

@@ -228,6 +228,51 @@ async fn abort_puts_every_value_back_under_the_old_key_and_retires_the_staged_on
     assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
 }
 
+// Before: the abort un-staged key 2 in the store before it recorded step
+// `aborting`; killed between the two, `rekey rotate` said "key 2 is not
+// staged ... yet" (exit 2) instead of resuming the abort. The abort now
+// records its step first: this is the state a kill leaves right after it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_abort_killed_after_recording_its_step_and_before_un_staging_resumes_with_rotate() {
+    let db = TestDb::new().await;
+    db.seed_patients(20_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    let values = values_in(20_000);
+    let args = [
+        "rotate",
+        "--job",
+        job.as_str(),
+        "--no-wait",
+        "--batch-size",
+        "200",
+    ];
+    let mut child = spawn_rekey(&args, &keyring_pass_env());
+    wait_for_progress(&db, &mut child, values / 3).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(table(&keyring).id_in(KeyState::Pending), Some(2));
+    db.client
+        .batch_execute("UPDATE rekey.rotations SET step = 'aborting'")
+        .await
+        .unwrap();
+
+    let out = rotate(&job, &[]);
+    expect(&out, 0, "rolled_back", "done", "-");
+    let keys = table(&keyring);
+    assert_eq!(keys.id_in(KeyState::Current), Some(1));
+    assert_eq!(keys.id_in(KeyState::Pending), None);
+    assert_eq!(
+        values_by_key(&db, &keys).await,
+        [(1, values as usize)].into()
+    );
+    let started = audit_events(&dir)
+        .iter()
+        .filter(|e| e["event_type"] == "rotation_abort_started")
+        .count();
+    assert_eq!(started, 1, "the abort's start is recorded once");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn abort_after_promotion_is_refused_and_changes_nothing() {
     let db = TestDb::new().await;
