@@ -63,6 +63,10 @@ pub(crate) async fn abort(
                 rot.id
             )));
         }
+        // every refusal before anything changes
+        if store.table().id_in(KeyState::Pending) == Some(new) {
+            steps::refuse_unstaging(store)?;
+        }
         // the step before the store: an abort killed between the two
         // resumes as an abort (with `rekey rotate`), never as a rotation
         // whose staged key is gone

@@ -17,7 +17,7 @@ use serde_json::json;
 use tokio_postgres::Client;
 
 use crate::crypto::keyring::{Key, KeyId};
-use crate::crypto::keytable::rfc3339;
+use crate::crypto::keytable::{rfc3339, KeyState};
 use crate::db::idle::keeping_alive;
 use crate::db::Database;
 use crate::engine::pipeline::Settings;
@@ -504,9 +504,17 @@ async fn stage_new(
     };
     refuse_filtered_compromise(cx.spec, cx.opts.compromised)?;
     // what would refuse the run (a privilege, a table rekey may not see
-    // whole, values that do not open) refuses before a key is staged
-    let job = crate::job::Job::resolve(cx.spec, client).await?;
-    crate::engine::verify::preflight(client, &job).await?;
+    // whole, values that do not open) refuses before a key is staged; not
+    // where the current key is marked compromised, as no keyring is loaded
+    // over it until a new key is staged (the run checks all this then)
+    let table = store.table();
+    if !table
+        .id_in(KeyState::Current)
+        .is_some_and(|c| table.is_compromised(c))
+    {
+        let job = crate::job::Job::resolve(cx.spec, client).await?;
+        crate::engine::verify::preflight(client, &job).await?;
+    }
     let secret_id = store.secret_id();
     let old = steps::current(store);
     let (id, applied) = keeping_alive(client, steps::stage(store, cx.spec, cx.opts.reveal)).await?;

@@ -116,20 +116,26 @@ pub async fn promote(store: &mut Store, reveal: bool, compromised: bool) -> Resu
     saved(store, changed, reveal).await
 }
 
+/// Refuses to un-stage the pending key where the store keeps it only
+/// where applications read the new key (the dual convention): that would
+/// delete the only copy of a key values may already be under.
+pub fn refuse_unstaging(store: &Store) -> Result<(), Error> {
+    match store.table().id_in(KeyState::Pending) {
+        Some(pending) if !store.holds_unstaged_keys() => Err(Error::Config(format!(
+            "{} keeps the staged key {pending} only where applications read the new key ({}): un-staging it would \
+             delete the only copy of a key values may already be under. Finish the rotation instead (`rekey rotate`); \
+             if `rekey plan` shows no value under key {pending}, remove the new key yourself",
+            store.secret_id(),
+            store.new_key_place()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Makes the previous key current again (or un-stages the pending key,
 /// where the store can keep it readable: values may be under it).
 pub async fn rollback(store: &mut Store, reveal: bool) -> Result<Applied, Error> {
-    if let Some(pending) = store.table().id_in(KeyState::Pending) {
-        if !store.holds_unstaged_keys() {
-            return Err(Error::Config(format!(
-                "{} keeps the staged key {pending} only where applications read the new key ({}): un-staging it would \
-                 delete the only copy of a key values may already be under. Finish the rotation instead (`rekey rotate`); \
-                 if `rekey plan` shows no value under key {pending}, remove the new key yourself",
-                store.secret_id(),
-                store.new_key_place()
-            )));
-        }
-    }
+    refuse_unstaging(store)?;
     // the key that becomes current must be one rekey holds: else every value is unreadable
     let back = store.table().rollback_target().map(|e| e.id);
     if let (Some(back), None) = (back, store.table().id_in(KeyState::Pending)) {
