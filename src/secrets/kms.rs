@@ -4,6 +4,8 @@
 //! passphrase-sealed one, and read like it ([`file::read_json`]): refused
 //! when group or others may read it, damaged when it does not parse.
 //! Reading a key is a KMS Decrypt; nothing unwrapped ever touches the disk.
+//! A save never overwrites a file another process wrote since this one read
+//! it ([`file::save_unless_changed`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -52,6 +54,8 @@ pub struct KmsKeyring {
     pub table: KeyTable,
     /// The keys in the archive file as last read or written.
     archived_on_disk: Vec<StoredKey>,
+    /// The file and its archive as last read or written.
+    as_read: file::AsRead,
 }
 
 impl std::fmt::Debug for KmsKeyring {
@@ -67,8 +71,8 @@ impl std::fmt::Debug for KmsKeyring {
 /// Reads a KMS keyring file or its archive as the passphrase keyring reads
 /// its own ([`file::read_json`]): refused when group or others may read it,
 /// damaged (saying what its backup holds) when it is not one.
-fn read_document(path: &Path) -> Result<Document, Error> {
-    let doc: Document = file::read_json(path).map_err(damaged)?;
+fn read_document(path: &Path) -> Result<(Document, file::Digest), Error> {
+    let (doc, read): (Document, _) = file::read_json_as_read(path).map_err(damaged)?;
     if doc.format != FORMAT {
         return Err(damaged(FileKeyringError::Malformed {
             path: path.to_path_buf(),
@@ -76,7 +80,7 @@ fn read_document(path: &Path) -> Result<Document, Error> {
             backup: None,
         }));
     }
-    Ok(doc)
+    Ok((doc, read))
 }
 
 /// A KMS keyring file's error; a damaged one says what its backup holds
@@ -156,12 +160,13 @@ impl KmsKeyring {
     /// master key the file names is used even where the job names another.
     pub async fn open_with(keys: &KeysSpec, any_master: bool) -> Result<Self, Error> {
         let (path, kms_key_id) = settings(keys)?;
-        let doc = read_document(&path)?;
+        let (doc, file_read) = read_document(&path)?;
         let archive = file::archive_path(&path);
-        let archived = if archive.exists() {
-            Some(read_document(&archive)?)
+        let (archived, archive_read) = if archive.exists() {
+            let (doc, read) = read_document(&archive)?;
+            (Some(doc), Some(read))
         } else {
-            None
+            (None, None)
         };
         let client = Client::new(&super::aws::sdk_config(keys).await);
         if doc.kms_key_id != kms_key_id && !any_master {
@@ -201,6 +206,7 @@ impl KmsKeyring {
             wrapped,
             table,
             archived_on_disk,
+            as_read: file::AsRead::new(Some(file_read), archive_read),
         })
     }
 
@@ -214,6 +220,8 @@ impl KmsKeyring {
             )));
         }
         let client = Client::new(&super::aws::sdk_config(keys).await);
+        let as_read =
+            file::AsRead::before_create(&path).map_err(|e| Error::Runtime(e.to_string()))?;
         let mut ring = KmsKeyring {
             path,
             kms_key_id,
@@ -221,6 +229,7 @@ impl KmsKeyring {
             wrapped: HashMap::new(),
             table,
             archived_on_disk: Vec::new(),
+            as_read,
         };
         ring.save().await
     }
@@ -360,14 +369,18 @@ impl KmsKeyring {
             )
         };
         let render = |keys: &[StoredKey]| serde_json::to_vec_pretty(&doc(keys.to_vec()));
-        file::save_with_archive(
-            &self.path,
-            archived.clone(),
-            &self.archived_on_disk,
-            render,
-            main,
-        )
+        let mut as_read = self.as_read.clone();
+        file::save_unless_changed(&self.path, &mut as_read, || {
+            file::save_with_archive(
+                &self.path,
+                archived.clone(),
+                &self.archived_on_disk,
+                render,
+                main,
+            )
+        })
         .map_err(|e| Error::Runtime(e.to_string()))?;
+        self.as_read = as_read;
         self.archived_on_disk = archived;
         Ok(())
     }

@@ -104,7 +104,7 @@ pub fn backup_path(path: &Path) -> PathBuf {
 }
 
 /// `path`'s whole name with `suffix` appended.
-fn beside(path: &Path, suffix: &str) -> PathBuf {
+pub(super) fn beside(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(suffix);
     PathBuf::from(name)

@@ -17,11 +17,18 @@
 //! archive only after the file holds what replaces it. The archive has a
 //! backup too (`<file>.archive.bak`), which never holds a key the archive
 //! does not, so a purged key leaves both.
+//!
+//! A save never overwrites a file (or archive) another process wrote since
+//! this one read it ([`guard`]): two jobs sharing one keyring file take
+//! turns, and the later one is refused, nothing written, to run again on
+//! what the earlier one saved.
 
 mod atomic;
+mod guard;
 mod seal;
 
 pub use atomic::{archive_path, backup_path, commit, save_with_archive, write_pending};
+pub use guard::{digest_of, save_unless_changed, AsRead, Digest};
 
 use std::fs::{self};
 use std::path::{Path, PathBuf};
@@ -103,6 +110,13 @@ pub enum FileKeyringError {
     /// Creating over an existing file.
     #[error("keyring file {0} already exists; refusing to overwrite it")]
     Exists(PathBuf),
+    /// The file or its archive changed on disk since this process read it:
+    /// another process saved it, and saving now would replace what it wrote.
+    #[error("keyring file {path} changed since rekey read it (another rekey job sharing it?): nothing was written; run the command again")]
+    Changed {
+        /// The file.
+        path: PathBuf,
+    },
 }
 
 /// What the backup of a damaged file holds, named in its error: the
@@ -273,9 +287,9 @@ impl FileKeyringError {
             FileKeyringError::Malformed { .. } | FileKeyringError::Altered { .. } => {
                 "it is damaged too".into()
             }
-            FileKeyringError::NoPassphrase { .. } | FileKeyringError::Exists(_) => {
-                "it does not open".into()
-            }
+            FileKeyringError::NoPassphrase { .. }
+            | FileKeyringError::Exists(_)
+            | FileKeyringError::Changed { .. } => "it does not open".into(),
         }
     }
 }
@@ -304,6 +318,9 @@ pub struct KeyringFile {
     pub table: KeyTable,
     /// Ids of the keys in the archive file as last read or written.
     archived_on_disk: Vec<StoredKey>,
+    /// The file and its archive as last read or written: a save refuses to
+    /// replace them once another process changed them.
+    as_read: AsRead,
 }
 
 impl std::fmt::Debug for KeyringFile {
@@ -388,9 +405,18 @@ fn refuse_open_to_others(path: &Path) -> Result<(), FileKeyringError> {
 /// are not the JSON of `T`, text included, are damage: they are never
 /// quoted (serde's messages can quote the input), only where it broke.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, FileKeyringError> {
+    read_json_as_read(path).map(|(doc, _)| doc)
+}
+
+/// [`read_json`], with the digest of the bytes it parsed: what a later save
+/// compares the file with ([`save_unless_changed`]).
+pub fn read_json_as_read<T: serde::de::DeserializeOwned>(
+    path: &Path,
+) -> Result<(T, Digest), FileKeyringError> {
     refuse_open_to_others(path)?;
     let bytes = fs::read(path).map_err(io(path))?;
-    serde_json::from_slice(&bytes).map_err(|e| {
+    let read = digest_of(&bytes);
+    let doc = serde_json::from_slice(&bytes).map_err(|e| {
         let (line, column) = (e.line(), e.column());
         FileKeyringError::Malformed {
             path: path.to_path_buf(),
@@ -407,7 +433,8 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, FileK
             },
             backup: None,
         }
-    })
+    })?;
+    Ok((doc, read))
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> FileKeyringError + '_ {
@@ -442,9 +469,12 @@ impl KeyringFile {
             kek,
             table,
             archived_on_disk: Vec::new(),
+            as_read: AsRead::before_create(path)?,
         };
-        file.save()?;
-        Ok(file)
+        match file.save() {
+            Err(FileKeyringError::Changed { path }) => Err(FileKeyringError::Exists(path)),
+            saved => saved.map(|()| file),
+        }
     }
 
     /// Opens a keyring file, with its archive. Every sealed key is tried
@@ -480,7 +510,7 @@ impl KeyringFile {
         passphrase: &[u8],
         passphrase_var: &str,
     ) -> Result<Self, FileKeyringError> {
-        let doc = read_json::<Document>(path)?;
+        let (doc, file_read) = read_json_as_read::<Document>(path)?;
         if doc.format != FORMAT {
             return Err(FileKeyringError::Malformed {
                 path: path.to_path_buf(),
@@ -517,8 +547,11 @@ impl KeyringFile {
         }
         let archive = archive_path(path);
         let mut archived_on_disk = Vec::new();
+        let mut archive_read = None;
         if archive.exists() {
-            for k in read_json::<Document>(&archive)?.keys {
+            let (archived, read) = read_json_as_read::<Document>(&archive)?;
+            archive_read = Some(read);
+            for k in archived.keys {
                 let key = open(&k, &archive)?;
                 if let Some(e) = table
                     .entries
@@ -537,6 +570,7 @@ impl KeyringFile {
             kek,
             table,
             archived_on_disk,
+            as_read: AsRead::new(Some(file_read), archive_read),
         })
     }
 
@@ -590,8 +624,19 @@ impl KeyringFile {
     /// Saves atomically (write, fsync, backup, rename, fsync the directory),
     /// with the archive of retired keys beside it: material being archived
     /// reaches the archive before it leaves the file, and leaves the archive
-    /// only after the file is saved.
+    /// only after the file is saved. All under the lock beside the file, and
+    /// only while the file and its archive are as this process read them
+    /// (else [`FileKeyringError::Changed`], nothing written).
     pub fn save(&mut self) -> Result<(), FileKeyringError> {
+        let mut as_read = std::mem::take(&mut self.as_read);
+        let path = self.path.clone();
+        let saved = save_unless_changed(&path, &mut as_read, || self.save_now());
+        self.as_read = as_read;
+        saved
+    }
+
+    /// [`KeyringFile::save`], without the lock or the comparison.
+    fn save_now(&mut self) -> Result<(), FileKeyringError> {
         let mut archived = Vec::new();
         for e in &self.table.entries {
             archived.extend(StoredKey::archived(e, |k| {

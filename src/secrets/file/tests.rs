@@ -671,3 +671,75 @@ fn an_archive_group_or_others_may_read_is_refused_too() {
         "{err:?}"
     );
 }
+
+/// The material of key `id` in the keyring file at `path`.
+fn material_of(path: &Path, id: KeyId) -> [u8; 32] {
+    let file = KeyringFile::open(path, b"pw", "P").unwrap();
+    let entry = file.table.entries.iter().find(|e| e.id == id).unwrap();
+    *entry.key.as_ref().unwrap().material()
+}
+
+#[test]
+fn a_save_never_replaces_a_file_changed_since_it_was_read() {
+    // two jobs sharing one keyring file, each staging its own key 2
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    KeyringFile::create(&path, b"pw", table()).unwrap();
+    let mut first = KeyringFile::open(&path, b"pw", "P").unwrap();
+    let mut second = KeyringFile::open(&path, b"pw", "P").unwrap();
+    first.table.stage(Key::new(2, [8; 32]), 200).unwrap();
+    first.save().unwrap();
+    second.table.stage(Key::new(2, [9; 32]), 200).unwrap();
+    let err = second
+        .save()
+        .expect_err("the second save replaced the first's key 2");
+    assert!(
+        err.to_string()
+            .contains("changed since rekey read it (another rekey job sharing it?): nothing was written; run the command again"),
+        "{err}"
+    );
+    assert_eq!(material_of(&path, 2), [8; 32]);
+    assert_eq!(
+        KeyringFile::open(&backup_path(&path), b"pw", "P")
+            .unwrap()
+            .table
+            .entries
+            .len(),
+        1,
+        "the backup is the version before the first save"
+    );
+    // run again, the second job reads the first's key 2 and stages nothing new
+    let mut again = KeyringFile::open(&path, b"pw", "P").unwrap();
+    assert_eq!(
+        again.table.stage(Key::new(2, [9; 32]), 300).unwrap(),
+        (2, false)
+    );
+}
+
+#[test]
+fn a_save_never_replaces_an_archive_changed_since_it_was_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    two_retired(&path);
+    let mut file = KeyringFile::open(&path, b"pw", "P").unwrap();
+    // another process puts the archive back as it was before key 2 left the file
+    let archive = archive_path(&path);
+    fs::copy(backup_path(&archive), &archive).unwrap();
+    let restored = fs::read(&archive).unwrap();
+    file.table.stage(Key::new(4, [10; 32]), 800).unwrap();
+    let err = file
+        .save()
+        .expect_err("the save replaced an archive it had not read");
+    assert!(
+        err.to_string().contains("changed since rekey read it"),
+        "{err}"
+    );
+    assert_eq!(fs::read(&archive).unwrap(), restored);
+    assert_eq!(
+        KeyringFile::open(&path, b"pw", "P")
+            .unwrap()
+            .table
+            .id_in(KeyState::Pending),
+        None
+    );
+}
