@@ -5,7 +5,8 @@
 //! when group or others may read it, damaged when it does not parse.
 //! Reading a key is a KMS Decrypt; nothing unwrapped ever touches the disk.
 //! A save never overwrites a file another process wrote since this one read
-//! it ([`file::save_unless_changed`]).
+//! it ([`file::save_unless_changed`]), nor replaces a symbolic link to the
+//! file with a file ([`file::resolve`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -42,8 +43,10 @@ struct Document {
 
 /// A KMS-wrapped keyring file, opened.
 pub struct KmsKeyring {
-    /// The file.
+    /// The file, as the job names it.
     path: PathBuf,
+    /// Where it is: `path`, or the file a symbolic link `path` points to.
+    real: PathBuf,
     /// The master key.
     kms_key_id: String,
     /// KMS client.
@@ -160,8 +163,9 @@ impl KmsKeyring {
     /// master key the file names is used even where the job names another.
     pub async fn open_with(keys: &KeysSpec, any_master: bool) -> Result<Self, Error> {
         let (path, kms_key_id) = settings(keys)?;
-        let (doc, file_read) = read_document(&path)?;
-        let archive = file::archive_path(&path);
+        let real = file::resolve(&path).map_err(damaged)?;
+        let (doc, file_read) = read_document(&real)?;
+        let archive = file::archive_path(&real);
         let (archived, archive_read) = if archive.exists() {
             let (doc, read) = read_document(&archive)?;
             (Some(doc), Some(read))
@@ -181,7 +185,7 @@ impl KmsKeyring {
         let mut table = KeyTable::default();
         let mut wrapped = HashMap::new();
         for k in doc.keys {
-            let key = unwrap_key(&client, &doc.kms_key_id, &path, &k, &mut wrapped).await?;
+            let key = unwrap_key(&client, &doc.kms_key_id, &real, &k, &mut wrapped).await?;
             table.entries.push(k.into_entry(key));
         }
         // retired keys' wrapped material, kept in the archive until purged
@@ -201,6 +205,7 @@ impl KmsKeyring {
         }
         Ok(KmsKeyring {
             path,
+            real,
             kms_key_id: doc.kms_key_id,
             client,
             wrapped,
@@ -220,10 +225,12 @@ impl KmsKeyring {
             )));
         }
         let client = Client::new(&super::aws::sdk_config(keys).await);
+        let real = file::resolve(&path).map_err(|e| Error::Runtime(e.to_string()))?;
         let as_read =
-            file::AsRead::before_create(&path).map_err(|e| Error::Runtime(e.to_string()))?;
+            file::AsRead::before_create(&real).map_err(|e| Error::Runtime(e.to_string()))?;
         let mut ring = KmsKeyring {
             path,
+            real,
             kms_key_id,
             client,
             wrapped: HashMap::new(),
@@ -358,9 +365,9 @@ impl KmsKeyring {
         let json =
             serde_json::to_string_pretty(&doc(keys)).map_err(|e| Error::Runtime(e.to_string()))?;
         let main = || {
-            let tmp = file::write_pending(&self.path, json.as_bytes())?;
+            let tmp = file::write_pending(&self.real, json.as_bytes())?;
             file::commit(
-                &self.path,
+                &self.real,
                 &tmp,
                 self.table
                     .entries
@@ -370,9 +377,9 @@ impl KmsKeyring {
         };
         let render = |keys: &[StoredKey]| serde_json::to_vec_pretty(&doc(keys.to_vec()));
         let mut as_read = self.as_read.clone();
-        file::save_unless_changed(&self.path, &mut as_read, || {
+        file::save_unless_changed(&self.real, &mut as_read, || {
             file::save_with_archive(
-                &self.path,
+                &self.real,
                 archived.clone(),
                 &self.archived_on_disk,
                 render,

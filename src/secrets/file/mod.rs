@@ -8,7 +8,9 @@
 //! between ids. Saving is atomic: the new version is written to a temporary
 //! file, synced, the old version copied to `<file>.bak`, then the temporary
 //! file renamed over the old one and the directory synced; a crash at any
-//! instant leaves a readable keyring.
+//! instant leaves a readable keyring. A file named through a symbolic link
+//! is written where the link points, keeping the link
+//! ([`atomic::resolve`]).
 //!
 //! Retired keys are not in the file: their sealed material moves to an
 //! archive beside it (`<file>.archive`, same format and passphrase) until
@@ -27,7 +29,7 @@ mod atomic;
 mod guard;
 mod seal;
 
-pub use atomic::{archive_path, backup_path, commit, save_with_archive, write_pending};
+pub use atomic::{archive_path, backup_path, commit, resolve, save_with_archive, write_pending};
 pub use guard::{digest_of, save_unless_changed, AsRead, Digest};
 
 use std::fs::{self};
@@ -308,8 +310,11 @@ struct Document {
 
 /// An opened keyring file: its table of keys and the key that seals them.
 pub struct KeyringFile {
-    /// Where it lives.
+    /// The name the job gives it.
     path: PathBuf,
+    /// Where it is: `path`, or the file a symbolic link `path` points to.
+    /// Saves replace this file; its backup and archive are beside it.
+    real: PathBuf,
     /// KDF parameters and salt (kept across saves).
     kdf: Kdf,
     /// The key-encryption key.
@@ -454,6 +459,7 @@ impl KeyringFile {
         if path.exists() {
             return Err(FileKeyringError::Exists(path.to_path_buf()));
         }
+        let real = resolve(path)?;
         let mut salt = [0u8; 16];
         crate::crypto::nonce::fill(&mut salt);
         let kdf = Kdf {
@@ -465,11 +471,12 @@ impl KeyringFile {
         let kek = derive(path, passphrase, &kdf)?;
         let mut file = KeyringFile {
             path: path.to_path_buf(),
+            as_read: AsRead::before_create(&real)?,
+            real,
             kdf,
             kek,
             table,
             archived_on_disk: Vec::new(),
-            as_read: AsRead::before_create(path)?,
         };
         match file.save() {
             Err(FileKeyringError::Changed { path }) => Err(FileKeyringError::Exists(path)),
@@ -504,12 +511,15 @@ impl KeyringFile {
         })
     }
 
-    /// [`KeyringFile::open`], without looking at backups.
+    /// [`KeyringFile::open`], without looking at backups. Errors name the
+    /// file where it is (through any symbolic link `named` is).
     fn open_as_is(
-        path: &Path,
+        named: &Path,
         passphrase: &[u8],
         passphrase_var: &str,
     ) -> Result<Self, FileKeyringError> {
+        let real = resolve(named)?;
+        let path = real.as_path();
         let (doc, file_read) = read_json_as_read::<Document>(path)?;
         if doc.format != FORMAT {
             return Err(FileKeyringError::Malformed {
@@ -565,7 +575,8 @@ impl KeyringFile {
         }
         seen.verdict(passphrase_var)?;
         Ok(KeyringFile {
-            path: path.to_path_buf(),
+            path: named.to_path_buf(),
+            real,
             kdf: doc.kdf,
             kek,
             table,
@@ -574,7 +585,7 @@ impl KeyringFile {
         })
     }
 
-    /// Where the file lives.
+    /// The file's name, as the job gives it.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -604,7 +615,7 @@ impl KeyringFile {
                 backup: None,
             }
         })?;
-        write_pending(&self.path, json.as_bytes())
+        write_pending(&self.real, json.as_bytes())
     }
 
     /// Keeps a backup of the old version and renames the new one into place.
@@ -612,7 +623,7 @@ impl KeyringFile {
     /// retired material is gone from both.
     pub fn commit(&self, tmp: &Path) -> Result<(), FileKeyringError> {
         commit(
-            &self.path,
+            &self.real,
             tmp,
             self.table
                 .entries
@@ -629,7 +640,7 @@ impl KeyringFile {
     /// (else [`FileKeyringError::Changed`], nothing written).
     pub fn save(&mut self) -> Result<(), FileKeyringError> {
         let mut as_read = std::mem::take(&mut self.as_read);
-        let path = self.path.clone();
+        let path = self.real.clone();
         let saved = save_unless_changed(&path, &mut as_read, || self.save_now());
         self.as_read = as_read;
         saved
@@ -655,7 +666,7 @@ impl KeyringFile {
             self.commit(&tmp)
         };
         save_with_archive(
-            &self.path,
+            &self.real,
             archived.clone(),
             &self.archived_on_disk,
             render,

@@ -743,3 +743,41 @@ fn a_save_never_replaces_an_archive_changed_since_it_was_read() {
         None
     );
 }
+
+#[test]
+fn a_save_through_a_symbolic_link_replaces_the_file_it_points_to_and_keeps_the_link() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir(dir.path().join("real")).unwrap();
+    let real = dir.path().join("real").join("keys.json");
+    KeyringFile::create(&real, b"pw", table()).unwrap();
+    let link = dir.path().join("keys.json");
+    std::os::unix::fs::symlink("real/keys.json", &link).unwrap();
+    let mut file = KeyringFile::open(&link, b"pw", "P").unwrap();
+    assert_eq!(file.path(), link, "the store keeps the name the job gives");
+    file.table.stage(Key::new(2, [8; 32]), 200).unwrap();
+    file.save().unwrap();
+    assert!(
+        fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink(),
+        "the save replaced the link with a file"
+    );
+    assert_eq!(fs::read_link(&link).unwrap(), Path::new("real/keys.json"));
+    assert_eq!(material_of(&real, 2), [8; 32]);
+    assert!(backup_path(&real).exists(), "the backup is beside the file");
+    file.table.promote(300).unwrap();
+    file.table.retire(1, 400).unwrap();
+    file.save().unwrap();
+    assert!(holds_material(&archive_path(&real), 1));
+    let reopened = KeyringFile::open(&link, b"pw", "P").unwrap();
+    assert!(
+        reopened.table.entries[0].key.is_some(),
+        "the retired key is read from the archive beside the file"
+    );
+    let names: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names.len(), 2, "only the link and its folder: {names:?}");
+}
