@@ -83,6 +83,7 @@ fn read_document(path: &Path) -> Result<(Document, file::Digest), Error> {
             backup: None,
         }));
     }
+    file::one_current_one_pending(path, &doc.keys).map_err(damaged)?;
     Ok((doc, read))
 }
 

@@ -158,7 +158,7 @@ async fn a_keyring_file_group_or_others_may_read_is_refused_naming_the_chmod_tha
         assert!(said.contains(&fix), "{open:o}: {said}");
     }
     std::fs::set_permissions(&keyring, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let out = rekey(&["run", "--job", &job], &keyring_pass_env());
+    let out = rekey(&["run", "--job", job.as_str()], &keyring_pass_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
 }
 
@@ -181,4 +181,29 @@ async fn keyring_files_rekey_writes_are_its_owners_alone_whatever_the_umask() {
     assert!(backup.exists(), "stage saved no backup");
     assert_eq!(mode(&keyring), 0o600);
     assert_eq!(mode(&backup), 0o600);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keyring_file_with_two_current_keys_is_refused_by_every_command_that_reads_it() {
+    let (db, _dir, job, keyring) = patients_with_a_keyring_file().await;
+    let mut file = KeyringFile::open(&keyring, KEYRING_PASS.as_bytes(), "P").unwrap();
+    file.table.stage(Key::parse(2, K2).unwrap(), 2).unwrap();
+    file.save().unwrap();
+    let text = std::fs::read_to_string(&keyring).unwrap();
+    std::fs::write(&keyring, text.replace("\"pending\"", "\"current\"")).unwrap();
+    let before = db.checksum("patient_persons").await;
+    for args in [
+        vec!["secrets", "show", "--job", job.as_str()],
+        vec!["plan", "--job", job.as_str()],
+        vec!["run", "--dry-run", "--job", job.as_str()],
+    ] {
+        let out = rekey(&args, &keyring_pass_env());
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", printed(&out));
+        let said = stderr(&out);
+        assert!(
+            said.contains("keys 1 and 2 are both current"),
+            "{args:?}: {said}"
+        );
+    }
+    assert_eq!(db.checksum("patient_persons").await, before);
 }

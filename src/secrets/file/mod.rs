@@ -387,6 +387,41 @@ impl Seen {
     }
 }
 
+/// Refuses a store file that marks more than one key current, or more than
+/// one pending, as malformed: which of them a run targets, and which one
+/// applications encrypt with, would depend on their order in the file.
+/// rekey never writes such a file; a hand edit or a merge can.
+pub fn one_current_one_pending(path: &Path, keys: &[StoredKey]) -> Result<(), FileKeyringError> {
+    for (state, fix) in [
+        (
+            KeyState::Current,
+            "keep \"current\" on the key the applications encrypt with and set the other's state to \"previous\" (it stays readable), or restore the file from its backup",
+        ),
+        (
+            KeyState::Pending,
+            "keep \"pending\" on the key the rotation in progress staged and set the other's state to \"previous\" (it stays readable), or restore the file from its backup",
+        ),
+    ] {
+        let ids: Vec<KeyId> = keys
+            .iter()
+            .filter(|k| k.state == state)
+            .map(|k| k.id)
+            .collect();
+        if ids.len() > 1 {
+            return Err(FileKeyringError::Malformed {
+                path: path.to_path_buf(),
+                problem: format!(
+                    "{} are {} {state}, and a keyring has one {state} key at most (which one is the target would depend on their order in the file): {fix}",
+                    key_list(&ids),
+                    if ids.len() == 2 { "both" } else { "all" },
+                ),
+                backup: None,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Refuses a file group or others may read or write (Unix only: elsewhere
 /// nothing is checked). rekey writes its files for their owner alone
 /// ([`write_pending`]).
@@ -528,6 +563,7 @@ impl KeyringFile {
                 backup: None,
             });
         }
+        one_current_one_pending(path, &doc.keys)?;
         let kek = derive(path, passphrase, &doc.kdf)?;
         let mut seen = Seen::default();
         let mut open = |k: &StoredKey, at: &Path| -> Result<Option<Key>, FileKeyringError> {

@@ -781,3 +781,58 @@ fn a_save_through_a_symbolic_link_replaces_the_file_it_points_to_and_keeps_the_l
         .collect();
     assert_eq!(names.len(), 2, "only the link and its folder: {names:?}");
 }
+
+/// A keyring file holding key 1 current and key 2 previous, with key 2's
+/// state then changed to `state` by hand.
+fn with_key_2_marked(path: &Path, state: &str) {
+    let mut two = table();
+    two.entries.push(Entry {
+        id: 2,
+        state: KeyState::Previous,
+        created_at: 200,
+        changed_at: 200,
+        key: Some(Key::new(2, [8; 32])),
+        compromised: false,
+    });
+    KeyringFile::create(path, b"pw", two).unwrap();
+    let text = fs::read_to_string(path).unwrap();
+    assert_eq!(text.matches("\"previous\"").count(), 1);
+    fs::write(path, text.replace("\"previous\"", &format!("{state:?}"))).unwrap();
+}
+
+#[test]
+fn a_file_with_two_current_keys_is_refused_naming_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    with_key_2_marked(&path, "current");
+    let err =
+        KeyringFile::open(&path, b"pw", "P").expect_err("a file with two current keys was opened");
+    let said = err.to_string();
+    assert!(
+        matches!(err, FileKeyringError::Malformed { .. })
+            && said.contains("keys 1 and 2 are both current")
+            && said.contains("\"previous\""),
+        "{said}"
+    );
+}
+
+#[test]
+fn a_file_with_two_pending_keys_is_refused_naming_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    let mut file = KeyringFile::create(&path, b"pw", table()).unwrap();
+    file.table.stage(Key::new(2, [8; 32]), 200).unwrap();
+    file.table.promote(300).unwrap();
+    file.table.stage(Key::new(3, [9; 32]), 400).unwrap();
+    file.save().unwrap();
+    let text = fs::read_to_string(&path).unwrap();
+    fs::write(&path, text.replace("\"previous\"", "\"pending\"")).unwrap();
+    let err =
+        KeyringFile::open(&path, b"pw", "P").expect_err("a file with two pending keys was opened");
+    let said = err.to_string();
+    assert!(
+        matches!(err, FileKeyringError::Malformed { .. })
+            && said.contains("keys 1 and 3 are both pending"),
+        "{said}"
+    );
+}
