@@ -60,6 +60,18 @@ pub enum FileKeyringError {
         #[source]
         source: std::io::Error,
     },
+    /// A relative path naming no file: says where rekey looked, and what the
+    /// path is relative to (the directory rekey runs in, not the job file's).
+    #[error("keyring file {path}: {source}: rekey looked for {} (a relative path is relative to the directory rekey runs in, {}, not to the job file's directory)", dir.join(path).display(), dir.display())]
+    NotFound {
+        /// The file, as named.
+        path: PathBuf,
+        /// The directory rekey runs in.
+        dir: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
     /// Not a keyring file, or damaged so that it does not parse.
     #[error("keyring file {path} is damaged or not a rekey keyring: {problem}{}", backup.as_ref().map(|b| format!("; nothing was changed: {b}")).unwrap_or_default())]
     Malformed {
@@ -285,7 +297,9 @@ impl FileKeyringError {
                 format!("it does not open with the passphrase in {var}")
             }
             FileKeyringError::OpenToOthers { .. } => "group or others may read it".into(),
-            FileKeyringError::Io { source, .. } => format!("it cannot be read: {source}"),
+            FileKeyringError::Io { source, .. } | FileKeyringError::NotFound { source, .. } => {
+                format!("it cannot be read: {source}")
+            }
             FileKeyringError::Malformed { .. } | FileKeyringError::Altered { .. } => {
                 "it is damaged too".into()
             }
@@ -429,7 +443,11 @@ fn refuse_open_to_others(path: &Path) -> Result<(), FileKeyringError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = fs::metadata(path).map_err(io(path))?.permissions().mode() & 0o777;
+        let mode = fs::metadata(path)
+            .map_err(unreadable(path))?
+            .permissions()
+            .mode()
+            & 0o777;
         if mode & 0o077 != 0 {
             return Err(FileKeyringError::OpenToOthers {
                 path: path.to_path_buf(),
@@ -454,7 +472,7 @@ pub fn read_json_as_read<T: serde::de::DeserializeOwned>(
     path: &Path,
 ) -> Result<(T, Digest), FileKeyringError> {
     refuse_open_to_others(path)?;
-    let bytes = fs::read(path).map_err(io(path))?;
+    let bytes = fs::read(path).map_err(unreadable(path))?;
     let read = digest_of(&bytes);
     let doc = serde_json::from_slice(&bytes).map_err(|e| {
         let (line, column) = (e.line(), e.column());
@@ -475,6 +493,21 @@ pub fn read_json_as_read<T: serde::de::DeserializeOwned>(
         }
     })?;
     Ok((doc, read))
+}
+
+/// Why a store file could not be read: a relative path naming no file says
+/// where rekey looked ([`FileKeyringError::NotFound`]).
+fn unreadable(path: &Path) -> impl Fn(std::io::Error) -> FileKeyringError + '_ {
+    move |source| match std::env::current_dir() {
+        Ok(dir) if source.kind() == std::io::ErrorKind::NotFound && path.is_relative() => {
+            FileKeyringError::NotFound {
+                path: path.to_path_buf(),
+                dir,
+                source,
+            }
+        }
+        _ => io(path)(source),
+    }
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> FileKeyringError + '_ {

@@ -836,3 +836,16 @@ fn a_file_with_two_pending_keys_is_refused_naming_them() {
         "{said}"
     );
 }
+
+#[test]
+fn a_relative_path_that_does_not_exist_names_where_rekey_looked() {
+    let name = "no-keyring-file-of-this-name.json";
+    let err = KeyringFile::open(Path::new(name), b"pw", "P").unwrap_err();
+    let looked = std::env::current_dir().unwrap().join(name);
+    let said = err.to_string();
+    assert!(
+        said.contains(&looked.display().to_string())
+            && said.contains("relative to the directory rekey runs in"),
+        "{said}"
+    );
+}
