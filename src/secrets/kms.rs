@@ -268,6 +268,11 @@ impl KmsKeyring {
         Ok(Key::new(id, material))
     }
 
+    /// Where the file's version before its last save is kept.
+    pub fn backup(&self) -> PathBuf {
+        file::backup_path(&self.real)
+    }
+
     /// Names the store for the audit trail.
     pub fn secret_id(&self) -> String {
         format!("aws-kms:{}:{}", self.kms_key_id, self.path.display())

@@ -207,3 +207,28 @@ async fn a_keyring_file_with_two_current_keys_is_refused_by_every_command_that_r
     }
     assert_eq!(db.checksum("patient_persons").await, before);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotation_whose_staged_key_left_the_keyring_file_says_to_restore_it_or_abort() {
+    let (db, _dir, job, keyring) = patients_with_a_keyring_file().await;
+    let out = rekey(&["rotate", "--job", job.as_str()], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    assert_eq!(
+        keyring_table(&keyring).id_in(rekey::crypto::keytable::KeyState::Pending),
+        Some(2)
+    );
+    // the file is put back as it was before the stage: key 2 is gone from it
+    std::fs::copy(backup_path(&keyring), &keyring).unwrap();
+    let before = db.checksum("patient_persons").await;
+    let out = rekey(&["rotate", "--job", job.as_str()], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    let said = stderr(&out);
+    assert!(!said.contains("ENCRYPTION_"), "{said}");
+    assert!(
+        said.contains("no longer holds key 2")
+            && said.contains(&backup_path(&keyring).display().to_string())
+            && said.contains("rekey rotate --abort"),
+        "{said}"
+    );
+    assert_eq!(db.checksum("patient_persons").await, before);
+}

@@ -659,6 +659,12 @@ impl KeyringFile {
         &self.path
     }
 
+    /// Where the file's version before its last save is kept (beside the
+    /// file itself, through any symbolic link).
+    pub fn backup(&self) -> PathBuf {
+        backup_path(&self.real)
+    }
+
     fn document(&self) -> Result<Document, FileKeyringError> {
         let keys = self
             .table
