@@ -131,10 +131,12 @@ pub(crate) async fn abort(
             ));
             return Ok(log.end(Ended::Waiting(Wait::Environment), Step::Aborting));
         }
+        // rekey un-staged it there itself: the store changed since (a
+        // version from before the abort put back, say)
         return Err(Error::Config(format!(
-            "key {new} is still pending in {secret_id}, or key {old} is not current: make the changes printed \
-             (for the environment: unset {p}_PENDING_VERSION and keep {p}_CURRENT_VERSION={old}), then run `rekey rotate --abort` again",
-            p = cx.keys.prefix
+            "key {new} is pending in {secret_id} again, or key {old} is no longer current, after this abort un-staged key {new}: \
+             the store changed since; make key {old} current and key {new} not pending (`rekey secrets rollback` un-stages a pending key), \
+             then run `rekey rotate --abort` again"
         )));
     }
     let staged = table

@@ -86,12 +86,19 @@ pub(crate) async fn ran(
             ));
             return Ok(Some((Ended::Waiting(Wait::Environment), Step::Staged)));
         }
+        // rekey wrote the key there itself: the store lost it since (a
+        // version from before the stage put back), or it was un-staged
+        let n = rot.new_key;
+        let now = match store.table().entries.iter().find(|e| e.id == n) {
+            Some(e) if e.key.is_some() => format!("holds key {n} as {}, not pending", e.state),
+            _ => format!("no longer holds key {n}"),
+        };
         return Err(Error::Config(format!(
-            "key {} is not staged in {} yet: make the changes `rekey rotate` printed (for the environment: {p}_KEY_V{n}=<key> and {p}_PENDING_VERSION={n}), then run it again",
-            rot.new_key,
+            "{} {now}, the key rotation {} staged: restore key {n} as pending from {}, then run `rekey rotate` again; \
+             or give the rotation up with `rekey rotate --abort` (values already rewritten under key {n} cannot be read without it)",
             store.secret_id(),
-            p = cx.keys.prefix,
-            n = rot.new_key
+            rot.id,
+            store.former_versions()
         )));
     }
     let secret_id = store.secret_id();

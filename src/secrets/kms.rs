@@ -4,6 +4,9 @@
 //! passphrase-sealed one, and read like it ([`file::read_json`]): refused
 //! when group or others may read it, damaged when it does not parse.
 //! Reading a key is a KMS Decrypt; nothing unwrapped ever touches the disk.
+//! A save never overwrites a file another process wrote since this one read
+//! it ([`file::save_unless_changed`]), nor replaces a symbolic link to the
+//! file with a file ([`file::resolve`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -40,8 +43,10 @@ struct Document {
 
 /// A KMS-wrapped keyring file, opened.
 pub struct KmsKeyring {
-    /// The file.
+    /// The file, as the job names it.
     path: PathBuf,
+    /// Where it is: `path`, or the file a symbolic link `path` points to.
+    real: PathBuf,
     /// The master key.
     kms_key_id: String,
     /// KMS client.
@@ -52,6 +57,8 @@ pub struct KmsKeyring {
     pub table: KeyTable,
     /// The keys in the archive file as last read or written.
     archived_on_disk: Vec<StoredKey>,
+    /// The file and its archive as last read or written.
+    as_read: file::AsRead,
 }
 
 impl std::fmt::Debug for KmsKeyring {
@@ -67,8 +74,8 @@ impl std::fmt::Debug for KmsKeyring {
 /// Reads a KMS keyring file or its archive as the passphrase keyring reads
 /// its own ([`file::read_json`]): refused when group or others may read it,
 /// damaged (saying what its backup holds) when it is not one.
-fn read_document(path: &Path) -> Result<Document, Error> {
-    let doc: Document = file::read_json(path).map_err(damaged)?;
+fn read_document(path: &Path) -> Result<(Document, file::Digest), Error> {
+    let (doc, read): (Document, _) = file::read_json_as_read(path).map_err(damaged)?;
     if doc.format != FORMAT {
         return Err(damaged(FileKeyringError::Malformed {
             path: path.to_path_buf(),
@@ -76,7 +83,8 @@ fn read_document(path: &Path) -> Result<Document, Error> {
             backup: None,
         }));
     }
-    Ok(doc)
+    file::one_current_one_pending(path, &doc.keys).map_err(damaged)?;
+    Ok((doc, read))
 }
 
 /// A KMS keyring file's error; a damaged one says what its backup holds
@@ -156,12 +164,14 @@ impl KmsKeyring {
     /// master key the file names is used even where the job names another.
     pub async fn open_with(keys: &KeysSpec, any_master: bool) -> Result<Self, Error> {
         let (path, kms_key_id) = settings(keys)?;
-        let doc = read_document(&path)?;
-        let archive = file::archive_path(&path);
-        let archived = if archive.exists() {
-            Some(read_document(&archive)?)
+        let real = file::resolve(&path).map_err(damaged)?;
+        let (doc, file_read) = read_document(&real)?;
+        let archive = file::archive_path(&real);
+        let (archived, archive_read) = if archive.exists() {
+            let (doc, read) = read_document(&archive)?;
+            (Some(doc), Some(read))
         } else {
-            None
+            (None, None)
         };
         let client = Client::new(&super::aws::sdk_config(keys).await);
         if doc.kms_key_id != kms_key_id && !any_master {
@@ -176,7 +186,7 @@ impl KmsKeyring {
         let mut table = KeyTable::default();
         let mut wrapped = HashMap::new();
         for k in doc.keys {
-            let key = unwrap_key(&client, &doc.kms_key_id, &path, &k, &mut wrapped).await?;
+            let key = unwrap_key(&client, &doc.kms_key_id, &real, &k, &mut wrapped).await?;
             table.entries.push(k.into_entry(key));
         }
         // retired keys' wrapped material, kept in the archive until purged
@@ -196,11 +206,13 @@ impl KmsKeyring {
         }
         Ok(KmsKeyring {
             path,
+            real,
             kms_key_id: doc.kms_key_id,
             client,
             wrapped,
             table,
             archived_on_disk,
+            as_read: file::AsRead::new(Some(file_read), archive_read),
         })
     }
 
@@ -214,13 +226,18 @@ impl KmsKeyring {
             )));
         }
         let client = Client::new(&super::aws::sdk_config(keys).await);
+        let real = file::resolve(&path).map_err(|e| Error::Runtime(e.to_string()))?;
+        let as_read =
+            file::AsRead::before_create(&real).map_err(|e| Error::Runtime(e.to_string()))?;
         let mut ring = KmsKeyring {
             path,
+            real,
             kms_key_id,
             client,
             wrapped: HashMap::new(),
             table,
             archived_on_disk: Vec::new(),
+            as_read,
         };
         ring.save().await
     }
@@ -249,6 +266,11 @@ impl KmsKeyring {
         })?;
         self.wrapped.insert(id, blob.as_ref().to_vec());
         Ok(Key::new(id, material))
+    }
+
+    /// Where the file's version before its last save is kept.
+    pub fn backup(&self) -> PathBuf {
+        file::backup_path(&self.real)
     }
 
     /// Names the store for the audit trail.
@@ -349,9 +371,9 @@ impl KmsKeyring {
         let json =
             serde_json::to_string_pretty(&doc(keys)).map_err(|e| Error::Runtime(e.to_string()))?;
         let main = || {
-            let tmp = file::write_pending(&self.path, json.as_bytes())?;
+            let tmp = file::write_pending(&self.real, json.as_bytes())?;
             file::commit(
-                &self.path,
+                &self.real,
                 &tmp,
                 self.table
                     .entries
@@ -360,14 +382,18 @@ impl KmsKeyring {
             )
         };
         let render = |keys: &[StoredKey]| serde_json::to_vec_pretty(&doc(keys.to_vec()));
-        file::save_with_archive(
-            &self.path,
-            archived.clone(),
-            &self.archived_on_disk,
-            render,
-            main,
-        )
+        let mut as_read = self.as_read.clone();
+        file::save_unless_changed(&self.real, &mut as_read, || {
+            file::save_with_archive(
+                &self.real,
+                archived.clone(),
+                &self.archived_on_disk,
+                render,
+                main,
+            )
+        })
         .map_err(|e| Error::Runtime(e.to_string()))?;
+        self.as_read = as_read;
         self.archived_on_disk = archived;
         Ok(())
     }

@@ -332,6 +332,25 @@ impl Store {
         }
     }
 
+    /// Where a key the store no longer holds (a version of the store from
+    /// before the key was staged was put back, say) may be found again,
+    /// for messages: `restore key 2 from ...`.
+    pub fn former_versions(&self) -> String {
+        match self {
+            Store::File(f) => format!(
+                "the file's backup {} (its version before its last save) or a copy of your own",
+                f.backup().display()
+            ),
+            Store::Kms(k) => format!(
+                "the file's backup {} (its version before its last save) or a copy of your own",
+                k.backup().display()
+            ),
+            Store::Aws(_) => "the secret's former versions or a copy of your own".into(),
+            Store::Table(_) => "a backup of the key table".into(),
+            Store::Env(_) => "where you keep the environment's values".into(),
+        }
+    }
+
     /// Whether rekey itself can write this store.
     pub fn writable(&self) -> bool {
         matches!(

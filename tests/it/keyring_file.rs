@@ -158,7 +158,7 @@ async fn a_keyring_file_group_or_others_may_read_is_refused_naming_the_chmod_tha
         assert!(said.contains(&fix), "{open:o}: {said}");
     }
     std::fs::set_permissions(&keyring, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let out = rekey(&["run", "--job", &job], &keyring_pass_env());
+    let out = rekey(&["run", "--job", job.as_str()], &keyring_pass_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
 }
 
@@ -217,4 +217,53 @@ async fn secrets_init_records_the_keys_it_made_and_answers_json_without_key_mate
         "{}",
         created[0]
     );
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keyring_file_with_two_current_keys_is_refused_by_every_command_that_reads_it() {
+    let (db, _dir, job, keyring) = patients_with_a_keyring_file().await;
+    let mut file = KeyringFile::open(&keyring, KEYRING_PASS.as_bytes(), "P").unwrap();
+    file.table.stage(Key::parse(2, K2).unwrap(), 2).unwrap();
+    file.save().unwrap();
+    let text = std::fs::read_to_string(&keyring).unwrap();
+    std::fs::write(&keyring, text.replace("\"pending\"", "\"current\"")).unwrap();
+    let before = db.checksum("patient_persons").await;
+    for args in [
+        vec!["secrets", "show", "--job", job.as_str()],
+        vec!["plan", "--job", job.as_str()],
+        vec!["run", "--dry-run", "--job", job.as_str()],
+    ] {
+        let out = rekey(&args, &keyring_pass_env());
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", printed(&out));
+        let said = stderr(&out);
+        assert!(
+            said.contains("keys 1 and 2 are both current"),
+            "{args:?}: {said}"
+        );
+    }
+    assert_eq!(db.checksum("patient_persons").await, before);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotation_whose_staged_key_left_the_keyring_file_says_to_restore_it_or_abort() {
+    let (db, _dir, job, keyring) = patients_with_a_keyring_file().await;
+    let out = rekey(&["rotate", "--job", job.as_str()], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    assert_eq!(
+        keyring_table(&keyring).id_in(rekey::crypto::keytable::KeyState::Pending),
+        Some(2)
+    );
+    // the file is put back as it was before the stage: key 2 is gone from it
+    std::fs::copy(backup_path(&keyring), &keyring).unwrap();
+    let before = db.checksum("patient_persons").await;
+    let out = rekey(&["rotate", "--job", job.as_str()], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    let said = stderr(&out);
+    assert!(!said.contains("ENCRYPTION_"), "{said}");
+    assert!(
+        said.contains("no longer holds key 2")
+            && said.contains(&backup_path(&keyring).display().to_string())
+            && said.contains("rekey rotate --abort"),
+        "{said}"
+    );
+    assert_eq!(db.checksum("patient_persons").await, before);
 }

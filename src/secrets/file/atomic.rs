@@ -93,6 +93,32 @@ pub(super) fn write_archive(
     replace(&archive, &tmp, backup)
 }
 
+/// Where the store file named `path` is: `path` itself, or, where `path`
+/// is a symbolic link, the file its chain of links ends at (which need not
+/// exist yet). A save replaces that file, so a link stays a link, and what
+/// reads the file by any of its names reads the new version; the files
+/// beside it (backup, archive, lock, temporary copies) are beside that file.
+pub fn resolve(path: &Path) -> Result<PathBuf, FileKeyringError> {
+    let mut at = path.to_path_buf();
+    // as many links in a chain as Linux follows
+    for _ in 0..40 {
+        match fs::symlink_metadata(&at) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                let to = fs::read_link(&at).map_err(io(&at))?;
+                // a relative target is relative to the link's directory
+                at = match at.parent() {
+                    Some(dir) => dir.join(to),
+                    None => to,
+                };
+            }
+            _ => return Ok(at),
+        }
+    }
+    Err(io(path)(std::io::Error::other(
+        "too many levels of symbolic links",
+    )))
+}
+
 /// Where a store file keeps its retired keys: `<file>.archive`.
 pub fn archive_path(path: &Path) -> PathBuf {
     beside(path, ".archive")
@@ -104,7 +130,7 @@ pub fn backup_path(path: &Path) -> PathBuf {
 }
 
 /// `path`'s whole name with `suffix` appended.
-fn beside(path: &Path, suffix: &str) -> PathBuf {
+pub(super) fn beside(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(suffix);
     PathBuf::from(name)

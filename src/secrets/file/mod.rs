@@ -8,7 +8,9 @@
 //! between ids. Saving is atomic: the new version is written to a temporary
 //! file, synced, the old version copied to `<file>.bak`, then the temporary
 //! file renamed over the old one and the directory synced; a crash at any
-//! instant leaves a readable keyring.
+//! instant leaves a readable keyring. A file named through a symbolic link
+//! is written where the link points, keeping the link
+//! ([`atomic::resolve`]).
 //!
 //! Retired keys are not in the file: their sealed material moves to an
 //! archive beside it (`<file>.archive`, same format and passphrase) until
@@ -17,11 +19,18 @@
 //! archive only after the file holds what replaces it. The archive has a
 //! backup too (`<file>.archive.bak`), which never holds a key the archive
 //! does not, so a purged key leaves both.
+//!
+//! A save never overwrites a file (or archive) another process wrote since
+//! this one read it ([`guard`]): two jobs sharing one keyring file take
+//! turns, and the later one is refused, nothing written, to run again on
+//! what the earlier one saved.
 
 mod atomic;
+mod guard;
 mod seal;
 
-pub use atomic::{archive_path, backup_path, commit, save_with_archive, write_pending};
+pub use atomic::{archive_path, backup_path, commit, resolve, save_with_archive, write_pending};
+pub use guard::{digest_of, save_unless_changed, AsRead, Digest};
 
 use std::fs::{self};
 use std::path::{Path, PathBuf};
@@ -47,6 +56,18 @@ pub enum FileKeyringError {
     Io {
         /// The file.
         path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A relative path naming no file: says where rekey looked, and what the
+    /// path is relative to (the directory rekey runs in, not the job file's).
+    #[error("keyring file {path}: {source}: rekey looked for {} (a relative path is relative to the directory rekey runs in, {}, not to the job file's directory)", dir.join(path).display(), dir.display())]
+    NotFound {
+        /// The file, as named.
+        path: PathBuf,
+        /// The directory rekey runs in.
+        dir: PathBuf,
         /// What the OS said.
         #[source]
         source: std::io::Error,
@@ -103,6 +124,13 @@ pub enum FileKeyringError {
     /// Creating over an existing file.
     #[error("keyring file {0} already exists; refusing to overwrite it")]
     Exists(PathBuf),
+    /// The file or its archive changed on disk since this process read it:
+    /// another process saved it, and saving now would replace what it wrote.
+    #[error("keyring file {path} changed since rekey read it (another rekey job sharing it?): nothing was written; run the command again")]
+    Changed {
+        /// The file.
+        path: PathBuf,
+    },
 }
 
 /// What the backup of a damaged file holds, named in its error: the
@@ -269,13 +297,15 @@ impl FileKeyringError {
                 format!("it does not open with the passphrase in {var}")
             }
             FileKeyringError::OpenToOthers { .. } => "group or others may read it".into(),
-            FileKeyringError::Io { source, .. } => format!("it cannot be read: {source}"),
+            FileKeyringError::Io { source, .. } | FileKeyringError::NotFound { source, .. } => {
+                format!("it cannot be read: {source}")
+            }
             FileKeyringError::Malformed { .. } | FileKeyringError::Altered { .. } => {
                 "it is damaged too".into()
             }
-            FileKeyringError::NoPassphrase { .. } | FileKeyringError::Exists(_) => {
-                "it does not open".into()
-            }
+            FileKeyringError::NoPassphrase { .. }
+            | FileKeyringError::Exists(_)
+            | FileKeyringError::Changed { .. } => "it does not open".into(),
         }
     }
 }
@@ -294,8 +324,11 @@ struct Document {
 
 /// An opened keyring file: its table of keys and the key that seals them.
 pub struct KeyringFile {
-    /// Where it lives.
+    /// The name the job gives it.
     path: PathBuf,
+    /// Where it is: `path`, or the file a symbolic link `path` points to.
+    /// Saves replace this file; its backup and archive are beside it.
+    real: PathBuf,
     /// KDF parameters and salt (kept across saves).
     kdf: Kdf,
     /// The key-encryption key.
@@ -304,6 +337,9 @@ pub struct KeyringFile {
     pub table: KeyTable,
     /// Ids of the keys in the archive file as last read or written.
     archived_on_disk: Vec<StoredKey>,
+    /// The file and its archive as last read or written: a save refuses to
+    /// replace them once another process changed them.
+    as_read: AsRead,
 }
 
 impl std::fmt::Debug for KeyringFile {
@@ -365,6 +401,41 @@ impl Seen {
     }
 }
 
+/// Refuses a store file that marks more than one key current, or more than
+/// one pending, as malformed: which of them a run targets, and which one
+/// applications encrypt with, would depend on their order in the file.
+/// rekey never writes such a file; a hand edit or a merge can.
+pub fn one_current_one_pending(path: &Path, keys: &[StoredKey]) -> Result<(), FileKeyringError> {
+    for (state, fix) in [
+        (
+            KeyState::Current,
+            "keep \"current\" on the key the applications encrypt with and set the other's state to \"previous\" (it stays readable), or restore the file from its backup",
+        ),
+        (
+            KeyState::Pending,
+            "keep \"pending\" on the key the rotation in progress staged and set the other's state to \"previous\" (it stays readable), or restore the file from its backup",
+        ),
+    ] {
+        let ids: Vec<KeyId> = keys
+            .iter()
+            .filter(|k| k.state == state)
+            .map(|k| k.id)
+            .collect();
+        if ids.len() > 1 {
+            return Err(FileKeyringError::Malformed {
+                path: path.to_path_buf(),
+                problem: format!(
+                    "{} are {} {state}, and a keyring has one {state} key at most (which one is the target would depend on their order in the file): {fix}",
+                    key_list(&ids),
+                    if ids.len() == 2 { "both" } else { "all" },
+                ),
+                backup: None,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Refuses a file group or others may read or write (Unix only: elsewhere
 /// nothing is checked). rekey writes its files for their owner alone
 /// ([`write_pending`]).
@@ -372,7 +443,11 @@ fn refuse_open_to_others(path: &Path) -> Result<(), FileKeyringError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = fs::metadata(path).map_err(io(path))?.permissions().mode() & 0o777;
+        let mode = fs::metadata(path)
+            .map_err(unreadable(path))?
+            .permissions()
+            .mode()
+            & 0o777;
         if mode & 0o077 != 0 {
             return Err(FileKeyringError::OpenToOthers {
                 path: path.to_path_buf(),
@@ -388,9 +463,18 @@ fn refuse_open_to_others(path: &Path) -> Result<(), FileKeyringError> {
 /// are not the JSON of `T`, text included, are damage: they are never
 /// quoted (serde's messages can quote the input), only where it broke.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, FileKeyringError> {
+    read_json_as_read(path).map(|(doc, _)| doc)
+}
+
+/// [`read_json`], with the digest of the bytes it parsed: what a later save
+/// compares the file with ([`save_unless_changed`]).
+pub fn read_json_as_read<T: serde::de::DeserializeOwned>(
+    path: &Path,
+) -> Result<(T, Digest), FileKeyringError> {
     refuse_open_to_others(path)?;
-    let bytes = fs::read(path).map_err(io(path))?;
-    serde_json::from_slice(&bytes).map_err(|e| {
+    let bytes = fs::read(path).map_err(unreadable(path))?;
+    let read = digest_of(&bytes);
+    let doc = serde_json::from_slice(&bytes).map_err(|e| {
         let (line, column) = (e.line(), e.column());
         FileKeyringError::Malformed {
             path: path.to_path_buf(),
@@ -407,7 +491,23 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, FileK
             },
             backup: None,
         }
-    })
+    })?;
+    Ok((doc, read))
+}
+
+/// Why a store file could not be read: a relative path naming no file says
+/// where rekey looked ([`FileKeyringError::NotFound`]).
+fn unreadable(path: &Path) -> impl Fn(std::io::Error) -> FileKeyringError + '_ {
+    move |source| match std::env::current_dir() {
+        Ok(dir) if source.kind() == std::io::ErrorKind::NotFound && path.is_relative() => {
+            FileKeyringError::NotFound {
+                path: path.to_path_buf(),
+                dir,
+                source,
+            }
+        }
+        _ => io(path)(source),
+    }
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> FileKeyringError + '_ {
@@ -427,6 +527,7 @@ impl KeyringFile {
         if path.exists() {
             return Err(FileKeyringError::Exists(path.to_path_buf()));
         }
+        let real = resolve(path)?;
         let mut salt = [0u8; 16];
         crate::crypto::nonce::fill(&mut salt);
         let kdf = Kdf {
@@ -438,13 +539,17 @@ impl KeyringFile {
         let kek = derive(path, passphrase, &kdf)?;
         let mut file = KeyringFile {
             path: path.to_path_buf(),
+            as_read: AsRead::before_create(&real)?,
+            real,
             kdf,
             kek,
             table,
             archived_on_disk: Vec::new(),
         };
-        file.save()?;
-        Ok(file)
+        match file.save() {
+            Err(FileKeyringError::Changed { path }) => Err(FileKeyringError::Exists(path)),
+            saved => saved.map(|()| file),
+        }
     }
 
     /// Opens a keyring file, with its archive. Every sealed key is tried
@@ -474,13 +579,16 @@ impl KeyringFile {
         })
     }
 
-    /// [`KeyringFile::open`], without looking at backups.
+    /// [`KeyringFile::open`], without looking at backups. Errors name the
+    /// file where it is (through any symbolic link `named` is).
     fn open_as_is(
-        path: &Path,
+        named: &Path,
         passphrase: &[u8],
         passphrase_var: &str,
     ) -> Result<Self, FileKeyringError> {
-        let doc = read_json::<Document>(path)?;
+        let real = resolve(named)?;
+        let path = real.as_path();
+        let (doc, file_read) = read_json_as_read::<Document>(path)?;
         if doc.format != FORMAT {
             return Err(FileKeyringError::Malformed {
                 path: path.to_path_buf(),
@@ -488,6 +596,7 @@ impl KeyringFile {
                 backup: None,
             });
         }
+        one_current_one_pending(path, &doc.keys)?;
         let kek = derive(path, passphrase, &doc.kdf)?;
         let mut seen = Seen::default();
         let mut open = |k: &StoredKey, at: &Path| -> Result<Option<Key>, FileKeyringError> {
@@ -517,8 +626,11 @@ impl KeyringFile {
         }
         let archive = archive_path(path);
         let mut archived_on_disk = Vec::new();
+        let mut archive_read = None;
         if archive.exists() {
-            for k in read_json::<Document>(&archive)?.keys {
+            let (archived, read) = read_json_as_read::<Document>(&archive)?;
+            archive_read = Some(read);
+            for k in archived.keys {
                 let key = open(&k, &archive)?;
                 if let Some(e) = table
                     .entries
@@ -532,17 +644,25 @@ impl KeyringFile {
         }
         seen.verdict(passphrase_var)?;
         Ok(KeyringFile {
-            path: path.to_path_buf(),
+            path: named.to_path_buf(),
+            real,
             kdf: doc.kdf,
             kek,
             table,
             archived_on_disk,
+            as_read: AsRead::new(Some(file_read), archive_read),
         })
     }
 
-    /// Where the file lives.
+    /// The file's name, as the job gives it.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Where the file's version before its last save is kept (beside the
+    /// file itself, through any symbolic link).
+    pub fn backup(&self) -> PathBuf {
+        backup_path(&self.real)
     }
 
     fn document(&self) -> Result<Document, FileKeyringError> {
@@ -570,7 +690,7 @@ impl KeyringFile {
                 backup: None,
             }
         })?;
-        write_pending(&self.path, json.as_bytes())
+        write_pending(&self.real, json.as_bytes())
     }
 
     /// Keeps a backup of the old version and renames the new one into place.
@@ -578,7 +698,7 @@ impl KeyringFile {
     /// retired material is gone from both.
     pub fn commit(&self, tmp: &Path) -> Result<(), FileKeyringError> {
         commit(
-            &self.path,
+            &self.real,
             tmp,
             self.table
                 .entries
@@ -590,8 +710,19 @@ impl KeyringFile {
     /// Saves atomically (write, fsync, backup, rename, fsync the directory),
     /// with the archive of retired keys beside it: material being archived
     /// reaches the archive before it leaves the file, and leaves the archive
-    /// only after the file is saved.
+    /// only after the file is saved. All under the lock beside the file, and
+    /// only while the file and its archive are as this process read them
+    /// (else [`FileKeyringError::Changed`], nothing written).
     pub fn save(&mut self) -> Result<(), FileKeyringError> {
+        let mut as_read = std::mem::take(&mut self.as_read);
+        let path = self.real.clone();
+        let saved = save_unless_changed(&path, &mut as_read, || self.save_now());
+        self.as_read = as_read;
+        saved
+    }
+
+    /// [`KeyringFile::save`], without the lock or the comparison.
+    fn save_now(&mut self) -> Result<(), FileKeyringError> {
         let mut archived = Vec::new();
         for e in &self.table.entries {
             archived.extend(StoredKey::archived(e, |k| {
@@ -610,7 +741,7 @@ impl KeyringFile {
             self.commit(&tmp)
         };
         save_with_archive(
-            &self.path,
+            &self.real,
             archived.clone(),
             &self.archived_on_disk,
             render,

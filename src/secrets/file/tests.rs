@@ -671,3 +671,181 @@ fn an_archive_group_or_others_may_read_is_refused_too() {
         "{err:?}"
     );
 }
+
+/// The material of key `id` in the keyring file at `path`.
+fn material_of(path: &Path, id: KeyId) -> [u8; 32] {
+    let file = KeyringFile::open(path, b"pw", "P").unwrap();
+    let entry = file.table.entries.iter().find(|e| e.id == id).unwrap();
+    *entry.key.as_ref().unwrap().material()
+}
+
+#[test]
+fn a_save_never_replaces_a_file_changed_since_it_was_read() {
+    // two jobs sharing one keyring file, each staging its own key 2
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    KeyringFile::create(&path, b"pw", table()).unwrap();
+    let mut first = KeyringFile::open(&path, b"pw", "P").unwrap();
+    let mut second = KeyringFile::open(&path, b"pw", "P").unwrap();
+    first.table.stage(Key::new(2, [8; 32]), 200).unwrap();
+    first.save().unwrap();
+    second.table.stage(Key::new(2, [9; 32]), 200).unwrap();
+    let err = second
+        .save()
+        .expect_err("the second save replaced the first's key 2");
+    assert!(
+        err.to_string()
+            .contains("changed since rekey read it (another rekey job sharing it?): nothing was written; run the command again"),
+        "{err}"
+    );
+    assert_eq!(material_of(&path, 2), [8; 32]);
+    assert_eq!(
+        KeyringFile::open(&backup_path(&path), b"pw", "P")
+            .unwrap()
+            .table
+            .entries
+            .len(),
+        1,
+        "the backup is the version before the first save"
+    );
+    // run again, the second job reads the first's key 2 and stages nothing new
+    let mut again = KeyringFile::open(&path, b"pw", "P").unwrap();
+    assert_eq!(
+        again.table.stage(Key::new(2, [9; 32]), 300).unwrap(),
+        (2, false)
+    );
+}
+
+#[test]
+fn a_save_never_replaces_an_archive_changed_since_it_was_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    two_retired(&path);
+    let mut file = KeyringFile::open(&path, b"pw", "P").unwrap();
+    // another process puts the archive back as it was before key 2 left the file
+    let archive = archive_path(&path);
+    fs::copy(backup_path(&archive), &archive).unwrap();
+    let restored = fs::read(&archive).unwrap();
+    file.table.stage(Key::new(4, [10; 32]), 800).unwrap();
+    let err = file
+        .save()
+        .expect_err("the save replaced an archive it had not read");
+    assert!(
+        err.to_string().contains("changed since rekey read it"),
+        "{err}"
+    );
+    assert_eq!(fs::read(&archive).unwrap(), restored);
+    assert_eq!(
+        KeyringFile::open(&path, b"pw", "P")
+            .unwrap()
+            .table
+            .id_in(KeyState::Pending),
+        None
+    );
+}
+
+#[test]
+fn a_save_through_a_symbolic_link_replaces_the_file_it_points_to_and_keeps_the_link() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir(dir.path().join("real")).unwrap();
+    let real = dir.path().join("real").join("keys.json");
+    KeyringFile::create(&real, b"pw", table()).unwrap();
+    let link = dir.path().join("keys.json");
+    std::os::unix::fs::symlink("real/keys.json", &link).unwrap();
+    let mut file = KeyringFile::open(&link, b"pw", "P").unwrap();
+    assert_eq!(file.path(), link, "the store keeps the name the job gives");
+    file.table.stage(Key::new(2, [8; 32]), 200).unwrap();
+    file.save().unwrap();
+    assert!(
+        fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink(),
+        "the save replaced the link with a file"
+    );
+    assert_eq!(fs::read_link(&link).unwrap(), Path::new("real/keys.json"));
+    assert_eq!(material_of(&real, 2), [8; 32]);
+    assert!(backup_path(&real).exists(), "the backup is beside the file");
+    file.table.promote(300).unwrap();
+    file.table.retire(1, 400).unwrap();
+    file.save().unwrap();
+    assert!(holds_material(&archive_path(&real), 1));
+    let reopened = KeyringFile::open(&link, b"pw", "P").unwrap();
+    assert!(
+        reopened.table.entries[0].key.is_some(),
+        "the retired key is read from the archive beside the file"
+    );
+    let names: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names.len(), 2, "only the link and its folder: {names:?}");
+}
+
+/// A keyring file holding key 1 current and key 2 previous, with key 2's
+/// state then changed to `state` by hand.
+fn with_key_2_marked(path: &Path, state: &str) {
+    let mut two = table();
+    two.entries.push(Entry {
+        id: 2,
+        state: KeyState::Previous,
+        created_at: 200,
+        changed_at: 200,
+        key: Some(Key::new(2, [8; 32])),
+        compromised: false,
+    });
+    KeyringFile::create(path, b"pw", two).unwrap();
+    let text = fs::read_to_string(path).unwrap();
+    assert_eq!(text.matches("\"previous\"").count(), 1);
+    fs::write(path, text.replace("\"previous\"", &format!("{state:?}"))).unwrap();
+}
+
+#[test]
+fn a_file_with_two_current_keys_is_refused_naming_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    with_key_2_marked(&path, "current");
+    let err =
+        KeyringFile::open(&path, b"pw", "P").expect_err("a file with two current keys was opened");
+    let said = err.to_string();
+    assert!(
+        matches!(err, FileKeyringError::Malformed { .. })
+            && said.contains("keys 1 and 2 are both current")
+            && said.contains("\"previous\""),
+        "{said}"
+    );
+}
+
+#[test]
+fn a_file_with_two_pending_keys_is_refused_naming_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    let mut file = KeyringFile::create(&path, b"pw", table()).unwrap();
+    file.table.stage(Key::new(2, [8; 32]), 200).unwrap();
+    file.table.promote(300).unwrap();
+    file.table.stage(Key::new(3, [9; 32]), 400).unwrap();
+    file.save().unwrap();
+    let text = fs::read_to_string(&path).unwrap();
+    fs::write(&path, text.replace("\"previous\"", "\"pending\"")).unwrap();
+    let err =
+        KeyringFile::open(&path, b"pw", "P").expect_err("a file with two pending keys was opened");
+    let said = err.to_string();
+    assert!(
+        matches!(err, FileKeyringError::Malformed { .. })
+            && said.contains("keys 1 and 3 are both pending"),
+        "{said}"
+    );
+}
+
+#[test]
+fn a_relative_path_that_does_not_exist_names_where_rekey_looked() {
+    let name = "no-keyring-file-of-this-name.json";
+    let err = KeyringFile::open(Path::new(name), b"pw", "P").unwrap_err();
+    let looked = std::env::current_dir().unwrap().join(name);
+    let said = err.to_string();
+    assert!(
+        said.contains(&looked.display().to_string())
+            && said.contains("relative to the directory rekey runs in"),
+        "{said}"
+    );
+}
