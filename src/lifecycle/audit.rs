@@ -16,7 +16,7 @@
 //! of a crash ends consistent). Never a key value: secrets are named by
 //! store and id.
 
-use std::io::Write;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -240,9 +240,11 @@ impl Audit {
     /// insert the new event's row, append its line and sync the file, then
     /// commit. Where a crash (`kill -9`, a lost connection, the power) stops
     /// it, the trail ends consistent:
-    /// - before the line is whole: the transaction rolls back; the table
-    ///   and the file are as they were (but for a part of the line, when
-    ///   the crash came inside the write).
+    /// - before the line is written: the transaction rolls back; the table
+    ///   and the file are as they were.
+    /// - inside the write: the file ends in part of a line, which never
+    ///   committed; the next line is written on a line of its own and the
+    ///   check counts the fragment, not reading it as an edit.
     /// - after the sync, before the commit: the file holds lines past the
     ///   table's last event, linked to it. The next event recorded through
     ///   this file (or [`Audit::settle`]) inserts them as they were
@@ -423,7 +425,9 @@ impl Audit {
         Ok(event)
     }
 
-    /// Appends the event's JSON line to the file and syncs it.
+    /// Appends the event's JSON line to the file, in one write, and syncs
+    /// it. A file that does not end a line (the last write was cut short by
+    /// a crash) gets a line break first, so the new line stays whole.
     fn append_line(&self, event: &Event) -> Result<(), Error> {
         let line = event.line()?;
         let io = |e: std::io::Error| {
@@ -434,10 +438,22 @@ impl Audit {
         };
         let mut f = std::fs::OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .open(&self.path)
             .map_err(io)?;
-        writeln!(f, "{line}").map_err(io)?;
+        let mut whole = String::with_capacity(line.len() + 2);
+        if f.metadata().map_err(io)?.len() > 0 {
+            let mut last = [0u8; 1];
+            f.seek(SeekFrom::End(-1)).map_err(io)?;
+            f.read_exact(&mut last).map_err(io)?;
+            if last[0] != b'\n' {
+                whole.push('\n');
+            }
+        }
+        whole.push_str(&line);
+        whole.push('\n');
+        f.write_all(whole.as_bytes()).map_err(io)?;
         f.sync_data().map_err(io)
     }
 }

@@ -19,7 +19,9 @@
 //! next event recorded through the same file inserts them into the table
 //! as they were written ([`super::audit`]). Until then the check names
 //! them, and says so; it cannot tell them from the table's newest events
-//! deleted.
+//! deleted. A line cut short by a crash inside its write is counted, not
+//! read: it never committed, and an event of the table cut down to a
+//! fragment is still missing from the file.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -185,6 +187,17 @@ pub fn check_chain(events: &[(Event, String)]) -> Result<usize, Broken> {
     Ok(events.len())
 }
 
+/// The start of every line rekey writes: what tells a line cut short by a
+/// crash from any other text.
+const LINE_START: &str = "{\"event_type\":";
+
+/// Whether `line`, not JSON, is the start of a line rekey was writing when
+/// it stopped (killed inside the write, or the machine lost power before
+/// the sync): a line is appended whole or in part, never edited.
+fn cut_short(line: &str) -> bool {
+    line.starts_with(LINE_START) && serde_json::from_str::<serde_json::Value>(line).is_err()
+}
+
 /// The lines of chain `chain` and database `database` in the JSON lines
 /// file `text` that are past the table's last event `head` (`seq`, `hash`;
 /// `None` for an empty chain) and that the table lacks because the process
@@ -225,6 +238,9 @@ pub fn uncommitted(
 pub struct FileChecked {
     /// Chained events of the chain checked.
     pub events: usize,
+    /// Lines cut short by a crash inside their write ([`cut_short`]): never
+    /// committed, not checked.
+    pub cut_short: usize,
     /// Lines written before the chain existed (no hash), not checked.
     pub unchained: usize,
     /// Lines of other chains (another job sharing the file), not checked.
@@ -240,7 +256,8 @@ pub struct FileChecked {
 /// hash, in the chain's order, the same event as the table's at its place,
 /// and no event of the table that was written to this file (`written_to`,
 /// or the destination of any line compared) missing from it. Lines another
-/// database recorded are counted and left out.
+/// database recorded are counted and left out, and so are lines cut short
+/// by a crash.
 pub fn check_file(
     name: &str,
     text: &str,
@@ -273,6 +290,10 @@ pub fn check_file(
             event_type: t.map(str::to_string),
             why: why.to_string(),
         };
+        if cut_short(line) {
+            seen.cut_short += 1;
+            continue;
+        }
         let value: serde_json::Value = serde_json::from_str(line)
             .map_err(|_| broken(None, None, "not a JSON object: the line was edited"))?;
         if value.get("hash").is_none() && value.get("seq").is_none() {
@@ -617,5 +638,33 @@ mod tests {
         // the table's last event deleted from the file is still named
         let err = check_file("f", &file_of(&c[..1]), "patients", &c[..2], None, to).unwrap_err();
         assert!(err.why.contains("deleted from the file"), "{err}");
+    }
+
+    #[test]
+    fn a_line_cut_short_is_counted_and_the_event_it_held_is_still_missing() {
+        let c = chain_of(3);
+        let to = "h:/a.jsonl";
+        let whole = c[2].line().unwrap();
+        // cut short, then the next line on a line of its own
+        let text = format!(
+            "{}{}\n{}",
+            file_of(&c[..2]),
+            &whole[..whole.len() / 2],
+            file_of(&c[2..])
+        );
+        let checked = check_file("f", &text, "patients", &c, None, to).unwrap();
+        assert_eq!((checked.events, checked.cut_short), (3, 1));
+        assert_eq!(
+            uncommitted(&text, "patients", None, Some((2, c[1].hash.as_str())), to),
+            c[2..]
+        );
+        // an event of the table cut down to a fragment: deleted from the file
+        let cut = format!("{}{}\n", file_of(&c[..2]), &whole[..whole.len() / 2]);
+        let err = check_file("f", &cut, "patients", &c, None, to).unwrap_err();
+        assert_eq!(err.seq, Some(3), "{err}");
+        assert!(err.why.contains("deleted from the file"), "{err}");
+        // text that is not the start of a line rekey writes is an edit
+        let junk = format!("{}not json\n", file_of(&c));
+        assert!(check_file("f", &junk, "patients", &c, None, to).is_err());
     }
 }

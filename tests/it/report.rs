@@ -1015,3 +1015,45 @@ async fn an_event_whose_commit_never_came_is_recorded_by_the_next_command_and_th
         "{said}"
     );
 }
+
+// A line cut short (the process killed inside the write, or the machine
+// lost power before the sync) never committed: the next line starts on a
+// line of its own, and the fragment is not taken for an edited event.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_line_cut_short_by_a_crash_leaves_a_trail_that_checks() {
+    let db = TestDb::new().await;
+    db.seed_patients(200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, _) = keyring_file_job(&db, &dir);
+    let out = rekey(&["rotate", "--job", &job, "--json"], &keyring_pass_env());
+    assert_eq!(json(&out)["step"], "staged", "{}", printed(&out));
+    let trail = dir.path().join("patients.audit.jsonl");
+    let mut text = std::fs::read_to_string(&trail).unwrap();
+    let whole = text.lines().last().unwrap().to_string();
+    text.push_str(&whole[..whole.len() / 2]);
+    std::fs::write(&trail, &text).unwrap();
+    let (code, said) = check(&job);
+    assert_eq!(code, Some(0), "{said}");
+    let out = rekey(&["run", "--job", &job], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let (code, said) = check(&job);
+    assert_eq!(code, Some(0), "{said}");
+    let text = std::fs::read_to_string(&trail).unwrap();
+    assert!(
+        text.lines()
+            .last()
+            .is_some_and(|l| l.contains("\"run_completed\"")),
+        "{text}"
+    );
+    // a whole line cut to a fragment is still a deleted event
+    let lines: Vec<&str> = text.lines().collect();
+    let mut cut: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    cut[0] = lines[0][..lines[0].len() / 2].to_string();
+    std::fs::write(&trail, cut.join("\n") + "\n").unwrap();
+    let (code, said) = check(&job);
+    assert_eq!(code, Some(7), "{said}");
+    assert!(
+        said.contains("key_staged") && said.contains("deleted"),
+        "{said}"
+    );
+}
