@@ -49,6 +49,12 @@ fn tell(args: &ReportArgs, checked: &Checked) {
                 checked.chain
             );
         }
+        if checked.file_cut_short > 0 {
+            out!(
+                "{} lines of the file were cut short by a crash while rekey wrote them: their events never committed",
+                checked.file_cut_short
+            );
+        }
     }
 }
 

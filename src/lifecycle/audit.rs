@@ -10,9 +10,13 @@
 //! the chain, its place and link read inside that transaction, its JSON line
 //! written before the commit, so the file and the table hold one order and
 //! two writers can never fork the chain (a unique index on the place backs
-//! the lock). Never a key value: secrets are named by store and id.
+//! the lock). A process stopped between the line and the commit leaves the
+//! line alone in the file: the next event recorded through that file
+//! records it in the table first ([`Audit::record`] says why every instant
+//! of a crash ends consistent). Never a key value: secrets are named by
+//! store and id.
 
-use std::io::Write;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -25,7 +29,13 @@ use crate::secrets::KeySource;
 use crate::secrets::KeysSpec;
 use crate::Error;
 
+use super::chain::uncommitted;
 pub use super::chain::{Body, Event, GENESIS};
+
+/// The context of every error writing the trail.
+fn writing() -> String {
+    "writing the audit trail (rekey.audit)".to_string()
+}
 
 /// What happened, for [`Audit::record`].
 #[derive(Debug, Clone, Copy)]
@@ -180,13 +190,16 @@ impl Audit {
     }
 
     /// Whether this chain already holds an event of `event_type` for job
-    /// `job_id` (one recorded by an invocation that failed after it).
+    /// `job_id` (one recorded by an invocation that failed after it, or that
+    /// stopped before its commit: [`Audit::settle`]). `client` as for
+    /// [`Audit::record`].
     pub async fn has_event(
         &self,
         client: &Client,
         event_type: &str,
         job_id: i64,
     ) -> Result<bool, Error> {
+        self.settle(client).await?;
         let row = client
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM rekey.audit WHERE chain = $1 AND event_type = $2 AND job_id = $3)",
@@ -198,13 +211,16 @@ impl Audit {
     }
 
     /// Whether this chain already holds an event of `event_type` for
-    /// rotation `rotation_id` (one recorded by an invocation that failed after it).
+    /// rotation `rotation_id` (one recorded by an invocation that failed
+    /// after it, or that stopped before its commit: [`Audit::settle`]).
+    /// `client` as for [`Audit::record`].
     pub async fn has_rotation_event(
         &self,
         client: &Client,
         event_type: &str,
         rotation_id: i64,
     ) -> Result<bool, Error> {
+        self.settle(client).await?;
         let row = client
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM rekey.audit WHERE chain = $1 AND event_type = $2 AND rotation_id = $3)",
@@ -236,12 +252,32 @@ impl Audit {
     /// Records an event at the end of the chain: in `rekey.audit` and the
     /// file, in one transaction under the chain's lock. `client` must not be
     /// in a transaction, nor used by other tasks until this returns.
+    ///
+    /// In that transaction: take the lock, read the chain's last event,
+    /// record the lines of this file the table lacks ([`Audit::settle`]),
+    /// insert the new event's row, append its line and sync the file, then
+    /// commit. Where a crash (`kill -9`, a lost connection, the power) stops
+    /// it, the trail ends consistent:
+    /// - before the line is written: the transaction rolls back; the table
+    ///   and the file are as they were.
+    /// - inside the write: the file ends in part of a line, which never
+    ///   committed; the next line is written on a line of its own and the
+    ///   check counts the fragment, not reading it as an edit.
+    /// - after the sync, before the commit: the file holds lines past the
+    ///   table's last event, linked to it. The next event recorded through
+    ///   this file (or [`Audit::settle`]) inserts them as they were
+    ///   written, under the lock and before its own, so no event is lost
+    ///   and none takes their place in the chain: their hashes were computed
+    ///   from the chain's head, which nothing else could move while the
+    ///   lock was held. Until then `rekey report --check` names the first
+    ///   as a line rekey stopped before committing, or an event deleted
+    ///   from the table: the two leave the same trail.
+    /// - after the commit: both hold the event.
     pub async fn record(&self, client: &Client, what: What<'_>) -> Result<Event, Error> {
-        let ctx = || "writing the audit trail (rekey.audit)".to_string();
-        client.batch_execute("BEGIN").await.ctx(ctx)?;
+        client.batch_execute("BEGIN").await.ctx(writing)?;
         match self.append(client, what).await {
             Ok(event) => {
-                client.batch_execute("COMMIT").await.ctx(ctx)?;
+                client.batch_execute("COMMIT").await.ctx(writing)?;
                 Ok(event)
             }
             Err(e) => {
@@ -252,21 +288,89 @@ impl Audit {
         }
     }
 
-    /// The body of [`Audit::record`], inside its transaction.
-    async fn append(&self, client: &Client, what: What<'_>) -> Result<Event, Error> {
-        let ctx = || "writing the audit trail (rekey.audit)".to_string();
+    /// Records in `rekey.audit`, under the chain's lock, the events of this
+    /// process's file that a process stopped between its line and its
+    /// commit left out of the table ([`Audit::record`]), so that a question
+    /// asked of the table sees them. `client` as for [`Audit::record`].
+    pub async fn settle(&self, client: &Client) -> Result<(), Error> {
+        client.batch_execute("BEGIN").await.ctx(writing)?;
+        let settled = async {
+            self.lock(client).await?;
+            let row = client
+                .query_one(
+                    "SELECT a.seq, a.hash, (SELECT database_id FROM rekey.identity)
+                       FROM (SELECT 1) one
+                       LEFT JOIN LATERAL (SELECT seq, hash FROM rekey.audit WHERE chain = $1 AND seq IS NOT NULL
+                                           ORDER BY seq DESC LIMIT 1) a ON true",
+                    &[&self.chain],
+                )
+                .await
+                .ctx(writing)?;
+            let head: Option<(i64, String)> = row.get::<_, Option<i64>>(0).zip(row.get(1));
+            let database: Option<String> = row.get(2);
+            self.adopt(client, head, database.as_deref()).await
+        }
+        .await;
+        match settled {
+            Ok(_) => client.batch_execute("COMMIT").await.ctx(writing),
+            Err(e) => {
+                let _ = client.batch_execute("ROLLBACK").await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes the chain's lock for the transaction under way: one writer at a
+    /// time, each reading the head the one before it left.
+    async fn lock(&self, client: &Client) -> Result<(), Error> {
         // a waiting writer waits for the one ahead, whatever the session's lock_timeout
         client
             .batch_execute("SET LOCAL lock_timeout = '60s'")
             .await
-            .ctx(ctx)?;
+            .ctx(writing)?;
         client
             .execute(
                 "SELECT pg_advisory_xact_lock(hashtextextended('rekey.audit:' || $1, 0))",
                 &[&self.chain],
             )
             .await
-            .ctx(ctx)?;
+            .ctx(writing)?;
+        Ok(())
+    }
+
+    /// Inserts into `rekey.audit`, as written, the lines of this process's
+    /// file past the chain's last event `head` that link to it
+    /// ([`uncommitted`]): events whose process stopped after syncing their
+    /// line and before its commit. Under the chain's lock, in the caller's
+    /// transaction; the new head, when it moved.
+    async fn adopt(
+        &self,
+        client: &Client,
+        head: Option<(i64, String)>,
+        database: Option<&str>,
+    ) -> Result<Option<(i64, String)>, Error> {
+        let bytes = match std::fs::read(&self.path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(Error::Runtime(format!(
+                    "reading the audit log {}: {e}; make it readable, or name another file with --audit-log",
+                    self.path.display()
+                )))
+            }
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        let head_ref = head.as_ref().map(|(s, h)| (*s, h.as_str()));
+        let left = uncommitted(&text, &self.chain, database, head_ref, &self.written_to());
+        for event in &left {
+            insert(client, event).await?;
+        }
+        Ok(left.last().map(|e| (e.body.seq, e.hash.clone())))
+    }
+
+    /// The body of [`Audit::record`], inside its transaction.
+    async fn append(&self, client: &Client, what: What<'_>) -> Result<Event, Error> {
+        self.lock(client).await?;
         let row = client
             .query_one(
                 "SELECT a.seq, a.hash, current_user::text,
@@ -283,13 +387,20 @@ impl Audit {
                 &[&self.chain],
             )
             .await
-            .ctx(ctx)?;
-        let last_seq: Option<i64> = row.get(0);
-        let last_hash: Option<String> = row.get(1);
+            .ctx(writing)?;
         let role: String = row.get(2);
         let timestamp: String = row.get(3);
         let rotation_id: Option<i64> = row.get(4);
         let database: Option<String> = row.get(7);
+        // what a process stopped before its commit left in the file goes first
+        let mut head: Option<(i64, String)> = row.get::<_, Option<i64>>(0).zip(row.get(1));
+        if let Some(moved) = self
+            .adopt(client, head.clone(), database.as_deref())
+            .await?
+        {
+            head = Some(moved);
+        }
+        let (last_seq, last_hash) = head.unzip();
         let key = |v: Option<i64>| v.and_then(|v| KeyId::try_from(v).ok());
         let keys = self.keys.unwrap_or(AuditKeys {
             old: key(row.get(5)),
@@ -327,31 +438,14 @@ impl Audit {
             database,
         };
         let event = body.sealed();
-        let affected = event
-            .body
-            .affected_records
-            .map(|n| i64::try_from(n).unwrap_or(i64::MAX));
-        let b = &event.body;
-        client
-            .execute(
-                "INSERT INTO rekey.audit (event_type, timestamp, secret_id, operator, reason, incident_id, verification_status,
-                                          affected_records, old_key, new_key, notes, detail, job_id, rotation_id,
-                                          chain, seq, written_to, prev_hash, hash, database_id)
-                 VALUES ($1, $2::text::timestamptz, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)",
-                &[
-                    &b.event_type, &b.timestamp, &b.secret_id, &b.operator, &b.reason, &b.incident_id,
-                    &b.verification_status, &affected, &b.old_key.map(i64::from), &b.new_key.map(i64::from),
-                    &b.notes, &b.detail, &b.job_id, &b.rotation_id, &b.chain, &b.seq, &b.written_to,
-                    &b.prev_hash, &event.hash, &b.database,
-                ],
-            )
-            .await
-            .ctx(ctx)?;
+        insert(client, &event).await?;
         self.append_line(&event)?;
         Ok(event)
     }
 
-    /// Appends the event's JSON line to the file and syncs it.
+    /// Appends the event's JSON line to the file, in one write, and syncs
+    /// it. A file that does not end a line (the last write was cut short by
+    /// a crash) gets a line break first, so the new line stays whole.
     fn append_line(&self, event: &Event) -> Result<(), Error> {
         let line = event.line()?;
         let io = |e: std::io::Error| {
@@ -362,12 +456,49 @@ impl Audit {
         };
         let mut f = std::fs::OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .open(&self.path)
             .map_err(io)?;
-        writeln!(f, "{line}").map_err(io)?;
+        let mut whole = String::with_capacity(line.len() + 2);
+        if f.metadata().map_err(io)?.len() > 0 {
+            let mut last = [0u8; 1];
+            f.seek(SeekFrom::End(-1)).map_err(io)?;
+            f.read_exact(&mut last).map_err(io)?;
+            if last[0] != b'\n' {
+                whole.push('\n');
+            }
+        }
+        whole.push_str(&line);
+        whole.push('\n');
+        f.write_all(whole.as_bytes()).map_err(io)?;
         f.sync_data().map_err(io)
     }
+}
+
+/// Inserts `event` into `rekey.audit` as it is sealed.
+async fn insert(client: &Client, event: &Event) -> Result<(), Error> {
+    let affected = event
+        .body
+        .affected_records
+        .map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+    let b = &event.body;
+    client
+        .execute(
+            "INSERT INTO rekey.audit (event_type, timestamp, secret_id, operator, reason, incident_id, verification_status,
+                                      affected_records, old_key, new_key, notes, detail, job_id, rotation_id,
+                                      chain, seq, written_to, prev_hash, hash, database_id)
+             VALUES ($1, $2::text::timestamptz, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)",
+            &[
+                &b.event_type, &b.timestamp, &b.secret_id, &b.operator, &b.reason, &b.incident_id,
+                &b.verification_status, &affected, &b.old_key.map(i64::from), &b.new_key.map(i64::from),
+                &b.notes, &b.detail, &b.job_id, &b.rotation_id, &b.chain, &b.seq, &b.written_to,
+                &b.prev_hash, &event.hash, &b.database,
+            ],
+        )
+        .await
+        .ctx(writing)?;
+    Ok(())
 }
 
 /// Whether a reason names a compromise (`compromise`, or one ending in

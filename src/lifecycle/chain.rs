@@ -11,6 +11,17 @@
 //! recorded as written to it (`written_to`). Deleting the newest events of
 //! both copies at once is the one change a chain alone cannot show: keep
 //! the JSON file where the database's administrators cannot write.
+//!
+//! A crash leaves differences that are not tampering. An event's line is
+//! synced to the file before its transaction commits, so a process killed
+//! between the two leaves lines past the table's last event, each linked to
+//! the one before, the first to the table's last ([`uncommitted`]): the
+//! next event recorded through the same file inserts them into the table
+//! as they were written ([`super::audit`]). Until then the check names
+//! them, and says so; it cannot tell them from the table's newest events
+//! deleted. A line cut short by a crash inside its write is counted, not
+//! read: it never committed, and an event of the table cut down to a
+//! fragment is still missing from the file.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -176,11 +187,60 @@ pub fn check_chain(events: &[(Event, String)]) -> Result<usize, Broken> {
     Ok(events.len())
 }
 
+/// The start of every line rekey writes: what tells a line cut short by a
+/// crash from any other text.
+const LINE_START: &str = "{\"event_type\":";
+
+/// Whether `line`, not JSON, is the start of a line rekey was writing when
+/// it stopped (killed inside the write, or the machine lost power before
+/// the sync): a line is appended whole or in part, never edited.
+fn cut_short(line: &str) -> bool {
+    line.starts_with(LINE_START) && serde_json::from_str::<serde_json::Value>(line).is_err()
+}
+
+/// The lines of chain `chain` and database `database` in the JSON lines
+/// file `text` that are past the table's last event `head` (`seq`, `hash`;
+/// `None` for an empty chain) and that the table lacks because the process
+/// that wrote them stopped before its transaction committed: each as rekey
+/// wrote it, sealed by its hash, written to `written_to`, the first linked
+/// to `head` and each next to the one before. Only the linked run from
+/// `head` counts: a line after a break is left for the check to name.
+pub fn uncommitted(
+    text: &str,
+    chain: &str,
+    database: Option<&str>,
+    head: Option<(i64, &str)>,
+    written_to: &str,
+) -> Vec<Event> {
+    let (mut seq, mut hash) = head.map_or((0, GENESIS.to_string()), |(s, h)| (s, h.to_string()));
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let Ok(event) = serde_json::from_str::<Event>(line) else {
+            continue;
+        };
+        let b = &event.body;
+        if b.chain != chain || b.database.as_deref() != database || b.seq <= seq {
+            continue;
+        }
+        let linked = b.seq == seq + 1 && b.prev_hash == hash && b.written_to == written_to;
+        if !linked || !event.intact() || event.line().ok().as_deref() != Some(line) {
+            break;
+        }
+        seq = b.seq;
+        hash.clone_from(&event.hash);
+        out.push(event);
+    }
+    out
+}
+
 /// What a JSON lines file holds of one chain.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FileChecked {
     /// Chained events of the chain checked.
     pub events: usize,
+    /// Lines cut short by a crash inside their write ([`cut_short`]): never
+    /// committed, not checked.
+    pub cut_short: usize,
     /// Lines written before the chain existed (no hash), not checked.
     pub unchained: usize,
     /// Lines of other chains (another job sharing the file), not checked.
@@ -196,7 +256,8 @@ pub struct FileChecked {
 /// hash, in the chain's order, the same event as the table's at its place,
 /// and no event of the table that was written to this file (`written_to`,
 /// or the destination of any line compared) missing from it. Lines another
-/// database recorded are counted and left out.
+/// database recorded are counted and left out, and so are lines cut short
+/// by a crash.
 pub fn check_file(
     name: &str,
     text: &str,
@@ -211,6 +272,12 @@ pub fn check_file(
     let mut destinations = BTreeSet::from([written_to.to_string()]);
     let mut in_file = BTreeSet::new();
     let mut last: Option<i64> = None;
+    // where the table ends: a line past it linked to it may have been
+    // written by a process stopped before its commit, and so may one
+    // linked to that line
+    let tip = table
+        .last()
+        .map_or((0, GENESIS.to_string()), |e| (e.body.seq, e.hash.clone()));
     for (n, line) in text
         .lines()
         .enumerate()
@@ -223,6 +290,10 @@ pub fn check_file(
             event_type: t.map(str::to_string),
             why: why.to_string(),
         };
+        if cut_short(line) {
+            seen.cut_short += 1;
+            continue;
+        }
         let value: serde_json::Value = serde_json::from_str(line)
             .map_err(|_| broken(None, None, "not a JSON object: the line was edited"))?;
         if value.get("hash").is_none() && value.get("seq").is_none() {
@@ -261,6 +332,18 @@ pub fn check_file(
             ));
         }
         match by_seq.get(&event.body.seq) {
+            None if event.body.seq == tip.0 + 1
+                && event.body.prev_hash == tip.1
+                && destinations.contains(&event.body.written_to) =>
+            {
+                return Err(broken(
+                    seq,
+                    t,
+                    "rekey.audit has no event at this place, and the line links to its last event: rekey stopped \
+                     between writing this line and committing the event (the next rekey command of this job that \
+                     writes to this file records it; check again then), or the event was deleted from the table",
+                ))
+            }
             None => {
                 return Err(broken(
                     seq,
@@ -502,5 +585,86 @@ mod tests {
         assert!(check_file("f", &swapped, "patients", &c, None, "").is_err());
         let err = check_file("f", &text, "patients", &c[..2], None, "").unwrap_err();
         assert_eq!(err.seq, Some(3), "{err}");
+    }
+
+    #[test]
+    fn lines_past_the_table_linked_to_it_are_the_ones_a_crash_left_uncommitted() {
+        let c = chain_of(4);
+        let text = file_of(&c);
+        let to = "h:/a.jsonl";
+        // the table stopped at event 2: events 3 and 4 never committed
+        let head = Some((2, c[1].hash.as_str()));
+        assert_eq!(uncommitted(&text, "patients", None, head, to), c[2..]);
+        // the check cannot tell them from the table's newest events deleted: it names both
+        let err = check_file("f", &text, "patients", &c[..2], None, to).unwrap_err();
+        assert_eq!(err.seq, Some(3), "{err}");
+        assert!(
+            err.why.contains("rekey stopped") && err.why.contains("deleted from the table"),
+            "{err}"
+        );
+        // an empty chain: its first event
+        assert_eq!(
+            uncommitted(&file_of(&c[..1]), "patients", None, None, to),
+            c[..1]
+        );
+        // none of another file, chain or database, nor once the table holds them
+        assert!(uncommitted(&text, "patients", None, head, "h:/b.jsonl").is_empty());
+        assert!(uncommitted(&text, "billing", None, head, to).is_empty());
+        assert!(uncommitted(&text, "patients", Some("db-a"), head, to).is_empty());
+        assert!(uncommitted(&text, "patients", None, Some((4, &c[3].hash)), to).is_empty());
+        // not after a break: a line past a missing one, an edited one, one
+        // linked to something else
+        let gap = file_of(&[c[0].clone(), c[1].clone(), c[3].clone()]);
+        assert!(uncommitted(&gap, "patients", None, head, to).is_empty());
+        let err = check_file("f", &gap, "patients", &c[..2], None, to).unwrap_err();
+        assert_eq!(err.seq, Some(4), "{err}");
+        let edited = text.replacen("\"affected_records\":3", "\"affected_records\":9", 1);
+        assert!(uncommitted(&edited, "patients", None, head, to).is_empty());
+        assert_eq!(
+            check_file("f", &edited, "patients", &c[..2], None, to)
+                .unwrap_err()
+                .seq,
+            Some(3)
+        );
+        let mut forged = c[2].body.clone();
+        forged.prev_hash = c[0].hash.clone();
+        let forged = format!("{}{}", file_of(&c[..2]), file_of(&[forged.sealed()]));
+        assert!(uncommitted(&forged, "patients", None, head, to).is_empty());
+        let err = check_file("f", &forged, "patients", &c[..2], None, to).unwrap_err();
+        assert!(
+            err.why.contains("deleted from the table") && !err.why.contains("rekey stopped"),
+            "{err}"
+        );
+        // the table's last event deleted from the file is still named
+        let err = check_file("f", &file_of(&c[..1]), "patients", &c[..2], None, to).unwrap_err();
+        assert!(err.why.contains("deleted from the file"), "{err}");
+    }
+
+    #[test]
+    fn a_line_cut_short_is_counted_and_the_event_it_held_is_still_missing() {
+        let c = chain_of(3);
+        let to = "h:/a.jsonl";
+        let whole = c[2].line().unwrap();
+        // cut short, then the next line on a line of its own
+        let text = format!(
+            "{}{}\n{}",
+            file_of(&c[..2]),
+            &whole[..whole.len() / 2],
+            file_of(&c[2..])
+        );
+        let checked = check_file("f", &text, "patients", &c, None, to).unwrap();
+        assert_eq!((checked.events, checked.cut_short), (3, 1));
+        assert_eq!(
+            uncommitted(&text, "patients", None, Some((2, c[1].hash.as_str())), to),
+            c[2..]
+        );
+        // an event of the table cut down to a fragment: deleted from the file
+        let cut = format!("{}{}\n", file_of(&c[..2]), &whole[..whole.len() / 2]);
+        let err = check_file("f", &cut, "patients", &c, None, to).unwrap_err();
+        assert_eq!(err.seq, Some(3), "{err}");
+        assert!(err.why.contains("deleted from the file"), "{err}");
+        // text that is not the start of a line rekey writes is an edit
+        let junk = format!("{}not json\n", file_of(&c));
+        assert!(check_file("f", &junk, "patients", &c, None, to).is_err());
     }
 }

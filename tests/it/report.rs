@@ -924,3 +924,193 @@ async fn an_abort_that_failed_after_recording_its_end_records_it_once_when_run_a
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert_eq!(aborted(), 1, "{}", printed(&out));
 }
+
+/// The `rekey.audit` events of chain `patients` (type, seq), in chain order.
+async fn table_trail(db: &TestDb) -> Vec<(String, i64)> {
+    db.client
+        .query(
+            "SELECT event_type, seq FROM rekey.audit WHERE chain = 'patients' AND seq IS NOT NULL ORDER BY seq",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+// Before: rekey killed after an event's JSON line was written and synced but
+// before its transaction committed left the line in the file and not in
+// rekey.audit; the next event took the same place in the chain, and from
+// then on every `rekey report` exited 7, "one of them was replaced, or this
+// file also serves a copy of this database", a tampering alarm for a crash;
+// and the key_promoted event of a promotion that had committed was never in
+// rekey.audit. A deferred trigger that refuses the commit puts the trail in
+// that state without timing: the line is written, the row never commits.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_whose_commit_never_came_is_recorded_by_the_next_command_and_the_chain_checks() {
+    let db = TestDb::new().await;
+    db.seed_patients(200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, _) = keyring_file_job(&db, &dir);
+    let rotate = ["rotate", "--job", job.as_str(), "--grace", "0s", "--json"];
+    let out = rekey(&rotate, &keyring_pass_env());
+    assert_eq!(json(&out)["step"], "staged", "{}", printed(&out));
+    db.client
+        .batch_execute(
+            "CREATE FUNCTION refuse_commit() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN RAISE EXCEPTION 'commit refused by the test'; END $$;
+             CREATE CONSTRAINT TRIGGER refuse_commit AFTER INSERT ON rekey.audit
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+               WHEN (NEW.event_type = 'key_promoted') EXECUTE FUNCTION refuse_commit();",
+        )
+        .await
+        .unwrap();
+    let mut crashed = None;
+    for _ in 0..8 {
+        let out = rekey(&rotate, &keyring_pass_env());
+        match out.status.code() {
+            Some(0 | 6) => continue,
+            _ => {
+                crashed = Some(printed(&out));
+                break;
+            }
+        }
+    }
+    let said = crashed.expect("the promotion's event was refused");
+    assert!(said.contains("commit refused by the test"), "{said}");
+    // the promotion committed; its event is in the file only
+    let step: String = db
+        .client
+        .query_one("SELECT step FROM rekey.rotations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(step, "promoted");
+    let promoted_in_file = || {
+        audit_events(&dir)
+            .iter()
+            .filter(|e| e["event_type"] == "key_promoted")
+            .count()
+    };
+    assert_eq!(promoted_in_file(), 1);
+    assert!(!table_trail(&db)
+        .await
+        .iter()
+        .any(|(t, _)| t == "key_promoted"));
+    // until the next command, the check says what a crash leaves
+    let (code, said) = check(&job);
+    assert_eq!(code, Some(7), "{said}");
+    assert!(
+        said.contains("key_promoted")
+            && said.contains("rekey stopped between writing this line and committing"),
+        "{said}"
+    );
+
+    // killed again, while the next command records the pending event and its own
+    let run = ["run", "--job", job.as_str()];
+    let out = rekey(&run, &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
+    let (code, said) = check(&job);
+    assert_eq!(code, Some(7), "{said}");
+    assert!(
+        said.contains("key_promoted") && said.contains("rekey stopped"),
+        "{said}"
+    );
+    db.client
+        .batch_execute("DROP TRIGGER refuse_commit ON rekey.audit")
+        .await
+        .unwrap();
+
+    rotate_to_the_end(&job, &[]);
+    let (code, said) = check(&job);
+    assert_eq!(code, Some(0), "{said}");
+    let trail = table_trail(&db).await;
+    let types: Vec<&str> = trail.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(
+        types.iter().filter(|t| **t == "key_promoted").count(),
+        1,
+        "{types:?}"
+    );
+    let promoted = types.iter().position(|t| *t == "key_promoted").unwrap();
+    assert_eq!(types[promoted + 1], "run_started", "{types:?}");
+    assert_eq!(promoted_in_file(), 1);
+    for (i, (_, seq)) in trail.iter().enumerate() {
+        assert_eq!(*seq, i as i64 + 1, "{trail:?}");
+    }
+    let file: Vec<(String, i64)> = audit_events(&dir)
+        .iter()
+        .map(|e| {
+            (
+                e["event_type"].as_str().unwrap().to_string(),
+                e["seq"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(file, trail);
+    let (doc, _) = report(&job, &dir.path().join("evidence"));
+    assert!(
+        doc["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["step"] == "key_promoted"),
+        "{doc}"
+    );
+
+    // still tampering: the adopted event edited in the table
+    db.client
+        .batch_execute(
+            "UPDATE rekey.audit SET operator = 'mallory' WHERE event_type = 'key_promoted'",
+        )
+        .await
+        .unwrap();
+    let (code, said) = check(&job);
+    assert_eq!(code, Some(7), "{said}");
+    assert!(
+        said.contains("key_promoted") && said.contains("edited"),
+        "{said}"
+    );
+}
+
+// A line cut short (the process killed inside the write, or the machine
+// lost power before the sync) never committed: the next line starts on a
+// line of its own, and the fragment is not taken for an edited event.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_line_cut_short_by_a_crash_leaves_a_trail_that_checks() {
+    let db = TestDb::new().await;
+    db.seed_patients(200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, _) = keyring_file_job(&db, &dir);
+    let out = rekey(&["rotate", "--job", &job, "--json"], &keyring_pass_env());
+    assert_eq!(json(&out)["step"], "staged", "{}", printed(&out));
+    let trail = dir.path().join("patients.audit.jsonl");
+    let mut text = std::fs::read_to_string(&trail).unwrap();
+    let whole = text.lines().last().unwrap().to_string();
+    text.push_str(&whole[..whole.len() / 2]);
+    std::fs::write(&trail, &text).unwrap();
+    let (code, said) = check(&job);
+    assert_eq!(code, Some(0), "{said}");
+    let out = rekey(&["run", "--job", &job], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let (code, said) = check(&job);
+    assert_eq!(code, Some(0), "{said}");
+    let text = std::fs::read_to_string(&trail).unwrap();
+    assert!(
+        text.lines()
+            .last()
+            .is_some_and(|l| l.contains("\"run_completed\"")),
+        "{text}"
+    );
+    // a whole line cut to a fragment is still a deleted event
+    let lines: Vec<&str> = text.lines().collect();
+    let mut cut: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    cut[0] = lines[0][..lines[0].len() / 2].to_string();
+    std::fs::write(&trail, cut.join("\n") + "\n").unwrap();
+    let (code, said) = check(&job);
+    assert_eq!(code, Some(7), "{said}");
+    assert!(
+        said.contains("key_staged") && said.contains("deleted"),
+        "{said}"
+    );
+}

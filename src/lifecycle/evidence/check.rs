@@ -38,6 +38,8 @@ pub struct Checked {
     /// Lines of this job recorded in other databases (one file serving
     /// staging and production), not checked against this one.
     pub file_other_databases: usize,
+    /// Lines cut short by a crash inside their write: never committed.
+    pub file_cut_short: usize,
     /// The first bad event of the file, if any.
     pub file_broken: Option<String>,
 }
@@ -137,6 +139,7 @@ pub async fn check(
         file_events: None,
         file_unchained: 0,
         file_other_databases: 0,
+        file_cut_short: 0,
         file_broken: None,
     };
     let events = match table_events(client, chain).await? {
@@ -208,11 +211,13 @@ pub async fn check(
             events,
             unchained,
             other_databases,
+            cut_short,
             ..
         }) => {
             checked.file_events = Some(events);
             checked.file_unchained = unchained;
             checked.file_other_databases = other_databases;
+            checked.file_cut_short = cut_short;
         }
         Err(broken) => checked.file_broken = Some(broken.to_string()),
     }
