@@ -217,6 +217,7 @@ async fn secrets_init_records_the_keys_it_made_and_answers_json_without_key_mate
         "{}",
         created[0]
     );
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_keyring_file_with_two_current_keys_is_refused_by_every_command_that_reads_it() {
