@@ -49,6 +49,20 @@ fn tell(args: &ReportArgs, checked: &Checked) {
                 checked.chain
             );
         }
+        if !checked.adopted.is_empty() {
+            let listed: Vec<String> = checked
+                .adopted
+                .iter()
+                .map(|(seq, t)| format!("{seq} ({t})"))
+                .collect();
+            out!(
+                "{} events were recorded in rekey.audit from their lines in the file, after a crash between a line and its commit \
+                 (not by the invocation that wrote them): {}. The file alone vouches for them, and a line appended to it by anyone \
+                 who may write it would be recorded so too: confirm each against what happened",
+                checked.adopted.len(),
+                listed.join(", ")
+            );
+        }
         if checked.file_cut_short > 0 {
             out!(
                 "{} lines of the file were cut short by a crash while rekey wrote them: their events never committed",

@@ -239,6 +239,7 @@ impl Audit {
         event_type: &str,
         key_ref: &str,
     ) -> Result<bool, Error> {
+        self.settle(client).await?;
         let row = client
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM rekey.audit WHERE chain = $1 AND event_type = $2 AND secret_id = $3)",
@@ -364,6 +365,21 @@ impl Audit {
         let left = uncommitted(&text, &self.chain, database, head_ref, &self.written_to());
         for event in &left {
             insert(client, event).await?;
+            // said by every check from now on: the file alone vouches for it
+            client
+                .execute(
+                    "UPDATE rekey.audit SET adopted_at = now() WHERE chain = $1 AND seq = $2",
+                    &[&event.body.chain, &event.body.seq],
+                )
+                .await
+                .ctx(writing)?;
+            tracing::warn!(
+                "recorded audit event {} ({}) in rekey.audit from its line in {}: an earlier rekey stopped between writing \
+                 the line and committing it; `rekey report --check` names it from now on",
+                event.body.seq,
+                event.body.event_type,
+                self.path.display()
+            );
         }
         Ok(left.last().map(|e| (e.body.seq, e.hash.clone())))
     }

@@ -34,6 +34,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
         include_str!("../../sql/019_rotation_incident_notes.sql"),
     ),
     (20, include_str!("../../sql/020_key_table_archived_row.sql")),
+    (21, include_str!("../../sql/021_audit_adopted.sql")),
 ];
 
 /// Creates or upgrades schema `rekey`. Safe to run from several processes

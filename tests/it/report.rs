@@ -1025,6 +1025,12 @@ async fn an_event_whose_commit_never_came_is_recorded_by_the_next_command_and_th
     rotate_to_the_end(&job, &[]);
     let (code, said) = check(&job);
     assert_eq!(code, Some(0), "{said}");
+    // the file alone vouches for the events taken from it: every check says so
+    assert!(
+        said.contains("recorded in rekey.audit from their lines in the file")
+            && said.contains("(key_promoted)"),
+        "the check does not name the events taken from the file: {said}"
+    );
     let trail = table_trail(&db).await;
     let types: Vec<&str> = trail.iter().map(|(t, _)| t.as_str()).collect();
     assert_eq!(

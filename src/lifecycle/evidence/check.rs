@@ -42,6 +42,9 @@ pub struct Checked {
     pub file_cut_short: usize,
     /// The first bad event of the file, if any.
     pub file_broken: Option<String>,
+    /// Events recorded in `rekey.audit` from their line in the file after
+    /// a crash (seq, event type): the file alone vouches for them.
+    pub adopted: Vec<(i64, String)>,
 }
 
 impl Checked {
@@ -141,6 +144,7 @@ pub async fn check(
         file_other_databases: 0,
         file_cut_short: 0,
         file_broken: None,
+        adopted: Vec::new(),
     };
     let events = match table_events(client, chain).await? {
         Ok(events) => events,
@@ -153,6 +157,18 @@ pub async fn check(
         Ok(n) => checked.table_events = n,
         Err(broken) => checked.table_broken = Some(broken.to_string()),
     }
+    // through jsonb: a schema from before adopted_at reads none
+    checked.adopted = client
+        .query(
+            "SELECT seq, event_type FROM rekey.audit a
+              WHERE chain = $1 AND seq IS NOT NULL AND (to_jsonb(a) ->> 'adopted_at') IS NOT NULL ORDER BY seq",
+            &[&chain],
+        )
+        .await
+        .ctx(|| "reading the audit trail (rekey.audit)".into())?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
     let database = database_id(client).await?;
     // the table's events are this database's: one naming another means
     // rekey.identity changed (which would hide the file's lines) or events
