@@ -67,8 +67,6 @@ async fn restore(a: &KeyArgs) -> Result<u8, Error> {
 /// `rekey secrets purge`: archived material destroyed.
 async fn purge(a: &PurgeArgs) -> Result<u8, Error> {
     let (spec, Opened { db, client, .. }, mut store) = locked(&a.life).await?;
-    // Secrets Manager keeps retired material in former versions, not in the
-    // table read: fetch it, so purging destroys it there
     let retired: Vec<_> = store
         .table()
         .entries
@@ -76,6 +74,15 @@ async fn purge(a: &PurgeArgs) -> Result<u8, Error> {
         .filter(|e| e.state == KeyState::Retired && a.key_id.is_none_or(|id| id == e.id))
         .map(|e| e.id)
         .collect();
+    // fetched first: Secrets Manager keeps a retired key's material in
+    // former versions, and the proof below needs to know it is held
+    keeping_alive(&client, async {
+        for &id in &retired {
+            store.fetch_archived(id).await?;
+        }
+        Ok::<_, Error>(())
+    })
+    .await?;
     let archived: Vec<_> = store
         .table()
         .entries
@@ -103,13 +110,7 @@ async fn purge(a: &PurgeArgs) -> Result<u8, Error> {
             return Ok(EXIT_LEFT_ON_OLD_KEYS);
         }
     }
-    let (purged, applied) = keeping_alive(&client, async {
-        for id in retired {
-            store.fetch_archived(id).await?;
-        }
-        steps::purge(&mut store, a.key_id).await
-    })
-    .await?;
+    let (purged, applied) = keeping_alive(&client, steps::purge(&mut store, a.key_id)).await?;
     let note = if purged.is_empty() {
         "no archived key to purge".to_string()
     } else {
@@ -354,8 +355,10 @@ async fn transition(command: &SecretsCommand, life: &LifecycleArgs) -> Result<u8
     }
     let (event, applied, key, note) = match command {
         SecretsCommand::Stage(_) => {
-            let (id, applied) =
-                keeping_alive(&client, steps::stage(&mut store, &spec, life.reveal)).await?;
+            let (id, applied) = {
+                let used = rotations::highest_key_id(&client, &secret_id).await?;
+                keeping_alive(&client, steps::stage(&mut store, &spec, life.reveal, used)).await?
+            };
             ("key_staged", applied, id, format!("key {id} pending"))
         }
         SecretsCommand::Promote(_) => {

@@ -517,7 +517,9 @@ async fn stage_new(
     }
     let secret_id = store.secret_id();
     let old = steps::current(store);
-    let (id, applied) = keeping_alive(client, steps::stage(store, cx.spec, cx.opts.reveal)).await?;
+    let used = rotations::highest_key_id(client, &secret_id).await?;
+    let (id, applied) =
+        keeping_alive(client, steps::stage(store, cx.spec, cx.opts.reveal, used)).await?;
     // The environment's staged key is whatever the operator exports: known at the next step.
     let fingerprint = if store.writable() {
         fingerprint_of(store, id)

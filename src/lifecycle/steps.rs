@@ -75,12 +75,26 @@ pub async fn stage(
     store: &mut Store,
     spec: &JobSpec,
     reveal: bool,
+    used: Option<i64>,
 ) -> Result<(KeyId, Applied), Error> {
     if let Some(pending) = store.table().id_in(KeyState::Pending) {
         return Ok((pending, Applied::default()));
     }
-    // the store's: a key table's versions are shared with other purposes
-    let next = store.next_id()?;
+    // the store's: a key table's versions are shared with other purposes;
+    // and above every id an earlier rotation used (`used`): values may carry
+    // one the store no longer holds (a key removed by hand), and a new key
+    // of that id would leave them unreadable under it
+    let next = match used.map(|u| u.saturating_add(1)) {
+        Some(after) if after > i64::from(store.next_id()?) => {
+            KeyId::try_from(after).map_err(|_| {
+                Error::Config(format!(
+                    "no key id is left above {after} for {}",
+                    store.secret_id()
+                ))
+            })?
+        }
+        _ => store.next_id()?,
+    };
     refuse_unnameable(spec, next)?;
     let key = store.new_key(next).await?;
     let (id, changed) = store

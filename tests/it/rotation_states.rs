@@ -273,6 +273,42 @@ async fn an_abort_killed_after_recording_its_step_and_before_un_staging_resumes_
     assert_eq!(started, 1, "the abort's start is recorded once");
 }
 
+// Before: with key 2 (staged, values already under it) removed from the
+// keyring file by hand, `secrets stage` made a new key 2: those values then
+// failed under the only key 2 there was, for good.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_key_never_takes_an_id_an_earlier_rotation_used_though_the_store_lost_it() {
+    let db = TestDb::new().await;
+    db.seed_patients(20_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    let values = values_in(20_000);
+    let args = [
+        "rotate",
+        "--job",
+        job.as_str(),
+        "--no-wait",
+        "--batch-size",
+        "200",
+    ];
+    let mut child = spawn_rekey(&args, &keyring_pass_env());
+    wait_for_progress(&db, &mut child, values / 3).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut file = KeyringFile::open(&keyring, KEYRING_PASS.as_bytes(), "P").unwrap();
+    file.table.entries.retain(|e| e.id != 2);
+    file.save().unwrap();
+
+    let out = rekey(&["secrets", "stage", "--job", &job], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(
+        table(&keyring).id_in(KeyState::Pending),
+        Some(3),
+        "{}",
+        printed(&out)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn abort_after_promotion_is_refused_and_changes_nothing() {
     let db = TestDb::new().await;
