@@ -57,7 +57,10 @@ async fn foreign_children(client: &Client, t: &Target) -> Result<(), Error> {
         return Ok(());
     }
     Err(Error::Config(format!(
-        "{}: its partitions or inheritance children include foreign tables ({}), whose rows another server holds under its own          row-level security and the user mapping's permissions, which rekey cannot see: a value hidden there would stay on its          old key while rekey reported the rotation done. Rotate those tables with a job against the database that holds them,          and take them out of this table's tree for this one (ALTER TABLE ... NO INHERIT, or DETACH PARTITION)",
+        "{}: its partitions or inheritance children include foreign tables ({}), whose rows another server holds under its own \
+         row-level security and the user mapping's permissions, which rekey cannot see: a value hidden there would stay on its \
+         old key while rekey reported the rotation done. Rotate those tables with a job against the database that holds them, \
+         and take them out of this table's tree for this one (ALTER TABLE ... NO INHERIT, or DETACH PARTITION)",
         t.table,
         found.join(", ")
     )))

@@ -56,8 +56,8 @@ pub async fn retire(
     if let Some((other, id, step)) = others.first() {
         return Err(Error::Config(format!(
             "job {other:?} is rotating its tables away from key {old} in {} too (rotation {id}, step {step}), and its values \
-             under key {old} are out of this job's verify: finish that rotation first (`rekey rotate --job` its file), then \
-             retire key {old}; nothing was retired",
+             under key {old} are out of this job's verify: finish that rotation first (`rekey rotate --job` its file), or \
+             give it up (`rekey rotate --abort --job` its file), then retire key {old}; nothing was retired",
             store.secret_id()
         )));
     }

@@ -146,20 +146,30 @@ pub async fn open_rotation(client: &Client, name: &str) -> Result<Option<Rotatio
 /// The rotations of other jobs than `name` on the same store
 /// (`secret_id`) away from key `old` that have not promoted yet: (job,
 /// rotation id, step). Their tables still hold values under it, which this
-/// job's verify never reads. (One promoted has verified its own tables; two
-/// jobs at that step may each retire, or neither could.)
+/// job's verify never reads; and those promoted that still owe the run
+/// over values written behind them. (One promoted with none owed has
+/// verified its own tables; two jobs at that step may each retire, or
+/// neither could.)
 pub async fn others_away_from(
     client: &Client,
     name: &str,
     secret_id: &str,
     old: i64,
 ) -> Result<Vec<(String, i64, String)>, Error> {
+    // a job without a name is "rekey" to its runs and "" to its rotations
+    let names: Vec<&str> = if name == "rekey" {
+        vec![name, ""]
+    } else {
+        vec![name]
+    };
     let rows = client
         .query(
-            "SELECT job_name, rotation_id, step FROM rekey.rotations
-              WHERE job_name <> $1 AND secret_id = $2 AND old_key = $3 AND step IN ('staged', 'ran', 'verified', 'aborting')
+            "SELECT job_name, rotation_id, step FROM rekey.rotations r
+              WHERE job_name <> ALL ($1) AND secret_id = $2 AND old_key = $3
+                AND (step IN ('staged', 'ran', 'verified', 'aborting')
+                     OR (step = 'promoted' AND coalesce((to_jsonb(r) ->> 'catch_up_due')::boolean, false)))
               ORDER BY rotation_id",
-            &[&name, &secret_id, &old],
+            &[&names, &secret_id, &old],
         )
         .await
         .ctx(|| "reading the other jobs' rotations on the same store".into())?;
@@ -167,6 +177,21 @@ pub async fn others_away_from(
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect())
+}
+
+/// The highest key id a rotation recorded in this database for the store
+/// `secret_id` (staged, or rotated away from), if any: values may carry it
+/// even where the store no longer holds that key, so a new key's id is
+/// above it.
+pub async fn highest_key_id(client: &Client, secret_id: &str) -> Result<Option<i64>, Error> {
+    client
+        .query_one(
+            "SELECT max(greatest(new_key, coalesce(old_key, 0))) FROM rekey.rotations WHERE secret_id = $1",
+            &[&secret_id],
+        )
+        .await
+        .map(|r| r.get(0))
+        .ctx(|| "reading the key ids of earlier rotations".into())
 }
 
 /// A key id read back from `rekey.rotations`.

@@ -53,10 +53,11 @@ impl KeyTableStore {
             crt = self.ty(&c.created_at),
             ext = self.ty(&c.expires_at),
         );
-        // the row's own columns besides its key, kept for a restore
+        // the row's own columns besides its key, kept for a restore (times in
+        // ISO 8601, as JSON writes them whatever the session's DateStyle)
         let delete = format!(
             "DELETE FROM {t} WHERE {p}::text = $1 AND {v} = $2::bigint
-             RETURNING json_build_object('algorithm', {a}::text, 'created_at', {cr}::text, 'expires_at', {ex}::text)::text",
+             RETURNING json_build_object('algorithm', {a}::text, 'created_at', {cr}, 'expires_at', {ex})::text",
             t = self.relation,
             p = quote_ident(&c.purpose),
             v = quote_ident(&c.version),
