@@ -344,6 +344,19 @@ pub fn staged_outcome(target: &Target) -> String {
     )
 }
 
+/// After [`update_from_stage`] and the AFTER triggers, how many staged
+/// rows hold exactly what rekey wrote in every encrypted column: where it
+/// is every staged row, no row's outcome needs fetching.
+pub fn landed_count(target: &Target) -> String {
+    format!(
+        "SELECT count(*)::bigint FROM {} AS s JOIN {} AS t ON {} WHERE {}",
+        stage_table(target),
+        target.qualified(),
+        stage_join(target),
+        per_column(target, " AND ", landed)
+    )
+}
+
 /// Records one undecryptable value. Parameters: job id, table label, column,
 /// key as bytea[], error kind, the key columns, then the value as read.
 /// Only while encrypted column `col` still holds the value read (the last

@@ -90,6 +90,9 @@ pub(super) struct Prepared {
     pub(super) quarantine: Vec<Statement>,
     /// Where each staged row stands after the UPDATE (run when not every row landed).
     pub(super) outcome: Statement,
+    /// How many staged rows hold what rekey wrote, read back after the
+    /// AFTER triggers (tables that have any).
+    pub(super) landed: Option<Statement>,
     /// The not-rotated INSERT.
     pub(super) not_rotated: Statement,
 }
@@ -298,6 +301,10 @@ impl Writer {
                 );
             }
             let outcome = client.prepare(&sql::staged_outcome(t)).await.ctx(what)?;
+            let landed = match t.after_triggers {
+                true => Some(client.prepare(&sql::landed_count(t)).await.ctx(what)?),
+                false => None,
+            };
             let not_rotated = client
                 .prepare(&sql::insert_not_rotated(t))
                 .await
@@ -309,6 +316,7 @@ impl Writer {
                     update_any,
                     quarantine,
                     outcome,
+                    landed,
                     not_rotated,
                 },
             );

@@ -137,11 +137,18 @@ pub(super) async fn swap(
     };
     let landed = answer.get::<_, i64>(1) as u64;
     counts.rows_rewritten = landed;
-    if target.after_triggers {
-        // RETURNING saw the rows before the AFTER triggers: deferred ones
-        // fire now (as they would at COMMIT), and what is stored is read back
-        tx.batch_execute("SET CONSTRAINTS ALL IMMEDIATE").await?;
-    } else if landed == staged.len() as u64 {
+    let landed = match &p.landed {
+        Some(count) => {
+            // RETURNING saw the rows before the AFTER triggers: deferred
+            // ones fire now (as they would at COMMIT), and what is stored
+            // is counted again
+            tx.batch_execute("SET CONSTRAINTS ALL IMMEDIATE").await?;
+            let now = tx.query_one(count, &[]).await?.get::<_, i64>(0) as u64;
+            now.min(landed)
+        }
+        None => landed,
+    };
+    if landed == staged.len() as u64 {
         return Ok(Swapped::default());
     }
     let retry = matches!(commit, Commit::Retry(_));
