@@ -212,6 +212,12 @@ pub(crate) struct Log {
 }
 
 impl Log {
+    /// What this invocation changed so far, for a failure after it (none
+    /// where it recorded no event).
+    fn said(&self) -> Option<String> {
+        (!self.events.is_empty()).then(|| self.lines.join("; "))
+    }
+
     /// Ends the invocation at `step`.
     pub fn end(self, ended: Ended, step: Step) -> Progressed {
         Progressed {
@@ -277,7 +283,7 @@ pub async fn rotate(
     match run_steps(&cx, client, &mut log).await {
         // a failure after this invocation changed something says what it
         // changed: the failure's own "nothing was written" is its step's
-        Err(e) if !log.events.is_empty() => Err(e.after(&log.lines.join("; "))),
+        Err(e) => Err(log.said().into_iter().fold(e, |e, done| e.after(&done))),
         ended => ended,
     }
 }
@@ -314,7 +320,10 @@ async fn run_steps(cx: &Ctx<'_>, client: &mut Client, log: &mut Log) -> Result<P
             )));
         }
         if intent == Intent::Abort || rot.step == Step::Aborting {
-            return abort::abort(cx, client, &mut store, &rot, std::mem::take(log)).await;
+            let before = log.said();
+            return abort::abort(cx, client, &mut store, &rot, std::mem::take(log))
+                .await
+                .map_err(|e| before.into_iter().fold(e, |e, done| e.after(&done)));
         }
         forward::check_staged_key(client, &store, &rot).await?;
         let next = match rot.step {
@@ -327,7 +336,10 @@ async fn run_steps(cx: &Ctx<'_>, client: &mut Client, log: &mut Log) -> Result<P
                 forward::promoted(cx, client, &mut store, &rot, verified_now, log).await?
             }
             Step::Promoted => {
-                return forward::retired(cx, client, &mut store, &rot, std::mem::take(log)).await
+                let before = log.said();
+                return forward::retired(cx, client, &mut store, &rot, std::mem::take(log))
+                    .await
+                    .map_err(|e| before.into_iter().fold(e, |e, done| e.after(&done)));
             }
             Step::Retired | Step::RolledBack | Step::Aborting => {
                 return Err(Error::Runtime(format!(

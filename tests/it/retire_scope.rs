@@ -857,6 +857,13 @@ async fn retire_is_refused_while_another_job_on_the_same_store_still_rotates_awa
         "the refusal names the other job: {}",
         printed(&out)
     );
+    // exit 2 after this invocation promoted key 2: it says what it changed
+    assert!(
+        printed(&out).contains("before this, the command had")
+            && printed(&out).contains("promoted"),
+        "{}",
+        printed(&out)
+    );
     let key1 = keyring_table(&keyring)
         .entries
         .into_iter()
