@@ -97,6 +97,7 @@ async fn purge(a: &PurgeArgs) -> Result<u8, Error> {
             &db,
             &client,
             &job,
+            &store.secret_id(),
             &archived,
             default_lanes(),
         ))

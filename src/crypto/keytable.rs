@@ -123,6 +123,13 @@ impl KeyTable {
         self.entries.iter().any(|e| e.id == id && e.compromised)
     }
 
+    /// The current key's id where it is marked compromised: no value may be
+    /// written under it, and no keyring loads over it until a key is staged.
+    pub fn compromised_current(&self) -> Option<KeyId> {
+        self.id_in(KeyState::Current)
+            .filter(|&id| self.is_compromised(id))
+    }
+
     /// The id in `state`, if exactly one key has it (current, pending).
     pub fn id_in(&self, state: KeyState) -> Option<KeyId> {
         self.with_state(state).map(|e| e.id).next()

@@ -386,6 +386,12 @@ impl Job {
         })
     }
 
+    /// The first target with a `where` filter: no verify of the job sees
+    /// every row, so it can prove nothing a key's end rests on.
+    pub fn filtered_target(&self) -> Option<&Target> {
+        self.targets.iter().find(|t| t.filter.is_some())
+    }
+
     /// Key ids and fingerprints of every target, never material: what the
     /// engine stores to detect a key set that changed under an unfinished job.
     pub fn describe_keys(&self) -> serde_json::Value {

@@ -199,51 +199,49 @@ impl Audit {
         event_type: &str,
         job_id: i64,
     ) -> Result<bool, Error> {
-        self.settle(client).await?;
-        let row = client
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM rekey.audit WHERE chain = $1 AND event_type = $2 AND job_id = $3)",
-                &[&self.chain, &event_type, &job_id],
-            )
-            .await
-            .ctx(|| "reading the audit trail (rekey.audit)".to_string())?;
-        Ok(row.get(0))
+        self.has(client, event_type, "job_id", &job_id).await
     }
 
     /// Whether this chain already holds an event of `event_type` for
-    /// rotation `rotation_id` (one recorded by an invocation that failed
-    /// after it, or that stopped before its commit: [`Audit::settle`]).
-    /// `client` as for [`Audit::record`].
+    /// rotation `rotation_id`, as [`Audit::has_event`] for a job.
     pub async fn has_rotation_event(
         &self,
         client: &Client,
         event_type: &str,
         rotation_id: i64,
     ) -> Result<bool, Error> {
-        self.settle(client).await?;
-        let row = client
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM rekey.audit WHERE chain = $1 AND event_type = $2 AND rotation_id = $3)",
-                &[&self.chain, &event_type, &rotation_id],
-            )
+        self.has(client, event_type, "rotation_id", &rotation_id)
             .await
-            .ctx(|| "reading the audit trail (rekey.audit)".to_string())?;
-        Ok(row.get(0))
     }
 
     /// Whether this chain already holds an event of `event_type` for key
-    /// `key_ref` (`<store>#<id>`).
+    /// `key_ref` (`<store>#<id>`), as [`Audit::has_event`] for a job.
     pub async fn has_key_event(
         &self,
         client: &Client,
         event_type: &str,
         key_ref: &str,
     ) -> Result<bool, Error> {
+        self.has(client, event_type, "secret_id", &key_ref).await
+    }
+
+    /// Whether an event of `event_type` whose `column` (one of the names
+    /// above, never input) is `value` is in the chain, once the lines a
+    /// stopped process left are settled.
+    async fn has(
+        &self,
+        client: &Client,
+        event_type: &str,
+        column: &'static str,
+        value: &(dyn tokio_postgres::types::ToSql + Sync),
+    ) -> Result<bool, Error> {
         self.settle(client).await?;
         let row = client
             .query_one(
-                "SELECT EXISTS (SELECT 1 FROM rekey.audit WHERE chain = $1 AND event_type = $2 AND secret_id = $3)",
-                &[&self.chain, &event_type, &key_ref],
+                &format!(
+                    "SELECT EXISTS (SELECT 1 FROM rekey.audit WHERE chain = $1 AND event_type = $2 AND {column} = $3)"
+                ),
+                &[&self.chain, &event_type, value],
             )
             .await
             .ctx(|| "reading the audit trail (rekey.audit)".to_string())?;
@@ -364,15 +362,8 @@ impl Audit {
         let head_ref = head.as_ref().map(|(s, h)| (*s, h.as_str()));
         let left = uncommitted(&text, &self.chain, database, head_ref, &self.written_to());
         for event in &left {
-            insert(client, event).await?;
-            // said by every check from now on: the file alone vouches for it
-            client
-                .execute(
-                    "UPDATE rekey.audit SET adopted_at = now() WHERE chain = $1 AND seq = $2",
-                    &[&event.body.chain, &event.body.seq],
-                )
-                .await
-                .ctx(writing)?;
+            // marked: every check says from now on that the file alone vouches for it
+            insert(client, event, true).await?;
             tracing::warn!(
                 "recorded audit event {} ({}) in rekey.audit from its line in {}: an earlier rekey stopped between writing \
                  the line and committing it; `rekey report --check` names it from now on",
@@ -454,7 +445,7 @@ impl Audit {
             database,
         };
         let event = body.sealed();
-        insert(client, &event).await?;
+        insert(client, &event, false).await?;
         self.append_line(&event)?;
         Ok(event)
     }
@@ -492,8 +483,9 @@ impl Audit {
     }
 }
 
-/// Inserts `event` into `rekey.audit` as it is sealed.
-async fn insert(client: &Client, event: &Event) -> Result<(), Error> {
+/// Inserts `event` into `rekey.audit` as it is sealed; `adopted`: taken
+/// from its line in the file after a crash (`adopted_at`, outside the hash).
+async fn insert(client: &Client, event: &Event, adopted: bool) -> Result<(), Error> {
     let affected = event
         .body
         .affected_records
@@ -503,13 +495,14 @@ async fn insert(client: &Client, event: &Event) -> Result<(), Error> {
         .execute(
             "INSERT INTO rekey.audit (event_type, timestamp, secret_id, operator, reason, incident_id, verification_status,
                                       affected_records, old_key, new_key, notes, detail, job_id, rotation_id,
-                                      chain, seq, written_to, prev_hash, hash, database_id)
-             VALUES ($1, $2::text::timestamptz, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)",
+                                      chain, seq, written_to, prev_hash, hash, database_id, adopted_at)
+             VALUES ($1, $2::text::timestamptz, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20,
+                     CASE WHEN $21 THEN now() END)",
             &[
                 &b.event_type, &b.timestamp, &b.secret_id, &b.operator, &b.reason, &b.incident_id,
                 &b.verification_status, &affected, &b.old_key.map(i64::from), &b.new_key.map(i64::from),
                 &b.notes, &b.detail, &b.job_id, &b.rotation_id, &b.chain, &b.seq, &b.written_to,
-                &b.prev_hash, &event.hash, &b.database,
+                &b.prev_hash, &event.hash, &b.database, &adopted,
             ],
         )
         .await

@@ -43,7 +43,7 @@ pub async fn proof(
     quiet: bool,
     wait_for_writers: Duration,
 ) -> Result<Result<Verification, String>, Error> {
-    if let Some(t) = job.targets.iter().find(|t| t.filter.is_some()) {
+    if let Some(t) = job.filtered_target() {
         return Err(Error::Config(format!(
             "target {} has a `where` filter, so no verify sees every row, and once the new key is promoted the \
              applications read only it: promote with a job that covers whole tables",

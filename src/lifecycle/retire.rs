@@ -38,7 +38,7 @@ pub async fn retire(
         .table()
         .retirable(old)
         .map_err(|e| Error::Config(format!("{}: {e}; nothing was retired", store.secret_id())))?;
-    if let Some(t) = job.targets.iter().find(|t| t.filter.is_some()) {
+    if let Some(t) = job.filtered_target() {
         return Err(Error::Config(format!(
             "target {} has a `where` filter, so verification cannot see every row; retire the key with a job that covers whole tables",
             t.table
@@ -278,10 +278,11 @@ pub async fn purge_refused(
     db: &Database,
     client: &Client,
     job: &Arc<Job>,
+    store: &str,
     ids: &[KeyId],
     lanes: usize,
 ) -> Result<Option<String>, Error> {
-    if let Some(t) = job.targets.iter().find(|t| t.filter.is_some()) {
+    if let Some(t) = job.filtered_target() {
         return Err(Error::Config(format!(
             "target {} has a `where` filter, so no verify sees every row, and a purge destroys keys for good: purge with a job \
              that covers whole tables; nothing was purged",
@@ -294,14 +295,10 @@ pub async fn purge_refused(
         return Ok(None);
     }
     Ok(Some(format!(
-        "refusing to destroy the archived material of keys {ids:?}: a full verify found {unreadable} values no key of {} opens, \
+        "refusing to destroy the archived material of keys {ids:?}: a full verify found {unreadable} values no key of {store} opens, \
          and a value restored from a backup under a retired key reads so: only that key's archived material could open it again. \
          Restore the key (`rekey secrets restore --key-id N`) and rotate them (`rekey run`), or, where they are damaged, fix them \
-         (`rekey verify --full` lists them); purge once a full verify finds none. Nothing was purged",
-        job.targets
-            .first()
-            .and_then(|t| t.read.source.as_ref())
-            .map_or_else(|| "the store".to_string(), |k| k.store_label()),
+         (`rekey verify --full` lists them); purge once a full verify finds none. Nothing was purged"
     )))
 }
 

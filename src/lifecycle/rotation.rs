@@ -17,7 +17,7 @@ use serde_json::json;
 use tokio_postgres::Client;
 
 use crate::crypto::keyring::{Key, KeyId};
-use crate::crypto::keytable::{rfc3339, KeyState};
+use crate::crypto::keytable::rfc3339;
 use crate::db::idle::keeping_alive;
 use crate::db::Database;
 use crate::engine::pipeline::Settings;
@@ -283,8 +283,16 @@ pub async fn rotate(
     match run_steps(&cx, client, &mut log).await {
         // a failure after this invocation changed something says what it
         // changed: the failure's own "nothing was written" is its step's
-        Err(e) => Err(log.said().into_iter().fold(e, |e, done| e.after(&done))),
+        Err(e) => Err(with_changes(e, log.said())),
         ended => ended,
+    }
+}
+
+/// `e`, saying what the invocation changed before it (`said`), if anything.
+fn with_changes(e: Error, said: Option<String>) -> Error {
+    match said {
+        Some(done) => e.after(&done),
+        None => e,
     }
 }
 
@@ -323,7 +331,7 @@ async fn run_steps(cx: &Ctx<'_>, client: &mut Client, log: &mut Log) -> Result<P
             let before = log.said();
             return abort::abort(cx, client, &mut store, &rot, std::mem::take(log))
                 .await
-                .map_err(|e| before.into_iter().fold(e, |e, done| e.after(&done)));
+                .map_err(|e| with_changes(e, before));
         }
         forward::check_staged_key(client, &store, &rot).await?;
         let next = match rot.step {
@@ -339,7 +347,7 @@ async fn run_steps(cx: &Ctx<'_>, client: &mut Client, log: &mut Log) -> Result<P
                 let before = log.said();
                 return forward::retired(cx, client, &mut store, &rot, std::mem::take(log))
                     .await
-                    .map_err(|e| before.into_iter().fold(e, |e, done| e.after(&done)));
+                    .map_err(|e| with_changes(e, before));
             }
             Step::Retired | Step::RolledBack | Step::Aborting => {
                 return Err(Error::Runtime(format!(
@@ -519,11 +527,7 @@ async fn stage_new(
     // whole, values that do not open) refuses before a key is staged; not
     // where the current key is marked compromised, as no keyring is loaded
     // over it until a new key is staged (the run checks all this then)
-    let table = store.table();
-    if !table
-        .id_in(KeyState::Current)
-        .is_some_and(|c| table.is_compromised(c))
-    {
+    if store.table().compromised_current().is_none() {
         let job = crate::job::Job::resolve(cx.spec, client).await?;
         crate::engine::verify::preflight(client, &job).await?;
     }

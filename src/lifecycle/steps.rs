@@ -84,16 +84,15 @@ pub async fn stage(
     // and above every id an earlier rotation used (`used`): values may carry
     // one the store no longer holds (a key removed by hand), and a new key
     // of that id would leave them unreadable under it
+    let next = store.next_id()?;
     let next = match used.map(|u| u.saturating_add(1)) {
-        Some(after) if after > i64::from(store.next_id()?) => {
-            KeyId::try_from(after).map_err(|_| {
-                Error::Config(format!(
-                    "no key id is left above {after} for {}",
-                    store.secret_id()
-                ))
-            })?
-        }
-        _ => store.next_id()?,
+        Some(after) if after > i64::from(next) => KeyId::try_from(after).map_err(|_| {
+            Error::Config(format!(
+                "no key id is left above {after} for {}",
+                store.secret_id()
+            ))
+        })?,
+        _ => next,
     };
     refuse_unnameable(spec, next)?;
     let key = store.new_key(next).await?;

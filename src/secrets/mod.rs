@@ -124,18 +124,11 @@ pub async fn load_keyring(keys: &KeysSpec) -> Result<Keyring, Error> {
             // with nothing staged, a run's target is the current key: one
             // marked compromised (a key table's COMPROMISED row read as
             // current) must never receive values
-            if let (None, Some(c)) = (
-                table.id_in(KeyState::Pending),
-                table
-                    .entries
-                    .iter()
-                    .find(|e| e.state == KeyState::Current && e.compromised),
-            ) {
+            if let (None, Some(c)) = (table.id_in(KeyState::Pending), table.compromised_current()) {
                 return Err(Error::Config(format!(
-                    "{}: the current key {} is marked compromised and no new key is staged, so a run would \
+                    "{}: the current key {c} is marked compromised and no new key is staged, so a run would \
                      rewrite values under the compromised key: stage one first (`rekey rotate --reason compromise`)",
                     store.secret_id(),
-                    c.id
                 )));
             }
             table
