@@ -63,6 +63,16 @@ async fn values_by_key(db: &TestDb, table: &KeyTable) -> std::collections::BTree
     by_key
 }
 
+/// A `rotate --no-wait` of `job` killed once a third of its `values` are
+/// re-encrypted: key 2 staged, values under both keys.
+async fn rotate_killed_a_third_through(db: &TestDb, job: &str, values: i64) {
+    let args = ["rotate", "--job", job, "--no-wait", "--batch-size", "200"];
+    let mut child = spawn_rekey(&args, &keyring_pass_env());
+    wait_for_progress(db, &mut child, values / 3).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn rotate_stops_after_staging_for_the_deployment_then_goes_on() {
     let db = TestDb::new().await;
@@ -179,18 +189,7 @@ async fn abort_puts_every_value_back_under_the_old_key_and_retires_the_staged_on
     let values = values_in(20_000);
 
     // killed half-way through the re-encryption: values under both keys
-    let args = [
-        "rotate",
-        "--job",
-        job.as_str(),
-        "--no-wait",
-        "--batch-size",
-        "200",
-    ];
-    let mut child = spawn_rekey(&args, &keyring_pass_env());
-    wait_for_progress(&db, &mut child, values / 3).await;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    rotate_killed_a_third_through(&db, &job, values).await;
     let split = values_by_key(&db, &table(&keyring)).await;
     assert!(split.len() == 2, "killed too late or too early: {split:?}");
 
@@ -239,18 +238,7 @@ async fn an_abort_killed_after_recording_its_step_and_before_un_staging_resumes_
     let dir = tempfile::tempdir().unwrap();
     let (job, keyring) = keyring_file_job(&db, &dir);
     let values = values_in(20_000);
-    let args = [
-        "rotate",
-        "--job",
-        job.as_str(),
-        "--no-wait",
-        "--batch-size",
-        "200",
-    ];
-    let mut child = spawn_rekey(&args, &keyring_pass_env());
-    wait_for_progress(&db, &mut child, values / 3).await;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    rotate_killed_a_third_through(&db, &job, values).await;
     assert_eq!(table(&keyring).id_in(KeyState::Pending), Some(2));
     db.client
         .batch_execute("UPDATE rekey.rotations SET step = 'aborting'")
@@ -283,18 +271,7 @@ async fn a_new_key_never_takes_an_id_an_earlier_rotation_used_though_the_store_l
     let dir = tempfile::tempdir().unwrap();
     let (job, keyring) = keyring_file_job(&db, &dir);
     let values = values_in(20_000);
-    let args = [
-        "rotate",
-        "--job",
-        job.as_str(),
-        "--no-wait",
-        "--batch-size",
-        "200",
-    ];
-    let mut child = spawn_rekey(&args, &keyring_pass_env());
-    wait_for_progress(&db, &mut child, values / 3).await;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    rotate_killed_a_third_through(&db, &job, values).await;
     let mut file = KeyringFile::open(&keyring, KEYRING_PASS.as_bytes(), "P").unwrap();
     file.table.entries.retain(|e| e.id != 2);
     file.save().unwrap();

@@ -3,14 +3,11 @@
 
 use super::*;
 
-// Before this check: exit 1, "writing a batch to public.patient_persons:
-// permission denied for table patient_persons", with the hint to run again.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_role_that_may_not_update_the_columns_is_refused_with_the_grant_before_any_write() {
-    let db = TestDb::new().await;
-    db.seed_patients(100).await;
-    let role = format!("{}_readonly", db_name(&db).await);
-    let database = db_name(&db).await;
+/// A login role (named `<database>_<suffix>`) that may read
+/// `patient_persons` and update only its `name`, and create rekey's schema.
+async fn name_only_role(db: &TestDb, suffix: &str) -> String {
+    let role = format!("{}_{suffix}", db_name(db).await);
+    let database = db_name(db).await;
     db.client
         .batch_execute(&format!(
             "CREATE ROLE {role} LOGIN PASSWORD 'pw' NOSUPERUSER NOBYPASSRLS;
@@ -20,6 +17,16 @@ async fn a_role_that_may_not_update_the_columns_is_refused_with_the_grant_before
         ))
         .await
         .unwrap();
+    role
+}
+
+// Before this check: exit 1, "writing a batch to public.patient_persons:
+// permission denied for table patient_persons", with the hint to run again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_role_that_may_not_update_the_columns_is_refused_with_the_grant_before_any_write() {
+    let db = TestDb::new().await;
+    db.seed_patients(100).await;
+    let role = name_only_role(&db, "readonly").await;
     let dir = tempfile::tempdir().unwrap();
     let job = db.patients_job(&dir).display().to_string();
     let url = url_as(&db, &role);
@@ -50,17 +57,7 @@ async fn a_role_that_may_not_update_the_columns_is_refused_with_the_grant_before
 async fn rotate_as_a_role_that_may_not_update_the_columns_is_refused_before_it_stages_a_key() {
     let db = TestDb::new().await;
     db.seed_patients(100).await;
-    let role = format!("{}_stager", db_name(&db).await);
-    let database = db_name(&db).await;
-    db.client
-        .batch_execute(&format!(
-            "CREATE ROLE {role} LOGIN PASSWORD 'pw' NOSUPERUSER NOBYPASSRLS;
-             GRANT SELECT, UPDATE (name) ON patient_persons TO {role};
-             GRANT USAGE, CREATE ON SCHEMA public TO {role};
-             GRANT CREATE, TEMPORARY ON DATABASE {database} TO {role};"
-        ))
-        .await
-        .unwrap();
+    let role = name_only_role(&db, "stager").await;
     let dir = tempfile::tempdir().unwrap();
     let (job, keyring) = keyring_file_job(&db, &dir);
     let url = url_as(&db, &role);
