@@ -4,6 +4,7 @@
 
 pub mod behind;
 mod conflicts;
+pub mod held;
 pub mod left;
 mod others;
 mod pacing;

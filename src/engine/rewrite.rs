@@ -11,9 +11,9 @@ use crate::db::idle::keeping_alive;
 use crate::db::raw::params;
 use crate::db::session::Timeouts;
 use crate::db::Database;
-use crate::engine::behind;
 use crate::engine::left::{counted_beside, rows_estimate};
 use crate::engine::pipeline::{self, Mode, Outcome, Settings};
+use crate::engine::{behind, held};
 use crate::engine::{plan, sql};
 use crate::error::DbContext;
 use crate::job::{Job, Target};
@@ -60,6 +60,9 @@ pub async fn rewrite(
     let progress = Progress::estimated(rows_estimate(client, job).await?, "rewriting", quiet);
     let total = progress.total();
     let ranges = std::mem::take(&mut record.ranges);
+    let stop = settings.stop.clone();
+    let mut watches = held::watches(job);
+    let every = held::every(settings.signals.check_every);
     let run = pipeline::run(
         db,
         job.clone(),
@@ -69,6 +72,7 @@ pub async fn rewrite(
         live,
         progress,
     );
+    let run = held::watching(&mut watches, every, &stop, run);
     // this session holds the job's lock while the pipeline's sessions work
     let mut outcome = keeping_alive(client, counted_beside(db, job, &total, run)).await??;
     if client.is_closed() {
@@ -79,6 +83,9 @@ pub async fn rewrite(
         state::lock_job(client, &job.name, false).await?;
         outcome.session_reopened = true;
     }
+    // every value written is under a key its store still holds, or the run fails
+    // (a store may take long to open: a key table through KMS; the session idles meanwhile)
+    keeping_alive(client, held::look(&mut watches, true)).await?;
     if !outcome.stopped {
         outcome.behind = behind::rows_behind(client, job, record.id).await?;
     }

@@ -14,6 +14,7 @@
 #[cfg(feature = "aws")]
 pub mod aws;
 pub mod file;
+pub mod held;
 #[cfg(feature = "aws")]
 pub mod kms;
 pub mod layout;

@@ -35,5 +35,6 @@ mod secrecy;
 mod server_faults;
 mod server_settings;
 mod shapes;
+mod store_lost_key;
 mod tls;
 mod wal_throttle;

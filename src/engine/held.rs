@@ -1,0 +1,118 @@
+//! The run's watch on the stores it writes under: every key a rewrite
+//! seals values with must stay in its store while the run goes and when it
+//! ends ([`crate::secrets::held`]). A key the store lost is put back where
+//! it was staged and nothing took its place; otherwise the run stops (the
+//! values written under the key since are bounded by one look's interval)
+//! and fails naming the key and the store: exit 0 would promise values no
+//! key in any store opens.
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::control::stop::Stop;
+use crate::job::Job;
+use crate::secrets::held::{Held, KeyWatch};
+use crate::Error;
+
+/// How often the stores are looked at during a run: ten rounds of the
+/// monitor (`--check-every`), from 1 s to 60 s. A keyring file unchanged
+/// since the last look is not read again.
+pub fn every(check_every: Duration) -> Duration {
+    (check_every * 10).clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
+
+/// One watch per store and key the job's targets write under.
+pub fn watches(job: &Job) -> Vec<KeyWatch> {
+    let mut seen: Vec<(&crate::secrets::KeysSpec, String)> = Vec::new();
+    let mut out = Vec::new();
+    for t in &job.targets {
+        let Some(keys) = &t.write.source else {
+            continue;
+        };
+        let fingerprint = t.write.keyring.target().fingerprint();
+        if seen.iter().any(|(k, f)| *k == keys && *f == fingerprint) {
+            continue;
+        }
+        seen.push((keys, fingerprint));
+        out.extend(KeyWatch::new(keys, &t.write.keyring));
+    }
+    out
+}
+
+/// Runs `run` while the stores are looked at every `every`; a key lost
+/// stops the run (through `stop`), which ends with that error once the
+/// batches in flight have committed.
+pub async fn watching<T>(
+    watches: &mut [KeyWatch],
+    every: Duration,
+    stop: &Stop,
+    run: impl Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    if watches.is_empty() {
+        return run.await;
+    }
+    let looking = async {
+        loop {
+            tokio::time::sleep(every).await;
+            if let Err(lost) = look(watches, false).await {
+                return lost;
+            }
+        }
+    };
+    tokio::pin!(run);
+    tokio::select! {
+        done = &mut run => done,
+        lost = looking => {
+            tracing::error!("{}", lost.chain());
+            stop.trigger();
+            // the batches in flight commit; what the run wrote is recorded
+            let _ = run.await;
+            Err(lost)
+        }
+    }
+}
+
+/// Looks at every store once, reading each (`always`) or only those whose
+/// file changed. A key put back is said; a key lost is the error. A store
+/// that cannot be read fails the look at the end of a run (`always`), and
+/// is tried again at the next look during one.
+pub async fn look(watches: &mut [KeyWatch], always: bool) -> Result<(), Error> {
+    for w in watches.iter_mut() {
+        let (id, fingerprint) = (w.key().id(), w.key().fingerprint());
+        match w.check(always).await {
+            Ok(Held::Present) => {}
+            Ok(Held::PutBack { why }) => tracing::warn!(
+                "{} lost key {id} (fingerprint {fingerprint}) while this run wrote values under it: {why}; \
+                 rekey put it back as the pending key, as it was the only copy. Find what changed the store \
+                 (a deployment writing an older copy, a hand edit) before it does so again",
+                w.store()
+            ),
+            Ok(Held::Lost { why }) => {
+                return Err(Error::Runtime(format!(
+                    "key {id} (fingerprint {fingerprint}), which this run writes values under, is no longer in {}: {why}. \
+                     The run stopped. Values the job wrote under key {id} open with no other key: put key {id} back \
+                     in {} (from the copy or version it held before the change) before anything else, then run \
+                     `rekey run` again to finish; do not abort, promote or retire until it is back",
+                    w.store(),
+                    w.store()
+                )))
+            }
+            Err(e) if always => {
+                return Err(Error::Runtime(format!(
+                    "could not confirm that key {id} (fingerprint {fingerprint}), which this run wrote values under, \
+                     is still in {}: {}. Check that it holds key {id} before anything else, then run `rekey run` \
+                     again to finish",
+                    w.store(),
+                    e.chain()
+                )))
+            }
+            Err(e) => tracing::warn!(
+                "could not read {} to confirm it still holds key {id}, which this run writes under \
+                 (tried again in a moment): {}",
+                w.store(),
+                e.chain()
+            ),
+        }
+    }
+    Ok(())
+}
