@@ -4,13 +4,19 @@
 //! row, a restore from a backup). `run` may not say done while one is in
 //! scope: exit 0 promises that nothing in scope is left on an old key.
 //!
-//! Only where a value shows its key by its first bytes
-//! ([`super::left::shows_rotated`]); elsewhere a run reads every row, and
-//! telling a value written behind it from one it rotated takes a decrypt
-//! of every value (`rekey verify --full`).
+//! Where a value shows its key by its first bytes
+//! ([`super::left::shows_rotated`]) the rows on an old key are counted.
+//! Elsewhere (raw AES-GCM, Fernet) telling a value written behind the run
+//! from one it rotated takes a decrypt, so only the rows written by someone
+//! else since the job began are read and opened: a row whose `xmin` is
+//! newer than the job's first transaction and none of the transactions its
+//! batches committed in (`rekey.job_xids`). A row frozen by VACUUM since
+//! it was written shows no xmin to compare: left to `rekey verify --full`.
 
+use futures_util::TryStreamExt;
 use tokio_postgres::Client;
 
+use crate::db::page::Page;
 use crate::db::raw::params;
 use crate::error::DbContext;
 use crate::job::{Job, Target};
@@ -18,6 +24,7 @@ use crate::Error;
 
 use super::left::shows_rotated;
 use super::sql;
+use super::transform::{self, Cell, Cells};
 
 /// Rows written behind the run in one table.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -47,8 +54,12 @@ pub async fn rows_behind(client: &Client, job: &Job, job_id: i64) -> Result<Vec<
         return Ok(Vec::new());
     }
     let mut behind = Vec::new();
-    for t in job.targets.iter().filter(|t| shows_rotated(t)) {
-        let rows = unrecorded_stale_rows(client, t, job_id).await?;
+    for t in &job.targets {
+        let rows = if shows_rotated(t) {
+            unrecorded_stale_rows(client, t, job_id).await?
+        } else {
+            others_on_old_keys(client, t, job_id).await?
+        };
         if rows > 0 {
             behind.push(Behind {
                 table: t.table.to_string(),
@@ -119,4 +130,99 @@ async fn unrecorded_stale_rows(client: &Client, t: &Target, job_id: i64) -> Resu
         .max()
         .unwrap_or(0);
     Ok(u64::try_from(behind).unwrap_or(0))
+}
+
+/// Rows of `t` another writer changed since job `job_id` began that hold a
+/// value an old key opens: read (only those rows) and opened. A job begun
+/// before rekey noted its transactions is not checked (0).
+async fn others_on_old_keys(client: &Client, t: &Target, job_id: i64) -> Result<u64, Error> {
+    let what = || {
+        format!(
+            "reading the rows of {} others changed during the run",
+            t.table
+        )
+    };
+    let started: Option<i64> = client
+        .query_one(
+            "SELECT started_xid FROM rekey.jobs WHERE job_id = $1",
+            &[&job_id],
+        )
+        .await
+        .ctx(what)?
+        .get(0);
+    let Some(started) = started else {
+        return Ok(0);
+    };
+    // age() counts back from now: a row younger than the job's first
+    // transaction was written after it; a frozen row's age is the largest
+    let text = format!(
+        "SELECT {}, {}{} FROM {} WHERE age(xmin) < age(($1::bigint)::text::xid)
+            AND xmin::text::bigint NOT IN (SELECT xid FROM rekey.job_xids WHERE job_id = $2){}",
+        t.key_list(""),
+        t.columns
+            .iter()
+            .map(|c| crate::db::quote_ident(&c.name))
+            .collect::<Vec<_>>()
+            .join(", "),
+        sql::aad_select(t),
+        t.qualified(),
+        sql::target_filter(t)
+    );
+    let stream = client
+        .query_raw(
+            &text,
+            [
+                &started as &(dyn tokio_postgres::types::ToSql + Sync),
+                &job_id,
+            ],
+        )
+        .await
+        .ctx(what)?;
+    futures_util::pin_mut!(stream);
+    let (mut behind, mut rows) = (0u64, Vec::new());
+    loop {
+        let row = stream.try_next().await.ctx(what)?;
+        let last = row.is_none();
+        rows.extend(row);
+        if rows.len() >= PAGE_ROWS || (last && !rows.is_empty()) {
+            behind += on_old_keys(t, &rows)?;
+            rows.clear();
+        }
+        if last {
+            return Ok(behind);
+        }
+    }
+}
+
+/// Rows read at a time by [`others_on_old_keys`].
+const PAGE_ROWS: usize = 5_000;
+
+/// Rows of `rows` (key columns, encrypted columns, associated data) with a
+/// value an old key opens. A value no key opens is not counted here: the
+/// run quarantines such values as it meets them.
+fn on_old_keys(t: &Target, rows: &[tokio_postgres::Row]) -> Result<u64, Error> {
+    let page = Page::from_rows(rows).map_err(|e| {
+        Error::Runtime(format!(
+            "reading the rows of {} others changed: {e}",
+            t.table
+        ))
+    })?;
+    let mut cells = Cells::default();
+    transform::classify(t, &page, &mut cells);
+    let ncols = t.columns.len().max(1);
+    let old = cells
+        .chunks(ncols)
+        .filter(|row| {
+            row.iter().any(|c| {
+                matches!(
+                    c,
+                    Cell::Opened {
+                        on_target: false,
+                        ..
+                    }
+                )
+            })
+        })
+        .count();
+    Ok(old as u64)
 }

@@ -106,7 +106,9 @@ pub struct Reached<'a> {
 /// still held under `lease` (`None`: ranges are not leased); returns the
 /// job's `control` ("run", "pause", "stop") and whether a lane of another
 /// process asked for the range to be split (the request is taken: cleared),
-/// or `None` when the lease was lost (the caller must roll back).
+/// or `None` when the lease was lost (the caller must roll back). The
+/// transaction's xid is noted as the job's own (`rekey.job_xids`): rows it
+/// wrote are not taken for another writer's ([`crate::engine::behind`]).
 pub async fn record_batch(
     tx: &impl GenericClient,
     job_id: i64,
@@ -125,7 +127,8 @@ pub async fn record_batch(
     let generation = lease.map(|l| l.generation);
     let row = tx
         .query_opt(
-            "UPDATE rekey.progress SET last_key = coalesce($4, last_key), done = $5 AND upper_key IS NOT DISTINCT FROM $15,
+            "WITH own AS (INSERT INTO rekey.job_xids (job_id, xid) VALUES ($1, txid_current() % 4294967296))
+             UPDATE rekey.progress SET last_key = coalesce($4, last_key), done = $5 AND upper_key IS NOT DISTINCT FROM $15,
                     rows_scanned = rows_scanned + $6, rows_rewritten = rows_rewritten + $7,
                     values_rewritten = values_rewritten + $8, values_skipped = values_skipped + $9,
                     values_failed = values_failed + $10, conflicts = conflicts + $11,
@@ -157,7 +160,8 @@ pub async fn record_batch(
     Ok(row.map(|r| (r.get(0), r.get::<_, Option<bool>>(1).unwrap_or(false))))
 }
 
-/// Counts a batch of conflict re-reads, inside its own transaction.
+/// Counts a batch of conflict re-reads, inside its own transaction, and
+/// notes the transaction's xid as the job's own, as [`record_batch`].
 pub async fn record_retry(
     tx: &impl GenericClient,
     job_id: i64,
@@ -167,7 +171,8 @@ pub async fn record_retry(
 ) -> Result<(), tokio_postgres::Error> {
     let v = as_params(c);
     tx.execute(
-        "INSERT INTO rekey.progress AS p (job_id, target, range_no, table_name, done, rows_scanned, rows_rewritten,
+        "WITH own AS (INSERT INTO rekey.job_xids (job_id, xid) VALUES ($1, txid_current() % 4294967296))
+         INSERT INTO rekey.progress AS p (job_id, target, range_no, table_name, done, rows_scanned, rows_rewritten,
                 values_rewritten, values_skipped, values_failed, conflicts, values_not_rotated)
          VALUES ($1, $2, $3, $4, true, $5, $6, $7, $8, $9, $10, $11)
          ON CONFLICT (job_id, target, range_no) DO UPDATE SET

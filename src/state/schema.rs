@@ -35,6 +35,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     ),
     (20, include_str!("../../sql/020_key_table_archived_row.sql")),
     (21, include_str!("../../sql/021_audit_adopted.sql")),
+    (23, include_str!("../../sql/023_job_xids.sql")),
 ];
 
 /// Creates or upgrades schema `rekey`. Safe to run from several processes

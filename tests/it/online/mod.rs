@@ -22,6 +22,7 @@ mod rotate_written_behind;
 mod row_locks;
 mod shared_job;
 mod timing;
+mod unlabelled_written_behind;
 
 /// `rekey` in the background with its output captured.
 fn spawn_captured(args: &[&str]) -> Child {
