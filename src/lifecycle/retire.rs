@@ -423,6 +423,39 @@ async fn refuse_tables_left_out(
     };
     let mut tables: Vec<&str> = refused.iter().map(|l| l.table.as_str()).collect();
     tables.dedup();
+    let vouch = tables
+        .iter()
+        .map(|t| format!("--accept-unverified {t}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let (others, own): (Vec<&&LeftOut>, Vec<&&LeftOut>) =
+        refused.iter().partition(|l| l.other_job.is_some());
+    if !others.is_empty() {
+        let (it, its) = if others.len() == 1 {
+            ("it", "its")
+        } else {
+            ("them", "their")
+        };
+        return Err(Error::Config(format!(
+            "other jobs ran over tables under the keys of this store that job {:?} does not list: {}. The full verify \
+             that retire rests on would not read {its} values, and a value there (one an application wrote while key \
+             {old} was current, one that job has not rotated yet) may still need key {old}. Nothing was retired. List \
+             {it} in this job's file, so that one job lists every table the key encrypts (a job file may hold many \
+             targets); or, where you know that no value there needs key {old} (that job has rotated {it} to a newer \
+             key since key {old} stopped being current, and `rekey verify --full` with its file says so), retire with \
+             `rekey secrets retire --key-id {old} {vouch}`, which the audit trail records as not verified{}",
+            job.name,
+            others.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(", "),
+            if own.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; this job's file no longer lists {} either, which it rotated in an earlier run",
+                    own.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(", ")
+                )
+            }
+        )));
+    }
     Err(Error::Config(format!(
         "job {:?} rotated {} in an earlier run, and the job file no longer lists {it}: the full verify that retire \
          rests on would not read {its} values, and a value there may still need key {old}. Nothing was retired. List {it} \
@@ -431,10 +464,6 @@ async fn refuse_tables_left_out(
          which the audit trail records as not verified",
         job.name,
         refused.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(", "),
-        tables
-            .iter()
-            .map(|t| format!("--accept-unverified {t}"))
-            .collect::<Vec<_>>()
-            .join(" "),
+        vouch,
     )))
 }

@@ -10,7 +10,8 @@ use crate::error::DbContext;
 use crate::Error;
 
 /// A table, or one column of it, that the job rotated in an earlier run and
-/// its file no longer lists.
+/// its file no longer lists, or that another job rotated under the same
+/// store and this job's file does not list.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct LeftOut {
     /// `schema.table`, as `rekey.progress` records it.
@@ -18,13 +19,19 @@ pub struct LeftOut {
     /// The column, where the file still lists the table (under the column's
     /// name today: renamed since, it is found by number).
     pub column: Option<String>,
+    /// The other job that rotated it (`None`: this job did).
+    pub other_job: Option<String>,
 }
 
 impl fmt::Display for LeftOut {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.column {
-            Some(c) => write!(f, "column {c} of {}", self.table),
-            None => f.write_str(&self.table),
+            Some(c) => write!(f, "column {c} of {}", self.table)?,
+            None => f.write_str(&self.table)?,
+        }
+        match &self.other_job {
+            Some(job) => write!(f, " (job {job:?})"),
+            None => Ok(()),
         }
     }
 }
@@ -58,11 +65,15 @@ fn under_retiring_store(keys: &str, stores: &str, labels: u8, fingerprints: u8) 
 }
 
 /// What job `name` rotated in its earlier runs (abandoned runs too) under
-/// `store`, that still exists, and that the job file no longer lists:
-/// neither by `tables` (`schema.table`) nor by `columns` (table as SQL,
-/// column), itself or through a table that holds it as a partition or
-/// inheritance child. A column dropped from its table holds no values and
-/// is not left out. Nothing before rekey's schema exists.
+/// `store`, and what any other job ran over under it (the store named by
+/// the run, or the key it wrote under one of the store's), that still exists and that the
+/// job file does not list: neither by `tables` (`schema.table`) nor by
+/// `columns` (table as SQL, column), itself or through a table that holds
+/// it as a partition or inheritance child. Another job's tables hold what
+/// the applications wrote under the store's current key while it was
+/// current, whatever that job rewrote. A column dropped from its table
+/// holds no values and is not left out. Nothing before rekey's schema
+/// exists.
 pub async fn left_out(
     client: &Client,
     name: &str,
@@ -116,6 +127,7 @@ async fn tables_left_out(
         .map(|r| LeftOut {
             table: r.get(0),
             column: None,
+            other_job: None,
         })
         .collect())
 }
@@ -133,11 +145,16 @@ async fn columns_left_out(
         listed.iter().map(|(t, c)| (t.as_str(), c.as_str())).unzip();
     // $4 and $5: the retiring store's labels and fingerprints
     let under = under_retiring_store("j.keys -> p.target", "t.key_stores", 4, 5);
+    // another job's run counts where it names the store, or wrote under one of its keys
+    let named = "(coalesce(t.key_stores && $4::text[], false)
+                  OR (j.keys -> p.target -> 'write' -> 'keys') ->> (j.keys -> p.target -> 'write' ->> 'target')
+                     = ANY($5::text[]))";
     let rows = client
         .query(
             &format!(
                 "WITH RECURSIVE rotated AS (
-                     SELECT DISTINCT r.table_oid, r.table_name, u.column_name, u.attnum
+                     SELECT DISTINCT r.table_oid, r.table_name, u.column_name, u.attnum,
+                            CASE WHEN j.name = $1 THEN NULL ELSE j.name END AS other_job
                        FROM rekey.progress p JOIN rekey.jobs j ON j.job_id = p.job_id
                        JOIN rekey.job_targets t ON t.job_id = p.job_id AND t.target = p.target
                        -- the target's table, and its partitions and children when the job started
@@ -147,15 +164,15 @@ async fn columns_left_out(
                             SELECT s.table_oid, s.table_name, s.columns, s.attnums FROM rekey.job_target_parts s
                              WHERE s.job_id = t.job_id AND s.target = t.target) AS r
                       CROSS JOIN LATERAL unnest(r.columns, r.attnums) AS u(column_name, attnum)
-                      WHERE j.name = $1 AND p.rows_rewritten > 0 AND {under}),
+                      WHERE (j.name = $1 AND p.rows_rewritten > 0 AND {under}) OR (j.name <> $1 AND {named})),
                  rel AS (
                      SELECT c.oid, n.nspname || '.' || c.relname AS name
                        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace),
-                 live(oid, column_name) AS (
-                     SELECT a.attrelid, a.attname::text FROM rotated r
+                 live(oid, column_name, other_job) AS (
+                     SELECT a.attrelid, a.attname::text, r.other_job FROM rotated r
                        JOIN pg_attribute a ON a.attrelid = r.table_oid AND a.attnum = r.attnum AND NOT a.attisdropped
                      UNION
-                     SELECT a.attrelid, a.attname::text FROM rotated r JOIN rel ON rel.name = r.table_name
+                     SELECT a.attrelid, a.attname::text, r.other_job FROM rotated r JOIN rel ON rel.name = r.table_name
                        JOIN pg_attribute a ON a.attrelid = rel.oid AND a.attname = r.column_name AND NOT a.attisdropped),
                  up(oid, ancestor) AS (
                      SELECT DISTINCT oid, oid FROM live
@@ -166,7 +183,9 @@ async fn columns_left_out(
                        FROM unnest($2::text[], $3::text[]) AS l(table_name, column_name))
                  SELECT rel.name,
                         CASE WHEN EXISTS (SELECT 1 FROM up JOIN listed l ON l.oid = up.ancestor WHERE up.oid = v.oid)
-                             THEN v.column_name END
+                             THEN v.column_name END,
+                        -- this job's own record first: its message says what its file left out
+                        CASE WHEN bool_or(v.other_job IS NULL) THEN NULL ELSE min(v.other_job) END
                    FROM live v JOIN rel ON rel.oid = v.oid
                   WHERE NOT EXISTS (SELECT 1 FROM up JOIN listed l ON l.oid = up.ancestor AND l.column_name = v.column_name
                                      WHERE up.oid = v.oid)
@@ -181,6 +200,7 @@ async fn columns_left_out(
         .map(|r| LeftOut {
             table: r.get(0),
             column: r.get(1),
+            other_job: r.get(2),
         })
         .collect())
 }

@@ -874,3 +874,71 @@ async fn retire_is_refused_while_another_job_on_the_same_store_still_rotates_awa
         "key 1 was retired while job a's values need it"
     );
 }
+
+// Before: job b ran over its table under a keyring file job a also uses;
+// job a's compromise rotation then retired key 1 and destroyed its
+// material (exit 0) while every value of b's table was under it.
+#[tokio::test(flavor = "multi_thread")]
+async fn retire_is_refused_while_another_job_ran_over_a_table_under_the_same_store_that_this_job_does_not_list(
+) {
+    let db = TestDb::new().await;
+    db.seed_patients(200).await;
+    copy_patients(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job_a, keyring) = keyring_file_job(&db, &dir);
+    let whole = std::fs::read_to_string(&job_a).unwrap();
+    std::fs::write(&job_a, format!("name = \"a\"\n{whole}")).unwrap();
+    let job_b = dir.path().join("b.toml").display().to_string();
+    let database = whole.split("[[target]]").next().unwrap();
+    std::fs::write(&job_b, format!("name = \"b\"\n{database}{COPY_TARGET}")).unwrap();
+    // job b runs over its table: nothing to rewrite, every value is on the current key 1
+    let out = rekey(&["run", "--job", &job_b], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+
+    let out = rekey(
+        &[
+            "rotate",
+            "--job",
+            &job_a,
+            "--no-wait",
+            "--grace",
+            "0s",
+            "--reason",
+            "compromise",
+        ],
+        &keyring_pass_env(),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("public.patient_copy (job \"b\")")
+            && printed(&out).contains("Nothing was retired"),
+        "{}",
+        printed(&out)
+    );
+    let key1 = keyring_table(&keyring)
+        .entries
+        .into_iter()
+        .find(|e| e.id == 1)
+        .unwrap();
+    assert!(
+        key1.state != KeyState::Retired && key1.key.is_some(),
+        "key 1 was destroyed while job b's values need it"
+    );
+
+    // job b rotates its table to the new current key; a job file listing
+    // both tables then retires key 1, its full verify reading both
+    let out = rekey(&["run", "--job", &job_b], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    std::fs::write(&job_a, format!("name = \"a\"\n{whole}{COPY_TARGET}")).unwrap();
+    let out = rekey(
+        &["secrets", "retire", "--job", &job_a, "--key-id", "1"],
+        &keyring_pass_env(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let key1 = keyring_table(&keyring)
+        .entries
+        .into_iter()
+        .find(|e| e.id == 1)
+        .unwrap();
+    assert_eq!(key1.state, KeyState::Retired);
+}
