@@ -172,11 +172,23 @@ pub(crate) async fn verified(
     if !v.verified {
         rotations::set_step(client, rot.id, Step::Staged).await?;
         let notes = record_verify(cx, client, &key_ref, rot.new_key, &v, "", log).await?;
-        log.lines.push(format!(
-            "verification failed: {notes}; values that do not open are in rekey.quarantine, and writes the database refused \
-             or undid (a trigger, a constraint, a policy) in rekey.not_rotated with their reason (`rekey status` counts both): \
-             fix what they name, and run `rekey rotate` again (it re-runs the re-encryption)"
-        ));
+        let recorded = crate::state::job_status(client, cx.name)
+            .await?
+            .map_or(0, |s| s.quarantined + s.values_not_rotated);
+        log.lines.push(if v.values_unreadable() == 0 && recorded == 0 {
+            // nothing refused, nothing quarantined: written under an old key behind the run
+            format!(
+                "verification failed: {notes}; none of them was refused or quarantined: they were written under an old key \
+                 behind the run (an application not yet reading the new key, another rekey process on the same tables, \
+                 a restore): run `rekey rotate` again (it re-runs the re-encryption over them)"
+            )
+        } else {
+            format!(
+                "verification failed: {notes}; values that do not open are in rekey.quarantine, and writes the database refused \
+                 or undid (a trigger, a constraint, a policy) in rekey.not_rotated with their reason (`rekey status` counts both): \
+                 fix what they name, and run `rekey rotate` again (it re-runs the re-encryption)"
+            )
+        });
         return Ok(Some((Ended::NotVerified, Step::Staged)));
     }
     rotations::set_step(client, rot.id, Step::Verified).await?;

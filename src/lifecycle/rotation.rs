@@ -379,31 +379,88 @@ async fn nothing_open(
     intent: Intent,
     log: &mut Log,
 ) -> Result<Option<Progressed>, Error> {
+    let last = rotations::last_finished(client, cx.name).await?;
+    // `--json` names the rotation its lines are about
+    log.rotation = last.as_ref().map(|l| RotationInfo {
+        id: l.id,
+        old_key: l.old_key,
+        new_key: l.new_key,
+        grace_s: l.grace_s,
+    });
     if intent == Intent::Abort {
+        // an abort run again after it finished: done, not an error
+        if let Some(last) = last.as_ref().filter(|l| l.step == Step::RolledBack) {
+            log.lines.push(format!(
+                "rotation {} was rolled back already (ended {}): nothing is left to abort",
+                last.id, last.finished_at
+            ));
+            return Ok(Some(std::mem::take(log).end(Ended::Done, last.step)));
+        }
         return Err(Error::Config(format!(
-            "job {} has no rotation in progress to abort",
-            cx.name
+            "job {} has no rotation in progress to abort{}",
+            cx.name,
+            last.map_or(String::new(), |l| format!(
+                " (rotation {} ended {} with its old key retired: a finished rotation is not undone; \
+                 `rekey rotate --new` starts the next one)",
+                l.id, l.finished_at
+            ))
         )));
     }
-    let Some(last) = rotations::last_finished(client, cx.name).await? else {
+    let Some(last) = last else {
         // a job's first rotation starts without --new
         return Ok(None);
     };
     if intent == Intent::New {
+        // the next rotation's, once it starts
+        log.rotation = None;
         return Ok(None);
     }
-    if last.step == Step::RolledBack {
-        // a rollback leaves values under the key it turned away from until a run
-        let job = crate::job::Job::resolve(cx.spec, client).await?;
-        let left = crate::engine::plan::values_to_rewrite(client, &job).await?;
-        if left > 0 {
-            log.lines.push(format!(
-                "rotation {} was rolled back, and {left} values are not on the current key: `rekey run` rewrites them; \
-                 start the next rotation with `rekey rotate --new`",
-                last.id
+    // what the rotation left may have changed since: the store's keys (a
+    // stage or promote outside `rekey rotate`, a `rotate --new` stopped
+    // before it recorded its rotation) and the values (a rollback leaves
+    // values under the key it turned away from until a run)
+    let job = crate::job::Job::resolve(cx.spec, client).await?;
+    let left = crate::engine::plan::values_to_rewrite(client, &job).await?;
+    let keys = job.targets.first().map(|t| &t.write.keyring);
+    let (pending, target) = (
+        keys.and_then(|k| k.pending_id()),
+        keys.map(|k| k.target().id()),
+    );
+    let mut changed = Vec::new();
+    if let Some(p) = pending {
+        changed.push(format!(
+            "key {p} is staged in the store, outside any rotation rekey recorded (a `rekey secrets stage`, or a \
+             `rekey rotate --new` stopped before it recorded its rotation): `rekey rotate --new` takes it up as the \
+             next rotation"
+        ));
+    } else if let (Some(t), Step::Retired) = (target, last.step) {
+        if t != last.new_key {
+            changed.push(format!(
+                "key {t} is current in the store, not key {} as rotation {} left it (promoted outside \
+                 `rekey rotate`): `rekey run` and `rekey verify` finish what that promotion started; \
+                 `rekey rotate --new` starts the next rotation",
+                last.new_key, last.id
             ));
-            return Ok(Some(std::mem::take(log).end(Ended::NotVerified, last.step)));
         }
+    }
+    if left > 0 {
+        changed.push(format!(
+            "{left} values are not on key {}: `rekey run` rewrites them",
+            target.map_or_else(|| "the target key".to_string(), |t| t.to_string())
+        ));
+    }
+    if !changed.is_empty() {
+        let how = match last.step {
+            Step::RolledBack => "was rolled back",
+            _ => "ended",
+        };
+        log.lines.push(format!(
+            "rotation {} {how} ({}), but it is not where things stand now: {}",
+            last.id,
+            last.finished_at,
+            changed.join("; ")
+        ));
+        return Ok(Some(std::mem::take(log).end(Ended::NotVerified, last.step)));
     }
     let how = match last.step {
         Step::RolledBack => "was rolled back".to_string(),

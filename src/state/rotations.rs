@@ -90,6 +90,10 @@ pub struct Finished {
     pub new_key: KeyId,
     /// When it ended (RFC 3339).
     pub finished_at: String,
+    /// The key it rotated from.
+    pub old_key: Option<KeyId>,
+    /// Seconds its old key stayed after promotion.
+    pub grace_s: i64,
 }
 
 /// What a new rotation records.
@@ -207,7 +211,8 @@ fn key(v: i64) -> Result<KeyId, Error> {
 pub async fn last_finished(client: &Client, name: &str) -> Result<Option<Finished>, Error> {
     let row = client
         .query_opt(
-            "SELECT rotation_id, step, new_key, to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
+            "SELECT rotation_id, step, new_key, to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+                    old_key, grace_s
                FROM rekey.rotations WHERE job_name = $1 AND step IN ('retired', 'rolled_back')
               ORDER BY rotation_id DESC LIMIT 1",
             &[&name],
@@ -222,6 +227,8 @@ pub async fn last_finished(client: &Client, name: &str) -> Result<Option<Finishe
         finished_at: r
             .get::<_, Option<String>>(3)
             .unwrap_or_else(|| "an unrecorded time".into()),
+        old_key: r.get::<_, Option<i64>>(4).map(key).transpose()?,
+        grace_s: r.get(5),
     }))
 }
 

@@ -165,6 +165,17 @@ async fn a_finished_rotation_is_complete_and_the_next_starts_only_with_new() {
         "{}",
         printed(&out)
     );
+    // --json names the rotation its message is about
+    let j = json(&out);
+    assert_eq!(
+        (
+            j["rotation"].as_i64(),
+            j["old_key"].as_u64(),
+            j["new_key"].as_u64()
+        ),
+        (Some(1), Some(1), Some(2)),
+        "{j}"
+    );
     assert_eq!(std::fs::read(&keyring).unwrap(), before, "a key was staged");
 
     let out = rotate(&job, &["--new"]);
@@ -224,7 +235,12 @@ async fn abort_puts_every_value_back_under_the_old_key_and_retires_the_staged_on
     let out = rotate(&job, &[]);
     assert!(printed(&out).contains("rolled back"), "{}", printed(&out));
     let out = rotate(&job, &["--abort"]);
-    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    expect(&out, 0, "rolled_back", "done", "-");
+    assert!(
+        printed(&out).contains("rolled back already"),
+        "{}",
+        printed(&out)
+    );
 }
 
 // Before: the abort un-staged key 2 in the store before it recorded step
@@ -739,4 +755,68 @@ async fn an_abort_without_the_staged_key_ends_only_on_a_full_verify() {
         "{}",
         printed(&out)
     );
+}
+
+// Before: after a finished rotation, a key staged and promoted by hand
+// (`secrets stage`, `secrets promote`) left every value on the old key
+// while `rotate` said "rotation 1 is complete (key 2 current)", exit 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_finished_rotation_whose_key_was_promoted_by_hand_since_is_not_called_complete() {
+    let db = TestDb::new().await;
+    db.seed_patients(200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    expect(
+        &rotate(&job, &["--no-wait", "--grace", "0s"]),
+        0,
+        "retired",
+        "done",
+        "-",
+    );
+    for step in ["stage", "promote"] {
+        let out = rekey(&["secrets", step, "--job", &job], &keyring_pass_env());
+        assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    }
+    assert_eq!(table(&keyring).id_in(KeyState::Current), Some(3));
+    let out = rotate(&job, &[]);
+    expect(&out, 4, "retired", "not_verified", "-");
+    let values = values_by_key(&db, &table(&keyring)).await[&2];
+    assert!(
+        printed(&out).contains("key 3 is current in the store, not key 2 as rotation 1 left it")
+            && printed(&out).contains(&format!("{values} values are not on key 3")),
+        "{}",
+        printed(&out)
+    );
+}
+
+// Before: a key staged after a finished rotation (a `rotate --new` killed
+// after its store write) left `rotate` saying "complete", exit 0, while
+// applications already wrote under the staged key.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_finished_rotation_with_a_key_staged_since_says_so_and_how_to_take_it_up() {
+    let db = TestDb::new().await;
+    db.seed_patients(200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    expect(
+        &rotate(&job, &["--no-wait", "--grace", "0s"]),
+        0,
+        "retired",
+        "done",
+        "-",
+    );
+    let out = rekey(&["secrets", "stage", "--job", &job], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let out = rotate(&job, &[]);
+    expect(&out, 4, "retired", "not_verified", "-");
+    assert!(
+        printed(&out).contains("key 3 is staged in the store")
+            && printed(&out).contains("rekey rotate --new"),
+        "{}",
+        printed(&out)
+    );
+    // --new takes the staged key up
+    let out = rotate(&job, &["--new", "--no-wait", "--grace", "0s"]);
+    expect(&out, 0, "retired", "done", "-");
+    assert_eq!(table(&keyring).id_in(KeyState::Current), Some(3));
 }
