@@ -190,7 +190,7 @@ impl Error {
             "config" => "fix the job file, keys or arguments the error names, then run the command again; the step that refused changed nothing",
             "connect" => "check the host, port, database, user and credentials the error names, and that the server is up; nothing was changed",
             "database" => "a statement failed; every batch commits whole, so running the same command again resumes safely",
-            _ => "running the same command again resumes from the last committed batch",
+            _ => "once what the error names is fixed or over, run the same command again: it resumes from the last committed batch or step",
         }
     }
 

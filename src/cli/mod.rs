@@ -152,3 +152,19 @@ pub fn default_lanes() -> usize {
 pub(crate) fn print_json(value: &serde_json::Value) {
     out!("{value}");
 }
+
+/// What a command says as a second signal exits it at once: with `--json`,
+/// the one object stdout promises (a failure's shape), else nothing more
+/// than the log line.
+pub(crate) fn said_at_once(json: bool) -> crate::control::signals::AtOnce {
+    Box::new(move || {
+        if json {
+            print_json(&serde_json::json!({
+                "error": "stopped at once by a second signal",
+                "kind": "stopped",
+                "exit_code": exit::EXIT_STOPPED,
+                "hint": "every committed batch and step is kept: run the same command again to resume",
+            }));
+        }
+    })
+}

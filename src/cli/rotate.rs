@@ -127,7 +127,11 @@ pub async fn rotate(args: &RotateArgs) -> Result<u8, Error> {
         let p = crate::lifecycle::preview::preview(&spec, &client, &opts).await?;
         return Ok(report(&args.life, &spec, &p));
     }
-    let _signals = crate::control::signals::stop_on_signals(&opts.settings.stop, None);
+    let _signals = crate::control::signals::stop_on_signals(
+        &opts.settings.stop,
+        None,
+        crate::cli::said_at_once(args.life.common.json),
+    );
     let p = rotation::rotate(&spec, &db, &mut client, &opts).await?;
     Ok(report(&args.life, &spec, &p))
 }

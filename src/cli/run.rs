@@ -122,7 +122,11 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
     };
     check_online(&args.online)?;
     let stop = Stop::default();
-    let _signals = stop_on_signals(&stop, deadline(args)?);
+    let _signals = stop_on_signals(
+        &stop,
+        deadline(args)?,
+        crate::cli::said_at_once(args.common.json),
+    );
     let settings = settings_from(
         lanes,
         args.batch_size,

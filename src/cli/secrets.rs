@@ -111,6 +111,23 @@ async fn purge(a: &PurgeArgs) -> Result<u8, Error> {
             return Ok(EXIT_LEFT_ON_OLD_KEYS);
         }
     }
+    if !archived.is_empty() {
+        // evidence first: a purge stopped after its store write (Secrets
+        // Manager's delete) has destroyed the material already, and no
+        // later purge finds anything left to record
+        recorded(
+            &a.life,
+            &spec,
+            &client,
+            &store.secret_id(),
+            "key_purge_started",
+            &format!(
+                "destroying the archived material of keys {archived:?}; a key_purged event follows once it is done, \
+                 and without one the purge was stopped: its keys may be destroyed already"
+            ),
+        )
+        .await?;
+    }
     let (purged, applied) = keeping_alive(&client, steps::purge(&mut store, a.key_id)).await?;
     let note = if purged.is_empty() {
         "no archived key to purge".to_string()

@@ -21,9 +21,13 @@ impl Drop for SignalWatch {
     }
 }
 
+/// What a command says as a second signal exits it at once (`--json`: the
+/// one object its stdout promises), before the exit.
+pub type AtOnce = Box<dyn Fn() + Send + 'static>;
+
 /// Starts watching: `stop` is triggered by the first SIGINT or SIGTERM, or
-/// at `deadline`; a second signal exits the process at once.
-pub fn stop_on_signals(stop: &Stop, deadline: Option<Instant>) -> SignalWatch {
+/// at `deadline`; a second signal calls `at_once` and exits the process.
+pub fn stop_on_signals(stop: &Stop, deadline: Option<Instant>, at_once: AtOnce) -> SignalWatch {
     let stop = stop.clone();
     SignalWatch(tokio::spawn(async move {
         if let Some(deadline) = deadline {
@@ -40,6 +44,7 @@ pub fn stop_on_signals(stop: &Stop, deadline: Option<Instant>) -> SignalWatch {
         }
         signalled().await;
         tracing::warn!("stopping now; run the same command again to resume");
+        at_once();
         std::process::exit(EXIT_STOPPED);
     }))
 }

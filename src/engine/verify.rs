@@ -111,6 +111,14 @@ pub async fn verify(
     depth: Depth,
     quiet: bool,
 ) -> Result<Verification, Error> {
+    // refused whatever the values: not turned into a full verify when some are off the target key
+    if !depth.full && depth.sample == 0 {
+        return Err(Error::Config(
+            "--sample 0 decrypts nothing, so it cannot verify anything: give --sample N (N at least 1) or --full; \
+             `rekey plan` counts values per key version without decrypting"
+                .into(),
+        ));
+    }
     check_recorded_keys(client, job).await?;
     let counted = plan::count_by_key(client, job).await?;
     let mut full = depth.full || counted.iter().any(|c| c.by_key.is_none());
@@ -127,13 +135,6 @@ pub async fn verify(
             "values are not all on the target key: decrypting every value to tell old keys from damaged values"
         );
         full = true;
-    }
-    if !full && depth.sample == 0 {
-        return Err(Error::Config(
-            "--sample 0 decrypts nothing, so it cannot verify anything: give --sample N (N at least 1) or --full; \
-             `rekey plan` counts values per key version without decrypting"
-                .into(),
-        ));
     }
     let mut by_column: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
     let mut by_key_id = BTreeMap::new();

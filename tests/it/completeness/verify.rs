@@ -27,12 +27,8 @@ async fn verify_with_a_target_key_that_is_not_the_jobs_fails_on_its_fingerprint_
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
 
     let mut wrong = Vec::new();
-    for depth in [
-        &["--sample", "0"][..],
-        &[][..],
-        &["--sample", "5"][..],
-        &["--full"][..],
-    ] {
+    // (`--sample 0` is refused before anything is read)
+    for depth in [&[][..], &["--sample", "5"][..], &["--full"][..]] {
         let mut args = vec!["verify", "--job", j.as_str(), "--json"];
         args.extend_from_slice(depth);
         let out = rekey(&args, &env_with_v2(K3));
@@ -84,6 +80,23 @@ async fn verify_with_a_sample_of_zero_never_says_verified() {
     assert!(
         !claims,
         "a sample of 0 printed a verified line:\n{}",
+        printed(&out)
+    );
+}
+
+// Before: with values on the old key, `--sample 0` ran a full verify
+// (exit 4) where the README says it is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_with_a_sample_of_zero_is_refused_while_values_are_on_an_old_key_too() {
+    let db = TestDb::new().await;
+    db.seed_patients(300).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job(&dir).display().to_string();
+    let out = rekey(&["verify", "--job", &j, "--sample", "0"], &seed_env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("--sample 0 decrypts nothing"),
+        "{}",
         printed(&out)
     );
 }

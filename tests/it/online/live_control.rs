@@ -199,3 +199,63 @@ async fn status_stops_listing_a_process_killed_with_sigkill_once_its_session_is_
         printed(&out)
     );
 }
+
+/// Sends SIGINT to `child`.
+fn interrupt(child: &std::process::Child) {
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+// Before: `run --json` stopped by a second SIGINT exited 130 with nothing
+// on stdout, where every other ending prints one JSON object.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_sigint_exits_at_once_and_still_prints_the_json_object_stdout_promises() {
+    let (db, _dir, j) = patients(2_000).await;
+    // an application holds a row of the run's first batch: that batch waits
+    let mut app = connect(&db.url).await;
+    let tx = app.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM patient_persons WHERE id = 100 FOR UPDATE",
+        &[],
+    )
+    .await
+    .unwrap();
+    let mut run = Watched::spawn(&[
+        "run",
+        "--job",
+        &j,
+        "--json",
+        "--batch-size",
+        "500",
+        "--workers",
+        "1",
+        "--lock-timeout",
+        "60s",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while lock_waits(&db).await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "rekey never waited on the locked row"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    interrupt(&run.child);
+    run.said(
+        "stopping after the batches in flight commit",
+        Duration::from_secs(10),
+    )
+    .await;
+    // the batch in flight still waits on the lock: the second signal ends it
+    interrupt(&run.child);
+    let out = run.finish(Duration::from_secs(20)).await;
+    tx.rollback().await.unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", printed(&out));
+    let said = json(&out);
+    assert_eq!(said["kind"], "stopped", "{said}");
+    assert_eq!(said["exit_code"], 130, "{said}");
+    assert!(printed(&out).contains("stopping now"), "{}", printed(&out));
+}
