@@ -1120,3 +1120,79 @@ async fn a_line_cut_short_by_a_crash_leaves_a_trail_that_checks() {
         "{said}"
     );
 }
+
+/// Audit settings of chain `patients` writing to `path`, for tests that
+/// record events through the library.
+fn audit_at(path: std::path::PathBuf) -> rekey::lifecycle::audit::Audit {
+    rekey::lifecycle::audit::Audit {
+        path,
+        operator: "alice".into(),
+        reason: Some("scheduled".into()),
+        chain: "patients".into(),
+        incident_id: None,
+        operator_notes: None,
+        keys: None,
+    }
+}
+
+/// An event of type `event_type` about key `secret_id`.
+fn what<'a>(event_type: &'a str, secret_id: &'a str) -> rekey::lifecycle::audit::What<'a> {
+    rekey::lifecycle::audit::What {
+        event_type,
+        secret_id,
+        verification_status: "not_applicable",
+        affected_records: None,
+        notes: "",
+        job_id: None,
+    }
+}
+
+// Before: an environment key's id given again after an abort matched the
+// key_retired event of the earlier key with that id, and the later key's
+// retire was never recorded.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_id_given_again_is_not_taken_for_the_key_retired_before_under_it() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut client = connect(&db.url).await;
+    rekey::state::ensure_schema(&mut client).await.unwrap();
+    let audit = audit_at(dir.path().join("patients.audit.jsonl"));
+    let open = |old: i64, new: i64| {
+        format!(
+            "INSERT INTO rekey.rotations (job_name, step, reason, operator, secret_id, old_key, new_key, grace_s)
+             VALUES ('patients', 'staged', 'scheduled', 'alice', 'env:ENCRYPTION', {old}, {new}, 0)"
+        )
+    };
+    // rotation 1 stages key 2, and its abort retires it
+    client.batch_execute(&open(1, 2)).await.unwrap();
+    let key = "env:ENCRYPTION#2";
+    audit
+        .record(&client, what("key_staged", key))
+        .await
+        .unwrap();
+    audit
+        .record(&client, what("key_retired", key))
+        .await
+        .unwrap();
+    // the same retire run again is the same event
+    assert!(audit
+        .has_key_event(&client, "key_retired", key)
+        .await
+        .unwrap());
+    client
+        .batch_execute(
+            "UPDATE rekey.rotations SET step = 'rolled_back', finished_at = now() WHERE rotation_id = 1",
+        )
+        .await
+        .unwrap();
+    // rotation 2 gives the id 2 to a new key, and later retires it
+    client.batch_execute(&open(1, 2)).await.unwrap();
+    audit
+        .record(&client, what("key_staged", key))
+        .await
+        .unwrap();
+    assert!(!audit
+        .has_key_event(&client, "key_retired", key)
+        .await
+        .unwrap());
+}
