@@ -272,6 +272,20 @@ impl Audit {
         Ok(row.get(0))
     }
 
+    /// Checks, before anything changes, that this process's JSON file can
+    /// be opened for append (it is created if missing), so that a command
+    /// that must audit what it does refuses at once rather than after its
+    /// first change, with that change's event lost.
+    pub fn check_writable(&self) -> Result<(), Error> {
+        open_for_append(&self.path).map(drop).map_err(|e| {
+            Error::Config(format!(
+                "the audit log {} cannot be opened for append: {e}; make it writable, or name another file with \
+                 --audit-log (nothing was changed)",
+                self.path.display()
+            ))
+        })
+    }
+
     /// Records an event at the end of the chain: in `rekey.audit` and the
     /// file, under the chain's lock. `client` must not be in a
     /// transaction, nor used by other tasks until this returns.

@@ -1329,6 +1329,72 @@ async fn a_pipe_as_the_audit_log_takes_the_events_and_is_never_read() {
     assert_eq!(intents_left(&db).await, []);
 }
 
+// Before: `run --restart` with an audit log it could not write gave up the
+// unfinished job, then failed to record that it had: the job was lost with
+// no event saying so.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_whose_audit_log_cannot_be_written_gives_up_nothing() {
+    let db = TestDb::new().await;
+    db.seed_patients(20_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job(&dir).display().to_string();
+    let window = [
+        "run",
+        "--job",
+        &j,
+        "--json",
+        "--batch-size",
+        "200",
+        "--max-rows-per-sec",
+        "5000",
+        "--run-time",
+        "500ms",
+    ];
+    let out = rekey(&window, &seed_env());
+    assert_eq!(out.status.code(), Some(5), "{}", printed(&out));
+    let first = json(&out);
+    let nowhere = dir.path().join("missing").join("audit.jsonl");
+    let out = rekey(
+        &[
+            "run",
+            "--job",
+            &j,
+            "--restart",
+            "--audit-log",
+            nowhere.to_str().unwrap(),
+        ],
+        &seed_env(),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("cannot be opened for append")
+            && printed(&out).contains("--audit-log"),
+        "{}",
+        printed(&out)
+    );
+    let out = rekey(&["run", "--job", &j, "--json"], &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(
+        json(&out)["job_id"],
+        first["job_id"],
+        "the unfinished job was given up: {}",
+        printed(&out)
+    );
+    let types: Vec<String> = audit_lines(&dir)
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "run_started",
+            "run_window_ended",
+            "run_started",
+            "run_completed"
+        ]
+    );
+}
+
 // An event whose commit never came is recorded from the file its intent
 // names, whichever file the next event goes to; an intent with no line is
 // an event that never happened; another host's is left for a command there.
