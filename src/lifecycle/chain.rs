@@ -652,8 +652,16 @@ mod tests {
         let intent = intent_of(&c[2]);
         assert_eq!(intended(&text, &intent, None, head), Some(c[2].clone()));
         // the check cannot tell it from the table's newest event deleted: it names both
-        let err =
-            check_file("f", &text, "patients", &c[..2], None, to, &[intent.clone()]).unwrap_err();
+        let err = check_file(
+            "f",
+            &text,
+            "patients",
+            &c[..2],
+            None,
+            to,
+            std::slice::from_ref(&intent),
+        )
+        .unwrap_err();
         assert_eq!(err.seq, Some(3), "{err}");
         assert!(
             err.why.contains("rekey stopped") && err.why.contains("deleted from the table"),
@@ -675,10 +683,22 @@ mod tests {
         let mut forged = c[2].body.clone();
         forged.event_type = "key_retired".into();
         let forged = forged.sealed();
-        let text = format!("{}{}", file_of(&c[..2]), file_of(&[forged.clone()]));
+        let text = format!(
+            "{}{}",
+            file_of(&c[..2]),
+            file_of(std::slice::from_ref(&forged))
+        );
         assert_eq!(intended(&text, &intent, None, head), None);
-        let err =
-            check_file("f", &text, "patients", &c[..2], None, to, &[intent.clone()]).unwrap_err();
+        let err = check_file(
+            "f",
+            &text,
+            "patients",
+            &c[..2],
+            None,
+            to,
+            std::slice::from_ref(&intent),
+        )
+        .unwrap_err();
         assert!(
             err.why
                 .contains("appended to the file by someone other than rekey")
@@ -697,7 +717,11 @@ mod tests {
         let mut relinked = c[2].body.clone();
         relinked.prev_hash = c[0].hash.clone();
         let relinked = relinked.sealed();
-        let text = format!("{}{}", file_of(&c[..2]), file_of(&[relinked.clone()]));
+        let text = format!(
+            "{}{}",
+            file_of(&c[..2]),
+            file_of(std::slice::from_ref(&relinked))
+        );
         assert_eq!(intended(&text, &intent_of(&relinked), None, head), None);
         let err = check_file("f", &text, "patients", &c[..2], None, to, &[]).unwrap_err();
         assert!(
