@@ -219,11 +219,12 @@ impl Audit {
     }
 
     /// Whether this chain already holds an event of `event_type` for key
-    /// `key_ref` (`<store>#<id>`) in the rotation an event recorded now
-    /// would belong to (the job's rotation in progress, or none), and
-    /// recorded since that key was last staged, as [`Audit::has_event`] for
-    /// a job: an environment key's id may be given again after an abort,
-    /// and an event of the earlier key is not this one's.
+    /// `key_ref` (`<store>#<id>`) recorded since that key was last staged,
+    /// as [`Audit::has_event`] for a job: an environment key's id may be
+    /// given to a new key after an abort, and an event of the earlier key
+    /// with that id is not this one's. Not by the rotation in progress: a
+    /// retire closes its rotation, and the same retire run again (the
+    /// variable not removed yet) has none.
     pub async fn has_key_event(
         &self,
         client: &Client,
@@ -236,9 +237,6 @@ impl Audit {
                 "SELECT EXISTS (
                    SELECT 1 FROM rekey.audit a
                     WHERE a.chain = $1 AND a.event_type = $2 AND a.secret_id = $3 AND a.seq IS NOT NULL
-                      AND a.rotation_id IS NOT DISTINCT FROM
-                          (SELECT rotation_id FROM rekey.rotations WHERE job_name = $1 AND finished_at IS NULL
-                            ORDER BY rotation_id DESC LIMIT 1)
                       AND NOT EXISTS (SELECT 1 FROM rekey.audit s
                                        WHERE s.chain = $1 AND s.event_type = 'key_staged' AND s.secret_id = $3
                                          AND s.seq > a.seq))",

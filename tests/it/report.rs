@@ -1507,6 +1507,11 @@ async fn a_key_id_given_again_is_not_taken_for_the_key_retired_before_under_it()
         )
         .await
         .unwrap();
+    // ... once the rotation is over too
+    assert!(audit
+        .has_key_event(&client, "key_retired", key)
+        .await
+        .unwrap());
     // rotation 2 gives the id 2 to a new key, and later retires it
     client.batch_execute(&open(1, 2)).await.unwrap();
     audit
