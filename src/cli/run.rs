@@ -160,7 +160,7 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
         None
     } else {
         state::ensure_schema(&mut client).await?;
-        Some(run_audit::run_audit(args, &spec, &job))
+        Some(run_audit::run_audit(args, &spec, &job)?)
     };
     let ran = if args.dry_run {
         let ranges = plan::job_ranges(&client, &job, lanes).await?;

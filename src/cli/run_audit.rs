@@ -1,4 +1,5 @@
-//! The audit events of `rekey run`: one when a run starts (after one for
+//! The audit events of `rekey run`: its file checked before anything
+//! changes, one event when a run starts (after one for
 //! an unfinished job `--restart` gave up), one when it ends
 //! (completed, stopped, or its window ended) with the values re-encrypted,
 //! quarantined and not rotated, the job, and the keys (the job's target
@@ -24,8 +25,10 @@ fn only<T: Copy + Ord>(set: &BTreeSet<T>) -> Option<T> {
 }
 
 /// The audit settings of a run: who and why from the command line, the
-/// keys from the job.
-pub(crate) fn run_audit(args: &RunArgs, spec: &JobSpec, job: &Job) -> Audit {
+/// keys from the job. Refused, before anything changes, when the file
+/// cannot be opened for append: a `--restart` gives up the unfinished job
+/// before its first event, which would be lost with it.
+pub(crate) fn run_audit(args: &RunArgs, spec: &JobSpec, job: &Job) -> Result<Audit, Error> {
     let mut audit = audit_of(&args.audit.who(), &args.common.job, spec);
     let targets: BTreeSet<_> = job
         .targets
@@ -45,7 +48,8 @@ pub(crate) fn run_audit(args: &RunArgs, spec: &JobSpec, job: &Job) -> Audit {
             new,
         });
     }
-    audit
+    audit.check_writable()?;
+    Ok(audit)
 }
 
 /// The store a run's keys come from and its target key, named for the

@@ -6,18 +6,22 @@
 //! an edited, deleted or reordered event.
 //!
 //! One chain per job name, shared by every process that writes events for
-//! the job: an event is appended under a transaction-level advisory lock on
-//! the chain, its place and link read inside that transaction, its JSON line
-//! written before the commit, so the file and the table hold one order and
-//! two writers can never fork the chain (a unique index on the place backs
-//! the lock). A process stopped between the line and the commit leaves the
-//! line alone in the file: the next event recorded through that file
-//! records it in the table first ([`Audit::record`] says why every instant
-//! of a crash ends consistent). Never a key value: secrets are named by
-//! store and id.
+//! the job: an event is appended under an advisory lock on the chain held
+//! from reading its place and link until its row commits, so the file and
+//! the table hold one order and two writers can never fork the chain (a
+//! unique index on the place backs the lock). Before its line is written,
+//! the event's intent (chain, place, hash) commits in
+//! `rekey.audit_intents`; the row and the intent's removal commit together
+//! after the line. A process stopped between the line and that commit
+//! leaves the line and its intent: the next event recorded on the chain
+//! records the line's event in the table first, and only a line an intent
+//! names ([`Audit::record`] says why every instant of a crash ends
+//! consistent, and why a line appended by anyone else is never recorded).
+//! Never a key value: secrets are named by store and id.
 
+use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use tokio_postgres::Client;
@@ -29,7 +33,7 @@ use crate::secrets::KeySource;
 use crate::secrets::KeysSpec;
 use crate::Error;
 
-use super::chain::uncommitted;
+use super::chain::{intended, Intent};
 pub use super::chain::{Body, Event, GENESIS};
 
 /// The context of every error writing the trail.
@@ -215,14 +219,32 @@ impl Audit {
     }
 
     /// Whether this chain already holds an event of `event_type` for key
-    /// `key_ref` (`<store>#<id>`), as [`Audit::has_event`] for a job.
+    /// `key_ref` (`<store>#<id>`) recorded since that key was last staged,
+    /// as [`Audit::has_event`] for a job: an environment key's id may be
+    /// given to a new key after an abort, and an event of the earlier key
+    /// with that id is not this one's. Not by the rotation in progress: a
+    /// retire closes its rotation, and the same retire run again (the
+    /// variable not removed yet) has none.
     pub async fn has_key_event(
         &self,
         client: &Client,
         event_type: &str,
         key_ref: &str,
     ) -> Result<bool, Error> {
-        self.has(client, event_type, "secret_id", &key_ref).await
+        self.settle(client).await?;
+        let row = client
+            .query_one(
+                "SELECT EXISTS (
+                   SELECT 1 FROM rekey.audit a
+                    WHERE a.chain = $1 AND a.event_type = $2 AND a.secret_id = $3 AND a.seq IS NOT NULL
+                      AND NOT EXISTS (SELECT 1 FROM rekey.audit s
+                                       WHERE s.chain = $1 AND s.event_type = 'key_staged' AND s.secret_id = $3
+                                         AND s.seq > a.seq))",
+                &[&self.chain, &event_type, &key_ref],
+            )
+            .await
+            .ctx(|| "reading the audit trail (rekey.audit)".to_string())?;
+        Ok(row.get(0))
     }
 
     /// Whether an event of `event_type` whose `column` (one of the names
@@ -248,53 +270,123 @@ impl Audit {
         Ok(row.get(0))
     }
 
-    /// Records an event at the end of the chain: in `rekey.audit` and the
-    /// file, in one transaction under the chain's lock. `client` must not be
-    /// in a transaction, nor used by other tasks until this returns.
-    ///
-    /// In that transaction: take the lock, read the chain's last event,
-    /// record the lines of this file the table lacks ([`Audit::settle`]),
-    /// insert the new event's row, append its line and sync the file, then
-    /// commit. Where a crash (`kill -9`, a lost connection, the power) stops
-    /// it, the trail ends consistent:
-    /// - before the line is written: the transaction rolls back; the table
-    ///   and the file are as they were.
-    /// - inside the write: the file ends in part of a line, which never
-    ///   committed; the next line is written on a line of its own and the
-    ///   check counts the fragment, not reading it as an edit.
-    /// - after the sync, before the commit: the file holds lines past the
-    ///   table's last event, linked to it. The next event recorded through
-    ///   this file (or [`Audit::settle`]) inserts them as they were
-    ///   written, under the lock and before its own, so no event is lost
-    ///   and none takes their place in the chain: their hashes were computed
-    ///   from the chain's head, which nothing else could move while the
-    ///   lock was held. Until then `rekey report --check` names the first
-    ///   as a line rekey stopped before committing, or an event deleted
-    ///   from the table: the two leave the same trail.
-    /// - after the commit: both hold the event.
-    pub async fn record(&self, client: &Client, what: What<'_>) -> Result<Event, Error> {
-        client.batch_execute("BEGIN").await.ctx(writing)?;
-        match self.append(client, what).await {
-            Ok(event) => {
-                client.batch_execute("COMMIT").await.ctx(writing)?;
-                Ok(event)
-            }
-            Err(e) => {
-                // the error that matters is the first one
-                let _ = client.batch_execute("ROLLBACK").await;
-                Err(e)
-            }
-        }
+    /// Checks, before anything changes, that this process's JSON file can
+    /// be opened for append (it is created if missing), so that a command
+    /// that must audit what it does refuses at once rather than after its
+    /// first change, with that change's event lost.
+    pub fn check_writable(&self) -> Result<(), Error> {
+        open_for_append(&self.path).map(drop).map_err(|e| {
+            Error::Config(format!(
+                "the audit log {} cannot be opened for append: {e}; make it writable, or name another file with \
+                 --audit-log (nothing was changed)",
+                self.path.display()
+            ))
+        })
     }
 
-    /// Records in `rekey.audit`, under the chain's lock, the events of this
-    /// process's file that a process stopped between its line and its
-    /// commit left out of the table ([`Audit::record`]), so that a question
-    /// asked of the table sees them. `client` as for [`Audit::record`].
+    /// Records an event at the end of the chain: in `rekey.audit` and the
+    /// file, under the chain's lock. `client` must not be in a
+    /// transaction, nor used by other tasks until this returns.
+    ///
+    /// Under a session-level advisory lock on the chain (given back on
+    /// every path, and by the server when the session ends): read the
+    /// chain's last event, record what a stopped process left
+    /// ([`Audit::settle`]), insert the new event's intent (chain, place,
+    /// hash) and commit it; append the event's line and sync the file; then
+    /// insert the event's row and delete its intent in one transaction.
+    /// Where a crash (`kill -9`, a lost connection, the power) stops it,
+    /// the trail ends consistent:
+    /// - before the intent commits: nothing changed.
+    /// - after the intent, before the line is written: the next event
+    ///   recorded finds no line for the intent and deletes it; the event
+    ///   never happened.
+    /// - inside the write: the file ends in part of a line, which never
+    ///   committed; the intent is deleted as above, the next line is
+    ///   written on a line of its own and the check counts the fragment,
+    ///   not reading it as an edit.
+    /// - after the sync, before the commit: the file holds a line past the
+    ///   table's last event, linked to it, and its intent names it. The
+    ///   next event recorded on the chain (or [`Audit::settle`]) inserts it
+    ///   as it was written, under the lock and before its own, so no event
+    ///   is lost and none takes its place in the chain: its hash was
+    ///   computed from the chain's head, which nothing else could move
+    ///   while the lock was held. Until then `rekey report --check` names
+    ///   it as a line rekey stopped before committing, or an event deleted
+    ///   from the table: the two leave the same trail.
+    /// - after the commit: both hold the event.
+    ///
+    /// A write or sync that fails cuts the file back to its length before
+    /// the write and deletes the intent: a command that reports the
+    /// failure leaves no event behind. Only a line an intent names is ever
+    /// recorded from the file: one appended by anyone else, however well
+    /// chained (the hash is plain SHA-256 of fields anyone can read), is
+    /// not, and the check names it. An intent is settled by a process on
+    /// the host its file is on (any of its files there, not only its own);
+    /// one of another host is left for a command there, and an event
+    /// recorded meanwhile takes its place (its line, if written, is then
+    /// named by the check). A session lost while its process lives on
+    /// gives back the lock: another may settle the intent before the line
+    /// is written, and the line then comes after its place was taken, for
+    /// the check to name.
+    pub async fn record(&self, client: &Client, what: What<'_>) -> Result<Event, Error> {
+        client.batch_execute("BEGIN").await.ctx(writing)?;
+        if let Err(e) = self.lock(client, Hold::Session).await {
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Err(e);
+        }
+        let recorded = self.record_locked(client, what).await;
+        // the error that matters is the first one; a dead session gave the lock back
+        let unlocked = client
+            .execute(
+                "SELECT pg_advisory_unlock(hashtextextended('rekey.audit:' || $1, 0))",
+                &[&self.chain],
+            )
+            .await
+            .ctx(writing);
+        let event = recorded?;
+        unlocked?;
+        Ok(event)
+    }
+
+    /// [`Audit::record`] once the lock is taken, inside the transaction
+    /// that took it: intent, line, row.
+    async fn record_locked(&self, client: &Client, what: What<'_>) -> Result<Event, Error> {
+        let event = match self.intend(client, what).await {
+            Ok(event) => event,
+            Err(e) => {
+                let _ = client.batch_execute("ROLLBACK").await;
+                return Err(e);
+            }
+        };
+        client.batch_execute("COMMIT").await.ctx(writing)?;
+        if let Err(e) = self.append_line(&event) {
+            // the file is as it was: the event never happened
+            let _ = forget(client, &event).await;
+            return Err(e);
+        }
+        client.batch_execute("BEGIN").await.ctx(writing)?;
+        let committed = async {
+            insert(client, &event, false).await?;
+            forget(client, &event).await?;
+            client.batch_execute("COMMIT").await.ctx(writing)
+        }
+        .await;
+        if let Err(e) = committed {
+            // the line and its intent stay: the next event recorded records it
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Err(e);
+        }
+        Ok(event)
+    }
+
+    /// Records in `rekey.audit`, under the chain's lock, the events a
+    /// process stopped between its line and its commit left out of the
+    /// table ([`Audit::record`]), so that a question asked of the table
+    /// sees them. `client` as for [`Audit::record`].
     pub async fn settle(&self, client: &Client) -> Result<(), Error> {
         client.batch_execute("BEGIN").await.ctx(writing)?;
         let settled = async {
-            self.lock(client).await?;
+            self.lock(client, Hold::Transaction).await?;
             let row = client
                 .query_one(
                     "SELECT a.seq, a.hash, (SELECT database_id FROM rekey.identity)
@@ -319,17 +411,22 @@ impl Audit {
         }
     }
 
-    /// Takes the chain's lock for the transaction under way: one writer at a
-    /// time, each reading the head the one before it left.
-    async fn lock(&self, client: &Client) -> Result<(), Error> {
+    /// Takes the chain's lock, inside the transaction under way, for the
+    /// session or the transaction (the two exclude each other): one writer
+    /// at a time, each reading the head the one before it left.
+    async fn lock(&self, client: &Client, hold: Hold) -> Result<(), Error> {
         // a waiting writer waits for the one ahead, whatever the session's lock_timeout
         client
             .batch_execute("SET LOCAL lock_timeout = '60s'")
             .await
             .ctx(writing)?;
+        let take = match hold {
+            Hold::Session => "pg_advisory_lock",
+            Hold::Transaction => "pg_advisory_xact_lock",
+        };
         client
             .execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended('rekey.audit:' || $1, 0))",
+                &format!("SELECT {take}(hashtextextended('rekey.audit:' || $1, 0))"),
                 &[&self.chain],
             )
             .await
@@ -337,47 +434,98 @@ impl Audit {
         Ok(())
     }
 
-    /// Inserts into `rekey.audit`, as written, the lines of this process's
-    /// file past the chain's last event `head` that link to it
-    /// ([`uncommitted`]): events whose process stopped after syncing their
-    /// line and before its commit. Under the chain's lock, in the caller's
-    /// transaction; the new head, when it moved.
+    /// Settles the chain's intents, under its lock, in the caller's
+    /// transaction: inserts into `rekey.audit`, as written, the event of
+    /// each whose line is in its file and links to the chain's last event
+    /// `head` ([`intended`]), and deletes the intent; one with no such line
+    /// is an event that never happened, deleted too. The intents of
+    /// another host's files are left for a command there. The new head,
+    /// when it moved.
     async fn adopt(
         &self,
         client: &Client,
         head: Option<(i64, String)>,
         database: Option<&str>,
     ) -> Result<Option<(i64, String)>, Error> {
-        let bytes = match std::fs::read(&self.path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => {
-                return Err(Error::Runtime(format!(
-                    "reading the audit log {}: {e}; make it readable, or name another file with --audit-log",
-                    self.path.display()
-                )))
+        let rows = client
+            .query(
+                "SELECT seq, hash, written_to FROM rekey.audit_intents WHERE chain = $1 ORDER BY seq, hash",
+                &[&self.chain],
+            )
+            .await
+            .ctx(writing)?;
+        let mut head = head;
+        let mut moved = None;
+        for row in &rows {
+            let intent = Intent {
+                chain: self.chain.clone(),
+                seq: row.get(0),
+                hash: row.get(1),
+                written_to: row.get(2),
+            };
+            let Some((path, text)) = self.lines_of(&intent)? else {
+                continue;
+            };
+            let head_ref = head.as_ref().map(|(s, h)| (*s, h.as_str()));
+            if let Some(event) = intended(&text, &intent, database, head_ref) {
+                // marked: every check says from now on that the file alone vouches for it
+                insert(client, &event, true).await?;
+                tracing::warn!(
+                    "recorded audit event {} ({}) in rekey.audit from its line in {}: an earlier rekey stopped between \
+                     writing the line and committing it; `rekey report --check` names it from now on",
+                    event.body.seq,
+                    event.body.event_type,
+                    path.display()
+                );
+                head = Some((event.body.seq, event.hash.clone()));
+                moved.clone_from(&head);
             }
-        };
-        let text = String::from_utf8_lossy(&bytes);
-        let head_ref = head.as_ref().map(|(s, h)| (*s, h.as_str()));
-        let left = uncommitted(&text, &self.chain, database, head_ref, &self.written_to());
-        for event in &left {
-            // marked: every check says from now on that the file alone vouches for it
-            insert(client, event, true).await?;
-            tracing::warn!(
-                "recorded audit event {} ({}) in rekey.audit from its line in {}: an earlier rekey stopped between writing \
-                 the line and committing it; `rekey report --check` names it from now on",
-                event.body.seq,
-                event.body.event_type,
-                self.path.display()
-            );
+            client
+                .execute(
+                    "DELETE FROM rekey.audit_intents WHERE chain = $1 AND seq = $2 AND hash = $3",
+                    &[&intent.chain, &intent.seq, &intent.hash],
+                )
+                .await
+                .ctx(writing)?;
         }
-        Ok(left.last().map(|e| (e.body.seq, e.hash.clone())))
+        Ok(moved)
     }
 
-    /// The body of [`Audit::record`], inside its transaction.
-    async fn append(&self, client: &Client, what: What<'_>) -> Result<Event, Error> {
-        self.lock(client).await?;
+    /// The file `intent`'s line went to and its text, when this process
+    /// can read it: on this host (any path there), and a regular file (a
+    /// pipe or a device holds nothing to read back: empty). `None`: left
+    /// for a process that can, another host's, or one this process may not
+    /// read that is not its own file (its own it must read: an error).
+    fn lines_of(&self, intent: &Intent) -> Result<Option<(PathBuf, String)>, Error> {
+        let Some((on, path)) = intent.written_to.split_once(':') else {
+            return Ok(None);
+        };
+        if on != host() {
+            return Ok(None);
+        }
+        let path = PathBuf::from(path);
+        match read_regular(&path) {
+            Ok(text) => Ok(Some((path, text))),
+            Err(e) if intent.written_to == self.written_to() => Err(Error::Runtime(format!(
+                "reading the audit log {}: {e}; make it readable, or name another file with --audit-log",
+                self.path.display()
+            ))),
+            Err(e) => {
+                tracing::warn!(
+                    "an audit event of chain {} may wait in {} (rekey stopped before committing it), which cannot \
+                     be read here ({e}): left for a rekey command of this job that can",
+                    self.chain,
+                    path.display()
+                );
+                Ok(None)
+            }
+        }
+    }
+
+    /// The body of [`Audit::record`] before its line: inside its first
+    /// transaction, under the lock, the event built at the end of the
+    /// chain and its intent inserted.
+    async fn intend(&self, client: &Client, what: What<'_>) -> Result<Event, Error> {
         let row = client
             .query_one(
                 "SELECT a.seq, a.hash, current_user::text,
@@ -445,42 +593,132 @@ impl Audit {
             database,
         };
         let event = body.sealed();
-        insert(client, &event, false).await?;
-        self.append_line(&event)?;
+        client
+            .execute(
+                "INSERT INTO rekey.audit_intents (chain, seq, hash, written_to) VALUES ($1, $2, $3, $4)",
+                &[&event.body.chain, &event.body.seq, &event.hash, &event.body.written_to],
+            )
+            .await
+            .ctx(writing)?;
         Ok(event)
     }
 
-    /// Appends the event's JSON line to the file, in one write, and syncs
-    /// it. A file that does not end a line (the last write was cut short by
-    /// a crash) gets a line break first, so the new line stays whole.
+    /// Appends the event's JSON line to the file and syncs it
+    /// ([`append_synced`]).
     fn append_line(&self, event: &Event) -> Result<(), Error> {
         let line = event.line()?;
-        let io = |e: std::io::Error| {
-            Error::Runtime(format!(
-                "writing the audit log {}: {e}; make it writable, or name another file with --audit-log",
-                self.path.display()
-            ))
-        };
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .open(&self.path)
-            .map_err(io)?;
+        open_for_append(&self.path)
+            .and_then(|f| append_synced(&f, &line, File::sync_data))
+            .map_err(|e| {
+                Error::Runtime(format!(
+                    "writing the audit log {}: {e}; make it writable, or name another file with --audit-log",
+                    self.path.display()
+                ))
+            })
+    }
+}
+
+/// How long the chain's lock is held.
+#[derive(Debug, Clone, Copy)]
+enum Hold {
+    /// Until given back: across the intent's commit, the line and the row's.
+    Session,
+    /// Until the transaction ends.
+    Transaction,
+}
+
+/// Deletes `event`'s intent, in the transaction under way or its own.
+async fn forget(client: &Client, event: &Event) -> Result<(), Error> {
+    client
+        .execute(
+            "DELETE FROM rekey.audit_intents WHERE chain = $1 AND seq = $2 AND hash = $3",
+            &[&event.body.chain, &event.body.seq, &event.hash],
+        )
+        .await
+        .ctx(writing)?;
+    Ok(())
+}
+
+/// Opens the JSON lines file for append, created if missing; read too, so
+/// that a pipe opens without waiting for a reader.
+fn open_for_append(path: &Path) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .open(path)
+}
+
+/// The text of the file at `path`, read whole: empty when it is missing,
+/// or not a regular file (a pipe would wait for a writer; a device holds
+/// nothing to read back).
+fn read_regular(path: &Path) -> std::io::Result<String> {
+    let opened = std::fs::metadata(path)
+        .and_then(|m| {
+            if m.is_file() {
+                File::open(path).map(Some)
+            } else {
+                Ok(None)
+            }
+        })
+        .map(|f| f.filter(|f| f.metadata().is_ok_and(|m| m.is_file())));
+    let mut f = match opened {
+        Ok(Some(f)) => f,
+        Ok(None) => return Ok(String::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
+        Err(e) => return Err(e),
+    };
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Appends `line` to `f` in one write, on a line of its own (a file whose
+/// last write was cut short by a crash gets a line break first), and makes
+/// it durable with `sync`. In a regular file, under an exclusive lock on
+/// the file (other rekey processes append other chains' lines to it): a
+/// write or a sync that fails cuts the file back to its length before the
+/// write, so no part of a line whose command failed stays to be read. A
+/// pipe or a device takes the line as it comes, with nothing to sync or
+/// cut back.
+fn append_synced(
+    f: &File,
+    line: &str,
+    sync: impl FnOnce(&File) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let mut w = f;
+    if !f.metadata()?.is_file() {
+        return w.write_all(format!("{line}\n").as_bytes());
+    }
+    match f.lock() {
+        Ok(()) => {}
+        // a file system without locks: appends are still whole
+        Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {}
+        Err(e) => return Err(e),
+    }
+    let appended = (|| {
+        let before = f.metadata()?.len();
         let mut whole = String::with_capacity(line.len() + 2);
-        if f.metadata().map_err(io)?.len() > 0 {
+        if before > 0 {
             let mut last = [0u8; 1];
-            f.seek(SeekFrom::End(-1)).map_err(io)?;
-            f.read_exact(&mut last).map_err(io)?;
+            w.seek(SeekFrom::Start(before - 1))?;
+            w.read_exact(&mut last)?;
             if last[0] != b'\n' {
                 whole.push('\n');
             }
         }
-        whole.push_str(&line);
+        whole.push_str(line);
         whole.push('\n');
-        f.write_all(whole.as_bytes()).map_err(io)?;
-        f.sync_data().map_err(io)
-    }
+        let written = w.write_all(whole.as_bytes()).and_then(|()| sync(f));
+        if written.is_err() {
+            // the error that matters is the write's; a cut that fails leaves
+            // a line no intent names, never recorded
+            let _ = f.set_len(before).and_then(|()| f.sync_data());
+        }
+        written
+    })();
+    let _ = f.unlock();
+    appended
 }
 
 /// Inserts `event` into `rekey.audit` as it is sealed; `adopted`: taken
@@ -515,4 +753,31 @@ async fn insert(client: &Client, event: &Event, adopted: bool) -> Result<(), Err
 /// `suspected_key_compromise`): no grace period, material destroyed at retire.
 pub fn is_compromise_reason(reason: &str) -> bool {
     reason == "compromise" || reason.ends_with("_compromise") || reason.ends_with("-compromise")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_whose_sync_failed_is_cut_back_and_a_line_cut_short_is_left_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        std::fs::write(&path, "{\"event_type\":\"x\"}\n{\"event_ty").unwrap();
+        let f = open_for_append(&path).unwrap();
+        let failed = append_synced(&f, "{\"event_type\":\"y\"}", |_| {
+            Err(std::io::Error::other("sync refused by the test"))
+        });
+        assert!(failed.is_err());
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "{\"event_type\":\"x\"}\n{\"event_ty",
+            "the line whose sync failed stayed"
+        );
+        append_synced(&f, "{\"event_type\":\"z\"}", File::sync_data).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "{\"event_type\":\"x\"}\n{\"event_ty\n{\"event_type\":\"z\"}\n"
+        );
+    }
 }

@@ -12,16 +12,21 @@
 //! both copies at once is the one change a chain alone cannot show: keep
 //! the JSON file where the database's administrators cannot write.
 //!
-//! A crash leaves differences that are not tampering. An event's line is
-//! synced to the file before its transaction commits, so a process killed
-//! between the two leaves lines past the table's last event, each linked to
-//! the one before, the first to the table's last ([`uncommitted`]): the
-//! next event recorded through the same file inserts them into the table
-//! as they were written ([`super::audit`]). Until then the check names
-//! them, and says so; it cannot tell them from the table's newest events
-//! deleted. A line cut short by a crash inside its write is counted, not
-//! read: it never committed, and an event of the table cut down to a
-//! fragment is still missing from the file.
+//! A crash leaves differences that are not tampering. An event's intent
+//! (its chain, place and hash, in `rekey.audit_intents`) commits before its
+//! line is written, and its line is synced before the event commits, so a
+//! process killed between the line and the commit leaves a line past the
+//! table's last event, linked to it, with an intent naming it
+//! ([`intended`]): the next event recorded (or [`super::audit::Audit::settle`])
+//! inserts it into the table as it was written ([`super::audit`]). Until
+//! then the check names it, and says so; it cannot tell it from the
+//! table's newest event deleted with its intent left behind. A line no
+//! intent names was not written by rekey, however well it is chained (the
+//! hash is plain SHA-256 of fields anyone can read): it is never recorded,
+//! and the check names it as an event missing from the table. A line cut
+//! short by a crash inside its write is counted, not read: it never
+//! committed, and an event of the table cut down to a fragment is still
+//! missing from the file.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -198,39 +203,53 @@ fn cut_short(line: &str) -> bool {
     line.starts_with(LINE_START) && serde_json::from_str::<serde_json::Value>(line).is_err()
 }
 
-/// The lines of chain `chain` and database `database` in the JSON lines
-/// file `text` that are past the table's last event `head` (`seq`, `hash`;
-/// `None` for an empty chain) and that the table lacks because the process
-/// that wrote them stopped before its transaction committed: each as rekey
-/// wrote it, sealed by its hash, written to `written_to`, the first linked
-/// to `head` and each next to the one before. Only the linked run from
-/// `head` counts: a line after a break is left for the check to name.
-pub fn uncommitted(
+/// An intent: the event a process was about to write, as committed in
+/// `rekey.audit_intents` before its line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Intent {
+    /// The chain.
+    pub chain: String,
+    /// The event's place in it.
+    pub seq: i64,
+    /// The event's hash.
+    pub hash: String,
+    /// Where its line goes: host and path.
+    pub written_to: String,
+}
+
+/// The line of the JSON lines file `text` that holds the event `intent`
+/// names, when it is the one rekey wrote and the next event of chain
+/// `intent.chain` in database `database` past the table's last event
+/// `head` (`seq`, `hash`; `None` for an empty chain): as rekey writes it,
+/// sealed by its hash, linked to `head`. A process stopped after syncing
+/// it and before its commit left it out of the table. Any other line, a
+/// well-chained one included, is not rekey's to record.
+pub fn intended(
     text: &str,
-    chain: &str,
+    intent: &Intent,
     database: Option<&str>,
     head: Option<(i64, &str)>,
-    written_to: &str,
-) -> Vec<Event> {
-    let (mut seq, mut hash) = head.map_or((0, GENESIS.to_string()), |(s, h)| (s, h.to_string()));
-    let mut out = Vec::new();
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let Ok(event) = serde_json::from_str::<Event>(line) else {
-            continue;
-        };
-        let b = &event.body;
-        if b.chain != chain || b.database.as_deref() != database || b.seq <= seq {
-            continue;
-        }
-        let linked = b.seq == seq + 1 && b.prev_hash == hash && b.written_to == written_to;
-        if !linked || !event.intact() || event.line().ok().as_deref() != Some(line) {
-            break;
-        }
-        seq = b.seq;
-        hash.clone_from(&event.hash);
-        out.push(event);
+) -> Option<Event> {
+    let (seq, hash) = head.unwrap_or((0, GENESIS));
+    if intent.seq != seq + 1 {
+        // its place was taken: it never committed, and never will
+        return None;
     }
-    out
+    text.lines()
+        .filter(|l| l.contains(intent.hash.as_str()))
+        .filter_map(|l| serde_json::from_str::<Event>(l).ok().map(|e| (l, e)))
+        .find(|(line, e)| {
+            let b = &e.body;
+            e.hash == intent.hash
+                && b.chain == intent.chain
+                && b.seq == intent.seq
+                && b.written_to == intent.written_to
+                && b.prev_hash == hash
+                && b.database.as_deref() == database
+                && e.intact()
+                && e.line().ok().as_deref() == Some(*line)
+        })
+        .map(|(_, e)| e)
 }
 
 /// What a JSON lines file holds of one chain.
@@ -257,7 +276,8 @@ pub struct FileChecked {
 /// and no event of the table that was written to this file (`written_to`,
 /// or the destination of any line compared) missing from it. Lines another
 /// database recorded are counted and left out, and so are lines cut short
-/// by a crash.
+/// by a crash. `intents`: the chain's intents not yet settled, which tell
+/// a line a stopped rekey left from one appended by someone else.
 pub fn check_file(
     name: &str,
     text: &str,
@@ -265,6 +285,7 @@ pub fn check_file(
     table: &[Event],
     database: Option<&str>,
     written_to: &str,
+    intents: &[Intent],
 ) -> Result<FileChecked, Broken> {
     let by_seq: BTreeMap<i64, &Event> = table.iter().map(|e| (e.body.seq, e)).collect();
     let mut seen = FileChecked::default();
@@ -334,14 +355,28 @@ pub fn check_file(
         match by_seq.get(&event.body.seq) {
             None if event.body.seq == tip.0 + 1
                 && event.body.prev_hash == tip.1
-                && destinations.contains(&event.body.written_to) =>
+                && intents
+                    .iter()
+                    .any(|i| i.seq == event.body.seq && i.hash == event.hash) =>
             {
                 return Err(broken(
                     seq,
                     t,
                     "rekey.audit has no event at this place, and the line links to its last event: rekey stopped \
-                     between writing this line and committing the event (the next rekey command of this job that \
-                     writes to this file records it; check again then), or the event was deleted from the table",
+                     between writing this line and committing the event (its intent is recorded: the next rekey \
+                     command of this job records it; check again then), or the event was deleted from the table",
+                ))
+            }
+            None if event.body.seq == tip.0 + 1
+                && event.body.prev_hash == tip.1
+                && destinations.contains(&event.body.written_to) =>
+            {
+                return Err(broken(
+                    seq,
+                    t,
+                    "rekey.audit has no event at this place, and no intent of rekey's names this line, though it \
+                     links to the table's last event: it was appended to the file by someone other than rekey (rekey \
+                     never records such a line), or the event was deleted from the table",
                 ))
             }
             None => {
@@ -450,6 +485,7 @@ mod tests {
             &c,
             None,
             "",
+            &[],
         )
         .unwrap();
         assert_eq!((checked.events, checked.unchained), (4, 1));
@@ -528,6 +564,7 @@ mod tests {
             &ours_named,
             Some("db-a"),
             "h:/a.jsonl",
+            &[],
         )
         .unwrap();
         assert_eq!((checked.events, checked.other_databases), (2, 2));
@@ -541,8 +578,16 @@ mod tests {
                 b.sealed()
             })
             .collect();
-        let err =
-            check_file("f", &text, "patients", &copy, Some("db-a"), "h:/a.jsonl").unwrap_err();
+        let err = check_file(
+            "f",
+            &text,
+            "patients",
+            &copy,
+            Some("db-a"),
+            "h:/a.jsonl",
+            &[],
+        )
+        .unwrap_err();
         assert!(err.why.contains("a copy of this database"), "{err}");
         // a line of ours retagged as another database's and resealed: its event is missing
         let mut retagged = ours_named[1].body.clone();
@@ -560,6 +605,7 @@ mod tests {
             &ours_named,
             Some("db-a"),
             "h:/a.jsonl",
+            &[],
         )
         .unwrap_err();
         assert_eq!(err.seq, Some(2), "{err}");
@@ -572,31 +618,50 @@ mod tests {
         let text = file_of(&c);
         let edited = text.replacen("\"affected_records\":2", "\"affected_records\":3", 1);
         assert_eq!(
-            check_file("f", &edited, "patients", &c, None, "")
+            check_file("f", &edited, "patients", &c, None, "", &[])
                 .unwrap_err()
                 .seq,
             Some(2)
         );
         let lines: Vec<&str> = text.lines().collect();
         let dropped = format!("{}\n{}\n", lines[0], lines[2]);
-        let err = check_file("f", &dropped, "patients", &c, None, "").unwrap_err();
+        let err = check_file("f", &dropped, "patients", &c, None, "", &[]).unwrap_err();
         assert_eq!(err.seq, Some(2), "{err}");
         let swapped = format!("{}\n{}\n{}\n", lines[0], lines[2], lines[1]);
-        assert!(check_file("f", &swapped, "patients", &c, None, "").is_err());
-        let err = check_file("f", &text, "patients", &c[..2], None, "").unwrap_err();
+        assert!(check_file("f", &swapped, "patients", &c, None, "", &[]).is_err());
+        let err = check_file("f", &text, "patients", &c[..2], None, "", &[]).unwrap_err();
         assert_eq!(err.seq, Some(3), "{err}");
     }
 
+    fn intent_of(e: &Event) -> Intent {
+        Intent {
+            chain: e.body.chain.clone(),
+            seq: e.body.seq,
+            hash: e.hash.clone(),
+            written_to: e.body.written_to.clone(),
+        }
+    }
+
     #[test]
-    fn lines_past_the_table_linked_to_it_are_the_ones_a_crash_left_uncommitted() {
-        let c = chain_of(4);
+    fn a_line_past_the_table_is_recorded_only_where_an_intent_names_it() {
+        let c = chain_of(3);
         let text = file_of(&c);
         let to = "h:/a.jsonl";
-        // the table stopped at event 2: events 3 and 4 never committed
+        // the table stopped at event 2: event 3 never committed
         let head = Some((2, c[1].hash.as_str()));
-        assert_eq!(uncommitted(&text, "patients", None, head, to), c[2..]);
-        // the check cannot tell them from the table's newest events deleted: it names both
-        let err = check_file("f", &text, "patients", &c[..2], None, to).unwrap_err();
+        let intent = intent_of(&c[2]);
+        assert_eq!(intended(&text, &intent, None, head), Some(c[2].clone()));
+        // the check cannot tell it from the table's newest event deleted: it names both
+        let err = check_file(
+            "f",
+            &text,
+            "patients",
+            &c[..2],
+            None,
+            to,
+            std::slice::from_ref(&intent),
+        )
+        .unwrap_err();
         assert_eq!(err.seq, Some(3), "{err}");
         assert!(
             err.why.contains("rekey stopped") && err.why.contains("deleted from the table"),
@@ -604,39 +669,68 @@ mod tests {
         );
         // an empty chain: its first event
         assert_eq!(
-            uncommitted(&file_of(&c[..1]), "patients", None, None, to),
-            c[..1]
+            intended(&file_of(&c[..1]), &intent_of(&c[0]), None, None),
+            Some(c[0].clone())
         );
-        // none of another file, chain or database, nor once the table holds them
-        assert!(uncommitted(&text, "patients", None, head, "h:/b.jsonl").is_empty());
-        assert!(uncommitted(&text, "billing", None, head, to).is_empty());
-        assert!(uncommitted(&text, "patients", Some("db-a"), head, to).is_empty());
-        assert!(uncommitted(&text, "patients", None, Some((4, &c[3].hash)), to).is_empty());
-        // not after a break: a line past a missing one, an edited one, one
-        // linked to something else
-        let gap = file_of(&[c[0].clone(), c[1].clone(), c[3].clone()]);
-        assert!(uncommitted(&gap, "patients", None, head, to).is_empty());
-        let err = check_file("f", &gap, "patients", &c[..2], None, to).unwrap_err();
-        assert_eq!(err.seq, Some(4), "{err}");
-        let edited = text.replacen("\"affected_records\":3", "\"affected_records\":9", 1);
-        assert!(uncommitted(&edited, "patients", None, head, to).is_empty());
-        assert_eq!(
-            check_file("f", &edited, "patients", &c[..2], None, to)
-                .unwrap_err()
-                .seq,
-            Some(3)
-        );
+        // no line: the event never happened
+        assert_eq!(intended(&file_of(&c[..2]), &intent, None, head), None);
+        // not of another database, nor once its place is taken
+        assert_eq!(intended(&text, &intent, Some("db-a"), head), None);
+        assert_eq!(intended(&text, &intent, None, Some((3, &c[2].hash))), None);
+        // a line chained to the head as well as rekey chains, but that no
+        // intent names (anyone may append to the file): never recorded,
+        // and the check names it as no crash of rekey's
         let mut forged = c[2].body.clone();
-        forged.prev_hash = c[0].hash.clone();
-        let forged = format!("{}{}", file_of(&c[..2]), file_of(&[forged.sealed()]));
-        assert!(uncommitted(&forged, "patients", None, head, to).is_empty());
-        let err = check_file("f", &forged, "patients", &c[..2], None, to).unwrap_err();
+        forged.event_type = "key_retired".into();
+        let forged = forged.sealed();
+        let text = format!(
+            "{}{}",
+            file_of(&c[..2]),
+            file_of(std::slice::from_ref(&forged))
+        );
+        assert_eq!(intended(&text, &intent, None, head), None);
+        let err = check_file(
+            "f",
+            &text,
+            "patients",
+            &c[..2],
+            None,
+            to,
+            std::slice::from_ref(&intent),
+        )
+        .unwrap_err();
+        assert!(
+            err.why
+                .contains("appended to the file by someone other than rekey")
+                && !err.why.contains("rekey stopped"),
+            "{err}"
+        );
+        // ... nor before the line the intent names
+        let both = format!("{}{}", text, file_of(&c[2..]));
+        assert_eq!(intended(&both, &intent, None, head), Some(c[2].clone()));
+        // not an edited line resealed, nor one rewritten in another form
+        let edited = file_of(&c).replacen("\"affected_records\":3", "\"affected_records\":9", 1);
+        assert_eq!(intended(&edited, &intent, None, head), None);
+        let spaced = file_of(&c).replacen("\"seq\":3", "\"seq\": 3", 1);
+        assert_eq!(intended(&spaced, &intent, None, head), None);
+        // a line linked to something else
+        let mut relinked = c[2].body.clone();
+        relinked.prev_hash = c[0].hash.clone();
+        let relinked = relinked.sealed();
+        let text = format!(
+            "{}{}",
+            file_of(&c[..2]),
+            file_of(std::slice::from_ref(&relinked))
+        );
+        assert_eq!(intended(&text, &intent_of(&relinked), None, head), None);
+        let err = check_file("f", &text, "patients", &c[..2], None, to, &[]).unwrap_err();
         assert!(
             err.why.contains("deleted from the table") && !err.why.contains("rekey stopped"),
             "{err}"
         );
         // the table's last event deleted from the file is still named
-        let err = check_file("f", &file_of(&c[..1]), "patients", &c[..2], None, to).unwrap_err();
+        let err =
+            check_file("f", &file_of(&c[..1]), "patients", &c[..2], None, to, &[]).unwrap_err();
         assert!(err.why.contains("deleted from the file"), "{err}");
     }
 
@@ -652,19 +746,24 @@ mod tests {
             &whole[..whole.len() / 2],
             file_of(&c[2..])
         );
-        let checked = check_file("f", &text, "patients", &c, None, to).unwrap();
+        let checked = check_file("f", &text, "patients", &c, None, to, &[]).unwrap();
         assert_eq!((checked.events, checked.cut_short), (3, 1));
         assert_eq!(
-            uncommitted(&text, "patients", None, Some((2, c[1].hash.as_str())), to),
-            c[2..]
+            intended(
+                &text,
+                &intent_of(&c[2]),
+                None,
+                Some((2, c[1].hash.as_str()))
+            ),
+            Some(c[2].clone())
         );
         // an event of the table cut down to a fragment: deleted from the file
         let cut = format!("{}{}\n", file_of(&c[..2]), &whole[..whole.len() / 2]);
-        let err = check_file("f", &cut, "patients", &c, None, to).unwrap_err();
+        let err = check_file("f", &cut, "patients", &c, None, to, &[]).unwrap_err();
         assert_eq!(err.seq, Some(3), "{err}");
         assert!(err.why.contains("deleted from the file"), "{err}");
         // text that is not the start of a line rekey writes is an edit
         let junk = format!("{}not json\n", file_of(&c));
-        assert!(check_file("f", &junk, "patients", &c, None, to).is_err());
+        assert!(check_file("f", &junk, "patients", &c, None, to, &[]).is_err());
     }
 }

@@ -35,6 +35,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     ),
     (20, include_str!("../../sql/020_key_table_archived_row.sql")),
     (21, include_str!("../../sql/021_audit_adopted.sql")),
+    (22, include_str!("../../sql/022_audit_intents.sql")),
     (23, include_str!("../../sql/023_job_xids.sql")),
 ];
 
@@ -98,6 +99,7 @@ const OWN_TABLES: &[(&str, &[&str])] = &[
     ("progress", &["INSERT", "UPDATE"]),
     ("quarantine", &["INSERT", "UPDATE"]),
     ("audit", &["INSERT"]),
+    ("audit_intents", &["INSERT", "DELETE"]),
     ("conflicts", &["INSERT", "DELETE"]),
     ("rotations", &["INSERT", "UPDATE"]),
     ("key_usage", &["INSERT", "UPDATE"]),

@@ -1007,7 +1007,8 @@ async fn an_event_whose_commit_never_came_is_recorded_by_the_next_command_and_th
         "{said}"
     );
 
-    // killed again, while the next command records the pending event and its own
+    // killed again, while the next command records the pending event (before
+    // its own intent commits: it writes no line)
     let run = ["run", "--job", job.as_str()];
     let out = rekey(&run, &keyring_pass_env());
     assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
@@ -1038,8 +1039,9 @@ async fn an_event_whose_commit_never_came_is_recorded_by_the_next_command_and_th
         1,
         "{types:?}"
     );
+    // the run that failed recording the pending event wrote no line of its own
     let promoted = types.iter().position(|t| *t == "key_promoted").unwrap();
-    assert_eq!(types[promoted + 1], "run_started", "{types:?}");
+    assert_eq!(types[promoted + 1], "key_retired", "{types:?}");
     assert_eq!(promoted_in_file(), 1);
     for (i, (_, seq)) in trail.iter().enumerate() {
         assert_eq!(*seq, i as i64 + 1, "{trail:?}");
@@ -1119,4 +1121,405 @@ async fn a_line_cut_short_by_a_crash_leaves_a_trail_that_checks() {
         said.contains("key_staged") && said.contains("deleted"),
         "{said}"
     );
+}
+
+/// Audit settings of chain `patients` writing to `path`, for tests that
+/// record events through the library.
+fn audit_at(path: std::path::PathBuf) -> rekey::lifecycle::audit::Audit {
+    rekey::lifecycle::audit::Audit {
+        path,
+        operator: "alice".into(),
+        reason: Some("scheduled".into()),
+        chain: "patients".into(),
+        incident_id: None,
+        operator_notes: None,
+        keys: None,
+    }
+}
+
+/// An event of type `event_type` about key `secret_id`.
+fn what<'a>(event_type: &'a str, secret_id: &'a str) -> rekey::lifecycle::audit::What<'a> {
+    rekey::lifecycle::audit::What {
+        event_type,
+        secret_id,
+        verification_status: "not_applicable",
+        affected_records: None,
+        notes: "",
+        job_id: None,
+    }
+}
+
+/// The intents of chain `patients` not yet settled: (seq, written_to).
+async fn intents_left(db: &TestDb) -> Vec<(i64, String)> {
+    db.client
+        .query(
+            "SELECT seq, written_to FROM rekey.audit_intents WHERE chain = 'patients' ORDER BY seq",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// Makes the commit of every `rekey.audit` row of type `event_type` fail:
+/// the line is written, the row never commits, as when rekey is killed
+/// between the two.
+async fn refuse_commits_of(db: &TestDb, event_type: &str) {
+    db.client
+        .batch_execute(&format!(
+            "CREATE FUNCTION refuse_commit() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN RAISE EXCEPTION 'commit refused by the test'; END $$;
+             CREATE CONSTRAINT TRIGGER refuse_commit AFTER INSERT ON rekey.audit
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+               WHEN (NEW.event_type = '{event_type}') EXECUTE FUNCTION refuse_commit();"
+        ))
+        .await
+        .unwrap();
+}
+
+// Before: anyone who could append to the JSON file could append a line
+// chained to the table's last event (the hash is plain SHA-256 of fields
+// anyone can read), and the next rekey command recorded it in rekey.audit
+// as an event rekey had written, stopped before its commit.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_line_appended_to_the_file_chained_to_the_last_event_is_never_recorded() {
+    let db = TestDb::new().await;
+    db.seed_patients(200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, _) = keyring_file_job(&db, &dir);
+    let out = rekey(&["rotate", "--job", &job, "--json"], &keyring_pass_env());
+    assert_eq!(json(&out)["step"], "staged", "{}", printed(&out));
+    let trail = dir.path().join("patients.audit.jsonl");
+    let text = std::fs::read_to_string(&trail).unwrap();
+    let head: rekey::lifecycle::audit::Event =
+        serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let mut body = head.body.clone();
+    body.event_type = "key_retired".into();
+    body.detail = "key 1 retired; a full verify found no value under it".into();
+    body.seq += 1;
+    body.prev_hash = head.hash.clone();
+    let forged = body.sealed();
+    std::fs::write(&trail, format!("{text}{}\n", forged.line().unwrap())).unwrap();
+
+    let out = rekey(&["run", "--job", &job], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let trail_now = table_trail(&db).await;
+    assert!(
+        !trail_now.iter().any(|(t, _)| t == "key_retired"),
+        "the line appended by hand was recorded as rekey's: {trail_now:?}"
+    );
+    assert_eq!(
+        trail_now.last().map(|(t, _)| t.as_str()),
+        Some("run_completed")
+    );
+    let (code, said) = check(&job);
+    assert_eq!(code, Some(7), "{said}");
+    assert!(said.contains("(key_retired)"), "{said}");
+}
+
+// Before: a line whose write failed part way stayed in the file though the
+// command reported the failure; one whose sync failed after a whole write
+// was recorded by the next command as if it had succeeded. A file size
+// limit makes the write fail part way, without timing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_line_whose_write_failed_is_cut_back_and_never_recorded() {
+    let db = TestDb::new().await;
+    db.seed_patients(200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, _) = keyring_file_job(&db, &dir);
+    let out = rekey(&["rotate", "--job", &job, "--json"], &keyring_pass_env());
+    assert_eq!(json(&out)["step"], "staged", "{}", printed(&out));
+    let trail = dir.path().join("patients.audit.jsonl");
+    let before = std::fs::read(&trail).unwrap();
+    let events_before = table_trail(&db).await;
+    // SIGXFSZ ignored: the write returns an error instead of killing rekey
+    let mut limited = std::process::Command::new("sh");
+    limited
+        .args(["-c", "trap '' XFSZ; exec prlimit --fsize=\"$0\" -- \"$@\""])
+        .arg((before.len() + 40).to_string())
+        .arg(env!("CARGO_BIN_EXE_rekey"))
+        .args(["run", "--job", &job])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(keyring_pass_env())
+        .stdin(std::process::Stdio::null());
+    let out = limited.output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("writing the audit log"),
+        "{}",
+        printed(&out)
+    );
+    assert!(
+        std::fs::read(&trail).unwrap() == before,
+        "the part of the line written stayed in the file"
+    );
+    assert_eq!(table_trail(&db).await, events_before);
+    assert_eq!(intents_left(&db).await, []);
+
+    let out = rekey(&["run", "--job", &job], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let out = rekey(&["report", "--job", &job, "--check", "--json"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(
+        json(&out)["check"]["file_cut_short"],
+        0,
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(json(&out)["check"]["adopted"], serde_json::json!([]));
+}
+
+// Before: each event read the whole audit log first, for lines a stopped
+// rekey had left: a pipe given as --audit-log made the command wait
+// forever for a writer. An intent naming the pipe (a rekey killed there
+// after committing it) makes the next command look.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pipe_as_the_audit_log_takes_the_events_and_is_never_read() {
+    let db = TestDb::new().await;
+    db.seed_patients(50).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    let pipe = dir.path().join("audit.pipe");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&pipe)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let mut setup = connect(&db.url).await;
+    rekey::state::ensure_schema(&mut setup).await.unwrap();
+    db.client
+        .execute(
+            "INSERT INTO rekey.audit_intents (chain, seq, hash, written_to) VALUES ('patients', 1, repeat('a', 64), $1)",
+            &[&audit_at(pipe.clone()).written_to()],
+        )
+        .await
+        .unwrap();
+    let mut child = rekey_cmd(
+        &["run", "--job", &job, "--audit-log", pipe.to_str().unwrap()],
+        &seed_env(),
+    )
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("rekey still waits on the pipe after two minutes");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert_eq!(
+        table_trail(&db).await,
+        [
+            ("run_started".to_string(), 1),
+            ("run_completed".to_string(), 2)
+        ]
+    );
+    assert_eq!(intents_left(&db).await, []);
+}
+
+// Before: `run --restart` with an audit log it could not write gave up the
+// unfinished job, then failed to record that it had: the job was lost with
+// no event saying so.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_whose_audit_log_cannot_be_written_gives_up_nothing() {
+    let db = TestDb::new().await;
+    db.seed_patients(20_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job(&dir).display().to_string();
+    let window = [
+        "run",
+        "--job",
+        &j,
+        "--json",
+        "--batch-size",
+        "200",
+        "--max-rows-per-sec",
+        "5000",
+        "--run-time",
+        "500ms",
+    ];
+    let out = rekey(&window, &seed_env());
+    assert_eq!(out.status.code(), Some(5), "{}", printed(&out));
+    let first = json(&out);
+    let nowhere = dir.path().join("missing").join("audit.jsonl");
+    let out = rekey(
+        &[
+            "run",
+            "--job",
+            &j,
+            "--restart",
+            "--audit-log",
+            nowhere.to_str().unwrap(),
+        ],
+        &seed_env(),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("cannot be opened for append")
+            && printed(&out).contains("--audit-log"),
+        "{}",
+        printed(&out)
+    );
+    let out = rekey(&["run", "--job", &j, "--json"], &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(
+        json(&out)["job_id"],
+        first["job_id"],
+        "the unfinished job was given up: {}",
+        printed(&out)
+    );
+    let types: Vec<String> = audit_lines(&dir)
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "run_started",
+            "run_window_ended",
+            "run_started",
+            "run_completed"
+        ]
+    );
+}
+
+// An event whose commit never came is recorded from the file its intent
+// names, whichever file the next event goes to; an intent with no line is
+// an event that never happened; another host's is left for a command there.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_left_in_one_file_is_recorded_by_the_next_event_written_to_another() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut client = connect(&db.url).await;
+    rekey::state::ensure_schema(&mut client).await.unwrap();
+    let a = audit_at(dir.path().join("a.jsonl"));
+    let b = audit_at(dir.path().join("b.jsonl"));
+    a.record(&client, what("first", "file:k#1")).await.unwrap();
+    refuse_commits_of(&db, "left_in_a").await;
+    let err = a
+        .record(&client, what("left_in_a", "file:k#1"))
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:?}").contains("commit refused by the test"),
+        "{err:?}"
+    );
+    db.client
+        .batch_execute("DROP TRIGGER refuse_commit ON rekey.audit")
+        .await
+        .unwrap();
+    // the lock was given back: another session records at once
+    let held: bool = db
+        .client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks
+                             WHERE locktype = 'advisory' AND granted
+                               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                               AND ((classid::bigint << 32) | objid::bigint) = hashtextextended('rekey.audit:patients', 0))",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!held, "the chain's lock is still held after the failure");
+    db.client
+        .execute(
+            "INSERT INTO rekey.audit_intents (chain, seq, hash, written_to)
+             VALUES ('patients', 2, repeat('b', 64), $1), ('patients', 2, repeat('c', 64), 'elsewhere:/var/log/a.jsonl')",
+            &[&b.written_to()],
+        )
+        .await
+        .unwrap();
+    b.record(&client, what("second", "file:k#1")).await.unwrap();
+    assert_eq!(
+        table_trail(&db).await,
+        [
+            ("first".to_string(), 1),
+            ("left_in_a".to_string(), 2),
+            ("second".to_string(), 3)
+        ]
+    );
+    let adopted: Vec<String> = db
+        .client
+        .query(
+            "SELECT event_type FROM rekey.audit WHERE adopted_at IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(adopted, ["left_in_a"]);
+    assert_eq!(
+        intents_left(&db).await,
+        [(2, "elsewhere:/var/log/a.jsonl".to_string())]
+    );
+}
+
+// Before: an environment key's id given again after an abort matched the
+// key_retired event of the earlier key with that id, and the later key's
+// retire was never recorded.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_id_given_again_is_not_taken_for_the_key_retired_before_under_it() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut client = connect(&db.url).await;
+    rekey::state::ensure_schema(&mut client).await.unwrap();
+    let audit = audit_at(dir.path().join("patients.audit.jsonl"));
+    let open = |old: i64, new: i64| {
+        format!(
+            "INSERT INTO rekey.rotations (job_name, step, reason, operator, secret_id, old_key, new_key, grace_s)
+             VALUES ('patients', 'staged', 'scheduled', 'alice', 'env:ENCRYPTION', {old}, {new}, 0)"
+        )
+    };
+    // rotation 1 stages key 2, and its abort retires it
+    client.batch_execute(&open(1, 2)).await.unwrap();
+    let key = "env:ENCRYPTION#2";
+    audit
+        .record(&client, what("key_staged", key))
+        .await
+        .unwrap();
+    audit
+        .record(&client, what("key_retired", key))
+        .await
+        .unwrap();
+    // the same retire run again is the same event
+    assert!(audit
+        .has_key_event(&client, "key_retired", key)
+        .await
+        .unwrap());
+    client
+        .batch_execute(
+            "UPDATE rekey.rotations SET step = 'rolled_back', finished_at = now() WHERE rotation_id = 1",
+        )
+        .await
+        .unwrap();
+    // ... once the rotation is over too
+    assert!(audit
+        .has_key_event(&client, "key_retired", key)
+        .await
+        .unwrap());
+    // rotation 2 gives the id 2 to a new key, and later retires it
+    client.batch_execute(&open(1, 2)).await.unwrap();
+    audit
+        .record(&client, what("key_staged", key))
+        .await
+        .unwrap();
+    assert!(!audit
+        .has_key_event(&client, "key_retired", key)
+        .await
+        .unwrap());
 }

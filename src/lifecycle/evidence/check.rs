@@ -9,7 +9,7 @@ use tokio_postgres::{Client, Row};
 
 use crate::crypto::keyring::KeyId;
 use crate::error::DbContext;
-use crate::lifecycle::chain::{check_chain, check_file, Body, Broken, Event, FileChecked};
+use crate::lifecycle::chain::{check_chain, check_file, Body, Broken, Event, FileChecked, Intent};
 use crate::Error;
 
 /// The columns of an event (of `rekey.audit a`), its timestamp as it was
@@ -215,6 +215,7 @@ pub async fn check(
         }
     };
     let table: Vec<Event> = events.into_iter().map(|(e, _)| e).collect();
+    let intents = intents(client, chain).await?;
     match check_file(
         &file.display().to_string(),
         &text,
@@ -222,6 +223,7 @@ pub async fn check(
         &table,
         database.as_deref(),
         written_to,
+        &intents,
     ) {
         Ok(FileChecked {
             events,
@@ -238,6 +240,35 @@ pub async fn check(
         Err(broken) => checked.file_broken = Some(broken.to_string()),
     }
     Ok(checked)
+}
+
+/// The intents of chain `chain` not yet settled (none in a schema from
+/// before them): the events a stopped rekey may have left in the file alone.
+async fn intents(client: &Client, chain: &str) -> Result<Vec<Intent>, Error> {
+    let what = || "reading the audit intents (rekey.audit_intents)".to_string();
+    let exists: bool = client
+        .query_one("SELECT to_regclass('rekey.audit_intents') IS NOT NULL", &[])
+        .await
+        .ctx(what)?
+        .get(0);
+    if !exists {
+        return Ok(Vec::new());
+    }
+    Ok(client
+        .query(
+            "SELECT chain, seq, hash, written_to FROM rekey.audit_intents WHERE chain = $1 ORDER BY seq",
+            &[&chain],
+        )
+        .await
+        .ctx(what)?
+        .iter()
+        .map(|r| Intent {
+            chain: r.get(0),
+            seq: r.get(1),
+            hash: r.get(2),
+            written_to: r.get(3),
+        })
+        .collect())
 }
 
 /// This database's audit identity (`rekey.identity`; none in a schema
