@@ -8,10 +8,11 @@
 //! ([`super::left::shows_rotated`]) the rows on an old key are counted.
 //! Elsewhere (raw AES-GCM, Fernet) telling a value written behind the run
 //! from one it rotated takes a decrypt, so only the rows written by someone
-//! else since the job began are read and opened: a row whose `xmin` is
-//! newer than the job's first transaction and none of the transactions its
-//! batches committed in (`rekey.job_xids`). A row frozen by VACUUM since
-//! it was written shows no xmin to compare: left to `rekey verify --full`.
+//! else since the job began are read and opened: a row whose `xmin` is no
+//! older than the oldest transaction running when the job began and none of
+//! the transactions its batches committed in (`rekey.job_xids`). Where the
+//! job has spanned 2^31 transactions or more (`age()` wraps), every row
+//! but the job's own is read.
 
 use futures_util::TryStreamExt;
 use tokio_postgres::Client;
@@ -133,8 +134,10 @@ async fn unrecorded_stale_rows(client: &Client, t: &Target, job_id: i64) -> Resu
 }
 
 /// Rows of `t` another writer changed since job `job_id` began that hold a
-/// value an old key opens: read (only those rows) and opened. A job begun
-/// before rekey noted its transactions is not checked (0).
+/// value an old key opens, or that no key opens: read (only those rows)
+/// and opened; less the rows the job recorded (quarantined, not rotated,
+/// still changing), as [`unrecorded_stale_rows`] counts. A job begun before
+/// rekey noted its transactions is not checked (0).
 async fn others_on_old_keys(client: &Client, t: &Target, job_id: i64) -> Result<u64, Error> {
     let what = || {
         format!(
@@ -142,22 +145,23 @@ async fn others_on_old_keys(client: &Client, t: &Target, job_id: i64) -> Result<
             t.table
         )
     };
-    let started: Option<i64> = client
-        .query_one(
-            "SELECT started_xid FROM rekey.jobs WHERE job_id = $1",
+    // the job's start as an age (transactions since), and whether age() can still tell it
+    let row = client
+        .query_opt(
+            "SELECT age((started_xid % 4294967296)::text::xid),
+                    txid_snapshot_xmax(txid_current_snapshot()) - started_xid >= 2000000000
+               FROM rekey.jobs WHERE job_id = $1 AND started_xid IS NOT NULL",
             &[&job_id],
         )
         .await
-        .ctx(what)?
-        .get(0);
-    let Some(started) = started else {
-        return Ok(0);
-    };
-    // age() counts back from now: a row younger than the job's first
-    // transaction was written after it; a frozen row's age is the largest
+        .ctx(what)?;
+    // none: a job begun before its transactions were noted
+    let Some(row) = row else { return Ok(0) };
+    let (span, wrapped): (i32, bool) = (row.get(0), row.get(1));
     let text = format!(
-        "SELECT {}, {}{} FROM {} WHERE age(xmin) < age(($1::bigint)::text::xid)
-            AND xmin::text::bigint NOT IN (SELECT xid FROM rekey.job_xids WHERE job_id = $2){}",
+        "SELECT {}, {}{} FROM {} AS \"rekey row\"
+          WHERE ($2 OR age(xmin) BETWEEN 0 AND $1)
+            AND NOT EXISTS (SELECT 1 FROM rekey.job_xids x WHERE x.job_id = $3 AND x.xid = \"rekey row\".xmin::text::bigint){}",
         t.key_list(""),
         t.columns
             .iter()
@@ -168,16 +172,8 @@ async fn others_on_old_keys(client: &Client, t: &Target, job_id: i64) -> Result<
         t.qualified(),
         sql::target_filter(t)
     );
-    let stream = client
-        .query_raw(
-            &text,
-            [
-                &started as &(dyn tokio_postgres::types::ToSql + Sync),
-                &job_id,
-            ],
-        )
-        .await
-        .ctx(what)?;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&span, &wrapped, &job_id];
+    let stream = client.query_raw(&text, params).await.ctx(what)?;
     futures_util::pin_mut!(stream);
     let (mut behind, mut rows) = (0u64, Vec::new());
     loop {
@@ -185,22 +181,37 @@ async fn others_on_old_keys(client: &Client, t: &Target, job_id: i64) -> Result<
         let last = row.is_none();
         rows.extend(row);
         if rows.len() >= PAGE_ROWS || (last && !rows.is_empty()) {
-            behind += on_old_keys(t, &rows)?;
+            behind += off_target(t, &rows)?;
             rows.clear();
         }
         if last {
-            return Ok(behind);
+            break;
         }
     }
+    if behind == 0 {
+        return Ok(0);
+    }
+    let recorded: i64 = client
+        .query_one(
+            "SELECT count(*) FROM (
+                 SELECT pk FROM rekey.quarantine WHERE job_id = $1 AND table_name = $2
+                 UNION SELECT pk FROM rekey.not_rotated WHERE job_id = $1 AND target = $3
+                 UNION SELECT pk FROM rekey.conflicts WHERE job_id = $1 AND target = $3) AS recorded",
+            &[&job_id, &t.table.to_string(), &(t.index as i32)],
+        )
+        .await
+        .ctx(what)?
+        .get(0);
+    Ok(behind.saturating_sub(u64::try_from(recorded).unwrap_or(0)))
 }
 
 /// Rows read at a time by [`others_on_old_keys`].
 const PAGE_ROWS: usize = 5_000;
 
 /// Rows of `rows` (key columns, encrypted columns, associated data) with a
-/// value an old key opens. A value no key opens is not counted here: the
-/// run quarantines such values as it meets them.
-fn on_old_keys(t: &Target, rows: &[tokio_postgres::Row]) -> Result<u64, Error> {
+/// value an old key opens, or no key opens: written after the run passed
+/// the row, so the run never met it.
+fn off_target(t: &Target, rows: &[tokio_postgres::Row]) -> Result<u64, Error> {
     let page = Page::from_rows(rows).map_err(|e| {
         Error::Runtime(format!(
             "reading the rows of {} others changed: {e}",
@@ -210,7 +221,7 @@ fn on_old_keys(t: &Target, rows: &[tokio_postgres::Row]) -> Result<u64, Error> {
     let mut cells = Cells::default();
     transform::classify(t, &page, &mut cells);
     let ncols = t.columns.len().max(1);
-    let old = cells
+    let off = cells
         .chunks(ncols)
         .filter(|row| {
             row.iter().any(|c| {
@@ -219,10 +230,10 @@ fn on_old_keys(t: &Target, rows: &[tokio_postgres::Row]) -> Result<u64, Error> {
                     Cell::Opened {
                         on_target: false,
                         ..
-                    }
+                    } | Cell::Failed(_)
                 )
             })
         })
         .count();
-    Ok(old as u64)
+    Ok(off as u64)
 }

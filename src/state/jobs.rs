@@ -145,7 +145,7 @@ async fn open_job_locked(
     let id: i64 = tx
         .query_one(
             "INSERT INTO rekey.jobs (name, spec_hash, keys, state, job_file, started_xid)
-             VALUES ($1, $2, $3, 'running', $4, txid_current() % 4294967296) RETURNING job_id",
+             VALUES ($1, $2, $3, 'running', $4, txid_snapshot_xmin(txid_current_snapshot())) RETURNING job_id",
             &[&job.name, &job.spec_hash, &keys, &job.file],
         )
         .await
