@@ -209,6 +209,26 @@ pub async fn values_to_rewrite(client: &Client, job: &Job) -> Result<u64, Error>
         .sum())
 }
 
+/// Values a count by key shows off the target key, in columns whose values
+/// show their key (no decrypt): a format without a key prefix (raw GCM,
+/// Fernet, a migration) counts every value as to rewrite, so it is left
+/// out here, as search hashes are.
+pub async fn values_visibly_off_target(client: &Client, job: &Job) -> Result<u64, Error> {
+    Ok(count_by_key(client, job)
+        .await?
+        .iter()
+        .filter(|c| {
+            let t = &job.targets[c.target];
+            c.by_key.is_some()
+                && !t.hash_only()
+                && t.hash
+                    .as_ref()
+                    .is_none_or(|h| t.columns[h.column].name != c.column)
+        })
+        .map(|c| c.to_rewrite)
+        .sum())
+}
+
 /// Counts every column of every target by key, in one scan per column.
 pub async fn count_by_key(client: &Client, job: &Job) -> Result<Vec<ColumnPlan>, Error> {
     let mut out = Vec::new();

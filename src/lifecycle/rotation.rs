@@ -74,6 +74,10 @@ pub struct RotateOptions {
     /// How long a retire waits for transactions still open that wrote to
     /// the job's tables before its verify; one still open then refuses it.
     pub wait_for_writers: Duration,
+    /// The key retiring was staged and never current (an abort's): another
+    /// job's tables can hold values under it only where a run of that job
+    /// wrote under it, not where applications wrote under the current key.
+    pub never_current: bool,
 }
 
 /// What an invocation stopped for.
@@ -419,9 +423,28 @@ async fn nothing_open(
     // stage or promote outside `rekey rotate`, a `rotate --new` stopped
     // before it recorded its rotation) and the values (a rollback leaves
     // values under the key it turned away from until a run)
-    let job = crate::job::Job::resolve(cx.spec, client).await?;
-    let left = crate::engine::plan::values_to_rewrite(client, &job).await?;
-    let keys = job.targets.first().map(|t| &t.write.keyring);
+    let job = match crate::job::Job::resolve(cx.spec, client).await {
+        Ok(job) => job,
+        Err(e) => {
+            // keys that cannot be loaded as they stand (a key table's current key
+            // marked compromised with nothing staged): the next rotation is the way on
+            log.lines.push(format!(
+                "rotation {} ended ({}), and the job's keys cannot be used as they stand: {}; \
+                 `rekey rotate --new` starts the next rotation",
+                last.id,
+                last.finished_at,
+                e.chain()
+            ));
+            return Ok(Some(std::mem::take(log).end(Ended::NotVerified, last.step)));
+        }
+    };
+    let left = crate::engine::plan::values_visibly_off_target(client, &job).await?;
+    // the store the rotation is about: a target with keys of its own is another's
+    let keys = job
+        .targets
+        .iter()
+        .find(|t| t.write.source.as_ref() == Some(cx.keys))
+        .map(|t| &t.write.keyring);
     let (pending, target) = (
         keys.and_then(|k| k.pending_id()),
         keys.map(|k| k.target().id()),
