@@ -62,6 +62,7 @@ pub(crate) fn rotate_options(
         intent: Intent::Continue,
         accept_unverified: Vec::new(),
         wait_for_writers: Duration::from_secs(120),
+        never_current: false,
     }
 }
 

@@ -161,6 +161,7 @@ pub(crate) async fn abort(
         let job = Arc::new(Job::resolve(cx.spec, client).await?);
         let mut opts = cx.opts.clone();
         opts.compromised = false;
+        opts.never_current = true;
         // boxed: the retire's future (a full verify's inside) off the stack that polls it
         let outcome = Box::pin(retire(cx.db, client, &job, store, new, &opts)).await?;
         log.lines.extend(outcome.lines);

@@ -81,6 +81,7 @@ pub async fn retire(
         job,
         old,
         &opts.accept_unverified,
+        opts.never_current,
     ))
     .await?;
     // a key repeated across inheritance children would make the verify's pages skip rows
@@ -373,6 +374,7 @@ async fn refuse_tables_left_out(
     job: &Job,
     old: KeyId,
     accepted: &[String],
+    never_current: bool,
 ) -> Result<Vec<String>, Error> {
     let listed: Vec<String> = job.targets.iter().map(|t| t.table.to_string()).collect();
     let columns: Vec<(String, String)> = job
@@ -391,9 +393,22 @@ async fn refuse_tables_left_out(
         v.sort();
         v.dedup();
     }
+    // the retiring key's fingerprint, for a key never current
+    let retiring = job
+        .targets
+        .iter()
+        .find_map(|t| t.write.keyring.get(old).or_else(|| t.read.keyring.get(old)))
+        .map(|k| k.fingerprint());
     let store = RetiringStore {
         labels: &labels,
         fingerprints: &fingerprints,
+        job_file: job.file.as_deref(),
+        written_under: if never_current {
+            // a key no target holds cannot be told: any run under the store counts
+            retiring.as_deref()
+        } else {
+            None
+        },
     };
     let left_out = rotated::left_out(client, &job.name, &listed, &columns, &store).await?;
     if let Some(stray) = accepted

@@ -45,6 +45,13 @@ pub struct RetiringStore<'a> {
     pub labels: &'a [String],
     /// The fingerprints of every key it holds, the retiring key among them.
     pub fingerprints: &'a [String],
+    /// The retiring job's file (absolute), telling it from another job of
+    /// the same name (two job files without a name are both "rekey").
+    pub job_file: Option<&'a str>,
+    /// Where the retiring key was never current (an abort's staged key), the
+    /// fingerprint another job must have written under for its tables to
+    /// count; `None`: any run under the store counts.
+    pub written_under: Option<&'a str>,
 }
 
 /// A condition on one run's target (`keys`: its element of
@@ -145,16 +152,23 @@ async fn columns_left_out(
         listed.iter().map(|(t, c)| (t.as_str(), c.as_str())).unzip();
     // $4 and $5: the retiring store's labels and fingerprints
     let under = under_retiring_store("j.keys -> p.target", "t.key_stores", 4, 5);
-    // another job's run counts where it names the store, or wrote under one of its keys
-    let named = "(coalesce(t.key_stores && $4::text[], false)
-                  OR (j.keys -> p.target -> 'write' -> 'keys') ->> (j.keys -> p.target -> 'write' ->> 'target')
-                     = ANY($5::text[]))";
+    // another job's run counts where it names the store, or wrote under one
+    // of its keys; for a key never current, only where it wrote under that key
+    let wrote = "(j.keys -> p.target -> 'write' -> 'keys') ->> (j.keys -> p.target -> 'write' ->> 'target')";
+    let named = format!(
+        "CASE WHEN $7::text IS NOT NULL THEN {wrote} = $7
+              ELSE coalesce(t.key_stores && $4::text[], false) OR {wrote} = ANY($5::text[]) END"
+    );
+    // this job: its name, and its file where both runs recorded one
+    let own = "(j.name = $1 AND (j.job_file IS NULL OR $6::text IS NULL OR j.job_file = $6))";
     let rows = client
         .query(
             &format!(
                 "WITH RECURSIVE rotated AS (
                      SELECT DISTINCT r.table_oid, r.table_name, u.column_name, u.attnum,
-                            CASE WHEN j.name = $1 THEN NULL ELSE j.name END AS other_job
+                            CASE WHEN {own} THEN NULL
+                                 WHEN j.name = $1 THEN j.name || ' at ' || coalesce(j.job_file, 'an unrecorded file')
+                                 ELSE j.name END AS other_job
                        FROM rekey.progress p JOIN rekey.jobs j ON j.job_id = p.job_id
                        JOIN rekey.job_targets t ON t.job_id = p.job_id AND t.target = p.target
                        -- the target's table, and its partitions and children when the job started
@@ -164,7 +178,7 @@ async fn columns_left_out(
                             SELECT s.table_oid, s.table_name, s.columns, s.attnums FROM rekey.job_target_parts s
                              WHERE s.job_id = t.job_id AND s.target = t.target) AS r
                       CROSS JOIN LATERAL unnest(r.columns, r.attnums) AS u(column_name, attnum)
-                      WHERE (j.name = $1 AND p.rows_rewritten > 0 AND {under}) OR (j.name <> $1 AND {named})),
+                      WHERE ({own} AND p.rows_rewritten > 0 AND {under}) OR (NOT {own} AND ({named}))),
                  rel AS (
                      SELECT c.oid, n.nspname || '.' || c.relname AS name
                        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace),
@@ -191,7 +205,15 @@ async fn columns_left_out(
                                      WHERE up.oid = v.oid)
                   GROUP BY 1, 2"
             ),
-            &[&name, &tables, &columns, &store.labels, &store.fingerprints],
+            &[
+                &name,
+                &tables,
+                &columns,
+                &store.labels,
+                &store.fingerprints,
+                &store.job_file,
+                &store.written_under,
+            ],
         )
         .await
         .ctx(|| format!("reading the columns job {name:?} rotated"))?;
