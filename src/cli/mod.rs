@@ -150,21 +150,29 @@ pub fn default_lanes() -> usize {
 
 /// Prints one JSON object on stdout (`--json`).
 pub(crate) fn print_json(value: &serde_json::Value) {
+    JSON_SAID.store(true, std::sync::atomic::Ordering::SeqCst);
     out!("{value}");
 }
+
+/// Whether the command's JSON object was printed (or is being): a second
+/// signal then exits without a second one.
+static JSON_SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// What a command says as a second signal exits it at once: with `--json`,
 /// the one object stdout promises (a failure's shape), else nothing more
 /// than the log line.
 pub(crate) fn said_at_once(json: bool) -> crate::control::signals::AtOnce {
     Box::new(move || {
-        if json {
-            print_json(&serde_json::json!({
+        if json && !JSON_SAID.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            out!(
+                "{}",
+                serde_json::json!({
                 "error": "stopped at once by a second signal",
                 "kind": "stopped",
                 "exit_code": exit::EXIT_STOPPED,
-                "hint": "every committed batch and step is kept: run the same command again to resume",
-            }));
+                    "hint": "every committed batch and step is kept: run the same command again to resume",
+                })
+            );
         }
     })
 }

@@ -159,7 +159,23 @@ impl KeyWatch {
                 },
             });
         }
-        let mut store = Store::open(&self.keys).await?;
+        if let Some(path) = self.path() {
+            if !path.exists() {
+                // gone whole: nothing to put the key back into
+                return Ok(lost(format!("{} no longer exists", path.display())));
+            }
+        }
+        let mut store = Store::open_to_look(&self.keys).await?;
+        // a layout that keeps a previous key's material in the secret's
+        // former version: read there, as a run's load does
+        let archived = store
+            .table()
+            .entries
+            .iter()
+            .any(|e| e.id == id && e.key.is_none() && e.state != KeyState::Retired);
+        if archived {
+            store.fetch_archived(id).await?;
+        }
         let table = store.table();
         let why = match table.entries.iter().find(|e| e.id == id) {
             Some(e) => match (&e.key, e.state) {
@@ -190,8 +206,8 @@ impl KeyWatch {
         if let Err(e) = store.table_mut().stage(self.key.clone(), now()) {
             return Ok(lost(format!("{why}, and it cannot take the key back: {e}")));
         }
-        match store.save(false).await {
-            Ok(_) => Ok(Held::PutBack { why }),
+        match store.save_keeping_archive().await {
+            Ok(()) => Ok(Held::PutBack { why }),
             Err(e) => Ok(lost(format!(
                 "{why}, and putting the key back failed: {}",
                 e.chain()

@@ -192,6 +192,34 @@ impl Store {
         }
     }
 
+    /// Opens the store of `keys` to look at it during a run: as
+    /// [`Store::open`], but a Secrets Manager secret a stopped purge left
+    /// missing is not put back from its backup (the purge may still run).
+    pub async fn open_to_look(keys: &KeysSpec) -> Result<Store, Error> {
+        match keys.source {
+            KeySource::AwsSecretsManager => Ok(Store::Aws(Box::new(
+                aws::SecretsManagerStore::open_as(keys, false).await?,
+            ))),
+            _ => Store::open(keys).await,
+        }
+    }
+
+    /// Saves the table as [`Store::save`] does, destroying no archived key
+    /// whatever its age: for a run putting back a key it writes under, which
+    /// is no place to destroy key material (that is `secrets purge`'s, after
+    /// its verify).
+    pub async fn save_keeping_archive(&mut self) -> Result<(), Error> {
+        match self {
+            Store::Aws(a) => a.save().await,
+            Store::Kms(k) => k.save().await,
+            Store::Table(t) => t.save().await,
+            Store::File(f) => f.save().map_err(|e| Error::Runtime(e.to_string())),
+            Store::Env(_) => Err(Error::Runtime(
+                "environment keys are not written by rekey".into(),
+            )),
+        }
+    }
+
     /// The keys and their states.
     pub fn table(&self) -> &KeyTable {
         match self {

@@ -38,6 +38,11 @@ pub mod aws {
         }
 
         /// Fails: no AWS support in this build.
+        pub async fn open_as(_keys: &KeysSpec, _restore: bool) -> Result<Self, Error> {
+            Err(without_aws("aws-secrets-manager"))
+        }
+
+        /// Fails: no AWS support in this build.
         pub async fn create(_keys: &KeysSpec, _table: &KeyTable) -> Result<(), Error> {
             Err(without_aws("aws-secrets-manager"))
         }

@@ -193,8 +193,16 @@ async fn put(client: &Client, sid: &str, text: &str, stage: Option<&str>) -> Res
 }
 
 impl SecretsManagerStore {
-    /// Reads the secret's labelled versions in the job's layout.
+    /// Reads the secret's labelled versions in the job's layout, putting
+    /// the secret back from a stopped purge's backup where it is missing.
     pub async fn open(keys: &KeysSpec) -> Result<Self, Error> {
+        Self::open_as(keys, true).await
+    }
+
+    /// As [`SecretsManagerStore::open`]; without `restore`, a missing
+    /// secret is an error (a run's look at its store must not race a purge
+    /// between its delete and its create).
+    pub async fn open_as(keys: &KeysSpec, restore: bool) -> Result<Self, Error> {
         let secret_id = keys.secret_id.clone().ok_or_else(|| {
             Error::Config(
                 "keys source \"aws-secrets-manager\" needs secret_id = \"name or ARN\"".into(),
@@ -206,7 +214,8 @@ impl SecretsManagerStore {
         let described = match client.describe_secret().secret_id(&secret_id).send().await {
             Ok(d) => d,
             Err(e)
-                if errors::not_found(&e)
+                if restore
+                    && errors::not_found(&e)
                     && Self::restore_from_backup(&client, &secret_id).await? =>
             {
                 client
