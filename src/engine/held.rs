@@ -87,15 +87,19 @@ pub async fn look(watches: &mut [KeyWatch], always: bool) -> Result<(), Error> {
                  (a deployment writing an older copy, a hand edit) before it does so again",
                 w.store()
             ),
-            Ok(Held::Lost { why }) => {
+            Ok(Held::Demoted { why }) => {
                 return Err(Error::Runtime(format!(
-                    "key {id} (fingerprint {fingerprint}), which this run writes values under, is no longer in {}: {why}. \
-                     The run stopped. Values the job wrote under key {id} open with no other key: put key {id} back \
-                     in {} (from the copy or version it held before the change) before anything else, then run \
-                     `rekey run` again to finish; do not abort, promote or retire until it is back",
-                    w.store(),
+                    "key {id} (fingerprint {fingerprint}), which this run writes values under, is no longer the key \
+                     values go to in {}: {why}. The run stopped: the values it wrote under key {id} are on an old key \
+                     now. Finish what changed the store (`rekey rotate` resumes an abort) rather than this run",
                     w.store()
                 )))
+            }
+            Ok(Held::Lost { why }) => return Err(lost_key(w, &why)),
+            // a keyring file that cannot be read (another passphrase, damage,
+            // permissions) is no passing fault: the run stops at the first
+            Err(e) if w.is_file() => {
+                return Err(lost_key(w, &format!("it cannot be read ({})", e.chain())));
             }
             Err(e) if always => {
                 return Err(Error::Runtime(format!(
@@ -115,4 +119,28 @@ pub async fn look(watches: &mut [KeyWatch], always: bool) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// The error for a key its store lost: the run stops, and where the store
+/// is a keyring file the key is first sealed into a file of its own, so
+/// that the values written under it do not die with this process.
+fn lost_key(w: &KeyWatch, why: &str) -> Error {
+    let (id, fingerprint) = (w.key().id(), w.key().fingerprint());
+    let copy = match w.save_copy() {
+        Some(path) => format!(
+            "rekey sealed key {id} with the keyring's passphrase into {} (a keyring file holding that key \
+             alone): put it back from there (or from the copy or version the store held before the change)",
+            path.display()
+        ),
+        None => format!(
+            "put key {id} back in {} from the copy or version it held before the change",
+            w.store()
+        ),
+    };
+    Error::Runtime(format!(
+        "key {id} (fingerprint {fingerprint}), which this run writes values under, is no longer in {}: {why}. \
+         The run stopped. Values the job wrote under key {id} open with no other key: {copy} before anything \
+         else, then run `rekey run` again to finish; do not abort, promote or retire until it is back",
+        w.store()
+    ))
 }

@@ -30,6 +30,11 @@ pub enum Held {
         /// What the store had become, for the warning.
         why: String,
     },
+    /// The key is in the store, but no longer the one values go to.
+    Demoted {
+        /// What the store had become.
+        why: String,
+    },
     /// The key is not in the store and could not be put back.
     Lost {
         /// What the store holds instead, and why it was not put back.
@@ -107,6 +112,46 @@ impl KeyWatch {
         &self.key
     }
 
+    /// Whether the store is a file on this machine (a failure to read it is
+    /// no network's passing fault).
+    pub fn is_file(&self) -> bool {
+        self.path().is_some()
+    }
+
+    /// Seals the key watched into a keyring file of its own beside the
+    /// store's file (`<file>.key-<id>-<fingerprint>.json`, the store's
+    /// passphrase, mode 600), where the store is a keyring file: the copy
+    /// a lost key leaves when the run must stop. Its path, or `None`.
+    pub fn save_copy(&self) -> Option<PathBuf> {
+        if self.keys.source != KeySource::File {
+            return None;
+        }
+        let path = self.path()?;
+        let pass = std::env::var(self.keys.passphrase_var()).ok()?;
+        let copy = PathBuf::from(format!(
+            "{}.key-{}-{}.json",
+            path.display(),
+            self.key.id(),
+            self.key.fingerprint()
+        ));
+        if copy.exists() {
+            return Some(copy);
+        }
+        let table = crate::crypto::keytable::KeyTable {
+            entries: vec![crate::crypto::keytable::Entry {
+                id: self.key.id(),
+                state: KeyState::Current,
+                created_at: now(),
+                changed_at: now(),
+                key: Some(self.key.clone()),
+                compromised: false,
+            }],
+        };
+        super::file::KeyringFile::create(&copy, pass.as_bytes(), table)
+            .ok()
+            .map(|_| copy)
+    }
+
     /// The path of a store kept in a file.
     fn path(&self) -> Option<&PathBuf> {
         match self.keys.source {
@@ -179,6 +224,13 @@ impl KeyWatch {
         let table = store.table();
         let why = match table.entries.iter().find(|e| e.id == id) {
             Some(e) => match (&e.key, e.state) {
+                (Some(k), KeyState::Previous) if k.fingerprint() == fingerprint && self.pending => {
+                    // un-staged (an abort, a rollback): still held, but values
+                    // under it are on an old key now, whatever the run wrote
+                    return Ok(Held::Demoted {
+                        why: format!("key {id} is no longer staged in it but previous (an abort or a rollback ran)"),
+                    });
+                }
                 (Some(k), KeyState::Pending | KeyState::Current | KeyState::Previous)
                     if k.fingerprint() == fingerprint =>
                 {

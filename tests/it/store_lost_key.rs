@@ -131,6 +131,70 @@ async fn a_key_removed_during_a_run_that_cannot_be_put_back_stops_the_run_naming
     );
     // stopped as soon as it was seen, not at the end of the table
     assert!(committed_values(&db).await < values_in(ROWS));
+    // and the key is not lost with the process: sealed beside the store
+    assert_eq!(
+        sealed_copy(&keyring, &fingerprint, &said),
+        Some(fingerprint)
+    );
+}
+
+/// The fingerprint of key 2 in the keyring file rekey sealed it into
+/// beside `keyring`, where what it `said` names that file.
+fn sealed_copy(keyring: &std::path::Path, fingerprint: &str, said: &str) -> Option<String> {
+    let copy = format!("{}.key-2-{fingerprint}.json", keyring.display());
+    assert!(said.contains(&copy), "{said}");
+    fingerprint_of(std::path::Path::new(&copy), 2)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keyring_file_deleted_during_a_run_stops_it_and_the_key_is_sealed_beside_it() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring, fingerprint) = staged(&db, &dir).await;
+    let mut child = slow_run(&job);
+    wait_for_progress(&db, &mut child, 2_000).await;
+    std::fs::remove_file(&keyring).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
+    let said = stderr(&out);
+    assert!(
+        said.contains("no longer exists") && said.contains("The run stopped"),
+        "{said}"
+    );
+    assert_eq!(
+        sealed_copy(&keyring, &fingerprint, &said),
+        Some(fingerprint)
+    );
+}
+
+// Before: an abort run during the run un-staged key 2 (previous again) and
+// the run went on to say done, exit 0, with every value under key 2.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_whose_staged_key_an_abort_turned_back_to_previous_does_not_say_done() {
+    let db = TestDb::new().await;
+    db.seed_patients(ROWS).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    let out = rekey(&["rotate", "--job", job.as_str()], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    let mut child = slow_run(&job);
+    wait_for_progress(&db, &mut child, 2_000).await;
+    let _ = rekey(
+        &["rotate", "--job", job.as_str(), "--abort"],
+        &keyring_pass_env(),
+    );
+    assert_eq!(
+        keyring_table(&keyring).id_in(KeyState::Pending),
+        None,
+        "the abort un-staged nothing"
+    );
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
+    assert!(
+        stderr(&out).contains("is no longer the key values go to"),
+        "{}",
+        printed(&out)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
