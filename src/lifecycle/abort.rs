@@ -44,6 +44,16 @@ pub(crate) async fn abort(
         )));
     }
     let secret_id = store.secret_id();
+    // the abort rewrites every value back, which needs the job to itself:
+    // refused while a run shares it, before anything changes
+    let job_name = cx.spec.name.clone().unwrap_or_else(|| "rekey".into());
+    if crate::state::locks::job_in_use(client, &job_name).await? {
+        return Err(Error::Runtime(format!(
+            "job {job_name:?} is being run by other rekey processes on this database, and an abort rewrites every value \
+             back, which needs the job to itself: stop them first (`rekey stop --job ...`), then run `rekey rotate --abort` \
+             again; nothing was changed by this abort"
+        )));
+    }
     let first = rot.step != Step::Aborting;
     if first {
         if store.table().is_compromised(old) {

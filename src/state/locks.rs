@@ -54,6 +54,23 @@ pub async fn lock_job(client: &Client, name: &str, restart: bool) -> Result<(), 
     }))
 }
 
+/// Whether another session holds job `name`'s lock (a `rekey run` sharing
+/// it, a restart): looked at, for [`LOCK_GRACE`], without keeping the lock.
+pub async fn job_in_use(client: &Client, name: &str) -> Result<bool, Error> {
+    let key = format!("rekey.job:{name}");
+    if !lock_within_grace(client, &key, false).await? {
+        return Ok(true);
+    }
+    client
+        .query_one(
+            "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
+            &[&key],
+        )
+        .await
+        .ctx(|| format!("releasing the lock {key:?}"))?;
+    Ok(false)
+}
+
 /// Waits for the session-level advisory lock `name` as long as it takes,
 /// whatever `lock_timeout` the session has: the process holding it does work
 /// this one must wait for (preparing the schema, opening a job, re-reading
