@@ -163,11 +163,7 @@ async fn others_on_old_keys(client: &Client, t: &Target, job_id: i64) -> Result<
           WHERE ($2 OR age(xmin) BETWEEN 0 AND $1)
             AND NOT EXISTS (SELECT 1 FROM rekey.job_xids x WHERE x.job_id = $3 AND x.xid = \"rekey row\".xmin::text::bigint){}",
         t.key_list(""),
-        t.columns
-            .iter()
-            .map(|c| crate::db::quote_ident(&c.name))
-            .collect::<Vec<_>>()
-            .join(", "),
+        sql::column_list(t),
         sql::aad_select(t),
         t.qualified(),
         sql::target_filter(t)

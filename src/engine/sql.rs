@@ -216,7 +216,7 @@ pub fn target_filter(target: &Target) -> String {
 }
 
 /// The encrypted columns, quoted, comma-separated.
-fn column_list(target: &Target) -> String {
+pub(super) fn column_list(target: &Target) -> String {
     target
         .columns
         .iter()

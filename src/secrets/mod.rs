@@ -394,22 +394,6 @@ impl Store {
             );
         }
         match self {
-            Store::Aws(a) => {
-                a.save().await?;
-                Ok(Vec::new())
-            }
-            Store::Kms(k) => {
-                k.save().await?;
-                Ok(Vec::new())
-            }
-            Store::Table(t) => {
-                t.save().await?;
-                Ok(Vec::new())
-            }
-            Store::File(f) => {
-                f.save().map_err(|e| Error::Runtime(e.to_string()))?;
-                Ok(Vec::new())
-            }
             Store::Env(e) => {
                 let terminal = std::io::stdout().is_terminal();
                 if reveal && !terminal {
@@ -419,6 +403,10 @@ impl Store {
                     );
                 }
                 Ok(e.instructions(reveal && terminal))
+            }
+            _ => {
+                self.save_keeping_archive().await?;
+                Ok(Vec::new())
             }
         }
     }
