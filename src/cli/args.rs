@@ -341,6 +341,18 @@ pub enum SecretsCommand {
     Purge(PurgeArgs),
     /// Re-wrap every data key under a new KMS master key (key table or KMS keyring); no value of user data is touched.
     Rewrap(RewrapArgs),
+    /// Drop a database's record from the keyring file, once it no longer uses the file (its records hold retires back).
+    Forget(ForgetArgs),
+}
+
+/// `rekey secrets forget`.
+#[derive(Debug, Args)]
+pub struct ForgetArgs {
+    #[command(flatten)]
+    pub life: LifecycleArgs,
+    /// The database's rekey id, as `rekey secrets show` and a refused retire name it.
+    #[arg(long, value_name = "ID")]
+    pub database: String,
 }
 
 /// `rekey secrets rewrap`.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::cli::args::{
-    InitArgs, KeyArgs, LifecycleArgs, PurgeArgs, RetireArgs, SecretsCommand, StatusArgs,
+    ForgetArgs, InitArgs, KeyArgs, LifecycleArgs, PurgeArgs, RetireArgs, SecretsCommand, StatusArgs,
 };
 use crate::cli::exit::EXIT_LEFT_ON_OLD_KEYS;
 use crate::cli::out::{eout, out};
@@ -23,7 +23,7 @@ use crate::lifecycle::rotation::{
     compromise_in_progress, job_keys, refuse_filtered_compromise, RotateOptions,
 };
 use crate::lifecycle::steps::{self, Applied};
-use crate::secrets::{KeysSpec, Store};
+use crate::secrets::{uses, KeysSpec, Store};
 use crate::state::{self, rotations};
 use crate::Error;
 
@@ -39,7 +39,84 @@ pub async fn secrets(command: SecretsCommand) -> Result<u8, Error> {
         SecretsCommand::Restore(a) => restore(a).await,
         SecretsCommand::Purge(a) => purge(a).await,
         SecretsCommand::Rewrap(a) => crate::cli::rewrap::rewrap(a).await,
+        SecretsCommand::Forget(a) => forget(a).await,
     }
+}
+
+/// `rekey secrets forget`: a database's record of using the keyring file
+/// dropped ([`crate::secrets::uses`]), so that a retire no longer waits
+/// for a run there; audited.
+async fn forget(a: &ForgetArgs) -> Result<u8, Error> {
+    let (spec, Opened { client, .. }, store) = locked(&a.life).await?;
+    let Some(records) = store.uses() else {
+        return Err(Error::Config(format!(
+            "{} keeps no record of the databases using it (only a keyring file does): nothing to forget",
+            store.secret_id()
+        )));
+    };
+    if !records.iter().any(|u| u.database_id == a.database) {
+        return Err(Error::Config(format!(
+            "{} holds no record of database {:?}; it records {}. Nothing was changed",
+            store.secret_id(),
+            a.database,
+            if records.is_empty() {
+                "none".to_string()
+            } else {
+                records
+                    .iter()
+                    .map(|u| u.describe())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            }
+        )));
+    }
+    let secret_id = store.secret_id();
+    drop(store);
+    let mut gone = Vec::new();
+    keeping_alive(&client, async {
+        uses::record_in_file(&job_keys(&spec)?, |records, _| {
+            gone = uses::forget(records, &a.database);
+            !gone.is_empty()
+        })
+    })
+    .await?;
+    let note = format!(
+        "forgot that {} may have values under {}",
+        gone.iter()
+            .map(|u| u.describe())
+            .collect::<Vec<_>>()
+            .join("; "),
+        gone.iter()
+            .flat_map(|u| u.keys.iter().map(|k| format!("key {k}")))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if !gone.is_empty() {
+        recorded(
+            &a.life,
+            &spec,
+            &client,
+            &secret_id,
+            "store_use_forgotten",
+            &note,
+        )
+        .await?;
+    }
+    if a.life.common.json {
+        print_json(
+            &json!({ "event": "store_use_forgotten", "changed": !gone.is_empty(), "forgotten": gone }),
+        );
+    } else if gone.is_empty() {
+        out!(
+            "{secret_id} no longer held a record of database {}: nothing was changed",
+            a.database
+        );
+    } else {
+        out!("{secret_id}: {note}");
+    }
+    Ok(0)
 }
 
 /// `rekey secrets restore`: a retired key back from the archive, as previous.
@@ -91,6 +168,10 @@ async fn purge(a: &PurgeArgs) -> Result<u8, Error> {
         .map(|e| e.id)
         .collect();
     if !archived.is_empty() {
+        // nor of another database sharing the keyring file
+        for &id in &archived {
+            crate::lifecycle::retire::refuse_other_databases(&client, &store, id, "purged").await?;
+        }
         // destroyed for good: only once no value of the job could need it
         let job = Arc::new(Job::resolve(&spec, &client).await?);
         let refused = Box::pin(crate::lifecycle::retire::purge_refused(
@@ -298,8 +379,9 @@ async fn show(life: &StatusArgs) -> Result<u8, Error> {
     let (spec, _) = resolve(&life.common)?;
     let store = Store::open(&job_keys(&spec)?).await?;
     let info = store.table().info();
+    let used = store.uses().unwrap_or_default();
     if life.common.json {
-        print_json(&json!({ "secret_id": store.secret_id(), "keys": info }));
+        print_json(&json!({ "secret_id": store.secret_id(), "keys": info, "uses": used }));
     } else {
         out!("{}", store.secret_id());
         for k in &info {
@@ -318,6 +400,14 @@ async fn show(life: &StatusArgs) -> Result<u8, Error> {
                 k.fingerprint,
                 k.created_at,
                 k.changed_at
+            );
+        }
+        for u in used {
+            let keys: Vec<String> = u.keys.iter().map(ToString::to_string).collect();
+            out!(
+                "  used by {}: values may be under key(s) {}",
+                u.describe(),
+                keys.join(", ")
             );
         }
     }

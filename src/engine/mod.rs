@@ -19,6 +19,7 @@ mod split;
 pub mod sql;
 mod stages;
 pub mod transform;
+pub mod uses;
 pub mod verify;
 mod watch;
 mod work;

@@ -13,7 +13,7 @@ use crate::db::session::Timeouts;
 use crate::db::Database;
 use crate::engine::left::{counted_beside, rows_estimate};
 use crate::engine::pipeline::{self, Mode, Outcome, Settings};
-use crate::engine::{behind, held};
+use crate::engine::{behind, held, uses};
 use crate::engine::{plan, sql};
 use crate::error::DbContext;
 use crate::job::{Job, Target};
@@ -57,6 +57,8 @@ pub async fn rewrite(
         state::share_job_lock(client, &job.name).await?;
     }
     opened(client, &record).await?;
+    // before the first write: the keyring files record this database's use
+    uses::starting(client, job).await?;
     let progress = Progress::estimated(rows_estimate(client, job).await?, "rewriting", quiet);
     let total = progress.total();
     let ranges = std::mem::take(&mut record.ranges);
@@ -91,6 +93,14 @@ pub async fn rewrite(
     }
     // what every process sharing the job has done, not only this one
     record.prior = state::job_totals(client, record.id).await?;
+    let everything_on_target = !outcome.stopped
+        && outcome.behind.is_empty()
+        && outcome.conflicts_left == 0
+        && record.prior.values_not_rotated == 0
+        && record.prior.values_failed == 0;
+    if everything_on_target {
+        uses::finished(client, job).await?;
+    }
     Ok((outcome, record))
 }
 

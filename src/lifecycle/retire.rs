@@ -61,6 +61,8 @@ pub async fn retire(
             store.secret_id()
         )));
     }
+    // values in another database sharing the store: this retire cannot read them
+    refuse_other_databases(client, store, old, "retired").await?;
     // a key marked compromised (a key table's COMPROMISED row, a compromise
     // rotation's mark) is destroyed whatever this invocation's reason
     let compromised = opts.compromised || store.table().is_compromised(old);
@@ -357,6 +359,40 @@ pub(super) fn described(w: &OpenWriter) -> String {
 
 /// How often [`writers_ended`] looks again.
 const WRITERS_POLL: Duration = Duration::from_millis(100);
+
+/// Refuses to retire a key that the store records values in another
+/// database may be under ([`crate::secrets::uses`]): the full verify reads
+/// this database alone. Nothing on the operator's word (`--accept-unverified`
+/// names tables of this database): a run there narrows the record, and
+/// `rekey secrets forget` drops a database that no longer uses the store.
+/// A purge of a key retired before the record named it is refused alike
+/// (`done`: what was not done, "retired", "purged").
+pub async fn refuse_other_databases(
+    client: &Client,
+    store: &Store,
+    old: KeyId,
+    done: &str,
+) -> Result<(), Error> {
+    let Some(records) = store.uses() else {
+        return Ok(());
+    };
+    let own = crate::engine::uses::user(client, "").await?.database_id;
+    let others = crate::secrets::uses::needing(records, old, &own);
+    let Some(first) = others.first() else {
+        return Ok(());
+    };
+    Err(Error::Config(format!(
+        "{} records that key {old} may still encrypt values in another database: {}. This retire's verify reads \
+         this database alone, and destroying the key would lose them. Nothing was {done}. Run that job in its \
+         database until it ends with every value on the key it writes under (`rekey run`, or `rekey rotate`, with \
+         its job file against that database): the file then records the keys its values are under. Where that database no \
+         longer uses this file (dropped, moved to another store), drop its record: `rekey secrets forget --database {}` \
+         with this job file",
+        store.secret_id(),
+        others.iter().map(|u| u.describe()).collect::<Vec<_>>().join("; "),
+        first.database_id,
+    )))
+}
 
 /// Refuses a retire from a job file that no longer lists (itself or as a
 /// partition or child of a listed table) a table or a column in which this

@@ -22,6 +22,7 @@ pub mod layout;
 pub mod rewrap;
 pub mod spec;
 pub mod table;
+pub mod uses;
 #[cfg(not(feature = "aws"))]
 mod without_aws;
 #[cfg(feature = "aws")]
@@ -239,6 +240,15 @@ impl Store {
             Store::Aws(a) => &mut a.table,
             Store::Kms(k) => &mut k.table,
             Store::Table(t) => &mut t.table,
+        }
+    }
+
+    /// The databases the store records its keys encrypt values in
+    /// ([`uses`]); `None` for a store that keeps no such record.
+    pub fn uses(&self) -> Option<&[uses::StoreUse]> {
+        match self {
+            Store::File(f) => Some(&f.uses),
+            Store::Env(_) | Store::Aws(_) | Store::Kms(_) | Store::Table(_) => None,
         }
     }
 

@@ -36,5 +36,6 @@ mod server_faults;
 mod server_settings;
 mod shapes;
 mod store_lost_key;
+mod store_uses;
 mod tls;
 mod wal_throttle;

@@ -101,7 +101,7 @@ pub fn save_unless_changed(
 /// missing), waiting while another process holds it: a save holds it for
 /// the few writes and syncs of one save. Released when the file returned
 /// is dropped.
-fn lock(path: &Path) -> Result<File, FileKeyringError> {
+pub(super) fn lock(path: &Path) -> Result<File, FileKeyringError> {
     let at = beside(path, ".lock");
     let mut options = OpenOptions::new();
     options.read(true).write(true).create(true).truncate(false);

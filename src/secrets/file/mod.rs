@@ -28,6 +28,7 @@
 mod atomic;
 mod guard;
 mod seal;
+pub mod uses_beside;
 
 pub use atomic::{archive_path, backup_path, commit, resolve, save_with_archive, write_pending};
 pub use guard::{digest_of, save_unless_changed, AsRead, Digest};
@@ -42,6 +43,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::crypto::keyring::{Key, KeyId};
 use crate::crypto::keytable::{KeyState, KeyTable, StoredKey};
+use crate::secrets::uses::StoreUse;
 
 use seal::{derive, open_key, seal_key, Kdf, Unopened};
 
@@ -335,6 +337,9 @@ pub struct KeyringFile {
     kek: LessSafeKey,
     /// The keys, opened.
     pub table: KeyTable,
+    /// The databases the keys encrypt values in, as `<file>.uses` recorded
+    /// them when the file was opened ([`uses_beside`]).
+    pub uses: Vec<StoreUse>,
     /// Ids of the keys in the archive file as last read or written.
     archived_on_disk: Vec<StoredKey>,
     /// The file and its archive as last read or written: a save refuses to
@@ -544,6 +549,7 @@ impl KeyringFile {
             kdf,
             kek,
             table,
+            uses: Vec::new(),
             archived_on_disk: Vec::new(),
         };
         match file.save() {
@@ -643,15 +649,34 @@ impl KeyringFile {
             }
         }
         seen.verdict(passphrase_var)?;
+        let uses = uses_beside::read(&real)?;
         Ok(KeyringFile {
             path: named.to_path_buf(),
             real,
             kdf: doc.kdf,
             kek,
             table,
+            uses,
             archived_on_disk,
             as_read: AsRead::new(Some(file_read), archive_read),
         })
+    }
+
+    /// Applies `change` to the databases `<file>.uses` records, read again
+    /// under the file's lock, and writes them where `change` says they
+    /// changed; true where it did. The keyring file itself is not written.
+    pub fn update_uses(
+        &mut self,
+        change: impl FnOnce(&mut Vec<StoreUse>) -> bool,
+    ) -> Result<bool, FileKeyringError> {
+        let _lock = guard::lock(&self.real)?;
+        let mut uses = uses_beside::read(&self.real)?;
+        let changed = change(&mut uses);
+        if changed {
+            uses_beside::write(&self.real, &uses)?;
+        }
+        self.uses = uses;
+        Ok(changed)
     }
 
     /// The file's name, as the job gives it.

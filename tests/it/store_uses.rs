@@ -1,0 +1,184 @@
+//! A keyring file shared by jobs in two databases: a retire in one of them
+//! cannot read the other's tables, so the file records each database whose
+//! values its keys encrypt, and a retire refuses a key another database's
+//! record names until a run there moves its values off it, or the operator
+//! forgets a database that no longer uses the file.
+
+use crate::harness::*;
+use rekey::crypto::keytable::KeyState;
+
+/// Two databases seeded with `rows` patients under key 1 of one keyring
+/// file, a job file for each (`patients.toml` on the first, `b.toml` on
+/// the second), and job b run over its table once.
+struct TwoDatabases {
+    a: TestDb,
+    b: TestDb,
+    dir: tempfile::TempDir,
+    job_a: String,
+    job_b: String,
+    keyring: std::path::PathBuf,
+}
+
+async fn two_databases_sharing_one_keyring_file(rows: i64) -> TwoDatabases {
+    let (a, b) = (TestDb::new().await, TestDb::new().await);
+    a.seed_patients(rows).await;
+    b.seed_patients(rows).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job_a, keyring) = keyring_file_job(&a, &dir);
+    let job_b = dir.path().join("b.toml").display().to_string();
+    let text = std::fs::read_to_string(&job_a).unwrap();
+    std::fs::write(&job_b, text.replace(&a.url, &b.url)).unwrap();
+    // job b runs over its table: every value is on the current key 1 already
+    let out = rekey(&["run", "--job", &job_b], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    TwoDatabases {
+        a,
+        b,
+        dir,
+        job_a,
+        job_b,
+        keyring,
+    }
+}
+
+/// The values of `db`'s patients by the key that opens them, with every
+/// key the keyring file holds (a value no key opens fails the test).
+async fn values_by_key(db: &TestDb, keyring: &std::path::Path) -> Vec<(u32, usize)> {
+    let ring = keyring_table(keyring).keyring().unwrap();
+    let mut by_key = std::collections::BTreeMap::new();
+    for (p, e) in db.decrypted_patients(&ring).await.into_values() {
+        for d in [p, e] {
+            match d {
+                Decrypted::Plain(k, _) => *by_key.entry(k).or_insert(0) += 1,
+                Decrypted::Null => {}
+                Decrypted::Failed(why) => panic!("a value did not decrypt: {why}"),
+            }
+        }
+    }
+    by_key.into_iter().collect()
+}
+
+fn key_1_state(keyring: &std::path::Path) -> (KeyState, bool) {
+    let e = keyring_table(keyring)
+        .entries
+        .into_iter()
+        .find(|e| e.id == 1)
+        .unwrap();
+    (e.state, e.key.is_some())
+}
+
+fn compromise_rotation(job: &str) -> std::process::Output {
+    rekey(
+        &[
+            "rotate",
+            "--job",
+            job,
+            "--no-wait",
+            "--grace",
+            "0s",
+            "--reason",
+            "compromise",
+        ],
+        &keyring_pass_env(),
+    )
+}
+
+// Before the record: job a's compromise rotation destroyed key 1 (exit 0)
+// while database b's table held its values under key 1 alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retire_is_refused_while_another_database_sharing_the_keyring_file_has_values_under_the_key(
+) {
+    let t = two_databases_sharing_one_keyring_file(100).await;
+    let b_values = values_by_key(&t.b, &t.keyring).await;
+    assert_eq!(b_values.len(), 1, "{b_values:?}");
+    assert_eq!(b_values[0].0, 1);
+
+    let out = compromise_rotation(&t.job_a);
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    let b_name: String =
+        t.b.client
+            .query_one("SELECT current_database()", &[])
+            .await
+            .unwrap()
+            .get(0);
+    assert!(
+        printed(&out).contains(&format!("job \"b\" in database {b_name}"))
+            && printed(&out).contains("Nothing was retired"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(
+        key_1_state(&t.keyring),
+        (KeyState::Previous, true),
+        "key 1 was destroyed while database b's values need it"
+    );
+    assert_eq!(values_by_key(&t.b, &t.keyring).await, b_values);
+
+    // job b runs again: its values move to the current key 2, and the
+    // file records it; the rotation then goes through
+    let out = rekey(&["run", "--job", &t.job_b], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(
+        values_by_key(&t.b, &t.keyring).await,
+        vec![(2, b_values[0].1)]
+    );
+    let out = rekey(
+        &["rotate", "--job", &t.job_a, "--no-wait", "--grace", "0s"],
+        &keyring_pass_env(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(key_1_state(&t.keyring).0, KeyState::Retired);
+    assert_eq!(values_by_key(&t.a, &t.keyring).await.len(), 1);
+}
+
+// A database that stopped using the file (dropped, moved to another
+// store) would otherwise hold every retire back for good.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_forgotten_by_the_keyring_file_no_longer_holds_a_retire_back() {
+    let t = two_databases_sharing_one_keyring_file(50).await;
+    let b_id: String =
+        t.b.client
+            .query_one("SELECT database_id FROM rekey.identity", &[])
+            .await
+            .unwrap()
+            .get(0);
+    let out = rekey(
+        &["secrets", "show", "--job", &t.job_a, "--json"],
+        &keyring_pass_env(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let uses = json(&out)["uses"].clone();
+    assert_eq!(uses.as_array().map(Vec::len), Some(1), "{uses}");
+    assert_eq!(uses[0]["database_id"], b_id.as_str());
+    assert_eq!(uses[0]["job"], "b");
+    assert_eq!(uses[0]["keys"], serde_json::json!([1]));
+
+    // an id the file does not hold changes nothing
+    let before = std::fs::read(&t.keyring).unwrap();
+    let out = rekey(
+        &[
+            "secrets",
+            "forget",
+            "--job",
+            &t.job_a,
+            "--database",
+            "nosuch",
+        ],
+        &keyring_pass_env(),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(printed(&out).contains(&b_id), "{}", printed(&out));
+    assert_eq!(std::fs::read(&t.keyring).unwrap(), before);
+
+    let out = rekey(
+        &["secrets", "forget", "--job", &t.job_a, "--database", &b_id],
+        &keyring_pass_env(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert!(audit_events(&t.dir)
+        .iter()
+        .any(|e| e["event_type"] == "store_use_forgotten"));
+    let out = compromise_rotation(&t.job_a);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(key_1_state(&t.keyring), (KeyState::Retired, false));
+}
