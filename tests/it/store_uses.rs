@@ -8,8 +8,8 @@ use crate::harness::*;
 use rekey::crypto::keytable::KeyState;
 
 /// Two databases seeded with `rows` patients under key 1 of one keyring
-/// file, a job file for each (`patients.toml` on the first, `b.toml` on
-/// the second), and job b run over its table once.
+/// file, and a job file for each (`patients.toml` on the first, `b.toml`
+/// on the second).
 struct TwoDatabases {
     a: TestDb,
     b: TestDb,
@@ -20,6 +20,15 @@ struct TwoDatabases {
 }
 
 async fn two_databases_sharing_one_keyring_file(rows: i64) -> TwoDatabases {
+    let t = two_databases_before_any_run(rows).await;
+    // job b runs over its table: every value is on the current key 1 already
+    let out = rekey(&["run", "--job", &t.job_b], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    t
+}
+
+/// [`two_databases_sharing_one_keyring_file`], before job b's run.
+async fn two_databases_before_any_run(rows: i64) -> TwoDatabases {
     let (a, b) = (TestDb::new().await, TestDb::new().await);
     a.seed_patients(rows).await;
     b.seed_patients(rows).await;
@@ -28,9 +37,6 @@ async fn two_databases_sharing_one_keyring_file(rows: i64) -> TwoDatabases {
     let job_b = dir.path().join("b.toml").display().to_string();
     let text = std::fs::read_to_string(&job_a).unwrap();
     std::fs::write(&job_b, text.replace(&a.url, &b.url)).unwrap();
-    // job b runs over its table: every value is on the current key 1 already
-    let out = rekey(&["run", "--job", &job_b], &keyring_pass_env());
-    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     TwoDatabases {
         a,
         b,
@@ -181,4 +187,53 @@ async fn a_database_forgotten_by_the_keyring_file_no_longer_holds_a_retire_back(
     let out = compromise_rotation(&t.job_a);
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert_eq!(key_1_state(&t.keyring), (KeyState::Retired, false));
+}
+
+// Without the record a run makes before its first write: a run killed
+// under a staged key (its values under both keys) left nothing, and a
+// retire of the staged key, rolled back, from the other database went
+// through.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_killed_in_another_database_holds_back_a_retire_of_the_key_it_wrote_under() {
+    let t = two_databases_before_any_run(3_000).await;
+    let out = rekey(
+        &["secrets", "stage", "--job", &t.job_a],
+        &keyring_pass_env(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let mut child = spawn_rekey(
+        &[
+            "run",
+            "--job",
+            &t.job_b,
+            "--batch-size",
+            "100",
+            "--max-rows-per-sec",
+            "1000",
+        ],
+        &keyring_pass_env(),
+    );
+    wait_for_progress(&t.b, &mut child, 300).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let b_values = values_by_key(&t.b, &t.keyring).await;
+    assert!(b_values.iter().any(|&(k, _)| k == 2), "{b_values:?}");
+
+    // the stage is rolled back in database a, whose values never left key 1
+    let out = rekey(
+        &["secrets", "rollback", "--job", &t.job_a],
+        &keyring_pass_env(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let out = rekey(
+        &["secrets", "retire", "--job", &t.job_a, "--key-id", "2"],
+        &keyring_pass_env(),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("may still encrypt values in another database"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(values_by_key(&t.b, &t.keyring).await, b_values);
 }
