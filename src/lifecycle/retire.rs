@@ -435,7 +435,21 @@ async fn refuse_tables_left_out(
         .iter()
         .find_map(|t| t.write.keyring.get(old).or_else(|| t.read.keyring.get(old)))
         .map(|k| k.fingerprint());
+    // another keyring file holding a key of this store's (imported from the
+    // same key) keeps its copy when this one is destroyed
+    let mut held_elsewhere = Vec::new();
+    for label in rotated::other_stores(client, &labels).await? {
+        let Some(path) = label.strip_prefix("file:") else {
+            continue;
+        };
+        for f in crate::secrets::file::fingerprints_held(std::path::Path::new(path)).unwrap_or_default() {
+            if fingerprints.contains(&f) {
+                held_elsewhere.push(format!("{label} {f}"));
+            }
+        }
+    }
     let store = RetiringStore {
+        held_elsewhere: &held_elsewhere,
         labels: &labels,
         fingerprints: &fingerprints,
         job_file: job.file.as_deref(),

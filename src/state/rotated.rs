@@ -52,6 +52,28 @@ pub struct RetiringStore<'a> {
     /// fingerprint another job must have written under for its tables to
     /// count; `None`: any run under the store counts.
     pub written_under: Option<&'a str>,
+    /// `"<store label> <fingerprint>"` for each other store another job's
+    /// runs named that still holds a key of this store's, by fingerprint
+    /// (a keyring file imported from the same key): such a run wrote under
+    /// a copy this retire does not destroy, and its tables do not count.
+    pub held_elsewhere: &'a [String],
+}
+
+/// The stores other than `ours` (labels) that runs recorded reading or
+/// writing under (`rekey.job_targets.key_stores`).
+pub async fn other_stores(client: &Client, ours: &[String]) -> Result<Vec<String>, Error> {
+    if !super::schema_exists(client).await? {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(
+            "SELECT DISTINCT s.label FROM rekey.job_targets t CROSS JOIN LATERAL unnest(t.key_stores) AS s(label)
+              WHERE NOT s.label = ANY($1::text[])",
+            &[&ours],
+        )
+        .await
+        .ctx(|| "reading the key stores runs recorded".to_string())?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 /// A condition on one run's target (`keys`: its element of
@@ -155,8 +177,14 @@ async fn columns_left_out(
     // another job's run counts where it names the store, or wrote under one
     // of its keys; for a key never current, only where it wrote under that key
     let wrote = "(j.keys -> p.target -> 'write' -> 'keys') ->> (j.keys -> p.target -> 'write' ->> 'target')";
+    // a run that named other stores only, one of which still holds the key
+    // it wrote under, wrote under a copy the retire does not destroy
+    let copy_kept = format!(
+        "(NOT coalesce(t.key_stores && $4::text[], false)
+          AND EXISTS (SELECT 1 FROM unnest(t.key_stores) AS s(label) WHERE s.label || ' ' || ({wrote}) = ANY($8::text[])))"
+    );
     let named = format!(
-        "CASE WHEN $7::text IS NOT NULL THEN {wrote} = $7
+        "NOT {copy_kept} AND CASE WHEN $7::text IS NOT NULL THEN {wrote} = $7
               ELSE coalesce(t.key_stores && $4::text[], false) OR {wrote} = ANY($5::text[]) END"
     );
     // this job: its name, and its file where both runs recorded one
@@ -213,6 +241,7 @@ async fn columns_left_out(
                 &store.fingerprints,
                 &store.job_file,
                 &store.written_under,
+                &store.held_elsewhere,
             ],
         )
         .await

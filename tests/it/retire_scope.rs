@@ -971,3 +971,73 @@ async fn an_abort_retires_its_staged_key_though_another_job_ran_under_the_same_s
         .unwrap();
     assert_eq!(key2.state, KeyState::Retired, "{}", printed(&out));
 }
+
+// Before the exception: two keyring files imported from the same key 1;
+// job b's run under the second file counted, by the key's fingerprint, as
+// a run under the first, so job a's compromise rotation could never retire
+// key 1 (exit 2: listing the table failed its verify, --accept-unverified
+// is refused under compromise), though destroying the first file's copy
+// leaves the second file's, which job b's values are under.
+#[tokio::test(flavor = "multi_thread")]
+async fn another_job_under_a_second_keyring_file_holding_the_same_key_does_not_hold_back_a_retire_while_that_file_keeps_it(
+) {
+    use rekey::crypto::keyring::Key;
+    use rekey::crypto::keytable::{Entry, KeyTable};
+    let db = TestDb::new().await;
+    db.seed_patients(200).await;
+    copy_patients(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job_a, keyring) = keyring_file_job(&db, &dir);
+    let second = tempfile::tempdir().unwrap();
+    let imported = second.path().join("keyring.json");
+    let table = KeyTable {
+        entries: vec![Entry {
+            id: 1,
+            state: KeyState::Current,
+            created_at: 1,
+            changed_at: 1,
+            key: Some(Key::parse(1, K1).unwrap()),
+            compromised: false,
+        }],
+    };
+    rekey::secrets::file::KeyringFile::create(&imported, KEYRING_PASS.as_bytes(), table).unwrap();
+    let whole = std::fs::read_to_string(&job_a).unwrap();
+    let database = whole.split("[[target]]").next().unwrap().replace(
+        &format!("{:?}", keyring.display().to_string()),
+        &format!("{:?}", imported.display().to_string()),
+    );
+    assert!(database.contains(&imported.display().to_string()));
+    let job_b = dir.path().join("b.toml").display().to_string();
+    std::fs::write(&job_b, format!("{database}{COPY_TARGET}")).unwrap();
+    let out = rekey(&["run", "--job", &job_b], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+
+    // the second file moved away: nothing says it still holds key 1
+    let moved = second.path().join("moved.json");
+    std::fs::rename(&imported, &moved).unwrap();
+    let rotate = || {
+        rekey(
+            &["rotate", "--job", &job_a, "--no-wait", "--grace", "0s", "--reason", "compromise"],
+            &keyring_pass_env(),
+        )
+    };
+    let out = rotate();
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("public.patient_copy (job \"b\")"),
+        "{}",
+        printed(&out)
+    );
+    std::fs::rename(&moved, &imported).unwrap();
+    let out = rotate();
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let key1 = keyring_table(&keyring)
+        .entries
+        .into_iter()
+        .find(|e| e.id == 1)
+        .unwrap();
+    assert_eq!((key1.state, key1.key.is_some()), (KeyState::Retired, false));
+    // job b's values still open under its own file's key 1
+    let out = rekey(&["verify", "--job", &job_b, "--full"], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+}

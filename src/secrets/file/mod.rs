@@ -406,6 +406,26 @@ impl Seen {
     }
 }
 
+/// The fingerprints of the keys whose material the keyring file at `path`
+/// holds and that are not retired, read without its passphrase (the file
+/// lists each key's fingerprint beside its sealed material); `None` where
+/// no keyring file is there, or it does not read. What another store still
+/// holds of a key is not lost when a retire destroys this store's copy.
+pub fn fingerprints_held(path: &Path) -> Option<Vec<String>> {
+    let doc: Document = read_json(path).ok()?;
+    if doc.format != FORMAT {
+        return None;
+    }
+    Some(
+        doc.keys
+            .into_iter()
+            .filter(|k| k.material.is_some() && k.state != KeyState::Retired)
+            .map(|k| k.fingerprint.clone())
+            .filter(|f| !f.is_empty())
+            .collect(),
+    )
+}
+
 /// Refuses a store file that marks more than one key current, or more than
 /// one pending, as malformed: which of them a run targets, and which one
 /// applications encrypt with, would depend on their order in the file.
