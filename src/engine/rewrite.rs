@@ -56,9 +56,10 @@ pub async fn rewrite(
     if restart {
         state::share_job_lock(client, &job.name).await?;
     }
-    opened(client, &record).await?;
-    // before the first write: the keyring files record this database's use
+    // before the first write (and the run's audit event): the keyring files
+    // record this database's use
     uses::starting(client, job).await?;
+    opened(client, &record).await?;
     let progress = Progress::estimated(rows_estimate(client, job).await?, "rewriting", quiet);
     let total = progress.total();
     let ranges = std::mem::take(&mut record.ranges);

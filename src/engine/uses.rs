@@ -7,20 +7,22 @@
 use tokio_postgres::Client;
 
 use crate::crypto::keyring::KeyId;
-use crate::crypto::keytable::KeyState;
+use crate::crypto::keytable::{now, KeyState};
 use crate::error::DbContext;
 use crate::job::Job;
 use crate::secrets::uses::{self, User};
 use crate::secrets::{KeySource, KeysSpec};
 use crate::Error;
 
-/// This database as the records name it: `rekey.identity`'s id, its name
-/// and server, and the job.
+/// This database as the records name it: `rekey.identity`'s id, with the
+/// cluster's system identifier and the database's name (a database copied
+/// from another keeps its `rekey.identity`, not both of these), its name
+/// and server for messages, and the job.
 pub async fn user(client: &Client, job: &str) -> Result<User, Error> {
     let row = client
         .query_one(
-            "SELECT (SELECT database_id FROM rekey.identity), current_database(),
-                    coalesce(host(inet_server_addr()), 'a local socket'), inet_server_port()",
+            "SELECT (SELECT database_id FROM rekey.identity), (SELECT system_identifier FROM pg_control_system())::text,
+                    current_database(), coalesce(host(inet_server_addr()), 'a local socket'), inet_server_port()",
             &[],
         )
         .await
@@ -33,9 +35,10 @@ pub async fn user(client: &Client, job: &str) -> Result<User, Error> {
                 .into(),
         )
     })?;
-    let (name, host, port): (String, String, Option<i32>) = (row.get(1), row.get(2), row.get(3));
+    let (system, name, host, port): (String, String, String, Option<i32>) =
+        (row.get(1), row.get(2), row.get(3), row.get(4));
     Ok(User {
-        database_id: id,
+        database_id: format!("{id}.{system}.{name}"),
         database: match port {
             Some(port) => format!("{name} on {host}:{port}"),
             None => format!("{name} on {host}"),
@@ -44,24 +47,49 @@ pub async fn user(client: &Client, job: &str) -> Result<User, Error> {
     })
 }
 
-/// Each keyring file the job's targets read or write under, with the keys
-/// its targets write under there.
-fn files(job: &Job) -> Vec<(&KeysSpec, Vec<KeyId>)> {
-    let mut out: Vec<(&KeysSpec, Vec<KeyId>)> = Vec::new();
+/// A keyring file the job's targets read or write under.
+struct FileUse<'a> {
+    /// The `[keys]` naming it (the first, where targets name it twice).
+    keys: &'a KeysSpec,
+    /// Its canonical name ([`KeysSpec::store_label`]).
+    label: String,
+    /// The keys the job's targets write under there.
+    written: Vec<KeyId>,
+    /// Every key the job's keyrings hold from it.
+    held: Vec<KeyId>,
+    /// Whether a target reads it without moving its ciphertexts (`rewrite =
+    /// "hash"`): a full run says nothing of the keys they are under.
+    unmoved: bool,
+}
+
+/// Each keyring file the job's targets read or write under, one entry per
+/// file however its path is spelled.
+fn files(job: &Job) -> Vec<FileUse<'_>> {
+    let mut out: Vec<FileUse<'_>> = Vec::new();
     for t in &job.targets {
         for (side, writes) in [(&t.read, false), (&t.write, true)] {
             let Some(keys) = side.source.as_ref().filter(|k| k.source == KeySource::File) else {
                 continue;
             };
-            let at = match out.iter().position(|(k, _)| *k == keys) {
+            let label = keys.store_label();
+            let at = match out.iter().position(|f| f.label == label) {
                 Some(i) => i,
                 None => {
-                    out.push((keys, Vec::new()));
+                    out.push(FileUse {
+                        keys,
+                        label,
+                        written: Vec::new(),
+                        held: Vec::new(),
+                        unmoved: false,
+                    });
                     out.len() - 1
                 }
             };
-            if writes {
-                out[at].1.push(side.keyring.target().id());
+            let f = &mut out[at];
+            f.held.extend(side.keyring.keys().map(|k| k.id()));
+            f.unmoved |= t.hash_only();
+            if writes && !t.hash_only() {
+                f.written.push(side.keyring.target().id());
             }
         }
     }
@@ -79,70 +107,71 @@ pub async fn starting(client: &Client, job: &Job) -> Result<(), Error> {
         return Ok(());
     }
     let user = user(client, &job.name).await?;
-    for (keys, _) in files {
-        let in_keyrings: Vec<KeyId> = job
-            .targets
-            .iter()
-            .flat_map(|t| [&t.read, &t.write])
-            .filter(|s| s.source.as_ref() == Some(keys))
-            .flat_map(|s| s.keyring.keys().map(|k| k.id()))
-            .collect();
-        uses::record_in_file(keys, |records, table| {
-            let mut held = in_keyrings.clone();
-            held.extend(
+    for f in files {
+        uses::record_in_file(f.keys, |records, table| {
+            let mut keys = f.held.clone();
+            keys.extend(
                 table
                     .entries
                     .iter()
                     .filter(|e| e.state != KeyState::Retired)
                     .map(|e| e.id),
             );
-            uses::widen(records, &user, &held)
+            uses::widen(records, &user, &keys, uses::largest_id(table))
         })
         .map_err(|e| {
-            Error::Config(format!(
+            let why = format!(
                 "could not record in {} that job {:?} in database {} has values under its keys (a retire from \
                  another database sharing the file reads that record before it destroys a key): {}. Nothing was \
-                 written; let rekey write the file, then run again",
-                keys.store_label(),
+                 written; let rekey write beside the file (it keeps the record in {}), then run again",
+                f.label,
                 job.name,
                 user.database,
-                e.chain()
-            ))
+                e.chain(),
+                uses_path(f.keys),
+            );
+            match e {
+                Error::Runtime(_) => Error::Runtime(why),
+                _ => Error::Config(why),
+            }
         })?;
     }
     Ok(())
 }
 
+/// `<file>.uses`, as the job names the file.
+fn uses_path(keys: &KeysSpec) -> String {
+    keys.path.as_ref().map_or_else(String::new, |p| {
+        crate::secrets::file::uses_beside::path_of(p)
+            .display()
+            .to_string()
+    })
+}
+
 /// After a run that left every value of the job's tables on its target:
 /// each keyring file records that this database's values are under the
-/// keys the job wrote under there, and the file's current key (which
-/// applications write under until a promotion). A job with a `where`
-/// filter did not see every row, and records nothing. A file that cannot
-/// record it keeps the wider record (a retire from another database is
-/// refused for longer), with a warning.
+/// keys the job wrote under there, and those applications may still write
+/// under ([`uses::after_a_full_run`]). A job with a `where` filter did not
+/// see every row, and a file a hash-only target reads did not have its
+/// ciphertexts moved: neither is narrowed. A file that cannot record it
+/// keeps the wider record (a retire from another database is refused for
+/// longer), with a warning.
 pub async fn finished(client: &Client, job: &Job) -> Result<(), Error> {
     let files = files(job);
     if files.is_empty() || job.filtered_target().is_some() {
         return Ok(());
     }
     let user = user(client, &job.name).await?;
-    for (keys, written) in files {
-        let narrowed = uses::record_in_file(keys, |records, table| {
-            let mut now = written.clone();
-            now.extend(
-                table
-                    .entries
-                    .iter()
-                    .filter(|e| e.state == KeyState::Current)
-                    .map(|e| e.id),
-            );
-            uses::narrow(records, &user, &now)
+    for f in files.iter().filter(|f| !f.unmoved) {
+        let narrowed = uses::record_in_file(f.keys, |records, table| {
+            let keys = uses::after_a_full_run(table, &f.written, now());
+            uses::narrow(records, &user, &keys, uses::largest_id(table))
         });
         if let Err(e) = narrowed {
             tracing::warn!(
                 "could not record in {} that the values of job {:?} in this database are on its newer keys: {}; \
                  a retire of an older key from another database sharing the file is refused until a run here records it",
-                keys.store_label(),
+                f.label,
                 job.name,
                 e.chain()
             );

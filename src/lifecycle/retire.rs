@@ -183,6 +183,9 @@ pub async fn retire(
             rotation: None,
         });
     }
+    // looked at again after the verify (which may take hours): a run in
+    // another database may have started under the key meanwhile
+    refuse_other_databases(client, store, old, "retired").await?;
     // the lock's session is kept from idling while the store works (a
     // purge's wait for Secrets Manager)
     let applied = keeping_alive(client, steps::retire(store, old, compromised)).await?;
@@ -373,11 +376,12 @@ pub async fn refuse_other_databases(
     old: KeyId,
     done: &str,
 ) -> Result<(), Error> {
-    let Some(records) = store.uses() else {
+    // read again: a run in another database may have recorded its use since the store was opened
+    let Some(records) = store.uses_now()? else {
         return Ok(());
     };
     let own = crate::engine::uses::user(client, "").await?.database_id;
-    let others = crate::secrets::uses::needing(records, old, &own);
+    let others = crate::secrets::uses::needing(&records, old, &own);
     let Some(first) = others.first() else {
         return Ok(());
     };
@@ -385,11 +389,14 @@ pub async fn refuse_other_databases(
         "{} records that key {old} may still encrypt values in another database: {}. This retire's verify reads \
          this database alone, and destroying the key would lose them. Nothing was {done}. Run that job in its \
          database until it ends with every value on the key it writes under (`rekey run`, or `rekey rotate`, with \
-         its job file against that database): the file then records the keys its values are under. Where that database no \
+         its job file against that database): the file then records the keys its values are under (a key that \
+         stopped being current less than {} before that run ended stays recorded, as applications there may still \
+         write under it: run it again once that time has passed). Where that database no \
          longer uses this file (dropped, moved to another store), drop its record: `rekey secrets forget --database {}` \
          with this job file",
         store.secret_id(),
         others.iter().map(|u| u.describe()).collect::<Vec<_>>().join("; "),
+        humantime::format_duration(crate::secrets::uses::STALE_WRITERS),
         first.database_id,
     )))
 }
@@ -442,7 +449,9 @@ async fn refuse_tables_left_out(
         let Some(path) = label.strip_prefix("file:") else {
             continue;
         };
-        for f in crate::secrets::file::fingerprints_held(std::path::Path::new(path)).unwrap_or_default() {
+        for f in
+            crate::secrets::file::fingerprints_held(std::path::Path::new(path)).unwrap_or_default()
+        {
             if fingerprints.contains(&f) {
                 held_elsewhere.push(format!("{label} {f}"));
             }

@@ -252,6 +252,17 @@ impl Store {
         }
     }
 
+    /// [`Store::uses`] read again: what the store records now.
+    pub fn uses_now(&self) -> Result<Option<Vec<uses::StoreUse>>, Error> {
+        match self {
+            Store::File(f) => f
+                .uses_now()
+                .map(Some)
+                .map_err(|e| Error::Config(e.to_string())),
+            Store::Env(_) | Store::Aws(_) | Store::Kms(_) | Store::Table(_) => Ok(None),
+        }
+    }
+
     /// Names the store for the audit trail (never a value).
     pub fn secret_id(&self) -> String {
         match self {

@@ -18,7 +18,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::keyring::KeyId;
-use crate::crypto::keytable::KeyTable;
+use crate::crypto::keytable::{KeyState, KeyTable};
+use crate::secrets::file::FileKeyringError;
 use crate::secrets::KeysSpec;
 use crate::Error;
 
@@ -36,6 +37,10 @@ pub struct StoreUse {
     pub job: String,
     /// The keys (ids in this store) values of that job's tables may be under.
     pub keys: Vec<KeyId>,
+    /// The largest key id the file held when the record last changed: a key
+    /// staged since may be under that database's values too (its
+    /// applications follow the file), so it counts as named.
+    pub through: KeyId,
     /// When the record last changed (RFC 3339).
     pub at: String,
 }
@@ -61,21 +66,48 @@ pub struct User {
     pub job: String,
 }
 
+/// How long after a key stopped being current a database's applications
+/// may still write under it (one not yet reloaded): a run's record made
+/// within it keeps the key. The default grace period of a rotation.
+pub const STALE_WRITERS: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 /// Records that `user`'s values may be under `keys` as well as what it
 /// recorded before (a run starting: nothing it wrote before is proven
-/// moved yet); true where the record changed.
-pub fn widen(uses: &mut Vec<StoreUse>, user: &User, keys: &[KeyId]) -> bool {
+/// moved yet), the file holding keys up to `through`; true where the
+/// record changed.
+pub fn widen(uses: &mut Vec<StoreUse>, user: &User, keys: &[KeyId], through: KeyId) -> bool {
     let mut keys = keys.to_vec();
     if let Some(u) = find(uses, user) {
         keys.extend(&u.keys);
     }
-    set(uses, user, keys)
+    set(uses, user, keys, through)
 }
 
 /// Records that `user`'s values are under `keys` alone (a run that ended
-/// with every value on its target); true where the record changed.
-pub fn narrow(uses: &mut Vec<StoreUse>, user: &User, keys: &[KeyId]) -> bool {
-    set(uses, user, keys.to_vec())
+/// with every value on its target), the file holding keys up to `through`;
+/// true where the record changed.
+pub fn narrow(uses: &mut Vec<StoreUse>, user: &User, keys: &[KeyId], through: KeyId) -> bool {
+    set(uses, user, keys.to_vec(), through)
+}
+
+/// The keys of `table` a database's values may be under once a run left
+/// every value on `written`: those, the current and pending keys (what
+/// applications write under), and keys that stopped being current less
+/// than [`STALE_WRITERS`] before `now` (Unix seconds).
+pub fn after_a_full_run(table: &KeyTable, written: &[KeyId], now: u64) -> Vec<KeyId> {
+    let recent = now.saturating_sub(STALE_WRITERS.as_secs());
+    let mut keys = written.to_vec();
+    keys.extend(table.entries.iter().filter_map(|e| match e.state {
+        KeyState::Current | KeyState::Pending => Some(e.id),
+        KeyState::Previous if e.changed_at >= recent => Some(e.id),
+        _ => None,
+    }));
+    keys
+}
+
+/// The largest key id `table` holds (retired ones too).
+pub fn largest_id(table: &KeyTable) -> KeyId {
+    table.entries.iter().map(|e| e.id).max().unwrap_or(0)
 }
 
 /// Drops every record of database `database_id`; the records dropped.
@@ -88,10 +120,11 @@ pub fn forget(uses: &mut Vec<StoreUse>, database_id: &str) -> Vec<StoreUse> {
 }
 
 /// The records of databases other than `own` (the retiring job's) whose
-/// values may be under `key`.
+/// values may be under `key`: one their record names, or one staged since
+/// it was made.
 pub fn needing<'a>(uses: &'a [StoreUse], key: KeyId, own: &str) -> Vec<&'a StoreUse> {
     uses.iter()
-        .filter(|u| u.database_id != own && u.keys.contains(&key))
+        .filter(|u| u.database_id != own && (u.keys.contains(&key) || key > u.through))
         .collect()
 }
 
@@ -106,7 +139,11 @@ pub fn record_in_file(
     let mut file = super::open_file(keys)?;
     let table = file.table.clone();
     file.update_uses(|records| change(records, &table))
-        .map_err(|e| Error::Config(e.to_string()))
+        .map_err(|e| match e {
+            // the disk, not the configuration: exit 1, run again once fixed
+            FileKeyringError::Io { .. } => Error::Runtime(e.to_string()),
+            other => Error::Config(other.to_string()),
+        })
 }
 
 fn find<'a>(uses: &'a [StoreUse], user: &User) -> Option<&'a StoreUse> {
@@ -114,10 +151,12 @@ fn find<'a>(uses: &'a [StoreUse], user: &User) -> Option<&'a StoreUse> {
         .find(|u| u.database_id == user.database_id && u.job == user.job)
 }
 
-fn set(uses: &mut Vec<StoreUse>, user: &User, mut keys: Vec<KeyId>) -> bool {
+fn set(uses: &mut Vec<StoreUse>, user: &User, mut keys: Vec<KeyId>, through: KeyId) -> bool {
     keys.sort();
     keys.dedup();
-    if find(uses, user).is_some_and(|u| u.keys == keys && u.database == user.database) {
+    if find(uses, user)
+        .is_some_and(|u| u.keys == keys && u.database == user.database && u.through == through)
+    {
         return false;
     }
     let at = crate::crypto::keytable::rfc3339(crate::crypto::keytable::now());
@@ -127,6 +166,7 @@ fn set(uses: &mut Vec<StoreUse>, user: &User, mut keys: Vec<KeyId>) -> bool {
         database: user.database.clone(),
         job: user.job.clone(),
         keys,
+        through,
         at,
     });
     true
@@ -151,18 +191,18 @@ mod tests {
     #[test]
     fn a_run_starting_keeps_the_keys_recorded_before_and_adds_its_own() {
         let mut uses = Vec::new();
-        assert!(widen(&mut uses, &user("a", "j"), &ids(&[1])));
-        assert!(widen(&mut uses, &user("a", "j"), &ids(&[2])));
+        assert!(widen(&mut uses, &user("a", "j"), &ids(&[1]), 2));
+        assert!(widen(&mut uses, &user("a", "j"), &ids(&[2]), 2));
         assert_eq!(uses[0].keys, ids(&[1, 2]));
-        assert!(!widen(&mut uses, &user("a", "j"), &ids(&[2, 1])));
+        assert!(!widen(&mut uses, &user("a", "j"), &ids(&[2, 1]), 2));
     }
 
     #[test]
     fn a_finished_run_narrows_its_record_and_leaves_other_jobs_alone() {
         let mut uses = Vec::new();
-        widen(&mut uses, &user("a", "j"), &ids(&[1, 2]));
-        widen(&mut uses, &user("a", "k"), &ids(&[1]));
-        assert!(narrow(&mut uses, &user("a", "j"), &ids(&[2])));
+        widen(&mut uses, &user("a", "j"), &ids(&[1, 2]), 2);
+        widen(&mut uses, &user("a", "k"), &ids(&[1]), 2);
+        assert!(narrow(&mut uses, &user("a", "j"), &ids(&[2]), 2));
         assert_eq!(needing(&uses, 1, "b").len(), 1);
         assert_eq!(needing(&uses, 1, "b")[0].job, "k");
     }
@@ -170,8 +210,8 @@ mod tests {
     #[test]
     fn the_retiring_database_own_records_are_not_counted() {
         let mut uses = Vec::new();
-        widen(&mut uses, &user("a", "j"), &ids(&[1]));
-        widen(&mut uses, &user("b", "j"), &ids(&[1]));
+        widen(&mut uses, &user("a", "j"), &ids(&[1]), 2);
+        widen(&mut uses, &user("b", "j"), &ids(&[1]), 1);
         let other: Vec<&str> = needing(&uses, 1, "a")
             .iter()
             .map(|u| u.database_id.as_str())
@@ -179,5 +219,43 @@ mod tests {
         assert_eq!(other, ["b"]);
         assert_eq!(forget(&mut uses, "b").len(), 1);
         assert!(needing(&uses, 1, "a").is_empty());
+    }
+
+    #[test]
+    fn a_key_staged_after_the_record_counts_as_named() {
+        let mut uses = Vec::new();
+        widen(&mut uses, &user("b", "j"), &ids(&[1]), 1);
+        assert!(needing(&uses, 1, "a").len() == 1);
+        assert!(needing(&uses, 2, "a").len() == 1);
+        narrow(&mut uses, &user("b", "j"), &ids(&[2]), 2);
+        assert!(needing(&uses, 1, "a").is_empty());
+        assert!(needing(&uses, 3, "a").len() == 1);
+    }
+
+    #[test]
+    fn a_full_run_keeps_the_keys_applications_may_still_write_under() {
+        use crate::crypto::keytable::Entry;
+        let entry = |id, state, changed_at| Entry {
+            id,
+            state,
+            created_at: 1,
+            changed_at,
+            key: None,
+            compromised: false,
+        };
+        let now = 10 * STALE_WRITERS.as_secs();
+        let table = KeyTable {
+            entries: vec![
+                entry(1, KeyState::Previous, 1),
+                entry(2, KeyState::Previous, now - 60),
+                entry(3, KeyState::Current, now - 60),
+                entry(4, KeyState::Pending, now - 30),
+            ],
+        };
+        let mut keys = after_a_full_run(&table, &ids(&[4]), now);
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys, ids(&[2, 3, 4]));
+        assert_eq!(largest_id(&table), 4);
     }
 }

@@ -1017,7 +1017,16 @@ async fn another_job_under_a_second_keyring_file_holding_the_same_key_does_not_h
     std::fs::rename(&imported, &moved).unwrap();
     let rotate = || {
         rekey(
-            &["rotate", "--job", &job_a, "--no-wait", "--grace", "0s", "--reason", "compromise"],
+            &[
+                "rotate",
+                "--job",
+                &job_a,
+                "--no-wait",
+                "--grace",
+                "0s",
+                "--reason",
+                "compromise",
+            ],
             &keyring_pass_env(),
         )
     };

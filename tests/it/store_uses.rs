@@ -64,6 +64,26 @@ async fn values_by_key(db: &TestDb, keyring: &std::path::Path) -> Vec<(u32, usiz
     by_key.into_iter().collect()
 }
 
+/// `<file>.uses` beside the keyring file at `keyring`.
+fn uses_file(keyring: &std::path::Path) -> std::path::PathBuf {
+    let mut name = keyring.as_os_str().to_owned();
+    name.push(".uses");
+    name.into()
+}
+
+/// Moves key `id`'s last change of state in the keyring file back to 2020:
+/// applications that had not reloaded the file since have long done so.
+fn key_changed_long_ago(keyring: &std::path::Path, id: u32) {
+    let mut doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(keyring).unwrap()).unwrap();
+    for k in doc["keys"].as_array_mut().unwrap() {
+        if k["id"] == id {
+            k["changed_at"] = "2020-01-01T00:00:00Z".into();
+        }
+    }
+    std::fs::write(keyring, serde_json::to_vec_pretty(&doc).unwrap()).unwrap();
+}
+
 fn key_1_state(keyring: &std::path::Path) -> (KeyState, bool) {
     let e = keyring_table(keyring)
         .entries
@@ -120,8 +140,10 @@ async fn a_retire_is_refused_while_another_database_sharing_the_keyring_file_has
     );
     assert_eq!(values_by_key(&t.b, &t.keyring).await, b_values);
 
-    // job b runs again: its values move to the current key 2, and the
-    // file records it; the rotation then goes through
+    // job b runs again, a day after key 1 stopped being current (no
+    // application still writes under it): its values move to the current
+    // key 2, and the file records it; the rotation then goes through
+    key_changed_long_ago(&t.keyring, 1);
     let out = rekey(&["run", "--job", &t.job_b], &keyring_pass_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert_eq!(
@@ -142,7 +164,7 @@ async fn a_retire_is_refused_while_another_database_sharing_the_keyring_file_has
 #[tokio::test(flavor = "multi_thread")]
 async fn a_database_forgotten_by_the_keyring_file_no_longer_holds_a_retire_back() {
     let t = two_databases_sharing_one_keyring_file(50).await;
-    let b_id: String =
+    let b_rekey_id: String =
         t.b.client
             .query_one("SELECT database_id FROM rekey.identity", &[])
             .await
@@ -155,12 +177,14 @@ async fn a_database_forgotten_by_the_keyring_file_no_longer_holds_a_retire_back(
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     let uses = json(&out)["uses"].clone();
     assert_eq!(uses.as_array().map(Vec::len), Some(1), "{uses}");
-    assert_eq!(uses[0]["database_id"], b_id.as_str());
+    let b_id = uses[0]["database_id"].as_str().unwrap().to_string();
+    assert!(b_id.starts_with(&b_rekey_id), "{uses}");
     assert_eq!(uses[0]["job"], "b");
     assert_eq!(uses[0]["keys"], serde_json::json!([1]));
 
     // an id the file does not hold changes nothing
-    let before = std::fs::read(&t.keyring).unwrap();
+    let records = uses_file(&t.keyring);
+    let before = std::fs::read(&records).unwrap();
     let out = rekey(
         &[
             "secrets",
@@ -174,7 +198,7 @@ async fn a_database_forgotten_by_the_keyring_file_no_longer_holds_a_retire_back(
     );
     assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
     assert!(printed(&out).contains(&b_id), "{}", printed(&out));
-    assert_eq!(std::fs::read(&t.keyring).unwrap(), before);
+    assert_eq!(std::fs::read(&records).unwrap(), before);
 
     let out = rekey(
         &["secrets", "forget", "--job", &t.job_a, "--database", &b_id],
@@ -236,4 +260,120 @@ async fn a_run_killed_in_another_database_holds_back_a_retire_of_the_key_it_wrot
         printed(&out)
     );
     assert_eq!(values_by_key(&t.b, &t.keyring).await, b_values);
+}
+
+/// Stages and promotes the next key of the job's keyring file, then runs
+/// the job: its values move to it.
+fn stage_promote_and_run(job: &str) {
+    for step in ["stage", "promote"] {
+        let out = rekey(&["secrets", step, "--job", job], &keyring_pass_env());
+        assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    }
+    let out = rekey(&["run", "--job", job], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+}
+
+// Before the record named the keys the file held: database b's record
+// said key 1 alone; key 2 became current and b's application wrote under
+// it; once key 3 replaced it, a compromise retire of key 2 from database a
+// went through (exit 0) and b's value lost its key.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_made_current_after_another_databases_last_run_is_not_retired_from_under_it() {
+    let t = two_databases_sharing_one_keyring_file(50).await;
+    stage_promote_and_run(&t.job_a);
+    // b's application writes a value under the current key 2
+    let under_2: Vec<u8> =
+        t.a.client
+            .query_one(
+                "SELECT phone_encrypted FROM patient_persons WHERE id = 1",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+    t.b.client
+        .execute(
+            "UPDATE patient_persons SET phone_encrypted = $1 WHERE id = 1",
+            &[&under_2],
+        )
+        .await
+        .unwrap();
+    let b_before = values_by_key(&t.b, &t.keyring).await;
+    assert!(b_before.iter().any(|&(k, _)| k == 2), "{b_before:?}");
+    // key 3 in database a, then key 2 retired as compromised
+    stage_promote_and_run(&t.job_a);
+    let out = rekey(
+        &[
+            "secrets",
+            "retire",
+            "--job",
+            &t.job_a,
+            "--key-id",
+            "2",
+            "--reason",
+            "compromise",
+        ],
+        &keyring_pass_env(),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("may still encrypt values in another database"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(values_by_key(&t.b, &t.keyring).await, b_before);
+}
+
+// A database copied from another (a snapshot restored beside it) keeps
+// its rekey.identity: before the record named the database too, the
+// copy's record read as the retiring database's own, and a compromise
+// retire destroyed the key the copy's values were under.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_of_the_retiring_database_is_another_database_to_the_record() {
+    let t = two_databases_before_any_run(50).await;
+    let out = rekey(&["run", "--job", &t.job_a], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let a_id: String =
+        t.a.client
+            .query_one("SELECT database_id FROM rekey.identity", &[])
+            .await
+            .unwrap()
+            .get(0);
+    // database b takes a's identity, as a copy of a would (its record
+    // under its own identity forgotten)
+    let out = rekey(&["run", "--job", &t.job_b], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let out = rekey(
+        &["secrets", "show", "--job", &t.job_b, "--json"],
+        &keyring_pass_env(),
+    );
+    let b_id = json(&out)["uses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["job"] == "b")
+        .unwrap()["database_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = rekey(
+        &["secrets", "forget", "--job", &t.job_b, "--database", &b_id],
+        &keyring_pass_env(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    t.b.client
+        .execute("UPDATE rekey.identity SET database_id = $1", &[&a_id])
+        .await
+        .unwrap();
+    let out = rekey(&["run", "--job", &t.job_b], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+
+    let out = compromise_rotation(&t.job_a);
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("may still encrypt values in another database"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(key_1_state(&t.keyring), (KeyState::Previous, true));
 }

@@ -682,6 +682,12 @@ impl KeyringFile {
         })
     }
 
+    /// The databases `<file>.uses` records now (another process may have
+    /// recorded one since the file was opened).
+    pub fn uses_now(&self) -> Result<Vec<StoreUse>, FileKeyringError> {
+        uses_beside::read(&self.real)
+    }
+
     /// Applies `change` to the databases `<file>.uses` records, read again
     /// under the file's lock, and writes them where `change` says they
     /// changed; true where it did. The keyring file itself is not written.

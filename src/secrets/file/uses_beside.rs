@@ -37,7 +37,8 @@ pub fn path_of(path: &Path) -> PathBuf {
 /// such file yet.
 pub fn read(path: &Path) -> Result<Vec<StoreUse>, FileKeyringError> {
     let at = path_of(path);
-    if !at.exists() {
+    // a file that cannot be looked at is not taken for no records
+    if !at.try_exists().map_err(io(&at))? {
         return Ok(Vec::new());
     }
     let doc: Document = read_json(&at)?;
