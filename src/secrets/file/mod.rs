@@ -84,6 +84,14 @@ pub enum FileKeyringError {
         /// What its backup holds, when it was read from disk.
         backup: Option<InBackup>,
     },
+    /// `<file>.uses` ([`uses_beside`]) does not read as one.
+    #[error("{path}, the record of the databases whose values this keyring file's keys encrypt, is damaged: {problem}. Nothing was changed. Put it back from a copy; remove it only where no other database uses the keyring file (a retire would no longer know of their values, and each database's next run records it again)")]
+    UsesDamaged {
+        /// The record's file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
     /// Some sealed keys do not open with the passphrase that opens another:
     /// the file was damaged or altered (one passphrase seals them all).
     #[error("keyring file {path} is damaged: the sealed material of {} does not open with the passphrase that opens key {opened}, so it was corrupted or altered after rekey wrote it; nothing was changed: {}", key_list(keys), backup.as_ref().map_or("restore the file from a backup".to_string(), InBackup::to_string))]
@@ -302,9 +310,9 @@ impl FileKeyringError {
             FileKeyringError::Io { source, .. } | FileKeyringError::NotFound { source, .. } => {
                 format!("it cannot be read: {source}")
             }
-            FileKeyringError::Malformed { .. } | FileKeyringError::Altered { .. } => {
-                "it is damaged too".into()
-            }
+            FileKeyringError::Malformed { .. }
+            | FileKeyringError::Altered { .. }
+            | FileKeyringError::UsesDamaged { .. } => "it is damaged too".into(),
             FileKeyringError::NoPassphrase { .. }
             | FileKeyringError::Exists(_)
             | FileKeyringError::Changed { .. } => "it does not open".into(),

@@ -849,3 +849,47 @@ fn a_relative_path_that_does_not_exist_names_where_rekey_looked() {
         "{said}"
     );
 }
+
+#[test]
+fn the_record_of_databases_is_written_owner_only_beside_the_file_and_read_back() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    let mut file = KeyringFile::create(&path, b"correct horse", table()).unwrap();
+    let user = crate::secrets::uses::User {
+        database_id: "d".into(),
+        database: "d on a server".into(),
+        job: "j".into(),
+    };
+    let keyring_before = fs::read(&path).unwrap();
+    assert!(file
+        .update_uses(|u| crate::secrets::uses::widen(u, &user, &[1], 1))
+        .unwrap());
+    // the keyring file itself is not written
+    assert_eq!(fs::read(&path).unwrap(), keyring_before);
+    let at = uses_beside::path_of(&path);
+    assert_eq!(
+        fs::metadata(&at).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let opened = KeyringFile::open(&path, b"correct horse", "P").unwrap();
+    assert_eq!(opened.uses.len(), 1);
+    assert_eq!(opened.uses[0].keys, [1]);
+}
+
+#[test]
+fn a_damaged_record_of_databases_is_named_for_what_it_is_and_not_taken_for_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    KeyringFile::create(&path, b"correct horse", table()).unwrap();
+    let at = uses_beside::path_of(&path);
+    write_owner_only(&at, b"{\"format\": \"rekey-keyring-uses/1\", \"uses\": [");
+    let err = KeyringFile::open(&path, b"correct horse", "P").unwrap_err();
+    assert!(
+        matches!(&err, FileKeyringError::UsesDamaged { path, .. } if *path == at),
+        "{err:?}"
+    );
+    assert!(err
+        .to_string()
+        .contains("remove it only where no other database uses the keyring file"));
+}

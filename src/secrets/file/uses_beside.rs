@@ -41,12 +41,16 @@ pub fn read(path: &Path) -> Result<Vec<StoreUse>, FileKeyringError> {
     if !at.try_exists().map_err(io(&at))? {
         return Ok(Vec::new());
     }
-    let doc: Document = read_json(&at)?;
+    let doc: Document = read_json(&at).map_err(|e| match e {
+        FileKeyringError::Malformed { path, problem, .. } => {
+            FileKeyringError::UsesDamaged { path, problem }
+        }
+        other => other,
+    })?;
     if doc.format != FORMAT {
-        return Err(FileKeyringError::Malformed {
+        return Err(FileKeyringError::UsesDamaged {
             path: at,
             problem: format!("format is {:?}, expected {FORMAT:?}", doc.format),
-            backup: None,
         });
     }
     Ok(doc.uses)
