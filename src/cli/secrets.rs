@@ -260,9 +260,12 @@ pub(crate) async fn recorded(
 fn said(life: &LifecycleArgs, event: &str, applied: &Applied, note: &str) {
     if life.common.json {
         print_json(
-            &json!({ "event": event, "changed": applied.changed, "note": note, "instructions": applied.instructions }),
+            &json!({ "event": event, "changed": applied.changed, "note": note, "skipped": applied.skipped, "instructions": applied.instructions }),
         );
     } else {
+        if let Some(why) = &applied.skipped {
+            out!("{why}");
+        }
         out!(
             "{note}{}",
             if applied.changed {
@@ -464,8 +467,9 @@ async fn transition(command: &SecretsCommand, life: &LifecycleArgs) -> Result<u8
     let (event, applied, key, note) = match command {
         SecretsCommand::Stage(_) => {
             let (id, applied) = {
-                let used = rotations::highest_key_id(&client, &secret_id).await?;
-                keeping_alive(&client, steps::stage(&mut store, &spec, life.reveal, used)).await?
+                let recorded = steps::recorded_key_id(&client, &store, &spec).await?;
+                let staged = steps::stage(&mut store, &spec, life.reveal, recorded.as_ref());
+                keeping_alive(&client, staged).await?
             };
             ("key_staged", applied, id, format!("key {id} pending"))
         }
@@ -505,7 +509,12 @@ async fn transition(command: &SecretsCommand, life: &LifecycleArgs) -> Result<u8
     // a step that changed nothing (run again) is not an event
     if applied.changed {
         let key_ref = format!("{secret_id}#{key}");
-        recorded(life, &spec, &client, &key_ref, event, &note).await?;
+        // the audit event says why a new key's id skipped, as the output does
+        let noted = match &applied.skipped {
+            Some(why) => format!("{note} ({why})"),
+            None => note.clone(),
+        };
+        recorded(life, &spec, &client, &key_ref, event, &noted).await?;
     }
     if matches!(command, SecretsCommand::Rollback(_)) {
         // after its event, which belongs to the rotation this closes

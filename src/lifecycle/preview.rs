@@ -67,8 +67,13 @@ pub async fn preview(
         let next = match store.table().id_in(KeyState::Pending) {
             Some(pending) => pending,
             None => {
-                let next = store.next_id()?;
+                // the id the stage would take: above every one the database records
+                let recorded = super::steps::recorded_key_id(client, &store, spec).await?;
+                let (next, skipped) = super::steps::new_key_id(&store, recorded.as_ref())?;
                 super::steps::refuse_unnameable(spec, next)?;
+                if let Some(why) = skipped {
+                    say(&mut log, why);
+                }
                 next
             }
         };

@@ -613,9 +613,12 @@ async fn stage_new(
     }
     let secret_id = store.secret_id();
     let old = steps::current(store);
-    let used = rotations::highest_key_id(client, &secret_id).await?;
-    let (id, applied) =
-        keeping_alive(client, steps::stage(store, cx.spec, cx.opts.reveal, used)).await?;
+    let recorded = steps::recorded_key_id(client, store, cx.spec).await?;
+    let (id, applied) = keeping_alive(
+        client,
+        steps::stage(store, cx.spec, cx.opts.reveal, recorded.as_ref()),
+    )
+    .await?;
     // The environment's staged key is whatever the operator exports: known at the next step.
     let fingerprint = if store.writable() {
         fingerprint_of(store, id)
@@ -650,11 +653,15 @@ async fn stage_new(
             secret_id: &format!("{secret_id}#{id}"),
             verification_status: "not_applicable",
             affected_records: None,
-            notes: &format!("key {id} staged as pending"),
+            notes: &match &applied.skipped {
+                Some(why) => format!("key {id} staged as pending ({why})"),
+                None => format!("key {id} staged as pending"),
+            },
             job_id: None,
         },
     )
     .await?;
+    log.lines.extend(applied.skipped.clone());
     log.lines.push(format!(
         "staged key {id} as pending in {secret_id} (grace period after promotion: {})",
         human(grace)

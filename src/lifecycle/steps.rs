@@ -3,10 +3,13 @@
 //! transition to the store's key table and saves it; for the environment,
 //! which rekey cannot write, saving returns the variable changes to make.
 
-use crate::crypto::keyring::KeyId;
+use tokio_postgres::Client;
+
+use crate::crypto::keyring::{Key, KeyId};
 use crate::crypto::keytable::{now, KeyState};
 use crate::job::JobSpec;
 use crate::secrets::Store;
+use crate::state::key_ids::{self, RecordedId, RecordedStore};
 use crate::Error;
 
 /// What a transition did.
@@ -16,6 +19,9 @@ pub struct Applied {
     pub changed: bool,
     /// Changes the operator must make where the application's environment is set.
     pub instructions: Vec<String>,
+    /// Why a new key's id is not the store's next one: the database records
+    /// a key of that id the store no longer holds (see [`new_key_id`]).
+    pub skipped: Option<String>,
 }
 
 impl Applied {
@@ -38,6 +44,7 @@ async fn saved(store: &mut Store, changed: bool, reveal: bool) -> Result<Applied
     Ok(Applied {
         changed,
         instructions,
+        skipped: None,
     })
 }
 
@@ -68,39 +75,92 @@ pub fn refuse_unnameable(spec: &JobSpec, id: KeyId) -> Result<(), Error> {
     Ok(())
 }
 
-/// Stages a new key (the next id) as pending; returns its id. Refused
-/// where a format of `spec` cannot name the new id. Idempotent: with a key
-/// pending, that key's id, and nothing changes.
+/// The highest key id the database records for `store` (the job's
+/// `[keys]` in `spec`): earlier rotations' keys and the keys every job's
+/// runs read and wrote under ([`key_ids::highest_recorded`]).
+pub async fn recorded_key_id(
+    client: &Client,
+    store: &Store,
+    spec: &JobSpec,
+) -> Result<Option<RecordedId>, Error> {
+    let secret_id = store.secret_id();
+    let label = spec
+        .keys
+        .as_ref()
+        .map(|k| k.store_label())
+        .unwrap_or_default();
+    let fingerprints: Vec<String> = store
+        .table()
+        .entries
+        .iter()
+        .filter_map(|e| e.key.as_ref().map(Key::fingerprint))
+        .collect();
+    key_ids::highest_recorded(
+        client,
+        &RecordedStore {
+            secret_id: &secret_id,
+            label: &label,
+            fingerprints: &fingerprints,
+        },
+    )
+    .await
+}
+
+/// The id a new key of `store` takes: the store's next, or one above
+/// `recorded` ([`recorded_key_id`]) where the database records a key of
+/// that id or above, which the store no longer holds: values may be under
+/// it, and a new key of its id would leave them unreadable by their id.
+/// With the second, one line saying why the id skipped.
+pub fn new_key_id(
+    store: &Store,
+    recorded: Option<&RecordedId>,
+) -> Result<(KeyId, Option<String>), Error> {
+    let next = store.next_id()?;
+    let Some(recorded) = recorded.filter(|r| r.id >= i64::from(next)) else {
+        return Ok((next, None));
+    };
+    let above = recorded.id.saturating_add(1);
+    let id = KeyId::try_from(above).map_err(|_| {
+        Error::Config(format!(
+            "no key id is left above {} for {} ({})",
+            recorded.id,
+            store.secret_id(),
+            recorded.by
+        ))
+    })?;
+    let why = format!(
+        "the new key takes id {id}, not {next}: {} under {}, which no longer holds it, and values may \
+         be under that key",
+        recorded.by,
+        store.secret_id()
+    );
+    Ok((id, Some(why)))
+}
+
+/// Stages a new key as pending ([`new_key_id`]: above every id
+/// `recorded`); returns its id. Refused where a format of `spec` cannot
+/// name the new id. Idempotent: with a key pending, that key's id, and
+/// nothing changes.
 pub async fn stage(
     store: &mut Store,
     spec: &JobSpec,
     reveal: bool,
-    used: Option<i64>,
+    recorded: Option<&RecordedId>,
 ) -> Result<(KeyId, Applied), Error> {
     if let Some(pending) = store.table().id_in(KeyState::Pending) {
         return Ok((pending, Applied::default()));
     }
     // the store's: a key table's versions are shared with other purposes;
-    // and above every id an earlier rotation used (`used`): values may carry
-    // one the store no longer holds (a key removed by hand), and a new key
-    // of that id would leave them unreadable under it
-    let next = store.next_id()?;
-    let next = match used.map(|u| u.saturating_add(1)) {
-        Some(after) if after > i64::from(next) => KeyId::try_from(after).map_err(|_| {
-            Error::Config(format!(
-                "no key id is left above {after} for {}",
-                store.secret_id()
-            ))
-        })?,
-        _ => next,
-    };
+    // and above every id the database records for the store
+    let (next, skipped) = new_key_id(store, recorded)?;
     refuse_unnameable(spec, next)?;
     let key = store.new_key(next).await?;
     let (id, changed) = store
         .table_mut()
         .stage(key, now())
         .map_err(|e| Error::Config(e.to_string()))?;
-    Ok((id, saved(store, changed, reveal).await?))
+    let applied = saved(store, changed, reveal).await?;
+    Ok((id, Applied { skipped, ..applied }))
 }
 
 /// Promotes the pending key to current (the current one becomes previous).

@@ -1,9 +1,11 @@
 //! The engine's own state: schema `rekey` in the target database. Jobs and
 //! their live control, per-range progress and leases, conflicts to re-read,
-//! and how much each key has encrypted. Uses the job and lower layers.
+//! how much each key has encrypted, and the key ids recorded for a store.
+//! Uses the job and lower layers.
 
 pub mod conflicts;
 pub mod jobs;
+pub mod key_ids;
 pub mod key_usage;
 pub mod leases;
 pub mod locks;

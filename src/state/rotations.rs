@@ -183,21 +183,6 @@ pub async fn others_away_from(
         .collect())
 }
 
-/// The highest key id a rotation recorded in this database for the store
-/// `secret_id` (staged, or rotated away from), if any: values may carry it
-/// even where the store no longer holds that key, so a new key's id is
-/// above it.
-pub async fn highest_key_id(client: &Client, secret_id: &str) -> Result<Option<i64>, Error> {
-    client
-        .query_one(
-            "SELECT max(greatest(new_key, coalesce(old_key, 0))) FROM rekey.rotations WHERE secret_id = $1",
-            &[&secret_id],
-        )
-        .await
-        .map(|r| r.get(0))
-        .ctx(|| "reading the key ids of earlier rotations".into())
-}
-
 /// A key id read back from `rekey.rotations`.
 fn key(v: i64) -> Result<KeyId, Error> {
     KeyId::try_from(v).map_err(|_| {

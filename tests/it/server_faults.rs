@@ -765,7 +765,10 @@ async fn the_conflict_passs_own_session_ended_mid_pass_is_opened_again_with_its_
     // the first write of each of the first 50 rows lands nowhere (they are
     // re-read at the end); the first re-read write ends the session holding
     // the pass's turn (its pid kept in a sequence, which no rollback undoes)
-    // and fails as a deadlock; the next notes who holds the turn
+    // and fails as a deadlock; the next notes who holds the turn. The turn
+    // is this database's: the cluster is shared with the other tests, whose
+    // jobs are numbered from 1 too, and whose conflict passes hold a lock of
+    // the same key in their own databases (pg_locks lists every database's)
     db.client
         .batch_execute(
             "CREATE TABLE skipped (id bigint PRIMARY KEY);
@@ -775,6 +778,7 @@ async fn the_conflict_passs_own_session_ended_mid_pass_is_opened_again_with_its_
              BEGIN
                RETURN QUERY SELECT pid FROM pg_locks
                 WHERE locktype = 'advisory' AND granted AND objsubid = 1
+                  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
                   AND (classid::bigint << 32 | objid::bigint)
                       = hashtextextended('rekey.conflicts:' || (SELECT min(job_id) FROM rekey.conflicts), 0);
              END $$;

@@ -3,7 +3,9 @@
 //! written since would open with no key any store holds once the run's
 //! process exits. A staged key whose place is free is put back and the run
 //! finishes; one that cannot be put back stops the run, which fails naming
-//! the key and the store, never exit 0.
+//! the key and the store, never exit 0. And a new key never takes the id
+//! of a key the jobs recorded under the store (the store known by its path
+//! or by its keys): values may be under that key.
 
 use rekey::crypto::keyring::Key;
 use rekey::crypto::keytable::{Entry, KeyState, KeyTable};
@@ -223,4 +225,188 @@ async fn a_run_whose_staged_key_was_rolled_back_to_previous_does_not_say_done() 
         "{}",
         printed(&out)
     );
+}
+
+/// [`staged`], then a run under key 2 killed part way: the job stays
+/// unfinished, `rekey.jobs` recording it writing under key 2.
+async fn stopped_under_key_2(
+    db: &TestDb,
+    dir: &tempfile::TempDir,
+) -> (String, std::path::PathBuf, String) {
+    let (job, keyring, fingerprint) = staged(db, dir).await;
+    let mut child = slow_run(&job);
+    wait_for_progress(db, &mut child, 2_000).await;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    (job, keyring, fingerprint)
+}
+
+/// `rekey secrets stage` of the job; expects exit 0 and returns what it said.
+fn stage(job: &str) -> String {
+    let out = rekey(&["secrets", "stage", "--job", job], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    printed(&out)
+}
+
+/// Whether one line of what a stage `said` names why the new key's id
+/// skipped 2: the key 2 of this `fingerprint` that a job recorded.
+fn skipped_2_for(said: &str, fingerprint: &str) -> bool {
+    said.lines()
+        .any(|l| l.contains("not 2") && l.contains(&format!("key 2 (fingerprint {fingerprint})")))
+}
+
+// Before: with key 2 gone from the file (an older copy put back) and a run
+// stopped part way under it, `secrets stage` made a brand new key 2, while
+// `rekey.jobs` recorded the job writing under the first key 2: two keys
+// with id 2, and the values under the first no longer found by their id.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_key_takes_an_id_above_every_key_a_job_recorded_under_the_store() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring, fingerprint) = stopped_under_key_2(&db, &dir).await;
+    std::fs::copy(backup_path(&keyring), &keyring).unwrap();
+    assert_eq!(fingerprint_of(&keyring, 2), None);
+    let said = stage(&job);
+    assert_eq!(keyring_table(&keyring).id_in(KeyState::Pending), Some(3));
+    assert_eq!(fingerprint_of(&keyring, 2), None);
+    assert!(skipped_2_for(&said, &fingerprint), "{said}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keyring_file_moved_to_another_path_is_known_by_its_keys_when_a_new_key_takes_its_id() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring, fingerprint) = stopped_under_key_2(&db, &dir).await;
+    // the older copy put back under another name, and the job file pointed at it
+    let moved = dir.path().join("moved.json");
+    std::fs::copy(backup_path(&keyring), &moved).unwrap();
+    let text = std::fs::read_to_string(&job).unwrap();
+    let text = text.replace(
+        &format!("{:?}", keyring.display().to_string()),
+        &format!("{:?}", moved.display().to_string()),
+    );
+    std::fs::write(&job, text).unwrap();
+    let said = stage(&job);
+    assert_eq!(keyring_table(&moved).id_in(KeyState::Pending), Some(3));
+    assert!(skipped_2_for(&said, &fingerprint), "{said}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keyring_file_replaced_by_one_with_none_of_its_keys_is_known_by_its_path_when_a_new_key_takes_its_id(
+) {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring, fingerprint) = stopped_under_key_2(&db, &dir).await;
+    // a keyring of its own put in its place: key 1 is another key
+    let other = dir.path().join("other.json");
+    let table = KeyTable {
+        entries: vec![Entry {
+            id: 1,
+            state: KeyState::Current,
+            created_at: 1,
+            changed_at: 1,
+            key: Some(Key::parse(1, K3).unwrap()),
+            compromised: false,
+        }],
+    };
+    KeyringFile::create(&other, KEYRING_PASS.as_bytes(), table).unwrap();
+    std::fs::rename(&other, &keyring).unwrap();
+    let said = stage(&job);
+    assert_eq!(keyring_table(&keyring).id_in(KeyState::Pending), Some(3));
+    assert!(skipped_2_for(&said, &fingerprint), "{said}");
+}
+
+/// Two jobs sharing a keyring file, each over half of the patients: the
+/// other one staged key 2 and ran under it, then the file as it was before
+/// the stage was put back. Returns this job's file, the keyring file and
+/// the lost key 2's fingerprint.
+async fn another_jobs_key_2_lost(
+    db: &TestDb,
+    dir: &tempfile::TempDir,
+) -> (String, std::path::PathBuf, String) {
+    db.seed_patients(1_000).await;
+    let (job, keyring) = keyring_file_job(db, dir);
+    let base = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(&job, format!("{base}where = \"id <= 500\"\n")).unwrap();
+    let others = dir.path().join("others.toml").display().to_string();
+    std::fs::write(&others, format!("{base}where = \"id > 500\"\n")).unwrap();
+    stage(&others);
+    let fingerprint = fingerprint_of(&keyring, 2).expect("key 2 staged");
+    let out = rekey(&["run", "--job", others.as_str()], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    std::fs::copy(backup_path(&keyring), &keyring).unwrap();
+    (job, keyring, fingerprint)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotation_stages_its_key_above_every_key_another_job_recorded_under_the_store() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring, fingerprint) = another_jobs_key_2_lost(&db, &dir).await;
+    let out = rekey(&["rotate", "--job", job.as_str()], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    assert_eq!(keyring_table(&keyring).id_in(KeyState::Pending), Some(3));
+    let said = printed(&out);
+    assert!(skipped_2_for(&said, &fingerprint), "{said}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_rotation_says_the_id_above_every_key_another_job_recorded() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring, fingerprint) = another_jobs_key_2_lost(&db, &dir).await;
+    let out = rekey(
+        &["rotate", "--job", job.as_str(), "--dry-run"],
+        &keyring_pass_env(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let said = printed(&out);
+    assert!(said.contains("would stage key 3"), "{said}");
+    assert!(skipped_2_for(&said, &fingerprint), "{said}");
+    assert_eq!(keyring_table(&keyring).id_in(KeyState::Pending), None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_keys_a_job_read_from_another_store_do_not_move_a_new_keys_id() {
+    let db = TestDb::new().await;
+    db.seed_patients(100).await;
+    let dir = tempfile::tempdir().unwrap();
+    let target = "[[target]]\ntable = \"patient_persons\"\nprimary_key = [\"id\"]\ncolumns = [\"phone_encrypted\", \"emergency_contact_phone_encrypted\"]\nformat = \"versioned-gcm\"\n";
+    // one job moves every value from the ENCRYPTION keys (1 and 2) to the NEWKEYS keys (1)
+    let moving = dir.path().join("moving.toml");
+    std::fs::write(
+        &moving,
+        format!(
+            "[database]\nurl = \"{}\"\n\n{target}keys = {{ source = \"env\" }}\nto_keys = {{ source = \"env\", prefix = \"NEWKEYS\" }}\n",
+            db.url
+        ),
+    )
+    .unwrap();
+    let env = vec![
+        ("ENCRYPTION_KEY_V1", K1.to_string()),
+        ("ENCRYPTION_KEY_V2", K2.to_string()),
+        ("ENCRYPTION_CURRENT_VERSION", "2".to_string()),
+        ("NEWKEYS_KEY_V1", K3.to_string()),
+        ("NEWKEYS_CURRENT_VERSION", "1".to_string()),
+    ];
+    let out = rekey(&["run", "--job", &moving.display().to_string()], &env);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    // the NEWKEYS keys' own job stages their next key: 2, as no key 2 of theirs was recorded
+    let newkeys = dir.path().join("newkeys.toml");
+    std::fs::write(
+        &newkeys,
+        format!(
+            "[database]\nurl = \"{}\"\n\n[keys]\nsource = \"env\"\nprefix = \"NEWKEYS\"\n\n{target}",
+            db.url
+        ),
+    )
+    .unwrap();
+    let out = rekey(
+        &["secrets", "stage", "--job", &newkeys.display().to_string()],
+        &env,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let said = printed(&out);
+    assert!(said.contains("key 2 pending"), "{said}");
+    assert!(!said.contains("takes id"), "{said}");
 }

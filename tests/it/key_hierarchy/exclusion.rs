@@ -37,8 +37,11 @@ async fn until(db: &TestDb, sql: &str, child: &mut std::process::Child, what: &s
     }
 }
 
+/// Waits on a two-key advisory lock in this test's database (pg_locks
+/// lists every database's, and the tests share one cluster).
 const WAITS_ON_KEY_TABLE_LOCK: &str =
-    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2 AND NOT granted";
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2 AND NOT granted
+        AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stage_and_a_rewrap_wait_for_the_key_table_lock() {

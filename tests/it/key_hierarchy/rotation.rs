@@ -219,7 +219,8 @@ async fn a_key_table_changed_between_read_and_write_is_not_overwritten() {
         let waiting: i64 = db
             .client
             .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%key_table_keys%'",
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%key_table_keys%'
+                    AND datname = current_database()",
                 &[],
             )
             .await
