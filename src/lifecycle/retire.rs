@@ -84,6 +84,7 @@ pub async fn retire(
         old,
         &opts.accept_unverified,
         opts.never_current,
+        compromised,
     ))
     .await?;
     // a key repeated across inheritance children would make the verify's pages skip rows
@@ -418,6 +419,7 @@ async fn refuse_tables_left_out(
     old: KeyId,
     accepted: &[String],
     never_current: bool,
+    compromised: bool,
 ) -> Result<Vec<String>, Error> {
     let listed: Vec<String> = job.targets.iter().map(|t| t.table.to_string()).collect();
     let columns: Vec<(String, String)> = job
@@ -515,11 +517,18 @@ async fn refuse_tables_left_out(
              that retire rests on would not read {its} values, and a value there (one an application wrote while key \
              {old} was current, one that job has not rotated yet) may still need key {old}. Nothing was retired. List \
              {it} in this job's file, so that one job lists every table the key encrypts (a job file may hold many \
-             targets); or, where you know that no value there needs key {old} (that job has rotated {it} to a newer \
-             key since key {old} stopped being current, and `rekey verify --full` with its file says so), retire with \
-             `rekey secrets retire --key-id {old} {vouch}`, which the audit trail records as not verified{}",
+             targets){}{}",
             job.name,
             others.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(", "),
+            if compromised {
+                on_word_refused(old)
+            } else {
+                format!(
+                    "; or, where you know that no value there needs key {old} (that job has rotated {it} to a newer \
+                     key since key {old} stopped being current, and `rekey verify --full` with its file says so), \
+                     retire with `rekey secrets retire --key-id {old} {vouch}`, which the audit trail records as not verified"
+                )
+            },
             if own.is_empty() {
                 String::new()
             } else {
@@ -533,11 +542,25 @@ async fn refuse_tables_left_out(
     Err(Error::Config(format!(
         "job {:?} rotated {} in an earlier run, and the job file no longer lists {it}: the full verify that retire \
          rests on would not read {its} values, and a value there may still need key {old}. Nothing was retired. List {it} \
-         in the job file again (or retire with the job file the rotation ran with); or, where you know that no value there \
-         needs key {old} (the table moved to a job of its own, say), retire with `rekey secrets retire --key-id {old} {}`, \
-         which the audit trail records as not verified",
+         in the job file again (or retire with the job file the rotation ran with){}",
         job.name,
         refused.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(", "),
-        vouch,
+        if compromised {
+            on_word_refused(old)
+        } else {
+            format!(
+                "; or, where you know that no value there needs key {old} (the table moved to a job of its own, say), \
+                 retire with `rekey secrets retire --key-id {old} {vouch}`, which the audit trail records as not verified"
+            )
+        },
     )))
+}
+
+/// Why a compromised key offers no retire on the operator's word.
+fn on_word_refused(old: KeyId) -> String {
+    format!(
+        ". Key {old} is compromised: its material is destroyed at once, so it cannot be retired on your word \
+         (--accept-unverified); once listed, the verify reads the values there, and `rekey run` moves any still under \
+         key {old}"
+    )
 }

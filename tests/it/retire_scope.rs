@@ -914,6 +914,13 @@ async fn retire_is_refused_while_another_job_ran_over_a_table_under_the_same_sto
         "{}",
         printed(&out)
     );
+    // a compromised key is never retired on the operator's word: no such way out is offered
+    assert!(
+        !printed(&out).contains("--accept-unverified public.patient_copy")
+            && printed(&out).contains("cannot be retired on your word"),
+        "{}",
+        printed(&out)
+    );
     let key1 = keyring_table(&keyring)
         .entries
         .into_iter()
