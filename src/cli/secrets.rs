@@ -47,7 +47,7 @@ pub async fn secrets(command: SecretsCommand) -> Result<u8, Error> {
 /// dropped ([`crate::secrets::uses`]), so that a retire no longer waits
 /// for a run there; audited.
 async fn forget(a: &ForgetArgs) -> Result<u8, Error> {
-    let (spec, Opened { client, .. }, store) = locked(&a.life).await?;
+    let (spec, Opened { client, .. }, mut store) = locked(&a.life).await?;
     let Some(records) = store.uses() else {
         return Err(Error::Config(format!(
             "{} keeps no record of the databases using it (only a keyring file does): nothing to forget",
@@ -71,15 +71,15 @@ async fn forget(a: &ForgetArgs) -> Result<u8, Error> {
         )));
     }
     let secret_id = store.secret_id();
-    drop(store);
     let mut gone = Vec::new();
-    keeping_alive(&client, async {
-        uses::record_in_file(&job_keys(&spec)?, |records, _| {
+    // the store opened under the lifecycle lock: its records are read again under the file's lock
+    if let Store::File(file) = &mut store {
+        file.update_uses(|records| {
             gone = uses::forget(records, &a.database);
             !gone.is_empty()
         })
-    })
-    .await?;
+        .map_err(|e| Error::Config(e.to_string()))?;
+    }
     let note = format!(
         "forgot that {} may have values under {}",
         gone.iter()

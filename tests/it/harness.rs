@@ -649,19 +649,8 @@ pub fn keyring_pass_env() -> Vec<(&'static str, String)> {
 /// [`KEYRING_PASS`]), and a job over `patient_persons` using it; returns the
 /// job file and the keyring file.
 pub fn keyring_file_job(db: &TestDb, dir: &tempfile::TempDir) -> (String, std::path::PathBuf) {
-    use rekey::crypto::keytable::{Entry, KeyState, KeyTable};
     let keyring = dir.path().join("keyring.json");
-    let table = KeyTable {
-        entries: vec![Entry {
-            id: 1,
-            state: KeyState::Current,
-            created_at: 1,
-            changed_at: 1,
-            key: Some(Key::parse(1, K1).unwrap()),
-            compromised: false,
-        }],
-    };
-    rekey::secrets::file::KeyringFile::create(&keyring, KEYRING_PASS.as_bytes(), table).unwrap();
+    keyring_file_with_key_1(&keyring, K1);
     let job = dir.path().join("patients.toml");
     std::fs::write(
         &job,
@@ -673,6 +662,23 @@ pub fn keyring_file_job(db: &TestDb, dir: &tempfile::TempDir) -> (String, std::p
     )
     .unwrap();
     (job.display().to_string(), keyring)
+}
+
+/// Creates a keyring file at `path` (sealed with [`KEYRING_PASS`]) holding
+/// one key, id 1 and current, of material `hex`.
+pub fn keyring_file_with_key_1(path: &std::path::Path, hex: &str) {
+    use rekey::crypto::keytable::{Entry, KeyState, KeyTable};
+    let table = KeyTable {
+        entries: vec![Entry {
+            id: 1,
+            state: KeyState::Current,
+            created_at: 1,
+            changed_at: 1,
+            key: Some(Key::parse(1, hex).unwrap()),
+            compromised: false,
+        }],
+    };
+    rekey::secrets::file::KeyringFile::create(path, KEYRING_PASS.as_bytes(), table).unwrap();
 }
 
 /// What a command wrote to stderr, as text.

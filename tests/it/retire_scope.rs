@@ -988,8 +988,6 @@ async fn an_abort_retires_its_staged_key_though_another_job_ran_under_the_same_s
 #[tokio::test(flavor = "multi_thread")]
 async fn another_job_under_a_second_keyring_file_holding_the_same_key_does_not_hold_back_a_retire_while_that_file_keeps_it(
 ) {
-    use rekey::crypto::keyring::Key;
-    use rekey::crypto::keytable::{Entry, KeyTable};
     let db = TestDb::new().await;
     db.seed_patients(200).await;
     copy_patients(&db).await;
@@ -997,17 +995,7 @@ async fn another_job_under_a_second_keyring_file_holding_the_same_key_does_not_h
     let (job_a, keyring) = keyring_file_job(&db, &dir);
     let second = tempfile::tempdir().unwrap();
     let imported = second.path().join("keyring.json");
-    let table = KeyTable {
-        entries: vec![Entry {
-            id: 1,
-            state: KeyState::Current,
-            created_at: 1,
-            changed_at: 1,
-            key: Some(Key::parse(1, K1).unwrap()),
-            compromised: false,
-        }],
-    };
-    rekey::secrets::file::KeyringFile::create(&imported, KEYRING_PASS.as_bytes(), table).unwrap();
+    keyring_file_with_key_1(&imported, K1);
     let whole = std::fs::read_to_string(&job_a).unwrap();
     let database = whole.split("[[target]]").next().unwrap().replace(
         &format!("{:?}", keyring.display().to_string()),

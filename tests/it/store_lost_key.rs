@@ -299,17 +299,7 @@ async fn a_keyring_file_replaced_by_one_with_none_of_its_keys_is_known_by_its_pa
     let (job, keyring, fingerprint) = stopped_under_key_2(&db, &dir).await;
     // a keyring of its own put in its place: key 1 is another key
     let other = dir.path().join("other.json");
-    let table = KeyTable {
-        entries: vec![Entry {
-            id: 1,
-            state: KeyState::Current,
-            created_at: 1,
-            changed_at: 1,
-            key: Some(Key::parse(1, K3).unwrap()),
-            compromised: false,
-        }],
-    };
-    KeyringFile::create(&other, KEYRING_PASS.as_bytes(), table).unwrap();
+    keyring_file_with_key_1(&other, K3);
     std::fs::rename(&other, &keyring).unwrap();
     let said = stage(&job);
     assert_eq!(keyring_table(&keyring).id_in(KeyState::Pending), Some(3));

@@ -93,6 +93,17 @@ fn key_1_state(keyring: &std::path::Path) -> (KeyState, bool) {
     (e.state, e.key.is_some())
 }
 
+/// Asserts that `out` is a retire refused (exit 2) for another database's
+/// values.
+fn refused_for_another_database(out: &std::process::Output) {
+    assert_eq!(out.status.code(), Some(2), "{}", printed(out));
+    assert!(
+        printed(out).contains("may still encrypt values in another database"),
+        "{}",
+        printed(out)
+    );
+}
+
 fn compromise_rotation(job: &str) -> std::process::Output {
     rekey(
         &[
@@ -253,12 +264,7 @@ async fn a_run_killed_in_another_database_holds_back_a_retire_of_the_key_it_wrot
         &["secrets", "retire", "--job", &t.job_a, "--key-id", "2"],
         &keyring_pass_env(),
     );
-    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
-    assert!(
-        printed(&out).contains("may still encrypt values in another database"),
-        "{}",
-        printed(&out)
-    );
+    refused_for_another_database(&out);
     assert_eq!(values_by_key(&t.b, &t.keyring).await, b_values);
 }
 
@@ -315,12 +321,7 @@ async fn a_key_made_current_after_another_databases_last_run_is_not_retired_from
         ],
         &keyring_pass_env(),
     );
-    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
-    assert!(
-        printed(&out).contains("may still encrypt values in another database"),
-        "{}",
-        printed(&out)
-    );
+    refused_for_another_database(&out);
     assert_eq!(values_by_key(&t.b, &t.keyring).await, b_before);
 }
 
@@ -369,11 +370,6 @@ async fn a_copy_of_the_retiring_database_is_another_database_to_the_record() {
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
 
     let out = compromise_rotation(&t.job_a);
-    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
-    assert!(
-        printed(&out).contains("may still encrypt values in another database"),
-        "{}",
-        printed(&out)
-    );
+    refused_for_another_database(&out);
     assert_eq!(key_1_state(&t.keyring), (KeyState::Previous, true));
 }
