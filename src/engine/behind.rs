@@ -145,30 +145,25 @@ async fn others_on_old_keys(client: &Client, t: &Target, job_id: i64) -> Result<
             t.table
         )
     };
-    // the job's start as an age (transactions since), and whether age() can still tell it
-    let row = client
-        .query_opt(
-            "SELECT age((started_xid % 4294967296)::text::xid),
-                    txid_snapshot_xmax(txid_current_snapshot()) - started_xid >= 2000000000
-               FROM rekey.jobs WHERE job_id = $1 AND started_xid IS NOT NULL",
-            &[&job_id],
-        )
-        .await
-        .ctx(what)?;
-    // none: a job begun before its transactions were noted
-    let Some(row) = row else { return Ok(0) };
-    let (span, wrapped): (i32, bool) = (row.get(0), row.get(1));
+    // the job's start as an age (transactions since), and whether age() can
+    // still tell it, in the statement that reads the rows: age() counts from
+    // one point per transaction, and transactions others begin between two
+    // statements would age every row past a span taken in the first
+    // (none: a job begun before its transactions were noted, nothing read)
     let text = format!(
         "SELECT {}, {}{} FROM {} AS \"rekey row\"
-          WHERE ($2 OR age(xmin) BETWEEN 0 AND $1)
-            AND NOT EXISTS (SELECT 1 FROM rekey.job_xids x WHERE x.job_id = $3 AND x.xid = \"rekey row\".xmin::text::bigint){}",
+          WHERE ((SELECT txid_snapshot_xmax(txid_current_snapshot()) - started_xid >= 2000000000
+                    FROM rekey.jobs WHERE job_id = $1)
+                 OR age(xmin) BETWEEN 0 AND (SELECT age((started_xid % 4294967296)::text::xid)
+                                               FROM rekey.jobs WHERE job_id = $1))
+            AND NOT EXISTS (SELECT 1 FROM rekey.job_xids x WHERE x.job_id = $1 AND x.xid = \"rekey row\".xmin::text::bigint){}",
         t.key_list(""),
         sql::column_list(t),
         sql::aad_select(t),
         t.qualified(),
         sql::target_filter(t)
     );
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&span, &wrapped, &job_id];
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&job_id];
     let stream = client.query_raw(&text, params).await.ctx(what)?;
     futures_util::pin_mut!(stream);
     let (mut behind, mut rows) = (0u64, Vec::new());

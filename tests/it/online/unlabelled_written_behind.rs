@@ -160,6 +160,178 @@ async fn an_application_writing_raw_gcm_values_under_the_old_key_behind_the_run_
     assert!(under_key(&db, 1).await.is_empty());
 }
 
+/// Waits until `query` (one count) returns at least 1; fails the test
+/// after 30 s, naming `what`.
+async fn observed(db: &TestDb, query: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n: i64 = db.client.query_one(query, &[]).await.unwrap().get(0);
+        if n > 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never observed: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// Before: the recount took the job's start as an age in one statement and
+// read the rows changed since in the next; transactions others began in
+// between aged every row by as many, so rows written by a transaction
+// begun just before the run fell out of the recount, and a run whose only
+// rows written behind were those said done (exit 0) with them on key 1.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transaction_begun_before_the_run_that_writes_behind_it_keeps_it_from_saying_done_however_many_transactions_begin_as_it_ends(
+) {
+    let db = TestDb::new().await;
+    blobs(&db, 2_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = dir.path().join("blobs.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "[database]\nurl = \"{}\"\n[keys]\nsource = \"env\"\nprefix = \"RAW\"\n{BLOBS_TARGET}",
+            db.url
+        ),
+    )
+    .unwrap();
+    let env = vec![("RAW_KEY", K1.to_string()), ("RAW_KEY_NEW", K2.to_string())];
+    let job = job.display().to_string();
+    db.client
+        .batch_execute("CREATE TABLE side (x int)")
+        .await
+        .unwrap();
+    // an application transaction that began before the run (its xid taken)
+    let mut early = connect(&db.url).await;
+    let early = early.transaction().await.unwrap();
+    let early_xid: i64 = early
+        .query_one("SELECT txid_current()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let run = rekey_cmd(
+        &[
+            "run",
+            "--job",
+            &job,
+            "--json",
+            "--workers",
+            "1",
+            "--batch-size",
+            "500",
+            "--max-rows-per-sec",
+            "1000",
+        ],
+        &env,
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    while committed(&db).await < 500 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // the batch that finishes the table waits for the test before it commits
+    db.client
+        .batch_execute(
+            "SELECT pg_advisory_lock(4242);
+             CREATE FUNCTION hold_the_last_batch() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN PERFORM pg_advisory_xact_lock(4242); RETURN NEW; END $$;
+             CREATE TRIGGER hold_the_last_batch AFTER UPDATE ON rekey.progress FOR EACH ROW
+               WHEN (NEW.done AND NOT OLD.done) EXECUTE FUNCTION hold_the_last_batch();",
+        )
+        .await
+        .unwrap();
+    observed(
+        &db,
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+            AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        "the last batch waiting",
+    )
+    .await;
+    // the early transaction writes under key 1 into rows the run has rotated
+    let rotated = under_key(&db, 2).await;
+    assert!(rotated.len() >= 20, "{}", rotated.len());
+    let (old, mut value) = (raw(1), Vec::new());
+    for id in &rotated[..20] {
+        old.seal(format!("late {id}").as_bytes(), b"", None, &mut value);
+        early
+            .execute("UPDATE blobs SET b = $2 WHERE id = $1", &[id, &value])
+            .await
+            .unwrap();
+    }
+    early.commit().await.unwrap();
+    // the recount's read of the table waits behind a lock taken once the last batch commits
+    let mut locker = connect(&db.url).await;
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let locked = tokio::spawn(async move {
+        let tx = locker.transaction().await.unwrap();
+        tx.batch_execute("LOCK TABLE blobs IN ACCESS EXCLUSIVE MODE")
+            .await
+            .unwrap();
+        released.await.unwrap();
+        tx.commit().await.unwrap();
+    });
+    observed(
+        &db,
+        "SELECT count(*) FROM pg_locks WHERE relation = 'blobs'::regclass AND mode = 'AccessExclusiveLock'",
+        "the table's lock asked for",
+    )
+    .await;
+    db.client
+        .execute("SELECT pg_advisory_unlock(4242)", &[])
+        .await
+        .unwrap();
+    observed(
+        &db,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+            AND application_name = 'rekey' AND wait_event_type = 'Lock' AND query LIKE '%rekey row%'",
+        "the recount waiting for the table",
+    )
+    .await;
+    // meanwhile others begin more transactions than were begun between the
+    // early transaction and the job's start (one per subtransaction written)
+    let started: i64 = db
+        .client
+        .query_one("SELECT started_xid FROM rekey.jobs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let burn = early_xid - started + 10;
+    let before: i64 = db
+        .client
+        .query_one("SELECT txid_snapshot_xmax(txid_current_snapshot())", &[])
+        .await
+        .unwrap()
+        .get(0);
+    db.client
+        .batch_execute(&format!(
+            "DO $$ BEGIN FOR i IN 1..{burn} LOOP
+                 BEGIN INSERT INTO side VALUES (i); EXCEPTION WHEN OTHERS THEN NULL; END;
+               END LOOP; END $$"
+        ))
+        .await
+        .unwrap();
+    let after: i64 = db
+        .client
+        .query_one("SELECT txid_snapshot_xmax(txid_current_snapshot())", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(after - before >= burn, "{before} {after} {burn}");
+    release.send(()).unwrap();
+    locked.await.unwrap();
+    let out = finish(run, Duration::from_secs(120)).await;
+    let on_old = under_key(&db, 1).await.len() as u64;
+    assert_eq!(on_old, 20);
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
+    assert_eq!(
+        json(&out)["rows_written_behind"].as_u64(),
+        Some(on_old),
+        "{}",
+        printed(&out)
+    );
+}
+
 // Before: `rotate` after a finished rotation of raw AES-GCM values said "N
 // values are not on key 2" for every value (exit 4), as a count by key
 // cannot see which key such a value is under; `run` then exited 0.
