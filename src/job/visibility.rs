@@ -278,7 +278,8 @@ async fn write_triggers(client: &Client, t: &Target) -> Result<(), Error> {
 /// Refuses, before a run writes anything, a target whose table this role
 /// may not read or whose written columns it may not update: the run would
 /// otherwise fail on its first batch with the server's "permission denied"
-/// and a hint to run again, where a grant is the fix.
+/// and a hint to run again, where a grant is the fix. Then
+/// [`replica_identity`].
 pub async fn check_writable(client: &Client, t: &Target) -> Result<(), Error> {
     // every column is in the UPDATE's SET list, a hash-only target's ciphertexts too
     let written: Vec<&str> = t.columns.iter().map(|c| c.name.as_str()).collect();
@@ -294,7 +295,7 @@ pub async fn check_writable(client: &Client, t: &Target) -> Result<(), Error> {
     let (role, select, no_update): (String, bool, Vec<String>) =
         (row.get(0), row.get(1), row.get(2));
     if select && no_update.is_empty() {
-        return Ok(());
+        return replica_identity(client, t).await;
     }
     let columns: Vec<String> = no_update.iter().map(|c| quote_ident(c)).collect();
     let mut cannot = Vec::new();
@@ -315,6 +316,73 @@ pub async fn check_writable(client: &Client, t: &Target) -> Result<(), Error> {
         grant.join(", "),
         t.table.qualified(),
         quote_ident(&role)
+    )))
+}
+
+/// Refuses a target (or a partition or child of it) that a publication
+/// publishes updates of while it has no replica identity (`REPLICA IDENTITY
+/// NOTHING`, or the default with no primary key): PostgreSQL refuses every
+/// UPDATE of such a table, rekey's first batch too, which would leave a job
+/// of several tables half done.
+async fn replica_identity(client: &Client, t: &Target) -> Result<(), Error> {
+    // a partition is published through its own name or an ancestor's
+    // (pg_partition_ancestors lists none for a table outside a partition tree)
+    let rows = client
+        .query(
+            "WITH RECURSIVE tree(relid) AS (
+                 SELECT $1::text::regclass::oid
+                 UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.relid),
+             published AS (
+                 SELECT p.pubname, g.relid FROM pg_publication p, LATERAL pg_get_publication_tables(p.pubname) g
+                  WHERE p.pubupdate)
+             SELECT format('%I.%I', n.nspname, c.relname), c.relreplident::text,
+                    EXISTS (SELECT 1 FROM pg_index x WHERE x.indrelid = c.oid AND x.indisprimary),
+                    string_agg(DISTINCT pb.pubname::text, ', ')
+               FROM tree JOIN pg_class c ON c.oid = tree.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+               JOIN published pb ON pb.relid = c.oid OR pb.relid IN (SELECT relid FROM pg_partition_ancestors(c.oid))
+              WHERE c.relkind = 'r'
+                AND CASE c.relreplident
+                      WHEN 'f' THEN false
+                      WHEN 'n' THEN true
+                      WHEN 'd' THEN NOT EXISTS (SELECT 1 FROM pg_index x WHERE x.indrelid = c.oid AND x.indisprimary)
+                      ELSE NOT EXISTS (SELECT 1 FROM pg_index x WHERE x.indrelid = c.oid AND x.indisreplident)
+                    END
+              GROUP BY 1, 2, 3 ORDER BY 1",
+            &[&t.qualified()],
+        )
+        .await
+        .ctx(|| format!("checking the replica identity of {}", t.table))?;
+    let Some(r) = rows.first() else {
+        return Ok(());
+    };
+    let (table, identity, has_primary_key, publications): (String, String, bool, String) =
+        (r.get(0), r.get(1), r.get(2), r.get(3));
+    let (has, fix) = match (identity.as_str(), has_primary_key) {
+        ("n", true) => (
+            "REPLICA IDENTITY NOTHING",
+            format!("ALTER TABLE {table} REPLICA IDENTITY DEFAULT (its primary key)"),
+        ),
+        ("n", false) => (
+            "REPLICA IDENTITY NOTHING",
+            format!("ALTER TABLE {table} REPLICA IDENTITY USING INDEX <a unique index>, or REPLICA IDENTITY FULL"),
+        ),
+        ("d", _) => (
+            "the default replica identity and no primary key",
+            format!("ALTER TABLE {table} REPLICA IDENTITY USING INDEX <a unique index>, or REPLICA IDENTITY FULL"),
+        ),
+        _ => (
+            "a replica identity index that is gone",
+            format!("ALTER TABLE {table} REPLICA IDENTITY USING INDEX <a unique index>, or REPLICA IDENTITY FULL"),
+        ),
+    };
+    let more = match rows.len() {
+        1 => String::new(),
+        n => format!(" (and {} more of its partitions or children)", n - 1),
+    };
+    Err(Error::Config(format!(
+        "{table}{more} has {has} and publication {publications} publishes its updates: PostgreSQL refuses every UPDATE \
+         of it, rekey's too, so the run would fail on its first batch. Nothing was written. Give it a replica identity \
+         for the rotation ({fix}), or leave it out of the publication, then run again"
     )))
 }
 

@@ -1,6 +1,7 @@
 //! Running under the server's and the role's own settings (issue 12): a
 //! role's statement timeout, a server that accepts and never answers, a row
-//! locked for the whole run, large values, missing privileges, serializable
+//! locked for the whole run, large values, missing privileges, a published
+//! table without a replica identity, serializable
 //! default isolation, few connections, a key rekey cannot page by, and an
 //! application fixing an undecryptable value between rekey's read and write.
 //!
@@ -23,6 +24,7 @@ mod idle_session;
 mod large_values;
 mod locked_row;
 mod privileges;
+mod publication;
 mod serializable;
 mod silent_server;
 mod statement_timeout;
