@@ -1,9 +1,9 @@
 //! Running under the server's and the role's own settings (issue 12): a
 //! role's statement timeout, a server that accepts and never answers, a row
 //! locked for the whole run, large values, missing privileges, a published
-//! table without a replica identity, serializable
-//! default isolation, few connections, a key rekey cannot page by, and an
-//! application fixing an undecryptable value between rekey's read and write.
+//! table without a replica identity, serializable default isolation, few
+//! connections, a key rekey cannot page by, and an application fixing an
+//! undecryptable value between rekey's read and write.
 //!
 //! These tests specify the designed behaviour. Above each one, a comment
 //! records what the code of the day did instead when the test was written.
