@@ -104,7 +104,11 @@ async fn row_security(client: &Client, t: &Target) -> Result<(), Error> {
         .query_one(
             "SELECT row_security_active(c.oid), c.relforcerowsecurity, current_user::text,
                     coalesce(bool_or(p.polpermissive AND p.polcmd IN ('r', '*') AND pg_get_expr(p.polqual, p.polrelid) = 'true'), false),
-                    coalesce(bool_or(NOT p.polpermissive AND p.polcmd IN ('r', '*')), false)
+                    coalesce(bool_or(NOT p.polpermissive AND p.polcmd IN ('r', '*')), false),
+                    string_agg(format('%s (%s, USING %s)', quote_ident(p.polname),
+                                      CASE WHEN p.polpermissive THEN 'permissive' ELSE 'restrictive' END,
+                                      coalesce(pg_get_expr(p.polqual, p.polrelid), 'true')), '; ' ORDER BY p.polname)
+                        FILTER (WHERE p.polcmd IN ('r', '*'))
                FROM pg_class c
                LEFT JOIN pg_policy p ON p.polrelid = c.oid
                     AND (0::oid = ANY (p.polroles)
@@ -117,6 +121,7 @@ async fn row_security(client: &Client, t: &Target) -> Result<(), Error> {
         .ctx(what)?;
     let (active, forced, role, sees_all, restricted): (bool, bool, String, bool, bool) =
         (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    let policies: Option<String> = row.get(5);
     if !active {
         return Ok(());
     }
@@ -132,8 +137,13 @@ async fn row_security(client: &Client, t: &Target) -> Result<(), Error> {
     } else {
         "row-level security is enabled and the role is neither a superuser, nor BYPASSRLS, nor the table's owner"
     };
+    // what hides rows: the policies that apply to it, or none (then it sees no row)
+    let hiding = match policies {
+        Some(p) => format!("its policies may hide rows from it: {p}"),
+        None => "no policy lets it read a row, so it sees none".to_string(),
+    };
     Err(Error::Config(format!(
-        "{}: row-level security applies to role {role} ({why}), and its policies may hide rows from it; a value rekey cannot see would stay \
+        "{}: row-level security applies to role {role} ({why}), and {hiding}; a value rekey cannot see would stay \
          on its old key while rekey reported the rotation done. Connect as a role with BYPASSRLS (ALTER ROLE {role} BYPASSRLS) or as a superuser{}",
         t.table,
         if forced { "" } else { ", or as the table's owner" }

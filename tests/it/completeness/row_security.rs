@@ -96,6 +96,10 @@ fn assert_refused_for_row_security(what: &str, out: &Output) {
         said.contains("BYPASSRLS"),
         "{what}: the refusal names the fix (a role with BYPASSRLS): {said}"
     );
+    assert!(
+        said.contains("even_only (permissive, USING ((id % (2)::bigint) = 0))"),
+        "{what}: the refusal names the policy that hides rows: {said}"
+    );
 }
 
 /// Re-seals the values of the even rows under V2, as superuser: the state a
@@ -151,6 +155,33 @@ async fn run_under_row_security_is_refused(form: Rls) {
     );
     assert_refused_for_row_security(&format!("run ({form:?})"), &out);
     assert_nothing_written(&db, ROWS).await;
+}
+
+// Before: the refusal said the table's policies "may hide rows" where the
+// table has none, and row-level security then hides every row.
+#[tokio::test(flavor = "multi_thread")]
+async fn run_under_row_security_with_no_policy_is_refused_saying_the_role_sees_no_row() {
+    let db = TestDb::new().await;
+    db.seed_patients(10).await;
+    let role = restricted_role(&db, "blind").await;
+    db.client
+        .batch_execute("ALTER TABLE patient_persons ENABLE ROW LEVEL SECURITY")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job(&dir).display().to_string();
+
+    let out = rekey(
+        &["run", "--job", &j, "--database-url", &url_as(&db, &role)],
+        &seed_env(),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        stderr(&out).contains("no policy lets it read a row, so it sees none"),
+        "{}",
+        printed(&out)
+    );
+    assert_nothing_written(&db, 10).await;
 }
 
 // Before these checks existed, with the even rows on V2 and the hidden odd rows
