@@ -297,32 +297,40 @@ pub async fn check_writable(client: &Client, t: &Target) -> Result<(), Error> {
         .query_one(
             "SELECT current_user::text, has_table_privilege($1::text::regclass, 'SELECT'),
                     array(SELECT c FROM unnest($2::text[]) AS c
-                           WHERE NOT has_column_privilege($1::text::regclass, c, 'UPDATE'))",
+                           WHERE NOT has_column_privilege($1::text::regclass, c, 'UPDATE')),
+                    has_any_column_privilege($1::text::regclass, 'SELECT')",
             &[&t.table.qualified(), &written],
         )
         .await
         .ctx(|| format!("checking this role's privileges on {}", t.table))?;
-    let (role, select, no_update): (String, bool, Vec<String>) =
-        (row.get(0), row.get(1), row.get(2));
+    let (role, select, no_update, some_columns): (String, bool, Vec<String>, bool) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
     if select && no_update.is_empty() {
         return replica_identity(client, t).await;
     }
     let columns: Vec<String> = no_update.iter().map(|c| quote_ident(c)).collect();
-    let mut cannot = Vec::new();
+    let table = &t.table;
+    let cannot = match (select, columns.is_empty()) {
+        (false, true) => format!("read {table}"),
+        (false, false) => format!("read {table}, nor update {} in it", columns.join(", ")),
+        (true, _) => format!("update {} in {table}", columns.join(", ")),
+    };
+    // column grants do not let it read the rows' system columns, nor whole rows
+    let columns_only = if !select && some_columns {
+        " (it may read some of its columns only: rekey reads whole rows and their system columns, which takes SELECT on the table)"
+    } else {
+        ""
+    };
     let mut grant = Vec::new();
     if !select {
-        cannot.push("read it".to_string());
         grant.push("SELECT".to_string());
     }
     if !columns.is_empty() {
-        cannot.push(format!("update {}", columns.join(", ")));
         grant.push(format!("UPDATE ({})", columns.join(", ")));
     }
     Err(Error::Config(format!(
-        "role {role} may not {} in {}: the run would fail on its first batch. Nothing was written. \
+        "role {role} may not {cannot}{columns_only}: the run would fail on its first batch. Nothing was written. \
          Grant it, then run again: GRANT {} ON {} TO {}",
-        cannot.join(" or "),
-        t.table,
         grant.join(", "),
         t.table.qualified(),
         quote_ident(&role)

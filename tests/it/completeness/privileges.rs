@@ -1,5 +1,6 @@
-//! A role that may read a table but not update its encrypted columns is
-//! refused before any write, with the GRANT that fixes it.
+//! A role that may read a table but not update its encrypted columns, or
+//! read only some of its columns, is refused before any write, with the
+//! GRANT that fixes it.
 
 use super::*;
 
@@ -258,4 +259,47 @@ async fn a_role_granted_only_what_rekey_does_to_each_engine_table_may_run() {
         &seed_env(),
     );
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+}
+
+// Before: "role r may not read it in public.patient_persons", with no word
+// that the role's column grants were the reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_role_that_may_read_only_some_columns_is_refused_with_why_and_the_grant() {
+    let db = TestDb::new().await;
+    db.seed_patients(10).await;
+    let role = format!("{}_columns", db_name(&db).await);
+    let database = db_name(&db).await;
+    db.client
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN PASSWORD 'pw' NOSUPERUSER NOBYPASSRLS;
+             GRANT SELECT (id, phone_encrypted, emergency_contact_phone_encrypted),
+                   UPDATE (phone_encrypted, emergency_contact_phone_encrypted) ON patient_persons TO {role};
+             GRANT USAGE, CREATE ON SCHEMA public TO {role};
+             GRANT CREATE, TEMPORARY ON DATABASE {database} TO {role};"
+        ))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    let url = url_as(&db, &role);
+
+    let out = rekey(&["run", "--job", &job, "--database-url", &url], &seed_env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    for said in [
+        format!(
+            "role {role} may not read public.patient_persons (it may read some of its columns only"
+        ),
+        format!("GRANT SELECT ON \"public\".\"patient_persons\" TO \"{role}\""),
+    ] {
+        assert!(printed(&out).contains(&said), "{said}: {}", printed(&out));
+    }
+    assert_nothing_written(&db, 10).await;
+
+    db.client
+        .batch_execute(&format!("GRANT SELECT ON patient_persons TO {role}"))
+        .await
+        .unwrap();
+    let out = rekey(&["run", "--job", &job, "--database-url", &url], &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    db.assert_every_value_rotated(10).await;
 }
