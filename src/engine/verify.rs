@@ -299,6 +299,18 @@ async fn check_recorded_keys(client: &Client, job: &Job) -> Result<(), Error> {
     Ok(())
 }
 
+/// What is known of the key a run writes under, before it writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetKey {
+    /// Given by the operator or the store: values already labelled with it
+    /// must open under it ([`refuse_a_target_key_not_theirs`]).
+    Given,
+    /// The key a rotation read its values under, which an abort turns them
+    /// back to: proven by that rotation, and values labelled with it that
+    /// no key opens (damaged before the rotation began) say nothing of it.
+    ReadBefore,
+}
+
 /// Values read from each target before a run to prove the keys open something.
 const PREFLIGHT_ROWS: i64 = 200;
 
@@ -306,12 +318,15 @@ const PREFLIGHT_ROWS: i64 = 200;
 /// target, and refuses when none of them opens and most fail authentication
 /// (the wrong key given), which would otherwise quarantine the whole table. A target
 /// with some values that open and some that do not proceeds: those are
-/// quarantined one by one. Then [`refuse_a_target_key_not_theirs`].
-pub async fn preflight(client: &Client, job: &Job) -> Result<(), Error> {
+/// quarantined one by one. Then, for a target key not proven,
+/// [`refuse_a_target_key_not_theirs`].
+pub async fn preflight(client: &Client, job: &Job, target: TargetKey) -> Result<(), Error> {
     for t in &job.targets {
         crate::job::visibility::check_writable(client, t).await?;
         crate::job::shared_keys::refuse_keys_shared_with_children(client, t).await?;
-        refuse_a_target_key_not_theirs(client, t).await?;
+        if target == TargetKey::Given {
+            refuse_a_target_key_not_theirs(client, t).await?;
+        }
         let (text, prefixed) = sql::select_page(
             t,
             sql::Bounds {

@@ -34,7 +34,13 @@ pub(crate) async fn rewrite_all(
     log: &mut Log,
 ) -> Result<bool, Error> {
     let job = Arc::new(Job::resolve(cx.spec, client).await?);
-    verify::preflight(client, &job).await?;
+    // an abort turns values back to the key its rotation read them under
+    let target = if to == rot.new_key {
+        verify::TargetKey::Given
+    } else {
+        verify::TargetKey::ReadBefore
+    };
+    verify::preflight(client, &job, target).await?;
     // said before the run writes, and kept with the invocation's lines
     for line in crate::job::visibility::old_row_copies(client, &job.targets).await? {
         tracing::warn!("{line}");

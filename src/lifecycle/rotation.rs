@@ -609,7 +609,8 @@ async fn stage_new(
     // over it until a new key is staged (the run checks all this then)
     if store.table().compromised_current().is_none() {
         let job = crate::job::Job::resolve(cx.spec, client).await?;
-        crate::engine::verify::preflight(client, &job).await?;
+        crate::engine::verify::preflight(client, &job, crate::engine::verify::TargetKey::Given)
+            .await?;
     }
     let secret_id = store.secret_id();
     let old = steps::current(store);

@@ -820,3 +820,60 @@ async fn a_finished_rotation_with_a_key_staged_since_says_so_and_how_to_take_it_
     expect(&out, 0, "retired", "done", "-");
     assert_eq!(table(&keyring).id_in(KeyState::Current), Some(3));
 }
+
+// Before: the abort's run refused before any write, "2 values sampled ...
+// are already labelled v1 ... and the key given as v1 opens none of them
+// ... --force quarantines what does not open" (exit 2), and `rotate` takes
+// no --force: values damaged before the rotation began, under key 1's
+// label, kept the abort from ever turning the others back.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_abort_over_values_damaged_before_the_rotation_turns_the_others_back_and_ends_once_they_are_mended(
+) {
+    let db = TestDb::new().await;
+    db.seed_patients(300).await;
+    // damaged under key 1's label before the rotation: no key opens them
+    db.client
+        .batch_execute(
+            "UPDATE patient_persons SET phone_encrypted = '\\x01'::bytea || sha512('damaged') WHERE id IN (5, 6)",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    let out = rotate(&job, &["--no-wait"]);
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
+
+    let out = rotate(&job, &["--abort"]);
+    expect(&out, 4, "aborting", "not_verified", "-");
+    assert!(
+        printed(&out)
+            .contains("refusing to retire key 2: 0 values still under key 2, 2 undecryptable")
+            && printed(&out).contains("restore them from a backup"),
+        "{}",
+        printed(&out)
+    );
+    // every value that opens is back under key 1; key 2 stays until no value may need it
+    db.client
+        .batch_execute("UPDATE patient_persons SET phone_encrypted = NULL WHERE id IN (5, 6)")
+        .await
+        .unwrap();
+    let keys = table(&keyring);
+    assert_eq!(
+        values_by_key(&db, &keys).await.keys().collect::<Vec<_>>(),
+        [&1]
+    );
+    assert_ne!(
+        keys.entries.iter().find(|e| e.id == 2).unwrap().state,
+        KeyState::Retired
+    );
+
+    // mended: the abort ends
+    let out = rotate(&job, &["--abort"]);
+    expect(&out, 0, "rolled_back", "done", "-");
+    let keys = table(&keyring);
+    assert_eq!(keys.id_in(KeyState::Current), Some(1));
+    assert_eq!(
+        keys.entries.iter().find(|e| e.id == 2).unwrap().state,
+        KeyState::Retired
+    );
+}
