@@ -41,26 +41,11 @@ pub async fn preview(
         } else {
             None
         };
-        if let (Some(last), false) = (&last, opts.intent == Intent::New) {
-            say(
-                &mut log,
-                format!(
-                    "rotation {} is over (step {}); `rekey rotate --new` would start the next one",
-                    last.id,
-                    last.step.as_str()
-                ),
-            );
-            // a rollback leaves values under the key it turned away from until a run
-            let left = if last.step == Step::RolledBack {
-                plan::values_to_rewrite(client, &Job::resolve(spec, client).await?).await?
-            } else {
-                0
-            };
-            let ended = if left > 0 {
-                Ended::NotVerified
-            } else {
-                Ended::Done
-            };
+        // (`--abort` is not taken with `--dry-run`)
+        if let (Some(last), Intent::Continue) = (&last, opts.intent) {
+            // what `rotate` would say of it: complete, or what changed since
+            let (ended, line) = super::rotation::since_last(client, spec, &keys, last).await?;
+            say(&mut log, line);
             return Ok(log.end(ended, last.step));
         }
         super::rotation::refuse_filtered_compromise(spec, opts.compromised)?;

@@ -419,23 +419,38 @@ async fn nothing_open(
         log.rotation = None;
         return Ok(None);
     }
-    // what the rotation left may have changed since: the store's keys (a
-    // stage or promote outside `rekey rotate`, a `rotate --new` stopped
-    // before it recorded its rotation) and the values (a rollback leaves
-    // values under the key it turned away from until a run)
-    let job = match crate::job::Job::resolve(cx.spec, client).await {
+    let (ended, line) = since_last(client, cx.spec, cx.keys, &last).await?;
+    log.lines.push(line);
+    Ok(Some(std::mem::take(log).end(ended, last.step)))
+}
+
+/// Where things stand since rotation `last` ended, as `rotate` and `rotate
+/// --dry-run` both say it: complete (or rolled back) as it left things, or
+/// what changed since and how to go on (not verified). What may change: the
+/// store's keys (a stage or promote outside `rekey rotate`, a `rotate
+/// --new` stopped before it recorded its rotation) and the values (a
+/// rollback leaves values under the key it turned away from until a run).
+pub(super) async fn since_last(
+    client: &Client,
+    spec: &JobSpec,
+    store_keys: &KeysSpec,
+    last: &rotations::Finished,
+) -> Result<(Ended, String), Error> {
+    let job = match crate::job::Job::resolve(spec, client).await {
         Ok(job) => job,
         Err(e) => {
             // keys that cannot be loaded as they stand (a key table's current key
             // marked compromised with nothing staged): the next rotation is the way on
-            log.lines.push(format!(
-                "rotation {} ended ({}), and the job's keys cannot be used as they stand: {}; \
-                 `rekey rotate --new` starts the next rotation",
-                last.id,
-                last.finished_at,
-                e.chain()
+            return Ok((
+                Ended::NotVerified,
+                format!(
+                    "rotation {} ended ({}), and the job's keys cannot be used as they stand: {}; \
+                     `rekey rotate --new` starts the next rotation",
+                    last.id,
+                    last.finished_at,
+                    e.chain()
+                ),
             ));
-            return Ok(Some(std::mem::take(log).end(Ended::NotVerified, last.step)));
         }
     };
     let left = crate::engine::plan::values_visibly_off_target(client, &job).await?;
@@ -443,7 +458,7 @@ async fn nothing_open(
     let keys = job
         .targets
         .iter()
-        .find(|t| t.write.source.as_ref() == Some(cx.keys))
+        .find(|t| t.write.source.as_ref() == Some(store_keys))
         .map(|t| &t.write.keyring);
     let (pending, target) = (
         keys.and_then(|k| k.pending_id()),
@@ -477,23 +492,27 @@ async fn nothing_open(
             Step::RolledBack => "was rolled back",
             _ => "ended",
         };
-        log.lines.push(format!(
-            "rotation {} {how} ({}), but it is not where things stand now: {}",
-            last.id,
-            last.finished_at,
-            changed.join("; ")
+        return Ok((
+            Ended::NotVerified,
+            format!(
+                "rotation {} {how} ({}), but it is not where things stand now: {}",
+                last.id,
+                last.finished_at,
+                changed.join("; ")
+            ),
         ));
-        return Ok(Some(std::mem::take(log).end(Ended::NotVerified, last.step)));
     }
     let how = match last.step {
         Step::RolledBack => "was rolled back".to_string(),
         _ => format!("is complete (key {} current)", last.new_key),
     };
-    log.lines.push(format!(
-        "rotation {} {how}, ended {}; start the next one with `rekey rotate --new`",
-        last.id, last.finished_at
-    ));
-    Ok(Some(std::mem::take(log).end(Ended::Done, last.step)))
+    Ok((
+        Ended::Done,
+        format!(
+            "rotation {} {how}, ended {}; start the next one with `rekey rotate --new`",
+            last.id, last.finished_at
+        ),
+    ))
 }
 
 /// A compromise rotation ends by destroying the old key on a full verify,

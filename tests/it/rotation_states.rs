@@ -787,6 +787,16 @@ async fn a_finished_rotation_whose_key_was_promoted_by_hand_since_is_not_called_
         "{}",
         printed(&out)
     );
+    // the dry run says the same (before: "rotation 1 is over (step retired)", exit 0)
+    let dry = rotate(&job, &["--dry-run"]);
+    expect(&dry, 4, "retired", "not_verified", "-");
+    assert!(
+        printed(&dry).contains("dry run: rotation 1 ended")
+            && printed(&dry)
+                .contains("key 3 is current in the store, not key 2 as rotation 1 left it"),
+        "{}",
+        printed(&dry)
+    );
 }
 
 // Before: a key staged after a finished rotation (a `rotate --new` killed
