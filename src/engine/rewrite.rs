@@ -89,6 +89,8 @@ pub async fn rewrite(
     // every value written is under a key its store still holds, or the run fails
     // (a store may take long to open: a key table through KMS; the session idles meanwhile)
     keeping_alive(client, held::look(&mut watches, true)).await?;
+    // partitions attached during the run are the job's too (a retire reads the record)
+    state::jobs::record_parts(client, record.id, job).await?;
     if !outcome.stopped {
         outcome.behind = behind::rows_behind(client, job, record.id).await?;
     }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use tokio_postgres::Client;
+use tokio_postgres::{Client, GenericClient};
 
 use crate::error::DbContext;
 use crate::job::Job;
@@ -129,6 +129,8 @@ async fn open_job_locked(
                 )
                 .await
                 .ctx(what)?;
+            // partitions attached since the job began are the job's too
+            record_parts(client, id, job).await?;
             let (ranges, prior) = load_ranges(client, id, job.targets.len()).await?;
             return Ok(JobRecord {
                 id,
@@ -172,21 +174,9 @@ async fn open_job_locked(
         )
         .await
         .ctx(what)?;
-        // and its partitions and children: one detached since is a table of its own
-        tx.execute(
-            "WITH RECURSIVE parts(oid) AS (
-                 SELECT i.inhrelid FROM pg_inherits i WHERE i.inhparent = $3::text::regclass
-                 UNION SELECT i.inhrelid FROM pg_inherits i JOIN parts ON i.inhparent = parts.oid)
-             INSERT INTO rekey.job_target_parts (job_id, target, table_name, table_oid, columns, attnums)
-             SELECT $1, $2, n.nspname || '.' || c.relname, c.oid, $4,
-                    ARRAY(SELECT a.attnum FROM unnest($4::text[]) WITH ORDINALITY AS u(name, i)
-                            JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = u.name ORDER BY u.i)
-               FROM parts JOIN pg_class c ON c.oid = parts.oid JOIN pg_namespace n ON n.oid = c.relnamespace",
-            &[&id, &(t.index as i32), &t.qualified(), &columns],
-        )
-        .await
-        .ctx(what)?;
     }
+    // and their partitions and children: one detached since is a table of its own
+    record_parts(&tx, id, job).await?;
     let insert = tx
         .prepare("INSERT INTO rekey.progress (job_id, target, range_no, table_name, lower_key, upper_key) VALUES ($1, $2, $3, $4, $5, $6)")
         .await
@@ -452,4 +442,35 @@ pub async fn last_job_keys(
         .await
         .ctx(|| format!("reading the keys job {name:?} ran with"))?
         .map(|r| (r.get(0), r.get(1), r.get(2))))
+}
+
+/// Records the partitions and inheritance children (at any depth) the
+/// job's targets have now, with the columns the job rotates in them, beside
+/// those recorded before (`rekey.job_target_parts`): at the job's start,
+/// at each run's start and end, so a partition attached while the job ran
+/// and detached before a retire is a table the retire knows of.
+pub async fn record_parts(
+    client: &impl GenericClient,
+    job_id: i64,
+    job: &Job,
+) -> Result<(), Error> {
+    for t in &job.targets {
+        let columns: Vec<&str> = t.columns.iter().map(|c| c.name.as_str()).collect();
+        client
+            .execute(
+                "WITH RECURSIVE parts(oid) AS (
+                     SELECT i.inhrelid FROM pg_inherits i WHERE i.inhparent = $3::text::regclass
+                     UNION SELECT i.inhrelid FROM pg_inherits i JOIN parts ON i.inhparent = parts.oid)
+                 INSERT INTO rekey.job_target_parts (job_id, target, table_name, table_oid, columns, attnums)
+                 SELECT $1, $2, n.nspname || '.' || c.relname, c.oid, $4,
+                        ARRAY(SELECT a.attnum FROM unnest($4::text[]) WITH ORDINALITY AS u(name, i)
+                                JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = u.name ORDER BY u.i)
+                   FROM parts JOIN pg_class c ON c.oid = parts.oid JOIN pg_namespace n ON n.oid = c.relnamespace
+                 ON CONFLICT (job_id, target, table_oid) DO NOTHING",
+                &[&job_id, &(t.index as i32), &t.qualified(), &columns],
+            )
+            .await
+            .ctx(|| format!("recording the partitions of {} for job {job_id}", t.table))?;
+    }
+    Ok(())
 }

@@ -199,7 +199,7 @@ async fn columns_left_out(
                                  ELSE j.name END AS other_job
                        FROM rekey.progress p JOIN rekey.jobs j ON j.job_id = p.job_id
                        JOIN rekey.job_targets t ON t.job_id = p.job_id AND t.target = p.target
-                       -- the target's table, and its partitions and children when the job started
+                       -- the target's table, and its partitions and children as the job's runs found them
                       CROSS JOIN LATERAL (
                             SELECT t.table_oid, t.table_name, t.columns, t.attnums
                             UNION ALL

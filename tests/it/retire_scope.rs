@@ -659,6 +659,102 @@ async fn retire_is_refused_for_a_partition_the_job_rotated_and_that_was_detached
     );
 }
 
+// Before: a job recorded its tables' partitions when it began only; a
+// partition attached while the job ran (between a run stopped by its window
+// and the next) and detached before the retire was no table the retire knew
+// of: exit 0, "retired key 1", while values there restored from a backup
+// were under key 1.
+#[tokio::test(flavor = "multi_thread")]
+async fn retire_is_refused_for_a_partition_attached_while_the_job_ran_and_detached_since() {
+    let db = TestDb::new().await;
+    db.seed_patients(200).await;
+    db.client
+        .batch_execute(
+            "CREATE TABLE patient_parts (LIKE patient_persons) PARTITION BY RANGE (id);
+             ALTER TABLE patient_parts ADD PRIMARY KEY (id);
+             CREATE TABLE patient_parts_a PARTITION OF patient_parts FOR VALUES FROM (MINVALUE) TO (101);
+             INSERT INTO patient_parts SELECT * FROM patient_persons WHERE id < 101;
+             CREATE TABLE patient_parts_b (LIKE patient_persons);
+             ALTER TABLE patient_parts_b ADD PRIMARY KEY (id);
+             INSERT INTO patient_parts_b SELECT * FROM patient_persons WHERE id >= 101;",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    let listed = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(
+        &job,
+        format!(
+            "{listed}{}",
+            COPY_TARGET.replace("patient_copy", "patient_parts")
+        ),
+    )
+    .unwrap();
+    for step in ["stage", "promote"] {
+        let out = rekey(&["secrets", step, "--job", &job], &keyring_pass_env());
+        assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    }
+    // the first run ends with its window, the job unfinished
+    let out = rekey(
+        &[
+            "run",
+            "--job",
+            &job,
+            "--max-rows-per-sec",
+            "20",
+            "--batch-size",
+            "10",
+            "--run-time",
+            "1s",
+        ],
+        &keyring_pass_env(),
+    );
+    assert_eq!(out.status.code(), Some(5), "{}", printed(&out));
+    // a partition attached before the next
+    db.client
+        .batch_execute("ALTER TABLE patient_parts ATTACH PARTITION patient_parts_b FOR VALUES FROM (101) TO (MAXVALUE)")
+        .await
+        .unwrap();
+    let backup = db
+        .client
+        .query(
+            "SELECT id, phone_encrypted FROM patient_parts WHERE id IN (110, 120, 130)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let out = rekey(&["run", "--job", &job], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    for row in &backup {
+        let (id, value): (i64, Vec<u8>) = (row.get(0), row.get(1));
+        db.client
+            .execute(
+                "UPDATE patient_parts SET phone_encrypted = $1 WHERE id = $2",
+                &[&value, &id],
+            )
+            .await
+            .unwrap();
+    }
+    db.client
+        .batch_execute("ALTER TABLE patient_parts DETACH PARTITION patient_parts_b")
+        .await
+        .unwrap();
+    let before = std::fs::read(&keyring).unwrap();
+    let out = rekey_retire(&job, &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("rotated public.patient_parts_b in an earlier run"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(
+        std::fs::read(&keyring).unwrap(),
+        before,
+        "the keyring changed"
+    );
+}
+
 // Before: where rekey's role may not see other roles' sessions in
 // pg_stat_activity (no pg_read_all_stats), an application's transaction
 // still open under another role was not seen, and the retire went on.
