@@ -20,7 +20,8 @@ pub struct JobStatus {
     pub state: JobState,
     /// When it started (RFC 3339).
     pub started_at: String,
-    /// Last checkpoint (RFC 3339).
+    /// Last checkpoint (RFC 3339): the last batch committed, or the job's
+    /// last change of state.
     pub updated_at: String,
     /// When it finished, if it did.
     pub finished_at: Option<String>,
@@ -54,7 +55,9 @@ pub async fn job_status(client: &Client, name: &str) -> Result<Option<JobStatus>
     let Some(j) = client
         .query_opt(
             "SELECT job_id, state, to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
-                    to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+                    -- the last batch committed: a range's checkpoint, or the job's own last change
+                    to_char(greatest(j.updated_at, (SELECT max(p.updated_at) FROM rekey.progress p WHERE p.job_id = j.job_id))
+                              AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
                     to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
                     (SELECT count(*) FROM rekey.quarantine q WHERE q.job_id = j.job_id), control,
                     (SELECT coalesce(array_agg(DISTINCT p.owner ORDER BY p.owner), '{}') FROM rekey.progress p

@@ -214,6 +214,47 @@ async fn sigint_stops_cleanly_after_in_flight_batches_and_the_run_resumes() {
     );
 }
 
+// Before: after a run killed part-way, `status` gave the job's start as its
+// last checkpoint, however many batches had committed since.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_after_a_killed_run_gives_its_last_committed_batch_as_the_last_checkpoint() {
+    let db = TestDb::new().await;
+    db.seed_patients(2_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job(&dir).display().to_string();
+    let run = [
+        "run",
+        "--job",
+        j.as_str(),
+        "--batch-size",
+        "50",
+        "--max-rows-per-sec",
+        "200",
+    ];
+    let mut child = spawn_rekey(&run, &seed_env());
+    // more than a second of batches (200 rows a second, 5 values in 3 rows)
+    wait_for_progress(&db, &mut child, 700).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let last: String = db
+        .client
+        .query_one(
+            "SELECT to_char(max(updated_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') FROM rekey.progress",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let status = json(&rekey(&["status", "--job", &j, "--json"], &[]));
+    assert_eq!(status["state"], "running");
+    assert_ne!(
+        status["started_at"],
+        last.as_str(),
+        "the run lasted less than a second"
+    );
+    assert_eq!(status["updated_at"], last.as_str());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_forced_run_with_a_wrong_old_key_quarantines_every_value_overwrites_none_and_the_right_key_then_rotates_them(
 ) {
