@@ -76,12 +76,7 @@ pub async fn preview(
         );
         return Ok(log.end(Ended::Done, Step::Staged));
     };
-    log.rotation = Some(RotationInfo {
-        id: rot.id,
-        old_key: rot.old_key,
-        new_key: rot.new_key,
-        grace_s: rot.grace_s,
-    });
+    log.rotation = Some(RotationInfo::of(&rot));
     let to_rewrite = || async {
         let job = Job::resolve(spec, client).await?;
         plan::values_to_rewrite(client, &job).await

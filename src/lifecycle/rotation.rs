@@ -156,6 +156,26 @@ pub struct RotationInfo {
     pub new_key: KeyId,
     /// Seconds the old key stays after promotion.
     pub grace_s: i64,
+    /// When the old key may be retired (Unix seconds): known once the new
+    /// key is promoted, until the old one is retired.
+    pub retire_after: Option<u64>,
+}
+
+impl RotationInfo {
+    /// What `--json` says of `rot`.
+    pub fn of(rot: &Rotation) -> RotationInfo {
+        let retire_after = match (rot.step, rot.promoted_at_s) {
+            (Step::Promoted, Some(at)) => u64::try_from(at.saturating_add(rot.grace_s)).ok(),
+            _ => None,
+        };
+        RotationInfo {
+            id: rot.id,
+            old_key: rot.old_key,
+            new_key: rot.new_key,
+            grace_s: rot.grace_s,
+            retire_after,
+        }
+    }
 }
 
 impl Progressed {
@@ -166,6 +186,9 @@ impl Progressed {
             Ended::Waiting(w) => (Some(w.as_str()), None),
             _ => (None, None),
         };
+        // known from the rotation however this invocation ended
+        let retire_after =
+            retire_after.or_else(|| self.rotation.and_then(|r| r.retire_after).map(rfc3339));
         json!({
             "job": job,
             "step": self.step.map(Step::as_str),
@@ -323,7 +346,7 @@ async fn run_steps(cx: &Ctx<'_>, client: &mut Client, log: &mut Log) -> Result<P
             }
         };
         adjust(cx, client, &mut rot, log).await?;
-        log.rotation = Some(info(&rot));
+        log.rotation = Some(RotationInfo::of(&rot));
         if intent == Intent::New {
             return Err(Error::Config(format!(
                 "rotation {} of job {name} is in progress (step {}): continue it with `rekey rotate`, or cancel it with `rekey rotate --abort`",
@@ -390,6 +413,7 @@ async fn nothing_open(
         old_key: l.old_key,
         new_key: l.new_key,
         grace_s: l.grace_s,
+        retire_after: None,
     });
     if intent == Intent::Abort {
         // an abort run again after it finished: done, not an error
@@ -599,15 +623,6 @@ pub(crate) fn human(s: i64) -> String {
     humantime::format_duration(Duration::from_secs(s.max(0).unsigned_abs())).to_string()
 }
 
-fn info(rot: &Rotation) -> RotationInfo {
-    RotationInfo {
-        id: rot.id,
-        old_key: rot.old_key,
-        new_key: rot.new_key,
-        grace_s: rot.grace_s,
-    }
-}
-
 /// Stages a new key and records the rotation; says what it waits for,
 /// if anything, before the rotation can go on.
 async fn stage_new(
@@ -663,7 +678,7 @@ async fn stage_new(
     )
     .await?;
     if let Some(rot) = rotations::open_rotation(client, cx.name).await? {
-        log.rotation = Some(info(&rot));
+        log.rotation = Some(RotationInfo::of(&rot));
     }
     log.record(
         audit,

@@ -93,11 +93,15 @@ async fn rotate_stops_after_staging_for_the_deployment_then_goes_on() {
 
     let out = rotate(&job, &[]);
     expect(&out, 6, "promoted", "waiting", "grace_period");
-    assert!(json(&out)["retire_after"].is_string(), "{}", printed(&out));
+    let due = json(&out)["retire_after"].clone();
+    assert!(due.is_string(), "{}", printed(&out));
     assert_eq!(
         values_by_key(&db, &table(&keyring)).await,
         [(2, values)].into()
     );
+    // known however an invocation ends (before: null but where it waited for the grace period)
+    let dry = rotate(&job, &["--dry-run"]);
+    assert_eq!(json(&dry)["retire_after"], due, "{}", printed(&dry));
 }
 
 #[tokio::test(flavor = "multi_thread")]
