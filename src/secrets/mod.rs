@@ -272,7 +272,7 @@ impl Store {
     /// Whether they changed; `None` for a store that keeps no such record.
     pub async fn update_uses(
         &mut self,
-        mut change: impl FnMut(&mut Vec<uses::StoreUse>) -> bool,
+        mut change: impl FnMut(&mut Vec<uses::StoreUse>) -> bool + Send,
     ) -> Result<Option<bool>, Error> {
         match self {
             Store::File(f) => f.update_uses(change).map(Some).map_err(uses_error),

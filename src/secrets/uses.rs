@@ -206,7 +206,7 @@ pub fn needing<'a>(uses: &'a [StoreUse], key: KeyId, own: &str) -> Vec<&'a Store
 /// where they did.
 pub async fn record_in_store(
     keys: &KeysSpec,
-    mut change: impl FnMut(&mut Vec<StoreUse>, &KeyTable) -> bool,
+    mut change: impl FnMut(&mut Vec<StoreUse>, &KeyTable) -> bool + Send,
 ) -> Result<bool, Error> {
     let mut store = Store::open_to_look(keys).await?;
     let table = store.table().clone();

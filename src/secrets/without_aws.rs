@@ -97,7 +97,7 @@ pub mod aws {
         /// Unreachable: no value exists.
         pub async fn update_uses(
             &self,
-            _change: &mut dyn FnMut(&mut Vec<StoreUse>) -> bool,
+            _change: &mut (dyn FnMut(&mut Vec<StoreUse>) -> bool + Send),
         ) -> Result<bool, Error> {
             match self.never {}
         }

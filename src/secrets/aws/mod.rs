@@ -223,8 +223,14 @@ async fn move_current_from(
         .map(|_| ())
 }
 
-/// Removes the AWSPENDING label from `version` of `sid`.
-async fn drop_pending_label(client: &Client, sid: &str, version: &str) -> Result<(), Error> {
+/// Removes the AWSPENDING label from `version` of `sid`; refused (nothing
+/// changed) where the label is not on `version`. The SDK's error, for the
+/// caller to tell that case.
+async fn drop_pending_label(
+    client: &Client,
+    sid: &str,
+    version: &str,
+) -> Result<(), SdkError<UpdateSecretVersionStageError, HttpResponse>> {
     client
         .update_secret_version_stage()
         .secret_id(sid)
@@ -232,8 +238,7 @@ async fn drop_pending_label(client: &Client, sid: &str, version: &str) -> Result
         .remove_from_version_id(version)
         .send()
         .await
-        .map_err(|e| aws_err(ops::LABEL, sid, e))?;
-    Ok(())
+        .map(|_| ())
 }
 
 impl SecretsManagerStore {
@@ -410,7 +415,7 @@ impl SecretsManagerStore {
     /// says it changed; true where it did.
     pub async fn update_uses(
         &self,
-        change: &mut dyn FnMut(&mut Vec<StoreUse>) -> bool,
+        change: &mut (dyn FnMut(&mut Vec<StoreUse>) -> bool + Send),
     ) -> Result<bool, Error> {
         self.uses.update(&self.client, change).await
     }
@@ -459,7 +464,9 @@ impl SecretsManagerStore {
 
     /// Removes the AWSPENDING label from `version`.
     async fn drop_pending_label(&mut self, version: &str) -> Result<(), Error> {
-        drop_pending_label(&self.client, &self.secret_id, version).await
+        drop_pending_label(&self.client, &self.secret_id, version)
+            .await
+            .map_err(|e| aws_err(ops::LABEL, &self.secret_id, e))
     }
 
     /// A new version holding `text`, made current as finishSecret does:

@@ -13,6 +13,9 @@
 //! AWSPENDING and moves AWSCURRENT onto it from the version it read, which
 //! Secrets Manager refuses once another update moved the label since: the
 //! update then reads the records again and applies its change to them.
+//! (AWSPENDING itself may move to another update's version meanwhile: the
+//! label is only what keeps a version written from being current before
+//! its move.)
 
 use aws_sdk_secretsmanager::error::ProvideErrorMetadata;
 use aws_sdk_secretsmanager::operation::describe_secret::DescribeSecretOutput;
@@ -141,7 +144,7 @@ impl UsesSecret {
     pub async fn update(
         &self,
         client: &Client,
-        change: &mut dyn FnMut(&mut Vec<StoreUse>) -> bool,
+        change: &mut (dyn FnMut(&mut Vec<StoreUse>) -> bool + Send),
     ) -> Result<bool, Error> {
         for _ in 0..ATTEMPTS {
             let (mut uses, version) = self.read(client).await?;
@@ -210,8 +213,13 @@ impl UsesSecret {
             }
             return Err(aws_err(ops::LABEL, &self.name, e));
         }
-        drop_pending_label(client, &self.id, &version).await?;
-        Ok(true)
+        // another update's new version may hold AWSPENDING now: then it is not this one's to drop
+        match drop_pending_label(client, &self.id, &version).await {
+            Err(e) if e.code() != Some("InvalidParameterException") => {
+                Err(aws_err(ops::LABEL, &self.name, e))
+            }
+            _ => Ok(true),
+        }
     }
 }
 
