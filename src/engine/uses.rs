@@ -50,7 +50,7 @@ pub async fn user(client: &Client, job: &str) -> Result<User, Error> {
 
 /// A store keeping a record ([`uses::recorded_by`]) the job's targets
 /// read or write under.
-struct StoreUse<'a> {
+struct UsedStore<'a> {
     /// The `[keys]` naming it (the first, where targets name it twice).
     keys: &'a KeysSpec,
     /// Its canonical name ([`KeysSpec::store_label`]).
@@ -66,8 +66,8 @@ struct StoreUse<'a> {
 
 /// Each store keeping a record the job's targets read or write under, one
 /// entry per store however the job spells its name.
-fn stores(job: &Job) -> Vec<StoreUse<'_>> {
-    let mut out: Vec<StoreUse<'_>> = Vec::new();
+fn stores(job: &Job) -> Vec<UsedStore<'_>> {
+    let mut out: Vec<UsedStore<'_>> = Vec::new();
     for t in &job.targets {
         for (side, writes) in [(&t.read, false), (&t.write, true)] {
             let Some(keys) = side.source.as_ref().filter(|k| uses::recorded_by(k.source)) else {
@@ -77,7 +77,7 @@ fn stores(job: &Job) -> Vec<StoreUse<'_>> {
             let at = match out.iter().position(|f| f.label == label) {
                 Some(i) => i,
                 None => {
-                    out.push(StoreUse {
+                    out.push(UsedStore {
                         keys,
                         label,
                         written: Vec::new(),
