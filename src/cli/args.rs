@@ -341,7 +341,7 @@ pub enum SecretsCommand {
     Purge(PurgeArgs),
     /// Re-wrap every data key under a new KMS master key (key table or KMS keyring); no value of user data is touched.
     Rewrap(RewrapArgs),
-    /// Drop a database's record from the keyring file, once it no longer uses the file (its records hold retires back).
+    /// Drop a database's record from the key store (keyring file, KMS keyring file, Secrets Manager secret), once it no longer uses the store (its records hold retires back).
     Forget(ForgetArgs),
 }
 

@@ -43,14 +43,15 @@ pub async fn secrets(command: SecretsCommand) -> Result<u8, Error> {
     }
 }
 
-/// `rekey secrets forget`: a database's record of using the keyring file
-/// dropped ([`crate::secrets::uses`]), so that a retire no longer waits
-/// for a run there; audited.
+/// `rekey secrets forget`: a database's record of using the store dropped
+/// ([`crate::secrets::uses`]), so that a retire no longer waits for a run
+/// there; audited.
 async fn forget(a: &ForgetArgs) -> Result<u8, Error> {
     let (spec, Opened { client, .. }, mut store) = locked(&a.life).await?;
-    let Some(records) = store.uses() else {
+    let Some(records) = store.uses_now().await? else {
         return Err(Error::Config(format!(
-            "{} keeps no record of the databases using it (only a keyring file does): nothing to forget",
+            "{} keeps no record of the databases using it (keyring files, KMS keyring files and Secrets Manager \
+             secrets do): nothing to forget",
             store.secret_id()
         )));
     };
@@ -72,14 +73,13 @@ async fn forget(a: &ForgetArgs) -> Result<u8, Error> {
     }
     let secret_id = store.secret_id();
     let mut gone = Vec::new();
-    // the store opened under the lifecycle lock: its records are read again under the file's lock
-    if let Store::File(file) = &mut store {
-        file.update_uses(|records| {
+    // read again under the store's guard: another database's run may record meanwhile
+    store
+        .update_uses(|records| {
             gone = uses::forget(records, &a.database);
             !gone.is_empty()
         })
-        .map_err(|e| Error::Config(e.to_string()))?;
-    }
+        .await?;
     let note = format!(
         "forgot that {} may have values under {}",
         gone.iter()
@@ -382,7 +382,7 @@ async fn show(life: &StatusArgs) -> Result<u8, Error> {
     let (spec, _) = resolve(&life.common)?;
     let store = Store::open(&job_keys(&spec)?).await?;
     let info = store.table().info();
-    let used = store.uses().unwrap_or_default();
+    let used = store.uses_now().await?.unwrap_or_default();
     if life.common.json {
         print_json(&json!({ "secret_id": store.secret_id(), "keys": info, "uses": used }));
     } else {

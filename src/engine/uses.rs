@@ -1,8 +1,9 @@
-//! A run's record, in each keyring file it reads or writes under, of the
-//! database and job whose values the file's keys encrypt
+//! A run's record, in each key store it reads or writes under that keeps
+//! one (a keyring file, a KMS keyring file, a Secrets Manager secret), of
+//! the database and job whose values the store's keys encrypt
 //! ([`crate::secrets::uses`]): widened before the first write, narrowed to
-//! the target (and the file's current key) once every value is on it. A
-//! retire from another database sharing the file reads it.
+//! the target (and the store's current key) once every value is on it. A
+//! retire from another database sharing the store reads it.
 
 use tokio_postgres::Client;
 
@@ -11,7 +12,7 @@ use crate::crypto::keytable::{now, KeyState};
 use crate::error::DbContext;
 use crate::job::Job;
 use crate::secrets::uses::{self, User};
-use crate::secrets::{KeySource, KeysSpec};
+use crate::secrets::KeysSpec;
 use crate::Error;
 
 /// This database as the records name it: `rekey.identity`'s id, with the
@@ -47,8 +48,9 @@ pub async fn user(client: &Client, job: &str) -> Result<User, Error> {
     })
 }
 
-/// A keyring file the job's targets read or write under.
-struct FileUse<'a> {
+/// A store keeping a record ([`uses::recorded_by`]) the job's targets
+/// read or write under.
+struct UsedStore<'a> {
     /// The `[keys]` naming it (the first, where targets name it twice).
     keys: &'a KeysSpec,
     /// Its canonical name ([`KeysSpec::store_label`]).
@@ -62,20 +64,20 @@ struct FileUse<'a> {
     unmoved: bool,
 }
 
-/// Each keyring file the job's targets read or write under, one entry per
-/// file however its path is spelled.
-fn files(job: &Job) -> Vec<FileUse<'_>> {
-    let mut out: Vec<FileUse<'_>> = Vec::new();
+/// Each store keeping a record the job's targets read or write under, one
+/// entry per store however the job spells its name.
+fn stores(job: &Job) -> Vec<UsedStore<'_>> {
+    let mut out: Vec<UsedStore<'_>> = Vec::new();
     for t in &job.targets {
         for (side, writes) in [(&t.read, false), (&t.write, true)] {
-            let Some(keys) = side.source.as_ref().filter(|k| k.source == KeySource::File) else {
+            let Some(keys) = side.source.as_ref().filter(|k| uses::recorded_by(k.source)) else {
                 continue;
             };
             let label = keys.store_label();
             let at = match out.iter().position(|f| f.label == label) {
                 Some(i) => i,
                 None => {
-                    out.push(FileUse {
+                    out.push(UsedStore {
                         keys,
                         label,
                         written: Vec::new(),
@@ -96,19 +98,19 @@ fn files(job: &Job) -> Vec<FileUse<'_>> {
     out
 }
 
-/// Before a run's first write: every keyring file the job uses records that
-/// this database's values may be under any key it holds that is not
-/// retired, and any the job's keyrings hold. A file that cannot record it
-/// fails the run, nothing written: a retire from another database would
-/// not know of these values.
+/// Before a run's first write: every store the job uses that keeps a
+/// record records that this database's values may be under any key it
+/// holds that is not retired, and any the job's keyrings hold. A store
+/// that cannot record it (a disk, a permission) fails the run, nothing
+/// written: a retire from another database would not know of these values.
 pub async fn starting(client: &Client, job: &Job) -> Result<(), Error> {
-    let files = files(job);
-    if files.is_empty() {
+    let stores = stores(job);
+    if stores.is_empty() {
         return Ok(());
     }
     let user = user(client, &job.name).await?;
-    for f in files {
-        uses::record_in_file(f.keys, |records, table| {
+    for f in stores {
+        uses::record_in_store(f.keys, |records, table| {
             let mut keys = f.held.clone();
             keys.extend(
                 table
@@ -119,16 +121,17 @@ pub async fn starting(client: &Client, job: &Job) -> Result<(), Error> {
             );
             uses::widen(records, &user, &keys, uses::largest_id(table))
         })
+        .await
         .map_err(|e| {
             let why = format!(
                 "could not record in {} that job {:?} in database {} has values under its keys (a retire from \
-                 another database sharing the file reads that record before it destroys a key): {}. Nothing was \
-                 written; let rekey write beside the file (it keeps the record in {}), then run again",
+                 another database sharing the store reads that record before it destroys a key): {}. Nothing was \
+                 written; {}, then run again",
                 f.label,
                 job.name,
                 user.database,
                 e.chain(),
-                uses_path(f.keys),
+                uses::where_recorded(f.keys),
             );
             match e {
                 Error::Runtime(_) => Error::Runtime(why),
@@ -139,38 +142,30 @@ pub async fn starting(client: &Client, job: &Job) -> Result<(), Error> {
     Ok(())
 }
 
-/// `<file>.uses`, as the job names the file.
-fn uses_path(keys: &KeysSpec) -> String {
-    keys.path.as_ref().map_or_else(String::new, |p| {
-        crate::secrets::file::uses_beside::path_of(p)
-            .display()
-            .to_string()
-    })
-}
-
 /// After a run that left every value of the job's tables on its target:
-/// each keyring file records that this database's values are under the
+/// each store keeping a record records that this database's values are under the
 /// keys the job wrote under there, and those applications may still write
 /// under ([`uses::after_a_full_run`]). A job with a `where` filter did not
-/// see every row, and a file a hash-only target reads did not have its
-/// ciphertexts moved: neither is narrowed. A file that cannot record it
+/// see every row, and a store a hash-only target reads did not have its
+/// ciphertexts moved: neither is narrowed. A store that cannot record it
 /// keeps the wider record (a retire from another database is refused for
 /// longer), with a warning.
 pub async fn finished(client: &Client, job: &Job) -> Result<(), Error> {
-    let files = files(job);
-    if files.is_empty() || job.filtered_target().is_some() {
+    let stores = stores(job);
+    if stores.is_empty() || job.filtered_target().is_some() {
         return Ok(());
     }
     let user = user(client, &job.name).await?;
-    for f in files.iter().filter(|f| !f.unmoved) {
-        let narrowed = uses::record_in_file(f.keys, |records, table| {
+    for f in stores.iter().filter(|f| !f.unmoved) {
+        let narrowed = uses::record_in_store(f.keys, |records, table| {
             let keys = uses::after_a_full_run(table, &f.written, now());
             uses::narrow(records, &user, &keys, uses::largest_id(table))
-        });
+        })
+        .await;
         if let Err(e) = narrowed {
             tracing::warn!(
                 "could not record in {} that the values of job {:?} in this database are on its newer keys: {}; \
-                 a retire of an older key from another database sharing the file is refused until a run here records it",
+                 a retire of an older key from another database sharing the store is refused until a run here records it",
                 f.label,
                 job.name,
                 e.chain()

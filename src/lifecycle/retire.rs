@@ -378,7 +378,7 @@ pub async fn refuse_other_databases(
     done: &str,
 ) -> Result<(), Error> {
     // read again: a run in another database may have recorded its use since the store was opened
-    let Some(records) = store.uses_now()? else {
+    let Some(records) = store.uses_now().await? else {
         return Ok(());
     };
     let own = crate::engine::uses::user(client, "").await?.database_id;
@@ -390,10 +390,10 @@ pub async fn refuse_other_databases(
         "{} records that key {old} may still encrypt values in another database: {}. This retire's verify reads \
          this database alone, and destroying the key would lose them. Nothing was {done}. Run that job in its \
          database until it ends with every value on the key it writes under (`rekey run`, or `rekey rotate`, with \
-         its job file against that database): the file then records the keys its values are under (a key that \
+         its job file against that database): the store then records the keys its values are under (a key that \
          stopped being current less than {} before that run ended stays recorded, as applications there may still \
          write under it: run it again once that time has passed). Where that database no \
-         longer uses this file (dropped, moved to another store), drop its record: `rekey secrets forget --database {}` \
+         longer uses this store (dropped, moved to another store), drop its record: `rekey secrets forget --database {}` \
          with this job file",
         store.secret_id(),
         others.iter().map(|u| u.describe()).collect::<Vec<_>>().join("; "),

@@ -6,7 +6,9 @@
 //! Reading a key is a KMS Decrypt; nothing unwrapped ever touches the disk.
 //! A save never overwrites a file another process wrote since this one read
 //! it ([`file::save_unless_changed`]), nor replaces a symbolic link to the
-//! file with a file ([`file::resolve`]).
+//! file with a file ([`file::resolve`]). The databases its keys encrypt
+//! values in are recorded beside it as for a passphrase keyring file
+//! ([`file::uses_beside`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -23,6 +25,7 @@ use crate::crypto::keyring::{Key, KeyId, KEY_LEN};
 use crate::crypto::keytable::{Entry, KeyState, KeyTable, StoredKey};
 use crate::secrets::file::{self, FileKeyringError};
 use crate::secrets::rewrap::Rewrapped;
+use crate::secrets::uses::StoreUse;
 use crate::secrets::wrap;
 use crate::Error;
 
@@ -266,6 +269,22 @@ impl KmsKeyring {
         })?;
         self.wrapped.insert(id, blob.as_ref().to_vec());
         Ok(Key::new(id, material))
+    }
+
+    /// The databases `<file>.uses` beside the file records now
+    /// ([`file::uses_beside`], as for a passphrase keyring file).
+    pub fn uses_now(&self) -> Result<Vec<StoreUse>, FileKeyringError> {
+        file::uses_beside::read(&self.real)
+    }
+
+    /// Applies `change` to the records beside the file, read again under
+    /// the lock its saves take, written where `change` says they changed;
+    /// true where they did. The keyring file itself is not written.
+    pub fn update_uses(
+        &mut self,
+        change: impl FnOnce(&mut Vec<StoreUse>) -> bool,
+    ) -> Result<bool, FileKeyringError> {
+        file::uses_beside::update(&self.real, change).map(|(_, changed)| changed)
     }
 
     /// Where the file's version before its last save is kept.

@@ -84,6 +84,15 @@ pub fn open_file(keys: &KeysSpec) -> Result<KeyringFile, Error> {
     KeyringFile::open(path, pass.as_bytes(), var).map_err(|e| Error::Config(e.to_string()))
 }
 
+/// A keyring file's record that could not be read or written: the disk
+/// (exit 1, run again once fixed) or the configuration (exit 2).
+fn uses_error(e: file::FileKeyringError) -> Error {
+    match e {
+        file::FileKeyringError::Io { .. } => Error::Runtime(e.to_string()),
+        other => Error::Config(other.to_string()),
+    }
+}
+
 /// How long a retired key's material stays in its store's archive before a
 /// save destroys it (`rekey secrets purge` destroys it sooner; a retire for
 /// a compromised key, at once).
@@ -244,22 +253,32 @@ impl Store {
     }
 
     /// The databases the store records its keys encrypt values in
-    /// ([`uses`]); `None` for a store that keeps no such record.
-    pub fn uses(&self) -> Option<&[uses::StoreUse]> {
+    /// ([`uses`]), read now (another database's run may have recorded one
+    /// since the store was opened); `None` for a store that keeps no such
+    /// record.
+    pub async fn uses_now(&self) -> Result<Option<Vec<uses::StoreUse>>, Error> {
         match self {
-            Store::File(f) => Some(&f.uses),
-            Store::Env(_) | Store::Aws(_) | Store::Kms(_) | Store::Table(_) => None,
+            Store::File(f) => f.uses_now().map(Some).map_err(uses_error),
+            Store::Kms(k) => k.uses_now().map(Some).map_err(uses_error),
+            Store::Aws(a) => a.uses_now().await.map(Some),
+            Store::Env(_) | Store::Table(_) => Ok(None),
         }
     }
 
-    /// [`Store::uses`] read again: what the store records now.
-    pub fn uses_now(&self) -> Result<Option<Vec<uses::StoreUse>>, Error> {
+    /// Applies `change` to the records the store keeps ([`uses`]), read
+    /// again under the store's guard against a concurrent update, and
+    /// writes them where `change` says they changed (it may be called
+    /// again, on records read again, where another process wrote between).
+    /// Whether they changed; `None` for a store that keeps no such record.
+    pub async fn update_uses(
+        &mut self,
+        mut change: impl FnMut(&mut Vec<uses::StoreUse>) -> bool + Send,
+    ) -> Result<Option<bool>, Error> {
         match self {
-            Store::File(f) => f
-                .uses_now()
-                .map(Some)
-                .map_err(|e| Error::Config(e.to_string())),
-            Store::Env(_) | Store::Aws(_) | Store::Kms(_) | Store::Table(_) => Ok(None),
+            Store::File(f) => f.update_uses(change).map(Some).map_err(uses_error),
+            Store::Kms(k) => k.update_uses(change).map(Some).map_err(uses_error),
+            Store::Aws(a) => a.update_uses(&mut change).await.map(Some),
+            Store::Env(_) | Store::Table(_) => Ok(None),
         }
     }
 

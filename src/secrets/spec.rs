@@ -240,6 +240,16 @@ impl KeysSpec {
 
 /// A Secrets Manager secret's name, given its name or its ARN
 /// (`arn:aws:secretsmanager:<region>:<account>:secret:<name>-<6 characters>`).
+/// The name of the secret where rekey records the databases whose values
+/// the keys of secret `id` (a name or an ARN) encrypt
+/// ([`crate::secrets::uses`]): its name with [`USES_SECRET_SUFFIX`].
+pub fn uses_secret_name(id: &str) -> String {
+    format!("{}{USES_SECRET_SUFFIX}", secret_name(id))
+}
+
+/// What a keyring secret's name takes to name its record's secret.
+pub const USES_SECRET_SUFFIX: &str = ".rekey-uses";
+
 fn secret_name(id: &str) -> &str {
     match id.split_once(":secret:") {
         Some((arn, rest)) if arn.starts_with("arn:") => rest

@@ -14,14 +14,85 @@
 //! the current one until a promotion). A retire refuses a key another
 //! database's record names, until a run there narrows it, or the operator
 //! says that database no longer uses the store (`rekey secrets forget`).
+//!
+//! Where a store keeps its records: beside a keyring file, passphrase or
+//! KMS sealed, in `<file>.uses` ([`crate::secrets::file::uses_beside`]);
+//! beside a Secrets Manager keyring, in a secret of its own,
+//! `<name>.rekey-uses` (`secrets::aws::uses_secret`). The environment and
+//! a key table keep none.
 
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::keyring::KeyId;
 use crate::crypto::keytable::{KeyState, KeyTable};
-use crate::secrets::file::FileKeyringError;
-use crate::secrets::KeysSpec;
+use crate::secrets::{KeySource, KeysSpec, Store};
 use crate::Error;
+
+/// Format tag of every record, wherever the store keeps it.
+pub const FORMAT: &str = "rekey-keyring-uses/1";
+
+/// A store's records as JSON: `<file>.uses` beside a keyring file (a KMS
+/// one too), the companion secret of a Secrets Manager keyring. No key
+/// material: ids, names and times.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Document {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// One record per database and job.
+    pub uses: Vec<StoreUse>,
+}
+
+impl Document {
+    /// The document of `uses`.
+    pub fn of(uses: &[StoreUse]) -> Self {
+        Document {
+            format: FORMAT.into(),
+            uses: uses.to_vec(),
+        }
+    }
+
+    /// Its records, or what is wrong with it (a format rekey does not write).
+    pub fn into_uses(self) -> Result<Vec<StoreUse>, String> {
+        if self.format != FORMAT {
+            return Err(format!("format is {:?}, expected {FORMAT:?}", self.format));
+        }
+        Ok(self.uses)
+    }
+}
+
+/// Whether stores of `source` record the databases using them: the keyring
+/// files (sealed by a passphrase or by KMS) and Secrets Manager secrets.
+/// The environment is each deployment's own; a key table lives in the
+/// database it serves.
+pub fn recorded_by(source: KeySource) -> bool {
+    matches!(
+        source,
+        KeySource::File | KeySource::AwsKms | KeySource::AwsSecretsManager
+    )
+}
+
+/// Where the store `keys` names keeps its records, and what rekey needs to
+/// write them there, for the message of a run that could not.
+pub fn where_recorded(keys: &KeysSpec) -> String {
+    match keys.source {
+        KeySource::AwsSecretsManager => format!(
+            "let rekey create and write the secret {} beside it, where it keeps the record (the caller needs \
+             secretsmanager:GetSecretValue, secretsmanager:CreateSecret, secretsmanager:PutSecretValue and \
+             secretsmanager:UpdateSecretVersionStage on it, and the use of the KMS key the keyring secret is \
+             encrypted under)",
+            crate::secrets::spec::uses_secret_name(keys.secret_id.as_deref().unwrap_or_default())
+        ),
+        _ => format!(
+            "let rekey write beside the file (it keeps the record in {})",
+            keys.path.as_ref().map_or_else(String::new, |p| {
+                crate::secrets::file::uses_beside::path_of(p)
+                    .display()
+                    .to_string()
+            })
+        ),
+    }
+}
 
 /// One database's use of a store, by one job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,22 +199,24 @@ pub fn needing<'a>(uses: &'a [StoreUse], key: KeyId, own: &str) -> Vec<&'a Store
         .collect()
 }
 
-/// Applies `change` to the records of the keyring file `keys` names (given
-/// the keys it holds), read again under the file's lock, and writes them
-/// beside the file where `change` says they changed
-/// ([`crate::secrets::file::uses_beside`]). True where they did.
-pub fn record_in_file(
+/// Applies `change` to the records of the store `keys` names (given the
+/// keys it holds), read again under the store's guard (a keyring file's
+/// lock, a secret's label moved only from the version read), and writes
+/// them where `change` says they changed ([`Store::update_uses`]). True
+/// where they did.
+pub async fn record_in_store(
     keys: &KeysSpec,
-    change: impl FnOnce(&mut Vec<StoreUse>, &KeyTable) -> bool,
+    mut change: impl FnMut(&mut Vec<StoreUse>, &KeyTable) -> bool + Send,
 ) -> Result<bool, Error> {
-    let mut file = super::open_file(keys)?;
-    let table = file.table.clone();
-    file.update_uses(|records| change(records, &table))
-        .map_err(|e| match e {
-            // the disk, not the configuration: exit 1, run again once fixed
-            FileKeyringError::Io { .. } => Error::Runtime(e.to_string()),
-            other => Error::Config(other.to_string()),
-        })
+    let mut store = Store::open_to_look(keys).await?;
+    let table = store.table().clone();
+    let changed = store.update_uses(|records| change(records, &table)).await?;
+    changed.ok_or_else(|| {
+        Error::Config(format!(
+            "{} keeps no record of the databases using it",
+            store.secret_id()
+        ))
+    })
 }
 
 fn find<'a>(uses: &'a [StoreUse], user: &User) -> Option<&'a StoreUse> {

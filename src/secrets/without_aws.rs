@@ -7,6 +7,8 @@ use std::convert::Infallible;
 
 use crate::crypto::keyring::{Key, KeyId};
 use crate::crypto::keytable::KeyTable;
+use crate::secrets::file::FileKeyringError;
+use crate::secrets::uses::StoreUse;
 use crate::secrets::KeysSpec;
 use crate::Error;
 
@@ -86,6 +88,19 @@ pub mod aws {
         pub async fn archived_key(&self, _id: KeyId) -> Result<Option<Key>, Error> {
             match self.never {}
         }
+
+        /// Unreachable: no value exists.
+        pub async fn uses_now(&self) -> Result<Vec<StoreUse>, Error> {
+            match self.never {}
+        }
+
+        /// Unreachable: no value exists.
+        pub async fn update_uses(
+            &self,
+            _change: &mut (dyn FnMut(&mut Vec<StoreUse>) -> bool + Send),
+        ) -> Result<bool, Error> {
+            match self.never {}
+        }
     }
 }
 
@@ -135,6 +150,19 @@ pub mod kms {
 
         /// Unreachable: no value exists.
         pub fn backup(&self) -> std::path::PathBuf {
+            match self.never {}
+        }
+
+        /// Unreachable: no value exists.
+        pub fn uses_now(&self) -> Result<Vec<StoreUse>, FileKeyringError> {
+            match self.never {}
+        }
+
+        /// Unreachable: no value exists.
+        pub fn update_uses(
+            &mut self,
+            _change: impl FnOnce(&mut Vec<StoreUse>) -> bool,
+        ) -> Result<bool, FileKeyringError> {
             match self.never {}
         }
 

@@ -37,5 +37,6 @@ mod server_settings;
 mod shapes;
 mod store_lost_key;
 mod store_uses;
+mod store_uses_aws;
 mod tls;
 mod wal_throttle;

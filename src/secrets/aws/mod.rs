@@ -17,13 +17,20 @@
 //! Secrets Manager keeps them; [`purge`] removes them when a key's material
 //! must be destroyed.
 //!
+//! The databases whose values the keys encrypt are recorded in a secret
+//! beside the keyring ([`uses_secret`]), never in what applications read.
+//!
 //! Endpoint and region are configurable, so any compatible service works.
 
 pub mod errors;
 mod keyring;
 mod layouts;
 mod purge;
+pub mod uses_secret;
 
+use aws_sdk_secretsmanager::config::http::HttpResponse;
+use aws_sdk_secretsmanager::error::SdkError;
+use aws_sdk_secretsmanager::operation::update_secret_version_stage::UpdateSecretVersionStageError;
 use aws_sdk_secretsmanager::Client;
 use zeroize::Zeroizing;
 
@@ -31,6 +38,7 @@ use super::layout::{flat::FlatDoc, Meta};
 use super::spec::{KeysSpec, Layout};
 use crate::crypto::keyring::{Key, KeyEncoding, KeyId};
 use crate::crypto::keytable::{Entry, KeyState, KeyTable};
+use crate::secrets::uses::StoreUse;
 use crate::Error;
 use errors::{aws_err, ops};
 
@@ -62,6 +70,8 @@ pub struct SecretsManagerStore {
     before: KeyTable,
     /// The keys after the transitions applied so far.
     pub table: KeyTable,
+    /// Where the databases using the secret are recorded.
+    uses: uses_secret::UsesSecret,
 }
 
 /// The new key's place still holding the key that is now current: a
@@ -192,6 +202,45 @@ async fn put(client: &Client, sid: &str, text: &str, stage: Option<&str>) -> Res
     Ok(version)
 }
 
+/// Moves AWSCURRENT of `sid` to `version` from `current`, the version this
+/// process read as current: refused by Secrets Manager (nothing moved)
+/// where the label is no longer on `current`, another process having moved
+/// it since. The SDK's error, for the caller to tell that case.
+async fn move_current_from(
+    client: &Client,
+    sid: &str,
+    version: &str,
+    current: &str,
+) -> Result<(), SdkError<UpdateSecretVersionStageError, HttpResponse>> {
+    client
+        .update_secret_version_stage()
+        .secret_id(sid)
+        .version_stage("AWSCURRENT")
+        .move_to_version_id(version)
+        .remove_from_version_id(current)
+        .send()
+        .await
+        .map(|_| ())
+}
+
+/// Removes the AWSPENDING label from `version` of `sid`; refused (nothing
+/// changed) where the label is not on `version`. The SDK's error, for the
+/// caller to tell that case.
+async fn drop_pending_label(
+    client: &Client,
+    sid: &str,
+    version: &str,
+) -> Result<(), SdkError<UpdateSecretVersionStageError, HttpResponse>> {
+    client
+        .update_secret_version_stage()
+        .secret_id(sid)
+        .version_stage("AWSPENDING")
+        .remove_from_version_id(version)
+        .send()
+        .await
+        .map(|_| ())
+}
+
 impl SecretsManagerStore {
     /// Reads the secret's labelled versions in the job's layout, putting
     /// the secret back from a stopped purge's backup where it is missing.
@@ -253,6 +302,7 @@ impl SecretsManagerStore {
         let label_left = labelled("AWSPENDING")
             .filter(|p| labels_pending && p.id == current.id)
             .map(|p| LeftPending::Label(p.id));
+        let uses = uses_secret::UsesSecret::beside(&secret_id, &described);
         let mut store = SecretsManagerStore {
             client,
             secret_id,
@@ -265,6 +315,7 @@ impl SecretsManagerStore {
             meta: Meta::default(),
             before: KeyTable::default(),
             table: KeyTable::default(),
+            uses,
         };
         let text = read(&store.client, &store.secret_id, &current.id).await?;
         let table = match keys.layout {
@@ -353,6 +404,22 @@ impl SecretsManagerStore {
         format!("aws-secrets-manager:{}", self.secret_id)
     }
 
+    /// The databases the secret's record (`<name>.rekey-uses`,
+    /// [`uses_secret`]) names now.
+    pub async fn uses_now(&self) -> Result<Vec<StoreUse>, Error> {
+        self.uses.read(&self.client).await.map(|(uses, _)| uses)
+    }
+
+    /// Applies `change` to the secret's record, read again until the
+    /// update lands on the version it read, and writes it where `change`
+    /// says it changed; true where it did.
+    pub async fn update_uses(
+        &self,
+        change: &mut (dyn FnMut(&mut Vec<StoreUse>) -> bool + Send),
+    ) -> Result<bool, Error> {
+        self.uses.update(&self.client, change).await
+    }
+
     /// The material of key `id` from the secret's former versions (Secrets
     /// Manager keeps them: they are this store's archive of retired keys),
     /// newest first.
@@ -387,13 +454,7 @@ impl SecretsManagerStore {
     /// AWSPREVIOUS to `current`) and removes AWSPENDING from it (finishSecret).
     async fn move_current(&mut self, version: &str, current: &str) -> Result<(), Error> {
         let sid = self.secret_id.clone();
-        self.client
-            .update_secret_version_stage()
-            .secret_id(&sid)
-            .version_stage("AWSCURRENT")
-            .move_to_version_id(version)
-            .remove_from_version_id(current)
-            .send()
+        move_current_from(&self.client, &sid, version, current)
             .await
             .map_err(|e| aws_err(ops::LABEL, &sid, e))?;
         self.drop_pending_label(version).await?;
@@ -403,15 +464,9 @@ impl SecretsManagerStore {
 
     /// Removes the AWSPENDING label from `version`.
     async fn drop_pending_label(&mut self, version: &str) -> Result<(), Error> {
-        self.client
-            .update_secret_version_stage()
-            .secret_id(&self.secret_id)
-            .version_stage("AWSPENDING")
-            .remove_from_version_id(version)
-            .send()
+        drop_pending_label(&self.client, &self.secret_id, version)
             .await
-            .map_err(|e| aws_err(ops::LABEL, &self.secret_id, e))?;
-        Ok(())
+            .map_err(|e| aws_err(ops::LABEL, &self.secret_id, e))
     }
 
     /// A new version holding `text`, made current as finishSecret does:

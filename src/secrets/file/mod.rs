@@ -507,25 +507,29 @@ pub fn read_json_as_read<T: serde::de::DeserializeOwned>(
     refuse_open_to_others(path)?;
     let bytes = fs::read(path).map_err(unreadable(path))?;
     let read = digest_of(&bytes);
-    let doc = serde_json::from_slice(&bytes).map_err(|e| {
-        let (line, column) = (e.line(), e.column());
-        FileKeyringError::Malformed {
-            path: path.to_path_buf(),
-            problem: match e.classify() {
-                serde_json::error::Category::Eof => format!(
-                    "it ends before its JSON does, at line {line} column {column} (truncated)"
-                ),
-                serde_json::error::Category::Data => format!(
-                    "its JSON does not have the fields of one, at line {line} column {column}"
-                ),
-                serde_json::error::Category::Syntax | serde_json::error::Category::Io => {
-                    format!("invalid JSON at line {line} column {column}")
-                }
-            },
-            backup: None,
-        }
+    let doc = serde_json::from_slice(&bytes).map_err(|e| FileKeyringError::Malformed {
+        path: path.to_path_buf(),
+        problem: json_problem(&e),
+        backup: None,
     })?;
     Ok((doc, read))
+}
+
+/// Where JSON that is not a store's document broke, never quoting it
+/// (serde's messages can quote the input, which may hold key material).
+pub fn json_problem(e: &serde_json::Error) -> String {
+    let (line, column) = (e.line(), e.column());
+    match e.classify() {
+        serde_json::error::Category::Eof => {
+            format!("it ends before its JSON does, at line {line} column {column} (truncated)")
+        }
+        serde_json::error::Category::Data => {
+            format!("its JSON does not have the fields of one, at line {line} column {column}")
+        }
+        serde_json::error::Category::Syntax | serde_json::error::Category::Io => {
+            format!("invalid JSON at line {line} column {column}")
+        }
+    }
 }
 
 /// Why a store file could not be read: a relative path naming no file says
@@ -703,12 +707,7 @@ impl KeyringFile {
         &mut self,
         change: impl FnOnce(&mut Vec<StoreUse>) -> bool,
     ) -> Result<bool, FileKeyringError> {
-        let _lock = guard::lock(&self.real)?;
-        let mut uses = uses_beside::read(&self.real)?;
-        let changed = change(&mut uses);
-        if changed {
-            uses_beside::write(&self.real, &uses)?;
-        }
+        let (uses, changed) = uses_beside::update(&self.real, change)?;
         self.uses = uses;
         Ok(changed)
     }

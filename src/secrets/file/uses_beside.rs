@@ -1,5 +1,6 @@
 //! `<file>.uses`: the databases a keyring file's keys encrypt values in
-//! ([`crate::secrets::uses`]), beside the file rather than in it. A run
+//! ([`crate::secrets::uses`]), beside the file rather than in it; the same
+//! for a passphrase keyring file and a KMS one ([`crate::secrets::kms`]). A run
 //! records its database there while commands holding the keyring file
 //! open (an abort turning values back, a rotation between its steps) save
 //! it later: the keyring's bytes, and the guard that refuses a save over
@@ -9,24 +10,9 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
 use super::atomic::{beside, sync_dir, write_pending};
-use super::{io, read_json, FileKeyringError};
-use crate::secrets::uses::StoreUse;
-
-/// Format tag written in every uses file.
-const FORMAT: &str = "rekey-keyring-uses/1";
-
-/// The file's JSON.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Document {
-    /// Always [`FORMAT`].
-    format: String,
-    /// One record per database and job.
-    uses: Vec<StoreUse>,
-}
+use super::{guard, io, read_json, FileKeyringError};
+use crate::secrets::uses::{Document, StoreUse};
 
 /// Where the keyring file at `path` (resolved) keeps its records.
 pub fn path_of(path: &Path) -> PathBuf {
@@ -47,27 +33,38 @@ pub fn read(path: &Path) -> Result<Vec<StoreUse>, FileKeyringError> {
         }
         other => other,
     })?;
-    if doc.format != FORMAT {
-        return Err(FileKeyringError::UsesDamaged {
-            path: at,
-            problem: format!("format is {:?}, expected {FORMAT:?}", doc.format),
-        });
+    doc.into_uses()
+        .map_err(|problem| FileKeyringError::UsesDamaged { path: at, problem })
+}
+
+/// Applies `change` to the records beside the keyring file at `path`
+/// (resolved: a passphrase keyring file or a KMS one), read again under the
+/// lock its saves take, and writes them where `change` says they changed.
+/// The keyring file itself is not written. The records now, and whether
+/// they changed.
+pub fn update(
+    path: &Path,
+    change: impl FnOnce(&mut Vec<StoreUse>) -> bool,
+) -> Result<(Vec<StoreUse>, bool), FileKeyringError> {
+    let _lock = guard::lock(path)?;
+    let mut uses = read(path)?;
+    let changed = change(&mut uses);
+    if changed {
+        write(path, &uses)?;
     }
-    Ok(doc.uses)
+    Ok((uses, changed))
 }
 
 /// Replaces the records beside the keyring file at `path` (the caller holds
 /// the file's lock): written beside, synced, renamed into place.
-pub fn write(path: &Path, uses: &[StoreUse]) -> Result<(), FileKeyringError> {
+fn write(path: &Path, uses: &[StoreUse]) -> Result<(), FileKeyringError> {
     let at = path_of(path);
-    let doc = Document {
-        format: FORMAT.into(),
-        uses: uses.to_vec(),
-    };
-    let json = serde_json::to_vec_pretty(&doc).map_err(|e| FileKeyringError::Malformed {
-        path: at.clone(),
-        problem: e.to_string(),
-        backup: None,
+    let json = serde_json::to_vec_pretty(&Document::of(uses)).map_err(|e| {
+        FileKeyringError::Malformed {
+            path: at.clone(),
+            problem: e.to_string(),
+            backup: None,
+        }
     })?;
     let tmp = write_pending(&at, &json)?;
     fs::rename(&tmp, &at).map_err(io(&at))?;
