@@ -306,8 +306,10 @@ pub enum TargetKey {
     /// must open under it ([`refuse_a_target_key_not_theirs`]).
     Given,
     /// The key a rotation read its values under, which an abort turns them
-    /// back to: proven by that rotation, and values labelled with it that
-    /// no key opens (damaged before the rotation began) say nothing of it.
+    /// back to: proven by that rotation where its material is the one the
+    /// rotation's runs recorded (checked by fingerprint), and values
+    /// labelled with it that no key opens (damaged before the rotation
+    /// began) say nothing of it.
     ReadBefore,
 }
 
@@ -321,6 +323,10 @@ const PREFLIGHT_ROWS: i64 = 200;
 /// quarantined one by one. Then, for a target key not proven,
 /// [`refuse_a_target_key_not_theirs`].
 pub async fn preflight(client: &Client, job: &Job, target: TargetKey) -> Result<(), Error> {
+    if target == TargetKey::ReadBefore {
+        // the key as the rotation's runs recorded it, not merely a key by its id
+        check_recorded_keys(client, job).await?;
+    }
     for t in &job.targets {
         crate::job::visibility::check_writable(client, t).await?;
         crate::job::shared_keys::refuse_keys_shared_with_children(client, t).await?;

@@ -351,6 +351,66 @@ async fn an_abort_with_environment_keys_waits_with_exit_6_until_the_changes_are_
     );
 }
 
+// Before: an abort whose old key's variable held other material rewrote
+// every value under that material with key 1's label (the check that a
+// target key opens the values labelled with it is not asked of an abort),
+// and with the right key back none of them opened.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_abort_given_other_material_for_the_old_key_is_refused_before_any_write() {
+    let db = TestDb::new().await;
+    db.seed_patients(3_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job(&dir).display().to_string();
+    let mut env = v1_env();
+    let out = rekey(&["rotate", "--job", &j], &env);
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    env.push(("ENCRYPTION_KEY_V2", K2.to_string()));
+    env.push(("ENCRYPTION_PENDING_VERSION", "2".to_string()));
+    // the re-encryption killed part-way, before the promotion
+    let args = [
+        "rotate",
+        "--job",
+        j.as_str(),
+        "--no-wait",
+        "--batch-size",
+        "100",
+    ];
+    let mut child = spawn_rekey(&args, &env);
+    wait_for_progress(&db, &mut child, 1_000).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let rewritten = phones_on_key_2(&db).await;
+    assert!(rewritten > 0 && rewritten < 3_000, "{rewritten}");
+    // the printed changes made, but key 1's variable holds another key
+    env.retain(|(k, _)| *k != "ENCRYPTION_PENDING_VERSION" && *k != "ENCRYPTION_KEY_V1");
+    env.push(("ENCRYPTION_KEY_V1", K3.to_string()));
+    let out = rekey(&["rotate", "--job", &j, "--abort"], &env);
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("ENCRYPTION_KEY_V1 in the environment")
+            && printed(&out).contains("is not the key job"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(
+        phones_on_key_2(&db).await,
+        rewritten,
+        "a value was rewritten"
+    );
+}
+
+/// Phones labelled key 2.
+async fn phones_on_key_2(db: &TestDb) -> i64 {
+    db.client
+        .query_one(
+            "SELECT count(*) FROM patient_persons WHERE substring(phone_encrypted from 1 for 1) = '\\x02'::bytea",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn retire_is_refused_while_values_still_need_the_old_key() {
     let db = TestDb::new().await;

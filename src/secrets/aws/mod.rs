@@ -302,6 +302,7 @@ impl SecretsManagerStore {
         let label_left = labelled("AWSPENDING")
             .filter(|p| labels_pending && p.id == current.id)
             .map(|p| LeftPending::Label(p.id));
+        refuse_a_replica(&client, &secret_id, &described)?;
         let uses = uses_secret::UsesSecret::beside(&secret_id, &described);
         let mut store = SecretsManagerStore {
             client,
@@ -598,4 +599,28 @@ impl SecretsManagerStore {
         }
         Ok(())
     }
+}
+
+/// Refuses a keyring secret read in a region other than its primary's (a
+/// replica): the record of the databases using it is kept beside the
+/// secret, in the region it is read in, and a replica's would be a second
+/// record that a retire in the primary region never reads, while the
+/// retire's new version replicates to the databases reading the replica.
+fn refuse_a_replica(
+    client: &Client,
+    secret_id: &str,
+    described: &aws_sdk_secretsmanager::operation::describe_secret::DescribeSecretOutput,
+) -> Result<(), Error> {
+    let (Some(primary), Some(here)) = (described.primary_region(), client.config().region()) else {
+        return Ok(());
+    };
+    if primary == here.as_ref() {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "secret {secret_id:?} is read in {here}, where it is a replica of the secret in {primary}: rekey keeps the \
+         record of the databases using a keyring beside it, and a replica's record would be one a retire in {primary} \
+         never reads. Read the keyring in its primary region in every job that uses it: region = \"{primary}\" \
+         in the job's [keys]"
+    )))
 }
