@@ -389,3 +389,41 @@ async fn updates_of_a_secret_s_record_at_once_each_keep_the_others() {
     ids.sort();
     assert_eq!(ids, ["db0", "db1", "db2", "db3", "db4"]);
 }
+
+// Found in review: a job reading a replica of the keyring secret (in another
+// region) kept its record beside the replica, a second record a retire in
+// the primary region never read; that retire's new version replicated to the
+// databases reading the replica.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keyring_secret_read_in_a_replica_region_is_refused_naming_the_primary() {
+    let t = two_databases_before_any_run(Shared::Secret, 50).await;
+    boto3(
+        r#"
+import boto3, sys
+c = boto3.client("secretsmanager", endpoint_url=sys.argv[1], region_name="us-east-1")
+c.replicate_secret_to_regions(SecretId=sys.argv[2], AddReplicaRegions=[{"Region": "eu-west-1"}])
+"#,
+        &[&t.store],
+    );
+    let job = std::fs::read_to_string(&t.job_b)
+        .unwrap()
+        .replace("region = \"us-east-1\"", "region = \"eu-west-1\"");
+    std::fs::write(&t.job_b, job).unwrap();
+    let before = t.b.checksum("patient_persons").await;
+    let out = rekey(&["run", "--job", &t.job_b], &aws_env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("where it is a replica of the secret in us-east-1")
+            && printed(&out).contains("region = \"us-east-1\""),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(t.b.checksum("patient_persons").await, before);
+    // read in its primary region, the same job runs
+    let job = std::fs::read_to_string(&t.job_b)
+        .unwrap()
+        .replace("region = \"eu-west-1\"", "region = \"us-east-1\"");
+    std::fs::write(&t.job_b, job).unwrap();
+    let out = rekey(&["run", "--job", &t.job_b], &aws_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+}
