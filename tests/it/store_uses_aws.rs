@@ -427,3 +427,29 @@ c.replicate_secret_to_regions(SecretId=sys.argv[2], AddReplicaRegions=[{"Region"
     let out = rekey(&["run", "--job", &t.job_b], &aws_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
 }
+
+// Found in review: a record secret with no version labelled AWSCURRENT read
+// as "no record yet" (Secrets Manager answers "not found" for the label), so
+// a retire from the other database went on, and a run retried creating it
+// eight times, then blamed other databases' updates.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_secret_with_no_current_version_is_damaged_not_missing() {
+    let t = two_databases_sharing(Shared::Secret, 50).await;
+    boto3(
+        r#"
+import boto3, sys
+c = boto3.client("secretsmanager", endpoint_url=sys.argv[1], region_name="us-east-1")
+current = [v["VersionId"] for v in c.list_secret_version_ids(SecretId=sys.argv[2])["Versions"] if "AWSCURRENT" in v["VersionStages"]][0]
+c.update_secret_version_stage(SecretId=sys.argv[2], VersionStage="AWSCURRENT", RemoveFromVersionId=current)
+"#,
+        &[&uses_secret(&t.store)],
+    );
+    let out = compromise_rotation(&t.job_a);
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("is damaged: no version of it is labelled AWSCURRENT"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(undecryptable(&t.job_b), 0);
+}

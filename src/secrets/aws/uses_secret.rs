@@ -116,15 +116,22 @@ impl UsesSecret {
             .get_secret_value()
             .secret_id(&self.id)
             .version_stage("AWSCURRENT");
-        let out = match req.send().await {
-            Ok(out) => out,
-            Err(e) if not_found(&e) => return Ok((Vec::new(), None)),
-            Err(e) => return Err(aws_err(ops::READ, &self.name, e)),
-        };
         let damaged = |problem| UsesSecretError::Damaged {
             secret: self.name.clone(),
             of: self.of.clone(),
             problem,
+        };
+        let out = match req.send().await {
+            Ok(out) => out,
+            // the secret missing (no record yet), or only its current version
+            Err(e) if not_found(&e) => {
+                return match client.describe_secret().secret_id(&self.id).send().await {
+                    Err(e) if not_found(&e) => Ok((Vec::new(), None)),
+                    Err(e) => Err(aws_err(ops::DESCRIBE, &self.name, e)),
+                    Ok(_) => Err(damaged("no version of it is labelled AWSCURRENT".into()).into()),
+                };
+            }
+            Err(e) => return Err(aws_err(ops::READ, &self.name, e)),
         };
         let doc: Document = serde_json::from_str(out.secret_string().unwrap_or_default())
             .map_err(|e| damaged(json_problem(&e)))?;
