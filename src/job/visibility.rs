@@ -375,24 +375,18 @@ async fn replica_identity(client: &Client, t: &Target) -> Result<(), Error> {
     };
     let (table, identity, has_primary_key, publications): (String, String, bool, String) =
         (r.get(0), r.get(1), r.get(2), r.get(3));
-    let (has, fix) = match (identity.as_str(), has_primary_key) {
-        ("n", true) => (
-            "REPLICA IDENTITY NOTHING",
-            format!("ALTER TABLE {table} REPLICA IDENTITY DEFAULT (its primary key)"),
-        ),
-        ("n", false) => (
-            "REPLICA IDENTITY NOTHING",
-            format!("ALTER TABLE {table} REPLICA IDENTITY USING INDEX <a unique index>, or REPLICA IDENTITY FULL"),
-        ),
-        ("d", _) => (
-            "the default replica identity and no primary key",
-            format!("ALTER TABLE {table} REPLICA IDENTITY USING INDEX <a unique index>, or REPLICA IDENTITY FULL"),
-        ),
-        _ => (
-            "a replica identity index that is gone",
-            format!("ALTER TABLE {table} REPLICA IDENTITY USING INDEX <a unique index>, or REPLICA IDENTITY FULL"),
-        ),
+    let has = match identity.as_str() {
+        "n" => "REPLICA IDENTITY NOTHING",
+        "d" => "the default replica identity and no primary key",
+        _ => "a replica identity index that is gone",
     };
+    // the primary key where there is one and no identity was chosen, else an index or every column
+    let identity = if identity == "n" && has_primary_key {
+        "DEFAULT (its primary key)"
+    } else {
+        "USING INDEX <a unique index>, or REPLICA IDENTITY FULL"
+    };
+    let fix = format!("ALTER TABLE {table} REPLICA IDENTITY {identity}");
     let more = match rows.len() {
         1 => String::new(),
         n => format!(" (and {} more of its partitions or children)", n - 1),
