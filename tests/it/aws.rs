@@ -15,11 +15,17 @@ vs = c.list_secret_version_ids(SecretId=sys.argv[2], IncludeDeprecated=True)["Ve
 vs.sort(key=lambda v: v["CreatedDate"])
 print(json.dumps([sorted(v.get("VersionStages", [])) for v in vs]))
 "#;
+    serde_json::from_str(&boto3(script, &[secret])).unwrap()
+}
+
+/// Runs `script` (Python, boto3 on moto) with moto's endpoint and then
+/// `args` as its arguments; its stdout. Fails the test where it fails.
+pub fn boto3(script: &str, args: &[&str]) -> String {
     let out = Command::new("python3")
         .arg("-c")
         .arg(script)
         .arg(&moto().endpoint)
-        .arg(secret)
+        .args(args)
         .envs(aws_env())
         .output()
         .unwrap();
@@ -28,7 +34,7 @@ print(json.dumps([sorted(v.get("VersionStages", [])) for v in vs]))
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    String::from_utf8(out.stdout).unwrap()
 }
 
 fn s(v: &[&str]) -> Vec<String> {
@@ -240,19 +246,7 @@ import boto3, sys
 c = boto3.client("kms", endpoint_url=sys.argv[1], region_name="us-east-1")
 print(c.create_key(Description="rekey test master key")["KeyMetadata"]["KeyId"])
 "#;
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(&moto().endpoint)
-        .envs(aws_env())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    boto3(script, &[]).trim().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread")]

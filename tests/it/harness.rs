@@ -360,6 +360,41 @@ pub fn rekey(args: &[&str], env: &[(&str, String)]) -> Output {
     rekey_cmd(args, env).output().expect("run rekey")
 }
 
+/// `rekey secrets stage`, then `rekey secrets promote`, of `job` with
+/// `env`: the store's next key made current; each must exit 0.
+pub fn stage_and_promote(job: &str, env: &[(&str, String)]) {
+    for step in ["stage", "promote"] {
+        let out = rekey(&["secrets", step, "--job", job], env);
+        assert_eq!(out.status.code(), Some(0), "{step}: {}", printed(&out));
+    }
+}
+
+/// Stages and promotes the next key of the job's keyring file, then runs
+/// the job: its values move to it.
+pub fn stage_promote_and_run(job: &str) {
+    stage_and_promote(job, &keyring_pass_env());
+    let out = rekey(&["run", "--job", job], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+}
+
+/// A compromise rotation of `job` in one invocation (`--no-wait`, no
+/// grace), with `env`.
+pub fn compromise_rotation(job: &str, env: &[(&str, String)]) -> Output {
+    rekey(
+        &[
+            "rotate",
+            "--job",
+            job,
+            "--no-wait",
+            "--grace",
+            "0s",
+            "--reason",
+            "compromise",
+        ],
+        env,
+    )
+}
+
 /// stdout parsed as the one JSON object `--json` promises.
 pub fn json(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
@@ -531,6 +566,24 @@ pub async fn committed_by_running_job(db: &TestDb) -> i64 {
 }
 
 /// Waits until the values committed by every job of the database reach
+/// Waits until `sql` counts at least one row, while `child` runs; fails
+/// the test, naming `what`, if rekey ends first or 30 s pass.
+pub async fn until(db: &TestDb, sql: &str, child: &mut std::process::Child, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let n: i64 = db.client.query_one(sql, &[]).await.unwrap().get(0);
+        if n > 0 {
+            return;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "rekey ended before {what}"
+        );
+        assert!(std::time::Instant::now() < deadline, "never {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// `threshold`, or `child` has exited.
 pub async fn wait_for_progress(db: &TestDb, child: &mut std::process::Child, threshold: i64) {
     loop {

@@ -161,16 +161,6 @@ async fn copy_patients(db: &TestDb) {
 
 const COPY_TARGET: &str = "[[target]]\ntable = \"patient_copy\"\ncolumns = [\"phone_encrypted\", \"emergency_contact_phone_encrypted\"]\nformat = \"versioned-gcm\"\n";
 
-/// Stages and promotes key 2 of the job's keyring file, then runs the job.
-fn stage_promote_and_run(job: &str) {
-    for step in ["stage", "promote"] {
-        let out = rekey(&["secrets", step, "--job", job], &keyring_pass_env());
-        assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-    }
-    let out = rekey(&["run", "--job", job], &keyring_pass_env());
-    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-}
-
 /// `rekey secrets retire --job job` with `extra` arguments.
 fn rekey_retire(job: &str, extra: &[&str]) -> std::process::Output {
     let mut args = vec!["secrets", "retire", "--job", job];
@@ -377,10 +367,7 @@ async fn copy_rotated_under_another_store(db: &TestDb, dir: &tempfile::TempDir) 
 
     let (job, _keyring) = keyring_file_job(db, dir);
     let one_table = std::fs::read_to_string(&job).unwrap();
-    for step in ["stage", "promote"] {
-        let out = rekey(&["secrets", step, "--job", &job], &keyring_pass_env());
-        assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-    }
+    stage_and_promote(&job, &keyring_pass_env());
     // the job runs the copy too, under the environment's keys (3 to 4)
     let override_keys = "keys = { source = \"env\", prefix = \"COPY\" }\n";
     std::fs::write(&job, format!("{one_table}{COPY_TARGET}{override_keys}")).unwrap();
@@ -580,6 +567,72 @@ async fn retire_is_refused_while_a_transaction_that_wrote_to_the_table_stays_ope
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
 }
 
+/// Lists `patient_parts` in the job file too.
+fn list_patient_parts(job: &str) {
+    let listed = std::fs::read_to_string(job).unwrap();
+    std::fs::write(
+        job,
+        format!(
+            "{listed}{}",
+            COPY_TARGET.replace("patient_copy", "patient_parts")
+        ),
+    )
+    .unwrap();
+}
+
+/// Three (id, phone) of partition `patient_parts_b` as they are now: a backup.
+async fn three_values_of_parts_b(db: &TestDb) -> Vec<(i64, Vec<u8>)> {
+    db.client
+        .query(
+            "SELECT id, phone_encrypted FROM patient_parts WHERE id IN (110, 120, 130)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// Restores phones of `patient_parts` from `backup`.
+async fn put_back(db: &TestDb, backup: &[(i64, Vec<u8>)]) {
+    for (id, value) in backup {
+        db.client
+            .execute(
+                "UPDATE patient_parts SET phone_encrypted = $1 WHERE id = $2",
+                &[value, id],
+            )
+            .await
+            .unwrap();
+    }
+}
+
+/// Detaches `patient_parts_b`; the retire is then refused for it, naming
+/// it, and the keyring file is left as it was.
+async fn detach_parts_b_and_see_the_retire_refused(
+    db: &TestDb,
+    job: &str,
+    keyring: &std::path::Path,
+) {
+    db.client
+        .batch_execute("ALTER TABLE patient_parts DETACH PARTITION patient_parts_b")
+        .await
+        .unwrap();
+    let before = std::fs::read(keyring).unwrap();
+    let out = rekey_retire(job, &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("rotated public.patient_parts_b in an earlier run"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(
+        std::fs::read(keyring).unwrap(),
+        before,
+        "the keyring changed"
+    );
+}
+
 // Before: a partition the job rotated as part of its listed table, then
 // detached, was a table of its own that no listed target covered, and the
 // retire's full verify did not read it: exit 0, "retired key 1", while
@@ -600,51 +653,11 @@ async fn retire_is_refused_for_a_partition_the_job_rotated_and_that_was_detached
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (job, keyring) = keyring_file_job(&db, &dir);
-    let listed = std::fs::read_to_string(&job).unwrap();
-    std::fs::write(
-        &job,
-        format!(
-            "{listed}{}",
-            COPY_TARGET.replace("patient_copy", "patient_parts")
-        ),
-    )
-    .unwrap();
-    let backup = db
-        .client
-        .query(
-            "SELECT id, phone_encrypted FROM patient_parts WHERE id IN (110, 120, 130)",
-            &[],
-        )
-        .await
-        .unwrap();
+    list_patient_parts(&job);
+    let backup = three_values_of_parts_b(&db).await;
     stage_promote_and_run(&job);
-    for row in &backup {
-        let (id, value): (i64, Vec<u8>) = (row.get(0), row.get(1));
-        db.client
-            .execute(
-                "UPDATE patient_parts SET phone_encrypted = $1 WHERE id = $2",
-                &[&value, &id],
-            )
-            .await
-            .unwrap();
-    }
-    db.client
-        .batch_execute("ALTER TABLE patient_parts DETACH PARTITION patient_parts_b")
-        .await
-        .unwrap();
-    let before = std::fs::read(&keyring).unwrap();
-    let out = rekey_retire(&job, &[]);
-    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
-    assert!(
-        printed(&out).contains("rotated public.patient_parts_b in an earlier run"),
-        "{}",
-        printed(&out)
-    );
-    assert_eq!(
-        std::fs::read(&keyring).unwrap(),
-        before,
-        "the keyring changed"
-    );
+    put_back(&db, &backup).await;
+    detach_parts_b_and_see_the_retire_refused(&db, &job, &keyring).await;
     // attached again, the full verify reads it and finds the restored values
     db.client
         .batch_execute("ALTER TABLE patient_parts ATTACH PARTITION patient_parts_b FOR VALUES FROM (101) TO (MAXVALUE)")
@@ -682,19 +695,8 @@ async fn retire_is_refused_for_a_partition_attached_while_the_job_ran_and_detach
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (job, keyring) = keyring_file_job(&db, &dir);
-    let listed = std::fs::read_to_string(&job).unwrap();
-    std::fs::write(
-        &job,
-        format!(
-            "{listed}{}",
-            COPY_TARGET.replace("patient_copy", "patient_parts")
-        ),
-    )
-    .unwrap();
-    for step in ["stage", "promote"] {
-        let out = rekey(&["secrets", step, "--job", &job], &keyring_pass_env());
-        assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-    }
+    list_patient_parts(&job);
+    stage_and_promote(&job, &keyring_pass_env());
     // the first run ends with its window, the job unfinished
     let out = rekey(
         &[
@@ -716,43 +718,11 @@ async fn retire_is_refused_for_a_partition_attached_while_the_job_ran_and_detach
         .batch_execute("ALTER TABLE patient_parts ATTACH PARTITION patient_parts_b FOR VALUES FROM (101) TO (MAXVALUE)")
         .await
         .unwrap();
-    let backup = db
-        .client
-        .query(
-            "SELECT id, phone_encrypted FROM patient_parts WHERE id IN (110, 120, 130)",
-            &[],
-        )
-        .await
-        .unwrap();
+    let backup = three_values_of_parts_b(&db).await;
     let out = rekey(&["run", "--job", &job], &keyring_pass_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-    for row in &backup {
-        let (id, value): (i64, Vec<u8>) = (row.get(0), row.get(1));
-        db.client
-            .execute(
-                "UPDATE patient_parts SET phone_encrypted = $1 WHERE id = $2",
-                &[&value, &id],
-            )
-            .await
-            .unwrap();
-    }
-    db.client
-        .batch_execute("ALTER TABLE patient_parts DETACH PARTITION patient_parts_b")
-        .await
-        .unwrap();
-    let before = std::fs::read(&keyring).unwrap();
-    let out = rekey_retire(&job, &[]);
-    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
-    assert!(
-        printed(&out).contains("rotated public.patient_parts_b in an earlier run"),
-        "{}",
-        printed(&out)
-    );
-    assert_eq!(
-        std::fs::read(&keyring).unwrap(),
-        before,
-        "the keyring changed"
-    );
+    put_back(&db, &backup).await;
+    detach_parts_b_and_see_the_retire_refused(&db, &job, &keyring).await;
 }
 
 // Before: where rekey's role may not see other roles' sessions in

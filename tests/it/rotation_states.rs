@@ -777,10 +777,7 @@ async fn a_finished_rotation_whose_key_was_promoted_by_hand_since_is_not_called_
         "done",
         "-",
     );
-    for step in ["stage", "promote"] {
-        let out = rekey(&["secrets", step, "--job", &job], &keyring_pass_env());
-        assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-    }
+    stage_and_promote(&job, &keyring_pass_env());
     assert_eq!(table(&keyring).id_in(KeyState::Current), Some(3));
     let out = rotate(&job, &[]);
     expect(&out, 4, "retired", "not_verified", "-");

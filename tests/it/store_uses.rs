@@ -104,22 +104,6 @@ fn refused_for_another_database(out: &std::process::Output) {
     );
 }
 
-fn compromise_rotation(job: &str) -> std::process::Output {
-    rekey(
-        &[
-            "rotate",
-            "--job",
-            job,
-            "--no-wait",
-            "--grace",
-            "0s",
-            "--reason",
-            "compromise",
-        ],
-        &keyring_pass_env(),
-    )
-}
-
 // Before the record: job a's compromise rotation destroyed key 1 (exit 0)
 // while database b's table held its values under key 1 alone.
 #[tokio::test(flavor = "multi_thread")]
@@ -130,7 +114,7 @@ async fn a_retire_is_refused_while_another_database_sharing_the_keyring_file_has
     assert_eq!(b_values.len(), 1, "{b_values:?}");
     assert_eq!(b_values[0].0, 1);
 
-    let out = compromise_rotation(&t.job_a);
+    let out = compromise_rotation(&t.job_a, &keyring_pass_env());
     assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
     let b_name: String =
         t.b.client
@@ -219,7 +203,7 @@ async fn a_database_forgotten_by_the_keyring_file_no_longer_holds_a_retire_back(
     assert!(audit_events(&t.dir)
         .iter()
         .any(|e| e["event_type"] == "store_use_forgotten"));
-    let out = compromise_rotation(&t.job_a);
+    let out = compromise_rotation(&t.job_a, &keyring_pass_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert_eq!(key_1_state(&t.keyring), (KeyState::Retired, false));
 }
@@ -266,17 +250,6 @@ async fn a_run_killed_in_another_database_holds_back_a_retire_of_the_key_it_wrot
     );
     refused_for_another_database(&out);
     assert_eq!(values_by_key(&t.b, &t.keyring).await, b_values);
-}
-
-/// Stages and promotes the next key of the job's keyring file, then runs
-/// the job: its values move to it.
-fn stage_promote_and_run(job: &str) {
-    for step in ["stage", "promote"] {
-        let out = rekey(&["secrets", step, "--job", job], &keyring_pass_env());
-        assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-    }
-    let out = rekey(&["run", "--job", job], &keyring_pass_env());
-    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
 }
 
 // Before the record named the keys the file held: database b's record
@@ -369,7 +342,7 @@ async fn a_copy_of_the_retiring_database_is_another_database_to_the_record() {
     let out = rekey(&["run", "--job", &t.job_b], &keyring_pass_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
 
-    let out = compromise_rotation(&t.job_a);
+    let out = compromise_rotation(&t.job_a, &keyring_pass_env());
     refused_for_another_database(&out);
     assert_eq!(key_1_state(&t.keyring), (KeyState::Previous, true));
 }

@@ -6,9 +6,7 @@
 //! another database's record names.
 #![cfg(feature = "aws")]
 
-use std::process::Command;
-
-use crate::aws::kms_master_key;
+use crate::aws::{boto3, kms_master_key};
 use crate::harness::*;
 
 /// Which AWS store the two databases share.
@@ -110,22 +108,6 @@ async fn two_databases_sharing(shared: Shared, rows: i64) -> TwoDatabases {
     t
 }
 
-fn compromise_rotation(job: &str) -> std::process::Output {
-    rekey(
-        &[
-            "rotate",
-            "--job",
-            job,
-            "--no-wait",
-            "--grace",
-            "0s",
-            "--reason",
-            "compromise",
-        ],
-        &aws_env(),
-    )
-}
-
 /// `secrets show --json` of `job`.
 fn show(job: &str) -> serde_json::Value {
     let out = rekey(&["secrets", "show", "--job", job, "--json"], &aws_env());
@@ -158,24 +140,6 @@ fn undecryptable(job: &str) -> u64 {
     json(&out)["values_undecryptable"].as_u64().unwrap()
 }
 
-/// Runs `script` (Python, boto3 on moto) with the endpoint and `args`.
-fn boto3(script: &str, args: &[&str]) -> String {
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(&moto().endpoint)
-        .args(args)
-        .envs(aws_env())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// Before the record: job a's compromise rotation destroyed key 1 (exit 0)
 /// while database b's values were all under it.
 async fn a_retire_is_refused_while_the_other_database_needs_the_key(shared: Shared) {
@@ -186,7 +150,7 @@ async fn a_retire_is_refused_while_the_other_database_needs_the_key(shared: Shar
             .await
             .unwrap()
             .get(0);
-    let out = compromise_rotation(&t.job_a);
+    let out = compromise_rotation(&t.job_a, &aws_env());
     assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
     assert!(
         printed(&out).contains("may still encrypt values in another database")
@@ -225,7 +189,7 @@ async fn a_retire_is_refused_while_the_other_database_needs_the_key(shared: Shar
             .any(|u| u["job"] == "b"),
         "forgotten"
     );
-    let out = compromise_rotation(&t.job_a);
+    let out = compromise_rotation(&t.job_a, &aws_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert_eq!(key_1_state(&t.job_a), "retired");
     drop(t.a);
@@ -326,7 +290,7 @@ async fn a_damaged_record_stops_runs_and_retires(shared: Shared) {
     assert_eq!(t.b.checksum("patient_persons").await, before);
     let out = rekey(&["secrets", "show", "--job", &t.job_a], &aws_env());
     assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
-    let out = compromise_rotation(&t.job_a);
+    let out = compromise_rotation(&t.job_a, &aws_env());
     assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
     assert!(printed(&out).contains("is damaged"), "{}", printed(&out));
     // (a verify reads no record) key 1 still opens database b's values
@@ -444,7 +408,7 @@ c.update_secret_version_stage(SecretId=sys.argv[2], VersionStage="AWSCURRENT", R
 "#,
         &[&uses_secret(&t.store)],
     );
-    let out = compromise_rotation(&t.job_a);
+    let out = compromise_rotation(&t.job_a, &aws_env());
     assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
     assert!(
         printed(&out).contains("is damaged: no version of it is labelled AWSCURRENT"),

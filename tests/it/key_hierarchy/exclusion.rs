@@ -20,23 +20,6 @@ fn other_job(db: &TestDb, dir: &tempfile::TempDir, master: &str) -> String {
     path.display().to_string()
 }
 
-/// Waits until `sql` counts at least one row, while `child` runs.
-async fn until(db: &TestDb, sql: &str, child: &mut std::process::Child, what: &str) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let n: i64 = db.client.query_one(sql, &[]).await.unwrap().get(0);
-        if n > 0 {
-            return;
-        }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "rekey ended before {what}"
-        );
-        assert!(std::time::Instant::now() < deadline, "never {what}");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-}
-
 /// Waits on a two-key advisory lock in this test's database (pg_locks
 /// lists every database's, and the tests share one cluster).
 const WAITS_ON_KEY_TABLE_LOCK: &str =

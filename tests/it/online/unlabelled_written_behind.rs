@@ -66,12 +66,9 @@ async fn blobs(db: &TestDb, rows: i64) {
 const BLOBS_TARGET: &str =
     "[[target]]\ntable = \"blobs\"\ncolumns = [\"b\"]\nformat = \"raw-gcm\"\n";
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_application_writing_raw_gcm_values_under_the_old_key_behind_the_run_keeps_it_from_saying_done(
-) {
-    let db = TestDb::new().await;
-    blobs(&db, ROWS).await;
-    let dir = tempfile::tempdir().unwrap();
+/// A job file for `blobs` in `dir`, its keys in the environment (key 1 to
+/// key 2); its path and that environment.
+fn blobs_job(db: &TestDb, dir: &tempfile::TempDir) -> (String, Vec<(&'static str, String)>) {
     let job = dir.path().join("blobs.toml");
     std::fs::write(
         &job,
@@ -82,7 +79,16 @@ async fn an_application_writing_raw_gcm_values_under_the_old_key_behind_the_run_
     )
     .unwrap();
     let env = vec![("RAW_KEY", K1.to_string()), ("RAW_KEY_NEW", K2.to_string())];
-    let job = job.display().to_string();
+    (job.display().to_string(), env)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_application_writing_raw_gcm_values_under_the_old_key_behind_the_run_keeps_it_from_saying_done(
+) {
+    let db = TestDb::new().await;
+    blobs(&db, ROWS).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, env) = blobs_job(&db, &dir);
     // an application transaction that began before the run and commits during it
     let mut early = connect(&db.url).await;
     early
@@ -160,20 +166,6 @@ async fn an_application_writing_raw_gcm_values_under_the_old_key_behind_the_run_
     assert!(under_key(&db, 1).await.is_empty());
 }
 
-/// Waits until `query` (one count) returns at least 1; fails the test
-/// after 30 s, naming `what`.
-async fn observed(db: &TestDb, query: &str, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let n: i64 = db.client.query_one(query, &[]).await.unwrap().get(0);
-        if n > 0 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "never observed: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 // Before: the recount took the job's start as an age in one statement and
 // read the rows changed since in the next; transactions others began in
 // between aged every row by as many, so rows written by a transaction
@@ -185,17 +177,7 @@ async fn a_transaction_begun_before_the_run_that_writes_behind_it_keeps_it_from_
     let db = TestDb::new().await;
     blobs(&db, 2_000).await;
     let dir = tempfile::tempdir().unwrap();
-    let job = dir.path().join("blobs.toml");
-    std::fs::write(
-        &job,
-        format!(
-            "[database]\nurl = \"{}\"\n[keys]\nsource = \"env\"\nprefix = \"RAW\"\n{BLOBS_TARGET}",
-            db.url
-        ),
-    )
-    .unwrap();
-    let env = vec![("RAW_KEY", K1.to_string()), ("RAW_KEY_NEW", K2.to_string())];
-    let job = job.display().to_string();
+    let (job, env) = blobs_job(&db, &dir);
     db.client
         .batch_execute("CREATE TABLE side (x int)")
         .await
@@ -208,7 +190,7 @@ async fn a_transaction_begun_before_the_run_that_writes_behind_it_keeps_it_from_
         .await
         .unwrap()
         .get(0);
-    let run = rekey_cmd(
+    let mut run = rekey_cmd(
         &[
             "run",
             "--job",
@@ -241,10 +223,11 @@ async fn a_transaction_begun_before_the_run_that_writes_behind_it_keeps_it_from_
         )
         .await
         .unwrap();
-    observed(
+    until(
         &db,
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        &mut run,
         "the last batch waiting",
     )
     .await;
@@ -271,9 +254,10 @@ async fn a_transaction_begun_before_the_run_that_writes_behind_it_keeps_it_from_
         released.await.unwrap();
         tx.commit().await.unwrap();
     });
-    observed(
+    until(
         &db,
         "SELECT count(*) FROM pg_locks WHERE relation = 'blobs'::regclass AND mode = 'AccessExclusiveLock'",
+        &mut run,
         "the table's lock asked for",
     )
     .await;
@@ -281,10 +265,11 @@ async fn a_transaction_begun_before_the_run_that_writes_behind_it_keeps_it_from_
         .execute("SELECT pg_advisory_unlock(4242)", &[])
         .await
         .unwrap();
-    observed(
+    until(
         &db,
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
             AND application_name = 'rekey' AND wait_event_type = 'Lock' AND query LIKE '%rekey row%'",
+        &mut run,
         "the recount waiting for the table",
     )
     .await;
