@@ -32,6 +32,10 @@ use crate::Error;
 /// process's update moved AWSCURRENT between its read and its write.
 const ATTEMPTS: usize = 8;
 
+/// How many more times a read asks for the record whose AWSCURRENT label
+/// is missing (another update moving it) before calling it damaged.
+const LABEL_TRIES: usize = 5;
+
 /// Why the record secret could not be used (beside the service's own
 /// errors, [`aws_err`]). Never carries key material.
 #[derive(Debug, thiserror::Error)]
@@ -112,26 +116,39 @@ impl UsesSecret {
 
     /// The records, and the version holding them (`None`: no record yet).
     pub async fn read(&self, client: &Client) -> Result<(Vec<StoreUse>, Option<String>), Error> {
-        let req = client
-            .get_secret_value()
-            .secret_id(&self.id)
-            .version_stage("AWSCURRENT");
         let damaged = |problem| UsesSecretError::Damaged {
             secret: self.name.clone(),
             of: self.of.clone(),
             problem,
         };
-        let out = match req.send().await {
-            Ok(out) => out,
-            // the secret missing (no record yet), or only its current version
-            Err(e) if not_found(&e) => {
-                return match client.describe_secret().secret_id(&self.id).send().await {
-                    Err(e) if not_found(&e) => Ok((Vec::new(), None)),
-                    Err(e) => Err(aws_err(ops::DESCRIBE, &self.name, e)),
-                    Ok(_) => Err(damaged("no version of it is labelled AWSCURRENT".into()).into()),
-                };
+        // a label moved by another database's update may be missing for a
+        // moment: asked again a few times before the record is called damaged
+        let mut tries = 0;
+        let out = loop {
+            let req = client
+                .get_secret_value()
+                .secret_id(&self.id)
+                .version_stage("AWSCURRENT");
+            match req.send().await {
+                Ok(out) => break out,
+                // the secret missing (no record yet), or only its current version
+                Err(e) if not_found(&e) => {
+                    match client.describe_secret().secret_id(&self.id).send().await {
+                        Err(e) if not_found(&e) => return Ok((Vec::new(), None)),
+                        Err(e) => return Err(aws_err(ops::DESCRIBE, &self.name, e)),
+                        Ok(_) if tries < LABEL_TRIES => {
+                            tries += 1;
+                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        }
+                        Ok(_) => {
+                            return Err(
+                                damaged("no version of it is labelled AWSCURRENT".into()).into()
+                            )
+                        }
+                    }
+                }
+                Err(e) => return Err(aws_err(ops::READ, &self.name, e)),
             }
-            Err(e) => return Err(aws_err(ops::READ, &self.name, e)),
         };
         let doc: Document = serde_json::from_str(out.secret_string().unwrap_or_default())
             .map_err(|e| damaged(json_problem(&e)))?;
