@@ -418,7 +418,7 @@ impl SecretsManagerStore {
         &self,
         change: &mut (dyn FnMut(&mut Vec<StoreUse>) -> bool + Send),
     ) -> Result<bool, Error> {
-        self.uses.update(&self.client, change).await
+        self.uses.update(&self.client, &self.spec, change).await
     }
 
     /// The material of key `id` from the secret's former versions (Secrets

@@ -26,6 +26,7 @@ use super::{drop_pending_label, move_current_from, put, token};
 use crate::secrets::file::json_problem;
 use crate::secrets::spec::USES_SECRET_SUFFIX;
 use crate::secrets::uses::{Document, StoreUse};
+use crate::secrets::KeysSpec;
 use crate::Error;
 
 /// How many times an update reads the records again after another
@@ -53,7 +54,7 @@ pub enum UsesSecretError {
     /// Created where the keyring secret is not (another account or region
     /// than the caller's): the retires reading the record beside the
     /// keyring secret would not find it.
-    #[error("rekey created secret {created}, its record of the databases using secret {of:?}, but not beside it (expected {expected}): the caller's account or region is not the keyring secret's. Nothing else was written. Delete {created}, and create {expected} in the keyring secret's account and region with the value {{\"format\":\"rekey-keyring-uses/1\",\"uses\":[]}} (or run rekey with credentials of that account)")]
+    #[error("rekey created secret {created}, its record of the databases using secret {of:?}, but not beside it (expected {expected}): the caller's account or region is not the keyring secret's. rekey deleted it again (unless a warning above says otherwise); nothing else was written. Create {expected} in the keyring secret's account and region with the value {{\"format\":\"rekey-keyring-uses/1\",\"uses\":[]}} (or run rekey with credentials of that account)")]
     Elsewhere {
         /// The ARN of the secret created.
         created: String,
@@ -61,6 +62,20 @@ pub enum UsesSecretError {
         expected: String,
         /// The keyring secret.
         of: String,
+    },
+    /// The keyring secret is in another account than the caller's (read
+    /// by ARN under its resource policy): CreateSecret would make the
+    /// record in the caller's account, where no retire reads it.
+    #[error("secret {of:?} is in AWS account {owner}, and rekey runs as account {caller}: rekey keeps the record of the databases using a keyring beside it, in its account, and a secret it created would be in account {caller}, where no retire reads it. Create the record once in account {owner} (with that account's credentials: `aws secretsmanager create-secret --name {name} --secret-string '{{\"format\":\"rekey-keyring-uses/1\",\"uses\":[]}}'`, under the keyring secret's KMS key), and let account {caller} read and write it (GetSecretValue, PutSecretValue, UpdateSecretVersionStage in its resource policy) as it does the keyring secret; then run again")]
+    OtherAccount {
+        /// The keyring secret.
+        of: String,
+        /// The record's name.
+        name: String,
+        /// The keyring secret's account.
+        owner: String,
+        /// The caller's account.
+        caller: String,
     },
     /// Other updates kept moving AWSCURRENT between this one's read and its write.
     #[error("secret {secret:?}: other databases' runs updated this record {ATTEMPTS} times while rekey was updating it; nothing of this update was kept: run again")]
@@ -74,9 +89,9 @@ impl From<UsesSecretError> for Error {
     fn from(e: UsesSecretError) -> Self {
         match e {
             UsesSecretError::Busy { .. } => Error::Runtime(e.to_string()),
-            UsesSecretError::Damaged { .. } | UsesSecretError::Elsewhere { .. } => {
-                Error::Config(e.to_string())
-            }
+            UsesSecretError::Damaged { .. }
+            | UsesSecretError::Elsewhere { .. }
+            | UsesSecretError::OtherAccount { .. } => Error::Config(e.to_string()),
         }
     }
 }
@@ -168,6 +183,7 @@ impl UsesSecret {
     pub async fn update(
         &self,
         client: &Client,
+        keys: &KeysSpec,
         change: &mut (dyn FnMut(&mut Vec<StoreUse>) -> bool + Send),
     ) -> Result<bool, Error> {
         for _ in 0..ATTEMPTS {
@@ -178,7 +194,7 @@ impl UsesSecret {
             let text = serde_json::to_string(&Document::of(&uses))
                 .map_err(|e| Error::Runtime(format!("the record could not be written: {e}")))?;
             let landed = match version {
-                None => self.create(client, &text).await?,
+                None => self.create(client, keys, &text).await?,
                 Some(read) => self.replace(client, &text, &read).await?,
             };
             if landed {
@@ -192,8 +208,22 @@ impl UsesSecret {
     }
 
     /// Creates the secret holding `text`; false where another process
-    /// created it since this one found none.
-    async fn create(&self, client: &Client, text: &str) -> Result<bool, Error> {
+    /// created it since this one found none. Refused before anything is
+    /// created where the keyring secret's account is not the caller's.
+    async fn create(&self, client: &Client, keys: &KeysSpec, text: &str) -> Result<bool, Error> {
+        if let Some(owner) = account_of(&self.id) {
+            if let Some(caller) = caller_account(keys).await {
+                if caller != owner {
+                    return Err(UsesSecretError::OtherAccount {
+                        of: self.of.clone(),
+                        name: self.name.clone(),
+                        owner: owner.to_string(),
+                        caller,
+                    }
+                    .into());
+                }
+            }
+        }
         let mut req = client
             .create_secret()
             .name(&self.name)
@@ -213,6 +243,19 @@ impl UsesSecret {
         };
         match created.arn() {
             Some(arn) if self.id.starts_with("arn:") && !arn.starts_with(&self.id) => {
+                // made by this call a moment ago, read by no one: not left behind
+                let deleted = client
+                    .delete_secret()
+                    .secret_id(arn)
+                    .force_delete_without_recovery(true)
+                    .send()
+                    .await;
+                if let Err(e) = deleted {
+                    tracing::warn!(
+                        "{}; delete it by hand",
+                        aws_err(ops::DELETE, arn, e).chain()
+                    );
+                }
                 Err(UsesSecretError::Elsewhere {
                     created: arn.to_string(),
                     expected: self.id.clone(),
@@ -247,6 +290,38 @@ impl UsesSecret {
     }
 }
 
+/// The account of an ARN (`arn:partition:service:region:account:...`).
+fn account_of(arn: &str) -> Option<&str> {
+    let mut parts = arn.strip_prefix("arn:")?.split(':');
+    let account = parts.nth(3)?;
+    (!account.is_empty()).then_some(account)
+}
+
+/// How long the caller's identity may take before the check is left to
+/// the created secret's ARN.
+const STS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The account rekey calls AWS as (STS GetCallerIdentity, which needs no
+/// permission), if STS answers: where it does not, the created secret's
+/// ARN still tells ([`UsesSecretError::Elsewhere`]).
+async fn caller_account(keys: &KeysSpec) -> Option<String> {
+    let ask = async {
+        let config = super::sdk_config(keys).await;
+        let out = aws_sdk_sts::Client::new(&config)
+            .get_caller_identity()
+            .send()
+            .await;
+        match out {
+            Ok(out) => out.account().map(str::to_string),
+            Err(e) => {
+                tracing::debug!("STS GetCallerIdentity: {}", e.code().unwrap_or("failed"));
+                None
+            }
+        }
+    };
+    tokio::time::timeout(STS_WAIT, ask).await.ok().flatten()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,6 +352,35 @@ mod tests {
         );
         let bare = UsesSecret::beside("prod/app/keyring", &described("prod/app/keyring", None));
         assert_eq!(bare.id, "prod/app/keyring.rekey-uses");
+    }
+
+    #[test]
+    fn the_keyring_secret_s_account_is_read_off_its_arn() {
+        assert_eq!(
+            account_of("arn:aws:secretsmanager:eu-west-1:111122223333:secret:prod/app/keyring"),
+            Some("111122223333")
+        );
+        assert_eq!(account_of("prod/app/keyring"), None);
+        assert_eq!(
+            account_of("arn:aws:secretsmanager:eu-west-1::secret:k"),
+            None
+        );
+    }
+
+    #[test]
+    fn a_record_in_another_account_is_refused_naming_both_accounts_and_the_secret_to_create() {
+        let said = UsesSecretError::OtherAccount {
+            of: "arn:aws:secretsmanager:eu-west-1:111122223333:secret:k-AbCdEf".into(),
+            name: "k.rekey-uses".into(),
+            owner: "111122223333".into(),
+            caller: "444455556666".into(),
+        }
+        .to_string();
+        assert!(
+            said.contains("in AWS account 111122223333, and rekey runs as account 444455556666")
+                && said.contains("--name k.rekey-uses"),
+            "{said}"
+        );
     }
 
     #[test]
