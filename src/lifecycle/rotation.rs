@@ -640,11 +640,15 @@ async fn stage_new(
     // what would refuse the run (a privilege, a table rekey may not see
     // whole, values that do not open) refuses before a key is staged; not
     // where the current key is marked compromised, as no keyring is loaded
-    // over it until a new key is staged (the run checks all this then)
+    // over it until a new key is staged (the run checks all this then).
+    // The store's record of the databases using it too: a run that cannot
+    // write it stops before its first write, and found only then, the
+    // rotation would have staged a key for nothing
     if store.table().compromised_current().is_none() {
         let job = crate::job::Job::resolve(cx.spec, client).await?;
         crate::engine::verify::preflight(client, &job, crate::engine::verify::TargetKey::Given)
             .await?;
+        crate::engine::uses::starting(client, &job).await?;
     }
     let secret_id = store.secret_id();
     let old = steps::current(store);

@@ -225,7 +225,16 @@ async fn key_2_staged(t: &TwoDatabases) -> String {
 async fn a_run_that_cannot_write_the_secret_s_record_stops_before_its_first_write() {
     let t = two_databases_before_any_run(Shared::Secret, 200).await;
     let before = key_2_staged(&t).await;
-    // the record's secret is there, scheduled for deletion: it cannot be read nor written
+    record_unwritable(&t);
+    let out = rekey(&["run", "--job", &t.job_b], &aws_env());
+    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
+    assert_the_record_could_not_be_written(&t, &printed(&out));
+    assert_eq!(t.b.checksum("patient_persons").await, before);
+}
+
+/// Makes the record of `t`'s secret one rekey can neither read nor write:
+/// its secret is there, scheduled for deletion.
+fn record_unwritable(t: &TwoDatabases) {
     boto3(
         r#"
 import boto3, sys
@@ -235,9 +244,11 @@ c.delete_secret(SecretId=sys.argv[2], RecoveryWindowInDays=7)
 "#,
         &[&uses_secret(&t.store)],
     );
-    let out = rekey(&["run", "--job", &t.job_b], &aws_env());
-    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
-    let said = printed(&out);
+}
+
+/// Asserts that rekey said it could not write the record, naming the
+/// secret and the permissions, and wrote nothing.
+fn assert_the_record_could_not_be_written(t: &TwoDatabases, said: &str) {
     assert!(
         said.contains(&format!(
             "could not record in aws-secrets-manager:{}",
@@ -247,6 +258,29 @@ c.delete_secret(SecretId=sys.argv[2], RecoveryWindowInDays=7)
             && said.contains("Nothing was written"),
         "{said}"
     );
+}
+
+// Found in review: the first `rotate` run by a caller without the record's
+// permissions (just after an upgrade) staged key 2 in the keyring secret
+// before its run failed on the record.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotate_that_cannot_write_the_secret_s_record_stops_before_it_stages_a_key() {
+    let t = two_databases_before_any_run(Shared::Secret, 200).await;
+    let before = t.b.checksum("patient_persons").await;
+    record_unwritable(&t);
+    let out = rekey(&["rotate", "--job", &t.job_b, "--no-wait"], &aws_env());
+    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
+    assert_the_record_could_not_be_written(&t, &printed(&out));
+    let labels = boto3(
+        r#"
+import boto3, sys
+c = boto3.client("secretsmanager", endpoint_url=sys.argv[1], region_name="us-east-1")
+vs = c.list_secret_version_ids(SecretId=sys.argv[2])["Versions"]
+print(sorted(s for v in vs for s in v.get("VersionStages", [])))
+"#,
+        &[&t.store],
+    );
+    assert_eq!(labels.trim(), "['AWSCURRENT']", "nothing staged");
     assert_eq!(t.b.checksum("patient_persons").await, before);
 }
 
