@@ -382,6 +382,17 @@ pub async fn refuse_other_databases(
         return Ok(());
     };
     let own = crate::engine::uses::user(client, "").await?.database_id;
+    if !records.iter().any(|u| u.database_id == own) {
+        // no run of this version here: a database sharing the store that
+        // ran no such run either is as unknown to this retire
+        tracing::warn!(
+            "{} holds no record of this database: its runs here were made by a rekey older than the record of the \
+             databases using a store, or the record was removed. Another database sharing the store whose runs \
+             were too is unknown to this retire: where one may use it, run its job there (the run records its \
+             keys) before a retire",
+            store.secret_id()
+        );
+    }
     let others = crate::secrets::uses::needing(&records, old, &own);
     let Some(first) = others.first() else {
         return Ok(());

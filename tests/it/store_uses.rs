@@ -346,3 +346,42 @@ async fn a_copy_of_the_retiring_database_is_another_database_to_the_record() {
     refused_for_another_database(&out);
     assert_eq!(key_1_state(&t.keyring), (KeyState::Previous, true));
 }
+
+// A database whose runs predate the record (or whose record was removed)
+// is unknown to a retire, and so may be another database sharing the
+// store: the retire said nothing of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retire_from_a_database_the_store_holds_no_record_of_warns_that_others_may_be_unknown_too(
+) {
+    let t = two_databases_before_any_run(100).await;
+    stage_promote_and_run(&t.job_a);
+    let uses = uses_file(&t.keyring);
+    std::fs::remove_file(&uses).unwrap();
+    let out = rekey(
+        &["secrets", "retire", "--job", &t.job_a],
+        &keyring_pass_env(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert!(
+        stderr(&out).contains("holds no record of this database"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(key_1_state(&t.keyring).0, KeyState::Retired);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retire_from_a_database_the_store_records_says_nothing_of_unknown_databases() {
+    let t = two_databases_before_any_run(100).await;
+    stage_promote_and_run(&t.job_a);
+    let out = rekey(
+        &["secrets", "retire", "--job", &t.job_a],
+        &keyring_pass_env(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert!(
+        !printed(&out).contains("holds no record of this database"),
+        "{}",
+        printed(&out)
+    );
+}
