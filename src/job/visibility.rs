@@ -107,7 +107,9 @@ async fn row_security(client: &Client, t: &Target) -> Result<(), Error> {
                     coalesce(bool_or(NOT p.polpermissive AND p.polcmd IN ('r', '*')), false),
                     string_agg(format('%s (%s, USING %s)', quote_ident(p.polname),
                                       CASE WHEN p.polpermissive THEN 'permissive' ELSE 'restrictive' END,
-                                      coalesce(pg_get_expr(p.polqual, p.polrelid), 'true')), '; ' ORDER BY p.polname)
+                                      CASE WHEN length(pg_get_expr(p.polqual, p.polrelid)) > 60
+                                           THEN left(pg_get_expr(p.polqual, p.polrelid), 57) || '...'
+                                           ELSE coalesce(pg_get_expr(p.polqual, p.polrelid), 'true') END), '; ' ORDER BY p.polname)
                         FILTER (WHERE p.polcmd IN ('r', '*'))
                FROM pg_class c
                LEFT JOIN pg_policy p ON p.polrelid = c.oid

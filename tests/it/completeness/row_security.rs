@@ -184,6 +184,40 @@ async fn run_under_row_security_with_no_policy_is_refused_saying_the_role_sees_n
     assert_nothing_written(&db, 10).await;
 }
 
+// Before: the refusal quoted each policy's whole USING expression, however
+// long (a tenant list, a subquery), burying the fix after it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_policy_expression_is_shortened_in_the_refusal() {
+    let db = TestDb::new().await;
+    db.seed_patients(10).await;
+    let role = restricted_role(&db, "listed").await;
+    let ids: Vec<String> = (1000..1100).map(|i| i.to_string()).collect();
+    db.client
+        .batch_execute(&format!(
+            "ALTER TABLE patient_persons ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY listed_ids ON patient_persons FOR SELECT USING (id IN ({}));",
+            ids.join(", ")
+        ))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job(&dir).display().to_string();
+
+    let out = rekey(
+        &["run", "--job", &j, "--database-url", &url_as(&db, &role)],
+        &seed_env(),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    let said = stderr(&out);
+    assert!(
+        said.contains("listed_ids (permissive, USING (id = ANY (ARRAY[(1000)::bigint")
+            && said.contains("...)")
+            && !said.contains("1099"),
+        "{said}"
+    );
+    assert_nothing_written(&db, 10).await;
+}
+
 // Before these checks existed, with the even rows on V2 and the hidden odd rows
 // on V1: `verify` exits 0 with "167 values: 167 on the target key ...
 // verified: nothing left on an old key" (it never gets to `--full`).
