@@ -82,7 +82,13 @@ pub(super) async fn rekey_once(
     // what `rekey run` does before its first batch, in its order
     let setup = Instant::now();
     if before == Before::AsRun {
-        verify::preflight(client, &job, verify::TargetKey::Given).await?;
+        verify::preflight(
+            client,
+            &job,
+            verify::TargetKey::Given,
+            verify::Forcing::NoFlag("rekey bench"),
+        )
+        .await?;
     }
     let mut record = state::open_job(client, &job, true, async |c: &Client| {
         plan::job_ranges(c, &job, opts.lanes).await

@@ -141,7 +141,13 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
     let live = Arc::new(LiveCounts::default());
 
     if !args.dry_run && !args.force {
-        verify::preflight(&client, &job, verify::TargetKey::Given).await?;
+        verify::preflight(
+            &client,
+            &job,
+            verify::TargetKey::Given,
+            verify::Forcing::Flag,
+        )
+        .await?;
     } else if !args.dry_run {
         // --force lets values that do not open through, never a key pages cannot follow
         for t in &job.targets {

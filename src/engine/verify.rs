@@ -299,6 +299,32 @@ async fn check_recorded_keys(client: &Client, job: &Job) -> Result<(), Error> {
     Ok(())
 }
 
+/// How the command a preflight refuses for lets values that do not open
+/// through: its own `--force`, or none (then the refusal does not tell the
+/// operator to pass one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forcing {
+    /// `rekey run --force`.
+    Flag,
+    /// A command without one, by its name (`rekey rotate`, `rekey bench`).
+    NoFlag(&'static str),
+}
+
+impl Forcing {
+    /// The way past a refusal over `what` ("every value that does not
+    /// open"), as the end of its sentence.
+    fn past(self, what: &str) -> String {
+        match self {
+            Forcing::Flag => format!(", or pass --force to quarantine {what}"),
+            Forcing::NoFlag(command) => format!(
+                ". `{command}` takes no --force: it does not go on over {what}; where they are damaged values \
+                 rather than another key's, restore them from a backup (`rekey run --force` quarantines them, but \
+                 a rotation cannot move them to a new key)"
+            ),
+        }
+    }
+}
+
 /// What is known of the key a run writes under, before it writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TargetKey {
@@ -322,7 +348,12 @@ const PREFLIGHT_ROWS: i64 = 200;
 /// with some values that open and some that do not proceeds: those are
 /// quarantined one by one. Then, for a target key not proven,
 /// [`refuse_a_target_key_not_theirs`].
-pub async fn preflight(client: &Client, job: &Job, target: TargetKey) -> Result<(), Error> {
+pub async fn preflight(
+    client: &Client,
+    job: &Job,
+    target: TargetKey,
+    forcing: Forcing,
+) -> Result<(), Error> {
     if target == TargetKey::ReadBefore {
         // the key as the rotation's runs recorded it, not merely a key by its id
         check_recorded_keys(client, job).await?;
@@ -331,7 +362,7 @@ pub async fn preflight(client: &Client, job: &Job, target: TargetKey) -> Result<
         crate::job::visibility::check_writable(client, t).await?;
         crate::job::shared_keys::refuse_keys_shared_with_children(client, t).await?;
         if target == TargetKey::Given {
-            refuse_a_target_key_not_theirs(client, t).await?;
+            refuse_a_target_key_not_theirs(client, t, forcing).await?;
         }
         let (text, prefixed) = sql::select_page(
             t,
@@ -349,7 +380,7 @@ pub async fn preflight(client: &Client, job: &Job, target: TargetKey) -> Result<
             .await
             .ctx(|| format!("reading a sample of {}", t.table))?;
         let rows = page_of(t, &rows)?;
-        refuse_missing_keys(t, &rows)?;
+        refuse_missing_keys(t, &rows, forcing)?;
         let mut cells = Cells::default();
         transform::classify(t, &rows, &mut cells);
         let tried = cells.iter().filter(|c| !matches!(c, Cell::Null)).count();
@@ -360,12 +391,13 @@ pub async fn preflight(client: &Client, job: &Job, target: TargetKey) -> Result<
         // A wrong key shows as authentication failures; a few malformed
         // values (truncated, not base64) left over from an earlier run do not.
         let wrong_key = auth_failures(&cells);
-        refuse_wrong_hash_key(t, &cells)?;
+        refuse_wrong_hash_key(t, &cells, forcing)?;
         if tried > 0 && opened == 0 && 2 * wrong_key >= tried {
             return Err(Error::Config(format!(
                 "none of the {tried} values sampled from {} opens with the keys given (a wrong old key, or the wrong format?); \
-                 nothing was written. Fix the keys or the job file, or pass --force to quarantine every value that does not open",
-                t.table
+                 nothing was written. Fix the keys or the job file{}",
+                t.table,
+                forcing.past("every value that does not open")
             )));
         }
         // not a ciphertext of the format at all (a plaintext column listed by
@@ -386,8 +418,7 @@ pub async fn preflight(client: &Client, job: &Job, target: TargetKey) -> Result<
             return Err(Error::Config(format!(
                 "none of the {tried} values sampled from {} is a value of the job's format ({}: not base64, or \
                  shorter than the format's overhead): is every column listed encrypted, and in this format? Nothing \
-                 was written. Fix the job file's columns or format, or pass --force to quarantine every value that \
-                 does not open",
+                 was written. Fix the job file's columns or format{}",
                 t.table,
                 cells
                     .iter()
@@ -395,7 +426,8 @@ pub async fn preflight(client: &Client, job: &Job, target: TargetKey) -> Result<
                         Cell::Failed(e) => Some(e.kind()),
                         _ => None,
                     })
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                forcing.past("every value that does not open")
             )));
         }
     }
@@ -438,7 +470,11 @@ const NEWEST_ROWS: i64 = 10_000;
 /// does not open under another key), so damaged values with the target's
 /// label beside one that opens are quarantined as before (where none
 /// opens, `--force` skips this check).
-async fn refuse_a_target_key_not_theirs(client: &Client, t: &Target) -> Result<(), Error> {
+async fn refuse_a_target_key_not_theirs(
+    client: &Client,
+    t: &Target,
+    forcing: Forcing,
+) -> Result<(), Error> {
     let Some((text, prefixed)) = sql::select_labelled(t) else {
         return Ok(());
     };
@@ -475,9 +511,9 @@ async fn refuse_a_target_key_not_theirs(client: &Client, t: &Target) -> Result<(
              under it, or by an earlier rotation), and the key given as {label} opens none of them: it is not \
              the key they were written under. Nothing was written: the run would re-encrypt every other value \
              under a key nothing else holds. Give the key they were written under (the one the application \
-             uses), or, for a new key, a key id no value carries yet. If they are damaged values rather than \
-             another key's, --force quarantines what does not open and goes on",
-            t.table
+             uses), or, for a new key, a key id no value carries yet{}",
+            t.table,
+            forcing.past("what does not open and go on")
         )));
     }
     Ok(())
@@ -505,7 +541,7 @@ fn page_of(t: &Target, rows: &[tokio_postgres::Row]) -> Result<Page, Error> {
 /// Refuses, before any write, a target none of whose sampled search hashes
 /// any hash key made (a wrong hash key, output or truncate), which would
 /// otherwise quarantine every hash of the table.
-fn refuse_wrong_hash_key(t: &Target, cells: &[Cell]) -> Result<(), Error> {
+fn refuse_wrong_hash_key(t: &Target, cells: &[Cell], forcing: Forcing) -> Result<(), Error> {
     let Some(hash) = &t.hash else {
         return Ok(());
     };
@@ -524,11 +560,11 @@ fn refuse_wrong_hash_key(t: &Target, cells: &[Cell]) -> Result<(), Error> {
         return Err(Error::Config(format!(
             "none of the {tried} search hashes sampled from {}.{} is the HMAC of its plaintext under a hash key given \
              (the new one is {}): the old hash key is missing, or output or truncate differ from what the application writes. \
-             Nothing was written. Give the old hash key as well as the new one, fix the job file, \
-             or pass --force to quarantine every hash that matches no key",
+             Nothing was written. Give the old hash key as well as the new one, or fix the job file{}",
             t.table,
             t.columns[hash.column].name,
-            hash.source.where_key(hash.hasher.target())
+            hash.source.where_key(hash.hasher.target()),
+            forcing.past("every hash that matches no key")
         )));
     }
     Ok(())
@@ -538,7 +574,7 @@ fn refuse_wrong_hash_key(t: &Target, cells: &[Cell]) -> Result<(), Error> {
 /// hold (an old key left out): every one of them would be quarantined. A key
 /// id named by a stray value or two (a damaged version byte) is not a key
 /// left out: those values are quarantined one by one.
-fn refuse_missing_keys(t: &Target, rows: &Page) -> Result<(), Error> {
+fn refuse_missing_keys(t: &Target, rows: &Page, forcing: Forcing) -> Result<(), Error> {
     let mut missing: BTreeMap<KeyId, u64> = BTreeMap::new();
     let mut tried = 0u64;
     for row in rows.rows() {
@@ -568,9 +604,10 @@ fn refuse_missing_keys(t: &Target, rows: &Page) -> Result<(), Error> {
         .collect();
     Err(Error::Config(format!(
         "of the {tried} values sampled from {}, {}; the keys given do not hold that key, so nothing was written. \
-         Give the old key as well as the new one, or pass --force to quarantine every value under a key that is not given",
+         Give the old key as well as the new one{}",
         t.table,
-        named.join("; ")
+        named.join("; "),
+        forcing.past("every value under a key that is not given")
     )))
 }
 

@@ -40,7 +40,13 @@ pub(crate) async fn rewrite_all(
     } else {
         verify::TargetKey::ReadBefore
     };
-    verify::preflight(client, &job, target).await?;
+    verify::preflight(
+        client,
+        &job,
+        target,
+        verify::Forcing::NoFlag("rekey rotate"),
+    )
+    .await?;
     // said before the run writes, and kept with the invocation's lines
     for line in crate::job::visibility::old_row_copies(client, &job.targets).await? {
         tracing::warn!("{line}");

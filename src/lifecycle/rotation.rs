@@ -646,8 +646,13 @@ async fn stage_new(
     // rotation would have staged a key for nothing
     if store.table().compromised_current().is_none() {
         let job = crate::job::Job::resolve(cx.spec, client).await?;
-        crate::engine::verify::preflight(client, &job, crate::engine::verify::TargetKey::Given)
-            .await?;
+        crate::engine::verify::preflight(
+            client,
+            &job,
+            crate::engine::verify::TargetKey::Given,
+            crate::engine::verify::Forcing::NoFlag("rekey rotate"),
+        )
+        .await?;
         crate::engine::uses::starting(client, &job).await?;
     }
     let secret_id = store.secret_id();

@@ -57,6 +57,27 @@ async fn a_missing_old_key_is_refused_before_any_write() {
     }
 }
 
+// Before: `rotate` was told to "pass --force to quarantine every value
+// under a key that is not given", and it takes no --force.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotate_refused_for_a_missing_old_key_is_not_told_to_pass_force() {
+    let db = TestDb::new().await;
+    db.seed_patients(60).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job(&dir).display().to_string();
+
+    let out = rekey(&["rotate", "--job", &j], &env_without_v1());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    let said = stderr(&out);
+    assert!(
+        said.contains("the keys given do not hold that key")
+            && said.contains("`rekey rotate` takes no --force")
+            && !said.contains("pass --force"),
+        "{said}"
+    );
+    assert_nothing_written(&db, 60).await;
+}
+
 // Before these checks existed: the 100 values are quarantined, with one warning
 // line per value on stderr ("rekey: warning: cannot decrypt
 // public.patient_persons.phone_encrypted at key (1): unknown_key", 100 lines)
