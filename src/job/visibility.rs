@@ -308,7 +308,8 @@ pub async fn check_writable(client: &Client, t: &Target) -> Result<(), Error> {
     let (role, select, no_update, some_columns): (String, bool, Vec<String>, bool) =
         (row.get(0), row.get(1), row.get(2), row.get(3));
     if select && no_update.is_empty() {
-        return replica_identity(client, t).await;
+        replica_identity(client, t).await?;
+        return update_refused(client, t).await;
     }
     let columns: Vec<String> = no_update.iter().map(|c| quote_ident(c)).collect();
     let table = &t.table;
@@ -397,6 +398,55 @@ async fn replica_identity(client: &Client, t: &Target) -> Result<(), Error> {
         "{table}{more} has {has} and publication {publications} publishes its updates: PostgreSQL refuses every UPDATE \
          of it, rekey's too, so the run would fail on its first batch. Nothing was written. Give it a replica identity \
          for the rotation ({fix}), or leave it out of the publication, then run again"
+    )))
+}
+
+/// Refuses a target (or a partition or child of it) that PostgreSQL would
+/// refuse every UPDATE of for what it is, not for a row: a publication's
+/// row filter on columns outside the replica identity, or a column list
+/// that leaves some out (PostgreSQL 15 and later), among others. Asked of
+/// PostgreSQL itself: an `EXPLAIN` of an UPDATE of the target's columns
+/// starts the executor, which checks each table it would update (every
+/// partition and child, as the qualification prunes none) without reading
+/// a row or firing a trigger.
+async fn update_refused(client: &Client, t: &Target) -> Result<(), Error> {
+    let set: Vec<String> = t
+        .columns
+        .iter()
+        .map(|c| {
+            let c = quote_ident(&c.name);
+            format!("{c} = {c}")
+        })
+        .collect();
+    let explain = format!(
+        "EXPLAIN UPDATE {} SET {} WHERE ctid IS NULL",
+        t.qualified(),
+        set.join(", ")
+    );
+    let Err(e) = client.batch_execute(&explain).await else {
+        return Ok(());
+    };
+    // the codes of CheckCmdReplicaIdentity's refusals: a column list or row
+    // filter the identity does not cover, no identity at all
+    let Some(db) = e.as_db_error().filter(|d| {
+        [
+            tokio_postgres::error::SqlState::INVALID_COLUMN_REFERENCE,
+            tokio_postgres::error::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
+        ]
+        .contains(d.code())
+    }) else {
+        return Err(e)
+            .ctx(|| format!("checking that PostgreSQL lets this role update {}", t.table));
+    };
+    Err(Error::Config(format!(
+        "PostgreSQL refuses every UPDATE of {}, rekey's too: {}{}, so the run would fail on its first batch. Nothing \
+         was written. Where a publication publishes its updates, its row filter (WHERE) may use only the replica \
+         identity's columns, and its column list must include them: change the publication (ALTER PUBLICATION ... \
+         SET TABLE), give the table a replica identity that covers them (REPLICA IDENTITY FULL, for a row filter), \
+         or leave the table out of the publication for the rotation; then run again",
+        t.table,
+        db.message(),
+        db.detail().map_or_else(String::new, |d| format!(" ({})", d.trim_end_matches('.')))
     )))
 }
 

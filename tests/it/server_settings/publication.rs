@@ -1,6 +1,7 @@
 //! A table a publication publishes the updates of while it has no replica
-//! identity: PostgreSQL refuses every UPDATE of it, so the run is refused
-//! before any write, with the `ALTER TABLE` that fixes it.
+//! identity, or with a row filter or a column list its replica identity
+//! does not cover: PostgreSQL refuses every UPDATE of it, so the run is
+//! refused before any write, with what fixes it.
 
 use super::*;
 
@@ -107,4 +108,64 @@ async fn a_partition_without_a_replica_identity_under_a_published_parent_is_refu
         .unwrap()
         .get(0);
     assert_eq!(written, 0);
+}
+
+/// Runs the patients job under `publication` (created on `patient_persons`
+/// with `how`), and asserts the run is refused before any write, saying
+/// `why` (PostgreSQL's own reason); once the publication is dropped, the
+/// run goes through.
+async fn refused_under_a_publication(how: &str, why: &str) {
+    let db = TestDb::new().await;
+    db.seed_patients(100).await;
+    db.client
+        .batch_execute(&format!(
+            "CREATE PUBLICATION to_the_warehouse FOR TABLE patient_persons {how}"
+        ))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+
+    let out = rekey(&["run", "--job", &job], &seed_env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    for said in [
+        "PostgreSQL refuses every UPDATE of public.patient_persons",
+        why,
+        "ALTER PUBLICATION",
+        "Nothing was written",
+    ] {
+        assert!(printed(&out).contains(said), "{said}: {}", printed(&out));
+    }
+    assert_eq!(written(&db).await, 0);
+
+    db.client
+        .batch_execute("DROP PUBLICATION to_the_warehouse")
+        .await
+        .unwrap();
+    let out = rekey(&["run", "--job", &job], &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    db.assert_every_value_rotated(100).await;
+}
+
+// Before: exit 1 on the first batch, "cannot update table
+// "patient_persons": Column used in the publication WHERE expression is not
+// part of the replica identity", in a job of several tables half done.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publication_row_filter_outside_the_replica_identity_is_refused_before_any_write() {
+    refused_under_a_publication(
+        "WHERE (phone_encrypted IS NOT NULL)",
+        "Column used in the publication WHERE expression is not part of the replica identity",
+    )
+    .await;
+}
+
+// Before: exit 1 on the first batch, "Column list used by the publication
+// does not cover the replica identity".
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publication_column_list_without_the_replica_identity_is_refused_before_any_write() {
+    refused_under_a_publication(
+        "(phone_encrypted)",
+        "Column list used by the publication does not cover the replica identity",
+    )
+    .await;
 }
