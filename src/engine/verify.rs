@@ -317,9 +317,10 @@ impl Forcing {
         match self {
             Forcing::Flag => format!(", or pass --force to quarantine {what}"),
             Forcing::NoFlag(command) => format!(
-                ". `{command}` takes no --force: it does not go on over {what}; where they are damaged values \
-                 rather than another key's, restore them from a backup (`rekey run --force` quarantines them, but \
-                 a rotation cannot move them to a new key)"
+                ". `{command}` takes no --force, and does not go on while the sample holds only such values \
+                 ({what}): where they are damaged values rather than another key's, restore them from a backup \
+                 (or set them to NULL) first (`rekey run --force` quarantines them, but leaves them in the table, \
+                 where this check finds them again)"
             ),
         }
     }
@@ -513,7 +514,13 @@ async fn refuse_a_target_key_not_theirs(
              under a key nothing else holds. Give the key they were written under (the one the application \
              uses), or, for a new key, a key id no value carries yet{}",
             t.table,
-            forcing.past("what does not open and go on")
+            match forcing {
+                // the refusal's likely cause is the key: --force is for damaged values alone
+                Forcing::Flag => ". If they are damaged values rather than another key's, --force quarantines what \
+                                  does not open and goes on"
+                    .to_string(),
+                Forcing::NoFlag(_) => forcing.past("values no key opens"),
+            }
         )));
     }
     Ok(())

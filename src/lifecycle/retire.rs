@@ -387,9 +387,10 @@ pub async fn refuse_other_databases(
         // ran no such run either is as unknown to this retire
         tracing::warn!(
             "{} holds no record of this database: its runs here were made by a rekey older than the record of the \
-             databases using a store, or the record was removed. Another database sharing the store whose runs \
-             were too is unknown to this retire: where one may use it, run its job there (the run records its \
-             keys) before a retire",
+             databases using a store, this database is a copy of the one they ran in (a copy is another database \
+             to the record), or the record was removed. Another database sharing the store whose runs were too is \
+             unknown here: where one may use it, run its job there (the run records its keys) before a key is \
+             retired or purged",
             store.secret_id()
         );
     }

@@ -54,7 +54,7 @@ pub enum UsesSecretError {
     /// Created where the keyring secret is not (another account or region
     /// than the caller's): the retires reading the record beside the
     /// keyring secret would not find it.
-    #[error("rekey created secret {created}, its record of the databases using secret {of:?}, but not beside it (expected {expected}): the caller's account or region is not the keyring secret's. rekey deleted it again (unless a warning above says otherwise); nothing else was written. Create {expected} in the keyring secret's account and region with the value {{\"format\":\"rekey-keyring-uses/1\",\"uses\":[]}} (or run rekey with credentials of that account)")]
+    #[error("secret {created}, rekey's record of the databases using secret {of:?}, is not beside it (expected {expected}): the caller's account or region is not the keyring secret's. Where rekey has just created it, it deleted it again (unless a warning above says otherwise); otherwise delete it (an earlier run made it there). Nothing else was written. Create {expected} in the keyring secret's account and region with the value {{\"format\":\"rekey-keyring-uses/1\",\"uses\":[]}} (or run rekey with credentials of that account)")]
     Elsewhere {
         /// The ARN of the secret created.
         created: String,
@@ -238,7 +238,9 @@ impl UsesSecret {
         }
         let created = match req.send().await {
             Ok(out) => out,
-            Err(e) if e.code() == Some("ResourceExistsException") => return Ok(false),
+            Err(e) if e.code() == Some("ResourceExistsException") => {
+                return self.made_elsewhere(client).await.map(|()| false)
+            }
             Err(e) => return Err(aws_err(ops::CREATE, &self.name, e)),
         };
         match created.arn() {
@@ -267,18 +269,45 @@ impl UsesSecret {
         }
     }
 
+    /// Refuses a record of the same name found in the caller's account
+    /// where the keyring secret is in another (an earlier run's, made before
+    /// rekey compared the accounts, or left by a clean-up that failed): the
+    /// name exists, but not beside the keyring secret.
+    async fn made_elsewhere(&self, client: &Client) -> Result<(), Error> {
+        if !self.id.starts_with("arn:") {
+            return Ok(());
+        }
+        let described = match client.describe_secret().secret_id(&self.name).send().await {
+            Ok(d) => d,
+            // not the caller's to describe, or gone since: the read tells
+            Err(_) => return Ok(()),
+        };
+        match described.arn() {
+            Some(arn) if !arn.starts_with(&self.id) => Err(UsesSecretError::Elsewhere {
+                created: arn.to_string(),
+                expected: self.id.clone(),
+                of: self.of.clone(),
+            }
+            .into()),
+            _ => Ok(()),
+        }
+    }
+
     /// A new version holding `text`, made current from `read`, the version
     /// read; false where another update moved AWSCURRENT since.
     async fn replace(&self, client: &Client, text: &str, read: &str) -> Result<bool, Error> {
         let version = put(client, &self.id, text, Some("AWSPENDING")).await?;
         if let Err(e) = move_current_from(client, &self.id, &version, read).await {
-            // the label left `read`: another update landed first. Told by
-            // reading the label again, not by the refusal's error code
-            // (which the service does not document for this case)
-            if self.read(client).await?.1.as_deref() != Some(read) {
-                return Ok(false);
-            }
-            return Err(aws_err(ops::LABEL, &self.name, e));
+            // Told by reading the label again, not by the refusal's error
+            // code (which the service does not document for this case): on
+            // this version, the move landed and only its answer was lost (a
+            // retry then found the label gone from `read`); on another, an
+            // update landed first; still on `read`, the move failed
+            return match self.read(client).await?.1.as_deref() {
+                Some(now) if now == version => Ok(true),
+                Some(now) if now != read => Ok(false),
+                _ => Err(aws_err(ops::LABEL, &self.name, e)),
+            };
         }
         // the update landed. Another update's new version may hold
         // AWSPENDING now (then it is not this one's to drop), and a label
@@ -286,7 +315,7 @@ impl UsesSecret {
         if let Err(e) = drop_pending_label(client, &self.id, &version).await {
             if e.code() != Some("InvalidParameterException") {
                 tracing::debug!(
-                    "{} (left on a version no longer current: harmless)",
+                    "{} (left on the version just made current: the next update's new version takes it)",
                     aws_err(ops::LABEL, &self.name, e).chain()
                 );
             }
