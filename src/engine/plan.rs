@@ -249,7 +249,8 @@ pub async fn count_by_key(client: &Client, job: &Job) -> Result<Vec<ColumnPlan>,
                 let row = client
                     .query_one(
                         &format!(
-                            "SELECT count(*), count({}) FROM {}{filter}",
+                            // an empty value holds no ciphertext: counted as NULL is
+                            "SELECT count(*), count(*) FILTER (WHERE octet_length({}) > 0) FROM {}{filter}",
                             crate::db::quote_ident(&col.name),
                             target.qualified()
                         ),

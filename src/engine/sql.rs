@@ -42,7 +42,9 @@ fn key_params(target: &Target, first: usize) -> String {
 }
 
 /// SQL for the first `len` bytes of the ciphertext in column `col`, or NULL
-/// where the column is NULL. For base64 text, only the leading characters are
+/// where the column is NULL or empty (an empty value holds no ciphertext:
+/// like NULL, it is under no key, and left as it is, as applications that
+/// write one for "no value" skip it). For base64 text, only the leading characters are
 /// decoded, and text that is not base64 gives an empty prefix (so the value is
 /// read, and quarantined) instead of an error that would stop the query.
 /// No literal holds a backslash: with `standard_conforming_strings` off,
@@ -51,13 +53,15 @@ pub fn prefix_expr(target: &Target, col: usize, alias: &str, len: usize) -> Stri
     let c = format!("{alias}{}", quote_ident(&target.columns[col].name));
     match target.columns[col].write {
         Encoding::Raw if target.columns[col].type_name == "bytea" => {
-            format!("substring({c} from 1 for {len})")
+            format!("NULLIF(substring({c} from 1 for {len}), ''::bytea)")
         }
-        Encoding::Raw => format!("substring(convert_to({c}, 'UTF8') from 1 for {len})"),
+        Encoding::Raw => {
+            format!("NULLIF(substring(convert_to({c}, 'UTF8') from 1 for {len}), ''::bytea)")
+        }
         Encoding::Base64 => {
             let chars = len.div_ceil(3) * 4;
             format!(
-                "CASE WHEN {c} IS NULL THEN NULL \
+                "CASE WHEN {c} IS NULL OR {c} = '' THEN NULL \
                  WHEN substring({c} from 1 for {chars}) ~ '^[A-Za-z0-9+/]{{{chars}}}$' \
                  THEN substring(decode(substring({c} from 1 for {chars}), 'base64') from 1 for {len}) \
                  ELSE ''::bytea END"
@@ -94,7 +98,11 @@ pub fn stale_filter(target: &Target, alias: &str, first: usize) -> (String, Vec<
                 terms.push(term);
                 bound.push(i);
             }
-            None => terms.push(format!("{alias}{} IS NOT NULL", quote_ident(&col.name))),
+            // not NULL nor empty ([`prefix_expr`])
+            None => terms.push(format!(
+                "octet_length({alias}{}) > 0",
+                quote_ident(&col.name)
+            )),
         }
     }
     (format!("({})", terms.join(" OR ")), bound)

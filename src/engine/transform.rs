@@ -102,7 +102,8 @@ fn fill(
                 let aad = aad(target, row);
                 for (col, cell) in out.iter_mut().enumerate().take(sealed) {
                     *cell = match value(target, row, col) {
-                        None => Cell::Null,
+                        // empty holds no ciphertext: like NULL, under no key (`sql::prefix_expr`)
+                        None | Some([]) => Cell::Null,
                         Some(stored) => decide(col, stored, aad, buf),
                     };
                 }

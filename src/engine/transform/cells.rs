@@ -43,7 +43,7 @@ impl Span {
 /// What the transform decided for one value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cell {
-    /// NULL: nothing to do.
+    /// NULL, or empty (no ciphertext): nothing to do.
     Null,
     /// Already under the target key (in the target format): left as is.
     Current,
