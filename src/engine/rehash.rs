@@ -32,10 +32,11 @@ pub fn cell(
     purpose: Purpose,
     out: &mut Vec<u8>,
 ) -> Cell {
-    let Some(stored) = value(target, row, hash.column) else {
+    // empty holds nothing, as NULL does (`sql::prefix_expr`)
+    let Some(stored) = value(target, row, hash.column).filter(|v| !v.is_empty()) else {
         return Cell::Null;
     };
-    let Some(sealed) = value(target, row, hash.of) else {
+    let Some(sealed) = value(target, row, hash.of).filter(|v| !v.is_empty()) else {
         return Cell::Failed(CodecError::HashMismatch);
     };
     let plain = match plaintext(target, hash.of, sealed, aad) {

@@ -317,9 +317,9 @@ impl Forcing {
         match self {
             Forcing::Flag => format!(", or pass --force to quarantine {what}"),
             Forcing::NoFlag(command) => format!(
-                ". `{command}` takes no --force, and does not go on while the sample holds only such values \
-                 ({what}): where they are damaged values rather than another key's, restore them from a backup \
-                 (or set them to NULL) first (`rekey run --force` quarantines them, but leaves them in the table, \
+                ". `{command}` takes no --force, and does not go on over such values ({what}): where they \
+                 are damaged values rather than another key's, restore them from a backup (or set them to NULL) \
+                 first (`rekey run --force` quarantines them, but leaves them in the table, \
                  where this check finds them again)"
             ),
         }
@@ -586,7 +586,8 @@ fn refuse_missing_keys(t: &Target, rows: &Page, forcing: Forcing) -> Result<(), 
     let mut tried = 0u64;
     for row in rows.rows() {
         for col in 0..t.columns.len() {
-            let Some(stored) = transform::value(t, row, col) else {
+            // empty holds no ciphertext, as NULL does
+            let Some(stored) = transform::value(t, row, col).filter(|v| !v.is_empty()) else {
                 continue;
             };
             tried += 1;

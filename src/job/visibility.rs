@@ -407,8 +407,9 @@ async fn replica_identity(client: &Client, t: &Target) -> Result<(), Error> {
 /// that leaves some out (PostgreSQL 15 and later), among others. Asked of
 /// PostgreSQL itself: an `EXPLAIN` of an UPDATE of the target's columns
 /// starts the executor, which checks each table it would update (every
-/// partition and child, as the qualification prunes none) without reading
-/// a row or firing a trigger.
+/// partition and child: a TID condition is one the planner cannot prove
+/// false, where PostgreSQL 17 proves `ctid IS NULL` false and prunes them
+/// all) without reading a row or firing a trigger.
 async fn update_refused(client: &Client, t: &Target) -> Result<(), Error> {
     let set: Vec<String> = t
         .columns
@@ -419,7 +420,7 @@ async fn update_refused(client: &Client, t: &Target) -> Result<(), Error> {
         })
         .collect();
     let explain = format!(
-        "EXPLAIN UPDATE {} SET {} WHERE ctid IS NULL",
+        "EXPLAIN UPDATE {} SET {} WHERE ctid = '(0,0)'::tid",
         t.qualified(),
         set.join(", ")
     );
