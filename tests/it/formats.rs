@@ -287,6 +287,7 @@ async fn every_format_quarantines_tampered_truncated_wrong_key_and_bad_encoding(
                 .unwrap();
         }
         // tampered: flip a byte in the middle; truncated; wrong key; not base64
+        // (and an empty value: no ciphertext, left as it is and not counted)
         codec.seal(b"tampered", b"", None, &mut out);
         let mid = out.len() / 2;
         out[mid] ^= if format == Format::Fernet { 0x01 } else { 0x80 };
@@ -319,7 +320,7 @@ async fn every_format_quarantines_tampered_truncated_wrong_key_and_bad_encoding(
             .unwrap();
         db.client
             .execute(
-                &format!("INSERT INTO {table} VALUES (103, '%%% not base64 %%%')"),
+                &format!("INSERT INTO {table} VALUES (103, '%%% not base64 %%%'), (104, '')"),
                 &[],
             )
             .await
