@@ -10,7 +10,7 @@ use crate::crypto::codec::CodecError;
 use crate::db::PageRow;
 use crate::job::{Encoding, SearchHash, Target};
 
-use super::transform::{decode, value, Cell, Span};
+use super::transform::{decode, held, Cell, Span};
 
 /// What to decide for a hash: the write a run makes, or the key it is under (verify).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,11 +32,10 @@ pub fn cell(
     purpose: Purpose,
     out: &mut Vec<u8>,
 ) -> Cell {
-    // empty holds nothing, as NULL does (`sql::prefix_expr`)
-    let Some(stored) = value(target, row, hash.column).filter(|v| !v.is_empty()) else {
+    let Some(stored) = held(target, row, hash.column) else {
         return Cell::Null;
     };
-    let Some(sealed) = value(target, row, hash.of).filter(|v| !v.is_empty()) else {
+    let Some(sealed) = held(target, row, hash.of) else {
         return Cell::Failed(CodecError::HashMismatch);
     };
     let plain = match plaintext(target, hash.of, sealed, aad) {

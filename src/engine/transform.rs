@@ -28,6 +28,13 @@ pub fn value<'a>(target: &Target, row: PageRow<'a>, col: usize) -> Option<&'a [u
     row.get(target.key.len() + col)
 }
 
+/// The ciphertext in column `col` of a page row, where it holds one: NULL
+/// and an empty value hold none (under no key, they are left as they are,
+/// as `sql::prefix_expr` leaves them out of every staleness predicate).
+pub fn held<'a>(target: &Target, row: PageRow<'a>, col: usize) -> Option<&'a [u8]> {
+    value(target, row, col).filter(|v| !v.is_empty())
+}
+
 /// The associated data for the values of a page row.
 pub fn aad<'a>(target: &'a Target, row: PageRow<'a>) -> &'a [u8] {
     match &target.aad {
@@ -101,9 +108,8 @@ fn fill(
                 let row = rows.row(first_row + i);
                 let aad = aad(target, row);
                 for (col, cell) in out.iter_mut().enumerate().take(sealed) {
-                    *cell = match value(target, row, col) {
-                        // empty holds no ciphertext: like NULL, under no key (`sql::prefix_expr`)
-                        None | Some([]) => Cell::Null,
+                    *cell = match held(target, row, col) {
+                        None => Cell::Null,
                         Some(stored) => decide(col, stored, aad, buf),
                     };
                 }

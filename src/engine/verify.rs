@@ -586,8 +586,7 @@ fn refuse_missing_keys(t: &Target, rows: &Page, forcing: Forcing) -> Result<(), 
     let mut tried = 0u64;
     for row in rows.rows() {
         for col in 0..t.columns.len() {
-            // empty holds no ciphertext, as NULL does
-            let Some(stored) = transform::value(t, row, col).filter(|v| !v.is_empty()) else {
+            let Some(stored) = transform::held(t, row, col) else {
                 continue;
             };
             tried += 1;

@@ -103,18 +103,18 @@ async fn row_security(client: &Client, t: &Target) -> Result<(), Error> {
     let row = client
         .query_one(
             "SELECT row_security_active(c.oid), c.relforcerowsecurity, current_user::text,
-                    coalesce(bool_or(p.polpermissive AND p.polcmd IN ('r', '*') AND pg_get_expr(p.polqual, p.polrelid) = 'true'), false),
+                    coalesce(bool_or(p.polpermissive AND p.polcmd IN ('r', '*') AND q.expr = 'true'), false),
                     coalesce(bool_or(NOT p.polpermissive AND p.polcmd IN ('r', '*')), false),
                     string_agg(format('%s (%s, USING %s)', quote_ident(p.polname),
                                       CASE WHEN p.polpermissive THEN 'permissive' ELSE 'restrictive' END,
-                                      CASE WHEN length(pg_get_expr(p.polqual, p.polrelid)) > 60
-                                           THEN left(pg_get_expr(p.polqual, p.polrelid), 57) || '...'
-                                           ELSE coalesce(pg_get_expr(p.polqual, p.polrelid), 'true') END), '; ' ORDER BY p.polname)
+                                      CASE WHEN length(q.expr) > 60 THEN left(q.expr, 57) || '...'
+                                           ELSE coalesce(q.expr, 'true') END), '; ' ORDER BY p.polname)
                         FILTER (WHERE p.polcmd IN ('r', '*'))
                FROM pg_class c
                LEFT JOIN pg_policy p ON p.polrelid = c.oid
                     AND (0::oid = ANY (p.polroles)
                          OR EXISTS (SELECT 1 FROM unnest(p.polroles) r WHERE r <> 0 AND pg_has_role(current_user, r, 'USAGE')))
+               LEFT JOIN LATERAL (SELECT pg_get_expr(p.polqual, p.polrelid) AS expr) q ON true
               WHERE c.oid = $1::text::regclass
               GROUP BY c.oid, c.relforcerowsecurity",
             &[&t.qualified()],
