@@ -22,37 +22,17 @@ async fn written(db: &TestDb) -> i64 {
 // does not have a replica identity and publishes updates".
 #[tokio::test(flavor = "multi_thread")]
 async fn a_published_table_without_a_replica_identity_is_refused_before_any_write_with_the_fix() {
-    let db = TestDb::new().await;
-    db.seed_patients(100).await;
-    db.client
-        .batch_execute(
-            "ALTER TABLE patient_persons REPLICA IDENTITY NOTHING;
-             CREATE PUBLICATION to_the_warehouse FOR TABLE patient_persons",
-        )
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let job = db.patients_job(&dir).display().to_string();
-
-    let out = rekey(&["run", "--job", &job], &seed_env());
-    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
-    for said in [
-        "REPLICA IDENTITY NOTHING",
-        "to_the_warehouse",
-        "ALTER TABLE public.patient_persons REPLICA IDENTITY DEFAULT",
-        "Nothing was written",
-    ] {
-        assert!(printed(&out).contains(said), "{said}: {}", printed(&out));
-    }
-    assert_eq!(written(&db).await, 0);
-
-    db.client
-        .batch_execute("ALTER TABLE patient_persons REPLICA IDENTITY DEFAULT")
-        .await
-        .unwrap();
-    let out = rekey(&["run", "--job", &job], &seed_env());
-    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-    db.assert_every_value_rotated(100).await;
+    refused_then_run(
+        "ALTER TABLE patient_persons REPLICA IDENTITY NOTHING;
+         CREATE PUBLICATION to_the_warehouse FOR TABLE patient_persons",
+        &[
+            "REPLICA IDENTITY NOTHING",
+            "to_the_warehouse",
+            "ALTER TABLE public.patient_persons REPLICA IDENTITY DEFAULT",
+        ],
+        "ALTER TABLE patient_persons REPLICA IDENTITY DEFAULT",
+    )
+    .await;
 }
 
 // Before: exit 1 on the first batch that reached the partition.
@@ -110,41 +90,42 @@ async fn a_partition_without_a_replica_identity_under_a_published_parent_is_refu
     assert_eq!(written, 0);
 }
 
-/// Runs the patients job under `publication` (created on `patient_persons`
-/// with `how`), and asserts the run is refused before any write, saying
-/// `why` (PostgreSQL's own reason); once the publication is dropped, the
-/// run goes through.
-async fn refused_under_a_publication(how: &str, why: &str) {
+/// Seeds `patient_persons`, runs `setup`, and asserts the patients job's run
+/// is refused before any write, saying each of `said`; once `fix` has run,
+/// the run goes through.
+async fn refused_then_run(setup: &str, said: &[&str], fix: &str) {
     let db = TestDb::new().await;
     db.seed_patients(100).await;
-    db.client
-        .batch_execute(&format!(
-            "CREATE PUBLICATION to_the_warehouse FOR TABLE patient_persons {how}"
-        ))
-        .await
-        .unwrap();
+    db.client.batch_execute(setup).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let job = db.patients_job(&dir).display().to_string();
 
     let out = rekey(&["run", "--job", &job], &seed_env());
     assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
-    for said in [
-        "PostgreSQL refuses every UPDATE of public.patient_persons",
-        why,
-        "ALTER PUBLICATION",
-        "Nothing was written",
-    ] {
+    for said in said.iter().chain(&["Nothing was written"]) {
         assert!(printed(&out).contains(said), "{said}: {}", printed(&out));
     }
     assert_eq!(written(&db).await, 0);
 
-    db.client
-        .batch_execute("DROP PUBLICATION to_the_warehouse")
-        .await
-        .unwrap();
+    db.client.batch_execute(fix).await.unwrap();
     let out = rekey(&["run", "--job", &job], &seed_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     db.assert_every_value_rotated(100).await;
+}
+
+/// [`refused_then_run`] under a publication of `patient_persons` made with
+/// `how`, saying `why` (PostgreSQL's own reason); the fix drops it.
+async fn refused_under_a_publication(how: &str, why: &str) {
+    refused_then_run(
+        &format!("CREATE PUBLICATION to_the_warehouse FOR TABLE patient_persons {how}"),
+        &[
+            "PostgreSQL refuses every UPDATE of public.patient_persons",
+            why,
+            "ALTER PUBLICATION",
+        ],
+        "DROP PUBLICATION to_the_warehouse",
+    )
+    .await;
 }
 
 // Before: exit 1 on the first batch, "cannot update table
