@@ -87,6 +87,7 @@ pub(super) async fn rekey_once(
             &job,
             verify::TargetKey::Given,
             verify::Forcing::NoFlag("rekey bench"),
+            opts.settings.timeouts.lock,
         )
         .await?;
     }

@@ -146,6 +146,7 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
             &job,
             verify::TargetKey::Given,
             verify::Forcing::Flag,
+            settings.timeouts.lock,
         )
         .await?;
     } else if !args.dry_run {

@@ -348,19 +348,22 @@ const PREFLIGHT_ROWS: i64 = 200;
 /// (the wrong key given), which would otherwise quarantine the whole table. A target
 /// with some values that open and some that do not proceeds: those are
 /// quarantined one by one. Then, for a target key not proven,
-/// [`refuse_a_target_key_not_theirs`].
+/// [`refuse_a_target_key_not_theirs`]. `lock_wait` is how long the run's
+/// statements wait for a lock (`--lock-timeout`; `None`, for ever): the
+/// check that the tables may be updated waits as long.
 pub async fn preflight(
     client: &Client,
     job: &Job,
     target: TargetKey,
     forcing: Forcing,
+    lock_wait: Option<std::time::Duration>,
 ) -> Result<(), Error> {
     if target == TargetKey::ReadBefore {
         // the key as the rotation's runs recorded it, not merely a key by its id
         check_recorded_keys(client, job).await?;
     }
     for t in &job.targets {
-        crate::job::visibility::check_writable(client, t).await?;
+        crate::job::visibility::check_writable(client, t, lock_wait).await?;
         crate::job::shared_keys::refuse_keys_shared_with_children(client, t).await?;
         if target == TargetKey::Given {
             refuse_a_target_key_not_theirs(client, t, forcing).await?;

@@ -11,6 +11,7 @@ pub mod hash;
 pub mod newer_keys;
 pub mod shared_keys;
 pub mod spec;
+pub mod table_locks;
 pub mod visibility;
 
 pub use hash::SearchHash;

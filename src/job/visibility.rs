@@ -291,8 +291,13 @@ async fn write_triggers(client: &Client, t: &Target) -> Result<(), Error> {
 /// may not read or whose written columns it may not update: the run would
 /// otherwise fail on its first batch with the server's "permission denied"
 /// and a hint to run again, where a grant is the fix. Then
-/// [`replica_identity`].
-pub async fn check_writable(client: &Client, t: &Target) -> Result<(), Error> {
+/// [`replica_identity`] and [`update_refused`], which waits for the table's
+/// lock as long as the run's statements would (`lock_wait`).
+pub async fn check_writable(
+    client: &Client,
+    t: &Target,
+    lock_wait: Option<std::time::Duration>,
+) -> Result<(), Error> {
     // every column is in the UPDATE's SET list, a hash-only target's ciphertexts too
     let written: Vec<&str> = t.columns.iter().map(|c| c.name.as_str()).collect();
     let row = client
@@ -309,7 +314,7 @@ pub async fn check_writable(client: &Client, t: &Target) -> Result<(), Error> {
         (row.get(0), row.get(1), row.get(2), row.get(3));
     if select && no_update.is_empty() {
         replica_identity(client, t).await?;
-        return update_refused(client, t).await;
+        return update_refused(client, t, lock_wait).await;
     }
     let columns: Vec<String> = no_update.iter().map(|c| quote_ident(c)).collect();
     let table = &t.table;
@@ -409,8 +414,16 @@ async fn replica_identity(client: &Client, t: &Target) -> Result<(), Error> {
 /// starts the executor, which checks each table it would update (every
 /// partition and child: a TID condition is one the planner cannot prove
 /// false, where PostgreSQL 17 proves `ctid IS NULL` false and prunes them
-/// all) without reading a row or firing a trigger.
-async fn update_refused(client: &Client, t: &Target) -> Result<(), Error> {
+/// all) without reading a row or firing a trigger. It takes the lock each
+/// batch takes, waiting for it as long as a batch would (`lock_wait`, the
+/// run's `--lock-timeout`), not the preflight session's shorter wait: a
+/// table locked longer is refused naming who holds it
+/// ([`super::table_locks`]).
+async fn update_refused(
+    client: &Client,
+    t: &Target,
+    lock_wait: Option<std::time::Duration>,
+) -> Result<(), Error> {
     let set: Vec<String> = t
         .columns
         .iter()
@@ -424,9 +437,26 @@ async fn update_refused(client: &Client, t: &Target) -> Result<(), Error> {
         t.qualified(),
         set.join(", ")
     );
-    let Err(e) = client.batch_execute(&explain).await else {
+    let ms = lock_wait.map_or(0, |d| d.as_millis().max(1));
+    client
+        .batch_execute(&format!("SET lock_timeout = {ms}"))
+        .await
+        .ctx(|| format!("setting the lock wait for checking {}", t.table))?;
+    let probed = client.batch_execute(&explain).await;
+    // back to the session's own wait (its startup options) for what follows
+    client
+        .batch_execute("RESET lock_timeout")
+        .await
+        .ctx(|| format!("resetting the lock wait after checking {}", t.table))?;
+    let Err(e) = probed else {
         return Ok(());
     };
+    // the probe takes the lock each batch takes: another session's stronger one made it wait
+    if let Some(waited) =
+        lock_wait.filter(|_| e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE))
+    {
+        return Err(super::table_locks::refusal(client, t, waited, e).await);
+    }
     // the codes of CheckCmdReplicaIdentity's refusals: a column list or row
     // filter the identity does not cover, no identity at all
     let Some(db) = e.as_db_error().filter(|d| {

@@ -45,6 +45,7 @@ pub(crate) async fn rewrite_all(
         &job,
         target,
         verify::Forcing::NoFlag("rekey rotate"),
+        cx.opts.settings.timeouts.lock,
     )
     .await?;
     // said before the run writes, and kept with the invocation's lines

@@ -651,6 +651,7 @@ async fn stage_new(
             &job,
             crate::engine::verify::TargetKey::Given,
             crate::engine::verify::Forcing::NoFlag("rekey rotate"),
+            cx.opts.settings.timeouts.lock,
         )
         .await?;
         crate::engine::uses::starting(client, &job).await?;

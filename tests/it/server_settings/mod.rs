@@ -23,6 +23,7 @@ mod few_connections;
 mod idle_session;
 mod large_values;
 mod locked_row;
+mod locked_table;
 mod privileges;
 mod publication;
 mod serializable;
