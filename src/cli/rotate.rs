@@ -62,6 +62,7 @@ pub(crate) fn rotate_options(
         intent: Intent::Continue,
         accept_unverified: Vec::new(),
         wait_for_writers: Duration::from_secs(120),
+        wait_for_replicas: Duration::from_secs(120),
         never_current: false,
     }
 }
@@ -117,6 +118,7 @@ pub async fn rotate(args: &RotateArgs) -> Result<u8, Error> {
     opts.grace = args.grace;
     opts.no_wait = args.no_wait;
     opts.wait_for_writers = args.wait_for_writers;
+    opts.wait_for_replicas = args.wait_for_replicas;
     opts.intent = if args.abort {
         Intent::Abort
     } else if args.new {

@@ -544,6 +544,7 @@ async fn retire(a: &RetireArgs) -> Result<u8, Error> {
         compromised,
         accept_unverified: a.accept_unverified.clone(),
         wait_for_writers: a.wait_for_writers,
+        wait_for_replicas: a.wait_for_replicas,
         ..rotate_options(&a.life, &spec, default_lanes(), 5000, Duration::ZERO, false)
     };
     let job = Arc::new(Job::resolve(&spec, &client).await?);

@@ -15,6 +15,7 @@ mod libpq_env;
 pub mod page;
 pub mod raw;
 pub mod session;
+pub mod standbys;
 pub mod tls;
 pub mod writers;
 

@@ -12,6 +12,7 @@ pub mod forward;
 pub mod preview;
 pub mod promotion;
 pub mod reencrypt;
+mod replayed;
 pub mod retire;
 pub mod rotation;
 pub mod steps;

@@ -21,6 +21,7 @@ use crate::secrets::Store;
 use crate::state::rotated::{self, LeftOut, RetiringStore};
 use crate::Error;
 
+use super::replayed;
 use super::rotation::{Ended, Progressed, RotateOptions};
 
 /// Retires `old` after proving that no value still needs it.
@@ -108,34 +109,16 @@ pub async fn retire(
                 more => format!(", and {more} more"),
             }
         );
-        opts.audit
-            .record(
-                client,
-                What {
-                    event_type: "retire_refused",
-                    secret_id: &key_ref,
-                    verification_status: "pending",
-                    affected_records: None,
-                    notes: &notes,
-                    job_id: None,
-                },
-            )
-            .await?;
         let end_it = match w.pid {
             Some(pid) => format!("SELECT pg_terminate_backend({pid})"),
             None => "ROLLBACK PREPARED, see pg_prepared_xacts".to_string(),
         };
-        return Ok(Progressed {
-            ended: Ended::NotVerified,
-            lines: vec![format!(
-                "refusing to retire key {old} after waiting {} for it: {notes}. Retire once it ends; if it is abandoned, \
-                 end it ({end_it}), or wait longer (--wait-for-writers)",
-                humantime::format_duration(opts.wait_for_writers),
-            )],
-            events: vec!["retire_refused".into()],
-            step: None,
-            rotation: None,
-        });
+        let line = format!(
+            "refusing to retire key {old} after waiting {} for it: {notes}. Retire once it ends; if it is abandoned, \
+             end it ({end_it}), or wait longer (--wait-for-writers)",
+            humantime::format_duration(opts.wait_for_writers),
+        );
+        return refused(client, opts, &key_ref, ("pending", None), &notes, line).await;
     }
     // Retire rests on a full verify of this invocation: every value decrypted,
     // with the keys matched against the job's recorded fingerprints.
@@ -163,26 +146,36 @@ pub async fn retire(
                  backup or give the job the key they were written under",
             );
         }
-        opts.audit
-            .record(
-                client,
-                What {
-                    event_type: "retire_refused",
-                    secret_id: &key_ref,
-                    verification_status: "failed",
-                    affected_records: Some(remaining),
-                    notes: &notes,
-                    job_id: None,
-                },
-            )
-            .await?;
-        return Ok(Progressed {
-            ended: Ended::NotVerified,
-            lines: vec![format!("refusing to retire key {old}: {notes}")],
-            events: vec!["retire_refused".into()],
-            step: None,
-            rotation: None,
-        });
+        let line = format!("refusing to retire key {old}: {notes}");
+        return refused(
+            client,
+            opts,
+            &key_ref,
+            ("failed", Some(remaining)),
+            &notes,
+            line,
+        )
+        .await;
+    }
+    // a standby that has not replayed the rotation still serves values under the key
+    let replayed = Box::pin(replayed::standbys_replayed(client, opts.wait_for_replicas)).await?;
+    if let Some(first) = replayed.behind.first() {
+        let notes = format!(
+            "standby {} has not yet replayed the rotation's writes{}: it still serves values under key {old}, which \
+             applications reading it could no longer open, and promoted before it catches up it would keep them",
+            first.described(),
+            match replayed.behind.len() - 1 {
+                0 => String::new(),
+                more => format!(" (and {more} more)"),
+            }
+        );
+        let line = format!(
+            "refusing to retire key {old} after waiting {} for it: {notes}. Retire once it has caught up (its \
+             replay_lsn in pg_stat_replication), or wait longer (--wait-for-replicas); stop a standby no longer in use, \
+             and drop its replication slot",
+            humantime::format_duration(opts.wait_for_replicas),
+        );
+        return refused(client, opts, &key_ref, ("pending", None), &notes, line).await;
     }
     // looked at again after the verify (which may take hours): a run in
     // another database may have started under the key meanwhile
@@ -206,7 +199,11 @@ pub async fn retire(
             "key {old} retired; {verified}; its material stays in the store's archive until purged"
         )
     };
-    let mut lines = Vec::new();
+    let mut lines = replayed
+        .warnings
+        .iter()
+        .map(|w| format!("warning: {w}"))
+        .collect::<Vec<_>>();
     if !unverified.is_empty() {
         let tables = unverified.join(", ");
         notes.push_str(&format!(
@@ -271,6 +268,39 @@ pub async fn retire(
         } else {
             vec!["key_retired".into()]
         },
+        step: None,
+        rotation: None,
+    })
+}
+
+/// A retire refused: recorded in the audit trail (`status`: its
+/// verification status and the values counted, where counted), said with
+/// `line`, and ended as not verified (exit 4).
+async fn refused(
+    client: &Client,
+    opts: &RotateOptions,
+    key_ref: &str,
+    (status, affected): (&str, Option<u64>),
+    notes: &str,
+    line: String,
+) -> Result<Progressed, Error> {
+    opts.audit
+        .record(
+            client,
+            What {
+                event_type: "retire_refused",
+                secret_id: key_ref,
+                verification_status: status,
+                affected_records: affected,
+                notes,
+                job_id: None,
+            },
+        )
+        .await?;
+    Ok(Progressed {
+        ended: Ended::NotVerified,
+        lines: vec![line],
+        events: vec!["retire_refused".into()],
         step: None,
         rotation: None,
     })

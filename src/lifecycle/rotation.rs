@@ -74,6 +74,9 @@ pub struct RotateOptions {
     /// How long a retire waits for transactions still open that wrote to
     /// the job's tables before its verify; one still open then refuses it.
     pub wait_for_writers: Duration,
+    /// How long a retire waits, after its verify, for the standbys to
+    /// replay the rotation's writes; one still behind then refuses it.
+    pub wait_for_replicas: Duration,
     /// The key retiring was staged and never current (an abort's): another
     /// job's tables can hold values under it only where a run of that job
     /// wrote under it, not where applications wrote under the current key.

@@ -38,7 +38,7 @@ async fn shows_up(client: &Client, id: i32, limit: Duration) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_row_written_on_the_primary_appears_on_the_replica_which_the_primary_lists_with_its_replay_lag(
+async fn a_row_written_on_theprimary_appears_on_the_replica_which_theprimary_lists_with_its_replay_lag(
 ) {
     let (_primary, replica, p, r) = primary_and_replica().await;
     let in_recovery: bool = r
@@ -226,5 +226,192 @@ async fn max_replica_lag_without_a_replica_holds_and_says_why() {
         committed_by_running_job(&db).await,
         0,
         "fails closed: the job started and wrote nothing"
+    );
+}
+
+/// Values of `patient_persons` on `client` whose key version byte is
+/// `version` (the seed's versioned format labels each value with it).
+async fn values_under(client: &Client, version: u8) -> i64 {
+    client
+        .query_one(
+            "SELECT (count(*) FILTER (WHERE get_byte(phone_encrypted, 0) = $1)
+                   + count(*) FILTER (WHERE get_byte(emergency_contact_phone_encrypted, 0) = $1))::int8
+               FROM patient_persons",
+            &[&i32::from(version)],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// A rotation whose standby has not replayed it: the primary's values all
+/// under key 2, the standby's (its replay paused) all under key 1.
+struct UnreplayedRotation {
+    primary: TempCluster,
+    replica: TempCluster,
+    /// A connection to the standby's copy of the database.
+    standby: Client,
+    _dir: tempfile::TempDir,
+    job: String,
+    keyring: std::path::PathBuf,
+    /// Values the seed wrote under key 1.
+    seeded: i64,
+}
+
+/// Seeds a private primary with a standby, waits for the standby to hold
+/// the seed, pauses its replay, then stages, promotes and runs key 2.
+async fn unreplayed_rotation() -> UnreplayedRotation {
+    use crate::harness::*;
+    let primary = TempCluster::start(ClusterOptions { durable: false }).expect("a private primary");
+    let db = TestDb::on(&primary).await;
+    db.seed_patients(300).await;
+    let replica = tokio::task::block_in_place(|| primary.start_replica())
+        .unwrap_or_else(|e| panic!("replica did not start: {e}\n{}", primary.log()));
+    let name: String = db
+        .client
+        .query_one("SELECT current_database()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let standby = connect(&replica.url(&name)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    let seeded = values_under(&db.client, 1).await;
+    assert!(seeded > 0, "premise: the seed writes under key 1");
+
+    // the standby holds the table as seeded, then replays nothing more
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while values_under(&standby, 1).await != seeded {
+        assert!(
+            Instant::now() < deadline,
+            "the standby never caught up with the seed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::task::block_in_place(|| replica.pause_replay()).unwrap();
+    stage_promote_and_run(&job);
+    assert_eq!(
+        values_under(&db.client, 1).await,
+        0,
+        "premise: the run rotated every value"
+    );
+    assert_eq!(
+        values_under(&standby, 1).await,
+        seeded,
+        "premise: the paused standby still serves every value under key 1"
+    );
+    UnreplayedRotation {
+        primary,
+        replica,
+        standby,
+        _dir: dir,
+        job,
+        keyring,
+        seeded,
+    }
+}
+
+// Today: exit 0, "retired key 1", while the standby, its replay paused,
+// still served every value under key 1: applications reading it (and the
+// standby, were it promoted) could no longer open them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retire_is_refused_while_a_standby_has_not_replayed_the_rotation() {
+    use crate::harness::*;
+    use rekey::crypto::keytable::KeyState;
+    let u = unreplayed_rotation().await;
+
+    let retire = [
+        "secrets",
+        "retire",
+        "--job",
+        u.job.as_str(),
+        "--wait-for-replicas",
+        "1s",
+    ];
+    let out = rekey(&retire, &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
+    for words in [
+        "standby replica",
+        "has not yet replayed",
+        "--wait-for-replicas",
+    ] {
+        assert!(
+            printed(&out).contains(words),
+            "missing {words:?}:\n{}",
+            printed(&out)
+        );
+    }
+    assert_eq!(
+        keyring_table(&u.keyring).entries[0].state,
+        KeyState::Previous,
+        "key 1 left the keyring while the standby still served values under it"
+    );
+    assert_eq!(
+        values_under(&u.standby, 1).await,
+        u.seeded,
+        "premise: still paused"
+    );
+}
+
+// Today: the retire did not wait; it retired key 1 while the standby was
+// still paused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retire_waits_for_a_standby_to_replay_the_rotation_then_retires_the_key() {
+    use crate::harness::*;
+    use rekey::crypto::keytable::KeyState;
+    let u = unreplayed_rotation().await;
+
+    let retire = [
+        "secrets",
+        "retire",
+        "--job",
+        u.job.as_str(),
+        "--wait-for-replicas",
+        "60s",
+    ];
+    let mut child = spawn_rekey_captured(&retire, &keyring_pass_env());
+    // the retire has verified and looks at the standbys' positions
+    let p = connect(&u.primary.url("postgres")).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let looking: bool = p
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                                 WHERE query LIKE '%pg_stat_replication%state IS DISTINCT FROM%' AND pid <> pg_backend_pid())",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if looking {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the retire ended while the standby was paused: {}",
+            printed(&child.wait_with_output().unwrap())
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the retire never looked at the standbys"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        keyring_table(&u.keyring).entries[0].state,
+        KeyState::Previous,
+        "key 1 left the keyring while the standby still served values under it"
+    );
+    tokio::task::block_in_place(|| u.replica.resume_replay()).unwrap();
+    let out = tokio::task::block_in_place(|| child.wait_with_output()).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(
+        keyring_table(&u.keyring).entries[0].state,
+        KeyState::Retired
+    );
+    assert_eq!(
+        values_under(&u.standby, 1).await,
+        0,
+        "the standby had replayed the rotation"
     );
 }
