@@ -1,8 +1,8 @@
-//! The standbys and logical subscribers streaming from this server, and how
-//! far each has replayed: a copy of the data that has not yet replayed a
-//! rotation's writes still holds values under the key it replaced, so a
-//! key's retire waits for them (README, "Retire and the standbys"). Read
-//! from `pg_stat_replication`, whose positions only roles with
+//! The standbys streaming from this server, and how far each has replayed:
+//! a copy of the data that has not yet replayed a rotation's writes still
+//! holds values under the key it replaced, so a key's retire waits for
+//! them (README, "Retire rests on a full proof"). Read from
+//! `pg_stat_replication`, whose states and positions only roles with
 //! `pg_read_all_stats` (`pg_monitor`) or superusers may see, and from
 //! `pg_replication_slots` for standbys not connected.
 
@@ -17,62 +17,101 @@ pub async fn current_position(client: &Client) -> Result<String, tokio_postgres:
         .get(0))
 }
 
-/// A standby (or logical subscriber) connected to this server that has not
-/// replayed up to a position.
+/// What a WAL sender of this server streams to, against a position.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Standby {
+    /// A standby that has replayed up to the position.
+    Replayed {
+        /// Its `application_name` and where it connects from.
+        name: String,
+    },
+    /// A standby that has not (or reports no replay position yet: starting,
+    /// catching up).
+    Behind(Behind),
+    /// One whose state and position this role may not see.
+    Hidden {
+        /// Its `application_name` and where it connects from.
+        name: String,
+    },
+    /// Not a copy anyone reads: a logical decoding client (a subscriber or
+    /// a change-data-capture consumer, whose slot confirms only what it
+    /// processed) or a WAL receiver that replays nothing (`pg_receivewal`).
+    NotACopy,
+}
+
+/// A standby that has not replayed up to a position.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Behind {
-    /// Its server process (the WAL sender's), which names it while connected.
-    pub pid: i32,
-    /// `application_name` (a standby's `cluster_name` by default), and
-    /// where it connects from.
+    /// Its `application_name` (a standby's `cluster_name` by default) and
+    /// where it connects from: what names it across reconnections.
     pub name: String,
-    /// How far behind the position it is, in bytes; `None` where this role
-    /// may not see its replay position.
+    /// How far behind the position it is, in bytes; `None` while it reports
+    /// no replay position.
     pub bytes: Option<i64>,
     /// The server's own measure of its replay lag, in seconds, where known.
     pub lag_s: Option<f64>,
+    /// It was seen behind and is no longer connected.
+    pub gone: bool,
 }
 
 impl Behind {
     /// For people: its name, where from, and how far behind.
     pub fn described(&self) -> String {
-        match (self.bytes, self.lag_s) {
-            (None, _) => format!("{} (its replay position hidden from this role)", self.name),
-            (Some(b), Some(s)) if s > 0.0 => {
+        match (self.gone, self.bytes, self.lag_s) {
+            (true, _, _) => format!("{} (disconnected while behind)", self.name),
+            (_, None, _) => format!("{} (connected, no replay position reported yet)", self.name),
+            (_, Some(b), Some(s)) if s > 0.0 => {
                 format!(
                     "{} ({b} bytes of WAL behind, replaying {s:.1} s late)",
                     self.name
                 )
             }
-            (Some(b), _) => format!("{} ({b} bytes of WAL behind)", self.name),
+            (_, Some(b), _) => format!("{} ({b} bytes of WAL behind)", self.name),
         }
     }
 }
 
-/// The connected standbys and subscribers that have not replayed up to
-/// `position` (`pg_lsn` text), or whose position this role may not see. WAL
-/// senders of a base backup are left out: they replay nothing.
-pub async fn behind(client: &Client, position: &str) -> Result<Vec<Behind>, tokio_postgres::Error> {
+/// Every WAL sender of this server but a base backup's, as seen against
+/// `position` (`pg_lsn` text).
+pub async fn standbys(
+    client: &Client,
+    position: &str,
+) -> Result<Vec<Standby>, tokio_postgres::Error> {
+    // a socket's client_addr is NULL, and client_port -1; a hidden row shows neither
     let rows = client
         .query(
-            "SELECT pid, format('%s at %s', coalesce(nullif(application_name, ''), 'unnamed'),
-                                coalesce(host(client_addr), 'a local socket')),
-                    pg_wal_lsn_diff($1::text::pg_lsn, replay_lsn)::int8,
-                    extract(epoch FROM replay_lag)::float8
-               FROM pg_stat_replication
-              WHERE state IS DISTINCT FROM 'backup'
-                AND (replay_lsn IS NULL OR replay_lsn < $1::text::pg_lsn)
-              ORDER BY 2, 1",
+            "SELECT format('%s at %s', coalesce(nullif(r.application_name, ''), 'unnamed'),
+                           CASE WHEN r.client_port = -1 THEN 'a local socket'
+                                ELSE coalesce(host(r.client_addr), 'an address hidden from this role') END),
+                    r.state, r.replay_lsn >= $1::text::pg_lsn,
+                    pg_wal_lsn_diff($1::text::pg_lsn, r.replay_lsn)::int8,
+                    extract(epoch FROM r.replay_lag)::float8,
+                    s.slot_type = 'logical' OR (r.replay_lsn IS NULL AND r.flush_lsn IS NOT NULL AND r.state = 'streaming')
+               FROM pg_stat_replication r LEFT JOIN pg_replication_slots s ON s.active_pid = r.pid
+              WHERE r.state IS DISTINCT FROM 'backup'
+              ORDER BY 1",
             &[&position],
         )
         .await?;
     Ok(rows
         .iter()
-        .map(|r| Behind {
-            pid: r.get(0),
-            name: r.get(1),
-            bytes: r.get(2),
-            lag_s: r.get(3),
+        .map(|r| {
+            let name: String = r.get(0);
+            match (
+                r.get::<_, Option<String>>(1),
+                r.get::<_, Option<bool>>(2),
+                r.get::<_, Option<bool>>(5),
+            ) {
+                (None, _, _) => Standby::Hidden { name },
+                (_, _, Some(true)) => Standby::NotACopy,
+                (_, Some(true), _) => Standby::Replayed { name },
+                _ => Standby::Behind(Behind {
+                    name,
+                    bytes: r.get(3),
+                    lag_s: r.get(4),
+                    gone: false,
+                }),
+            }
         })
         .collect())
 }

@@ -2,7 +2,9 @@
 //! preflight's probe of an UPDATE ([`super::visibility`]) waited longer than
 //! the session's `lock_timeout`, so that the refusal names the sessions (a
 //! plain `CREATE INDEX`, a `LOCK ... IN SHARE MODE`, an `ALTER TABLE`) and
-//! what they run, where PostgreSQL's own words name neither.
+//! what they run, where PostgreSQL's own words name neither. Of a
+//! statement only its command and the object it names are said: the rest
+//! may hold an application's values.
 
 use tokio_postgres::Client;
 
@@ -11,12 +13,15 @@ use crate::Error;
 
 use super::Target;
 
+/// Holders named in a refusal at most; the rest are counted.
+const NAMED: usize = 5;
+
 /// The preflight's refusal of a target whose table (or a partition or
 /// child of it) another session held locked against rekey's UPDATE for
-/// longer than `lock_timeout`: the sessions holding or awaiting a lock that
-/// conflicts with ROW EXCLUSIVE, each with its mode, how long its
-/// transaction has run and its statement, and the ways on. `timed_out` is
-/// the probe's error, kept as the cause.
+/// longer than `lock_timeout`: the sessions (and prepared transactions)
+/// holding or awaiting a lock that conflicts with ROW EXCLUSIVE, each with
+/// its mode, how long its transaction has run and its command, and the
+/// ways on. `timed_out` is the probe's error, kept as the cause.
 pub async fn refusal(
     client: &Client,
     t: &Target,
@@ -25,6 +30,9 @@ pub async fn refusal(
 ) -> Error {
     let holders = match holders(client, t).await {
         Ok(h) if h.is_empty() => "the session holding it has since let it go".to_string(),
+        Ok(h) if h.len() > NAMED => {
+            format!("{}; and {} more", h[..NAMED].join("; "), h.len() - NAMED)
+        }
         Ok(h) => h.join("; "),
         Err(e) => format!(
             "the sessions holding it could not be listed ({})",
@@ -44,22 +52,24 @@ pub async fn refusal(
     }
 }
 
-/// One line per other session that holds, or waits ahead of rekey for, a
-/// lock on the target's tree that conflicts with ROW EXCLUSIVE.
+/// One line per other session (or prepared transaction) that holds, or
+/// waits ahead of rekey for, a lock on the target's tree that conflicts
+/// with ROW EXCLUSIVE.
 async fn holders(client: &Client, t: &Target) -> Result<Vec<String>, Error> {
-    // a statement's text is shown to the roles that may see it (its own, or pg_read_all_stats)
+    // a session's state and statement are shown to the roles that may see
+    // them (its own, or pg_read_all_stats); a prepared transaction has no session
     let rows = client
         .query(
             "WITH RECURSIVE tree(relid) AS (
                  SELECT $1::text::regclass::oid
                  UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.relid)
              SELECT l.pid, l.mode, l.granted, l.relation::regclass::text,
-                    coalesce(extract(epoch FROM clock_timestamp() - a.xact_start)::int8, -1),
-                    coalesce(regexp_replace(left(a.query, 120), '\\s+', ' ', 'g'), ''),
-                    coalesce(a.state, '') = 'active'
+                    extract(epoch FROM clock_timestamp() - coalesce(a.xact_start, p.prepared))::int8,
+                    a.query, a.state, p.gid
                FROM pg_locks l JOIN tree ON l.relation = tree.relid
                LEFT JOIN pg_stat_activity a ON a.pid = l.pid
-              WHERE l.locktype = 'relation' AND l.pid <> pg_backend_pid()
+               LEFT JOIN pg_prepared_xacts p ON l.pid IS NULL AND l.virtualtransaction = '-1/' || p.transaction
+              WHERE l.locktype = 'relation' AND l.pid IS DISTINCT FROM pg_backend_pid()
                 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
                 AND l.mode IN ('ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock')
               ORDER BY l.granted DESC, l.pid, 4",
@@ -70,23 +80,73 @@ async fn holders(client: &Client, t: &Target) -> Result<Vec<String>, Error> {
     Ok(rows
         .iter()
         .map(|r| {
-            let (pid, mode, table): (i32, String, String) = (r.get(0), r.get(1), r.get(3));
+            let (mode, table): (String, String) = (r.get(1), r.get(3));
+            let who = match (r.get::<_, Option<i32>>(0), r.get::<_, Option<String>>(7)) {
+                (Some(pid), _) => format!("process {pid}"),
+                (None, Some(gid)) => format!(
+                    "prepared transaction {gid:?} (ROLLBACK PREPARED or COMMIT PREPARED ends it)"
+                ),
+                (None, None) => "a prepared transaction".to_string(),
+            };
             let holds = if r.get::<_, bool>(2) {
                 "holds"
             } else {
                 "waits for"
             };
-            let since = match r.get::<_, i64>(4) {
-                s if s < 0 => String::new(),
-                s => format!(", in a transaction of {s} s"),
-            };
-            let running = match (r.get::<_, String>(5), r.get::<_, bool>(6)) {
-                (q, _) if q.is_empty() => String::new(),
-                (q, true) => format!(", running: {q}"),
+            let since = r
+                .get::<_, Option<i64>>(4)
+                .map_or_else(String::new, |s| format!(", in a transaction of {s} s"));
+            let doing = match (r.get::<_, Option<String>>(6), r.get::<_, Option<String>>(5)) {
+                (Some(state), Some(q)) if state == "active" => format!(", running {}", command(&q)),
                 // idle in its transaction: the statement it ran last, which may have taken the lock
-                (q, false) => format!(", idle, its last statement: {q}"),
+                (Some(_), Some(q)) => format!(", idle, its last statement {}", command(&q)),
+                (None, _) if r.get::<_, Option<i32>>(0).is_some() => {
+                    ", its statement hidden from this role (pg_read_all_stats shows it)".to_string()
+                }
+                _ => String::new(),
             };
-            format!("process {pid} {holds} {mode} on {table}{since}{running}")
+            format!("{who} {holds} {mode} on {table}{since}{doing}")
         })
         .collect())
+}
+
+/// A statement's command and the object it names (`LOCK TABLE patients`,
+/// `CREATE INDEX patients_phone`), nothing past the first word that is not
+/// a keyword or a name: the rest may hold an application's values.
+fn command(statement: &str) -> String {
+    let words: Vec<&str> = statement
+        .split_whitespace()
+        .take(3)
+        .take_while(|w| {
+            w.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && w.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_.\"".contains(c))
+        })
+        .collect();
+    match words.as_slice() {
+        [] => "(not shown)".to_string(),
+        w => format!("{} ...", w.join(" ")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::command;
+
+    #[test]
+    fn a_statement_is_said_by_its_command_and_object_only() {
+        assert_eq!(
+            command("LOCK TABLE patient_persons IN SHARE MODE"),
+            "LOCK TABLE patient_persons ..."
+        );
+        assert_eq!(
+            command("insert into t values ('123-45-6789')"),
+            "insert into t ..."
+        );
+        assert_eq!(command("SELECT 'secret' FROM x"), "SELECT ...");
+        assert_eq!(command("  CREATE\n INDEX i ON t (c)"), "CREATE INDEX i ...");
+        assert_eq!(command("'x'"), "(not shown)");
+    }
 }

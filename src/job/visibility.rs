@@ -443,13 +443,11 @@ async fn update_refused(
         .await
         .ctx(|| format!("setting the lock wait for checking {}", t.table))?;
     let probed = client.batch_execute(&explain).await;
-    // back to the session's own wait (its startup options) for what follows
-    client
-        .batch_execute("RESET lock_timeout")
-        .await
-        .ctx(|| format!("resetting the lock wait after checking {}", t.table))?;
+    // back to the session's own wait (its startup options) for what follows;
+    // where the probe failed, its error is the one to tell
+    let reset = client.batch_execute("RESET lock_timeout").await;
     let Err(e) = probed else {
-        return Ok(());
+        return reset.ctx(|| format!("resetting the lock wait after checking {}", t.table));
     };
     // the probe takes the lock each batch takes: another session's stronger one made it wait
     if let Some(waited) =

@@ -175,7 +175,12 @@ pub async fn retire(
              and drop its replication slot",
             humantime::format_duration(opts.wait_for_replicas),
         );
-        return refused(client, opts, &key_ref, ("pending", None), &notes, line).await;
+        // the verify passed: what is missing is the standbys' replay
+        let status = ("passed", Some(v.values_total));
+        let mut p = refused(client, opts, &key_ref, status, &notes, line).await?;
+        p.lines
+            .extend(replayed.warnings.iter().map(|w| format!("warning: {w}")));
+        return Ok(p);
     }
     // looked at again after the verify (which may take hours): a run in
     // another database may have started under the key meanwhile

@@ -38,7 +38,7 @@ async fn shows_up(client: &Client, id: i32, limit: Duration) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_row_written_on_theprimary_appears_on_the_replica_which_theprimary_lists_with_its_replay_lag(
+async fn a_row_written_on_the_primary_appears_on_the_replica_which_the_primary_lists_with_its_replay_lag(
 ) {
     let (_primary, replica, p, r) = primary_and_replica().await;
     let in_recovery: bool = r
@@ -353,6 +353,42 @@ async fn a_retire_is_refused_while_a_standby_has_not_replayed_the_rotation() {
     );
 }
 
+/// Starts `rekey <retire>` and returns once it looks at the standbys'
+/// positions (after its verify), failing the test if it ends first.
+async fn retire_looking_at_the_standbys(
+    u: &UnreplayedRotation,
+    retire: &[&str],
+) -> std::process::Child {
+    use crate::harness::*;
+    let mut child = spawn_rekey_captured(retire, &keyring_pass_env());
+    let p = connect(&u.primary.url("postgres")).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let looking: bool = p
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                                 WHERE query LIKE '%FROM pg_stat_replication r%' AND pid <> pg_backend_pid())",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if looking {
+            return child;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the retire ended while the standby was paused: {}",
+            printed(&child.wait_with_output().unwrap())
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the retire never looked at the standbys"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 // Today: the retire did not wait; it retired key 1 while the standby was
 // still paused.
 #[tokio::test(flavor = "multi_thread")]
@@ -369,34 +405,7 @@ async fn a_retire_waits_for_a_standby_to_replay_the_rotation_then_retires_the_ke
         "--wait-for-replicas",
         "60s",
     ];
-    let mut child = spawn_rekey_captured(&retire, &keyring_pass_env());
-    // the retire has verified and looks at the standbys' positions
-    let p = connect(&u.primary.url("postgres")).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let looking: bool = p
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-                                 WHERE query LIKE '%pg_stat_replication%state IS DISTINCT FROM%' AND pid <> pg_backend_pid())",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if looking {
-            break;
-        }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the retire ended while the standby was paused: {}",
-            printed(&child.wait_with_output().unwrap())
-        );
-        assert!(
-            Instant::now() < deadline,
-            "the retire never looked at the standbys"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let child = retire_looking_at_the_standbys(&u, &retire).await;
     assert_eq!(
         keyring_table(&u.keyring).entries[0].state,
         KeyState::Previous,
@@ -413,5 +422,38 @@ async fn a_retire_waits_for_a_standby_to_replay_the_rotation_then_retires_the_ke
         values_under(&u.standby, 1).await,
         0,
         "the standby had replayed the rotation"
+    );
+}
+
+// Today (before the retire remembered who it waits for): a standby that
+// disconnected during the wait was no longer listed, and the retire went on
+// and retired key 1 while that standby's copy held every value under it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_that_disconnects_while_the_retire_waits_for_it_keeps_the_retire_refused() {
+    use crate::harness::*;
+    use rekey::crypto::keytable::KeyState;
+    let u = unreplayed_rotation().await;
+
+    let retire = [
+        "secrets",
+        "retire",
+        "--job",
+        u.job.as_str(),
+        "--wait-for-replicas",
+        "15s",
+    ];
+    let child = retire_looking_at_the_standbys(&u, &retire).await;
+    tokio::task::block_in_place(|| u.replica.ctl(&["stop", "-w", "-m", "immediate"])).unwrap();
+    let out = tokio::task::block_in_place(|| child.wait_with_output()).unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("replica at 127.0.0.1 (disconnected while behind)"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(
+        keyring_table(&u.keyring).entries[0].state,
+        KeyState::Previous,
+        "key 1 left the keyring while the standby's copy held values under it"
     );
 }

@@ -42,7 +42,7 @@ async fn a_table_locked_against_writes_is_refused_naming_the_session_that_holds_
         "patient_persons",
         "ShareLock",
         &format!("process {holder}"),
-        "LOCK TABLE patient_persons IN SHARE MODE",
+        "LOCK TABLE patient_persons ...",
         "Nothing was written",
         "--lock-timeout",
     ] {
