@@ -139,7 +139,7 @@ pub(crate) async fn verified(
             Ok(v) => v,
             Err(why) => {
                 log.lines.push(why);
-                return Ok(Some((Ended::NotVerified, Step::Ran)));
+                return Ok(Some((not_proven(cx), Step::Ran)));
             }
         }
     } else {
@@ -197,6 +197,16 @@ pub(crate) async fn verified(
     Ok(None)
 }
 
+/// How an invocation whose promotion proof refused ends: stopped where a
+/// stop was asked for during it (its wait ended early), else not verified.
+fn not_proven(cx: &Ctx<'_>) -> Ended {
+    if cx.opts.settings.stop.requested() {
+        Ended::Stopped
+    } else {
+        Ended::NotVerified
+    }
+}
+
 /// The proof a promotion needs where the applications read only the new
 /// key after it ([`promotion::proof`]), for this rotation.
 async fn promotion_proof(
@@ -211,6 +221,7 @@ async fn promotion_proof(
         cx.opts.settings.lanes,
         cx.opts.quiet,
         cx.opts.wait_for_writers,
+        &cx.opts.settings.stop,
     )
     .await
 }
@@ -232,7 +243,7 @@ pub(crate) async fn promoted(
         match promotion_proof(cx, client).await? {
             Err(why) => {
                 log.lines.push(why);
-                return Ok(Some((Ended::NotVerified, Step::Verified)));
+                return Ok(Some((not_proven(cx), Step::Verified)));
             }
             Ok(v) if !v.verified => {
                 // back to the run, which rotates what arrived since

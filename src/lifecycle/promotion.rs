@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
+use crate::control::stop::Stop;
 use crate::crypto::keyring::KeyId;
 use crate::crypto::keytable::KeyState;
 use crate::db::Database;
@@ -42,6 +43,7 @@ pub async fn proof(
     lanes: usize,
     quiet: bool,
     wait_for_writers: Duration,
+    stop: &Stop,
 ) -> Result<Result<Verification, String>, Error> {
     if let Some(t) = job.filtered_target() {
         return Err(Error::Config(format!(
@@ -56,7 +58,14 @@ pub async fn proof(
         ))
         .await?;
     }
-    let open = Box::pin(writers_ended(client, job, wait_for_writers)).await?;
+    let open = Box::pin(writers_ended(client, job, wait_for_writers, stop)).await?;
+    if stop.requested() {
+        return Ok(Err(
+            "stopped while waiting for transactions still open that wrote to the job's tables: nothing was promoted; \
+             run the same command again"
+                .to_string(),
+        ));
+    }
     if let Some(w) = open.first() {
         return Ok(Err(format!(
             "refusing to promote after waiting {} for it: a transaction still open has written to {} ({}), and what it \
@@ -91,7 +100,18 @@ pub async fn refused(
     }
     let job = Arc::new(Job::resolve(spec, client).await?);
     Ok(
-        match proof(db, client, &job, lanes, false, wait_for_writers).await? {
+        // `secrets promote` takes no stop: a signal ends it as it ends any command
+        match proof(
+            db,
+            client,
+            &job,
+            lanes,
+            false,
+            wait_for_writers,
+            &Stop::default(),
+        )
+        .await?
+        {
             Err(why) => Some(why),
             Ok(v) if !v.verified => Some(refusal(store, new, &v)),
             Ok(_) => None,

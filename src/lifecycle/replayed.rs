@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
+use crate::control::stop::Stop;
 use crate::db::standbys::{self, Behind, Standby};
 use crate::error::DbContext;
 use crate::Error;
@@ -34,7 +35,12 @@ const POLL: Duration = Duration::from_millis(100);
 /// WAL position now (every write committed so far, the rotation's
 /// included); returns those still behind then, and warnings for those it
 /// cannot check.
-pub(super) async fn standbys_replayed(client: &Client, limit: Duration) -> Result<Replayed, Error> {
+/// A stop asked for ends the wait at once; the caller looks at `stop` after.
+pub(super) async fn standbys_replayed(
+    client: &Client,
+    limit: Duration,
+    stop: &Stop,
+) -> Result<Replayed, Error> {
     let what = || "reading how far the standbys have replayed".to_string();
     let position = standbys::current_position(client).await.ctx(what)?;
     let mut behind: Vec<Behind> = Vec::new();
@@ -79,7 +85,10 @@ pub(super) async fn standbys_replayed(client: &Client, limit: Duration) -> Resul
                 behind[0].described()
             );
         }
-        tokio::time::sleep(POLL).await;
+        tokio::select! {
+            () = tokio::time::sleep(POLL) => {}
+            () = stop.asked() => break,
+        }
     }
     let mut warnings: Vec<String> = hidden
         .iter()

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
+use crate::control::stop::Stop;
 use crate::crypto::keyring::KeyId;
 use crate::db::idle::keeping_alive;
 use crate::db::writers::{open_writers, OpenWriter};
@@ -97,7 +98,14 @@ pub async fn retire(
     }
     // what a transaction still open wrote is invisible to the verify: a value
     // it committed after under the old key would lose its key
-    let open = Box::pin(writers_ended(client, job, opts.wait_for_writers)).await?;
+    let stop = &opts.settings.stop;
+    let open = Box::pin(writers_ended(client, job, opts.wait_for_writers, stop)).await?;
+    if stop.requested() {
+        return Ok(stopped(
+            old,
+            "for transactions still open that wrote to the job's tables",
+        ));
+    }
     if let Some(w) = open.first() {
         let notes = format!(
             "a transaction still open has written to {} ({}){}: what it wrote is invisible to the verify, \
@@ -158,7 +166,15 @@ pub async fn retire(
         .await;
     }
     // a standby that has not replayed the rotation still serves values under the key
-    let replayed = Box::pin(replayed::standbys_replayed(client, opts.wait_for_replicas)).await?;
+    let replayed = Box::pin(replayed::standbys_replayed(
+        client,
+        opts.wait_for_replicas,
+        stop,
+    ))
+    .await?;
+    if stop.requested() {
+        return Ok(stopped(old, "for the standbys to replay the rotation"));
+    }
     if let Some(first) = replayed.behind.first() {
         let notes = format!(
             "standby {} has not yet replayed the rotation's writes{}: it still serves values under key {old}, which \
@@ -278,6 +294,20 @@ pub async fn retire(
     })
 }
 
+/// A retire stopped on request while it waited (`for` what): nothing was
+/// retired, and the same command starts it again.
+fn stopped(old: KeyId, waiting: &str) -> Progressed {
+    Progressed {
+        ended: Ended::Stopped,
+        lines: vec![format!(
+            "stopped while waiting {waiting}: key {old} was not retired; run the same command again to retire it"
+        )],
+        events: Vec::new(),
+        step: None,
+        rotation: None,
+    }
+}
+
 /// A retire refused: recorded in the audit trail (`status`: its
 /// verification status and the values counted, where counted), said with
 /// `line`, and ended as not verified (exit 4).
@@ -349,11 +379,13 @@ pub async fn purge_refused(
 /// children) and were still open when it began; returns those still open
 /// then, one each. Those that begin meanwhile are not waited for: the
 /// applications write under the new key by now, and a later verify sees
-/// what they commit.
+/// what they commit. A stop asked for (a signal under `rotate`) ends the
+/// wait at once; the caller looks at `stop` after.
 pub(super) async fn writers_ended(
     client: &Client,
     job: &Job,
     limit: Duration,
+    stop: &Stop,
 ) -> Result<Vec<OpenWriter>, Error> {
     let tables: Vec<String> = job.targets.iter().map(|t| t.qualified()).collect();
     let what = || "looking for open transactions that wrote to the job's tables".to_string();
@@ -373,7 +405,10 @@ pub(super) async fn writers_ended(
     // a limit past what a clock can hold waits as long as it takes
     let deadline = Instant::now().checked_add(limit);
     while !open.is_empty() && deadline.is_none_or(|d| Instant::now() < d) {
-        tokio::time::sleep(WRITERS_POLL).await;
+        tokio::select! {
+            () = tokio::time::sleep(WRITERS_POLL) => {}
+            () = stop.asked() => break,
+        }
         let now = open_writers(client, &tables).await.ctx(what)?;
         open.retain(|w| now.iter().any(|n| n.transaction == w.transaction));
     }

@@ -1111,3 +1111,91 @@ async fn another_job_under_a_second_keyring_file_holding_the_same_key_does_not_h
     let out = rekey(&["verify", "--job", &job_b, "--full"], &keyring_pass_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
 }
+
+// Today: the first SIGINT did nothing while the retire waited for the open
+// transaction (up to --wait-for-writers, an hour here); only a second one
+// ended the process.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_signal_while_a_rotation_waits_for_open_writers_stops_it_at_once_and_retires_nothing() {
+    let db = TestDb::new().await;
+    db.seed_patients(200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    // an application transaction that wrote a new row and stays open
+    let app = connect(&db.url).await;
+    app.batch_execute(
+        "BEGIN; INSERT INTO patient_persons (id, name, notes) VALUES (100000, 'new', 'open')",
+    )
+    .await
+    .unwrap();
+    let rotate = [
+        "rotate",
+        "--job",
+        job.as_str(),
+        "--no-wait",
+        "--grace",
+        "0s",
+        "--wait-for-writers",
+        "1h",
+    ];
+    let mut child = spawn_rekey_captured(&rotate, &keyring_pass_env());
+    // the rotation waits for that transaction
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let waiting: bool = db
+            .client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                                 WHERE query LIKE '%SELECT DISTINCT l.virtualtransaction%' AND pid <> pg_backend_pid())",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the rotation ended before it waited for the open transaction: {}",
+            printed(&child.wait_with_output().unwrap())
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rotation never waited for the open transaction"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill -INT failed");
+    // a wait that ignored the signal would last the hour: killed, the test fails
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() >= deadline {
+            child.kill().unwrap();
+            panic!("the rotation was still waiting 60 s after SIGINT");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("was not retired"),
+        "{}",
+        printed(&out)
+    );
+    assert_ne!(
+        keyring_table(&keyring).entries[0].state,
+        KeyState::Retired,
+        "key 1 was retired"
+    );
+
+    // once the transaction ends, the same command finishes the rotation
+    app.batch_execute("ROLLBACK").await.unwrap();
+    let out = rekey(&rotate, &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(keyring_table(&keyring).entries[0].state, KeyState::Retired);
+}
