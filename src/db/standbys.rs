@@ -17,33 +17,45 @@ pub async fn current_position(client: &Client) -> Result<String, tokio_postgres:
         .get(0))
 }
 
-/// What a WAL sender of this server streams to, against a position.
+/// A WAL sender of this server, against a position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sender {
+    /// The WAL sender's process: one connection.
+    pub pid: i32,
+    /// Its `application_name` (a standby's `cluster_name` by default) and
+    /// where it connects from: what names it across reconnections.
+    pub name: String,
+    /// What it streams to.
+    pub is: Standby,
+}
+
+/// What a WAL sender streams to, against a position.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Standby {
     /// A standby that has replayed up to the position.
-    Replayed {
-        /// Its `application_name` and where it connects from.
-        name: String,
-    },
+    Replayed,
     /// A standby that has not (or reports no replay position yet: starting,
     /// catching up).
-    Behind(Behind),
-    /// One whose state and position this role may not see.
-    Hidden {
-        /// Its `application_name` and where it connects from.
-        name: String,
+    Behind {
+        /// How far behind the position it is, in bytes; `None` while it
+        /// reports no replay position.
+        bytes: Option<i64>,
+        /// The server's own measure of its replay lag, in seconds, where known.
+        lag_s: Option<f64>,
     },
-    /// Not a copy anyone reads: a logical decoding client (a subscriber or
-    /// a change-data-capture consumer, whose slot confirms only what it
-    /// processed) or a WAL receiver that replays nothing (`pg_receivewal`).
+    /// One whose state and position this role may not see.
+    Hidden,
+    /// Not a copy anyone reads: a logical replication connection (a
+    /// subscription, a change-data-capture consumer, whose slot confirms
+    /// only what it processed), a base backup, or a WAL receiver that
+    /// replays nothing (`pg_receivewal`).
     NotACopy,
 }
 
 /// A standby that has not replayed up to a position.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Behind {
-    /// Its `application_name` (a standby's `cluster_name` by default) and
-    /// where it connects from: what names it across reconnections.
+    /// Its `application_name` and where it connects from.
     pub name: String,
     /// How far behind the position it is, in bytes; `None` while it reports
     /// no replay position.
@@ -71,46 +83,51 @@ impl Behind {
     }
 }
 
-/// Every WAL sender of this server but a base backup's, as seen against
-/// `position` (`pg_lsn` text).
-pub async fn standbys(
+/// Every WAL sender of this server, as seen against `position` (`pg_lsn`
+/// text).
+pub async fn senders(
     client: &Client,
     position: &str,
-) -> Result<Vec<Standby>, tokio_postgres::Error> {
+) -> Result<Vec<Sender>, tokio_postgres::Error> {
+    // a logical connection is to a database (datid, shown to every role)
+    // from its start; a physical standby reports its replay position with
+    // its write position, a WAL receiver that replays nothing never does;
     // a socket's client_addr is NULL, and client_port -1; a hidden row shows neither
     let rows = client
         .query(
-            "SELECT format('%s at %s', coalesce(nullif(r.application_name, ''), 'unnamed'),
+            "SELECT r.pid, format('%s at %s', coalesce(nullif(r.application_name, ''), 'unnamed'),
                            CASE WHEN r.client_port = -1 THEN 'a local socket'
                                 ELSE coalesce(host(r.client_addr), 'an address hidden from this role') END),
                     r.state, r.replay_lsn >= $1::text::pg_lsn,
                     pg_wal_lsn_diff($1::text::pg_lsn, r.replay_lsn)::int8,
                     extract(epoch FROM r.replay_lag)::float8,
-                    s.slot_type = 'logical' OR (r.replay_lsn IS NULL AND r.flush_lsn IS NOT NULL AND r.state = 'streaming')
-               FROM pg_stat_replication r LEFT JOIN pg_replication_slots s ON s.active_pid = r.pid
-              WHERE r.state IS DISTINCT FROM 'backup'
-              ORDER BY 1",
+                    a.datid IS NOT NULL OR r.state = 'backup'
+                      OR (r.replay_lsn IS NULL AND r.write_lsn IS NOT NULL)
+               FROM pg_stat_replication r LEFT JOIN pg_stat_activity a ON a.pid = r.pid
+              ORDER BY 2, 1",
             &[&position],
         )
         .await?;
     Ok(rows
         .iter()
         .map(|r| {
-            let name: String = r.get(0);
-            match (
-                r.get::<_, Option<String>>(1),
-                r.get::<_, Option<bool>>(2),
-                r.get::<_, Option<bool>>(5),
+            let is = match (
+                r.get::<_, bool>(6),
+                r.get::<_, Option<String>>(2),
+                r.get::<_, Option<bool>>(3),
             ) {
-                (None, _, _) => Standby::Hidden { name },
-                (_, _, Some(true)) => Standby::NotACopy,
-                (_, Some(true), _) => Standby::Replayed { name },
-                _ => Standby::Behind(Behind {
-                    name,
-                    bytes: r.get(3),
-                    lag_s: r.get(4),
-                    gone: false,
-                }),
+                (true, _, _) => Standby::NotACopy,
+                (_, None, _) => Standby::Hidden,
+                (_, _, Some(true)) => Standby::Replayed,
+                _ => Standby::Behind {
+                    bytes: r.get(4),
+                    lag_s: r.get(5),
+                },
+            };
+            Sender {
+                pid: r.get(0),
+                name: r.get(1),
+                is,
             }
         })
         .collect())

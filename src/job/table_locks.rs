@@ -68,7 +68,9 @@ async fn holders(client: &Client, t: &Target) -> Result<Vec<String>, Error> {
                     a.query, a.state, p.gid
                FROM pg_locks l JOIN tree ON l.relation = tree.relid
                LEFT JOIN pg_stat_activity a ON a.pid = l.pid
-               LEFT JOIN pg_prepared_xacts p ON l.pid IS NULL AND l.virtualtransaction = '-1/' || p.transaction
+               LEFT JOIN pg_locks x ON l.pid IS NULL AND x.pid IS NULL AND x.locktype = 'transactionid'
+                                   AND x.virtualtransaction = l.virtualtransaction
+               LEFT JOIN pg_prepared_xacts p ON p.transaction = x.transactionid
               WHERE l.locktype = 'relation' AND l.pid IS DISTINCT FROM pg_backend_pid()
                 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
                 AND l.mode IN ('ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock')

@@ -59,11 +59,10 @@ pub async fn proof(
         .await?;
     }
     let open = Box::pin(writers_ended(client, job, wait_for_writers, stop)).await?;
+    // a stop asked for before the wait ends it at once too
     if stop.requested() {
         return Ok(Err(
-            "stopped while waiting for transactions still open that wrote to the job's tables: nothing was promoted; \
-             run the same command again"
-                .to_string(),
+            "stopped before the promotion's verify: nothing was promoted; run the same command again".to_string(),
         ));
     }
     if let Some(w) = open.first() {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 use crate::control::stop::Stop;
-use crate::db::standbys::{self, Behind, Standby};
+use crate::db::standbys::{self, Behind, Sender, Standby};
 use crate::error::DbContext;
 use crate::Error;
 
@@ -43,34 +43,59 @@ pub(super) async fn standbys_replayed(
 ) -> Result<Replayed, Error> {
     let what = || "reading how far the standbys have replayed".to_string();
     let position = standbys::current_position(client).await.ctx(what)?;
-    let mut behind: Vec<Behind> = Vec::new();
+    // the standbys seen behind, by WAL sender process, and whether each
+    // has shown a replay position (a standby then disconnected stays behind)
+    let mut behind: Vec<(i32, Behind, bool)> = Vec::new();
+    let mut seen: Vec<i32> = Vec::new();
     let mut hidden: Vec<String> = Vec::new();
     let mut logged = false;
     // a limit past what a clock can hold waits as long as it takes
     let deadline = Instant::now().checked_add(limit);
     loop {
-        let now = standbys::standbys(client, &position).await.ctx(what)?;
-        // one seen behind stays behind until seen replayed: a reconnection
-        // shows no position at first, and a disconnection none at all
-        for b in &mut behind {
-            b.gone = true;
-        }
-        let mut replayed = Vec::new();
-        let mut still = Vec::new();
-        for s in now {
-            match s {
-                Standby::Replayed { name } => replayed.push(name),
-                Standby::Behind(b) => still.push(b),
-                Standby::Hidden { name } if !hidden.contains(&name) => hidden.push(name),
-                Standby::Hidden { .. } | Standby::NotACopy => {}
+        let now = standbys::senders(client, &position).await.ctx(what)?;
+        // a connection seen before: what it is now; one gone: behind still,
+        // unless it never showed a position (a connection that was no standby),
+        // or a new connection of the same name has replayed (it reconnected)
+        let reconnected: Vec<&str> = now
+            .iter()
+            .filter(|s| s.is == Standby::Replayed && !seen.contains(&s.pid))
+            .map(|s| s.name.as_str())
+            .collect();
+        behind.retain_mut(
+            |(pid, b, positioned)| match now.iter().find(|s| s.pid == *pid) {
+                Some(Sender {
+                    is: Standby::Behind { bytes, lag_s },
+                    ..
+                }) => {
+                    (b.bytes, b.lag_s) = (*bytes, *lag_s);
+                    *positioned |= bytes.is_some();
+                    true
+                }
+                Some(_) => false,
+                None => {
+                    b.gone = true;
+                    *positioned && !reconnected.contains(&b.name.as_str())
+                }
+            },
+        );
+        for s in &now {
+            match &s.is {
+                Standby::Behind { bytes, lag_s }
+                    if !behind.iter().any(|(pid, _, _)| *pid == s.pid) =>
+                {
+                    let b = Behind {
+                        name: s.name.clone(),
+                        bytes: *bytes,
+                        lag_s: *lag_s,
+                        gone: false,
+                    };
+                    behind.push((s.pid, b, bytes.is_some()));
+                }
+                Standby::Hidden if !hidden.contains(&s.name) => hidden.push(s.name.clone()),
+                _ => {}
             }
-        }
-        // two standbys may share a name (the default `walreceiver`, one host): one behind keeps it behind
-        behind.retain(|b| !replayed.contains(&b.name) || still.iter().any(|s| s.name == b.name));
-        for b in still {
-            match behind.iter_mut().find(|k| k.name == b.name) {
-                Some(known) => *known = b,
-                None => behind.push(b),
+            if !seen.contains(&s.pid) {
+                seen.push(s.pid);
             }
         }
         if behind.is_empty() || deadline.is_some_and(|d| Instant::now() >= d) {
@@ -82,7 +107,7 @@ pub(super) async fn standbys_replayed(
                 "waiting up to {} for {} standby(s) to replay the rotation's writes ({} first)",
                 humantime::format_duration(limit),
                 behind.len(),
-                behind[0].described()
+                behind[0].1.described()
             );
         }
         tokio::select! {
@@ -90,6 +115,7 @@ pub(super) async fn standbys_replayed(
             () = stop.asked() => break,
         }
     }
+    let behind: Vec<Behind> = behind.into_iter().map(|(_, b, _)| b).collect();
     let mut warnings: Vec<String> = hidden
         .iter()
         .map(|name| {
@@ -105,9 +131,6 @@ pub(super) async fn standbys_replayed(
             "replication slot {slot} has no standby connected: that standby, when it returns, replays the rotation, \
              and until it has, it holds values under the key"
         ));
-    }
-    for w in &warnings {
-        tracing::warn!("{w}");
     }
     Ok(Replayed { behind, warnings })
 }

@@ -99,11 +99,14 @@ pub async fn retire(
     // what a transaction still open wrote is invisible to the verify: a value
     // it committed after under the old key would lose its key
     let stop = &opts.settings.stop;
+    if stop.requested() {
+        return Ok(stopped(old, "before the retire began"));
+    }
     let open = Box::pin(writers_ended(client, job, opts.wait_for_writers, stop)).await?;
     if stop.requested() {
         return Ok(stopped(
             old,
-            "for transactions still open that wrote to the job's tables",
+            "while waiting for transactions still open that wrote to the job's tables",
         ));
     }
     if let Some(w) = open.first() {
@@ -165,6 +168,10 @@ pub async fn retire(
         )
         .await;
     }
+    // a stop asked for during the verify, which does not watch for it
+    if stop.requested() {
+        return Ok(stopped(old, "after the verify"));
+    }
     // a standby that has not replayed the rotation still serves values under the key
     let replayed = Box::pin(replayed::standbys_replayed(
         client,
@@ -173,7 +180,10 @@ pub async fn retire(
     ))
     .await?;
     if stop.requested() {
-        return Ok(stopped(old, "for the standbys to replay the rotation"));
+        return Ok(stopped(
+            old,
+            "while waiting for the standbys to replay the rotation",
+        ));
     }
     if let Some(first) = replayed.behind.first() {
         let notes = format!(
@@ -185,10 +195,15 @@ pub async fn retire(
                 more => format!(" (and {more} more)"),
             }
         );
+        let then = if first.gone {
+            "Reconnect it and let it replay, then retire: a retire run again does not see a standby that is not \
+             connected (one in use no longer: stop it, and drop its replication slot)"
+        } else {
+            "Retire once it has caught up (its replay_lsn in pg_stat_replication), or wait longer \
+             (--wait-for-replicas); stop a standby no longer in use, and drop its replication slot"
+        };
         let line = format!(
-            "refusing to retire key {old} after waiting {} for it: {notes}. Retire once it has caught up (its \
-             replay_lsn in pg_stat_replication), or wait longer (--wait-for-replicas); stop a standby no longer in use, \
-             and drop its replication slot",
+            "refusing to retire key {old} after waiting {} for it: {notes}. {then}",
             humantime::format_duration(opts.wait_for_replicas),
         );
         // the verify passed: what is missing is the standbys' replay
@@ -294,13 +309,13 @@ pub async fn retire(
     })
 }
 
-/// A retire stopped on request while it waited (`for` what): nothing was
-/// retired, and the same command starts it again.
-fn stopped(old: KeyId, waiting: &str) -> Progressed {
+/// A retire stopped on request (`when`): nothing was retired, and the
+/// same command starts it again.
+fn stopped(old: KeyId, when: &str) -> Progressed {
     Progressed {
         ended: Ended::Stopped,
         lines: vec![format!(
-            "stopped while waiting {waiting}: key {old} was not retired; run the same command again to retire it"
+            "stopped {when}: key {old} was not retired; run the same command again to retire it"
         )],
         events: Vec::new(),
         step: None,

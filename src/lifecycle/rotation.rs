@@ -116,7 +116,8 @@ pub enum Ended {
     Done,
     /// Waiting for the operator, or for the grace period.
     Waiting(Wait),
-    /// Stopped on request during the re-encryption; resumable.
+    /// Stopped on request (a signal under `rotate`) during the
+    /// re-encryption, a wait, or between steps; resumable.
     Stopped,
     /// Values are still on an old key, or undecryptable.
     NotVerified,
@@ -364,6 +365,15 @@ async fn run_steps(cx: &Ctx<'_>, client: &mut Client, log: &mut Log) -> Result<P
                 .map_err(|e| with_changes(e, before));
         }
         forward::check_staged_key(client, &store, &rot).await?;
+        // a stop asked for during a step that does not watch for it (a
+        // verify) ends the invocation before the next step changes anything
+        if opts.settings.stop.requested() {
+            log.lines.push(format!(
+                "stopped at step {}: run the same command again to go on",
+                rot.step.as_str()
+            ));
+            return Ok(std::mem::take(log).end(Ended::Stopped, rot.step));
+        }
         let next = match rot.step {
             Step::Staged => forward::ran(cx, client, &store, &rot, log).await?,
             Step::Ran => {

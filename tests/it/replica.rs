@@ -447,7 +447,8 @@ async fn a_standby_that_disconnects_while_the_retire_waits_for_it_keeps_the_reti
     let out = tokio::task::block_in_place(|| child.wait_with_output()).unwrap();
     assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
     assert!(
-        printed(&out).contains("replica at 127.0.0.1 (disconnected while behind)"),
+        printed(&out).contains("replica at 127.0.0.1 (disconnected while behind)")
+            && printed(&out).contains("Reconnect it and let it replay"),
         "{}",
         printed(&out)
     );
