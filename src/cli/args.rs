@@ -416,7 +416,7 @@ pub struct RetireArgs {
     /// How long a retire waits for transactions still open that wrote to the job's tables (what they wrote is invisible to its verify until they commit); one still open then refuses the retire.
     #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = humantime::parse_duration)]
     pub wait_for_writers: std::time::Duration,
-    /// How long a retire waits, after its verify, for the standbys and logical subscribers streaming from the server to replay the rotation's writes (one behind still serves values under the old key); one still behind then refuses the retire.
+    /// How long a retire waits, after its verify, for the standbys streaming from the server to replay the rotation's writes (one behind still serves values under the old key); one still behind then refuses the retire.
     #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = humantime::parse_duration)]
     pub wait_for_replicas: std::time::Duration,
 }

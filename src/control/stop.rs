@@ -74,4 +74,13 @@ impl Stop {
     pub async fn asked(&self) {
         self.token.cancelled().await;
     }
+
+    /// Sleeps for `d`, or until a stop is asked for: whether the whole
+    /// sleep passed (`false`: stopped).
+    pub async fn sleep(&self, d: std::time::Duration) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep(d) => true,
+            () = self.asked() => false,
+        }
+    }
 }

@@ -85,9 +85,8 @@ impl Pace {
                 }
                 (due - now).min(PACE_LOOK)
             };
-            tokio::select! {
-                () = tokio::time::sleep(wait) => {}
-                () = stop.asked() => return false,
+            if !stop.sleep(wait).await {
+                return false;
             }
         }
     }

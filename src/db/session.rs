@@ -19,6 +19,12 @@ pub struct Timeouts {
     pub idle_in_transaction: Option<std::time::Duration>,
 }
 
+/// A limit as PostgreSQL's timeout settings take it: milliseconds, `0` for
+/// none (`None`), and at least 1 for a limit given (0 would lift it).
+pub fn ms(limit: Option<Duration>) -> u128 {
+    limit.map_or(0, |d| d.as_millis().max(1))
+}
+
 impl Timeouts {
     /// What commands that only read (plan, verify, status) set: no statement
     /// limit (their scans take as long as the table needs), a lock wait and
@@ -36,7 +42,6 @@ impl Timeouts {
     /// isolation rekey's statements are written for: read committed, so a
     /// server whose default is serializable does not fail them.
     pub fn startup_options(&self) -> String {
-        let ms = |d: Option<Duration>| d.map_or(0, |d| d.as_millis().max(1));
         format!(
             "-c lock_timeout={} -c statement_timeout={} -c idle_in_transaction_session_timeout={} -c default_transaction_isolation=read\\ committed",
             ms(self.lock),
@@ -47,7 +52,6 @@ impl Timeouts {
 
     /// The `SET` commands for a session.
     pub fn session_sql(&self) -> String {
-        let ms = |d: Option<std::time::Duration>| d.map_or(0, |d| d.as_millis().max(1));
         format!(
             "SET lock_timeout = {}; SET statement_timeout = {}; SET idle_in_transaction_session_timeout = {}",
             ms(self.lock),

@@ -82,8 +82,8 @@ async fn holders(client: &Client, t: &Target) -> Result<Vec<String>, Error> {
     Ok(rows
         .iter()
         .map(|r| {
-            let (mode, table): (String, String) = (r.get(1), r.get(3));
-            let who = match (r.get::<_, Option<i32>>(0), r.get::<_, Option<String>>(7)) {
+            let (pid, mode, table): (Option<i32>, String, String) = (r.get(0), r.get(1), r.get(3));
+            let who = match (pid, r.get::<_, Option<String>>(7)) {
                 (Some(pid), _) => format!("process {pid}"),
                 (None, Some(gid)) => format!(
                     "prepared transaction {gid:?} (ROLLBACK PREPARED or COMMIT PREPARED ends it)"
@@ -102,7 +102,7 @@ async fn holders(client: &Client, t: &Target) -> Result<Vec<String>, Error> {
                 (Some(state), Some(q)) if state == "active" => format!(", running {}", command(&q)),
                 // idle in its transaction: the statement it ran last, which may have taken the lock
                 (Some(_), Some(q)) => format!(", idle, its last statement {}", command(&q)),
-                (None, _) if r.get::<_, Option<i32>>(0).is_some() => {
+                (None, _) if pid.is_some() => {
                     ", its statement hidden from this role (pg_read_all_stats shows it)".to_string()
                 }
                 _ => String::new(),

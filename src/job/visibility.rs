@@ -437,9 +437,11 @@ async fn update_refused(
         t.qualified(),
         set.join(", ")
     );
-    let ms = lock_wait.map_or(0, |d| d.as_millis().max(1));
     client
-        .batch_execute(&format!("SET lock_timeout = {ms}"))
+        .batch_execute(&format!(
+            "SET lock_timeout = {}",
+            crate::db::session::ms(lock_wait)
+        ))
         .await
         .ctx(|| format!("setting the lock wait for checking {}", t.table))?;
     let probed = client.batch_execute(&explain).await;

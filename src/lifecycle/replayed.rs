@@ -110,9 +110,8 @@ pub(super) async fn standbys_replayed(
                 behind[0].1.described()
             );
         }
-        tokio::select! {
-            () = tokio::time::sleep(POLL) => {}
-            () = stop.asked() => break,
+        if !stop.sleep(POLL).await {
+            break;
         }
     }
     let behind: Vec<Behind> = behind.into_iter().map(|(_, b, _)| b).collect();

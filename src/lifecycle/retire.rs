@@ -185,6 +185,12 @@ pub async fn retire(
             "while waiting for the standbys to replay the rotation",
         ));
     }
+    // what could not be checked is said whether the retire goes on or not
+    let mut lines: Vec<String> = replayed
+        .warnings
+        .iter()
+        .map(|w| format!("warning: {w}"))
+        .collect();
     if let Some(first) = replayed.behind.first() {
         let notes = format!(
             "standby {} has not yet replayed the rotation's writes{}: it still serves values under key {old}, which \
@@ -209,8 +215,7 @@ pub async fn retire(
         // the verify passed: what is missing is the standbys' replay
         let status = ("passed", Some(v.values_total));
         let mut p = refused(client, opts, &key_ref, status, &notes, line).await?;
-        p.lines
-            .extend(replayed.warnings.iter().map(|w| format!("warning: {w}")));
+        p.lines.append(&mut lines);
         return Ok(p);
     }
     // looked at again after the verify (which may take hours): a run in
@@ -235,11 +240,6 @@ pub async fn retire(
             "key {old} retired; {verified}; its material stays in the store's archive until purged"
         )
     };
-    let mut lines = replayed
-        .warnings
-        .iter()
-        .map(|w| format!("warning: {w}"))
-        .collect::<Vec<_>>();
     if !unverified.is_empty() {
         let tables = unverified.join(", ");
         notes.push_str(&format!(
@@ -420,9 +420,8 @@ pub(super) async fn writers_ended(
     // a limit past what a clock can hold waits as long as it takes
     let deadline = Instant::now().checked_add(limit);
     while !open.is_empty() && deadline.is_none_or(|d| Instant::now() < d) {
-        tokio::select! {
-            () = tokio::time::sleep(WRITERS_POLL) => {}
-            () = stop.asked() => break,
+        if !stop.sleep(WRITERS_POLL).await {
+            break;
         }
         let now = open_writers(client, &tables).await.ctx(what)?;
         open.retain(|w| now.iter().any(|n| n.transaction == w.transaction));

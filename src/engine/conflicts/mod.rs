@@ -129,13 +129,7 @@ pub(super) async fn retry_conflicts(
                             // both sessions opened afresh for the next try
                             (reader, writer) = (None, None);
                         }
-                        let waited = async {
-                            tokio::select! {
-                                () = tokio::time::sleep(wait) => true,
-                                () = shared.stop.asked() => false,
-                            }
-                        };
-                        if !turn.pinging(waited).await {
+                        if !turn.pinging(shared.stop.sleep(wait)).await {
                             break 'rounds;
                         }
                         continue;
