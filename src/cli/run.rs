@@ -227,10 +227,16 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
     if let Some(audit) = &audit {
         run_audit::ended(audit, &client, &job, &ran.outcome, &ran.totals, ran.job_id).await?;
     }
+    // values quarantined under a retired key: what brings the key back, if anything
+    let named = crate::lifecycle::named_keys::named_keys(&job, &ran.outcome.failures).await;
     if args.common.json {
+        summary["named_keys"] = json!(named);
         print_json(&summary);
     } else {
         print_text(args, &job, &ran, remaining_rows);
+        for line in crate::lifecycle::named_keys::advice(&named, &args.common.job) {
+            out!("{line}");
+        }
         for line in &warnings {
             out!("warning: {line}");
         }

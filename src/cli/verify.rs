@@ -33,8 +33,11 @@ pub async fn verify(args: &VerifyArgs) -> Result<u8, Error> {
         .iter()
         .filter_map(|t| t.filter.as_deref().map(|f| (t.table.to_string(), f)))
         .collect();
+    // values under a retired key come back: what brings the key back, if anything
+    let named = crate::lifecycle::named_keys::named_keys(&job, &v.failures).await;
     if args.common.json {
         let mut value = serde_json::to_value(&v).unwrap_or_default();
+        value["named_keys"] = serde_json::to_value(&named).unwrap_or_default();
         value["only_where"] = only_where
             .iter()
             .map(|(table, filter)| serde_json::json!({ "table": table, "where": filter }))
@@ -86,6 +89,9 @@ pub async fn verify(args: &VerifyArgs) -> Result<u8, Error> {
                 f.key,
                 f.error
             );
+        }
+        for line in crate::lifecycle::named_keys::advice(&named, &args.common.job) {
+            out!("  {line}");
         }
         for (table, filter) in &only_where {
             out!("  only rows of {table} where {filter} were read (the target's `where`): its other rows were not verified");

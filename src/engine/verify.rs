@@ -198,6 +198,8 @@ pub async fn verify(
                     column: t.columns[col].name.clone(),
                     key: f,
                     error: "sampled value did not decrypt",
+                    // a sample that fails is read again in full, which names it
+                    named_key: None,
                 });
             }
         }

@@ -235,3 +235,111 @@ async fn a_compromised_key_is_destroyed_at_retire_not_archived() {
     );
     assert!(!archive_path(&keyring).exists());
 }
+
+/// Rotates key 1 to key 2, retires key 1 (`reason`), then writes one value
+/// sealed under key 1 back into a row, as a restore from a backup taken
+/// before the rotation would.
+async fn value_under_retired_key_come_back(db: &TestDb, job: &str, reason: &str) {
+    let old: Vec<u8> = db
+        .client
+        .query_one(
+            "SELECT phone_encrypted FROM patient_persons WHERE phone_encrypted IS NOT NULL LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let out = rotated_and_retired(job, reason);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    db.client
+        .execute(
+            "UPDATE patient_persons SET phone_encrypted = $1 WHERE ctid = (SELECT min(ctid) FROM patient_persons)",
+            &[&old],
+        )
+        .await
+        .unwrap();
+}
+
+// Today: "1 values no key given opens (damaged, truncated, or under a key
+// the job does not have) ... restore them from a backup or add the key they
+// were written under", while the key was in the store's archive and one
+// command brought it back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_value_under_a_retired_key_is_told_with_the_restore_that_brings_its_key_back() {
+    let db = TestDb::new().await;
+    db.seed_patients(50).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, _keyring) = keyring_file_job(&db, &dir);
+    value_under_retired_key_come_back(&db, &job, "scheduled").await;
+
+    let verify = rekey(&["verify", "--job", &job], &keyring_pass_env());
+    assert_eq!(verify.status.code(), Some(4), "{}", printed(&verify));
+    let restore = format!("rekey secrets restore --job {job} --key-id 1");
+    for words in [
+        "1 values (the first public.patient_persons.phone_encrypted at key (",
+        "are under key 1 of the keyring file",
+        "retired and still in the store's archive",
+        restore.as_str(),
+    ] {
+        assert!(
+            printed(&verify).contains(words),
+            "missing {words:?}:\n{}",
+            printed(&verify)
+        );
+    }
+    let verify = rekey(&["verify", "--job", &job, "--json"], &keyring_pass_env());
+    assert_eq!(
+        (
+            &json(&verify)["named_keys"][0]["key_id"],
+            &json(&verify)["named_keys"][0]["held"],
+            &json(&verify)["failures"][0]["named_key"],
+        ),
+        (
+            &serde_json::json!(1),
+            &serde_json::json!("archived"),
+            &serde_json::json!(1)
+        ),
+        "{}",
+        printed(&verify)
+    );
+    let run = rekey(&["run", "--job", &job], &keyring_pass_env());
+    assert_eq!(run.status.code(), Some(3), "{}", printed(&run));
+    assert!(printed(&run).contains(&restore), "{}", printed(&run));
+
+    // the advice, followed, ends with every value on the target key
+    let words: Vec<&str> = restore.split(' ').skip(1).collect();
+    let out = rekey(&words, &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let out = rekey(&["run", "--job", &job], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let out = rekey(&["verify", "--job", &job, "--full"], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_value_under_a_key_destroyed_at_its_retire_is_told_that_no_key_opens_it_any_more() {
+    let db = TestDb::new().await;
+    db.seed_patients(50).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, _keyring) = keyring_file_job(&db, &dir);
+    value_under_retired_key_come_back(&db, &job, "compromise").await;
+
+    let verify = rekey(&["verify", "--job", &job], &keyring_pass_env());
+    assert_eq!(verify.status.code(), Some(4), "{}", printed(&verify));
+    for words in [
+        "are under key 1 of the keyring file",
+        "retired and its material destroyed",
+        "restore them from a backup taken after the rotation",
+    ] {
+        assert!(
+            printed(&verify).contains(words),
+            "missing {words:?}:\n{}",
+            printed(&verify)
+        );
+    }
+    assert!(
+        !printed(&verify).contains("secrets restore"),
+        "{}",
+        printed(&verify)
+    );
+}

@@ -13,6 +13,7 @@ use std::collections::{HashMap, HashSet};
 use serde::Serialize;
 use tokio_postgres::{Client, Statement, Transaction};
 
+use crate::crypto::keyring::KeyId;
 use crate::db::session::Timeouts;
 use crate::db::{Database, KeyBytes, Page};
 use crate::engine::sql;
@@ -46,6 +47,11 @@ pub struct Failure {
     pub key: String,
     /// Why: truncated, unknown_key, auth_failed, bad_encoding.
     pub error: &'static str,
+    /// The key an `unknown_key` value names, in a format that names keys:
+    /// one the keys given do not hold (retired, perhaps still in the
+    /// store's archive, or never given).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub named_key: Option<KeyId>,
 }
 
 /// A batch on its way through the pipeline.

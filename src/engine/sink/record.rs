@@ -8,6 +8,7 @@ use futures_util::future::join_all;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Transaction};
 
+use crate::crypto::keyring::KeyId;
 use crate::db::raw::{self, params, RawParam};
 use crate::db::KeyBytes;
 use crate::engine::sql;
@@ -86,6 +87,7 @@ pub(super) async fn tally_and_quarantine(
                     column: target.columns[c].name.clone(),
                     key: key_text.unwrap_or_default(),
                     error: kind,
+                    named_key: named_key(target, batch, r, c),
                 });
             }
             // changed since it was read (perhaps fixed): re-read later
@@ -162,9 +164,17 @@ pub async fn describe_failures(
                     column: target.columns[c].name.clone(),
                     key: key.unwrap_or_default(),
                     error: e.kind(),
+                    named_key: named_key(target, batch, r, c),
                 });
             }
         }
     }
     Ok(out)
+}
+
+/// The key a value that did not open names, where the keys given do not
+/// hold it (see [`Failure::named_key`]).
+fn named_key(target: &Target, batch: &Batch, r: usize, c: usize) -> Option<KeyId> {
+    transform::held(target, batch.rows.row(r), c)
+        .and_then(|stored| transform::missing_key(target, c, stored))
 }
