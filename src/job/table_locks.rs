@@ -42,7 +42,7 @@ pub async fn refusal(
     let wait = humantime::format_duration(waited);
     Error::Db {
         context: format!(
-            "{} is locked against writes by another session: {holders}. rekey's UPDATE waited {wait} (--lock-timeout) \
+            "{} is locked against writes by another session: {holders}; rekey's UPDATE waited {wait} (--lock-timeout) \
              for it, as each batch would. Nothing was written. Run again once that session has ended (a plain CREATE \
              INDEX holds its lock until the index is built; CREATE INDEX CONCURRENTLY lets writes through), or give \
              each wait longer with --lock-timeout",
@@ -65,7 +65,8 @@ async fn holders(client: &Client, t: &Target) -> Result<Vec<String>, Error> {
                  UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.relid)
              SELECT l.pid, l.mode, l.granted, l.relation::regclass::text,
                     extract(epoch FROM clock_timestamp() - coalesce(a.xact_start, p.prepared))::int8,
-                    a.query, a.state, p.gid
+                    a.query, a.state, p.gid,
+                    CASE WHEN NOT l.granted THEN pg_blocking_pids(l.pid) END
                FROM pg_locks l JOIN tree ON l.relation = tree.relid
                LEFT JOIN pg_stat_activity a ON a.pid = l.pid
                LEFT JOIN pg_locks x ON l.pid IS NULL AND x.pid IS NULL AND x.locktype = 'transactionid'
@@ -79,6 +80,16 @@ async fn holders(client: &Client, t: &Target) -> Result<Vec<String>, Error> {
         )
         .await
         .ctx(|| format!("listing the sessions that hold {} locked", t.table))?;
+    // what the waiters wait on: the root of a queue (a long read ahead of
+    // a waiting ALTER TABLE) holds no conflicting lock itself
+    let mut blocking: Vec<i32> = rows
+        .iter()
+        .filter_map(|r| r.get::<_, Option<Vec<i32>>>(8))
+        .flatten()
+        .collect();
+    blocking.sort_unstable();
+    blocking.dedup();
+    let blockers = sessions(client, &blocking).await?;
     Ok(rows
         .iter()
         .map(|r| {
@@ -95,21 +106,75 @@ async fn holders(client: &Client, t: &Target) -> Result<Vec<String>, Error> {
             } else {
                 "waits for"
             };
-            let since = r
-                .get::<_, Option<i64>>(4)
-                .map_or_else(String::new, |s| format!(", in a transaction of {s} s"));
-            let doing = match (r.get::<_, Option<String>>(6), r.get::<_, Option<String>>(5)) {
-                (Some(state), Some(q)) if state == "active" => format!(", running {}", command(&q)),
-                // idle in its transaction: the statement it ran last, which may have taken the lock
-                (Some(_), Some(q)) => format!(", idle, its last statement {}", command(&q)),
-                (None, _) if pid.is_some() => {
-                    ", its statement hidden from this role (pg_read_all_stats shows it)".to_string()
+            let doing = doing(pid, r.get(4), r.get(6), r.get(5));
+            let behind = match r.get::<_, Option<Vec<i32>>>(8) {
+                Some(b) if !b.is_empty() => {
+                    let named: Vec<String> = b
+                        .iter()
+                        .take(NAMED)
+                        .map(|p| match blockers.iter().find(|(q, _)| q == p) {
+                            Some((_, said)) if said.is_empty() => format!("process {p}"),
+                            Some((_, said)) => {
+                                format!("process {p} ({})", said.trim_start_matches(", "))
+                            }
+                            // pg_blocking_pids names a prepared transaction 0
+                            None if *p == 0 => {
+                                "a prepared transaction (see pg_prepared_xacts)".into()
+                            }
+                            None => format!("process {p}, since ended"),
+                        })
+                        .collect();
+                    format!(", behind {}", named.join(" and "))
                 }
                 _ => String::new(),
             };
-            format!("{who} {holds} {mode} on {table}{since}{doing}")
+            format!("{who} {holds} {mode} on {table}{doing}{behind}")
         })
         .collect())
+}
+
+/// What the sessions `pids` are doing, for [`holders`]: each pid and
+/// [`doing`]'s words.
+async fn sessions(client: &Client, pids: &[i32]) -> Result<Vec<(i32, String)>, Error> {
+    if pids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(
+            "SELECT pid, extract(epoch FROM clock_timestamp() - xact_start)::int8, query, state
+               FROM pg_stat_activity WHERE pid = ANY($1)",
+            &[&pids],
+        )
+        .await
+        .ctx(|| "listing the sessions a lock's waiters wait on".to_string())?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let pid: i32 = r.get(0);
+            (pid, doing(Some(pid), r.get(1), r.get(3), r.get(2)))
+        })
+        .collect())
+}
+
+/// How long a session's transaction has run and what it runs, or ran
+/// last where it is idle in it (the statement that may have taken the
+/// lock): its command and object only.
+fn doing(
+    pid: Option<i32>,
+    xact_s: Option<i64>,
+    state: Option<String>,
+    query: Option<String>,
+) -> String {
+    let since = xact_s.map_or_else(String::new, |s| format!(", in a transaction of {s} s"));
+    let what = match (state, query) {
+        (Some(state), Some(q)) if state == "active" => format!(", running {}", command(&q)),
+        (Some(_), Some(q)) => format!(", idle, its last statement {}", command(&q)),
+        (None, _) if pid.is_some() => {
+            ", its statement hidden from this role (pg_read_all_stats shows it)".to_string()
+        }
+        _ => String::new(),
+    };
+    format!("{since}{what}")
 }
 
 /// A statement's command and the object it names (`LOCK TABLE patients`,

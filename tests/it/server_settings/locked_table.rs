@@ -111,3 +111,86 @@ async fn a_table_locked_for_less_than_the_lock_timeout_is_waited_for_as_a_batch_
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     db.assert_every_value_rotated(ROWS).await;
 }
+
+// Today: the refusal named the ALTER TABLE waiting for its lock, not the
+// transaction it waits behind, which is what holds every session up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_queued_behind_a_waiting_alter_table_is_refused_naming_the_transaction_it_waits_on() {
+    const ROWS: i64 = 300;
+    let db = TestDb::new().await;
+    db.seed_patients(ROWS).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job(&dir).display().to_string();
+    let before = db.checksum("patient_persons").await;
+
+    // a report's long read, left open
+    let mut reader = connect(&db.url).await;
+    let read = reader.transaction().await.unwrap();
+    let root: i32 = read
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    read.execute("SELECT count(*) FROM patient_persons", &[])
+        .await
+        .unwrap();
+    // a migration queued behind it, which every later statement on the table queues behind
+    let migration = connect(&db.url).await;
+    let altering: i32 = migration
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let alter = tokio::spawn(async move {
+        migration
+            .batch_execute("ALTER TABLE patient_persons ADD COLUMN note int")
+            .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let waiting: bool = db
+            .client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = $1 AND NOT granted)",
+                &[&altering],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the ALTER TABLE never waited");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let run = ["run", "--job", j.as_str(), "--lock-timeout", "300ms"];
+    let out = rekey_within(&run, &seed_env(), Duration::from_secs(60));
+    read.execute("SELECT 1", &[])
+        .await
+        .expect("premise: the read was open for the whole run");
+    read.rollback().await.unwrap();
+    alter.await.unwrap().unwrap();
+    // the rows as they were, for the checksum
+    db.client
+        .batch_execute("ALTER TABLE patient_persons DROP COLUMN note")
+        .await
+        .unwrap();
+
+    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
+    let said = stderr(&out);
+    for words in [
+        &format!("process {altering} waits for AccessExclusiveLock"),
+        "ALTER TABLE patient_persons ...",
+        &format!("behind process {root} (in a transaction of"),
+        "idle, its last statement SELECT ...)",
+        "Nothing was written",
+    ] {
+        assert!(said.contains(words), "missing {words:?} in:\n{said}");
+    }
+    assert_eq!(
+        db.checksum("patient_persons").await,
+        before,
+        "a value was written"
+    );
+}
