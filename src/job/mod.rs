@@ -28,6 +28,7 @@ use crate::db::raw::{KeyBytes, RawParam};
 use crate::db::PageRow;
 use crate::secrets::KeysSpec;
 use crate::Error;
+use tokio_postgres::error::SqlState;
 
 use catalog::{TableColumn, TableRef};
 
@@ -343,21 +344,34 @@ impl Job {
                 after_triggers: false,
             };
             if let Some(f) = &target.filter {
-                client
+                let checked = client
                     .prepare(&format!(
                         "SELECT 1 FROM {} WHERE ({f}) LIMIT 0",
                         target.qualified()
                     ))
-                    .await
-                    .map_err(|e| {
-                        Error::Config(format!(
+                    .await;
+                match checked {
+                    Ok(_) => {}
+                    // reading the table waited on a lock another session holds or awaits
+                    Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                        let waited = format!(
+                            "reading the table for its `where` condition waited {} (this session's lock_timeout) for it",
+                            session_lock_timeout(client).await
+                        );
+                        return Err(
+                            table_locks::refusal(client, &target, (&waited, false), e).await
+                        );
+                    }
+                    Err(e) => {
+                        return Err(Error::Config(format!(
                             "{}: where = {f:?} is not a valid condition on {}: {}",
                             at(),
                             target.table,
                             e.as_db_error()
                                 .map_or_else(|| e.to_string(), |d| d.message().to_string())
-                        ))
-                    })?;
+                        )))
+                    }
+                }
             }
             targets.push(target);
         }
@@ -479,4 +493,13 @@ fn encoding_for(
         )));
     }
     Ok(enc)
+}
+
+/// The session's `lock_timeout`, for a refusal ("5s"); what could not be
+/// read is said as such.
+async fn session_lock_timeout(client: &tokio_postgres::Client) -> String {
+    match client.query_one("SHOW lock_timeout", &[]).await {
+        Ok(r) => r.get(0),
+        Err(_) => "its limit".to_string(),
+    }
 }

@@ -1,6 +1,7 @@
 //! Who holds a target's table locked against writes: asked when the
-//! preflight's probe of an UPDATE ([`super::visibility`]) waited longer than
-//! the session's `lock_timeout`, so that the refusal names the sessions (a
+//! preflight's probe of an UPDATE ([`super::visibility`]), or the read of
+//! a target's `where` condition, waited longer than the session's
+//! `lock_timeout`, so that the refusal names the sessions (a
 //! plain `CREATE INDEX`, a `LOCK ... IN SHARE MODE`, an `ALTER TABLE`) and
 //! what they run, where PostgreSQL's own words name neither. Of a
 //! statement only its command and the object it names are said: the rest
@@ -21,11 +22,13 @@ const NAMED: usize = 5;
 /// longer than `lock_timeout`: the sessions (and prepared transactions)
 /// holding or awaiting a lock that conflicts with ROW EXCLUSIVE, each with
 /// its mode, how long its transaction has run and its command, and the
-/// ways on. `timed_out` is the probe's error, kept as the cause.
+/// ways on. `waited` says which statement of rekey's waited how long, and
+/// `longer` whether `--lock-timeout` sets that wait; `timed_out` is its
+/// error, kept as the cause.
 pub async fn refusal(
     client: &Client,
     t: &Target,
-    waited: std::time::Duration,
+    (waited, longer): (&str, bool),
     timed_out: tokio_postgres::Error,
 ) -> Error {
     let holders = match holders(client, t).await {
@@ -39,14 +42,17 @@ pub async fn refusal(
             e.chain()
         ),
     };
-    let wait = humantime::format_duration(waited);
     Error::Db {
         context: format!(
-            "{} is locked against writes by another session: {holders}; rekey's UPDATE waited {wait} (--lock-timeout) \
-             for it, as each batch would. Nothing was written. Run again once that session has ended (a plain CREATE \
-             INDEX holds its lock until the index is built; CREATE INDEX CONCURRENTLY lets writes through), or give \
-             each wait longer with --lock-timeout",
-            t.table
+            "{} is locked against writes by another session: {holders}; {waited}. Nothing was written. Run again once \
+             that session has ended (a plain CREATE INDEX holds its lock until the index is built; CREATE INDEX \
+             CONCURRENTLY lets writes through; a session waiting behind another goes on when that one ends){}",
+            t.table,
+            if longer {
+                ", or give each wait longer with --lock-timeout"
+            } else {
+                ""
+            }
         ),
         source: timed_out,
     }

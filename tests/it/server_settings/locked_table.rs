@@ -112,6 +112,81 @@ async fn a_table_locked_for_less_than_the_lock_timeout_is_waited_for_as_a_batch_
     db.assert_every_value_rotated(ROWS).await;
 }
 
+/// A long read left open on `patient_persons` and an `ALTER TABLE` queued
+/// behind it, which every later statement on the table queues behind.
+struct QueuedAlter {
+    reader: tokio_postgres::Client,
+    /// The read's session: what the queue waits on.
+    root: i32,
+    /// The ALTER TABLE's session.
+    altering: i32,
+    alter: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+}
+
+impl QueuedAlter {
+    async fn start(db: &TestDb) -> QueuedAlter {
+        let reader = connect(&db.url).await;
+        let root: i32 = reader
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        reader.batch_execute("BEGIN").await.unwrap();
+        reader
+            .execute("SELECT count(*) FROM patient_persons", &[])
+            .await
+            .unwrap();
+        let migration = connect(&db.url).await;
+        let altering: i32 = migration
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let alter = tokio::spawn(async move {
+            migration
+                .batch_execute("ALTER TABLE patient_persons ADD COLUMN note int")
+                .await
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let waiting: bool = db
+                .client
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = $1 AND NOT granted)",
+                    &[&altering],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if waiting {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the ALTER TABLE never waited");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        QueuedAlter {
+            reader,
+            root,
+            altering,
+            alter,
+        }
+    }
+
+    /// Ends the read (failing if it ended before), lets the ALTER TABLE
+    /// through, and drops its column, so that the rows read as before.
+    async fn end(self, db: &TestDb) {
+        self.reader
+            .batch_execute("SELECT 1; ROLLBACK")
+            .await
+            .expect("premise: the read was open until now");
+        self.alter.await.unwrap().unwrap();
+        db.client
+            .batch_execute("ALTER TABLE patient_persons DROP COLUMN note")
+            .await
+            .unwrap();
+    }
+}
+
 // Today: the refusal named the ALTER TABLE waiting for its lock, not the
 // transaction it waits behind, which is what holds every session up.
 #[tokio::test(flavor = "multi_thread")]
@@ -123,59 +198,11 @@ async fn a_run_queued_behind_a_waiting_alter_table_is_refused_naming_the_transac
     let j = db.patients_job(&dir).display().to_string();
     let before = db.checksum("patient_persons").await;
 
-    // a report's long read, left open
-    let mut reader = connect(&db.url).await;
-    let read = reader.transaction().await.unwrap();
-    let root: i32 = read
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    read.execute("SELECT count(*) FROM patient_persons", &[])
-        .await
-        .unwrap();
-    // a migration queued behind it, which every later statement on the table queues behind
-    let migration = connect(&db.url).await;
-    let altering: i32 = migration
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let alter = tokio::spawn(async move {
-        migration
-            .batch_execute("ALTER TABLE patient_persons ADD COLUMN note int")
-            .await
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let waiting: bool = db
-            .client
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = $1 AND NOT granted)",
-                &[&altering],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if waiting {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the ALTER TABLE never waited");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-
+    let queue = QueuedAlter::start(&db).await;
     let run = ["run", "--job", j.as_str(), "--lock-timeout", "300ms"];
     let out = rekey_within(&run, &seed_env(), Duration::from_secs(60));
-    read.execute("SELECT 1", &[])
-        .await
-        .expect("premise: the read was open for the whole run");
-    read.rollback().await.unwrap();
-    alter.await.unwrap().unwrap();
-    // the rows as they were, for the checksum
-    db.client
-        .batch_execute("ALTER TABLE patient_persons DROP COLUMN note")
-        .await
-        .unwrap();
+    let (root, altering) = (queue.root, queue.altering);
+    queue.end(&db).await;
 
     assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
     let said = stderr(&out);
@@ -184,6 +211,42 @@ async fn a_run_queued_behind_a_waiting_alter_table_is_refused_naming_the_transac
         "ALTER TABLE patient_persons ...",
         &format!("behind process {root} (in a transaction of"),
         "idle, its last statement SELECT ...)",
+        "Nothing was written",
+    ] {
+        assert!(said.contains(words), "missing {words:?} in:\n{said}");
+    }
+    assert_eq!(
+        db.checksum("patient_persons").await,
+        before,
+        "a value was written"
+    );
+}
+
+// Today: exit 2, "where = \"id > 0\" is not a valid condition on
+// public.patient_persons: canceling statement due to lock timeout": a
+// locked table told as a mistake in the job file.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_filtered_target_whose_table_is_locked_is_refused_as_locked_not_as_a_bad_condition() {
+    const ROWS: i64 = 300;
+    let db = TestDb::new().await;
+    db.seed_patients(ROWS).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job_where(&dir, "id > 0").display().to_string();
+    let before = db.checksum("patient_persons").await;
+
+    let queue = QueuedAlter::start(&db).await;
+    let run = ["run", "--job", j.as_str(), "--lock-timeout", "300ms"];
+    let out = rekey_within(&run, &seed_env(), Duration::from_secs(60));
+    let (root, altering) = (queue.root, queue.altering);
+    queue.end(&db).await;
+
+    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
+    let said = stderr(&out);
+    assert!(!said.contains("not a valid condition"), "{said}");
+    for words in [
+        "public.patient_persons is locked",
+        &format!("process {altering} waits for AccessExclusiveLock"),
+        &format!("behind process {root} (in a transaction of"),
         "Nothing was written",
     ] {
         assert!(said.contains(words), "missing {words:?} in:\n{said}");
