@@ -150,8 +150,10 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
         )
         .await?;
     } else if !args.dry_run {
-        // --force lets values that do not open through, never a key pages cannot follow
+        // --force lets values that do not open through, never a key pages
+        // cannot follow, nor a table the run may not (or cannot now) write
         for t in &job.targets {
+            crate::job::visibility::check_writable(&client, t, settings.timeouts.lock).await?;
             crate::job::shared_keys::refuse_keys_shared_with_children(&client, t).await?;
         }
     }
