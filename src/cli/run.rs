@@ -223,20 +223,26 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
     };
     let mut summary = summary(args, &job, &ran, remaining_rows);
     summary["warnings"] = json!(warnings);
+    // values quarantined under a retired key: what brings the key back, if
+    // anything (not looked up by a run stopped, which ends at once)
+    let capped = ran.outcome.counts.values_failed > ran.outcome.failures.len() as u64;
+    let named = if ran.outcome.stopped {
+        Vec::new()
+    } else {
+        crate::engine::named_keys::named_keys(&job, &ran.outcome.failures, capped).await
+    };
+    summary["named_keys"] = json!(named);
     if let (Some(id), false) = (ran.job_id, ran.outcome.stopped) {
         state::finish_job(&client, id, &summary).await?;
     }
     if let Some(audit) = &audit {
         run_audit::ended(audit, &client, &job, &ran.outcome, &ran.totals, ran.job_id).await?;
     }
-    // values quarantined under a retired key: what brings the key back, if anything
-    let named = crate::lifecycle::named_keys::named_keys(&job, &ran.outcome.failures).await;
     if args.common.json {
-        summary["named_keys"] = json!(named);
         print_json(&summary);
     } else {
         print_text(args, &job, &ran, remaining_rows);
-        for line in crate::lifecycle::named_keys::advice(&named, &args.common.job) {
+        for line in crate::engine::named_keys::advice(&named) {
             out!("{line}");
         }
         for line in &warnings {

@@ -34,7 +34,9 @@ pub async fn verify(args: &VerifyArgs) -> Result<u8, Error> {
         .filter_map(|t| t.filter.as_deref().map(|f| (t.table.to_string(), f)))
         .collect();
     // values under a retired key come back: what brings the key back, if anything
-    let named = crate::lifecycle::named_keys::named_keys(&job, &v.failures).await;
+    // the failures listed are capped, hash mismatches among them
+    let capped = v.values_undecryptable + v.values_hash_mismatched > v.failures.len() as u64;
+    let named = crate::engine::named_keys::named_keys(&job, &v.failures, capped).await;
     if args.common.json {
         let mut value = serde_json::to_value(&v).unwrap_or_default();
         value["named_keys"] = serde_json::to_value(&named).unwrap_or_default();
@@ -90,7 +92,7 @@ pub async fn verify(args: &VerifyArgs) -> Result<u8, Error> {
                 f.error
             );
         }
-        for line in crate::lifecycle::named_keys::advice(&named, &args.common.job) {
+        for line in crate::engine::named_keys::advice(&named) {
             out!("  {line}");
         }
         for (table, filter) in &only_where {
@@ -104,7 +106,7 @@ pub async fn verify(args: &VerifyArgs) -> Result<u8, Error> {
                     "verified by a sample: every value's key version counted, {} sampled values decrypted; `rekey verify --full` decrypts every value (a retire always does)",
                     v.values_sampled
                 ),
-                (false, _) => not_verified(v.values_on_old_keys, v.values_undecryptable, v.values_hash_mismatched),
+                (false, _) => not_verified(v.values_on_old_keys, v.values_undecryptable, v.values_hash_mismatched, !named.is_empty()),
             }
         );
     }
@@ -112,7 +114,8 @@ pub async fn verify(args: &VerifyArgs) -> Result<u8, Error> {
 }
 
 /// What to do about values left on old keys, and about values no key opens.
-fn not_verified(on_old: u64, undecryptable: u64, mismatched: u64) -> String {
+/// `named`: some undecryptable values name their key, told above with the way on.
+fn not_verified(on_old: u64, undecryptable: u64, mismatched: u64, named: bool) -> String {
     let mut out = "NOT verified:".to_string();
     if on_old > 0 {
         out.push_str(&format!(
@@ -121,10 +124,15 @@ fn not_verified(on_old: u64, undecryptable: u64, mismatched: u64) -> String {
     }
     if undecryptable > 0 {
         out.push_str(&format!(
-            " {undecryptable} values no key given opens (damaged, truncated, or under a key the job does not have): \
+            " {undecryptable} values no key given opens (damaged, truncated, or under a key the job does not have): {}\
              `rekey run` cannot fix these; restore them from a backup or add the key they were written under \
              (each is listed above; a run records in rekey.quarantine those it reads, never one labelled with the \
-             target key)"
+             target key)",
+            if named {
+                "those under a key named above are told there with what brings it back, if anything; otherwise "
+            } else {
+                ""
+            }
         ));
     }
     if mismatched > 0 {

@@ -6,6 +6,7 @@ pub mod behind;
 mod conflicts;
 pub mod held;
 pub mod left;
+pub mod named_keys;
 mod others;
 mod pacing;
 pub mod pipeline;

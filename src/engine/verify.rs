@@ -24,6 +24,7 @@ use crate::error::DbContext;
 use crate::job::{Aad, Job, Target};
 use crate::observe::counts::LiveCounts;
 use crate::observe::progress::Progress;
+use crate::secrets::archived::Held;
 use crate::state;
 use crate::Error;
 
@@ -200,6 +201,7 @@ pub async fn verify(
                     error: "sampled value did not decrypt",
                     // a sample that fails is read again in full, which names it
                     named_key: None,
+                    target: t.index,
                 });
             }
         }
@@ -386,7 +388,7 @@ pub async fn preflight(
             .await
             .ctx(|| format!("reading a sample of {}", t.table))?;
         let rows = page_of(t, &rows)?;
-        refuse_missing_keys(t, &rows, forcing)?;
+        refuse_missing_keys(job, t, &rows, forcing).await?;
         let mut cells = Cells::default();
         transform::classify(t, &rows, &mut cells);
         let tried = cells.iter().filter(|c| !matches!(c, Cell::Null)).count();
@@ -585,8 +587,15 @@ fn refuse_wrong_hash_key(t: &Target, cells: &[Cell], forcing: Forcing) -> Result
 /// Refuses, before any write, values that name a key the keys given do not
 /// hold (an old key left out): every one of them would be quarantined. A key
 /// id named by a stray value or two (a damaged version byte) is not a key
-/// left out: those values are quarantined one by one.
-fn refuse_missing_keys(t: &Target, rows: &Page, forcing: Forcing) -> Result<(), Error> {
+/// left out: those values are quarantined one by one. A key the store
+/// retired is said with what its archive holds of it (values restored
+/// from a backup after a retire).
+async fn refuse_missing_keys(
+    job: &Job,
+    t: &Target,
+    rows: &Page,
+    forcing: Forcing,
+) -> Result<(), Error> {
     let mut missing: BTreeMap<KeyId, u64> = BTreeMap::new();
     let mut tried = 0u64;
     for row in rows.rows() {
@@ -614,11 +623,30 @@ fn refuse_missing_keys(t: &Target, rows: &Page, forcing: Forcing) -> Result<(), 
             format!("{n} under key {}{at}", t.read.codec.key_label(*id))
         })
         .collect();
+    // a retired key: what brings it back, if anything
+    let retired: Vec<String> = crate::engine::named_keys::named_in_sample(job, t, &missing)
+        .await
+        .iter()
+        .filter(|n| matches!(n.held, Held::Archived | Held::Destroyed))
+        .map(|n| match n.held {
+            Held::Archived => format!(
+                " Key {} was retired and is still in the store's archive (were these rows restored from a backup?): \
+                 `{}` brings it back as a previous key, for a run to rewrite its values.",
+                n.key_id, n.restore_command
+            ),
+            _ => format!(
+                " Key {} was retired and its material destroyed (purged, or compromised): no key opens its values \
+                 any more; restore them from a backup taken after the rotation, or write them again from their source.",
+                n.key_id
+            ),
+        })
+        .collect();
     Err(Error::Config(format!(
-        "of the {tried} values sampled from {}, {}; the keys given do not hold that key, so nothing was written. \
+        "of the {tried} values sampled from {}, {}; the keys given do not hold that key, so nothing was written.{} \
          Give the old key as well as the new one{}",
         t.table,
         named.join("; "),
+        retired.concat(),
         forcing.past("every value under a key that is not given")
     )))
 }

@@ -169,6 +169,9 @@ pub struct Job {
     pub spec_hash: String,
     /// The job file it was read from, if any.
     pub file: Option<String>,
+    /// Whether its keys are the job-level `[keys]` alone (no target with
+    /// keys of its own): what `rotate` and `secrets` manage.
+    pub keys_managed: bool,
     /// The resolved targets.
     pub targets: Vec<Target>,
 }
@@ -354,13 +357,9 @@ impl Job {
                     Ok(_) => {}
                     // reading the table waited on a lock another session holds or awaits
                     Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
-                        let waited = format!(
-                            "reading the table for its `where` condition waited {} (this session's lock_timeout) for it",
-                            session_lock_timeout(client).await
-                        );
-                        return Err(
-                            table_locks::refusal(client, &target, (&waited, false), e).await
-                        );
+                        let stalled =
+                            table_locks::Stalled::Read(session_lock_timeout(client).await);
+                        return Err(table_locks::refusal(client, &target, &stalled, e).await);
                     }
                     Err(e) => {
                         return Err(Error::Config(format!(
@@ -397,6 +396,11 @@ impl Job {
             name: spec.name.clone().unwrap_or_else(|| "rekey".into()),
             spec_hash: spec.spec_hash(),
             file: spec.file.as_ref().map(|f| f.display().to_string()),
+            keys_managed: spec.keys.is_some()
+                && spec
+                    .targets
+                    .iter()
+                    .all(|t| t.keys.is_none() && t.to_keys.is_none()),
             targets,
         })
     }
@@ -499,7 +503,7 @@ fn encoding_for(
 /// read is said as such.
 async fn session_lock_timeout(client: &tokio_postgres::Client) -> String {
     match client.query_one("SHOW lock_timeout", &[]).await {
-        Ok(r) => r.get(0),
+        Ok(r) => r.try_get(0).unwrap_or_else(|_| "its limit".to_string()),
         Err(_) => "its limit".to_string(),
     }
 }

@@ -17,22 +17,53 @@ use super::Target;
 /// Holders named in a refusal at most; the rest are counted.
 const NAMED: usize = 5;
 
-/// The preflight's refusal of a target whose table (or a partition or
-/// child of it) another session held locked against rekey's UPDATE for
-/// longer than `lock_timeout`: the sessions (and prepared transactions)
-/// holding or awaiting a lock that conflicts with ROW EXCLUSIVE, each with
-/// its mode, how long its transaction has run and its command, and the
-/// ways on. `waited` says which statement of rekey's waited how long, and
-/// `longer` whether `--lock-timeout` sets that wait; `timed_out` is its
+/// Which statement of rekey's waited on the table's lock.
+pub enum Stalled {
+    /// The preflight's probe of an UPDATE, for `--lock-timeout` (this long).
+    Update(std::time::Duration),
+    /// A read of the table (a target's `where` condition checked), for the
+    /// session's own `lock_timeout` (as PostgreSQL says it).
+    Read(String),
+}
+
+impl Stalled {
+    /// The lock modes that hold the statement up: those that conflict with
+    /// an UPDATE's ROW EXCLUSIVE, or a read's ACCESS SHARE.
+    fn modes(&self) -> &'static [&'static str] {
+        match self {
+            Stalled::Update(_) => &[
+                "ShareLock",
+                "ShareRowExclusiveLock",
+                "ExclusiveLock",
+                "AccessExclusiveLock",
+            ],
+            Stalled::Read(_) => &["AccessExclusiveLock"],
+        }
+    }
+}
+
+/// The refusal of a target whose table (or a partition or child of it)
+/// another session held locked against one of rekey's statements for
+/// longer than its `lock_timeout`: the sessions (and prepared
+/// transactions) holding or awaiting a lock that conflicts with it, each
+/// with its mode, how long its transaction has run, its command and what
+/// it waits behind, and the ways on. `timed_out` is the statement's
 /// error, kept as the cause.
 pub async fn refusal(
     client: &Client,
     t: &Target,
-    (waited, longer): (&str, bool),
+    stalled: &Stalled,
     timed_out: tokio_postgres::Error,
 ) -> Error {
-    let holders = match holders(client, t).await {
-        Ok(h) if h.is_empty() => "the session holding it has since let it go".to_string(),
+    let holders = match holders(client, t, stalled.modes()).await {
+        Ok(h) if h.is_empty() => match stalled {
+            Stalled::Update(_) => "the session holding it has since let it go".to_string(),
+            Stalled::Read(_) => {
+                "no session holds or awaits such a lock on it now (it has let it go, or the \
+                                 `where` condition reads another table, which is locked)"
+                    .to_string()
+            }
+        },
         Ok(h) if h.len() > NAMED => {
             format!("{}; and {} more", h[..NAMED].join("; "), h.len() - NAMED)
         }
@@ -42,26 +73,38 @@ pub async fn refusal(
             e.chain()
         ),
     };
+    let (against, waited, longer) = match stalled {
+        Stalled::Update(d) => (
+            "writes",
+            format!(
+                "rekey's UPDATE waited {} (--lock-timeout) for it, as each batch would",
+                humantime::format_duration(*d)
+            ),
+            ", or give each wait longer with --lock-timeout",
+        ),
+        Stalled::Read(limit) => (
+            "reads",
+            format!(
+                "reading the table for its `where` condition waited {limit} (the lock_timeout of rekey's first \
+                 session, which --lock-timeout does not set) for it"
+            ),
+            "",
+        ),
+    };
     Error::Db {
         context: format!(
-            "{} is locked against writes by another session: {holders}; {waited}. Nothing was written. Run again once \
-             that session has ended (a plain CREATE INDEX holds its lock until the index is built; CREATE INDEX \
-             CONCURRENTLY lets writes through; a session waiting behind another goes on when that one ends){}",
+            "{} is locked against {against} by another session: {holders}; {waited}. Nothing was written. Run again \
+             once that session has ended (a plain CREATE INDEX holds its lock until the index is built; CREATE INDEX \
+             CONCURRENTLY lets writes through; a session waiting behind another goes on when that one ends){longer}",
             t.table,
-            if longer {
-                ", or give each wait longer with --lock-timeout"
-            } else {
-                ""
-            }
         ),
         source: timed_out,
     }
 }
 
 /// One line per other session (or prepared transaction) that holds, or
-/// waits ahead of rekey for, a lock on the target's tree that conflicts
-/// with ROW EXCLUSIVE.
-async fn holders(client: &Client, t: &Target) -> Result<Vec<String>, Error> {
+/// waits ahead of rekey for, a lock on the target's tree in one of `modes`.
+async fn holders(client: &Client, t: &Target, modes: &[&str]) -> Result<Vec<String>, Error> {
     // a session's state and statement are shown to the roles that may see
     // them (its own, or pg_read_all_stats); a prepared transaction has no session
     let rows = client
@@ -80,9 +123,9 @@ async fn holders(client: &Client, t: &Target) -> Result<Vec<String>, Error> {
                LEFT JOIN pg_prepared_xacts p ON p.transaction = x.transactionid
               WHERE l.locktype = 'relation' AND l.pid IS DISTINCT FROM pg_backend_pid()
                 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                AND l.mode IN ('ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock')
+                AND l.mode = ANY($2)
               ORDER BY l.granted DESC, l.pid, 4",
-            &[&t.qualified()],
+            &[&t.qualified(), &modes],
         )
         .await
         .ctx(|| format!("listing the sessions that hold {} locked", t.table))?;
@@ -95,7 +138,8 @@ async fn holders(client: &Client, t: &Target) -> Result<Vec<String>, Error> {
         .collect();
     blocking.sort_unstable();
     blocking.dedup();
-    let blockers = sessions(client, &blocking).await?;
+    // what could not be read leaves the waiters' blockers named by process alone
+    let blockers = sessions(client, &blocking).await.unwrap_or_default();
     Ok(rows
         .iter()
         .map(|r| {
@@ -114,8 +158,11 @@ async fn holders(client: &Client, t: &Target) -> Result<Vec<String>, Error> {
             };
             let doing = doing(pid, r.get(4), r.get(6), r.get(5));
             let behind = match r.get::<_, Option<Vec<i32>>>(8) {
-                Some(b) if !b.is_empty() => {
-                    let named: Vec<String> = b
+                Some(mut b) if !b.is_empty() => {
+                    // a parallel query's workers name their leader more than once
+                    b.sort_unstable();
+                    b.dedup();
+                    let mut named: Vec<String> = b
                         .iter()
                         .take(NAMED)
                         .map(|p| match blockers.iter().find(|(q, _)| q == p) {
@@ -127,9 +174,12 @@ async fn holders(client: &Client, t: &Target) -> Result<Vec<String>, Error> {
                             None if *p == 0 => {
                                 "a prepared transaction (see pg_prepared_xacts)".into()
                             }
-                            None => format!("process {p}, since ended"),
+                            None => format!("process {p}"),
                         })
                         .collect();
+                    if b.len() > NAMED {
+                        named.push(format!("{} more", b.len() - NAMED));
+                    }
                     format!(", behind {}", named.join(" and "))
                 }
                 _ => String::new(),

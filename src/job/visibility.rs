@@ -455,11 +455,8 @@ async fn update_refused(
     if let Some(waited) =
         lock_wait.filter(|_| e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE))
     {
-        let waited = format!(
-            "rekey's UPDATE waited {} (--lock-timeout) for it, as each batch would",
-            humantime::format_duration(waited)
-        );
-        return Err(super::table_locks::refusal(client, t, (&waited, true), e).await);
+        let stalled = super::table_locks::Stalled::Update(waited);
+        return Err(super::table_locks::refusal(client, t, &stalled, e).await);
     }
     // the codes of CheckCmdReplicaIdentity's refusals: a column list or row
     // filter the identity does not cover, no identity at all

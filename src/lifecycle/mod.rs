@@ -9,7 +9,6 @@ pub mod catch_up;
 pub mod chain;
 pub mod evidence;
 pub mod forward;
-pub mod named_keys;
 pub mod preview;
 pub mod promotion;
 pub mod reencrypt;

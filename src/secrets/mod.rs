@@ -11,6 +11,7 @@
 //! [`load_keyring`] is the one dispatch from a `[keys]` section to its keys.
 //! Uses the crypto and database layers only.
 
+pub mod archived;
 #[cfg(feature = "aws")]
 pub mod aws;
 pub mod file;

@@ -343,3 +343,56 @@ async fn a_value_under_a_key_destroyed_at_its_retire_is_told_that_no_key_opens_i
         printed(&verify)
     );
 }
+
+// Today: "of the N values sampled ..., N under key v1: key 1 of the keyring
+// file ... is not given; ... Give the old key as well as the new one, or
+// pass --force": the key was in the store's archive, and nothing said so.
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_restored_under_a_retired_key_are_refused_by_a_run_with_the_restore_that_brings_it_back(
+) {
+    let db = TestDb::new().await;
+    db.seed_patients(50).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, _keyring) = keyring_file_job(&db, &dir);
+    db.client
+        .batch_execute("CREATE TABLE backup AS SELECT id, phone_encrypted FROM patient_persons")
+        .await
+        .unwrap();
+    let out = rotated_and_retired(&job, "scheduled");
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    // the backup restored over the rotated rows
+    let restored = db
+        .client
+        .execute(
+            "UPDATE patient_persons p SET phone_encrypted = b.phone_encrypted FROM backup b
+              WHERE b.id = p.id AND b.phone_encrypted IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(restored > 1, "premise: values under key 1 are back");
+
+    let run = rekey(&["run", "--job", &job], &keyring_pass_env());
+    assert_eq!(run.status.code(), Some(2), "{}", printed(&run));
+    let restore = format!("rekey secrets restore --job {job} --key-id 1");
+    for words in [
+        "Key 1 was retired and is still in the store's archive",
+        restore.as_str(),
+        "nothing was written",
+    ] {
+        assert!(
+            printed(&run).contains(words),
+            "missing {words:?}:\n{}",
+            printed(&run)
+        );
+    }
+
+    // the advice, followed, ends with every value on the target key
+    let words: Vec<&str> = restore.split(' ').skip(1).collect();
+    let out = rekey(&words, &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let out = rekey(&["run", "--job", &job], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let out = rekey(&["verify", "--job", &job, "--full"], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+}

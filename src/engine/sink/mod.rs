@@ -52,6 +52,9 @@ pub struct Failure {
     /// store's archive, or never given).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub named_key: Option<KeyId>,
+    /// The index of its target in the job (two targets may share a table).
+    #[serde(skip)]
+    pub target: usize,
 }
 
 /// A batch on its way through the pipeline.

@@ -88,6 +88,7 @@ pub(super) async fn tally_and_quarantine(
                     key: key_text.unwrap_or_default(),
                     error: kind,
                     named_key: named_key(target, batch, r, c),
+                    target: target.index,
                 });
             }
             // changed since it was read (perhaps fixed): re-read later
@@ -165,6 +166,7 @@ pub async fn describe_failures(
                     key: key.unwrap_or_default(),
                     error: e.kind(),
                     named_key: named_key(target, batch, r, c),
+                    target: target.index,
                 });
             }
         }

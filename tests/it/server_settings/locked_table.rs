@@ -244,7 +244,7 @@ async fn a_filtered_target_whose_table_is_locked_is_refused_as_locked_not_as_a_b
     let said = stderr(&out);
     assert!(!said.contains("not a valid condition"), "{said}");
     for words in [
-        "public.patient_persons is locked",
+        "public.patient_persons is locked against reads",
         &format!("process {altering} waits for AccessExclusiveLock"),
         &format!("behind process {root} (in a transaction of"),
         "Nothing was written",
