@@ -306,14 +306,7 @@ async fn a_value_under_a_retired_key_is_told_with_the_restore_that_brings_its_ke
     assert_eq!(run.status.code(), Some(3), "{}", printed(&run));
     assert!(printed(&run).contains(&restore), "{}", printed(&run));
 
-    // the advice, followed, ends with every value on the target key
-    let words: Vec<&str> = restore.split(' ').skip(1).collect();
-    let out = rekey(&words, &keyring_pass_env());
-    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-    let out = rekey(&["run", "--job", &job], &keyring_pass_env());
-    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-    let out = rekey(&["verify", "--job", &job, "--full"], &keyring_pass_env());
-    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    restored_run_and_verified(&restore, &job);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -387,12 +380,17 @@ async fn rows_restored_under_a_retired_key_are_refused_by_a_run_with_the_restore
         );
     }
 
-    // the advice, followed, ends with every value on the target key
+    restored_run_and_verified(&restore, &job);
+}
+
+/// Follows the advice: runs `restore` (the command printed), then a run,
+/// and a full verify proves every value on the target key.
+fn restored_run_and_verified(restore: &str, job: &str) {
     let words: Vec<&str> = restore.split(' ').skip(1).collect();
     let out = rekey(&words, &keyring_pass_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-    let out = rekey(&["run", "--job", &job], &keyring_pass_env());
+    let out = rekey(&["run", "--job", job], &keyring_pass_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-    let out = rekey(&["verify", "--job", &job, "--full"], &keyring_pass_env());
+    let out = rekey(&["verify", "--job", job, "--full"], &keyring_pass_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
 }

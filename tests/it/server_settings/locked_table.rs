@@ -187,24 +187,35 @@ impl QueuedAlter {
     }
 }
 
+/// `rekey run --job <job> --lock-timeout 300ms` behind a [`QueuedAlter`]:
+/// its output (after checking it wrote nothing) and the queue's root and
+/// waiting sessions.
+async fn run_behind_a_queued_alter(db: &TestDb, job: &str) -> (std::process::Output, i32, i32) {
+    let before = db.checksum("patient_persons").await;
+    let queue = QueuedAlter::start(db).await;
+    let run = ["run", "--job", job, "--lock-timeout", "300ms"];
+    let out = rekey_within(&run, &seed_env(), Duration::from_secs(60));
+    let (root, altering) = (queue.root, queue.altering);
+    queue.end(db).await;
+    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
+    assert_eq!(
+        db.checksum("patient_persons").await,
+        before,
+        "a value was written"
+    );
+    (out, root, altering)
+}
+
 // Today: the refusal named the ALTER TABLE waiting for its lock, not the
 // transaction it waits behind, which is what holds every session up.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_run_queued_behind_a_waiting_alter_table_is_refused_naming_the_transaction_it_waits_on() {
-    const ROWS: i64 = 300;
     let db = TestDb::new().await;
-    db.seed_patients(ROWS).await;
+    db.seed_patients(300).await;
     let dir = tempfile::tempdir().unwrap();
     let j = db.patients_job(&dir).display().to_string();
-    let before = db.checksum("patient_persons").await;
 
-    let queue = QueuedAlter::start(&db).await;
-    let run = ["run", "--job", j.as_str(), "--lock-timeout", "300ms"];
-    let out = rekey_within(&run, &seed_env(), Duration::from_secs(60));
-    let (root, altering) = (queue.root, queue.altering);
-    queue.end(&db).await;
-
-    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
+    let (out, root, altering) = run_behind_a_queued_alter(&db, &j).await;
     let said = stderr(&out);
     for words in [
         &format!("process {altering} waits for AccessExclusiveLock"),
@@ -215,11 +226,6 @@ async fn a_run_queued_behind_a_waiting_alter_table_is_refused_naming_the_transac
     ] {
         assert!(said.contains(words), "missing {words:?} in:\n{said}");
     }
-    assert_eq!(
-        db.checksum("patient_persons").await,
-        before,
-        "a value was written"
-    );
 }
 
 // Today: exit 2, "where = \"id > 0\" is not a valid condition on
@@ -227,20 +233,12 @@ async fn a_run_queued_behind_a_waiting_alter_table_is_refused_naming_the_transac
 // locked table told as a mistake in the job file.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_filtered_target_whose_table_is_locked_is_refused_as_locked_not_as_a_bad_condition() {
-    const ROWS: i64 = 300;
     let db = TestDb::new().await;
-    db.seed_patients(ROWS).await;
+    db.seed_patients(300).await;
     let dir = tempfile::tempdir().unwrap();
     let j = db.patients_job_where(&dir, "id > 0").display().to_string();
-    let before = db.checksum("patient_persons").await;
 
-    let queue = QueuedAlter::start(&db).await;
-    let run = ["run", "--job", j.as_str(), "--lock-timeout", "300ms"];
-    let out = rekey_within(&run, &seed_env(), Duration::from_secs(60));
-    let (root, altering) = (queue.root, queue.altering);
-    queue.end(&db).await;
-
-    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
+    let (out, root, altering) = run_behind_a_queued_alter(&db, &j).await;
     let said = stderr(&out);
     assert!(!said.contains("not a valid condition"), "{said}");
     for words in [
@@ -251,11 +249,6 @@ async fn a_filtered_target_whose_table_is_locked_is_refused_as_locked_not_as_a_b
     ] {
         assert!(said.contains(words), "missing {words:?} in:\n{said}");
     }
-    assert_eq!(
-        db.checksum("patient_persons").await,
-        before,
-        "a value was written"
-    );
 }
 
 // Today: --force (meant to let values no key opens through) skipped every
