@@ -27,14 +27,14 @@ pub(super) struct Replayed {
     pub warnings: Vec<String>,
 }
 
-/// How often [`Standbys::replayed`] looks again.
+/// How often [`standbys_replayed`] looks again.
 const POLL: Duration = Duration::from_millis(100);
 
 /// The standbys a retire has seen while it waits: one seen behind that
 /// disconnects stays behind, since a standby with no replication slot
 /// leaves no trace once gone.
 #[derive(Debug, Default)]
-pub(super) struct Standbys {
+struct Standbys {
     /// Those seen behind.
     behind: Vec<Tracked>,
     /// Every WAL sender process seen, in the order first seen.
@@ -117,63 +117,63 @@ impl Standbys {
             }
         }
     }
+}
 
-    /// Waits, up to `limit`, for every standby connected (or seen behind
-    /// while it waits) whose position this role may see to replay
-    /// past the server's WAL position now (every write committed so far,
-    /// the rotation's included); returns those still behind then, and
-    /// warnings for those it cannot check.
-    /// A stop asked for ends the wait at once; the caller looks at `stop` after.
-    pub(super) async fn replayed(
-        mut self,
-        client: &Client,
-        limit: Duration,
-        stop: &Stop,
-    ) -> Result<Replayed, Error> {
-        let what = || "reading how far the standbys have replayed".to_string();
-        let position = standbys::current_position(client).await.ctx(what)?;
-        let mut logged = false;
-        // a limit past what a clock can hold waits as long as it takes
-        let deadline = Instant::now().checked_add(limit);
-        loop {
-            let now = standbys::senders(client, &position).await.ctx(what)?;
-            self.track(&now);
-            if self.behind.is_empty() || deadline.is_some_and(|d| Instant::now() >= d) {
-                break;
-            }
-            if !logged {
-                logged = true;
-                tracing::info!(
-                    "waiting up to {} for {} standby(s) to replay the rotation's writes ({} first)",
-                    humantime::format_duration(limit),
-                    self.behind.len(),
-                    self.behind[0].behind.described()
-                );
-            }
-            if !stop.sleep(POLL).await {
-                break;
-            }
+/// Waits, up to `limit`, for every standby connected (or seen behind
+/// while it waits) whose position this role may see to replay
+/// past the server's WAL position now (every write committed so far,
+/// the rotation's included); returns those still behind then, and
+/// warnings for those it cannot check.
+/// A stop asked for ends the wait at once; the caller looks at `stop` after.
+pub(super) async fn standbys_replayed(
+    client: &Client,
+    limit: Duration,
+    stop: &Stop,
+) -> Result<Replayed, Error> {
+    let mut seen = Standbys::default();
+    let what = || "reading how far the standbys have replayed".to_string();
+    let position = standbys::current_position(client).await.ctx(what)?;
+    let mut logged = false;
+    // a limit past what a clock can hold waits as long as it takes
+    let deadline = Instant::now().checked_add(limit);
+    loop {
+        let now = standbys::senders(client, &position).await.ctx(what)?;
+        seen.track(&now);
+        if seen.behind.is_empty() || deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
         }
-        let behind: Vec<Behind> = self.behind.into_iter().map(|t| t.behind).collect();
-        let mut warnings: Vec<String> = self
-            .hidden
-            .iter()
-            .map(|name| {
-                format!(
-                    "standby {name} shows no state or replay position to this role: rekey cannot tell whether it has \
-                     replayed the rotation; grant pg_monitor to the role so that a retire waits for it"
-                )
-            })
-            .collect();
-        // looked at after the wait: a standby that disconnected meanwhile leaves its slot
-        for slot in standbys::disconnected(client, &position).await.ctx(what)? {
-            warnings.push(format!(
-                "replication slot {slot} has no standby connected: that standby, when it returns, replays the rotation, \
-                 and until it has, it holds values under the key"
-            ));
+        if !logged {
+            logged = true;
+            tracing::info!(
+                "waiting up to {} for {} standby(s) to replay the rotation's writes ({} first)",
+                humantime::format_duration(limit),
+                seen.behind.len(),
+                seen.behind[0].behind.described()
+            );
         }
-        Ok(Replayed { behind, warnings })
+        if !stop.sleep(POLL).await {
+            break;
+        }
     }
+    let behind: Vec<Behind> = seen.behind.into_iter().map(|t| t.behind).collect();
+    let mut warnings: Vec<String> = seen
+        .hidden
+        .iter()
+        .map(|name| {
+            format!(
+                "standby {name} shows no state or replay position to this role: rekey cannot tell whether it has \
+                 replayed the rotation; grant pg_monitor to the role so that a retire waits for it"
+            )
+        })
+        .collect();
+    // looked at after the wait: a standby that disconnected meanwhile leaves its slot
+    for slot in standbys::disconnected(client, &position).await.ctx(what)? {
+        warnings.push(format!(
+            "replication slot {slot} has no standby connected: that standby, when it returns, replays the rotation, \
+             and until it has, it holds values under the key"
+        ));
+    }
+    Ok(Replayed { behind, warnings })
 }
 
 #[cfg(test)]

@@ -173,9 +173,12 @@ pub async fn retire(
         return Ok(stopped(old, "after the verify"));
     }
     // a standby that has not replayed the rotation still serves values under the key
-    let replayed =
-        Box::pin(replayed::Standbys::default().replayed(client, opts.wait_for_replicas, stop))
-            .await?;
+    let replayed = Box::pin(replayed::standbys_replayed(
+        client,
+        opts.wait_for_replicas,
+        stop,
+    ))
+    .await?;
     if stop.requested() {
         return Ok(stopped(
             old,
