@@ -150,11 +150,9 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
         )
         .await?;
     } else if !args.dry_run {
-        // --force lets values that do not open through, never a key pages
-        // cannot follow, nor a table the run may not (or cannot now) write
+        // --force lets values that do not open through, nothing else
         for t in &job.targets {
-            crate::job::visibility::check_writable(&client, t, settings.timeouts.lock).await?;
-            crate::job::shared_keys::refuse_keys_shared_with_children(&client, t).await?;
+            verify::check_table(&client, t, settings.timeouts.lock).await?;
         }
     }
     if !args.dry_run {

@@ -344,6 +344,18 @@ pub enum TargetKey {
     ReadBefore,
 }
 
+/// What no run goes on past, `--force` or not: a table this role may not
+/// (or cannot now) write, and a key pages cannot follow. The first checks
+/// of [`preflight`], and all a forced run makes.
+pub async fn check_table(
+    client: &Client,
+    t: &Target,
+    lock_wait: Option<std::time::Duration>,
+) -> Result<(), Error> {
+    crate::job::visibility::check_writable(client, t, lock_wait).await?;
+    crate::job::shared_keys::refuse_keys_shared_with_children(client, t).await
+}
+
 /// Values read from each target before a run to prove the keys open something.
 const PREFLIGHT_ROWS: i64 = 200;
 
@@ -367,8 +379,7 @@ pub async fn preflight(
         check_recorded_keys(client, job).await?;
     }
     for t in &job.targets {
-        crate::job::visibility::check_writable(client, t, lock_wait).await?;
-        crate::job::shared_keys::refuse_keys_shared_with_children(client, t).await?;
+        check_table(client, t, lock_wait).await?;
         if target == TargetKey::Given {
             refuse_a_target_key_not_theirs(client, t, forcing).await?;
         }
