@@ -157,36 +157,38 @@ async fn holders(client: &Client, t: &Target, modes: &[&str]) -> Result<Vec<Stri
                 "waits for"
             };
             let doing = doing(pid, r.get(4), r.get(6), r.get(5));
-            let behind = match r.get::<_, Option<Vec<i32>>>(8) {
-                Some(mut b) if !b.is_empty() => {
-                    // a parallel query's workers name their leader more than once
-                    b.sort_unstable();
-                    b.dedup();
-                    let mut named: Vec<String> = b
-                        .iter()
-                        .take(NAMED)
-                        .map(|p| match blockers.iter().find(|(q, _)| q == p) {
-                            Some((_, said)) if said.is_empty() => format!("process {p}"),
-                            Some((_, said)) => {
-                                format!("process {p} ({})", said.trim_start_matches(", "))
-                            }
-                            // pg_blocking_pids names a prepared transaction 0
-                            None if *p == 0 => {
-                                "a prepared transaction (see pg_prepared_xacts)".into()
-                            }
-                            None => format!("process {p}"),
-                        })
-                        .collect();
-                    if b.len() > NAMED {
-                        named.push(format!("{} more", b.len() - NAMED));
-                    }
-                    format!(", behind {}", named.join(" and "))
-                }
-                _ => String::new(),
-            };
+            let behind = r
+                .get::<_, Option<Vec<i32>>>(8)
+                .map_or_else(String::new, |b| behind(b, &blockers));
             format!("{who} {holds} {mode} on {table}{doing}{behind}")
         })
         .collect())
+}
+
+/// What a waiter waits behind (`pids`, from `pg_blocking_pids`), each
+/// with what it does where `blockers` says (none where it says nothing).
+fn behind(mut pids: Vec<i32>, blockers: &[(i32, String)]) -> String {
+    if pids.is_empty() {
+        return String::new();
+    }
+    // a parallel query's workers name their leader more than once
+    pids.sort_unstable();
+    pids.dedup();
+    let mut named: Vec<String> = pids
+        .iter()
+        .take(NAMED)
+        .map(|p| match blockers.iter().find(|(q, _)| q == p) {
+            Some((_, said)) if said.is_empty() => format!("process {p}"),
+            Some((_, said)) => format!("process {p} ({})", said.trim_start_matches(", ")),
+            // pg_blocking_pids names a prepared transaction 0
+            None if *p == 0 => "a prepared transaction (see pg_prepared_xacts)".into(),
+            None => format!("process {p}"),
+        })
+        .collect();
+    if pids.len() > NAMED {
+        named.push(format!("{} more", pids.len() - NAMED));
+    }
+    format!(", behind {}", named.join(" and "))
 }
 
 /// What the sessions `pids` are doing, for [`holders`]: each pid and
