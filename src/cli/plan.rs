@@ -15,13 +15,10 @@ use crate::Error;
 
 /// The job, and whether its target keys were chosen.
 async fn resolve(spec: &JobSpec, client: &tokio_postgres::Client) -> Result<(Job, bool), Error> {
-    let env_keys = spec.keys.as_ref().filter(|k| {
-        k.source == KeySource::Env
-            && spec
-                .targets
-                .iter()
-                .all(|t| t.keys.is_none() && t.to_keys.is_none())
-    });
+    let env_keys = spec
+        .keys
+        .as_ref()
+        .filter(|k| k.source == KeySource::Env && !spec.targets_have_own_keys());
     if let Some(keys) = env_keys {
         let (ring, chosen) =
             env::for_counting(&keys.prefix).map_err(|e| Error::Config(e.to_string()))?;

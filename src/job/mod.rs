@@ -396,11 +396,7 @@ impl Job {
             name: spec.name.clone().unwrap_or_else(|| "rekey".into()),
             spec_hash: spec.spec_hash(),
             file: spec.file.as_ref().map(|f| f.display().to_string()),
-            keys_managed: spec.keys.is_some()
-                && spec
-                    .targets
-                    .iter()
-                    .all(|t| t.keys.is_none() && t.to_keys.is_none()),
+            keys_managed: spec.keys.is_some() && !spec.targets_have_own_keys(),
             targets,
         })
     }

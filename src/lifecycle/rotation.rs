@@ -222,11 +222,7 @@ pub(crate) fn fingerprint_of(store: &Store, id: KeyId) -> Option<String> {
 
 /// The job-level `[keys]` a rotation manages; targets with keys of their own are refused.
 pub fn job_keys(spec: &JobSpec) -> Result<KeysSpec, Error> {
-    if spec
-        .targets
-        .iter()
-        .any(|t| t.keys.is_some() || t.to_keys.is_some())
-    {
+    if spec.targets_have_own_keys() {
         return Err(Error::Config("rotate and secrets manage the job's [keys]; this job has targets with keys of their own: rotate those with a job per key source".into()));
     }
     spec.keys

@@ -121,6 +121,15 @@ pub struct TargetSpec {
 }
 
 impl JobSpec {
+    /// Whether a target has keys of its own (`keys` or `to_keys`): then the
+    /// job's `[keys]` are not all its keys, and `rotate` and `secrets`,
+    /// which manage those, refuse it.
+    pub fn targets_have_own_keys(&self) -> bool {
+        self.targets
+            .iter()
+            .any(|t| t.keys.is_some() || t.to_keys.is_some())
+    }
+
     /// Reads and checks a job file.
     pub fn load(path: &Path) -> Result<Self, Error> {
         let text = std::fs::read_to_string(path)
