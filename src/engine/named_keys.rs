@@ -98,9 +98,10 @@ pub async fn named_in_sample(
     };
     let ids: Vec<KeyId> = missing.keys().copied().collect();
     let (held, unreadable) = archived::held(spec, &ids).await;
+    // in the order asked: the ids of `missing`
     held.into_iter()
-        .map(|(id, h)| {
-            let values = missing.get(&id).copied().unwrap_or(0);
+        .zip(missing.values())
+        .map(|((id, h), &values)| {
             let first = target.table.to_string();
             named(job, spec, id, h, values, false, first, unreadable.clone())
         })
