@@ -6,6 +6,8 @@
 //! `pg_read_all_stats` (`pg_monitor`) or superusers may see, and from
 //! `pg_replication_slots` for standbys not connected.
 
+use std::time::SystemTime;
+
 use tokio_postgres::Client;
 
 /// The server's WAL position now, as `pg_lsn` text: what every standby must
@@ -20,8 +22,11 @@ pub async fn current_position(client: &Client) -> Result<String, tokio_postgres:
 /// A WAL sender of this server, against a position.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sender {
-    /// The WAL sender's process: one connection.
+    /// The WAL sender's process: one connection, with [`Sender::since`].
     pub pid: i32,
+    /// When its connection began (`backend_start`), where this role may see
+    /// it: a process id is reused, its start is not.
+    pub since: Option<String>,
     /// Its `application_name` (a standby's `cluster_name` by default) and
     /// where it connects from: what names it across reconnections.
     pub name: String,
@@ -62,15 +67,22 @@ pub struct Behind {
     pub bytes: Option<i64>,
     /// The server's own measure of its replay lag, in seconds, where known.
     pub lag_s: Option<f64>,
-    /// It was seen behind and is no longer connected.
-    pub gone: bool,
+    /// It was seen behind and is no longer connected: when it was last seen.
+    pub gone: Option<SystemTime>,
 }
 
 impl Behind {
     /// For people: its name, where from, and how far behind.
     pub fn described(&self) -> String {
         match (self.gone, self.bytes, self.lag_s) {
-            (true, _, _) => format!("{} (disconnected while behind)", self.name),
+            (Some(at), bytes, _) => format!(
+                "{} (disconnected while behind: {} when last seen, at {})",
+                self.name,
+                bytes.map_or("no replay position reported".to_string(), |b| format!(
+                    "{b} bytes of WAL behind"
+                )),
+                humantime::format_rfc3339_seconds(at)
+            ),
             (_, None, _) => format!("{} (connected, no replay position reported yet)", self.name),
             (_, Some(b), Some(s)) if s > 0.0 => {
                 format!(
@@ -83,31 +95,51 @@ impl Behind {
     }
 }
 
+/// Why the standbys are looked at: said in the statement, for whoever
+/// reads `pg_stat_activity` (a retire's watch runs for as long as its verify).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Look {
+    /// Watching them while a retire waits for writers and verifies.
+    Watch,
+    /// Waiting for them to replay, the last step before a retire.
+    Wait,
+}
+
+impl Look {
+    fn said(self) -> &'static str {
+        match self {
+            Look::Watch => "rekey: watching the standbys while a retire verifies",
+            Look::Wait => "rekey: waiting for the standbys to replay a rotation",
+        }
+    }
+}
+
 /// Every WAL sender of this server, as seen against `position` (`pg_lsn`
 /// text).
 pub async fn senders(
     client: &Client,
     position: &str,
+    look: Look,
 ) -> Result<Vec<Sender>, tokio_postgres::Error> {
     // a logical connection is to a database (datid, shown to every role)
     // from its start; a physical standby reports its replay position with
     // its write position, a WAL receiver that replays nothing never does;
     // a socket's client_addr is NULL, and client_port -1; a hidden row shows neither
-    let rows = client
-        .query(
-            "SELECT r.pid, format('%s at %s', coalesce(nullif(r.application_name, ''), 'unnamed'),
+    let sql = format!(
+        "/* {} */ SELECT r.pid, format('%s at %s', coalesce(nullif(r.application_name, ''), 'unnamed'),
                            CASE WHEN r.client_port = -1 THEN 'a local socket'
                                 ELSE coalesce(host(r.client_addr), 'an address hidden from this role') END),
                     r.state, r.replay_lsn >= $1::text::pg_lsn,
                     pg_wal_lsn_diff($1::text::pg_lsn, r.replay_lsn)::int8,
                     extract(epoch FROM r.replay_lag)::float8,
                     a.datid IS NOT NULL OR r.state = 'backup'
-                      OR (r.replay_lsn IS NULL AND r.write_lsn IS NOT NULL)
+                      OR (r.replay_lsn IS NULL AND r.write_lsn IS NOT NULL),
+                    r.backend_start::text
                FROM pg_stat_replication r LEFT JOIN pg_stat_activity a ON a.pid = r.pid
               ORDER BY 2, 1",
-            &[&position],
-        )
-        .await?;
+        look.said()
+    );
+    let rows = client.query(&sql, &[&position]).await?;
     Ok(rows
         .iter()
         .map(|r| {
@@ -126,6 +158,7 @@ pub async fn senders(
             };
             Sender {
                 pid: r.get(0),
+                since: r.get(7),
                 name: r.get(1),
                 is,
             }

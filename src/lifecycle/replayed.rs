@@ -8,12 +8,13 @@
 //! refused. Logical decoding clients are no copy served as the database
 //! and are not waited for.
 
-use std::time::{Duration, Instant};
+use std::future::Future;
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio_postgres::Client;
 
 use crate::control::stop::Stop;
-use crate::db::standbys::{self, Behind, Sender, Standby};
+use crate::db::standbys::{self, Behind, Look, Sender, Standby};
 use crate::error::DbContext;
 use crate::Error;
 
@@ -30,15 +31,28 @@ pub(super) struct Replayed {
 /// How often [`standbys_replayed`] looks again.
 const POLL: Duration = Duration::from_millis(100);
 
-/// The standbys a retire has seen while it waits: one seen behind that
-/// disconnects stays behind, since a standby with no replication slot
-/// leaves no trace once gone.
+/// How often a [`Watch`] looks again while the retire verifies: a standby
+/// reports its replay position every `wal_receiver_status_interval` (10 s
+/// by default), and one gone leaves no trace to look up later.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+
+/// One connection of a WAL sender: its process and when it began (a
+/// process id alone is reused).
+type Connection = (i32, Option<String>);
+
+fn connection(s: &Sender) -> Connection {
+    (s.pid, s.since.clone())
+}
+
+/// The standbys a retire has seen: one seen behind that disconnects stays
+/// behind, since a standby with no replication slot leaves no trace once
+/// gone.
 #[derive(Debug, Default)]
 struct Standbys {
     /// Those seen behind.
     behind: Vec<Tracked>,
-    /// Every WAL sender process seen, in the order first seen.
-    seen: Vec<i32>,
+    /// Every WAL sender connection seen, in the order first seen.
+    seen: Vec<Connection>,
     /// Standbys whose state this role may not see, by name.
     hidden: Vec<String>,
 }
@@ -46,10 +60,12 @@ struct Standbys {
 /// A standby seen behind.
 #[derive(Debug)]
 struct Tracked {
-    /// Its WAL sender process.
-    pid: i32,
+    /// Its WAL sender's connection.
+    connection: Connection,
     /// As last seen.
     behind: Behind,
+    /// When it was last seen connected.
+    last_seen: SystemTime,
     /// Whether it has shown a replay position (a connection that never
     /// did was no standby).
     positioned: bool,
@@ -59,50 +75,57 @@ struct Tracked {
 }
 
 impl Standbys {
-    /// Takes in what the WAL senders are now: a connection seen before is
-    /// what it is now; one gone stays behind, unless it never showed a
-    /// position or a connection of its name made since it went has
-    /// replayed (it reconnected and caught up).
+    /// Takes in what the WAL senders are now (each against the position
+    /// looked for): a connection seen before is what it is now; one gone
+    /// stays behind, unless it never showed a position or a connection of
+    /// its name made since it went has replayed (it reconnected and caught
+    /// up).
     fn track(&mut self, now: &[Sender]) {
+        let at = SystemTime::now();
         let seen = &self.seen;
-        let replayed_since = |name: &str, at: usize| {
+        let replayed_since = |name: &str, gone_at: usize| {
             now.iter().any(|s| {
                 s.is == Standby::Replayed
                     && s.name == name
                     && seen
                         .iter()
-                        .position(|p| *p == s.pid)
-                        .is_none_or(|i| i >= at)
+                        .position(|c| *c == connection(s))
+                        .is_none_or(|i| i >= gone_at)
             })
         };
-        self.behind
-            .retain_mut(|t| match now.iter().find(|s| s.pid == t.pid) {
+        self.behind.retain_mut(
+            |t| match now.iter().find(|s| connection(s) == t.connection) {
                 Some(Sender {
                     is: Standby::Behind { bytes, lag_s },
                     ..
                 }) => {
                     (t.behind.bytes, t.behind.lag_s) = (*bytes, *lag_s);
                     t.positioned |= bytes.is_some();
+                    t.last_seen = at;
                     true
                 }
                 Some(_) => false,
                 None => {
-                    t.behind.gone = true;
-                    let at = *t.gone_at.get_or_insert(seen.len());
-                    t.positioned && !replayed_since(&t.behind.name, at)
+                    t.behind.gone = Some(t.last_seen);
+                    let gone_at = *t.gone_at.get_or_insert(seen.len());
+                    t.positioned && !replayed_since(&t.behind.name, gone_at)
                 }
-            });
+            },
+        );
         for s in now {
             match &s.is {
-                Standby::Behind { bytes, lag_s } if !self.behind.iter().any(|t| t.pid == s.pid) => {
+                Standby::Behind { bytes, lag_s }
+                    if !self.behind.iter().any(|t| t.connection == connection(s)) =>
+                {
                     self.behind.push(Tracked {
-                        pid: s.pid,
+                        connection: connection(s),
                         behind: Behind {
                             name: s.name.clone(),
                             bytes: *bytes,
                             lag_s: *lag_s,
-                            gone: false,
+                            gone: None,
                         },
+                        last_seen: at,
                         positioned: bytes.is_some(),
                         gone_at: None,
                     });
@@ -112,15 +135,79 @@ impl Standbys {
                 }
                 _ => {}
             }
-            if !self.seen.contains(&s.pid) {
-                self.seen.push(s.pid);
+            if !self.seen.contains(&connection(s)) {
+                self.seen.push(connection(s));
             }
         }
     }
 }
 
-/// Waits, up to `limit`, for every standby connected (or seen behind
-/// while it waits) whose position this role may see to replay
+/// The standbys watched from the retire's start, while it waits for
+/// writers and verifies (hours, on a large job), against the WAL position
+/// when it began (past every write of the rotation before it): one that
+/// disconnects while behind it is still seen by the wait that ends the
+/// retire ([`standbys_replayed`]), which a standby with no replication slot
+/// would otherwise leave no trace for. One seen at or past that position is
+/// let go: it holds the rotation's writes.
+pub(super) struct Watch {
+    position: String,
+    seen: Standbys,
+}
+
+fn looking() -> String {
+    "reading how far the standbys have replayed".to_string()
+}
+
+impl Watch {
+    /// Takes the server's WAL position and a first look at its standbys.
+    pub(super) async fn begin(client: &Client) -> Result<Watch, Error> {
+        let position = standbys::current_position(client).await.ctx(looking)?;
+        let mut watch = Watch {
+            position,
+            seen: Standbys::default(),
+        };
+        watch.look(client).await?;
+        Ok(watch)
+    }
+
+    async fn look(&mut self, client: &Client) -> Result<(), Error> {
+        let now = standbys::senders(client, &self.position, Look::Watch)
+            .await
+            .ctx(looking)?;
+        self.seen.track(&now);
+        Ok(())
+    }
+
+    /// Runs `work` (which may use `client`), looking at the standbys every
+    /// [`WATCH_EVERY`] meanwhile. A look that fails ends the watching, not
+    /// the work, and is the error returned after it: a standby gone
+    /// meanwhile would not be seen.
+    pub(super) async fn during<T>(
+        &mut self,
+        client: &Client,
+        work: impl Future<Output = T>,
+    ) -> Result<T, Error> {
+        let looks = async {
+            loop {
+                tokio::time::sleep(WATCH_EVERY).await;
+                if let Err(e) = self.look(client).await {
+                    return e;
+                }
+            }
+        };
+        tokio::pin!(work);
+        tokio::select! {
+            done = &mut work => Ok(done),
+            failed = looks => {
+                work.await;
+                Err(failed)
+            }
+        }
+    }
+}
+
+/// Waits, up to `limit`, for every standby connected (or seen behind by
+/// `watch` or while it waits) whose position this role may see to replay
 /// past the server's WAL position now (every write committed so far,
 /// the rotation's included); returns those still behind then, and
 /// warnings for those it cannot check.
@@ -129,15 +216,17 @@ pub(super) async fn standbys_replayed(
     client: &Client,
     limit: Duration,
     stop: &Stop,
+    watch: Watch,
 ) -> Result<Replayed, Error> {
-    let mut seen = Standbys::default();
-    let what = || "reading how far the standbys have replayed".to_string();
-    let position = standbys::current_position(client).await.ctx(what)?;
+    let mut seen = watch.seen;
+    let position = standbys::current_position(client).await.ctx(looking)?;
     let mut logged = false;
     // a limit past what a clock can hold waits as long as it takes
     let deadline = Instant::now().checked_add(limit);
     loop {
-        let now = standbys::senders(client, &position).await.ctx(what)?;
+        let now = standbys::senders(client, &position, Look::Wait)
+            .await
+            .ctx(looking)?;
         seen.track(&now);
         if seen.behind.is_empty() || deadline.is_some_and(|d| Instant::now() >= d) {
             break;
@@ -167,7 +256,10 @@ pub(super) async fn standbys_replayed(
         })
         .collect();
     // looked at after the wait: a standby that disconnected meanwhile leaves its slot
-    for slot in standbys::disconnected(client, &position).await.ctx(what)? {
+    for slot in standbys::disconnected(client, &position)
+        .await
+        .ctx(looking)?
+    {
         warnings.push(format!(
             "replication slot {slot} has no standby connected: that standby, when it returns, replays the rotation, \
              and until it has, it holds values under the key"
@@ -183,6 +275,7 @@ mod tests {
     fn sender(pid: i32, name: &str, is: Standby) -> Sender {
         Sender {
             pid,
+            since: None,
             name: name.to_string(),
             is,
         }
@@ -198,7 +291,7 @@ mod tests {
     fn still_behind(s: &Standbys) -> Vec<(String, bool)> {
         s.behind
             .iter()
-            .map(|t| (t.behind.name.clone(), t.behind.gone))
+            .map(|t| (t.behind.name.clone(), t.behind.gone.is_some()))
             .collect()
     }
 
@@ -231,6 +324,22 @@ mod tests {
         ]);
         s.track(&[sender(20, "walreceiver", Standby::Replayed)]);
         assert_eq!(still_behind(&s), [("walreceiver".to_string(), true)]);
+    }
+
+    #[test]
+    fn a_process_id_taken_by_a_later_connection_does_not_stand_for_the_one_that_went() {
+        let mut s = Standbys::default();
+        let at = |since: &str, is| Sender {
+            since: Some(since.to_string()),
+            ..sender(10, "replica", is)
+        };
+        s.track(&[at("03:00:00", behind(800))]);
+        // another standby's sender, given the same process id hours later
+        s.track(&[Sender {
+            name: "other".to_string(),
+            ..at("05:00:00", Standby::Replayed)
+        }]);
+        assert_eq!(still_behind(&s), [("replica".to_string(), true)]);
     }
 
     #[test]

@@ -102,7 +102,15 @@ pub async fn retire(
     if stop.requested() {
         return Ok(stopped(old, "before the retire began"));
     }
-    let open = Box::pin(writers_ended(client, job, opts.wait_for_writers, stop)).await?;
+    // a standby that disconnects while behind during the wait and the verify
+    // (hours, on a large job) is still seen by the retire's last step
+    let mut watch = replayed::Watch::begin(client).await?;
+    let open = watch
+        .during(
+            client,
+            Box::pin(writers_ended(client, job, opts.wait_for_writers, stop)),
+        )
+        .await??;
     if stop.requested() {
         return Ok(stopped(
             old,
@@ -133,14 +141,18 @@ pub async fn retire(
     }
     // Retire rests on a full verify of this invocation: every value decrypted,
     // with the keys matched against the job's recorded fingerprints.
-    let v = Box::pin(verify::verify(
-        db,
-        client,
-        job,
-        Depth::full(opts.settings.lanes),
-        opts.quiet,
-    ))
-    .await?;
+    let v = watch
+        .during(
+            client,
+            Box::pin(verify::verify(
+                db,
+                client,
+                job,
+                Depth::full(opts.settings.lanes),
+                opts.quiet,
+            )),
+        )
+        .await??;
     // in either format: a migration reads one and writes another
     let remaining = v.values_under_key(old);
     if remaining > 0 || v.values_unreadable() > 0 {
@@ -177,6 +189,7 @@ pub async fn retire(
         client,
         opts.wait_for_replicas,
         stop,
+        watch,
     ))
     .await?;
     if stop.requested() {
@@ -193,15 +206,25 @@ pub async fn retire(
         .collect();
     if let Some(first) = replayed.behind.first() {
         let notes = format!(
-            "standby {} has not yet replayed the rotation's writes{}: it still serves values under key {old}, which \
-             applications reading it could no longer open, and promoted before it catches up it would keep them",
+            "standby {} {}{}: {} values under key {old}, which applications reading it could no longer open, and \
+             promoted before it catches up it would keep them",
             first.described(),
+            if first.gone.is_some() {
+                "was not seen to replay the rotation's writes before it disconnected"
+            } else {
+                "has not yet replayed the rotation's writes"
+            },
             match replayed.behind.len() - 1 {
                 0 => String::new(),
                 more => format!(" (and {more} more)"),
+            },
+            if first.gone.is_some() {
+                "until it does, it holds"
+            } else {
+                "it still serves"
             }
         );
-        let then = if first.gone {
+        let then = if first.gone.is_some() {
             "Reconnect it and let it replay, then retire: a retire run again does not see a standby that is not \
              connected (one in use no longer: stop it, and drop its replication slot)"
         } else {

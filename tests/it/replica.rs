@@ -251,6 +251,8 @@ struct UnreplayedRotation {
     replica: TempCluster,
     /// A connection to the standby's copy of the database.
     standby: Client,
+    /// The database's URL on the primary.
+    url: String,
     _dir: tempfile::TempDir,
     job: String,
     keyring: std::path::PathBuf,
@@ -304,6 +306,7 @@ async fn unreplayed_rotation() -> UnreplayedRotation {
         primary,
         replica,
         standby,
+        url: db.url.clone(),
         _dir: dir,
         job,
         keyring,
@@ -353,8 +356,8 @@ async fn a_retire_is_refused_while_a_standby_has_not_replayed_the_rotation() {
     );
 }
 
-/// Starts `rekey <retire>` and returns once it looks at the standbys'
-/// positions (after its verify), failing the test if it ends first.
+/// Starts `rekey <retire>` and returns once it waits for the standbys to
+/// replay (after its verify), failing the test if it ends first.
 async fn retire_looking_at_the_standbys(
     u: &UnreplayedRotation,
     retire: &[&str],
@@ -367,7 +370,7 @@ async fn retire_looking_at_the_standbys(
         let looking: bool = p
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-                                 WHERE query LIKE '%FROM pg_stat_replication r%' AND pid <> pg_backend_pid())",
+                                 WHERE query LIKE '%waiting for the standbys to replay%' AND pid <> pg_backend_pid())",
                 &[],
             )
             .await
@@ -447,7 +450,7 @@ async fn a_standby_that_disconnects_while_the_retire_waits_for_it_keeps_the_reti
     let out = tokio::task::block_in_place(|| child.wait_with_output()).unwrap();
     assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
     assert!(
-        printed(&out).contains("replica at 127.0.0.1 (disconnected while behind)")
+        printed(&out).contains("replica at 127.0.0.1 (disconnected while behind: ")
             && printed(&out).contains("Reconnect it and let it replay"),
         "{}",
         printed(&out)
@@ -456,5 +459,207 @@ async fn a_standby_that_disconnects_while_the_retire_waits_for_it_keeps_the_reti
         keyring_table(&u.keyring).entries[0].state,
         KeyState::Previous,
         "key 1 left the keyring while the standby's copy held values under it"
+    );
+}
+
+/// A transaction on the primary holding `patient_persons` as a writer does,
+/// which a retire waits for before its verify.
+async fn open_writer(u: &UnreplayedRotation) -> Client {
+    let writer = connect(&u.url).await;
+    writer
+        .batch_execute("BEGIN; LOCK TABLE patient_persons IN ROW EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    writer
+}
+
+/// Starts `rekey <retire>` and returns once it waits for `writer`'s
+/// transaction to end (before its verify), failing the test if it ends first.
+async fn retire_waiting_for_writers(
+    u: &UnreplayedRotation,
+    retire: &[&str],
+) -> std::process::Child {
+    use crate::harness::*;
+    let mut child = spawn_rekey_captured(retire, &keyring_pass_env());
+    let p = connect(&u.primary.url("postgres")).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let waiting: bool = p
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                                 WHERE query LIKE '%FROM pg_locks l LEFT JOIN pg_stat_activity a%'
+                                   AND pid <> pg_backend_pid())",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting {
+            return child;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the retire ended before it waited for the open transaction: {}",
+            printed(&child.wait_with_output().unwrap())
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the retire never waited for the open transaction"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Stops the standby at once and returns once the primary no longer lists
+/// its WAL sender.
+async fn standby_gone(u: &UnreplayedRotation) {
+    tokio::task::block_in_place(|| u.replica.ctl(&["stop", "-w", "-m", "immediate"])).unwrap();
+    let p = connect(&u.primary.url("postgres")).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let senders: i64 = p
+            .query_one("SELECT count(*) FROM pg_stat_replication", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if senders == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the primary still lists the stopped standby"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// Today: exit 0, "retired key 1": the standby (no replication slot) had
+// replayed none of the rotation and disconnected while the retire waited for
+// a writer (the same holds during an hours-long verify); the retire's last
+// look found no standby at all, and key 1 was retired while that standby's
+// copy held every value under it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_that_disconnects_behind_before_the_verify_ends_keeps_the_retire_refused() {
+    use crate::harness::*;
+    use rekey::crypto::keytable::KeyState;
+    let u = unreplayed_rotation().await;
+    let writer = open_writer(&u).await;
+
+    let retire = [
+        "secrets",
+        "retire",
+        "--job",
+        u.job.as_str(),
+        "--wait-for-writers",
+        "60s",
+        "--wait-for-replicas",
+        "2s",
+    ];
+    let child = retire_waiting_for_writers(&u, &retire).await;
+    standby_gone(&u).await;
+    writer.batch_execute("ROLLBACK").await.unwrap();
+    let out = tokio::task::block_in_place(|| child.wait_with_output()).unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
+    for words in [
+        "standby replica at 127.0.0.1 (disconnected while behind: ",
+        "bytes of WAL behind when last seen, at ",
+        "was not seen to replay the rotation's writes before it disconnected",
+        "Reconnect it and let it replay",
+    ] {
+        assert!(
+            printed(&out).contains(words),
+            "missing {words:?}:\n{}",
+            printed(&out)
+        );
+    }
+    assert_eq!(
+        keyring_table(&u.keyring).entries[0].state,
+        KeyState::Previous,
+        "key 1 left the keyring while the standby's copy held values under it"
+    );
+}
+
+// The other side: a standby seen to replay the rotation during the retire
+// holds none of its values under key 1; its leaving after does not hold
+// the retire back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_that_replayed_the_rotation_and_disconnects_before_the_verify_ends_does_not_hold_the_retire(
+) {
+    use crate::harness::*;
+    use rekey::crypto::keytable::KeyState;
+    let u = unreplayed_rotation().await;
+    tokio::task::block_in_place(|| u.replica.resume_replay()).unwrap();
+    let writer = open_writer(&u).await;
+
+    let retire = [
+        "secrets",
+        "retire",
+        "--job",
+        u.job.as_str(),
+        "--wait-for-writers",
+        "60s",
+        "--wait-for-replicas",
+        "2s",
+    ];
+    let child = retire_waiting_for_writers(&u, &retire).await;
+    // the primary hears of the standby's replay, then the retire looks again
+    let p = connect(&u.primary.url("postgres")).await;
+    let position: String = p
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let heard_at: String = loop {
+        let row = p
+            .query_one(
+                "SELECT coalesce(bool_and(replay_lsn >= $1::text::pg_lsn), false), clock_timestamp()::text
+                   FROM pg_stat_replication",
+                &[&position],
+            )
+            .await
+            .unwrap();
+        if row.get::<_, bool>(0) {
+            break row.get(1);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the primary never heard the standby replay"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let looked: bool = p
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                                 WHERE query LIKE '%watching the standbys%'
+                                   AND query_start > $1::text::timestamptz AND pid <> pg_backend_pid())",
+                &[&heard_at],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if looked {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the retire never looked at the standbys again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        values_under(&u.standby, 1).await,
+        0,
+        "premise: the standby replayed the rotation"
+    );
+    standby_gone(&u).await;
+    writer.batch_execute("ROLLBACK").await.unwrap();
+    let out = tokio::task::block_in_place(|| child.wait_with_output()).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(
+        keyring_table(&u.keyring).entries[0].state,
+        KeyState::Retired
     );
 }
