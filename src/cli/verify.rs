@@ -34,9 +34,7 @@ pub async fn verify(args: &VerifyArgs) -> Result<u8, Error> {
         .filter_map(|t| t.filter.as_deref().map(|f| (t.table.to_string(), f)))
         .collect();
     // values under a retired key come back: what brings the key back, if anything
-    // the failures listed are capped, hash mismatches among them
-    let capped = v.values_undecryptable + v.values_hash_mismatched > v.failures.len() as u64;
-    let named = crate::engine::named_keys::named_keys(&job, &v.failures, capped).await;
+    let named = crate::engine::named_keys::named_keys(&job, &v.failures, v.failures_capped()).await;
     if args.common.json {
         let mut value = serde_json::to_value(&v).unwrap_or_default();
         value["named_keys"] = serde_json::to_value(&named).unwrap_or_default();

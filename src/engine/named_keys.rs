@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::crypto::keyring::KeyId;
 use crate::engine::sink::Failure;
+use crate::engine::verify::Verification;
 use crate::job::{Job, Target};
 use crate::secrets::archived::{self, Held};
 use crate::secrets::KeysSpec;
@@ -186,6 +187,13 @@ fn shell_word(word: &str) -> String {
     } else {
         format!("'{}'", word.replace('\'', r"'\''"))
     }
+}
+
+/// What to do about the values a full verify found no key opens, for each
+/// key they name ([`named_keys`], then [`advice`]): what a refusal resting
+/// on that verify says besides.
+pub async fn advice_after(job: &Job, v: &Verification) -> Vec<String> {
+    advice(&named_keys(job, &v.failures, v.failures_capped()).await)
 }
 
 /// What to do about the values that name each key, for people.

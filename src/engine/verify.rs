@@ -101,6 +101,12 @@ impl Verification {
     pub fn values_unreadable(&self) -> u64 {
         self.values_undecryptable + self.values_hash_mismatched
     }
+
+    /// More values failed than [`Verification::failures`] lists (it is
+    /// capped).
+    pub fn failures_capped(&self) -> bool {
+        self.values_unreadable() > self.failures.len() as u64
+    }
 }
 
 /// Verifies every target of `job`, after checking its keys against the

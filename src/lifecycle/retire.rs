@@ -170,7 +170,7 @@ pub async fn retire(
             );
         }
         let line = format!("refusing to retire key {old}: {notes}");
-        return refused(
+        let mut p = refused(
             client,
             opts,
             &key_ref,
@@ -178,7 +178,11 @@ pub async fn retire(
             &notes,
             line,
         )
-        .await;
+        .await?;
+        // values under a key retired before, come back: what brings it back
+        p.lines
+            .extend(crate::engine::named_keys::advice_after(job, &v).await);
+        return Ok(p);
     }
     // a stop asked for during the verify, which does not watch for it
     if stop.requested() {
@@ -404,11 +408,14 @@ pub async fn purge_refused(
     if unreadable == 0 {
         return Ok(None);
     }
+    // for each key the values name: the command that brings it back
+    let advice = crate::engine::named_keys::advice_after(job, &v).await;
     Ok(Some(format!(
         "refusing to destroy the archived material of keys {ids:?}: a full verify found {unreadable} values no key of {store} opens, \
          and a value restored from a backup under a retired key reads so: only that key's archived material could open it again. \
          Restore the key (`rekey secrets restore --key-id N`) and rotate them (`rekey run`), or, where they are damaged, fix them \
-         (`rekey verify --full` lists them); purge once a full verify finds none. Nothing was purged"
+         (`rekey verify --full` lists them); purge once a full verify finds none. Nothing was purged{}",
+        advice.iter().map(|a| format!("\n{a}")).collect::<String>()
     )))
 }
 

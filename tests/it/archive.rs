@@ -394,3 +394,69 @@ fn restored_run_and_verified(restore: &str, job: &str) {
     let out = rekey(&["verify", "--job", job, "--full"], &keyring_pass_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
 }
+
+// Today: "refusing to destroy the archived material of keys [1]: a full
+// verify found 1 values no key of ... opens ... Restore the key (`rekey
+// secrets restore --key-id N`) ...": no key named, and a command that
+// `secrets restore` refuses without the job file.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_purge_refused_for_values_under_its_key_tells_the_restore_that_brings_the_key_back() {
+    let db = TestDb::new().await;
+    db.seed_patients(50).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, _keyring) = keyring_file_job(&db, &dir);
+    value_under_retired_key_come_back(&db, &job, "scheduled").await;
+
+    let out = rekey(&["secrets", "purge", "--job", &job], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
+    let restore = format!("rekey secrets restore --job {job} --key-id 1");
+    for words in [
+        "are under key 1 of the keyring file",
+        "retired and still in the store's archive",
+        restore.as_str(),
+    ] {
+        assert!(
+            printed(&out).contains(words),
+            "missing {words:?}:\n{}",
+            printed(&out)
+        );
+    }
+    restored_run_and_verified(&restore, &job);
+}
+
+// Today: "refusing to retire key 2: 0 values still under key 2, 1
+// undecryptable; no key given opens the undecryptable ones (`rekey verify
+// --full` lists them) ...", while key 1, which they are under, sat in the
+// store's archive.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retire_refused_for_values_under_a_key_retired_before_tells_the_restore_that_brings_it_back(
+) {
+    let db = TestDb::new().await;
+    db.seed_patients(50).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, _keyring) = keyring_file_job(&db, &dir);
+    value_under_retired_key_come_back(&db, &job, "scheduled").await;
+    stage_and_promote(&job, &keyring_pass_env());
+    // past the value no key given opens: every other value moves to key 3
+    let out = rekey(&["run", "--job", &job, "--force"], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(3), "{}", printed(&out));
+
+    let retire = ["secrets", "retire", "--job", &job, "--key-id", "2"];
+    let out = rekey(&retire, &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
+    let restore = format!("rekey secrets restore --job {job} --key-id 1");
+    for words in [
+        "refusing to retire key 2: 0 values still under key 2, 1 undecryptable",
+        "are under key 1 of the keyring file",
+        restore.as_str(),
+    ] {
+        assert!(
+            printed(&out).contains(words),
+            "missing {words:?}:\n{}",
+            printed(&out)
+        );
+    }
+    restored_run_and_verified(&restore, &job);
+    let out = rekey(&retire, &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+}
