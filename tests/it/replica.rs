@@ -663,3 +663,137 @@ async fn a_standby_that_replayed_the_rotation_and_disconnects_before_the_verify_
         KeyState::Retired
     );
 }
+
+/// A client process that is killed when the test ends.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts PostgreSQL's client `program` with `args` (its output kept in
+/// `dir`).
+fn client_program(program: &str, args: &[&str], dir: &std::path::Path) -> Killed {
+    let bin = rekey::db::cluster::find_bindir().expect("PostgreSQL's binaries");
+    let log = std::fs::File::create(dir.join(format!("{program}.log"))).unwrap();
+    Killed(
+        std::process::Command::new(bin.join(program))
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{program} did not start: {e}")),
+    )
+}
+
+// A WAL archiver streaming from the primary (pg_receivewal, as Barman
+// runs it) and a logical decoding client (a change-data-capture consumer)
+// hold no copy anyone reads: a retire that waited for their replay, which
+// never comes, would be refused after every rotation.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retire_does_not_wait_for_a_wal_archiver_or_a_logical_decoding_client() {
+    use crate::harness::*;
+    use rekey::crypto::keytable::KeyState;
+    let primary = TempCluster::start(ClusterOptions { durable: false }).expect("a private primary");
+    let p = connect(&primary.url("postgres")).await;
+    p.batch_execute("ALTER SYSTEM SET wal_level = logical")
+        .await
+        .unwrap();
+    drop(p);
+    tokio::task::block_in_place(|| primary.ctl(&["restart", "-w", "-m", "fast", "-t", "60"]))
+        .unwrap();
+    let db = TestDb::on(&primary).await;
+    db.seed_patients(300).await;
+    db.client
+        .batch_execute("CREATE PUBLICATION everything FOR ALL TABLES")
+        .await
+        .unwrap();
+    let name: String = db
+        .client
+        .query_one("SELECT current_database()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let dir = tempfile::tempdir().unwrap();
+    let wal = dir.path().join("wal");
+    std::fs::create_dir(&wal).unwrap();
+    let port = primary.port().to_string();
+    let common = ["-h", "127.0.0.1", "-p", port.as_str(), "-U", "postgres"];
+    let _archiver = client_program(
+        "pg_receivewal",
+        &[
+            &common[..],
+            &["-D", wal.to_str().unwrap(), "--status-interval=1"],
+        ]
+        .concat(),
+        dir.path(),
+    );
+    let _decoder = client_program(
+        "pg_recvlogical",
+        &[
+            &common[..],
+            &[
+                "-d",
+                &name,
+                "--slot",
+                "cdc",
+                "--create-slot",
+                "--start",
+                "-P",
+                "pgoutput",
+                "-o",
+                "proto_version=1",
+                "-o",
+                "publication_names=everything",
+                "-f",
+                "/dev/null",
+                "-s",
+                "1",
+            ],
+        ]
+        .concat(),
+        dir.path(),
+    );
+    // both stream, and both have reported where they are
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let streaming: i64 = db
+            .client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming' AND write_lsn IS NOT NULL",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if streaming == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pg_receivewal and pg_recvlogical never both streamed ({streaming}):\n{}\n{}",
+            std::fs::read_to_string(dir.path().join("pg_receivewal.log")).unwrap_or_default(),
+            std::fs::read_to_string(dir.path().join("pg_recvlogical.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    stage_promote_and_run(&job);
+
+    let retire = [
+        "secrets",
+        "retire",
+        "--job",
+        job.as_str(),
+        "--wait-for-replicas",
+        "5s",
+    ];
+    let out = rekey(&retire, &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert!(!printed(&out).contains("standby"), "{}", printed(&out));
+    assert_eq!(keyring_table(&keyring).entries[0].state, KeyState::Retired);
+}
