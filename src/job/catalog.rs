@@ -56,7 +56,10 @@ pub struct ResolvedTarget {
 
 struct CatalogColumn {
     name: String,
+    /// Its values' type: under the domains where its type is one.
     type_name: String,
+    /// Its type as declared (a domain's name), for people.
+    declared: String,
     not_null: bool,
     /// A generated column (`GENERATED ALWAYS AS (...) STORED`): the
     /// server computes it, and refuses any other value.
@@ -163,15 +166,49 @@ async fn table_columns(
 ) -> Result<Vec<CatalogColumn>, Error> {
     Ok(client
         .query(
-            "SELECT attname::text, format_type(atttypid, atttypmod), attnotnull, attgenerated <> ''
-               FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            &format!(
+                "SELECT attname::text, {}, attnotnull, attgenerated <> '', format_type(atttypid, atttypmod)
+                   FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+                base_type("atttypid", "atttypmod")
+            ),
             &[&oid],
         )
         .await
         .ctx(|| format!("reading the columns of {table}"))?
         .iter()
-        .map(|r| CatalogColumn { name: r.get(0), type_name: r.get(1), not_null: r.get(2), generated: r.get(3) })
+        .map(|r| CatalogColumn {
+            name: r.get(0),
+            type_name: r.get(1),
+            not_null: r.get(2),
+            generated: r.get(3),
+            declared: r.get(4),
+        })
         .collect())
+}
+
+/// SQL for the type of a column of type `typ` and modifier `typmod` (SQL
+/// expressions) underneath its domains, as `format_type` prints it: a
+/// domain over bytea holds bytea values, read and written as such (its
+/// checks hold on the values written). The type itself where it is no domain.
+pub(crate) fn base_type(typ: &str, typmod: &str) -> String {
+    format!(
+        "(WITH RECURSIVE d (oid, typmod, depth) AS (
+              SELECT {typ}, {typmod}, 0
+              UNION ALL SELECT t.typbasetype, t.typtypmod, d.depth + 1 FROM pg_type t JOIN d ON t.oid = d.oid
+               WHERE t.typtype = 'd')
+          SELECT format_type(oid, typmod) FROM d ORDER BY depth DESC LIMIT 1)"
+    )
+}
+
+impl CatalogColumn {
+    /// Its type for people: a domain said with what it is over.
+    fn said_type(&self) -> String {
+        if self.declared == self.type_name {
+            self.type_name.clone()
+        } else {
+            format!("{} (a domain over {})", self.declared, self.type_name)
+        }
+    }
 }
 
 /// The names of a table's columns, for messages.
@@ -206,9 +243,10 @@ fn encrypted_columns(
         match col.type_name.as_str() {
             "bytea" | "text" => {}
             other if other.starts_with("character varying") => {}
-            other => {
+            _ => {
                 return Err(Error::Config(format!(
-                    "column {table}.{c} is {other}; encrypted columns must be bytea (raw ciphertext) or text (base64)"
+                    "column {table}.{c} is {}; encrypted columns must be bytea (raw ciphertext) or text (base64)",
+                    col.said_type()
                 )))
             }
         };

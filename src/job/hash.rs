@@ -65,9 +65,12 @@ where
     })?;
     let found: Option<(String, bool)> = client
         .query_opt(
-            "SELECT format_type(a.atttypid, a.atttypmod), a.attgenerated <> '' FROM pg_attribute a
-               JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE n.nspname = $1 AND c.relname = $2 AND a.attname = $3 AND a.attnum > 0 AND NOT a.attisdropped",
+            &format!(
+                "SELECT {}, a.attgenerated <> '' FROM pg_attribute a
+                   JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE n.nspname = $1 AND c.relname = $2 AND a.attname = $3 AND a.attnum > 0 AND NOT a.attisdropped",
+                super::catalog::base_type("a.atttypid", "a.atttypmod")
+            ),
             &[&table.schema, &table.name, &spec.column],
         )
         .await
