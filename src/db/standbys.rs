@@ -11,8 +11,15 @@ use std::time::SystemTime;
 use tokio_postgres::Client;
 
 /// The server's WAL position now, as `pg_lsn` text: what every standby must
-/// replay past to hold every write committed so far.
+/// replay past to hold every write committed so far. A commit made with
+/// `synchronous_commit = off` (a run's batches) may sit in the WAL buffers,
+/// past `pg_current_wal_lsn()` (what is written), for up to three
+/// `wal_writer_delay`s: a commit of this session's own, flushed at once,
+/// writes every record before it first.
 pub async fn current_position(client: &Client) -> Result<String, tokio_postgres::Error> {
+    client
+        .batch_execute("BEGIN; SET LOCAL synchronous_commit = local; SELECT txid_current(); COMMIT")
+        .await?;
     Ok(client
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await?
@@ -108,7 +115,9 @@ pub enum Look {
 impl Look {
     fn said(self) -> &'static str {
         match self {
-            Look::Watch => "rekey: watching the standbys while a retire verifies",
+            Look::Watch => {
+                "rekey: watching the standbys while a retire waits for writers and verifies"
+            }
             Look::Wait => "rekey: waiting for the standbys to replay a rotation",
         }
     }

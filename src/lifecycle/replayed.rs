@@ -15,6 +15,7 @@ use tokio_postgres::Client;
 
 use crate::control::stop::Stop;
 use crate::db::standbys::{self, Behind, Look, Sender, Standby};
+use crate::db::Database;
 use crate::error::DbContext;
 use crate::Error;
 
@@ -51,8 +52,14 @@ fn connection(s: &Sender) -> Connection {
 struct Standbys {
     /// Those seen behind.
     behind: Vec<Tracked>,
-    /// Every WAL sender connection seen, in the order first seen.
-    seen: Vec<Connection>,
+    /// Every WAL sender connection seen, with the look it was first seen in.
+    seen: Vec<(Connection, usize)>,
+    /// How many looks were taken.
+    looks: usize,
+    /// Connections let go because a later one of their name has replayed
+    /// (the server still lists an old connection for a while): never
+    /// tracked again.
+    superseded: Vec<Connection>,
     /// Standbys whose state this role may not see, by name.
     hidden: Vec<String>,
 }
@@ -69,32 +76,37 @@ struct Tracked {
     /// Whether it has shown a replay position (a connection that never
     /// did was no standby).
     positioned: bool,
-    /// Once gone: how many WAL senders had been seen then; one seen only
-    /// after, of its name, is its reconnection.
-    gone_at: Option<usize>,
 }
 
 impl Standbys {
     /// Takes in what the WAL senders are now (each against the position
     /// looked for): a connection seen before is what it is now; one gone
     /// stays behind, unless it never showed a position or a connection of
-    /// its name made since it went has replayed (it reconnected and caught
-    /// up).
+    /// its name first seen after it has replayed (it reconnected, perhaps
+    /// before the server noticed the old connection gone, and caught up).
     fn track(&mut self, now: &[Sender]) {
         let at = SystemTime::now();
-        let seen = &self.seen;
-        let replayed_since = |name: &str, gone_at: usize| {
+        self.looks += 1;
+        let (seen, this_look) = (&self.seen, self.looks);
+        let first_seen = |c: &Connection| {
+            seen.iter()
+                .find(|(s, _)| s == c)
+                .map_or(this_look, |(_, look)| *look)
+        };
+        let replayed_after = |t: &Tracked| {
             now.iter().any(|s| {
                 s.is == Standby::Replayed
-                    && s.name == name
-                    && seen
-                        .iter()
-                        .position(|c| *c == connection(s))
-                        .is_none_or(|i| i >= gone_at)
+                    && s.name == t.behind.name
+                    && first_seen(&connection(s)) > first_seen(&t.connection)
             })
         };
-        self.behind.retain_mut(
-            |t| match now.iter().find(|s| connection(s) == t.connection) {
+        let mut superseded = Vec::new();
+        self.behind.retain_mut(|t| {
+            if replayed_after(t) {
+                superseded.push(t.connection.clone());
+                return false;
+            }
+            match now.iter().find(|s| connection(s) == t.connection) {
                 Some(Sender {
                     is: Standby::Behind { bytes, lag_s },
                     ..
@@ -107,15 +119,16 @@ impl Standbys {
                 Some(_) => false,
                 None => {
                     t.behind.gone = Some(t.last_seen);
-                    let gone_at = *t.gone_at.get_or_insert(seen.len());
-                    t.positioned && !replayed_since(&t.behind.name, gone_at)
+                    t.positioned
                 }
-            },
-        );
+            }
+        });
+        self.superseded.append(&mut superseded);
         for s in now {
             match &s.is {
                 Standby::Behind { bytes, lag_s }
-                    if !self.behind.iter().any(|t| t.connection == connection(s)) =>
+                    if !self.behind.iter().any(|t| t.connection == connection(s))
+                        && !self.superseded.contains(&connection(s)) =>
                 {
                     self.behind.push(Tracked {
                         connection: connection(s),
@@ -127,7 +140,6 @@ impl Standbys {
                         },
                         last_seen: at,
                         positioned: bytes.is_some(),
-                        gone_at: None,
                     });
                 }
                 Standby::Hidden if !self.hidden.contains(&s.name) => {
@@ -135,21 +147,24 @@ impl Standbys {
                 }
                 _ => {}
             }
-            if !self.seen.contains(&connection(s)) {
-                self.seen.push(connection(s));
+            if !self.seen.iter().any(|(c, _)| *c == connection(s)) {
+                self.seen.push((connection(s), this_look));
             }
         }
     }
 }
 
-/// The standbys watched from the retire's start, while it waits for
-/// writers and verifies (hours, on a large job), against the WAL position
-/// when it began (past every write of the rotation before it): one that
-/// disconnects while behind it is still seen by the wait that ends the
-/// retire ([`standbys_replayed`]), which a standby with no replication slot
-/// would otherwise leave no trace for. One seen at or past that position is
-/// let go: it holds the rotation's writes.
+/// The standbys watched, on a connection of its own, from the retire's
+/// start through its wait for writers and its verify (hours, on a large
+/// job) to its last step ([`standbys_replayed`]): one that disconnects
+/// while behind is still seen there, which a standby with no replication
+/// slot would otherwise leave no trace for. Looked at against the WAL
+/// position when the retire began (past every write of the rotation), then,
+/// once the writers waited for have ended, against the position then (past
+/// theirs too), which the last step waits for: one seen at or past it is
+/// let go, since it holds every write the verify reads.
 pub(super) struct Watch {
+    client: Client,
     position: String,
     seen: Standbys,
 }
@@ -159,47 +174,58 @@ fn looking() -> String {
 }
 
 impl Watch {
-    /// Takes the server's WAL position and a first look at its standbys.
-    pub(super) async fn begin(client: &Client) -> Result<Watch, Error> {
-        let position = standbys::current_position(client).await.ctx(looking)?;
+    /// Connects, takes the server's WAL position and a first look at its
+    /// standbys.
+    pub(super) async fn begin(db: &Database) -> Result<Watch, Error> {
+        let client = db.connect().await?;
+        let position = standbys::current_position(&client).await.ctx(looking)?;
         let mut watch = Watch {
+            client,
             position,
             seen: Standbys::default(),
         };
-        watch.look(client).await?;
+        watch.look().await?;
         Ok(watch)
     }
 
-    async fn look(&mut self, client: &Client) -> Result<(), Error> {
-        let now = standbys::senders(client, &self.position, Look::Watch)
+    /// Takes the server's WAL position again (once the writers waited for
+    /// have ended), and looks against it.
+    pub(super) async fn again(&mut self) -> Result<(), Error> {
+        self.position = standbys::current_position(&self.client)
+            .await
+            .ctx(looking)?;
+        self.look().await
+    }
+
+    async fn look(&mut self) -> Result<(), Error> {
+        let now = standbys::senders(&self.client, &self.position, Look::Watch)
             .await
             .ctx(looking)?;
         self.seen.track(&now);
         Ok(())
     }
 
-    /// Runs `work` (which may use `client`), looking at the standbys every
-    /// [`WATCH_EVERY`] meanwhile. A look that fails ends the watching, not
-    /// the work, and is the error returned after it: a standby gone
-    /// meanwhile would not be seen.
+    /// Runs `work`, looking at the standbys every [`WATCH_EVERY`]
+    /// meanwhile. A look that fails ends the watching, not the work: the
+    /// work's own error is returned if it failed, else the look's (a
+    /// standby gone meanwhile would not be seen).
     pub(super) async fn during<T>(
         &mut self,
-        client: &Client,
-        work: impl Future<Output = T>,
+        work: impl Future<Output = Result<T, Error>>,
     ) -> Result<T, Error> {
         let looks = async {
             loop {
                 tokio::time::sleep(WATCH_EVERY).await;
-                if let Err(e) = self.look(client).await {
+                if let Err(e) = self.look().await {
                     return e;
                 }
             }
         };
         tokio::pin!(work);
         tokio::select! {
-            done = &mut work => Ok(done),
+            done = &mut work => done,
             failed = looks => {
-                work.await;
+                work.await?;
                 Err(failed)
             }
         }
@@ -208,23 +234,24 @@ impl Watch {
 
 /// Waits, up to `limit`, for every standby connected (or seen behind by
 /// `watch` or while it waits) whose position this role may see to replay
-/// past the server's WAL position now (every write committed so far,
-/// the rotation's included); returns those still behind then, and
+/// past the watch's position; returns those still behind then, and
 /// warnings for those it cannot check.
 /// A stop asked for ends the wait at once; the caller looks at `stop` after.
 pub(super) async fn standbys_replayed(
-    client: &Client,
     limit: Duration,
     stop: &Stop,
     watch: Watch,
 ) -> Result<Replayed, Error> {
-    let mut seen = watch.seen;
-    let position = standbys::current_position(client).await.ctx(looking)?;
+    let Watch {
+        client,
+        position,
+        mut seen,
+    } = watch;
     let mut logged = false;
     // a limit past what a clock can hold waits as long as it takes
     let deadline = Instant::now().checked_add(limit);
     loop {
-        let now = standbys::senders(client, &position, Look::Wait)
+        let now = standbys::senders(&client, &position, Look::Wait)
             .await
             .ctx(looking)?;
         seen.track(&now);
@@ -256,7 +283,7 @@ pub(super) async fn standbys_replayed(
         })
         .collect();
     // looked at after the wait: a standby that disconnected meanwhile leaves its slot
-    for slot in standbys::disconnected(client, &position)
+    for slot in standbys::disconnected(&client, &position)
         .await
         .ctx(looking)?
     {
@@ -312,6 +339,23 @@ mod tests {
         s.track(&[sender(11, "replica", behind(300))]);
         assert_eq!(still_behind(&s).len(), 2, "{:?}", s.behind);
         s.track(&[sender(11, "replica", Standby::Replayed)]);
+        assert!(s.behind.is_empty(), "{:?}", s.behind);
+    }
+
+    #[test]
+    fn a_standby_that_reconnects_before_its_old_connection_is_gone_and_catches_up_is_no_longer_behind(
+    ) {
+        let mut s = Standbys::default();
+        s.track(&[sender(10, "replica", behind(800))]);
+        // back under a new process while the server still lists the old one
+        s.track(&[
+            sender(10, "replica", behind(800)),
+            sender(11, "replica", behind(300)),
+        ]);
+        s.track(&[
+            sender(10, "replica", behind(800)),
+            sender(11, "replica", Standby::Replayed),
+        ]);
         assert!(s.behind.is_empty(), "{:?}", s.behind);
     }
 

@@ -104,13 +104,15 @@ pub async fn retire(
     }
     // a standby that disconnects while behind during the wait and the verify
     // (hours, on a large job) is still seen by the retire's last step
-    let mut watch = replayed::Watch::begin(client).await?;
+    let mut watch = replayed::Watch::begin(db).await?;
     let open = watch
-        .during(
+        .during(Box::pin(writers_ended(
             client,
-            Box::pin(writers_ended(client, job, opts.wait_for_writers, stop)),
-        )
-        .await??;
+            job,
+            opts.wait_for_writers,
+            stop,
+        )))
+        .await?;
     if stop.requested() {
         return Ok(stopped(
             old,
@@ -141,18 +143,17 @@ pub async fn retire(
     }
     // Retire rests on a full verify of this invocation: every value decrypted,
     // with the keys matched against the job's recorded fingerprints.
+    // what those writers committed is among what the standbys must hold
+    watch.again().await?;
     let v = watch
-        .during(
+        .during(Box::pin(verify::verify(
+            db,
             client,
-            Box::pin(verify::verify(
-                db,
-                client,
-                job,
-                Depth::full(opts.settings.lanes),
-                opts.quiet,
-            )),
-        )
-        .await??;
+            job,
+            Depth::full(opts.settings.lanes),
+            opts.quiet,
+        )))
+        .await?;
     // in either format: a migration reads one and writes another
     let remaining = v.values_under_key(old);
     if remaining > 0 || v.values_unreadable() > 0 {
@@ -165,12 +166,21 @@ pub async fn retire(
         if unreadable > 0 {
             // `run` reads values on old keys only: one labelled with the target key it never reads
             notes.push_str(
-                "; no key given opens the undecryptable ones (`rekey verify --full` lists them): restore them from a \
-                 backup or give the job the key they were written under",
+                "; no key given opens the undecryptable ones (`rekey verify --full` lists them)",
             );
+            // values under a key retired before, come back: what brings it back
+            let advice = crate::engine::named_keys::advice_after(job, &v).await;
+            if advice.is_empty() {
+                notes.push_str(
+                    ": restore them from a backup or give the job the key they were written under",
+                );
+            }
+            for a in advice {
+                notes.push_str(&format!("; {a}"));
+            }
         }
         let line = format!("refusing to retire key {old}: {notes}");
-        let mut p = refused(
+        return refused(
             client,
             opts,
             &key_ref,
@@ -178,11 +188,7 @@ pub async fn retire(
             &notes,
             line,
         )
-        .await?;
-        // values under a key retired before, come back: what brings it back
-        p.lines
-            .extend(crate::engine::named_keys::advice_after(job, &v).await);
-        return Ok(p);
+        .await;
     }
     // a stop asked for during the verify, which does not watch for it
     if stop.requested() {
@@ -190,7 +196,6 @@ pub async fn retire(
     }
     // a standby that has not replayed the rotation still serves values under the key
     let replayed = Box::pin(replayed::standbys_replayed(
-        client,
         opts.wait_for_replicas,
         stop,
         watch,
@@ -408,13 +413,21 @@ pub async fn purge_refused(
     if unreadable == 0 {
         return Ok(None);
     }
+    let why = format!(
+        "refusing to destroy the archived material of keys {ids:?}: a full verify found {unreadable} values no key of {store} opens, \
+         and a value restored from a backup under a retired key reads so: only that key's archived material could open it again"
+    );
     // for each key the values name: the command that brings it back
     let advice = crate::engine::named_keys::advice_after(job, &v).await;
+    if advice.is_empty() {
+        return Ok(Some(format!(
+            "{why}. Restore the key (`rekey secrets restore --job <the job file> --key-id N`) and rotate them (`rekey run`), \
+             or, where they are damaged, fix them (`rekey verify --full` lists them); purge once a full verify finds none. \
+             Nothing was purged"
+        )));
+    }
     Ok(Some(format!(
-        "refusing to destroy the archived material of keys {ids:?}: a full verify found {unreadable} values no key of {store} opens, \
-         and a value restored from a backup under a retired key reads so: only that key's archived material could open it again. \
-         Restore the key (`rekey secrets restore --key-id N`) and rotate them (`rekey run`), or, where they are damaged, fix them \
-         (`rekey verify --full` lists them); purge once a full verify finds none. Nothing was purged{}",
+        "{why}. Nothing was purged; purge once a full verify finds none (`rekey verify --full` lists the values):{}",
         advice.iter().map(|a| format!("\n{a}")).collect::<String>()
     )))
 }

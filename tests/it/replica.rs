@@ -588,7 +588,6 @@ async fn a_standby_that_replayed_the_rotation_and_disconnects_before_the_verify_
     use crate::harness::*;
     use rekey::crypto::keytable::KeyState;
     let u = unreplayed_rotation().await;
-    tokio::task::block_in_place(|| u.replica.resume_replay()).unwrap();
     let writer = open_writer(&u).await;
 
     let retire = [
@@ -601,7 +600,9 @@ async fn a_standby_that_replayed_the_rotation_and_disconnects_before_the_verify_
         "--wait-for-replicas",
         "2s",
     ];
+    // seen behind when the retire began, then it replays
     let child = retire_waiting_for_writers(&u, &retire).await;
+    tokio::task::block_in_place(|| u.replica.resume_replay()).unwrap();
     // the primary hears of the standby's replay, then the retire looks again
     let p = connect(&u.primary.url("postgres")).await;
     let position: String = p
@@ -633,7 +634,7 @@ async fn a_standby_that_replayed_the_rotation_and_disconnects_before_the_verify_
         let looked: bool = p
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-                                 WHERE query LIKE '%watching the standbys%'
+                                 WHERE query LIKE '%watching the standbys%' AND state = 'idle'
                                    AND query_start > $1::text::timestamptz AND pid <> pg_backend_pid())",
                 &[&heard_at],
             )
