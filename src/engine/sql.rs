@@ -268,10 +268,12 @@ pub fn create_stage(target: &Target) -> String {
         .iter()
         .enumerate()
         .map(|(i, k)| format!("{} AS k{i}", quote_ident(&k.name)));
+    // as the type underneath a domain: a cell left alone is staged as NULL,
+    // which a NOT NULL domain refuses; the column's checks hold on the update
     let vals = target.columns.iter().enumerate().flat_map(|(i, c)| {
         [
-            format!("{} AS o{i}", quote_ident(&c.name)),
-            format!("{} AS n{i}", quote_ident(&c.name)),
+            format!("{}::{} AS o{i}", quote_ident(&c.name), c.type_name),
+            format!("{}::{} AS n{i}", quote_ident(&c.name), c.type_name),
         ]
     });
     format!(

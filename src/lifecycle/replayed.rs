@@ -56,10 +56,6 @@ struct Standbys {
     seen: Vec<(Connection, usize)>,
     /// How many looks were taken.
     looks: usize,
-    /// Connections let go because a later one of their name has replayed
-    /// (the server still lists an old connection for a while): never
-    /// tracked again.
-    superseded: Vec<Connection>,
     /// Standbys whose state this role may not see, by name.
     hidden: Vec<String>,
 }
@@ -82,8 +78,10 @@ impl Standbys {
     /// Takes in what the WAL senders are now (each against the position
     /// looked for): a connection seen before is what it is now; one gone
     /// stays behind, unless it never showed a position or a connection of
-    /// its name first seen after it has replayed (it reconnected, perhaps
-    /// before the server noticed the old connection gone, and caught up).
+    /// its name first seen in a later look has replayed (it reconnected,
+    /// perhaps before the server noticed the old connection gone, and
+    /// caught up). One still listed is never replaced: it may be another
+    /// standby of the same name (a delayed one beside a normal one).
     fn track(&mut self, now: &[Sender]) {
         let at = SystemTime::now();
         self.looks += 1;
@@ -100,13 +98,8 @@ impl Standbys {
                     && first_seen(&connection(s)) > first_seen(&t.connection)
             })
         };
-        let mut superseded = Vec::new();
-        self.behind.retain_mut(|t| {
-            if replayed_after(t) {
-                superseded.push(t.connection.clone());
-                return false;
-            }
-            match now.iter().find(|s| connection(s) == t.connection) {
+        self.behind.retain_mut(
+            |t| match now.iter().find(|s| connection(s) == t.connection) {
                 Some(Sender {
                     is: Standby::Behind { bytes, lag_s },
                     ..
@@ -119,16 +112,14 @@ impl Standbys {
                 Some(_) => false,
                 None => {
                     t.behind.gone = Some(t.last_seen);
-                    t.positioned
+                    t.positioned && !replayed_after(t)
                 }
-            }
-        });
-        self.superseded.append(&mut superseded);
+            },
+        );
         for s in now {
             match &s.is {
                 Standby::Behind { bytes, lag_s }
-                    if !self.behind.iter().any(|t| t.connection == connection(s))
-                        && !self.superseded.contains(&connection(s)) =>
+                    if !self.behind.iter().any(|t| t.connection == connection(s)) =>
                 {
                     self.behind.push(Tracked {
                         connection: connection(s),
@@ -167,6 +158,8 @@ pub(super) struct Watch {
     client: Client,
     position: String,
     seen: Standbys,
+    /// A look that failed while the work went on.
+    failed: Option<Error>,
 }
 
 fn looking() -> String {
@@ -177,12 +170,17 @@ impl Watch {
     /// Connects, takes the server's WAL position and a first look at its
     /// standbys.
     pub(super) async fn begin(db: &Database) -> Result<Watch, Error> {
-        let client = db.connect().await?;
+        let client = db.connect().await.map_err(|e| {
+            Error::Runtime(format!(
+                "opening a connection to watch the standbys during the retire: {e}; nothing was retired"
+            ))
+        })?;
         let position = standbys::current_position(&client).await.ctx(looking)?;
         let mut watch = Watch {
             client,
             position,
             seen: Standbys::default(),
+            failed: None,
         };
         watch.look().await?;
         Ok(watch)
@@ -206,13 +204,14 @@ impl Watch {
     }
 
     /// Runs `work`, looking at the standbys every [`WATCH_EVERY`]
-    /// meanwhile. A look that fails ends the watching, not the work: the
-    /// work's own error is returned if it failed, else the look's (a
-    /// standby gone meanwhile would not be seen).
-    pub(super) async fn during<T>(
-        &mut self,
-        work: impl Future<Output = Result<T, Error>>,
-    ) -> Result<T, Error> {
+    /// meanwhile. A look that fails ends the watching, not the work, and
+    /// is kept: the last step fails with it where the retire would
+    /// otherwise go on (a standby gone meanwhile would not be seen), and a
+    /// refusal on the work's findings is said as it would be.
+    pub(super) async fn during<T>(&mut self, work: impl Future<Output = T>) -> T {
+        if self.failed.is_some() {
+            return work.await;
+        }
         let looks = async {
             loop {
                 tokio::time::sleep(WATCH_EVERY).await;
@@ -222,13 +221,12 @@ impl Watch {
             }
         };
         tokio::pin!(work);
-        tokio::select! {
-            done = &mut work => done,
-            failed = looks => {
-                work.await?;
-                Err(failed)
-            }
-        }
+        let failed = tokio::select! {
+            done = &mut work => return done,
+            failed = looks => failed,
+        };
+        self.failed = Some(failed);
+        work.await
     }
 }
 
@@ -246,7 +244,11 @@ pub(super) async fn standbys_replayed(
         client,
         position,
         mut seen,
+        failed,
     } = watch;
+    if let Some(e) = failed {
+        return Err(e);
+    }
     let mut logged = false;
     // a limit past what a clock can hold waits as long as it takes
     let deadline = Instant::now().checked_add(limit);
@@ -356,7 +358,25 @@ mod tests {
             sender(10, "replica", behind(800)),
             sender(11, "replica", Standby::Replayed),
         ]);
+        // the server drops the old connection
+        s.track(&[sender(11, "replica", Standby::Replayed)]);
         assert!(s.behind.is_empty(), "{:?}", s.behind);
+    }
+
+    #[test]
+    fn a_standby_still_connected_and_behind_is_not_cleared_by_another_of_its_name_that_replayed() {
+        let mut s = Standbys::default();
+        s.track(&[sender(10, "walreceiver", behind(800))]);
+        // a second standby of the default name, on the same host, connects and replays
+        s.track(&[
+            sender(10, "walreceiver", behind(800)),
+            sender(20, "walreceiver", behind(100)),
+        ]);
+        s.track(&[
+            sender(10, "walreceiver", behind(800)),
+            sender(20, "walreceiver", Standby::Replayed),
+        ]);
+        assert_eq!(still_behind(&s), [("walreceiver".to_string(), false)]);
     }
 
     #[test]

@@ -169,14 +169,15 @@ pub async fn retire(
                 "; no key given opens the undecryptable ones (`rekey verify --full` lists them)",
             );
             // values under a key retired before, come back: what brings it back
-            let advice = crate::engine::named_keys::advice_after(job, &v).await;
-            if advice.is_empty() {
-                notes.push_str(
-                    ": restore them from a backup or give the job the key they were written under",
-                );
-            }
-            for a in advice {
+            let (advice, all) = crate::engine::named_keys::advice_after(job, &v).await;
+            for a in &advice {
                 notes.push_str(&format!("; {a}"));
+            }
+            if !all {
+                notes.push_str(&format!(
+                    "; {}: restore them from a backup or give the job the key they were written under",
+                    if advice.is_empty() { "for them" } else { "for the others" }
+                ));
             }
         }
         let line = format!("refusing to retire key {old}: {notes}");
@@ -418,12 +419,13 @@ pub async fn purge_refused(
          and a value restored from a backup under a retired key reads so: only that key's archived material could open it again"
     );
     // for each key the values name: the command that brings it back
-    let advice = crate::engine::named_keys::advice_after(job, &v).await;
-    if advice.is_empty() {
+    let (advice, all) = crate::engine::named_keys::advice_after(job, &v).await;
+    if !all {
         return Ok(Some(format!(
             "{why}. Restore the key (`rekey secrets restore --job <the job file> --key-id N`) and rotate them (`rekey run`), \
              or, where they are damaged, fix them (`rekey verify --full` lists them); purge once a full verify finds none. \
-             Nothing was purged"
+             Nothing was purged{}",
+            advice.iter().map(|a| format!("\n{a}")).collect::<String>()
         )));
     }
     Ok(Some(format!(

@@ -469,3 +469,59 @@ async fn columns_typed_as_domains_over_bytea_rotate_and_keep_their_types() {
         "the columns keep their types"
     );
 }
+
+// Found by a review before it shipped: the stage table kept the column's
+// domain, and a cell left alone (already on the target key) is staged as
+// NULL, which a NOT NULL domain refuses: the batch was halved down to
+// single rows and each was set aside as refused by the database.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_not_null_domain_column_rotates_where_a_row_has_one_value_already_on_the_target_key() {
+    let db = TestDb::new().await;
+    let rows = 300;
+    db.seed_patients(rows).await;
+    let old = db
+        .client
+        .query(
+            "SELECT id, emergency_contact_phone_encrypted FROM patient_persons WHERE id <= 100",
+            &[],
+        )
+        .await
+        .unwrap();
+    let first = tempfile::tempdir().unwrap();
+    let job = db
+        .patients_job_where(&first, "id <= 100")
+        .display()
+        .to_string();
+    let out = rekey(&["run", "--job", &job], &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    // an application writes those rows' second value under the old key again
+    for row in &old {
+        let (id, value): (i64, Option<Vec<u8>>) = (row.get(0), row.get(1));
+        db.client
+            .execute(
+                "UPDATE patient_persons SET emergency_contact_phone_encrypted = $1 WHERE id = $2",
+                &[&value, &id],
+            )
+            .await
+            .unwrap();
+    }
+    db.client
+        .batch_execute(
+            "CREATE DOMAIN ciphertext AS bytea NOT NULL;
+             ALTER TABLE patient_persons ALTER COLUMN phone_encrypted TYPE ciphertext;",
+        )
+        .await
+        .unwrap();
+
+    // the same job, now over the whole table
+    let job = db.patients_job(&first).display().to_string();
+    let out = rekey(&["run", "--job", &job, "--json"], &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(
+        json(&out)["job_totals"]["values_failed"],
+        0,
+        "{}",
+        printed(&out)
+    );
+    db.assert_every_value_rotated(rows).await;
+}
