@@ -356,40 +356,43 @@ async fn a_retire_is_refused_while_a_standby_has_not_replayed_the_rotation() {
     );
 }
 
-/// Starts `rekey <retire>` and returns once it waits for the standbys to
-/// replay (after its verify), failing the test if it ends first.
-async fn retire_looking_at_the_standbys(
-    u: &UnreplayedRotation,
-    retire: &[&str],
-) -> std::process::Child {
+/// Starts `rekey <retire>` and returns once the primary shows it running a
+/// statement like `doing` (a `LIKE` pattern: what step it is at), failing
+/// the test if it ends first.
+async fn retire_until(u: &UnreplayedRotation, retire: &[&str], doing: &str) -> std::process::Child {
     use crate::harness::*;
     let mut child = spawn_rekey_captured(retire, &keyring_pass_env());
     let p = connect(&u.primary.url("postgres")).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let looking: bool = p
+        let there: bool = p
             .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-                                 WHERE query LIKE '%waiting for the standbys to replay%' AND pid <> pg_backend_pid())",
-                &[],
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE query LIKE $1 AND pid <> pg_backend_pid())",
+                &[&doing],
             )
             .await
             .unwrap()
             .get(0);
-        if looking {
+        if there {
             return child;
         }
         assert!(
             child.try_wait().unwrap().is_none(),
-            "the retire ended while the standby was paused: {}",
+            "the retire ended before it ran {doing:?}: {}",
             printed(&child.wait_with_output().unwrap())
         );
-        assert!(
-            Instant::now() < deadline,
-            "the retire never looked at the standbys"
-        );
+        assert!(Instant::now() < deadline, "the retire never ran {doing:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Starts `rekey <retire>` and returns once it waits for the standbys to
+/// replay (after its verify).
+async fn retire_looking_at_the_standbys(
+    u: &UnreplayedRotation,
+    retire: &[&str],
+) -> std::process::Child {
+    retire_until(u, retire, "%waiting for the standbys to replay%").await
 }
 
 // Today: the retire did not wait; it retired key 1 while the standby was
@@ -474,40 +477,12 @@ async fn open_writer(u: &UnreplayedRotation) -> Client {
 }
 
 /// Starts `rekey <retire>` and returns once it waits for `writer`'s
-/// transaction to end (before its verify), failing the test if it ends first.
+/// transaction to end (before its verify).
 async fn retire_waiting_for_writers(
     u: &UnreplayedRotation,
     retire: &[&str],
 ) -> std::process::Child {
-    use crate::harness::*;
-    let mut child = spawn_rekey_captured(retire, &keyring_pass_env());
-    let p = connect(&u.primary.url("postgres")).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let waiting: bool = p
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-                                 WHERE query LIKE '%FROM pg_locks l LEFT JOIN pg_stat_activity a%'
-                                   AND pid <> pg_backend_pid())",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if waiting {
-            return child;
-        }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the retire ended before it waited for the open transaction: {}",
-            printed(&child.wait_with_output().unwrap())
-        );
-        assert!(
-            Instant::now() < deadline,
-            "the retire never waited for the open transaction"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    retire_until(u, retire, "%FROM pg_locks l LEFT JOIN pg_stat_activity a%").await
 }
 
 /// Stops the standby at once and returns once the primary no longer lists
