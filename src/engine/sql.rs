@@ -49,6 +49,9 @@ fn key_params(target: &Target, first: usize) -> String {
 /// read, and quarantined) instead of an error that would stop the query.
 /// No literal holds a backslash: with `standard_conforming_strings` off,
 /// `'\x'::bytea` is the byte `x` (0x78), the prefix of key version 120.
+/// Text is tested bytewise (`octet_length`, `COLLATE "C"`): under a
+/// nondeterministic collation a regular expression is an error, and text
+/// of ignorable characters equals `''`.
 pub fn prefix_expr(target: &Target, col: usize, alias: &str, len: usize) -> String {
     let c = format!("{alias}{}", quote_ident(&target.columns[col].name));
     match target.columns[col].write {
@@ -61,8 +64,8 @@ pub fn prefix_expr(target: &Target, col: usize, alias: &str, len: usize) -> Stri
         Encoding::Base64 => {
             let chars = len.div_ceil(3) * 4;
             format!(
-                "CASE WHEN {c} IS NULL OR {c} = '' THEN NULL \
-                 WHEN substring({c} from 1 for {chars}) ~ '^[A-Za-z0-9+/]{{{chars}}}$' \
+                "CASE WHEN {c} IS NULL OR octet_length({c}) = 0 THEN NULL \
+                 WHEN substring({c} from 1 for {chars}) COLLATE \"C\" ~ '^[A-Za-z0-9+/]{{{chars}}}$' \
                  THEN substring(decode(substring({c} from 1 for {chars}), 'base64') from 1 for {len}) \
                  ELSE ''::bytea END"
             )
