@@ -465,24 +465,28 @@ async fn a_standby_that_disconnects_while_the_retire_waits_for_it_keeps_the_reti
     );
 }
 
-/// A transaction on the primary holding `patient_persons` as a writer does,
-/// which a retire waits for before its verify.
-async fn open_writer(u: &UnreplayedRotation) -> Client {
+/// Opens a transaction on the primary holding `patient_persons` as a
+/// writer does, then starts `rekey secrets retire` (a 60 s wait for
+/// writers, 2 s for the standbys) and returns both once the retire waits
+/// for that transaction to end (before its verify).
+async fn retire_behind_a_writer(u: &UnreplayedRotation) -> (Client, std::process::Child) {
     let writer = connect(&u.url).await;
     writer
         .batch_execute("BEGIN; LOCK TABLE patient_persons IN ROW EXCLUSIVE MODE")
         .await
         .unwrap();
-    writer
-}
-
-/// Starts `rekey <retire>` and returns once it waits for `writer`'s
-/// transaction to end (before its verify).
-async fn retire_waiting_for_writers(
-    u: &UnreplayedRotation,
-    retire: &[&str],
-) -> std::process::Child {
-    retire_until(u, retire, "%FROM pg_locks l LEFT JOIN pg_stat_activity a%").await
+    let retire = [
+        "secrets",
+        "retire",
+        "--job",
+        u.job.as_str(),
+        "--wait-for-writers",
+        "60s",
+        "--wait-for-replicas",
+        "2s",
+    ];
+    let child = retire_until(u, &retire, "%FROM pg_locks l LEFT JOIN pg_stat_activity a%").await;
+    (writer, child)
 }
 
 /// Stops the standby at once and returns once the primary no longer lists
@@ -518,19 +522,7 @@ async fn a_standby_that_disconnects_behind_before_the_verify_ends_keeps_the_reti
     use crate::harness::*;
     use rekey::crypto::keytable::KeyState;
     let u = unreplayed_rotation().await;
-    let writer = open_writer(&u).await;
-
-    let retire = [
-        "secrets",
-        "retire",
-        "--job",
-        u.job.as_str(),
-        "--wait-for-writers",
-        "60s",
-        "--wait-for-replicas",
-        "2s",
-    ];
-    let child = retire_waiting_for_writers(&u, &retire).await;
+    let (writer, child) = retire_behind_a_writer(&u).await;
     standby_gone(&u).await;
     writer.batch_execute("ROLLBACK").await.unwrap();
     let out = tokio::task::block_in_place(|| child.wait_with_output()).unwrap();
@@ -563,20 +555,8 @@ async fn a_standby_that_replayed_the_rotation_and_disconnects_before_the_verify_
     use crate::harness::*;
     use rekey::crypto::keytable::KeyState;
     let u = unreplayed_rotation().await;
-    let writer = open_writer(&u).await;
-
-    let retire = [
-        "secrets",
-        "retire",
-        "--job",
-        u.job.as_str(),
-        "--wait-for-writers",
-        "60s",
-        "--wait-for-replicas",
-        "2s",
-    ];
     // seen behind when the retire began, then it replays
-    let child = retire_waiting_for_writers(&u, &retire).await;
+    let (writer, child) = retire_behind_a_writer(&u).await;
     tokio::task::block_in_place(|| u.replica.resume_replay()).unwrap();
     // the primary hears of the standby's replay, then the retire looks again
     let p = connect(&u.primary.url("postgres")).await;
