@@ -33,7 +33,12 @@ pub struct Sender {
     pub pid: i32,
     /// When its connection began (`backend_start`), where this role may see
     /// it: a process id is reused, its start is not.
-    pub since: Option<String>,
+    pub since: Option<SystemTime>,
+    /// When the standby last replied on it (`reply_time`), where this role
+    /// may see it and the standby has replied: a live standby replies at
+    /// least every `wal_receiver_status_interval`; a connection cut off
+    /// stays listed, silent, until `wal_sender_timeout`.
+    pub replied: Option<SystemTime>,
     /// Its `application_name` (a standby's `cluster_name` by default) and
     /// where it connects from: what names it across reconnections.
     pub name: String,
@@ -143,7 +148,7 @@ pub async fn senders(
                     extract(epoch FROM r.replay_lag)::float8,
                     a.datid IS NOT NULL OR r.state = 'backup'
                       OR (r.replay_lsn IS NULL AND r.write_lsn IS NOT NULL),
-                    r.backend_start::text
+                    r.backend_start, r.reply_time
                FROM pg_stat_replication r LEFT JOIN pg_stat_activity a ON a.pid = r.pid
               ORDER BY 2, 1",
         look.said()
@@ -168,6 +173,7 @@ pub async fn senders(
             Sender {
                 pid: r.get(0),
                 since: r.get(7),
+                replied: r.get(8),
                 name: r.get(1),
                 is,
             }

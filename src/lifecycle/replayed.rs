@@ -39,10 +39,10 @@ const WATCH_EVERY: Duration = Duration::from_secs(1);
 
 /// One connection of a WAL sender: its process and when it began (a
 /// process id alone is reused).
-type Connection = (i32, Option<String>);
+type Connection = (i32, Option<SystemTime>);
 
 fn connection(s: &Sender) -> Connection {
-    (s.pid, s.since.clone())
+    (s.pid, s.since)
 }
 
 /// The standbys a retire has seen: one seen behind that disconnects stays
@@ -69,6 +69,8 @@ struct Tracked {
     behind: Behind,
     /// When it was last seen connected.
     last_seen: SystemTime,
+    /// When the standby last replied on this connection, as last seen.
+    replied: Option<SystemTime>,
     /// Whether it has shown a replay position (a connection that never
     /// did was no standby).
     positioned: bool,
@@ -78,10 +80,13 @@ impl Standbys {
     /// Takes in what the WAL senders are now (each against the position
     /// looked for): a connection seen before is what it is now; one gone
     /// stays behind, unless it never showed a position or a connection of
-    /// its name first seen in a later look has replayed (it reconnected,
-    /// perhaps before the server noticed the old connection gone, and
-    /// caught up). One still listed is never replaced: it may be another
-    /// standby of the same name (a delayed one beside a normal one).
+    /// its name has replayed that the standby moved to: first seen in a
+    /// later look, or begun after the standby last replied on the old one
+    /// (it reconnected, perhaps before the server noticed the old
+    /// connection gone, as late as `wal_sender_timeout` after, and caught
+    /// up). One still listed is never replaced: it may be another standby
+    /// of the same name (a delayed one beside a normal one), which replies
+    /// on its own connection as long as it is connected.
     fn track(&mut self, now: &[Sender]) {
         let at = SystemTime::now();
         self.looks += 1;
@@ -91,22 +96,25 @@ impl Standbys {
                 .find(|(s, _)| s == c)
                 .map_or(this_look, |(_, look)| *look)
         };
+        let moved_to = |t: &Tracked, s: &Sender| {
+            first_seen(&connection(s)) > first_seen(&t.connection)
+                || matches!((t.replied, s.since), (Some(replied), Some(since)) if replied < since)
+        };
         let replayed_after = |t: &Tracked| {
-            now.iter().any(|s| {
-                s.is == Standby::Replayed
-                    && s.name == t.behind.name
-                    && first_seen(&connection(s)) > first_seen(&t.connection)
-            })
+            now.iter()
+                .any(|s| s.is == Standby::Replayed && s.name == t.behind.name && moved_to(t, s))
         };
         self.behind.retain_mut(
             |t| match now.iter().find(|s| connection(s) == t.connection) {
                 Some(Sender {
                     is: Standby::Behind { bytes, lag_s },
+                    replied,
                     ..
                 }) => {
                     (t.behind.bytes, t.behind.lag_s) = (*bytes, *lag_s);
                     t.positioned |= bytes.is_some();
                     t.last_seen = at;
+                    t.replied = *replied;
                     true
                 }
                 Some(_) => false,
@@ -130,6 +138,7 @@ impl Standbys {
                             gone: None,
                         },
                         last_seen: at,
+                        replied: s.replied,
                         positioned: bytes.is_some(),
                     });
                 }
@@ -305,8 +314,23 @@ mod tests {
         Sender {
             pid,
             since: None,
+            replied: None,
             name: name.to_string(),
             is,
+        }
+    }
+
+    /// `s` seconds into the test's clock.
+    fn at(s: u64) -> Option<SystemTime> {
+        Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + s))
+    }
+
+    /// A WAL sender begun at `since` whose standby last replied at `replied`.
+    fn connected(pid: i32, name: &str, is: Standby, since: u64, replied: u64) -> Sender {
+        Sender {
+            since: at(since),
+            replied: at(replied),
+            ..sender(pid, name, is)
         }
     }
 
@@ -393,15 +417,15 @@ mod tests {
     #[test]
     fn a_process_id_taken_by_a_later_connection_does_not_stand_for_the_one_that_went() {
         let mut s = Standbys::default();
-        let at = |since: &str, is| Sender {
-            since: Some(since.to_string()),
+        let begun = |since, is| Sender {
+            since: at(since),
             ..sender(10, "replica", is)
         };
-        s.track(&[at("03:00:00", behind(800))]);
+        s.track(&[begun(3 * 3600, behind(800))]);
         // another standby's sender, given the same process id hours later
         s.track(&[Sender {
             name: "other".to_string(),
-            ..at("05:00:00", Standby::Replayed)
+            ..begun(5 * 3600, Standby::Replayed)
         }]);
         assert_eq!(still_behind(&s), [("replica".to_string(), true)]);
     }
@@ -419,5 +443,35 @@ mod tests {
         )]);
         s.track(&[]);
         assert!(s.behind.is_empty(), "{:?}", s.behind);
+    }
+
+    #[test]
+    fn a_silent_connection_dropped_after_its_standby_reconnected_and_replayed_is_no_longer_behind()
+    {
+        let mut s = Standbys::default();
+        // both listed at the first look: the old one silent since 100 s,
+        // the standby back on a new connection since 130 s
+        s.track(&[
+            connected(10, "replica", behind(800), 0, 100),
+            connected(11, "replica", behind(300), 130, 150),
+        ]);
+        s.track(&[
+            connected(10, "replica", behind(800), 0, 100),
+            connected(11, "replica", Standby::Replayed, 130, 160),
+        ]);
+        // the server drops the old connection (wal_sender_timeout)
+        s.track(&[connected(11, "replica", Standby::Replayed, 130, 170)]);
+        assert!(s.behind.is_empty(), "{:?}", s.behind);
+    }
+
+    #[test]
+    fn a_standby_that_replied_after_another_of_its_name_connected_is_not_cleared_by_it_when_gone() {
+        let mut s = Standbys::default();
+        s.track(&[
+            connected(10, "walreceiver", behind(800), 0, 140),
+            connected(20, "walreceiver", behind(100), 130, 135),
+        ]);
+        s.track(&[connected(20, "walreceiver", Standby::Replayed, 130, 160)]);
+        assert_eq!(still_behind(&s), [("walreceiver".to_string(), true)]);
     }
 }

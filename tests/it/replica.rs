@@ -753,3 +753,99 @@ async fn a_retire_does_not_wait_for_a_wal_archiver_or_a_logical_decoding_client(
     assert!(!printed(&out).contains("standby"), "{}", printed(&out));
     assert_eq!(keyring_table(&keyring).entries[0].state, KeyState::Retired);
 }
+
+/// Sends `signal` (`STOP`, `CONT`) to process `pid`.
+fn signal(pid: i32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid} failed");
+}
+
+/// The primary's WAL senders to the standby: `(pid, replayed past the
+/// position now)`, oldest first.
+async fn senders_to_the_standby(p: &Client) -> Vec<(i32, bool)> {
+    p.query(
+        "SELECT pid, coalesce(replay_lsn >= pg_current_wal_lsn(), false) FROM pg_stat_replication
+          WHERE application_name = 'replica' ORDER BY backend_start",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+// Today: exit 4 after the whole wait, "standby replica at 127.0.0.1
+// (disconnected while behind ...) was not seen to replay the rotation's
+// writes": the standby had reconnected (its old connection silent, still
+// listed until wal_sender_timeout) and replayed every write on the new one
+// before the retire began; the retire saw both connections in its first
+// look, and when the server dropped the old one it counted as a standby
+// gone behind, since the new one was not "first seen later".
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_that_reconnected_just_before_the_retire_and_replayed_does_not_hold_it_when_its_old_connection_is_dropped(
+) {
+    use crate::harness::*;
+    use rekey::crypto::keytable::KeyState;
+    let u = unreplayed_rotation().await;
+    // the standby gives up on a silent primary at once and reconnects
+    for sql in [
+        "ALTER SYSTEM SET wal_receiver_timeout = '1s'",
+        "ALTER SYSTEM SET wal_retrieve_retry_interval = '100ms'",
+        "SELECT pg_reload_conf()",
+    ] {
+        u.standby.batch_execute(sql).await.unwrap();
+    }
+    let p = connect(&u.primary.url("postgres")).await;
+    let old = match senders_to_the_standby(&p).await[..] {
+        [(pid, false)] => pid,
+        ref other => panic!("premise: one WAL sender, behind: {other:?}"),
+    };
+    // the old connection falls silent (a network cut, as the primary sees it)
+    signal(old, "STOP");
+    tokio::task::block_in_place(|| u.replica.resume_replay()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = senders_to_the_standby(&p).await;
+        if now.len() == 2 && now[0] == (old, false) && now[1].1 {
+            break;
+        }
+        if Instant::now() >= deadline {
+            signal(old, "CONT");
+            panic!(
+                "the standby never reconnected and replayed: {now:?}\n{}",
+                u.replica.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        values_under(&u.standby, 1).await,
+        0,
+        "premise: the standby replayed the rotation"
+    );
+
+    let retire = [
+        "secrets",
+        "retire",
+        "--job",
+        u.job.as_str(),
+        "--wait-for-replicas",
+        "30s",
+    ];
+    let child = retire_looking_at_the_standbys(&u, &retire).await;
+    // the server drops the old connection
+    signal(old, "CONT");
+    p.execute("SELECT pg_terminate_backend($1)", &[&old])
+        .await
+        .unwrap();
+    let out = tokio::task::block_in_place(|| child.wait_with_output()).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(
+        keyring_table(&u.keyring).entries[0].state,
+        KeyState::Retired
+    );
+}
