@@ -19,6 +19,9 @@ pub enum Error {
         /// The driver's error.
         #[source]
         source: tokio_postgres::Error,
+        /// Which statement it was: what the database raises while it
+        /// reads is no refusal of a write.
+        statement: Statement,
     },
     /// A batch's count against the nonce budget waited for the key's lock
     /// while other batches counted, and a limit cut the wait short (exit
@@ -39,6 +42,17 @@ pub enum Error {
     /// was in flight; the batch was rolled back (the pipeline drops the range).
     #[error("{0}")]
     LeaseLost(String),
+}
+
+/// Which of rekey's statements a database error came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Statement {
+    /// The write of a batch's rotated values into a target table, where
+    /// the table's triggers, constraints and rules run.
+    TargetWrite,
+    /// Any other: reads of the targets (their `where` included), checks,
+    /// rekey's own records.
+    Other,
 }
 
 /// What a failed batch can do about an error.
@@ -163,9 +177,14 @@ impl Error {
             Error::Config(m) => Error::Config(add(m)),
             Error::Runtime(m) => Error::Runtime(add(m)),
             Error::LeaseLost(m) => Error::LeaseLost(add(m)),
-            Error::Db { context, source } => Error::Db {
+            Error::Db {
+                context,
+                source,
+                statement,
+            } => Error::Db {
                 context: add(context),
                 source,
+                statement,
             },
             Error::CountWait { context, source } => Error::CountWait {
                 context: add(context),
@@ -178,11 +197,16 @@ impl Error {
     /// What to do next, for `--json` (the message names the problem and,
     /// where it knows one, its own fix).
     pub fn hint(&self) -> &'static str {
-        if let Error::Db { source, .. } = self {
-            match source.code().map(|c| c.code()) {
-                Some("42501") => return "the role lacks the privilege the error names: grant it (GRANT ... TO the role rekey connects as), then run the same command again; every batch commits whole, so it resumes safely",
+        if let Error::Db {
+            source, statement, ..
+        } = self
+        {
+            match (source.code().map(|c| c.code()), statement) {
+                (Some("42501"), _) => return "the role lacks the privilege the error names: grant it (GRANT ... TO the role rekey connects as), then run the same command again; every batch commits whole, so it resumes safely",
                 // raised by a trigger, a constraint or a rule: the same rows fail again on every run
-                Some(c) if c == "P0001" || c == "0A000" || c.starts_with("23") => return "the database refused the write itself (a trigger, constraint or rule of the table raised the error): running again fails the same way; change what raises it, or leave those rows out with the target's `where`, then run again; every batch commits whole, nothing is half-written",
+                (Some(c), Statement::TargetWrite) if c == "P0001" || c == "0A000" || c.starts_with("23") => return "the database refused the write itself (a trigger, constraint or rule of the table raised the error): running again fails the same way; change what raises it, or leave those rows out with the target's `where`, then run again; every batch commits whole, nothing is half-written",
+                // raised by a function of the user's (one in the `where`), or a feature the statement needs
+                (Some(c), Statement::Other) if c.starts_with("P0") || c == "0A000" => return "the database raised the error while rekey read or checked the table (a function the statement calls, such as one in the target's `where`, or a collation, operator or type it does not support): running again fails the same way; change what raises it, then run again; every batch commits whole, nothing is half-written",
                 _ => {}
             }
         }
@@ -214,6 +238,20 @@ impl<T> DbContext<T> for Result<T, tokio_postgres::Error> {
         self.map_err(|source| Error::Db {
             context: context(),
             source,
+            statement: Statement::Other,
         })
     }
+}
+
+/// Adds "what rekey was doing" to the error of the statement that writes
+/// rotated values into a target table.
+pub fn writing_target<T>(
+    result: Result<T, tokio_postgres::Error>,
+    context: impl FnOnce() -> String,
+) -> Result<T, Error> {
+    result.map_err(|source| Error::Db {
+        context: context(),
+        source,
+        statement: Statement::TargetWrite,
+    })
 }

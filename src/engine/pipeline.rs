@@ -428,6 +428,7 @@ pub(super) async fn monitor_connection(db: &Database) -> Result<tokio_postgres::
         .map_err(|e| Error::Db {
             context: "opening the run's monitor connection".into(),
             source: e,
+            statement: crate::error::Statement::Other,
         })?;
     Ok(conn)
 }
@@ -440,6 +441,7 @@ pub(super) async fn backend_pid(client: &tokio_postgres::Client) -> Result<i32, 
         .map_err(|e| Error::Db {
             context: "opening the run's monitor connection".into(),
             source: e,
+            statement: crate::error::Statement::Other,
         })?
         .get(0))
 }

@@ -219,13 +219,18 @@ pub(super) const REFUSED_LIMIT: u64 = 1000;
 /// refused (`so_far`, every run and process of the job together).
 fn too_many_refused(error: Error, so_far: u64) -> Error {
     match error {
-        Error::Db { context, source } => Error::Db {
+        Error::Db {
+            context,
+            source,
+            statement,
+        } => Error::Db {
             context: format!(
                 "{context}: the database refused the write of more than {REFUSED_LIMIT} rows of this job, each alone \
                  ({so_far} set aside or recorded by its runs so far, this one's included), so rekey stops without setting \
                  aside more; `rekey run --restart` starts the job over, counting afresh (the last refusal follows)"
             ),
             source,
+            statement,
         },
         other => other,
     }

@@ -452,7 +452,7 @@ async fn refuse_nested_targets(
                         &[&child.qualified(), &parent.qualified()],
                     )
                     .await
-                    .map_err(|e| Error::Db { context: format!("checking whether {} is part of {}", child.table, parent.table), source: e })?
+                    .map_err(|e| Error::Db { context: format!("checking whether {} is part of {}", child.table, parent.table), source: e, statement: crate::error::Statement::Other, })?
                     .get(0);
                 if nested {
                     return Err(Error::Config(format!(

@@ -99,6 +99,7 @@ pub async fn refusal(
             t.table,
         ),
         source: timed_out,
+        statement: crate::error::Statement::Other,
     }
 }
 

@@ -184,6 +184,7 @@ fn cut_short(source: tokio_postgres::Error, what: &impl Fn() -> String, label: &
         Error::Db {
             context: what(),
             source,
+            statement: crate::error::Statement::Other,
         }
     }
 }

@@ -350,6 +350,7 @@ fn refused(e: tokio_postgres::Error, missing: Missing, who: &Who) -> Error {
         return Error::Db {
             context: "preparing rekey's engine schema".into(),
             source: e,
+            statement: crate::error::Statement::Other,
         };
     };
     let fix = match (db.code().code(), missing) {
@@ -364,7 +365,7 @@ fn refused(e: tokio_postgres::Error, missing: Missing, who: &Who) -> Error {
              run the same command once as that role or a superuser, which upgrades it first, or give that role's ownership to {role}",
             who.owner.as_deref().unwrap_or("the owner of rekey's tables")
         ),
-        _ => return Error::Db { context: "preparing rekey's engine schema".into(), source: e },
+        _ => return Error::Db { context: "preparing rekey's engine schema".into(), source: e, statement: crate::error::Statement::Other, },
     };
     Error::Config(format!(
         "cannot prepare rekey's engine schema: {}; {fix}",

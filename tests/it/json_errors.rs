@@ -183,3 +183,44 @@ async fn an_update_rule_is_a_config_error_naming_it_and_a_disabled_one_is_not() 
     let out = rekey(&["run", "--job", &job, "--json"], &seed_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
 }
+
+// Today: "the database refused the write itself (a trigger, constraint or
+// rule of the table raised the error) ... leave those rows out with the
+// target's `where`", for an error raised by a function in that very
+// `where` while rekey read: nothing had been written, and the advice
+// pointed at the wrong statement.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_error_raised_while_reading_is_not_hinted_as_a_refused_write() {
+    let db = TestDb::new().await;
+    db.seed_patients(200).await;
+    db.client
+        .batch_execute(
+            "CREATE FUNCTION still_kept(id bigint) RETURNS boolean LANGUAGE plpgsql AS $$
+             BEGIN
+               IF id = 150 THEN RAISE EXCEPTION 'patient % was archived', id; END IF;
+               RETURN true;
+             END $$;",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let job = db
+        .patients_job_where(&dir, "still_kept(id)")
+        .display()
+        .to_string();
+    let out = rekey(&["run", "--job", &job, "--json"], &seed_env());
+    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
+    let v = error_object(&out);
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("patient 150 was archived"),
+        "{v}"
+    );
+    let hint = v["hint"].as_str().unwrap();
+    assert!(
+        !hint.contains("refused the write") && hint.contains("while rekey read"),
+        "{v}"
+    );
+}

@@ -44,6 +44,7 @@ impl<'a> Turn<'a> {
             move |e| Error::Db {
                 context: what,
                 source: e,
+                statement: crate::error::Statement::Other,
             }
         };
         if let Some((pid, started)) = lost {
@@ -163,6 +164,7 @@ async fn waiting(client: &Client, job_id: i64) -> Result<u64, Error> {
         .map_err(|e| Error::Db {
             context: "counting the rows left to re-read".into(),
             source: e,
+            statement: crate::error::Statement::Other,
         })?
         .get(0);
     Ok(u64::try_from(keys).unwrap_or(0))

@@ -19,7 +19,7 @@ use crate::db::{Database, KeyBytes, Page};
 use crate::engine::sql;
 use crate::engine::transform::{self, Cell, Cells};
 use crate::engine::work::PageSlot;
-use crate::error::DbContext;
+use crate::error::{writing_target, DbContext};
 use crate::job::{Job, Target};
 use crate::observe::counts::Counts;
 use crate::observe::events::{self, LeaseChange};
@@ -434,9 +434,10 @@ impl Writer {
                 Some(words),
             ),
             None if staged.is_empty() => Swapped::default(),
-            None => swap(&tx, p, target, commit, batch, &staged, &mut counts)
-                .await
-                .ctx(what)?,
+            None => writing_target(
+                swap(&tx, p, target, commit, batch, &staged, &mut counts).await,
+                what,
+            )?,
         };
         let (failures, changed) =
             tally_and_quarantine(&tx, p, self.job_id, target, batch, &swapped, &mut counts)
