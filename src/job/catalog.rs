@@ -191,12 +191,24 @@ async fn table_columns(
 /// domain over bytea holds bytea values, read and written as such (its
 /// checks hold on the values written). The type itself where it is no domain.
 pub(crate) fn base_type(typ: &str, typmod: &str) -> String {
+    underneath(typ, typmod, "format_type(oid, typmod)")
+}
+
+/// SQL for the oid of type `typ` (an SQL expression) underneath its
+/// domains: what its operators (orderings, equality) are declared for.
+pub(crate) fn base_type_oid(typ: &str) -> String {
+    underneath(typ, "-1", "oid")
+}
+
+/// SQL for `what` (of `oid` and `typmod`) of the type underneath the
+/// domains of type `typ` with modifier `typmod`.
+fn underneath(typ: &str, typmod: &str, what: &str) -> String {
     format!(
         "(WITH RECURSIVE d (oid, typmod, depth) AS (
               SELECT {typ}, {typmod}, 0
               UNION ALL SELECT t.typbasetype, t.typtypmod, d.depth + 1 FROM pg_type t JOIN d ON t.oid = d.oid
                WHERE t.typtype = 'd')
-          SELECT format_type(oid, typmod) FROM d ORDER BY depth DESC LIMIT 1)"
+          SELECT {what} FROM d ORDER BY depth DESC LIMIT 1)"
     )
 }
 

@@ -182,21 +182,22 @@ async fn key_collations(client: &Client, t: &Target) -> Result<(), Error> {
 /// composite input), and a type with no btree ordering cannot be compared.
 async fn key_types(client: &Client, t: &Target) -> Result<(), Error> {
     let names: Vec<&str> = t.key.iter().map(|k| k.name.as_str()).collect();
+    // a domain (over domains) is compared as the type underneath
+    let sql = format!(
+        "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
+                b.typtype IN ('c', 'p'),
+                EXISTS (SELECT 1 FROM pg_opclass oc JOIN pg_am am ON am.oid = oc.opcmethod
+                         WHERE am.amname = 'btree' AND oc.opcdefault
+                           AND (oc.opcintype = b.oid
+                                OR (oc.opcintype = 'anyarray'::regtype AND b.typcategory = 'A')
+                                OR (oc.opcintype = 'anyenum'::regtype AND b.typtype = 'e')
+                                OR (oc.opcintype = 'anyrange'::regtype AND b.typtype = 'r')))
+           FROM pg_attribute a JOIN pg_type b ON b.oid = {}
+          WHERE a.attrelid = $1::text::regclass AND a.attname = ANY ($2)",
+        super::catalog::base_type_oid("a.atttypid")
+    );
     let rows = client
-        .query(
-            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
-                    coalesce(b.typtype, t.typtype) = 'c' OR t.typtype = 'p',
-                    EXISTS (SELECT 1 FROM pg_opclass oc JOIN pg_am am ON am.oid = oc.opcmethod
-                             WHERE am.amname = 'btree' AND oc.opcdefault
-                               AND (oc.opcintype = coalesce(b.oid, t.oid)
-                                    OR (oc.opcintype = 'anyarray'::regtype AND coalesce(b.typcategory, t.typcategory) = 'A')
-                                    OR (oc.opcintype = 'anyenum'::regtype AND coalesce(b.typtype, t.typtype) = 'e')
-                                    OR (oc.opcintype = 'anyrange'::regtype AND coalesce(b.typtype, t.typtype) = 'r')))
-               FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
-               LEFT JOIN pg_type b ON t.typtype = 'd' AND b.oid = t.typbasetype
-              WHERE a.attrelid = $1::text::regclass AND a.attname = ANY ($2)",
-            &[&t.qualified(), &names],
-        )
+        .query(&sql, &[&t.qualified(), &names])
         .await
         .ctx(|| format!("checking the types of {}'s key", t.table))?;
     for r in &rows {
