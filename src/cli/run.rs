@@ -219,8 +219,11 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
     } else {
         None
     };
+    // a key put back into its store was said when it happened, and again here
+    warnings.extend(ran.outcome.keys_put_back.iter().map(|p| p.said()));
     let mut summary = summary(args, &job, &ran, remaining_rows);
     summary["warnings"] = json!(warnings);
+    summary["keys_put_back"] = json!(ran.outcome.keys_put_back);
     // values quarantined under a retired key: what brings the key back, if
     // anything (not looked up by a run stopped, which ends at once)
     let capped = ran.outcome.counts.values_failed > ran.outcome.failures.len() as u64;
@@ -234,6 +237,7 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
         state::finish_job(&client, id, &summary).await?;
     }
     if let Some(audit) = &audit {
+        run_audit::keys_put_back(audit, &client, &ran.outcome, ran.job_id).await?;
         run_audit::ended(audit, &client, &job, &ran.outcome, &ran.totals, ran.job_id).await?;
     }
     if args.common.json {

@@ -16,6 +16,7 @@ use crate::engine::pipeline::Outcome;
 use crate::job::{Job, JobSpec};
 use crate::lifecycle::audit::{Audit, AuditKeys, What};
 use crate::observe::counts::Counts;
+use crate::secrets::KeysSpec;
 use crate::state::{self, JobRecord};
 use crate::Error;
 
@@ -52,16 +53,21 @@ pub(crate) fn run_audit(args: &RunArgs, spec: &JobSpec, job: &Job) -> Result<Aud
     Ok(audit)
 }
 
+/// A store as a run's events name it (never a value).
+fn store_ref(k: &KeysSpec) -> String {
+    match (&k.secret_id, &k.path, &k.kms_key_id) {
+        (Some(id), _, _) => id.clone(),
+        (None, Some(path), _) => format!("file:{}", path.display()),
+        (None, None, Some(kms)) => format!("kms:{kms}"),
+        (None, None, None) => format!("env:{}", k.prefix),
+    }
+}
+
 /// The store a run's keys come from and its target key, named for the
 /// audit trail (never a value).
 fn secret_ref(job: &Job, audit: &Audit) -> String {
     let store = match job.targets.first().and_then(|t| t.write.source.as_ref()) {
-        Some(k) => match (&k.secret_id, &k.path, &k.kms_key_id) {
-            (Some(id), _, _) => id.clone(),
-            (None, Some(path), _) => format!("file:{}", path.display()),
-            (None, None, Some(kms)) => format!("kms:{kms}"),
-            (None, None, None) => format!("env:{}", k.prefix),
-        },
+        Some(k) => store_ref(k),
         None => format!("job:{}", job.name),
     };
     match audit.keys.and_then(|k| k.new) {
@@ -111,6 +117,30 @@ pub(crate) async fn started(
         job_id: Some(record.id),
     };
     audit.record(client, what).await?;
+    Ok(())
+}
+
+/// Records each key a store lost during the run and rekey put back: a
+/// write into the store, which the trail holds like a stage.
+pub(crate) async fn keys_put_back(
+    audit: &Audit,
+    client: &Client,
+    outcome: &Outcome,
+    job_id: Option<i64>,
+) -> Result<(), Error> {
+    for back in &outcome.keys_put_back {
+        let secret = format!("{}#{}", store_ref(&back.keys), back.key_id);
+        let notes = back.said();
+        let what = What {
+            event_type: "key_put_back",
+            secret_id: &secret,
+            verification_status: "not_applicable",
+            affected_records: None,
+            notes: &notes,
+            job_id,
+        };
+        audit.record(client, what).await?;
+    }
     Ok(())
 }
 

@@ -10,9 +10,40 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::control::stop::Stop;
+use crate::crypto::keyring::KeyId;
 use crate::job::Job;
 use crate::secrets::held::{Held, KeyWatch};
+use crate::secrets::KeysSpec;
 use crate::Error;
+
+/// A key its store lost during a run and rekey put back as the pending
+/// key: a write into the store, said in the run's summary and audited.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PutBack {
+    /// The store, for people.
+    pub store: String,
+    /// The key's id.
+    pub key_id: KeyId,
+    /// The key's fingerprint (never its material).
+    pub fingerprint: String,
+    /// What the store had become.
+    pub why: String,
+    /// The store as the job names it, for the audit trail.
+    #[serde(skip)]
+    pub keys: KeysSpec,
+}
+
+impl PutBack {
+    /// The warning, for the log and the summary.
+    pub fn said(&self) -> String {
+        format!(
+            "{} lost key {} (fingerprint {}) while this run wrote values under it: {}; rekey put it back as the \
+             pending key, as it was the only copy. Find what changed the store (a deployment writing an older copy, \
+             a hand edit) before it does so again",
+            self.store, self.key_id, self.fingerprint, self.why
+        )
+    }
+}
 
 /// How often the stores are looked at during a run: ten rounds of the
 /// monitor (`--check-every`), from 1 s to 60 s. A keyring file unchanged
@@ -41,11 +72,12 @@ pub fn watches(job: &Job) -> Vec<KeyWatch> {
 
 /// Runs `run` while the stores are looked at every `every`; a key lost
 /// stops the run (through `stop`), which ends with that error once the
-/// batches in flight have committed.
+/// batches in flight have committed. Keys put back are added to `put_back`.
 pub async fn watching<T>(
     watches: &mut [KeyWatch],
     every: Duration,
     stop: &Stop,
+    put_back: &mut Vec<PutBack>,
     run: impl Future<Output = Result<T, Error>>,
 ) -> Result<T, Error> {
     if watches.is_empty() {
@@ -54,7 +86,7 @@ pub async fn watching<T>(
     let looking = async {
         loop {
             tokio::time::sleep(every).await;
-            if let Err(lost) = look(watches, false).await {
+            if let Err(lost) = look(watches, false, put_back).await {
                 return lost;
             }
         }
@@ -73,20 +105,29 @@ pub async fn watching<T>(
 }
 
 /// Looks at every store once, reading each (`always`) or only those whose
-/// file changed. A key put back is said; a key lost is the error. A store
-/// that cannot be read fails the look at the end of a run (`always`), and
-/// is tried again at the next look during one.
-pub async fn look(watches: &mut [KeyWatch], always: bool) -> Result<(), Error> {
+/// file changed. A key put back is said and added to `put_back`; a key
+/// lost is the error. A store that cannot be read fails the look at the
+/// end of a run (`always`), and is tried again at the next look during one.
+pub async fn look(
+    watches: &mut [KeyWatch],
+    always: bool,
+    put_back: &mut Vec<PutBack>,
+) -> Result<(), Error> {
     for w in watches.iter_mut() {
         let (id, fingerprint) = (w.key().id(), w.key().fingerprint());
         match w.check(always).await {
             Ok(Held::Present) => {}
-            Ok(Held::PutBack { why }) => tracing::warn!(
-                "{} lost key {id} (fingerprint {fingerprint}) while this run wrote values under it: {why}; \
-                 rekey put it back as the pending key, as it was the only copy. Find what changed the store \
-                 (a deployment writing an older copy, a hand edit) before it does so again",
-                w.store()
-            ),
+            Ok(Held::PutBack { why }) => {
+                let back = PutBack {
+                    store: w.store().to_string(),
+                    key_id: id,
+                    fingerprint,
+                    why,
+                    keys: w.keys().clone(),
+                };
+                tracing::warn!("{}", back.said());
+                put_back.push(back);
+            }
             Ok(Held::Demoted { why }) => {
                 return Err(Error::Runtime(format!(
                     "key {id} (fingerprint {fingerprint}), which this run writes values under, is no longer the key \

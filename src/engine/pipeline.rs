@@ -163,6 +163,9 @@ pub struct Outcome {
     pub batch_rows: (usize, usize),
     /// How often, and how long, the throttles held the sources, by reason.
     pub held: BTreeMap<&'static str, Held>,
+    /// Keys their stores lost during the run and rekey put back
+    /// ([`super::held`]).
+    pub keys_put_back: Vec<super::held::PutBack>,
 }
 
 /// How often and how long one throttle held a run.
@@ -195,6 +198,7 @@ impl Default for Outcome {
             taken_over: 0,
             batch_rows: (usize::MAX, 0),
             held: BTreeMap::new(),
+            keys_put_back: Vec::new(),
         }
     }
 }

@@ -75,7 +75,8 @@ pub async fn rewrite(
         live,
         progress,
     );
-    let run = held::watching(&mut watches, every, &stop, run);
+    let mut put_back = Vec::new();
+    let run = held::watching(&mut watches, every, &stop, &mut put_back, run);
     // this session holds the job's lock while the pipeline's sessions work
     let mut outcome = keeping_alive(client, counted_beside(db, job, &total, run)).await??;
     if client.is_closed() {
@@ -88,7 +89,8 @@ pub async fn rewrite(
     }
     // every value written is under a key its store still holds, or the run fails
     // (a store may take long to open: a key table through KMS; the session idles meanwhile)
-    keeping_alive(client, held::look(&mut watches, true)).await?;
+    keeping_alive(client, held::look(&mut watches, true, &mut put_back)).await?;
+    outcome.keys_put_back = put_back;
     // partitions attached during the run are the job's too (a retire reads the record)
     state::jobs::record_parts(client, record.id, job).await?;
     if !outcome.stopped {

@@ -107,6 +107,11 @@ impl KeyWatch {
         &self.name
     }
 
+    /// The store as the job names it.
+    pub fn keys(&self) -> &KeysSpec {
+        &self.keys
+    }
+
     /// The key watched: its id and fingerprint, never its material.
     pub fn key(&self) -> &Key {
         &self.key

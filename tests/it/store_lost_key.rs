@@ -110,6 +110,74 @@ async fn a_staged_key_removed_from_the_keyring_file_during_a_run_is_put_back_and
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
 }
 
+// Today: the put-back was a warning on stderr only: nothing in the audit
+// trail (a key written into a store by rekey, unrecorded) and nothing in
+// the run's `--json` (its `warnings` empty), so a scheduled run's logs
+// showed a clean run while the store had lost its pending key.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_put_back_during_a_run_is_audited_and_said_in_the_json_summary() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring, fingerprint) = staged(&db, &dir).await;
+    let mut child = spawn_rekey_captured(
+        &[
+            "run",
+            "--job",
+            job.as_str(),
+            "--json",
+            "--max-rows-per-sec",
+            "2000",
+            "--check-every",
+            "100ms",
+        ],
+        &keyring_pass_env(),
+    );
+    wait_for_progress(&db, &mut child, 2_000).await;
+    std::fs::copy(backup_path(&keyring), &keyring).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let summary = json(&out);
+    let put_back = &summary["keys_put_back"];
+    assert_eq!(put_back.as_array().map(Vec::len), Some(1), "{summary}");
+    assert_eq!(put_back[0]["key_id"], 2, "{summary}");
+    assert_eq!(
+        put_back[0]["fingerprint"],
+        fingerprint.as_str(),
+        "{summary}"
+    );
+    assert!(
+        put_back[0]["store"]
+            .as_str()
+            .is_some_and(|s| s.contains(&keyring.display().to_string())),
+        "{summary}"
+    );
+    assert!(
+        summary["warnings"]
+            .as_array()
+            .is_some_and(|w| w.iter().any(|l| l
+                .as_str()
+                .is_some_and(|l| l.contains("rekey put it back as the pending key")))),
+        "{summary}"
+    );
+    let events: Vec<_> = audit_events(&dir)
+        .into_iter()
+        .filter(|e| e["event_type"] == "key_put_back")
+        .collect();
+    assert_eq!(events.len(), 1, "{:?}", audit_events(&dir));
+    assert_eq!(
+        events[0]["secret_id"],
+        format!("file:{}#2", keyring.display()).as_str(),
+        "{}",
+        events[0]
+    );
+    // the trail stays whole with the event in it
+    let out = rekey(
+        &["report", "--job", job.as_str(), "--check"],
+        &keyring_pass_env(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_key_removed_during_a_run_that_cannot_be_put_back_stops_the_run_naming_the_key() {
     let db = TestDb::new().await;
