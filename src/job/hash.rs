@@ -63,10 +63,10 @@ where
             "{at}: hash of = {of_name:?} is not an encrypted column of this target"
         ))
     })?;
-    let found: Option<(String, bool)> = client
+    let found: Option<(String, bool, String)> = client
         .query_opt(
             &format!(
-                "SELECT {}, a.attgenerated <> '' FROM pg_attribute a
+                "SELECT {}, a.attgenerated <> '', format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
                    JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
                   WHERE n.nspname = $1 AND c.relname = $2 AND a.attname = $3 AND a.attnum > 0 AND NOT a.attisdropped",
                 super::catalog::base_type("a.atttypid", "a.atttypmod")
@@ -75,8 +75,8 @@ where
         )
         .await
         .ctx(|| format!("looking up hash column {:?} of {table}", spec.column))?
-        .map(|r| (r.get(0), r.get(1)));
-    let Some((type_name, generated)) = found else {
+        .map(|r| (r.get(0), r.get(1), r.get(2)));
+    let Some((type_name, generated, declared)) = found else {
         return Err(Error::Config(format!(
             "{at}: hash column {:?} does not exist in {table}",
             spec.column
@@ -101,8 +101,14 @@ where
                 "text or varchar (or output = \"raw\" for a bytea column)"
             }
         };
+        // a domain is said with what it is over
+        let said = if declared == type_name {
+            type_name
+        } else {
+            format!("{declared} (a domain over {type_name})")
+        };
         return Err(Error::Config(format!(
-            "{at}: hash column {table}.{} is {type_name}, and output = \"{}\" needs {want}",
+            "{at}: hash column {table}.{} is {said}, and output = \"{}\" needs {want}",
             spec.column,
             spec.output.name()
         )));
