@@ -69,8 +69,11 @@ struct Tracked {
     behind: Behind,
     /// When it was last seen connected.
     last_seen: SystemTime,
-    /// When the standby last replied on this connection, as last seen.
+    /// When the standby last replied on this connection, as last seen
+    /// (the standby's clock).
     replied: Option<SystemTime>,
+    /// The look that first showed that reply.
+    replied_in: usize,
     /// Whether it has shown a replay position (a connection that never
     /// did was no standby).
     positioned: bool,
@@ -81,12 +84,15 @@ impl Standbys {
     /// looked for): a connection seen before is what it is now; one gone
     /// stays behind, unless it never showed a position or a connection of
     /// its name has replayed that the standby moved to: first seen in a
-    /// later look, or begun after the standby last replied on the old one
-    /// (it reconnected, perhaps before the server noticed the old
-    /// connection gone, as late as `wal_sender_timeout` after, and caught
-    /// up). One still listed is never replaced: it may be another standby
-    /// of the same name (a delayed one beside a normal one), which replies
-    /// on its own connection as long as it is connected.
+    /// later look, or begun after the standby last replied on the old one,
+    /// which was not seen to reply again once the new one was listed (it
+    /// reconnected, perhaps before the server noticed the old connection
+    /// gone, as late as `wal_sender_timeout` after, and caught up; a name
+    /// includes the host, whose clock stamps both the replies of the old
+    /// connection and those of one of that host's other standbys). One
+    /// still listed is never replaced: it may be another standby of the
+    /// same name (a delayed one beside a normal one), which replies on its
+    /// own connection as long as it is connected.
     fn track(&mut self, now: &[Sender]) {
         let at = SystemTime::now();
         self.looks += 1;
@@ -97,8 +103,10 @@ impl Standbys {
                 .map_or(this_look, |(_, look)| *look)
         };
         let moved_to = |t: &Tracked, s: &Sender| {
-            first_seen(&connection(s)) > first_seen(&t.connection)
-                || matches!((t.replied, s.since), (Some(replied), Some(since)) if replied < since)
+            let began = first_seen(&connection(s));
+            began > first_seen(&t.connection)
+                || (t.replied_in <= began
+                    && matches!((t.replied, s.since), (Some(replied), Some(since)) if replied < since))
         };
         let replayed_after = |t: &Tracked| {
             now.iter()
@@ -114,7 +122,9 @@ impl Standbys {
                     (t.behind.bytes, t.behind.lag_s) = (*bytes, *lag_s);
                     t.positioned |= bytes.is_some();
                     t.last_seen = at;
-                    t.replied = *replied;
+                    if *replied != t.replied {
+                        (t.replied, t.replied_in) = (*replied, this_look);
+                    }
                     true
                 }
                 Some(_) => false,
@@ -139,6 +149,7 @@ impl Standbys {
                         },
                         last_seen: at,
                         replied: s.replied,
+                        replied_in: this_look,
                         positioned: bytes.is_some(),
                     });
                 }
@@ -472,6 +483,23 @@ mod tests {
             connected(20, "walreceiver", behind(100), 130, 135),
         ]);
         s.track(&[connected(20, "walreceiver", Standby::Replayed, 130, 160)]);
+        assert_eq!(still_behind(&s), [("walreceiver".to_string(), true)]);
+    }
+
+    #[test]
+    fn a_connection_seen_to_reply_after_another_of_its_name_was_listed_is_not_cleared_by_it_when_gone(
+    ) {
+        let mut s = Standbys::default();
+        s.track(&[
+            connected(10, "walreceiver", behind(800), 0, 100),
+            connected(20, "walreceiver", behind(100), 130, 131),
+        ]);
+        // it replies again (its clock behind the server's: still before 130)
+        s.track(&[
+            connected(10, "walreceiver", behind(800), 0, 125),
+            connected(20, "walreceiver", Standby::Replayed, 130, 140),
+        ]);
+        s.track(&[connected(20, "walreceiver", Standby::Replayed, 130, 150)]);
         assert_eq!(still_behind(&s), [("walreceiver".to_string(), true)]);
     }
 }
