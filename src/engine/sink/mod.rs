@@ -426,6 +426,8 @@ impl Writer {
             transform::rewritten_rows(&batch.cells, target.columns.len()).collect();
         let tx = self.client.transaction().await.ctx(what)?;
         let p = &self.prepared[&target.index];
+        // the swap writes the target's rows: its refusals are the table's
+        let wrote_target = refusal.is_none() && !staged.is_empty();
         let swapped = match refusal {
             Some(words) => Swapped::none_landed(
                 batch,
@@ -474,7 +476,12 @@ impl Writer {
             &counts,
         )
         .await?;
-        tx.commit().await.ctx(what)?;
+        // a deferred constraint of the table (a foreign key, a unique one)
+        // refuses the swap's rows at the commit
+        match tx.commit().await {
+            Err(e) if wrote_target => writing_target(Err(e), what)?,
+            done => done.ctx(what)?,
+        }
         if let Commit::Range(state) = commit {
             self.remember(state, batch);
         }

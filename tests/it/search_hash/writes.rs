@@ -305,3 +305,42 @@ async fn hash_columns_a_run_cannot_write_are_refused_with_the_fix() {
         assert!(stderr(&out).contains(says), "{column}: {}", stderr(&out));
     }
 }
+
+// Found by a review: a deferred foreign key pointing at the hash column
+// refuses the new hashes at the batch's COMMIT, not at its UPDATE; past the
+// limit of rows refused one by one, the run stopped with "the database
+// refused the write" beside the hint for any failed statement ("running the
+// same command again resumes safely"), which fails the same way every time.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deferred_foreign_key_refusing_new_hashes_at_commit_is_hinted_as_a_refused_write() {
+    let db = TestDb::new().await;
+    let rows = 1_100;
+    seed(&db, rows, HEX).await;
+    db.client
+        .batch_execute(
+            "ALTER TABLE people ADD CONSTRAINT people_ssn_bidx_key UNIQUE (ssn_bidx);
+             CREATE TABLE lookups (bidx text REFERENCES people (ssn_bidx) DEFERRABLE INITIALLY DEFERRED);
+             INSERT INTO lookups SELECT ssn_bidx FROM people;",
+        )
+        .await
+        .unwrap();
+    let before = column_checksum(&db, "ssn_bidx").await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = job_file(&db, &dir, HEX, "");
+    let out = rekey(&["run", "--job", &job, "--json"], &env());
+    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
+    let error = json(&out);
+    assert!(
+        error["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("refused the write of more than 1000 rows")),
+        "{error}"
+    );
+    assert!(
+        error["hint"]
+            .as_str()
+            .is_some_and(|h| h.contains("the database refused the write itself")),
+        "{error}"
+    );
+    assert_eq!(column_checksum(&db, "ssn_bidx").await, before);
+}
