@@ -16,7 +16,6 @@ use crate::engine::pipeline::Outcome;
 use crate::job::{Job, JobSpec};
 use crate::lifecycle::audit::{Audit, AuditKeys, What};
 use crate::observe::counts::Counts;
-use crate::secrets::KeysSpec;
 use crate::state::{self, JobRecord};
 use crate::Error;
 
@@ -53,21 +52,16 @@ pub(crate) fn run_audit(args: &RunArgs, spec: &JobSpec, job: &Job) -> Result<Aud
     Ok(audit)
 }
 
-/// A store as a run's events name it (never a value).
-fn store_ref(k: &KeysSpec) -> String {
-    match (&k.secret_id, &k.path, &k.kms_key_id) {
-        (Some(id), _, _) => id.clone(),
-        (None, Some(path), _) => format!("file:{}", path.display()),
-        (None, None, Some(kms)) => format!("kms:{kms}"),
-        (None, None, None) => format!("env:{}", k.prefix),
-    }
-}
-
 /// The store a run's keys come from and its target key, named for the
 /// audit trail (never a value).
 fn secret_ref(job: &Job, audit: &Audit) -> String {
     let store = match job.targets.first().and_then(|t| t.write.source.as_ref()) {
-        Some(k) => store_ref(k),
+        Some(k) => match (&k.secret_id, &k.path, &k.kms_key_id) {
+            (Some(id), _, _) => id.clone(),
+            (None, Some(path), _) => format!("file:{}", path.display()),
+            (None, None, Some(kms)) => format!("kms:{kms}"),
+            (None, None, None) => format!("env:{}", k.prefix),
+        },
         None => format!("job:{}", job.name),
     };
     match audit.keys.and_then(|k| k.new) {
@@ -121,7 +115,8 @@ pub(crate) async fn started(
 }
 
 /// Records each key a store lost during the run and rekey put back: a
-/// write into the store, which the trail holds like a stage.
+/// write into the store, which the trail holds like a stage (named as the
+/// stage named it; the notes say when).
 pub(crate) async fn keys_put_back(
     audit: &Audit,
     client: &Client,
@@ -129,11 +124,10 @@ pub(crate) async fn keys_put_back(
     job_id: Option<i64>,
 ) -> Result<(), Error> {
     for back in &outcome.keys_put_back {
-        let secret = format!("{}#{}", store_ref(&back.keys), back.key_id);
         let notes = back.said();
         let what = What {
             event_type: "key_put_back",
-            secret_id: &secret,
+            secret_id: &back.secret_id,
             verification_status: "not_applicable",
             affected_records: None,
             notes: &notes,

@@ -13,7 +13,6 @@ use crate::control::stop::Stop;
 use crate::crypto::keyring::KeyId;
 use crate::job::Job;
 use crate::secrets::held::{Held, KeyWatch};
-use crate::secrets::KeysSpec;
 use crate::Error;
 
 /// A key its store lost during a run and rekey put back as the pending
@@ -28,9 +27,10 @@ pub struct PutBack {
     pub fingerprint: String,
     /// What the store had become.
     pub why: String,
-    /// The store as the job names it, for the audit trail.
-    #[serde(skip)]
-    pub keys: KeysSpec,
+    /// When rekey put it back (RFC 3339).
+    pub at: String,
+    /// The store as the audit trail names it, with the key's id.
+    pub secret_id: String,
 }
 
 impl PutBack {
@@ -38,10 +38,25 @@ impl PutBack {
     pub fn said(&self) -> String {
         format!(
             "{} lost key {} (fingerprint {}) while this run wrote values under it: {}; rekey put it back as the \
-             pending key, as it was the only copy. Find what changed the store (a deployment writing an older copy, \
-             a hand edit) before it does so again",
-            self.store, self.key_id, self.fingerprint, self.why
+             pending key at {}, as it was the only copy. Find what changed the store (a deployment writing an older \
+             copy, a hand edit) before it does so again",
+            self.store, self.key_id, self.fingerprint, self.why, self.at
         )
+    }
+
+    /// What the keys put back were, for the error of a run that failed
+    /// after (the summary and the audit event come with a run's end).
+    pub fn before_failing(put_back: &[PutBack]) -> String {
+        put_back
+            .iter()
+            .map(|p| {
+                format!(
+                    "put key {} (fingerprint {}) back into {} as the pending key at {}",
+                    p.key_id, p.fingerprint, p.store, p.at
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 }
 
@@ -83,23 +98,37 @@ pub async fn watching<T>(
     if watches.is_empty() {
         return run.await;
     }
-    let looking = async {
-        loop {
-            tokio::time::sleep(every).await;
-            if let Err(lost) = look(watches, false, put_back).await {
-                return lost;
-            }
-        }
-    };
     tokio::pin!(run);
-    tokio::select! {
-        done = &mut run => done,
-        lost = looking => {
+    loop {
+        tokio::select! {
+            done = &mut run => return done,
+            _ = tokio::time::sleep(every) => {}
+        }
+        // a look runs to its end, the run going on meanwhile: one cut short
+        // could have written the key back without saying so
+        let mut done = None;
+        let looked = {
+            let looking = look(watches, false, put_back);
+            tokio::pin!(looking);
+            tokio::select! {
+                looked = &mut looking => looked,
+                ended = &mut run => {
+                    done = Some(ended);
+                    looking.await
+                }
+            }
+        };
+        if let Err(lost) = looked {
             tracing::error!("{}", lost.chain());
             stop.trigger();
             // the batches in flight commit; what the run wrote is recorded
-            let _ = run.await;
-            Err(lost)
+            if done.is_none() {
+                let _ = run.await;
+            }
+            return Err(lost);
+        }
+        if let Some(done) = done {
+            return done;
         }
     }
 }
@@ -117,13 +146,15 @@ pub async fn look(
         let (id, fingerprint) = (w.key().id(), w.key().fingerprint());
         match w.check(always).await {
             Ok(Held::Present) => {}
-            Ok(Held::PutBack { why }) => {
+            Ok(Held::PutBack { why, secret_id }) => {
                 let back = PutBack {
                     store: w.store().to_string(),
                     key_id: id,
                     fingerprint,
                     why,
-                    keys: w.keys().clone(),
+                    at: humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                        .to_string(),
+                    secret_id: format!("{secret_id}#{id}"),
                 };
                 tracing::warn!("{}", back.said());
                 put_back.push(back);

@@ -78,7 +78,8 @@ pub async fn rewrite(
     let mut put_back = Vec::new();
     let run = held::watching(&mut watches, every, &stop, &mut put_back, run);
     // this session holds the job's lock while the pipeline's sessions work
-    let mut outcome = keeping_alive(client, counted_beside(db, job, &total, run)).await??;
+    let ran = keeping_alive(client, counted_beside(db, job, &total, run)).await;
+    let mut outcome = said_with(ran.and_then(|r| r), &put_back)?;
     if client.is_closed() {
         // this session was lost during the run (a restart, the network): the work is committed, carry on,
         // without the statement timeout of the run's batches: the recount below reads whole tables;
@@ -89,7 +90,8 @@ pub async fn rewrite(
     }
     // every value written is under a key its store still holds, or the run fails
     // (a store may take long to open: a key table through KMS; the session idles meanwhile)
-    keeping_alive(client, held::look(&mut watches, true, &mut put_back)).await?;
+    let looked = keeping_alive(client, held::look(&mut watches, true, &mut put_back)).await;
+    said_with(looked, &put_back)?;
     outcome.keys_put_back = put_back;
     // partitions attached during the run are the job's too (a retire reads the record)
     state::jobs::record_parts(client, record.id, job).await?;
@@ -107,6 +109,15 @@ pub async fn rewrite(
         uses::finished(client, job).await?;
     }
     Ok((outcome, record))
+}
+
+/// `result`, its error saying the keys put back into their stores before
+/// it: a run that fails writes no summary, and the store was written.
+fn said_with<T>(result: Result<T, Error>, put_back: &[held::PutBack]) -> Result<T, Error> {
+    match result {
+        Err(e) if !put_back.is_empty() => Err(e.after(&held::PutBack::before_failing(put_back))),
+        other => other,
+    }
 }
 
 /// Rows of `t` holding at least one value not visibly on the target key.

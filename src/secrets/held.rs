@@ -29,6 +29,8 @@ pub enum Held {
     PutBack {
         /// What the store had become, for the warning.
         why: String,
+        /// The store as the audit trail names it (`Store::secret_id`).
+        secret_id: String,
     },
     /// The key is in the store, but no longer the one values go to.
     Demoted {
@@ -105,11 +107,6 @@ impl KeyWatch {
     /// The store, for messages.
     pub fn store(&self) -> &str {
         &self.name
-    }
-
-    /// The store as the job names it.
-    pub fn keys(&self) -> &KeysSpec {
-        &self.keys
     }
 
     /// The key watched: its id and fingerprint, never its material.
@@ -264,7 +261,10 @@ impl KeyWatch {
             return Ok(lost(format!("{why}, and it cannot take the key back: {e}")));
         }
         match store.save_keeping_archive().await {
-            Ok(()) => Ok(Held::PutBack { why }),
+            Ok(()) => Ok(Held::PutBack {
+                why,
+                secret_id: store.secret_id(),
+            }),
             Err(e) => Ok(lost(format!(
                 "{why}, and putting the key back failed: {}",
                 e.chain()

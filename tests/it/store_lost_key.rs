@@ -178,6 +178,39 @@ async fn a_key_put_back_during_a_run_is_audited_and_said_in_the_json_summary() {
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
 }
 
+// Found by a review: a run that put a key back and then failed (the key
+// lost again, for good) said nothing of the put-back but in the log line
+// at the time: a run that fails writes no summary.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_that_fails_after_putting_a_key_back_says_so_in_its_error() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring, fingerprint) = staged(&db, &dir).await;
+    let mut child = slow_run(&job);
+    wait_for_progress(&db, &mut child, 2_000).await;
+    std::fs::copy(backup_path(&keyring), &keyring).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while fingerprint_of(&keyring, 2).is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run never put key 2 back"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    another_key_staged(&dir, &keyring);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
+    let said = stderr(&out);
+    assert!(
+        said.contains("key 3 is staged in its place")
+            && said.contains(&format!(
+                "before this, the command had: put key 2 (fingerprint {fingerprint}) back into keyring file {} as the pending key at ",
+                keyring.display()
+            )),
+        "{said}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_key_removed_during_a_run_that_cannot_be_put_back_stops_the_run_naming_the_key() {
     let db = TestDb::new().await;
