@@ -183,9 +183,11 @@ async fn purge(a: &PurgeArgs) -> Result<u8, Error> {
             default_lanes(),
         ))
         .await?;
-        if let Some(why) = refused {
+        if let Some((why, named)) = refused {
             if a.life.common.json {
-                print_json(&json!({ "event": "key_purged", "changed": false, "refused": why }));
+                print_json(
+                    &json!({ "event": "key_purged", "changed": false, "refused": why, "named_keys": named }),
+                );
             } else {
                 eout!("rekey: {why}");
             }

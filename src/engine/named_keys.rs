@@ -193,11 +193,12 @@ fn shell_word(word: &str) -> String {
 /// key they name ([`named_keys`], then [`advice`]): what a refusal resting
 /// on that verify says besides; and whether those keys account for every
 /// such value (none is merely damaged, nor a search hash no key made).
-pub async fn advice_after(job: &Job, v: &Verification) -> (Vec<String>, bool) {
+pub async fn advice_after(job: &Job, v: &Verification) -> (Vec<NamedKey>, Vec<String>, bool) {
     let named = named_keys(job, &v.failures, v.failures_capped()).await;
     let named_values: u64 = named.iter().map(|n| n.values).sum();
     let all = !v.failures_capped() && named_values >= v.values_unreadable();
-    (advice(&named), all)
+    let advice = advice(&named);
+    (named, advice, all)
 }
 
 /// What to do about the values that name each key, for people.

@@ -176,6 +176,7 @@ pub(crate) async fn abort(
         let outcome = Box::pin(retire(cx.db, client, &job, store, new, &opts)).await?;
         log.lines.extend(outcome.lines);
         log.events.extend(outcome.events);
+        log.named_keys.extend(outcome.named_keys);
         if outcome.ended != Ended::Done {
             return Ok(log.end(outcome.ended, Step::Aborting));
         }

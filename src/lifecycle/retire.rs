@@ -13,6 +13,7 @@ use crate::crypto::keyring::KeyId;
 use crate::db::idle::keeping_alive;
 use crate::db::writers::{open_writers, OpenWriter};
 use crate::db::Database;
+use crate::engine::named_keys::NamedKey;
 use crate::engine::verify::{self, Depth};
 use crate::error::DbContext;
 use crate::job::Job;
@@ -163,13 +164,15 @@ pub async fn retire(
         if remaining > 0 {
             notes.push_str("; rotate them first (`rekey run`)");
         }
+        let mut named = Vec::new();
         if unreadable > 0 {
             // `run` reads values on old keys only: one labelled with the target key it never reads
             notes.push_str(
                 "; no key given opens the undecryptable ones (`rekey verify --full` lists them)",
             );
             // values under a key retired before, come back: what brings it back
-            let (advice, all) = crate::engine::named_keys::advice_after(job, &v).await;
+            let (keys, advice, all) = crate::engine::named_keys::advice_after(job, &v).await;
+            named = keys;
             for a in &advice {
                 notes.push_str(&format!("; {a}"));
             }
@@ -181,7 +184,7 @@ pub async fn retire(
             }
         }
         let line = format!("refusing to retire key {old}: {notes}");
-        return refused(
+        let refusal = refused(
             client,
             opts,
             &key_ref,
@@ -189,7 +192,11 @@ pub async fn retire(
             &notes,
             line,
         )
-        .await;
+        .await?;
+        return Ok(Progressed {
+            named_keys: named,
+            ..refusal
+        });
     }
     // a stop asked for during the verify, which does not watch for it
     if stop.requested() {
@@ -339,6 +346,7 @@ pub async fn retire(
         },
         step: None,
         rotation: None,
+        named_keys: Vec::new(),
     })
 }
 
@@ -353,6 +361,7 @@ fn stopped(old: KeyId, when: &str) -> Progressed {
         events: Vec::new(),
         step: None,
         rotation: None,
+        named_keys: Vec::new(),
     }
 }
 
@@ -386,6 +395,7 @@ async fn refused(
         events: vec!["retire_refused".into()],
         step: None,
         rotation: None,
+        named_keys: Vec::new(),
     })
 }
 
@@ -401,7 +411,7 @@ pub async fn purge_refused(
     store: &str,
     ids: &[KeyId],
     lanes: usize,
-) -> Result<Option<String>, Error> {
+) -> Result<Option<(String, Vec<NamedKey>)>, Error> {
     if let Some(t) = job.filtered_target() {
         return Err(Error::Config(format!(
             "target {} has a `where` filter, so no verify sees every row, and a purge destroys keys for good: purge with a job \
@@ -419,18 +429,24 @@ pub async fn purge_refused(
          and a value restored from a backup under a retired key reads so: only that key's archived material could open it again"
     );
     // for each key the values name: the command that brings it back
-    let (advice, all) = crate::engine::named_keys::advice_after(job, &v).await;
+    let (named, advice, all) = crate::engine::named_keys::advice_after(job, &v).await;
     if !all {
-        return Ok(Some(format!(
-            "{why}. Restore the key (`rekey secrets restore --job <the job file> --key-id N`) and rotate them (`rekey run`), \
-             or, where they are damaged, fix them (`rekey verify --full` lists them); purge once a full verify finds none. \
-             Nothing was purged{}",
-            advice.iter().map(|a| format!("\n{a}")).collect::<String>()
+        return Ok(Some((
+            format!(
+                "{why}. Restore the key (`rekey secrets restore --job <the job file> --key-id N`) and rotate them (`rekey run`), \
+                 or, where they are damaged, fix them (`rekey verify --full` lists them); purge once a full verify finds none. \
+                 Nothing was purged{}",
+                advice.iter().map(|a| format!("\n{a}")).collect::<String>()
+            ),
+            named,
         )));
     }
-    Ok(Some(format!(
-        "{why}. Nothing was purged; purge once a full verify finds none (`rekey verify --full` lists the values):{}",
-        advice.iter().map(|a| format!("\n{a}")).collect::<String>()
+    Ok(Some((
+        format!(
+            "{why}. Nothing was purged; purge once a full verify finds none (`rekey verify --full` lists the values):{}",
+            advice.iter().map(|a| format!("\n{a}")).collect::<String>()
+        ),
+        named,
     )))
 }
 

@@ -20,6 +20,7 @@ use crate::crypto::keyring::{Key, KeyId};
 use crate::crypto::keytable::rfc3339;
 use crate::db::idle::keeping_alive;
 use crate::db::Database;
+use crate::engine::named_keys::NamedKey;
 use crate::engine::pipeline::Settings;
 use crate::job::JobSpec;
 use crate::lifecycle::audit::{Audit, What};
@@ -147,6 +148,9 @@ pub struct Progressed {
     pub step: Option<Step>,
     /// The rotation, when there is one.
     pub rotation: Option<RotationInfo>,
+    /// The keys that values a retire was refused for are under, with what
+    /// brings each back (`named_keys` in `--json`, as verify's).
+    pub named_keys: Vec<NamedKey>,
 }
 
 /// The rotation an invocation worked on, for `--json`.
@@ -205,6 +209,7 @@ impl Progressed {
             "grace_s": self.rotation.map(|r| r.grace_s),
             "events": self.events,
             "messages": self.lines,
+            "named_keys": self.named_keys,
         })
     }
 }
@@ -236,6 +241,7 @@ pub(crate) struct Log {
     pub lines: Vec<String>,
     pub events: Vec<String>,
     pub rotation: Option<RotationInfo>,
+    pub named_keys: Vec<NamedKey>,
 }
 
 impl Log {
@@ -253,6 +259,7 @@ impl Log {
             events: self.events,
             step: Some(step),
             rotation: self.rotation,
+            named_keys: self.named_keys,
         }
     }
 

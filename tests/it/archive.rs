@@ -460,3 +460,60 @@ async fn a_retire_refused_for_values_under_a_key_retired_before_tells_the_restor
     let out = rekey(&retire, &keyring_pass_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
 }
+
+/// The one element of a refusal's `named_keys`, checked to be key 1 in
+/// the store's archive with the command that brings it back.
+fn names_key_1_archived(v: &serde_json::Value, job: &str) {
+    let named = v["named_keys"].as_array().unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(named.len(), 1, "{v}");
+    assert_eq!(named[0]["key_id"], 1, "{v}");
+    assert_eq!(named[0]["held"], "archived", "{v}");
+    assert_eq!(
+        named[0]["restore"],
+        format!("rekey secrets restore --job {job} --key-id 1").as_str(),
+        "{v}"
+    );
+}
+
+// Today: the retire's --json refusal carried the advice as a sentence of
+// its messages only; verify's and run's --json name each key in
+// `named_keys`, which a script acting on the refusal reads.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retire_refused_for_values_under_a_key_retired_before_names_it_in_its_json() {
+    let db = TestDb::new().await;
+    db.seed_patients(50).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, _keyring) = keyring_file_job(&db, &dir);
+    value_under_retired_key_come_back(&db, &job, "scheduled").await;
+    stage_and_promote(&job, &keyring_pass_env());
+    let out = rekey(&["run", "--job", &job, "--force"], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(3), "{}", printed(&out));
+
+    let out = rekey(
+        &[
+            "secrets", "retire", "--job", &job, "--key-id", "2", "--json",
+        ],
+        &keyring_pass_env(),
+    );
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
+    names_key_1_archived(&json(&out), &job);
+}
+
+// Today: the purge's --json refusal was `{"refused": "..."}` alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_purge_refused_for_values_under_its_key_names_it_in_its_json() {
+    let db = TestDb::new().await;
+    db.seed_patients(50).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, _keyring) = keyring_file_job(&db, &dir);
+    value_under_retired_key_come_back(&db, &job, "scheduled").await;
+
+    let out = rekey(
+        &["secrets", "purge", "--job", &job, "--json"],
+        &keyring_pass_env(),
+    );
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
+    let v = json(&out);
+    assert_eq!(v["changed"], false, "{v}");
+    names_key_1_archived(&v, &job);
+}
