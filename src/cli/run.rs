@@ -214,6 +214,10 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
             elapsed: started.elapsed().as_secs_f64(),
         }
     };
+    // the store was written: recorded before anything below can fail
+    if let Some(audit) = &audit {
+        run_audit::keys_put_back(audit, &client, &ran.outcome, ran.job_id).await?;
+    }
     let remaining_rows = if ran.outcome.stopped {
         Some(stale_rows(&client, &job).await?)
     } else {
@@ -237,7 +241,6 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
         state::finish_job(&client, id, &summary).await?;
     }
     if let Some(audit) = &audit {
-        run_audit::keys_put_back(audit, &client, &ran.outcome, ran.job_id).await?;
         run_audit::ended(audit, &client, &job, &ran.outcome, &ran.totals, ran.job_id).await?;
     }
     if args.common.json {

@@ -122,10 +122,19 @@ pub async fn watching<T>(
             tracing::error!("{}", lost.chain());
             stop.trigger();
             // the batches in flight commit; what the run wrote is recorded
-            if done.is_none() {
-                let _ = run.await;
-            }
-            return Err(lost);
+            return Err(match done {
+                None => {
+                    let _ = run.await;
+                    lost
+                }
+                // the run failed as the look found the key lost: both are said
+                Some(Err(failed)) => Error::Runtime(format!(
+                    "{}; the run had failed besides: {}",
+                    lost.chain(),
+                    failed.chain()
+                )),
+                Some(Ok(_)) => lost,
+            });
         }
         if let Some(done) = done {
             return done;

@@ -80,42 +80,52 @@ pub async fn rewrite(
     // this session holds the job's lock while the pipeline's sessions work
     let ran = keeping_alive(client, counted_beside(db, job, &total, run)).await;
     let mut outcome = said_with(ran.and_then(|r| r), &put_back)?;
-    if client.is_closed() {
-        // this session was lost during the run (a restart, the network): the work is committed, carry on,
-        // without the statement timeout of the run's batches: the recount below reads whole tables;
-        // and join the job again, so that no restart abandons it before it is finished
-        *client = db.with_session(&Timeouts::read_only()).connect().await?;
-        state::lock_job(client, &job.name, false).await?;
-        outcome.session_reopened = true;
+    // an error from here on says the keys put back too
+    let finished = async {
+        if client.is_closed() {
+            // this session was lost during the run (a restart, the network): the work is committed, carry on,
+            // without the statement timeout of the run's batches: the recount below reads whole tables;
+            // and join the job again, so that no restart abandons it before it is finished
+            *client = db.with_session(&Timeouts::read_only()).connect().await?;
+            state::lock_job(client, &job.name, false).await?;
+            outcome.session_reopened = true;
+        }
+        // every value written is under a key its store still holds, or the run fails
+        // (a store may take long to open: a key table through KMS; the session idles meanwhile)
+        keeping_alive(client, held::look(&mut watches, true, &mut put_back)).await?;
+        // partitions attached during the run are the job's too (a retire reads the record)
+        state::jobs::record_parts(client, record.id, job).await?;
+        if !outcome.stopped {
+            outcome.behind = behind::rows_behind(client, job, record.id).await?;
+        }
+        // what every process sharing the job has done, not only this one
+        record.prior = state::job_totals(client, record.id).await?;
+        let everything_on_target = !outcome.stopped
+            && outcome.behind.is_empty()
+            && outcome.conflicts_left == 0
+            && record.prior.values_not_rotated == 0
+            && record.prior.values_failed == 0;
+        if everything_on_target {
+            uses::finished(client, job).await?;
+        }
+        Ok(())
     }
-    // every value written is under a key its store still holds, or the run fails
-    // (a store may take long to open: a key table through KMS; the session idles meanwhile)
-    let looked = keeping_alive(client, held::look(&mut watches, true, &mut put_back)).await;
-    said_with(looked, &put_back)?;
+    .await;
+    said_with(finished, &put_back)?;
     outcome.keys_put_back = put_back;
-    // partitions attached during the run are the job's too (a retire reads the record)
-    state::jobs::record_parts(client, record.id, job).await?;
-    if !outcome.stopped {
-        outcome.behind = behind::rows_behind(client, job, record.id).await?;
-    }
-    // what every process sharing the job has done, not only this one
-    record.prior = state::job_totals(client, record.id).await?;
-    let everything_on_target = !outcome.stopped
-        && outcome.behind.is_empty()
-        && outcome.conflicts_left == 0
-        && record.prior.values_not_rotated == 0
-        && record.prior.values_failed == 0;
-    if everything_on_target {
-        uses::finished(client, job).await?;
-    }
     Ok((outcome, record))
 }
 
 /// `result`, its error saying the keys put back into their stores before
 /// it: a run that fails writes no summary, and the store was written.
 fn said_with<T>(result: Result<T, Error>, put_back: &[held::PutBack]) -> Result<T, Error> {
+    let done = || held::PutBack::before_failing(put_back);
     match result {
-        Err(e) if !put_back.is_empty() => Err(e.after(&held::PutBack::before_failing(put_back))),
+        // a lost connection is said with them too (it carries no context of its own)
+        Err(Error::Connect(e)) if !put_back.is_empty() => {
+            Err(Error::Runtime(Error::Connect(e).chain()).after(&done()))
+        }
+        Err(e) if !put_back.is_empty() => Err(e.after(&done())),
         other => other,
     }
 }
