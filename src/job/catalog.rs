@@ -212,14 +212,20 @@ fn underneath(typ: &str, typmod: &str, what: &str) -> String {
     )
 }
 
+/// A column's type for people, from the type it is `declared` as and the
+/// type underneath its domains (`base`): a domain said with what it is over.
+pub(crate) fn said_type(declared: &str, base: &str) -> String {
+    if declared == base {
+        base.to_string()
+    } else {
+        format!("{declared} (a domain over {base})")
+    }
+}
+
 impl CatalogColumn {
     /// Its type for people: a domain said with what it is over.
     fn said_type(&self) -> String {
-        if self.declared == self.type_name {
-            self.type_name.clone()
-        } else {
-            format!("{} (a domain over {})", self.declared, self.type_name)
-        }
+        said_type(&self.declared, &self.type_name)
     }
 }
 

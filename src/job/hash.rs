@@ -101,12 +101,7 @@ where
                 "text or varchar (or output = \"raw\" for a bytea column)"
             }
         };
-        // a domain is said with what it is over
-        let said = if declared == type_name {
-            type_name
-        } else {
-            format!("{declared} (a domain over {type_name})")
-        };
+        let said = super::catalog::said_type(&declared, &type_name);
         return Err(Error::Config(format!(
             "{at}: hash column {table}.{} is {said}, and output = \"{}\" needs {want}",
             spec.column,

@@ -424,6 +424,21 @@ async fn a_purge_refused_for_values_under_its_key_tells_the_restore_that_brings_
     restored_run_and_verified(&restore, &job);
 }
 
+/// Seeds the patients, brings a value under retired key 1 back
+/// ([`value_under_retired_key_come_back`]), then promotes key 3 and runs
+/// every other value onto it, past that one (`--force`): key 2 is the
+/// previous key a retire would take out. Returns the job file.
+async fn past_a_value_under_retired_key_1(db: &TestDb, dir: &tempfile::TempDir) -> String {
+    db.seed_patients(50).await;
+    let (job, _keyring) = keyring_file_job(db, dir);
+    value_under_retired_key_come_back(db, &job, "scheduled").await;
+    stage_and_promote(&job, &keyring_pass_env());
+    // past the value no key given opens: every other value moves to key 3
+    let out = rekey(&["run", "--job", &job, "--force"], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(3), "{}", printed(&out));
+    job
+}
+
 // Today: "refusing to retire key 2: 0 values still under key 2, 1
 // undecryptable; no key given opens the undecryptable ones (`rekey verify
 // --full` lists them) ...", while key 1, which they are under, sat in the
@@ -432,14 +447,8 @@ async fn a_purge_refused_for_values_under_its_key_tells_the_restore_that_brings_
 async fn a_retire_refused_for_values_under_a_key_retired_before_tells_the_restore_that_brings_it_back(
 ) {
     let db = TestDb::new().await;
-    db.seed_patients(50).await;
     let dir = tempfile::tempdir().unwrap();
-    let (job, _keyring) = keyring_file_job(&db, &dir);
-    value_under_retired_key_come_back(&db, &job, "scheduled").await;
-    stage_and_promote(&job, &keyring_pass_env());
-    // past the value no key given opens: every other value moves to key 3
-    let out = rekey(&["run", "--job", &job, "--force"], &keyring_pass_env());
-    assert_eq!(out.status.code(), Some(3), "{}", printed(&out));
+    let job = past_a_value_under_retired_key_1(&db, &dir).await;
 
     let retire = ["secrets", "retire", "--job", &job, "--key-id", "2"];
     let out = rekey(&retire, &keyring_pass_env());
@@ -481,13 +490,8 @@ fn names_key_1_archived(v: &serde_json::Value, job: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retire_refused_for_values_under_a_key_retired_before_names_it_in_its_json() {
     let db = TestDb::new().await;
-    db.seed_patients(50).await;
     let dir = tempfile::tempdir().unwrap();
-    let (job, _keyring) = keyring_file_job(&db, &dir);
-    value_under_retired_key_come_back(&db, &job, "scheduled").await;
-    stage_and_promote(&job, &keyring_pass_env());
-    let out = rekey(&["run", "--job", &job, "--force"], &keyring_pass_env());
-    assert_eq!(out.status.code(), Some(3), "{}", printed(&out));
+    let job = past_a_value_under_retired_key_1(&db, &dir).await;
 
     let out = rekey(
         &[
