@@ -145,6 +145,19 @@ impl Error {
     /// The message with every cause behind it, on one line, each cause
     /// only once (a wrapper often repeats its source's text).
     pub fn chain(&self) -> String {
+        if let Error::Db {
+            context,
+            source,
+            statement: Statement::TargetWrite,
+        } = self
+        {
+            // the server's words alone: a refused write's DETAIL shows the
+            // row's values ("Failing row contains (...)", "Key (...)=(...)"),
+            // and the row's other columns may be plaintext
+            if let Some(e) = source.as_db_error() {
+                return format!("{context}: {}: {}", e.code().code(), e.message());
+            }
+        }
         let mut msg = self.to_string();
         let mut source = std::error::Error::source(self);
         while let Some(s) = source {

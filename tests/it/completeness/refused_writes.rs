@@ -499,6 +499,38 @@ async fn a_trigger_that_raises_for_every_row_stops_the_run_once_more_rows_than_t
     assert_eq!(db.decrypted_patients(&v1_ring()).await, before);
 }
 
+// A constraint's refusal carries the refused row in its DETAIL ("Failing
+// row contains (...)", every column, plaintext ones too). The warning for
+// each row kept to the server's words; the error that stopped the run
+// printed the driver's whole error. Today: "... 23514: ERROR: new row for
+// relation \"patient_persons\" violates check constraint \"frozen\"
+// DETAIL: Failing row contains (1001, patient 1001, \\x..., private note of 1001)"
+#[tokio::test(flavor = "multi_thread")]
+async fn the_error_that_stops_a_run_past_the_refusal_limit_does_not_show_the_refused_row() {
+    let db = TestDb::new().await;
+    db.seed_patients(1_100).await;
+    db.client
+        .batch_execute(
+            "UPDATE patient_persons SET notes = 'private note of ' || id;
+             ALTER TABLE patient_persons ADD CONSTRAINT frozen CHECK (false) NOT VALID;",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job(&dir).display().to_string();
+    let out = rekey(&["run", "--job", &j, "--json"], &seed_env());
+    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
+    let message = json(&out)["error"].as_str().unwrap_or_default().to_string();
+    assert!(
+        message.contains("refused the write of more than 1000 rows")
+            && message.contains("violates check constraint \"frozen\""),
+        "the error names the limit and the database's words: {message}"
+    );
+    for row in ["Failing row", "patient ", "private note"] {
+        assert!(!printed(&out).contains(row), "{row}: {}", printed(&out));
+    }
+}
+
 // rekey's UPDATE of a table reaches the rows of its inheritance children
 // (and partitions), whose own BEFORE UPDATE triggers fire on them. Before:
 // the warning up front looked at the target alone, and said nothing of a
