@@ -87,9 +87,10 @@ pub async fn named_keys(job: &Job, failures: &[Failure], capped: bool) -> Vec<Na
         .collect()
 }
 
-/// The keys a run's refusal of a key left out names, counted in the
-/// values it sampled from `target`.
-pub async fn named_in_sample(
+/// The keys `missing` names, counted in values of `target` that name
+/// them (a run's sample, or a count by key), with what the target's store
+/// holds of each.
+pub async fn named_in_counts(
     job: &Job,
     target: &Target,
     missing: &BTreeMap<KeyId, u64>,
@@ -165,7 +166,7 @@ fn named(
 
 /// The command that restores key `id` of the job's store: with the job
 /// file where `secrets` manages the job's keys, else with one that does.
-fn restore_command(job: &Job, id: KeyId) -> String {
+pub fn restore_command(job: &Job, id: KeyId) -> String {
     match (&job.file, job.keys_managed) {
         (Some(file), true) => format!(
             "rekey secrets restore --job {} --key-id {id}",
@@ -199,6 +200,27 @@ pub async fn advice_after(job: &Job, v: &Verification) -> (Vec<NamedKey>, Vec<St
     let all = !v.failures_capped() && named_values >= v.values_unreadable();
     let advice = advice(&named);
     (named, advice, all)
+}
+
+/// What a refusal over values a full verify (`v`, of `job`) found no key
+/// opens says besides its own words: for each key the values name, what
+/// brings it back (its `named_keys`); and, unless those keys account for
+/// every such value, `otherwise` (the refusal's own fix), led by "for
+/// them" or "for the others".
+pub async fn said_after(job: &Job, v: &Verification, otherwise: &str) -> (String, Vec<NamedKey>) {
+    let (named, advice, all) = advice_after(job, v).await;
+    let mut said: String = advice.iter().map(|a| format!("; {a}")).collect();
+    if !all {
+        said.push_str(&format!(
+            "; {}: {otherwise}",
+            if advice.is_empty() {
+                "for them"
+            } else {
+                "for the others"
+            }
+        ));
+    }
+    (said, named)
 }
 
 /// What to do about the values that name each key, for people.

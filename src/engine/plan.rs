@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use tokio_postgres::Client;
 
+use crate::crypto::keyring::KeyId;
 use crate::db::raw::{self, KeyBytes};
 use crate::engine::sql;
 use crate::error::DbContext;
@@ -188,6 +189,10 @@ pub struct ColumnPlan {
     pub unknown_key: Option<u64>,
     /// Values a run will read (not NULL and not visibly on the target key).
     pub to_rewrite: u64,
+    /// Of the values under a key the keyring does not hold, those whose
+    /// prefix names it, by its id.
+    #[serde(skip)]
+    pub not_held: BTreeMap<KeyId, u64>,
 }
 
 /// Values `job` would rewrite now, every encrypted column together. Search
@@ -214,19 +219,25 @@ pub async fn values_to_rewrite(client: &Client, job: &Job) -> Result<u64, Error>
 /// Fernet, a migration) counts every value as to rewrite, so it is left
 /// out here, as search hashes are.
 pub async fn values_visibly_off_target(client: &Client, job: &Job) -> Result<u64, Error> {
-    Ok(count_by_key(client, job)
-        .await?
-        .iter()
-        .filter(|c| {
-            let t = &job.targets[c.target];
-            c.by_key.is_some()
-                && !t.hash_only()
-                && t.hash
-                    .as_ref()
-                    .is_none_or(|h| t.columns[h.column].name != c.column)
-        })
+    Ok(visibly_off_target(job, &count_by_key(client, job).await?)
         .map(|c| c.to_rewrite)
         .sum())
+}
+
+/// The columns of `plans` ([`count_by_key`]) whose values show their key,
+/// those [`values_visibly_off_target`] counts.
+pub fn visibly_off_target<'a>(
+    job: &'a Job,
+    plans: &'a [ColumnPlan],
+) -> impl Iterator<Item = &'a ColumnPlan> {
+    plans.iter().filter(|c| {
+        let t = &job.targets[c.target];
+        c.by_key.is_some()
+            && !t.hash_only()
+            && t.hash
+                .as_ref()
+                .is_none_or(|h| t.columns[h.column].name != c.column)
+    })
 }
 
 /// Counts every column of every target by key, in one scan per column.
@@ -269,6 +280,7 @@ pub async fn count_by_key(client: &Client, job: &Job) -> Result<Vec<ColumnPlan>,
                     on_target_key: None,
                     unknown_key: None,
                     to_rewrite: non_null as u64,
+                    not_held: BTreeMap::new(),
                 });
                 continue;
             };
@@ -293,6 +305,7 @@ pub async fn count_by_key(client: &Client, job: &Job) -> Result<Vec<ColumnPlan>,
                 on_target_key: Some(0),
                 unknown_key: Some(0),
                 to_rewrite: 0,
+                not_held: BTreeMap::new(),
             };
             for row in rows {
                 let prefix: Option<Vec<u8>> = row.get(0);
@@ -303,13 +316,15 @@ pub async fn count_by_key(client: &Client, job: &Job) -> Result<Vec<ColumnPlan>,
                     continue;
                 };
                 let codec = &target.write.codec;
-                let known = codec
-                    .key_hint(&prefix)
-                    .is_some_and(|id| target.write.keyring.get(id).is_some());
+                let hint = codec.key_hint(&prefix);
+                let known = hint.is_some_and(|id| target.write.keyring.get(id).is_some());
                 let mut label = codec.describe_prefix(&prefix);
                 if !known {
                     label.push_str(" (no such key)");
                     plan.unknown_key = plan.unknown_key.map(|u| u + n);
+                    if let Some(id) = hint {
+                        *plan.not_held.entry(id).or_default() += n;
+                    }
                 }
                 *plan
                     .by_key

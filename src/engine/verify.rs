@@ -641,7 +641,7 @@ async fn refuse_missing_keys(
         })
         .collect();
     // a retired key: what brings it back, if anything
-    let retired: Vec<String> = crate::engine::named_keys::named_in_sample(job, t, &missing)
+    let retired: Vec<String> = crate::engine::named_keys::named_in_counts(job, t, &missing)
         .await
         .iter()
         .filter(|n| matches!(n.held, Held::Archived | Held::Destroyed))

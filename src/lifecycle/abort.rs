@@ -20,6 +20,7 @@ use crate::Error;
 use super::reencrypt::{full_verify, rewrite_all};
 use super::retire::retire;
 use super::rotation::{Ctx, Ended, Log, Progressed, Wait};
+use crate::engine::named_keys::said_after;
 
 /// Cancels rotation `rot`, or continues cancelling it.
 pub(crate) async fn abort(
@@ -184,13 +185,16 @@ pub(crate) async fn abort(
         // The store does not hold the staged key (never set, or removed by
         // hand): no value may be under it. A full verify with the keys there
         // are proves it: a value under the missing key does not decrypt.
-        let v = full_verify(cx, client).await?;
+        let (v, job) = full_verify(cx, client).await?;
         if !v.verified {
+            let (said, named) =
+                said_after(&job, &v, &format!("put key {new} back where it was")).await;
             log.lines.push(format!(
                 "cannot end the abort: {} values are on other keys and {} do not decrypt with the keys the store holds \
-                 (key {new} is not there); put key {new} back where it was, then run `rekey rotate --abort` again",
+                 (key {new} is not there){said}; then run `rekey rotate --abort` again",
                 v.values_on_old_keys, v.values_unreadable()
             ));
+            log.named_keys.extend(named);
             return Ok(log.end(Ended::NotVerified, Step::Aborting));
         }
     }

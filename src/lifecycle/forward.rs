@@ -22,6 +22,7 @@ use super::promotion;
 use super::reencrypt::{full_verify, record_verify, rewrite_all, sample_verify};
 use super::retire::retire;
 use super::rotation::{fingerprint_of, Ctx, Ended, Log, Next, Progressed, Wait};
+use crate::engine::named_keys::{restore_command, said_after};
 
 /// Refuses a staged key that was changed by hand; records its fingerprint once known.
 pub(crate) async fn check_staged_key(
@@ -365,15 +366,25 @@ pub(crate) async fn retired(
     if gone {
         // retired (or removed) outside rotate: complete only on a full proof
         // that no value is left without its key
-        let v = full_verify(cx, client).await?;
+        let (v, job) = full_verify(cx, client).await?;
         if !v.verified {
+            let (said, named) = said_after(
+                &job,
+                &v,
+                &format!(
+                    "put key {old} back (`{}`, or its variable)",
+                    restore_command(&job, old)
+                ),
+            )
+            .await;
             log.lines.push(format!(
-                "key {old} is gone from {} but {} values are on other keys and {} do not decrypt with the keys there: \
-                 put key {old} back (`rekey secrets restore --key-id {old}`, or its variable), then run `rekey rotate` again",
+                "key {old} is gone from {} but {} values are on other keys and {} do not decrypt with the keys there{said}; \
+                 then run `rekey rotate` again",
                 store.secret_id(),
                 v.values_on_old_keys,
                 v.values_unreadable()
             ));
+            log.named_keys.extend(named);
             return Ok(log.end(Ended::NotVerified, Step::Promoted));
         }
         rotations::set_step(client, rot.id, Step::Retired).await?;

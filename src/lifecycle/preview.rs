@@ -44,8 +44,10 @@ pub async fn preview(
         // (`--abort` is not taken with `--dry-run`)
         if let (Some(last), Intent::Continue) = (&last, opts.intent) {
             // what `rotate` would say of it: complete, or what changed since
-            let (ended, line) = super::rotation::since_last(client, spec, &keys, last).await?;
+            let (ended, line, named) =
+                super::rotation::since_last(client, spec, &keys, last).await?;
             say(&mut log, line);
+            log.named_keys.extend(named);
             return Ok(log.end(ended, last.step));
         }
         super::rotation::refuse_filtered_compromise(spec, opts.compromised)?;

@@ -167,20 +167,23 @@ async fn give_up(
     Ok(())
 }
 
-/// A full verify of the job, every value decrypted with the keys the store holds now.
+/// A full verify of the job, every value decrypted with the keys the store
+/// holds now; with the job it resolved, for what a refusal resting on it
+/// says of the keys the values name.
 pub(crate) async fn full_verify(
     cx: &Ctx<'_>,
     client: &Client,
-) -> Result<verify::Verification, Error> {
+) -> Result<(verify::Verification, Arc<Job>), Error> {
     let job = Arc::new(Job::resolve(cx.spec, client).await?);
-    verify::verify(
+    let v = verify::verify(
         cx.db,
         client,
         &job,
         Depth::full(cx.opts.settings.lanes),
         cx.opts.quiet,
     )
-    .await
+    .await?;
+    Ok((v, job))
 }
 
 /// The verify between the run and promotion: every value's key counted

@@ -171,17 +171,14 @@ pub async fn retire(
                 "; no key given opens the undecryptable ones (`rekey verify --full` lists them)",
             );
             // values under a key retired before, come back: what brings it back
-            let (keys, advice, all) = crate::engine::named_keys::advice_after(job, &v).await;
+            let (said, keys) = crate::engine::named_keys::said_after(
+                job,
+                &v,
+                "restore them from a backup or give the job the key they were written under",
+            )
+            .await;
             named = keys;
-            for a in &advice {
-                notes.push_str(&format!("; {a}"));
-            }
-            if !all {
-                notes.push_str(&format!(
-                    "; {}: restore them from a backup or give the job the key they were written under",
-                    if advice.is_empty() { "for them" } else { "for the others" }
-                ));
-            }
+            notes.push_str(&said);
         }
         let line = format!("refusing to retire key {old}: {notes}");
         let refusal = refused(

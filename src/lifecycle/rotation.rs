@@ -20,7 +20,7 @@ use crate::crypto::keyring::{Key, KeyId};
 use crate::crypto::keytable::rfc3339;
 use crate::db::idle::keeping_alive;
 use crate::db::Database;
-use crate::engine::named_keys::NamedKey;
+use crate::engine::named_keys::{self, NamedKey};
 use crate::engine::pipeline::Settings;
 use crate::job::JobSpec;
 use crate::lifecycle::audit::{Audit, What};
@@ -459,8 +459,9 @@ async fn nothing_open(
         log.rotation = None;
         return Ok(None);
     }
-    let (ended, line) = since_last(client, cx.spec, cx.keys, &last).await?;
+    let (ended, line, named) = since_last(client, cx.spec, cx.keys, &last).await?;
     log.lines.push(line);
+    log.named_keys.extend(named);
     Ok(Some(std::mem::take(log).end(ended, last.step)))
 }
 
@@ -469,13 +470,15 @@ async fn nothing_open(
 /// what changed since and how to go on (not verified). What may change: the
 /// store's keys (a stage or promote outside `rekey rotate`, a `rotate
 /// --new` stopped before it recorded its rotation) and the values (a
-/// rollback leaves values under the key it turned away from until a run).
+/// rollback leaves values under the key it turned away from until a run,
+/// values restored from a backup may be under a key retired since: the
+/// keys they name, with what brings each back, are returned).
 pub(super) async fn since_last(
     client: &Client,
     spec: &JobSpec,
     store_keys: &KeysSpec,
     last: &rotations::Finished,
-) -> Result<(Ended, String), Error> {
+) -> Result<(Ended, String, Vec<NamedKey>), Error> {
     let job = match crate::job::Job::resolve(spec, client).await {
         Ok(job) => job,
         Err(e) => {
@@ -490,10 +493,29 @@ pub(super) async fn since_last(
                     last.finished_at,
                     e.chain()
                 ),
+                Vec::new(),
             ));
         }
     };
-    let left = crate::engine::plan::values_visibly_off_target(client, &job).await?;
+    let plans = crate::engine::plan::count_by_key(client, &job).await?;
+    let off_target: Vec<&crate::engine::plan::ColumnPlan> =
+        crate::engine::plan::visibly_off_target(&job, &plans).collect();
+    let left: u64 = off_target.iter().map(|c| c.to_rewrite).sum();
+    // values under a key the job's keys do not hold (a key retired since,
+    // values restored from a backup): no run rewrites them until it is back
+    let mut named = Vec::new();
+    for target in &job.targets {
+        let mut not_held = std::collections::BTreeMap::new();
+        for c in off_target.iter().filter(|c| c.target == target.index) {
+            for (id, n) in &c.not_held {
+                *not_held.entry(*id).or_default() += n;
+            }
+        }
+        if !not_held.is_empty() {
+            named.extend(named_keys::named_in_counts(&job, target, &not_held).await);
+        }
+    }
+    let not_held: u64 = named.iter().map(|n| n.values).sum();
     // the store the rotation is about: a target with keys of its own is another's
     let keys = job
         .targets
@@ -521,12 +543,14 @@ pub(super) async fn since_last(
             ));
         }
     }
-    if left > 0 {
+    if left > not_held {
         changed.push(format!(
-            "{left} values are not on key {}: `rekey run` rewrites them",
+            "{} values are not on key {}: `rekey run` rewrites them",
+            left - not_held,
             target.map_or_else(|| "the target key".to_string(), |t| t.to_string())
         ));
     }
+    changed.extend(named_keys::advice(&named));
     if !changed.is_empty() {
         let how = match last.step {
             Step::RolledBack => "was rolled back",
@@ -540,6 +564,7 @@ pub(super) async fn since_last(
                 last.finished_at,
                 changed.join("; ")
             ),
+            named,
         ));
     }
     let how = match last.step {
@@ -552,6 +577,7 @@ pub(super) async fn since_last(
             "rotation {} {how}, ended {}; start the next one with `rekey rotate --new`",
             last.id, last.finished_at
         ),
+        Vec::new(),
     ))
 }
 

@@ -680,8 +680,26 @@ async fn an_old_key_removed_by_hand_completes_the_rotation_only_on_a_full_verify
         "{}",
         printed(&out)
     );
+    // the values the app wrote name key 1, which the environment no longer
+    // holds (before: no `named_keys`)
+    assert_eq!(
+        (
+            &json(&out)["named_keys"][0]["key_id"],
+            &json(&out)["named_keys"][0]["held"],
+            &json(&out)["named_keys"][0]["values"],
+        ),
+        (
+            &serde_json::json!(1),
+            &serde_json::json!("not_in_store"),
+            &serde_json::json!(1)
+        ),
+        "{}",
+        printed(&out)
+    );
     assert!(
-        printed(&out).contains("put key 1 back"),
+        printed(&out).contains(
+            "are under ENCRYPTION_KEY_V1 in the environment, which the keys given do not hold"
+        ),
         "{}",
         printed(&out)
     );
@@ -746,6 +764,24 @@ async fn an_abort_without_the_staged_key_ends_only_on_a_full_verify() {
     assert_eq!(
         (out.status.code(), json(&out)["step"].as_str()),
         (Some(4), Some("aborting")),
+        "{}",
+        printed(&out)
+    );
+    // the values name key 2, which the environment does not hold (before:
+    // no `named_keys`)
+    assert_eq!(
+        (
+            &json(&out)["named_keys"][0]["key_id"],
+            &json(&out)["named_keys"][0]["held"],
+        ),
+        (&serde_json::json!(2), &serde_json::json!("not_in_store")),
+        "{}",
+        printed(&out)
+    );
+    assert!(
+        printed(&out).contains(
+            "are under ENCRYPTION_KEY_V2 in the environment, which the keys given do not hold"
+        ),
         "{}",
         printed(&out)
     );
