@@ -169,92 +169,111 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
         state::ensure_schema(&mut client).await?;
         Some(run_audit::run_audit(args, &spec, &job)?)
     };
-    let ran = if args.dry_run {
-        let ranges = plan::job_ranges(&client, &job, lanes).await?;
-        let progress = Progress::new(stale_rows(&client, &job).await?, "dry run", quiet);
-        let outcome = pipeline::run(
-            &db,
-            job.clone(),
-            ranges,
-            Mode::DryRun,
-            settings,
-            live,
-            progress,
-        )
-        .await?;
-        Ran {
-            totals: outcome.counts,
-            outcome,
-            job_id: None,
-            resumed: false,
-            elapsed: started.elapsed().as_secs_f64(),
+    // the job whose `run_started` event the run recorded, and whether its
+    // end was recorded: a run that fails in between records its failure
+    let begun = std::sync::OnceLock::new();
+    let mut ended_recorded = false;
+    let result = async {
+        let ran = if args.dry_run {
+            let ranges = plan::job_ranges(&client, &job, lanes).await?;
+            let progress = Progress::new(stale_rows(&client, &job).await?, "dry run", quiet);
+            let outcome = pipeline::run(
+                &db,
+                job.clone(),
+                ranges,
+                Mode::DryRun,
+                settings,
+                live.clone(),
+                progress,
+            )
+            .await?;
+            Ran {
+                totals: outcome.counts,
+                outcome,
+                job_id: None,
+                resumed: false,
+                elapsed: started.elapsed().as_secs_f64(),
+            }
+        } else {
+            let (outcome, record) = rewrite(
+                &db,
+                &mut client,
+                &job,
+                settings,
+                RunControl {
+                    restart: args.restart,
+                    quiet,
+                },
+                live.clone(),
+                async |c: &Client, record: &JobRecord| match &audit {
+                    Some(audit) => {
+                        run_audit::started(audit, c, &job, record).await?;
+                        let _ = begun.set(record.id);
+                        Ok(())
+                    }
+                    None => Ok(()),
+                },
+            )
+            .await?;
+            Ran {
+                outcome,
+                totals: record.prior,
+                job_id: Some(record.id),
+                resumed: record.resumed,
+                elapsed: started.elapsed().as_secs_f64(),
+            }
+        };
+        // the store was written: recorded before anything below can fail
+        if let Some(audit) = &audit {
+            run_audit::keys_put_back(audit, &client, &ran.outcome, ran.job_id).await?;
         }
-    } else {
-        let (outcome, record) = rewrite(
-            &db,
-            &mut client,
-            &job,
-            settings,
-            RunControl {
-                restart: args.restart,
-                quiet,
-            },
-            live,
-            async |c: &Client, record: &JobRecord| match &audit {
-                Some(audit) => run_audit::started(audit, c, &job, record).await,
-                None => Ok(()),
-            },
-        )
-        .await?;
-        Ran {
-            outcome,
-            totals: record.prior,
-            job_id: Some(record.id),
-            resumed: record.resumed,
-            elapsed: started.elapsed().as_secs_f64(),
+        let remaining_rows = if ran.outcome.stopped {
+            Some(stale_rows(&client, &job).await?)
+        } else {
+            None
+        };
+        // a key put back into its store was said when it happened, and again here
+        warnings.extend(ran.outcome.keys_put_back.iter().map(|p| p.said()));
+        let mut summary = summary(args, &job, &ran, remaining_rows);
+        summary["warnings"] = json!(warnings);
+        summary["keys_put_back"] = json!(ran.outcome.keys_put_back);
+        // values quarantined under a retired key: what brings the key back, if
+        // anything (not looked up by a run stopped, which ends at once)
+        let capped = ran.outcome.counts.values_failed > ran.outcome.failures.len() as u64;
+        let named = if ran.outcome.stopped {
+            Vec::new()
+        } else {
+            crate::engine::named_keys::named_keys(&job, &ran.outcome.failures, capped).await
+        };
+        summary["named_keys"] = json!(named);
+        if let (Some(id), false) = (ran.job_id, ran.outcome.stopped) {
+            state::finish_job(&client, id, &summary).await?;
         }
-    };
-    // the store was written: recorded before anything below can fail
-    if let Some(audit) = &audit {
-        run_audit::keys_put_back(audit, &client, &ran.outcome, ran.job_id).await?;
-    }
-    let remaining_rows = if ran.outcome.stopped {
-        Some(stale_rows(&client, &job).await?)
-    } else {
-        None
-    };
-    // a key put back into its store was said when it happened, and again here
-    warnings.extend(ran.outcome.keys_put_back.iter().map(|p| p.said()));
-    let mut summary = summary(args, &job, &ran, remaining_rows);
-    summary["warnings"] = json!(warnings);
-    summary["keys_put_back"] = json!(ran.outcome.keys_put_back);
-    // values quarantined under a retired key: what brings the key back, if
-    // anything (not looked up by a run stopped, which ends at once)
-    let capped = ran.outcome.counts.values_failed > ran.outcome.failures.len() as u64;
-    let named = if ran.outcome.stopped {
-        Vec::new()
-    } else {
-        crate::engine::named_keys::named_keys(&job, &ran.outcome.failures, capped).await
-    };
-    summary["named_keys"] = json!(named);
-    if let (Some(id), false) = (ran.job_id, ran.outcome.stopped) {
-        state::finish_job(&client, id, &summary).await?;
-    }
-    if let Some(audit) = &audit {
-        run_audit::ended(audit, &client, &job, &ran.outcome, &ran.totals, ran.job_id).await?;
-    }
-    if args.common.json {
-        print_json(&summary);
-    } else {
-        print_text(args, &job, &ran, remaining_rows);
-        for line in crate::engine::named_keys::advice(&named) {
-            out!("{line}");
+        if let Some(audit) = &audit {
+            run_audit::ended(audit, &client, &job, &ran.outcome, &ran.totals, ran.job_id).await?;
+            ended_recorded = true;
         }
-        for line in &warnings {
-            out!("warning: {line}");
+        if args.common.json {
+            print_json(&summary);
+        } else {
+            print_text(args, &job, &ran, remaining_rows);
+            for line in crate::engine::named_keys::advice(&named) {
+                out!("{line}");
+            }
+            for line in &warnings {
+                out!("warning: {line}");
+            }
         }
+        Ok(ended(args, &job, &ran))
     }
-    Ok(ended(args, &job, &ran))
+    .await;
+    match (result, &audit, begun.get()) {
+        (Err(e), Some(audit), Some(&id)) if !ended_recorded => {
+            run_audit::failed(audit, &client, &db, &job, id, &live.snapshot(), &e).await;
+            Err(e)
+        }
+        (result, ..) => result,
+    }
 }
 
 /// Rows per second over the whole run.

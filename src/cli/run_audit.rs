@@ -1,7 +1,7 @@
 //! The audit events of `rekey run`: its file checked before anything
 //! changes, one event when a run starts (after one for
 //! an unfinished job `--restart` gave up), one when it ends
-//! (completed, stopped, or its window ended) with the values re-encrypted,
+//! (completed, stopped, its window ended, or failed) with the values re-encrypted,
 //! quarantined and not rotated, the job, and the keys (the job's target
 //! key, and its old key when there is exactly one).
 
@@ -12,6 +12,7 @@ use tokio_postgres::Client;
 use crate::cli::args::RunArgs;
 use crate::cli::rotate::audit_of;
 use crate::control::stop::StopBy;
+use crate::db::Database;
 use crate::engine::pipeline::Outcome;
 use crate::job::{Job, JobSpec};
 use crate::lifecycle::audit::{Audit, AuditKeys, What};
@@ -192,4 +193,56 @@ pub(crate) async fn ended(
     };
     audit.record(client, what).await?;
     Ok(())
+}
+
+/// Records that the run of job `job_id` failed with `error` once its start
+/// was recorded, with what it had committed (`counts`, this run's): the
+/// trail otherwise shows a run started and never ended. On the run's
+/// session, or a new one where the failure broke it; where it cannot be
+/// recorded, said as a warning: the run's own error is the one it exits
+/// with.
+pub(crate) async fn failed(
+    audit: &Audit,
+    client: &Client,
+    db: &Database,
+    job: &Job,
+    job_id: i64,
+    counts: &Counts,
+    error: &Error,
+) {
+    let notes = format!(
+        "the run failed after re-encrypting {} values in {} rows ({} quarantined, {} not rotated), each batch \
+         committed whole: {}",
+        counts.values_rewritten,
+        counts.rows_rewritten,
+        counts.values_failed,
+        counts.values_not_rotated,
+        error.chain()
+    );
+    let secret = secret_ref(job, audit);
+    let what = || What {
+        event_type: "run_failed",
+        secret_id: &secret,
+        verification_status: "pending",
+        affected_records: Some(counts.values_rewritten),
+        notes: &notes,
+        job_id: Some(job_id),
+    };
+    let recorded = if client.is_closed() {
+        // the failure broke the run's session: a new one
+        match db.connect().await {
+            Ok(fresh) => audit.record(&fresh, what()).await,
+            Err(e) => Err(Error::Connect(e)),
+        }
+    } else {
+        // a transaction the failure left open on the run's session ends first
+        let _ = client.batch_execute("ROLLBACK").await;
+        audit.record(client, what()).await
+    };
+    if let Err(e) = recorded {
+        tracing::warn!(
+            "the audit trail could not record the run's failure (run_failed): {}",
+            e.chain()
+        );
+    }
 }

@@ -184,6 +184,49 @@ async fn a_restart_records_the_unfinished_job_it_gives_up_with_what_it_had_rewri
     assert_eq!(events[3]["job_id"], second["job_id"], "{}", events[3]);
 }
 
+// Today: a run that failed once it had started (here past the limit of
+// rows the database refuses one by one) left `run_started` as the trail's
+// last word on it, with no end, nor what it had committed before failing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_that_fails_records_its_failure_with_what_it_had_rewritten() {
+    let db = TestDb::new().await;
+    db.seed_patients(1_600).await;
+    db.client
+        .batch_execute(
+            "CREATE FUNCTION frozen() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN IF NEW.id > 500 THEN RAISE EXCEPTION 'frozen'; END IF; RETURN NEW; END $$;
+             CREATE TRIGGER frozen BEFORE UPDATE ON patient_persons FOR EACH ROW EXECUTE FUNCTION frozen();",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job(&dir).display().to_string();
+    let out = rekey(&["run", "--job", &j, "--json"], &seed_env());
+    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
+
+    let events = audit_lines(&dir);
+    let types: Vec<&str> = events
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(types, ["run_started", "run_failed"], "{events:?}");
+    let failed = &events[1];
+    assert_eq!(failed["job_id"], events[0]["job_id"], "{failed}");
+    assert_eq!(failed["verification_status"], "pending", "{failed}");
+    assert_eq!(
+        failed["affected_records"],
+        values_on(&db, 2).await,
+        "{failed}"
+    );
+    let detail = failed["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("the run failed after re-encrypting")
+            && detail.contains("refused the write of more than 1000 rows"),
+        "{failed}"
+    );
+    assert_eq!(check(&j).0, Some(0), "{}", check(&j).1);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn writers_appending_at_once_never_fork_the_chain() {
     let db = TestDb::new().await;
