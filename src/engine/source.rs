@@ -90,6 +90,17 @@ impl Source {
             .batch_execute(&timeouts.session_sql())
             .await
             .ctx(|| "configuring a reader connection".into())?;
+        // a reader commits the claims of ranges (and the asks for splits):
+        // a claim acknowledged and then lost to a server crash would hand
+        // the same lease generation out twice; flushed at commit, as a
+        // split's, unless the server's setting already waits longer
+        client
+            .batch_execute(
+                "SELECT set_config('synchronous_commit', 'on', false)
+                  WHERE current_setting('synchronous_commit') IN ('off', 'local')",
+            )
+            .await
+            .ctx(|| "configuring a reader connection".into())?;
         Ok(client)
     }
 

@@ -50,7 +50,11 @@ pub(super) async fn read(
                 return Ok(None);
             }
             if shared.is_lost(ri, lease) {
-                // another process has the range now; its checkpoint, not ours, says where it stands
+                // another process has the range now; its checkpoint, not ours,
+                // says where it stands. Given up here too: a claim a server
+                // crash undid hands the same generation out again, already
+                // lost, and a range kept as worked would never be claimed
+                shared.leave(&state, lease);
                 break;
             }
             let limit = shared.sizer.rows();

@@ -215,3 +215,54 @@ fn signal(child: &std::process::Child, signal: &str) {
         .unwrap();
     assert!(sent.success(), "kill {signal} failed");
 }
+
+// A claim a server crash undid (its commit not flushed yet, as under
+// `synchronous_commit = off`) leaves the range's row with no owner and the
+// generation before it: the next claim hands the same generation out again,
+// one the lane had already seen lost. Today: the lane left the range without
+// giving it up, every later claim passed it over as one of its own lanes',
+// and the run waited for it forever (seen under a crash of the server).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_range_whose_claim_was_undone_is_claimed_again_and_the_run_finishes() {
+    let (db, _dir, j) = patients(20_000).await;
+    let mut child = spawn_rekey_captured(
+        &[
+            "run",
+            "--job",
+            &j,
+            "--json",
+            "--workers",
+            "1",
+            "--batch-size",
+            "200",
+            "--max-rows-per-sec",
+            "4000",
+        ],
+        &seed_env(),
+    );
+    wait_for_progress(&db, &mut child, values_in(1_000)).await;
+    let undone = db
+        .client
+        .execute(
+            "UPDATE rekey.progress SET owner = NULL, owner_pid = NULL, lease_until = NULL, lease_gen = lease_gen - 1
+              WHERE NOT done AND owner IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(undone, 1, "the premise: the lane's range was leased");
+    // a hang is what this guards against: killed past the limit, so a
+    // regression fails this test rather than holding the whole suite
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let hung = child.try_wait().unwrap().is_none();
+    if hung {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!hung, "the run never ended: {}", printed(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    db.assert_every_value_rotated(20_000).await;
+}
