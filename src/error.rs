@@ -143,20 +143,18 @@ impl Error {
     }
 
     /// The message with every cause behind it, on one line, each cause
-    /// only once (a wrapper often repeats its source's text).
+    /// only once (a wrapper often repeats its source's text); for a refused
+    /// write into a target, the server's words ([`Error::without_detail`]).
     pub fn chain(&self) -> String {
         if let Error::Db {
-            context,
-            source,
             statement: Statement::TargetWrite,
+            ..
         } = self
         {
-            // the server's words alone: a refused write's DETAIL shows the
-            // row's values ("Failing row contains (...)", "Key (...)=(...)"),
-            // and the row's other columns may be plaintext
-            if let Some(e) = source.as_db_error() {
-                return format!("{context}: {}: {}", e.code().code(), e.message());
-            }
+            // a refused write's DETAIL shows the row's values ("Failing row
+            // contains (...)", "Key (...)=(...)"), and the row's other
+            // columns may be plaintext
+            return self.without_detail();
         }
         let mut msg = self.to_string();
         let mut source = std::error::Error::source(self);
@@ -169,6 +167,27 @@ impl Error {
             source = s.source();
         }
         msg
+    }
+
+    /// The message, with a database error in the server's words only
+    /// (what rekey was doing, `SQLSTATE: message`, and the server's HINT):
+    /// never its DETAIL, which may show a row's values. What a record kept
+    /// for good (the audit trail) says of an error.
+    pub fn without_detail(&self) -> String {
+        if let Error::Db {
+            context, source, ..
+        }
+        | Error::CountWait { context, source } = self
+        {
+            if let Some(e) = source.as_db_error() {
+                let hint = e
+                    .hint()
+                    .map(|h| format!(" (hint: {h})"))
+                    .unwrap_or_default();
+                return format!("{context}: {}: {}{hint}", e.code().code(), e.message());
+            }
+        }
+        self.chain()
     }
 
     /// The kind of failure, for `--json`: `config`, `connect`, `database`, `runtime`.

@@ -169,10 +169,10 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
         state::ensure_schema(&mut client).await?;
         Some(run_audit::run_audit(args, &spec, &job)?)
     };
-    // the job whose `run_started` event the run recorded, and whether its
-    // end was recorded: a run that fails in between records its failure
+    // the job whose `run_started` event the run recorded, and whether it
+    // tried to record its end: a run that fails in between records its failure
     let begun = std::sync::OnceLock::new();
-    let mut ended_recorded = false;
+    let mut end_attempted = false;
     let result = async {
         let ran = if args.dry_run {
             let ranges = plan::job_ranges(&client, &job, lanes).await?;
@@ -250,8 +250,9 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
             state::finish_job(&client, id, &summary).await?;
         }
         if let Some(audit) = &audit {
+            // attempted is enough: a record that failed may have written its line
+            end_attempted = true;
             run_audit::ended(audit, &client, &job, &ran.outcome, &ran.totals, ran.job_id).await?;
-            ended_recorded = true;
         }
         if args.common.json {
             print_json(&summary);
@@ -268,7 +269,7 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
     }
     .await;
     match (result, &audit, begun.get()) {
-        (Err(e), Some(audit), Some(&id)) if !ended_recorded => {
+        (Err(e), Some(audit), Some(&id)) if !end_attempted => {
             run_audit::failed(audit, &client, &db, &job, id, &live.snapshot(), &e).await;
             Err(e)
         }

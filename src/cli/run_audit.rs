@@ -14,6 +14,7 @@ use crate::cli::rotate::audit_of;
 use crate::control::stop::StopBy;
 use crate::db::Database;
 use crate::engine::pipeline::Outcome;
+use crate::error::Retry;
 use crate::job::{Job, JobSpec};
 use crate::lifecycle::audit::{Audit, AuditKeys, What};
 use crate::observe::counts::Counts;
@@ -217,7 +218,8 @@ pub(crate) async fn failed(
         counts.rows_rewritten,
         counts.values_failed,
         counts.values_not_rotated,
-        error.chain()
+        // kept for good: never a refused row's DETAIL
+        error.without_detail()
     );
     let secret = secret_ref(job, audit);
     let what = || What {
@@ -228,16 +230,21 @@ pub(crate) async fn failed(
         notes: &notes,
         job_id: Some(job_id),
     };
+    let on_a_new_session = async || match db.connect().await {
+        Ok(fresh) => audit.record(&fresh, what()).await,
+        Err(e) => Err(Error::Connect(e)),
+    };
     let recorded = if client.is_closed() {
-        // the failure broke the run's session: a new one
-        match db.connect().await {
-            Ok(fresh) => audit.record(&fresh, what()).await,
-            Err(e) => Err(Error::Connect(e)),
-        }
+        // the failure broke the run's session
+        on_a_new_session().await
     } else {
         // a transaction the failure left open on the run's session ends first
         let _ = client.batch_execute("ROLLBACK").await;
-        audit.record(client, what()).await
+        match audit.record(client, what()).await {
+            // broken, and not seen to be until now
+            Err(e) if e.retry() == Retry::Reconnect => on_a_new_session().await,
+            other => other,
+        }
     };
     if let Err(e) = recorded {
         tracing::warn!(

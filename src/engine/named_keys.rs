@@ -206,8 +206,11 @@ pub async fn advice_after(job: &Job, v: &Verification) -> (Vec<NamedKey>, Vec<St
 /// opens says besides its own words: for each key the values name, what
 /// brings it back (its `named_keys`); and, unless those keys account for
 /// every such value, `otherwise` (the refusal's own fix), led by "for
-/// them" or "for the others".
+/// them" or "for the others". Nothing where every value opened.
 pub async fn said_after(job: &Job, v: &Verification, otherwise: &str) -> (String, Vec<NamedKey>) {
+    if v.values_unreadable() == 0 {
+        return (String::new(), Vec::new());
+    }
     let (named, advice, all) = advice_after(job, v).await;
     let mut said: String = advice.iter().map(|a| format!("; {a}")).collect();
     if !all {
@@ -221,6 +224,16 @@ pub async fn said_after(job: &Job, v: &Verification, otherwise: &str) -> (String
         ));
     }
     (said, named)
+}
+
+/// What a refusal resting on a full verify (`v`) says of the values that
+/// opened under a key other than the current one: a run rewrites them.
+pub fn rewrites_the_others(v: &Verification) -> &'static str {
+    if v.values_on_old_keys > 0 {
+        "; `rekey run` rewrites the values on other keys"
+    } else {
+        ""
+    }
 }
 
 /// What to do about the values that name each key, for people.

@@ -92,12 +92,12 @@ impl Source {
             .ctx(|| "configuring a reader connection".into())?;
         // a reader commits the claims of ranges (and the asks for splits):
         // a claim acknowledged and then lost to a server crash would hand
-        // the same lease generation out twice; flushed at commit, as a
-        // split's, unless the server's setting already waits longer
+        // the same lease generation out twice; flushed locally at commit
+        // (what a crash needs), any stronger setting of the server kept
         client
             .batch_execute(
-                "SELECT set_config('synchronous_commit', 'on', false)
-                  WHERE current_setting('synchronous_commit') IN ('off', 'local')",
+                "SELECT set_config('synchronous_commit', 'local', false)
+                  WHERE current_setting('synchronous_commit') = 'off'",
             )
             .await
             .ctx(|| "configuring a reader connection".into())?;

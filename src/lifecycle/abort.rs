@@ -20,7 +20,7 @@ use crate::Error;
 use super::reencrypt::{full_verify, rewrite_all};
 use super::retire::retire;
 use super::rotation::{Ctx, Ended, Log, Progressed, Wait};
-use crate::engine::named_keys::said_after;
+use crate::engine::named_keys::{rewrites_the_others, said_after};
 
 /// Cancels rotation `rot`, or continues cancelling it.
 pub(crate) async fn abort(
@@ -191,8 +191,10 @@ pub(crate) async fn abort(
                 said_after(&job, &v, &format!("put key {new} back where it was")).await;
             log.lines.push(format!(
                 "cannot end the abort: {} values are on other keys and {} do not decrypt with the keys the store holds \
-                 (key {new} is not there){said}; then run `rekey rotate --abort` again",
-                v.values_on_old_keys, v.values_unreadable()
+                 (key {new} is not there){said}{}; then run `rekey rotate --abort` again",
+                v.values_on_old_keys,
+                v.values_unreadable(),
+                rewrites_the_others(&v)
             ));
             log.named_keys.extend(named);
             return Ok(log.end(Ended::NotVerified, Step::Aborting));

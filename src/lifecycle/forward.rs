@@ -22,7 +22,7 @@ use super::promotion;
 use super::reencrypt::{full_verify, record_verify, rewrite_all, sample_verify};
 use super::retire::retire;
 use super::rotation::{fingerprint_of, Ctx, Ended, Log, Next, Progressed, Wait};
-use crate::engine::named_keys::{restore_command, said_after};
+use crate::engine::named_keys::{restore_command, rewrites_the_others, said_after};
 
 /// Refuses a staged key that was changed by hand; records its fingerprint once known.
 pub(crate) async fn check_staged_key(
@@ -378,11 +378,12 @@ pub(crate) async fn retired(
             )
             .await;
             log.lines.push(format!(
-                "key {old} is gone from {} but {} values are on other keys and {} do not decrypt with the keys there{said}; \
+                "key {old} is gone from {} but {} values are on other keys and {} do not decrypt with the keys there{said}{}; \
                  then run `rekey rotate` again",
                 store.secret_id(),
                 v.values_on_old_keys,
-                v.values_unreadable()
+                v.values_unreadable(),
+                rewrites_the_others(&v)
             ));
             log.named_keys.extend(named);
             return Ok(log.end(Ended::NotVerified, Step::Promoted));

@@ -148,8 +148,10 @@ pub struct Progressed {
     pub step: Option<Step>,
     /// The rotation, when there is one.
     pub rotation: Option<RotationInfo>,
-    /// The keys that values a retire was refused for are under, with what
-    /// brings each back (`named_keys` in `--json`, as verify's).
+    /// The keys that values no key given opens are under (those a retire
+    /// or a step of the rotation was refused for, or found since it
+    /// ended), with what brings each back (`named_keys` in `--json`, as
+    /// verify's).
     pub named_keys: Vec<NamedKey>,
 }
 
@@ -503,16 +505,25 @@ pub(super) async fn since_last(
     let left: u64 = off_target.iter().map(|c| c.to_rewrite).sum();
     // values under a key the job's keys do not hold (a key retired since,
     // values restored from a backup): no run rewrites them until it is back
-    let mut named = Vec::new();
+    // counted by store: targets sharing one name its keys once
+    let mut by_store = std::collections::BTreeMap::new();
     for target in &job.targets {
-        let mut not_held = std::collections::BTreeMap::new();
+        let Some(spec) = target.read.source.as_ref() else {
+            continue;
+        };
+        let (_, not_held) = by_store
+            .entry(spec.store_label())
+            .or_insert_with(|| (target, std::collections::BTreeMap::new()));
         for c in off_target.iter().filter(|c| c.target == target.index) {
             for (id, n) in &c.not_held {
                 *not_held.entry(*id).or_default() += n;
             }
         }
+    }
+    let mut named = Vec::new();
+    for (target, not_held) in by_store.values() {
         if !not_held.is_empty() {
-            named.extend(named_keys::named_in_counts(&job, target, &not_held).await);
+            named.extend(named_keys::named_in_counts(&job, target, not_held).await);
         }
     }
     let not_held: u64 = named.iter().map(|n| n.values).sum();

@@ -250,7 +250,9 @@ async fn a_range_whose_claim_was_undone_is_claimed_again_and_the_run_finishes() 
         )
         .await
         .unwrap();
-    assert_eq!(undone, 1, "the premise: the lane's range was leased");
+    // one range, or two where the reader has claimed the next while the
+    // writer commits the last batch of the one before
+    assert!(undone >= 1, "the premise: the lane's range was leased");
     // a hang is what this guards against: killed past the limit, so a
     // regression fails this test rather than holding the whole suite
     let deadline = Instant::now() + Duration::from_secs(120);
