@@ -156,6 +156,11 @@ impl Error {
             // columns may be plaintext
             return self.without_detail();
         }
+        self.every_cause()
+    }
+
+    /// The message with every cause behind it, each only once.
+    fn every_cause(&self) -> String {
         let mut msg = self.to_string();
         let mut source = std::error::Error::source(self);
         while let Some(s) = source {
@@ -187,7 +192,8 @@ impl Error {
                 return format!("{context}: {}: {}{hint}", e.code().code(), e.message());
             }
         }
-        self.chain()
+        // no server error (a connection lost): nothing the server said of a row
+        self.every_cause()
     }
 
     /// The kind of failure, for `--json`: `config`, `connect`, `database`, `runtime`.
