@@ -214,18 +214,11 @@ pub async fn values_to_rewrite(client: &Client, job: &Job) -> Result<u64, Error>
         .sum())
 }
 
-/// Values a count by key shows off the target key, in columns whose values
-/// show their key (no decrypt): a format without a key prefix (raw GCM,
-/// Fernet, a migration) counts every value as to rewrite, so it is left
-/// out here, as search hashes are.
-pub async fn values_visibly_off_target(client: &Client, job: &Job) -> Result<u64, Error> {
-    Ok(visibly_off_target(job, &count_by_key(client, job).await?)
-        .map(|c| c.to_rewrite)
-        .sum())
-}
-
-/// The columns of `plans` ([`count_by_key`]) whose values show their key,
-/// those [`values_visibly_off_target`] counts.
+/// The columns of `plans` ([`count_by_key`]) whose values show their key
+/// (no decrypt), whose `to_rewrite` are the values visibly off the target
+/// key: a format without a key prefix (raw GCM, Fernet, a migration)
+/// counts every value as to rewrite, so it is left out here, as search
+/// hashes are.
 pub fn visibly_off_target<'a>(
     job: &'a Job,
     plans: &'a [ColumnPlan],
