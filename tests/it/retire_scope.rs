@@ -1145,8 +1145,10 @@ async fn a_signal_while_a_rotation_waits_for_open_writers_stops_it_at_once_and_r
         let waiting: bool = db
             .client
             .query_one(
+                // this database's own: other tests' retires run on the same server
                 "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-                                 WHERE query LIKE '%SELECT DISTINCT l.virtualtransaction%' AND pid <> pg_backend_pid())",
+                                 WHERE application_name = 'rekey' AND datname = current_database()
+                                   AND query LIKE '%SELECT DISTINCT l.virtualtransaction%')",
                 &[],
             )
             .await
