@@ -29,6 +29,18 @@ pub enum EnvKeyError {
         /// The variable at fault.
         var: String,
     },
+    /// A key variable's version (the number after `_KEY_V`) is out of range
+    /// or written with a leading zero.
+    #[error(
+        "{var}: the number after _KEY_V is the key's version, 1 to 255 without leading zeros; \
+         rename the variable (e.g. {prefix}_KEY_V1) and set {prefix}_CURRENT_VERSION to the version applications encrypt with"
+    )]
+    BadKeyVersion {
+        /// The variable at fault.
+        var: String,
+        /// The convention's prefix, for the example.
+        prefix: String,
+    },
     /// Keys are present but the variable naming the current one is not.
     #[error(
         "{var} is not set: set it to the version applications encrypt with today (e.g. {var}=2)"
@@ -141,7 +153,12 @@ pub fn from_vars(prefix: &str, vars: &[(String, String)]) -> Result<Keyring, Env
         {
             let id: KeyId = match n.parse() {
                 Ok(id) if (1..=255).contains(&id) && !n.starts_with('0') => id,
-                _ => return Err(EnvKeyError::BadVersion { var: name.clone() }),
+                _ => {
+                    return Err(EnvKeyError::BadKeyVersion {
+                        var: name.clone(),
+                        prefix: prefix.to_string(),
+                    })
+                }
             };
             keys.extend(key(name.clone(), id)?);
         }
@@ -274,6 +291,28 @@ mod tests {
             msg.contains("ENCRYPTION_CURRENT_VERSION=3") && msg.contains("ENCRYPTION_KEY_V3"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn a_key_variable_numbered_0_is_told_to_be_renamed_not_set_to_a_version() {
+        for name in [
+            "ENCRYPTION_KEY_V0",
+            "ENCRYPTION_KEY_V01",
+            "ENCRYPTION_KEY_V256",
+        ] {
+            let err = from_vars(
+                "ENCRYPTION",
+                &vars(&[(name, K1), ("ENCRYPTION_CURRENT_VERSION", "1")]),
+            )
+            .unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                msg.starts_with(&format!("{name}: "))
+                    && msg.contains("rename the variable (e.g. ENCRYPTION_KEY_V1)"),
+                "{msg}"
+            );
+            assert!(!msg.contains(&format!("{name}=2")), "{msg}");
+        }
     }
 
     /// Names the conventions read, some near misses, and a stranger.
