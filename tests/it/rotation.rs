@@ -471,3 +471,46 @@ async fn a_run_warns_when_the_environment_holds_a_key_newer_than_the_current_ver
     assert!(!stderr(&out).contains("newer than key"), "{}", stderr(&out));
     assert!(json(&out)["values_rewritten"].as_u64() > Some(0));
 }
+
+// Today: `ENCRYPTION_PENDING_VERSION=2` left from the last rotation while
+// the next one set key 3 current: the run took the "pending" key 2 for its
+// target, rewrote what the applications wrote under key 3 back under key
+// 2, exited 0, and verify said every value was on the target.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pending_version_left_below_the_current_one_is_refused_and_nothing_is_rewritten() {
+    let db = TestDb::new().await;
+    db.seed_patients(100).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir);
+    let out = rekey(&args(&run_args(&job)), &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let ciphertexts =
+        "(SELECT id, phone_encrypted, emergency_contact_phone_encrypted FROM patient_persons)";
+    let on_key_2 = db.checksum(ciphertexts).await;
+    let leftover = vec![
+        ("ENCRYPTION_KEY_V1", K1.to_string()),
+        ("ENCRYPTION_KEY_V2", K2.to_string()),
+        ("ENCRYPTION_KEY_V3", K3.to_string()),
+        ("ENCRYPTION_CURRENT_VERSION", "3".to_string()),
+        ("ENCRYPTION_PENDING_VERSION", "2".to_string()),
+    ];
+    for command in [
+        run_args(&job),
+        vec!["verify".into(), "--job".into(), job.display().to_string()],
+    ] {
+        let out = rekey(&args(&command), &leftover);
+        assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+        assert!(
+            printed(&out).contains(
+                "ENCRYPTION_PENDING_VERSION=2 names a key older than the current one (ENCRYPTION_CURRENT_VERSION=3)"
+            ) && printed(&out).contains("unset ENCRYPTION_PENDING_VERSION"),
+            "{}",
+            printed(&out)
+        );
+    }
+    assert_eq!(
+        db.checksum(ciphertexts).await,
+        on_key_2,
+        "a value was rewritten"
+    );
+}

@@ -61,6 +61,25 @@ pub enum EnvKeyError {
         /// The key variable that should exist.
         key_var: String,
     },
+    /// The pending version names a key older than the current one: a
+    /// leftover of an earlier rotation (a run would rewrite every value back
+    /// under it), never a key staged since (new keys take higher versions).
+    #[error(
+        "{pending_var}={pending} names a key older than the current one ({current_var}={current}): a pending key is \
+         the next key, staged after the current one, and a run would rewrite every value back under key {pending}. \
+         If it was left from an earlier rotation, unset {pending_var}; if key {pending} is the key applications \
+         should encrypt with, set {current_var}={pending} instead"
+    )]
+    PendingOlderThanCurrent {
+        /// The variable naming the pending version.
+        pending_var: String,
+        /// Its value.
+        pending: KeyId,
+        /// The variable naming the current version.
+        current_var: String,
+        /// Its value.
+        current: KeyId,
+    },
     /// No key variables at all.
     #[error("no encryption keys in the environment: set {prefix}_KEY_V1.. with {prefix}_CURRENT_VERSION, or {prefix}_KEY (and {prefix}_KEY_NEW)")]
     NoKeys {
@@ -172,7 +191,10 @@ pub fn from_vars(prefix: &str, vars: &[(String, String)]) -> Result<Keyring, Env
         })?;
         let pending_var = format!("{prefix}_PENDING_VERSION");
         let pending = version(pending_var.clone())?;
-        for (var, id) in [(current_var, Some(current)), (pending_var, pending)] {
+        for (var, id) in [
+            (current_var.clone(), Some(current)),
+            (pending_var.clone(), pending),
+        ] {
             if let Some(id) = id {
                 if !keys.iter().any(|k| k.id() == id) {
                     return Err(EnvKeyError::VersionWithoutKey {
@@ -183,6 +205,15 @@ pub fn from_vars(prefix: &str, vars: &[(String, String)]) -> Result<Keyring, Env
                 }
             }
         }
+        if let Some(pending) = pending.filter(|p| *p < current) {
+            return Err(EnvKeyError::PendingOlderThanCurrent {
+                pending_var,
+                pending,
+                current_var,
+                current,
+            });
+        }
+        // equal: a promotion whose `unset` is still to come; nothing is pending
         return Ok(Keyring::new(
             keys,
             current,
@@ -313,6 +344,44 @@ mod tests {
             );
             assert!(!msg.contains(&format!("{name}=2")), "{msg}");
         }
+    }
+
+    // Today: a PENDING_VERSION left from the last rotation, below the
+    // current version set since, made the keyring target the older key:
+    // `run` rewrote every value back under it and exited 0.
+    #[test]
+    fn a_pending_version_below_the_current_one_is_refused_naming_both_and_the_fix() {
+        let err = from_vars(
+            "ENCRYPTION",
+            &vars(&[
+                ("ENCRYPTION_KEY_V1", K1),
+                ("ENCRYPTION_KEY_V2", K2),
+                ("ENCRYPTION_CURRENT_VERSION", "2"),
+                ("ENCRYPTION_PENDING_VERSION", "1"),
+            ]),
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("ENCRYPTION_PENDING_VERSION=1 names a key older than the current one (ENCRYPTION_CURRENT_VERSION=2)")
+                && msg.contains("unset ENCRYPTION_PENDING_VERSION"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_pending_version_equal_to_the_current_one_leaves_nothing_pending() {
+        let ring = from_vars(
+            "ENCRYPTION",
+            &vars(&[
+                ("ENCRYPTION_KEY_V1", K1),
+                ("ENCRYPTION_KEY_V2", K2),
+                ("ENCRYPTION_CURRENT_VERSION", "2"),
+                ("ENCRYPTION_PENDING_VERSION", "2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!((ring.current_id(), ring.target().id()), (2, 2));
     }
 
     /// Names the conventions read, some near misses, and a stranger.
