@@ -83,7 +83,11 @@ pub(crate) async fn ran(
                 store,
                 &format!("key {n} is not staged"),
                 format!("{p}_KEY_V{n}=<the new key> and {p}_PENDING_VERSION={n}"),
-                format!("{p}_KEY_NEW=<the new key>"),
+                // the dual convention takes the id after the current one unless told
+                match store.table().id_in(KeyState::Current) {
+                    Some(c) if c % 255 + 1 == n => format!("{p}_KEY_NEW=<the new key>"),
+                    _ => format!("{p}_KEY_NEW=<the new key> and {p}_KEY_NEW_VERSION={n}"),
+                },
             ));
             return Ok(Some((Ended::Waiting(Wait::Environment), Step::Staged)));
         }
@@ -342,7 +346,7 @@ pub(crate) async fn retired(
                 store,
                 &format!("key {n} is not current"),
                 format!("{p}_CURRENT_VERSION={n}, {p}_PENDING_VERSION unset"),
-                format!("{p}_KEY=<key {n}>, {p}_KEY_NEW unset"),
+                format!("{p}_KEY=<key {n}> and {p}_KEY_VERSION={n}, {p}_KEY_NEW unset"),
             ));
             return Ok(log.end(Ended::Waiting(Wait::Environment), Step::Promoted));
         }

@@ -531,7 +531,7 @@ impl EnvStore {
         }
         };
         if self.dual {
-            return self.dual_instructions(&value);
+            return self.dual_instructions(&value, reveal);
         }
         for e in &self.table.entries {
             let before = self.before.entries.iter().find(|b| b.id == e.id);
@@ -559,7 +559,7 @@ impl EnvStore {
 
     /// The dual convention's steps, as the healthprep policy writes them:
     /// stage sets NEW; promote copies NEW into the key and deletes NEW.
-    fn dual_instructions(&self, value: &dyn Fn(&Entry) -> String) -> Vec<String> {
+    fn dual_instructions(&self, value: &dyn Fn(&Entry) -> String, reveal: bool) -> Vec<String> {
         let p = &self.prefix;
         let mut out = Vec::new();
         for e in &self.table.entries {
@@ -578,10 +578,12 @@ impl EnvStore {
                     }
                 }
                 (Some(b), KeyState::Current) if b != KeyState::Current => {
-                    out.push(format!(
-                        "export {p}_KEY={}   # the value of {p}_KEY_NEW",
-                        value(e)
-                    ));
+                    // the key the applications already hold in NEW: never a new one
+                    out.push(if reveal && e.key.is_some() {
+                        format!("export {p}_KEY={}   # the value of {p}_KEY_NEW", value(e))
+                    } else {
+                        format!("export {p}_KEY=<the value of {p}_KEY_NEW>")
+                    });
                     out.push(format!("export {p}_KEY_VERSION={}", e.id));
                     out.push(format!("unset {p}_KEY_NEW {p}_KEY_NEW_VERSION"));
                 }

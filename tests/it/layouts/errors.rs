@@ -201,3 +201,63 @@ async fn in_the_dual_convention_a_promote_from_a_filtered_job_is_refused() {
         "{text}"
     );
 }
+
+// Today: the promotion's instruction read `export ENCRYPTION_KEY=<a new key
+// from rekey keygen ...>   # the value of ENCRYPTION_KEY_NEW` (followed, the
+// applications got a key no value is under), and with ENCRYPTION_KEY moved
+// but ENCRYPTION_KEY_VERSION not set, the next rotate asked again for the
+// two changes already made and never named the one missing.
+#[tokio::test(flavor = "multi_thread")]
+async fn in_the_dual_convention_rotate_says_to_copy_the_new_key_and_names_the_version_still_missing(
+) {
+    let db = TestDb::new().await;
+    db.seed_patients(30).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    let rotate = ["rotate", "--job", job.as_str()];
+    let out = rekey(&rotate, &[("ENCRYPTION_KEY", urlsafe(K1))]);
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("export ENCRYPTION_KEY_NEW=<a new key from `rekey keygen"),
+        "{}",
+        printed(&out)
+    );
+    let staged = [
+        ("ENCRYPTION_KEY", urlsafe(K1)),
+        ("ENCRYPTION_KEY_NEW", urlsafe(K2)),
+    ];
+    let out = rekey(&rotate, &staged);
+    let text = printed(&out);
+    assert_eq!(out.status.code(), Some(6), "{text}");
+    let copy = text
+        .lines()
+        .find(|l| l.contains("export ENCRYPTION_KEY="))
+        .unwrap_or_else(|| panic!("no promotion instruction: {text}"));
+    assert_eq!(
+        copy.trim(),
+        "export ENCRYPTION_KEY=<the value of ENCRYPTION_KEY_NEW>",
+        "{text}"
+    );
+    assert!(text.contains("export ENCRYPTION_KEY_VERSION=2"), "{text}");
+
+    let moved_without_version = [("ENCRYPTION_KEY", urlsafe(K2))];
+    let out = rekey(&rotate, &moved_without_version);
+    let text = printed(&out);
+    assert_eq!(out.status.code(), Some(6), "{text}");
+    assert!(
+        text.contains("key 2 is not current") && text.contains("ENCRYPTION_KEY_VERSION=2"),
+        "{text}"
+    );
+
+    let promoted = [
+        ("ENCRYPTION_KEY", urlsafe(K2)),
+        ("ENCRYPTION_KEY_VERSION", "2".to_string()),
+    ];
+    let out = rekey(&rotate, &promoted);
+    let text = printed(&out);
+    assert_eq!(out.status.code(), Some(6), "{text}");
+    assert!(
+        !text.contains("is not current") && text.contains("grace period"),
+        "{text}"
+    );
+}
