@@ -676,6 +676,43 @@ pub(crate) fn human(s: i64) -> String {
     humantime::format_duration(Duration::from_secs(s.max(0).unsigned_abs())).to_string()
 }
 
+/// Refuses to stage a second key in the environment while another job's
+/// rotation on the same variables staged one that is not set there yet:
+/// rekey cannot see it, so it would stage another beside it, and the two
+/// rotations would each wait for the environment to make its own key
+/// current. Once the first key is set, this job's rotation takes it up.
+async fn refuse_beside_a_staged_key_not_yet_set(
+    cx: &Ctx<'_>,
+    client: &Client,
+    store: &Store,
+) -> Result<(), Error> {
+    if store.writable() {
+        // a key staged there is in the store at once, and a stage takes it up
+        return Ok(());
+    }
+    let held = |id: KeyId| {
+        store
+            .table()
+            .entries
+            .iter()
+            .any(|e| e.id == id && e.key.is_some())
+    };
+    let others = rotations::others_staged(client, cx.name, &store.secret_id()).await?;
+    let Some((job, rotation, n)) = others.into_iter().find(|(_, _, n)| !held(*n)) else {
+        return Ok(());
+    };
+    let p = &cx.keys.prefix;
+    let set = if store.holds_unstaged_keys() {
+        format!("{p}_KEY_V{n} and {p}_PENDING_VERSION={n}")
+    } else {
+        format!("{p}_KEY_NEW (and {p}_KEY_NEW_VERSION={n} where `rekey rotate` said so)")
+    };
+    Err(Error::Config(format!(
+        "job {job:?} staged key {n} in {} (rotation {rotation}) and it is not in the environment yet: a second key          staged beside it would leave the two rotations each waiting for its own key to be made current. Make the          changes that job's `rekey rotate` printed ({set}), then run `rekey rotate` for this job again: it rotates          to the same key. Or give that rotation up (`rekey rotate --abort` with its job file). Nothing was staged",
+        store.secret_id()
+    )))
+}
+
 /// Stages a new key and records the rotation; says what it waits for,
 /// if anything, before the rotation can go on.
 async fn stage_new(
@@ -710,6 +747,7 @@ async fn stage_new(
         crate::engine::uses::starting(client, &job).await?;
     }
     let secret_id = store.secret_id();
+    refuse_beside_a_staged_key_not_yet_set(cx, client, store).await?;
     let old = steps::current(store);
     let recorded = steps::recorded_key_id(client, store, cx.spec).await?;
     let (id, applied) = keeping_alive(

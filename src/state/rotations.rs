@@ -183,6 +183,34 @@ pub async fn others_away_from(
         .collect())
 }
 
+/// The rotations of other jobs than `name` on the same store
+/// (`secret_id`) that have staged a key and not promoted it yet: (job,
+/// rotation id, the key staged).
+pub async fn others_staged(
+    client: &Client,
+    name: &str,
+    secret_id: &str,
+) -> Result<Vec<(String, i64, KeyId)>, Error> {
+    // a job without a name is "rekey" to its runs and "" to its rotations
+    let names: Vec<&str> = if name == "rekey" {
+        vec![name, ""]
+    } else {
+        vec![name]
+    };
+    let rows = client
+        .query(
+            "SELECT job_name, rotation_id, new_key FROM rekey.rotations
+              WHERE job_name <> ALL ($1) AND secret_id = $2 AND step IN ('staged', 'ran', 'verified')
+              ORDER BY rotation_id",
+            &[&names, &secret_id],
+        )
+        .await
+        .ctx(|| "reading the other jobs' rotations on the same store".into())?;
+    rows.iter()
+        .map(|r| Ok((r.get(0), r.get(1), key(r.get(2))?)))
+        .collect()
+}
+
 /// A key id read back from `rekey.rotations`.
 fn key(v: i64) -> Result<KeyId, Error> {
     KeyId::try_from(v).map_err(|_| {

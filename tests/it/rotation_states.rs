@@ -924,3 +924,74 @@ async fn an_abort_over_values_damaged_before_the_rotation_turns_the_others_back_
         KeyState::Retired
     );
 }
+
+// Today: job b's rotate, while job a's key 2 was staged but not yet set in
+// the environment, staged key 3 ("rotation 1 recorded key 2 under
+// env:ENCRYPTION, which no longer holds it"), and from then on each job
+// asked for its own key to be made current: neither rotation could end.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_job_on_the_same_environment_is_refused_a_key_beside_one_staged_and_not_yet_set() {
+    let db = TestDb::new().await;
+    db.seed_patients(30).await;
+    db.client
+        .batch_execute(
+            "CREATE TABLE patient_copy AS SELECT * FROM patient_persons;
+             ALTER TABLE patient_copy ADD PRIMARY KEY (id);",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let whole = std::fs::read_to_string(db.patients_job(&dir)).unwrap();
+    let job_a = dir.path().join("a.toml");
+    std::fs::write(&job_a, format!("name = \"a\"\n{whole}")).unwrap();
+    let job_b = dir.path().join("b.toml");
+    std::fs::write(
+        &job_b,
+        format!(
+            "name = \"b\"\n{}",
+            whole.replace("\"patient_persons\"", "\"patient_copy\"")
+        ),
+    )
+    .unwrap();
+    let (job_a, job_b) = (job_a.display().to_string(), job_b.display().to_string());
+    let out = rekey(&["rotate", "--job", &job_a], &v1_env());
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("export ENCRYPTION_PENDING_VERSION=2"),
+        "{}",
+        printed(&out)
+    );
+
+    let out = rekey(&["rotate", "--job", &job_b], &v1_env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("job \"a\" staged key 2")
+            && printed(&out).contains("ENCRYPTION_KEY_V2 and ENCRYPTION_PENDING_VERSION=2")
+            && printed(&out).contains("Nothing was staged"),
+        "{}",
+        printed(&out)
+    );
+    let staged: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM rekey.rotations WHERE job_name = 'b'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(staged, 0, "job b recorded a rotation");
+
+    // once key 2 is set, job b takes it up
+    let mut env = v1_env();
+    env.push(("ENCRYPTION_KEY_V2", K2.to_string()));
+    env.push(("ENCRYPTION_PENDING_VERSION", "2".to_string()));
+    let out = rekey(&["rotate", "--job", &job_b, "--json"], &env);
+    let report = json(&out);
+    assert_eq!(
+        (&report["step"], &report["new_key"]),
+        (&"staged".into(), &2.into()),
+        "{}",
+        printed(&out)
+    );
+}
