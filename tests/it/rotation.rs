@@ -514,3 +514,31 @@ async fn a_pending_version_left_below_the_current_one_is_refused_and_nothing_is_
         "a value was rewritten"
     );
 }
+
+// Today: values whose version byte is 0 were said to be "under
+// ENCRYPTION_KEY_V0 in the environment, which the keys given do not hold:
+// give the job that key", and a variable of that name is refused: no key
+// has version 0, so they are damaged, and said as such.
+#[tokio::test(flavor = "multi_thread")]
+async fn values_labelled_version_0_are_quarantined_as_damaged_not_sent_looking_for_key_0() {
+    let db = TestDb::new().await;
+    db.seed_patients(100).await;
+    db.client
+        .batch_execute(
+            "UPDATE patient_persons SET phone_encrypted = '\\x00' || substring(phone_encrypted from 2) WHERE id <= 10",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir);
+    let out = rekey(&args(&run_args(&job)), &seed_env());
+    assert_eq!(out.status.code(), Some(3), "{}", printed(&out));
+    assert_eq!(json(&out)["values_failed"], 10, "{}", printed(&out));
+    assert!(!printed(&out).contains("_V0"), "{}", printed(&out));
+    let out = rekey(
+        &["verify", "--job", &job.display().to_string(), "--full"],
+        &seed_env(),
+    );
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
+    assert!(!printed(&out).contains("_V0"), "{}", printed(&out));
+}
