@@ -213,6 +213,12 @@ pub(crate) async fn record_verify(
     after: &str,
     log: &mut Log,
 ) -> Result<String, Error> {
+    // a filtered job's verify reads the rows its filters select, no others
+    let after = if cx.spec.targets.iter().any(|t| t.filter.is_some()) {
+        format!("{after} (in the rows the job's `where` filters select)")
+    } else {
+        after.to_string()
+    };
     let (event_type, verification_status, notes) = if v.verified {
         (
             "verification_passed",

@@ -608,6 +608,31 @@ pub fn refuse_filtered_compromise(spec: &JobSpec, compromised: bool) -> Result<(
     }
 }
 
+/// Refuses, before a key is staged, a job with a `where` filter where the
+/// store's layout leaves the applications only the new key once it is
+/// promoted: the promotion rests on a full verify of whole tables
+/// ([`super::promotion::proof`]), so the rotation would rewrite the
+/// filtered rows and then stop short of promoting.
+fn refuse_filtered_where_promotion_needs_whole_tables(
+    spec: &JobSpec,
+    store: &Store,
+) -> Result<(), Error> {
+    if !super::promotion::old_key_unread_after_promotion(store) {
+        return Ok(());
+    }
+    match spec.targets.iter().find(|t| t.filter.is_some()) {
+        Some(t) => Err(Error::Config(format!(
+            "target {} has a `where` filter, and once the new key is promoted the applications read only it ({} keeps \
+             no place for the old key), so the promotion needs a full verify of whole tables, which no filtered job \
+             gives: rotate with a job that covers whole tables (`rekey run` with this one rewrites the filtered rows \
+             alone). Nothing was staged",
+            t.table,
+            store.secret_id()
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Applies what this invocation changes in a rotation in progress: a
 /// `--grace` given now, or the switch to compromise mode.
 async fn adjust(
@@ -727,6 +752,7 @@ async fn stage_new(
         grace_s(cx.opts, cx.opts.grace.unwrap_or(DEFAULT_GRACE))?
     };
     refuse_filtered_compromise(cx.spec, cx.opts.compromised)?;
+    refuse_filtered_where_promotion_needs_whole_tables(cx.spec, store)?;
     // what would refuse the run (a privilege, a table rekey may not see
     // whole, values that do not open) refuses before a key is staged; not
     // where the current key is marked compromised, as no keyring is loaded

@@ -995,3 +995,42 @@ async fn a_second_job_on_the_same_environment_is_refused_a_key_beside_one_staged
         printed(&out)
     );
 }
+
+// Today: a filtered job's rotation said "verified: all 334 values under
+// key 2" (and recorded it) while the rows outside its filter were still
+// under key 1.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_filtered_jobs_verify_says_it_read_only_the_rows_its_filters_select() {
+    let db = TestDb::new().await;
+    db.seed_patients(300).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db
+        .patients_job_where(&dir, "id <= 100")
+        .display()
+        .to_string();
+    let out = rekey(&["rotate", "--job", &job], &v1_env());
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    let mut env = v1_env();
+    env.push(("ENCRYPTION_KEY_V2", K2.to_string()));
+    env.push(("ENCRYPTION_PENDING_VERSION", "2".to_string()));
+    let out = rekey(&["rotate", "--job", &job, "--no-wait"], &env);
+    let verified = printed(&out)
+        .lines()
+        .find(|l| l.starts_with("verified: "))
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("no verify said: {}", printed(&out)));
+    assert!(
+        verified.ends_with("(in the rows the job's `where` filters select)"),
+        "{verified}"
+    );
+    let detail: String = db
+        .client
+        .query_one(
+            "SELECT detail FROM rekey.audit WHERE event_type = 'verification_passed'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(detail.contains("`where` filters select"), "{detail}");
+}

@@ -261,3 +261,57 @@ async fn in_the_dual_convention_rotate_says_to_copy_the_new_key_and_names_the_ve
         "{text}"
     );
 }
+
+// Today: `rotate` staged the key and rewrote every filtered row, then
+// refused the promotion for the filter (exit 2, "nothing was touched",
+// after it had): knowable before anything was staged.
+#[tokio::test(flavor = "multi_thread")]
+async fn in_the_dual_convention_a_rotation_of_a_filtered_job_is_refused_before_it_stages_a_key() {
+    let db = TestDb::new().await;
+    db.seed_patients(300).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db
+        .patients_job_where(&dir, "id <= 100")
+        .display()
+        .to_string();
+    let before = db
+        .checksum(
+            "(SELECT id, phone_encrypted, emergency_contact_phone_encrypted FROM patient_persons)",
+        )
+        .await;
+    let out = rekey(
+        &["rotate", "--job", &job],
+        &[("ENCRYPTION_KEY", urlsafe(K1))],
+    );
+    let text = printed(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("`where` filter")
+            && text.contains("whole tables")
+            && text.contains("Nothing was staged")
+            && !text.contains("export ENCRYPTION_KEY_NEW"),
+        "{text}"
+    );
+    let engine_state: bool = db
+        .client
+        .query_one("SELECT to_regclass('rekey.rotations') IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    if engine_state {
+        let rotations: i64 = db
+            .client
+            .query_one("SELECT count(*) FROM rekey.rotations", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(rotations, 0, "a rotation was recorded");
+    }
+    assert_eq!(
+        db.checksum(
+            "(SELECT id, phone_encrypted, emergency_contact_phone_encrypted FROM patient_persons)"
+        )
+        .await,
+        before
+    );
+}
