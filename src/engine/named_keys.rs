@@ -55,6 +55,10 @@ pub async fn named_keys(job: &Job, failures: &[Failure], capped: bool) -> Vec<Na
     let mut stores: BTreeMap<String, &KeysSpec> = BTreeMap::new();
     for f in failures {
         let Some(id) = f.named_key else { continue };
+        if id == 0 && is_versioned(job, f.target) {
+            // version byte 0: no key has it, so no key to name (damaged)
+            continue;
+        }
         let Some(spec) = source(job, f.target) else {
             continue;
         };
@@ -128,6 +132,13 @@ async fn counted_keys(
         }
     }
     looked
+}
+
+/// Whether the failures' target reads versioned-gcm values.
+fn is_versioned(job: &Job, target: usize) -> bool {
+    job.targets
+        .iter()
+        .any(|t| t.index == target && t.read.format == crate::crypto::codec::Format::VersionedGcm)
 }
 
 /// The key its failures' target reads with.

@@ -715,15 +715,27 @@ async fn refuse_beside_a_staged_key_not_yet_set(
         // a key staged there is in the store at once, and a stage takes it up
         return Ok(());
     }
-    let held = |id: KeyId| {
-        store
-            .table()
-            .entries
-            .iter()
-            .any(|e| e.id == id && e.key.is_some())
-    };
     let others = rotations::others_staged(client, cx.name, &store.secret_id()).await?;
-    let Some((job, rotation, n)) = others.into_iter().find(|(_, _, n)| !held(*n)) else {
+    let pending = store
+        .table()
+        .id_in(crate::crypto::keytable::KeyState::Pending);
+    let name = |job: &str| {
+        if job.is_empty() {
+            "a job without a name".to_string()
+        } else {
+            format!("job {job:?}")
+        }
+    };
+    if let Some((job, rotation, n, _)) = others.iter().find(|o| o.3 == Step::Aborting) {
+        return Err(Error::Config(format!(
+            "{} is giving up its rotation {rotation} to key {n} in {} (aborting): a key staged now would be taken \
+             away with it. Let that abort end first (`rekey rotate --abort` with its job file), then run `rekey \
+             rotate` for this job again. Nothing was staged",
+            name(job),
+            store.secret_id()
+        )));
+    }
+    let Some((job, rotation, n, _)) = others.into_iter().find(|o| Some(o.2) != pending) else {
         return Ok(());
     };
     let p = &cx.keys.prefix;
@@ -733,7 +745,12 @@ async fn refuse_beside_a_staged_key_not_yet_set(
         format!("{p}_KEY_NEW (and {p}_KEY_NEW_VERSION={n} where `rekey rotate` said so)")
     };
     Err(Error::Config(format!(
-        "job {job:?} staged key {n} in {} (rotation {rotation}) and it is not in the environment yet: a second key          staged beside it would leave the two rotations each waiting for its own key to be made current. Make the          changes that job's `rekey rotate` printed ({set}), then run `rekey rotate` for this job again: it rotates          to the same key. Or give that rotation up (`rekey rotate --abort` with its job file). Nothing was staged",
+        "{} staged key {n} in {} (rotation {rotation}), and the environment does not hold it as the pending key \
+         yet: a second key staged beside it would leave the two rotations each waiting for its own key to be made \
+         current. Make the changes that job's `rekey rotate` printed ({set}), then run `rekey rotate` for this job \
+         again: it rotates to the same key. Or give that rotation up (`rekey rotate --abort` with its job file). \
+         Nothing was staged",
+        name(&job),
         store.secret_id()
     )))
 }

@@ -183,31 +183,29 @@ pub async fn others_away_from(
         .collect())
 }
 
-/// The rotations of other jobs than `name` on the same store
-/// (`secret_id`) that have staged a key and not promoted it yet: (job,
-/// rotation id, the key staged).
+/// The rotations of other jobs than `name` (as rotations record it: ""
+/// for a job without a name) on the same store (`secret_id`) that have
+/// staged a key and not promoted it yet, or are giving it up: (job,
+/// rotation id, the key staged, step).
 pub async fn others_staged(
     client: &Client,
     name: &str,
     secret_id: &str,
-) -> Result<Vec<(String, i64, KeyId)>, Error> {
-    // a job without a name is "rekey" to its runs and "" to its rotations
-    let names: Vec<&str> = if name == "rekey" {
-        vec![name, ""]
-    } else {
-        vec![name]
-    };
+) -> Result<Vec<(String, i64, KeyId, Step)>, Error> {
     let rows = client
         .query(
-            "SELECT job_name, rotation_id, new_key FROM rekey.rotations
-              WHERE job_name <> ALL ($1) AND secret_id = $2 AND step IN ('staged', 'ran', 'verified')
+            "SELECT job_name, rotation_id, new_key, step FROM rekey.rotations
+              WHERE job_name <> $1 AND secret_id = $2 AND step IN ('staged', 'ran', 'verified', 'aborting')
               ORDER BY rotation_id",
-            &[&names, &secret_id],
+            &[&name, &secret_id],
         )
         .await
         .ctx(|| "reading the other jobs' rotations on the same store".into())?;
     rows.iter()
-        .map(|r| Ok((r.get(0), r.get(1), key(r.get(2))?)))
+        .map(|r| {
+            let step: String = r.get(3);
+            Ok((r.get(0), r.get(1), key(r.get(2))?, Step::stored(&step)?))
+        })
         .collect()
 }
 

@@ -516,11 +516,11 @@ async fn a_pending_version_left_below_the_current_one_is_refused_and_nothing_is_
 }
 
 // Today: values whose version byte is 0 were said to be "under
-// ENCRYPTION_KEY_V0 in the environment, which the keys given do not hold:
-// give the job that key", and a variable of that name is refused: no key
-// has version 0, so they are damaged, and said as such.
+// ENCRYPTION_KEY_V0 in the environment ... Give the old key", and a
+// variable of that name is refused: no key has version 0, so the run's
+// refusal says so, and past --force they are quarantined as damaged.
 #[tokio::test(flavor = "multi_thread")]
-async fn values_labelled_version_0_are_quarantined_as_damaged_not_sent_looking_for_key_0() {
+async fn values_labelled_version_0_are_refused_as_no_keys_values_not_sent_looking_for_key_0() {
     let db = TestDb::new().await;
     db.seed_patients(100).await;
     db.client
@@ -532,9 +532,19 @@ async fn values_labelled_version_0_are_quarantined_as_damaged_not_sent_looking_f
     let dir = tempfile::tempdir().unwrap();
     let job = db.patients_job(&dir);
     let out = rekey(&args(&run_args(&job)), &seed_env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("10 begin with version byte 0, which no versioned-gcm key has")
+            && !printed(&out).contains("_V0"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(committed_values(&db).await, 0, "a value was written");
+    let mut forced = run_args(&job);
+    forced.push("--force".into());
+    let out = rekey(&args(&forced), &seed_env());
     assert_eq!(out.status.code(), Some(3), "{}", printed(&out));
     assert_eq!(json(&out)["values_failed"], 10, "{}", printed(&out));
-    assert!(!printed(&out).contains("_V0"), "{}", printed(&out));
     let out = rekey(
         &["verify", "--job", &job.display().to_string(), "--full"],
         &seed_env(),

@@ -981,6 +981,16 @@ async fn a_second_job_on_the_same_environment_is_refused_a_key_beside_one_staged
         .unwrap()
         .get(0);
     assert_eq!(staged, 0, "job b recorded a rotation");
+    // the key set but not made pending: still not staged to the environment
+    let mut half = v1_env();
+    half.push(("ENCRYPTION_KEY_V2", K2.to_string()));
+    let out = rekey(&["rotate", "--job", &job_b], &half);
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("job \"a\" staged key 2"),
+        "{}",
+        printed(&out)
+    );
 
     // once key 2 is set, job b takes it up
     let mut env = v1_env();

@@ -53,10 +53,8 @@ impl VersionedGcm {
 }
 
 impl Codec for VersionedGcm {
-    /// The version byte; none for 0, which no key has (versions are 1 to
-    /// 255): such a value is damaged, never one under a key to be found.
     fn key_hint(&self, value: &[u8]) -> Option<KeyId> {
-        value.first().filter(|&&v| v != 0).map(|&v| KeyId::from(v))
+        value.first().map(|v| KeyId::from(*v))
     }
 
     fn open(&self, value: &[u8], aad: &[u8]) -> Result<Opened, CodecError> {

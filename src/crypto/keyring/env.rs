@@ -191,6 +191,16 @@ pub fn from_vars(prefix: &str, vars: &[(String, String)]) -> Result<Keyring, Env
         })?;
         let pending_var = format!("{prefix}_PENDING_VERSION");
         let pending = version(pending_var.clone())?;
+        // before the keys' own check: a leftover whose key is gone since
+        // is still a leftover, not a key to bring back
+        if let Some(pending) = pending.filter(|p| *p < current) {
+            return Err(EnvKeyError::PendingOlderThanCurrent {
+                pending_var,
+                pending,
+                current_var,
+                current,
+            });
+        }
         for (var, id) in [
             (current_var.clone(), Some(current)),
             (pending_var.clone(), pending),
@@ -204,14 +214,6 @@ pub fn from_vars(prefix: &str, vars: &[(String, String)]) -> Result<Keyring, Env
                     });
                 }
             }
-        }
-        if let Some(pending) = pending.filter(|p| *p < current) {
-            return Err(EnvKeyError::PendingOlderThanCurrent {
-                pending_var,
-                pending,
-                current_var,
-                current,
-            });
         }
         // equal: a promotion whose `unset` is still to come; nothing is pending
         return Ok(Keyring::new(
@@ -366,6 +368,23 @@ mod tests {
             msg.starts_with("ENCRYPTION_PENDING_VERSION=1 names a key older than the current one (ENCRYPTION_CURRENT_VERSION=2)")
                 && msg.contains("unset ENCRYPTION_PENDING_VERSION"),
             "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_pending_version_below_the_current_one_whose_key_is_gone_is_still_a_leftover() {
+        let err = from_vars(
+            "ENCRYPTION",
+            &vars(&[
+                ("ENCRYPTION_KEY_V3", K1),
+                ("ENCRYPTION_CURRENT_VERSION", "3"),
+                ("ENCRYPTION_PENDING_VERSION", "2"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, EnvKeyError::PendingOlderThanCurrent { .. }),
+            "{err}"
         );
     }
 
