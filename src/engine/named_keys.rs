@@ -55,11 +55,14 @@ pub async fn named_keys(job: &Job, failures: &[Failure], capped: bool) -> Vec<Na
     let mut stores: BTreeMap<String, &KeysSpec> = BTreeMap::new();
     for f in failures {
         let Some(id) = f.named_key else { continue };
-        if id == 0 && is_versioned(job, f.target) {
-            // version byte 0: no key has it, so no key to name (damaged)
+        let Some(t) = job.targets.iter().find(|t| t.index == f.target) else {
+            continue;
+        };
+        // a label no key has (versioned-gcm's version byte 0): damaged, no key to name
+        if !t.read.format.names_a_key(id) {
             continue;
         }
-        let Some(spec) = source(job, f.target) else {
+        let Some(spec) = t.read.source.as_ref() else {
             continue;
         };
         let label = spec.store_label();
@@ -132,21 +135,6 @@ async fn counted_keys(
         }
     }
     looked
-}
-
-/// Whether the failures' target reads versioned-gcm values.
-fn is_versioned(job: &Job, target: usize) -> bool {
-    job.targets
-        .iter()
-        .any(|t| t.index == target && t.read.format == crate::crypto::codec::Format::VersionedGcm)
-}
-
-/// The key its failures' target reads with.
-fn source(job: &Job, target: usize) -> Option<&KeysSpec> {
-    job.targets
-        .iter()
-        .find(|t| t.index == target)
-        .and_then(|t| t.read.source.as_ref())
 }
 
 #[allow(clippy::too_many_arguments)]

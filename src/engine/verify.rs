@@ -631,18 +631,18 @@ async fn refuse_missing_keys(
     if missing.is_empty() {
         return Ok(());
     }
-    // a versioned-gcm version byte of 0: no key has it (versions are 1 to
-    // 255), so no key given could open them
-    if t.read.format == crate::crypto::codec::Format::VersionedGcm {
-        if let Some(n) = missing.get(&0) {
-            return Err(Error::Config(format!(
-                "of the {tried} values sampled from {}, {n} begin with version byte 0, which no versioned-gcm key has \
-                 (versions are 1 to 255): no key given can open them, so nothing was written. They are not values \
-                 this format made (check the target's `format`), or they are damaged: restore them from a backup{}",
-                t.table,
-                forcing.past("every value no key opens")
-            )));
-        }
+    // a versioned-gcm version byte of 0: no key has it, so no key given could open them
+    if let Some((_, n)) = missing
+        .iter()
+        .find(|(id, _)| !t.read.format.names_a_key(**id))
+    {
+        return Err(Error::Config(format!(
+            "of the {tried} values sampled from {}, {n} begin with version byte 0, which no versioned-gcm key has \
+             (versions are 1 to 255): no key given can open them, so nothing was written. They are not values \
+             this format made (check the target's `format`), or they are damaged: restore them from a backup{}",
+            t.table,
+            forcing.past("every value no key opens")
+        )));
     }
     let named: Vec<String> = missing
         .iter()

@@ -52,6 +52,12 @@ impl Format {
         }
     }
 
+    /// Whether a value of this format labelled `id` could be under a key:
+    /// versioned-gcm's version byte 0 is no key's (versions are 1 to 255).
+    pub fn names_a_key(self, id: KeyId) -> bool {
+        id <= self.max_key_id() && !(self == Format::VersionedGcm && id == 0)
+    }
+
     /// Whether values are text already (Fernet tokens are base64url), so a
     /// `text` column holds them as they are.
     pub fn is_text(self) -> bool {
