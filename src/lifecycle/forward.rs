@@ -66,6 +66,17 @@ fn environment_not_yet(store: &Store, what: &str, versioned: String, dual: Strin
     )
 }
 
+/// The dual convention's variables that stage key `n`: `<P>_KEY_NEW`, and
+/// its version where it is not the one after the current key's.
+pub(crate) fn dual_staging(store: &Store, p: &str, n: crate::crypto::keyring::KeyId) -> String {
+    match store.table().id_in(KeyState::Current) {
+        Some(c) if crate::crypto::keyring::env::dual_new_id(c) == n => {
+            format!("{p}_KEY_NEW=<the new key>")
+        }
+        _ => format!("{p}_KEY_NEW=<the new key> and {p}_KEY_NEW_VERSION={n}"),
+    }
+}
+
 /// Staged -> ran: re-encrypts every value under the staged key.
 pub(crate) async fn ran(
     cx: &Ctx<'_>,
@@ -83,11 +94,7 @@ pub(crate) async fn ran(
                 store,
                 &format!("key {n} is not staged"),
                 format!("{p}_KEY_V{n}=<the new key> and {p}_PENDING_VERSION={n}"),
-                // the dual convention takes the id after the current one unless told
-                match store.table().id_in(KeyState::Current) {
-                    Some(c) if c % 255 + 1 == n => format!("{p}_KEY_NEW=<the new key>"),
-                    _ => format!("{p}_KEY_NEW=<the new key> and {p}_KEY_NEW_VERSION={n}"),
-                },
+                dual_staging(store, p, n),
             ));
             return Ok(Some((Ended::Waiting(Wait::Environment), Step::Staged)));
         }

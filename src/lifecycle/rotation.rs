@@ -742,7 +742,7 @@ async fn refuse_beside_a_staged_key_not_yet_set(
     let set = if store.holds_unstaged_keys() {
         format!("{p}_KEY_V{n} and {p}_PENDING_VERSION={n}")
     } else {
-        format!("{p}_KEY_NEW (and {p}_KEY_NEW_VERSION={n} where `rekey rotate` said so)")
+        super::forward::dual_staging(store, p, n)
     };
     Err(Error::Config(format!(
         "{} staged key {n} in {} (rotation {rotation}), and the environment does not hold it as the pending key \
@@ -770,6 +770,8 @@ async fn stage_new(
     };
     refuse_filtered_compromise(cx.spec, cx.opts.compromised)?;
     refuse_filtered_where_promotion_needs_whole_tables(cx.spec, store)?;
+    // one query, before the preflight's sampling
+    refuse_beside_a_staged_key_not_yet_set(cx, client, store).await?;
     // what would refuse the run (a privilege, a table rekey may not see
     // whole, values that do not open) refuses before a key is staged; not
     // where the current key is marked compromised, as no keyring is loaded
@@ -790,7 +792,6 @@ async fn stage_new(
         crate::engine::uses::starting(client, &job).await?;
     }
     let secret_id = store.secret_id();
-    refuse_beside_a_staged_key_not_yet_set(cx, client, store).await?;
     let old = steps::current(store);
     let recorded = steps::recorded_key_id(client, store, cx.spec).await?;
     let (id, applied) = keeping_alive(

@@ -573,7 +573,7 @@ impl EnvStore {
                 (None, KeyState::Pending) => {
                     out.push(format!("export {p}_KEY_NEW={}", value(e)));
                     let current = self.table.id_in(KeyState::Current).unwrap_or(1);
-                    if e.id != current % 255 + 1 {
+                    if e.id != env::dual_new_id(current) {
                         out.push(format!("export {p}_KEY_NEW_VERSION={}", e.id));
                     }
                 }

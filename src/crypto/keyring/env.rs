@@ -140,6 +140,13 @@ pub fn for_counting(prefix: &str) -> Result<(Keyring, bool), EnvKeyError> {
     }
 }
 
+/// The id the dual convention gives `<P>_KEY_NEW` where
+/// `<P>_KEY_NEW_VERSION` is not set: the one after the current key's (255
+/// wraps to 1).
+pub fn dual_new_id(current: KeyId) -> KeyId {
+    current % 255 + 1
+}
+
 /// Reads a keyring from `(name, value)` pairs, as if they were the environment.
 pub fn from_vars(prefix: &str, vars: &[(String, String)]) -> Result<Keyring, EnvKeyError> {
     let get = |name: &str| {
@@ -230,7 +237,7 @@ pub fn from_vars(prefix: &str, vars: &[(String, String)]) -> Result<Keyring, Env
         });
     };
     let new_version_var = format!("{prefix}_KEY_NEW_VERSION");
-    let new_id = version(new_version_var.clone())?.unwrap_or(current_id % 255 + 1);
+    let new_id = version(new_version_var.clone())?.unwrap_or(dual_new_id(current_id));
     if new_id == current_id {
         return Err(EnvKeyError::BadVersion {
             var: new_version_var,
