@@ -20,7 +20,8 @@ use crate::job::{Job, JobSpec};
 use crate::lifecycle::audit::What;
 use crate::lifecycle::promotion;
 use crate::lifecycle::rotation::{
-    compromise_in_progress, job_keys, refuse_filtered_compromise, RotateOptions,
+    compromise_in_progress, job_keys, refuse_beside_a_staged_key_not_yet_set,
+    refuse_filtered_compromise, RotateOptions,
 };
 use crate::lifecycle::steps::{self, Applied};
 use crate::secrets::{uses, KeysSpec, Store};
@@ -468,6 +469,9 @@ async fn transition(command: &SecretsCommand, life: &LifecycleArgs) -> Result<u8
     }
     let (event, applied, key, note) = match command {
         SecretsCommand::Stage(_) => {
+            let name = spec.name.as_deref().unwrap_or_default();
+            refuse_beside_a_staged_key_not_yet_set(&client, name, &job_keys(&spec)?.prefix, &store)
+                .await?;
             let (id, applied) = {
                 let recorded = steps::recorded_key_id(&client, &store, &spec).await?;
                 let staged = steps::stage(&mut store, &spec, life.reveal, recorded.as_ref());

@@ -50,7 +50,18 @@ pub async fn preview(
             log.named_keys.extend(named);
             return Ok(log.end(ended, last.step));
         }
+        // what would refuse the stage refuses the dry run with the same words
         super::rotation::refuse_filtered_compromise(spec, opts.compromised)?;
+        super::rotation::refuse_filtered_where_promotion_needs_whole_tables(spec, &store)?;
+        if exists {
+            super::rotation::refuse_beside_a_staged_key_not_yet_set(
+                client,
+                &name,
+                &keys.prefix,
+                &store,
+            )
+            .await?;
+        }
         let next = match store.table().id_in(KeyState::Pending) {
             Some(pending) => pending,
             None => {

@@ -613,7 +613,7 @@ pub fn refuse_filtered_compromise(spec: &JobSpec, compromised: bool) -> Result<(
 /// promoted: the promotion rests on a full verify of whole tables
 /// ([`super::promotion::proof`]), so the rotation would rewrite the
 /// filtered rows and then stop short of promoting.
-fn refuse_filtered_where_promotion_needs_whole_tables(
+pub(crate) fn refuse_filtered_where_promotion_needs_whole_tables(
     spec: &JobSpec,
     store: &Store,
 ) -> Result<(), Error> {
@@ -706,16 +706,19 @@ pub(crate) fn human(s: i64) -> String {
 /// rekey cannot see it, so it would stage another beside it, and the two
 /// rotations would each wait for the environment to make its own key
 /// current. Once the first key is set, this job's rotation takes it up.
-async fn refuse_beside_a_staged_key_not_yet_set(
-    cx: &Ctx<'_>,
+/// `name` is the job's (`""` for one without a name), `prefix` its
+/// variables' prefix.
+pub(crate) async fn refuse_beside_a_staged_key_not_yet_set(
     client: &Client,
+    name: &str,
+    prefix: &str,
     store: &Store,
 ) -> Result<(), Error> {
     if store.writable() {
         // a key staged there is in the store at once, and a stage takes it up
         return Ok(());
     }
-    let others = rotations::others_staged(client, cx.name, &store.secret_id()).await?;
+    let others = rotations::others_staged(client, name, &store.secret_id()).await?;
     let pending = store
         .table()
         .id_in(crate::crypto::keytable::KeyState::Pending);
@@ -738,7 +741,7 @@ async fn refuse_beside_a_staged_key_not_yet_set(
     let Some((job, rotation, n, _)) = others.into_iter().find(|o| Some(o.2) != pending) else {
         return Ok(());
     };
-    let p = &cx.keys.prefix;
+    let p = prefix;
     let set = if store.holds_unstaged_keys() {
         format!("{p}_KEY_V{n} and {p}_PENDING_VERSION={n}")
     } else {
@@ -771,7 +774,7 @@ async fn stage_new(
     refuse_filtered_compromise(cx.spec, cx.opts.compromised)?;
     refuse_filtered_where_promotion_needs_whole_tables(cx.spec, store)?;
     // one query, before the preflight's sampling
-    refuse_beside_a_staged_key_not_yet_set(cx, client, store).await?;
+    refuse_beside_a_staged_key_not_yet_set(client, cx.name, &cx.keys.prefix, store).await?;
     // what would refuse the run (a privilege, a table rekey may not see
     // whole, values that do not open) refuses before a key is staged; not
     // where the current key is marked compromised, as no keyring is loaded

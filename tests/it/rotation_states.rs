@@ -925,13 +925,13 @@ async fn an_abort_over_values_damaged_before_the_rotation_turns_the_others_back_
     );
 }
 
-// Today: job b's rotate, while job a's key 2 was staged but not yet set in
-// the environment, staged key 3 ("rotation 1 recorded key 2 under
-// env:ENCRYPTION, which no longer holds it"), and from then on each job
-// asked for its own key to be made current: neither rotation could end.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_second_job_on_the_same_environment_is_refused_a_key_beside_one_staged_and_not_yet_set() {
-    let db = TestDb::new().await;
+/// Two jobs (a on `patient_persons`, b on a copy of it) on the same
+/// environment keys, key 1 current, and job a's rotation staged key 2,
+/// which the environment does not hold yet: (job a, job b).
+async fn a_staged_key_2_of_job_a_beside_job_b(
+    db: &TestDb,
+    dir: &tempfile::TempDir,
+) -> (String, String) {
     db.seed_patients(30).await;
     db.client
         .batch_execute(
@@ -940,8 +940,7 @@ async fn a_second_job_on_the_same_environment_is_refused_a_key_beside_one_staged
         )
         .await
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let whole = std::fs::read_to_string(db.patients_job(&dir)).unwrap();
+    let whole = std::fs::read_to_string(db.patients_job(dir)).unwrap();
     let job_a = dir.path().join("a.toml");
     std::fs::write(&job_a, format!("name = \"a\"\n{whole}")).unwrap();
     let job_b = dir.path().join("b.toml");
@@ -961,6 +960,30 @@ async fn a_second_job_on_the_same_environment_is_refused_a_key_beside_one_staged
         "{}",
         printed(&out)
     );
+    (job_a, job_b)
+}
+
+/// How many rotations job `name` has recorded.
+async fn rotations_of(db: &TestDb, name: &str) -> i64 {
+    db.client
+        .query_one(
+            "SELECT count(*) FROM rekey.rotations WHERE job_name = $1",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+// Today: job b's rotate, while job a's key 2 was staged but not yet set in
+// the environment, staged key 3 ("rotation 1 recorded key 2 under
+// env:ENCRYPTION, which no longer holds it"), and from then on each job
+// asked for its own key to be made current: neither rotation could end.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_job_on_the_same_environment_is_refused_a_key_beside_one_staged_and_not_yet_set() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, job_b) = a_staged_key_2_of_job_a_beside_job_b(&db, &dir).await;
 
     let out = rekey(&["rotate", "--job", &job_b], &v1_env());
     assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
@@ -971,16 +994,7 @@ async fn a_second_job_on_the_same_environment_is_refused_a_key_beside_one_staged
         "{}",
         printed(&out)
     );
-    let staged: i64 = db
-        .client
-        .query_one(
-            "SELECT count(*) FROM rekey.rotations WHERE job_name = 'b'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(staged, 0, "job b recorded a rotation");
+    assert_eq!(rotations_of(&db, "b").await, 0, "job b recorded a rotation");
     // the key set but not made pending: still not staged to the environment
     let mut half = v1_env();
     half.push(("ENCRYPTION_KEY_V2", K2.to_string()));
@@ -1043,4 +1057,40 @@ async fn a_filtered_jobs_verify_says_it_read_only_the_rows_its_filters_select() 
         .unwrap()
         .get(0);
     assert!(detail.contains("`where` filters select"), "{detail}");
+}
+
+// Today: `rotate --dry-run` for job b said "would stage key 3" while the
+// rotation itself refuses (exit 2) beside job a's key 2 not yet set.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_of_a_second_job_says_the_refusal_its_rotation_would_give() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, job_b) = a_staged_key_2_of_job_a_beside_job_b(&db, &dir).await;
+    let out = rekey(&["rotate", "--job", &job_b, "--dry-run"], &v1_env());
+    let text = printed(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("job \"a\" staged key 2") && !text.contains("would stage key"),
+        "{text}"
+    );
+    assert_eq!(rotations_of(&db, "b").await, 0);
+}
+
+// Today: `rekey secrets stage` for job b printed the exports for key 3
+// beside job a's key 2, staged and not yet set: only `rotate` was guarded.
+#[tokio::test(flavor = "multi_thread")]
+async fn secrets_stage_of_a_second_job_is_refused_beside_a_key_staged_and_not_yet_set() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, job_b) = a_staged_key_2_of_job_a_beside_job_b(&db, &dir).await;
+    let out = rekey(&["secrets", "stage", "--job", &job_b], &v1_env());
+    let text = printed(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("job \"a\" staged key 2")
+            && text.contains("Nothing was staged")
+            && !text.contains("ENCRYPTION_KEY_V3"),
+        "{text}"
+    );
+    assert_eq!(rotations_of(&db, "b").await, 0);
 }

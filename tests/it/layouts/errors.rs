@@ -262,6 +262,31 @@ async fn in_the_dual_convention_rotate_says_to_copy_the_new_key_and_names_the_ve
     );
 }
 
+// Today: `rotate --dry-run` of a filtered job under the dual convention
+// said "would stage key 2" where the rotation refuses before staging.
+#[tokio::test(flavor = "multi_thread")]
+async fn in_the_dual_convention_a_dry_run_of_a_filtered_job_says_the_rotation_would_be_refused() {
+    let db = TestDb::new().await;
+    db.seed_patients(30).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db
+        .patients_job_where(&dir, "id <= 10")
+        .display()
+        .to_string();
+    let out = rekey(
+        &["rotate", "--job", &job, "--dry-run"],
+        &[("ENCRYPTION_KEY", urlsafe(K1))],
+    );
+    let text = printed(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("`where` filter")
+            && text.contains("whole tables")
+            && !text.contains("would stage key"),
+        "{text}"
+    );
+}
+
 // Today: `rotate` staged the key and rewrote every filtered row, then
 // refused the promotion for the filter (exit 2, "nothing was touched",
 // after it had): knowable before anything was staged.
