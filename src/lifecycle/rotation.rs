@@ -22,6 +22,7 @@ use crate::db::idle::keeping_alive;
 use crate::db::Database;
 use crate::engine::named_keys::{self, NamedKey};
 use crate::engine::pipeline::Settings;
+use crate::error::DbContext;
 use crate::job::JobSpec;
 use crate::lifecycle::audit::{Audit, What};
 use crate::lifecycle::steps;
@@ -759,8 +760,35 @@ pub(crate) async fn refuse_beside_a_staged_key_not_yet_set(
 }
 
 /// Stages a new key and records the rotation; says what it waits for,
-/// if anything, before the rotation can go on.
+/// if anything, before the rotation can go on. Where the store holds no
+/// staged key until the operator sets it (the environment), one stage at a
+/// time per store: two jobs' rotations racing past
+/// [`refuse_beside_a_staged_key_not_yet_set`] would each stage a key.
 async fn stage_new(
+    cx: &Ctx<'_>,
+    client: &Client,
+    store: &mut Store,
+    log: &mut Log,
+) -> Result<Option<Wait>, Error> {
+    if store.writable() {
+        return stage_and_record(cx, client, store, log).await;
+    }
+    let lock = format!("rekey.stage:{}", store.secret_id());
+    state::locks::wait_for(client, &lock).await.ctx(|| {
+        format!(
+            "waiting for other rotations staging a key in {}",
+            store.secret_id()
+        )
+    })?;
+    let staged = stage_and_record(cx, client, store, log).await;
+    state::locks::release(client, &lock)
+        .await
+        .ctx(|| format!("releasing the lock {lock:?}"))?;
+    staged
+}
+
+/// [`stage_new`], once no other rotation is staging a key in the store.
+async fn stage_and_record(
     cx: &Ctx<'_>,
     client: &Client,
     store: &mut Store,

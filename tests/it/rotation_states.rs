@@ -932,6 +932,20 @@ async fn a_staged_key_2_of_job_a_beside_job_b(
     db: &TestDb,
     dir: &tempfile::TempDir,
 ) -> (String, String) {
+    let (job_a, job_b) = two_jobs_on_one_environment(db, dir).await;
+    let out = rekey(&["rotate", "--job", &job_a], &v1_env());
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("export ENCRYPTION_PENDING_VERSION=2"),
+        "{}",
+        printed(&out)
+    );
+    (job_a, job_b)
+}
+
+/// Two jobs (a on `patient_persons`, b on a copy of it) on the same
+/// environment keys: (job a, job b).
+async fn two_jobs_on_one_environment(db: &TestDb, dir: &tempfile::TempDir) -> (String, String) {
     db.seed_patients(30).await;
     db.client
         .batch_execute(
@@ -952,15 +966,7 @@ async fn a_staged_key_2_of_job_a_beside_job_b(
         ),
     )
     .unwrap();
-    let (job_a, job_b) = (job_a.display().to_string(), job_b.display().to_string());
-    let out = rekey(&["rotate", "--job", &job_a], &v1_env());
-    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
-    assert!(
-        printed(&out).contains("export ENCRYPTION_PENDING_VERSION=2"),
-        "{}",
-        printed(&out)
-    );
-    (job_a, job_b)
+    (job_a.display().to_string(), job_b.display().to_string())
 }
 
 /// How many rotations job `name` has recorded.
@@ -1093,4 +1099,69 @@ async fn secrets_stage_of_a_second_job_is_refused_beside_a_key_staged_and_not_ye
         "{text}"
     );
     assert_eq!(rotations_of(&db, "b").await, 0);
+}
+
+// Today: two jobs' rotations started together on the same environment
+// keys could both pass the check for a key staged beside theirs (each
+// under its own job's lock only) and stage keys 2 and 3.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_jobs_rotations_started_together_on_one_environment_stage_one_key() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job_a, job_b) = two_jobs_on_one_environment(&db, &dir).await;
+    // the environment's stage lock held here, so both rotations reach it
+    // and wait: released, they go one after the other
+    let lock = "rekey.stage:env:ENCRYPTION";
+    db.client
+        .execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", &[&lock])
+        .await
+        .unwrap();
+    let a = spawn_rekey_captured(&["rotate", "--job", &job_a], &v1_env());
+    let b = spawn_rekey_captured(&["rotate", "--job", &job_b], &v1_env());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let waiting: i64 = db
+            .client
+            .query_one(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity s ON s.pid = l.pid
+                  WHERE s.datname = current_database() AND l.locktype = 'advisory' AND NOT l.granted
+                    AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended($1, 0)",
+                &[&lock],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the two rotations did not both wait for the stage lock ({waiting} waiting)"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    db.client
+        .execute(
+            "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
+            &[&lock],
+        )
+        .await
+        .unwrap();
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    let mut codes = [a.status.code(), b.status.code()];
+    codes.sort();
+    assert_eq!(
+        codes,
+        [Some(2), Some(6)],
+        "a: {}\nb: {}",
+        printed(&a),
+        printed(&b)
+    );
+    let staged: i64 = db
+        .client
+        .query_one("SELECT count(*) FROM rekey.rotations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(staged, 1, "a: {}\nb: {}", printed(&a), printed(&b));
 }
