@@ -38,9 +38,20 @@ pub(crate) async fn abort(
         )));
     };
     if rot.step == Step::Promoted {
+        let back = if store.holds_unstaged_keys() {
+            format!(
+                "To go back, make key {old} current with `rekey secrets rollback`, then rewrite the values with `rekey run`"
+            )
+        } else {
+            format!(
+                "{} keeps no place where applications read a previous key, so there is no going back to key {old}: \
+                 to move away from key {new}, rotate to a new key (`rekey rotate --new`)",
+                store.secret_id()
+            )
+        };
         return Err(Error::Config(format!(
-            "rotation {} is already promoted: key {new} is current and applications write under it, so it cannot be aborted. \
-             To go back, make key {old} current with `rekey secrets rollback`, then rewrite the values with `rekey run`",
+            "rotation {} is already promoted: key {new} is the key applications are given to write under, so it \
+             cannot be aborted. {back}",
             rot.id
         )));
     }

@@ -197,7 +197,8 @@ pub fn refuse_unstaging(store: &Store) -> Result<(), Error> {
         Some(pending) if !store.holds_unstaged_keys() => Err(Error::Config(format!(
             "{} keeps the staged key {pending} only where applications read the new key ({}): un-staging it would \
              delete the only copy of a key values may already be under. Finish the rotation instead (`rekey rotate`); \
-             if `rekey plan` shows no value under key {pending}, remove the new key yourself",
+             if `rekey verify --full` (which decrypts every value: a plan cannot see the key of a Fernet or raw-gcm value) \
+             shows no value under key {pending}, remove the new key yourself",
             store.secret_id(),
             store.new_key_place()
         ))),
@@ -209,8 +210,25 @@ pub fn refuse_unstaging(store: &Store) -> Result<(), Error> {
 /// where the store can keep it readable: values may be under it).
 pub async fn rollback(store: &mut Store, reveal: bool) -> Result<Applied, Error> {
     refuse_unstaging(store)?;
-    // the key that becomes current must be one rekey holds: else every value is unreadable
     let back = store.table().rollback_target().map(|e| e.id);
+    if let (Some(back), None, false) = (
+        back,
+        store.table().id_in(KeyState::Pending),
+        store.holds_unstaged_keys(),
+    ) {
+        // the promotion rested on a full verify: every value is under the
+        // current key, which the applications would no longer read
+        let current = current(store).map_or("the current key".into(), |c| format!("key {c}"));
+        return Err(Error::Config(format!(
+            "{} keeps no place where applications read a previous key (they read the current key and {}): \
+             making key {back} current again would leave every value, now under {current}, unreadable to them. \
+             To move away from {current}, rotate to a new key (`rekey rotate --new`), which rewrites the values \
+             before it is promoted. Nothing was changed",
+            store.secret_id(),
+            store.new_key_place()
+        )));
+    }
+    // the key that becomes current must be one rekey holds: else every value is unreadable
     if let (Some(back), None) = (back, store.table().id_in(KeyState::Pending)) {
         if !store.fetch_archived(back).await? {
             return Err(Error::Config(format!(

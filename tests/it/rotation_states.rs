@@ -630,7 +630,9 @@ async fn abort_refuses_where_the_staged_key_has_nowhere_to_stay() {
         let out = rekey(&args, &env);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", printed(&out));
         assert!(
-            stderr(&out).contains("Finish the rotation instead"),
+            stderr(&out).contains("Finish the rotation instead")
+                && stderr(&out).contains("if `rekey verify --full`")
+                && !stderr(&out).contains("rekey plan"),
             "{args:?}: {}",
             printed(&out)
         );

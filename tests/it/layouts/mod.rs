@@ -8,6 +8,7 @@
 mod apps;
 mod compromise;
 mod errors;
+mod rollback;
 mod stopped_promote;
 
 use std::process::Command;
