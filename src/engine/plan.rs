@@ -233,6 +233,23 @@ pub fn visibly_off_target<'a>(
     })
 }
 
+/// The encrypted columns whose values do not show their key (Fernet, raw
+/// AES-GCM): only decrypting tells where they stand. Search hashes are left
+/// out (no count tells which key made one either, but nothing decrypts them).
+pub fn keys_hidden<'a>(
+    job: &'a Job,
+    plans: &'a [ColumnPlan],
+) -> impl Iterator<Item = &'a ColumnPlan> {
+    plans.iter().filter(|c| {
+        let t = &job.targets[c.target];
+        c.by_key.is_none()
+            && !t.hash_only()
+            && t.hash
+                .as_ref()
+                .is_none_or(|h| t.columns[h.column].name != c.column)
+    })
+}
+
 /// Counts every column of every target by key, in one scan per column.
 pub async fn count_by_key(client: &Client, job: &Job) -> Result<Vec<ColumnPlan>, Error> {
     let mut out = Vec::new();

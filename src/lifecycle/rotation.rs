@@ -563,6 +563,24 @@ pub(super) async fn since_last(
         ));
     }
     changed.extend(named_keys::advice(&named));
+    // values that do not show their key: no count tells whether a rollback's
+    // rewrite back happened, so a run begun after it must have finished
+    let hidden: Vec<String> = crate::engine::plan::keys_hidden(&job, &plans)
+        .map(|c| format!("{}.{}", c.table, c.column))
+        .collect();
+    if last.step == Step::RolledBack
+        && !hidden.is_empty()
+        && rotations::rewrite_back_unproven(client, last.id, &job.name).await?
+    {
+        changed.push(format!(
+            "the values of {} do not show their key without decrypting, and no run has finished since the rollback: \
+             those rewritten under key {} before it are still there until `rekey run` rewrites them to key {} \
+             (`rekey verify --full` counts them)",
+            hidden.join(", "),
+            last.new_key,
+            last.old_key.map_or_else(|| "the current key".to_string(), |k| k.to_string())
+        ));
+    }
     if !changed.is_empty() {
         let how = match last.step {
             Step::RolledBack => "was rolled back",

@@ -218,6 +218,28 @@ fn key(v: i64) -> Result<KeyId, Error> {
     })
 }
 
+/// Whether rotation `rotation_id`, ended by a rollback outside an abort,
+/// still owes the rewrite of its values back to the old key: no run of the
+/// job (`job`, as `rekey.jobs` names it) begun after the rollback has
+/// finished. Only where values do not show their key is this asked.
+pub async fn rewrite_back_unproven(
+    client: &Client,
+    rotation_id: i64,
+    job: &str,
+) -> Result<bool, Error> {
+    let row = client
+        .query_one(
+            "SELECT r.rewrite_back_due AND NOT EXISTS (
+                        SELECT 1 FROM rekey.jobs j
+                         WHERE j.name = $2 AND j.state = 'done' AND j.started_at > r.finished_at)
+               FROM rekey.rotations r WHERE r.rotation_id = $1",
+            &[&rotation_id, &job],
+        )
+        .await
+        .ctx(|| format!("reading whether rotation {rotation_id}'s values were rewritten back"))?;
+    Ok(row.get(0))
+}
+
 /// The most recent rotation of job `name` that is over, if any.
 pub async fn last_finished(client: &Client, name: &str) -> Result<Option<Finished>, Error> {
     let row = client
@@ -366,7 +388,8 @@ pub async fn set_fingerprint(client: &Client, id: i64, fingerprint: &str) -> Res
 pub async fn roll_back(client: &Client, name: &str) -> Result<(), Error> {
     client
         .execute(
-            "UPDATE rekey.rotations SET step = 'rolled_back', finished_at = now(), updated_at = now() WHERE job_name = $1 AND step NOT IN ('retired', 'rolled_back')",
+            "UPDATE rekey.rotations SET step = 'rolled_back', rewrite_back_due = true, finished_at = now(), updated_at = now()
+              WHERE job_name = $1 AND step NOT IN ('retired', 'rolled_back')",
             &[&name],
         )
         .await

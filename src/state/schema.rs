@@ -37,6 +37,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (21, include_str!("../../sql/021_audit_adopted.sql")),
     (22, include_str!("../../sql/022_audit_intents.sql")),
     (23, include_str!("../../sql/023_job_xids.sql")),
+    (24, include_str!("../../sql/024_rotation_rewrite_back.sql")),
 ];
 
 /// Creates or upgrades schema `rekey`. Safe to run from several processes
