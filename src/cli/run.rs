@@ -140,7 +140,8 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
     let started = Instant::now();
     let live = Arc::new(LiveCounts::default());
 
-    if !args.dry_run && !args.force {
+    // a dry run refuses where the run would: one used as a gate must not say go
+    if !args.force {
         verify::preflight(
             &client,
             &job,
@@ -149,7 +150,7 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
             settings.timeouts.lock,
         )
         .await?;
-    } else if !args.dry_run {
+    } else {
         // --force lets values that do not open through, nothing else
         for t in &job.targets {
             verify::check_table(&client, t, settings.timeouts.lock).await?;

@@ -229,7 +229,8 @@ pub async fn rewrite_back_unproven(
 ) -> Result<bool, Error> {
     let row = client
         .query_one(
-            "SELECT r.rewrite_back_due AND NOT EXISTS (
+            // through jsonb: `--dry-run` reads a schema from before rewrite_back_due
+            "SELECT coalesce((to_jsonb(r) ->> 'rewrite_back_due')::boolean, false) AND NOT EXISTS (
                         SELECT 1 FROM rekey.jobs j
                          WHERE j.name = $2 AND j.state = 'done' AND j.started_at > r.finished_at)
                FROM rekey.rotations r WHERE r.rotation_id = $1",

@@ -183,6 +183,27 @@ async fn resuming_with_a_changed_job_file_is_refused() {
     assert_refused(&db, &job, &seed_env(), "started from a different job file").await;
 }
 
+// Today: `run --dry-run` with a wrong old key said "would rewrite 0
+// values ... 400000 failed" and "done" (exit 3, nothing quarantined) where
+// the run itself refuses (exit 2): a dry run used as a gate said go.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_with_a_key_that_opens_nothing_gives_the_refusal_the_run_would() {
+    let (db, dir) = patients().await;
+    let job = job_with(&dir, &db, GOOD);
+    let env = vec![
+        ("ENCRYPTION_KEY_V1", K3.to_string()),
+        ("ENCRYPTION_KEY_V2", K2.to_string()),
+        ("ENCRYPTION_CURRENT_VERSION", "2".to_string()),
+    ];
+    let out = rekey(&["run", "--job", &job, "--dry-run"], &env);
+    let text = printed(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("values sampled from public.patient_persons opens") && !text.contains("done"),
+        "{text}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_key_that_opens_nothing_is_refused_before_any_write_unless_forced() {
     let (db, dir) = patients().await;
