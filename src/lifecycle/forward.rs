@@ -337,6 +337,41 @@ pub(crate) async fn promoted(
     Ok(Some((Ended::Waiting(Wait::Environment), Step::Promoted)))
 }
 
+/// Where the key rotation `rot` promoted is not current in the store: in
+/// the environment, what is still to be set (`Some`, a wait); elsewhere it
+/// was changed by hand since (a refusal). `prefix`: the variables' prefix.
+pub(crate) fn promoted_key_not_current(
+    store: &Store,
+    prefix: &str,
+    rot: &Rotation,
+) -> Result<Option<String>, Error> {
+    let current = store.table().id_in(KeyState::Current);
+    if current == Some(rot.new_key) {
+        return Ok(None);
+    }
+    let n = rot.new_key;
+    if !store.writable() {
+        let p = prefix;
+        return Ok(Some(environment_not_yet(
+            store,
+            &format!("key {n} is not current"),
+            format!("{p}_CURRENT_VERSION={n}, {p}_PENDING_VERSION unset"),
+            format!("{p}_KEY=<key {n}> and {p}_KEY_VERSION={n}, {p}_KEY_NEW unset"),
+        )));
+    }
+    let meant = match current {
+        Some(c) => format!(
+            "; or, if going back to key {c} was meant, `rekey secrets rollback` records it (the store is left as it \
+             is), and `rekey run` then rewrites the values under key {n} to key {c}"
+        ),
+        None => String::new(),
+    };
+    Err(Error::Config(format!(
+        "key {n} is not current in {} yet: it was changed by hand. Make it current again, then run `rekey rotate`{meant}",
+        store.secret_id(),
+    )))
+}
+
 /// Promoted -> retired, once the grace period is over (at once for a
 /// compromise rotation), or once the old key was retired by hand.
 pub(crate) async fn retired(
@@ -346,22 +381,9 @@ pub(crate) async fn retired(
     rot: &Rotation,
     mut log: Log,
 ) -> Result<Progressed, Error> {
-    if store.table().id_in(KeyState::Current) != Some(rot.new_key) {
-        if !store.writable() {
-            let (p, n) = (&cx.keys.prefix, rot.new_key);
-            log.lines.push(environment_not_yet(
-                store,
-                &format!("key {n} is not current"),
-                format!("{p}_CURRENT_VERSION={n}, {p}_PENDING_VERSION unset"),
-                format!("{p}_KEY=<key {n}> and {p}_KEY_VERSION={n}, {p}_KEY_NEW unset"),
-            ));
-            return Ok(log.end(Ended::Waiting(Wait::Environment), Step::Promoted));
-        }
-        return Err(Error::Config(format!(
-            "key {} is not current in {} yet: it was changed by hand; make it current again, then run `rekey rotate`",
-            rot.new_key,
-            store.secret_id(),
-        )));
+    if let Some(line) = promoted_key_not_current(store, &cx.keys.prefix, rot)? {
+        log.lines.push(line);
+        return Ok(log.end(Ended::Waiting(Wait::Environment), Step::Promoted));
     }
     let Some(old) = rot.old_key else {
         rotations::set_step(client, rot.id, Step::Retired).await?;

@@ -62,6 +62,21 @@ pub async fn preview(
             )
             .await?;
         }
+        // the stage's preflight: what would refuse the run (a privilege, a
+        // table rekey may not see whole, values that do not open) refuses
+        // before a key is staged (not over a current key marked compromised,
+        // as the stage does not either)
+        if store.table().compromised_current().is_none() {
+            let job = Job::resolve(spec, client).await?;
+            crate::engine::verify::preflight(
+                client,
+                &job,
+                crate::engine::verify::TargetKey::Given,
+                crate::engine::verify::Forcing::NoFlag("rekey rotate"),
+                opts.settings.timeouts.lock,
+            )
+            .await?;
+        }
         let next = match store.table().id_in(KeyState::Pending) {
             Some(pending) => pending,
             None => {
@@ -90,6 +105,23 @@ pub async fn preview(
         return Ok(log.end(Ended::Done, Step::Staged));
     };
     log.rotation = Some(RotationInfo::of(&rot));
+    if rot.step == Step::Promoted {
+        // as the next invocation checks first: the promoted key still current
+        if let Some(line) = super::forward::promoted_key_not_current(&store, &keys.prefix, &rot)? {
+            say(&mut log, line);
+            return Ok(log.end(Ended::Waiting(Wait::Rotate), rot.step));
+        }
+    }
+    // a `--grace` (or a switch to compromise mode) given now replaces the
+    // rotation's grace period, as the invocation itself would
+    let grace_s = if opts.compromised {
+        0
+    } else {
+        match opts.grace {
+            Some(g) => super::rotation::grace_s(opts, g)?,
+            None => rot.grace_s,
+        }
+    };
     let to_rewrite = || async {
         let job = Job::resolve(spec, client).await?;
         plan::values_to_rewrite(client, &job).await
@@ -106,12 +138,12 @@ pub async fn preview(
             rot.id, rot.new_key
         ),
         Step::Promoted => {
-            let due = rot.promoted_at_s.unwrap_or(now() as i64) + rot.grace_s;
+            let due = rot.promoted_at_s.unwrap_or(now() as i64) + grace_s;
             match rot.old_key {
                 Some(old) if (now() as i64) < due => format!(
                     "rotation {} is promoted; key {old} stays for the grace period ({}), until {}; then a full verify and its retirement",
                     rot.id,
-                    human(rot.grace_s),
+                    human(grace_s),
                     rfc3339(due.max(0).unsigned_abs())
                 ),
                 Some(old) => format!(

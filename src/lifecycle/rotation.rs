@@ -701,7 +701,7 @@ async fn adjust(
 }
 
 /// The grace period in seconds; a compromise rotation has none.
-fn grace_s(opts: &RotateOptions, g: Duration) -> Result<i64, Error> {
+pub(super) fn grace_s(opts: &RotateOptions, g: Duration) -> Result<i64, Error> {
     if opts.compromised && !g.is_zero() {
         return Err(Error::Config(
             "a compromise rotation has no grace period: the compromised key is retired as soon as a full verify shows no value needs it; drop --grace".into(),

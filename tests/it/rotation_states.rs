@@ -1221,3 +1221,89 @@ async fn after_a_rollback_values_that_hide_their_key_are_not_called_rolled_back_
         printed(&out)
     );
 }
+
+// Today: `rotate --dry-run` with a key that opens none of the values said
+// "would stage key 2 ..." and exited 0; the rotation refuses before staging.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_with_a_key_that_opens_nothing_gives_the_refusal_the_stage_would() {
+    let db = TestDb::new().await;
+    db.seed_patients(100).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    // the keyring's key 1 is not the one the values are under
+    std::fs::remove_file(&keyring).unwrap();
+    keyring_file_with_key_1(&keyring, K3);
+    let before = std::fs::read(&keyring).unwrap();
+    let out = rotate(&job, &["--dry-run"]);
+    let text = printed(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("opens") && !text.contains("would stage"),
+        "{text}"
+    );
+    let out = rotate(&job, &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert_eq!(std::fs::read(&keyring).unwrap(), before, "a key was staged");
+}
+
+// Today: `rotate --dry-run --grace 0s` after the promotion said "key 1
+// stays for the grace period (1day)"; the same invocation retires it at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_with_a_new_grace_period_says_what_that_grace_period_leads_to() {
+    let db = TestDb::new().await;
+    db.seed_patients(100).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, _) = keyring_file_job(&db, &dir);
+    let out = rotate(&job, &["--no-wait"]);
+    expect(&out, 6, "promoted", "waiting", "grace_period");
+    let out = rotate(&job, &["--dry-run", "--grace", "0s"]);
+    let text = printed(&out);
+    assert!(
+        text.contains("would verify every value and retire key 1")
+            && !text.contains("stays for the grace period"),
+        "{text}"
+    );
+    let out = rotate(&job, &["--dry-run"]);
+    assert!(
+        printed(&out).contains("stays for the grace period (1day)"),
+        "{}",
+        printed(&out)
+    );
+}
+
+// Today: after key 1 was made current again by hand, `rotate --dry-run`
+// said "key 1 stays for the grace period" where the rotation refuses
+// ("changed by hand"); and the refusal did not say how to record a
+// rollback that was meant.
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_hand_rollback_the_dry_run_refuses_as_the_rotation_does_and_both_say_how_to_record_it(
+) {
+    let db = TestDb::new().await;
+    db.seed_patients(100).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    let out = rotate(&job, &["--no-wait"]);
+    expect(&out, 6, "promoted", "waiting", "grace_period");
+    let mut file = KeyringFile::open(&keyring, KEYRING_PASS.as_bytes(), "P").unwrap();
+    assert!(file.table.rollback(1).unwrap());
+    file.save().unwrap();
+    for args in [&["--dry-run"][..], &[][..]] {
+        let out = rotate(&job, args);
+        let text = printed(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {text}");
+        assert!(
+            text.contains("changed by hand")
+                && text.contains("`rekey secrets rollback` records it"),
+            "{args:?}: {text}"
+        );
+    }
+    let out = rekey(&["secrets", "rollback", "--job", &job], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let out = rotate(&job, &[]);
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("`rekey run` rewrites them"),
+        "{}",
+        printed(&out)
+    );
+}
