@@ -82,18 +82,27 @@ pub async fn plan(args: &StatusArgs) -> Result<u8, Error> {
                         .join(" ")
                 })
                 .unwrap_or_else(|| "key not visible without decrypting".into());
-            let left = if chosen {
-                format!("; {} to rewrite", c.to_rewrite)
-            } else {
-                String::new()
+            let left = match (chosen, c.by_key.is_some()) {
+                (false, _) => String::new(),
+                (true, true) => format!("; {} to rewrite", c.to_rewrite),
+                // only decrypting tells which are on the target key already
+                (true, false) => format!(
+                    "; {} to read (a run decrypts each, and rewrites those not on the target key)",
+                    c.to_rewrite
+                ),
             };
+            let keys = if keys.is_empty() {
+                String::new()
+            } else {
+                format!(", {keys}")
+            };
+            // an empty value holds no ciphertext: counted with the NULLs
             out!(
-                "  {}.{}: {} rows, {} NULL, {}{left}",
+                "  {}.{}: {} rows, {} NULL or empty{keys}{left}",
                 c.table,
                 c.column,
                 c.rows,
-                c.nulls,
-                keys
+                c.nulls
             );
         }
     }

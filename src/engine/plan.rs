@@ -328,8 +328,14 @@ pub async fn count_by_key(client: &Client, job: &Job) -> Result<Vec<ColumnPlan>,
                 let codec = &target.write.codec;
                 let hint = codec.key_hint(&prefix);
                 let known = hint.is_some_and(|id| target.write.keyring.get(id).is_some());
-                let mut label = codec.describe_prefix(&prefix);
-                if !known {
+                // an empty prefix: a text value that is not base64 (a run
+                // quarantines it as badly encoded), not a key
+                let mut label = if prefix.is_empty() {
+                    "not base64".to_string()
+                } else {
+                    codec.describe_prefix(&prefix)
+                };
+                if !known && !prefix.is_empty() {
                     label.push_str(" (no such key)");
                     plan.unknown_key = plan.unknown_key.map(|u| u + n);
                     if let Some(id) = hint {

@@ -830,3 +830,38 @@ async fn keys_of_unusual_types_page_through_every_row() {
         printed(&verify)
     );
 }
+
+// Today: `plan` showed a text value that is not base64 as "empty (no such
+// key)", an empty string under "NULL" unsaid, and an all-NULL column as
+// "0 NULL, ; 0 to rewrite".
+#[tokio::test(flavor = "multi_thread")]
+async fn plan_names_values_that_are_not_base64_and_counts_empty_ones_with_the_nulls() {
+    let db = TestDb::new().await;
+    db.seed_patients(10).await;
+    db.client
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY, c text, d text);
+             INSERT INTO t SELECT id, encode(phone_encrypted, 'base64'), NULL FROM patient_persons;
+             INSERT INTO t VALUES (1001, '', NULL), (1002, 'not base64 !!', NULL);",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(
+        &dir,
+        &db,
+        "[[target]]\ntable = \"t\"\nprimary_key = [\"id\"]\ncolumns = [\"c\", \"d\"]\nformat = \"versioned-gcm\"\n",
+    );
+    let out = rekey(&["plan", "--job", &job], &seed_env());
+    let text = printed(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("public.t.c: 12 rows, 1 NULL or empty, not base64=1 v1=10;")
+            && !text.contains("empty (no such key)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("public.t.d: 12 rows, 12 NULL or empty; 0 to rewrite"),
+        "{text}"
+    );
+}
