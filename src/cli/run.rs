@@ -99,6 +99,41 @@ struct Ran {
     elapsed: f64,
 }
 
+/// Refuses a run that would rewrite values to the key an abort of the
+/// job's rotation takes away (the pending key still set where the
+/// applications' environment is, say): it would undo the abort's work.
+/// `name`: the job's, as its rotations record it. A run once that key is no
+/// longer the target goes the abort's way, and is let through.
+async fn refuse_against_an_abort(client: &Client, name: &str, job: &Job) -> Result<(), Error> {
+    if !state::schema_exists(client).await? {
+        return Ok(());
+    }
+    let Some(rot) = state::rotations::open_rotation(client, name).await? else {
+        return Ok(());
+    };
+    if rot.step != state::rotations::Step::Aborting {
+        return Ok(());
+    }
+    match job
+        .targets
+        .iter()
+        .find(|t| t.write.keyring.target().id() == rot.new_key)
+    {
+        Some(t) => Err(Error::Config(format!(
+            "rotation {} of this job is being aborted{}, and this run would rewrite the values of {} to key {}, \
+             the key the abort takes away: make the changes `rekey rotate --abort` printed (key {} no longer pending), \
+             then run `rekey rotate --abort` with this job file again. Nothing was written",
+            rot.id,
+            rot.old_key
+                .map_or_else(String::new, |k| format!(" (back to key {k})")),
+            t.table,
+            rot.new_key,
+            rot.new_key
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// `rekey run`.
 pub async fn run(args: &RunArgs) -> Result<u8, Error> {
     if let Some(addr) = args.online.metrics_addr {
@@ -110,6 +145,7 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
         mut client,
     } = open(&args.common).await?;
     let job = Arc::new(Job::resolve(&spec, &client).await?);
+    refuse_against_an_abort(&client, spec.name.as_deref().unwrap_or_default(), &job).await?;
     // said first, and again with the totals: the run itself is not refused
     let mut warnings = crate::job::newer_keys::newer_than_target(&job);
     warnings.extend(crate::job::visibility::old_row_copies(&client, &job.targets).await?);

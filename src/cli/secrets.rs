@@ -494,7 +494,18 @@ async fn transition(command: &SecretsCommand, life: &LifecycleArgs) -> Result<u8
             )
         }
         SecretsCommand::Rollback(_) => {
-            let applied = keeping_alive(&client, steps::rollback(&mut store, life.reveal)).await?;
+            let promoted_by_rekey = match steps::current(&store) {
+                Some(c) => {
+                    rotations::promoted_to(&client, spec.name.as_deref().unwrap_or_default(), c)
+                        .await?
+                }
+                None => false,
+            };
+            let applied = keeping_alive(
+                &client,
+                steps::rollback(&mut store, life.reveal, promoted_by_rekey),
+            )
+            .await?;
             let current = steps::current(&store).unwrap_or_default();
             (
                 "key_rolled_back",

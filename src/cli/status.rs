@@ -6,6 +6,7 @@ use serde_json::json;
 use crate::cli::args::StatusArgs;
 use crate::cli::out::out;
 use crate::cli::{open, print_json, Opened};
+use crate::state::rotations::{self, Rotation, Step};
 use crate::state::{self, Control, JobState};
 use crate::Error;
 
@@ -34,21 +35,36 @@ pub async fn control(args: &StatusArgs, to: Control) -> Result<u8, Error> {
 pub async fn status(args: &StatusArgs) -> Result<u8, Error> {
     let Opened { spec, client, .. } = open(&args.common).await?;
     let name = spec.name.clone().unwrap_or_else(|| "rekey".into());
-    let found = if state::schema_exists(&client).await? {
+    let exists = state::schema_exists(&client).await?;
+    let found = if exists {
         state::job_status(&client, &name).await?
     } else {
         None
     };
+    // the job's rotation in progress: `rekey rotate` continues it, not `rekey run`
+    let rotation = if exists {
+        rotations::open_rotation(&client, spec.name.as_deref().unwrap_or_default()).await?
+    } else {
+        None
+    };
+    let rotation_json = rotation.as_ref().map(|r| {
+        json!({ "id": r.id, "step": r.step.as_str(), "old_key": r.old_key, "new_key": r.new_key })
+    });
     let Some(s) = found else {
         if args.common.json {
-            print_json(&json!({ "job": name, "state": "never run" }));
+            print_json(&json!({ "job": name, "state": "never run", "rotation": rotation_json }));
         } else {
             out!("{name}: never run on this database");
+            if let Some(r) = &rotation {
+                out!("  {}", rotation_line(r));
+            }
         }
         return Ok(0);
     };
     if args.common.json {
-        print_json(&serde_json::to_value(&s).unwrap_or_default());
+        let mut v = serde_json::to_value(&s).unwrap_or_default();
+        v["rotation"] = rotation_json.unwrap_or_default();
+        print_json(&v);
     } else {
         out!(
             "{} (job {}): {}, {}/{} ranges done, {} rows scanned, {} values rewritten, {} failed (quarantined: {}), {} conflicts; started {}, last checkpoint {}{}",
@@ -92,16 +108,24 @@ pub async fn status(args: &StatusArgs) -> Result<u8, Error> {
                 s.rows_written_behind
             );
         }
+        if let Some(r) = &rotation {
+            out!("  {}", rotation_line(r));
+        }
         if s.state == JobState::Running {
             let control = match s.control {
                 Control::Pause => " (paused by `rekey pause`)",
                 Control::Stop => " (stop requested)",
                 Control::Run => "",
             };
+            let resumes = match &rotation {
+                Some(r) if r.step == Step::Aborting => "`rekey rotate --abort`",
+                Some(_) => "`rekey rotate`",
+                None => "`rekey run`",
+            };
             match s.workers.len() {
                 0 => out!(
                     "  not being run by any process now{control} (the last one stopped, or was killed): \
-                     `rekey run` with the same job file resumes it"
+                     {resumes} with the same job file resumes it"
                 ),
                 n => out!(
                     "  being run by {n} process{}{control}: {}",
@@ -112,6 +136,26 @@ pub async fn status(args: &StatusArgs) -> Result<u8, Error> {
         }
     }
     Ok(0)
+}
+
+/// The job's rotation in progress, and what continues it.
+fn rotation_line(r: &Rotation) -> String {
+    let old = r
+        .old_key
+        .map_or_else(|| "no key".to_string(), |k| format!("key {k}"));
+    match r.step {
+        Step::Aborting => format!(
+            "rotation {} is being aborted (back to {old}; key {} is retired once no value needs it): \
+             `rekey rotate --abort` with the same job file continues it",
+            r.id, r.new_key
+        ),
+        step => format!(
+            "rotation {} ({old} to key {}) is at step {}: `rekey rotate` with the same job file continues it",
+            r.id,
+            r.new_key,
+            step.as_str()
+        ),
+    }
 }
 
 /// What a reason in `rekey.not_rotated` means, for people.

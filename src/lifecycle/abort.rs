@@ -98,7 +98,7 @@ pub(crate) async fn abort(
     // environment's changes are the operator's: said once, then checked)
     let applied =
         if store.table().id_in(KeyState::Pending) == Some(new) && (first || store.writable()) {
-            keeping_alive(client, steps::rollback(store, cx.opts.reveal)).await?
+            keeping_alive(client, steps::rollback(store, cx.opts.reveal, false)).await?
         } else {
             steps::Applied::default()
         };

@@ -360,11 +360,11 @@ pub(crate) fn promoted_key_not_current(
         )));
     }
     let meant = match current {
-        Some(c) => format!(
+        Some(c) if Some(c) == rot.old_key => format!(
             "; or, if going back to key {c} was meant, `rekey secrets rollback` records it (the store is left as it \
              is), and `rekey run` then rewrites the values under key {n} to key {c}"
         ),
-        None => String::new(),
+        _ => String::new(),
     };
     Err(Error::Config(format!(
         "key {n} is not current in {} yet: it was changed by hand. Make it current again, then run `rekey rotate`{meant}",

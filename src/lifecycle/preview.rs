@@ -51,6 +51,9 @@ pub async fn preview(
             return Ok(log.end(ended, last.step));
         }
         // what would refuse the stage refuses the dry run with the same words
+        if let Some(g) = opts.grace {
+            super::rotation::grace_s(opts.compromised, g)?;
+        }
         super::rotation::refuse_filtered_compromise(spec, opts.compromised)?;
         super::rotation::refuse_filtered_where_promotion_needs_whole_tables(spec, &store)?;
         if exists {
@@ -104,24 +107,29 @@ pub async fn preview(
         );
         return Ok(log.end(Ended::Done, Step::Staged));
     };
+    let mut rot = rot;
+    // a `--grace` (or a switch to compromise mode) given now replaces the
+    // rotation's grace period, as the invocation itself would
+    let compromise_now = super::audit::is_compromise_reason(&rot.reason);
+    if opts.compromised && !compromise_now {
+        super::rotation::refuse_filtered_compromise(spec, true)?;
+    }
+    let compromised = opts.compromised || compromise_now;
+    if compromised {
+        rot.grace_s = 0;
+    }
+    if let Some(g) = opts.grace {
+        rot.grace_s = super::rotation::grace_s(compromised, g)?;
+    }
     log.rotation = Some(RotationInfo::of(&rot));
     if rot.step == Step::Promoted {
         // as the next invocation checks first: the promoted key still current
+        // (then what follows once it is)
         if let Some(line) = super::forward::promoted_key_not_current(&store, &keys.prefix, &rot)? {
             say(&mut log, line);
-            return Ok(log.end(Ended::Waiting(Wait::Rotate), rot.step));
         }
     }
-    // a `--grace` (or a switch to compromise mode) given now replaces the
-    // rotation's grace period, as the invocation itself would
-    let grace_s = if opts.compromised {
-        0
-    } else {
-        match opts.grace {
-            Some(g) => super::rotation::grace_s(opts, g)?,
-            None => rot.grace_s,
-        }
-    };
+    let grace_s = rot.grace_s;
     let to_rewrite = || async {
         let job = Job::resolve(spec, client).await?;
         plan::values_to_rewrite(client, &job).await

@@ -545,6 +545,14 @@ pub(super) async fn since_last(
              `rekey rotate --new` stopped before it recorded its rotation): `rekey rotate --new` takes it up as the \
              next rotation"
         ));
+    } else if let (Some(t), Step::RolledBack, Some(old)) = (target, last.step, last.old_key) {
+        if t != old {
+            changed.push(format!(
+                "key {t} is current in the store, not key {old}, which rotation {} was rolled back to: make key {old} \
+                 current again (the changes `rekey secrets rollback` printed), or `rekey rotate --new` starts the next rotation",
+                last.id
+            ));
+        }
     } else if let (Some(t), Step::Retired) = (target, last.step) {
         if t != last.new_key {
             changed.push(format!(
@@ -573,12 +581,12 @@ pub(super) async fn since_last(
         && rotations::rewrite_back_unproven(client, last.id, &job.name).await?
     {
         changed.push(format!(
-            "the values of {} do not show their key without decrypting, and no run has finished since the rollback: \
-             those rewritten under key {} before it are still there until `rekey run` rewrites them to key {} \
-             (`rekey verify --full` counts them)",
+            "the values of {} do not show their key without decrypting, and no run has finished since the rollback \
+             writing every value under {}: those rewritten under key {} before it are still there until `rekey run` \
+             rewrites them (`rekey verify --full` counts them)",
             hidden.join(", "),
+            last.old_key.map_or_else(|| "the current key".to_string(), |k| format!("key {k}")),
             last.new_key,
-            last.old_key.map_or_else(|| "the current key".to_string(), |k| k.to_string())
         ));
     }
     if !changed.is_empty() {
@@ -686,7 +694,7 @@ async fn adjust(
         ));
     }
     if let Some(g) = cx.opts.grace {
-        let g = grace_s(cx.opts, g)?;
+        let g = grace_s(cx.opts.compromised, g)?;
         if g != rot.grace_s {
             rotations::set_grace(client, rot.id, g).await?;
             log.lines.push(format!(
@@ -701,8 +709,8 @@ async fn adjust(
 }
 
 /// The grace period in seconds; a compromise rotation has none.
-pub(super) fn grace_s(opts: &RotateOptions, g: Duration) -> Result<i64, Error> {
-    if opts.compromised && !g.is_zero() {
+pub(super) fn grace_s(compromised: bool, g: Duration) -> Result<i64, Error> {
+    if compromised && !g.is_zero() {
         return Err(Error::Config(
             "a compromise rotation has no grace period: the compromised key is retired as soon as a full verify shows no value needs it; drop --grace".into(),
         ));
@@ -799,9 +807,10 @@ async fn stage_new(
         )
     })?;
     let staged = stage_and_record(cx, client, store, log).await;
-    state::locks::release(client, &lock)
-        .await
-        .ctx(|| format!("releasing the lock {lock:?}"))?;
+    // the session's end frees it too: a failed release hides nothing staged
+    if let Err(e) = state::locks::release(client, &lock).await {
+        tracing::warn!("releasing the lock {lock:?}: {e}");
+    }
     staged
 }
 
@@ -813,9 +822,9 @@ async fn stage_and_record(
     log: &mut Log,
 ) -> Result<Option<Wait>, Error> {
     let grace = if cx.opts.compromised {
-        grace_s(cx.opts, cx.opts.grace.unwrap_or_default())?
+        grace_s(true, cx.opts.grace.unwrap_or_default())?
     } else {
-        grace_s(cx.opts, cx.opts.grace.unwrap_or(DEFAULT_GRACE))?
+        grace_s(false, cx.opts.grace.unwrap_or(DEFAULT_GRACE))?
     };
     refuse_filtered_compromise(cx.spec, cx.opts.compromised)?;
     refuse_filtered_where_promotion_needs_whole_tables(cx.spec, store)?;

@@ -208,13 +208,19 @@ pub fn refuse_unstaging(store: &Store) -> Result<(), Error> {
 
 /// Makes the previous key current again (or un-stages the pending key,
 /// where the store can keep it readable: values may be under it).
-pub async fn rollback(store: &mut Store, reveal: bool) -> Result<Applied, Error> {
+/// `promoted_by_rekey`: a rotation of the job promoted the current key.
+pub async fn rollback(
+    store: &mut Store,
+    reveal: bool,
+    promoted_by_rekey: bool,
+) -> Result<Applied, Error> {
     refuse_unstaging(store)?;
     let back = store.table().rollback_target().map(|e| e.id);
-    if let (Some(back), None, false) = (
+    if let (Some(back), None, false, true) = (
         back,
         store.table().id_in(KeyState::Pending),
         store.holds_unstaged_keys(),
+        promoted_by_rekey,
     ) {
         // the promotion rested on a full verify: every value is under the
         // current key, which the applications would no longer read

@@ -221,7 +221,9 @@ fn key(v: i64) -> Result<KeyId, Error> {
 /// Whether rotation `rotation_id`, ended by a rollback outside an abort,
 /// still owes the rewrite of its values back to the old key: no run of the
 /// job (`job`, as `rekey.jobs` names it) begun after the rollback has
-/// finished. Only where values do not show their key is this asked.
+/// finished writing every target under the old key with no value left
+/// behind (quarantined or not rotated). Only where values do not show their
+/// key is this asked.
 pub async fn rewrite_back_unproven(
     client: &Client,
     rotation_id: i64,
@@ -232,12 +234,31 @@ pub async fn rewrite_back_unproven(
             // through jsonb: `--dry-run` reads a schema from before rewrite_back_due
             "SELECT coalesce((to_jsonb(r) ->> 'rewrite_back_due')::boolean, false) AND NOT EXISTS (
                         SELECT 1 FROM rekey.jobs j
-                         WHERE j.name = $2 AND j.state = 'done' AND j.started_at > r.finished_at)
+                         WHERE j.name = $2 AND j.state = 'done' AND j.started_at > r.finished_at
+                           AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements(j.keys) t
+                                            WHERE (t->'write'->>'target')::bigint IS DISTINCT FROM r.old_key)
+                           AND NOT EXISTS (SELECT 1 FROM rekey.quarantine q WHERE q.job_id = j.job_id)
+                           AND NOT EXISTS (SELECT 1 FROM rekey.not_rotated n WHERE n.job_id = j.job_id))
                FROM rekey.rotations r WHERE r.rotation_id = $1",
             &[&rotation_id, &job],
         )
         .await
         .ctx(|| format!("reading whether rotation {rotation_id}'s values were rewritten back"))?;
+    Ok(row.get(0))
+}
+
+/// Whether a rotation of job `name` promoted key `key` (rekey promotes
+/// only on its proof: in the layouts where applications then read only the
+/// new key, a full verify put every value under it).
+pub async fn promoted_to(client: &Client, name: &str, key: KeyId) -> Result<bool, Error> {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM rekey.rotations
+                             WHERE job_name = $1 AND new_key = $2 AND step IN ('promoted', 'retired'))",
+            &[&name, &i64::from(key)],
+        )
+        .await
+        .ctx(|| format!("reading whether a rotation promoted key {key}"))?;
     Ok(row.get(0))
 }
 

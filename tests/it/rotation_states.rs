@@ -1307,3 +1307,59 @@ async fn after_a_hand_rollback_the_dry_run_refuses_as_the_rotation_does_and_both
         printed(&out)
     );
 }
+
+// Today: while an abort waited for `ENCRYPTION_PENDING_VERSION` to be
+// unset, `status` said "`rekey run` with the same job file resumes it", and
+// `rekey run` (the pending key still set) rewrote every value forward to
+// key 2, the key the abort takes away, exit 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn while_an_abort_waits_status_names_it_and_a_run_to_the_key_it_takes_away_is_refused() {
+    let db = TestDb::new().await;
+    db.seed_patients(100).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job(&dir).display().to_string();
+    let base = v1_env();
+    assert_eq!(
+        rekey(&["rotate", "--job", &j], &base).status.code(),
+        Some(6)
+    );
+    let mut staged = base.clone();
+    staged.push(("ENCRYPTION_KEY_V2", K2.to_string()));
+    staged.push(("ENCRYPTION_PENDING_VERSION", "2".to_string()));
+    let out = rekey(&["rotate", "--job", &j, "--abort", "--json"], &staged);
+    assert_eq!(
+        (
+            json(&out)["step"].as_str(),
+            json(&out)["waiting_for"].as_str()
+        ),
+        (Some("aborting"), Some("environment")),
+        "{}",
+        printed(&out)
+    );
+    let before = db.checksum("patient_persons").await;
+
+    let out = rekey(&["status", "--job", &j], &staged);
+    let text = printed(&out);
+    assert!(
+        text.contains("rotation 1 is being aborted") && text.contains("`rekey rotate --abort`"),
+        "{text}"
+    );
+    let out = rekey(&["run", "--job", &j], &staged);
+    let text = printed(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("being aborted") && text.contains("key 2 no longer pending"),
+        "{text}"
+    );
+    assert_eq!(
+        db.checksum("patient_persons").await,
+        before,
+        "the run wrote"
+    );
+
+    // once key 2 is no longer pending, a run goes the abort's way
+    let mut readable = base.clone();
+    readable.push(("ENCRYPTION_KEY_V2", K2.to_string()));
+    let out = rekey(&["run", "--job", &j], &readable);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+}
