@@ -1363,3 +1363,44 @@ async fn while_an_abort_waits_status_names_it_and_a_run_to_the_key_it_takes_away
     let out = rekey(&["run", "--job", &j], &readable);
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
 }
+
+// Today: after `secrets rollback` of a promoted rotation with keys in the
+// environment (rekey prints the changes, the operator makes them), `rotate`
+// said "rotation 1 was rolled back" and exited 0 before they were made,
+// with key 2 still current and every value under it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollback_whose_changes_are_not_made_yet_is_not_called_rolled_back() {
+    let db = TestDb::new().await;
+    db.seed_patients(50).await;
+    let dir = tempfile::tempdir().unwrap();
+    let j = db.patients_job(&dir).display().to_string();
+    assert_eq!(
+        rekey(&["rotate", "--job", &j], &v1_env()).status.code(),
+        Some(6)
+    );
+    let mut env = v1_env();
+    env.push(("ENCRYPTION_KEY_V2", K2.to_string()));
+    env.push(("ENCRYPTION_PENDING_VERSION", "2".to_string()));
+    let out = rekey(&["rotate", "--job", &j, "--json"], &env);
+    assert_eq!(json(&out)["step"], "promoted", "{}", printed(&out));
+    // the promotion's changes made: key 2 current
+    let promoted = vec![
+        ("ENCRYPTION_KEY_V1", K1.to_string()),
+        ("ENCRYPTION_KEY_V2", K2.to_string()),
+        ("ENCRYPTION_CURRENT_VERSION", "2".to_string()),
+    ];
+    let out = rekey(&["secrets", "rollback", "--job", &j], &promoted);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("ENCRYPTION_CURRENT_VERSION=1"),
+        "{}",
+        printed(&out)
+    );
+    let out = rekey(&["rotate", "--job", &j], &promoted);
+    let text = printed(&out);
+    assert_eq!(out.status.code(), Some(4), "{text}");
+    assert!(
+        text.contains("key 2 is current in the store, not key 1"),
+        "{text}"
+    );
+}
