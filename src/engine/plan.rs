@@ -223,14 +223,19 @@ pub fn visibly_off_target<'a>(
     job: &'a Job,
     plans: &'a [ColumnPlan],
 ) -> impl Iterator<Item = &'a ColumnPlan> {
-    plans.iter().filter(|c| {
-        let t = &job.targets[c.target];
-        c.by_key.is_some()
-            && !t.hash_only()
-            && t.hash
-                .as_ref()
-                .is_none_or(|h| t.columns[h.column].name != c.column)
-    })
+    plans
+        .iter()
+        .filter(|c| c.by_key.is_some() && holds_ciphertexts(job, c))
+}
+
+/// Whether `c` is a column of ciphertexts, not a search hash (nor the
+/// ciphertexts of a target that rewrites its hashes alone).
+fn holds_ciphertexts(job: &Job, c: &ColumnPlan) -> bool {
+    let t = &job.targets[c.target];
+    !t.hash_only()
+        && t.hash
+            .as_ref()
+            .is_none_or(|h| t.columns[h.column].name != c.column)
 }
 
 /// The encrypted columns whose values do not show their key (Fernet, raw
@@ -240,14 +245,9 @@ pub fn keys_hidden<'a>(
     job: &'a Job,
     plans: &'a [ColumnPlan],
 ) -> impl Iterator<Item = &'a ColumnPlan> {
-    plans.iter().filter(|c| {
-        let t = &job.targets[c.target];
-        c.by_key.is_none()
-            && !t.hash_only()
-            && t.hash
-                .as_ref()
-                .is_none_or(|h| t.columns[h.column].name != c.column)
-    })
+    plans
+        .iter()
+        .filter(|c| c.by_key.is_none() && holds_ciphertexts(job, c))
 }
 
 /// Counts every column of every target by key, in one scan per column.
