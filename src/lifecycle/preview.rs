@@ -51,35 +51,7 @@ pub async fn preview(
             return Ok(log.end(ended, last.step));
         }
         // what would refuse the stage refuses the dry run with the same words
-        if let Some(g) = opts.grace {
-            super::rotation::grace_s(opts.compromised, g)?;
-        }
-        super::rotation::refuse_filtered_compromise(spec, opts.compromised)?;
-        super::rotation::refuse_filtered_where_promotion_needs_whole_tables(spec, &store)?;
-        if exists {
-            super::rotation::refuse_beside_a_staged_key_not_yet_set(
-                client,
-                &name,
-                &keys.prefix,
-                &store,
-            )
-            .await?;
-        }
-        // the stage's preflight: what would refuse the run (a privilege, a
-        // table rekey may not see whole, values that do not open) refuses
-        // before a key is staged (not over a current key marked compromised,
-        // as the stage does not either)
-        if store.table().compromised_current().is_none() {
-            let job = Job::resolve(spec, client).await?;
-            crate::engine::verify::preflight(
-                client,
-                &job,
-                crate::engine::verify::TargetKey::Given,
-                crate::engine::verify::Forcing::NoFlag("rekey rotate"),
-                opts.settings.timeouts.lock,
-            )
-            .await?;
-        }
+        super::rotation::refuse_stage(spec, client, &store, &name, opts, exists).await?;
         let next = match store.table().id_in(KeyState::Pending) {
             Some(pending) => pending,
             None => {

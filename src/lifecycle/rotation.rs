@@ -640,7 +640,7 @@ pub fn refuse_filtered_compromise(spec: &JobSpec, compromised: bool) -> Result<(
 /// promoted: the promotion rests on a full verify of whole tables
 /// ([`super::promotion::proof`]), so the rotation would rewrite the
 /// filtered rows and then stop short of promoting.
-pub(crate) fn refuse_filtered_where_promotion_needs_whole_tables(
+fn refuse_filtered_where_promotion_needs_whole_tables(
     spec: &JobSpec,
     store: &Store,
 ) -> Result<(), Error> {
@@ -785,6 +785,59 @@ pub(crate) async fn refuse_beside_a_staged_key_not_yet_set(
     )))
 }
 
+/// What the checks before a stage found: the rotation's grace period, and
+/// the job as its preflight resolved it (none where the current key is
+/// marked compromised, and no preflight ran).
+pub(super) struct StageChecked {
+    pub grace_s: i64,
+    pub job: Option<crate::job::Job>,
+}
+
+/// Every refusal a stage gives before it changes anything, for the stage
+/// and for `rotate --dry-run` alike: the grace period asked for, a filtered
+/// job where it cannot end, another job's key staged beside (read only
+/// where the engine state exists: `recorded`), and the run's preflight (a
+/// privilege, a table rekey may not see whole, values that do not open);
+/// not the preflight where the current key is marked compromised, as no
+/// keyring is loaded over it until a new key is staged (the run checks all
+/// this then). `name`: the job's, as rotations record it.
+pub(super) async fn refuse_stage(
+    spec: &JobSpec,
+    client: &Client,
+    store: &Store,
+    name: &str,
+    opts: &RotateOptions,
+    recorded: bool,
+) -> Result<StageChecked, Error> {
+    let grace_s = if opts.compromised {
+        grace_s(true, opts.grace.unwrap_or_default())?
+    } else {
+        grace_s(false, opts.grace.unwrap_or(DEFAULT_GRACE))?
+    };
+    refuse_filtered_compromise(spec, opts.compromised)?;
+    refuse_filtered_where_promotion_needs_whole_tables(spec, store)?;
+    // one query, before the preflight's sampling
+    if recorded {
+        let prefix = &job_keys(spec)?.prefix;
+        refuse_beside_a_staged_key_not_yet_set(client, name, prefix, store).await?;
+    }
+    let job = if store.table().compromised_current().is_none() {
+        let job = crate::job::Job::resolve(spec, client).await?;
+        crate::engine::verify::preflight(
+            client,
+            &job,
+            crate::engine::verify::TargetKey::Given,
+            crate::engine::verify::Forcing::NoFlag("rekey rotate"),
+            opts.settings.timeouts.lock,
+        )
+        .await?;
+        Some(job)
+    } else {
+        None
+    };
+    Ok(StageChecked { grace_s, job })
+}
+
 /// Stages a new key and records the rotation; says what it waits for,
 /// if anything, before the rotation can go on. Where the store holds no
 /// staged key until the operator sets it (the environment), one stage at a
@@ -821,34 +874,14 @@ async fn stage_and_record(
     store: &mut Store,
     log: &mut Log,
 ) -> Result<Option<Wait>, Error> {
-    let grace = if cx.opts.compromised {
-        grace_s(true, cx.opts.grace.unwrap_or_default())?
-    } else {
-        grace_s(false, cx.opts.grace.unwrap_or(DEFAULT_GRACE))?
-    };
-    refuse_filtered_compromise(cx.spec, cx.opts.compromised)?;
-    refuse_filtered_where_promotion_needs_whole_tables(cx.spec, store)?;
-    // one query, before the preflight's sampling
-    refuse_beside_a_staged_key_not_yet_set(client, cx.name, &cx.keys.prefix, store).await?;
-    // what would refuse the run (a privilege, a table rekey may not see
-    // whole, values that do not open) refuses before a key is staged; not
-    // where the current key is marked compromised, as no keyring is loaded
-    // over it until a new key is staged (the run checks all this then).
-    // The store's record of the databases using it too: a run that cannot
+    let checked = refuse_stage(cx.spec, client, store, cx.name, cx.opts, true).await?;
+    // The store's record of the databases using it: a run that cannot
     // write it stops before its first write, and found only then, the
     // rotation would have staged a key for nothing
-    if store.table().compromised_current().is_none() {
-        let job = crate::job::Job::resolve(cx.spec, client).await?;
-        crate::engine::verify::preflight(
-            client,
-            &job,
-            crate::engine::verify::TargetKey::Given,
-            crate::engine::verify::Forcing::NoFlag("rekey rotate"),
-            cx.opts.settings.timeouts.lock,
-        )
-        .await?;
-        crate::engine::uses::starting(client, &job).await?;
+    if let Some(job) = &checked.job {
+        crate::engine::uses::starting(client, job).await?;
     }
+    let grace = checked.grace_s;
     let secret_id = store.secret_id();
     let old = steps::current(store);
     let recorded = steps::recorded_key_id(client, store, cx.spec).await?;
