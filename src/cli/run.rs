@@ -192,13 +192,15 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
             verify::check_table(&client, t, settings.timeouts.lock).await?;
         }
     }
-    if !args.dry_run {
-        // throttles that cannot work are refused before the engine's state
-        // (and a job to resume) is created; the pipeline checks them again
-        if let Some(sql) = &settings.signals.gate_sql {
-            check_gate_sql(&mut client, sql).await?;
-        }
-        check_wal_signals(&client, &settings.signals).await?;
+    // throttles that cannot work are refused before the engine's state
+    // (and a job to resume) is created; the pipeline checks them again
+    if let Some(sql) = &settings.signals.gate_sql {
+        check_gate_sql(&mut client, sql).await?;
+    }
+    check_wal_signals(&client, &settings.signals).await?;
+    if args.dry_run {
+        // the run would refuse to resume a job begun from another file
+        state::jobs::check_resumable(&client, &job, args.restart).await?;
     }
     let audit = if args.dry_run {
         None

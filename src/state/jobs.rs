@@ -84,6 +84,47 @@ pub async fn unfinished_job_keys(
     Ok(row.map(|r| (r.get(0), r.get(1))))
 }
 
+/// The refusal to resume job `job`'s unfinished run `id` (recorded with
+/// `hash` and `old_keys`) from another job file or with other keys.
+fn refuse_to_resume(job: &Job, id: i64, hash: &str, old_keys: &serde_json::Value) -> Result<(), Error> {
+    let keys = job.describe_keys();
+    if hash != job.spec_hash {
+        return Err(Error::Config(format!(
+            "job {:?} (id {id}) is unfinished and was started from a different job file; finish it with the original file, \
+             or start over with `rekey run --restart` (values already rotated stay rotated)",
+            job.name
+        )));
+    }
+    if *old_keys != keys {
+        return Err(Error::Config(format!(
+            "job {:?} (id {id}) is unfinished and was started with a different key set (ids or fingerprints differ: \
+             was {old_keys}, now {keys}); restore the original keys to finish it, or start over with `rekey run --restart`",
+            job.name
+        )));
+    }
+    Ok(())
+}
+
+/// What opening job `job` would refuse, read without a lock or a change
+/// (for a dry run): its unfinished run started from another job file or
+/// with other keys, unless `restart` abandons it.
+pub async fn check_resumable(client: &Client, job: &Job, restart: bool) -> Result<(), Error> {
+    if restart || !super::schema_exists(client).await? {
+        return Ok(());
+    }
+    let row = client
+        .query_opt(
+            "SELECT job_id, spec_hash, keys FROM rekey.jobs WHERE name = $1 AND state = 'running'",
+            &[&job.name],
+        )
+        .await
+        .ctx(|| format!("reading job {:?}", job.name))?;
+    match row {
+        Some(row) => refuse_to_resume(job, row.get(0), &row.get::<_, String>(1), &row.get(2)),
+        None => Ok(()),
+    }
+}
+
 async fn open_job_locked(
     client: &mut Client,
     job: &Job,
@@ -106,19 +147,8 @@ async fn open_job_locked(
         if restart {
             client.execute("UPDATE rekey.jobs SET state = 'abandoned', updated_at = now() WHERE job_id = $1", &[&id]).await.ctx(what)?;
             abandoned = Some(id);
-        } else if hash != job.spec_hash {
-            return Err(Error::Config(format!(
-                "job {:?} (id {id}) is unfinished and was started from a different job file; finish it with the original file, \
-                 or start over with `rekey run --restart` (values already rotated stay rotated)",
-                job.name
-            )));
-        } else if old_keys != keys {
-            return Err(Error::Config(format!(
-                "job {:?} (id {id}) is unfinished and was started with a different key set (ids or fingerprints differ: \
-                 was {old_keys}, now {keys}); restore the original keys to finish it, or start over with `rekey run --restart`",
-                job.name
-            )));
         } else {
+            refuse_to_resume(job, id, &hash, &old_keys)?;
             // a stop asked of the last run is spent; a pause still holds
             // (unless processes are still stopping: a process started meanwhile must stop too)
             client

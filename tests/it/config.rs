@@ -183,6 +183,54 @@ async fn resuming_with_a_changed_job_file_is_refused() {
     assert_refused(&db, &job, &seed_env(), "started from a different job file").await;
 }
 
+// Today: `run --dry-run` skipped the checks the run makes of its throttles
+// and of a job to resume: it said "done" where the run refuses (exit 2).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_refuses_a_gate_query_the_run_would_refuse() {
+    let (db, dir) = patients().await;
+    let job = job_with(&dir, &db, GOOD);
+    let out = rekey(
+        &["run", "--job", &job, "--dry-run", "--gate-sql", "SELECT 1"],
+        &seed_env(),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(printed(&out).contains("cannot serve as a gate"), "{}", printed(&out));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_refuses_an_archive_lag_cap_on_a_server_that_does_not_archive() {
+    let (db, dir) = patients().await;
+    let job = job_with(&dir, &db, GOOD);
+    let out = rekey(
+        &["run", "--job", &job, "--dry-run", "--max-archive-lag", "1GB"],
+        &seed_env(),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(printed(&out).contains("archive_mode is off"), "{}", printed(&out));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_of_a_job_left_unfinished_by_another_job_file_is_refused_as_its_run_would_be() {
+    let (db, dir) = patients().await;
+    let job = job_with(&dir, &db, GOOD);
+    let mut admin = connect(&db.url).await;
+    rekey::state::ensure_schema(&mut admin).await.unwrap();
+    admin
+        .execute("INSERT INTO rekey.jobs (name, spec_hash, keys, state) VALUES ('job', 'other', '{}', 'running')", &[])
+        .await
+        .unwrap();
+    let out = rekey(&["run", "--job", &job, "--dry-run"], &seed_env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("started from a different job file"),
+        "{}",
+        printed(&out)
+    );
+    // what the run would do instead is a dry run too
+    let out = rekey(&["run", "--job", &job, "--dry-run", "--restart"], &seed_env());
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
+}
+
 // Today: `run --dry-run` with a wrong old key said "would rewrite 0
 // values ... 400000 failed" and "done" (exit 3, nothing quarantined) where
 // the run itself refuses (exit 2): a dry run used as a gate said go.
