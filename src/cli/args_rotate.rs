@@ -32,8 +32,8 @@ pub struct RotateArgs {
     /// No progress line.
     #[arg(long, short)]
     pub quiet: bool,
-    /// Say where the rotation stands and what the next invocation would do; change nothing.
-    #[arg(long, conflicts_with_all = ["abort", "new"])]
+    /// Say where the rotation stands and what the next invocation (with `--new` or `--abort`, what that one) would do; change nothing.
+    #[arg(long)]
     pub dry_run: bool,
     /// Read at most this many rows per second during the re-encryption (all lanes together).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use tokio_postgres::Client;
 
+use crate::crypto::keyring::KeyId;
 use crate::crypto::keytable::KeyState;
 use crate::db::idle::keeping_alive;
 use crate::job::Job;
@@ -31,64 +32,11 @@ pub(crate) async fn abort(
     mut log: Log,
 ) -> Result<Progressed, Error> {
     let new = rot.new_key;
-    let Some(old) = rot.old_key else {
-        return Err(Error::Config(format!(
-            "rotation {} started with no current key, so there is no key to go back to; finish it with `rekey rotate`",
-            rot.id
-        )));
-    };
-    if rot.step == Step::Promoted {
-        let back = if store.holds_unstaged_keys() {
-            format!(
-                "To go back, make key {old} current with `rekey secrets rollback`, then rewrite the values with `rekey run`"
-            )
-        } else {
-            format!(
-                "{} keeps no place where applications read a previous key, so there is no going back to key {old}: \
-                 to move away from key {new}, rotate to a new key (`rekey rotate --new`)",
-                store.secret_id()
-            )
-        };
-        return Err(Error::Config(format!(
-            "rotation {} is already promoted: key {new} is the key applications are given to write under, so it \
-             cannot be aborted. {back}",
-            rot.id
-        )));
-    }
-    let secret_id = store.secret_id();
-    // the abort rewrites every value back, which needs the job to itself:
-    // refused while a run shares it, before anything changes
     let job_name = cx.spec.name.clone().unwrap_or_else(|| "rekey".into());
-    if crate::state::locks::job_in_use(client, &job_name).await? {
-        return Err(Error::Runtime(format!(
-            "job {job_name:?} is being run by other rekey processes on this database, and an abort rewrites every value \
-             back, which needs the job to itself: stop them first (`rekey stop --job ...`), then run `rekey rotate --abort` \
-             again; nothing was changed by this abort"
-        )));
-    }
+    let old = refuse_abort(client, store, rot, &job_name).await?;
+    let secret_id = store.secret_id();
     let first = rot.step != Step::Aborting;
     if first {
-        if store.table().is_compromised(old) {
-            // going back would rewrite every value under a compromised key
-            return Err(Error::Config(format!(
-                "key {old} is marked compromised, so rotation {} is not aborted: that would rewrite every value \
-                 back under it. Finish the rotation instead (`rekey rotate`); nothing was changed",
-                rot.id
-            )));
-        }
-        if store.table().id_in(KeyState::Current) != Some(old) {
-            // e.g. a promote saved in the store but not yet recorded here
-            return Err(Error::Config(format!(
-                "key {old} is not current in {secret_id} (key {} is): the store has moved past what rotation {} recorded; \
-                 run `rekey rotate` to continue it",
-                store.table().id_in(KeyState::Current).map_or("none".into(), |k| k.to_string()),
-                rot.id
-            )));
-        }
-        // every refusal before anything changes
-        if store.table().id_in(KeyState::Pending) == Some(new) {
-            steps::refuse_unstaging(store)?;
-        }
         // the step before the store: an abort killed between the two
         // resumes as an abort (with `rekey rotate`), never as a rotation
         // whose staged key is gone
@@ -242,4 +190,75 @@ pub(crate) async fn abort(
         rot.id
     ));
     Ok(log.end(Ended::Done, Step::RolledBack))
+}
+
+/// What refuses an abort of rotation `rot` of job `job_name` before it
+/// changes anything (its dry run says the same): a rotation with no key to
+/// go back to, or promoted already; the job run meanwhile; and, at its first
+/// invocation, an old key compromised or no longer current, or a staged key
+/// the store cannot take back. The key the abort goes back to.
+pub(crate) async fn refuse_abort(
+    client: &Client,
+    store: &Store,
+    rot: &Rotation,
+    job_name: &str,
+) -> Result<KeyId, Error> {
+    let new = rot.new_key;
+    let Some(old) = rot.old_key else {
+        return Err(Error::Config(format!(
+            "rotation {} started with no current key, so there is no key to go back to; finish it with `rekey rotate`",
+            rot.id
+        )));
+    };
+    if rot.step == Step::Promoted {
+        let back = if store.holds_unstaged_keys() {
+            format!(
+                "To go back, make key {old} current with `rekey secrets rollback`, then rewrite the values with `rekey run`"
+            )
+        } else {
+            format!(
+                "{} keeps no place where applications read a previous key, so there is no going back to key {old}: \
+                 to move away from key {new}, rotate to a new key (`rekey rotate --new`)",
+                store.secret_id()
+            )
+        };
+        return Err(Error::Config(format!(
+            "rotation {} is already promoted: key {new} is the key applications are given to write under, so it \
+             cannot be aborted. {back}",
+            rot.id
+        )));
+    }
+    let secret_id = store.secret_id();
+    // the abort rewrites every value back, which needs the job to itself:
+    // refused while a run shares it, before anything changes
+    if crate::state::locks::job_in_use(client, job_name).await? {
+        return Err(Error::Runtime(format!(
+            "job {job_name:?} is being run by other rekey processes on this database, and an abort rewrites every value \
+             back, which needs the job to itself: stop them first (`rekey stop --job ...`), then run `rekey rotate --abort` \
+             again; nothing was changed by this abort"
+        )));
+    }
+    if rot.step != Step::Aborting {
+        if store.table().is_compromised(old) {
+            // going back would rewrite every value under a compromised key
+            return Err(Error::Config(format!(
+                "key {old} is marked compromised, so rotation {} is not aborted: that would rewrite every value \
+                 back under it. Finish the rotation instead (`rekey rotate`); nothing was changed",
+                rot.id
+            )));
+        }
+        if store.table().id_in(KeyState::Current) != Some(old) {
+            // e.g. a promote saved in the store but not yet recorded here
+            return Err(Error::Config(format!(
+                "key {old} is not current in {secret_id} (key {} is): the store has moved past what rotation {} recorded; \
+                 run `rekey rotate` to continue it",
+                store.table().id_in(KeyState::Current).map_or("none".into(), |k| k.to_string()),
+                rot.id
+            )));
+        }
+        if store.table().id_in(KeyState::Pending) == Some(new) {
+            steps::refuse_unstaging(store)?;
+        }
+    }
+    Ok(old)
 }

@@ -41,7 +41,11 @@ pub async fn preview(
         } else {
             None
         };
-        // (`--abort` is not taken with `--dry-run`)
+        if opts.intent == Intent::Abort {
+            let (line, step) = super::rotation::nothing_to_abort(&name, last.as_ref())?;
+            say(&mut log, line);
+            return Ok(log.end(Ended::Done, step));
+        }
         if let (Some(last), Intent::Continue) = (&last, opts.intent) {
             // what `rotate` would say of it: complete, or what changed since
             let (ended, line, named) =
@@ -94,6 +98,39 @@ pub async fn preview(
         rot.grace_s = super::rotation::grace_s(compromised, g)?;
     }
     log.rotation = Some(RotationInfo::of(&rot));
+    if opts.intent == Intent::New {
+        return Err(super::rotation::no_new_beside(&rot, &name));
+    }
+    if opts.intent == Intent::Abort || rot.step == Step::Aborting {
+        // the abort's refusals, in its words
+        let job_name = spec.name.clone().unwrap_or_else(|| "rekey".into());
+        let old = super::abort::refuse_abort(client, &store, &rot, &job_name).await?;
+        if rot.step != Step::Aborting {
+            let then = if store.writable() {
+                format!(
+                    "rewrite every value under key {} back to key {old}, verify every value and retire key {}",
+                    rot.new_key, rot.new_key
+                )
+            } else {
+                format!(
+                    "stop (exit 6) for the changes to the application's environment it prints; the next \
+                     `rekey rotate --abort` rewrites every value under key {} back to key {old} and retires it",
+                    rot.new_key
+                )
+            };
+            say(
+                &mut log,
+                format!(
+                    "would abort rotation {} (step {}): un-stage key {} in {} (key {old} stays current), then {then}",
+                    rot.id,
+                    rot.step.as_str(),
+                    rot.new_key,
+                    store.secret_id()
+                ),
+            );
+            return Ok(log.end(Ended::Waiting(Wait::Rotate), rot.step));
+        }
+    }
     if rot.step == Step::Promoted {
         // as the next invocation checks first: the promoted key still current
         // (then what follows once it is)
@@ -168,6 +205,22 @@ pub async fn preview(
             format!(
                 "key {} is not staged in {} yet: make the changes the staging printed first",
                 rot.new_key,
+                store.secret_id()
+            ),
+        );
+    }
+    let table = store.table();
+    if rot.step == Step::Aborting
+        && !store.writable()
+        && (table.id_in(KeyState::Pending) == Some(rot.new_key)
+            || table.id_in(KeyState::Current) != rot.old_key)
+    {
+        say(
+            &mut log,
+            format!(
+                "key {} is still pending, or key {} is not current, in {}: make the changes the abort printed first",
+                rot.new_key,
+                rot.old_key.map_or("-".into(), |k| k.to_string()),
                 store.secret_id()
             ),
         );

@@ -27,7 +27,7 @@ use crate::job::JobSpec;
 use crate::lifecycle::audit::{Audit, What};
 use crate::lifecycle::steps;
 use crate::secrets::{KeysSpec, Store};
-use crate::state::rotations::{self, NewRotation, Rotation, Step};
+use crate::state::rotations::{self, Finished, NewRotation, Rotation, Step};
 use crate::state::{self, lock_lifecycle};
 use crate::Error;
 
@@ -303,6 +303,11 @@ pub async fn rotate(
     let keys = job_keys(spec)?;
     let name = spec.name.clone().unwrap_or_default();
     state::ensure_schema(client).await?;
+    // where the rotation stood before this invocation waited for the lock:
+    // one promoted meanwhile by another invocation is not retired by this one
+    let seen = rotations::open_rotation(client, &name)
+        .await?
+        .map(|r| (r.id, r.step));
     lock_lifecycle(client, &name).await?;
     // a rotation started as a compromise one stays so, whether or not this
     // invocation says `--reason compromise` again
@@ -317,7 +322,7 @@ pub async fn rotate(
         name: &name,
     };
     let mut log = Log::default();
-    match run_steps(&cx, client, &mut log).await {
+    match run_steps(&cx, client, &mut log, seen).await {
         // a failure after this invocation changed something says what it
         // changed: the failure's own "nothing was written" is its step's
         Err(e) => Err(with_changes(e, log.said())),
@@ -334,11 +339,20 @@ fn with_changes(e: Error, said: Option<String>) -> Error {
 }
 
 /// The rotation's steps from wherever it stands, noted in `log`.
-async fn run_steps(cx: &Ctx<'_>, client: &mut Client, log: &mut Log) -> Result<Progressed, Error> {
+/// `seen`: the rotation in progress (id, step) before the invocation waited
+/// for the job's lifecycle lock.
+async fn run_steps(
+    cx: &Ctx<'_>,
+    client: &mut Client,
+    log: &mut Log,
+    seen: Option<(i64, Step)>,
+) -> Result<Progressed, Error> {
     let (name, keys, opts) = (cx.name, cx.keys, cx.opts);
     let mut intent = opts.intent;
     // whether this invocation verified the rotation (the step before promotion)
     let mut verified_now = false;
+    // whether this invocation promoted it
+    let mut promoted_now = false;
     loop {
         let rotation = rotations::open_rotation(client, name).await?;
         // the lock's session is kept from idling while the store works
@@ -358,11 +372,7 @@ async fn run_steps(cx: &Ctx<'_>, client: &mut Client, log: &mut Log) -> Result<P
         adjust(cx, client, &mut rot, log).await?;
         log.rotation = Some(RotationInfo::of(&rot));
         if intent == Intent::New {
-            return Err(Error::Config(format!(
-                "rotation {} of job {name} is in progress (step {}): continue it with `rekey rotate`, or cancel it with `rekey rotate --abort`",
-                rot.id,
-                rot.step.as_str()
-            )));
+            return Err(no_new_beside(&rot, name));
         }
         if intent == Intent::Abort || rot.step == Step::Aborting {
             let before = log.said();
@@ -387,7 +397,22 @@ async fn run_steps(cx: &Ctx<'_>, client: &mut Client, log: &mut Log) -> Result<P
                 forward::verified(cx, client, &store, &rot, log).await?
             }
             Step::Verified => {
+                promoted_now = true;
                 forward::promoted(cx, client, &mut store, &rot, verified_now, log).await?
+            }
+            Step::Promoted
+                if !promoted_now && !opts.no_wait && seen != Some((rot.id, Step::Promoted)) =>
+            {
+                // Promoted by another invocation while this one waited for
+                // it (two terminals, a retry): that one stopped for the
+                // applications to be reloaded, and this one is not the
+                // invocation after the reload.
+                log.lines.push(format!(
+                    "rotation {} was promoted by another `rekey rotate` while this one waited for it: reload or redeploy \
+                     the applications so they encrypt with key {}, then run `rekey rotate` again",
+                    rot.id, rot.new_key
+                ));
+                return Ok(std::mem::take(log).end(Ended::Waiting(Wait::Deploy), Step::Promoted));
             }
             Step::Promoted => {
                 let before = log.said();
@@ -418,6 +443,41 @@ pub async fn compromise_in_progress(client: &Client, name: &str) -> Result<bool,
         .is_some_and(|r| super::audit::is_compromise_reason(&r.reason)))
 }
 
+/// `rotate --new` refused beside rotation `rot` of job `name`, in progress.
+pub(crate) fn no_new_beside(rot: &Rotation, name: &str) -> Error {
+    Error::Config(format!(
+        "rotation {} of job {name} is in progress (step {}): continue it with `rekey rotate`, or cancel it with `rekey rotate --abort`",
+        rot.id,
+        rot.step.as_str()
+    ))
+}
+
+/// `rotate --abort` of job `name` with no rotation in progress, `last` the
+/// last one over: done (what it says, and the step) where that one was
+/// rolled back already (an abort run again after it finished), else refused.
+pub(crate) fn nothing_to_abort(
+    name: &str,
+    last: Option<&Finished>,
+) -> Result<(String, Step), Error> {
+    if let Some(last) = last.filter(|l| l.step == Step::RolledBack) {
+        return Ok((
+            format!(
+                "rotation {} was rolled back already (ended {}): nothing is left to abort",
+                last.id, last.finished_at
+            ),
+            last.step,
+        ));
+    }
+    Err(Error::Config(format!(
+        "job {name} has no rotation in progress to abort{}",
+        last.map_or(String::new(), |l| format!(
+            " (rotation {} ended {} with its old key retired: a finished rotation is not undone; \
+             `rekey rotate --new` starts the next one)",
+            l.id, l.finished_at
+        ))
+    )))
+}
+
 /// With no rotation in progress: the answer, unless a new one should start.
 async fn nothing_open(
     cx: &Ctx<'_>,
@@ -435,23 +495,9 @@ async fn nothing_open(
         retire_after: None,
     });
     if intent == Intent::Abort {
-        // an abort run again after it finished: done, not an error
-        if let Some(last) = last.as_ref().filter(|l| l.step == Step::RolledBack) {
-            log.lines.push(format!(
-                "rotation {} was rolled back already (ended {}): nothing is left to abort",
-                last.id, last.finished_at
-            ));
-            return Ok(Some(std::mem::take(log).end(Ended::Done, last.step)));
-        }
-        return Err(Error::Config(format!(
-            "job {} has no rotation in progress to abort{}",
-            cx.name,
-            last.map_or(String::new(), |l| format!(
-                " (rotation {} ended {} with its old key retired: a finished rotation is not undone; \
-                 `rekey rotate --new` starts the next one)",
-                l.id, l.finished_at
-            ))
-        )));
+        let (line, step) = nothing_to_abort(cx.name, last.as_ref())?;
+        log.lines.push(line);
+        return Ok(Some(std::mem::take(log).end(Ended::Done, step)));
     }
     let Some(last) = last else {
         // a job's first rotation starts without --new

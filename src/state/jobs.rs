@@ -86,7 +86,12 @@ pub async fn unfinished_job_keys(
 
 /// The refusal to resume job `job`'s unfinished run `id` (recorded with
 /// `hash` and `old_keys`) from another job file or with other keys.
-fn refuse_to_resume(job: &Job, id: i64, hash: &str, old_keys: &serde_json::Value) -> Result<(), Error> {
+fn refuse_to_resume(
+    job: &Job,
+    id: i64,
+    hash: &str,
+    old_keys: &serde_json::Value,
+) -> Result<(), Error> {
     let keys = job.describe_keys();
     if hash != job.spec_hash {
         return Err(Error::Config(format!(

@@ -194,7 +194,11 @@ async fn a_dry_run_refuses_a_gate_query_the_run_would_refuse() {
         &seed_env(),
     );
     assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
-    assert!(printed(&out).contains("cannot serve as a gate"), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("cannot serve as a gate"),
+        "{}",
+        printed(&out)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -202,11 +206,22 @@ async fn a_dry_run_refuses_an_archive_lag_cap_on_a_server_that_does_not_archive(
     let (db, dir) = patients().await;
     let job = job_with(&dir, &db, GOOD);
     let out = rekey(
-        &["run", "--job", &job, "--dry-run", "--max-archive-lag", "1GB"],
+        &[
+            "run",
+            "--job",
+            &job,
+            "--dry-run",
+            "--max-archive-lag",
+            "1GB",
+        ],
         &seed_env(),
     );
     assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
-    assert!(printed(&out).contains("archive_mode is off"), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("archive_mode is off"),
+        "{}",
+        printed(&out)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -227,7 +242,10 @@ async fn a_dry_run_of_a_job_left_unfinished_by_another_job_file_is_refused_as_it
         printed(&out)
     );
     // what the run would do instead is a dry run too
-    let out = rekey(&["run", "--job", &job, "--dry-run", "--restart"], &seed_env());
+    let out = rekey(
+        &["run", "--job", &job, "--dry-run", "--restart"],
+        &seed_env(),
+    );
     assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
 }
 

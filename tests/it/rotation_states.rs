@@ -410,6 +410,93 @@ async fn a_rotation_without_grace_stops_after_promotion_for_the_applications_bef
         .any(|e| e.id == 1 && e.key.is_none()));
 }
 
+// Today: a second `rotate --grace 0s`, started while the first was
+// re-encrypting (a second terminal, a retry), waited for it and retired key
+// 1 the moment the first promoted key 2 and stopped for the applications'
+// reload: the reload's stop was skipped.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invocation_that_waited_while_another_promoted_stops_for_the_reload_instead_of_retiring()
+{
+    let db = TestDb::new().await;
+    db.seed_patients(300).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    expect(&rotate(&job, &[]), 6, "staged", "waiting", "deploy");
+    let out = rekey(&["run", "--job", &job], &keyring_pass_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    db.client
+        .execute("UPDATE rekey.rotations SET step = 'verified'", &[])
+        .await
+        .unwrap();
+    // the job's lifecycle lock held here as the other invocation holds it:
+    // this one reads the rotation (verified), then waits for the lock
+    let lock = "rekey.lifecycle:patients";
+    db.client
+        .execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", &[&lock])
+        .await
+        .unwrap();
+    let waiting = spawn_rekey_captured(
+        &["rotate", "--job", &job, "--json", "--grace", "0s"],
+        &keyring_pass_env(),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let trying: i64 = db
+            .client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+                   AND pid <> pg_backend_pid() AND query LIKE 'SELECT pg_try_advisory_lock(%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if trying > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rotate never tried the lock"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // meanwhile the other invocation promotes key 2 (with no grace period)
+    // and stops for the applications' reload
+    let mut file = KeyringFile::open(&keyring, KEYRING_PASS.as_bytes(), "P").unwrap();
+    assert!(file.table.promote(rekey::crypto::keytable::now()).unwrap());
+    file.save().unwrap();
+    db.client
+        .execute(
+            "UPDATE rekey.rotations SET step = 'promoted', promoted_at = now(), grace_s = 0",
+            &[],
+        )
+        .await
+        .unwrap();
+    db.client
+        .execute(
+            "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
+            &[&lock],
+        )
+        .await
+        .unwrap();
+    let out = waiting.wait_with_output().unwrap();
+    expect(&out, 6, "promoted", "waiting", "deploy");
+    assert!(
+        printed(&out).contains("promoted by another `rekey rotate` while this one waited"),
+        "{}",
+        printed(&out)
+    );
+    assert!(
+        table(&keyring)
+            .entries
+            .iter()
+            .any(|e| e.id == 1 && e.state != KeyState::Retired),
+        "key 1 was retired before the applications were reloaded"
+    );
+    // the invocation after the reload retires it
+    expect(&rotate(&job, &["--grace", "0s"]), 0, "retired", "done", "-");
+}
+
 // Before: a `secrets retire` without `--reason compromise` said again
 // archived the compromised key's material, recoverable, and completed the
 // rotation.
@@ -520,6 +607,118 @@ async fn dry_run_says_what_the_next_invocation_would_do_and_changes_nothing() {
     assert_eq!(
         values_by_key(&db, &table(&keyring)).await,
         [(1, values_in(300) as usize)].into()
+    );
+}
+
+// Today: `rotate --new --dry-run` and `rotate --abort --dry-run` were
+// refused by the argument parser, so neither step could be previewed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_of_a_new_rotation_says_the_key_it_would_stage_or_the_refusal_beside_one_in_progress(
+) {
+    let db = TestDb::new().await;
+    db.seed_patients(100).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    expect(
+        &rotate(&job, &["--no-wait", "--grace", "0s"]),
+        0,
+        "retired",
+        "done",
+        "-",
+    );
+    let before = std::fs::read(&keyring).unwrap();
+    let out = rotate(&job, &["--new", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("would stage key 3"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(
+        std::fs::read(&keyring).unwrap(),
+        before,
+        "a dry run changed the keys"
+    );
+
+    expect(&rotate(&job, &["--new"]), 6, "staged", "waiting", "deploy");
+    for args in [&["--new", "--dry-run"][..], &["--new"][..]] {
+        let out = rotate(&job, args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", printed(&out));
+        assert!(
+            printed(&out).contains("rotation 2 of job") && printed(&out).contains("in progress"),
+            "{args:?}: {}",
+            printed(&out)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_of_an_abort_says_what_it_would_undo_or_the_refusal_the_abort_would_give() {
+    let db = TestDb::new().await;
+    db.seed_patients(100).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (job, keyring) = keyring_file_job(&db, &dir);
+    let out = rotate(&job, &["--abort", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("no rotation in progress to abort"),
+        "{}",
+        printed(&out)
+    );
+
+    expect(&rotate(&job, &[]), 6, "staged", "waiting", "deploy");
+    let before = std::fs::read(&keyring).unwrap();
+    let out = rotate(&job, &["--abort", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(6), "{}", printed(&out));
+    assert!(
+        printed(&out).contains(
+            "would abort rotation 1 (step staged): un-stage key 2 in file:{keyring}"
+                .replace("{keyring}", &keyring.display().to_string())
+                .as_str()
+        ) && printed(&out).contains("back to key 1"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(
+        std::fs::read(&keyring).unwrap(),
+        before,
+        "a dry run changed the keys"
+    );
+    assert_eq!(table(&keyring).id_in(KeyState::Pending), Some(2));
+    let step: String = db
+        .client
+        .query_one(
+            "SELECT step FROM rekey.rotations WHERE rotation_id = 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(step, "staged", "a dry run changed the rotation");
+
+    expect(&rotate(&job, &["--abort"]), 0, "rolled_back", "done", "-");
+    let out = rotate(&job, &["--abort", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("rolled back already"),
+        "{}",
+        printed(&out)
+    );
+
+    // after a promotion, the abort's own refusal
+    expect(
+        &rotate(&job, &["--new", "--no-wait"]),
+        6,
+        "promoted",
+        "waiting",
+        "grace_period",
+    );
+    let out = rotate(&job, &["--abort", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("already promoted"),
+        "{}",
+        printed(&out)
     );
 }
 
