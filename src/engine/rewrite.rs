@@ -96,6 +96,8 @@ pub async fn rewrite(
         // partitions attached during the run are the job's too (a retire reads the record)
         state::jobs::record_parts(client, record.id, job).await?;
         if !outcome.stopped {
+            // what would hide rows from the recount hid them from the run
+            crate::job::visibility::still_sees_every_row(client, &job.targets).await?;
             outcome.behind = behind::rows_behind(client, job, record.id).await?;
         }
         // what every process sharing the job has done, not only this one
