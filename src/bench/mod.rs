@@ -182,6 +182,8 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, Error> {
     };
     let db = Database::parse(&url).map_err(|e| Error::Config(e.to_string()))?;
     let mut client = db.connect().await?;
+    // the engine's own schema, where the bench is the one to make it
+    let engine_schema_before = state::schema_exists(&client).await?;
     let result = measure(opts, &db, &mut client, &schema, &url).await;
     // The scratch schema goes whatever happened; the throwaway cluster goes on drop.
     let _ = client
@@ -196,6 +198,18 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, Error> {
             &[&bench_job_name(&schema)],
         )
         .await;
+    if !engine_schema_before {
+        // gone with the bench, unless a rekey command began to use it meanwhile
+        let _ = client
+            .batch_execute(
+                "DO $$ BEGIN
+                     IF NOT EXISTS (SELECT 1 FROM rekey.jobs) AND NOT EXISTS (SELECT 1 FROM rekey.rotations) THEN
+                         DROP SCHEMA rekey CASCADE;
+                     END IF;
+                 END $$",
+            )
+            .await;
+    }
     result
 }
 

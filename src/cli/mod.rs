@@ -81,10 +81,14 @@ pub(crate) async fn open(args: &JobArgs) -> Result<Opened, Error> {
 /// connecting); the job's key sources learn it too, for a key table.
 pub(crate) fn resolve(args: &JobArgs) -> Result<(JobSpec, String), Error> {
     let mut spec = JobSpec::load(&args.job)?;
+    let from_env = std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty());
+    if let (None, Some(env), Some(file)) = (&args.database_url, &from_env, &spec.database.url) {
+        warn_of_an_overridden_database(env, file);
+    }
     let url = args
         .database_url
         .clone()
-        .or_else(|| std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()))
+        .or(from_env)
         .or_else(|| spec.database.url.clone())
         .or_else(libpq_variables_only)
         .ok_or_else(|| Error::Config("no database given: pass --database-url, set DATABASE_URL or libpq's PGHOST/PGDATABASE/PGSERVICE, or add [database] url to the job file".into()))?;
@@ -96,6 +100,22 @@ pub(crate) fn resolve(args: &JobArgs) -> Result<(JobSpec, String), Error> {
         keys.database_url = Some(url.clone());
     }
     Ok((spec, url))
+}
+
+/// Says where `DATABASE_URL` (`env`) sends the command elsewhere than the
+/// job file's `[database] url` (`file`): set for another job in the same
+/// shell, it would otherwise rotate another database without a word.
+fn warn_of_an_overridden_database(env: &str, file: &str) {
+    let (Ok(env), Ok(file)) = (Database::parse(env), Database::parse(file)) else {
+        return;
+    };
+    let (env, file) = (env.describe(), file.describe());
+    if env != file {
+        tracing::warn!(
+            "DATABASE_URL ({env}) overrides the job file's [database] url ({file}): this command works on {env}; \
+             unset DATABASE_URL (or pass --database-url) for another"
+        );
+    }
 }
 
 /// Refuses a job file whose name comes from its file name (`job.toml`: job

@@ -144,7 +144,7 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
         db,
         mut client,
     } = open(&args.common).await?;
-    let job = Arc::new(Job::resolve(&spec, &client).await?);
+    let mut job = Job::resolve(&spec, &client).await?;
     refuse_against_an_abort(&client, spec.name.as_deref().unwrap_or_default(), &job).await?;
     // said first, and again with the totals: the run itself is not refused
     let mut warnings = crate::job::newer_keys::newer_than_target(&job);
@@ -152,6 +152,8 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
     for line in &warnings {
         tracing::warn!("{line}");
     }
+    // and what may refuse some writes, said when the job was read
+    warnings.extend(job.targets.iter().flat_map(|t| t.cautions.iter().cloned()));
     let lanes = match args.workers {
         Some(w) => usize::from(w),
         None => plan::lanes_for_server(&client, default_lanes()).await?,
@@ -177,7 +179,7 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
     let live = Arc::new(LiveCounts::default());
 
     // a dry run refuses where the run would: one used as a gate must not say go
-    if !args.force {
+    let preflighted = if !args.force {
         verify::preflight(
             &client,
             &job,
@@ -185,13 +187,20 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
             verify::Forcing::Flag,
             settings.timeouts.lock,
         )
-        .await?;
+        .await?
     } else {
         // --force lets values that do not open through, nothing else
         for t in &job.targets {
             verify::check_table(&client, t, settings.timeouts.lock).await?;
         }
+        // and quarantines them, those labelled with the target key included
+        verify::labelled_that_do_not_open(&client, &job).await?
+    };
+    for line in preflighted.apply(&mut job) {
+        tracing::warn!("{line}");
+        warnings.push(line);
     }
+    let job = Arc::new(job);
     // throttles that cannot work are refused before the engine's state
     // (and a job to resume) is created; the pipeline checks them again
     if let Some(sql) = &settings.signals.gate_sql {

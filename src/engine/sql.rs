@@ -159,13 +159,14 @@ pub fn select_labelled(target: &Target) -> Option<(String, Vec<usize>)> {
 
 /// One keyset page: key columns then encrypted columns, in key order.
 /// Parameters: lower key (if any), upper key (if any), stale prefixes (if
-/// `only_stale`), then the row limit.
+/// `only_stale`, unless the target [`Target::reads_labelled`]), then the
+/// row limit.
 pub fn select_page(target: &Target, bounds: Bounds, only_stale: bool) -> (String, Vec<usize>) {
     let keys = target.key_list("");
     let cols = column_list(target);
     let (mut conds, mut next) = bound_conditions(target, bounds);
     let mut prefixed = Vec::new();
-    if only_stale {
+    if only_stale && !target.reads_labelled {
         let (filter, cols) = stale_filter(target, "", next);
         next += cols.len();
         conds.push(filter);

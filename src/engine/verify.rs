@@ -379,15 +379,16 @@ pub async fn preflight(
     target: TargetKey,
     forcing: Forcing,
     lock_wait: Option<std::time::Duration>,
-) -> Result<(), Error> {
+) -> Result<Preflighted, Error> {
     if target == TargetKey::ReadBefore {
         // the key as the rotation's runs recorded it, not merely a key by its id
         check_recorded_keys(client, job).await?;
     }
-    for t in &job.targets {
+    let mut reads_labelled = Vec::new();
+    for (i, t) in job.targets.iter().enumerate() {
         check_table(client, t, lock_wait).await?;
-        if target == TargetKey::Given {
-            refuse_a_target_key_not_theirs(client, t, forcing).await?;
+        if target == TargetKey::Given && refuse_a_target_key_not_theirs(client, t, forcing).await? {
+            reads_labelled.push(i);
         }
         let (text, prefixed) = sql::select_page(
             t,
@@ -456,7 +457,52 @@ pub async fn preflight(
             )));
         }
     }
-    Ok(())
+    Ok(Preflighted { reads_labelled })
+}
+
+/// What the preflight found that the run must do besides its usual work.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[must_use]
+pub struct Preflighted {
+    /// The targets (by index) some of whose sampled values already
+    /// labelled with the target key do not open: the run reads those
+    /// values too ([`Target::reads_labelled`]).
+    pub reads_labelled: Vec<usize>,
+}
+
+impl Preflighted {
+    /// Sets on `job` what the run must do, and says it (one line per
+    /// target that reads its labelled values too).
+    pub fn apply(&self, job: &mut Job) -> Vec<String> {
+        let mut said = Vec::new();
+        for &i in &self.reads_labelled {
+            let Some(t) = job.targets.get_mut(i) else {
+                continue;
+            };
+            t.reads_labelled = true;
+            let label = t.target_label();
+            said.push(format!(
+                "some values of {} already labelled {label} do not open under it (damaged, or sealed under another \
+                 key of that id): this run reads every value labelled {label} too, leaves those that open as they \
+                 are and quarantines those that do not",
+                t.table
+            ));
+        }
+        said
+    }
+}
+
+/// What a forced run does of the preflight's check of the values already
+/// labelled with the target key: no refusal, but the targets some of whose
+/// sampled labelled values do not open read them all.
+pub async fn labelled_that_do_not_open(client: &Client, job: &Job) -> Result<Preflighted, Error> {
+    let mut reads_labelled = Vec::new();
+    for (i, t) in job.targets.iter().enumerate() {
+        if labelled_sample(client, t).await?.refused > 0 {
+            reads_labelled.push(i);
+        }
+    }
+    Ok(Preflighted { reads_labelled })
 }
 
 /// Sampled values that must all be malformed before a target is refused
@@ -499,9 +545,44 @@ async fn refuse_a_target_key_not_theirs(
     client: &Client,
     t: &Target,
     forcing: Forcing,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
+    let Labelled { on_target, refused } = labelled_sample(client, t).await?;
+    if on_target == 0 && refused > 0 {
+        let label = t.target_label();
+        return Err(Error::Config(format!(
+            "{refused} values sampled from {} are already labelled {label} (written by an application that already writes \
+             under it, or by an earlier rotation), and the key given as {label} opens none of them: it is not \
+             the key they were written under. Nothing was written: the run would re-encrypt every other value \
+             under a key nothing else holds. Give the key they were written under (the one the application \
+             uses), or, for a new key, a key id no value carries yet{}",
+            t.table,
+            match forcing {
+                // the refusal's likely cause is the key: --force is for damaged values alone
+                Forcing::Flag => ". If they are damaged values rather than another key's, --force quarantines what \
+                                  does not open and goes on"
+                    .to_string(),
+                Forcing::NoFlag(_) => forcing.past("values no key opens"),
+            }
+        )));
+    }
+    Ok(refused > 0)
+}
+
+/// What a sample of target `t`'s values already labelled with the target
+/// key came to.
+#[derive(Debug, Clone, Copy, Default)]
+struct Labelled {
+    /// Values that open under the target key.
+    on_target: usize,
+    /// Values that fail authentication under it.
+    refused: usize,
+}
+
+/// Samples target `t`'s values already labelled with the target key (among
+/// the newest rows by key and about 1,000 pages) and opens them.
+async fn labelled_sample(client: &Client, t: &Target) -> Result<Labelled, Error> {
     let Some((text, prefixed)) = sql::select_labelled(t) else {
-        return Ok(());
+        return Ok(Labelled::default());
     };
     let prefixes: Vec<Vec<u8>> = prefixed.iter().filter_map(|&c| t.stale_prefix(c)).collect();
     let percent = crate::engine::left::sample_percent(client, t).await?;
@@ -529,25 +610,7 @@ async fn refuse_a_target_key_not_theirs(
         })
         .count();
     let refused = auth_failures(&cells);
-    if on_target == 0 && refused > 0 {
-        let label = t.target_label();
-        return Err(Error::Config(format!(
-            "{refused} values sampled from {} are already labelled {label} (written by an application that already writes \
-             under it, or by an earlier rotation), and the key given as {label} opens none of them: it is not \
-             the key they were written under. Nothing was written: the run would re-encrypt every other value \
-             under a key nothing else holds. Give the key they were written under (the one the application \
-             uses), or, for a new key, a key id no value carries yet{}",
-            t.table,
-            match forcing {
-                // the refusal's likely cause is the key: --force is for damaged values alone
-                Forcing::Flag => ". If they are damaged values rather than another key's, --force quarantines what \
-                                  does not open and goes on"
-                    .to_string(),
-                Forcing::NoFlag(_) => forcing.past("values no key opens"),
-            }
-        )));
-    }
-    Ok(())
+    Ok(Labelled { on_target, refused })
 }
 
 /// Values that failed authentication: what a wrong key shows as.

@@ -95,6 +95,16 @@ pub struct Target {
     /// rekey's UPDATE returned it: each batch fires the deferred ones and
     /// reads back what is stored before it counts a value rotated.
     pub after_triggers: bool,
+    /// A run reads the values already labelled with the target key too
+    /// (decrypting each: one that opens is left as it is, one that does not
+    /// is quarantined): set where the preflight's sample found such values
+    /// that do not open (damaged, or sealed under another key of that id),
+    /// which a run reading only values on old keys would pass over as done.
+    pub reads_labelled: bool,
+    /// What the catalogue shows that may refuse or undo some of rekey's
+    /// writes here (a BEFORE UPDATE trigger, row security with an UPDATE
+    /// policy): said when the job is read, and again with a run's totals.
+    pub cautions: Vec<String>,
 }
 
 impl Target {
@@ -345,6 +355,8 @@ impl Job {
                 aad,
                 filter: t.filter.clone(),
                 after_triggers: false,
+                reads_labelled: false,
+                cautions: Vec::new(),
             };
             if let Some(f) = &target.filter {
                 let checked = client

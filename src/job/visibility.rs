@@ -20,12 +20,18 @@ use super::Target;
 /// refuse its writes.
 pub async fn check(client: &Client, targets: &mut [Target]) -> Result<(), Error> {
     for t in targets {
-        row_security(client, t, true).await?;
+        if let Some(caution) = row_security(client, t).await? {
+            tracing::warn!("{caution}");
+            t.cautions.push(caution);
+        }
         foreign_children(client, t).await?;
         key_collations(client, t).await?;
         key_types(client, t).await?;
         update_rules(client, t).await?;
-        write_triggers(client, t).await?;
+        for caution in write_triggers(client, t).await? {
+            tracing::warn!("{caution}");
+            t.cautions.push(caution);
+        }
         t.after_triggers = after_triggers(client, t).await?;
     }
     Ok(())
@@ -38,7 +44,7 @@ pub async fn check(client: &Client, targets: &mut [Target]) -> Result<(), Error>
 pub async fn still_sees_every_row(client: &Client, targets: &[Target]) -> Result<(), Error> {
     for t in targets {
         let checked = async {
-            row_security(client, t, false).await?;
+            row_security(client, t).await?;
             foreign_children(client, t).await
         }
         .await;
@@ -120,7 +126,7 @@ async fn after_triggers(client: &Client, t: &Target) -> Result<bool, Error> {
 /// every row: a permissive SELECT policy `USING (true)` that applies to it,
 /// and no restrictive one. Otherwise rows it cannot see would keep their old
 /// key while a run, a verify and a retire all reported nothing left.
-async fn row_security(client: &Client, t: &Target, warn: bool) -> Result<(), Error> {
+async fn row_security(client: &Client, t: &Target) -> Result<Option<String>, Error> {
     let what = || format!("checking row-level security on {}", t.table);
     let row = client
         .query_one(
@@ -149,17 +155,13 @@ async fn row_security(client: &Client, t: &Target, warn: bool) -> Result<(), Err
     let policies: Option<String> = row.get(5);
     let owner: bool = row.get(6);
     if !active {
-        return Ok(());
+        return Ok(None);
     }
     if sees_all && !restricted {
-        if !warn {
-            return Ok(());
-        }
-        tracing::warn!(
+        return Ok(Some(format!(
             "row-level security applies to role {role} on {}; its policies let it see every row, but an UPDATE policy may refuse some writes: such values are reported as not rotated",
             t.table
-        );
-        return Ok(());
+        )));
     }
     // FORCE is why only for the owner: another role is under the policies anyway
     let why = if forced && owner {
@@ -278,8 +280,8 @@ async fn update_rules(client: &Client, t: &Target) -> Result<(), Error> {
 /// Enabled row-level BEFORE UPDATE triggers, on the target and on its
 /// partitions and inheritance children (rekey's UPDATE reaches their rows
 /// too), that fire on the columns rekey sets, may refuse or change a
-/// write: said up front, one line per table; the sink checks every write.
-async fn write_triggers(client: &Client, t: &Target) -> Result<(), Error> {
+/// write: said up front, one line per table (returned); the sink checks every write.
+async fn write_triggers(client: &Client, t: &Target) -> Result<Vec<String>, Error> {
     // every column is in the SET list, a hash-only target's ciphertexts too
     let set: Vec<&str> = t.columns.iter().map(|c| c.name.as_str()).collect();
     // tgtype bits: 1 row-level, 2 before, 16 update; tgattr: the columns of
@@ -306,14 +308,16 @@ async fn write_triggers(client: &Client, t: &Target) -> Result<(), Error> {
         )
         .await
         .ctx(|| format!("checking the triggers of {}", t.table))?;
-    for r in rows {
-        let (table, triggers): (String, String) = (r.get(0), r.get(1));
-        tracing::warn!(
-            "{table} has BEFORE UPDATE triggers ({triggers}): a trigger that refuses or changes rekey's write leaves the value on its old key; \
-             rekey checks every write and reports such values as not rotated"
-        );
-    }
-    Ok(())
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let (table, triggers): (String, String) = (r.get(0), r.get(1));
+            format!(
+                "{table} has BEFORE UPDATE triggers ({triggers}): a trigger that refuses or changes rekey's write leaves the value on its old key; \
+                 rekey checks every write and reports such values as not rotated"
+            )
+        })
+        .collect())
 }
 
 /// Refuses, before a run writes anything, a target whose table this role

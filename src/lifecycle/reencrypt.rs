@@ -33,14 +33,14 @@ pub(crate) async fn rewrite_all(
     event_type: &str,
     log: &mut Log,
 ) -> Result<bool, Error> {
-    let job = Arc::new(Job::resolve(cx.spec, client).await?);
+    let mut job = Job::resolve(cx.spec, client).await?;
     // an abort turns values back to the key its rotation read them under
     let target = if to == rot.new_key {
         verify::TargetKey::Given
     } else {
         verify::TargetKey::ReadBefore
     };
-    verify::preflight(
+    let preflighted = verify::preflight(
         client,
         &job,
         target,
@@ -48,6 +48,11 @@ pub(crate) async fn rewrite_all(
         cx.opts.settings.timeouts.lock,
     )
     .await?;
+    for line in preflighted.apply(&mut job) {
+        tracing::warn!("{line}");
+        log.lines.push(format!("warning: {line}"));
+    }
+    let job = Arc::new(job);
     // said before the run writes, and kept with the invocation's lines
     for line in crate::job::visibility::old_row_copies(client, &job.targets).await? {
         tracing::warn!("{line}");

@@ -869,7 +869,8 @@ pub(super) async fn refuse_stage(
     }
     let job = if store.table().compromised_current().is_none() {
         let job = crate::job::Job::resolve(spec, client).await?;
-        crate::engine::verify::preflight(
+        // what the re-encryption reads besides is for its own preflight
+        let _reads = crate::engine::verify::preflight(
             client,
             &job,
             crate::engine::verify::TargetKey::Given,

@@ -398,3 +398,38 @@ fn bench_with_load_reports_the_applications_cost_at_full_speed_and_throttled() {
         assert!(svg.contains(label), "the chart lacks {label:?}");
     }
 }
+
+// Today: `rekey bench --database-url` dropped its scratch schema but left
+// the engine's schema `rekey` (its state tables) it had created in the
+// database, though README says the bench leaves nothing behind.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bench_on_a_real_server_leaves_no_schema_of_its_own_behind() {
+    let db = TestDb::new().await;
+    let schemas = async || -> Vec<String> {
+        db.client
+            .query(
+                "SELECT nspname::text FROM pg_namespace
+                  WHERE nspname !~ '^pg_' AND nspname <> 'information_schema' ORDER BY 1",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    let before = schemas().await;
+    let out = rekey(
+        &[
+            "bench",
+            "--database-url",
+            &db.url,
+            "--rows",
+            "200",
+            "--quiet",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(schemas().await, before, "{}", printed(&out));
+}

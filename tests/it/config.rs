@@ -183,6 +183,29 @@ async fn resuming_with_a_changed_job_file_is_refused() {
     assert_refused(&db, &job, &seed_env(), "started from a different job file").await;
 }
 
+// Today: with DATABASE_URL left set for another job, a run rotated that
+// database instead of the one its job file names, and nothing said which.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_url_in_the_environment_that_overrides_the_job_file_s_is_said() {
+    let (db, dir) = patients().await;
+    let other = TestDb::new().await;
+    other.seed_patients(10).await;
+    let job = job_with(&dir, &db, GOOD);
+    let mut env = seed_env();
+    env.push(("DATABASE_URL", other.url.clone()));
+    let out = rekey(&["run", "--job", &job, "--dry-run"], &env);
+    let said = stderr(&out);
+    assert!(
+        said.contains("DATABASE_URL (") && said.contains("overrides the job file's [database] url"),
+        "{said}"
+    );
+    // the same database both ways: nothing to say
+    env.pop();
+    env.push(("DATABASE_URL", db.url.clone()));
+    let out = rekey(&["run", "--job", &job, "--dry-run"], &env);
+    assert!(!stderr(&out).contains("overrides"), "{}", stderr(&out));
+}
+
 // Today: `run --dry-run` skipped the checks the run makes of its throttles
 // and of a job to resume: it said "done" where the run refuses (exit 2).
 #[tokio::test(flavor = "multi_thread")]

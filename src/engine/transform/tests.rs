@@ -65,6 +65,8 @@ fn target(from: Format, to: Format, encoding: Encoding) -> Target {
         aad: Aad::None,
         filter: None,
         after_triggers: false,
+        reads_labelled: false,
+        cautions: Vec::new(),
     }
 }
 

@@ -199,6 +199,31 @@ async fn a_trigger_that_skips_the_update_leaves_values_reported_as_not_rotated()
     assert_refused_writes_end_as_not_rotated(&db, 1_000, every_tenth_row, &[]).await;
 }
 
+// Today: the BEFORE UPDATE trigger's warning was said on stderr alone, not
+// with the run's totals nor in `--json` `warnings`, where the old-row
+// copying triggers' warnings are.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trigger_that_may_refuse_writes_is_named_in_the_run_s_json_warnings() {
+    let db = TestDb::new().await;
+    db.seed_patients(50).await;
+    db.client
+        .batch_execute(
+            "CREATE FUNCTION pass() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
+             CREATE TRIGGER pass_all BEFORE UPDATE ON patient_persons FOR EACH ROW EXECUTE FUNCTION pass();",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    let out = rekey(&["run", "--job", &job, "--json"], &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let warnings = json(&out)["warnings"].to_string();
+    assert!(
+        warnings.contains("public.patient_persons has BEFORE UPDATE triggers (pass_all)"),
+        "{warnings}"
+    );
+}
+
 // Before these checks existed: not refused up front (right: every row is
 // visible), then exit 0 with "values_rewritten": 1500, "conflicts": 1100,
 // "conflicts_left": 100, the tenth rows still on V1, no "values_not_rotated";

@@ -108,3 +108,93 @@ async fn a_second_rotation_to_the_same_key_id_with_another_key_is_refused() {
     );
     db.assert_every_value_rotated(200).await;
 }
+
+/// Re-seals the phone of rows `ids` under `ring`'s current key (as an
+/// application writing under it would).
+async fn seal_phones(db: &TestDb, ring: &Keyring, ids: std::ops::RangeInclusive<i64>) {
+    let codec = VersionedGcm::new(ring).unwrap();
+    for id in ids {
+        let mut value = Vec::new();
+        codec.seal(phone(id).as_bytes(), b"", None, &mut value);
+        db.client
+            .execute(
+                "UPDATE patient_persons SET phone_encrypted = $1 WHERE id = $2",
+                &[&value, &id],
+            )
+            .await
+            .unwrap();
+    }
+}
+
+async fn quarantined(db: &TestDb) -> i64 {
+    db.client
+        .query_one("SELECT count(*) FROM rekey.quarantine", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+// Today: a run read only the values on old keys, so values labelled v2
+// that key 2 does not open (damaged, or sealed under another key 2) were
+// passed over: "done", exit 0, nothing quarantined, though README said
+// they were quarantined; `verify` then found them.
+#[tokio::test(flavor = "multi_thread")]
+async fn values_labelled_with_the_target_key_that_it_does_not_open_are_quarantined_not_passed_over()
+{
+    let db = TestDb::new().await;
+    db.seed_patients(300).await;
+    seal_phones(&db, &v2_ring(), 1..=10).await;
+    seal_phones(&db, &app_ring(), 291..=293).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+
+    let out = rekey(&["run", "--job", &job, "--json"], &seed_env());
+    assert_eq!(out.status.code(), Some(3), "{}", printed(&out));
+    assert_eq!(quarantined(&db).await, 3, "{}", printed(&out));
+    assert!(
+        printed(&out).contains("reads every value labelled v2 too"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(labelled(&db, 1).await, 0, "values were left on key 1");
+    // the values under the real key 2 are as they were, and open
+    for (id, (p, _)) in db.decrypted_patients(&v2_ring()).await {
+        if !(291..=293).contains(&id) {
+            assert_eq!(p, Decrypted::Plain(2, phone(id)), "phone of {id}");
+        }
+    }
+}
+
+// Today: after a refusal for a key 2 that opens none of the values already
+// labelled v2 (a `rekey keygen` given where the real key 2 was meant),
+// `--force` re-encrypted the other values under it and passed over every
+// value under the real key 2: "done", exit 0, nothing quarantined, though
+// the refusal said --force "quarantines what does not open".
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forced_run_with_another_key_2_quarantines_the_values_under_the_real_one_rather_than_saying_done(
+) {
+    let db = TestDb::new().await;
+    db.seed_patients(300).await;
+    // the first half already under the real key 2 (as a run killed half-way leaves it)
+    seal_phones(&db, &v2_ring(), 1..=150).await;
+    let under_real_2 = labelled(&db, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+
+    let out = rekey(&["run", "--job", &job], &app_env());
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("--force quarantines"),
+        "{}",
+        printed(&out)
+    );
+
+    let out = rekey(&["run", "--job", &job, "--force", "--json"], &app_env());
+    assert_eq!(out.status.code(), Some(3), "{}", printed(&out));
+    assert_eq!(quarantined(&db).await, under_real_2, "{}", printed(&out));
+    // left as they were: the real key 2 still opens each
+    let real = db.decrypted_patients(&v2_ring()).await;
+    for id in 1..=150 {
+        assert_eq!(real[&id].0, Decrypted::Plain(2, phone(id)), "phone of {id}");
+    }
+}
