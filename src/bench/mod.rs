@@ -199,11 +199,16 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, Error> {
         )
         .await;
     if !engine_schema_before {
-        // gone with the bench, unless a rekey command began to use it meanwhile
+        // gone with the bench, unless a rekey command began to use it
+        // meanwhile: what it writes is waited for (the locks) and then seen
         let _ = client
             .batch_execute(
                 "DO $$ BEGIN
-                     IF NOT EXISTS (SELECT 1 FROM rekey.jobs) AND NOT EXISTS (SELECT 1 FROM rekey.rotations) THEN
+                     LOCK TABLE rekey.jobs, rekey.rotations, rekey.audit, rekey.audit_intents, rekey.key_table_keys
+                         IN ACCESS EXCLUSIVE MODE;
+                     IF NOT EXISTS (SELECT 1 FROM rekey.jobs) AND NOT EXISTS (SELECT 1 FROM rekey.rotations)
+                        AND NOT EXISTS (SELECT 1 FROM rekey.audit) AND NOT EXISTS (SELECT 1 FROM rekey.audit_intents)
+                        AND NOT EXISTS (SELECT 1 FROM rekey.key_table_keys) THEN
                          DROP SCHEMA rekey CASCADE;
                      END IF;
                  END $$",

@@ -96,8 +96,14 @@ pub async fn rewrite(
         // partitions attached during the run are the job's too (a retire reads the record)
         state::jobs::record_parts(client, record.id, job).await?;
         if !outcome.stopped {
-            // what would hide rows from the recount hid them from the run
-            crate::job::visibility::still_sees_every_row(client, &job.targets).await?;
+            // what would hide rows from the recount hid them from the run:
+            // its ranges, all done, would let a resume pass the rows over, so
+            // the job is given up and the next run starts over
+            if let Err(e) = crate::job::visibility::still_sees_every_row(client, &job.targets).await
+            {
+                state::jobs::abandon(client, record.id).await?;
+                return Err(e);
+            }
             outcome.behind = behind::rows_behind(client, job, record.id).await?;
         }
         // what every process sharing the job has done, not only this one

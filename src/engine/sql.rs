@@ -172,6 +172,15 @@ pub fn select_page(target: &Target, bounds: Bounds, only_stale: bool) -> (String
         conds.push(filter);
         prefixed = cols;
     }
+    if only_stale && target.reads_labelled {
+        // every value, those on the target key too, but no row without one
+        let held: Vec<String> = target
+            .columns
+            .iter()
+            .map(|c| format!("octet_length({}) > 0", quote_ident(&c.name)))
+            .collect();
+        conds.push(format!("({})", held.join(" OR ")));
+    }
     if let Some(f) = &target.filter {
         conds.push(format!("({f})"));
     }

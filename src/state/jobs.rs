@@ -84,6 +84,18 @@ pub async fn unfinished_job_keys(
     Ok(row.map(|r| (r.get(0), r.get(1))))
 }
 
+/// Gives up job `id`: the next run of its name starts over.
+pub async fn abandon(client: &Client, id: i64) -> Result<(), Error> {
+    client
+        .execute(
+            "UPDATE rekey.jobs SET state = 'abandoned', updated_at = now() WHERE job_id = $1 AND state = 'running'",
+            &[&id],
+        )
+        .await
+        .ctx(|| format!("giving up job {id}"))?;
+    Ok(())
+}
+
 /// The refusal to resume job `job`'s unfinished run `id` (recorded with
 /// `hash` and `old_keys`) from another job file or with other keys.
 fn refuse_to_resume(

@@ -130,9 +130,13 @@ async fn a_trigger_that_only_touches_the_new_row_is_not_warned_of() {
     let job = db.patients_job(&dir).display().to_string();
     let out = rekey(&["run", "--job", &job, "--json"], &seed_env());
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
-    assert_eq!(
-        json(&out)["warnings"],
-        serde_json::json!([]),
+    // the BEFORE trigger's caution (it may change a write) alone
+    let warnings = json(&out)["warnings"].as_array().unwrap().clone();
+    assert!(
+        warnings.iter().all(|w| w
+            .as_str()
+            .unwrap()
+            .contains("has BEFORE UPDATE triggers (stamp)")),
         "{}",
         printed(&out)
     );
