@@ -101,14 +101,15 @@ pub fn stale_filter(target: &Target, alias: &str, first: usize) -> (String, Vec<
                 terms.push(term);
                 bound.push(i);
             }
-            // not NULL nor empty ([`prefix_expr`])
-            None => terms.push(format!(
-                "octet_length({alias}{}) > 0",
-                quote_ident(&col.name)
-            )),
+            None => terms.push(holds_a_value(alias, &col.name)),
         }
     }
     (format!("({})", terms.join(" OR ")), bound)
+}
+
+/// `column` (after `alias`) holds a value: not NULL nor empty ([`prefix_expr`]).
+fn holds_a_value(alias: &str, column: &str) -> String {
+    format!("octet_length({alias}{}) > 0", quote_ident(column))
 }
 
 /// Rows holding a value labelled with the target key, for the preflight's
@@ -166,20 +167,19 @@ pub fn select_page(target: &Target, bounds: Bounds, only_stale: bool) -> (String
     let cols = column_list(target);
     let (mut conds, mut next) = bound_conditions(target, bounds);
     let mut prefixed = Vec::new();
-    if only_stale && !target.reads_labelled {
-        let (filter, cols) = stale_filter(target, "", next);
-        next += cols.len();
-        conds.push(filter);
-        prefixed = cols;
-    }
     if only_stale && target.reads_labelled {
         // every value, those on the target key too, but no row without one
         let held: Vec<String> = target
             .columns
             .iter()
-            .map(|c| format!("octet_length({}) > 0", quote_ident(&c.name)))
+            .map(|c| holds_a_value("", &c.name))
             .collect();
         conds.push(format!("({})", held.join(" OR ")));
+    } else if only_stale {
+        let (filter, cols) = stale_filter(target, "", next);
+        next += cols.len();
+        conds.push(filter);
+        prefixed = cols;
     }
     if let Some(f) = &target.filter {
         conds.push(format!("({f})"));

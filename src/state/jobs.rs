@@ -74,14 +74,24 @@ pub async fn unfinished_job_keys(
     client: &Client,
     name: &str,
 ) -> Result<Option<(i64, serde_json::Value)>, Error> {
+    Ok(running_job(client, name)
+        .await?
+        .map(|(id, _, keys)| (id, keys)))
+}
+
+/// Job `name`'s unfinished run, if any: its id, `spec_hash` and key set.
+async fn running_job(
+    client: &Client,
+    name: &str,
+) -> Result<Option<(i64, String, serde_json::Value)>, Error> {
     let row = client
         .query_opt(
-            "SELECT job_id, keys FROM rekey.jobs WHERE name = $1 AND state = 'running'",
+            "SELECT job_id, spec_hash, keys FROM rekey.jobs WHERE name = $1 AND state = 'running'",
             &[&name],
         )
         .await
         .ctx(|| format!("reading job {name:?}"))?;
-    Ok(row.map(|r| (r.get(0), r.get(1))))
+    Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
 }
 
 /// Gives up job `id`: the next run of its name starts over.
@@ -129,15 +139,8 @@ pub async fn check_resumable(client: &Client, job: &Job, restart: bool) -> Resul
     if restart || !super::schema_exists(client).await? {
         return Ok(());
     }
-    let row = client
-        .query_opt(
-            "SELECT job_id, spec_hash, keys FROM rekey.jobs WHERE name = $1 AND state = 'running'",
-            &[&job.name],
-        )
-        .await
-        .ctx(|| format!("reading job {:?}", job.name))?;
-    match row {
-        Some(row) => refuse_to_resume(job, row.get(0), &row.get::<_, String>(1), &row.get(2)),
+    match running_job(client, &job.name).await? {
+        Some((id, hash, keys)) => refuse_to_resume(job, id, &hash, &keys),
         None => Ok(()),
     }
 }
@@ -151,18 +154,9 @@ async fn open_job_locked(
     let keys = job.describe_keys();
     let what = || format!("opening job {:?}", job.name);
     let mut abandoned = None;
-    if let Some(row) = client
-        .query_opt(
-            "SELECT job_id, spec_hash, keys FROM rekey.jobs WHERE name = $1 AND state = 'running'",
-            &[&job.name],
-        )
-        .await
-        .ctx(what)?
-    {
-        let (id, hash, old_keys): (i64, String, serde_json::Value) =
-            (row.get(0), row.get(1), row.get(2));
+    if let Some((id, hash, old_keys)) = running_job(client, &job.name).await? {
         if restart {
-            client.execute("UPDATE rekey.jobs SET state = 'abandoned', updated_at = now() WHERE job_id = $1", &[&id]).await.ctx(what)?;
+            abandon(client, id).await?;
             abandoned = Some(id);
         } else {
             refuse_to_resume(job, id, &hash, &old_keys)?;
