@@ -433,9 +433,13 @@ fn print_text(args: &RunArgs, job: &Job, ran: &Ran, remaining_rows: Option<u64>)
         out!("{} rows kept changing under the run and were left as the application wrote them; run again to rotate them", outcome.conflicts_left);
     }
     for b in &outcome.behind {
+        let trigger = match b.triggers {
+            true => ", or did a trigger that fires on rekey's own writes write them",
+            false => "",
+        };
         out!(
             "{} rows of {} hold a value on an old key that the run never read: written after it passed them \
-             (is an application still writing under an old key, or were rows restored from a backup?); \
+             (is an application still writing under an old key, or were rows restored from a backup{trigger}?); \
              once the application writes under the target key, run again to rotate them",
             b.rows, b.table
         );

@@ -34,6 +34,10 @@ pub struct Behind {
     pub table: String,
     /// Rows holding a value on an old key the run did not leave knowingly.
     pub rows: u64,
+    /// A trigger fires on rekey's writes to a target of the job: it may
+    /// have written them, inside the run's own transactions.
+    #[serde(skip)]
+    pub triggers: bool,
 }
 
 /// The job's tables holding rows on an old key that the run did not leave
@@ -65,6 +69,7 @@ pub async fn rows_behind(client: &Client, job: &Job, job_id: i64) -> Result<Vec<
             behind.push(Behind {
                 table: t.table.to_string(),
                 rows,
+                triggers: job.targets.iter().any(|t| t.update_triggers),
             });
         }
     }

@@ -380,6 +380,17 @@ pub fn landed_count(target: &Target) -> String {
     )
 }
 
+/// The rows this transaction has inserted or updated so far in the tables
+/// named by `$1` (text[]: the job's targets) and their partitions and
+/// children, by the server's own counts of the transaction: read before
+/// and after a batch's UPDATE, what it wrote beside the rows it swapped (a
+/// trigger's copies) shows as a difference greater than its own count.
+pub const ROWS_WRITTEN_IN_TARGETS: &str = "WITH RECURSIVE tree(relid) AS (
+         SELECT t::regclass::oid FROM unnest($1::text[]) AS t
+         UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.relid)
+     SELECT coalesce(sum(pg_stat_get_xact_tuples_inserted(relid) + pg_stat_get_xact_tuples_updated(relid)), 0)::bigint
+       FROM tree";
+
 /// Records one undecryptable value. Parameters: job id, table label, column,
 /// key as bytea[], error kind, the key columns, then the value as read.
 /// Only while encrypted column `col` still holds the value read (the last

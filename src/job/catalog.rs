@@ -48,6 +48,8 @@ pub struct TableColumn {
 pub struct ResolvedTarget {
     /// The table.
     pub table: TableRef,
+    /// Its oid, as the catalog had it when the job was resolved.
+    pub oid: u32,
     /// Key columns in order.
     pub key: Vec<TableColumn>,
     /// Encrypted columns in job-file order.
@@ -92,6 +94,7 @@ pub async fn resolve_target(client: &Client, spec: &TargetSpec) -> Result<Resolv
     }
     Ok(ResolvedTarget {
         table,
+        oid,
         key,
         columns,
     })
@@ -101,19 +104,21 @@ pub async fn resolve_target(client: &Client, spec: &TargetSpec) -> Result<Resolv
 async fn find_table(client: &Client, spec: &TargetSpec) -> Result<(u32, TableRef), Error> {
     let (schema, name) = spec.split_table();
     let what = || format!("looking up table {:?}", spec.table);
-    let row = client
-        .query_opt(
+    let found = client
+        .query(
             "SELECT c.oid, n.nspname::text, c.relname::text
                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
               WHERE c.relname = $2 AND c.relkind IN ('r', 'p')
                 AND (n.nspname = $1 OR ($1 IS NULL AND n.nspname = ANY (current_schemas(false))))
-              ORDER BY array_position(current_schemas(false), n.nspname::name) NULLS LAST
-              LIMIT 1",
+              ORDER BY array_position(current_schemas(false), n.nspname::name) NULLS LAST",
             &[&schema, &name],
         )
         .await
         .ctx(what)?;
-    let Some(row) = row else {
+    if found.len() > 1 {
+        return Err(shadowed(client, spec, &found).await?);
+    }
+    let Some(row) = found.first() else {
         let searched = schema.map_or_else(
             || "the search_path".to_string(),
             |s| format!("schema {s:?}"),
@@ -156,6 +161,45 @@ async fn find_table(client: &Client, spec: &TargetSpec) -> Result<(u32, TableRef
             name: row.get(2),
         },
     ))
+}
+
+/// The refusal of a table named without its schema that tables in several
+/// schemas of rekey's `search_path` answer to (`found`, the first being
+/// the one the name reaches): the applications, under another role or
+/// `search_path`, may read another one than rekey would rotate, and a
+/// rotation that says done over a scratch copy goes on to retire the key
+/// the real table is under.
+async fn shadowed(
+    client: &Client,
+    spec: &TargetSpec,
+    found: &[tokio_postgres::Row],
+) -> Result<Error, Error> {
+    let path: String = client
+        .query_one("SHOW search_path", &[])
+        .await
+        .ctx(|| "reading the search_path".into())?
+        .get(0);
+    let tables: Vec<String> = found
+        .iter()
+        .map(|r| {
+            TableRef {
+                schema: r.get(1),
+                name: r.get(2),
+            }
+            .to_string()
+        })
+        .collect();
+    Ok(Error::Config(format!(
+        "table {:?} is found in {} schemas of rekey's search_path ({path}): {}; the name reaches {} for rekey, but an \
+         application connecting as another role or with another search_path may read another one, and rekey would \
+         rotate the wrong one and go on to retire the key the other is under: name the schema in the job file \
+         (table = {:?}, or schema = \"...\" beside it)",
+        spec.table,
+        tables.len(),
+        tables.join(", "),
+        tables[0],
+        tables[0]
+    )))
 }
 
 /// Every column of a table, in order.

@@ -74,6 +74,9 @@ pub struct Target {
     pub index: usize,
     /// The table.
     pub table: TableRef,
+    /// The table's oid when the job was resolved: a table renamed or made
+    /// again while a run went on answers to the name under another.
+    pub oid: u32,
     /// Key columns, in keyset order.
     pub key: Vec<TableColumn>,
     /// Encrypted columns, then the search hash column when there is one.
@@ -95,6 +98,12 @@ pub struct Target {
     /// rekey's UPDATE returned it: each batch fires the deferred ones and
     /// reads back what is stored before it counts a value rotated.
     pub after_triggers: bool,
+    /// An UPDATE trigger of any kind on the table (or a partition or child)
+    /// fires on rekey's writes: it may write other rows of the job's
+    /// targets inside the batch's own transaction (a history table filled
+    /// with the old values), so each batch counts what it wrote beside its
+    /// own rows ([`crate::engine::behind`]).
+    pub update_triggers: bool,
     /// A run reads the values already labelled with the target key too
     /// (decrypting each: one that opens is left as it is, one that does not
     /// is quarantined): set where the preflight's sample found such values
@@ -344,6 +353,7 @@ impl Job {
             let target = Target {
                 index,
                 table: resolved.table,
+                oid: resolved.oid,
                 key: resolved.key,
                 columns,
                 hash,
@@ -355,6 +365,7 @@ impl Job {
                 aad,
                 filter: t.filter.clone(),
                 after_triggers: false,
+                update_triggers: false,
                 reads_labelled: false,
                 cautions: Vec::new(),
             };

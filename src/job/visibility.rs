@@ -32,7 +32,7 @@ pub async fn check(client: &Client, targets: &mut [Target]) -> Result<(), Error>
             tracing::warn!("{caution}");
             t.cautions.push(caution);
         }
-        t.after_triggers = after_triggers(client, t).await?;
+        (t.after_triggers, t.update_triggers) = update_triggers(client, t).await?;
     }
     Ok(())
 }
@@ -44,6 +44,7 @@ pub async fn check(client: &Client, targets: &mut [Target]) -> Result<(), Error>
 pub async fn still_sees_every_row(client: &Client, targets: &[Target]) -> Result<(), Error> {
     for t in targets {
         let checked = async {
+            same_table(client, t).await?;
             row_security(client, t).await?;
             foreign_children(client, t).await
         }
@@ -58,6 +59,40 @@ pub async fn still_sees_every_row(client: &Client, targets: &[Target]) -> Result
         checked?;
     }
     Ok(())
+}
+
+/// The table the name answers to is still the one the job was resolved
+/// to: one renamed away and another made under its name while the run went
+/// on (a DBA's swap) leaves the rows of the first that the run had not
+/// reached on their old key, under a name out of the job's scope, while
+/// the recount of the second finds nothing left.
+async fn same_table(client: &Client, t: &Target) -> Result<(), Error> {
+    let what = || format!("looking up table {} again", t.table);
+    let row = client
+        .query_one(
+            "SELECT to_regclass($1)::oid, (SELECT n.nspname || '.' || c.relname FROM pg_class c
+                                             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $2)",
+            &[&t.qualified(), &t.oid],
+        )
+        .await
+        .ctx(what)?;
+    let (now, was): (Option<u32>, Option<String>) = (row.get(0), row.get(1));
+    if now == Some(t.oid) {
+        return Ok(());
+    }
+    let now = match now {
+        Some(_) => "another table now answers to that name",
+        None => "no table answers to that name now",
+    };
+    let was = match was {
+        Some(w) => format!("the table the run began on is now {w}"),
+        None => "the table the run began on was dropped".to_string(),
+    };
+    Err(Error::Config(format!(
+        "{} was renamed or replaced: {now}, and {was}; its rows the run had not reached are on their old key, out of \
+         the job's scope. Give the job's target the name of the table the applications read",
+        t.table
+    )))
 }
 
 /// A foreign table among a target's partitions or inheritance children:
@@ -95,11 +130,14 @@ async fn foreign_children(client: &Client, t: &Target) -> Result<(), Error> {
     )))
 }
 
-/// Whether an enabled AFTER UPDATE trigger (row or statement level, a
+/// Whether an enabled UPDATE trigger (row or statement level, a
 /// constraint trigger included, deferred or not) on the target or a
-/// partition or child fires on the columns rekey sets: it may change the
-/// row after the UPDATE returned it, so the sink reads back what landed.
-async fn after_triggers(client: &Client, t: &Target) -> Result<bool, Error> {
+/// partition or child fires on the columns rekey sets: first whether an
+/// AFTER one does (it may change the row after the UPDATE returned it, so
+/// the sink reads back what landed), then whether any does (it may write
+/// other rows in the run's own transaction, so the sink counts what its
+/// batches wrote beside their own rows).
+async fn update_triggers(client: &Client, t: &Target) -> Result<(bool, bool), Error> {
     let set: Vec<&str> = t.columns.iter().map(|c| c.name.as_str()).collect();
     // tgtype bits: 2 before, 16 update, 64 instead of; tgenabled: 'O' and
     // 'A' fire in rekey's sessions ('R' only under replication, 'D' never)
@@ -108,18 +146,18 @@ async fn after_triggers(client: &Client, t: &Target) -> Result<bool, Error> {
             "WITH RECURSIVE tree(relid) AS (
                  SELECT $1::text::regclass::oid
                  UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.relid)
-             SELECT EXISTS (
-                 SELECT 1 FROM pg_trigger tg JOIN tree ON tree.relid = tg.tgrelid
-                  WHERE NOT tg.tgisinternal AND tg.tgenabled IN ('O', 'A')
-                    AND tg.tgtype & 2 = 0 AND tg.tgtype & 64 = 0 AND tg.tgtype & 16 = 16
-                    AND (cardinality(tg.tgattr::int2[]) = 0
-                         OR EXISTS (SELECT 1 FROM pg_attribute a
-                                     WHERE a.attrelid = tg.tgrelid AND a.attnum = ANY (tg.tgattr::int2[])
-                                       AND a.attname = ANY ($2::text[]))))",
+             SELECT coalesce(bool_or(tg.tgtype & 2 = 0), false), count(*) > 0
+               FROM pg_trigger tg JOIN tree ON tree.relid = tg.tgrelid
+              WHERE NOT tg.tgisinternal AND tg.tgenabled IN ('O', 'A')
+                AND tg.tgtype & 64 = 0 AND tg.tgtype & 16 = 16
+                AND (cardinality(tg.tgattr::int2[]) = 0
+                     OR EXISTS (SELECT 1 FROM pg_attribute a
+                                 WHERE a.attrelid = tg.tgrelid AND a.attnum = ANY (tg.tgattr::int2[])
+                                   AND a.attname = ANY ($2::text[])))",
             &[&t.qualified(), &set],
         )
         .await
-        .map(|r| r.get(0))
+        .map(|r| (r.get(0), r.get(1)))
         .ctx(|| format!("checking the triggers of {}", t.table))
 }
 

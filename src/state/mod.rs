@@ -23,6 +23,9 @@ pub use jobs::{
 pub use key_usage::{count_encryptions, encryptions_so_far, Count, CountStatements, NONCE_BUDGET};
 pub use leases::{ask_for_split, claim_range, heartbeat, release_ranges, split_range, Claim};
 pub use locks::{advisory_lock, lock_job, lock_lifecycle, share_job_lock};
-pub use progress::{record_batch, record_retry, KeyRange, Lease, RangeState, Reached, RETRY_RANGE};
+pub use progress::{
+    disown_transaction, record_batch, record_retry, KeyRange, Lease, RangeState, Reached,
+    RETRY_RANGE,
+};
 pub use schema::{ensure_schema, schema_exists};
 pub use status::{job_status, JobStatus};

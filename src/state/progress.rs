@@ -160,6 +160,22 @@ pub async fn record_batch(
     Ok(row.map(|r| (r.get(0), r.get::<_, Option<bool>>(1).unwrap_or(false))))
 }
 
+/// Takes back the note [`record_batch`] or [`record_retry`] made of the
+/// transaction's xid, inside that transaction: it wrote rows of the job's
+/// targets beside the ones rekey swapped (a trigger's copies of the old
+/// values), which the recount must read as it reads another writer's.
+pub async fn disown_transaction(
+    tx: &impl GenericClient,
+    job_id: i64,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "DELETE FROM rekey.job_xids WHERE job_id = $1 AND xid = txid_current() % 4294967296",
+        &[&job_id],
+    )
+    .await
+    .map(|_| ())
+}
+
 /// Counts a batch of conflict re-reads, inside its own transaction, and
 /// notes the transaction's xid as the job's own, as [`record_batch`].
 pub async fn record_retry(

@@ -865,3 +865,63 @@ async fn plan_names_values_that_are_not_base64_and_counts_empty_ones_with_the_nu
         "{text}"
     );
 }
+
+// Before: a table named without its schema was the first the search_path
+// reached; a DBA's scratch copy in the schema named after rekey's role
+// ("$user") was rotated in place of public's, and `rotate` retired key 1
+// with the applications' table wholly under it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_named_without_its_schema_that_two_schemas_answer_to_is_refused() {
+    let db = TestDb::new().await;
+    db.seed_patients(50).await;
+    db.client
+        .batch_execute(
+            "CREATE SCHEMA postgres;
+             CREATE TABLE postgres.patient_persons (LIKE public.patient_persons INCLUDING ALL);
+             INSERT INTO postgres.patient_persons SELECT * FROM public.patient_persons WHERE id <= 5;",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let job = db.patients_job(&dir).display().to_string();
+    let before = db.checksum("postgres.patient_persons").await;
+    for command in [
+        vec!["run", "--job", job.as_str()],
+        vec!["verify", "--job", job.as_str()],
+        vec!["plan", "--job", job.as_str()],
+    ] {
+        assert_refused(
+            &db,
+            "public.patient_persons",
+            &command,
+            &[
+                "\"patient_persons\" is found in 2 schemas of rekey's search_path",
+                "postgres.patient_persons, public.patient_persons",
+                "name the schema in the job file (table = \"postgres.patient_persons\"",
+            ],
+        )
+        .await;
+    }
+    assert_eq!(db.checksum("postgres.patient_persons").await, before);
+    // with the schema named, the run rotates the table named
+    std::fs::write(
+        &job,
+        std::fs::read_to_string(&job)
+            .unwrap()
+            .replace("\"patient_persons\"", "\"public.patient_persons\""),
+    )
+    .unwrap();
+    let out = rekey(&["run", "--job", &job], &seed_env());
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let on_key_1: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM public.patient_persons WHERE get_byte(phone_encrypted, 0) <> 2",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(on_key_1, 0);
+    assert_eq!(db.checksum("postgres.patient_persons").await, before);
+}

@@ -268,3 +268,60 @@ async fn a_rotation_whose_staged_key_left_the_keyring_file_says_to_restore_it_or
     );
     assert_eq!(db.checksum("patient_persons").await, before);
 }
+
+// Before: `rotate --job ../prod/job.toml` run from a directory holding an
+// older copy of the keyring (a relative `path`) staged, promoted and
+// retired in that copy and said complete, while the keyring beside the job
+// file, the one the applications read, held key 1 alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relative_keyring_path_that_names_another_file_beside_the_job_than_where_rekey_runs_is_refused(
+) {
+    let (db, dir, job, keyring) = patients_with_a_keyring_file().await;
+    let prod = dir.path().join("prod");
+    let backup = dir.path().join("backup");
+    std::fs::create_dir_all(&prod).unwrap();
+    std::fs::create_dir_all(&backup).unwrap();
+    std::fs::copy(&keyring, prod.join("keyring.json")).unwrap();
+    std::fs::copy(&keyring, backup.join("keyring.json")).unwrap();
+    let text = std::fs::read_to_string(&job).unwrap().replace(
+        &format!("{:?}", keyring.display().to_string()),
+        "\"keyring.json\"",
+    );
+    assert!(text.contains("path = \"keyring.json\""), "{text}");
+    std::fs::write(prod.join("job.toml"), text).unwrap();
+    let before = db.checksum("patient_persons").await;
+    let copies = || [&prod, &backup].map(|d| std::fs::read(d.join("keyring.json")).unwrap());
+    let was = copies();
+    let out = rekey_cmd(
+        &[
+            "rotate",
+            "--job",
+            "../prod/job.toml",
+            "--no-wait",
+            "--grace",
+            "0s",
+        ],
+        &keyring_pass_env(),
+    )
+    .current_dir(&backup)
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    let said = stderr(&out);
+    for words in [
+        "keys path \"keyring.json\" is relative, so rekey reads",
+        "backup/keyring.json",
+        "prod/keyring.json",
+        "Give the store's absolute path in the job file",
+    ] {
+        assert!(said.contains(words), "{words:?} missing: {said}");
+    }
+    assert!(copies() == was, "a keyring copy changed");
+    assert_eq!(db.checksum("patient_persons").await, before);
+    // run from the job's directory, the same path names one file
+    let out = rekey_cmd(&["plan", "--job", "job.toml"], &keyring_pass_env())
+        .current_dir(&prod)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+}

@@ -16,6 +16,7 @@ use tokio_postgres::{Client, Statement, Transaction};
 use crate::crypto::keyring::KeyId;
 use crate::db::session::Timeouts;
 use crate::db::{Database, KeyBytes, Page};
+use crate::engine::left::shows_rotated;
 use crate::engine::sql;
 use crate::engine::transform::{self, Cell, Cells};
 use crate::engine::work::PageSlot;
@@ -104,6 +105,22 @@ pub(super) struct Prepared {
     pub(super) landed: Option<Statement>,
     /// The not-rotated INSERT.
     pub(super) not_rotated: Statement,
+    /// Where an UPDATE trigger fires on the target and a target of the job
+    /// hides its key in its values: the count of rows the transaction
+    /// wrote in the job's targets, and their names.
+    pub(super) beside: Option<Beside>,
+}
+
+/// Counts what a batch's transaction wrote in the job's targets beside the
+/// rows it swapped: rows a trigger wrote there are rows the run did not
+/// rotate, under the transaction's xid, which the recount of values that
+/// hide their key would otherwise take for the run's own
+/// ([`crate::engine::behind`]).
+pub(super) struct Beside {
+    /// [`sql::ROWS_WRITTEN_IN_TARGETS`].
+    pub(super) count: Statement,
+    /// The job's targets, qualified.
+    pub(super) tables: Vec<String>,
 }
 
 /// What a committed batch did.
@@ -318,6 +335,16 @@ impl Writer {
                 .prepare(&sql::insert_not_rotated(t))
                 .await
                 .ctx(what)?;
+            let beside = match t.update_triggers && !job.targets.iter().all(shows_rotated) {
+                true => Some(Beside {
+                    count: client
+                        .prepare(sql::ROWS_WRITTEN_IN_TARGETS)
+                        .await
+                        .ctx(what)?,
+                    tables: job.targets.iter().map(Target::qualified).collect(),
+                }),
+                false => None,
+            };
             prepared.insert(
                 t.index,
                 Prepared {
@@ -327,6 +354,7 @@ impl Writer {
                     outcome,
                     landed,
                     not_rotated,
+                    beside,
                 },
             );
         }
@@ -476,6 +504,11 @@ impl Writer {
             &counts,
         )
         .await?;
+        if swapped.wrote_beside {
+            state::disown_transaction(&tx, self.job_id)
+                .await
+                .ctx(what)?;
+        }
         // a deferred constraint of the table (a foreign key, a unique one)
         // refuses the swap's rows at the commit
         match tx.commit().await {

@@ -17,7 +17,7 @@ use crate::engine::transform::{self, Cell};
 use crate::job::Target;
 use crate::observe::counts::Counts;
 
-use super::{Batch, Commit, Prepared};
+use super::{Batch, Beside, Commit, Prepared};
 
 /// Why a value was not rotated: the database refused or undid rekey's write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +62,9 @@ pub(super) struct Swapped {
     pub(super) landed_in_conflicted: HashSet<(usize, usize)>,
     /// The database's own words for a refusal, recorded with the values not rotated.
     pub(super) detail: Option<String>,
+    /// The transaction wrote rows of the job's targets beside the ones it
+    /// swapped (a trigger's): its xid is not the job's own.
+    pub(super) wrote_beside: bool,
 }
 
 impl Swapped {
@@ -125,6 +128,10 @@ pub(super) async fn swap(
     send(copy.as_mut(), buf.finish()).await?;
     copy.finish().await?;
 
+    let before = match &p.beside {
+        Some(b) => Some(rows_written(tx, b).await?),
+        None => None,
+    };
     let answer = match (commit, staged.first(), staged.last()) {
         (Commit::Range(_), Some(&first), Some(&last)) => {
             let lo = target.key_params(batch.rows.row(first));
@@ -135,7 +142,7 @@ pub(super) async fn swap(
         }
         _ => tx.query_one(&p.update_any, &[]).await?,
     };
-    let landed = answer.get::<_, i64>(1) as u64;
+    let (updated, landed) = (answer.get::<_, i64>(0), answer.get::<_, i64>(1) as u64);
     counts.rows_rewritten = landed;
     let landed = match &p.landed {
         Some(count) => {
@@ -148,12 +155,23 @@ pub(super) async fn swap(
         }
         None => landed,
     };
+    // after the AFTER triggers, deferred ones included (fired above)
+    let wrote_beside = match (&p.beside, before) {
+        (Some(b), Some(before)) => rows_written(tx, b).await? - before > updated,
+        _ => false,
+    };
     if landed == staged.len() as u64 {
-        return Ok(Swapped::default());
+        return Ok(Swapped {
+            wrote_beside,
+            ..Swapped::default()
+        });
     }
     let retry = matches!(commit, Commit::Retry(_));
     let outcomes = staged_outcomes(tx, p, target).await?;
-    let mut swapped = Swapped::default();
+    let mut swapped = Swapped {
+        wrote_beside,
+        ..Swapped::default()
+    };
     counts.rows_rewritten = 0;
     for &r in staged {
         let key = target.row_key(batch.rows.row(r));
@@ -201,6 +219,11 @@ pub(super) async fn swap(
     }
     counts.conflicts = swapped.conflicted.len() as u64;
     Ok(swapped)
+}
+
+/// The rows the transaction has inserted or updated so far in the job's targets.
+async fn rows_written(tx: &Transaction<'_>, b: &Beside) -> Result<i64, tokio_postgres::Error> {
+    Ok(tx.query_one(&b.count, &[&b.tables]).await?.get(0))
 }
 
 /// Where one staged row stands after the UPDATE.

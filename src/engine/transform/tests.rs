@@ -48,6 +48,7 @@ fn target(from: Format, to: Format, encoding: Encoding) -> Target {
             schema: "public".into(),
             name: "t".into(),
         },
+        oid: 0,
         key: vec![TableColumn {
             name: "id".into(),
             type_name: "bigint".into(),
@@ -65,6 +66,7 @@ fn target(from: Format, to: Format, encoding: Encoding) -> Target {
         aad: Aad::None,
         filter: None,
         after_triggers: false,
+        update_triggers: false,
         reads_labelled: false,
         cautions: Vec::new(),
     }

@@ -143,7 +143,52 @@ impl JobSpec {
             spec.name_from_file = true;
         }
         spec.file = Some(std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()));
+        spec.check_relative_stores(path)?;
         Ok(spec)
+    }
+
+    /// Refuses a key store named by a relative path that names two files:
+    /// one from the directory rekey runs in (the one it reads), another
+    /// beside the job file. Run from another directory holding an older
+    /// copy, a rotation would stage, promote and retire in that copy while
+    /// the applications read the other, and every value would end under a
+    /// key their copy lacks.
+    fn check_relative_stores(&self, job: &Path) -> Result<(), Error> {
+        let Some(beside) = std::path::absolute(job)
+            .ok()
+            .and_then(|j| j.parent().map(Path::to_path_buf))
+        else {
+            return Ok(());
+        };
+        let stores = self.keys.iter().chain(
+            self.targets
+                .iter()
+                .flat_map(|t| t.keys.iter().chain(t.to_keys.iter())),
+        );
+        for store in stores.filter_map(|k| k.path.as_deref()) {
+            if !store.is_relative() {
+                continue;
+            }
+            let (Ok(read), Ok(other)) = (
+                std::path::absolute(store).and_then(std::fs::canonicalize),
+                std::fs::canonicalize(beside.join(store)),
+            ) else {
+                continue;
+            };
+            if read != other {
+                return Err(Error::Config(format!(
+                    "job file {}: keys path {:?} is relative, so rekey reads {} (from the directory it runs in), but \
+                     another file of that name is beside the job file, {}: if the applications read that one, a rotation \
+                     of this copy leaves every value under a key theirs lacks. Give the store's absolute path in the job \
+                     file, or run rekey from the directory the path is meant from",
+                    job.display(),
+                    store.display(),
+                    read.display(),
+                    other.display()
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Parses job-file text and checks what can be checked without a database.

@@ -17,6 +17,7 @@ mod foreign_children;
 mod missing_key;
 mod privileges;
 mod refused_writes;
+mod replaced_table;
 mod row_security;
 mod target_key;
 mod to_keys;

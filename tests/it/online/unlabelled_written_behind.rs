@@ -346,3 +346,142 @@ async fn a_finished_rotation_of_values_that_do_not_show_their_key_is_complete() 
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     assert!(printed(&out).contains("is complete"), "{}", printed(&out));
 }
+
+/// A history table of `blobs`, listed in the job, that a trigger fills
+/// with the old value of each row updated: rekey's own writes make rows
+/// under key 1, in its own transactions.
+const BLOB_HISTORY: &str = "
+    CREATE TABLE blob_history (history_id bigserial PRIMARY KEY, id bigint, b bytea);
+    CREATE FUNCTION keep_old_blob() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO blob_history (id, b) VALUES (OLD.id, OLD.b);
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER keep_old_blob AFTER UPDATE ON blobs
+        FOR EACH ROW EXECUTE FUNCTION keep_old_blob();";
+
+// Before: the recount of values that do not show their key opens only the
+// rows others wrote, taking every row written in one of the run's own
+// transactions for one it rotated; the copies a trigger made there under
+// key 1 were passed over, and the run said done (exit 0) with them on it.
+#[tokio::test(flavor = "multi_thread")]
+async fn copies_a_trigger_makes_under_the_old_key_inside_the_run_s_own_writes_keep_it_from_saying_done(
+) {
+    let db = TestDb::new().await;
+    let rows = 1_200;
+    blobs(&db, rows).await;
+    db.client.batch_execute(BLOB_HISTORY).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (job, env) = blobs_job(&db, &dir);
+    // the history table first, read by the one lane before the copies are
+    // made: whatever the machine's pace, they are made behind the run
+    let text = std::fs::read_to_string(&job).unwrap();
+    let at = text.find("[[target]]").unwrap();
+    std::fs::write(
+        &job,
+        format!(
+            "{}[[target]]\ntable = \"blob_history\"\ncolumns = [\"b\"]\nformat = \"raw-gcm\"\n\n{}",
+            &text[..at],
+            &text[at..]
+        ),
+    )
+    .unwrap();
+    let history_on = |key: u32| {
+        let db = &db;
+        async move {
+            let codec = raw(2);
+            db.client
+                .query("SELECT b FROM blob_history", &[])
+                .await
+                .unwrap()
+                .iter()
+                .filter(|r| {
+                    codec.open(&r.get::<_, Vec<u8>>(0), b"").map(|o| o.key).ok() == Some(key)
+                })
+                .count() as u64
+        }
+    };
+    let first = rekey(
+        &[
+            "run",
+            "--job",
+            &job,
+            "--json",
+            "--workers",
+            "1",
+            "--batch-size",
+            "500",
+        ],
+        &env,
+    );
+    let copies = history_on(1).await;
+    assert_eq!(copies, rows as u64, "one copy per row the run rewrote");
+    assert_eq!(first.status.code(), Some(4), "{}", printed(&first));
+    assert_eq!(
+        json(&first)["written_behind"][0]["table"],
+        "public.blob_history",
+        "{}",
+        printed(&first)
+    );
+    assert_eq!(
+        json(&first)["rows_written_behind"].as_u64(),
+        Some(copies),
+        "{}",
+        printed(&first)
+    );
+    // the next run rotates the copies, and says done
+    let second = rekey(&["run", "--job", &job, "--json"], &env);
+    assert_eq!(second.status.code(), Some(0), "{}", printed(&second));
+    assert_eq!(history_on(1).await, 0);
+    assert_eq!(history_on(2).await, rows as u64);
+}
+
+// The same where the trigger puts a value under key 1 back into another
+// row of the table itself, one the run has already rotated, in a BEFORE
+// trigger or an AFTER one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trigger_that_writes_the_old_key_into_rows_the_run_rotated_keeps_it_from_saying_done() {
+    for timing in ["BEFORE", "AFTER"] {
+        let db = TestDb::new().await;
+        blobs(&db, 1_200).await;
+        db.client
+            .batch_execute(&format!(
+                "CREATE TABLE old_blobs AS SELECT * FROM blobs;
+                 CREATE FUNCTION put_back() RETURNS trigger LANGUAGE plpgsql AS $$
+                 BEGIN
+                     IF pg_trigger_depth() = 1 AND NEW.id > 600 AND NEW.id % 7 = 0 THEN
+                         UPDATE blobs SET b = (SELECT b FROM old_blobs o WHERE o.id = NEW.id - 600)
+                          WHERE id = NEW.id - 600;
+                     END IF;
+                     RETURN NEW;
+                 END $$;
+                 CREATE TRIGGER put_back {timing} UPDATE ON blobs FOR EACH ROW EXECUTE FUNCTION put_back();"
+            ))
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (job, env) = blobs_job(&db, &dir);
+        let out = rekey(
+            &[
+                "run",
+                "--job",
+                &job,
+                "--json",
+                "--workers",
+                "1",
+                "--batch-size",
+                "100",
+            ],
+            &env,
+        );
+        let on_old = under_key(&db, 1).await.len() as u64;
+        assert!(on_old > 0, "{timing}: the trigger put nothing back");
+        assert_eq!(out.status.code(), Some(4), "{timing}: {}", printed(&out));
+        assert_eq!(
+            json(&out)["rows_written_behind"].as_u64(),
+            Some(on_old),
+            "{timing}: {}",
+            printed(&out)
+        );
+    }
+}
