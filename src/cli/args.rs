@@ -12,9 +12,23 @@ pub use super::args_values::{parse_rate, parse_size, parse_until};
 use crate::crypto::keyring::KeyEncoding;
 use crate::observe::logging::LogFormat;
 
+/// What each exit code means (README, "Output and exit codes"), under the
+/// help of the commands whose outcome it tells.
+pub const EXIT_CODES: &str = "Exit codes:
+  0    done: every value in scope is on the target key
+  1    runtime failure (database unreachable, statement failed); safe to run again
+  2    bad usage or configuration (job file, keys, tables)
+  3    done, but values were quarantined (see rekey.quarantine)
+  4    values are left on an old key: verify found some, run left some not rotated, still changing or
+       written behind it, or run --dry-run found values it would rewrite
+  5    stopped at the end of its --run-time / --until window; run again to continue
+  6    rotate is waiting for an operator step or the grace period; do what it printed, then run it again
+  7    report: the audit evidence does not check
+  130  stopped by SIGINT/SIGTERM, rekey stop or a control file; run again to resume";
+
 /// Rotates the key under encrypted columns in PostgreSQL.
 #[derive(Debug, Parser)]
-#[command(name = "rekey", version, about, propagate_version = true)]
+#[command(name = "rekey", version, about, propagate_version = true, after_help = EXIT_CODES)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -31,8 +45,10 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Re-encrypt every value not on the target key; resumes an unfinished job.
+    #[command(after_help = EXIT_CODES)]
     Run(RunArgs),
     /// Prove that no value is left on an old key.
+    #[command(after_help = EXIT_CODES)]
     Verify(VerifyArgs),
     /// Show a job's progress, from the database alone.
     Status(StatusArgs),
@@ -51,8 +67,10 @@ pub enum Command {
     /// Show and move keys through their lifecycle in the job's key store.
     Secrets(SecretsArgs),
     /// The whole rotation: stage -> run -> verify -> promote (-> retire after the grace period); resumable.
+    #[command(after_help = EXIT_CODES)]
     Rotate(RotateArgs),
     /// Write the evidence of a rotation (JSON and a readable page), or check the audit chain (--check).
+    #[command(after_help = EXIT_CODES)]
     Report(ReportArgs),
 }
 
@@ -437,6 +455,37 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_help_of_the_commands_that_end_in_them_lists_every_exit_code_of_the_readme() {
+        let readme = include_str!("../../README.md");
+        let table = readme
+            .split("| code | meaning |")
+            .nth(1)
+            .expect("README's exit code table");
+        let codes: Vec<&str> = table
+            .lines()
+            .skip(2)
+            .take_while(|l| l.starts_with('|'))
+            .filter_map(|l| l.split('|').nth(1).map(str::trim))
+            .collect();
+        assert!(codes.len() >= 9, "{codes:?}");
+        let cli = Cli::command();
+        let helps = ["run", "verify", "rotate", "report"]
+            .map(|c| cli.find_subcommand(c).and_then(|c| c.get_after_help()))
+            .into_iter()
+            .chain([cli.get_after_help()]);
+        for help in helps {
+            let help = help.expect("an exit code list").to_string();
+            let listed: Vec<&str> = help
+                .lines()
+                .filter_map(|l| l.strip_prefix("  "))
+                .filter_map(|l| l.split_whitespace().next())
+                .filter(|w| w.chars().all(|c| c.is_ascii_digit()))
+                .collect();
+            assert_eq!(listed, codes, "{help}");
+        }
     }
 
     #[test]

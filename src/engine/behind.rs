@@ -97,9 +97,20 @@ async fn unrecorded_stale_rows(client: &Client, t: &Target, job_id: i64) -> Resu
         };
         prefixes.extend(t.stale_prefix(col));
         stale.push(format!("count(*) FILTER (WHERE {term})"));
+        // a target reading its labelled values quarantines some that carry
+        // the target's label, which `stale` does not count: left out (the
+        // table read once more, as the run read them all)
+        let labelled = match (t.reads_labelled, sql::prefix_compared(t, col, "l.", "=", param)) {
+            (true, Some(on_target)) => format!(
+                " AND coalesce(pk_text NOT IN (SELECT ROW({})::text FROM {} AS l WHERE {on_target}), true)",
+                t.key_list("l."),
+                t.qualified()
+            ),
+            _ => String::new(),
+        };
         recorded.push(format!(
             "(SELECT count(*) FROM (
-                 SELECT pk FROM rekey.quarantine WHERE job_id = $1 AND table_name = $2 AND column_name = ${name}
+                 SELECT pk FROM rekey.quarantine WHERE job_id = $1 AND table_name = $2 AND column_name = ${name}{labelled}
                  UNION SELECT pk FROM rekey.not_rotated WHERE job_id = $1 AND target = $3 AND column_name = ${name}
                  UNION SELECT pk FROM rekey.conflicts WHERE job_id = $1 AND target = $3) AS recorded)"
         ));

@@ -99,7 +99,15 @@ pub async fn rewrite(
             // what would hide rows from the recount hid them from the run:
             // its ranges, all done, would let a resume pass the rows over, so
             // the job is given up and the next run starts over
-            if let Err(e) = crate::job::visibility::still_sees_every_row(client, &job.targets).await
+            let began = state::jobs::table_oids(client, record.id).await?;
+            let keys_hidden = !job.targets.iter().all(super::left::shows_rotated);
+            if let Err(e) = crate::job::visibility::still_sees_every_row(
+                client,
+                &job.targets,
+                &began,
+                keys_hidden,
+            )
+            .await
             {
                 state::jobs::abandon(client, record.id).await?;
                 return Err(e);

@@ -8,6 +8,8 @@
 //! checked (after the AFTER triggers, deferred ones included, where the
 //! table has any), and such values are reported as not rotated.
 
+use std::collections::HashMap;
+
 use tokio_postgres::Client;
 
 use crate::db::quote_ident;
@@ -40,13 +42,31 @@ pub async fn check(client: &Client, targets: &mut [Target]) -> Result<(), Error>
 /// What hides rows, checked again where a run counts what it left: row
 /// security or a foreign child that came while it went on (a policy a DBA
 /// created, a table attached) hides rows from the recount as from the run,
-/// and the run would say done with them on their old key.
-pub async fn still_sees_every_row(client: &Client, targets: &[Target]) -> Result<(), Error> {
+/// and the run would say done with them on their old key. Likewise a
+/// table the name no longer reaches (`began`: each target's table oid as
+/// the job began on it), and, where a target's values hide their key
+/// (`keys_hidden`), an UPDATE trigger that came during the run: its
+/// batches did not count what such a trigger wrote beside their rows.
+pub async fn still_sees_every_row(
+    client: &Client,
+    targets: &[Target],
+    began: &HashMap<usize, u32>,
+    keys_hidden: bool,
+) -> Result<(), Error> {
     for t in targets {
         let checked = async {
-            same_table(client, t).await?;
+            same_table(client, t, began.get(&t.index).copied().unwrap_or(t.oid)).await?;
             row_security(client, t).await?;
-            foreign_children(client, t).await
+            foreign_children(client, t).await?;
+            if keys_hidden && !t.update_triggers && update_triggers(client, t).await?.1 {
+                return Err(Error::Config(format!(
+                    "{}: an UPDATE trigger was created or enabled on it while the run went on; what such a trigger writes \
+                     beside the rows rekey rewrites (a copy of the old value in a history table) is not counted for values \
+                     that do not show their key",
+                    t.table
+                )));
+            }
+            Ok(())
         }
         .await;
         if let Err(Error::Config(why)) = checked {
@@ -66,18 +86,18 @@ pub async fn still_sees_every_row(client: &Client, targets: &[Target]) -> Result
 /// on (a DBA's swap) leaves the rows of the first that the run had not
 /// reached on their old key, under a name out of the job's scope, while
 /// the recount of the second finds nothing left.
-async fn same_table(client: &Client, t: &Target) -> Result<(), Error> {
+async fn same_table(client: &Client, t: &Target, began: u32) -> Result<(), Error> {
     let what = || format!("looking up table {} again", t.table);
     let row = client
         .query_one(
             "SELECT to_regclass($1)::oid, (SELECT n.nspname || '.' || c.relname FROM pg_class c
                                              JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $2)",
-            &[&t.qualified(), &t.oid],
+            &[&t.qualified(), &began],
         )
         .await
         .ctx(what)?;
     let (now, was): (Option<u32>, Option<String>) = (row.get(0), row.get(1));
-    if now == Some(t.oid) {
+    if now == Some(began) {
         return Ok(());
     }
     let now = match now {

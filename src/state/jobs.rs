@@ -1,7 +1,7 @@
 //! Jobs in `rekey.jobs`: opened (new, or an unfinished one resumed), their
 //! live control, their totals, and finished.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use tokio_postgres::{Client, GenericClient};
 
@@ -132,6 +132,59 @@ fn refuse_to_resume(
     Ok(())
 }
 
+/// The oid of each target's table as job `job_id` began on it, by target.
+pub async fn table_oids(client: &Client, job_id: i64) -> Result<HashMap<usize, u32>, Error> {
+    Ok(client
+        .query(
+            "SELECT target, table_oid FROM rekey.job_targets WHERE job_id = $1",
+            &[&job_id],
+        )
+        .await
+        .ctx(|| "reading the tables the job began on".into())?
+        .iter()
+        .filter_map(|r| {
+            let (target, oid): (i32, u32) = (r.get(0), r.get(1));
+            usize::try_from(target).ok().map(|t| (t, oid))
+        })
+        .collect())
+}
+
+/// Refuses to resume job `id` where a target's name now reaches another
+/// table than the one the job began on (renamed away and another made
+/// under the name since, a DBA's swap): the ranges left are the first
+/// one's, and the resume would rotate the second's and say done.
+async fn refuse_a_replaced_table(client: &Client, job: &Job, id: i64) -> Result<(), Error> {
+    let began = table_oids(client, id).await?;
+    for t in &job.targets {
+        let Some(&was) = began.get(&t.index) else {
+            continue;
+        };
+        if was == t.oid {
+            continue;
+        }
+        let now: Option<String> = client
+            .query_one(
+                "SELECT (SELECT n.nspname || '.' || c.relname FROM pg_class c
+                           JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1)",
+                &[&was],
+            )
+            .await
+            .ctx(|| format!("looking up the table job {id} began on"))?
+            .get(0);
+        let went = match now {
+            Some(w) => format!("is now {w}"),
+            None => "was dropped".to_string(),
+        };
+        return Err(Error::Config(format!(
+            "job {:?} (id {id}) is unfinished, and {} is not the table it began on: that one {went} (renamed or replaced \
+             since), and its rows the job had not reached are on their old key. Give the target the name of the table the \
+             applications read, or start over on the table the name reaches now with `rekey run --restart`",
+            job.name, t.table
+        )));
+    }
+    Ok(())
+}
+
 /// What opening job `job` would refuse, read without a lock or a change
 /// (for a dry run): its unfinished run started from another job file or
 /// with other keys, unless `restart` abandons it.
@@ -140,7 +193,10 @@ pub async fn check_resumable(client: &Client, job: &Job, restart: bool) -> Resul
         return Ok(());
     }
     match running_job(client, &job.name).await? {
-        Some((id, hash, keys)) => refuse_to_resume(job, id, &hash, &keys),
+        Some((id, hash, keys)) => {
+            refuse_to_resume(job, id, &hash, &keys)?;
+            refuse_a_replaced_table(client, job, id).await
+        }
         None => Ok(()),
     }
 }
@@ -160,6 +216,7 @@ async fn open_job_locked(
             abandoned = Some(id);
         } else {
             refuse_to_resume(job, id, &hash, &old_keys)?;
+            refuse_a_replaced_table(client, job, id).await?;
             // a stop asked of the last run is spent; a pause still holds
             // (unless processes are still stopping: a process started meanwhile must stop too)
             client

@@ -444,3 +444,50 @@ async fn a_job_of_three_formats_and_key_sources_killed_and_resumed() {
     assert_eq!(verify.status.code(), Some(0), "{}", printed(&verify));
     assert_eq!(json(&verify)["values_on_target_key"], 73_334);
 }
+
+// Before: the run stopped on the server's bare "22001: value too long for
+// type character varying(60)", naming neither the column nor the fix.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_migration_to_values_longer_than_the_column_allows_names_the_column_and_the_fix() {
+    let db = TestDb::new().await;
+    db.client
+        .batch_execute("CREATE TABLE notes (id bigint PRIMARY KEY, body varchar(60))")
+        .await
+        .unwrap();
+    let gcm = Format::VersionedGcm.codec(&ring(&[(1, K1)], 1)).unwrap();
+    let (mut ids, mut bodies, mut out) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..50i64 {
+        gcm.seal(format!("note {i}").as_bytes(), b"", None, &mut out);
+        ids.push(i);
+        bodies.push(base64::engine::general_purpose::STANDARD.encode(&out));
+    }
+    db.client
+        .execute(
+            "INSERT INTO notes SELECT * FROM unnest($1::bigint[], $2::text[])",
+            &[&ids, &bodies],
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let job = job_file(
+        &dir,
+        "notes",
+        &db,
+        "[keys]\nsource = \"env\"\n[[target]]\ntable = \"notes\"\ncolumns = [\"body\"]\nformat = \"versioned-gcm\"\n\
+         to_format = \"fernet\"\nto_keys = { source = \"env\", prefix = \"FERNET\" }\n",
+    );
+    let mut env = fernet_env();
+    env.extend(seed_env());
+    let before = db.checksum("notes").await;
+    let out = rekey(&["run", "--job", &job], &env);
+    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
+    let said = stderr(&out);
+    for words in [
+        "longer than its column allows (body character varying(60))",
+        "ALTER TABLE \"public\".\"notes\" ALTER COLUMN ... TYPE text",
+        "nothing of this batch was written",
+    ] {
+        assert!(said.contains(words), "{words:?} missing: {said}");
+    }
+    assert_eq!(db.checksum("notes").await, before);
+}

@@ -889,3 +889,31 @@ pub async fn wait_for_rekeys_sessions_to_end(db: &TestDb) {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
+
+/// Waits, up to a minute, until another session of `db` runs (or waits
+/// in, or last ran) a statement containing `needle`: a run held at its
+/// `--gate-sql` (with a short `--check-every`, so that the gate is the
+/// statement its session runs most).
+pub async fn wait_for_query(db: &TestDb, needle: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let asked: i64 = db
+            .client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+                   AND pid <> pg_backend_pid() AND strpos(query, $1) > 0",
+                &[&needle],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if asked > 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no session ran {needle:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -464,10 +464,11 @@ impl Writer {
                 Some(words),
             ),
             None if staged.is_empty() => Swapped::default(),
-            None => writing_target(
-                swap(&tx, p, target, commit, batch, &staged, &mut counts).await,
-                what,
-            )?,
+            None => {
+                let swapped = swap(&tx, p, target, commit, batch, &staged, &mut counts).await;
+                let context = write_context(target, swapped.as_ref().err());
+                writing_target(swapped, || context)?
+            }
         };
         let (failures, changed) =
             tally_and_quarantine(&tx, p, self.job_id, target, batch, &swapped, &mut counts)
@@ -512,7 +513,10 @@ impl Writer {
         // a deferred constraint of the table (a foreign key, a unique one)
         // refuses the swap's rows at the commit
         match tx.commit().await {
-            Err(e) if wrote_target => writing_target(Err(e), what)?,
+            Err(e) if wrote_target => {
+                let context = write_context(target, Some(&e));
+                writing_target(Err(e), || context)?
+            }
             done => done.ctx(what)?,
         }
         if let Commit::Range(state) = commit {
@@ -526,6 +530,35 @@ impl Writer {
             split_wanted,
         })
     }
+}
+
+/// What rekey was doing when a write into `target` failed with `e`: for a
+/// value longer than its column allows (`varchar(n)`, `char(n)`, a domain
+/// over one), which the format or encoding written can make where the one
+/// read fit, the columns whose type caps the length and the fix.
+fn write_context(target: &Target, e: Option<&tokio_postgres::Error>) -> String {
+    let what = format!("writing a batch to {}", target.table);
+    if e.and_then(|e| e.code())
+        != Some(&tokio_postgres::error::SqlState::STRING_DATA_RIGHT_TRUNCATION)
+    {
+        return what;
+    }
+    let capped: Vec<String> = target
+        .columns
+        .iter()
+        .filter(|c| c.type_name.starts_with("character"))
+        .map(|c| format!("{} {}", c.name, c.type_name))
+        .collect();
+    format!(
+        "{what}: a value rekey wrote is longer than its column allows ({}): the format or encoding written makes longer \
+         values than the ones read; widen the column (ALTER TABLE {} ALTER COLUMN ... TYPE text, or a longer varchar), then \
+         run again; nothing of this batch was written",
+        match capped.is_empty() {
+            true => "a domain or type that caps its length".to_string(),
+            false => capped.join(", "),
+        },
+        target.qualified()
+    )
 }
 
 /// Values of `batch` sealed under the target key with a fresh random nonce

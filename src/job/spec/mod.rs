@@ -160,11 +160,12 @@ impl JobSpec {
         else {
             return Ok(());
         };
-        let stores = self.keys.iter().chain(
-            self.targets
+        let stores = self.keys.iter().chain(self.targets.iter().flat_map(|t| {
+            t.keys
                 .iter()
-                .flat_map(|t| t.keys.iter().chain(t.to_keys.iter())),
-        );
+                .chain(t.to_keys.iter())
+                .chain(t.hash.iter().map(|h| &h.keys))
+        }));
         for store in stores.filter_map(|k| k.path.as_deref()) {
             if !store.is_relative() {
                 continue;

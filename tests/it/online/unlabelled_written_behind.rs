@@ -485,3 +485,145 @@ async fn a_trigger_that_writes_the_old_key_into_rows_the_run_rotated_keeps_it_fr
         );
     }
 }
+
+// The counts do not raise a false alarm: a history trigger that keeps the
+// new value (under key 2) makes the batches' rows read again at the end,
+// where they are found on the target key; the run says done.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trigger_that_copies_the_new_values_into_a_listed_table_lets_the_run_say_done() {
+    let db = TestDb::new().await;
+    let rows = 600;
+    blobs(&db, rows).await;
+    db.client
+        .batch_execute(&BLOB_HISTORY.replace("OLD.id, OLD.b", "NEW.id, NEW.b"))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (job, env) = blobs_job(&db, &dir);
+    let text = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(
+        &job,
+        format!(
+            "{text}[[target]]\ntable = \"blob_history\"\ncolumns = [\"b\"]\nformat = \"raw-gcm\"\n"
+        ),
+    )
+    .unwrap();
+    let out = rekey(&["run", "--job", &job, "--json", "--workers", "1"], &env);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let copies: i64 = db
+        .client
+        .query_one("SELECT count(*) FROM blob_history", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(copies, rows, "one copy per row rewritten");
+    assert!(under_key(&db, 1).await.is_empty());
+}
+
+// A trigger that comes while the run goes on was not there for its
+// batches to count what it wrote: the run does not say done, and gives
+// its job up, so the next run reads every row again.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_update_trigger_created_during_the_run_keeps_it_from_saying_done() {
+    let db = TestDb::new().await;
+    let rows = 300;
+    blobs(&db, rows).await;
+    db.client
+        .batch_execute(
+            "CREATE TABLE blob_history (history_id bigserial PRIMARY KEY, id bigint, b bytea);
+             CREATE TABLE gate (open boolean); INSERT INTO gate VALUES (false);",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (job, env) = blobs_job(&db, &dir);
+    let text = std::fs::read_to_string(&job).unwrap();
+    let at = text.find("[[target]]").unwrap();
+    std::fs::write(
+        &job,
+        format!(
+            "{}[[target]]\ntable = \"blob_history\"\ncolumns = [\"b\"]\nformat = \"raw-gcm\"\n\n{}",
+            &text[..at],
+            &text[at..]
+        ),
+    )
+    .unwrap();
+    let run = spawn_rekey_captured(
+        &[
+            "run",
+            "--job",
+            &job,
+            "--workers",
+            "1",
+            "--gate-sql",
+            "SELECT open FROM gate",
+            "--check-every",
+            "100ms",
+        ],
+        &env,
+    );
+    wait_for_query(&db, "SELECT open FROM gate").await;
+    db.client
+        .batch_execute(
+            "CREATE FUNCTION keep_old_blob() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN INSERT INTO blob_history (id, b) VALUES (OLD.id, OLD.b); RETURN NULL; END $$;
+             CREATE TRIGGER keep_old_blob AFTER UPDATE ON blobs FOR EACH ROW EXECUTE FUNCTION keep_old_blob();
+             UPDATE gate SET open = true;",
+        )
+        .await
+        .unwrap();
+    let out = run.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert!(
+        stderr(&out).contains(
+            "public.blobs: an UPDATE trigger was created or enabled on it while the run went on"
+        ),
+        "{}",
+        printed(&out)
+    );
+    // the next run starts over, reads the copies and rotates them
+    let out = rekey(&["run", "--job", &job], &env);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let codec = raw(2);
+    let on_target = db
+        .client
+        .query("SELECT b FROM blob_history", &[])
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| codec.open(&r.get::<_, Vec<u8>>(0), b"").map(|o| o.key).ok() == Some(2))
+        .count() as i64;
+    assert_eq!(on_target, rows);
+}
+
+// Where the server keeps no counts (`track_counts` off), a batch cannot
+// tell what its transaction wrote beside its rows: it is taken as having
+// written some, and the copies keep the run from saying done all the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_the_server_s_counts_copies_a_trigger_makes_still_keep_the_run_from_saying_done() {
+    let db = TestDb::new().await;
+    blobs(&db, 400).await;
+    db.client.batch_execute(BLOB_HISTORY).await.unwrap();
+    db.client
+        .batch_execute(
+            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET track_counts = off', current_database()); END $$",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (job, env) = blobs_job(&db, &dir);
+    let text = std::fs::read_to_string(&job).unwrap();
+    let at = text.find("[[target]]").unwrap();
+    std::fs::write(
+        &job,
+        format!(
+            "{}[[target]]\ntable = \"blob_history\"\ncolumns = [\"b\"]\nformat = \"raw-gcm\"\n\n{}",
+            &text[..at],
+            &text[at..]
+        ),
+    )
+    .unwrap();
+    let out = rekey(&["run", "--job", &job, "--json", "--workers", "1"], &env);
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
+    assert_eq!(json(&out)["rows_written_behind"], 400, "{}", printed(&out));
+}
