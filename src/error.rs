@@ -42,6 +42,11 @@ pub enum Error {
     /// was in flight; the batch was rolled back (the pipeline drops the range).
     #[error("{0}")]
     LeaseLost(String),
+    /// A run that wrote cannot say done: something that came while it went
+    /// on (row security, a table replaced, a trigger) may have kept rows
+    /// from it, which may be on an old key (exit 4, as for values left).
+    #[error("{0}")]
+    NotDone(String),
 }
 
 /// Which of rekey's statements a database error came from.
@@ -113,7 +118,9 @@ impl Error {
                 }
             }
             Error::CountWait { .. } => Retry::Wait,
-            Error::Config(_) | Error::Runtime(_) | Error::LeaseLost(_) => Retry::Never,
+            Error::Config(_) | Error::Runtime(_) | Error::LeaseLost(_) | Error::NotDone(_) => {
+                Retry::Never
+            }
         }
     }
 
@@ -203,7 +210,7 @@ impl Error {
             Error::Connect(ConnectError::BadUrl(_)) => "config",
             Error::Connect(_) => "connect",
             Error::Db { .. } | Error::CountWait { .. } => "database",
-            Error::Runtime(_) | Error::LeaseLost(_) => "runtime",
+            Error::Runtime(_) | Error::LeaseLost(_) | Error::NotDone(_) => "runtime",
         }
     }
 
@@ -215,6 +222,7 @@ impl Error {
             Error::Config(m) => Error::Config(add(m)),
             Error::Runtime(m) => Error::Runtime(add(m)),
             Error::LeaseLost(m) => Error::LeaseLost(add(m)),
+            Error::NotDone(m) => Error::NotDone(add(m)),
             Error::Db {
                 context,
                 source,
@@ -248,6 +256,9 @@ impl Error {
                 _ => {}
             }
         }
+        if let Error::NotDone(_) = self {
+            return "what the run wrote stands, and its job was given up: once what the error names is fixed, run the same command again; it starts the job over (values already rotated stay rotated)";
+        }
         match self.kind() {
             "config" => "fix the job file, keys or arguments the error names, then run the command again; the step that refused changed nothing",
             "connect" => "check the host, port, database, user and credentials the error names, and that the server is up; nothing was changed",
@@ -260,6 +271,7 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Config(_) => 2,
+            Error::NotDone(_) => 4,
             _ => 1,
         }
     }

@@ -20,7 +20,8 @@ pub const EXIT_CODES: &str = "Exit codes:
   2    bad usage or configuration (job file, keys, tables)
   3    done, but values were quarantined (see rekey.quarantine)
   4    values are left on an old key: verify found some, run left some not rotated, still changing or
-       written behind it, or run --dry-run found values it would rewrite
+       written behind it, or could not say done for what came while it went on (its job given up),
+       or run --dry-run found values it would rewrite
   5    stopped at the end of its --run-time / --until window; run again to continue
   6    rotate is waiting for an operator step or the grace period; do what it printed, then run it again
   7    report: the audit evidence does not check

@@ -282,6 +282,13 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
         };
         // a key put back into its store was said when it happened, and again here
         warnings.extend(ran.outcome.keys_put_back.iter().map(|p| p.said()));
+        warnings.extend(ran.outcome.too_long.iter().map(|(column, (n, longest))| {
+            format!(
+                "{column}: {n} values the run would write are longer than the column's type allows (the longest {longest} \
+                 characters): the run would stop at its first batch of them, writing none; widen the column first \
+                 (ALTER TABLE ... ALTER COLUMN ... TYPE text, or a longer varchar)"
+            )
+        }));
         let mut summary = summary(args, &job, &ran, remaining_rows);
         summary["warnings"] = json!(warnings);
         summary["keys_put_back"] = json!(ran.outcome.keys_put_back);

@@ -163,6 +163,10 @@ pub struct Outcome {
     pub batch_rows: (usize, usize),
     /// How often, and how long, the throttles held the sources, by reason.
     pub held: BTreeMap<&'static str, Held>,
+    /// Dry run: values it would write longer than their column allows
+    /// ([`crate::job::Column::max_chars`]), by `table.column`: how many,
+    /// and the longest.
+    pub too_long: BTreeMap<String, (u64, usize)>,
     /// Keys their stores lost during the run and rekey put back
     /// ([`super::held`]).
     pub keys_put_back: Vec<super::held::PutBack>,
@@ -198,6 +202,7 @@ impl Default for Outcome {
             taken_over: 0,
             batch_rows: (usize::MAX, 0),
             held: BTreeMap::new(),
+            too_long: BTreeMap::new(),
             keys_put_back: Vec::new(),
         }
     }
@@ -219,6 +224,10 @@ impl Outcome {
         );
         for (t, c) in other.by_target {
             *self.by_target.entry(t).or_default() += c;
+        }
+        for (col, (n, longest)) in other.too_long {
+            let mine = self.too_long.entry(col).or_default();
+            *mine = (mine.0 + n, mine.1.max(longest));
         }
         for (k, n) in other.by_key_id {
             *self.by_key_id.entry(k).or_default() += n;

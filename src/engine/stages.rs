@@ -288,7 +288,23 @@ pub(super) fn tally(target: &crate::job::Target, batch: &Batch, verified: &mut O
     for (i, cell) in batch.cells.iter().enumerate() {
         match cell {
             Cell::Null | Cell::Current => c.values_skipped += 1,
-            Cell::Rewritten(_) => c.values_rewritten += 1,
+            Cell::Rewritten(_) => {
+                c.values_rewritten += 1;
+                let (row, col) = (i / ncols, i % ncols);
+                let column = &target.columns[col];
+                if let (Some(cap), Some(value)) =
+                    (column.max_chars(), batch.cells.new_value(row, col))
+                {
+                    // written values are ASCII (base64, hex, Fernet tokens): a byte a character
+                    if value.len() > cap {
+                        let seen = verified
+                            .too_long
+                            .entry(format!("{}.{}", target.table, column.name))
+                            .or_default();
+                        *seen = (seen.0 + 1, seen.1.max(value.len()));
+                    }
+                }
+            }
             Cell::Failed(_) => c.values_failed += 1,
             Cell::Opened {
                 label,

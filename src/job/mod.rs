@@ -45,6 +45,19 @@ pub struct Column {
     pub write: Encoding,
 }
 
+impl Column {
+    /// The most characters the column's type holds (`varchar(n)`, a
+    /// domain over one), where it caps them: a format or encoding written
+    /// longer than the one read may not fit.
+    pub fn max_chars(&self) -> Option<usize> {
+        self.type_name
+            .strip_prefix("character varying(")?
+            .strip_suffix(')')?
+            .parse()
+            .ok()
+    }
+}
+
 /// One side of a target: the format values are read in, or written in.
 pub struct Side {
     /// The format.

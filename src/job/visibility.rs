@@ -70,7 +70,7 @@ pub async fn still_sees_every_row(
         }
         .await;
         if let Err(Error::Config(why)) = checked {
-            return Err(Error::Config(format!(
+            return Err(Error::NotDone(format!(
                 "{why}. This came while the run went on: what it wrote stands, and the rows hidden from it were \
                  neither rotated nor counted as left, so it does not say done. The job is given up: once fixed, \
                  `rekey run` starts it over (values already rotated stay rotated)"

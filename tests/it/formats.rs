@@ -479,6 +479,16 @@ async fn a_migration_to_values_longer_than_the_column_allows_names_the_column_an
     let mut env = fernet_env();
     env.extend(seed_env());
     let before = db.checksum("notes").await;
+    // the dry run says so first (before: "would rewrite 50", and no word)
+    let dry = rekey(&["run", "--job", &job, "--dry-run", "--json"], &env);
+    assert_eq!(dry.status.code(), Some(4), "{}", printed(&dry));
+    let warnings = json(&dry)["warnings"].to_string();
+    assert!(
+        warnings.contains("public.notes.body: 50 values the run would write are longer than the column's type allows")
+            && warnings.contains("widen the column first"),
+        "{}",
+        printed(&dry)
+    );
     let out = rekey(&["run", "--job", &job], &env);
     assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
     let said = stderr(&out);

@@ -52,7 +52,7 @@ async fn a_table_swapped_under_a_running_job_keeps_it_from_saying_done() {
         .unwrap()
         .get(0);
     assert_eq!(left, ROWS, "the renamed table is untouched");
-    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
     let said = stderr(&out);
     for words in [
         "public.patient_persons was renamed or replaced",

@@ -573,7 +573,7 @@ async fn an_update_trigger_created_during_the_run_keeps_it_from_saying_done() {
         .await
         .unwrap();
     let out = run.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+    assert_eq!(out.status.code(), Some(4), "{}", printed(&out));
     assert!(
         stderr(&out).contains(
             "public.blobs: an UPDATE trigger was created or enabled on it while the run went on"
