@@ -299,6 +299,8 @@ async fn measure(
             .ctx(|| "dropping the bench table".into())?;
         if let Some(fraction) = opts.interrupt_at {
             load(client, &table, opts.rows, &old).await?;
+            // the table made again: the job resolved against this one
+            let job = Arc::new(Job::resolve_with(&spec, client, Some(&ring)).await?);
             say(
                 opts,
                 &format!(

@@ -158,7 +158,7 @@ pub(super) async fn rekey_once(
         );
         async move { as_run(before, db, job_ref, &total, pipeline).await }
     };
-    let run = async {
+    let passes = async {
         if let Some(fraction) = kill_at {
             let threshold = (opts.rows as f64 * fraction) as u64;
             let first = pass(&record, settings.clone(), &killed, true);
@@ -194,9 +194,14 @@ pub(super) async fn rekey_once(
         let r = pass(&record, settings, &last_pass, opts.quiet).await;
         // timed here, not after the sampler's next tick
         let secs = started.elapsed().as_secs_f64();
-        let rows = rows_so_far();
+        r.map(|o| (o, secs, rows_so_far()))
+    };
+    // the sampler stops however the passes end: a pass or the resume that
+    // failed left it sampling, and the bench waiting, for ever
+    let run = async {
+        let r = passes.await;
         done.store(true, Ordering::Relaxed);
-        r.map(|o| (o, secs, rows))
+        r
     };
     let (outcome, (mut progress, mut wal, wal_error, watch)) = tokio::join!(run, sampler);
     let (outcome, secs, rows) = outcome?;

@@ -102,9 +102,9 @@ async fn unrecorded_stale_rows(client: &Client, t: &Target, job_id: i64) -> Resu
         // table read once more, as the run read them all)
         let labelled = match (t.reads_labelled, sql::prefix_compared(t, col, "l.", "=", param)) {
             (true, Some(on_target)) => format!(
-                " AND coalesce(pk_text NOT IN (SELECT ROW({})::text FROM {} AS l WHERE {on_target}), true)",
+                " AND NOT EXISTS (SELECT 1 FROM {} AS l WHERE ROW({})::text = pk_text AND {on_target})",
+                t.qualified(),
                 t.key_list("l."),
-                t.qualified()
             ),
             _ => String::new(),
         };

@@ -99,7 +99,11 @@ pub async fn rewrite(
             // what would hide rows from the recount hid them from the run:
             // its ranges, all done, would let a resume pass the rows over, so
             // the job is given up and the next run starts over
-            let began = state::jobs::table_oids(client, record.id).await?;
+            let began = state::jobs::began_on(client, record.id)
+                .await?
+                .into_iter()
+                .map(|(t, b)| (t, (b.oid, b.update_triggers)))
+                .collect::<std::collections::HashMap<_, _>>();
             let keys_hidden = !job.targets.iter().all(super::left::shows_rotated);
             if let Err(e) = crate::job::visibility::still_sees_every_row(
                 client,

@@ -43,26 +43,30 @@ pub async fn check(client: &Client, targets: &mut [Target]) -> Result<(), Error>
 /// security or a foreign child that came while it went on (a policy a DBA
 /// created, a table attached) hides rows from the recount as from the run,
 /// and the run would say done with them on their old key. Likewise a
-/// table the name no longer reaches (`began`: each target's table oid as
-/// the job began on it), and, where a target's values hide their key
-/// (`keys_hidden`), an UPDATE trigger that came during the run: its
-/// batches did not count what such a trigger wrote beside their rows.
+/// table the name no longer reaches, and, where a target's values hide
+/// their key (`keys_hidden`), an UPDATE trigger that came since the job
+/// began: batches before it did not count what it wrote beside their rows.
+/// `began`: each target's table as the job began on it, by target (its
+/// oid, and whether an UPDATE trigger fired there; where the job did not
+/// record them, this process's own start decides).
 pub async fn still_sees_every_row(
     client: &Client,
     targets: &[Target],
-    began: &HashMap<usize, u32>,
+    began: &HashMap<usize, (u32, Option<bool>)>,
     keys_hidden: bool,
 ) -> Result<(), Error> {
     for t in targets {
+        let (oid, triggers) = began.get(&t.index).copied().unwrap_or((t.oid, None));
+        let had_triggers = triggers.unwrap_or(t.update_triggers);
         let checked = async {
-            same_table(client, t, began.get(&t.index).copied().unwrap_or(t.oid)).await?;
+            same_table(client, t, oid).await?;
             row_security(client, t).await?;
             foreign_children(client, t).await?;
-            if keys_hidden && !t.update_triggers && update_triggers(client, t).await?.1 {
+            if keys_hidden && !had_triggers && update_triggers(client, t).await?.1 {
                 return Err(Error::Config(format!(
-                    "{}: an UPDATE trigger was created or enabled on it while the run went on; what such a trigger writes \
-                     beside the rows rekey rewrites (a copy of the old value in a history table) is not counted for values \
-                     that do not show their key",
+                    "{}: an UPDATE trigger was created or enabled on it since the job began; what such a trigger writes \
+                     beside the rows rekey rewrites (a copy of the old value in a history table) was not counted by the \
+                     batches before it, for values that do not show their key",
                     t.table
                 )));
             }
@@ -71,9 +75,9 @@ pub async fn still_sees_every_row(
         .await;
         if let Err(Error::Config(why)) = checked {
             return Err(Error::NotDone(format!(
-                "{why}. This came while the run went on: what it wrote stands, and the rows hidden from it were \
-                 neither rotated nor counted as left, so it does not say done. The job is given up: once fixed, \
-                 `rekey run` starts it over (values already rotated stay rotated)"
+                "{why}. This came while the job went on: what it wrote stands, but rows it did not see or count may be \
+                 on an old key, so it does not say done. The job is given up: once fixed, `rekey run` starts it over \
+                 (values already rotated stay rotated)"
             )));
         }
         checked?;

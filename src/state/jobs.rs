@@ -132,21 +132,56 @@ fn refuse_to_resume(
     Ok(())
 }
 
-/// The oid of each target's table as job `job_id` began on it, by target.
-pub async fn table_oids(client: &Client, job_id: i64) -> Result<HashMap<usize, u32>, Error> {
+/// Each target's table as job `job_id` began on it, by target: its oid,
+/// and whether an UPDATE trigger fired on rekey's writes there (`None`: a
+/// job begun before that was recorded). None where the engine schema
+/// predates the record (a job begun by an older rekey).
+pub async fn began_on(client: &Client, job_id: i64) -> Result<HashMap<usize, Began>, Error> {
+    let what = || "reading the tables the job began on".to_string();
+    let recorded: bool = client
+        .query_one(
+            "SELECT to_regclass('rekey.job_targets') IS NOT NULL
+                AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('rekey.job_targets')
+                               AND attname = 'update_triggers' AND NOT attisdropped)",
+            &[],
+        )
+        .await
+        .ctx(what)?
+        .get(0);
+    if !recorded {
+        return Ok(HashMap::new());
+    }
     Ok(client
         .query(
-            "SELECT target, table_oid FROM rekey.job_targets WHERE job_id = $1",
+            "SELECT target, table_oid, update_triggers FROM rekey.job_targets WHERE job_id = $1",
             &[&job_id],
         )
         .await
-        .ctx(|| "reading the tables the job began on".into())?
+        .ctx(what)?
         .iter()
         .filter_map(|r| {
-            let (target, oid): (i32, u32) = (r.get(0), r.get(1));
-            usize::try_from(target).ok().map(|t| (t, oid))
+            let (target, oid, update_triggers): (i32, u32, Option<bool>) =
+                (r.get(0), r.get(1), r.get(2));
+            usize::try_from(target).ok().map(|t| {
+                (
+                    t,
+                    Began {
+                        oid,
+                        update_triggers,
+                    },
+                )
+            })
         })
         .collect())
+}
+
+/// A target's table as its job began on it ([`began_on`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Began {
+    /// The table's oid.
+    pub oid: u32,
+    /// Whether an UPDATE trigger fired on rekey's writes there.
+    pub update_triggers: Option<bool>,
 }
 
 /// Refuses to resume job `id` where a target's name now reaches another
@@ -154,9 +189,9 @@ pub async fn table_oids(client: &Client, job_id: i64) -> Result<HashMap<usize, u
 /// under the name since, a DBA's swap): the ranges left are the first
 /// one's, and the resume would rotate the second's and say done.
 async fn refuse_a_replaced_table(client: &Client, job: &Job, id: i64) -> Result<(), Error> {
-    let began = table_oids(client, id).await?;
+    let began = began_on(client, id).await?;
     for t in &job.targets {
-        let Some(&was) = began.get(&t.index) else {
+        let Some(was) = began.get(&t.index).map(|b| b.oid) else {
             continue;
         };
         // the table the name reaches now (not the oid resolved with the job,
@@ -264,13 +299,13 @@ async fn open_job_locked(
             .collect();
         let stores = (!stores.is_empty()).then(|| stores.into_iter().collect::<Vec<_>>());
         tx.execute(
-            "INSERT INTO rekey.job_targets (job_id, target, table_name, table_oid, columns, attnums, key_stores)
+            "INSERT INTO rekey.job_targets (job_id, target, table_name, table_oid, columns, attnums, key_stores, update_triggers)
              SELECT $1, $2, $3, c.oid, $5,
                     ARRAY(SELECT a.attnum FROM unnest($5::text[]) WITH ORDINALITY AS u(name, i)
                             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = u.name ORDER BY u.i),
-                    $6
-               FROM pg_class c WHERE c.oid = $4::text::regclass",
-            &[&id, &(t.index as i32), &t.table.to_string(), &t.qualified(), &columns, &stores],
+                    $6, $7
+               FROM pg_class c WHERE c.oid = $4",
+            &[&id, &(t.index as i32), &t.table.to_string(), &t.oid, &columns, &stores, &t.update_triggers],
         )
         .await
         .ctx(what)?;

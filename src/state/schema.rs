@@ -38,6 +38,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (22, include_str!("../../sql/022_audit_intents.sql")),
     (23, include_str!("../../sql/023_job_xids.sql")),
     (24, include_str!("../../sql/024_rotation_rewrite_back.sql")),
+    (25, include_str!("../../sql/025_job_target_triggers.sql")),
 ];
 
 /// Creates or upgrades schema `rekey`. Safe to run from several processes
