@@ -91,24 +91,14 @@ pub async fn still_sees_every_row(
 /// reached on their old key, under a name out of the job's scope, while
 /// the recount of the second finds nothing left.
 async fn same_table(client: &Client, t: &Target, began: u32) -> Result<(), Error> {
-    let what = || format!("looking up table {} again", t.table);
-    let row = client
-        .query_one(
-            "SELECT to_regclass($1)::oid, (SELECT n.nspname || '.' || c.relname FROM pg_class c
-                                             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $2)",
-            &[&t.qualified(), &began],
-        )
-        .await
-        .ctx(what)?;
-    let (now, was): (Option<u32>, Option<String>) = (row.get(0), row.get(1));
-    if now == Some(began) {
+    let Some(moved) = moved_from(client, t, began).await? else {
         return Ok(());
-    }
-    let now = match now {
-        Some(_) => "another table now answers to that name",
-        None => "no table answers to that name now",
     };
-    let was = match was {
+    let now = match moved.name_taken {
+        true => "another table now answers to that name",
+        false => "no table answers to that name now",
+    };
+    let was = match moved.now {
         Some(w) => format!("the table the run began on is now {w}"),
         None => "the table the run began on was dropped".to_string(),
     };
@@ -117,6 +107,33 @@ async fn same_table(client: &Client, t: &Target, began: u32) -> Result<(), Error
          the job's scope. Give the job's target the name of the table the applications read",
         t.table
     )))
+}
+
+/// Where the table a job began on went, when `t`'s name no longer reaches it.
+pub struct Moved {
+    /// Another table answers to the name now.
+    pub name_taken: bool,
+    /// The name of the table the job began on now; `None`: dropped.
+    pub now: Option<String>,
+}
+
+/// Whether `t`'s name still reaches the table of oid `began` (the one the
+/// job began on, not the one this process resolved: a caller may hold a
+/// job across a reload of its table); where not, where that one went.
+pub async fn moved_from(client: &Client, t: &Target, began: u32) -> Result<Option<Moved>, Error> {
+    let row = client
+        .query_one(
+            "SELECT to_regclass($1)::oid, (SELECT n.nspname || '.' || c.relname FROM pg_class c
+                                             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $2)",
+            &[&t.qualified(), &began],
+        )
+        .await
+        .ctx(|| format!("looking up table {} again", t.table))?;
+    let now: Option<u32> = row.get(0);
+    Ok((now != Some(began)).then(|| Moved {
+        name_taken: now.is_some(),
+        now: row.get(1),
+    }))
 }
 
 /// A foreign table among a target's partitions or inheritance children:

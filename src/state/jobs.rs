@@ -194,21 +194,10 @@ async fn refuse_a_replaced_table(client: &Client, job: &Job, id: i64) -> Result<
         let Some(was) = began.get(&t.index).map(|b| b.oid) else {
             continue;
         };
-        // the table the name reaches now (not the oid resolved with the job,
-        // which a caller holding the job across a reload of the table has)
-        let row = client
-            .query_one(
-                "SELECT to_regclass($2)::oid, (SELECT n.nspname || '.' || c.relname FROM pg_class c
-                                                 JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1)",
-                &[&was, &t.qualified()],
-            )
-            .await
-            .ctx(|| format!("looking up the table job {id} began on"))?;
-        if row.get::<_, Option<u32>>(0) == Some(was) {
+        let Some(moved) = crate::job::visibility::moved_from(client, t, was).await? else {
             continue;
-        }
-        let now: Option<String> = row.get(1);
-        let went = match now {
+        };
+        let went = match moved.now {
             Some(w) => format!("is now {w}"),
             None => "was dropped".to_string(),
         };

@@ -196,27 +196,7 @@ async fn row_security_that_starts_hiding_rows_during_a_run_keeps_it_from_saying_
         &seed_env(),
     );
     // held at its gate, past its checks: then the policy comes
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let asked: i64 = db
-            .client
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
-                   AND pid <> pg_backend_pid() AND query LIKE '%SELECT open FROM gate%'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if asked > 0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the run never asked its gate"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    wait_for_query(&db, "SELECT open FROM gate").await;
     db.client
         .batch_execute(
             "CREATE POLICY hide_tenth ON patient_persons AS RESTRICTIVE FOR SELECT USING (id % 10 <> 0);
